@@ -1,0 +1,5 @@
+package kvmapi
+
+import "runtime"
+
+func keepAlive(x any) { runtime.KeepAlive(x) }

@@ -1,0 +1,30 @@
+package virtio
+
+// NetBackend moves Ethernet frames between a virtio-net device and the
+// world outside the guest. Implementations live in virtio/netback (user-mode
+// networking on gVisor's netstack, TAP); replication wraps one to hold the
+// guest's output until its epoch commits.
+type NetBackend interface {
+	// VnetHdr reports whether frames in both directions carry a 12-byte
+	// struct virtio_net_hdr_v1 in front of the Ethernet frame, which the
+	// backend honours (checksum and segmentation offload, e.g. a TAP opened
+	// with IFF_VNET_HDR). When false, frames are bare Ethernet and the
+	// device negotiates no offloads.
+	VnetHdr() bool
+
+	// Send transmits one frame from the guest. It may block briefly for
+	// backpressure and must not retain frame after returning.
+	Send(frame []byte) error
+
+	// SetReceiver installs the function that takes frames for the guest.
+	// The backend calls it from its own goroutine(s), one frame at a time;
+	// the function copies the frame before returning. It returns false if
+	// the frame was dropped (no guest buffer in time). Set before Start.
+	SetReceiver(func(frame []byte) bool)
+
+	// Start begins delivering received frames.
+	Start() error
+
+	// Close stops the backend and releases its resources. Idempotent.
+	Close() error
+}

@@ -1,0 +1,268 @@
+package guestmem
+
+import (
+	"errors"
+	"fmt"
+	"math/bits"
+	"sort"
+	"sync/atomic"
+
+	"golang.org/x/sys/unix"
+)
+
+// PageSize is the granularity of dirty tracking and of KVM memory slots.
+const PageSize = 4096
+
+// PageShift is log2(PageSize).
+const PageShift = 12
+
+// GPA is a guest-physical address.
+type GPA uint64
+
+// ErrOutOfRange is returned for an access that is not wholly inside one
+// region of guest RAM.
+var ErrOutOfRange = errors.New("guest address out of range")
+
+// RangeError says which access was out of range.
+type RangeError struct {
+	GPA GPA
+	Len uint64
+}
+
+func (e *RangeError) Error() string {
+	return fmt.Sprintf("guest range %#x+%#x: %v", uint64(e.GPA), e.Len, ErrOutOfRange)
+}
+
+// Unwrap returns ErrOutOfRange.
+func (e *RangeError) Unwrap() error { return ErrOutOfRange }
+
+// Region is one contiguous stretch of guest RAM: a KVM memory slot.
+type Region struct {
+	Slot uint32
+	GPA  GPA
+	Size uint64
+	Host []byte // the host mapping, len == Size
+
+	// dirty has one bit per page written by the VMM since the last Harvest.
+	dirty []atomic.Uint64
+}
+
+// Pages is the number of pages in the region.
+func (r *Region) Pages() uint64 { return r.Size / PageSize }
+
+// End is the first address after the region.
+func (r *Region) End() GPA { return r.GPA + GPA(r.Size) }
+
+// Spec describes one region to create.
+type Spec struct {
+	GPA  GPA
+	Size uint64
+}
+
+// Memory is the guest's RAM.
+type Memory struct {
+	regions []*Region // sorted by GPA, non-overlapping
+	size    uint64
+}
+
+// New maps anonymous memory for each region. Sizes and addresses must be
+// page-aligned and regions must not overlap.
+func New(specs []Spec) (*Memory, error) {
+	specs = append([]Spec(nil), specs...)
+	sort.Slice(specs, func(i, j int) bool { return specs[i].GPA < specs[j].GPA })
+	m := &Memory{}
+	ok := false
+	defer func() {
+		if !ok {
+			m.Close()
+		}
+	}()
+	for i, s := range specs {
+		if s.Size == 0 || s.Size%PageSize != 0 || uint64(s.GPA)%PageSize != 0 {
+			return nil, fmt.Errorf("guest memory region %#x+%#x: not page-aligned", uint64(s.GPA), s.Size)
+		}
+		if s.GPA+GPA(s.Size) < s.GPA {
+			return nil, fmt.Errorf("guest memory region %#x+%#x: wraps", uint64(s.GPA), s.Size)
+		}
+		if i > 0 && s.GPA < m.regions[i-1].End() {
+			return nil, fmt.Errorf("guest memory region %#x overlaps the one before", uint64(s.GPA))
+		}
+		host, err := unix.Mmap(-1, 0, int(s.Size), unix.PROT_READ|unix.PROT_WRITE,
+			unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_NORESERVE)
+		if err != nil {
+			return nil, fmt.Errorf("map %d MiB of guest memory: %w", s.Size>>20, err)
+		}
+		// Sharing with fork children is never wanted, and transparent huge
+		// pages only help when dirty logging is off; leave the kernel's default.
+		_ = unix.Madvise(host, unix.MADV_DONTFORK)
+		pages := s.Size / PageSize
+		m.regions = append(m.regions, &Region{
+			Slot:  uint32(i),
+			GPA:   s.GPA,
+			Size:  s.Size,
+			Host:  host,
+			dirty: make([]atomic.Uint64, (pages+63)/64),
+		})
+		m.size += s.Size
+	}
+	ok = true
+	return m, nil
+}
+
+// Close unmaps all regions. It is idempotent; the Memory must not be used
+// afterwards (and no VM may still map it).
+func (m *Memory) Close() error {
+	var first error
+	for _, r := range m.regions {
+		if r.Host != nil {
+			if err := unix.Munmap(r.Host); err != nil && first == nil {
+				first = err
+			}
+			r.Host = nil
+		}
+	}
+	return first
+}
+
+// Regions returns the regions in address order. The slice is shared; do not
+// modify it.
+func (m *Memory) Regions() []*Region { return m.regions }
+
+// Size is the total RAM in bytes.
+func (m *Memory) Size() uint64 { return m.size }
+
+// Specs returns the layout, to create an identical Memory elsewhere.
+func (m *Memory) Specs() []Spec {
+	out := make([]Spec, len(m.regions))
+	for i, r := range m.regions {
+		out[i] = Spec{GPA: r.GPA, Size: r.Size}
+	}
+	return out
+}
+
+// find returns the region holding [gpa, gpa+n) and the offset in it.
+func (m *Memory) find(gpa GPA, n uint64) (*Region, uint64, error) {
+	for _, r := range m.regions {
+		if gpa >= r.GPA && gpa < r.End() {
+			off := uint64(gpa - r.GPA)
+			if n > r.Size-off {
+				break
+			}
+			return r, off, nil
+		}
+	}
+	return nil, 0, &RangeError{GPA: gpa, Len: n}
+}
+
+// Contains reports whether [gpa, gpa+n) lies inside one region.
+func (m *Memory) Contains(gpa GPA, n uint64) bool {
+	_, _, err := m.find(gpa, n)
+	return err == nil
+}
+
+// Slice returns the host bytes backing [gpa, gpa+n) for reading. The range
+// must lie inside one region. Do not write through it: use WriteAt or
+// WritableSlice, which record the dirty pages.
+func (m *Memory) Slice(gpa GPA, n uint64) ([]byte, error) {
+	r, off, err := m.find(gpa, n)
+	if err != nil {
+		return nil, err
+	}
+	return r.Host[off : off+n : off+n], nil
+}
+
+// WritableSlice returns the host bytes backing [gpa, gpa+n) and marks them
+// dirty, for a device that fills guest memory directly (a block read, a
+// received frame). Mark happens before the caller writes: a harvest that
+// runs in between leaves the pages marked again only if the caller writes
+// after it, which the device quiescing at checkpoints rules out.
+func (m *Memory) WritableSlice(gpa GPA, n uint64) ([]byte, error) {
+	r, off, err := m.find(gpa, n)
+	if err != nil {
+		return nil, err
+	}
+	r.markDirty(off, n)
+	return r.Host[off : off+n : off+n], nil
+}
+
+// ReadAt copies guest memory at gpa into p.
+func (m *Memory) ReadAt(p []byte, gpa GPA) error {
+	s, err := m.Slice(gpa, uint64(len(p)))
+	if err != nil {
+		return err
+	}
+	copy(p, s)
+	return nil
+}
+
+// WriteAt copies p into guest memory at gpa and marks the pages dirty. The
+// mark follows the copy, so a harvest racing with it reports the pages
+// either with the new bytes already in place or again at the next harvest.
+func (m *Memory) WriteAt(p []byte, gpa GPA) error {
+	r, off, err := m.find(gpa, uint64(len(p)))
+	if err != nil {
+		return err
+	}
+	copy(r.Host[off:], p)
+	r.markDirty(off, uint64(len(p)))
+	return nil
+}
+
+// MarkDirty records that [gpa, gpa+n) was written by the VMM.
+func (m *Memory) MarkDirty(gpa GPA, n uint64) error {
+	r, off, err := m.find(gpa, n)
+	if err != nil {
+		return err
+	}
+	r.markDirty(off, n)
+	return nil
+}
+
+func (r *Region) markDirty(off, n uint64) {
+	if n == 0 {
+		return
+	}
+	first := off >> PageShift
+	last := (off + n - 1) >> PageShift
+	for p := first; p <= last; {
+		w := p / 64
+		lo := p % 64
+		hi := uint64(63)
+		if last/64 == w {
+			hi = last % 64
+		}
+		mask := (^uint64(0) >> (63 - hi)) &^ ((uint64(1) << lo) - 1)
+		word := &r.dirty[w]
+		if word.Load()&mask != mask {
+			word.Or(mask)
+		}
+		p = (w + 1) * 64
+	}
+}
+
+// HarvestVMMDirty ORs the region's VMM dirty bitmap into bitmap (one bit per
+// page, 64 pages per word) and clears it. The exchange is atomic per word,
+// so a concurrent write is reported either now or at the next harvest.
+func (r *Region) HarvestVMMDirty(bitmap []uint64) {
+	for i := range r.dirty {
+		if i >= len(bitmap) {
+			return
+		}
+		if r.dirty[i].Load() != 0 {
+			bitmap[i] |= r.dirty[i].Swap(0)
+		}
+	}
+}
+
+// VMMDirtyCount is the number of pages of the region marked dirty by the
+// VMM and not yet harvested.
+func (r *Region) VMMDirtyCount() int {
+	n := 0
+	for i := range r.dirty {
+		n += bits.OnesCount64(r.dirty[i].Load())
+	}
+	return n
+}
+
+// BitmapWords is the number of uint64 words a dirty bitmap of r needs.
+func (r *Region) BitmapWords() int { return len(r.dirty) }
