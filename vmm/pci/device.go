@@ -27,4 +27,8 @@ type Host interface {
 	AddIOEvent(addr uint64, size uint32, fd int) error
 	// RemoveIOEvent undoes AddIOEvent.
 	RemoveIOEvent(addr uint64, size uint32, fd int) error
+	// SetIRQLine drives a legacy INTx line (the GSI the host bridge wrote
+	// into the device's Interrupt Line register) high or low. Devices use
+	// it only when the guest has not enabled MSI-X.
+	SetIRQLine(gsi uint32, level bool) error
 }
