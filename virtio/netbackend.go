@@ -28,3 +28,18 @@ type NetBackend interface {
 	// Close stops the backend and releases its resources. Idempotent.
 	Close() error
 }
+
+// Offloads are the receive offloads the guest driver accepted
+// (VIRTIO_NET_F_GUEST_CSUM, _GUEST_TSO4, _GUEST_TSO6, _GUEST_ECN,
+// _GUEST_UFO). A backend must not hand the guest a frame that relies on an
+// offload the guest did not accept.
+type Offloads struct {
+	Csum, TSO4, TSO6, ECN, UFO bool
+}
+
+// OffloadSetter is implemented by backends that can produce offloaded
+// frames (a TAP with IFF_VNET_HDR). The device calls SetOffloads when the
+// guest driver sets DRIVER_OK, and with the zero value on reset.
+type OffloadSetter interface {
+	SetOffloads(Offloads) error
+}
