@@ -303,3 +303,19 @@ func (c *ConfigSpace) Restore(data [ConfigSize]byte) {
 	defer c.mu.Unlock()
 	c.data = data
 }
+
+// SetInterrupt sets the Interrupt Line (the GSI the host routes INTx to)
+// and Interrupt Pin (1 = INTA#) registers, as firmware would.
+func (c *ConfigSpace) SetInterrupt(line, pin uint8) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.data[RegInterruptLn] = line
+	c.data[RegInterruptPin] = pin
+}
+
+// InterruptLine is the Interrupt Line register.
+func (c *ConfigSpace) InterruptLine() uint8 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.data[RegInterruptLn]
+}

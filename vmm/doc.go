@@ -1,0 +1,19 @@
+// Package vmm owns one virtual machine: guest memory and its layout, the
+// Linux x86 boot protocol (bzImage, boot_params, e820, command line,
+// initramfs), the MP table for SMP, CPUID and MSR setup, the vCPU run loops
+// (one OS thread each), the PIO and MMIO buses, the legacy devices (8250
+// UART, i8042 reset, CMOS RTC, the exit port, the PCI host bridge) and
+// pause/resume of all vCPUs at a consistent point.
+//
+// It does not own replication policy or network I/O: devices that do
+// (virtio) satisfy the small interfaces here and in vmm/pci, and the
+// command wires them in.
+//
+// Who owns what:
+//   - each vCPU goroutine owns its kvmapi.VCPU fd and its OS thread; other
+//     goroutines reach it only through its request channel.
+//   - the buses are immutable after Start except for PCI BAR mappings,
+//     which take the bus's write lock.
+//   - devices guard their own registers; they are called from vCPU
+//     threads and must not block.
+package vmm

@@ -1,0 +1,509 @@
+package vmm
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+
+	"govmm/kvmapi"
+	"govmm/vmm/guestmem"
+	"govmm/vmm/pci"
+)
+
+// DefaultCmdline is what every guest gets before the user's additions:
+// the console on COM1, reboot through the keyboard controller (which ends
+// the VMM), no reboot loop on panic, and a quick i8042 probe.
+const DefaultCmdline = "console=ttyS0 reboot=k panic=-1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd"
+
+// Config describes a machine to build.
+type Config struct {
+	MemSize uint64 // bytes of guest RAM
+	CPUs    int
+	Kernel  []byte // a bzImage
+	Initrd  []byte // an initramfs (may be several concatenated cpio archives)
+	Cmdline string
+	Console io.Writer // the UART's output; os.Stdout when nil
+	KVMPath string    // /dev/kvm when empty
+}
+
+// MinMemory is the smallest guest the machine accepts.
+const MinMemory = 32 << 20
+
+// MaxCPUs bounds --cpus (the MP table must fit in the EBDA).
+const MaxCPUs = 32
+
+// Result says how a machine stopped.
+type Result struct {
+	Status int    // exit status for the command line (0 on poweroff/reboot)
+	Reason string // "exit-port", "reset", "poweroff", "stopped"
+}
+
+// Machine is one VM: its memory, vCPUs, buses and legacy devices.
+type Machine struct {
+	cfg   Config
+	sys   *kvmapi.System
+	vm    *kvmapi.VM
+	mem   *guestmem.Memory
+	pio   *Bus
+	mmio  *Bus
+	pci   *PCIBus
+	uart  *UART
+	cpuid []kvmapi.CPUIDEntry
+	xsave int // bytes of XSAVE state per vCPU
+
+	vcpus []*vcpu
+
+	doneOnce sync.Once
+	done     chan struct{} // closed when the machine stops
+	result   Result
+	err      error
+	wg       sync.WaitGroup // vCPU goroutines
+
+	pauseMu sync.Mutex // serialises Pause/Resume
+	paused  bool
+}
+
+// New opens KVM and builds the machine: memory slots, interrupt
+// controllers, PIT, buses and legacy devices. It does not load the kernel
+// or start vCPUs (Start does), so PCI devices can be added in between.
+func New(cfg Config) (*Machine, error) {
+	if cfg.CPUs < 1 || cfg.CPUs > MaxCPUs {
+		return nil, fmt.Errorf("cpus %d out of range 1..%d", cfg.CPUs, MaxCPUs)
+	}
+	if cfg.MemSize < MinMemory {
+		return nil, fmt.Errorf("memory %d MiB is below the minimum of %d MiB", cfg.MemSize>>20, MinMemory>>20)
+	}
+	if cfg.MemSize%(2<<20) != 0 {
+		return nil, fmt.Errorf("memory %d bytes is not a multiple of 2 MiB", cfg.MemSize)
+	}
+	if total, err := hostMemory(); err == nil && cfg.MemSize > total {
+		return nil, fmt.Errorf("memory %d MiB is more than the host has (%d MiB)", cfg.MemSize>>20, total>>20)
+	}
+	if cfg.Console == nil {
+		cfg.Console = os.Stdout
+	}
+	if cfg.KVMPath == "" {
+		cfg.KVMPath = "/dev/kvm"
+	}
+	m := &Machine{cfg: cfg, done: make(chan struct{}), pio: NewBus("pio"), mmio: NewBus("mmio")}
+	if err := m.build(); err != nil {
+		m.Close()
+		return nil, err
+	}
+	return m, nil
+}
+
+func (m *Machine) build() error {
+	sys, err := kvmapi.Open(m.cfg.KVMPath)
+	if err != nil {
+		return err
+	}
+	m.sys = sys
+	for _, c := range []struct {
+		cap  int
+		name string
+	}{
+		{kvmapi.CapIRQChip, "irqchip"}, {kvmapi.CapUserMemory, "user memory"},
+		{kvmapi.CapSetTSSAddr, "set_tss_addr"}, {kvmapi.CapPIT2, "pit2"},
+		{kvmapi.CapImmediateExit, "immediate_exit"}, {kvmapi.CapSignalMSI, "signal_msi"},
+		{kvmapi.CapIOEventFD, "ioeventfd"}, {kvmapi.CapExtCPUID, "ext_cpuid"},
+	} {
+		if sys.CheckExtension(c.cap) <= 0 {
+			return fmt.Errorf("%s: kvm lacks %s", m.cfg.KVMPath, c.name)
+		}
+	}
+	if max := sys.CheckExtension(kvmapi.CapMaxVCPUs); max > 0 && m.cfg.CPUs > max {
+		return fmt.Errorf("cpus %d exceeds kvm's limit of %d", m.cfg.CPUs, max)
+	}
+	m.xsave = kvmapi.XsaveSize
+	if n := sys.CheckExtension(kvmapi.CapXsave2); n > m.xsave {
+		m.xsave = n
+	}
+	if m.cpuid, err = sys.SupportedCPUID(); err != nil {
+		return fmt.Errorf("get supported cpuid: %w", err)
+	}
+	if m.vm, err = sys.CreateVM(); err != nil {
+		return fmt.Errorf("create vm: %w", err)
+	}
+	var specs []guestmem.Spec
+	for _, r := range MemoryLayout(m.cfg.MemSize) {
+		specs = append(specs, guestmem.Spec{GPA: guestmem.GPA(r.GPA), Size: r.Size})
+	}
+	if m.mem, err = guestmem.New(specs); err != nil {
+		return fmt.Errorf("allocate %d MiB of guest memory: %w", m.cfg.MemSize>>20, err)
+	}
+	for _, r := range m.mem.Regions() {
+		if err := m.vm.SetUserMemoryRegion(kvmapi.UserMemoryRegion{
+			Slot: r.Slot, GuestPhysAddr: uint64(r.GPA), MemorySize: r.Size, UserspaceAddr: hostAddr(r.Host),
+		}); err != nil {
+			return fmt.Errorf("memory slot %d: %w", r.Slot, err)
+		}
+	}
+	if err := m.vm.SetTSSAddr(tssAddr); err != nil {
+		return fmt.Errorf("set tss address: %w", err)
+	}
+	if err := m.vm.SetIdentityMapAddr(identMapAddr); err != nil {
+		return fmt.Errorf("set identity map address: %w", err)
+	}
+	if err := m.vm.CreateIRQChip(); err != nil {
+		return fmt.Errorf("create irqchip: %w", err)
+	}
+	if err := m.vm.CreatePIT2(kvmapi.PITSpeakerDummy); err != nil {
+		return fmt.Errorf("create pit: %w", err)
+	}
+
+	m.uart = NewUART(m.cfg.Console, func(level bool) { _ = m.vm.IRQLine(COM1IRQ, level) })
+	i8042 := NewI8042(func() { m.finish(Result{Status: 0, Reason: "reset"}, nil) })
+	if m.pci, err = NewPCIBus(m.mmio); err != nil {
+		return err
+	}
+	for _, r := range []struct {
+		base, size uint64
+		dev        Device
+	}{
+		{COM1Base, 8, m.uart},
+		{I8042Base, 1, i8042},
+		{I8042Base + 4, 1, offsetDevice{i8042, 4}},
+		{RTCBase, RTCSize, NewRTC(nil)},
+		{ExitPortBase, 1, &ExitPort{exit: func(s int) { m.finish(Result{Status: s, Reason: "exit-port"}, nil) }}},
+		{PCIConfigBase, PCIConfigSize, m.pci},
+	} {
+		if err := m.pio.Register(r.base, r.size, r.dev); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// offsetDevice registers one device at a second, non-adjacent range.
+type offsetDevice struct {
+	Device
+	add uint64
+}
+
+func (o offsetDevice) Read(off uint64, data []byte)  { o.Device.Read(off+o.add, data) }
+func (o offsetDevice) Write(off uint64, data []byte) { o.Device.Write(off+o.add, data) }
+
+// hostMemory reads MemTotal from /proc/meminfo.
+func hostMemory() (uint64, error) {
+	f, err := os.Open("/proc/meminfo")
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) >= 2 && fields[0] == "MemTotal:" {
+			kb, err := strconv.ParseUint(fields[1], 10, 64)
+			return kb << 10, err
+		}
+	}
+	return 0, errors.New("no MemTotal in /proc/meminfo")
+}
+
+// Memory is the guest's RAM.
+func (m *Machine) Memory() *guestmem.Memory { return m.mem }
+
+// VM is the KVM VM fd, for the packages that track dirty pages.
+func (m *Machine) VM() *kvmapi.VM { return m.vm }
+
+// UART is the console.
+func (m *Machine) UART() *UART { return m.uart }
+
+// PIOBus and MMIOBus expose the buses (for stats and tests).
+func (m *Machine) PIOBus() *Bus  { return m.pio }
+func (m *Machine) MMIOBus() *Bus { return m.mmio }
+
+// AddPCIDevice attaches dev to bus 0. Call before Start.
+func (m *Machine) AddPCIDevice(dev pci.Device) error {
+	_, _, err := m.pci.Add(dev)
+	return err
+}
+
+var _ pci.Host = (*Machine)(nil)
+
+// SendMSI implements pci.Host.
+func (m *Machine) SendMSI(addr uint64, data uint32) error { return m.vm.SignalMSI(addr, data) }
+
+// AddIOEvent implements pci.Host.
+func (m *Machine) AddIOEvent(addr uint64, size uint32, fd int) error {
+	return m.vm.IOEventFD(kvmapi.IOEventFD{Addr: addr, Len: size, FD: fd})
+}
+
+// RemoveIOEvent implements pci.Host.
+func (m *Machine) RemoveIOEvent(addr uint64, size uint32, fd int) error {
+	return m.vm.DeassignIOEventFD(kvmapi.IOEventFD{Addr: addr, Len: size, FD: fd})
+}
+
+// SetIRQLine implements pci.Host.
+func (m *Machine) SetIRQLine(gsi uint32, level bool) error { return m.vm.IRQLine(gsi, level) }
+
+// load puts the kernel, initramfs, command line, boot_params, page tables,
+// GDT and MP table into guest memory.
+func (m *Machine) load() error {
+	k, err := ParseBzImage(m.cfg.Kernel)
+	if err != nil {
+		return err
+	}
+	cmdline := m.cfg.Cmdline
+	if uint32(len(cmdline)) > k.CmdlineSize || len(cmdline) >= cmdlineMax {
+		return fmt.Errorf("kernel command line is %d bytes, the kernel takes at most %d", len(cmdline), min(k.CmdlineSize, cmdlineMax-1))
+	}
+	var initrdAddr uint64
+	if len(m.cfg.Initrd) > 0 {
+		if initrdAddr, err = InitrdPlacement(k, m.cfg.MemSize, uint64(len(m.cfg.Initrd))); err != nil {
+			return err
+		}
+	}
+	if uint64(kernelStart+len(k.Payload)) > lowRAMEnd(m.cfg.MemSize) {
+		return fmt.Errorf("memory too small for a %d MiB kernel", len(k.Payload)>>20)
+	}
+	bp, err := BootParams(k, cmdlineAddr, initrdAddr, uint64(len(m.cfg.Initrd)), E820Map(m.cfg.MemSize))
+	if err != nil {
+		return err
+	}
+	mp, err := MPTable(ebdaStart, m.cfg.CPUs, m.pci.IRQs())
+	if err != nil {
+		return err
+	}
+	writes := []struct {
+		what string
+		gpa  uint64
+		data []byte
+	}{
+		{"kernel", kernelStart, k.Payload},
+		{"initramfs", initrdAddr, m.cfg.Initrd},
+		{"command line", cmdlineAddr, append([]byte(cmdline), 0)},
+		{"boot params", bootParamsAddr, bp},
+		{"mp table", ebdaStart, mp},
+		{"gdt", gdtAddr, bootGDT()},
+		{"page tables", pml4Addr, identityPageTables()},
+	}
+	for _, w := range writes {
+		if len(w.data) == 0 {
+			continue
+		}
+		if err := m.mem.WriteAt(w.data, guestmem.GPA(w.gpa)); err != nil {
+			return fmt.Errorf("load %s at %#x: %w", w.what, w.gpa, err)
+		}
+	}
+	return nil
+}
+
+// Start loads the guest and starts every vCPU. It returns once all vCPUs
+// are set up (or the first setup error).
+func (m *Machine) Start() error {
+	if err := m.load(); err != nil {
+		return err
+	}
+	setup := make(chan error, m.cfg.CPUs)
+	for id := 0; id < m.cfg.CPUs; id++ {
+		c := newVCPU(m, id)
+		m.vcpus = append(m.vcpus, c)
+	}
+	release := make(chan struct{})
+	for _, c := range m.vcpus {
+		m.wg.Add(1)
+		go c.loop(setup, release)
+	}
+	var firstErr error
+	for range m.vcpus {
+		if err := <-setup; err != nil && firstErr == nil {
+			firstErr = err
+		}
+	}
+	if firstErr != nil {
+		m.finish(Result{Reason: "setup failed"}, firstErr)
+		close(release)
+		m.wg.Wait()
+		return firstErr
+	}
+	close(release)
+	return nil
+}
+
+// Wait blocks until the machine stops and says why. The error is non-nil
+// for a fatal vCPU exit or a setup failure.
+func (m *Machine) Wait() (Result, error) {
+	<-m.done
+	m.wg.Wait()
+	m.uart.Flush()
+	return m.result, m.err
+}
+
+// Done is closed when the machine stops.
+func (m *Machine) Done() <-chan struct{} { return m.done }
+
+// Stop stops the machine from outside (e.g. a signal or the escape key).
+func (m *Machine) Stop() { m.finish(Result{Status: 0, Reason: "stopped"}, nil) }
+
+// finish records the first reason to stop and makes every vCPU leave.
+func (m *Machine) finish(r Result, err error) {
+	m.doneOnce.Do(func() {
+		m.result, m.err = r, err
+		close(m.done)
+		for _, c := range m.vcpus {
+			c.kick()
+		}
+	})
+}
+
+// Close releases KVM and guest memory. Call after Wait.
+func (m *Machine) Close() error {
+	m.finish(Result{Reason: "closed"}, nil)
+	m.wg.Wait()
+	var errs []error
+	for _, c := range m.vcpus {
+		if c.fd != nil {
+			errs = append(errs, c.fd.Close())
+		}
+	}
+	if m.vm != nil {
+		errs = append(errs, m.vm.Close())
+	}
+	if m.mem != nil {
+		errs = append(errs, m.mem.Close())
+	}
+	if m.sys != nil {
+		errs = append(errs, m.sys.Close())
+	}
+	return errors.Join(errs...)
+}
+
+// ErrStopped is returned by Pause and Resume on a machine that has stopped.
+var ErrStopped = errors.New("machine stopped")
+
+// Pause stops every vCPU at a consistent point: each has left KVM_RUN
+// with its pending PIO/MMIO completed. It returns when all are paused.
+func (m *Machine) Pause() error {
+	m.pauseMu.Lock()
+	defer m.pauseMu.Unlock()
+	if m.paused {
+		return nil
+	}
+	if err := m.broadcast(reqPause, nil); err != nil {
+		return err
+	}
+	m.paused = true
+	return nil
+}
+
+// Resume lets paused vCPUs run again.
+func (m *Machine) Resume() error {
+	m.pauseMu.Lock()
+	defer m.pauseMu.Unlock()
+	if !m.paused {
+		return nil
+	}
+	if err := m.broadcast(reqResume, nil); err != nil {
+		return err
+	}
+	m.paused = false
+	return nil
+}
+
+// OnVCPUs runs fn on every vCPU's own thread while the machine is paused
+// (to save or restore its state) and returns the first error.
+func (m *Machine) OnVCPUs(fn func(id int, fd *kvmapi.VCPU) error) error {
+	m.pauseMu.Lock()
+	defer m.pauseMu.Unlock()
+	if !m.paused {
+		return ErrNotPaused
+	}
+	return m.broadcast(reqDo, fn)
+}
+
+// ErrNotPaused is returned for operations that need a paused machine.
+var ErrNotPaused = errors.New("machine not paused")
+
+func (m *Machine) broadcast(kind reqKind, fn func(int, *kvmapi.VCPU) error) error {
+	replies := make([]chan error, len(m.vcpus))
+	for i, c := range m.vcpus {
+		replies[i] = make(chan error, 1)
+		select {
+		case c.reqs <- vcpuReq{kind: kind, fn: fn, reply: replies[i]}:
+		case <-m.done:
+			return ErrStopped
+		}
+		c.kick()
+	}
+	var errs []error
+	for _, r := range replies {
+		select {
+		case err := <-r:
+			errs = append(errs, err)
+		case <-m.done:
+			return ErrStopped
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// ExitCounts sums the vCPUs' exit counters by reason.
+func (m *Machine) ExitCounts() map[kvmapi.ExitReason]uint64 {
+	out := map[kvmapi.ExitReason]uint64{}
+	for _, c := range m.vcpus {
+		for r := range c.exits {
+			if n := c.exits[r].Load(); n > 0 {
+				out[kvmapi.ExitReason(r)] += n
+			}
+		}
+	}
+	return out
+}
+
+// bootGDT is the GDT the 64-bit boot protocol asks for: flat code at
+// selector 0x10 (__BOOT_CS), flat data at 0x18 (__BOOT_DS), and a TSS at
+// 0x20 so that TR is valid.
+func bootGDT() []byte {
+	entries := []uint64{
+		0, 0,
+		gdtEntry(0xa09b, 0, 0xfffff), // code: present, exec/read, long mode, 4 KiB granularity
+		gdtEntry(0xc093, 0, 0xfffff), // data: present, read/write, 32-bit, 4 KiB granularity
+		gdtEntry(0x808b, 0, 0xfffff), // 64-bit TSS (busy)
+	}
+	var b bytes.Buffer
+	for _, e := range entries {
+		var x [8]byte
+		for i := range x {
+			x[i] = byte(e >> (8 * i))
+		}
+		b.Write(x[:])
+	}
+	return b.Bytes()
+}
+
+// gdtEntry packs a segment descriptor from the access/flags word
+// (flags<<12 | access), base and limit.
+func gdtEntry(flags uint16, base, limit uint32) uint64 {
+	return uint64(base&0xff000000)<<32 | uint64(flags&0xf0ff)<<40 |
+		uint64(limit&0xf0000)<<32 | uint64(base&0xffffff)<<16 | uint64(limit&0xffff)
+}
+
+// identityPageTables maps the first 4 GiB 1:1 with 2 MiB pages: a PML4,
+// a PDPT and four page directories, laid out from pml4Addr.
+func identityPageTables() []byte {
+	const n = 6 * 4096
+	b := make([]byte, n)
+	put := func(off int, v uint64) {
+		for i := 0; i < 8; i++ {
+			b[off+i] = byte(v >> (8 * i))
+		}
+	}
+	const present, rw, huge = 1, 2, 0x80
+	put(0, pdptAddr|present|rw)
+	for i := 0; i < 4; i++ {
+		put(pdptAddr-pml4Addr+8*i, uint64(pdAddr+i*4096)|present|rw)
+		for j := 0; j < 512; j++ {
+			put(pdAddr-pml4Addr+i*4096+8*j, uint64(i*512+j)<<21|present|rw|huge)
+		}
+	}
+	return b
+}

@@ -1,0 +1,152 @@
+package vmm
+
+import (
+	"encoding/binary"
+	"fmt"
+)
+
+// The MP table (Intel MultiProcessor Specification 1.4) tells a guest
+// without ACPI how many CPUs it has, where the IOAPIC is, and how ISA and
+// PCI interrupts reach IOAPIC pins. Linux finds the floating pointer by
+// scanning the EBDA.
+
+const (
+	mpEntryProcessor = 0
+	mpEntryBus       = 1
+	mpEntryIOAPIC    = 2
+	mpEntryIOIntr    = 3
+	mpEntryLocalIntr = 4
+
+	mpIntINT    = 0
+	mpIntNMI    = 1
+	mpIntExtINT = 3
+
+	mpBusISA = 0
+	mpBusPCI = 1
+
+	apicVersion   = 0x14
+	ioapicVersion = 0x11
+	// mpIRQFlagsLevelHigh: polarity active-high, level-triggered.
+	mpIRQFlagsLevelHigh = 0x0d
+	ioapicPins          = 24
+)
+
+// PCIIRQ is one PCI INTx routing: device slot's INTA# to an IOAPIC pin.
+type PCIIRQ struct {
+	Slot uint8
+	GSI  uint8
+}
+
+// MPTable builds the floating pointer and configuration table for ncpus
+// processors (APIC IDs 0..ncpus-1), to be placed at addr. ISA IRQs 0..15
+// go to IOAPIC pins 0..15 as KVM's default routing does; pci routes PCI
+// INTA# lines.
+func MPTable(addr uint64, ncpus int, pci []PCIIRQ) ([]byte, error) {
+	if ncpus < 1 || ncpus > 254 {
+		return nil, fmt.Errorf("mp table: %d cpus out of range 1..254", ncpus)
+	}
+	le := binary.LittleEndian
+	ioapicID := uint8(ncpus)
+
+	var ents []byte
+	count := 0
+	add := func(b []byte) { ents = append(ents, b...); count++ }
+	for i := 0; i < ncpus; i++ {
+		e := make([]byte, 20)
+		e[0] = mpEntryProcessor
+		e[1] = uint8(i) // local APIC ID
+		e[2] = apicVersion
+		e[3] = 1 // enabled
+		if i == 0 {
+			e[3] |= 2 // bootstrap processor
+		}
+		le.PutUint32(e[4:], 0x600) // CPU signature: family 6
+		le.PutUint32(e[8:], 0x201) // features: FPU, APIC
+		add(e)
+	}
+	bus := func(id uint8, name string) {
+		e := make([]byte, 8)
+		e[0] = mpEntryBus
+		e[1] = id
+		copy(e[2:8], fmt.Sprintf("%-6s", name))
+		add(e)
+	}
+	bus(mpBusPCI, "PCI")
+	bus(mpBusISA, "ISA")
+	{
+		e := make([]byte, 8)
+		e[0] = mpEntryIOAPIC
+		e[1] = ioapicID
+		e[2] = ioapicVersion
+		e[3] = 1 // enabled
+		le.PutUint32(e[4:], ioapicAddr)
+		add(e)
+	}
+	ioIntr := func(kind uint8, flags uint16, bus, busIRQ, pin uint8) {
+		e := make([]byte, 8)
+		e[0] = mpEntryIOIntr
+		e[1] = kind
+		le.PutUint16(e[2:], flags)
+		e[4] = bus
+		e[5] = busIRQ
+		e[6] = ioapicID
+		e[7] = pin
+		add(e)
+	}
+	for irq := uint8(0); irq < 16; irq++ {
+		ioIntr(mpIntINT, 0, mpBusISA, irq, irq)
+	}
+	for _, p := range pci {
+		if p.GSI < 16 || p.GSI >= ioapicPins || p.Slot >= 32 {
+			return nil, fmt.Errorf("mp table: pci slot %d gsi %d out of range", p.Slot, p.GSI)
+		}
+		ioIntr(mpIntINT, mpIRQFlagsLevelHigh, mpBusPCI, p.Slot<<2, p.GSI) // INTA#
+	}
+	localIntr := func(kind uint8, lint uint8) {
+		e := make([]byte, 8)
+		e[0] = mpEntryLocalIntr
+		e[1] = kind
+		e[4] = mpBusISA
+		e[6] = 0xff // all local APICs
+		e[7] = lint
+		add(e)
+	}
+	localIntr(mpIntExtINT, 0)
+	localIntr(mpIntNMI, 1)
+
+	const fpSize, hdrSize = 16, 44
+	cfgAddr := addr + fpSize
+	cfg := make([]byte, hdrSize, hdrSize+len(ents))
+	copy(cfg[0:4], "PCMP")
+	le.PutUint16(cfg[4:], uint16(hdrSize+len(ents)))
+	cfg[6] = 4 // spec revision 1.4
+	copy(cfg[8:16], "GOVMM   ")
+	copy(cfg[16:28], "GOVMM-VM    ")
+	le.PutUint16(cfg[34:], uint16(count))
+	le.PutUint32(cfg[36:], lapicAddr)
+	cfg = append(cfg, ents...)
+	cfg[7] = checksum(cfg)
+
+	fp := make([]byte, fpSize)
+	copy(fp[0:4], "_MP_")
+	le.PutUint32(fp[4:], uint32(cfgAddr))
+	fp[8] = 1 // length in 16-byte units
+	fp[9] = 4 // spec revision 1.4
+	fp[10] = checksum(fp)
+
+	out := append(fp, cfg...)
+	if uint64(len(out)) > biosStart-addr {
+		return nil, fmt.Errorf("mp table: %d bytes do not fit below %#x", len(out), biosStart)
+	}
+	return out, nil
+}
+
+// checksum returns the byte that makes b sum to zero (b's checksum byte
+// must be zero when called).
+func checksum(b []byte) uint8 {
+	var s uint8
+	for _, x := range b {
+		s += x
+	}
+	return -s
+}
