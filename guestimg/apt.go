@@ -1,0 +1,284 @@
+package guestimg
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+)
+
+// ErrNoApt is returned when packages must be downloaded and the host has no
+// apt-get.
+var ErrNoApt = errors.New("apt-get not found: the default guest image is built from Debian packages " +
+	"(linux-image-amd64, busybox-static, e2fsprogs); run on a Debian or Ubuntu host with apt, " +
+	"or pass your own --kernel and --initrd")
+
+// rootPackages are the packages the image starts from; the kernel
+// metapackage is resolved to the versioned kernel package it depends on and
+// e2fsprogs pulls in the libraries mke2fs is linked against.
+var rootPackages = []string{"linux-image-amd64", "busybox-static", "e2fsprogs"}
+
+// debManifest records which .deb files in <cache>/debs make up the image, so
+// that a cached build never has to ask apt. Delete <cache>/debs to pick up
+// newer packages.
+type debManifest struct {
+	Packages []string // rootPackages at the time of download
+	Kernel   string   // file name of linux-image-<version>-amd64
+	Busybox  string
+	E2fs     string
+	Libs     []string // shared-library packages that e2fsprogs depends on
+}
+
+func (m *debManifest) files() []string {
+	return append([]string{m.Kernel, m.Busybox, m.E2fs}, m.Libs...)
+}
+
+const manifestName = "manifest.json"
+
+// readManifest returns the manifest in debs if it is current and every file
+// it names is present.
+func readManifest(debs string) (*debManifest, error) {
+	b, err := os.ReadFile(filepath.Join(debs, manifestName))
+	if err != nil {
+		return nil, err
+	}
+	var m debManifest
+	if err := json.Unmarshal(b, &m); err != nil {
+		return nil, fmt.Errorf("read package manifest: %w", err)
+	}
+	if !slices.Equal(m.Packages, rootPackages) {
+		return nil, errors.New("package manifest is for another package set")
+	}
+	for _, f := range m.files() {
+		if f == "" {
+			return nil, errors.New("package manifest is incomplete")
+		}
+		if _, err := os.Stat(filepath.Join(debs, f)); err != nil {
+			return nil, fmt.Errorf("package manifest: %w", err)
+		}
+	}
+	return &m, nil
+}
+
+// downloadDebs fetches the packages with apt-get into debs and writes the
+// manifest last, so a half-finished download is never mistaken for a
+// complete one.
+func (b *builder) downloadDebs(ctx context.Context, debs string) (*debManifest, error) {
+	if _, err := exec.LookPath("apt-get"); err != nil {
+		return nil, ErrNoApt
+	}
+	if err := os.MkdirAll(debs, 0o755); err != nil {
+		return nil, fmt.Errorf("create deb cache: %w", err)
+	}
+	dl, err := os.MkdirTemp(debs, "download-")
+	if err != nil {
+		return nil, fmt.Errorf("create download dir: %w", err)
+	}
+	defer os.RemoveAll(dl)
+
+	got := map[string]string{} // package name -> file name in dl
+	fetch := func(specs ...string) error {
+		b.logf("downloading %s", strings.Join(specs, " "))
+		if err := b.aptDownload(ctx, dl, specs); err != nil {
+			return err
+		}
+		ents, err := os.ReadDir(dl)
+		if err != nil {
+			return fmt.Errorf("list downloads: %w", err)
+		}
+		for _, e := range ents {
+			if !strings.HasSuffix(e.Name(), ".deb") || slices.Contains(mapValues(got), e.Name()) {
+				continue
+			}
+			pkg, err := debField(ctx, filepath.Join(dl, e.Name()), "Package")
+			if err != nil {
+				return err
+			}
+			got[pkg] = e.Name()
+		}
+		for _, s := range specs {
+			name, _, _ := strings.Cut(s, "=")
+			if _, ok := got[name]; !ok {
+				return fmt.Errorf("apt-get download %s: no .deb appeared", s)
+			}
+		}
+		return nil
+	}
+	if err := fetch(rootPackages...); err != nil {
+		return nil, err
+	}
+
+	// linux-image-amd64 depends on exactly one linux-image-X.Y.Z-N-amd64 (= version).
+	metaDeps, err := debDepends(ctx, filepath.Join(dl, got["linux-image-amd64"]))
+	if err != nil {
+		return nil, err
+	}
+	var kernelSpec, kernelPkg string
+	for _, d := range metaDeps {
+		if strings.HasPrefix(d.name, "linux-image-") {
+			kernelPkg, kernelSpec = d.name, d.name
+			if d.exact != "" {
+				kernelSpec += "=" + d.exact
+			}
+			break
+		}
+	}
+	if kernelPkg == "" {
+		return nil, fmt.Errorf("linux-image-amd64 depends on no linux-image package (depends: %v)", metaDeps)
+	}
+
+	// The shared libraries of e2fsprogs, transitively. Only lib* packages:
+	// the rest (logsave, gcc-12-base) hold nothing mke2fs loads.
+	var libs []string
+	scan := []string{"e2fsprogs"} // packages whose dependencies are not read yet
+	specs := []string{kernelSpec}
+	for round := 0; ; round++ {
+		if round > 10 {
+			return nil, errors.New("e2fsprogs library dependencies do not converge")
+		}
+		var fresh []string
+		for _, p := range scan {
+			deps, err := debDepends(ctx, filepath.Join(dl, got[p]))
+			if err != nil {
+				return nil, err
+			}
+			for _, d := range deps {
+				if strings.HasPrefix(d.name, "lib") && !slices.Contains(libs, d.name) {
+					libs = append(libs, d.name)
+					fresh = append(fresh, d.name)
+				}
+			}
+		}
+		specs = append(specs, fresh...)
+		if len(specs) == 0 {
+			break
+		}
+		if err := fetch(specs...); err != nil {
+			return nil, err
+		}
+		scan, specs = fresh, nil
+	}
+
+	m := &debManifest{
+		Packages: rootPackages,
+		Kernel:   got[kernelPkg],
+		Busybox:  got["busybox-static"],
+		E2fs:     got["e2fsprogs"],
+	}
+	slices.Sort(libs)
+	for _, l := range libs {
+		m.Libs = append(m.Libs, got[l])
+	}
+	for _, f := range m.files() {
+		if err := os.Rename(filepath.Join(dl, f), filepath.Join(debs, f)); err != nil {
+			return nil, fmt.Errorf("store package: %w", err)
+		}
+	}
+	js, err := json.MarshalIndent(m, "", "\t")
+	if err != nil {
+		return nil, fmt.Errorf("encode package manifest: %w", err)
+	}
+	if err := writeFileAtomic(filepath.Join(debs, manifestName), append(js, '\n'), 0o644); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+// aptDownload runs apt-get download in dir. On a machine whose package
+// lists are empty it fails with "Unable to locate package": then it runs
+// apt-get update once (which needs root) and tries again.
+func (b *builder) aptDownload(ctx context.Context, dir string, specs []string) error {
+	run := func(args ...string) error {
+		cmd := exec.CommandContext(ctx, "apt-get", args...)
+		cmd.Dir = dir
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			return fmt.Errorf("apt-get %s: %w: %s", args[0], err, lastLines(out, 5))
+		}
+		return nil
+	}
+	err := run(append([]string{"download", "-q"}, specs...)...)
+	if err == nil || b.aptUpdated || ctx.Err() != nil {
+		return err
+	}
+	b.logf("apt-get download failed; running apt-get update once and retrying")
+	b.aptUpdated = true
+	if uerr := run("update", "-q"); uerr != nil {
+		return fmt.Errorf("%w (and then %w)", err, uerr)
+	}
+	return run(append([]string{"download", "-q"}, specs...)...)
+}
+
+// debField reads one control field of a .deb.
+func debField(ctx context.Context, deb, field string) (string, error) {
+	out, err := exec.CommandContext(ctx, "dpkg-deb", "-f", deb, field).Output()
+	if err != nil {
+		return "", fmt.Errorf("dpkg-deb -f %s %s: %w", filepath.Base(deb), field, err)
+	}
+	return strings.TrimSpace(string(out)), nil
+}
+
+// debDep is one entry of a Depends field: the first alternative's name and
+// its version when pinned with "=".
+type debDep struct {
+	name, exact string
+}
+
+// debDepends returns the Pre-Depends and Depends of a .deb.
+func debDepends(ctx context.Context, deb string) ([]debDep, error) {
+	var out []debDep
+	for _, field := range []string{"Pre-Depends", "Depends"} {
+		v, err := debField(ctx, deb, field)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, parseDepends(v)...)
+	}
+	return out, nil
+}
+
+// parseDepends parses a Debian relationship field such as
+// "libc6 (>= 2.34), linux-image-6.1.0-48-amd64 (= 6.1.172-1), a | b",
+// keeping the first alternative of each entry.
+func parseDepends(v string) []debDep {
+	var out []debDep
+	for _, ent := range strings.Split(v, ",") {
+		alt, _, _ := strings.Cut(ent, "|")
+		alt = strings.TrimSpace(alt)
+		if alt == "" {
+			continue
+		}
+		name, rest, _ := strings.Cut(alt, " ")
+		name, _, _ = strings.Cut(name, ":") // "libfoo:any"
+		d := debDep{name: name}
+		rest = strings.TrimSpace(rest)
+		if strings.HasPrefix(rest, "(=") {
+			d.exact = strings.TrimSpace(strings.TrimSuffix(strings.TrimPrefix(rest, "(="), ")"))
+		}
+		out = append(out, d)
+	}
+	return out
+}
+
+func mapValues(m map[string]string) []string {
+	out := make([]string, 0, len(m))
+	for _, v := range m {
+		out = append(out, v)
+	}
+	return out
+}
+
+// lastLines returns the last n non-empty lines of tool output, for errors.
+func lastLines(b []byte, n int) string {
+	lines := strings.Split(strings.TrimSpace(string(bytes.ToValidUTF8(b, []byte("?")))), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "; ")
+}

@@ -1,0 +1,770 @@
+package guestimg
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"os/exec"
+	"path"
+	"path/filepath"
+	"runtime"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"govmm/guestimg/internal/guestproto"
+)
+
+// builderVersion is part of every cache key. Bump it whenever the builder
+// changes what it puts into an image, so that cached images are rebuilt.
+const builderVersion = 1
+
+// Options configures Build. The zero value is ready to use.
+type Options struct {
+	// CacheDir holds downloaded packages and built images; default
+	// DefaultCacheDir().
+	CacheDir string
+	// SourceDir is the govmm module root, which holds guestimg/guest/...;
+	// default: the nearest directory at or above the working directory
+	// whose go.mod declares module govmm.
+	SourceDir string
+	// Log receives progress lines; nil discards them.
+	Log io.Writer
+}
+
+// Image is a bootable guest: absolute paths of the kernel (bzImage) and the
+// initramfs (uncompressed newc cpio). Both files are never modified once
+// Build returned them; append a CommandArchive to a copy, or send the two
+// back to back, to use command mode.
+type Image struct {
+	Kernel, Initrd string
+}
+
+// DefaultCacheDir is $GOVMM_CACHE if set, else $XDG_CACHE_HOME/govmm, else
+// ~/.cache/govmm.
+func DefaultCacheDir() string {
+	if d := os.Getenv("GOVMM_CACHE"); d != "" {
+		return d
+	}
+	if d, err := os.UserCacheDir(); err == nil {
+		return filepath.Join(d, "govmm")
+	}
+	return filepath.Join(os.TempDir(), "govmm-cache")
+}
+
+// Build returns the default guest image, building it if needed. The result
+// lives in <cache>/images/<key>/{vmlinuz,initrd.img}, where key hashes the
+// .deb files, the guest programs' sources and builderVersion; when that
+// directory exists Build returns at once, without apt or the network.
+// Downloaded packages stay in <cache>/debs (listed by manifest.json; delete
+// the directory to pick up newer packages), the part of the image made from
+// them in <cache>/parts. Concurrent Builds, in one process or several, are
+// serialized by a lock file and never see a half-written image.
+func Build(ctx context.Context, opts Options) (Image, error) {
+	b, err := newBuilder(opts)
+	if err != nil {
+		return Image{}, err
+	}
+	if m, err := readManifest(b.debsDir()); err == nil {
+		if img, ok, err := b.cached(m); err != nil || ok {
+			return img, err
+		}
+	}
+
+	unlock, err := b.lock(ctx)
+	if err != nil {
+		return Image{}, err
+	}
+	defer unlock()
+
+	b.removeStale()
+	start := time.Now()
+	m, err := readManifest(b.debsDir())
+	if err != nil {
+		if m, err = b.downloadDebs(ctx, b.debsDir()); err != nil {
+			return Image{}, fmt.Errorf("build guest image: %w", err)
+		}
+	}
+	if img, ok, err := b.cached(m); err != nil || ok {
+		return img, err // another process built it while we waited
+	}
+	img, err := b.build(ctx, m)
+	if err != nil {
+		return Image{}, fmt.Errorf("build guest image: %w", err)
+	}
+	b.logf("image ready in %v: %s", time.Since(start).Round(time.Millisecond), filepath.Dir(img.Kernel))
+	return img, nil
+}
+
+type builder struct {
+	cache, src string
+	log        io.Writer
+	aptUpdated bool // apt-get update was tried already
+}
+
+func newBuilder(opts Options) (*builder, error) {
+	b := &builder{cache: opts.CacheDir, src: opts.SourceDir, log: opts.Log}
+	if b.cache == "" {
+		b.cache = DefaultCacheDir()
+	}
+	var err error
+	if b.cache, err = filepath.Abs(b.cache); err != nil {
+		return nil, fmt.Errorf("cache dir: %w", err)
+	}
+	if b.src == "" {
+		if b.src, err = findSourceDir(); err != nil {
+			return nil, err
+		}
+	}
+	if b.src, err = filepath.Abs(b.src); err != nil {
+		return nil, fmt.Errorf("source dir: %w", err)
+	}
+	if b.log == nil {
+		b.log = io.Discard
+	}
+	return b, nil
+}
+
+func (b *builder) logf(format string, args ...any) {
+	fmt.Fprintf(b.log, "guestimg: "+format+"\n", args...)
+}
+
+func (b *builder) debsDir() string { return filepath.Join(b.cache, "debs") }
+
+// findSourceDir walks up from the working directory to the go.mod of
+// module govmm.
+func findSourceDir() (string, error) {
+	wd, err := os.Getwd()
+	if err != nil {
+		return "", fmt.Errorf("find govmm source: %w", err)
+	}
+	for d := wd; ; d = filepath.Dir(d) {
+		if isGovmmModule(filepath.Join(d, "go.mod")) {
+			return d, nil
+		}
+		if filepath.Dir(d) == d {
+			return "", fmt.Errorf("find govmm source: no go.mod of module govmm at or above %s; set Options.SourceDir", wd)
+		}
+	}
+}
+
+func isGovmmModule(gomod string) bool {
+	f, err := os.Open(gomod)
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	s := bufio.NewScanner(f)
+	for s.Scan() {
+		if f := strings.Fields(s.Text()); len(f) == 2 && f[0] == "module" {
+			return strings.Trim(f[1], `"`) == "govmm"
+		}
+	}
+	return false
+}
+
+// removeStale deletes temporary directories that a killed builder left
+// behind (an unpacked kernel package is about 400 MB). The caller holds the
+// lock, so no live builder owns them.
+func (b *builder) removeStale() {
+	for _, pat := range []string{"debs/download-*", "parts/tmp-*", "images/tmp-*", "tmp/*"} {
+		old, _ := filepath.Glob(filepath.Join(b.cache, pat))
+		for _, d := range old {
+			_ = os.RemoveAll(d)
+		}
+	}
+}
+
+// cached reports the image for m if it is already built.
+func (b *builder) cached(m *debManifest) (Image, bool, error) {
+	key, err := b.imageKey(m)
+	if err != nil {
+		return Image{}, false, err
+	}
+	img := b.imagePaths(key)
+	for _, p := range []string{img.Kernel, img.Initrd} {
+		if _, err := os.Stat(p); err != nil {
+			return Image{}, false, nil
+		}
+	}
+	return img, true, nil
+}
+
+func (b *builder) imagePaths(key string) Image {
+	dir := filepath.Join(b.cache, "images", key)
+	return Image{Kernel: filepath.Join(dir, "vmlinuz"), Initrd: filepath.Join(dir, "initrd.img")}
+}
+
+// baseKey names the part of the image made from the packages alone.
+func (b *builder) baseKey(m *debManifest) (string, error) {
+	h := sha256.New()
+	fmt.Fprintf(h, "govmm guestimg base v%d\n", builderVersion)
+	for _, f := range m.files() {
+		fi, err := os.Stat(filepath.Join(b.debsDir(), f))
+		if err != nil {
+			return "", fmt.Errorf("hash packages: %w", err)
+		}
+		// Debian never reuses a file name for other contents, and the
+		// name carries the version; the size guards against truncation.
+		fmt.Fprintf(h, "deb %s %d\n", f, fi.Size())
+	}
+	return hex.EncodeToString(h.Sum(nil)[:16]), nil
+}
+
+// guestSourceDirs are hashed into the image key: the guest programs and
+// the contract they share with the builder.
+var guestSourceDirs = []string{"guestimg/guest", "guestimg/internal"}
+
+// imageKey names a whole image: packages, guest program sources, the
+// module's go.mod and go.sum (the versions of what the programs import),
+// the Go toolchain and the builder version.
+func (b *builder) imageKey(m *debManifest) (string, error) {
+	base, err := b.baseKey(m)
+	if err != nil {
+		return "", err
+	}
+	h := sha256.New()
+	fmt.Fprintf(h, "govmm guestimg image v%d %s %s\nbase %s\n", builderVersion, runtime.Version(), runtime.GOARCH, base)
+	hashFile := func(rel string) error {
+		data, err := os.ReadFile(filepath.Join(b.src, rel))
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(h, "file %s %d\n", filepath.ToSlash(rel), len(data))
+		h.Write(data)
+		return nil
+	}
+	for _, f := range []string{"go.mod", "go.sum"} {
+		if err := hashFile(f); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return "", fmt.Errorf("hash guest sources: %w", err)
+		}
+	}
+	for _, dir := range guestSourceDirs {
+		err := filepath.WalkDir(filepath.Join(b.src, dir), func(p string, d fs.DirEntry, err error) error {
+			if err != nil {
+				return err
+			}
+			if d.IsDir() {
+				if d.Name() == "testdata" {
+					return filepath.SkipDir
+				}
+				return nil
+			}
+			// Tests do not change the binaries.
+			if strings.HasSuffix(p, "_test.go") {
+				return nil
+			}
+			rel, _ := filepath.Rel(b.src, p)
+			return hashFile(rel)
+		})
+		if err != nil {
+			return "", fmt.Errorf("hash guest sources in %s (is SourceDir the govmm module?): %w", b.src, err)
+		}
+	}
+	return hex.EncodeToString(h.Sum(nil)[:16]), nil
+}
+
+// lock takes <cache>/lock, an exclusive flock, waiting as long as ctx
+// allows. The returned function releases it.
+func (b *builder) lock(ctx context.Context) (func(), error) {
+	if err := os.MkdirAll(b.cache, 0o755); err != nil {
+		return nil, fmt.Errorf("create cache dir: %w", err)
+	}
+	f, err := os.OpenFile(filepath.Join(b.cache, "lock"), os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("open cache lock: %w", err)
+	}
+	for said := false; ; {
+		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
+		if err == nil {
+			return func() { f.Close() }, nil
+		}
+		if !errors.Is(err, unix.EWOULDBLOCK) && !errors.Is(err, unix.EINTR) {
+			f.Close()
+			return nil, fmt.Errorf("lock cache: %w", err)
+		}
+		if !said {
+			b.logf("waiting for another build to finish (%s)", f.Name())
+			said = true
+		}
+		select {
+		case <-ctx.Done():
+			f.Close()
+			return nil, fmt.Errorf("lock cache: %w", ctx.Err())
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// build makes the image for m. The caller holds the lock.
+func (b *builder) build(ctx context.Context, m *debManifest) (Image, error) {
+	key, err := b.imageKey(m)
+	if err != nil {
+		return Image{}, err
+	}
+	// The package part and the Go programs are independent: build them
+	// side by side.
+	var (
+		wg             sync.WaitGroup
+		base           string
+		baseErr, goErr error
+		guestCPIO      []byte
+	)
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		base, baseErr = b.ensureBase(ctx, m)
+	}()
+	guestCPIO, goErr = b.buildGuestPrograms(ctx)
+	wg.Wait()
+	if err := errors.Join(baseErr, goErr); err != nil {
+		return Image{}, err
+	}
+
+	images := filepath.Join(b.cache, "images")
+	if err := os.MkdirAll(images, 0o755); err != nil {
+		return Image{}, fmt.Errorf("create image dir: %w", err)
+	}
+	tmp, err := os.MkdirTemp(images, "tmp-")
+	if err != nil {
+		return Image{}, fmt.Errorf("create image dir: %w", err)
+	}
+	defer os.RemoveAll(tmp)
+	if err := os.Chmod(tmp, 0o755); err != nil {
+		return Image{}, fmt.Errorf("create image dir: %w", err)
+	}
+	if err := linkOrCopy(filepath.Join(base, "vmlinuz"), filepath.Join(tmp, "vmlinuz")); err != nil {
+		return Image{}, err
+	}
+	baseCPIO, err := os.ReadFile(filepath.Join(base, "base.cpio"))
+	if err != nil {
+		return Image{}, fmt.Errorf("read base archive: %w", err)
+	}
+	if err := writeFile(filepath.Join(tmp, "initrd.img"), 0o644, baseCPIO, guestCPIO); err != nil {
+		return Image{}, err
+	}
+	if err := syncDir(tmp); err != nil {
+		return Image{}, err
+	}
+	img := b.imagePaths(key)
+	if err := os.Rename(tmp, filepath.Dir(img.Kernel)); err != nil {
+		if _, serr := os.Stat(img.Initrd); serr != nil {
+			return Image{}, fmt.Errorf("store image: %w", err)
+		}
+	}
+	_ = syncDir(images)
+	fi, _ := os.Stat(img.Initrd)
+	ki, _ := os.Stat(img.Kernel)
+	if fi != nil && ki != nil {
+		b.logf("kernel %.1f MiB, initrd %.1f MiB", float64(ki.Size())/(1<<20), float64(fi.Size())/(1<<20))
+	}
+	return img, nil
+}
+
+// ensureBase returns <cache>/parts/base-<key>, holding vmlinuz and
+// base.cpio: everything of the image that comes from Debian packages. It is
+// reused by every image built from the same packages.
+func (b *builder) ensureBase(ctx context.Context, m *debManifest) (string, error) {
+	key, err := b.baseKey(m)
+	if err != nil {
+		return "", err
+	}
+	parts := filepath.Join(b.cache, "parts")
+	dir := filepath.Join(parts, "base-"+key)
+	if _, err := os.Stat(filepath.Join(dir, "base.cpio")); err == nil {
+		return dir, nil
+	}
+	if err := os.MkdirAll(parts, 0o755); err != nil {
+		return "", fmt.Errorf("create parts dir: %w", err)
+	}
+	tmp, err := os.MkdirTemp(parts, "tmp-")
+	if err != nil {
+		return "", fmt.Errorf("create parts dir: %w", err)
+	}
+	defer os.RemoveAll(tmp)
+	root, out := filepath.Join(tmp, "root"), filepath.Join(tmp, "out")
+	for _, d := range []string{root, out} {
+		if err := os.Mkdir(d, 0o755); err != nil {
+			return "", fmt.Errorf("create parts dir: %w", err)
+		}
+	}
+
+	start := time.Now()
+	b.logf("unpacking %d packages", len(m.files()))
+	var wg sync.WaitGroup
+	errs := make([]error, len(m.files()))
+	for i, f := range m.files() {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			cmd := exec.CommandContext(ctx, "dpkg-deb", "-x", filepath.Join(b.debsDir(), f), root)
+			if o, err := cmd.CombinedOutput(); err != nil {
+				errs[i] = fmt.Errorf("dpkg-deb -x %s: %w: %s", f, err, lastLines(o, 3))
+			}
+		}()
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		return "", err
+	}
+	b.logf("unpacked in %v", time.Since(start).Round(time.Millisecond))
+
+	t, kver, err := b.baseTree(ctx, root)
+	if err != nil {
+		return "", err
+	}
+	if err := linkOrCopy(filepath.Join(root, "boot", "vmlinuz-"+kver), filepath.Join(out, "vmlinuz")); err != nil {
+		return "", err
+	}
+	f, err := os.Create(filepath.Join(out, "base.cpio"))
+	if err != nil {
+		return "", fmt.Errorf("create base archive: %w", err)
+	}
+	bw := bufio.NewWriterSize(f, 1<<20)
+	werr := t.write(newCPIOWriter(bw))
+	if werr == nil {
+		werr = bw.Flush()
+	}
+	if werr == nil {
+		werr = f.Sync()
+	}
+	if cerr := f.Close(); werr == nil {
+		werr = cerr
+	}
+	if werr != nil {
+		return "", fmt.Errorf("write base archive: %w", werr)
+	}
+	info, _ := json.MarshalIndent(map[string]any{"kernel": kver, "debs": m.files()}, "", "\t")
+	if err := os.WriteFile(filepath.Join(out, "info.json"), info, 0o644); err != nil {
+		return "", fmt.Errorf("write base info: %w", err)
+	}
+	if err := syncDir(out); err != nil {
+		return "", err
+	}
+	if err := os.Rename(out, dir); err != nil {
+		return "", fmt.Errorf("store base: %w", err)
+	}
+	return dir, nil
+}
+
+// baseTree lays out the package part of the initramfs from the unpacked
+// packages in root and returns it with the kernel version.
+func (b *builder) baseTree(ctx context.Context, root string) (*tree, string, error) {
+	kvers, _ := filepath.Glob(filepath.Join(root, "boot", "vmlinuz-*"))
+	if len(kvers) != 1 {
+		return nil, "", fmt.Errorf("kernel package: want one /boot/vmlinuz-*, found %d", len(kvers))
+	}
+	kver := strings.TrimPrefix(filepath.Base(kvers[0]), "vmlinuz-")
+	t := newTree()
+
+	for _, d := range []string{"bin", "sbin", "usr/bin", "usr/sbin", "etc/govmm", "proc", "sys", "dev", "run", "data", "root", "mnt", "lib64"} {
+		t.dir(d, 0o755)
+	}
+	t.dir("tmp", 0o1777)
+	// The kernel opens /dev/console for /init before anything is mounted.
+	t.charDev("dev/console", 0o600, 5, 1)
+	t.charDev("dev/null", 0o666, 1, 3)
+	t.file("etc/hostname", 0o644, []byte("govmm\n"))
+	t.file("etc/passwd", 0o644, []byte("root:x:0:0:root:/root:/bin/sh\n"))
+	t.file("etc/group", 0o644, []byte("root:x:0:\n"))
+	t.file("etc/profile", 0o644, []byte("export PS1='\\h:\\w\\$ '\n"))
+	t.symlink("etc/mtab", "/proc/self/mounts")
+
+	// Kernel modules.
+	modDir := filepath.Join(root, "lib", "modules", kver)
+	mods, ix, err := b.prepareModules(ctx, modDir)
+	if err != nil {
+		return nil, "", err
+	}
+	var list bytes.Buffer
+	for _, p := range mods {
+		guestPath := path.Join("lib/modules", kver, p)
+		t.fileFrom(guestPath, 0o644, filepath.Join(modDir, p))
+		fmt.Fprintf(&list, "/%s\n", guestPath)
+	}
+	t.file(strings.TrimPrefix(guestproto.ModulesPath, "/"), 0o644, list.Bytes())
+	t.file(path.Join("lib/modules", kver, "modules.dep"), 0o644, subsetModulesDep(ix, mods))
+	names := make([]string, len(mods))
+	for i, p := range mods {
+		names[i] = modName(p)
+	}
+	b.logf("kernel %s, modules: %s", kver, strings.Join(names, " "))
+
+	// Busybox and its applets. busybox-static is a static amd64 binary, so
+	// the host can ask it for its applet list.
+	bbPath := filepath.Join(root, "bin", "busybox")
+	t.fileFrom("bin/busybox", 0o755, bbPath)
+	out, err := exec.CommandContext(ctx, bbPath, "--list-full").Output()
+	if err != nil {
+		return nil, "", fmt.Errorf("busybox --list-full: %w", err)
+	}
+	for _, a := range strings.Fields(string(out)) {
+		switch path.Base(a) {
+		case "busybox", "init", "linuxrc":
+			continue // /init is ours
+		}
+		t.symlink(a, "/bin/busybox")
+	}
+
+	// mke2fs from e2fsprogs, with its loader and libraries; it replaces
+	// busybox's mkfs applets.
+	deps, err := elfClosure(root, []string{"/sbin/mke2fs"})
+	if err != nil {
+		return nil, "", err
+	}
+	for _, d := range deps {
+		t.fileFrom(strings.TrimPrefix(d.Real, "/"), 0o755, filepath.Join(root, d.Real))
+		if d.Path != d.Real {
+			t.symlink(strings.TrimPrefix(d.Path, "/"), d.Real)
+		}
+	}
+	for _, n := range []string{"mkfs.ext4", "mkfs.ext3", "mkfs.ext2", "mke2fs"} {
+		if n != "mke2fs" {
+			t.symlink("sbin/"+n, "mke2fs")
+		}
+		delete(t.entries, "usr/sbin/"+n) // busybox applet of the same name
+		delete(t.entries, "usr/bin/"+n)
+	}
+	if _, err := os.Stat(filepath.Join(root, "etc", "mke2fs.conf")); err == nil {
+		t.fileFrom("etc/mke2fs.conf", 0o644, filepath.Join(root, "etc", "mke2fs.conf"))
+	}
+	return t, kver, nil
+}
+
+// prepareModules makes sure modDir has uncompressed modules and a
+// modules.dep, and returns the load order of guestModules' closure.
+func (b *builder) prepareModules(ctx context.Context, modDir string) ([]string, *modIndex, error) {
+	// Debian's 6.1 kernels ship plain .ko files (CONFIG_MODULE_COMPRESS_NONE
+	// and no in-kernel decompression). Should a later package ship .ko.xz,
+	// decompress with the host's xz so finit_module needs no flags.
+	var xzs []string
+	err := filepath.WalkDir(modDir, func(p string, d fs.DirEntry, err error) error {
+		if err == nil && !d.IsDir() && strings.HasSuffix(p, ".ko.xz") {
+			xzs = append(xzs, p)
+		}
+		return err
+	})
+	if err != nil {
+		return nil, nil, fmt.Errorf("modules: %w", err)
+	}
+	if len(xzs) > 0 {
+		b.logf("decompressing %d modules", len(xzs))
+		for i := 0; i < len(xzs); i += 500 {
+			args := append([]string{"-d", "-f"}, xzs[i:min(i+500, len(xzs))]...)
+			if o, err := exec.CommandContext(ctx, "xz", args...).CombinedOutput(); err != nil {
+				return nil, nil, fmt.Errorf("xz -d modules: %w: %s", err, lastLines(o, 3))
+			}
+		}
+		// modules.dep, if shipped, names the .xz files; regenerate it.
+		_ = os.Remove(filepath.Join(modDir, "modules.dep"))
+	}
+	if _, err := os.Stat(filepath.Join(modDir, "modules.dep")); err != nil {
+		if err := depmod(modDir); err != nil {
+			return nil, nil, err
+		}
+	}
+	ix, err := loadModIndex(modDir)
+	if err != nil {
+		return nil, nil, err
+	}
+	mods, err := ix.closure(guestModules)
+	if err != nil {
+		return nil, nil, fmt.Errorf("modules: %w", err)
+	}
+	return mods, ix, nil
+}
+
+// buildGuestPrograms compiles /init and the programs under guestimg/guest
+// as static, stripped binaries and returns them as a cpio archive.
+func (b *builder) buildGuestPrograms(ctx context.Context) ([]byte, error) {
+	goTool, err := exec.LookPath("go")
+	if err != nil {
+		return nil, fmt.Errorf("build guest programs: the go command is needed: %w", err)
+	}
+	if err := os.MkdirAll(filepath.Join(b.cache, "tmp"), 0o755); err != nil {
+		return nil, fmt.Errorf("build guest programs: %w", err)
+	}
+	tmp, err := os.MkdirTemp(filepath.Join(b.cache, "tmp"), "guest-")
+	if err != nil {
+		return nil, fmt.Errorf("build guest programs: %w", err)
+	}
+	defer os.RemoveAll(tmp)
+	progs := map[string]string{ // package -> path in the image
+		"init":    "init",
+		"demo":    "bin/govmm-demo",
+		"dirtier": "bin/govmm-dirtier",
+	}
+	args := []string{"build", "-trimpath", "-buildvcs=false", "-ldflags=-s -w", "-o", tmp + "/"}
+	pkgs := make([]string, 0, len(progs))
+	for p := range progs {
+		pkgs = append(pkgs, "./guestimg/guest/"+p)
+	}
+	sort.Strings(pkgs)
+	args = append(args, pkgs...)
+	start := time.Now()
+	cmd := exec.CommandContext(ctx, goTool, args...)
+	cmd.Dir = b.src
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64")
+	if o, err := cmd.CombinedOutput(); err != nil {
+		return nil, fmt.Errorf("go build guest programs: %w:\n%s", err, o)
+	}
+	b.logf("built guest programs in %v", time.Since(start).Round(time.Millisecond))
+	t := newTree()
+	for p, dst := range progs {
+		t.fileFrom(dst, 0o755, filepath.Join(tmp, p))
+	}
+	var buf bytes.Buffer
+	if err := t.writeNoParents(newCPIOWriter(&buf)); err != nil {
+		return nil, fmt.Errorf("archive guest programs: %w", err)
+	}
+	return buf.Bytes(), nil
+}
+
+// tree is a file system image to be written as cpio. Parent directories
+// are implied; entries are written sorted, so parents come first.
+type tree struct {
+	entries map[string]treeEntry
+}
+
+type treeEntry struct {
+	kind         byte // 'd', 'f', 'l', 'c'
+	perm         fs.FileMode
+	data         []byte // file contents or link target
+	src          string // file contents from this host file, if set
+	major, minor uint32
+}
+
+func newTree() *tree { return &tree{entries: map[string]treeEntry{}} }
+
+func (t *tree) add(name string, e treeEntry) {
+	for d := path.Dir(name); d != "." && d != "/"; d = path.Dir(d) {
+		if _, ok := t.entries[d]; !ok {
+			t.entries[d] = treeEntry{kind: 'd', perm: 0o755}
+		}
+	}
+	t.entries[name] = e
+}
+
+func (t *tree) dir(name string, perm fs.FileMode) { t.add(name, treeEntry{kind: 'd', perm: perm}) }
+func (t *tree) file(name string, perm fs.FileMode, data []byte) {
+	t.add(name, treeEntry{kind: 'f', perm: perm, data: data})
+}
+func (t *tree) fileFrom(name string, perm fs.FileMode, src string) {
+	t.add(name, treeEntry{kind: 'f', perm: perm, src: src})
+}
+func (t *tree) symlink(name, target string) { t.add(name, treeEntry{kind: 'l', data: []byte(target)}) }
+func (t *tree) charDev(name string, perm fs.FileMode, major, minor uint32) {
+	t.add(name, treeEntry{kind: 'c', perm: perm, major: major, minor: minor})
+}
+
+func (t *tree) write(w *cpioWriter) error { return t.writeEntries(w, false) }
+
+// writeNoParents writes only files, for an archive appended to one that
+// already has the directories.
+func (t *tree) writeNoParents(w *cpioWriter) error { return t.writeEntries(w, true) }
+
+func (t *tree) writeEntries(w *cpioWriter, skipDirs bool) error {
+	names := make([]string, 0, len(t.entries))
+	for n := range t.entries {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	for _, n := range names {
+		e := t.entries[n]
+		var err error
+		switch e.kind {
+		case 'd':
+			if skipDirs {
+				continue
+			}
+			err = w.Dir(n, e.perm)
+		case 'f':
+			data := e.data
+			if e.src != "" {
+				if data, err = os.ReadFile(e.src); err != nil {
+					return err
+				}
+			}
+			err = w.File(n, e.perm, data)
+		case 'l':
+			err = w.Symlink(n, string(e.data))
+		case 'c':
+			err = w.CharDev(n, e.perm, e.major, e.minor)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return w.Close()
+}
+
+// linkOrCopy hard-links src to dst, copying when the link fails (another
+// file system).
+func linkOrCopy(src, dst string) error {
+	if err := os.Link(src, dst); err == nil {
+		return nil
+	}
+	data, err := os.ReadFile(src)
+	if err != nil {
+		return fmt.Errorf("copy %s: %w", filepath.Base(src), err)
+	}
+	return writeFile(dst, 0o644, data)
+}
+
+// writeFile writes the concatenation of parts to name and fsyncs it.
+func writeFile(name string, perm fs.FileMode, parts ...[]byte) error {
+	f, err := os.OpenFile(name, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, perm)
+	if err != nil {
+		return fmt.Errorf("write %s: %w", filepath.Base(name), err)
+	}
+	for _, p := range parts {
+		if _, err = f.Write(p); err != nil {
+			break
+		}
+	}
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("write %s: %w", filepath.Base(name), err)
+	}
+	return nil
+}
+
+// writeFileAtomic writes data to a temporary name and renames it over name.
+func writeFileAtomic(name string, data []byte, perm fs.FileMode) error {
+	tmp := name + ".tmp"
+	if err := writeFile(tmp, perm, data); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, name); err != nil {
+		return fmt.Errorf("write %s: %w", filepath.Base(name), err)
+	}
+	return syncDir(filepath.Dir(name))
+}
+
+func syncDir(dir string) error {
+	f, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("sync %s: %w", dir, err)
+	}
+	defer f.Close()
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("sync %s: %w", dir, err)
+	}
+	return nil
+}

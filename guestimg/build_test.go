@@ -1,0 +1,121 @@
+package guestimg
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+func TestDefaultCacheDir(t *testing.T) {
+	t.Setenv("GOVMM_CACHE", "/x/govmm-cache")
+	assert.Equal(t, "/x/govmm-cache", DefaultCacheDir())
+	t.Setenv("GOVMM_CACHE", "")
+	t.Setenv("XDG_CACHE_HOME", "/y")
+	assert.Equal(t, "/y/govmm", DefaultCacheDir())
+}
+
+func TestParseDepends(t *testing.T) {
+	t.Parallel()
+	got := parseDepends("linux-image-6.1.0-48-amd64 (= 6.1.172-1), libc6 (>= 2.34), a | b, libfoo:any")
+	assert.Equal(t, []debDep{
+		{name: "linux-image-6.1.0-48-amd64", exact: "6.1.172-1"},
+		{name: "libc6"},
+		{name: "a"},
+		{name: "libfoo"},
+	}, got)
+	assert.Empty(t, parseDepends(""))
+}
+
+func TestFindSourceDir(t *testing.T) {
+	dir, err := findSourceDir()
+	require.NoError(t, err)
+	assert.FileExists(t, filepath.Join(dir, "guestimg", "guest", "init", "main.go"))
+}
+
+// TestBuildDefaultImage builds the real image: it downloads Debian packages
+// on first use (into the default cache, so later runs and other packages'
+// tests reuse them).
+func TestBuildDefaultImage(t *testing.T) {
+	if _, err := exec.LookPath("apt-get"); err != nil {
+		t.Skipf("needs apt-get to download Debian packages: %v", err)
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 15*time.Minute)
+	defer cancel()
+	var log bytes.Buffer
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("build log:\n%s", log.String())
+		}
+	})
+	opts := Options{Log: &log}
+	img, err := Build(ctx, opts)
+	require.NoError(t, err)
+	assert.True(t, filepath.IsAbs(img.Kernel))
+	assert.True(t, filepath.IsAbs(img.Initrd))
+
+	// bzImage: the setup header's "HdrS" magic at 0x202.
+	kernel, err := os.ReadFile(img.Kernel)
+	require.NoError(t, err)
+	require.Greater(t, len(kernel), 0x206)
+	assert.Equal(t, "HdrS", string(kernel[0x202:0x206]))
+
+	initrd, err := os.ReadFile(img.Initrd)
+	require.NoError(t, err)
+	ents, err := readCPIO(initrd)
+	require.NoError(t, err)
+	files := map[string]cpioEntry{}
+	for _, e := range ents {
+		files[e.Name] = e
+	}
+	for _, name := range []string{
+		"init", "bin/busybox", "bin/sh", "sbin/ip", "bin/govmm-demo", "bin/govmm-dirtier",
+		"sbin/mke2fs", "sbin/mkfs.ext4", "etc/mke2fs.conf", "etc/govmm/modules", "dev/console",
+		"lib64/ld-linux-x86-64.so.2", "lib/x86_64-linux-gnu/libc.so.6", "lib/x86_64-linux-gnu/libext2fs.so.2",
+	} {
+		assert.Contains(t, files, name)
+	}
+	assert.Equal(t, uint32(cpioModeChar), files["dev/console"].Mode&cpioModeType)
+	assert.Equal(t, [2]uint32{5, 1}, [2]uint32{files["dev/console"].RMajor, files["dev/console"].RMinor})
+	assert.Equal(t, "mke2fs", string(files["sbin/mkfs.ext4"].Data))
+	assert.Equal(t, []byte("\x7fELF"), files["init"].Data[:4])
+
+	// Every listed module is in the image, and the ones we asked for are
+	// listed after their dependencies.
+	mods := strings.Fields(string(files["etc/govmm/modules"].Data))
+	pos := map[string]int{}
+	for i, m := range mods {
+		require.Contains(t, files, strings.TrimPrefix(m, "/"))
+		pos[modName(m)] = i
+	}
+	for _, m := range []string{"virtio_pci", "virtio_net", "virtio_blk", "ext4", "jbd2", "mbcache", "virtio", "virtio_ring", "failover"} {
+		assert.Contains(t, pos, m)
+	}
+	assert.Less(t, pos["virtio"], pos["virtio_pci"])
+	assert.Less(t, pos["jbd2"], pos["ext4"])
+	assert.Less(t, pos["crc32c_generic"], pos["ext4"], "ext4's softdep on crc32c")
+
+	// The initrd accepts a command archive after it.
+	cmd, err := CommandArchive([]string{"nproc"})
+	require.NoError(t, err)
+	withCmd, err := readCPIO(append(append([]byte{}, initrd...), cmd...))
+	require.NoError(t, err)
+	assert.Equal(t, "govmm/cmd", withCmd[len(withCmd)-1].Name)
+	t.Logf("kernel %d KiB, initrd %d KiB, %d files", len(kernel)>>10, len(initrd)>>10, len(ents))
+
+	// Nothing changed: a cache hit, fast, same paths.
+	start := time.Now()
+	again, err := Build(ctx, Options{})
+	require.NoError(t, err)
+	took := time.Since(start)
+	assert.Equal(t, img, again)
+	assert.Less(t, took, 500*time.Millisecond)
+	t.Logf("cached Build took %v", took)
+}

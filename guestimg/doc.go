@@ -1,0 +1,35 @@
+// Package guestimg builds the default govmm guest: Debian's stock kernel
+// and an initramfs with busybox, a Go /init, the kernel modules for
+// virtio-pci networking and block storage and ext4, Debian's mke2fs with its
+// shared libraries, and small static Go programs that run in the guest (the
+// demo HTTP service and the memory dirtier of the benchmarks).
+//
+// It owns:
+//
+//   - fetching the packages (linux-image-amd64 resolved to the versioned
+//     kernel package, busybox-static, e2fsprogs and its library packages)
+//     with apt-get, and unpacking them with dpkg-deb;
+//   - the module dependency closure (from modules.dep, generated from the
+//     modules' .modinfo when the package lacks it) and the ELF DT_NEEDED
+//     closure of mke2fs;
+//   - a newc cpio writer, the initramfs layout, and CommandArchive, the
+//     small archive the VMM appends to switch /init to command mode;
+//   - the content-addressed cache (see Build) and the guest programs'
+//     sources under guest/.
+//
+// It does not own booting (package vmm) or anything at run time of the
+// host; it stands outside the runtime and nothing in the VMM imports it
+// except to find the image.
+//
+// The contract with the guest's /init and the VMM is in
+// internal/guestproto: ReadyLine, the command file, the module list and the
+// exit port. The guest expects the kernel command line to name the serial
+// console (console=ttyS0), reboot=k (so "reboot" resets through the i8042),
+// and optionally govmm.ip=ADDR/PREFIX, govmm.gw=ADDR and govmm.debug=1.
+//
+// Invariants: an image directory is complete or absent (temporary
+// directory, fsync, rename); the same inputs give the same key and the same
+// bytes; a cached Build touches neither apt nor the network. Build may be
+// called from several goroutines and processes at once: a lock file in the
+// cache serializes the builders; a cache hit takes no lock.
+package guestimg

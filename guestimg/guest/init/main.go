@@ -1,0 +1,524 @@
+// Command init is /init, PID 1 of the default govmm guest.
+//
+// It mounts the pseudo file systems, loads the kernel modules listed in
+// /etc/govmm/modules, configures eth0 from govmm.ip= and govmm.gw= on the
+// kernel command line, mounts the virtio disk at /data (formatting it as
+// ext4 when it is blank), starts the demo HTTP service on port 80 and keeps
+// it running, then either
+//
+//   - command mode (/govmm/cmd exists): runs that argv on the console with
+//     byte-exact output, and reports its exit status as one byte written to
+//     I/O port 0x600; or
+//   - interactive mode: prints "govmm-guest: ready" and runs a shell on the
+//     console, respawning it.
+//
+// It is the only reaper of processes in the guest: every child is started
+// through initProc.spawn, and one goroutine collects exit statuses with
+// wait4(-1). os/exec's Wait is never used, as it would race with it.
+//
+// busybox poweroff (SIGUSR2) and halt (SIGUSR1) stop everything, unmount
+// /data and write 0 to port 0x600; busybox reboot (SIGTERM) does the same
+// and then resets the machine.
+package main
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"govmm/guestimg/internal/guestproto"
+)
+
+const (
+	pathEnv  = "PATH=/bin:/sbin:/usr/bin:/usr/sbin"
+	demoPort = 80
+)
+
+// initProc is PID 1's state.
+type initProc struct {
+	start   time.Time
+	cfg     bootConfig
+	cmdMode bool
+	console *os.File // /dev/console as the kernel opened it for us
+
+	mu      sync.Mutex // guards waiters; held across fork and registration
+	waiters map[int]chan unix.WaitStatus
+
+	stopping atomic.Bool // set once shutdown starts: no more respawns
+	finish   sync.Once
+}
+
+func main() {
+	in := &initProc{start: time.Now(), console: os.Stdout, waiters: map[int]chan unix.WaitStatus{}}
+	if os.Getpid() != 1 {
+		fmt.Fprintln(os.Stderr, "govmm-init: must run as PID 1 (the guest's /init)")
+		os.Exit(2)
+	}
+	// PID 1 gets only the signals it handles. Go's default action for
+	// these would exit the process, and PID 1 must never exit.
+	signal.Ignore(unix.SIGHUP, unix.SIGINT, unix.SIGQUIT, unix.SIGPIPE, unix.SIGTSTP, unix.SIGTTIN, unix.SIGTTOU)
+	chld := make(chan os.Signal, 1)
+	signal.Notify(chld, unix.SIGCHLD)
+	ctl := make(chan os.Signal, 4)
+	signal.Notify(ctl, unix.SIGUSR1, unix.SIGUSR2, unix.SIGTERM)
+	go in.reap(chld)
+
+	os.Setenv("PATH", strings.TrimPrefix(pathEnv, "PATH="))
+	os.Setenv("HOME", "/root")
+	_, err := os.Stat(guestproto.CommandPath)
+	in.cmdMode = err == nil
+
+	in.mountAll()
+	if in.cmdMode {
+		// Keep kernel messages (below KERN_ALERT) off the console so the
+		// command's output is byte-exact.
+		_ = os.WriteFile("/proc/sys/kernel/printk", []byte("2"), 0)
+	}
+	cmdline, _ := os.ReadFile("/proc/cmdline")
+	var warns []error
+	in.cfg, warns = parseCmdline(string(cmdline))
+	for _, w := range warns {
+		in.errorf("kernel command line: %v", w)
+	}
+	in.debugf("mounted")
+	_ = unix.Sethostname([]byte("govmm"))
+	in.loadModules()
+	in.debugf("modules loaded")
+	in.setupNetwork()
+	in.debugf("network up")
+
+	logPath := filepath.Join(dataDir, "log.txt")
+	switch writable, err := in.setupDisk(); {
+	case errors.Is(err, errNoDisk):
+		logPath = "/tmp/log.txt"
+		in.say("no disk: the demo log is %s and does not survive a reboot", logPath)
+	case err != nil:
+		logPath = "/tmp/log.txt"
+		in.errorf("disk: %v; the demo log is %s", err, logPath)
+	case !writable:
+		logPath = "/tmp/log.txt"
+		in.say("the demo log is %s", logPath)
+	}
+	in.debugf("disk ready")
+	go in.superviseDemo(logPath)
+	if err := waitListening(demoPort, 3*time.Second); err != nil {
+		in.errorf("demo service: %v", err)
+	}
+	in.debugf("demo listening")
+
+	if in.cmdMode {
+		go in.runCommand()
+	} else {
+		fmt.Fprintf(in.console, "%s\n", guestproto.ReadyLine)
+		go in.shellLoop()
+	}
+	for s := range ctl {
+		switch s {
+		case unix.SIGUSR1, unix.SIGUSR2:
+			go in.shutdown(actPowerOff, 0)
+		case unix.SIGTERM:
+			go in.shutdown(actReboot, 0)
+		}
+	}
+}
+
+// say prints an informational line, except in command mode.
+func (in *initProc) say(format string, args ...any) {
+	if !in.cmdMode {
+		fmt.Fprintf(in.console, "govmm-init: "+format+"\n", args...)
+	}
+}
+
+// errorf prints a problem, in every mode.
+func (in *initProc) errorf(format string, args ...any) {
+	fmt.Fprintf(in.console, "govmm-init: "+format+"\n", args...)
+}
+
+// debugf prints the time since boot when govmm.debug is set.
+func (in *initProc) debugf(format string, args ...any) {
+	if in.cfg.Debug {
+		fmt.Fprintf(in.console, "govmm-init: %8.3fms "+format+"\n",
+			append([]any{float64(time.Since(in.start).Microseconds()) / 1000}, args...)...)
+	}
+}
+
+func (in *initProc) mountAll() {
+	type mnt struct {
+		src, dst, fstype string
+		flags            uintptr
+		data             string
+	}
+	const nse = unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC
+	for _, m := range []mnt{
+		{"proc", "/proc", "proc", nse, ""},
+		{"sysfs", "/sys", "sysfs", nse, ""},
+		{"devtmpfs", "/dev", "devtmpfs", unix.MS_NOSUID, "mode=0755"},
+		{"devpts", "/dev/pts", "devpts", unix.MS_NOSUID | unix.MS_NOEXEC, "gid=5,mode=620,ptmxmode=666"},
+		{"tmpfs", "/dev/shm", "tmpfs", unix.MS_NOSUID | unix.MS_NODEV, "mode=1777"},
+		{"tmpfs", "/tmp", "tmpfs", unix.MS_NOSUID | unix.MS_NODEV, "mode=1777"},
+		{"tmpfs", "/run", "tmpfs", unix.MS_NOSUID | unix.MS_NODEV, "mode=0755"},
+	} {
+		_ = os.MkdirAll(m.dst, 0o755)
+		if err := unix.Mount(m.src, m.dst, m.fstype, m.flags, m.data); err != nil && !errors.Is(err, unix.EBUSY) {
+			in.errorf("mount %s on %s: %v", m.fstype, m.dst, err)
+		}
+	}
+	for name, target := range map[string]string{
+		"/dev/fd": "/proc/self/fd", "/dev/stdin": "/proc/self/fd/0",
+		"/dev/stdout": "/proc/self/fd/1", "/dev/stderr": "/proc/self/fd/2",
+	} {
+		_ = os.Symlink(target, name)
+	}
+}
+
+// loadModules loads the modules listed by the image builder, in order.
+func (in *initProc) loadModules() {
+	list, err := os.ReadFile(guestproto.ModulesPath)
+	if err != nil {
+		in.errorf("modules: %v", err)
+		return
+	}
+	for _, p := range strings.Fields(string(list)) {
+		if err := loadModule(p); err != nil {
+			in.errorf("load module %s: %v", filepath.Base(p), err)
+		}
+	}
+}
+
+func loadModule(p string) error {
+	f, err := os.Open(p)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	flags := 0
+	if strings.HasSuffix(p, ".xz") || strings.HasSuffix(p, ".zst") {
+		flags = unix.MODULE_INIT_COMPRESSED_FILE
+	}
+	err = unix.FinitModule(int(f.Fd()), "", flags)
+	if errors.Is(err, unix.EEXIST) {
+		return nil
+	}
+	return err
+}
+
+func (in *initProc) setupNetwork() {
+	if err := in.runQuiet("ip", "link", "set", "lo", "up"); err != nil {
+		in.errorf("lo: %v", err)
+	}
+	if !in.cfg.IP.IsValid() {
+		return
+	}
+	if !pciHas(virtioNetIDs) || !waitFor("/sys/class/net/eth0", 2*time.Second) {
+		in.say("govmm.ip=%s given but there is no eth0", in.cfg.IP)
+		return
+	}
+	steps := [][]string{
+		{"ip", "addr", "add", in.cfg.IP.String(), "dev", "eth0"},
+		{"ip", "link", "set", "eth0", "up"},
+	}
+	if in.cfg.GW.IsValid() {
+		steps = append(steps, []string{"ip", "route", "add", "default", "via", in.cfg.GW.String(), "dev", "eth0"})
+	}
+	for _, s := range steps {
+		if err := in.runQuiet(s...); err != nil {
+			in.errorf("eth0: %v", err)
+			return
+		}
+	}
+}
+
+// waitListening waits until something accepts TCP connections on port.
+func waitListening(port int, d time.Duration) error {
+	deadline := time.Now().Add(d)
+	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
+	for {
+		c, err := net.DialTimeout("tcp", addr, 100*time.Millisecond)
+		if err == nil {
+			c.Close()
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("nothing listening on %s after %v: %w", addr, d, err)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// superviseDemo runs the demo service and restarts it when it dies.
+func (in *initProc) superviseDemo(logPath string) {
+	argv := []string{"/bin/govmm-demo", "--addr", fmt.Sprintf(":%d", demoPort), "--log", logPath}
+	for !in.stopping.Load() {
+		started := time.Now()
+		out := "/dev/console"
+		if in.cmdMode {
+			out = "/dev/null"
+		}
+		pid, done, err := in.spawnOn(argv, out, false)
+		if err != nil {
+			in.errorf("start demo service: %v", err)
+		} else {
+			ws := <-done
+			if in.stopping.Load() {
+				return
+			}
+			in.errorf("demo service (pid %d) %s; restarting", pid, describe(ws))
+		}
+		if time.Since(started) < time.Second {
+			time.Sleep(time.Second)
+		}
+	}
+}
+
+// shellLoop runs an interactive shell on the console, forever.
+func (in *initProc) shellLoop() {
+	for !in.stopping.Load() {
+		started := time.Now()
+		_, done, err := in.spawnOn([]string{"-sh"}, "/dev/console", true)
+		if err != nil {
+			in.errorf("start shell: %v", err)
+		} else {
+			<-done
+		}
+		if time.Since(started) < time.Second {
+			time.Sleep(time.Second)
+		}
+	}
+}
+
+// runCommand runs the argv of /govmm/cmd as command mode's one job.
+func (in *initProc) runCommand() {
+	b, err := os.ReadFile(guestproto.CommandPath)
+	argv := parseCommand(b)
+	if err != nil || len(argv) == 0 {
+		in.errorf("read %s: %v (%d arguments)", guestproto.CommandPath, err, len(argv))
+		in.shutdown(actExit, 127)
+		return
+	}
+	if err := setRawOutput("/dev/console"); err != nil {
+		in.errorf("console: %v", err)
+	}
+	_, done, err := in.spawnOn(argv, "/dev/console", true)
+	if err != nil {
+		in.errorf("run %s: %v", argv[0], err)
+		status := 127
+		if errors.Is(err, unix.EACCES) || errors.Is(err, unix.ENOEXEC) {
+			status = 126
+		}
+		in.shutdown(actExit, status)
+		return
+	}
+	in.shutdown(actExit, exitStatus(<-done))
+}
+
+// parseCommand splits the NUL-terminated arguments of /govmm/cmd.
+// Empty arguments survive; an empty file is no command.
+func parseCommand(b []byte) []string {
+	if len(b) == 0 {
+		return nil
+	}
+	return strings.Split(strings.TrimSuffix(string(b), "\x00"), "\x00")
+}
+
+// exitStatus is the shell's convention: the exit code, or 128+N when
+// killed by signal N.
+func exitStatus(ws unix.WaitStatus) int {
+	if ws.Signaled() {
+		return 128 + int(ws.Signal())
+	}
+	return ws.ExitStatus() & 0xff
+}
+
+func describe(ws unix.WaitStatus) string {
+	if ws.Signaled() {
+		return fmt.Sprintf("was killed by signal %d (%v)", int(ws.Signal()), ws.Signal())
+	}
+	return fmt.Sprintf("exited with status %d", ws.ExitStatus())
+}
+
+type action int
+
+const (
+	actPowerOff action = iota // busybox poweroff or halt
+	actReboot                 // busybox reboot
+	actExit                   // command mode's command finished
+)
+
+// shutdown stops every process, unmounts /data and ends the machine. Only
+// the first call does anything; it never returns.
+func (in *initProc) shutdown(a action, status int) {
+	in.finish.Do(func() {
+		in.stopping.Store(true)
+		killAll()
+		if err := unmountData(); err != nil {
+			in.errorf("%v", err)
+		}
+		switch a {
+		case actReboot:
+			// The kernel runs with reboot=k: the VMM sees the i8042 reset.
+			err := unix.Reboot(unix.LINUX_REBOOT_CMD_RESTART)
+			in.errorf("reboot: %v", err)
+		default:
+			drainConsole(in.console)
+			if err := writeExitPort(byte(status)); err != nil {
+				in.errorf("report exit status %d on port %#x: %v; powering off", status, guestproto.ExitPort, err)
+			}
+			// A VMM that handles the port never gets here.
+			err := unix.Reboot(unix.LINUX_REBOOT_CMD_POWER_OFF)
+			in.errorf("power off: %v", err)
+		}
+	})
+	select {}
+}
+
+// killAll sends SIGTERM to every other process, waits up to a second for
+// them to go, then sends SIGKILL.
+func killAll() {
+	_ = unix.Kill(-1, unix.SIGTERM)
+	deadline := time.Now().Add(time.Second)
+	for otherProcesses() > 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if otherProcesses() == 0 {
+		return
+	}
+	_ = unix.Kill(-1, unix.SIGKILL)
+	deadline = time.Now().Add(500 * time.Millisecond)
+	for otherProcesses() > 0 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// otherProcesses counts user processes other than init: kernel threads
+// (pid 2 and its children) do not count.
+func otherProcesses() int {
+	ents, _ := os.ReadDir("/proc")
+	n := 0
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid <= 2 {
+			continue
+		}
+		stat, err := os.ReadFile("/proc/" + e.Name() + "/stat")
+		if err != nil {
+			continue
+		}
+		// pid (comm) state ppid ...; comm may hold spaces and parentheses.
+		s := string(stat)
+		f := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
+		if len(f) >= 2 && f[1] == "2" {
+			continue
+		}
+		n++
+	}
+	return n
+}
+
+// reap collects every child's exit status and hands it to whoever spawned
+// it. Orphans reparented to init are reaped and dropped.
+func (in *initProc) reap(chld <-chan os.Signal) {
+	for range chld {
+		for {
+			var ws unix.WaitStatus
+			pid, err := unix.Wait4(-1, &ws, unix.WNOHANG, nil)
+			if pid <= 0 || err != nil {
+				break
+			}
+			in.mu.Lock()
+			ch := in.waiters[pid]
+			delete(in.waiters, pid)
+			in.mu.Unlock()
+			if ch != nil {
+				ch <- ws
+			}
+		}
+	}
+}
+
+// spawnOn starts argv with stdin, stdout and stderr on the file tty. With
+// ctty it gets its own session with tty as controlling terminal (job
+// control). argv[0] may start with "-" for a login shell.
+func (in *initProc) spawnOn(argv []string, tty string, ctty bool) (int, <-chan unix.WaitStatus, error) {
+	fd, err := unix.Open(tty, unix.O_RDWR|unix.O_NOCTTY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return 0, nil, err
+	}
+	defer unix.Close(fd)
+	attr := &syscall.ProcAttr{
+		Dir:   "/",
+		Env:   []string{pathEnv, "HOME=/root", "TERM=linux", "SHELL=/bin/sh", "USER=root"},
+		Files: []uintptr{uintptr(fd), uintptr(fd), uintptr(fd)},
+		Sys:   &syscall.SysProcAttr{Setsid: true, Setctty: ctty, Ctty: 0},
+	}
+	return in.spawn(argv, attr)
+}
+
+// runQuiet runs argv to completion with output discarded, except that
+// stderr is reported in the error when it fails.
+func (in *initProc) runQuiet(argv ...string) error {
+	errFile, err := os.CreateTemp("/tmp", "init-stderr-")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(errFile.Name())
+	defer errFile.Close()
+	null, err := os.OpenFile("/dev/null", os.O_RDWR, 0)
+	if err != nil {
+		return err
+	}
+	defer null.Close()
+	attr := &syscall.ProcAttr{
+		Dir:   "/",
+		Env:   []string{pathEnv, "HOME=/root"},
+		Files: []uintptr{null.Fd(), null.Fd(), errFile.Fd()},
+		Sys:   &syscall.SysProcAttr{Setsid: true},
+	}
+	_, done, err := in.spawn(argv, attr)
+	if err != nil {
+		return fmt.Errorf("%s: %w", argv[0], err)
+	}
+	ws := <-done
+	if ws.Exited() && ws.ExitStatus() == 0 {
+		return nil
+	}
+	msg, _ := os.ReadFile(errFile.Name())
+	return fmt.Errorf("%s %s: %s", strings.Join(argv, " "), describe(ws), strings.TrimSpace(string(msg)))
+}
+
+// spawn starts a child and registers it with the reaper. The lock is held
+// from fork to registration so that a child exiting at once is not missed.
+func (in *initProc) spawn(argv []string, attr *syscall.ProcAttr) (int, <-chan unix.WaitStatus, error) {
+	name := strings.TrimPrefix(argv[0], "-")
+	path := name
+	if !strings.Contains(name, "/") {
+		for _, dir := range []string{"/bin", "/sbin", "/usr/bin", "/usr/sbin"} {
+			if _, err := os.Stat(filepath.Join(dir, name)); err == nil {
+				path = filepath.Join(dir, name)
+				break
+			}
+		}
+		if path == name {
+			return 0, nil, fmt.Errorf("%s: %w", name, unix.ENOENT)
+		}
+	}
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	pid, err := syscall.ForkExec(path, argv, attr)
+	if err != nil {
+		return 0, nil, err
+	}
+	ch := make(chan unix.WaitStatus, 1)
+	in.waiters[pid] = ch
+	return pid, ch, nil
+}

@@ -1,0 +1,26 @@
+// Package guestproto is the contract between the image builder (guestimg),
+// the guest's /init and the VMM: file paths inside the initramfs, the line
+// that announces a ready guest, and the I/O port that carries the exit
+// status of command mode. It has no code, so the guest programs can import
+// it without pulling the builder in.
+package guestproto
+
+const (
+	// ReadyLine is printed on its own line on the console by /init once
+	// modules, network, disk and the demo service are up (never in command
+	// mode).
+	ReadyLine = "govmm-guest: ready"
+
+	// CommandPath holds the argv of command mode, each argument terminated
+	// by a NUL byte. The VMM appends it to the initrd as a cpio archive.
+	CommandPath = "/govmm/cmd"
+
+	// ModulesPath lists the kernel modules to load, one absolute path per
+	// line, in load order (dependencies first).
+	ModulesPath = "/etc/govmm/modules"
+
+	// ExitPort is the I/O port to which /init writes one byte: the exit
+	// status of the command (command mode) or 0 on poweroff. The VMM exits
+	// with that status.
+	ExitPort = 0x600
+)
