@@ -1033,8 +1033,8 @@ func (t *transport) checkConfigSnapshot(snap []byte) error {
 	for i := range cur {
 		switch {
 		case i >= pci.RegCommand && i < pci.RegCommand+4, // command, status
-			i >= pci.RegBAR0 && i < pci.RegBAR0+8, // BAR 0, 64-bit
-			i == pci.RegInterruptLn,
+			i >= pci.RegBAR0 && i < pci.RegBAR0+8,             // BAR 0, 64-bit
+			i == pci.RegInterruptLn, i == pci.RegInterruptPin, // set by the host bridge at attach
 			i == msixCtl || i == msixCtl+1:
 			continue
 		}

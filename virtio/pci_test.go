@@ -98,7 +98,7 @@ func newDriver(t testing.TB, dev pci.Device) *testDriver {
 	t.Helper()
 	cfg := dev.Config()
 	// What the host bridge does on attach.
-	cfg.Write(pci.RegInterruptLn, []byte{testGSI})
+	cfg.SetInterrupt(testGSI, 1)
 	cfg.Write(pci.RegCommand, []byte{pci.CommandMemory | pci.CommandMaster, 0})
 	d := &testDriver{t: t, dev: dev}
 	var b [20]byte

@@ -101,8 +101,13 @@ func New(cfg Config) (*Machine, error) {
 
 func (m *Machine) build() error {
 	sys, err := kvmapi.Open(m.cfg.KVMPath)
-	if err != nil {
-		return err
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return fmt.Errorf("%w (is KVM enabled? load kvm_intel or kvm_amd)", err)
+	case errors.Is(err, os.ErrPermission):
+		return fmt.Errorf("%w (add yourself to the kvm group, or run as root)", err)
+	case err != nil:
+		return fmt.Errorf("%s: %w", m.cfg.KVMPath, err)
 	}
 	m.sys = sys
 	for _, c := range []struct {

@@ -205,4 +205,7 @@ func (b *PCIBus) Write(off uint64, data []byte) {
 	if dev.Config().Write(reg, data) {
 		b.remapLocked(slot)
 	}
+	if o, ok := dev.(pci.ConfigObserver); ok {
+		o.ConfigChanged()
+	}
 }

@@ -95,7 +95,8 @@ func NewConfigSpace(id Identity, bars []BAR) (*ConfigSpace, error) {
 	le.PutUint16(c.data[RegSubsystemID:], id.SubsystemID)
 	// Command: I/O, memory, bus master and INTx-disable are writable.
 	le.PutUint16(c.wmask[RegCommand:], CommandIO|CommandMemory|CommandMaster|CommandIntxDisable)
-	c.wmask[RegInterruptLn] = 0xff
+	// Interrupt Line stays read-only: the host bridge writes the GSI
+	// and devices read it back, so a guest must not move their INTx.
 	for i := range bars {
 		b := bars[i]
 		if b.Index < 0 || b.Index >= NumBARs || (b.Kind == BARMem64 && b.Index == NumBARs-1) {

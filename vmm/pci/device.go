@@ -18,6 +18,13 @@ type BARMapper interface {
 	BARMapped(bar int, addr uint64)
 }
 
+// ConfigObserver is implemented by devices that act on guest writes to
+// their configuration space (MSI-X enable and function mask, INTx
+// disable). The host bridge calls ConfigChanged after each such write.
+type ConfigObserver interface {
+	ConfigChanged()
+}
+
 // Host is what the machine offers PCI devices.
 type Host interface {
 	// SendMSI delivers one message-signalled interrupt.

@@ -1,0 +1,43 @@
+# govmm: see README.md. Every target installs what it needs.
+GO        ?= go
+BIN       := bin/govmm
+RACE_PKGS := ./vmm/... ./virtio/... ./internal/... ./guestimg/...
+FUZZTIME  ?= 20s
+
+.PHONY: all build image run test vet fuzz bench clean deps
+
+all: build
+
+build:
+	$(GO) build -o $(BIN) ./cmd/govmm
+
+deps:
+	scripts/deps.sh test
+
+# The default guest image (kernel, busybox, modules, our guest programs),
+# cached under ~/.cache/govmm; rebuilt only when its inputs change.
+image: build deps
+	$(BIN) image build
+
+# The main job: boot the default guest to a shell (Ctrl-A x quits).
+run: image
+	$(BIN) run
+
+vet:
+	@test -z "$$(gofmt -l . | tee /dev/stderr)" || { echo "gofmt: files above need formatting"; exit 1; }
+	$(GO) vet ./...
+
+fuzz:
+	$(GO) test -run '^$$' -fuzz FuzzChainWalk -fuzztime $(FUZZTIME) ./virtio/
+
+test: deps vet build image
+	$(GO) test -count=1 ./...
+	$(GO) test -count=1 -race $(RACE_PKGS)
+	$(MAKE) fuzz
+
+bench: build
+	scripts/deps.sh bench
+	$(BIN) bench
+
+clean:
+	rm -rf bin

@@ -1,0 +1,189 @@
+package bench
+
+import (
+	"context"
+	"encoding/csv"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	"govmm/internal/kvmtest"
+	"govmm/vmm"
+)
+
+// BootConfig parameterises the boot suite.
+type BootConfig struct {
+	Govmm   string // the govmm binary
+	QEMU    string // qemu-system-x86_64; looked up in PATH when empty
+	Guest   string // "tiny", "default" or "auto" (default unless KVM here is emulated)
+	Kernel  string // for Guest "default": the image (govmm image build)
+	Initrd  string
+	MemMiB  int
+	Runs    int
+	Timeout time.Duration
+	Out     string // results directory (created)
+	Log     io.Writer
+}
+
+// BootSample is one boot of one VMM.
+type BootSample struct {
+	VMM     string
+	Guest   string
+	Run     int
+	ReadyMs float64
+	Mem     Memory
+}
+
+// Boot measures wall time from process start to the guest's ready line,
+// and the VMM's own memory at that moment, for govmm and QEMU alternately.
+func Boot(ctx context.Context, cfg BootConfig) ([]BootSample, error) {
+	if cfg.Runs <= 0 {
+		cfg.Runs = 5
+	}
+	if cfg.MemMiB <= 0 {
+		cfg.MemMiB = 256
+	}
+	if cfg.Timeout <= 0 {
+		cfg.Timeout = 2 * time.Minute
+	}
+	if cfg.Log == nil {
+		cfg.Log = io.Discard
+	}
+	guest, ready := cfg.Guest, "govmm-guest: ready"
+	if guest == "" || guest == "auto" {
+		guest = "default"
+		if reason := kvmtest.Emulated(); reason != "" {
+			fmt.Fprintf(cfg.Log, "boot: using the tiny guest: %s\n", reason)
+			guest = "tiny"
+		}
+	}
+	kernel, initrd := cfg.Kernel, cfg.Initrd
+	switch guest {
+	case "tiny":
+		dir, err := os.MkdirTemp("", "govmm-bench-")
+		if err != nil {
+			return nil, err
+		}
+		defer os.RemoveAll(dir)
+		kernel, initrd = filepath.Join(dir, "tiny.bzImage"), filepath.Join(dir, "tiny.initrd")
+		if err := os.WriteFile(kernel, TinyKernel(false), 0o644); err != nil {
+			return nil, err
+		}
+		if err := os.WriteFile(initrd, make([]byte, 4096), 0o644); err != nil {
+			return nil, err
+		}
+	case "default":
+		if kernel == "" || initrd == "" {
+			return nil, fmt.Errorf("boot: the default guest needs its kernel and initrd (govmm image build --print)")
+		}
+	default:
+		return nil, fmt.Errorf("boot: unknown guest %q (tiny, default or auto)", guest)
+	}
+	qemu := cfg.QEMU
+	if qemu == "" {
+		if p, err := exec.LookPath("qemu-system-x86_64"); err == nil {
+			qemu = p
+		}
+	}
+	if qemu == "" {
+		fmt.Fprintf(cfg.Log, "boot: qemu-system-x86_64 %v: measuring govmm alone (scripts/deps.sh bench installs it)\n", errNoPeer)
+	}
+	mem := fmt.Sprintf("%dM", cfg.MemMiB)
+	guestBytes := uint64(cfg.MemMiB) << 20
+	govmmCmd := func() *exec.Cmd {
+		return exec.CommandContext(ctx, cfg.Govmm, "run", "--kernel", kernel, "--initrd", initrd, "--mem", mem, "--cpus", "1")
+	}
+	qemuCmd := func() *exec.Cmd {
+		return exec.CommandContext(ctx, qemu, "-enable-kvm", "-cpu", "host,-arch-capabilities", "-M", "pc,acpi=off", "-m", strconv.Itoa(cfg.MemMiB),
+			"-smp", "1", "-display", "none", "-nodefaults", "-no-user-config", "-serial", "stdio", "-monitor", "none",
+			"-no-reboot", "-kernel", kernel, "-initrd", initrd, "-append", vmm.DefaultCmdline,
+			"-device", "isa-debug-exit,iobase=0x600,iosize=1")
+	}
+	var samples []BootSample
+	for run := 1; run <= cfg.Runs; run++ {
+		type peer struct {
+			name string
+			cmd  func() *exec.Cmd
+		}
+		peers := []peer{{"govmm", govmmCmd}}
+		if qemu != "" {
+			peers = append(peers, peer{"qemu", qemuCmd})
+			if run%2 == 0 { // alternate who goes first
+				peers[0], peers[1] = peers[1], peers[0]
+			}
+		}
+		for _, p := range peers {
+			d, m, err := bootTrial(ctx, p.cmd(), ready, guestBytes, cfg.Timeout)
+			if err != nil {
+				return samples, fmt.Errorf("boot %s run %d: %w", p.name, run, err)
+			}
+			s := BootSample{VMM: p.name, Guest: guest, Run: run, ReadyMs: float64(d.Microseconds()) / 1000, Mem: m}
+			fmt.Fprintf(cfg.Log, "boot: %-5s run %d: ready in %8.1f ms, rss %6d KiB, guest %6d KiB\n",
+				p.name, run, s.ReadyMs, m.RSSKiB, m.GuestRSSKiB)
+			samples = append(samples, s)
+		}
+	}
+	if cfg.Out != "" {
+		if err := writeBootCSV(filepath.Join(cfg.Out, "boot.csv"), samples); err != nil {
+			return samples, err
+		}
+	}
+	return samples, nil
+}
+
+func writeBootCSV(path string, samples []BootSample) error {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return err
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	w := csv.NewWriter(f)
+	_ = w.Write([]string{"suite", "vmm", "guest", "run", "ready_ms", "rss_kib", "guest_rss_kib", "overhead_kib"})
+	for _, s := range samples {
+		_ = w.Write([]string{"boot", s.VMM, s.Guest, strconv.Itoa(s.Run), strconv.FormatFloat(s.ReadyMs, 'f', 3, 64),
+			strconv.FormatUint(s.Mem.RSSKiB, 10), strconv.FormatUint(s.Mem.GuestRSSKiB, 10), strconv.FormatUint(s.Mem.OverheadKiB(), 10)})
+	}
+	w.Flush()
+	if err := w.Error(); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
+}
+
+// BootReport renders the boot samples as a Markdown table with medians,
+// spread and the QEMU/govmm ratio.
+func BootReport(samples []BootSample) string {
+	by := map[string][]BootSample{}
+	for _, s := range samples {
+		by[s.VMM] = append(by[s.VMM], s)
+	}
+	out := "| VMM | guest | runs | ready median (ms) | p25–p75 (ms) | min–max (ms) | RSS median (MiB) | VMM overhead median (MiB) |\n|---|---|---|---|---|---|---|---|\n"
+	med := map[string]Summary{}
+	for _, name := range []string{"govmm", "qemu"} {
+		ss := by[name]
+		if len(ss) == 0 {
+			continue
+		}
+		var ready, rss, over []float64
+		for _, s := range ss {
+			ready = append(ready, s.ReadyMs)
+			rss = append(rss, float64(s.Mem.RSSKiB)/1024)
+			over = append(over, float64(s.Mem.OverheadKiB())/1024)
+		}
+		r := Summarize(ready)
+		med[name] = r
+		out += fmt.Sprintf("| %s | %s | %d | %.1f | %.1f–%.1f | %.1f–%.1f | %.1f | %.1f |\n",
+			name, ss[0].Guest, r.N, r.Median, r.P25, r.P75, r.Min, r.Max, Summarize(rss).Median, Summarize(over).Median)
+	}
+	if g, q := med["govmm"], med["qemu"]; g.N > 0 && q.N > 0 && g.Median > 0 {
+		out += fmt.Sprintf("\nQEMU takes %.1f× govmm's median time to the ready line.\n", q.Median/g.Median)
+	}
+	return out
+}

@@ -1,0 +1,55 @@
+package bench
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"time"
+
+	"govmm/internal/kvmtest"
+)
+
+// Machine describes where a run happened, for the report.
+func Machine() string {
+	var b strings.Builder
+	cpu := "unknown"
+	if data, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for _, l := range strings.Split(string(data), "\n") {
+			if strings.HasPrefix(l, "model name") {
+				if i := strings.IndexByte(l, ':'); i >= 0 {
+					cpu = strings.TrimSpace(l[i+1:])
+				}
+				break
+			}
+		}
+	}
+	kernel, _ := exec.Command("uname", "-r").Output()
+	fmt.Fprintf(&b, "- CPU: %s, %d cores\n", cpu, runtime.NumCPU())
+	fmt.Fprintf(&b, "- host kernel: %s\n", strings.TrimSpace(string(kernel)))
+	fmt.Fprintf(&b, "- Go: %s\n", runtime.Version())
+	if r := kvmtest.Emulated(); r != "" {
+		fmt.Fprintf(&b, "- KVM: %s\n", r)
+	} else {
+		b.WriteString("- KVM: hardware-assisted\n")
+	}
+	if out, err := exec.Command("qemu-system-x86_64", "--version").Output(); err == nil {
+		fmt.Fprintf(&b, "- peer: %s\n", strings.SplitN(string(out), "\n", 2)[0])
+	}
+	return b.String()
+}
+
+// WriteReport writes report.md into dir: the command that reproduces the
+// run, the machine, then each section.
+func WriteReport(dir, command string, sections map[string]string, order []string) error {
+	var b bytes.Buffer
+	fmt.Fprintf(&b, "# govmm benchmark report\n\n%s\n\nReproduce with:\n\n    %s\n\n## Machine\n\n%s\n",
+		time.Now().UTC().Format(time.RFC3339), command, Machine())
+	for _, name := range order {
+		fmt.Fprintf(&b, "## %s\n\n%s\n", name, sections[name])
+	}
+	return os.WriteFile(filepath.Join(dir, "report.md"), b.Bytes(), 0o644)
+}

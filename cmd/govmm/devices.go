@@ -1,0 +1,157 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"strings"
+
+	"govmm/virtio"
+	"govmm/virtio/netback"
+	"govmm/vmm"
+)
+
+// diskSpec is one parsed --disk.
+type diskSpec struct {
+	path     string
+	readOnly bool
+}
+
+func parseDisk(s string) (diskSpec, error) {
+	parts := strings.Split(s, ",")
+	d := diskSpec{path: parts[0]}
+	if d.path == "" {
+		return d, fmt.Errorf("--disk %q: empty path", s)
+	}
+	for _, opt := range parts[1:] {
+		switch opt {
+		case "ro":
+			d.readOnly = true
+		case "rw":
+			d.readOnly = false
+		default:
+			return d, fmt.Errorf("--disk %q: unknown option %q (want ro)", s, opt)
+		}
+	}
+	return d, nil
+}
+
+// nic is a network backend with the MAC the guest will use.
+type nic struct {
+	backend virtio.NetBackend
+	mac     net.HardwareAddr
+}
+
+func (n nic) Close() error { return n.backend.Close() }
+
+// devices parses the device flags and opens the network backend (so that
+// a taken --publish port or a bad TAP name fails before the guest boots).
+// guestNet is the kernel command line that configures the guest's eth0.
+func (f *runFlags) devices() (nics []io.Closer, disks []diskSpec, guestNet string, err error) {
+	for _, s := range f.disks {
+		d, err := parseDisk(s)
+		if err != nil {
+			return nil, nil, "", err
+		}
+		disks = append(disks, d)
+	}
+	mac := netback.DefaultMAC(f.name)
+	if f.mac != "" {
+		if mac, err = netback.ParseMAC(f.mac); err != nil {
+			return nil, nil, "", fmt.Errorf("--mac: %w", err)
+		}
+	}
+	if len(f.publish) > 0 && f.net != "user" {
+		return nil, nil, "", fmt.Errorf("--publish needs --net user")
+	}
+	ip, gw := f.guestIP, f.guestGW
+	switch {
+	case f.net == "none":
+	case f.net == "user":
+		var pubs []netback.Publish
+		for _, s := range f.publish {
+			p, err := netback.ParsePublish(s)
+			if err != nil {
+				return nil, nil, "", fmt.Errorf("--publish: %w", err)
+			}
+			pubs = append(pubs, p)
+		}
+		u, err := netback.NewUser(netback.UserConfig{GuestMAC: mac, Publish: pubs})
+		if err != nil {
+			return nil, nil, "", err
+		}
+		nics = append(nics, nic{u, mac})
+		if ip == "" {
+			ip = netback.DefaultUserGuest.String() + "/" + fmt.Sprint(netback.DefaultUserNetwork.Bits())
+		}
+		if gw == "" {
+			gw = netback.DefaultUserGateway.String()
+		}
+	case strings.HasPrefix(f.net, "tap:"):
+		t, err := netback.OpenTAP(strings.TrimPrefix(f.net, "tap:"))
+		if err != nil {
+			return nil, nil, "", err
+		}
+		nics = append(nics, nic{t, mac})
+	default:
+		return nil, nil, "", fmt.Errorf("--net %q: want user, tap:NAME or none", f.net)
+	}
+	if ip != "" {
+		if _, err := netip.ParsePrefix(ip); err != nil {
+			closeAll(nics)
+			return nil, nil, "", fmt.Errorf("--guest-ip %q: want ADDR/PREFIX", ip)
+		}
+		guestNet = "govmm.ip=" + ip
+	}
+	if gw != "" {
+		if _, err := netip.ParseAddr(gw); err != nil {
+			closeAll(nics)
+			return nil, nil, "", fmt.Errorf("--guest-gw %q: not an address", gw)
+		}
+		guestNet += " govmm.gw=" + gw
+	}
+	return nics, disks, strings.TrimSpace(guestNet), nil
+}
+
+// attachDevices creates the virtio devices and puts them on the PCI bus.
+// The returned closers include the devices (which own their backends).
+func attachDevices(m *vmm.Machine, f runFlags, nics []io.Closer, disks []diskSpec) ([]io.Closer, error) {
+	var owned []io.Closer
+	for i, c := range nics {
+		n := c.(nic)
+		dev, err := virtio.NewNet(m.Memory(), m, n.backend, virtio.NetConfig{
+			ID: fmt.Sprintf("virtio-net%d", i), MAC: n.mac, UseIOEventFD: !f.noIOEventFD})
+		if err != nil {
+			closeAll(nics[i:])
+			return owned, err
+		}
+		owned = append(owned, dev)
+		if err := m.AddPCIDevice(dev); err != nil {
+			closeAll(nics[i+1:])
+			return owned, err
+		}
+	}
+	for i, d := range disks {
+		if _, err := os.Stat(d.path); err != nil {
+			return owned, fmt.Errorf("--disk %s: %w", d.path, err)
+		}
+		dev, err := virtio.NewBlock(m.Memory(), m, virtio.BlockConfig{
+			ID: fmt.Sprintf("virtio-blk%d", i), Path: d.path, ReadOnly: d.readOnly, UseIOEventFD: !f.noIOEventFD})
+		if err != nil {
+			return owned, err
+		}
+		owned = append(owned, dev)
+		if err := m.AddPCIDevice(dev); err != nil {
+			return owned, err
+		}
+	}
+	return owned, nil
+}
+
+func closeAll(cs []io.Closer) {
+	for _, c := range cs {
+		_ = c.Close()
+	}
+}

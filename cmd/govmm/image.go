@@ -1,0 +1,74 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/signal"
+
+	"govmm/guestimg"
+)
+
+const imageUsage = `usage: govmm image build [--cache DIR] [--print]
+
+Build the default guest image, or find it in the cache: Debian's kernel,
+and an initramfs with busybox, the virtio and ext4 modules, mke2fs, govmm's
+/init and the guest programs (the demo HTTP service on port 80 and the
+memory dirtier).
+
+The first build downloads Debian packages with apt-get (linux-image-amd64,
+busybox-static, e2fsprogs and its libraries) and compiles the guest programs
+with the go command, so run it inside the govmm source tree. A later build
+with nothing changed returns at once, without apt or the network.
+
+The image is <cache>/images/<hash>/{vmlinuz,initrd.img}. The packages stay
+in <cache>/debs; delete that directory to pick up newer ones.
+
+Flags:
+`
+
+// cmdImage implements "govmm image build".
+func cmdImage(args []string) error {
+	fs := newFlagSet("image build", imageUsage)
+	cache := fs.String("cache", guestimg.DefaultCacheDir(),
+		"cache `directory`: $GOVMM_CACHE, else $XDG_CACHE_HOME/govmm, else ~/.cache/govmm")
+	printPaths := fs.Bool("print", false, "print only the kernel and initrd paths, one per line, for scripts")
+	switch {
+	case len(args) == 0:
+		fs.Usage()
+		return errUsage
+	case args[0] != "build":
+		// "govmm image -h" and "govmm help image" land here too.
+		if err := parseFlags(fs, args); err != nil {
+			return err
+		}
+		fmt.Fprintf(fs.Output(), "govmm image: unknown subcommand %q\n\n", args[0])
+		fs.Usage()
+		return errUsage
+	}
+	if err := parseFlags(fs, args[1:]); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(fs.Output(), "govmm image build: unexpected argument %q\n\n", fs.Arg(0))
+		fs.Usage()
+		return errUsage
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+	defer stop()
+	img, err := guestimg.Build(ctx, guestimg.Options{CacheDir: *cache, Log: os.Stderr})
+	if err != nil {
+		if errors.Is(err, guestimg.ErrNoApt) {
+			return err // says what to do
+		}
+		return fmt.Errorf("image build: %w", err)
+	}
+	if *printPaths {
+		fmt.Printf("%s\n%s\n", img.Kernel, img.Initrd)
+		return nil
+	}
+	fmt.Printf("kernel: %s\ninitrd: %s\n", img.Kernel, img.Initrd)
+	return nil
+}

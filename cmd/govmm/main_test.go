@@ -1,0 +1,151 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"govmm/bench"
+	"govmm/guestimg"
+	"govmm/internal/kvmtest"
+)
+
+var govmmBin string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "govmm-cmd-test-")
+	if err != nil {
+		panic(err)
+	}
+	govmmBin = filepath.Join(dir, "govmm")
+	if out, err := exec.Command("go", "build", "-o", govmmBin, ".").CombinedOutput(); err != nil {
+		os.Stderr.Write(out)
+		panic(err)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// govmm runs the binary and returns stdout, stderr and the exit status.
+func govmm(t *testing.T, timeout time.Duration, args ...string) (string, string, int) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, govmmBin, args...)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	require.NoError(t, ctx.Err(), "govmm %v timed out; stderr: %s", args, errb.String())
+	status := 0
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		status = ee.ExitCode()
+	} else {
+		require.NoError(t, err)
+	}
+	return out.String(), errb.String(), status
+}
+
+// tinyImage writes the bench's tiny bzImage (prints the ready line, exits
+// 0 through the exit port) and a dummy initrd.
+func tinyImage(t *testing.T) (kernel, initrd string) {
+	dir := t.TempDir()
+	kernel, initrd = filepath.Join(dir, "tiny"), filepath.Join(dir, "initrd")
+	require.NoError(t, os.WriteFile(kernel, bench.TinyKernel(true), 0o644))
+	require.NoError(t, os.WriteFile(initrd, make([]byte, 512), 0o644))
+	return kernel, initrd
+}
+
+// govmm run boots a kernel on real KVM, streams its console and exits
+// with the guest's status.
+func TestRunTinyKernel(t *testing.T) {
+	kvmtest.Require(t)
+	k, i := tinyImage(t)
+	out, errOut, status := govmm(t, time.Minute, "run", "--kernel", k, "--initrd", i, "--net", "none")
+	require.Equal(t, 0, status, errOut)
+	require.Equal(t, bench.TinyReadyLine+"\n", out)
+}
+
+// Bad input: one clear line on stderr and a non-zero exit, never a panic.
+func TestRunBadInput(t *testing.T) {
+	k, i := tinyImage(t)
+	base := []string{"run", "--kernel", k, "--initrd", i}
+	notKernel := filepath.Join(t.TempDir(), "notkernel")
+	require.NoError(t, os.WriteFile(notKernel, bytes.Repeat([]byte("x"), 4096), 0o644))
+	cases := []struct {
+		name   string
+		args   []string
+		status int
+		msg    string
+	}{
+		{"not a bzImage", []string{"run", "--kernel", notKernel, "--initrd", i}, 1, "not a bzImage: no HdrS magic"},
+		{"missing kernel", []string{"run", "--kernel", "/nonexistent/bzImage", "--initrd", i}, 1, "no such file"},
+		{"memory too small", append(base, "--mem", "16M"), 1, "below the minimum"},
+		{"memory beyond host", append(base, "--mem", "100T"), 1, "more than the host has"},
+		{"bad size", append(base, "--mem", "lots"), 1, "bad size"},
+		{"bad cpus", append(base, "--cpus", "0"), 1, "cpus 0 out of range"},
+		{"bad publish", append(base, "--publish", "80"), 1, "--publish"},
+		{"bad mac", append(base, "--mac", "01:02"), 1, "--mac"},
+		{"missing disk", append(base, "--disk", "/nonexistent.img"), 1, "--disk /nonexistent.img"},
+		{"bad net", append(base, "--net", "bridge"), 1, "--net \"bridge\""},
+		{"tap name", append(base, "--net", "tap:waytoolongname12345"), 1, "tap waytoolongname12345"},
+		{"publish without user net", append(base, "--net", "none", "--publish", "8080:80"), 1, "--publish needs --net user"},
+		{"stray argument", append(base, "nproc"), 1, "put the guest command after --"},
+		{"unknown flag", append(base, "--bogus"), 2, "flag provided but not defined"},
+		{"unknown command", []string{"frobnicate"}, 2, "unknown command"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			_, errOut, status := govmm(t, time.Minute, c.args...)
+			require.Equal(t, c.status, status, errOut)
+			require.Contains(t, errOut, c.msg)
+			require.NotContains(t, errOut, "panic")
+			require.NotContains(t, errOut, "goroutine ")
+			if c.status == 1 {
+				require.Equal(t, 1, strings.Count(strings.TrimSpace(errOut), "\n")+1, "one line: %q", errOut)
+			}
+		})
+	}
+}
+
+// A --publish port that is taken fails before the guest boots.
+func TestRunPublishPortTaken(t *testing.T) {
+	kvmtest.Require(t)
+	k, i := tinyImage(t)
+	l, err := netListen()
+	require.NoError(t, err)
+	defer l.Close()
+	port := l.Addr().(*netTCPAddr).Port
+	_, errOut, status := govmm(t, time.Minute, "run", "--kernel", k, "--initrd", i, "--publish", itoa(port)+":80")
+	require.Equal(t, 1, status)
+	require.Contains(t, errOut, "address already in use")
+}
+
+// The default guest, booted for real: SMP, exit status, poweroff and
+// reboot.
+func TestRunDefaultGuest(t *testing.T) {
+	kvmtest.RequireLinuxBoot(t)
+	_, err := guestimg.Build(context.Background(), guestimg.Options{})
+	require.NoError(t, err)
+
+	out, errOut, status := govmm(t, 5*time.Minute, "run", "--cpus", "2", "--", "nproc")
+	require.Equal(t, 0, status, errOut)
+	require.Equal(t, "2\n", out)
+
+	_, errOut, status = govmm(t, 5*time.Minute, "run", "--", "sh", "-c", "exit 3")
+	require.Equal(t, 3, status, errOut)
+
+	for _, cmd := range []string{"poweroff", "reboot"} {
+		_, errOut, status = govmm(t, 5*time.Minute, "run", "--", cmd)
+		require.Equal(t, 0, status, "%s: %s", cmd, errOut)
+	}
+}

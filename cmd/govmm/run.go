@@ -1,0 +1,293 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+
+	"govmm/guestimg"
+	"govmm/vmm"
+)
+
+const runUsage = `Usage: govmm run [flags] [-- CMD ARGS...]
+
+Boots a Linux guest. With no --kernel/--initrd it boots the default guest
+image (built on first use) to a shell on this terminal; press Ctrl-A x to
+quit. With -- CMD, it runs CMD inside the guest, streams its output and
+exits with CMD's exit status.
+
+Flags:
+`
+
+// runFlags are the flags of govmm run.
+type runFlags struct {
+	kernel, initrd, cmdline string
+	mem                     string
+	cpus                    int
+	name                    string
+	net, mac                string
+	publish                 listFlag
+	guestIP, guestGW        string
+	disks                   listFlag
+	noIOEventFD             bool
+}
+
+// listFlag collects a repeatable flag.
+type listFlag []string
+
+func (l *listFlag) String() string     { return strings.Join(*l, ",") }
+func (l *listFlag) Set(s string) error { *l = append(*l, s); return nil }
+
+func (f *runFlags) register(fs *flag.FlagSet) {
+	fs.StringVar(&f.kernel, "kernel", "", "bzImage to boot (default: the default guest image's kernel)")
+	fs.StringVar(&f.initrd, "initrd", "", "initramfs (default: the default guest image's)")
+	fs.StringVar(&f.cmdline, "cmdline", "", "appended to the kernel command line")
+	fs.StringVar(&f.mem, "mem", "256M", "guest memory (K, M, G suffixes)")
+	fs.IntVar(&f.cpus, "cpus", 1, "number of vCPUs")
+	fs.StringVar(&f.name, "name", "govmm", "VM name (the default MAC derives from it)")
+	fs.StringVar(&f.net, "net", "user", "network: user (NAT on a user-mode TCP/IP stack), tap:NAME, or none")
+	fs.StringVar(&f.mac, "mac", "", "guest MAC address (default: derived from --name)")
+	fs.Var(&f.publish, "publish", "forward host TCP `[HOSTIP:]HOSTPORT:GUESTPORT` into the guest (--net user; repeatable)")
+	fs.StringVar(&f.guestIP, "guest-ip", "", "guest eth0 address ADDR/PREFIX (default with --net user: 10.0.2.15/24)")
+	fs.StringVar(&f.guestGW, "guest-gw", "", "guest default gateway (default with --net user: 10.0.2.2)")
+	fs.Var(&f.disks, "disk", "raw disk image `PATH[,ro]` as a virtio-blk device (repeatable)")
+	fs.BoolVar(&f.noIOEventFD, "no-ioeventfd", false, "take queue notifications through MMIO exits instead of ioeventfd (for benchmarks)")
+}
+
+func newFlagSet(name, usage string) *flag.FlagSet {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.Usage = func() {
+		fmt.Fprint(fs.Output(), usage)
+		fs.PrintDefaults()
+	}
+	return fs
+}
+
+func parseFlags(fs *flag.FlagSet, args []string) error {
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return err
+		}
+		return errUsage
+	}
+	return nil
+}
+
+func cmdRun(args []string) error {
+	var f runFlags
+	fs := newFlagSet("run", runUsage)
+	f.register(fs)
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	command := fs.Args()
+	if len(command) > 0 && !argsHadDashDash(args, command) {
+		return fmt.Errorf("unexpected argument %q (put the guest command after --)", command[0])
+	}
+	mem, err := parseSize(f.mem)
+	if err != nil {
+		return fmt.Errorf("--mem: %w", err)
+	}
+	kernel, initrd, err := loadImage(f.kernel, f.initrd)
+	if err != nil {
+		return err
+	}
+	cmdline := vmm.DefaultCmdline
+	if len(command) > 0 {
+		arch, err := guestimg.CommandArchive(command)
+		if err != nil {
+			return err
+		}
+		initrd = append(initrd, arch...)
+		cmdline += " loglevel=1" // the command's output alone, but panics still show
+	}
+	nics, disks, guestNet, err := f.devices()
+	if err != nil {
+		return err
+	}
+	if guestNet != "" {
+		cmdline += " " + guestNet
+	}
+	if f.cmdline != "" {
+		cmdline += " " + f.cmdline
+	}
+
+	m, err := vmm.New(vmm.Config{MemSize: mem, CPUs: f.cpus, Kernel: kernel, Initrd: initrd, Cmdline: cmdline})
+	if err != nil {
+		closeAll(nics)
+		return err
+	}
+	defer m.Close()
+	devs, err := attachDevices(m, f, nics, disks)
+	defer closeAll(devs)
+	if err != nil {
+		return err
+	}
+	if err := m.Start(); err != nil {
+		return err
+	}
+	restore := attachConsole(m)
+	defer restore()
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+	defer signal.Stop(sigs)
+	var sig os.Signal
+	go func() {
+		select {
+		case sig = <-sigs:
+			m.Stop()
+		case <-m.Done():
+		}
+	}()
+	res, err := m.Wait()
+	restore()
+	if err != nil {
+		return err
+	}
+	if s, ok := sig.(syscall.Signal); ok && res.Reason == "stopped" {
+		return exitError{128 + int(s)}
+	}
+	if res.Status != 0 {
+		return exitError{res.Status}
+	}
+	return nil
+}
+
+// argsHadDashDash reports whether rest came after a "--" in args (the
+// flag package stops at the first non-flag too, which we refuse).
+func argsHadDashDash(args, rest []string) bool {
+	i := len(args) - len(rest) - 1
+	return i >= 0 && args[i] == "--"
+}
+
+// loadImage reads the kernel and initramfs, building the default image
+// for whichever was not given.
+func loadImage(kernelPath, initrdPath string) (kernel, initrd []byte, err error) {
+	if kernelPath == "" || initrdPath == "" {
+		img, err := defaultImage()
+		if err != nil {
+			return nil, nil, err
+		}
+		if kernelPath == "" {
+			kernelPath = img.Kernel
+		}
+		if initrdPath == "" {
+			initrdPath = img.Initrd
+		}
+	}
+	if kernel, err = os.ReadFile(kernelPath); err != nil {
+		return nil, nil, fmt.Errorf("kernel: %w", err)
+	}
+	if _, err := vmm.ParseBzImage(kernel); err != nil {
+		return nil, nil, fmt.Errorf("kernel %s: %w", kernelPath, err)
+	}
+	if initrd, err = os.ReadFile(initrdPath); err != nil {
+		return nil, nil, fmt.Errorf("initrd: %w", err)
+	}
+	return kernel, initrd, nil
+}
+
+// parseSize reads sizes like 256M, 1G, 4096K or plain bytes.
+func parseSize(s string) (uint64, error) {
+	mult := uint64(1)
+	t := strings.TrimSuffix(strings.ToUpper(s), "B")
+	t = strings.TrimSuffix(t, "I")
+	switch {
+	case strings.HasSuffix(t, "K"):
+		mult, t = 1<<10, t[:len(t)-1]
+	case strings.HasSuffix(t, "M"):
+		mult, t = 1<<20, t[:len(t)-1]
+	case strings.HasSuffix(t, "G"):
+		mult, t = 1<<30, t[:len(t)-1]
+	case strings.HasSuffix(t, "T"):
+		mult, t = 1<<40, t[:len(t)-1]
+	}
+	n, err := strconv.ParseUint(t, 10, 64)
+	if err != nil || n == 0 {
+		return 0, fmt.Errorf("bad size %q (want e.g. 256M or 2G)", s)
+	}
+	if n > (1<<63)/mult {
+		return 0, fmt.Errorf("size %q too large", s)
+	}
+	return n * mult, nil
+}
+
+// escapeKey (Ctrl-A) followed by 'x' quits, as in QEMU; Ctrl-A Ctrl-A
+// sends one Ctrl-A.
+const escapeKey = 0x01
+
+// attachConsole forwards stdin to the guest's UART, in raw mode when stdin
+// is a terminal. The returned function restores the terminal; it is
+// idempotent.
+func attachConsole(m *vmm.Machine) (restore func()) {
+	fd := int(os.Stdin.Fd())
+	old, err := unix.IoctlGetTermios(fd, unix.TCGETS)
+	isTTY := err == nil
+	restored := false
+	restore = func() {
+		if isTTY && !restored {
+			restored = true
+			_ = unix.IoctlSetTermios(fd, unix.TCSETS, old)
+		}
+	}
+	if isTTY {
+		raw := *old
+		raw.Iflag &^= unix.IGNBRK | unix.BRKINT | unix.PARMRK | unix.ISTRIP | unix.INLCR | unix.IGNCR | unix.ICRNL | unix.IXON
+		raw.Oflag &^= unix.OPOST
+		raw.Lflag &^= unix.ECHO | unix.ECHONL | unix.ICANON | unix.ISIG | unix.IEXTEN
+		raw.Cflag &^= unix.CSIZE | unix.PARENB
+		raw.Cflag |= unix.CS8
+		raw.Cc[unix.VMIN], raw.Cc[unix.VTIME] = 1, 0
+		_ = unix.IoctlSetTermios(fd, unix.TCSETS, &raw)
+	}
+	go forwardInput(m, os.Stdin, isTTY)
+	return restore
+}
+
+func forwardInput(m *vmm.Machine, r io.Reader, escapes bool) {
+	buf := make([]byte, 256)
+	sawEscape := false
+	for {
+		n, err := r.Read(buf)
+		if n > 0 {
+			out := make([]byte, 0, n)
+			for _, b := range buf[:n] {
+				switch {
+				case escapes && sawEscape:
+					sawEscape = false
+					if b == 'x' || b == 'X' {
+						m.Stop()
+						return
+					}
+					out = append(out, b)
+				case escapes && b == escapeKey:
+					sawEscape = true
+				default:
+					out = append(out, b)
+				}
+			}
+			m.UART().Input(out)
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
+// defaultImage builds (or finds in the cache) the default guest image.
+func defaultImage() (guestimg.Image, error) {
+	img, err := guestimg.Build(context.Background(), guestimg.Options{Log: os.Stderr})
+	if err != nil {
+		return img, fmt.Errorf("default guest image: %w (or pass --kernel and --initrd)", err)
+	}
+	return img, nil
+}
