@@ -152,6 +152,12 @@ func (b *Block) Quiesce(ctx context.Context) error { return b.quiesce(ctx) }
 // of it (replication mirrors writes through OnWrite).
 func (b *Block) SaveState() (devstate.State, error) { return b.save(b.cfg.ID) }
 
+// StateID implements devstate.Described.
+func (b *Block) StateID() string { return b.cfg.ID }
+
+// StateKind implements devstate.Described.
+func (b *Block) StateKind() string { return b.dev.kind() }
+
 // RestoreState implements devstate.Stateful, onto a device built with the
 // same BlockConfig (capacity and read-only must match).
 func (b *Block) RestoreState(s devstate.State) error { return b.restore(b.cfg.ID, s) }

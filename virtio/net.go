@@ -153,6 +153,12 @@ func (n *Net) Quiesce(ctx context.Context) error { return n.quiesce(ctx) }
 // buffers are not saved: to the guest that is a lost packet.
 func (n *Net) SaveState() (devstate.State, error) { return n.save(n.cfg.ID) }
 
+// StateID implements devstate.Described.
+func (n *Net) StateID() string { return n.cfg.ID }
+
+// StateKind implements devstate.Described.
+func (n *Net) StateKind() string { return n.dev.kind() }
+
 // RestoreState implements devstate.Stateful, onto a device built with the
 // same NetConfig and a backend with the same VnetHdr.
 func (n *Net) RestoreState(s devstate.State) error { return n.restore(n.cfg.ID, s) }

@@ -49,7 +49,7 @@ func TestE820Map(t *testing.T) {
 	}
 	require.Equal(t, uint64(4<<30)-(0x100000-0x9fc00), ram, "all RAM but the BIOS area is usable")
 
-	require.Equal(t, []struct{ GPA, Size uint64 }{{0, PCIHoleStart}, {1 << 32, 1 << 30}}, MemoryLayout(4<<30))
+	require.Equal(t, []struct{ GPA, Size uint64 }{{0, PCIHoleStart}, {1 << 32, 1 << 30}}, RAMLayout(4<<30))
 }
 
 func TestBootParams(t *testing.T) {

@@ -56,6 +56,12 @@ func (c *vcpu) configure() error {
 	if err := c.fd.SetCPUID2(ShapeCPUID(c.m.cpuid, c.id, c.m.cfg.CPUs)); err != nil {
 		return fmt.Errorf("set cpuid: %w", err)
 	}
+	if c.id == 0 {
+		c.m.msrs = probeMSRs(c.fd, c.m.msrs)
+	}
+	if st := c.m.restoring; st != nil {
+		return restoreVCPU(c.fd, &st.VCPUs[c.id], c.m.xsave)
+	}
 	msrs := []kvmapi.MSREntry{
 		{Index: msrSysenterCS}, {Index: msrSysenterESP}, {Index: msrSysenterEIP},
 		{Index: msrStar}, {Index: msrLStar}, {Index: msrCStar}, {Index: msrSyscallMask},
@@ -122,4 +128,18 @@ func (c *vcpu) bootState() error {
 		return fmt.Errorf("set regs: %w", err)
 	}
 	return nil
+}
+
+// probeMSRs keeps the MSRs of KVM's index list that this vCPU can read
+// and write back: those are what a machine state carries.
+func probeMSRs(fd *kvmapi.VCPU, list []uint32) []uint32 {
+	var ok []uint32
+	for _, idx := range list {
+		e := []kvmapi.MSREntry{{Index: idx}}
+		if fd.MSRs(e) != nil || fd.SetMSRs(e) != nil {
+			continue
+		}
+		ok = append(ok, idx)
+	}
+	return ok
 }

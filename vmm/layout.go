@@ -29,8 +29,8 @@ const (
 	identMapAddr = 0xfffbc000 // one page for the EPT identity map (Intel)
 )
 
-// MemoryLayout returns the RAM regions for a guest of memSize bytes.
-func MemoryLayout(memSize uint64) []struct{ GPA, Size uint64 } {
+// RAMLayout returns the RAM regions for a guest of memSize bytes.
+func RAMLayout(memSize uint64) []struct{ GPA, Size uint64 } {
 	if memSize <= PCIHoleStart {
 		return []struct{ GPA, Size uint64 }{{0, memSize}}
 	}

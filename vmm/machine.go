@@ -12,6 +12,7 @@ import (
 	"sync"
 
 	"govmm/kvmapi"
+	"govmm/vmm/devstate"
 	"govmm/vmm/guestmem"
 	"govmm/vmm/pci"
 )
@@ -57,13 +58,17 @@ type Machine struct {
 	cpuid []kvmapi.CPUIDEntry
 	xsave int // bytes of XSAVE state per vCPU
 
-	vcpus []*vcpu
+	vcpus    []*vcpu
+	msrs     []uint32 // MSRs saved and restored per vCPU (probed at start)
+	stateful []statefulDev
 
 	doneOnce sync.Once
 	done     chan struct{} // closed when the machine stops
 	result   Result
 	err      error
 	wg       sync.WaitGroup // vCPU goroutines
+
+	restoring *MachineState // non-nil while StartFrom sets up vCPUs
 
 	pauseMu sync.Mutex // serialises Pause/Resume
 	paused  bool
@@ -133,11 +138,14 @@ func (m *Machine) build() error {
 	if m.cpuid, err = sys.SupportedCPUID(); err != nil {
 		return fmt.Errorf("get supported cpuid: %w", err)
 	}
+	if m.msrs, err = sys.MSRIndexList(); err != nil {
+		return fmt.Errorf("get msr index list: %w", err)
+	}
 	if m.vm, err = sys.CreateVM(); err != nil {
 		return fmt.Errorf("create vm: %w", err)
 	}
 	var specs []guestmem.Spec
-	for _, r := range MemoryLayout(m.cfg.MemSize) {
+	for _, r := range RAMLayout(m.cfg.MemSize) {
 		specs = append(specs, guestmem.Spec{GPA: guestmem.GPA(r.GPA), Size: r.Size})
 	}
 	if m.mem, err = guestmem.New(specs); err != nil {
@@ -164,6 +172,9 @@ func (m *Machine) build() error {
 	}
 
 	m.uart = NewUART(m.cfg.Console, func(level bool) { _ = m.vm.IRQLine(COM1IRQ, level) })
+	if err := m.AddStateful(m.uart.Name(), uartKind, m.uart); err != nil {
+		return err
+	}
 	i8042 := NewI8042(func() { m.finish(Result{Status: 0, Reason: "reset"}, nil) })
 	if m.pci, err = NewPCIBus(m.mmio); err != nil {
 		return err
@@ -183,6 +194,23 @@ func (m *Machine) build() error {
 			return err
 		}
 	}
+	return nil
+}
+
+// statefulDev is a device that is part of every checkpoint.
+type statefulDev struct {
+	devstate.Stateful
+	id, kind string
+}
+
+// AddStateful makes a device part of the machine state under id and kind.
+func (m *Machine) AddStateful(id, kind string, d devstate.Stateful) error {
+	for _, e := range m.stateful {
+		if e.id == id {
+			return fmt.Errorf("device id %q used twice", id)
+		}
+	}
+	m.stateful = append(m.stateful, statefulDev{d, id, kind})
 	return nil
 }
 
@@ -226,8 +254,18 @@ func (m *Machine) UART() *UART { return m.uart }
 func (m *Machine) PIOBus() *Bus  { return m.pio }
 func (m *Machine) MMIOBus() *Bus { return m.mmio }
 
-// AddPCIDevice attaches dev to bus 0. Call before Start.
+// AddPCIDevice attaches dev to bus 0 and, when it has state, makes it
+// part of the machine state. Call before Start.
 func (m *Machine) AddPCIDevice(dev pci.Device) error {
+	if s, ok := dev.(devstate.Stateful); ok {
+		d, ok := dev.(devstate.Described)
+		if !ok {
+			return fmt.Errorf("pci device %s has state but no state ID", dev.Name())
+		}
+		if err := m.AddStateful(d.StateID(), d.StateKind(), s); err != nil {
+			return err
+		}
+	}
 	_, _, err := m.pci.Add(dev)
 	return err
 }
@@ -308,6 +346,26 @@ func (m *Machine) Start() error {
 	if err := m.load(); err != nil {
 		return err
 	}
+	return m.start(nil)
+}
+
+// StartFrom resumes a saved machine: guest memory must already hold the
+// pages of the same instant. It checks that st fits this machine before
+// touching anything; then each vCPU restores its state on its own thread
+// (CPUID first), then the interrupt controllers, PIT, clock and devices.
+// Devices are resumed and the vCPUs run.
+func (m *Machine) StartFrom(st *MachineState) error {
+	if err := m.checkState(st); err != nil {
+		return err
+	}
+	if err := m.start(st); err != nil {
+		return err
+	}
+	return nil
+}
+
+func (m *Machine) start(st *MachineState) error {
+	m.restoring = st
 	setup := make(chan error, m.cfg.CPUs)
 	for id := 0; id < m.cfg.CPUs; id++ {
 		c := newVCPU(m, id)
@@ -321,6 +379,13 @@ func (m *Machine) Start() error {
 	var firstErr error
 	for range m.vcpus {
 		if err := <-setup; err != nil && firstErr == nil {
+			firstErr = err
+		}
+	}
+	if firstErr == nil && st != nil {
+		if err := m.restoreMachineLevel(st); err != nil {
+			firstErr = err
+		} else if err := m.ResumeDevices(); err != nil {
 			firstErr = err
 		}
 	}

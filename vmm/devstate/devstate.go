@@ -28,6 +28,13 @@ type Stateful interface {
 	Resume() error
 }
 
+// Described is implemented by stateful devices so that the machine can
+// match a saved state to them (and refuse a mismatch) before restoring.
+type Described interface {
+	StateID() string   // the ID its State carries, e.g. "virtio-net0"
+	StateKind() string // the Kind its State carries, e.g. "virtio-net"
+}
+
 // ErrShort is returned by a Decoder that ran out of bytes.
 var ErrShort = errors.New("device state: truncated")
 
@@ -72,6 +79,14 @@ func NewDecoder(b []byte) *Decoder { return &Decoder{buf: b} }
 
 // Err is the first error met, or nil.
 func (d *Decoder) Err() error { return d.err }
+
+// Fail records err as the decoder's error (the first one sticks), for
+// callers that check a decoded value themselves.
+func (d *Decoder) Fail(err error) {
+	if d.err == nil {
+		d.err = err
+	}
+}
 
 // Done returns Err, or an error if bytes are left over.
 func (d *Decoder) Done() error {

@@ -1,0 +1,448 @@
+package vmm
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"sort"
+
+	"govmm/kvmapi"
+	"govmm/vmm/devstate"
+)
+
+// MachineState is the only description of a machine at one instant.
+// Snapshot files, migration and every replication epoch use it unchanged;
+// guest pages travel beside it. docs/STATE.md documents the encoding.
+type MachineState struct {
+	VCPUs   []VCPUState
+	IRQChip IRQChipState
+	Clock   kvmapi.ClockData
+	Devices []devstate.State // sorted by ID
+	Memory  MemoryLayout
+}
+
+// VCPUState is everything KVM holds for one vCPU.
+type VCPUState struct {
+	MPState   kvmapi.MPState
+	Regs      kvmapi.Regs
+	Sregs     kvmapi.Sregs
+	XCRs      kvmapi.XCRs
+	Xsave     []byte
+	LAPIC     kvmapi.LAPICState
+	MSRs      []kvmapi.MSREntry
+	DebugRegs kvmapi.DebugRegs
+	Events    kvmapi.VCPUEvents
+}
+
+// IRQChipState is both PICs, the IOAPIC and the PIT.
+type IRQChipState struct {
+	PICMaster, PICSlave, IOAPIC kvmapi.IRQChip
+	PIT                         kvmapi.PITState2
+}
+
+// MemoryLayout names the machine the state belongs to; restore refuses a
+// machine of another shape.
+type MemoryLayout struct {
+	MemSize uint64
+	CPUs    int
+}
+
+// ErrStateMismatch is returned when a state does not fit the machine.
+var ErrStateMismatch = errors.New("machine state does not match this machine")
+
+// SaveState captures the machine at a consistent cut. The machine must be
+// paused and its devices quiesced (QuiesceDevices).
+//
+// Order, per vCPU on its own thread: MP_STATE first (it may complete
+// pending events), then REGS, SREGS, XCRS, XSAVE, LAPIC, MSRS, DEBUGREGS,
+// and VCPU_EVENTS last. Then the PICs, IOAPIC, PIT, the KVM clock and every
+// device.
+func (m *Machine) SaveState() (*MachineState, error) {
+	st := &MachineState{
+		VCPUs:  make([]VCPUState, len(m.vcpus)),
+		Memory: MemoryLayout{MemSize: m.cfg.MemSize, CPUs: m.cfg.CPUs},
+	}
+	err := m.OnVCPUs(func(id int, fd *kvmapi.VCPU) error {
+		v, err := m.saveVCPU(fd)
+		if err != nil {
+			return fmt.Errorf("vcpu %d: %w", id, err)
+		}
+		st.VCPUs[id] = v
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	if st.IRQChip, err = m.saveIRQChip(); err != nil {
+		return nil, err
+	}
+	if st.Clock, err = m.vm.Clock(); err != nil {
+		return nil, fmt.Errorf("get clock: %w", err)
+	}
+	for _, d := range m.stateful {
+		s, err := d.SaveState()
+		if err != nil {
+			return nil, err
+		}
+		st.Devices = append(st.Devices, s)
+	}
+	sort.Slice(st.Devices, func(i, j int) bool { return st.Devices[i].ID < st.Devices[j].ID })
+	return st, nil
+}
+
+func (m *Machine) saveVCPU(fd *kvmapi.VCPU) (VCPUState, error) {
+	var v VCPUState
+	var err error
+	if v.MPState, err = fd.MPState(); err != nil {
+		return v, fmt.Errorf("get mp_state: %w", err)
+	}
+	if v.Regs, err = fd.Regs(); err != nil {
+		return v, fmt.Errorf("get regs: %w", err)
+	}
+	if v.Sregs, err = fd.Sregs(); err != nil {
+		return v, fmt.Errorf("get sregs: %w", err)
+	}
+	if v.XCRs, err = fd.XCRs(); err != nil {
+		return v, fmt.Errorf("get xcrs: %w", err)
+	}
+	x, err := fd.Xsave(m.xsave)
+	if err != nil {
+		return v, fmt.Errorf("get xsave: %w", err)
+	}
+	v.Xsave = x.Region
+	if v.LAPIC, err = fd.LAPIC(); err != nil {
+		return v, fmt.Errorf("get lapic: %w", err)
+	}
+	v.MSRs = make([]kvmapi.MSREntry, len(m.msrs))
+	for i, idx := range m.msrs {
+		v.MSRs[i].Index = idx
+	}
+	if err := fd.MSRs(v.MSRs); err != nil {
+		return v, fmt.Errorf("get msrs: %w", err)
+	}
+	if v.DebugRegs, err = fd.DebugRegs(); err != nil {
+		return v, fmt.Errorf("get debugregs: %w", err)
+	}
+	if v.Events, err = fd.VCPUEvents(); err != nil {
+		return v, fmt.Errorf("get vcpu events: %w", err)
+	}
+	return v, nil
+}
+
+func (m *Machine) saveIRQChip() (IRQChipState, error) {
+	var s IRQChipState
+	var err error
+	if s.PICMaster, err = m.vm.IRQChip(kvmapi.IRQChipPICMaster); err != nil {
+		return s, fmt.Errorf("get pic master: %w", err)
+	}
+	if s.PICSlave, err = m.vm.IRQChip(kvmapi.IRQChipPICSlave); err != nil {
+		return s, fmt.Errorf("get pic slave: %w", err)
+	}
+	if s.IOAPIC, err = m.vm.IRQChip(kvmapi.IRQChipIOAPIC); err != nil {
+		return s, fmt.Errorf("get ioapic: %w", err)
+	}
+	if s.PIT, err = m.vm.PIT2(); err != nil {
+		return s, fmt.Errorf("get pit: %w", err)
+	}
+	return s, nil
+}
+
+// restoreVCPU puts a saved vCPU back, after CPUID is set. Order: SREGS
+// (it carries the APIC base), LAPIC, MSRS (the TSC deadline needs the
+// LAPIC), XCRS, XSAVE, REGS, MP_STATE, DEBUGREGS, and VCPU_EVENTS last.
+func restoreVCPU(fd *kvmapi.VCPU, v *VCPUState, xsaveSize int) error {
+	if err := fd.SetSregs(v.Sregs); err != nil {
+		return fmt.Errorf("set sregs: %w", err)
+	}
+	if err := fd.SetLAPIC(v.LAPIC); err != nil {
+		return fmt.Errorf("set lapic: %w", err)
+	}
+	if err := fd.SetMSRs(v.MSRs); err != nil {
+		return fmt.Errorf("set msrs: %w", err)
+	}
+	if err := fd.SetXCRs(v.XCRs); err != nil {
+		return fmt.Errorf("set xcrs: %w", err)
+	}
+	if err := fd.SetXsave(kvmapi.Xsave{Region: v.Xsave}, xsaveSize); err != nil {
+		return fmt.Errorf("set xsave: %w", err)
+	}
+	if err := fd.SetRegs(v.Regs); err != nil {
+		return fmt.Errorf("set regs: %w", err)
+	}
+	if err := fd.SetMPState(v.MPState); err != nil {
+		return fmt.Errorf("set mp_state: %w", err)
+	}
+	if err := fd.SetDebugRegs(v.DebugRegs); err != nil {
+		return fmt.Errorf("set debugregs: %w", err)
+	}
+	if err := fd.SetVCPUEvents(v.Events); err != nil {
+		return fmt.Errorf("set vcpu events: %w", err)
+	}
+	return nil
+}
+
+// checkState refuses a state that does not fit this machine, before
+// anything is changed.
+func (m *Machine) checkState(st *MachineState) error {
+	if st.Memory.MemSize != m.cfg.MemSize {
+		return fmt.Errorf("%w: memory %d MiB, this machine has %d MiB", ErrStateMismatch, st.Memory.MemSize>>20, m.cfg.MemSize>>20)
+	}
+	if st.Memory.CPUs != m.cfg.CPUs || len(st.VCPUs) != m.cfg.CPUs {
+		return fmt.Errorf("%w: %d vcpus, this machine has %d", ErrStateMismatch, len(st.VCPUs), m.cfg.CPUs)
+	}
+	for i := range st.VCPUs {
+		if len(st.VCPUs[i].Xsave) > m.xsave {
+			return fmt.Errorf("%w: vcpu %d xsave area %d bytes, kvm here takes %d", ErrStateMismatch, i, len(st.VCPUs[i].Xsave), m.xsave)
+		}
+	}
+	have := map[string]string{}
+	for _, d := range m.stateful {
+		have[d.id] = d.kind
+	}
+	if len(st.Devices) != len(have) {
+		return fmt.Errorf("%w: %d devices in the state, %d here (%s)", ErrStateMismatch, len(st.Devices), len(have), m.deviceList())
+	}
+	for _, d := range st.Devices {
+		kind, ok := have[d.ID]
+		if !ok || kind != d.Kind {
+			return fmt.Errorf("%w: device %s (%s) has no counterpart here (%s)", ErrStateMismatch, d.ID, d.Kind, m.deviceList())
+		}
+	}
+	return nil
+}
+
+func (m *Machine) deviceList() string {
+	var b bytes.Buffer
+	for i, d := range m.stateful {
+		if i > 0 {
+			b.WriteString(", ")
+		}
+		fmt.Fprintf(&b, "%s %s", d.kind, d.id)
+	}
+	if b.Len() == 0 {
+		return "none"
+	}
+	return b.String()
+}
+
+// restoreMachineLevel puts back the interrupt controllers, the PIT, the
+// KVM clock and the devices, after every vCPU is restored.
+func (m *Machine) restoreMachineLevel(st *MachineState) error {
+	for _, c := range []kvmapi.IRQChip{st.IRQChip.PICMaster, st.IRQChip.PICSlave, st.IRQChip.IOAPIC} {
+		if err := m.vm.SetIRQChip(c); err != nil {
+			return fmt.Errorf("set irqchip %d: %w", c.ChipID, err)
+		}
+	}
+	if err := m.vm.SetPIT2(st.IRQChip.PIT); err != nil {
+		return fmt.Errorf("set pit: %w", err)
+	}
+	clock := kvmapi.ClockData{Clock: st.Clock.Clock}
+	if err := m.vm.SetClock(clock); err != nil {
+		return fmt.Errorf("set clock: %w", err)
+	}
+	byID := map[string]devstate.State{}
+	for _, d := range st.Devices {
+		byID[d.ID] = d
+	}
+	for _, d := range m.stateful {
+		if err := d.RestoreState(byID[d.id]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// QuiesceDevices stops every stateful device at a request boundary.
+func (m *Machine) QuiesceDevices(ctx context.Context) error {
+	for i, d := range m.stateful {
+		if err := d.Quiesce(ctx); err != nil {
+			for _, e := range m.stateful[:i] {
+				_ = e.Resume()
+			}
+			return fmt.Errorf("quiesce %s: %w", d.id, err)
+		}
+	}
+	return nil
+}
+
+// ResumeDevices lets quiesced devices go on.
+func (m *Machine) ResumeDevices() error {
+	var errs []error
+	for _, d := range m.stateful {
+		if err := d.Resume(); err != nil {
+			errs = append(errs, fmt.Errorf("resume %s: %w", d.id, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Encoding (docs/STATE.md): a 24-byte header — magic "GOVMMSTA", format
+// version (u16), reserved (u16), body length (u64), CRC32C of the body
+// (u32) — then the body as length-prefixed sections written with
+// devstate.Encoder.
+const (
+	stateMagic = "GOVMMSTA"
+	// StateVersion is the current format version. Readers accept it and
+	// StateVersion-1 (none yet).
+	StateVersion   = 1
+	stateHeaderLen = 24
+	// MaxStateSize caps a decoded state before anything is allocated.
+	MaxStateSize = 64 << 20
+	maxMSRCount  = 1024
+)
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+// Errors from UnmarshalBinary.
+var (
+	ErrStateMagic    = errors.New("not a govmm machine state")
+	ErrStateVersion  = errors.New("machine state version not understood")
+	ErrStateChecksum = errors.New("machine state checksum mismatch")
+	ErrStateTooLarge = errors.New("machine state too large")
+)
+
+// abiBytes encodes a fixed-size kernel ABI struct little-endian, padding
+// included, exactly as the kernel lays it out.
+func abiBytes(v any) []byte {
+	var b bytes.Buffer
+	if err := binary.Write(&b, binary.LittleEndian, v); err != nil {
+		panic(fmt.Sprintf("abiBytes %T: %v", v, err)) // fixed-size types only: a programming error
+	}
+	return b.Bytes()
+}
+
+func abiDecode(d *devstate.Decoder, v any) {
+	n := binary.Size(v)
+	b := d.Blob(n)
+	if d.Err() != nil {
+		return
+	}
+	if len(b) != n {
+		d.Fail(fmt.Errorf("%T: %d bytes, want %d", v, len(b), n))
+		return
+	}
+	_ = binary.Read(bytes.NewReader(b), binary.LittleEndian, v)
+}
+
+// MarshalBinary encodes the state with header and checksum.
+func (s *MachineState) MarshalBinary() ([]byte, error) {
+	var e devstate.Encoder
+	e.U64(s.Memory.MemSize)
+	e.U32(uint32(s.Memory.CPUs))
+	e.U32(uint32(len(s.VCPUs)))
+	for i := range s.VCPUs {
+		v := &s.VCPUs[i]
+		e.Blob(abiBytes(&v.MPState))
+		e.Blob(abiBytes(&v.Regs))
+		e.Blob(abiBytes(&v.Sregs))
+		e.Blob(abiBytes(&v.XCRs))
+		e.Blob(v.Xsave)
+		e.Blob(abiBytes(&v.LAPIC))
+		e.U32(uint32(len(v.MSRs)))
+		for _, m := range v.MSRs {
+			e.U32(m.Index)
+			e.U64(m.Data)
+		}
+		e.Blob(abiBytes(&v.DebugRegs))
+		e.Blob(abiBytes(&v.Events))
+	}
+	e.Blob(abiBytes(&s.IRQChip.PICMaster))
+	e.Blob(abiBytes(&s.IRQChip.PICSlave))
+	e.Blob(abiBytes(&s.IRQChip.IOAPIC))
+	e.Blob(abiBytes(&s.IRQChip.PIT))
+	e.Blob(abiBytes(&s.Clock))
+	e.U32(uint32(len(s.Devices)))
+	for _, d := range s.Devices {
+		e.String(d.ID)
+		e.String(d.Kind)
+		e.U16(d.Version)
+		e.Blob(d.Data)
+	}
+	body := e.Bytes()
+	if len(body) > MaxStateSize {
+		return nil, fmt.Errorf("%w: %d bytes", ErrStateTooLarge, len(body))
+	}
+	out := make([]byte, stateHeaderLen, stateHeaderLen+len(body))
+	copy(out, stateMagic)
+	binary.LittleEndian.PutUint16(out[8:], StateVersion)
+	binary.LittleEndian.PutUint64(out[12:], uint64(len(body)))
+	binary.LittleEndian.PutUint32(out[20:], crc32.Checksum(body, castagnoli))
+	return append(out, body...), nil
+}
+
+// UnmarshalBinary decodes and checks a state: magic, version, length
+// (against MaxStateSize before allocating), checksum, and every count.
+func (s *MachineState) UnmarshalBinary(data []byte) error {
+	if len(data) < stateHeaderLen {
+		return fmt.Errorf("%w: %d bytes is shorter than the header", ErrStateMagic, len(data))
+	}
+	if string(data[:8]) != stateMagic {
+		return ErrStateMagic
+	}
+	if v := binary.LittleEndian.Uint16(data[8:]); v != StateVersion {
+		return fmt.Errorf("%w: version %d, this govmm reads %d", ErrStateVersion, v, StateVersion)
+	}
+	n := binary.LittleEndian.Uint64(data[12:])
+	if n > MaxStateSize {
+		return fmt.Errorf("%w: %d bytes", ErrStateTooLarge, n)
+	}
+	if uint64(len(data)-stateHeaderLen) != n {
+		return fmt.Errorf("machine state truncated: header says %d bytes, have %d", n, len(data)-stateHeaderLen)
+	}
+	body := data[stateHeaderLen:]
+	if crc32.Checksum(body, castagnoli) != binary.LittleEndian.Uint32(data[20:]) {
+		return ErrStateChecksum
+	}
+	d := devstate.NewDecoder(body)
+	var out MachineState
+	out.Memory.MemSize = d.U64()
+	out.Memory.CPUs = int(d.U32())
+	nv := d.U32()
+	if d.Err() == nil && (nv == 0 || nv > MaxCPUs) {
+		return fmt.Errorf("machine state: %d vcpus out of range", nv)
+	}
+	for i := uint32(0); i < nv && d.Err() == nil; i++ {
+		var v VCPUState
+		abiDecode(d, &v.MPState)
+		abiDecode(d, &v.Regs)
+		abiDecode(d, &v.Sregs)
+		abiDecode(d, &v.XCRs)
+		v.Xsave = append([]byte(nil), d.Blob(1<<20)...)
+		abiDecode(d, &v.LAPIC)
+		nm := d.U32()
+		if nm > maxMSRCount {
+			return fmt.Errorf("machine state: vcpu %d has %d msrs, at most %d", i, nm, maxMSRCount)
+		}
+		for j := uint32(0); j < nm && d.Err() == nil; j++ {
+			v.MSRs = append(v.MSRs, kvmapi.MSREntry{Index: d.U32(), Data: d.U64()})
+		}
+		abiDecode(d, &v.DebugRegs)
+		abiDecode(d, &v.Events)
+		out.VCPUs = append(out.VCPUs, v)
+	}
+	abiDecode(d, &out.IRQChip.PICMaster)
+	abiDecode(d, &out.IRQChip.PICSlave)
+	abiDecode(d, &out.IRQChip.IOAPIC)
+	abiDecode(d, &out.IRQChip.PIT)
+	abiDecode(d, &out.Clock)
+	nd := d.U32()
+	if d.Err() == nil && nd > 256 {
+		return fmt.Errorf("machine state: %d devices, at most 256", nd)
+	}
+	for i := uint32(0); i < nd && d.Err() == nil; i++ {
+		var ds devstate.State
+		ds.ID = d.String(256)
+		ds.Kind = d.String(256)
+		ds.Version = d.U16()
+		ds.Data = append([]byte(nil), d.Blob(MaxStateSize)...)
+		out.Devices = append(out.Devices, ds)
+	}
+	if err := d.Done(); err != nil {
+		return fmt.Errorf("machine state: %w", err)
+	}
+	*s = out
+	return nil
+}

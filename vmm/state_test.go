@@ -1,0 +1,130 @@
+package vmm
+
+import (
+	"encoding/binary"
+	"errors"
+	"flag"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"govmm/kvmapi"
+	"govmm/vmm/devstate"
+)
+
+var updateGolden = flag.Bool("update-golden", false, "rewrite testdata/state golden files")
+
+// sampleState is a state with every field set to something recognisable.
+func sampleState() *MachineState {
+	st := &MachineState{Memory: MemoryLayout{MemSize: 64 << 20, CPUs: 2}}
+	for i := 0; i < 2; i++ {
+		v := VCPUState{
+			MPState: kvmapi.MPState{State: kvmapi.MPStateRunnable},
+			Regs:    kvmapi.Regs{RIP: 0x100200 + uint64(i), RSP: 0x8ff0, RFLAGS: 2, RAX: 42},
+			Xsave:   make([]byte, kvmapi.XsaveSize),
+			MSRs:    []kvmapi.MSREntry{{Index: 0x10, Data: 12345}, {Index: 0x4b564d01, Data: 0x5001}},
+		}
+		v.Sregs.CR0 = 0x80000031
+		v.Sregs.CS.Selector = 0x10
+		v.XCRs.NrXCRs = 1
+		v.XCRs.XCRs[0].Value = 7
+		v.Xsave[0] = 0x7f
+		v.LAPIC.Regs[0x20] = byte(i)
+		v.DebugRegs.DR7 = 0x400
+		v.Events.NMI.Masked = 1
+		st.VCPUs = append(st.VCPUs, v)
+	}
+	st.IRQChip.PICMaster.ChipID = kvmapi.IRQChipPICMaster
+	st.IRQChip.PICSlave.ChipID = kvmapi.IRQChipPICSlave
+	st.IRQChip.IOAPIC.ChipID = kvmapi.IRQChipIOAPIC
+	st.IRQChip.IOAPIC.Chip[0] = 0xfe
+	st.IRQChip.PIT.Channels[0].Count = 0x10000
+	st.Clock.Clock = 987654321
+	st.Devices = []devstate.State{
+		{ID: "uart-com1", Kind: "uart-16550a", Version: 1, Data: []byte{1, 2, 3}},
+		{ID: "virtio-blk0", Kind: "virtio-blk", Version: 1, Data: []byte("blk")},
+	}
+	return st
+}
+
+func TestStateRoundTrip(t *testing.T) {
+	st := sampleState()
+	b, err := st.MarshalBinary()
+	require.NoError(t, err)
+	var got MachineState
+	require.NoError(t, got.UnmarshalBinary(b))
+	require.Equal(t, *st, got)
+}
+
+// The encoding of each format version is pinned: a reader must keep
+// accepting the files written by the current and the previous version.
+func TestStateGolden(t *testing.T) {
+	path := filepath.Join("testdata", "state", "v1.bin")
+	b, err := sampleState().MarshalBinary()
+	require.NoError(t, err)
+	if *updateGolden {
+		require.NoError(t, os.MkdirAll(filepath.Dir(path), 0o755))
+		require.NoError(t, os.WriteFile(path, b, 0o644))
+	}
+	golden, err := os.ReadFile(path)
+	require.NoError(t, err, "run go test ./vmm -run Golden -update-golden after a deliberate format change (and bump StateVersion)")
+	require.Equal(t, golden, b, "encoding changed: bump StateVersion and keep reading v%d", StateVersion)
+	var st MachineState
+	require.NoError(t, st.UnmarshalBinary(golden))
+}
+
+func TestStateRejectsBadInput(t *testing.T) {
+	good, err := sampleState().MarshalBinary()
+	require.NoError(t, err)
+	mutate := func(f func([]byte) []byte) []byte { return f(append([]byte(nil), good...)) }
+	cases := map[string]struct {
+		data []byte
+		want error
+	}{
+		"empty":     {nil, ErrStateMagic},
+		"foreign":   {mutate(func(b []byte) []byte { copy(b, "NOTGOVMM"); return b }), ErrStateMagic},
+		"version":   {mutate(func(b []byte) []byte { binary.LittleEndian.PutUint16(b[8:], 99); return b }), ErrStateVersion},
+		"flipped":   {mutate(func(b []byte) []byte { b[len(b)-5] ^= 1; return b }), ErrStateChecksum},
+		"too large": {mutate(func(b []byte) []byte { binary.LittleEndian.PutUint64(b[12:], 1<<40); return b }), ErrStateTooLarge},
+	}
+	for name, c := range cases {
+		t.Run(name, func(t *testing.T) {
+			var st MachineState
+			err := st.UnmarshalBinary(c.data)
+			require.True(t, errors.Is(err, c.want), "got %v", err)
+		})
+	}
+	for _, n := range []int{stateHeaderLen - 1, stateHeaderLen, len(good) / 2, len(good) - 1} {
+		var st MachineState
+		require.Error(t, st.UnmarshalBinary(good[:n]), "truncated to %d", n)
+	}
+	// A body with a consistent checksum but nonsense counts.
+	bad := sampleState()
+	bad.VCPUs[0].MSRs = make([]kvmapi.MSREntry, maxMSRCount+1)
+	b, err := bad.MarshalBinary()
+	require.NoError(t, err)
+	var st MachineState
+	require.ErrorContains(t, st.UnmarshalBinary(b), "msrs")
+}
+
+func TestUARTStateRoundTrip(t *testing.T) {
+	var out syncBuffer
+	u := NewUART(&out, func(bool) {})
+	u.Write(uartLCR, []byte{0x03})
+	u.Write(uartIER, []byte{ierRDI})
+	u.Write(uartSCR, []byte{0x42})
+	u.Input([]byte("pending"))
+	s, err := u.SaveState()
+	require.NoError(t, err)
+	v := NewUART(&out, func(bool) {})
+	require.NoError(t, v.RestoreState(s))
+	s2, err := v.SaveState()
+	require.NoError(t, err)
+	require.Equal(t, s, s2)
+	b := []byte{0}
+	v.Read(uartRBR, b)
+	require.Equal(t, byte('p'), b[0], "queued input survives")
+	require.Error(t, v.RestoreState(devstate.State{Kind: "virtio-net", Version: 1}))
+}
