@@ -96,15 +96,20 @@ func Counter(addr uint32) []byte {
 //	       inc qword [counter]
 //	       jmp again
 func Dirtier(base uint64, pages uint32, counter uint32) []byte {
-	code := Cat(
+	code := DirtierPass(base, pages, counter)
+	return append(code, 0xeb, byte(-(len(code) + 2))) // jmp again
+}
+
+// DirtierPass is one pass of Dirtier without the jump back: the code that
+// follows it runs once the pass is done.
+func DirtierPass(base uint64, pages uint32, counter uint32) []byte {
+	return Cat(
 		MovRBX(base), // 10 bytes
 		binary.LittleEndian.AppendUint32([]byte{0xb9}, pages), // mov ecx, imm32: 5
-		[]byte{0xfe, 0x03},                         // inc byte [rbx]: 2
+		[]byte{0xfe, 0x03},                         // loop: inc byte [rbx]: 2
 		[]byte{0x48, 0x81, 0xc3, 0x00, 0x10, 0, 0}, // add rbx, 4096: 7
 		[]byte{0xff, 0xc9},                         // dec ecx: 2
-		[]byte{0x75, 0xf5},                         // jnz loop (-11): 2
+		[]byte{0x75, 0xf3},                         // jnz loop: -(2+7+2+2)
 		IncQwordAbs(counter),                       // 8
 	)
-	// jmp again: back over everything so far plus the 2-byte jmp itself.
-	return append(code, 0xeb, byte(-(len(code) + 2)))
 }
