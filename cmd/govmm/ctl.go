@@ -1,0 +1,352 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"math"
+	"os"
+	"os/signal"
+	"slices"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"govmm/ctlapi"
+)
+
+const ctlUsage = `Usage: govmm ctl [--api-sock PATH] COMMAND [flags]
+
+Controls a running VM through its API socket: HTTP/JSON on a unix socket,
+served by 'govmm run --api-sock PATH'.
+
+Commands:
+  info [--json]           name, state, vCPUs, memory, devices, uptime, replication
+  pause                   stop every vCPU
+  resume                  start them again
+  snapshot --out FILE     write a snapshot to FILE on the VM's host (a relative
+                          FILE is taken from this directory)
+  migrate --to HOST:PORT  live-migrate to a standby: progress on stderr, then a
+                          report; Ctrl-C cancels the migration
+  stats                   the VM's metrics as a table
+  metrics                 the same in Prometheus text format
+
+The socket is --api-sock if given, else $GOVMM_API_SOCK, else
+/run/govmm/govmm.sock ($XDG_RUNTIME_DIR/govmm/govmm.sock for a user other
+than root when $XDG_RUNTIME_DIR is set).
+
+Flags:
+`
+
+func cmdCtl(args []string) error {
+	fs := newFlagSet("ctl", ctlUsage)
+	sock := fs.String("api-sock", ctlapi.DefaultSocketPath(), "the VM's API `socket`")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	if fs.NArg() == 0 {
+		fs.Usage()
+		return errUsage
+	}
+	name, rest := fs.Arg(0), fs.Args()[1:]
+	cmds := map[string]func(context.Context, *ctlapi.Client, []string) error{
+		"info":     ctlInfo,
+		"pause":    ctlPause,
+		"resume":   ctlResume,
+		"snapshot": ctlSnapshot,
+		"migrate":  ctlMigrate,
+		"stats":    ctlStats,
+		"metrics":  ctlMetrics,
+	}
+	run, ok := cmds[name]
+	if !ok {
+		fmt.Fprintf(fs.Output(), "govmm ctl: unknown command %q\n\n", name)
+		fs.Usage()
+		return errUsage
+	}
+	c := ctlapi.NewClient(*sock)
+	defer c.Close()
+	// Ctrl-C cancels the request, and the server cancels the operation.
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	err := run(ctx, c, rest)
+	if err != nil && errors.Is(err, context.Canceled) && ctx.Err() != nil {
+		fmt.Fprintf(os.Stderr, "govmm ctl: %s cancelled\n", name)
+		return exitError{130}
+	}
+	return err
+}
+
+// ctlFlags parses a subcommand's flags and refuses positional arguments.
+func ctlFlags(name, synopsis string, args []string, register func(*flag.FlagSet)) error {
+	fs := newFlagSet("ctl "+name, "Usage: govmm ctl [--api-sock PATH] "+synopsis+"\n\nFlags:\n")
+	if register != nil {
+		register(fs)
+	}
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("ctl %s: unexpected argument %q", name, fs.Arg(0))
+	}
+	return nil
+}
+
+func ctlInfo(ctx context.Context, c *ctlapi.Client, args []string) error {
+	var raw bool
+	if err := ctlFlags("info", "info [--json]", args, func(fs *flag.FlagSet) {
+		fs.BoolVar(&raw, "json", false, "print the API's JSON as it is")
+	}); err != nil {
+		return err
+	}
+	info, err := c.Info(ctx)
+	if err != nil {
+		return err
+	}
+	if raw {
+		b, err := json.MarshalIndent(info, "", "  ")
+		if err != nil {
+			return err
+		}
+		fmt.Printf("%s\n", b)
+		return nil
+	}
+	var repl []string
+	if info.Role != "" {
+		repl = append(repl, info.Role)
+	}
+	if info.Peer != "" {
+		repl = append(repl, "peer "+info.Peer)
+	}
+	if len(repl) == 0 {
+		repl = append(repl, "none")
+	}
+	devices := strings.Join(info.Devices, ", ")
+	if devices == "" {
+		devices = "none"
+	}
+	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintf(tw, "name\t%s\n", info.Name)
+	fmt.Fprintf(tw, "state\t%s\n", info.State)
+	fmt.Fprintf(tw, "vcpus\t%d\n", info.VCPUs)
+	fmt.Fprintf(tw, "memory\t%s\n", ctlBytes(info.MemoryBytes))
+	fmt.Fprintf(tw, "devices\t%s\n", devices)
+	fmt.Fprintf(tw, "uptime\t%s\n", ctlDuration(info.Uptime))
+	fmt.Fprintf(tw, "replication\t%s\n", strings.Join(repl, ", "))
+	return tw.Flush()
+}
+
+func ctlPause(ctx context.Context, c *ctlapi.Client, args []string) error {
+	if err := ctlFlags("pause", "pause", args, nil); err != nil {
+		return err
+	}
+	return c.Pause(ctx)
+}
+
+func ctlResume(ctx context.Context, c *ctlapi.Client, args []string) error {
+	if err := ctlFlags("resume", "resume", args, nil); err != nil {
+		return err
+	}
+	return c.Resume(ctx)
+}
+
+func ctlSnapshot(ctx context.Context, c *ctlapi.Client, args []string) error {
+	var out string
+	if err := ctlFlags("snapshot", "snapshot --out FILE", args, func(fs *flag.FlagSet) {
+		fs.StringVar(&out, "out", "", "snapshot `file` to write (on the VM's host)")
+	}); err != nil {
+		return err
+	}
+	if out == "" {
+		return errors.New("ctl snapshot: --out FILE is required")
+	}
+	res, err := c.Snapshot(ctx, out)
+	if err != nil {
+		return err
+	}
+	fmt.Printf("snapshot written to %s: %s, %d pages (%d zero pages elided); vCPUs paused %s\n",
+		res.Path, ctlBytes(res.Bytes), res.Pages, res.ZeroPages, ctlDuration(res.Pause))
+	return nil
+}
+
+func ctlMigrate(ctx context.Context, c *ctlapi.Client, args []string) error {
+	var to string
+	if err := ctlFlags("migrate", "migrate --to HOST:PORT", args, func(fs *flag.FlagSet) {
+		fs.StringVar(&to, "to", "", "the standby's `host:port`")
+	}); err != nil {
+		return err
+	}
+	if to == "" {
+		return errors.New("ctl migrate: --to HOST:PORT is required")
+	}
+	bar := newCtlBar(os.Stderr, ctlIsTerminal(os.Stderr))
+	res, err := c.Migrate(ctx, to, bar.update)
+	bar.finish()
+	if err != nil {
+		return err
+	}
+	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintf(tw, "migrated to %s\n", to)
+	fmt.Fprintf(tw, "  total time\t%s\n", ctlDuration(res.TotalTime))
+	fmt.Fprintf(tw, "  downtime\t%s\n", ctlDuration(res.Downtime))
+	fmt.Fprintf(tw, "  rounds\t%d\n", res.Rounds)
+	fmt.Fprintf(tw, "  sent\t%s in %d pages\n", ctlBytes(res.BytesSent), res.PagesSent)
+	return tw.Flush()
+}
+
+func ctlStats(ctx context.Context, c *ctlapi.Client, args []string) error {
+	if err := ctlFlags("stats", "stats", args, nil); err != nil {
+		return err
+	}
+	st, err := c.Stats(ctx)
+	if err != nil {
+		return err
+	}
+	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "METRIC\tLABELS\tVALUE")
+	for _, m := range st.Metrics {
+		keys := make([]string, 0, len(m.Labels))
+		for k := range m.Labels {
+			keys = append(keys, k)
+		}
+		slices.Sort(keys)
+		labels := make([]string, len(keys))
+		for i, k := range keys {
+			labels[i] = fmt.Sprintf("%s=%q", k, m.Labels[k])
+		}
+		l := strings.Join(labels, ",")
+		if l == "" {
+			l = "-"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\n", m.Name, l, ctlValue(m.Value))
+	}
+	return tw.Flush()
+}
+
+func ctlMetrics(ctx context.Context, c *ctlapi.Client, args []string) error {
+	if err := ctlFlags("metrics", "metrics", args, nil); err != nil {
+		return err
+	}
+	text, err := c.Metrics(ctx)
+	if err != nil {
+		return err
+	}
+	_, err = io.WriteString(os.Stdout, text)
+	return err
+}
+
+// ctlBar draws a migration's progress. On a terminal it redraws one line
+// (at most every ctlBarEvery, and at each new round or phase); elsewhere it
+// prints one line per round or phase, which reads well in a log. Each
+// round's bar fills as its remaining pages drain; the largest remaining
+// count seen in a round stands for the round's size.
+type ctlBar struct {
+	w            io.Writer
+	tty          bool
+	round        int
+	phase        string
+	roundPages   uint64
+	last         ctlapi.Progress
+	drawn        bool
+	lastDraw     time.Time
+	lastProgress bool // an update arrived since the last draw
+}
+
+const (
+	ctlBarWidth = 30
+	ctlBarEvery = 100 * time.Millisecond
+)
+
+func newCtlBar(w io.Writer, tty bool) *ctlBar { return &ctlBar{w: w, tty: tty, round: -1} }
+
+func (b *ctlBar) update(p ctlapi.Progress) {
+	changed := p.Round != b.round || p.Phase != b.phase
+	if changed {
+		b.round, b.phase, b.roundPages = p.Round, p.Phase, 0
+	}
+	b.roundPages = max(b.roundPages, p.RemainingPages)
+	b.last, b.lastProgress = p, true
+	switch {
+	case !b.tty && changed:
+		fmt.Fprintf(b.w, "migrate: %s round %d: %s sent, %d pages dirty, %d to send\n",
+			p.Phase, p.Round, ctlBytes(p.BytesSent), p.DirtyPages, p.RemainingPages)
+	case b.tty && (changed || time.Since(b.lastDraw) >= ctlBarEvery):
+		b.draw()
+	}
+}
+
+// finish draws the last state and ends the bar's line.
+func (b *ctlBar) finish() {
+	if !b.tty || !b.drawn {
+		return
+	}
+	if b.lastProgress {
+		b.draw()
+	}
+	fmt.Fprintln(b.w)
+}
+
+func (b *ctlBar) draw() {
+	p := b.last
+	frac := 1.0
+	if p.Phase != ctlapi.PhaseDone && b.roundPages > 0 {
+		frac = float64(b.roundPages-min(p.RemainingPages, b.roundPages)) / float64(b.roundPages)
+	}
+	fill := int(frac * ctlBarWidth)
+	bar := strings.Repeat("=", fill)
+	if fill < ctlBarWidth {
+		bar += ">" + strings.Repeat(" ", ctlBarWidth-fill-1)
+	}
+	// \r returns to the line's start and \x1b[K clears what a longer
+	// earlier line left.
+	fmt.Fprintf(b.w, "\r%-13s round %-3d [%s] %3d%%  %s sent, %d dirty\x1b[K",
+		p.Phase, p.Round, bar, int(frac*100), ctlBytes(p.BytesSent), p.DirtyPages)
+	b.drawn, b.lastDraw, b.lastProgress = true, time.Now(), false
+}
+
+// ctlIsTerminal reports whether f is a terminal.
+func ctlIsTerminal(f *os.File) bool {
+	_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
+	return err == nil
+}
+
+// ctlBytes writes n in binary units: 512 B, 1.5 KiB, 256 MiB.
+func ctlBytes(n uint64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	v, i := float64(n), -1
+	for v >= unit && i < 5 {
+		v /= unit
+		i++
+	}
+	s := fmt.Sprintf("%.1f", v)
+	s = strings.TrimSuffix(s, ".0")
+	return s + " " + []string{"KiB", "MiB", "GiB", "TiB", "PiB", "EiB"}[i]
+}
+
+// ctlDuration rounds d to what a person reads: ms above a second, µs below.
+func ctlDuration(d time.Duration) string {
+	switch {
+	case d >= time.Second:
+		return d.Round(time.Millisecond).String()
+	case d >= time.Millisecond:
+		return d.Round(time.Microsecond).String()
+	}
+	return d.String()
+}
+
+// ctlValue writes a metric value: integers without an exponent.
+func ctlValue(v float64) string {
+	if v == math.Trunc(v) && math.Abs(v) < 1e15 {
+		return fmt.Sprintf("%.0f", v)
+	}
+	return fmt.Sprintf("%g", v)
+}
