@@ -209,3 +209,18 @@ func (b *PCIBus) Write(off uint64, data []byte) {
 		o.ConfigChanged()
 	}
 }
+
+// RemapAll re-reads every device's BARs, after a restore replaced their
+// configuration space.
+func (b *PCIBus) RemapAll() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for s := 1; s < pciMaxSlots; s++ {
+		if b.slots[s] != nil {
+			b.remapLocked(s)
+			if o, ok := b.slots[s].(pci.ConfigObserver); ok {
+				o.ConfigChanged()
+			}
+		}
+	}
+}

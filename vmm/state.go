@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"hash/crc32"
 	"sort"
+	"time"
 
 	"govmm/kvmapi"
 	"govmm/vmm/devstate"
@@ -252,8 +253,52 @@ func (m *Machine) restoreMachineLevel(st *MachineState) error {
 			return err
 		}
 	}
+	m.pci.RemapAll() // BARs live in the restored config spaces
 	return nil
 }
+
+// SnapshotResult says what Snapshot did.
+type SnapshotResult struct {
+	SnapshotStats
+	Paused time.Duration // how long the guest was stopped
+}
+
+// Snapshot stops the guest at a consistent cut, writes its state and
+// memory to path, and lets it go on (unless it was paused already).
+func (m *Machine) Snapshot(ctx context.Context, path string) (SnapshotResult, error) {
+	start := time.Now()
+	m.pauseMu.Lock()
+	wasPaused := m.paused
+	m.pauseMu.Unlock()
+	if err := m.Pause(); err != nil {
+		return SnapshotResult{}, err
+	}
+	defer func() {
+		if !wasPaused {
+			_ = m.Resume()
+		}
+	}()
+	if err := m.QuiesceDevices(ctx); err != nil {
+		return SnapshotResult{}, err
+	}
+	defer m.ResumeDevices()
+	st, err := m.SaveState()
+	if err != nil {
+		return SnapshotResult{}, err
+	}
+	stats, err := WriteSnapshot(path, st, m.mem)
+	return SnapshotResult{SnapshotStats: stats, Paused: time.Since(start)}, err
+}
+
+// Paused reports whether the vCPUs are paused.
+func (m *Machine) Paused() bool {
+	m.pauseMu.Lock()
+	defer m.pauseMu.Unlock()
+	return m.paused
+}
+
+// Config returns the configuration the machine was built with.
+func (m *Machine) Config() Config { return m.cfg }
 
 // QuiesceDevices stops every stateful device at a request boundary.
 func (m *Machine) QuiesceDevices(ctx context.Context) error {
@@ -445,4 +490,13 @@ func (s *MachineState) UnmarshalBinary(data []byte) error {
 	}
 	*s = out
 	return nil
+}
+
+// Devices lists the stateful devices as "kind id".
+func (m *Machine) Devices() []string {
+	var out []string
+	for _, d := range m.stateful {
+		out = append(out, d.kind+" "+d.id)
+	}
+	return out
 }

@@ -17,6 +17,8 @@ const usage = `govmm: a Remus-style replicating hypervisor on KVM
 
 Usage:
   govmm run [flags] [-- CMD ARGS...]   boot a guest (the default image when no --kernel)
+  govmm ctl [--api-sock PATH] COMMAND  control a running VM (info, pause, resume, snapshot, migrate, stats)
+  govmm restore [flags] FILE           resume a VM from a snapshot file
   govmm image build [flags]            build the default guest image
   govmm bench [flags] [SUITE...]       benchmarks against QEMU (CSV + report.md)
   govmm help COMMAND                   help for one command
@@ -49,6 +51,10 @@ func realMain(args []string) int {
 		err = cmdRun(args[1:])
 	case "image":
 		err = cmdImage(args[1:])
+	case "ctl":
+		err = cmdCtl(args[1:])
+	case "restore":
+		err = cmdRestore(args[1:])
 	case "bench":
 		err = cmdBench(args[1:])
 	case "help", "-h", "--help":

@@ -39,6 +39,7 @@ type runFlags struct {
 	guestIP, guestGW        string
 	disks                   listFlag
 	noIOEventFD             bool
+	apiSock                 string
 }
 
 // listFlag collects a repeatable flag.
@@ -53,6 +54,13 @@ func (f *runFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.cmdline, "cmdline", "", "appended to the kernel command line")
 	fs.StringVar(&f.mem, "mem", "256M", "guest memory (K, M, G suffixes)")
 	fs.IntVar(&f.cpus, "cpus", 1, "number of vCPUs")
+	f.registerDevices(fs)
+}
+
+// registerDevices registers the flags that describe devices and the
+// control socket, shared by run, restore and standby.
+func (f *runFlags) registerDevices(fs *flag.FlagSet) {
+	fs.StringVar(&f.apiSock, "api-sock", "", "serve the control API (HTTP/JSON) on this unix socket; see govmm ctl")
 	fs.StringVar(&f.name, "name", "govmm", "VM name (the default MAC derives from it)")
 	fs.StringVar(&f.net, "net", "user", "network: user (NAT on a user-mode TCP/IP stack), tap:NAME, or none")
 	fs.StringVar(&f.mac, "mac", "", "guest MAC address (default: derived from --name)")
@@ -135,15 +143,30 @@ func cmdRun(args []string) error {
 	if err := m.Start(); err != nil {
 		return err
 	}
+	return supervise(m, &f)
+}
+
+// supervise serves the control API, forwards the console and signals,
+// and waits for the machine to stop. It returns the guest's exit status
+// as an exitError.
+func supervise(m *vmm.Machine, f *runFlags) error {
+	stopAPI, err := serveAPI(m, f)
+	if err != nil {
+		m.Stop()
+		m.Wait()
+		return err
+	}
+	defer stopAPI()
 	restore := attachConsole(m)
 	defer restore()
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
 	defer signal.Stop(sigs)
-	var sig os.Signal
+	sigc := make(chan syscall.Signal, 1)
 	go func() {
 		select {
-		case sig = <-sigs:
+		case s := <-sigs:
+			sigc <- s.(syscall.Signal)
 			m.Stop()
 		case <-m.Done():
 		}
@@ -153,8 +176,12 @@ func cmdRun(args []string) error {
 	if err != nil {
 		return err
 	}
-	if s, ok := sig.(syscall.Signal); ok && res.Reason == "stopped" {
-		return exitError{128 + int(s)}
+	select {
+	case s := <-sigc:
+		if res.Reason == "stopped" {
+			return exitError{128 + int(s)}
+		}
+	default:
 	}
 	if res.Status != 0 {
 		return exitError{res.Status}

@@ -1,0 +1,57 @@
+package main
+
+import (
+	"fmt"
+
+	"govmm/vmm"
+)
+
+const restoreUsage = `Usage: govmm restore [flags] FILE
+
+Resumes a VM from a snapshot written by 'govmm ctl snapshot --out FILE'.
+Memory size and vCPU count come from the snapshot; give the same devices
+as the VM had (--disk, --net, --mac), which the snapshot's devices are
+matched against. The guest carries on where it was: processes, timers
+and the console.
+
+Flags:
+`
+
+func cmdRestore(args []string) error {
+	var f runFlags
+	fs := newFlagSet("restore", restoreUsage)
+	f.registerDevices(fs)
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	if fs.NArg() != 1 {
+		return fmt.Errorf("restore: want one snapshot file, got %d arguments", fs.NArg())
+	}
+	path := fs.Arg(0)
+	st, err := vmm.ReadSnapshotState(path)
+	if err != nil {
+		return fmt.Errorf("snapshot %s: %w", path, err)
+	}
+	nics, disks, _, err := f.devices()
+	if err != nil {
+		return err
+	}
+	m, err := vmm.New(vmm.Config{MemSize: st.Memory.MemSize, CPUs: st.Memory.CPUs})
+	if err != nil {
+		closeAll(nics)
+		return err
+	}
+	defer m.Close()
+	devs, err := attachDevices(m, f, nics, disks)
+	defer closeAll(devs)
+	if err != nil {
+		return err
+	}
+	if st, err = vmm.ReadSnapshot(path, m.Memory()); err != nil {
+		return fmt.Errorf("snapshot %s: %w", path, err)
+	}
+	if err := m.StartFrom(st); err != nil {
+		return fmt.Errorf("restore %s: %w", path, err)
+	}
+	return supervise(m, &f)
+}
