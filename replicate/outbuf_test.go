@@ -1,0 +1,113 @@
+package replicate
+
+import (
+	"sync"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+)
+
+// sink is a backend that records what leaves the machine.
+type sink struct {
+	mu   sync.Mutex
+	sent []string
+}
+
+func (s *sink) VnetHdr() bool                 { return false }
+func (s *sink) SetReceiver(func([]byte) bool) {}
+func (s *sink) Start() error                  { return nil }
+func (s *sink) Close() error                  { return nil }
+func (s *sink) Send(f []byte) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.sent = append(s.sent, string(f))
+	return nil
+}
+func (s *sink) got() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]string(nil), s.sent...)
+}
+
+func TestOutputHeldUntilAck(t *testing.T) {
+	out := &sink{}
+	b := NewOutputBuffer(out, 1, 0)
+	frame := []byte("a1")
+	require.NoError(t, b.Send(frame))
+	frame[0] = 'X' // the buffer copied it
+	require.NoError(t, b.Send([]byte("a2")))
+	require.Empty(t, out.got(), "nothing leaves before a checkpoint")
+	require.Equal(t, uint64(1), b.Seal())
+	require.NoError(t, b.Send([]byte("b1")))
+	require.Equal(t, uint64(2), b.Seal())
+	require.NoError(t, b.Send([]byte("c1")))
+	require.Empty(t, out.got(), "nothing leaves before an ack")
+	require.Equal(t, BufferStats{HeldFrames: 4, HeldBytes: 8}, b.Stats())
+
+	require.NoError(t, b.Release(1))
+	require.Equal(t, []string{"a1", "a2"}, out.got())
+	require.NoError(t, b.Release(2))
+	require.Equal(t, []string{"a1", "a2", "b1"}, out.got(), "epoch 3 is not sealed: c1 stays")
+	require.ErrorIs(t, b.Release(3), ErrReleaseOrder)
+	b.Seal()
+	require.NoError(t, b.Release(3))
+	require.Equal(t, []string{"a1", "a2", "b1", "c1"}, out.got())
+}
+
+func TestOutputReleaseSkipsToLatestAck(t *testing.T) {
+	out := &sink{}
+	b := NewOutputBuffer(out, 10, 0)
+	for _, f := range []string{"x", "y", "z"} {
+		require.NoError(t, b.Send([]byte(f)))
+		b.Seal()
+	}
+	require.NoError(t, b.Release(12)) // acks are cumulative
+	require.Equal(t, []string{"x", "y", "z"}, out.got())
+	require.NoError(t, b.Release(12), "a repeated ack releases nothing more")
+	require.Len(t, out.got(), 3)
+}
+
+func TestOutputBoundedAndDiscard(t *testing.T) {
+	out := &sink{}
+	b := NewOutputBuffer(out, 1, 4)
+	require.NoError(t, b.Send([]byte("abc")))
+	require.NoError(t, b.Send([]byte("de"))) // over the bound: dropped, not sent
+	require.Equal(t, uint64(1), b.Stats().Dropped)
+	b.Discard()
+	b.Seal()
+	require.NoError(t, b.Release(1))
+	require.Empty(t, out.got(), "discarded output never leaves")
+}
+
+func TestOutputBypassIsImmediate(t *testing.T) {
+	out := &sink{}
+	b := NewOutputBuffer(out, 1, 0)
+	b.SetBypass(true)
+	require.NoError(t, b.Send([]byte("now")))
+	require.Equal(t, []string{"now"}, out.got())
+}
+
+func TestOutputConcurrentSendAndRelease(t *testing.T) {
+	out := &sink{}
+	b := NewOutputBuffer(out, 1, 0)
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for i := 0; i < 1000; i++ {
+			_ = b.Send([]byte{byte(i >> 8), byte(i)})
+		}
+	}()
+	for e := uint64(1); e <= 50; e++ {
+		b.Seal()
+		require.NoError(t, b.Release(e))
+	}
+	wg.Wait()
+	b.Seal()
+	require.NoError(t, b.Release(51))
+	got := out.got()
+	require.Len(t, got, 1000)
+	for i, f := range got {
+		require.Equal(t, string([]byte{byte(i >> 8), byte(i)}), f, "frames leave in order")
+	}
+}
