@@ -1,0 +1,147 @@
+package stream
+
+import (
+	"bufio"
+	"crypto/hmac"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"sync/atomic"
+)
+
+// handshakeKey MACs the handshake frames, before a session key exists. It
+// is public: those frames are authenticated by the proofs, which cover
+// both hellos, and the MAC only catches corruption.
+var handshakeKey = []byte("govmm-stream/1 handshake (public key)")
+
+// frameWriter frames payloads: header, payload, HMAC-SHA256 over both.
+// Its owner serializes calls (endpoint.wmu).
+type frameWriter struct {
+	bw     *bufio.Writer
+	mac    hash.Hash
+	seq    uint64
+	hdr    [headerSize]byte
+	sum    [macSize]byte
+	bytes  *atomic.Uint64
+	frames *atomic.Uint64
+}
+
+func newFrameWriter(w io.Writer, bytes, frames *atomic.Uint64) *frameWriter {
+	return &frameWriter{
+		bw:    bufio.NewWriterSize(w, 256<<10),
+		mac:   hmac.New(sha256.New, handshakeKey),
+		bytes: bytes, frames: frames,
+	}
+}
+
+func (w *frameWriter) setKey(k []byte) { w.mac = hmac.New(sha256.New, k) }
+
+func (w *frameWriter) write(t frameType, payload []byte) error {
+	if len(payload) > MaxFramePayload {
+		// A bug on this side: never put on the wire what the peer must refuse.
+		return fmt.Errorf("write %v frame of %d bytes: %w", t, len(payload), ErrTooLarge)
+	}
+	putHeader(w.hdr[:], header{length: uint32(len(payload)), typ: t, seq: w.seq})
+	w.mac.Reset()
+	w.mac.Write(w.hdr[:])
+	w.mac.Write(payload)
+	sum := w.mac.Sum(w.sum[:0])
+	for _, b := range [][]byte{w.hdr[:], payload, sum} {
+		if _, err := w.bw.Write(b); err != nil {
+			return err
+		}
+	}
+	w.seq++
+	w.bytes.Add(uint64(headerSize + len(payload) + macSize))
+	w.frames.Add(1)
+	return nil
+}
+
+func (w *frameWriter) flush() error { return w.bw.Flush() }
+
+// frameReader reads and verifies frames. Only the endpoint's reading
+// goroutine uses it.
+type frameReader struct {
+	br     *bufio.Reader
+	mac    hash.Hash
+	seq    uint64   // expected sequence number of the next frame
+	off    int64    // stream offset of the next frame
+	start  int64    // stream offset of the frame last read (for errors)
+	layout Identity // the sender's layout, once known
+	buf    []byte
+	hdr    [headerSize]byte
+	sum    [macSize]byte
+	want   [macSize]byte
+	f      frame
+	bytes  *atomic.Uint64
+	frames *atomic.Uint64
+}
+
+func newFrameReader(r io.Reader, bytes, frames *atomic.Uint64) *frameReader {
+	return &frameReader{
+		br:    bufio.NewReaderSize(r, 256<<10),
+		mac:   hmac.New(sha256.New, handshakeKey),
+		bytes: bytes, frames: frames,
+	}
+}
+
+func (r *frameReader) setKey(k []byte) { r.mac = hmac.New(sha256.New, k) }
+
+// next reads, authenticates and decodes one frame. A clean end of stream
+// before a header is io.EOF; any other shortfall is ErrTruncated. The
+// returned frame is valid until the next call.
+func (r *frameReader) next() (*frame, error) {
+	r.start = r.off
+	if n, err := io.ReadFull(r.br, r.hdr[:]); err != nil {
+		if n == 0 && errors.Is(err, io.EOF) {
+			return nil, io.EOF
+		}
+		return nil, truncated("frame header", err)
+	}
+	h, err := parseHeader(r.hdr[:])
+	if err != nil {
+		return nil, err // ErrTooLarge comes here, before any allocation
+	}
+	if h.seq != r.seq {
+		return nil, fmt.Errorf("%v frame has sequence %d, want %d (replayed, reordered or dropped): %w",
+			h.typ, h.seq, r.seq, ErrAuth)
+	}
+	n := int(h.length)
+	if cap(r.buf) < n {
+		r.buf = make([]byte, n, max(n, 64<<10))
+	}
+	p := r.buf[:n]
+	if _, err := io.ReadFull(r.br, p); err != nil {
+		return nil, truncated(h.typ.String()+" frame", err)
+	}
+	if _, err := io.ReadFull(r.br, r.sum[:]); err != nil {
+		return nil, truncated(h.typ.String()+" frame mac", err)
+	}
+	r.mac.Reset()
+	r.mac.Write(r.hdr[:])
+	r.mac.Write(p)
+	if !hmac.Equal(r.mac.Sum(r.want[:0]), r.sum[:]) {
+		return nil, fmt.Errorf("%v frame %d: mac mismatch (corrupted or forged): %w", h.typ, h.seq, ErrAuth)
+	}
+	if err := checkHeader(r.hdr[:], h); err != nil {
+		return nil, err
+	}
+	r.seq++
+	r.off += int64(headerSize + n + macSize)
+	r.bytes.Add(uint64(headerSize + n + macSize))
+	r.frames.Add(1)
+	r.f.seq, r.f.payload = h.seq, p
+	if err := decodePayload(&r.f, h.typ, p, &r.layout); err != nil {
+		return nil, err
+	}
+	return &r.f, nil
+}
+
+func truncated(what string, err error) error {
+	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+		return fmt.Errorf("connection ended inside %s: %w", what, ErrTruncated)
+	}
+	return fmt.Errorf("read %s: %w", what, err)
+}

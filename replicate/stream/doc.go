@@ -1,0 +1,75 @@
+// Package stream is the replication wire protocol: one authenticated TCP
+// connection from a primary (or migration source) to its standby (or
+// destination) carrying a handshake, then checkpoints made of frames, with
+// acks, heartbeats and errors coming back on the same connection. Live
+// migration is the same stream ended by a final checkpoint and a goodbye.
+// docs/STREAM.md has the sequence diagram, the receiver's state machine and
+// the version policy.
+//
+// It owns framing, authentication, the hard caps on every field,
+// checkpoint verification (count, length, CRC32C) and the commit/abort
+// protocol toward a PageSink. It does not own epochs, dirty tracking,
+// output buffering or failover policy (package replicate builds those on
+// Sender and Receiver), nor the machine state's encoding, which it carries
+// as opaque bytes.
+//
+// # Invariants
+//
+//   - Atomic checkpoints (DESIGN.md invariant 2): the receiver stages a
+//     checkpoint and commits it only after its EndCheckpoint verifies and
+//     Config.OnCommit accepts it; any failure aborts the staging, and the
+//     ack for epoch N is sent only after N is committed. Acks arrive in
+//     order.
+//   - No trust (invariant 6): every length is checked against its cap
+//     before allocation; every page address is page-aligned and inside the
+//     sender's announced layout; every frame carries an HMAC-SHA256 over
+//     its header (with a sequence number) and payload under a per-session,
+//     per-direction key, so frames cannot be forged, replayed, reordered or
+//     dropped; the handshake proves knowledge of the pre-shared key both
+//     ways.
+//
+// # Wire format (version 1, little-endian)
+//
+// Every frame:
+//
+//	length u32 | type u8 | 0 u8 | 0 u16 | seq u64 | payload [length] | mac [32]
+//
+// length ≤ MaxFramePayload (checked before anything is read or allocated);
+// seq counts frames from 0 in each direction; mac is HMAC-SHA256 over the
+// 16 header bytes and the payload. The handshake frames use a public key
+// (the proofs authenticate them); after its Auth frame each side switches
+// to its direction's session key. Payloads by type:
+//
+//	1 Hello     "GOVMMSTR" | version u16 | flags u16 (bit 0: keyed) | role u8
+//	            (1 sender, 2 receiver) | 0 [3] | nonce [32] |
+//	            name (u16 len, ≤256) | vcpus u32 | nregions u16 (≤64) | 0 u16 |
+//	            nregions × (gpa u64, size u64) | devices (u16 len, ≤4096)
+//	2 Auth      proof [32]
+//	3 Begin     epoch u64 (>0, increasing) | kind u8 (1 initial-sync, 2 epoch, 3 final) | 0 [7]
+//	4 Pages     count u16 (1..256) | 0 u16 | count × (gpa u64 | enc u8 | 0 [3] | len u32 | data [len])
+//	            enc 0 raw (len 4096), 1 zero (len 0), 2 xor-rle (reserved, refused in v1)
+//	5 State     1..MaxStateChunk bytes of machine state (a checkpoint's chunks ≤ MaxState in all)
+//	6 End       epoch u64 | pages u64 | state length u64 | crc32c u32 | 0 u32
+//	7 Ack       epoch u64
+//	8 Heartbeat sender's clock, unix ns, u64
+//	9 Error     code u16 | len u16 (≤1024) | message
+//	10 Goodbye  empty
+//
+// The End CRC32C (Castagnoli) runs over the checkpoint's content in frame
+// order: for each page, gpa u64 | class u8 (0 data, 1 zero) | the page's
+// bytes if class 0; then each State chunk.
+//
+// Handshake: the sender sends Hello, the receiver Hello; with th = SHA-256
+// over both hello payloads, the sender sends Auth(HMAC(K, "govmm-stream/1
+// proof sender" || th)), the receiver verifies it and the identity and
+// answers Auth(HMAC(K, "… proof receiver" || th)). Session keys are
+// HMAC(K, "govmm-stream/1 key sender-to-receiver" || th) and the reverse.
+//
+// # Goroutines
+//
+// Sender: the caller's checkpoint goroutine (Begin/SendPage/SendState/
+// End), an ack reader and a heartbeat/failure-detector ticker. Receiver:
+// the caller's goroutine inside Run (reads frames, drives the PageSink and
+// OnCommit, sends acks) and the ticker. Frame writes are serialized by one
+// mutex per end. Close on either stops its goroutines and waits for them.
+package stream

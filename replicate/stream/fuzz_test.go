@@ -1,0 +1,138 @@
+package stream
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+)
+
+var updateSeeds = flag.Bool("update", false, "rewrite the fuzz seed corpus in testdata/")
+
+// rawFrame builds header + payload + a MAC-sized trailer (the decoder
+// ignores the trailer; the stream verifies it before decoding).
+func rawFrame(t frameType, seq uint64, payload []byte) []byte {
+	b := make([]byte, headerSize, headerSize+len(payload)+macSize)
+	putHeader(b, header{length: uint32(len(payload)), typ: t, seq: seq})
+	b = append(b, payload...)
+	return append(b, make([]byte, macSize)...)
+}
+
+// seedFrames are well-formed frames of every type, plus a few near misses.
+func seedFrames() map[string][]byte {
+	id := testIdentity()
+	pages := appendPageEntry([]byte{3, 0, 0, 0}, 0, EncRaw, page(1))
+	pages = appendPageEntry(pages, PageSize, EncZero, nil)
+	pages = appendPageEntry(pages, 1<<32, EncRaw, page(2))
+	return map[string][]byte{
+		"hello-sender":   rawFrame(frameHello, 0, appendHello(nil, &hello{version: Version, keyed: true, role: roleSender, id: id})),
+		"hello-receiver": rawFrame(frameHello, 0, appendHello(nil, &hello{version: Version, role: roleReceiver})),
+		"auth":           rawFrame(frameAuth, 1, make([]byte, macSize)),
+		"begin":          rawFrame(frameBegin, 2, appendBegin(nil, 7, KindEpoch)),
+		"pages":          rawFrame(framePages, 3, pages),
+		"state":          rawFrame(frameState, 4, []byte("machine state")),
+		"end":            rawFrame(frameEnd, 5, appendEnd(nil, endInfo{epoch: 7, pages: 3, stateLen: 13, crc: 0xdeadbeef})),
+		"ack":            rawFrame(frameAck, 2, []byte{7, 0, 0, 0, 0, 0, 0, 0}),
+		"heartbeat":      rawFrame(frameHeartbeat, 3, []byte{1, 2, 3, 4, 5, 6, 7, 8}),
+		"error":          rawFrame(frameError, 4, appendError(nil, codeAuth, "authentication failed")),
+		"goodbye":        rawFrame(frameGoodbye, 9, nil),
+		"bad-gpa":        rawFrame(framePages, 3, appendPageEntry([]byte{1, 0, 0, 0}, 1<<31, EncZero, nil)),
+		"bad-encoding":   rawFrame(framePages, 3, appendPageEntry([]byte{1, 0, 0, 0}, 0, EncXORRLE, []byte{9, 9})),
+		"huge-length":    {0xff, 0xff, 0xff, 0x7f, byte(framePages), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0},
+	}
+}
+
+// TestSeedCorpus checks that the seeds decode as intended and, with
+// -update, rewrites testdata/fuzz/FuzzDecodeFrame.
+func TestSeedCorpus(t *testing.T) {
+	dir := filepath.Join("testdata", "fuzz", "FuzzDecodeFrame")
+	for name, b := range seedFrames() {
+		_, _, err := DecodeFrame(b, testIdentity())
+		bad := name == "bad-gpa" || name == "bad-encoding" || name == "huge-length"
+		require.Equal(t, bad, err != nil, "%s: %v", name, err)
+		path := filepath.Join(dir, name)
+		content := fmt.Sprintf("go test fuzz v1\n[]byte(%q)\n", b)
+		if *updateSeeds {
+			require.NoError(t, os.MkdirAll(dir, 0o755))
+			require.NoError(t, os.WriteFile(path, []byte(content), 0o644))
+			continue
+		}
+		got, err := os.ReadFile(path)
+		require.NoError(t, err, "seed missing: run go test -run TestSeedCorpus -update")
+		require.Equal(t, content, string(got), "seed %s is stale: run with -update", name)
+	}
+}
+
+var sentinels = []error{ErrAuth, ErrFrame, ErrTooLarge, ErrOutOfRange, ErrVersion, ErrMismatch,
+	ErrProtocol, ErrChecksum, ErrTruncated}
+
+// FuzzDecodeFrame feeds arbitrary bytes to the frame decoder: it must
+// never panic, every refusal must wrap one of the package's sentinels, and
+// every accepted frame must respect the caps.
+func FuzzDecodeFrame(f *testing.F) {
+	for _, b := range seedFrames() {
+		f.Add(b)
+	}
+	layout := testIdentity()
+	f.Fuzz(func(t *testing.T, data []byte) {
+		var fr frame
+		n, err := decodeFrame(&fr, data, &layout)
+		if err != nil {
+			for _, s := range sentinels {
+				if errors.Is(err, s) {
+					return
+				}
+			}
+			t.Fatalf("error wraps no sentinel: %v", err)
+		}
+		if n < headerSize || n > len(data) || n-headerSize > MaxFramePayload {
+			t.Fatalf("consumed %d of %d bytes", n, len(data))
+		}
+		switch fr.typ {
+		case frameHello:
+			if fr.hello.version != Version {
+				t.Fatalf("accepted version %d", fr.hello.version)
+			}
+			if fr.hello.role == roleSender || !fr.hello.id.IsZero() {
+				if err := fr.hello.id.Validate(); err != nil {
+					t.Fatalf("accepted invalid identity: %v", err)
+				}
+			}
+		case framePages:
+			if len(fr.pages) == 0 || len(fr.pages) > MaxPagesPerFrame {
+				t.Fatalf("accepted %d pages", len(fr.pages))
+			}
+			for _, p := range fr.pages {
+				if !layout.Contains(p.gpa) {
+					t.Fatalf("accepted page %#x outside the layout", uint64(p.gpa))
+				}
+				switch {
+				case p.enc == EncRaw && len(p.data) == PageSize:
+				case p.enc == EncZero && p.data == nil:
+				default:
+					t.Fatalf("accepted page %#x encoding %d with %d bytes", uint64(p.gpa), p.enc, len(p.data))
+				}
+			}
+		case frameState:
+			if len(fr.data) == 0 || len(fr.data) > MaxStateChunk {
+				t.Fatalf("accepted state chunk of %d bytes", len(fr.data))
+			}
+		case frameBegin:
+			if fr.epoch == 0 || fr.kind < KindInitialSync || fr.kind > KindFinal {
+				t.Fatalf("accepted begin %d %v", fr.epoch, fr.kind)
+			}
+		case frameEnd:
+			if fr.end.stateLen > MaxState {
+				t.Fatalf("accepted end with state %d", fr.end.stateLen)
+			}
+		case frameError:
+			if len(fr.data) > MaxErrorMessage {
+				t.Fatalf("accepted error message of %d bytes", len(fr.data))
+			}
+		}
+	})
+}

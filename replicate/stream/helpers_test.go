@@ -1,0 +1,224 @@
+package stream
+
+import (
+	"context"
+	"encoding/binary"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+)
+
+var testKey = []byte("0123456789abcdef0123456789abcdef")
+
+func testIdentity() Identity {
+	return Identity{
+		Name:    "vm0",
+		Regions: []Region{{GPA: 0, Size: 4 << 20}, {GPA: 1 << 32, Size: 1 << 20}},
+		VCPUs:   2,
+		Devices: "uart,virtio-net,virtio-blk",
+	}
+}
+
+// fakeClock is a Clock that moves only when told.
+type fakeClock struct {
+	mu      sync.Mutex
+	now     time.Time
+	tickers []*fakeTicker
+}
+
+type fakeTicker struct {
+	c       chan time.Time
+	d       time.Duration
+	next    time.Time
+	stopped atomic.Bool
+}
+
+func newFakeClock() *fakeClock { return &fakeClock{now: time.Unix(1_000_000, 0)} }
+
+func (c *fakeClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.now
+}
+
+func (c *fakeClock) NewTicker(d time.Duration) Ticker {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	t := &fakeTicker{c: make(chan time.Time, 1), d: d, next: c.now.Add(d)}
+	c.tickers = append(c.tickers, t)
+	return t
+}
+
+func (t *fakeTicker) C() <-chan time.Time { return t.c }
+func (t *fakeTicker) Stop()               { t.stopped.Store(true) }
+
+// waitTickers waits until n tickers exist, so that Advance reaches them.
+func (c *fakeClock) waitTickers(t *testing.T, n int) {
+	t.Helper()
+	require.Eventually(t, func() bool {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		return len(c.tickers) >= n
+	}, 5*time.Second, time.Millisecond)
+}
+
+func (c *fakeClock) Advance(d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.now = c.now.Add(d)
+	for _, t := range c.tickers {
+		for !t.stopped.Load() && !t.next.After(c.now) {
+			select {
+			case t.c <- c.now:
+			default:
+			}
+			t.next = t.next.Add(t.d)
+		}
+	}
+}
+
+// cfgs returns a keyed sender and receiver config pair on one fake clock
+// (so that no heartbeat fires unless a test advances it).
+func cfgs(clock Clock) (Config, Config) {
+	quiet := slog.New(slog.DiscardHandler)
+	s := Config{Key: testKey, Identity: testIdentity(), Clock: clock, HandshakeTimeout: 5 * time.Second, Logger: quiet}
+	r := Config{Key: testKey, Identity: testIdentity(), Clock: clock, HandshakeTimeout: 5 * time.Second, Logger: quiet}
+	return s, r
+}
+
+// connect runs both handshakes over conns and returns both results.
+func connect(t *testing.T, sc, rc net.Conn, scfg, rcfg Config) (*Sender, error, *Receiver, error) {
+	t.Helper()
+	var (
+		r    *Receiver
+		rerr error
+		wg   sync.WaitGroup
+	)
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		r, rerr = NewReceiver(t.Context(), rc, rcfg)
+	}()
+	s, serr := NewSender(t.Context(), sc, scfg)
+	wg.Wait()
+	t.Cleanup(func() {
+		// Receiver first: its goodbye is read by the sender's ack reader,
+		// while a sender's goodbye would wait for a Run that may not exist.
+		if r != nil {
+			r.Close()
+		}
+		if s != nil {
+			s.Close()
+		}
+	})
+	return s, serr, r, rerr
+}
+
+// pipePair connects over net.Pipe and requires success.
+func pipePair(t *testing.T, scfg, rcfg Config) (*Sender, *Receiver) {
+	t.Helper()
+	a, b := net.Pipe()
+	s, serr, r, rerr := connect(t, a, b, scfg, rcfg)
+	require.NoError(t, serr)
+	require.NoError(t, rerr)
+	return s, r
+}
+
+// runReceiver runs r.Run in the background; the channel yields its result.
+func runReceiver(t *testing.T, r *Receiver) <-chan error {
+	t.Helper()
+	ch := make(chan error, 1)
+	go func() { ch <- r.Run(t.Context()) }()
+	return ch
+}
+
+func waitErr(t *testing.T, ch <-chan error) error {
+	t.Helper()
+	select {
+	case err := <-ch:
+		return err
+	case <-time.After(10 * time.Second):
+		t.Fatal("receiver did not stop")
+		return nil
+	}
+}
+
+// page returns a page filled from seed.
+func page(seed uint64) []byte {
+	p := make([]byte, PageSize)
+	for i := 0; i < PageSize; i += 8 {
+		binary.LittleEndian.PutUint64(p[i:], seed*0x9e3779b97f4a7c15+uint64(i))
+	}
+	return p
+}
+
+// proxy sits between sender and receiver. In the sender-to-receiver
+// direction it reads whole frames and passes each (with its index, 0 being
+// the sender's hello) through mutate, which returns what to forward; a
+// nil entry cuts the link.
+func proxy(t *testing.T, mutate func(i int, f []byte) [][]byte) (senderSide, receiverSide net.Conn) {
+	t.Helper()
+	s1, s2 := net.Pipe() // sender <-> proxy
+	r1, r2 := net.Pipe() // proxy <-> receiver
+	go func() {
+		defer r1.Close()
+		for i := 0; ; i++ {
+			hdr := make([]byte, headerSize)
+			if _, err := io.ReadFull(s2, hdr); err != nil {
+				return
+			}
+			n := binary.LittleEndian.Uint32(hdr)
+			f := make([]byte, headerSize+int(n)+macSize)
+			copy(f, hdr)
+			if _, err := io.ReadFull(s2, f[headerSize:]); err != nil {
+				return
+			}
+			for _, out := range mutate(i, f) {
+				if out == nil { // cut the link here
+					return
+				}
+				if _, err := r1.Write(out); err != nil {
+					return
+				}
+			}
+		}
+	}()
+	go func() {
+		defer s2.Close()
+		_, _ = io.Copy(s2, r1)
+	}()
+	return s1, r2
+}
+
+// sendCheckpoint sends one checkpoint of n pages (every third one zero)
+// and a state, and ends it.
+func sendCheckpoint(s *Sender, epoch uint64, kind Kind, n int, state []byte) error {
+	if err := s.BeginCheckpoint(epoch, kind); err != nil {
+		return err
+	}
+	for i := range n {
+		p := page(epoch*1000 + uint64(i))
+		if i%3 == 2 {
+			p = make([]byte, PageSize)
+		}
+		if err := s.SendPage(GPA(i*PageSize), p); err != nil {
+			return err
+		}
+	}
+	if err := s.SendState(state); err != nil {
+		return err
+	}
+	return s.EndCheckpoint()
+}
+
+func ctxTimeout(t *testing.T, d time.Duration) context.Context {
+	ctx, cancel := context.WithTimeout(t.Context(), d)
+	t.Cleanup(cancel)
+	return ctx
+}

@@ -1,0 +1,303 @@
+package stream
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"net"
+	"sync/atomic"
+)
+
+// Receiver is the standby's (or migration destination's) end of a stream.
+// Run reads checkpoints into the sink and commits each one only once its
+// EndCheckpoint verifies; Run, the sink and OnCommit all run on the
+// caller's goroutine. A ticker goroutine sends heartbeats and trips the
+// failure detector; Close waits for it.
+type Receiver struct {
+	*endpoint
+	sink PageSink
+
+	committed  atomic.Uint64 // last committed epoch
+	resumable  atomic.Uint64 // last committed resumable epoch
+	handedOver atomic.Bool
+
+	// Owned by Run.
+	open      bool
+	cur       endInfo // running totals of the open checkpoint
+	kind      Kind
+	zeros     uint64
+	state     []byte
+	lastEpoch uint64
+	lastKind  Kind
+	maxPages  uint64
+}
+
+// Listener accepts streams.
+type Listener struct {
+	ln  net.Listener
+	cfg Config
+}
+
+// Listen listens on addr (TCP). Without a key only a loopback address is
+// allowed (CheckListenAddr).
+func Listen(addr string, cfg Config) (*Listener, error) {
+	cfg, err := cfg.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	if err := CheckListenAddr(addr, len(cfg.Key) > 0); err != nil {
+		return nil, err
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("listen for stream: %w", err)
+	}
+	return &Listener{ln: ln, cfg: cfg}, nil
+}
+
+// Addr is the address listened on.
+func (l *Listener) Addr() net.Addr { return l.ln.Addr() }
+
+// Close stops listening; accepted Receivers are not affected.
+func (l *Listener) Close() error { return l.ln.Close() }
+
+// Accept waits for one connection and runs the handshake. A peer that
+// fails it is refused and its error returned; the Listener stays usable,
+// so a stranger cannot take the standby down by connecting. Cancelling
+// ctx while Accept waits closes the Listener.
+func (l *Listener) Accept(ctx context.Context) (*Receiver, error) {
+	stop := context.AfterFunc(ctx, func() { l.ln.Close() })
+	conn, err := l.ln.Accept()
+	if !stop() {
+		if conn != nil {
+			conn.Close()
+		}
+		return nil, fmt.Errorf("accept stream: %w", ctx.Err())
+	}
+	if err != nil {
+		return nil, fmt.Errorf("accept stream: %w", err)
+	}
+	if tc, ok := conn.(*net.TCPConn); ok {
+		_ = tc.SetNoDelay(true)
+	}
+	return NewReceiver(ctx, conn, l.cfg)
+}
+
+// NewReceiver runs the handshake on conn as the receiving end. It takes
+// ownership of conn and closes it on failure.
+func NewReceiver(ctx context.Context, conn net.Conn, cfg Config) (*Receiver, error) {
+	cfg, err := cfg.withDefaults()
+	if err != nil {
+		conn.Close()
+		return nil, err
+	}
+	if !cfg.Identity.IsZero() {
+		if err := cfg.Identity.Validate(); err != nil {
+			conn.Close()
+			return nil, fmt.Errorf("%w: receiver identity: %w", ErrConfig, err)
+		}
+	}
+	if cfg.Sink == nil {
+		cfg.Sink = NewMemSink()
+	}
+	r := &Receiver{endpoint: newEndpoint(conn, cfg), sink: cfg.Sink}
+	if err := r.handshake(ctx, roleReceiver); err != nil {
+		return nil, err
+	}
+	r.maxPages = r.peer.Pages()
+	r.heard()
+	r.log.Info("stream connected", "role", "receiver", "vm", r.peer.Name)
+	return r, nil
+}
+
+// Committed is the last committed epoch (0 if none).
+func (r *Receiver) Committed() uint64 { return r.committed.Load() }
+
+// LastResumable is the last committed epoch that the guest can resume
+// from (KindEpoch or KindFinal), 0 if none: where failover resumes.
+func (r *Receiver) LastResumable() uint64 { return r.resumable.Load() }
+
+// HandedOver reports whether the final checkpoint was committed and the
+// sender then said goodbye: only then may a migration destination resume
+// the guest, as the source has promised never to.
+func (r *Receiver) HandedOver() bool { return r.handedOver.Load() }
+
+// Close ends the stream (with a goodbye unless a checkpoint is open) and
+// waits for the receiver's goroutines; a running Run returns ErrClosed.
+// Idempotent.
+func (r *Receiver) Close() error {
+	r.closeWith(true, "receiver closed")
+	return nil
+}
+
+// Run receives checkpoints until the sender says goodbye (nil) or the
+// stream fails (a *StreamError). Whatever ends it, the checkpoint in
+// progress, if any, is aborted: nothing of it is committed.
+func (r *Receiver) Run(ctx context.Context) error {
+	stop := context.AfterFunc(ctx, func() {
+		r.fail(fmt.Errorf("%w: %w", ErrClosed, context.Cause(ctx)), -1)
+	})
+	defer stop()
+	r.startTicker()
+	err := r.loop()
+	if r.open {
+		r.sink.Abort()
+		r.open = false
+	}
+	if err == nil {
+		r.closeWith(false, "sender said goodbye")
+		return nil
+	}
+	err = r.fail(err, r.fr.start)
+	r.wg.Wait()
+	return err
+}
+
+func (r *Receiver) loop() error {
+	for {
+		f, err := r.fr.next()
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				if r.open {
+					return fmt.Errorf("connection closed inside checkpoint %d: %w", r.cur.epoch, ErrTruncated)
+				}
+				return fmt.Errorf("connection closed without a goodbye: %w", ErrTruncated)
+			}
+			return err
+		}
+		r.heard()
+		switch f.typ {
+		case frameHeartbeat:
+		case frameBegin:
+			err = r.begin(f.epoch, f.kind)
+		case framePages:
+			err = r.pages(f.pages)
+		case frameState:
+			err = r.stateChunk(f.data)
+		case frameEnd:
+			err = r.end(f.end)
+		case frameError:
+			return peerError(f.code, string(f.data))
+		case frameGoodbye:
+			if r.open {
+				return fmt.Errorf("goodbye inside checkpoint %d: %w", r.cur.epoch, ErrTruncated)
+			}
+			if r.lastKind == KindFinal {
+				r.handedOver.Store(true)
+			}
+			return nil
+		default:
+			err = fmt.Errorf("unexpected %v frame from the sender: %w", f.typ, ErrProtocol)
+		}
+		if err != nil {
+			return err
+		}
+		// Silence is measured only while this goroutine waits for the
+		// peer: time spent staging or in OnCommit is ours, not its.
+		r.heard()
+	}
+}
+
+func (r *Receiver) begin(epoch uint64, kind Kind) error {
+	switch {
+	case r.open:
+		return fmt.Errorf("begin %d inside checkpoint %d: %w", epoch, r.cur.epoch, ErrProtocol)
+	case r.lastKind == KindFinal:
+		return fmt.Errorf("begin %d after the final checkpoint: %w", epoch, ErrProtocol)
+	case epoch <= r.lastEpoch:
+		return fmt.Errorf("begin %d: epoch not above %d: %w", epoch, r.lastEpoch, ErrProtocol)
+	case kind < r.lastKind:
+		return fmt.Errorf("begin %d: %v after %v: %w", epoch, kind, r.lastKind, ErrProtocol)
+	}
+	r.epoch.Store(epoch)
+	if err := r.sink.Begin(epoch, kind); err != nil {
+		return fmt.Errorf("sink: begin %d: %w: %w", epoch, ErrCommit, err)
+	}
+	r.open, r.kind, r.lastEpoch = true, kind, epoch
+	r.cur, r.zeros, r.state = endInfo{epoch: epoch}, 0, nil
+	return nil
+}
+
+func (r *Receiver) pages(ps []pageEntry) error {
+	if !r.open {
+		return fmt.Errorf("pages outside a checkpoint: %w", ErrProtocol)
+	}
+	if r.cur.pages+uint64(len(ps)) > r.maxPages {
+		return fmt.Errorf("checkpoint %d: more pages than the guest has (%d): %w", r.cur.epoch, r.maxPages, ErrTooLarge)
+	}
+	var g [9]byte
+	for _, p := range ps {
+		binary.LittleEndian.PutUint64(g[:], uint64(p.gpa))
+		g[8] = 0
+		if p.enc == EncZero {
+			g[8] = 1
+			r.zeros++
+			r.ctr.zeroPages.Add(1)
+		}
+		r.cur.crc = crc32.Update(r.cur.crc, castagnoli, g[:])
+		r.cur.crc = crc32.Update(r.cur.crc, castagnoli, p.data)
+		if err := r.sink.StagePage(p.gpa, p.data); err != nil {
+			return fmt.Errorf("sink: stage page %#x: %w: %w", uint64(p.gpa), ErrCommit, err)
+		}
+	}
+	r.cur.pages += uint64(len(ps))
+	r.ctr.pages.Add(uint64(len(ps)))
+	return nil
+}
+
+func (r *Receiver) stateChunk(b []byte) error {
+	if !r.open {
+		return fmt.Errorf("state outside a checkpoint: %w", ErrProtocol)
+	}
+	if uint64(len(r.state))+uint64(len(b)) > MaxState {
+		return fmt.Errorf("checkpoint %d: state over %d bytes: %w", r.cur.epoch, MaxState, ErrTooLarge)
+	}
+	r.state = append(r.state, b...)
+	r.cur.crc = crc32.Update(r.cur.crc, castagnoli, b)
+	r.ctr.stateBytes.Add(uint64(len(b)))
+	return nil
+}
+
+func (r *Receiver) end(e endInfo) error {
+	if !r.open {
+		return fmt.Errorf("end outside a checkpoint: %w", ErrProtocol)
+	}
+	got := endInfo{epoch: r.cur.epoch, pages: r.cur.pages, stateLen: uint64(len(r.state)), crc: r.cur.crc}
+	switch {
+	case e.epoch != got.epoch:
+		return fmt.Errorf("end of epoch %d inside checkpoint %d: %w", e.epoch, got.epoch, ErrProtocol)
+	case e.pages != got.pages:
+		return fmt.Errorf("checkpoint %d: end says %d pages, received %d: %w", got.epoch, e.pages, got.pages, ErrChecksum)
+	case e.stateLen != got.stateLen:
+		return fmt.Errorf("checkpoint %d: end says %d state bytes, received %d: %w", got.epoch, e.stateLen, got.stateLen, ErrChecksum)
+	case e.crc != got.crc:
+		return fmt.Errorf("checkpoint %d: crc32c %#08x, received %#08x: %w", got.epoch, e.crc, got.crc, ErrChecksum)
+	}
+	c := &Checkpoint{Epoch: got.epoch, Kind: r.kind, Pages: got.pages, ZeroPages: r.zeros, State: r.state}
+	r.state = nil
+	if r.cfg.OnCommit != nil {
+		if err := r.cfg.OnCommit(c); err != nil {
+			return fmt.Errorf("checkpoint %d: %w: %w", got.epoch, ErrCommit, err)
+		}
+	}
+	r.open = false // from here the sink is committed, not aborted
+	if err := r.sink.Commit(); err != nil {
+		return fmt.Errorf("checkpoint %d: sink commit (standby memory now unusable): %w: %w", got.epoch, ErrCommit, err)
+	}
+	r.committed.Store(got.epoch)
+	if r.kind.Resumable() {
+		r.resumable.Store(got.epoch)
+	}
+	r.lastKind = r.kind
+	r.ctr.checkpoints.Add(1)
+	var a [8]byte
+	binary.LittleEndian.PutUint64(a[:], got.epoch)
+	if err := r.send(frameAck, a[:], true); err != nil {
+		return err
+	}
+	r.ctr.acks.Add(1)
+	return nil
+}

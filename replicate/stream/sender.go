@@ -1,0 +1,305 @@
+package stream
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+)
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+// Sender is the primary's (or migration source's) end of a stream.
+//
+// BeginCheckpoint, SendPage, SendState and EndCheckpoint belong to one
+// goroutine, the lead's checkpoint loop. WaitAck, Acked, LastHeard, Stats,
+// Err and Close may be called from any goroutine. The Sender runs two
+// goroutines of its own: the ack reader and the heartbeat/failure-detector
+// ticker; Close waits for both.
+type Sender struct {
+	*endpoint
+
+	// Owned by the checkpoint goroutine.
+	open      atomic.Bool // read by Close
+	cur       endInfo     // epoch, pages, stateLen, crc of the open checkpoint
+	kind      Kind
+	lastEpoch uint64
+	lastKind  Kind
+	pbuf      []byte // the Pages frame being filled
+	npages    int
+
+	amu     sync.Mutex    // guards acked, pending, ackedCh
+	acked   uint64        // last acknowledged epoch
+	pending []uint64      // ended, not yet acknowledged, in order
+	ackedCh chan struct{} // closed and replaced at each ack
+}
+
+// Dial connects to a receiver at addr and runs the handshake.
+func Dial(ctx context.Context, addr string, cfg Config) (*Sender, error) {
+	cfg, err := cfg.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("dial standby %s: %w", addr, err)
+	}
+	if tc, ok := conn.(*net.TCPConn); ok {
+		_ = tc.SetNoDelay(true) // acks and heartbeats are latency-critical
+	}
+	return NewSender(ctx, conn, cfg)
+}
+
+// NewSender runs the handshake on conn as the sending end. It takes
+// ownership of conn, and closes it on failure.
+func NewSender(ctx context.Context, conn net.Conn, cfg Config) (*Sender, error) {
+	cfg, err := cfg.withDefaults()
+	if err != nil {
+		conn.Close()
+		return nil, err
+	}
+	if err := cfg.Identity.Validate(); err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("%w: sender identity: %w", ErrConfig, err)
+	}
+	s := &Sender{
+		endpoint: newEndpoint(conn, cfg),
+		pbuf:     make([]byte, 4, MaxFramePayload),
+		ackedCh:  make(chan struct{}),
+	}
+	if err := s.handshake(ctx, roleSender); err != nil {
+		return nil, err
+	}
+	s.heard()
+	s.log.Info("stream connected", "role", "sender", "vm", cfg.Identity.Name)
+	s.asyncReader = true
+	s.wg.Add(1)
+	go s.readLoop()
+	s.startTicker()
+	return s, nil
+}
+
+// BeginCheckpoint opens checkpoint epoch of the given kind. Epochs must
+// increase; kinds must not go down (initial-sync, epoch, final), and
+// nothing may follow a final checkpoint.
+func (s *Sender) BeginCheckpoint(epoch uint64, kind Kind) error {
+	if err := s.Err(); err != nil {
+		return err
+	}
+	switch {
+	case s.open.Load():
+		return fmt.Errorf("begin checkpoint %d: checkpoint %d still open: %w", epoch, s.cur.epoch, ErrProtocol)
+	case epoch <= s.lastEpoch:
+		return fmt.Errorf("begin checkpoint %d: epochs must increase (last %d): %w", epoch, s.lastEpoch, ErrProtocol)
+	case kind < KindInitialSync || kind > KindFinal:
+		return fmt.Errorf("begin checkpoint %d: unknown %v: %w", epoch, kind, ErrProtocol)
+	case s.lastKind == KindFinal:
+		return fmt.Errorf("begin checkpoint %d: the final checkpoint was sent: %w", epoch, ErrProtocol)
+	case kind < s.lastKind:
+		return fmt.Errorf("begin checkpoint %d: %v after %v: %w", epoch, kind, s.lastKind, ErrProtocol)
+	}
+	s.epoch.Store(epoch)
+	if err := s.send(frameBegin, appendBegin(nil, epoch, kind), false); err != nil {
+		return err
+	}
+	s.open.Store(true)
+	s.kind, s.cur = kind, endInfo{epoch: epoch}
+	s.pbuf, s.npages = s.pbuf[:4], 0
+	return nil
+}
+
+// SendPage adds the page at gpa (PageSize bytes, copied before return) to
+// the open checkpoint. All-zero pages travel without bytes. Pages are
+// batched into frames of up to MaxPagesPerFrame.
+func (s *Sender) SendPage(gpa GPA, page []byte) error {
+	if !s.open.Load() {
+		return fmt.Errorf("send page %#x: no checkpoint open: %w", uint64(gpa), ErrProtocol)
+	}
+	if len(page) != PageSize {
+		return fmt.Errorf("send page %#x: %d bytes, want %d: %w", uint64(gpa), len(page), PageSize, ErrFrame)
+	}
+	if !s.cfg.Identity.Contains(gpa) {
+		return fmt.Errorf("send page %#x: outside the memory layout or unaligned: %w", uint64(gpa), ErrOutOfRange)
+	}
+	var g [9]byte
+	binary.LittleEndian.PutUint64(g[:], uint64(gpa))
+	if bytes.Equal(page, zeroPage[:]) {
+		g[8] = 1
+		s.cur.crc = crc32.Update(s.cur.crc, castagnoli, g[:])
+		s.pbuf = appendPageEntry(s.pbuf, gpa, EncZero, nil)
+		s.ctr.zeroPages.Add(1)
+	} else {
+		s.cur.crc = crc32.Update(s.cur.crc, castagnoli, g[:])
+		s.cur.crc = crc32.Update(s.cur.crc, castagnoli, page)
+		s.pbuf = appendPageEntry(s.pbuf, gpa, EncRaw, page)
+	}
+	s.ctr.pages.Add(1)
+	s.cur.pages++
+	s.npages++
+	if s.npages == MaxPagesPerFrame {
+		return s.flushPages()
+	}
+	return nil
+}
+
+func (s *Sender) flushPages() error {
+	if s.npages == 0 {
+		return nil
+	}
+	binary.LittleEndian.PutUint16(s.pbuf, uint16(s.npages))
+	err := s.send(framePages, s.pbuf, false)
+	s.pbuf, s.npages = s.pbuf[:4], 0
+	return err
+}
+
+// SendState adds machine state to the open checkpoint. It may be called
+// more than once; the pieces are concatenated, at most MaxState bytes in
+// all.
+func (s *Sender) SendState(state []byte) error {
+	if !s.open.Load() {
+		return fmt.Errorf("send state: no checkpoint open: %w", ErrProtocol)
+	}
+	if s.cur.stateLen+uint64(len(state)) > MaxState {
+		return fmt.Errorf("send state: %d bytes, at most %d: %w", s.cur.stateLen+uint64(len(state)), MaxState, ErrTooLarge)
+	}
+	// Pages before state, so that the CRC sees what the receiver sees.
+	if err := s.flushPages(); err != nil {
+		return err
+	}
+	for len(state) > 0 {
+		n := min(len(state), MaxStateChunk)
+		if err := s.send(frameState, state[:n], false); err != nil {
+			return err
+		}
+		s.cur.crc = crc32.Update(s.cur.crc, castagnoli, state[:n])
+		s.cur.stateLen += uint64(n)
+		s.ctr.stateBytes.Add(uint64(n))
+		state = state[n:]
+	}
+	return nil
+}
+
+// EndCheckpoint closes the open checkpoint and pushes it onto the wire.
+// It does not wait for the ack: see WaitAck and Config.OnAck.
+func (s *Sender) EndCheckpoint() error {
+	if !s.open.Load() {
+		return fmt.Errorf("end checkpoint: no checkpoint open: %w", ErrProtocol)
+	}
+	if err := s.flushPages(); err != nil {
+		return err
+	}
+	// Pending first: the ack may come back before send returns.
+	s.amu.Lock()
+	s.pending = append(s.pending, s.cur.epoch)
+	s.amu.Unlock()
+	if err := s.send(frameEnd, appendEnd(nil, s.cur), true); err != nil {
+		return err
+	}
+	s.open.Store(false)
+	s.lastEpoch, s.lastKind = s.cur.epoch, s.kind
+	s.ctr.checkpoints.Add(1)
+	return nil
+}
+
+// Acked is the last epoch the receiver acknowledged (0 if none).
+func (s *Sender) Acked() uint64 {
+	s.amu.Lock()
+	defer s.amu.Unlock()
+	return s.acked
+}
+
+// WaitAck waits until epoch is acknowledged, the stream fails (its error)
+// or ctx ends.
+func (s *Sender) WaitAck(ctx context.Context, epoch uint64) error {
+	for {
+		s.amu.Lock()
+		acked, ch := s.acked, s.ackedCh
+		s.amu.Unlock()
+		if acked >= epoch {
+			return nil
+		}
+		select {
+		case <-ch:
+		case <-s.done:
+			// An ack that raced with the failure still counts.
+			if s.Acked() >= epoch {
+				return nil
+			}
+			return s.err
+		case <-ctx.Done():
+			return fmt.Errorf("wait for ack of epoch %d: %w", epoch, ctx.Err())
+		}
+	}
+}
+
+// readLoop reads the receiver's frames: acks, heartbeats, errors, goodbye.
+func (s *Sender) readLoop() {
+	defer s.wg.Done()
+	for {
+		f, err := s.fr.next()
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				err = fmt.Errorf("receiver closed the connection without a goodbye: %w", ErrTruncated)
+			}
+			s.fail(err, s.fr.start)
+			return
+		}
+		s.heard()
+		switch f.typ {
+		case frameHeartbeat:
+		case frameAck:
+			if err := s.ack(f.epoch); err != nil {
+				s.fail(err, s.fr.start)
+				return
+			}
+		case frameError:
+			s.fail(peerError(f.code, string(f.data)), s.fr.start)
+			return
+		case frameGoodbye:
+			s.fail(fmt.Errorf("%w: receiver said goodbye", ErrTruncated), s.fr.start)
+			return
+		default:
+			s.fail(fmt.Errorf("unexpected %v frame from the receiver: %w", f.typ, ErrProtocol), s.fr.start)
+			return
+		}
+	}
+}
+
+func (s *Sender) ack(epoch uint64) error {
+	s.amu.Lock()
+	if len(s.pending) == 0 || s.pending[0] != epoch {
+		want := "none"
+		if len(s.pending) > 0 {
+			want = fmt.Sprint(s.pending[0])
+		}
+		s.amu.Unlock()
+		return fmt.Errorf("ack for epoch %d, expected %s: %w", epoch, want, ErrProtocol)
+	}
+	s.pending = s.pending[1:]
+	s.acked = epoch
+	close(s.ackedCh)
+	s.ackedCh = make(chan struct{})
+	s.amu.Unlock()
+	s.ctr.acks.Add(1)
+	if s.cfg.OnAck != nil {
+		s.cfg.OnAck(epoch)
+	}
+	return nil
+}
+
+// Close ends the stream: a goodbye if no checkpoint is open (otherwise
+// the receiver sees the stream truncated and commits nothing of it), then
+// the connection is closed and the Sender's goroutines are waited for.
+// Idempotent. For a handover, WaitAck the final checkpoint first: the
+// goodbye is what tells the destination it may resume.
+func (s *Sender) Close() error {
+	s.closeWith(!s.open.Load(), "sender closed")
+	return nil
+}

@@ -1,0 +1,203 @@
+package stream
+
+import (
+	"bytes"
+	"fmt"
+	"sync"
+)
+
+// Checkpoint is a verified checkpoint, as handed to Config.OnCommit.
+type Checkpoint struct {
+	Epoch     uint64
+	Kind      Kind
+	Pages     uint64 // pages staged in the sink, ZeroPages of them zero
+	ZeroPages uint64
+	// State is the encoded machine state, opaque to the stream; the
+	// callee owns it.
+	State []byte
+}
+
+// PageSink receives the pages of each checkpoint from the Receiver's
+// reading goroutine, one checkpoint at a time: Begin, StagePage..., then
+// Commit (the checkpoint verified and OnCommit accepted it) or Abort
+// (anything else, including a stream that dies mid-checkpoint). A sink
+// must not make a checkpoint's pages visible before Commit, except where
+// nothing resumable can be damaged (see StagingSink).
+type PageSink interface {
+	// Begin starts a checkpoint.
+	Begin(epoch uint64, kind Kind) error
+	// StagePage stages the PageSize bytes of the page at gpa; data nil
+	// means an all-zero page. data is valid only during the call. gpa is
+	// already checked against the sender's layout.
+	StagePage(gpa GPA, data []byte) error
+	// Commit makes the staged pages current. It is the point of no return:
+	// it must not fail for anything the stream could have sent, and if it
+	// fails the receiver's memory is unusable.
+	Commit() error
+	// Abort discards the staged pages.
+	Abort()
+}
+
+var zeroPage [PageSize]byte
+
+// MemSink is a PageSink that keeps everything in maps: the simple default,
+// for tests and tools. Safe for concurrent readers.
+type MemSink struct {
+	mu        sync.Mutex // guards the fields below
+	staged    map[GPA][]byte
+	committed map[GPA][]byte
+	epoch     uint64
+}
+
+var _ PageSink = (*MemSink)(nil)
+
+// NewMemSink returns an empty MemSink.
+func NewMemSink() *MemSink {
+	return &MemSink{staged: map[GPA][]byte{}, committed: map[GPA][]byte{}}
+}
+
+// Begin implements PageSink.
+func (s *MemSink) Begin(epoch uint64, kind Kind) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	clear(s.staged)
+	return nil
+}
+
+// StagePage implements PageSink.
+func (s *MemSink) StagePage(gpa GPA, data []byte) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if data == nil {
+		data = zeroPage[:]
+	}
+	s.staged[gpa] = bytes.Clone(data)
+	return nil
+}
+
+// Commit implements PageSink.
+func (s *MemSink) Commit() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for gpa, p := range s.staged {
+		s.committed[gpa] = p
+	}
+	clear(s.staged)
+	return nil
+}
+
+// Abort implements PageSink.
+func (s *MemSink) Abort() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	clear(s.staged)
+}
+
+// Page returns a copy of the committed page at gpa, or nil if none was
+// ever committed.
+func (s *MemSink) Page(gpa GPA) []byte {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return bytes.Clone(s.committed[gpa])
+}
+
+// Len is the number of distinct committed pages.
+func (s *MemSink) Len() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.committed)
+}
+
+// Staged is the number of pages staged and not yet committed.
+func (s *MemSink) Staged() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.staged)
+}
+
+// PageWriter is guest memory as a sink writes to it; *guestmem.Memory is
+// one.
+type PageWriter interface {
+	WriteAt(p []byte, gpa GPA) error
+}
+
+// StagingSink stages pages in fixed-size chunks and copies them into Dest on
+// commit: the standby's staging buffer. As long as no resumable checkpoint
+// (KindEpoch, KindFinal) has been committed there is nothing in Dest to
+// protect, so initial-sync pages go straight into Dest, sparing a second
+// copy of the whole guest. Use it from one goroutine (the Receiver's).
+type StagingSink struct {
+	Dest PageWriter
+
+	resumable bool // a resumable checkpoint has been committed
+	kind      Kind // of the checkpoint being staged
+	direct    bool // this checkpoint writes straight to Dest
+	gpas      []GPA
+	zero      []bool
+	// chunks hold the staged bytes, stagingChunk pages each, kept across
+	// checkpoints: no large reallocation while the stream is being read.
+	chunks [][]byte
+	used   int // pages of data staged
+}
+
+const stagingChunk = 256
+
+var _ PageSink = (*StagingSink)(nil)
+
+// Begin implements PageSink.
+func (s *StagingSink) Begin(epoch uint64, kind Kind) error {
+	s.reset()
+	s.kind = kind
+	s.direct = !s.resumable && kind == KindInitialSync
+	return nil
+}
+
+// StagePage implements PageSink.
+func (s *StagingSink) StagePage(gpa GPA, data []byte) error {
+	if s.direct {
+		if data == nil {
+			data = zeroPage[:]
+		}
+		return s.Dest.WriteAt(data, gpa)
+	}
+	s.gpas = append(s.gpas, gpa)
+	s.zero = append(s.zero, data == nil)
+	if data == nil {
+		return nil
+	}
+	c, i := s.used/stagingChunk, s.used%stagingChunk
+	if c == len(s.chunks) {
+		s.chunks = append(s.chunks, make([]byte, stagingChunk*PageSize))
+	}
+	copy(s.chunks[c][i*PageSize:], data)
+	s.used++
+	return nil
+}
+
+// Commit implements PageSink.
+func (s *StagingSink) Commit() error {
+	defer s.reset()
+	n := 0
+	for i, gpa := range s.gpas {
+		data := zeroPage[:]
+		if !s.zero[i] {
+			c, j := n/stagingChunk, n%stagingChunk
+			data = s.chunks[c][j*PageSize : (j+1)*PageSize]
+			n++
+		}
+		if err := s.Dest.WriteAt(data, gpa); err != nil {
+			return fmt.Errorf("apply staged page %#x: %w", uint64(gpa), err)
+		}
+	}
+	if s.kind.Resumable() {
+		s.resumable = true
+	}
+	return nil
+}
+
+// Abort implements PageSink.
+func (s *StagingSink) Abort() { s.reset() }
+
+func (s *StagingSink) reset() {
+	s.gpas, s.zero, s.used = s.gpas[:0], s.zero[:0], 0
+}
