@@ -414,6 +414,10 @@ func (m *Machine) Done() <-chan struct{} { return m.done }
 // Stop stops the machine from outside (e.g. a signal or the escape key).
 func (m *Machine) Stop() { m.finish(Result{Status: 0, Reason: "stopped"}, nil) }
 
+// StopWith stops the machine with a given result (e.g. after migrating
+// away, when the guest lives on elsewhere).
+func (m *Machine) StopWith(r Result) { m.finish(r, nil) }
+
 // finish records the first reason to stop and makes every vCPU leave.
 func (m *Machine) finish(r Result, err error) {
 	m.doneOnce.Do(func() {

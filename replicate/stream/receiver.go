@@ -113,6 +113,10 @@ func NewReceiver(ctx context.Context, conn net.Conn, cfg Config) (*Receiver, err
 	return r, nil
 }
 
+// SetOnCommit replaces Config.OnCommit; call it before Run (a migration
+// destination learns what to check only after the handshake).
+func (r *Receiver) SetOnCommit(fn func(c *Checkpoint) error) { r.cfg.OnCommit = fn }
+
 // Committed is the last committed epoch (0 if none).
 func (r *Receiver) Committed() uint64 { return r.committed.Load() }
 

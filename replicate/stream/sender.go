@@ -26,8 +26,9 @@ type Sender struct {
 	*endpoint
 
 	// Owned by the checkpoint goroutine.
-	open      atomic.Bool // read by Close
-	cur       endInfo     // epoch, pages, stateLen, crc of the open checkpoint
+	scratch   [PageSize]byte // SendPage copies the page here first
+	open      atomic.Bool    // read by Close
+	cur       endInfo        // epoch, pages, stateLen, crc of the open checkpoint
 	kind      Kind
 	lastEpoch uint64
 	lastKind  Kind
@@ -128,6 +129,11 @@ func (s *Sender) SendPage(gpa GPA, page []byte) error {
 	if !s.cfg.Identity.Contains(gpa) {
 		return fmt.Errorf("send page %#x: outside the memory layout or unaligned: %w", uint64(gpa), ErrOutOfRange)
 	}
+	// Copy first: the guest may be writing the page while it is sent (a
+	// pre-copy round), and the checksum, the zero test and the bytes on
+	// the wire must all describe the same contents.
+	copy(s.scratch[:], page)
+	page = s.scratch[:]
 	var g [9]byte
 	binary.LittleEndian.PutUint64(g[:], uint64(gpa))
 	if bytes.Equal(page, zeroPage[:]) {

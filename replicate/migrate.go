@@ -1,0 +1,290 @@
+package replicate
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"govmm/dirtylog"
+	"govmm/replicate/stream"
+	"govmm/vmm"
+	"govmm/vmm/guestmem"
+)
+
+// MigrateConfig parameterises a live migration.
+type MigrateConfig struct {
+	To       string // destination HOST:PORT (govmm standby --listen)
+	Name     string // VM name in the hello
+	Key      []byte // pre-shared key; nil needs Insecure
+	Insecure bool   // loopback only, no key
+	// StopPages: stop and copy once a round leaves at most this many dirty
+	// pages (default 256, about 1 MiB).
+	StopPages int
+	// MaxRounds bounds the pre-copy rounds before stopping anyway
+	// (default 30): a guest dirtying faster than the link converges never.
+	MaxRounds int
+	// AckTimeout bounds the wait for the destination's ack of the final
+	// checkpoint (default 30 s); past it the source resumes the guest.
+	AckTimeout time.Duration
+	Progress   func(Progress)
+}
+
+// Progress is reported after each round.
+type Progress struct {
+	Round          int
+	Phase          string // "precopy", "stop-and-copy", "done"
+	BytesSent      uint64
+	DirtyPages     uint64 // pages found dirty for the next round
+	RemainingPages uint64
+}
+
+// MigrateResult summarises a finished migration.
+type MigrateResult struct {
+	TotalTime, Downtime time.Duration
+	Rounds              int
+	BytesSent           uint64
+	PagesSent           uint64
+}
+
+// Migrate moves the running machine m to a standby: pre-copy rounds while
+// the guest runs (the first sends every page, each later one the pages
+// dirtied meanwhile), until the dirty set is small; then stop and copy:
+// pause, quiesce, the last dirty pages and the machine state in a final
+// checkpoint. Once the destination acknowledges it, the source never runs
+// the guest again: Migrate stops m. On any failure before that ack, the
+// guest goes on running here and the error says why.
+func Migrate(ctx context.Context, m *vmm.Machine, cfg MigrateConfig) (MigrateResult, error) {
+	if cfg.StopPages <= 0 {
+		cfg.StopPages = 256
+	}
+	if cfg.MaxRounds <= 0 {
+		cfg.MaxRounds = 30
+	}
+	if cfg.AckTimeout <= 0 {
+		cfg.AckTimeout = 30 * time.Second
+	}
+	progress := cfg.Progress
+	if progress == nil {
+		progress = func(Progress) {}
+	}
+	start := time.Now()
+	var res MigrateResult
+	mem := m.Memory()
+
+	s, err := stream.Dial(ctx, cfg.To, stream.Config{Key: cfg.Key, Insecure: cfg.Insecure, Identity: IdentityOf(m, cfg.Name)})
+	if err != nil {
+		return res, fmt.Errorf("migrate to %s: %w", cfg.To, err)
+	}
+	defer s.Close()
+	tracker, err := dirtylog.New(m.VM(), mem, dirtylog.Options{ManualProtect: true})
+	if err != nil {
+		return res, fmt.Errorf("migrate: %w", err)
+	}
+	defer tracker.Close()
+
+	sendSet := func(set *dirtylog.Set) error {
+		return set.ForEach(func(gpa guestmem.GPA) error {
+			page, err := mem.Slice(gpa, guestmem.PageSize)
+			if err != nil {
+				return err
+			}
+			res.PagesSent++
+			return s.SendPage(gpa, page)
+		})
+	}
+
+	// Pre-copy. Dirty logging started before the first page was read, so
+	// a page written while it is being sent shows up in the next harvest.
+	set := dirtylog.NewFullSet(mem)
+	epoch := uint64(0)
+	for {
+		epoch++
+		res.Rounds++
+		if err := s.BeginCheckpoint(epoch, stream.KindInitialSync); err != nil {
+			return res, fmt.Errorf("migrate round %d: %w", res.Rounds, err)
+		}
+		if err := sendSet(set); err != nil {
+			return res, fmt.Errorf("migrate round %d: %w", res.Rounds, err)
+		}
+		if err := s.EndCheckpoint(); err != nil {
+			return res, fmt.Errorf("migrate round %d: %w", res.Rounds, err)
+		}
+		if set, err = tracker.Harvest(); err != nil {
+			return res, fmt.Errorf("migrate round %d: %w", res.Rounds, err)
+		}
+		res.BytesSent = s.Stats().BytesSent
+		progress(Progress{Round: res.Rounds, Phase: "precopy", BytesSent: res.BytesSent,
+			DirtyPages: uint64(set.Count()), RemainingPages: uint64(set.Count())})
+		if set.Count() <= cfg.StopPages || res.Rounds >= cfg.MaxRounds {
+			break
+		}
+		if err := ctx.Err(); err != nil {
+			return res, fmt.Errorf("migrate: %w", err)
+		}
+	}
+
+	// Stop and copy.
+	paused := time.Now()
+	if err := m.Pause(); err != nil {
+		return res, fmt.Errorf("migrate: pause: %w", err)
+	}
+	if err := m.QuiesceDevices(ctx); err != nil {
+		_ = m.Resume()
+		return res, fmt.Errorf("migrate: %w", err)
+	}
+	resume := func(cause error) (MigrateResult, error) {
+		_ = m.ResumeDevices()
+		_ = m.Resume()
+		return res, fmt.Errorf("migrate: %w (the guest keeps running here)", cause)
+	}
+	last, err := tracker.Harvest()
+	if err != nil {
+		return resume(err)
+	}
+	set.Or(last)
+	st, err := m.SaveState()
+	if err != nil {
+		return resume(err)
+	}
+	state, err := st.MarshalBinary()
+	if err != nil {
+		return resume(err)
+	}
+	epoch++
+	res.Rounds++
+	progress(Progress{Round: res.Rounds, Phase: "stop-and-copy", BytesSent: s.Stats().BytesSent, RemainingPages: uint64(set.Count())})
+	if err := s.BeginCheckpoint(epoch, stream.KindFinal); err != nil {
+		return resume(err)
+	}
+	if err := sendSet(set); err != nil {
+		return resume(err)
+	}
+	if err := s.SendState(state); err != nil {
+		return resume(err)
+	}
+	if err := s.EndCheckpoint(); err != nil {
+		return resume(err)
+	}
+	actx, cancel := context.WithTimeout(ctx, cfg.AckTimeout)
+	err = s.WaitAck(actx, epoch)
+	cancel()
+	if err != nil {
+		return resume(fmt.Errorf("final checkpoint not acknowledged: %w", err))
+	}
+	// Handover: the destination has everything. Say goodbye and never
+	// run the guest here again.
+	res.BytesSent = s.Stats().BytesSent
+	_ = s.Close()
+	res.Downtime = time.Since(paused)
+	res.TotalTime = time.Since(start)
+	m.StopWith(vmm.Result{Status: 0, Reason: "migrated"})
+	progress(Progress{Round: res.Rounds, Phase: "done", BytesSent: res.BytesSent})
+	return res, nil
+}
+
+// Standby receives a migration: it listens, accepts the source (refusing
+// strangers), builds the destination machine from the source's identity,
+// writes every round into its memory, and starts the guest from the final
+// checkpoint once the source has handed over.
+type Standby struct {
+	ln   *stream.Listener
+	sink *stream.StagingSink
+	cfg  StandbyConfig
+}
+
+// StandbyConfig configures a migration destination.
+type StandbyConfig struct {
+	Listen   string
+	Key      []byte
+	Insecure bool
+	// Build creates the destination machine (devices attached, not
+	// started) for the source's identity.
+	Build func(id stream.Identity) (*vmm.Machine, error)
+	// BeforeStart, if set, sees the machine with the final memory and
+	// state just before it starts (tests compare memory there).
+	BeforeStart func(m *vmm.Machine, st *vmm.MachineState) error
+	// OnRefused is told about connections refused at the handshake.
+	OnRefused func(err error)
+}
+
+// NewStandby listens on cfg.Listen (without a key, only on loopback).
+func NewStandby(cfg StandbyConfig) (*Standby, error) {
+	sb := &Standby{sink: &stream.StagingSink{}, cfg: cfg}
+	ln, err := stream.Listen(cfg.Listen, stream.Config{Key: cfg.Key, Insecure: cfg.Insecure, Sink: sb.sink})
+	if err != nil {
+		return nil, err
+	}
+	sb.ln = ln
+	return sb, nil
+}
+
+// Addr is where the standby listens.
+func (sb *Standby) Addr() string { return sb.ln.Addr().String() }
+
+// Close stops listening.
+func (sb *Standby) Close() error { return sb.ln.Close() }
+
+// ReceiveMigration waits for a source and returns the running migrated
+// machine. A stream that fails midway leaves nothing running.
+func (sb *Standby) ReceiveMigration(ctx context.Context) (*vmm.Machine, error) {
+	var r *stream.Receiver
+	for {
+		var err error
+		r, err = sb.ln.Accept(ctx)
+		if err == nil {
+			break
+		}
+		if errors.Is(err, stream.ErrAuth) || errors.Is(err, stream.ErrMismatch) || errors.Is(err, stream.ErrVersion) {
+			if sb.cfg.OnRefused != nil {
+				sb.cfg.OnRefused(err)
+			}
+			continue
+		}
+		return nil, err
+	}
+	defer r.Close()
+	m, err := sb.cfg.Build(r.Peer())
+	if err != nil {
+		return nil, fmt.Errorf("standby: build machine for %s: %w", r.Peer().Name, err)
+	}
+	if err := checkShape(m, r.Peer()); err != nil {
+		m.Close()
+		return nil, fmt.Errorf("standby: %w", err)
+	}
+	sb.sink.Dest = m.Memory()
+	var final *vmm.MachineState
+	// The final checkpoint's state is decoded before it commits: a state
+	// that does not decode is refused and the source keeps the guest.
+	commit := func(c *stream.Checkpoint) error {
+		if c.Kind != stream.KindFinal {
+			return nil
+		}
+		var st vmm.MachineState
+		if err := st.UnmarshalBinary(c.State); err != nil {
+			return err
+		}
+		final = &st
+		return nil
+	}
+	r.SetOnCommit(commit)
+	if err := r.Run(ctx); err != nil {
+		m.Close()
+		return nil, fmt.Errorf("standby: migration stream: %w", err)
+	}
+	if !r.HandedOver() || final == nil {
+		m.Close()
+		return nil, errors.New("standby: the source ended the stream without handing over")
+	}
+	if sb.cfg.BeforeStart != nil {
+		if err := sb.cfg.BeforeStart(m, final); err != nil {
+			m.Close()
+			return nil, err
+		}
+	}
+	if err := m.StartFrom(final); err != nil {
+		m.Close()
+		return nil, fmt.Errorf("standby: start migrated guest: %w", err)
+	}
+	return m, nil
+}
