@@ -1,7 +1,7 @@
 # govmm: see README.md. Every target installs what it needs.
 GO        ?= go
 BIN       := bin/govmm
-RACE_PKGS := ./vmm/... ./virtio/... ./internal/... ./guestimg/... ./dirtylog/... ./ctlapi/...
+RACE_PKGS := ./vmm/... ./virtio/... ./internal/... ./guestimg/... ./dirtylog/... ./ctlapi/... ./replicate/...
 FUZZTIME  ?= 20s
 
 .PHONY: all build image run test vet fuzz bench clean deps
@@ -30,6 +30,7 @@ vet:
 fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzChainWalk -fuzztime $(FUZZTIME) ./virtio/
 	$(GO) test -run '^$$' -fuzz FuzzServeHTTP -fuzztime $(FUZZTIME) ./ctlapi/
+	$(GO) test -run '^$$' -fuzz FuzzDecodeFrame -fuzztime $(FUZZTIME) ./replicate/stream/
 
 test: deps vet build image
 	$(GO) test -count=1 ./...

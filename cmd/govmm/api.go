@@ -16,7 +16,7 @@ func serveAPI(m *vmm.Machine, f *runFlags) (stop func(), err error) {
 	if f.apiSock == "" {
 		return func() {}, nil
 	}
-	s, err := ctlapi.Serve(context.Background(), f.apiSock, &vmBackend{m: m, name: f.name, started: time.Now()})
+	s, err := ctlapi.Serve(context.Background(), f.apiSock, &vmBackend{m: m, f: f, name: f.name, started: time.Now()})
 	if err != nil {
 		return nil, fmt.Errorf("--api-sock: %w", err)
 	}
@@ -26,6 +26,7 @@ func serveAPI(m *vmm.Machine, f *runFlags) (stop func(), err error) {
 // vmBackend is the control API's view of a running machine.
 type vmBackend struct {
 	m       *vmm.Machine
+	f       *runFlags
 	name    string
 	started time.Time
 }
@@ -54,7 +55,7 @@ func (b *vmBackend) Snapshot(ctx context.Context, path string) (ctlapi.SnapshotR
 }
 
 func (b *vmBackend) Migrate(ctx context.Context, to string, progress func(ctlapi.Progress)) (ctlapi.MigrateResult, error) {
-	return migrate(ctx, b.m, to, progress)
+	return migrate(ctx, b.m, b.f, to, progress)
 }
 
 func (b *vmBackend) Stats() ctlapi.Stats {

@@ -2,13 +2,115 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"net"
+	"os"
 
 	"govmm/ctlapi"
+	"govmm/replicate"
+	"govmm/replicate/stream"
 	"govmm/vmm"
 )
 
-// migrate is wired to the replication package once it lands.
-func migrate(ctx context.Context, m *vmm.Machine, to string, progress func(ctlapi.Progress)) (ctlapi.MigrateResult, error) {
-	return ctlapi.MigrateResult{}, fmt.Errorf("migrate: %w", ctlapi.ErrNotSupported)
+// streamKey loads --key-file; with none, the stream runs without
+// authentication, which is allowed only towards loopback.
+func streamKey(keyFile, addr string) (key []byte, insecure bool, err error) {
+	if keyFile != "" {
+		key, err = stream.LoadKey(keyFile)
+		return key, false, err
+	}
+	if err := stream.CheckListenAddr(addr, false); err != nil {
+		return nil, false, fmt.Errorf("%w (pass --key-file to use a pre-shared key)", err)
+	}
+	return nil, true, nil
+}
+
+// migrate moves the running machine to a standby (the control API's
+// PUT /vm/migrate).
+func migrate(ctx context.Context, m *vmm.Machine, f *runFlags, to string, progress func(ctlapi.Progress)) (ctlapi.MigrateResult, error) {
+	if _, _, err := net.SplitHostPort(to); err != nil {
+		return ctlapi.MigrateResult{}, fmt.Errorf("migrate to %q: %w: want HOST:PORT", to, ctlapi.ErrInvalid)
+	}
+	key, insecure, err := streamKey(f.keyFile, to)
+	if err != nil {
+		return ctlapi.MigrateResult{}, fmt.Errorf("migrate: %w: %w", ctlapi.ErrInvalid, err)
+	}
+	r, err := replicate.Migrate(ctx, m, replicate.MigrateConfig{To: to, Name: f.name, Key: key, Insecure: insecure,
+		Progress: func(p replicate.Progress) {
+			progress(ctlapi.Progress{Round: p.Round, Phase: p.Phase, BytesSent: p.BytesSent,
+				DirtyPages: p.DirtyPages, RemainingPages: p.RemainingPages})
+		}})
+	if err != nil {
+		return ctlapi.MigrateResult{}, err
+	}
+	return ctlapi.MigrateResult{TotalTime: r.TotalTime, Downtime: r.Downtime, Rounds: r.Rounds,
+		BytesSent: r.BytesSent, PagesSent: r.PagesSent}, nil
+}
+
+const standbyUsage = `Usage: govmm standby --listen HOST:PORT [flags]
+
+Waits for a VM to arrive by live migration ('govmm ctl migrate --to
+HOST:PORT' on the source), then runs it here with this host's devices:
+give the same device flags as the source (--disk with this host's copy,
+--net, --mac). Without --key-file the stream is unauthenticated and only a
+loopback address may be used.
+
+Flags:
+`
+
+func cmdStandby(args []string) error {
+	var f runFlags
+	fs := newFlagSet("standby", standbyUsage)
+	f.registerDevices(fs)
+	listen := fs.String("listen", "", "address to listen on for the source, HOST:PORT")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	if *listen == "" {
+		return errors.New("standby: --listen HOST:PORT is required")
+	}
+	key, insecure, err := streamKey(f.keyFile, *listen)
+	if err != nil {
+		return fmt.Errorf("standby: %w", err)
+	}
+	var owned []func()
+	defer func() {
+		for _, c := range owned {
+			c()
+		}
+	}()
+	sb, err := replicate.NewStandby(replicate.StandbyConfig{
+		Listen: *listen, Key: key, Insecure: insecure,
+		Build: func(id stream.Identity) (*vmm.Machine, error) {
+			nics, disks, _, err := f.devices()
+			if err != nil {
+				return nil, err
+			}
+			m, err := vmm.New(vmm.Config{MemSize: replicate.MemSize(id), CPUs: int(id.VCPUs)})
+			if err != nil {
+				closeAll(nics)
+				return nil, err
+			}
+			devs, err := attachDevices(m, f, nics, disks)
+			owned = append(owned, func() { closeAll(devs) })
+			if err != nil {
+				m.Close()
+				return nil, err
+			}
+			return m, nil
+		},
+		OnRefused: func(err error) { fmt.Fprintf(os.Stderr, "govmm: standby: refused a connection: %v\n", err) },
+	})
+	if err != nil {
+		return fmt.Errorf("standby: %w", err)
+	}
+	defer sb.Close()
+	fmt.Fprintf(os.Stderr, "govmm: standby: listening on %s\n", sb.Addr())
+	m, err := sb.ReceiveMigration(context.Background())
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+	return supervise(m, &f)
 }

@@ -40,6 +40,7 @@ type runFlags struct {
 	disks                   listFlag
 	noIOEventFD             bool
 	apiSock                 string
+	keyFile                 string
 }
 
 // listFlag collects a repeatable flag.
@@ -61,6 +62,7 @@ func (f *runFlags) register(fs *flag.FlagSet) {
 // control socket, shared by run, restore and standby.
 func (f *runFlags) registerDevices(fs *flag.FlagSet) {
 	fs.StringVar(&f.apiSock, "api-sock", "", "serve the control API (HTTP/JSON) on this unix socket; see govmm ctl")
+	fs.StringVar(&f.keyFile, "key-file", "", "pre-shared key authenticating the migration stream (mode 0600, at least 16 bytes); without it only loopback is allowed")
 	fs.StringVar(&f.name, "name", "govmm", "VM name (the default MAC derives from it)")
 	fs.StringVar(&f.net, "net", "user", "network: user (NAT on a user-mode TCP/IP stack), tap:NAME, or none")
 	fs.StringVar(&f.mac, "mac", "", "guest MAC address (default: derived from --name)")

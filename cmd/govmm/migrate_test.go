@@ -1,0 +1,81 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"govmm/internal/kvmtest"
+	"govmm/internal/tinyguest"
+)
+
+// govmm ctl migrate moves a running guest to a govmm standby over an
+// authenticated stream; the source exits, the guest's counter goes on at
+// the destination. A standby with another key is refused and the source
+// keeps the guest.
+func TestCtlMigrate(t *testing.T) {
+	kvmtest.Require(t)
+	dir := t.TempDir()
+	kernel := filepath.Join(dir, "dirtier")
+	require.NoError(t, os.WriteFile(kernel, tinyguest.Kernel(tinyguest.Dirtier(0x400000, 256, counterGPA)), 0o644))
+	initrd := filepath.Join(dir, "initrd")
+	require.NoError(t, os.WriteFile(initrd, []byte("x"), 0o644))
+	key := filepath.Join(dir, "key")
+	require.NoError(t, os.WriteFile(key, []byte("0123456789abcdef0123456789abcdef"), 0o600))
+	otherKey := filepath.Join(dir, "other")
+	require.NoError(t, os.WriteFile(otherKey, []byte("fedcba9876543210fedcba9876543210"), 0o600))
+
+	ctl := func(sock string, args ...string) (string, string, int) {
+		return govmm(t, time.Minute, append([]string{"ctl", "--api-sock", sock}, args...)...)
+	}
+	src := filepath.Join(dir, "src.sock")
+	srcCmd := startVM(t, "run", "--kernel", kernel, "--initrd", initrd, "--mem", "64M", "--cpus", "2",
+		"--net", "none", "--api-sock", src, "--key-file", key)
+	waitSocket(t, src)
+
+	// A stranger: the standby holds another key.
+	port := freePort(t)
+	stranger := filepath.Join(dir, "stranger.sock")
+	startVM(t, "standby", "--listen", fmt.Sprintf("127.0.0.1:%d", port), "--net", "none", "--key-file", otherKey, "--api-sock", stranger)
+	time.Sleep(200 * time.Millisecond)
+	_, errOut, status := ctl(src, "migrate", "--to", fmt.Sprintf("127.0.0.1:%d", port))
+	require.NotEqual(t, 0, status)
+	require.Contains(t, errOut, "auth")
+	_, _, status = ctl(src, "info")
+	require.Equal(t, 0, status, "the source still runs its guest")
+
+	before := filepath.Join(dir, "before.snap")
+	_, errOut, status = ctl(src, "snapshot", "--out", before)
+	require.Equal(t, 0, status, errOut)
+	c0 := snapshotCounter(t, before)
+
+	port = freePort(t)
+	dst := filepath.Join(dir, "dst.sock")
+	startVM(t, "standby", "--listen", fmt.Sprintf("127.0.0.1:%d", port), "--net", "none", "--key-file", key, "--api-sock", dst)
+	time.Sleep(200 * time.Millisecond)
+	out, errOut, status := ctl(src, "migrate", "--to", fmt.Sprintf("127.0.0.1:%d", port))
+	require.Equal(t, 0, status, errOut)
+	require.Contains(t, out, "downtime")
+	t.Logf("ctl migrate:\n%s", out)
+
+	// The source VMM exits by itself once it handed over.
+	exited := make(chan error, 1)
+	go func() { exited <- srcCmd.Wait() }()
+	select {
+	case err := <-exited:
+		require.NoError(t, err)
+	case <-time.After(30 * time.Second):
+		t.Fatal("the source VMM did not exit after migrating")
+	}
+
+	waitSocket(t, dst)
+	after := filepath.Join(dir, "after.snap")
+	time.Sleep(100 * time.Millisecond)
+	_, errOut, status = ctl(dst, "snapshot", "--out", after)
+	require.Equal(t, 0, status, errOut)
+	require.Greater(t, snapshotCounter(t, after), c0, "the guest runs on at the destination")
+}
