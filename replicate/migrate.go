@@ -206,6 +206,8 @@ type StandbyConfig struct {
 	BeforeStart func(m *vmm.Machine, st *vmm.MachineState) error
 	// OnRefused is told about connections refused at the handshake.
 	OnRefused func(err error)
+	// OnCheckpoint is told about each committed resumable checkpoint.
+	OnCheckpoint func(epoch uint64)
 }
 
 // NewStandby listens on cfg.Listen (without a key, only on loopback).
@@ -287,4 +289,93 @@ func (sb *Standby) ReceiveMigration(ctx context.Context) (*vmm.Machine, error) {
 		return nil, fmt.Errorf("standby: start migrated guest: %w", err)
 	}
 	return m, nil
+}
+
+// Takeover says why and from where a standby took over.
+type Takeover struct {
+	Epoch uint64 // the checkpoint the guest resumed from
+	Cause error  // why the primary was declared lost
+	Took  time.Duration
+}
+
+// ReceiveReplication keeps a replica of the primary's guest: every
+// committed epoch checkpoint is applied to this machine's memory (staged
+// until its commit, so a partial checkpoint never lands) and its state
+// kept. When the primary is lost (no frame within the failure timeout, or
+// the stream breaks), the replica becomes the running guest from the last
+// committed checkpoint, with no copy of memory, and the machine is
+// returned. A deliberate goodbye from the primary (replication stopped)
+// returns an error and nothing runs; a migration's handover runs the guest.
+func (sb *Standby) ReceiveReplication(ctx context.Context, failoverTimeout time.Duration) (*vmm.Machine, Takeover, error) {
+	var tk Takeover
+	if failoverTimeout <= 0 {
+		failoverTimeout = 500 * time.Millisecond
+	}
+	sb.ln.SetFailoverTimeout(failoverTimeout)
+	var r *stream.Receiver
+	for {
+		var err error
+		r, err = sb.ln.Accept(ctx)
+		if err == nil {
+			break
+		}
+		if errors.Is(err, stream.ErrAuth) || errors.Is(err, stream.ErrMismatch) || errors.Is(err, stream.ErrVersion) {
+			if sb.cfg.OnRefused != nil {
+				sb.cfg.OnRefused(err)
+			}
+			continue
+		}
+		return nil, tk, err
+	}
+	defer r.Close()
+	m, err := sb.cfg.Build(r.Peer())
+	if err != nil {
+		return nil, tk, fmt.Errorf("standby: build machine for %s: %w", r.Peer().Name, err)
+	}
+	if err := checkShape(m, r.Peer()); err != nil {
+		m.Close()
+		return nil, tk, fmt.Errorf("standby: %w", err)
+	}
+	sb.sink.Dest = m.Memory()
+	var latest *vmm.MachineState
+	var latestEpoch uint64
+	r.SetOnCommit(func(c *stream.Checkpoint) error {
+		if !c.Kind.Resumable() {
+			return nil
+		}
+		var st vmm.MachineState
+		if err := st.UnmarshalBinary(c.State); err != nil {
+			return err
+		}
+		latest, latestEpoch = &st, c.Epoch
+		if sb.cfg.OnCheckpoint != nil {
+			sb.cfg.OnCheckpoint(c.Epoch)
+		}
+		return nil
+	})
+	runErr := r.Run(ctx)
+	detected := time.Now()
+	switch {
+	case runErr == nil && r.HandedOver():
+		// a planned handover (migration): run it.
+	case runErr == nil:
+		m.Close()
+		return nil, tk, errors.New("standby: the primary stopped replication; the replica is discarded")
+	case latest == nil:
+		m.Close()
+		return nil, tk, fmt.Errorf("standby: primary lost before the first checkpoint, nothing to resume: %w", runErr)
+	}
+	tk = Takeover{Epoch: latestEpoch, Cause: runErr}
+	if sb.cfg.BeforeStart != nil {
+		if err := sb.cfg.BeforeStart(m, latest); err != nil {
+			m.Close()
+			return nil, tk, err
+		}
+	}
+	if err := m.StartFrom(latest); err != nil {
+		m.Close()
+		return nil, tk, fmt.Errorf("standby: resume replica at epoch %d: %w", latestEpoch, err)
+	}
+	tk.Took = time.Since(detected)
+	return m, tk, nil
 }

@@ -30,6 +30,8 @@ type OutputBuffer struct {
 	dropped  uint64
 	released uint64
 	bypass   bool // output commit off (unsafe, for benchmarks only)
+	// passthrough: not replicating (yet, or any more); output is not held.
+	passthrough bool
 
 	sendMu sync.Mutex // serialises releases so frames leave in order
 }
@@ -45,12 +47,22 @@ var _ virtio.NetBackend = (*OutputBuffer)(nil)
 // frames are dropped (TCP retransmits them), never sent early.
 const DefaultMaxHeldBytes = 64 << 20
 
-// NewOutputBuffer wraps inner, starting in epoch first.
+// NewOutputBuffer wraps inner, holding output from epoch first on. A
+// buffer made for a VM that is not replicated yet starts with
+// Unprotect (pass-through) and is armed by StartEpochs.
 func NewOutputBuffer(inner virtio.NetBackend, first uint64, maxBytes int) *OutputBuffer {
 	if maxBytes <= 0 {
 		maxBytes = DefaultMaxHeldBytes
 	}
 	return &OutputBuffer{inner: inner, epoch: first, maxBytes: maxBytes}
+}
+
+// NewPassthroughBuffer wraps inner for a VM that may be replicated later:
+// output passes through until StartEpochs.
+func NewPassthroughBuffer(inner virtio.NetBackend) *OutputBuffer {
+	b := NewOutputBuffer(inner, 0, 0)
+	b.passthrough = true
+	return b
 }
 
 // VnetHdr implements virtio.NetBackend.
@@ -82,7 +94,7 @@ func (b *OutputBuffer) SetOffloads(o virtio.Offloads) error {
 // Send implements virtio.NetBackend: the frame is copied and held.
 func (b *OutputBuffer) Send(frame []byte) error {
 	b.mu.Lock()
-	if b.bypass {
+	if b.bypass || b.passthrough {
 		b.mu.Unlock()
 		return b.inner.Send(frame)
 	}
@@ -142,6 +154,39 @@ func (b *OutputBuffer) Release(epoch uint64) error {
 		}
 	}
 	return first
+}
+
+// StartEpochs turns output commit on at a checkpoint's cut: frames from
+// now on belong to epoch and wait for its ack. Until then (no standby, or
+// the initial sync) output passes straight through: the guest is not yet
+// protected, so there is nothing to hold it for.
+func (b *OutputBuffer) StartEpochs(epoch uint64) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.epoch = epoch
+	b.current, b.sealed, b.held = nil, nil, 0
+	b.passthrough = false
+}
+
+// Unprotect ends output commit (replication stopped, or the standby was
+// lost under the continue policy): held frames are sent now, in order,
+// and later ones pass straight through.
+func (b *OutputBuffer) Unprotect() {
+	b.sendMu.Lock()
+	defer b.sendMu.Unlock()
+	b.mu.Lock()
+	var out [][]byte
+	for _, s := range b.sealed {
+		out = append(out, s.frames...)
+	}
+	out = append(out, b.current...)
+	b.current, b.sealed, b.held = nil, nil, 0
+	b.passthrough = true
+	b.released += uint64(len(out))
+	b.mu.Unlock()
+	for _, f := range out {
+		_ = b.inner.Send(f)
+	}
 }
 
 // Discard drops all held output (the standby is gone and policy says the

@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"sync/atomic"
+	"time"
 )
 
 // Receiver is the standby's (or migration destination's) end of a stream.
@@ -56,6 +57,13 @@ func Listen(addr string, cfg Config) (*Listener, error) {
 		return nil, fmt.Errorf("listen for stream: %w", err)
 	}
 	return &Listener{ln: ln, cfg: cfg}, nil
+}
+
+// SetFailoverTimeout changes the failure-detection timeout (and the
+// heartbeat interval, a quarter of it) for streams accepted from now on.
+func (l *Listener) SetFailoverTimeout(d time.Duration) {
+	l.cfg.FailoverTimeout = d
+	l.cfg.HeartbeatInterval = d / 4
 }
 
 // Addr is the address listened on.

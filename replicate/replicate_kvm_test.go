@@ -1,0 +1,178 @@
+package replicate
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"govmm/internal/kvmtest"
+	"govmm/internal/tinyguest"
+	"govmm/replicate/stream"
+	"govmm/vmm"
+	"govmm/vmm/guestmem"
+)
+
+// cutRecorder keeps copies of the primary's memory at the last few cuts.
+type cutRecorder struct {
+	m    *vmm.Machine
+	mu   sync.Mutex
+	cuts map[uint64][]byte
+}
+
+func (c *cutRecorder) at(epoch uint64) {
+	r := c.m.Memory().Regions()[0]
+	cp := append([]byte(nil), r.Host...)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.cuts[epoch] = cp
+	for e := range c.cuts {
+		if e+4 < epoch {
+			delete(c.cuts, e)
+		}
+	}
+}
+
+func (c *cutRecorder) get(epoch uint64) []byte {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.cuts[epoch]
+}
+
+func newStandby(t *testing.T, before func(*vmm.Machine, *vmm.MachineState) error) *Standby {
+	t.Helper()
+	sb, err := NewStandby(StandbyConfig{Listen: "127.0.0.1:0", Insecure: true,
+		Build: func(id stream.Identity) (*vmm.Machine, error) {
+			return vmm.New(vmm.Config{MemSize: MemSize(id), CPUs: int(id.VCPUs), Console: io.Discard})
+		},
+		BeforeStart: before})
+	require.NoError(t, err)
+	t.Cleanup(func() { sb.Close() })
+	return sb
+}
+
+type takeover struct {
+	m   *vmm.Machine
+	tk  Takeover
+	err error
+}
+
+// The primary replicates a guest that dirties memory continuously; the
+// link dies; the standby resumes from its last committed checkpoint, whose
+// memory equals the primary's at that cut page by page (every dirty page
+// shipped, checkpoints atomic), and the guest runs on there.
+func TestReplicationFailover(t *testing.T) {
+	kvmtest.Require(t)
+	prim := newTiny(t, tinyguest.Dirtier(dirtyBase, dirtyPages, passGPA))
+	require.NoError(t, prim.Start())
+	rec := &cutRecorder{m: prim, cuts: map[uint64][]byte{}}
+
+	var lastCommitted uint64
+	var compared, differ int
+	sb := newStandby(t, nil)
+	sb.cfg.OnCheckpoint = func(e uint64) { lastCommitted = e }
+	sb.cfg.BeforeStart = func(m *vmm.Machine, st *vmm.MachineState) error {
+		want := rec.get(lastCommitted)
+		if want == nil {
+			return fmt.Errorf("no recorded cut for epoch %d", lastCommitted)
+		}
+		got := m.Memory().Regions()[0].Host
+		for off := 0; off < len(got); off += guestmem.PageSize {
+			compared++
+			if !bytes.Equal(got[off:off+guestmem.PageSize], want[off:off+guestmem.PageSize]) {
+				differ++
+			}
+		}
+		return nil
+	}
+	done := make(chan takeover, 1)
+	go func() {
+		m, tk, err := sb.ReceiveReplication(context.Background(), 2*time.Second)
+		done <- takeover{m, tk, err}
+	}()
+	px := newProxy(t, sb.Addr())
+	rep, err := StartReplication(context.Background(), prim, ReplicateConfig{To: px.addr(), Insecure: true, Name: "tiny",
+		Epoch: 20 * time.Millisecond, FailoverTimeout: 2 * time.Second, AtCut: rec.at})
+	require.NoError(t, err)
+	t.Cleanup(rep.Stop) // before the machine closes
+	require.Eventually(t, func() bool { return rep.Stats().Epochs >= 10 }, 30*time.Second, time.Millisecond)
+	st := rep.Stats()
+	require.True(t, st.Protected)
+	require.Greater(t, st.Bytes, uint64(dirtyPages*guestmem.PageSize), "the dirtier's pages travel")
+	require.Greater(t, st.PauseSum, time.Duration(0))
+
+	// The primary's host dies: the guest stops there and the link is cut.
+	require.NoError(t, prim.Pause())
+	px.kill()
+	r := <-done
+	require.NoError(t, r.err)
+	defer r.m.Close()
+	require.GreaterOrEqual(t, r.tk.Epoch, st.Epoch-1)
+	t.Logf("takeover at epoch %d after %v: %v", r.tk.Epoch, r.tk.Took, r.tk.Cause)
+
+	require.Equal(t, lastCommitted, r.tk.Epoch)
+	require.Equal(t, 64<<20/guestmem.PageSize, compared)
+	require.Zero(t, differ, "standby memory equals the primary's at the cut of epoch %d", r.tk.Epoch)
+
+	// The guest runs on at the standby from the cut.
+	atCut := passes(t, r.m)
+	require.Eventually(t, func() bool { return passes(t, r.m) > atCut+2 }, 30*time.Second, time.Millisecond)
+
+	<-rep.Done()
+	require.ErrorIs(t, rep.Err(), ErrStandbyLost)
+	require.False(t, rep.Stats().Protected)
+}
+
+// Output commit on a replicated guest: while the standby's acks are held
+// back, not one frame the guest sends leaves; when acks flow again, the
+// held frames arrive, all of them, in order.
+func TestReplicationOutputCommit(t *testing.T) {
+	kvmtest.Require(t)
+	prim := newTiny(t, tinyguest.Dirtier(dirtyBase, 64, passGPA))
+	require.NoError(t, prim.Start())
+	wire := &sink{}
+	out := NewPassthroughBuffer(wire)
+
+	sb := newStandby(t, nil)
+	go func() {
+		m, _, err := sb.ReceiveReplication(context.Background(), 10*time.Second)
+		if err == nil {
+			m.Close()
+		}
+	}()
+	px := newProxy(t, sb.Addr())
+	rep, err := StartReplication(context.Background(), prim, ReplicateConfig{To: px.addr(), Insecure: true, Name: "tiny",
+		Epoch: 10 * time.Millisecond, FailoverTimeout: 10 * time.Second, Outputs: []*OutputBuffer{out}})
+	require.NoError(t, err)
+	t.Cleanup(rep.Stop) // before the machine closes
+
+	// Protected and acks flowing: output gets out, one epoch late.
+	require.NoError(t, out.Send([]byte("hello")))
+	require.Eventually(t, func() bool { return len(wire.got()) == 1 }, 10*time.Second, time.Millisecond)
+
+	// Partition the acks.
+	px.stallBack.Store(true)
+	time.Sleep(100 * time.Millisecond) // acks already in flight arrive
+	acked := rep.Stats().Acked
+	var want []string
+	for i := 0; i < 20; i++ {
+		f := fmt.Sprintf("frame-%02d", i)
+		want = append(want, f)
+		require.NoError(t, out.Send([]byte(f)))
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(200 * time.Millisecond)
+	require.Equal(t, []string{"hello"}, wire.got(), "no output leaves without its ack")
+	require.Equal(t, acked, rep.Stats().Acked)
+	require.Greater(t, rep.Stats().Epoch, acked+5, "the guest ran on, checkpoints kept being taken")
+	require.Equal(t, 20, out.Stats().HeldFrames)
+
+	px.stallBack.Store(false)
+	require.Eventually(t, func() bool { return len(wire.got()) == 21 }, 10*time.Second, time.Millisecond)
+	require.Equal(t, append([]string{"hello"}, want...), wire.got(), "held frames arrive in order")
+}
