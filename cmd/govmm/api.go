@@ -3,24 +3,27 @@ package main
 import (
 	"context"
 	"fmt"
+	"sync/atomic"
 	"time"
 
 	"govmm/ctlapi"
 	"govmm/kvmapi"
+	"govmm/replicate"
 	"govmm/vmm"
 )
 
 // serveAPI starts the control API when --api-sock is set and returns a
 // function that stops it.
-func serveAPI(m *vmm.Machine, f *runFlags) (stop func(), err error) {
+func serveAPI(m *vmm.Machine, f *runFlags) (*vmBackend, func(), error) {
+	be := &vmBackend{m: m, f: f, name: f.name, started: time.Now()}
 	if f.apiSock == "" {
-		return func() {}, nil
+		return be, func() {}, nil
 	}
-	s, err := ctlapi.Serve(context.Background(), f.apiSock, &vmBackend{m: m, f: f, name: f.name, started: time.Now()})
+	s, err := ctlapi.Serve(context.Background(), f.apiSock, be)
 	if err != nil {
-		return nil, fmt.Errorf("--api-sock: %w", err)
+		return nil, nil, fmt.Errorf("--api-sock: %w", err)
 	}
-	return func() { _ = s.Close() }, nil
+	return be, func() { _ = s.Close() }, nil
 }
 
 // vmBackend is the control API's view of a running machine.
@@ -29,6 +32,8 @@ type vmBackend struct {
 	f       *runFlags
 	name    string
 	started time.Time
+	rep     atomic.Pointer[replicate.Replicator]
+	role    string // "primary" or "standby (took over)"
 }
 
 var _ ctlapi.Backend = (*vmBackend)(nil)
@@ -39,8 +44,17 @@ func (b *vmBackend) Info() ctlapi.Info {
 		state = "paused"
 	}
 	cfg := b.m.Config()
-	return ctlapi.Info{Name: b.name, State: state, VCPUs: cfg.CPUs, MemoryBytes: cfg.MemSize,
-		Devices: b.m.Devices(), Uptime: time.Since(b.started)}
+	info := ctlapi.Info{Name: b.name, State: state, VCPUs: cfg.CPUs, MemoryBytes: cfg.MemSize,
+		Devices: b.m.Devices(), Uptime: time.Since(b.started), Role: b.role}
+	if r := b.rep.Load(); r != nil {
+		info.Peer = b.f.replicateTo
+		if r.Stats().Protected {
+			info.Role = "primary (protected)"
+		} else {
+			info.Role = "primary (UNPROTECTED)"
+		}
+	}
+	return info
 }
 
 func (b *vmBackend) Pause() error  { return b.m.Pause() }
@@ -79,5 +93,36 @@ func (b *vmBackend) Stats() ctlapi.Stats {
 	}
 	add("govmm_paused", "1 while the vCPUs are paused", "gauge", paused, nil)
 	add("govmm_uptime_seconds", "seconds since the VMM started the guest", "gauge", time.Since(b.started).Seconds(), nil)
+	if r := b.rep.Load(); r != nil {
+		rs := r.Stats()
+		prot := 0.0
+		if rs.Protected {
+			prot = 1
+		}
+		add("govmm_replication_protected", "1 while a standby holds a current checkpoint; 0 means the guest runs UNPROTECTED", "gauge", prot, nil)
+		add("govmm_replication_epoch", "last checkpoint taken", "gauge", float64(rs.Epoch), nil)
+		add("govmm_replication_acked_epoch", "last checkpoint the standby acknowledged", "gauge", float64(rs.Acked), nil)
+		add("govmm_replication_epochs_total", "checkpoints taken", "counter", float64(rs.Epochs), nil)
+		add("govmm_replication_dirty_pages_total", "pages shipped in checkpoints", "counter", float64(rs.DirtyPages), nil)
+		add("govmm_replication_bytes_total", "bytes sent in checkpoints", "counter", float64(rs.Bytes), nil)
+		add("govmm_replication_pause_seconds_total", "time the guest was paused for checkpoints", "counter", rs.PauseSum.Seconds(), nil)
+		add("govmm_replication_ack_seconds_total", "sum of resume-to-ack times", "counter", rs.AckSum.Seconds(), nil)
+		for q, v := range map[string]time.Duration{"0.5": rs.PauseP50, "0.99": rs.PauseP99, "1": rs.PauseMax} {
+			add("govmm_replication_pause_seconds", "checkpoint pause over the last 1024 epochs", "gauge", v.Seconds(), map[string]string{"quantile": q})
+		}
+		l := rs.Last
+		add("govmm_replication_last_pause_seconds", "pause of the last checkpoint", "gauge", l.Pause.Seconds(), nil)
+		add("govmm_replication_last_dirty_pages", "dirty pages in the last checkpoint", "gauge", float64(l.DirtyPages), nil)
+		add("govmm_replication_last_bytes", "bytes of the last checkpoint", "gauge", float64(l.Bytes), nil)
+		add("govmm_replication_last_epoch_seconds", "length of the last epoch", "gauge", l.Length.Seconds(), nil)
+		var held, heldBytes int
+		for _, n := range b.f.nics {
+			st := n.out.Stats()
+			held += st.HeldFrames
+			heldBytes += st.HeldBytes
+		}
+		add("govmm_output_held_packets", "guest packets held until their checkpoint is acknowledged", "gauge", float64(held), nil)
+		add("govmm_output_held_bytes", "guest bytes held until their checkpoint is acknowledged", "gauge", float64(heldBytes), nil)
+	}
 	return s
 }

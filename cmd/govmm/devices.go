@@ -8,6 +8,7 @@ import (
 	"os"
 	"strings"
 
+	"govmm/replicate"
 	"govmm/virtio"
 	"govmm/virtio/netback"
 	"govmm/vmm"
@@ -117,11 +118,18 @@ func (f *runFlags) devices() (nics []io.Closer, disks []diskSpec, guestNet strin
 
 // attachDevices creates the virtio devices and puts them on the PCI bus.
 // The returned closers include the devices (which own their backends).
-func attachDevices(m *vmm.Machine, f runFlags, nics []io.Closer, disks []diskSpec) ([]io.Closer, error) {
+//
+// Every NIC's backend is wrapped in an output buffer that passes frames
+// straight through until replication arms it (output commit); f.nics
+// records them for replication and failover.
+func attachDevices(m *vmm.Machine, f *runFlags, nics []io.Closer, disks []diskSpec) ([]io.Closer, error) {
 	var owned []io.Closer
+	f.nics = nil
 	for i, c := range nics {
 		n := c.(nic)
-		dev, err := virtio.NewNet(m.Memory(), m, n.backend, virtio.NetConfig{
+		buf := replicate.NewPassthroughBuffer(n.backend)
+		f.nics = append(f.nics, attachedNIC{out: buf, mac: n.mac, vnetHdr: n.backend.VnetHdr()})
+		dev, err := virtio.NewNet(m.Memory(), m, buf, virtio.NetConfig{
 			ID: fmt.Sprintf("virtio-net%d", i), MAC: n.mac, UseIOEventFD: !f.noIOEventFD})
 		if err != nil {
 			closeAll(nics[i:])
@@ -153,5 +161,30 @@ func attachDevices(m *vmm.Machine, f runFlags, nics []io.Closer, disks []diskSpe
 func closeAll(cs []io.Closer) {
 	for _, c := range cs {
 		_ = c.Close()
+	}
+}
+
+// attachedNIC is a guest NIC as replication and failover see it.
+type attachedNIC struct {
+	out     *replicate.OutputBuffer
+	mac     net.HardwareAddr
+	vnetHdr bool
+}
+
+// announce tells the network where the guest's MAC now lives, after a
+// failover or migration: a RARP (switches learn the port) and, when the
+// guest's address is known, a gratuitous ARP.
+func announce(nics []attachedNIC, guestIP string) {
+	for _, n := range nics {
+		frames := [][]byte{netback.RARP(n.mac)}
+		if p, err := netip.ParsePrefix(guestIP); err == nil && p.Addr().Is4() {
+			frames = append(frames, netback.GARP(n.mac, net.IP(p.Addr().AsSlice())))
+		}
+		for _, fr := range frames {
+			if n.vnetHdr {
+				fr = append(make([]byte, netback.VnetHdrLen), fr...)
+			}
+			_ = n.out.Send(fr)
+		}
 	}
 }

@@ -50,8 +50,11 @@ func migrate(ctx context.Context, m *vmm.Machine, f *runFlags, to string, progre
 
 const standbyUsage = `Usage: govmm standby --listen HOST:PORT [flags]
 
-Waits for a VM to arrive by live migration ('govmm ctl migrate --to
-HOST:PORT' on the source), then runs it here with this host's devices:
+Keeps a hot replica of a VM replicated to it ('govmm run --replicate-to
+HOST:PORT'), and runs it from the last checkpoint when the primary is lost
+(no frame within --failover-timeout), announcing the guest's MAC with RARP
+and gratuitous ARP. Also receives a live migration ('govmm ctl migrate
+--to HOST:PORT') and runs the guest. It uses this host's devices:
 give the same device flags as the source (--disk with this host's copy,
 --net, --mac). Without --key-file the stream is unauthenticated and only a
 loopback address may be used.
@@ -92,7 +95,7 @@ func cmdStandby(args []string) error {
 				closeAll(nics)
 				return nil, err
 			}
-			devs, err := attachDevices(m, f, nics, disks)
+			devs, err := attachDevices(m, &f, nics, disks)
 			owned = append(owned, func() { closeAll(devs) })
 			if err != nil {
 				m.Close()
@@ -107,10 +110,45 @@ func cmdStandby(args []string) error {
 	}
 	defer sb.Close()
 	fmt.Fprintf(os.Stderr, "govmm: standby: listening on %s\n", sb.Addr())
-	m, err := sb.ReceiveMigration(context.Background())
+	m, tk, err := sb.ReceiveReplication(context.Background(), f.failoverTimeout)
 	if err != nil {
 		return err
 	}
 	defer m.Close()
+	if tk.Cause != nil {
+		fmt.Fprintf(os.Stderr, "govmm: standby: primary lost (%v); took over at checkpoint %d in %v\n", tk.Cause, tk.Epoch, tk.Took)
+	} else {
+		fmt.Fprintf(os.Stderr, "govmm: standby: migration received; running the guest\n")
+	}
+	announce(f.nics, f.guestIP)
 	return supervise(m, &f)
+}
+
+// startReplication protects the running machine with a standby at
+// --replicate-to: the initial sync, then an epoch loop in the background.
+// Output commit covers every NIC.
+func startReplication(m *vmm.Machine, f *runFlags) (*replicate.Replicator, error) {
+	key, insecure, err := streamKey(f.keyFile, f.replicateTo)
+	if err != nil {
+		return nil, fmt.Errorf("--replicate-to: %w", err)
+	}
+	var outs []*replicate.OutputBuffer
+	for _, n := range f.nics {
+		outs = append(outs, n.out)
+	}
+	fmt.Fprintf(os.Stderr, "govmm: replicating to %s: initial sync\n", f.replicateTo)
+	rep, err := replicate.StartReplication(context.Background(), m, replicate.ReplicateConfig{
+		To: f.replicateTo, Name: f.name, Key: key, Insecure: insecure, Epoch: f.epoch,
+		FailoverTimeout: f.failoverTimeout, OnStandbyLoss: f.onStandbyLoss, Outputs: outs})
+	if err != nil {
+		return nil, err
+	}
+	fmt.Fprintf(os.Stderr, "govmm: protected by %s (epoch %v)\n", f.replicateTo, f.epoch)
+	go func() {
+		<-rep.Done()
+		if err := rep.Err(); err != nil {
+			fmt.Fprintf(os.Stderr, "govmm: %v\n", err)
+		}
+	}()
+	return rep, nil
 }

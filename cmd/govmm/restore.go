@@ -42,7 +42,7 @@ func cmdRestore(args []string) error {
 		return err
 	}
 	defer m.Close()
-	devs, err := attachDevices(m, f, nics, disks)
+	devs, err := attachDevices(m, &f, nics, disks)
 	defer closeAll(devs)
 	if err != nil {
 		return err

@@ -11,10 +11,12 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 
 	"govmm/guestimg"
+	"govmm/replicate"
 	"govmm/vmm"
 )
 
@@ -41,6 +43,13 @@ type runFlags struct {
 	noIOEventFD             bool
 	apiSock                 string
 	keyFile                 string
+
+	replicateTo     string
+	epoch           time.Duration
+	failoverTimeout time.Duration
+	onStandbyLoss   string
+
+	nics []attachedNIC // set by attachDevices
 }
 
 // listFlag collects a repeatable flag.
@@ -55,6 +64,9 @@ func (f *runFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.cmdline, "cmdline", "", "appended to the kernel command line")
 	fs.StringVar(&f.mem, "mem", "256M", "guest memory (K, M, G suffixes)")
 	fs.IntVar(&f.cpus, "cpus", 1, "number of vCPUs")
+	fs.StringVar(&f.replicateTo, "replicate-to", "", "keep a hot standby at `HOST:PORT` (govmm standby --listen), Remus-style")
+	fs.DurationVar(&f.epoch, "epoch", 25*time.Millisecond, "checkpoint interval when replicating")
+	fs.StringVar(&f.onStandbyLoss, "on-standby-loss", replicate.OnStandbyLossContinue, "when the standby is lost: continue (unprotected, logged loudly) or pause")
 	f.registerDevices(fs)
 }
 
@@ -62,6 +74,7 @@ func (f *runFlags) register(fs *flag.FlagSet) {
 // control socket, shared by run, restore and standby.
 func (f *runFlags) registerDevices(fs *flag.FlagSet) {
 	fs.StringVar(&f.apiSock, "api-sock", "", "serve the control API (HTTP/JSON) on this unix socket; see govmm ctl")
+	fs.DurationVar(&f.failoverTimeout, "failover-timeout", 500*time.Millisecond, "declare the peer lost after this long without a frame (replication)")
 	fs.StringVar(&f.keyFile, "key-file", "", "pre-shared key authenticating the migration stream (mode 0600, at least 16 bytes); without it only loopback is allowed")
 	fs.StringVar(&f.name, "name", "govmm", "VM name (the default MAC derives from it)")
 	fs.StringVar(&f.net, "net", "user", "network: user (NAT on a user-mode TCP/IP stack), tap:NAME, or none")
@@ -137,7 +150,7 @@ func cmdRun(args []string) error {
 		return err
 	}
 	defer m.Close()
-	devs, err := attachDevices(m, f, nics, disks)
+	devs, err := attachDevices(m, &f, nics, disks)
 	defer closeAll(devs)
 	if err != nil {
 		return err
@@ -152,13 +165,23 @@ func cmdRun(args []string) error {
 // and waits for the machine to stop. It returns the guest's exit status
 // as an exitError.
 func supervise(m *vmm.Machine, f *runFlags) error {
-	stopAPI, err := serveAPI(m, f)
+	be, stopAPI, err := serveAPI(m, f)
 	if err != nil {
 		m.Stop()
 		m.Wait()
 		return err
 	}
 	defer stopAPI()
+	if f.replicateTo != "" {
+		rep, err := startReplication(m, f)
+		if err != nil {
+			m.Stop()
+			m.Wait()
+			return err
+		}
+		be.rep.Store(rep)
+		defer rep.Stop()
+	}
 	restore := attachConsole(m)
 	defer restore()
 	sigs := make(chan os.Signal, 1)

@@ -1,0 +1,72 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"govmm/internal/kvmtest"
+	"govmm/internal/tinyguest"
+)
+
+// govmm run --replicate-to keeps a govmm standby in step; the primary is
+// SIGKILLed; the standby takes over from its last checkpoint and the
+// guest's counter carries on there, past every value the primary showed
+// before it died.
+func TestReplicateAndFailover(t *testing.T) {
+	kvmtest.Require(t)
+	dir := t.TempDir()
+	kernel := filepath.Join(dir, "dirtier")
+	require.NoError(t, os.WriteFile(kernel, tinyguest.Kernel(tinyguest.Dirtier(0x400000, 256, counterGPA)), 0o644))
+	initrd := filepath.Join(dir, "initrd")
+	require.NoError(t, os.WriteFile(initrd, []byte("x"), 0o644))
+	ctl := func(sock string, args ...string) (string, string, int) {
+		return govmm(t, time.Minute, append([]string{"ctl", "--api-sock", sock}, args...)...)
+	}
+
+	port := freePort(t)
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	sbSock := filepath.Join(dir, "standby.sock")
+	sbLog := &strings.Builder{}
+	sb := exec.Command(govmmBin, "standby", "--listen", addr, "--net", "none", "--api-sock", sbSock, "--failover-timeout", "1s")
+	sb.Stderr = sbLog
+	sb.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	require.NoError(t, sb.Start())
+	t.Cleanup(func() { _ = syscall.Kill(-sb.Process.Pid, syscall.SIGKILL); _ = sb.Wait() })
+	time.Sleep(200 * time.Millisecond)
+
+	pSock := filepath.Join(dir, "primary.sock")
+	prim := startVM(t, "run", "--kernel", kernel, "--initrd", initrd, "--mem", "64M", "--net", "none",
+		"--api-sock", pSock, "--replicate-to", addr, "--epoch", "20ms", "--failover-timeout", "1s")
+	waitSocket(t, pSock)
+	require.Eventually(t, func() bool {
+		out, _, _ := ctl(pSock, "info")
+		return strings.Contains(out, "protected")
+	}, 30*time.Second, 50*time.Millisecond)
+	metrics, _, status := ctl(pSock, "metrics")
+	require.Equal(t, 0, status)
+	require.Contains(t, metrics, "govmm_replication_protected 1")
+
+	before := filepath.Join(dir, "before.snap")
+	_, errOut, status := ctl(pSock, "snapshot", "--out", before)
+	require.Equal(t, 0, status, errOut)
+	c0 := snapshotCounter(t, before)
+	time.Sleep(300 * time.Millisecond) // more checkpoints commit after the snapshot
+
+	killed := time.Now()
+	require.NoError(t, syscall.Kill(-prim.Process.Pid, syscall.SIGKILL))
+	waitSocket(t, sbSock)
+	t.Logf("standby answering %v after SIGKILL", time.Since(killed))
+	after := filepath.Join(dir, "after.snap")
+	_, errOut, status = ctl(sbSock, "snapshot", "--out", after)
+	require.Equal(t, 0, status, errOut)
+	require.Greater(t, snapshotCounter(t, after), c0, "the guest carries on at the standby from a checkpoint after the snapshot")
+	require.Contains(t, sbLog.String(), "took over at checkpoint")
+}
