@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"time"
 
 	"govmm/dirtylog"
@@ -208,6 +209,10 @@ type StandbyConfig struct {
 	OnRefused func(err error)
 	// OnCheckpoint is told about each committed resumable checkpoint.
 	OnCheckpoint func(epoch uint64)
+	// Disks are the standby's copies of the guest's disks (in device
+	// order), which must start identical to the primary's; each
+	// checkpoint's writes are applied and synced before its ack.
+	Disks []*os.File
 }
 
 // NewStandby listens on cfg.Listen (without a key, only on loopback).
@@ -343,11 +348,14 @@ func (sb *Standby) ReceiveReplication(ctx context.Context, failoverTimeout time.
 		if !c.Kind.Resumable() {
 			return nil
 		}
-		var st vmm.MachineState
-		if err := st.UnmarshalBinary(c.State); err != nil {
+		st, writes, err := DecodeCheckpoint(c.State)
+		if err != nil {
 			return err
 		}
-		latest, latestEpoch = &st, c.Epoch
+		if err := applyDiskWrites(sb.cfg.Disks, writes); err != nil {
+			return err
+		}
+		latest, latestEpoch = st, c.Epoch
 		if sb.cfg.OnCheckpoint != nil {
 			sb.cfg.OnCheckpoint(c.Epoch)
 		}

@@ -40,6 +40,9 @@ type ReplicateConfig struct {
 	// InitialRounds bounds the pre-copy rounds of the initial sync.
 	InitialRounds int
 	Logger        *slog.Logger
+	// Disks are the logs of the guest's disks (in device order); each
+	// epoch's writes travel in its checkpoint.
+	Disks []*DiskLog
 	// AtCut, if set, runs at every checkpoint's cut while the guest is
 	// paused (tests compare the standby's memory with the primary's).
 	AtCut func(epoch uint64)
@@ -125,7 +128,15 @@ func StartReplication(ctx context.Context, m *vmm.Machine, cfg ReplicateConfig) 
 		s.Close()
 		return nil, fmt.Errorf("replicate: %w", err)
 	}
+	// The standby's disk copies start identical to ours: from now on every
+	// write is recorded and travels in the next resumable checkpoint.
+	for _, d := range cfg.Disks {
+		d.Arm()
+	}
 	if err := r.initialSync(ctx); err != nil {
+		for _, d := range cfg.Disks {
+			d.Disarm()
+		}
 		r.tr.Close()
 		s.Close()
 		return nil, fmt.Errorf("replicate: initial sync: %w", err)
@@ -237,15 +248,20 @@ func (r *Replicator) checkpoint(extra *dirtylog.Set) error {
 	if err != nil {
 		return err
 	}
-	state, err := st.MarshalBinary()
+	raw, err := st.MarshalBinary()
 	if err != nil {
 		return err
 	}
+	first := !r.isProtected()
+	var writes [][]DiskWrite
+	for _, d := range r.cfg.Disks {
+		writes = append(writes, d.Take())
+	}
+	state := EncodeCheckpoint(raw, writes)
 	epoch := r.nextEpoch()
 	if r.cfg.AtCut != nil {
 		r.cfg.AtCut(epoch)
 	}
-	first := !r.isProtected()
 	for _, o := range r.cfg.Outputs {
 		if first {
 			o.StartEpochs(epoch + 1) // output from now on waits for acks
@@ -388,6 +404,9 @@ func (r *Replicator) lost(cause error) {
 }
 
 func (r *Replicator) finish(err error) {
+	for _, d := range r.cfg.Disks {
+		d.Disarm()
+	}
 	r.mu.Lock()
 	r.err = err
 	r.protected = false

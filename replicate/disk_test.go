@@ -1,0 +1,148 @@
+package replicate
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"govmm/internal/kvmtest"
+	"govmm/internal/tinyguest"
+	"govmm/replicate/stream"
+	"govmm/vmm"
+)
+
+func TestCheckpointEnvelopeRoundTrip(t *testing.T) {
+	st := &vmm.MachineState{Memory: vmm.MemoryLayout{MemSize: 64 << 20, CPUs: 1}, VCPUs: []vmm.VCPUState{{Xsave: make([]byte, 16)}}}
+	raw, err := st.MarshalBinary()
+	require.NoError(t, err)
+	disks := [][]DiskWrite{{{Off: 512, Data: []byte("abc")}, {Off: 4096, Data: []byte("defg")}}, nil}
+	b := EncodeCheckpoint(raw, disks)
+	got, w, err := DecodeCheckpoint(b)
+	require.NoError(t, err)
+	require.Equal(t, st.Memory, got.Memory)
+	require.Equal(t, disks[0], w[0])
+	require.Empty(t, w[1])
+
+	// A bare state (migration) decodes with no writes.
+	got, w, err = DecodeCheckpoint(raw)
+	require.NoError(t, err)
+	require.Nil(t, w)
+	require.Equal(t, st.Memory, got.Memory)
+
+	// Every truncation fails cleanly.
+	for n := 0; n < len(b); n += 7 {
+		_, _, err := DecodeCheckpoint(b[:n])
+		require.Error(t, err, "truncated at %d", n)
+	}
+}
+
+func TestDiskLogRecordsOnlyWhenArmed(t *testing.T) {
+	var d DiskLog
+	p := []byte("x")
+	require.NoError(t, d.Record(0, p))
+	require.Empty(t, d.Take())
+	d.Arm()
+	require.NoError(t, d.Record(10, p))
+	p[0] = 'y' // copied
+	require.Equal(t, []DiskWrite{{Off: 10, Data: []byte("x")}}, d.Take())
+	require.Empty(t, d.Take())
+	require.ErrorIs(t, d.Record(0, make([]byte, MaxEpochDiskBytes+1)), ErrDiskEpochFull)
+	d.Disarm()
+	require.NoError(t, d.Record(0, p))
+	require.Empty(t, d.Take())
+}
+
+// Disk writes made on the primary reach the standby's copy only with the
+// checkpoint that covers them: after failover the standby's disk holds
+// exactly the writes of committed epochs, and is synced.
+func TestReplicatedDiskFollowsCheckpoints(t *testing.T) {
+	kvmtest.Require(t)
+	dir := t.TempDir()
+	const size = 1 << 20
+	primaryDisk := filepath.Join(dir, "primary.img")
+	standbyDisk := filepath.Join(dir, "standby.img")
+	for _, p := range []string{primaryDisk, standbyDisk} {
+		require.NoError(t, os.WriteFile(p, make([]byte, size), 0o644))
+	}
+	pf, err := os.OpenFile(primaryDisk, os.O_RDWR, 0)
+	require.NoError(t, err)
+	defer pf.Close()
+	sf, err := os.OpenFile(standbyDisk, os.O_RDWR, 0)
+	require.NoError(t, err)
+	defer sf.Close()
+
+	prim := newTiny(t, tinyguest.Dirtier(dirtyBase, 16, passGPA))
+	require.NoError(t, prim.Start())
+	log := &DiskLog{}
+	// write is what the virtio-blk device does for a guest write: the
+	// primary's disk at once, and the OnWrite hook.
+	var mu sync.Mutex
+	write := func(off int64, data []byte) {
+		mu.Lock()
+		defer mu.Unlock()
+		_, err := pf.WriteAt(data, off)
+		require.NoError(t, err)
+		require.NoError(t, log.Record(off, data))
+	}
+
+	var atCut [][]byte // primary disk contents at each cut, by epoch
+	atCutMu := sync.Mutex{}
+	sb, err := NewStandby(StandbyConfig{Listen: "127.0.0.1:0", Insecure: true, Disks: []*os.File{sf},
+		Build: func(id stream.Identity) (*vmm.Machine, error) {
+			return vmm.New(vmm.Config{MemSize: MemSize(id), CPUs: int(id.VCPUs), Console: io.Discard})
+		}})
+	require.NoError(t, err)
+	defer sb.Close()
+	var committed uint64
+	sb.cfg.OnCheckpoint = func(e uint64) { committed = e }
+	done := make(chan takeover, 1)
+	go func() {
+		m, tk, err := sb.ReceiveReplication(context.Background(), 2*time.Second)
+		done <- takeover{m, tk, err}
+	}()
+	px := newProxy(t, sb.Addr())
+	rep, err := StartReplication(context.Background(), prim, ReplicateConfig{To: px.addr(), Insecure: true, Name: "tiny",
+		Epoch: 10 * time.Millisecond, FailoverTimeout: 2 * time.Second, Disks: []*DiskLog{log},
+		AtCut: func(epoch uint64) {
+			mu.Lock()
+			b, err := os.ReadFile(primaryDisk)
+			mu.Unlock()
+			require.NoError(t, err)
+			atCutMu.Lock()
+			for uint64(len(atCut)) <= epoch {
+				atCut = append(atCut, nil)
+			}
+			atCut[epoch] = b
+			atCutMu.Unlock()
+		}})
+	require.NoError(t, err)
+	t.Cleanup(rep.Stop)
+
+	for i := 0; i < 200; i++ {
+		write(int64(i*4096%size), bytes.Repeat([]byte{byte(i)}, 512))
+		time.Sleep(time.Millisecond)
+	}
+	require.NoError(t, prim.Pause())
+	px.kill()
+	write(0, []byte("written after the primary died")) // can never reach the standby
+	r := <-done
+	require.NoError(t, r.err)
+	defer r.m.Close()
+	got, err := os.ReadFile(standbyDisk)
+	require.NoError(t, err)
+	atCutMu.Lock()
+	want := atCut[r.tk.Epoch]
+	atCutMu.Unlock()
+	require.Equal(t, committed, r.tk.Epoch)
+	require.True(t, bytes.Equal(want, got), "standby disk equals the primary's at the cut of epoch %d", r.tk.Epoch)
+	final, err := os.ReadFile(primaryDisk)
+	require.NoError(t, err)
+	require.False(t, bytes.Equal(final, got), "writes after the last committed cut are not on the standby")
+}
