@@ -124,7 +124,7 @@ func (f *runFlags) devices() (nics []io.Closer, disks []diskSpec, guestNet strin
 // records them for replication and failover.
 func attachDevices(m *vmm.Machine, f *runFlags, nics []io.Closer, disks []diskSpec) ([]io.Closer, error) {
 	var owned []io.Closer
-	f.nics = nil
+	f.nics, f.diskLogs = nil, nil
 	for i, c := range nics {
 		n := c.(nic)
 		buf := replicate.NewPassthroughBuffer(n.backend)
@@ -145,8 +145,11 @@ func attachDevices(m *vmm.Machine, f *runFlags, nics []io.Closer, disks []diskSp
 		if _, err := os.Stat(d.path); err != nil {
 			return owned, fmt.Errorf("--disk %s: %w", d.path, err)
 		}
+		log := &replicate.DiskLog{}
+		f.diskLogs = append(f.diskLogs, log)
 		dev, err := virtio.NewBlock(m.Memory(), m, virtio.BlockConfig{
-			ID: fmt.Sprintf("virtio-blk%d", i), Path: d.path, ReadOnly: d.readOnly, UseIOEventFD: !f.noIOEventFD})
+			ID: fmt.Sprintf("virtio-blk%d", i), Path: d.path, ReadOnly: d.readOnly, UseIOEventFD: !f.noIOEventFD,
+			OnWrite: log.Record})
 		if err != nil {
 			return owned, err
 		}

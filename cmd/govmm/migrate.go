@@ -83,8 +83,22 @@ func cmdStandby(args []string) error {
 			c()
 		}
 	}()
+	// The standby applies each checkpoint's disk writes to its own copies.
+	var diskFiles []*os.File
+	for _, s := range f.disks {
+		d, err := parseDisk(s)
+		if err != nil {
+			return err
+		}
+		df, err := os.OpenFile(d.path, os.O_RDWR, 0)
+		if err != nil {
+			return fmt.Errorf("--disk %s: %w", d.path, err)
+		}
+		defer df.Close()
+		diskFiles = append(diskFiles, df)
+	}
 	sb, err := replicate.NewStandby(replicate.StandbyConfig{
-		Listen: *listen, Key: key, Insecure: insecure,
+		Listen: *listen, Key: key, Insecure: insecure, Disks: diskFiles,
 		Build: func(id stream.Identity) (*vmm.Machine, error) {
 			nics, disks, _, err := f.devices()
 			if err != nil {
@@ -139,7 +153,7 @@ func startReplication(m *vmm.Machine, f *runFlags) (*replicate.Replicator, error
 	fmt.Fprintf(os.Stderr, "govmm: replicating to %s: initial sync\n", f.replicateTo)
 	rep, err := replicate.StartReplication(context.Background(), m, replicate.ReplicateConfig{
 		To: f.replicateTo, Name: f.name, Key: key, Insecure: insecure, Epoch: f.epoch,
-		FailoverTimeout: f.failoverTimeout, OnStandbyLoss: f.onStandbyLoss, Outputs: outs})
+		FailoverTimeout: f.failoverTimeout, OnStandbyLoss: f.onStandbyLoss, Outputs: outs, Disks: f.diskLogs})
 	if err != nil {
 		return nil, err
 	}

@@ -49,7 +49,8 @@ type runFlags struct {
 	failoverTimeout time.Duration
 	onStandbyLoss   string
 
-	nics []attachedNIC // set by attachDevices
+	nics     []attachedNIC        // set by attachDevices
+	diskLogs []*replicate.DiskLog // set by attachDevices, one per --disk
 }
 
 // listFlag collects a repeatable flag.
