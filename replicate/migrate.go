@@ -53,8 +53,9 @@ type MigrateResult struct {
 // dirtied meanwhile), until the dirty set is small; then stop and copy:
 // pause, quiesce, the last dirty pages and the machine state in a final
 // checkpoint. Once the destination acknowledges it, the source never runs
-// the guest again: Migrate stops m. On any failure before that ack, the
-// guest goes on running here and the error says why.
+// the guest again: Migrate returns with m paused for good, and the caller
+// stops it (after reporting). On any failure before that ack, the guest
+// goes on running here and the error says why.
 func Migrate(ctx context.Context, m *vmm.Machine, cfg MigrateConfig) (MigrateResult, error) {
 	if cfg.StopPages <= 0 {
 		cfg.StopPages = 256
@@ -125,61 +126,62 @@ func Migrate(ctx context.Context, m *vmm.Machine, cfg MigrateConfig) (MigrateRes
 		}
 	}
 
-	// Stop and copy.
+	// Stop and copy, at a consistent cut. On success the machine stays
+	// paused: the guest lives on at the destination only.
 	paused := time.Now()
-	if err := m.Pause(); err != nil {
-		return res, fmt.Errorf("migrate: pause: %w", err)
+	handedOver := false
+	err = m.WithPaused(ctx, func() error {
+		last, err := tracker.Harvest()
+		if err != nil {
+			return err
+		}
+		set.Or(last)
+		st, err := m.SaveState()
+		if err != nil {
+			return err
+		}
+		state, err := st.MarshalBinary()
+		if err != nil {
+			return err
+		}
+		epoch++
+		res.Rounds++
+		progress(Progress{Round: res.Rounds, Phase: "stop-and-copy", BytesSent: s.Stats().BytesSent, RemainingPages: uint64(set.Count())})
+		if err := s.BeginCheckpoint(epoch, stream.KindFinal); err != nil {
+			return err
+		}
+		if err := sendSet(set); err != nil {
+			return err
+		}
+		if err := s.SendState(state); err != nil {
+			return err
+		}
+		if err := s.EndCheckpoint(); err != nil {
+			return err
+		}
+		actx, cancel := context.WithTimeout(ctx, cfg.AckTimeout)
+		err = s.WaitAck(actx, epoch)
+		cancel()
+		if err != nil {
+			return fmt.Errorf("final checkpoint not acknowledged: %w", err)
+		}
+		// Handover: the destination has everything. Say goodbye and
+		// never run the guest here again.
+		res.BytesSent = s.Stats().BytesSent
+		_ = s.Close()
+		handedOver = true
+		// Hold a pause of our own: leaving WithPaused must not let the
+		// vCPUs run here again.
+		return m.Pause()
+	})
+	if !handedOver {
+		if err == nil {
+			err = errors.New("migration did not hand over")
+		}
+		return res, fmt.Errorf("migrate: %w (the guest keeps running here)", err)
 	}
-	if err := m.QuiesceDevices(ctx); err != nil {
-		_ = m.Resume()
-		return res, fmt.Errorf("migrate: %w", err)
-	}
-	resume := func(cause error) (MigrateResult, error) {
-		_ = m.ResumeDevices()
-		_ = m.Resume()
-		return res, fmt.Errorf("migrate: %w (the guest keeps running here)", cause)
-	}
-	last, err := tracker.Harvest()
-	if err != nil {
-		return resume(err)
-	}
-	set.Or(last)
-	st, err := m.SaveState()
-	if err != nil {
-		return resume(err)
-	}
-	state, err := st.MarshalBinary()
-	if err != nil {
-		return resume(err)
-	}
-	epoch++
-	res.Rounds++
-	progress(Progress{Round: res.Rounds, Phase: "stop-and-copy", BytesSent: s.Stats().BytesSent, RemainingPages: uint64(set.Count())})
-	if err := s.BeginCheckpoint(epoch, stream.KindFinal); err != nil {
-		return resume(err)
-	}
-	if err := sendSet(set); err != nil {
-		return resume(err)
-	}
-	if err := s.SendState(state); err != nil {
-		return resume(err)
-	}
-	if err := s.EndCheckpoint(); err != nil {
-		return resume(err)
-	}
-	actx, cancel := context.WithTimeout(ctx, cfg.AckTimeout)
-	err = s.WaitAck(actx, epoch)
-	cancel()
-	if err != nil {
-		return resume(fmt.Errorf("final checkpoint not acknowledged: %w", err))
-	}
-	// Handover: the destination has everything. Say goodbye and never
-	// run the guest here again.
-	res.BytesSent = s.Stats().BytesSent
-	_ = s.Close()
 	res.Downtime = time.Since(paused)
 	res.TotalTime = time.Since(start)
-	m.StopWith(vmm.Result{Status: 0, Reason: "migrated"})
 	progress(Progress{Round: res.Rounds, Phase: "done", BytesSent: res.BytesSent})
 	return res, nil
 }

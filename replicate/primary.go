@@ -205,72 +205,68 @@ func (r *Replicator) checkpoint(extra *dirtylog.Set) error {
 		es.Length = t0.Sub(r.lastResumed)
 	}
 	r.mu.Unlock()
-	if err := r.m.Pause(); err != nil {
-		return err
-	}
-	resumed := false
-	resume := func() {
-		if !resumed {
-			resumed = true
-			_ = r.m.ResumeDevices()
-			_ = r.m.Resume()
-		}
-	}
-	defer resume()
-	if err := r.m.QuiesceDevices(context.Background()); err != nil {
-		return err
-	}
-	set, err := r.tr.Harvest()
-	if err != nil {
-		return err
-	}
-	if extra != nil {
-		set.Or(extra)
-	}
-	t1 := time.Now()
-	mem := r.m.Memory()
-	gpas := make([]guestmem.GPA, 0, set.Count())
-	staging := make([]byte, 0, set.Count()*guestmem.PageSize)
-	err = set.ForEach(func(gpa guestmem.GPA) error {
-		page, err := mem.Slice(gpa, guestmem.PageSize)
+	var (
+		gpas           []guestmem.GPA
+		staging, state []byte
+		epoch          uint64
+		t1, t2, t3     time.Time
+	)
+	err := r.m.WithPaused(context.Background(), func() error {
+		set, err := r.tr.Harvest()
 		if err != nil {
 			return err
 		}
-		gpas = append(gpas, gpa)
-		staging = append(staging, page...)
+		if extra != nil {
+			set.Or(extra)
+		}
+		t1 = time.Now()
+		mem := r.m.Memory()
+		gpas = make([]guestmem.GPA, 0, set.Count())
+		staging = make([]byte, 0, set.Count()*guestmem.PageSize)
+		err = set.ForEach(func(gpa guestmem.GPA) error {
+			page, err := mem.Slice(gpa, guestmem.PageSize)
+			if err != nil {
+				return err
+			}
+			gpas = append(gpas, gpa)
+			staging = append(staging, page...)
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+		t2 = time.Now()
+		st, err := r.m.SaveState()
+		if err != nil {
+			return err
+		}
+		raw, err := st.MarshalBinary()
+		if err != nil {
+			return err
+		}
+		var writes [][]DiskWrite
+		for _, d := range r.cfg.Disks {
+			writes = append(writes, d.Take())
+		}
+		state = EncodeCheckpoint(raw, writes)
+		epoch = r.nextEpoch()
+		if r.cfg.AtCut != nil {
+			r.cfg.AtCut(epoch)
+		}
+		first := !r.isProtected()
+		for _, o := range r.cfg.Outputs {
+			if first {
+				o.StartEpochs(epoch + 1) // output from now on waits for acks
+			} else {
+				o.Seal()
+			}
+		}
+		t3 = time.Now()
 		return nil
 	})
 	if err != nil {
 		return err
 	}
-	t2 := time.Now()
-	st, err := r.m.SaveState()
-	if err != nil {
-		return err
-	}
-	raw, err := st.MarshalBinary()
-	if err != nil {
-		return err
-	}
-	first := !r.isProtected()
-	var writes [][]DiskWrite
-	for _, d := range r.cfg.Disks {
-		writes = append(writes, d.Take())
-	}
-	state := EncodeCheckpoint(raw, writes)
-	epoch := r.nextEpoch()
-	if r.cfg.AtCut != nil {
-		r.cfg.AtCut(epoch)
-	}
-	for _, o := range r.cfg.Outputs {
-		if first {
-			o.StartEpochs(epoch + 1) // output from now on waits for acks
-		} else {
-			o.Seal()
-		}
-	}
-	t3 := time.Now()
-	resume()
 	now := time.Now()
 	es.Epoch, es.DirtyPages = epoch, len(gpas)
 	es.Harvest, es.Copy, es.State, es.Pause = t1.Sub(t0), t2.Sub(t1), t3.Sub(t2), now.Sub(t0)

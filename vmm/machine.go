@@ -3,6 +3,7 @@ package vmm
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -71,7 +72,9 @@ type Machine struct {
 	restoring *MachineState // non-nil while StartFrom sets up vCPUs
 
 	pauseMu sync.Mutex // serialises Pause/Resume
-	paused  bool
+	paused  int        // pause holders: Pause increments, Resume decrements
+
+	stwMu sync.Mutex // one stop-the-world operation at a time (WithPaused)
 }
 
 // New opens KVM and builds the machine: memory slots, interrupt
@@ -456,31 +459,51 @@ var ErrStopped = errors.New("machine stopped")
 
 // Pause stops every vCPU at a consistent point: each has left KVM_RUN
 // with its pending PIO/MMIO completed. It returns when all are paused.
+// Pauses nest: the machine runs again after as many Resumes.
 func (m *Machine) Pause() error {
 	m.pauseMu.Lock()
 	defer m.pauseMu.Unlock()
-	if m.paused {
-		return nil
+	if m.paused == 0 {
+		if err := m.broadcast(reqPause, nil); err != nil {
+			return err
+		}
 	}
-	if err := m.broadcast(reqPause, nil); err != nil {
-		return err
-	}
-	m.paused = true
+	m.paused++
 	return nil
 }
 
-// Resume lets paused vCPUs run again.
+// Resume undoes one Pause; the vCPUs run again when no pause is held.
 func (m *Machine) Resume() error {
 	m.pauseMu.Lock()
 	defer m.pauseMu.Unlock()
-	if !m.paused {
+	if m.paused == 0 {
 		return nil
 	}
-	if err := m.broadcast(reqResume, nil); err != nil {
+	if m.paused == 1 {
+		if err := m.broadcast(reqResume, nil); err != nil {
+			return err
+		}
+	}
+	m.paused--
+	return nil
+}
+
+// WithPaused runs fn at a consistent cut: every vCPU paused and every
+// device quiesced. Such operations (a checkpoint, a snapshot) never
+// interleave. Afterwards the devices and vCPUs go on, unless fn stopped
+// the machine or another pause is held.
+func (m *Machine) WithPaused(ctx context.Context, fn func() error) error {
+	m.stwMu.Lock()
+	defer m.stwMu.Unlock()
+	if err := m.Pause(); err != nil {
 		return err
 	}
-	m.paused = false
-	return nil
+	defer m.Resume()
+	if err := m.QuiesceDevices(ctx); err != nil {
+		return err
+	}
+	defer m.ResumeDevices()
+	return fn()
 }
 
 // OnVCPUs runs fn on every vCPU's own thread while the machine is paused
@@ -488,7 +511,7 @@ func (m *Machine) Resume() error {
 func (m *Machine) OnVCPUs(fn func(id int, fd *kvmapi.VCPU) error) error {
 	m.pauseMu.Lock()
 	defer m.pauseMu.Unlock()
-	if !m.paused {
+	if m.paused == 0 {
 		return ErrNotPaused
 	}
 	return m.broadcast(reqDo, fn)

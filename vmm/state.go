@@ -267,34 +267,24 @@ type SnapshotResult struct {
 // memory to path, and lets it go on (unless it was paused already).
 func (m *Machine) Snapshot(ctx context.Context, path string) (SnapshotResult, error) {
 	start := time.Now()
-	m.pauseMu.Lock()
-	wasPaused := m.paused
-	m.pauseMu.Unlock()
-	if err := m.Pause(); err != nil {
-		return SnapshotResult{}, err
-	}
-	defer func() {
-		if !wasPaused {
-			_ = m.Resume()
+	var res SnapshotResult
+	err := m.WithPaused(ctx, func() error {
+		st, err := m.SaveState()
+		if err != nil {
+			return err
 		}
-	}()
-	if err := m.QuiesceDevices(ctx); err != nil {
-		return SnapshotResult{}, err
-	}
-	defer m.ResumeDevices()
-	st, err := m.SaveState()
-	if err != nil {
-		return SnapshotResult{}, err
-	}
-	stats, err := WriteSnapshot(path, st, m.mem)
-	return SnapshotResult{SnapshotStats: stats, Paused: time.Since(start)}, err
+		res.SnapshotStats, err = WriteSnapshot(path, st, m.mem)
+		return err
+	})
+	res.Paused = time.Since(start)
+	return res, err
 }
 
 // Paused reports whether the vCPUs are paused.
 func (m *Machine) Paused() bool {
 	m.pauseMu.Lock()
 	defer m.pauseMu.Unlock()
-	return m.paused
+	return m.paused > 0
 }
 
 // Config returns the configuration the machine was built with.

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -33,7 +34,10 @@ type vmBackend struct {
 	name    string
 	started time.Time
 	rep     atomic.Pointer[replicate.Replicator]
-	role    string // "primary" or "standby (took over)"
+
+	mu         sync.Mutex
+	userPaused bool
+	role       string // "primary" or "standby (took over)"
 }
 
 var _ ctlapi.Backend = (*vmBackend)(nil)
@@ -57,8 +61,33 @@ func (b *vmBackend) Info() ctlapi.Info {
 	return info
 }
 
-func (b *vmBackend) Pause() error  { return b.m.Pause() }
-func (b *vmBackend) Resume() error { return b.m.Resume() }
+// Pause holds one pause on behalf of the operator; a second pause is a
+// conflict, so checkpoints' own pauses never get mixed up with it.
+func (b *vmBackend) Pause() error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.userPaused {
+		return fmt.Errorf("pause: %w: already paused", ctlapi.ErrConflict)
+	}
+	if err := b.m.Pause(); err != nil {
+		return err
+	}
+	b.userPaused = true
+	return nil
+}
+
+func (b *vmBackend) Resume() error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if !b.userPaused {
+		return fmt.Errorf("resume: %w: not paused", ctlapi.ErrConflict)
+	}
+	if err := b.m.Resume(); err != nil {
+		return err
+	}
+	b.userPaused = false
+	return nil
+}
 
 func (b *vmBackend) Snapshot(ctx context.Context, path string) (ctlapi.SnapshotResult, error) {
 	r, err := b.m.Snapshot(ctx, path)

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"time"
 
 	"govmm/ctlapi"
 	"govmm/replicate"
@@ -44,6 +45,15 @@ func migrate(ctx context.Context, m *vmm.Machine, f *runFlags, to string, progre
 	if err != nil {
 		return ctlapi.MigrateResult{}, err
 	}
+	// The guest lives at the destination now; this VMM stops once the
+	// result has been sent to the client (the request's context ends).
+	go func() {
+		select {
+		case <-ctx.Done():
+		case <-time.After(10 * time.Second):
+		}
+		m.StopWith(vmm.Result{Status: 0, Reason: "migrated"})
+	}()
 	return ctlapi.MigrateResult{TotalTime: r.TotalTime, Downtime: r.Downtime, Rounds: r.Rounds,
 		BytesSent: r.BytesSent, PagesSent: r.PagesSent}, nil
 }
@@ -54,7 +64,9 @@ Keeps a hot replica of a VM replicated to it ('govmm run --replicate-to
 HOST:PORT'), and runs it from the last checkpoint when the primary is lost
 (no frame within --failover-timeout), announcing the guest's MAC with RARP
 and gratuitous ARP. Also receives a live migration ('govmm ctl migrate
---to HOST:PORT') and runs the guest. It uses this host's devices:
+--to HOST:PORT') and runs the guest. With --replicate-to, the guest it took
+over is protected again by a new standby there (after a full resync). It
+uses this host's devices:
 give the same device flags as the source (--disk with this host's copy,
 --net, --mac). Without --key-file the stream is unauthenticated and only a
 loopback address may be used.
@@ -66,6 +78,7 @@ func cmdStandby(args []string) error {
 	var f runFlags
 	fs := newFlagSet("standby", standbyUsage)
 	f.registerDevices(fs)
+	f.registerReplication(fs)
 	listen := fs.String("listen", "", "address to listen on for the source, HOST:PORT")
 	if err := parseFlags(fs, args); err != nil {
 		return err

@@ -70,3 +70,56 @@ func TestReplicateAndFailover(t *testing.T) {
 	require.Greater(t, snapshotCounter(t, after), c0, "the guest carries on at the standby from a checkpoint after the snapshot")
 	require.Contains(t, sbLog.String(), "took over at checkpoint")
 }
+
+// Re-protection: the standby that took over replicates the guest to a
+// new standby at once; when it dies in turn, the third host carries on.
+func TestReprotectAndFailOverAgain(t *testing.T) {
+	kvmtest.Require(t)
+	dir := t.TempDir()
+	kernel := filepath.Join(dir, "dirtier")
+	require.NoError(t, os.WriteFile(kernel, tinyguest.Kernel(tinyguest.Dirtier(0x400000, 64, counterGPA)), 0o644))
+	initrd := filepath.Join(dir, "initrd")
+	require.NoError(t, os.WriteFile(initrd, []byte("x"), 0o644))
+	ctl := func(sock string, args ...string) (string, string, int) {
+		return govmm(t, time.Minute, append([]string{"ctl", "--api-sock", sock}, args...)...)
+	}
+	addrB := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	addrC := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	sockA, sockB, sockC := filepath.Join(dir, "a.sock"), filepath.Join(dir, "b.sock"), filepath.Join(dir, "c.sock")
+
+	startVM(t, "standby", "--listen", addrC, "--net", "none", "--api-sock", sockC)
+	b := startVM(t, "standby", "--listen", addrB, "--net", "none", "--api-sock", sockB, "--replicate-to", addrC, "--epoch", "20ms")
+	time.Sleep(200 * time.Millisecond)
+	a := startVM(t, "run", "--kernel", kernel, "--initrd", initrd, "--mem", "64M", "--net", "none",
+		"--api-sock", sockA, "--replicate-to", addrB, "--epoch", "20ms")
+	waitSocket(t, sockA)
+	require.Eventually(t, func() bool {
+		out, _, _ := ctl(sockA, "info")
+		return strings.Contains(out, "protected")
+	}, 30*time.Second, 50*time.Millisecond)
+	snap := filepath.Join(dir, "a.snap")
+	_, errOut, status := ctl(sockA, "snapshot", "--out", snap)
+	require.Equal(t, 0, status, errOut)
+	c0 := snapshotCounter(t, snap)
+	time.Sleep(200 * time.Millisecond)
+
+	require.NoError(t, syscall.Kill(-a.Process.Pid, syscall.SIGKILL))
+	waitSocket(t, sockB)
+	require.Eventually(t, func() bool {
+		out, _, _ := ctl(sockB, "info")
+		return strings.Contains(out, "primary (protected)")
+	}, 30*time.Second, 50*time.Millisecond, "B protects the guest with C")
+	snapB := filepath.Join(dir, "b.snap")
+	_, errOut, status = ctl(sockB, "snapshot", "--out", snapB)
+	require.Equal(t, 0, status, errOut)
+	c1 := snapshotCounter(t, snapB)
+	require.Greater(t, c1, c0)
+	time.Sleep(200 * time.Millisecond)
+
+	require.NoError(t, syscall.Kill(-b.Process.Pid, syscall.SIGKILL))
+	waitSocket(t, sockC)
+	snapC := filepath.Join(dir, "c.snap")
+	_, errOut, status = ctl(sockC, "snapshot", "--out", snapC)
+	require.Equal(t, 0, status, errOut)
+	require.Greater(t, snapshotCounter(t, snapC), c1, "the guest carries on at the third host")
+}

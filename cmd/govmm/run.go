@@ -65,10 +65,16 @@ func (f *runFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.cmdline, "cmdline", "", "appended to the kernel command line")
 	fs.StringVar(&f.mem, "mem", "256M", "guest memory (K, M, G suffixes)")
 	fs.IntVar(&f.cpus, "cpus", 1, "number of vCPUs")
+	f.registerReplication(fs)
+	f.registerDevices(fs)
+}
+
+// registerReplication registers the flags that protect a running guest,
+// shared by run and standby (which re-protects the guest it took over).
+func (f *runFlags) registerReplication(fs *flag.FlagSet) {
 	fs.StringVar(&f.replicateTo, "replicate-to", "", "keep a hot standby at `HOST:PORT` (govmm standby --listen), Remus-style")
 	fs.DurationVar(&f.epoch, "epoch", 25*time.Millisecond, "checkpoint interval when replicating")
 	fs.StringVar(&f.onStandbyLoss, "on-standby-loss", replicate.OnStandbyLossContinue, "when the standby is lost: continue (unprotected, logged loudly) or pause")
-	f.registerDevices(fs)
 }
 
 // registerDevices registers the flags that describe devices and the
