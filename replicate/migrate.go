@@ -371,6 +371,12 @@ func (sb *Standby) ReceiveReplication(ctx context.Context, failoverTimeout time.
 	case runErr == nil:
 		m.Close()
 		return nil, tk, errors.New("standby: the primary stopped replication; the replica is discarded")
+	case !primaryLost(runErr):
+		// A corrupted, forged or refused stream says nothing about the
+		// primary's health: taking over could run the guest twice. The
+		// replica is dropped; the primary goes on unprotected.
+		m.Close()
+		return nil, tk, fmt.Errorf("standby: stream refused, not taking over (the primary runs unprotected): %w", runErr)
 	case latest == nil:
 		m.Close()
 		return nil, tk, fmt.Errorf("standby: primary lost before the first checkpoint, nothing to resume: %w", runErr)
@@ -388,4 +394,14 @@ func (sb *Standby) ReceiveReplication(ctx context.Context, failoverTimeout time.
 	}
 	tk.Took = time.Since(detected)
 	return m, tk, nil
+}
+
+// primaryLost tells a dead or unreachable primary (silence, or its end of
+// the connection gone without a goodbye) from a stream that is corrupt or
+// not from our primary, after which the standby must not take over.
+func primaryLost(err error) bool {
+	if errors.Is(err, stream.ErrPeer) {
+		return false // the primary itself refused something: it is alive
+	}
+	return errors.Is(err, stream.ErrTimeout) || errors.Is(err, stream.ErrTruncated)
 }

@@ -189,6 +189,18 @@ func (b *OutputBuffer) Unprotect() {
 	}
 }
 
+// Abandon ends output commit after the standby was lost: held frames are
+// dropped, never sent (their checkpoints were not acknowledged, and a
+// standby that is only partitioned away may be running the guest from an
+// earlier one; TCP retransmits what matters), and later frames pass
+// straight through.
+func (b *OutputBuffer) Abandon() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.current, b.sealed, b.held = nil, nil, 0
+	b.passthrough = true
+}
+
 // Discard drops all held output (the standby is gone and policy says the
 // guest must not talk unprotected, or the primary is failing over).
 func (b *OutputBuffer) Discard() {

@@ -111,3 +111,26 @@ func TestOutputConcurrentSendAndRelease(t *testing.T) {
 		require.Equal(t, string([]byte{byte(i >> 8), byte(i)}), f, "frames leave in order")
 	}
 }
+
+func TestOutputAbandonDropsHeld(t *testing.T) {
+	out := &sink{}
+	b := NewPassthroughBuffer(out)
+	b.StartEpochs(5)
+	require.NoError(t, b.Send([]byte("held")))
+	b.Seal()
+	b.Abandon()
+	require.Empty(t, out.got(), "unacknowledged output is never sent")
+	require.NoError(t, b.Send([]byte("later")))
+	require.Equal(t, []string{"later"}, out.got(), "unprotected: straight through")
+}
+
+func TestOutputUnprotectReleasesHeld(t *testing.T) {
+	out := &sink{}
+	b := NewPassthroughBuffer(out)
+	b.StartEpochs(5)
+	require.NoError(t, b.Send([]byte("a")))
+	b.Seal()
+	require.NoError(t, b.Send([]byte("b")))
+	b.Unprotect()
+	require.Equal(t, []string{"a", "b"}, out.got())
+}

@@ -393,7 +393,7 @@ func (r *Replicator) lost(cause error) {
 		_ = r.m.Pause()
 	} else {
 		for _, o := range r.cfg.Outputs {
-			o.Unprotect()
+			o.Abandon()
 		}
 	}
 	r.finish(err)

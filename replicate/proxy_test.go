@@ -1,7 +1,6 @@
 package replicate
 
 import (
-	"io"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -14,9 +13,10 @@ import (
 // proxy sits between primary and standby so tests can cut the link or
 // stall one direction, as a dying host or a partition would.
 type proxy struct {
-	ln        net.Listener
-	target    string
-	stallBack atomic.Bool // hold standby->primary bytes (acks, heartbeats)
+	ln          net.Listener
+	target      string
+	stallBack   atomic.Bool // hold standby->primary bytes (acks, heartbeats)
+	corruptNext atomic.Bool // flip a byte in the next primary->standby chunk
 
 	mu    sync.Mutex
 	conns []net.Conn
@@ -47,7 +47,23 @@ func (p *proxy) serve() {
 		p.mu.Lock()
 		p.conns = append(p.conns, c, u)
 		p.mu.Unlock()
-		go func() { _, _ = io.Copy(u, c) }()
+		go func() {
+			buf := make([]byte, 64<<10)
+			for {
+				n, err := c.Read(buf)
+				if n > 0 {
+					if n > 100 && p.corruptNext.CompareAndSwap(true, false) {
+						buf[n/2] ^= 0x20
+					}
+					if _, werr := u.Write(buf[:n]); werr != nil {
+						return
+					}
+				}
+				if err != nil {
+					return
+				}
+			}
+		}()
 		go func() {
 			buf := make([]byte, 64<<10)
 			for {

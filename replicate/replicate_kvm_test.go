@@ -176,3 +176,69 @@ func TestReplicationOutputCommit(t *testing.T) {
 	require.Eventually(t, func() bool { return len(wire.got()) == 21 }, 10*time.Second, time.Millisecond)
 	require.Equal(t, append([]string{"hello"}, want...), wire.got(), "held frames arrive in order")
 }
+
+// A corrupted frame: the standby closes the stream with a clear error,
+// applies nothing of that checkpoint and does not take over; the primary
+// runs on, unprotected.
+func TestReplicationCorruptFrame(t *testing.T) {
+	kvmtest.Require(t)
+	prim := newTiny(t, tinyguest.Dirtier(dirtyBase, 64, passGPA))
+	require.NoError(t, prim.Start())
+	sb := newStandby(t, nil)
+	errc := make(chan error, 1)
+	go func() {
+		m, _, err := sb.ReceiveReplication(context.Background(), 2*time.Second)
+		if m != nil {
+			m.Close()
+		}
+		errc <- err
+	}()
+	px := newProxy(t, sb.Addr())
+	rep, err := StartReplication(context.Background(), prim, ReplicateConfig{To: px.addr(), Insecure: true, Name: "tiny",
+		Epoch: 10 * time.Millisecond, FailoverTimeout: 2 * time.Second})
+	require.NoError(t, err)
+	t.Cleanup(rep.Stop)
+	require.Eventually(t, func() bool { return rep.Stats().Epochs >= 3 }, 30*time.Second, time.Millisecond)
+	px.corruptNext.Store(true) // flip one byte primary -> standby
+	err = <-errc
+	require.Error(t, err)
+	require.Contains(t, err.Error(), "not taking over")
+	select {
+	case <-rep.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("the primary did not notice the standby closing the stream")
+	}
+	require.ErrorIs(t, rep.Err(), ErrStandbyLost)
+	require.False(t, prim.Paused(), "continue policy: the guest runs on unprotected")
+	before := passes(t, prim)
+	require.Eventually(t, func() bool { return passes(t, prim) > before }, 30*time.Second, time.Millisecond)
+}
+
+// With --on-standby-loss=pause the primary stops its guest when the
+// standby goes away, and keeps its output held.
+func TestReplicationStandbyLossPause(t *testing.T) {
+	kvmtest.Require(t)
+	prim := newTiny(t, tinyguest.Dirtier(dirtyBase, 64, passGPA))
+	require.NoError(t, prim.Start())
+	wire := &sink{}
+	out := NewPassthroughBuffer(wire)
+	sb := newStandby(t, nil)
+	go func() {
+		m, _, _ := sb.ReceiveReplication(context.Background(), 2*time.Second)
+		if m != nil {
+			m.Close()
+		}
+	}()
+	px := newProxy(t, sb.Addr())
+	rep, err := StartReplication(context.Background(), prim, ReplicateConfig{To: px.addr(), Insecure: true, Name: "tiny",
+		Epoch: 10 * time.Millisecond, FailoverTimeout: 2 * time.Second, OnStandbyLoss: OnStandbyLossPause, Outputs: []*OutputBuffer{out}})
+	require.NoError(t, err)
+	t.Cleanup(rep.Stop)
+	px.stallBack.Store(true)
+	require.NoError(t, out.Send([]byte("unacked")))
+	px.kill()
+	<-rep.Done()
+	require.ErrorIs(t, rep.Err(), ErrStandbyLost)
+	require.True(t, prim.Paused(), "pause policy: the guest stops")
+	require.Empty(t, wire.got(), "unacknowledged output stays held")
+}
