@@ -227,3 +227,19 @@ func DefaultSocketPath() string {
 	}
 	return "/run/govmm/govmm.sock"
 }
+
+// ReplicateRequest is the body of PUT /vm/replicate.
+type ReplicateRequest struct {
+	To    string `json:"to"`              // the standby, host:port
+	Epoch string `json:"epoch,omitempty"` // checkpoint interval, e.g. "25ms"
+}
+
+// ReplicationBackend is implemented by backends that can start and stop
+// replication on a running VM (PUT /vm/replicate, PUT /vm/replicate/stop).
+type ReplicationBackend interface {
+	// StartReplication returns once the guest is protected (after the
+	// initial sync), or with the reason it is not.
+	StartReplication(ctx context.Context, req ReplicateRequest) error
+	// StopReplication ends it; the standby discards its replica.
+	StopReplication() error
+}

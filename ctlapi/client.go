@@ -110,6 +110,17 @@ func (c *Client) Snapshot(ctx context.Context, path string) (SnapshotResult, err
 	return res, err
 }
 
+// Replicate starts protecting the VM with the standby at to; it returns
+// once the guest is protected.
+func (c *Client) Replicate(ctx context.Context, req ReplicateRequest) error {
+	return c.do(ctx, http.MethodPut, "/vm/replicate", req, nil)
+}
+
+// StopReplication ends replication.
+func (c *Client) StopReplication(ctx context.Context) error {
+	return c.do(ctx, http.MethodPut, "/vm/replicate/stop", nil, nil)
+}
+
 // maxLine caps one NDJSON line of a migration's progress.
 const maxLine = 1 << 20
 

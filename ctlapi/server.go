@@ -190,13 +190,15 @@ type route struct {
 }
 
 var routes = map[string]route{
-	"/vm":          {http.MethodGet, (*Server).getInfo},
-	"/vm/pause":    {http.MethodPut, (*Server).putPause},
-	"/vm/resume":   {http.MethodPut, (*Server).putResume},
-	"/vm/snapshot": {http.MethodPut, (*Server).putSnapshot},
-	"/vm/migrate":  {http.MethodPut, (*Server).putMigrate},
-	"/stats":       {http.MethodGet, (*Server).getStats},
-	"/metrics":     {http.MethodGet, (*Server).getMetrics},
+	"/vm":                {http.MethodGet, (*Server).getInfo},
+	"/vm/pause":          {http.MethodPut, (*Server).putPause},
+	"/vm/resume":         {http.MethodPut, (*Server).putResume},
+	"/vm/snapshot":       {http.MethodPut, (*Server).putSnapshot},
+	"/vm/migrate":        {http.MethodPut, (*Server).putMigrate},
+	"/vm/replicate":      {http.MethodPut, (*Server).putReplicate},
+	"/vm/replicate/stop": {http.MethodPut, (*Server).putReplicateStop},
+	"/stats":             {http.MethodGet, (*Server).getStats},
+	"/metrics":           {http.MethodGet, (*Server).getMetrics},
 }
 
 // ServeHTTP implements http.Handler.
@@ -252,6 +254,44 @@ type snapshotRequest struct {
 // migrateRequest is the body of PUT /vm/migrate.
 type migrateRequest struct {
 	To string `json:"to"`
+}
+
+// putReplicate starts protecting the VM with a standby (optional
+// backend capability).
+func (s *Server) putReplicate(w http.ResponseWriter, r *http.Request) {
+	rb, ok := s.b.(ReplicationBackend)
+	if !ok {
+		writeError(w, fmt.Errorf("%w: this VMM cannot replicate", ErrNotSupported))
+		return
+	}
+	var req ReplicateRequest
+	if err := decodeBody(w, r, &req); err != nil {
+		writeError(w, err)
+		return
+	}
+	if req.To == "" {
+		writeError(w, fmt.Errorf(`%w: replicate: missing "to"`, ErrInvalid))
+		return
+	}
+	if err := rb.StartReplication(r.Context(), req); err != nil {
+		writeError(w, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+// putReplicateStop ends replication; the guest runs on unprotected.
+func (s *Server) putReplicateStop(w http.ResponseWriter, _ *http.Request) {
+	rb, ok := s.b.(ReplicationBackend)
+	if !ok {
+		writeError(w, fmt.Errorf("%w: this VMM cannot replicate", ErrNotSupported))
+		return
+	}
+	if err := rb.StopReplication(); err != nil {
+		writeError(w, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
 }
 
 // errBusy answers a second snapshot or migration.

@@ -155,3 +155,45 @@ func (b *vmBackend) Stats() ctlapi.Stats {
 	}
 	return s
 }
+
+var _ ctlapi.ReplicationBackend = (*vmBackend)(nil)
+
+// StartReplication protects the running VM (PUT /vm/replicate).
+func (b *vmBackend) StartReplication(ctx context.Context, req ctlapi.ReplicateRequest) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if r := b.rep.Load(); r != nil {
+		select {
+		case <-r.Done():
+		default:
+			return fmt.Errorf("replicate: %w: already replicating to %s", ctlapi.ErrConflict, b.f.replicateTo)
+		}
+	}
+	if req.Epoch != "" {
+		d, err := time.ParseDuration(req.Epoch)
+		if err != nil || d <= 0 {
+			return fmt.Errorf("replicate: %w: bad epoch %q", ctlapi.ErrInvalid, req.Epoch)
+		}
+		b.f.epoch = d
+	}
+	b.f.replicateTo = req.To
+	rep, err := startReplication(b.m, b.f)
+	if err != nil {
+		return err
+	}
+	b.rep.Store(rep)
+	return nil
+}
+
+// StopReplication ends replication (PUT /vm/replicate/stop).
+func (b *vmBackend) StopReplication() error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	r := b.rep.Load()
+	if r == nil {
+		return fmt.Errorf("unreplicate: %w: not replicating", ctlapi.ErrConflict)
+	}
+	r.Stop()
+	b.rep.Store(nil)
+	return nil
+}

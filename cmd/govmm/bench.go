@@ -3,9 +3,11 @@ package main
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"os"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -14,33 +16,55 @@ import (
 
 const benchUsage = `Usage: govmm bench [flags] [SUITE...]
 
-Runs benchmarks side by side with QEMU (when installed) and writes raw CSV
-and report.md into --out (default bench/results/<timestamp>). Suites: boot.
+Runs benchmarks and writes raw CSV (one row per sample), PNG plots and
+report.md into --out (default bench/results/<timestamp>). Suites (default:
+all of them, in this order):
 
 boot: wall time from process start to the guest's ready line, and the
-VMM's own memory (RSS minus guest RAM touched). --guest auto boots the
-default guest where KVM runs guests at hardware speed, and a tiny guest
-(a bzImage that prints the ready line at once) where it emulates them.
+VMM's own memory (RSS minus guest RAM touched), beside QEMU when installed.
+--guest auto boots the default guest where KVM runs guests at hardware
+speed, and a tiny guest (a bzImage that prints the ready line at once)
+where it emulates them.
+
+checkpoint: replication of a tiny dirtying guest to an in-process standby
+over loopback: each epoch's pause broken into steps (harvest, copy, state,
+resume) and its time to ack, against dirty pages per epoch (working sets
+of 100, 1k, 4k, 16k and 64k pages; --quick: 100 and 1k), beside the
+memcpy and loopback-bandwidth lower bounds.
+
+migration: live migration over loopback, total time and downtime against
+the guest's measured dirty rate (working sets of 0, 256, 4096 and 16384
+pages; --quick: 0 and 256).
+
+failover: separate 'govmm run --replicate-to' and 'govmm standby'
+processes; the primary is SIGKILLed (connection closed) or SIGSTOPped
+(silent), and the time to the standby's first control-API answer is
+measured for failover timeouts of 200ms, 500ms and 1s (--quick: 500ms).
 
 Flags:
 `
 
+// benchSuites is every suite, in the order they run by default.
+var benchSuites = []string{"boot", "checkpoint", "migration", "failover"}
+
 func cmdBench(args []string) error {
 	fs := newFlagSet("bench", benchUsage)
-	runs := fs.Int("runs", 11, "trials per VMM")
-	quick := fs.Bool("quick", false, "tiny parameters: proves the suites work, numbers mean little")
+	runs := fs.Int("runs", 0, "trials per VMM (boot, default 11), per working set (migration, default 5) or per timeout and mode (failover, default 10); epochs kept per working set (checkpoint) are 40")
+	quick := fs.Bool("quick", false, "tiny parameters: proves the suites work in a few minutes, numbers mean little")
 	out := fs.String("out", "", "results directory (default bench/results/<timestamp>)")
 	guest := fs.String("guest", "auto", "boot suite guest: auto, tiny or default")
-	mem := fs.Int("mem", 256, "guest memory in MiB")
+	mem := fs.Int("mem", 256, "boot suite guest memory in MiB")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
 	suites := fs.Args()
 	if len(suites) == 0 {
-		suites = []string{"boot"}
+		suites = benchSuites
 	}
-	if *quick {
-		*runs = 3
+	for _, s := range suites {
+		if !slices.Contains(benchSuites, s) {
+			return fmt.Errorf("unknown suite %q (%s)", s, strings.Join(benchSuites, ", "))
+		}
 	}
 	if *out == "" {
 		*out = filepath.Join("bench", "results", time.Now().UTC().Format("20060102T150405Z"))
@@ -52,31 +76,26 @@ func cmdBench(args []string) error {
 	if err != nil {
 		return err
 	}
+	// The stream's per-connection Info lines would drown the progress.
+	slog.SetDefault(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
 	defer stop()
-	sections := map[string]string{}
-	for _, s := range suites {
-		switch s {
-		case "boot":
-			cfg := bench.BootConfig{Govmm: self, Guest: *guest, MemMiB: *mem, Runs: *runs, Out: *out, Log: os.Stderr}
-			if *guest == "default" || *guest == "auto" {
-				if img, err := defaultImage(); err == nil {
-					cfg.Kernel, cfg.Initrd = img.Kernel, img.Initrd
-				} else if *guest == "default" {
-					return err
-				}
-			}
-			samples, err := bench.Boot(ctx, cfg)
-			if err != nil {
-				return err
-			}
-			sections["boot"] = bench.BootReport(samples)
-		default:
-			return fmt.Errorf("unknown suite %q (boot)", s)
+	opts := bench.Options{Quick: *quick, Runs: *runs, Out: *out, Govmm: self, Log: os.Stderr,
+		Boot: bench.BootConfig{Govmm: self, Guest: *guest, MemMiB: *mem}}
+	// The default image is built only where the boot suite will boot it.
+	if slices.Contains(suites, "boot") && (*guest == "default" || (*guest == "auto" && !bench.Emulated())) {
+		if img, err := defaultImage(); err == nil {
+			opts.Boot.Kernel, opts.Boot.Initrd = img.Kernel, img.Initrd
+		} else if *guest == "default" {
+			return err
 		}
 	}
 	command := "govmm bench " + strings.Join(args, " ")
-	if err := bench.WriteReport(*out, command, sections, suites); err != nil {
+	sections, err := bench.Run(ctx, opts, suites)
+	if werr := bench.WriteReport(*out, command, sections, suites); err == nil {
+		err = werr
+	}
+	if err != nil {
 		return err
 	}
 	for _, s := range suites {

@@ -34,6 +34,10 @@ Commands:
                           FILE is taken from this directory)
   migrate --to HOST:PORT  live-migrate to a standby: progress on stderr, then a
                           report; Ctrl-C cancels the migration
+  replicate --to HOST:PORT [--epoch D]
+                          protect the running VM with a standby (govmm standby
+                          --listen HOST:PORT); returns once it is protected
+  unreplicate             stop replicating; the guest runs on unprotected
   stats                   the VM's metrics as a table
   metrics                 the same in Prometheus text format
 
@@ -56,13 +60,15 @@ func cmdCtl(args []string) error {
 	}
 	name, rest := fs.Arg(0), fs.Args()[1:]
 	cmds := map[string]func(context.Context, *ctlapi.Client, []string) error{
-		"info":     ctlInfo,
-		"pause":    ctlPause,
-		"resume":   ctlResume,
-		"snapshot": ctlSnapshot,
-		"migrate":  ctlMigrate,
-		"stats":    ctlStats,
-		"metrics":  ctlMetrics,
+		"info":        ctlInfo,
+		"pause":       ctlPause,
+		"resume":      ctlResume,
+		"snapshot":    ctlSnapshot,
+		"migrate":     ctlMigrate,
+		"stats":       ctlStats,
+		"metrics":     ctlMetrics,
+		"replicate":   ctlReplicate,
+		"unreplicate": ctlUnreplicate,
 	}
 	run, ok := cmds[name]
 	if !ok {
@@ -349,4 +355,33 @@ func ctlValue(v float64) string {
 		return fmt.Sprintf("%.0f", v)
 	}
 	return fmt.Sprintf("%g", v)
+}
+
+func ctlReplicate(ctx context.Context, c *ctlapi.Client, args []string) error {
+	var req ctlapi.ReplicateRequest
+	if err := ctlFlags("replicate", "replicate --to HOST:PORT [--epoch D]", args, func(fs *flag.FlagSet) {
+		fs.StringVar(&req.To, "to", "", "the standby, HOST:PORT")
+		fs.StringVar(&req.Epoch, "epoch", "", "checkpoint interval (default: the VM's --epoch)")
+	}); err != nil {
+		return err
+	}
+	if req.To == "" {
+		return errors.New("ctl replicate: --to HOST:PORT is required")
+	}
+	if err := c.Replicate(ctx, req); err != nil {
+		return err
+	}
+	fmt.Printf("protected by %s\n", req.To)
+	return nil
+}
+
+func ctlUnreplicate(ctx context.Context, c *ctlapi.Client, args []string) error {
+	if err := ctlFlags("unreplicate", "unreplicate", args, nil); err != nil {
+		return err
+	}
+	if err := c.StopReplication(ctx); err != nil {
+		return err
+	}
+	fmt.Println("replication stopped: the guest runs unprotected")
+	return nil
 }

@@ -123,3 +123,73 @@ func TestReprotectAndFailOverAgain(t *testing.T) {
 	require.Equal(t, 0, status, errOut)
 	require.Greater(t, snapshotCounter(t, snapC), c1, "the guest carries on at the third host")
 }
+
+// Replication started and stopped through the control API; losing the
+// standby leaves the primary running, unprotected, and saying so.
+func TestCtlReplicateStandbyLoss(t *testing.T) {
+	kvmtest.Require(t)
+	dir := t.TempDir()
+	kernel := filepath.Join(dir, "dirtier")
+	require.NoError(t, os.WriteFile(kernel, tinyguest.Kernel(tinyguest.Dirtier(0x400000, 64, counterGPA)), 0o644))
+	initrd := filepath.Join(dir, "initrd")
+	require.NoError(t, os.WriteFile(initrd, []byte("x"), 0o644))
+	ctl := func(sock string, args ...string) (string, string, int) {
+		return govmm(t, time.Minute, append([]string{"ctl", "--api-sock", sock}, args...)...)
+	}
+	sock := filepath.Join(dir, "p.sock")
+	startVM(t, "run", "--kernel", kernel, "--initrd", initrd, "--mem", "64M", "--net", "none", "--api-sock", sock, "--epoch", "20ms")
+	waitSocket(t, sock)
+	out, _, _ := ctl(sock, "info")
+	require.NotContains(t, out, "protected")
+
+	addr1 := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	sb1 := startVM(t, "standby", "--listen", addr1, "--net", "none")
+	time.Sleep(200 * time.Millisecond)
+	out, errOut, status := ctl(sock, "replicate", "--to", addr1)
+	require.Equal(t, 0, status, errOut)
+	require.Contains(t, out, "protected by")
+	out, _, _ = ctl(sock, "info")
+	require.Contains(t, out, "primary (protected)")
+	_, errOut, status = ctl(sock, "replicate", "--to", addr1)
+	require.NotEqual(t, 0, status, "a second replicate is a conflict")
+	require.Contains(t, errOut, "already replicating")
+
+	// The standby dies: the primary carries on, unprotected, and says so.
+	require.NoError(t, syscall.Kill(-sb1.Process.Pid, syscall.SIGKILL))
+	require.Eventually(t, func() bool {
+		out, _, _ := ctl(sock, "metrics")
+		return strings.Contains(out, "govmm_replication_protected 0")
+	}, 30*time.Second, 50*time.Millisecond)
+	out, _, _ = ctl(sock, "info")
+	require.Contains(t, out, "UNPROTECTED")
+	s1, s2 := filepath.Join(dir, "1.snap"), filepath.Join(dir, "2.snap")
+	_, errOut, status = ctl(sock, "snapshot", "--out", s1)
+	require.Equal(t, 0, status, errOut)
+	time.Sleep(50 * time.Millisecond)
+	_, errOut, status = ctl(sock, "snapshot", "--out", s2)
+	require.Equal(t, 0, status, errOut)
+	require.Greater(t, snapshotCounter(t, s2), snapshotCounter(t, s1), "the guest keeps running")
+
+	// Protected again by a new standby, then replication stopped: that
+	// standby discards its replica and exits without running the guest.
+	addr2 := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	sb2 := exec.Command(govmmBin, "standby", "--listen", addr2, "--net", "none")
+	var sb2Err strings.Builder
+	sb2.Stderr = &sb2Err
+	require.NoError(t, sb2.Start())
+	t.Cleanup(func() { _ = sb2.Process.Kill(); _ = sb2.Wait() })
+	time.Sleep(200 * time.Millisecond)
+	_, errOut, status = ctl(sock, "replicate", "--to", addr2)
+	require.Equal(t, 0, status, errOut)
+	_, errOut, status = ctl(sock, "unreplicate")
+	require.Equal(t, 0, status, errOut)
+	werr := make(chan error, 1)
+	go func() { werr <- sb2.Wait() }()
+	select {
+	case err := <-werr:
+		require.Error(t, err, "the standby exits with an error status")
+	case <-time.After(30 * time.Second):
+		t.Fatal("standby still running after replication stopped")
+	}
+	require.Contains(t, sb2Err.String(), "replica is discarded")
+}

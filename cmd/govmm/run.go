@@ -187,8 +187,12 @@ func supervise(m *vmm.Machine, f *runFlags) error {
 			return err
 		}
 		be.rep.Store(rep)
-		defer rep.Stop()
 	}
+	defer func() {
+		if r := be.rep.Load(); r != nil {
+			r.Stop()
+		}
+	}()
 	restore := attachConsole(m)
 	defer restore()
 	sigs := make(chan os.Signal, 1)

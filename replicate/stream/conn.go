@@ -9,6 +9,7 @@ import (
 	"hash"
 	"io"
 	"sync/atomic"
+	"syscall"
 )
 
 // handshakeKey MACs the handshake frames, before a session key exists. It
@@ -142,6 +143,14 @@ func (r *frameReader) next() (*frame, error) {
 func truncated(what string, err error) error {
 	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
 		return fmt.Errorf("connection ended inside %s: %w", what, ErrTruncated)
+	}
+	// The peer's host or process died (a SIGKILLed process with unread
+	// data resets its connections): the stream ends as truncated, which
+	// is what a standby's failure detection acts on.
+	for _, e := range []error{syscall.ECONNRESET, syscall.EPIPE, syscall.ECONNABORTED, syscall.ETIMEDOUT, syscall.EHOSTUNREACH, syscall.ENETUNREACH} {
+		if errors.Is(err, e) {
+			return fmt.Errorf("read %s: connection lost (%v): %w", what, err, ErrTruncated)
+		}
 	}
 	return fmt.Errorf("read %s: %w", what, err)
 }

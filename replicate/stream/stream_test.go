@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -690,3 +691,9 @@ func TestStagingSink(t *testing.T) {
 type pageWriterFunc func(p []byte, gpa GPA) error
 
 func (f pageWriterFunc) WriteAt(p []byte, gpa GPA) error { return f(p, gpa) }
+
+func TestConnectionResetIsTruncation(t *testing.T) {
+	err := truncated("frame header", &net.OpError{Op: "read", Net: "tcp", Err: os.NewSyscallError("read", syscall.ECONNRESET)})
+	require.ErrorIs(t, err, ErrTruncated)
+	require.NotErrorIs(t, truncated("frame header", net.ErrClosed), ErrTruncated, "a local close is not the peer dying")
+}
