@@ -4,7 +4,7 @@ BIN       := bin/govmm
 RACE_PKGS := ./vmm/... ./virtio/... ./internal/... ./guestimg/... ./dirtylog/... ./ctlapi/... ./replicate/...
 FUZZTIME  ?= 20s
 
-.PHONY: all build image run test vet fuzz bench clean deps
+.PHONY: all build image run demo soak test vet fuzz bench bench-quick clean deps
 
 all: build
 
@@ -22,6 +22,17 @@ image: build deps
 # The main job: boot the default guest to a shell (Ctrl-A x quits).
 run: image
 	$(BIN) run
+
+# The main job: a primary replicating to a standby on this machine, the
+# primary SIGKILLed, the standby carrying on (scripts/demo.sh).
+demo: image
+	scripts/demo.sh
+
+# Many failovers at random moments (tests with SIGKILLed primaries).
+SOAK_COUNT ?= 20
+soak: build
+	$(GO) test -count=$(SOAK_COUNT) -run 'TestReplicationFailover|TestReplicatedDiskFollowsCheckpoints' ./replicate/
+	$(GO) test -count=$(SOAK_COUNT) -run 'TestReplicateAndFailover|TestReprotectAndFailOverAgain' ./cmd/govmm/
 
 vet:
 	@test -z "$$(gofmt -l . | tee /dev/stderr)" || { echo "gofmt: files above need formatting"; exit 1; }
