@@ -52,5 +52,11 @@ bench: build
 	scripts/deps.sh bench
 	$(BIN) bench
 
+# Every suite with tiny parameters: proves they work (CI runs it through
+# bench's TestQuickSuitesProduceOutput too); the numbers mean little.
+bench-quick: build
+	scripts/deps.sh bench
+	$(BIN) bench --quick --out $$(mktemp -d)
+
 clean:
 	rm -rf bin

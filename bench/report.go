@@ -49,7 +49,19 @@ func WriteReport(dir, command string, sections map[string]string, order []string
 	fmt.Fprintf(&b, "# govmm benchmark report\n\n%s\n\nReproduce with:\n\n    %s\n\n## Machine\n\n%s\n",
 		time.Now().UTC().Format(time.RFC3339), command, Machine())
 	for _, name := range order {
+		if sections[name] == "" {
+			fmt.Fprintf(&b, "## %s\n\nNot finished: see the command's error.\n\n", name)
+			continue
+		}
 		fmt.Fprintf(&b, "## %s\n\n%s\n", name, sections[name])
+	}
+	if entries, err := os.ReadDir(dir); err == nil {
+		b.WriteString("## Files\n\n")
+		for _, e := range entries {
+			if n := e.Name(); n != "report.md" && !e.IsDir() {
+				fmt.Fprintf(&b, "- `%s`\n", n)
+			}
+		}
 	}
 	return os.WriteFile(filepath.Join(dir, "report.md"), b.Bytes(), 0o644)
 }

@@ -90,7 +90,7 @@ func cmdBench(args []string) error {
 			return err
 		}
 	}
-	command := "govmm bench " + strings.Join(args, " ")
+	command := strings.TrimSpace("govmm bench " + strings.Join(args, " "))
 	sections, err := bench.Run(ctx, opts, suites)
 	if werr := bench.WriteReport(*out, command, sections, suites); err == nil {
 		err = werr

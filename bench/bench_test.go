@@ -1,0 +1,63 @@
+package bench
+
+import (
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"govmm/internal/kvmtest"
+)
+
+// Every suite runs in quick mode and leaves its CSV, its plots and its
+// section of report.md. Timings are never checked: they belong to the
+// machine, not to the code.
+func TestQuickSuitesProduceOutput(t *testing.T) {
+	kvmtest.Require(t)
+	govmm := filepath.Join(t.TempDir(), "govmm")
+	build := exec.Command("go", "build", "-o", govmm, "govmm/cmd/govmm")
+	build.Stderr = os.Stderr
+	require.NoError(t, build.Run(), "build govmm")
+
+	files := map[string][]string{
+		"boot":       {"boot.csv"},
+		"checkpoint": {"checkpoint.csv", "checkpoint_steps.csv", "checkpoint_bounds.csv", "checkpoint_pause.png", "checkpoint_breakdown.png"},
+		"migration":  {"migration.csv", "migration.png"},
+		"failover":   {"failover.csv", "failover.png"},
+	}
+	for _, suite := range []string{"boot", "checkpoint", "migration", "failover"} {
+		t.Run(suite, func(t *testing.T) {
+			out := t.TempDir()
+			ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
+			defer cancel()
+			// The boot suite's tiny guest is forced: the default guest image
+			// is not built by a unit test.
+			opts := Options{Quick: true, Out: out, Govmm: govmm, Log: testWriter{t},
+				Boot: BootConfig{Guest: "tiny", MemMiB: 64}}
+			sections, err := Run(ctx, opts, []string{suite})
+			require.NoError(t, err)
+			require.NotEmpty(t, sections[suite])
+			require.NoError(t, WriteReport(out, "govmm bench --quick "+suite, sections, []string{suite}))
+			for _, name := range append(files[suite], "report.md") {
+				st, err := os.Stat(filepath.Join(out, name))
+				if assert.NoError(t, err, name) {
+					assert.Positive(t, st.Size(), "%s is empty", name)
+				}
+			}
+		})
+	}
+}
+
+// testWriter sends the suites' progress lines to the test log.
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimRight(string(p), "\n"))
+	return len(p), nil
+}

@@ -1,0 +1,608 @@
+package bench
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"math"
+	"net"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"govmm/dirtylog"
+	"govmm/replicate"
+	"govmm/vmm"
+	"govmm/vmm/guestmem"
+)
+
+// CheckpointConfig parameterises the checkpoint suite.
+type CheckpointConfig struct {
+	// Pages are the Dirtier working sets to try (nominal dirty pages per
+	// epoch); each gets a guest big enough to hold it.
+	Pages []int
+	// Epoch is the fixed epoch length (default 50ms).
+	Epoch time.Duration
+	// Warmup epochs are dropped (the first follows the initial sync);
+	// Epochs are kept per working set.
+	Warmup, Epochs int
+	// BoundReps is how many times each bound is measured (median kept).
+	BoundReps int
+	Out       string
+	Log       io.Writer
+}
+
+// CheckpointSample is one epoch of real replication.
+type CheckpointSample struct {
+	Nominal int           // the Dirtier's working set
+	Epoch   time.Duration // configured epoch length
+	Stats   replicate.EpochStats
+}
+
+// StepSample is one cycle of the separate step loop: the vCPU pause, a
+// standalone dirty-log harvest and the resume, timed apart (replicate's
+// EpochStats.Harvest includes the pause and device quiescing).
+type StepSample struct {
+	Nominal              int
+	Pause, Harvest, Resu time.Duration
+	DirtyPages           int
+}
+
+// BoundSample is one measurement of a lower bound for moving n pages.
+type BoundSample struct {
+	Kind  string // "memcpy" or "loopback"
+	Pages int
+	Time  time.Duration
+}
+
+// CheckpointResult is everything the suite measured.
+type CheckpointResult struct {
+	Samples []CheckpointSample
+	Steps   []StepSample
+	Bounds  []BoundSample
+	Config  CheckpointConfig
+}
+
+// Checkpoint drives real replication of a tiny dirtying guest to an
+// in-process standby over loopback and records every epoch's pause
+// broken into steps and its time to ack, for each working set; then the
+// memcpy and loopback lower bounds for the same page counts.
+func Checkpoint(ctx context.Context, cfg CheckpointConfig) (*CheckpointResult, error) {
+	if len(cfg.Pages) == 0 {
+		cfg.Pages = []int{100, 1000, 4096, 16384, 65536}
+	}
+	if cfg.Epoch <= 0 {
+		cfg.Epoch = 50 * time.Millisecond
+	}
+	if cfg.Warmup <= 0 {
+		cfg.Warmup = 5
+	}
+	if cfg.Epochs <= 0 {
+		cfg.Epochs = 40
+	}
+	if cfg.BoundReps <= 0 {
+		cfg.BoundReps = 7
+	}
+	if cfg.Log == nil {
+		cfg.Log = io.Discard
+	}
+	res := &CheckpointResult{Config: cfg}
+	type run struct {
+		pages int
+		epoch time.Duration
+	}
+	var runs []run
+	for _, n := range cfg.Pages {
+		runs = append(runs, run{n, cfg.Epoch})
+	}
+	for _, r := range runs {
+		ss, steps, err := checkpointRun(ctx, cfg, r.pages, r.epoch)
+		if err != nil {
+			return res, fmt.Errorf("checkpoint %d pages, epoch %v: %w", r.pages, r.epoch, err)
+		}
+		res.Samples = append(res.Samples, ss...)
+		res.Steps = append(res.Steps, steps...)
+		var dirty, pause []float64
+		for _, s := range ss {
+			dirty = append(dirty, float64(s.Stats.DirtyPages))
+			pause = append(pause, usOf(s.Stats.Pause))
+		}
+		fmt.Fprintf(cfg.Log, "checkpoint: %6d pages, epoch %v: %d epochs, dirty median %.0f, pause median %.0f µs\n",
+			r.pages, r.epoch, len(ss), Summarize(dirty).Median, Summarize(pause).Median)
+	}
+	// Bounds at a fixed grid and at each run's measured median.
+	grid := map[int]bool{}
+	for _, n := range []int{100, 300, 1000, 3000, 10000, 30000, 65536} {
+		if n <= maxInt(cfg.Pages) {
+			grid[n] = true
+		}
+	}
+	for _, g := range groupSamples(res.Samples) {
+		if m := int(math.Round(g.dirty.Median)); m > 0 {
+			grid[m] = true
+		}
+	}
+	var counts []int
+	for n := range grid {
+		counts = append(counts, n)
+	}
+	sort.Ints(counts)
+	b, err := measureBounds(ctx, counts, cfg.BoundReps)
+	if err != nil {
+		return res, err
+	}
+	res.Bounds = b
+	if cfg.Out != "" {
+		if err := res.write(cfg.Out); err != nil {
+			return res, err
+		}
+	}
+	return res, nil
+}
+
+// checkpointRun replicates one guest for warm-up plus cfg.Epochs epochs,
+// then times the steps apart on the same guest.
+func checkpointRun(ctx context.Context, cfg CheckpointConfig, pages int, epoch time.Duration) ([]CheckpointSample, []StepSample, error) {
+	m, err := newTinyMachine(pages, memFor(pages))
+	if err != nil {
+		return nil, nil, err
+	}
+	defer m.Close()
+	if err := m.Start(); err != nil {
+		return nil, nil, err
+	}
+	if err := waitPasses(ctx, m, 1, time.Minute); err != nil {
+		return nil, nil, err
+	}
+	sb, err := newStandby()
+	if err != nil {
+		return nil, nil, err
+	}
+	defer sb.Close()
+	sctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	sbDone := make(chan struct{})
+	go func() {
+		defer close(sbDone)
+		sm, _, err := sb.ReceiveReplication(sctx, 10*time.Second)
+		if err == nil {
+			sm.Close() // a takeover here would be a bench failure; Recent tells
+		}
+	}()
+	rep, err := replicate.StartReplication(ctx, m, replicate.ReplicateConfig{To: sb.Addr(), Insecure: true,
+		Name: "bench", Epoch: epoch, FailoverTimeout: 10 * time.Second, Logger: quietLogger()})
+	if err != nil {
+		return nil, nil, err
+	}
+	want := uint64(cfg.Warmup + cfg.Epochs)
+	deadline := time.Now().Add(time.Duration(want)*epoch*4 + 2*time.Minute)
+	for rep.Stats().Epochs < want+1 { // one more, so the last kept has its ack
+		select {
+		case <-rep.Done():
+			return nil, nil, fmt.Errorf("replication ended: %w", rep.Err())
+		case <-ctx.Done():
+			rep.Stop()
+			return nil, nil, ctx.Err()
+		case <-time.After(5 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			rep.Stop()
+			return nil, nil, fmt.Errorf("only %d epochs before the deadline", rep.Stats().Epochs)
+		}
+	}
+	time.Sleep(epoch) // acks in flight arrive
+	recent := rep.Recent()
+	rep.Stop()
+	<-sbDone
+	var out []CheckpointSample
+	for _, es := range recent {
+		if len(out) == cfg.Epochs {
+			break
+		}
+		if es.Epoch <= recent[0].Epoch+uint64(cfg.Warmup)-1 {
+			continue
+		}
+		out = append(out, CheckpointSample{Nominal: pages, Epoch: epoch, Stats: es})
+	}
+
+	// The steps apart: pause, harvest alone, resume, one epoch apart.
+	steps, err := stepLoop(ctx, m, pages, epoch, minInt(cfg.Epochs, 20))
+	return out, steps, err
+}
+
+// stepLoop pauses m n times, one epoch apart, timing the pause, a
+// standalone harvest and the resume separately.
+func stepLoop(ctx context.Context, m *vmm.Machine, pages int, epoch time.Duration, n int) ([]StepSample, error) {
+	tr, err := dirtylog.New(m.VM(), m.Memory(), dirtylog.Options{ManualProtect: true})
+	if err != nil {
+		return nil, err
+	}
+	defer tr.Close()
+	if _, err := tr.Harvest(); err != nil {
+		return nil, err
+	}
+	var out []StepSample
+	for i := 0; i < n+2; i++ {
+		select {
+		case <-ctx.Done():
+			return out, ctx.Err()
+		case <-time.After(epoch):
+		}
+		t0 := time.Now()
+		if err := m.Pause(); err != nil {
+			return out, err
+		}
+		t1 := time.Now()
+		set, err := tr.Harvest()
+		if err != nil {
+			_ = m.Resume()
+			return out, err
+		}
+		t2 := time.Now()
+		if err := m.Resume(); err != nil {
+			return out, err
+		}
+		t3 := time.Now()
+		if i >= 2 {
+			out = append(out, StepSample{Nominal: pages, Pause: t1.Sub(t0), Harvest: t2.Sub(t1), Resu: t3.Sub(t2), DirtyPages: set.Count()})
+		}
+	}
+	return out, nil
+}
+
+// measureBounds times, for each page count, copying that many pages with
+// copy() into a warm buffer, and sending that many bytes over a loopback
+// TCP connection until a one-byte ack comes back.
+func measureBounds(ctx context.Context, counts []int, reps int) ([]BoundSample, error) {
+	maxN := maxInt(counts)
+	src := make([]byte, maxN*guestmem.PageSize)
+	dst := make([]byte, maxN*guestmem.PageSize)
+	for i := range src {
+		src[i] = byte(i)
+	}
+	copy(dst, src) // both warm
+	var out []BoundSample
+	for _, n := range counts {
+		for r := 0; r < reps; r++ {
+			t0 := time.Now()
+			for p := 0; p < n; p++ {
+				off := p * guestmem.PageSize
+				copy(dst[off:off+guestmem.PageSize], src[off:off+guestmem.PageSize])
+			}
+			out = append(out, BoundSample{Kind: "memcpy", Pages: n, Time: time.Since(t0)})
+		}
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return out, err
+	}
+	defer ln.Close()
+	type conn struct {
+		c   net.Conn
+		err error
+	}
+	accepted := make(chan conn, 1)
+	go func() {
+		c, err := ln.Accept()
+		accepted <- conn{c, err}
+	}()
+	var d net.Dialer
+	tx, err := d.DialContext(ctx, "tcp", ln.Addr().String())
+	if err != nil {
+		return out, err
+	}
+	defer tx.Close()
+	a := <-accepted
+	if a.err != nil {
+		return out, a.err
+	}
+	rx := a.c
+	defer rx.Close()
+	// The receiver reads a length, then that many bytes, then acks.
+	go func() {
+		buf := make([]byte, 1<<20)
+		hdr := make([]byte, 8)
+		for {
+			if _, err := io.ReadFull(rx, hdr); err != nil {
+				return
+			}
+			left := int(leUint64(hdr))
+			for left > 0 {
+				k, err := rx.Read(buf[:minInt(left, len(buf))])
+				if err != nil {
+					return
+				}
+				left -= k
+			}
+			if _, err := rx.Write([]byte{1}); err != nil {
+				return
+			}
+		}
+	}()
+	ack := make([]byte, 1)
+	hdr := make([]byte, 8)
+	for _, n := range counts {
+		size := n * guestmem.PageSize
+		for r := 0; r < reps+1; r++ {
+			putLeUint64(hdr, uint64(size))
+			t0 := time.Now()
+			if _, err := tx.Write(hdr); err != nil {
+				return out, err
+			}
+			if _, err := tx.Write(src[:size]); err != nil {
+				return out, err
+			}
+			if _, err := io.ReadFull(tx, ack); err != nil {
+				return out, err
+			}
+			if r > 0 { // the first warms the socket buffers
+				out = append(out, BoundSample{Kind: "loopback", Pages: n, Time: time.Since(t0)})
+			}
+		}
+	}
+	return out, nil
+}
+
+// sampleGroup is the epochs of one (working set, epoch length) run.
+type sampleGroup struct {
+	nominal                                  int
+	epoch                                    time.Duration
+	n                                        int
+	dirty, pause, harvest, copy, state, rest Summary
+	ack, length                              Summary
+}
+
+func groupSamples(samples []CheckpointSample) []sampleGroup {
+	type key struct {
+		n int
+		e time.Duration
+	}
+	var keys []key
+	by := map[key][]CheckpointSample{}
+	for _, s := range samples {
+		k := key{s.Nominal, s.Epoch}
+		if _, ok := by[k]; !ok {
+			keys = append(keys, k)
+		}
+		by[k] = append(by[k], s)
+	}
+	var out []sampleGroup
+	for _, k := range keys {
+		var dirty, pause, harvest, cp, state, rest, ack, length []float64
+		for _, s := range by[k] {
+			es := s.Stats
+			dirty = append(dirty, float64(es.DirtyPages))
+			pause = append(pause, usOf(es.Pause))
+			harvest = append(harvest, usOf(es.Harvest))
+			cp = append(cp, usOf(es.Copy))
+			state = append(state, usOf(es.State))
+			rest = append(rest, usOf(es.Pause-es.Harvest-es.Copy-es.State))
+			if es.AckTime > 0 {
+				ack = append(ack, usOf(es.AckTime))
+			}
+			length = append(length, msOf(es.Length))
+		}
+		out = append(out, sampleGroup{nominal: k.n, epoch: k.e, n: len(by[k]), dirty: Summarize(dirty), pause: Summarize(pause),
+			harvest: Summarize(harvest), copy: Summarize(cp), state: Summarize(state), rest: Summarize(rest),
+			ack: Summarize(ack), length: Summarize(length)})
+	}
+	return out
+}
+
+// boundAt is the median time of kind for n pages, interpolated
+// log-linearly between measured counts.
+func boundAt(bounds []BoundSample, kind string, n float64) float64 {
+	by := map[int][]float64{}
+	for _, b := range bounds {
+		if b.Kind == kind {
+			by[b.Pages] = append(by[b.Pages], usOf(b.Time))
+		}
+	}
+	var counts []int
+	for c := range by {
+		counts = append(counts, c)
+	}
+	sort.Ints(counts)
+	if len(counts) == 0 || n <= 0 {
+		return math.NaN()
+	}
+	med := func(c int) float64 { return Summarize(by[c]).Median }
+	if n <= float64(counts[0]) {
+		return med(counts[0]) * n / float64(counts[0])
+	}
+	for i := 1; i < len(counts); i++ {
+		lo, hi := float64(counts[i-1]), float64(counts[i])
+		if n <= hi {
+			f := (n - lo) / (hi - lo)
+			return med(counts[i-1]) + f*(med(counts[i])-med(counts[i-1]))
+		}
+	}
+	last := counts[len(counts)-1]
+	return med(last) * n / float64(last)
+}
+
+func (r *CheckpointResult) write(dir string) error {
+	var rows [][]string
+	for _, s := range r.Samples {
+		es := s.Stats
+		rows = append(rows, []string{strconv.Itoa(s.Nominal), ftoa(msOf(s.Epoch), 1), strconv.FormatUint(es.Epoch, 10),
+			strconv.Itoa(es.DirtyPages), ftoa(usOf(es.Pause), 1), ftoa(usOf(es.Harvest), 1), ftoa(usOf(es.Copy), 1),
+			ftoa(usOf(es.State), 1), ftoa(usOf(es.Pause-es.Harvest-es.Copy-es.State), 1), ftoa(usOf(es.AckTime), 1),
+			ftoa(msOf(es.Length), 3), strconv.FormatUint(es.Bytes, 10)})
+	}
+	if err := writeCSV(filepath.Join(dir, "checkpoint.csv"), []string{"nominal_pages", "epoch_ms", "epoch", "dirty_pages",
+		"pause_us", "harvest_us", "copy_us", "state_us", "rest_us", "ack_us", "length_ms", "bytes"}, rows); err != nil {
+		return err
+	}
+	rows = nil
+	for _, s := range r.Steps {
+		rows = append(rows, []string{strconv.Itoa(s.Nominal), strconv.Itoa(s.DirtyPages), ftoa(usOf(s.Pause), 1),
+			ftoa(usOf(s.Harvest), 1), ftoa(usOf(s.Resu), 1)})
+	}
+	if err := writeCSV(filepath.Join(dir, "checkpoint_steps.csv"), []string{"nominal_pages", "dirty_pages", "vcpu_pause_us",
+		"harvest_only_us", "vcpu_resume_us"}, rows); err != nil {
+		return err
+	}
+	rows = nil
+	for _, b := range r.Bounds {
+		rows = append(rows, []string{b.Kind, strconv.Itoa(b.Pages), ftoa(usOf(b.Time), 1)})
+	}
+	if err := writeCSV(filepath.Join(dir, "checkpoint_bounds.csv"), []string{"kind", "pages", "time_us"}, rows); err != nil {
+		return err
+	}
+	return r.plot(dir)
+}
+
+func (r *CheckpointResult) plot(dir string) error {
+	groups := groupSamples(r.Samples)
+	var pauseX, pauseY, ackX, ackY, medX, medY, medAX, medAY []float64
+	for _, s := range r.Samples {
+		if s.Stats.DirtyPages <= 0 {
+			continue
+		}
+		pauseX = append(pauseX, float64(s.Stats.DirtyPages))
+		pauseY = append(pauseY, usOf(s.Stats.Pause))
+		if s.Stats.AckTime > 0 {
+			ackX = append(ackX, float64(s.Stats.DirtyPages))
+			ackY = append(ackY, usOf(s.Stats.AckTime))
+		}
+	}
+	for _, g := range groups {
+		medX, medY = append(medX, g.dirty.Median), append(medY, g.pause.Median)
+		medAX, medAY = append(medAX, g.dirty.Median), append(medAY, g.ack.Median)
+	}
+	boundSeries := func(kind, name string) Series {
+		by := map[int][]float64{}
+		for _, b := range r.Bounds {
+			if b.Kind == kind {
+				by[b.Pages] = append(by[b.Pages], usOf(b.Time))
+			}
+		}
+		s := Series{Name: name, Line: true, Dashed: true}
+		for n, ts := range by {
+			s.X, s.Y = append(s.X, float64(n)), append(s.Y, Summarize(ts).Median)
+		}
+		return s
+	}
+	err := lineChart(filepath.Join(dir, "checkpoint_pause.png"), "Checkpoint pause and ack vs dirty pages per epoch",
+		"dirty pages per epoch (measured)", "time (µs)", true, []Series{
+			{Name: "pause (each epoch)", X: pauseX, Y: pauseY},
+			{Name: "pause (median per run)", X: medX, Y: medY, Line: true},
+			{Name: "time to ack (each epoch)", X: ackX, Y: ackY},
+			{Name: "time to ack (median per run)", X: medAX, Y: medAY, Line: true},
+			boundSeries("memcpy", "memcpy bound (copy() N pages)"),
+			boundSeries("loopback", "loopback bound (N×4 KiB over TCP + ack)"),
+		})
+	if err != nil {
+		return err
+	}
+	var cats []string
+	vals := make([][]float64, 4)
+	for _, g := range groups {
+		cats = append(cats, fmt.Sprintf("%s@%s\n%.0f dirty", shortPages(g.nominal), g.epoch, g.dirty.Median))
+		vals[0] = append(vals[0], g.harvest.Median)
+		vals[1] = append(vals[1], g.copy.Median)
+		vals[2] = append(vals[2], g.state.Median)
+		vals[3] = append(vals[3], g.rest.Median)
+	}
+	return stackedBars(filepath.Join(dir, "checkpoint_breakdown.png"), "Pause broken into steps (medians)", "time (µs)",
+		cats, []string{"pause vCPUs + quiesce + harvest", "copy to staging", "save state", "resume (rest)"}, vals)
+}
+
+func shortPages(n int) string {
+	if n >= 1024 && n%1024 == 0 {
+		return fmt.Sprintf("%dk", n/1024)
+	}
+	if n >= 1000 && n%1000 == 0 {
+		return fmt.Sprintf("%dk", n/1000)
+	}
+	return strconv.Itoa(n)
+}
+
+// Report renders the checkpoint section of report.md.
+func (r *CheckpointResult) Report() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "%s\n\nGuest: one vCPU running `tinyguest.Dirtier` over the working set (guest RAM sized to hold it: 64 MiB up to 512 MiB), "+
+		"replicated with `replicate.StartReplication` to an in-process standby over loopback TCP, %d warm-up epochs dropped, then %d epochs kept per run. "+
+		"Raw data: `checkpoint.csv` (one row per epoch), `checkpoint_steps.csv`, `checkpoint_bounds.csv`; plots `checkpoint_pause.png`, `checkpoint_breakdown.png`.\n\n",
+		platform(), r.Config.Warmup, r.Config.Epochs)
+	b.WriteString("Step names are replicate's `EpochStats`: *harvest* runs from the pause request to the dirty set in hand, so it **includes stopping the vCPUs and quiescing devices**; " +
+		"*copy* is copying the dirty pages into the staging buffer (a fresh allocation each epoch); *state* is SaveState + marshal; *rest* = pause − the three, i.e. resuming the vCPUs. " +
+		"*Ack* runs from the resume to the standby's ack (streaming the staging buffer, applying it, acking).\n\n")
+	b.WriteString("| working set | epoch | epochs | dirty pages/epoch median (p25–p75) | pause median µs (p25–p75) | harvest µs | copy µs | state µs | rest µs | ack median µs (p25–p75) | actual epoch length ms | memcpy bound µs | loopback bound µs | pause / memcpy |\n")
+	b.WriteString("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+	for _, g := range groupSamples(r.Samples) {
+		mc := boundAt(r.Bounds, "memcpy", g.dirty.Median)
+		lb := boundAt(r.Bounds, "loopback", g.dirty.Median)
+		fmt.Fprintf(&b, "| %d | %v | %d | %.0f (%.0f–%.0f) | %.0f (%.0f–%.0f) | %.0f | %.0f | %.0f | %.0f | %.0f (%.0f–%.0f) | %.1f | %.0f | %.0f | %.1f× |\n",
+			g.nominal, g.epoch, g.n, g.dirty.Median, g.dirty.P25, g.dirty.P75, g.pause.Median, g.pause.P25, g.pause.P75,
+			g.harvest.Median, g.copy.Median, g.state.Median, g.rest.Median, g.ack.Median, g.ack.P25, g.ack.P75, g.length.Median, mc, lb, g.pause.Median/mc)
+	}
+	if len(r.Steps) > 0 {
+		b.WriteString("\nThe same guests after replication stopped, one epoch apart, with the steps timed apart (`checkpoint_steps.csv`): " +
+			"vCPU pause alone, a dirty-log harvest alone (KVM GET/CLEAR_DIRTY_LOG + the VMM's own bitmap), vCPU resume alone.\n\n")
+		b.WriteString("| working set | cycles | dirty pages median | vCPU pause µs median (p25–p75) | harvest alone µs median (p25–p75) | vCPU resume µs median (p25–p75) |\n|---|---|---|---|---|---|\n")
+		by := map[int][]StepSample{}
+		var order []int
+		for _, s := range r.Steps {
+			if _, ok := by[s.Nominal]; !ok {
+				order = append(order, s.Nominal)
+			}
+			by[s.Nominal] = append(by[s.Nominal], s)
+		}
+		for _, n := range order {
+			var d, p, h, rs []float64
+			for _, s := range by[n] {
+				d, p, h, rs = append(d, float64(s.DirtyPages)), append(p, usOf(s.Pause)), append(h, usOf(s.Harvest)), append(rs, usOf(s.Resu))
+			}
+			sp, sh, sr := Summarize(p), Summarize(h), Summarize(rs)
+			fmt.Fprintf(&b, "| %d | %d | %.0f | %.0f (%.0f–%.0f) | %.0f (%.0f–%.0f) | %.0f (%.0f–%.0f) |\n", n, len(by[n]), Summarize(d).Median,
+				sp.Median, sp.P25, sp.P75, sh.Median, sh.P25, sh.P75, sr.Median, sr.P25, sr.P75)
+		}
+	}
+	b.WriteString("\nBounds (`checkpoint_bounds.csv`, median of repeated runs): *memcpy* copies N pages one at a time with `copy()` into a warm buffer; " +
+		"*loopback* writes N×4096 bytes on a loopback TCP connection and waits for a one-byte ack. Bound columns above are interpolated at the run's measured median dirty count.\n\n")
+	b.WriteString("| pages | memcpy µs | loopback µs |\n|---|---|---|\n")
+	byN := map[int]bool{}
+	var ns []int
+	for _, x := range r.Bounds {
+		if !byN[x.Pages] {
+			byN[x.Pages] = true
+			ns = append(ns, x.Pages)
+		}
+	}
+	sort.Ints(ns)
+	for _, n := range ns {
+		fmt.Fprintf(&b, "| %d | %.1f | %.1f |\n", n, boundMedian(r.Bounds, "memcpy", n), boundMedian(r.Bounds, "loopback", n))
+	}
+	return b.String()
+}
+
+func boundMedian(bounds []BoundSample, kind string, n int) float64 {
+	var xs []float64
+	for _, b := range bounds {
+		if b.Kind == kind && b.Pages == n {
+			xs = append(xs, usOf(b.Time))
+		}
+	}
+	return Summarize(xs).Median
+}
+
+func maxInt(xs []int) int {
+	m := 0
+	for _, x := range xs {
+		if x > m {
+			m = x
+		}
+	}
+	return m
+}
+
+func minInt(a, b int) int {
+	if a < b {
+		return a
+	}
+	return b
+}

@@ -1,0 +1,317 @@
+package bench
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"govmm/ctlapi"
+	"govmm/internal/tinyguest"
+)
+
+// FailoverConfig parameterises the failover suite.
+type FailoverConfig struct {
+	Govmm    string          // the govmm binary
+	Timeouts []time.Duration // --failover-timeout values to try
+	Trials   int             // per timeout and mode
+	Pages    int             // the primary's Dirtier working set (default 256)
+	Epoch    time.Duration   // --epoch (default 20ms)
+	Out      string
+	Log      io.Writer
+}
+
+// Failure modes of the primary.
+const (
+	FailKill = "sigkill" // the process dies; the kernel closes its TCP connection
+	FailStop = "sigstop" // the process freezes; the connection stays open and silent
+)
+
+// FailoverSample is one failover.
+type FailoverSample struct {
+	Mode    string
+	Timeout time.Duration
+	Trial   int
+	// Answer is from the signal to the primary to the first answer of
+	// the standby's control API (GET /vm).
+	Answer time.Duration
+	// Takeover is what the standby reports for resuming the replica
+	// (detection to running), and Epoch the checkpoint it resumed from.
+	Takeover time.Duration
+	Epoch    uint64
+	Cause    string
+}
+
+// FailoverResult is everything the suite measured.
+type FailoverResult struct {
+	Samples []FailoverSample
+	Config  FailoverConfig
+}
+
+// Failover runs a `govmm standby` and a `govmm run --replicate-to` of a
+// tiny dirtying guest as separate processes, kills or freezes the
+// primary, and times the standby's control API's first answer.
+func Failover(ctx context.Context, cfg FailoverConfig) (*FailoverResult, error) {
+	if cfg.Govmm == "" {
+		return nil, errors.New("failover: the govmm binary is needed")
+	}
+	if len(cfg.Timeouts) == 0 {
+		cfg.Timeouts = []time.Duration{200 * time.Millisecond, 500 * time.Millisecond, time.Second}
+	}
+	if cfg.Trials <= 0 {
+		cfg.Trials = 10
+	}
+	if cfg.Pages <= 0 {
+		cfg.Pages = 256
+	}
+	if cfg.Epoch <= 0 {
+		cfg.Epoch = 20 * time.Millisecond
+	}
+	if cfg.Log == nil {
+		cfg.Log = io.Discard
+	}
+	dir, err := os.MkdirTemp("", "govmm-bench-failover-")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(dir)
+	kernel, initrd := filepath.Join(dir, "dirtier"), filepath.Join(dir, "initrd")
+	if err := os.WriteFile(kernel, tinyguest.Kernel(guestCode(cfg.Pages)), 0o644); err != nil {
+		return nil, err
+	}
+	if err := os.WriteFile(initrd, []byte("x"), 0o644); err != nil {
+		return nil, err
+	}
+	res := &FailoverResult{Config: cfg}
+	for trial := 1; trial <= cfg.Trials; trial++ {
+		for _, to := range cfg.Timeouts {
+			for _, mode := range []string{FailKill, FailStop} {
+				s, err := failoverTrial(ctx, cfg, dir, kernel, initrd, mode, to)
+				if err != nil {
+					return res, fmt.Errorf("failover %s timeout %v trial %d: %w", mode, to, trial, err)
+				}
+				s.Trial = trial
+				fmt.Fprintf(cfg.Log, "failover: %-7s timeout %-6v trial %2d: answer after %7.1f ms (takeover %v at epoch %d)\n",
+					mode, to, trial, msOf(s.Answer), s.Takeover, s.Epoch)
+				res.Samples = append(res.Samples, s)
+			}
+		}
+	}
+	if cfg.Out != "" {
+		if err := res.write(cfg.Out); err != nil {
+			return res, err
+		}
+	}
+	return res, nil
+}
+
+// lockedBuffer collects a process's stderr for polling.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// waitFor polls buf until it contains s, the process exits, or timeout.
+func waitFor(ctx context.Context, buf *lockedBuffer, exited <-chan struct{}, s string, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for !strings.Contains(buf.String(), s) {
+		select {
+		case <-exited:
+			return fmt.Errorf("exited before %q: %s", s, lastLine(buf.String()))
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(2 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("no %q within %v: %s", s, timeout, lastLine(buf.String()))
+		}
+	}
+	return nil
+}
+
+// proc is a govmm process in its own process group.
+type proc struct {
+	cmd    *exec.Cmd
+	stderr *lockedBuffer
+	exited chan struct{}
+}
+
+func startProc(govmm string, args ...string) (*proc, error) {
+	p := &proc{cmd: exec.Command(govmm, args...), stderr: &lockedBuffer{}, exited: make(chan struct{})}
+	p.cmd.Stdout = io.Discard
+	p.cmd.Stderr = p.stderr
+	p.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := p.cmd.Start(); err != nil {
+		return nil, err
+	}
+	go func() { _ = p.cmd.Wait(); close(p.exited) }()
+	return p, nil
+}
+
+func (p *proc) signal(sig syscall.Signal) error { return syscall.Kill(-p.cmd.Process.Pid, sig) }
+
+func (p *proc) kill() {
+	_ = p.signal(syscall.SIGKILL)
+	<-p.exited
+}
+
+var tookOver = regexp.MustCompile(`primary lost \((.*)\); took over at checkpoint (\d+) in (\S+)`)
+
+func failoverTrial(ctx context.Context, cfg FailoverConfig, dir, kernel, initrd, mode string, timeout time.Duration) (FailoverSample, error) {
+	s := FailoverSample{Mode: mode, Timeout: timeout}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return s, err
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	sbSock, pSock := filepath.Join(dir, "standby.sock"), filepath.Join(dir, "primary.sock")
+	_ = os.Remove(sbSock)
+	_ = os.Remove(pSock)
+	to := timeout.String()
+	sb, err := startProc(cfg.Govmm, "standby", "--listen", addr, "--net", "none", "--api-sock", sbSock, "--failover-timeout", to)
+	if err != nil {
+		return s, err
+	}
+	defer sb.kill()
+	if err := waitFor(ctx, sb.stderr, sb.exited, "listening on", 30*time.Second); err != nil {
+		return s, fmt.Errorf("standby: %w", err)
+	}
+	prim, err := startProc(cfg.Govmm, "run", "--kernel", kernel, "--initrd", initrd, "--mem", "64M", "--net", "none",
+		"--api-sock", pSock, "--replicate-to", addr, "--epoch", cfg.Epoch.String(), "--failover-timeout", to)
+	if err != nil {
+		return s, err
+	}
+	defer prim.kill()
+	if err := waitFor(ctx, prim.stderr, prim.exited, "protected by", time.Minute); err != nil {
+		return s, fmt.Errorf("primary: %w", err)
+	}
+	time.Sleep(10*cfg.Epoch + 100*time.Millisecond) // some checkpoints commit
+
+	sig := syscall.SIGKILL
+	if mode == FailStop {
+		sig = syscall.SIGSTOP
+	}
+	client := ctlapi.NewClient(sbSock)
+	defer client.Close()
+	t0 := time.Now()
+	if err := prim.signal(sig); err != nil {
+		return s, err
+	}
+	deadline := t0.Add(timeout + 30*time.Second)
+	for {
+		cctx, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
+		_, err := client.Info(cctx)
+		cancel()
+		if err == nil {
+			s.Answer = time.Since(t0)
+			break
+		}
+		select {
+		case <-sb.exited:
+			return s, fmt.Errorf("standby exited: %s", lastLine(sb.stderr.String()))
+		case <-ctx.Done():
+			return s, ctx.Err()
+		default:
+		}
+		if time.Now().After(deadline) {
+			return s, fmt.Errorf("standby did not answer within %v: %v", deadline.Sub(t0), err)
+		}
+		time.Sleep(500 * time.Microsecond)
+	}
+	if m := tookOver.FindStringSubmatch(sb.stderr.String()); m != nil {
+		s.Cause = m[1]
+		s.Epoch, _ = strconv.ParseUint(m[2], 10, 64)
+		s.Takeover, _ = time.ParseDuration(m[3])
+	}
+	return s, nil
+}
+
+type failoverGroup struct {
+	mode    string
+	timeout time.Duration
+	answer  Summary
+	took    Summary
+	values  []float64
+}
+
+func (r *FailoverResult) groups() []failoverGroup {
+	var out []failoverGroup
+	for _, to := range r.Config.Timeouts {
+		for _, mode := range []string{FailKill, FailStop} {
+			g := failoverGroup{mode: mode, timeout: to}
+			var took []float64
+			for _, s := range r.Samples {
+				if s.Mode == mode && s.Timeout == to {
+					g.values = append(g.values, msOf(s.Answer))
+					took = append(took, msOf(s.Takeover))
+				}
+			}
+			if len(g.values) == 0 {
+				continue
+			}
+			g.answer, g.took = Summarize(g.values), Summarize(took)
+			out = append(out, g)
+		}
+	}
+	return out
+}
+
+func (r *FailoverResult) write(dir string) error {
+	var rows [][]string
+	for _, s := range r.Samples {
+		rows = append(rows, []string{s.Mode, ftoa(msOf(s.Timeout), 0), strconv.Itoa(s.Trial), ftoa(msOf(s.Answer), 3),
+			ftoa(msOf(s.Takeover), 3), strconv.FormatUint(s.Epoch, 10), s.Cause})
+	}
+	if err := writeCSV(filepath.Join(dir, "failover.csv"), []string{"mode", "failover_timeout_ms", "trial", "answer_ms",
+		"takeover_ms", "resumed_epoch", "cause"}, rows); err != nil {
+		return err
+	}
+	var names []string
+	var values [][]float64
+	for _, g := range r.groups() {
+		names = append(names, fmt.Sprintf("%s, timeout %v", g.mode, g.timeout))
+		values = append(values, g.values)
+	}
+	return boxes(filepath.Join(dir, "failover.png"), "Primary failure to the standby's first API answer", "time (ms)", names, values)
+}
+
+// Report renders the failover section of report.md.
+func (r *FailoverResult) Report() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "%s\n\nGuest: `tinyguest.Dirtier` over %d pages in a 64 MiB, one-vCPU guest. Each trial starts `govmm standby --listen 127.0.0.1:PORT --net none --api-sock S --failover-timeout T` "+
+		"and `govmm run --replicate-to 127.0.0.1:PORT --epoch %v --failover-timeout T --net none` as separate processes, waits for protection and %v more, "+
+		"then signals the primary's process group and polls the standby's control API (`ctlapi.Client.Info`, GET /vm, every 0.5 ms) until it answers. "+
+		"*sigkill*: the primary dies, the kernel closes its TCP connection and the standby sees the stream break at once. "+
+		"*sigstop*: the primary freezes with its connection open (a silent primary); only the failover timeout detects it. "+
+		"*takeover* is what the standby itself logs for resuming the replica after detection. Raw data `failover.csv`, plot `failover.png` (box: p25–p75 with the median; whiskers 1.5 IQR).\n\n",
+		platform(), r.Config.Pages, r.Config.Epoch, 10*r.Config.Epoch+100*time.Millisecond)
+	b.WriteString("| mode | failover timeout | trials | answer median ms | p25 | p75 | min | max | takeover median ms |\n|---|---|---|---|---|---|---|---|---|\n")
+	for _, g := range r.groups() {
+		a := g.answer
+		fmt.Fprintf(&b, "| %s | %v | %d | %.1f | %.1f | %.1f | %.1f | %.1f | %.2f |\n", g.mode, g.timeout, a.N, a.Median, a.P25, a.P75, a.Min, a.Max, g.took.Median)
+	}
+	return b.String()
+}

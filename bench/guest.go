@@ -1,0 +1,109 @@
+package bench
+
+import (
+	"context"
+	"encoding/binary"
+	"fmt"
+	"io"
+	"log/slog"
+	"time"
+
+	"govmm/internal/kvmtest"
+	"govmm/internal/tinyguest"
+	"govmm/replicate"
+	"govmm/replicate/stream"
+	"govmm/vmm"
+	"govmm/vmm/guestmem"
+)
+
+// Where the tiny dirtying guests of the replication suites keep their
+// working set and their pass counter.
+const (
+	dirtyBase = 0x400000 // 4 MiB, above the guest's code
+	passGPA   = 0x8000
+)
+
+// guestCode is the tiny guest for a working set of pages: the Dirtier, or
+// the Counter (one page, the counter's) when pages is 0.
+func guestCode(pages int) []byte {
+	if pages <= 0 {
+		return tinyguest.Counter(passGPA)
+	}
+	return tinyguest.Dirtier(dirtyBase, uint32(pages), passGPA)
+}
+
+// guestName describes guestCode(pages) for reports and CSV.
+func guestName(pages int) string {
+	if pages <= 0 {
+		return "tiny counter (1 page)"
+	}
+	return fmt.Sprintf("tiny dirtier (%d pages)", pages)
+}
+
+// memFor is a guest size that holds a working set of pages above
+// dirtyBase: a power of two, at least 64 MiB.
+func memFor(pages int) uint64 {
+	need := uint64(dirtyBase) + uint64(pages)*guestmem.PageSize + 1<<20
+	size := uint64(64 << 20)
+	for size < need {
+		size *= 2
+	}
+	return size
+}
+
+// newTinyMachine builds (but does not start) a one-vCPU machine running
+// the tiny guest for pages.
+func newTinyMachine(pages int, memSize uint64) (*vmm.Machine, error) {
+	return vmm.New(vmm.Config{MemSize: memSize, CPUs: 1, Kernel: tinyguest.Kernel(guestCode(pages)),
+		Initrd: []byte("x"), Cmdline: "x", Console: io.Discard})
+}
+
+// passes reads the tiny guest's pass counter.
+func passes(m *vmm.Machine) uint64 {
+	b, err := m.Memory().Slice(passGPA, 8)
+	if err != nil {
+		return 0
+	}
+	return binary.LittleEndian.Uint64(b)
+}
+
+// waitPasses waits until the guest has done n more passes.
+func waitPasses(ctx context.Context, m *vmm.Machine, n uint64, timeout time.Duration) error {
+	start := passes(m)
+	deadline := time.Now().Add(timeout)
+	for passes(m) < start+n {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("guest made %d of %d passes in %v", passes(m)-start, n, timeout)
+		}
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		time.Sleep(time.Millisecond)
+	}
+	return nil
+}
+
+// newStandby is an in-process standby on loopback that builds its
+// machine from the primary's identity.
+func newStandby() (*replicate.Standby, error) {
+	return replicate.NewStandby(replicate.StandbyConfig{Listen: "127.0.0.1:0", Insecure: true,
+		Build: func(id stream.Identity) (*vmm.Machine, error) {
+			return vmm.New(vmm.Config{MemSize: replicate.MemSize(id), CPUs: int(id.VCPUs), Console: io.Discard})
+		}})
+}
+
+// platform is the sentence every suite's report carries about KVM here.
+func platform() string {
+	if r := kvmtest.Emulated(); r != "" {
+		return "**KVM here emulates guests**: " + r + ". Guest-side rates below are those of an emulated CPU; " +
+			"VMM-side costs (harvest, copy, state, streaming) are real host work."
+	}
+	return "KVM here is hardware-assisted."
+}
+
+func leUint64(b []byte) uint64       { return binary.LittleEndian.Uint64(b) }
+func putLeUint64(b []byte, v uint64) { binary.LittleEndian.PutUint64(b, v) }
+
+// quietLogger drops replicate's lifecycle logs, which would drown the
+// bench's own progress lines.
+func quietLogger() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }

@@ -1,0 +1,97 @@
+package bench
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"time"
+
+	"govmm/internal/kvmtest"
+)
+
+// Options are the parameters of a `govmm bench` run.
+type Options struct {
+	Quick bool   // tiny parameters: the suites work, the numbers mean little
+	Runs  int    // trials per point (0: each suite's default)
+	Out   string // results directory
+	Govmm string // the govmm binary (boot and failover run it)
+	Log   io.Writer
+	Boot  BootConfig // Govmm, Guest, Kernel, Initrd, MemMiB; the rest is filled in
+}
+
+// Emulated says whether KVM here emulates guests (see kvmtest.Emulated).
+func Emulated() bool { return kvmtest.Emulated() != "" }
+
+// Run runs the named suites in order into o.Out and returns each one's
+// section of report.md. On error, the sections of the suites that
+// finished are returned with it.
+func Run(ctx context.Context, o Options, suites []string) (map[string]string, error) {
+	if o.Log == nil {
+		o.Log = io.Discard
+	}
+	runs := func(full, quick int) int {
+		switch {
+		case o.Runs > 0:
+			return o.Runs
+		case o.Quick:
+			return quick
+		}
+		return full
+	}
+	sections := map[string]string{}
+	for _, s := range suites {
+		start := time.Now()
+		fmt.Fprintf(o.Log, "bench: %s\n", s)
+		var section string
+		switch s {
+		case "boot":
+			cfg := o.Boot
+			cfg.Runs, cfg.Out, cfg.Log = runs(11, 3), o.Out, o.Log
+			if cfg.Govmm == "" {
+				cfg.Govmm = o.Govmm
+			}
+			samples, err := Boot(ctx, cfg)
+			if err != nil {
+				return sections, err
+			}
+			section = platform() + "\n\nGuest: *tiny* is `bench.TinyKernel`, a bzImage that prints the ready line at once and halts " +
+				"(govmm enters it at its 64-bit entry, QEMU through its firmware and the real-mode entry); *default* is the default guest image. " +
+				"Raw data `boot.csv`.\n\n" + BootReport(samples)
+		case "checkpoint":
+			cfg := CheckpointConfig{Epochs: 40, Out: o.Out, Log: o.Log}
+			if o.Quick {
+				cfg.Pages, cfg.Epochs, cfg.Warmup, cfg.BoundReps = []int{100, 1000}, 10, 3, 3
+			}
+			r, err := Checkpoint(ctx, cfg)
+			if err != nil {
+				return sections, err
+			}
+			section = r.Report()
+		case "migration":
+			cfg := MigrationConfig{Trials: runs(5, 2), Out: o.Out, Log: o.Log}
+			if o.Quick {
+				cfg.Pages = []int{0, 256}
+			}
+			r, err := Migration(ctx, cfg)
+			if err != nil {
+				return sections, err
+			}
+			section = r.Report()
+		case "failover":
+			cfg := FailoverConfig{Govmm: o.Govmm, Trials: runs(10, 3), Out: o.Out, Log: o.Log}
+			if o.Quick {
+				cfg.Timeouts = []time.Duration{500 * time.Millisecond}
+			}
+			r, err := Failover(ctx, cfg)
+			if err != nil {
+				return sections, err
+			}
+			section = r.Report()
+		default:
+			return sections, fmt.Errorf("unknown suite %q", s)
+		}
+		sections[s] = section
+		fmt.Fprintf(o.Log, "bench: %s done in %v\n", s, time.Since(start).Round(time.Millisecond))
+	}
+	return sections, nil
+}
