@@ -126,6 +126,15 @@ func Migrate(ctx context.Context, m *vmm.Machine, cfg MigrateConfig) (MigrateRes
 		}
 	}
 
+	// Let the destination finish applying the pre-copy rounds first, so
+	// the downtime is not spent waiting behind them.
+	wctx, wcancel := context.WithTimeout(ctx, cfg.AckTimeout)
+	err = s.WaitAck(wctx, epoch)
+	wcancel()
+	if err != nil {
+		return res, fmt.Errorf("migrate: pre-copy round %d not acknowledged: %w", res.Rounds, err)
+	}
+
 	// Stop and copy, at a consistent cut. On success the machine stays
 	// paused: the guest lives on at the destination only.
 	paused := time.Now()

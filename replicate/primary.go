@@ -51,7 +51,8 @@ type ReplicateConfig struct {
 // EpochStats describes one checkpoint.
 type EpochStats struct {
 	Epoch      uint64
-	Pause      time.Duration // guest stopped: harvest + copy + state + resume
+	Pause      time.Duration // guest stopped: stop + harvest + copy + state + resume
+	Stop       time.Duration // pausing the vCPUs and quiescing devices
 	Harvest    time.Duration
 	Copy       time.Duration
 	State      time.Duration
@@ -79,6 +80,11 @@ type Replicator struct {
 	totals      totals
 	resumedAt   map[uint64]time.Time
 	lastResumed time.Time
+
+	// Staging buffer, owned by the checkpoint goroutine: the dirty pages
+	// of the checkpoint being streamed, kept across epochs.
+	gpas    []guestmem.GPA
+	staging []byte
 }
 
 type totals struct {
@@ -206,12 +212,12 @@ func (r *Replicator) checkpoint(extra *dirtylog.Set) error {
 	}
 	r.mu.Unlock()
 	var (
-		gpas           []guestmem.GPA
-		staging, state []byte
+		state          []byte
 		epoch          uint64
-		t1, t2, t3     time.Time
+		ts, t1, t2, t3 time.Time
 	)
 	err := r.m.WithPaused(context.Background(), func() error {
+		ts = time.Now()
 		set, err := r.tr.Harvest()
 		if err != nil {
 			return err
@@ -221,15 +227,17 @@ func (r *Replicator) checkpoint(extra *dirtylog.Set) error {
 		}
 		t1 = time.Now()
 		mem := r.m.Memory()
-		gpas = make([]guestmem.GPA, 0, set.Count())
-		staging = make([]byte, 0, set.Count()*guestmem.PageSize)
+		// The staging buffer is reused from epoch to epoch (streaming of
+		// the previous one is over by now): no page faults in the pause.
+		r.gpas = r.gpas[:0]
+		r.staging = r.staging[:0]
 		err = set.ForEach(func(gpa guestmem.GPA) error {
 			page, err := mem.Slice(gpa, guestmem.PageSize)
 			if err != nil {
 				return err
 			}
-			gpas = append(gpas, gpa)
-			staging = append(staging, page...)
+			r.gpas = append(r.gpas, gpa)
+			r.staging = append(r.staging, page...)
 			return nil
 		})
 		if err != nil {
@@ -268,8 +276,9 @@ func (r *Replicator) checkpoint(extra *dirtylog.Set) error {
 		return err
 	}
 	now := time.Now()
+	gpas, staging := r.gpas, r.staging
 	es.Epoch, es.DirtyPages = epoch, len(gpas)
-	es.Harvest, es.Copy, es.State, es.Pause = t1.Sub(t0), t2.Sub(t1), t3.Sub(t2), now.Sub(t0)
+	es.Stop, es.Harvest, es.Copy, es.State, es.Pause = ts.Sub(t0), t1.Sub(ts), t2.Sub(t1), t3.Sub(t2), now.Sub(t0)
 	r.mu.Lock()
 	r.lastResumed = now
 	r.resumedAt[epoch] = now
