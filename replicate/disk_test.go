@@ -104,12 +104,12 @@ func TestReplicatedDiskFollowsCheckpoints(t *testing.T) {
 	sb.cfg.OnCheckpoint = func(e uint64) { committed = e }
 	done := make(chan takeover, 1)
 	go func() {
-		m, tk, err := sb.ReceiveReplication(context.Background(), 2*time.Second)
+		m, tk, err := sb.ReceiveReplication(context.Background(), 10*time.Second)
 		done <- takeover{m, tk, err}
 	}()
 	px := newProxy(t, sb.Addr())
 	rep, err := StartReplication(context.Background(), prim, ReplicateConfig{To: px.addr(), Insecure: true, Name: "tiny",
-		Epoch: 10 * time.Millisecond, FailoverTimeout: 2 * time.Second, Disks: []*DiskLog{log},
+		Epoch: 10 * time.Millisecond, FailoverTimeout: 10 * time.Second, Disks: []*DiskLog{log},
 		AtCut: func(epoch uint64) {
 			mu.Lock()
 			b, err := os.ReadFile(primaryDisk)

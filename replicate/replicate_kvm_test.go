@@ -92,12 +92,12 @@ func TestReplicationFailover(t *testing.T) {
 	}
 	done := make(chan takeover, 1)
 	go func() {
-		m, tk, err := sb.ReceiveReplication(context.Background(), 2*time.Second)
+		m, tk, err := sb.ReceiveReplication(context.Background(), 10*time.Second)
 		done <- takeover{m, tk, err}
 	}()
 	px := newProxy(t, sb.Addr())
 	rep, err := StartReplication(context.Background(), prim, ReplicateConfig{To: px.addr(), Insecure: true, Name: "tiny",
-		Epoch: 20 * time.Millisecond, FailoverTimeout: 2 * time.Second, AtCut: rec.at})
+		Epoch: 20 * time.Millisecond, FailoverTimeout: 10 * time.Second, AtCut: rec.at})
 	require.NoError(t, err)
 	t.Cleanup(rep.Stop) // before the machine closes
 	require.Eventually(t, func() bool { return rep.Stats().Epochs >= 10 }, 30*time.Second, time.Millisecond)
@@ -187,7 +187,7 @@ func TestReplicationCorruptFrame(t *testing.T) {
 	sb := newStandby(t, nil)
 	errc := make(chan error, 1)
 	go func() {
-		m, _, err := sb.ReceiveReplication(context.Background(), 2*time.Second)
+		m, _, err := sb.ReceiveReplication(context.Background(), 10*time.Second)
 		if m != nil {
 			m.Close()
 		}
@@ -195,7 +195,7 @@ func TestReplicationCorruptFrame(t *testing.T) {
 	}()
 	px := newProxy(t, sb.Addr())
 	rep, err := StartReplication(context.Background(), prim, ReplicateConfig{To: px.addr(), Insecure: true, Name: "tiny",
-		Epoch: 10 * time.Millisecond, FailoverTimeout: 2 * time.Second})
+		Epoch: 10 * time.Millisecond, FailoverTimeout: 10 * time.Second})
 	require.NoError(t, err)
 	t.Cleanup(rep.Stop)
 	require.Eventually(t, func() bool { return rep.Stats().Epochs >= 3 }, 30*time.Second, time.Millisecond)
@@ -224,14 +224,14 @@ func TestReplicationStandbyLossPause(t *testing.T) {
 	out := NewPassthroughBuffer(wire)
 	sb := newStandby(t, nil)
 	go func() {
-		m, _, _ := sb.ReceiveReplication(context.Background(), 2*time.Second)
+		m, _, _ := sb.ReceiveReplication(context.Background(), 10*time.Second)
 		if m != nil {
 			m.Close()
 		}
 	}()
 	px := newProxy(t, sb.Addr())
 	rep, err := StartReplication(context.Background(), prim, ReplicateConfig{To: px.addr(), Insecure: true, Name: "tiny",
-		Epoch: 10 * time.Millisecond, FailoverTimeout: 2 * time.Second, OnStandbyLoss: OnStandbyLossPause, Outputs: []*OutputBuffer{out}})
+		Epoch: 10 * time.Millisecond, FailoverTimeout: 10 * time.Second, OnStandbyLoss: OnStandbyLossPause, Outputs: []*OutputBuffer{out}})
 	require.NoError(t, err)
 	t.Cleanup(rep.Stop)
 	px.stallBack.Store(true)
