@@ -146,3 +146,64 @@ func TestReplicatedDiskFollowsCheckpoints(t *testing.T) {
 	require.NoError(t, err)
 	require.False(t, bytes.Equal(final, got), "writes after the last committed cut are not on the standby")
 }
+
+// Disk writes made during a live migration reach the destination's copy
+// with the final checkpoint.
+func TestMigrationCarriesDiskWrites(t *testing.T) {
+	kvmtest.Require(t)
+	dir := t.TempDir()
+	const size = 1 << 20
+	srcDisk, dstDisk := filepath.Join(dir, "src.img"), filepath.Join(dir, "dst.img")
+	for _, p := range []string{srcDisk, dstDisk} {
+		require.NoError(t, os.WriteFile(p, make([]byte, size), 0o644))
+	}
+	sf, err := os.OpenFile(dstDisk, os.O_RDWR, 0)
+	require.NoError(t, err)
+	defer sf.Close()
+	src := newTiny(t, tinyguest.Dirtier(dirtyBase, 64, passGPA))
+	require.NoError(t, src.Start())
+	log := &DiskLog{}
+	sb, err := NewStandby(StandbyConfig{Listen: "127.0.0.1:0", Insecure: true, Disks: []*os.File{sf},
+		Build: func(id stream.Identity) (*vmm.Machine, error) {
+			return vmm.New(vmm.Config{MemSize: MemSize(id), CPUs: int(id.VCPUs), Console: io.Discard})
+		}})
+	require.NoError(t, err)
+	defer sb.Close()
+	done := make(chan takeover, 1)
+	go func() {
+		m, err := sb.ReceiveMigration(context.Background())
+		done <- takeover{m: m, err: err}
+	}()
+	pf, err := os.OpenFile(srcDisk, os.O_RDWR, 0)
+	require.NoError(t, err)
+	defer pf.Close()
+	// The guest's disk traffic, made while pre-copy runs (as a device
+	// would, before the stop-and-copy quiesces it): each progress report
+	// of a pre-copy round brings a burst of writes.
+	n := 0
+	progress := func(p Progress) {
+		if p.Phase != "precopy" {
+			return
+		}
+		for k := 0; k < 50; k++ {
+			data := bytes.Repeat([]byte{byte(n + 1)}, 512)
+			off := int64(n * 512 % size)
+			_, err := pf.WriteAt(data, off)
+			require.NoError(t, err)
+			require.NoError(t, log.Record(off, data))
+			n++
+		}
+	}
+	_, err = Migrate(context.Background(), src, MigrateConfig{To: sb.Addr(), Insecure: true, Name: "tiny", Disks: []*DiskLog{log},
+		Progress: progress})
+	require.NoError(t, err)
+	r := <-done
+	require.NoError(t, r.err)
+	defer r.m.Close()
+	require.Greater(t, n, 0)
+	want, err := os.ReadFile(srcDisk)
+	require.NoError(t, err)
+	got, err := os.ReadFile(dstDisk)
+	require.NoError(t, err)
+	require.True(t, bytes.Equal(want, got), "the destination's disk equals the source's at the cut")
+}

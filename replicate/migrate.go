@@ -29,6 +29,11 @@ type MigrateConfig struct {
 	// checkpoint (default 30 s); past it the source resumes the guest.
 	AckTimeout time.Duration
 	Progress   func(Progress)
+	// Disks are the logs of the guest's disks (in device order): the
+	// destination has its own copies, identical when the migration
+	// starts, and every write made during it travels in the final
+	// checkpoint.
+	Disks []*DiskLog
 }
 
 // Progress is reported after each round.
@@ -84,6 +89,10 @@ func Migrate(ctx context.Context, m *vmm.Machine, cfg MigrateConfig) (MigrateRes
 		return res, fmt.Errorf("migrate: %w", err)
 	}
 	defer tracker.Close()
+	for _, d := range cfg.Disks {
+		d.Arm()
+		defer d.Disarm()
+	}
 
 	sendSet := func(set *dirtylog.Set) error {
 		return set.ForEach(func(gpa guestmem.GPA) error {
@@ -149,10 +158,15 @@ func Migrate(ctx context.Context, m *vmm.Machine, cfg MigrateConfig) (MigrateRes
 		if err != nil {
 			return err
 		}
-		state, err := st.MarshalBinary()
+		raw, err := st.MarshalBinary()
 		if err != nil {
 			return err
 		}
+		var writes [][]DiskWrite
+		for _, d := range cfg.Disks {
+			writes = append(writes, d.Take())
+		}
+		state := EncodeCheckpoint(raw, writes)
 		epoch++
 		res.Rounds++
 		progress(Progress{Round: res.Rounds, Phase: "stop-and-copy", BytesSent: s.Stats().BytesSent, RemainingPages: uint64(set.Count())})
@@ -278,11 +292,14 @@ func (sb *Standby) ReceiveMigration(ctx context.Context) (*vmm.Machine, error) {
 		if c.Kind != stream.KindFinal {
 			return nil
 		}
-		var st vmm.MachineState
-		if err := st.UnmarshalBinary(c.State); err != nil {
+		st, writes, err := DecodeCheckpoint(c.State)
+		if err != nil {
 			return err
 		}
-		final = &st
+		if err := applyDiskWrites(sb.cfg.Disks, writes); err != nil {
+			return err
+		}
+		final = st
 		return nil
 	}
 	r.SetOnCommit(commit)

@@ -37,7 +37,7 @@ func migrate(ctx context.Context, m *vmm.Machine, f *runFlags, to string, progre
 	if err != nil {
 		return ctlapi.MigrateResult{}, fmt.Errorf("migrate: %w: %w", ctlapi.ErrInvalid, err)
 	}
-	r, err := replicate.Migrate(ctx, m, replicate.MigrateConfig{To: to, Name: f.name, Key: key, Insecure: insecure,
+	r, err := replicate.Migrate(ctx, m, replicate.MigrateConfig{To: to, Name: f.name, Key: key, Insecure: insecure, Disks: f.diskLogs,
 		Progress: func(p replicate.Progress) {
 			progress(ctlapi.Progress{Round: p.Round, Phase: p.Phase, BytesSent: p.BytesSent,
 				DirtyPages: p.DirtyPages, RemainingPages: p.RemainingPages})
