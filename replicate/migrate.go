@@ -257,34 +257,44 @@ func (sb *Standby) Addr() string { return sb.ln.Addr().String() }
 // Close stops listening.
 func (sb *Standby) Close() error { return sb.ln.Close() }
 
+// accept waits for our source, refusing strangers (who do not end the
+// wait), and builds the machine it describes, whose memory the staged
+// checkpoints then land in.
+func (sb *Standby) accept(ctx context.Context) (*stream.Receiver, *vmm.Machine, error) {
+	for {
+		r, err := sb.ln.Accept(ctx)
+		if err != nil {
+			if errors.Is(err, stream.ErrAuth) || errors.Is(err, stream.ErrMismatch) || errors.Is(err, stream.ErrVersion) {
+				if sb.cfg.OnRefused != nil {
+					sb.cfg.OnRefused(err)
+				}
+				continue
+			}
+			return nil, nil, err
+		}
+		m, err := sb.cfg.Build(r.Peer())
+		if err != nil {
+			r.Close()
+			return nil, nil, fmt.Errorf("standby: build machine for %s: %w", r.Peer().Name, err)
+		}
+		if err := checkShape(m, r.Peer()); err != nil {
+			m.Close()
+			r.Close()
+			return nil, nil, fmt.Errorf("standby: %w", err)
+		}
+		sb.sink.Dest = m.Memory()
+		return r, m, nil
+	}
+}
+
 // ReceiveMigration waits for a source and returns the running migrated
 // machine. A stream that fails midway leaves nothing running.
 func (sb *Standby) ReceiveMigration(ctx context.Context) (*vmm.Machine, error) {
-	var r *stream.Receiver
-	for {
-		var err error
-		r, err = sb.ln.Accept(ctx)
-		if err == nil {
-			break
-		}
-		if errors.Is(err, stream.ErrAuth) || errors.Is(err, stream.ErrMismatch) || errors.Is(err, stream.ErrVersion) {
-			if sb.cfg.OnRefused != nil {
-				sb.cfg.OnRefused(err)
-			}
-			continue
-		}
+	r, m, err := sb.accept(ctx)
+	if err != nil {
 		return nil, err
 	}
 	defer r.Close()
-	m, err := sb.cfg.Build(r.Peer())
-	if err != nil {
-		return nil, fmt.Errorf("standby: build machine for %s: %w", r.Peer().Name, err)
-	}
-	if err := checkShape(m, r.Peer()); err != nil {
-		m.Close()
-		return nil, fmt.Errorf("standby: %w", err)
-	}
-	sb.sink.Dest = m.Memory()
 	var final *vmm.MachineState
 	// The final checkpoint's state is decoded before it commits: a state
 	// that does not decode is refused and the source keeps the guest.
@@ -345,31 +355,11 @@ func (sb *Standby) ReceiveReplication(ctx context.Context, failoverTimeout time.
 		failoverTimeout = 500 * time.Millisecond
 	}
 	sb.ln.SetFailoverTimeout(failoverTimeout)
-	var r *stream.Receiver
-	for {
-		var err error
-		r, err = sb.ln.Accept(ctx)
-		if err == nil {
-			break
-		}
-		if errors.Is(err, stream.ErrAuth) || errors.Is(err, stream.ErrMismatch) || errors.Is(err, stream.ErrVersion) {
-			if sb.cfg.OnRefused != nil {
-				sb.cfg.OnRefused(err)
-			}
-			continue
-		}
+	r, m, err := sb.accept(ctx)
+	if err != nil {
 		return nil, tk, err
 	}
 	defer r.Close()
-	m, err := sb.cfg.Build(r.Peer())
-	if err != nil {
-		return nil, tk, fmt.Errorf("standby: build machine for %s: %w", r.Peer().Name, err)
-	}
-	if err := checkShape(m, r.Peer()); err != nil {
-		m.Close()
-		return nil, tk, fmt.Errorf("standby: %w", err)
-	}
-	sb.sink.Dest = m.Memory()
 	var latest *vmm.MachineState
 	var latestEpoch uint64
 	r.SetOnCommit(func(c *stream.Checkpoint) error {

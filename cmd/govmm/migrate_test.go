@@ -20,10 +20,7 @@ import (
 func TestCtlMigrate(t *testing.T) {
 	kvmtest.Require(t)
 	dir := t.TempDir()
-	kernel := filepath.Join(dir, "dirtier")
-	require.NoError(t, os.WriteFile(kernel, tinyguest.Kernel(tinyguest.Dirtier(0x400000, 256, counterGPA)), 0o644))
-	initrd := filepath.Join(dir, "initrd")
-	require.NoError(t, os.WriteFile(initrd, []byte("x"), 0o644))
+	kernel, initrd := tinyGuestFiles(t, dir, tinyguest.Dirtier(0x400000, 256, counterGPA))
 	key := filepath.Join(dir, "key")
 	require.NoError(t, os.WriteFile(key, []byte("0123456789abcdef0123456789abcdef"), 0o600))
 	otherKey := filepath.Join(dir, "other")

@@ -2,7 +2,6 @@ package main
 
 import (
 	"fmt"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -23,10 +22,7 @@ import (
 func TestReplicateAndFailover(t *testing.T) {
 	kvmtest.Require(t)
 	dir := t.TempDir()
-	kernel := filepath.Join(dir, "dirtier")
-	require.NoError(t, os.WriteFile(kernel, tinyguest.Kernel(tinyguest.Dirtier(0x400000, 256, counterGPA)), 0o644))
-	initrd := filepath.Join(dir, "initrd")
-	require.NoError(t, os.WriteFile(initrd, []byte("x"), 0o644))
+	kernel, initrd := tinyGuestFiles(t, dir, tinyguest.Dirtier(0x400000, 256, counterGPA))
 	ctl := func(sock string, args ...string) (string, string, int) {
 		return govmm(t, time.Minute, append([]string{"ctl", "--api-sock", sock}, args...)...)
 	}
@@ -76,10 +72,7 @@ func TestReplicateAndFailover(t *testing.T) {
 func TestReprotectAndFailOverAgain(t *testing.T) {
 	kvmtest.Require(t)
 	dir := t.TempDir()
-	kernel := filepath.Join(dir, "dirtier")
-	require.NoError(t, os.WriteFile(kernel, tinyguest.Kernel(tinyguest.Dirtier(0x400000, 64, counterGPA)), 0o644))
-	initrd := filepath.Join(dir, "initrd")
-	require.NoError(t, os.WriteFile(initrd, []byte("x"), 0o644))
+	kernel, initrd := tinyGuestFiles(t, dir, tinyguest.Dirtier(0x400000, 64, counterGPA))
 	ctl := func(sock string, args ...string) (string, string, int) {
 		return govmm(t, time.Minute, append([]string{"ctl", "--api-sock", sock}, args...)...)
 	}
@@ -129,10 +122,7 @@ func TestReprotectAndFailOverAgain(t *testing.T) {
 func TestCtlReplicateStandbyLoss(t *testing.T) {
 	kvmtest.Require(t)
 	dir := t.TempDir()
-	kernel := filepath.Join(dir, "dirtier")
-	require.NoError(t, os.WriteFile(kernel, tinyguest.Kernel(tinyguest.Dirtier(0x400000, 64, counterGPA)), 0o644))
-	initrd := filepath.Join(dir, "initrd")
-	require.NoError(t, os.WriteFile(initrd, []byte("x"), 0o644))
+	kernel, initrd := tinyGuestFiles(t, dir, tinyguest.Dirtier(0x400000, 64, counterGPA))
 	ctl := func(sock string, args ...string) (string, string, int) {
 		return govmm(t, time.Minute, append([]string{"ctl", "--api-sock", sock}, args...)...)
 	}

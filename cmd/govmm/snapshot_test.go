@@ -42,6 +42,15 @@ func waitSocket(t *testing.T, path string) {
 	}, 30*time.Second, 10*time.Millisecond, "no API socket at %s", path)
 }
 
+// tinyGuestFiles writes a tiny guest's bzImage and a placeholder initrd.
+func tinyGuestFiles(t *testing.T, dir string, code []byte) (kernel, initrd string) {
+	t.Helper()
+	kernel, initrd = filepath.Join(dir, "guest.bzImage"), filepath.Join(dir, "initrd")
+	require.NoError(t, os.WriteFile(kernel, tinyguest.Kernel(code), 0o644))
+	require.NoError(t, os.WriteFile(initrd, []byte("x"), 0o644))
+	return kernel, initrd
+}
+
 // snapshotCounter reads the tiny guest's counter out of a snapshot file.
 func snapshotCounter(t *testing.T, path string) uint64 {
 	t.Helper()
@@ -67,10 +76,7 @@ func snapshotCounter(t *testing.T, path string) uint64 {
 func TestCtlSnapshotAndRestore(t *testing.T) {
 	kvmtest.Require(t)
 	dir := t.TempDir()
-	kernel := filepath.Join(dir, "counter")
-	require.NoError(t, os.WriteFile(kernel, tinyguest.Kernel(tinyguest.Counter(counterGPA)), 0o644))
-	initrd := filepath.Join(dir, "initrd")
-	require.NoError(t, os.WriteFile(initrd, []byte("x"), 0o644))
+	kernel, initrd := tinyGuestFiles(t, dir, tinyguest.Counter(counterGPA))
 	sock1 := filepath.Join(dir, "vm1.sock")
 	startVM(t, "run", "--kernel", kernel, "--initrd", initrd, "--mem", "64M", "--net", "none", "--api-sock", sock1)
 	waitSocket(t, sock1)
