@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"govmm/guestimg"
+	"govmm/internal/kvmtest"
 	"govmm/replicate"
 	"govmm/vmm"
 )
@@ -130,6 +131,9 @@ func cmdRun(args []string) error {
 	kernel, initrd, err := loadImage(f.kernel, f.initrd)
 	if err != nil {
 		return err
+	}
+	if reason := kvmtest.Emulated(); reason != "" && f.kernel == "" {
+		fmt.Fprintf(os.Stderr, "govmm: warning: %s\n", reason)
 	}
 	cmdline := vmm.DefaultCmdline
 	if len(command) > 0 {
