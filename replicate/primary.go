@@ -21,6 +21,12 @@ const (
 	OnStandbyLossPause    = "pause"    // stop the guest until an operator decides
 )
 
+// NullStandby as ReplicateConfig.To takes checkpoints and ships them
+// nowhere, acknowledging each at once: it separates the cost of
+// checkpointing from the cost of transfer (benchmarks only: the guest is
+// not protected).
+const NullStandby = "null"
+
 // ReplicateConfig parameterises continuous replication to a standby.
 type ReplicateConfig struct {
 	To       string
@@ -123,15 +129,17 @@ func StartReplication(ctx context.Context, m *vmm.Machine, cfg ReplicateConfig) 
 	}
 	r := &Replicator{m: m, cfg: cfg, log: cfg.Logger.With("component", "replicate", "standby", cfg.To),
 		stop: make(chan struct{}), done: make(chan struct{}), resumedAt: map[uint64]time.Time{}}
-	hb := cfg.FailoverTimeout / 4
-	s, err := stream.Dial(ctx, cfg.To, stream.Config{Key: cfg.Key, Insecure: cfg.Insecure, Identity: IdentityOf(m, cfg.Name),
-		HeartbeatInterval: hb, FailoverTimeout: cfg.FailoverTimeout, OnAck: r.onAck})
-	if err != nil {
-		return nil, fmt.Errorf("replicate to %s: %w", cfg.To, err)
+	var err error
+	if cfg.To != NullStandby {
+		hb := cfg.FailoverTimeout / 4
+		r.s, err = stream.Dial(ctx, cfg.To, stream.Config{Key: cfg.Key, Insecure: cfg.Insecure, Identity: IdentityOf(m, cfg.Name),
+			HeartbeatInterval: hb, FailoverTimeout: cfg.FailoverTimeout, OnAck: r.onAck})
+		if err != nil {
+			return nil, fmt.Errorf("replicate to %s: %w", cfg.To, err)
+		}
 	}
-	r.s = s
 	if r.tr, err = dirtylog.New(m.VM(), m.Memory(), dirtylog.Options{ManualProtect: true}); err != nil {
-		s.Close()
+		r.closeStream()
 		return nil, fmt.Errorf("replicate: %w", err)
 	}
 	// The standby's disk copies start identical to ours: from now on every
@@ -144,7 +152,7 @@ func StartReplication(ctx context.Context, m *vmm.Machine, cfg ReplicateConfig) 
 			d.Disarm()
 		}
 		r.tr.Close()
-		s.Close()
+		r.closeStream()
 		return nil, fmt.Errorf("replicate: initial sync: %w", err)
 	}
 	go r.loop()
@@ -154,6 +162,15 @@ func StartReplication(ctx context.Context, m *vmm.Machine, cfg ReplicateConfig) 
 // initialSync sends the guest while it runs, round after round, then the
 // first checkpoint (the whole remaining dirty set and the state).
 func (r *Replicator) initialSync(ctx context.Context) error {
+	if r.s == nil { // --replicate-to null: nothing to sync
+		if err := r.checkpoint(nil); err != nil {
+			return err
+		}
+		r.mu.Lock()
+		r.protected = true
+		r.mu.Unlock()
+		return nil
+	}
 	mem := r.m.Memory()
 	set := dirtylog.NewFullSet(mem)
 	for round := 1; round <= r.cfg.InitialRounds; round++ {
@@ -284,6 +301,12 @@ func (r *Replicator) checkpoint(extra *dirtylog.Set) error {
 	r.resumedAt[epoch] = now
 	r.mu.Unlock()
 
+	if r.s == nil {
+		// Shipped to nowhere: the checkpoint's cost without its transfer.
+		r.record(es)
+		r.onAck(epoch)
+		return nil
+	}
 	before := r.s.Stats().BytesSent
 	if err := r.s.BeginCheckpoint(epoch, stream.KindEpoch); err != nil {
 		return err
@@ -368,12 +391,16 @@ func (r *Replicator) loop() {
 	defer close(r.done)
 	t := time.NewTimer(r.cfg.Epoch)
 	defer t.Stop()
+	var streamDone <-chan struct{} // nil (never ready) without a stream
+	if r.s != nil {
+		streamDone = r.s.Done()
+	}
 	for {
 		select {
 		case <-r.stop:
 			r.finish(nil)
 			return
-		case <-r.s.Done():
+		case <-streamDone:
 			r.lost(r.s.Err())
 			return
 		case <-t.C:
@@ -417,7 +444,13 @@ func (r *Replicator) finish(err error) {
 	r.protected = false
 	r.mu.Unlock()
 	_ = r.tr.Close()
-	_ = r.s.Close()
+	r.closeStream()
+}
+
+func (r *Replicator) closeStream() {
+	if r.s != nil {
+		_ = r.s.Close()
+	}
 }
 
 // Stop ends replication deliberately (the standby is told goodbye and

@@ -242,3 +242,24 @@ func TestReplicationStandbyLossPause(t *testing.T) {
 	require.True(t, prim.Paused(), "pause policy: the guest stops")
 	require.Empty(t, wire.got(), "unacknowledged output stays held")
 }
+
+// --replicate-to null: checkpoints are taken (and timed) but go nowhere;
+// each is acknowledged at once, so output is released every epoch.
+func TestReplicationToNull(t *testing.T) {
+	kvmtest.Require(t)
+	prim := newTiny(t, tinyguest.Dirtier(dirtyBase, 64, passGPA))
+	require.NoError(t, prim.Start())
+	wire := &sink{}
+	out := NewPassthroughBuffer(wire)
+	rep, err := StartReplication(context.Background(), prim, ReplicateConfig{To: NullStandby, Name: "tiny",
+		Epoch: 10 * time.Millisecond, Outputs: []*OutputBuffer{out}})
+	require.NoError(t, err)
+	t.Cleanup(rep.Stop)
+	require.NoError(t, out.Send([]byte("x")))
+	require.Eventually(t, func() bool { return rep.Stats().Epochs >= 5 && len(wire.got()) == 1 }, 30*time.Second, time.Millisecond)
+	st := rep.Stats()
+	require.True(t, st.Protected)
+	require.Equal(t, st.Epoch, st.Acked)
+	require.Zero(t, st.Bytes, "nothing shipped")
+	require.Greater(t, st.DirtyPages, uint64(0))
+}

@@ -155,13 +155,25 @@ func cmdStandby(args []string) error {
 // --replicate-to: the initial sync, then an epoch loop in the background.
 // Output commit covers every NIC.
 func startReplication(m *vmm.Machine, f *runFlags) (*replicate.Replicator, error) {
-	key, insecure, err := streamKey(f.keyFile, f.replicateTo)
-	if err != nil {
-		return nil, fmt.Errorf("--replicate-to: %w", err)
+	var key []byte
+	insecure := true
+	if f.replicateTo != replicate.NullStandby {
+		var err error
+		if key, insecure, err = streamKey(f.keyFile, f.replicateTo); err != nil {
+			return nil, fmt.Errorf("--replicate-to: %w", err)
+		}
+	} else {
+		fmt.Fprintln(os.Stderr, "govmm: warning: --replicate-to null: checkpoints go nowhere; the guest is NOT protected (benchmarks only)")
 	}
 	var outs []*replicate.OutputBuffer
 	for _, n := range f.nics {
+		if f.unsafeNoOutputBuffering {
+			n.out.SetBypass(true)
+		}
 		outs = append(outs, n.out)
+	}
+	if f.unsafeNoOutputBuffering {
+		fmt.Fprintln(os.Stderr, "govmm: warning: --unsafe-no-output-buffering: clients may see output that a failover forgets (benchmarks only)")
 	}
 	fmt.Fprintf(os.Stderr, "govmm: replicating to %s: initial sync\n", f.replicateTo)
 	rep, err := replicate.StartReplication(context.Background(), m, replicate.ReplicateConfig{

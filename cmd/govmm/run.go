@@ -45,10 +45,11 @@ type runFlags struct {
 	apiSock                 string
 	keyFile                 string
 
-	replicateTo     string
-	epoch           time.Duration
-	failoverTimeout time.Duration
-	onStandbyLoss   string
+	replicateTo             string // HOST:PORT, or "null" to checkpoint without shipping (benchmarks)
+	unsafeNoOutputBuffering bool
+	epoch                   time.Duration
+	failoverTimeout         time.Duration
+	onStandbyLoss           string
 
 	nics     []attachedNIC        // set by attachDevices
 	diskLogs []*replicate.DiskLog // set by attachDevices, one per --disk
@@ -73,9 +74,10 @@ func (f *runFlags) register(fs *flag.FlagSet) {
 // registerReplication registers the flags that protect a running guest,
 // shared by run and standby (which re-protects the guest it took over).
 func (f *runFlags) registerReplication(fs *flag.FlagSet) {
-	fs.StringVar(&f.replicateTo, "replicate-to", "", "keep a hot standby at `HOST:PORT` (govmm standby --listen), Remus-style")
+	fs.StringVar(&f.replicateTo, "replicate-to", "", "keep a hot standby at `HOST:PORT` (govmm standby --listen), Remus-style; \"null\" checkpoints without shipping (benchmarks)")
 	fs.DurationVar(&f.epoch, "epoch", 25*time.Millisecond, "checkpoint interval when replicating")
 	fs.StringVar(&f.onStandbyLoss, "on-standby-loss", replicate.OnStandbyLossContinue, "when the standby is lost: continue (unprotected, logged loudly) or pause")
+	fs.BoolVar(&f.unsafeNoOutputBuffering, "unsafe-no-output-buffering", false, "UNSAFE, benchmarks only: let guest output out before its checkpoint is acknowledged")
 }
 
 // registerDevices registers the flags that describe devices and the
