@@ -87,6 +87,18 @@ func Run(ctx context.Context, o Options, suites []string) (map[string]string, er
 				return sections, err
 			}
 			section = r.Report()
+		case "overhead":
+			cfg := OverheadConfig{Trials: runs(3, 2), Out: o.Out, Log: o.Log}
+			if o.Quick {
+				cfg.Pages = []int{256}
+				cfg.Epochs = []time.Duration{25 * time.Millisecond, 100 * time.Millisecond}
+				cfg.Warmup, cfg.Window = 200*time.Millisecond, 500*time.Millisecond
+			}
+			r, err := Overhead(ctx, cfg)
+			if err != nil {
+				return sections, err
+			}
+			section = r.Report()
 		default:
 			return sections, fmt.Errorf("unknown suite %q", s)
 		}

@@ -41,15 +41,21 @@ processes; the primary is SIGKILLed (connection closed) or SIGSTOPped
 (silent), and the time to the standby's first control-API answer is
 measured for failover timeouts of 200ms, 500ms and 1s (--quick: 500ms).
 
+overhead: the guest-visible cost of replication: a tiny dirtying guest's
+throughput (passes/s over 3s; --quick: 0.5s) unreplicated, replicated to
+the null standby (checkpoints taken, shipped nowhere) and to an in-process
+standby over loopback, at epochs of 10, 25, 50 and 100ms (--quick: 25 and
+100ms), for working sets of 256 and 4096 pages (--quick: 256).
+
 Flags:
 `
 
 // benchSuites is every suite, in the order they run by default.
-var benchSuites = []string{"boot", "checkpoint", "migration", "failover"}
+var benchSuites = []string{"boot", "checkpoint", "migration", "failover", "overhead"}
 
 func cmdBench(args []string) error {
 	fs := newFlagSet("bench", benchUsage)
-	runs := fs.Int("runs", 0, "trials per VMM (boot, default 11), per working set (migration, default 5) or per timeout and mode (failover, default 10); epochs kept per working set (checkpoint) are 40")
+	runs := fs.Int("runs", 0, "trials per VMM (boot, default 11), per working set (migration, default 5) or per timeout and mode (failover, default 10), per configuration (overhead, default 3); epochs kept per working set (checkpoint) are 40")
 	quick := fs.Bool("quick", false, "tiny parameters: proves the suites work in a few minutes, numbers mean little")
 	out := fs.String("out", "", "results directory (default bench/results/<timestamp>)")
 	guest := fs.String("guest", "auto", "boot suite guest: auto, tiny or default")
