@@ -116,6 +116,24 @@ func (f *runFlags) devices() (nics []io.Closer, disks []diskSpec, guestNet strin
 	return nics, disks, strings.TrimSpace(guestNet), nil
 }
 
+// newMachine builds a machine and attaches the devices the flags asked
+// for. On error it has released everything; on success the caller closes
+// the devices, then the machine.
+func newMachine(cfg vmm.Config, f *runFlags, nics []io.Closer, disks []diskSpec) (*vmm.Machine, []io.Closer, error) {
+	m, err := vmm.New(cfg)
+	if err != nil {
+		closeAll(nics)
+		return nil, nil, err
+	}
+	devs, err := attachDevices(m, f, nics, disks)
+	if err != nil {
+		closeAll(devs)
+		m.Close()
+		return nil, nil, err
+	}
+	return m, devs, nil
+}
+
 // attachDevices creates the virtio devices and puts them on the PCI bus.
 // The returned closers include the devices (which own their backends).
 //

@@ -117,17 +117,11 @@ func cmdStandby(args []string) error {
 			if err != nil {
 				return nil, err
 			}
-			m, err := vmm.New(vmm.Config{MemSize: replicate.MemSize(id), CPUs: int(id.VCPUs)})
+			m, devs, err := newMachine(vmm.Config{MemSize: replicate.MemSize(id), CPUs: int(id.VCPUs)}, &f, nics, disks)
 			if err != nil {
-				closeAll(nics)
 				return nil, err
 			}
-			devs, err := attachDevices(m, &f, nics, disks)
 			owned = append(owned, func() { closeAll(devs) })
-			if err != nil {
-				m.Close()
-				return nil, err
-			}
 			return m, nil
 		},
 		OnRefused: func(err error) { fmt.Fprintf(os.Stderr, "govmm: standby: refused a connection: %v\n", err) },

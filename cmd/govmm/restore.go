@@ -36,17 +36,12 @@ func cmdRestore(args []string) error {
 	if err != nil {
 		return err
 	}
-	m, err := vmm.New(vmm.Config{MemSize: st.Memory.MemSize, CPUs: st.Memory.CPUs})
+	m, devs, err := newMachine(vmm.Config{MemSize: st.Memory.MemSize, CPUs: st.Memory.CPUs}, &f, nics, disks)
 	if err != nil {
-		closeAll(nics)
 		return err
 	}
 	defer m.Close()
-	devs, err := attachDevices(m, &f, nics, disks)
 	defer closeAll(devs)
-	if err != nil {
-		return err
-	}
 	if st, err = vmm.ReadSnapshot(path, m.Memory()); err != nil {
 		return fmt.Errorf("snapshot %s: %w", path, err)
 	}

@@ -157,17 +157,12 @@ func cmdRun(args []string) error {
 		cmdline += " " + f.cmdline
 	}
 
-	m, err := vmm.New(vmm.Config{MemSize: mem, CPUs: f.cpus, Kernel: kernel, Initrd: initrd, Cmdline: cmdline})
+	m, devs, err := newMachine(vmm.Config{MemSize: mem, CPUs: f.cpus, Kernel: kernel, Initrd: initrd, Cmdline: cmdline}, &f, nics, disks)
 	if err != nil {
-		closeAll(nics)
 		return err
 	}
 	defer m.Close()
-	devs, err := attachDevices(m, &f, nics, disks)
 	defer closeAll(devs)
-	if err != nil {
-		return err
-	}
 	if err := m.Start(); err != nil {
 		return err
 	}
