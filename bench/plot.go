@@ -83,6 +83,10 @@ func lineChart(path, title, xlabel, ylabel string, log bool, series []Series) er
 	if drawn == 0 {
 		return fmt.Errorf("plot %s: no points to draw", filepath.Base(path))
 	}
+	if !log {
+		// Headroom above the data for the legend, which sits top-left.
+		p.Y.Max += (p.Y.Max - p.Y.Min) * 0.4
+	}
 	return p.Save(7*vg.Inch, 5*vg.Inch, path)
 }
 
