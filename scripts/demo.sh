@@ -43,6 +43,7 @@ setsid "$GOVMM" run "${guest[@]}" --api-sock "$work/primary.sock" --replicate-to
 	</dev/null >"$work/primary.out" 2>"$work/primary.log" &
 primary=$!
 pids+=($primary)
+disown "$primary" # no job-control chatter when it is killed
 for _ in $(seq 300); do
 	"$GOVMM" ctl --api-sock "$work/primary.sock" info 2>/dev/null | grep -q protected && break
 	sleep 0.1

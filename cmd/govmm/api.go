@@ -16,7 +16,7 @@ import (
 // serveAPI starts the control API when --api-sock is set and returns a
 // function that stops it.
 func serveAPI(m *vmm.Machine, f *runFlags) (*vmBackend, func(), error) {
-	be := &vmBackend{m: m, f: f, name: f.name, started: time.Now()}
+	be := &vmBackend{m: m, f: f, name: f.name, started: time.Now(), role: f.role}
 	if f.apiSock == "" {
 		return be, func() {}, nil
 	}

@@ -138,6 +138,7 @@ func cmdStandby(args []string) error {
 	defer m.Close()
 	if tk.Cause != nil {
 		fmt.Fprintf(os.Stderr, "govmm: standby: primary lost (%v); took over at checkpoint %d in %v\n", tk.Cause, tk.Epoch, tk.Took)
+		f.role = fmt.Sprintf("former standby, took over at checkpoint %d", tk.Epoch)
 	} else {
 		fmt.Fprintf(os.Stderr, "govmm: standby: migration received; running the guest\n")
 	}

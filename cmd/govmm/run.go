@@ -51,6 +51,7 @@ type runFlags struct {
 	failoverTimeout         time.Duration
 	onStandbyLoss           string
 
+	role     string               // shown by ctl info when not replicating
 	nics     []attachedNIC        // set by attachDevices
 	diskLogs []*replicate.DiskLog // set by attachDevices, one per --disk
 }
