@@ -21,8 +21,9 @@ type Config struct {
 	// same one.
 	Key []byte
 	// Insecure allows a stream without a key, for loopback use only: the
-	// frames still carry a MAC, which then only catches corruption. Both
-	// ends must agree; a keyed end refuses an unkeyed peer.
+	// frames are still sealed (AES-GCM), but under keys anyone can derive,
+	// so that only catches corruption. Both ends must agree; a keyed end
+	// refuses an unkeyed peer.
 	Insecure bool
 
 	// Identity is, on the sender, the VM being streamed (required); on the

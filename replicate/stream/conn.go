@@ -2,8 +2,11 @@ package stream
 
 import (
 	"bufio"
+	"crypto/aes"
+	"crypto/cipher"
 	"crypto/hmac"
 	"crypto/sha256"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"hash"
@@ -14,17 +17,53 @@ import (
 
 // handshakeKey MACs the handshake frames, before a session key exists. It
 // is public: those frames are authenticated by the proofs, which cover
-// both hellos, and the MAC only catches corruption.
+// both hellos, and the MAC only catches corruption. The handshake frames
+// keep the version 1 framing (HMAC-SHA256 trailer under this key), so that
+// a peer of any version can read a hello far enough to refuse its version.
 var handshakeKey = []byte("govmm-stream/1 handshake (public key)")
 
-// frameWriter frames payloads: header, payload, HMAC-SHA256 over both.
-// Its owner serializes calls (endpoint.wmu).
+// newAEAD returns AES-256-GCM under a 32-byte session key.
+func newAEAD(key []byte) cipher.AEAD {
+	if len(key) != 32 {
+		panic(fmt.Sprintf("stream: session key of %d bytes", len(key)))
+	}
+	b, err := aes.NewCipher(key)
+	if err != nil {
+		panic(err) // a 32-byte key is always valid
+	}
+	a, err := cipher.NewGCM(b)
+	if err != nil {
+		panic(err) // the standard nonce and tag sizes are always valid
+	}
+	return a
+}
+
+// frameNonce is the frame's AEAD nonce: 4 zero bytes, then the frame's
+// sequence number (u64, little-endian, as in the header). Sequence numbers
+// never repeat within a direction, and each direction of each session has
+// its own key, so a nonce is never reused under a key.
+func frameNonce(n *[nonceLen]byte, seq uint64) []byte {
+	n[0], n[1], n[2], n[3] = 0, 0, 0, 0
+	binary.LittleEndian.PutUint64(n[4:], seq)
+	return n[:]
+}
+
+const nonceLen = 12 // the GCM standard nonce size
+
+// frameWriter frames payloads. During the handshake: header, payload,
+// HMAC-SHA256 over both under handshakeKey. Once setKey has installed the
+// direction's session key: header, then the payload sealed with
+// AES-256-GCM (ciphertext and tag), the header as additional data. Its
+// owner serializes calls (endpoint.wmu).
 type frameWriter struct {
 	bw     *bufio.Writer
-	mac    hash.Hash
+	mac    hash.Hash   // handshake frames
+	aead   cipher.AEAD // session frames, once set
 	seq    uint64
 	hdr    [headerSize]byte
 	sum    [macSize]byte
+	nonce  [nonceLen]byte
+	out    []byte // sealed payload
 	bytes  *atomic.Uint64
 	frames *atomic.Uint64
 }
@@ -37,7 +76,7 @@ func newFrameWriter(w io.Writer, bytes, frames *atomic.Uint64) *frameWriter {
 	}
 }
 
-func (w *frameWriter) setKey(k []byte) { w.mac = hmac.New(sha256.New, k) }
+func (w *frameWriter) setKey(k []byte) { w.aead = newAEAD(k) }
 
 func (w *frameWriter) write(t frameType, payload []byte) error {
 	if len(payload) > MaxFramePayload {
@@ -45,36 +84,46 @@ func (w *frameWriter) write(t frameType, payload []byte) error {
 		return fmt.Errorf("write %v frame of %d bytes: %w", t, len(payload), ErrTooLarge)
 	}
 	putHeader(w.hdr[:], header{length: uint32(len(payload)), typ: t, seq: w.seq})
-	w.mac.Reset()
-	w.mac.Write(w.hdr[:])
-	w.mac.Write(payload)
-	sum := w.mac.Sum(w.sum[:0])
-	for _, b := range [][]byte{w.hdr[:], payload, sum} {
+	var body [][]byte
+	if w.aead != nil {
+		w.out = w.aead.Seal(w.out[:0], frameNonce(&w.nonce, w.seq), payload, w.hdr[:])
+		body = [][]byte{w.hdr[:], w.out}
+	} else {
+		w.mac.Reset()
+		w.mac.Write(w.hdr[:])
+		w.mac.Write(payload)
+		body = [][]byte{w.hdr[:], payload, w.mac.Sum(w.sum[:0])}
+	}
+	n := 0
+	for _, b := range body {
 		if _, err := w.bw.Write(b); err != nil {
 			return err
 		}
+		n += len(b)
 	}
 	w.seq++
-	w.bytes.Add(uint64(headerSize + len(payload) + macSize))
+	w.bytes.Add(uint64(n))
 	w.frames.Add(1)
 	return nil
 }
 
 func (w *frameWriter) flush() error { return w.bw.Flush() }
 
-// frameReader reads and verifies frames. Only the endpoint's reading
-// goroutine uses it.
+// frameReader reads, authenticates and decrypts frames. Only the
+// endpoint's reading goroutine uses it.
 type frameReader struct {
 	br     *bufio.Reader
-	mac    hash.Hash
-	seq    uint64   // expected sequence number of the next frame
-	off    int64    // stream offset of the next frame
-	start  int64    // stream offset of the frame last read (for errors)
-	layout Identity // the sender's layout, once known
+	mac    hash.Hash   // handshake frames
+	aead   cipher.AEAD // session frames, once set
+	seq    uint64      // expected sequence number of the next frame
+	off    int64       // stream offset of the next frame
+	start  int64       // stream offset of the frame last read (for errors)
+	layout Identity    // the sender's layout, once known
 	buf    []byte
 	hdr    [headerSize]byte
 	sum    [macSize]byte
 	want   [macSize]byte
+	nonce  [nonceLen]byte
 	f      frame
 	bytes  *atomic.Uint64
 	frames *atomic.Uint64
@@ -88,11 +137,11 @@ func newFrameReader(r io.Reader, bytes, frames *atomic.Uint64) *frameReader {
 	}
 }
 
-func (r *frameReader) setKey(k []byte) { r.mac = hmac.New(sha256.New, k) }
+func (r *frameReader) setKey(k []byte) { r.aead = newAEAD(k) }
 
-// next reads, authenticates and decodes one frame. A clean end of stream
-// before a header is io.EOF; any other shortfall is ErrTruncated. The
-// returned frame is valid until the next call.
+// next reads, authenticates, decrypts and decodes one frame. A clean end
+// of stream before a header is io.EOF; any other shortfall is
+// ErrTruncated. The returned frame is valid until the next call.
 func (r *frameReader) next() (*frame, error) {
 	r.start = r.off
 	if n, err := io.ReadFull(r.br, r.hdr[:]); err != nil {
@@ -110,28 +159,49 @@ func (r *frameReader) next() (*frame, error) {
 			h.typ, h.seq, r.seq, ErrAuth)
 	}
 	n := int(h.length)
-	if cap(r.buf) < n {
-		r.buf = make([]byte, n, max(n, 64<<10))
-	}
-	p := r.buf[:n]
-	if _, err := io.ReadFull(r.br, p); err != nil {
-		return nil, truncated(h.typ.String()+" frame", err)
-	}
-	if _, err := io.ReadFull(r.br, r.sum[:]); err != nil {
-		return nil, truncated(h.typ.String()+" frame mac", err)
-	}
-	r.mac.Reset()
-	r.mac.Write(r.hdr[:])
-	r.mac.Write(p)
-	if !hmac.Equal(r.mac.Sum(r.want[:0]), r.sum[:]) {
-		return nil, fmt.Errorf("%v frame %d: mac mismatch (corrupted or forged): %w", h.typ, h.seq, ErrAuth)
+	var p []byte
+	trailer := macSize
+	if r.aead != nil {
+		trailer = tagSize
+		// Ciphertext and tag, opened in place.
+		if cap(r.buf) < n+tagSize {
+			r.buf = make([]byte, n+tagSize, max(n+tagSize, 64<<10))
+		}
+		ct := r.buf[:n+tagSize]
+		if _, err := io.ReadFull(r.br, ct[:n]); err != nil {
+			return nil, truncated(h.typ.String()+" frame", err)
+		}
+		if _, err := io.ReadFull(r.br, ct[n:]); err != nil {
+			return nil, truncated(h.typ.String()+" frame tag", err)
+		}
+		p, err = r.aead.Open(ct[:0], frameNonce(&r.nonce, h.seq), ct, r.hdr[:])
+		if err != nil {
+			return nil, fmt.Errorf("%v frame %d: tag mismatch (corrupted or forged): %w", h.typ, h.seq, ErrAuth)
+		}
+	} else {
+		if cap(r.buf) < n {
+			r.buf = make([]byte, n, max(n, 64<<10))
+		}
+		p = r.buf[:n]
+		if _, err := io.ReadFull(r.br, p); err != nil {
+			return nil, truncated(h.typ.String()+" frame", err)
+		}
+		if _, err := io.ReadFull(r.br, r.sum[:]); err != nil {
+			return nil, truncated(h.typ.String()+" frame mac", err)
+		}
+		r.mac.Reset()
+		r.mac.Write(r.hdr[:])
+		r.mac.Write(p)
+		if !hmac.Equal(r.mac.Sum(r.want[:0]), r.sum[:]) {
+			return nil, fmt.Errorf("%v frame %d: mac mismatch (corrupted or forged): %w", h.typ, h.seq, ErrAuth)
+		}
 	}
 	if err := checkHeader(r.hdr[:], h); err != nil {
 		return nil, err
 	}
 	r.seq++
-	r.off += int64(headerSize + n + macSize)
-	r.bytes.Add(uint64(headerSize + n + macSize))
+	r.off += int64(headerSize + n + trailer)
+	r.bytes.Add(uint64(headerSize + n + trailer))
 	r.frames.Add(1)
 	r.f.seq, r.f.payload = h.seq, p
 	if err := decodePayload(&r.f, h.typ, p, &r.layout); err != nil {

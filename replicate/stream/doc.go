@@ -22,23 +22,32 @@
 //     order.
 //   - No trust (invariant 6): every length is checked against its cap
 //     before allocation; every page address is page-aligned and inside the
-//     sender's announced layout; every frame carries an HMAC-SHA256 over
-//     its header (with a sequence number) and payload under a per-session,
-//     per-direction key, so frames cannot be forged, replayed, reordered or
-//     dropped; the handshake proves knowledge of the pre-shared key both
-//     ways.
+//     sender's announced layout; after the handshake every frame's payload
+//     is sealed with AES-256-GCM under a per-session, per-direction key,
+//     with its header (which holds a sequence number, also the nonce) as
+//     additional data, so frames cannot be read, forged, replayed,
+//     reordered or dropped; the handshake proves knowledge of the
+//     pre-shared key both ways.
 //
-// # Wire format (version 1, little-endian)
+// # Wire format (version 2, little-endian)
 //
-// Every frame:
+// Handshake frames (each side's Hello and Auth, framed as in version 1 so
+// that any version can read a hello far enough to refuse it):
 //
 //	length u32 | type u8 | 0 u8 | 0 u16 | seq u64 | payload [length] | mac [32]
 //
-// length ≤ MaxFramePayload (checked before anything is read or allocated);
-// seq counts frames from 0 in each direction; mac is HMAC-SHA256 over the
-// 16 header bytes and the payload. The handshake frames use a public key
-// (the proofs authenticate them); after its Auth frame each side switches
-// to its direction's session key. Payloads by type:
+// Every later frame (session frames):
+//
+//	length u32 | type u8 | 0 u8 | 0 u16 | seq u64 | ciphertext [length] | tag [16]
+//
+// length ≤ MaxFramePayload (checked before anything is read or allocated)
+// is the plaintext payload's length; seq counts frames from 0 in each
+// direction. A handshake frame's mac is HMAC-SHA256 over the 16 header
+// bytes and the payload under a public key (the proofs authenticate those
+// frames). After its Auth frame each side switches to its direction's
+// session key: ciphertext and tag are AES-256-GCM sealing the payload,
+// with nonce 0 [4] | seq u64 and the 16 header bytes as additional data.
+// Payloads (plaintext) by type:
 //
 //	1 Hello     "GOVMMSTR" | version u16 | flags u16 (bit 0: keyed) | role u8
 //	            (1 sender, 2 receiver) | 0 [3] | nonce [32] |
@@ -47,7 +56,7 @@
 //	2 Auth      proof [32]
 //	3 Begin     epoch u64 (>0, increasing) | kind u8 (1 initial-sync, 2 epoch, 3 final) | 0 [7]
 //	4 Pages     count u16 (1..256) | 0 u16 | count × (gpa u64 | enc u8 | 0 [3] | len u32 | data [len])
-//	            enc 0 raw (len 4096), 1 zero (len 0), 2 xor-rle (reserved, refused in v1)
+//	            enc 0 raw (len 4096), 1 zero (len 0), 2 xor-rle (reserved, refused in v1 and v2)
 //	5 State     1..MaxStateChunk bytes of machine state (a checkpoint's chunks ≤ MaxState in all)
 //	6 End       epoch u64 | pages u64 | state length u64 | crc32c u32 | 0 u32
 //	7 Ack       epoch u64
@@ -62,8 +71,11 @@
 // Handshake: the sender sends Hello, the receiver Hello; with th = SHA-256
 // over both hello payloads, the sender sends Auth(HMAC(K, "govmm-stream/1
 // proof sender" || th)), the receiver verifies it and the identity and
-// answers Auth(HMAC(K, "… proof receiver" || th)). Session keys are
-// HMAC(K, "govmm-stream/1 key sender-to-receiver" || th) and the reverse.
+// answers Auth(HMAC(K, "… proof receiver" || th)). The session keys, used
+// as AES-256 keys, are HMAC(K, "govmm-stream/1 key sender-to-receiver" ||
+// th) and the reverse (the labels keep their "/1"; th binds the version).
+// Without a key (Config.Insecure) the same derivation runs over an empty
+// K: the frames are then sealed under keys anyone can compute.
 //
 // # Goroutines
 //

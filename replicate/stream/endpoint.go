@@ -11,7 +11,7 @@ import (
 )
 
 // Stats are an end's counters. Bytes count everything on the wire:
-// headers, payloads and MACs.
+// headers, payloads (ciphertext once keyed) and MACs or tags.
 type Stats struct {
 	BytesSent, BytesReceived   uint64
 	FramesSent, FramesReceived uint64

@@ -9,7 +9,7 @@ import (
 // Version is the protocol version this package speaks. A peer with any
 // other version is refused at the hello (ErrVersion); see docs/STREAM.md
 // for the version policy.
-const Version = 1
+const Version = 2
 
 // helloMagic opens every Hello payload.
 const helloMagic = "GOVMMSTR"
@@ -83,8 +83,8 @@ const (
 	// EncZero: an all-zero page; no bytes.
 	EncZero Encoding = 1
 	// EncXORRLE is reserved for a later version: the page XORed with the
-	// version last shipped on this stream, run-length encoded. Version 1
-	// refuses it.
+	// version last shipped on this stream, run-length encoded. Versions 1
+	// and 2 refuse it.
 	EncXORRLE Encoding = 2
 )
 
@@ -92,7 +92,8 @@ const (
 // anything is allocated for it.
 const (
 	headerSize    = 16
-	macSize       = sha256.Size
+	macSize       = sha256.Size // handshake frames' trailer; Auth proofs
+	tagSize       = 16          // session frames' trailer: the AES-GCM tag
 	nonceSize     = 32
 	pageEntrySize = 16 // gpa u64, encoding u8, reserved [3]u8, length u32
 
@@ -175,9 +176,9 @@ func putHeader(b []byte, h header) {
 }
 
 // parseHeader reads the header and checks its length against the cap:
-// that much must be trusted before the MAC can be read. The other fields
-// are checked by checkHeader once the MAC has verified, so that any
-// tampering outside the length reads as what it is, ErrAuth.
+// that much must be trusted before the MAC or tag can be read. The other
+// fields are checked by checkHeader once the frame has authenticated, so
+// that any tampering outside the length reads as what it is, ErrAuth.
 func parseHeader(b []byte) (header, error) {
 	h := header{
 		length: binary.LittleEndian.Uint32(b[0:]),
@@ -490,11 +491,14 @@ func allZero(b []byte) bool {
 	return true
 }
 
-// DecodeFrame decodes one frame (header and payload; the MAC trailer, if
-// present, is ignored and not verified) from b, checking page addresses
-// against layout. It is the decoder the stream uses, exposed for the fuzz
-// target and for tools that inspect captured streams. It returns the
-// frame's type name and the number of bytes consumed (header + payload).
+// DecodeFrame decodes one frame in the clear (header and plaintext
+// payload; a MAC or tag trailer, if present, is ignored and not verified)
+// from b, checking page addresses against layout. It is the decoder the
+// stream uses after authenticating and decrypting a frame, exposed for the
+// fuzz target and for tools that inspect handshake frames or decrypted
+// streams (session frames on the wire are AES-GCM ciphertext). It returns
+// the frame's type name and the number of bytes consumed (header +
+// payload).
 func DecodeFrame(b []byte, layout Identity) (string, int, error) {
 	var f frame
 	n, err := decodeFrame(&f, b, &layout)

@@ -13,13 +13,19 @@ import (
 
 var updateSeeds = flag.Bool("update", false, "rewrite the fuzz seed corpus in testdata/")
 
-// rawFrame builds header + payload + a MAC-sized trailer (the decoder
-// ignores the trailer; the stream verifies it before decoding).
+// rawFrame builds header + plaintext payload + a trailer of the size the
+// wire carries: a MAC for the handshake frames, an AES-GCM tag for the
+// rest (the decoder ignores the trailer; the stream authenticates and
+// decrypts before decoding).
 func rawFrame(t frameType, seq uint64, payload []byte) []byte {
-	b := make([]byte, headerSize, headerSize+len(payload)+macSize)
+	trailer := tagSize
+	if t == frameHello || t == frameAuth {
+		trailer = macSize
+	}
+	b := make([]byte, headerSize, headerSize+len(payload)+trailer)
 	putHeader(b, header{length: uint32(len(payload)), typ: t, seq: seq})
 	b = append(b, payload...)
-	return append(b, make([]byte, macSize)...)
+	return append(b, make([]byte, trailer)...)
 }
 
 // seedFrames are well-formed frames of every type, plus a few near misses.

@@ -161,7 +161,8 @@ func page(seed uint64) []byte {
 // proxy sits between sender and receiver. In the sender-to-receiver
 // direction it reads whole frames and passes each (with its index, 0 being
 // the sender's hello) through mutate, which returns what to forward; a
-// nil entry cuts the link.
+// nil entry cuts the link. Frames 0 and 1 (hello, auth) carry a MAC, the
+// rest an AES-GCM tag.
 func proxy(t *testing.T, mutate func(i int, f []byte) [][]byte) (senderSide, receiverSide net.Conn) {
 	t.Helper()
 	s1, s2 := net.Pipe() // sender <-> proxy
@@ -174,7 +175,11 @@ func proxy(t *testing.T, mutate func(i int, f []byte) [][]byte) (senderSide, rec
 				return
 			}
 			n := binary.LittleEndian.Uint32(hdr)
-			f := make([]byte, headerSize+int(n)+macSize)
+			trailer := tagSize
+			if i < 2 {
+				trailer = macSize
+			}
+			f := make([]byte, headerSize+int(n)+trailer)
 			copy(f, hdr)
 			if _, err := io.ReadFull(s2, f[headerSize:]); err != nil {
 				return

@@ -82,26 +82,33 @@ func TestHandshakeRefusals(t *testing.T) {
 	}
 }
 
+// TestVersionRefused: a peer of an older (1: HMAC-framed session) or newer
+// version is refused at its hello with ErrVersion, which the handshake
+// framing (unchanged since version 1) makes readable across versions.
 func TestVersionRefused(t *testing.T) {
-	_, rcfg := cfgs(newFakeClock())
-	a, b := net.Pipe()
-	done := make(chan error, 1)
-	go func() {
-		_, err := NewReceiver(t.Context(), b, rcfg)
-		done <- err
-	}()
-	h := hello{version: Version + 1, keyed: true, role: roleSender, id: testIdentity()}
-	var ctr counters
-	w := newFrameWriter(a, &ctr.bytesSent, &ctr.framesSent)
-	require.NoError(t, w.write(frameHello, appendHello(nil, &h)))
-	go func() {
-		_ = w.flush()
-		_, _ = io.Copy(io.Discard, a) // the receiver's error frame
-	}()
-	err := <-done
-	require.ErrorIs(t, err, ErrVersion)
-	assert.Contains(t, err.Error(), "version 2")
-	a.Close()
+	for _, v := range []uint16{1, Version + 1} {
+		t.Run(fmt.Sprintf("version %d", v), func(t *testing.T) {
+			_, rcfg := cfgs(newFakeClock())
+			a, b := net.Pipe()
+			done := make(chan error, 1)
+			go func() {
+				_, err := NewReceiver(t.Context(), b, rcfg)
+				done <- err
+			}()
+			h := hello{version: v, keyed: true, role: roleSender, id: testIdentity()}
+			var ctr counters
+			w := newFrameWriter(a, &ctr.bytesSent, &ctr.framesSent)
+			require.NoError(t, w.write(frameHello, appendHello(nil, &h)))
+			go func() {
+				_ = w.flush()
+				_, _ = io.Copy(io.Discard, a) // the receiver's error frame
+			}()
+			err := <-done
+			require.ErrorIs(t, err, ErrVersion)
+			assert.Contains(t, err.Error(), fmt.Sprintf("version %d", v))
+			a.Close()
+		})
+	}
 }
 
 func TestCheckpointsCommittedAtomicallyAndAckedInOrder(t *testing.T) {
@@ -379,7 +386,7 @@ func TestReceiverRefusesBadFrames(t *testing.T) {
 		{"page in the gap between regions", true, framePages, pages(1<<31, EncZero, nil), ErrOutOfRange},
 		{"page straddling a region end", true, framePages, pages(GPA(id.Regions[0].Size-PageSize/2), EncZero, nil), ErrOutOfRange},
 		{"unaligned page", true, framePages, pages(8, EncRaw, page(1)), ErrOutOfRange},
-		{"delta encoding in version 1", true, framePages, pages(0, EncXORRLE, []byte{1, 2}), ErrFrame},
+		{"delta encoding (reserved)", true, framePages, pages(0, EncXORRLE, []byte{1, 2}), ErrFrame},
 		{"short raw page", true, framePages, pages(0, EncRaw, make([]byte, 100)), ErrFrame},
 		{"pages outside a checkpoint", false, framePages, pages(0, EncZero, nil), ErrProtocol},
 		{"state outside a checkpoint", false, frameState, []byte("x"), ErrProtocol},
@@ -391,7 +398,7 @@ func TestReceiverRefusesBadFrames(t *testing.T) {
 		{"end with wrong crc", true, frameEnd, appendEnd(nil, endInfo{epoch: 2, crc: 1}), ErrChecksum},
 		{"end with huge state length", true, frameEnd, appendEnd(nil, endInfo{epoch: 2, stateLen: 1 << 40}), ErrTooLarge},
 		{"ack from the sender", false, frameAck, make([]byte, 8), ErrProtocol},
-		{"hello after the handshake", false, frameHello, appendHello(nil, &hello{version: 1, keyed: true, role: roleSender, id: id}), ErrProtocol},
+		{"hello after the handshake", false, frameHello, appendHello(nil, &hello{version: Version, keyed: true, role: roleSender, id: id}), ErrProtocol},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
