@@ -339,27 +339,18 @@ var (
 	ErrStateTooLarge = errors.New("machine state too large")
 )
 
-// abiBytes encodes a fixed-size kernel ABI struct little-endian, padding
-// included, exactly as the kernel lays it out.
-func abiBytes(v any) []byte {
-	var b bytes.Buffer
-	if err := binary.Write(&b, binary.LittleEndian, v); err != nil {
-		panic(fmt.Sprintf("abiBytes %T: %v", v, err)) // fixed-size types only: a programming error
-	}
-	return b.Bytes()
-}
-
-func abiDecode(d *devstate.Decoder, v any) {
-	n := binary.Size(v)
-	b := d.Blob(n)
+// abiDecode reads one kernel ABI struct written by MarshalBinary.
+func abiDecode[T any](d *devstate.Decoder, v *T) {
+	dst := abiView(v)
+	b := d.Blob(len(dst))
 	if d.Err() != nil {
 		return
 	}
-	if len(b) != n {
-		d.Fail(fmt.Errorf("%T: %d bytes, want %d", v, len(b), n))
+	if len(b) != len(dst) {
+		d.Fail(fmt.Errorf("%T: %d bytes, want %d", *v, len(b), len(dst)))
 		return
 	}
-	_ = binary.Read(bytes.NewReader(b), binary.LittleEndian, v)
+	copy(dst, b)
 }
 
 // MarshalBinary encodes the state with header and checksum.
@@ -370,25 +361,25 @@ func (s *MachineState) MarshalBinary() ([]byte, error) {
 	e.U32(uint32(len(s.VCPUs)))
 	for i := range s.VCPUs {
 		v := &s.VCPUs[i]
-		e.Blob(abiBytes(&v.MPState))
-		e.Blob(abiBytes(&v.Regs))
-		e.Blob(abiBytes(&v.Sregs))
-		e.Blob(abiBytes(&v.XCRs))
+		e.Blob(abiView(&v.MPState))
+		e.Blob(abiView(&v.Regs))
+		e.Blob(abiView(&v.Sregs))
+		e.Blob(abiView(&v.XCRs))
 		e.Blob(v.Xsave)
-		e.Blob(abiBytes(&v.LAPIC))
+		e.Blob(abiView(&v.LAPIC))
 		e.U32(uint32(len(v.MSRs)))
 		for _, m := range v.MSRs {
 			e.U32(m.Index)
 			e.U64(m.Data)
 		}
-		e.Blob(abiBytes(&v.DebugRegs))
-		e.Blob(abiBytes(&v.Events))
+		e.Blob(abiView(&v.DebugRegs))
+		e.Blob(abiView(&v.Events))
 	}
-	e.Blob(abiBytes(&s.IRQChip.PICMaster))
-	e.Blob(abiBytes(&s.IRQChip.PICSlave))
-	e.Blob(abiBytes(&s.IRQChip.IOAPIC))
-	e.Blob(abiBytes(&s.IRQChip.PIT))
-	e.Blob(abiBytes(&s.Clock))
+	e.Blob(abiView(&s.IRQChip.PICMaster))
+	e.Blob(abiView(&s.IRQChip.PICSlave))
+	e.Blob(abiView(&s.IRQChip.IOAPIC))
+	e.Blob(abiView(&s.IRQChip.PIT))
+	e.Blob(abiView(&s.Clock))
 	e.U32(uint32(len(s.Devices)))
 	for _, d := range s.Devices {
 		e.String(d.ID)
