@@ -154,6 +154,39 @@ func DecodeCheckpoint(b []byte) (*vmm.MachineState, [][]DiskWrite, error) {
 	return &st, disks, nil
 }
 
+// cutState is a checkpoint's state payload, taken at a consistent cut
+// (inside Machine.WithPaused): the machine state and the disks' writes
+// since the previous cut.
+func cutState(m *vmm.Machine, disks []*DiskLog) ([]byte, error) {
+	st, err := m.SaveState()
+	if err != nil {
+		return nil, err
+	}
+	raw, err := st.MarshalBinary()
+	if err != nil {
+		return nil, err
+	}
+	writes := make([][]DiskWrite, 0, len(disks))
+	for _, d := range disks {
+		writes = append(writes, d.Take())
+	}
+	return EncodeCheckpoint(raw, writes), nil
+}
+
+// applyCheckpoint is the standby's side of cutState: it decodes the
+// payload, applies and syncs the disk writes to the standby's copies,
+// and returns the machine state to resume from.
+func applyCheckpoint(files []*os.File, payload []byte) (*vmm.MachineState, error) {
+	st, writes, err := DecodeCheckpoint(payload)
+	if err != nil {
+		return nil, err
+	}
+	if err := applyDiskWrites(files, writes); err != nil {
+		return nil, err
+	}
+	return st, nil
+}
+
 // applyDiskWrites writes one checkpoint's writes to the standby's copies
 // and syncs them, before the checkpoint is acknowledged.
 func applyDiskWrites(files []*os.File, disks [][]DiskWrite) error {

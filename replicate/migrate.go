@@ -154,19 +154,10 @@ func Migrate(ctx context.Context, m *vmm.Machine, cfg MigrateConfig) (MigrateRes
 			return err
 		}
 		set.Or(last)
-		st, err := m.SaveState()
+		state, err := cutState(m, cfg.Disks)
 		if err != nil {
 			return err
 		}
-		raw, err := st.MarshalBinary()
-		if err != nil {
-			return err
-		}
-		var writes [][]DiskWrite
-		for _, d := range cfg.Disks {
-			writes = append(writes, d.Take())
-		}
-		state := EncodeCheckpoint(raw, writes)
 		epoch++
 		res.Rounds++
 		progress(Progress{Round: res.Rounds, Phase: "stop-and-copy", BytesSent: s.Stats().BytesSent, RemainingPages: uint64(set.Count())})
@@ -302,11 +293,8 @@ func (sb *Standby) ReceiveMigration(ctx context.Context) (*vmm.Machine, error) {
 		if c.Kind != stream.KindFinal {
 			return nil
 		}
-		st, writes, err := DecodeCheckpoint(c.State)
+		st, err := applyCheckpoint(sb.cfg.Disks, c.State)
 		if err != nil {
-			return err
-		}
-		if err := applyDiskWrites(sb.cfg.Disks, writes); err != nil {
 			return err
 		}
 		final = st
@@ -366,11 +354,8 @@ func (sb *Standby) ReceiveReplication(ctx context.Context, failoverTimeout time.
 		if !c.Kind.Resumable() {
 			return nil
 		}
-		st, writes, err := DecodeCheckpoint(c.State)
+		st, err := applyCheckpoint(sb.cfg.Disks, c.State)
 		if err != nil {
-			return err
-		}
-		if err := applyDiskWrites(sb.cfg.Disks, writes); err != nil {
 			return err
 		}
 		latest, latestEpoch = st, c.Epoch

@@ -261,19 +261,9 @@ func (r *Replicator) checkpoint(extra *dirtylog.Set) error {
 			return err
 		}
 		t2 = time.Now()
-		st, err := r.m.SaveState()
-		if err != nil {
+		if state, err = cutState(r.m, r.cfg.Disks); err != nil {
 			return err
 		}
-		raw, err := st.MarshalBinary()
-		if err != nil {
-			return err
-		}
-		var writes [][]DiskWrite
-		for _, d := range r.cfg.Disks {
-			writes = append(writes, d.Take())
-		}
-		state = EncodeCheckpoint(raw, writes)
 		epoch = r.nextEpoch()
 		if r.cfg.AtCut != nil {
 			r.cfg.AtCut(epoch)
