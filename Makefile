@@ -4,7 +4,7 @@ BIN       := bin/govmm
 RACE_PKGS := ./vmm/... ./virtio/... ./internal/... ./guestimg/... ./dirtylog/... ./ctlapi/... ./replicate/...
 FUZZTIME  ?= 20s
 
-.PHONY: all build image run demo soak test vet fuzz bench bench-quick clean deps
+.PHONY: all build image run demo soak test test-guest vet fuzz bench bench-quick clean deps
 
 all: build
 
@@ -43,10 +43,18 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzServeHTTP -fuzztime $(FUZZTIME) ./ctlapi/
 	$(GO) test -run '^$$' -fuzz FuzzDecodeFrame -fuzztime $(FUZZTIME) ./replicate/stream/
 
+# Unit and tiny-guest tests here; then the real-guest tests (TestGuest*)
+# where Linux boots: on this host's KVM if it can, else in the lab.
 test: deps vet build image
-	$(GO) test -count=1 ./...
-	$(GO) test -count=1 -race $(RACE_PKGS)
+	$(GO) test -count=1 -skip '^TestGuest' ./...
+	$(GO) test -count=1 -race -skip '^TestGuest' $(RACE_PKGS)
 	$(MAKE) fuzz
+	scripts/guest-tests.sh
+
+# Only the real-guest tests (in the lab where needed); RUN narrows them.
+RUN ?= ^TestGuest
+test-guest: deps build image
+	scripts/guest-tests.sh -run '$(RUN)'
 
 bench: build
 	scripts/deps.sh bench

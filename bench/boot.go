@@ -11,7 +11,7 @@ import (
 	"strconv"
 	"time"
 
-	"govmm/internal/kvmtest"
+	"govmm/lab"
 	"govmm/vmm"
 )
 
@@ -56,7 +56,7 @@ func Boot(ctx context.Context, cfg BootConfig) ([]BootSample, error) {
 	guest, ready := cfg.Guest, "govmm-guest: ready"
 	if guest == "" || guest == "auto" {
 		guest = "default"
-		if reason := kvmtest.Emulated(); reason != "" {
+		if reason := lab.Emulated(); reason != "" {
 			fmt.Fprintf(cfg.Log, "boot: using the tiny guest: %s\n", reason)
 			guest = "tiny"
 		}

@@ -8,7 +8,7 @@ import (
 	"log/slog"
 	"time"
 
-	"govmm/internal/kvmtest"
+	"govmm/lab"
 	"govmm/internal/tinyguest"
 	"govmm/replicate"
 	"govmm/replicate/stream"
@@ -94,7 +94,7 @@ func newStandby() (*replicate.Standby, error) {
 
 // platform is the sentence every suite's report carries about KVM here.
 func platform() string {
-	if r := kvmtest.Emulated(); r != "" {
+	if r := lab.Emulated(); r != "" {
 		return "**KVM here emulates guests**: " + r + ". Guest-side rates below are those of an emulated CPU; " +
 			"VMM-side costs (harvest, copy, state, streaming) are real host work."
 	}

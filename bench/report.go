@@ -10,7 +10,7 @@ import (
 	"strings"
 	"time"
 
-	"govmm/internal/kvmtest"
+	"govmm/lab"
 )
 
 // Machine describes where a run happened, for the report.
@@ -31,7 +31,7 @@ func Machine() string {
 	fmt.Fprintf(&b, "- CPU: %s, %d cores\n", cpu, runtime.NumCPU())
 	fmt.Fprintf(&b, "- host kernel: %s\n", strings.TrimSpace(string(kernel)))
 	fmt.Fprintf(&b, "- Go: %s\n", runtime.Version())
-	if r := kvmtest.Emulated(); r != "" {
+	if r := lab.Emulated(); r != "" {
 		fmt.Fprintf(&b, "- KVM: %s\n", r)
 	} else {
 		b.WriteString("- KVM: hardware-assisted\n")

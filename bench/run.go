@@ -6,7 +6,7 @@ import (
 	"io"
 	"time"
 
-	"govmm/internal/kvmtest"
+	"govmm/lab"
 )
 
 // Options are the parameters of a `govmm bench` run.
@@ -19,8 +19,8 @@ type Options struct {
 	Boot  BootConfig // Govmm, Guest, Kernel, Initrd, MemMiB; the rest is filled in
 }
 
-// Emulated says whether KVM here emulates guests (see kvmtest.Emulated).
-func Emulated() bool { return kvmtest.Emulated() != "" }
+// Emulated says whether KVM here emulates guests (see lab.Emulated).
+func Emulated() bool { return lab.Emulated() != "" }
 
 // Run runs the named suites in order into o.Out and returns each one's
 // section of report.md. On error, the sections of the suites that

@@ -545,29 +545,8 @@ func (b *builder) baseTree(ctx context.Context, root string) (*tree, string, err
 // prepareModules makes sure modDir has uncompressed modules and a
 // modules.dep, and returns the load order of guestModules' closure.
 func (b *builder) prepareModules(ctx context.Context, modDir string) ([]string, *modIndex, error) {
-	// Debian's 6.1 kernels ship plain .ko files (CONFIG_MODULE_COMPRESS_NONE
-	// and no in-kernel decompression). Should a later package ship .ko.xz,
-	// decompress with the host's xz so finit_module needs no flags.
-	var xzs []string
-	err := filepath.WalkDir(modDir, func(p string, d fs.DirEntry, err error) error {
-		if err == nil && !d.IsDir() && strings.HasSuffix(p, ".ko.xz") {
-			xzs = append(xzs, p)
-		}
-		return err
-	})
-	if err != nil {
-		return nil, nil, fmt.Errorf("modules: %w", err)
-	}
-	if len(xzs) > 0 {
-		b.logf("decompressing %d modules", len(xzs))
-		for i := 0; i < len(xzs); i += 500 {
-			args := append([]string{"-d", "-f"}, xzs[i:min(i+500, len(xzs))]...)
-			if o, err := exec.CommandContext(ctx, "xz", args...).CombinedOutput(); err != nil {
-				return nil, nil, fmt.Errorf("xz -d modules: %w: %s", err, lastLines(o, 3))
-			}
-		}
-		// modules.dep, if shipped, names the .xz files; regenerate it.
-		_ = os.Remove(filepath.Join(modDir, "modules.dep"))
+	if err := b.decompressModules(ctx, modDir); err != nil {
+		return nil, nil, err
 	}
 	if _, err := os.Stat(filepath.Join(modDir, "modules.dep")); err != nil {
 		if err := depmod(modDir); err != nil {
@@ -583,6 +562,36 @@ func (b *builder) prepareModules(ctx context.Context, modDir string) ([]string, 
 		return nil, nil, fmt.Errorf("modules: %w", err)
 	}
 	return mods, ix, nil
+}
+
+// decompressModules makes sure modDir holds uncompressed modules. Debian's
+// 6.1 kernels ship plain .ko files (CONFIG_MODULE_COMPRESS_NONE and no
+// in-kernel decompression). Should a later package ship .ko.xz, decompress
+// with the host's xz so finit_module needs no flags.
+func (b *builder) decompressModules(ctx context.Context, modDir string) error {
+	var xzs []string
+	err := filepath.WalkDir(modDir, func(p string, d fs.DirEntry, err error) error {
+		if err == nil && !d.IsDir() && strings.HasSuffix(p, ".ko.xz") {
+			xzs = append(xzs, p)
+		}
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("modules: %w", err)
+	}
+	if len(xzs) == 0 {
+		return nil
+	}
+	b.logf("decompressing %d modules", len(xzs))
+	for i := 0; i < len(xzs); i += 500 {
+		args := append([]string{"-d", "-f"}, xzs[i:min(i+500, len(xzs))]...)
+		if o, err := exec.CommandContext(ctx, "xz", args...).CombinedOutput(); err != nil {
+			return fmt.Errorf("xz -d modules: %w: %s", err, lastLines(o, 3))
+		}
+	}
+	// modules.dep, if shipped, names the .xz files; regenerate it.
+	_ = os.Remove(filepath.Join(modDir, "modules.dep"))
+	return nil
 }
 
 // buildGuestPrograms compiles /init and the programs under guestimg/guest

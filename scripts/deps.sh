@@ -2,10 +2,9 @@
 # Installs the Debian packages govmm's build and tests use, when missing.
 # Usage: scripts/deps.sh [test|bench]
 set -euo pipefail
-want=(apt-utils dpkg xz-utils iproute2)
-if [[ "${1:-}" == bench ]]; then
-	want+=(qemu-system-x86)
-fi
+# qemu-system-x86 runs the lab (nested KVM for real-guest tests where this
+# host's KVM cannot boot Linux) and the QEMU side of the benchmarks.
+want=(apt-utils dpkg xz-utils iproute2 qemu-system-x86)
 missing=()
 for p in "${want[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -22,6 +22,7 @@ Usage:
   govmm restore [flags] FILE           resume a VM from a snapshot file
   govmm image build [flags]            build the default guest image
   govmm bench [flags] [SUITE...]       benchmarks against QEMU (CSV + report.md)
+  govmm lab [flags] -- CMD ARGS...     run CMD in the lab (nested KVM under QEMU) where this host's KVM cannot boot Linux
   govmm help COMMAND                   help for one command
 
 Run 'govmm COMMAND -h' for the flags of a command.
@@ -60,6 +61,8 @@ func realMain(args []string) int {
 		err = cmdRestore(args[1:])
 	case "bench":
 		err = cmdBench(args[1:])
+	case "lab":
+		err = cmdLab(args[1:])
 	case "help", "-h", "--help":
 		if len(args) > 1 {
 			return realMain([]string{args[1], "-h"})

@@ -16,7 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"govmm/guestimg"
-	"govmm/internal/kvmtest"
+	"govmm/lab"
 	"govmm/replicate"
 	"govmm/vmm"
 )
@@ -135,7 +135,7 @@ func cmdRun(args []string) error {
 	if err != nil {
 		return err
 	}
-	if reason := kvmtest.Emulated(); reason != "" && f.kernel == "" {
+	if reason := lab.Emulated(); reason != "" && f.kernel == "" {
 		fmt.Fprintf(os.Stderr, "govmm: warning: %s\n", reason)
 	}
 	cmdline := vmm.DefaultCmdline

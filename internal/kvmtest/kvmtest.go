@@ -1,49 +1,57 @@
 // Package kvmtest holds the checks that tests needing KVM share: whether
-// /dev/kvm is usable here, and whether it runs guests at hardware speed.
+// /dev/kvm is usable here, and whether it boots the real default guest
+// (directly on hardware-assisted KVM, or inside the lab).
 package kvmtest
 
 import (
 	"os"
-	"sync"
+	"strings"
 	"testing"
+
+	"govmm/lab"
 )
 
 // Require skips t when /dev/kvm is absent or cannot be opened, saying so.
+// Inside the lab a missing /dev/kvm is a failure, never a skip.
 func Require(t testing.TB) {
 	t.Helper()
 	f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0)
 	if err != nil {
+		if lab.InLab() {
+			t.Fatalf("the lab's L1 has no usable /dev/kvm: %v", err)
+		}
 		t.Skipf("skipping: needs /dev/kvm (%v)", err)
 	}
 	f.Close()
 }
 
-var (
-	emuOnce   sync.Once
-	emuReason string
-)
+// Emulated reports why KVM on this host cannot boot a stock Linux kernel
+// in reasonable time, or "" when it can (see lab.Emulated).
+func Emulated() string { return lab.Emulated() }
 
-// Emulated reports why KVM on this host cannot run a stock Linux kernel in
-// reasonable time, or "" when it can. Some sandboxes (kvm_pvm, the
-// pagetable-based virtual machine) provide /dev/kvm without VMX/SVM and
-// run any guest that is not a PVM guest kernel instruction by instruction
-// in the host kernel's emulator, some thousand times slower than hardware:
-// a Linux boot takes hours there.
-func Emulated() string {
-	emuOnce.Do(func() {
-		if _, err := os.Stat("/sys/module/kvm_pvm"); err == nil {
-			emuReason = "KVM on this host is kvm_pvm, which emulates non-PVM guests instruction by instruction (about 3 µs each); a stock kernel would take hours to boot"
-		}
-	})
-	return emuReason
-}
+// GuestPrefix starts the name of every test that boots the real default
+// guest: make test runs those (and only those) where a Linux guest can
+// boot, which on hosts like this project's is inside the lab
+// (scripts/guest-tests.sh).
+const GuestPrefix = "TestGuest"
 
-// RequireLinuxBoot skips t unless KVM here can boot the real default guest
-// in reasonable time, saying why not.
+// RequireLinuxBoot marks t as a real-guest test. It fails t when its name
+// does not start with GuestPrefix (so that no real-guest test escapes the
+// lab run), logs where the guest runs, and skips t only outside the lab on
+// a host whose KVM cannot boot Linux, saying how to run it. Inside the lab
+// it never skips: a real-guest test that cannot run there fails.
 func RequireLinuxBoot(t testing.TB) {
 	t.Helper()
+	if !strings.HasPrefix(t.Name(), GuestPrefix) {
+		t.Fatalf("real-guest test %s: its name must start with %s so that make test runs it where Linux boots", t.Name(), GuestPrefix)
+	}
 	Require(t)
-	if r := Emulated(); r != "" {
-		t.Skipf("skipping real-guest test: %s; run it on a host whose CPU exposes VMX or SVM", r)
+	switch r := lab.Emulated(); {
+	case lab.InLab():
+		t.Logf("real guest in the lab (L1: kvm_amd on QEMU's emulated SVM)")
+	case r != "":
+		t.Skipf("skipping real-guest test here: %s; make test runs it in the lab (scripts/guest-tests.sh)", r)
+	default:
+		t.Logf("real guest on this host's KVM")
 	}
 }

@@ -1,0 +1,104 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"govmm/lab"
+)
+
+const labUsage = `Usage: govmm lab [flags] -- CMD ARGS...
+
+Runs CMD inside the lab: a Linux machine (L1) under QEMU's software
+emulation of AMD SVM, whose kvm_amd gives govmm a /dev/kvm that boots stock
+Linux guests. Use it where this host's KVM cannot (kvm_pvm, or a cloud VM
+without nested virtualization). L1 sees this host's / read-only under a
+throwaway overlay, so CMD finds your checkout, Go and the guest image as
+they are here; what it writes is discarded unless it is under a --share.
+CMD's output streams here and govmm lab exits with CMD's status.
+
+Everything in the lab is emulated and slow: compare numbers measured side
+by side inside it, never with numbers from outside. The L1 image is built
+from the default guest's Debian packages on first use (~/.cache/govmm/lab)
+and needs qemu-system-x86.
+
+Examples:
+  govmm lab -- govmm run --cpus 2 -- nproc
+  govmm lab --share bench/results -- govmm bench boot
+
+Flags:
+`
+
+// cmdLab implements "govmm lab".
+func cmdLab(args []string) error {
+	fs := newFlagSet("lab", labUsage)
+	cpus := fs.Int("cpus", 0, "L1's vCPUs (default: this host's CPUs, at most 4)")
+	mem := fs.String("mem", "8G", "L1's memory")
+	timeout := fs.Duration("timeout", 60*time.Minute, "give up (and kill L1) after this long")
+	retries := fs.Int("retries", 1, "run again this many times when L1 itself dies (not when CMD fails)")
+	ifNeeded := fs.Bool("if-needed", false, "run CMD directly on this host when its KVM boots Linux")
+	var shares, env listFlag
+	fs.Var(&shares, "share", "host `DIR` that L1 mounts writable at the same path (repeatable)")
+	fs.Var(&env, "env", "`NAME=VALUE` for CMD's environment (repeatable)")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	command := fs.Args()
+	if len(command) == 0 {
+		fmt.Fprintln(os.Stderr, "govmm lab: no command (govmm lab [flags] -- CMD ARGS...)")
+		return errUsage
+	}
+	memSize, err := parseSize(*mem)
+	if err != nil {
+		return fmt.Errorf("--mem: %w", err)
+	}
+	if *retries < 0 {
+		return fmt.Errorf("--retries %d: must not be negative", *retries)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if *ifNeeded && lab.Emulated() == "" {
+		fmt.Fprintln(os.Stderr, "lab: this host's KVM boots Linux; running the command here")
+		return runHere(ctx, command, env)
+	}
+	if lab.InLab() {
+		return errors.New("already inside the lab (nested labs are not supported)")
+	}
+	r := *retries
+	if r == 0 {
+		r = -1
+	}
+	status, err := lab.Run(ctx, lab.Config{
+		Command: command, Env: env, Shares: shares,
+		CPUs: *cpus, MemMiB: int(memSize >> 20), Timeout: *timeout, Retries: r,
+		Stdout: os.Stdout, Log: os.Stderr,
+	})
+	if err != nil {
+		return err
+	}
+	if status != 0 {
+		return exitError{status}
+	}
+	return nil
+}
+
+// runHere runs command on this host, as the lab would have run it inside.
+func runHere(ctx context.Context, command, env []string) error {
+	cmd := exec.CommandContext(ctx, command[0], command[1:]...)
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
+	cmd.Env = append(os.Environ(), env...)
+	if err := cmd.Run(); err != nil {
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
+			return exitError{ee.ExitCode()}
+		}
+		return err
+	}
+	return nil
+}

@@ -1,0 +1,332 @@
+package lab
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"govmm/guestimg"
+)
+
+// ErrNoQEMU is returned when qemu-system-x86_64 is not installed.
+var ErrNoQEMU = errors.New("qemu-system-x86_64 not found: the lab runs in QEMU; install it with: apt-get install qemu-system-x86")
+
+// ErrTimeout is wrapped by the error of a run that outlived Config.Timeout.
+var ErrTimeout = errors.New("lab timed out")
+
+// Config describes one command to run in L1. Only Command is required.
+type Config struct {
+	// Command is the argv to run inside L1, looked up in the host's PATH
+	// (L1 sees the host's file system).
+	Command []string
+	// Dir is the working directory inside L1; default: the caller's.
+	Dir string
+	// Env is added to the command's environment, which otherwise holds the
+	// caller's PATH, HOME, TERM, the Go variables (GO*), the GOVMM_*
+	// variables, and GOVMM_LAB=1.
+	Env []string
+	// Shares are host directories that L1 mounts writable at the same path
+	// (everything else is a read-only view under a throwaway overlay).
+	Shares []string
+	// CPUs and MemMiB size L1; defaults: the host's CPU count (at most 4)
+	// and 8192.
+	CPUs, MemMiB int
+	// Timeout bounds the whole run, boot included; default 60 minutes.
+	Timeout time.Duration
+	// Retries is how often a run is repeated when L1 itself died (powered
+	// off, crashed or never started the command) rather than the command
+	// failing; default 1, negative for none.
+	Retries int
+	// Stdout receives the command's output (stdout and stderr interleaved)
+	// as it is produced; nil discards it.
+	Stdout io.Writer
+	// Log receives the harness's own lines ("lab: ..."); nil discards them.
+	Log io.Writer
+	// CacheDir is guestimg's cache, where the L1 image and the last run's
+	// console log live; default guestimg.DefaultCacheDir().
+	CacheDir string
+	// QEMU is the emulator's path; default qemu-system-x86_64 from PATH.
+	QEMU string
+}
+
+// Error is a run that failed in the lab itself, not in the command: L1
+// did not boot, could not mount the host, had no /dev/kvm, died, or timed
+// out. Console holds the tail of L1's kernel console.
+type Error struct {
+	Reason  string
+	Console string // last lines of L1's console
+	Log     string // path of the whole console log
+	Err     error  // ErrTimeout, or nil
+}
+
+func (e *Error) Error() string {
+	return fmt.Sprintf("lab: %s (L1 console: %s)\n--- last lines of L1's console ---\n%s", e.Reason, e.Log, e.Console)
+}
+
+func (e *Error) Unwrap() error { return e.Err }
+
+// died reports whether the run may be repeated: L1 went away without
+// saying why (not a timeout, not a setup failure it reported).
+func (e *Error) died() bool { return e.Err == nil && strings.HasPrefix(e.Reason, "L1 ended") }
+
+// Run boots L1, runs cfg.Command in it and returns the command's exit
+// status. The error is non-nil only when the lab could not run the command
+// to its end (an *Error, or a setup error such as ErrNoQEMU): a failing
+// command is a non-zero status and a nil error.
+func Run(ctx context.Context, cfg Config) (int, error) {
+	if len(cfg.Command) == 0 {
+		return 0, errors.New("lab: no command")
+	}
+	if cfg.QEMU == "" {
+		p, err := exec.LookPath("qemu-system-x86_64")
+		if err != nil {
+			return 0, ErrNoQEMU
+		}
+		cfg.QEMU = p
+	}
+	if cfg.Dir == "" {
+		wd, err := os.Getwd()
+		if err != nil {
+			return 0, fmt.Errorf("lab: %w", err)
+		}
+		cfg.Dir = wd
+	}
+	if cfg.CPUs <= 0 {
+		cfg.CPUs = min(runtime.NumCPU(), 4)
+	}
+	if cfg.MemMiB <= 0 {
+		cfg.MemMiB = 8192
+	}
+	if cfg.Timeout <= 0 {
+		cfg.Timeout = 60 * time.Minute
+	}
+	if cfg.Retries == 0 {
+		cfg.Retries = 1
+	}
+	if cfg.Stdout == nil {
+		cfg.Stdout = io.Discard
+	}
+	if cfg.Log == nil {
+		cfg.Log = io.Discard
+	}
+	if cfg.CacheDir == "" {
+		cfg.CacheDir = guestimg.DefaultCacheDir()
+	}
+	for i, s := range cfg.Shares {
+		abs, err := filepath.Abs(s)
+		if err != nil {
+			return 0, fmt.Errorf("lab: share %s: %w", s, err)
+		}
+		if fi, err := os.Stat(abs); err != nil || !fi.IsDir() {
+			return 0, fmt.Errorf("lab: share %s: not a directory", s)
+		}
+		cfg.Shares[i] = abs
+	}
+	img, err := guestimg.BuildLab(ctx, guestimg.Options{CacheDir: cfg.CacheDir, Log: cfg.Log})
+	if err != nil {
+		return 0, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, cfg.Timeout)
+	defer cancel()
+	for attempt := 0; ; attempt++ {
+		status, err := runOnce(ctx, cfg, img)
+		var le *Error
+		if errors.As(err, &le) && le.died() && attempt < cfg.Retries && ctx.Err() == nil {
+			fmt.Fprintf(cfg.Log, "lab: %s; L1 itself failed, not the command: running it again (%d of %d retries)\n--- last lines of L1's console ---\n%s\n",
+				le.Reason, attempt+1, cfg.Retries, le.Console)
+			continue
+		}
+		return status, err
+	}
+}
+
+// runOnce is one boot of L1.
+func runOnce(ctx context.Context, cfg Config, img guestimg.Image) (int, error) {
+	ctl, err := os.MkdirTemp("", "govmm-lab-")
+	if err != nil {
+		return 0, fmt.Errorf("lab: %w", err)
+	}
+	defer os.RemoveAll(ctl)
+	if err := os.WriteFile(filepath.Join(ctl, "cmd.sh"), commandScript(cfg), 0o644); err != nil {
+		return 0, fmt.Errorf("lab: %w", err)
+	}
+	var shares strings.Builder
+	for i, s := range cfg.Shares {
+		fmt.Fprintf(&shares, "share%d %s\n", i, s)
+	}
+	if err := os.WriteFile(filepath.Join(ctl, "shares"), []byte(shares.String()), 0o644); err != nil {
+		return 0, fmt.Errorf("lab: %w", err)
+	}
+
+	// The command's output arrives on a unix socket that QEMU connects to
+	// (a virtio console port in L1).
+	sock := filepath.Join(ctl, "out.sock")
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
+	if err != nil {
+		return 0, fmt.Errorf("lab: %w", err)
+	}
+	defer ln.Close()
+	// L1's console goes to a file in ctl while it runs and is kept as
+	// <cache>/lab/console.log afterwards (the last run's, for a reader).
+	consoleLog := filepath.Join(ctl, "console.log")
+	defer keepConsole(consoleLog, filepath.Join(cfg.CacheDir, "lab", "console.log"))
+
+	args := qemuArgs(cfg, img, ctl, sock, consoleLog)
+	cmd := exec.Command(cfg.QEMU, args...)
+	var qemuOut bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &qemuOut, &qemuOut
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	start := time.Now()
+	if err := cmd.Start(); err != nil {
+		return 0, fmt.Errorf("lab: start %s: %w", cfg.QEMU, err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+
+	copied := make(chan struct{})
+	go func() {
+		defer close(copied)
+		ln.SetDeadline(time.Now().Add(time.Minute))
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		_, _ = io.Copy(cfg.Stdout, c)
+	}()
+
+	var waitErr error
+	select {
+	case waitErr = <-exited:
+	case <-ctx.Done():
+		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+		<-exited
+		ln.Close()
+		<-copied
+		reason := fmt.Sprintf("timed out after %v", time.Since(start).Round(time.Second))
+		if _, err := os.Stat(filepath.Join(ctl, "started")); err == nil {
+			reason = fmt.Sprintf("command still running after %v (timeout %v); L1 killed", time.Since(start).Round(time.Second), cfg.Timeout)
+		}
+		return 0, &Error{Reason: reason, Console: tail(consoleLog, 40), Log: filepath.Join(cfg.CacheDir, "lab", "console.log"), Err: fmt.Errorf("%w: %w", ErrTimeout, ctx.Err())}
+	}
+	ln.Close()
+	<-copied
+
+	if b, err := os.ReadFile(filepath.Join(ctl, "status")); err == nil {
+		status, err := strconv.Atoi(strings.TrimSpace(string(b)))
+		if err != nil {
+			return 0, &Error{Reason: fmt.Sprintf("bad status file %q", b), Console: tail(consoleLog, 40), Log: filepath.Join(cfg.CacheDir, "lab", "console.log")}
+		}
+		fmt.Fprintf(cfg.Log, "lab: command exited with status %d after %v in L1\n", status, time.Since(start).Round(100*time.Millisecond))
+		return status, nil
+	}
+	if b, err := os.ReadFile(filepath.Join(ctl, "error")); err == nil {
+		return 0, &Error{Reason: strings.TrimSpace(string(b)), Console: tail(consoleLog, 40), Log: filepath.Join(cfg.CacheDir, "lab", "console.log")}
+	}
+	reason := "L1 ended before it started the command"
+	if _, err := os.Stat(filepath.Join(ctl, "started")); err == nil {
+		reason = "L1 ended while the command ran, without its exit status"
+	}
+	if waitErr != nil {
+		reason += fmt.Sprintf(" (qemu: %v: %s)", waitErr, strings.TrimSpace(qemuOut.String()))
+	}
+	return 0, &Error{Reason: reason, Console: tail(consoleLog, 40), Log: filepath.Join(cfg.CacheDir, "lab", "console.log")}
+}
+
+// qemuArgs is L1's command line. TCG with one thread per vCPU; the "max"
+// CPU model has SVM with nested paging, which is what kvm_amd needs. The
+// host's / is a read-only 9p share (multidevs=remap: it spans several
+// file systems), the control directory and cfg.Shares writable ones.
+func qemuArgs(cfg Config, img guestimg.Image, ctl, sock, consoleLog string) []string {
+	args := []string{
+		"-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+		"-accel", "tcg,thread=multi",
+		"-cpu", "max",
+		"-smp", strconv.Itoa(cfg.CPUs),
+		"-m", strconv.Itoa(cfg.MemMiB),
+		"-kernel", img.Kernel,
+		"-initrd", img.Initrd,
+		"-append", "console=ttyS0 panic=-1 quiet loglevel=4",
+		"-chardev", "file,id=console,path=" + consoleLog,
+		"-serial", "chardev:console",
+		"-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+		"-virtfs", "local,path=" + ctl + ",mount_tag=labctl,security_model=none",
+		"-device", "virtio-serial-pci",
+		"-chardev", "socket,id=out,path=" + sock,
+		"-device", "virtserialport,chardev=out,name=govmm.out",
+	}
+	for i, s := range cfg.Shares {
+		args = append(args, "-virtfs", fmt.Sprintf("local,path=%s,mount_tag=share%d,security_model=none,multidevs=remap", s, i))
+	}
+	return args
+}
+
+// passEnv are the host variables the command inherits.
+func passEnv(name string) bool {
+	switch name {
+	case "PATH", "HOME", "TERM", "USER", "LANG":
+		return true
+	}
+	return strings.HasPrefix(name, "GO") || strings.HasPrefix(name, "CGO_")
+}
+
+// commandScript renders cfg as a script for the host's /bin/sh inside L1.
+func commandScript(cfg Config) []byte {
+	var b strings.Builder
+	b.WriteString("# written by govmm's lab harness\n")
+	for _, kv := range os.Environ() {
+		name, _, _ := strings.Cut(kv, "=")
+		if passEnv(name) {
+			fmt.Fprintf(&b, "export %s\n", shellQuote(kv))
+		}
+	}
+	for _, kv := range cfg.Env {
+		fmt.Fprintf(&b, "export %s\n", shellQuote(kv))
+	}
+	b.WriteString("export GOVMM_LAB=1\n")
+	fmt.Fprintf(&b, "cd %s || exit 126\n", shellQuote(cfg.Dir))
+	b.WriteString("exec")
+	for _, a := range cfg.Command {
+		b.WriteString(" " + shellQuote(a))
+	}
+	b.WriteString("\n")
+	return []byte(b.String())
+}
+
+// shellQuote quotes s for sh in single quotes.
+func shellQuote(s string) string {
+	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
+}
+
+// keepConsole copies the console log to where it outlives the run.
+func keepConsole(from, to string) {
+	if b, err := os.ReadFile(from); err == nil {
+		_ = os.MkdirAll(filepath.Dir(to), 0o755)
+		_ = os.WriteFile(to+".tmp", b, 0o644)
+		_ = os.Rename(to+".tmp", to)
+	}
+}
+
+// tail returns the last n lines of a file, or a note that it is missing.
+func tail(path string, n int) string {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Sprintf("(no console log: %v)", err)
+	}
+	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
