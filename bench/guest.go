@@ -8,8 +8,8 @@ import (
 	"log/slog"
 	"time"
 
-	"govmm/lab"
 	"govmm/internal/tinyguest"
+	"govmm/lab"
 	"govmm/replicate"
 	"govmm/replicate/stream"
 	"govmm/vmm"
