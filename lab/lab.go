@@ -137,6 +137,13 @@ func Run(ctx context.Context, cfg Config) (int, error) {
 	if err != nil {
 		return 0, err
 	}
+	// One L1 at a time per cache: two would share this host's cores, and
+	// the timings the tests inside rely on (failure detection) with them.
+	unlock, err := lockRuns(ctx, filepath.Join(cfg.CacheDir, "lab", "run.lock"), cfg.Log)
+	if err != nil {
+		return 0, err
+	}
+	defer unlock()
 	ctx, cancel := context.WithTimeout(ctx, cfg.Timeout)
 	defer cancel()
 	for attempt := 0; ; attempt++ {
@@ -307,6 +314,38 @@ func commandScript(cfg Config) []byte {
 // shellQuote quotes s for sh in single quotes.
 func shellQuote(s string) string {
 	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
+}
+
+// lockRuns takes an exclusive flock on path, waiting as long as ctx allows
+// and saying once that it waits.
+func lockRuns(ctx context.Context, path string, log io.Writer) (func(), error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, fmt.Errorf("lab: %w", err)
+	}
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("lab: %w", err)
+	}
+	for said := false; ; {
+		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+		if err == nil {
+			return func() { f.Close() }, nil
+		}
+		if !errors.Is(err, syscall.EWOULDBLOCK) && !errors.Is(err, syscall.EINTR) {
+			f.Close()
+			return nil, fmt.Errorf("lab: lock %s: %w", path, err)
+		}
+		if !said {
+			fmt.Fprintf(log, "lab: waiting for another lab run to finish (%s)\n", path)
+			said = true
+		}
+		select {
+		case <-ctx.Done():
+			f.Close()
+			return nil, fmt.Errorf("lab: waiting for %s: %w", path, ctx.Err())
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
 }
 
 // keepConsole copies the console log to where it outlives the run.
