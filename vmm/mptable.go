@@ -21,8 +21,11 @@ const (
 	mpIntNMI    = 1
 	mpIntExtINT = 3
 
-	mpBusISA = 0
-	mpBusPCI = 1
+	// Bus IDs. Linux looks a PCI device's INTx up by its PCI bus number
+	// in the MP bus IDs (IO_APIC_get_PCI_irq_vector), so PCI bus 0 must
+	// be MP bus 0; ISA comes after it, as in SeaBIOS's tables.
+	mpBusPCI = 0
+	mpBusISA = 1
 
 	apicVersion   = 0x14
 	ioapicVersion = 0x11
@@ -39,8 +42,11 @@ type PCIIRQ struct {
 
 // MPTable builds the floating pointer and configuration table for ncpus
 // processors (APIC IDs 0..ncpus-1), to be placed at addr. ISA IRQs 0..15
-// go to IOAPIC pins 0..15 as KVM's default routing does; pci routes PCI
-// INTA# lines.
+// go to IOAPIC pins 0..15 as KVM's default routing does; pci routes each
+// slot's INTA# (bus 0, source IRQ slot<<2 | pin 0) to the IOAPIC pin the
+// host bridge wired it to, level-triggered and active-high as PCIBus
+// drives it. Without those entries Linux finds no IRQ for a device's INTx
+// ("can't find IRQ for PCI INT A; probably buggy MP table").
 func MPTable(addr uint64, ncpus int, pci []PCIIRQ) ([]byte, error) {
 	if ncpus < 1 || ncpus > 254 {
 		return nil, fmt.Errorf("mp table: %d cpus out of range 1..254", ncpus)
