@@ -348,5 +348,7 @@ const (
 	CapImmediateExit          = 136
 	CapManualDirtyLogProtect2 = 168
 	CapDirtyLogRing           = 192
+	CapX86MSRFilter           = 189
 	CapXsave2                 = 208
+	CapPMUCapability          = 212
 )

@@ -72,6 +72,10 @@ func TestABI(t *testing.T) {
 		"kvm_irq_routing_entry":       unsafe.Sizeof(route),
 		"kvm_irq_routing":             8,
 		"kvm_enable_cap":              unsafe.Sizeof(ecap),
+		"kvm_msr_filter":              unsafe.Sizeof(msrFilter{}),
+		"kvm_msr_filter_range":        unsafe.Sizeof(msrFilterRange{}),
+		"kvm_stats_header":            unsafe.Sizeof(statsHeader{}),
+		"kvm_stats_desc":              unsafe.Sizeof(statsDesc{}),
 
 		"kvm_regs.rip":                                unsafe.Offsetof(regs.RIP),
 		"kvm_regs.rflags":                             unsafe.Offsetof(regs.RFLAGS),
@@ -133,6 +137,13 @@ func TestABI(t *testing.T) {
 		"kvm_irq_routing_entry.u":                     unsafe.Offsetof(route.U),
 		"kvm_irq_routing.entries":                     8,
 		"kvm_enable_cap.args":                         unsafe.Offsetof(ecap.Args),
+		"kvm_msr_filter.ranges":                       unsafe.Offsetof(msrFilter{}.Ranges),
+		"kvm_msr_filter_range.base":                   unsafe.Offsetof(msrFilterRange{}.Base),
+		"kvm_msr_filter_range.bitmap":                 unsafe.Offsetof(msrFilterRange{}.Bitmap),
+		"kvm_stats_header.data_offset":                unsafe.Offsetof(statsHeader{}.DataOffset),
+		"kvm_stats_desc.offset":                       unsafe.Offsetof(statsDesc{}.Offset),
+		"kvm_stats_desc.bucket_size":                  unsafe.Offsetof(statsDesc{}.BucketSize),
+		"kvm_stats_desc.name":                         unsafe.Sizeof(statsDesc{}),
 
 		// kvm_run: decode reads these offsets directly (run_unsafe.go).
 		"kvm_run.immediate_exit":     runOffImmediateExit,
@@ -184,6 +195,7 @@ func TestABI(t *testing.T) {
 		"KVM_GET_XSAVE": kvmGetXsave, "KVM_SET_XSAVE": kvmSetXsave, "KVM_GET_XCRS": kvmGetXCRs,
 		"KVM_SET_XCRS": kvmSetXCRs, "KVM_KVMCLOCK_CTRL": kvmKVMClockCtrl,
 		"KVM_GET_TSC_KHZ": kvmGetTSCKHz, "KVM_SET_TSC_KHZ": kvmSetTSCKHz, "KVM_GET_XSAVE2": kvmGetXsave2,
+		"KVM_X86_SET_MSR_FILTER": kvmX86SetMSRFilter, "KVM_GET_STATS_FD": kvmGetStatsFD,
 	}
 	for name, w := range ioctls {
 		got, ok := k[name]
@@ -203,7 +215,11 @@ func TestABI(t *testing.T) {
 		"KVM_CAP_DIRTY_LOG_RING": CapDirtyLogRing, "KVM_CAP_IMMEDIATE_EXIT": CapImmediateExit,
 		"KVM_CAP_IRQFD": CapIRQFD, "KVM_CAP_IOEVENTFD": CapIOEventFD, "KVM_CAP_SIGNAL_MSI": CapSignalMSI,
 		"KVM_CLOCK_TSC_STABLE": ClockTSCStable, "KVM_CLOCK_REALTIME": ClockRealtime,
-		"KVM_CLOCK_HOST_TSC": ClockHostTSC,
+		"KVM_CLOCK_HOST_TSC":     ClockHostTSC,
+		"KVM_CAP_X86_MSR_FILTER": CapX86MSRFilter, "KVM_CAP_PMU_CAPABILITY": CapPMUCapability,
+		"KVM_PMU_CAP_DISABLE":          PMUCapDisable,
+		"KVM_MSR_FILTER_DEFAULT_ALLOW": MSRFilterDefaultAllow, "KVM_MSR_FILTER_DEFAULT_DENY": MSRFilterDefaultDeny,
+		"KVM_MSR_FILTER_READ": MSRFilterRead, "KVM_MSR_FILTER_WRITE": MSRFilterWrite,
 	}
 	for name, w := range consts {
 		assert.Equal(t, k[name], w, name)

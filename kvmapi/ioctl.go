@@ -55,6 +55,8 @@ var (
 	kvmEnableCap           = iow(0xa3, 104)
 	kvmSignalMSI           = iow(0xa5, 32)
 	kvmClearDirtyLog       = iowr(0xc0, 24)
+	kvmX86SetMSRFilter     = iow(0xc6, 392)
+	kvmGetStatsFD          = io(0xce)
 
 	// vCPU ioctls.
 	kvmRun           = io(0x80)

@@ -23,7 +23,8 @@ struct kv kvs[] = {
 	S(kvm_clock_data), S(kvm_cpuid_entry2), S(kvm_cpuid2), S(kvm_userspace_memory_region),
 	S(kvm_dirty_log), S(kvm_clear_dirty_log), S(kvm_irq_level), S(kvm_irqfd),
 	S(kvm_ioeventfd), S(kvm_msi), S(kvm_irq_routing_entry), S(kvm_irq_routing),
-	S(kvm_enable_cap), S(kvm_run),
+	S(kvm_enable_cap), S(kvm_run), S(kvm_msr_filter), S(kvm_msr_filter_range),
+	S(kvm_stats_header), S(kvm_stats_desc),
 	S(kvm_pic_state), S(kvm_ioapic_state),
 
 	O(kvm_regs, rip), O(kvm_regs, rflags),
@@ -50,6 +51,9 @@ struct kv kvs[] = {
 	O(kvm_irqfd, resamplefd), O(kvm_ioeventfd, len), O(kvm_ioeventfd, fd), O(kvm_ioeventfd, flags),
 	O(kvm_msi, devid), O(kvm_irq_routing_entry, u), O(kvm_irq_routing, entries),
 	O(kvm_enable_cap, args),
+	O(kvm_msr_filter, ranges), O(kvm_msr_filter_range, base), O(kvm_msr_filter_range, bitmap),
+	O(kvm_stats_header, data_offset), O(kvm_stats_desc, offset), O(kvm_stats_desc, bucket_size),
+	O(kvm_stats_desc, name),
 	O(kvm_run, immediate_exit), O(kvm_run, exit_reason), O(kvm_run, io), O(kvm_run, mmio),
 	O(kvm_run, io.size), O(kvm_run, io.port), O(kvm_run, io.count), O(kvm_run, io.data_offset),
 	O(kvm_run, mmio.data), O(kvm_run, mmio.len), O(kvm_run, mmio.is_write),
@@ -62,7 +66,7 @@ struct kv kvs[] = {
 	I(KVM_SET_IDENTITY_MAP_ADDR), I(KVM_CREATE_IRQCHIP), I(KVM_IRQ_LINE), I(KVM_GET_IRQCHIP),
 	I(KVM_SET_IRQCHIP), I(KVM_SET_GSI_ROUTING), I(KVM_IRQFD), I(KVM_CREATE_PIT2), I(KVM_IOEVENTFD),
 	I(KVM_SET_CLOCK), I(KVM_GET_CLOCK), I(KVM_GET_PIT2), I(KVM_SET_PIT2), I(KVM_ENABLE_CAP),
-	I(KVM_SIGNAL_MSI), I(KVM_CLEAR_DIRTY_LOG),
+	I(KVM_SIGNAL_MSI), I(KVM_CLEAR_DIRTY_LOG), I(KVM_X86_SET_MSR_FILTER), I(KVM_GET_STATS_FD),
 	I(KVM_RUN), I(KVM_GET_REGS), I(KVM_SET_REGS), I(KVM_GET_SREGS), I(KVM_SET_SREGS),
 	I(KVM_GET_MSRS), I(KVM_SET_MSRS), I(KVM_GET_FPU), I(KVM_SET_FPU), I(KVM_GET_LAPIC),
 	I(KVM_SET_LAPIC), I(KVM_SET_CPUID2), I(KVM_GET_MP_STATE), I(KVM_SET_MP_STATE),
@@ -77,6 +81,8 @@ struct kv kvs[] = {
 	I(KVM_CAP_XSAVE2), I(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2), I(KVM_CAP_DIRTY_LOG_RING),
 	I(KVM_CAP_IMMEDIATE_EXIT), I(KVM_CAP_IRQFD), I(KVM_CAP_IOEVENTFD), I(KVM_CAP_SIGNAL_MSI),
 	I(KVM_CLOCK_TSC_STABLE), I(KVM_CLOCK_REALTIME), I(KVM_CLOCK_HOST_TSC),
+	I(KVM_CAP_X86_MSR_FILTER), I(KVM_CAP_PMU_CAPABILITY), I(KVM_PMU_CAP_DISABLE),
+	I(KVM_MSR_FILTER_DEFAULT_ALLOW), I(KVM_MSR_FILTER_DEFAULT_DENY), I(KVM_MSR_FILTER_READ), I(KVM_MSR_FILTER_WRITE),
 	{ 0, 0 },
 };
 */
