@@ -8,16 +8,24 @@ import (
 
 // CPUID leaves and bits that ShapeCPUID touches.
 const (
-	cpuidFeatures      = 0x1
-	cpuidCacheParams   = 0x4
-	cpuidTopology      = 0xb
-	cpuidTopologyV2    = 0x1f
-	cpuidExtFeatures   = 0x80000001
-	cpuidExtAddrSize   = 0x80000008
-	cpuidExtAPICID     = 0x8000001e
-	ecxHypervisor      = 1 << 31
-	edxHTT             = 1 << 28
-	ecxCmpLegacy       = 1 << 1 // 0x80000001 ECX (AMD)
+	cpuidFeatures     = 0x1
+	cpuidCacheParams  = 0x4
+	cpuidArchPerfmon  = 0xa
+	cpuidTopology     = 0xb
+	cpuidTopologyV2   = 0x1f
+	cpuidExtFeatures  = 0x80000001
+	cpuidExtAddrSize  = 0x80000008
+	cpuidExtAPICID    = 0x8000001e
+	cpuidExtPerfmonV2 = 0x80000022
+	ecxHypervisor     = 1 << 31
+	edxHTT            = 1 << 28
+	ecxCmpLegacy      = 1 << 1 // 0x80000001 ECX (AMD)
+	// 0x80000001 ECX (AMD): core, northbridge and last-level-cache
+	// performance counter extensions.
+	ecxPerfCtrExtCore  = 1 << 23
+	ecxPerfCtrExtNB    = 1 << 24
+	ecxPerfCtrExtLLC   = 1 << 28
+	ecxPerfCtrExt      = ecxPerfCtrExtCore | ecxPerfCtrExtNB | ecxPerfCtrExtLLC
 	topoLevelSMT       = 1
 	topoLevelCore      = 2
 	topoLevelTypeShift = 8
@@ -25,7 +33,8 @@ const (
 
 // ShapeCPUID adapts KVM's supported CPUID to vCPU id of ncpus: one package
 // of ncpus cores with one thread each, the APIC ID equal to the vCPU id,
-// and the hypervisor bit set. It returns a new slice.
+// the hypervisor bit set, and no performance monitoring (see pmu.go). It
+// returns a new slice.
 func ShapeCPUID(supported []kvmapi.CPUIDEntry, id, ncpus int) []kvmapi.CPUIDEntry {
 	coreBits := uint32(bits.Len(uint(ncpus - 1))) // bits of APIC ID per core
 	out := make([]kvmapi.CPUIDEntry, 0, len(supported))
@@ -57,12 +66,15 @@ func ShapeCPUID(supported []kvmapi.CPUIDEntry, id, ncpus int) []kvmapi.CPUIDEntr
 				e.EAX, e.EBX = 0, 0
 				e.ECX = e.Index
 			}
+		case cpuidArchPerfmon, cpuidExtPerfmonV2:
+			e.EAX, e.EBX, e.ECX, e.EDX = 0, 0, 0, 0
 		case cpuidExtFeatures:
 			if ncpus > 1 {
 				e.ECX |= ecxCmpLegacy
 			} else {
 				e.ECX &^= ecxCmpLegacy
 			}
+			e.ECX &^= ecxPerfCtrExt
 		case cpuidExtAPICID: // AMD: extended APIC ID and core ID
 			e.EAX = uint32(id)
 			e.EBX = uint32(id) & 0xff

@@ -57,3 +57,18 @@ func TestShapeCPUID(t *testing.T) {
 	require.Zero(t, one[0].EDX&edxHTT, "no HTT with one CPU")
 	require.Equal(t, uint32(0), one[0].EBX>>24)
 }
+
+// No performance monitoring in CPUID: Intel's leaf 0xa, AMD's PerfCtrExt
+// bits and PerfMonV2 leaf are cleared; other bits of 0x80000001 stay.
+func TestShapeCPUIDHidesPMU(t *testing.T) {
+	in := []kvmapi.CPUIDEntry{
+		{Function: 0xa, EAX: 0x07300805, EBX: 0x1, EDX: 0x8603},
+		{Function: 0x80000001, ECX: ecxPerfCtrExtCore | ecxPerfCtrExtNB | ecxPerfCtrExtLLC | 1<<6 /* SSE4A */, EDX: 1 << 29},
+		{Function: 0x80000022, EAX: 0x1, EBX: 0x6},
+	}
+	out := ShapeCPUID(in, 0, 1)
+	require.Equal(t, kvmapi.CPUIDEntry{Function: 0xa}, out[0])
+	require.Equal(t, uint32(1<<6), out[1].ECX)
+	require.Equal(t, uint32(1<<29), out[1].EDX)
+	require.Equal(t, kvmapi.CPUIDEntry{Function: 0x80000022}, out[2])
+}

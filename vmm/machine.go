@@ -147,6 +147,9 @@ func (m *Machine) build() error {
 	if m.vm, err = sys.CreateVM(); err != nil {
 		return fmt.Errorf("create vm: %w", err)
 	}
+	if err := hidePMU(sys, m.vm); err != nil {
+		return err
+	}
 	var specs []guestmem.Spec
 	for _, r := range RAMLayout(m.cfg.MemSize) {
 		specs = append(specs, guestmem.Spec{GPA: guestmem.GPA(r.GPA), Size: r.Size})
