@@ -41,7 +41,8 @@ type vcpu struct {
 	pid  int
 	reqs chan vcpuReq
 
-	exits [kvmapi.NumExitReasons]atomic.Uint64
+	exits [kvmapi.NumExitReasons]atomic.Uint64 // exits that reached run, by reason
+	stats atomic.Pointer[kvmapi.Stats]          // KVM's own counters; nil before 5.14
 }
 
 func newVCPU(m *Machine, id int) *vcpu {
@@ -97,6 +98,13 @@ func (c *vcpu) setup() error {
 	}
 	c.fd = fd
 	c.fdp.Store(fd)
+	// KVM's statistics count every exit, also the ones it handles itself;
+	// a kernel without them (before 5.14) leaves the metric out.
+	if st, err := fd.Stats(); err == nil && st.Has("exits") {
+		c.stats.Store(st)
+	} else if err == nil {
+		st.Close()
+	}
 	if err := c.configure(); err != nil {
 		return fmt.Errorf("vcpu %d: %w", c.id, err)
 	}

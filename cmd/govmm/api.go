@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -106,12 +107,18 @@ func (b *vmBackend) Stats() ctlapi.Stats {
 	add := func(name, help, typ string, v float64, labels map[string]string) {
 		s.Metrics = append(s.Metrics, ctlapi.Metric{Name: name, Help: help, Type: typ, Value: v, Labels: labels})
 	}
+	if exits, ok := b.m.KVMExits(); ok {
+		for id, n := range exits {
+			add("govmm_vcpu_exits_total", "VM exits of the vCPU, as KVM counts them (those KVM handles itself included)", "counter", float64(n),
+				map[string]string{"vcpu": strconv.Itoa(id)})
+		}
+	}
 	counts := b.m.ExitCounts()
 	for _, r := range []kvmapi.ExitReason{kvmapi.ExitIO, kvmapi.ExitMMIO} {
 		counts[r] += 0 // always present, so the family exists
 	}
 	for reason, n := range counts {
-		add("govmm_vcpu_exits_total", "vCPU exits to userspace by reason", "counter", float64(n),
+		add("govmm_vcpu_userspace_exits_total", "vCPU exits that KVM handed to govmm, by reason", "counter", float64(n),
 			map[string]string{"reason": kvmapi.ExitReason(reason).String()})
 	}
 	add("govmm_pio_unclaimed_total", "port I/O accesses no device claimed", "counter", float64(b.m.PIOBus().Unclaimed.Load()), nil)
