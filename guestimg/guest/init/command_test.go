@@ -4,7 +4,7 @@ import (
 	"testing"
 
 	"github.com/stretchr/testify/assert"
-	"golang.org/x/sys/unix"
+	"syscall"
 )
 
 func TestParseCommand(t *testing.T) {
@@ -30,11 +30,11 @@ func TestParseCommand(t *testing.T) {
 func TestExitStatus(t *testing.T) {
 	t.Parallel()
 	// wait(2) encoding: exit code in bits 8..15, terminating signal in 0..6.
-	assert.Equal(t, 0, exitStatus(unix.WaitStatus(0)))
-	assert.Equal(t, 7, exitStatus(unix.WaitStatus(7<<8)))
-	assert.Equal(t, 255, exitStatus(unix.WaitStatus(255<<8)))
-	assert.Equal(t, 128+9, exitStatus(unix.WaitStatus(unix.SIGKILL)))
-	assert.Equal(t, 128+15, exitStatus(unix.WaitStatus(unix.SIGTERM)))
-	assert.Equal(t, "exited with status 7", describe(unix.WaitStatus(7<<8)))
-	assert.Equal(t, "was killed by signal 9 (killed)", describe(unix.WaitStatus(unix.SIGKILL)))
+	assert.Equal(t, 0, exitStatus(syscall.WaitStatus(0)))
+	assert.Equal(t, 7, exitStatus(syscall.WaitStatus(7<<8)))
+	assert.Equal(t, 255, exitStatus(syscall.WaitStatus(255<<8)))
+	assert.Equal(t, 128+9, exitStatus(syscall.WaitStatus(syscall.SIGKILL)))
+	assert.Equal(t, 128+15, exitStatus(syscall.WaitStatus(syscall.SIGTERM)))
+	assert.Equal(t, "exited with status 7", describe(syscall.WaitStatus(7<<8)))
+	assert.Equal(t, "was killed by signal 9 (killed)", describe(syscall.WaitStatus(syscall.SIGKILL)))
 }

@@ -3,35 +3,53 @@ package main
 import (
 	"fmt"
 	"os"
-
-	"golang.org/x/sys/unix"
+	"syscall"
+	"unsafe"
 
 	"govmm/guestimg/internal/guestproto"
 )
 
+// Linux/amd64 ioctl and system call numbers the syscall package lacks
+// (include/uapi/asm-generic/ioctls.h, arch/x86/entry/syscalls).
+const (
+	ioctlTCSETS              = 0x5402
+	ioctlTCSBRK              = 0x5409
+	sysFinitModule           = 313
+	moduleInitCompressedFile = 4 // MODULE_INIT_COMPRESSED_FILE
+)
+
+func ioctl(fd int, req, arg uintptr) error {
+	if _, _, e := syscall.Syscall(syscall.SYS_IOCTL, uintptr(fd), req, arg); e != 0 {
+		return e
+	}
+	return nil
+}
+
 // setRawOutput clears OPOST on the terminal so that "\n" reaches the
 // serial port as one byte, not "\r\n": command mode's output is byte-exact.
 func setRawOutput(tty string) error {
-	fd, err := unix.Open(tty, unix.O_RDWR|unix.O_NOCTTY|unix.O_CLOEXEC, 0)
+	fd, err := syscall.Open(tty, syscall.O_RDWR|syscall.O_NOCTTY|syscall.O_CLOEXEC, 0)
 	if err != nil {
 		return err
 	}
-	defer unix.Close(fd)
-	t, err := unix.IoctlGetTermios(fd, unix.TCGETS)
-	if err != nil {
+	defer syscall.Close(fd)
+	var t syscall.Termios
+	if err := ioctl(fd, syscall.TCGETS, uintptr(unsafe.Pointer(&t))); err != nil {
 		return fmt.Errorf("get termios: %w", err)
 	}
-	t.Oflag &^= unix.OPOST
-	if err := unix.IoctlSetTermios(fd, unix.TCSETS, t); err != nil {
+	t.Oflag &^= syscall.OPOST
+	if err := ioctl(fd, ioctlTCSETS, uintptr(unsafe.Pointer(&t))); err != nil {
 		return fmt.Errorf("set termios: %w", err)
 	}
 	return nil
 }
 
-// drainConsole waits until the UART has sent everything written so far
-// (tcdrain), so the VMM has all output before the machine stops.
-func drainConsole(f *os.File) {
-	_ = unix.IoctlSetInt(int(f.Fd()), unix.TCSBRK, 1)
+// drainTTY waits until the serial port has sent everything written to the
+// terminal on fd so far: tcdrain(3), which is TCSBRK with a non-zero
+// argument. It waits for the tty's buffer to empty and then for the
+// UART's transmitter (LSR TEMT), so every byte has reached the VMM.
+func drainTTY(fd int) error {
+	return ioctl(fd, ioctlTCSBRK, 1)
 }
 
 // writeExitPort writes status to guestproto.ExitPort through /dev/port.

@@ -11,7 +11,7 @@ import (
 	"strings"
 	"time"
 
-	"golang.org/x/sys/unix"
+	"syscall"
 )
 
 const (
@@ -140,15 +140,15 @@ func (in *initProc) setupDisk() (writable bool, err error) {
 	if err := os.MkdirAll(dataDir, 0o755); err != nil {
 		return false, err
 	}
-	flags := uintptr(unix.MS_NOATIME)
+	flags := uintptr(syscall.MS_NOATIME)
 	if ro {
-		flags |= unix.MS_RDONLY
+		flags |= syscall.MS_RDONLY
 	}
-	err = unix.Mount(diskDev, dataDir, "ext4", flags, "")
+	err = syscall.Mount(diskDev, dataDir, "ext4", flags, "")
 	if err != nil && ro {
 		// A read-only disk whose journal needs recovery mounts only
 		// without replaying it.
-		err = unix.Mount(diskDev, dataDir, "ext4", flags, "noload")
+		err = syscall.Mount(diskDev, dataDir, "ext4", flags, "noload")
 	}
 	if err != nil {
 		return false, fmt.Errorf("mount %s on %s: %w", diskDev, dataDir, err)
@@ -161,11 +161,11 @@ func (in *initProc) setupDisk() (writable bool, err error) {
 
 // unmountData flushes and unmounts /data, or at least makes it read-only.
 func unmountData() error {
-	unix.Sync()
-	if err := unix.Unmount(dataDir, 0); err == nil || errors.Is(err, unix.EINVAL) {
+	syscall.Sync()
+	if err := syscall.Unmount(dataDir, 0); err == nil || errors.Is(err, syscall.EINVAL) {
 		return nil // EINVAL: not mounted
 	}
-	if err := unix.Mount("", dataDir, "", unix.MS_REMOUNT|unix.MS_RDONLY, ""); err != nil {
+	if err := syscall.Mount("", dataDir, "", syscall.MS_REMOUNT|syscall.MS_RDONLY, ""); err != nil {
 		return fmt.Errorf("unmount %s: %w", dataDir, err)
 	}
 	return nil

@@ -7,8 +7,10 @@
 // it running, then either
 //
 //   - command mode (/govmm/cmd exists): runs that argv on the console with
-//     byte-exact output, and reports its exit status as one byte written to
-//     I/O port 0x600; or
+//     byte-exact output, under /init itself re-executed as the session
+//     leader (runSession: it drains the console before the session ends,
+//     so no output is lost), and reports its exit status as one byte
+//     written to I/O port 0x600; or
 //   - interactive mode: prints "govmm-guest: ready" and runs a shell on the
 //     console, respawning it.
 //
@@ -34,8 +36,7 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
-
-	"golang.org/x/sys/unix"
+	"unsafe"
 
 	"govmm/guestimg/internal/guestproto"
 )
@@ -53,25 +54,28 @@ type initProc struct {
 	console *os.File // /dev/console as the kernel opened it for us
 
 	mu      sync.Mutex // guards waiters; held across fork and registration
-	waiters map[int]chan unix.WaitStatus
+	waiters map[int]chan syscall.WaitStatus
 
 	stopping atomic.Bool // set once shutdown starts: no more respawns
 	finish   sync.Once
 }
 
 func main() {
-	in := &initProc{start: time.Now(), console: os.Stdout, waiters: map[int]chan unix.WaitStatus{}}
+	if len(os.Args) > 1 && os.Args[0] == sessionArgv0 {
+		os.Exit(runSession(os.Args[1:]))
+	}
+	in := &initProc{start: time.Now(), console: os.Stdout, waiters: map[int]chan syscall.WaitStatus{}}
 	if os.Getpid() != 1 {
 		fmt.Fprintln(os.Stderr, "govmm-init: must run as PID 1 (the guest's /init)")
 		os.Exit(2)
 	}
 	// PID 1 gets only the signals it handles. Go's default action for
 	// these would exit the process, and PID 1 must never exit.
-	signal.Ignore(unix.SIGHUP, unix.SIGINT, unix.SIGQUIT, unix.SIGPIPE, unix.SIGTSTP, unix.SIGTTIN, unix.SIGTTOU)
+	signal.Ignore(syscall.SIGHUP, syscall.SIGINT, syscall.SIGQUIT, syscall.SIGPIPE, syscall.SIGTSTP, syscall.SIGTTIN, syscall.SIGTTOU)
 	chld := make(chan os.Signal, 1)
-	signal.Notify(chld, unix.SIGCHLD)
+	signal.Notify(chld, syscall.SIGCHLD)
 	ctl := make(chan os.Signal, 4)
-	signal.Notify(ctl, unix.SIGUSR1, unix.SIGUSR2, unix.SIGTERM)
+	signal.Notify(ctl, syscall.SIGUSR1, syscall.SIGUSR2, syscall.SIGTERM)
 	go in.reap(chld)
 
 	os.Setenv("PATH", strings.TrimPrefix(pathEnv, "PATH="))
@@ -92,7 +96,7 @@ func main() {
 		in.errorf("kernel command line: %v", w)
 	}
 	in.debugf("mounted")
-	_ = unix.Sethostname([]byte("govmm"))
+	_ = syscall.Sethostname([]byte("govmm"))
 	in.loadModules()
 	in.debugf("modules loaded")
 	in.setupNetwork()
@@ -125,9 +129,9 @@ func main() {
 	}
 	for s := range ctl {
 		switch s {
-		case unix.SIGUSR1, unix.SIGUSR2:
+		case syscall.SIGUSR1, syscall.SIGUSR2:
 			go in.shutdown(actPowerOff, 0)
-		case unix.SIGTERM:
+		case syscall.SIGTERM:
 			go in.shutdown(actReboot, 0)
 		}
 	}
@@ -159,18 +163,18 @@ func (in *initProc) mountAll() {
 		flags            uintptr
 		data             string
 	}
-	const nse = unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC
+	const nse = syscall.MS_NOSUID | syscall.MS_NODEV | syscall.MS_NOEXEC
 	for _, m := range []mnt{
 		{"proc", "/proc", "proc", nse, ""},
 		{"sysfs", "/sys", "sysfs", nse, ""},
-		{"devtmpfs", "/dev", "devtmpfs", unix.MS_NOSUID, "mode=0755"},
-		{"devpts", "/dev/pts", "devpts", unix.MS_NOSUID | unix.MS_NOEXEC, "gid=5,mode=620,ptmxmode=666"},
-		{"tmpfs", "/dev/shm", "tmpfs", unix.MS_NOSUID | unix.MS_NODEV, "mode=1777"},
-		{"tmpfs", "/tmp", "tmpfs", unix.MS_NOSUID | unix.MS_NODEV, "mode=1777"},
-		{"tmpfs", "/run", "tmpfs", unix.MS_NOSUID | unix.MS_NODEV, "mode=0755"},
+		{"devtmpfs", "/dev", "devtmpfs", syscall.MS_NOSUID, "mode=0755"},
+		{"devpts", "/dev/pts", "devpts", syscall.MS_NOSUID | syscall.MS_NOEXEC, "gid=5,mode=620,ptmxmode=666"},
+		{"tmpfs", "/dev/shm", "tmpfs", syscall.MS_NOSUID | syscall.MS_NODEV, "mode=1777"},
+		{"tmpfs", "/tmp", "tmpfs", syscall.MS_NOSUID | syscall.MS_NODEV, "mode=1777"},
+		{"tmpfs", "/run", "tmpfs", syscall.MS_NOSUID | syscall.MS_NODEV, "mode=0755"},
 	} {
 		_ = os.MkdirAll(m.dst, 0o755)
-		if err := unix.Mount(m.src, m.dst, m.fstype, m.flags, m.data); err != nil && !errors.Is(err, unix.EBUSY) {
+		if err := syscall.Mount(m.src, m.dst, m.fstype, m.flags, m.data); err != nil && !errors.Is(err, syscall.EBUSY) {
 			in.errorf("mount %s on %s: %v", m.fstype, m.dst, err)
 		}
 	}
@@ -204,13 +208,14 @@ func loadModule(p string) error {
 	defer f.Close()
 	flags := 0
 	if strings.HasSuffix(p, ".xz") || strings.HasSuffix(p, ".zst") {
-		flags = unix.MODULE_INIT_COMPRESSED_FILE
+		flags = moduleInitCompressedFile
 	}
-	err = unix.FinitModule(int(f.Fd()), "", flags)
-	if errors.Is(err, unix.EEXIST) {
-		return nil
+	var noParams [1]byte // finit_module(2) takes a C string of parameters
+	_, _, e := syscall.Syscall(sysFinitModule, f.Fd(), uintptr(unsafe.Pointer(&noParams[0])), uintptr(flags))
+	if e != 0 && e != syscall.EEXIST {
+		return e
 	}
-	return err
+	return nil
 }
 
 func (in *initProc) setupNetwork() {
@@ -297,7 +302,9 @@ func (in *initProc) shellLoop() {
 	}
 }
 
-// runCommand runs the argv of /govmm/cmd as command mode's one job.
+// runCommand runs the argv of /govmm/cmd as command mode's one job, under
+// a session leader that drains the console before the session ends (see
+// runSession).
 func (in *initProc) runCommand() {
 	b, err := os.ReadFile(guestproto.CommandPath)
 	argv := parseCommand(b)
@@ -309,14 +316,14 @@ func (in *initProc) runCommand() {
 	if err := setRawOutput("/dev/console"); err != nil {
 		in.errorf("console: %v", err)
 	}
-	_, done, err := in.spawnOn(argv, "/dev/console", true)
+	self, err := os.Executable()
+	if err != nil {
+		self = "/init"
+	}
+	_, done, err := in.spawnPathOn(self, append([]string{sessionArgv0}, argv...), "/dev/console", true)
 	if err != nil {
 		in.errorf("run %s: %v", argv[0], err)
-		status := 127
-		if errors.Is(err, unix.EACCES) || errors.Is(err, unix.ENOEXEC) {
-			status = 126
-		}
-		in.shutdown(actExit, status)
+		in.shutdown(actExit, 127)
 		return
 	}
 	in.shutdown(actExit, exitStatus(<-done))
@@ -333,14 +340,14 @@ func parseCommand(b []byte) []string {
 
 // exitStatus is the shell's convention: the exit code, or 128+N when
 // killed by signal N.
-func exitStatus(ws unix.WaitStatus) int {
+func exitStatus(ws syscall.WaitStatus) int {
 	if ws.Signaled() {
 		return 128 + int(ws.Signal())
 	}
 	return ws.ExitStatus() & 0xff
 }
 
-func describe(ws unix.WaitStatus) string {
+func describe(ws syscall.WaitStatus) string {
 	if ws.Signaled() {
 		return fmt.Sprintf("was killed by signal %d (%v)", int(ws.Signal()), ws.Signal())
 	}
@@ -360,22 +367,27 @@ const (
 func (in *initProc) shutdown(a action, status int) {
 	in.finish.Do(func() {
 		in.stopping.Store(true)
+		// What was printed so far goes out before anyone is killed: the
+		// death of a session leader on the console (a shell, command
+		// mode's session) would discard what the UART has not sent.
+		console := int(in.console.Fd())
+		_ = drainTTY(console)
 		killAll()
 		if err := unmountData(); err != nil {
 			in.errorf("%v", err)
 		}
+		_ = drainTTY(console)
 		switch a {
 		case actReboot:
 			// The kernel runs with reboot=k: the VMM sees the i8042 reset.
-			err := unix.Reboot(unix.LINUX_REBOOT_CMD_RESTART)
+			err := syscall.Reboot(syscall.LINUX_REBOOT_CMD_RESTART)
 			in.errorf("reboot: %v", err)
 		default:
-			drainConsole(in.console)
 			if err := writeExitPort(byte(status)); err != nil {
 				in.errorf("report exit status %d on port %#x: %v; powering off", status, guestproto.ExitPort, err)
 			}
 			// A VMM that handles the port never gets here.
-			err := unix.Reboot(unix.LINUX_REBOOT_CMD_POWER_OFF)
+			err := syscall.Reboot(syscall.LINUX_REBOOT_CMD_POWER_OFF)
 			in.errorf("power off: %v", err)
 		}
 	})
@@ -385,7 +397,7 @@ func (in *initProc) shutdown(a action, status int) {
 // killAll sends SIGTERM to every other process, waits up to a second for
 // them to go, then sends SIGKILL.
 func killAll() {
-	_ = unix.Kill(-1, unix.SIGTERM)
+	_ = syscall.Kill(-1, syscall.SIGTERM)
 	deadline := time.Now().Add(time.Second)
 	for otherProcesses() > 0 && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)
@@ -393,7 +405,7 @@ func killAll() {
 	if otherProcesses() == 0 {
 		return
 	}
-	_ = unix.Kill(-1, unix.SIGKILL)
+	_ = syscall.Kill(-1, syscall.SIGKILL)
 	deadline = time.Now().Add(500 * time.Millisecond)
 	for otherProcesses() > 0 && time.Now().Before(deadline) {
 		time.Sleep(5 * time.Millisecond)
@@ -430,8 +442,8 @@ func otherProcesses() int {
 func (in *initProc) reap(chld <-chan os.Signal) {
 	for range chld {
 		for {
-			var ws unix.WaitStatus
-			pid, err := unix.Wait4(-1, &ws, unix.WNOHANG, nil)
+			var ws syscall.WaitStatus
+			pid, err := syscall.Wait4(-1, &ws, syscall.WNOHANG, nil)
 			if pid <= 0 || err != nil {
 				break
 			}
@@ -449,19 +461,27 @@ func (in *initProc) reap(chld <-chan os.Signal) {
 // spawnOn starts argv with stdin, stdout and stderr on the file tty. With
 // ctty it gets its own session with tty as controlling terminal (job
 // control). argv[0] may start with "-" for a login shell.
-func (in *initProc) spawnOn(argv []string, tty string, ctty bool) (int, <-chan unix.WaitStatus, error) {
-	fd, err := unix.Open(tty, unix.O_RDWR|unix.O_NOCTTY|unix.O_CLOEXEC, 0)
+func (in *initProc) spawnOn(argv []string, tty string, ctty bool) (int, <-chan syscall.WaitStatus, error) {
+	path, err := lookPath(strings.TrimPrefix(argv[0], "-"))
 	if err != nil {
 		return 0, nil, err
 	}
-	defer unix.Close(fd)
+	return in.spawnPathOn(path, argv, tty, ctty)
+}
+
+func (in *initProc) spawnPathOn(path string, argv []string, tty string, ctty bool) (int, <-chan syscall.WaitStatus, error) {
+	fd, err := syscall.Open(tty, syscall.O_RDWR|syscall.O_NOCTTY|syscall.O_CLOEXEC, 0)
+	if err != nil {
+		return 0, nil, err
+	}
+	defer syscall.Close(fd)
 	attr := &syscall.ProcAttr{
 		Dir:   "/",
 		Env:   []string{pathEnv, "HOME=/root", "TERM=linux", "SHELL=/bin/sh", "USER=root"},
 		Files: []uintptr{uintptr(fd), uintptr(fd), uintptr(fd)},
 		Sys:   &syscall.SysProcAttr{Setsid: true, Setctty: ctty, Ctty: 0},
 	}
-	return in.spawn(argv, attr)
+	return in.spawnPath(path, argv, attr)
 }
 
 // runQuiet runs argv to completion with output discarded, except that
@@ -498,27 +518,38 @@ func (in *initProc) runQuiet(argv ...string) error {
 
 // spawn starts a child and registers it with the reaper. The lock is held
 // from fork to registration so that a child exiting at once is not missed.
-func (in *initProc) spawn(argv []string, attr *syscall.ProcAttr) (int, <-chan unix.WaitStatus, error) {
-	name := strings.TrimPrefix(argv[0], "-")
-	path := name
-	if !strings.Contains(name, "/") {
-		for _, dir := range []string{"/bin", "/sbin", "/usr/bin", "/usr/sbin"} {
-			if _, err := os.Stat(filepath.Join(dir, name)); err == nil {
-				path = filepath.Join(dir, name)
-				break
-			}
-		}
-		if path == name {
-			return 0, nil, fmt.Errorf("%s: %w", name, unix.ENOENT)
-		}
+// argv[0] is looked up in the guest's PATH, minus a leading "-" (a login
+// shell), unless path is given.
+func (in *initProc) spawn(argv []string, attr *syscall.ProcAttr) (int, <-chan syscall.WaitStatus, error) {
+	path, err := lookPath(strings.TrimPrefix(argv[0], "-"))
+	if err != nil {
+		return 0, nil, err
 	}
+	return in.spawnPath(path, argv, attr)
+}
+
+func (in *initProc) spawnPath(path string, argv []string, attr *syscall.ProcAttr) (int, <-chan syscall.WaitStatus, error) {
 	in.mu.Lock()
 	defer in.mu.Unlock()
 	pid, err := syscall.ForkExec(path, argv, attr)
 	if err != nil {
 		return 0, nil, err
 	}
-	ch := make(chan unix.WaitStatus, 1)
+	ch := make(chan syscall.WaitStatus, 1)
 	in.waiters[pid] = ch
 	return pid, ch, nil
+}
+
+// lookPath finds name in the guest's PATH (a name with a slash is taken
+// as it is).
+func lookPath(name string) (string, error) {
+	if strings.Contains(name, "/") {
+		return name, nil
+	}
+	for _, dir := range []string{"/bin", "/sbin", "/usr/bin", "/usr/sbin"} {
+		if _, err := os.Stat(filepath.Join(dir, name)); err == nil {
+			return filepath.Join(dir, name), nil
+		}
+	}
+	return "", fmt.Errorf("%s: %w", name, syscall.ENOENT)
 }
