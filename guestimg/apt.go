@@ -19,6 +19,10 @@ var ErrNoApt = errors.New("apt-get not found: the default guest image is built f
 	"(linux-image-amd64, busybox-static, e2fsprogs); run on a Debian or Ubuntu host with apt, " +
 	"or pass your own --kernel and --initrd")
 
+// ErrNoGo is returned when the guest programs must be compiled and the
+// go command is not in PATH.
+var ErrNoGo = errors.New("go command not found")
+
 // rootPackages are the packages the image starts from; the kernel
 // metapackage is resolved to the versioned kernel package it depends on and
 // e2fsprogs pulls in the libraries mke2fs is linked against.

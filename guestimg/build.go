@@ -35,10 +35,6 @@ type Options struct {
 	// CacheDir holds downloaded packages and built images; default
 	// DefaultCacheDir().
 	CacheDir string
-	// SourceDir is the govmm module root, which holds guestimg/guest/...;
-	// default: the nearest directory at or above the working directory
-	// whose go.mod declares module govmm.
-	SourceDir string
 	// Log receives progress lines; nil discards them.
 	Log io.Writer
 }
@@ -65,7 +61,8 @@ func DefaultCacheDir() string {
 
 // Build returns the default guest image, building it if needed. The result
 // lives in <cache>/images/<key>/{vmlinuz,initrd.img}, where key hashes the
-// .deb files, the guest programs' sources and builderVersion; when that
+// .deb files, the guest programs' sources (embedded in this binary, see
+// guestSources) and builderVersion; when that
 // directory exists Build returns at once, without apt or the network.
 // Downloaded packages stay in <cache>/debs (listed by manifest.json; delete
 // the directory to pick up newer packages), the part of the image made from
@@ -108,27 +105,19 @@ func Build(ctx context.Context, opts Options) (Image, error) {
 }
 
 type builder struct {
-	cache, src string
+	cache      string
 	log        io.Writer
 	aptUpdated bool // apt-get update was tried already
 }
 
 func newBuilder(opts Options) (*builder, error) {
-	b := &builder{cache: opts.CacheDir, src: opts.SourceDir, log: opts.Log}
+	b := &builder{cache: opts.CacheDir, log: opts.Log}
 	if b.cache == "" {
 		b.cache = DefaultCacheDir()
 	}
 	var err error
 	if b.cache, err = filepath.Abs(b.cache); err != nil {
 		return nil, fmt.Errorf("cache dir: %w", err)
-	}
-	if b.src == "" {
-		if b.src, err = findSourceDir(); err != nil {
-			return nil, err
-		}
-	}
-	if b.src, err = filepath.Abs(b.src); err != nil {
-		return nil, fmt.Errorf("source dir: %w", err)
 	}
 	if b.log == nil {
 		b.log = io.Discard
@@ -141,38 +130,6 @@ func (b *builder) logf(format string, args ...any) {
 }
 
 func (b *builder) debsDir() string { return filepath.Join(b.cache, "debs") }
-
-// findSourceDir walks up from the working directory to the go.mod of
-// module govmm.
-func findSourceDir() (string, error) {
-	wd, err := os.Getwd()
-	if err != nil {
-		return "", fmt.Errorf("find govmm source: %w", err)
-	}
-	for d := wd; ; d = filepath.Dir(d) {
-		if isGovmmModule(filepath.Join(d, "go.mod")) {
-			return d, nil
-		}
-		if filepath.Dir(d) == d {
-			return "", fmt.Errorf("find govmm source: no go.mod of module govmm at or above %s; set Options.SourceDir", wd)
-		}
-	}
-}
-
-func isGovmmModule(gomod string) bool {
-	f, err := os.Open(gomod)
-	if err != nil {
-		return false
-	}
-	defer f.Close()
-	s := bufio.NewScanner(f)
-	for s.Scan() {
-		if f := strings.Fields(s.Text()); len(f) == 2 && f[0] == "module" {
-			return strings.Trim(f[1], `"`) == "govmm"
-		}
-	}
-	return false
-}
 
 // removeStale deletes temporary directories that a killed builder left
 // behind (an unpacked kernel package is about 400 MB). The caller holds the
@@ -222,13 +179,9 @@ func (b *builder) baseKey(m *debManifest) (string, error) {
 	return hex.EncodeToString(h.Sum(nil)[:16]), nil
 }
 
-// guestSourceDirs are hashed into the image key: the guest programs and
-// the contract they share with the builder.
-var guestSourceDirs = []string{"guestimg/guest", "guestimg/internal"}
-
-// imageKey names a whole image: packages, guest program sources, the
-// module's go.mod and go.sum (the versions of what the programs import),
-// the Go toolchain and the builder version.
+// imageKey names a whole image: packages, the guest programs' sources,
+// the Go release this binary was built with (the go command that compiles
+// the guest programs is normally the same) and the builder version.
 func (b *builder) imageKey(m *debManifest) (string, error) {
 	base, err := b.baseKey(m)
 	if err != nil {
@@ -236,41 +189,8 @@ func (b *builder) imageKey(m *debManifest) (string, error) {
 	}
 	h := sha256.New()
 	fmt.Fprintf(h, "govmm guestimg image v%d %s %s\nbase %s\n", builderVersion, runtime.Version(), runtime.GOARCH, base)
-	hashFile := func(rel string) error {
-		data, err := os.ReadFile(filepath.Join(b.src, rel))
-		if err != nil {
-			return err
-		}
-		fmt.Fprintf(h, "file %s %d\n", filepath.ToSlash(rel), len(data))
-		h.Write(data)
-		return nil
-	}
-	for _, f := range []string{"go.mod", "go.sum"} {
-		if err := hashFile(f); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			return "", fmt.Errorf("hash guest sources: %w", err)
-		}
-	}
-	for _, dir := range guestSourceDirs {
-		err := filepath.WalkDir(filepath.Join(b.src, dir), func(p string, d fs.DirEntry, err error) error {
-			if err != nil {
-				return err
-			}
-			if d.IsDir() {
-				if d.Name() == "testdata" {
-					return filepath.SkipDir
-				}
-				return nil
-			}
-			// Tests do not change the binaries.
-			if strings.HasSuffix(p, "_test.go") {
-				return nil
-			}
-			rel, _ := filepath.Rel(b.src, p)
-			return hashFile(rel)
-		})
-		if err != nil {
-			return "", fmt.Errorf("hash guest sources in %s (is SourceDir the govmm module?): %w", b.src, err)
-		}
+	if err := hashGuestSources(h); err != nil {
+		return "", err
 	}
 	return hex.EncodeToString(h.Sum(nil)[:16]), nil
 }
@@ -594,12 +514,13 @@ func (b *builder) decompressModules(ctx context.Context, modDir string) error {
 	return nil
 }
 
-// buildGuestPrograms compiles /init and the programs under guestimg/guest
-// as static, stripped binaries and returns them as a cpio archive.
+// buildGuestPrograms compiles /init and the programs under guest/ (from
+// the sources embedded in this binary, in a temporary module) as static,
+// stripped binaries and returns them as a cpio archive.
 func (b *builder) buildGuestPrograms(ctx context.Context) ([]byte, error) {
 	goTool, err := exec.LookPath("go")
 	if err != nil {
-		return nil, fmt.Errorf("build guest programs: the go command is needed: %w", err)
+		return nil, fmt.Errorf("build guest programs: %w: it compiles the guest's /init and programs; install Go (https://go.dev/dl), or pass your own --kernel and --initrd", ErrNoGo)
 	}
 	if err := os.MkdirAll(filepath.Join(b.cache, "tmp"), 0o755); err != nil {
 		return nil, fmt.Errorf("build guest programs: %w", err)
@@ -609,12 +530,16 @@ func (b *builder) buildGuestPrograms(ctx context.Context) ([]byte, error) {
 		return nil, fmt.Errorf("build guest programs: %w", err)
 	}
 	defer os.RemoveAll(tmp)
+	src, out := filepath.Join(tmp, "src"), filepath.Join(tmp, "out")
+	if err := writeGuestModule(src); err != nil {
+		return nil, fmt.Errorf("build guest programs: write sources: %w", err)
+	}
 	progs := map[string]string{ // package -> path in the image
 		"init":    "init",
 		"demo":    "bin/govmm-demo",
 		"dirtier": "bin/govmm-dirtier",
 	}
-	args := []string{"build", "-trimpath", "-buildvcs=false", "-ldflags=-s -w", "-o", tmp + "/"}
+	args := []string{"build", "-trimpath", "-buildvcs=false", "-ldflags=-s -w", "-o", out + "/"}
 	pkgs := make([]string, 0, len(progs))
 	for p := range progs {
 		pkgs = append(pkgs, "./guestimg/guest/"+p)
@@ -623,15 +548,18 @@ func (b *builder) buildGuestPrograms(ctx context.Context) ([]byte, error) {
 	args = append(args, pkgs...)
 	start := time.Now()
 	cmd := exec.CommandContext(ctx, goTool, args...)
-	cmd.Dir = b.src
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64")
+	cmd.Dir = src
+	// The module stands alone: no workspace, no vendoring, nothing to
+	// download, whatever the caller's environment says.
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64",
+		"GOWORK=off", "GOFLAGS=-mod=mod", "GOPROXY=off", "GOTOOLCHAIN=local")
 	if o, err := cmd.CombinedOutput(); err != nil {
 		return nil, fmt.Errorf("go build guest programs: %w:\n%s", err, o)
 	}
 	b.logf("built guest programs in %v", time.Since(start).Round(time.Millisecond))
 	t := newTree()
 	for p, dst := range progs {
-		t.fileFrom(dst, 0o755, filepath.Join(tmp, p))
+		t.fileFrom(dst, 0o755, filepath.Join(out, p))
 	}
 	var buf bytes.Buffer
 	if err := t.writeNoParents(newCPIOWriter(&buf)); err != nil {

@@ -34,10 +34,56 @@ func TestParseDepends(t *testing.T) {
 	assert.Empty(t, parseDepends(""))
 }
 
-func TestFindSourceDir(t *testing.T) {
-	dir, err := findSourceDir()
+// The guest programs' sources are in the binary, and they are the
+// checkout's (the test runs in guestimg/).
+func TestEmbeddedGuestSources(t *testing.T) {
+	files, err := guestSourceFiles()
 	require.NoError(t, err)
-	assert.FileExists(t, filepath.Join(dir, "guestimg", "guest", "init", "main.go"))
+	for _, f := range []string{"guest/init/main.go", "guest/init/session.go", "guest/demo/service.go",
+		"guest/dirtier/main.go", "internal/guestproto/guestproto.go"} {
+		assert.Contains(t, files, f)
+	}
+	for _, f := range files {
+		assert.False(t, strings.HasSuffix(f, "_test.go"), f)
+		embedded, err := guestSources.ReadFile(f)
+		require.NoError(t, err)
+		onDisk, err := os.ReadFile(filepath.FromSlash(f))
+		require.NoError(t, err)
+		assert.Equal(t, string(onDisk), string(embedded), f)
+	}
+}
+
+// The embedded guest programs build on their own: in a temporary module
+// outside the checkout, with nothing to download (GOPROXY=off), into
+// static executables.
+func TestBuildGuestProgramsFromEmbeddedSources(t *testing.T) {
+	if _, err := exec.LookPath("go"); err != nil {
+		t.Skipf("needs the go command: %v", err)
+	}
+	b, err := newBuilder(Options{CacheDir: t.TempDir()})
+	require.NoError(t, err)
+	t.Chdir(t.TempDir()) // nowhere near a go.mod
+	archive, err := b.buildGuestPrograms(t.Context())
+	require.NoError(t, err)
+	ents, err := readCPIO(archive)
+	require.NoError(t, err)
+	got := map[string][]byte{}
+	for _, e := range ents {
+		got[e.Name] = e.Data
+	}
+	for _, name := range []string{"init", "bin/govmm-demo", "bin/govmm-dirtier"} {
+		require.Contains(t, got, name)
+		assert.Equal(t, []byte("\x7fELF"), got[name][:4], name)
+	}
+}
+
+// The image key follows the guest sources.
+func TestImageKeyCoversGuestSources(t *testing.T) {
+	var a, b strings.Builder
+	require.NoError(t, hashGuestSources(&a))
+	require.NoError(t, hashGuestSources(&b))
+	assert.Equal(t, a.String(), b.String())
+	assert.Contains(t, a.String(), "file guest/init/main.go ")
 }
 
 // TestBuildDefaultImage builds the real image: it downloads Debian packages

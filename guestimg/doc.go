@@ -15,7 +15,9 @@
 //   - a newc cpio writer, the initramfs layout, and CommandArchive, the
 //     small archive the VMM appends to switch /init to command mode;
 //   - the content-addressed cache (see Build) and the guest programs'
-//     sources under guest/.
+//     sources under guest/, which are embedded in the binary (guestSources)
+//     and compiled in a temporary module, so an installed govmm needs the
+//     go command but not the checkout.
 //
 // It does not own booting (package vmm) or anything at run time of the
 // host; it stands outside the runtime and nothing in the VMM imports it

@@ -18,9 +18,10 @@ and an initramfs with busybox, the virtio and ext4 modules, mke2fs, govmm's
 memory dirtier).
 
 The first build downloads Debian packages with apt-get (linux-image-amd64,
-busybox-static, e2fsprogs and its libraries) and compiles the guest programs
-with the go command, so run it inside the govmm source tree. A later build
-with nothing changed returns at once, without apt or the network.
+busybox-static, e2fsprogs and its libraries) and compiles the guest programs,
+whose sources are part of this binary, with the go command (which must be in
+PATH; it downloads nothing). It works in any directory. A later build with
+nothing changed returns at once, without apt, go or the network.
 
 The image is <cache>/images/<hash>/{vmlinuz,initrd.img}. The packages stay
 in <cache>/debs; delete that directory to pick up newer ones.
@@ -60,7 +61,7 @@ func cmdImage(args []string) error {
 	defer stop()
 	img, err := guestimg.Build(ctx, guestimg.Options{CacheDir: *cache, Log: os.Stderr})
 	if err != nil {
-		if errors.Is(err, guestimg.ErrNoApt) {
+		if errors.Is(err, guestimg.ErrNoApt) || errors.Is(err, guestimg.ErrNoGo) {
 			return err // says what to do
 		}
 		return fmt.Errorf("image build: %w", err)

@@ -1,0 +1,95 @@
+package guestimg
+
+import (
+	"embed"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+)
+
+// guestSources are the sources of the programs that run inside the
+// default guest (/init, the demo service, the memory dirtier) and of the
+// contract they share with the builder. They are compiled into every
+// govmm binary, so that an installed govmm builds the default image in any
+// directory: only the go command is needed, not the govmm checkout. The
+// guest programs use nothing outside the standard library, so their
+// temporary module needs no download.
+//
+//go:embed guest internal/guestproto
+var guestSources embed.FS
+
+// guestModuleGo is the go directive of the guest programs' temporary
+// module: the oldest language version their sources need.
+const guestModuleGo = "1.22"
+
+// guestSourceFiles lists the embedded files that go into the guest
+// programs (tests and test data left out), sorted.
+func guestSourceFiles() ([]string, error) {
+	var files []string
+	err := fs.WalkDir(guestSources, ".", func(p string, d fs.DirEntry, err error) error {
+		switch {
+		case err != nil:
+			return err
+		case d.IsDir() && d.Name() == "testdata":
+			return fs.SkipDir
+		case d.IsDir() || !strings.HasSuffix(p, ".go") || strings.HasSuffix(p, "_test.go"):
+			return nil
+		}
+		files = append(files, p)
+		return nil
+	})
+	return files, err
+}
+
+// hashGuestSources writes the guest programs' sources into h (part of the
+// image key).
+func hashGuestSources(h io.Writer) error {
+	files, err := guestSourceFiles()
+	if err != nil {
+		return fmt.Errorf("guest sources: %w", err)
+	}
+	fmt.Fprintf(h, "go %s\n", guestModuleGo)
+	for _, f := range files {
+		data, err := guestSources.ReadFile(f)
+		if err != nil {
+			return fmt.Errorf("guest sources: %w", err)
+		}
+		fmt.Fprintf(h, "file %s %d\n", f, len(data))
+		h.Write(data)
+	}
+	return nil
+}
+
+// writeGuestModule lays the guest programs out in dir as module govmm (so
+// their imports of govmm/guestimg/internal/guestproto resolve as in the
+// checkout), with a go.mod that requires nothing.
+func writeGuestModule(dir string) error {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	gomod := fmt.Sprintf("// Written by govmm's image builder: the guest programs only.\nmodule govmm\n\ngo %s\n", guestModuleGo)
+	if err := os.WriteFile(filepath.Join(dir, "go.mod"), []byte(gomod), 0o644); err != nil {
+		return err
+	}
+	files, err := guestSourceFiles()
+	if err != nil {
+		return err
+	}
+	for _, f := range files {
+		data, err := guestSources.ReadFile(f)
+		if err != nil {
+			return err
+		}
+		dst := filepath.Join(dir, "guestimg", filepath.FromSlash(f))
+		if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
+			return err
+		}
+		if err := os.WriteFile(dst, data, 0o644); err != nil {
+			return err
+		}
+	}
+	return nil
+}
