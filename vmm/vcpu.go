@@ -42,7 +42,7 @@ type vcpu struct {
 	reqs chan vcpuReq
 
 	exits [kvmapi.NumExitReasons]atomic.Uint64 // exits that reached run, by reason
-	stats atomic.Pointer[kvmapi.Stats]          // KVM's own counters; nil before 5.14
+	stats atomic.Pointer[kvmapi.Stats]         // KVM's own counters; nil before 5.14
 }
 
 func newVCPU(m *Machine, id int) *vcpu {
