@@ -94,8 +94,11 @@ func Boot(ctx context.Context, cfg BootConfig) ([]BootSample, error) {
 	}
 	mem := fmt.Sprintf("%dM", cfg.MemMiB)
 	guestBytes := uint64(cfg.MemMiB) << 20
+	// The same guest for both: kernel, initrd, command line, memory, one
+	// vCPU and no devices beyond the console (QEMU's -nodefaults; govmm
+	// without a NIC, so that it adds nothing to the command line).
 	govmmCmd := func() *exec.Cmd {
-		return exec.CommandContext(ctx, cfg.Govmm, "run", "--kernel", kernel, "--initrd", initrd, "--mem", mem, "--cpus", "1")
+		return exec.CommandContext(ctx, cfg.Govmm, "run", "--kernel", kernel, "--initrd", initrd, "--mem", mem, "--cpus", "1", "--net", "none")
 	}
 	qemuCmd := func() *exec.Cmd {
 		return exec.CommandContext(ctx, qemu, "-enable-kvm", "-cpu", "host,-arch-capabilities", "-M", "pc,acpi=off", "-m", strconv.Itoa(cfg.MemMiB),

@@ -94,6 +94,11 @@ func newStandby() (*replicate.Standby, error) {
 
 // platform is the sentence every suite's report carries about KVM here.
 func platform() string {
+	if lab.InLab() {
+		return "**Lab numbers**: this ran inside the lab's L1 (Debian's kernel with kvm_amd on QEMU's software-emulated SVM), " +
+			"where everything, the guest and both VMMs included, is emulated and many times slower than on hardware. " +
+			"Compare the VMMs side by side (the ratio); do not compare the times with numbers from outside the lab."
+	}
 	if r := lab.Emulated(); r != "" {
 		return "**KVM here emulates guests**: " + r + ". Guest-side rates below are those of an emulated CPU; " +
 			"VMM-side costs (harvest, copy, state, streaming) are real host work."

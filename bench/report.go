@@ -31,7 +31,9 @@ func Machine() string {
 	fmt.Fprintf(&b, "- CPU: %s, %d cores\n", cpu, runtime.NumCPU())
 	fmt.Fprintf(&b, "- host kernel: %s\n", strings.TrimSpace(string(kernel)))
 	fmt.Fprintf(&b, "- Go: %s\n", runtime.Version())
-	if r := lab.Emulated(); r != "" {
+	if lab.InLab() {
+		b.WriteString("- KVM: the lab's L1, kvm_amd on QEMU's emulated SVM (nested, all in software): lab numbers, for ratios only\n")
+	} else if r := lab.Emulated(); r != "" {
 		fmt.Fprintf(&b, "- KVM: %s\n", r)
 	} else {
 		b.WriteString("- KVM: hardware-assisted\n")
