@@ -1,13 +1,18 @@
 package guestimg
 
 import (
+	"bytes"
+	"context"
 	"embed"
 	"fmt"
 	"io"
 	"io/fs"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"sort"
 	"strings"
+	"time"
 )
 
 // guestSources are the sources of the programs that run inside the
@@ -92,4 +97,58 @@ func writeGuestModule(dir string) error {
 		}
 	}
 	return nil
+}
+
+// buildGuestPrograms compiles /init and the programs under guest/ (from
+// the sources embedded in this binary, in a temporary module) as static,
+// stripped binaries and returns them as a cpio archive.
+func (b *builder) buildGuestPrograms(ctx context.Context) ([]byte, error) {
+	goTool, err := exec.LookPath("go")
+	if err != nil {
+		return nil, fmt.Errorf("build guest programs: %w: it compiles the guest's /init and programs; install Go (https://go.dev/dl), or pass your own --kernel and --initrd", ErrNoGo)
+	}
+	if err := os.MkdirAll(filepath.Join(b.cache, "tmp"), 0o755); err != nil {
+		return nil, fmt.Errorf("build guest programs: %w", err)
+	}
+	tmp, err := os.MkdirTemp(filepath.Join(b.cache, "tmp"), "guest-")
+	if err != nil {
+		return nil, fmt.Errorf("build guest programs: %w", err)
+	}
+	defer os.RemoveAll(tmp)
+	src, out := filepath.Join(tmp, "src"), filepath.Join(tmp, "out")
+	if err := writeGuestModule(src); err != nil {
+		return nil, fmt.Errorf("build guest programs: write sources: %w", err)
+	}
+	progs := map[string]string{ // package -> path in the image
+		"init":    "init",
+		"demo":    "bin/govmm-demo",
+		"dirtier": "bin/govmm-dirtier",
+	}
+	args := []string{"build", "-trimpath", "-buildvcs=false", "-ldflags=-s -w", "-o", out + "/"}
+	pkgs := make([]string, 0, len(progs))
+	for p := range progs {
+		pkgs = append(pkgs, "./guestimg/guest/"+p)
+	}
+	sort.Strings(pkgs)
+	args = append(args, pkgs...)
+	start := time.Now()
+	cmd := exec.CommandContext(ctx, goTool, args...)
+	cmd.Dir = src
+	// The module stands alone: no workspace, no vendoring, nothing to
+	// download, whatever the caller's environment says.
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64",
+		"GOWORK=off", "GOFLAGS=-mod=mod", "GOPROXY=off", "GOTOOLCHAIN=local")
+	if o, err := cmd.CombinedOutput(); err != nil {
+		return nil, fmt.Errorf("go build guest programs: %w:\n%s", err, o)
+	}
+	b.logf("built guest programs in %v", time.Since(start).Round(time.Millisecond))
+	t := newTree()
+	for p, dst := range progs {
+		t.fileFrom(dst, 0o755, filepath.Join(out, p))
+	}
+	var buf bytes.Buffer
+	if err := t.writeNoParents(newCPIOWriter(&buf)); err != nil {
+		return nil, fmt.Errorf("archive guest programs: %w", err)
+	}
+	return buf.Bytes(), nil
 }

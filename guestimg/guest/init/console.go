@@ -16,6 +16,7 @@ const (
 	ioctlTCSBRK              = 0x5409
 	sysFinitModule           = 313
 	moduleInitCompressedFile = 4 // MODULE_INIT_COMPRESSED_FILE
+	syslogActionConsoleOff   = 6 // syslog(2) SYSLOG_ACTION_CONSOLE_OFF
 )
 
 func ioctl(fd int, req, arg uintptr) error {

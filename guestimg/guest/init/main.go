@@ -379,6 +379,13 @@ func (in *initProc) shutdown(a action, status int) {
 		_ = drainTTY(console)
 		switch a {
 		case actReboot:
+			if in.cmdMode {
+				// The kernel's "reboot: Restarting system" is an emergency
+				// message, which no console level holds back: turn the
+				// console log off so command mode's output stays the
+				// command's own.
+				_, _ = syscall.Klogctl(syslogActionConsoleOff, nil)
+			}
 			// The kernel runs with reboot=k: the VMM sees the i8042 reset.
 			err := syscall.Reboot(syscall.LINUX_REBOOT_CMD_RESTART)
 			in.errorf("reboot: %v", err)
