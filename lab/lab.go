@@ -94,6 +94,8 @@ func Run(ctx context.Context, cfg Config) (int, error) {
 			return 0, ErrNoQEMU
 		}
 		cfg.QEMU = p
+	} else if _, err := exec.LookPath(cfg.QEMU); err != nil {
+		return 0, fmt.Errorf("lab: %s: %w", cfg.QEMU, ErrNoQEMU)
 	}
 	if cfg.Dir == "" {
 		wd, err := os.Getwd()
@@ -150,8 +152,14 @@ func Run(ctx context.Context, cfg Config) (int, error) {
 		status, err := runOnce(ctx, cfg, img)
 		var le *Error
 		if errors.As(err, &le) && le.died() && attempt < cfg.Retries && ctx.Err() == nil {
-			fmt.Fprintf(cfg.Log, "lab: %s; L1 itself failed, not the command: running it again (%d of %d retries)\n--- last lines of L1's console ---\n%s\n",
-				le.Reason, attempt+1, cfg.Retries, le.Console)
+			// Keep the dead L1's whole console: the next run overwrites
+			// console.log.
+			kept := filepath.Join(cfg.CacheDir, "lab", fmt.Sprintf("console.failed-%d.log", attempt+1))
+			if os.Rename(le.Log, kept) != nil {
+				kept = le.Log
+			}
+			fmt.Fprintf(cfg.Log, "lab: %s; L1 itself failed, not the command: running it again (%d of %d retries); its console: %s\n--- last lines of L1's console ---\n%s\n",
+				le.Reason, attempt+1, cfg.Retries, kept, le.Console)
 			continue
 		}
 		return status, err
@@ -264,7 +272,10 @@ func qemuArgs(cfg Config, img guestimg.Image, ctl, sock, consoleLog string) []st
 		"-m", strconv.Itoa(cfg.MemMiB),
 		"-kernel", img.Kernel,
 		"-initrd", img.Initrd,
-		"-append", "console=ttyS0 panic=-1 quiet loglevel=4",
+		// softlockup_panic: an L1 whose CPU is stuck (seen under QEMU's
+		// emulated SVM, rarely) dies at once, and the run is retried,
+		// rather than hanging until the timeout.
+		"-append", "console=ttyS0 panic=-1 softlockup_panic=1 quiet loglevel=4",
 		"-chardev", "file,id=console,path=" + consoleLog,
 		"-serial", "chardev:console",
 		"-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",

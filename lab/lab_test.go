@@ -1,0 +1,208 @@
+package lab
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"govmm/guestimg"
+)
+
+// The command script survives any argument: run by the host's sh (as
+// L1 runs it), it gives the command exactly the argv and environment it
+// was given, in the given directory.
+func TestCommandScriptQuoting(t *testing.T) {
+	t.Parallel()
+	args := []string{"it's", "a b", "$HOME", "`id`", "$(id)", `back\slash`, "new\nline", "", "*", "--", `"`, "'", "tab\there", "ünï"}
+	dir := t.TempDir()
+	cfg := Config{
+		Command: append([]string{"sh", "-c", `pwd; printf '[%s]\n' "$@"; printf '<%s>\n' "$LAB_X"; printf '<%s>\n' "$GOVMM_LAB"`, "sh"}, args...),
+		Dir:     dir,
+		Env:     []string{"LAB_X=it's $(not) run"},
+	}
+	script := filepath.Join(t.TempDir(), "cmd.sh")
+	require.NoError(t, os.WriteFile(script, commandScript(cfg), 0o644))
+	out, err := exec.Command("/bin/sh", script).CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	var want strings.Builder
+	want.WriteString(dir + "\n")
+	for _, a := range args {
+		want.WriteString("[" + a + "]\n")
+	}
+	want.WriteString("<it's $(not) run>\n<1>\n")
+	assert.Equal(t, want.String(), string(out))
+}
+
+// A directory that does not exist in L1 fails the command with 126, as a
+// shell would, rather than running it elsewhere.
+func TestCommandScriptBadDir(t *testing.T) {
+	t.Parallel()
+	script := filepath.Join(t.TempDir(), "cmd.sh")
+	require.NoError(t, os.WriteFile(script, commandScript(Config{Command: []string{"true"}, Dir: "/nonexistent/dir"}), 0o644))
+	err := exec.Command("/bin/sh", script).Run()
+	var ee *exec.ExitError
+	require.True(t, errors.As(err, &ee), "%v", err)
+	assert.Equal(t, 126, ee.ExitCode())
+}
+
+func TestShellQuote(t *testing.T) {
+	t.Parallel()
+	assert.Equal(t, `'plain'`, shellQuote("plain"))
+	assert.Equal(t, `''`, shellQuote(""))
+	assert.Equal(t, `'it'\''s'`, shellQuote("it's"))
+}
+
+func TestPassEnv(t *testing.T) {
+	t.Parallel()
+	for _, n := range []string{"PATH", "HOME", "GOFLAGS", "GOVMM_CACHE", "CGO_ENABLED", "TERM"} {
+		assert.True(t, passEnv(n), n)
+	}
+	for _, n := range []string{"SSH_AUTH_SOCK", "LD_PRELOAD", "PWD", "OLDPWD", "DISPLAY"} {
+		assert.False(t, passEnv(n), n)
+	}
+}
+
+// L1's QEMU command line: the sizes asked for, the kernel and initrd, the
+// host's / read-only, the control and output channels, one writable 9p
+// share per Config.Shares.
+func TestQEMUArgs(t *testing.T) {
+	t.Parallel()
+	cfg := Config{CPUs: 3, MemMiB: 4096, Shares: []string{"/a/b", "/c"}}
+	img := guestimg.Image{Kernel: "/k/vmlinuz", Initrd: "/k/initrd.img"}
+	args := qemuArgs(cfg, img, "/ctl", "/ctl/out.sock", "/ctl/console.log")
+	after := func(flag string) []string {
+		var vals []string
+		for i, a := range args {
+			if a == flag && i+1 < len(args) {
+				vals = append(vals, args[i+1])
+			}
+		}
+		return vals
+	}
+	assert.Equal(t, []string{"3"}, after("-smp"))
+	assert.Equal(t, []string{"4096"}, after("-m"))
+	assert.Equal(t, []string{"/k/vmlinuz"}, after("-kernel"))
+	assert.Equal(t, []string{"/k/initrd.img"}, after("-initrd"))
+	assert.Equal(t, []string{"max"}, after("-cpu"), "the max CPU model has SVM with nested paging")
+	assert.Contains(t, args, "-no-reboot", "L1's reboot ends QEMU")
+	require.Len(t, after("-append"), 1)
+	for _, opt := range []string{"console=ttyS0", "panic=-1", "softlockup_panic=1"} {
+		assert.Contains(t, strings.Fields(after("-append")[0]), opt, "a dead or stuck L1 ends QEMU")
+	}
+	assert.Equal(t, []string{
+		"local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+		"local,path=/ctl,mount_tag=labctl,security_model=none",
+		"local,path=/a/b,mount_tag=share0,security_model=none,multidevs=remap",
+		"local,path=/c,mount_tag=share1,security_model=none,multidevs=remap",
+	}, after("-virtfs"))
+	assert.True(t, slices.Contains(after("-chardev"), "socket,id=out,path=/ctl/out.sock"))
+	assert.True(t, slices.Contains(after("-chardev"), "file,id=console,path=/ctl/console.log"))
+	assert.Contains(t, after("-device"), "virtserialport,chardev=out,name=govmm.out")
+}
+
+// A QEMU that is not there: one clear error naming what to install,
+// before anything is built or booted.
+func TestRunWithoutQEMU(t *testing.T) {
+	t.Parallel()
+	_, err := Run(t.Context(), Config{Command: []string{"true"}, QEMU: "/nonexistent/qemu-system-x86_64", CacheDir: t.TempDir()})
+	require.ErrorIs(t, err, ErrNoQEMU)
+	assert.Contains(t, err.Error(), "/nonexistent/qemu-system-x86_64")
+	assert.Contains(t, err.Error(), "apt-get install qemu-system-x86")
+	assert.NotContains(t, err.Error(), "\n")
+}
+
+// requireQEMU skips where QEMU is not installed: the lab cannot run.
+func requireQEMU(t *testing.T) {
+	t.Helper()
+	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
+		t.Skipf("needs qemu-system-x86_64 (apt-get install qemu-system-x86): %v", err)
+	}
+	if InLab() {
+		t.Skip("inside the lab already (nested labs are not supported)")
+	}
+}
+
+// These boot L1 for real (QEMU here, on this host, in software): a few
+// seconds each.
+
+// The command's output and exit status come back from L1.
+func TestLabRunsCommand(t *testing.T) {
+	requireQEMU(t)
+	var out, log bytes.Buffer
+	status, err := Run(t.Context(), Config{
+		Command: []string{"sh", "-c", `printf 'out %s\n' "$1"; printf 'err\n' >&2; [ -c /dev/kvm ] && echo kvm; exit 3`, "sh", "it's"},
+		Stdout:  &out, Log: &log, Timeout: 5 * time.Minute,
+	})
+	require.NoError(t, err, "log: %s", log.String())
+	assert.Equal(t, 3, status)
+	assert.Contains(t, out.String(), "out it's\nerr\nkvm\n")
+	assert.Contains(t, out.String(), "lab: L1 ", "the line that says where the command ran")
+	assert.Contains(t, log.String(), "command exited with status 3")
+}
+
+// A run that outlives its timeout is killed: the error says so and
+// carries the tail of L1's console, and Run returns at once.
+func TestLabTimeout(t *testing.T) {
+	requireQEMU(t)
+	const timeout = 20 * time.Second
+	_, err := Run(t.Context(), Config{
+		// Level 3 (KERN_ERR) reaches L1's console at loglevel=4.
+		Command: []string{"sh", "-c", "echo '<3>govmm-lab-test: about to hang' >/dev/kmsg; sleep 600"},
+		Timeout: timeout,
+	})
+	require.ErrorIs(t, err, ErrTimeout)
+	var le *Error
+	require.True(t, errors.As(err, &le))
+	assert.Contains(t, le.Console, "govmm-lab-test: about to hang")
+	assert.Contains(t, err.Error(), "last lines of L1's console")
+	// The time from QEMU's start to L1 killed (the wait for the lab's
+	// lock, if another run held it, is not part of the timeout).
+	m := regexp.MustCompile(`^command still running after (\S+) \(timeout 20s\); L1 killed$`).FindStringSubmatch(le.Reason)
+	require.NotNil(t, m, le.Reason)
+	took, err := time.ParseDuration(m[1])
+	require.NoError(t, err)
+	assert.Less(t, took, timeout+5*time.Second, "no hang after the timeout")
+}
+
+// L1 powering itself off without a word is not the command's failure:
+// the harness says so and runs the command again, once.
+func TestLabRetriesWhenL1Dies(t *testing.T) {
+	requireQEMU(t)
+	share := t.TempDir()
+	marker := filepath.Join(share, "first-attempt")
+	var out, log bytes.Buffer
+	// The first attempt powers L1 off from inside (SysRq o) and leaves a
+	// marker on the shared directory; the second sees it and succeeds.
+	status, err := Run(context.Background(), Config{
+		Command: []string{"sh", "-c", `if [ -e "$1" ]; then echo second attempt; exit 0; fi
+			echo first attempt; : >"$1"; sync; echo o >/proc/sysrq-trigger; sleep 60; echo not reached`, "sh", marker},
+		Shares: []string{share}, Stdout: &out, Log: &log, Timeout: 5 * time.Minute,
+	})
+	require.NoError(t, err, "log: %s", log.String())
+	assert.Equal(t, 0, status)
+	assert.Contains(t, out.String(), "second attempt\n")
+	assert.NotContains(t, out.String(), "not reached")
+	assert.Contains(t, log.String(), "L1 itself failed, not the command: running it again (1 of 1 retries)")
+	assert.Contains(t, log.String(), "L1 ended while the command ran, without its exit status")
+
+	// Without retries the same death is an error of the lab, not a status.
+	require.NoError(t, os.Remove(marker))
+	_, err = Run(context.Background(), Config{
+		Command: []string{"sh", "-c", `: >"$1"; sync; echo o >/proc/sysrq-trigger; sleep 60`, "sh", marker},
+		Shares:  []string{share}, Retries: -1, Timeout: 5 * time.Minute,
+	})
+	var le *Error
+	require.True(t, errors.As(err, &le), "got %v", err)
+	assert.Contains(t, le.Reason, "L1 ended while the command ran")
+}
