@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -42,21 +43,27 @@ func TestMain(m *testing.M) {
 // govmm runs the binary and returns stdout, stderr and the exit status.
 func govmm(t *testing.T, timeout time.Duration, args ...string) (string, string, int) {
 	t.Helper()
+	out, errOut, status, err := runGovmm(timeout, args...)
+	require.NoError(t, err, "govmm %v; stderr: %s", args, errOut)
+	return out, errOut, status
+}
+
+// runGovmm is govmm for any goroutine: it reports instead of failing.
+func runGovmm(timeout time.Duration, args ...string) (stdout, stderr string, status int, err error) {
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, govmmBin, args...)
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
-	err := cmd.Run()
-	require.NoError(t, ctx.Err(), "govmm %v timed out; stderr: %s", args, errb.String())
-	status := 0
+	err = cmd.Run()
+	if ctx.Err() != nil {
+		return out.String(), errb.String(), 0, fmt.Errorf("timed out after %v", timeout)
+	}
 	var ee *exec.ExitError
 	if errors.As(err, &ee) {
-		status = ee.ExitCode()
-	} else {
-		require.NoError(t, err)
+		return out.String(), errb.String(), ee.ExitCode(), nil
 	}
-	return out.String(), errb.String(), status
+	return out.String(), errb.String(), 0, err
 }
 
 // tinyImage writes the bench's tiny bzImage (prints the ready line, exits
