@@ -58,6 +58,7 @@ type Server struct {
 	conns     map[net.Conn]struct{}
 	listeners []net.Listener
 	closed    bool
+	failed    error // why the witness stopped serving on its own
 	wg        sync.WaitGroup
 
 	requests, grants, refused atomic.Uint64
@@ -138,7 +139,9 @@ func (s *Server) Stats() ServerStats {
 	return ServerStats{Requests: s.requests.Load(), Grants: s.grants.Load(), Refused: s.refused.Load(), VMs: n}
 }
 
-// Serve accepts clients on l until Close; it returns nil after Close.
+// Serve accepts clients on l until Close; it returns nil after Close, or
+// an error if the witness had to stop (its state on disk became
+// uncertain: it must be restarted).
 func (s *Server) Serve(l net.Listener) error {
 	s.connMu.Lock()
 	if s.closed {
@@ -152,8 +155,11 @@ func (s *Server) Serve(l net.Listener) error {
 		nc, err := l.Accept()
 		if err != nil {
 			s.connMu.Lock()
-			closed := s.closed
+			closed, failed := s.closed, s.failed
 			s.connMu.Unlock()
+			if failed != nil {
+				return fmt.Errorf("witness: %w", failed)
+			}
 			if closed {
 				return nil
 			}
@@ -164,8 +170,8 @@ func (s *Server) Serve(l net.Listener) error {
 			return fmt.Errorf("witness: accept: %w", err)
 		}
 		s.connMu.Lock()
-		if s.closed || len(s.conns) >= s.cfg.MaxConns {
-			full := !s.closed
+		if s.closed || s.failed != nil || len(s.conns) >= s.cfg.MaxConns {
+			full := !s.closed && s.failed == nil
 			s.connMu.Unlock()
 			nc.Close()
 			if full {
@@ -270,7 +276,12 @@ func (s *Server) handle(nc net.Conn) {
 		}
 		s.mu.Lock()
 		rep, g := s.tab.apply(s.cfg.Clock.Now(), &q)
+		broken := s.tab.broken
 		s.mu.Unlock()
+		if broken != nil {
+			s.fail(broken)
+			return
+		}
 		s.requests.Add(1)
 		if g != nil {
 			s.grants.Add(1)
@@ -284,6 +295,22 @@ func (s *Server) handle(nc net.Conn) {
 			return
 		}
 	}
+}
+
+// fail stops the witness for good: Serve returns err.
+func (s *Server) fail(err error) {
+	s.connMu.Lock()
+	if s.failed == nil {
+		s.failed = err
+		s.log.Error("witness stopping: its state on disk is uncertain; restart it", "err", err)
+	}
+	for _, l := range s.listeners {
+		l.Close()
+	}
+	for nc := range s.conns {
+		nc.Close()
+	}
+	s.connMu.Unlock()
 }
 
 func (s *Server) isClosed() bool {

@@ -191,9 +191,8 @@ func (s *store) save(recs []durable) error {
 
 // errSaveUncertain: the new state file was renamed into place but the
 // directory was not synced: after a crash the witness may come back with
-// either state. The table then counts the grant as made (so that the
-// memory is never behind the disk) but tells the asker no; its retry finds
-// the grant.
+// either state. Nothing is granted, and the witness stops (table.broken):
+// only a restart, which reads the disk, knows which state holds.
 var errSaveUncertain = errors.New("state may or may not have been saved")
 
 func (s *store) close() {

@@ -41,6 +41,10 @@ type table struct {
 	save     func([]durable) error // makes a new generation durable before it is granted
 	maxLease time.Duration
 	maxVMs   int
+	// broken is set when a save may or may not have reached the disk;
+	// from then on the table answers nothing but errors, and the server
+	// stops.
+	broken error
 }
 
 // newTable loads recs at witness time now. The witness does not know when
@@ -109,13 +113,18 @@ func (t *table) clampLease(d time.Duration) time.Duration {
 // A retried acquire whose grant was made (its reply lost) finds the asker
 // holding the generation it asked for and counts as a renewal, so retries
 // are harmless. A new generation is saved before it is granted; if saving
-// fails nothing changes and the asker is refused.
+// fails nothing changes and the asker is refused. If the save may have
+// reached the disk (renamed, directory not synced), the table breaks:
+// see broken.
 func (t *table) apply(now time.Duration, q *request) (reply, *grant) {
 	e := t.recs[q.vm]
 	answer := func(r result, msg string) reply {
 		rec := t.record(q.vm, now)
 		return reply{id: q.id, result: r, lease: rec.Lease, gen: rec.Generation, remaining: rec.Remaining,
 			renewals: rec.Renewals, holder: rec.Holder, message: msg}
+	}
+	if t.broken != nil {
+		return reply{id: q.id, result: resultError, message: fmt.Sprintf("witness state uncertain, it must be restarted: %v", t.broken)}, nil
 	}
 	renew := func() reply {
 		e.expires = max(e.expires, now+e.Lease)
@@ -192,10 +201,11 @@ func (t *table) apply(now time.Duration, q *request) (reply, *grant) {
 	}
 	if err := t.save(all); err != nil {
 		if errors.Is(err, errSaveUncertain) {
-			// Perhaps on disk: the memory follows the disk, and a retry
-			// by the asker finds its grant.
-			t.recs[q.vm] = &entry{durable: next, expires: now + next.Lease}
-			return answer(resultError, fmt.Sprintf("state perhaps not saved; ask again: %v", err)), g
+			// The disk may hold the new generation or the old one: the
+			// memory can follow neither safely (ahead of the disk, a
+			// restart would forget a grant; behind it, the next save
+			// would). Stop answering; a restart reads the disk.
+			t.broken = err
 		}
 		return answer(resultError, fmt.Sprintf("state not saved, nothing granted: %v", err)), nil
 	}

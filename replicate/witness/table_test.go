@@ -139,16 +139,21 @@ func TestTableSaveFailureGrantsNothing(t *testing.T) {
 	require.Contains(t, rep.message, "disk full")
 	require.Empty(t, tab.recs)
 
-	// A save that may have reached the disk counts in memory; the retry
-	// finds the grant.
-	tab.save = func([]durable) error { return errSaveUncertain }
-	rep, g = tab.apply(0, acq("P"))
-	require.Equal(t, resultError, rep.result)
-	require.NotNil(t, g)
+	// A save that may have reached the disk breaks the table: it grants
+	// and renews nothing more (a restart reads what the disk holds).
 	tab.save = func([]durable) error { return nil }
-	rep, _ = tab.apply(1, acq("P"))
+	rep, _ = tab.apply(0, acq("P"))
 	require.Equal(t, resultOK, rep.result)
-	require.Equal(t, uint64(1), rep.gen)
+	tab.save = func([]durable) error { return errSaveUncertain }
+	rep, g = tab.apply(L, acq("Q"))
+	require.Equal(t, resultError, rep.result)
+	require.Nil(t, g)
+	require.ErrorIs(t, tab.broken, errSaveUncertain)
+	for _, q := range []*request{renew("P", 1), acq("Q"), claim("Q", 1)} {
+		rep, _ = tab.apply(L, q)
+		require.Equal(t, resultError, rep.result)
+		require.Contains(t, rep.message, "must be restarted")
+	}
 }
 
 func TestTableRestartWaitsOneLease(t *testing.T) {
