@@ -42,6 +42,8 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzChainWalk -fuzztime $(FUZZTIME) ./virtio/
 	$(GO) test -run '^$$' -fuzz FuzzServeHTTP -fuzztime $(FUZZTIME) ./ctlapi/
 	$(GO) test -run '^$$' -fuzz FuzzDecodeFrame -fuzztime $(FUZZTIME) ./replicate/stream/
+	$(GO) test -run '^$$' -fuzz FuzzDecodeFrame -fuzztime $(FUZZTIME) ./replicate/witness/
+	$(GO) test -run '^$$' -fuzz FuzzDecodeState -fuzztime $(FUZZTIME) ./replicate/witness/
 
 # Unit and tiny-guest tests here; then the real-guest tests (TestGuest*)
 # where Linux boots: on this host's KVM if it can, else in the lab.

@@ -46,14 +46,18 @@ type Config struct {
 
 // Client talks to one witness about one VM over one connection, dialed on
 // first use and again after any error. Requests are serialized (one in
-// flight); it is safe for concurrent use. A Client whose lease was fenced
-// refuses to acquire or claim again: a fenced VMM must stop.
+// flight); it is safe for concurrent use. A Client makes at most one
+// Lease (its holder name is that lease's, and the witness counts a second
+// acquire by the same holder as a retry of the first); a Client whose
+// lease was fenced refuses to acquire or claim again: a fenced VMM must
+// stop.
 type Client struct {
 	cfg    Config
 	clk    Clock
 	log    *slog.Logger
 	holder string
 	fenced atomic.Bool
+	leased atomic.Uint64 // the generation of the one Lease this client made
 
 	mu     sync.Mutex // guards conn, nextID; held for a whole request
 	conn   *conn
@@ -74,7 +78,7 @@ func NewClient(cfg Config) (*Client, error) {
 	if cfg.Holder == "" {
 		cfg.Holder = "govmm"
 	}
-	const suffix = 10 // " #" + 8 hex digits
+	const suffix = 18 // " #" + 16 hex digits
 	if err := checkName("holder", cfg.Holder); err != nil || len(cfg.Holder) > MaxName-suffix {
 		return nil, fmt.Errorf("witness %s: holder %q: want 1..%d printable bytes", cfg.Addr, cfg.Holder, MaxName-suffix)
 	}
@@ -96,7 +100,9 @@ func NewClient(cfg Config) (*Client, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	var r [4]byte
+	// The witness takes two requests from the same holder name for one
+	// VMM's (a retry); 64 random bits keep two VMMs from sharing one.
+	var r [8]byte
 	_, _ = rand.Read(r[:])
 	c := &Client{cfg: cfg, clk: cfg.Clock, holder: cfg.Holder + " #" + hex.EncodeToString(r[:])}
 	c.log = cfg.Logger.With("component", "witness", "witness", cfg.Addr)
@@ -269,6 +275,9 @@ func (c *Client) acquire(ctx context.Context, opName string, q *request) (*Lease
 		if c.fenced.Load() {
 			return nil, fmt.Errorf("witness %s: %s %s: this VMM was fenced: %w", c.cfg.Addr, opName, c.cfg.VM, ErrFenced)
 		}
+		if g := c.leased.Load(); g != 0 {
+			return nil, fmt.Errorf("witness %s: %s %s: this client already holds generation %d (one lease per client)", c.cfg.Addr, opName, c.cfg.VM, g)
+		}
 		wait := c.retryEvery()
 		sent, rep, err := c.do(ctx, q)
 		switch {
@@ -283,6 +292,7 @@ func (c *Client) acquire(ctx context.Context, opName string, q *request) (*Lease
 				margin = min(c.cfg.Margin, rep.lease/2)
 			}
 			core.grant(sent, rep.lease, margin)
+			c.leased.Store(rep.gen)
 			c.log.Info("witness granted generation", "vm", c.cfg.VM, "generation", rep.gen, "holder", c.holder, "lease", rep.lease)
 			return newLease(c, core, sent), nil
 		case rep.result == resultHeld:

@@ -337,7 +337,7 @@ func TestWitnessRestartKeepsGenerations(t *testing.T) {
 	require.Equal(t, time.Second, rec.Remaining, "after a restart every lease counts as just renewed")
 	saved, err := ReadState(h.dir)
 	require.NoError(t, err)
-	require.Equal(t, []durable{{VM: "vm0", Generation: 2, Holder: sc.Holder(), Lease: time.Second}}, saved)
+	require.Equal(t, []Record{{VM: "vm0", Generation: 2, Holder: sc.Holder(), Lease: time.Second}}, saved)
 
 	// The old primary's generation stays superseded; a claim from 2 must
 	// wait a whole lease after the restart.
@@ -389,7 +389,7 @@ func TestSaveIsAtomic(t *testing.T) {
 	require.Empty(t, recs)
 	want := []durable{{VM: "a", Generation: 3, Holder: "h #1", Lease: time.Second}}
 	require.NoError(t, st.save(want))
-	got, err := ReadState(dir)
+	got, err := readState(dir)
 	require.NoError(t, err)
 	require.Equal(t, want, got)
 	_, err = os.Stat(filepath.Join(dir, stateFileName+".tmp"))
@@ -403,7 +403,7 @@ func TestSaveIsAtomic(t *testing.T) {
 	defer os.Chmod(dir, 0o700)
 	if os.Geteuid() != 0 { // root writes anyway
 		require.Error(t, st.save([]durable{{VM: "a", Generation: 4, Holder: "h", Lease: time.Second}}))
-		got, err = ReadState(dir)
+		got, err = readState(dir)
 		require.NoError(t, err)
 		require.Equal(t, want, got)
 	}

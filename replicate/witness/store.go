@@ -122,7 +122,7 @@ func openStore(dir string) (*store, []durable, error) {
 		return nil, nil, fmt.Errorf("state directory %s: lock: %w", dir, err)
 	}
 	_ = os.Remove(filepath.Join(dir, stateFileName+".tmp")) // a save that never completed
-	recs, err := ReadState(dir)
+	recs, err := readState(dir)
 	if err != nil {
 		lf.Close()
 		return nil, nil, err
@@ -132,8 +132,21 @@ func openStore(dir string) (*store, []durable, error) {
 
 // ReadState reads the generations saved in a witness state directory
 // (none if it has no state file yet), for `govmm witness --list`. It
-// takes no lock: saves replace the file atomically.
-func ReadState(dir string) ([]durable, error) {
+// takes no lock: saves replace the file atomically. Leases are not saved:
+// Remaining and Renewals are zero.
+func ReadState(dir string) ([]Record, error) {
+	recs, err := readState(dir)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]Record, len(recs))
+	for i, d := range recs {
+		out[i] = Record{VM: d.VM, Generation: d.Generation, Holder: d.Holder, Lease: d.Lease}
+	}
+	return out, nil
+}
+
+func readState(dir string) ([]durable, error) {
 	path := filepath.Join(dir, stateFileName)
 	f, err := os.Open(path)
 	if errors.Is(err, os.ErrNotExist) {
