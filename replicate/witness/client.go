@@ -59,9 +59,10 @@ type Client struct {
 	fenced atomic.Bool
 	leased atomic.Uint64 // the generation of the one Lease this client made
 
-	mu     sync.Mutex // guards conn, nextID; held for a whole request
+	mu     sync.Mutex // guards conn, nextID, closed; held for a whole request
 	conn   *conn
 	nextID uint64
+	closed bool
 }
 
 // NewClient checks cfg; it does not touch the network.
@@ -113,11 +114,16 @@ func NewClient(cfg Config) (*Client, error) {
 // random suffix).
 func (c *Client) Holder() string { return c.holder }
 
-// Close drops the connection. Leases made by this client stop renewing
-// on their next request; close them first.
+// ErrClosed is returned by requests on a closed Client.
+var ErrClosed = errors.New("witness client closed")
+
+// Close drops the connection for good: later requests fail with
+// ErrClosed, so a Lease of this client stops being renewed and runs out
+// (close it first). Idempotent.
 func (c *Client) Close() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	c.closed = true
 	if c.conn != nil {
 		err := c.conn.close()
 		c.conn = nil
@@ -150,6 +156,9 @@ func (c *Client) do(ctx context.Context, q *request) (sent time.Duration, rep re
 	}
 	if err := ctx.Err(); err != nil {
 		return 0, reply{}, err
+	}
+	if c.closed {
+		return 0, reply{}, ErrClosed
 	}
 	if c.conn == nil {
 		d := net.Dialer{Deadline: deadline}
@@ -281,7 +290,7 @@ func (c *Client) acquire(ctx context.Context, opName string, q *request) (*Lease
 		wait := c.retryEvery()
 		sent, rep, err := c.do(ctx, q)
 		switch {
-		case err != nil && permanent(err):
+		case err != nil && (permanent(err) || errors.Is(err, ErrClosed)):
 			return nil, err
 		case err != nil:
 			last = err

@@ -564,9 +564,9 @@ func TestTruncatedFramesRefused(t *testing.T) {
 	require.Equal(t, frameReply, typ)
 	q.id = 2
 	payload := appendRequest(nil, &q)
-	whole := make([]byte, headerSize)
-	putHeader(whole, header{length: uint32(len(payload)), typ: frameRequest, seq: rc.wseq})
-	whole = rc.wseal.Seal(whole, rc.nonceFor(rc.wseq), payload, whole[:headerSize])
+	var hdr [headerSize]byte
+	putHeader(hdr[:], header{length: uint32(len(payload)), typ: frameRequest, seq: rc.wseq})
+	whole := rc.wseal.Seal(bytes.Clone(hdr[:]), rc.nonceFor(rc.wseq), payload, hdr[:])
 	truncate(rc.nc, whole[:len(whole)-5])
 	refused(2)
 	require.Contains(t, h.log.String(), "truncated request frame")
@@ -607,10 +607,10 @@ func TestTruncatedFramesRefused(t *testing.T) {
 				_ = c.write(frameReply, appendReply(nil, &rep))
 				continue
 			}
-			b := make([]byte, headerSize)
+			var hdr [headerSize]byte
 			payload := appendReply(nil, &rep)
-			putHeader(b, header{length: uint32(len(payload)), typ: frameReply, seq: c.wseq})
-			b = c.wseal.Seal(b, c.nonceFor(c.wseq), payload, b[:headerSize])
+			putHeader(hdr[:], header{length: uint32(len(payload)), typ: frameReply, seq: c.wseq})
+			b := c.wseal.Seal(bytes.Clone(hdr[:]), c.nonceFor(c.wseq), payload, hdr[:])
 			_, _ = nc.Write(b[:len(b)/2])
 			_ = nc.(*net.TCPConn).CloseWrite()
 			_, _ = io.Copy(io.Discard, nc)
@@ -639,4 +639,29 @@ func TestQuery(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, Record{VM: "vm0", Generation: 1, Holder: pc.Holder(), Lease: time.Second, Remaining: 900 * time.Millisecond}, rec)
 	require.True(t, errors.Is(err, nil))
+}
+
+// A Client makes one Lease; once the client is closed, its lease is no
+// longer renewed and runs out.
+func TestClientOneLeaseAndClose(t *testing.T) {
+	clk := newFakeClock()
+	h := startWitness(t, clk)
+	c := h.client(h.addr, "primary")
+	l, err := c.Acquire(ctxT(t))
+	require.NoError(t, err)
+	defer l.Close()
+	_, err = c.Acquire(ctxT(t))
+	require.ErrorContains(t, err, "already holds generation 1 (one lease per client)")
+	_, err = c.Claim(ctxT(t), 1)
+	require.ErrorContains(t, err, "one lease per client")
+
+	require.NoError(t, c.Close())
+	for clk.Now() < l.ValidUntil() {
+		clk.BlockUntil(t, 1)
+		clk.Advance(time.Second / 8)
+	}
+	clk.BlockUntil(t, 1)
+	require.False(t, l.CanRelease())
+	require.Contains(t, l.Status().LastError, ErrClosed.Error())
+	require.Zero(t, l.Status().Renewals)
 }

@@ -50,6 +50,7 @@ type conn struct {
 	wseq   uint64 // next sequence number to send
 	ropen  cipher.AEAD
 	wseal  cipher.AEAD
+	hdr    [headerSize]byte // the frame being written's header
 	wbuf   []byte
 	rbuf   []byte
 	nonce  [12]byte
@@ -82,11 +83,12 @@ func (c *conn) write(t frameType, payload []byte) error {
 	if len(payload) > MaxPayload {
 		return fmt.Errorf("%v frame: payload %d bytes, at most %d", t, len(payload), MaxPayload)
 	}
-	b := c.wbuf[:0]
-	b = append(b, make([]byte, headerSize)...)
-	putHeader(b, header{length: uint32(len(payload)), typ: t, seq: c.wseq})
+	putHeader(c.hdr[:], header{length: uint32(len(payload)), typ: t, seq: c.wseq})
+	b := append(c.wbuf[:0], c.hdr[:]...)
 	if c.wseal != nil {
-		b = c.wseal.Seal(b, c.nonceFor(c.wseq), payload, b[:headerSize])
+		// The header is the additional data; it is passed from its own
+		// array, since dst and additionalData may not overlap.
+		b = c.wseal.Seal(b, c.nonceFor(c.wseq), payload, c.hdr[:])
 	} else {
 		b = append(b, payload...)
 	}
