@@ -23,9 +23,11 @@ image: build deps
 run: image
 	$(BIN) run
 
-# The main job: a primary replicating to a standby on this machine, the
-# primary SIGKILLed, the standby carrying on (scripts/demo.sh).
-demo: image
+# The main job: the default guest replicated to a standby on this machine
+# (in the lab where this host's KVM cannot boot Linux), a client on one
+# keep-alive connection, the primary SIGKILLed, the standby carrying on
+# (scripts/demo.sh).
+demo: deps image
 	scripts/demo.sh
 
 # Many failovers at random moments (tests with SIGKILLed primaries).
