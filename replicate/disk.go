@@ -111,13 +111,10 @@ func EncodeCheckpoint(state []byte, disks [][]DiskWrite) []byte {
 }
 
 // DecodeCheckpoint unwraps an envelope, checking every count and length.
-// A payload without the envelope (a migration's final checkpoint) is a
-// bare machine state with no disk writes.
 func DecodeCheckpoint(b []byte) (*vmm.MachineState, [][]DiskWrite, error) {
 	var st vmm.MachineState
 	if !bytes.HasPrefix(b, []byte(envelopeMagic)) {
-		err := st.UnmarshalBinary(b)
-		return &st, nil, err
+		return nil, nil, fmt.Errorf("checkpoint envelope: no %s magic", envelopeMagic)
 	}
 	if len(b) < 10 || binary.LittleEndian.Uint16(b[8:]) != envelopeVersion {
 		return nil, nil, fmt.Errorf("checkpoint envelope: version not understood")

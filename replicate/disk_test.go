@@ -3,7 +3,6 @@ package replicate
 import (
 	"bytes"
 	"context"
-	"io"
 	"os"
 	"path/filepath"
 	"sync"
@@ -14,7 +13,6 @@ import (
 
 	"govmm/internal/kvmtest"
 	"govmm/internal/tinyguest"
-	"govmm/replicate/stream"
 	"govmm/vmm"
 )
 
@@ -30,11 +28,9 @@ func TestCheckpointEnvelopeRoundTrip(t *testing.T) {
 	require.Equal(t, disks[0], w[0])
 	require.Empty(t, w[1])
 
-	// A bare state (migration) decodes with no writes.
-	got, w, err = DecodeCheckpoint(raw)
-	require.NoError(t, err)
-	require.Nil(t, w)
-	require.Equal(t, st.Memory, got.Memory)
+	// A bare state without the envelope is refused.
+	_, _, err = DecodeCheckpoint(raw)
+	require.Error(t, err)
 
 	// Every truncation fails cleanly.
 	for n := 0; n < len(b); n += 7 {
@@ -95,22 +91,20 @@ func TestReplicatedDiskFollowsCheckpoints(t *testing.T) {
 	var atCut [][]byte // primary disk contents at each cut, by epoch
 	atCutMu := sync.Mutex{}
 	sb, err := NewStandby(StandbyConfig{Listen: "127.0.0.1:0", Insecure: true, Disks: []*os.File{sf},
-		Build: func(id stream.Identity) (*vmm.Machine, error) {
-			return vmm.New(vmm.Config{MemSize: MemSize(id), CPUs: int(id.VCPUs), Console: io.Discard})
-		}})
+		Build: buildTiny})
 	require.NoError(t, err)
 	defer sb.Close()
 	var committed uint64
-	sb.cfg.OnCheckpoint = func(e uint64) { committed = e }
+	sb.onCheckpoint = func(e uint64) { committed = e }
 	done := make(chan takeover, 1)
 	go func() {
 		m, tk, err := sb.ReceiveReplication(context.Background(), 10*time.Second)
 		done <- takeover{m, tk, err}
 	}()
 	px := newProxy(t, sb.Addr())
-	rep, err := StartReplication(context.Background(), prim, ReplicateConfig{To: px.addr(), Insecure: true, Name: "tiny",
-		Epoch: 10 * time.Millisecond, FailoverTimeout: 10 * time.Second, Disks: []*DiskLog{log},
-		AtCut: func(epoch uint64) {
+	rep, err := startReplication(context.Background(), prim, ReplicateConfig{To: px.addr(), Insecure: true, Name: "tiny",
+		Epoch: 10 * time.Millisecond, FailoverTimeout: 10 * time.Second, Disks: []*DiskLog{log}}, testHooks{
+		atCut: func(epoch uint64) {
 			mu.Lock()
 			b, err := os.ReadFile(primaryDisk)
 			mu.Unlock()
@@ -164,9 +158,7 @@ func TestMigrationCarriesDiskWrites(t *testing.T) {
 	require.NoError(t, src.Start())
 	log := &DiskLog{}
 	sb, err := NewStandby(StandbyConfig{Listen: "127.0.0.1:0", Insecure: true, Disks: []*os.File{sf},
-		Build: func(id stream.Identity) (*vmm.Machine, error) {
-			return vmm.New(vmm.Config{MemSize: MemSize(id), CPUs: int(id.VCPUs), Console: io.Discard})
-		}})
+		Build: buildTiny})
 	require.NoError(t, err)
 	defer sb.Close()
 	done := make(chan takeover, 1)

@@ -48,28 +48,23 @@ func TestMigrateDirtyingGuest(t *testing.T) {
 	require.Eventually(t, func() bool { return passes(t, src) > 2 }, 30*time.Second, time.Millisecond)
 
 	var compared int
-	sb, err := NewStandby(StandbyConfig{
-		Listen: "127.0.0.1:0", Insecure: true,
-		Build: func(id stream.Identity) (*vmm.Machine, error) {
-			return vmm.New(vmm.Config{MemSize: MemSize(id), CPUs: int(id.VCPUs), Console: io.Discard})
-		},
-		BeforeStart: func(dst *vmm.Machine, st *vmm.MachineState) error {
-			// The source is paused at the cut: compare every page.
-			for _, r := range src.Memory().Regions() {
-				other, err := dst.Memory().Slice(r.GPA, r.Size)
-				require.NoError(t, err)
-				for off := uint64(0); off < r.Size; off += guestmem.PageSize {
-					if !bytes.Equal(r.Host[off:off+guestmem.PageSize], other[off:off+guestmem.PageSize]) {
-						t.Errorf("page %#x differs at the cut", uint64(r.GPA)+off)
-					}
-					compared++
-				}
-			}
-			return nil
-		},
-	})
+	sb, err := NewStandby(StandbyConfig{Listen: "127.0.0.1:0", Insecure: true, Build: buildTiny})
 	require.NoError(t, err)
 	defer sb.Close()
+	sb.beforeStart = func(dst *vmm.Machine, st *vmm.MachineState) error {
+		// The source is paused at the cut: compare every page.
+		for _, r := range src.Memory().Regions() {
+			other, err := dst.Memory().Slice(r.GPA, r.Size)
+			require.NoError(t, err)
+			for off := uint64(0); off < r.Size; off += guestmem.PageSize {
+				if !bytes.Equal(r.Host[off:off+guestmem.PageSize], other[off:off+guestmem.PageSize]) {
+					t.Errorf("page %#x differs at the cut", uint64(r.GPA)+off)
+				}
+				compared++
+			}
+		}
+		return nil
+	}
 	type received struct {
 		m   *vmm.Machine
 		err error
@@ -146,8 +141,9 @@ func TestMigrateMismatchedDestination(t *testing.T) {
 	src := newTiny(t, tinyguest.Dirtier(dirtyBase, 8, passGPA))
 	require.NoError(t, src.Start())
 	sb, err := NewStandby(StandbyConfig{Listen: "127.0.0.1:0", Insecure: true,
-		Build: func(id stream.Identity) (*vmm.Machine, error) {
-			return vmm.New(vmm.Config{MemSize: MemSize(id), CPUs: 1, Console: io.Discard}) // one vCPU fewer
+		Build: func(id stream.Identity) (*vmm.Machine, []NIC, error) {
+			m, err := vmm.New(vmm.Config{MemSize: MemSize(id), CPUs: 1, Console: io.Discard}) // one vCPU fewer
+			return m, nil, err
 		}})
 	require.NoError(t, err)
 	defer sb.Close()

@@ -44,14 +44,17 @@ func (c *cutRecorder) get(epoch uint64) []byte {
 	return c.cuts[epoch]
 }
 
+// buildTiny builds a standby's machine for the primary's identity.
+func buildTiny(id stream.Identity) (*vmm.Machine, []NIC, error) {
+	m, err := vmm.New(vmm.Config{MemSize: MemSize(id), CPUs: int(id.VCPUs), Console: io.Discard})
+	return m, nil, err
+}
+
 func newStandby(t *testing.T, before func(*vmm.Machine, *vmm.MachineState) error) *Standby {
 	t.Helper()
-	sb, err := NewStandby(StandbyConfig{Listen: "127.0.0.1:0", Insecure: true,
-		Build: func(id stream.Identity) (*vmm.Machine, error) {
-			return vmm.New(vmm.Config{MemSize: MemSize(id), CPUs: int(id.VCPUs), Console: io.Discard})
-		},
-		BeforeStart: before})
+	sb, err := NewStandby(StandbyConfig{Listen: "127.0.0.1:0", Insecure: true, Build: buildTiny})
 	require.NoError(t, err)
+	sb.beforeStart = before
 	t.Cleanup(func() { sb.Close() })
 	return sb
 }
@@ -75,8 +78,8 @@ func TestReplicationFailover(t *testing.T) {
 	var lastCommitted uint64
 	var compared, differ int
 	sb := newStandby(t, nil)
-	sb.cfg.OnCheckpoint = func(e uint64) { lastCommitted = e }
-	sb.cfg.BeforeStart = func(m *vmm.Machine, st *vmm.MachineState) error {
+	sb.onCheckpoint = func(e uint64) { lastCommitted = e }
+	sb.beforeStart = func(m *vmm.Machine, st *vmm.MachineState) error {
 		want := rec.get(lastCommitted)
 		if want == nil {
 			return fmt.Errorf("no recorded cut for epoch %d", lastCommitted)
@@ -96,8 +99,8 @@ func TestReplicationFailover(t *testing.T) {
 		done <- takeover{m, tk, err}
 	}()
 	px := newProxy(t, sb.Addr())
-	rep, err := StartReplication(context.Background(), prim, ReplicateConfig{To: px.addr(), Insecure: true, Name: "tiny",
-		Epoch: 20 * time.Millisecond, FailoverTimeout: 10 * time.Second, AtCut: rec.at})
+	rep, err := startReplication(context.Background(), prim, ReplicateConfig{To: px.addr(), Insecure: true, Name: "tiny",
+		Epoch: 20 * time.Millisecond, FailoverTimeout: 10 * time.Second}, testHooks{atCut: rec.at})
 	require.NoError(t, err)
 	t.Cleanup(rep.Stop) // before the machine closes
 	require.Eventually(t, func() bool { return rep.Stats().Epochs >= 10 }, 30*time.Second, time.Millisecond)
@@ -136,7 +139,7 @@ func TestReplicationOutputCommit(t *testing.T) {
 	prim := newTiny(t, tinyguest.Dirtier(dirtyBase, 64, passGPA))
 	require.NoError(t, prim.Start())
 	wire := &sink{}
-	out := NewPassthroughBuffer(wire)
+	out := NewOutputBuffer(wire, 0)
 
 	sb := newStandby(t, nil)
 	go func() {
@@ -221,7 +224,7 @@ func TestReplicationStandbyLossPause(t *testing.T) {
 	prim := newTiny(t, tinyguest.Dirtier(dirtyBase, 64, passGPA))
 	require.NoError(t, prim.Start())
 	wire := &sink{}
-	out := NewPassthroughBuffer(wire)
+	out := NewOutputBuffer(wire, 0)
 	sb := newStandby(t, nil)
 	go func() {
 		m, _, _ := sb.ReceiveReplication(context.Background(), 10*time.Second)
@@ -243,15 +246,15 @@ func TestReplicationStandbyLossPause(t *testing.T) {
 	require.Empty(t, wire.got(), "unacknowledged output stays held")
 }
 
-// --replicate-to null: checkpoints are taken (and timed) but go nowhere;
+// The null transport: checkpoints are taken (and timed) but go nowhere;
 // each is acknowledged at once, so output is released every epoch.
 func TestReplicationToNull(t *testing.T) {
 	kvmtest.Require(t)
 	prim := newTiny(t, tinyguest.Dirtier(dirtyBase, 64, passGPA))
 	require.NoError(t, prim.Start())
 	wire := &sink{}
-	out := NewPassthroughBuffer(wire)
-	rep, err := StartReplication(context.Background(), prim, ReplicateConfig{To: NullStandby, Name: "tiny",
+	out := NewOutputBuffer(wire, 0)
+	rep, err := StartReplication(context.Background(), prim, ReplicateConfig{Transport: NewNullTransport(), Name: "tiny",
 		Epoch: 10 * time.Millisecond, Outputs: []*OutputBuffer{out}})
 	require.NoError(t, err)
 	t.Cleanup(rep.Stop)

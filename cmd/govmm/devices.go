@@ -116,10 +116,21 @@ func (f *runFlags) devices() (nics []io.Closer, disks []diskSpec, guestNet strin
 	return nics, disks, strings.TrimSpace(guestNet), nil
 }
 
+// machineDevices are the devices attached to a machine, as replication
+// and failover see them.
+type machineDevices struct {
+	closers  []io.Closer
+	nics     []replicate.NIC      // one per NIC, its backend behind an output buffer
+	diskLogs []*replicate.DiskLog // one per --disk
+}
+
+// Close closes the devices (which own their backends).
+func (d *machineDevices) Close() { closeAll(d.closers) }
+
 // newMachine builds a machine and attaches the devices the flags asked
 // for. On error it has released everything; on success the caller closes
 // the devices, then the machine.
-func newMachine(cfg vmm.Config, f *runFlags, nics []io.Closer, disks []diskSpec) (*vmm.Machine, []io.Closer, error) {
+func newMachine(cfg vmm.Config, f *runFlags, nics []io.Closer, disks []diskSpec) (*vmm.Machine, *machineDevices, error) {
 	m, err := vmm.New(cfg)
 	if err != nil {
 		closeAll(nics)
@@ -127,7 +138,7 @@ func newMachine(cfg vmm.Config, f *runFlags, nics []io.Closer, disks []diskSpec)
 	}
 	devs, err := attachDevices(m, f, nics, disks)
 	if err != nil {
-		closeAll(devs)
+		devs.Close()
 		m.Close()
 		return nil, nil, err
 	}
@@ -135,77 +146,53 @@ func newMachine(cfg vmm.Config, f *runFlags, nics []io.Closer, disks []diskSpec)
 }
 
 // attachDevices creates the virtio devices and puts them on the PCI bus.
-// The returned closers include the devices (which own their backends).
 //
 // Every NIC's backend is wrapped in an output buffer that passes frames
-// straight through until replication arms it (output commit); f.nics
-// records them for replication and failover.
-func attachDevices(m *vmm.Machine, f *runFlags, nics []io.Closer, disks []diskSpec) ([]io.Closer, error) {
-	var owned []io.Closer
-	f.nics, f.diskLogs = nil, nil
+// straight through until replication arms it (output commit).
+func attachDevices(m *vmm.Machine, f *runFlags, nics []io.Closer, disks []diskSpec) (*machineDevices, error) {
+	devs := &machineDevices{}
+	var guestIP netip.Addr
+	if p, err := netip.ParsePrefix(f.guestIP); err == nil {
+		guestIP = p.Addr()
+	}
 	for i, c := range nics {
 		n := c.(nic)
-		buf := replicate.NewPassthroughBuffer(n.backend)
-		f.nics = append(f.nics, attachedNIC{out: buf, mac: n.mac, vnetHdr: n.backend.VnetHdr()})
+		buf := replicate.NewOutputBuffer(n.backend, 0)
+		devs.nics = append(devs.nics, replicate.NIC{Out: buf, MAC: n.mac, IP: guestIP})
 		dev, err := virtio.NewNet(m.Memory(), m, buf, virtio.NetConfig{
 			ID: fmt.Sprintf("virtio-net%d", i), MAC: n.mac, UseIOEventFD: !f.noIOEventFD})
 		if err != nil {
 			closeAll(nics[i:])
-			return owned, err
+			return devs, err
 		}
-		owned = append(owned, dev)
+		devs.closers = append(devs.closers, dev)
 		if err := m.AddPCIDevice(dev); err != nil {
 			closeAll(nics[i+1:])
-			return owned, err
+			return devs, err
 		}
 	}
 	for i, d := range disks {
 		if _, err := os.Stat(d.path); err != nil {
-			return owned, fmt.Errorf("--disk %s: %w", d.path, err)
+			return devs, fmt.Errorf("--disk %s: %w", d.path, err)
 		}
 		log := &replicate.DiskLog{}
-		f.diskLogs = append(f.diskLogs, log)
+		devs.diskLogs = append(devs.diskLogs, log)
 		dev, err := virtio.NewBlock(m.Memory(), m, virtio.BlockConfig{
 			ID: fmt.Sprintf("virtio-blk%d", i), Path: d.path, ReadOnly: d.readOnly, UseIOEventFD: !f.noIOEventFD,
 			OnWrite: log.Record})
 		if err != nil {
-			return owned, err
+			return devs, err
 		}
-		owned = append(owned, dev)
+		devs.closers = append(devs.closers, dev)
 		if err := m.AddPCIDevice(dev); err != nil {
-			return owned, err
+			return devs, err
 		}
 	}
-	return owned, nil
+	return devs, nil
 }
 
 func closeAll(cs []io.Closer) {
 	for _, c := range cs {
 		_ = c.Close()
-	}
-}
-
-// attachedNIC is a guest NIC as replication and failover see it.
-type attachedNIC struct {
-	out     *replicate.OutputBuffer
-	mac     net.HardwareAddr
-	vnetHdr bool
-}
-
-// announce tells the network where the guest's MAC now lives, after a
-// failover or migration: a RARP (switches learn the port) and, when the
-// guest's address is known, a gratuitous ARP.
-func announce(nics []attachedNIC, guestIP string) {
-	for _, n := range nics {
-		frames := [][]byte{netback.RARP(n.mac)}
-		if p, err := netip.ParsePrefix(guestIP); err == nil && p.Addr().Is4() {
-			frames = append(frames, netback.GARP(n.mac, net.IP(p.Addr().AsSlice())))
-		}
-		for _, fr := range frames {
-			if n.vnetHdr {
-				fr = append(make([]byte, netback.VnetHdrLen), fr...)
-			}
-			_ = n.out.Send(fr)
-		}
 	}
 }

@@ -29,7 +29,7 @@ func streamKey(keyFile, addr string) (key []byte, insecure bool, err error) {
 
 // migrate moves the running machine to a standby (the control API's
 // PUT /vm/migrate).
-func migrate(ctx context.Context, m *vmm.Machine, f *runFlags, to string, progress func(ctlapi.Progress)) (ctlapi.MigrateResult, error) {
+func migrate(ctx context.Context, m *vmm.Machine, f *runFlags, devs *machineDevices, to string, progress func(ctlapi.Progress)) (ctlapi.MigrateResult, error) {
 	if _, _, err := net.SplitHostPort(to); err != nil {
 		return ctlapi.MigrateResult{}, fmt.Errorf("migrate to %q: %w: want HOST:PORT", to, ctlapi.ErrInvalid)
 	}
@@ -37,7 +37,7 @@ func migrate(ctx context.Context, m *vmm.Machine, f *runFlags, to string, progre
 	if err != nil {
 		return ctlapi.MigrateResult{}, fmt.Errorf("migrate: %w: %w", ctlapi.ErrInvalid, err)
 	}
-	r, err := replicate.Migrate(ctx, m, replicate.MigrateConfig{To: to, Name: f.name, Key: key, Insecure: insecure, Disks: f.diskLogs,
+	r, err := replicate.Migrate(ctx, m, replicate.MigrateConfig{To: to, Name: f.name, Key: key, Insecure: insecure, Disks: devs.diskLogs,
 		Progress: func(p replicate.Progress) {
 			progress(ctlapi.Progress{Round: p.Round, Phase: p.Phase, BytesSent: p.BytesSent,
 				DirtyPages: p.DirtyPages, RemainingPages: p.RemainingPages})
@@ -91,6 +91,7 @@ func cmdStandby(args []string) error {
 		return fmt.Errorf("standby: %w", err)
 	}
 	var owned []func()
+	var devs *machineDevices // of the machine built for the source
 	defer func() {
 		for _, c := range owned {
 			c()
@@ -112,17 +113,18 @@ func cmdStandby(args []string) error {
 	}
 	sb, err := replicate.NewStandby(replicate.StandbyConfig{
 		Listen: *listen, Key: key, Insecure: insecure, Disks: diskFiles,
-		Build: func(id stream.Identity) (*vmm.Machine, error) {
+		Build: func(id stream.Identity) (*vmm.Machine, []replicate.NIC, error) {
 			nics, disks, _, err := f.devices()
 			if err != nil {
-				return nil, err
+				return nil, nil, err
 			}
-			m, devs, err := newMachine(vmm.Config{MemSize: replicate.MemSize(id), CPUs: int(id.VCPUs)}, &f, nics, disks)
+			m, d, err := newMachine(vmm.Config{MemSize: replicate.MemSize(id), CPUs: int(id.VCPUs)}, &f, nics, disks)
 			if err != nil {
-				return nil, err
+				return nil, nil, err
 			}
-			owned = append(owned, func() { closeAll(devs) })
-			return m, nil
+			owned = append(owned, d.Close)
+			devs = d
+			return m, d.nics, nil
 		},
 		OnRefused: func(err error) { fmt.Fprintf(os.Stderr, "govmm: standby: refused a connection: %v\n", err) },
 	})
@@ -136,53 +138,58 @@ func cmdStandby(args []string) error {
 		return err
 	}
 	defer m.Close()
+	origin := replicate.Migrated
 	if tk.Cause != nil {
 		fmt.Fprintf(os.Stderr, "govmm: standby: primary lost (%v); took over at checkpoint %d in %v\n", tk.Cause, tk.Epoch, tk.Took)
-		f.role = fmt.Sprintf("former standby, took over at checkpoint %d", tk.Epoch)
+		origin = replicate.TookOver
 	} else {
 		fmt.Fprintf(os.Stderr, "govmm: standby: migration received; running the guest\n")
 	}
-	announce(f.nics, f.guestIP)
-	return supervise(m, &f)
+	return supervise(m, &f, devs, replicate.NewNode(origin, tk))
 }
 
-// startReplication protects the running machine with a standby at
-// --replicate-to: the initial sync, then an epoch loop in the background.
-// Output commit covers every NIC.
-func startReplication(m *vmm.Machine, f *runFlags) (*replicate.Replicator, error) {
-	var key []byte
-	insecure := true
-	if f.replicateTo != replicate.NullStandby {
-		var err error
-		if key, insecure, err = streamKey(f.keyFile, f.replicateTo); err != nil {
-			return nil, fmt.Errorf("--replicate-to: %w", err)
+// startReplication protects the running machine with a standby at to
+// (or the null standby of --null-standby): the initial sync, then an
+// epoch loop in the background. Output commit covers every NIC.
+func startReplication(m *vmm.Machine, f *runFlags, devs *machineDevices, node *replicate.Node, to string, epoch time.Duration) error {
+	cfg := replicate.ReplicateConfig{To: to, Name: f.name, Epoch: epoch, FailoverTimeout: f.failoverTimeout,
+		OnStandbyLoss: f.onStandbyLoss, Disks: devs.diskLogs}
+	if f.nullStandby {
+		if to != "" {
+			return fmt.Errorf("--null-standby and a standby address %s: choose one", to)
 		}
+		fmt.Fprintln(os.Stderr, "govmm: warning: --null-standby: checkpoints go nowhere; the guest is NOT protected (benchmarks only)")
+		cfg.Transport = replicate.NewNullTransport()
+		to = "the null standby"
 	} else {
-		fmt.Fprintln(os.Stderr, "govmm: warning: --replicate-to null: checkpoints go nowhere; the guest is NOT protected (benchmarks only)")
-	}
-	var outs []*replicate.OutputBuffer
-	for _, n := range f.nics {
-		if f.unsafeNoOutputBuffering {
-			n.out.SetBypass(true)
+		if _, _, err := net.SplitHostPort(to); err != nil {
+			return fmt.Errorf("replicate to %q: %w: want HOST:PORT", to, ctlapi.ErrInvalid)
 		}
-		outs = append(outs, n.out)
+		var err error
+		if cfg.Key, cfg.Insecure, err = streamKey(f.keyFile, to); err != nil {
+			return fmt.Errorf("--replicate-to: %w", err)
+		}
+	}
+	for _, n := range devs.nics {
+		if f.unsafeNoOutputBuffering {
+			n.Out.SetBypass(true)
+		}
+		cfg.Outputs = append(cfg.Outputs, n.Out)
 	}
 	if f.unsafeNoOutputBuffering {
 		fmt.Fprintln(os.Stderr, "govmm: warning: --unsafe-no-output-buffering: clients may see output that a failover forgets (benchmarks only)")
 	}
-	fmt.Fprintf(os.Stderr, "govmm: replicating to %s: initial sync\n", f.replicateTo)
-	rep, err := replicate.StartReplication(context.Background(), m, replicate.ReplicateConfig{
-		To: f.replicateTo, Name: f.name, Key: key, Insecure: insecure, Epoch: f.epoch,
-		FailoverTimeout: f.failoverTimeout, OnStandbyLoss: f.onStandbyLoss, Outputs: outs, Disks: f.diskLogs})
+	fmt.Fprintf(os.Stderr, "govmm: replicating to %s: initial sync\n", to)
+	rep, err := node.Protect(context.Background(), m, cfg)
 	if err != nil {
-		return nil, err
+		return err
 	}
-	fmt.Fprintf(os.Stderr, "govmm: protected by %s (epoch %v)\n", f.replicateTo, f.epoch)
+	fmt.Fprintf(os.Stderr, "govmm: protected by %s (epoch %v)\n", to, epoch)
 	go func() {
 		<-rep.Done()
 		if err := rep.Err(); err != nil {
 			fmt.Fprintf(os.Stderr, "govmm: %v\n", err)
 		}
 	}()
-	return rep, nil
+	return nil
 }

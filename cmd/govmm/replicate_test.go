@@ -30,7 +30,7 @@ func TestReplicateAndFailover(t *testing.T) {
 	port := freePort(t)
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
 	sbSock := filepath.Join(dir, "standby.sock")
-	sbLog := &strings.Builder{}
+	sbLog := &logBuffer{}
 	sb := exec.Command(govmmBin, "standby", "--listen", addr, "--net", "none", "--api-sock", sbSock, "--failover-timeout", "1s")
 	sb.Stderr = sbLog
 	sb.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
@@ -164,7 +164,7 @@ func TestCtlReplicateStandbyLoss(t *testing.T) {
 	// standby discards its replica and exits without running the guest.
 	addr2 := fmt.Sprintf("127.0.0.1:%d", freePort(t))
 	sb2 := exec.Command(govmmBin, "standby", "--listen", addr2, "--net", "none")
-	var sb2Err strings.Builder
+	var sb2Err logBuffer
 	sb2.Stderr = &sb2Err
 	require.NoError(t, sb2.Start())
 	t.Cleanup(func() { _ = sb2.Process.Kill(); _ = sb2.Wait() })

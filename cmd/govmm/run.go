@@ -45,16 +45,19 @@ type runFlags struct {
 	apiSock                 string
 	keyFile                 string
 
-	replicateTo             string // HOST:PORT, or "null" to checkpoint without shipping (benchmarks)
-	unsafeNoOutputBuffering bool
-	epoch                   time.Duration
-	failoverTimeout         time.Duration
-	onStandbyLoss           string
+	replicateTo     string // HOST:PORT
+	epoch           time.Duration
+	failoverTimeout time.Duration
+	onStandbyLoss   string
 
-	role     string               // shown by ctl info when not replicating
-	nics     []attachedNIC        // set by attachDevices
-	diskLogs []*replicate.DiskLog // set by attachDevices, one per --disk
+	// Benchmark-only switches, hidden from help (see hiddenFlags).
+	unsafeNoOutputBuffering bool
+	nullStandby             bool
 }
+
+// hiddenFlags are benchmark-only switches: accepted, but left out of the
+// user's help because they make the guest unprotected or slower.
+var hiddenFlags = map[string]bool{"unsafe-no-output-buffering": true, "null-standby": true, "no-ioeventfd": true}
 
 // listFlag collects a repeatable flag.
 type listFlag []string
@@ -75,10 +78,11 @@ func (f *runFlags) register(fs *flag.FlagSet) {
 // registerReplication registers the flags that protect a running guest,
 // shared by run and standby (which re-protects the guest it took over).
 func (f *runFlags) registerReplication(fs *flag.FlagSet) {
-	fs.StringVar(&f.replicateTo, "replicate-to", "", "keep a hot standby at `HOST:PORT` (govmm standby --listen), Remus-style; \"null\" checkpoints without shipping (benchmarks)")
+	fs.StringVar(&f.replicateTo, "replicate-to", "", "keep a hot standby at `HOST:PORT` (govmm standby --listen), Remus-style")
 	fs.DurationVar(&f.epoch, "epoch", 25*time.Millisecond, "checkpoint interval when replicating")
 	fs.StringVar(&f.onStandbyLoss, "on-standby-loss", replicate.OnStandbyLossContinue, "when the standby is lost: continue (unprotected, logged loudly) or pause")
 	fs.BoolVar(&f.unsafeNoOutputBuffering, "unsafe-no-output-buffering", false, "UNSAFE, benchmarks only: let guest output out before its checkpoint is acknowledged")
+	fs.BoolVar(&f.nullStandby, "null-standby", false, "benchmarks only: take checkpoints and ship them nowhere (the guest is NOT protected)")
 }
 
 // registerDevices registers the flags that describe devices and the
@@ -101,9 +105,21 @@ func newFlagSet(name, usage string) *flag.FlagSet {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.Usage = func() {
 		fmt.Fprint(fs.Output(), usage)
-		fs.PrintDefaults()
+		printDefaults(fs)
 	}
 	return fs
+}
+
+// printDefaults is fs.PrintDefaults without the hidden flags.
+func printDefaults(fs *flag.FlagSet) {
+	shown := flag.NewFlagSet(fs.Name(), flag.ContinueOnError)
+	shown.SetOutput(fs.Output())
+	fs.VisitAll(func(fl *flag.Flag) {
+		if !hiddenFlags[fl.Name] {
+			shown.Var(fl.Value, fl.Name, fl.Usage)
+		}
+	})
+	shown.PrintDefaults()
 }
 
 func parseFlags(fs *flag.FlagSet, args []string) error {
@@ -163,38 +179,33 @@ func cmdRun(args []string) error {
 		return err
 	}
 	defer m.Close()
-	defer closeAll(devs)
+	defer devs.Close()
 	if err := m.Start(); err != nil {
 		return err
 	}
-	return supervise(m, &f)
+	return supervise(m, &f, devs, replicate.NewNode(replicate.Booted, replicate.Takeover{}))
 }
 
-// supervise serves the control API, forwards the console and signals,
-// and waits for the machine to stop. It returns the guest's exit status
-// as an exitError.
-func supervise(m *vmm.Machine, f *runFlags) error {
-	be, stopAPI, err := serveAPI(m, f)
+// supervise serves the control API, starts replication when asked,
+// forwards the console and signals, and waits for the machine to stop.
+// It returns the guest's exit status as an exitError.
+func supervise(m *vmm.Machine, f *runFlags, devs *machineDevices, node *replicate.Node) error {
+	be := &vmBackend{m: m, f: f, devs: devs, node: node, started: time.Now()}
+	stopAPI, err := serveAPI(be, f.apiSock)
 	if err != nil {
 		m.Stop()
 		m.Wait()
 		return err
 	}
 	defer stopAPI()
-	if f.replicateTo != "" {
-		rep, err := startReplication(m, f)
-		if err != nil {
+	if f.replicateTo != "" || f.nullStandby {
+		if err := startReplication(m, f, devs, node, f.replicateTo, f.epoch); err != nil {
 			m.Stop()
 			m.Wait()
 			return err
 		}
-		be.rep.Store(rep)
 	}
-	defer func() {
-		if r := be.rep.Load(); r != nil {
-			r.Stop()
-		}
-	}()
+	defer func() { _ = node.Unprotect() }()
 	restore := attachConsole(m)
 	defer restore()
 	sigs := make(chan os.Signal, 1)
