@@ -233,7 +233,12 @@ func runOnce(ctx context.Context, cfg Config, img guestimg.Image) (int, error) {
 		if _, err := os.Stat(filepath.Join(ctl, "started")); err == nil {
 			reason = fmt.Sprintf("command still running after %v (timeout %v); L1 killed", time.Since(start).Round(time.Second), cfg.Timeout)
 		}
-		return 0, &Error{Reason: reason, Console: tail(consoleLog, 40), Log: filepath.Join(cfg.CacheDir, "lab", "console.log"), Err: fmt.Errorf("%w: %w", ErrTimeout, ctx.Err())}
+		cause := fmt.Errorf("%w: %w", ErrTimeout, ctx.Err())
+		if errors.Is(ctx.Err(), context.Canceled) {
+			reason = fmt.Sprintf("interrupted after %v; L1 killed", time.Since(start).Round(time.Second))
+			cause = ctx.Err()
+		}
+		return 0, &Error{Reason: reason, Console: tail(consoleLog, 40), Log: filepath.Join(cfg.CacheDir, "lab", "console.log"), Err: cause}
 	}
 	ln.Close()
 	<-copied

@@ -16,7 +16,6 @@ const (
 	ioctlTCSBRK              = 0x5409
 	sysFinitModule           = 313
 	moduleInitCompressedFile = 4 // MODULE_INIT_COMPRESSED_FILE
-	syslogActionConsoleOff   = 6 // syslog(2) SYSLOG_ACTION_CONSOLE_OFF
 )
 
 func ioctl(fd int, req, arg uintptr) error {
@@ -62,5 +61,18 @@ func writeExitPort(status byte) error {
 	}
 	defer f.Close()
 	_, err = f.WriteAt([]byte{status}, guestproto.ExitPort)
+	return err
+}
+
+// pulseResetLine resets the machine through the keyboard controller's
+// reset line (command 0xfe on port 0x64), through /dev/port. A VMM that
+// emulates the i8042 stops or resets the machine during the write.
+func pulseResetLine() error {
+	f, err := os.OpenFile("/dev/port", os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	_, err = f.WriteAt([]byte{0xfe}, 0x64)
 	return err
 }

@@ -380,11 +380,13 @@ func (in *initProc) shutdown(a action, status int) {
 		switch a {
 		case actReboot:
 			if in.cmdMode {
-				// The kernel's "reboot: Restarting system" is an emergency
-				// message, which no console level holds back: turn the
-				// console log off so command mode's output stays the
-				// command's own.
-				_, _ = syscall.Klogctl(syslogActionConsoleOff, nil)
+				// The kernel would print "reboot: Restarting system", an
+				// emergency message no console level holds back. Command
+				// mode's output is the command's own: pulse the reset line
+				// ourselves, as the kernel does with reboot=k.
+				if err := pulseResetLine(); err != nil {
+					in.errorf("reset through the i8042: %v", err)
+				}
 			}
 			// The kernel runs with reboot=k: the VMM sees the i8042 reset.
 			err := syscall.Reboot(syscall.LINUX_REBOOT_CMD_RESTART)
