@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"govmm/bench"
+	"govmm/lab"
 )
 
 const benchUsage = `Usage: govmm bench [flags] [SUITE...]
@@ -97,6 +98,9 @@ func cmdBench(args []string) error {
 		}
 	}
 	command := strings.TrimSpace("govmm bench " + strings.Join(args, " "))
+	if lab.InLab() {
+		command = "govmm lab --share bench/results -- " + command
+	}
 	sections, err := bench.Run(ctx, opts, suites)
 	if werr := bench.WriteReport(*out, command, sections, suites); err == nil {
 		err = werr
