@@ -208,3 +208,14 @@ func TestAPStartsOnSIPI(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, Result{Status: 7, Reason: "exit-port"}, res)
 }
+
+// A partial line the guest printed just before the exit port reaches the
+// console by the time Wait returns: the VMM writes out everything the
+// UART got before it reports the exit.
+func TestConsoleFlushedAtExit(t *testing.T) {
+	m, out := startTiny(t, 1, cat(asmPrint("partial line, no newline"), asmMovAL(3), asmExitAL))
+	res, err := waitResult(t, m)
+	require.NoError(t, err)
+	require.Equal(t, 3, res.Status)
+	require.Equal(t, "partial line, no newline", out.String())
+}
