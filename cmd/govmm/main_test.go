@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -55,9 +56,14 @@ func runGovmm(timeout time.Duration, args ...string) (stdout, stderr string, sta
 	cmd := exec.CommandContext(ctx, govmmBin, args...)
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
+	// At the timeout, SIGQUIT first: Go prints every goroutine's stack
+	// (the vCPUs', the devices') to stderr before it exits.
+	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGQUIT) }
+	cmd.WaitDelay = 10 * time.Second
 	err = cmd.Run()
 	if ctx.Err() != nil {
-		return out.String(), errb.String(), 0, fmt.Errorf("timed out after %v", timeout)
+		o := out.String()
+		return o, errb.String(), 0, fmt.Errorf("timed out after %v, with %d bytes of output, ending %q", timeout, len(o), o[max(0, len(o)-200):])
 	}
 	var ee *exec.ExitError
 	if errors.As(err, &ee) {

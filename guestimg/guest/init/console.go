@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"syscall"
+	"time"
 	"unsafe"
 
 	"govmm/guestimg/internal/guestproto"
@@ -14,6 +15,7 @@ import (
 const (
 	ioctlTCSETS              = 0x5402
 	ioctlTCSBRK              = 0x5409
+	ioctlTIOCOUTQ            = 0x5411
 	sysFinitModule           = 313
 	moduleInitCompressedFile = 4 // MODULE_INIT_COMPRESSED_FILE
 )
@@ -44,12 +46,36 @@ func setRawOutput(tty string) error {
 	return nil
 }
 
+// drainStall is how long drainTTY waits for the output queue to move
+// before it gives up. Even in the lab a byte leaves the UART within
+// milliseconds; ten seconds without one means the transmitter stalled.
+const drainStall = 10 * time.Second
+
 // drainTTY waits until the serial port has sent everything written to the
-// terminal on fd so far: tcdrain(3), which is TCSBRK with a non-zero
-// argument. It waits for the tty's buffer to empty and then for the
-// UART's transmitter (LSR TEMT), so every byte has reached the VMM.
+// terminal on fd so far, as tcdrain(3) does: until the tty's output queue
+// is empty (TIOCOUTQ), then for the UART's transmitter (TCSBRK with a
+// non-zero argument, which checks LSR TEMT), so every byte has reached
+// the VMM. Unlike tcdrain it does not wait forever: if the queue makes no
+// progress for drainStall it returns an error, so a stalled console costs
+// the rest of the output, not the exit status.
 func drainTTY(fd int) error {
-	return ioctl(fd, ioctlTCSBRK, 1)
+	last, since := int32(-1), time.Now()
+	for {
+		var n int32
+		if err := ioctl(fd, ioctlTIOCOUTQ, uintptr(unsafe.Pointer(&n))); err != nil {
+			return fmt.Errorf("console output queue: %w", err)
+		}
+		if n == 0 {
+			return ioctl(fd, ioctlTCSBRK, 1)
+		}
+		if n != last {
+			last, since = n, time.Now()
+		} else if time.Since(since) > drainStall {
+			return fmt.Errorf("console output stalled with %d bytes unsent for %v", n, drainStall)
+		}
+		// A poll: the tty layer offers no wait with a timeout.
+		time.Sleep(time.Millisecond)
+	}
 }
 
 // writeExitPort writes status to guestproto.ExitPort through /dev/port.
@@ -75,4 +101,14 @@ func pulseResetLine() error {
 	defer f.Close()
 	_, err = f.WriteAt([]byte{0xfe}, 0x64)
 	return err
+}
+
+// logKernel writes msg to the kernel log (/dev/kmsg) at KERN_ALERT, which
+// even command mode's console level lets through, should the console move
+// again; it stays in the log either way.
+func logKernel(msg string) {
+	if f, err := os.OpenFile("/dev/kmsg", os.O_WRONLY, 0); err == nil {
+		fmt.Fprintf(f, "<1>%s\n", msg)
+		f.Close()
+	}
 }

@@ -371,12 +371,18 @@ func (in *initProc) shutdown(a action, status int) {
 		// death of a session leader on the console (a shell, command
 		// mode's session) would discard what the UART has not sent.
 		console := int(in.console.Fd())
-		_ = drainTTY(console)
+		stalled := drainTTY(console)
 		killAll()
 		if err := unmountData(); err != nil {
 			in.errorf("%v", err)
 		}
-		_ = drainTTY(console)
+		if stalled == nil {
+			stalled = drainTTY(console)
+		}
+		if stalled != nil {
+			// Said where it may still be read: the console is what stalled.
+			logKernel("govmm-init: " + stalled.Error())
+		}
 		switch a {
 		case actReboot:
 			if in.cmdMode {

@@ -58,7 +58,7 @@ func runSession(argv []string) int {
 		}
 	}
 	if err := drainTTY(1); err != nil {
-		fmt.Fprintf(os.Stderr, "govmm-init: drain the console: %v\n", err)
+		logKernel("govmm-init: command mode: " + err.Error())
 	}
 	return exitStatus(ws)
 }
