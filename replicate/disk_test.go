@@ -3,6 +3,7 @@ package replicate
 import (
 	"bytes"
 	"context"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"sync"
@@ -13,34 +14,10 @@ import (
 
 	"govmm/internal/kvmtest"
 	"govmm/internal/tinyguest"
-	"govmm/vmm"
 )
 
-func TestCheckpointEnvelopeRoundTrip(t *testing.T) {
-	st := &vmm.MachineState{Memory: vmm.MemoryLayout{MemSize: 64 << 20, CPUs: 1}, VCPUs: []vmm.VCPUState{{Xsave: make([]byte, 16)}}}
-	raw, err := st.MarshalBinary()
-	require.NoError(t, err)
-	disks := [][]DiskWrite{{{Off: 512, Data: []byte("abc")}, {Off: 4096, Data: []byte("defg")}}, nil}
-	b := EncodeCheckpoint(raw, disks)
-	got, w, err := DecodeCheckpoint(b)
-	require.NoError(t, err)
-	require.Equal(t, st.Memory, got.Memory)
-	require.Equal(t, disks[0], w[0])
-	require.Empty(t, w[1])
-
-	// A bare state without the envelope is refused.
-	_, _, err = DecodeCheckpoint(raw)
-	require.Error(t, err)
-
-	// Every truncation fails cleanly.
-	for n := 0; n < len(b); n += 7 {
-		_, _, err := DecodeCheckpoint(b[:n])
-		require.Error(t, err, "truncated at %d", n)
-	}
-}
-
 func TestDiskLogRecordsOnlyWhenArmed(t *testing.T) {
-	var d DiskLog
+	d := NewDiskLog(bytes.NewReader(nil), 0)
 	p := []byte("x")
 	require.NoError(t, d.Record(0, p))
 	require.Empty(t, d.Take())
@@ -55,28 +32,19 @@ func TestDiskLogRecordsOnlyWhenArmed(t *testing.T) {
 	require.Empty(t, d.Take())
 }
 
-// Disk writes made on the primary reach the standby's copy only with the
-// checkpoint that covers them: after failover the standby's disk holds
-// exactly the writes of committed epochs, and is synced.
+// The initial sync copies the disk (the standby's copy starts as garbage)
+// while the guest writes to it; then disk writes made on the primary
+// reach the standby's copy only with the checkpoint that covers them:
+// after failover the standby's disk holds exactly the writes of committed
+// epochs, and is synced.
 func TestReplicatedDiskFollowsCheckpoints(t *testing.T) {
 	kvmtest.Require(t)
-	dir := t.TempDir()
 	const size = 1 << 20
-	primaryDisk := filepath.Join(dir, "primary.img")
-	standbyDisk := filepath.Join(dir, "standby.img")
-	for _, p := range []string{primaryDisk, standbyDisk} {
-		require.NoError(t, os.WriteFile(p, make([]byte, size), 0o644))
-	}
-	pf, err := os.OpenFile(primaryDisk, os.O_RDWR, 0)
-	require.NoError(t, err)
-	defer pf.Close()
-	sf, err := os.OpenFile(standbyDisk, os.O_RDWR, 0)
-	require.NoError(t, err)
-	defer sf.Close()
+	primaryDisk, standbyDisk, pf, sf := diskPair(t, size)
 
 	prim := newTiny(t, tinyguest.Dirtier(dirtyBase, 16, passGPA))
 	require.NoError(t, prim.Start())
-	log := &DiskLog{}
+	log := NewDiskLog(pf, size)
 	// write is what the virtio-blk device does for a guest write: the
 	// primary's disk at once, and the OnWrite hook.
 	var mu sync.Mutex
@@ -91,14 +59,14 @@ func TestReplicatedDiskFollowsCheckpoints(t *testing.T) {
 	var atCut [][]byte // primary disk contents at each cut, by epoch
 	atCutMu := sync.Mutex{}
 	sb, err := NewStandby(StandbyConfig{Listen: "127.0.0.1:0", Insecure: true, Disks: []*os.File{sf},
-		Build: buildTiny})
+		FailoverTimeout: 10 * time.Second, Build: buildTiny})
 	require.NoError(t, err)
 	defer sb.Close()
 	var committed uint64
 	sb.onCheckpoint = func(e uint64) { committed = e }
 	done := make(chan takeover, 1)
 	go func() {
-		m, tk, err := sb.ReceiveReplication(context.Background(), 10*time.Second)
+		m, tk, err := sb.ReceiveReplication(context.Background())
 		done <- takeover{m, tk, err}
 	}()
 	px := newProxy(t, sb.Addr())
@@ -141,22 +109,16 @@ func TestReplicatedDiskFollowsCheckpoints(t *testing.T) {
 	require.False(t, bytes.Equal(final, got), "writes after the last committed cut are not on the standby")
 }
 
-// Disk writes made during a live migration reach the destination's copy
-// with the final checkpoint.
+// A live migration copies the disk (the destination's copy starts as
+// garbage) and the writes made meanwhile, the last with the final
+// checkpoint.
 func TestMigrationCarriesDiskWrites(t *testing.T) {
 	kvmtest.Require(t)
-	dir := t.TempDir()
 	const size = 1 << 20
-	srcDisk, dstDisk := filepath.Join(dir, "src.img"), filepath.Join(dir, "dst.img")
-	for _, p := range []string{srcDisk, dstDisk} {
-		require.NoError(t, os.WriteFile(p, make([]byte, size), 0o644))
-	}
-	sf, err := os.OpenFile(dstDisk, os.O_RDWR, 0)
-	require.NoError(t, err)
-	defer sf.Close()
+	srcDisk, dstDisk, pf, sf := diskPair(t, size)
 	src := newTiny(t, tinyguest.Dirtier(dirtyBase, 64, passGPA))
 	require.NoError(t, src.Start())
-	log := &DiskLog{}
+	log := NewDiskLog(pf, size)
 	sb, err := NewStandby(StandbyConfig{Listen: "127.0.0.1:0", Insecure: true, Disks: []*os.File{sf},
 		Build: buildTiny})
 	require.NoError(t, err)
@@ -166,9 +128,6 @@ func TestMigrationCarriesDiskWrites(t *testing.T) {
 		m, err := sb.ReceiveMigration(context.Background())
 		done <- takeover{m: m, err: err}
 	}()
-	pf, err := os.OpenFile(srcDisk, os.O_RDWR, 0)
-	require.NoError(t, err)
-	defer pf.Close()
 	// The guest's disk traffic, made while pre-copy runs (as a device
 	// would, before the stop-and-copy quiesces it): each progress report
 	// of a pre-copy round brings a burst of writes.
@@ -198,4 +157,26 @@ func TestMigrationCarriesDiskWrites(t *testing.T) {
 	got, err := os.ReadFile(dstDisk)
 	require.NoError(t, err)
 	require.True(t, bytes.Equal(want, got), "the destination's disk equals the source's at the cut")
+}
+
+// diskPair makes a primary disk of random contents and a standby copy of
+// other random contents (what the initial sync must overwrite), open
+// read-write.
+func diskPair(t *testing.T, size int) (primary, standby string, pf, sf *os.File) {
+	t.Helper()
+	dir := t.TempDir()
+	primary, standby = filepath.Join(dir, "primary.img"), filepath.Join(dir, "standby.img")
+	for i, p := range []string{primary, standby} {
+		b := make([]byte, size)
+		_, _ = rand.NewChaCha8([32]byte{byte(i + 1)}).Read(b)
+		require.NoError(t, os.WriteFile(p, b, 0o644))
+	}
+	var err error
+	pf, err = os.OpenFile(primary, os.O_RDWR, 0)
+	require.NoError(t, err)
+	t.Cleanup(func() { pf.Close() })
+	sf, err = os.OpenFile(standby, os.O_RDWR, 0)
+	require.NoError(t, err)
+	t.Cleanup(func() { sf.Close() })
+	return primary, standby, pf, sf
 }

@@ -23,15 +23,24 @@ type MigrateConfig struct {
 	// (default 30): a guest dirtying faster than the link converges never.
 	MaxRounds int
 	// AckTimeout bounds the wait for the destination's ack of the final
-	// checkpoint (default 30 s); past it the source resumes the guest.
+	// checkpoint (default 30 s); past it the source aborts the migration
+	// (the destination discards it) and resumes the guest.
 	AckTimeout time.Duration
 	Progress   func(Progress)
 	// Disks are the logs of the guest's disks (in device order): the
-	// destination has its own copies, identical when the migration
-	// starts, and every write made during it travels in the final
-	// checkpoint.
+	// pre-copy copies each to the destination's copy, and every write
+	// made meanwhile follows, the last ones in the final checkpoint.
 	Disks []*DiskLog
+	// Devices describe the guest's devices beyond their kind, by device
+	// ID, as in ReplicateConfig.
+	Devices map[string][]stream.Attr
 }
+
+// ErrHandoverUnconfirmed: the source sent the handover, but could not
+// confirm it left; the destination may or may not be running the guest.
+// The source stays paused, never resumed by govmm: an operator checks the
+// destination first.
+var ErrHandoverUnconfirmed = errors.New("handover sent but not confirmed")
 
 // Progress is reported after each round.
 type Progress struct {
@@ -54,10 +63,14 @@ type MigrateResult struct {
 // the guest runs (the first sends every page, each later one the pages
 // dirtied meanwhile), until the dirty set is small; then stop and copy:
 // pause, quiesce, the last dirty pages and the machine state in a final
-// checkpoint. Once the destination acknowledges it, the source never runs
-// the guest again: Migrate returns with m paused for good, and the caller
-// stops it (after reporting). On any failure before that ack, the guest
-// goes on running here and the error says why.
+// checkpoint. Once the destination acknowledges it, the source sends the
+// handover and never runs the guest again: Migrate returns with m paused
+// for good, and the caller stops it (after reporting). The destination
+// runs the guest only on that handover. Without the ack in time (or when
+// ctx ends first), the source tells the destination to discard the
+// migration (a goodbye), the guest goes on running here, and the error
+// says why: whichever way an ack and a timeout race, the guest never runs
+// at both ends.
 func Migrate(ctx context.Context, m *vmm.Machine, cfg MigrateConfig) (MigrateResult, error) {
 	if cfg.StopPages <= 0 {
 		cfg.StopPages = 256
@@ -75,11 +88,11 @@ func Migrate(ctx context.Context, m *vmm.Machine, cfg MigrateConfig) (MigrateRes
 	start := time.Now()
 	var res MigrateResult
 
-	s, err := stream.Dial(ctx, cfg.To, stream.Config{Key: cfg.Key, Insecure: cfg.Insecure, Identity: IdentityOf(m, cfg.Name)})
+	s, err := stream.Dial(ctx, cfg.To, stream.Config{Key: cfg.Key, Insecure: cfg.Insecure, Identity: IdentityOf(m, cfg.Name, cfg.Devices)})
 	if err != nil {
 		return res, fmt.Errorf("migrate to %s: %w", cfg.To, err)
 	}
-	defer s.Close()
+	defer s.Close() // a goodbye: the destination discards the migration
 	tracker, err := trackDirty(m)
 	if err != nil {
 		return res, fmt.Errorf("migrate: %w", err)
@@ -92,7 +105,8 @@ func Migrate(ctx context.Context, m *vmm.Machine, cfg MigrateConfig) (MigrateRes
 
 	epoch := uint64(0)
 	next := func() uint64 { epoch++; return epoch }
-	pre, err := precopy{t: s, mem: m.Memory(), tr: tracker, nextEpoch: next, stopPages: cfg.StopPages, maxRounds: cfg.MaxRounds,
+	pre, err := precopy{t: s, mem: m.Memory(), tr: tracker, disks: cfg.Disks, nextEpoch: next,
+		stopPages: cfg.StopPages, maxRounds: cfg.MaxRounds,
 		onRound: func(round, dirty int) {
 			progress(Progress{Round: round, Phase: "precopy", BytesSent: s.Stats().BytesSent,
 				DirtyPages: uint64(dirty), RemainingPages: uint64(dirty)})
@@ -115,6 +129,7 @@ func Migrate(ctx context.Context, m *vmm.Machine, cfg MigrateConfig) (MigrateRes
 	// paused: the guest lives on at the destination only.
 	paused := time.Now()
 	handedOver := false
+	var handoverErr error
 	set := pre.Dirty
 	err = m.WithPaused(ctx, func() error {
 		last, err := tracker.Harvest()
@@ -122,7 +137,7 @@ func Migrate(ctx context.Context, m *vmm.Machine, cfg MigrateConfig) (MigrateRes
 			return err
 		}
 		set.Or(last)
-		state, err := cutState(m, cfg.Disks)
+		state, writes, err := cutState(m, cfg.Disks)
 		if err != nil {
 			return err
 		}
@@ -137,6 +152,9 @@ func Migrate(ctx context.Context, m *vmm.Machine, cfg MigrateConfig) (MigrateRes
 		if err != nil {
 			return err
 		}
+		if err := sendWrites(s, writes); err != nil {
+			return err
+		}
 		if err := s.SendState(state); err != nil {
 			return err
 		}
@@ -147,17 +165,24 @@ func Migrate(ctx context.Context, m *vmm.Machine, cfg MigrateConfig) (MigrateRes
 		err = s.WaitAck(actx, final)
 		cancel()
 		if err != nil {
+			// Abort before resuming here: the goodbye tells the
+			// destination to discard the final checkpoint even if it
+			// acknowledged it just now.
+			_ = s.Close()
 			return fmt.Errorf("final checkpoint not acknowledged: %w", err)
 		}
-		// Handover: the destination has everything. Say goodbye and
-		// never run the guest here again.
-		res.BytesSent = s.Stats().BytesSent
-		_ = s.Close()
+		// The point of no return: from the handover on, this side never
+		// runs the guest again, even if sending it failed (it may have
+		// arrived). Hold a pause of our own: leaving WithPaused must not
+		// let the vCPUs run here again.
 		handedOver = true
-		// Hold a pause of our own: leaving WithPaused must not let the
-		// vCPUs run here again.
+		res.BytesSent = s.Stats().BytesSent
+		handoverErr = s.Handover()
 		return m.Pause()
 	})
+	if handedOver && handoverErr != nil {
+		return res, fmt.Errorf("migrate: %w: %w (the guest is paused here for good; check the destination)", ErrHandoverUnconfirmed, handoverErr)
+	}
 	if !handedOver {
 		if err == nil {
 			err = errors.New("migration did not hand over")

@@ -89,7 +89,8 @@ func (f *runFlags) registerReplication(fs *flag.FlagSet) {
 // control socket, shared by run, restore and standby.
 func (f *runFlags) registerDevices(fs *flag.FlagSet) {
 	fs.StringVar(&f.apiSock, "api-sock", "", "serve the control API (HTTP/JSON) on this unix socket; see govmm ctl")
-	fs.DurationVar(&f.failoverTimeout, "failover-timeout", 500*time.Millisecond, "declare the peer lost after this long without a frame (replication)")
+	fs.DurationVar(&f.failoverTimeout, "failover-timeout", replicate.DefaultFailoverTimeout,
+		"declare the peer lost after this long without a byte from it while listening (replication; the larger of the two ends' wins)")
 	fs.StringVar(&f.keyFile, "key-file", "", "pre-shared key authenticating the migration stream (mode 0600, at least 16 bytes); without it only loopback is allowed")
 	fs.StringVar(&f.name, "name", "govmm", "VM name (the default MAC derives from it)")
 	fs.StringVar(&f.net, "net", "user", "network: user (NAT on a user-mode TCP/IP stack), tap:NAME, or none")
@@ -199,7 +200,11 @@ func supervise(m *vmm.Machine, f *runFlags, devs *machineDevices, node *replicat
 	}
 	defer stopAPI()
 	if f.replicateTo != "" || f.nullStandby {
-		if err := startReplication(m, f, devs, node, f.replicateTo, f.epoch); err != nil {
+		err := startReplication(m, f, devs, node, f.replicateTo, f.epoch)
+		switch {
+		case err != nil && node.Origin() != replicate.Booted:
+			reprotectFailed(err)
+		case err != nil:
 			m.Stop()
 			m.Wait()
 			return err

@@ -36,8 +36,15 @@ var (
 	// ErrTruncated: the connection ended inside a frame, a checkpoint, or
 	// without a goodbye.
 	ErrTruncated = errors.New("stream truncated")
-	// ErrTimeout: nothing was heard from the peer for FailoverTimeout.
+	// ErrTimeout: nothing was heard from the peer for the failover
+	// timeout while this end was listening.
 	ErrTimeout = errors.New("peer silent")
+	// ErrStalled: the peer is alive but took none of this end's bytes for
+	// the stall timeout.
+	ErrStalled = errors.New("peer stalled")
+	// ErrBusy: the receiver is already serving a sender (or not accepting
+	// one now).
+	ErrBusy = errors.New("receiver busy")
 	// ErrCommit: the receiver's commit callback or page sink refused the
 	// checkpoint.
 	ErrCommit = errors.New("checkpoint commit refused")
@@ -84,6 +91,8 @@ const (
 	codeChecksum
 	codeCommit
 	codeTimeout
+	codeStalled
+	codeBusy
 )
 
 var codeSentinels = []error{
@@ -97,6 +106,8 @@ var codeSentinels = []error{
 	codeChecksum:   ErrChecksum,
 	codeCommit:     ErrCommit,
 	codeTimeout:    ErrTimeout,
+	codeStalled:    ErrStalled,
+	codeBusy:       ErrBusy,
 }
 
 // codeOf picks the code for err, or ok=false when err is not a verdict

@@ -4,12 +4,14 @@ import (
 	"crypto/sha256"
 	"encoding/binary"
 	"fmt"
+	"math"
+	"time"
 )
 
 // Version is the protocol version this package speaks. A peer with any
 // other version is refused at the hello (ErrVersion); see docs/STREAM.md
 // for the version policy.
-const Version = 2
+const Version = 3
 
 // helloMagic opens every Hello payload.
 const helloMagic = "GOVMMSTR"
@@ -28,12 +30,17 @@ const (
 	frameHeartbeat frameType = 8
 	frameError     frameType = 9
 	frameGoodbye   frameType = 10
+	frameDisk      frameType = 11
+	frameAccept    frameType = 12
+	frameHandover  frameType = 13
+	lastFrameType            = frameHandover
 )
 
 var frameNames = [...]string{
 	frameHello: "hello", frameAuth: "auth", frameBegin: "begin", framePages: "pages",
 	frameState: "state", frameEnd: "end", frameAck: "ack", frameHeartbeat: "heartbeat",
-	frameError: "error", frameGoodbye: "goodbye",
+	frameError: "error", frameGoodbye: "goodbye", frameDisk: "disk", frameAccept: "accept",
+	frameHandover: "handover",
 }
 
 func (t frameType) String() string {
@@ -106,10 +113,20 @@ const (
 	MaxFramePayload = 4 + MaxPagesPerFrame*(pageEntrySize+PageSize)
 	// MaxState caps the machine state of one checkpoint.
 	MaxState = 64 << 20
+	// MaxDiskChunk caps the bytes one Disk frame writes (or zeroes).
+	MaxDiskChunk = 1 << 20
+	// MaxCheckpointDisk caps the disk bytes one checkpoint writes, over
+	// all its Disk frames: what a standby stages in memory at most.
+	MaxCheckpointDisk = 256 << 20
+	// MaxDisks caps the disk numbers in Disk frames.
+	MaxDisks = 64
 	// MaxErrorMessage caps an Error frame's text.
 	MaxErrorMessage = 1024
 
-	helloFixed = 8 + 2 + 2 + 1 + 3 + nonceSize
+	diskHeaderSize = 16 // disk u16, flags u16, length u32, offset u64
+	diskFlagZero   = 1 << 0
+
+	helloFixed = 8 + 2 + 2 + 1 + 3 + nonceSize + 16
 )
 
 // Role is which end of the stream a hello comes from.
@@ -128,7 +145,10 @@ type hello struct {
 	keyed   bool
 	role    role
 	nonce   [nonceSize]byte
-	id      Identity
+	// heartbeat and timeout are this end's heartbeat interval and failover
+	// timeout: the two ends agree on the larger timeout.
+	heartbeat, timeout time.Duration
+	id                 Identity
 }
 
 type pageEntry struct {
@@ -138,10 +158,20 @@ type pageEntry struct {
 }
 
 type endInfo struct {
-	epoch    uint64
-	pages    uint64
-	stateLen uint64
-	crc      uint32
+	epoch     uint64
+	pages     uint64
+	stateLen  uint64
+	diskBytes uint64
+	crc       uint32
+}
+
+// diskWrite is one decoded Disk frame.
+type diskWrite struct {
+	disk   int
+	off    int64
+	length int
+	zero   bool
+	data   []byte // length bytes unless zero; aliases the read buffer
 }
 
 // frame is one decoded frame. The reader reuses it: slices alias the read
@@ -157,6 +187,7 @@ type frame struct {
 	pages   []pageEntry
 	data    []byte // state chunk, error message
 	end     endInfo
+	disk    diskWrite
 	code    errorCode
 	time    int64 // heartbeat: sender's clock, unix nanoseconds
 }
@@ -195,7 +226,7 @@ func checkHeader(b []byte, h header) error {
 	if b[5] != 0 || b[6] != 0 || b[7] != 0 {
 		return fmt.Errorf("frame header: reserved bytes set: %w", ErrFrame)
 	}
-	if h.typ < frameHello || h.typ > frameGoodbye {
+	if h.typ < frameHello || h.typ > lastFrameType {
 		return fmt.Errorf("unknown %v: %w", h.typ, ErrFrame)
 	}
 	return nil
@@ -243,16 +274,22 @@ func decodePayload(f *frame, t frameType, p []byte, layout *Identity) error {
 		}
 		f.data = p
 	case frameEnd:
-		if err := fixed(32); err != nil {
+		if err := fixed(40); err != nil {
 			return err
 		}
-		f.end = endInfo{epoch: le.Uint64(p), pages: le.Uint64(p[8:]), stateLen: le.Uint64(p[16:]), crc: le.Uint32(p[24:])}
-		if !allZero(p[28:32]) {
+		f.end = endInfo{epoch: le.Uint64(p), pages: le.Uint64(p[8:]), stateLen: le.Uint64(p[16:]),
+			diskBytes: le.Uint64(p[24:]), crc: le.Uint32(p[32:])}
+		if !allZero(p[36:40]) {
 			return fmt.Errorf("end: reserved bytes set: %w", ErrFrame)
 		}
 		if f.end.stateLen > MaxState {
 			return fmt.Errorf("end: state of %d bytes, at most %d: %w", f.end.stateLen, MaxState, ErrTooLarge)
 		}
+		if f.end.diskBytes > MaxCheckpointDisk {
+			return fmt.Errorf("end: %d disk bytes, at most %d: %w", f.end.diskBytes, MaxCheckpointDisk, ErrTooLarge)
+		}
+	case frameDisk:
+		return decodeDisk(&f.disk, p)
 	case frameAck:
 		if err := fixed(8); err != nil {
 			return err
@@ -276,10 +313,37 @@ func decodePayload(f *frame, t frameType, p []byte, layout *Identity) error {
 			return fmt.Errorf("error frame: %d bytes, message says %d: %w", len(p), 4+n, ErrFrame)
 		}
 		f.data = p[4:]
-	case frameGoodbye:
+	case frameGoodbye, frameAccept, frameHandover:
 		return fixed(0)
 	default:
 		return fmt.Errorf("unknown %v: %w", t, ErrFrame)
+	}
+	return nil
+}
+
+func decodeDisk(w *diskWrite, p []byte) error {
+	le := binary.LittleEndian
+	if len(p) < diskHeaderSize {
+		return fmt.Errorf("disk frame: %d bytes: %w", len(p), ErrFrame)
+	}
+	disk, flags, n, off := le.Uint16(p), le.Uint16(p[2:]), le.Uint32(p[4:]), le.Uint64(p[8:])
+	*w = diskWrite{disk: int(disk), off: int64(off), length: int(n), zero: flags&diskFlagZero != 0}
+	switch {
+	case flags&^diskFlagZero != 0:
+		return fmt.Errorf("disk frame: unknown flags %#x: %w", flags, ErrFrame)
+	case disk >= MaxDisks:
+		return fmt.Errorf("disk frame: disk %d, at most %d disks: %w", disk, MaxDisks, ErrOutOfRange)
+	case n == 0 || n > MaxDiskChunk:
+		return fmt.Errorf("disk frame: %d bytes, want 1..%d: %w", n, MaxDiskChunk, ErrFrame)
+	case off > math.MaxInt64-uint64(n):
+		return fmt.Errorf("disk frame: offset %#x: %w", off, ErrOutOfRange)
+	case w.zero && len(p) != diskHeaderSize:
+		return fmt.Errorf("disk frame: zero run with %d data bytes: %w", len(p)-diskHeaderSize, ErrFrame)
+	case !w.zero && len(p) != diskHeaderSize+int(n):
+		return fmt.Errorf("disk frame: %d data bytes, header says %d: %w", len(p)-diskHeaderSize, n, ErrFrame)
+	}
+	if !w.zero {
+		w.data = p[diskHeaderSize:]
 	}
 	return nil
 }
@@ -366,6 +430,12 @@ func decodeHello(h *hello, p []byte) error {
 		return fmt.Errorf("hello: reserved bytes set: %w", ErrFrame)
 	}
 	copy(h.nonce[:], p[16:16+nonceSize])
+	hb, to := le.Uint64(p[16+nonceSize:]), le.Uint64(p[24+nonceSize:])
+	if hb == 0 || to < 2*hb || to > uint64(MaxTimeout) {
+		return fmt.Errorf("hello: heartbeat %v and timeout %v (want 0 < 2×heartbeat ≤ timeout ≤ %v): %w",
+			time.Duration(hb), time.Duration(to), MaxTimeout, ErrFrame)
+	}
+	h.heartbeat, h.timeout = time.Duration(hb), time.Duration(to)
 	r := p[helloFixed:]
 	name, r, err := takeString(r, MaxNameLen, "vm name")
 	if err != nil {
@@ -394,7 +464,7 @@ func decodeHello(h *hello, p []byte) error {
 			r = r[16:]
 		}
 	}
-	devices, r, err := takeString(r, MaxDevicesLen, "device list")
+	devices, r, err := takeDevices(r)
 	if err != nil {
 		return err
 	}
@@ -410,6 +480,50 @@ func decodeHello(h *hello, p []byte) error {
 		}
 	}
 	return nil
+}
+
+func takeDevices(r []byte) ([]Device, []byte, error) {
+	if len(r) < 2 {
+		return nil, nil, fmt.Errorf("hello: truncated device list: %w", ErrFrame)
+	}
+	n := int(binary.LittleEndian.Uint16(r))
+	r = r[2:]
+	if n > MaxDevices {
+		return nil, nil, fmt.Errorf("hello: %d devices, at most %d: %w", n, MaxDevices, ErrTooLarge)
+	}
+	var devs []Device
+	for range n {
+		var d Device
+		var err error
+		if d.ID, r, err = takeString(r, MaxDeviceID, "device id"); err != nil {
+			return nil, nil, err
+		}
+		if len(r) < 2 {
+			return nil, nil, fmt.Errorf("hello: truncated device %s: %w", d.ID, ErrFrame)
+		}
+		na := int(binary.LittleEndian.Uint16(r))
+		r = r[2:]
+		if na > MaxAttrs {
+			return nil, nil, fmt.Errorf("hello: device %s: %d attributes, at most %d: %w", d.ID, na, MaxAttrs, ErrTooLarge)
+		}
+		for range na {
+			var a Attr
+			if a.Key, r, err = takeString(r, MaxAttrKey, "attribute key"); err != nil {
+				return nil, nil, err
+			}
+			if a.Value, r, err = takeString(r, MaxAttrValue, "attribute value"); err != nil {
+				return nil, nil, err
+			}
+			d.Attrs = append(d.Attrs, a)
+		}
+		devs = append(devs, d)
+	}
+	return devs, r, nil
+}
+
+func appendString(b []byte, s string) []byte {
+	b = binary.LittleEndian.AppendUint16(b, uint16(len(s)))
+	return append(b, s...)
 }
 
 func takeString(r []byte, max int, what string) (string, []byte, error) {
@@ -437,8 +551,9 @@ func appendHello(b []byte, h *hello) []byte {
 	b = le.AppendUint16(b, flags)
 	b = append(b, byte(h.role), 0, 0, 0)
 	b = append(b, h.nonce[:]...)
-	b = le.AppendUint16(b, uint16(len(h.id.Name)))
-	b = append(b, h.id.Name...)
+	b = le.AppendUint64(b, uint64(h.heartbeat))
+	b = le.AppendUint64(b, uint64(h.timeout))
+	b = appendString(b, h.id.Name)
 	b = le.AppendUint32(b, h.id.VCPUs)
 	b = le.AppendUint16(b, uint16(len(h.id.Regions)))
 	b = append(b, 0, 0)
@@ -447,7 +562,14 @@ func appendHello(b []byte, h *hello) []byte {
 		b = le.AppendUint64(b, r.Size)
 	}
 	b = le.AppendUint16(b, uint16(len(h.id.Devices)))
-	b = append(b, h.id.Devices...)
+	for _, d := range h.id.Devices {
+		b = appendString(b, d.ID)
+		b = le.AppendUint16(b, uint16(len(d.Attrs)))
+		for _, a := range d.Attrs {
+			b = appendString(b, a.Key)
+			b = appendString(b, a.Value)
+		}
+	}
 	return b
 }
 
@@ -461,8 +583,24 @@ func appendEnd(b []byte, e endInfo) []byte {
 	b = le.AppendUint64(b, e.epoch)
 	b = le.AppendUint64(b, e.pages)
 	b = le.AppendUint64(b, e.stateLen)
+	b = le.AppendUint64(b, e.diskBytes)
 	b = le.AppendUint32(b, e.crc)
 	return append(b, 0, 0, 0, 0)
+}
+
+// appendDisk appends a Disk payload: data at off on disk, or, with data
+// nil, a run of n zero bytes.
+func appendDisk(b []byte, disk int, off int64, n int, data []byte) []byte {
+	le := binary.LittleEndian
+	var flags uint16
+	if data == nil {
+		flags = diskFlagZero
+	}
+	b = le.AppendUint16(b, uint16(disk))
+	b = le.AppendUint16(b, flags)
+	b = le.AppendUint32(b, uint32(n))
+	b = le.AppendUint64(b, uint64(off))
+	return append(b, data...)
 }
 
 func appendError(b []byte, code errorCode, msg string) []byte {

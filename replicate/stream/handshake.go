@@ -6,7 +6,9 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/binary"
+	"errors"
 	"fmt"
+	"io"
 	"time"
 )
 
@@ -36,14 +38,21 @@ func derive(key []byte, purpose string, th []byte) []byte {
 }
 
 // handshake runs the four-message handshake (see docs/STREAM.md) on e's
-// connection as role r, and leaves e's reader and writer on session keys.
+// connection as role r, leaves e's reader and writer on session keys and
+// sets the agreed failover timeout. The sender then also waits for the
+// receiver's verdict (Accept, or an Error frame); the receiver gives it
+// with verdict.
 func (e *endpoint) handshake(ctx context.Context, r role) (err error) {
 	deadline := time.Now().Add(e.cfg.HandshakeTimeout)
 	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
 		deadline = d
 	}
 	_ = e.conn.SetDeadline(deadline)
-	stop := context.AfterFunc(ctx, func() { _ = e.conn.SetDeadline(time.Unix(1, 0)) })
+	e.dw.until(deadline)
+	stop := context.AfterFunc(ctx, func() {
+		_ = e.conn.SetDeadline(time.Unix(1, 0))
+		e.dw.until(time.Unix(1, 0))
+	})
 	defer func() {
 		if !stop() && err == nil {
 			err = ctx.Err()
@@ -56,10 +65,12 @@ func (e *endpoint) handshake(ctx context.Context, r role) (err error) {
 			return
 		}
 		_ = e.conn.SetDeadline(time.Time{})
+		e.dw.until(time.Time{})
 	}()
 
 	keyed := len(e.cfg.Key) > 0
-	own := hello{version: Version, keyed: keyed, role: r, id: e.cfg.Identity}
+	own := hello{version: Version, keyed: keyed, role: r, id: e.cfg.Identity,
+		heartbeat: e.cfg.HeartbeatInterval, timeout: e.cfg.FailoverTimeout}
 	_, _ = rand.Read(own.nonce[:]) // crypto/rand.Read never fails
 	ownBytes := appendHello(nil, &own)
 
@@ -68,6 +79,9 @@ func (e *endpoint) handshake(ctx context.Context, r role) (err error) {
 	}
 	recv := func(want frameType) (*frame, error) {
 		f, err := e.fr.next()
+		if errors.Is(err, io.EOF) {
+			return nil, fmt.Errorf("connection closed before the %v frame: %w", want, ErrTruncated)
+		}
 		if err != nil {
 			return nil, err
 		}
@@ -106,6 +120,15 @@ func (e *endpoint) handshake(ctx context.Context, r role) (err error) {
 		}
 		return nil
 	}
+	agree := func(peer *hello) {
+		// The larger timeout wins: neither end declares the other dead
+		// sooner than that one expects.
+		e.timeout = max(e.cfg.FailoverTimeout, peer.timeout)
+		e.dw.setStall(max(e.cfg.StallTimeout, 4*e.timeout))
+		if e.timeout != e.cfg.FailoverTimeout {
+			e.log.Info("failover timeout raised to the peer's", "own", e.cfg.FailoverTimeout, "agreed", e.timeout)
+		}
+	}
 
 	if r == roleSender {
 		if err := sendHello(); err != nil {
@@ -125,12 +148,15 @@ func (e *endpoint) handshake(ctx context.Context, r role) (err error) {
 		}
 		e.fr.setKey(derive(e.cfg.Key, "key receiver-to-sender", th))
 		if !peer.id.IsZero() {
-			if err := e.cfg.Identity.mismatch(peer.id); err != nil {
+			if err := e.cfg.Identity.Mismatch(peer.id); err != nil {
 				return err
 			}
 		}
 		e.peer = peer.id
-		return nil
+		agree(peer)
+		// The receiver's verdict on us: it may still refuse the VM.
+		_, err = recv(frameAccept)
+		return err
 	}
 
 	peerBytes, peer, err := recvHello(roleSender)
@@ -146,7 +172,7 @@ func (e *endpoint) handshake(ctx context.Context, r role) (err error) {
 	}
 	e.fr.setKey(derive(e.cfg.Key, "key sender-to-receiver", th))
 	if !e.cfg.Identity.IsZero() {
-		if err := e.cfg.Identity.mismatch(peer.id); err != nil {
+		if err := e.cfg.Identity.Mismatch(peer.id); err != nil {
 			return err
 		}
 	}
@@ -156,6 +182,7 @@ func (e *endpoint) handshake(ctx context.Context, r role) (err error) {
 	e.fw.setKey(derive(e.cfg.Key, "key receiver-to-sender", th))
 	e.peer = peer.id
 	e.fr.layout = peer.id
+	agree(peer)
 	return nil
 }
 
