@@ -5,7 +5,9 @@ import (
 	"context"
 	"math/rand/v2"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -179,4 +181,169 @@ func diskPair(t *testing.T, size int) (primary, standby string, pf, sf *os.File)
 	require.NoError(t, err)
 	t.Cleanup(func() { sf.Close() })
 	return primary, standby, pf, sf
+}
+
+// waitCaughtUp pauses prim and waits until the standby has acknowledged a
+// checkpoint taken after the pause: its memory and disks are then the
+// primary's.
+func waitCaughtUp(t *testing.T, prim interface{ Pause() error }, rep *Replicator) {
+	t.Helper()
+	require.NoError(t, prim.Pause())
+	e := rep.Stats().Epoch + 1
+	require.Eventually(t, func() bool { return rep.Stats().Acked > e }, 60*time.Second, time.Millisecond)
+}
+
+// A guest that writes more to disk in one epoch than a checkpoint's state
+// may hold (64 MiB): the writes travel as Disk frames, the epoch ends
+// early under the pressure, and the standby stays in step; nothing makes
+// it take over a healthy primary.
+func TestBigDiskEpoch(t *testing.T) {
+	kvmtest.Require(t)
+	const size = 128 << 20
+	primaryDisk, standbyDisk, pf, sf := diskPair(t, size)
+	prim := newTiny(t, tinyguest.Dirtier(dirtyBase, 16, passGPA))
+	require.NoError(t, prim.Start())
+	log := NewDiskLog(pf, size)
+	sb, err := NewStandby(StandbyConfig{Listen: "127.0.0.1:0", Insecure: true, Disks: []*os.File{sf},
+		FailoverTimeout: 5 * time.Second, Build: buildTiny})
+	require.NoError(t, err)
+	defer sb.Close()
+	done := receive(t, sb)
+	// A long epoch: the timer does not end it while the test writes.
+	rep, err := StartReplication(context.Background(), prim, ReplicateConfig{To: sb.Addr(), Insecure: true, Name: "tiny",
+		Epoch: 4 * time.Second, FailoverTimeout: 5 * time.Second, Disks: []*DiskLog{log}})
+	require.NoError(t, err)
+	t.Cleanup(rep.Stop)
+
+	// 96 MiB of guest writes at once, as a device would make them.
+	chunk := make([]byte, 1<<20)
+	for i := range 96 {
+		for j := range chunk {
+			chunk[j] = byte(i + j)
+		}
+		_, err := pf.WriteAt(chunk, int64(i)<<20)
+		require.NoError(t, err)
+		require.NoError(t, log.Record(int64(i)<<20, chunk))
+	}
+	waitCaughtUp(t, prim, rep)
+	select {
+	case r := <-done:
+		t.Fatalf("the standby took over a healthy primary: %v", r.err)
+	default:
+	}
+	st := rep.Stats()
+	require.True(t, st.Protected)
+	require.Positive(t, st.EarlyEpochs, "disk pressure ended an epoch early")
+	want, err := os.ReadFile(primaryDisk)
+	require.NoError(t, err)
+	got, err := os.ReadFile(standbyDisk)
+	require.NoError(t, err)
+	require.True(t, bytes.Equal(want, got), "the standby's disk equals the primary's")
+}
+
+// The standby's disk copy may be a block device: its size comes from
+// BLKGETSIZE64, not stat, and the initial sync and checkpoints land in it.
+func TestStandbyDiskOnBlockDevice(t *testing.T) {
+	kvmtest.Require(t)
+	const size = 4 << 20
+	primaryDisk, standbyImg, pf, sf := diskPair(t, size)
+	sf.Close()
+	dev := loopDevice(t, standbyImg)
+	bf, err := os.OpenFile(dev, os.O_RDWR, 0)
+	require.NoError(t, err)
+	defer bf.Close()
+	n, err := DiskSize(bf)
+	require.NoError(t, err)
+	require.Equal(t, int64(size), n)
+
+	prim := newTiny(t, tinyguest.Dirtier(dirtyBase, 16, passGPA))
+	require.NoError(t, prim.Start())
+	log := NewDiskLog(pf, size)
+	sb, err := NewStandby(StandbyConfig{Listen: "127.0.0.1:0", Insecure: true, Disks: []*os.File{bf},
+		FailoverTimeout: 5 * time.Second, Build: buildTiny})
+	require.NoError(t, err)
+	defer sb.Close()
+	receive(t, sb)
+	rep, err := StartReplication(context.Background(), prim, ReplicateConfig{To: sb.Addr(), Insecure: true, Name: "tiny",
+		Epoch: 10 * time.Millisecond, FailoverTimeout: 5 * time.Second, Disks: []*DiskLog{log}})
+	require.NoError(t, err)
+	t.Cleanup(rep.Stop)
+	_, err = pf.WriteAt([]byte("written while protected"), size-100)
+	require.NoError(t, err)
+	require.NoError(t, log.Record(size-100, []byte("written while protected")))
+	waitCaughtUp(t, prim, rep)
+	want, err := os.ReadFile(primaryDisk)
+	require.NoError(t, err)
+	got := make([]byte, size)
+	_, err = bf.ReadAt(got, 0)
+	require.NoError(t, err)
+	require.True(t, bytes.Equal(want, got), "the block device holds the primary's disk")
+}
+
+// loopDevice attaches path to a loop device for the test's life.
+func loopDevice(t *testing.T, path string) string {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root for a loop device")
+	}
+	if _, err := exec.LookPath("losetup"); err != nil {
+		t.Skip("needs losetup for a loop device")
+	}
+	if _, err := os.Stat("/dev/loop-control"); err != nil {
+		t.Skipf("needs loop devices: %v", err)
+	}
+	out, err := exec.Command("losetup", "--find", "--show", path).CombinedOutput()
+	require.NoError(t, err, "losetup: %s", out)
+	dev := strings.TrimSpace(string(out))
+	t.Cleanup(func() { _ = exec.Command("losetup", "--detach", dev).Run() })
+	return dev
+}
+
+// Re-protection after a failover: the standby that took over protects
+// the guest with a fresh standby whose disk copy starts as garbage; the
+// initial sync makes it equal to the taken-over guest's disk.
+func TestReprotectionCopiesDisk(t *testing.T) {
+	kvmtest.Require(t)
+	const size = 2 << 20
+	_, diskB, pf, fb := diskPair(t, size)
+	_, diskC, _, fc := diskPair(t, size)
+	prim := newTiny(t, tinyguest.Dirtier(dirtyBase, 16, passGPA))
+	require.NoError(t, prim.Start())
+	sbB, err := NewStandby(StandbyConfig{Listen: "127.0.0.1:0", Insecure: true, Disks: []*os.File{fb},
+		FailoverTimeout: 5 * time.Second, Build: buildTiny})
+	require.NoError(t, err)
+	defer sbB.Close()
+	doneB := receive(t, sbB)
+	px := newProxy(t, sbB.Addr())
+	repA, err := StartReplication(context.Background(), prim, ReplicateConfig{To: px.addr(), Insecure: true, Name: "tiny",
+		Epoch: 10 * time.Millisecond, FailoverTimeout: 5 * time.Second, Disks: []*DiskLog{NewDiskLog(pf, size)}})
+	require.NoError(t, err)
+	t.Cleanup(repA.Stop)
+	require.Eventually(t, func() bool { return repA.Stats().Acked > 3 }, 30*time.Second, time.Millisecond)
+	require.NoError(t, prim.Pause())
+	px.kill()
+	r := <-doneB
+	require.NoError(t, r.err)
+	mB := r.m
+	t.Cleanup(func() { mB.Close() }) // after repB stops
+
+	// B's guest writes to its disk (B's copy), then B protects it with C.
+	_, err = fb.WriteAt([]byte("after the failover"), 4096)
+	require.NoError(t, err)
+	logB := NewDiskLog(fb, size)
+	sbC, err := NewStandby(StandbyConfig{Listen: "127.0.0.1:0", Insecure: true, Disks: []*os.File{fc},
+		FailoverTimeout: 5 * time.Second, Build: buildTiny})
+	require.NoError(t, err)
+	defer sbC.Close()
+	receive(t, sbC)
+	repB, err := StartReplication(context.Background(), mB, ReplicateConfig{To: sbC.Addr(), Insecure: true, Name: "tiny",
+		Epoch: 10 * time.Millisecond, FailoverTimeout: 5 * time.Second, Disks: []*DiskLog{logB}})
+	require.NoError(t, err)
+	t.Cleanup(repB.Stop)
+	waitCaughtUp(t, mB, repB)
+	want, err := os.ReadFile(diskB)
+	require.NoError(t, err)
+	got, err := os.ReadFile(diskC)
+	require.NoError(t, err)
+	require.True(t, bytes.Equal(want, got), "the fresh standby's disk equals the taken-over guest's")
 }

@@ -44,5 +44,5 @@ func MemSize(id stream.Identity) uint64 {
 // read-only flag). The error (ErrMismatch) names the first difference,
 // and the source is told it too.
 func checkShape(m *vmm.Machine, attrs map[string][]stream.Attr, peer stream.Identity) error {
-	return IdentityOf(m, "", attrs).Mismatch(peer)
+	return IdentityOf(m, "", attrs).Compare(peer, "on the standby", "on the source")
 }

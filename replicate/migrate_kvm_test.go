@@ -153,7 +153,7 @@ func TestMigrateMismatchedDestination(t *testing.T) {
 	_, err = Migrate(context.Background(), src, MigrateConfig{To: sb.Addr(), Insecure: true, Name: "tiny"})
 	require.ErrorIs(t, err, stream.ErrMismatch)
 	require.ErrorIs(t, err, stream.ErrPeer, "the source hears the destination's reason")
-	require.ErrorContains(t, err, "1 vcpus here, 2 on the peer")
+	require.ErrorContains(t, err, "1 vcpus on the standby, 2 on the source")
 	require.ErrorIs(t, <-refused, stream.ErrMismatch)
 	require.False(t, src.Paused())
 }

@@ -192,6 +192,9 @@ func (sb *Standby) ReceiveMigration(ctx context.Context) (*vmm.Machine, error) {
 			return err
 		}
 		final = st
+		if sb.onCheckpoint != nil {
+			sb.onCheckpoint(c.Epoch)
+		}
 		return nil
 	})
 	if err := r.Run(ctx); err != nil {

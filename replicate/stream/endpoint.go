@@ -254,6 +254,12 @@ func (e *endpoint) heartbeatLoop(t Ticker) {
 		}
 		e.wmu.Unlock()
 		if err != nil {
+			if connectionLost(err) {
+				// The reader meets the same loss and reports it as what it
+				// is (ErrTruncated: the peer is gone); a write error must
+				// not be the verdict that hides it.
+				return
+			}
 			e.fail(fmt.Errorf("send heartbeat: %w", err), -1)
 			return
 		}

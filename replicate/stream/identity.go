@@ -144,39 +144,39 @@ func (id Identity) Contains(gpa GPA) bool {
 }
 
 // Mismatch returns an ErrMismatch naming the first field in which peer
-// differs from id ("here" is id, "the peer" is peer), or nil. An empty
-// name in id matches any.
-func (id Identity) Mismatch(peer Identity) error {
+// differs from id, or nil. An empty name in id matches any.
+func (id Identity) Mismatch(peer Identity) error { return id.Compare(peer, "here", "on the peer") }
+
+// Compare is Mismatch with the two sides named in the message: here for
+// id, there for peer (e.g. "on the standby", "on the primary").
+func (id Identity) Compare(peer Identity, here, there string) error {
 	switch {
 	case id.Name != "" && id.Name != peer.Name:
-		return fmt.Errorf("%w: vm name %q here, %q on the peer", ErrMismatch, id.Name, peer.Name)
+		return fmt.Errorf("%w: vm name %q %s, %q %s", ErrMismatch, id.Name, here, peer.Name, there)
 	case !slices.Equal(id.Regions, peer.Regions):
-		return fmt.Errorf("%w: memory layout %s here, %s on the peer", ErrMismatch, layoutString(id.Regions), layoutString(peer.Regions))
+		return fmt.Errorf("%w: memory layout %s %s, %s %s", ErrMismatch, layoutString(id.Regions), here, layoutString(peer.Regions), there)
 	case id.VCPUs != peer.VCPUs:
-		return fmt.Errorf("%w: %d vcpus here, %d on the peer", ErrMismatch, id.VCPUs, peer.VCPUs)
+		return fmt.Errorf("%w: %d vcpus %s, %d %s", ErrMismatch, id.VCPUs, here, peer.VCPUs, there)
 	}
-	return devicesMismatch(id.Devices, peer.Devices)
-}
-
-func devicesMismatch(mine, peer []Device) error {
-	for i := range max(len(mine), len(peer)) {
+	mine, theirs := id.Devices, peer.Devices
+	for i := range max(len(mine), len(theirs)) {
 		switch {
 		case i >= len(mine):
-			return fmt.Errorf("%w: device %s on the peer is missing here", ErrMismatch, peer[i].ID)
-		case i >= len(peer):
-			return fmt.Errorf("%w: device %s here is missing on the peer", ErrMismatch, mine[i].ID)
-		case mine[i].ID != peer[i].ID:
-			return fmt.Errorf("%w: device %d is %s here, %s on the peer", ErrMismatch, i, mine[i].ID, peer[i].ID)
+			return fmt.Errorf("%w: device %s %s is missing %s", ErrMismatch, theirs[i].ID, there, here)
+		case i >= len(theirs):
+			return fmt.Errorf("%w: device %s %s is missing %s", ErrMismatch, mine[i].ID, here, there)
+		case mine[i].ID != theirs[i].ID:
+			return fmt.Errorf("%w: device %d is %s %s, %s %s", ErrMismatch, i, mine[i].ID, here, theirs[i].ID, there)
 		}
-		d, p := mine[i], peer[i]
+		d, p := mine[i], theirs[i]
 		for _, a := range d.Attrs {
 			if v := p.Attr(a.Key); v != a.Value {
-				return fmt.Errorf("%w: device %s: %s %q here, %q on the peer", ErrMismatch, d.ID, a.Key, a.Value, v)
+				return fmt.Errorf("%w: device %s: %s %q %s, %q %s", ErrMismatch, d.ID, a.Key, a.Value, here, v, there)
 			}
 		}
 		for _, a := range p.Attrs {
 			if d.Attr(a.Key) == "" && a.Value != "" {
-				return fmt.Errorf("%w: device %s: %s \"\" here, %q on the peer", ErrMismatch, d.ID, a.Key, a.Value)
+				return fmt.Errorf("%w: device %s: %s \"\" %s, %q %s", ErrMismatch, d.ID, a.Key, here, a.Value, there)
 			}
 		}
 	}

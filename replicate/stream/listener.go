@@ -12,11 +12,11 @@ import (
 // Listener accepts streams. Every connection gets its own handshake
 // goroutine, so a stranger that connects and says nothing, or a garbled
 // hello, holds up nobody: it is refused (Config.OnRefused) when its
-// handshake fails or times out, and the Listener keeps listening. Only
-// while an Accept call waits is an authenticated sender verified
-// (Config.Verify) and accepted; one that arrives while no Accept waits
-// (the receiver is serving another) is refused with ErrBusy. Verify calls
-// never overlap.
+// handshake fails or times out, and the Listener keeps listening. An
+// authenticated sender is verified (Config.Verify) and accepted only by
+// an Accept call; it waits for one (within the handshake timeout) unless
+// the last Receiver accepted is still running, in which case it is
+// refused with ErrBusy. Verify calls never overlap.
 type Listener struct {
 	ln     net.Listener
 	ctx    context.Context // the Listener's life: cancelled by Close
@@ -24,9 +24,11 @@ type Listener struct {
 	start  sync.Once
 	wg     sync.WaitGroup
 
-	mu      sync.Mutex // guards cfg and waiting; held across Verify
+	mu      sync.Mutex // guards the fields below; held across Verify
 	cfg     Config
 	waiting chan *Receiver // set while an Accept waits for a sender
+	wake    chan struct{}  // closed (and replaced) when an Accept starts waiting
+	serving *Receiver      // the last Receiver accepted
 }
 
 // Listen listens on addr (TCP). Without a key only a loopback address is
@@ -44,7 +46,7 @@ func Listen(addr string, cfg Config) (*Listener, error) {
 		return nil, fmt.Errorf("listen for stream: %w", err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Listener{ln: ln, cfg: cfg, ctx: ctx, cancel: cancel}, nil
+	return &Listener{ln: ln, cfg: cfg, ctx: ctx, cancel: cancel, wake: make(chan struct{})}, nil
 }
 
 // SetFailoverTimeout changes the failover timeout (and the heartbeat
@@ -91,6 +93,8 @@ func (l *Listener) Accept(ctx context.Context) (*Receiver, error) {
 		return nil, fmt.Errorf("accept stream: another Accept is waiting: %w", ErrProtocol)
 	}
 	l.waiting = ch
+	close(l.wake)
+	l.wake = make(chan struct{})
 	l.mu.Unlock()
 	var err error
 	select {
@@ -141,22 +145,47 @@ func (l *Listener) serve(conn net.Conn) {
 	l.mu.Lock()
 	cfg := l.cfg
 	l.mu.Unlock()
+	deadline := time.NewTimer(cfg.HandshakeTimeout)
+	defer deadline.Stop()
 	r, err := handshakeReceiver(l.ctx, conn, cfg)
 	if err != nil {
 		l.refused(fmt.Errorf("connection from %s: %w", conn.RemoteAddr(), err))
 		return
 	}
-	var refuse error
-	l.mu.Lock()
-	if l.waiting == nil || l.ctx.Err() != nil {
-		refuse = r.fail(fmt.Errorf("already serving a sender: %w", ErrBusy), -1)
-	} else if refuse = r.verdict(l.cfg.Verify); refuse == nil {
-		l.waiting <- r
-		l.waiting = nil
+	if err := l.deliver(r, deadline.C); err != nil {
+		l.refused(fmt.Errorf("connection from %s: %w", conn.RemoteAddr(), err))
 	}
-	l.mu.Unlock()
-	if refuse != nil {
-		l.refused(fmt.Errorf("connection from %s: %w", conn.RemoteAddr(), refuse))
+}
+
+// deliver hands an authenticated sender to an Accept, waiting for one
+// until timeout unless another sender is being served.
+func (l *Listener) deliver(r *Receiver, timeout <-chan time.Time) error {
+	for {
+		l.mu.Lock()
+		switch {
+		case l.ctx.Err() != nil:
+			l.mu.Unlock()
+			return r.fail(fmt.Errorf("%w: listener closed", ErrClosed), -1)
+		case l.serving != nil && l.serving.Err() == nil:
+			l.mu.Unlock()
+			return r.fail(fmt.Errorf("already serving a sender: %w", ErrBusy), -1)
+		case l.waiting != nil:
+			err := r.verdict(l.cfg.Verify)
+			if err == nil {
+				l.waiting <- r
+				l.waiting, l.serving = nil, r
+			}
+			l.mu.Unlock()
+			return err
+		}
+		wake := l.wake
+		l.mu.Unlock()
+		select {
+		case <-wake:
+		case <-timeout:
+			return r.fail(fmt.Errorf("not accepting senders now: %w", ErrBusy), -1)
+		case <-l.ctx.Done():
+		}
 	}
 }
 
