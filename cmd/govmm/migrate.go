@@ -73,14 +73,25 @@ const standbyUsage = `Usage: govmm standby --listen HOST:PORT [flags]
 
 Keeps a hot replica of a VM replicated to it ('govmm run --replicate-to
 HOST:PORT'), and runs it from the last checkpoint when the primary is lost
-(no frame within --failover-timeout), announcing the guest's MAC with RARP
-and gratuitous ARP. Also receives a live migration ('govmm ctl migrate
---to HOST:PORT') and runs the guest. With --replicate-to, the guest it took
-over is protected again by a new standby there (after a full resync). It
-uses this host's devices:
-give the same device flags as the source (--disk with this host's copy,
---net, --mac). Without --key-file the stream is unauthenticated and only a
-loopback address may be used.
+(nothing heard for --failover-timeout while listening, or its connection
+gone without a goodbye), announcing the guest's MAC with RARP and
+gratuitous ARP. Also receives a live migration ('govmm ctl migrate --to
+HOST:PORT') and runs the guest once the source hands it over.
+
+Give the same device flags as the source, with this host's resources:
+--disk with this host's copy (a file or a block device of the same size;
+the initial sync copies the source's disk into it), --net of the same kind
+(user or tap), the same --mac or --name. A primary whose guest this standby
+could not run (another device set, MAC, disk size, read-only flag or
+network backend) is refused at the handshake, and both ends say why.
+Connections that are no usable primary are refused and logged; the
+standby keeps listening. With --replicate-to, the guest it took over is
+protected again by a new standby there; if that fails, the guest keeps
+running, unprotected, and the standby says so.
+
+The two ends use the larger of their --failover-timeout values (default
+2s, for a LAN; see 'govmm help run' for other links). Without --key-file
+the stream is unauthenticated and only a loopback address may be used.
 
 Flags:
 `

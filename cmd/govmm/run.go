@@ -28,6 +28,22 @@ image (built on first use) to a shell on this terminal; press Ctrl-A x to
 quit. With -- CMD, it runs CMD inside the guest, streams its output and
 exits with CMD's exit status.
 
+With --replicate-to HOST:PORT the guest is protected by a hot standby
+('govmm standby --listen HOST:PORT', with the same devices): its disks and
+memory are copied there, then a checkpoint is shipped every --epoch, and
+the guest's network output waits for the standby's ack of the checkpoint
+that covers it. A standby that is slow is waited for (the epochs stretch);
+one silent for --failover-timeout is lost, and the guest runs on
+unprotected (or pauses: --on-standby-loss). Settings for a link:
+
+  link                 RTT        --epoch      --failover-timeout
+  LAN, one switch      < 0.5 ms   25ms         1s-2s (default 2s)
+  campus or metro      1-5 ms     50ms         3s
+  WAN                  10-100 ms  100-200ms    5s-10s
+
+The two ends use the larger of their failover timeouts. docs/STREAM.md
+explains the choice.
+
 Flags:
 `
 
@@ -79,7 +95,7 @@ func (f *runFlags) register(fs *flag.FlagSet) {
 // shared by run and standby (which re-protects the guest it took over).
 func (f *runFlags) registerReplication(fs *flag.FlagSet) {
 	fs.StringVar(&f.replicateTo, "replicate-to", "", "keep a hot standby at `HOST:PORT` (govmm standby --listen), Remus-style")
-	fs.DurationVar(&f.epoch, "epoch", 25*time.Millisecond, "checkpoint interval when replicating")
+	fs.DurationVar(&f.epoch, "epoch", replicate.DefaultEpoch, "checkpoint interval when replicating")
 	fs.StringVar(&f.onStandbyLoss, "on-standby-loss", replicate.OnStandbyLossContinue, "when the standby is lost: continue (unprotected, logged loudly) or pause")
 	fs.BoolVar(&f.unsafeNoOutputBuffering, "unsafe-no-output-buffering", false, "UNSAFE, benchmarks only: let guest output out before its checkpoint is acknowledged")
 	fs.BoolVar(&f.nullStandby, "null-standby", false, "benchmarks only: take checkpoints and ship them nowhere (the guest is NOT protected)")

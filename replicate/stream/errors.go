@@ -3,6 +3,8 @@ package stream
 import (
 	"errors"
 	"fmt"
+	"strings"
+	"unicode"
 )
 
 // Sentinels. Every error a Sender or Receiver returns for a failed stream is
@@ -124,10 +126,17 @@ func codeOf(err error) (errorCode, bool) {
 	return 0, false
 }
 
-// peerError turns a received Error frame into an error.
+// peerError turns a received Error frame into an error. The peer's text
+// is shown with anything unprintable replaced, never interpreted.
 func peerError(code errorCode, msg string) error {
+	msg = strings.Map(func(r rune) rune {
+		if !unicode.IsPrint(r) {
+			return '?'
+		}
+		return r
+	}, msg)
 	if int(code) < len(codeSentinels) && codeSentinels[code] != nil {
-		return fmt.Errorf("%w: %w: %q", ErrPeer, codeSentinels[code], msg)
+		return fmt.Errorf("%w: %w; the peer says: %s", ErrPeer, codeSentinels[code], msg)
 	}
-	return fmt.Errorf("%w (code %d): %q", ErrPeer, code, msg)
+	return fmt.Errorf("%w (code %d); the peer says: %s", ErrPeer, code, msg)
 }
