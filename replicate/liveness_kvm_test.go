@@ -181,7 +181,11 @@ func TestStandbyRefusesAndKeepsListening(t *testing.T) {
 
 	for _, poke := range []func(){
 		func() { c, _ := net.Dial("tcp", sb.Addr()); c.Close() },
-		func() { c, _ := net.Dial("tcp", sb.Addr()); _, _ = c.Write([]byte("SSH-2.0-OpenSSH_9.6\r\n")); c.Close() },
+		func() {
+			c, _ := net.Dial("tcp", sb.Addr())
+			_, _ = c.Write([]byte("SSH-2.0-OpenSSH_9.6\r\n"))
+			c.Close()
+		},
 	} {
 		poke()
 		t.Logf("refused: %v", <-refused)
