@@ -253,6 +253,41 @@ func TestMigrateLateAckNeverRunsTwice(t *testing.T) {
 	require.Eventually(t, func() bool { return passes(t, src) > before }, 30*time.Second, time.Millisecond)
 }
 
+// The same with the ack held back by the network instead of a slow
+// destination: it arrives after the source gave up.
+func TestMigrateAckHeldBackNeverRunsTwice(t *testing.T) {
+	kvmtest.Require(t)
+	src := newTiny(t, tinyguest.Dirtier(dirtyBase, 64, passGPA))
+	require.NoError(t, src.Start())
+	sb := newStandby(t, nil)
+	type received struct {
+		m   *vmm.Machine
+		err error
+	}
+	done := make(chan received, 1)
+	go func() {
+		m, err := sb.ReceiveMigration(context.Background())
+		done <- received{m, err}
+	}()
+	px := newProxy(t, sb.Addr())
+	var final atomic.Bool
+	_, err := Migrate(context.Background(), src, MigrateConfig{To: px.addr(), Insecure: true, Name: "tiny",
+		AckTimeout: 300 * time.Millisecond, Progress: func(p Progress) {
+			if p.Phase == "stop-and-copy" && final.CompareAndSwap(false, true) {
+				px.stallBack.Store(true)
+				time.AfterFunc(time.Second, func() { px.stallBack.Store(false) })
+			}
+		}})
+	require.ErrorContains(t, err, "keeps running here")
+	r := <-done
+	if r.m != nil {
+		r.m.Close()
+		t.Fatal("the destination runs the guest too")
+	}
+	require.ErrorContains(t, r.err, "without handing over")
+	require.False(t, src.Paused())
+}
+
 // Migrating a VM that is being replicated is refused: the migration's
 // dirty tracking and the replication's would steal each other's pages.
 func TestMigrateRefusedWhileReplicating(t *testing.T) {
