@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"time"
 
+	"govmm/dirtylog"
 	"govmm/replicate/stream"
 	"govmm/vmm"
 )
@@ -128,57 +129,12 @@ func Migrate(ctx context.Context, m *vmm.Machine, cfg MigrateConfig) (MigrateRes
 	// Stop and copy, at a consistent cut. On success the machine stays
 	// paused: the guest lives on at the destination only.
 	paused := time.Now()
-	handedOver := false
+	var handedOver bool
 	var handoverErr error
-	set := pre.Dirty
 	err = m.WithPaused(ctx, func() error {
-		last, err := tracker.Harvest()
-		if err != nil {
-			return err
-		}
-		set.Or(last)
-		state, writes, err := cutState(m, cfg.Disks)
-		if err != nil {
-			return err
-		}
-		res.Rounds++
-		progress(Progress{Round: res.Rounds, Phase: "stop-and-copy", BytesSent: s.Stats().BytesSent, RemainingPages: uint64(set.Count())})
-		final := next()
-		if err := s.BeginCheckpoint(final, stream.KindFinal); err != nil {
-			return err
-		}
-		n, err := sendPages(s, m.Memory(), set)
-		res.PagesSent += n
-		if err != nil {
-			return err
-		}
-		if err := sendWrites(s, writes); err != nil {
-			return err
-		}
-		if err := s.SendState(state); err != nil {
-			return err
-		}
-		if err := s.EndCheckpoint(); err != nil {
-			return err
-		}
-		actx, cancel := context.WithTimeout(ctx, cfg.AckTimeout)
-		err = s.WaitAck(actx, final)
-		cancel()
-		if err != nil {
-			// Abort before resuming here: the goodbye tells the
-			// destination to discard the final checkpoint even if it
-			// acknowledged it just now.
-			_ = s.Close()
-			return fmt.Errorf("final checkpoint not acknowledged: %w", err)
-		}
-		// The point of no return: from the handover on, this side never
-		// runs the guest again, even if sending it failed (it may have
-		// arrived). Hold a pause of our own: leaving WithPaused must not
-		// let the vCPUs run here again.
-		handedOver = true
-		res.BytesSent = s.Stats().BytesSent
-		handoverErr = s.Handover()
-		return m.Pause()
+		var err error
+		handedOver, handoverErr, err = stopAndCopy(ctx, m, s, tracker, pre.Dirty, next(), cfg, progress, &res)
+		return err
 	})
 	if handedOver && handoverErr != nil {
 		return res, fmt.Errorf("migrate: %w: %w (the guest is paused here for good; check the destination)", ErrHandoverUnconfirmed, handoverErr)
@@ -193,4 +149,60 @@ func Migrate(ctx context.Context, m *vmm.Machine, cfg MigrateConfig) (MigrateRes
 	res.TotalTime = time.Since(start)
 	progress(Progress{Round: res.Rounds, Phase: "done", BytesSent: res.BytesSent})
 	return res, nil
+}
+
+// stopAndCopy runs inside the stop-and-copy pause: the last dirty pages,
+// the disk writes and the machine state as the final checkpoint, then the
+// handover once it is acknowledged. handedOver says the point of no return
+// was passed (the source must never run the guest again); handoverErr,
+// that the Handover frame may not have left. Without the ack in time it
+// aborts the migration (a goodbye) before returning the error, so that
+// the caller may resume the guest here.
+func stopAndCopy(ctx context.Context, m *vmm.Machine, s *stream.Sender, tracker *dirtylog.Tracker, set *dirtylog.Set,
+	final uint64, cfg MigrateConfig, progress func(Progress), res *MigrateResult) (handedOver bool, handoverErr, err error) {
+	last, err := tracker.Harvest()
+	if err != nil {
+		return false, nil, err
+	}
+	set.Or(last)
+	state, writes, err := cutState(m, cfg.Disks)
+	if err != nil {
+		return false, nil, err
+	}
+	res.Rounds++
+	progress(Progress{Round: res.Rounds, Phase: "stop-and-copy", BytesSent: s.Stats().BytesSent, RemainingPages: uint64(set.Count())})
+	if err := s.BeginCheckpoint(final, stream.KindFinal); err != nil {
+		return false, nil, err
+	}
+	n, err := sendPages(s, m.Memory(), set)
+	res.PagesSent += n
+	if err != nil {
+		return false, nil, err
+	}
+	if err := sendWrites(s, writes); err != nil {
+		return false, nil, err
+	}
+	if err := s.SendState(state); err != nil {
+		return false, nil, err
+	}
+	if err := s.EndCheckpoint(); err != nil {
+		return false, nil, err
+	}
+	actx, cancel := context.WithTimeout(ctx, cfg.AckTimeout)
+	err = s.WaitAck(actx, final)
+	cancel()
+	if err != nil {
+		// Abort before resuming here: the goodbye tells the destination
+		// to discard the final checkpoint even if it acknowledged it just
+		// now.
+		_ = s.Close()
+		return false, nil, fmt.Errorf("final checkpoint not acknowledged: %w", err)
+	}
+	// The point of no return: from the handover on, this side never runs
+	// the guest again, even if sending it failed (it may have arrived).
+	// Hold a pause of our own: leaving WithPaused must not let the vCPUs
+	// run here again.
+	res.BytesSent = s.Stats().BytesSent
+	handoverErr = s.Handover()
+	return true, handoverErr, m.Pause()
 }

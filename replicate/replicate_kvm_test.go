@@ -295,7 +295,7 @@ func TestReplicationToNull(t *testing.T) {
 	require.Eventually(t, func() bool { return rep.Stats().Epochs >= 5 && len(wire.got()) == 1 }, 30*time.Second, time.Millisecond)
 	st := rep.Stats()
 	require.True(t, st.Protected)
-	require.Equal(t, st.Epoch, st.Acked)
+	require.GreaterOrEqual(t, st.Acked+1, st.Epoch, "each acknowledged as it ends (the last may be in flight)")
 	require.Zero(t, st.Bytes, "nothing shipped")
 	require.Greater(t, st.DirtyPages, uint64(0))
 }

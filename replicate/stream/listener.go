@@ -24,8 +24,8 @@ type Listener struct {
 	start  sync.Once
 	wg     sync.WaitGroup
 
-	mu      sync.Mutex // guards the fields below; held across Verify
-	cfg     Config
+	mu      sync.Mutex     // guards the fields below; held across Verify
+	cfg     Config         // fixed at Listen
 	waiting chan *Receiver // set while an Accept waits for a sender
 	wake    chan struct{}  // closed (and replaced) when an Accept starts waiting
 	serving *Receiver      // the last Receiver accepted
@@ -47,22 +47,6 @@ func Listen(addr string, cfg Config) (*Listener, error) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Listener{ln: ln, cfg: cfg, ctx: ctx, cancel: cancel, wake: make(chan struct{})}, nil
-}
-
-// SetFailoverTimeout changes the failover timeout (and the heartbeat
-// interval, a quarter of it) for streams accepted from now on.
-func (l *Listener) SetFailoverTimeout(d time.Duration) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	l.cfg.FailoverTimeout = d
-	l.cfg.HeartbeatInterval = d / 4
-}
-
-// SetVerify replaces Config.Verify for senders accepted from now on.
-func (l *Listener) SetVerify(fn func(peer Identity) error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	l.cfg.Verify = fn
 }
 
 // Addr is the address listened on.
