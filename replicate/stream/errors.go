@@ -47,6 +47,9 @@ var (
 	// ErrBusy: the receiver is already serving a sender (or not accepting
 	// one now).
 	ErrBusy = errors.New("receiver busy")
+	// ErrRefused: the receiver's Verify refused the sender for a reason of
+	// its own (it could not build a machine for it, say).
+	ErrRefused = errors.New("sender refused")
 	// ErrCommit: the receiver's commit callback or page sink refused the
 	// checkpoint.
 	ErrCommit = errors.New("checkpoint commit refused")
@@ -95,6 +98,7 @@ const (
 	codeTimeout
 	codeStalled
 	codeBusy
+	codeRefused
 )
 
 var codeSentinels = []error{
@@ -110,6 +114,7 @@ var codeSentinels = []error{
 	codeTimeout:    ErrTimeout,
 	codeStalled:    ErrStalled,
 	codeBusy:       ErrBusy,
+	codeRefused:    ErrRefused,
 }
 
 // codeOf picks the code for err, or ok=false when err is not a verdict

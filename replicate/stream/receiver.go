@@ -80,6 +80,9 @@ func handshakeReceiver(ctx context.Context, conn net.Conn, cfg Config) (*Receive
 func (r *Receiver) verdict(verify func(Identity) error) error {
 	if verify != nil {
 		if err := verify(r.peer); err != nil {
+			if _, ok := codeOf(err); !ok {
+				err = fmt.Errorf("%w: %w", ErrRefused, err)
+			}
 			return r.fail(fmt.Errorf("sender %q refused: %w", r.peer.Name, err), -1)
 		}
 	}

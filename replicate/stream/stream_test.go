@@ -68,6 +68,9 @@ func TestHandshakeRefusals(t *testing.T) {
 			r.Identity.Devices = slices.Clone(r.Identity.Devices)
 			r.Identity.Devices[2] = Device{ID: "virtio-blk0", Attrs: []Attr{{"kind", "virtio-blk"}, {"size", "2097152"}, {"ro", "false"}}}
 		}, ErrMismatch, ErrMismatch, `device virtio-blk0: size "2097152" here, "1048576" on the peer`},
+		{"verify fails for a reason of its own", func(s, r *Config) {
+			r.Verify = func(Identity) error { return errors.New("tap0: device busy") }
+		}, ErrRefused, ErrRefused, "tap0: device busy"},
 		{"verify refuses", func(s, r *Config) {
 			r.Verify = func(Identity) error { return fmt.Errorf("%w: no such MAC here", ErrMismatch) }
 		}, ErrMismatch, ErrMismatch, "no such MAC here"},
