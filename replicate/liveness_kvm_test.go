@@ -109,14 +109,24 @@ func TestStopDuringPartitionDoesNotHang(t *testing.T) {
 	sb := newStandby(t, nil)
 	receive(t, sb)
 	px := newProxy(t, sb.Addr())
+	// No backpressure limit: the epoch loop goes on until it blocks in a
+	// write, the socket buffers full.
 	rep, err := StartReplication(context.Background(), prim, ReplicateConfig{To: px.addr(), Insecure: true, Name: "tiny",
-		Epoch: 10 * time.Millisecond, FailoverTimeout: 30 * time.Second, Outputs: []*OutputBuffer{out}})
+		Epoch: 10 * time.Millisecond, FailoverTimeout: 30 * time.Second, MaxUnacked: 1 << 20, Outputs: []*OutputBuffer{out}})
 	require.NoError(t, err)
 	px.stallFwd.Store(true)
 	px.stallBack.Store(true)
 	require.NoError(t, out.Send([]byte("unacked")))
-	// Enough checkpoints to fill the socket buffers: the loop blocks.
-	time.Sleep(500 * time.Millisecond)
+	last, same := rep.Stats().Bytes, 0
+	require.Eventually(t, func() bool {
+		b := rep.Stats().Bytes
+		if b == last {
+			same++
+		} else {
+			last, same = b, 0
+		}
+		return same >= 3
+	}, 30*time.Second, 100*time.Millisecond, "the epoch loop blocks in a write")
 	stopped := make(chan struct{})
 	start := time.Now()
 	go func() { rep.Stop(); close(stopped) }()
