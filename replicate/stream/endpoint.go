@@ -352,7 +352,7 @@ func (w *deadlineWriter) setStall(d time.Duration) {
 	w.stall = d
 }
 
-const writePiece = 64 << 10
+const writePiece = 1 << 20 // more than bufio hands over at once: one deadline per write system call
 
 func (w *deadlineWriter) Write(p []byte) (int, error) {
 	n := 0
