@@ -87,9 +87,10 @@ func waitPasses(ctx context.Context, m *vmm.Machine, n uint64, timeout time.Dura
 // machine from the primary's identity.
 func newStandby() (*replicate.Standby, error) {
 	return replicate.NewStandby(replicate.StandbyConfig{Listen: "127.0.0.1:0", Insecure: true,
-		Build: func(id stream.Identity) (*vmm.Machine, []replicate.NIC, error) {
+		FailoverTimeout: 10 * time.Second, Logger: quietLogger(),
+		Build: func(id stream.Identity) (replicate.Replica, error) {
 			m, err := vmm.New(vmm.Config{MemSize: replicate.MemSize(id), CPUs: int(id.VCPUs), Console: io.Discard})
-			return m, nil, err
+			return replicate.Replica{Machine: m}, err
 		}})
 }
 

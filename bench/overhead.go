@@ -162,7 +162,7 @@ func overheadTrial(ctx context.Context, cfg OverheadConfig, pages int, p overhea
 			defer func() { cancel(); <-sbDone }() // after rep.Stop, which is deferred later
 			go func() {
 				defer close(sbDone)
-				sm, _, err := sb.ReceiveReplication(sctx, 10*time.Second)
+				sm, _, err := sb.ReceiveReplication(sctx)
 				if err == nil {
 					sm.Close() // a takeover here would be a bench failure; Recent tells
 				}

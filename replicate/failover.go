@@ -26,20 +26,27 @@ type Takeover struct {
 }
 
 // shouldTakeOver decides what a standby does once its stream has ended
-// with runErr: nil to run the guest, or the reason not to.
+// with runErr: nil to run the guest, or the reason not to, which wraps
+// errListenAgain when the standby should wait for a source again.
+//
+//	handover after a committed final checkpoint   run (migration)
+//	goodbye (also after a final: aborted)         discard, stop standing by
+//	silence / connection lost, with a checkpoint  take over
+//	silence / connection lost, none yet           discard, listen again
+//	anything else (corrupt, forged, refused)      discard, listen again
 func shouldTakeOver(runErr error, handedOver, haveCheckpoint bool) error {
 	switch {
 	case runErr == nil && handedOver:
-		return nil // a planned handover (migration): run it
+		return nil
 	case runErr == nil:
 		return errors.New("standby: the primary stopped replication; the replica is discarded")
 	case !primaryLost(runErr):
 		// A corrupted, forged or refused stream says nothing about the
 		// primary's health: taking over could run the guest twice. The
 		// replica is dropped; the primary goes on unprotected.
-		return fmt.Errorf("standby: stream refused, not taking over (the primary runs unprotected): %w", runErr)
+		return fmt.Errorf("standby: stream refused, not taking over (the primary runs unprotected): %w: %w", runErr, errListenAgain)
 	case !haveCheckpoint:
-		return fmt.Errorf("standby: primary lost before the first checkpoint, nothing to resume: %w", runErr)
+		return fmt.Errorf("standby: primary lost before the first checkpoint, nothing to resume: %w: %w", runErr, errListenAgain)
 	}
 	return nil
 }
@@ -136,12 +143,15 @@ func NewNode(origin Origin, tk Takeover) *Node {
 // refuses (ErrReplicating) until that replication has ended.
 func (n *Node) Protect(ctx context.Context, m *vmm.Machine, cfg ReplicateConfig) (*Replicator, error) {
 	if !n.op.TryLock() {
-		return nil, fmt.Errorf("%w: replication is being started or stopped", ErrReplicating)
+		return nil, fmt.Errorf("%w: replication is being started or stopped, or a migration runs", ErrReplicating)
 	}
 	defer n.op.Unlock()
 	if r := n.Replicator(); r != nil {
 		select {
 		case <-r.Done():
+			// Its standby was lost. Stopping it resumes a guest the pause
+			// policy stopped: the operator decided to protect it anew.
+			r.Stop()
 		default:
 			return nil, fmt.Errorf("%w to %s", ErrReplicating, n.Peer())
 		}
@@ -160,6 +170,25 @@ func (n *Node) Protect(ctx context.Context, m *vmm.Machine, cfg ReplicateConfig)
 	return rep, nil
 }
 
+// Migrate live-migrates the guest (Migrate). A node that replicates
+// refuses (ErrReplicating): the migration's dirty tracking and the
+// replication's would each miss the pages the other harvested, and the
+// destination's memory would differ.
+func (n *Node) Migrate(ctx context.Context, m *vmm.Machine, cfg MigrateConfig) (MigrateResult, error) {
+	if !n.op.TryLock() {
+		return MigrateResult{}, fmt.Errorf("%w: replication is being started or stopped", ErrReplicating)
+	}
+	defer n.op.Unlock()
+	if r := n.Replicator(); r != nil {
+		select {
+		case <-r.Done():
+		default:
+			return MigrateResult{}, fmt.Errorf("%w to %s: unreplicate before migrating", ErrReplicating, n.Peer())
+		}
+	}
+	return Migrate(ctx, m, cfg)
+}
+
 // Unprotect stops replication; the standby discards its replica.
 func (n *Node) Unprotect() error {
 	n.op.Lock()
@@ -174,6 +203,9 @@ func (n *Node) Unprotect() error {
 	n.mu.Unlock()
 	return nil
 }
+
+// Origin is how this VMM came to run its guest.
+func (n *Node) Origin() Origin { return n.origin }
 
 // Replicator is the current replication, or nil.
 func (n *Node) Replicator() *Replicator {

@@ -23,6 +23,12 @@ type totals struct {
 	Epochs, DirtyPages, Bytes uint64
 	PauseSum, AckSum          time.Duration
 	Acked                     uint64
+	// Backpressured counts the epochs stretched waiting for the standby
+	// (MaxUnacked reached), for BackpressureSum in all; EarlyEpochs those
+	// cut short by disk pressure.
+	Backpressured   uint64
+	BackpressureSum time.Duration
+	EarlyEpochs     uint64
 }
 
 const recentEpochs = 1024
@@ -51,6 +57,10 @@ type ReplicationStats struct {
 	// HeldFrames and HeldBytes are the guest's output waiting for acks,
 	// over every output buffer.
 	HeldFrames, HeldBytes int
+	// Backpressured epochs waited BackpressureSum for the standby;
+	// EarlyEpochs were ended early by disk pressure.
+	Backpressured, EarlyEpochs uint64
+	BackpressureSum            time.Duration
 }
 
 // Stats reports counters and the pause-time distribution of recent epochs.
@@ -65,7 +75,8 @@ func (r *Replicator) Stats() ReplicationStats {
 	defer r.mu.Unlock()
 	s := ReplicationStats{Protected: r.protected, Epoch: r.epoch, Acked: r.totals.Acked, Epochs: r.totals.Epochs,
 		DirtyPages: r.totals.DirtyPages, Bytes: r.totals.Bytes, PauseSum: r.totals.PauseSum, AckSum: r.totals.AckSum,
-		HeldFrames: held, HeldBytes: heldBytes}
+		HeldFrames: held, HeldBytes: heldBytes, Backpressured: r.totals.Backpressured,
+		BackpressureSum: r.totals.BackpressureSum, EarlyEpochs: r.totals.EarlyEpochs}
 	if len(r.recent) > 0 {
 		s.Last = r.recent[len(r.recent)-1]
 		p := make([]time.Duration, len(r.recent))
@@ -111,6 +122,10 @@ func (r *Replicator) Metrics() []Metric {
 	add("govmm_replication_bytes_total", "bytes sent in checkpoints", "counter", float64(rs.Bytes), nil)
 	add("govmm_replication_pause_seconds_total", "time the guest was paused for checkpoints", "counter", rs.PauseSum.Seconds(), nil)
 	add("govmm_replication_ack_seconds_total", "sum of resume-to-ack times", "counter", rs.AckSum.Seconds(), nil)
+	add("govmm_replication_unacked_checkpoints", "checkpoints taken and not yet acknowledged", "gauge", float64(rs.Epoch-min(rs.Acked, rs.Epoch)), nil)
+	add("govmm_replication_backpressure_epochs_total", "epochs stretched because the standby had not acknowledged enough checkpoints", "counter", float64(rs.Backpressured), nil)
+	add("govmm_replication_backpressure_seconds_total", "time epochs were stretched waiting for the standby", "counter", rs.BackpressureSum.Seconds(), nil)
+	add("govmm_replication_early_epochs_total", "epochs ended early because the guest wrote much to disk", "counter", float64(rs.EarlyEpochs), nil)
 	for _, q := range []struct {
 		q string
 		v time.Duration

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"time"
 
+	"govmm/dirtylog"
 	"govmm/replicate/stream"
 	"govmm/vmm"
 )
@@ -23,15 +24,24 @@ type MigrateConfig struct {
 	// (default 30): a guest dirtying faster than the link converges never.
 	MaxRounds int
 	// AckTimeout bounds the wait for the destination's ack of the final
-	// checkpoint (default 30 s); past it the source resumes the guest.
+	// checkpoint (default 30 s); past it the source aborts the migration
+	// (the destination discards it) and resumes the guest.
 	AckTimeout time.Duration
 	Progress   func(Progress)
 	// Disks are the logs of the guest's disks (in device order): the
-	// destination has its own copies, identical when the migration
-	// starts, and every write made during it travels in the final
-	// checkpoint.
+	// pre-copy copies each to the destination's copy, and every write
+	// made meanwhile follows, the last ones in the final checkpoint.
 	Disks []*DiskLog
+	// Devices describe the guest's devices beyond their kind, by device
+	// ID, as in ReplicateConfig.
+	Devices map[string][]stream.Attr
 }
+
+// ErrHandoverUnconfirmed: the source sent the handover, but could not
+// confirm it left; the destination may or may not be running the guest.
+// The source stays paused, never resumed by govmm: an operator checks the
+// destination first.
+var ErrHandoverUnconfirmed = errors.New("handover sent but not confirmed")
 
 // Progress is reported after each round.
 type Progress struct {
@@ -54,10 +64,14 @@ type MigrateResult struct {
 // the guest runs (the first sends every page, each later one the pages
 // dirtied meanwhile), until the dirty set is small; then stop and copy:
 // pause, quiesce, the last dirty pages and the machine state in a final
-// checkpoint. Once the destination acknowledges it, the source never runs
-// the guest again: Migrate returns with m paused for good, and the caller
-// stops it (after reporting). On any failure before that ack, the guest
-// goes on running here and the error says why.
+// checkpoint. Once the destination acknowledges it, the source sends the
+// handover and never runs the guest again: Migrate returns with m paused
+// for good, and the caller stops it (after reporting). The destination
+// runs the guest only on that handover. Without the ack in time (or when
+// ctx ends first), the source tells the destination to discard the
+// migration (a goodbye), the guest goes on running here, and the error
+// says why: whichever way an ack and a timeout race, the guest never runs
+// at both ends.
 func Migrate(ctx context.Context, m *vmm.Machine, cfg MigrateConfig) (MigrateResult, error) {
 	if cfg.StopPages <= 0 {
 		cfg.StopPages = 256
@@ -75,11 +89,11 @@ func Migrate(ctx context.Context, m *vmm.Machine, cfg MigrateConfig) (MigrateRes
 	start := time.Now()
 	var res MigrateResult
 
-	s, err := stream.Dial(ctx, cfg.To, stream.Config{Key: cfg.Key, Insecure: cfg.Insecure, Identity: IdentityOf(m, cfg.Name)})
+	s, err := stream.Dial(ctx, cfg.To, stream.Config{Key: cfg.Key, Insecure: cfg.Insecure, Identity: IdentityOf(m, cfg.Name, cfg.Devices)})
 	if err != nil {
 		return res, fmt.Errorf("migrate to %s: %w", cfg.To, err)
 	}
-	defer s.Close()
+	defer s.Close() // a goodbye: the destination discards the migration
 	tracker, err := trackDirty(m)
 	if err != nil {
 		return res, fmt.Errorf("migrate: %w", err)
@@ -92,7 +106,8 @@ func Migrate(ctx context.Context, m *vmm.Machine, cfg MigrateConfig) (MigrateRes
 
 	epoch := uint64(0)
 	next := func() uint64 { epoch++; return epoch }
-	pre, err := precopy{t: s, mem: m.Memory(), tr: tracker, nextEpoch: next, stopPages: cfg.StopPages, maxRounds: cfg.MaxRounds,
+	pre, err := precopy{t: s, mem: m.Memory(), tr: tracker, disks: cfg.Disks, nextEpoch: next,
+		stopPages: cfg.StopPages, maxRounds: cfg.MaxRounds,
 		onRound: func(round, dirty int) {
 			progress(Progress{Round: round, Phase: "precopy", BytesSent: s.Stats().BytesSent,
 				DirtyPages: uint64(dirty), RemainingPages: uint64(dirty)})
@@ -114,50 +129,16 @@ func Migrate(ctx context.Context, m *vmm.Machine, cfg MigrateConfig) (MigrateRes
 	// Stop and copy, at a consistent cut. On success the machine stays
 	// paused: the guest lives on at the destination only.
 	paused := time.Now()
-	handedOver := false
-	set := pre.Dirty
+	var handedOver bool
+	var handoverErr error
 	err = m.WithPaused(ctx, func() error {
-		last, err := tracker.Harvest()
-		if err != nil {
-			return err
-		}
-		set.Or(last)
-		state, err := cutState(m, cfg.Disks)
-		if err != nil {
-			return err
-		}
-		res.Rounds++
-		progress(Progress{Round: res.Rounds, Phase: "stop-and-copy", BytesSent: s.Stats().BytesSent, RemainingPages: uint64(set.Count())})
-		final := next()
-		if err := s.BeginCheckpoint(final, stream.KindFinal); err != nil {
-			return err
-		}
-		n, err := sendPages(s, m.Memory(), set)
-		res.PagesSent += n
-		if err != nil {
-			return err
-		}
-		if err := s.SendState(state); err != nil {
-			return err
-		}
-		if err := s.EndCheckpoint(); err != nil {
-			return err
-		}
-		actx, cancel := context.WithTimeout(ctx, cfg.AckTimeout)
-		err = s.WaitAck(actx, final)
-		cancel()
-		if err != nil {
-			return fmt.Errorf("final checkpoint not acknowledged: %w", err)
-		}
-		// Handover: the destination has everything. Say goodbye and
-		// never run the guest here again.
-		res.BytesSent = s.Stats().BytesSent
-		_ = s.Close()
-		handedOver = true
-		// Hold a pause of our own: leaving WithPaused must not let the
-		// vCPUs run here again.
-		return m.Pause()
+		var err error
+		handedOver, handoverErr, err = stopAndCopy(ctx, m, s, tracker, pre.Dirty, next(), cfg, progress, &res)
+		return err
 	})
+	if handedOver && handoverErr != nil {
+		return res, fmt.Errorf("migrate: %w: %w (the guest is paused here for good; check the destination)", ErrHandoverUnconfirmed, handoverErr)
+	}
 	if !handedOver {
 		if err == nil {
 			err = errors.New("migration did not hand over")
@@ -168,4 +149,60 @@ func Migrate(ctx context.Context, m *vmm.Machine, cfg MigrateConfig) (MigrateRes
 	res.TotalTime = time.Since(start)
 	progress(Progress{Round: res.Rounds, Phase: "done", BytesSent: res.BytesSent})
 	return res, nil
+}
+
+// stopAndCopy runs inside the stop-and-copy pause: the last dirty pages,
+// the disk writes and the machine state as the final checkpoint, then the
+// handover once it is acknowledged. handedOver says the point of no return
+// was passed (the source must never run the guest again); handoverErr,
+// that the Handover frame may not have left. Without the ack in time it
+// aborts the migration (a goodbye) before returning the error, so that
+// the caller may resume the guest here.
+func stopAndCopy(ctx context.Context, m *vmm.Machine, s *stream.Sender, tracker *dirtylog.Tracker, set *dirtylog.Set,
+	final uint64, cfg MigrateConfig, progress func(Progress), res *MigrateResult) (handedOver bool, handoverErr, err error) {
+	last, err := tracker.Harvest()
+	if err != nil {
+		return false, nil, err
+	}
+	set.Or(last)
+	state, writes, err := cutState(m, cfg.Disks)
+	if err != nil {
+		return false, nil, err
+	}
+	res.Rounds++
+	progress(Progress{Round: res.Rounds, Phase: "stop-and-copy", BytesSent: s.Stats().BytesSent, RemainingPages: uint64(set.Count())})
+	if err := s.BeginCheckpoint(final, stream.KindFinal); err != nil {
+		return false, nil, err
+	}
+	n, err := sendPages(s, m.Memory(), set)
+	res.PagesSent += n
+	if err != nil {
+		return false, nil, err
+	}
+	if err := sendWrites(s, writes); err != nil {
+		return false, nil, err
+	}
+	if err := s.SendState(state); err != nil {
+		return false, nil, err
+	}
+	if err := s.EndCheckpoint(); err != nil {
+		return false, nil, err
+	}
+	actx, cancel := context.WithTimeout(ctx, cfg.AckTimeout)
+	err = s.WaitAck(actx, final)
+	cancel()
+	if err != nil {
+		// Abort before resuming here: the goodbye tells the destination
+		// to discard the final checkpoint even if it acknowledged it just
+		// now.
+		_ = s.Close()
+		return false, nil, fmt.Errorf("final checkpoint not acknowledged: %w", err)
+	}
+	// The point of no return: from the handover on, this side never runs
+	// the guest again, even if sending it failed (it may have arrived).
+	// Hold a pause of our own: leaving WithPaused must not let the vCPUs
+	// run here again.
+	res.BytesSent = s.Stats().BytesSent
+	handoverErr = s.Handover()
+	return true, handoverErr, m.Pause()
 }

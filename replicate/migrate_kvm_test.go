@@ -134,26 +134,26 @@ func TestMigrateBrokenStreamSourceKeepsRunning(t *testing.T) {
 		"the guest still runs on the source")
 }
 
-// A destination of another shape is refused at the handshake and the
-// source keeps running.
+// A destination of another shape refuses the source at the handshake,
+// both ends say why, and the source keeps running.
 func TestMigrateMismatchedDestination(t *testing.T) {
 	kvmtest.Require(t)
 	src := newTiny(t, tinyguest.Dirtier(dirtyBase, 8, passGPA))
 	require.NoError(t, src.Start())
 	sb, err := NewStandby(StandbyConfig{Listen: "127.0.0.1:0", Insecure: true,
-		Build: func(id stream.Identity) (*vmm.Machine, []NIC, error) {
+		Build: func(id stream.Identity) (Replica, error) {
 			m, err := vmm.New(vmm.Config{MemSize: MemSize(id), CPUs: 1, Console: io.Discard}) // one vCPU fewer
-			return m, nil, err
+			return Replica{Machine: m}, err
 		}})
 	require.NoError(t, err)
 	defer sb.Close()
-	errc := make(chan error, 1)
-	go func() {
-		_, err := sb.ReceiveMigration(context.Background())
-		errc <- err
-	}()
+	refused := make(chan error, 1)
+	sb.cfg.OnRefused = func(err error) { refused <- err }
+	go func() { _, _ = sb.ReceiveMigration(t.Context()) }()
 	_, err = Migrate(context.Background(), src, MigrateConfig{To: sb.Addr(), Insecure: true, Name: "tiny"})
-	require.Error(t, err)
-	require.ErrorIs(t, <-errc, vmm.ErrStateMismatch)
+	require.ErrorIs(t, err, stream.ErrMismatch)
+	require.ErrorIs(t, err, stream.ErrPeer, "the source hears the destination's reason")
+	require.ErrorContains(t, err, "1 vcpus on the standby, 2 on the source")
+	require.ErrorIs(t, <-refused, stream.ErrMismatch)
 	require.False(t, src.Paused())
 }

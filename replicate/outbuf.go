@@ -25,7 +25,7 @@ import (
 type OutputBuffer struct {
 	inner virtio.NetBackend
 
-	mu         sync.Mutex // guards the fields below
+	mu         sync.Mutex // guards the fields below; taken inside sendMu
 	current    [][]byte   // frames of the epoch the guest is producing output in
 	sealed     []sealedEpoch
 	lastSealed uint64 // epoch of the last Seal
@@ -177,35 +177,19 @@ func (b *OutputBuffer) Arm(epoch uint64) {
 	b.passthrough = false
 }
 
-// Unprotect ends output commit (replication stopped, or the standby was
-// lost under the continue policy): held frames are sent now, in order,
-// and later ones pass straight through.
-func (b *OutputBuffer) Unprotect() {
-	b.sendMu.Lock()
-	defer b.sendMu.Unlock()
-	b.mu.Lock()
-	var out [][]byte
-	for _, s := range b.sealed {
-		out = append(out, s.frames...)
-	}
-	out = append(out, b.current...)
-	b.current, b.sealed, b.held = nil, nil, 0
-	b.passthrough = true
-	b.released += uint64(len(out))
-	b.mu.Unlock()
-	for _, f := range out {
-		_ = b.inner.Send(f)
-	}
-}
-
-// Abandon ends output commit after the standby was lost: held frames are
-// dropped, never sent (their checkpoints were not acknowledged, and a
-// standby that is only partitioned away may be running the guest from an
-// earlier one; TCP retransmits what matters), and later frames pass
-// straight through.
+// Abandon ends output commit (the standby was lost, replication stopped
+// or failed to start): held frames are dropped, never sent (their
+// checkpoints were not acknowledged, and a standby that is only
+// partitioned away may be running the guest from an earlier one; TCP
+// retransmits what matters), and later frames pass straight through.
 func (b *OutputBuffer) Abandon() {
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	n := len(b.current)
+	for _, e := range b.sealed {
+		n += len(e.frames)
+	}
+	b.dropped += uint64(n)
 	b.current, b.sealed, b.held = nil, nil, 0
 	b.passthrough = true
 }
@@ -218,7 +202,8 @@ func (b *OutputBuffer) SetBypass(on bool) {
 	b.mu.Unlock()
 }
 
-// BufferStats are the output buffer's counters.
+// BufferStats are the output buffer's counters. Dropped counts frames
+// never sent: over the bound while held, or held when output commit ended.
 type BufferStats struct {
 	HeldFrames, HeldBytes int
 	Released, Dropped     uint64

@@ -146,13 +146,24 @@ func TestOutputAbandonDropsHeld(t *testing.T) {
 	require.Equal(t, []string{"later"}, out.got(), "unprotected: straight through")
 }
 
-func TestOutputUnprotectReleasesHeld(t *testing.T) {
+// Ending output commit for any reason (standby lost, replication
+// stopped, a failed start) drops every frame held for an epoch the
+// standby did not acknowledge: none of them is ever sent, and the
+// buffer passes later output straight through.
+func TestOutputAbandonNeverReleasesUnacked(t *testing.T) {
 	out := &sink{}
 	b := NewOutputBuffer(out, 0)
 	b.Arm(5)
-	require.NoError(t, b.Send([]byte("a")))
+	require.NoError(t, b.Send([]byte("acked")))
 	require.NoError(t, b.Seal(6))
-	require.NoError(t, b.Send([]byte("b")))
-	b.Unprotect()
-	require.Equal(t, []string{"a", "b"}, out.got())
+	require.NoError(t, b.Send([]byte("sealed, not acked")))
+	require.NoError(t, b.Seal(7))
+	require.NoError(t, b.Send([]byte("not sealed")))
+	require.NoError(t, b.Release(6))
+	b.Abandon()
+	require.NoError(t, b.Release(7), "a late ack after the end releases nothing")
+	require.Equal(t, []string{"acked"}, out.got())
+	require.Equal(t, uint64(2), b.Stats().Dropped)
+	require.NoError(t, b.Send([]byte("after")))
+	require.Equal(t, []string{"acked", "after"}, out.got())
 }

@@ -18,6 +18,7 @@ import (
 type Transport interface {
 	BeginCheckpoint(epoch uint64, kind stream.Kind) error
 	SendPage(gpa guestmem.GPA, page []byte) error
+	SendDisk(disk int, off int64, data []byte) error
 	SendState(state []byte) error
 	EndCheckpoint() error
 	// Acked is the last acknowledged epoch; WaitAck waits until epoch is
@@ -65,6 +66,7 @@ func (t *nullTransport) BeginCheckpoint(epoch uint64, kind stream.Kind) error {
 }
 
 func (t *nullTransport) SendPage(guestmem.GPA, []byte) error { return nil }
+func (t *nullTransport) SendDisk(int, int64, []byte) error   { return nil }
 func (t *nullTransport) SendState([]byte) error              { return nil }
 
 func (t *nullTransport) EndCheckpoint() error {

@@ -88,7 +88,7 @@ func (b *vmBackend) Snapshot(ctx context.Context, path string) (ctlapi.SnapshotR
 }
 
 func (b *vmBackend) Migrate(ctx context.Context, to string, progress func(ctlapi.Progress)) (ctlapi.MigrateResult, error) {
-	return migrate(ctx, b.m, b.f, b.devs, to, progress)
+	return migrate(ctx, b.m, b.f, b.devs, b.node, to, progress)
 }
 
 func (b *vmBackend) Stats() ctlapi.Stats {

@@ -9,6 +9,7 @@ import (
 	"strings"
 
 	"govmm/replicate"
+	"govmm/replicate/stream"
 	"govmm/virtio"
 	"govmm/virtio/netback"
 	"govmm/vmm"
@@ -43,6 +44,7 @@ func parseDisk(s string) (diskSpec, error) {
 type nic struct {
 	backend virtio.NetBackend
 	mac     net.HardwareAddr
+	kind    string // "user" or "tap": a standby's must match
 }
 
 func (n nic) Close() error { return n.backend.Close() }
@@ -83,7 +85,7 @@ func (f *runFlags) devices() (nics []io.Closer, disks []diskSpec, guestNet strin
 		if err != nil {
 			return nil, nil, "", err
 		}
-		nics = append(nics, nic{u, mac})
+		nics = append(nics, nic{u, mac, "user"})
 		if ip == "" {
 			ip = netback.DefaultUserGuest.String() + "/" + fmt.Sprint(netback.DefaultUserNetwork.Bits())
 		}
@@ -95,7 +97,7 @@ func (f *runFlags) devices() (nics []io.Closer, disks []diskSpec, guestNet strin
 		if err != nil {
 			return nil, nil, "", err
 		}
-		nics = append(nics, nic{t, mac})
+		nics = append(nics, nic{t, mac, "tap"})
 	default:
 		return nil, nil, "", fmt.Errorf("--net %q: want user, tap:NAME or none", f.net)
 	}
@@ -122,6 +124,9 @@ type machineDevices struct {
 	closers  []io.Closer
 	nics     []replicate.NIC      // one per NIC, its backend behind an output buffer
 	diskLogs []*replicate.DiskLog // one per --disk
+	// attrs describe the devices for the replication handshake, by device
+	// ID: a standby whose machine differs is refused there.
+	attrs map[string][]stream.Attr
 }
 
 // Close closes the devices (which own their backends).
@@ -150,7 +155,7 @@ func newMachine(cfg vmm.Config, f *runFlags, nics []io.Closer, disks []diskSpec)
 // Every NIC's backend is wrapped in an output buffer that passes frames
 // straight through until replication arms it (output commit).
 func attachDevices(m *vmm.Machine, f *runFlags, nics []io.Closer, disks []diskSpec) (*machineDevices, error) {
-	devs := &machineDevices{}
+	devs := &machineDevices{attrs: map[string][]stream.Attr{}}
 	var guestIP netip.Addr
 	if p, err := netip.ParsePrefix(f.guestIP); err == nil {
 		guestIP = p.Addr()
@@ -159,8 +164,10 @@ func attachDevices(m *vmm.Machine, f *runFlags, nics []io.Closer, disks []diskSp
 		n := c.(nic)
 		buf := replicate.NewOutputBuffer(n.backend, 0)
 		devs.nics = append(devs.nics, replicate.NIC{Out: buf, MAC: n.mac, IP: guestIP})
+		id := fmt.Sprintf("virtio-net%d", i)
+		devs.attrs[id] = []stream.Attr{{Key: "mac", Value: n.mac.String()}, {Key: "backend", Value: n.kind}}
 		dev, err := virtio.NewNet(m.Memory(), m, buf, virtio.NetConfig{
-			ID: fmt.Sprintf("virtio-net%d", i), MAC: n.mac, UseIOEventFD: !f.noIOEventFD})
+			ID: id, MAC: n.mac, UseIOEventFD: !f.noIOEventFD})
 		if err != nil {
 			closeAll(nics[i:])
 			return devs, err
@@ -172,13 +179,22 @@ func attachDevices(m *vmm.Machine, f *runFlags, nics []io.Closer, disks []diskSp
 		}
 	}
 	for i, d := range disks {
-		if _, err := os.Stat(d.path); err != nil {
+		// A second, read-only handle: replication copies the disk from it.
+		src, err := os.Open(d.path)
+		if err != nil {
 			return devs, fmt.Errorf("--disk %s: %w", d.path, err)
 		}
-		log := &replicate.DiskLog{}
+		devs.closers = append(devs.closers, src)
+		size, err := replicate.DiskSize(src)
+		if err != nil {
+			return devs, fmt.Errorf("--disk %s: %w", d.path, err)
+		}
+		log := replicate.NewDiskLog(src, size)
 		devs.diskLogs = append(devs.diskLogs, log)
+		id := fmt.Sprintf("virtio-blk%d", i)
+		devs.attrs[id] = []stream.Attr{{Key: "size", Value: fmt.Sprint(size)}, {Key: "ro", Value: fmt.Sprint(d.readOnly)}}
 		dev, err := virtio.NewBlock(m.Memory(), m, virtio.BlockConfig{
-			ID: fmt.Sprintf("virtio-blk%d", i), Path: d.path, ReadOnly: d.readOnly, UseIOEventFD: !f.noIOEventFD,
+			ID: id, Path: d.path, ReadOnly: d.readOnly, UseIOEventFD: !f.noIOEventFD,
 			OnWrite: log.Record})
 		if err != nil {
 			return devs, err

@@ -28,6 +28,22 @@ image (built on first use) to a shell on this terminal; press Ctrl-A x to
 quit. With -- CMD, it runs CMD inside the guest, streams its output and
 exits with CMD's exit status.
 
+With --replicate-to HOST:PORT the guest is protected by a hot standby
+('govmm standby --listen HOST:PORT', with the same devices): its disks and
+memory are copied there, then a checkpoint is shipped every --epoch, and
+the guest's network output waits for the standby's ack of the checkpoint
+that covers it. A standby that is slow is waited for (the epochs stretch);
+one silent for --failover-timeout is lost, and the guest runs on
+unprotected (or pauses: --on-standby-loss). Settings for a link:
+
+  link                 RTT        --epoch      --failover-timeout
+  LAN, one switch      < 0.5 ms   25ms         1s-2s (default 2s)
+  campus or metro      1-5 ms     50ms         3s
+  WAN                  10-100 ms  100-200ms    5s-10s
+
+The two ends use the larger of their failover timeouts. docs/STREAM.md
+explains the choice.
+
 Flags:
 `
 
@@ -79,8 +95,8 @@ func (f *runFlags) register(fs *flag.FlagSet) {
 // shared by run and standby (which re-protects the guest it took over).
 func (f *runFlags) registerReplication(fs *flag.FlagSet) {
 	fs.StringVar(&f.replicateTo, "replicate-to", "", "keep a hot standby at `HOST:PORT` (govmm standby --listen), Remus-style")
-	fs.DurationVar(&f.epoch, "epoch", 25*time.Millisecond, "checkpoint interval when replicating")
-	fs.StringVar(&f.onStandbyLoss, "on-standby-loss", replicate.OnStandbyLossContinue, "when the standby is lost: continue (unprotected, logged loudly) or pause")
+	fs.DurationVar(&f.epoch, "epoch", replicate.DefaultEpoch, "checkpoint interval when replicating")
+	fs.StringVar(&f.onStandbyLoss, "on-standby-loss", replicate.OnStandbyLossContinue, "when the standby is lost: continue (unprotected, logged loudly) or pause (until 'govmm ctl unreplicate' runs it on unprotected, or 'ctl replicate' protects it anew)")
 	fs.BoolVar(&f.unsafeNoOutputBuffering, "unsafe-no-output-buffering", false, "UNSAFE, benchmarks only: let guest output out before its checkpoint is acknowledged")
 	fs.BoolVar(&f.nullStandby, "null-standby", false, "benchmarks only: take checkpoints and ship them nowhere (the guest is NOT protected)")
 }
@@ -89,7 +105,8 @@ func (f *runFlags) registerReplication(fs *flag.FlagSet) {
 // control socket, shared by run, restore and standby.
 func (f *runFlags) registerDevices(fs *flag.FlagSet) {
 	fs.StringVar(&f.apiSock, "api-sock", "", "serve the control API (HTTP/JSON) on this unix socket; see govmm ctl")
-	fs.DurationVar(&f.failoverTimeout, "failover-timeout", 500*time.Millisecond, "declare the peer lost after this long without a frame (replication)")
+	fs.DurationVar(&f.failoverTimeout, "failover-timeout", replicate.DefaultFailoverTimeout,
+		"declare the peer lost after this long without a byte from it while listening (replication; the larger of the two ends' wins)")
 	fs.StringVar(&f.keyFile, "key-file", "", "pre-shared key authenticating the migration stream (mode 0600, at least 16 bytes); without it only loopback is allowed")
 	fs.StringVar(&f.name, "name", "govmm", "VM name (the default MAC derives from it)")
 	fs.StringVar(&f.net, "net", "user", "network: user (NAT on a user-mode TCP/IP stack), tap:NAME, or none")
@@ -199,7 +216,11 @@ func supervise(m *vmm.Machine, f *runFlags, devs *machineDevices, node *replicat
 	}
 	defer stopAPI()
 	if f.replicateTo != "" || f.nullStandby {
-		if err := startReplication(m, f, devs, node, f.replicateTo, f.epoch); err != nil {
+		err := startReplication(m, f, devs, node, f.replicateTo, f.epoch)
+		switch {
+		case err != nil && node.Origin() != replicate.Booted:
+			reprotectFailed(err)
+		case err != nil:
 			m.Stop()
 			m.Wait()
 			return err

@@ -217,10 +217,19 @@ func truncated(what string, err error) error {
 	// The peer's host or process died (a SIGKILLed process with unread
 	// data resets its connections): the stream ends as truncated, which
 	// is what a standby's failure detection acts on.
-	for _, e := range []error{syscall.ECONNRESET, syscall.EPIPE, syscall.ECONNABORTED, syscall.ETIMEDOUT, syscall.EHOSTUNREACH, syscall.ENETUNREACH} {
-		if errors.Is(err, e) {
-			return fmt.Errorf("read %s: connection lost (%v): %w", what, err, ErrTruncated)
-		}
+	if connectionLost(err) {
+		return fmt.Errorf("read %s: connection lost (%v): %w", what, err, ErrTruncated)
 	}
 	return fmt.Errorf("read %s: %w", what, err)
+}
+
+// connectionLost reports whether err says the connection died under us
+// (reset, broken, unreachable), as opposed to a local close or a stall.
+func connectionLost(err error) bool {
+	for _, e := range []error{syscall.ECONNRESET, syscall.EPIPE, syscall.ECONNABORTED, syscall.ETIMEDOUT, syscall.EHOSTUNREACH, syscall.ENETUNREACH, io.ErrClosedPipe} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	return false
 }
