@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -296,13 +297,16 @@ func firstDiff(want, got string) string {
 }
 
 // govmm run -- CMD gives every byte the command wrote and its exit
-// status, 20 times over: --cpus 1 and 2 (nproc says which), statuses
-// 0..255 and death by a signal (128+9).
+// status, 6 times over (make soak: many more): --cpus 1 and 2 (nproc says
+// which), statuses across 0..255 and death by a signal (128+9).
 func TestGuestCommandOutputExact(t *testing.T) {
 	kvmtest.RequireLinuxBoot(t)
 	_, err := guestimg.Build(context.Background(), guestimg.Options{})
 	require.NoError(t, err)
-	const runs = 20
+	runs := 6
+	if n, err := strconv.Atoi(os.Getenv("GOVMM_SOAK_RUNS")); err == nil && n > 1 {
+		runs = n
+	}
 	for n := 0; n < runs; n++ {
 		cpus := 1 + n%2
 		payload := commandPayload(n)
@@ -357,7 +361,6 @@ func TestGuestPowerOffAndReboot(t *testing.T) {
 // touches no MSR that KVM cannot handle (KVM would log it).
 func TestGuestDemoUserNetAndDiskPersistence(t *testing.T) {
 	kvmtest.RequireLinuxBoot(t)
-	t.Parallel() // with the other demo tests: one guest each, two at a time
 	disk := blankDisk(t)
 	port := freePort(t)
 	base := fmt.Sprintf("http://127.0.0.1:%d", port)
@@ -383,7 +386,6 @@ func TestGuestDemoUserNetAndDiskPersistence(t *testing.T) {
 // The same through a TAP device on a Linux bridge in a network namespace.
 func TestGuestDemoOverTAP(t *testing.T) {
 	kvmtest.RequireLinuxBoot(t)
-	t.Parallel() // with the other demo tests: one guest each, two at a time
 	ns := netns.New(t)
 	require.NoError(t, ns.AddTap("govmmtap0"))
 	prefix := ns.BridgePrefix()
@@ -401,7 +403,6 @@ func TestGuestDemoOverTAP(t *testing.T) {
 // still grows.
 func TestGuestSnapshotRestore(t *testing.T) {
 	kvmtest.RequireLinuxBoot(t)
-	t.Parallel() // with the other demo tests: one guest each, two at a time
 	dir := t.TempDir()
 	disk := blankDisk(t)
 	port := freePort(t)
