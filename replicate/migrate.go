@@ -84,7 +84,7 @@ func Migrate(ctx context.Context, m *vmm.Machine, cfg MigrateConfig) (MigrateRes
 		return res, fmt.Errorf("migrate to %s: %w", cfg.To, err)
 	}
 	defer s.Close()
-	tracker, err := dirtylog.New(m.VM(), mem, dirtylog.Options{ManualProtect: true})
+	tracker, err := m.TrackDirty(dirtylog.Options{ManualProtect: true})
 	if err != nil {
 		return res, fmt.Errorf("migrate: %w", err)
 	}

@@ -138,7 +138,7 @@ func StartReplication(ctx context.Context, m *vmm.Machine, cfg ReplicateConfig) 
 			return nil, fmt.Errorf("replicate to %s: %w", cfg.To, err)
 		}
 	}
-	if r.tr, err = dirtylog.New(m.VM(), m.Memory(), dirtylog.Options{ManualProtect: true}); err != nil {
+	if r.tr, err = m.TrackDirty(dirtylog.Options{ManualProtect: true}); err != nil {
 		r.closeStream()
 		return nil, fmt.Errorf("replicate: %w", err)
 	}

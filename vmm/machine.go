@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	"govmm/kvmapi"
 	"govmm/vmm/devstate"
@@ -75,6 +76,8 @@ type Machine struct {
 	paused  int        // pause holders: Pause increments, Resume decrements
 
 	stwMu sync.Mutex // one stop-the-world operation at a time (WithPaused)
+
+	tracking atomic.Bool // a dirty tracker is open (TrackDirty)
 }
 
 // New opens KVM and builds the machine: memory slots, interrupt
@@ -155,9 +158,7 @@ func (m *Machine) build() error {
 		return fmt.Errorf("allocate %d MiB of guest memory: %w", m.cfg.MemSize>>20, err)
 	}
 	for _, r := range m.mem.Regions() {
-		if err := m.vm.SetUserMemoryRegion(kvmapi.UserMemoryRegion{
-			Slot: r.Slot, GuestPhysAddr: uint64(r.GPA), MemorySize: r.Size, UserspaceAddr: hostAddr(r.Host),
-		}); err != nil {
+		if err := m.setSlot(r, 0); err != nil {
 			return fmt.Errorf("memory slot %d: %w", r.Slot, err)
 		}
 	}
@@ -246,9 +247,6 @@ func hostMemory() (uint64, error) {
 
 // Memory is the guest's RAM.
 func (m *Machine) Memory() *guestmem.Memory { return m.mem }
-
-// VM is the KVM VM fd, for the packages that track dirty pages.
-func (m *Machine) VM() *kvmapi.VM { return m.vm }
 
 // UART is the console.
 func (m *Machine) UART() *UART { return m.uart }
