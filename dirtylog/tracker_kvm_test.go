@@ -188,9 +188,7 @@ func TestHarvestVMMWrites(t *testing.T) {
 		require.NoError(t, mem.WriteAt([]byte{1}, 0x200000))
 		require.NoError(t, mem.WriteAt(make([]byte, 2), 0x300fff)) // straddles two pages
 		require.NoError(t, mem.MarkDirty(0x3ff0000, 1))            // last 64 KiB of memory
-		buf, err := mem.WritableSlice(0x500000, 3*pg)
-		require.NoError(t, err)
-		buf[0] = 1
+		require.NoError(t, mem.Fill(0x500000, 3*pg, func(buf []byte) error { buf[0] = 1; return nil }))
 		s, err := tr.Harvest()
 		require.NoError(t, err)
 		assert.Equal(t, []guestmem.GPA{0x200000, 0x300000, 0x301000, 0x500000, 0x501000, 0x502000, 0x3ff0000},
