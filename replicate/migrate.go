@@ -58,8 +58,9 @@ type MigrateResult struct {
 // dirtied meanwhile), until the dirty set is small; then stop and copy:
 // pause, quiesce, the last dirty pages and the machine state in a final
 // checkpoint. Once the destination acknowledges it, the source never runs
-// the guest again: Migrate returns with m paused for good, and the caller
-// stops it (after reporting). On any failure before that ack, the guest
+// the guest again: Migrate returns with m handed over (vCPUs paused and
+// devices quiesced for good, vmm.Machine.HandOver), and the caller stops
+// it (after reporting). On any failure before that ack, the guest
 // goes on running here and the error says why.
 func Migrate(ctx context.Context, m *vmm.Machine, cfg MigrateConfig) (MigrateResult, error) {
 	if cfg.StopPages <= 0 {
@@ -179,14 +180,18 @@ func Migrate(ctx context.Context, m *vmm.Machine, cfg MigrateConfig) (MigrateRes
 		if err != nil {
 			return fmt.Errorf("final checkpoint not acknowledged: %w", err)
 		}
-		// Handover: the destination has everything. Say goodbye and
-		// never run the guest here again.
+		// Handover: the destination has everything. Never run the
+		// guest here again, and keep the devices quiesced: leaving
+		// WithPaused must not let a queued frame or disk write out
+		// while the destination runs. Then say goodbye, which lets
+		// the destination start.
 		res.BytesSent = s.Stats().BytesSent
-		_ = s.Close()
+		if err := m.HandOver(); err != nil {
+			return err
+		}
 		handedOver = true
-		// Hold a pause of our own: leaving WithPaused must not let the
-		// vCPUs run here again.
-		return m.Pause()
+		_ = s.Close()
+		return nil
 	})
 	if !handedOver {
 		if err == nil {

@@ -72,8 +72,9 @@ type Machine struct {
 
 	restoring *MachineState // non-nil while StartFrom sets up vCPUs
 
-	pauseMu sync.Mutex // serialises Pause/Resume
-	paused  int        // pause holders: Pause increments, Resume decrements
+	pauseMu    sync.Mutex // serialises Pause/Resume; guards paused and handedOver
+	paused     int        // pause holders: Pause increments, Resume decrements
+	handedOver bool       // the guest lives on elsewhere: never run again (HandOver)
 
 	stwMu sync.Mutex // one stop-the-world operation at a time (WithPaused)
 
@@ -471,9 +472,13 @@ func (m *Machine) Pause() error {
 }
 
 // Resume undoes one Pause; the vCPUs run again when no pause is held.
+// After HandOver it refuses with ErrHandedOver.
 func (m *Machine) Resume() error {
 	m.pauseMu.Lock()
 	defer m.pauseMu.Unlock()
+	if m.handedOver {
+		return ErrHandedOver
+	}
 	if m.paused == 0 {
 		return nil
 	}
@@ -486,10 +491,38 @@ func (m *Machine) Resume() error {
 	return nil
 }
 
+// ErrHandedOver is returned by Resume and ResumeDevices on a machine that
+// handed its guest over to another host (HandOver).
+var ErrHandedOver = errors.New("machine handed its guest over (migrated away): it never runs again")
+
+// HandOver records that the guest now lives on elsewhere (a migration's
+// destination acknowledged the final checkpoint): from here on this
+// machine's vCPUs never run and its devices stay quiesced, so it sends no
+// frame, executes no disk write and writes no guest memory again, even
+// while the destination already runs the guest. Only Stop and Close
+// remain. Call it from inside WithPaused, at the cut; the machine must be
+// paused (ErrNotPaused otherwise).
+func (m *Machine) HandOver() error {
+	m.pauseMu.Lock()
+	defer m.pauseMu.Unlock()
+	if m.paused == 0 {
+		return ErrNotPaused
+	}
+	m.handedOver = true
+	return nil
+}
+
+// HandedOver reports whether HandOver was called.
+func (m *Machine) HandedOver() bool {
+	m.pauseMu.Lock()
+	defer m.pauseMu.Unlock()
+	return m.handedOver
+}
+
 // WithPaused runs fn at a consistent cut: every vCPU paused and every
 // device quiesced. Such operations (a checkpoint, a snapshot) never
 // interleave. Afterwards the devices and vCPUs go on, unless fn stopped
-// the machine or another pause is held.
+// the machine, handed it over, or another pause is held.
 func (m *Machine) WithPaused(ctx context.Context, fn func() error) error {
 	m.stwMu.Lock()
 	defer m.stwMu.Unlock()

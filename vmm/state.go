@@ -303,8 +303,12 @@ func (m *Machine) QuiesceDevices(ctx context.Context) error {
 	return nil
 }
 
-// ResumeDevices lets quiesced devices go on.
+// ResumeDevices lets quiesced devices go on. After HandOver it refuses
+// with ErrHandedOver and the devices stay quiesced.
 func (m *Machine) ResumeDevices() error {
+	if m.HandedOver() {
+		return ErrHandedOver
+	}
 	var errs []error
 	for _, d := range m.stateful {
 		if err := d.Resume(); err != nil {
