@@ -349,4 +349,5 @@ const (
 	CapManualDirtyLogProtect2 = 168
 	CapDirtyLogRing           = 192
 	CapXsave2                 = 208
+	CapVMTSCControl           = 214
 )

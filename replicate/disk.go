@@ -174,11 +174,17 @@ func cutState(m *vmm.Machine, disks []*DiskLog) ([]byte, error) {
 }
 
 // applyCheckpoint is the standby's side of cutState: it decodes the
-// payload, applies and syncs the disk writes to the standby's copies,
-// and returns the machine state to resume from.
-func applyCheckpoint(files []*os.File, payload []byte) (*vmm.MachineState, error) {
+// payload, checks that m could resume the state (CPU features, TSC rate,
+// shape: refused before the checkpoint is acknowledged, so the source
+// keeps a guest that could not run here), applies and syncs the disk
+// writes to the standby's copies, and returns the machine state to resume
+// from.
+func applyCheckpoint(m *vmm.Machine, files []*os.File, payload []byte) (*vmm.MachineState, error) {
 	st, writes, err := DecodeCheckpoint(payload)
 	if err != nil {
+		return nil, err
+	}
+	if err := m.CheckState(st); err != nil {
 		return nil, err
 	}
 	if err := applyDiskWrites(files, writes); err != nil {

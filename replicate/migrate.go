@@ -298,7 +298,7 @@ func (sb *Standby) ReceiveMigration(ctx context.Context) (*vmm.Machine, error) {
 		if c.Kind != stream.KindFinal {
 			return nil
 		}
-		st, err := applyCheckpoint(sb.cfg.Disks, c.State)
+		st, err := applyCheckpoint(m, sb.cfg.Disks, c.State)
 		if err != nil {
 			return err
 		}
@@ -359,7 +359,7 @@ func (sb *Standby) ReceiveReplication(ctx context.Context, failoverTimeout time.
 		if !c.Kind.Resumable() {
 			return nil
 		}
-		st, err := applyCheckpoint(sb.cfg.Disks, c.State)
+		st, err := applyCheckpoint(m, sb.cfg.Disks, c.State)
 		if err != nil {
 			return err
 		}

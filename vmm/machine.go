@@ -57,8 +57,9 @@ type Machine struct {
 	mmio  *Bus
 	pci   *PCIBus
 	uart  *UART
-	cpuid []kvmapi.CPUIDEntry
-	xsave int // bytes of XSAVE state per vCPU
+	cpuid  []kvmapi.CPUIDEntry
+	xsave  int    // bytes of XSAVE state per vCPU
+	tscKHz uint32 // the TSC rate new vCPUs get here; 0 if KVM cannot tell before one exists
 
 	vcpus    []*vcpu
 	msrs     []uint32 // MSRs saved and restored per vCPU (probed at start)
@@ -150,6 +151,9 @@ func (m *Machine) build() error {
 	}
 	if m.vm, err = sys.CreateVM(); err != nil {
 		return fmt.Errorf("create vm: %w", err)
+	}
+	if khz, err := m.vm.TSCKHz(); err == nil {
+		m.tscKHz = khz
 	}
 	var specs []guestmem.Spec
 	for _, r := range RAMLayout(m.cfg.MemSize) {
