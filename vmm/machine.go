@@ -49,14 +49,14 @@ type Result struct {
 
 // Machine is one VM: its memory, vCPUs, buses and legacy devices.
 type Machine struct {
-	cfg   Config
-	sys   *kvmapi.System
-	vm    *kvmapi.VM
-	mem   *guestmem.Memory
-	pio   *Bus
-	mmio  *Bus
-	pci   *PCIBus
-	uart  *UART
+	cfg    Config
+	sys    *kvmapi.System
+	vm     *kvmapi.VM
+	mem    *guestmem.Memory
+	pio    *Bus
+	mmio   *Bus
+	pci    *PCIBus
+	uart   *UART
 	cpuid  []kvmapi.CPUIDEntry
 	xsave  int    // bytes of XSAVE state per vCPU
 	tscKHz uint32 // the TSC rate new vCPUs get here; 0 if KVM cannot tell before one exists
