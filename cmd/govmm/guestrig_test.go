@@ -340,6 +340,17 @@ func (h *history) waitAnswers(t *testing.T, n int, timeout time.Duration, what s
 	}
 }
 
+// keepsAnswering requires the client to keep getting answers for d, with
+// no gap of more than 30 s: a guest that dies some seconds after it was
+// moved (the lab once saw a taken-over guest triple-fault 14 s later)
+// fails it.
+func (h *history) keepsAnswering(t *testing.T, d time.Duration, what string) {
+	t.Helper()
+	for end := time.Now().Add(d); time.Now().Before(end); {
+		h.waitAnswers(t, 1, 30*time.Second, what)
+	}
+}
+
 // checkLog asks for GET /log over k and checks that every acknowledged
 // line is there.
 func (h *history) checkLog(t *testing.T, k *kaClient) {
@@ -528,4 +539,33 @@ func traceKVM(t *testing.T) {
 		}
 		_ = write("events/kvm/enable", "0")
 	})
+}
+
+// pageWalk describes how the guest's 4-level page tables rooted at cr3
+// translate va, level by level, reading them from mem (for diagnosing a
+// guest that died: is the mapping of the faulting address still there?).
+func pageWalk(mem *guestmem.Memory, cr3, va uint64) string {
+	var b strings.Builder
+	table := cr3 &^ 0xfff & (1<<52 - 1)
+	for level, shift := range []uint{39, 30, 21, 12} {
+		idx := (va >> shift) & 0x1ff
+		var e [8]byte
+		if err := mem.ReadAt(e[:], guestmem.GPA(table+idx*8)); err != nil {
+			fmt.Fprintf(&b, " L%d[%d]@%#x: %v", 4-level, idx, table, err)
+			return b.String()
+		}
+		v := uint64(e[0]) | uint64(e[1])<<8 | uint64(e[2])<<16 | uint64(e[3])<<24 |
+			uint64(e[4])<<32 | uint64(e[5])<<40 | uint64(e[6])<<48 | uint64(e[7])<<56
+		fmt.Fprintf(&b, " L%d[%d]@%#x=%#x", 4-level, idx, table, v)
+		if v&1 == 0 {
+			b.WriteString(" (not present)")
+			return b.String()
+		}
+		if level > 0 && level < 3 && v&0x80 != 0 {
+			b.WriteString(" (large page)")
+			return b.String()
+		}
+		table = v &^ 0xfff & (1<<52 - 1) &^ (1 << 63)
+	}
+	return b.String()
 }
