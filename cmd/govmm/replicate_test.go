@@ -5,6 +5,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -182,4 +183,75 @@ func TestCtlReplicateStandbyLoss(t *testing.T) {
 		t.Fatal("standby still running after replication stopped")
 	}
 	require.Contains(t, sb2Err.String(), "replica is discarded")
+}
+
+// A live migration of a VM that is being replicated is refused (the
+// migration's dirty tracker would take the bits the replication needs,
+// and the standby's copy would silently diverge); replication goes on.
+func TestCtlMigrateWhileReplicatingRefused(t *testing.T) {
+	kvmtest.Require(t)
+	dir := t.TempDir()
+	kernel, initrd := tinyGuestFiles(t, dir, tinyguest.Dirtier(0x400000, 64, counterGPA))
+	ctl := func(sock string, args ...string) (string, string, int) {
+		return govmm(t, time.Minute, append([]string{"ctl", "--api-sock", sock}, args...)...)
+	}
+	standby := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	sbLog := &syncBuilder{}
+	sb := exec.Command(govmmBin, "standby", "--listen", standby, "--net", "none", "--failover-timeout", "2s")
+	sb.Stderr = sbLog
+	require.NoError(t, sb.Start())
+	t.Cleanup(func() { _ = sb.Process.Kill(); _ = sb.Wait() })
+	dest := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	destLog := &syncBuilder{}
+	d := exec.Command(govmmBin, "standby", "--listen", dest, "--net", "none")
+	d.Stderr = destLog
+	require.NoError(t, d.Start())
+	t.Cleanup(func() { _ = d.Process.Kill(); _ = d.Wait() })
+	sock := filepath.Join(dir, "p.sock")
+	// Their stderr says when they listen (a probing connection would end a
+	// waiting standby: issue 10).
+	for _, l := range []*syncBuilder{sbLog, destLog} {
+		require.Eventually(t, func() bool { return strings.Contains(l.String(), "listening on") }, 30*time.Second, 10*time.Millisecond)
+	}
+	startVM(t, "run", "--kernel", kernel, "--initrd", initrd, "--mem", "64M", "--net", "none", "--api-sock", sock,
+		"--replicate-to", standby, "--epoch", "20ms", "--failover-timeout", "2s")
+	waitSocket(t, sock)
+	require.Eventually(t, func() bool {
+		out, _, _ := ctl(sock, "metrics")
+		return strings.Contains(out, "govmm_replication_protected 1")
+	}, 30*time.Second, 50*time.Millisecond)
+
+	_, errOut, status := ctl(sock, "migrate", "--to", dest)
+	require.NotEqual(t, 0, status)
+	require.Contains(t, errOut, "dirty tracking already in use")
+	out, _, _ := ctl(sock, "metrics")
+	require.Contains(t, out, "govmm_replication_protected 1", "replication goes on")
+	werr := make(chan error, 1)
+	go func() { werr <- d.Wait() }()
+	select {
+	case err := <-werr:
+		require.Error(t, err, "the destination never runs the guest")
+	case <-time.After(30 * time.Second):
+		t.Fatal("the migration destination still waits")
+	}
+	require.NotContains(t, destLog.String(), "migration received")
+	require.NotContains(t, destLog.String(), "took over")
+}
+
+// syncBuilder is a strings.Builder safe for a process's output goroutine.
+type syncBuilder struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuilder) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuilder) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }
