@@ -23,9 +23,11 @@ image: build deps
 run: image
 	$(BIN) run
 
-# The main job: a primary replicating to a standby on this machine, the
-# primary SIGKILLed, the standby carrying on (scripts/demo.sh).
-demo: image
+# The main job: the default guest replicated to a standby on this machine
+# (in the lab where this host's KVM cannot boot Linux), a client on one
+# keep-alive connection, the primary SIGKILLed, the standby carrying on
+# (scripts/demo.sh).
+demo: deps image
 	scripts/demo.sh
 
 # Many failovers at random moments (tests with SIGKILLed primaries), then
@@ -50,6 +52,8 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzChainWalk -fuzztime $(FUZZTIME) ./virtio/
 	$(GO) test -run '^$$' -fuzz FuzzServeHTTP -fuzztime $(FUZZTIME) ./ctlapi/
 	$(GO) test -run '^$$' -fuzz FuzzDecodeFrame -fuzztime $(FUZZTIME) ./replicate/stream/
+	$(GO) test -run '^$$' -fuzz FuzzDecodeFrame -fuzztime $(FUZZTIME) ./replicate/witness/
+	$(GO) test -run '^$$' -fuzz FuzzDecodeState -fuzztime $(FUZZTIME) ./replicate/witness/
 
 # Unit and tiny-guest tests here; then the real-guest tests (TestGuest*)
 # where Linux boots: on this host's KVM if it can, else in the lab.

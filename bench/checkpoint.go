@@ -166,7 +166,7 @@ func checkpointRun(ctx context.Context, cfg CheckpointConfig, pages int, epoch t
 	sbDone := make(chan struct{})
 	go func() {
 		defer close(sbDone)
-		sm, _, err := sb.ReceiveReplication(sctx, 10*time.Second)
+		sm, _, err := sb.ReceiveReplication(sctx)
 		if err == nil {
 			sm.Close() // a takeover here would be a bench failure; Recent tells
 		}

@@ -87,8 +87,10 @@ func waitPasses(ctx context.Context, m *vmm.Machine, n uint64, timeout time.Dura
 // machine from the primary's identity.
 func newStandby() (*replicate.Standby, error) {
 	return replicate.NewStandby(replicate.StandbyConfig{Listen: "127.0.0.1:0", Insecure: true,
-		Build: func(id stream.Identity) (*vmm.Machine, error) {
-			return vmm.New(vmm.Config{MemSize: replicate.MemSize(id), CPUs: int(id.VCPUs), Console: io.Discard})
+		FailoverTimeout: 10 * time.Second, Logger: quietLogger(),
+		Build: func(id stream.Identity) (replicate.Replica, error) {
+			m, err := vmm.New(vmm.Config{MemSize: replicate.MemSize(id), CPUs: int(id.VCPUs), Console: io.Discard})
+			return replicate.Replica{Machine: m}, err
 		}})
 }
 

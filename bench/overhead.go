@@ -16,7 +16,7 @@ import (
 // Replication modes of the overhead suite.
 const (
 	ModeNone     = "unreplicated" // the baseline: no checkpoints
-	ModeNull     = "null"         // checkpoints taken, shipped nowhere (replicate.NullStandby)
+	ModeNull     = "null"         // checkpoints taken, shipped nowhere (replicate.NewNullTransport)
 	ModeLoopback = "loopback"     // checkpoints shipped to an in-process standby over loopback TCP
 )
 
@@ -149,7 +149,8 @@ func overheadTrial(ctx context.Context, cfg OverheadConfig, pages int, p overhea
 	}
 	var rep *replicate.Replicator
 	if p.mode != ModeNone {
-		to := replicate.NullStandby
+		cfg := replicate.ReplicateConfig{Insecure: true, Name: "bench", Epoch: p.epoch, FailoverTimeout: 10 * time.Second,
+			Logger: quietLogger(), Transport: replicate.NewNullTransport()}
 		if p.mode == ModeLoopback {
 			sb, err := newStandby()
 			if err != nil {
@@ -161,15 +162,14 @@ func overheadTrial(ctx context.Context, cfg OverheadConfig, pages int, p overhea
 			defer func() { cancel(); <-sbDone }() // after rep.Stop, which is deferred later
 			go func() {
 				defer close(sbDone)
-				sm, _, err := sb.ReceiveReplication(sctx, 10*time.Second)
+				sm, _, err := sb.ReceiveReplication(sctx)
 				if err == nil {
 					sm.Close() // a takeover here would be a bench failure; Recent tells
 				}
 			}()
-			to = sb.Addr()
+			cfg.To, cfg.Transport = sb.Addr(), nil
 		}
-		rep, err = replicate.StartReplication(ctx, m, replicate.ReplicateConfig{To: to, Insecure: true,
-			Name: "bench", Epoch: p.epoch, FailoverTimeout: 10 * time.Second, Logger: quietLogger()})
+		rep, err = replicate.StartReplication(ctx, m, cfg)
 		if err != nil {
 			return s, err
 		}
@@ -413,7 +413,7 @@ func (r *OverheadResult) Report() string {
 	fmt.Fprintf(&b, "%s\n\nThe Remus paper's kernel-build figure, with a synthetic CPU+memory workload: guest throughput under replication against epoch length. "+
 		"Guest: one vCPU running `tinyguest.Dirtier` over the working set (writes one byte in each page, then counts a pass); *throughput* is passes per second "+
 		"from its pass counter, over a window of %v measured from one pass boundary to another, after the guest is up (replicated: protected) and %v of warm-up. "+
-		"Every measurement boots a fresh guest. *unreplicated* is the baseline; *null* replicates to `replicate.NullStandby` (checkpoints taken, shipped nowhere, acked at once), "+
+		"Every measurement boots a fresh guest. *unreplicated* is the baseline; *null* replicates through `replicate.NewNullTransport()` (checkpoints taken, shipped nowhere, acked at once), "+
 		"*loopback* to an in-process `replicate.Standby` over loopback TCP; null against loopback separates the checkpoint's cost from the transfer's. "+
 		"%d trials per configuration, interleaved across configurations (the order rotated each trial). "+
 		"*Relative* is each trial's passes/s ÷ the median unreplicated passes/s of the same working set: median (min–max). "+

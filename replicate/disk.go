@@ -1,32 +1,39 @@
 package replicate
 
 import (
-	"bytes"
-	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"sync"
 
+	"golang.org/x/sys/unix"
+
+	"govmm/replicate/stream"
 	"govmm/vmm"
-	"govmm/vmm/devstate"
 )
 
-// DiskLog records the guest's writes to one disk during an epoch, so that
-// the checkpoint covering them carries them to the standby (invariant 5).
-// The primary's own disk is written at once by the device; the standby
-// applies an epoch's writes only when its checkpoint commits, and syncs
-// them before acknowledging, so a failover finds its disk matching its
-// memory, and every write a client was told about (its reply was held
+// DiskLog is the primary's side of disk mirroring (invariant 5) for one
+// disk: it reads the disk for the initial copy, and records the guest's
+// writes so that the checkpoint covering them carries them to the
+// standby. The primary's own disk is written at once by the device; the
+// standby applies an epoch's writes only when its checkpoint commits, and
+// syncs them before acknowledging, so a failover finds its disk matching
+// its memory, and every write a client was told about (its reply was held
 // until that ack) is on the standby's disk.
 //
 // Record is the virtio-blk OnWrite hook (device worker goroutine); Take
-// runs at the checkpoint cut with the device quiesced.
+// runs at each checkpoint's cut with the device quiesced, and between
+// pre-copy rounds.
 type DiskLog struct {
-	mu    sync.Mutex
-	armed bool
-	cur   []DiskWrite
-	bytes int
+	src  io.ReaderAt
+	size int64
+
+	mu       sync.Mutex // guards the fields below
+	armed    bool
+	cur      []DiskWrite
+	bytes    int
+	pressure chan struct{} // signalled once an epoch's writes pass PressureDiskBytes
 }
 
 // DiskWrite is one guest write.
@@ -35,13 +42,32 @@ type DiskWrite struct {
 	Data []byte
 }
 
-// MaxEpochDiskBytes bounds the writes one epoch may carry; a guest that
-// writes more in one epoch fails the disk write (the guest sees an I/O
-// error) rather than the VMM growing without bound.
-const MaxEpochDiskBytes = 256 << 20
+// MaxEpochDiskBytes bounds the writes one epoch may carry: what one
+// checkpoint can (stream.MaxCheckpointDisk). A guest that writes more in
+// one epoch fails the disk write (the guest sees an I/O error) rather
+// than the VMM growing without bound; PressureDiskBytes makes that rare
+// by ending the epoch early.
+const MaxEpochDiskBytes = stream.MaxCheckpointDisk
+
+// PressureDiskBytes of writes in one epoch make the replicator take the
+// next checkpoint at once instead of at the epoch's end.
+const PressureDiskBytes = MaxEpochDiskBytes / 4
 
 // ErrDiskEpochFull is returned by Record past MaxEpochDiskBytes.
 var ErrDiskEpochFull = errors.New("too much disk writing in one epoch for the checkpoint")
+
+// NewDiskLog is the log of a disk whose image src holds size bytes: the
+// initial sync copies it to the standby from there.
+func NewDiskLog(src io.ReaderAt, size int64) *DiskLog {
+	return &DiskLog{src: src, size: size, pressure: make(chan struct{}, 1)}
+}
+
+// Size is the disk's size in bytes.
+func (d *DiskLog) Size() int64 { return d.size }
+
+// Pressure is signalled when the current epoch's writes pass
+// PressureDiskBytes.
+func (d *DiskLog) Pressure() <-chan struct{} { return d.pressure }
 
 // Record keeps a copy of a write while replication is on.
 func (d *DiskLog) Record(off int64, p []byte) error {
@@ -55,11 +81,18 @@ func (d *DiskLog) Record(off int64, p []byte) error {
 	}
 	d.cur = append(d.cur, DiskWrite{Off: off, Data: append([]byte(nil), p...)})
 	d.bytes += len(p)
+	if d.bytes >= PressureDiskBytes {
+		select {
+		case d.pressure <- struct{}{}:
+		default:
+		}
+	}
 	return nil
 }
 
-// Arm starts recording (at the cut of the first replicated checkpoint,
-// from which on the standby's copy must follow); Disarm stops it.
+// Arm starts recording, before the initial copy reads the disk: from then
+// on every write reaches the standby after the copy of the blocks it
+// touches. Disarm stops it.
 func (d *DiskLog) Arm() {
 	d.mu.Lock()
 	d.armed, d.cur, d.bytes = true, nil, 0
@@ -73,7 +106,7 @@ func (d *DiskLog) Disarm() {
 	d.mu.Unlock()
 }
 
-// Take returns and clears the writes of the epoch that just ended.
+// Take returns and clears the writes recorded since the last Take.
 func (d *DiskLog) Take() []DiskWrite {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -82,143 +115,167 @@ func (d *DiskLog) Take() []DiskWrite {
 	return w
 }
 
-// A checkpoint's state payload is an envelope: the machine state and the
-// epoch's disk writes. Layout: magic "GOVMMCKP", u16 version, then with
-// devstate encoding: blob machine state, u32 disk count, per disk u32
-// write count and per write u64 offset and blob data.
-const (
-	envelopeMagic   = "GOVMMCKP"
-	envelopeVersion = 1
-	maxDisks        = 64
-	maxWrites       = 1 << 20
-)
+// takeAll takes every disk's writes, in disk order.
+func takeAll(disks []*DiskLog) [][]DiskWrite {
+	out := make([][]DiskWrite, len(disks))
+	for i, d := range disks {
+		out[i] = d.Take()
+	}
+	return out
+}
 
-// EncodeCheckpoint wraps a machine state and the disks' writes.
-func EncodeCheckpoint(state []byte, disks [][]DiskWrite) []byte {
-	var e devstate.Encoder
-	e.Blob(state)
-	e.U32(uint32(len(disks)))
-	for _, ws := range disks {
-		e.U32(uint32(len(ws)))
+// sendWrites adds writes (by disk number) to t's open checkpoint.
+func sendWrites(t Transport, writes [][]DiskWrite) error {
+	for i, ws := range writes {
 		for _, w := range ws {
-			e.U64(uint64(w.Off))
-			e.Blob(w.Data)
-		}
-	}
-	out := append([]byte(envelopeMagic), 0, 0)
-	binary.LittleEndian.PutUint16(out[8:], envelopeVersion)
-	return append(out, e.Bytes()...)
-}
-
-// DecodeCheckpoint unwraps an envelope, checking every count and length.
-// A payload without the envelope (a migration's final checkpoint) is a
-// bare machine state with no disk writes.
-func DecodeCheckpoint(b []byte) (*vmm.MachineState, [][]DiskWrite, error) {
-	var st vmm.MachineState
-	if !bytes.HasPrefix(b, []byte(envelopeMagic)) {
-		err := st.UnmarshalBinary(b)
-		return &st, nil, err
-	}
-	if len(b) < 10 || binary.LittleEndian.Uint16(b[8:]) != envelopeVersion {
-		return nil, nil, fmt.Errorf("checkpoint envelope: version not understood")
-	}
-	d := devstate.NewDecoder(b[10:])
-	state := d.Blob(vmm.MaxStateSize + 64)
-	nd := d.U32()
-	if d.Err() == nil && nd > maxDisks {
-		return nil, nil, fmt.Errorf("checkpoint envelope: %d disks", nd)
-	}
-	var disks [][]DiskWrite
-	for i := uint32(0); i < nd && d.Err() == nil; i++ {
-		nw := d.U32()
-		if nw > maxWrites {
-			return nil, nil, fmt.Errorf("checkpoint envelope: disk %d: %d writes", i, nw)
-		}
-		var ws []DiskWrite
-		for j := uint32(0); j < nw && d.Err() == nil; j++ {
-			off := d.U64()
-			data := d.Blob(MaxEpochDiskBytes)
-			if off > 1<<62 {
-				return nil, nil, fmt.Errorf("checkpoint envelope: disk %d: offset %#x", i, off)
-			}
-			ws = append(ws, DiskWrite{Off: int64(off), Data: data})
-		}
-		disks = append(disks, ws)
-	}
-	if err := d.Done(); err != nil {
-		return nil, nil, fmt.Errorf("checkpoint envelope: %w", err)
-	}
-	if err := st.UnmarshalBinary(state); err != nil {
-		return nil, nil, err
-	}
-	return &st, disks, nil
-}
-
-// cutState is a checkpoint's state payload, taken at a consistent cut
-// (inside Machine.WithPaused): the machine state and the disks' writes
-// since the previous cut.
-func cutState(m *vmm.Machine, disks []*DiskLog) ([]byte, error) {
-	st, err := m.SaveState()
-	if err != nil {
-		return nil, err
-	}
-	raw, err := st.MarshalBinary()
-	if err != nil {
-		return nil, err
-	}
-	writes := make([][]DiskWrite, 0, len(disks))
-	for _, d := range disks {
-		writes = append(writes, d.Take())
-	}
-	return EncodeCheckpoint(raw, writes), nil
-}
-
-// applyCheckpoint is the standby's side of cutState: it decodes the
-// payload, checks that m could resume the state (CPU features, TSC rate,
-// shape: refused before the checkpoint is acknowledged, so the source
-// keeps a guest that could not run here), applies and syncs the disk
-// writes to the standby's copies, and returns the machine state to resume
-// from.
-func applyCheckpoint(m *vmm.Machine, files []*os.File, payload []byte) (*vmm.MachineState, error) {
-	st, writes, err := DecodeCheckpoint(payload)
-	if err != nil {
-		return nil, err
-	}
-	if err := m.CheckState(st); err != nil {
-		return nil, err
-	}
-	if err := applyDiskWrites(files, writes); err != nil {
-		return nil, err
-	}
-	return st, nil
-}
-
-// applyDiskWrites writes one checkpoint's writes to the standby's copies
-// and syncs them, before the checkpoint is acknowledged.
-func applyDiskWrites(files []*os.File, disks [][]DiskWrite) error {
-	if len(disks) > len(files) {
-		return fmt.Errorf("checkpoint carries writes for %d disks, the standby has %d", len(disks), len(files))
-	}
-	for i, ws := range disks {
-		if len(ws) == 0 {
-			continue
-		}
-		f := files[i]
-		fi, err := f.Stat()
-		if err != nil {
-			return err
-		}
-		for _, w := range ws {
-			if w.Off < 0 || w.Off+int64(len(w.Data)) > fi.Size() {
-				return fmt.Errorf("disk %d: write at %d+%d beyond its %d bytes", i, w.Off, len(w.Data), fi.Size())
-			}
-			if _, err := f.WriteAt(w.Data, w.Off); err != nil {
+			if err := t.SendDisk(i, w.Off, w.Data); err != nil {
 				return fmt.Errorf("disk %d: %w", i, err)
 			}
 		}
-		if err := f.Sync(); err != nil {
-			return fmt.Errorf("disk %d: sync: %w", i, err)
-		}
 	}
 	return nil
+}
+
+// DiskSize is the size of a disk image: a regular file's length, or a
+// block device's capacity (BLKGETSIZE64: stat says 0 for those).
+func DiskSize(f *os.File) (int64, error) {
+	fi, err := f.Stat()
+	if err != nil {
+		return 0, err
+	}
+	if fi.Mode()&os.ModeDevice == 0 {
+		return fi.Size(), nil
+	}
+	// BLKGETSIZE64 fills a u64; on the 64-bit hosts govmm runs on (KVM on
+	// x86-64), IoctlGetInt's int is that wide.
+	n, err := unix.IoctlGetInt(int(f.Fd()), unix.BLKGETSIZE64)
+	if err != nil {
+		return 0, fmt.Errorf("%s: BLKGETSIZE64: %w", f.Name(), err)
+	}
+	return int64(n), nil
+}
+
+// diskSink is the standby's side: it applies checkpoints' disk writes to
+// its copies of the guest's disks (files or block devices), as a
+// stream.DiskSink. Until the first resumable checkpoint commits there is
+// nothing to protect, so the initial copy goes straight to the disks;
+// after that, an epoch's writes are staged in memory and applied, then
+// synced, at its commit, before the ack. The Receiver's goroutine alone
+// uses it.
+type diskSink struct {
+	files     []*os.File
+	sizes     []int64
+	resumable bool // a resumable checkpoint has been committed
+	kind      stream.Kind
+	direct    bool
+	staged    []stagedWrite
+	touched   []bool // by disk: written since the last sync
+}
+
+type stagedWrite struct {
+	disk int
+	w    DiskWrite
+}
+
+var _ stream.DiskSink = (*diskSink)(nil)
+
+func newDiskSink(files []*os.File) (*diskSink, error) {
+	s := &diskSink{files: files, touched: make([]bool, len(files))}
+	for _, f := range files {
+		n, err := DiskSize(f)
+		if err != nil {
+			return nil, err
+		}
+		s.sizes = append(s.sizes, n)
+	}
+	return s, nil
+}
+
+// Begin implements stream.DiskSink.
+func (s *diskSink) Begin(epoch uint64, kind stream.Kind) error {
+	s.staged = s.staged[:0]
+	s.kind = kind
+	s.direct = !s.resumable && kind == stream.KindInitialSync
+	return nil
+}
+
+// StageWrite implements stream.DiskSink.
+func (s *diskSink) StageWrite(disk int, off int64, data []byte) error {
+	if disk >= len(s.files) {
+		return fmt.Errorf("disk %d: the standby has %d disks", disk, len(s.files))
+	}
+	if off < 0 || off+int64(len(data)) > s.sizes[disk] {
+		return fmt.Errorf("disk %d: write at %d+%d beyond its %d bytes", disk, off, len(data), s.sizes[disk])
+	}
+	if s.direct {
+		return s.write(disk, off, data)
+	}
+	s.staged = append(s.staged, stagedWrite{disk, DiskWrite{Off: off, Data: append([]byte(nil), data...)}})
+	return nil
+}
+
+func (s *diskSink) write(disk int, off int64, data []byte) error {
+	if _, err := s.files[disk].WriteAt(data, off); err != nil {
+		return fmt.Errorf("disk %d: %w", disk, err)
+	}
+	s.touched[disk] = true
+	return nil
+}
+
+// Commit implements stream.DiskSink: the staged writes, in order, then a
+// sync of every disk written.
+func (s *diskSink) Commit() error {
+	for _, sw := range s.staged {
+		if err := s.write(sw.disk, sw.w.Off, sw.w.Data); err != nil {
+			return err
+		}
+	}
+	s.staged = s.staged[:0]
+	for i, t := range s.touched {
+		if !t {
+			continue
+		}
+		if err := s.files[i].Sync(); err != nil {
+			return fmt.Errorf("disk %d: sync: %w", i, err)
+		}
+		s.touched[i] = false
+	}
+	if s.kind.Resumable() {
+		s.resumable = true
+	}
+	return nil
+}
+
+// Abort implements stream.DiskSink.
+func (s *diskSink) Abort() { s.staged = s.staged[:0] }
+
+// cutState is a checkpoint's machine state, taken at a consistent cut
+// (inside Machine.WithPaused), with the disks' writes since the previous
+// Take: together they are the checkpoint's state payload and Disk frames.
+func cutState(m *vmm.Machine, disks []*DiskLog) ([]byte, [][]DiskWrite, error) {
+	st, err := m.SaveState()
+	if err != nil {
+		return nil, nil, err
+	}
+	raw, err := st.MarshalBinary()
+	if err != nil {
+		return nil, nil, err
+	}
+	return raw, takeAll(disks), nil
+}
+
+// decodeState decodes a checkpoint's machine state and checks that m
+// could resume it (vmm.Machine.CheckState: shape, devices, the CPU
+// features the guest uses, its TSC rate). A standby calls it before it
+// acknowledges the checkpoint, so a state it could not run is refused
+// while the source still has the guest.
+func decodeState(m *vmm.Machine, b []byte) (*vmm.MachineState, error) {
+	var st vmm.MachineState
+	if err := st.UnmarshalBinary(b); err != nil {
+		return nil, err
+	}
+	if err := m.CheckState(&st); err != nil {
+		return nil, err
+	}
+	return &st, nil
 }

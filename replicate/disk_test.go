@@ -3,9 +3,11 @@ package replicate
 import (
 	"bytes"
 	"context"
-	"io"
+	"math/rand/v2"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -14,37 +16,10 @@ import (
 
 	"govmm/internal/kvmtest"
 	"govmm/internal/tinyguest"
-	"govmm/replicate/stream"
-	"govmm/vmm"
 )
 
-func TestCheckpointEnvelopeRoundTrip(t *testing.T) {
-	st := &vmm.MachineState{Memory: vmm.MemoryLayout{MemSize: 64 << 20, CPUs: 1}, VCPUs: []vmm.VCPUState{{Xsave: make([]byte, 16)}}}
-	raw, err := st.MarshalBinary()
-	require.NoError(t, err)
-	disks := [][]DiskWrite{{{Off: 512, Data: []byte("abc")}, {Off: 4096, Data: []byte("defg")}}, nil}
-	b := EncodeCheckpoint(raw, disks)
-	got, w, err := DecodeCheckpoint(b)
-	require.NoError(t, err)
-	require.Equal(t, st.Memory, got.Memory)
-	require.Equal(t, disks[0], w[0])
-	require.Empty(t, w[1])
-
-	// A bare state (migration) decodes with no writes.
-	got, w, err = DecodeCheckpoint(raw)
-	require.NoError(t, err)
-	require.Nil(t, w)
-	require.Equal(t, st.Memory, got.Memory)
-
-	// Every truncation fails cleanly.
-	for n := 0; n < len(b); n += 7 {
-		_, _, err := DecodeCheckpoint(b[:n])
-		require.Error(t, err, "truncated at %d", n)
-	}
-}
-
 func TestDiskLogRecordsOnlyWhenArmed(t *testing.T) {
-	var d DiskLog
+	d := NewDiskLog(bytes.NewReader(nil), 0)
 	p := []byte("x")
 	require.NoError(t, d.Record(0, p))
 	require.Empty(t, d.Take())
@@ -59,28 +34,19 @@ func TestDiskLogRecordsOnlyWhenArmed(t *testing.T) {
 	require.Empty(t, d.Take())
 }
 
-// Disk writes made on the primary reach the standby's copy only with the
-// checkpoint that covers them: after failover the standby's disk holds
-// exactly the writes of committed epochs, and is synced.
+// The initial sync copies the disk (the standby's copy starts as garbage)
+// while the guest writes to it; then disk writes made on the primary
+// reach the standby's copy only with the checkpoint that covers them:
+// after failover the standby's disk holds exactly the writes of committed
+// epochs, and is synced.
 func TestReplicatedDiskFollowsCheckpoints(t *testing.T) {
 	kvmtest.Require(t)
-	dir := t.TempDir()
 	const size = 1 << 20
-	primaryDisk := filepath.Join(dir, "primary.img")
-	standbyDisk := filepath.Join(dir, "standby.img")
-	for _, p := range []string{primaryDisk, standbyDisk} {
-		require.NoError(t, os.WriteFile(p, make([]byte, size), 0o644))
-	}
-	pf, err := os.OpenFile(primaryDisk, os.O_RDWR, 0)
-	require.NoError(t, err)
-	defer pf.Close()
-	sf, err := os.OpenFile(standbyDisk, os.O_RDWR, 0)
-	require.NoError(t, err)
-	defer sf.Close()
+	primaryDisk, standbyDisk, pf, sf := diskPair(t, size)
 
 	prim := newTiny(t, tinyguest.Dirtier(dirtyBase, 16, passGPA))
 	require.NoError(t, prim.Start())
-	log := &DiskLog{}
+	log := NewDiskLog(pf, size)
 	// write is what the virtio-blk device does for a guest write: the
 	// primary's disk at once, and the OnWrite hook.
 	var mu sync.Mutex
@@ -95,22 +61,20 @@ func TestReplicatedDiskFollowsCheckpoints(t *testing.T) {
 	var atCut [][]byte // primary disk contents at each cut, by epoch
 	atCutMu := sync.Mutex{}
 	sb, err := NewStandby(StandbyConfig{Listen: "127.0.0.1:0", Insecure: true, Disks: []*os.File{sf},
-		Build: func(id stream.Identity) (*vmm.Machine, error) {
-			return vmm.New(vmm.Config{MemSize: MemSize(id), CPUs: int(id.VCPUs), Console: io.Discard})
-		}})
+		FailoverTimeout: 10 * time.Second, Build: buildTiny})
 	require.NoError(t, err)
 	defer sb.Close()
 	var committed uint64
-	sb.cfg.OnCheckpoint = func(e uint64) { committed = e }
+	sb.onCheckpoint = func(e uint64) { committed = e }
 	done := make(chan takeover, 1)
 	go func() {
-		m, tk, err := sb.ReceiveReplication(context.Background(), 10*time.Second)
+		m, tk, err := sb.ReceiveReplication(context.Background())
 		done <- takeover{m, tk, err}
 	}()
 	px := newProxy(t, sb.Addr())
-	rep, err := StartReplication(context.Background(), prim, ReplicateConfig{To: px.addr(), Insecure: true, Name: "tiny",
-		Epoch: 10 * time.Millisecond, FailoverTimeout: 10 * time.Second, Disks: []*DiskLog{log},
-		AtCut: func(epoch uint64) {
+	rep, err := startReplication(context.Background(), prim, ReplicateConfig{To: px.addr(), Insecure: true, Name: "tiny",
+		Epoch: 10 * time.Millisecond, FailoverTimeout: 10 * time.Second, Disks: []*DiskLog{log}}, testHooks{
+		atCut: func(epoch uint64) {
 			mu.Lock()
 			b, err := os.ReadFile(primaryDisk)
 			mu.Unlock()
@@ -147,26 +111,18 @@ func TestReplicatedDiskFollowsCheckpoints(t *testing.T) {
 	require.False(t, bytes.Equal(final, got), "writes after the last committed cut are not on the standby")
 }
 
-// Disk writes made during a live migration reach the destination's copy
-// with the final checkpoint.
+// A live migration copies the disk (the destination's copy starts as
+// garbage) and the writes made meanwhile, the last with the final
+// checkpoint.
 func TestMigrationCarriesDiskWrites(t *testing.T) {
 	kvmtest.Require(t)
-	dir := t.TempDir()
 	const size = 1 << 20
-	srcDisk, dstDisk := filepath.Join(dir, "src.img"), filepath.Join(dir, "dst.img")
-	for _, p := range []string{srcDisk, dstDisk} {
-		require.NoError(t, os.WriteFile(p, make([]byte, size), 0o644))
-	}
-	sf, err := os.OpenFile(dstDisk, os.O_RDWR, 0)
-	require.NoError(t, err)
-	defer sf.Close()
+	srcDisk, dstDisk, pf, sf := diskPair(t, size)
 	src := newTiny(t, tinyguest.Dirtier(dirtyBase, 64, passGPA))
 	require.NoError(t, src.Start())
-	log := &DiskLog{}
+	log := NewDiskLog(pf, size)
 	sb, err := NewStandby(StandbyConfig{Listen: "127.0.0.1:0", Insecure: true, Disks: []*os.File{sf},
-		Build: func(id stream.Identity) (*vmm.Machine, error) {
-			return vmm.New(vmm.Config{MemSize: MemSize(id), CPUs: int(id.VCPUs), Console: io.Discard})
-		}})
+		Build: buildTiny})
 	require.NoError(t, err)
 	defer sb.Close()
 	done := make(chan takeover, 1)
@@ -174,9 +130,6 @@ func TestMigrationCarriesDiskWrites(t *testing.T) {
 		m, err := sb.ReceiveMigration(context.Background())
 		done <- takeover{m: m, err: err}
 	}()
-	pf, err := os.OpenFile(srcDisk, os.O_RDWR, 0)
-	require.NoError(t, err)
-	defer pf.Close()
 	// The guest's disk traffic, made while pre-copy runs (as a device
 	// would, before the stop-and-copy quiesces it): each progress report
 	// of a pre-copy round brings a burst of writes.
@@ -206,4 +159,191 @@ func TestMigrationCarriesDiskWrites(t *testing.T) {
 	got, err := os.ReadFile(dstDisk)
 	require.NoError(t, err)
 	require.True(t, bytes.Equal(want, got), "the destination's disk equals the source's at the cut")
+}
+
+// diskPair makes a primary disk of random contents and a standby copy of
+// other random contents (what the initial sync must overwrite), open
+// read-write.
+func diskPair(t *testing.T, size int) (primary, standby string, pf, sf *os.File) {
+	t.Helper()
+	dir := t.TempDir()
+	primary, standby = filepath.Join(dir, "primary.img"), filepath.Join(dir, "standby.img")
+	for i, p := range []string{primary, standby} {
+		b := make([]byte, size)
+		_, _ = rand.NewChaCha8([32]byte{byte(i + 1)}).Read(b)
+		require.NoError(t, os.WriteFile(p, b, 0o644))
+	}
+	var err error
+	pf, err = os.OpenFile(primary, os.O_RDWR, 0)
+	require.NoError(t, err)
+	t.Cleanup(func() { pf.Close() })
+	sf, err = os.OpenFile(standby, os.O_RDWR, 0)
+	require.NoError(t, err)
+	t.Cleanup(func() { sf.Close() })
+	return primary, standby, pf, sf
+}
+
+// waitCaughtUp pauses prim and waits until the standby has acknowledged a
+// checkpoint taken after the pause: its memory and disks are then the
+// primary's.
+func waitCaughtUp(t *testing.T, prim interface{ Pause() error }, rep *Replicator) {
+	t.Helper()
+	require.NoError(t, prim.Pause())
+	e := rep.Stats().Epoch + 1
+	require.Eventually(t, func() bool { return rep.Stats().Acked > e }, 60*time.Second, time.Millisecond)
+}
+
+// A guest that writes more to disk in one epoch than a checkpoint's state
+// may hold (64 MiB): the writes travel as Disk frames, the epoch ends
+// early under the pressure, and the standby stays in step; nothing makes
+// it take over a healthy primary.
+func TestBigDiskEpoch(t *testing.T) {
+	kvmtest.Require(t)
+	const size = 128 << 20
+	primaryDisk, standbyDisk, pf, sf := diskPair(t, size)
+	prim := newTiny(t, tinyguest.Dirtier(dirtyBase, 16, passGPA))
+	require.NoError(t, prim.Start())
+	log := NewDiskLog(pf, size)
+	sb, err := NewStandby(StandbyConfig{Listen: "127.0.0.1:0", Insecure: true, Disks: []*os.File{sf},
+		FailoverTimeout: 5 * time.Second, Build: buildTiny})
+	require.NoError(t, err)
+	defer sb.Close()
+	done := receive(t, sb)
+	// A long epoch: the timer does not end it while the test writes.
+	rep, err := StartReplication(context.Background(), prim, ReplicateConfig{To: sb.Addr(), Insecure: true, Name: "tiny",
+		Epoch: 4 * time.Second, FailoverTimeout: 5 * time.Second, Disks: []*DiskLog{log}})
+	require.NoError(t, err)
+	t.Cleanup(rep.Stop)
+
+	// 96 MiB of guest writes at once, as a device would make them.
+	chunk := make([]byte, 1<<20)
+	for i := range 96 {
+		for j := range chunk {
+			chunk[j] = byte(i + j)
+		}
+		_, err := pf.WriteAt(chunk, int64(i)<<20)
+		require.NoError(t, err)
+		require.NoError(t, log.Record(int64(i)<<20, chunk))
+	}
+	waitCaughtUp(t, prim, rep)
+	select {
+	case r := <-done:
+		t.Fatalf("the standby took over a healthy primary: %v", r.err)
+	default:
+	}
+	st := rep.Stats()
+	require.True(t, st.Protected)
+	require.Positive(t, st.EarlyEpochs, "disk pressure ended an epoch early")
+	want, err := os.ReadFile(primaryDisk)
+	require.NoError(t, err)
+	got, err := os.ReadFile(standbyDisk)
+	require.NoError(t, err)
+	require.True(t, bytes.Equal(want, got), "the standby's disk equals the primary's")
+}
+
+// The standby's disk copy may be a block device: its size comes from
+// BLKGETSIZE64, not stat, and the initial sync and checkpoints land in it.
+func TestStandbyDiskOnBlockDevice(t *testing.T) {
+	kvmtest.Require(t)
+	const size = 4 << 20
+	primaryDisk, standbyImg, pf, sf := diskPair(t, size)
+	sf.Close()
+	dev := loopDevice(t, standbyImg)
+	bf, err := os.OpenFile(dev, os.O_RDWR, 0)
+	require.NoError(t, err)
+	defer bf.Close()
+	n, err := DiskSize(bf)
+	require.NoError(t, err)
+	require.Equal(t, int64(size), n)
+
+	prim := newTiny(t, tinyguest.Dirtier(dirtyBase, 16, passGPA))
+	require.NoError(t, prim.Start())
+	log := NewDiskLog(pf, size)
+	sb, err := NewStandby(StandbyConfig{Listen: "127.0.0.1:0", Insecure: true, Disks: []*os.File{bf},
+		FailoverTimeout: 5 * time.Second, Build: buildTiny})
+	require.NoError(t, err)
+	defer sb.Close()
+	receive(t, sb)
+	rep, err := StartReplication(context.Background(), prim, ReplicateConfig{To: sb.Addr(), Insecure: true, Name: "tiny",
+		Epoch: 10 * time.Millisecond, FailoverTimeout: 5 * time.Second, Disks: []*DiskLog{log}})
+	require.NoError(t, err)
+	t.Cleanup(rep.Stop)
+	_, err = pf.WriteAt([]byte("written while protected"), size-100)
+	require.NoError(t, err)
+	require.NoError(t, log.Record(size-100, []byte("written while protected")))
+	waitCaughtUp(t, prim, rep)
+	want, err := os.ReadFile(primaryDisk)
+	require.NoError(t, err)
+	got := make([]byte, size)
+	_, err = bf.ReadAt(got, 0)
+	require.NoError(t, err)
+	require.True(t, bytes.Equal(want, got), "the block device holds the primary's disk")
+}
+
+// loopDevice attaches path to a loop device for the test's life.
+func loopDevice(t *testing.T, path string) string {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root for a loop device")
+	}
+	if _, err := exec.LookPath("losetup"); err != nil {
+		t.Skip("needs losetup for a loop device")
+	}
+	if _, err := os.Stat("/dev/loop-control"); err != nil {
+		t.Skipf("needs loop devices: %v", err)
+	}
+	out, err := exec.Command("losetup", "--find", "--show", path).CombinedOutput()
+	require.NoError(t, err, "losetup: %s", out)
+	dev := strings.TrimSpace(string(out))
+	t.Cleanup(func() { _ = exec.Command("losetup", "--detach", dev).Run() })
+	return dev
+}
+
+// Re-protection after a failover: the standby that took over protects
+// the guest with a fresh standby whose disk copy starts as garbage; the
+// initial sync makes it equal to the taken-over guest's disk.
+func TestReprotectionCopiesDisk(t *testing.T) {
+	kvmtest.Require(t)
+	const size = 2 << 20
+	_, diskB, pf, fb := diskPair(t, size)
+	_, diskC, _, fc := diskPair(t, size)
+	prim := newTiny(t, tinyguest.Dirtier(dirtyBase, 16, passGPA))
+	require.NoError(t, prim.Start())
+	sbB, err := NewStandby(StandbyConfig{Listen: "127.0.0.1:0", Insecure: true, Disks: []*os.File{fb},
+		FailoverTimeout: 5 * time.Second, Build: buildTiny})
+	require.NoError(t, err)
+	defer sbB.Close()
+	doneB := receive(t, sbB)
+	px := newProxy(t, sbB.Addr())
+	repA, err := StartReplication(context.Background(), prim, ReplicateConfig{To: px.addr(), Insecure: true, Name: "tiny",
+		Epoch: 10 * time.Millisecond, FailoverTimeout: 5 * time.Second, Disks: []*DiskLog{NewDiskLog(pf, size)}})
+	require.NoError(t, err)
+	t.Cleanup(repA.Stop)
+	require.Eventually(t, func() bool { return repA.Stats().Acked > 3 }, 30*time.Second, time.Millisecond)
+	require.NoError(t, prim.Pause())
+	px.kill()
+	r := <-doneB
+	require.NoError(t, r.err)
+	mB := r.m
+	t.Cleanup(func() { mB.Close() }) // after repB stops
+
+	// B's guest writes to its disk (B's copy), then B protects it with C.
+	_, err = fb.WriteAt([]byte("after the failover"), 4096)
+	require.NoError(t, err)
+	logB := NewDiskLog(fb, size)
+	sbC, err := NewStandby(StandbyConfig{Listen: "127.0.0.1:0", Insecure: true, Disks: []*os.File{fc},
+		FailoverTimeout: 5 * time.Second, Build: buildTiny})
+	require.NoError(t, err)
+	defer sbC.Close()
+	receive(t, sbC)
+	repB, err := StartReplication(context.Background(), mB, ReplicateConfig{To: sbC.Addr(), Insecure: true, Name: "tiny",
+		Epoch: 10 * time.Millisecond, FailoverTimeout: 5 * time.Second, Disks: []*DiskLog{logB}})
+	require.NoError(t, err)
+	t.Cleanup(repB.Stop)
+	waitCaughtUp(t, mB, repB)
+	want, err := os.ReadFile(diskB)
+	require.NoError(t, err)
+	got, err := os.ReadFile(diskC)
+	require.NoError(t, err)
+	require.True(t, bytes.Equal(want, got), "the fresh standby's disk equals the taken-over guest's")
 }

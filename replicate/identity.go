@@ -1,7 +1,6 @@
 package replicate
 
 import (
-	"fmt"
 	"strings"
 
 	"govmm/replicate/stream"
@@ -9,11 +8,23 @@ import (
 )
 
 // IdentityOf describes m for the stream's hello: its memory layout, vCPU
-// count and devices. A destination of another shape is refused there.
-func IdentityOf(m *vmm.Machine, name string) stream.Identity {
-	id := stream.Identity{Name: name, VCPUs: uint32(m.Config().CPUs), Devices: strings.Join(m.Devices(), ",")}
+// count and devices, each with its kind and the attributes attrs gives for
+// its ID (MAC, backend, disk size, read-only...). A receiver whose machine
+// differs in any of them is refused at the handshake, not found out at
+// failover.
+func IdentityOf(m *vmm.Machine, name string, attrs map[string][]stream.Attr) stream.Identity {
+	id := stream.Identity{Name: name, VCPUs: uint32(m.Config().CPUs)}
 	for _, r := range m.Memory().Regions() {
 		id.Regions = append(id.Regions, stream.Region{GPA: r.GPA, Size: r.Size})
+	}
+	for _, d := range m.Devices() { // "kind id"
+		kind, devID, ok := strings.Cut(d, " ")
+		if !ok {
+			kind, devID = d, d
+		}
+		dev := stream.Device{ID: devID, Attrs: []stream.Attr{{Key: "kind", Value: kind}}}
+		dev.Attrs = append(dev.Attrs, attrs[devID]...)
+		id.Devices = append(id.Devices, dev)
 	}
 	return id
 }
@@ -27,18 +38,11 @@ func MemSize(id stream.Identity) uint64 {
 	return n
 }
 
-// checkShape refuses a destination machine that does not match the
-// source's identity.
-func checkShape(m *vmm.Machine, peer stream.Identity) error {
-	mine := IdentityOf(m, peer.Name)
-	if fmt.Sprint(mine.Regions) != fmt.Sprint(peer.Regions) {
-		return fmt.Errorf("%w: memory layout %v, the source has %v", vmm.ErrStateMismatch, mine.Regions, peer.Regions)
-	}
-	if mine.VCPUs != peer.VCPUs {
-		return fmt.Errorf("%w: %d vcpus, the source has %d", vmm.ErrStateMismatch, mine.VCPUs, peer.VCPUs)
-	}
-	if mine.Devices != peer.Devices {
-		return fmt.Errorf("%w: devices %q, the source has %q", vmm.ErrStateMismatch, mine.Devices, peer.Devices)
-	}
-	return nil
+// checkShape refuses a machine, built here to take the source's guest,
+// that differs from the source's identity: memory layout, vCPUs, or any
+// device or device attribute (a NIC's MAC or backend, a disk's size or
+// read-only flag). The error (ErrMismatch) names the first difference,
+// and the source is told it too.
+func checkShape(m *vmm.Machine, attrs map[string][]stream.Attr, peer stream.Identity) error {
+	return IdentityOf(m, "", attrs).Compare(peer, "on the standby", "on the source")
 }

@@ -4,13 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"time"
 
 	"govmm/dirtylog"
 	"govmm/replicate/stream"
 	"govmm/vmm"
-	"govmm/vmm/guestmem"
 )
 
 // MigrateConfig parameterises a live migration.
@@ -26,15 +24,24 @@ type MigrateConfig struct {
 	// (default 30): a guest dirtying faster than the link converges never.
 	MaxRounds int
 	// AckTimeout bounds the wait for the destination's ack of the final
-	// checkpoint (default 30 s); past it the source resumes the guest.
+	// checkpoint (default 30 s); past it the source aborts the migration
+	// (the destination discards it) and resumes the guest.
 	AckTimeout time.Duration
 	Progress   func(Progress)
 	// Disks are the logs of the guest's disks (in device order): the
-	// destination has its own copies, identical when the migration
-	// starts, and every write made during it travels in the final
-	// checkpoint.
+	// pre-copy copies each to the destination's copy, and every write
+	// made meanwhile follows, the last ones in the final checkpoint.
 	Disks []*DiskLog
+	// Devices describe the guest's devices beyond their kind, by device
+	// ID, as in ReplicateConfig.
+	Devices map[string][]stream.Attr
 }
+
+// ErrHandoverUnconfirmed: the source sent the handover, but could not
+// confirm it left; the destination may or may not be running the guest.
+// The source stays paused, never resumed by govmm: an operator checks the
+// destination first.
+var ErrHandoverUnconfirmed = errors.New("handover sent but not confirmed")
 
 // Progress is reported after each round.
 type Progress struct {
@@ -57,11 +64,15 @@ type MigrateResult struct {
 // the guest runs (the first sends every page, each later one the pages
 // dirtied meanwhile), until the dirty set is small; then stop and copy:
 // pause, quiesce, the last dirty pages and the machine state in a final
-// checkpoint. Once the destination acknowledges it, the source never runs
-// the guest again: Migrate returns with m handed over (vCPUs paused and
-// devices quiesced for good, vmm.Machine.HandOver), and the caller stops
-// it (after reporting). On any failure before that ack, the guest
-// goes on running here and the error says why.
+// checkpoint. Once the destination acknowledges it, the source sends the
+// handover and never runs the guest again: Migrate returns with m handed
+// over (vCPUs paused and devices quiesced for good, vmm.Machine.HandOver),
+// and the caller stops it (after reporting). The destination
+// runs the guest only on that handover. Without the ack in time (or when
+// ctx ends first), the source tells the destination to discard the
+// migration (a goodbye), the guest goes on running here, and the error
+// says why: whichever way an ack and a timeout race, the guest never runs
+// at both ends.
 func Migrate(ctx context.Context, m *vmm.Machine, cfg MigrateConfig) (MigrateResult, error) {
 	if cfg.StopPages <= 0 {
 		cfg.StopPages = 256
@@ -78,14 +89,13 @@ func Migrate(ctx context.Context, m *vmm.Machine, cfg MigrateConfig) (MigrateRes
 	}
 	start := time.Now()
 	var res MigrateResult
-	mem := m.Memory()
 
-	s, err := stream.Dial(ctx, cfg.To, stream.Config{Key: cfg.Key, Insecure: cfg.Insecure, Identity: IdentityOf(m, cfg.Name)})
+	s, err := stream.Dial(ctx, cfg.To, stream.Config{Key: cfg.Key, Insecure: cfg.Insecure, Identity: IdentityOf(m, cfg.Name, cfg.Devices)})
 	if err != nil {
 		return res, fmt.Errorf("migrate to %s: %w", cfg.To, err)
 	}
-	defer s.Close()
-	tracker, err := m.TrackDirty(dirtylog.Options{ManualProtect: true})
+	defer s.Close() // a goodbye: the destination discards the migration
+	tracker, err := trackDirty(m)
 	if err != nil {
 		return res, fmt.Errorf("migrate: %w", err)
 	}
@@ -95,45 +105,17 @@ func Migrate(ctx context.Context, m *vmm.Machine, cfg MigrateConfig) (MigrateRes
 		defer d.Disarm()
 	}
 
-	sendSet := func(set *dirtylog.Set) error {
-		return set.ForEach(func(gpa guestmem.GPA) error {
-			page, err := mem.Slice(gpa, guestmem.PageSize)
-			if err != nil {
-				return err
-			}
-			res.PagesSent++
-			return s.SendPage(gpa, page)
-		})
-	}
-
-	// Pre-copy. Dirty logging started before the first page was read, so
-	// a page written while it is being sent shows up in the next harvest.
-	set := dirtylog.NewFullSet(mem)
 	epoch := uint64(0)
-	for {
-		epoch++
-		res.Rounds++
-		if err := s.BeginCheckpoint(epoch, stream.KindInitialSync); err != nil {
-			return res, fmt.Errorf("migrate round %d: %w", res.Rounds, err)
-		}
-		if err := sendSet(set); err != nil {
-			return res, fmt.Errorf("migrate round %d: %w", res.Rounds, err)
-		}
-		if err := s.EndCheckpoint(); err != nil {
-			return res, fmt.Errorf("migrate round %d: %w", res.Rounds, err)
-		}
-		if set, err = tracker.Harvest(); err != nil {
-			return res, fmt.Errorf("migrate round %d: %w", res.Rounds, err)
-		}
-		res.BytesSent = s.Stats().BytesSent
-		progress(Progress{Round: res.Rounds, Phase: "precopy", BytesSent: res.BytesSent,
-			DirtyPages: uint64(set.Count()), RemainingPages: uint64(set.Count())})
-		if set.Count() <= cfg.StopPages || res.Rounds >= cfg.MaxRounds {
-			break
-		}
-		if err := ctx.Err(); err != nil {
-			return res, fmt.Errorf("migrate: %w", err)
-		}
+	next := func() uint64 { epoch++; return epoch }
+	pre, err := precopy{t: s, mem: m.Memory(), tr: tracker, disks: cfg.Disks, nextEpoch: next,
+		stopPages: cfg.StopPages, maxRounds: cfg.MaxRounds,
+		onRound: func(round, dirty int) {
+			progress(Progress{Round: round, Phase: "precopy", BytesSent: s.Stats().BytesSent,
+				DirtyPages: uint64(dirty), RemainingPages: uint64(dirty)})
+		}}.run(ctx)
+	res.Rounds, res.PagesSent, res.BytesSent = pre.Rounds, pre.PagesSent, s.Stats().BytesSent
+	if err != nil {
+		return res, fmt.Errorf("migrate: %w", err)
 	}
 
 	// Let the destination finish applying the pre-copy rounds first, so
@@ -148,51 +130,16 @@ func Migrate(ctx context.Context, m *vmm.Machine, cfg MigrateConfig) (MigrateRes
 	// Stop and copy, at a consistent cut. On success the machine stays
 	// paused: the guest lives on at the destination only.
 	paused := time.Now()
-	handedOver := false
+	var handedOver bool
+	var handoverErr error
 	err = m.WithPaused(ctx, func() error {
-		last, err := tracker.Harvest()
-		if err != nil {
-			return err
-		}
-		set.Or(last)
-		state, err := cutState(m, cfg.Disks)
-		if err != nil {
-			return err
-		}
-		epoch++
-		res.Rounds++
-		progress(Progress{Round: res.Rounds, Phase: "stop-and-copy", BytesSent: s.Stats().BytesSent, RemainingPages: uint64(set.Count())})
-		if err := s.BeginCheckpoint(epoch, stream.KindFinal); err != nil {
-			return err
-		}
-		if err := sendSet(set); err != nil {
-			return err
-		}
-		if err := s.SendState(state); err != nil {
-			return err
-		}
-		if err := s.EndCheckpoint(); err != nil {
-			return err
-		}
-		actx, cancel := context.WithTimeout(ctx, cfg.AckTimeout)
-		err = s.WaitAck(actx, epoch)
-		cancel()
-		if err != nil {
-			return fmt.Errorf("final checkpoint not acknowledged: %w", err)
-		}
-		// Handover: the destination has everything. Never run the
-		// guest here again, and keep the devices quiesced: leaving
-		// WithPaused must not let a queued frame or disk write out
-		// while the destination runs. Then say goodbye, which lets
-		// the destination start.
-		res.BytesSent = s.Stats().BytesSent
-		if err := m.HandOver(); err != nil {
-			return err
-		}
-		handedOver = true
-		_ = s.Close()
-		return nil
+		var err error
+		handedOver, handoverErr, err = stopAndCopy(ctx, m, s, tracker, pre.Dirty, next(), cfg, progress, &res)
+		return err
 	})
+	if handedOver && handoverErr != nil {
+		return res, fmt.Errorf("migrate: %w: %w (the guest is paused here for good; check the destination)", ErrHandoverUnconfirmed, handoverErr)
+	}
 	if !handedOver {
 		if err == nil {
 			err = errors.New("migration did not hand over")
@@ -205,209 +152,63 @@ func Migrate(ctx context.Context, m *vmm.Machine, cfg MigrateConfig) (MigrateRes
 	return res, nil
 }
 
-// Standby receives a migration: it listens, accepts the source (refusing
-// strangers), builds the destination machine from the source's identity,
-// writes every round into its memory, and starts the guest from the final
-// checkpoint once the source has handed over.
-type Standby struct {
-	ln   *stream.Listener
-	sink *stream.StagingSink
-	cfg  StandbyConfig
-}
-
-// StandbyConfig configures a migration destination.
-type StandbyConfig struct {
-	Listen   string
-	Key      []byte
-	Insecure bool
-	// Build creates the destination machine (devices attached, not
-	// started) for the source's identity.
-	Build func(id stream.Identity) (*vmm.Machine, error)
-	// BeforeStart, if set, sees the machine with the final memory and
-	// state just before it starts (tests compare memory there).
-	BeforeStart func(m *vmm.Machine, st *vmm.MachineState) error
-	// OnRefused is told about connections refused at the handshake.
-	OnRefused func(err error)
-	// OnCheckpoint is told about each committed resumable checkpoint.
-	OnCheckpoint func(epoch uint64)
-	// Disks are the standby's copies of the guest's disks (in device
-	// order), which must start identical to the primary's; each
-	// checkpoint's writes are applied and synced before its ack.
-	Disks []*os.File
-}
-
-// NewStandby listens on cfg.Listen (without a key, only on loopback).
-func NewStandby(cfg StandbyConfig) (*Standby, error) {
-	sb := &Standby{sink: &stream.StagingSink{}, cfg: cfg}
-	ln, err := stream.Listen(cfg.Listen, stream.Config{Key: cfg.Key, Insecure: cfg.Insecure, Sink: sb.sink})
+// stopAndCopy runs inside the stop-and-copy pause: the last dirty pages,
+// the disk writes and the machine state as the final checkpoint, then the
+// handover once it is acknowledged. handedOver says the point of no return
+// was passed (the source must never run the guest again); handoverErr,
+// that the Handover frame may not have left. Without the ack in time it
+// aborts the migration (a goodbye) before returning the error, so that
+// the caller may resume the guest here.
+func stopAndCopy(ctx context.Context, m *vmm.Machine, s *stream.Sender, tracker *dirtylog.Tracker, set *dirtylog.Set,
+	final uint64, cfg MigrateConfig, progress func(Progress), res *MigrateResult) (handedOver bool, handoverErr, err error) {
+	last, err := tracker.Harvest()
 	if err != nil {
-		return nil, err
+		return false, nil, err
 	}
-	sb.ln = ln
-	return sb, nil
-}
-
-// Addr is where the standby listens.
-func (sb *Standby) Addr() string { return sb.ln.Addr().String() }
-
-// Close stops listening.
-func (sb *Standby) Close() error { return sb.ln.Close() }
-
-// accept waits for our source, refusing strangers (who do not end the
-// wait), and builds the machine it describes, whose memory the staged
-// checkpoints then land in.
-func (sb *Standby) accept(ctx context.Context) (*stream.Receiver, *vmm.Machine, error) {
-	for {
-		r, err := sb.ln.Accept(ctx)
-		if err != nil {
-			if errors.Is(err, stream.ErrAuth) || errors.Is(err, stream.ErrMismatch) || errors.Is(err, stream.ErrVersion) {
-				if sb.cfg.OnRefused != nil {
-					sb.cfg.OnRefused(err)
-				}
-				continue
-			}
-			return nil, nil, err
-		}
-		m, err := sb.cfg.Build(r.Peer())
-		if err != nil {
-			r.Close()
-			return nil, nil, fmt.Errorf("standby: build machine for %s: %w", r.Peer().Name, err)
-		}
-		if err := checkShape(m, r.Peer()); err != nil {
-			m.Close()
-			r.Close()
-			return nil, nil, fmt.Errorf("standby: %w", err)
-		}
-		sb.sink.Dest = m.Memory()
-		return r, m, nil
-	}
-}
-
-// ReceiveMigration waits for a source and returns the running migrated
-// machine. A stream that fails midway leaves nothing running.
-func (sb *Standby) ReceiveMigration(ctx context.Context) (*vmm.Machine, error) {
-	r, m, err := sb.accept(ctx)
+	set.Or(last)
+	state, writes, err := cutState(m, cfg.Disks)
 	if err != nil {
-		return nil, err
+		return false, nil, err
 	}
-	defer r.Close()
-	var final *vmm.MachineState
-	// The final checkpoint's state is decoded before it commits: a state
-	// that does not decode is refused and the source keeps the guest.
-	commit := func(c *stream.Checkpoint) error {
-		if c.Kind != stream.KindFinal {
-			return nil
-		}
-		st, err := applyCheckpoint(m, sb.cfg.Disks, c.State)
-		if err != nil {
-			return err
-		}
-		final = st
-		return nil
+	res.Rounds++
+	progress(Progress{Round: res.Rounds, Phase: "stop-and-copy", BytesSent: s.Stats().BytesSent, RemainingPages: uint64(set.Count())})
+	if err := s.BeginCheckpoint(final, stream.KindFinal); err != nil {
+		return false, nil, err
 	}
-	r.SetOnCommit(commit)
-	if err := r.Run(ctx); err != nil {
-		m.Close()
-		return nil, fmt.Errorf("standby: migration stream: %w", err)
-	}
-	if !r.HandedOver() || final == nil {
-		m.Close()
-		return nil, errors.New("standby: the source ended the stream without handing over")
-	}
-	if sb.cfg.BeforeStart != nil {
-		if err := sb.cfg.BeforeStart(m, final); err != nil {
-			m.Close()
-			return nil, err
-		}
-	}
-	if err := m.StartFrom(final); err != nil {
-		m.Close()
-		return nil, fmt.Errorf("standby: start migrated guest: %w", err)
-	}
-	return m, nil
-}
-
-// Takeover says why and from where a standby took over.
-type Takeover struct {
-	Epoch uint64 // the checkpoint the guest resumed from
-	Cause error  // why the primary was declared lost
-	Took  time.Duration
-}
-
-// ReceiveReplication keeps a replica of the primary's guest: every
-// committed epoch checkpoint is applied to this machine's memory (staged
-// until its commit, so a partial checkpoint never lands) and its state
-// kept. When the primary is lost (no frame within the failure timeout, or
-// the stream breaks), the replica becomes the running guest from the last
-// committed checkpoint, with no copy of memory, and the machine is
-// returned. A deliberate goodbye from the primary (replication stopped)
-// returns an error and nothing runs; a migration's handover runs the guest.
-func (sb *Standby) ReceiveReplication(ctx context.Context, failoverTimeout time.Duration) (*vmm.Machine, Takeover, error) {
-	var tk Takeover
-	if failoverTimeout <= 0 {
-		failoverTimeout = 500 * time.Millisecond
-	}
-	sb.ln.SetFailoverTimeout(failoverTimeout)
-	r, m, err := sb.accept(ctx)
+	n, err := sendPages(s, m.Memory(), set)
+	res.PagesSent += n
 	if err != nil {
-		return nil, tk, err
+		return false, nil, err
 	}
-	defer r.Close()
-	var latest *vmm.MachineState
-	var latestEpoch uint64
-	r.SetOnCommit(func(c *stream.Checkpoint) error {
-		if !c.Kind.Resumable() {
-			return nil
-		}
-		st, err := applyCheckpoint(m, sb.cfg.Disks, c.State)
-		if err != nil {
-			return err
-		}
-		latest, latestEpoch = st, c.Epoch
-		if sb.cfg.OnCheckpoint != nil {
-			sb.cfg.OnCheckpoint(c.Epoch)
-		}
-		return nil
-	})
-	runErr := r.Run(ctx)
-	detected := time.Now()
-	switch {
-	case runErr == nil && r.HandedOver():
-		// a planned handover (migration): run it.
-	case runErr == nil:
-		m.Close()
-		return nil, tk, errors.New("standby: the primary stopped replication; the replica is discarded")
-	case !primaryLost(runErr):
-		// A corrupted, forged or refused stream says nothing about the
-		// primary's health: taking over could run the guest twice. The
-		// replica is dropped; the primary goes on unprotected.
-		m.Close()
-		return nil, tk, fmt.Errorf("standby: stream refused, not taking over (the primary runs unprotected): %w", runErr)
-	case latest == nil:
-		m.Close()
-		return nil, tk, fmt.Errorf("standby: primary lost before the first checkpoint, nothing to resume: %w", runErr)
+	if err := sendWrites(s, writes); err != nil {
+		return false, nil, err
 	}
-	tk = Takeover{Epoch: latestEpoch, Cause: runErr}
-	if sb.cfg.BeforeStart != nil {
-		if err := sb.cfg.BeforeStart(m, latest); err != nil {
-			m.Close()
-			return nil, tk, err
-		}
+	if err := s.SendState(state); err != nil {
+		return false, nil, err
 	}
-	if err := m.StartFrom(latest); err != nil {
-		m.Close()
-		return nil, tk, fmt.Errorf("standby: resume replica at epoch %d: %w", latestEpoch, err)
+	if err := s.EndCheckpoint(); err != nil {
+		return false, nil, err
 	}
-	tk.Took = time.Since(detected)
-	return m, tk, nil
-}
-
-// primaryLost tells a dead or unreachable primary (silence, or its end of
-// the connection gone without a goodbye) from a stream that is corrupt or
-// not from our primary, after which the standby must not take over.
-func primaryLost(err error) bool {
-	if errors.Is(err, stream.ErrPeer) {
-		return false // the primary itself refused something: it is alive
+	actx, cancel := context.WithTimeout(ctx, cfg.AckTimeout)
+	err = s.WaitAck(actx, final)
+	cancel()
+	if err != nil {
+		// Abort before resuming here: the goodbye tells the destination
+		// to discard the final checkpoint even if it acknowledged it just
+		// now.
+		_ = s.Close()
+		return false, nil, fmt.Errorf("final checkpoint not acknowledged: %w", err)
 	}
-	return errors.Is(err, stream.ErrTimeout) || errors.Is(err, stream.ErrTruncated)
+	// The point of no return: from the handover on, this side never runs
+	// the guest again, even if sending it failed (it may have arrived).
+	// Hand the machine over before the destination may start: leaving
+	// WithPaused must neither let the vCPUs run here again nor resume the
+	// devices, which would send the frames and execute the disk writes
+	// queued at the cut while the destination runs the guest.
+	res.BytesSent = s.Stats().BytesSent
+	if err := m.HandOver(); err != nil {
+		return false, nil, err
+	}
+	handoverErr = s.Handover()
+	return true, handoverErr, nil
 }

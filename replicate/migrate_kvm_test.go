@@ -48,28 +48,23 @@ func TestMigrateDirtyingGuest(t *testing.T) {
 	require.Eventually(t, func() bool { return passes(t, src) > 2 }, 30*time.Second, time.Millisecond)
 
 	var compared int
-	sb, err := NewStandby(StandbyConfig{
-		Listen: "127.0.0.1:0", Insecure: true,
-		Build: func(id stream.Identity) (*vmm.Machine, error) {
-			return vmm.New(vmm.Config{MemSize: MemSize(id), CPUs: int(id.VCPUs), Console: io.Discard})
-		},
-		BeforeStart: func(dst *vmm.Machine, st *vmm.MachineState) error {
-			// The source is paused at the cut: compare every page.
-			for _, r := range src.Memory().Regions() {
-				other, err := dst.Memory().Slice(r.GPA, r.Size)
-				require.NoError(t, err)
-				for off := uint64(0); off < r.Size; off += guestmem.PageSize {
-					if !bytes.Equal(r.Host[off:off+guestmem.PageSize], other[off:off+guestmem.PageSize]) {
-						t.Errorf("page %#x differs at the cut", uint64(r.GPA)+off)
-					}
-					compared++
-				}
-			}
-			return nil
-		},
-	})
+	sb, err := NewStandby(StandbyConfig{Listen: "127.0.0.1:0", Insecure: true, Build: buildTiny})
 	require.NoError(t, err)
 	defer sb.Close()
+	sb.beforeStart = func(dst *vmm.Machine, st *vmm.MachineState) error {
+		// The source is paused at the cut: compare every page.
+		for _, r := range src.Memory().Regions() {
+			other, err := dst.Memory().Slice(r.GPA, r.Size)
+			require.NoError(t, err)
+			for off := uint64(0); off < r.Size; off += guestmem.PageSize {
+				if !bytes.Equal(r.Host[off:off+guestmem.PageSize], other[off:off+guestmem.PageSize]) {
+					t.Errorf("page %#x differs at the cut", uint64(r.GPA)+off)
+				}
+				compared++
+			}
+		}
+		return nil
+	}
 	type received struct {
 		m   *vmm.Machine
 		err error
@@ -141,25 +136,26 @@ func TestMigrateBrokenStreamSourceKeepsRunning(t *testing.T) {
 		"the guest still runs on the source")
 }
 
-// A destination of another shape is refused at the handshake and the
-// source keeps running.
+// A destination of another shape refuses the source at the handshake,
+// both ends say why, and the source keeps running.
 func TestMigrateMismatchedDestination(t *testing.T) {
 	kvmtest.Require(t)
 	src := newTiny(t, tinyguest.Dirtier(dirtyBase, 8, passGPA))
 	require.NoError(t, src.Start())
 	sb, err := NewStandby(StandbyConfig{Listen: "127.0.0.1:0", Insecure: true,
-		Build: func(id stream.Identity) (*vmm.Machine, error) {
-			return vmm.New(vmm.Config{MemSize: MemSize(id), CPUs: 1, Console: io.Discard}) // one vCPU fewer
+		Build: func(id stream.Identity) (Replica, error) {
+			m, err := vmm.New(vmm.Config{MemSize: MemSize(id), CPUs: 1, Console: io.Discard}) // one vCPU fewer
+			return Replica{Machine: m}, err
 		}})
 	require.NoError(t, err)
 	defer sb.Close()
-	errc := make(chan error, 1)
-	go func() {
-		_, err := sb.ReceiveMigration(context.Background())
-		errc <- err
-	}()
+	refused := make(chan error, 1)
+	sb.cfg.OnRefused = func(err error) { refused <- err }
+	go func() { _, _ = sb.ReceiveMigration(t.Context()) }()
 	_, err = Migrate(context.Background(), src, MigrateConfig{To: sb.Addr(), Insecure: true, Name: "tiny"})
-	require.Error(t, err)
-	require.ErrorIs(t, <-errc, vmm.ErrStateMismatch)
+	require.ErrorIs(t, err, stream.ErrMismatch)
+	require.ErrorIs(t, err, stream.ErrPeer, "the source hears the destination's reason")
+	require.ErrorContains(t, err, "1 vcpus on the standby, 2 on the source")
+	require.ErrorIs(t, <-refused, stream.ErrMismatch)
 	require.False(t, src.Paused())
 }

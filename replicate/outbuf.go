@@ -2,6 +2,7 @@ package replicate
 
 import (
 	"errors"
+	"fmt"
 	"sync"
 
 	"govmm/virtio"
@@ -9,27 +10,30 @@ import (
 
 // OutputBuffer holds the guest's network output until the checkpoint that
 // covers it is acknowledged (invariant 1, output commit). It wraps the
-// device's backend: Send queues the frame in the current epoch; Seal ends
-// the epoch at a checkpoint; Release(n) sends every frame of epochs up to
-// n, in order, once the standby has acknowledged checkpoint n. Received
-// frames pass straight through: incoming traffic is not delayed.
+// device's backend. Until Arm it passes frames straight through (the VM
+// is not replicated, or not yet protected). Once armed, Send holds each
+// frame in the open batch; Seal(n) at checkpoint n's cut closes the batch
+// as epoch n's output; Release(n) sends every batch up to epoch n, in
+// order, once the standby has acknowledged checkpoint n. Epoch numbers
+// belong to the replicator: the buffer only checks that they increase.
+// Received frames pass straight through: incoming traffic is not delayed.
 //
 // Concurrency: Send comes from the device's worker, Seal from the
 // checkpoint path (vCPUs paused, devices quiesced), Release from the ack
-// reader. A mutex orders them; Release sends outside it so a slow backend
+// path. A mutex orders them; Release sends outside it so a slow backend
 // does not stall the guest's Send.
 type OutputBuffer struct {
 	inner virtio.NetBackend
 
-	mu       sync.Mutex
-	epoch    uint64   // epoch the guest is producing output in
-	current  [][]byte // frames of epoch
-	sealed   []sealedEpoch
-	held     int // bytes held, all epochs
-	maxBytes int
-	dropped  uint64
-	released uint64
-	bypass   bool // output commit off (unsafe, for benchmarks only)
+	mu         sync.Mutex // guards the fields below; taken inside sendMu
+	current    [][]byte   // frames of the epoch the guest is producing output in
+	sealed     []sealedEpoch
+	lastSealed uint64 // epoch of the last Seal
+	held       int    // bytes held, all epochs
+	maxBytes   int
+	dropped    uint64
+	released   uint64
+	bypass     bool // output commit off (unsafe, for benchmarks only)
 	// passthrough: not replicating (yet, or any more); output is not held.
 	passthrough bool
 
@@ -47,22 +51,13 @@ var _ virtio.NetBackend = (*OutputBuffer)(nil)
 // frames are dropped (TCP retransmits them), never sent early.
 const DefaultMaxHeldBytes = 64 << 20
 
-// NewOutputBuffer wraps inner, holding output from epoch first on. A
-// buffer made for a VM that is not replicated yet starts with
-// Unprotect (pass-through) and is armed by StartEpochs.
-func NewOutputBuffer(inner virtio.NetBackend, first uint64, maxBytes int) *OutputBuffer {
+// NewOutputBuffer wraps inner. Output passes straight through until Arm;
+// once armed, at most maxBytes (0: DefaultMaxHeldBytes) are held.
+func NewOutputBuffer(inner virtio.NetBackend, maxBytes int) *OutputBuffer {
 	if maxBytes <= 0 {
 		maxBytes = DefaultMaxHeldBytes
 	}
-	return &OutputBuffer{inner: inner, epoch: first, maxBytes: maxBytes}
-}
-
-// NewPassthroughBuffer wraps inner for a VM that may be replicated later:
-// output passes through until StartEpochs.
-func NewPassthroughBuffer(inner virtio.NetBackend) *OutputBuffer {
-	b := NewOutputBuffer(inner, 0, 0)
-	b.passthrough = true
-	return b
+	return &OutputBuffer{inner: inner, maxBytes: maxBytes, passthrough: true}
 }
 
 // VnetHdr implements virtio.NetBackend.
@@ -109,31 +104,46 @@ func (b *OutputBuffer) Send(frame []byte) error {
 	return nil
 }
 
-// Seal ends the current epoch (its output now waits for that epoch's ack)
-// and returns its number; the guest's next output belongs to the next one.
-func (b *OutputBuffer) Seal() uint64 {
+// Seal ends the guest's current epoch at checkpoint epoch's cut: the
+// output held since the previous cut is epoch's and waits for its ack.
+// Epochs must increase, and the buffer must be armed.
+func (b *OutputBuffer) Seal(epoch uint64) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	e := b.epoch
-	b.sealed = append(b.sealed, sealedEpoch{epoch: e, frames: b.current})
+	switch {
+	case b.passthrough:
+		return fmt.Errorf("seal output of epoch %d: %w", epoch, ErrNotArmed)
+	case epoch <= b.lastSealed:
+		return fmt.Errorf("seal output of epoch %d after epoch %d: %w", epoch, b.lastSealed, ErrReleaseOrder)
+	}
+	b.sealed = append(b.sealed, sealedEpoch{epoch: epoch, frames: b.current})
 	b.current = nil
-	b.epoch++
-	return e
+	b.lastSealed = epoch
+	return nil
 }
 
-// ErrReleaseOrder is returned when acks arrive for an epoch not sealed.
-var ErrReleaseOrder = errors.New("release of an epoch that was not sealed")
+// ErrNotArmed is returned by Seal on a buffer that holds nothing.
+var ErrNotArmed = errors.New("output buffer not armed")
+
+// ErrReleaseOrder is returned for a Seal whose epoch does not increase, or
+// a Release of an epoch not sealed yet.
+var ErrReleaseOrder = errors.New("output epochs out of order")
 
 // Release sends the output of every sealed epoch up to and including
 // epoch, in order. It returns the first send error (later frames of the
-// same release are still attempted).
+// same release are still attempted). A buffer that is not armed holds
+// nothing, and releases nothing.
 func (b *OutputBuffer) Release(epoch uint64) error {
 	b.sendMu.Lock()
 	defer b.sendMu.Unlock()
 	b.mu.Lock()
-	if epoch >= b.epoch {
+	if b.passthrough {
 		b.mu.Unlock()
-		return ErrReleaseOrder
+		return nil
+	}
+	if epoch > b.lastSealed {
+		b.mu.Unlock()
+		return fmt.Errorf("release output of epoch %d, last sealed %d: %w", epoch, b.lastSealed, ErrReleaseOrder)
 	}
 	var out [][]byte
 	n := 0
@@ -156,57 +166,32 @@ func (b *OutputBuffer) Release(epoch uint64) error {
 	return first
 }
 
-// StartEpochs turns output commit on at a checkpoint's cut: frames from
-// now on belong to epoch and wait for its ack. Until then (no standby, or
-// the initial sync) output passes straight through: the guest is not yet
-// protected, so there is nothing to hold it for.
-func (b *OutputBuffer) StartEpochs(epoch uint64) {
+// Arm turns output commit on at the cut of checkpoint epoch: frames from
+// now on are held for the next Seal (of a later epoch). Until then (no
+// standby, or the initial sync) output passes straight through: the guest
+// is not yet protected, so there is nothing to hold it for.
+func (b *OutputBuffer) Arm(epoch uint64) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	b.epoch = epoch
-	b.current, b.sealed, b.held = nil, nil, 0
+	b.current, b.sealed, b.held, b.lastSealed = nil, nil, 0, epoch
 	b.passthrough = false
 }
 
-// Unprotect ends output commit (replication stopped, or the standby was
-// lost under the continue policy): held frames are sent now, in order,
-// and later ones pass straight through.
-func (b *OutputBuffer) Unprotect() {
-	b.sendMu.Lock()
-	defer b.sendMu.Unlock()
-	b.mu.Lock()
-	var out [][]byte
-	for _, s := range b.sealed {
-		out = append(out, s.frames...)
-	}
-	out = append(out, b.current...)
-	b.current, b.sealed, b.held = nil, nil, 0
-	b.passthrough = true
-	b.released += uint64(len(out))
-	b.mu.Unlock()
-	for _, f := range out {
-		_ = b.inner.Send(f)
-	}
-}
-
-// Abandon ends output commit after the standby was lost: held frames are
-// dropped, never sent (their checkpoints were not acknowledged, and a
-// standby that is only partitioned away may be running the guest from an
-// earlier one; TCP retransmits what matters), and later frames pass
-// straight through.
+// Abandon ends output commit (the standby was lost, replication stopped
+// or failed to start): held frames are dropped, never sent (their
+// checkpoints were not acknowledged, and a standby that is only
+// partitioned away may be running the guest from an earlier one; TCP
+// retransmits what matters), and later frames pass straight through.
 func (b *OutputBuffer) Abandon() {
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	n := len(b.current)
+	for _, e := range b.sealed {
+		n += len(e.frames)
+	}
+	b.dropped += uint64(n)
 	b.current, b.sealed, b.held = nil, nil, 0
 	b.passthrough = true
-}
-
-// Discard drops all held output (the standby is gone and policy says the
-// guest must not talk unprotected, or the primary is failing over).
-func (b *OutputBuffer) Discard() {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	b.current, b.sealed, b.held = nil, nil, 0
 }
 
 // SetBypass turns output commit off (true) or on. Off is unsafe: clients
@@ -217,7 +202,8 @@ func (b *OutputBuffer) SetBypass(on bool) {
 	b.mu.Unlock()
 }
 
-// BufferStats are the output buffer's counters.
+// BufferStats are the output buffer's counters. Dropped counts frames
+// never sent: over the bound while held, or held when output commit ended.
 type BufferStats struct {
 	HeldFrames, HeldBytes int
 	Released, Dropped     uint64

@@ -29,17 +29,24 @@ func (s *sink) got() []string {
 	return append([]string(nil), s.sent...)
 }
 
+// armed returns a buffer holding output from the cut of checkpoint first.
+func armed(out *sink, first uint64, maxBytes int) *OutputBuffer {
+	b := NewOutputBuffer(out, maxBytes)
+	b.Arm(first)
+	return b
+}
+
 func TestOutputHeldUntilAck(t *testing.T) {
 	out := &sink{}
-	b := NewOutputBuffer(out, 1, 0)
+	b := armed(out, 0, 0)
 	frame := []byte("a1")
 	require.NoError(t, b.Send(frame))
 	frame[0] = 'X' // the buffer copied it
 	require.NoError(t, b.Send([]byte("a2")))
 	require.Empty(t, out.got(), "nothing leaves before a checkpoint")
-	require.Equal(t, uint64(1), b.Seal())
+	require.NoError(t, b.Seal(1))
 	require.NoError(t, b.Send([]byte("b1")))
-	require.Equal(t, uint64(2), b.Seal())
+	require.NoError(t, b.Seal(2))
 	require.NoError(t, b.Send([]byte("c1")))
 	require.Empty(t, out.got(), "nothing leaves before an ack")
 	require.Equal(t, BufferStats{HeldFrames: 4, HeldBytes: 8}, b.Stats())
@@ -49,17 +56,33 @@ func TestOutputHeldUntilAck(t *testing.T) {
 	require.NoError(t, b.Release(2))
 	require.Equal(t, []string{"a1", "a2", "b1"}, out.got(), "epoch 3 is not sealed: c1 stays")
 	require.ErrorIs(t, b.Release(3), ErrReleaseOrder)
-	b.Seal()
+	require.NoError(t, b.Seal(3))
 	require.NoError(t, b.Release(3))
 	require.Equal(t, []string{"a1", "a2", "b1", "c1"}, out.got())
 }
 
+// Epoch numbers are the replicator's; the buffer refuses any that do not
+// increase, and a Seal on a buffer that holds nothing.
+func TestOutputSealChecksEpochs(t *testing.T) {
+	out := &sink{}
+	b := NewOutputBuffer(out, 0)
+	require.ErrorIs(t, b.Seal(1), ErrNotArmed)
+	b.Arm(5)
+	require.ErrorIs(t, b.Seal(5), ErrReleaseOrder, "epoch 5's cut armed the buffer: its output is 6's")
+	require.NoError(t, b.Seal(6))
+	require.ErrorIs(t, b.Seal(6), ErrReleaseOrder)
+	require.ErrorIs(t, b.Seal(4), ErrReleaseOrder)
+	require.NoError(t, b.Seal(8), "epochs need only increase")
+	require.NoError(t, b.Release(5), "an ack of the arming checkpoint releases nothing")
+	require.Empty(t, out.got())
+}
+
 func TestOutputReleaseSkipsToLatestAck(t *testing.T) {
 	out := &sink{}
-	b := NewOutputBuffer(out, 10, 0)
-	for _, f := range []string{"x", "y", "z"} {
+	b := armed(out, 9, 0)
+	for i, f := range []string{"x", "y", "z"} {
 		require.NoError(t, b.Send([]byte(f)))
-		b.Seal()
+		require.NoError(t, b.Seal(uint64(10+i)))
 	}
 	require.NoError(t, b.Release(12)) // acks are cumulative
 	require.Equal(t, []string{"x", "y", "z"}, out.got())
@@ -67,21 +90,20 @@ func TestOutputReleaseSkipsToLatestAck(t *testing.T) {
 	require.Len(t, out.got(), 3)
 }
 
-func TestOutputBoundedAndDiscard(t *testing.T) {
+func TestOutputBounded(t *testing.T) {
 	out := &sink{}
-	b := NewOutputBuffer(out, 1, 4)
+	b := armed(out, 0, 4)
 	require.NoError(t, b.Send([]byte("abc")))
 	require.NoError(t, b.Send([]byte("de"))) // over the bound: dropped, not sent
 	require.Equal(t, uint64(1), b.Stats().Dropped)
-	b.Discard()
-	b.Seal()
+	require.NoError(t, b.Seal(1))
 	require.NoError(t, b.Release(1))
-	require.Empty(t, out.got(), "discarded output never leaves")
+	require.Equal(t, []string{"abc"}, out.got(), "the dropped frame never leaves")
 }
 
 func TestOutputBypassIsImmediate(t *testing.T) {
 	out := &sink{}
-	b := NewOutputBuffer(out, 1, 0)
+	b := armed(out, 0, 0)
 	b.SetBypass(true)
 	require.NoError(t, b.Send([]byte("now")))
 	require.Equal(t, []string{"now"}, out.got())
@@ -89,7 +111,7 @@ func TestOutputBypassIsImmediate(t *testing.T) {
 
 func TestOutputConcurrentSendAndRelease(t *testing.T) {
 	out := &sink{}
-	b := NewOutputBuffer(out, 1, 0)
+	b := armed(out, 0, 0)
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() {
@@ -99,11 +121,11 @@ func TestOutputConcurrentSendAndRelease(t *testing.T) {
 		}
 	}()
 	for e := uint64(1); e <= 50; e++ {
-		b.Seal()
+		require.NoError(t, b.Seal(e))
 		require.NoError(t, b.Release(e))
 	}
 	wg.Wait()
-	b.Seal()
+	require.NoError(t, b.Seal(51))
 	require.NoError(t, b.Release(51))
 	got := out.got()
 	require.Len(t, got, 1000)
@@ -114,23 +136,34 @@ func TestOutputConcurrentSendAndRelease(t *testing.T) {
 
 func TestOutputAbandonDropsHeld(t *testing.T) {
 	out := &sink{}
-	b := NewPassthroughBuffer(out)
-	b.StartEpochs(5)
+	b := NewOutputBuffer(out, 0)
+	b.Arm(5)
 	require.NoError(t, b.Send([]byte("held")))
-	b.Seal()
+	require.NoError(t, b.Seal(6))
 	b.Abandon()
 	require.Empty(t, out.got(), "unacknowledged output is never sent")
 	require.NoError(t, b.Send([]byte("later")))
 	require.Equal(t, []string{"later"}, out.got(), "unprotected: straight through")
 }
 
-func TestOutputUnprotectReleasesHeld(t *testing.T) {
+// Ending output commit for any reason (standby lost, replication
+// stopped, a failed start) drops every frame held for an epoch the
+// standby did not acknowledge: none of them is ever sent, and the
+// buffer passes later output straight through.
+func TestOutputAbandonNeverReleasesUnacked(t *testing.T) {
 	out := &sink{}
-	b := NewPassthroughBuffer(out)
-	b.StartEpochs(5)
-	require.NoError(t, b.Send([]byte("a")))
-	b.Seal()
-	require.NoError(t, b.Send([]byte("b")))
-	b.Unprotect()
-	require.Equal(t, []string{"a", "b"}, out.got())
+	b := NewOutputBuffer(out, 0)
+	b.Arm(5)
+	require.NoError(t, b.Send([]byte("acked")))
+	require.NoError(t, b.Seal(6))
+	require.NoError(t, b.Send([]byte("sealed, not acked")))
+	require.NoError(t, b.Seal(7))
+	require.NoError(t, b.Send([]byte("not sealed")))
+	require.NoError(t, b.Release(6))
+	b.Abandon()
+	require.NoError(t, b.Release(7), "a late ack after the end releases nothing")
+	require.Equal(t, []string{"acked"}, out.got())
+	require.Equal(t, uint64(2), b.Stats().Dropped)
+	require.NoError(t, b.Send([]byte("after")))
+	require.Equal(t, []string{"acked", "after"}, out.got())
 }

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"sort"
 	"sync"
 	"time"
 
@@ -21,23 +20,40 @@ const (
 	OnStandbyLossPause    = "pause"    // stop the guest until an operator decides
 )
 
-// NullStandby as ReplicateConfig.To takes checkpoints and ships them
-// nowhere, acknowledging each at once: it separates the cost of
-// checkpointing from the cost of transfer (benchmarks only: the guest is
-// not protected).
-const NullStandby = "null"
+// Defaults of ReplicateConfig, for a LAN (docs/STREAM.md has the table for
+// other links).
+const (
+	DefaultEpoch           = 25 * time.Millisecond
+	DefaultFailoverTimeout = 2 * time.Second
+	DefaultMaxUnacked      = 2
+)
 
 // ReplicateConfig parameterises continuous replication to a standby.
 type ReplicateConfig struct {
-	To       string
-	Name     string
-	Key      []byte
-	Insecure bool
-	// Epoch is the time the guest runs between checkpoints (default 25ms).
+	// To is the standby's HOST:PORT, dialled with Key (or Insecure), unless
+	// Transport is set.
+	To string
+	// Transport, if set, replaces the connection to To: NewNullTransport
+	// (benchmarks) ships checkpoints nowhere.
+	Transport Transport
+	Name      string
+	Key       []byte
+	Insecure  bool
+	// Devices describe the guest's devices beyond their kind, by device
+	// ID (MACs, backends, disk sizes...): a standby whose machine differs
+	// is refused at the handshake.
+	Devices map[string][]stream.Attr
+	// Epoch is the time the guest runs between checkpoints
+	// (DefaultEpoch).
 	Epoch time.Duration
-	// FailoverTimeout: without any frame from the standby for this long,
-	// it is declared lost (default 500ms).
+	// FailoverTimeout: while listening, without a byte from the standby
+	// for this long, it is declared lost (DefaultFailoverTimeout). The
+	// standby's, if larger, wins.
 	FailoverTimeout time.Duration
+	// MaxUnacked bounds the checkpoints in flight: the next is not taken
+	// while this many are unacknowledged, so a slow standby stretches the
+	// epochs instead of falling behind (DefaultMaxUnacked).
+	MaxUnacked int
 	// OnStandbyLoss is OnStandbyLossContinue (default) or OnStandbyLossPause.
 	OnStandbyLoss string
 	// Outputs are the network output buffers whose frames wait for their
@@ -46,104 +62,100 @@ type ReplicateConfig struct {
 	// InitialRounds bounds the pre-copy rounds of the initial sync.
 	InitialRounds int
 	Logger        *slog.Logger
-	// Disks are the logs of the guest's disks (in device order); each
-	// epoch's writes travel in its checkpoint.
+	// Disks are the logs of the guest's disks (in device order): the
+	// initial sync copies each, and each epoch's writes travel in its
+	// checkpoint.
 	Disks []*DiskLog
-	// AtCut, if set, runs at every checkpoint's cut while the guest is
-	// paused (tests compare the standby's memory with the primary's).
-	AtCut func(epoch uint64)
 }
 
-// EpochStats describes one checkpoint.
-type EpochStats struct {
-	Epoch      uint64
-	Pause      time.Duration // guest stopped: stop + harvest + copy + state + resume
-	Stop       time.Duration // pausing the vCPUs and quiescing devices
-	Harvest    time.Duration
-	Copy       time.Duration
-	State      time.Duration
-	DirtyPages int
-	Bytes      uint64        // on the wire for this checkpoint
-	AckTime    time.Duration // from resume to the standby's ack
-	Length     time.Duration // from the previous resume to this pause
+// testHooks are seams for this package's tests; production code passes
+// none.
+type testHooks struct {
+	// atCut runs at every checkpoint's cut while the guest is paused
+	// (tests compare the standby's memory or disk with the primary's).
+	atCut func(epoch uint64)
 }
 
 // Replicator keeps a standby in step with a running machine.
+//
+// Goroutines: the epoch loop (checkpoints) and the ack loop (releases
+// output as acks arrive); Stop ends both and waits for them. Lock order:
+// mu, then nothing.
 type Replicator struct {
-	m    *vmm.Machine
-	cfg  ReplicateConfig
-	s    *stream.Sender
-	tr   *dirtylog.Tracker
-	log  *slog.Logger
-	stop chan struct{}
-	done chan struct{}
+	m      *vmm.Machine
+	cfg    ReplicateConfig
+	hooks  testHooks
+	t      Transport
+	tr     *dirtylog.Tracker
+	log    *slog.Logger
+	ctx    context.Context // cancelled by Stop
+	cancel context.CancelFunc
+	stop   chan struct{}
+	done   chan struct{}
+	acks   chan struct{} // closed when the ack loop has ended
 
-	mu          sync.Mutex
-	err         error // why replication ended (nil while running)
-	protected   bool
-	epoch       uint64
-	recent      []EpochStats // ring of the last epochs, for metrics
-	totals      totals
-	resumedAt   map[uint64]time.Time
-	lastResumed time.Time
+	stopOnce sync.Once
 
-	// Staging buffer, owned by the checkpoint goroutine: the dirty pages
-	// of the checkpoint being streamed, kept across epochs.
+	mu           sync.Mutex // guards the fields below
+	err          error      // why replication ended (nil while running)
+	protected    bool
+	policyPaused bool // the pause policy holds a pause on m
+	epoch        uint64
+	recent       []EpochStats // ring of the last epochs, for metrics
+	totals       totals
+	resumedAt    map[uint64]time.Time
+	lastResumed  time.Time
+
+	// Staging buffer, owned by the epoch loop: the dirty pages and disk
+	// writes of the checkpoint being streamed, kept across epochs.
 	gpas    []guestmem.GPA
 	staging []byte
-}
-
-type totals struct {
-	Epochs, DirtyPages, Bytes uint64
-	PauseSum, AckSum          time.Duration
-	Acked                     uint64
+	writes  [][]DiskWrite
 }
 
 // ErrStandbyLost is why replication ends when the standby stops answering.
 var ErrStandbyLost = errors.New("standby lost: the guest runs unprotected")
 
-const recentEpochs = 1024
-
-// StartReplication connects to the standby, copies the whole guest while
-// it runs (pre-copy rounds), then takes the first complete checkpoint and
-// starts the epoch loop. From then on every network frame waits for its
-// epoch's ack. It returns once the guest is protected.
+// StartReplication connects to the standby, copies the guest's disks and
+// memory while it runs (pre-copy), then takes the first complete
+// checkpoint and starts the epoch loop. From then on every network frame
+// waits for its epoch's ack. It returns once the guest is protected; on
+// failure nothing is left armed: output flows as before.
 func StartReplication(ctx context.Context, m *vmm.Machine, cfg ReplicateConfig) (*Replicator, error) {
-	if cfg.Epoch <= 0 {
-		cfg.Epoch = 25 * time.Millisecond
+	return startReplication(ctx, m, cfg, testHooks{})
+}
+
+func startReplication(ctx context.Context, m *vmm.Machine, cfg ReplicateConfig, hooks testHooks) (*Replicator, error) {
+	cfg, err := cfg.withDefaults()
+	if err != nil {
+		return nil, err
 	}
-	if cfg.FailoverTimeout <= 0 {
-		cfg.FailoverTimeout = 500 * time.Millisecond
+	peer := cfg.To
+	if cfg.Transport != nil {
+		peer = fmt.Sprintf("%T", cfg.Transport)
 	}
-	if cfg.OnStandbyLoss == "" {
-		cfg.OnStandbyLoss = OnStandbyLossContinue
-	}
-	if cfg.OnStandbyLoss != OnStandbyLossContinue && cfg.OnStandbyLoss != OnStandbyLossPause {
-		return nil, fmt.Errorf("on-standby-loss %q: want %s or %s", cfg.OnStandbyLoss, OnStandbyLossContinue, OnStandbyLossPause)
-	}
-	if cfg.InitialRounds <= 0 {
-		cfg.InitialRounds = 10
-	}
-	if cfg.Logger == nil {
-		cfg.Logger = slog.Default()
-	}
-	r := &Replicator{m: m, cfg: cfg, log: cfg.Logger.With("component", "replicate", "standby", cfg.To),
-		stop: make(chan struct{}), done: make(chan struct{}), resumedAt: map[uint64]time.Time{}}
-	var err error
-	if cfg.To != NullStandby {
-		hb := cfg.FailoverTimeout / 4
-		r.s, err = stream.Dial(ctx, cfg.To, stream.Config{Key: cfg.Key, Insecure: cfg.Insecure, Identity: IdentityOf(m, cfg.Name),
-			HeartbeatInterval: hb, FailoverTimeout: cfg.FailoverTimeout, OnAck: r.onAck})
+	r := &Replicator{m: m, cfg: cfg, hooks: hooks, log: cfg.Logger.With("component", "replicate", "standby", peer),
+		stop: make(chan struct{}), done: make(chan struct{}), acks: make(chan struct{}), resumedAt: map[uint64]time.Time{}}
+	r.ctx, r.cancel = context.WithCancel(context.Background())
+	r.t = cfg.Transport
+	if r.t == nil {
+		s, err := stream.Dial(ctx, cfg.To, stream.Config{Key: cfg.Key, Insecure: cfg.Insecure,
+			Identity: IdentityOf(m, cfg.Name, cfg.Devices), HeartbeatInterval: cfg.FailoverTimeout / 4,
+			FailoverTimeout: cfg.FailoverTimeout, Logger: cfg.Logger})
 		if err != nil {
+			r.cancel()
 			return nil, fmt.Errorf("replicate to %s: %w", cfg.To, err)
 		}
+		r.t = s
 	}
-	if r.tr, err = m.TrackDirty(dirtylog.Options{ManualProtect: true}); err != nil {
-		r.closeStream()
+	if r.tr, err = trackDirty(m); err != nil {
+		_ = r.t.Close()
+		r.cancel()
 		return nil, fmt.Errorf("replicate: %w", err)
 	}
-	// The standby's disk copies start identical to ours: from now on every
-	// write is recorded and travels in the next resumable checkpoint.
+	go r.ackLoop()
+	// From now on every disk write is recorded, and reaches the standby
+	// after the copy of the blocks it touches.
 	for _, d := range cfg.Disks {
 		d.Arm()
 	}
@@ -151,75 +163,76 @@ func StartReplication(ctx context.Context, m *vmm.Machine, cfg ReplicateConfig) 
 		for _, d := range cfg.Disks {
 			d.Disarm()
 		}
+		// The first checkpoint may have armed the output buffers: what they
+		// hold was never acknowledged, and nothing will release it.
+		for _, o := range cfg.Outputs {
+			o.Abandon()
+		}
 		r.tr.Close()
-		r.closeStream()
+		_ = r.t.Close()
+		<-r.acks
+		r.cancel()
 		return nil, fmt.Errorf("replicate: initial sync: %w", err)
 	}
 	go r.loop()
 	return r, nil
 }
 
-// initialSync sends the guest while it runs, round after round, then the
-// first checkpoint (the whole remaining dirty set and the state).
+func (cfg ReplicateConfig) withDefaults() (ReplicateConfig, error) {
+	if cfg.Epoch <= 0 {
+		cfg.Epoch = DefaultEpoch
+	}
+	if cfg.FailoverTimeout <= 0 {
+		cfg.FailoverTimeout = DefaultFailoverTimeout
+	}
+	if cfg.MaxUnacked <= 0 {
+		cfg.MaxUnacked = DefaultMaxUnacked
+	}
+	if cfg.OnStandbyLoss == "" {
+		cfg.OnStandbyLoss = OnStandbyLossContinue
+	}
+	if cfg.OnStandbyLoss != OnStandbyLossContinue && cfg.OnStandbyLoss != OnStandbyLossPause {
+		return cfg, fmt.Errorf("on-standby-loss %q: want %s or %s", cfg.OnStandbyLoss, OnStandbyLossContinue, OnStandbyLossPause)
+	}
+	if cfg.InitialRounds <= 0 {
+		cfg.InitialRounds = 10
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	return cfg, nil
+}
+
+// initialSync copies the disks and the guest's memory while it runs, then
+// takes the first checkpoint (the remaining dirty set and the state), and
+// waits for its ack: only then is the guest protected.
 func (r *Replicator) initialSync(ctx context.Context) error {
-	if r.s == nil { // --replicate-to null: nothing to sync
-		if err := r.checkpoint(nil); err != nil {
-			return err
-		}
-		r.mu.Lock()
-		r.protected = true
-		r.mu.Unlock()
-		return nil
-	}
-	mem := r.m.Memory()
-	set := dirtylog.NewFullSet(mem)
-	for round := 1; round <= r.cfg.InitialRounds; round++ {
-		if err := r.s.BeginCheckpoint(r.nextEpoch(), stream.KindInitialSync); err != nil {
-			return err
-		}
-		err := set.ForEach(func(gpa guestmem.GPA) error {
-			page, err := mem.Slice(gpa, guestmem.PageSize)
-			if err != nil {
-				return err
-			}
-			return r.s.SendPage(gpa, page)
-		})
-		if err != nil {
-			return err
-		}
-		if err := r.s.EndCheckpoint(); err != nil {
-			return err
-		}
-		var herr error
-		if set, herr = r.tr.Harvest(); herr != nil {
-			return herr
-		}
-		if set.Count() <= 256 {
-			break
-		}
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-	}
-	// The first resumable checkpoint: output buffering starts at its cut.
-	if err := r.checkpoint(set); err != nil {
+	pre, err := precopy{t: r.t, mem: r.m.Memory(), tr: r.tr, disks: r.cfg.Disks, nextEpoch: r.nextEpoch,
+		stopPages: 256, maxRounds: r.cfg.InitialRounds}.run(ctx)
+	if err != nil {
 		return err
 	}
-	actx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	if err := r.s.WaitAck(actx, r.currentEpoch()); err != nil {
+	// The first resumable checkpoint: output buffering starts at its cut.
+	if err := r.checkpoint(pre.Dirty); err != nil {
+		return err
+	}
+	// However slow the standby is with the copy, it is alive as long as
+	// the stream is: the wait is bounded by the stream's own detection and
+	// by the caller's ctx.
+	if err := r.t.WaitAck(ctx, r.currentEpoch()); err != nil {
 		return fmt.Errorf("first checkpoint not acknowledged: %w", err)
 	}
 	r.mu.Lock()
 	r.protected = true
 	r.mu.Unlock()
-	r.log.Info("guest protected", "epoch", r.currentEpoch())
+	r.log.Info("guest protected", "epoch", r.currentEpoch(), "disk_bytes_copied", pre.DiskBytes)
 	return nil
 }
 
 // checkpoint takes one checkpoint: pause, harvest (extra is ORed in),
-// copy the dirty pages into a staging buffer, save the state, seal the
-// epoch's output, resume; then stream it while the guest runs on.
+// copy the dirty pages into a staging buffer, save the state, take the
+// disk writes, seal the epoch's output, resume; then stream it while the
+// guest runs on.
 func (r *Replicator) checkpoint(extra *dirtylog.Set) error {
 	var es EpochStats
 	t0 := time.Now()
@@ -243,38 +256,19 @@ func (r *Replicator) checkpoint(extra *dirtylog.Set) error {
 			set.Or(extra)
 		}
 		t1 = time.Now()
-		mem := r.m.Memory()
-		// The staging buffer is reused from epoch to epoch (streaming of
-		// the previous one is over by now): no page faults in the pause.
-		r.gpas = r.gpas[:0]
-		r.staging = r.staging[:0]
-		err = set.ForEach(func(gpa guestmem.GPA) error {
-			page, err := mem.Slice(gpa, guestmem.PageSize)
-			if err != nil {
-				return err
-			}
-			r.gpas = append(r.gpas, gpa)
-			r.staging = append(r.staging, page...)
-			return nil
-		})
-		if err != nil {
+		if err := r.stage(set); err != nil {
 			return err
 		}
 		t2 = time.Now()
-		if state, err = cutState(r.m, r.cfg.Disks); err != nil {
+		if state, r.writes, err = cutState(r.m, r.cfg.Disks); err != nil {
 			return err
 		}
 		epoch = r.nextEpoch()
-		if r.cfg.AtCut != nil {
-			r.cfg.AtCut(epoch)
+		if r.hooks.atCut != nil {
+			r.hooks.atCut(epoch)
 		}
-		first := !r.isProtected()
-		for _, o := range r.cfg.Outputs {
-			if first {
-				o.StartEpochs(epoch + 1) // output from now on waits for acks
-			} else {
-				o.Seal()
-			}
+		if err := r.sealOutput(epoch); err != nil {
+			return err
 		}
 		t3 = time.Now()
 		return nil
@@ -283,38 +277,75 @@ func (r *Replicator) checkpoint(extra *dirtylog.Set) error {
 		return err
 	}
 	now := time.Now()
-	gpas, staging := r.gpas, r.staging
-	es.Epoch, es.DirtyPages = epoch, len(gpas)
+	es.Epoch, es.DirtyPages = epoch, len(r.gpas)
 	es.Stop, es.Harvest, es.Copy, es.State, es.Pause = ts.Sub(t0), t1.Sub(ts), t2.Sub(t1), t3.Sub(t2), now.Sub(t0)
 	r.mu.Lock()
 	r.lastResumed = now
 	r.resumedAt[epoch] = now
 	r.mu.Unlock()
 
-	if r.s == nil {
-		// Shipped to nowhere: the checkpoint's cost without its transfer.
-		r.record(es)
-		r.onAck(epoch)
-		return nil
-	}
-	before := r.s.Stats().BytesSent
-	if err := r.s.BeginCheckpoint(epoch, stream.KindEpoch); err != nil {
+	before := r.t.Stats().BytesSent
+	if err := r.send(epoch, state); err != nil {
 		return err
 	}
-	for i, gpa := range gpas {
-		if err := r.s.SendPage(gpa, staging[i*guestmem.PageSize:(i+1)*guestmem.PageSize]); err != nil {
+	es.Bytes = r.t.Stats().BytesSent - before
+	r.record(es)
+	return nil
+}
+
+// stage copies the pages of set into the staging buffer. The buffer is
+// reused from epoch to epoch (streaming of the previous one is over by
+// now): no page faults in the pause.
+func (r *Replicator) stage(set *dirtylog.Set) error {
+	mem := r.m.Memory()
+	r.gpas = r.gpas[:0]
+	r.staging = r.staging[:0]
+	return set.ForEach(func(gpa guestmem.GPA) error {
+		page, err := mem.Slice(gpa, guestmem.PageSize)
+		if err != nil {
+			return err
+		}
+		r.gpas = append(r.gpas, gpa)
+		r.staging = append(r.staging, page...)
+		return nil
+	})
+}
+
+// sealOutput ends the guest's output epoch at checkpoint epoch's cut. At
+// the first resumable checkpoint it arms the buffers instead: output from
+// then on waits for acks.
+func (r *Replicator) sealOutput(epoch uint64) error {
+	first := !r.isProtected()
+	for _, o := range r.cfg.Outputs {
+		if first {
+			o.Arm(epoch)
+			continue
+		}
+		if err := o.Seal(epoch); err != nil {
 			return err
 		}
 	}
-	if err := r.s.SendState(state); err != nil {
-		return err
-	}
-	if err := r.s.EndCheckpoint(); err != nil {
-		return err
-	}
-	es.Bytes = r.s.Stats().BytesSent - before
-	r.record(es)
 	return nil
+}
+
+// send streams the staged checkpoint.
+func (r *Replicator) send(epoch uint64, state []byte) error {
+	if err := r.t.BeginCheckpoint(epoch, stream.KindEpoch); err != nil {
+		return err
+	}
+	for i, gpa := range r.gpas {
+		if err := r.t.SendPage(gpa, r.staging[i*guestmem.PageSize:(i+1)*guestmem.PageSize]); err != nil {
+			return err
+		}
+	}
+	if err := sendWrites(r.t, r.writes); err != nil {
+		return err
+	}
+	r.writes = nil
+	if err := r.t.SendState(state); err != nil {
+		return err
+	}
+	return r.t.EndCheckpoint()
 }
 
 // nextEpoch numbers the next checkpoint.
@@ -337,10 +368,31 @@ func (r *Replicator) isProtected() bool {
 	return r.protected
 }
 
-// onAck releases the output of every epoch up to epoch (stream goroutine).
+// ackLoop follows the standby's acks until the transport ends, releasing
+// the output of each acknowledged epoch. It runs on its own goroutine so
+// that sending output never delays the transport's reading of the wire
+// (nor, with it, the failure detector).
+func (r *Replicator) ackLoop() {
+	defer close(r.acks)
+	var acked uint64
+	for {
+		if err := r.t.WaitAck(context.Background(), acked+1); err != nil {
+			return
+		}
+		acked = r.t.Acked()
+		r.onAck(acked)
+	}
+}
+
+// onAck releases the output of every epoch up to epoch.
 func (r *Replicator) onAck(epoch uint64) {
+	select {
+	case <-r.stop:
+		return // Stop drops what is held; nothing more leaves from here
+	default:
+	}
 	for _, o := range r.cfg.Outputs {
-		if err := o.Release(epoch); err != nil && !errors.Is(err, ErrReleaseOrder) {
+		if err := o.Release(epoch); err != nil {
 			r.log.Warn("release output", "epoch", epoch, "err", err)
 		}
 	}
@@ -363,60 +415,106 @@ func (r *Replicator) onAck(epoch uint64) {
 	r.mu.Unlock()
 }
 
-func (r *Replicator) record(es EpochStats) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.recent = append(r.recent, es)
-	if len(r.recent) > recentEpochs {
-		r.recent = r.recent[len(r.recent)-recentEpochs:]
-	}
-	r.totals.Epochs++
-	r.totals.DirtyPages += uint64(es.DirtyPages)
-	r.totals.Bytes += es.Bytes
-	r.totals.PauseSum += es.Pause
-}
-
-// loop takes a checkpoint every epoch until stopped or the standby is lost.
+// loop takes a checkpoint every epoch (sooner under disk pressure, later
+// while too many are unacknowledged) until stopped or the standby is lost.
 func (r *Replicator) loop() {
 	defer close(r.done)
 	t := time.NewTimer(r.cfg.Epoch)
 	defer t.Stop()
-	var streamDone <-chan struct{} // nil (never ready) without a stream
-	if r.s != nil {
-		streamDone = r.s.Done()
+	pressure := make(chan struct{}, 1)
+	for _, d := range r.cfg.Disks {
+		go func(c <-chan struct{}) {
+			for {
+				select {
+				case <-c:
+					select {
+					case pressure <- struct{}{}:
+					default:
+					}
+				case <-r.ctx.Done():
+					return
+				}
+			}
+		}(d.Pressure())
 	}
 	for {
 		select {
 		case <-r.stop:
 			r.finish(nil)
 			return
-		case <-streamDone:
-			r.lost(r.s.Err())
+		case <-r.t.Done():
+			r.lost(r.t.Err())
 			return
 		case <-t.C:
+		case <-pressure:
+			r.mu.Lock()
+			r.totals.EarlyEpochs++
+			r.mu.Unlock()
+		}
+		if err := r.backpressure(); err != nil {
+			r.ended(err)
+			return
 		}
 		if err := r.checkpoint(nil); err != nil {
-			r.lost(err)
+			r.ended(err)
 			return
 		}
 		// The guest runs one epoch from its resume; streaming overlaps it.
 		r.mu.Lock()
 		next := r.cfg.Epoch - time.Since(r.lastResumed)
 		r.mu.Unlock()
-		if next < 0 {
-			next = 0
+		if !t.Stop() {
+			select {
+			case <-t.C:
+			default:
+			}
 		}
-		t.Reset(next)
+		t.Reset(max(next, 0))
 	}
 }
 
+// ended handles an error of the epoch loop: Stop's doing, or a loss.
+func (r *Replicator) ended(err error) {
+	select {
+	case <-r.stop:
+		r.finish(nil)
+	default:
+		r.lost(err)
+	}
+}
+
+// backpressure waits while MaxUnacked checkpoints are unacknowledged: a
+// standby that is slow, not dead, stretches the guest's epoch (the guest
+// runs on meanwhile; its output waits, as it would anyway).
+func (r *Replicator) backpressure() error {
+	epoch := r.currentEpoch()
+	if epoch < uint64(r.cfg.MaxUnacked) || r.t.Acked()+uint64(r.cfg.MaxUnacked) > epoch {
+		return nil
+	}
+	start := time.Now()
+	r.mu.Lock()
+	r.totals.Backpressured++
+	r.mu.Unlock()
+	err := r.t.WaitAck(r.ctx, epoch+1-uint64(r.cfg.MaxUnacked))
+	r.mu.Lock()
+	r.totals.BackpressureSum += time.Since(start)
+	r.mu.Unlock()
+	return err
+}
+
 // lost handles the standby going away: the guest is unprotected now.
+// Nothing it holds of unacknowledged epochs is ever released.
 func (r *Replicator) lost(cause error) {
 	err := fmt.Errorf("%w: %v", ErrStandbyLost, cause)
 	r.log.Error("STANDBY LOST: guest is UNPROTECTED", "err", cause, "policy", r.cfg.OnStandbyLoss)
 	if r.cfg.OnStandbyLoss == OnStandbyLossPause {
-		// Hold the output: nothing unacknowledged may leave.
-		_ = r.m.Pause()
+		// Stop the guest until an operator decides (Stop resumes it); its
+		// held output stays held meanwhile.
+		if perr := r.m.Pause(); perr == nil {
+			r.mu.Lock()
+			r.policyPaused = true
+			r.mu.Unlock()
+		}
 	} else {
 		for _, o := range r.cfg.Outputs {
 			o.Abandon()
@@ -434,26 +532,36 @@ func (r *Replicator) finish(err error) {
 	r.protected = false
 	r.mu.Unlock()
 	_ = r.tr.Close()
-	r.closeStream()
+	_ = r.t.Close()
+	<-r.acks
+	r.cancel()
 }
 
-func (r *Replicator) closeStream() {
-	if r.s != nil {
-		_ = r.s.Close()
-	}
-}
-
-// Stop ends replication deliberately (the standby is told goodbye and
-// discards its replica); the guest keeps running unprotected.
+// Stop ends replication deliberately: the standby is told goodbye (also
+// in the middle of a checkpoint) and discards its replica, and output the
+// standby has not acknowledged is dropped, never sent (TCP retransmits).
+// The guest runs on unprotected; if the pause policy had stopped it, Stop
+// is the operator's decision and resumes it. Stop does not wait for a
+// standby that stopped answering. Idempotent.
 func (r *Replicator) Stop() {
-	select {
-	case <-r.stop:
-	default:
+	r.stopOnce.Do(func() {
 		close(r.stop)
-	}
+		r.cancel()
+		// Unblocks a checkpoint stuck writing to a stalled standby.
+		_ = r.t.Close()
+	})
 	<-r.done
 	for _, o := range r.cfg.Outputs {
-		o.Unprotect()
+		o.Abandon()
+	}
+	r.mu.Lock()
+	paused := r.policyPaused
+	r.policyPaused = false
+	r.mu.Unlock()
+	if paused {
+		if err := r.m.Resume(); err != nil {
+			r.log.Warn("resume after the pause policy", "err", err)
+		}
 	}
 }
 
@@ -465,39 +573,4 @@ func (r *Replicator) Err() error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return r.err
-}
-
-// ReplicationStats summarise replication for metrics.
-type ReplicationStats struct {
-	Protected                    bool
-	Epoch, Acked                 uint64
-	Epochs, DirtyPages, Bytes    uint64
-	PauseSum, AckSum             time.Duration
-	PauseP50, PauseP99, PauseMax time.Duration
-	Last                         EpochStats
-}
-
-// Stats reports counters and the pause-time distribution of recent epochs.
-func (r *Replicator) Stats() ReplicationStats {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	s := ReplicationStats{Protected: r.protected, Epoch: r.epoch, Acked: r.totals.Acked, Epochs: r.totals.Epochs,
-		DirtyPages: r.totals.DirtyPages, Bytes: r.totals.Bytes, PauseSum: r.totals.PauseSum, AckSum: r.totals.AckSum}
-	if len(r.recent) > 0 {
-		s.Last = r.recent[len(r.recent)-1]
-		p := make([]time.Duration, len(r.recent))
-		for i, e := range r.recent {
-			p[i] = e.Pause
-		}
-		sort.Slice(p, func(i, j int) bool { return p[i] < p[j] })
-		s.PauseP50, s.PauseP99, s.PauseMax = p[len(p)/2], p[(len(p)*99)/100], p[len(p)-1]
-	}
-	return s
-}
-
-// Recent returns the stats of the last epochs (oldest first).
-func (r *Replicator) Recent() []EpochStats {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return append([]EpochStats(nil), r.recent...)
 }

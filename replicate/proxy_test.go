@@ -16,7 +16,10 @@ type proxy struct {
 	ln          net.Listener
 	target      string
 	stallBack   atomic.Bool // hold standby->primary bytes (acks, heartbeats)
+	stallFwd    atomic.Bool // hold primary->standby bytes
 	corruptNext atomic.Bool // flip a byte in the next primary->standby chunk
+
+	closed atomic.Bool
 
 	mu    sync.Mutex
 	conns []net.Conn
@@ -51,6 +54,9 @@ func (p *proxy) serve() {
 			buf := make([]byte, 64<<10)
 			for {
 				n, err := c.Read(buf)
+				for p.stallFwd.Load() && !p.closed.Load() {
+					time.Sleep(time.Millisecond)
+				}
 				if n > 0 {
 					if n > 100 && p.corruptNext.CompareAndSwap(true, false) {
 						buf[n/2] ^= 0x20
@@ -68,7 +74,7 @@ func (p *proxy) serve() {
 			buf := make([]byte, 64<<10)
 			for {
 				n, err := u.Read(buf)
-				for p.stallBack.Load() {
+				for p.stallBack.Load() && !p.closed.Load() {
 					time.Sleep(time.Millisecond)
 				}
 				if n > 0 {
@@ -86,6 +92,7 @@ func (p *proxy) serve() {
 
 // kill cuts every connection at once, like a host that died.
 func (p *proxy) kill() {
+	p.closed.Store(true)
 	p.ln.Close()
 	p.mu.Lock()
 	defer p.mu.Unlock()

@@ -2,9 +2,9 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"govmm/ctlapi"
@@ -13,31 +13,29 @@ import (
 	"govmm/vmm"
 )
 
-// serveAPI starts the control API when --api-sock is set and returns a
+// serveAPI starts the control API on sock when it is set and returns a
 // function that stops it.
-func serveAPI(m *vmm.Machine, f *runFlags) (*vmBackend, func(), error) {
-	be := &vmBackend{m: m, f: f, name: f.name, started: time.Now(), role: f.role}
-	if f.apiSock == "" {
-		return be, func() {}, nil
+func serveAPI(be *vmBackend, sock string) (func(), error) {
+	if sock == "" {
+		return func() {}, nil
 	}
-	s, err := ctlapi.Serve(context.Background(), f.apiSock, be)
+	s, err := ctlapi.Serve(context.Background(), sock, be)
 	if err != nil {
-		return nil, nil, fmt.Errorf("--api-sock: %w", err)
+		return nil, fmt.Errorf("--api-sock: %w", err)
 	}
-	return be, func() { _ = s.Close() }, nil
+	return func() { _ = s.Close() }, nil
 }
 
 // vmBackend is the control API's view of a running machine.
 type vmBackend struct {
 	m       *vmm.Machine
-	f       *runFlags
-	name    string
+	f       *runFlags // as given on the command line; never written
+	devs    *machineDevices
+	node    *replicate.Node
 	started time.Time
-	rep     atomic.Pointer[replicate.Replicator]
 
-	mu         sync.Mutex
+	mu         sync.Mutex // guards userPaused
 	userPaused bool
-	role       string // "primary" or "standby (took over)"
 }
 
 var _ ctlapi.Backend = (*vmBackend)(nil)
@@ -48,17 +46,8 @@ func (b *vmBackend) Info() ctlapi.Info {
 		state = "paused"
 	}
 	cfg := b.m.Config()
-	info := ctlapi.Info{Name: b.name, State: state, VCPUs: cfg.CPUs, MemoryBytes: cfg.MemSize,
-		Devices: b.m.Devices(), Uptime: time.Since(b.started), Role: b.role}
-	if r := b.rep.Load(); r != nil {
-		info.Peer = b.f.replicateTo
-		if r.Stats().Protected {
-			info.Role = "primary (protected)"
-		} else {
-			info.Role = "primary (UNPROTECTED)"
-		}
-	}
-	return info
+	return ctlapi.Info{Name: b.f.name, State: state, VCPUs: cfg.CPUs, MemoryBytes: cfg.MemSize,
+		Devices: b.m.Devices(), Uptime: time.Since(b.started), Role: b.node.Describe(), Peer: b.node.Peer()}
 }
 
 // Pause holds one pause on behalf of the operator; a second pause is a
@@ -98,7 +87,7 @@ func (b *vmBackend) Snapshot(ctx context.Context, path string) (ctlapi.SnapshotR
 }
 
 func (b *vmBackend) Migrate(ctx context.Context, to string, progress func(ctlapi.Progress)) (ctlapi.MigrateResult, error) {
-	return migrate(ctx, b.m, b.f, to, progress)
+	return migrate(ctx, b.m, b.f, b.devs, b.node, to, progress)
 }
 
 func (b *vmBackend) Stats() ctlapi.Stats {
@@ -122,36 +111,8 @@ func (b *vmBackend) Stats() ctlapi.Stats {
 	}
 	add("govmm_paused", "1 while the vCPUs are paused", "gauge", paused, nil)
 	add("govmm_uptime_seconds", "seconds since the VMM started the guest", "gauge", time.Since(b.started).Seconds(), nil)
-	if r := b.rep.Load(); r != nil {
-		rs := r.Stats()
-		prot := 0.0
-		if rs.Protected {
-			prot = 1
-		}
-		add("govmm_replication_protected", "1 while a standby holds a current checkpoint; 0 means the guest runs UNPROTECTED", "gauge", prot, nil)
-		add("govmm_replication_epoch", "last checkpoint taken", "gauge", float64(rs.Epoch), nil)
-		add("govmm_replication_acked_epoch", "last checkpoint the standby acknowledged", "gauge", float64(rs.Acked), nil)
-		add("govmm_replication_epochs_total", "checkpoints taken", "counter", float64(rs.Epochs), nil)
-		add("govmm_replication_dirty_pages_total", "pages shipped in checkpoints", "counter", float64(rs.DirtyPages), nil)
-		add("govmm_replication_bytes_total", "bytes sent in checkpoints", "counter", float64(rs.Bytes), nil)
-		add("govmm_replication_pause_seconds_total", "time the guest was paused for checkpoints", "counter", rs.PauseSum.Seconds(), nil)
-		add("govmm_replication_ack_seconds_total", "sum of resume-to-ack times", "counter", rs.AckSum.Seconds(), nil)
-		for q, v := range map[string]time.Duration{"0.5": rs.PauseP50, "0.99": rs.PauseP99, "1": rs.PauseMax} {
-			add("govmm_replication_pause_seconds", "checkpoint pause over the last 1024 epochs", "gauge", v.Seconds(), map[string]string{"quantile": q})
-		}
-		l := rs.Last
-		add("govmm_replication_last_pause_seconds", "pause of the last checkpoint", "gauge", l.Pause.Seconds(), nil)
-		add("govmm_replication_last_dirty_pages", "dirty pages in the last checkpoint", "gauge", float64(l.DirtyPages), nil)
-		add("govmm_replication_last_bytes", "bytes of the last checkpoint", "gauge", float64(l.Bytes), nil)
-		add("govmm_replication_last_epoch_seconds", "length of the last epoch", "gauge", l.Length.Seconds(), nil)
-		var held, heldBytes int
-		for _, n := range b.f.nics {
-			st := n.out.Stats()
-			held += st.HeldFrames
-			heldBytes += st.HeldBytes
-		}
-		add("govmm_output_held_packets", "guest packets held until their checkpoint is acknowledged", "gauge", float64(held), nil)
-		add("govmm_output_held_bytes", "guest bytes held until their checkpoint is acknowledged", "gauge", float64(heldBytes), nil)
+	for _, m := range b.node.Metrics() {
+		s.Metrics = append(s.Metrics, ctlapi.Metric(m))
 	}
 	return s
 }
@@ -160,40 +121,25 @@ var _ ctlapi.ReplicationBackend = (*vmBackend)(nil)
 
 // StartReplication protects the running VM (PUT /vm/replicate).
 func (b *vmBackend) StartReplication(ctx context.Context, req ctlapi.ReplicateRequest) error {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if r := b.rep.Load(); r != nil {
-		select {
-		case <-r.Done():
-		default:
-			return fmt.Errorf("replicate: %w: already replicating to %s", ctlapi.ErrConflict, b.f.replicateTo)
-		}
-	}
+	epoch := b.f.epoch
 	if req.Epoch != "" {
 		d, err := time.ParseDuration(req.Epoch)
 		if err != nil || d <= 0 {
 			return fmt.Errorf("replicate: %w: bad epoch %q", ctlapi.ErrInvalid, req.Epoch)
 		}
-		b.f.epoch = d
+		epoch = d
 	}
-	b.f.replicateTo = req.To
-	rep, err := startReplication(b.m, b.f)
-	if err != nil {
-		return err
+	err := startReplication(b.m, b.f, b.devs, b.node, req.To, epoch)
+	if errors.Is(err, replicate.ErrReplicating) {
+		return fmt.Errorf("replicate: %w: %w", ctlapi.ErrConflict, err)
 	}
-	b.rep.Store(rep)
-	return nil
+	return err
 }
 
 // StopReplication ends replication (PUT /vm/replicate/stop).
 func (b *vmBackend) StopReplication() error {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	r := b.rep.Load()
-	if r == nil {
-		return fmt.Errorf("unreplicate: %w: not replicating", ctlapi.ErrConflict)
+	if err := b.node.Unprotect(); err != nil {
+		return fmt.Errorf("unreplicate: %w: %w", ctlapi.ErrConflict, err)
 	}
-	r.Stop()
-	b.rep.Store(nil)
 	return nil
 }

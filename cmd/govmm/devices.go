@@ -9,6 +9,7 @@ import (
 	"strings"
 
 	"govmm/replicate"
+	"govmm/replicate/stream"
 	"govmm/virtio"
 	"govmm/virtio/netback"
 	"govmm/vmm"
@@ -43,6 +44,7 @@ func parseDisk(s string) (diskSpec, error) {
 type nic struct {
 	backend virtio.NetBackend
 	mac     net.HardwareAddr
+	kind    string // "user" or "tap": a standby's must match
 }
 
 func (n nic) Close() error { return n.backend.Close() }
@@ -83,7 +85,7 @@ func (f *runFlags) devices() (nics []io.Closer, disks []diskSpec, guestNet strin
 		if err != nil {
 			return nil, nil, "", err
 		}
-		nics = append(nics, nic{u, mac})
+		nics = append(nics, nic{u, mac, "user"})
 		if ip == "" {
 			ip = netback.DefaultUserGuest.String() + "/" + fmt.Sprint(netback.DefaultUserNetwork.Bits())
 		}
@@ -95,7 +97,7 @@ func (f *runFlags) devices() (nics []io.Closer, disks []diskSpec, guestNet strin
 		if err != nil {
 			return nil, nil, "", err
 		}
-		nics = append(nics, nic{t, mac})
+		nics = append(nics, nic{t, mac, "tap"})
 	default:
 		return nil, nil, "", fmt.Errorf("--net %q: want user, tap:NAME or none", f.net)
 	}
@@ -116,10 +118,24 @@ func (f *runFlags) devices() (nics []io.Closer, disks []diskSpec, guestNet strin
 	return nics, disks, strings.TrimSpace(guestNet), nil
 }
 
+// machineDevices are the devices attached to a machine, as replication
+// and failover see them.
+type machineDevices struct {
+	closers  []io.Closer
+	nics     []replicate.NIC      // one per NIC, its backend behind an output buffer
+	diskLogs []*replicate.DiskLog // one per --disk
+	// attrs describe the devices for the replication handshake, by device
+	// ID: a standby whose machine differs is refused there.
+	attrs map[string][]stream.Attr
+}
+
+// Close closes the devices (which own their backends).
+func (d *machineDevices) Close() { closeAll(d.closers) }
+
 // newMachine builds a machine and attaches the devices the flags asked
 // for. On error it has released everything; on success the caller closes
 // the devices, then the machine.
-func newMachine(cfg vmm.Config, f *runFlags, nics []io.Closer, disks []diskSpec) (*vmm.Machine, []io.Closer, error) {
+func newMachine(cfg vmm.Config, f *runFlags, nics []io.Closer, disks []diskSpec) (*vmm.Machine, *machineDevices, error) {
 	m, err := vmm.New(cfg)
 	if err != nil {
 		closeAll(nics)
@@ -127,7 +143,7 @@ func newMachine(cfg vmm.Config, f *runFlags, nics []io.Closer, disks []diskSpec)
 	}
 	devs, err := attachDevices(m, f, nics, disks)
 	if err != nil {
-		closeAll(devs)
+		devs.Close()
 		m.Close()
 		return nil, nil, err
 	}
@@ -135,77 +151,64 @@ func newMachine(cfg vmm.Config, f *runFlags, nics []io.Closer, disks []diskSpec)
 }
 
 // attachDevices creates the virtio devices and puts them on the PCI bus.
-// The returned closers include the devices (which own their backends).
 //
 // Every NIC's backend is wrapped in an output buffer that passes frames
-// straight through until replication arms it (output commit); f.nics
-// records them for replication and failover.
-func attachDevices(m *vmm.Machine, f *runFlags, nics []io.Closer, disks []diskSpec) ([]io.Closer, error) {
-	var owned []io.Closer
-	f.nics, f.diskLogs = nil, nil
+// straight through until replication arms it (output commit).
+func attachDevices(m *vmm.Machine, f *runFlags, nics []io.Closer, disks []diskSpec) (*machineDevices, error) {
+	devs := &machineDevices{attrs: map[string][]stream.Attr{}}
+	var guestIP netip.Addr
+	if p, err := netip.ParsePrefix(f.guestIP); err == nil {
+		guestIP = p.Addr()
+	}
 	for i, c := range nics {
 		n := c.(nic)
-		buf := replicate.NewPassthroughBuffer(n.backend)
-		f.nics = append(f.nics, attachedNIC{out: buf, mac: n.mac, vnetHdr: n.backend.VnetHdr()})
+		buf := replicate.NewOutputBuffer(n.backend, 0)
+		devs.nics = append(devs.nics, replicate.NIC{Out: buf, MAC: n.mac, IP: guestIP})
+		id := fmt.Sprintf("virtio-net%d", i)
+		devs.attrs[id] = []stream.Attr{{Key: "mac", Value: n.mac.String()}, {Key: "backend", Value: n.kind}}
 		dev, err := virtio.NewNet(m.Memory(), m, buf, virtio.NetConfig{
-			ID: fmt.Sprintf("virtio-net%d", i), MAC: n.mac, UseIOEventFD: !f.noIOEventFD})
+			ID: id, MAC: n.mac, UseIOEventFD: !f.noIOEventFD})
 		if err != nil {
 			closeAll(nics[i:])
-			return owned, err
+			return devs, err
 		}
-		owned = append(owned, dev)
+		devs.closers = append(devs.closers, dev)
 		if err := m.AddPCIDevice(dev); err != nil {
 			closeAll(nics[i+1:])
-			return owned, err
+			return devs, err
 		}
 	}
 	for i, d := range disks {
-		if _, err := os.Stat(d.path); err != nil {
-			return owned, fmt.Errorf("--disk %s: %w", d.path, err)
+		// A second, read-only handle: replication copies the disk from it.
+		src, err := os.Open(d.path)
+		if err != nil {
+			return devs, fmt.Errorf("--disk %s: %w", d.path, err)
 		}
-		log := &replicate.DiskLog{}
-		f.diskLogs = append(f.diskLogs, log)
+		devs.closers = append(devs.closers, src)
+		size, err := replicate.DiskSize(src)
+		if err != nil {
+			return devs, fmt.Errorf("--disk %s: %w", d.path, err)
+		}
+		log := replicate.NewDiskLog(src, size)
+		devs.diskLogs = append(devs.diskLogs, log)
+		id := fmt.Sprintf("virtio-blk%d", i)
+		devs.attrs[id] = []stream.Attr{{Key: "size", Value: fmt.Sprint(size)}, {Key: "ro", Value: fmt.Sprint(d.readOnly)}}
 		dev, err := virtio.NewBlock(m.Memory(), m, virtio.BlockConfig{
-			ID: fmt.Sprintf("virtio-blk%d", i), Path: d.path, ReadOnly: d.readOnly, UseIOEventFD: !f.noIOEventFD,
+			ID: id, Path: d.path, ReadOnly: d.readOnly, UseIOEventFD: !f.noIOEventFD,
 			OnWrite: log.Record})
 		if err != nil {
-			return owned, err
+			return devs, err
 		}
-		owned = append(owned, dev)
+		devs.closers = append(devs.closers, dev)
 		if err := m.AddPCIDevice(dev); err != nil {
-			return owned, err
+			return devs, err
 		}
 	}
-	return owned, nil
+	return devs, nil
 }
 
 func closeAll(cs []io.Closer) {
 	for _, c := range cs {
 		_ = c.Close()
-	}
-}
-
-// attachedNIC is a guest NIC as replication and failover see it.
-type attachedNIC struct {
-	out     *replicate.OutputBuffer
-	mac     net.HardwareAddr
-	vnetHdr bool
-}
-
-// announce tells the network where the guest's MAC now lives, after a
-// failover or migration: a RARP (switches learn the port) and, when the
-// guest's address is known, a gratuitous ARP.
-func announce(nics []attachedNIC, guestIP string) {
-	for _, n := range nics {
-		frames := [][]byte{netback.RARP(n.mac)}
-		if p, err := netip.ParsePrefix(guestIP); err == nil && p.Addr().Is4() {
-			frames = append(frames, netback.GARP(n.mac, net.IP(p.Addr().AsSlice())))
-		}
-		for _, fr := range frames {
-			if n.vnetHdr {
-				fr = append(make([]byte, netback.VnetHdrLen), fr...)
-			}
-			_ = n.out.Send(fr)
-		}
 	}
 }

@@ -17,6 +17,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"govmm/guestimg"
+	"govmm/internal/guestrig"
 	"govmm/internal/kvmtest"
 )
 
@@ -30,9 +31,6 @@ func failoverTrials(t *testing.T) int {
 	}
 	return 1
 }
-
-// afterMove is how long a moved guest must keep answering.
-const afterMove = 30 * time.Second
 
 // labFailoverTimeout is the failure timeout both ends use here: the
 // lab's emulated L1 applies a booting guest's first checkpoints slowly.
@@ -48,11 +46,11 @@ const labFailoverTimeout = "3s"
 // answer); make soak runs many.
 func TestGuestFailoverKeepsConnection(t *testing.T) {
 	kvmtest.RequireLinuxBoot(t)
-	r := newRig(t)
+	r := guestrig.New(t)
 	n := failoverTrials(t)
 	var times []time.Duration
 	for i := 1; i <= n; i++ {
-		d := r.failoverTrial(t, i)
+		d := failoverTrial(t, r, i)
 		times = append(times, d)
 		t.Logf("trial %d/%d: failover (SIGKILL to the first answer) %v", i, n, d.Round(time.Millisecond))
 	}
@@ -64,15 +62,15 @@ func TestGuestFailoverKeepsConnection(t *testing.T) {
 // vmmProc is a govmm process of a failover trial.
 type vmmProc struct {
 	cmd    *exec.Cmd
-	con    *consoleLog // its stdout: the guest's console
-	log    *consoleLog // its stderr
+	con    *guestrig.ConsoleLog // its stdout: the guest's console
+	log    *guestrig.ConsoleLog // its stderr
 	stdin  io.WriteCloser
 	exited chan error
 }
 
-func (r *rig) startVMM(t *testing.T, name string, args ...string) *vmmProc {
+func startVMM(t *testing.T, r *guestrig.Rig, name string, args ...string) *vmmProc {
 	t.Helper()
-	p := &vmmProc{cmd: r.ns.Command(govmmBin, args...), con: &consoleLog{name: name}, log: &consoleLog{name: name},
+	p := &vmmProc{cmd: r.NS.Command(govmmBin, args...), con: &guestrig.ConsoleLog{Name: name}, log: &guestrig.ConsoleLog{Name: name},
 		exited: make(chan error, 1)}
 	p.cmd.Stdout, p.cmd.Stderr = p.con, p.log
 	var err error
@@ -84,7 +82,7 @@ func (r *rig) startVMM(t *testing.T, name string, args ...string) *vmmProc {
 	t.Cleanup(func() {
 		p.kill()
 		if t.Failed() {
-			t.Logf("%s: stderr:\n%s\nconsole (last 4 KiB):\n%s", name, p.log.tail(8<<10), p.con.tail(4<<10))
+			t.Logf("%s: stderr:\n%s\nconsole (last 4 KiB):\n%s", name, p.log.Tail(8<<10), p.con.Tail(4<<10))
 		}
 	})
 	return p
@@ -97,94 +95,82 @@ func (p *vmmProc) kill() {
 	p.exited <- nil // for the next caller
 }
 
-func (p *vmmProc) await(t *testing.T, what *consoleLog, s string, timeout time.Duration) {
+func (p *vmmProc) await(t *testing.T, what *guestrig.ConsoleLog, s string, timeout time.Duration) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
-	for !what.contains(s) {
+	for !what.Contains(s) {
 		select {
 		case err := <-p.exited:
 			p.exited <- err
-			t.Fatalf("%s exited (%v) before %q", what.name, err, s)
+			t.Fatalf("%s exited (%v) before %q", what.Name, err, s)
 		case <-time.After(50 * time.Millisecond):
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("%s: no %q within %v", what.name, s, timeout)
+			t.Fatalf("%s: no %q within %v", what.Name, s, timeout)
 		}
 	}
 }
 
 // failoverTrial boots a replicated guest, kills its primary under load
 // and returns the time from the kill to the client's first answer.
-func (r *rig) failoverTrial(t *testing.T, trial int) time.Duration {
-	dir := filepath.Join(r.dir, fmt.Sprintf("trial%d", trial))
-	require.NoError(t, os.MkdirAll(dir, 0o755))
-	diskP, diskS := filepath.Join(dir, "p.img"), filepath.Join(dir, "s.img")
-	for _, d := range []string{diskP, diskS} {
-		require.NoError(t, os.WriteFile(d, nil, 0o644))
-		require.NoError(t, os.Truncate(d, 64<<20))
-	}
+func failoverTrial(t *testing.T, r *guestrig.Rig, trial int) time.Duration {
+	dir := filepath.Join(r.Dir, fmt.Sprintf("trial%d", trial))
+	diskP := r.BlankDisk(fmt.Sprintf("trial%d/p.img", trial), 64<<20)
+	diskS := r.BlankDisk(fmt.Sprintf("trial%d/s.img", trial), 64<<20)
 	for _, tap := range []string{"gfp", "gfs"} {
-		r.mu.Lock()
-		if !r.taps[tap] {
-			require.NoError(t, r.ns.AddTap(tap))
-			r.taps[tap] = true
-		}
-		r.mu.Unlock()
+		_, err := r.TAP(tap)
+		require.NoError(t, err)
 	}
 	addr := fmt.Sprintf("127.0.0.1:%d", 7000+trial)
-	ip := r.guestIP.String()
-	sb := r.startVMM(t, "standby", "standby", "--listen", addr, "--net", "tap:gfs", "--disk", diskS,
+	ip := r.GuestIP.String()
+	sb := startVMM(t, r, "standby", "standby", "--listen", addr, "--net", "tap:gfs", "--disk", diskS,
 		"--guest-ip", ip, "--failover-timeout", labFailoverTimeout, "--api-sock", filepath.Join(dir, "s.sock"))
 	sb.await(t, sb.log, "listening on", time.Minute)
-	prim := r.startVMM(t, "primary", "run", "--net", "tap:gfp", "--disk", diskP, "--guest-ip", ip,
+	prim := startVMM(t, r, "primary", "run", "--net", "tap:gfp", "--disk", diskP, "--guest-ip", ip,
 		"--replicate-to", addr, "--failover-timeout", labFailoverTimeout, "--api-sock", filepath.Join(dir, "p.sock"))
 	prim.await(t, prim.log, "protected by", 10*time.Minute)
 	prim.await(t, prim.con, guestimg.ReadyLine, 10*time.Minute)
-	for _, l := range []string{
-		"(while :; do dd if=/dev/vda of=/dev/null bs=64k iflag=direct 2>/dev/null; done) &",
-		"govmm-dirtier --rate 4 --wss 32 >/dev/null &",
-	} {
+	for _, l := range guestrig.GuestLoad {
 		_, err := io.WriteString(prim.stdin, l+"\n")
 		require.NoError(t, err)
 	}
 
-	k, kb := r.dialGuest(t), r.dialGuest(t)
-	h := &history{}
-	stopLoad := startLoad(t, h, k, kb)
+	k, kb := r.Dial(t), r.Dial(t)
+	h := &guestrig.History{}
+	stopLoad := guestrig.StartLoad(t, h, k, kb)
 	// A random moment: after some answers, and somewhere inside an epoch.
-	h.waitAnswers(t, 5+rand.IntN(20), 5*time.Minute, "replicated, before the kill")
+	h.WaitAnswers(t, 5+rand.IntN(20), 5*time.Minute, "replicated, before the kill")
 	time.Sleep(time.Duration(rand.Int64N(int64(time.Second))))
-	before, _, _ := h.state()
+	before, _, _ := h.State()
 	killed := time.Now()
 	prim.kill()
 
 	deadline := time.Now().Add(3 * time.Minute)
 	var first time.Time
 	for {
-		n, _, err := h.state()
+		n, _, err := h.State()
 		require.NoError(t, err, "the client's history after the kill")
 		if n > before {
-			first = h.answeredAt(before)
+			first = h.AnsweredAt(before)
 			break
 		}
 		require.True(t, time.Now().Before(deadline), "no answer within 3 minutes of the kill")
 		time.Sleep(5 * time.Millisecond)
 	}
-	h.waitAnswers(t, 5, 3*time.Minute, "after the failover")
-	h.keepsAnswering(t, afterMove, "the guest taken over keeps answering")
-	require.True(t, sb.log.contains("took over at checkpoint"), "the standby says it took over")
+	h.WaitAnswers(t, 5, 3*time.Minute, "after the failover")
+	h.KeepsAnswering(t, guestrig.AfterMove, "the guest taken over keeps answering")
+	require.True(t, sb.log.Contains("took over at checkpoint"), "the standby says it took over")
 	stopLoad()
-	h.checkLog(t, k)
-	k.c.Close()
-	kb.c.Close()
+	h.CheckLog(t, k)
+	k.C.Close()
+	kb.C.Close()
 	sb.kill()
-	took := first.Sub(killed)
-	if i := strings.Index(sb.log.tail(64<<10), "took over at checkpoint"); i >= 0 {
-		line := sb.log.tail(64 << 10)[i:]
+	if i := strings.Index(sb.log.Tail(64<<10), "took over at checkpoint"); i >= 0 {
+		line := sb.log.Tail(64 << 10)[i:]
 		if j := strings.IndexByte(line, '\n'); j > 0 {
 			line = line[:j]
 		}
 		t.Logf("trial %d: standby %s; %d answers before the kill", trial, line, before)
 	}
-	return took
+	return first.Sub(killed)
 }

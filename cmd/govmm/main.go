@@ -18,8 +18,9 @@ const usage = `govmm: a Remus-style replicating hypervisor on KVM
 Usage:
   govmm run [flags] [-- CMD ARGS...]   boot a guest (the default image when no --kernel)
   govmm ctl [--api-sock PATH] COMMAND  control a running VM (info, pause, resume, snapshot, migrate, stats)
-  govmm standby --listen HOST:PORT     receive a VM by live migration and run it
+  govmm standby --listen HOST:PORT     keep a hot replica of a VM (or receive a migration); run it on failover
   govmm restore [flags] FILE           resume a VM from a snapshot file
+  govmm witness --listen HOST:PORT     arbiter against split brain: generations and leases per VM
   govmm image build [flags]            build the default guest image
   govmm bench [flags] [SUITE...]       benchmarks against QEMU (CSV + report.md)
   govmm lab [flags] -- CMD ARGS...     run CMD in the lab (nested KVM under QEMU) where this host's KVM cannot boot Linux
@@ -59,6 +60,8 @@ func realMain(args []string) int {
 		err = cmdStandby(args[1:])
 	case "restore":
 		err = cmdRestore(args[1:])
+	case "witness":
+		err = cmdWitness(args[1:])
 	case "bench":
 		err = cmdBench(args[1:])
 	case "lab":

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"sync"
 	"time"
 
 	"govmm/ctlapi"
@@ -29,7 +30,8 @@ func streamKey(keyFile, addr string) (key []byte, insecure bool, err error) {
 
 // migrate moves the running machine to a standby (the control API's
 // PUT /vm/migrate).
-func migrate(ctx context.Context, m *vmm.Machine, f *runFlags, to string, progress func(ctlapi.Progress)) (ctlapi.MigrateResult, error) {
+func migrate(ctx context.Context, m *vmm.Machine, f *runFlags, devs *machineDevices, node *replicate.Node, to string,
+	progress func(ctlapi.Progress)) (ctlapi.MigrateResult, error) {
 	if _, _, err := net.SplitHostPort(to); err != nil {
 		return ctlapi.MigrateResult{}, fmt.Errorf("migrate to %q: %w: want HOST:PORT", to, ctlapi.ErrInvalid)
 	}
@@ -37,12 +39,21 @@ func migrate(ctx context.Context, m *vmm.Machine, f *runFlags, to string, progre
 	if err != nil {
 		return ctlapi.MigrateResult{}, fmt.Errorf("migrate: %w: %w", ctlapi.ErrInvalid, err)
 	}
-	r, err := replicate.Migrate(ctx, m, replicate.MigrateConfig{To: to, Name: f.name, Key: key, Insecure: insecure, Disks: f.diskLogs,
+	r, err := node.Migrate(ctx, m, replicate.MigrateConfig{To: to, Name: f.name, Key: key, Insecure: insecure,
+		Disks: devs.diskLogs, Devices: devs.attrs,
 		Progress: func(p replicate.Progress) {
 			progress(ctlapi.Progress{Round: p.Round, Phase: p.Phase, BytesSent: p.BytesSent,
 				DirtyPages: p.DirtyPages, RemainingPages: p.RemainingPages})
 		}})
-	if err != nil {
+	switch {
+	case errors.Is(err, replicate.ErrReplicating):
+		return ctlapi.MigrateResult{}, fmt.Errorf("migrate: %w: %w", ctlapi.ErrConflict, err)
+	case errors.Is(err, replicate.ErrHandoverUnconfirmed):
+		// The guest may run at the destination: it stays paused here, and
+		// this VMM stays up for an operator to look.
+		fmt.Fprintf(os.Stderr, "govmm: %v\n", err)
+		return ctlapi.MigrateResult{}, err
+	case err != nil:
 		return ctlapi.MigrateResult{}, err
 	}
 	// The guest lives at the destination now; this VMM stops once the
@@ -62,14 +73,25 @@ const standbyUsage = `Usage: govmm standby --listen HOST:PORT [flags]
 
 Keeps a hot replica of a VM replicated to it ('govmm run --replicate-to
 HOST:PORT'), and runs it from the last checkpoint when the primary is lost
-(no frame within --failover-timeout), announcing the guest's MAC with RARP
-and gratuitous ARP. Also receives a live migration ('govmm ctl migrate
---to HOST:PORT') and runs the guest. With --replicate-to, the guest it took
-over is protected again by a new standby there (after a full resync). It
-uses this host's devices:
-give the same device flags as the source (--disk with this host's copy,
---net, --mac). Without --key-file the stream is unauthenticated and only a
-loopback address may be used.
+(nothing heard for --failover-timeout while listening, or its connection
+gone without a goodbye), announcing the guest's MAC with RARP and
+gratuitous ARP. Also receives a live migration ('govmm ctl migrate --to
+HOST:PORT') and runs the guest once the source hands it over.
+
+Give the same device flags as the source, with this host's resources:
+--disk with this host's copy (a file or a block device of the same size;
+the initial sync copies the source's disk into it), --net of the same kind
+(user or tap), the same --mac or --name. A primary whose guest this standby
+could not run (another device set, MAC, disk size, read-only flag or
+network backend) is refused at the handshake, and both ends say why.
+Connections that are no usable primary are refused and logged; the
+standby keeps listening. With --replicate-to, the guest it took over is
+protected again by a new standby there; if that fails, the guest keeps
+running, unprotected, and the standby says so.
+
+The two ends use the larger of their --failover-timeout values (default
+2s, for a LAN; see 'govmm help run' for other links). Without --key-file
+the stream is unauthenticated and only a loopback address may be used.
 
 Flags:
 `
@@ -90,13 +112,9 @@ func cmdStandby(args []string) error {
 	if err != nil {
 		return fmt.Errorf("standby: %w", err)
 	}
-	var owned []func()
-	defer func() {
-		for _, c := range owned {
-			c()
-		}
-	}()
-	// The standby applies each checkpoint's disk writes to its own copies.
+	// The standby copies the source's disks into its own copies (files or
+	// block devices of the same sizes), then applies each checkpoint's
+	// writes to them.
 	var diskFiles []*os.File
 	for _, s := range f.disks {
 		d, err := parseDisk(s)
@@ -110,79 +128,106 @@ func cmdStandby(args []string) error {
 		defer df.Close()
 		diskFiles = append(diskFiles, df)
 	}
+	var mu sync.Mutex
+	built := map[*vmm.Machine]*machineDevices{} // the replicas built, until discarded
 	sb, err := replicate.NewStandby(replicate.StandbyConfig{
-		Listen: *listen, Key: key, Insecure: insecure, Disks: diskFiles,
-		Build: func(id stream.Identity) (*vmm.Machine, error) {
+		Listen: *listen, Key: key, Insecure: insecure, Disks: diskFiles, FailoverTimeout: f.failoverTimeout,
+		Build: func(id stream.Identity) (replicate.Replica, error) {
 			nics, disks, _, err := f.devices()
 			if err != nil {
-				return nil, err
+				return replicate.Replica{}, err
 			}
-			m, devs, err := newMachine(vmm.Config{MemSize: replicate.MemSize(id), CPUs: int(id.VCPUs)}, &f, nics, disks)
+			m, d, err := newMachine(vmm.Config{MemSize: replicate.MemSize(id), CPUs: int(id.VCPUs)}, &f, nics, disks)
 			if err != nil {
-				return nil, err
+				return replicate.Replica{}, err
 			}
-			owned = append(owned, func() { closeAll(devs) })
-			return m, nil
+			mu.Lock()
+			built[m] = d
+			mu.Unlock()
+			return replicate.Replica{Machine: m, NICs: d.nics, Devices: d.attrs, Close: func() {
+				mu.Lock()
+				delete(built, m)
+				mu.Unlock()
+				d.Close()
+				m.Close()
+			}}, nil
 		},
-		OnRefused: func(err error) { fmt.Fprintf(os.Stderr, "govmm: standby: refused a connection: %v\n", err) },
+		OnRefused: func(err error) { fmt.Fprintf(os.Stderr, "govmm: standby: refused: %v\n", err) },
 	})
 	if err != nil {
 		return fmt.Errorf("standby: %w", err)
 	}
 	defer sb.Close()
 	fmt.Fprintf(os.Stderr, "govmm: standby: listening on %s\n", sb.Addr())
-	m, tk, err := sb.ReceiveReplication(context.Background(), f.failoverTimeout)
+	m, tk, err := sb.ReceiveReplication(context.Background())
 	if err != nil {
 		return err
 	}
+	mu.Lock()
+	devs := built[m]
+	mu.Unlock()
 	defer m.Close()
+	defer devs.Close()
+	origin := replicate.Migrated
 	if tk.Cause != nil {
 		fmt.Fprintf(os.Stderr, "govmm: standby: primary lost (%v); took over at checkpoint %d in %v\n", tk.Cause, tk.Epoch, tk.Took)
-		f.role = fmt.Sprintf("former standby, took over at checkpoint %d", tk.Epoch)
+		origin = replicate.TookOver
 	} else {
 		fmt.Fprintf(os.Stderr, "govmm: standby: migration received; running the guest\n")
 	}
-	announce(f.nics, f.guestIP)
-	return supervise(m, &f)
+	return supervise(m, &f, devs, replicate.NewNode(origin, tk))
 }
 
-// startReplication protects the running machine with a standby at
-// --replicate-to: the initial sync, then an epoch loop in the background.
-// Output commit covers every NIC.
-func startReplication(m *vmm.Machine, f *runFlags) (*replicate.Replicator, error) {
-	var key []byte
-	insecure := true
-	if f.replicateTo != replicate.NullStandby {
-		var err error
-		if key, insecure, err = streamKey(f.keyFile, f.replicateTo); err != nil {
-			return nil, fmt.Errorf("--replicate-to: %w", err)
+// reprotectFailed is what a VMM that took its guest over (or received it)
+// does when protecting it anew fails: it keeps the guest running,
+// unprotected, and says so; stopping the guest just taken over would be
+// the outage failover exists to prevent.
+func reprotectFailed(err error) {
+	fmt.Fprintf(os.Stderr, "govmm: ERROR: re-protection failed, the guest runs UNPROTECTED (retry with 'govmm ctl replicate --to HOST:PORT'): %v\n", err)
+}
+
+// startReplication protects the running machine with a standby at to
+// (or the null standby of --null-standby): the initial sync, then an
+// epoch loop in the background. Output commit covers every NIC.
+func startReplication(m *vmm.Machine, f *runFlags, devs *machineDevices, node *replicate.Node, to string, epoch time.Duration) error {
+	cfg := replicate.ReplicateConfig{To: to, Name: f.name, Epoch: epoch, FailoverTimeout: f.failoverTimeout,
+		OnStandbyLoss: f.onStandbyLoss, Disks: devs.diskLogs, Devices: devs.attrs}
+	if f.nullStandby {
+		if to != "" {
+			return fmt.Errorf("--null-standby and a standby address %s: choose one", to)
 		}
+		fmt.Fprintln(os.Stderr, "govmm: warning: --null-standby: checkpoints go nowhere; the guest is NOT protected (benchmarks only)")
+		cfg.Transport = replicate.NewNullTransport()
+		to = "the null standby"
 	} else {
-		fmt.Fprintln(os.Stderr, "govmm: warning: --replicate-to null: checkpoints go nowhere; the guest is NOT protected (benchmarks only)")
-	}
-	var outs []*replicate.OutputBuffer
-	for _, n := range f.nics {
-		if f.unsafeNoOutputBuffering {
-			n.out.SetBypass(true)
+		if _, _, err := net.SplitHostPort(to); err != nil {
+			return fmt.Errorf("replicate to %q: %w: want HOST:PORT", to, ctlapi.ErrInvalid)
 		}
-		outs = append(outs, n.out)
+		var err error
+		if cfg.Key, cfg.Insecure, err = streamKey(f.keyFile, to); err != nil {
+			return fmt.Errorf("--replicate-to: %w", err)
+		}
+	}
+	for _, n := range devs.nics {
+		if f.unsafeNoOutputBuffering {
+			n.Out.SetBypass(true)
+		}
+		cfg.Outputs = append(cfg.Outputs, n.Out)
 	}
 	if f.unsafeNoOutputBuffering {
 		fmt.Fprintln(os.Stderr, "govmm: warning: --unsafe-no-output-buffering: clients may see output that a failover forgets (benchmarks only)")
 	}
-	fmt.Fprintf(os.Stderr, "govmm: replicating to %s: initial sync\n", f.replicateTo)
-	rep, err := replicate.StartReplication(context.Background(), m, replicate.ReplicateConfig{
-		To: f.replicateTo, Name: f.name, Key: key, Insecure: insecure, Epoch: f.epoch,
-		FailoverTimeout: f.failoverTimeout, OnStandbyLoss: f.onStandbyLoss, Outputs: outs, Disks: f.diskLogs})
+	fmt.Fprintf(os.Stderr, "govmm: replicating to %s: initial sync\n", to)
+	rep, err := node.Protect(context.Background(), m, cfg)
 	if err != nil {
-		return nil, err
+		return err
 	}
-	fmt.Fprintf(os.Stderr, "govmm: protected by %s (epoch %v)\n", f.replicateTo, f.epoch)
+	fmt.Fprintf(os.Stderr, "govmm: protected by %s (epoch %v)\n", to, epoch)
 	go func() {
 		<-rep.Done()
 		if err := rep.Err(); err != nil {
 			fmt.Fprintf(os.Stderr, "govmm: %v\n", err)
 		}
 	}()
-	return rep, nil
+	return nil
 }

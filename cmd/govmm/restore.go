@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 
+	"govmm/replicate"
 	"govmm/vmm"
 )
 
@@ -41,12 +42,12 @@ func cmdRestore(args []string) error {
 		return err
 	}
 	defer m.Close()
-	defer closeAll(devs)
+	defer devs.Close()
 	if st, err = vmm.ReadSnapshot(path, m.Memory()); err != nil {
 		return fmt.Errorf("snapshot %s: %w", path, err)
 	}
 	if err := m.StartFrom(st); err != nil {
 		return fmt.Errorf("restore %s: %w", path, err)
 	}
-	return supervise(m, &f)
+	return supervise(m, &f, devs, replicate.NewNode(replicate.Booted, replicate.Takeover{}))
 }

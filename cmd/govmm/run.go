@@ -28,6 +28,22 @@ image (built on first use) to a shell on this terminal; press Ctrl-A x to
 quit. With -- CMD, it runs CMD inside the guest, streams its output and
 exits with CMD's exit status.
 
+With --replicate-to HOST:PORT the guest is protected by a hot standby
+('govmm standby --listen HOST:PORT', with the same devices): its disks and
+memory are copied there, then a checkpoint is shipped every --epoch, and
+the guest's network output waits for the standby's ack of the checkpoint
+that covers it. A standby that is slow is waited for (the epochs stretch);
+one silent for --failover-timeout is lost, and the guest runs on
+unprotected (or pauses: --on-standby-loss). Settings for a link:
+
+  link                 RTT        --epoch      --failover-timeout
+  LAN, one switch      < 0.5 ms   25ms         1s-2s (default 2s)
+  campus or metro      1-5 ms     50ms         3s
+  WAN                  10-100 ms  100-200ms    5s-10s
+
+The two ends use the larger of their failover timeouts. docs/STREAM.md
+explains the choice.
+
 Flags:
 `
 
@@ -45,16 +61,19 @@ type runFlags struct {
 	apiSock                 string
 	keyFile                 string
 
-	replicateTo             string // HOST:PORT, or "null" to checkpoint without shipping (benchmarks)
-	unsafeNoOutputBuffering bool
-	epoch                   time.Duration
-	failoverTimeout         time.Duration
-	onStandbyLoss           string
+	replicateTo     string // HOST:PORT
+	epoch           time.Duration
+	failoverTimeout time.Duration
+	onStandbyLoss   string
 
-	role     string               // shown by ctl info when not replicating
-	nics     []attachedNIC        // set by attachDevices
-	diskLogs []*replicate.DiskLog // set by attachDevices, one per --disk
+	// Benchmark-only switches, hidden from help (see hiddenFlags).
+	unsafeNoOutputBuffering bool
+	nullStandby             bool
 }
+
+// hiddenFlags are benchmark-only switches: accepted, but left out of the
+// user's help because they make the guest unprotected or slower.
+var hiddenFlags = map[string]bool{"unsafe-no-output-buffering": true, "null-standby": true, "no-ioeventfd": true}
 
 // listFlag collects a repeatable flag.
 type listFlag []string
@@ -75,17 +94,19 @@ func (f *runFlags) register(fs *flag.FlagSet) {
 // registerReplication registers the flags that protect a running guest,
 // shared by run and standby (which re-protects the guest it took over).
 func (f *runFlags) registerReplication(fs *flag.FlagSet) {
-	fs.StringVar(&f.replicateTo, "replicate-to", "", "keep a hot standby at `HOST:PORT` (govmm standby --listen), Remus-style; \"null\" checkpoints without shipping (benchmarks)")
-	fs.DurationVar(&f.epoch, "epoch", 25*time.Millisecond, "checkpoint interval when replicating")
-	fs.StringVar(&f.onStandbyLoss, "on-standby-loss", replicate.OnStandbyLossContinue, "when the standby is lost: continue (unprotected, logged loudly) or pause")
+	fs.StringVar(&f.replicateTo, "replicate-to", "", "keep a hot standby at `HOST:PORT` (govmm standby --listen), Remus-style")
+	fs.DurationVar(&f.epoch, "epoch", replicate.DefaultEpoch, "checkpoint interval when replicating")
+	fs.StringVar(&f.onStandbyLoss, "on-standby-loss", replicate.OnStandbyLossContinue, "when the standby is lost: continue (unprotected, logged loudly) or pause (until 'govmm ctl unreplicate' runs it on unprotected, or 'ctl replicate' protects it anew)")
 	fs.BoolVar(&f.unsafeNoOutputBuffering, "unsafe-no-output-buffering", false, "UNSAFE, benchmarks only: let guest output out before its checkpoint is acknowledged")
+	fs.BoolVar(&f.nullStandby, "null-standby", false, "benchmarks only: take checkpoints and ship them nowhere (the guest is NOT protected)")
 }
 
 // registerDevices registers the flags that describe devices and the
 // control socket, shared by run, restore and standby.
 func (f *runFlags) registerDevices(fs *flag.FlagSet) {
 	fs.StringVar(&f.apiSock, "api-sock", "", "serve the control API (HTTP/JSON) on this unix socket; see govmm ctl")
-	fs.DurationVar(&f.failoverTimeout, "failover-timeout", 500*time.Millisecond, "declare the peer lost after this long without a frame (replication)")
+	fs.DurationVar(&f.failoverTimeout, "failover-timeout", replicate.DefaultFailoverTimeout,
+		"declare the peer lost after this long without a byte from it while listening (replication; the larger of the two ends' wins)")
 	fs.StringVar(&f.keyFile, "key-file", "", "pre-shared key authenticating the migration stream (mode 0600, at least 16 bytes); without it only loopback is allowed")
 	fs.StringVar(&f.name, "name", "govmm", "VM name (the default MAC derives from it)")
 	fs.StringVar(&f.net, "net", "user", "network: user (NAT on a user-mode TCP/IP stack), tap:NAME, or none")
@@ -101,9 +122,21 @@ func newFlagSet(name, usage string) *flag.FlagSet {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.Usage = func() {
 		fmt.Fprint(fs.Output(), usage)
-		fs.PrintDefaults()
+		printDefaults(fs)
 	}
 	return fs
+}
+
+// printDefaults is fs.PrintDefaults without the hidden flags.
+func printDefaults(fs *flag.FlagSet) {
+	shown := flag.NewFlagSet(fs.Name(), flag.ContinueOnError)
+	shown.SetOutput(fs.Output())
+	fs.VisitAll(func(fl *flag.Flag) {
+		if !hiddenFlags[fl.Name] {
+			shown.Var(fl.Value, fl.Name, fl.Usage)
+		}
+	})
+	shown.PrintDefaults()
 }
 
 func parseFlags(fs *flag.FlagSet, args []string) error {
@@ -163,38 +196,37 @@ func cmdRun(args []string) error {
 		return err
 	}
 	defer m.Close()
-	defer closeAll(devs)
+	defer devs.Close()
 	if err := m.Start(); err != nil {
 		return err
 	}
-	return supervise(m, &f)
+	return supervise(m, &f, devs, replicate.NewNode(replicate.Booted, replicate.Takeover{}))
 }
 
-// supervise serves the control API, forwards the console and signals,
-// and waits for the machine to stop. It returns the guest's exit status
-// as an exitError.
-func supervise(m *vmm.Machine, f *runFlags) error {
-	be, stopAPI, err := serveAPI(m, f)
+// supervise serves the control API, starts replication when asked,
+// forwards the console and signals, and waits for the machine to stop.
+// It returns the guest's exit status as an exitError.
+func supervise(m *vmm.Machine, f *runFlags, devs *machineDevices, node *replicate.Node) error {
+	be := &vmBackend{m: m, f: f, devs: devs, node: node, started: time.Now()}
+	stopAPI, err := serveAPI(be, f.apiSock)
 	if err != nil {
 		m.Stop()
 		m.Wait()
 		return err
 	}
 	defer stopAPI()
-	if f.replicateTo != "" {
-		rep, err := startReplication(m, f)
-		if err != nil {
+	if f.replicateTo != "" || f.nullStandby {
+		err := startReplication(m, f, devs, node, f.replicateTo, f.epoch)
+		switch {
+		case err != nil && node.Origin() != replicate.Booted:
+			reprotectFailed(err)
+		case err != nil:
 			m.Stop()
 			m.Wait()
 			return err
 		}
-		be.rep.Store(rep)
 	}
-	defer func() {
-		if r := be.rep.Load(); r != nil {
-			r.Stop()
-		}
-	}()
+	defer func() { _ = node.Unprotect() }()
 	restore := attachConsole(m)
 	defer restore()
 	sigs := make(chan os.Signal, 1)

@@ -9,9 +9,16 @@ import (
 
 // Defaults for the zero values in Config.
 const (
-	DefaultHeartbeatInterval = 100 * time.Millisecond
+	DefaultHeartbeatInterval = 250 * time.Millisecond
 	DefaultFailoverTimeout   = time.Second
-	DefaultHandshakeTimeout  = 10 * time.Second
+	DefaultHandshakeTimeout  = 30 * time.Second
+	// DefaultStallTimeout bounds how long a write may make no progress at
+	// all while the peer is alive (its heartbeats arrive) before the
+	// stream fails with ErrStalled: a peer that is busy is waited for; one
+	// that takes nothing for this long is stuck.
+	DefaultStallTimeout = 30 * time.Second
+	// MaxTimeout caps the failover timeout either end may announce.
+	MaxTimeout = 10 * time.Minute
 )
 
 // Config configures either end of a stream. Fields marked "sender" or
@@ -31,13 +38,21 @@ type Config struct {
 	// checks Receiver.Peer itself).
 	Identity Identity
 
-	// HeartbeatInterval is how often each end sends a heartbeat.
+	// HeartbeatInterval is how often this end sends a heartbeat.
 	HeartbeatInterval time.Duration
-	// FailoverTimeout is how long an end waits without receiving any frame
+	// FailoverTimeout is how long an end listens without receiving a byte
 	// before it declares the peer lost (ErrTimeout). At least twice
-	// HeartbeatInterval.
+	// HeartbeatInterval. The two ends announce theirs in the hello and
+	// both use the larger one: no end is declared dead sooner than it
+	// expects. Time an end spends not listening (applying a checkpoint,
+	// syncing a disk, its own stalls) is not counted as the peer's silence.
 	FailoverTimeout time.Duration
-	// HandshakeTimeout bounds the handshake (real time).
+	// StallTimeout: a write that makes no progress for this long fails the
+	// stream (ErrStalled) even though the peer is alive; 0 means
+	// DefaultStallTimeout, and it is never below four failover timeouts.
+	StallTimeout time.Duration
+	// HandshakeTimeout bounds the handshake, the receiver's Verify
+	// included (real time).
 	HandshakeTimeout time.Duration
 	// Clock drives heartbeats and the failure detector; nil means the
 	// system clock.
@@ -50,13 +65,24 @@ type Config struct {
 	// goodbye: this is the failure detector's output.
 	OnFailure func(err error)
 
-	// OnAck (sender), if set, is called for each acknowledged epoch, in
-	// order, on the stream's reading goroutine; it must not block.
-	OnAck func(epoch uint64)
+	// Verify (receiver), if set, sees the sender's identity once it has
+	// authenticated and decides whether this receiver serves it: an error
+	// refuses the sender, who is told why in an Error frame (wrap
+	// ErrMismatch for a VM this receiver cannot resume). The sender's Dial
+	// returns only after this verdict.
+	Verify func(peer Identity) error
+	// OnRefused (Listener), if set, is told of every connection refused
+	// before it became a stream: a failed handshake, a failed Verify, or a
+	// second sender while one is being served. The Listener keeps
+	// listening. nil logs them.
+	OnRefused func(err error)
 
 	// Sink (receiver) stages the pages of each checkpoint; nil means a
 	// new MemSink.
 	Sink PageSink
+	// Disks (receiver) stages the disk writes of each checkpoint; nil
+	// refuses Disk frames.
+	Disks DiskSink
 	// OnCommit (receiver), if set, is called with each verified checkpoint
 	// before the sink commits and before the ack: returning an error
 	// refuses the checkpoint (ErrCommit), which is then aborted.
@@ -76,6 +102,9 @@ func (c Config) withDefaults() (Config, error) {
 	if c.HandshakeTimeout == 0 {
 		c.HandshakeTimeout = DefaultHandshakeTimeout
 	}
+	if c.StallTimeout == 0 {
+		c.StallTimeout = DefaultStallTimeout
+	}
 	if c.Clock == nil {
 		c.Clock = SystemClock{}
 	}
@@ -86,6 +115,8 @@ func (c Config) withDefaults() (Config, error) {
 	case c.HeartbeatInterval < 0 || c.FailoverTimeout < 2*c.HeartbeatInterval:
 		return c, fmt.Errorf("%w: failover timeout %v must be at least twice the heartbeat interval %v",
 			ErrConfig, c.FailoverTimeout, c.HeartbeatInterval)
+	case c.FailoverTimeout > MaxTimeout:
+		return c, fmt.Errorf("%w: failover timeout %v, at most %v", ErrConfig, c.FailoverTimeout, MaxTimeout)
 	case len(c.Key) == 0 && !c.Insecure:
 		return c, fmt.Errorf("%w: no key (give --key-file, or Insecure for loopback use)", ErrConfig)
 	case len(c.Key) > 0 && c.Insecure:

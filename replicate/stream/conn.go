@@ -214,19 +214,19 @@ func truncated(what string, err error) error {
 	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
 		return fmt.Errorf("connection ended inside %s: %w", what, ErrTruncated)
 	}
-	if connLost(err) {
+	// The peer's host or process died (a SIGKILLed process with unread
+	// data resets its connections): the stream ends as truncated, which
+	// is what a standby's failure detection acts on.
+	if connectionLost(err) {
 		return fmt.Errorf("read %s: connection lost (%v): %w", what, err, ErrTruncated)
 	}
 	return fmt.Errorf("read %s: %w", what, err)
 }
 
-// connLost reports whether a read or write error means that the peer's
-// end of the connection is gone: its host or process died (a SIGKILLed
-// process with unread data resets its connections) or the path to it.
-// The stream then ends as truncated, which is what a standby's failure
-// detection acts on, whichever of reading or writing noticed first.
-func connLost(err error) bool {
-	for _, e := range []error{syscall.ECONNRESET, syscall.EPIPE, syscall.ECONNABORTED, syscall.ETIMEDOUT, syscall.EHOSTUNREACH, syscall.ENETUNREACH} {
+// connectionLost reports whether err says the connection died under us
+// (reset, broken, unreachable), as opposed to a local close or a stall.
+func connectionLost(err error) bool {
+	for _, e := range []error{syscall.ECONNRESET, syscall.EPIPE, syscall.ECONNABORTED, syscall.ETIMEDOUT, syscall.EHOSTUNREACH, syscall.ENETUNREACH, io.ErrClosedPipe} {
 		if errors.Is(err, e) {
 			return true
 		}

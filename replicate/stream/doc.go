@@ -2,16 +2,18 @@
 // connection from a primary (or migration source) to its standby (or
 // destination) carrying a handshake, then checkpoints made of frames, with
 // acks, heartbeats and errors coming back on the same connection. Live
-// migration is the same stream ended by a final checkpoint and a goodbye.
+// migration is the same stream ended by a final checkpoint and a handover.
 // docs/STREAM.md has the sequence diagram, the receiver's state machine and
 // the version policy.
 //
 // It owns framing, authentication, the hard caps on every field,
-// checkpoint verification (count, length, CRC32C) and the commit/abort
-// protocol toward a PageSink. It does not own epochs, dirty tracking,
-// output buffering or failover policy (package replicate builds those on
-// Sender and Receiver), nor the machine state's encoding, which it carries
-// as opaque bytes.
+// checkpoint verification (count, length, CRC32C), the commit/abort
+// protocol toward a PageSink and a DiskSink, and liveness: heartbeats, the
+// failure detector, write deadlines, and the failover timeout the two ends
+// agree on. It does not own epochs, dirty tracking, output buffering or
+// failover policy (package replicate builds those on Sender and
+// Receiver), nor the machine state's encoding, which it carries as opaque
+// bytes.
 //
 // # Invariants
 //
@@ -20,6 +22,10 @@
 //     Config.OnCommit accepts it; any failure aborts the staging, and the
 //     ack for epoch N is sent only after N is committed. Acks arrive in
 //     order.
+//   - Slow is not dead (invariant 9): every byte received is life; each
+//     end beats from a goroutine of its own and counts silence only while
+//     its reader listens, never while it applies, syncs or is itself
+//     stalled; the detector never waits behind a write. See endpoint.
 //   - No trust (invariant 6): every length is checked against its cap
 //     before allocation; every page address is page-aligned and inside the
 //     sender's announced layout; after the handshake every frame's payload
@@ -29,7 +35,7 @@
 //     reordered or dropped; the handshake proves knowledge of the
 //     pre-shared key both ways.
 //
-// # Wire format (version 2, little-endian)
+// # Wire format (version 3, little-endian)
 //
 // Handshake frames (each side's Hello and Auth, framed as in version 1 so
 // that any version can read a hello far enough to refuse it):
@@ -51,22 +57,33 @@
 //
 //	1 Hello     "GOVMMSTR" | version u16 | flags u16 (bit 0: keyed) | role u8
 //	            (1 sender, 2 receiver) | 0 [3] | nonce [32] |
+//	            heartbeat ns u64 | failover timeout ns u64 (0 < 2×heartbeat ≤ timeout ≤ 10 min) |
 //	            name (u16 len, ≤256) | vcpus u32 | nregions u16 (≤64) | 0 u16 |
-//	            nregions × (gpa u64, size u64) | devices (u16 len, ≤4096)
+//	            nregions × (gpa u64, size u64) |
+//	            ndevices u16 (≤64) | ndevices × (id (u16 len, ≤64) | nattrs u16 (≤16) |
+//	            nattrs × (key (u16 len, ≤32) | value (u16 len, ≤256)))
 //	2 Auth      proof [32]
 //	3 Begin     epoch u64 (>0, increasing) | kind u8 (1 initial-sync, 2 epoch, 3 final) | 0 [7]
 //	4 Pages     count u16 (1..256) | 0 u16 | count × (gpa u64 | enc u8 | 0 [3] | len u32 | data [len])
-//	            enc 0 raw (len 4096), 1 zero (len 0), 2 xor-rle (reserved, refused in v1 and v2)
+//	            enc 0 raw (len 4096), 1 zero (len 0), 2 xor-rle (reserved, refused)
 //	5 State     1..MaxStateChunk bytes of machine state (a checkpoint's chunks ≤ MaxState in all)
-//	6 End       epoch u64 | pages u64 | state length u64 | crc32c u32 | 0 u32
+//	6 End       epoch u64 | pages u64 | state length u64 | disk bytes u64 | crc32c u32 | 0 u32
 //	7 Ack       epoch u64
 //	8 Heartbeat sender's clock, unix ns, u64
 //	9 Error     code u16 | len u16 (≤1024) | message
-//	10 Goodbye  empty
+//	10 Goodbye  empty: the sender ends the stream on purpose (also inside a
+//	            checkpoint, which is then aborted; after a final checkpoint,
+//	            the migration is aborted)
+//	11 Disk     disk u16 (<64) | flags u16 (bit 0: zero run) | length u32 (1..MaxDiskChunk) |
+//	            offset u64 | data [length] (none for a zero run)
+//	12 Accept   empty: the receiver serves this sender (after Verify)
+//	13 Handover empty: after the final checkpoint's ack, run the guest
 //
-// The End CRC32C (Castagnoli) runs over the checkpoint's content in frame
-// order: for each page, gpa u64 | class u8 (0 data, 1 zero) | the page's
-// bytes if class 0; then each State chunk.
+// A checkpoint's Disk frames write at most MaxCheckpointDisk bytes. The End
+// CRC32C (Castagnoli) runs over the checkpoint's content in frame order:
+// for each page, gpa u64 | class u8 (0 data, 1 zero) | the page's bytes if
+// class 0; for each Disk frame, class 2 | its 16-byte header | its data
+// (none for a zero run); then each State chunk.
 //
 // Handshake: the sender sends Hello, the receiver Hello; with th = SHA-256
 // over both hello payloads, the sender sends Auth(HMAC(K, "govmm-stream/1
@@ -74,14 +91,20 @@
 // answers Auth(HMAC(K, "… proof receiver" || th)). The session keys, used
 // as AES-256 keys, are HMAC(K, "govmm-stream/1 key sender-to-receiver" ||
 // th) and the reverse (the labels keep their "/1"; th binds the version).
-// Without a key (Config.Insecure) the same derivation runs over an empty
-// K: the frames are then sealed under keys anyone can compute.
+// Both ends then use the larger of the two failover timeouts. The
+// receiver runs Config.Verify on the sender's identity and answers Accept,
+// or an Error frame; the sender's Dial returns only then. Without a key
+// (Config.Insecure) the same derivation runs over an empty K: the frames
+// are then sealed under keys anyone can compute.
 //
 // # Goroutines
 //
-// Sender: the caller's checkpoint goroutine (Begin/SendPage/SendState/
-// End), an ack reader and a heartbeat/failure-detector ticker. Receiver:
-// the caller's goroutine inside Run (reads frames, drives the PageSink and
-// OnCommit, sends acks) and the ticker. Frame writes are serialized by one
-// mutex per end. Close on either stops its goroutines and waits for them.
+// Sender: the caller's checkpoint goroutine (Begin/SendPage/SendDisk/
+// SendState/End/Handover), an ack reader, a heartbeat sender and a
+// failure detector. Receiver: the caller's goroutine inside Run (reads
+// frames, drives the sinks and OnCommit, sends acks), a heartbeat sender
+// and a failure detector, both from the Accept on. Listener: an accept
+// loop and one goroutine per connection's handshake. Frame writes are
+// serialized by one mutex per end. Close on either stops its goroutines
+// and waits for them.
 package stream

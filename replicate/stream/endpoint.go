@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -19,17 +20,22 @@ type Stats struct {
 	// (receiver); ZeroPages of them travelled without bytes.
 	Pages, ZeroPages uint64
 	StateBytes       uint64
+	// DiskBytes counts disk bytes written or zeroed by Disk frames.
+	DiskBytes uint64
 	// Checkpoints counts checkpoints ended (sender) or committed
 	// (receiver); Acks, acks received (sender) or sent (receiver).
 	Checkpoints, Acks uint64
+	// Heartbeats counts heartbeats sent.
+	Heartbeats uint64
 }
 
 type counters struct {
 	bytesSent, bytesReceived   atomic.Uint64
 	framesSent, framesReceived atomic.Uint64
 	pages, zeroPages           atomic.Uint64
-	stateBytes                 atomic.Uint64
+	stateBytes, diskBytes      atomic.Uint64
 	checkpoints, acks          atomic.Uint64
+	heartbeats                 atomic.Uint64
 }
 
 func (c *counters) snapshot() Stats {
@@ -37,19 +43,35 @@ func (c *counters) snapshot() Stats {
 		BytesSent: c.bytesSent.Load(), BytesReceived: c.bytesReceived.Load(),
 		FramesSent: c.framesSent.Load(), FramesReceived: c.framesReceived.Load(),
 		Pages: c.pages.Load(), ZeroPages: c.zeroPages.Load(), StateBytes: c.stateBytes.Load(),
-		Checkpoints: c.checkpoints.Load(), Acks: c.acks.Load(),
+		DiskBytes: c.diskBytes.Load(), Checkpoints: c.checkpoints.Load(), Acks: c.acks.Load(),
+		Heartbeats: c.heartbeats.Load(),
 	}
 }
 
 // endpoint is what Sender and Receiver share: the connection, the framed
-// writer under its lock, the heartbeat and failure-detector loop, and the
-// one-shot failure.
+// writer under its lock, the heartbeat and failure-detector goroutines,
+// and the one-shot failure.
+//
+// # Liveness
+//
+// Any byte that arrives from the peer is life (countingReader), not only
+// whole frames: a large checkpoint in transit keeps its sender alive. Each
+// end sends heartbeats from a goroutine of its own, so they leave while
+// the end is busy with checkpoint work; one that finds the writer busy
+// skips its beat, since that writer's bytes are life to the peer. Silence
+// is counted only while this end's reader waits for the peer (listening):
+// time spent applying a checkpoint, syncing a disk, or stalled by its own
+// host is not the peer's silence. The detector also needs the timeout's
+// worth of its own ticks, so an end that was itself frozen does not blame
+// the peer when it thaws. Writes carry deadlines (deadlineWriter), so no
+// goroutine waits forever behind a write that cannot progress.
 //
 // Lock order: wmu, then nothing (fail never runs under wmu).
 type endpoint struct {
 	cfg  Config
 	log  *slog.Logger
 	conn net.Conn
+	dw   *deadlineWriter
 
 	wmu sync.Mutex // guards fw
 	fw  *frameWriter
@@ -59,7 +81,9 @@ type endpoint struct {
 	asyncReader bool // another goroutine reads the peer's frames (sender)
 
 	peer      Identity
-	lastHeard atomic.Int64  // unix nanoseconds of the last frame received
+	timeout   time.Duration // agreed failover timeout (the larger of the two)
+	lastHeard atomic.Int64  // unix ns of the last byte received, or of when listening resumed
+	listening atomic.Bool   // the reader waits for the peer's bytes
 	epoch     atomic.Uint64 // epoch in progress, for error reports
 
 	failOnce sync.Once
@@ -69,22 +93,37 @@ type endpoint struct {
 }
 
 func newEndpoint(conn net.Conn, cfg Config) *endpoint {
-	e := &endpoint{cfg: cfg, conn: conn, done: make(chan struct{})}
+	e := &endpoint{cfg: cfg, conn: conn, done: make(chan struct{}), timeout: cfg.FailoverTimeout}
 	e.log = cfg.Logger.With("component", "replicate/stream", "peer", conn.RemoteAddr().String())
-	e.fw = newFrameWriter(conn, &e.ctr.bytesSent, &e.ctr.framesSent)
-	e.fr = newFrameReader(conn, &e.ctr.bytesReceived, &e.ctr.framesReceived)
+	e.dw = &deadlineWriter{conn: conn, stall: cfg.StallTimeout}
+	e.fw = newFrameWriter(e.dw, &e.ctr.bytesSent, &e.ctr.framesSent)
+	e.fr = newFrameReader(&countingReader{r: conn, e: e}, &e.ctr.bytesReceived, &e.ctr.framesReceived)
 	e.heard()
 	return e
 }
 
 func (e *endpoint) heard() { e.lastHeard.Store(e.cfg.Clock.Now().UnixNano()) }
 
-// LastHeard is when the last frame from the peer arrived (or the stream
-// started).
+// listen marks the reader as waiting for the peer: silence counts from
+// now. quiet marks it busy with what it read.
+func (e *endpoint) listen() {
+	if !e.listening.Load() {
+		e.heard()
+		e.listening.Store(true)
+	}
+}
+
+func (e *endpoint) quiet() { e.listening.Store(false) }
+
+// LastHeard is when the last byte from the peer arrived (or listening
+// resumed).
 func (e *endpoint) LastHeard() time.Time { return time.Unix(0, e.lastHeard.Load()) }
 
 // Peer is the identity the peer announced in its hello (authenticated).
 func (e *endpoint) Peer() Identity { return e.peer }
+
+// FailoverTimeout is the timeout both ends agreed on in the handshake.
+func (e *endpoint) FailoverTimeout() time.Duration { return e.timeout }
 
 // Stats returns the counters.
 func (e *endpoint) Stats() Stats { return e.ctr.snapshot() }
@@ -120,7 +159,7 @@ func (e *endpoint) send(t frameType, payload []byte, flush bool) error {
 			case <-time.After(250 * time.Millisecond):
 			}
 		}
-		if connLost(err) {
+		if connectionLost(err) {
 			// The peer vanished while we wrote (an ack to a primary
 			// that was just killed): the same verdict as reading EOF.
 			return e.fail(fmt.Errorf("send %v: connection lost (%v): %w", t, err, ErrTruncated), -1)
@@ -150,8 +189,10 @@ func (e *endpoint) failWith(err error, offset int64, goodbye bool) error {
 		e.err = se
 		code, ok := codeOf(err)
 		if ok || goodbye {
-			// Best effort, bounded: the peer may be what is stuck.
-			_ = e.conn.SetWriteDeadline(time.Now().Add(time.Second))
+			// Best effort, bounded: the peer may be what is stuck. The short
+			// deadline also applies to a write blocked right now, which
+			// then gives up the lock.
+			e.dw.shorten(time.Second)
 			e.wmu.Lock()
 			t, p := frameGoodbye, []byte(nil)
 			if !goodbye {
@@ -182,15 +223,23 @@ func (e *endpoint) closeWith(goodbye bool, why string) {
 	e.wg.Wait()
 }
 
-// tickLoop sends heartbeats and trips the failure detector.
-func (e *endpoint) startTicker() {
-	// The ticker exists before this returns, so a test's clock moves it.
-	t := e.cfg.Clock.NewTicker(e.cfg.HeartbeatInterval)
-	e.wg.Add(1)
-	go e.tickLoop(t)
+// startLiveness starts the heartbeat and failure-detector goroutines. The
+// tickers exist before it returns, so a test's clock moves them.
+func (e *endpoint) startLiveness() {
+	hb := e.cfg.Clock.NewTicker(e.cfg.HeartbeatInterval)
+	det := e.cfg.Clock.NewTicker(e.detectEvery())
+	e.wg.Add(2)
+	go e.heartbeatLoop(hb)
+	go e.detectLoop(det)
 }
 
-func (e *endpoint) tickLoop(t Ticker) {
+// detectEvery is the detector's tick: an eighth of the agreed timeout.
+func (e *endpoint) detectEvery() time.Duration { return max(e.timeout/8, time.Millisecond) }
+
+// heartbeatLoop sends a heartbeat every interval unless the writer is
+// busy (its bytes already tell the peer we live). It may block in a write;
+// the detector does not wait for it.
+func (e *endpoint) heartbeatLoop(t Ticker) {
 	defer e.wg.Done()
 	defer t.Stop()
 	var hb [8]byte
@@ -200,14 +249,54 @@ func (e *endpoint) tickLoop(t Ticker) {
 			return
 		case <-t.C():
 		}
-		now := e.cfg.Clock.Now()
-		if silent := now.Sub(e.LastHeard()); silent > e.cfg.FailoverTimeout {
-			e.fail(fmt.Errorf("nothing heard for %v (timeout %v): %w",
-				silent.Round(time.Millisecond), e.cfg.FailoverTimeout, ErrTimeout), -1)
+		if !e.wmu.TryLock() {
+			continue
+		}
+		putUint64(hb[:], uint64(e.cfg.Clock.Now().UnixNano()))
+		err := e.fw.write(frameHeartbeat, hb[:])
+		if err == nil {
+			err = e.fw.flush()
+		}
+		e.wmu.Unlock()
+		if err != nil {
+			if connectionLost(err) {
+				// The reader meets the same loss and reports it as what it
+				// is (ErrTruncated: the peer is gone); a write error must
+				// not be the verdict that hides it.
+				return
+			}
+			e.fail(fmt.Errorf("send heartbeat: %w", err), -1)
 			return
 		}
-		putUint64(hb[:], uint64(now.UnixNano()))
-		if e.send(frameHeartbeat, hb[:], true) != nil {
+		e.ctr.heartbeats.Add(1)
+	}
+}
+
+// detectLoop declares the peer lost when, while this end listened,
+// nothing arrived for the agreed timeout and for as many of its own
+// ticks. It never writes, so nothing it waits for can block it.
+func (e *endpoint) detectLoop(t Ticker) {
+	defer e.wg.Done()
+	defer t.Stop()
+	need := int((e.timeout + e.detectEvery() - 1) / e.detectEvery())
+	quietTicks, seen := 0, e.lastHeard.Load()
+	for {
+		select {
+		case <-e.done:
+			return
+		case <-t.C():
+		}
+		h := e.lastHeard.Load()
+		if !e.listening.Load() || h != seen {
+			// Busy with our own work, or the peer spoke.
+			quietTicks, seen = 0, h
+			continue
+		}
+		quietTicks++
+		silent := e.cfg.Clock.Now().Sub(time.Unix(0, h))
+		if quietTicks >= need && silent >= e.timeout {
+			e.fail(fmt.Errorf("nothing heard for %v while listening (timeout %v): %w",
+				silent.Round(time.Millisecond), e.timeout, ErrTimeout), -1)
 			return
 		}
 	}
@@ -217,4 +306,86 @@ func putUint64(b []byte, v uint64) {
 	for i := range 8 {
 		b[i] = byte(v >> (8 * i))
 	}
+}
+
+// countingReader is the connection as the frame reader sees it: every
+// byte that arrives is a sign of life.
+type countingReader struct {
+	r interface{ Read([]byte) (int, error) }
+	e *endpoint
+}
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	if n > 0 {
+		c.e.heard()
+	}
+	return n, err
+}
+
+// deadlineWriter writes to the connection in pieces, each with a deadline:
+// a write that makes no progress for the stall timeout fails (ErrStalled)
+// instead of blocking forever (a partition, a stuck peer).
+type deadlineWriter struct {
+	conn  net.Conn
+	mu    sync.Mutex // guards stall and limit; orders deadline updates
+	stall time.Duration
+	limit time.Time // if set, no deadline later than this (the handshake's)
+}
+
+// deadline is the write deadline for a piece starting now (w.mu held).
+func (w *deadlineWriter) deadline() time.Time {
+	d := time.Now().Add(w.stall)
+	if !w.limit.IsZero() && w.limit.Before(d) {
+		d = w.limit
+	}
+	return d
+}
+
+// until caps every write deadline at t (zero: no cap).
+func (w *deadlineWriter) until(t time.Time) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.limit = t
+	_ = w.conn.SetWriteDeadline(w.deadline())
+}
+
+// setStall sets the stall timeout.
+func (w *deadlineWriter) setStall(d time.Duration) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.stall = d
+}
+
+const writePiece = 1 << 20 // more than bufio hands over at once: one deadline per write system call
+
+func (w *deadlineWriter) Write(p []byte) (int, error) {
+	n := 0
+	for n < len(p) {
+		k := min(len(p)-n, writePiece)
+		w.mu.Lock()
+		stall := w.stall
+		_ = w.conn.SetWriteDeadline(w.deadline())
+		w.mu.Unlock()
+		m, err := w.conn.Write(p[n : n+k])
+		n += m
+		if err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				return n, fmt.Errorf("no progress writing for %v: %w", stall, ErrStalled)
+			}
+			return n, err
+		}
+	}
+	return n, nil
+}
+
+// shorten bounds every write from now on, the one in progress included,
+// to d.
+func (w *deadlineWriter) shorten(d time.Duration) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if d < w.stall {
+		w.stall = d
+	}
+	_ = w.conn.SetWriteDeadline(w.deadline())
 }

@@ -3,6 +3,8 @@ package stream
 import (
 	"errors"
 	"fmt"
+	"strings"
+	"unicode"
 )
 
 // Sentinels. Every error a Sender or Receiver returns for a failed stream is
@@ -36,8 +38,18 @@ var (
 	// ErrTruncated: the connection ended inside a frame, a checkpoint, or
 	// without a goodbye.
 	ErrTruncated = errors.New("stream truncated")
-	// ErrTimeout: nothing was heard from the peer for FailoverTimeout.
+	// ErrTimeout: nothing was heard from the peer for the failover
+	// timeout while this end was listening.
 	ErrTimeout = errors.New("peer silent")
+	// ErrStalled: the peer is alive but took none of this end's bytes for
+	// the stall timeout.
+	ErrStalled = errors.New("peer stalled")
+	// ErrBusy: the receiver is already serving a sender (or not accepting
+	// one now).
+	ErrBusy = errors.New("receiver busy")
+	// ErrRefused: the receiver's Verify refused the sender for a reason of
+	// its own (it could not build a machine for it, say).
+	ErrRefused = errors.New("sender refused")
 	// ErrCommit: the receiver's commit callback or page sink refused the
 	// checkpoint.
 	ErrCommit = errors.New("checkpoint commit refused")
@@ -84,6 +96,9 @@ const (
 	codeChecksum
 	codeCommit
 	codeTimeout
+	codeStalled
+	codeBusy
+	codeRefused
 )
 
 var codeSentinels = []error{
@@ -97,6 +112,9 @@ var codeSentinels = []error{
 	codeChecksum:   ErrChecksum,
 	codeCommit:     ErrCommit,
 	codeTimeout:    ErrTimeout,
+	codeStalled:    ErrStalled,
+	codeBusy:       ErrBusy,
+	codeRefused:    ErrRefused,
 }
 
 // codeOf picks the code for err, or ok=false when err is not a verdict
@@ -113,10 +131,17 @@ func codeOf(err error) (errorCode, bool) {
 	return 0, false
 }
 
-// peerError turns a received Error frame into an error.
+// peerError turns a received Error frame into an error. The peer's text
+// is shown with anything unprintable replaced, never interpreted.
 func peerError(code errorCode, msg string) error {
+	msg = strings.Map(func(r rune) rune {
+		if !unicode.IsPrint(r) {
+			return '?'
+		}
+		return r
+	}, msg)
 	if int(code) < len(codeSentinels) && codeSentinels[code] != nil {
-		return fmt.Errorf("%w: %w: %q", ErrPeer, codeSentinels[code], msg)
+		return fmt.Errorf("%w: %w; the peer says: %s", ErrPeer, codeSentinels[code], msg)
 	}
-	return fmt.Errorf("%w (code %d): %q", ErrPeer, code, msg)
+	return fmt.Errorf("%w (code %d); the peer says: %s", ErrPeer, code, msg)
 }

@@ -4,12 +4,14 @@ import (
 	"crypto/sha256"
 	"encoding/binary"
 	"fmt"
+	"math"
+	"time"
 )
 
 // Version is the protocol version this package speaks. A peer with any
 // other version is refused at the hello (ErrVersion); see docs/STREAM.md
 // for the version policy.
-const Version = 2
+const Version = 3
 
 // helloMagic opens every Hello payload.
 const helloMagic = "GOVMMSTR"
@@ -28,12 +30,17 @@ const (
 	frameHeartbeat frameType = 8
 	frameError     frameType = 9
 	frameGoodbye   frameType = 10
+	frameDisk      frameType = 11
+	frameAccept    frameType = 12
+	frameHandover  frameType = 13
+	lastFrameType            = frameHandover
 )
 
 var frameNames = [...]string{
 	frameHello: "hello", frameAuth: "auth", frameBegin: "begin", framePages: "pages",
 	frameState: "state", frameEnd: "end", frameAck: "ack", frameHeartbeat: "heartbeat",
-	frameError: "error", frameGoodbye: "goodbye",
+	frameError: "error", frameGoodbye: "goodbye", frameDisk: "disk", frameAccept: "accept",
+	frameHandover: "handover",
 }
 
 func (t frameType) String() string {
@@ -106,10 +113,20 @@ const (
 	MaxFramePayload = 4 + MaxPagesPerFrame*(pageEntrySize+PageSize)
 	// MaxState caps the machine state of one checkpoint.
 	MaxState = 64 << 20
+	// MaxDiskChunk caps the bytes one Disk frame writes (or zeroes).
+	MaxDiskChunk = 1 << 20
+	// MaxCheckpointDisk caps the disk bytes one checkpoint writes, over
+	// all its Disk frames: what a standby stages in memory at most.
+	MaxCheckpointDisk = 256 << 20
+	// MaxDisks caps the disk numbers in Disk frames.
+	MaxDisks = 64
 	// MaxErrorMessage caps an Error frame's text.
 	MaxErrorMessage = 1024
 
-	helloFixed = 8 + 2 + 2 + 1 + 3 + nonceSize
+	diskHeaderSize = 16 // disk u16, flags u16, length u32, offset u64
+	diskFlagZero   = 1 << 0
+
+	helloFixed = 8 + 2 + 2 + 1 + 3 + nonceSize + 16
 )
 
 // Role is which end of the stream a hello comes from.
@@ -128,7 +145,10 @@ type hello struct {
 	keyed   bool
 	role    role
 	nonce   [nonceSize]byte
-	id      Identity
+	// heartbeat and timeout are this end's heartbeat interval and failover
+	// timeout: the two ends agree on the larger timeout.
+	heartbeat, timeout time.Duration
+	id                 Identity
 }
 
 type pageEntry struct {
@@ -138,10 +158,20 @@ type pageEntry struct {
 }
 
 type endInfo struct {
-	epoch    uint64
-	pages    uint64
-	stateLen uint64
-	crc      uint32
+	epoch     uint64
+	pages     uint64
+	stateLen  uint64
+	diskBytes uint64
+	crc       uint32
+}
+
+// diskWrite is one decoded Disk frame.
+type diskWrite struct {
+	disk   int
+	off    int64
+	length int
+	zero   bool
+	data   []byte // length bytes unless zero; aliases the read buffer
 }
 
 // frame is one decoded frame. The reader reuses it: slices alias the read
@@ -157,6 +187,7 @@ type frame struct {
 	pages   []pageEntry
 	data    []byte // state chunk, error message
 	end     endInfo
+	disk    diskWrite
 	code    errorCode
 	time    int64 // heartbeat: sender's clock, unix nanoseconds
 }
@@ -195,7 +226,7 @@ func checkHeader(b []byte, h header) error {
 	if b[5] != 0 || b[6] != 0 || b[7] != 0 {
 		return fmt.Errorf("frame header: reserved bytes set: %w", ErrFrame)
 	}
-	if h.typ < frameHello || h.typ > frameGoodbye {
+	if h.typ < frameHello || h.typ > lastFrameType {
 		return fmt.Errorf("unknown %v: %w", h.typ, ErrFrame)
 	}
 	return nil
@@ -243,16 +274,22 @@ func decodePayload(f *frame, t frameType, p []byte, layout *Identity) error {
 		}
 		f.data = p
 	case frameEnd:
-		if err := fixed(32); err != nil {
+		if err := fixed(40); err != nil {
 			return err
 		}
-		f.end = endInfo{epoch: le.Uint64(p), pages: le.Uint64(p[8:]), stateLen: le.Uint64(p[16:]), crc: le.Uint32(p[24:])}
-		if !allZero(p[28:32]) {
+		f.end = endInfo{epoch: le.Uint64(p), pages: le.Uint64(p[8:]), stateLen: le.Uint64(p[16:]),
+			diskBytes: le.Uint64(p[24:]), crc: le.Uint32(p[32:])}
+		if !allZero(p[36:40]) {
 			return fmt.Errorf("end: reserved bytes set: %w", ErrFrame)
 		}
 		if f.end.stateLen > MaxState {
 			return fmt.Errorf("end: state of %d bytes, at most %d: %w", f.end.stateLen, MaxState, ErrTooLarge)
 		}
+		if f.end.diskBytes > MaxCheckpointDisk {
+			return fmt.Errorf("end: %d disk bytes, at most %d: %w", f.end.diskBytes, MaxCheckpointDisk, ErrTooLarge)
+		}
+	case frameDisk:
+		return decodeDisk(&f.disk, p)
 	case frameAck:
 		if err := fixed(8); err != nil {
 			return err
@@ -276,10 +313,37 @@ func decodePayload(f *frame, t frameType, p []byte, layout *Identity) error {
 			return fmt.Errorf("error frame: %d bytes, message says %d: %w", len(p), 4+n, ErrFrame)
 		}
 		f.data = p[4:]
-	case frameGoodbye:
+	case frameGoodbye, frameAccept, frameHandover:
 		return fixed(0)
 	default:
 		return fmt.Errorf("unknown %v: %w", t, ErrFrame)
+	}
+	return nil
+}
+
+func decodeDisk(w *diskWrite, p []byte) error {
+	le := binary.LittleEndian
+	if len(p) < diskHeaderSize {
+		return fmt.Errorf("disk frame: %d bytes: %w", len(p), ErrFrame)
+	}
+	disk, flags, n, off := le.Uint16(p), le.Uint16(p[2:]), le.Uint32(p[4:]), le.Uint64(p[8:])
+	*w = diskWrite{disk: int(disk), off: int64(off), length: int(n), zero: flags&diskFlagZero != 0}
+	switch {
+	case flags&^diskFlagZero != 0:
+		return fmt.Errorf("disk frame: unknown flags %#x: %w", flags, ErrFrame)
+	case disk >= MaxDisks:
+		return fmt.Errorf("disk frame: disk %d, at most %d disks: %w", disk, MaxDisks, ErrOutOfRange)
+	case n == 0 || n > MaxDiskChunk:
+		return fmt.Errorf("disk frame: %d bytes, want 1..%d: %w", n, MaxDiskChunk, ErrFrame)
+	case off > math.MaxInt64-uint64(n):
+		return fmt.Errorf("disk frame: offset %#x: %w", off, ErrOutOfRange)
+	case w.zero && len(p) != diskHeaderSize:
+		return fmt.Errorf("disk frame: zero run with %d data bytes: %w", len(p)-diskHeaderSize, ErrFrame)
+	case !w.zero && len(p) != diskHeaderSize+int(n):
+		return fmt.Errorf("disk frame: %d data bytes, header says %d: %w", len(p)-diskHeaderSize, n, ErrFrame)
+	}
+	if !w.zero {
+		w.data = p[diskHeaderSize:]
 	}
 	return nil
 }
@@ -340,117 +404,6 @@ func decodePages(f *frame, p []byte, layout *Identity) error {
 	return nil
 }
 
-func decodeHello(h *hello, p []byte) error {
-	le := binary.LittleEndian
-	if len(p) < len(helloMagic) || string(p[:len(helloMagic)]) != helloMagic {
-		return fmt.Errorf("hello: no govmm stream magic: %w", ErrVersion)
-	}
-	if len(p) < helloFixed {
-		return fmt.Errorf("hello: %d bytes: %w", len(p), ErrFrame)
-	}
-	h.version = le.Uint16(p[8:])
-	if h.version != Version {
-		// Nothing after the version is trusted to have our layout.
-		return fmt.Errorf("peer speaks version %d, this side %d: %w", h.version, Version, ErrVersion)
-	}
-	flags := le.Uint16(p[10:])
-	if flags&^helloFlagKeyed != 0 {
-		return fmt.Errorf("hello: unknown flags %#x: %w", flags, ErrFrame)
-	}
-	h.keyed = flags&helloFlagKeyed != 0
-	h.role = role(p[12])
-	if h.role != roleSender && h.role != roleReceiver {
-		return fmt.Errorf("hello: unknown role %d: %w", h.role, ErrFrame)
-	}
-	if !allZero(p[13:16]) {
-		return fmt.Errorf("hello: reserved bytes set: %w", ErrFrame)
-	}
-	copy(h.nonce[:], p[16:16+nonceSize])
-	r := p[helloFixed:]
-	name, r, err := takeString(r, MaxNameLen, "vm name")
-	if err != nil {
-		return err
-	}
-	if len(r) < 8 {
-		return fmt.Errorf("hello: truncated identity: %w", ErrFrame)
-	}
-	vcpus := le.Uint32(r)
-	nreg := int(le.Uint16(r[4:]))
-	if r[6] != 0 || r[7] != 0 {
-		return fmt.Errorf("hello: reserved bytes set: %w", ErrFrame)
-	}
-	r = r[8:]
-	if nreg > MaxRegions {
-		return fmt.Errorf("hello: %d memory regions, at most %d: %w", nreg, MaxRegions, ErrTooLarge)
-	}
-	if len(r) < 16*nreg {
-		return fmt.Errorf("hello: truncated memory layout: %w", ErrFrame)
-	}
-	var regions []Region
-	if nreg > 0 {
-		regions = make([]Region, nreg)
-		for i := range regions {
-			regions[i] = Region{GPA: GPA(le.Uint64(r)), Size: le.Uint64(r[8:])}
-			r = r[16:]
-		}
-	}
-	devices, r, err := takeString(r, MaxDevicesLen, "device list")
-	if err != nil {
-		return err
-	}
-	if len(r) != 0 {
-		return fmt.Errorf("hello: %d trailing bytes: %w", len(r), ErrFrame)
-	}
-	h.id = Identity{Name: name, Regions: regions, VCPUs: vcpus, Devices: devices}
-	// A sender must describe a real VM; a receiver may leave it empty to
-	// accept any.
-	if h.role == roleSender || !h.id.IsZero() {
-		if err := h.id.Validate(); err != nil {
-			return fmt.Errorf("hello identity: %w", err)
-		}
-	}
-	return nil
-}
-
-func takeString(r []byte, max int, what string) (string, []byte, error) {
-	if len(r) < 2 {
-		return "", nil, fmt.Errorf("hello: truncated %s: %w", what, ErrFrame)
-	}
-	n := int(binary.LittleEndian.Uint16(r))
-	if n > max {
-		return "", nil, fmt.Errorf("hello: %s of %d bytes, at most %d: %w", what, n, max, ErrTooLarge)
-	}
-	if len(r)-2 < n {
-		return "", nil, fmt.Errorf("hello: truncated %s: %w", what, ErrFrame)
-	}
-	return string(r[2 : 2+n]), r[2+n:], nil
-}
-
-func appendHello(b []byte, h *hello) []byte {
-	le := binary.LittleEndian
-	b = append(b, helloMagic...)
-	b = le.AppendUint16(b, h.version)
-	var flags uint16
-	if h.keyed {
-		flags |= helloFlagKeyed
-	}
-	b = le.AppendUint16(b, flags)
-	b = append(b, byte(h.role), 0, 0, 0)
-	b = append(b, h.nonce[:]...)
-	b = le.AppendUint16(b, uint16(len(h.id.Name)))
-	b = append(b, h.id.Name...)
-	b = le.AppendUint32(b, h.id.VCPUs)
-	b = le.AppendUint16(b, uint16(len(h.id.Regions)))
-	b = append(b, 0, 0)
-	for _, r := range h.id.Regions {
-		b = le.AppendUint64(b, uint64(r.GPA))
-		b = le.AppendUint64(b, r.Size)
-	}
-	b = le.AppendUint16(b, uint16(len(h.id.Devices)))
-	b = append(b, h.id.Devices...)
-	return b
-}
-
 func appendBegin(b []byte, epoch uint64, k Kind) []byte {
 	b = binary.LittleEndian.AppendUint64(b, epoch)
 	return append(b, byte(k), 0, 0, 0, 0, 0, 0, 0)
@@ -461,8 +414,24 @@ func appendEnd(b []byte, e endInfo) []byte {
 	b = le.AppendUint64(b, e.epoch)
 	b = le.AppendUint64(b, e.pages)
 	b = le.AppendUint64(b, e.stateLen)
+	b = le.AppendUint64(b, e.diskBytes)
 	b = le.AppendUint32(b, e.crc)
 	return append(b, 0, 0, 0, 0)
+}
+
+// appendDisk appends a Disk payload: data at off on disk, or, with data
+// nil, a run of n zero bytes.
+func appendDisk(b []byte, disk int, off int64, n int, data []byte) []byte {
+	le := binary.LittleEndian
+	var flags uint16
+	if data == nil {
+		flags = diskFlagZero
+	}
+	b = le.AppendUint16(b, uint16(disk))
+	b = le.AppendUint16(b, flags)
+	b = le.AppendUint32(b, uint32(n))
+	b = le.AppendUint64(b, uint64(off))
+	return append(b, data...)
 }
 
 func appendError(b []byte, code errorCode, msg string) []byte {

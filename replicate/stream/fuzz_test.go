@@ -35,20 +35,27 @@ func seedFrames() map[string][]byte {
 	pages = appendPageEntry(pages, PageSize, EncZero, nil)
 	pages = appendPageEntry(pages, 1<<32, EncRaw, page(2))
 	return map[string][]byte{
-		"hello-sender":   rawFrame(frameHello, 0, appendHello(nil, &hello{version: Version, keyed: true, role: roleSender, id: id})),
-		"hello-receiver": rawFrame(frameHello, 0, appendHello(nil, &hello{version: Version, role: roleReceiver})),
-		"auth":           rawFrame(frameAuth, 1, make([]byte, macSize)),
-		"begin":          rawFrame(frameBegin, 2, appendBegin(nil, 7, KindEpoch)),
-		"pages":          rawFrame(framePages, 3, pages),
-		"state":          rawFrame(frameState, 4, []byte("machine state")),
-		"end":            rawFrame(frameEnd, 5, appendEnd(nil, endInfo{epoch: 7, pages: 3, stateLen: 13, crc: 0xdeadbeef})),
-		"ack":            rawFrame(frameAck, 2, []byte{7, 0, 0, 0, 0, 0, 0, 0}),
-		"heartbeat":      rawFrame(frameHeartbeat, 3, []byte{1, 2, 3, 4, 5, 6, 7, 8}),
-		"error":          rawFrame(frameError, 4, appendError(nil, codeAuth, "authentication failed")),
-		"goodbye":        rawFrame(frameGoodbye, 9, nil),
-		"bad-gpa":        rawFrame(framePages, 3, appendPageEntry([]byte{1, 0, 0, 0}, 1<<31, EncZero, nil)),
-		"bad-encoding":   rawFrame(framePages, 3, appendPageEntry([]byte{1, 0, 0, 0}, 0, EncXORRLE, []byte{9, 9})),
-		"huge-length":    {0xff, 0xff, 0xff, 0x7f, byte(framePages), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0},
+		"hello-sender": rawFrame(frameHello, 0, appendHello(nil, &hello{version: Version, keyed: true, role: roleSender, id: id,
+			heartbeat: DefaultHeartbeatInterval, timeout: DefaultFailoverTimeout})),
+		"hello-receiver": rawFrame(frameHello, 0, appendHello(nil, &hello{version: Version, role: roleReceiver,
+			heartbeat: DefaultHeartbeatInterval, timeout: DefaultFailoverTimeout})),
+		"auth":         rawFrame(frameAuth, 1, make([]byte, macSize)),
+		"begin":        rawFrame(frameBegin, 2, appendBegin(nil, 7, KindEpoch)),
+		"pages":        rawFrame(framePages, 3, pages),
+		"state":        rawFrame(frameState, 4, []byte("machine state")),
+		"end":          rawFrame(frameEnd, 5, appendEnd(nil, endInfo{epoch: 7, pages: 3, stateLen: 13, diskBytes: 8192, crc: 0xdeadbeef})),
+		"disk":         rawFrame(frameDisk, 6, appendDisk(nil, 1, 4096, 5, []byte("hello"))),
+		"disk-zero":    rawFrame(frameDisk, 6, appendDisk(nil, 0, 0, MaxDiskChunk, nil)),
+		"accept":       rawFrame(frameAccept, 2, nil),
+		"handover":     rawFrame(frameHandover, 10, nil),
+		"bad-disk":     rawFrame(frameDisk, 6, appendDisk(nil, MaxDisks, 0, 1, []byte{1})),
+		"ack":          rawFrame(frameAck, 2, []byte{7, 0, 0, 0, 0, 0, 0, 0}),
+		"heartbeat":    rawFrame(frameHeartbeat, 3, []byte{1, 2, 3, 4, 5, 6, 7, 8}),
+		"error":        rawFrame(frameError, 4, appendError(nil, codeAuth, "authentication failed")),
+		"goodbye":      rawFrame(frameGoodbye, 9, nil),
+		"bad-gpa":      rawFrame(framePages, 3, appendPageEntry([]byte{1, 0, 0, 0}, 1<<31, EncZero, nil)),
+		"bad-encoding": rawFrame(framePages, 3, appendPageEntry([]byte{1, 0, 0, 0}, 0, EncXORRLE, []byte{9, 9})),
+		"huge-length":  {0xff, 0xff, 0xff, 0x7f, byte(framePages), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0},
 	}
 }
 
@@ -58,7 +65,7 @@ func TestSeedCorpus(t *testing.T) {
 	dir := filepath.Join("testdata", "fuzz", "FuzzDecodeFrame")
 	for name, b := range seedFrames() {
 		_, _, err := DecodeFrame(b, testIdentity())
-		bad := name == "bad-gpa" || name == "bad-encoding" || name == "huge-length"
+		bad := name == "bad-gpa" || name == "bad-encoding" || name == "huge-length" || name == "bad-disk"
 		require.Equal(t, bad, err != nil, "%s: %v", name, err)
 		path := filepath.Join(dir, name)
 		content := fmt.Sprintf("go test fuzz v1\n[]byte(%q)\n", b)
@@ -103,6 +110,9 @@ func FuzzDecodeFrame(f *testing.F) {
 			if fr.hello.version != Version {
 				t.Fatalf("accepted version %d", fr.hello.version)
 			}
+			if fr.hello.heartbeat <= 0 || fr.hello.timeout < 2*fr.hello.heartbeat || fr.hello.timeout > MaxTimeout {
+				t.Fatalf("accepted heartbeat %v timeout %v", fr.hello.heartbeat, fr.hello.timeout)
+			}
 			if fr.hello.role == roleSender || !fr.hello.id.IsZero() {
 				if err := fr.hello.id.Validate(); err != nil {
 					t.Fatalf("accepted invalid identity: %v", err)
@@ -132,8 +142,14 @@ func FuzzDecodeFrame(f *testing.F) {
 				t.Fatalf("accepted begin %d %v", fr.epoch, fr.kind)
 			}
 		case frameEnd:
-			if fr.end.stateLen > MaxState {
-				t.Fatalf("accepted end with state %d", fr.end.stateLen)
+			if fr.end.stateLen > MaxState || fr.end.diskBytes > MaxCheckpointDisk {
+				t.Fatalf("accepted end with state %d, disk %d", fr.end.stateLen, fr.end.diskBytes)
+			}
+		case frameDisk:
+			w := fr.disk
+			if w.disk >= MaxDisks || w.length == 0 || w.length > MaxDiskChunk || w.off < 0 ||
+				(w.zero && w.data != nil) || (!w.zero && len(w.data) != w.length) {
+				t.Fatalf("accepted disk write %+v", w)
 			}
 		case frameError:
 			if len(fr.data) > MaxErrorMessage {

@@ -6,7 +6,9 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/binary"
+	"errors"
 	"fmt"
+	"io"
 	"time"
 )
 
@@ -36,14 +38,21 @@ func derive(key []byte, purpose string, th []byte) []byte {
 }
 
 // handshake runs the four-message handshake (see docs/STREAM.md) on e's
-// connection as role r, and leaves e's reader and writer on session keys.
+// connection as role r, leaves e's reader and writer on session keys and
+// sets the agreed failover timeout. The sender then also waits for the
+// receiver's verdict (Accept, or an Error frame); the receiver gives it
+// with verdict. The whole exchange is bounded by HandshakeTimeout and ctx.
 func (e *endpoint) handshake(ctx context.Context, r role) (err error) {
 	deadline := time.Now().Add(e.cfg.HandshakeTimeout)
 	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
 		deadline = d
 	}
 	_ = e.conn.SetDeadline(deadline)
-	stop := context.AfterFunc(ctx, func() { _ = e.conn.SetDeadline(time.Unix(1, 0)) })
+	e.dw.until(deadline)
+	stop := context.AfterFunc(ctx, func() {
+		_ = e.conn.SetDeadline(time.Unix(1, 0))
+		e.dw.until(time.Unix(1, 0))
+	})
 	defer func() {
 		if !stop() && err == nil {
 			err = ctx.Err()
@@ -56,97 +65,66 @@ func (e *endpoint) handshake(ctx context.Context, r role) (err error) {
 			return
 		}
 		_ = e.conn.SetDeadline(time.Time{})
+		e.dw.until(time.Time{})
 	}()
 
-	keyed := len(e.cfg.Key) > 0
-	own := hello{version: Version, keyed: keyed, role: r, id: e.cfg.Identity}
+	own := hello{version: Version, keyed: len(e.cfg.Key) > 0, role: r, id: e.cfg.Identity,
+		heartbeat: e.cfg.HeartbeatInterval, timeout: e.cfg.FailoverTimeout}
 	_, _ = rand.Read(own.nonce[:]) // crypto/rand.Read never fails
-	ownBytes := appendHello(nil, &own)
-
-	sendHello := func() error {
-		return e.sendRaw(frameHello, ownBytes)
-	}
-	recv := func(want frameType) (*frame, error) {
-		f, err := e.fr.next()
-		if err != nil {
-			return nil, err
-		}
-		if f.typ == frameError {
-			return nil, peerError(f.code, string(f.data))
-		}
-		if f.typ != want {
-			return nil, fmt.Errorf("got %v frame, want %v: %w", f.typ, want, ErrProtocol)
-		}
-		return f, nil
-	}
-	recvHello := func(wantRole role) ([]byte, *hello, error) {
-		f, err := recv(frameHello)
-		if err != nil {
-			return nil, nil, err
-		}
-		if f.hello.role != wantRole {
-			return nil, nil, fmt.Errorf("peer hello has role %d, want %d: %w", f.hello.role, wantRole, ErrProtocol)
-		}
-		if f.hello.keyed != keyed {
-			if keyed {
-				return nil, nil, fmt.Errorf("peer has no key and this side requires one: %w", ErrAuth)
-			}
-			return nil, nil, fmt.Errorf("peer requires a key and this side has none: %w", ErrAuth)
-		}
-		h := f.hello
-		return append([]byte(nil), f.payload...), &h, nil
-	}
-	verify := func(th []byte, peerRole string) error {
-		f, err := recv(frameAuth)
-		if err != nil {
-			return err
-		}
-		if !hmac.Equal(f.proof[:], derive(e.cfg.Key, "proof "+peerRole, th)) {
-			return fmt.Errorf("peer's proof does not verify (wrong key, or not our peer): %w", ErrAuth)
-		}
-		return nil
-	}
-
 	if r == roleSender {
-		if err := sendHello(); err != nil {
-			return err
-		}
-		peerBytes, peer, err := recvHello(roleReceiver)
-		if err != nil {
-			return err
-		}
-		th := transcript(ownBytes, peerBytes)
-		if err := e.sendRaw(frameAuth, derive(e.cfg.Key, "proof sender", th)); err != nil {
-			return err
-		}
-		e.fw.setKey(derive(e.cfg.Key, "key sender-to-receiver", th))
-		if err := verify(th, "receiver"); err != nil {
-			return err
-		}
-		e.fr.setKey(derive(e.cfg.Key, "key receiver-to-sender", th))
-		if !peer.id.IsZero() {
-			if err := e.cfg.Identity.mismatch(peer.id); err != nil {
-				return err
-			}
-		}
-		e.peer = peer.id
-		return nil
+		return e.handshakeAsSender(&own)
 	}
+	return e.handshakeAsReceiver(&own)
+}
 
-	peerBytes, peer, err := recvHello(roleSender)
+// handshakeAsSender: Hello →, ← Hello, Auth →, ← Auth, ← Accept.
+func (e *endpoint) handshakeAsSender(own *hello) error {
+	ownBytes := appendHello(nil, own)
+	if err := e.sendRaw(frameHello, ownBytes); err != nil {
+		return err
+	}
+	peerBytes, peer, err := e.recvHello(roleReceiver, own.keyed)
 	if err != nil {
 		return err
 	}
-	if err := sendHello(); err != nil {
+	th := transcript(ownBytes, peerBytes)
+	if err := e.sendRaw(frameAuth, derive(e.cfg.Key, "proof sender", th)); err != nil {
+		return err
+	}
+	e.fw.setKey(derive(e.cfg.Key, "key sender-to-receiver", th))
+	if err := e.verifyProof(th, "receiver"); err != nil {
+		return err
+	}
+	e.fr.setKey(derive(e.cfg.Key, "key receiver-to-sender", th))
+	if !peer.id.IsZero() {
+		if err := e.cfg.Identity.Mismatch(peer.id); err != nil {
+			return err
+		}
+	}
+	e.peer = peer.id
+	e.agree(peer)
+	// The receiver's verdict on us: it may still refuse the VM.
+	_, err = e.recvFrame(frameAccept)
+	return err
+}
+
+// handshakeAsReceiver: ← Hello, Hello →, ← Auth, Auth →.
+func (e *endpoint) handshakeAsReceiver(own *hello) error {
+	ownBytes := appendHello(nil, own)
+	peerBytes, peer, err := e.recvHello(roleSender, own.keyed)
+	if err != nil {
+		return err
+	}
+	if err := e.sendRaw(frameHello, ownBytes); err != nil {
 		return err
 	}
 	th := transcript(peerBytes, ownBytes)
-	if err := verify(th, "sender"); err != nil {
+	if err := e.verifyProof(th, "sender"); err != nil {
 		return err
 	}
 	e.fr.setKey(derive(e.cfg.Key, "key sender-to-receiver", th))
 	if !e.cfg.Identity.IsZero() {
-		if err := e.cfg.Identity.mismatch(peer.id); err != nil {
+		if err := e.cfg.Identity.Mismatch(peer.id); err != nil {
 			return err
 		}
 	}
@@ -156,7 +134,70 @@ func (e *endpoint) handshake(ctx context.Context, r role) (err error) {
 	e.fw.setKey(derive(e.cfg.Key, "key receiver-to-sender", th))
 	e.peer = peer.id
 	e.fr.layout = peer.id
+	e.agree(peer)
 	return nil
+}
+
+// recvFrame reads the next handshake frame, which must be of type want
+// (or an Error frame, returned as the peer's error).
+func (e *endpoint) recvFrame(want frameType) (*frame, error) {
+	f, err := e.fr.next()
+	if errors.Is(err, io.EOF) {
+		return nil, fmt.Errorf("connection closed before the %v frame: %w", want, ErrTruncated)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if f.typ == frameError {
+		return nil, peerError(f.code, string(f.data))
+	}
+	if f.typ != want {
+		return nil, fmt.Errorf("got %v frame, want %v: %w", f.typ, want, ErrProtocol)
+	}
+	return f, nil
+}
+
+// recvHello reads the peer's hello and checks its role and keying; it
+// returns the hello's payload (for the transcript) and the hello.
+func (e *endpoint) recvHello(wantRole role, keyed bool) ([]byte, *hello, error) {
+	f, err := e.recvFrame(frameHello)
+	if err != nil {
+		return nil, nil, err
+	}
+	if f.hello.role != wantRole {
+		return nil, nil, fmt.Errorf("peer hello has role %d, want %d: %w", f.hello.role, wantRole, ErrProtocol)
+	}
+	if f.hello.keyed != keyed {
+		if keyed {
+			return nil, nil, fmt.Errorf("peer has no key and this side requires one: %w", ErrAuth)
+		}
+		return nil, nil, fmt.Errorf("peer requires a key and this side has none: %w", ErrAuth)
+	}
+	h := f.hello
+	return append([]byte(nil), f.payload...), &h, nil
+}
+
+// verifyProof reads the peer's Auth and checks its proof of the key.
+func (e *endpoint) verifyProof(th []byte, peerRole string) error {
+	f, err := e.recvFrame(frameAuth)
+	if err != nil {
+		return err
+	}
+	if !hmac.Equal(f.proof[:], derive(e.cfg.Key, "proof "+peerRole, th)) {
+		return fmt.Errorf("peer's proof does not verify (wrong key, or not our peer): %w", ErrAuth)
+	}
+	return nil
+}
+
+// agree sets the failover timeout both ends use: the larger of the two,
+// so that neither end declares the other dead sooner than that one
+// expects. The stall timeout follows it.
+func (e *endpoint) agree(peer *hello) {
+	e.timeout = max(e.cfg.FailoverTimeout, peer.timeout)
+	e.dw.setStall(max(e.cfg.StallTimeout, 4*e.timeout))
+	if e.timeout != e.cfg.FailoverTimeout {
+		e.log.Info("failover timeout raised to the peer's", "own", e.cfg.FailoverTimeout, "agreed", e.timeout)
+	}
 }
 
 // sendRaw writes and flushes one frame without failing the stream on error

@@ -1,8 +1,10 @@
 package stream
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -21,7 +23,11 @@ func testIdentity() Identity {
 		Name:    "vm0",
 		Regions: []Region{{GPA: 0, Size: 4 << 20}, {GPA: 1 << 32, Size: 1 << 20}},
 		VCPUs:   2,
-		Devices: "uart,virtio-net,virtio-blk",
+		Devices: []Device{
+			{ID: "uart0", Attrs: []Attr{{"kind", "uart"}}},
+			{ID: "virtio-net0", Attrs: []Attr{{"kind", "virtio-net"}, {"mac", "52:54:00:12:34:56"}, {"backend", "tap"}}},
+			{ID: "virtio-blk0", Attrs: []Attr{{"kind", "virtio-blk"}, {"size", "1048576"}, {"ro", "false"}}},
+		},
 	}
 }
 
@@ -66,6 +72,26 @@ func (c *fakeClock) waitTickers(t *testing.T, n int) {
 		defer c.mu.Unlock()
 		return len(c.tickers) >= n
 	}, 5*time.Second, time.Millisecond)
+}
+
+// Step advances the clock n times by d, each time waiting until every
+// ticker's tick has been taken, so that a detector sees each one (a real
+// ticker running on time).
+func (c *fakeClock) Step(t *testing.T, d time.Duration, n int) {
+	t.Helper()
+	for range n {
+		c.Advance(d)
+		require.Eventually(t, func() bool {
+			c.mu.Lock()
+			defer c.mu.Unlock()
+			for _, tk := range c.tickers {
+				if !tk.stopped.Load() && len(tk.c) > 0 {
+					return false
+				}
+			}
+			return true
+		}, 5*time.Second, 100*time.Microsecond)
+	}
 }
 
 func (c *fakeClock) Advance(d time.Duration) {
@@ -226,4 +252,90 @@ func ctxTimeout(t *testing.T, d time.Duration) context.Context {
 	ctx, cancel := context.WithTimeout(t.Context(), d)
 	t.Cleanup(cancel)
 	return ctx
+}
+
+// memDisks is a DiskSink over in-memory disks, staging until commit.
+type memDisks struct {
+	mu        sync.Mutex
+	disks     [][]byte
+	staged    []stagedWrite
+	commits   int
+	failBegin error
+}
+
+type stagedWrite struct {
+	disk int
+	off  int64
+	data []byte
+}
+
+func newMemDisks(sizes ...int) *memDisks {
+	d := &memDisks{}
+	for _, n := range sizes {
+		d.disks = append(d.disks, make([]byte, n))
+	}
+	return d
+}
+
+func (d *memDisks) Begin(uint64, Kind) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.staged = nil
+	return d.failBegin
+}
+
+func (d *memDisks) StageWrite(disk int, off int64, data []byte) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if disk >= len(d.disks) || off+int64(len(data)) > int64(len(d.disks[disk])) {
+		return fmt.Errorf("disk %d: write at %d+%d out of range", disk, off, len(data))
+	}
+	d.staged = append(d.staged, stagedWrite{disk, off, bytes.Clone(data)})
+	return nil
+}
+
+func (d *memDisks) Commit() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, w := range d.staged {
+		copy(d.disks[w.disk][w.off:], w.data)
+	}
+	d.staged = nil
+	d.commits++
+	return nil
+}
+
+func (d *memDisks) Abort() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.staged = nil
+}
+
+func (d *memDisks) disk(i int) []byte {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return bytes.Clone(d.disks[i])
+}
+
+// tcpPair connects two ends over loopback TCP: unlike net.Pipe, the
+// kernel buffers what a busy peer has not read yet.
+func tcpPair(t *testing.T) (net.Conn, net.Conn) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer ln.Close()
+	ch := make(chan net.Conn, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			ch <- nil
+			return
+		}
+		ch <- c
+	}()
+	a, err := net.Dial("tcp", ln.Addr().String())
+	require.NoError(t, err)
+	b := <-ch
+	require.NotNil(t, b)
+	return a, b
 }

@@ -16,10 +16,14 @@ const PageSize = guestmem.PageSize
 
 // Caps on the identity carried in the hello.
 const (
-	MaxRegions    = 64
-	MaxNameLen    = 256
-	MaxDevicesLen = 4096
-	MaxVCPUs      = 1024
+	MaxRegions   = 64
+	MaxNameLen   = 256
+	MaxDevices   = 64
+	MaxDeviceID  = 64
+	MaxAttrs     = 16
+	MaxAttrKey   = 32
+	MaxAttrValue = 256
+	MaxVCPUs     = 1024
 	// MaxMemory caps the announced layout (and so every staging area).
 	MaxMemory = 1 << 40
 )
@@ -37,12 +41,35 @@ type Identity struct {
 	Name    string
 	Regions []Region // sorted by GPA, page-aligned, non-overlapping
 	VCPUs   uint32
-	Devices string // device kinds, e.g. "virtio-net,virtio-blk"; compared verbatim
+	// Devices are the VM's devices in order, each with what a receiver's
+	// machine must match to resume the guest (MAC, backend, disk size...).
+	Devices []Device
+}
+
+// Device is one device of the VM: its ID (as vmm names it, e.g.
+// "virtio-blk0") and attributes compared verbatim, e.g. kind=virtio-blk,
+// size=134217728, ro=false.
+type Device struct {
+	ID    string
+	Attrs []Attr
+}
+
+// Attr is one device attribute.
+type Attr struct{ Key, Value string }
+
+// Attr returns the value of key, or "" if the device has none.
+func (d Device) Attr(key string) string {
+	for _, a := range d.Attrs {
+		if a.Key == key {
+			return a.Value
+		}
+	}
+	return ""
 }
 
 // IsZero reports whether id is unset (a receiver that accepts any VM).
 func (id Identity) IsZero() bool {
-	return id.Name == "" && len(id.Regions) == 0 && id.VCPUs == 0 && id.Devices == ""
+	return id.Name == "" && len(id.Regions) == 0 && id.VCPUs == 0 && len(id.Devices) == 0
 }
 
 // Pages is the number of pages in the layout.
@@ -59,8 +86,20 @@ func (id Identity) Validate() error {
 	if len(id.Name) > MaxNameLen {
 		return fmt.Errorf("vm name: %d bytes, at most %d: %w", len(id.Name), MaxNameLen, ErrTooLarge)
 	}
-	if len(id.Devices) > MaxDevicesLen {
-		return fmt.Errorf("device list: %d bytes, at most %d: %w", len(id.Devices), MaxDevicesLen, ErrTooLarge)
+	if len(id.Devices) > MaxDevices {
+		return fmt.Errorf("%d devices, at most %d: %w", len(id.Devices), MaxDevices, ErrTooLarge)
+	}
+	for _, d := range id.Devices {
+		if d.ID == "" || len(d.ID) > MaxDeviceID || len(d.Attrs) > MaxAttrs {
+			return fmt.Errorf("device %q: id of %d bytes (1..%d) with %d attributes (at most %d): %w",
+				d.ID, len(d.ID), MaxDeviceID, len(d.Attrs), MaxAttrs, ErrTooLarge)
+		}
+		for _, a := range d.Attrs {
+			if a.Key == "" || len(a.Key) > MaxAttrKey || len(a.Value) > MaxAttrValue {
+				return fmt.Errorf("device %s: attribute %q: key of 1..%d and value of at most %d bytes: %w",
+					d.ID, a.Key, MaxAttrKey, MaxAttrValue, ErrTooLarge)
+			}
+		}
 	}
 	if id.VCPUs == 0 || id.VCPUs > MaxVCPUs {
 		return fmt.Errorf("vcpu count %d not in 1..%d: %w", id.VCPUs, MaxVCPUs, ErrFrame)
@@ -104,17 +143,42 @@ func (id Identity) Contains(gpa GPA) bool {
 	return false
 }
 
-// mismatch returns an ErrMismatch naming the first differing field, or nil.
-func (id Identity) mismatch(peer Identity) error {
+// Mismatch returns an ErrMismatch naming the first field in which peer
+// differs from id, or nil. An empty name in id matches any.
+func (id Identity) Mismatch(peer Identity) error { return id.Compare(peer, "here", "on the peer") }
+
+// Compare is Mismatch with the two sides named in the message: here for
+// id, there for peer (e.g. "on the standby", "on the primary").
+func (id Identity) Compare(peer Identity, here, there string) error {
 	switch {
-	case id.Name != peer.Name:
-		return fmt.Errorf("%w: vm name %q, peer has %q", ErrMismatch, id.Name, peer.Name)
+	case id.Name != "" && id.Name != peer.Name:
+		return fmt.Errorf("%w: vm name %q %s, %q %s", ErrMismatch, id.Name, here, peer.Name, there)
 	case !slices.Equal(id.Regions, peer.Regions):
-		return fmt.Errorf("%w: memory layout %s, peer has %s", ErrMismatch, layoutString(id.Regions), layoutString(peer.Regions))
+		return fmt.Errorf("%w: memory layout %s %s, %s %s", ErrMismatch, layoutString(id.Regions), here, layoutString(peer.Regions), there)
 	case id.VCPUs != peer.VCPUs:
-		return fmt.Errorf("%w: %d vcpus, peer has %d", ErrMismatch, id.VCPUs, peer.VCPUs)
-	case id.Devices != peer.Devices:
-		return fmt.Errorf("%w: devices %q, peer has %q", ErrMismatch, id.Devices, peer.Devices)
+		return fmt.Errorf("%w: %d vcpus %s, %d %s", ErrMismatch, id.VCPUs, here, peer.VCPUs, there)
+	}
+	mine, theirs := id.Devices, peer.Devices
+	for i := range max(len(mine), len(theirs)) {
+		switch {
+		case i >= len(mine):
+			return fmt.Errorf("%w: device %s %s is missing %s", ErrMismatch, theirs[i].ID, there, here)
+		case i >= len(theirs):
+			return fmt.Errorf("%w: device %s %s is missing %s", ErrMismatch, mine[i].ID, here, there)
+		case mine[i].ID != theirs[i].ID:
+			return fmt.Errorf("%w: device %d is %s %s, %s %s", ErrMismatch, i, mine[i].ID, here, theirs[i].ID, there)
+		}
+		d, p := mine[i], theirs[i]
+		for _, a := range d.Attrs {
+			if v := p.Attr(a.Key); v != a.Value {
+				return fmt.Errorf("%w: device %s: %s %q %s, %q %s", ErrMismatch, d.ID, a.Key, a.Value, here, v, there)
+			}
+		}
+		for _, a := range p.Attrs {
+			if d.Attr(a.Key) == "" && a.Value != "" {
+				return fmt.Errorf("%w: device %s: %s \"\" %s, %q %s", ErrMismatch, d.ID, a.Key, here, a.Value, there)
+			}
+		}
 	}
 	return nil
 }

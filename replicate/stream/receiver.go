@@ -9,17 +9,17 @@ import (
 	"io"
 	"net"
 	"sync/atomic"
-	"time"
 )
 
 // Receiver is the standby's (or migration destination's) end of a stream.
-// Run reads checkpoints into the sink and commits each one only once its
-// EndCheckpoint verifies; Run, the sink and OnCommit all run on the
-// caller's goroutine. A ticker goroutine sends heartbeats and trips the
-// failure detector; Close waits for it.
+// Run reads checkpoints into the sinks and commits each one only once its
+// EndCheckpoint verifies; Run, the sinks and OnCommit all run on the
+// caller's goroutine. A heartbeat goroutine and a failure detector run
+// from the handshake's end; Close waits for them.
 type Receiver struct {
 	*endpoint
-	sink PageSink
+	sink  PageSink
+	disks DiskSink
 
 	committed  atomic.Uint64 // last committed epoch
 	resumable  atomic.Uint64 // last committed resumable epoch
@@ -36,67 +36,23 @@ type Receiver struct {
 	maxPages  uint64
 }
 
-// Listener accepts streams.
-type Listener struct {
-	ln  net.Listener
-	cfg Config
-}
-
-// Listen listens on addr (TCP). Without a key only a loopback address is
-// allowed (CheckListenAddr).
-func Listen(addr string, cfg Config) (*Listener, error) {
-	cfg, err := cfg.withDefaults()
-	if err != nil {
-		return nil, err
-	}
-	if err := CheckListenAddr(addr, len(cfg.Key) > 0); err != nil {
-		return nil, err
-	}
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		return nil, fmt.Errorf("listen for stream: %w", err)
-	}
-	return &Listener{ln: ln, cfg: cfg}, nil
-}
-
-// SetFailoverTimeout changes the failure-detection timeout (and the
-// heartbeat interval, a quarter of it) for streams accepted from now on.
-func (l *Listener) SetFailoverTimeout(d time.Duration) {
-	l.cfg.FailoverTimeout = d
-	l.cfg.HeartbeatInterval = d / 4
-}
-
-// Addr is the address listened on.
-func (l *Listener) Addr() net.Addr { return l.ln.Addr() }
-
-// Close stops listening; accepted Receivers are not affected.
-func (l *Listener) Close() error { return l.ln.Close() }
-
-// Accept waits for one connection and runs the handshake. A peer that
-// fails it is refused and its error returned; the Listener stays usable,
-// so a stranger cannot take the standby down by connecting. Cancelling
-// ctx while Accept waits closes the Listener.
-func (l *Listener) Accept(ctx context.Context) (*Receiver, error) {
-	stop := context.AfterFunc(ctx, func() { l.ln.Close() })
-	conn, err := l.ln.Accept()
-	if !stop() {
-		if conn != nil {
-			conn.Close()
-		}
-		return nil, fmt.Errorf("accept stream: %w", ctx.Err())
-	}
-	if err != nil {
-		return nil, fmt.Errorf("accept stream: %w", err)
-	}
-	if tc, ok := conn.(*net.TCPConn); ok {
-		_ = tc.SetNoDelay(true)
-	}
-	return NewReceiver(ctx, conn, l.cfg)
-}
-
-// NewReceiver runs the handshake on conn as the receiving end. It takes
-// ownership of conn and closes it on failure.
+// NewReceiver runs the handshake on conn as the receiving end, then
+// cfg.Verify, and accepts the sender (or refuses it, telling it why). It
+// takes ownership of conn and closes it on failure.
 func NewReceiver(ctx context.Context, conn net.Conn, cfg Config) (*Receiver, error) {
+	r, err := handshakeReceiver(ctx, conn, cfg)
+	if err != nil {
+		return nil, err
+	}
+	if err := r.verdict(r.cfg.Verify); err != nil {
+		return nil, err
+	}
+	return r, nil
+}
+
+// handshakeReceiver runs the handshake up to the receiver's Auth: the
+// sender is authenticated but not yet accepted.
+func handshakeReceiver(ctx context.Context, conn net.Conn, cfg Config) (*Receiver, error) {
 	cfg, err := cfg.withDefaults()
 	if err != nil {
 		conn.Close()
@@ -111,15 +67,38 @@ func NewReceiver(ctx context.Context, conn net.Conn, cfg Config) (*Receiver, err
 	if cfg.Sink == nil {
 		cfg.Sink = NewMemSink()
 	}
-	r := &Receiver{endpoint: newEndpoint(conn, cfg), sink: cfg.Sink}
+	r := &Receiver{endpoint: newEndpoint(conn, cfg), sink: cfg.Sink, disks: cfg.Disks}
 	if err := r.handshake(ctx, roleReceiver); err != nil {
 		return nil, err
 	}
 	r.maxPages = r.peer.Pages()
-	r.heard()
-	r.log.Info("stream connected", "role", "receiver", "vm", r.peer.Name)
 	return r, nil
 }
+
+// verdict runs verify on the authenticated sender and tells it: Accept,
+// and the heartbeats start; or an Error frame, and the stream closes.
+func (r *Receiver) verdict(verify func(Identity) error) error {
+	if verify != nil {
+		if err := verify(r.peer); err != nil {
+			if _, ok := codeOf(err); !ok {
+				err = fmt.Errorf("%w: %w", ErrRefused, err)
+			}
+			return r.fail(fmt.Errorf("sender %q refused: %w", r.peer.Name, err), -1)
+		}
+	}
+	if err := r.send(frameAccept, nil, true); err != nil {
+		return err
+	}
+	r.heard()
+	r.log.Info("stream connected", "role", "receiver", "vm", r.peer.Name, "failover_timeout", r.timeout)
+	r.startLiveness()
+	return nil
+}
+
+// SetSinks replaces Config.Sink and Config.Disks; call it before Run (a
+// standby builds the memory and disks a sender's checkpoints land in only
+// once it knows the sender).
+func (r *Receiver) SetSinks(pages PageSink, disks DiskSink) { r.sink, r.disks = pages, disks }
 
 // SetOnCommit replaces Config.OnCommit; call it before Run (a migration
 // destination learns what to check only after the handshake).
@@ -145,19 +124,19 @@ func (r *Receiver) Close() error {
 	return nil
 }
 
-// Run receives checkpoints until the sender says goodbye (nil) or the
-// stream fails (a *StreamError). Whatever ends it, the checkpoint in
-// progress, if any, is aborted: nothing of it is committed.
+// Run receives checkpoints until the sender ends the stream, with a
+// goodbye (nil) or a handover (nil, and HandedOver), or the stream fails
+// (a *StreamError). Whatever ends it, the checkpoint in progress, if any,
+// is aborted: nothing of it is committed.
 func (r *Receiver) Run(ctx context.Context) error {
 	stop := context.AfterFunc(ctx, func() {
 		r.fail(fmt.Errorf("%w: %w", ErrClosed, context.Cause(ctx)), -1)
 	})
 	defer stop()
-	r.startTicker()
 	err := r.loop()
+	r.quiet()
 	if r.open {
-		r.sink.Abort()
-		r.open = false
+		r.abort()
 	}
 	if err == nil {
 		r.closeWith(false, "sender said goodbye")
@@ -168,9 +147,21 @@ func (r *Receiver) Run(ctx context.Context) error {
 	return err
 }
 
+func (r *Receiver) abort() {
+	r.sink.Abort()
+	if r.disks != nil {
+		r.disks.Abort()
+	}
+	r.open = false
+}
+
 func (r *Receiver) loop() error {
 	for {
+		// Silence counts only while we wait for the sender: the time spent
+		// staging, in OnCommit or syncing disks is ours, not its.
+		r.listen()
 		f, err := r.fr.next()
+		r.quiet()
 		if err != nil {
 			if errors.Is(err, io.EOF) {
 				if r.open {
@@ -180,13 +171,14 @@ func (r *Receiver) loop() error {
 			}
 			return err
 		}
-		r.heard()
 		switch f.typ {
 		case frameHeartbeat:
 		case frameBegin:
 			err = r.begin(f.epoch, f.kind)
 		case framePages:
 			err = r.pages(f.pages)
+		case frameDisk:
+			err = r.disk(&f.disk)
 		case frameState:
 			err = r.stateChunk(f.data)
 		case frameEnd:
@@ -194,12 +186,15 @@ func (r *Receiver) loop() error {
 		case frameError:
 			return peerError(f.code, string(f.data))
 		case frameGoodbye:
-			if r.open {
-				return fmt.Errorf("goodbye inside checkpoint %d: %w", r.cur.epoch, ErrTruncated)
+			// The sender is alive and ends the stream on purpose, inside a
+			// checkpoint or not (Run aborts an open one). After a final
+			// checkpoint, this is a migration the source aborted.
+			return nil
+		case frameHandover:
+			if r.open || r.lastKind != KindFinal {
+				return fmt.Errorf("handover without a committed final checkpoint: %w", ErrProtocol)
 			}
-			if r.lastKind == KindFinal {
-				r.handedOver.Store(true)
-			}
+			r.handedOver.Store(true)
 			return nil
 		default:
 			err = fmt.Errorf("unexpected %v frame from the sender: %w", f.typ, ErrProtocol)
@@ -207,9 +202,6 @@ func (r *Receiver) loop() error {
 		if err != nil {
 			return err
 		}
-		// Silence is measured only while this goroutine waits for the
-		// peer: time spent staging or in OnCommit is ours, not its.
-		r.heard()
 	}
 }
 
@@ -227,6 +219,12 @@ func (r *Receiver) begin(epoch uint64, kind Kind) error {
 	r.epoch.Store(epoch)
 	if err := r.sink.Begin(epoch, kind); err != nil {
 		return fmt.Errorf("sink: begin %d: %w: %w", epoch, ErrCommit, err)
+	}
+	if r.disks != nil {
+		if err := r.disks.Begin(epoch, kind); err != nil {
+			r.sink.Abort()
+			return fmt.Errorf("disk sink: begin %d: %w: %w", epoch, ErrCommit, err)
+		}
 	}
 	r.open, r.kind, r.lastEpoch = true, kind, epoch
 	r.cur, r.zeros, r.state = endInfo{epoch: epoch}, 0, nil
@@ -260,6 +258,31 @@ func (r *Receiver) pages(ps []pageEntry) error {
 	return nil
 }
 
+func (r *Receiver) disk(w *diskWrite) error {
+	switch {
+	case !r.open:
+		return fmt.Errorf("disk write outside a checkpoint: %w", ErrProtocol)
+	case r.disks == nil:
+		return fmt.Errorf("disk write, but this receiver has no disks: %w", ErrProtocol)
+	case r.cur.diskBytes+uint64(w.length) > MaxCheckpointDisk:
+		return fmt.Errorf("checkpoint %d: disk writes over %d bytes: %w", r.cur.epoch, MaxCheckpointDisk, ErrTooLarge)
+	}
+	data := w.data
+	if w.zero {
+		data = zeroChunk[:w.length]
+	}
+	r.cur.crc = crc32.Update(r.cur.crc, castagnoli, diskCRCHeader(r.fr.f.payload))
+	if !w.zero {
+		r.cur.crc = crc32.Update(r.cur.crc, castagnoli, data)
+	}
+	if err := r.disks.StageWrite(w.disk, w.off, data); err != nil {
+		return fmt.Errorf("disk sink: disk %d write at %d+%d: %w: %w", w.disk, w.off, w.length, ErrCommit, err)
+	}
+	r.cur.diskBytes += uint64(w.length)
+	r.ctr.diskBytes.Add(uint64(w.length))
+	return nil
+}
+
 func (r *Receiver) stateChunk(b []byte) error {
 	if !r.open {
 		return fmt.Errorf("state outside a checkpoint: %w", ErrProtocol)
@@ -277,7 +300,7 @@ func (r *Receiver) end(e endInfo) error {
 	if !r.open {
 		return fmt.Errorf("end outside a checkpoint: %w", ErrProtocol)
 	}
-	got := endInfo{epoch: r.cur.epoch, pages: r.cur.pages, stateLen: uint64(len(r.state)), crc: r.cur.crc}
+	got := endInfo{epoch: r.cur.epoch, pages: r.cur.pages, stateLen: uint64(len(r.state)), diskBytes: r.cur.diskBytes, crc: r.cur.crc}
 	switch {
 	case e.epoch != got.epoch:
 		return fmt.Errorf("end of epoch %d inside checkpoint %d: %w", e.epoch, got.epoch, ErrProtocol)
@@ -285,17 +308,25 @@ func (r *Receiver) end(e endInfo) error {
 		return fmt.Errorf("checkpoint %d: end says %d pages, received %d: %w", got.epoch, e.pages, got.pages, ErrChecksum)
 	case e.stateLen != got.stateLen:
 		return fmt.Errorf("checkpoint %d: end says %d state bytes, received %d: %w", got.epoch, e.stateLen, got.stateLen, ErrChecksum)
+	case e.diskBytes != got.diskBytes:
+		return fmt.Errorf("checkpoint %d: end says %d disk bytes, received %d: %w", got.epoch, e.diskBytes, got.diskBytes, ErrChecksum)
 	case e.crc != got.crc:
 		return fmt.Errorf("checkpoint %d: crc32c %#08x, received %#08x: %w", got.epoch, e.crc, got.crc, ErrChecksum)
 	}
-	c := &Checkpoint{Epoch: got.epoch, Kind: r.kind, Pages: got.pages, ZeroPages: r.zeros, State: r.state}
+	c := &Checkpoint{Epoch: got.epoch, Kind: r.kind, Pages: got.pages, ZeroPages: r.zeros, DiskBytes: got.diskBytes, State: r.state}
 	r.state = nil
 	if r.cfg.OnCommit != nil {
 		if err := r.cfg.OnCommit(c); err != nil {
 			return fmt.Errorf("checkpoint %d: %w: %w", got.epoch, ErrCommit, err)
 		}
 	}
-	r.open = false // from here the sink is committed, not aborted
+	r.open = false // from here the sinks are committed, not aborted
+	if r.disks != nil {
+		if err := r.disks.Commit(); err != nil {
+			r.sink.Abort()
+			return fmt.Errorf("checkpoint %d: disk commit (standby disks now unusable): %w: %w", got.epoch, ErrCommit, err)
+		}
+	}
 	if err := r.sink.Commit(); err != nil {
 		return fmt.Errorf("checkpoint %d: sink commit (standby memory now unusable): %w: %w", got.epoch, ErrCommit, err)
 	}

@@ -17,11 +17,11 @@ var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 
 // Sender is the primary's (or migration source's) end of a stream.
 //
-// BeginCheckpoint, SendPage, SendState and EndCheckpoint belong to one
-// goroutine, the lead's checkpoint loop. WaitAck, Acked, LastHeard, Stats,
-// Err and Close may be called from any goroutine. The Sender runs two
-// goroutines of its own: the ack reader and the heartbeat/failure-detector
-// ticker; Close waits for both.
+// BeginCheckpoint, SendPage, SendDisk, SendState, EndCheckpoint and
+// Handover belong to one goroutine, the lead's checkpoint loop. WaitAck,
+// Acked, LastHeard, Stats, Err and Close may be called from any goroutine.
+// The Sender runs three goroutines of its own: the ack reader, the
+// heartbeat sender and the failure detector; Close waits for them.
 type Sender struct {
 	*endpoint
 
@@ -34,6 +34,7 @@ type Sender struct {
 	lastKind  Kind
 	pbuf      []byte // the Pages frame being filled
 	npages    int
+	dbuf      []byte // a Disk frame
 
 	amu     sync.Mutex    // guards acked, pending, ackedCh
 	acked   uint64        // last acknowledged epoch
@@ -58,8 +59,9 @@ func Dial(ctx context.Context, addr string, cfg Config) (*Sender, error) {
 	return NewSender(ctx, conn, cfg)
 }
 
-// NewSender runs the handshake on conn as the sending end. It takes
-// ownership of conn, and closes it on failure.
+// NewSender runs the handshake on conn as the sending end and waits for
+// the receiver to accept the VM (its refusal comes back as the error). It
+// takes ownership of conn, and closes it on failure.
 func NewSender(ctx context.Context, conn net.Conn, cfg Config) (*Sender, error) {
 	cfg, err := cfg.withDefaults()
 	if err != nil {
@@ -79,11 +81,11 @@ func NewSender(ctx context.Context, conn net.Conn, cfg Config) (*Sender, error) 
 		return nil, err
 	}
 	s.heard()
-	s.log.Info("stream connected", "role", "sender", "vm", cfg.Identity.Name)
+	s.log.Info("stream connected", "role", "sender", "vm", cfg.Identity.Name, "failover_timeout", s.timeout)
 	s.asyncReader = true
 	s.wg.Add(1)
 	go s.readLoop()
-	s.startTicker()
+	s.startLiveness()
 	return s, nil
 }
 
@@ -163,6 +165,52 @@ func (s *Sender) flushPages() error {
 	err := s.send(framePages, s.pbuf, false)
 	s.pbuf, s.npages = s.pbuf[:4], 0
 	return err
+}
+
+// SendDisk adds a write of data at off on disk number disk to the open
+// checkpoint, in frames of at most MaxDiskChunk bytes; all-zero pieces
+// travel without bytes. A checkpoint writes at most MaxCheckpointDisk.
+func (s *Sender) SendDisk(disk int, off int64, data []byte) error {
+	if !s.open.Load() {
+		return fmt.Errorf("send disk write: no checkpoint open: %w", ErrProtocol)
+	}
+	if disk < 0 || disk >= MaxDisks || off < 0 {
+		return fmt.Errorf("send disk write: disk %d offset %d: %w", disk, off, ErrOutOfRange)
+	}
+	if s.cur.diskBytes+uint64(len(data)) > MaxCheckpointDisk {
+		return fmt.Errorf("send disk write: %d bytes in the checkpoint, at most %d: %w",
+			s.cur.diskBytes+uint64(len(data)), MaxCheckpointDisk, ErrTooLarge)
+	}
+	// Pages first, so that the CRC sees what the receiver sees.
+	if err := s.flushPages(); err != nil {
+		return err
+	}
+	for len(data) > 0 {
+		n := min(len(data), MaxDiskChunk)
+		piece := data[:n]
+		if bytes.Equal(piece, zeroChunk[:n]) {
+			piece = nil
+		}
+		s.dbuf = appendDisk(s.dbuf[:0], disk, off, n, piece)
+		if err := s.send(frameDisk, s.dbuf, false); err != nil {
+			return err
+		}
+		s.cur.crc = crc32.Update(s.cur.crc, castagnoli, diskCRCHeader(s.dbuf))
+		s.cur.crc = crc32.Update(s.cur.crc, castagnoli, piece)
+		s.cur.diskBytes += uint64(n)
+		s.ctr.diskBytes.Add(uint64(n))
+		data, off = data[n:], off+int64(n)
+	}
+	return nil
+}
+
+// diskCRCHeader is what the End CRC covers of a Disk frame besides its
+// data: class 2 and the frame's 16-byte header.
+func diskCRCHeader(payload []byte) []byte {
+	var b [1 + diskHeaderSize]byte
+	b[0] = 2
+	copy(b[1:], payload[:diskHeaderSize])
+	return b[:]
 }
 
 // SendState adds machine state to the open checkpoint. It may be called
@@ -249,7 +297,9 @@ func (s *Sender) WaitAck(ctx context.Context, epoch uint64) error {
 func (s *Sender) readLoop() {
 	defer s.wg.Done()
 	for {
+		s.listen()
 		f, err := s.fr.next()
+		s.quiet()
 		if err != nil {
 			if errors.Is(err, io.EOF) {
 				err = fmt.Errorf("receiver closed the connection without a goodbye: %w", ErrTruncated)
@@ -257,7 +307,6 @@ func (s *Sender) readLoop() {
 			s.fail(err, s.fr.start)
 			return
 		}
-		s.heard()
 		switch f.typ {
 		case frameHeartbeat:
 		case frameAck:
@@ -294,18 +343,33 @@ func (s *Sender) ack(epoch uint64) error {
 	s.ackedCh = make(chan struct{})
 	s.amu.Unlock()
 	s.ctr.acks.Add(1)
-	if s.cfg.OnAck != nil {
-		s.cfg.OnAck(epoch)
-	}
 	return nil
 }
 
-// Close ends the stream: a goodbye if no checkpoint is open (otherwise
-// the receiver sees the stream truncated and commits nothing of it), then
-// the connection is closed and the Sender's goroutines are waited for.
-// Idempotent. For a handover, WaitAck the final checkpoint first: the
-// goodbye is what tells the destination it may resume.
+// Close ends the stream deliberately: a goodbye (which also aborts a
+// checkpoint still open: the receiver commits nothing of it, and knows
+// that the sender is alive and ended replication, so it does not take
+// over), then the connection is closed and the Sender's goroutines are
+// waited for. Idempotent. After a final checkpoint, Close is the
+// migration's abort: only Handover lets the destination run the guest.
 func (s *Sender) Close() error {
-	s.closeWith(!s.open.Load(), "sender closed")
+	s.closeWith(true, "sender closed")
 	return nil
+}
+
+// Handover ends a migration: once the final checkpoint is acknowledged,
+// it tells the destination to run the guest, and closes the stream. From
+// the moment Handover is called, whatever it returns, the source must
+// never run the guest again: the frame may have arrived even if an error
+// says otherwise.
+func (s *Sender) Handover() error {
+	if s.lastKind != KindFinal || s.open.Load() {
+		return fmt.Errorf("handover: no final checkpoint sent: %w", ErrProtocol)
+	}
+	if s.Acked() < s.lastEpoch {
+		return fmt.Errorf("handover: final checkpoint %d not acknowledged: %w", s.lastEpoch, ErrProtocol)
+	}
+	err := s.send(frameHandover, nil, true)
+	s.closeWith(false, "handed over")
+	return err
 }

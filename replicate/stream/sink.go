@@ -12,6 +12,7 @@ type Checkpoint struct {
 	Kind      Kind
 	Pages     uint64 // pages staged in the sink, ZeroPages of them zero
 	ZeroPages uint64
+	DiskBytes uint64 // bytes written (or zeroed) by the Disk frames staged in Config.Disks
 	// State is the encoded machine state, opaque to the stream; the
 	// callee owns it.
 	State []byte
@@ -38,7 +39,30 @@ type PageSink interface {
 	Abort()
 }
 
+// DiskSink receives the disk writes of each checkpoint from the
+// Receiver's reading goroutine, beside the PageSink and with the same
+// protocol: Begin, StageWrite..., then Commit (after OnCommit accepted the
+// checkpoint, before the page sink commits and before the ack) or Abort.
+// Like a PageSink, it must not make a checkpoint's writes visible before
+// Commit, except where nothing resumable can be damaged (initial sync).
+type DiskSink interface {
+	// Begin starts a checkpoint.
+	Begin(epoch uint64, kind Kind) error
+	// StageWrite stages data (valid only during the call) at off on disk
+	// number disk; a zero run comes as that many zero bytes. disk is below
+	// MaxDisks; the sink checks it and the range against its disks.
+	StageWrite(disk int, off int64, data []byte) error
+	// Commit applies the staged writes durably (synced). If it fails, the
+	// receiver's disks are unusable.
+	Commit() error
+	// Abort discards the staged writes.
+	Abort()
+}
+
 var zeroPage [PageSize]byte
+
+// zeroChunk backs the zero runs of Disk frames.
+var zeroChunk [MaxDiskChunk]byte
 
 // MemSink is a PageSink that keeps everything in maps: the simple default,
 // for tests and tools. Safe for concurrent readers.

@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -62,7 +63,18 @@ func TestHandshakeRefusals(t *testing.T) {
 		{"keyed sender to an unkeyed receiver", func(s, r *Config) { r.Key, r.Insecure = nil, true }, ErrAuth, ErrAuth, "key"},
 		{"mismatched layout", func(s, r *Config) { r.Identity = bigger }, ErrMismatch, ErrMismatch, "memory layout [0x0+0x800000]"},
 		{"mismatched name", func(s, r *Config) { r.Identity.Name = "vm1" }, ErrMismatch, ErrMismatch, `"vm1"`},
-		{"mismatched devices", func(s, r *Config) { r.Identity.Devices = "uart" }, ErrMismatch, ErrMismatch, "devices"},
+		{"missing device", func(s, r *Config) { r.Identity.Devices = r.Identity.Devices[:1] }, ErrMismatch, ErrMismatch,
+			"device virtio-net0 on the peer is missing here"},
+		{"other disk size", func(s, r *Config) {
+			r.Identity.Devices = slices.Clone(r.Identity.Devices)
+			r.Identity.Devices[2] = Device{ID: "virtio-blk0", Attrs: []Attr{{"kind", "virtio-blk"}, {"size", "2097152"}, {"ro", "false"}}}
+		}, ErrMismatch, ErrMismatch, `device virtio-blk0: size "2097152" here, "1048576" on the peer`},
+		{"verify fails for a reason of its own", func(s, r *Config) {
+			r.Verify = func(Identity) error { return errors.New("tap0: device busy") }
+		}, ErrRefused, ErrRefused, "tap0: device busy"},
+		{"verify refuses", func(s, r *Config) {
+			r.Verify = func(Identity) error { return fmt.Errorf("%w: no such MAC here", ErrMismatch) }
+		}, ErrMismatch, ErrMismatch, "no such MAC here"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -115,11 +127,9 @@ func TestVersionRefused(t *testing.T) {
 func TestCheckpointsCommittedAtomicallyAndAckedInOrder(t *testing.T) {
 	var (
 		mu      sync.Mutex
-		acks    []uint64
 		commits []*Checkpoint
 	)
 	scfg, rcfg := cfgs(newFakeClock())
-	scfg.OnAck = func(e uint64) { mu.Lock(); acks = append(acks, e); mu.Unlock() }
 	sink := NewMemSink()
 	rcfg.Sink = sink
 	rcfg.OnCommit = func(c *Checkpoint) error {
@@ -138,15 +148,19 @@ func TestCheckpointsCommittedAtomicallyAndAckedInOrder(t *testing.T) {
 	state := bytes.Repeat([]byte("machine state "), 200_000) // > MaxStateChunk: several frames
 	kinds := []Kind{KindInitialSync, KindInitialSync, KindEpoch, KindEpoch, KindFinal}
 	for i, k := range kinds {
+		if k == KindFinal {
+			require.ErrorIs(t, s.Handover(), ErrProtocol, "no handover without a final checkpoint")
+		}
 		require.NoError(t, sendCheckpoint(s, uint64(i+1), k, 300, state))
 	}
 	require.NoError(t, s.WaitAck(ctxTimeout(t, 10*time.Second), 5))
 	require.ErrorIs(t, s.BeginCheckpoint(6, KindEpoch), ErrProtocol, "nothing after final")
-	require.NoError(t, s.Close())
+	st := s.Stats()
+	require.NoError(t, s.Handover())
 	require.NoError(t, waitErr(t, run))
 	assert.True(t, r.HandedOver())
 
-	assert.Equal(t, []uint64{1, 2, 3, 4, 5}, acks)
+	assert.Equal(t, uint64(5), s.Acked())
 	require.Len(t, commits, 5)
 	for i, c := range commits {
 		assert.Equal(t, uint64(i+1), c.Epoch)
@@ -164,8 +178,8 @@ func TestCheckpointsCommittedAtomicallyAndAckedInOrder(t *testing.T) {
 		}
 		require.Equal(t, want, sink.Page(GPA(i*PageSize)), "page %d", i)
 	}
-	st, rt := s.Stats(), r.Stats()
-	assert.Equal(t, st.BytesSent, rt.BytesReceived)
+	rt := r.Stats()
+	assert.LessOrEqual(t, st.BytesSent, rt.BytesReceived, "everything sent arrived (and the handover after it)")
 	assert.Equal(t, uint64(5), st.Acks)
 	assert.Equal(t, uint64(5), rt.Checkpoints)
 }
@@ -306,7 +320,7 @@ func TestTruncatedStream(t *testing.T) {
 		cut  func(s *Sender, sc net.Conn)
 		want string
 	}{
-		{"sender closes mid-checkpoint", func(s *Sender, sc net.Conn) { s.Close() }, "inside checkpoint 2"},
+		{"connection closed mid-checkpoint", func(s *Sender, sc net.Conn) { sc.Close() }, "inside checkpoint 2"},
 		{"connection cut mid-frame", func(s *Sender, sc net.Conn) {
 			s.wmu.Lock()
 			_ = s.fw.write(framePages, appendPageEntry([]byte{1, 0, 0, 0}, 0, EncRaw, page(1)))
@@ -399,7 +413,14 @@ func TestReceiverRefusesBadFrames(t *testing.T) {
 		{"end with wrong crc", true, frameEnd, appendEnd(nil, endInfo{epoch: 2, crc: 1}), ErrChecksum},
 		{"end with huge state length", true, frameEnd, appendEnd(nil, endInfo{epoch: 2, stateLen: 1 << 40}), ErrTooLarge},
 		{"ack from the sender", false, frameAck, make([]byte, 8), ErrProtocol},
-		{"hello after the handshake", false, frameHello, appendHello(nil, &hello{version: Version, keyed: true, role: roleSender, id: id}), ErrProtocol},
+		{"accept from the sender", false, frameAccept, nil, ErrProtocol},
+		{"handover without a final checkpoint", false, frameHandover, nil, ErrProtocol},
+		{"disk write outside a checkpoint", false, frameDisk, appendDisk(nil, 0, 0, 1, []byte{1}), ErrProtocol},
+		{"disk write to a receiver without disks", true, frameDisk, appendDisk(nil, 0, 0, 1, []byte{1}), ErrProtocol},
+		{"disk number beyond the cap", true, frameDisk, appendDisk(nil, MaxDisks, 0, 1, []byte{1}), ErrOutOfRange},
+		{"end with wrong disk byte count", true, frameEnd, appendEnd(nil, endInfo{epoch: 2, pages: 1, diskBytes: 1}), ErrChecksum},
+		{"hello after the handshake", false, frameHello, appendHello(nil, &hello{version: Version, keyed: true, role: roleSender, id: id,
+			heartbeat: time.Second, timeout: 4 * time.Second}), ErrProtocol},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -531,9 +552,11 @@ func TestSilentPeerTripsTimeout(t *testing.T) {
 		rcfg.OnFailure = func(err error) { failed <- err }
 		_, r := pipePair(t, scfg, rcfg)
 		run := runReceiver(t, r)
-		rclock.waitTickers(t, 1)
-		rclock.Advance(DefaultHeartbeatInterval) // heartbeats flow one way only
-		rclock.Advance(DefaultFailoverTimeout)
+		require.Eventually(t, r.listening.Load, 5*time.Second, time.Millisecond)
+		step := r.detectEvery()
+		rclock.Step(t, step, int(DefaultFailoverTimeout/step)-1)
+		assert.NoError(t, r.Err(), "not before the timeout")
+		rclock.Step(t, step, 2)
 		err := waitErr(t, run)
 		require.ErrorIs(t, err, ErrTimeout)
 		assert.Contains(t, err.Error(), "nothing heard for")
@@ -547,11 +570,25 @@ func TestSilentPeerTripsTimeout(t *testing.T) {
 		run := runReceiver(t, r) // reads, never beats
 		require.NoError(t, sendCheckpoint(s, 1, KindEpoch, 1, nil))
 		require.NoError(t, s.WaitAck(t.Context(), 1))
-		sclock.Advance(DefaultFailoverTimeout + DefaultHeartbeatInterval)
-		require.NoError(t, s.BeginCheckpoint(2, KindEpoch))
+		sclock.Step(t, s.detectEvery(), int(DefaultFailoverTimeout/s.detectEvery())+1)
 		err := s.WaitAck(t.Context(), 2)
 		require.ErrorIs(t, err, ErrTimeout)
 		require.Error(t, waitErr(t, run))
+	})
+	t.Run("one late tick after a freeze is not the peer's silence", func(t *testing.T) {
+		sclock, rclock := newFakeClock(), newFakeClock()
+		scfg, rcfg := cfgs(sclock)
+		rcfg.Clock = rclock
+		_, r := pipePair(t, scfg, rcfg)
+		run := runReceiver(t, r)
+		require.Eventually(t, r.listening.Load, 5*time.Second, time.Millisecond)
+		// Our own process was frozen for ten timeouts: the detector wakes
+		// to one tick, as a real ticker does, and must not blame the peer.
+		rclock.Step(t, 10*DefaultFailoverTimeout, 1)
+		rclock.Step(t, r.detectEvery(), 3)
+		assert.NoError(t, r.Err())
+		r.Close()
+		require.ErrorIs(t, waitErr(t, run), ErrClosed)
 	})
 }
 
@@ -563,21 +600,11 @@ func TestListenDialTCP(t *testing.T) {
 
 	scfg, rcfg := cfgs(nil)
 	scfg.Clock, rcfg.Clock = nil, nil
+	refused := make(chan error, 16)
+	rcfg.OnRefused = func(err error) { refused <- err }
 	ln, err := Listen("127.0.0.1:0", rcfg)
 	require.NoError(t, err)
 	defer ln.Close()
-
-	// A stranger (wrong key) is refused, and the listener keeps serving.
-	stranger := scfg
-	stranger.Key = []byte("a stranger's key, long enough...")
-	strangerErr := make(chan error, 1)
-	go func() {
-		_, err := Dial(t.Context(), ln.Addr().String(), stranger)
-		strangerErr <- err
-	}()
-	_, err = ln.Accept(t.Context())
-	require.ErrorIs(t, err, ErrAuth)
-	require.ErrorIs(t, <-strangerErr, ErrAuth)
 
 	type res struct {
 		r   *Receiver
@@ -588,14 +615,42 @@ func TestListenDialTCP(t *testing.T) {
 		r, err := ln.Accept(t.Context())
 		ch <- res{r, err}
 	}()
+
+	// Strangers do not end the wait, and one that says nothing holds up
+	// nobody.
+	silent, err := net.Dial("tcp", ln.Addr().String())
+	require.NoError(t, err)
+	defer silent.Close()
+	closed, err := net.Dial("tcp", ln.Addr().String())
+	require.NoError(t, err)
+	closed.Close()
+	require.ErrorIs(t, <-refused, ErrTruncated, "connect and close")
+	garbage, err := net.Dial("tcp", ln.Addr().String())
+	require.NoError(t, err)
+	_, _ = garbage.Write(bytes.Repeat([]byte("GET / HTTP/1.1\r\n"), 10))
+	require.ErrorIs(t, <-refused, ErrTooLarge, "a garbled hello")
+	garbage.Close()
+	stranger := scfg
+	stranger.Key = []byte("a stranger's key, long enough...")
+	_, err = Dial(t.Context(), ln.Addr().String(), stranger)
+	require.ErrorIs(t, err, ErrAuth)
+	require.ErrorIs(t, <-refused, ErrAuth)
+
 	s, err := Dial(t.Context(), ln.Addr().String(), scfg)
 	require.NoError(t, err)
 	got := <-ch
 	require.NoError(t, got.err)
+	assert.Equal(t, testIdentity(), got.r.Peer())
+
+	// A second sender while the first is served is refused as busy.
+	_, err = Dial(t.Context(), ln.Addr().String(), scfg)
+	require.ErrorIs(t, err, ErrBusy)
+	require.ErrorIs(t, <-refused, ErrBusy)
+
 	run := runReceiver(t, got.r)
 	require.NoError(t, sendCheckpoint(s, 1, KindFinal, 100, []byte("state")))
 	require.NoError(t, s.WaitAck(t.Context(), 1))
-	require.NoError(t, s.Close())
+	require.NoError(t, s.Handover())
 	require.NoError(t, waitErr(t, run))
 	assert.True(t, got.r.HandedOver())
 	require.NoError(t, s.Close(), "idempotent")

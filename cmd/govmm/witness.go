@@ -1,0 +1,111 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"syscall"
+	"text/tabwriter"
+
+	"govmm/replicate/stream"
+	"govmm/replicate/witness"
+)
+
+const witnessUsage = `Usage: govmm witness --listen HOST:PORT --key-file FILE --state DIR [flags]
+       govmm witness --state DIR --list
+
+Runs the witness: the arbiter that makes sure at most one VMM releases a
+protected guest's output (docs/FENCING.md). For every VM it keeps a
+generation number and who holds it, saved in --state (atomically, fsynced)
+so that a restart forgets nothing, and grants leases on it: a primary
+releases output only while its lease is valid, and a standby takes over
+only after winning the next generation, which the witness grants once the
+primary's lease has run out. Run it on a third host that both the primary
+and the standby can reach. VMMs must prove the same pre-shared key
+(--key-file, as for replication). Never copy, restore or share a state
+directory: a witness that forgot a generation could grant it twice.
+
+Flags:
+`
+
+func cmdWitness(args []string) error {
+	fs := newFlagSet("witness", witnessUsage)
+	listen := fs.String("listen", "", "address to serve VMMs on, `HOST:PORT`")
+	keyFile := fs.String("key-file", "", "pre-shared key, the VMMs' --key-file (mode 0600, at least 16 bytes)")
+	state := fs.String("state", "", "`DIR` of the generations (created 0700 if missing; one witness at a time)")
+	maxLease := fs.Duration("max-lease", witness.DefaultMaxLease, "longest lease granted (after a restart, claims wait one lease)")
+	list := fs.Bool("list", false, "print the generations saved in --state and exit")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("witness: unexpected argument %q", fs.Arg(0))
+	}
+	if *state == "" {
+		return errors.New("witness: --state DIR is required")
+	}
+	if *list {
+		return listWitnessState(*state)
+	}
+	if *listen == "" {
+		return errors.New("witness: --listen HOST:PORT is required")
+	}
+	if _, _, err := net.SplitHostPort(*listen); err != nil {
+		return fmt.Errorf("witness: --listen %q: want HOST:PORT", *listen)
+	}
+	if *keyFile == "" {
+		return errors.New("witness: --key-file is required: the witness serves only VMMs that share its key")
+	}
+	key, err := stream.LoadKey(*keyFile)
+	if err != nil {
+		return fmt.Errorf("witness: %w", err)
+	}
+	// Grants and refusals are what an operator reads the witness's log
+	// for: Info unless GOVMM_LOG says otherwise.
+	log := slog.Default()
+	if os.Getenv("GOVMM_LOG") == "" {
+		log = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	}
+	srv, err := witness.NewServer(witness.ServerConfig{Key: key, StateDir: *state, MaxLease: *maxLease, Logger: log})
+	if err != nil {
+		return err
+	}
+	defer srv.Close()
+	ln, err := net.Listen("tcp", *listen)
+	if err != nil {
+		return fmt.Errorf("witness: %w", err)
+	}
+	fmt.Fprintf(os.Stderr, "govmm: witness: listening on %s (state %s, %d VMs)\n", ln.Addr(), *state, srv.Stats().VMs)
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
+	defer signal.Stop(sig)
+	go func() {
+		if _, ok := <-sig; ok {
+			srv.Close()
+		}
+	}()
+	if err := srv.Serve(ln); err != nil {
+		return err
+	}
+	fmt.Fprintf(os.Stderr, "govmm: witness: stopped\n")
+	return nil
+}
+
+func listWitnessState(dir string) error {
+	if _, err := os.Stat(dir); err != nil {
+		return fmt.Errorf("witness: --state: %w", err)
+	}
+	recs, err := witness.ReadState(dir)
+	if err != nil {
+		return fmt.Errorf("witness: %w", err)
+	}
+	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "VM\tGENERATION\tHOLDER\tLEASE")
+	for _, r := range recs {
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%v\n", r.VM, r.Generation, r.Holder, r.Lease)
+	}
+	return tw.Flush()
+}

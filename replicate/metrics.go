@@ -1,0 +1,150 @@
+package replicate
+
+import (
+	"sort"
+	"time"
+)
+
+// EpochStats describes one checkpoint.
+type EpochStats struct {
+	Epoch      uint64
+	Pause      time.Duration // guest stopped: stop + harvest + copy + state + resume
+	Stop       time.Duration // pausing the vCPUs and quiescing devices
+	Harvest    time.Duration
+	Copy       time.Duration
+	State      time.Duration
+	DirtyPages int
+	Bytes      uint64        // on the wire for this checkpoint
+	AckTime    time.Duration // from resume to the standby's ack
+	Length     time.Duration // from the previous resume to this pause
+}
+
+type totals struct {
+	Epochs, DirtyPages, Bytes uint64
+	PauseSum, AckSum          time.Duration
+	Acked                     uint64
+	// Backpressured counts the epochs stretched waiting for the standby
+	// (MaxUnacked reached), for BackpressureSum in all; EarlyEpochs those
+	// cut short by disk pressure.
+	Backpressured   uint64
+	BackpressureSum time.Duration
+	EarlyEpochs     uint64
+}
+
+const recentEpochs = 1024
+
+func (r *Replicator) record(es EpochStats) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.recent = append(r.recent, es)
+	if len(r.recent) > recentEpochs {
+		r.recent = r.recent[len(r.recent)-recentEpochs:]
+	}
+	r.totals.Epochs++
+	r.totals.DirtyPages += uint64(es.DirtyPages)
+	r.totals.Bytes += es.Bytes
+	r.totals.PauseSum += es.Pause
+}
+
+// ReplicationStats summarise replication for metrics.
+type ReplicationStats struct {
+	Protected                    bool
+	Epoch, Acked                 uint64
+	Epochs, DirtyPages, Bytes    uint64
+	PauseSum, AckSum             time.Duration
+	PauseP50, PauseP99, PauseMax time.Duration
+	Last                         EpochStats
+	// HeldFrames and HeldBytes are the guest's output waiting for acks,
+	// over every output buffer.
+	HeldFrames, HeldBytes int
+	// Backpressured epochs waited BackpressureSum for the standby;
+	// EarlyEpochs were ended early by disk pressure.
+	Backpressured, EarlyEpochs uint64
+	BackpressureSum            time.Duration
+}
+
+// Stats reports counters and the pause-time distribution of recent epochs.
+func (r *Replicator) Stats() ReplicationStats {
+	var held, heldBytes int
+	for _, o := range r.cfg.Outputs {
+		st := o.Stats()
+		held += st.HeldFrames
+		heldBytes += st.HeldBytes
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	s := ReplicationStats{Protected: r.protected, Epoch: r.epoch, Acked: r.totals.Acked, Epochs: r.totals.Epochs,
+		DirtyPages: r.totals.DirtyPages, Bytes: r.totals.Bytes, PauseSum: r.totals.PauseSum, AckSum: r.totals.AckSum,
+		HeldFrames: held, HeldBytes: heldBytes, Backpressured: r.totals.Backpressured,
+		BackpressureSum: r.totals.BackpressureSum, EarlyEpochs: r.totals.EarlyEpochs}
+	if len(r.recent) > 0 {
+		s.Last = r.recent[len(r.recent)-1]
+		p := make([]time.Duration, len(r.recent))
+		for i, e := range r.recent {
+			p[i] = e.Pause
+		}
+		sort.Slice(p, func(i, j int) bool { return p[i] < p[j] })
+		s.PauseP50, s.PauseP99, s.PauseMax = p[len(p)/2], p[(len(p)*99)/100], p[len(p)-1]
+	}
+	return s
+}
+
+// Recent returns the stats of the last epochs (oldest first).
+func (r *Replicator) Recent() []EpochStats {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]EpochStats(nil), r.recent...)
+}
+
+// Metric is one sample in the Prometheus sense. It has the fields of
+// ctlapi.Metric, so the control API takes it by conversion.
+type Metric struct {
+	Name   string
+	Help   string
+	Type   string // "counter" or "gauge"
+	Labels map[string]string
+	Value  float64
+}
+
+// Metrics are replication's counters and gauges, named govmm_replication_*
+// and govmm_output_*.
+func (r *Replicator) Metrics() []Metric {
+	rs := r.Stats()
+	var out []Metric
+	add := func(name, help, typ string, v float64, labels map[string]string) {
+		out = append(out, Metric{Name: name, Help: help, Type: typ, Value: v, Labels: labels})
+	}
+	add("govmm_replication_protected", "1 while a standby holds a current checkpoint; 0 means the guest runs UNPROTECTED", "gauge", b2f(rs.Protected), nil)
+	add("govmm_replication_epoch", "last checkpoint taken", "gauge", float64(rs.Epoch), nil)
+	add("govmm_replication_acked_epoch", "last checkpoint the standby acknowledged", "gauge", float64(rs.Acked), nil)
+	add("govmm_replication_epochs_total", "checkpoints taken", "counter", float64(rs.Epochs), nil)
+	add("govmm_replication_dirty_pages_total", "pages shipped in checkpoints", "counter", float64(rs.DirtyPages), nil)
+	add("govmm_replication_bytes_total", "bytes sent in checkpoints", "counter", float64(rs.Bytes), nil)
+	add("govmm_replication_pause_seconds_total", "time the guest was paused for checkpoints", "counter", rs.PauseSum.Seconds(), nil)
+	add("govmm_replication_ack_seconds_total", "sum of resume-to-ack times", "counter", rs.AckSum.Seconds(), nil)
+	add("govmm_replication_unacked_checkpoints", "checkpoints taken and not yet acknowledged", "gauge", float64(rs.Epoch-min(rs.Acked, rs.Epoch)), nil)
+	add("govmm_replication_backpressure_epochs_total", "epochs stretched because the standby had not acknowledged enough checkpoints", "counter", float64(rs.Backpressured), nil)
+	add("govmm_replication_backpressure_seconds_total", "time epochs were stretched waiting for the standby", "counter", rs.BackpressureSum.Seconds(), nil)
+	add("govmm_replication_early_epochs_total", "epochs ended early because the guest wrote much to disk", "counter", float64(rs.EarlyEpochs), nil)
+	for _, q := range []struct {
+		q string
+		v time.Duration
+	}{{"0.5", rs.PauseP50}, {"0.99", rs.PauseP99}, {"1", rs.PauseMax}} {
+		add("govmm_replication_pause_seconds", "checkpoint pause over the last 1024 epochs", "gauge", q.v.Seconds(), map[string]string{"quantile": q.q})
+	}
+	l := rs.Last
+	add("govmm_replication_last_pause_seconds", "pause of the last checkpoint", "gauge", l.Pause.Seconds(), nil)
+	add("govmm_replication_last_dirty_pages", "dirty pages in the last checkpoint", "gauge", float64(l.DirtyPages), nil)
+	add("govmm_replication_last_bytes", "bytes of the last checkpoint", "gauge", float64(l.Bytes), nil)
+	add("govmm_replication_last_epoch_seconds", "length of the last epoch", "gauge", l.Length.Seconds(), nil)
+	add("govmm_output_held_packets", "guest packets held until their checkpoint is acknowledged", "gauge", float64(rs.HeldFrames), nil)
+	add("govmm_output_held_bytes", "guest bytes held until their checkpoint is acknowledged", "gauge", float64(rs.HeldBytes), nil)
+	return out
+}
+
+func b2f(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
+}

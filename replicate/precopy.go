@@ -1,0 +1,184 @@
+package replicate
+
+import (
+	"context"
+	"fmt"
+
+	"govmm/dirtylog"
+	"govmm/replicate/stream"
+	"govmm/vmm"
+	"govmm/vmm/guestmem"
+)
+
+// trackDirty starts dirty tracking on m's memory: KVM's dirty log (manual
+// protect) ORed with the pages the VMM writes. The machine hands out one
+// tracker at a time (vmm.ErrDirtyTrackingBusy otherwise).
+func trackDirty(m *vmm.Machine) (*dirtylog.Tracker, error) {
+	return m.TrackDirty(dirtylog.Options{ManualProtect: true})
+}
+
+// precopy is the pre-copy loop that both the initial sync of replication
+// and live migration start with, while the guest runs, in KindInitialSync
+// checkpoints.
+//
+// First the disks: each is read whole and sent, in checkpoints of at most
+// diskSlab bytes. Then memory, round after round: the first round sends
+// every page; each later one the pages dirtied during the one before.
+// Dirty tracking and the disk logs started before the first byte was
+// read, so a page written while it is being sent shows up in the next
+// harvest, and a disk write made while its block is being copied travels
+// after that copy: every checkpoint carries, after its pages and blocks,
+// the disk writes recorded up to its end, and the standby applies them in
+// order. At the end of the loop the standby's disks and memory equal the
+// primary's up to what the caller's first paused checkpoint carries.
+type precopy struct {
+	t     Transport
+	mem   *guestmem.Memory
+	tr    *dirtylog.Tracker
+	disks []*DiskLog
+	// nextEpoch numbers each round (the caller owns epoch numbers).
+	nextEpoch func() uint64
+	// stopPages: stop once a round leaves at most this many dirty pages;
+	// maxRounds: stop after this many rounds anyway (a guest dirtying
+	// faster than the link never converges).
+	stopPages, maxRounds int
+	// onRound, if set, is told after each round how many pages it left
+	// dirty.
+	onRound func(round int, dirty int)
+}
+
+// precopyResult is where the loop stopped.
+type precopyResult struct {
+	Rounds    int           // memory rounds
+	Epoch     uint64        // the last checkpoint's epoch
+	PagesSent uint64        // in all rounds
+	DiskBytes uint64        // disk contents copied
+	Dirty     *dirtylog.Set // harvested after the last round, not sent yet
+}
+
+// diskSlab is the most disk one initial-sync checkpoint copies, so that
+// the standby commits (and syncs) the copy piecewise.
+const diskSlab = 64 << 20
+
+// run sends rounds until the dirty set is small, maxRounds have run, or
+// ctx ends (its error). The pages still dirty go into the caller's next,
+// paused, checkpoint.
+func (p precopy) run(ctx context.Context) (precopyResult, error) {
+	var res precopyResult
+	if err := p.copyDisks(ctx, &res); err != nil {
+		return res, err
+	}
+	set := dirtylog.NewFullSet(p.mem)
+	for {
+		res.Rounds++
+		res.Epoch = p.nextEpoch()
+		n, err := p.round(res.Epoch, set)
+		res.PagesSent += n
+		if err != nil {
+			return res, fmt.Errorf("pre-copy round %d: %w", res.Rounds, err)
+		}
+		if set, err = p.tr.Harvest(); err != nil {
+			return res, fmt.Errorf("pre-copy round %d: %w", res.Rounds, err)
+		}
+		res.Dirty = set
+		if p.onRound != nil {
+			p.onRound(res.Rounds, set.Count())
+		}
+		if set.Count() <= p.stopPages || res.Rounds >= p.maxRounds {
+			return res, nil
+		}
+		if err := ctx.Err(); err != nil {
+			return res, err
+		}
+	}
+}
+
+// round sends the pages of set, and the disk writes recorded meanwhile, as
+// one initial-sync checkpoint.
+func (p precopy) round(epoch uint64, set *dirtylog.Set) (uint64, error) {
+	if err := p.t.BeginCheckpoint(epoch, stream.KindInitialSync); err != nil {
+		return 0, err
+	}
+	n, err := sendPages(p.t, p.mem, set)
+	if err != nil {
+		return n, err
+	}
+	if err := sendWrites(p.t, takeAll(p.disks)); err != nil {
+		return n, err
+	}
+	return n, p.t.EndCheckpoint()
+}
+
+// copyDisks sends every disk's contents, slab by slab.
+func (p precopy) copyDisks(ctx context.Context, res *precopyResult) error {
+	buf := make([]byte, stream.MaxDiskChunk)
+	for i, d := range p.disks {
+		for slab := int64(0); slab < d.Size(); slab += diskSlab {
+			res.Epoch = p.nextEpoch()
+			if err := p.t.BeginCheckpoint(res.Epoch, stream.KindInitialSync); err != nil {
+				return fmt.Errorf("disk %d copy: %w", i, err)
+			}
+			for off := slab; off < min(slab+diskSlab, d.Size()); off += int64(len(buf)) {
+				n := int(min(int64(len(buf)), d.Size()-off))
+				if _, err := d.src.ReadAt(buf[:n], off); err != nil {
+					return fmt.Errorf("disk %d copy: read at %d: %w", i, off, err)
+				}
+				if err := p.t.SendDisk(i, off, buf[:n]); err != nil {
+					return fmt.Errorf("disk %d copy: %w", i, err)
+				}
+				res.DiskBytes += uint64(n)
+			}
+			if err := p.t.EndCheckpoint(); err != nil {
+				return fmt.Errorf("disk %d copy: %w", i, err)
+			}
+			// The writes made while the slab was read, after it (in a
+			// checkpoint of their own: each is bounded by the cap).
+			if err := p.writesOnly(res); err != nil {
+				return fmt.Errorf("disk %d copy: %w", i, err)
+			}
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// writesOnly sends the disk writes recorded since the last Take, if any,
+// as an initial-sync checkpoint.
+func (p precopy) writesOnly(res *precopyResult) error {
+	w := takeAll(p.disks)
+	if countWrites(w) == 0 {
+		return nil
+	}
+	res.Epoch = p.nextEpoch()
+	if err := p.t.BeginCheckpoint(res.Epoch, stream.KindInitialSync); err != nil {
+		return err
+	}
+	if err := sendWrites(p.t, w); err != nil {
+		return err
+	}
+	return p.t.EndCheckpoint()
+}
+
+func countWrites(w [][]DiskWrite) int {
+	n := 0
+	for _, ws := range w {
+		n += len(ws)
+	}
+	return n
+}
+
+// sendPages sends the current contents of every page in set.
+func sendPages(t Transport, mem *guestmem.Memory, set *dirtylog.Set) (uint64, error) {
+	var n uint64
+	err := set.ForEach(func(gpa guestmem.GPA) error {
+		page, err := mem.Slice(gpa, guestmem.PageSize)
+		if err != nil {
+			return err
+		}
+		n++
+		return t.SendPage(gpa, page)
+	})
+	return n, err
+}
