@@ -344,6 +344,7 @@ const (
 	CapTSCControl             = 60
 	CapGetTSCKHz              = 61
 	CapMaxVCPUs               = 66
+	CapTSCDeadlineTimer       = 72
 	CapSignalMSI              = 77
 	CapImmediateExit          = 136
 	CapManualDirtyLogProtect2 = 168

@@ -203,7 +203,7 @@ func TestABI(t *testing.T) {
 		"KVM_CAP_DIRTY_LOG_RING": CapDirtyLogRing, "KVM_CAP_IMMEDIATE_EXIT": CapImmediateExit,
 		"KVM_CAP_IRQFD": CapIRQFD, "KVM_CAP_IOEVENTFD": CapIOEventFD, "KVM_CAP_SIGNAL_MSI": CapSignalMSI,
 		"KVM_CAP_TSC_CONTROL": CapTSCControl, "KVM_CAP_GET_TSC_KHZ": CapGetTSCKHz, "KVM_CAP_VM_TSC_CONTROL": CapVMTSCControl,
-		"KVM_CLOCK_TSC_STABLE": ClockTSCStable, "KVM_CLOCK_REALTIME": ClockRealtime,
+		"KVM_CAP_TSC_DEADLINE_TIMER": CapTSCDeadlineTimer, "KVM_CLOCK_TSC_STABLE": ClockTSCStable, "KVM_CLOCK_REALTIME": ClockRealtime,
 		"KVM_CLOCK_HOST_TSC": ClockHostTSC,
 	}
 	for name, w := range consts {

@@ -111,3 +111,13 @@ func TestRestoreKeepsTheGuestsTSCRate(t *testing.T) {
 	require.ErrorIs(t, err, ErrStateMismatch)
 	require.ErrorContains(t, err, "cannot scale")
 }
+
+// The guest is offered the LAPIC's TSC-deadline timer whenever KVM has it
+// (KVM_CAP_TSC_DEADLINE_TIMER), even where KVM_GET_SUPPORTED_CPUID leaves
+// the bit out: Linux then never calibrates its LAPIC timer, a check that a
+// boot slowed by checkpoint pauses can fail, leaving the guest on the PIT.
+func TestTSCDeadlineOffered(t *testing.T) {
+	st, dst := savedTiny(t, nil)
+	has := dst.sys.CheckExtension(kvmapi.CapTSCDeadlineTimer) > 0
+	require.Equal(t, has, leaf(t, st.VCPUs[0].CPUID, 1, 0).ECX&ecxTSCDeadline != 0)
+}

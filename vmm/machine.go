@@ -146,6 +146,9 @@ func (m *Machine) build() error {
 	if m.cpuid, err = sys.SupportedCPUID(); err != nil {
 		return fmt.Errorf("get supported cpuid: %w", err)
 	}
+	if sys.CheckExtension(kvmapi.CapTSCDeadlineTimer) > 0 {
+		addTSCDeadline(m.cpuid)
+	}
 	if m.msrs, err = sys.MSRIndexList(); err != nil {
 		return fmt.Errorf("get msr index list: %w", err)
 	}
@@ -204,6 +207,25 @@ func (m *Machine) build() error {
 		}
 	}
 	return nil
+}
+
+// ecxTSCDeadline is CPUID.01H:ECX.TSC_DEADLINE (bit 24).
+const ecxTSCDeadline = 1 << 24
+
+// addTSCDeadline offers the LAPIC's TSC-deadline timer mode. KVM emulates
+// it with any in-kernel LAPIC and says so with KVM_CAP_TSC_DEADLINE_TIMER,
+// but kernels before 6.2 or so leave the bit out of
+// KVM_GET_SUPPORTED_CPUID (QEMU adds it the same way). It matters for
+// replication: without it Linux calibrates the LAPIC timer against the
+// PIT at boot, and a boot slowed by checkpoint pauses can fail the check
+// ("APIC timer disabled due to verification failure") and leave the guest
+// ticking on the PIT for good; with it there is nothing to calibrate.
+func addTSCDeadline(cpuid []kvmapi.CPUIDEntry) {
+	for i := range cpuid {
+		if cpuid[i].Function == 1 {
+			cpuid[i].ECX |= ecxTSCDeadline
+		}
+	}
 }
 
 // statefulDev is a device that is part of every checkpoint.

@@ -130,6 +130,11 @@ func failoverTrial(t *testing.T, r *guestrig.Rig, trial int) time.Duration {
 		"--replicate-to", addr, "--failover-timeout", labFailoverTimeout, "--api-sock", filepath.Join(dir, "p.sock"))
 	prim.await(t, prim.log, "protected by", 10*time.Minute)
 	prim.await(t, prim.con, guestimg.ReadyLine, 10*time.Minute)
+	if prim.con.Contains("APIC timer disabled") {
+		// The guest ticks on the PIT, which the lab's nested KVM does not
+		// survive under load (see the report on issue 10).
+		t.Logf("trial %d: the guest's LAPIC timer failed its boot calibration", trial)
+	}
 	for _, l := range guestrig.GuestLoad {
 		_, err := io.WriteString(prim.stdin, l+"\n")
 		require.NoError(t, err)
