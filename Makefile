@@ -30,11 +30,19 @@ run: image
 demo: deps image
 	scripts/demo.sh
 
-# Many failovers at random moments (tests with SIGKILLed primaries).
-SOAK_COUNT ?= 20
-soak: build
+# Many failovers at random moments (tests with SIGKILLed primaries), then
+# the real guest where Linux boots (the lab here): SOAK_MIGRATIONS live
+# migrations under load, each checked page by page at the cut, and
+# SOAK_FAILOVERS SIGKILLed primaries with a keep-alive client carrying on
+# (each trial logs its failover time, and the test their distribution).
+SOAK_COUNT      ?= 20
+SOAK_MIGRATIONS ?= 10
+SOAK_FAILOVERS  ?= 20
+soak: build image
 	$(GO) test -count=$(SOAK_COUNT) -run 'TestReplicationFailover|TestReplicatedDiskFollowsCheckpoints' ./replicate/
 	$(GO) test -count=$(SOAK_COUNT) -run 'TestReplicateAndFailover|TestReprotectAndFailOverAgain' ./cmd/govmm/
+	GOVMM_SOAK_MIGRATIONS=$(SOAK_MIGRATIONS) GOVMM_SOAK_FAILOVERS=$(SOAK_FAILOVERS) \
+		scripts/guest-tests.sh -timeout 3h -run '^(TestGuestMigrateUnderLoad|TestGuestFailoverKeepsConnection)$$'
 
 vet:
 	@test -z "$$(gofmt -l . | tee /dev/stderr)" || { echo "gofmt: files above need formatting"; exit 1; }

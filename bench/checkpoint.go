@@ -215,7 +215,7 @@ func checkpointRun(ctx context.Context, cfg CheckpointConfig, pages int, epoch t
 // stepLoop pauses m n times, one epoch apart, timing the pause, a
 // standalone harvest and the resume separately.
 func stepLoop(ctx context.Context, m *vmm.Machine, pages int, epoch time.Duration, n int) ([]StepSample, error) {
-	tr, err := dirtylog.New(m.VM(), m.Memory(), dirtylog.Options{ManualProtect: true})
+	tr, err := m.TrackDirty(dirtylog.Options{ManualProtect: true})
 	if err != nil {
 		return nil, err
 	}

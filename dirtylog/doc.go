@@ -1,13 +1,18 @@
 // Package dirtylog answers one question for the checkpoint path: which
 // guest pages changed since the last harvest?
 //
-// It owns the dirty set. A Tracker turns on KVM's dirty logging for every
-// memory slot of a VM (KVM_MEM_LOG_DIRTY_PAGES) and, at each Harvest, ORs
+// It owns the dirty set. A Tracker has KVM's dirty logging turned on for
+// every memory slot of a VM (KVM_MEM_LOG_DIRTY_PAGES) and, at each Harvest, ORs
 // KVM's per-slot bitmap (KVM_GET_DIRTY_LOG, or GET then CLEAR_DIRTY_LOG
 // with KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) with the pages that the VMM
 // itself wrote through guestmem (virtio used rings, received frames, block
 // reads). KVM sees only the writes made by vCPUs; without the second half
 // the standby would silently diverge (DESIGN.md, invariant 3).
+//
+// It does not own the VM or its memory slots: the machine does, and hands
+// out trackers with vmm.Machine.TrackDirty, one at a time, through the
+// small Slots interface (start and stop logging, read and clear a slot's
+// bitmap). No package but vmm holds the KVM VM file descriptor.
 //
 // It does not own page transport: it never reads or copies page contents,
 // never decides what to send, and knows nothing of epochs. A Set is only a

@@ -5,19 +5,11 @@ import (
 	"fmt"
 	"sync"
 
-	"govmm/kvmapi"
 	"govmm/vmm/guestmem"
 )
 
 // ErrClosed is returned by Harvest on a closed Tracker.
 var ErrClosed = errors.New("dirty tracker closed")
-
-// Flags of KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 (KVM API document, section
-// 7.18). Only manualProtectEnable is used: with initiallySet the first
-// bitmap would be all ones, which New throws away anyway.
-const (
-	manualProtectEnable = 1 << 0 // KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
-)
 
 // clearChunk bounds the pages one KVM_CLEAR_DIRTY_LOG covers: num_pages is
 // 32 bits, and every chunk but the last must be a multiple of 64.
@@ -33,11 +25,31 @@ type Options struct {
 	ManualProtect bool
 }
 
+// Slots is the KVM side of dirty tracking for one VM: the dirty logging
+// flag of its memory slots and their bitmaps. The machine that owns the
+// VM provides it (vmm.Machine.TrackDirty), so that only package vmm holds
+// the VM's file descriptor; slot numbers are guestmem.Region.Slot.
+type Slots interface {
+	// StartLogging turns KVM dirty logging on for every slot (first
+	// enabling KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 when manualProtect is
+	// asked and KVM has it, so that no bitmap is ever read in the other
+	// mode) and reports whether manual protection is in effect. On
+	// failure logging is left off.
+	StartLogging(manualProtect bool) (manual bool, err error)
+	// StopLogging turns dirty logging (and manual protection) off again.
+	StopLogging() error
+	// DirtyLog copies the slot's dirty bitmap (KVM_GET_DIRTY_LOG).
+	DirtyLog(slot uint32, bitmap []uint64) error
+	// ClearDirtyLog re-protects the n pages from first whose bits are set
+	// in bitmap (KVM_CLEAR_DIRTY_LOG).
+	ClearDirtyLog(slot uint32, first uint64, n uint32, bitmap []uint64) error
+}
+
 // Tracker collects the pages of one VM's memory written since the last
 // Harvest, by vCPUs (KVM's dirty log) and by the VMM (guestmem's bitmap).
-// While it is open it owns the KVM_MEM_LOG_DIRTY_PAGES flag of every slot.
+// While it is open it owns the dirty logging of every slot.
 type Tracker struct {
-	vm     *kvmapi.VM
+	slots  Slots
 	mem    *guestmem.Memory
 	manual bool // KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 is enabled
 
@@ -46,64 +58,36 @@ type Tracker struct {
 }
 
 // New turns on KVM dirty logging for every memory slot of mem (which must
-// be the memory registered in vm, slot for slot) and starts from
-// "everything clean": the first KVM bitmaps and the VMM's bitmap are
-// harvested and discarded. Pages written before New returns may therefore
-// be missing from every Harvest; send all of memory once (NewFullSet),
-// reading it after New returns.
+// be the memory registered in the VM behind slots, slot for slot) and
+// starts from "everything clean": the first KVM bitmaps and the VMM's
+// bitmap are harvested and discarded. Pages written before New returns may
+// therefore be missing from every Harvest; send all of memory once
+// (NewFullSet), reading it after New returns.
 //
 // New may be called while vCPUs run. On failure it leaves logging off.
-func New(vm *kvmapi.VM, mem *guestmem.Memory, opts Options) (*Tracker, error) {
-	t := &Tracker{vm: vm, mem: mem}
-	if opts.ManualProtect && vm.CheckExtension(kvmapi.CapManualDirtyLogProtect2)&manualProtectEnable != 0 {
-		// Enable it before logging starts, so that no bitmap is ever
-		// read in the other mode.
-		if err := vm.EnableCap(kvmapi.CapManualDirtyLogProtect2, manualProtectEnable); err != nil {
-			return nil, fmt.Errorf("enable manual dirty log protect: %w", err)
-		}
-		t.manual = true
-	}
-	ok := false
-	defer func() {
-		if !ok {
-			_ = t.Close()
-		}
-	}()
+// Callers outside tests use vmm.Machine.TrackDirty.
+func New(slots Slots, mem *guestmem.Memory, opts Options) (*Tracker, error) {
 	for _, r := range mem.Regions() {
-		if err := t.setLogging(r, true); err != nil {
-			return nil, err
+		if len(r.Host) == 0 {
+			return nil, fmt.Errorf("memory slot %d: guest memory is unmapped", r.Slot)
 		}
 	}
+	t := &Tracker{slots: slots, mem: mem}
+	manual, err := slots.StartLogging(opts.ManualProtect)
+	if err != nil {
+		return nil, err
+	}
+	t.manual = manual
 	if _, err := t.harvest(); err != nil {
+		_ = t.Close()
 		return nil, fmt.Errorf("discard the first dirty log: %w", err)
 	}
-	ok = true
 	return t, nil
 }
 
 // ManualProtect reports whether KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 is in
 // use (it was asked for and KVM has it).
 func (t *Tracker) ManualProtect() bool { return t.manual }
-
-// setLogging re-registers r's slot with dirty logging on or off. Only the
-// flags change; KVM keeps the slot's mappings (KVM API document, section
-// 4.35 KVM_SET_USER_MEMORY_REGION).
-func (t *Tracker) setLogging(r *guestmem.Region, on bool) error {
-	if len(r.Host) == 0 {
-		return fmt.Errorf("memory slot %d: guest memory is unmapped", r.Slot)
-	}
-	u := kvmapi.UserMemoryRegion{Slot: r.Slot, GuestPhysAddr: uint64(r.GPA), MemorySize: r.Size,
-		UserspaceAddr: hostAddr(r.Host)}
-	what := "disable"
-	if on {
-		u.Flags = kvmapi.MemLogDirtyPages
-		what = "enable"
-	}
-	if err := t.vm.SetUserMemoryRegion(u); err != nil {
-		return fmt.Errorf("memory slot %d: %s dirty logging: %w", r.Slot, what, err)
-	}
-	return nil
-}
 
 // Harvest returns the pages written since the previous Harvest (or New):
 // KVM's dirty bitmap of each slot ORed with the pages the VMM marked.
@@ -145,7 +129,7 @@ func (t *Tracker) harvest() (*Set, error) {
 	s := NewSet(t.mem)
 	for i, r := range t.mem.Regions() {
 		sr := &s.regions[i]
-		if err := t.vm.DirtyLog(r.Slot, sr.bits); err != nil {
+		if err := t.slots.DirtyLog(r.Slot, sr.bits); err != nil {
 			return nil, fmt.Errorf("memory slot %d: get dirty log: %w", r.Slot, err)
 		}
 		if t.manual {
@@ -169,7 +153,7 @@ func (t *Tracker) clear(r *guestmem.Region, bitmap []uint64) error {
 		if allZero(words) {
 			continue
 		}
-		if err := t.vm.ClearDirtyLog(r.Slot, first, uint32(n), words); err != nil {
+		if err := t.slots.ClearDirtyLog(r.Slot, first, uint32(n), words); err != nil {
 			return fmt.Errorf("memory slot %d: clear dirty log of pages %d+%d: %w", r.Slot, first, n, err)
 		}
 	}
@@ -187,8 +171,8 @@ func allZero(words []uint64) bool {
 
 // Close turns dirty logging off on every slot and, if New enabled it,
 // manual protection. Harvest afterwards returns ErrClosed. Close is
-// idempotent; it reports every failure, but marks the Tracker closed
-// whatever happens.
+// idempotent; it reports a failure, but marks the Tracker closed whatever
+// happens.
 func (t *Tracker) Close() error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -196,14 +180,5 @@ func (t *Tracker) Close() error {
 		return nil
 	}
 	t.closed = true
-	var errs []error
-	for _, r := range t.mem.Regions() {
-		errs = append(errs, t.setLogging(r, false))
-	}
-	if t.manual {
-		if err := t.vm.EnableCap(kvmapi.CapManualDirtyLogProtect2, 0); err != nil {
-			errs = append(errs, fmt.Errorf("disable manual dirty log protect: %w", err))
-		}
-	}
-	return errors.Join(errs...)
+	return t.slots.StopLogging()
 }

@@ -1,4 +1,4 @@
-package dirtylog
+package dirtylog_test
 
 import (
 	"bytes"
@@ -13,12 +13,25 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"govmm/dirtylog"
 	"govmm/internal/kvmtest"
 	"govmm/internal/tinyguest"
 	"govmm/kvmapi"
 	"govmm/vmm"
 	"govmm/vmm/guestmem"
 )
+
+// The tracker is driven through vmm.Machine.TrackDirty, as the replication
+// code does: only vmm holds the VM's file descriptor.
+type (
+	Options = dirtylog.Options
+	Tracker = dirtylog.Tracker
+	Set     = dirtylog.Set
+)
+
+var NewSet = dirtylog.NewSet
+
+const pg = guestmem.PageSize
 
 // The dirtier guests write one byte in each page of [dirtyBase,
 // dirtyBase+n pages) and bump a pass counter at counterAddr. dirtyBase is
@@ -60,12 +73,11 @@ func newMachine(tb testing.TB, memSize uint64, code []byte) *vmm.Machine {
 
 func newTracker(tb testing.TB, m *vmm.Machine, opts Options) *Tracker {
 	tb.Helper()
-	tr, err := New(m.VM(), m.Memory(), opts)
+	tr, err := m.TrackDirty(opts)
 	require.NoError(tb, err)
 	tb.Cleanup(func() { assert.NoError(tb, tr.Close()) })
 	if opts.ManualProtect {
-		has := m.VM().CheckExtension(kvmapi.CapManualDirtyLogProtect2)&manualProtectEnable != 0
-		require.Equal(tb, has, tr.ManualProtect(), "manual protect in use exactly when KVM has it")
+		require.Equal(tb, hasManualProtect(tb), tr.ManualProtect(), "manual protect in use exactly when KVM has it")
 	} else {
 		require.False(tb, tr.ManualProtect())
 	}
@@ -176,9 +188,7 @@ func TestHarvestVMMWrites(t *testing.T) {
 		require.NoError(t, mem.WriteAt([]byte{1}, 0x200000))
 		require.NoError(t, mem.WriteAt(make([]byte, 2), 0x300fff)) // straddles two pages
 		require.NoError(t, mem.MarkDirty(0x3ff0000, 1))            // last 64 KiB of memory
-		buf, err := mem.WritableSlice(0x500000, 3*pg)
-		require.NoError(t, err)
-		buf[0] = 1
+		require.NoError(t, mem.Fill(0x500000, 3*pg, func(buf []byte) error { buf[0] = 1; return nil }))
 		s, err := tr.Harvest()
 		require.NoError(t, err)
 		assert.Equal(t, []guestmem.GPA{0x200000, 0x300000, 0x301000, 0x500000, 0x501000, 0x502000, 0x3ff0000},
@@ -282,30 +292,38 @@ func TestHarvestWhileRunningLosesNothing(t *testing.T) {
 	})
 }
 
-// Close turns logging off: Harvest says so, KVM has no dirty log for the
-// slots any more, and Close is idempotent.
-func TestCloseTurnsLoggingOff(t *testing.T) {
+// Close ends tracking: Harvest says so, Close is idempotent, and a new
+// tracker can take over the same machine (vmm's tests check that KVM's
+// logging is off in between).
+func TestCloseThenTrackAgain(t *testing.T) {
 	modes(t, func(t *testing.T, opts Options) {
 		m := newMachine(t, 64<<20, tinyguest.Exit(0))
-		tr, err := New(m.VM(), m.Memory(), opts)
+		tr, err := m.TrackDirty(opts)
 		require.NoError(t, err)
-		r := m.Memory().Regions()[0]
-		bitmap := make([]uint64, r.BitmapWords())
-		require.NoError(t, m.VM().DirtyLog(r.Slot, bitmap), "logging is on")
-
 		require.NoError(t, tr.Close())
 		_, err = tr.Harvest()
-		require.ErrorIs(t, err, ErrClosed)
-		assert.Error(t, m.VM().DirtyLog(r.Slot, bitmap), "KVM still logs slot %d after Close", r.Slot)
+		require.ErrorIs(t, err, dirtylog.ErrClosed)
 		assert.NoError(t, tr.Close())
 
-		// A new tracker can take over the same VM.
 		tr2 := newTracker(t, m, opts)
 		require.NoError(t, m.Memory().WriteAt([]byte{1}, 0x10000))
 		s, err := tr2.Harvest()
 		require.NoError(t, err)
 		assert.Equal(t, []guestmem.GPA{0x10000}, pagesOf(s))
 	})
+}
+
+// hasManualProtect asks KVM directly (a VM of its own) whether it offers
+// KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE.
+func hasManualProtect(tb testing.TB) bool {
+	tb.Helper()
+	sys, err := kvmapi.Open("/dev/kvm")
+	require.NoError(tb, err)
+	defer sys.Close()
+	vm, err := sys.CreateVM()
+	require.NoError(tb, err)
+	defer vm.Close()
+	return vm.CheckExtension(kvmapi.CapManualDirtyLogProtect2)&1 != 0
 }
 
 // BenchmarkHarvest measures one Harvest of a paused 256 MiB guest: "guest"

@@ -344,6 +344,7 @@ const (
 	CapTSCControl             = 60
 	CapGetTSCKHz              = 61
 	CapMaxVCPUs               = 66
+	CapTSCDeadlineTimer       = 72
 	CapSignalMSI              = 77
 	CapImmediateExit          = 136
 	CapManualDirtyLogProtect2 = 168
@@ -351,4 +352,5 @@ const (
 	CapX86MSRFilter           = 189
 	CapXsave2                 = 208
 	CapPMUCapability          = 212
+	CapVMTSCControl           = 214
 )

@@ -220,6 +220,8 @@ func TestABI(t *testing.T) {
 		"KVM_PMU_CAP_DISABLE":          PMUCapDisable,
 		"KVM_MSR_FILTER_DEFAULT_ALLOW": MSRFilterDefaultAllow, "KVM_MSR_FILTER_DEFAULT_DENY": MSRFilterDefaultDeny,
 		"KVM_MSR_FILTER_READ": MSRFilterRead, "KVM_MSR_FILTER_WRITE": MSRFilterWrite,
+		"KVM_CAP_TSC_CONTROL": CapTSCControl, "KVM_CAP_GET_TSC_KHZ": CapGetTSCKHz, "KVM_CAP_VM_TSC_CONTROL": CapVMTSCControl,
+		"KVM_CAP_TSC_DEADLINE_TIMER": CapTSCDeadlineTimer,
 	}
 	for name, w := range consts {
 		assert.Equal(t, k[name], w, name)

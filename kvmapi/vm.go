@@ -242,3 +242,10 @@ func (vm *VM) CreateVCPU(id int) (*VCPU, error) {
 	}
 	return &VCPU{fd: fd, id: id, run: runPage(run), vm: vm}, nil
 }
+
+// TSCKHz is the TSC frequency vCPUs created from now on get
+// (KVM_GET_TSC_KHZ on the VM; needs KVM_CAP_VM_TSC_CONTROL).
+func (vm *VM) TSCKHz() (uint32, error) {
+	r, err := doVal(vm.fd, "KVM_GET_TSC_KHZ", kvmGetTSCKHz, 0)
+	return uint32(r), err
+}

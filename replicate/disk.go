@@ -264,10 +264,17 @@ func cutState(m *vmm.Machine, disks []*DiskLog) ([]byte, [][]DiskWrite, error) {
 	return raw, takeAll(disks), nil
 }
 
-// decodeState decodes a checkpoint's machine state.
-func decodeState(b []byte) (*vmm.MachineState, error) {
+// decodeState decodes a checkpoint's machine state and checks that m
+// could resume it (vmm.Machine.CheckState: shape, devices, the CPU
+// features the guest uses, its TSC rate). A standby calls it before it
+// acknowledges the checkpoint, so a state it could not run is refused
+// while the source still has the guest.
+func decodeState(m *vmm.Machine, b []byte) (*vmm.MachineState, error) {
 	var st vmm.MachineState
 	if err := st.UnmarshalBinary(b); err != nil {
+		return nil, err
+	}
+	if err := m.CheckState(&st); err != nil {
 		return nil, err
 	}
 	return &st, nil

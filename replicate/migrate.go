@@ -65,8 +65,9 @@ type MigrateResult struct {
 // dirtied meanwhile), until the dirty set is small; then stop and copy:
 // pause, quiesce, the last dirty pages and the machine state in a final
 // checkpoint. Once the destination acknowledges it, the source sends the
-// handover and never runs the guest again: Migrate returns with m paused
-// for good, and the caller stops it (after reporting). The destination
+// handover and never runs the guest again: Migrate returns with m handed
+// over (vCPUs paused and devices quiesced for good, vmm.Machine.HandOver),
+// and the caller stops it (after reporting). The destination
 // runs the guest only on that handover. Without the ack in time (or when
 // ctx ends first), the source tells the destination to discard the
 // migration (a goodbye), the guest goes on running here, and the error
@@ -200,9 +201,14 @@ func stopAndCopy(ctx context.Context, m *vmm.Machine, s *stream.Sender, tracker 
 	}
 	// The point of no return: from the handover on, this side never runs
 	// the guest again, even if sending it failed (it may have arrived).
-	// Hold a pause of our own: leaving WithPaused must not let the vCPUs
-	// run here again.
+	// Hand the machine over before the destination may start: leaving
+	// WithPaused must neither let the vCPUs run here again nor resume the
+	// devices, which would send the frames and execute the disk writes
+	// queued at the cut while the destination runs the guest.
 	res.BytesSent = s.Stats().BytesSent
+	if err := m.HandOver(); err != nil {
+		return false, nil, err
+	}
 	handoverErr = s.Handover()
-	return true, handoverErr, m.Pause()
+	return true, handoverErr, nil
 }

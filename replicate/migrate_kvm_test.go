@@ -92,8 +92,10 @@ func TestMigrateDirtyingGuest(t *testing.T) {
 	require.Equal(t, "done", rounds[len(rounds)-1].Phase)
 	t.Logf("migration: %d rounds, %d pages, %d bytes, total %v, downtime %v", res.Rounds, res.PagesSent, res.BytesSent, res.TotalTime, res.Downtime)
 
-	// The source is paused for good; its owner stops it.
+	// The source is handed over (paused, devices quiesced for good); its
+	// owner stops it.
 	require.True(t, src.Paused())
+	require.True(t, src.HandedOver(), "the source's devices must not run on while the destination does")
 	atCut := passes(t, src)
 	time.Sleep(20 * time.Millisecond)
 	require.Equal(t, atCut, passes(t, src), "the source never runs the guest again")

@@ -11,9 +11,10 @@ import (
 )
 
 // trackDirty starts dirty tracking on m's memory: KVM's dirty log (manual
-// protect) ORed with the pages the VMM writes.
+// protect) ORed with the pages the VMM writes. The machine hands out one
+// tracker at a time (vmm.ErrDirtyTrackingBusy otherwise).
 func trackDirty(m *vmm.Machine) (*dirtylog.Tracker, error) {
-	return dirtylog.New(m.VM(), m.Memory(), dirtylog.Options{ManualProtect: true})
+	return m.TrackDirty(dirtylog.Options{ManualProtect: true})
 }
 
 // precopy is the pre-copy loop that both the initial sync of replication

@@ -181,13 +181,15 @@ func (sb *Standby) ReceiveMigration(ctx context.Context) (*vmm.Machine, error) {
 	}
 	defer r.Close()
 	var final *vmm.MachineState
-	// The final checkpoint's state is decoded before it commits: a state
-	// that does not decode is refused and the source keeps the guest.
+	// The final checkpoint's state is decoded and checked before it
+	// commits: a state that does not decode, or that this machine could
+	// not resume (CPU features, TSC rate), is refused and the source keeps
+	// the guest.
 	r.SetOnCommit(func(c *stream.Checkpoint) error {
 		if c.Kind != stream.KindFinal {
 			return nil
 		}
-		st, err := decodeState(c.State)
+		st, err := decodeState(rep.Machine, c.State)
 		if err != nil {
 			return err
 		}
@@ -253,7 +255,7 @@ func (sb *Standby) follow(ctx context.Context, r *stream.Receiver, rep *Replica)
 		if !c.Kind.Resumable() {
 			return nil
 		}
-		st, err := decodeState(c.State)
+		st, err := decodeState(rep.Machine, c.State)
 		if err != nil {
 			return err
 		}

@@ -32,8 +32,11 @@ if [[ -z $inside ]]; then
 		go test -c -o "$bins/$(echo "${p#./}" | tr / _).test" "$p"
 		echo "${p#./}" >>"$bins/packages"
 	done
-	exec bin/govmm lab --if-needed --timeout "$timeout" -- \
-		"$root/scripts/guest-tests.sh" --inside -run "$run" -count "$count"
+	# The soak knobs (make soak) reach the tests inside the lab.
+	envs=()
+	for v in $(compgen -e | grep '^GOVMM_SOAK_' || true); do envs+=(--env "$v=${!v}"); done
+	exec bin/govmm lab --if-needed --timeout "$timeout" "${envs[@]}" -- \
+		"$root/scripts/guest-tests.sh" --inside -run "$run" -count "$count" -timeout "$timeout"
 fi
 
 # Inside: here a Linux guest boots (hardware KVM, or the lab's L1).
@@ -47,7 +50,7 @@ while read -r pkg; do
 	log=$(mktemp)
 	start=$SECONDS
 	set +e
-	(cd "$pkg" && "$bin" -test.run "$run" -test.count "$count" -test.v -test.timeout 40m) 2>&1 | tee "$log"
+	(cd "$pkg" && "$bin" -test.run "$run" -test.count "$count" -test.v -test.timeout "$timeout") 2>&1 | tee "$log"
 	st=${PIPESTATUS[0]}
 	set -e
 	passed=$(grep -c -- '^--- PASS: TestGuest' "$log" || true)

@@ -338,13 +338,13 @@ func (b *Block) read(sector uint64) (byte, uint64) {
 	}
 	var done uint64
 	for _, s := range b.segs {
-		// Straight from the image into guest memory; WritableSlice marks
-		// the pages dirty (invariant 3).
-		dst, err := b.mem.WritableSlice(s.GPA, uint64(s.Len))
+		// Straight from the image into guest memory; Fill marks the
+		// pages dirty once the read is complete (invariant 3).
+		err := b.mem.Fill(s.GPA, uint64(s.Len), func(dst []byte) error {
+			_, err := b.f.ReadAt(dst, off)
+			return err
+		})
 		if err != nil {
-			return blkSIOErr, done
-		}
-		if _, err := b.f.ReadAt(dst, off); err != nil {
 			return blkSIOErr, done
 		}
 		off += int64(s.Len)

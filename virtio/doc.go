@@ -20,8 +20,8 @@
 //     it never panics and never touches memory outside the guest.
 //   - Guest memory is read and written only through guestmem.Memory;
 //     every write (used ring, block reads, received frames) goes through
-//     WriteAt or WritableSlice, which mark the pages dirty for the standby
-//     (DESIGN.md invariant 3).
+//     WriteAt or Fill, which mark the pages dirty for the standby once the
+//     bytes are in place (DESIGN.md invariant 3).
 //   - Quiesce returns only at a request boundary; until Resume the device
 //     writes no guest memory and raises no interrupt.
 //

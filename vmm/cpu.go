@@ -53,14 +53,21 @@ const (
 // entry state on the bootstrap processor. APs wait for INIT/SIPI inside
 // KVM.
 func (c *vcpu) configure() error {
-	if err := c.fd.SetCPUID2(ShapeCPUID(c.m.cpuid, c.id, c.m.cfg.CPUs)); err != nil {
+	// A restored guest gets the CPUID it booted with (checkState made
+	// sure this host offers it).
+	cpuid := ShapeCPUID(c.m.cpuid, c.id, c.m.cfg.CPUs)
+	if st := c.m.restoring; st != nil && len(st.VCPUs[c.id].CPUID) > 0 {
+		cpuid = st.VCPUs[c.id].CPUID
+	}
+	if err := c.fd.SetCPUID2(cpuid); err != nil {
 		return fmt.Errorf("set cpuid: %w", err)
 	}
+	c.cpuid = cpuid
 	if c.id == 0 {
 		c.m.msrs = probeMSRs(c.fd, c.m.msrs)
 	}
 	if st := c.m.restoring; st != nil {
-		return restoreVCPU(c.fd, &st.VCPUs[c.id], c.m.xsave)
+		return restoreVCPU(c.fd, &st.VCPUs[c.id], st.TSCKHz, c.m.xsave)
 	}
 	msrs := []kvmapi.MSREntry{
 		{Index: msrSysenterCS}, {Index: msrSysenterESP}, {Index: msrSysenterEIP},

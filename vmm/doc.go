@@ -3,7 +3,10 @@
 // initramfs), the MP table for SMP, CPUID and MSR setup, the vCPU run loops
 // (one OS thread each), the PIO and MMIO buses, the legacy devices (8250
 // UART, i8042 reset, CMOS RTC, the exit port, the PCI host bridge) and
-// pause/resume of all vCPUs at a consistent point.
+// pause/resume of all vCPUs at a consistent point. It owns the KVM VM file
+// descriptor and the memory slots: dirty tracking for migration and
+// replication starts here (Machine.TrackDirty, one tracker at a time), and
+// no other package touches the VM fd.
 //
 // It does not own replication policy or network I/O: devices that do
 // (virtio) satisfy the small interfaces here and in vmm/pci, and the

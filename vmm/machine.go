@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	"govmm/kvmapi"
 	"govmm/vmm/devstate"
@@ -48,16 +49,17 @@ type Result struct {
 
 // Machine is one VM: its memory, vCPUs, buses and legacy devices.
 type Machine struct {
-	cfg   Config
-	sys   *kvmapi.System
-	vm    *kvmapi.VM
-	mem   *guestmem.Memory
-	pio   *Bus
-	mmio  *Bus
-	pci   *PCIBus
-	uart  *UART
-	cpuid []kvmapi.CPUIDEntry
-	xsave int // bytes of XSAVE state per vCPU
+	cfg    Config
+	sys    *kvmapi.System
+	vm     *kvmapi.VM
+	mem    *guestmem.Memory
+	pio    *Bus
+	mmio   *Bus
+	pci    *PCIBus
+	uart   *UART
+	cpuid  []kvmapi.CPUIDEntry
+	xsave  int    // bytes of XSAVE state per vCPU
+	tscKHz uint32 // the TSC rate new vCPUs get here; 0 if KVM cannot tell before one exists
 
 	vcpus    []*vcpu
 	msrs     []uint32 // MSRs saved and restored per vCPU (probed at start)
@@ -71,10 +73,13 @@ type Machine struct {
 
 	restoring *MachineState // non-nil while StartFrom sets up vCPUs
 
-	pauseMu sync.Mutex // serialises Pause/Resume
-	paused  int        // pause holders: Pause increments, Resume decrements
+	pauseMu    sync.Mutex // serialises Pause/Resume; guards paused and handedOver
+	paused     int        // pause holders: Pause increments, Resume decrements
+	handedOver bool       // the guest lives on elsewhere: never run again (HandOver)
 
 	stwMu sync.Mutex // one stop-the-world operation at a time (WithPaused)
+
+	tracking atomic.Bool // a dirty tracker is open (TrackDirty)
 }
 
 // New opens KVM and builds the machine: memory slots, interrupt
@@ -141,6 +146,9 @@ func (m *Machine) build() error {
 	if m.cpuid, err = sys.SupportedCPUID(); err != nil {
 		return fmt.Errorf("get supported cpuid: %w", err)
 	}
+	if sys.CheckExtension(kvmapi.CapTSCDeadlineTimer) > 0 {
+		addTSCDeadline(m.cpuid)
+	}
 	if m.msrs, err = sys.MSRIndexList(); err != nil {
 		return fmt.Errorf("get msr index list: %w", err)
 	}
@@ -150,6 +158,9 @@ func (m *Machine) build() error {
 	if err := hidePMU(sys, m.vm); err != nil {
 		return err
 	}
+	if khz, err := m.vm.TSCKHz(); err == nil {
+		m.tscKHz = khz
+	}
 	var specs []guestmem.Spec
 	for _, r := range RAMLayout(m.cfg.MemSize) {
 		specs = append(specs, guestmem.Spec{GPA: guestmem.GPA(r.GPA), Size: r.Size})
@@ -158,9 +169,7 @@ func (m *Machine) build() error {
 		return fmt.Errorf("allocate %d MiB of guest memory: %w", m.cfg.MemSize>>20, err)
 	}
 	for _, r := range m.mem.Regions() {
-		if err := m.vm.SetUserMemoryRegion(kvmapi.UserMemoryRegion{
-			Slot: r.Slot, GuestPhysAddr: uint64(r.GPA), MemorySize: r.Size, UserspaceAddr: hostAddr(r.Host),
-		}); err != nil {
+		if err := m.setSlot(r, 0); err != nil {
 			return fmt.Errorf("memory slot %d: %w", r.Slot, err)
 		}
 	}
@@ -201,6 +210,25 @@ func (m *Machine) build() error {
 		}
 	}
 	return nil
+}
+
+// ecxTSCDeadline is CPUID.01H:ECX.TSC_DEADLINE (bit 24).
+const ecxTSCDeadline = 1 << 24
+
+// addTSCDeadline offers the LAPIC's TSC-deadline timer mode. KVM emulates
+// it with any in-kernel LAPIC and says so with KVM_CAP_TSC_DEADLINE_TIMER,
+// but kernels before 6.2 or so leave the bit out of
+// KVM_GET_SUPPORTED_CPUID (QEMU adds it the same way). It matters for
+// replication: without it Linux calibrates the LAPIC timer against the
+// PIT at boot, and a boot slowed by checkpoint pauses can fail the check
+// ("APIC timer disabled due to verification failure") and leave the guest
+// ticking on the PIT for good; with it there is nothing to calibrate.
+func addTSCDeadline(cpuid []kvmapi.CPUIDEntry) {
+	for i := range cpuid {
+		if cpuid[i].Function == 1 {
+			cpuid[i].ECX |= ecxTSCDeadline
+		}
+	}
 }
 
 // statefulDev is a device that is part of every checkpoint.
@@ -249,9 +277,6 @@ func hostMemory() (uint64, error) {
 
 // Memory is the guest's RAM.
 func (m *Machine) Memory() *guestmem.Memory { return m.mem }
-
-// VM is the KVM VM fd, for the packages that track dirty pages.
-func (m *Machine) VM() *kvmapi.VM { return m.vm }
 
 // UART is the console.
 func (m *Machine) UART() *UART { return m.uart }
@@ -479,9 +504,13 @@ func (m *Machine) Pause() error {
 }
 
 // Resume undoes one Pause; the vCPUs run again when no pause is held.
+// After HandOver it refuses with ErrHandedOver.
 func (m *Machine) Resume() error {
 	m.pauseMu.Lock()
 	defer m.pauseMu.Unlock()
+	if m.handedOver {
+		return ErrHandedOver
+	}
 	if m.paused == 0 {
 		return nil
 	}
@@ -494,10 +523,38 @@ func (m *Machine) Resume() error {
 	return nil
 }
 
+// ErrHandedOver is returned by Resume and ResumeDevices on a machine that
+// handed its guest over to another host (HandOver).
+var ErrHandedOver = errors.New("machine handed its guest over (migrated away): it never runs again")
+
+// HandOver records that the guest now lives on elsewhere (a migration's
+// destination acknowledged the final checkpoint): from here on this
+// machine's vCPUs never run and its devices stay quiesced, so it sends no
+// frame, executes no disk write and writes no guest memory again, even
+// while the destination already runs the guest. Only Stop and Close
+// remain. Call it from inside WithPaused, at the cut; the machine must be
+// paused (ErrNotPaused otherwise).
+func (m *Machine) HandOver() error {
+	m.pauseMu.Lock()
+	defer m.pauseMu.Unlock()
+	if m.paused == 0 {
+		return ErrNotPaused
+	}
+	m.handedOver = true
+	return nil
+}
+
+// HandedOver reports whether HandOver was called.
+func (m *Machine) HandedOver() bool {
+	m.pauseMu.Lock()
+	defer m.pauseMu.Unlock()
+	return m.handedOver
+}
+
 // WithPaused runs fn at a consistent cut: every vCPU paused and every
 // device quiesced. Such operations (a checkpoint, a snapshot) never
 // interleave. Afterwards the devices and vCPUs go on, unless fn stopped
-// the machine or another pause is held.
+// the machine, handed it over, or another pause is held.
 func (m *Machine) WithPaused(ctx context.Context, fn func() error) error {
 	m.stwMu.Lock()
 	defer m.stwMu.Unlock()

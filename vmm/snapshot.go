@@ -194,11 +194,14 @@ func ReadSnapshot(path string, mem *guestmem.Memory) (*MachineState, error) {
 		if count == 0 || count > maxRunPages || gpa%guestmem.PageSize != 0 {
 			return nil, fmt.Errorf("%w: bad page run at %#x (%d pages)", ErrSnapshot, gpa, count)
 		}
-		dst, err := mem.WritableSlice(guestmem.GPA(gpa), count*guestmem.PageSize)
-		if err != nil {
-			return nil, fmt.Errorf("%w: page run %#x+%d: %v", ErrSnapshot, gpa, count, err)
+		if !mem.Contains(guestmem.GPA(gpa), count*guestmem.PageSize) {
+			return nil, fmt.Errorf("%w: page run %#x+%d: %v", ErrSnapshot, gpa, count, guestmem.ErrOutOfRange)
 		}
-		if _, err := io.ReadFull(r, dst); err != nil {
+		err := mem.Fill(guestmem.GPA(gpa), count*guestmem.PageSize, func(dst []byte) error {
+			_, err := io.ReadFull(r, dst)
+			return err
+		})
+		if err != nil {
 			return nil, fmt.Errorf("%w: truncated page data", ErrSnapshot)
 		}
 	}

@@ -23,6 +23,10 @@ type MachineState struct {
 	Clock   kvmapi.ClockData
 	Devices []devstate.State // sorted by ID
 	Memory  MemoryLayout
+	// TSCKHz is the guest's TSC frequency (KVM_GET_TSC_KHZ), which its
+	// clocks were calibrated against; restore asks KVM for the same
+	// rate. 0 (a version 1 state) means unknown: the host's rate.
+	TSCKHz uint32
 }
 
 // VCPUState is everything KVM holds for one vCPU.
@@ -36,6 +40,10 @@ type VCPUState struct {
 	MSRs      []kvmapi.MSREntry
 	DebugRegs kvmapi.DebugRegs
 	Events    kvmapi.VCPUEvents
+	// CPUID is what the guest saw on this vCPU (KVM_SET_CPUID2 at boot):
+	// restore sets it again, on a host that offers every feature in it.
+	// Empty (a version 1 state) means this host's own.
+	CPUID []kvmapi.CPUIDEntry
 }
 
 // IRQChipState is both PICs, the IOAPIC and the PIT.
@@ -71,7 +79,13 @@ func (m *Machine) SaveState() (*MachineState, error) {
 		if err != nil {
 			return fmt.Errorf("vcpu %d: %w", id, err)
 		}
+		v.CPUID = append([]kvmapi.CPUIDEntry(nil), m.vcpus[id].cpuid...)
 		st.VCPUs[id] = v
+		if id == 0 {
+			if st.TSCKHz, err = fd.TSCKHz(); err != nil {
+				return fmt.Errorf("vcpu %d: get tsc khz: %w", id, err)
+			}
+		}
 		return nil
 	})
 	if err != nil {
@@ -151,10 +165,22 @@ func (m *Machine) saveIRQChip() (IRQChipState, error) {
 	return s, nil
 }
 
-// restoreVCPU puts a saved vCPU back, after CPUID is set. Order: SREGS
-// (it carries the APIC base), LAPIC, MSRS (the TSC deadline needs the
-// LAPIC), XCRS, XSAVE, REGS, MP_STATE, DEBUGREGS, and VCPU_EVENTS last.
-func restoreVCPU(fd *kvmapi.VCPU, v *VCPUState, xsaveSize int) error {
+// restoreVCPU puts a saved vCPU back, after CPUID is set. Order: the TSC
+// rate (before the TSC itself is written), SREGS (it carries the APIC
+// base), LAPIC, MSRS (the TSC deadline needs the LAPIC), XCRS, XSAVE,
+// REGS, MP_STATE, DEBUGREGS, and VCPU_EVENTS last.
+func restoreVCPU(fd *kvmapi.VCPU, v *VCPUState, tscKHz uint32, xsaveSize int) error {
+	if tscKHz != 0 {
+		cur, err := fd.TSCKHz()
+		if err != nil {
+			return fmt.Errorf("get tsc khz: %w", err)
+		}
+		if cur != tscKHz {
+			if err := fd.SetTSCKHz(tscKHz); err != nil {
+				return fmt.Errorf("set tsc khz %d (this host: %d): %w", tscKHz, cur, err)
+			}
+		}
+	}
 	if err := fd.SetSregs(v.Sregs); err != nil {
 		return fmt.Errorf("set sregs: %w", err)
 	}
@@ -185,6 +211,14 @@ func restoreVCPU(fd *kvmapi.VCPU, v *VCPUState, xsaveSize int) error {
 	return nil
 }
 
+// CheckState refuses, with ErrStateMismatch, a state that this machine
+// could not resume: another shape, other devices, an XSAVE area larger
+// than KVM here takes, CPU features the guest uses that this host lacks,
+// or a TSC rate it cannot give. StartFrom checks the same; a migration
+// destination or standby calls it before acknowledging a checkpoint, so
+// that the source keeps a guest that could not run here.
+func (m *Machine) CheckState(st *MachineState) error { return m.checkState(st) }
+
 // checkState refuses a state that does not fit this machine, before
 // anything is changed.
 func (m *Machine) checkState(st *MachineState) error {
@@ -198,6 +232,14 @@ func (m *Machine) checkState(st *MachineState) error {
 		if len(st.VCPUs[i].Xsave) > m.xsave {
 			return fmt.Errorf("%w: vcpu %d xsave area %d bytes, kvm here takes %d", ErrStateMismatch, i, len(st.VCPUs[i].Xsave), m.xsave)
 		}
+		if saved := st.VCPUs[i].CPUID; len(saved) > 0 {
+			if err := checkCPUID(saved, ShapeCPUID(m.cpuid, i, m.cfg.CPUs)); err != nil {
+				return fmt.Errorf("%w: vcpu %d: %w", ErrStateMismatch, i, err)
+			}
+		}
+	}
+	if err := checkTSC(st.TSCKHz, m.tscKHz, m.sys.CheckExtension(kvmapi.CapTSCControl) > 0); err != nil {
+		return fmt.Errorf("%w: %w", ErrStateMismatch, err)
 	}
 	have := map[string]string{}
 	for _, d := range m.stateful {
@@ -303,8 +345,12 @@ func (m *Machine) QuiesceDevices(ctx context.Context) error {
 	return nil
 }
 
-// ResumeDevices lets quiesced devices go on.
+// ResumeDevices lets quiesced devices go on. After HandOver it refuses
+// with ErrHandedOver and the devices stay quiesced.
 func (m *Machine) ResumeDevices() error {
+	if m.HandedOver() {
+		return ErrHandedOver
+	}
 	var errs []error
 	for _, d := range m.stateful {
 		if err := d.Resume(); err != nil {
@@ -321,12 +367,13 @@ func (m *Machine) ResumeDevices() error {
 const (
 	stateMagic = "GOVMMSTA"
 	// StateVersion is the current format version. Readers accept it and
-	// StateVersion-1 (none yet).
-	StateVersion   = 1
+	// StateVersion-1. Version 2 added the TSC rate and each vCPU's CPUID.
+	StateVersion   = 2
 	stateHeaderLen = 24
 	// MaxStateSize caps a decoded state before anything is allocated.
 	MaxStateSize = 64 << 20
 	maxMSRCount  = 1024
+	maxCPUIDs    = 256 // entries per vCPU (KVM's own limit is 256)
 )
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
@@ -387,6 +434,16 @@ func (s *MachineState) MarshalBinary() ([]byte, error) {
 		e.U16(d.Version)
 		e.Blob(d.Data)
 	}
+	// Version 2.
+	e.U32(s.TSCKHz)
+	for i := range s.VCPUs {
+		e.U32(uint32(len(s.VCPUs[i].CPUID)))
+		for _, c := range s.VCPUs[i].CPUID {
+			for _, v := range [...]uint32{c.Function, c.Index, c.Flags, c.EAX, c.EBX, c.ECX, c.EDX} {
+				e.U32(v)
+			}
+		}
+	}
 	body := e.Bytes()
 	if len(body) > MaxStateSize {
 		return nil, fmt.Errorf("%w: %d bytes", ErrStateTooLarge, len(body))
@@ -408,8 +465,9 @@ func (s *MachineState) UnmarshalBinary(data []byte) error {
 	if string(data[:8]) != stateMagic {
 		return ErrStateMagic
 	}
-	if v := binary.LittleEndian.Uint16(data[8:]); v != StateVersion {
-		return fmt.Errorf("%w: version %d, this govmm reads %d", ErrStateVersion, v, StateVersion)
+	version := binary.LittleEndian.Uint16(data[8:])
+	if version != StateVersion && version != StateVersion-1 {
+		return fmt.Errorf("%w: version %d, this govmm reads %d and %d", ErrStateVersion, version, StateVersion-1, StateVersion)
 	}
 	n := binary.LittleEndian.Uint64(data[12:])
 	if n > MaxStateSize {
@@ -465,6 +523,21 @@ func (s *MachineState) UnmarshalBinary(data []byte) error {
 		ds.Version = d.U16()
 		ds.Data = append([]byte(nil), d.Blob(MaxStateSize)...)
 		out.Devices = append(out.Devices, ds)
+	}
+	if version >= 2 {
+		out.TSCKHz = d.U32()
+		for i := range out.VCPUs {
+			n := d.U32()
+			if n > maxCPUIDs {
+				return fmt.Errorf("machine state: vcpu %d has %d cpuid entries, at most %d", i, n, maxCPUIDs)
+			}
+			for j := uint32(0); j < n && d.Err() == nil; j++ {
+				var c kvmapi.CPUIDEntry
+				c.Function, c.Index, c.Flags = d.U32(), d.U32(), d.U32()
+				c.EAX, c.EBX, c.ECX, c.EDX = d.U32(), d.U32(), d.U32(), d.U32()
+				out.VCPUs[i].CPUID = append(out.VCPUs[i].CPUID, c)
+			}
+		}
 	}
 	if err := d.Done(); err != nil {
 		return fmt.Errorf("machine state: %w", err)

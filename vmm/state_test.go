@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"flag"
+	"fmt"
 	"os"
 	"path/filepath"
 	"testing"
@@ -34,6 +35,11 @@ func sampleState() *MachineState {
 		v.LAPIC.Regs[0x20] = byte(i)
 		v.DebugRegs.DR7 = 0x400
 		v.Events.NMI.Masked = 1
+		v.CPUID = []kvmapi.CPUIDEntry{
+			{Function: 0, EAX: 0xd, EBX: 0x68747541, ECX: 0x444d4163, EDX: 0x69746e65},
+			{Function: 7, Index: 0, Flags: kvmapi.CPUIDFlagSignificantIndex, EBX: 0x219c07ab},
+			{Function: 1, EBX: uint32(i) << 24, ECX: 0xf6d83203, EDX: 0x178bfbff},
+		}
 		st.VCPUs = append(st.VCPUs, v)
 	}
 	st.IRQChip.PICMaster.ChipID = kvmapi.IRQChipPICMaster
@@ -42,6 +48,7 @@ func sampleState() *MachineState {
 	st.IRQChip.IOAPIC.Chip[0] = 0xfe
 	st.IRQChip.PIT.Channels[0].Count = 0x10000
 	st.Clock.Clock = 987654321
+	st.TSCKHz = 2596120
 	st.Devices = []devstate.State{
 		{ID: "uart-com1", Kind: "uart-16550a", Version: 1, Data: []byte{1, 2, 3}},
 		{ID: "virtio-blk0", Kind: "virtio-blk", Version: 1, Data: []byte("blk")},
@@ -61,7 +68,7 @@ func TestStateRoundTrip(t *testing.T) {
 // The encoding of each format version is pinned: a reader must keep
 // accepting the files written by the current and the previous version.
 func TestStateGolden(t *testing.T) {
-	path := filepath.Join("testdata", "state", "v1.bin")
+	path := filepath.Join("testdata", "state", fmt.Sprintf("v%d.bin", StateVersion))
 	b, err := sampleState().MarshalBinary()
 	require.NoError(t, err)
 	if *updateGolden {
@@ -73,6 +80,20 @@ func TestStateGolden(t *testing.T) {
 	require.Equal(t, golden, b, "encoding changed: bump StateVersion and keep reading v%d", StateVersion)
 	var st MachineState
 	require.NoError(t, st.UnmarshalBinary(golden))
+	require.Equal(t, *sampleState(), st)
+
+	// The previous version: the same state without what version 2 added
+	// (the TSC rate and the CPUIDs), read as unknown.
+	old, err := os.ReadFile(filepath.Join("testdata", "state", fmt.Sprintf("v%d.bin", StateVersion-1)))
+	require.NoError(t, err)
+	var prev MachineState
+	require.NoError(t, prev.UnmarshalBinary(old))
+	want := sampleState()
+	want.TSCKHz = 0
+	for i := range want.VCPUs {
+		want.VCPUs[i].CPUID = nil
+	}
+	require.Equal(t, *want, prev)
 }
 
 func TestStateRejectsBadInput(t *testing.T) {
@@ -107,6 +128,11 @@ func TestStateRejectsBadInput(t *testing.T) {
 	require.NoError(t, err)
 	var st MachineState
 	require.ErrorContains(t, st.UnmarshalBinary(b), "msrs")
+	bad = sampleState()
+	bad.VCPUs[1].CPUID = make([]kvmapi.CPUIDEntry, maxCPUIDs+1)
+	b, err = bad.MarshalBinary()
+	require.NoError(t, err)
+	require.ErrorContains(t, st.UnmarshalBinary(b), "cpuid")
 }
 
 func TestUARTStateRoundTrip(t *testing.T) {

@@ -41,6 +41,8 @@ type vcpu struct {
 	pid  int
 	reqs chan vcpuReq
 
+	cpuid []kvmapi.CPUIDEntry // as set at setup; read by SaveState while paused
+
 	exits [kvmapi.NumExitReasons]atomic.Uint64 // exits that reached run, by reason
 	stats atomic.Pointer[kvmapi.Stats]         // KVM's own counters; nil before 5.14
 }

@@ -325,10 +325,19 @@ const escapeKey = 0x01
 // attachConsole forwards stdin to the guest's UART, in raw mode when stdin
 // is a terminal. The returned function restores the terminal; it is
 // idempotent.
+//
+// A VMM that is a background job of an interactive shell ('govmm standby
+// ... &') leaves its terminal alone: changing the terminal's modes would
+// get it stopped by SIGTTOU, and reading it by SIGTTIN, at boot or at a
+// takeover, with the guest frozen. The guest's console output still goes
+// to stdout; its input stays with the shell.
 func attachConsole(m *vmm.Machine) (restore func()) {
 	fd := int(os.Stdin.Fd())
 	old, err := unix.IoctlGetTermios(fd, unix.TCGETS)
 	isTTY := err == nil
+	if isTTY && !foreground(fd) {
+		return func() {}
+	}
 	restored := false
 	restore = func() {
 		if isTTY && !restored {
@@ -348,6 +357,13 @@ func attachConsole(m *vmm.Machine) (restore func()) {
 	}
 	go forwardInput(m, os.Stdin, isTTY)
 	return restore
+}
+
+// foreground reports whether this process's group is the foreground
+// process group of the terminal fd (tcgetpgrp(fd) == getpgrp()).
+func foreground(fd int) bool {
+	pgrp, err := unix.IoctlGetInt(fd, unix.TIOCGPGRP)
+	return err == nil && pgrp == unix.Getpgrp()
 }
 
 func forwardInput(m *vmm.Machine, r io.Reader, escapes bool) {

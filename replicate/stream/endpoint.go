@@ -159,6 +159,11 @@ func (e *endpoint) send(t frameType, payload []byte, flush bool) error {
 			case <-time.After(250 * time.Millisecond):
 			}
 		}
+		if connectionLost(err) {
+			// The peer vanished while we wrote (an ack to a primary
+			// that was just killed): the same verdict as reading EOF.
+			return e.fail(fmt.Errorf("send %v: connection lost (%v): %w", t, err, ErrTruncated), -1)
+		}
 		return e.fail(fmt.Errorf("send %v: %w", t, err), -1)
 	}
 	return nil

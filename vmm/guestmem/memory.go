@@ -162,7 +162,7 @@ func (m *Memory) Contains(gpa GPA, n uint64) bool {
 
 // Slice returns the host bytes backing [gpa, gpa+n) for reading. The range
 // must lie inside one region. Do not write through it: use WriteAt or
-// WritableSlice, which record the dirty pages.
+// Fill, which record the dirty pages.
 func (m *Memory) Slice(gpa GPA, n uint64) ([]byte, error) {
 	r, off, err := m.find(gpa, n)
 	if err != nil {
@@ -171,18 +171,23 @@ func (m *Memory) Slice(gpa GPA, n uint64) ([]byte, error) {
 	return r.Host[off : off+n : off+n], nil
 }
 
-// WritableSlice returns the host bytes backing [gpa, gpa+n) and marks them
-// dirty, for a device that fills guest memory directly (a block read, a
-// received frame). Mark happens before the caller writes: a harvest that
-// runs in between leaves the pages marked again only if the caller writes
-// after it, which the device quiescing at checkpoints rules out.
-func (m *Memory) WritableSlice(gpa GPA, n uint64) ([]byte, error) {
+// Fill lets fill write [gpa, gpa+n) of guest memory in place, for a
+// device that fills guest memory directly (a block read straight from the
+// image), and marks the pages dirty once fill has returned, whether it
+// succeeded or not (it may have written part of the range). The mark
+// follows the writes, as in WriteAt: a harvest that runs while fill writes
+// does not take the mark away before the bytes are in place, so the pages
+// are reported by a harvest that reads them complete. Marking first would
+// let a harvest between the mark and the last write report the pages, its
+// caller ship them half-written, and nothing mark them again. dst is valid
+// only during fill.
+func (m *Memory) Fill(gpa GPA, n uint64, fill func(dst []byte) error) error {
 	r, off, err := m.find(gpa, n)
 	if err != nil {
-		return nil, err
+		return err
 	}
-	r.markDirty(off, n)
-	return r.Host[off : off+n : off+n], nil
+	defer r.markDirty(off, n)
+	return fill(r.Host[off : off+n : off+n])
 }
 
 // ReadAt copies guest memory at gpa into p.

@@ -1,6 +1,8 @@
 package guestmem
 
 import (
+	"bytes"
+	"errors"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -73,10 +75,9 @@ func TestAccessBounds(t *testing.T) {
 func TestWritesMarkDirty(t *testing.T) {
 	m := newTestMemory(t)
 	r := m.Regions()[1]
-	require.NoError(t, m.WriteAt([]byte("hello"), 0x100000+3*PageSize+PageSize-2)) // pages 3 and 4
-	_, err := m.WritableSlice(0x100000+63*PageSize, 3*PageSize)                    // pages 63..65
-	require.NoError(t, err)
-	require.NoError(t, m.MarkDirty(0x100000+199*PageSize, 1)) // page 199
+	require.NoError(t, m.WriteAt([]byte("hello"), 0x100000+3*PageSize+PageSize-2))                  // pages 3 and 4
+	require.NoError(t, m.Fill(0x100000+63*PageSize, 3*PageSize, func([]byte) error { return nil })) // pages 63..65
+	require.NoError(t, m.MarkDirty(0x100000+199*PageSize, 1))                                       // page 199
 	assert.Equal(t, 6, r.VMMDirtyCount())
 
 	bm := make([]uint64, r.BitmapWords())
@@ -94,4 +95,45 @@ func TestWritesMarkDirty(t *testing.T) {
 	buf := make([]byte, 5)
 	require.NoError(t, m.ReadAt(buf, 0x100000+3*PageSize+PageSize-2))
 	assert.Equal(t, "hello", string(buf))
+}
+
+// A harvest that runs while a device fills guest memory in place (a block
+// read straight from the image) never reports the page with the fill
+// half done unless a later harvest reports it again: whatever a harvester
+// copied last, when it copied after each harvest that reported the page,
+// is the complete content. With the mark taken before the write (the old
+// WritableSlice), the harvest in the middle took the only mark and the
+// page went out half-written for good.
+func TestFillRacingHarvestLosesNothing(t *testing.T) {
+	m := newTestMemory(t)
+	r := m.Regions()[1]
+	const gpa = 0x100000 + 7*PageSize
+	var shipped []byte // what the harvester last copied of the page
+	harvest := func() {
+		bm := make([]uint64, r.BitmapWords())
+		r.HarvestVMMDirty(bm)
+		if bm[0]&(1<<7) != 0 {
+			b, err := m.Slice(gpa, PageSize)
+			require.NoError(t, err)
+			shipped = bytes.Clone(b)
+		}
+	}
+	want := bytes.Repeat([]byte{0xab}, PageSize)
+	require.NoError(t, m.Fill(gpa, PageSize, func(dst []byte) error {
+		copy(dst[:PageSize/2], want)
+		harvest() // a pre-copy round's harvest, between two writes of the device
+		copy(dst[PageSize/2:], want[PageSize/2:])
+		return nil
+	}))
+	harvest()
+	assert.Equal(t, want, shipped, "the page as last shipped")
+
+	// A failed fill may have written part of the range: still marked.
+	require.Error(t, m.Fill(gpa, PageSize, func(dst []byte) error {
+		dst[0] = 1
+		return errors.New("short read")
+	}))
+	harvest()
+	assert.Equal(t, byte(1), shipped[0])
+	assert.ErrorIs(t, m.Fill(r.End(), 1, func([]byte) error { return nil }), ErrOutOfRange)
 }
