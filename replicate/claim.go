@@ -227,7 +227,9 @@ func (sb *Standby) setFollowing(peer stream.Identity) {
 	})
 }
 
-func (sb *Standby) setCheckpoint(epoch uint64) { sb.update(func(st *standbyState) { st.epoch = epoch }) }
+func (sb *Standby) setCheckpoint(epoch uint64) {
+	sb.update(func(st *standbyState) { st.epoch = epoch })
+}
 
 func (sb *Standby) setClaiming(base uint64, claimErr string) {
 	sb.update(func(st *standbyState) { st.phase, st.generation, st.claimErr = PhaseClaiming, base, claimErr })
