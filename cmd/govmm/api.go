@@ -184,7 +184,7 @@ func serveStandbyAPI(sb *replicate.Standby, f *runFlags) (func(), error) {
 func (b *standbyBackend) Info() ctlapi.Info {
 	st := b.sb.Status()
 	return ctlapi.Info{Name: b.f.name, State: "standing by", Uptime: time.Since(b.started), Role: st.Describe(),
-		Peer: st.Source, Fencing: st.Reason}
+		Fencing: st.Reason}
 }
 
 var errStandingBy = fmt.Errorf("%w: standing by: no guest runs here", ctlapi.ErrConflict)

@@ -114,9 +114,10 @@ func listWitnessState(dir string) error {
 }
 
 // witnessAcquireTimeout bounds a booting primary's wait for its first
-// generation: long enough to wait out a lease of a VMM that just died
-// (DefaultLease), short enough to say soon that the witness is not there.
-const witnessAcquireTimeout = 15 * time.Second
+// generation: long enough to wait out the lease of a VMM of this VM that
+// just died, and a few retries, short enough to say soon that the witness
+// is not there.
+func witnessAcquireTimeout(lease time.Duration) time.Duration { return 2*lease + 2*time.Second }
 
 // newWitnessClient is this VMM's client of --witness, as role ("primary",
 // "standby"), for the VM --name, with --key-file's key.
@@ -129,7 +130,10 @@ func newWitnessClient(f *runFlags, role, where string) (*witness.Client, error) 
 		return nil, fmt.Errorf("--witness %s: %w", f.witness, err)
 	}
 	host, _ := os.Hostname()
-	holder := fmt.Sprintf("%s %s %s pid %d", role, host, where, os.Getpid())
+	holder := fmt.Sprintf("%s %s pid %d", role, host, os.Getpid())
+	if where != "" {
+		holder = fmt.Sprintf("%s %s %s pid %d", role, host, where, os.Getpid())
+	}
 	return witness.NewClient(witness.Config{Addr: f.witness, Key: key, VM: f.name, Holder: holder, Lease: f.witnessLease})
 }
 
@@ -142,7 +146,7 @@ func acquireLease(f *runFlags) (*witness.Lease, error) {
 	if err != nil {
 		return nil, err
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), witnessAcquireTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), witnessAcquireTimeout(f.witnessLease))
 	defer cancel()
 	lease, err := c.Acquire(ctx)
 	switch {
