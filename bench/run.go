@@ -78,7 +78,7 @@ func Run(ctx context.Context, o Options, suites []string) (map[string]string, er
 			}
 			section = r.Report()
 		case "failover":
-			cfg := FailoverConfig{Govmm: o.Govmm, Trials: runs(10, 3), Out: o.Out, Log: o.Log}
+			cfg := FailoverConfig{Govmm: o.Govmm, Trials: runs(10, 3), Witness: true, Out: o.Out, Log: o.Log}
 			if o.Quick {
 				cfg.Timeouts = []time.Duration{500 * time.Millisecond}
 			}
