@@ -87,6 +87,16 @@ func Run(ctx context.Context, o Options, suites []string) (map[string]string, er
 				return sections, err
 			}
 			section = r.Report()
+		case "fencing":
+			cfg := FencingConfig{Trials: runs(3, 1), Out: o.Out, Log: o.Log}
+			if o.Quick {
+				cfg.Epochs, cfg.Warmup = 40, 5
+			}
+			r, err := Fencing(ctx, cfg)
+			if err != nil {
+				return sections, err
+			}
+			section = r.Report()
 		case "overhead":
 			cfg := OverheadConfig{Trials: runs(3, 2), Out: o.Out, Log: o.Log}
 			if o.Quick {

@@ -38,8 +38,15 @@ pages; --quick: 0 and 256).
 
 failover: separate 'govmm run --replicate-to' and 'govmm standby'
 processes; the primary is SIGKILLed (connection closed) or SIGSTOPped
-(silent), and the time to the standby's first control-API answer is
-measured for failover timeouts of 200ms, 500ms and 1s (--quick: 500ms).
+(silent), and the time to the standby's first control-API answer that
+the guest runs there is measured for failover timeouts of 200ms, 500ms
+and 1s (--quick: 500ms), without a witness and with one (--witness,
+lease = the failover timeout).
+
+fencing: what the witness lease costs a primary: the checkpoint pause of
+a tiny dirtying guest replicated to an in-process standby without a
+witness, with one (lease 2s, and 100ms) and with one that stops
+answering, side by side, and the renewal traffic on the wire.
 
 overhead: the guest-visible cost of replication: a tiny dirtying guest's
 throughput (passes/s over 3s; --quick: 0.5s) unreplicated, replicated to
@@ -51,7 +58,7 @@ Flags:
 `
 
 // benchSuites is every suite, in the order they run by default.
-var benchSuites = []string{"boot", "checkpoint", "migration", "failover", "overhead"}
+var benchSuites = []string{"boot", "checkpoint", "migration", "failover", "fencing", "overhead"}
 
 func cmdBench(args []string) error {
 	fs := newFlagSet("bench", benchUsage)
