@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"strings"
 	"sync"
 	"syscall"
 	"text/tabwriter"
@@ -133,6 +134,11 @@ func newWitnessClient(f *runFlags, role, where string) (*witness.Client, error) 
 	holder := fmt.Sprintf("%s %s pid %d", role, host, os.Getpid())
 	if where != "" {
 		holder = fmt.Sprintf("%s %s %s pid %d", role, host, where, os.Getpid())
+	}
+	// The witness takes names of at most witness.MaxName bytes, with the
+	// client's random suffix: keep the start, which says who.
+	if len(holder) > witness.MaxName-32 {
+		holder = strings.ToValidUTF8(holder[:witness.MaxName-32], "")
 	}
 	return witness.NewClient(witness.Config{Addr: f.witness, Key: key, VM: f.name, Holder: holder, Lease: f.witnessLease})
 }
