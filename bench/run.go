@@ -87,6 +87,13 @@ func Run(ctx context.Context, o Options, suites []string) (map[string]string, er
 				return sections, err
 			}
 			section = r.Report()
+		case "failover-guest":
+			cfg := FailoverGuestConfig{Govmm: o.Govmm, Kernel: o.Boot.Kernel, Initrd: o.Boot.Initrd, Trials: runs(3, 1), Out: o.Out, Log: o.Log}
+			r, err := FailoverGuest(ctx, cfg)
+			if err != nil {
+				return sections, err
+			}
+			section = r.Report()
 		case "fencing":
 			cfg := FencingConfig{Trials: runs(3, 1), Out: o.Out, Log: o.Log}
 			if o.Quick {
