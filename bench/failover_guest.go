@@ -130,7 +130,7 @@ func failoverGuestTrial(ctx context.Context, cfg FailoverGuestConfig, dir, keyFi
 		}
 	}
 	to := cfg.Timeout.String()
-	common := []string{"--kernel", cfg.Kernel, "--initrd", cfg.Initrd, "--failover-timeout", to, "--key-file", keyFile,
+	common := []string{"--failover-timeout", to, "--key-file", keyFile,
 		"--name", fmt.Sprintf("bench-guest-%s-%v-%d", mode, witness != "", trial)}
 	if witness != "" {
 		common = append(common, "--witness", witness, "--witness-lease", to)
@@ -144,7 +144,7 @@ func failoverGuestTrial(ctx context.Context, cfg FailoverGuestConfig, dir, keyFi
 	if err := waitFor(ctx, sb.stderr, sb.exited, "listening on", time.Minute); err != nil {
 		return s, fmt.Errorf("standby: %w", err)
 	}
-	prim, err := startProc(cfg.Govmm, append([]string{"run", "--replicate-to", streamAddr, "--net", "user",
+	prim, err := startProc(cfg.Govmm, append([]string{"run", "--kernel", cfg.Kernel, "--initrd", cfg.Initrd, "--replicate-to", streamAddr, "--net", "user",
 		"--publish", fmt.Sprintf("127.0.0.1:%d:80", ports[1]), "--disk", disks[0]}, common...)...)
 	if err != nil {
 		return s, err
