@@ -305,3 +305,47 @@ func containsAll(s string, subs ...string) bool {
 	}
 	return true
 }
+
+// A live migration with a witness hands the generation over with the
+// guest: the source resigns its lease after the final ack, so that the
+// destination wins the next generation at once (not a lease later), and
+// the source never releases output again.
+func TestWitnessMigrationHandsOverTheGeneration(t *testing.T) {
+	kvmtest.Require(t)
+	w := startWitnessRig(t)
+	sOut := NewOutputBuffer(&timedSink{}, 0)
+	dst, err := NewStandby(StandbyConfig{Listen: "127.0.0.1:0", Insecure: true, FailoverTimeout: fencedFailover,
+		Witness: w.client(w.addr, "destination", 2*time.Second), Logger: quiet,
+		Build: func(id stream.Identity) (Replica, error) {
+			rep, err := buildTiny(id)
+			rep.NICs = []NIC{{Out: sOut, MAC: net.HardwareAddr{0x52, 0x54, 0, 0, 0, 2}}}
+			return rep, err
+		}})
+	require.NoError(t, err)
+	defer dst.Close()
+	done := receive(t, dst)
+
+	src := newTiny(t, tinyguest.Dirtier(dirtyBase, 64, passGPA))
+	wire := &timedSink{}
+	out := NewOutputBuffer(wire, 0)
+	fence := NewFence(FenceConfig{Lease: acquire(t, w.client(w.addr, "source", 2*time.Second)), Witness: w.addr,
+		Machine: src, Outputs: []*OutputBuffer{out}, Logger: quiet})
+	defer fence.Close()
+	require.NoError(t, src.Start())
+	node := NewNode(Booted, Takeover{}, fence)
+	_, err = node.Migrate(context.Background(), src, MigrateConfig{To: dst.Addr(), Insecure: true, Name: "tiny"})
+	require.NoError(t, err)
+	r := <-done
+	require.NoError(t, r.err)
+	defer r.m.Close()
+	require.NotNil(t, r.tk.Fence)
+	defer r.tk.Fence.Close()
+	require.Equal(t, uint64(2), r.tk.Fence.Generation())
+	require.Less(t, r.tk.Claim, time.Second, "the source resigned: no lease (2s) to wait out")
+	require.False(t, fence.CanRelease(), "the source never releases output again")
+	require.NoError(t, out.Send([]byte("late")))
+	n, _ := wire.last()
+	require.Zero(t, n)
+	require.True(t, r.tk.Fence.CanRelease())
+	t.Logf("migrated; the destination won generation 2 in %v", r.tk.Claim)
+}
