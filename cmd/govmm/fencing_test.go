@@ -63,7 +63,7 @@ type vmmProcess struct {
 	done chan struct{}
 }
 
-func startVMM(t *testing.T, sock string, args ...string) *vmmProcess {
+func runVMM(t *testing.T, sock string, args ...string) *vmmProcess {
 	t.Helper()
 	p := &vmmProcess{cmd: exec.Command(govmmBin, args...), log: &logBuffer{}, sock: sock, done: make(chan struct{})}
 	p.cmd.Stderr = p.log
@@ -120,10 +120,10 @@ func newFencingWorld(t *testing.T) *fencingWorld {
 	fw.kernel, fw.initrd = tinyGuestFiles(t, fw.dir, tinyguest.Dirtier(0x400000, 64, counterGPA))
 	fw.w = startWitnessProc(t, fw.key)
 	fw.sbAddr = fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	fw.standby = startVMM(t, filepath.Join(fw.dir, "s.sock"), append([]string{"standby", "--listen", fw.sbAddr, "--net", "none",
+	fw.standby = runVMM(t, filepath.Join(fw.dir, "s.sock"), append([]string{"standby", "--listen", fw.sbAddr, "--net", "none",
 		"--key-file", fw.key, "--witness", fw.w.addr, "--api-sock", filepath.Join(fw.dir, "s.sock")}, witnessTimeouts...)...)
 	require.Eventually(t, func() bool { return strings.Contains(fw.standby.log.String(), "listening on") }, 30*time.Second, 10*time.Millisecond)
-	fw.primary = startVMM(t, filepath.Join(fw.dir, "p.sock"), append([]string{"run", "--kernel", fw.kernel, "--initrd", fw.initrd,
+	fw.primary = runVMM(t, filepath.Join(fw.dir, "p.sock"), append([]string{"run", "--kernel", fw.kernel, "--initrd", fw.initrd,
 		"--mem", "64M", "--net", "none", "--key-file", fw.key, "--witness", fw.w.addr, "--replicate-to", fw.sbAddr,
 		"--epoch", "20ms", "--api-sock", filepath.Join(fw.dir, "p.sock")}, witnessTimeouts...)...)
 	waitSocket(t, fw.primary.sock)
@@ -239,13 +239,13 @@ func TestWitnessFlagsBadInput(t *testing.T) {
 	// guest without the witness's consent.
 	w := startWitnessProc(t, key)
 	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	sb := startVMM(t, "", "standby", "--listen", addr, "--net", "none", "--key-file", key)
+	sb := runVMM(t, "", "standby", "--listen", addr, "--net", "none", "--key-file", key)
 	require.Eventually(t, func() bool { return strings.Contains(sb.log.String(), "listening on") }, 30*time.Second, 10*time.Millisecond)
 	_, errOut, status := govmm(t, time.Minute, append(tiny, "--key-file", key, "--witness", w.addr, "--replicate-to", addr)...)
 	require.Equal(t, 1, status, errOut)
 	require.Contains(t, errOut, "start it with --witness")
 	addr2 := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	sb2 := startVMM(t, "", "standby", "--listen", addr2, "--net", "none", "--key-file", key, "--witness", w.addr)
+	sb2 := runVMM(t, "", "standby", "--listen", addr2, "--net", "none", "--key-file", key, "--witness", w.addr)
 	require.Eventually(t, func() bool { return strings.Contains(sb2.log.String(), "listening on") }, 30*time.Second, 10*time.Millisecond)
 	_, errOut, status = govmm(t, time.Minute, append(tiny, "--key-file", key, "--replicate-to", addr2)...)
 	require.Equal(t, 1, status, errOut)
