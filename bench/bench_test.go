@@ -30,9 +30,10 @@ func TestQuickSuitesProduceOutput(t *testing.T) {
 		"checkpoint": {"checkpoint.csv", "checkpoint_steps.csv", "checkpoint_bounds.csv", "checkpoint_pause.png", "checkpoint_breakdown.png"},
 		"migration":  {"migration.csv", "migration.png"},
 		"failover":   {"failover.csv", "failover.png"},
+		"fencing":    {"fencing.csv", "fencing_traffic.csv", "fencing.png"},
 		"overhead":   {"overhead.csv", "overhead.png"},
 	}
-	for _, suite := range []string{"boot", "checkpoint", "migration", "failover", "overhead"} {
+	for _, suite := range []string{"boot", "checkpoint", "migration", "failover", "fencing", "overhead"} {
 		t.Run(suite, func(t *testing.T) {
 			out := t.TempDir()
 			ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)

@@ -27,8 +27,12 @@ type FailoverConfig struct {
 	Trials   int             // per timeout and mode
 	Pages    int             // the primary's Dirtier working set (default 256)
 	Epoch    time.Duration   // --epoch (default 20ms)
-	Out      string
-	Log      io.Writer
+	// Witness also runs every trial with a `govmm witness` (lease = the
+	// failover timeout, as docs/FENCING.md advises), beside the trial
+	// without one.
+	Witness bool
+	Out     string
+	Log     io.Writer
 }
 
 // Failure modes of the primary.
@@ -41,10 +45,14 @@ const (
 type FailoverSample struct {
 	Mode    string
 	Timeout time.Duration
+	Witness bool // with a witness (lease = Timeout)
 	Trial   int
 	// Answer is from the signal to the primary to the first answer of
-	// the standby's control API (GET /vm).
+	// the standby's control API (GET /vm) that says the guest runs there.
 	Answer time.Duration
+	// Claim is, with a witness, how long the standby took to win the next
+	// generation (part of Takeover).
+	Claim time.Duration
 	// Takeover is what the standby reports for resuming the replica
 	// (detection to running), and Epoch the checkpoint it resumed from.
 	Takeover time.Duration
@@ -92,18 +100,37 @@ func Failover(ctx context.Context, cfg FailoverConfig) (*FailoverResult, error) 
 	if err := os.WriteFile(initrd, []byte("x"), 0o644); err != nil {
 		return nil, err
 	}
+	// Every trial uses a key (a witness needs one), with or without a
+	// witness, so that the two differ in the witness alone.
+	keyFile := filepath.Join(dir, "key")
+	if err := os.WriteFile(keyFile, []byte("govmm-bench-failover-key-0123456"), 0o600); err != nil {
+		return nil, err
+	}
+	var wit *witnessProc
+	if cfg.Witness {
+		if wit, err = startWitness(ctx, cfg.Govmm, dir, keyFile); err != nil {
+			return nil, err
+		}
+		defer wit.kill()
+	}
 	res := &FailoverResult{Config: cfg}
 	for trial := 1; trial <= cfg.Trials; trial++ {
 		for _, to := range cfg.Timeouts {
 			for _, mode := range []string{FailKill, FailStop} {
-				s, err := failoverTrial(ctx, cfg, dir, kernel, initrd, mode, to)
-				if err != nil {
-					return res, fmt.Errorf("failover %s timeout %v trial %d: %w", mode, to, trial, err)
+				for _, w := range cfg.witnessModes() {
+					witAddr := ""
+					if w {
+						witAddr = wit.addr
+					}
+					s, err := failoverTrial(ctx, cfg, dir, kernel, initrd, keyFile, witAddr, mode, to, trial)
+					if err != nil {
+						return res, fmt.Errorf("failover %s timeout %v witness %v trial %d: %w", mode, to, w, trial, err)
+					}
+					s.Trial = trial
+					fmt.Fprintf(cfg.Log, "failover: %-7s timeout %-6v witness %-5v trial %2d: answer after %7.1f ms (takeover %v, claim %v, at epoch %d)\n",
+						mode, to, w, trial, msOf(s.Answer), s.Takeover, s.Claim, s.Epoch)
+					res.Samples = append(res.Samples, s)
 				}
-				s.Trial = trial
-				fmt.Fprintf(cfg.Log, "failover: %-7s timeout %-6v trial %2d: answer after %7.1f ms (takeover %v at epoch %d)\n",
-					mode, to, trial, msOf(s.Answer), s.Takeover, s.Epoch)
-				res.Samples = append(res.Samples, s)
 			}
 		}
 	}
@@ -177,10 +204,40 @@ func (p *proc) kill() {
 	<-p.exited
 }
 
-var tookOver = regexp.MustCompile(`primary lost \((.*)\); took over at checkpoint (\d+) in (\S+)`)
+func (cfg FailoverConfig) witnessModes() []bool {
+	if cfg.Witness {
+		return []bool{false, true}
+	}
+	return []bool{false}
+}
 
-func failoverTrial(ctx context.Context, cfg FailoverConfig, dir, kernel, initrd, mode string, timeout time.Duration) (FailoverSample, error) {
-	s := FailoverSample{Mode: mode, Timeout: timeout}
+// witnessProc is the suite's `govmm witness`.
+type witnessProc struct {
+	*proc
+	addr string
+}
+
+func startWitness(ctx context.Context, govmm, dir, keyFile string) (*witnessProc, error) {
+	p, err := startProc(govmm, "witness", "--listen", "127.0.0.1:0", "--key-file", keyFile, "--state", filepath.Join(dir, "witness"))
+	if err != nil {
+		return nil, err
+	}
+	if err := waitFor(ctx, p.stderr, p.exited, "listening on ", 30*time.Second); err != nil {
+		p.kill()
+		return nil, fmt.Errorf("witness: %w", err)
+	}
+	m := regexp.MustCompile(`listening on (\S+)`).FindStringSubmatch(p.stderr.String())
+	return &witnessProc{proc: p, addr: m[1]}, nil
+}
+
+var (
+	tookOver = regexp.MustCompile(`primary lost \((.*)\); took over at checkpoint (\d+) in (\S+)`)
+	claimed  = regexp.MustCompile(`won generation \d+ at the witness in (\S+)\)`)
+)
+
+func failoverTrial(ctx context.Context, cfg FailoverConfig, dir, kernel, initrd, keyFile, witness, mode string,
+	timeout time.Duration, trial int) (FailoverSample, error) {
+	s := FailoverSample{Mode: mode, Timeout: timeout, Witness: witness != ""}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return s, err
@@ -191,7 +248,13 @@ func failoverTrial(ctx context.Context, cfg FailoverConfig, dir, kernel, initrd,
 	_ = os.Remove(sbSock)
 	_ = os.Remove(pSock)
 	to := timeout.String()
-	sb, err := startProc(cfg.Govmm, "standby", "--listen", addr, "--net", "none", "--api-sock", sbSock, "--failover-timeout", to)
+	// Each trial is its own VM at the witness (a fresh generation 1).
+	common := []string{"--net", "none", "--failover-timeout", to, "--key-file", keyFile,
+		"--name", fmt.Sprintf("bench-%s-%v-%d", mode, timeout, trial)}
+	if witness != "" {
+		common = append(common, "--witness", witness, "--witness-lease", to)
+	}
+	sb, err := startProc(cfg.Govmm, append([]string{"standby", "--listen", addr, "--api-sock", sbSock}, common...)...)
 	if err != nil {
 		return s, err
 	}
@@ -199,8 +262,8 @@ func failoverTrial(ctx context.Context, cfg FailoverConfig, dir, kernel, initrd,
 	if err := waitFor(ctx, sb.stderr, sb.exited, "listening on", 30*time.Second); err != nil {
 		return s, fmt.Errorf("standby: %w", err)
 	}
-	prim, err := startProc(cfg.Govmm, "run", "--kernel", kernel, "--initrd", initrd, "--mem", "64M", "--net", "none",
-		"--api-sock", pSock, "--replicate-to", addr, "--epoch", cfg.Epoch.String(), "--failover-timeout", to)
+	prim, err := startProc(cfg.Govmm, append([]string{"run", "--kernel", kernel, "--initrd", initrd, "--mem", "64M",
+		"--api-sock", pSock, "--replicate-to", addr, "--epoch", cfg.Epoch.String()}, common...)...)
 	if err != nil {
 		return s, err
 	}
@@ -223,11 +286,14 @@ func failoverTrial(ctx context.Context, cfg FailoverConfig, dir, kernel, initrd,
 	deadline := t0.Add(timeout + 30*time.Second)
 	for {
 		cctx, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
-		_, err := client.Info(cctx)
+		info, err := client.Info(cctx)
 		cancel()
-		if err == nil {
+		if err == nil && info.State != "standing by" { // the standby's API answers while standing by too
 			s.Answer = time.Since(t0)
 			break
+		}
+		if err == nil {
+			err = fmt.Errorf("still standing by: %s", info.Fencing)
 		}
 		select {
 		case <-sb.exited:
@@ -246,14 +312,19 @@ func failoverTrial(ctx context.Context, cfg FailoverConfig, dir, kernel, initrd,
 		s.Epoch, _ = strconv.ParseUint(m[2], 10, 64)
 		s.Takeover, _ = time.ParseDuration(m[3])
 	}
+	if m := claimed.FindStringSubmatch(sb.stderr.String()); m != nil {
+		s.Claim, _ = time.ParseDuration(m[1])
+	}
 	return s, nil
 }
 
 type failoverGroup struct {
 	mode    string
 	timeout time.Duration
+	witness bool
 	answer  Summary
 	took    Summary
+	claim   Summary
 	values  []float64
 }
 
@@ -261,19 +332,22 @@ func (r *FailoverResult) groups() []failoverGroup {
 	var out []failoverGroup
 	for _, to := range r.Config.Timeouts {
 		for _, mode := range []string{FailKill, FailStop} {
-			g := failoverGroup{mode: mode, timeout: to}
-			var took []float64
-			for _, s := range r.Samples {
-				if s.Mode == mode && s.Timeout == to {
-					g.values = append(g.values, msOf(s.Answer))
-					took = append(took, msOf(s.Takeover))
+			for _, w := range r.Config.witnessModes() {
+				g := failoverGroup{mode: mode, timeout: to, witness: w}
+				var took, claim []float64
+				for _, s := range r.Samples {
+					if s.Mode == mode && s.Timeout == to && s.Witness == w {
+						g.values = append(g.values, msOf(s.Answer))
+						took = append(took, msOf(s.Takeover))
+						claim = append(claim, msOf(s.Claim))
+					}
 				}
+				if len(g.values) == 0 {
+					continue
+				}
+				g.answer, g.took, g.claim = Summarize(g.values), Summarize(took), Summarize(claim)
+				out = append(out, g)
 			}
-			if len(g.values) == 0 {
-				continue
-			}
-			g.answer, g.took = Summarize(g.values), Summarize(took)
-			out = append(out, g)
 		}
 	}
 	return out
@@ -282,17 +356,21 @@ func (r *FailoverResult) groups() []failoverGroup {
 func (r *FailoverResult) write(dir string) error {
 	var rows [][]string
 	for _, s := range r.Samples {
-		rows = append(rows, []string{s.Mode, ftoa(msOf(s.Timeout), 0), strconv.Itoa(s.Trial), ftoa(msOf(s.Answer), 3),
-			ftoa(msOf(s.Takeover), 3), strconv.FormatUint(s.Epoch, 10), s.Cause})
+		rows = append(rows, []string{s.Mode, ftoa(msOf(s.Timeout), 0), strconv.FormatBool(s.Witness), strconv.Itoa(s.Trial),
+			ftoa(msOf(s.Answer), 3), ftoa(msOf(s.Takeover), 3), ftoa(msOf(s.Claim), 3), strconv.FormatUint(s.Epoch, 10), s.Cause})
 	}
-	if err := writeCSV(filepath.Join(dir, "failover.csv"), []string{"mode", "failover_timeout_ms", "trial", "answer_ms",
-		"takeover_ms", "resumed_epoch", "cause"}, rows); err != nil {
+	if err := writeCSV(filepath.Join(dir, "failover.csv"), []string{"mode", "failover_timeout_ms", "witness", "trial", "answer_ms",
+		"takeover_ms", "claim_ms", "resumed_epoch", "cause"}, rows); err != nil {
 		return err
 	}
 	var names []string
 	var values [][]float64
 	for _, g := range r.groups() {
-		names = append(names, fmt.Sprintf("%s, timeout %v", g.mode, g.timeout))
+		name := fmt.Sprintf("%s, timeout %v", g.mode, g.timeout)
+		if g.witness {
+			name += ", witness"
+		}
+		names = append(names, name)
 		values = append(values, g.values)
 	}
 	return boxes(filepath.Join(dir, "failover.png"), "Primary failure to the standby's first API answer", "time (ms)", names, values)
@@ -306,12 +384,18 @@ func (r *FailoverResult) Report() string {
 		"then signals the primary's process group and polls the standby's control API (`ctlapi.Client.Info`, GET /vm, every 0.5 ms) until it answers. "+
 		"*sigkill*: the primary dies, the kernel closes its TCP connection and the standby sees the stream break at once. "+
 		"*sigstop*: the primary freezes with its connection open (a silent primary); only the failover timeout detects it. "+
-		"*takeover* is what the standby itself logs for resuming the replica after detection. Raw data `failover.csv`, plot `failover.png` (box: p25–p75 with the median; whiskers 1.5 IQR).\n\n",
+		"*takeover* is what the standby itself logs for resuming the replica after detection (with a witness, the claim of the next generation included; *claim* alone). "+
+		"Every trial uses a pre-shared key; *witness* trials add `--witness` (a `govmm witness` on loopback) with `--witness-lease T`: the standby of a SIGKILLed primary then waits for the dead primary's lease to run out (at most T after its last renewal), "+
+		"while a SIGSTOPped primary's lease has run out by the time its silence is detected. Raw data `failover.csv`, plot `failover.png` (box: p25–p75 with the median; whiskers 1.5 IQR).\n\n",
 		platform(), r.Config.Pages, r.Config.Epoch, 10*r.Config.Epoch+100*time.Millisecond)
-	b.WriteString("| mode | failover timeout | trials | answer median ms | p25 | p75 | min | max | takeover median ms |\n|---|---|---|---|---|---|---|---|---|\n")
+	b.WriteString("| mode | failover timeout | witness | trials | answer median ms | p25 | p75 | min | max | takeover median ms | claim median ms |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, g := range r.groups() {
 		a := g.answer
-		fmt.Fprintf(&b, "| %s | %v | %d | %.1f | %.1f | %.1f | %.1f | %.1f | %.2f |\n", g.mode, g.timeout, a.N, a.Median, a.P25, a.P75, a.Min, a.Max, g.took.Median)
+		w := "no"
+		if g.witness {
+			w = "yes"
+		}
+		fmt.Fprintf(&b, "| %s | %v | %s | %d | %.1f | %.1f | %.1f | %.1f | %.1f | %.2f | %.2f |\n", g.mode, g.timeout, w, a.N, a.Median, a.P25, a.P75, a.Min, a.Max, g.took.Median, g.claim.Median)
 	}
 	return b.String()
 }

@@ -106,7 +106,7 @@ func migrationTrial(ctx context.Context, cfg MigrationConfig, pages int) (Migrat
 	}
 	done := make(chan received, 1)
 	go func() {
-		m, err := sb.ReceiveMigration(ctx)
+		m, _, err := sb.ReceiveMigration(ctx)
 		if err == nil {
 			m.Close()
 		}

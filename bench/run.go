@@ -78,11 +78,28 @@ func Run(ctx context.Context, o Options, suites []string) (map[string]string, er
 			}
 			section = r.Report()
 		case "failover":
-			cfg := FailoverConfig{Govmm: o.Govmm, Trials: runs(10, 3), Out: o.Out, Log: o.Log}
+			cfg := FailoverConfig{Govmm: o.Govmm, Trials: runs(10, 3), Witness: true, Out: o.Out, Log: o.Log}
 			if o.Quick {
 				cfg.Timeouts = []time.Duration{500 * time.Millisecond}
 			}
 			r, err := Failover(ctx, cfg)
+			if err != nil {
+				return sections, err
+			}
+			section = r.Report()
+		case "failover-guest":
+			cfg := FailoverGuestConfig{Govmm: o.Govmm, Kernel: o.Boot.Kernel, Initrd: o.Boot.Initrd, Trials: runs(3, 1), Out: o.Out, Log: o.Log}
+			r, err := FailoverGuest(ctx, cfg)
+			if err != nil {
+				return sections, err
+			}
+			section = r.Report()
+		case "fencing":
+			cfg := FencingConfig{Trials: runs(3, 1), Out: o.Out, Log: o.Log}
+			if o.Quick {
+				cfg.Epochs, cfg.Warmup = 40, 5
+			}
+			r, err := Fencing(ctx, cfg)
 			if err != nil {
 				return sections, err
 			}

@@ -46,6 +46,11 @@ type Info struct {
 	Uptime      time.Duration `json:"uptime_ns"`
 	Role        string        `json:"replication_role"` // "", "primary", "standby"
 	Peer        string        `json:"replication_peer"` // host:port or ""
+	// Fencing is the VMM's standing at the witness in words (its
+	// generation and lease, or FENCED; "" without a witness), or, on a
+	// standing-by standby, whether a failover would be possible now and
+	// why not.
+	Fencing string `json:"fencing,omitempty"`
 }
 
 // SnapshotResult reports what a snapshot wrote.

@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"sync"
+	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 
@@ -26,8 +27,9 @@ import (
 // runs at each checkpoint's cut with the device quiesced, and between
 // pre-copy rounds.
 type DiskLog struct {
-	src  io.ReaderAt
-	size int64
+	src    io.ReaderAt
+	size   int64
+	fenced atomic.Bool // sticky: AllowWrite refuses every write
 
 	mu       sync.Mutex // guards the fields below
 	armed    bool
@@ -68,6 +70,23 @@ func (d *DiskLog) Size() int64 { return d.size }
 // Pressure is signalled when the current epoch's writes pass
 // PressureDiskBytes.
 func (d *DiskLog) Pressure() <-chan struct{} { return d.pressure }
+
+// ErrDiskFenced is why a fenced VMM's disk refuses writes.
+var ErrDiskFenced = errors.New("disk fenced: this VMM never writes the guest's disk again")
+
+// AllowWrite is the virtio-blk AllowWrite hook (device worker): nil until
+// Fence, ErrDiskFenced for good after.
+func (d *DiskLog) AllowWrite() error {
+	if d.fenced.Load() {
+		return ErrDiskFenced
+	}
+	return nil
+}
+
+// Fence makes the disk refuse every later write (a fenced VMM, DESIGN.md
+// invariant 8): the guest sees an I/O error and the image stays as it
+// was, for inspection.
+func (d *DiskLog) Fence() { d.fenced.Store(true) }
 
 // Record keeps a copy of a write while replication is on.
 func (d *DiskLog) Record(off int64, p []byte) error {

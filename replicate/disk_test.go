@@ -127,7 +127,7 @@ func TestMigrationCarriesDiskWrites(t *testing.T) {
 	defer sb.Close()
 	done := make(chan takeover, 1)
 	go func() {
-		m, err := sb.ReceiveMigration(context.Background())
+		m, _, err := sb.ReceiveMigration(context.Background())
 		done <- takeover{m: m, err: err}
 	}()
 	// The guest's disk traffic, made while pre-copy runs (as a device

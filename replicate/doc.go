@@ -19,6 +19,12 @@
 //   - transport.go: what a Replicator ships through (stream.Sender, or the
 //     null transport of benchmarks).
 //   - migrate.go: live migration.
+//   - fence.go: Fence, a VMM's side of the witness (docs/FENCING.md): the
+//     lease gates every frame of output; the generation is advanced before
+//     output runs ahead of a standby left behind; fencing stops the VMM.
+//   - claim.go: the standby's side of the witness: which sources it
+//     serves, the claim of the next generation before a replica runs, and
+//     what it knows meanwhile (Status, Metrics).
 //
 // # Epochs
 //
@@ -43,6 +49,13 @@
 //   - One emitter at a migration: the destination runs the guest only on a
 //     Handover, which the source sends only after the final ack and after
 //     which it never resumes; a source that resumes first says goodbye.
+//   - Exactly one emitter (8), with a witness: a frame leaves only while
+//     the VMM's lease is valid by its own clock (the gate, asked outside
+//     the checkpoint pause); a standby runs the guest only after winning
+//     the next generation; output never runs ahead of a standby's replica
+//     before the generation has been advanced past that standby's; a VMM
+//     that learns of a newer generation is fenced for good (no frame, no
+//     disk write, vCPUs stopped).
 //
 // # Goroutines
 //
@@ -51,5 +64,9 @@
 // sending the guest's frames never delays the stream's reader, and one
 // goroutine per disk forwarding its pressure signal. Stop ends them all
 // and waits for the loop. A Standby's Receive* run on the caller's
-// goroutine; its Build runs on the stream Listener's, one at a time.
+// goroutine (the claim of a generation too); its Build runs on the stream
+// Listener's, one at a time; with a witness, a poller asks the witness
+// every half lease until the guest runs there or Close. A Fence has one
+// goroutine (advance, fencing), ended by Close; its lease renews on its
+// own (package witness).
 package replicate

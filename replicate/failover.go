@@ -23,6 +23,11 @@ type Takeover struct {
 	Epoch uint64 // the checkpoint the guest resumed from
 	Cause error  // why the primary was declared lost; nil for a migration's handover
 	Took  time.Duration
+	// Fence holds the generation the standby won at the witness before it
+	// resumed the guest (nil without a witness); Claim is how long winning
+	// it took (part of Took).
+	Fence *Fence
+	Claim time.Duration
 }
 
 // shouldTakeOver decides what a standby does once its stream has ended
@@ -124,6 +129,7 @@ var (
 type Node struct {
 	origin     Origin
 	tookOverAt uint64 // the checkpoint a TookOver node resumed from
+	fence      *Fence // nil without a witness
 
 	// Lock order: op, then mu.
 	op   sync.Mutex // serialises Protect and Unprotect (held across a start or stop)
@@ -133,19 +139,43 @@ type Node struct {
 }
 
 // NewNode describes a VMM running its guest: booted here, or taken over
-// (from checkpoint tk.Epoch), or migrated in.
-func NewNode(origin Origin, tk Takeover) *Node {
-	return &Node{origin: origin, tookOverAt: tk.Epoch}
+// (from checkpoint tk.Epoch), or migrated in. fence is its lease at the
+// witness (nil without one): every replication and migration it starts
+// uses it.
+func NewNode(origin Origin, tk Takeover, fence *Fence) *Node {
+	return &Node{origin: origin, tookOverAt: tk.Epoch, fence: fence}
 }
 
-// Protect starts replicating m to a standby (StartReplication); it
-// returns once the guest is protected. A node that already replicates
-// refuses (ErrReplicating) until that replication has ended.
+// Fence is the node's lease at the witness, or nil.
+func (n *Node) Fence() *Fence { return n.fence }
+
+// ErrFencedNode is a fenced node's refusal to replicate or migrate.
+var ErrFencedNode = errors.New("this VMM is fenced")
+
+func (n *Node) checkFenced() error {
+	if n.fence != nil {
+		if err := n.fence.Err(); err != nil {
+			return fmt.Errorf("%w: %w", ErrFencedNode, err)
+		}
+	}
+	return nil
+}
+
+// Protect starts replicating m to a standby (StartReplication, with the
+// node's Fence); it returns once the guest is protected. A node that
+// already replicates refuses (ErrReplicating) until that replication has
+// ended; a fenced one refuses (ErrFencedNode).
 func (n *Node) Protect(ctx context.Context, m *vmm.Machine, cfg ReplicateConfig) (*Replicator, error) {
 	if !n.op.TryLock() {
 		return nil, fmt.Errorf("%w: replication is being started or stopped, or a migration runs", ErrReplicating)
 	}
 	defer n.op.Unlock()
+	if err := n.checkFenced(); err != nil {
+		return nil, err
+	}
+	if cfg.Fence == nil {
+		cfg.Fence = n.fence
+	}
 	if r := n.Replicator(); r != nil {
 		select {
 		case <-r.Done():
@@ -179,12 +209,18 @@ func (n *Node) Migrate(ctx context.Context, m *vmm.Machine, cfg MigrateConfig) (
 		return MigrateResult{}, fmt.Errorf("%w: replication is being started or stopped", ErrReplicating)
 	}
 	defer n.op.Unlock()
+	if err := n.checkFenced(); err != nil {
+		return MigrateResult{}, err
+	}
 	if r := n.Replicator(); r != nil {
 		select {
 		case <-r.Done():
 		default:
 			return MigrateResult{}, fmt.Errorf("%w to %s: unreplicate before migrating", ErrReplicating, n.Peer())
 		}
+	}
+	if cfg.Fence == nil {
+		cfg.Fence = n.fence
 	}
 	return Migrate(ctx, m, cfg)
 }
@@ -231,6 +267,9 @@ func (n *Node) Peer() string {
 
 // Describe is the role in words, as govmm ctl info shows it.
 func (n *Node) Describe() string {
+	if n.fence != nil && n.fence.Err() != nil {
+		return "FENCED (another VMM runs this guest now)"
+	}
 	if r := n.Replicator(); r != nil {
 		if r.Stats().Protected {
 			return "primary (protected)"
@@ -246,11 +285,24 @@ func (n *Node) Describe() string {
 	return ""
 }
 
-// Metrics are the current replication's metrics (none when not
-// replicating).
-func (n *Node) Metrics() []Metric {
-	if r := n.Replicator(); r != nil {
-		return r.Metrics()
+// Fencing is the node's standing at the witness in words, as govmm ctl
+// info shows it ("" without a witness).
+func (n *Node) Fencing() string {
+	if n.fence == nil {
+		return ""
 	}
-	return nil
+	return n.fence.Describe()
+}
+
+// Metrics are the current replication's metrics (none when not
+// replicating) and the Fence's.
+func (n *Node) Metrics() []Metric {
+	var out []Metric
+	if r := n.Replicator(); r != nil {
+		out = r.Metrics()
+	}
+	if n.fence != nil {
+		out = append(out, n.fence.Metrics()...)
+	}
+	return out
 }

@@ -293,7 +293,7 @@ func migrateGuest(t *testing.T, r *guestrig.Rig, src *guestVM, name, tap, disk s
 	}
 	recv := make(chan received, 1)
 	go func() {
-		m, err := sb.ReceiveMigration(ctx)
+		m, _, err := sb.ReceiveMigration(ctx)
 		recv <- received{m, err}
 	}()
 

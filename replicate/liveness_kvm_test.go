@@ -244,7 +244,7 @@ func TestMigrateLateAckNeverRunsTwice(t *testing.T) {
 	}
 	done := make(chan received, 1)
 	go func() {
-		m, err := sb.ReceiveMigration(context.Background())
+		m, _, err := sb.ReceiveMigration(context.Background())
 		done <- received{m, err}
 	}()
 	_, err := Migrate(context.Background(), src, MigrateConfig{To: sb.Addr(), Insecure: true, Name: "tiny",
@@ -276,7 +276,7 @@ func TestMigrateAckHeldBackNeverRunsTwice(t *testing.T) {
 	}
 	done := make(chan received, 1)
 	go func() {
-		m, err := sb.ReceiveMigration(context.Background())
+		m, _, err := sb.ReceiveMigration(context.Background())
 		done <- received{m, err}
 	}()
 	px := newProxy(t, sb.Addr())
@@ -304,7 +304,7 @@ func TestMigrateRefusedWhileReplicating(t *testing.T) {
 	kvmtest.Require(t)
 	prim := newTiny(t, tinyguest.Dirtier(dirtyBase, 64, passGPA))
 	require.NoError(t, prim.Start())
-	node := NewNode(Booted, Takeover{})
+	node := NewNode(Booted, Takeover{}, nil)
 	_, err := node.Protect(context.Background(), prim, ReplicateConfig{Transport: NewNullTransport(), Name: "tiny"})
 	require.NoError(t, err)
 	defer node.Unprotect()

@@ -35,6 +35,12 @@ type MigrateConfig struct {
 	// Devices describe the guest's devices beyond their kind, by device
 	// ID, as in ReplicateConfig.
 	Devices map[string][]stream.Attr
+	// Fence is the source's lease at the witness (nil without one): the
+	// hello carries its generation, from which the destination claims the
+	// next one before it runs the guest, and the source resigns it after
+	// the final ack, just before the handover, so that the claim need not
+	// wait for it to run out.
+	Fence *Fence
 }
 
 // ErrHandoverUnconfirmed: the source sent the handover, but could not
@@ -90,7 +96,8 @@ func Migrate(ctx context.Context, m *vmm.Machine, cfg MigrateConfig) (MigrateRes
 	start := time.Now()
 	var res MigrateResult
 
-	s, err := stream.Dial(ctx, cfg.To, stream.Config{Key: cfg.Key, Insecure: cfg.Insecure, Identity: IdentityOf(m, cfg.Name, cfg.Devices)})
+	s, err := stream.Dial(ctx, cfg.To, stream.Config{Key: cfg.Key, Insecure: cfg.Insecure,
+		Identity: cfg.Fence.identity(IdentityOf(m, cfg.Name, cfg.Devices))})
 	if err != nil {
 		return res, fmt.Errorf("migrate to %s: %w", cfg.To, err)
 	}
@@ -209,6 +216,13 @@ func stopAndCopy(ctx context.Context, m *vmm.Machine, s *stream.Sender, tracker 
 	if err := m.HandOver(); err != nil {
 		return false, nil, err
 	}
+	// With a witness, the lease ends here: this side never releases
+	// output again, and the destination's claim is granted at once. If
+	// the witness cannot be told, the lease runs out there by itself and
+	// the claim waits for it.
+	rctx, rcancel := context.WithTimeout(ctx, 2*time.Second)
+	_ = cfg.Fence.resign(rctx)
+	rcancel()
 	handoverErr = s.Handover()
 	return true, handoverErr, nil
 }

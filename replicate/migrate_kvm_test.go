@@ -71,7 +71,7 @@ func TestMigrateDirtyingGuest(t *testing.T) {
 	}
 	done := make(chan received, 1)
 	go func() {
-		m, err := sb.ReceiveMigration(context.Background())
+		m, _, err := sb.ReceiveMigration(context.Background())
 		done <- received{m, err}
 	}()
 
@@ -151,7 +151,7 @@ func TestMigrateMismatchedDestination(t *testing.T) {
 	defer sb.Close()
 	refused := make(chan error, 1)
 	sb.cfg.OnRefused = func(err error) { refused <- err }
-	go func() { _, _ = sb.ReceiveMigration(t.Context()) }()
+	go func() { _, _, _ = sb.ReceiveMigration(t.Context()) }()
 	_, err = Migrate(context.Background(), src, MigrateConfig{To: sb.Addr(), Insecure: true, Name: "tiny"})
 	require.ErrorIs(t, err, stream.ErrMismatch)
 	require.ErrorIs(t, err, stream.ErrPeer, "the source hears the destination's reason")

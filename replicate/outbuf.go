@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 
 	"govmm/virtio"
 )
@@ -18,22 +19,41 @@ import (
 // belong to the replicator: the buffer only checks that they increase.
 // Received frames pass straight through: incoming traffic is not delayed.
 //
+// A gate (SetGate: the witness lease, through a Fence) is asked
+// immediately before every frame leaves, released or passed through
+// (invariant 8, exactly one emitter): while it says no, acknowledged
+// epochs stay held (a later Release sends them) and passed-through frames
+// are dropped, both counted. Fence stops all output for good.
+//
 // Concurrency: Send comes from the device's worker, Seal from the
 // checkpoint path (vCPUs paused, devices quiesced), Release from the ack
-// path. A mutex orders them; Release sends outside it so a slow backend
-// does not stall the guest's Send.
+// path, Fence from the fencing goroutine. A mutex orders them; frames are
+// sent outside it so a slow backend does not stall the guest's Send.
+// Lock order: sendMu, then emitMu, then mu.
 type OutputBuffer struct {
 	inner virtio.NetBackend
+	gate  atomic.Pointer[func() bool] // nil: no gate (no witness)
 
-	mu         sync.Mutex // guards the fields below; taken inside sendMu
+	// emitMu is held for reading across each gate check and the send
+	// that follows it, and for writing by Fence: once Fence returns, no
+	// frame is on its way out.
+	emitMu sync.RWMutex
+	fenced atomic.Bool // set under emitMu's write lock; sticky
+
+	mu         sync.Mutex // guards the fields below
 	current    [][]byte   // frames of the epoch the guest is producing output in
 	sealed     []sealedEpoch
 	lastSealed uint64 // epoch of the last Seal
+	acked      uint64 // the last epoch Release was told of
 	held       int    // bytes held, all epochs
 	maxBytes   int
 	dropped    uint64
 	released   uint64
-	bypass     bool // output commit off (unsafe, for benchmarks only)
+	// heldNoLease counts releases the gate postponed; droppedNoLease the
+	// passed-through frames it dropped; droppedFenced the frames dropped
+	// by or after Fence.
+	heldNoLease, droppedNoLease, droppedFenced uint64
+	bypass                                     bool // output commit off (unsafe, for benchmarks only)
 	// passthrough: not replicating (yet, or any more); output is not held.
 	passthrough bool
 
@@ -51,6 +71,13 @@ var _ virtio.NetBackend = (*OutputBuffer)(nil)
 // frames are dropped (TCP retransmits them), never sent early.
 const DefaultMaxHeldBytes = 64 << 20
 
+// ErrNoLease is returned by Release when the gate (the witness lease) did
+// not let the acknowledged output out: it stays held for a later Release.
+var ErrNoLease = errors.New("no valid witness lease: acknowledged output held")
+
+// ErrOutputFenced is returned by Release on a fenced buffer.
+var ErrOutputFenced = errors.New("output fenced: nothing is ever sent again")
+
 // NewOutputBuffer wraps inner. Output passes straight through until Arm;
 // once armed, at most maxBytes (0: DefaultMaxHeldBytes) are held.
 func NewOutputBuffer(inner virtio.NetBackend, maxBytes int) *OutputBuffer {
@@ -58,6 +85,27 @@ func NewOutputBuffer(inner virtio.NetBackend, maxBytes int) *OutputBuffer {
 		maxBytes = DefaultMaxHeldBytes
 	}
 	return &OutputBuffer{inner: inner, maxBytes: maxBytes, passthrough: true}
+}
+
+// SetGate makes every frame ask gate immediately before it leaves (nil:
+// no gate). The gate must be cheap and never block: it is asked once per
+// frame (a Fence's CanRelease reads a clock and a few atomics).
+func (b *OutputBuffer) SetGate(gate func() bool) {
+	if gate == nil {
+		b.gate.Store(nil)
+		return
+	}
+	b.gate.Store(&gate)
+}
+
+// open reports whether a frame may leave now. Call it with emitMu held
+// for reading, immediately before the send.
+func (b *OutputBuffer) open() bool {
+	if b.fenced.Load() {
+		return false
+	}
+	g := b.gate.Load()
+	return g == nil || (*g)()
 }
 
 // VnetHdr implements virtio.NetBackend.
@@ -86,12 +134,18 @@ func (b *OutputBuffer) SetOffloads(o virtio.Offloads) error {
 	return nil
 }
 
-// Send implements virtio.NetBackend: the frame is copied and held.
+// Send implements virtio.NetBackend: the frame is copied and held, or,
+// when not armed, passed through if the gate allows (else dropped).
 func (b *OutputBuffer) Send(frame []byte) error {
 	b.mu.Lock()
+	if b.fenced.Load() {
+		b.droppedFenced++
+		b.mu.Unlock()
+		return nil
+	}
 	if b.bypass || b.passthrough {
 		b.mu.Unlock()
-		return b.inner.Send(frame)
+		return b.emit(frame)
 	}
 	if b.held+len(frame) > b.maxBytes {
 		b.dropped++
@@ -129,9 +183,30 @@ var ErrNotArmed = errors.New("output buffer not armed")
 // a Release of an epoch not sealed yet.
 var ErrReleaseOrder = errors.New("output epochs out of order")
 
+// emit passes one frame through, if the gate allows; otherwise it is
+// dropped and counted (TCP retransmits it).
+func (b *OutputBuffer) emit(frame []byte) error {
+	b.emitMu.RLock()
+	defer b.emitMu.RUnlock()
+	if !b.open() {
+		b.mu.Lock()
+		if b.fenced.Load() {
+			b.droppedFenced++
+		} else {
+			b.droppedNoLease++
+		}
+		b.mu.Unlock()
+		return nil
+	}
+	return b.inner.Send(frame)
+}
+
 // Release sends the output of every sealed epoch up to and including
-// epoch, in order. It returns the first send error (later frames of the
-// same release are still attempted). A buffer that is not armed holds
+// epoch (acknowledged by the standby; acks are cumulative), in order,
+// each frame only if the gate allows at that moment. When the gate says
+// no, the rest stays held and Release returns ErrNoLease: a later Release
+// (the next ack) sends it. It returns the first send error otherwise
+// (later frames are still attempted). A buffer that is not armed holds
 // nothing, and releases nothing.
 func (b *OutputBuffer) Release(epoch uint64) error {
 	b.sendMu.Lock()
@@ -145,25 +220,55 @@ func (b *OutputBuffer) Release(epoch uint64) error {
 		b.mu.Unlock()
 		return fmt.Errorf("release output of epoch %d, last sealed %d: %w", epoch, b.lastSealed, ErrReleaseOrder)
 	}
-	var out [][]byte
-	n := 0
-	for n < len(b.sealed) && b.sealed[n].epoch <= epoch {
-		out = append(out, b.sealed[n].frames...)
-		n++
-	}
-	b.sealed = b.sealed[n:]
-	for _, f := range out {
-		b.held -= len(f)
-	}
-	b.released += uint64(len(out))
+	b.acked = max(b.acked, epoch)
 	b.mu.Unlock()
+
 	var first error
-	for _, f := range out {
-		if err := b.inner.Send(f); err != nil && first == nil {
+	for {
+		done, err := b.releaseOne()
+		switch {
+		case done && err != nil:
+			return err
+		case done:
+			return first
+		case err != nil && first == nil:
 			first = err
 		}
 	}
-	return first
+}
+
+// releaseOne sends the next acknowledged frame, if the gate allows. done
+// says there is nothing more to send now (err then says why, if not
+// because all is sent). Each frame takes emitMu on its own, so a Fence
+// waits for one frame at most.
+func (b *OutputBuffer) releaseOne() (done bool, err error) {
+	b.emitMu.RLock()
+	defer b.emitMu.RUnlock()
+	b.mu.Lock()
+	if b.fenced.Load() {
+		b.mu.Unlock()
+		return true, ErrOutputFenced
+	}
+	for len(b.sealed) > 0 && len(b.sealed[0].frames) == 0 && b.sealed[0].epoch <= b.acked {
+		b.sealed = b.sealed[1:]
+	}
+	if len(b.sealed) == 0 || b.sealed[0].epoch > b.acked {
+		b.mu.Unlock()
+		return true, nil
+	}
+	if !b.open() {
+		b.heldNoLease++
+		b.mu.Unlock()
+		return true, ErrNoLease
+	}
+	e := &b.sealed[0]
+	f := e.frames[0]
+	e.frames[0] = nil
+	e.frames = e.frames[1:]
+	b.held -= len(f)
+	b.released++
+	b.mu.Unlock()
+	return false, b.inner.Send(f)
 }
 
 // Arm turns output commit on at the cut of checkpoint epoch: frames from
@@ -173,7 +278,7 @@ func (b *OutputBuffer) Release(epoch uint64) error {
 func (b *OutputBuffer) Arm(epoch uint64) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	b.current, b.sealed, b.held, b.lastSealed = nil, nil, 0, epoch
+	b.current, b.sealed, b.held, b.lastSealed, b.acked = nil, nil, 0, epoch, epoch
 	b.passthrough = false
 }
 
@@ -181,7 +286,9 @@ func (b *OutputBuffer) Arm(epoch uint64) {
 // or failed to start): held frames are dropped, never sent (their
 // checkpoints were not acknowledged, and a standby that is only
 // partitioned away may be running the guest from an earlier one; TCP
-// retransmits what matters), and later frames pass straight through.
+// retransmits what matters), and later frames pass straight through
+// (still asking the gate). A caller that wants acknowledged output the
+// gate held back to leave first calls Release before.
 func (b *OutputBuffer) Abandon() {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -194,6 +301,23 @@ func (b *OutputBuffer) Abandon() {
 	b.passthrough = true
 }
 
+// Fence stops the guest's output for good (a fenced VMM, DESIGN.md
+// invariant 8): what is held is dropped, and every later Send or Release
+// sends nothing. Once Fence returns, no frame is on its way out.
+func (b *OutputBuffer) Fence() {
+	b.emitMu.Lock()
+	b.fenced.Store(true)
+	b.emitMu.Unlock()
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	n := len(b.current)
+	for _, e := range b.sealed {
+		n += len(e.frames)
+	}
+	b.droppedFenced += uint64(n)
+	b.current, b.sealed, b.held = nil, nil, 0
+}
+
 // SetBypass turns output commit off (true) or on. Off is unsafe: clients
 // may see output that a failover then forgets. For benchmarks only.
 func (b *OutputBuffer) SetBypass(on bool) {
@@ -204,9 +328,14 @@ func (b *OutputBuffer) SetBypass(on bool) {
 
 // BufferStats are the output buffer's counters. Dropped counts frames
 // never sent: over the bound while held, or held when output commit ended.
+// HeldNoLease counts releases the gate postponed, DroppedNoLease the
+// passed-through frames it dropped, DroppedFenced the frames dropped by
+// or after Fence.
 type BufferStats struct {
-	HeldFrames, HeldBytes int
-	Released, Dropped     uint64
+	HeldFrames, HeldBytes                      int
+	Released, Dropped                          uint64
+	HeldNoLease, DroppedNoLease, DroppedFenced uint64
+	Fenced                                     bool
 }
 
 // Stats reports what is held now and what was released or dropped.
@@ -217,5 +346,7 @@ func (b *OutputBuffer) Stats() BufferStats {
 	for _, s := range b.sealed {
 		frames += len(s.frames)
 	}
-	return BufferStats{HeldFrames: frames, HeldBytes: b.held, Released: b.released, Dropped: b.dropped}
+	return BufferStats{HeldFrames: frames, HeldBytes: b.held, Released: b.released, Dropped: b.dropped,
+		HeldNoLease: b.heldNoLease, DroppedNoLease: b.droppedNoLease, DroppedFenced: b.droppedFenced,
+		Fenced: b.fenced.Load()}
 }

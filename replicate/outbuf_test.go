@@ -2,7 +2,9 @@ package replicate
 
 import (
 	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 )
@@ -166,4 +168,123 @@ func TestOutputAbandonNeverReleasesUnacked(t *testing.T) {
 	require.Equal(t, uint64(2), b.Stats().Dropped)
 	require.NoError(t, b.Send([]byte("after")))
 	require.Equal(t, []string{"acked", "after"}, out.got())
+}
+
+// gateSwitch is a gate a test opens and closes (the witness lease's
+// CanRelease in production).
+type gateSwitch struct{ open atomic.Bool }
+
+func (g *gateSwitch) allow() bool { return g.open.Load() }
+
+// Acknowledged output leaves only while the gate is open: closed, the
+// release holds it (nothing dropped, ErrNoLease, counted), and the next
+// release once it opens sends it, in order, with what was acknowledged
+// meanwhile.
+func TestOutputGateHoldsAcknowledgedOutput(t *testing.T) {
+	out := &sink{}
+	g := &gateSwitch{}
+	g.open.Store(true)
+	b := armed(out, 0, 0)
+	b.SetGate(g.allow)
+	require.NoError(t, b.Send([]byte("a")))
+	require.NoError(t, b.Seal(1))
+	require.NoError(t, b.Release(1))
+	require.Equal(t, []string{"a"}, out.got())
+
+	g.open.Store(false)
+	require.NoError(t, b.Send([]byte("b1")))
+	require.NoError(t, b.Send([]byte("b2")))
+	require.NoError(t, b.Seal(2))
+	require.ErrorIs(t, b.Release(2), ErrNoLease)
+	require.NoError(t, b.Send([]byte("c")))
+	require.NoError(t, b.Seal(3))
+	require.ErrorIs(t, b.Release(3), ErrNoLease)
+	require.Equal(t, []string{"a"}, out.got(), "nothing leaves without a lease")
+	st := b.Stats()
+	require.Equal(t, 3, st.HeldFrames, "held, not dropped")
+	require.Equal(t, uint64(0), st.Dropped)
+	require.Equal(t, uint64(2), st.HeldNoLease)
+
+	g.open.Store(true)
+	require.NoError(t, b.Send([]byte("d")))
+	require.NoError(t, b.Seal(4))
+	require.NoError(t, b.Release(3), "a repeated ack after the renewal")
+	require.Equal(t, []string{"a", "b1", "b2", "c"}, out.got())
+	require.NoError(t, b.Release(4))
+	require.Equal(t, []string{"a", "b1", "b2", "c", "d"}, out.got())
+	require.Equal(t, 0, b.Stats().HeldFrames)
+}
+
+// Output passed straight through (not replicating) leaves only while the
+// gate is open; closed, each frame is dropped and counted, never queued.
+func TestOutputGateDropsPassThrough(t *testing.T) {
+	out := &sink{}
+	g := &gateSwitch{}
+	b := NewOutputBuffer(out, 0)
+	b.SetGate(g.allow)
+	require.NoError(t, b.Send([]byte("no lease")))
+	g.open.Store(true)
+	require.NoError(t, b.Send([]byte("lease")))
+	require.Equal(t, []string{"lease"}, out.got())
+	require.Equal(t, uint64(1), b.Stats().DroppedNoLease)
+	b.SetBypass(true) // the benchmarks' switch does not bypass the gate
+	g.open.Store(false)
+	require.NoError(t, b.Send([]byte("bypass, no lease")))
+	require.Equal(t, []string{"lease"}, out.got())
+}
+
+// Fence drops what is held and nothing leaves after it, whatever the gate
+// says; a release in progress with a slow backend is waited for, so once
+// Fence returns the backend sees no more frames.
+func TestOutputFence(t *testing.T) {
+	out := &slowSink{started: make(chan struct{}), unblock: make(chan struct{})}
+	b := armed(&out.sink, 0, 0)
+	b.inner = out
+	for i := range 5 {
+		require.NoError(t, b.Send([]byte{byte('0' + i)}))
+	}
+	require.NoError(t, b.Seal(1))
+	require.NoError(t, b.Send([]byte("held")))
+	released := make(chan error, 1)
+	go func() { released <- b.Release(1) }()
+	<-out.started // the first frame is being sent
+	fenced := make(chan struct{})
+	go func() { b.Fence(); close(fenced) }()
+	select {
+	case <-fenced:
+		t.Fatal("Fence returned while a frame was on its way out")
+	case <-time.After(20 * time.Millisecond):
+	}
+	close(out.unblock)
+	<-fenced
+	require.ErrorIs(t, <-released, ErrOutputFenced)
+	sent := out.got()
+	require.Equal(t, []string{"0"}, sent, "the frame in flight, then nothing")
+	require.NoError(t, b.Send([]byte("after")))
+	require.NoError(t, b.Seal(2))
+	require.ErrorIs(t, b.Release(2), ErrOutputFenced)
+	b.Abandon()
+	require.NoError(t, b.Send([]byte("passed through")))
+	require.Equal(t, sent, out.got(), "a fenced buffer never sends again")
+	st := b.Stats()
+	require.True(t, st.Fenced)
+	require.Equal(t, uint64(7), st.DroppedFenced, "4 acknowledged but unsent and 1 held, then 2 after")
+}
+
+// slowSink blocks its first Send until unblock is closed.
+type slowSink struct {
+	sink
+	once    sync.Once
+	started chan struct{}
+	unblock chan struct{}
+}
+
+func (s *slowSink) Send(f []byte) error {
+	first := false
+	s.once.Do(func() { first = true })
+	if first {
+		close(s.started)
+		<-s.unblock
+	}
+	return s.sink.Send(f)
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"govmm/dirtylog"
@@ -66,6 +67,15 @@ type ReplicateConfig struct {
 	// initial sync copies each, and each epoch's writes travel in its
 	// checkpoint.
 	Disks []*DiskLog
+	// Fence is this VMM's lease at the witness (NewFence); nil without a
+	// witness, where split brain cannot be excluded (DESIGN.md invariant
+	// 8). Replication starts only once no earlier standby is left behind
+	// (the generation is advanced); the hello carries the generation and
+	// holder name, from which the standby claims the next generation;
+	// when replication ends after the standby got a resumable
+	// checkpoint, the Fence holds the guest's output until the generation
+	// is advanced past that standby's; a fenced VMM's replication ends.
+	Fence *Fence
 }
 
 // testHooks are seams for this package's tests; production code passes
@@ -95,6 +105,10 @@ type Replicator struct {
 	acks   chan struct{} // closed when the ack loop has ended
 
 	stopOnce sync.Once
+	endOnce  sync.Once // endOutputCommit
+	// resumable: a resumable checkpoint has been sent, so the standby may
+	// hold a replica it could resume (and claim from).
+	resumable atomic.Bool
 
 	mu           sync.Mutex // guards the fields below
 	err          error      // why replication ended (nil while running)
@@ -137,10 +151,18 @@ func startReplication(ctx context.Context, m *vmm.Machine, cfg ReplicateConfig, 
 	r := &Replicator{m: m, cfg: cfg, hooks: hooks, log: cfg.Logger.With("component", "replicate", "standby", peer),
 		stop: make(chan struct{}), done: make(chan struct{}), acks: make(chan struct{}), resumedAt: map[uint64]time.Time{}}
 	r.ctx, r.cancel = context.WithCancel(context.Background())
+	if cfg.Fence != nil {
+		// The standby will claim from the generation in the hello: the one
+		// a previous standby knows must be advanced past first.
+		if err := cfg.Fence.settle(ctx); err != nil {
+			r.cancel()
+			return nil, fmt.Errorf("replicate: %w", err)
+		}
+	}
 	r.t = cfg.Transport
 	if r.t == nil {
 		s, err := stream.Dial(ctx, cfg.To, stream.Config{Key: cfg.Key, Insecure: cfg.Insecure,
-			Identity: IdentityOf(m, cfg.Name, cfg.Devices), HeartbeatInterval: cfg.FailoverTimeout / 4,
+			Identity: cfg.Fence.identity(IdentityOf(m, cfg.Name, cfg.Devices)), HeartbeatInterval: cfg.FailoverTimeout / 4,
 			FailoverTimeout: cfg.FailoverTimeout, Logger: cfg.Logger})
 		if err != nil {
 			r.cancel()
@@ -165,9 +187,7 @@ func startReplication(ctx context.Context, m *vmm.Machine, cfg ReplicateConfig, 
 		}
 		// The first checkpoint may have armed the output buffers: what they
 		// hold was never acknowledged, and nothing will release it.
-		for _, o := range cfg.Outputs {
-			o.Abandon()
-		}
+		r.endOutputCommit()
 		r.tr.Close()
 		_ = r.t.Close()
 		<-r.acks
@@ -285,6 +305,7 @@ func (r *Replicator) checkpoint(extra *dirtylog.Set) error {
 	r.mu.Unlock()
 
 	before := r.t.Stats().BytesSent
+	r.resumable.Store(true)
 	if err := r.send(epoch, state); err != nil {
 		return err
 	}
@@ -392,7 +413,9 @@ func (r *Replicator) onAck(epoch uint64) {
 	default:
 	}
 	for _, o := range r.cfg.Outputs {
-		if err := o.Release(epoch); err != nil {
+		// Output the lease holds back waits for the next ack (the lease
+		// logs its expiry itself); a fenced VMM sends nothing.
+		if err := o.Release(epoch); err != nil && !errors.Is(err, ErrNoLease) && !errors.Is(err, ErrOutputFenced) {
 			r.log.Warn("release output", "epoch", epoch, "err", err)
 		}
 	}
@@ -421,6 +444,10 @@ func (r *Replicator) loop() {
 	defer close(r.done)
 	t := time.NewTimer(r.cfg.Epoch)
 	defer t.Stop()
+	var fenced <-chan struct{} // nil without a witness: never ready
+	if r.cfg.Fence != nil {
+		fenced = r.cfg.Fence.Fenced()
+	}
 	pressure := make(chan struct{}, 1)
 	for _, d := range r.cfg.Disks {
 		go func(c <-chan struct{}) {
@@ -444,6 +471,14 @@ func (r *Replicator) loop() {
 			return
 		case <-r.t.Done():
 			r.lost(r.t.Err())
+			return
+		case <-fenced:
+			// The Fence has stopped the guest, its output and its disks;
+			// the standby is told goodbye: its replica descends from a
+			// generation that is not current any more.
+			err := r.cfg.Fence.Err()
+			r.log.Error("replication ended: this VMM is fenced", "err", err)
+			r.finish(err)
 			return
 		case <-t.C:
 		case <-pressure:
@@ -516,11 +551,31 @@ func (r *Replicator) lost(cause error) {
 			r.mu.Unlock()
 		}
 	} else {
+		r.endOutputCommit()
+	}
+	r.finish(err)
+}
+
+// endOutputCommit ends output commit, once: what the standby acknowledged
+// leaves (if the lease lets it: a release the lease held back), the rest
+// is dropped, and the guest's output passes through from then on. With a
+// witness, once the standby may hold a resumable replica, the Fence holds
+// that output until the generation is advanced past the standby's, which
+// is told before anything passes through.
+func (r *Replicator) endOutputCommit() {
+	r.endOnce.Do(func() {
+		if acked := r.t.Acked(); acked > 0 {
+			for _, o := range r.cfg.Outputs {
+				_ = o.Release(acked) // not armed, fenced, no lease: nothing leaves
+			}
+		}
+		if r.resumable.Load() {
+			r.cfg.Fence.standbyGone()
+		}
 		for _, o := range r.cfg.Outputs {
 			o.Abandon()
 		}
-	}
-	r.finish(err)
+	})
 }
 
 func (r *Replicator) finish(err error) {
@@ -551,9 +606,7 @@ func (r *Replicator) Stop() {
 		_ = r.t.Close()
 	})
 	<-r.done
-	for _, o := range r.cfg.Outputs {
-		o.Abandon()
-	}
+	r.endOutputCommit()
 	r.mu.Lock()
 	paused := r.policyPaused
 	r.policyPaused = false

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"govmm/replicate/stream"
+	"govmm/replicate/witness"
 	"govmm/vmm"
 )
 
@@ -30,8 +31,16 @@ type Standby struct {
 	cfg StandbyConfig
 	log *slog.Logger
 
-	mu      sync.Mutex // guards pending
+	// The witness poller (with a witness): it asks the witness how things
+	// stand every half lease, for Status, until the guest runs here or
+	// Close.
+	pollCtx    context.Context
+	pollCancel context.CancelFunc
+	pollDone   chan struct{}
+
+	mu      sync.Mutex // guards pending and st
 	pending *Replica   // built by verify for the sender Accept returns next
+	st      standbyState
 
 	// Test seams (see export_test.go); nil in production.
 	// beforeStart sees the machine with the memory and state it is about
@@ -53,6 +62,10 @@ type Replica struct {
 	// standby discards the replica; nil means Machine.Close. A replica
 	// that runs the guest is the caller's to close.
 	Close func()
+	// Disks are the logs of its disks (DiskLog.AllowWrite wired into
+	// them): with a witness, they refuse writes if the guest taken over
+	// here is fenced later.
+	Disks []*DiskLog
 }
 
 func (r *Replica) close() {
@@ -82,8 +95,17 @@ type StandbyConfig struct {
 	// order), files or block devices of the same sizes as the source's:
 	// the initial sync copies the source's disks into them, and each
 	// checkpoint's writes are applied and synced before its ack.
-	Disks  []*os.File
-	Logger *slog.Logger
+	Disks []*os.File
+	// Witness, if set, is this standby's client of the witness
+	// (docs/FENCING.md): the guest of a primary that is lost runs here
+	// only after this standby has won the next generation there (the
+	// replica is kept, and the claim retried, while the witness does not
+	// answer); a migrated guest, likewise. A source without a witness
+	// generation is refused, as a standby without Witness refuses one
+	// with a generation: either way the guest could run twice without
+	// the arbiter's consent. Its VM name must be the source's.
+	Witness *witness.Client
+	Logger  *slog.Logger
 }
 
 // NewStandby listens on cfg.Listen (without a key, only on loopback).
@@ -94,7 +116,8 @@ func NewStandby(cfg StandbyConfig) (*Standby, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	sb := &Standby{cfg: cfg, log: cfg.Logger.With("component", "replicate", "role", "standby")}
+	sb := &Standby{cfg: cfg, log: cfg.Logger.With("component", "replicate", "role", "standby"),
+		pollDone: make(chan struct{}), st: standbyState{phase: PhaseListening}}
 	ln, err := stream.Listen(cfg.Listen, stream.Config{Key: cfg.Key, Insecure: cfg.Insecure,
 		FailoverTimeout: cfg.FailoverTimeout, HeartbeatInterval: cfg.FailoverTimeout / 4,
 		Verify: sb.verify, OnRefused: sb.refused, Logger: cfg.Logger})
@@ -102,14 +125,22 @@ func NewStandby(cfg StandbyConfig) (*Standby, error) {
 		return nil, err
 	}
 	sb.ln = ln
+	sb.pollCtx, sb.pollCancel = context.WithCancel(context.Background())
+	if cfg.Witness != nil {
+		go sb.poll()
+	} else {
+		close(sb.pollDone)
+	}
 	return sb, nil
 }
 
 // Addr is where the standby listens.
 func (sb *Standby) Addr() string { return sb.ln.Addr().String() }
 
-// Close stops listening.
+// Close stops listening (and asking the witness).
 func (sb *Standby) Close() error {
+	sb.pollCancel()
+	<-sb.pollDone
 	err := sb.ln.Close()
 	sb.mu.Lock()
 	if sb.pending != nil {
@@ -132,6 +163,9 @@ func (sb *Standby) refused(err error) {
 // it could run the source's guest (the Listener calls it, one at a time,
 // only while an accept waits).
 func (sb *Standby) verify(peer stream.Identity) error {
+	if err := sb.checkWitness(peer); err != nil {
+		return err
+	}
 	rep, err := sb.cfg.Build(peer)
 	if err != nil {
 		return fmt.Errorf("build a machine for %s: %w", peer.Name, err)
@@ -168,16 +202,18 @@ func (sb *Standby) accept(ctx context.Context) (*stream.Receiver, *Replica, erro
 		return nil, nil, fmt.Errorf("standby: disks: %w", err)
 	}
 	r.SetSinks(&stream.StagingSink{Dest: rep.Machine.Memory()}, disks)
+	sb.setFollowing(r.Peer())
 	return r, rep, nil
 }
 
 // ReceiveMigration waits for a source and returns the running migrated
-// machine, its MAC announced. A stream that fails midway, or a source
-// that aborts, leaves nothing running.
-func (sb *Standby) ReceiveMigration(ctx context.Context) (*vmm.Machine, error) {
+// machine, its MAC announced, and with a witness the Fence holding the
+// generation it claimed after the handover. A stream that fails midway,
+// or a source that aborts, leaves nothing running.
+func (sb *Standby) ReceiveMigration(ctx context.Context) (*vmm.Machine, *Fence, error) {
 	r, rep, err := sb.accept(ctx)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	defer r.Close()
 	var final *vmm.MachineState
@@ -201,17 +237,28 @@ func (sb *Standby) ReceiveMigration(ctx context.Context) (*vmm.Machine, error) {
 	})
 	if err := r.Run(ctx); err != nil {
 		rep.close()
-		return nil, fmt.Errorf("standby: migration stream: %w", err)
+		sb.setListening("migration stream failed")
+		return nil, nil, fmt.Errorf("standby: migration stream: %w", err)
 	}
 	if !r.HandedOver() || final == nil {
 		rep.close()
-		return nil, errors.New("standby: the source ended the migration without handing over; nothing runs here")
+		sb.setListening("the source ended the migration without handing over")
+		return nil, nil, errors.New("standby: the source ended the migration without handing over; nothing runs here")
+	}
+	fence, _, err := sb.takeGeneration(ctx, r.Peer(), rep)
+	if err != nil {
+		rep.close()
+		return nil, nil, fmt.Errorf("standby: migrated guest not started: %w", err)
 	}
 	if err := sb.start(rep.Machine, final, rep.NICs); err != nil {
 		rep.close()
-		return nil, fmt.Errorf("standby: start migrated guest: %w", err)
+		if fence != nil {
+			fence.Close()
+		}
+		return nil, nil, fmt.Errorf("standby: start migrated guest: %w", err)
 	}
-	return rep.Machine, nil
+	sb.setRunning(fence)
+	return rep.Machine, fence, nil
 }
 
 // ReceiveReplication keeps a replica of a primary's guest: every
@@ -260,6 +307,7 @@ func (sb *Standby) follow(ctx context.Context, r *stream.Receiver, rep *Replica)
 			return err
 		}
 		latest, latestEpoch = st, c.Epoch
+		sb.setCheckpoint(c.Epoch)
 		if sb.onCheckpoint != nil {
 			sb.onCheckpoint(c.Epoch)
 		}
@@ -272,13 +320,28 @@ func (sb *Standby) follow(ctx context.Context, r *stream.Receiver, rep *Replica)
 		if ctx.Err() != nil {
 			return nil, Takeover{}, ctx.Err()
 		}
+		sb.setListening(err.Error())
 		return nil, Takeover{}, err
 	}
 	tk := Takeover{Epoch: latestEpoch, Cause: runErr}
+	fence, claimed, err := sb.takeGeneration(ctx, r.Peer(), rep)
+	tk.Fence, tk.Claim = fence, claimed
+	if err != nil {
+		rep.close()
+		if ctx.Err() != nil {
+			return nil, Takeover{}, ctx.Err()
+		}
+		sb.setListening(err.Error())
+		return nil, Takeover{}, err
+	}
 	if err := sb.start(rep.Machine, latest, rep.NICs); err != nil {
 		rep.close()
+		if fence != nil {
+			fence.Close()
+		}
 		return nil, tk, fmt.Errorf("standby: resume replica at epoch %d: %w", latestEpoch, err)
 	}
+	sb.setRunning(fence)
 	tk.Took = time.Since(detected)
 	return rep.Machine, tk, nil
 }

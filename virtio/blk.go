@@ -59,6 +59,11 @@ type BlockConfig struct {
 	// buffer meanwhile). Replication mirrors disk writes through it. An
 	// error fails the request with VIRTIO_BLK_S_IOERR.
 	OnWrite func(off int64, p []byte) error
+	// AllowWrite, if set, is asked on the device worker before each write
+	// request touches the image: an error fails the request with
+	// VIRTIO_BLK_S_IOERR and leaves the image as it was. A fenced VMM
+	// refuses every write through it (replicate.DiskLog.AllowWrite).
+	AllowWrite func() error
 	// OnFlush, if set, is called after each successful flush of the image
 	// (fdatasync), before the guest sees the flush complete. An error
 	// fails the flush with VIRTIO_BLK_S_IOERR.
@@ -356,6 +361,12 @@ func (b *Block) read(sector uint64) (byte, uint64) {
 func (b *Block) write(sector uint64) byte {
 	if b.cfg.ReadOnly {
 		return blkSIOErr
+	}
+	if b.cfg.AllowWrite != nil {
+		if err := b.cfg.AllowWrite(); err != nil {
+			b.log.Debug("virtio-blk write refused", "err", err)
+			return blkSIOErr
+		}
 	}
 	off, ok := b.span(sector)
 	if !ok {

@@ -4,9 +4,11 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"errors"
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -226,6 +228,37 @@ func TestBlockReadOnly(t *testing.T) {
 	after, err := os.ReadFile(img)
 	require.NoError(t, err)
 	assert.Equal(t, before, after)
+}
+
+// A write that AllowWrite refuses fails with IOERR before it touches the
+// image (a fenced VMM's disk); reads go on.
+func TestBlockWriteRefused(t *testing.T) {
+	img := newDiskImage(t)
+	before, err := os.ReadFile(img)
+	require.NoError(t, err)
+	var refuse atomic.Bool
+	var mirrored atomic.Int64
+	r := newBlkRig(t, BlockConfig{Path: img,
+		AllowWrite: func() error {
+			if refuse.Load() {
+				return errors.New("fenced")
+			}
+			return nil
+		},
+		OnWrite: func(int64, []byte) error { mirrored.Add(1); return nil }})
+	refuse.Store(true)
+	st, _ := r.do(blkTOut, 0, gbuf{reqDataGPA, 512, false})
+	assert.Equal(t, byte(blkSIOErr), st)
+	st, _ = r.do(blkTIn, 0, gbuf{reqDataGPA, 512, true})
+	assert.Equal(t, byte(blkSOK), st)
+	after, err := os.ReadFile(img)
+	require.NoError(t, err)
+	assert.Equal(t, before, after, "a refused write never reaches the image")
+	assert.Zero(t, mirrored.Load(), "nor the mirror")
+	refuse.Store(false)
+	st, _ = r.do(blkTOut, 0, gbuf{reqDataGPA, 512, false})
+	assert.Equal(t, byte(blkSOK), st)
+	assert.Equal(t, int64(1), mirrored.Load())
 }
 
 func TestBlockObservers(t *testing.T) {

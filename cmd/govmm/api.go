@@ -43,12 +43,24 @@ var _ ctlapi.Backend = (*vmBackend)(nil)
 
 func (b *vmBackend) Info() ctlapi.Info {
 	state := "running"
-	if b.m.Paused() {
+	switch {
+	case b.fenced() != nil:
+		state = "fenced"
+	case b.m.Paused():
 		state = "paused"
 	}
 	cfg := b.m.Config()
 	return ctlapi.Info{Name: b.f.name, State: state, VCPUs: cfg.CPUs, MemoryBytes: cfg.MemSize,
-		Devices: b.m.Devices(), Uptime: time.Since(b.started), Role: b.node.Describe(), Peer: b.node.Peer()}
+		Devices: b.m.Devices(), Uptime: time.Since(b.started), Role: b.node.Describe(), Peer: b.node.Peer(),
+		Fencing: b.node.Fencing()}
+}
+
+// fenced is why this VMM is fenced, or nil.
+func (b *vmBackend) fenced() error {
+	if f := b.node.Fence(); f != nil {
+		return f.Err()
+	}
+	return nil
 }
 
 // Pause holds one pause on behalf of the operator; a second pause is a
@@ -69,6 +81,9 @@ func (b *vmBackend) Pause() error {
 func (b *vmBackend) Resume() error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	if err := b.fenced(); err != nil {
+		return fmt.Errorf("resume: %w: this VMM is fenced, its guest never runs here again: %w", ctlapi.ErrConflict, err)
+	}
 	if !b.userPaused {
 		return fmt.Errorf("resume: %w: not paused", ctlapi.ErrConflict)
 	}
@@ -149,4 +164,53 @@ func (b *vmBackend) StopReplication() error {
 		return fmt.Errorf("unreplicate: %w: %w", ctlapi.ErrConflict, err)
 	}
 	return nil
+}
+
+// standbyBackend is the control API of a standby while no guest runs
+// there: what it follows, and whether a failover would be possible.
+type standbyBackend struct {
+	sb      *replicate.Standby
+	f       *runFlags
+	started time.Time
+}
+
+var _ ctlapi.Backend = (*standbyBackend)(nil)
+
+// serveStandbyAPI serves --api-sock (if set) for a standing-by standby.
+func serveStandbyAPI(sb *replicate.Standby, f *runFlags) (func(), error) {
+	if f.apiSock == "" {
+		return func() {}, nil
+	}
+	s, err := ctlapi.Serve(context.Background(), f.apiSock, &standbyBackend{sb: sb, f: f, started: time.Now()})
+	if err != nil {
+		return nil, fmt.Errorf("--api-sock: %w", err)
+	}
+	return func() { _ = s.Close() }, nil
+}
+
+func (b *standbyBackend) Info() ctlapi.Info {
+	st := b.sb.Status()
+	return ctlapi.Info{Name: b.f.name, State: "standing by", Uptime: time.Since(b.started), Role: st.Describe(),
+		Fencing: st.Reason}
+}
+
+var errStandingBy = fmt.Errorf("%w: standing by: no guest runs here", ctlapi.ErrConflict)
+
+func (b *standbyBackend) Pause() error  { return errStandingBy }
+func (b *standbyBackend) Resume() error { return errStandingBy }
+func (b *standbyBackend) Snapshot(context.Context, string) (ctlapi.SnapshotResult, error) {
+	return ctlapi.SnapshotResult{}, errStandingBy
+}
+func (b *standbyBackend) Migrate(context.Context, string, func(ctlapi.Progress)) (ctlapi.MigrateResult, error) {
+	return ctlapi.MigrateResult{}, errStandingBy
+}
+
+func (b *standbyBackend) Stats() ctlapi.Stats {
+	var s ctlapi.Stats
+	for _, m := range b.sb.Metrics() {
+		s.Metrics = append(s.Metrics, ctlapi.Metric(m))
+	}
+	s.Metrics = append(s.Metrics, ctlapi.Metric{Name: "govmm_uptime_seconds", Help: "seconds since the standby started",
+		Type: "gauge", Value: time.Since(b.started).Seconds()})
+	return s
 }

@@ -27,7 +27,9 @@ Controls a running VM through its API socket: HTTP/JSON on a unix socket,
 served by 'govmm run --api-sock PATH'.
 
 Commands:
-  info [--json]           name, state, vCPUs, memory, devices, uptime, replication
+  info [--json]           name, state, vCPUs, memory, devices, uptime, replication,
+                          fencing (the witness: lease, generation, FENCED; on a
+                          standby, whether failover would be possible)
   pause                   stop every vCPU
   resume                  start them again
   snapshot --out FILE     write a snapshot to FILE on the VM's host (a relative
@@ -145,6 +147,9 @@ func ctlInfo(ctx context.Context, c *ctlapi.Client, args []string) error {
 	fmt.Fprintf(tw, "devices\t%s\n", devices)
 	fmt.Fprintf(tw, "uptime\t%s\n", ctlDuration(info.Uptime))
 	fmt.Fprintf(tw, "replication\t%s\n", strings.Join(repl, ", "))
+	if info.Fencing != "" {
+		fmt.Fprintf(tw, "fencing\t%s\n", info.Fencing)
+	}
 	return tw.Flush()
 }
 

@@ -10,6 +10,7 @@ import (
 
 	"govmm/replicate"
 	"govmm/replicate/stream"
+	"govmm/replicate/witness"
 	"govmm/virtio"
 	"govmm/virtio/netback"
 	"govmm/vmm"
@@ -132,6 +133,25 @@ type machineDevices struct {
 // Close closes the devices (which own their backends).
 func (d *machineDevices) Close() { closeAll(d.closers) }
 
+// outputs are the NICs' output buffers.
+func (d *machineDevices) outputs() []*replicate.OutputBuffer {
+	var outs []*replicate.OutputBuffer
+	for _, n := range d.nics {
+		outs = append(outs, n.Out)
+	}
+	return outs
+}
+
+// fence gates the devices' output on lease and fences them (and m) with
+// it; nil without a lease (no --witness).
+func (d *machineDevices) fence(lease *witness.Lease, f *runFlags, m *vmm.Machine) *replicate.Fence {
+	if lease == nil {
+		return nil
+	}
+	return replicate.NewFence(replicate.FenceConfig{Lease: lease, Witness: f.witness, Machine: m,
+		Outputs: d.outputs(), Disks: d.diskLogs})
+}
+
 // newMachine builds a machine and attaches the devices the flags asked
 // for. On error it has released everything; on success the caller closes
 // the devices, then the machine.
@@ -195,7 +215,7 @@ func attachDevices(m *vmm.Machine, f *runFlags, nics []io.Closer, disks []diskSp
 		devs.attrs[id] = []stream.Attr{{Key: "size", Value: fmt.Sprint(size)}, {Key: "ro", Value: fmt.Sprint(d.readOnly)}}
 		dev, err := virtio.NewBlock(m.Memory(), m, virtio.BlockConfig{
 			ID: id, Path: d.path, ReadOnly: d.readOnly, UseIOEventFD: !f.noIOEventFD,
-			OnWrite: log.Record})
+			OnWrite: log.Record, AllowWrite: log.AllowWrite})
 		if err != nil {
 			return devs, err
 		}

@@ -12,6 +12,7 @@ import (
 	"govmm/ctlapi"
 	"govmm/replicate"
 	"govmm/replicate/stream"
+	"govmm/replicate/witness"
 	"govmm/vmm"
 )
 
@@ -93,6 +94,15 @@ The two ends use the larger of their --failover-timeout values (default
 2s, for a LAN; see 'govmm help run' for other links). Without --key-file
 the stream is unauthenticated and only a loopback address may be used.
 
+With --witness HOST:PORT (the primary's witness; the same --key-file and
+--name) the standby takes over only after winning the next generation of
+the VM there. Cut off from the witness it does not take over: it keeps
+its replica, says why (log, 'govmm ctl info' on --api-sock, which serves
+while standing by too) and keeps claiming. It does not take over either
+when the witness says that the primary is alive (it renews its lease) or
+moved on without it (a newer generation). A primary with a witness is
+refused by a standby without one, and the other way round.
+
 Flags:
 `
 
@@ -128,10 +138,18 @@ func cmdStandby(args []string) error {
 		defer df.Close()
 		diskFiles = append(diskFiles, df)
 	}
+	var wc *witness.Client
+	if f.witness != "" {
+		if wc, err = newWitnessClient(&f, "standby", *listen); err != nil {
+			return fmt.Errorf("standby: %w", err)
+		}
+		defer wc.Close()
+		checkWitnessAtStart(wc)
+	}
 	var mu sync.Mutex
 	built := map[*vmm.Machine]*machineDevices{} // the replicas built, until discarded
 	sb, err := replicate.NewStandby(replicate.StandbyConfig{
-		Listen: *listen, Key: key, Insecure: insecure, Disks: diskFiles, FailoverTimeout: f.failoverTimeout,
+		Listen: *listen, Key: key, Insecure: insecure, Disks: diskFiles, FailoverTimeout: f.failoverTimeout, Witness: wc,
 		Build: func(id stream.Identity) (replicate.Replica, error) {
 			nics, disks, _, err := f.devices()
 			if err != nil {
@@ -144,7 +162,7 @@ func cmdStandby(args []string) error {
 			mu.Lock()
 			built[m] = d
 			mu.Unlock()
-			return replicate.Replica{Machine: m, NICs: d.nics, Devices: d.attrs, Close: func() {
+			return replicate.Replica{Machine: m, NICs: d.nics, Devices: d.attrs, Disks: d.diskLogs, Close: func() {
 				mu.Lock()
 				delete(built, m)
 				mu.Unlock()
@@ -158,8 +176,16 @@ func cmdStandby(args []string) error {
 		return fmt.Errorf("standby: %w", err)
 	}
 	defer sb.Close()
+	// Standing by, the control API says what this standby knows (whether
+	// a failover would be possible, and why not); once the guest runs
+	// here, supervise serves it instead.
+	stopAPI, err := serveStandbyAPI(sb, &f)
+	if err != nil {
+		return fmt.Errorf("standby: %w", err)
+	}
 	fmt.Fprintf(os.Stderr, "govmm: standby: listening on %s\n", sb.Addr())
 	m, tk, err := sb.ReceiveReplication(context.Background())
+	stopAPI()
 	if err != nil {
 		return err
 	}
@@ -168,14 +194,39 @@ func cmdStandby(args []string) error {
 	mu.Unlock()
 	defer m.Close()
 	defer devs.Close()
+	if tk.Fence != nil {
+		defer tk.Fence.Close()
+	}
 	origin := replicate.Migrated
+	won := ""
+	if tk.Fence != nil {
+		won = fmt.Sprintf(" (won generation %d at the witness in %v)", tk.Fence.Generation(), tk.Claim.Round(time.Millisecond))
+	}
 	if tk.Cause != nil {
-		fmt.Fprintf(os.Stderr, "govmm: standby: primary lost (%v); took over at checkpoint %d in %v\n", tk.Cause, tk.Epoch, tk.Took)
+		fmt.Fprintf(os.Stderr, "govmm: standby: primary lost (%v); took over at checkpoint %d in %v%s\n", tk.Cause, tk.Epoch, tk.Took, won)
 		origin = replicate.TookOver
 	} else {
-		fmt.Fprintf(os.Stderr, "govmm: standby: migration received; running the guest\n")
+		fmt.Fprintf(os.Stderr, "govmm: standby: migration received; running the guest%s\n", won)
 	}
-	return supervise(m, &f, devs, replicate.NewNode(origin, tk))
+	return supervise(m, &f, devs, replicate.NewNode(origin, tk, tk.Fence))
+}
+
+// checkWitnessAtStart asks the witness once, briefly, and says loudly if
+// it does not answer: failover is impossible until it does (the standby
+// keeps asking, and listens anyway).
+func checkWitnessAtStart(wc *witness.Client) {
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	rec, err := wc.Query(ctx)
+	var ref *witness.Refusal
+	switch {
+	case err == nil:
+		fmt.Fprintf(os.Stderr, "govmm: standby: witness %s answers: %v\n", wc.Addr(), rec)
+	case errors.As(err, &ref):
+		fmt.Fprintf(os.Stderr, "govmm: standby: witness %s answers (%v)\n", wc.Addr(), err)
+	default:
+		fmt.Fprintf(os.Stderr, "govmm: standby: WARNING: witness %s does not answer (%v): FAILOVER IMPOSSIBLE until it does; listening anyway\n", wc.Addr(), err)
+	}
 }
 
 // reprotectFailed is what a VMM that took its guest over (or received it)
@@ -192,6 +243,9 @@ func reprotectFailed(err error) {
 func startReplication(m *vmm.Machine, f *runFlags, devs *machineDevices, node *replicate.Node, to string, epoch time.Duration) error {
 	cfg := replicate.ReplicateConfig{To: to, Name: f.name, Epoch: epoch, FailoverTimeout: f.failoverTimeout,
 		OnStandbyLoss: f.onStandbyLoss, Disks: devs.diskLogs, Devices: devs.attrs}
+	if node.Fence() == nil && !f.nullStandby {
+		warnSplitBrain()
+	}
 	if f.nullStandby {
 		if to != "" {
 			return fmt.Errorf("--null-standby and a standby address %s: choose one", to)

@@ -69,7 +69,7 @@ func TestCtlMigrate(t *testing.T) {
 		t.Fatal("the source VMM did not exit after migrating")
 	}
 
-	waitSocket(t, dst)
+	waitGuestHere(t, dst)
 	after := filepath.Join(dir, "after.snap")
 	time.Sleep(100 * time.Millisecond)
 	_, errOut, status = ctl(dst, "snapshot", "--out", after)

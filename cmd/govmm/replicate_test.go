@@ -60,7 +60,7 @@ func TestReplicateAndFailover(t *testing.T) {
 
 	killed := time.Now()
 	require.NoError(t, syscall.Kill(-prim.Process.Pid, syscall.SIGKILL))
-	waitSocket(t, sbSock)
+	waitGuestHere(t, sbSock)
 	t.Logf("standby answering %v after SIGKILL", time.Since(killed))
 	after := filepath.Join(dir, "after.snap")
 	_, errOut, status = ctl(sbSock, "snapshot", "--out", after)
@@ -99,7 +99,7 @@ func TestReprotectAndFailOverAgain(t *testing.T) {
 	time.Sleep(200 * time.Millisecond)
 
 	require.NoError(t, syscall.Kill(-a.Process.Pid, syscall.SIGKILL))
-	waitSocket(t, sockB)
+	waitGuestHere(t, sockB)
 	require.Eventually(t, func() bool {
 		out, _, _ := ctl(sockB, "info")
 		return strings.Contains(out, "primary (protected)")
@@ -112,7 +112,7 @@ func TestReprotectAndFailOverAgain(t *testing.T) {
 	time.Sleep(200 * time.Millisecond)
 
 	require.NoError(t, syscall.Kill(-b.Process.Pid, syscall.SIGKILL))
-	waitSocket(t, sockC)
+	waitGuestHere(t, sockC)
 	snapC := filepath.Join(dir, "c.snap")
 	_, errOut, status = ctl(sockC, "snapshot", "--out", snapC)
 	require.Equal(t, 0, status, errOut)
@@ -215,7 +215,7 @@ func TestReprotectFailureKeepsGuestRunning(t *testing.T) {
 	}, 30*time.Second, 50*time.Millisecond)
 	require.NoError(t, syscall.Kill(-a.Process.Pid, syscall.SIGKILL))
 
-	waitSocket(t, sockB)
+	waitGuestHere(t, sockB)
 	require.Eventually(t, func() bool { return strings.Contains(bLog.String(), "UNPROTECTED") }, 30*time.Second, 10*time.Millisecond)
 	out, errOut, status := ctl(sockB, "info")
 	require.Equal(t, 0, status, errOut)

@@ -49,5 +49,5 @@ func cmdRestore(args []string) error {
 	if err := m.StartFrom(st); err != nil {
 		return fmt.Errorf("restore %s: %w", path, err)
 	}
-	return supervise(m, &f, devs, replicate.NewNode(replicate.Booted, replicate.Takeover{}))
+	return supervise(m, &f, devs, replicate.NewNode(replicate.Booted, replicate.Takeover{}, nil))
 }

@@ -18,6 +18,7 @@ import (
 	"govmm/guestimg"
 	"govmm/lab"
 	"govmm/replicate"
+	"govmm/replicate/witness"
 	"govmm/vmm"
 )
 
@@ -44,6 +45,19 @@ unprotected (or pauses: --on-standby-loss). Settings for a link:
 The two ends use the larger of their failover timeouts. docs/STREAM.md
 explains the choice.
 
+With --witness HOST:PORT ('govmm witness' on a third host; the same
+--key-file) the guest is protected against split brain as well: its
+output leaves only under a lease from the witness (renewed every quarter
+--witness-lease), a standby takes over only after winning the next
+generation there, and a VMM that learns that another one holds a newer
+generation is FENCED: its guest stops for good, no frame or disk write
+leaves it again, 'govmm ctl info' says so, and it exits with status 3
+(when stopped; until then it stays up for ctl info and ctl snapshot). A
+witness that cannot be reached at start is an error: the guest does not
+boot. Without --witness, replication warns that split brain is possible
+(docs/FENCING.md says when that is acceptable). Give the standby the same
+--witness and --name.
+
 Flags:
 `
 
@@ -65,6 +79,8 @@ type runFlags struct {
 	epoch           time.Duration
 	failoverTimeout time.Duration
 	onStandbyLoss   string
+	witness         string // HOST:PORT
+	witnessLease    time.Duration
 
 	// Benchmark-only switches, hidden from help (see hiddenFlags).
 	unsafeNoOutputBuffering bool
@@ -97,6 +113,8 @@ func (f *runFlags) registerReplication(fs *flag.FlagSet) {
 	fs.StringVar(&f.replicateTo, "replicate-to", "", "keep a hot standby at `HOST:PORT` (govmm standby --listen), Remus-style")
 	fs.DurationVar(&f.epoch, "epoch", replicate.DefaultEpoch, "checkpoint interval when replicating")
 	fs.StringVar(&f.onStandbyLoss, "on-standby-loss", replicate.OnStandbyLossContinue, "when the standby is lost: continue (unprotected, logged loudly) or pause (until 'govmm ctl unreplicate' runs it on unprotected, or 'ctl replicate' protects it anew)")
+	fs.StringVar(&f.witness, "witness", "", "arbiter against split brain, `HOST:PORT` (govmm witness; needs --key-file): output leaves only under its lease, a standby takes over only after winning the next generation there")
+	fs.DurationVar(&f.witnessLease, "witness-lease", witness.DefaultLease, "lease asked of the witness: a dead primary's lease runs out within it, so it bounds failover from below; about --failover-timeout")
 	fs.BoolVar(&f.unsafeNoOutputBuffering, "unsafe-no-output-buffering", false, "UNSAFE, benchmarks only: let guest output out before its checkpoint is acknowledged")
 	fs.BoolVar(&f.nullStandby, "null-standby", false, "benchmarks only: take checkpoints and ship them nowhere (the guest is NOT protected)")
 }
@@ -180,8 +198,17 @@ func cmdRun(args []string) error {
 		initrd = append(initrd, arch...)
 		cmdline += " loglevel=1" // the command's output alone, but panics still show
 	}
+	var lease *witness.Lease
+	if f.witness != "" {
+		if lease, err = acquireLease(&f); err != nil {
+			return err
+		}
+	}
 	nics, disks, guestNet, err := f.devices()
 	if err != nil {
+		if lease != nil {
+			lease.Close()
+		}
 		return err
 	}
 	if guestNet != "" {
@@ -193,14 +220,22 @@ func cmdRun(args []string) error {
 
 	m, devs, err := newMachine(vmm.Config{MemSize: mem, CPUs: f.cpus, Kernel: kernel, Initrd: initrd, Cmdline: cmdline}, &f, nics, disks)
 	if err != nil {
+		if lease != nil {
+			lease.Close()
+		}
 		return err
 	}
 	defer m.Close()
 	defer devs.Close()
+	// The lease gates the guest's output from its first frame.
+	fence := devs.fence(lease, &f, m)
+	if fence != nil {
+		defer fence.Close()
+	}
 	if err := m.Start(); err != nil {
 		return err
 	}
-	return supervise(m, &f, devs, replicate.NewNode(replicate.Booted, replicate.Takeover{}))
+	return supervise(m, &f, devs, replicate.NewNode(replicate.Booted, replicate.Takeover{}, fence))
 }
 
 // supervise serves the control API, starts replication when asked,
@@ -227,6 +262,16 @@ func supervise(m *vmm.Machine, f *runFlags, devs *machineDevices, node *replicat
 		}
 	}
 	defer func() { _ = node.Unprotect() }()
+	if fence := node.Fence(); fence != nil {
+		go func() {
+			select {
+			case <-fence.Fenced():
+				fmt.Fprintf(os.Stderr, "govmm: FENCED: %v\ngovmm: the guest is stopped for good and nothing leaves this VMM again; it stays up for 'govmm ctl info' and 'ctl snapshot', and exits with status %d when stopped\n",
+					fence.Err(), fencedStatus)
+			case <-m.Done():
+			}
+		}()
+	}
 	restore := attachConsole(m)
 	defer restore()
 	sigs := make(chan os.Signal, 1)
@@ -243,6 +288,10 @@ func supervise(m *vmm.Machine, f *runFlags, devs *machineDevices, node *replicat
 	}()
 	res, err := m.Wait()
 	restore()
+	if fence := node.Fence(); fence != nil && fence.Err() != nil {
+		fmt.Fprintf(os.Stderr, "govmm: exiting FENCED (status %d): %v\n", fencedStatus, fence.Err())
+		return exitError{fencedStatus}
+	}
 	if err != nil {
 		return err
 	}

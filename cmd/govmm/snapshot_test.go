@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -40,6 +41,17 @@ func waitSocket(t *testing.T, path string) {
 		_, err := os.Stat(path)
 		return err == nil
 	}, 30*time.Second, 10*time.Millisecond, "no API socket at %s", path)
+}
+
+// waitGuestHere waits until the VMM at the API socket path runs the guest
+// (a standby serves its socket while standing by, too).
+func waitGuestHere(t *testing.T, path string) {
+	t.Helper()
+	waitSocket(t, path)
+	require.Eventually(t, func() bool {
+		out, _, status := govmm(t, time.Minute, "ctl", "--api-sock", path, "info", "--json")
+		return status == 0 && !strings.Contains(out, `"standing by"`)
+	}, 60*time.Second, 20*time.Millisecond, "the guest does not run at %s", path)
 }
 
 // tinyGuestFiles writes a tiny guest's bzImage and a placeholder initrd.

@@ -1,14 +1,18 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"os"
 	"os/signal"
+	"strings"
+	"sync"
 	"syscall"
 	"text/tabwriter"
+	"time"
 
 	"govmm/replicate/stream"
 	"govmm/replicate/witness"
@@ -109,3 +113,70 @@ func listWitnessState(dir string) error {
 	}
 	return tw.Flush()
 }
+
+// witnessAcquireTimeout bounds a booting primary's wait for its first
+// generation: long enough to wait out the lease of a VMM of this VM that
+// just died, and a few retries, short enough to say soon that the witness
+// is not there.
+func witnessAcquireTimeout(lease time.Duration) time.Duration { return 2*lease + 2*time.Second }
+
+// newWitnessClient is this VMM's client of --witness, as role ("primary",
+// "standby"), for the VM --name, with --key-file's key.
+func newWitnessClient(f *runFlags, role, where string) (*witness.Client, error) {
+	if f.keyFile == "" {
+		return nil, fmt.Errorf("--witness %s: --key-file is required: the witness serves only VMMs that share its key", f.witness)
+	}
+	key, err := stream.LoadKey(f.keyFile)
+	if err != nil {
+		return nil, fmt.Errorf("--witness %s: %w", f.witness, err)
+	}
+	host, _ := os.Hostname()
+	holder := fmt.Sprintf("%s %s pid %d", role, host, os.Getpid())
+	if where != "" {
+		holder = fmt.Sprintf("%s %s %s pid %d", role, host, where, os.Getpid())
+	}
+	// The witness takes names of at most witness.MaxName bytes, with the
+	// client's random suffix: keep the start, which says who.
+	if len(holder) > witness.MaxName-32 {
+		holder = strings.ToValidUTF8(holder[:witness.MaxName-32], "")
+	}
+	return witness.NewClient(witness.Config{Addr: f.witness, Key: key, VM: f.name, Holder: holder, Lease: f.witnessLease})
+}
+
+// acquireLease takes a booting primary's first generation of --name at
+// --witness. Failing that, the guest must not start: without a lease its
+// output could never leave, and running it without the witness would be
+// the unprotected run that --witness was given to prevent.
+func acquireLease(f *runFlags) (*witness.Lease, error) {
+	c, err := newWitnessClient(f, "primary", f.apiSock)
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), witnessAcquireTimeout(f.witnessLease))
+	defer cancel()
+	lease, err := c.Acquire(ctx)
+	switch {
+	case errors.Is(err, witness.ErrHolderAlive), errors.Is(err, witness.ErrHeld):
+		return nil, fmt.Errorf("--witness: VM %q runs elsewhere (its holder renews its lease): not starting it here: %w", f.name, err)
+	case err != nil:
+		return nil, fmt.Errorf("--witness: no generation of VM %q: %w (the guest is not started: it would run without protection against split brain)", f.name, err)
+	}
+	fmt.Fprintf(os.Stderr, "govmm: witness %s: generation %d of %s, lease %v\n", f.witness, lease.Generation(), f.name, lease.Status().Lease)
+	return lease, nil
+}
+
+// splitBrainWarning is said once per process, when replication starts
+// without a witness.
+var splitBrainWarning sync.Once
+
+func warnSplitBrain() {
+	splitBrainWarning.Do(func() {
+		fmt.Fprintln(os.Stderr, "govmm: WARNING: replicating WITHOUT A WITNESS (--witness): if the primary and the standby lose each other while both live "+
+			"(a cut link, a stopped or stalled primary), both may run the guest and answer its clients: SPLIT BRAIN. "+
+			"Acceptable only where that cannot happen without one of them dying; see docs/FENCING.md.")
+	})
+}
+
+// fencedStatus is the exit status of a VMM that was fenced: another VMM
+// won a newer generation of its guest, which this one stopped for good.
+const fencedStatus = 3

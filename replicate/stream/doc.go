@@ -35,7 +35,7 @@
 //     reordered or dropped; the handshake proves knowledge of the
 //     pre-shared key both ways.
 //
-// # Wire format (version 3, little-endian)
+// # Wire format (version 4, little-endian)
 //
 // Handshake frames (each side's Hello and Auth, framed as in version 1 so
 // that any version can read a hello far enough to refuse it):
@@ -61,7 +61,8 @@
 //	            name (u16 len, ≤256) | vcpus u32 | nregions u16 (≤64) | 0 u16 |
 //	            nregions × (gpa u64, size u64) |
 //	            ndevices u16 (≤64) | ndevices × (id (u16 len, ≤64) | nattrs u16 (≤16) |
-//	            nattrs × (key (u16 len, ≤32) | value (u16 len, ≤256)))
+//	            nattrs × (key (u16 len, ≤32) | value (u16 len, ≤256))) |
+//	            witness generation u64 (0: no witness) | holder (u16 len, ≤256; empty at generation 0)
 //	2 Auth      proof [32]
 //	3 Begin     epoch u64 (>0, increasing) | kind u8 (1 initial-sync, 2 epoch, 3 final) | 0 [7]
 //	4 Pages     count u16 (1..256) | 0 u16 | count × (gpa u64 | enc u8 | 0 [3] | len u32 | data [len])

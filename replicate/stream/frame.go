@@ -11,7 +11,7 @@ import (
 // Version is the protocol version this package speaks. A peer with any
 // other version is refused at the hello (ErrVersion); see docs/STREAM.md
 // for the version policy.
-const Version = 3
+const Version = 4
 
 // helloMagic opens every Hello payload.
 const helloMagic = "GOVMMSTR"

@@ -37,6 +37,8 @@ func seedFrames() map[string][]byte {
 	return map[string][]byte{
 		"hello-sender": rawFrame(frameHello, 0, appendHello(nil, &hello{version: Version, keyed: true, role: roleSender, id: id,
 			heartbeat: DefaultHeartbeatInterval, timeout: DefaultFailoverTimeout})),
+		"hello-witnessed": rawFrame(frameHello, 0, appendHello(nil, &hello{version: Version, keyed: true, role: roleSender, id: witnessed(id),
+			heartbeat: DefaultHeartbeatInterval, timeout: DefaultFailoverTimeout})),
 		"hello-receiver": rawFrame(frameHello, 0, appendHello(nil, &hello{version: Version, role: roleReceiver,
 			heartbeat: DefaultHeartbeatInterval, timeout: DefaultFailoverTimeout})),
 		"auth":         rawFrame(frameAuth, 1, make([]byte, macSize)),

@@ -73,10 +73,18 @@ func decodeHello(h *hello, p []byte) error {
 	if err != nil {
 		return err
 	}
+	if len(r) < 8 {
+		return fmt.Errorf("hello: truncated witness generation: %w", ErrFrame)
+	}
+	gen := le.Uint64(r)
+	holder, r, err := takeString(r[8:], MaxHolderLen, "witness holder")
+	if err != nil {
+		return err
+	}
 	if len(r) != 0 {
 		return fmt.Errorf("hello: %d trailing bytes: %w", len(r), ErrFrame)
 	}
-	h.id = Identity{Name: name, Regions: regions, VCPUs: vcpus, Devices: devices}
+	h.id = Identity{Name: name, Regions: regions, VCPUs: vcpus, Devices: devices, Generation: gen, Holder: holder}
 	// A sender must describe a real VM; a receiver may leave it empty to
 	// accept any.
 	if h.role == roleSender || !h.id.IsZero() {
@@ -175,5 +183,6 @@ func appendHello(b []byte, h *hello) []byte {
 			b = appendString(b, a.Value)
 		}
 	}
-	return b
+	b = le.AppendUint64(b, h.id.Generation)
+	return appendString(b, h.id.Holder)
 }

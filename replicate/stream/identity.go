@@ -24,6 +24,8 @@ const (
 	MaxAttrKey   = 32
 	MaxAttrValue = 256
 	MaxVCPUs     = 1024
+	// MaxHolderLen caps the witness holder name (as the witness does).
+	MaxHolderLen = 256
 	// MaxMemory caps the announced layout (and so every staging area).
 	MaxMemory = 1 << 40
 )
@@ -44,6 +46,14 @@ type Identity struct {
 	// Devices are the VM's devices in order, each with what a receiver's
 	// machine must match to resume the guest (MAC, backend, disk size...).
 	Devices []Device
+	// Generation is, on a sender that uses a witness (docs/FENCING.md),
+	// the generation of the VM it holds there, and Holder its name at the
+	// witness; 0 and "" without a witness. A standby whose primary is lost
+	// claims Generation+1 before it resumes the guest. They say which
+	// incarnation of the VM this is, not what it looks like: Compare
+	// ignores them, and the receiver's Verify decides about them.
+	Generation uint64
+	Holder     string
 }
 
 // Device is one device of the VM: its ID (as vmm names it, e.g.
@@ -69,7 +79,8 @@ func (d Device) Attr(key string) string {
 
 // IsZero reports whether id is unset (a receiver that accepts any VM).
 func (id Identity) IsZero() bool {
-	return id.Name == "" && len(id.Regions) == 0 && id.VCPUs == 0 && len(id.Devices) == 0
+	return id.Name == "" && len(id.Regions) == 0 && id.VCPUs == 0 && len(id.Devices) == 0 &&
+		id.Generation == 0 && id.Holder == ""
 }
 
 // Pages is the number of pages in the layout.
@@ -100,6 +111,10 @@ func (id Identity) Validate() error {
 					d.ID, a.Key, MaxAttrKey, MaxAttrValue, ErrTooLarge)
 			}
 		}
+	}
+	if len(id.Holder) > MaxHolderLen || (id.Generation == 0 && id.Holder != "") {
+		return fmt.Errorf("witness holder of %d bytes at generation %d (at most %d bytes, and none without a generation): %w",
+			len(id.Holder), id.Generation, MaxHolderLen, ErrFrame)
 	}
 	if id.VCPUs == 0 || id.VCPUs > MaxVCPUs {
 		return fmt.Errorf("vcpu count %d not in 1..%d: %w", id.VCPUs, MaxVCPUs, ErrFrame)

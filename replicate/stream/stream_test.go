@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -44,6 +45,34 @@ func TestHandshake(t *testing.T) {
 			assert.NoError(t, r.Err())
 		})
 	}
+}
+
+// witnessed is id as a primary that holds generation 7 at a witness
+// announces it.
+func witnessed(id Identity) Identity {
+	id.Generation, id.Holder = 7, "primary host-a #0123456789abcdef"
+	return id
+}
+
+// The sender's witness generation and holder name reach the receiver
+// (whose standby claims the next generation from it); a receiver that
+// expects a VM does not compare them.
+func TestHandshakeCarriesGeneration(t *testing.T) {
+	scfg, rcfg := cfgs(newFakeClock())
+	scfg.Identity = witnessed(testIdentity())
+	rcfg.Identity = testIdentity()
+	s, r := pipePair(t, scfg, rcfg)
+	assert.Equal(t, uint64(7), r.Peer().Generation)
+	assert.Equal(t, "primary host-a #0123456789abcdef", r.Peer().Holder)
+	assert.Equal(t, scfg.Identity, r.Peer())
+	assert.NoError(t, s.Err())
+
+	// A holder without a generation describes no witness: refused.
+	bad := testIdentity()
+	bad.Holder = "primary"
+	require.ErrorIs(t, bad.Validate(), ErrFrame)
+	bad.Generation, bad.Holder = 1, strings.Repeat("h", MaxHolderLen+1)
+	require.ErrorIs(t, bad.Validate(), ErrFrame)
 }
 
 func TestHandshakeRefusals(t *testing.T) {

@@ -114,6 +114,15 @@ func NewClient(cfg Config) (*Client, error) {
 // random suffix).
 func (c *Client) Holder() string { return c.holder }
 
+// Addr is the witness's address (Config.Addr).
+func (c *Client) Addr() string { return c.cfg.Addr }
+
+// VM is the VM's name at the witness (Config.VM).
+func (c *Client) VM() string { return c.cfg.VM }
+
+// LeaseAsked is the lease this client asks for (Config.Lease, defaulted).
+func (c *Client) LeaseAsked() time.Duration { return c.cfg.Lease }
+
 // ErrClosed is returned by requests on a closed Client.
 var ErrClosed = errors.New("witness client closed")
 

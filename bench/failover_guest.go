@@ -1,0 +1,301 @@
+package bench
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// FailoverGuestConfig parameterises the failover-guest suite: the
+// failover suite's question with the default guest and its demo service,
+// where Linux boots (hardware KVM, or the lab).
+type FailoverGuestConfig struct {
+	Govmm          string // the govmm binary
+	Kernel, Initrd string // the default guest image (govmm image build)
+	Trials         int    // per mode and witness setting (default 3)
+	// Timeout is both ends' --failover-timeout and, with a witness, the
+	// lease (default 3s: the lab's emulated L1 applies a booting guest's
+	// first checkpoints slowly).
+	Timeout time.Duration
+	Out     string
+	Log     io.Writer
+}
+
+// FailoverGuestResult is everything the suite measured; its samples are
+// the failover suite's, Answer being the first answer of the demo service
+// from its new home.
+type FailoverGuestResult struct {
+	Samples []FailoverSample
+	Config  FailoverGuestConfig
+}
+
+// FailoverGuest boots the default guest under `govmm run --replicate-to`
+// with a `govmm standby`, both on user-mode networking with the demo
+// service published on a host port of each (the standby's listens once it
+// runs the guest), drives POST /incr on the primary's, then SIGKILLs or
+// SIGSTOPs the primary and times the first answer of GET /healthz on the
+// standby's port; without a witness and with one (lease = the failover
+// timeout). Each trial boots the guest anew.
+func FailoverGuest(ctx context.Context, cfg FailoverGuestConfig) (*FailoverGuestResult, error) {
+	if cfg.Govmm == "" || cfg.Kernel == "" || cfg.Initrd == "" {
+		return nil, errors.New("failover-guest: the govmm binary and the default guest image are needed")
+	}
+	if cfg.Trials <= 0 {
+		cfg.Trials = 3
+	}
+	if cfg.Timeout <= 0 {
+		cfg.Timeout = 3 * time.Second
+	}
+	if cfg.Log == nil {
+		cfg.Log = io.Discard
+	}
+	dir, err := os.MkdirTemp("", "govmm-bench-failover-guest-")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(dir)
+	keyFile := filepath.Join(dir, "key")
+	if err := os.WriteFile(keyFile, []byte("govmm-bench-failover-key-0123456"), 0o600); err != nil {
+		return nil, err
+	}
+	wit, err := startWitness(ctx, cfg.Govmm, dir, keyFile)
+	if err != nil {
+		return nil, err
+	}
+	defer wit.kill()
+	res := &FailoverGuestResult{Config: cfg}
+	for trial := 1; trial <= cfg.Trials; trial++ {
+		for _, mode := range []string{FailKill, FailStop} {
+			for _, w := range []bool{false, true} {
+				witAddr := ""
+				if w {
+					witAddr = wit.addr
+				}
+				s, err := failoverGuestTrial(ctx, cfg, dir, keyFile, witAddr, mode, trial)
+				if err != nil {
+					return res, fmt.Errorf("failover-guest %s witness %v trial %d: %w", mode, w, trial, err)
+				}
+				fmt.Fprintf(cfg.Log, "failover-guest: %-7s witness %-5v trial %d: first answer after %7.1f ms (takeover %v, claim %v, at epoch %d)\n",
+					mode, w, trial, msOf(s.Answer), s.Takeover, s.Claim, s.Epoch)
+				res.Samples = append(res.Samples, s)
+			}
+		}
+	}
+	if cfg.Out != "" {
+		if err := res.write(cfg.Out); err != nil {
+			return res, err
+		}
+	}
+	return res, nil
+}
+
+// freeLoopbackPort is a TCP port free on 127.0.0.1 now.
+func freeLoopbackPort() (int, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port, nil
+}
+
+func failoverGuestTrial(ctx context.Context, cfg FailoverGuestConfig, dir, keyFile, witness, mode string, trial int) (FailoverSample, error) {
+	s := FailoverSample{Mode: mode, Timeout: cfg.Timeout, Witness: witness != "", Trial: trial}
+	var ports [3]int
+	for i := range ports {
+		p, err := freeLoopbackPort()
+		if err != nil {
+			return s, err
+		}
+		ports[i] = p
+	}
+	streamAddr := fmt.Sprintf("127.0.0.1:%d", ports[0])
+	var disks [2]string
+	for i := range disks {
+		disks[i] = filepath.Join(dir, fmt.Sprintf("disk%d.img", i))
+		if err := os.WriteFile(disks[i], nil, 0o644); err != nil {
+			return s, err
+		}
+		if err := os.Truncate(disks[i], 64<<20); err != nil {
+			return s, err
+		}
+	}
+	to := cfg.Timeout.String()
+	common := []string{"--failover-timeout", to, "--key-file", keyFile,
+		"--name", fmt.Sprintf("bench-guest-%s-%v-%d", mode, witness != "", trial)}
+	if witness != "" {
+		common = append(common, "--witness", witness, "--witness-lease", to)
+	}
+	sb, err := startProc(cfg.Govmm, append([]string{"standby", "--listen", streamAddr, "--net", "user",
+		"--publish", fmt.Sprintf("127.0.0.1:%d:80", ports[2]), "--disk", disks[1]}, common...)...)
+	if err != nil {
+		return s, err
+	}
+	defer sb.kill()
+	if err := waitFor(ctx, sb.stderr, sb.exited, "listening on", time.Minute); err != nil {
+		return s, fmt.Errorf("standby: %w", err)
+	}
+	prim, err := startProc(cfg.Govmm, append([]string{"run", "--kernel", cfg.Kernel, "--initrd", cfg.Initrd, "--replicate-to", streamAddr, "--net", "user",
+		"--publish", fmt.Sprintf("127.0.0.1:%d:80", ports[1]), "--disk", disks[0]}, common...)...)
+	if err != nil {
+		return s, err
+	}
+	defer prim.kill()
+	if err := waitFor(ctx, prim.stderr, prim.exited, "protected by", 10*time.Minute); err != nil {
+		return s, fmt.Errorf("primary: %w", err)
+	}
+	client := &http.Client{Timeout: 2 * time.Second}
+	primary := fmt.Sprintf("http://127.0.0.1:%d", ports[1])
+	deadline := time.Now().Add(10 * time.Minute)
+	for {
+		if err := get(ctx, client, primary+"/healthz"); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			return s, errors.New("the guest's demo service does not answer on the primary")
+		}
+		select {
+		case <-prim.exited:
+			return s, fmt.Errorf("primary exited: %s", lastLine(prim.stderr.String()))
+		case <-ctx.Done():
+			return s, ctx.Err()
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+	// Some acknowledged work, so that the standby has checkpoints of a
+	// running service.
+	for i := 0; i < 20; i++ {
+		if err := post(ctx, client, primary+"/incr"); err != nil {
+			return s, fmt.Errorf("POST /incr on the primary: %w", err)
+		}
+	}
+	sig := syscall.SIGKILL
+	if mode == FailStop {
+		sig = syscall.SIGSTOP
+	}
+	t0 := time.Now()
+	if err := prim.signal(sig); err != nil {
+		return s, err
+	}
+	standby := fmt.Sprintf("http://127.0.0.1:%d", ports[2])
+	quick := &http.Client{Timeout: 500 * time.Millisecond}
+	deadline = t0.Add(3 * time.Minute)
+	for {
+		if err := get(ctx, quick, standby+"/healthz"); err == nil {
+			s.Answer = time.Since(t0)
+			break
+		}
+		if time.Now().After(deadline) {
+			return s, fmt.Errorf("the standby's demo service did not answer within %v: %s", deadline.Sub(t0), lastLine(sb.stderr.String()))
+		}
+		select {
+		case <-sb.exited:
+			return s, fmt.Errorf("standby exited: %s", lastLine(sb.stderr.String()))
+		case <-ctx.Done():
+			return s, ctx.Err()
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+	if m := tookOver.FindStringSubmatch(sb.stderr.String()); m != nil {
+		s.Cause = m[1]
+		s.Epoch, _ = strconv.ParseUint(m[2], 10, 64)
+		s.Takeover, _ = time.ParseDuration(m[3])
+	}
+	if m := claimed.FindStringSubmatch(sb.stderr.String()); m != nil {
+		s.Claim, _ = time.ParseDuration(m[1])
+	}
+	return s, nil
+}
+
+func get(ctx context.Context, c *http.Client, url string) error  { return do(ctx, c, "GET", url) }
+func post(ctx context.Context, c *http.Client, url string) error { return do(ctx, c, "POST", url) }
+
+func do(ctx context.Context, c *http.Client, method, url string) error {
+	req, err := http.NewRequestWithContext(ctx, method, url, nil)
+	if err != nil {
+		return err
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	_, _ = io.Copy(io.Discard, resp.Body)
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("%s %s: %s", method, url, resp.Status)
+	}
+	return nil
+}
+
+func (r *FailoverGuestResult) write(dir string) error {
+	var rows [][]string
+	for _, s := range r.Samples {
+		rows = append(rows, []string{s.Mode, strconv.FormatBool(s.Witness), strconv.Itoa(s.Trial), ftoa(msOf(s.Answer), 3),
+			ftoa(msOf(s.Takeover), 3), ftoa(msOf(s.Claim), 3), strconv.FormatUint(s.Epoch, 10), s.Cause})
+	}
+	if err := writeCSV(filepath.Join(dir, "failover_guest.csv"), []string{"mode", "witness", "trial", "answer_ms",
+		"takeover_ms", "claim_ms", "resumed_epoch", "cause"}, rows); err != nil {
+		return err
+	}
+	var names []string
+	var values [][]float64
+	for _, mode := range []string{FailKill, FailStop} {
+		for _, w := range []bool{false, true} {
+			var v []float64
+			for _, s := range r.Samples {
+				if s.Mode == mode && s.Witness == w {
+					v = append(v, msOf(s.Answer))
+				}
+			}
+			name := mode
+			if w {
+				name += ", witness"
+			}
+			names = append(names, name)
+			values = append(values, v)
+		}
+	}
+	return boxes(filepath.Join(dir, "failover_guest.png"), "Default guest: primary failure to the first answer from the standby", "time (ms)", names, values)
+}
+
+// Report renders the failover-guest section of report.md.
+func (r *FailoverGuestResult) Report() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "%s\n\nGuest: the default guest (256 MiB, one vCPU, a 64 MiB disk), booted anew for each trial under `govmm run --replicate-to` with a `govmm standby`, "+
+		"both with `--net user` and the demo service published on a host port of each, `--failover-timeout %v` and a pre-shared key; *witness* trials add `--witness` "+
+		"(a `govmm witness` on loopback) with `--witness-lease %v`. After 20 POST /incr on the primary, its process group is SIGKILLed or SIGSTOPped and GET /healthz "+
+		"is polled on the standby's port (500 ms timeout per try, every 5 ms) until it answers. *takeover* and *claim* are what the standby logs. Raw data `failover_guest.csv`, plot `failover_guest.png`.\n\n",
+		platform(), r.Config.Timeout, r.Config.Timeout)
+	b.WriteString("| mode | witness | trials | first answer median ms | min | max | takeover median ms | claim median ms |\n|---|---|---|---|---|---|---|---|\n")
+	for _, mode := range []string{FailKill, FailStop} {
+		for _, w := range []bool{false, true} {
+			var a, tk, cl []float64
+			for _, s := range r.Samples {
+				if s.Mode == mode && s.Witness == w {
+					a = append(a, msOf(s.Answer))
+					tk = append(tk, msOf(s.Takeover))
+					cl = append(cl, msOf(s.Claim))
+				}
+			}
+			if len(a) == 0 {
+				continue
+			}
+			yes := "no"
+			if w {
+				yes = "yes"
+			}
+			sa := Summarize(a)
+			fmt.Fprintf(&b, "| %s | %s | %d | %.0f | %.0f | %.0f | %.0f | %.0f |\n", mode, yes, sa.N, sa.Median, sa.Min, sa.Max, Summarize(tk).Median, Summarize(cl).Median)
+		}
+	}
+	return b.String()
+}

@@ -1,0 +1,411 @@
+package main
+
+// What reaches the wire, for the fencing tests: a capture of the frames
+// each VMM writes into its TAP (kernel timestamps, so that frames of
+// different TAPs are ordered truly), and a TCP proxy inside a test's
+// network namespace that a test can cut, as a partition would.
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
+
+	"govmm/internal/netns"
+	"govmm/virtio/netback"
+)
+
+// tapCapture records when each frame that a VMM writes into one of the
+// TAPs it watches reaches the kernel (the frames that go to the bridge);
+// frames the bridge sends to the VMM are not counted.
+type tapCapture struct {
+	mu     sync.Mutex
+	frames map[string][]time.Time // by TAP, in kernel receive order
+	fds    []int
+	wg     sync.WaitGroup
+	closed atomic.Bool
+}
+
+func newTapCapture(t *testing.T) *tapCapture {
+	c := &tapCapture{frames: map[string][]time.Time{}}
+	t.Cleanup(c.close)
+	return c
+}
+
+func htons(v uint16) uint16 { return v<<8 | v>>8 }
+
+// watch starts capturing on the TAP name in ns.
+func (c *tapCapture) watch(ns *netns.NS, name string) error {
+	var fd int
+	err := ns.Run(func() error {
+		ifi, err := net.InterfaceByName(name)
+		if err != nil {
+			return err
+		}
+		fd, err = unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, int(htons(unix.ETH_P_ALL)))
+		if err != nil {
+			return fmt.Errorf("packet socket: %w", err)
+		}
+		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_TIMESTAMPNS, 1); err != nil {
+			unix.Close(fd)
+			return err
+		}
+		// A large buffer: the lab is slow to read, and a lost frame would
+		// be a lost witness.
+		_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, 32<<20)
+		if err := unix.Bind(fd, &unix.SockaddrLinklayer{Protocol: htons(unix.ETH_P_ALL), Ifindex: ifi.Index}); err != nil {
+			unix.Close(fd)
+			return fmt.Errorf("bind to %s: %w", name, err)
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("capture on %s: %w", name, err)
+	}
+	c.mu.Lock()
+	c.fds = append(c.fds, fd)
+	if c.frames[name] == nil {
+		c.frames[name] = []time.Time{}
+	}
+	c.mu.Unlock()
+	c.wg.Add(1)
+	go c.read(fd, name)
+	return nil
+}
+
+func (c *tapCapture) read(fd int, name string) {
+	defer c.wg.Done()
+	buf := make([]byte, 65536)
+	oob := make([]byte, 256)
+	for {
+		_, oobn, _, from, err := unix.Recvmsg(fd, buf, oob, 0)
+		if err != nil {
+			if c.closed.Load() || errors.Is(err, unix.EBADF) {
+				return
+			}
+			if errors.Is(err, unix.EINTR) || errors.Is(err, unix.EAGAIN) {
+				continue
+			}
+			return
+		}
+		if ll, ok := from.(*unix.SockaddrLinklayer); !ok || ll.Pkttype == unix.PACKET_OUTGOING {
+			continue // towards the VMM, not from it
+		}
+		at := time.Now()
+		if msgs, err := unix.ParseSocketControlMessage(oob[:oobn]); err == nil {
+			for _, m := range msgs {
+				if m.Header.Level == unix.SOL_SOCKET && m.Header.Type == unix.SO_TIMESTAMPNS && len(m.Data) >= 16 {
+					sec := int64(binary.LittleEndian.Uint64(m.Data))
+					nsec := int64(binary.LittleEndian.Uint64(m.Data[8:]))
+					at = time.Unix(sec, nsec)
+				}
+			}
+		}
+		c.mu.Lock()
+		c.frames[name] = append(c.frames[name], at)
+		c.mu.Unlock()
+	}
+}
+
+func (c *tapCapture) close() {
+	if c.closed.Swap(true) {
+		return
+	}
+	c.mu.Lock()
+	for _, fd := range c.fds {
+		_ = unix.Shutdown(fd, unix.SHUT_RDWR)
+		unix.Close(fd)
+	}
+	c.mu.Unlock()
+	c.wg.Wait()
+}
+
+// count is the number of frames seen from the VMM on tap, and since is
+// the number after t.
+func (c *tapCapture) count(tap string) int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return len(c.frames[tap])
+}
+
+func (c *tapCapture) since(tap string, t time.Time) int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n := 0
+	for _, at := range c.frames[tap] {
+		if at.After(t) {
+			n++
+		}
+	}
+	return n
+}
+
+// span is when the first and the last frame from tap reached the kernel.
+func (c *tapCapture) span(tap string) (first, last time.Time, n int) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	f := c.frames[tap]
+	if len(f) == 0 {
+		return time.Time{}, time.Time{}, 0
+	}
+	return slices.MinFunc(f, time.Time.Compare), slices.MaxFunc(f, time.Time.Compare), len(f)
+}
+
+// twoEmitters checks that the TAPs' emitting periods never overlap: each
+// VMM emits from when it starts running the guest until it dies or is
+// fenced, so two VMMs' periods overlapping is a moment with two emitters.
+// It returns a description of each overlap (none: exactly one emitter at
+// any moment).
+func (c *tapCapture) twoEmitters() []string {
+	c.mu.Lock()
+	type period struct {
+		tap         string
+		first, last time.Time
+		n           int
+	}
+	var ps []period
+	for tap, f := range c.frames {
+		if len(f) == 0 {
+			continue
+		}
+		ps = append(ps, period{tap, slices.MinFunc(f, time.Time.Compare), slices.MaxFunc(f, time.Time.Compare), len(f)})
+	}
+	all := map[string][]time.Time{}
+	for tap, f := range c.frames {
+		all[tap] = append([]time.Time(nil), f...)
+	}
+	c.mu.Unlock()
+	var out []string
+	for i := range ps {
+		for j := range ps {
+			a, b := ps[i], ps[j]
+			if i >= j || a.last.Before(b.first) || b.last.Before(a.first) {
+				continue
+			}
+			// Overlapping: count b's frames inside a's period and the other way.
+			inA, inB := 0, 0
+			for _, t := range all[b.tap] {
+				if !t.Before(a.first) && !t.After(a.last) {
+					inA++
+				}
+			}
+			for _, t := range all[a.tap] {
+				if !t.Before(b.first) && !t.After(b.last) {
+					inB++
+				}
+			}
+			out = append(out, fmt.Sprintf("%s emitted %d frames %s..%s and %s %d frames %s..%s: %d of %s's inside %s's period, %d of %s's inside %s's",
+				a.tap, a.n, a.first.Format("15:04:05.000000"), a.last.Format("15:04:05.000000"),
+				b.tap, b.n, b.first.Format("15:04:05.000000"), b.last.Format("15:04:05.000000"), inA, b.tap, a.tap, inB, a.tap, b.tap))
+		}
+	}
+	return out
+}
+
+// nsProxy is a TCP proxy listening in a namespace (on 127.0.0.1) that
+// forwards to target there. Cut, it stops moving bytes in both directions
+// (it stops reading, so the senders' TCP windows fill and their writes
+// block, as in a partition: silence, no reset) and connections made
+// meanwhile carry nothing; healed, it moves the held bytes on.
+type nsProxy struct {
+	ln     net.Listener
+	ns     *netns.NS
+	target string
+	cut    atomic.Bool
+	mu     sync.Mutex
+	conns  []net.Conn
+	closed atomic.Bool
+}
+
+func newNSProxy(t *testing.T, ns *netns.NS, target string) *nsProxy {
+	t.Helper()
+	ln, err := ns.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatalf("proxy: %v", err)
+	}
+	p := &nsProxy{ln: ln, ns: ns, target: target}
+	go p.serve()
+	t.Cleanup(p.close)
+	return p
+}
+
+func (p *nsProxy) addr() string { return p.ln.Addr().String() }
+
+func (p *nsProxy) serve() {
+	for {
+		c, err := p.ln.Accept()
+		if err != nil {
+			return
+		}
+		go func() {
+			p.waitHealed()
+			u, err := p.ns.Dial("tcp", p.target)
+			if err != nil || p.closed.Load() {
+				c.Close()
+				return
+			}
+			p.mu.Lock()
+			p.conns = append(p.conns, c, u)
+			p.mu.Unlock()
+			go p.pipe(c, u)
+			go p.pipe(u, c)
+		}()
+	}
+}
+
+func (p *nsProxy) waitHealed() {
+	for p.cut.Load() && !p.closed.Load() {
+		time.Sleep(time.Millisecond)
+	}
+}
+
+func (p *nsProxy) pipe(from, to net.Conn) {
+	buf := make([]byte, 64<<10)
+	for {
+		p.waitHealed()
+		n, err := from.Read(buf)
+		p.waitHealed()
+		if n > 0 {
+			if _, werr := to.Write(buf[:n]); werr != nil {
+				from.Close()
+				return
+			}
+		}
+		if err != nil {
+			to.Close()
+			return
+		}
+	}
+}
+
+// setCut cuts (true) or heals the link.
+func (p *nsProxy) setCut(on bool) { p.cut.Store(on) }
+
+func (p *nsProxy) close() {
+	if p.closed.Swap(true) {
+		return
+	}
+	p.ln.Close()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, c := range p.conns {
+		c.Close()
+	}
+}
+
+// The wire helpers themselves: the capture counts exactly the frames a
+// VMM writes into its TAP (not those the bridge sends to it), with times
+// in order; the proxy carries bytes, holds them while cut, and delivers
+// them once healed.
+func TestWireHelpers(t *testing.T) {
+	ns := netns.New(t)
+	require.NoError(t, ns.AddTap("tw0"))
+	require.NoError(t, ns.AddTap("tw1"))
+	c := newTapCapture(t)
+	require.NoError(t, c.watch(ns, "tw0"))
+	require.NoError(t, c.watch(ns, "tw1"))
+	var taps [2]*netback.TAP
+	require.NoError(t, ns.Run(func() error {
+		for i, name := range []string{"tw0", "tw1"} {
+			tp, err := netback.OpenTAP(name)
+			if err != nil {
+				return err
+			}
+			taps[i] = tp
+		}
+		return nil
+	}))
+	for _, tp := range taps {
+		t.Cleanup(func() { tp.Close() })
+	}
+	frame := func(i int) []byte {
+		f := make([]byte, netback.VnetHdrLen+60)
+		eth := f[netback.VnetHdrLen:]
+		copy(eth, []byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x52, 0x54, 0, 0, 0, 9, 0x88, 0xb5}) // local experimental ethertype
+		eth[14] = byte(i)
+		return f
+	}
+	for i := range 20 {
+		require.NoError(t, taps[0].Send(frame(i)))
+	}
+	mid := time.Now()
+	for i := range 5 {
+		require.NoError(t, taps[1].Send(frame(i)))
+	}
+	require.Eventually(t, func() bool { return c.count("tw0") == 20 && c.count("tw1") == 5 }, 10*time.Second, time.Millisecond)
+	_, last0, _ := c.span("tw0")
+	first1, _, _ := c.span("tw1")
+	require.True(t, last0.Before(first1), "kernel timestamps order the two TAPs' frames")
+	require.Equal(t, 0, c.since("tw0", mid))
+	require.Empty(t, c.twoEmitters())
+	require.NoError(t, taps[0].Send(frame(99))) // tw0 emits again inside tw1's period
+	require.Eventually(t, func() bool { return c.count("tw0") == 21 }, 10*time.Second, time.Millisecond)
+	require.NoError(t, taps[1].Send(frame(100)))
+	require.Eventually(t, func() bool { return len(c.twoEmitters()) == 1 }, 10*time.Second, time.Millisecond)
+
+	// Broadcasts from the bridge reach both TAPs, towards the VMMs: not counted.
+	u, err := ns.ListenPacket("udp4", net.JoinHostPort(ns.BridgeIP().String(), "0"))
+	require.NoError(t, err)
+	defer u.Close()
+	require.NoError(t, ns.Run(func() error {
+		return unix.SetsockoptInt(int(must(u.(*net.UDPConn).File()).Fd()), unix.SOL_SOCKET, unix.SO_BROADCAST, 1)
+	}))
+	bcast := ns.BridgePrefix().Masked().Addr().As4()
+	bcast[3] = 255
+	_, err = u.WriteTo([]byte("to the VMMs"), &net.UDPAddr{IP: net.IP(bcast[:]), Port: 9})
+	require.NoError(t, err)
+	time.Sleep(100 * time.Millisecond)
+	require.Equal(t, 21, c.count("tw0"))
+
+	// The proxy.
+	ln, err := ns.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer ln.Close()
+	go func() {
+		for {
+			s, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() { _, _ = io.Copy(s, s) }()
+		}
+	}()
+	p := newNSProxy(t, ns, ln.Addr().String())
+	conn, err := ns.Dial("tcp", p.addr())
+	require.NoError(t, err)
+	defer conn.Close()
+	echo := func(s string, within time.Duration) error {
+		_ = conn.SetDeadline(time.Now().Add(within))
+		if _, err := io.WriteString(conn, s); err != nil {
+			return err
+		}
+		b := make([]byte, len(s))
+		_, err := io.ReadFull(conn, b)
+		return err
+	}
+	require.NoError(t, echo("a", 5*time.Second))
+	p.setCut(true)
+	require.Error(t, echo("b", 200*time.Millisecond), "nothing moves while cut")
+	p.setCut(false)
+	_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
+	b := make([]byte, 1)
+	_, err = io.ReadFull(conn, b)
+	require.NoError(t, err)
+	require.Equal(t, "b", string(b), "held bytes move on once healed")
+}
+
+func must[T any](v T, err error) T {
+	if err != nil {
+		panic(err)
+	}
+	return v
+}
