@@ -34,15 +34,19 @@ demo: deps image
 # the real guest where Linux boots (the lab here): SOAK_MIGRATIONS live
 # migrations under load, each checked page by page at the cut, and
 # SOAK_FAILOVERS SIGKILLed primaries with a keep-alive client carrying on
-# (each trial logs its failover time, and the test their distribution).
+# (each trial logs its failover time, and the test their distribution),
+# and SOAK_FENCING fencing trials with a witness on one guest: SIGKILL,
+# SIGSTOP past the timeout, short SIGSTOP or a cut primary<->standby link
+# at random moments, checked for one emitter on the wire and the history.
 SOAK_COUNT      ?= 20
 SOAK_MIGRATIONS ?= 10
 SOAK_FAILOVERS  ?= 20
+SOAK_FENCING    ?= 50
 soak: build image
 	$(GO) test -count=$(SOAK_COUNT) -run 'TestReplicationFailover|TestReplicatedDiskFollowsCheckpoints' ./replicate/
 	$(GO) test -count=$(SOAK_COUNT) -run 'TestReplicateAndFailover|TestReprotectAndFailOverAgain' ./cmd/govmm/
-	GOVMM_SOAK_MIGRATIONS=$(SOAK_MIGRATIONS) GOVMM_SOAK_FAILOVERS=$(SOAK_FAILOVERS) \
-		scripts/guest-tests.sh -timeout 3h -run '^(TestGuestMigrateUnderLoad|TestGuestFailoverKeepsConnection)$$'
+	GOVMM_SOAK_MIGRATIONS=$(SOAK_MIGRATIONS) GOVMM_SOAK_FAILOVERS=$(SOAK_FAILOVERS) GOVMM_SOAK_FENCING=$(SOAK_FENCING) \
+		scripts/guest-tests.sh -timeout 3h -run '^(TestGuestMigrateUnderLoad|TestGuestFailoverKeepsConnection|TestGuestFencingStoppedPrimary)$$'
 
 vet:
 	@test -z "$$(gofmt -l . | tee /dev/stderr)" || { echo "gofmt: files above need formatting"; exit 1; }

@@ -12,6 +12,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"govmm/internal/kvmtest"
+	"govmm/internal/netns"
 	"govmm/internal/tinyguest"
 )
 
@@ -26,6 +27,7 @@ type witnessProc struct {
 	addr, key, dir string
 	cmd            *exec.Cmd
 	log            *logBuffer
+	ns             *netns.NS // where it runs (nil: this namespace)
 }
 
 func startWitnessProc(t *testing.T, keyFile string) *witnessProc {
@@ -39,7 +41,12 @@ func startWitnessProc(t *testing.T, keyFile string) *witnessProc {
 func (w *witnessProc) start() {
 	w.t.Helper()
 	w.log = &logBuffer{}
-	w.cmd = exec.Command(govmmBin, "witness", "--listen", w.addr, "--key-file", w.key, "--state", w.dir)
+	args := []string{"witness", "--listen", w.addr, "--key-file", w.key, "--state", w.dir}
+	if w.ns != nil {
+		w.cmd = w.ns.Command(govmmBin, args...)
+	} else {
+		w.cmd = exec.Command(govmmBin, args...)
+	}
 	w.cmd.Stderr = w.log
 	require.NoError(w.t, w.cmd.Start())
 	require.Eventually(w.t, func() bool { return strings.Contains(w.log.String(), "listening on") }, 30*time.Second, 10*time.Millisecond)
