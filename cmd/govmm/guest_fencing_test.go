@@ -95,7 +95,16 @@ func (fl *fenceLab) boot(to string) *fenceVMM {
 	t := fl.t
 	p := fl.vmm("run", fl.w.addr, "--replicate-to", to)
 	p.await(t, p.log, "protected by", 10*time.Minute)
-	p.await(t, p.con, guestimg.ReadyLine, 10*time.Minute)
+	t.Logf("%s: protected", p.name)
+	t.Cleanup(func() {
+		if t.Failed() && !p.con.Contains(guestimg.ReadyLine) {
+			info, _, _ := govmm(t, 30*time.Second, "ctl", "--api-sock", p.sock, "info")
+			metrics, _, _ := govmm(t, 30*time.Second, "ctl", "--api-sock", p.sock, "metrics")
+			t.Logf("%s never got ready: ctl info:\n%s\nmetrics:\n%s", p.name, info, metrics)
+		}
+	})
+	p.await(t, p.con, guestimg.ReadyLine, 4*time.Minute)
+	t.Logf("%s: the guest is ready", p.name)
 	for _, l := range guestrig.GuestLoad {
 		_, err := io.WriteString(p.stdin, l+"\n")
 		require.NoError(t, err)

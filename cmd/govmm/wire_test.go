@@ -62,6 +62,14 @@ func (c *tapCapture) watch(ns *netns.NS, name string) error {
 		// A large buffer: the lab is slow to read, and a lost frame would
 		// be a lost witness.
 		_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, 32<<20)
+		// Closing a packet socket does not wake a reader blocked in
+		// recvmsg (nor does shutdown, which AF_PACKET lacks): the reader
+		// wakes up now and then to see whether the capture was closed.
+		tv := unix.NsecToTimeval(int64(100 * time.Millisecond))
+		if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv); err != nil {
+			unix.Close(fd)
+			return err
+		}
 		if err := unix.Bind(fd, &unix.SockaddrLinklayer{Protocol: htons(unix.ETH_P_ALL), Ifindex: ifi.Index}); err != nil {
 			unix.Close(fd)
 			return fmt.Errorf("bind to %s: %w", name, err)
@@ -97,6 +105,9 @@ func (c *tapCapture) read(fd int, name string) {
 			}
 			return
 		}
+		if c.closed.Load() {
+			return
+		}
 		if ll, ok := from.(*unix.SockaddrLinklayer); !ok || ll.Pkttype == unix.PACKET_OUTGOING {
 			continue // towards the VMM, not from it
 		}
@@ -120,13 +131,15 @@ func (c *tapCapture) close() {
 	if c.closed.Swap(true) {
 		return
 	}
+	// The readers stop within their receive timeout; only then are the
+	// descriptors closed (closing under a reader could hand its number to
+	// another file).
+	c.wg.Wait()
 	c.mu.Lock()
 	for _, fd := range c.fds {
-		_ = unix.Shutdown(fd, unix.SHUT_RDWR)
 		unix.Close(fd)
 	}
 	c.mu.Unlock()
-	c.wg.Wait()
 }
 
 // count is the number of frames seen from the VMM on tap, and since is
