@@ -94,6 +94,17 @@ func Run(ctx context.Context, o Options, suites []string) (map[string]string, er
 				return sections, err
 			}
 			section = r.Report()
+		case "overhead-guest":
+			cfg := OverheadGuestConfig{Govmm: o.Govmm, Kernel: o.Boot.Kernel, Initrd: o.Boot.Initrd, Trials: runs(3, 1), Out: o.Out, Log: o.Log}
+			if o.Quick {
+				cfg.Epochs = []time.Duration{25 * time.Millisecond}
+				cfg.Warmup, cfg.Window = time.Second, 3*time.Second
+			}
+			r, err := OverheadGuest(ctx, cfg)
+			if err != nil {
+				return sections, err
+			}
+			section = r.Report()
 		case "fencing":
 			cfg := FencingConfig{Trials: runs(3, 1), Out: o.Out, Log: o.Log}
 			if o.Quick {
