@@ -297,13 +297,13 @@ func firstDiff(want, got string) string {
 }
 
 // govmm run -- CMD gives every byte the command wrote and its exit
-// status, 6 times over (make soak: many more): --cpus 1 and 2 (nproc says
-// which), statuses across 0..255 and death by a signal (128+9).
+// status, 20 times over (GOVMM_SOAK_RUNS: more): --cpus 1 and 2 (nproc
+// says which), statuses across 0..255 and death by a signal (128+9).
 func TestGuestCommandOutputExact(t *testing.T) {
 	kvmtest.RequireLinuxBoot(t)
 	_, err := guestimg.Build(context.Background(), guestimg.Options{})
 	require.NoError(t, err)
-	runs := 6
+	runs := 20
 	if n, err := strconv.Atoi(os.Getenv("GOVMM_SOAK_RUNS")); err == nil && n > 1 {
 		runs = n
 	}
