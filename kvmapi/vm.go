@@ -87,37 +87,6 @@ func (vm *VM) SignalMSI(addr uint64, data uint32) error {
 	return err
 }
 
-// SetGSIRouting replaces the whole GSI routing table.
-func (vm *VM) SetGSIRouting(entries []IRQRoutingEntry) error {
-	// struct kvm_irq_routing { __u32 nr; __u32 flags; entries[] }: build it
-	// in a byte buffer whose element size TestABI pins.
-	const hdr = 8
-	entSize := int(unsafe.Sizeof(IRQRoutingEntry{}))
-	buf := make([]uint64, (hdr+len(entries)*entSize+7)/8)
-	b := unsafe.Slice((*byte)(unsafe.Pointer(&buf[0])), len(buf)*8)
-	*(*uint32)(unsafe.Pointer(&b[0])) = uint32(len(entries))
-	for i := range entries {
-		// Sound: b is 8-aligned and large enough; IRQRoutingEntry is plain data.
-		*(*IRQRoutingEntry)(unsafe.Pointer(&b[hdr+i*entSize])) = entries[i]
-	}
-	_, err := doPtr(vm.fd, "KVM_SET_GSI_ROUTING", kvmSetGSIRouting, unsafe.Pointer(&buf[0]))
-	return err
-}
-
-// IRQFD makes a write to eventfd fd inject gsi (KVM_IRQFD).
-func (vm *VM) IRQFD(fd int, gsi uint32) error {
-	a := irqfd{FD: uint32(fd), GSI: gsi}
-	_, err := doPtr(vm.fd, "KVM_IRQFD", kvmIRQFD, unsafe.Pointer(&a))
-	return err
-}
-
-// DeassignIRQFD undoes IRQFD.
-func (vm *VM) DeassignIRQFD(fd int, gsi uint32) error {
-	a := irqfd{FD: uint32(fd), GSI: gsi, Flags: irqfdFlagDeassign}
-	_, err := doPtr(vm.fd, "KVM_IRQFD", kvmIRQFD, unsafe.Pointer(&a))
-	return err
-}
-
 // IOEventFD describes a guest write that KVM turns into an eventfd signal
 // without exiting to userspace.
 type IOEventFD struct {
