@@ -32,14 +32,6 @@ func guestCode(pages int) []byte {
 	return tinyguest.Dirtier(dirtyBase, uint32(pages), passGPA)
 }
 
-// guestName describes guestCode(pages) for reports and CSV.
-func guestName(pages int) string {
-	if pages <= 0 {
-		return "tiny counter (1 page)"
-	}
-	return fmt.Sprintf("tiny dirtier (%d pages)", pages)
-}
-
 // memFor is a guest size that holds a working set of pages above
 // dirtyBase: a power of two, at least 64 MiB.
 func memFor(pages int) uint64 {

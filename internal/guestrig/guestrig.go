@@ -477,38 +477,6 @@ func JoinLines(s []string) string {
 	return b.String()
 }
 
-// PageWalk describes how the guest's 4-level page tables rooted at cr3
-// translate va, level by level, reading them from mem (for a guest that
-// died: is the mapping of the faulting address still there?).
-func PageWalk(mem *guestmem.Memory, cr3, va uint64) string {
-	var b strings.Builder
-	const addrMask = 1<<52 - 1
-	table := cr3 &^ 0xfff & addrMask
-	for level, shift := range []uint{39, 30, 21, 12} {
-		idx := (va >> shift) & 0x1ff
-		var e [8]byte
-		if err := mem.ReadAt(e[:], guestmem.GPA(table+idx*8)); err != nil {
-			fmt.Fprintf(&b, " L%d[%d]@%#x: %v", 4-level, idx, table, err)
-			return b.String()
-		}
-		var v uint64
-		for i := 7; i >= 0; i-- {
-			v = v<<8 | uint64(e[i])
-		}
-		fmt.Fprintf(&b, " L%d[%d]@%#x=%#x", 4-level, idx, table, v)
-		if v&1 == 0 {
-			b.WriteString(" (not present)")
-			return b.String()
-		}
-		if level > 0 && level < 3 && v&0x80 != 0 {
-			b.WriteString(" (large page)")
-			return b.String()
-		}
-		table = v &^ 0xfff & addrMask
-	}
-	return b.String()
-}
-
 const traceDir = "/sys/kernel/tracing"
 
 // TraceKVM records KVM's exits and injected exceptions (ftrace's kvm
@@ -549,18 +517,4 @@ func TraceKVM(t *testing.T) {
 		}
 		_ = write("events/kvm/enable", "0")
 	})
-}
-
-// LastShutdownRIP is the guest RIP of the last shutdown exit (triple
-// fault) in L1's kvm trace, 0 if none.
-func LastShutdownRIP() uint64 {
-	b, _ := os.ReadFile(filepath.Join(traceDir, "trace"))
-	var rip uint64
-	const mark = "reason shutdown rip "
-	for _, l := range strings.Split(string(b), "\n") {
-		if i := strings.Index(l, mark); i >= 0 {
-			_, _ = fmt.Sscanf(l[i+len(mark):], "0x%x", &rip)
-		}
-	}
-	return rip
 }
