@@ -111,6 +111,9 @@ func cmdStandby(args []string) error {
 	fs := newFlagSet("standby", standbyUsage)
 	f.registerDevices(fs)
 	f.registerReplication(fs)
+	fs.StringVar(&f.guestIP, "guest-ip", "", "the guest's eth0 address ADDR/PREFIX, announced by gratuitous ARP when the guest runs here")
+	refuseFlags(fs, "does not apply to standby: the guest's kernel, memory, vCPUs and settings come from the primary",
+		"kernel", "initrd", "cmdline", "mem", "cpus", "guest-gw")
 	listen := fs.String("listen", "", "address to listen on for the source, HOST:PORT")
 	if err := parseFlags(fs, args); err != nil {
 		return err
