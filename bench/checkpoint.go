@@ -157,46 +157,26 @@ func checkpointRun(ctx context.Context, cfg CheckpointConfig, pages int, epoch t
 	if err := waitPasses(ctx, m, 1, time.Minute); err != nil {
 		return nil, nil, err
 	}
-	sb, err := newStandby()
+	sb, err := startStandby(ctx, nil)
 	if err != nil {
 		return nil, nil, err
 	}
-	defer sb.Close()
-	sctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	sbDone := make(chan struct{})
-	go func() {
-		defer close(sbDone)
-		sm, _, err := sb.ReceiveReplication(sctx)
-		if err == nil {
-			sm.Close() // a takeover here would be a bench failure; Recent tells
-		}
-	}()
-	rep, err := replicate.StartReplication(ctx, m, replicate.ReplicateConfig{To: sb.Addr(), Insecure: true,
+	defer sb.stop()
+	rep, err := replicate.StartReplication(ctx, m, replicate.ReplicateConfig{To: sb.addr, Insecure: true,
 		Name: "bench", Epoch: epoch, FailoverTimeout: 10 * time.Second, Logger: quietLogger()})
 	if err != nil {
 		return nil, nil, err
 	}
+	defer rep.Stop()
 	want := uint64(cfg.Warmup + cfg.Epochs)
-	deadline := time.Now().Add(time.Duration(want)*epoch*4 + 2*time.Minute)
-	for rep.Stats().Epochs < want+1 { // one more, so the last kept has its ack
-		select {
-		case <-rep.Done():
-			return nil, nil, fmt.Errorf("replication ended: %w", rep.Err())
-		case <-ctx.Done():
-			rep.Stop()
-			return nil, nil, ctx.Err()
-		case <-time.After(5 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			rep.Stop()
-			return nil, nil, fmt.Errorf("only %d epochs before the deadline", rep.Stats().Epochs)
-		}
+	// One more, so the last kept has its ack.
+	if err := waitEpochs(ctx, rep, want+1, time.Duration(want)*epoch*4+2*time.Minute); err != nil {
+		return nil, nil, err
 	}
 	time.Sleep(epoch) // acks in flight arrive
 	recent := rep.Recent()
-	rep.Stop()
-	<-sbDone
+	rep.Stop() // before the step loop, which takes the machine's dirty tracker
+	sb.stop()
 	var out []CheckpointSample
 	for _, es := range recent {
 		if len(out) == cfg.Epochs {

@@ -14,7 +14,6 @@ import (
 	"time"
 
 	"govmm/replicate"
-	"govmm/replicate/stream"
 	"govmm/replicate/witness"
 	"govmm/vmm"
 )
@@ -181,7 +180,7 @@ func fencingRun(ctx context.Context, cfg FencingConfig, key []byte, witnessAddr,
 		}
 		defer w.close()
 	}
-	sb, err := benchStandby(ctx, w.standby)
+	sb, err := startStandby(ctx, w.standby)
 	if err != nil {
 		return nil, tr, err
 	}
@@ -295,40 +294,6 @@ func (w fencingWitness) traffic(wire *countingNIC) FencingTraffic {
 		tr.Renewals, tr.Failures, tr.Held = st.Lease.Renewals, st.Lease.TotalFails, st.Output.HeldNoLease
 	}
 	return tr
-}
-
-// benchStandbyProc is an in-process standby of tiny guests, listening on
-// addr; stop ends it and waits for it.
-type benchStandbyProc struct {
-	addr string
-	stop func()
-}
-
-// benchStandby starts a standby (with witness client wc, if any) that
-// follows one replication and discards what it received.
-func benchStandby(ctx context.Context, wc *witness.Client) (benchStandbyProc, error) {
-	sb, err := replicate.NewStandby(replicate.StandbyConfig{Listen: "127.0.0.1:0", Insecure: true,
-		FailoverTimeout: 10 * time.Second, Logger: quietLogger(), Witness: wc,
-		Build: func(id stream.Identity) (replicate.Replica, error) {
-			sm, err := vmm.New(vmm.Config{MemSize: replicate.MemSize(id), CPUs: int(id.VCPUs), Console: io.Discard})
-			return replicate.Replica{Machine: sm}, err
-		}})
-	if err != nil {
-		return benchStandbyProc{}, err
-	}
-	sctx, cancel := context.WithCancel(ctx)
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		if sm, _, err := sb.ReceiveReplication(sctx); err == nil {
-			sm.Close()
-		}
-	}()
-	return benchStandbyProc{addr: sb.Addr(), stop: func() {
-		cancel()
-		<-done
-		sb.Close()
-	}}, nil
 }
 
 // sendEvery sends a frame into out every d until the returned function

@@ -152,22 +152,12 @@ func overheadTrial(ctx context.Context, cfg OverheadConfig, pages int, p overhea
 		cfg := replicate.ReplicateConfig{Insecure: true, Name: "bench", Epoch: p.epoch, FailoverTimeout: 10 * time.Second,
 			Logger: quietLogger(), Transport: replicate.NewNullTransport()}
 		if p.mode == ModeLoopback {
-			sb, err := newStandby()
+			sb, err := startStandby(ctx, nil)
 			if err != nil {
 				return s, err
 			}
-			defer sb.Close()
-			sctx, cancel := context.WithCancel(ctx)
-			sbDone := make(chan struct{})
-			defer func() { cancel(); <-sbDone }() // after rep.Stop, which is deferred later
-			go func() {
-				defer close(sbDone)
-				sm, _, err := sb.ReceiveReplication(sctx)
-				if err == nil {
-					sm.Close() // a takeover here would be a bench failure; Recent tells
-				}
-			}()
-			cfg.To, cfg.Transport = sb.Addr(), nil
+			defer sb.stop() // after rep.Stop, which is deferred later
+			cfg.To, cfg.Transport = sb.addr, nil
 		}
 		rep, err = replicate.StartReplication(ctx, m, cfg)
 		if err != nil {
