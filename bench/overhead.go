@@ -133,7 +133,9 @@ func Overhead(ctx context.Context, cfg OverheadConfig) (*OverheadResult, error) 
 }
 
 // overheadTrial runs one fresh guest in configuration p and measures its
-// throughput over cfg.Window after cfg.Warmup.
+// throughput over cfg.Window after cfg.Warmup. (Long, on purpose: it is
+// one experiment read top to bottom, setup, warm-up, the timed window
+// between two pass edges, and the epochs inside that window.)
 func overheadTrial(ctx context.Context, cfg OverheadConfig, pages int, p overheadPoint) (OverheadSample, error) {
 	s := OverheadSample{Pages: pages, Mode: p.mode, Epoch: p.epoch}
 	m, err := newTinyMachine(pages, memFor(pages))

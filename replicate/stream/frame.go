@@ -234,7 +234,10 @@ func checkHeader(b []byte, h header) error {
 
 // decodePayload decodes p as a frame of type t into f. layout is the
 // sender's announced layout, against which page addresses are checked.
-// Nothing is allocated except, once, f.pages' backing array.
+// Nothing is allocated except, once, f.pages' backing array. (Long, on
+// purpose: one case per frame type, each checking its fields in wire
+// order against their caps, so that a reader checks it against
+// docs/STREAM.md in one place.)
 func decodePayload(f *frame, t frameType, p []byte, layout *Identity) error {
 	f.typ = t
 	fixed := func(n int) error {
