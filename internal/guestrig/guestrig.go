@@ -21,7 +21,6 @@
 package guestrig
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"crypto/sha256"
@@ -29,7 +28,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -44,6 +42,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"govmm/guestimg"
+	"govmm/internal/democlient"
 	"govmm/internal/netns"
 	"govmm/lab"
 	"govmm/vmm/guestmem"
@@ -175,11 +174,11 @@ func (c *ConsoleLog) Tail(n int) string {
 }
 
 // Client speaks HTTP/1.1 to the demo service over one TCP connection for
-// its whole life: a move that breaks the connection fails the test, as a
-// client would notice.
+// its whole life (a democlient.Client): a move that breaks the connection
+// fails the test, as a client would notice.
 type Client struct {
 	C  net.Conn
-	br *bufio.Reader
+	dc *democlient.Client
 }
 
 // Dial connects to the guest's demo service from the namespace, waiting
@@ -193,29 +192,13 @@ func (r *Rig) Dial(t *testing.T) *Client {
 		return err == nil
 	}, 2*time.Minute, 200*time.Millisecond, "the guest's demo service does not accept connections")
 	t.Cleanup(func() { c.Close() })
-	return &Client{C: c, br: bufio.NewReader(c)}
+	return &Client{C: c, dc: democlient.New(c, "guest")}
 }
 
 // Do sends one request and reads its answer within timeout.
 func (k *Client) Do(method, path, body string, timeout time.Duration) (string, error) {
-	_ = k.C.SetDeadline(time.Now().Add(timeout))
-	req := fmt.Sprintf("%s %s HTTP/1.1\r\nHost: guest\r\nContent-Length: %d\r\n\r\n%s", method, path, len(body), body)
-	if _, err := io.WriteString(k.C, req); err != nil {
-		return "", fmt.Errorf("%s %s: %w", method, path, err)
-	}
-	resp, err := http.ReadResponse(k.br, nil)
-	if err != nil {
-		return "", fmt.Errorf("%s %s: %w", method, path, err)
-	}
-	b, err := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if err != nil {
-		return "", fmt.Errorf("%s %s: body: %w", method, path, err)
-	}
-	if resp.StatusCode != http.StatusOK {
-		return "", fmt.Errorf("%s %s: %s: %s", method, path, resp.Status, b)
-	}
-	return string(b), nil
+	k.dc.Timeout = timeout
+	return k.dc.Do(method, path, body)
 }
 
 // History is what the checked client saw: every counter value and every
