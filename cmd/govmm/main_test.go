@@ -239,6 +239,18 @@ func TestFlagsThatDoNotApplyAreRefused(t *testing.T) {
 			require.NotContains(t, out+errOut, "-"+name+" ", "govmm help %s", cmd)
 		}
 	}
+	// Flags that what a command was asked to do would ignore.
+	for _, c := range []struct {
+		args []string
+		msg  string
+	}{
+		{[]string{"witness", "--state", t.TempDir(), "--list", "--listen", "127.0.0.1:7100"}, "witness: --listen does not apply with --list"},
+		{[]string{"bench", "--out", t.TempDir(), "--mem", "512", "checkpoint"}, "bench: --mem does not apply without the boot suite"},
+	} {
+		_, errOut, status := govmm(t, time.Minute, c.args...)
+		require.Equal(t, 1, status, errOut)
+		require.Contains(t, errOut, c.msg)
+	}
 	// What run and standby take, their help shows.
 	out, errOut, _ := govmm(t, time.Minute, "help", "run")
 	require.Contains(t, out+errOut, "-guest-gw")

@@ -154,6 +154,25 @@ type refusedFlag string
 func (r refusedFlag) String() string   { return "" }
 func (r refusedFlag) Set(string) error { return errors.New(string(r)) }
 
+// given reports which flags of fs the command line set.
+func given(fs *flag.FlagSet) map[string]bool {
+	set := map[string]bool{}
+	fs.Visit(func(fl *flag.Flag) { set[fl.Name] = true })
+	return set
+}
+
+// refuseUnused fails when the command line set one of names, which what
+// the command was asked to do (why) would ignore.
+func refuseUnused(fs *flag.FlagSet, why string, names ...string) error {
+	set := given(fs)
+	for _, n := range names {
+		if set[n] {
+			return fmt.Errorf("%s: --%s does not apply %s", fs.Name(), n, why)
+		}
+	}
+	return nil
+}
+
 func newFlagSet(name, usage string) *flag.FlagSet {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.Usage = func() {
