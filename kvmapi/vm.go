@@ -1,6 +1,7 @@
 package kvmapi
 
 import (
+	"runtime"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -179,7 +180,7 @@ func (vm *VM) DirtyLog(slot uint32, bitmap []uint64) error {
 	_, err := doPtr(vm.fd, "KVM_GET_DIRTY_LOG", kvmGetDirtyLog, unsafe.Pointer(&d))
 	// bitmap must stay alive until the ioctl returned: the kernel wrote
 	// through a pointer that the garbage collector cannot see in d.
-	keepAlive(bitmap)
+	runtime.KeepAlive(bitmap)
 	return err
 }
 
@@ -193,7 +194,7 @@ func (vm *VM) ClearDirtyLog(slot uint32, firstPage uint64, numPages uint32, bitm
 	c := clearDirtyLog{Slot: slot, FirstPage: firstPage, NumPages: numPages,
 		Bitmap: uint64(uintptr(unsafe.Pointer(&bitmap[0])))}
 	_, err := doPtr(vm.fd, "KVM_CLEAR_DIRTY_LOG", kvmClearDirtyLog, unsafe.Pointer(&c))
-	keepAlive(bitmap)
+	runtime.KeepAlive(bitmap)
 	return err
 }
 
