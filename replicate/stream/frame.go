@@ -463,20 +463,6 @@ func allZero(b []byte) bool {
 	return true
 }
 
-// DecodeFrame decodes one frame in the clear (header and plaintext
-// payload; a MAC or tag trailer, if present, is ignored and not verified)
-// from b, checking page addresses against layout. It is the decoder the
-// stream uses after authenticating and decrypting a frame, exposed for the
-// fuzz target and for tools that inspect handshake frames or decrypted
-// streams (session frames on the wire are AES-GCM ciphertext). It returns
-// the frame's type name and the number of bytes consumed (header +
-// payload).
-func DecodeFrame(b []byte, layout Identity) (string, int, error) {
-	var f frame
-	n, err := decodeFrame(&f, b, &layout)
-	return f.typ.String(), n, err
-}
-
 func decodeFrame(f *frame, b []byte, layout *Identity) (int, error) {
 	if len(b) < headerSize {
 		return 0, fmt.Errorf("frame header truncated: %w", ErrTruncated)
