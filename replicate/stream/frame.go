@@ -462,25 +462,3 @@ func allZero(b []byte) bool {
 	}
 	return true
 }
-
-func decodeFrame(f *frame, b []byte, layout *Identity) (int, error) {
-	if len(b) < headerSize {
-		return 0, fmt.Errorf("frame header truncated: %w", ErrTruncated)
-	}
-	h, err := parseHeader(b)
-	if err != nil {
-		return 0, err
-	}
-	if err := checkHeader(b, h); err != nil {
-		return 0, err
-	}
-	end := headerSize + int(h.length)
-	if len(b) < end {
-		return 0, fmt.Errorf("%v frame truncated: %w", h.typ, ErrTruncated)
-	}
-	f.seq = h.seq
-	if err := decodePayload(f, h.typ, b[headerSize:end], layout); err != nil {
-		return 0, err
-	}
-	return end, nil
-}
