@@ -109,6 +109,17 @@ func (o Options) suite(ctx context.Context, s string) (string, error) {
 			return "", err
 		}
 		return r.Report(), nil
+	case "overhead-guest":
+		cfg := OverheadGuestConfig{Govmm: o.Govmm, Kernel: o.Boot.Kernel, Initrd: o.Boot.Initrd, Trials: o.runs(3, 1), Out: o.Out, Log: o.Log}
+		if o.Quick {
+			cfg.Epochs = []time.Duration{25 * time.Millisecond}
+			cfg.Warmup, cfg.Window = time.Second, 3*time.Second
+		}
+		r, err := OverheadGuest(ctx, cfg)
+		if err != nil {
+			return "", err
+		}
+		return r.Report(), nil
 	case "fencing":
 		cfg := FencingConfig{Trials: o.runs(3, 1), Out: o.Out, Log: o.Log}
 		if o.Quick {
