@@ -96,6 +96,11 @@ func cmdBench(args []string) error {
 			return fmt.Errorf("unknown suite %q (%s)", s, strings.Join(append(benchSuites, extraSuites...), ", "))
 		}
 	}
+	if !slices.Contains(suites, "boot") {
+		if err := refuseUnused(fs, "without the boot suite, the only one that uses it", "guest", "mem"); err != nil {
+			return err
+		}
+	}
 	if *out == "" {
 		*out = filepath.Join("bench", "results", time.Now().UTC().Format("20060102T150405Z"))
 	}

@@ -22,6 +22,10 @@ func cmdRestore(args []string) error {
 	var f runFlags
 	fs := newFlagSet("restore", restoreUsage)
 	f.registerDevices(fs)
+	refuseFlags(fs, "does not apply to restore: the snapshot holds the guest's kernel, memory, vCPUs and network settings",
+		"kernel", "initrd", "cmdline", "mem", "cpus", "guest-ip", "guest-gw")
+	refuseFlags(fs, "does not apply to restore: protect the restored guest with 'govmm ctl replicate --to HOST:PORT' once it runs",
+		"replicate-to", "epoch", "on-standby-loss", "witness", "witness-lease")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
