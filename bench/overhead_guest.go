@@ -49,7 +49,11 @@ func (s OverheadGuestSample) Rate() float64 { return float64(s.Requests) / s.Win
 // OverheadGuestResult is everything the suite measured.
 type OverheadGuestResult struct {
 	Samples []OverheadGuestSample
-	Config  OverheadGuestConfig
+	// Failed are the trials that broke (the guest or a VMM died, or
+	// never got protected): the suite goes on, keeps their logs in Out
+	// and reports them.
+	Failed []string
+	Config OverheadGuestConfig
 }
 
 func (cfg *OverheadGuestConfig) defaults() {
@@ -99,8 +103,14 @@ func OverheadGuest(ctx context.Context, cfg OverheadGuestConfig) (*OverheadGuest
 	for trial := 1; trial <= cfg.Trials; trial++ {
 		for _, e := range epochs {
 			s, err := overheadGuestTrial(ctx, cfg, dir, e, trial)
+			if ctx.Err() != nil {
+				return res, ctx.Err()
+			}
 			if err != nil {
-				return res, fmt.Errorf("overhead-guest %s trial %d: %w", epochName(e), trial, err)
+				f := fmt.Sprintf("%s trial %d: %v", epochName(e), trial, err)
+				fmt.Fprintf(cfg.Log, "overhead-guest: FAILED %s\n", f)
+				res.Failed = append(res.Failed, f)
+				continue
 			}
 			fmt.Fprintf(cfg.Log, "overhead-guest: %-12s trial %d: %6.1f answers/s, p50 %6.1f ms, p99 %6.1f ms, %d errors\n",
 				epochName(e), trial, s.Rate(), msOf(s.P50), msOf(s.P99), s.Errors)
@@ -122,9 +132,11 @@ func epochName(e time.Duration) string {
 	return "epoch " + e.String()
 }
 
+func epochFile(e time.Duration) string { return strings.ReplaceAll(epochName(e), " ", "-") }
+
 // overheadGuestTrial boots one guest (and its standby if epoch > 0) and
 // measures one window of load.
-func overheadGuestTrial(ctx context.Context, cfg OverheadGuestConfig, dir string, epoch time.Duration, trial int) (OverheadGuestSample, error) {
+func overheadGuestTrial(ctx context.Context, cfg OverheadGuestConfig, dir string, epoch time.Duration, trial int) (_ OverheadGuestSample, rerr error) {
 	s := OverheadGuestSample{Epoch: epoch, Trial: trial}
 	var disks [2]string
 	for i := range disks {
@@ -154,6 +166,11 @@ func overheadGuestTrial(ctx context.Context, cfg OverheadGuestConfig, dir string
 			return s, err
 		}
 		defer sb.kill()
+		defer func() {
+			if rerr != nil {
+				sb.keepLogs(cfg.Out, fmt.Sprintf("overhead_guest-failed-%s-%d-standby", epochFile(epoch), trial))
+			}
+		}()
 		if err := waitFor(ctx, sb.stderr, sb.exited, "listening on", time.Minute); err != nil {
 			return s, fmt.Errorf("standby: %w", err)
 		}
@@ -164,6 +181,11 @@ func overheadGuestTrial(ctx context.Context, cfg OverheadGuestConfig, dir string
 		return s, err
 	}
 	defer prim.kill()
+	defer func() {
+		if rerr != nil {
+			prim.keepLogs(cfg.Out, fmt.Sprintf("overhead_guest-failed-%s-%d-primary", epochFile(epoch), trial))
+		}
+	}()
 	if epoch > 0 {
 		if err := waitFor(ctx, prim.stderr, prim.exited, "protected by", 10*time.Minute); err != nil {
 			return s, fmt.Errorf("primary: %w", err)
@@ -338,6 +360,12 @@ func (r *OverheadGuestResult) Report() string {
 			ratio = fmt.Sprintf("%.2f×", sr.Median/base)
 		}
 		fmt.Fprintf(&b, "| %s | %d | %.1f | %s | %.1f | %.1f | %d |\n", epochName(e), sr.N, sr.Median, ratio, Summarize(p50).Median, Summarize(p99).Median, errs)
+	}
+	if len(r.Failed) > 0 {
+		fmt.Fprintf(&b, "\n%d trial(s) failed and are not in the table (their logs: `overhead_guest-failed-*`):\n\n", len(r.Failed))
+		for _, f := range r.Failed {
+			fmt.Fprintf(&b, "- %s\n", f)
+		}
 	}
 	return b.String()
 }
