@@ -187,10 +187,13 @@ func (m *Machine) build() error {
 	}
 
 	m.uart = NewUART(m.cfg.Console, func(level bool) { _ = m.vm.IRQLine(COM1IRQ, level) })
-	if err := m.AddStateful(m.uart.Name(), uartKind, m.uart); err != nil {
-		return err
-	}
 	i8042 := NewI8042(func() { m.finish(Result{Status: 0, Reason: "reset"}, nil) })
+	rtc := NewRTC(nil)
+	for _, d := range []devstate.Stateful{m.uart, i8042, rtc} {
+		if err := m.AddStateful(d); err != nil {
+			return err
+		}
+	}
 	if m.pci, err = NewPCIBus(m.mmio); err != nil {
 		return err
 	}
@@ -201,7 +204,7 @@ func (m *Machine) build() error {
 		{COM1Base, 8, m.uart},
 		{I8042Base, 1, i8042},
 		{I8042Base + 4, 1, offsetDevice{i8042, 4}},
-		{RTCBase, RTCSize, NewRTC(nil)},
+		{RTCBase, RTCSize, rtc},
 		{ExitPortBase, 1, &ExitPort{exit: func(s int) { m.finish(Result{Status: s, Reason: "exit-port"}, nil) }}},
 		{PCIConfigBase, PCIConfigSize, m.pci},
 	} {
@@ -231,20 +234,23 @@ func addTSCDeadline(cpuid []kvmapi.CPUIDEntry) {
 	}
 }
 
-// statefulDev is a device that is part of every checkpoint.
+// statefulDev is a device that is part of every checkpoint, with the ID
+// and kind it gave when it was added.
 type statefulDev struct {
 	devstate.Stateful
 	id, kind string
 }
 
-// AddStateful makes a device part of the machine state under id and kind.
-func (m *Machine) AddStateful(id, kind string, d devstate.Stateful) error {
+// AddStateful makes a device part of the machine state, under the ID and
+// kind it names itself with.
+func (m *Machine) AddStateful(d devstate.Stateful) error {
+	id := d.StateID()
 	for _, e := range m.stateful {
 		if e.id == id {
 			return fmt.Errorf("device id %q used twice", id)
 		}
 	}
-	m.stateful = append(m.stateful, statefulDev{d, id, kind})
+	m.stateful = append(m.stateful, statefulDev{d, id, d.StateKind()})
 	return nil
 }
 
@@ -289,11 +295,7 @@ func (m *Machine) MMIOBus() *Bus { return m.mmio }
 // part of the machine state. Call before Start.
 func (m *Machine) AddPCIDevice(dev pci.Device) error {
 	if s, ok := dev.(devstate.Stateful); ok {
-		d, ok := dev.(devstate.Described)
-		if !ok {
-			return fmt.Errorf("pci device %s has state but no state ID", dev.Name())
-		}
-		if err := m.AddStateful(d.StateID(), d.StateKind(), s); err != nil {
+		if err := m.AddStateful(s); err != nil {
 			return err
 		}
 	}

@@ -366,9 +366,12 @@ func (m *Machine) ResumeDevices() error {
 // devstate.Encoder.
 const (
 	stateMagic = "GOVMMSTA"
-	// StateVersion is the current format version. Readers accept it and
-	// StateVersion-1. Version 2 added the TSC rate and each vCPU's CPUID.
-	StateVersion   = 2
+	// StateVersion is the current format version. Readers accept every
+	// version from 1 on. Version 2 added the TSC rate and each vCPU's
+	// CPUID; version 3 added the i8042 and the RTC to the devices (same
+	// layout: a state before it has neither, and reads as holding them at
+	// power-on, which is how such a state always restored them).
+	StateVersion   = 3
 	stateHeaderLen = 24
 	// MaxStateSize caps a decoded state before anything is allocated.
 	MaxStateSize = 64 << 20
@@ -466,8 +469,8 @@ func (s *MachineState) UnmarshalBinary(data []byte) error {
 		return ErrStateMagic
 	}
 	version := binary.LittleEndian.Uint16(data[8:])
-	if version != StateVersion && version != StateVersion-1 {
-		return fmt.Errorf("%w: version %d, this govmm reads %d and %d", ErrStateVersion, version, StateVersion-1, StateVersion)
+	if version < 1 || version > StateVersion {
+		return fmt.Errorf("%w: version %d, this govmm reads 1 to %d", ErrStateVersion, version, StateVersion)
 	}
 	n := binary.LittleEndian.Uint64(data[12:])
 	if n > MaxStateSize {
@@ -542,8 +545,26 @@ func (s *MachineState) UnmarshalBinary(data []byte) error {
 	if err := d.Done(); err != nil {
 		return fmt.Errorf("machine state: %w", err)
 	}
+	if version < 3 {
+		out.Devices = append(out.Devices, powerOnLegacy()...)
+		sort.Slice(out.Devices, func(i, j int) bool { return out.Devices[i].ID < out.Devices[j].ID })
+	}
 	*s = out
 	return nil
+}
+
+// powerOnLegacy is the state of the legacy devices that states before
+// version 3 left out, as a new machine has them.
+func powerOnLegacy() []devstate.State {
+	var out []devstate.State
+	for _, d := range []devstate.Stateful{NewI8042(nil), NewRTC(nil)} {
+		s, err := d.SaveState()
+		if err != nil {
+			panic(fmt.Sprintf("power-on state of %s: %v", d.StateID(), err)) // never fails
+		}
+		out = append(out, s)
+	}
+	return out
 }
 
 // Devices lists the stateful devices as "kind id".
