@@ -73,9 +73,10 @@ type Machine struct {
 
 	restoring *MachineState // non-nil while StartFrom sets up vCPUs
 
-	pauseMu    sync.Mutex // serialises Pause/Resume; guards paused and handedOver
-	paused     int        // pause holders: Pause increments, Resume decrements
-	handedOver bool       // the guest lives on elsewhere: never run again (HandOver)
+	pauseMu     sync.Mutex // serialises Pause/Resume; guards paused, handedOver and devicesHeld
+	paused      int        // pause holders: Pause increments, Resume decrements
+	handedOver  bool       // the guest lives on elsewhere: never run again (HandOver)
+	devicesHeld bool       // StartFromPaused: devices stay quiesced until the vCPUs run
 
 	stwMu sync.Mutex // one stop-the-world operation at a time (WithPaused)
 
@@ -379,7 +380,7 @@ func (m *Machine) Start() error {
 	if err := m.load(); err != nil {
 		return err
 	}
-	return m.start(nil)
+	return m.start(nil, false)
 }
 
 // StartFrom resumes a saved machine: guest memory must already hold the
@@ -391,13 +392,25 @@ func (m *Machine) StartFrom(st *MachineState) error {
 	if err := m.checkState(st); err != nil {
 		return err
 	}
-	if err := m.start(st); err != nil {
-		return err
-	}
-	return nil
+	return m.start(st, false)
 }
 
-func (m *Machine) start(st *MachineState) error {
+// StartFromPaused is StartFrom for a machine that does not run yet: it
+// comes up exactly at the saved cut, every vCPU paused before its first
+// guest instruction (one pause held, which Resume releases) and every
+// device quiesced until then, so that nothing changes guest memory or
+// device state meanwhile. A snapshot taken now equals the one restored,
+// except for the clocks, which run on in KVM.
+func (m *Machine) StartFromPaused(st *MachineState) error {
+	if err := m.checkState(st); err != nil {
+		return err
+	}
+	return m.start(st, true)
+}
+
+// start sets up every vCPU, restores st (when not nil) and lets the vCPUs
+// go; paused makes each of them pause before entering the guest.
+func (m *Machine) start(st *MachineState, paused bool) error {
 	m.restoring = st
 	setup := make(chan error, m.cfg.CPUs)
 	for id := 0; id < m.cfg.CPUs; id++ {
@@ -418,8 +431,8 @@ func (m *Machine) start(st *MachineState) error {
 	if firstErr == nil && st != nil {
 		if err := m.restoreMachineLevel(st); err != nil {
 			firstErr = err
-		} else if err := m.ResumeDevices(); err != nil {
-			firstErr = err
+		} else if !paused {
+			firstErr = m.ResumeDevices()
 		}
 	}
 	if firstErr != nil {
@@ -428,7 +441,39 @@ func (m *Machine) start(st *MachineState) error {
 		m.wg.Wait()
 		return firstErr
 	}
+	if !paused {
+		close(release)
+		return nil
+	}
+	return m.releasePaused(release)
+}
+
+// releasePaused lets the vCPUs go with a pause request already queued and
+// immediate_exit set: each one's first KVM_RUN returns at once, without
+// entering the guest, and the vCPU waits paused. The devices stay
+// quiesced (restore leaves them so) until Resume lets the vCPUs run.
+func (m *Machine) releasePaused(release chan struct{}) error {
+	m.pauseMu.Lock()
+	defer m.pauseMu.Unlock()
+	replies := make([]chan error, len(m.vcpus))
+	for i, c := range m.vcpus {
+		replies[i] = make(chan error, 1)
+		c.fd.SetImmediateExit(true)
+		c.reqs <- vcpuReq{kind: reqPause, reply: replies[i]} // buffered; nothing else is queued yet
+	}
 	close(release)
+	for _, r := range replies {
+		select {
+		case err := <-r:
+			if err != nil {
+				return err
+			}
+		case <-m.done:
+			return ErrStopped
+		}
+	}
+	m.paused = 1
+	m.devicesHeld = true
 	return nil
 }
 
@@ -517,6 +562,12 @@ func (m *Machine) Resume() error {
 		return nil
 	}
 	if m.paused == 1 {
+		if m.devicesHeld {
+			m.devicesHeld = false
+			if err := m.resumeDevices(); err != nil {
+				return err
+			}
+		}
 		if err := m.broadcast(reqResume, nil); err != nil {
 			return err
 		}

@@ -346,11 +346,22 @@ func (m *Machine) QuiesceDevices(ctx context.Context) error {
 }
 
 // ResumeDevices lets quiesced devices go on. After HandOver it refuses
-// with ErrHandedOver and the devices stay quiesced.
+// with ErrHandedOver and the devices stay quiesced; after StartFromPaused
+// they stay quiesced until Resume lets the vCPUs run.
 func (m *Machine) ResumeDevices() error {
-	if m.HandedOver() {
+	m.pauseMu.Lock()
+	handedOver, held := m.handedOver, m.devicesHeld
+	m.pauseMu.Unlock()
+	if handedOver {
 		return ErrHandedOver
 	}
+	if held {
+		return nil // StartFromPaused: the vCPUs' Resume lets them go
+	}
+	return m.resumeDevices()
+}
+
+func (m *Machine) resumeDevices() error {
 	var errs []error
 	for _, d := range m.stateful {
 		if err := d.Resume(); err != nil {
