@@ -503,22 +503,10 @@ func (s *MachineState) UnmarshalBinary(data []byte) error {
 		return fmt.Errorf("machine state: %d vcpus out of range", nv)
 	}
 	for i := uint32(0); i < nv && d.Err() == nil; i++ {
-		var v VCPUState
-		abiDecode(d, &v.MPState)
-		abiDecode(d, &v.Regs)
-		abiDecode(d, &v.Sregs)
-		abiDecode(d, &v.XCRs)
-		v.Xsave = append([]byte(nil), d.Blob(1<<20)...)
-		abiDecode(d, &v.LAPIC)
-		nm := d.U32()
-		if nm > maxMSRCount {
-			return fmt.Errorf("machine state: vcpu %d has %d msrs, at most %d", i, nm, maxMSRCount)
+		v, err := decodeVCPU(d, i)
+		if err != nil {
+			return err
 		}
-		for j := uint32(0); j < nm && d.Err() == nil; j++ {
-			v.MSRs = append(v.MSRs, kvmapi.MSREntry{Index: d.U32(), Data: d.U64()})
-		}
-		abiDecode(d, &v.DebugRegs)
-		abiDecode(d, &v.Events)
 		out.VCPUs = append(out.VCPUs, v)
 	}
 	abiDecode(d, &out.IRQChip.PICMaster)
@@ -539,18 +527,8 @@ func (s *MachineState) UnmarshalBinary(data []byte) error {
 		out.Devices = append(out.Devices, ds)
 	}
 	if version >= 2 {
-		out.TSCKHz = d.U32()
-		for i := range out.VCPUs {
-			n := d.U32()
-			if n > maxCPUIDs {
-				return fmt.Errorf("machine state: vcpu %d has %d cpuid entries, at most %d", i, n, maxCPUIDs)
-			}
-			for j := uint32(0); j < n && d.Err() == nil; j++ {
-				var c kvmapi.CPUIDEntry
-				c.Function, c.Index, c.Flags = d.U32(), d.U32(), d.U32()
-				c.EAX, c.EBX, c.ECX, c.EDX = d.U32(), d.U32(), d.U32(), d.U32()
-				out.VCPUs[i].CPUID = append(out.VCPUs[i].CPUID, c)
-			}
+		if err := decodeV2(d, &out); err != nil {
+			return err
 		}
 	}
 	if err := d.Done(); err != nil {
@@ -561,6 +539,45 @@ func (s *MachineState) UnmarshalBinary(data []byte) error {
 		sort.Slice(out.Devices, func(i, j int) bool { return out.Devices[i].ID < out.Devices[j].ID })
 	}
 	*s = out
+	return nil
+}
+
+// decodeVCPU reads vCPU i's kernel state as MarshalBinary wrote it.
+func decodeVCPU(d *devstate.Decoder, i uint32) (VCPUState, error) {
+	var v VCPUState
+	abiDecode(d, &v.MPState)
+	abiDecode(d, &v.Regs)
+	abiDecode(d, &v.Sregs)
+	abiDecode(d, &v.XCRs)
+	v.Xsave = append([]byte(nil), d.Blob(1<<20)...)
+	abiDecode(d, &v.LAPIC)
+	nm := d.U32()
+	if nm > maxMSRCount {
+		return v, fmt.Errorf("machine state: vcpu %d has %d msrs, at most %d", i, nm, maxMSRCount)
+	}
+	for j := uint32(0); j < nm && d.Err() == nil; j++ {
+		v.MSRs = append(v.MSRs, kvmapi.MSREntry{Index: d.U32(), Data: d.U64()})
+	}
+	abiDecode(d, &v.DebugRegs)
+	abiDecode(d, &v.Events)
+	return v, nil
+}
+
+// decodeV2 reads what version 2 added: the TSC rate and each vCPU's CPUID.
+func decodeV2(d *devstate.Decoder, out *MachineState) error {
+	out.TSCKHz = d.U32()
+	for i := range out.VCPUs {
+		n := d.U32()
+		if n > maxCPUIDs {
+			return fmt.Errorf("machine state: vcpu %d has %d cpuid entries, at most %d", i, n, maxCPUIDs)
+		}
+		for j := uint32(0); j < n && d.Err() == nil; j++ {
+			var c kvmapi.CPUIDEntry
+			c.Function, c.Index, c.Flags = d.U32(), d.U32(), d.U32()
+			c.EAX, c.EBX, c.ECX, c.EDX = d.U32(), d.U32(), d.U32(), d.U32()
+			out.VCPUs[i].CPUID = append(out.VCPUs[i].CPUID, c)
+		}
+	}
 	return nil
 }
 
