@@ -2,7 +2,8 @@ package virtio
 
 // The common configuration registers (virtio 1.x §4.1.4.3): how the
 // driver reads and writes them, device status and reset. Everything here
-// runs on a vCPU thread with transport.mu held.
+// is called with transport.mu held, from vCPU threads (ReadBAR, WriteBAR)
+// or, for resetLocked, at construction.
 
 import (
 	"encoding/binary"
