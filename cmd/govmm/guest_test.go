@@ -569,7 +569,7 @@ func TestGuestReplicatedBootNoFalseTakeover(t *testing.T) {
 	start := time.Now()
 	startGuest(t, exec.Command(govmmBin, "run", "--net", "none", "--disk", disk, "--api-sock", pSock, "--replicate-to", addr))
 	t.Logf("guest ready %v after start, replicated from its first instruction", time.Since(start))
-	metric := func(name string) float64 {
+	lookup := func(name string) (float64, bool, string) {
 		out, _, status := govmm(t, time.Minute, "ctl", "--api-sock", pSock, "metrics")
 		require.Equal(t, 0, status)
 		for _, l := range strings.Split(out, "\n") {
@@ -577,12 +577,23 @@ func TestGuestReplicatedBootNoFalseTakeover(t *testing.T) {
 				var v float64
 				_, err := fmt.Sscan(f[1], &v)
 				require.NoError(t, err)
-				return v
+				return v, true, out
 			}
 		}
-		t.Fatalf("no metric %s in:\n%s", name, out)
-		return 0
+		return 0, false, out
 	}
+	metric := func(name string) float64 {
+		v, ok, out := lookup(name)
+		require.True(t, ok, "no metric %s in:\n%s", name, out)
+		return v
+	}
+	// The guest may be ready before the initial sync (all of memory and
+	// the disk) is: the replication metrics appear when it is done.
+	require.Eventually(t, func() bool {
+		v, ok, _ := lookup("govmm_replication_protected")
+		return ok && v == 1
+	}, 5*time.Minute, 500*time.Millisecond, "the primary never became protected")
+	t.Logf("protected %v after start", time.Since(start))
 	// Some more time of a running guest (its services start, it writes).
 	e0 := metric("govmm_replication_acked_epoch")
 	time.Sleep(20 * time.Second)
