@@ -59,17 +59,17 @@ func (s *transportState) walk(c *devstate.Codec) {
 	c.U8(&s.ISR)
 	c.Bool(&s.Broken)
 	c.Bytes(&s.Config, pci.ConfigSize)
-	devstate.Slice32(c, &s.MSIX.Entries, maxMSIXWords)
+	devstate.Slice32(c, &s.MSIX.Entries, maxMSIXWords, "msi-x entries")
 	for i := range s.MSIX.Entries {
 		for j := range s.MSIX.Entries[i] {
 			c.U32(&s.MSIX.Entries[i][j])
 		}
 	}
-	devstate.Slice32(c, &s.MSIX.Pending, maxMSIXWords/64)
+	devstate.Slice32(c, &s.MSIX.Pending, maxMSIXWords/64, "msi-x pending words")
 	for i := range s.MSIX.Pending {
 		c.U64(&s.MSIX.Pending[i])
 	}
-	devstate.Slice16(c, &s.Queues, maxQueues)
+	devstate.Slice16(c, &s.Queues, maxQueues, "queues")
 	for i := range s.Queues {
 		s.Queues[i].walk(c)
 	}

@@ -99,6 +99,33 @@ func (c *Codec) Bytes(p *[]byte, max int) {
 	}
 }
 
+// String is a length-prefixed string of at most max bytes.
+func (c *Codec) String(p *string, max int) {
+	if c.enc != nil {
+		c.enc.String(*p)
+	} else {
+		*p = c.dec.String(max)
+	}
+}
+
+// Exact is a length-prefixed byte string that must be exactly len(p)
+// bytes long (a kernel struct, say), read into p in place.
+func (c *Codec) Exact(p []byte) {
+	if c.enc != nil {
+		c.enc.Blob(p)
+		return
+	}
+	b := c.dec.Blob(len(p))
+	if c.dec.Err() != nil {
+		return
+	}
+	if len(b) != len(p) {
+		c.dec.Fail(fmt.Errorf("device state: %d bytes, want %d", len(b), len(p)))
+		return
+	}
+	copy(p, b)
+}
+
 // Fixed is a byte array of a fixed size, without a length.
 func (c *Codec) Fixed(p []byte) {
 	for i := range p {
@@ -107,32 +134,32 @@ func (c *Codec) Fixed(p []byte) {
 }
 
 // Slice32 and Slice16 encode the length of *s as a uint32 or uint16;
-// decoding, they check it against max and make *s that long. The caller
-// then walks the elements.
-func Slice32[T any](c *Codec, s *[]T, max int) {
+// decoding, they check it against max (what names the elements in the
+// error) and make *s that long (nil when 0). The caller then walks the
+// elements.
+func Slice32[T any](c *Codec, s *[]T, max int, what string) {
 	n := uint32(len(*s))
 	c.U32(&n)
-	sized(c, s, uint64(n), max)
+	sized(c, s, uint64(n), max, what)
 }
 
 // Slice16: see Slice32.
-func Slice16[T any](c *Codec, s *[]T, max int) {
+func Slice16[T any](c *Codec, s *[]T, max int, what string) {
 	n := uint16(len(*s))
 	c.U16(&n)
-	sized(c, s, uint64(n), max)
+	sized(c, s, uint64(n), max, what)
 }
 
-func sized[T any](c *Codec, s *[]T, n uint64, max int) {
+func sized[T any](c *Codec, s *[]T, n uint64, max int, what string) {
 	if c.dec == nil {
 		return
 	}
-	if c.dec.Err() != nil {
-		*s = nil
+	*s = nil
+	if c.dec.Err() != nil || n == 0 {
 		return
 	}
 	if n > uint64(max) {
-		c.dec.Fail(fmt.Errorf("device state: %d elements, at most %d", n, max))
-		*s = nil
+		c.dec.Fail(fmt.Errorf("device state: %d %s, at most %d", n, what, max))
 		return
 	}
 	*s = make([]T, n)

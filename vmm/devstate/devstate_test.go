@@ -69,11 +69,11 @@ func (s *codecSample) walk(c *Codec) {
 	c.Bool(&s.E)
 	c.Bytes(&s.Blob, 8)
 	c.Fixed(s.Fixed[:])
-	Slice32(c, &s.Items, 4)
+	Slice32(c, &s.Items, 4, "items")
 	for i := range s.Items {
 		c.U32(&s.Items[i])
 	}
-	Slice16(c, &s.Short, 2)
+	Slice16(c, &s.Short, 2, "shorts")
 	for i := range s.Short {
 		c.U64(&s.Short[i])
 	}
