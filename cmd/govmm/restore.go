@@ -25,6 +25,10 @@ func cmdRestore(args []string) error {
 	fs := newFlagSet("restore", restoreUsage)
 	f.registerDevices(fs)
 	fs.BoolVar(&f.startPaused, "paused", false, "start paused at the snapshot's instant, until 'govmm ctl resume'")
+	refuseFlags(fs, "does not apply to restore: the snapshot holds the guest's kernel, memory, vCPUs and network settings",
+		"kernel", "initrd", "cmdline", "mem", "cpus", "guest-ip", "guest-gw")
+	refuseFlags(fs, "does not apply to restore: protect the restored guest with 'govmm ctl replicate --to HOST:PORT' once it runs",
+		"replicate-to", "epoch", "on-standby-loss", "witness", "witness-lease")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
