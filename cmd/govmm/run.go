@@ -74,6 +74,7 @@ type runFlags struct {
 	noIOEventFD             bool
 	apiSock                 string
 	keyFile                 string
+	startPaused             bool // restore --paused
 
 	replicateTo     string // HOST:PORT
 	epoch           time.Duration
@@ -279,7 +280,8 @@ func cmdRun(args []string) error {
 // forwards the console and signals, and waits for the machine to stop.
 // It returns the guest's exit status as an exitError.
 func supervise(m *vmm.Machine, f *runFlags, devs *machineDevices, node *replicate.Node) error {
-	be := &vmBackend{m: m, f: f, devs: devs, node: node, started: time.Now()}
+	// A machine restored with --paused holds the operator's pause.
+	be := &vmBackend{m: m, f: f, devs: devs, node: node, started: time.Now(), userPaused: f.startPaused}
 	stopAPI, err := serveAPI(be, f.apiSock)
 	if err != nil {
 		m.Stop()
