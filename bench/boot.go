@@ -38,6 +38,44 @@ type BootSample struct {
 	Mem     Memory
 }
 
+// bootGuest picks the boot suite's guest (auto: the default one where
+// KVM boots Linux, else the tiny one) and returns its files; cleanup
+// removes what it wrote.
+func bootGuest(cfg BootConfig) (guest, kernel, initrd string, cleanup func(), err error) {
+	guest, cleanup = cfg.Guest, func() {}
+	if guest == "" || guest == "auto" {
+		guest = "default"
+		if reason := lab.Emulated(); reason != "" {
+			fmt.Fprintf(cfg.Log, "boot: using the tiny guest: %s\n", reason)
+			guest = "tiny"
+		}
+	}
+	switch guest {
+	case "tiny":
+		dir, err := os.MkdirTemp("", "govmm-bench-")
+		if err != nil {
+			return "", "", "", nil, err
+		}
+		cleanup = func() { os.RemoveAll(dir) }
+		kernel, initrd = filepath.Join(dir, "tiny.bzImage"), filepath.Join(dir, "tiny.initrd")
+		if err := os.WriteFile(kernel, TinyKernel(false), 0o644); err != nil {
+			cleanup()
+			return "", "", "", nil, err
+		}
+		if err := os.WriteFile(initrd, make([]byte, 4096), 0o644); err != nil {
+			cleanup()
+			return "", "", "", nil, err
+		}
+		return guest, kernel, initrd, cleanup, nil
+	case "default":
+		if cfg.Kernel == "" || cfg.Initrd == "" {
+			return "", "", "", nil, fmt.Errorf("boot: the default guest needs its kernel and initrd (govmm image build --print)")
+		}
+		return guest, cfg.Kernel, cfg.Initrd, cleanup, nil
+	}
+	return "", "", "", nil, fmt.Errorf("boot: unknown guest %q (tiny, default or auto)", guest)
+}
+
 // Boot measures wall time from process start to the guest's ready line,
 // and the VMM's own memory at that moment, for govmm and QEMU alternately.
 func Boot(ctx context.Context, cfg BootConfig) ([]BootSample, error) {
@@ -53,36 +91,12 @@ func Boot(ctx context.Context, cfg BootConfig) ([]BootSample, error) {
 	if cfg.Log == nil {
 		cfg.Log = io.Discard
 	}
-	guest, ready := cfg.Guest, "govmm-guest: ready"
-	if guest == "" || guest == "auto" {
-		guest = "default"
-		if reason := lab.Emulated(); reason != "" {
-			fmt.Fprintf(cfg.Log, "boot: using the tiny guest: %s\n", reason)
-			guest = "tiny"
-		}
+	ready := "govmm-guest: ready"
+	guest, kernel, initrd, cleanup, err := bootGuest(cfg)
+	if err != nil {
+		return nil, err
 	}
-	kernel, initrd := cfg.Kernel, cfg.Initrd
-	switch guest {
-	case "tiny":
-		dir, err := os.MkdirTemp("", "govmm-bench-")
-		if err != nil {
-			return nil, err
-		}
-		defer os.RemoveAll(dir)
-		kernel, initrd = filepath.Join(dir, "tiny.bzImage"), filepath.Join(dir, "tiny.initrd")
-		if err := os.WriteFile(kernel, TinyKernel(false), 0o644); err != nil {
-			return nil, err
-		}
-		if err := os.WriteFile(initrd, make([]byte, 4096), 0o644); err != nil {
-			return nil, err
-		}
-	case "default":
-		if kernel == "" || initrd == "" {
-			return nil, fmt.Errorf("boot: the default guest needs its kernel and initrd (govmm image build --print)")
-		}
-	default:
-		return nil, fmt.Errorf("boot: unknown guest %q (tiny, default or auto)", guest)
-	}
+	defer cleanup()
 	qemu := cfg.QEMU
 	if qemu == "" {
 		if p, err := exec.LookPath("qemu-system-x86_64"); err == nil {

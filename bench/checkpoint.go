@@ -42,8 +42,9 @@ type CheckpointSample struct {
 }
 
 // StepSample is one cycle of the separate step loop: the vCPU pause, a
-// standalone dirty-log harvest and the resume, timed apart (replicate's
-// EpochStats.Harvest includes the pause and device quiescing).
+// standalone dirty-log harvest and the resume, timed apart outside
+// replication (replicate's EpochStats times the stop, with device
+// quiescing, and the harvest apart too, but not the resume alone).
 type StepSample struct {
 	Nominal              int
 	Pause, Harvest, Resu time.Duration
@@ -156,46 +157,26 @@ func checkpointRun(ctx context.Context, cfg CheckpointConfig, pages int, epoch t
 	if err := waitPasses(ctx, m, 1, time.Minute); err != nil {
 		return nil, nil, err
 	}
-	sb, err := newStandby()
+	sb, err := startStandby(ctx, nil)
 	if err != nil {
 		return nil, nil, err
 	}
-	defer sb.Close()
-	sctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	sbDone := make(chan struct{})
-	go func() {
-		defer close(sbDone)
-		sm, _, err := sb.ReceiveReplication(sctx)
-		if err == nil {
-			sm.Close() // a takeover here would be a bench failure; Recent tells
-		}
-	}()
-	rep, err := replicate.StartReplication(ctx, m, replicate.ReplicateConfig{To: sb.Addr(), Insecure: true,
+	defer sb.stop()
+	rep, err := replicate.StartReplication(ctx, m, replicate.ReplicateConfig{To: sb.addr, Insecure: true,
 		Name: "bench", Epoch: epoch, FailoverTimeout: 10 * time.Second, Logger: quietLogger()})
 	if err != nil {
 		return nil, nil, err
 	}
+	defer rep.Stop()
 	want := uint64(cfg.Warmup + cfg.Epochs)
-	deadline := time.Now().Add(time.Duration(want)*epoch*4 + 2*time.Minute)
-	for rep.Stats().Epochs < want+1 { // one more, so the last kept has its ack
-		select {
-		case <-rep.Done():
-			return nil, nil, fmt.Errorf("replication ended: %w", rep.Err())
-		case <-ctx.Done():
-			rep.Stop()
-			return nil, nil, ctx.Err()
-		case <-time.After(5 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			rep.Stop()
-			return nil, nil, fmt.Errorf("only %d epochs before the deadline", rep.Stats().Epochs)
-		}
+	// One more, so the last kept has its ack.
+	if err := waitEpochs(ctx, rep, want+1, time.Duration(want)*epoch*4+2*time.Minute); err != nil {
+		return nil, nil, err
 	}
 	time.Sleep(epoch) // acks in flight arrive
 	recent := rep.Recent()
-	rep.Stop()
-	<-sbDone
+	rep.Stop() // before the step loop, which takes the machine's dirty tracker
+	sb.stop()
 	var out []CheckpointSample
 	for _, es := range recent {
 		if len(out) == cfg.Epochs {
@@ -254,7 +235,9 @@ func stepLoop(ctx context.Context, m *vmm.Machine, pages int, epoch time.Duratio
 
 // measureBounds times, for each page count, copying that many pages with
 // copy() into a warm buffer, and sending that many bytes over a loopback
-// TCP connection until a one-byte ack comes back.
+// TCP connection until a one-byte ack comes back. (Long, on purpose: the
+// two bounds side by side, each a few lines of setup around its timed
+// loop, read as the definition of what the report compares against.)
 func measureBounds(ctx context.Context, counts []int, reps int) ([]BoundSample, error) {
 	maxN := maxInt(counts)
 	src := make([]byte, maxN*guestmem.PageSize)
@@ -347,11 +330,11 @@ func measureBounds(ctx context.Context, counts []int, reps int) ([]BoundSample, 
 
 // sampleGroup is the epochs of one (working set, epoch length) run.
 type sampleGroup struct {
-	nominal                                  int
-	epoch                                    time.Duration
-	n                                        int
-	dirty, pause, harvest, copy, state, rest Summary
-	ack, length                              Summary
+	nominal                                        int
+	epoch                                          time.Duration
+	n                                              int
+	dirty, pause, stop, harvest, copy, state, rest Summary
+	ack, length                                    Summary
 }
 
 func groupSamples(samples []CheckpointSample) []sampleGroup {
@@ -370,25 +353,32 @@ func groupSamples(samples []CheckpointSample) []sampleGroup {
 	}
 	var out []sampleGroup
 	for _, k := range keys {
-		var dirty, pause, harvest, cp, state, rest, ack, length []float64
+		var dirty, pause, stop, harvest, cp, state, rest, ack, length []float64
 		for _, s := range by[k] {
 			es := s.Stats
 			dirty = append(dirty, float64(es.DirtyPages))
 			pause = append(pause, usOf(es.Pause))
+			stop = append(stop, usOf(es.Stop))
 			harvest = append(harvest, usOf(es.Harvest))
 			cp = append(cp, usOf(es.Copy))
 			state = append(state, usOf(es.State))
-			rest = append(rest, usOf(es.Pause-es.Harvest-es.Copy-es.State))
+			rest = append(rest, usOf(restOf(es)))
 			if es.AckTime > 0 {
 				ack = append(ack, usOf(es.AckTime))
 			}
 			length = append(length, msOf(es.Length))
 		}
 		out = append(out, sampleGroup{nominal: k.n, epoch: k.e, n: len(by[k]), dirty: Summarize(dirty), pause: Summarize(pause),
-			harvest: Summarize(harvest), copy: Summarize(cp), state: Summarize(state), rest: Summarize(rest),
+			stop: Summarize(stop), harvest: Summarize(harvest), copy: Summarize(cp), state: Summarize(state), rest: Summarize(rest),
 			ack: Summarize(ack), length: Summarize(length)})
 	}
 	return out
+}
+
+// restOf is what the pause spent outside the steps EpochStats times:
+// resuming the vCPUs.
+func restOf(es replicate.EpochStats) time.Duration {
+	return es.Pause - es.Stop - es.Harvest - es.Copy - es.State
 }
 
 // boundAt is the median time of kind for n pages, interpolated
@@ -428,12 +418,12 @@ func (r *CheckpointResult) write(dir string) error {
 	for _, s := range r.Samples {
 		es := s.Stats
 		rows = append(rows, []string{strconv.Itoa(s.Nominal), ftoa(msOf(s.Epoch), 1), strconv.FormatUint(es.Epoch, 10),
-			strconv.Itoa(es.DirtyPages), ftoa(usOf(es.Pause), 1), ftoa(usOf(es.Harvest), 1), ftoa(usOf(es.Copy), 1),
-			ftoa(usOf(es.State), 1), ftoa(usOf(es.Pause-es.Harvest-es.Copy-es.State), 1), ftoa(usOf(es.AckTime), 1),
+			strconv.Itoa(es.DirtyPages), ftoa(usOf(es.Pause), 1), ftoa(usOf(es.Stop), 1), ftoa(usOf(es.Harvest), 1),
+			ftoa(usOf(es.Copy), 1), ftoa(usOf(es.State), 1), ftoa(usOf(restOf(es)), 1), ftoa(usOf(es.AckTime), 1),
 			ftoa(msOf(es.Length), 3), strconv.FormatUint(es.Bytes, 10)})
 	}
 	if err := writeCSV(filepath.Join(dir, "checkpoint.csv"), []string{"nominal_pages", "epoch_ms", "epoch", "dirty_pages",
-		"pause_us", "harvest_us", "copy_us", "state_us", "rest_us", "ack_us", "length_ms", "bytes"}, rows); err != nil {
+		"pause_us", "stop_us", "harvest_us", "copy_us", "state_us", "rest_us", "ack_us", "length_ms", "bytes"}, rows); err != nil {
 		return err
 	}
 	rows = nil
@@ -499,16 +489,17 @@ func (r *CheckpointResult) plot(dir string) error {
 		return err
 	}
 	var cats []string
-	vals := make([][]float64, 4)
+	vals := make([][]float64, 5)
 	for _, g := range groups {
 		cats = append(cats, fmt.Sprintf("%s@%s\n%.0f dirty", shortPages(g.nominal), g.epoch, g.dirty.Median))
-		vals[0] = append(vals[0], g.harvest.Median)
-		vals[1] = append(vals[1], g.copy.Median)
-		vals[2] = append(vals[2], g.state.Median)
-		vals[3] = append(vals[3], g.rest.Median)
+		vals[0] = append(vals[0], g.stop.Median)
+		vals[1] = append(vals[1], g.harvest.Median)
+		vals[2] = append(vals[2], g.copy.Median)
+		vals[3] = append(vals[3], g.state.Median)
+		vals[4] = append(vals[4], g.rest.Median)
 	}
 	return stackedBars(filepath.Join(dir, "checkpoint_breakdown.png"), "Pause broken into steps (medians)", "time (µs)",
-		cats, []string{"pause vCPUs + quiesce + harvest", "copy to staging", "save state", "resume (rest)"}, vals)
+		cats, []string{"stop vCPUs + quiesce", "harvest", "copy to staging", "save state", "resume (rest)"}, vals)
 }
 
 func shortPages(n int) string {
@@ -528,17 +519,17 @@ func (r *CheckpointResult) Report() string {
 		"replicated with `replicate.StartReplication` to an in-process standby over loopback TCP, %d warm-up epochs dropped, then %d epochs kept per run. "+
 		"Raw data: `checkpoint.csv` (one row per epoch), `checkpoint_steps.csv`, `checkpoint_bounds.csv`; plots `checkpoint_pause.png`, `checkpoint_breakdown.png`.\n\n",
 		platform(), r.Config.Warmup, r.Config.Epochs)
-	b.WriteString("Step names are replicate's `EpochStats`: *harvest* runs from the pause request to the dirty set in hand, so it **includes stopping the vCPUs and quiescing devices**; " +
-		"*copy* is copying the dirty pages into the staging buffer (a fresh allocation each epoch); *state* is SaveState + marshal; *rest* = pause − the three, i.e. resuming the vCPUs. " +
+	b.WriteString("Step names are replicate's `EpochStats`: *stop* is pausing the vCPUs and quiescing the devices; *harvest* takes the dirty set alone (KVM's log and the VMM's own bitmap) with the guest already stopped; " +
+		"*copy* is copying the dirty pages into the staging buffer (one buffer, reused from epoch to epoch); *state* is SaveState + marshal, the epoch's disk writes and sealing its output; *rest* = pause − the four, i.e. resuming the vCPUs. " +
 		"*Ack* runs from the resume to the standby's ack (streaming the staging buffer, applying it, acking).\n\n")
-	b.WriteString("| working set | epoch | epochs | dirty pages/epoch median (p25–p75) | pause median µs (p25–p75) | harvest µs | copy µs | state µs | rest µs | ack median µs (p25–p75) | actual epoch length ms | memcpy bound µs | loopback bound µs | pause / memcpy |\n")
-	b.WriteString("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+	b.WriteString("| working set | epoch | epochs | dirty pages/epoch median (p25–p75) | pause median µs (p25–p75) | stop µs | harvest µs | copy µs | state µs | rest µs | ack median µs (p25–p75) | actual epoch length ms | memcpy bound µs | loopback bound µs | pause / memcpy |\n")
+	b.WriteString("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, g := range groupSamples(r.Samples) {
 		mc := boundAt(r.Bounds, "memcpy", g.dirty.Median)
 		lb := boundAt(r.Bounds, "loopback", g.dirty.Median)
-		fmt.Fprintf(&b, "| %d | %v | %d | %.0f (%.0f–%.0f) | %.0f (%.0f–%.0f) | %.0f | %.0f | %.0f | %.0f | %.0f (%.0f–%.0f) | %.1f | %.0f | %.0f | %.1f× |\n",
+		fmt.Fprintf(&b, "| %d | %v | %d | %.0f (%.0f–%.0f) | %.0f (%.0f–%.0f) | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f (%.0f–%.0f) | %.1f | %.0f | %.0f | %.1f× |\n",
 			g.nominal, g.epoch, g.n, g.dirty.Median, g.dirty.P25, g.dirty.P75, g.pause.Median, g.pause.P25, g.pause.P75,
-			g.harvest.Median, g.copy.Median, g.state.Median, g.rest.Median, g.ack.Median, g.ack.P25, g.ack.P75, g.length.Median, mc, lb, g.pause.Median/mc)
+			g.stop.Median, g.harvest.Median, g.copy.Median, g.state.Median, g.rest.Median, g.ack.Median, g.ack.P25, g.ack.P75, g.length.Median, mc, lb, g.pause.Median/mc)
 	}
 	if len(r.Steps) > 0 {
 		b.WriteString("\nThe same guests after replication stopped, one epoch apart, with the steps timed apart (`checkpoint_steps.csv`): " +

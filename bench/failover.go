@@ -180,14 +180,14 @@ func waitFor(ctx context.Context, buf *lockedBuffer, exited <-chan struct{}, s s
 
 // proc is a govmm process in its own process group.
 type proc struct {
-	cmd    *exec.Cmd
-	stderr *lockedBuffer
-	exited chan struct{}
+	cmd            *exec.Cmd
+	stdout, stderr *lockedBuffer // the guest's console, govmm's log
+	exited         chan struct{}
 }
 
 func startProc(govmm string, args ...string) (*proc, error) {
-	p := &proc{cmd: exec.Command(govmm, args...), stderr: &lockedBuffer{}, exited: make(chan struct{})}
-	p.cmd.Stdout = io.Discard
+	p := &proc{cmd: exec.Command(govmm, args...), stdout: &lockedBuffer{}, stderr: &lockedBuffer{}, exited: make(chan struct{})}
+	p.cmd.Stdout = p.stdout
 	p.cmd.Stderr = p.stderr
 	p.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := p.cmd.Start(); err != nil {
@@ -198,6 +198,16 @@ func startProc(govmm string, args ...string) (*proc, error) {
 }
 
 func (p *proc) signal(sig syscall.Signal) error { return syscall.Kill(-p.cmd.Process.Pid, sig) }
+
+// keepLogs writes the process's log and console as name.log and
+// name.console into dir, for a trial that failed.
+func (p *proc) keepLogs(dir, name string) {
+	if p == nil || dir == "" {
+		return
+	}
+	_ = os.WriteFile(filepath.Join(dir, name+".log"), []byte(p.stderr.String()), 0o644)
+	_ = os.WriteFile(filepath.Join(dir, name+".console"), []byte(p.stdout.String()), 0o644)
+}
 
 func (p *proc) kill() {
 	_ = p.signal(syscall.SIGKILL)

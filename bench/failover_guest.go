@@ -122,10 +122,7 @@ func failoverGuestTrial(ctx context.Context, cfg FailoverGuestConfig, dir, keyFi
 	var disks [2]string
 	for i := range disks {
 		disks[i] = filepath.Join(dir, fmt.Sprintf("disk%d.img", i))
-		if err := os.WriteFile(disks[i], nil, 0o644); err != nil {
-			return s, err
-		}
-		if err := os.Truncate(disks[i], 64<<20); err != nil {
+		if err := blankDisk(disks[i], 64<<20); err != nil {
 			return s, err
 		}
 	}
@@ -155,21 +152,8 @@ func failoverGuestTrial(ctx context.Context, cfg FailoverGuestConfig, dir, keyFi
 	}
 	client := &http.Client{Timeout: 2 * time.Second}
 	primary := fmt.Sprintf("http://127.0.0.1:%d", ports[1])
-	deadline := time.Now().Add(10 * time.Minute)
-	for {
-		if err := get(ctx, client, primary+"/healthz"); err == nil {
-			break
-		}
-		if time.Now().After(deadline) {
-			return s, errors.New("the guest's demo service does not answer on the primary")
-		}
-		select {
-		case <-prim.exited:
-			return s, fmt.Errorf("primary exited: %s", lastLine(prim.stderr.String()))
-		case <-ctx.Done():
-			return s, ctx.Err()
-		case <-time.After(200 * time.Millisecond):
-		}
+	if err := awaitHealthy(ctx, client, primary, prim, 200*time.Millisecond, time.Now().Add(10*time.Minute)); err != nil {
+		return s, fmt.Errorf("primary: %w", err)
 	}
 	// Some acknowledged work, so that the standby has checkpoints of a
 	// running service.
@@ -188,23 +172,10 @@ func failoverGuestTrial(ctx context.Context, cfg FailoverGuestConfig, dir, keyFi
 	}
 	standby := fmt.Sprintf("http://127.0.0.1:%d", ports[2])
 	quick := &http.Client{Timeout: 500 * time.Millisecond}
-	deadline = t0.Add(3 * time.Minute)
-	for {
-		if err := get(ctx, quick, standby+"/healthz"); err == nil {
-			s.Answer = time.Since(t0)
-			break
-		}
-		if time.Now().After(deadline) {
-			return s, fmt.Errorf("the standby's demo service did not answer within %v: %s", deadline.Sub(t0), lastLine(sb.stderr.String()))
-		}
-		select {
-		case <-sb.exited:
-			return s, fmt.Errorf("standby exited: %s", lastLine(sb.stderr.String()))
-		case <-ctx.Done():
-			return s, ctx.Err()
-		case <-time.After(5 * time.Millisecond):
-		}
+	if err := awaitHealthy(ctx, quick, standby, sb, 5*time.Millisecond, t0.Add(3*time.Minute)); err != nil {
+		return s, fmt.Errorf("standby, after the primary's %v: %w", sig, err)
 	}
+	s.Answer = time.Since(t0)
 	if m := tookOver.FindStringSubmatch(sb.stderr.String()); m != nil {
 		s.Cause = m[1]
 		s.Epoch, _ = strconv.ParseUint(m[2], 10, 64)
@@ -214,6 +185,34 @@ func failoverGuestTrial(ctx context.Context, cfg FailoverGuestConfig, dir, keyFi
 		s.Claim, _ = time.ParseDuration(m[1])
 	}
 	return s, nil
+}
+
+// awaitHealthy polls base's demo service (GET /healthz) every poll until
+// it answers, p exits, or deadline passes.
+func awaitHealthy(ctx context.Context, c *http.Client, base string, p *proc, poll time.Duration, deadline time.Time) error {
+	for {
+		if err := get(ctx, c, base+"/healthz"); err == nil {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("the guest's demo service did not answer at %s by %v: %s", base, deadline.Format(time.TimeOnly), lastLine(p.stderr.String()))
+		}
+		select {
+		case <-p.exited:
+			return fmt.Errorf("exited: %s", lastLine(p.stderr.String()))
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(poll):
+		}
+	}
+}
+
+// blankDisk makes a sparse disk image of size bytes at path.
+func blankDisk(path string, size int64) error {
+	if err := os.WriteFile(path, nil, 0o644); err != nil {
+		return err
+	}
+	return os.Truncate(path, size)
 }
 
 func get(ctx context.Context, c *http.Client, url string) error  { return do(ctx, c, "GET", url) }

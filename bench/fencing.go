@@ -14,7 +14,6 @@ import (
 	"time"
 
 	"govmm/replicate"
-	"govmm/replicate/stream"
 	"govmm/replicate/witness"
 	"govmm/vmm"
 )
@@ -145,6 +144,9 @@ func Fencing(ctx context.Context, cfg FencingConfig) (*FencingResult, error) {
 	return res, nil
 }
 
+// fencingRun replicates one tiny guest with a NIC that sends a frame
+// every millisecond, under mode's witness (or none), and keeps cfg.Epochs
+// epochs after the warm-up, with the witness traffic of that window.
 func fencingRun(ctx context.Context, cfg FencingConfig, key []byte, witnessAddr, mode string, trial int) ([]FencingSample, FencingTraffic, error) {
 	tr := FencingTraffic{Mode: mode, Trial: trial}
 	m, err := newTinyMachine(cfg.Pages, memFor(cfg.Pages))
@@ -171,145 +173,167 @@ func fencingRun(ctx context.Context, cfg FencingConfig, key []byte, witnessAddr,
 	// The NIC: frames into a counting backend, one every millisecond.
 	wire := &countingNIC{}
 	out := replicate.NewOutputBuffer(wire, 0)
-	var fence *replicate.Fence
-	var relay *countingRelay
-	var sbWitness *witness.Client
+	var w fencingWitness
 	if mode != FenceNone {
-		relay, err = newCountingRelay(witnessAddr)
-		if err != nil {
+		if w, err = newFencingWitness(ctx, key, witnessAddr, vm, lease, m, out); err != nil {
 			return nil, tr, err
 		}
-		defer relay.close()
-		c, err := witness.NewClient(witness.Config{Addr: relay.addr(), Key: key, VM: vm, Holder: "bench primary", Lease: lease, Logger: quietLogger()})
-		if err != nil {
-			return nil, tr, err
-		}
-		defer c.Close()
-		actx, cancel := context.WithTimeout(ctx, 30*time.Second)
-		l, err := c.Acquire(actx)
-		cancel()
-		if err != nil {
-			return nil, tr, err
-		}
-		fence = replicate.NewFence(replicate.FenceConfig{Lease: l, Witness: witnessAddr, Machine: m,
-			Outputs: []*replicate.OutputBuffer{out}, Logger: quietLogger()})
-		defer fence.Close()
-		if sbWitness, err = witness.NewClient(witness.Config{Addr: witnessAddr, Key: key, VM: vm, Holder: "bench standby", Lease: lease, Logger: quietLogger()}); err != nil {
-			return nil, tr, err
-		}
-		defer sbWitness.Close()
+		defer w.close()
 	}
-	sb, err := replicate.NewStandby(replicate.StandbyConfig{Listen: "127.0.0.1:0", Insecure: true,
-		FailoverTimeout: 10 * time.Second, Logger: quietLogger(), Witness: sbWitness,
-		Build: func(id stream.Identity) (replicate.Replica, error) {
-			sm, err := vmm.New(vmm.Config{MemSize: replicate.MemSize(id), CPUs: int(id.VCPUs), Console: io.Discard})
-			return replicate.Replica{Machine: sm}, err
-		}})
+	sb, err := startStandby(ctx, w.standby)
 	if err != nil {
 		return nil, tr, err
 	}
-	defer sb.Close()
-	sctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	sbDone := make(chan struct{})
-	go func() {
-		defer close(sbDone)
-		if sm, _, err := sb.ReceiveReplication(sctx); err == nil {
-			sm.Close()
-		}
-	}()
-	rep, err := replicate.StartReplication(ctx, m, replicate.ReplicateConfig{To: sb.Addr(), Insecure: true, Name: vm,
-		Epoch: cfg.Epoch, FailoverTimeout: 10 * time.Second, Outputs: []*replicate.OutputBuffer{out}, Fence: fence, Logger: quietLogger()})
+	defer sb.stop()
+	rep, err := replicate.StartReplication(ctx, m, replicate.ReplicateConfig{To: sb.addr, Insecure: true, Name: vm,
+		Epoch: cfg.Epoch, FailoverTimeout: 10 * time.Second, Outputs: []*replicate.OutputBuffer{out}, Fence: w.fence, Logger: quietLogger()})
 	if err != nil {
 		return nil, tr, err
 	}
-	stopNIC := make(chan struct{})
-	nicDone := make(chan struct{})
-	go func() {
-		defer close(nicDone)
-		frame := make([]byte, 256)
-		t := time.NewTicker(time.Millisecond)
-		defer t.Stop()
-		for {
-			select {
-			case <-stopNIC:
-				return
-			case <-t.C:
-				_ = out.Send(frame)
-			}
-		}
-	}()
+	defer rep.Stop()
+	stopNIC := sendEvery(out, time.Millisecond)
+	defer stopNIC()
 	if mode == FenceUnreachable {
 		// Measured once the lease has run out: output held, renewals
 		// timing out.
-		relay.blackhole.Store(true)
-		for fence.CanRelease() {
+		w.relay.blackhole.Store(true)
+		for w.fence.CanRelease() {
 			select {
 			case <-ctx.Done():
-				close(stopNIC)
-				rep.Stop()
 				return nil, tr, ctx.Err()
 			case <-time.After(5 * time.Millisecond):
 			}
 		}
 	}
 	first := rep.Stats().Epochs + uint64(cfg.Warmup) // the first epoch kept
-	var up0, down0, frames0 uint64
-	var st0 witness.LeaseStatus
+	before := w.traffic(wire)
 	start := time.Now()
-	if relay != nil {
-		up0, down0 = relay.up.Load(), relay.down.Load()
-	}
-	if fence != nil {
-		st0 = fence.Status().Lease
-	}
-	frames0 = wire.frames.Load()
 	want := first + uint64(cfg.Epochs)
-	deadline := time.Now().Add(time.Duration(want)*cfg.Epoch*8 + 2*time.Minute)
-	for rep.Stats().Epochs < want+1 {
-		select {
-		case <-rep.Done():
-			close(stopNIC)
-			return nil, tr, fmt.Errorf("replication ended: %w", rep.Err())
-		case <-ctx.Done():
-			close(stopNIC)
-			rep.Stop()
-			return nil, tr, ctx.Err()
-		case <-time.After(5 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			close(stopNIC)
-			rep.Stop()
-			return nil, tr, fmt.Errorf("only %d epochs before the deadline", rep.Stats().Epochs)
-		}
+	if err := waitEpochs(ctx, rep, want+1, time.Duration(want)*cfg.Epoch*8+2*time.Minute); err != nil {
+		return nil, tr, err
 	}
 	tr.Window = time.Since(start)
-	if relay != nil {
-		tr.BytesUp, tr.BytesDown = relay.up.Load()-up0, relay.down.Load()-down0
-	}
-	if fence != nil {
-		st := fence.Status()
-		tr.Renewals, tr.Failures = st.Lease.Renewals-st0.Renewals, st.Lease.TotalFails-st0.TotalFails
-		tr.Held = st.Output.HeldNoLease
-	}
-	tr.Frames = wire.frames.Load() - frames0
-	close(stopNIC)
-	<-nicDone
-	recent := rep.Recent()
-	rep.Stop()
-	cancel()
-	<-sbDone
-	var out2 []FencingSample
-	for _, es := range recent {
-		if len(out2) == cfg.Epochs {
+	after := w.traffic(wire)
+	tr.BytesUp, tr.BytesDown = after.BytesUp-before.BytesUp, after.BytesDown-before.BytesDown
+	tr.Renewals, tr.Failures = after.Renewals-before.Renewals, after.Failures-before.Failures
+	tr.Held, tr.Frames = after.Held, after.Frames-before.Frames
+	stopNIC()
+	var samples []FencingSample
+	for _, es := range rep.Recent() {
+		if len(samples) == cfg.Epochs {
 			break
 		}
 		if es.Epoch <= first {
 			continue
 		}
-		out2 = append(out2, FencingSample{Mode: mode, Trial: trial, Stats: es})
+		samples = append(samples, FencingSample{Mode: mode, Trial: trial, Stats: es})
 	}
-	return out2, tr, nil
+	return samples, tr, nil
+}
+
+// fencingWitness is what a trial with a witness adds: the primary's lease
+// acquired through a relay that counts its bytes (and can stop answering),
+// the Fence on the NIC's output, and the standby's witness client. The
+// zero value stands for no witness.
+type fencingWitness struct {
+	relay   *countingRelay
+	client  *witness.Client
+	fence   *replicate.Fence
+	standby *witness.Client
+}
+
+func newFencingWitness(ctx context.Context, key []byte, addr, vm string, lease time.Duration, m *vmm.Machine,
+	out *replicate.OutputBuffer) (w fencingWitness, err error) {
+	defer func() {
+		if err != nil {
+			w.close()
+		}
+	}()
+	if w.relay, err = newCountingRelay(addr); err != nil {
+		return w, err
+	}
+	w.client, err = witness.NewClient(witness.Config{Addr: w.relay.addr(), Key: key, VM: vm, Holder: "bench primary", Lease: lease, Logger: quietLogger()})
+	if err != nil {
+		return w, err
+	}
+	actx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	l, err := w.client.Acquire(actx)
+	cancel()
+	if err != nil {
+		return w, err
+	}
+	w.fence = replicate.NewFence(replicate.FenceConfig{Lease: l, Witness: addr, Machine: m,
+		Outputs: []*replicate.OutputBuffer{out}, Logger: quietLogger()})
+	w.standby, err = witness.NewClient(witness.Config{Addr: addr, Key: key, VM: vm, Holder: "bench standby", Lease: lease, Logger: quietLogger()})
+	return w, err
+}
+
+func (w fencingWitness) close() {
+	if w.standby != nil {
+		w.standby.Close()
+	}
+	if w.fence != nil {
+		w.fence.Close()
+	}
+	if w.client != nil {
+		w.client.Close()
+	}
+	if w.relay != nil {
+		w.relay.close()
+	}
+}
+
+// traffic reads the counters a trial's window is the difference of.
+func (w fencingWitness) traffic(wire *countingNIC) FencingTraffic {
+	tr := FencingTraffic{Frames: wire.frames.Load()}
+	if w.relay != nil {
+		tr.BytesUp, tr.BytesDown = w.relay.up.Load(), w.relay.down.Load()
+	}
+	if w.fence != nil {
+		st := w.fence.Status()
+		tr.Renewals, tr.Failures, tr.Held = st.Lease.Renewals, st.Lease.TotalFails, st.Output.HeldNoLease
+	}
+	return tr
+}
+
+// sendEvery sends a frame into out every d until the returned function
+// (idempotent) is called.
+func sendEvery(out *replicate.OutputBuffer, d time.Duration) (stop func()) {
+	quit, done := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(done)
+		frame := make([]byte, 256)
+		t := time.NewTicker(d)
+		defer t.Stop()
+		for {
+			select {
+			case <-quit:
+				return
+			case <-t.C:
+				_ = out.Send(frame)
+			}
+		}
+	}()
+	var once sync.Once
+	return func() { once.Do(func() { close(quit); <-done }) }
+}
+
+// waitEpochs waits until rep has taken n epochs, or fails after timeout.
+func waitEpochs(ctx context.Context, rep *replicate.Replicator, n uint64, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for rep.Stats().Epochs < n {
+		select {
+		case <-rep.Done():
+			return fmt.Errorf("replication ended: %w", rep.Err())
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(5 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("only %d epochs before the deadline", rep.Stats().Epochs)
+		}
+	}
+	return nil
 }
 
 // countingNIC is a network backend that counts and discards frames.

@@ -6,12 +6,14 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"sync"
 	"time"
 
 	"govmm/internal/tinyguest"
 	"govmm/lab"
 	"govmm/replicate"
 	"govmm/replicate/stream"
+	"govmm/replicate/witness"
 	"govmm/vmm"
 	"govmm/vmm/guestmem"
 )
@@ -30,14 +32,6 @@ func guestCode(pages int) []byte {
 		return tinyguest.Counter(passGPA)
 	}
 	return tinyguest.Dirtier(dirtyBase, uint32(pages), passGPA)
-}
-
-// guestName describes guestCode(pages) for reports and CSV.
-func guestName(pages int) string {
-	if pages <= 0 {
-		return "tiny counter (1 page)"
-	}
-	return fmt.Sprintf("tiny dirtier (%d pages)", pages)
 }
 
 // memFor is a guest size that holds a working set of pages above
@@ -83,15 +77,51 @@ func waitPasses(ctx context.Context, m *vmm.Machine, n uint64, timeout time.Dura
 	return nil
 }
 
-// newStandby is an in-process standby on loopback that builds its
-// machine from the primary's identity.
+// runningStandby is an in-process standby of tiny guests, listening on
+// addr; stop (idempotent) ends it and waits for it.
+type runningStandby struct {
+	addr string
+	stop func()
+}
+
+// startStandby starts an in-process standby (with witness client wc, if
+// any) that follows one replication and discards what it received: a
+// takeover there would be a bench failure, which the primary's Recent
+// shows.
+func startStandby(ctx context.Context, wc *witness.Client) (runningStandby, error) {
+	sb, err := replicate.NewStandby(replicate.StandbyConfig{Listen: "127.0.0.1:0", Insecure: true,
+		FailoverTimeout: 10 * time.Second, Logger: quietLogger(), Witness: wc, Build: tinyReplica})
+	if err != nil {
+		return runningStandby{}, err
+	}
+	sctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if sm, _, err := sb.ReceiveReplication(sctx); err == nil {
+			sm.Close()
+		}
+	}()
+	var once sync.Once
+	return runningStandby{addr: sb.Addr(), stop: func() {
+		once.Do(func() {
+			cancel()
+			<-done
+			sb.Close()
+		})
+	}}, nil
+}
+
+// newStandby is a standby for a migration of a tiny guest.
 func newStandby() (*replicate.Standby, error) {
 	return replicate.NewStandby(replicate.StandbyConfig{Listen: "127.0.0.1:0", Insecure: true,
-		FailoverTimeout: 10 * time.Second, Logger: quietLogger(),
-		Build: func(id stream.Identity) (replicate.Replica, error) {
-			m, err := vmm.New(vmm.Config{MemSize: replicate.MemSize(id), CPUs: int(id.VCPUs), Console: io.Discard})
-			return replicate.Replica{Machine: m}, err
-		}})
+		FailoverTimeout: 10 * time.Second, Logger: quietLogger(), Build: tinyReplica})
+}
+
+// tinyReplica builds a standby's machine for a tiny guest.
+func tinyReplica(id stream.Identity) (replicate.Replica, error) {
+	m, err := vmm.New(vmm.Config{MemSize: replicate.MemSize(id), CPUs: int(id.VCPUs), Console: io.Discard})
+	return replicate.Replica{Machine: m}, err
 }
 
 // platform is the sentence every suite's report carries about KVM here.

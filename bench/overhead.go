@@ -133,7 +133,9 @@ func Overhead(ctx context.Context, cfg OverheadConfig) (*OverheadResult, error) 
 }
 
 // overheadTrial runs one fresh guest in configuration p and measures its
-// throughput over cfg.Window after cfg.Warmup.
+// throughput over cfg.Window after cfg.Warmup. (Long, on purpose: it is
+// one experiment read top to bottom, setup, warm-up, the timed window
+// between two pass edges, and the epochs inside that window.)
 func overheadTrial(ctx context.Context, cfg OverheadConfig, pages int, p overheadPoint) (OverheadSample, error) {
 	s := OverheadSample{Pages: pages, Mode: p.mode, Epoch: p.epoch}
 	m, err := newTinyMachine(pages, memFor(pages))
@@ -152,22 +154,12 @@ func overheadTrial(ctx context.Context, cfg OverheadConfig, pages int, p overhea
 		cfg := replicate.ReplicateConfig{Insecure: true, Name: "bench", Epoch: p.epoch, FailoverTimeout: 10 * time.Second,
 			Logger: quietLogger(), Transport: replicate.NewNullTransport()}
 		if p.mode == ModeLoopback {
-			sb, err := newStandby()
+			sb, err := startStandby(ctx, nil)
 			if err != nil {
 				return s, err
 			}
-			defer sb.Close()
-			sctx, cancel := context.WithCancel(ctx)
-			sbDone := make(chan struct{})
-			defer func() { cancel(); <-sbDone }() // after rep.Stop, which is deferred later
-			go func() {
-				defer close(sbDone)
-				sm, _, err := sb.ReceiveReplication(sctx)
-				if err == nil {
-					sm.Close() // a takeover here would be a bench failure; Recent tells
-				}
-			}()
-			cfg.To, cfg.Transport = sb.Addr(), nil
+			defer sb.stop() // after rep.Stop, which is deferred later
+			cfg.To, cfg.Transport = sb.addr, nil
 		}
 		rep, err = replicate.StartReplication(ctx, m, cfg)
 		if err != nil {

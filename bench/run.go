@@ -29,98 +29,120 @@ func Run(ctx context.Context, o Options, suites []string) (map[string]string, er
 	if o.Log == nil {
 		o.Log = io.Discard
 	}
-	runs := func(full, quick int) int {
-		switch {
-		case o.Runs > 0:
-			return o.Runs
-		case o.Quick:
-			return quick
-		}
-		return full
-	}
 	sections := map[string]string{}
 	for _, s := range suites {
 		start := time.Now()
 		fmt.Fprintf(o.Log, "bench: %s\n", s)
-		var section string
-		switch s {
-		case "boot":
-			cfg := o.Boot
-			cfg.Runs, cfg.Out, cfg.Log = runs(11, 3), o.Out, o.Log
-			if cfg.Govmm == "" {
-				cfg.Govmm = o.Govmm
-			}
-			samples, err := Boot(ctx, cfg)
-			if err != nil {
-				return sections, err
-			}
-			section = platform() + "\n\nGuest: *tiny* is `bench.TinyKernel`, a bzImage that prints the ready line at once and halts " +
-				"(govmm enters it at its 64-bit entry, QEMU through its firmware and the real-mode entry); *default* is the default guest image. " +
-				"Raw data `boot.csv`.\n\n" + BootReport(samples)
-		case "checkpoint":
-			cfg := CheckpointConfig{Epochs: 40, Out: o.Out, Log: o.Log}
-			if o.Quick {
-				cfg.Pages, cfg.Epochs, cfg.Warmup, cfg.BoundReps = []int{100, 1000}, 10, 3, 3
-			}
-			r, err := Checkpoint(ctx, cfg)
-			if err != nil {
-				return sections, err
-			}
-			section = r.Report()
-		case "migration":
-			cfg := MigrationConfig{Trials: runs(5, 2), Out: o.Out, Log: o.Log}
-			if o.Quick {
-				cfg.Pages = []int{0, 256}
-			}
-			r, err := Migration(ctx, cfg)
-			if err != nil {
-				return sections, err
-			}
-			section = r.Report()
-		case "failover":
-			cfg := FailoverConfig{Govmm: o.Govmm, Trials: runs(10, 3), Witness: true, Out: o.Out, Log: o.Log}
-			if o.Quick {
-				cfg.Timeouts = []time.Duration{500 * time.Millisecond}
-			}
-			r, err := Failover(ctx, cfg)
-			if err != nil {
-				return sections, err
-			}
-			section = r.Report()
-		case "failover-guest":
-			cfg := FailoverGuestConfig{Govmm: o.Govmm, Kernel: o.Boot.Kernel, Initrd: o.Boot.Initrd, Trials: runs(3, 1), Out: o.Out, Log: o.Log}
-			r, err := FailoverGuest(ctx, cfg)
-			if err != nil {
-				return sections, err
-			}
-			section = r.Report()
-		case "fencing":
-			cfg := FencingConfig{Trials: runs(3, 1), Out: o.Out, Log: o.Log}
-			if o.Quick {
-				cfg.Epochs, cfg.Warmup = 40, 5
-			}
-			r, err := Fencing(ctx, cfg)
-			if err != nil {
-				return sections, err
-			}
-			section = r.Report()
-		case "overhead":
-			cfg := OverheadConfig{Trials: runs(3, 2), Out: o.Out, Log: o.Log}
-			if o.Quick {
-				cfg.Pages = []int{256}
-				cfg.Epochs = []time.Duration{25 * time.Millisecond, 100 * time.Millisecond}
-				cfg.Warmup, cfg.Window = 200*time.Millisecond, 500*time.Millisecond
-			}
-			r, err := Overhead(ctx, cfg)
-			if err != nil {
-				return sections, err
-			}
-			section = r.Report()
-		default:
-			return sections, fmt.Errorf("unknown suite %q", s)
+		section, err := o.suite(ctx, s)
+		if err != nil {
+			return sections, err
 		}
 		sections[s] = section
 		fmt.Fprintf(o.Log, "bench: %s done in %v\n", s, time.Since(start).Round(time.Millisecond))
 	}
 	return sections, nil
+}
+
+// runs is the number of trials: o.Runs if set, else quick's or full's.
+func (o Options) runs(full, quick int) int {
+	switch {
+	case o.Runs > 0:
+		return o.Runs
+	case o.Quick:
+		return quick
+	}
+	return full
+}
+
+// suite runs one suite and returns its section of report.md. It is one
+// case per suite, each its configuration (full and quick) and its call:
+// the table of suites, read best in one place.
+func (o Options) suite(ctx context.Context, s string) (string, error) {
+	switch s {
+	case "boot":
+		cfg := o.Boot
+		cfg.Runs, cfg.Out, cfg.Log = o.runs(11, 3), o.Out, o.Log
+		if cfg.Govmm == "" {
+			cfg.Govmm = o.Govmm
+		}
+		samples, err := Boot(ctx, cfg)
+		if err != nil {
+			return "", err
+		}
+		return platform() + "\n\nGuest: *tiny* is `bench.TinyKernel`, a bzImage that prints the ready line at once and halts " +
+			"(govmm enters it at its 64-bit entry, QEMU through its firmware and the real-mode entry); *default* is the default guest image. " +
+			"Raw data `boot.csv`.\n\n" + BootReport(samples), nil
+	case "checkpoint":
+		cfg := CheckpointConfig{Epochs: 40, Out: o.Out, Log: o.Log}
+		if o.Quick {
+			cfg.Pages, cfg.Epochs, cfg.Warmup, cfg.BoundReps = []int{100, 1000}, 10, 3, 3
+		}
+		r, err := Checkpoint(ctx, cfg)
+		if err != nil {
+			return "", err
+		}
+		return r.Report(), nil
+	case "migration":
+		cfg := MigrationConfig{Trials: o.runs(5, 2), Out: o.Out, Log: o.Log}
+		if o.Quick {
+			cfg.Pages = []int{0, 256}
+		}
+		r, err := Migration(ctx, cfg)
+		if err != nil {
+			return "", err
+		}
+		return r.Report(), nil
+	case "failover":
+		cfg := FailoverConfig{Govmm: o.Govmm, Trials: o.runs(10, 3), Witness: true, Out: o.Out, Log: o.Log}
+		if o.Quick {
+			cfg.Timeouts = []time.Duration{500 * time.Millisecond}
+		}
+		r, err := Failover(ctx, cfg)
+		if err != nil {
+			return "", err
+		}
+		return r.Report(), nil
+	case "failover-guest":
+		cfg := FailoverGuestConfig{Govmm: o.Govmm, Kernel: o.Boot.Kernel, Initrd: o.Boot.Initrd, Trials: o.runs(3, 1), Out: o.Out, Log: o.Log}
+		r, err := FailoverGuest(ctx, cfg)
+		if err != nil {
+			return "", err
+		}
+		return r.Report(), nil
+	case "overhead-guest":
+		cfg := OverheadGuestConfig{Govmm: o.Govmm, Kernel: o.Boot.Kernel, Initrd: o.Boot.Initrd, Trials: o.runs(3, 1), Out: o.Out, Log: o.Log}
+		if o.Quick {
+			cfg.Epochs = []time.Duration{25 * time.Millisecond}
+			cfg.Warmup, cfg.Window = time.Second, 3*time.Second
+		}
+		r, err := OverheadGuest(ctx, cfg)
+		if err != nil {
+			return "", err
+		}
+		return r.Report(), nil
+	case "fencing":
+		cfg := FencingConfig{Trials: o.runs(3, 1), Out: o.Out, Log: o.Log}
+		if o.Quick {
+			cfg.Epochs, cfg.Warmup = 40, 5
+		}
+		r, err := Fencing(ctx, cfg)
+		if err != nil {
+			return "", err
+		}
+		return r.Report(), nil
+	case "overhead":
+		cfg := OverheadConfig{Trials: o.runs(3, 2), Out: o.Out, Log: o.Log}
+		if o.Quick {
+			cfg.Pages = []int{256}
+			cfg.Epochs = []time.Duration{25 * time.Millisecond, 100 * time.Millisecond}
+			cfg.Warmup, cfg.Window = 200*time.Millisecond, 500*time.Millisecond
+		}
+		r, err := Overhead(ctx, cfg)
+		if err != nil {
+			return "", err
+		}
+		return r.Report(), nil
+	default:
+		return "", fmt.Errorf("unknown suite %q", s)
+	}
 }

@@ -20,14 +20,13 @@ import (
 // to ErrConflict, ErrInvalid, ...); when nothing listens on the socket they
 // wrap ErrNoServer and read "no VM listening on PATH: REASON".
 type Client struct {
-	path string
-	hc   *http.Client
+	hc *http.Client
 }
 
 // NewClient returns a client for the server on sockPath. It connects on
 // the first call.
 func NewClient(sockPath string) *Client {
-	c := &Client{path: sockPath}
+	c := &Client{}
 	tr := &http.Transport{
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			var d net.Dialer
@@ -43,9 +42,6 @@ func NewClient(sockPath string) *Client {
 	c.hc = &http.Client{Transport: tr}
 	return c
 }
-
-// Path is the socket's path.
-func (c *Client) Path() string { return c.path }
 
 // Close releases idle connections.
 func (c *Client) Close() { c.hc.CloseIdleConnections() }

@@ -86,69 +86,103 @@ func (b *builder) downloadDebs(ctx context.Context, debs string) (*debManifest, 
 	}
 	defer os.RemoveAll(dl)
 
-	got := map[string]string{} // package name -> file name in dl
-	fetch := func(specs ...string) error {
-		b.logf("downloading %s", strings.Join(specs, " "))
-		if err := b.aptDownload(ctx, dl, specs); err != nil {
-			return err
-		}
-		ents, err := os.ReadDir(dl)
-		if err != nil {
-			return fmt.Errorf("list downloads: %w", err)
-		}
-		for _, e := range ents {
-			if !strings.HasSuffix(e.Name(), ".deb") || slices.Contains(mapValues(got), e.Name()) {
-				continue
-			}
-			pkg, err := debField(ctx, filepath.Join(dl, e.Name()), "Package")
-			if err != nil {
-				return err
-			}
-			got[pkg] = e.Name()
-		}
-		for _, s := range specs {
-			name, _, _ := strings.Cut(s, "=")
-			if _, ok := got[name]; !ok {
-				return fmt.Errorf("apt-get download %s: no .deb appeared", s)
-			}
-		}
-		return nil
-	}
-	if err := fetch(rootPackages...); err != nil {
+	f := &debFetcher{b: b, ctx: ctx, dir: dl, got: map[string]string{}}
+	if err := f.fetch(rootPackages...); err != nil {
 		return nil, err
 	}
-
-	// linux-image-amd64 depends on exactly one linux-image-X.Y.Z-N-amd64 (= version).
-	metaDeps, err := debDepends(ctx, filepath.Join(dl, got["linux-image-amd64"]))
+	kernelPkg, kernelSpec, err := kernelPackage(ctx, filepath.Join(dl, f.got["linux-image-amd64"]))
 	if err != nil {
 		return nil, err
 	}
-	var kernelSpec, kernelPkg string
-	for _, d := range metaDeps {
-		if strings.HasPrefix(d.name, "linux-image-") {
-			kernelPkg, kernelSpec = d.name, d.name
-			if d.exact != "" {
-				kernelSpec += "=" + d.exact
-			}
-			break
+	libs, err := f.fetchLibs(kernelSpec)
+	if err != nil {
+		return nil, err
+	}
+	m := &debManifest{
+		Packages: rootPackages,
+		Kernel:   f.got[kernelPkg],
+		Busybox:  f.got["busybox-static"],
+		E2fs:     f.got["e2fsprogs"],
+	}
+	for _, l := range libs {
+		m.Libs = append(m.Libs, f.got[l])
+	}
+	return m, storeDebs(dl, debs, m)
+}
+
+// debFetcher downloads packages into dir and remembers which file holds
+// which package.
+type debFetcher struct {
+	b   *builder
+	ctx context.Context
+	dir string
+	got map[string]string // package name -> file name in dir
+}
+
+// fetch downloads specs (NAME or NAME=VERSION) and checks that each came.
+func (f *debFetcher) fetch(specs ...string) error {
+	f.b.logf("downloading %s", strings.Join(specs, " "))
+	if err := f.b.aptDownload(f.ctx, f.dir, specs); err != nil {
+		return err
+	}
+	ents, err := os.ReadDir(f.dir)
+	if err != nil {
+		return fmt.Errorf("list downloads: %w", err)
+	}
+	for _, e := range ents {
+		if !strings.HasSuffix(e.Name(), ".deb") || slices.Contains(mapValues(f.got), e.Name()) {
+			continue
+		}
+		pkg, err := debField(f.ctx, filepath.Join(f.dir, e.Name()), "Package")
+		if err != nil {
+			return err
+		}
+		f.got[pkg] = e.Name()
+	}
+	for _, s := range specs {
+		name, _, _ := strings.Cut(s, "=")
+		if _, ok := f.got[name]; !ok {
+			return fmt.Errorf("apt-get download %s: no .deb appeared", s)
 		}
 	}
-	if kernelPkg == "" {
-		return nil, fmt.Errorf("linux-image-amd64 depends on no linux-image package (depends: %v)", metaDeps)
-	}
+	return nil
+}
 
-	// The shared libraries of e2fsprogs, transitively. Only lib* packages:
-	// the rest (logsave, gcc-12-base) hold nothing mke2fs loads.
+// kernelPackage reads the linux-image-amd64 metapackage at meta, which
+// depends on exactly one linux-image-X.Y.Z-N-amd64 (= version): its name,
+// and the spec that downloads that version.
+func kernelPackage(ctx context.Context, meta string) (pkg, spec string, err error) {
+	deps, err := debDepends(ctx, meta)
+	if err != nil {
+		return "", "", err
+	}
+	for _, d := range deps {
+		if strings.HasPrefix(d.name, "linux-image-") {
+			spec = d.name
+			if d.exact != "" {
+				spec += "=" + d.exact
+			}
+			return d.name, spec, nil
+		}
+	}
+	return "", "", fmt.Errorf("linux-image-amd64 depends on no linux-image package (depends: %v)", deps)
+}
+
+// fetchLibs downloads first (the kernel's spec) together with the shared
+// libraries of e2fsprogs, transitively, and returns the libraries' names,
+// sorted. Only lib* packages: the rest (logsave, gcc-12-base) hold nothing
+// mke2fs loads.
+func (f *debFetcher) fetchLibs(first ...string) ([]string, error) {
 	var libs []string
 	scan := []string{"e2fsprogs"} // packages whose dependencies are not read yet
-	specs := []string{kernelSpec}
+	specs := first
 	for round := 0; ; round++ {
 		if round > 10 {
 			return nil, errors.New("e2fsprogs library dependencies do not converge")
 		}
 		var fresh []string
 		for _, p := range scan {
-			deps, err := debDepends(ctx, filepath.Join(dl, got[p]))
+			deps, err := debDepends(f.ctx, filepath.Join(f.dir, f.got[p]))
 			if err != nil {
 				return nil, err
 			}
@@ -163,35 +197,27 @@ func (b *builder) downloadDebs(ctx context.Context, debs string) (*debManifest, 
 		if len(specs) == 0 {
 			break
 		}
-		if err := fetch(specs...); err != nil {
+		if err := f.fetch(specs...); err != nil {
 			return nil, err
 		}
 		scan, specs = fresh, nil
 	}
-
-	m := &debManifest{
-		Packages: rootPackages,
-		Kernel:   got[kernelPkg],
-		Busybox:  got["busybox-static"],
-		E2fs:     got["e2fsprogs"],
-	}
 	slices.Sort(libs)
-	for _, l := range libs {
-		m.Libs = append(m.Libs, got[l])
-	}
+	return libs, nil
+}
+
+// storeDebs moves m's files from dl into debs, then writes the manifest.
+func storeDebs(dl, debs string, m *debManifest) error {
 	for _, f := range m.files() {
 		if err := os.Rename(filepath.Join(dl, f), filepath.Join(debs, f)); err != nil {
-			return nil, fmt.Errorf("store package: %w", err)
+			return fmt.Errorf("store package: %w", err)
 		}
 	}
 	js, err := json.MarshalIndent(m, "", "\t")
 	if err != nil {
-		return nil, fmt.Errorf("encode package manifest: %w", err)
+		return fmt.Errorf("encode package manifest: %w", err)
 	}
-	if err := writeFileAtomic(filepath.Join(debs, manifestName), append(js, '\n'), 0o644); err != nil {
-		return nil, err
-	}
-	return m, nil
+	return writeFileAtomic(filepath.Join(debs, manifestName), append(js, '\n'), 0o644)
 }
 
 // aptDownload runs apt-get download in dir. On a machine whose package

@@ -108,7 +108,9 @@ func (b *builder) labCached(m *debManifest) (Image, bool) {
 }
 
 // buildLab unpacks the kernel and busybox packages and writes the L1
-// image. The caller holds the lock.
+// image. The caller holds the lock. (Long, on purpose: it is the list of
+// what goes into L1, module by module and file by file, in the order of
+// the initramfs; split, the list would no longer read as one.)
 func (b *builder) buildLab(ctx context.Context, m *debManifest) (Image, error) {
 	start := time.Now()
 	labDir := filepath.Join(b.cache, "lab")

@@ -248,17 +248,6 @@ type irqLevel struct {
 	Level uint32
 }
 
-// irqfd is struct kvm_irqfd.
-type irqfd struct {
-	FD         uint32
-	GSI        uint32
-	Flags      uint32
-	ResampleFD uint32
-	_          [16]uint8
-}
-
-const irqfdFlagDeassign = 1
-
 // ioeventfd is struct kvm_ioeventfd.
 type ioeventfd struct {
 	Datamatch uint64
@@ -286,37 +275,6 @@ type MSI struct {
 	_         [12]uint8
 }
 
-// IRQRoutingEntry is struct kvm_irq_routing_entry. U holds the union: for
-// an irqchip route, irqchip then pin; for an MSI route, address_lo,
-// address_hi, data (use the helpers below).
-type IRQRoutingEntry struct {
-	GSI   uint32
-	Type  uint32
-	Flags uint32
-	_     uint32
-	U     [8]uint32
-}
-
-// Routing entry types.
-const (
-	IRQRoutingIRQChip = 1
-	IRQRoutingMSI     = 2
-)
-
-// IRQChipRoute routes gsi to pin of an in-kernel chip.
-func IRQChipRoute(gsi, chip, pin uint32) IRQRoutingEntry {
-	e := IRQRoutingEntry{GSI: gsi, Type: IRQRoutingIRQChip}
-	e.U[0], e.U[1] = chip, pin
-	return e
-}
-
-// MSIRoute routes gsi to an MSI message.
-func MSIRoute(gsi uint32, addr uint64, data uint32) IRQRoutingEntry {
-	e := IRQRoutingEntry{GSI: gsi, Type: IRQRoutingMSI}
-	e.U[0], e.U[1], e.U[2] = uint32(addr), uint32(addr>>32), data
-	return e
-}
-
 // enableCap is struct kvm_enable_cap.
 type enableCap struct {
 	Cap   uint32
@@ -331,26 +289,15 @@ const (
 	CapUserMemory             = 3
 	CapSetTSSAddr             = 4
 	CapExtCPUID               = 7
-	CapNrVCPUs                = 9
-	CapNrMemslots             = 10
-	CapIRQRouting             = 25
-	CapIRQFD                  = 32
 	CapPIT2                   = 33
 	CapIOEventFD              = 36
-	CapAdjustClock            = 39
-	CapVCPUEvents             = 41
-	CapDebugRegs              = 50
-	CapXCRs                   = 56
 	CapTSCControl             = 60
-	CapGetTSCKHz              = 61
 	CapMaxVCPUs               = 66
 	CapTSCDeadlineTimer       = 72
 	CapSignalMSI              = 77
 	CapImmediateExit          = 136
 	CapManualDirtyLogProtect2 = 168
-	CapDirtyLogRing           = 192
 	CapX86MSRFilter           = 189
 	CapXsave2                 = 208
 	CapPMUCapability          = 212
-	CapVMTSCControl           = 214
 )

@@ -31,10 +31,8 @@ func TestABI(t *testing.T) {
 		umr   UserMemoryRegion
 		dl    dirtyLog
 		cdl   clearDirtyLog
-		ifd   irqfd
 		iefd  ioeventfd
 		msi   MSI
-		route IRQRoutingEntry
 		ecap  enableCap
 		regs  Regs
 		msr   MSREntry
@@ -66,11 +64,8 @@ func TestABI(t *testing.T) {
 		"kvm_dirty_log":               unsafe.Sizeof(dl),
 		"kvm_clear_dirty_log":         unsafe.Sizeof(cdl),
 		"kvm_irq_level":               unsafe.Sizeof(irqLevel{}),
-		"kvm_irqfd":                   unsafe.Sizeof(ifd),
 		"kvm_ioeventfd":               unsafe.Sizeof(iefd),
 		"kvm_msi":                     unsafe.Sizeof(msi),
-		"kvm_irq_routing_entry":       unsafe.Sizeof(route),
-		"kvm_irq_routing":             8,
 		"kvm_enable_cap":              unsafe.Sizeof(ecap),
 		"kvm_msr_filter":              unsafe.Sizeof(msrFilter{}),
 		"kvm_msr_filter_range":        unsafe.Sizeof(msrFilterRange{}),
@@ -129,13 +124,10 @@ func TestABI(t *testing.T) {
 		"kvm_dirty_log.dirty_bitmap":                  unsafe.Offsetof(dl.Bitmap),
 		"kvm_clear_dirty_log.first_page":              unsafe.Offsetof(cdl.FirstPage),
 		"kvm_clear_dirty_log.dirty_bitmap":            unsafe.Offsetof(cdl.Bitmap),
-		"kvm_irqfd.resamplefd":                        unsafe.Offsetof(ifd.ResampleFD),
 		"kvm_ioeventfd.len":                           unsafe.Offsetof(iefd.Len),
 		"kvm_ioeventfd.fd":                            unsafe.Offsetof(iefd.FD),
 		"kvm_ioeventfd.flags":                         unsafe.Offsetof(iefd.Flags),
 		"kvm_msi.devid":                               unsafe.Offsetof(msi.DevID),
-		"kvm_irq_routing_entry.u":                     unsafe.Offsetof(route.U),
-		"kvm_irq_routing.entries":                     8,
 		"kvm_enable_cap.args":                         unsafe.Offsetof(ecap.Args),
 		"kvm_msr_filter.ranges":                       unsafe.Offsetof(msrFilter{}.Ranges),
 		"kvm_msr_filter_range.base":                   unsafe.Offsetof(msrFilterRange{}.Base),
@@ -181,8 +173,8 @@ func TestABI(t *testing.T) {
 		"KVM_SET_USER_MEMORY_REGION": kvmSetUserMemoryRegion, "KVM_SET_TSS_ADDR": kvmSetTSSAddr,
 		"KVM_SET_IDENTITY_MAP_ADDR": kvmSetIdentityMapAddr, "KVM_CREATE_IRQCHIP": kvmCreateIRQChip,
 		"KVM_IRQ_LINE": kvmIRQLine, "KVM_GET_IRQCHIP": kvmGetIRQChip, "KVM_SET_IRQCHIP": kvmSetIRQChip,
-		"KVM_SET_GSI_ROUTING": kvmSetGSIRouting, "KVM_IRQFD": kvmIRQFD, "KVM_CREATE_PIT2": kvmCreatePIT2,
-		"KVM_IOEVENTFD": kvmIOEventFD, "KVM_SET_CLOCK": kvmSetClock, "KVM_GET_CLOCK": kvmGetClock,
+		"KVM_CREATE_PIT2": kvmCreatePIT2, "KVM_IOEVENTFD": kvmIOEventFD,
+		"KVM_SET_CLOCK": kvmSetClock, "KVM_GET_CLOCK": kvmGetClock,
 		"KVM_GET_PIT2": kvmGetPIT2, "KVM_SET_PIT2": kvmSetPIT2, "KVM_ENABLE_CAP": kvmEnableCap,
 		"KVM_SIGNAL_MSI": kvmSignalMSI, "KVM_CLEAR_DIRTY_LOG": kvmClearDirtyLog,
 		"KVM_RUN": kvmRun, "KVM_GET_REGS": kvmGetRegs, "KVM_SET_REGS": kvmSetRegs,
@@ -193,8 +185,7 @@ func TestABI(t *testing.T) {
 		"KVM_GET_VCPU_EVENTS": kvmGetVCPUEvents, "KVM_SET_VCPU_EVENTS": kvmSetVCPUEvents,
 		"KVM_GET_DEBUGREGS": kvmGetDebugRegs, "KVM_SET_DEBUGREGS": kvmSetDebugRegs,
 		"KVM_GET_XSAVE": kvmGetXsave, "KVM_SET_XSAVE": kvmSetXsave, "KVM_GET_XCRS": kvmGetXCRs,
-		"KVM_SET_XCRS": kvmSetXCRs, "KVM_KVMCLOCK_CTRL": kvmKVMClockCtrl,
-		"KVM_GET_TSC_KHZ": kvmGetTSCKHz, "KVM_SET_TSC_KHZ": kvmSetTSCKHz, "KVM_GET_XSAVE2": kvmGetXsave2,
+		"KVM_SET_XCRS": kvmSetXCRs, "KVM_GET_TSC_KHZ": kvmGetTSCKHz, "KVM_SET_TSC_KHZ": kvmSetTSCKHz, "KVM_GET_XSAVE2": kvmGetXsave2,
 		"KVM_X86_SET_MSR_FILTER": kvmX86SetMSRFilter, "KVM_GET_STATS_FD": kvmGetStatsFD,
 	}
 	for name, w := range ioctls {
@@ -210,18 +201,15 @@ func TestABI(t *testing.T) {
 		"KVM_EXIT_HLT": uint64(ExitHLT), "KVM_EXIT_INTR": uint64(ExitIntr),
 		"KVM_EXIT_IO_IN": 0, "KVM_EXIT_IO_OUT": 1,
 		"KVM_MEM_LOG_DIRTY_PAGES": MemLogDirtyPages,
-		"KVM_IRQ_ROUTING_IRQCHIP": IRQRoutingIRQChip, "KVM_IRQ_ROUTING_MSI": IRQRoutingMSI,
-		"KVM_CAP_XSAVE2": CapXsave2, "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2": CapManualDirtyLogProtect2,
-		"KVM_CAP_DIRTY_LOG_RING": CapDirtyLogRing, "KVM_CAP_IMMEDIATE_EXIT": CapImmediateExit,
-		"KVM_CAP_IRQFD": CapIRQFD, "KVM_CAP_IOEVENTFD": CapIOEventFD, "KVM_CAP_SIGNAL_MSI": CapSignalMSI,
+		"KVM_CAP_XSAVE2":          CapXsave2, "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2": CapManualDirtyLogProtect2,
+		"KVM_CAP_IMMEDIATE_EXIT": CapImmediateExit, "KVM_CAP_IOEVENTFD": CapIOEventFD, "KVM_CAP_SIGNAL_MSI": CapSignalMSI,
 		"KVM_CLOCK_TSC_STABLE": ClockTSCStable, "KVM_CLOCK_REALTIME": ClockRealtime,
 		"KVM_CLOCK_HOST_TSC":     ClockHostTSC,
 		"KVM_CAP_X86_MSR_FILTER": CapX86MSRFilter, "KVM_CAP_PMU_CAPABILITY": CapPMUCapability,
 		"KVM_PMU_CAP_DISABLE":          PMUCapDisable,
 		"KVM_MSR_FILTER_DEFAULT_ALLOW": MSRFilterDefaultAllow, "KVM_MSR_FILTER_DEFAULT_DENY": MSRFilterDefaultDeny,
 		"KVM_MSR_FILTER_READ": MSRFilterRead, "KVM_MSR_FILTER_WRITE": MSRFilterWrite,
-		"KVM_CAP_TSC_CONTROL": CapTSCControl, "KVM_CAP_GET_TSC_KHZ": CapGetTSCKHz, "KVM_CAP_VM_TSC_CONTROL": CapVMTSCControl,
-		"KVM_CAP_TSC_DEADLINE_TIMER": CapTSCDeadlineTimer,
+		"KVM_CAP_TSC_CONTROL": CapTSCControl, "KVM_CAP_TSC_DEADLINE_TIMER": CapTSCDeadlineTimer,
 	}
 	for name, w := range consts {
 		assert.Equal(t, k[name], w, name)

@@ -3,7 +3,9 @@
 // (System for /dev/kvm, VM, VCPU), the kernel ABI structs the ioctls
 // exchange, the ioctl numbers, and the decoding of KVM_RUN exits.
 //
-// It owns no policy: it never retries, logs, or starts goroutines. Every
+// It owns no policy: it never logs or starts goroutines, and retries only
+// EINTR on ioctls other than KVM_RUN, where it means nothing but "try
+// again" (see doPtr). Every
 // failed ioctl comes back as an *IoctlError wrapping the unix.Errno, so a
 // caller can write errors.Is(err, unix.EAGAIN). KVM_RUN interrupted by a
 // signal returns ErrInterrupted and is never re-entered here; only the

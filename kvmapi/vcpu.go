@@ -275,10 +275,3 @@ func (v *VCPU) SetTSCKHz(khz uint32) error {
 	_, err := doVal(v.fd, "KVM_SET_TSC_KHZ", kvmSetTSCKHz, uintptr(khz))
 	return err
 }
-
-// KVMClockCtrl tells the guest's kvmclock that the vCPU was paused on
-// purpose, so the guest's soft-lockup watchdog does not fire on resume.
-func (v *VCPU) KVMClockCtrl() error {
-	_, err := doVal(v.fd, "KVM_KVMCLOCK_CTRL", kvmKVMClockCtrl, 0)
-	return err
-}

@@ -1,6 +1,7 @@
 package kvmapi
 
 import (
+	"runtime"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -84,37 +85,6 @@ func (vm *VM) IRQLine(irq uint32, level bool) error {
 func (vm *VM) SignalMSI(addr uint64, data uint32) error {
 	m := MSI{AddressLo: uint32(addr), AddressHi: uint32(addr >> 32), Data: data}
 	_, err := doPtr(vm.fd, "KVM_SIGNAL_MSI", kvmSignalMSI, unsafe.Pointer(&m))
-	return err
-}
-
-// SetGSIRouting replaces the whole GSI routing table.
-func (vm *VM) SetGSIRouting(entries []IRQRoutingEntry) error {
-	// struct kvm_irq_routing { __u32 nr; __u32 flags; entries[] }: build it
-	// in a byte buffer whose element size TestABI pins.
-	const hdr = 8
-	entSize := int(unsafe.Sizeof(IRQRoutingEntry{}))
-	buf := make([]uint64, (hdr+len(entries)*entSize+7)/8)
-	b := unsafe.Slice((*byte)(unsafe.Pointer(&buf[0])), len(buf)*8)
-	*(*uint32)(unsafe.Pointer(&b[0])) = uint32(len(entries))
-	for i := range entries {
-		// Sound: b is 8-aligned and large enough; IRQRoutingEntry is plain data.
-		*(*IRQRoutingEntry)(unsafe.Pointer(&b[hdr+i*entSize])) = entries[i]
-	}
-	_, err := doPtr(vm.fd, "KVM_SET_GSI_ROUTING", kvmSetGSIRouting, unsafe.Pointer(&buf[0]))
-	return err
-}
-
-// IRQFD makes a write to eventfd fd inject gsi (KVM_IRQFD).
-func (vm *VM) IRQFD(fd int, gsi uint32) error {
-	a := irqfd{FD: uint32(fd), GSI: gsi}
-	_, err := doPtr(vm.fd, "KVM_IRQFD", kvmIRQFD, unsafe.Pointer(&a))
-	return err
-}
-
-// DeassignIRQFD undoes IRQFD.
-func (vm *VM) DeassignIRQFD(fd int, gsi uint32) error {
-	a := irqfd{FD: uint32(fd), GSI: gsi, Flags: irqfdFlagDeassign}
-	_, err := doPtr(vm.fd, "KVM_IRQFD", kvmIRQFD, unsafe.Pointer(&a))
 	return err
 }
 
@@ -210,7 +180,7 @@ func (vm *VM) DirtyLog(slot uint32, bitmap []uint64) error {
 	_, err := doPtr(vm.fd, "KVM_GET_DIRTY_LOG", kvmGetDirtyLog, unsafe.Pointer(&d))
 	// bitmap must stay alive until the ioctl returned: the kernel wrote
 	// through a pointer that the garbage collector cannot see in d.
-	keepAlive(bitmap)
+	runtime.KeepAlive(bitmap)
 	return err
 }
 
@@ -224,7 +194,7 @@ func (vm *VM) ClearDirtyLog(slot uint32, firstPage uint64, numPages uint32, bitm
 	c := clearDirtyLog{Slot: slot, FirstPage: firstPage, NumPages: numPages,
 		Bitmap: uint64(uintptr(unsafe.Pointer(&bitmap[0])))}
 	_, err := doPtr(vm.fd, "KVM_CLEAR_DIRTY_LOG", kvmClearDirtyLog, unsafe.Pointer(&c))
-	keepAlive(bitmap)
+	runtime.KeepAlive(bitmap)
 	return err
 }
 

@@ -166,7 +166,10 @@ func Run(ctx context.Context, cfg Config) (int, error) {
 	}
 }
 
-// runOnce is one boot of L1.
+// runOnce is one boot of L1. (Long, on purpose: it reads as L1's life in
+// order, the control files, the output socket, QEMU, the wait, and what
+// its end means, all sharing the control directory, the console log and
+// the start time.)
 func runOnce(ctx context.Context, cfg Config, img guestimg.Image) (int, error) {
 	ctl, err := os.MkdirTemp("", "govmm-lab-")
 	if err != nil {

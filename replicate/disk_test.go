@@ -91,7 +91,7 @@ func TestReplicatedDiskFollowsCheckpoints(t *testing.T) {
 
 	for i := 0; i < 200; i++ {
 		write(int64(i*4096%size), bytes.Repeat([]byte{byte(i)}, 512))
-		time.Sleep(time.Millisecond)
+		time.Sleep(time.Millisecond) // the writes spread over several epochs
 	}
 	require.NoError(t, prim.Pause())
 	px.kill()

@@ -9,6 +9,8 @@
 //
 //   - precopy.go: the pre-copy loop (disks, then memory rounds), shared by
 //     the initial sync and Migrate.
+//   - config.go: ReplicateConfig, its defaults and the standby-loss
+//     policies.
 //   - primary.go: Replicator, the primary's epoch loop (with backpressure);
 //     metrics.go its stats.
 //   - standby.go: Standby, the receiving end of replication and migration.

@@ -97,7 +97,7 @@ func TestMigrateDirtyingGuest(t *testing.T) {
 	require.True(t, src.Paused())
 	require.True(t, src.HandedOver(), "the source's devices must not run on while the destination does")
 	atCut := passes(t, src)
-	time.Sleep(20 * time.Millisecond)
+	time.Sleep(20 * time.Millisecond) // the scenario: a source that still ran would move meanwhile
 	require.Equal(t, atCut, passes(t, src), "the source never runs the guest again")
 	src.StopWith(vmm.Result{Reason: "migrated"})
 
@@ -120,7 +120,7 @@ func TestMigrateBrokenStreamSourceKeepsRunning(t *testing.T) {
 		if err != nil {
 			return
 		}
-		time.Sleep(20 * time.Millisecond)
+		time.Sleep(20 * time.Millisecond) // a destination that accepts, then goes away
 		r.Close()
 	}()
 	_, err = Migrate(context.Background(), src, MigrateConfig{To: ln.Addr().String(), Insecure: true, Name: "tiny", MaxRounds: 1000, StopPages: 0})

@@ -15,69 +15,6 @@ import (
 	"govmm/vmm/guestmem"
 )
 
-// Policies when the standby is lost.
-const (
-	OnStandbyLossContinue = "continue" // keep running, unprotected, and say so
-	OnStandbyLossPause    = "pause"    // stop the guest until an operator decides
-)
-
-// Defaults of ReplicateConfig, for a LAN (docs/STREAM.md has the table for
-// other links).
-const (
-	DefaultEpoch           = 25 * time.Millisecond
-	DefaultFailoverTimeout = 2 * time.Second
-	DefaultMaxUnacked      = 2
-)
-
-// ReplicateConfig parameterises continuous replication to a standby.
-type ReplicateConfig struct {
-	// To is the standby's HOST:PORT, dialled with Key (or Insecure), unless
-	// Transport is set.
-	To string
-	// Transport, if set, replaces the connection to To: NewNullTransport
-	// (benchmarks) ships checkpoints nowhere.
-	Transport Transport
-	Name      string
-	Key       []byte
-	Insecure  bool
-	// Devices describe the guest's devices beyond their kind, by device
-	// ID (MACs, backends, disk sizes...): a standby whose machine differs
-	// is refused at the handshake.
-	Devices map[string][]stream.Attr
-	// Epoch is the time the guest runs between checkpoints
-	// (DefaultEpoch).
-	Epoch time.Duration
-	// FailoverTimeout: while listening, without a byte from the standby
-	// for this long, it is declared lost (DefaultFailoverTimeout). The
-	// standby's, if larger, wins.
-	FailoverTimeout time.Duration
-	// MaxUnacked bounds the checkpoints in flight: the next is not taken
-	// while this many are unacknowledged, so a slow standby stretches the
-	// epochs instead of falling behind (DefaultMaxUnacked).
-	MaxUnacked int
-	// OnStandbyLoss is OnStandbyLossContinue (default) or OnStandbyLossPause.
-	OnStandbyLoss string
-	// Outputs are the network output buffers whose frames wait for their
-	// epoch's ack (one per NIC).
-	Outputs []*OutputBuffer
-	// InitialRounds bounds the pre-copy rounds of the initial sync.
-	InitialRounds int
-	Logger        *slog.Logger
-	// Disks are the logs of the guest's disks (in device order): the
-	// initial sync copies each, and each epoch's writes travel in its
-	// checkpoint.
-	Disks []*DiskLog
-	// Fence is this VMM's lease at the witness (NewFence); nil without a
-	// witness, where split brain cannot be excluded (DESIGN.md invariant
-	// 8). Replication starts only once no earlier standby is left behind
-	// (the generation is advanced); the hello carries the generation and
-	// holder name, from which the standby claims the next generation;
-	// when replication ends after the standby got a resumable
-	// checkpoint, the Fence holds the guest's output until the generation
-	// is advanced past that standby's; a fenced VMM's replication ends.
-	Fence *Fence
-}
-
 // testHooks are seams for this package's tests; production code passes
 // none.
 type testHooks struct {
@@ -196,31 +133,6 @@ func startReplication(ctx context.Context, m *vmm.Machine, cfg ReplicateConfig, 
 	}
 	go r.loop()
 	return r, nil
-}
-
-func (cfg ReplicateConfig) withDefaults() (ReplicateConfig, error) {
-	if cfg.Epoch <= 0 {
-		cfg.Epoch = DefaultEpoch
-	}
-	if cfg.FailoverTimeout <= 0 {
-		cfg.FailoverTimeout = DefaultFailoverTimeout
-	}
-	if cfg.MaxUnacked <= 0 {
-		cfg.MaxUnacked = DefaultMaxUnacked
-	}
-	if cfg.OnStandbyLoss == "" {
-		cfg.OnStandbyLoss = OnStandbyLossContinue
-	}
-	if cfg.OnStandbyLoss != OnStandbyLossContinue && cfg.OnStandbyLoss != OnStandbyLossPause {
-		return cfg, fmt.Errorf("on-standby-loss %q: want %s or %s", cfg.OnStandbyLoss, OnStandbyLossContinue, OnStandbyLossPause)
-	}
-	if cfg.InitialRounds <= 0 {
-		cfg.InitialRounds = 10
-	}
-	if cfg.Logger == nil {
-		cfg.Logger = slog.Default()
-	}
-	return cfg, nil
 }
 
 // initialSync copies the disks and the guest's memory while it runs, then

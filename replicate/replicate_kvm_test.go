@@ -168,9 +168,9 @@ func TestReplicationOutputCommit(t *testing.T) {
 		f := fmt.Sprintf("frame-%02d", i)
 		want = append(want, f)
 		require.NoError(t, out.Send([]byte(f)))
-		time.Sleep(10 * time.Millisecond)
+		time.Sleep(10 * time.Millisecond) // the frames spread over several epochs
 	}
-	time.Sleep(200 * time.Millisecond)
+	time.Sleep(200 * time.Millisecond) // the scenario: more epochs pass with the acks held back
 	require.Equal(t, []string{"hello"}, wire.got(), "no output leaves without its ack")
 	require.Equal(t, acked, rep.Stats().Acked)
 	st := rep.Stats()

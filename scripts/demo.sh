@@ -6,7 +6,9 @@
 #
 # The network is real and stays on this machine: a namespace "govmm-demo"
 # with a bridge (the client's address, 10.77.0.1), one TAP for each VMM on
-# it, the guest at 10.77.0.2. Where this host's KVM cannot boot Linux
+# it, the guest at 10.77.0.2. A witness (govmm witness) arbitrates, as it
+# should in production: the primary's output leaves under its lease and
+# the standby takes over only after winning the next generation there. Where this host's KVM cannot boot Linux
 # (kvm_pvm, a cloud VM without nested virtualization) it all runs inside
 # the lab (govmm lab: nested KVM under QEMU), slowly: the lab emulates
 # everything, so its times are not what hardware gives.
@@ -56,17 +58,25 @@ for t in tapP tapS; do
 	ip -n "$ns" link set "$t" master br0 up
 done
 truncate -s 128M "$work/disk.img"
+head -c 32 /dev/urandom | base64 >"$work/psk" && chmod 600 "$work/psk"
+
+say "witness: govmm witness --listen 127.0.0.1:7100 --key-file psk --state witness/"
+ip netns exec "$ns" "$GOVMM" witness --listen 127.0.0.1:7100 --key-file "$work/psk" --state "$work/witness" \
+	</dev/null >"$work/witness.log" 2>&1 &
+pids+=($!)
+until grep -q 'listening on' "$work/witness.log" 2>/dev/null; do sleep 0.1; done
 cp --sparse=always "$work/disk.img" "$work/standby.img"
 
-say "standby: govmm standby --listen 127.0.0.1:7000 --net tap:tapS --disk standby.img"
-ip netns exec "$ns" "$GOVMM" standby --listen 127.0.0.1:7000 --net tap:tapS --disk "$work/standby.img" \
-	--failover-timeout "$TIMEOUT" --api-sock "$work/standby.sock" \
+say "standby: govmm standby --listen 127.0.0.1:7000 --key-file psk --witness 127.0.0.1:7100 --net tap:tapS --disk standby.img"
+ip netns exec "$ns" "$GOVMM" standby --listen 127.0.0.1:7000 --key-file "$work/psk" --witness 127.0.0.1:7100 \
+	--net tap:tapS --disk "$work/standby.img" --failover-timeout "$TIMEOUT" --witness-lease "$TIMEOUT" --api-sock "$work/standby.sock" \
 	</dev/null >"$work/standby.out" 2>"$work/standby.log" &
 pids+=($!)
 
-say "primary: govmm run --net tap:tapP --guest-ip 10.77.0.2/24 --disk disk.img --replicate-to 127.0.0.1:7000 --epoch $EPOCH"
+say "primary: govmm run --net tap:tapP --guest-ip 10.77.0.2/24 --disk disk.img --replicate-to 127.0.0.1:7000 --key-file psk --witness 127.0.0.1:7100 --epoch $EPOCH"
 ip netns exec "$ns" "$GOVMM" run --net tap:tapP --guest-ip 10.77.0.2/24 --guest-gw 10.77.0.1 --disk "$work/disk.img" \
-	--replicate-to 127.0.0.1:7000 --epoch "$EPOCH" --failover-timeout "$TIMEOUT" --api-sock "$work/primary.sock" \
+	--replicate-to 127.0.0.1:7000 --key-file "$work/psk" --witness 127.0.0.1:7100 \
+	--epoch "$EPOCH" --failover-timeout "$TIMEOUT" --witness-lease "$TIMEOUT" --api-sock "$work/primary.sock" \
 	</dev/null >"$work/primary.out" 2>"$work/primary.log" &
 primary=$!
 pids+=($primary)
@@ -100,7 +110,7 @@ until grep -q 'took over' "$work/standby.log" 2>/dev/null; do
 	fi
 	sleep 0.1
 done
-grep -h 'took over' "$work/standby.log" | tail -1
+grep -h 'took over\|witness' "$work/standby.log" | tail -3
 
 set +e
 wait "$client"

@@ -44,9 +44,14 @@ export GOVMM_BIN=$root/bin/govmm
 where="this host's KVM"
 [[ ${GOVMM_LAB:-} == 1 ]] && where="the lab"
 echo "guest-tests: real-guest tests in $where"
-fail=0 summary=()
+fail=0 summary=() ran=
 while read -r pkg; do
 	bin=$root/$bins/$(echo "$pkg" | tr / _).test
+	if ! (cd "$pkg" && "$bin" -test.list "$run") | grep -q '^TestGuest'; then
+		summary+=("$(printf '%-24s no test matches %s' "$pkg" "$run")")
+		continue
+	fi
+	ran=1
 	log=$(mktemp)
 	start=$SECONDS
 	set +e
@@ -68,6 +73,10 @@ while read -r pkg; do
 	((st == 0)) || fail=1
 	rm -f "$log"
 done <"$root/$bins/packages"
+if [[ -z $ran ]]; then
+	echo "guest-tests: no real-guest test matches $run"
+	fail=1
+fi
 echo "guest-tests: summary ($where):"
 printf '  %s\n' "${summary[@]}"
 exit $fail

@@ -1,7 +1,6 @@
 package virtio
 
 import (
-	"context"
 	"encoding/binary"
 	"fmt"
 	"io"
@@ -73,7 +72,10 @@ type BlockConfig struct {
 }
 
 // Block is a virtio-blk PCI function backed by a raw image file. It
-// implements pci.Device, pci.BARMapper and devstate.Stateful.
+// implements pci.Device, pci.BARMapper and devstate.Stateful (through its
+// transport): quiesced, requests still in the ring stay there until
+// Resume; its state restores onto a device built with the same
+// BlockConfig (capacity and read-only must match).
 type Block struct {
 	*transport
 	cfg      BlockConfig
@@ -149,30 +151,6 @@ func (b *Block) Close() error {
 	return nil
 }
 
-// Quiesce implements devstate.Stateful: it returns once no request is in
-// progress; requests still in the ring stay there until Resume.
-func (b *Block) Quiesce(ctx context.Context) error { return b.quiesce(ctx) }
-
-// SaveState implements devstate.Stateful. The disk contents are not part
-// of it (replication mirrors writes through OnWrite).
-func (b *Block) SaveState() (devstate.State, error) { return b.save(b.cfg.ID) }
-
-// StateID implements devstate.Described.
-func (b *Block) StateID() string { return b.cfg.ID }
-
-// StateKind implements devstate.Described.
-func (b *Block) StateKind() string { return b.dev.kind() }
-
-// RestoreState implements devstate.Stateful, onto a device built with the
-// same BlockConfig (capacity and read-only must match).
-func (b *Block) RestoreState(s devstate.State) error { return b.restore(b.cfg.ID, s) }
-
-// Resume implements devstate.Stateful.
-func (b *Block) Resume() error {
-	b.resume()
-	return nil
-}
-
 func (b *Block) kind() string              { return "virtio-blk" }
 func (b *Block) deviceType() uint16        { return 2 }
 func (b *Block) class() (uint8, uint8)     { return 0x01, 0x00 }
@@ -204,19 +182,32 @@ func (b *Block) readConfig(off int, data []byte) {
 	}
 }
 
-func (b *Block) saveDevice(e *devstate.Encoder) {
-	e.U64(b.capacity)
-	e.Bool(b.cfg.ReadOnly)
+// blkState is virtio-blk's own part of the transport state: the disk's
+// shape, which restore checks the device against. The disk contents are
+// not part of it (replication mirrors writes through OnWrite).
+type blkState struct {
+	Capacity uint64 // sectors
+	ReadOnly bool
 }
 
-func (b *Block) restoreDevice(d *devstate.Decoder) error {
-	capacity, ro := d.U64(), d.Bool()
-	if err := d.Done(); err != nil {
+func (s *blkState) walk(c *devstate.Codec) {
+	c.U64(&s.Capacity)
+	c.Bool(&s.ReadOnly)
+}
+
+func (b *Block) saveDevice() []byte {
+	s := blkState{Capacity: b.capacity, ReadOnly: b.cfg.ReadOnly}
+	return devstate.Encode(s.walk)
+}
+
+func (b *Block) checkDevice(saved []byte) error {
+	var s blkState
+	if err := devstate.Decode(saved, s.walk); err != nil {
 		return err
 	}
-	if capacity != b.capacity || ro != b.cfg.ReadOnly {
+	if s.Capacity != b.capacity || s.ReadOnly != b.cfg.ReadOnly {
 		return fmt.Errorf("disk of %d sectors (read-only %v) saved, this one has %d (%v)",
-			capacity, ro, b.capacity, b.cfg.ReadOnly)
+			s.Capacity, s.ReadOnly, b.capacity, b.cfg.ReadOnly)
 	}
 	return nil
 }

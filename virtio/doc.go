@@ -31,4 +31,12 @@
 // touch guest memory; network backends call the receiver from their own
 // goroutines, which only queue a copy of the frame. See the comment at the
 // top of pci.go for the locking.
+//
+// Files: pci.go is the transport as a PCI function (capabilities, BAR 0
+// dispatch, ioeventfds); common.go its common configuration registers,
+// device status and reset; worker.go the worker, interrupts and breaking
+// on a malformed ring; state.go its part of the machine state, one
+// explicit struct (transportState, with the device type's own part
+// inside) walked once by a devstate.Codec for both save and restore;
+// queue.go the split virtqueue; net.go and blk.go the device types.
 package virtio

@@ -2,7 +2,6 @@ package virtio
 
 import (
 	"bytes"
-	"context"
 	"encoding/binary"
 	"fmt"
 	"log/slog"
@@ -69,7 +68,12 @@ type NetConfig struct {
 }
 
 // Net is a virtio-net PCI function with one receive and one transmit
-// queue. It implements pci.Device, pci.BARMapper and devstate.Stateful.
+// queue. It implements pci.Device, pci.BARMapper and devstate.Stateful
+// (through its transport). Quiesced, frames that arrive wait in the
+// device's bounded queue, outside guest memory; its state does not
+// include frames waiting for guest buffers (to the guest that is a lost
+// packet), and restores onto a device built with the same NetConfig and a
+// backend with the same VnetHdr.
 type Net struct {
 	*transport
 	cfg     NetConfig
@@ -145,30 +149,6 @@ func (n *Net) Close() error {
 	return nil
 }
 
-// Quiesce implements devstate.Stateful. Frames that arrive meanwhile wait
-// in the device's bounded queue, outside guest memory.
-func (n *Net) Quiesce(ctx context.Context) error { return n.quiesce(ctx) }
-
-// SaveState implements devstate.Stateful. Frames waiting for guest
-// buffers are not saved: to the guest that is a lost packet.
-func (n *Net) SaveState() (devstate.State, error) { return n.save(n.cfg.ID) }
-
-// StateID implements devstate.Described.
-func (n *Net) StateID() string { return n.cfg.ID }
-
-// StateKind implements devstate.Described.
-func (n *Net) StateKind() string { return n.dev.kind() }
-
-// RestoreState implements devstate.Stateful, onto a device built with the
-// same NetConfig and a backend with the same VnetHdr.
-func (n *Net) RestoreState(s devstate.State) error { return n.restore(n.cfg.ID, s) }
-
-// Resume implements devstate.Stateful.
-func (n *Net) Resume() error {
-	n.resume()
-	return nil
-}
-
 func (n *Net) kind() string            { return "virtio-net" }
 func (n *Net) deviceType() uint16      { return 1 }
 func (n *Net) class() (uint8, uint8)   { return 0x02, 0x00 }
@@ -241,18 +221,30 @@ func (n *Net) setOffloads(o Offloads) {
 	}
 }
 
-func (n *Net) saveDevice(e *devstate.Encoder) {
-	e.Blob(n.mac[:])
-	e.Bool(n.vnetHdr)
+// netState is virtio-net's own part of the transport state: the
+// configuration restore checks the device against.
+type netState struct {
+	MAC     []byte
+	VnetHdr bool
 }
 
-func (n *Net) restoreDevice(d *devstate.Decoder) error {
-	mac, vh := d.Blob(6), d.Bool()
-	if err := d.Done(); err != nil {
+func (s *netState) walk(c *devstate.Codec) {
+	c.Bytes(&s.MAC, 6)
+	c.Bool(&s.VnetHdr)
+}
+
+func (n *Net) saveDevice() []byte {
+	s := netState{MAC: n.mac[:], VnetHdr: n.vnetHdr}
+	return devstate.Encode(s.walk)
+}
+
+func (n *Net) checkDevice(saved []byte) error {
+	var s netState
+	if err := devstate.Decode(saved, s.walk); err != nil {
 		return err
 	}
-	if !bytes.Equal(mac, n.mac[:]) || vh != n.vnetHdr {
-		return fmt.Errorf("mac %x (vnet header %v) saved, this device has %x (%v)", mac, vh, n.mac, n.vnetHdr)
+	if !bytes.Equal(s.MAC, n.mac[:]) || s.VnetHdr != n.vnetHdr {
+		return fmt.Errorf("mac %x (vnet header %v) saved, this device has %x (%v)", s.MAC, s.VnetHdr, n.mac, n.vnetHdr)
 	}
 	return nil
 }

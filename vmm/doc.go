@@ -3,7 +3,11 @@
 // initramfs), the MP table for SMP, CPUID and MSR setup, the vCPU run loops
 // (one OS thread each), the PIO and MMIO buses, the legacy devices (8250
 // UART, i8042 reset, CMOS RTC, the exit port, the PCI host bridge) and
-// pause/resume of all vCPUs at a consistent point. It owns the KVM VM file
+// pause/resume of all vCPUs at a consistent point, and MachineState, the
+// one description of the machine at a cut: vCPUs, interrupt controllers,
+// clock and every device (the UART, the i8042 and the RTC here, the PCI
+// functions through devstate.Stateful), restored with StartFrom or, not
+// yet running, StartFromPaused (docs/STATE.md). It owns the KVM VM file
 // descriptor and the memory slots: dirty tracking for migration and
 // replication starts here (Machine.TrackDirty, one tracker at a time), and
 // no other package touches the VM fd.

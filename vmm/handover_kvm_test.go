@@ -16,6 +16,8 @@ import (
 // countingDev is a stateful device that counts quiesces and resumes.
 type countingDev struct{ quiesced, resumed atomic.Int32 }
 
+func (d *countingDev) StateID() string               { return "count0" }
+func (d *countingDev) StateKind() string             { return "count" }
 func (d *countingDev) Quiesce(context.Context) error { d.quiesced.Add(1); return nil }
 func (d *countingDev) SaveState() (devstate.State, error) {
 	return devstate.State{ID: "count0", Kind: "count"}, nil
@@ -31,7 +33,7 @@ func (d *countingDev) Resume() error                     { d.resumed.Add(1); ret
 func TestHandOverNeverRunsAgain(t *testing.T) {
 	dev := &countingDev{}
 	m, _ := startTinyWith(t, 2, tinyguest.Counter(counterGPA), func(m *Machine) {
-		require.NoError(t, m.AddStateful("count0", "count", dev))
+		require.NoError(t, m.AddStateful(dev))
 	})
 	require.Eventually(t, func() bool { return readCounter(t, m) > 1000 }, 30*time.Second, time.Millisecond)
 

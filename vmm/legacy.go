@@ -1,8 +1,12 @@
 package vmm
 
 import (
+	"context"
+	"fmt"
 	"sync"
 	"time"
+
+	"govmm/vmm/devstate"
 )
 
 // I8042 is the part of a PS/2 keyboard controller that a guest without
@@ -103,6 +107,64 @@ func (k *I8042) Write(off uint64, data []byte) {
 	}
 }
 
+const (
+	i8042Kind         = "i8042"
+	i8042StateVersion = 1
+	i8042OutMax       = 16 // replies are one byte; a few queued at most
+)
+
+var _ devstate.Stateful = (*I8042)(nil)
+
+// i8042State is the controller's saved state, version 1: the
+// configuration byte, the command waiting for its data byte, and the
+// replies the guest has not read yet.
+type i8042State struct {
+	CTR, Pending uint8
+	Out          []byte
+}
+
+func (s *i8042State) walk(c *devstate.Codec) {
+	c.U8(&s.CTR)
+	c.U8(&s.Pending)
+	c.Bytes(&s.Out, i8042OutMax)
+}
+
+// StateID implements devstate.Stateful.
+func (k *I8042) StateID() string { return k.Name() }
+
+// StateKind implements devstate.Stateful.
+func (k *I8042) StateKind() string { return i8042Kind }
+
+// Quiesce implements devstate.Stateful: only vCPUs touch the controller.
+func (k *I8042) Quiesce(context.Context) error { return nil }
+
+// Resume implements devstate.Stateful.
+func (k *I8042) Resume() error { return nil }
+
+// SaveState implements devstate.Stateful.
+func (k *I8042) SaveState() (devstate.State, error) {
+	k.mu.Lock()
+	s := i8042State{CTR: k.ctr, Pending: k.pending, Out: k.out}
+	data := devstate.Encode(s.walk)
+	k.mu.Unlock()
+	return devstate.State{ID: k.StateID(), Kind: i8042Kind, Version: i8042StateVersion, Data: data}, nil
+}
+
+// RestoreState implements devstate.Stateful.
+func (k *I8042) RestoreState(st devstate.State) error {
+	if st.Kind != i8042Kind || st.Version != i8042StateVersion {
+		return fmt.Errorf("i8042: restore %s version %d: not a %s version %d state", st.Kind, st.Version, i8042Kind, i8042StateVersion)
+	}
+	var s i8042State
+	if err := devstate.Decode(st.Data, s.walk); err != nil {
+		return fmt.Errorf("i8042: restore: %w", err)
+	}
+	k.mu.Lock()
+	k.ctr, k.pending, k.out = s.CTR, s.Pending, s.Out
+	k.mu.Unlock()
+	return nil
+}
+
 // RTC is the CMOS real-time clock (ports 0x70/0x71), reading the host's
 // time in UTC, BCD, 24-hour mode. Writes to the clock are ignored; the
 // rest of CMOS RAM is plain storage.
@@ -191,6 +253,65 @@ func (r *RTC) Write(off uint64, data []byte) {
 			r.ram[r.index] = data[0]
 		}
 	}
+}
+
+const (
+	rtcKind         = "rtc-cmos"
+	rtcStateVersion = 1
+)
+
+var _ devstate.Stateful = (*RTC)(nil)
+
+// rtcState is the CMOS's saved state, version 1: the index register the
+// guest latched with its last write to port 0x70, and the 128 bytes of
+// CMOS RAM (status registers included). The clock itself is the host's
+// time and is not saved.
+type rtcState struct {
+	Index uint8
+	RAM   [128]uint8
+}
+
+func (s *rtcState) walk(c *devstate.Codec) {
+	c.U8(&s.Index)
+	c.Fixed(s.RAM[:])
+	if c.Decoding() && s.Index >= uint8(len(s.RAM)) {
+		c.Fail(fmt.Errorf("cmos index %#x", s.Index))
+	}
+}
+
+// StateID implements devstate.Stateful.
+func (r *RTC) StateID() string { return r.Name() }
+
+// StateKind implements devstate.Stateful.
+func (r *RTC) StateKind() string { return rtcKind }
+
+// Quiesce implements devstate.Stateful: only vCPUs touch the CMOS.
+func (r *RTC) Quiesce(context.Context) error { return nil }
+
+// Resume implements devstate.Stateful.
+func (r *RTC) Resume() error { return nil }
+
+// SaveState implements devstate.Stateful.
+func (r *RTC) SaveState() (devstate.State, error) {
+	r.mu.Lock()
+	s := rtcState{Index: r.index, RAM: r.ram}
+	r.mu.Unlock()
+	return devstate.State{ID: r.StateID(), Kind: rtcKind, Version: rtcStateVersion, Data: devstate.Encode(s.walk)}, nil
+}
+
+// RestoreState implements devstate.Stateful.
+func (r *RTC) RestoreState(st devstate.State) error {
+	if st.Kind != rtcKind || st.Version != rtcStateVersion {
+		return fmt.Errorf("rtc: restore %s version %d: not a %s version %d state", st.Kind, st.Version, rtcKind, rtcStateVersion)
+	}
+	var s rtcState
+	if err := devstate.Decode(st.Data, s.walk); err != nil {
+		return fmt.Errorf("rtc: restore: %w", err)
+	}
+	r.mu.Lock()
+	r.index, r.ram = s.Index, s.RAM
+	r.mu.Unlock()
+	return nil
 }
 
 // ExitPort is govmm's own one-byte device at ExitPortBase: the guest's init

@@ -3,7 +3,6 @@ package vmm
 import (
 	"bufio"
 	"bytes"
-	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -73,9 +72,10 @@ type Machine struct {
 
 	restoring *MachineState // non-nil while StartFrom sets up vCPUs
 
-	pauseMu    sync.Mutex // serialises Pause/Resume; guards paused and handedOver
-	paused     int        // pause holders: Pause increments, Resume decrements
-	handedOver bool       // the guest lives on elsewhere: never run again (HandOver)
+	pauseMu     sync.Mutex // serialises Pause/Resume; guards paused, handedOver and devicesHeld
+	paused      int        // pause holders: Pause increments, Resume decrements
+	handedOver  bool       // the guest lives on elsewhere: never run again (HandOver)
+	devicesHeld bool       // StartFromPaused: devices stay quiesced until the vCPUs run
 
 	stwMu sync.Mutex // one stop-the-world operation at a time (WithPaused)
 
@@ -186,11 +186,22 @@ func (m *Machine) build() error {
 		return fmt.Errorf("create pit: %w", err)
 	}
 
+	return m.addLegacyDevices()
+}
+
+// addLegacyDevices puts the UART, the i8042, the RTC, the exit port and
+// the PCI host bridge on the PIO bus; the first three are part of the
+// machine state.
+func (m *Machine) addLegacyDevices() error {
+	var err error
 	m.uart = NewUART(m.cfg.Console, func(level bool) { _ = m.vm.IRQLine(COM1IRQ, level) })
-	if err := m.AddStateful(m.uart.Name(), uartKind, m.uart); err != nil {
-		return err
-	}
 	i8042 := NewI8042(func() { m.finish(Result{Status: 0, Reason: "reset"}, nil) })
+	rtc := NewRTC(nil)
+	for _, d := range []devstate.Stateful{m.uart, i8042, rtc} {
+		if err := m.AddStateful(d); err != nil {
+			return err
+		}
+	}
 	if m.pci, err = NewPCIBus(m.mmio); err != nil {
 		return err
 	}
@@ -201,7 +212,7 @@ func (m *Machine) build() error {
 		{COM1Base, 8, m.uart},
 		{I8042Base, 1, i8042},
 		{I8042Base + 4, 1, offsetDevice{i8042, 4}},
-		{RTCBase, RTCSize, NewRTC(nil)},
+		{RTCBase, RTCSize, rtc},
 		{ExitPortBase, 1, &ExitPort{exit: func(s int) { m.finish(Result{Status: s, Reason: "exit-port"}, nil) }}},
 		{PCIConfigBase, PCIConfigSize, m.pci},
 	} {
@@ -231,20 +242,23 @@ func addTSCDeadline(cpuid []kvmapi.CPUIDEntry) {
 	}
 }
 
-// statefulDev is a device that is part of every checkpoint.
+// statefulDev is a device that is part of every checkpoint, with the ID
+// and kind it gave when it was added.
 type statefulDev struct {
 	devstate.Stateful
 	id, kind string
 }
 
-// AddStateful makes a device part of the machine state under id and kind.
-func (m *Machine) AddStateful(id, kind string, d devstate.Stateful) error {
+// AddStateful makes a device part of the machine state, under the ID and
+// kind it names itself with.
+func (m *Machine) AddStateful(d devstate.Stateful) error {
+	id := d.StateID()
 	for _, e := range m.stateful {
 		if e.id == id {
 			return fmt.Errorf("device id %q used twice", id)
 		}
 	}
-	m.stateful = append(m.stateful, statefulDev{d, id, kind})
+	m.stateful = append(m.stateful, statefulDev{d, id, d.StateKind()})
 	return nil
 }
 
@@ -289,11 +303,7 @@ func (m *Machine) MMIOBus() *Bus { return m.mmio }
 // part of the machine state. Call before Start.
 func (m *Machine) AddPCIDevice(dev pci.Device) error {
 	if s, ok := dev.(devstate.Stateful); ok {
-		d, ok := dev.(devstate.Described)
-		if !ok {
-			return fmt.Errorf("pci device %s has state but no state ID", dev.Name())
-		}
-		if err := m.AddStateful(d.StateID(), d.StateKind(), s); err != nil {
+		if err := m.AddStateful(s); err != nil {
 			return err
 		}
 	}
@@ -377,7 +387,7 @@ func (m *Machine) Start() error {
 	if err := m.load(); err != nil {
 		return err
 	}
-	return m.start(nil)
+	return m.start(nil, false)
 }
 
 // StartFrom resumes a saved machine: guest memory must already hold the
@@ -389,13 +399,25 @@ func (m *Machine) StartFrom(st *MachineState) error {
 	if err := m.checkState(st); err != nil {
 		return err
 	}
-	if err := m.start(st); err != nil {
-		return err
-	}
-	return nil
+	return m.start(st, false)
 }
 
-func (m *Machine) start(st *MachineState) error {
+// StartFromPaused is StartFrom for a machine that does not run yet: it
+// comes up exactly at the saved cut, every vCPU paused before its first
+// guest instruction (one pause held, which Resume releases) and every
+// device quiesced until then, so that nothing changes guest memory or
+// device state meanwhile. A snapshot taken now equals the one restored,
+// except for the clocks, which run on in KVM.
+func (m *Machine) StartFromPaused(st *MachineState) error {
+	if err := m.checkState(st); err != nil {
+		return err
+	}
+	return m.start(st, true)
+}
+
+// start sets up every vCPU, restores st (when not nil) and lets the vCPUs
+// go; paused makes each of them pause before entering the guest.
+func (m *Machine) start(st *MachineState, paused bool) error {
 	m.restoring = st
 	setup := make(chan error, m.cfg.CPUs)
 	for id := 0; id < m.cfg.CPUs; id++ {
@@ -416,8 +438,8 @@ func (m *Machine) start(st *MachineState) error {
 	if firstErr == nil && st != nil {
 		if err := m.restoreMachineLevel(st); err != nil {
 			firstErr = err
-		} else if err := m.ResumeDevices(); err != nil {
-			firstErr = err
+		} else if !paused {
+			firstErr = m.ResumeDevices()
 		}
 	}
 	if firstErr != nil {
@@ -426,8 +448,11 @@ func (m *Machine) start(st *MachineState) error {
 		m.wg.Wait()
 		return firstErr
 	}
-	close(release)
-	return nil
+	if !paused {
+		close(release)
+		return nil
+	}
+	return m.releasePaused(release)
 }
 
 // Wait blocks until the machine stops and says why. The error is non-nil
@@ -481,127 +506,6 @@ func (m *Machine) Close() error {
 	}
 	if m.sys != nil {
 		errs = append(errs, m.sys.Close())
-	}
-	return errors.Join(errs...)
-}
-
-// ErrStopped is returned by Pause and Resume on a machine that has stopped.
-var ErrStopped = errors.New("machine stopped")
-
-// Pause stops every vCPU at a consistent point: each has left KVM_RUN
-// with its pending PIO/MMIO completed. It returns when all are paused.
-// Pauses nest: the machine runs again after as many Resumes.
-func (m *Machine) Pause() error {
-	m.pauseMu.Lock()
-	defer m.pauseMu.Unlock()
-	if m.paused == 0 {
-		if err := m.broadcast(reqPause, nil); err != nil {
-			return err
-		}
-	}
-	m.paused++
-	return nil
-}
-
-// Resume undoes one Pause; the vCPUs run again when no pause is held.
-// After HandOver it refuses with ErrHandedOver.
-func (m *Machine) Resume() error {
-	m.pauseMu.Lock()
-	defer m.pauseMu.Unlock()
-	if m.handedOver {
-		return ErrHandedOver
-	}
-	if m.paused == 0 {
-		return nil
-	}
-	if m.paused == 1 {
-		if err := m.broadcast(reqResume, nil); err != nil {
-			return err
-		}
-	}
-	m.paused--
-	return nil
-}
-
-// ErrHandedOver is returned by Resume and ResumeDevices on a machine that
-// handed its guest over to another host (HandOver).
-var ErrHandedOver = errors.New("machine handed its guest over (migrated away): it never runs again")
-
-// HandOver records that the guest now lives on elsewhere (a migration's
-// destination acknowledged the final checkpoint): from here on this
-// machine's vCPUs never run and its devices stay quiesced, so it sends no
-// frame, executes no disk write and writes no guest memory again, even
-// while the destination already runs the guest. Only Stop and Close
-// remain. Call it from inside WithPaused, at the cut; the machine must be
-// paused (ErrNotPaused otherwise).
-func (m *Machine) HandOver() error {
-	m.pauseMu.Lock()
-	defer m.pauseMu.Unlock()
-	if m.paused == 0 {
-		return ErrNotPaused
-	}
-	m.handedOver = true
-	return nil
-}
-
-// HandedOver reports whether HandOver was called.
-func (m *Machine) HandedOver() bool {
-	m.pauseMu.Lock()
-	defer m.pauseMu.Unlock()
-	return m.handedOver
-}
-
-// WithPaused runs fn at a consistent cut: every vCPU paused and every
-// device quiesced. Such operations (a checkpoint, a snapshot) never
-// interleave. Afterwards the devices and vCPUs go on, unless fn stopped
-// the machine, handed it over, or another pause is held.
-func (m *Machine) WithPaused(ctx context.Context, fn func() error) error {
-	m.stwMu.Lock()
-	defer m.stwMu.Unlock()
-	if err := m.Pause(); err != nil {
-		return err
-	}
-	defer m.Resume()
-	if err := m.QuiesceDevices(ctx); err != nil {
-		return err
-	}
-	defer m.ResumeDevices()
-	return fn()
-}
-
-// OnVCPUs runs fn on every vCPU's own thread while the machine is paused
-// (to save or restore its state) and returns the first error.
-func (m *Machine) OnVCPUs(fn func(id int, fd *kvmapi.VCPU) error) error {
-	m.pauseMu.Lock()
-	defer m.pauseMu.Unlock()
-	if m.paused == 0 {
-		return ErrNotPaused
-	}
-	return m.broadcast(reqDo, fn)
-}
-
-// ErrNotPaused is returned for operations that need a paused machine.
-var ErrNotPaused = errors.New("machine not paused")
-
-func (m *Machine) broadcast(kind reqKind, fn func(int, *kvmapi.VCPU) error) error {
-	replies := make([]chan error, len(m.vcpus))
-	for i, c := range m.vcpus {
-		replies[i] = make(chan error, 1)
-		select {
-		case c.reqs <- vcpuReq{kind: kind, fn: fn, reply: replies[i]}:
-		case <-m.done:
-			return ErrStopped
-		}
-		c.kick()
-	}
-	var errs []error
-	for _, r := range replies {
-		select {
-		case err := <-r:
-			errs = append(errs, err)
-		case <-m.done:
-			return ErrStopped
-		}
 	}
 	return errors.Join(errs...)
 }

@@ -346,11 +346,22 @@ func (m *Machine) QuiesceDevices(ctx context.Context) error {
 }
 
 // ResumeDevices lets quiesced devices go on. After HandOver it refuses
-// with ErrHandedOver and the devices stay quiesced.
+// with ErrHandedOver and the devices stay quiesced; after StartFromPaused
+// they stay quiesced until Resume lets the vCPUs run.
 func (m *Machine) ResumeDevices() error {
-	if m.HandedOver() {
+	m.pauseMu.Lock()
+	handedOver, held := m.handedOver, m.devicesHeld
+	m.pauseMu.Unlock()
+	if handedOver {
 		return ErrHandedOver
 	}
+	if held {
+		return nil // StartFromPaused: the vCPUs' Resume lets them go
+	}
+	return m.resumeDevices()
+}
+
+func (m *Machine) resumeDevices() error {
 	var errs []error
 	for _, d := range m.stateful {
 		if err := d.Resume(); err != nil {
@@ -366,14 +377,19 @@ func (m *Machine) ResumeDevices() error {
 // devstate.Encoder.
 const (
 	stateMagic = "GOVMMSTA"
-	// StateVersion is the current format version. Readers accept it and
-	// StateVersion-1. Version 2 added the TSC rate and each vCPU's CPUID.
-	StateVersion   = 2
+	// StateVersion is the current format version. Readers accept every
+	// version from 1 on. Version 2 added the TSC rate and each vCPU's
+	// CPUID; version 3 added the i8042 and the RTC to the devices (same
+	// layout: a state before it has neither, and reads as holding them at
+	// power-on, which is how such a state always restored them).
+	StateVersion   = 3
 	stateHeaderLen = 24
 	// MaxStateSize caps a decoded state before anything is allocated.
 	MaxStateSize = 64 << 20
 	maxMSRCount  = 1024
 	maxCPUIDs    = 256 // entries per vCPU (KVM's own limit is 256)
+	maxDevices   = 256
+	maxXsave     = 1 << 20
 )
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
@@ -386,65 +402,70 @@ var (
 	ErrStateTooLarge = errors.New("machine state too large")
 )
 
-// abiDecode reads one kernel ABI struct written by MarshalBinary.
-func abiDecode[T any](d *devstate.Decoder, v *T) {
-	dst := abiView(v)
-	b := d.Blob(len(dst))
-	if d.Err() != nil {
+// walk encodes or decodes the body of a state of the given format
+// version: one list of fields for MarshalBinary and UnmarshalBinary.
+// Kernel structs go as they are in memory (abiView), padding included.
+func (s *MachineState) walk(c *devstate.Codec, version int) {
+	c.U64(&s.Memory.MemSize)
+	cpus := uint32(s.Memory.CPUs)
+	c.U32(&cpus)
+	s.Memory.CPUs = int(cpus)
+	devstate.Slice32(c, &s.VCPUs, MaxCPUs, "vcpus")
+	if c.Decoding() && len(s.VCPUs) == 0 {
+		c.Fail(errors.New("machine state: no vcpus"))
+	}
+	for i := range s.VCPUs {
+		s.VCPUs[i].walk(c)
+	}
+	c.Exact(abiView(&s.IRQChip.PICMaster))
+	c.Exact(abiView(&s.IRQChip.PICSlave))
+	c.Exact(abiView(&s.IRQChip.IOAPIC))
+	c.Exact(abiView(&s.IRQChip.PIT))
+	c.Exact(abiView(&s.Clock))
+	devstate.Slice32(c, &s.Devices, maxDevices, "devices")
+	for i := range s.Devices {
+		d := &s.Devices[i]
+		c.String(&d.ID, 256)
+		c.String(&d.Kind, 256)
+		c.U16(&d.Version)
+		c.Bytes(&d.Data, MaxStateSize)
+	}
+	if version < 2 {
 		return
 	}
-	if len(b) != len(dst) {
-		d.Fail(fmt.Errorf("%T: %d bytes, want %d", *v, len(b), len(dst)))
-		return
+	c.U32(&s.TSCKHz)
+	for i := range s.VCPUs {
+		devstate.Slice32(c, &s.VCPUs[i].CPUID, maxCPUIDs, "cpuid entries")
+		for j := range s.VCPUs[i].CPUID {
+			e := &s.VCPUs[i].CPUID[j]
+			for _, p := range [...]*uint32{&e.Function, &e.Index, &e.Flags, &e.EAX, &e.EBX, &e.ECX, &e.EDX} {
+				c.U32(p)
+			}
+		}
 	}
-	copy(dst, b)
+}
+
+// walk is one vCPU's kernel state, in the order of the format (the CPUID
+// comes after all vCPUs, since version 2).
+func (v *VCPUState) walk(c *devstate.Codec) {
+	c.Exact(abiView(&v.MPState))
+	c.Exact(abiView(&v.Regs))
+	c.Exact(abiView(&v.Sregs))
+	c.Exact(abiView(&v.XCRs))
+	c.Bytes(&v.Xsave, maxXsave)
+	c.Exact(abiView(&v.LAPIC))
+	devstate.Slice32(c, &v.MSRs, maxMSRCount, "msrs")
+	for i := range v.MSRs {
+		c.U32(&v.MSRs[i].Index)
+		c.U64(&v.MSRs[i].Data)
+	}
+	c.Exact(abiView(&v.DebugRegs))
+	c.Exact(abiView(&v.Events))
 }
 
 // MarshalBinary encodes the state with header and checksum.
 func (s *MachineState) MarshalBinary() ([]byte, error) {
-	var e devstate.Encoder
-	e.U64(s.Memory.MemSize)
-	e.U32(uint32(s.Memory.CPUs))
-	e.U32(uint32(len(s.VCPUs)))
-	for i := range s.VCPUs {
-		v := &s.VCPUs[i]
-		e.Blob(abiView(&v.MPState))
-		e.Blob(abiView(&v.Regs))
-		e.Blob(abiView(&v.Sregs))
-		e.Blob(abiView(&v.XCRs))
-		e.Blob(v.Xsave)
-		e.Blob(abiView(&v.LAPIC))
-		e.U32(uint32(len(v.MSRs)))
-		for _, m := range v.MSRs {
-			e.U32(m.Index)
-			e.U64(m.Data)
-		}
-		e.Blob(abiView(&v.DebugRegs))
-		e.Blob(abiView(&v.Events))
-	}
-	e.Blob(abiView(&s.IRQChip.PICMaster))
-	e.Blob(abiView(&s.IRQChip.PICSlave))
-	e.Blob(abiView(&s.IRQChip.IOAPIC))
-	e.Blob(abiView(&s.IRQChip.PIT))
-	e.Blob(abiView(&s.Clock))
-	e.U32(uint32(len(s.Devices)))
-	for _, d := range s.Devices {
-		e.String(d.ID)
-		e.String(d.Kind)
-		e.U16(d.Version)
-		e.Blob(d.Data)
-	}
-	// Version 2.
-	e.U32(s.TSCKHz)
-	for i := range s.VCPUs {
-		e.U32(uint32(len(s.VCPUs[i].CPUID)))
-		for _, c := range s.VCPUs[i].CPUID {
-			for _, v := range [...]uint32{c.Function, c.Index, c.Flags, c.EAX, c.EBX, c.ECX, c.EDX} {
-				e.U32(v)
-			}
-		}
-	}
-	body := e.Bytes()
+	body := devstate.Encode(func(c *devstate.Codec) { s.walk(c, StateVersion) })
 	if len(body) > MaxStateSize {
 		return nil, fmt.Errorf("%w: %d bytes", ErrStateTooLarge, len(body))
 	}
@@ -466,8 +487,8 @@ func (s *MachineState) UnmarshalBinary(data []byte) error {
 		return ErrStateMagic
 	}
 	version := binary.LittleEndian.Uint16(data[8:])
-	if version != StateVersion && version != StateVersion-1 {
-		return fmt.Errorf("%w: version %d, this govmm reads %d and %d", ErrStateVersion, version, StateVersion-1, StateVersion)
+	if version < 1 || version > StateVersion {
+		return fmt.Errorf("%w: version %d, this govmm reads 1 to %d", ErrStateVersion, version, StateVersion)
 	}
 	n := binary.LittleEndian.Uint64(data[12:])
 	if n > MaxStateSize {
@@ -480,70 +501,30 @@ func (s *MachineState) UnmarshalBinary(data []byte) error {
 	if crc32.Checksum(body, castagnoli) != binary.LittleEndian.Uint32(data[20:]) {
 		return ErrStateChecksum
 	}
-	d := devstate.NewDecoder(body)
 	var out MachineState
-	out.Memory.MemSize = d.U64()
-	out.Memory.CPUs = int(d.U32())
-	nv := d.U32()
-	if d.Err() == nil && (nv == 0 || nv > MaxCPUs) {
-		return fmt.Errorf("machine state: %d vcpus out of range", nv)
-	}
-	for i := uint32(0); i < nv && d.Err() == nil; i++ {
-		var v VCPUState
-		abiDecode(d, &v.MPState)
-		abiDecode(d, &v.Regs)
-		abiDecode(d, &v.Sregs)
-		abiDecode(d, &v.XCRs)
-		v.Xsave = append([]byte(nil), d.Blob(1<<20)...)
-		abiDecode(d, &v.LAPIC)
-		nm := d.U32()
-		if nm > maxMSRCount {
-			return fmt.Errorf("machine state: vcpu %d has %d msrs, at most %d", i, nm, maxMSRCount)
-		}
-		for j := uint32(0); j < nm && d.Err() == nil; j++ {
-			v.MSRs = append(v.MSRs, kvmapi.MSREntry{Index: d.U32(), Data: d.U64()})
-		}
-		abiDecode(d, &v.DebugRegs)
-		abiDecode(d, &v.Events)
-		out.VCPUs = append(out.VCPUs, v)
-	}
-	abiDecode(d, &out.IRQChip.PICMaster)
-	abiDecode(d, &out.IRQChip.PICSlave)
-	abiDecode(d, &out.IRQChip.IOAPIC)
-	abiDecode(d, &out.IRQChip.PIT)
-	abiDecode(d, &out.Clock)
-	nd := d.U32()
-	if d.Err() == nil && nd > 256 {
-		return fmt.Errorf("machine state: %d devices, at most 256", nd)
-	}
-	for i := uint32(0); i < nd && d.Err() == nil; i++ {
-		var ds devstate.State
-		ds.ID = d.String(256)
-		ds.Kind = d.String(256)
-		ds.Version = d.U16()
-		ds.Data = append([]byte(nil), d.Blob(MaxStateSize)...)
-		out.Devices = append(out.Devices, ds)
-	}
-	if version >= 2 {
-		out.TSCKHz = d.U32()
-		for i := range out.VCPUs {
-			n := d.U32()
-			if n > maxCPUIDs {
-				return fmt.Errorf("machine state: vcpu %d has %d cpuid entries, at most %d", i, n, maxCPUIDs)
-			}
-			for j := uint32(0); j < n && d.Err() == nil; j++ {
-				var c kvmapi.CPUIDEntry
-				c.Function, c.Index, c.Flags = d.U32(), d.U32(), d.U32()
-				c.EAX, c.EBX, c.ECX, c.EDX = d.U32(), d.U32(), d.U32(), d.U32()
-				out.VCPUs[i].CPUID = append(out.VCPUs[i].CPUID, c)
-			}
-		}
-	}
-	if err := d.Done(); err != nil {
+	if err := devstate.Decode(body, func(c *devstate.Codec) { out.walk(c, int(version)) }); err != nil {
 		return fmt.Errorf("machine state: %w", err)
+	}
+	if version < 3 {
+		out.Devices = append(out.Devices, powerOnLegacy()...)
+		sort.Slice(out.Devices, func(i, j int) bool { return out.Devices[i].ID < out.Devices[j].ID })
 	}
 	*s = out
 	return nil
+}
+
+// powerOnLegacy is the state of the legacy devices that states before
+// version 3 left out, as a new machine has them.
+func powerOnLegacy() []devstate.State {
+	var out []devstate.State
+	for _, d := range []devstate.Stateful{NewI8042(nil), NewRTC(nil)} {
+		s, err := d.SaveState()
+		if err != nil {
+			panic(fmt.Sprintf("power-on state of %s: %v", d.StateID(), err)) // never fails
+		}
+		out = append(out, s)
+	}
+	return out
 }
 
 // Devices lists the stateful devices as "kind id".

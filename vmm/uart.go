@@ -271,6 +271,30 @@ const (
 
 var _ devstate.Stateful = (*UART)(nil)
 
+// uartState is the UART's saved state, version 1.
+type uartState struct {
+	IER, LCR, MCR, SCR, DLL, DLM uint8
+	FIFO, THRPending             bool
+	Line                         bool // the interrupt line's level
+	RX                           []byte
+}
+
+func (s *uartState) walk(c *devstate.Codec) {
+	for _, r := range []*uint8{&s.IER, &s.LCR, &s.MCR, &s.SCR, &s.DLL, &s.DLM} {
+		c.U8(r)
+	}
+	c.Bool(&s.FIFO)
+	c.Bool(&s.THRPending)
+	c.Bool(&s.Line)
+	c.Bytes(&s.RX, uartRxMax)
+}
+
+// StateID implements devstate.Stateful.
+func (u *UART) StateID() string { return u.Name() }
+
+// StateKind implements devstate.Stateful.
+func (u *UART) StateKind() string { return uartKind }
+
 // Quiesce implements devstate.Stateful: the UART never has a request in
 // flight, and input arriving while quiesced waits in rx like any other.
 func (u *UART) Quiesce(ctx context.Context) error { return nil }
@@ -281,40 +305,29 @@ func (u *UART) Resume() error { return nil }
 // SaveState implements devstate.Stateful.
 func (u *UART) SaveState() (devstate.State, error) {
 	u.mu.Lock()
-	defer u.mu.Unlock()
-	var e devstate.Encoder
-	for _, r := range []uint8{u.ier, u.lcr, u.mcr, u.scr, u.dll, u.dlm} {
-		e.U8(r)
-	}
-	e.Bool(u.fifo)
-	e.Bool(u.thrPending)
-	e.Bool(u.line)
-	e.Blob(u.rx)
-	return devstate.State{ID: u.Name(), Kind: uartKind, Version: uartStateVersion, Data: e.Bytes()}, nil
+	s := uartState{IER: u.ier, LCR: u.lcr, MCR: u.mcr, SCR: u.scr, DLL: u.dll, DLM: u.dlm,
+		FIFO: u.fifo, THRPending: u.thrPending, Line: u.line, RX: u.rx}
+	data := devstate.Encode(s.walk)
+	u.mu.Unlock()
+	return devstate.State{ID: u.StateID(), Kind: uartKind, Version: uartStateVersion, Data: data}, nil
 }
 
 // RestoreState implements devstate.Stateful.
-func (u *UART) RestoreState(s devstate.State) error {
-	if s.Kind != uartKind || s.Version != uartStateVersion {
-		return fmt.Errorf("uart: restore %s version %d: not a %s version %d state", s.Kind, s.Version, uartKind, uartStateVersion)
+func (u *UART) RestoreState(st devstate.State) error {
+	if st.Kind != uartKind || st.Version != uartStateVersion {
+		return fmt.Errorf("uart: restore %s version %d: not a %s version %d state", st.Kind, st.Version, uartKind, uartStateVersion)
 	}
-	d := devstate.NewDecoder(s.Data)
-	regs := make([]uint8, 6)
-	for i := range regs {
-		regs[i] = d.U8()
-	}
-	fifo, thr, line := d.Bool(), d.Bool(), d.Bool()
-	rx := d.Blob(uartRxMax)
-	if err := d.Done(); err != nil {
+	var s uartState
+	if err := devstate.Decode(st.Data, s.walk); err != nil {
 		return fmt.Errorf("uart: restore: %w", err)
 	}
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	u.ier, u.lcr, u.mcr, u.scr, u.dll, u.dlm = regs[0], regs[1], regs[2], regs[3], regs[4], regs[5]
-	u.fifo, u.thrPending = fifo, thr
-	u.rx = append([]byte(nil), rx...)
+	u.ier, u.lcr, u.mcr, u.scr, u.dll, u.dlm = s.IER, s.LCR, s.MCR, s.SCR, s.DLL, s.DLM
+	u.fifo, u.thrPending = s.FIFO, s.THRPending
+	u.rx = s.RX
 	// The interrupt line lives in the restored IOAPIC/PIC; drive ours to
 	// the same level so the next change is an edge.
-	u.line = line
+	u.line = s.Line
 	return nil
 }

@@ -174,7 +174,7 @@ func TestWitnessFencesStoppedPrimary(t *testing.T) {
 	require.NotEqual(t, 0, status)
 	require.Contains(t, errOut, "fenced")
 	c1 := fw.counterAt(t, fw.primary, "f1.snap")
-	time.Sleep(200 * time.Millisecond)
+	time.Sleep(200 * time.Millisecond) // the scenario: time passes, and the fenced guest must not move
 	require.Equal(t, c1, fw.counterAt(t, fw.primary, "f2.snap"), "a fenced primary's guest does not run")
 	require.Greater(t, fw.counterAt(t, fw.standby, "s.snap"), c1, "the guest runs on at the standby")
 
@@ -201,7 +201,7 @@ func TestWitnessDownNoTakeoverUntilItReturns(t *testing.T) {
 	require.NoError(t, syscall.Kill(-fw.primary.cmd.Process.Pid, syscall.SIGKILL))
 	out := fw.standby.infoHas(t, 30*time.Second, "claiming", "failover impossible for now")
 	t.Logf("standby, primary dead, witness down:\n%s", out)
-	time.Sleep(3 * time.Second)
+	time.Sleep(3 * time.Second) // the scenario: well past the failover timeout, and still no takeover
 	out, _, _ = fw.standby.ctl(t, "info")
 	require.Contains(t, out, "standing by", "no takeover without the witness")
 	require.Contains(t, fw.standby.log.String(), "FAILOVER IMPOSSIBLE")

@@ -203,3 +203,57 @@ func linkTree(t *testing.T, src, dst string) {
 		return os.WriteFile(target, b, 0o644)
 	}))
 }
+
+// A flag that a command would ignore is refused, and says why; it stays
+// out of that command's help.
+func TestFlagsThatDoNotApplyAreRefused(t *testing.T) {
+	snap := filepath.Join(t.TempDir(), "vm.snap") // never read: the flags are refused first
+	cases := []struct {
+		args []string
+		msg  string
+	}{
+		{[]string{"restore", "--guest-ip", "10.0.0.2/24", snap}, "the snapshot holds the guest's kernel, memory, vCPUs and network settings"},
+		{[]string{"restore", "--guest-gw", "10.0.0.1", snap}, "does not apply to restore"},
+		{[]string{"restore", "--mem", "1G", snap}, "does not apply to restore"},
+		{[]string{"restore", "--replicate-to", "127.0.0.1:7000", snap}, "'govmm ctl replicate --to HOST:PORT' once it runs"},
+		{[]string{"restore", "--epoch", "50ms", snap}, "does not apply to restore"},
+		{[]string{"restore", "--witness", "127.0.0.1:7001", snap}, "does not apply to restore"},
+		{[]string{"standby", "--listen", "127.0.0.1:0", "--guest-gw", "10.0.0.1"}, "come from the primary"},
+		{[]string{"standby", "--listen", "127.0.0.1:0", "--kernel", "/boot/vmlinuz"}, "does not apply to standby"},
+	}
+	for _, c := range cases {
+		t.Run(strings.Join(c.args, " "), func(t *testing.T) {
+			_, errOut, status := govmm(t, time.Minute, c.args...)
+			require.Equal(t, 2, status, errOut)
+			require.Contains(t, errOut, c.msg)
+			require.NotContains(t, errOut, "panic")
+		})
+	}
+	for cmd, refused := range map[string][]string{
+		"restore": {"guest-ip", "guest-gw", "replicate-to", "epoch", "witness", "mem", "cpus", "kernel"},
+		"standby": {"guest-gw", "kernel", "mem"},
+	} {
+		out, errOut, status := govmm(t, time.Minute, "help", cmd)
+		require.Equal(t, 0, status)
+		for _, name := range refused {
+			require.NotContains(t, out+errOut, "-"+name+" ", "govmm help %s", cmd)
+		}
+	}
+	// Flags that what a command was asked to do would ignore.
+	for _, c := range []struct {
+		args []string
+		msg  string
+	}{
+		{[]string{"witness", "--state", t.TempDir(), "--list", "--listen", "127.0.0.1:7100"}, "witness: --listen does not apply with --list"},
+		{[]string{"bench", "--out", t.TempDir(), "--mem", "512", "checkpoint"}, "bench: --mem does not apply without the boot suite"},
+	} {
+		_, errOut, status := govmm(t, time.Minute, c.args...)
+		require.Equal(t, 1, status, errOut)
+		require.Contains(t, errOut, c.msg)
+	}
+	// What run and standby take, their help shows.
+	out, errOut, _ := govmm(t, time.Minute, "help", "run")
+	require.Contains(t, out+errOut, "-guest-gw")
+	out, errOut, _ = govmm(t, time.Minute, "help", "standby")
+	require.Contains(t, out+errOut, "-guest-ip")
+}

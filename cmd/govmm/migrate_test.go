@@ -38,7 +38,7 @@ func TestCtlMigrate(t *testing.T) {
 	port := freePort(t)
 	stranger := filepath.Join(dir, "stranger.sock")
 	startVM(t, "standby", "--listen", fmt.Sprintf("127.0.0.1:%d", port), "--net", "none", "--key-file", otherKey, "--api-sock", stranger)
-	time.Sleep(200 * time.Millisecond)
+	waitStandingBy(t, stranger)
 	_, errOut, status := ctl(src, "migrate", "--to", fmt.Sprintf("127.0.0.1:%d", port))
 	require.NotEqual(t, 0, status)
 	require.Contains(t, errOut, "auth")
@@ -53,7 +53,7 @@ func TestCtlMigrate(t *testing.T) {
 	port = freePort(t)
 	dst := filepath.Join(dir, "dst.sock")
 	startVM(t, "standby", "--listen", fmt.Sprintf("127.0.0.1:%d", port), "--net", "none", "--key-file", key, "--api-sock", dst)
-	time.Sleep(200 * time.Millisecond)
+	waitStandingBy(t, dst)
 	out, errOut, status := ctl(src, "migrate", "--to", fmt.Sprintf("127.0.0.1:%d", port))
 	require.Equal(t, 0, status, errOut)
 	require.Contains(t, out, "downtime")
@@ -71,8 +71,9 @@ func TestCtlMigrate(t *testing.T) {
 
 	waitGuestHere(t, dst)
 	after := filepath.Join(dir, "after.snap")
-	time.Sleep(100 * time.Millisecond)
-	_, errOut, status = ctl(dst, "snapshot", "--out", after)
-	require.Equal(t, 0, status, errOut)
-	require.Greater(t, snapshotCounter(t, after), c0, "the guest runs on at the destination")
+	require.Eventually(t, func() bool {
+		_, errOut, status := ctl(dst, "snapshot", "--out", after)
+		require.Equal(t, 0, status, errOut)
+		return snapshotCounter(t, after) > c0
+	}, 30*time.Second, 20*time.Millisecond, "the guest runs on at the destination")
 }

@@ -38,7 +38,7 @@ func TestReplicateAndFailover(t *testing.T) {
 	sb.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	require.NoError(t, sb.Start())
 	t.Cleanup(func() { _ = syscall.Kill(-sb.Process.Pid, syscall.SIGKILL); _ = sb.Wait() })
-	time.Sleep(200 * time.Millisecond)
+	waitStandingBy(t, sbSock)
 
 	pSock := filepath.Join(dir, "primary.sock")
 	prim := startVM(t, "run", "--kernel", kernel, "--initrd", initrd, "--mem", "64M", "--net", "none",
@@ -56,7 +56,7 @@ func TestReplicateAndFailover(t *testing.T) {
 	_, errOut, status := ctl(pSock, "snapshot", "--out", before)
 	require.Equal(t, 0, status, errOut)
 	c0 := snapshotCounter(t, before)
-	time.Sleep(300 * time.Millisecond) // more checkpoints commit after the snapshot
+	waitAckedPast(t, pSock) // the standby holds a checkpoint from after the snapshot
 
 	killed := time.Now()
 	require.NoError(t, syscall.Kill(-prim.Process.Pid, syscall.SIGKILL))
@@ -84,7 +84,8 @@ func TestReprotectAndFailOverAgain(t *testing.T) {
 
 	startVM(t, "standby", "--listen", addrC, "--net", "none", "--api-sock", sockC)
 	b := startVM(t, "standby", "--listen", addrB, "--net", "none", "--api-sock", sockB, "--replicate-to", addrC, "--epoch", "20ms")
-	time.Sleep(200 * time.Millisecond)
+	waitStandingBy(t, sockC)
+	waitStandingBy(t, sockB)
 	a := startVM(t, "run", "--kernel", kernel, "--initrd", initrd, "--mem", "64M", "--net", "none",
 		"--api-sock", sockA, "--replicate-to", addrB, "--epoch", "20ms")
 	waitSocket(t, sockA)
@@ -96,7 +97,7 @@ func TestReprotectAndFailOverAgain(t *testing.T) {
 	_, errOut, status := ctl(sockA, "snapshot", "--out", snap)
 	require.Equal(t, 0, status, errOut)
 	c0 := snapshotCounter(t, snap)
-	time.Sleep(200 * time.Millisecond)
+	waitAckedPast(t, sockA)
 
 	require.NoError(t, syscall.Kill(-a.Process.Pid, syscall.SIGKILL))
 	waitGuestHere(t, sockB)
@@ -109,7 +110,7 @@ func TestReprotectAndFailOverAgain(t *testing.T) {
 	require.Equal(t, 0, status, errOut)
 	c1 := snapshotCounter(t, snapB)
 	require.Greater(t, c1, c0)
-	time.Sleep(200 * time.Millisecond)
+	waitAckedPast(t, sockB)
 
 	require.NoError(t, syscall.Kill(-b.Process.Pid, syscall.SIGKILL))
 	waitGuestHere(t, sockC)
@@ -135,8 +136,9 @@ func TestCtlReplicateStandbyLoss(t *testing.T) {
 	require.NotContains(t, out, "protected")
 
 	addr1 := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	sb1 := startVM(t, "standby", "--listen", addr1, "--net", "none")
-	time.Sleep(200 * time.Millisecond)
+	sb1Sock := filepath.Join(dir, "s1.sock")
+	sb1 := startVM(t, "standby", "--listen", addr1, "--net", "none", "--api-sock", sb1Sock)
+	waitStandingBy(t, sb1Sock)
 	out, errOut, status := ctl(sock, "replicate", "--to", addr1)
 	require.Equal(t, 0, status, errOut)
 	require.Contains(t, out, "protected by")
@@ -157,20 +159,23 @@ func TestCtlReplicateStandbyLoss(t *testing.T) {
 	s1, s2 := filepath.Join(dir, "1.snap"), filepath.Join(dir, "2.snap")
 	_, errOut, status = ctl(sock, "snapshot", "--out", s1)
 	require.Equal(t, 0, status, errOut)
-	time.Sleep(50 * time.Millisecond)
-	_, errOut, status = ctl(sock, "snapshot", "--out", s2)
-	require.Equal(t, 0, status, errOut)
-	require.Greater(t, snapshotCounter(t, s2), snapshotCounter(t, s1), "the guest keeps running")
+	c1 := snapshotCounter(t, s1)
+	require.Eventually(t, func() bool {
+		_, errOut, status := ctl(sock, "snapshot", "--out", s2)
+		require.Equal(t, 0, status, errOut)
+		return snapshotCounter(t, s2) > c1
+	}, 30*time.Second, 20*time.Millisecond, "the guest keeps running")
 
 	// Protected again by a new standby, then replication stopped: that
 	// standby discards its replica and exits without running the guest.
 	addr2 := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	sb2 := exec.Command(govmmBin, "standby", "--listen", addr2, "--net", "none")
+	sb2Sock := filepath.Join(dir, "s2.sock")
+	sb2 := exec.Command(govmmBin, "standby", "--listen", addr2, "--net", "none", "--api-sock", sb2Sock)
 	var sb2Err logBuffer
 	sb2.Stderr = &sb2Err
 	require.NoError(t, sb2.Start())
 	t.Cleanup(func() { _ = sb2.Process.Kill(); _ = sb2.Wait() })
-	time.Sleep(200 * time.Millisecond)
+	waitStandingBy(t, sb2Sock)
 	_, errOut, status = ctl(sock, "replicate", "--to", addr2)
 	require.Equal(t, 0, status, errOut)
 	_, errOut, status = ctl(sock, "unreplicate")

@@ -13,7 +13,9 @@ Resumes a VM from a snapshot written by 'govmm ctl snapshot --out FILE'.
 Memory size and vCPU count come from the snapshot; give the same devices
 as the VM had (--disk, --net, --mac), which the snapshot's devices are
 matched against. The guest carries on where it was: processes, timers
-and the console.
+and the console. With --paused it comes up at the snapshot's instant
+without running: 'govmm ctl resume' lets it go ('ctl snapshot' meanwhile
+writes the same machine again).
 
 Flags:
 `
@@ -22,6 +24,11 @@ func cmdRestore(args []string) error {
 	var f runFlags
 	fs := newFlagSet("restore", restoreUsage)
 	f.registerDevices(fs)
+	fs.BoolVar(&f.startPaused, "paused", false, "start paused at the snapshot's instant, until 'govmm ctl resume'")
+	refuseFlags(fs, "does not apply to restore: the snapshot holds the guest's kernel, memory, vCPUs and network settings",
+		"kernel", "initrd", "cmdline", "mem", "cpus", "guest-ip", "guest-gw")
+	refuseFlags(fs, "does not apply to restore: protect the restored guest with 'govmm ctl replicate --to HOST:PORT' once it runs",
+		"replicate-to", "epoch", "on-standby-loss", "witness", "witness-lease")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
@@ -46,7 +53,11 @@ func cmdRestore(args []string) error {
 	if st, err = vmm.ReadSnapshot(path, m.Memory()); err != nil {
 		return fmt.Errorf("snapshot %s: %w", path, err)
 	}
-	if err := m.StartFrom(st); err != nil {
+	start := m.StartFrom
+	if f.startPaused {
+		start = m.StartFromPaused
+	}
+	if err := start(st); err != nil {
 		return fmt.Errorf("restore %s: %w", path, err)
 	}
 	return supervise(m, &f, devs, replicate.NewNode(replicate.Booted, replicate.Takeover{}, nil))

@@ -74,6 +74,7 @@ type runFlags struct {
 	noIOEventFD             bool
 	apiSock                 string
 	keyFile                 string
+	startPaused             bool // restore --paused
 
 	replicateTo     string // HOST:PORT
 	epoch           time.Duration
@@ -105,6 +106,8 @@ func (f *runFlags) register(fs *flag.FlagSet) {
 	fs.IntVar(&f.cpus, "cpus", 1, "number of vCPUs")
 	f.registerReplication(fs)
 	f.registerDevices(fs)
+	fs.StringVar(&f.guestIP, "guest-ip", "", "guest eth0 address ADDR/PREFIX (default with --net user: 10.0.2.15/24)")
+	fs.StringVar(&f.guestGW, "guest-gw", "", "guest default gateway (default with --net user: 10.0.2.2)")
 }
 
 // registerReplication registers the flags that protect a running guest,
@@ -120,7 +123,9 @@ func (f *runFlags) registerReplication(fs *flag.FlagSet) {
 }
 
 // registerDevices registers the flags that describe devices and the
-// control socket, shared by run, restore and standby.
+// control socket, shared by run, restore and standby. The guest's own
+// network settings (--guest-ip, --guest-gw) are run's: a restored or
+// replicated guest has them in its memory already.
 func (f *runFlags) registerDevices(fs *flag.FlagSet) {
 	fs.StringVar(&f.apiSock, "api-sock", "", "serve the control API (HTTP/JSON) on this unix socket; see govmm ctl")
 	fs.DurationVar(&f.failoverTimeout, "failover-timeout", replicate.DefaultFailoverTimeout,
@@ -130,10 +135,43 @@ func (f *runFlags) registerDevices(fs *flag.FlagSet) {
 	fs.StringVar(&f.net, "net", "user", "network: user (NAT on a user-mode TCP/IP stack), tap:NAME, or none")
 	fs.StringVar(&f.mac, "mac", "", "guest MAC address (default: derived from --name)")
 	fs.Var(&f.publish, "publish", "forward host TCP `[HOSTIP:]HOSTPORT:GUESTPORT` into the guest (--net user; repeatable)")
-	fs.StringVar(&f.guestIP, "guest-ip", "", "guest eth0 address ADDR/PREFIX (default with --net user: 10.0.2.15/24)")
-	fs.StringVar(&f.guestGW, "guest-gw", "", "guest default gateway (default with --net user: 10.0.2.2)")
 	fs.Var(&f.disks, "disk", "raw disk image `PATH[,ro]` as a virtio-blk device (repeatable)")
 	fs.BoolVar(&f.noIOEventFD, "no-ioeventfd", false, "take queue notifications through MMIO exits instead of ioeventfd (for benchmarks)")
+}
+
+// refuseFlags registers names on fs as flags that refuse any value, saying
+// why: flags that other commands take and this one would otherwise ignore,
+// so that a user who passes one learns that it has no effect here. They
+// stay out of the command's help.
+func refuseFlags(fs *flag.FlagSet, why string, names ...string) {
+	for _, n := range names {
+		fs.Var(refusedFlag(why), n, why)
+	}
+}
+
+// refusedFlag is a flag.Value whose Set always fails with its text.
+type refusedFlag string
+
+func (r refusedFlag) String() string   { return "" }
+func (r refusedFlag) Set(string) error { return errors.New(string(r)) }
+
+// given reports which flags of fs the command line set.
+func given(fs *flag.FlagSet) map[string]bool {
+	set := map[string]bool{}
+	fs.Visit(func(fl *flag.Flag) { set[fl.Name] = true })
+	return set
+}
+
+// refuseUnused fails when the command line set one of names, which what
+// the command was asked to do (why) would ignore.
+func refuseUnused(fs *flag.FlagSet, why string, names ...string) error {
+	set := given(fs)
+	for _, n := range names {
+		if set[n] {
+			return fmt.Errorf("%s: --%s does not apply %s", fs.Name(), n, why)
+		}
+	}
+	return nil
 }
 
 func newFlagSet(name, usage string) *flag.FlagSet {
@@ -150,7 +188,7 @@ func printDefaults(fs *flag.FlagSet) {
 	shown := flag.NewFlagSet(fs.Name(), flag.ContinueOnError)
 	shown.SetOutput(fs.Output())
 	fs.VisitAll(func(fl *flag.Flag) {
-		if !hiddenFlags[fl.Name] {
+		if _, refused := fl.Value.(refusedFlag); !refused && !hiddenFlags[fl.Name] {
 			shown.Var(fl.Value, fl.Name, fl.Usage)
 		}
 	})
@@ -242,7 +280,8 @@ func cmdRun(args []string) error {
 // forwards the console and signals, and waits for the machine to stop.
 // It returns the guest's exit status as an exitError.
 func supervise(m *vmm.Machine, f *runFlags, devs *machineDevices, node *replicate.Node) error {
-	be := &vmBackend{m: m, f: f, devs: devs, node: node, started: time.Now()}
+	// A machine restored with --paused holds the operator's pause.
+	be := &vmBackend{m: m, f: f, devs: devs, node: node, started: time.Now(), userPaused: f.startPaused}
 	stopAPI, err := serveAPI(be, f.apiSock)
 	if err != nil {
 		m.Stop()

@@ -112,18 +112,19 @@ func TestCtlSnapshotAndRestore(t *testing.T) {
 
 	// The first VM keeps running after the snapshot: its counter grows.
 	snap1b := filepath.Join(dir, "oneb.snap")
-	time.Sleep(100 * time.Millisecond)
-	ctl(sock1, "snapshot", "--out", snap1b)
-	require.Greater(t, snapshotCounter(t, snap1b), c1)
+	require.Eventually(t, func() bool {
+		ctl(sock1, "snapshot", "--out", snap1b)
+		return snapshotCounter(t, snap1b) > c1
+	}, 30*time.Second, 20*time.Millisecond, "the first VM runs on")
 
 	sock2 := filepath.Join(dir, "vm2.sock")
 	startVM(t, "restore", "--net", "none", "--api-sock", sock2, snap1)
 	waitSocket(t, sock2)
-	time.Sleep(100 * time.Millisecond)
 	snap2 := filepath.Join(dir, "two.snap")
-	ctl(sock2, "snapshot", "--out", snap2)
-	c2 := snapshotCounter(t, snap2)
-	require.Greater(t, c2, c1, "the restored guest went on from the snapshot")
+	require.Eventually(t, func() bool {
+		ctl(sock2, "snapshot", "--out", snap2)
+		return snapshotCounter(t, snap2) > c1
+	}, 30*time.Second, 20*time.Millisecond, "the restored guest goes on from the snapshot")
 
 	// Damaged and mismatched snapshots: one clear line, non-zero exit.
 	good, err := os.ReadFile(snap1)
@@ -136,4 +137,30 @@ func TestCtlSnapshotAndRestore(t *testing.T) {
 	_, errOut, status = govmm(t, time.Minute, "restore", "--net", "none", "--disk", kernel, snap1)
 	require.Equal(t, 1, status)
 	require.Contains(t, errOut, "does not match")
+}
+
+// waitStandingBy waits until the standby at the API socket path answers
+// while standing by: it listens for a source from then on (it serves its
+// API only once its listener is up).
+func waitStandingBy(t *testing.T, path string) {
+	t.Helper()
+	waitSocket(t, path)
+	require.Eventually(t, func() bool {
+		out, _, status := govmm(t, time.Minute, "ctl", "--api-sock", path, "info", "--json")
+		return status == 0 && strings.Contains(out, `"standing by"`)
+	}, 30*time.Second, 20*time.Millisecond, "no standby standing by at %s", path)
+}
+
+// waitAckedPast waits until the primary at the API socket path has a
+// checkpoint acknowledged that was taken after this call.
+func waitAckedPast(t *testing.T, path string) {
+	t.Helper()
+	metric := func(name string) float64 {
+		out, errOut, status := govmm(t, time.Minute, "ctl", "--api-sock", path, "metrics")
+		require.Equal(t, 0, status, errOut)
+		return metricValue(t, out, name)
+	}
+	taken := metric("govmm_replication_epoch")
+	require.Eventually(t, func() bool { return metric("govmm_replication_acked_epoch") > taken },
+		30*time.Second, 20*time.Millisecond, "no checkpoint after epoch %v acknowledged", taken)
 }

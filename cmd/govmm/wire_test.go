@@ -376,7 +376,7 @@ func TestWireHelpers(t *testing.T) {
 	bcast[3] = 255
 	_, err = u.WriteTo([]byte("to the VMMs"), &net.UDPAddr{IP: net.IP(bcast[:]), Port: 9})
 	require.NoError(t, err)
-	time.Sleep(100 * time.Millisecond)
+	time.Sleep(100 * time.Millisecond) // the scenario: the broadcast passes the TAPs, and must not be counted
 	require.Equal(t, 21, c.count("tw0"))
 
 	// The proxy.

@@ -52,6 +52,9 @@ func cmdWitness(args []string) error {
 		return errors.New("witness: --state DIR is required")
 	}
 	if *list {
+		if err := refuseUnused(fs, "with --list, which only reads --state", "listen", "key-file", "max-lease"); err != nil {
+			return err
+		}
 		return listWitnessState(*state)
 	}
 	if *listen == "" {

@@ -41,7 +41,14 @@ func Dial(ctx context.Context, addr string) (*Client, error) {
 	if err != nil {
 		return nil, fmt.Errorf("democlient: %w", err)
 	}
-	return &Client{addr: addr, conn: conn, br: bufio.NewReader(conn), Timeout: time.Minute}, nil
+	return New(conn, addr), nil
+}
+
+// New makes a client of a connection to the demo service that the caller
+// opened (from a network namespace, say); host is sent as the Host
+// header. The client owns conn from then on.
+func New(conn net.Conn, host string) *Client {
+	return &Client{addr: host, conn: conn, br: bufio.NewReader(conn), Timeout: time.Minute}
 }
 
 // Close closes the connection.
@@ -62,8 +69,10 @@ func (c *Client) History() History {
 	return History{Counter: slices.Clone(c.hist.Counter), Lines: slices.Clone(c.hist.Lines), LineNo: slices.Clone(c.hist.LineNo)}
 }
 
-// do sends one request on the connection and reads its answer.
-func (c *Client) do(method, path, body string) (string, error) {
+// Do sends one request on the connection and returns the body of its
+// answer, which must be 200 OK and keep the connection open. It records
+// nothing in the history: Incr and Append do.
+func (c *Client) Do(method, path, body string) (string, error) {
 	if err := c.conn.SetDeadline(time.Now().Add(c.Timeout)); err != nil {
 		return "", err
 	}
@@ -92,7 +101,7 @@ func (c *Client) do(method, path, body string) (string, error) {
 
 // Incr is POST /incr: the counter's new value.
 func (c *Client) Incr() (int, error) {
-	s, err := c.do("POST", "/incr", "")
+	s, err := c.Do("POST", "/incr", "")
 	if err != nil {
 		return 0, err
 	}
@@ -107,7 +116,7 @@ func (c *Client) Incr() (int, error) {
 // Append is POST /append: the file's line count after line was appended
 // and fsynced.
 func (c *Client) Append(line string) (int, error) {
-	s, err := c.do("POST", "/append", line)
+	s, err := c.Do("POST", "/append", line)
 	if err != nil {
 		return 0, err
 	}
@@ -122,7 +131,7 @@ func (c *Client) Append(line string) (int, error) {
 
 // Log is GET /log: the file's lines.
 func (c *Client) Log() ([]string, error) {
-	s, err := c.do("GET", "/log", "")
+	s, err := c.Do("GET", "/log", "")
 	if err != nil {
 		return nil, err
 	}

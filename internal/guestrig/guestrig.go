@@ -21,7 +21,6 @@
 package guestrig
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"crypto/sha256"
@@ -29,7 +28,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -44,6 +42,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"govmm/guestimg"
+	"govmm/internal/democlient"
 	"govmm/internal/netns"
 	"govmm/lab"
 	"govmm/vmm/guestmem"
@@ -175,11 +174,11 @@ func (c *ConsoleLog) Tail(n int) string {
 }
 
 // Client speaks HTTP/1.1 to the demo service over one TCP connection for
-// its whole life: a move that breaks the connection fails the test, as a
-// client would notice.
+// its whole life (a democlient.Client): a move that breaks the connection
+// fails the test, as a client would notice.
 type Client struct {
 	C  net.Conn
-	br *bufio.Reader
+	dc *democlient.Client
 }
 
 // Dial connects to the guest's demo service from the namespace, waiting
@@ -193,29 +192,13 @@ func (r *Rig) Dial(t *testing.T) *Client {
 		return err == nil
 	}, 2*time.Minute, 200*time.Millisecond, "the guest's demo service does not accept connections")
 	t.Cleanup(func() { c.Close() })
-	return &Client{C: c, br: bufio.NewReader(c)}
+	return &Client{C: c, dc: democlient.New(c, "guest")}
 }
 
 // Do sends one request and reads its answer within timeout.
 func (k *Client) Do(method, path, body string, timeout time.Duration) (string, error) {
-	_ = k.C.SetDeadline(time.Now().Add(timeout))
-	req := fmt.Sprintf("%s %s HTTP/1.1\r\nHost: guest\r\nContent-Length: %d\r\n\r\n%s", method, path, len(body), body)
-	if _, err := io.WriteString(k.C, req); err != nil {
-		return "", fmt.Errorf("%s %s: %w", method, path, err)
-	}
-	resp, err := http.ReadResponse(k.br, nil)
-	if err != nil {
-		return "", fmt.Errorf("%s %s: %w", method, path, err)
-	}
-	b, err := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if err != nil {
-		return "", fmt.Errorf("%s %s: body: %w", method, path, err)
-	}
-	if resp.StatusCode != http.StatusOK {
-		return "", fmt.Errorf("%s %s: %s: %s", method, path, resp.Status, b)
-	}
-	return string(b), nil
+	k.dc.Timeout = timeout
+	return k.dc.Do(method, path, body)
 }
 
 // History is what the checked client saw: every counter value and every
@@ -477,38 +460,6 @@ func JoinLines(s []string) string {
 	return b.String()
 }
 
-// PageWalk describes how the guest's 4-level page tables rooted at cr3
-// translate va, level by level, reading them from mem (for a guest that
-// died: is the mapping of the faulting address still there?).
-func PageWalk(mem *guestmem.Memory, cr3, va uint64) string {
-	var b strings.Builder
-	const addrMask = 1<<52 - 1
-	table := cr3 &^ 0xfff & addrMask
-	for level, shift := range []uint{39, 30, 21, 12} {
-		idx := (va >> shift) & 0x1ff
-		var e [8]byte
-		if err := mem.ReadAt(e[:], guestmem.GPA(table+idx*8)); err != nil {
-			fmt.Fprintf(&b, " L%d[%d]@%#x: %v", 4-level, idx, table, err)
-			return b.String()
-		}
-		var v uint64
-		for i := 7; i >= 0; i-- {
-			v = v<<8 | uint64(e[i])
-		}
-		fmt.Fprintf(&b, " L%d[%d]@%#x=%#x", 4-level, idx, table, v)
-		if v&1 == 0 {
-			b.WriteString(" (not present)")
-			return b.String()
-		}
-		if level > 0 && level < 3 && v&0x80 != 0 {
-			b.WriteString(" (large page)")
-			return b.String()
-		}
-		table = v &^ 0xfff & addrMask
-	}
-	return b.String()
-}
-
 const traceDir = "/sys/kernel/tracing"
 
 // TraceKVM records KVM's exits and injected exceptions (ftrace's kvm
@@ -549,18 +500,4 @@ func TraceKVM(t *testing.T) {
 		}
 		_ = write("events/kvm/enable", "0")
 	})
-}
-
-// LastShutdownRIP is the guest RIP of the last shutdown exit (triple
-// fault) in L1's kvm trace, 0 if none.
-func LastShutdownRIP() uint64 {
-	b, _ := os.ReadFile(filepath.Join(traceDir, "trace"))
-	var rip uint64
-	const mark = "reason shutdown rip "
-	for _, l := range strings.Split(string(b), "\n") {
-		if i := strings.Index(l, mark); i >= 0 {
-			_, _ = fmt.Sscanf(l[i+len(mark):], "0x%x", &rip)
-		}
-	}
-	return rip
 }

@@ -25,10 +25,6 @@ func Require(t testing.TB) {
 	f.Close()
 }
 
-// Emulated reports why KVM on this host cannot boot a stock Linux kernel
-// in reasonable time, or "" when it can (see lab.Emulated).
-func Emulated() string { return lab.Emulated() }
-
 // GuestPrefix starts the name of every test that boots the real default
 // guest: make test runs those (and only those) where a Linux guest can
 // boot, which on hosts like this project's is inside the lab

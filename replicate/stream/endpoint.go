@@ -115,10 +115,6 @@ func (e *endpoint) listen() {
 
 func (e *endpoint) quiet() { e.listening.Store(false) }
 
-// LastHeard is when the last byte from the peer arrived (or listening
-// resumed).
-func (e *endpoint) LastHeard() time.Time { return time.Unix(0, e.lastHeard.Load()) }
-
 // Peer is the identity the peer announced in its hello (authenticated).
 func (e *endpoint) Peer() Identity { return e.peer }
 

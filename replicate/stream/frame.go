@@ -234,7 +234,10 @@ func checkHeader(b []byte, h header) error {
 
 // decodePayload decodes p as a frame of type t into f. layout is the
 // sender's announced layout, against which page addresses are checked.
-// Nothing is allocated except, once, f.pages' backing array.
+// Nothing is allocated except, once, f.pages' backing array. (Long, on
+// purpose: one case per frame type, each checking its fields in wire
+// order against their caps, so that a reader checks it against
+// docs/STREAM.md in one place.)
 func decodePayload(f *frame, t frameType, p []byte, layout *Identity) error {
 	f.typ = t
 	fixed := func(n int) error {
@@ -458,40 +461,4 @@ func allZero(b []byte) bool {
 		}
 	}
 	return true
-}
-
-// DecodeFrame decodes one frame in the clear (header and plaintext
-// payload; a MAC or tag trailer, if present, is ignored and not verified)
-// from b, checking page addresses against layout. It is the decoder the
-// stream uses after authenticating and decrypting a frame, exposed for the
-// fuzz target and for tools that inspect handshake frames or decrypted
-// streams (session frames on the wire are AES-GCM ciphertext). It returns
-// the frame's type name and the number of bytes consumed (header +
-// payload).
-func DecodeFrame(b []byte, layout Identity) (string, int, error) {
-	var f frame
-	n, err := decodeFrame(&f, b, &layout)
-	return f.typ.String(), n, err
-}
-
-func decodeFrame(f *frame, b []byte, layout *Identity) (int, error) {
-	if len(b) < headerSize {
-		return 0, fmt.Errorf("frame header truncated: %w", ErrTruncated)
-	}
-	h, err := parseHeader(b)
-	if err != nil {
-		return 0, err
-	}
-	if err := checkHeader(b, h); err != nil {
-		return 0, err
-	}
-	end := headerSize + int(h.length)
-	if len(b) < end {
-		return 0, fmt.Errorf("%v frame truncated: %w", h.typ, ErrTruncated)
-	}
-	f.seq = h.seq
-	if err := decodePayload(f, h.typ, b[headerSize:end], layout); err != nil {
-		return 0, err
-	}
-	return end, nil
 }

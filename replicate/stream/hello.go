@@ -9,6 +9,9 @@ import (
 // The Hello payload: its decoder, with every count and length checked
 // against its cap before use, and its encoder.
 
+// decodeHello decodes a Hello payload into h. (Long, on purpose: it reads
+// the fields in wire order, each checked before use, as docs/STREAM.md
+// lists them.)
 func decodeHello(h *hello, p []byte) error {
 	le := binary.LittleEndian
 	if len(p) < len(helloMagic) || string(p[:len(helloMagic)]) != helloMagic {

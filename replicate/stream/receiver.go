@@ -36,20 +36,6 @@ type Receiver struct {
 	maxPages  uint64
 }
 
-// NewReceiver runs the handshake on conn as the receiving end, then
-// cfg.Verify, and accepts the sender (or refuses it, telling it why). It
-// takes ownership of conn and closes it on failure.
-func NewReceiver(ctx context.Context, conn net.Conn, cfg Config) (*Receiver, error) {
-	r, err := handshakeReceiver(ctx, conn, cfg)
-	if err != nil {
-		return nil, err
-	}
-	if err := r.verdict(r.cfg.Verify); err != nil {
-		return nil, err
-	}
-	return r, nil
-}
-
 // handshakeReceiver runs the handshake up to the receiver's Auth: the
 // sender is authenticated but not yet accepted.
 func handshakeReceiver(ctx context.Context, conn net.Conn, cfg Config) (*Receiver, error) {
@@ -103,13 +89,6 @@ func (r *Receiver) SetSinks(pages PageSink, disks DiskSink) { r.sink, r.disks = 
 // SetOnCommit replaces Config.OnCommit; call it before Run (a migration
 // destination learns what to check only after the handshake).
 func (r *Receiver) SetOnCommit(fn func(c *Checkpoint) error) { r.cfg.OnCommit = fn }
-
-// Committed is the last committed epoch (0 if none).
-func (r *Receiver) Committed() uint64 { return r.committed.Load() }
-
-// LastResumable is the last committed epoch that the guest can resume
-// from (KindEpoch or KindFinal), 0 if none: where failover resumes.
-func (r *Receiver) LastResumable() uint64 { return r.resumable.Load() }
 
 // HandedOver reports whether the final checkpoint was committed and the
 // sender then said goodbye: only then may a migration destination resume

@@ -117,28 +117,6 @@ func (s *MemSink) Abort() {
 	clear(s.staged)
 }
 
-// Page returns a copy of the committed page at gpa, or nil if none was
-// ever committed.
-func (s *MemSink) Page(gpa GPA) []byte {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return bytes.Clone(s.committed[gpa])
-}
-
-// Len is the number of distinct committed pages.
-func (s *MemSink) Len() int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return len(s.committed)
-}
-
-// Staged is the number of pages staged and not yet committed.
-func (s *MemSink) Staged() int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return len(s.staged)
-}
-
 // PageWriter is guest memory as a sink writes to it; *guestmem.Memory is
 // one.
 type PageWriter interface {

@@ -67,10 +67,9 @@ func (q simQueue) Less(i, j int) bool {
 	}
 	return q[i].seq < q[j].seq
 }
-func (q simQueue) Swap(i, j int)   { q[i], q[j] = q[j], q[i] }
-func (q *simQueue) Push(x any)     { *q = append(*q, x.(*simEvent)) }
-func (q *simQueue) Pop() any       { o := *q; e := o[len(o)-1]; *q = o[:len(o)-1]; return e }
-func (q simQueue) peek() *simEvent { return q[0] }
+func (q simQueue) Swap(i, j int) { q[i], q[j] = q[j], q[i] }
+func (q *simQueue) Push(x any)   { *q = append(*q, x.(*simEvent)) }
+func (q *simQueue) Pop() any     { o := *q; e := o[len(o)-1]; *q = o[:len(o)-1]; return e }
 
 type simClock struct {
 	rate float64

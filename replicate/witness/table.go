@@ -115,7 +115,8 @@ func (t *table) clampLease(d time.Duration) time.Duration {
 // are harmless. A new generation is saved before it is granted; if saving
 // fails nothing changes and the asker is refused. If the save may have
 // reached the disk (renamed, directory not synced), the table breaks:
-// see broken.
+// see broken. (Long, on purpose: these rules are the argument of
+// docs/FENCING.md, one case per request, and read best in one place.)
 func (t *table) apply(now time.Duration, q *request) (reply, *grant) {
 	e := t.recs[q.vm]
 	answer := func(r result, msg string) reply {

@@ -18,21 +18,18 @@ type State struct {
 
 // Stateful devices are part of every checkpoint. The machine calls Quiesce
 // on every device after the vCPUs are paused, then SaveState or
-// RestoreState, then Resume.
+// RestoreState, then Resume. A device names itself once, through StateID
+// and StateKind: the machine registers it under them, and its State
+// carries the same two.
 type Stateful interface {
+	StateID() string   // stable across restore, e.g. "virtio-net0"
+	StateKind() string // e.g. "virtio-net"; restore refuses another kind
 	// Quiesce stops the device at a request boundary: no request is half
 	// done, and the device writes no guest memory until Resume.
 	Quiesce(ctx context.Context) error
 	SaveState() (State, error)
 	RestoreState(State) error
 	Resume() error
-}
-
-// Described is implemented by stateful devices so that the machine can
-// match a saved state to them (and refuse a mismatch) before restoring.
-type Described interface {
-	StateID() string   // the ID its State carries, e.g. "virtio-net0"
-	StateKind() string // the Kind its State carries, e.g. "virtio-net"
 }
 
 // ErrShort is returned by a Decoder that ran out of bytes.

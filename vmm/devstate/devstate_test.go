@@ -48,3 +48,77 @@ func TestDecoderRejects(t *testing.T) {
 		})
 	}
 }
+
+type codecSample struct {
+	A     uint8
+	B     uint16
+	C     uint32
+	D     uint64
+	E     bool
+	Blob  []byte
+	Fixed [3]byte
+	Items []uint32
+	Short []uint64
+}
+
+func (s *codecSample) walk(c *Codec) {
+	c.U8(&s.A)
+	c.U16(&s.B)
+	c.U32(&s.C)
+	c.U64(&s.D)
+	c.Bool(&s.E)
+	c.Bytes(&s.Blob, 8)
+	c.Fixed(s.Fixed[:])
+	Slice32(c, &s.Items, 4, "items")
+	for i := range s.Items {
+		c.U32(&s.Items[i])
+	}
+	Slice16(c, &s.Short, 2, "shorts")
+	for i := range s.Short {
+		c.U64(&s.Short[i])
+	}
+}
+
+// One walk encodes and decodes: the round trip is the identity, and the
+// encoding is the Encoder's layout.
+func TestCodecRoundTrip(t *testing.T) {
+	in := codecSample{A: 1, B: 2, C: 3, D: 4, E: true, Blob: []byte("ab"), Fixed: [3]byte{7, 8, 9},
+		Items: []uint32{5, 6}, Short: []uint64{1 << 40}}
+	b := Encode(in.walk)
+	var e Encoder
+	e.U8(1)
+	e.U16(2)
+	e.U32(3)
+	e.U64(4)
+	e.Bool(true)
+	e.Blob([]byte("ab"))
+	e.U8(7)
+	e.U8(8)
+	e.U8(9)
+	e.U32(2)
+	e.U32(5)
+	e.U32(6)
+	e.U16(1)
+	e.U64(1 << 40)
+	assert.Equal(t, e.Bytes(), b)
+	var out codecSample
+	require.NoError(t, Decode(b, out.walk))
+	assert.Equal(t, in, out)
+}
+
+func TestCodecRejects(t *testing.T) {
+	good := codecSample{Items: []uint32{1, 2, 3, 4}}
+	over := codecSample{Items: []uint32{1, 2, 3, 4, 5}}
+	blob := codecSample{Blob: make([]byte, 9)}
+	for name, b := range map[string][]byte{
+		"too many elements": Encode(over.walk),
+		"blob over cap":     Encode(blob.walk),
+		"truncated":         Encode(good.walk)[:20],
+		"trailing":          append(Encode(good.walk), 0),
+	} {
+		t.Run(name, func(t *testing.T) {
+			var out codecSample
+			assert.Error(t, Decode(b, out.walk))
+		})
+	}
+}

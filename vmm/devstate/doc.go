@@ -1,8 +1,11 @@
 // Package devstate owns the contract between a device and the machine
 // state: the DeviceState record that every snapshot, migration and
 // replication epoch carries for a device, the Stateful interface through
-// which a device is stopped at a request boundary and saved, and the small
-// binary layout devices use to encode their own Data.
+// which a device names itself (once: StateID, StateKind) and is stopped at
+// a request boundary and saved, and the small binary layout devices use to
+// encode their own Data. Codec walks a device's state struct in one order
+// for both encoding and decoding, so that save and restore share one list
+// of fields.
 //
 // Layout (little-endian throughout): fixed-width integers as they are;
 // byte strings and strings as a uint32 length then the bytes; a bool as one

@@ -1,5 +1,0 @@
-package kvmapi
-
-import "runtime"
-
-func keepAlive(x any) { runtime.KeepAlive(x) }

@@ -1,0 +1,168 @@
+package vmm
+
+// Pause and resume: every consistent cut (a snapshot, a checkpoint, a
+// migration's handover) stops the vCPUs through Pause and the devices
+// through QuiesceDevices, inside WithPaused.
+
+import (
+	"context"
+	"errors"
+
+	"govmm/kvmapi"
+)
+
+// ErrStopped is returned by Pause and Resume on a machine that has stopped.
+var ErrStopped = errors.New("machine stopped")
+
+// Pause stops every vCPU at a consistent point: each has left KVM_RUN
+// with its pending PIO/MMIO completed. It returns when all are paused.
+// Pauses nest: the machine runs again after as many Resumes.
+func (m *Machine) Pause() error {
+	m.pauseMu.Lock()
+	defer m.pauseMu.Unlock()
+	if m.paused == 0 {
+		if err := m.broadcast(reqPause, nil); err != nil {
+			return err
+		}
+	}
+	m.paused++
+	return nil
+}
+
+// Resume undoes one Pause; the vCPUs run again when no pause is held.
+// After HandOver it refuses with ErrHandedOver.
+func (m *Machine) Resume() error {
+	m.pauseMu.Lock()
+	defer m.pauseMu.Unlock()
+	if m.handedOver {
+		return ErrHandedOver
+	}
+	if m.paused == 0 {
+		return nil
+	}
+	if m.paused == 1 {
+		if m.devicesHeld {
+			m.devicesHeld = false
+			if err := m.resumeDevices(); err != nil {
+				return err
+			}
+		}
+		if err := m.broadcast(reqResume, nil); err != nil {
+			return err
+		}
+	}
+	m.paused--
+	return nil
+}
+
+// ErrHandedOver is returned by Resume and ResumeDevices on a machine that
+// handed its guest over to another host (HandOver).
+var ErrHandedOver = errors.New("machine handed its guest over (migrated away): it never runs again")
+
+// HandOver records that the guest now lives on elsewhere (a migration's
+// destination acknowledged the final checkpoint): from here on this
+// machine's vCPUs never run and its devices stay quiesced, so it sends no
+// frame, executes no disk write and writes no guest memory again, even
+// while the destination already runs the guest. Only Stop and Close
+// remain. Call it from inside WithPaused, at the cut; the machine must be
+// paused (ErrNotPaused otherwise).
+func (m *Machine) HandOver() error {
+	m.pauseMu.Lock()
+	defer m.pauseMu.Unlock()
+	if m.paused == 0 {
+		return ErrNotPaused
+	}
+	m.handedOver = true
+	return nil
+}
+
+// HandedOver reports whether HandOver was called.
+func (m *Machine) HandedOver() bool {
+	m.pauseMu.Lock()
+	defer m.pauseMu.Unlock()
+	return m.handedOver
+}
+
+// WithPaused runs fn at a consistent cut: every vCPU paused and every
+// device quiesced. Such operations (a checkpoint, a snapshot) never
+// interleave. Afterwards the devices and vCPUs go on, unless fn stopped
+// the machine, handed it over, or another pause is held.
+func (m *Machine) WithPaused(ctx context.Context, fn func() error) error {
+	m.stwMu.Lock()
+	defer m.stwMu.Unlock()
+	if err := m.Pause(); err != nil {
+		return err
+	}
+	defer m.Resume()
+	if err := m.QuiesceDevices(ctx); err != nil {
+		return err
+	}
+	defer m.ResumeDevices()
+	return fn()
+}
+
+// OnVCPUs runs fn on every vCPU's own thread while the machine is paused
+// (to save or restore its state) and returns the first error.
+func (m *Machine) OnVCPUs(fn func(id int, fd *kvmapi.VCPU) error) error {
+	m.pauseMu.Lock()
+	defer m.pauseMu.Unlock()
+	if m.paused == 0 {
+		return ErrNotPaused
+	}
+	return m.broadcast(reqDo, fn)
+}
+
+// ErrNotPaused is returned for operations that need a paused machine.
+var ErrNotPaused = errors.New("machine not paused")
+
+func (m *Machine) broadcast(kind reqKind, fn func(int, *kvmapi.VCPU) error) error {
+	replies := make([]chan error, len(m.vcpus))
+	for i, c := range m.vcpus {
+		replies[i] = make(chan error, 1)
+		select {
+		case c.reqs <- vcpuReq{kind: kind, fn: fn, reply: replies[i]}:
+		case <-m.done:
+			return ErrStopped
+		}
+		c.kick()
+	}
+	var errs []error
+	for _, r := range replies {
+		select {
+		case err := <-r:
+			errs = append(errs, err)
+		case <-m.done:
+			return ErrStopped
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// releasePaused lets the vCPUs go with a pause request already queued and
+// immediate_exit set: each one's first KVM_RUN returns at once, without
+// entering the guest, and the vCPU waits paused. The devices stay
+// quiesced (restore leaves them so) until Resume lets the vCPUs run.
+func (m *Machine) releasePaused(release chan struct{}) error {
+	m.pauseMu.Lock()
+	defer m.pauseMu.Unlock()
+	replies := make([]chan error, len(m.vcpus))
+	for i, c := range m.vcpus {
+		replies[i] = make(chan error, 1)
+		c.fd.SetImmediateExit(true)
+		c.reqs <- vcpuReq{kind: reqPause, reply: replies[i]} // buffered; nothing else is queued yet
+	}
+	close(release)
+	for _, r := range replies {
+		select {
+		case err := <-r:
+			if err != nil {
+				return err
+			}
+		case <-m.done:
+			return ErrStopped
+		}
+	}
+	m.paused = 1
+	m.devicesHeld = true
+	return nil
+}
