@@ -139,7 +139,7 @@ func (v *fenceVMM) infoHas(t *testing.T, timeout time.Duration, want ...string) 
 		if time.Now().After(deadline) {
 			t.Fatalf("%s: ctl info never had %q within %v; last:\n%s", v.name, want, timeout, out)
 		}
-		time.Sleep(250 * time.Millisecond)
+		time.Sleep(250 * time.Millisecond) // polling ctl info
 	}
 }
 
@@ -163,7 +163,7 @@ func (v *fenceVMM) exitStatus(t *testing.T, timeout time.Duration) int {
 // logs how many frames each VMM put on the bridge.
 func (fl *fenceLab) oneEmitter(t *testing.T, what string) {
 	t.Helper()
-	time.Sleep(300 * time.Millisecond) // the capture's readers catch up
+	time.Sleep(300 * time.Millisecond) // the capture's readers catch up with the kernel's queue
 	overlaps := fl.wire.twoEmitters()
 	require.Empty(t, overlaps, "%s: two VMMs emitted at once:\n%s", what, guestrig.JoinLines(overlaps))
 }
@@ -211,7 +211,7 @@ const (
 func (fl *fenceLab) trial(t *testing.T, i int, kind string, live, sb *fenceVMM, link *nsProxy) (*fenceVMM, bool) {
 	t.Helper()
 	fl.h.WaitAnswers(t, 2+rand.IntN(10), 5*time.Minute, fmt.Sprintf("trial %d: before", i))
-	time.Sleep(time.Duration(rand.Int64N(int64(time.Second))))
+	time.Sleep(time.Duration(rand.Int64N(int64(time.Second)))) // the scenario: a random moment, somewhere in an epoch
 	before, _, _ := fl.h.State()
 	start := time.Now()
 	var next *fenceVMM
@@ -230,7 +230,7 @@ func (fl *fenceLab) trial(t *testing.T, i int, kind string, live, sb *fenceVMM, 
 		require.Contains(t, sb.log.Tail(64<<10), fmt.Sprintf("won generation %d at the witness", fl.gen))
 		// The new primary serves while the old one is still stopped.
 		fl.h.WaitAnswers(t, 1, 3*time.Minute, fmt.Sprintf("trial %d: the standby took over", i))
-		time.Sleep(time.Duration(rand.Int64N(int64(2 * time.Second))))
+		time.Sleep(time.Duration(rand.Int64N(int64(2 * time.Second)))) // the scenario: the old primary stays stopped a while longer
 		cont := time.Now()
 		live.signal(t, syscall.SIGCONT)
 		out := live.infoHas(t, 2*time.Minute, "fenced", fmt.Sprintf("FENCED: generation %d of govmm is held by", fl.gen),
@@ -245,7 +245,7 @@ func (fl *fenceLab) trial(t *testing.T, i int, kind string, live, sb *fenceVMM, 
 		next = sb
 	case trialShortStop:
 		live.signal(t, syscall.SIGSTOP)
-		time.Sleep(time.Duration(200+rand.IntN(600)) * time.Millisecond)
+		time.Sleep(time.Duration(200+rand.IntN(600)) * time.Millisecond) // the scenario: a stop well under the failover timeout
 		live.signal(t, syscall.SIGCONT)
 		fl.h.WaitAnswers(t, 3, 3*time.Minute, fmt.Sprintf("trial %d: after a short stop", i))
 		live.infoHas(t, time.Minute, "primary (protected)", fmt.Sprintf("generation %d, lease valid", fl.gen))
@@ -392,12 +392,12 @@ func TestGuestFencingWitnessDown(t *testing.T) {
 	cp1 := checkpointOf(t, out)
 	for deadline := time.Now().Add(2 * time.Minute); checkpointOf(t, out) <= cp1; out = sb.info(t) {
 		require.True(t, time.Now().Before(deadline), "the standby's checkpoint stays at %d without the witness", cp1)
-		time.Sleep(500 * time.Millisecond)
+		time.Sleep(500 * time.Millisecond) // polling ctl info
 	}
 	t.Logf("witness down: replication goes on (checkpoint %d, then %d); standby: %s", cp1, checkpointOf(t, out), lineWith(out, "fencing"))
 	metrics, _, _ := govmm(t, 30*time.Second, "ctl", "--api-sock", sb.sock, "metrics")
 	require.Contains(t, metrics, "govmm_failover_possible 0")
-	time.Sleep(2 * time.Second)
+	time.Sleep(2 * time.Second) // the scenario: time passes without a lease, and no frame may leave
 	require.Zero(t, fl.wire.since(live.tap, held), "output leaves without a lease (witness down since %s)", down.Format("15:04:05.000"))
 	list, errOut, status := govmm(t, 10*time.Second, "witness", "--state", fl.w.dir, "--list")
 	require.Equal(t, 0, status, errOut)
@@ -415,7 +415,7 @@ func TestGuestFencingWitnessDown(t *testing.T) {
 	out = sb.infoHas(t, 2*time.Minute, "failover impossible for now: primary lost")
 	sb.await(t, sb.log, "PRIMARY LOST, FAILOVER IMPOSSIBLE", time.Minute)
 	t.Logf("standby cut from the witness, primary killed: %s", lineWith(out, "fencing"))
-	time.Sleep(5 * time.Second) // more than the failover timeout and the lease
+	time.Sleep(5 * time.Second) // the scenario: more than the failover timeout and the lease, and still no takeover
 	out = sb.info(t)
 	require.Contains(t, out, "standing by", "no takeover without the witness")
 	require.False(t, sb.log.Contains("took over at"))
