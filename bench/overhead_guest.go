@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -41,6 +42,14 @@ type OverheadGuestSample struct {
 	Errors   int           // failed or not 200
 	Window   time.Duration // measured, first request start to last answer
 	P50, P99 time.Duration // latency of the answered requests
+	// Replicated: the primary's checkpoints in the window (its metrics
+	// read as the window opens and closes): how many, their mean pause,
+	// their mean time from resume to the standby's ack, and the share of
+	// the window the primary waited on acks (backpressure).
+	Epochs                 int
+	PauseMean, AckMean     time.Duration
+	BackpressureShare      float64
+	EpochMean, metricsSpan time.Duration
 }
 
 // Rate is the answered requests per second.
@@ -152,7 +161,9 @@ func overheadGuestTrial(ctx context.Context, cfg OverheadGuestConfig, dir string
 	if err != nil {
 		return s, err
 	}
-	args := []string{"run", "--kernel", cfg.Kernel, "--initrd", cfg.Initrd, "--net", "user",
+	sock := filepath.Join(dir, "primary.sock")
+	_ = os.Remove(sock)
+	args := []string{"run", "--kernel", cfg.Kernel, "--initrd", cfg.Initrd, "--net", "user", "--api-sock", sock,
 		"--publish", fmt.Sprintf("127.0.0.1:%d:80", port), "--disk", disks[0]}
 	if epoch > 0 {
 		sport, err := freeLoopbackPort()
@@ -195,7 +206,18 @@ func overheadGuestTrial(ctx context.Context, cfg OverheadGuestConfig, dir string
 	if err := waitService(ctx, base, prim); err != nil {
 		return s, err
 	}
-	lat, errs, window, err := loadWindow(ctx, base, cfg.Clients, cfg.Warmup, cfg.Window, prim.exited)
+	var m0, m1 map[string]float64
+	var t0 time.Time
+	atStart := func() {
+		if epoch > 0 {
+			t0, m0 = time.Now(), replicationMetrics(ctx, cfg.Govmm, sock)
+		}
+	}
+	lat, errs, window, err := loadWindow(ctx, base, cfg.Clients, cfg.Warmup, cfg.Window, prim.exited, atStart)
+	if epoch > 0 && err == nil {
+		m1 = replicationMetrics(ctx, cfg.Govmm, sock)
+		s.fillReplication(m0, m1, time.Since(t0))
+	}
 	if err != nil {
 		return s, fmt.Errorf("%w: %s", err, lastLine(prim.stderr.String()))
 	}
@@ -231,10 +253,12 @@ func waitService(ctx context.Context, base string, p *proc) error {
 // warmup+window and returns the latencies of the requests that started
 // inside the window and were answered, the failures, and the window as
 // measured (first start to last answer).
-func loadWindow(ctx context.Context, base string, clients int, warmup, window time.Duration, died <-chan struct{}) ([]time.Duration, int, time.Duration, error) {
+func loadWindow(ctx context.Context, base string, clients int, warmup, window time.Duration, died <-chan struct{}, atStart func()) ([]time.Duration, int, time.Duration, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	start := time.Now()
+	timer := time.AfterFunc(warmup, atStart)
+	defer timer.Stop()
 	w0, w1 := start.Add(warmup), start.Add(warmup+window)
 	var (
 		mu          sync.Mutex
@@ -291,15 +315,57 @@ func loadWindow(ctx context.Context, base string, clients int, warmup, window ti
 	return lat, errs, last.Sub(first), nil
 }
 
+// replicationMetrics reads the primary's govmm_replication_* metrics
+// through its control API (nil if it does not answer).
+func replicationMetrics(ctx context.Context, govmm, sock string) map[string]float64 {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, govmm, "ctl", "--api-sock", sock, "metrics").Output()
+	if err != nil {
+		return nil
+	}
+	m := map[string]float64{}
+	for _, l := range strings.Split(string(out), "\n") {
+		f := strings.Fields(l)
+		if len(f) != 2 || !strings.HasPrefix(f[0], "govmm_replication_") {
+			continue
+		}
+		if v, err := strconv.ParseFloat(f[1], 64); err == nil {
+			m[f[0]] = v
+		}
+	}
+	return m
+}
+
+// fillReplication derives the window's checkpoint figures from the
+// primary's counters at its start (m0) and end (m1), span apart.
+func (s *OverheadGuestSample) fillReplication(m0, m1 map[string]float64, span time.Duration) {
+	if m0 == nil || m1 == nil {
+		return
+	}
+	d := func(name string) float64 { return m1[name] - m0[name] }
+	secs := func(v float64) time.Duration { return time.Duration(v * float64(time.Second)) }
+	s.Epochs = int(d("govmm_replication_epochs_total"))
+	s.metricsSpan = span
+	if s.Epochs > 0 {
+		s.PauseMean = secs(d("govmm_replication_pause_seconds_total") / float64(s.Epochs))
+		s.AckMean = secs(d("govmm_replication_ack_seconds_total") / float64(s.Epochs))
+		s.EpochMean = span / time.Duration(s.Epochs)
+	}
+	s.BackpressureShare = d("govmm_replication_backpressure_seconds_total") / span.Seconds()
+}
+
 func (r *OverheadGuestResult) write(dir string) error {
 	var rows [][]string
 	for _, s := range r.Samples {
 		rows = append(rows, []string{strconv.FormatFloat(msOf(s.Epoch), 'f', 0, 64), strconv.Itoa(s.Trial),
 			strconv.Itoa(s.Requests), strconv.Itoa(s.Errors), ftoa(s.Window.Seconds(), 3), ftoa(s.Rate(), 2),
-			ftoa(msOf(s.P50), 3), ftoa(msOf(s.P99), 3)})
+			ftoa(msOf(s.P50), 3), ftoa(msOf(s.P99), 3), strconv.Itoa(s.Epochs), ftoa(msOf(s.EpochMean), 3),
+			ftoa(msOf(s.PauseMean), 3), ftoa(msOf(s.AckMean), 3), ftoa(s.BackpressureShare, 3)})
 	}
 	if err := writeCSV(filepath.Join(dir, "overhead_guest.csv"), []string{"epoch_ms", "trial", "requests", "errors",
-		"window_s", "answers_per_s", "p50_ms", "p99_ms"}, rows); err != nil {
+		"window_s", "answers_per_s", "p50_ms", "p99_ms", "checkpoints", "checkpoint_interval_mean_ms", "pause_mean_ms",
+		"ack_mean_ms", "backpressure_share"}, rows); err != nil {
 		return err
 	}
 	names, rates, p50s := r.groups()
@@ -336,15 +402,19 @@ func (r *OverheadGuestResult) Report() string {
 		"%d keep-alive connections drive POST /incr back to back; after %v of warmup, answers are counted for %v. "+
 		"Configurations interleaved within each of %d trials. Raw data `overhead_guest.csv`, plots `overhead_guest_rate.png`, `overhead_guest_latency.png`.\n\n",
 		platform(), c.Timeout, c.Clients, c.Warmup, c.Window, c.Trials)
-	b.WriteString("| configuration | trials | answers/s median | vs unreplicated | p50 latency median ms | p99 latency median ms | errors |\n|---|---|---|---|---|---|---|\n")
+	b.WriteString("*checkpoint interval*, *pause* and *ack* are the primary's own counters over the window (`govmm ctl metrics`): the mean time between checkpoints, " +
+		"the mean pause, and the mean time from the resume to the standby's ack; *backpressure* is the share of the window the primary held the guest waiting for acks.\n\n")
+	b.WriteString("| configuration | trials | answers/s median | vs unreplicated | p50 latency median ms | p99 latency median ms | errors | checkpoint interval ms | pause ms | ack ms | backpressure |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
 	var base float64
 	epochs := append([]time.Duration{0}, c.Epochs...)
 	for _, e := range epochs {
-		var rs, p50, p99 []float64
+		var rs, p50, p99, iv, pause, ack, bp []float64
 		errs := 0
 		for _, s := range r.Samples {
 			if s.Epoch == e {
 				rs, p50, p99 = append(rs, s.Rate()), append(p50, msOf(s.P50)), append(p99, msOf(s.P99))
+				iv, pause, ack = append(iv, msOf(s.EpochMean)), append(pause, msOf(s.PauseMean)), append(ack, msOf(s.AckMean))
+				bp = append(bp, s.BackpressureShare)
 				errs += s.Errors
 			}
 		}
@@ -359,7 +429,11 @@ func (r *OverheadGuestResult) Report() string {
 		if base > 0 {
 			ratio = fmt.Sprintf("%.2f×", sr.Median/base)
 		}
-		fmt.Fprintf(&b, "| %s | %d | %.1f | %s | %.1f | %.1f | %d |\n", epochName(e), sr.N, sr.Median, ratio, Summarize(p50).Median, Summarize(p99).Median, errs)
+		repl := "| - | - | - | - |"
+		if e > 0 {
+			repl = fmt.Sprintf("| %.1f | %.1f | %.1f | %.0f%% |", Summarize(iv).Median, Summarize(pause).Median, Summarize(ack).Median, 100*Summarize(bp).Median)
+		}
+		fmt.Fprintf(&b, "| %s | %d | %.1f | %s | %.1f | %.1f | %d %s\n", epochName(e), sr.N, sr.Median, ratio, Summarize(p50).Median, Summarize(p99).Median, errs, repl)
 	}
 	if len(r.Failed) > 0 {
 		fmt.Fprintf(&b, "\n%d trial(s) failed and are not in the table (their logs: `overhead_guest-failed-*`):\n\n", len(r.Failed))

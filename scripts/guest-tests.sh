@@ -7,11 +7,11 @@
 # Usage: scripts/guest-tests.sh [-run REGEXP] [-count N] [-timeout DUR]
 #   -run      which tests (default ^TestGuest; anchored to TestGuest anyway)
 #   -count    run each N times (soak)
-#   -timeout  for the whole run, boot of the lab included (default 45m)
+#   -timeout  for the whole run, boot of the lab included (default 35m: CI must end within 60)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
-run='^TestGuest' count=1 timeout=${GUEST_TEST_TIMEOUT:-45m} inside=
+run='^TestGuest' count=1 timeout=${GUEST_TEST_TIMEOUT:-35m} inside=
 while (($#)); do
 	case $1 in
 	-run) run=$2; shift 2 ;;
