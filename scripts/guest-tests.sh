@@ -4,10 +4,16 @@
 # host's KVM can, otherwise inside the lab (govmm lab: nested KVM under
 # QEMU). A real-guest test that skips there counts as a failure.
 #
+# Each test runs in an L1 of its own (an L1 boots in about 3 s): when L1
+# itself dies (a panic of its emulated kernel, rare), govmm lab runs that
+# one test again, not the whole suite, and one test's wreckage never
+# reaches the next.
+#
 # Usage: scripts/guest-tests.sh [-run REGEXP] [-count N] [-timeout DUR]
-#   -run      which tests (default ^TestGuest; anchored to TestGuest anyway)
+#   -run      which tests (default ^TestGuest; only TestGuest* ever run)
 #   -count    run each N times (soak)
-#   -timeout  for the whole run, boot of the lab included (default 35m: CI must end within 60)
+#   -timeout  for the whole run, every L1 boot included (default 35m: CI
+#             must end within 60); Go duration units s, m or h
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -17,66 +23,77 @@ while (($#)); do
 	-run) run=$2; shift 2 ;;
 	-count) count=$2; shift 2 ;;
 	-timeout) timeout=$2; shift 2 ;;
-	--inside) inside=1; shift ;;
+	--inside) inside=$2; shift 2 ;;
 	*) echo "guest-tests: unknown argument $1" >&2; exit 2 ;;
 	esac
 done
 bins=bin/guest-tests
+export GOVMM_BIN=$root/bin/govmm
 
-if [[ -z $inside ]]; then
-	# Compile on this host (compiling in the lab would be emulated too).
-	pkgs=$(grep -rl --include='*_test.go' '^func TestGuest' . | xargs -n1 dirname | sort -u)
-	rm -rf "$bins" && mkdir -p "$bins"
-	go build -o bin/govmm ./cmd/govmm
-	for p in $pkgs; do
-		go test -c -o "$bins/$(echo "${p#./}" | tr / _).test" "$p"
-		echo "${p#./}" >>"$bins/packages"
-	done
-	# The soak knobs (make soak) reach the tests inside the lab.
-	envs=()
-	for v in $(compgen -e | grep '^GOVMM_SOAK_' || true); do envs+=(--env "$v=${!v}"); done
-	exec bin/govmm lab --if-needed --timeout "$timeout" "${envs[@]}" -- \
-		"$root/scripts/guest-tests.sh" --inside -run "$run" -count "$count" -timeout "$timeout"
+# Inside (an L1, or this host when its KVM boots Linux): one package's
+# test binary, the tests -run selects, with the time left.
+if [[ -n $inside ]]; then
+	[[ ${GOVMM_LAB:-} == 1 ]] && echo "guest-tests: in the lab ($inside, $run)"
+	cd "$inside"
+	exec "$root/$bins/$(echo "$inside" | tr / _).test" -test.run "$run" -test.count "$count" -test.v -test.timeout "$timeout"
 fi
 
-# Inside: here a Linux guest boots (hardware KVM, or the lab's L1).
-export GOVMM_BIN=$root/bin/govmm
-where="this host's KVM"
-[[ ${GOVMM_LAB:-} == 1 ]] && where="the lab"
-echo "guest-tests: real-guest tests in $where"
-fail=0 summary=() ran=
-while read -r pkg; do
-	bin=$root/$bins/$(echo "$pkg" | tr / _).test
-	if ! (cd "$pkg" && "$bin" -test.list "$run") | grep -q '^TestGuest'; then
-		summary+=("$(printf '%-24s no test matches %s' "$pkg" "$run")")
-		continue
-	fi
-	ran=1
-	log=$(mktemp)
-	start=$SECONDS
-	set +e
-	(cd "$pkg" && "$bin" -test.run "$run" -test.count "$count" -test.v -test.timeout "$timeout") 2>&1 | tee "$log"
-	st=${PIPESTATUS[0]}
-	set -e
-	passed=$(grep -c -- '^--- PASS: TestGuest' "$log" || true)
-	skipped=$(grep -c -- '--- SKIP: TestGuest' "$log" || true)
-	failed=$(grep -c -- '--- FAIL: TestGuest' "$log" || true)
-	if ((skipped > 0)); then
-		echo "guest-tests: $pkg: $skipped real-guest test(s) skipped in $where: that is a failure here"
-		st=1
-	fi
-	if ((st == 0 && passed == 0)); then
-		echo "guest-tests: $pkg: no real-guest test ran"
-		st=1
-	fi
-	summary+=("$(printf '%-24s %3d passed %3d failed %3d skipped  %4ds  status %d' "$pkg" "$passed" "$failed" "$skipped" $((SECONDS - start)) "$st")")
-	((st == 0)) || fail=1
-	rm -f "$log"
-done <"$root/$bins/packages"
-if [[ -z $ran ]]; then
+seconds() { # a Go-style duration (90s, 35m, 3h) in seconds
+	case $1 in
+	*h) echo $((${1%h} * 3600)) ;; *m) echo $((${1%m} * 60)) ;; *s) echo "${1%s}" ;;
+	*) echo "guest-tests: -timeout $1: use s, m or h" >&2; exit 2 ;;
+	esac
+}
+deadline=$((SECONDS + $(seconds "$timeout")))
+
+# Compile on this host (compiling in the lab would be emulated too).
+pkgs=$(grep -rl --include='*_test.go' '^func TestGuest' . | xargs -n1 dirname | sort -u)
+rm -rf "$bins" && mkdir -p "$bins"
+go build -o bin/govmm ./cmd/govmm
+for p in $pkgs; do
+	go test -c -o "$bins/$(echo "${p#./}" | tr / _).test" "$p"
+done
+# The soak knobs (make soak) reach the tests inside the lab.
+envs=()
+for v in $(compgen -e | grep '^GOVMM_SOAK_' || true); do envs+=(--env "$v=${!v}"); done
+
+fail=0 summary=() ran=0 log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+for p in $pkgs; do
+	pkg=${p#./}
+	# Listing needs no KVM: it runs here.
+	tests=$(cd "$pkg" && "$root/$bins/$(echo "$pkg" | tr / _).test" -test.list "$run" | grep '^TestGuest' || true)
+	for t in $tests; do
+		ran=$((ran + 1))
+		left=$((deadline - SECONDS))
+		if ((left < 60)); then
+			summary+=("$(printf '%-48s not run: out of time (-timeout %s)' "$pkg.$t" "$timeout")")
+			fail=1
+			continue
+		fi
+		start=$SECONDS
+		set +e
+		bin/govmm lab --if-needed --timeout "${left}s" "${envs[@]}" -- \
+			"$root/scripts/guest-tests.sh" --inside "$pkg" -run "^$t\$" -count "$count" -timeout "${left}s" 2>&1 | tee "$log"
+		st=${PIPESTATUS[0]}
+		set -e
+		passed=$(grep -c -- "^--- PASS: $t " "$log" || true)
+		if grep -q -- "--- SKIP: $t " "$log"; then
+			echo "guest-tests: $pkg.$t skipped where Linux boots: that is a failure here"
+			st=1
+		fi
+		if ((st == 0 && passed == 0)); then
+			echo "guest-tests: $pkg.$t did not run"
+			st=1
+		fi
+		summary+=("$(printf '%-48s %s  %4ds' "$pkg.$t" "$( ((st == 0)) && echo pass || echo FAIL)" $((SECONDS - start)))")
+		((st == 0)) || fail=1
+	done
+done
+if ((ran == 0)); then
 	echo "guest-tests: no real-guest test matches $run"
 	fail=1
 fi
-echo "guest-tests: summary ($where):"
+echo "guest-tests: summary (each test in its own L1 where this host's KVM cannot boot Linux):"
 printf '  %s\n' "${summary[@]}"
 exit $fail
