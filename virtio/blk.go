@@ -132,9 +132,6 @@ func NewBlock(mem *guestmem.Memory, host pci.Host, cfg BlockConfig) (*Block, err
 	return b, nil
 }
 
-// Capacity is the disk size in 512-byte sectors.
-func (b *Block) Capacity() uint64 { return b.capacity }
-
 // Close stops the device and closes the image. Idempotent.
 func (b *Block) Close() error {
 	b.transport.close()
