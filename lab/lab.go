@@ -42,6 +42,10 @@ type Config struct {
 	// CPUs and MemMiB size L1; defaults: the host's CPU count (at most 4)
 	// and 8192.
 	CPUs, MemMiB int
+	// TCG is QEMU's TCG threading: "multi" (default, one host thread per
+	// vCPU) or "single" (one thread runs every vCPU in turn: slower, but
+	// free of the races between vCPU threads in QEMU's emulation).
+	TCG string
 	// Timeout bounds the whole run, boot included; default 60 minutes.
 	Timeout time.Duration
 	// Retries is how often a run is repeated when L1 itself died (powered
@@ -109,6 +113,13 @@ func Run(ctx context.Context, cfg Config) (int, error) {
 	}
 	if cfg.MemMiB <= 0 {
 		cfg.MemMiB = 8192
+	}
+	switch cfg.TCG {
+	case "":
+		cfg.TCG = "multi"
+	case "multi", "single":
+	default:
+		return 0, fmt.Errorf("lab: TCG threading %q: multi or single", cfg.TCG)
 	}
 	if cfg.Timeout <= 0 {
 		cfg.Timeout = 60 * time.Minute
@@ -274,7 +285,7 @@ func runOnce(ctx context.Context, cfg Config, img guestimg.Image) (int, error) {
 func qemuArgs(cfg Config, img guestimg.Image, ctl, sock, consoleLog string) []string {
 	args := []string{
 		"-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-		"-accel", "tcg,thread=multi",
+		"-accel", "tcg,thread=" + cfg.TCG,
 		"-cpu", "max",
 		"-smp", strconv.Itoa(cfg.CPUs),
 		"-m", strconv.Itoa(cfg.MemMiB),
