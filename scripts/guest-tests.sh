@@ -48,6 +48,13 @@ seconds() { # a Go-style duration (90s, 35m, 3h) in seconds
 }
 deadline=$((SECONDS + $(seconds "$timeout")))
 
+# lab_crash_seen says whether a test's output shows the lab's known guest
+# crash, only where the lab runs it (on hardware KVM it is a failure).
+lab_crash_seen() {
+	grep -q '^guest-tests: in the lab' "$1" || return 1
+	grep -q -e 'guest triple fault' -e 'asm_exc_page_fault' "$1"
+}
+
 # Compile on this host (compiling in the lab would be emulated too).
 pkgs=$(grep -rl --include='*_test.go' '^func TestGuest' . | xargs -n1 dirname | sort -u)
 rm -rf "$bins" && mkdir -p "$bins"
@@ -73,12 +80,25 @@ for p in $pkgs; do
 			fail=1
 			continue
 		fi
-		start=$SECONDS
-		set +e
-		bin/govmm lab --if-needed --retries "${GUEST_TEST_L1_RETRIES:-3}" --timeout "${left}s" "${envs[@]}" -- \
-			"$root/scripts/guest-tests.sh" --inside "$pkg" -run "^$t\$" -count "$count" -timeout "${left}s" 2>&1 | tee "$log"
-		st=${PIPESTATUS[0]}
-		set -e
+		start=$SECONDS note=
+		for try in 1 2; do
+			left=$((deadline - SECONDS))
+			set +e
+			bin/govmm lab --if-needed --retries "${GUEST_TEST_L1_RETRIES:-3}" --timeout "${left}s" "${envs[@]}" -- \
+				"$root/scripts/guest-tests.sh" --inside "$pkg" -run "^$t\$" -count "$count" -timeout "${left}s" 2>&1 | tee "$log"
+			st=${PIPESTATUS[0]}
+			set -e
+			# The lab's known guest crash (see docs/ARCHITECTURE.md, "The
+			# lab"): a guest kernel taking an interrupt with the user's GS
+			# base (recursive page faults, then a triple fault), the same
+			# fault that kills L1's own kernel. One more run, said loudly.
+			if ((st != 0 && try == 1 && left > 300)) && lab_crash_seen "$log"; then
+				echo "guest-tests: $pkg.$t: a guest died of the lab's known crash (guest triple fault / recursive page fault); running the test once more"
+				note=" (after the lab's guest crash)"
+				continue
+			fi
+			break
+		done
 		passed=$(grep -c -- "^--- PASS: $t " "$log" || true)
 		if grep -q -- "--- SKIP: $t " "$log"; then
 			echo "guest-tests: $pkg.$t skipped where Linux boots: that is a failure here"
@@ -88,7 +108,7 @@ for p in $pkgs; do
 			echo "guest-tests: $pkg.$t did not run"
 			st=1
 		fi
-		summary+=("$(printf '%-48s %s  %4ds' "$pkg.$t" "$( ((st == 0)) && echo pass || echo FAIL)" $((SECONDS - start)))")
+		summary+=("$(printf '%-48s %s  %4ds%s' "$pkg.$t" "$( ((st == 0)) && echo pass || echo FAIL)" $((SECONDS - start)) "$note")")
 		((st == 0)) || fail=1
 	done
 done
