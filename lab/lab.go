@@ -291,10 +291,11 @@ func qemuArgs(cfg Config, img guestimg.Image, ctl, sock, consoleLog string) []st
 		"-m", strconv.Itoa(cfg.MemMiB),
 		"-kernel", img.Kernel,
 		"-initrd", img.Initrd,
-		// softlockup_panic: an L1 whose CPU is stuck (seen under QEMU's
-		// emulated SVM, rarely) dies at once, and the run is retried,
-		// rather than hanging until the timeout.
-		"-append", "console=ttyS0 panic=-1 softlockup_panic=1 quiet loglevel=4",
+		// softlockup_panic, panic_on_rcu_stall: an L1 whose CPU is stuck
+		// (seen under QEMU's emulated SVM: a soft lockup, or a CPU that
+		// stops taking timer interrupts) dies at once, and the run is
+		// retried, rather than hanging until the timeout.
+		"-append", "console=ttyS0 panic=-1 softlockup_panic=1 sysctl.kernel.panic_on_rcu_stall=1 quiet loglevel=4",
 		"-chardev", "file,id=console,path=" + consoleLog,
 		"-serial", "chardev:console",
 		"-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
