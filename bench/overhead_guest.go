@@ -150,10 +150,7 @@ func overheadGuestTrial(ctx context.Context, cfg OverheadGuestConfig, dir string
 	var disks [2]string
 	for i := range disks {
 		disks[i] = filepath.Join(dir, fmt.Sprintf("disk%d.img", i))
-		if err := os.WriteFile(disks[i], nil, 0o644); err != nil {
-			return s, err
-		}
-		if err := os.Truncate(disks[i], 64<<20); err != nil {
+		if err := blankDisk(disks[i], 64<<20); err != nil {
 			return s, err
 		}
 	}
@@ -203,7 +200,7 @@ func overheadGuestTrial(ctx context.Context, cfg OverheadGuestConfig, dir string
 		}
 	}
 	base := fmt.Sprintf("http://127.0.0.1:%d", port)
-	if err := waitService(ctx, base, prim); err != nil {
+	if err := awaitHealthy(ctx, &http.Client{Timeout: 2 * time.Second}, base, prim, 200*time.Millisecond, time.Now().Add(10*time.Minute)); err != nil {
 		return s, err
 	}
 	var m0, m1 map[string]float64
@@ -228,25 +225,6 @@ func overheadGuestTrial(ctx context.Context, cfg OverheadGuestConfig, dir string
 	slices.Sort(lat)
 	s.P50, s.P99 = lat[len(lat)/2], lat[min(len(lat)-1, len(lat)*99/100)]
 	return s, nil
-}
-
-// waitService polls GET /healthz until the guest's demo service answers.
-func waitService(ctx context.Context, base string, p *proc) error {
-	client := &http.Client{Timeout: 2 * time.Second}
-	deadline := time.Now().Add(10 * time.Minute)
-	for get(ctx, client, base+"/healthz") != nil {
-		if time.Now().After(deadline) {
-			return errors.New("the guest's demo service does not answer")
-		}
-		select {
-		case <-p.exited:
-			return fmt.Errorf("govmm exited: %s", lastLine(p.stderr.String()))
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(200 * time.Millisecond):
-		}
-	}
-	return nil
 }
 
 // loadWindow drives POST /incr on clients keep-alive connections for
