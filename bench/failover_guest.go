@@ -11,7 +11,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"time"
 )
 
@@ -140,13 +139,8 @@ func failoverGuestTrial(ctx context.Context, cfg FailoverGuestConfig, dir, keyFi
 			return s, err
 		}
 	}
-	to := cfg.Timeout.String()
-	common := []string{"--failover-timeout", to, "--key-file", keyFile,
-		"--name", fmt.Sprintf("bench-guest-%s-%v-%d", mode, witness != "", trial)}
-	if witness != "" {
-		common = append(common, "--witness", witness, "--witness-lease", to)
-	}
-	sb, err := startProc(cfg.Govmm, append([]string{"standby", "--listen", streamAddr, "--net", "user",
+	common := replicationFlags(cfg.Timeout, keyFile, fmt.Sprintf("bench-guest-%s-%v-%d", mode, witness != "", trial), witness)
+	sb, err := startStandbyProc(ctx, cfg.Govmm, time.Minute, append([]string{"--listen", streamAddr, "--net", "user",
 		"--publish", fmt.Sprintf("127.0.0.1:%d:80", ports[2]), "--disk", disks[1]}, common...)...)
 	if err != nil {
 		return s, err
@@ -157,9 +151,6 @@ func failoverGuestTrial(ctx context.Context, cfg FailoverGuestConfig, dir, keyFi
 			sb.keepLogs(cfg.Out, failed+"-standby")
 		}
 	}()
-	if err := waitFor(ctx, sb.stderr, sb.exited, "listening on", time.Minute); err != nil {
-		return s, fmt.Errorf("standby: %w", err)
-	}
 	prim, err := startProc(cfg.Govmm, append([]string{"run", "--kernel", cfg.Kernel, "--initrd", cfg.Initrd, "--replicate-to", streamAddr, "--net", "user",
 		"--publish", fmt.Sprintf("127.0.0.1:%d:80", ports[1]), "--disk", disks[0]}, common...)...)
 	if err != nil {
@@ -186,10 +177,7 @@ func failoverGuestTrial(ctx context.Context, cfg FailoverGuestConfig, dir, keyFi
 			return s, fmt.Errorf("POST /incr on the primary: %w", err)
 		}
 	}
-	sig := syscall.SIGKILL
-	if mode == FailStop {
-		sig = syscall.SIGSTOP
-	}
+	sig := failSignal(mode)
 	t0 := time.Now()
 	if err := prim.signal(sig); err != nil {
 		return s, err
@@ -200,14 +188,7 @@ func failoverGuestTrial(ctx context.Context, cfg FailoverGuestConfig, dir, keyFi
 		return s, fmt.Errorf("standby, after the primary's %v: %w", sig, err)
 	}
 	s.Answer = time.Since(t0)
-	if m := tookOver.FindStringSubmatch(sb.stderr.String()); m != nil {
-		s.Cause = m[1]
-		s.Epoch, _ = strconv.ParseUint(m[2], 10, 64)
-		s.Takeover, _ = time.ParseDuration(m[3])
-	}
-	if m := claimed.FindStringSubmatch(sb.stderr.String()); m != nil {
-		s.Claim, _ = time.ParseDuration(m[1])
-	}
+	s.readStandbyLog(sb.stderr.String())
 	return s, nil
 }
 
