@@ -1,7 +1,6 @@
 package guestimg
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"crypto/sha256"
@@ -343,51 +342,6 @@ func (b *builder) ensureBase(ctx context.Context, m *debManifest) (string, error
 		return "", fmt.Errorf("store base: %w", err)
 	}
 	return dir, nil
-}
-
-// unpack extracts the packages files (names in the debs directory) into
-// root, all at once.
-func (b *builder) unpack(ctx context.Context, files []string, root string) error {
-	start := time.Now()
-	b.logf("unpacking %d packages", len(files))
-	var wg sync.WaitGroup
-	errs := make([]error, len(files))
-	for i, f := range files {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			cmd := exec.CommandContext(ctx, "dpkg-deb", "-x", filepath.Join(b.debsDir(), f), root)
-			if o, err := cmd.CombinedOutput(); err != nil {
-				errs[i] = fmt.Errorf("dpkg-deb -x %s: %w: %s", f, err, lastLines(o, 3))
-			}
-		}()
-	}
-	wg.Wait()
-	if err := errors.Join(errs...); err != nil {
-		return err
-	}
-	b.logf("unpacked in %v", time.Since(start).Round(time.Millisecond))
-	return nil
-}
-
-// writeArchive writes t as a newc cpio archive to path, synced.
-func writeArchive(path string, t *tree) error {
-	f, err := os.Create(path)
-	if err != nil {
-		return err
-	}
-	bw := bufio.NewWriterSize(f, 1<<20)
-	werr := t.write(newCPIOWriter(bw))
-	if werr == nil {
-		werr = bw.Flush()
-	}
-	if werr == nil {
-		werr = f.Sync()
-	}
-	if cerr := f.Close(); werr == nil {
-		werr = cerr
-	}
-	return werr
 }
 
 // baseTree lays out the package part of the initramfs from the unpacked
