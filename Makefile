@@ -4,7 +4,7 @@ BIN       := bin/govmm
 RACE_PKGS := ./vmm/... ./virtio/... ./internal/... ./guestimg/... ./dirtylog/... ./ctlapi/... ./replicate/...
 FUZZTIME  ?= 20s
 
-.PHONY: all build image run demo soak test test-guest vet fuzz bench bench-quick clean deps
+.PHONY: all build image run demo soak soak-host soak-migrations soak-failovers soak-fencing test test-guest vet fuzz bench bench-quick clean deps
 
 all: build
 
@@ -31,22 +31,40 @@ demo: deps image
 	scripts/demo.sh
 
 # Many failovers at random moments (tests with SIGKILLed primaries), then
-# the real guest where Linux boots (the lab here): SOAK_MIGRATIONS live
-# migrations under load, each checked page by page at the cut, and
-# SOAK_FAILOVERS SIGKILLed primaries with a keep-alive client carrying on
-# (each trial logs its failover time, and the test their distribution),
-# and SOAK_FENCING fencing trials with a witness on one guest: SIGKILL,
-# SIGSTOP past the timeout, short SIGSTOP or a cut primary<->standby link
-# at random moments, checked for one emitter on the wire and the history.
-SOAK_COUNT      ?= 20
-SOAK_MIGRATIONS ?= 10
-SOAK_FAILOVERS  ?= 20
-SOAK_FENCING    ?= 50
-soak: build image
+# the real guest where Linux boots (the lab here), each run in an L1 of
+# its own so that one lab crash costs one run, not the soak:
+#   soak-migrations  SOAK_MIGRATIONS live migrations under load, one after
+#                    the other on one guest, each checked page by page at
+#                    the cut;
+#   soak-failovers   SOAK_FAILOVERS SIGKILLed primaries (one boot each) with
+#                    a keep-alive client carrying on; then the distribution
+#                    of the failover time (SIGKILL to the first answer);
+#   soak-fencing     SOAK_FENCING fencing trials with a witness, in
+#                    SOAK_FENCING_RUNS boots: SIGKILL, SIGSTOP past the
+#                    timeout, short SIGSTOP or a cut primary<->standby link
+#                    at random moments, checked for one emitter on the
+#                    wire and the client's history.
+SOAK_COUNT        ?= 20
+SOAK_MIGRATIONS   ?= 10
+SOAK_FAILOVERS    ?= 20
+SOAK_FENCING      ?= 50
+SOAK_FENCING_RUNS ?= 5
+SOAK_LOGS = bin/guest-tests/logs
+soak: soak-host soak-migrations soak-failovers soak-fencing
+soak-host: build image
 	$(GO) test -count=$(SOAK_COUNT) -run 'TestReplicationFailover|TestReplicatedDiskFollowsCheckpoints' ./replicate/
 	$(GO) test -count=$(SOAK_COUNT) -run 'TestReplicateAndFailover|TestReprotectAndFailOverAgain' ./cmd/govmm/
-	GOVMM_SOAK_MIGRATIONS=$(SOAK_MIGRATIONS) GOVMM_SOAK_FAILOVERS=$(SOAK_FAILOVERS) GOVMM_SOAK_FENCING=$(SOAK_FENCING) \
-		scripts/guest-tests.sh -timeout 3h -run '^(TestGuestMigrateUnderLoad|TestGuestFailoverKeepsConnection|TestGuestFencingStoppedPrimary)$$'
+soak-migrations: build image
+	GOVMM_SOAK_MIGRATIONS=$(SOAK_MIGRATIONS) scripts/guest-tests.sh -timeout 3h -run '^TestGuestMigrateUnderLoad$$'
+soak-failovers: build image
+	scripts/guest-tests.sh -timeout 3h -count $(SOAK_FAILOVERS) -run '^TestGuestFailoverKeepsConnection$$'
+	@grep -ho --exclude='*.crashed.log' 'failover (SIGKILL to the first answer) [0-9.]*m\?s' \
+		$(SOAK_LOGS)/cmd_govmm.TestGuestFailoverKeepsConnection.*.log | \
+		awk '{v=$$NF; if (v ~ /ms$$/) {sub(/ms$$/,"",v); v/=1000} else sub(/s$$/,"",v); print v}' | sort -n | \
+		awk '{a[NR]=$$1} END {if (NR) printf "soak: failover time (SIGKILL to the first answer) over %d trials: min %.3f s, median %.3f s, max %.3f s\n", NR, a[1], a[int((NR+1)/2)], a[NR]}'
+soak-fencing: build image
+	GOVMM_SOAK_FENCING=$$(( $(SOAK_FENCING) / $(SOAK_FENCING_RUNS) - 1 )) \
+		scripts/guest-tests.sh -timeout 3h -count $(SOAK_FENCING_RUNS) -run '^TestGuestFencingStoppedPrimary$$'
 
 vet:
 	@test -z "$$(gofmt -l . | tee /dev/stderr)" || { echo "gofmt: files above need formatting"; exit 1; }

@@ -257,21 +257,13 @@ func failoverTrial(ctx context.Context, cfg FailoverConfig, dir, kernel, initrd,
 	sbSock, pSock := filepath.Join(dir, "standby.sock"), filepath.Join(dir, "primary.sock")
 	_ = os.Remove(sbSock)
 	_ = os.Remove(pSock)
-	to := timeout.String()
 	// Each trial is its own VM at the witness (a fresh generation 1).
-	common := []string{"--net", "none", "--failover-timeout", to, "--key-file", keyFile,
-		"--name", fmt.Sprintf("bench-%s-%v-%d", mode, timeout, trial)}
-	if witness != "" {
-		common = append(common, "--witness", witness, "--witness-lease", to)
-	}
-	sb, err := startProc(cfg.Govmm, append([]string{"standby", "--listen", addr, "--api-sock", sbSock}, common...)...)
+	common := append([]string{"--net", "none"}, replicationFlags(timeout, keyFile, fmt.Sprintf("bench-%s-%v-%d", mode, timeout, trial), witness)...)
+	sb, err := startStandbyProc(ctx, cfg.Govmm, 30*time.Second, append([]string{"--listen", addr, "--api-sock", sbSock}, common...)...)
 	if err != nil {
 		return s, err
 	}
 	defer sb.kill()
-	if err := waitFor(ctx, sb.stderr, sb.exited, "listening on", 30*time.Second); err != nil {
-		return s, fmt.Errorf("standby: %w", err)
-	}
 	prim, err := startProc(cfg.Govmm, append([]string{"run", "--kernel", kernel, "--initrd", initrd, "--mem", "64M",
 		"--api-sock", pSock, "--replicate-to", addr, "--epoch", cfg.Epoch.String()}, common...)...)
 	if err != nil {
@@ -283,49 +275,93 @@ func failoverTrial(ctx context.Context, cfg FailoverConfig, dir, kernel, initrd,
 	}
 	time.Sleep(10*cfg.Epoch + 100*time.Millisecond) // some checkpoints commit
 
-	sig := syscall.SIGKILL
-	if mode == FailStop {
-		sig = syscall.SIGSTOP
-	}
 	client := ctlapi.NewClient(sbSock)
 	defer client.Close()
 	t0 := time.Now()
-	if err := prim.signal(sig); err != nil {
+	if err := prim.signal(failSignal(mode)); err != nil {
 		return s, err
 	}
-	deadline := t0.Add(timeout + 30*time.Second)
+	if s.Answer, err = awaitTakeover(ctx, client, sb, t0, t0.Add(timeout+30*time.Second)); err != nil {
+		return s, err
+	}
+	s.readStandbyLog(sb.stderr.String())
+	return s, nil
+}
+
+// replicationFlags are the flags a trial's primary and standby share:
+// both ends' failover timeout, the key, the VM's name (each trial is a VM
+// of its own at the witness) and, with a witness, its address and a lease
+// of the failover timeout.
+func replicationFlags(timeout time.Duration, keyFile, name, witness string) []string {
+	to := timeout.String()
+	f := []string{"--failover-timeout", to, "--key-file", keyFile, "--name", name}
+	if witness != "" {
+		f = append(f, "--witness", witness, "--witness-lease", to)
+	}
+	return f
+}
+
+// startStandbyProc starts `govmm standby args...` and waits up to wait for
+// it to listen.
+func startStandbyProc(ctx context.Context, govmm string, wait time.Duration, args ...string) (*proc, error) {
+	sb, err := startProc(govmm, append([]string{"standby"}, args...)...)
+	if err != nil {
+		return nil, err
+	}
+	if err := waitFor(ctx, sb.stderr, sb.exited, "listening on", wait); err != nil {
+		sb.kill()
+		return nil, fmt.Errorf("standby: %w", err)
+	}
+	return sb, nil
+}
+
+// failSignal is how a trial of mode fails its primary.
+func failSignal(mode string) syscall.Signal {
+	if mode == FailStop {
+		return syscall.SIGSTOP
+	}
+	return syscall.SIGKILL
+}
+
+// awaitTakeover polls the standby's control API until it no longer
+// stands by, and returns how long after t0 that was.
+func awaitTakeover(ctx context.Context, client *ctlapi.Client, sb *proc, t0, deadline time.Time) (time.Duration, error) {
 	for {
 		cctx, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
 		info, err := client.Info(cctx)
 		cancel()
 		if err == nil && info.State != "standing by" { // the standby's API answers while standing by too
-			s.Answer = time.Since(t0)
-			break
+			return time.Since(t0), nil
 		}
 		if err == nil {
 			err = fmt.Errorf("still standing by: %s", info.Fencing)
 		}
 		select {
 		case <-sb.exited:
-			return s, fmt.Errorf("standby exited: %s", lastLine(sb.stderr.String()))
+			return 0, fmt.Errorf("standby exited: %s", lastLine(sb.stderr.String()))
 		case <-ctx.Done():
-			return s, ctx.Err()
+			return 0, ctx.Err()
 		default:
 		}
 		if time.Now().After(deadline) {
-			return s, fmt.Errorf("standby did not answer within %v: %v", deadline.Sub(t0), err)
+			return 0, fmt.Errorf("standby did not answer within %v: %v", deadline.Sub(t0), err)
 		}
 		time.Sleep(500 * time.Microsecond)
 	}
-	if m := tookOver.FindStringSubmatch(sb.stderr.String()); m != nil {
+}
+
+// readStandbyLog fills in what the standby logged of its takeover: the
+// cause, the checkpoint it resumed from, how long the takeover and (with
+// a witness) the claim took.
+func (s *FailoverSample) readStandbyLog(log string) {
+	if m := tookOver.FindStringSubmatch(log); m != nil {
 		s.Cause = m[1]
 		s.Epoch, _ = strconv.ParseUint(m[2], 10, 64)
 		s.Takeover, _ = time.ParseDuration(m[3])
 	}
-	if m := claimed.FindStringSubmatch(sb.stderr.String()); m != nil {
+	if m := claimed.FindStringSubmatch(log); m != nil {
 		s.Claim, _ = time.ParseDuration(m[1])
 	}
-	return s, nil
 }
 
 type failoverGroup struct {

@@ -11,7 +11,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"time"
 )
 
@@ -35,7 +34,11 @@ type FailoverGuestConfig struct {
 // from its new home.
 type FailoverGuestResult struct {
 	Samples []FailoverSample
-	Config  FailoverGuestConfig
+	// Failed are the trials that broke before a failover could be timed
+	// (a guest or a VMM died, the standby never answered), each with why;
+	// their VMMs' logs and consoles are kept beside the results.
+	Failed []string
+	Config FailoverGuestConfig
 }
 
 // FailoverGuest boots the default guest under `govmm run --replicate-to`
@@ -81,8 +84,14 @@ func FailoverGuest(ctx context.Context, cfg FailoverGuestConfig) (*FailoverGuest
 					witAddr = wit.addr
 				}
 				s, err := failoverGuestTrial(ctx, cfg, dir, keyFile, witAddr, mode, trial)
+				if ctx.Err() != nil {
+					return res, ctx.Err()
+				}
 				if err != nil {
-					return res, fmt.Errorf("failover-guest %s witness %v trial %d: %w", mode, w, trial, err)
+					f := fmt.Sprintf("%s witness %v trial %d: %v", mode, w, trial, err)
+					fmt.Fprintf(cfg.Log, "failover-guest: FAILED %s\n", f)
+					res.Failed = append(res.Failed, f)
+					continue
 				}
 				fmt.Fprintf(cfg.Log, "failover-guest: %-7s witness %-5v trial %d: first answer after %7.1f ms (takeover %v, claim %v, at epoch %d)\n",
 					mode, w, trial, msOf(s.Answer), s.Takeover, s.Claim, s.Epoch)
@@ -94,6 +103,9 @@ func FailoverGuest(ctx context.Context, cfg FailoverGuestConfig) (*FailoverGuest
 		if err := res.write(cfg.Out); err != nil {
 			return res, err
 		}
+	}
+	if len(res.Samples) == 0 {
+		return res, fmt.Errorf("failover-guest: every trial failed, the first: %s", res.Failed[0])
 	}
 	return res, nil
 }
@@ -108,8 +120,9 @@ func freeLoopbackPort() (int, error) {
 	return ln.Addr().(*net.TCPAddr).Port, nil
 }
 
-func failoverGuestTrial(ctx context.Context, cfg FailoverGuestConfig, dir, keyFile, witness, mode string, trial int) (FailoverSample, error) {
-	s := FailoverSample{Mode: mode, Timeout: cfg.Timeout, Witness: witness != "", Trial: trial}
+func failoverGuestTrial(ctx context.Context, cfg FailoverGuestConfig, dir, keyFile, witness, mode string, trial int) (s FailoverSample, rerr error) {
+	s = FailoverSample{Mode: mode, Timeout: cfg.Timeout, Witness: witness != "", Trial: trial}
+	failed := fmt.Sprintf("failover_guest-failed-%s-%v-%d", mode, witness != "", trial)
 	var ports [3]int
 	for i := range ports {
 		p, err := freeLoopbackPort()
@@ -126,27 +139,29 @@ func failoverGuestTrial(ctx context.Context, cfg FailoverGuestConfig, dir, keyFi
 			return s, err
 		}
 	}
-	to := cfg.Timeout.String()
-	common := []string{"--failover-timeout", to, "--key-file", keyFile,
-		"--name", fmt.Sprintf("bench-guest-%s-%v-%d", mode, witness != "", trial)}
-	if witness != "" {
-		common = append(common, "--witness", witness, "--witness-lease", to)
-	}
-	sb, err := startProc(cfg.Govmm, append([]string{"standby", "--listen", streamAddr, "--net", "user",
+	common := replicationFlags(cfg.Timeout, keyFile, fmt.Sprintf("bench-guest-%s-%v-%d", mode, witness != "", trial), witness)
+	sb, err := startStandbyProc(ctx, cfg.Govmm, time.Minute, append([]string{"--listen", streamAddr, "--net", "user",
 		"--publish", fmt.Sprintf("127.0.0.1:%d:80", ports[2]), "--disk", disks[1]}, common...)...)
 	if err != nil {
 		return s, err
 	}
 	defer sb.kill()
-	if err := waitFor(ctx, sb.stderr, sb.exited, "listening on", time.Minute); err != nil {
-		return s, fmt.Errorf("standby: %w", err)
-	}
+	defer func() {
+		if rerr != nil {
+			sb.keepLogs(cfg.Out, failed+"-standby")
+		}
+	}()
 	prim, err := startProc(cfg.Govmm, append([]string{"run", "--kernel", cfg.Kernel, "--initrd", cfg.Initrd, "--replicate-to", streamAddr, "--net", "user",
 		"--publish", fmt.Sprintf("127.0.0.1:%d:80", ports[1]), "--disk", disks[0]}, common...)...)
 	if err != nil {
 		return s, err
 	}
 	defer prim.kill()
+	defer func() {
+		if rerr != nil {
+			prim.keepLogs(cfg.Out, failed+"-primary")
+		}
+	}()
 	if err := waitFor(ctx, prim.stderr, prim.exited, "protected by", 10*time.Minute); err != nil {
 		return s, fmt.Errorf("primary: %w", err)
 	}
@@ -162,10 +177,7 @@ func failoverGuestTrial(ctx context.Context, cfg FailoverGuestConfig, dir, keyFi
 			return s, fmt.Errorf("POST /incr on the primary: %w", err)
 		}
 	}
-	sig := syscall.SIGKILL
-	if mode == FailStop {
-		sig = syscall.SIGSTOP
-	}
+	sig := failSignal(mode)
 	t0 := time.Now()
 	if err := prim.signal(sig); err != nil {
 		return s, err
@@ -176,14 +188,7 @@ func failoverGuestTrial(ctx context.Context, cfg FailoverGuestConfig, dir, keyFi
 		return s, fmt.Errorf("standby, after the primary's %v: %w", sig, err)
 	}
 	s.Answer = time.Since(t0)
-	if m := tookOver.FindStringSubmatch(sb.stderr.String()); m != nil {
-		s.Cause = m[1]
-		s.Epoch, _ = strconv.ParseUint(m[2], 10, 64)
-		s.Takeover, _ = time.ParseDuration(m[3])
-	}
-	if m := claimed.FindStringSubmatch(sb.stderr.String()); m != nil {
-		s.Claim, _ = time.ParseDuration(m[1])
-	}
+	s.readStandbyLog(sb.stderr.String())
 	return s, nil
 }
 
@@ -294,6 +299,12 @@ func (r *FailoverGuestResult) Report() string {
 			}
 			sa := Summarize(a)
 			fmt.Fprintf(&b, "| %s | %s | %d | %.0f | %.0f | %.0f | %.0f | %.0f |\n", mode, yes, sa.N, sa.Median, sa.Min, sa.Max, Summarize(tk).Median, Summarize(cl).Median)
+		}
+	}
+	if len(r.Failed) > 0 {
+		fmt.Fprintf(&b, "\n%d trial(s) failed and are not in the table (their logs: `failover_guest-failed-*`):\n\n", len(r.Failed))
+		for _, f := range r.Failed {
+			fmt.Fprintf(&b, "- %s\n", f)
 		}
 	}
 	return b.String()

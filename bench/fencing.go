@@ -160,12 +160,8 @@ func fencingRun(ctx context.Context, cfg FencingConfig, key []byte, witnessAddr,
 	if err := waitPasses(ctx, m, 1, time.Minute); err != nil {
 		return nil, tr, err
 	}
-	vm := fmt.Sprintf("bench-%d-%s", trial, strings.ReplaceAll(mode, " ", "-"))
-	vm = strings.ReplaceAll(vm, ",", "")
-	lease := cfg.Lease
-	if mode == FenceShortLease {
-		lease = cfg.Lease / 20
-	}
+	vm := strings.ReplaceAll(fmt.Sprintf("bench-%d-%s", trial, strings.ReplaceAll(mode, " ", "-")), ",", "")
+	lease := cfg.leaseOf(mode)
 	if mode != FenceNone {
 		tr.Lease = lease
 	}
@@ -213,22 +209,34 @@ func fencingRun(ctx context.Context, cfg FencingConfig, key []byte, witnessAddr,
 		return nil, tr, err
 	}
 	tr.Window = time.Since(start)
-	after := w.traffic(wire)
-	tr.BytesUp, tr.BytesDown = after.BytesUp-before.BytesUp, after.BytesDown-before.BytesDown
-	tr.Renewals, tr.Failures = after.Renewals-before.Renewals, after.Failures-before.Failures
-	tr.Held, tr.Frames = after.Held, after.Frames-before.Frames
+	tr.countBetween(before, w.traffic(wire))
 	stopNIC()
 	var samples []FencingSample
 	for _, es := range rep.Recent() {
 		if len(samples) == cfg.Epochs {
 			break
 		}
-		if es.Epoch <= first {
-			continue
+		if es.Epoch > first {
+			samples = append(samples, FencingSample{Mode: mode, Trial: trial, Stats: es})
 		}
-		samples = append(samples, FencingSample{Mode: mode, Trial: trial, Stats: es})
 	}
 	return samples, tr, nil
+}
+
+// leaseOf is the lease a trial of mode asks the witness for.
+func (cfg FencingConfig) leaseOf(mode string) time.Duration {
+	if mode == FenceShortLease {
+		return cfg.Lease / 20
+	}
+	return cfg.Lease
+}
+
+// countBetween sets tr's counts to the traffic between two readings (the frames
+// held are the last reading's).
+func (tr *FencingTraffic) countBetween(before, after FencingTraffic) {
+	tr.BytesUp, tr.BytesDown = after.BytesUp-before.BytesUp, after.BytesDown-before.BytesDown
+	tr.Renewals, tr.Failures = after.Renewals-before.Renewals, after.Failures-before.Failures
+	tr.Held, tr.Frames = after.Held, after.Frames-before.Frames
 }
 
 // fencingWitness is what a trial with a witness adds: the primary's lease

@@ -169,7 +169,7 @@ func overheadGuestTrial(ctx context.Context, cfg OverheadGuestConfig, dir string
 		}
 		addr := fmt.Sprintf("127.0.0.1:%d", sport)
 		to := cfg.Timeout.String()
-		sb, err := startProc(cfg.Govmm, "standby", "--listen", addr, "--net", "user", "--disk", disks[1], "--failover-timeout", to)
+		sb, err := startStandbyProc(ctx, cfg.Govmm, time.Minute, "--listen", addr, "--net", "user", "--disk", disks[1], "--failover-timeout", to)
 		if err != nil {
 			return s, err
 		}
@@ -179,9 +179,6 @@ func overheadGuestTrial(ctx context.Context, cfg OverheadGuestConfig, dir string
 				sb.keepLogs(cfg.Out, fmt.Sprintf("overhead_guest-failed-%s-%d-standby", epochFile(epoch), trial))
 			}
 		}()
-		if err := waitFor(ctx, sb.stderr, sb.exited, "listening on", time.Minute); err != nil {
-			return s, fmt.Errorf("standby: %w", err)
-		}
 		args = append(args, "--replicate-to", addr, "--epoch", epoch.String(), "--failover-timeout", to)
 	}
 	prim, err := startProc(cfg.Govmm, args...)

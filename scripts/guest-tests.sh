@@ -13,7 +13,8 @@
 #
 # Usage: scripts/guest-tests.sh [-run REGEXP] [-count N] [-timeout DUR]
 #   -run      which tests (default ^TestGuest; only TestGuest* ever run)
-#   -count    run each N times (soak)
+#   -count    run each N times (soak), each run in an L1 of its own; a
+#             failed run does not stop the next; the summary counts them
 #   -timeout  for the whole run, every L1 boot included (default 35m: CI
 #             must end within 60); Go duration units s, m or h
 set -euo pipefail
@@ -37,7 +38,7 @@ export GOVMM_BIN=$root/bin/govmm
 if [[ -n $inside ]]; then
 	[[ ${GOVMM_LAB:-} == 1 ]] && echo "guest-tests: in the lab ($inside, $run)"
 	cd "$inside"
-	exec "$root/$bins/$(echo "$inside" | tr / _).test" -test.run "$run" -test.count "$count" -test.v -test.timeout "$timeout"
+	exec "$root/$bins/$(echo "$inside" | tr / _).test" -test.run "$run" -test.v -test.timeout "$timeout"
 fi
 
 seconds() { # a Go-style duration (90s, 35m, 3h) in seconds
@@ -66,50 +67,75 @@ done
 envs=()
 for v in $(compgen -e | grep '^GOVMM_SOAK_' || true); do envs+=(--env "$v=${!v}"); done
 
-fail=0 summary=() ran=0 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+# Each run's output is kept in $logs (make soak reads its numbers there).
+logs=$bins/logs
+mkdir -p "$logs"
+fail=0 summary=() ran=0
+
+# run_once runs test $2 of package $1 once, in an L1 of its own where
+# needed, its output in log file $3; it sets st (0: passed) and note.
+run_once() {
+	local pkg=$1 t=$2 log=$3 try left passed
+	note=
+	for try in 1 2; do
+		left=$((deadline - SECONDS))
+		set +e
+		bin/govmm lab --if-needed --retries "${GUEST_TEST_L1_RETRIES:-3}" --timeout "${left}s" "${envs[@]}" -- \
+			"$root/scripts/guest-tests.sh" --inside "$pkg" -run "^$t\$" -timeout "${left}s" 2>&1 | tee "$log"
+		st=${PIPESTATUS[0]}
+		set -e
+		# The lab's known guest crash (see docs/ARCHITECTURE.md, "The
+		# lab"): a guest kernel taking an interrupt with the user's GS
+		# base (recursive page faults, then a triple fault), the same
+		# fault that kills L1's own kernel. One more run, said loudly.
+		if ((st != 0 && try == 1 && left > 300)) && lab_crash_seen "$log"; then
+			echo "guest-tests: $pkg.$t: a guest died of the lab's known crash (guest triple fault / recursive page fault); running the test once more"
+			cp "$log" "${log%.log}.crashed.log"
+			note=" (after the lab's guest crash)"
+			continue
+		fi
+		break
+	done
+	passed=$(grep -c -- "^--- PASS: $t " "$log" || true)
+	if grep -q -- "--- SKIP: $t " "$log"; then
+		echo "guest-tests: $pkg.$t skipped where Linux boots: that is a failure here"
+		st=1
+	fi
+	if ((st == 0 && passed == 0)); then
+		echo "guest-tests: $pkg.$t did not run"
+		st=1
+	fi
+}
+
 for p in $pkgs; do
 	pkg=${p#./}
 	# Listing needs no KVM: it runs here.
 	tests=$(cd "$pkg" && "$root/$bins/$(echo "$pkg" | tr / _).test" -test.list "$run" | grep '^TestGuest' || true)
 	for t in $tests; do
 		ran=$((ran + 1))
-		left=$((deadline - SECONDS))
-		if ((left < 60)); then
-			summary+=("$(printf '%-48s not run: out of time (-timeout %s)' "$pkg.$t" "$timeout")")
-			fail=1
-			continue
-		fi
-		start=$SECONDS note=
-		for try in 1 2; do
-			left=$((deadline - SECONDS))
-			set +e
-			bin/govmm lab --if-needed --retries "${GUEST_TEST_L1_RETRIES:-3}" --timeout "${left}s" "${envs[@]}" -- \
-				"$root/scripts/guest-tests.sh" --inside "$pkg" -run "^$t\$" -count "$count" -timeout "${left}s" 2>&1 | tee "$log"
-			st=${PIPESTATUS[0]}
-			set -e
-			# The lab's known guest crash (see docs/ARCHITECTURE.md, "The
-			# lab"): a guest kernel taking an interrupt with the user's GS
-			# base (recursive page faults, then a triple fault), the same
-			# fault that kills L1's own kernel. One more run, said loudly.
-			if ((st != 0 && try == 1 && left > 300)) && lab_crash_seen "$log"; then
-				echo "guest-tests: $pkg.$t: a guest died of the lab's known crash (guest triple fault / recursive page fault); running the test once more"
-				note=" (after the lab's guest crash)"
-				continue
+		start=$SECONDS passes=0 crashes=0 runs=0
+		for ((rep = 1; rep <= count; rep++)); do
+			if ((deadline - SECONDS < 60)); then
+				break
 			fi
-			break
+			((count == 1)) || echo "guest-tests: $pkg.$t run $rep/$count"
+			run_once "$pkg" "$t" "$logs/$(echo "$pkg" | tr / _).$t.$rep.log"
+			runs=$((runs + 1))
+			[[ -z $note ]] || crashes=$((crashes + 1))
+			((st == 0)) && passes=$((passes + 1))
 		done
-		passed=$(grep -c -- "^--- PASS: $t " "$log" || true)
-		if grep -q -- "--- SKIP: $t " "$log"; then
-			echo "guest-tests: $pkg.$t skipped where Linux boots: that is a failure here"
-			st=1
+		if ((runs < count)); then
+			what="$( ((runs == 0)) && echo "not run" || echo "$passes of $runs passed") ($((count - runs)) not run: out of time, -timeout $timeout)"
+			fail=1
+		elif ((passes == count)); then
+			what=pass
+		else
+			what="FAIL$( ((count > 1)) && echo ": $passes of $count passed")"
+			fail=1
 		fi
-		if ((st == 0 && passed == 0)); then
-			echo "guest-tests: $pkg.$t did not run"
-			st=1
-		fi
-		summary+=("$(printf '%-48s %s  %4ds%s' "$pkg.$t" "$( ((st == 0)) && echo pass || echo FAIL)" $((SECONDS - start)) "$note")")
-		((st == 0)) || fail=1
+		((count == 1)) || [[ $what != pass ]] || what="pass ($count of $count)"
+		((crashes == 0)) || note=" (after the lab's guest crash$( ((count > 1)) && echo " in $crashes runs"))"
+		summary+=("$(printf '%-48s %s  %4ds%s' "$pkg.$t" "$what" $((SECONDS - start)) "$note")")
 	done
 done
 if ((ran == 0)); then

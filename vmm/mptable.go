@@ -51,86 +51,38 @@ func MPTable(addr uint64, ncpus int, pci []PCIIRQ) ([]byte, error) {
 	if ncpus < 1 || ncpus > 254 {
 		return nil, fmt.Errorf("mp table: %d cpus out of range 1..254", ncpus)
 	}
-	le := binary.LittleEndian
 	ioapicID := uint8(ncpus)
-
-	var ents []byte
-	count := 0
-	add := func(b []byte) { ents = append(ents, b...); count++ }
+	var e mpEntries
 	for i := 0; i < ncpus; i++ {
-		e := make([]byte, 20)
-		e[0] = mpEntryProcessor
-		e[1] = uint8(i) // local APIC ID
-		e[2] = apicVersion
-		e[3] = 1 // enabled
-		if i == 0 {
-			e[3] |= 2 // bootstrap processor
-		}
-		le.PutUint32(e[4:], 0x600) // CPU signature: family 6
-		le.PutUint32(e[8:], 0x201) // features: FPU, APIC
-		add(e)
+		e.processor(uint8(i), i == 0)
 	}
-	bus := func(id uint8, name string) {
-		e := make([]byte, 8)
-		e[0] = mpEntryBus
-		e[1] = id
-		copy(e[2:8], fmt.Sprintf("%-6s", name))
-		add(e)
-	}
-	bus(mpBusPCI, "PCI")
-	bus(mpBusISA, "ISA")
-	{
-		e := make([]byte, 8)
-		e[0] = mpEntryIOAPIC
-		e[1] = ioapicID
-		e[2] = ioapicVersion
-		e[3] = 1 // enabled
-		le.PutUint32(e[4:], ioapicAddr)
-		add(e)
-	}
-	ioIntr := func(kind uint8, flags uint16, bus, busIRQ, pin uint8) {
-		e := make([]byte, 8)
-		e[0] = mpEntryIOIntr
-		e[1] = kind
-		le.PutUint16(e[2:], flags)
-		e[4] = bus
-		e[5] = busIRQ
-		e[6] = ioapicID
-		e[7] = pin
-		add(e)
-	}
+	e.bus(mpBusPCI, "PCI")
+	e.bus(mpBusISA, "ISA")
+	e.ioapic(ioapicID)
 	for irq := uint8(0); irq < 16; irq++ {
-		ioIntr(mpIntINT, 0, mpBusISA, irq, irq)
+		e.ioIntr(ioapicID, mpIntINT, 0, mpBusISA, irq, irq)
 	}
 	for _, p := range pci {
 		if p.GSI < 16 || p.GSI >= ioapicPins || p.Slot >= 32 {
 			return nil, fmt.Errorf("mp table: pci slot %d gsi %d out of range", p.Slot, p.GSI)
 		}
-		ioIntr(mpIntINT, mpIRQFlagsLevelHigh, mpBusPCI, p.Slot<<2, p.GSI) // INTA#
+		e.ioIntr(ioapicID, mpIntINT, mpIRQFlagsLevelHigh, mpBusPCI, p.Slot<<2, p.GSI) // INTA#
 	}
-	localIntr := func(kind uint8, lint uint8) {
-		e := make([]byte, 8)
-		e[0] = mpEntryLocalIntr
-		e[1] = kind
-		e[4] = mpBusISA
-		e[6] = 0xff // all local APICs
-		e[7] = lint
-		add(e)
-	}
-	localIntr(mpIntExtINT, 0)
-	localIntr(mpIntNMI, 1)
+	e.localIntr(mpIntExtINT, 0)
+	e.localIntr(mpIntNMI, 1)
 
+	le := binary.LittleEndian
 	const fpSize, hdrSize = 16, 44
 	cfgAddr := addr + fpSize
-	cfg := make([]byte, hdrSize, hdrSize+len(ents))
+	cfg := make([]byte, hdrSize, hdrSize+len(e.b))
 	copy(cfg[0:4], "PCMP")
-	le.PutUint16(cfg[4:], uint16(hdrSize+len(ents)))
+	le.PutUint16(cfg[4:], uint16(hdrSize+len(e.b)))
 	cfg[6] = 4 // spec revision 1.4
 	copy(cfg[8:16], "GOVMM   ")
 	copy(cfg[16:28], "GOVMM-VM    ")
-	le.PutUint16(cfg[34:], uint16(count))
+	le.PutUint16(cfg[34:], uint16(e.n))
 	le.PutUint32(cfg[36:], lapicAddr)
-	cfg = append(cfg, ents...)
+	cfg = append(cfg, e.b...)
 	cfg[7] = checksum(cfg)
 
 	fp := make([]byte, fpSize)
@@ -145,6 +97,71 @@ func MPTable(addr uint64, ncpus int, pci []PCIIRQ) ([]byte, error) {
 		return nil, fmt.Errorf("mp table: %d bytes do not fit below %#x", len(out), biosStart)
 	}
 	return out, nil
+}
+
+// mpEntries is the configuration table's entries as they are added, and
+// their count.
+type mpEntries struct {
+	b []byte
+	n int
+}
+
+func (m *mpEntries) add(e []byte) { m.b = append(m.b, e...); m.n++ }
+
+func (m *mpEntries) processor(apicID uint8, bsp bool) {
+	e := make([]byte, 20)
+	e[0] = mpEntryProcessor
+	e[1] = apicID
+	e[2] = apicVersion
+	e[3] = 1 // enabled
+	if bsp {
+		e[3] |= 2 // bootstrap processor
+	}
+	binary.LittleEndian.PutUint32(e[4:], 0x600) // CPU signature: family 6
+	binary.LittleEndian.PutUint32(e[8:], 0x201) // features: FPU, APIC
+	m.add(e)
+}
+
+func (m *mpEntries) bus(id uint8, name string) {
+	e := make([]byte, 8)
+	e[0] = mpEntryBus
+	e[1] = id
+	copy(e[2:8], fmt.Sprintf("%-6s", name))
+	m.add(e)
+}
+
+func (m *mpEntries) ioapic(id uint8) {
+	e := make([]byte, 8)
+	e[0] = mpEntryIOAPIC
+	e[1] = id
+	e[2] = ioapicVersion
+	e[3] = 1 // enabled
+	binary.LittleEndian.PutUint32(e[4:], ioapicAddr)
+	m.add(e)
+}
+
+// ioIntr routes bus's busIRQ to pin of the IOAPIC ioapicID.
+func (m *mpEntries) ioIntr(ioapicID, kind uint8, flags uint16, bus, busIRQ, pin uint8) {
+	e := make([]byte, 8)
+	e[0] = mpEntryIOIntr
+	e[1] = kind
+	binary.LittleEndian.PutUint16(e[2:], flags)
+	e[4] = bus
+	e[5] = busIRQ
+	e[6] = ioapicID
+	e[7] = pin
+	m.add(e)
+}
+
+// localIntr wires kind to LINTn of every local APIC.
+func (m *mpEntries) localIntr(kind uint8, lint uint8) {
+	e := make([]byte, 8)
+	e[0] = mpEntryLocalIntr
+	e[1] = kind
+	e[4] = mpBusISA
+	e[6] = 0xff // all local APICs
+	e[7] = lint
+	m.add(e)
 }
 
 // checksum returns the byte that makes b sum to zero (b's checksum byte

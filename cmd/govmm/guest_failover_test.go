@@ -22,7 +22,8 @@ import (
 )
 
 // failoverTrials is how many primaries TestGuestFailoverKeepsConnection
-// kills: one in CI, more with GOVMM_SOAK_FAILOVERS (make soak).
+// kills in one run: one (CI; make soak-failovers runs the test
+// SOAK_FAILOVERS times, each in an L1 of its own), or GOVMM_SOAK_FAILOVERS.
 func failoverTrials(t *testing.T) int {
 	if s := os.Getenv("GOVMM_SOAK_FAILOVERS"); s != "" {
 		n, err := strconv.Atoi(s)

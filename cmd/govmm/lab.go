@@ -42,6 +42,7 @@ func cmdLab(args []string) error {
 	mem := fs.String("mem", "8G", "L1's memory")
 	timeout := fs.Duration("timeout", 60*time.Minute, "give up (and kill L1) after this long")
 	tcg := fs.String("tcg", os.Getenv("GOVMM_LAB_TCG"), "QEMU's TCG threading for L1: multi (one host thread per vCPU) or single (default multi, or $GOVMM_LAB_TCG)")
+	qemu := fs.String("qemu", os.Getenv("GOVMM_LAB_QEMU"), "the QEMU binary (default qemu-system-x86_64 from PATH, or $GOVMM_LAB_QEMU)")
 	retries := fs.Int("retries", 1, "run again this many times when L1 itself dies (not when CMD fails)")
 	ifNeeded := fs.Bool("if-needed", false, "run CMD directly on this host when its KVM boots Linux")
 	var shares, env listFlag
@@ -76,7 +77,7 @@ func cmdLab(args []string) error {
 		r = -1
 	}
 	status, err := lab.Run(ctx, lab.Config{
-		Command: command, Env: env, Shares: shares,
+		Command: command, Env: env, Shares: shares, QEMU: *qemu,
 		CPUs: *cpus, MemMiB: int(memSize >> 20), TCG: *tcg, Timeout: *timeout, Retries: r,
 		Stdout: os.Stdout, Log: os.Stderr,
 	})
