@@ -71,12 +71,12 @@ type Reader struct {
 func NewReader(r io.Reader, f Format) (*Reader, error) {
 	var b [HeaderSize]byte
 	n, err := io.ReadFull(r, b[:])
-	h, herr := f.checkHeader(b[:n])
-	if herr != nil {
-		return nil, herr
-	}
-	if err != nil {
+	if err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, io.ErrUnexpectedEOF) {
 		return nil, fmt.Errorf("read %s header: %w", f.Magic, err)
+	}
+	h, err := f.checkHeader(b[:n]) // a short header: ErrNotContainer or ErrTruncated
+	if err != nil {
+		return nil, err
 	}
 	return &Reader{r: r, f: f, h: h, sum: NewChecksum(h.Magic, h.Version)}, nil
 }
