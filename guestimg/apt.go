@@ -11,6 +11,8 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
+	"time"
 )
 
 // ErrNoApt is returned when packages must be downloaded and the host has no
@@ -311,4 +313,29 @@ func lastLines(b []byte, n int) string {
 		lines = lines[len(lines)-n:]
 	}
 	return strings.Join(lines, "; ")
+}
+
+// unpack extracts the packages files (names in the debs directory) into
+// root, all at once.
+func (b *builder) unpack(ctx context.Context, files []string, root string) error {
+	start := time.Now()
+	b.logf("unpacking %d packages", len(files))
+	var wg sync.WaitGroup
+	errs := make([]error, len(files))
+	for i, f := range files {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			cmd := exec.CommandContext(ctx, "dpkg-deb", "-x", filepath.Join(b.debsDir(), f), root)
+			if o, err := cmd.CombinedOutput(); err != nil {
+				errs[i] = fmt.Errorf("dpkg-deb -x %s: %w: %s", f, err, lastLines(o, 3))
+			}
+		}()
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	b.logf("unpacked in %v", time.Since(start).Round(time.Millisecond))
+	return nil
 }

@@ -1,7 +1,6 @@
 package guestimg
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"crypto/sha256"
@@ -319,26 +318,9 @@ func (b *builder) ensureBase(ctx context.Context, m *debManifest) (string, error
 		}
 	}
 
-	start := time.Now()
-	b.logf("unpacking %d packages", len(m.files()))
-	var wg sync.WaitGroup
-	errs := make([]error, len(m.files()))
-	for i, f := range m.files() {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			cmd := exec.CommandContext(ctx, "dpkg-deb", "-x", filepath.Join(b.debsDir(), f), root)
-			if o, err := cmd.CombinedOutput(); err != nil {
-				errs[i] = fmt.Errorf("dpkg-deb -x %s: %w: %s", f, err, lastLines(o, 3))
-			}
-		}()
-	}
-	wg.Wait()
-	if err := errors.Join(errs...); err != nil {
+	if err := b.unpack(ctx, m.files(), root); err != nil {
 		return "", err
 	}
-	b.logf("unpacked in %v", time.Since(start).Round(time.Millisecond))
-
 	t, kver, err := b.baseTree(ctx, root)
 	if err != nil {
 		return "", err
@@ -346,23 +328,8 @@ func (b *builder) ensureBase(ctx context.Context, m *debManifest) (string, error
 	if err := linkOrCopy(filepath.Join(root, "boot", "vmlinuz-"+kver), filepath.Join(out, "vmlinuz")); err != nil {
 		return "", err
 	}
-	f, err := os.Create(filepath.Join(out, "base.cpio"))
-	if err != nil {
-		return "", fmt.Errorf("create base archive: %w", err)
-	}
-	bw := bufio.NewWriterSize(f, 1<<20)
-	werr := t.write(newCPIOWriter(bw))
-	if werr == nil {
-		werr = bw.Flush()
-	}
-	if werr == nil {
-		werr = f.Sync()
-	}
-	if cerr := f.Close(); werr == nil {
-		werr = cerr
-	}
-	if werr != nil {
-		return "", fmt.Errorf("write base archive: %w", werr)
+	if err := writeArchive(filepath.Join(out, "base.cpio"), t); err != nil {
+		return "", fmt.Errorf("write base archive: %w", err)
 	}
 	info, _ := json.MarshalIndent(map[string]any{"kernel": kver, "debs": m.files()}, "", "\t")
 	if err := os.WriteFile(filepath.Join(out, "info.json"), info, 0o644); err != nil {
@@ -400,11 +367,26 @@ func (b *builder) baseTree(ctx context.Context, root string) (*tree, string, err
 	t.file("etc/profile", 0o644, []byte("export PS1='\\h:\\w\\$ '\n"))
 	t.symlink("etc/mtab", "/proc/self/mounts")
 
-	// Kernel modules.
+	if err := b.addModules(ctx, t, root, kver); err != nil {
+		return nil, "", err
+	}
+	if err := addBusybox(ctx, t, root); err != nil {
+		return nil, "", err
+	}
+	if err := addMke2fs(t, root); err != nil {
+		return nil, "", err
+	}
+	return t, kver, nil
+}
+
+// addModules adds guestModules' closure from the kernel package's
+// modules in root, their list (guestproto.ModulesPath, in load order) and
+// a modules.dep for them.
+func (b *builder) addModules(ctx context.Context, t *tree, root, kver string) error {
 	modDir := filepath.Join(root, "lib", "modules", kver)
 	mods, ix, err := b.prepareModules(ctx, modDir)
 	if err != nil {
-		return nil, "", err
+		return err
 	}
 	var list bytes.Buffer
 	for _, p := range mods {
@@ -419,14 +401,18 @@ func (b *builder) baseTree(ctx context.Context, root string) (*tree, string, err
 		names[i] = modName(p)
 	}
 	b.logf("kernel %s, modules: %s", kver, strings.Join(names, " "))
+	return nil
+}
 
-	// Busybox and its applets. busybox-static is a static amd64 binary, so
-	// the host can ask it for its applet list.
+// addBusybox adds busybox and a link for each of its applets but init.
+// busybox-static is a static amd64 binary, so the host can ask it for its
+// applet list.
+func addBusybox(ctx context.Context, t *tree, root string) error {
 	bbPath := filepath.Join(root, "bin", "busybox")
 	t.fileFrom("bin/busybox", 0o755, bbPath)
 	out, err := exec.CommandContext(ctx, bbPath, "--list-full").Output()
 	if err != nil {
-		return nil, "", fmt.Errorf("busybox --list-full: %w", err)
+		return fmt.Errorf("busybox --list-full: %w", err)
 	}
 	for _, a := range strings.Fields(string(out)) {
 		switch path.Base(a) {
@@ -435,12 +421,15 @@ func (b *builder) baseTree(ctx context.Context, root string) (*tree, string, err
 		}
 		t.symlink(a, "/bin/busybox")
 	}
+	return nil
+}
 
-	// mke2fs from e2fsprogs, with its loader and libraries; it replaces
-	// busybox's mkfs applets.
+// addMke2fs adds mke2fs from e2fsprogs, with its loader and libraries; it
+// replaces busybox's mkfs applets.
+func addMke2fs(t *tree, root string) error {
 	deps, err := elfClosure(root, []string{"/sbin/mke2fs"})
 	if err != nil {
-		return nil, "", err
+		return err
 	}
 	for _, d := range deps {
 		t.fileFrom(strings.TrimPrefix(d.Real, "/"), 0o755, filepath.Join(root, d.Real))
@@ -458,7 +447,7 @@ func (b *builder) baseTree(ctx context.Context, root string) (*tree, string, err
 	if _, err := os.Stat(filepath.Join(root, "etc", "mke2fs.conf")); err == nil {
 		t.fileFrom("etc/mke2fs.conf", 0o644, filepath.Join(root, "etc", "mke2fs.conf"))
 	}
-	return t, kver, nil
+	return nil
 }
 
 // prepareModules makes sure modDir has uncompressed modules and a

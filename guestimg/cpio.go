@@ -1,11 +1,13 @@
 package guestimg
 
 import (
+	"bufio"
 	"bytes"
 	"errors"
 	"fmt"
 	"io"
 	"io/fs"
+	"os"
 	"strings"
 )
 
@@ -136,4 +138,24 @@ func (c *cpioWriter) write(b []byte) error {
 func (c *cpioWriter) pad() error {
 	var zero [4]byte
 	return c.write(zero[:(4-c.n%4)%4])
+}
+
+// writeArchive writes t as a newc cpio archive to path, synced.
+func writeArchive(path string, t *tree) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	bw := bufio.NewWriterSize(f, 1<<20)
+	werr := t.write(newCPIOWriter(bw))
+	if werr == nil {
+		werr = bw.Flush()
+	}
+	if werr == nil {
+		werr = f.Sync()
+	}
+	if cerr := f.Close(); werr == nil {
+		werr = cerr
+	}
+	return werr
 }

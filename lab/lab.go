@@ -92,59 +92,8 @@ func Run(ctx context.Context, cfg Config) (int, error) {
 	if len(cfg.Command) == 0 {
 		return 0, errors.New("lab: no command")
 	}
-	if cfg.QEMU == "" {
-		p, err := exec.LookPath("qemu-system-x86_64")
-		if err != nil {
-			return 0, ErrNoQEMU
-		}
-		cfg.QEMU = p
-	} else if _, err := exec.LookPath(cfg.QEMU); err != nil {
-		return 0, fmt.Errorf("lab: %s: %w", cfg.QEMU, ErrNoQEMU)
-	}
-	if cfg.Dir == "" {
-		wd, err := os.Getwd()
-		if err != nil {
-			return 0, fmt.Errorf("lab: %w", err)
-		}
-		cfg.Dir = wd
-	}
-	if cfg.CPUs <= 0 {
-		cfg.CPUs = min(runtime.NumCPU(), 4)
-	}
-	if cfg.MemMiB <= 0 {
-		cfg.MemMiB = 8192
-	}
-	switch cfg.TCG {
-	case "":
-		cfg.TCG = "multi"
-	case "multi", "single":
-	default:
-		return 0, fmt.Errorf("lab: TCG threading %q: multi or single", cfg.TCG)
-	}
-	if cfg.Timeout <= 0 {
-		cfg.Timeout = 60 * time.Minute
-	}
-	if cfg.Retries == 0 {
-		cfg.Retries = 1
-	}
-	if cfg.Stdout == nil {
-		cfg.Stdout = io.Discard
-	}
-	if cfg.Log == nil {
-		cfg.Log = io.Discard
-	}
-	if cfg.CacheDir == "" {
-		cfg.CacheDir = guestimg.DefaultCacheDir()
-	}
-	for i, s := range cfg.Shares {
-		abs, err := filepath.Abs(s)
-		if err != nil {
-			return 0, fmt.Errorf("lab: share %s: %w", s, err)
-		}
-		if fi, err := os.Stat(abs); err != nil || !fi.IsDir() {
-			return 0, fmt.Errorf("lab: share %s: not a directory", s)
-		}
-		cfg.Shares[i] = abs
+	if err := cfg.fill(); err != nil {
+		return 0, err
 	}
 	img, err := guestimg.BuildLab(ctx, guestimg.Options{CacheDir: cfg.CacheDir, Log: cfg.Log})
 	if err != nil {
@@ -175,6 +124,67 @@ func Run(ctx context.Context, cfg Config) (int, error) {
 		}
 		return status, err
 	}
+}
+
+// fill checks cfg and sets its defaults (the QEMU found in PATH, this
+// directory, this host's CPUs up to 4, 8 GiB, multi-threaded TCG, an hour,
+// one retry, shares made absolute).
+func (cfg *Config) fill() error {
+	if cfg.QEMU == "" {
+		p, err := exec.LookPath("qemu-system-x86_64")
+		if err != nil {
+			return ErrNoQEMU
+		}
+		cfg.QEMU = p
+	} else if _, err := exec.LookPath(cfg.QEMU); err != nil {
+		return fmt.Errorf("lab: %s: %w", cfg.QEMU, ErrNoQEMU)
+	}
+	if cfg.Dir == "" {
+		wd, err := os.Getwd()
+		if err != nil {
+			return fmt.Errorf("lab: %w", err)
+		}
+		cfg.Dir = wd
+	}
+	if cfg.CPUs <= 0 {
+		cfg.CPUs = min(runtime.NumCPU(), 4)
+	}
+	if cfg.MemMiB <= 0 {
+		cfg.MemMiB = 8192
+	}
+	switch cfg.TCG {
+	case "":
+		cfg.TCG = "multi"
+	case "multi", "single":
+	default:
+		return fmt.Errorf("lab: TCG threading %q: multi or single", cfg.TCG)
+	}
+	if cfg.Timeout <= 0 {
+		cfg.Timeout = 60 * time.Minute
+	}
+	if cfg.Retries == 0 {
+		cfg.Retries = 1
+	}
+	if cfg.Stdout == nil {
+		cfg.Stdout = io.Discard
+	}
+	if cfg.Log == nil {
+		cfg.Log = io.Discard
+	}
+	if cfg.CacheDir == "" {
+		cfg.CacheDir = guestimg.DefaultCacheDir()
+	}
+	for i, s := range cfg.Shares {
+		abs, err := filepath.Abs(s)
+		if err != nil {
+			return fmt.Errorf("lab: share %s: %w", s, err)
+		}
+		if fi, err := os.Stat(abs); err != nil || !fi.IsDir() {
+			return fmt.Errorf("lab: share %s: not a directory", s)
+		}
+		cfg.Shares[i] = abs
+	}
+	return nil
 }
 
 // runOnce is one boot of L1. (Long, on purpose: it reads as L1's life in

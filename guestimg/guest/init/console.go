@@ -51,15 +51,21 @@ func setRawOutput(tty string) error {
 // milliseconds; ten seconds without one means the transmitter stalled.
 const drainStall = 10 * time.Second
 
+// drainPoll is how often drainTTY looks at the output queue.
+const drainPoll = time.Millisecond
+
 // drainTTY waits until the serial port has sent everything written to the
 // terminal on fd so far, as tcdrain(3) does: until the tty's output queue
 // is empty (TIOCOUTQ), then for the UART's transmitter (TCSBRK with a
 // non-zero argument, which checks LSR TEMT), so every byte has reached
 // the VMM. Unlike tcdrain it does not wait forever: if the queue makes no
 // progress for drainStall it returns an error, so a stalled console costs
-// the rest of the output, not the exit status.
+// the rest of the output, not the exit status. The stall is counted in
+// polls as well as in time: a guest clock that jumps (seen in the lab,
+// where a stall was declared 5 s after boot) must not cut a queue that
+// moves.
 func drainTTY(fd int) error {
-	last, since := int32(-1), time.Now()
+	last, since, polls := int32(-1), time.Now(), 0
 	for {
 		var n int32
 		if err := ioctl(fd, ioctlTIOCOUTQ, uintptr(unsafe.Pointer(&n))); err != nil {
@@ -69,12 +75,12 @@ func drainTTY(fd int) error {
 			return ioctl(fd, ioctlTCSBRK, 1)
 		}
 		if n != last {
-			last, since = n, time.Now()
-		} else if time.Since(since) > drainStall {
+			last, since, polls = n, time.Now(), 0
+		} else if polls++; polls >= int(drainStall/drainPoll) && time.Since(since) > drainStall {
 			return fmt.Errorf("console output stalled with %d bytes unsent for %v", n, drainStall)
 		}
 		// A poll: the tty layer offers no wait with a timeout.
-		time.Sleep(time.Millisecond)
+		time.Sleep(drainPoll)
 	}
 }
 
