@@ -130,11 +130,14 @@ for p in $pkgs; do
 		elif ((passes == count)); then
 			what=pass
 		else
-			what="FAIL$( ((count > 1)) && echo ": $passes of $count passed")"
+			what="FAIL$( ((count > 1)) && echo ": $passes of $count passed" || true)"
 			fail=1
 		fi
 		((count == 1)) || [[ $what != pass ]] || what="pass ($count of $count)"
-		((crashes == 0)) || note=" (after the lab's guest crash$( ((count > 1)) && echo " in $crashes runs"))"
+		# (each $(...) ends in || true: under set -e an assignment takes the
+		# status of its last command substitution, and a false test there
+		# would end the script without its summary)
+		((crashes == 0)) || note=" (after the lab's guest crash$( ((count > 1)) && echo " in $crashes runs" || true))"
 		summary+=("$(printf '%-48s %s  %4ds%s' "$pkg.$t" "$what" $((SECONDS - start)) "$note")")
 	done
 done

@@ -7,7 +7,10 @@
 // one description of the machine at a cut: vCPUs, interrupt controllers,
 // clock and every device (the UART, the i8042 and the RTC here, the PCI
 // functions through devstate.Stateful), restored with StartFrom or, not
-// yet running, StartFromPaused (docs/STATE.md). It owns the KVM VM file
+// yet running, StartFromPaused (docs/STATE.md), and snapshot files. Both
+// are encoded as containers of package vmm/container (docs/FORMATS.md):
+// a state's sections are walked by one function for save and restore
+// (stateenc.go). It owns the KVM VM file
 // descriptor and the memory slots: dirty tracking for migration and
 // replication starts here (Machine.TrackDirty, one tracker at a time), and
 // no other package touches the VM fd.

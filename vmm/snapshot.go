@@ -11,19 +11,26 @@ import (
 	"os"
 	"path/filepath"
 
+	"govmm/vmm/container"
 	"govmm/vmm/guestmem"
 )
 
-// Snapshot file layout (docs/STATE.md): magic "GOVMMSNP", version (u32),
-// the encoded MachineState (u64 length + bytes), then page runs — GPA
-// (u64), page count (u32), the pages — with zero pages left out, ended by
-// a run of count 0 at GPA ^0, and a CRC32C (u32) of everything before it.
-const (
-	snapMagic   = "GOVMMSNP"
-	snapVersion = 1
-	snapEnd     = ^uint64(0)
-	maxRunPages = 1 << 16
-)
+// A snapshot file (docs/FORMATS.md) is a GOVMMSNP container: a state
+// section holding the encoded MachineState, then page sections holding
+// the non-zero pages (a new machine's memory is zero, so zero pages are
+// left out), then the end section with the CRC32C of all of it. Version 1
+// files, of an older layout of their own (readSnapshotV1), are still read.
+const snapVersion = 2
+
+// snapFormat is what ReadSnapshot accepts of a version 2 file.
+var snapFormat = container.Format{
+	Magic:      container.MagicSnapshot,
+	MinVersion: 2, MaxVersion: snapVersion,
+	Caps: map[container.Type]int{
+		container.TypeState: MaxStateSize,
+		container.TypePages: container.MaxPagesPayload,
+	},
+}
 
 // ErrSnapshot marks a snapshot file that is not one, or is damaged.
 var ErrSnapshot = errors.New("bad snapshot file")
@@ -52,63 +59,19 @@ func WriteSnapshot(path string, st *MachineState, mem *guestmem.Memory) (Snapsho
 		return stats, fmt.Errorf("snapshot: %w", err)
 	}
 	defer os.Remove(tmp.Name()) // no-op after the rename
-	crc := crc32.New(castagnoli)
-	w := bufio.NewWriterSize(io.MultiWriter(tmp, crc), 1<<20)
-	var hdr [20]byte
-	copy(hdr[:], snapMagic)
-	binary.LittleEndian.PutUint32(hdr[8:], snapVersion)
-	binary.LittleEndian.PutUint64(hdr[12:], uint64(len(state)))
-	w.Write(hdr[:])
-	w.Write(state)
-	var zero [guestmem.PageSize]byte
-	for _, r := range mem.Regions() {
-		for p := uint64(0); p < r.Pages(); {
-			// A run of non-zero pages.
-			for p < r.Pages() && isZero(r.Host[p*guestmem.PageSize:(p+1)*guestmem.PageSize], zero[:]) {
-				stats.ZeroPages++
-				p++
-			}
-			start := p
-			for p < r.Pages() && p-start < maxRunPages && !isZero(r.Host[p*guestmem.PageSize:(p+1)*guestmem.PageSize], zero[:]) {
-				p++
-			}
-			if p == start {
-				continue
-			}
-			var rh [12]byte
-			binary.LittleEndian.PutUint64(rh[:], uint64(r.GPA)+start*guestmem.PageSize)
-			binary.LittleEndian.PutUint32(rh[8:], uint32(p-start))
-			w.Write(rh[:])
-			w.Write(r.Host[start*guestmem.PageSize : p*guestmem.PageSize])
-			stats.Pages += p - start
-		}
-	}
-	var end [12]byte
-	binary.LittleEndian.PutUint64(end[:], snapEnd)
-	w.Write(end[:])
-	if err := w.Flush(); err != nil {
+	if stats, err = writeSnapshot(tmp, state, mem, stats); err != nil {
 		tmp.Close()
-		return stats, fmt.Errorf("snapshot: write: %w", err)
-	}
-	var sum [4]byte
-	binary.LittleEndian.PutUint32(sum[:], crc.Sum32())
-	if _, err := tmp.Write(sum[:]); err != nil {
-		tmp.Close()
-		return stats, fmt.Errorf("snapshot: write: %w", err)
+		return stats, fmt.Errorf("snapshot: %w", err)
 	}
 	if err := tmp.Sync(); err != nil {
 		tmp.Close()
 		return stats, fmt.Errorf("snapshot: fsync: %w", err)
 	}
-	info, _ := tmp.Stat()
 	if err := tmp.Close(); err != nil {
 		return stats, fmt.Errorf("snapshot: %w", err)
 	}
 	if err := os.Rename(tmp.Name(), path); err != nil {
 		return stats, fmt.Errorf("snapshot: %w", err)
-	}
-	if info != nil {
-		stats.Bytes = info.Size()
 	}
 	if d, err := os.Open(dir); err == nil {
 		_ = d.Sync() // make the rename durable
@@ -117,38 +80,190 @@ func WriteSnapshot(path string, st *MachineState, mem *guestmem.Memory) (Snapsho
 	return stats, nil
 }
 
-func isZero(b, zero []byte) bool { return string(b) == string(zero) }
+// writeSnapshot writes the container: the state, then the non-zero pages
+// in sections of up to container.MaxPagesPerSection.
+func writeSnapshot(f *os.File, state []byte, mem *guestmem.Memory, stats SnapshotStats) (SnapshotStats, error) {
+	bw := bufio.NewWriterSize(f, 1<<20)
+	w, err := container.NewWriter(bw, container.MagicSnapshot, snapVersion)
+	if err != nil {
+		return stats, err
+	}
+	if err := w.Section(container.TypeState, state); err != nil {
+		return stats, err
+	}
+	var pages container.PageSection
+	flush := func() error {
+		if pages.Len() == 0 {
+			return nil
+		}
+		err := w.Section(container.TypePages, pages.Payload())
+		pages.Reset()
+		return err
+	}
+	var zero [guestmem.PageSize]byte
+	for _, r := range mem.Regions() {
+		for p := uint64(0); p < r.Pages(); p++ {
+			page := r.Host[p*guestmem.PageSize : (p+1)*guestmem.PageSize]
+			if string(page) == string(zero[:]) {
+				stats.ZeroPages++
+				continue
+			}
+			pages.Add(uint64(r.GPA)+p*guestmem.PageSize, page)
+			stats.Pages++
+			if pages.Len() == container.MaxPagesPerSection {
+				if err := flush(); err != nil {
+					return stats, err
+				}
+			}
+		}
+	}
+	if err := flush(); err != nil {
+		return stats, err
+	}
+	if err := w.Close(); err != nil {
+		return stats, err
+	}
+	stats.Bytes = w.Len()
+	return stats, bw.Flush()
+}
 
 // ReadSnapshotState reads only the machine state of a snapshot, so the
-// caller can build a machine of the right shape.
+// caller can build a machine of the right shape. The state carries its
+// own checksum; the file's is verified by ReadSnapshot.
 func ReadSnapshotState(path string) (*MachineState, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, err
 	}
 	defer f.Close()
-	st, _, err := readSnapHeader(bufio.NewReader(f), nil)
-	return st, err
+	br := bufio.NewReader(f)
+	if isSnapshotV1(br) {
+		st, _, err := readSnapHeaderV1(br, nil)
+		return st, err
+	}
+	r, err := container.NewReader(br, snapFormat)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrSnapshot, err)
+	}
+	return readSnapState(r)
 }
 
-func readSnapHeader(r io.Reader, crc hash.Hash32) (*MachineState, []byte, error) {
+// readSnapState reads the state section, which comes first.
+func readSnapState(r *container.Reader) (*MachineState, error) {
+	s, err := r.Next()
+	if err == nil && s.Type != container.TypeState {
+		err = fmt.Errorf("%v section where the state belongs: %w", s.Type, container.ErrFormat)
+	}
+	if errors.Is(err, io.EOF) {
+		err = fmt.Errorf("no state section: %w", container.ErrFormat)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrSnapshot, err)
+	}
+	var st MachineState
+	if err := st.UnmarshalBinary(s.Payload); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrSnapshot, err)
+	}
+	return &st, nil
+}
+
+// isSnapshotV1 peeks at the header: a version 1 file has the same magic
+// and its version (then a u32) in the same place.
+func isSnapshotV1(br *bufio.Reader) bool {
+	b, _ := br.Peek(container.HeaderSize)
+	h, err := container.PeekHeader(b)
+	// Anything else is the container reader's to refuse, and name.
+	return err == nil && h.Magic == container.MagicSnapshot && h.Version == 1 && h.Flags == 0
+}
+
+// ReadSnapshot reads a snapshot into mem (a new machine's memory, all
+// zero) and returns its machine state. Every page is bounds-checked
+// against mem; the file's checksum is verified before returning. On
+// error, mem holds garbage and the machine must be discarded, never
+// started.
+func ReadSnapshot(path string, mem *guestmem.Memory) (*MachineState, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	br := bufio.NewReaderSize(f, 1<<20)
+	if isSnapshotV1(br) {
+		return readSnapshotV1(br, mem)
+	}
+	r, err := container.NewReader(br, snapFormat)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrSnapshot, err)
+	}
+	st, err := readSnapState(r)
+	if err != nil {
+		return nil, err
+	}
+	if st.Memory.MemSize != mem.Size() {
+		return nil, fmt.Errorf("%w: snapshot has %d MiB of memory, machine %d MiB", ErrStateMismatch, st.Memory.MemSize>>20, mem.Size()>>20)
+	}
+	if err := readSnapPages(r, mem); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrSnapshot, err)
+	}
+	return st, nil
+}
+
+// readSnapPages fills mem from the page sections, up to the end section,
+// where the reader verifies the file's checksum.
+func readSnapPages(r *container.Reader, mem *guestmem.Memory) error {
+	var pages []container.Page
+	for {
+		s, err := r.Next()
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		if s.Type != container.TypePages {
+			return fmt.Errorf("a second %v section: %w", s.Type, container.ErrFormat)
+		}
+		if pages, err = container.ParsePages(s.Payload, pages); err != nil {
+			return err
+		}
+		for _, p := range pages {
+			err := mem.Fill(guestmem.GPA(p.GPA), guestmem.PageSize, func(dst []byte) error {
+				if p.Data == nil {
+					clear(dst)
+				} else {
+					copy(dst, p.Data)
+				}
+				return nil
+			})
+			if err != nil {
+				return fmt.Errorf("page %#x: %w", p.GPA, err)
+			}
+		}
+	}
+}
+
+// Version 1 files: magic "GOVMMSNP", version (u32), the encoded
+// MachineState (u64 length + bytes), then page runs — GPA (u64), page
+// count (u32), the pages — with zero pages left out, ended by a run of
+// count 0 at GPA ^0, and a CRC32C (u32) of everything before it. Read
+// only.
+const (
+	snapV1End         = ^uint64(0)
+	snapV1MaxRunPages = 1 << 16
+)
+
+func readSnapHeaderV1(r io.Reader, crc hash.Hash32) (*MachineState, []byte, error) {
 	var hdr [20]byte
 	if _, err := io.ReadFull(r, hdr[:]); err != nil {
-		return nil, nil, fmt.Errorf("%w: header: %v", ErrSnapshot, err)
-	}
-	if string(hdr[:8]) != snapMagic {
-		return nil, nil, fmt.Errorf("%w: not a govmm snapshot", ErrSnapshot)
-	}
-	if v := binary.LittleEndian.Uint32(hdr[8:]); v != snapVersion {
-		return nil, nil, fmt.Errorf("%w: version %d, this govmm reads %d", ErrStateVersion, v, snapVersion)
+		return nil, nil, fmt.Errorf("%w: version 1 header: %w", ErrSnapshot, container.ErrTruncated)
 	}
 	n := binary.LittleEndian.Uint64(hdr[12:])
-	if n > MaxStateSize+stateHeaderLen {
-		return nil, nil, fmt.Errorf("%w: state of %d bytes", ErrStateTooLarge, n)
+	if n > MaxStateSize {
+		return nil, nil, fmt.Errorf("%w: state of %d bytes: %w", ErrSnapshot, n, container.ErrTooLarge)
 	}
 	state := make([]byte, n)
 	if _, err := io.ReadFull(r, state); err != nil {
-		return nil, nil, fmt.Errorf("%w: truncated machine state", ErrSnapshot)
+		return nil, nil, fmt.Errorf("%w: machine state: %w", ErrSnapshot, container.ErrTruncated)
 	}
 	if crc != nil {
 		crc.Write(hdr[:])
@@ -156,65 +271,56 @@ func readSnapHeader(r io.Reader, crc hash.Hash32) (*MachineState, []byte, error)
 	}
 	var st MachineState
 	if err := st.UnmarshalBinary(state); err != nil {
-		return nil, nil, err
+		return nil, nil, fmt.Errorf("%w: %w", ErrSnapshot, err)
 	}
 	return &st, state, nil
 }
 
-// ReadSnapshot reads a snapshot into mem (a new machine's memory, all
-// zero) and returns its machine state. Every run is bounds-checked against
-// mem; the trailing checksum is verified before returning. On error, mem
-// holds garbage and the machine must be discarded, never started.
-func ReadSnapshot(path string, mem *guestmem.Memory) (*MachineState, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
+func readSnapshotV1(br *bufio.Reader, mem *guestmem.Memory) (*MachineState, error) {
 	crc := crc32.New(castagnoli)
-	br := bufio.NewReaderSize(f, 1<<20)
-	st, _, err := readSnapHeader(br, crc)
+	st, _, err := readSnapHeaderV1(br, crc)
 	if err != nil {
 		return nil, err
 	}
 	if st.Memory.MemSize != mem.Size() {
 		return nil, fmt.Errorf("%w: snapshot has %d MiB of memory, machine %d MiB", ErrStateMismatch, st.Memory.MemSize>>20, mem.Size()>>20)
 	}
+	truncated := fmt.Errorf("%w: page data: %w", ErrSnapshot, container.ErrTruncated)
 	r := io.TeeReader(br, crc)
 	for {
 		var rh [12]byte
 		if _, err := io.ReadFull(r, rh[:]); err != nil {
-			return nil, fmt.Errorf("%w: truncated page data", ErrSnapshot)
+			return nil, truncated
 		}
 		gpa := binary.LittleEndian.Uint64(rh[:])
 		count := uint64(binary.LittleEndian.Uint32(rh[8:]))
-		if gpa == snapEnd {
+		if gpa == snapV1End {
 			break
 		}
-		if count == 0 || count > maxRunPages || gpa%guestmem.PageSize != 0 {
-			return nil, fmt.Errorf("%w: bad page run at %#x (%d pages)", ErrSnapshot, gpa, count)
-		}
-		if !mem.Contains(guestmem.GPA(gpa), count*guestmem.PageSize) {
-			return nil, fmt.Errorf("%w: page run %#x+%d: %v", ErrSnapshot, gpa, count, guestmem.ErrOutOfRange)
+		if count == 0 || count > snapV1MaxRunPages || gpa%guestmem.PageSize != 0 {
+			return nil, fmt.Errorf("%w: bad page run at %#x (%d pages): %w", ErrSnapshot, gpa, count, container.ErrFormat)
 		}
 		err := mem.Fill(guestmem.GPA(gpa), count*guestmem.PageSize, func(dst []byte) error {
 			_, err := io.ReadFull(r, dst)
 			return err
 		})
+		if errors.Is(err, guestmem.ErrOutOfRange) {
+			return nil, fmt.Errorf("%w: page run %#x+%d: %w", ErrSnapshot, gpa, count, err)
+		}
 		if err != nil {
-			return nil, fmt.Errorf("%w: truncated page data", ErrSnapshot)
+			return nil, truncated
 		}
 	}
 	want := crc.Sum32()
 	var sum [4]byte
 	if _, err := io.ReadFull(br, sum[:]); err != nil {
-		return nil, fmt.Errorf("%w: missing checksum", ErrSnapshot)
+		return nil, fmt.Errorf("%w: checksum: %w", ErrSnapshot, container.ErrTruncated)
 	}
 	if binary.LittleEndian.Uint32(sum[:]) != want {
-		return nil, fmt.Errorf("%w: %w", ErrSnapshot, ErrStateChecksum)
+		return nil, fmt.Errorf("%w: %w", ErrSnapshot, container.ErrChecksum)
 	}
 	if n, _ := br.Read(sum[:1]); n != 0 {
-		return nil, fmt.Errorf("%w: data after the checksum", ErrSnapshot)
+		return nil, fmt.Errorf("%w: data after the checksum: %w", ErrSnapshot, container.ErrFormat)
 	}
 	return st, nil
 }

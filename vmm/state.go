@@ -3,10 +3,8 @@ package vmm
 import (
 	"bytes"
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
-	"hash/crc32"
 	"sort"
 	"time"
 
@@ -16,7 +14,7 @@ import (
 
 // MachineState is the only description of a machine at one instant.
 // Snapshot files, migration and every replication epoch use it unchanged;
-// guest pages travel beside it. docs/STATE.md documents the encoding.
+// guest pages travel beside it. docs/FORMATS.md documents the encoding.
 type MachineState struct {
 	VCPUs   []VCPUState
 	IRQChip IRQChipState
@@ -369,148 +367,6 @@ func (m *Machine) resumeDevices() error {
 		}
 	}
 	return errors.Join(errs...)
-}
-
-// Encoding (docs/STATE.md): a 24-byte header — magic "GOVMMSTA", format
-// version (u16), reserved (u16), body length (u64), CRC32C of the body
-// (u32) — then the body as length-prefixed sections written with
-// devstate.Encoder.
-const (
-	stateMagic = "GOVMMSTA"
-	// StateVersion is the current format version. Readers accept every
-	// version from 1 on. Version 2 added the TSC rate and each vCPU's
-	// CPUID; version 3 added the i8042 and the RTC to the devices (same
-	// layout: a state before it has neither, and reads as holding them at
-	// power-on, which is how such a state always restored them).
-	StateVersion   = 3
-	stateHeaderLen = 24
-	// MaxStateSize caps a decoded state before anything is allocated.
-	MaxStateSize = 64 << 20
-	maxMSRCount  = 1024
-	maxCPUIDs    = 256 // entries per vCPU (KVM's own limit is 256)
-	maxDevices   = 256
-	maxXsave     = 1 << 20
-)
-
-var castagnoli = crc32.MakeTable(crc32.Castagnoli)
-
-// Errors from UnmarshalBinary.
-var (
-	ErrStateMagic    = errors.New("not a govmm machine state")
-	ErrStateVersion  = errors.New("machine state version not understood")
-	ErrStateChecksum = errors.New("machine state checksum mismatch")
-	ErrStateTooLarge = errors.New("machine state too large")
-)
-
-// walk encodes or decodes the body of a state of the given format
-// version: one list of fields for MarshalBinary and UnmarshalBinary.
-// Kernel structs go as they are in memory (abiView), padding included.
-func (s *MachineState) walk(c *devstate.Codec, version int) {
-	c.U64(&s.Memory.MemSize)
-	cpus := uint32(s.Memory.CPUs)
-	c.U32(&cpus)
-	s.Memory.CPUs = int(cpus)
-	devstate.Slice32(c, &s.VCPUs, MaxCPUs, "vcpus")
-	if c.Decoding() && len(s.VCPUs) == 0 {
-		c.Fail(errors.New("machine state: no vcpus"))
-	}
-	for i := range s.VCPUs {
-		s.VCPUs[i].walk(c)
-	}
-	c.Exact(abiView(&s.IRQChip.PICMaster))
-	c.Exact(abiView(&s.IRQChip.PICSlave))
-	c.Exact(abiView(&s.IRQChip.IOAPIC))
-	c.Exact(abiView(&s.IRQChip.PIT))
-	c.Exact(abiView(&s.Clock))
-	devstate.Slice32(c, &s.Devices, maxDevices, "devices")
-	for i := range s.Devices {
-		d := &s.Devices[i]
-		c.String(&d.ID, 256)
-		c.String(&d.Kind, 256)
-		c.U16(&d.Version)
-		c.Bytes(&d.Data, MaxStateSize)
-	}
-	if version < 2 {
-		return
-	}
-	c.U32(&s.TSCKHz)
-	for i := range s.VCPUs {
-		devstate.Slice32(c, &s.VCPUs[i].CPUID, maxCPUIDs, "cpuid entries")
-		for j := range s.VCPUs[i].CPUID {
-			e := &s.VCPUs[i].CPUID[j]
-			for _, p := range [...]*uint32{&e.Function, &e.Index, &e.Flags, &e.EAX, &e.EBX, &e.ECX, &e.EDX} {
-				c.U32(p)
-			}
-		}
-	}
-}
-
-// walk is one vCPU's kernel state, in the order of the format (the CPUID
-// comes after all vCPUs, since version 2).
-func (v *VCPUState) walk(c *devstate.Codec) {
-	c.Exact(abiView(&v.MPState))
-	c.Exact(abiView(&v.Regs))
-	c.Exact(abiView(&v.Sregs))
-	c.Exact(abiView(&v.XCRs))
-	c.Bytes(&v.Xsave, maxXsave)
-	c.Exact(abiView(&v.LAPIC))
-	devstate.Slice32(c, &v.MSRs, maxMSRCount, "msrs")
-	for i := range v.MSRs {
-		c.U32(&v.MSRs[i].Index)
-		c.U64(&v.MSRs[i].Data)
-	}
-	c.Exact(abiView(&v.DebugRegs))
-	c.Exact(abiView(&v.Events))
-}
-
-// MarshalBinary encodes the state with header and checksum.
-func (s *MachineState) MarshalBinary() ([]byte, error) {
-	body := devstate.Encode(func(c *devstate.Codec) { s.walk(c, StateVersion) })
-	if len(body) > MaxStateSize {
-		return nil, fmt.Errorf("%w: %d bytes", ErrStateTooLarge, len(body))
-	}
-	out := make([]byte, stateHeaderLen, stateHeaderLen+len(body))
-	copy(out, stateMagic)
-	binary.LittleEndian.PutUint16(out[8:], StateVersion)
-	binary.LittleEndian.PutUint64(out[12:], uint64(len(body)))
-	binary.LittleEndian.PutUint32(out[20:], crc32.Checksum(body, castagnoli))
-	return append(out, body...), nil
-}
-
-// UnmarshalBinary decodes and checks a state: magic, version, length
-// (against MaxStateSize before allocating), checksum, and every count.
-func (s *MachineState) UnmarshalBinary(data []byte) error {
-	if len(data) < stateHeaderLen {
-		return fmt.Errorf("%w: %d bytes is shorter than the header", ErrStateMagic, len(data))
-	}
-	if string(data[:8]) != stateMagic {
-		return ErrStateMagic
-	}
-	version := binary.LittleEndian.Uint16(data[8:])
-	if version < 1 || version > StateVersion {
-		return fmt.Errorf("%w: version %d, this govmm reads 1 to %d", ErrStateVersion, version, StateVersion)
-	}
-	n := binary.LittleEndian.Uint64(data[12:])
-	if n > MaxStateSize {
-		return fmt.Errorf("%w: %d bytes", ErrStateTooLarge, n)
-	}
-	if uint64(len(data)-stateHeaderLen) != n {
-		return fmt.Errorf("machine state truncated: header says %d bytes, have %d", n, len(data)-stateHeaderLen)
-	}
-	body := data[stateHeaderLen:]
-	if crc32.Checksum(body, castagnoli) != binary.LittleEndian.Uint32(data[20:]) {
-		return ErrStateChecksum
-	}
-	var out MachineState
-	if err := devstate.Decode(body, func(c *devstate.Codec) { out.walk(c, int(version)) }); err != nil {
-		return fmt.Errorf("machine state: %w", err)
-	}
-	if version < 3 {
-		out.Devices = append(out.Devices, powerOnLegacy()...)
-		sort.Slice(out.Devices, func(i, j int) bool { return out.Devices[i].ID < out.Devices[j].ID })
-	}
-	*s = out
-	return nil
 }
 
 // powerOnLegacy is the state of the legacy devices that states before

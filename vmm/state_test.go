@@ -1,18 +1,20 @@
 package vmm
 
 import (
+	"bytes"
 	"encoding/binary"
-	"errors"
 	"flag"
 	"fmt"
 	"hash/crc32"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 
 	"github.com/stretchr/testify/require"
 
 	"govmm/kvmapi"
+	"govmm/vmm/container"
 	"govmm/vmm/devstate"
 )
 
@@ -112,27 +114,68 @@ func TestStateGolden(t *testing.T) {
 func TestStateRejectsBadInput(t *testing.T) {
 	good, err := sampleState().MarshalBinary()
 	require.NoError(t, err)
-	mutate := func(f func([]byte) []byte) []byte { return f(append([]byte(nil), good...)) }
+	v3, err := os.ReadFile(filepath.Join("testdata", "state", "v3.bin"))
+	require.NoError(t, err)
+	mutate := func(b []byte, f func([]byte)) []byte { b = bytes.Clone(b); f(b); return b }
+	_, sections, err := container.Parse(good, stateFormat)
+	require.NoError(t, err)
+	// rebuild writes good's sections in another order or number, under a
+	// valid checksum: only the walk can refuse them.
+	rebuild := func(f func([]container.Section) []container.Section) []byte {
+		var b bytes.Buffer
+		w, err := container.NewWriter(&b, container.MagicState, StateVersion)
+		require.NoError(t, err)
+		for _, s := range f(slices.Clone(sections)) {
+			require.NoError(t, w.Section(s.Type, s.Payload))
+		}
+		require.NoError(t, w.Close())
+		return b.Bytes()
+	}
 	cases := map[string]struct {
 		data []byte
 		want error
 	}{
-		"empty":     {nil, ErrStateMagic},
-		"foreign":   {mutate(func(b []byte) []byte { copy(b, "NOTGOVMM"); return b }), ErrStateMagic},
-		"version":   {mutate(func(b []byte) []byte { binary.LittleEndian.PutUint16(b[8:], 99); return b }), ErrStateVersion},
-		"flipped":   {mutate(func(b []byte) []byte { b[len(b)-5] ^= 1; return b }), ErrStateChecksum},
-		"too large": {mutate(func(b []byte) []byte { binary.LittleEndian.PutUint64(b[12:], 1<<40); return b }), ErrStateTooLarge},
+		"empty":     {nil, container.ErrNotContainer},
+		"foreign":   {mutate(good, func(b []byte) { copy(b, "NOTGOVMM") }), container.ErrNotContainer},
+		"version":   {mutate(good, func(b []byte) { binary.LittleEndian.PutUint16(b[8:], 99) }), container.ErrVersion},
+		"version 0": {mutate(good, func(b []byte) { binary.LittleEndian.PutUint16(b[8:], 0) }), container.ErrVersion},
+		"flipped":   {mutate(good, func(b []byte) { b[len(b)-container.EndSize-1] ^= 1 }), container.ErrChecksum},
+		"over a cap": {mutate(good, func(b []byte) {
+			binary.LittleEndian.PutUint32(b[container.HeaderSize+4:], 17) // the machine section
+		}), container.ErrTooLarge},
+		"vcpu first": {rebuild(func(s []container.Section) []container.Section {
+			s[0], s[1] = s[1], s[0]
+			return s
+		}), container.ErrFormat},
+		"no vcpus": {rebuild(func(s []container.Section) []container.Section {
+			return slices.Delete(s, 1, 3)
+		}), container.ErrFormat},
+		"no clock": {rebuild(func(s []container.Section) []container.Section {
+			return slices.Delete(s, 4, 5)
+		}), container.ErrFormat},
+		"two clocks": {rebuild(func(s []container.Section) []container.Section {
+			return append(s, s[4])
+		}), container.ErrFormat},
+		"33 vcpus": {rebuild(func(s []container.Section) []container.Section {
+			for range MaxCPUs + 1 - 2 {
+				s = slices.Insert(s, 1, s[1])
+			}
+			return s
+		}), container.ErrTooLarge},
+		"v3 flipped":   {mutate(v3, func(b []byte) { b[len(b)-1] ^= 1 }), container.ErrChecksum},
+		"v3 too large": {mutate(v3, func(b []byte) { binary.LittleEndian.PutUint64(b[12:], 1<<40) }), container.ErrTooLarge},
+		"v3 truncated": {v3[:len(v3)-1], container.ErrTruncated},
 	}
 	for name, c := range cases {
 		t.Run(name, func(t *testing.T) {
 			var st MachineState
 			err := st.UnmarshalBinary(c.data)
-			require.True(t, errors.Is(err, c.want), "got %v", err)
+			require.ErrorIs(t, err, c.want)
 		})
 	}
-	for _, n := range []int{stateHeaderLen - 1, stateHeaderLen, len(good) / 2, len(good) - 1} {
+	for _, n := range []int{container.HeaderSize - 1, container.HeaderSize, len(good) / 2, len(good) - 1} {
 		var st MachineState
-		require.Error(t, st.UnmarshalBinary(good[:n]), "truncated to %d", n)
+		require.ErrorIs(t, st.UnmarshalBinary(good[:n]), container.ErrTruncated, "truncated to %d", n)
 	}
 	// A body with a consistent checksum but nonsense counts.
 	bad := sampleState()
@@ -214,20 +257,34 @@ func TestLegacyStateRoundTrip(t *testing.T) {
 
 // FuzzStateBody feeds state bodies of every version, under a valid header
 // and checksum, to the decoder: it must never panic, and whatever it
-// accepts encodes back to a state it reads the same.
+// accepts encodes back to a state it reads the same. A version 4 body is
+// the sections between the header and the end section.
 func FuzzStateBody(f *testing.F) {
 	for v := 1; v <= StateVersion; v++ {
 		b, err := os.ReadFile(filepath.Join("testdata", "state", fmt.Sprintf("v%d.bin", v)))
 		require.NoError(f, err)
-		f.Add(uint16(v), b[stateHeaderLen:])
+		if v < 4 {
+			f.Add(uint16(v), b[legacyHeaderLen:])
+		} else {
+			f.Add(uint16(v), b[container.HeaderSize:len(b)-container.EndSize])
+		}
 	}
 	f.Fuzz(func(t *testing.T, version uint16, body []byte) {
-		data := make([]byte, stateHeaderLen, stateHeaderLen+len(body))
-		copy(data, stateMagic)
-		binary.LittleEndian.PutUint16(data[8:], version)
-		binary.LittleEndian.PutUint64(data[12:], uint64(len(body)))
-		binary.LittleEndian.PutUint32(data[20:], crc32.Checksum(body, castagnoli))
-		data = append(data, body...)
+		var data []byte
+		if version < 4 {
+			data = make([]byte, legacyHeaderLen, legacyHeaderLen+len(body))
+			copy(data, container.MagicState)
+			binary.LittleEndian.PutUint16(data[8:], version)
+			binary.LittleEndian.PutUint64(data[12:], uint64(len(body)))
+			binary.LittleEndian.PutUint32(data[20:], crc32.Checksum(body, castagnoli))
+			data = append(data, body...)
+		} else {
+			data = binary.LittleEndian.AppendUint16([]byte(container.MagicState), version)
+			data = append(append(data, 0, 0), body...)
+			sum := crc32.Checksum(data, castagnoli) // the container's rule: every byte before the end
+			data = append(data, 1, 0, 0, 0, 4, 0, 0, 0)
+			data = binary.LittleEndian.AppendUint32(data, sum)
+		}
 		var st MachineState
 		if st.UnmarshalBinary(data) != nil {
 			return

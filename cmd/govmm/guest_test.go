@@ -3,7 +3,6 @@ package main
 import (
 	"bytes"
 	"context"
-	"encoding/binary"
 	"fmt"
 	"io"
 	"net"
@@ -24,6 +23,7 @@ import (
 	"govmm/internal/kvmtest"
 	"govmm/internal/netns"
 	"govmm/vmm"
+	"govmm/vmm/container"
 )
 
 // The real-guest tests of govmm's command line: they boot the default
@@ -454,7 +454,7 @@ func TestGuestSnapshotRestore(t *testing.T) {
 //   - the kvmclock wall clock in guest memory (12 bytes at the GPA in
 //     MSR_KVM_WALL_CLOCK_NEW): restoring that MSR makes KVM write the
 //     host's current time there;
-//   - the file's trailing CRC32C, which sums the above.
+//   - the file's checksum (its end section's CRC32C), which sums the above.
 //
 // Two things KVM itself does not give back as it was given (both seen in
 // the lab, an AMD host):
@@ -503,7 +503,10 @@ func TestGuestSnapshotRoundTrip(t *testing.T) {
 	require.NoError(t, err)
 	b, err := os.ReadFile(second)
 	require.NoError(t, err)
-	stA, stB := snapshotStateMasked(t, a), snapshotStateMasked(t, b)
+	// Snapshot file (docs/FORMATS.md): a GOVMMSNP container, a state
+	// section, then page sections.
+	secA, secB := snapshotSections(t, a), snapshotSections(t, b)
+	stA, stB := snapshotStateMasked(t, secA[0].Payload), snapshotStateMasked(t, secB[0].Payload)
 	require.Equal(t, stA, stB, "machine state apart from the clocks")
 	encA, err := stA.MarshalBinary()
 	require.NoError(t, err)
@@ -511,15 +514,12 @@ func TestGuestSnapshotRoundTrip(t *testing.T) {
 	require.NoError(t, err)
 	require.True(t, bytes.Equal(encA, encB), "encoded machine state apart from the clocks")
 	require.Equal(t, len(a), len(b), "file sizes")
-	// Snapshot file (docs/STATE.md): a 20-byte header (magic, version,
-	// state length), the state, the page runs, the CRC32C.
-	n := 20 + int(binary.LittleEndian.Uint64(a[12:20]))
-	require.True(t, bytes.Equal(a[:20], b[:20]), "file header")
+	require.True(t, bytes.Equal(a[:container.HeaderSize], b[:container.HeaderSize]), "file header")
 	wall := wallClockGPA(stA)
 	require.NotZero(t, wall, "the guest registered its kvmclock wall clock")
-	diffs := pageRunDiffs(t, a[n:len(a)-4], b[n:len(b)-4], wall, wall+12)
-	require.Empty(t, diffs, "guest memory (page runs): bytes that differ")
-	t.Logf("%d-byte snapshots equal apart from the clocks (%d bytes of state, %d of pages)", len(a), n-20, len(a)-4-n)
+	diffs := pageDiffs(t, secA[1:], secB[1:], wall, wall+12)
+	require.Empty(t, diffs, "guest memory (page sections): bytes that differ")
+	t.Logf("%d-byte snapshots equal apart from the clocks (%d bytes of state, %d page sections)", len(a), len(secA[0].Payload), len(secA)-1)
 
 	ctl(sock2, "resume")
 	require.Equal(t, "running", ctlInfoState(ctl(sock2, "info")))
@@ -536,37 +536,52 @@ func wallClockGPA(st *vmm.MachineState) uint64 {
 	return 0
 }
 
-// pageRunDiffs walks the page runs of two snapshot files (u64 GPA, u32
-// page count, the pages; docs/STATE.md) and lists the guest-physical
-// ranges where they differ, outside [skipFrom, skipTo). The runs must
-// cover the same pages.
-func pageRunDiffs(t *testing.T, a, b []byte, skipFrom, skipTo uint64) []string {
+// snapshotSections parses a snapshot file (checksum included) and
+// returns its sections: the state, then the page sections.
+func snapshotSections(t *testing.T, file []byte) []container.Section {
 	t.Helper()
-	require.Equal(t, len(a), len(b))
+	_, sections, err := container.Parse(file, container.Format{
+		Magic: container.MagicSnapshot, MinVersion: 2, MaxVersion: 2,
+		Caps: map[container.Type]int{container.TypeState: vmm.MaxStateSize, container.TypePages: container.MaxPagesPayload},
+	})
+	require.NoError(t, err)
+	require.NotEmpty(t, sections)
+	require.Equal(t, container.TypeState, sections[0].Type)
+	return sections
+}
+
+// pageDiffs walks the page sections of two snapshot files and lists the
+// guest-physical ranges where they differ, outside [skipFrom, skipTo).
+// The sections must hold the same pages.
+func pageDiffs(t *testing.T, a, b []container.Section, skipFrom, skipTo uint64) []string {
+	t.Helper()
+	require.Equal(t, len(a), len(b), "page sections")
 	var diffs []string
-	for off := 0; off+12 <= len(a); {
-		require.True(t, bytes.Equal(a[off:off+12], b[off:off+12]), "page run header at file offset %d", off)
-		gpa := binary.LittleEndian.Uint64(a[off:])
-		size := int(binary.LittleEndian.Uint32(a[off+8:])) * 4096
-		off += 12
-		if gpa == ^uint64(0) {
-			break
+	for k := range a {
+		pa, err := container.ParsePages(a[k].Payload, nil)
+		require.NoError(t, err)
+		pb, err := container.ParsePages(b[k].Payload, nil)
+		require.NoError(t, err)
+		require.Equal(t, len(pa), len(pb), "pages in section %d", k)
+		for p := range pa {
+			require.Equal(t, pa[p].GPA, pb[p].GPA, "section %d page %d", k, p)
+			require.Equal(t, pa[p].Enc, pb[p].Enc, "page %#x", pa[p].GPA)
+			gpa, x, y := pa[p].GPA, pa[p].Data, pb[p].Data
+			for i := 0; i < len(x); {
+				if x[i] == y[i] || (gpa+uint64(i) >= skipFrom && gpa+uint64(i) < skipTo) {
+					i++
+					continue
+				}
+				j := i
+				for j < len(x) && x[j] != y[j] {
+					j++
+				}
+				if len(diffs) < 20 {
+					diffs = append(diffs, fmt.Sprintf("%#x+%d: % x → % x", gpa+uint64(i), j-i, x[i:min(j, i+16)], y[i:min(j, i+16)]))
+				}
+				i = j
+			}
 		}
-		for i := 0; i < size; {
-			if a[off+i] == b[off+i] || (gpa+uint64(i) >= skipFrom && gpa+uint64(i) < skipTo) {
-				i++
-				continue
-			}
-			j := i
-			for j < size && a[off+j] != b[off+j] {
-				j++
-			}
-			if len(diffs) < 20 {
-				diffs = append(diffs, fmt.Sprintf("%#x+%d: % x → % x", gpa+uint64(i), j-i, a[off+i:off+min(j, i+16)], b[off+i:off+min(j, i+16)]))
-			}
-			i = j
-		}
-		off += size
 	}
 	return diffs
 }
@@ -581,15 +596,12 @@ func ctlInfoState(out string) string {
 	return ""
 }
 
-// snapshotStateMasked decodes the machine state of a snapshot file,
-// checks that it re-encodes to the same bytes, and clears the fields that
-// hold the time they were read at (see TestGuestSnapshotRoundTrip).
-func snapshotStateMasked(t *testing.T, file []byte) *vmm.MachineState {
+// snapshotStateMasked decodes the machine state of a snapshot file (its
+// state section's payload), checks that it re-encodes to the same bytes,
+// and clears the fields that hold the time they were read at (see
+// TestGuestSnapshotRoundTrip).
+func snapshotStateMasked(t *testing.T, raw []byte) *vmm.MachineState {
 	t.Helper()
-	require.Greater(t, len(file), 20)
-	n := binary.LittleEndian.Uint64(file[12:20])
-	require.LessOrEqual(t, 20+n, uint64(len(file)))
-	raw := file[20 : 20+n]
 	var st vmm.MachineState
 	require.NoError(t, st.UnmarshalBinary(raw))
 	again, err := st.MarshalBinary()

@@ -22,6 +22,7 @@ var rank = map[string]int{
 	"kvmapi/internal/kabi":         0,
 	"vmm/guestmem":                 0,
 	"vmm/devstate":                 0,
+	"vmm/container":                0,
 	"vmm/pci":                      0,
 	"ctlapi":                       0,
 	"guestimg/internal/guestproto": 0,

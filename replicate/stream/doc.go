@@ -13,7 +13,10 @@
 // agree on. It does not own epochs, dirty tracking, output buffering or
 // failover policy (package replicate builds those on Sender and
 // Receiver), nor the machine state's encoding, which it carries as opaque
-// bytes.
+// bytes, nor the layout of a checkpoint's content: a checkpoint is a
+// GOVMMCKP container (package container, docs/FORMATS.md) cut into
+// frames, whose page and disk sections package container encodes and
+// decodes, for this stream and for snapshot files alike.
 //
 // # Invariants
 //
@@ -35,7 +38,7 @@
 //     reordered or dropped; the handshake proves knowledge of the
 //     pre-shared key both ways.
 //
-// # Wire format (version 4, little-endian)
+// # Wire format (version 5, little-endian)
 //
 // Handshake frames (each side's Hello and Auth, framed as in version 1 so
 // that any version can read a hello far enough to refuse it):
@@ -65,9 +68,9 @@
 //	            witness generation u64 (0: no witness) | holder (u16 len, ≤256; empty at generation 0)
 //	2 Auth      proof [32]
 //	3 Begin     epoch u64 (>0, increasing) | kind u8 (1 initial-sync, 2 epoch, 3 final) | 0 [7]
-//	4 Pages     count u16 (1..256) | 0 u16 | count × (gpa u64 | enc u8 | 0 [3] | len u32 | data [len])
-//	            enc 0 raw (len 4096), 1 zero (len 0), 2 xor-rle (reserved, refused)
-//	5 State     1..MaxStateChunk bytes of machine state (a checkpoint's chunks ≤ MaxState in all)
+//	4 Pages     a container page section's payload: 1..256 pages, each gpa inside the layout
+//	5 State     a container state section's payload: 1..MaxStateChunk bytes of machine
+//	            state (the checkpoint's State frames concatenated, ≤ MaxState in all)
 //	6 End       epoch u64 | pages u64 | state length u64 | disk bytes u64 | crc32c u32 | 0 u32
 //	7 Ack       epoch u64
 //	8 Heartbeat sender's clock, unix ns, u64
@@ -75,16 +78,15 @@
 //	10 Goodbye  empty: the sender ends the stream on purpose (also inside a
 //	            checkpoint, which is then aborted; after a final checkpoint,
 //	            the migration is aborted)
-//	11 Disk     disk u16 (<64) | flags u16 (bit 0: zero run) | length u32 (1..MaxDiskChunk) |
-//	            offset u64 | data [length] (none for a zero run)
+//	11 Disk     a container disk section's payload: one write or zero run of
+//	            1..MaxDiskChunk bytes on disk < MaxDisks
 //	12 Accept   empty: the receiver serves this sender (after Verify)
 //	13 Handover empty: after the final checkpoint's ack, run the guest
 //
 // A checkpoint's Disk frames write at most MaxCheckpointDisk bytes. The End
-// CRC32C (Castagnoli) runs over the checkpoint's content in frame order:
-// for each page, gpa u64 | class u8 (0 data, 1 zero) | the page's bytes if
-// class 0; for each Disk frame, class 2 | its 16-byte header | its data
-// (none for a zero run); then each State chunk.
+// CRC32C is the container's checksum (container.Checksum) of the
+// checkpoint as a GOVMMCKP container of version 1: its header, then each
+// Pages, Disk and State frame as a section of that type, in frame order.
 //
 // Handshake: the sender sends Hello, the receiver Hello; with th = SHA-256
 // over both hello payloads, the sender sends Auth(HMAC(K, "govmm-stream/1

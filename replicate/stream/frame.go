@@ -3,15 +3,25 @@ package stream
 import (
 	"crypto/sha256"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"math"
 	"time"
+
+	"govmm/vmm/container"
 )
 
 // Version is the protocol version this package speaks. A peer with any
 // other version is refused at the hello (ErrVersion); see docs/STREAM.md
 // for the version policy.
-const Version = 4
+const Version = 5
+
+// checkpointVersion is the version of the GOVMMCKP container that a
+// checkpoint is (docs/FORMATS.md): its Begin frame stands for the
+// container's header, each Pages, Disk and State frame carries one
+// section's payload, and the End frame carries the container's checksum.
+// The stream's version fixes it, so it never travels.
+const checkpointVersion = 1
 
 // helloMagic opens every Hello payload.
 const helloMagic = "GOVMMSTR"
@@ -81,40 +91,27 @@ func (k Kind) String() string {
 // the receiver can resume the guest from.
 func (k Kind) Resumable() bool { return k == KindEpoch || k == KindFinal }
 
-// Encoding says how one page travels in a Pages frame.
-type Encoding uint8
-
-const (
-	// EncRaw: PageSize bytes.
-	EncRaw Encoding = 0
-	// EncZero: an all-zero page; no bytes.
-	EncZero Encoding = 1
-	// EncXORRLE is reserved for a later version: the page XORed with the
-	// version last shipped on this stream, run-length encoded. Versions 1
-	// and 2 refuse it.
-	EncXORRLE Encoding = 2
-)
-
 // Wire sizes and hard caps. Every length is checked against its cap before
 // anything is allocated for it.
 const (
-	headerSize    = 16
-	macSize       = sha256.Size // handshake frames' trailer; Auth proofs
-	tagSize       = 16          // session frames' trailer: the AES-GCM tag
-	nonceSize     = 32
-	pageEntrySize = 16 // gpa u64, encoding u8, reserved [3]u8, length u32
+	headerSize = 16
+	macSize    = sha256.Size // handshake frames' trailer; Auth proofs
+	tagSize    = 16          // session frames' trailer: the AES-GCM tag
+	nonceSize  = 32
 
-	// MaxPagesPerFrame caps the entries in one Pages frame.
-	MaxPagesPerFrame = 256
+	// MaxPagesPerFrame caps the entries in one Pages frame: one full
+	// container page section.
+	MaxPagesPerFrame = container.MaxPagesPerSection
 	// MaxStateChunk caps the bytes in one State frame.
 	MaxStateChunk = 1 << 20
 	// MaxFramePayload caps every frame's payload: a full Pages frame of
 	// raw pages is the largest legal one.
-	MaxFramePayload = 4 + MaxPagesPerFrame*(pageEntrySize+PageSize)
+	MaxFramePayload = container.MaxPagesPayload
 	// MaxState caps the machine state of one checkpoint.
 	MaxState = 64 << 20
-	// MaxDiskChunk caps the bytes one Disk frame writes (or zeroes).
-	MaxDiskChunk = 1 << 20
+	// MaxDiskChunk caps the bytes one Disk frame writes (or zeroes): a
+	// container disk section's cap.
+	MaxDiskChunk = container.MaxDiskChunk
 	// MaxCheckpointDisk caps the disk bytes one checkpoint writes, over
 	// all its Disk frames: what a standby stages in memory at most.
 	MaxCheckpointDisk = 256 << 20
@@ -122,9 +119,6 @@ const (
 	MaxDisks = 64
 	// MaxErrorMessage caps an Error frame's text.
 	MaxErrorMessage = 1024
-
-	diskHeaderSize = 16 // disk u16, flags u16, length u32, offset u64
-	diskFlagZero   = 1 << 0
 
 	helloFixed = 8 + 2 + 2 + 1 + 3 + nonceSize + 16
 )
@@ -151,27 +145,12 @@ type hello struct {
 	id                 Identity
 }
 
-type pageEntry struct {
-	gpa  GPA
-	enc  Encoding
-	data []byte // PageSize bytes for EncRaw, nil for EncZero; aliases the read buffer
-}
-
 type endInfo struct {
 	epoch     uint64
 	pages     uint64
 	stateLen  uint64
 	diskBytes uint64
 	crc       uint32
-}
-
-// diskWrite is one decoded Disk frame.
-type diskWrite struct {
-	disk   int
-	off    int64
-	length int
-	zero   bool
-	data   []byte // length bytes unless zero; aliases the read buffer
 }
 
 // frame is one decoded frame. The reader reuses it: slices alias the read
@@ -184,10 +163,10 @@ type frame struct {
 	proof   [macSize]byte
 	epoch   uint64 // begin, ack
 	kind    Kind
-	pages   []pageEntry
-	data    []byte // state chunk, error message
+	pages   []container.Page // Data aliases the read buffer
+	data    []byte           // state chunk, error message
 	end     endInfo
-	disk    diskWrite
+	disk    container.DiskWrite // Data aliases the read buffer
 	code    errorCode
 	time    int64 // heartbeat: sender's clock, unix nanoseconds
 }
@@ -324,87 +303,47 @@ func decodePayload(f *frame, t frameType, p []byte, layout *Identity) error {
 	return nil
 }
 
-func decodeDisk(w *diskWrite, p []byte) error {
-	le := binary.LittleEndian
-	if len(p) < diskHeaderSize {
-		return fmt.Errorf("disk frame: %d bytes: %w", len(p), ErrFrame)
+// decodeDisk decodes a Disk frame: a container disk section, whose disk
+// number and range the stream checks.
+func decodeDisk(w *container.DiskWrite, p []byte) error {
+	var err error
+	if *w, err = container.ParseDisk(p); err != nil {
+		return fmt.Errorf("disk frame: %w", sectionErr(err))
 	}
-	disk, flags, n, off := le.Uint16(p), le.Uint16(p[2:]), le.Uint32(p[4:]), le.Uint64(p[8:])
-	*w = diskWrite{disk: int(disk), off: int64(off), length: int(n), zero: flags&diskFlagZero != 0}
 	switch {
-	case flags&^diskFlagZero != 0:
-		return fmt.Errorf("disk frame: unknown flags %#x: %w", flags, ErrFrame)
-	case disk >= MaxDisks:
-		return fmt.Errorf("disk frame: disk %d, at most %d disks: %w", disk, MaxDisks, ErrOutOfRange)
-	case n == 0 || n > MaxDiskChunk:
-		return fmt.Errorf("disk frame: %d bytes, want 1..%d: %w", n, MaxDiskChunk, ErrFrame)
-	case off > math.MaxInt64-uint64(n):
-		return fmt.Errorf("disk frame: offset %#x: %w", off, ErrOutOfRange)
-	case w.zero && len(p) != diskHeaderSize:
-		return fmt.Errorf("disk frame: zero run with %d data bytes: %w", len(p)-diskHeaderSize, ErrFrame)
-	case !w.zero && len(p) != diskHeaderSize+int(n):
-		return fmt.Errorf("disk frame: %d data bytes, header says %d: %w", len(p)-diskHeaderSize, n, ErrFrame)
-	}
-	if !w.zero {
-		w.data = p[diskHeaderSize:]
+	case w.Disk >= MaxDisks:
+		return fmt.Errorf("disk frame: disk %d, at most %d disks: %w", w.Disk, MaxDisks, ErrOutOfRange)
+	case w.Off > math.MaxInt64-uint64(w.Length):
+		return fmt.Errorf("disk frame: offset %#x: %w", w.Off, ErrOutOfRange)
 	}
 	return nil
 }
 
+// decodePages decodes a Pages frame: a container page section, each of
+// whose pages must lie inside the sender's announced layout.
 func decodePages(f *frame, p []byte, layout *Identity) error {
-	le := binary.LittleEndian
-	if len(p) < 4 {
-		return fmt.Errorf("pages frame: %d bytes: %w", len(p), ErrFrame)
-	}
-	n := int(le.Uint16(p))
-	if n == 0 || n > MaxPagesPerFrame {
-		return fmt.Errorf("pages frame with %d pages, want 1..%d: %w", n, MaxPagesPerFrame, ErrTooLarge)
-	}
-	if p[2] != 0 || p[3] != 0 {
-		return fmt.Errorf("pages frame: reserved bytes set: %w", ErrFrame)
-	}
 	if cap(f.pages) < MaxPagesPerFrame {
-		f.pages = make([]pageEntry, 0, MaxPagesPerFrame)
+		f.pages = make([]container.Page, 0, MaxPagesPerFrame)
 	}
-	f.pages = f.pages[:0]
-	off := 4
-	for i := range n {
-		if len(p)-off < pageEntrySize {
-			return fmt.Errorf("pages frame: entry %d truncated: %w", i, ErrFrame)
-		}
-		e := p[off : off+pageEntrySize]
-		gpa, enc, ln := GPA(le.Uint64(e)), Encoding(e[8]), le.Uint32(e[12:])
-		off += pageEntrySize
-		if e[9] != 0 || e[10] != 0 || e[11] != 0 {
-			return fmt.Errorf("page %#x: reserved bytes set: %w", uint64(gpa), ErrFrame)
-		}
-		if layout == nil || !layout.Contains(gpa) {
-			return fmt.Errorf("page %#x: outside the memory layout or unaligned: %w", uint64(gpa), ErrOutOfRange)
-		}
-		var data []byte
-		switch enc {
-		case EncRaw:
-			if ln != PageSize {
-				return fmt.Errorf("raw page %#x: %d bytes: %w", uint64(gpa), ln, ErrFrame)
-			}
-			if len(p)-off < PageSize {
-				return fmt.Errorf("raw page %#x: truncated: %w", uint64(gpa), ErrFrame)
-			}
-			data = p[off : off+PageSize : off+PageSize]
-			off += PageSize
-		case EncZero:
-			if ln != 0 {
-				return fmt.Errorf("zero page %#x: %d bytes: %w", uint64(gpa), ln, ErrFrame)
-			}
-		default:
-			return fmt.Errorf("page %#x: encoding %d not supported by version %d: %w", uint64(gpa), enc, Version, ErrFrame)
-		}
-		f.pages = append(f.pages, pageEntry{gpa: gpa, enc: enc, data: data})
+	var err error
+	if f.pages, err = container.ParsePages(p, f.pages); err != nil {
+		return fmt.Errorf("pages frame: %w", sectionErr(err))
 	}
-	if off != len(p) {
-		return fmt.Errorf("pages frame: %d trailing bytes: %w", len(p)-off, ErrFrame)
+	for _, pg := range f.pages {
+		if layout == nil || !layout.Contains(GPA(pg.GPA)) {
+			return fmt.Errorf("page %#x: outside the memory layout: %w", pg.GPA, ErrOutOfRange)
+		}
 	}
 	return nil
+}
+
+// sectionErr wraps a container section's refusal in the stream's
+// sentinel for it.
+func sectionErr(err error) error {
+	if errors.Is(err, container.ErrTooLarge) {
+		return fmt.Errorf("%w: %w", err, ErrTooLarge)
+	}
+	return fmt.Errorf("%w: %w", err, ErrFrame)
 }
 
 func appendBegin(b []byte, epoch uint64, k Kind) []byte {
@@ -422,21 +361,6 @@ func appendEnd(b []byte, e endInfo) []byte {
 	return append(b, 0, 0, 0, 0)
 }
 
-// appendDisk appends a Disk payload: data at off on disk, or, with data
-// nil, a run of n zero bytes.
-func appendDisk(b []byte, disk int, off int64, n int, data []byte) []byte {
-	le := binary.LittleEndian
-	var flags uint16
-	if data == nil {
-		flags = diskFlagZero
-	}
-	b = le.AppendUint16(b, uint16(disk))
-	b = le.AppendUint16(b, flags)
-	b = le.AppendUint32(b, uint32(n))
-	b = le.AppendUint64(b, uint64(off))
-	return append(b, data...)
-}
-
 func appendError(b []byte, code errorCode, msg string) []byte {
 	if len(msg) > MaxErrorMessage {
 		msg = msg[:MaxErrorMessage]
@@ -444,14 +368,6 @@ func appendError(b []byte, code errorCode, msg string) []byte {
 	b = binary.LittleEndian.AppendUint16(b, uint16(code))
 	b = binary.LittleEndian.AppendUint16(b, uint16(len(msg)))
 	return append(b, msg...)
-}
-
-// appendPageEntry appends one page to a Pages payload.
-func appendPageEntry(b []byte, gpa GPA, enc Encoding, data []byte) []byte {
-	b = binary.LittleEndian.AppendUint64(b, uint64(gpa))
-	b = append(b, byte(enc), 0, 0, 0)
-	b = binary.LittleEndian.AppendUint32(b, uint32(len(data)))
-	return append(b, data...)
 }
 
 func allZero(b []byte) bool {

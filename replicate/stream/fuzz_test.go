@@ -4,11 +4,14 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"math"
 	"os"
 	"path/filepath"
 	"testing"
 
 	"github.com/stretchr/testify/require"
+
+	"govmm/vmm/container"
 )
 
 var updateSeeds = flag.Bool("update", false, "rewrite the fuzz seed corpus in testdata/")
@@ -31,9 +34,9 @@ func rawFrame(t frameType, seq uint64, payload []byte) []byte {
 // seedFrames are well-formed frames of every type, plus a few near misses.
 func seedFrames() map[string][]byte {
 	id := testIdentity()
-	pages := appendPageEntry([]byte{3, 0, 0, 0}, 0, EncRaw, page(1))
-	pages = appendPageEntry(pages, PageSize, EncZero, nil)
-	pages = appendPageEntry(pages, 1<<32, EncRaw, page(2))
+	pages := appendPageEntry([]byte{3, 0, 0, 0}, 0, container.EncRaw, page(1))
+	pages = appendPageEntry(pages, PageSize, container.EncZero, nil)
+	pages = appendPageEntry(pages, 1<<32, container.EncRaw, page(2))
 	return map[string][]byte{
 		"hello-sender": rawFrame(frameHello, 0, appendHello(nil, &hello{version: Version, keyed: true, role: roleSender, id: id,
 			heartbeat: DefaultHeartbeatInterval, timeout: DefaultFailoverTimeout})),
@@ -46,17 +49,17 @@ func seedFrames() map[string][]byte {
 		"pages":        rawFrame(framePages, 3, pages),
 		"state":        rawFrame(frameState, 4, []byte("machine state")),
 		"end":          rawFrame(frameEnd, 5, appendEnd(nil, endInfo{epoch: 7, pages: 3, stateLen: 13, diskBytes: 8192, crc: 0xdeadbeef})),
-		"disk":         rawFrame(frameDisk, 6, appendDisk(nil, 1, 4096, 5, []byte("hello"))),
-		"disk-zero":    rawFrame(frameDisk, 6, appendDisk(nil, 0, 0, MaxDiskChunk, nil)),
+		"disk":         rawFrame(frameDisk, 6, container.AppendDisk(nil, 1, 4096, 5, []byte("hello"))),
+		"disk-zero":    rawFrame(frameDisk, 6, container.AppendDisk(nil, 0, 0, MaxDiskChunk, nil)),
 		"accept":       rawFrame(frameAccept, 2, nil),
 		"handover":     rawFrame(frameHandover, 10, nil),
-		"bad-disk":     rawFrame(frameDisk, 6, appendDisk(nil, MaxDisks, 0, 1, []byte{1})),
+		"bad-disk":     rawFrame(frameDisk, 6, container.AppendDisk(nil, MaxDisks, 0, 1, []byte{1})),
 		"ack":          rawFrame(frameAck, 2, []byte{7, 0, 0, 0, 0, 0, 0, 0}),
 		"heartbeat":    rawFrame(frameHeartbeat, 3, []byte{1, 2, 3, 4, 5, 6, 7, 8}),
 		"error":        rawFrame(frameError, 4, appendError(nil, codeAuth, "authentication failed")),
 		"goodbye":      rawFrame(frameGoodbye, 9, nil),
-		"bad-gpa":      rawFrame(framePages, 3, appendPageEntry([]byte{1, 0, 0, 0}, 1<<31, EncZero, nil)),
-		"bad-encoding": rawFrame(framePages, 3, appendPageEntry([]byte{1, 0, 0, 0}, 0, EncXORRLE, []byte{9, 9})),
+		"bad-gpa":      rawFrame(framePages, 3, appendPageEntry([]byte{1, 0, 0, 0}, 1<<31, container.EncZero, nil)),
+		"bad-encoding": rawFrame(framePages, 3, appendPageEntry([]byte{1, 0, 0, 0}, 0, container.EncXORRLE, []byte{9, 9})),
 		"huge-length":  {0xff, 0xff, 0xff, 0x7f, byte(framePages), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0},
 	}
 }
@@ -125,14 +128,14 @@ func FuzzDecodeFrame(f *testing.F) {
 				t.Fatalf("accepted %d pages", len(fr.pages))
 			}
 			for _, p := range fr.pages {
-				if !layout.Contains(p.gpa) {
-					t.Fatalf("accepted page %#x outside the layout", uint64(p.gpa))
+				if !layout.Contains(GPA(p.GPA)) {
+					t.Fatalf("accepted page %#x outside the layout", p.GPA)
 				}
 				switch {
-				case p.enc == EncRaw && len(p.data) == PageSize:
-				case p.enc == EncZero && p.data == nil:
+				case p.Enc == container.EncRaw && len(p.Data) == PageSize:
+				case p.Enc == container.EncZero && p.Data == nil:
 				default:
-					t.Fatalf("accepted page %#x encoding %d with %d bytes", uint64(p.gpa), p.enc, len(p.data))
+					t.Fatalf("accepted page %#x encoding %d with %d bytes", p.GPA, p.Enc, len(p.Data))
 				}
 			}
 		case frameState:
@@ -149,8 +152,8 @@ func FuzzDecodeFrame(f *testing.F) {
 			}
 		case frameDisk:
 			w := fr.disk
-			if w.disk >= MaxDisks || w.length == 0 || w.length > MaxDiskChunk || w.off < 0 ||
-				(w.zero && w.data != nil) || (!w.zero && len(w.data) != w.length) {
+			if w.Disk >= MaxDisks || w.Length == 0 || w.Length > MaxDiskChunk || w.Off+uint64(w.Length) > math.MaxInt64 ||
+				(w.Zero && w.Data != nil) || (!w.Zero && len(w.Data) != w.Length) {
 				t.Fatalf("accepted disk write %+v", w)
 			}
 		case frameError:

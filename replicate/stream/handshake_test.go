@@ -117,11 +117,12 @@ func TestHandshakeRefusals(t *testing.T) {
 	}
 }
 
-// TestVersionRefused: a peer of an older (1: HMAC-framed session) or newer
+// TestVersionRefused: a peer of an older (1: HMAC-framed session; the
+// previous one, whose checkpoints were not container sections) or newer
 // version is refused at its hello with ErrVersion, which the handshake
 // framing (unchanged since version 1) makes readable across versions.
 func TestVersionRefused(t *testing.T) {
-	for _, v := range []uint16{1, Version + 1} {
+	for _, v := range []uint16{1, Version - 1, Version + 1} {
 		t.Run(fmt.Sprintf("version %d", v), func(t *testing.T) {
 			_, rcfg := cfgs(newFakeClock())
 			a, b := net.Pipe()

@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+
+	"govmm/vmm/container"
 )
 
 var testKey = []byte("0123456789abcdef0123456789abcdef")
@@ -338,4 +340,13 @@ func tcpPair(t *testing.T) (net.Conn, net.Conn) {
 	b := <-ch
 	require.NotNil(t, b)
 	return a, b
+}
+
+// appendPageEntry appends one page section entry to b, well formed or
+// not (container.PageSection builds only well-formed ones).
+func appendPageEntry(b []byte, gpa GPA, enc container.Encoding, data []byte) []byte {
+	b = binary.LittleEndian.AppendUint64(b, uint64(gpa))
+	b = append(b, byte(enc), 0, 0, 0)
+	b = binary.LittleEndian.AppendUint32(b, uint32(len(data)))
+	return append(b, data...)
 }

@@ -5,10 +5,11 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"hash/crc32"
 	"io"
 	"net"
 	"sync/atomic"
+
+	"govmm/vmm/container"
 )
 
 // Receiver is the standby's (or migration destination's) end of a stream.
@@ -27,7 +28,8 @@ type Receiver struct {
 
 	// Owned by Run.
 	open      bool
-	cur       endInfo // running totals of the open checkpoint
+	cur       endInfo            // running totals of the open checkpoint
+	sum       container.Checksum // of the open checkpoint's sections
 	kind      Kind
 	zeros     uint64
 	state     []byte
@@ -155,9 +157,9 @@ func (r *Receiver) loop() error {
 		case frameBegin:
 			err = r.begin(f.epoch, f.kind)
 		case framePages:
-			err = r.pages(f.pages)
+			err = r.pages(f.pages, f.payload)
 		case frameDisk:
-			err = r.disk(&f.disk)
+			err = r.disk(&f.disk, f.payload)
 		case frameState:
 			err = r.stateChunk(f.data)
 		case frameEnd:
@@ -207,29 +209,27 @@ func (r *Receiver) begin(epoch uint64, kind Kind) error {
 	}
 	r.open, r.kind, r.lastEpoch = true, kind, epoch
 	r.cur, r.zeros, r.state = endInfo{epoch: epoch}, 0, nil
+	r.sum = container.NewChecksum(container.MagicCheckpoint, checkpointVersion)
 	return nil
 }
 
-func (r *Receiver) pages(ps []pageEntry) error {
+// pages stages the pages of a Pages frame (payload is the frame's: a
+// container page section, which the checksum covers).
+func (r *Receiver) pages(ps []container.Page, payload []byte) error {
 	if !r.open {
 		return fmt.Errorf("pages outside a checkpoint: %w", ErrProtocol)
 	}
 	if r.cur.pages+uint64(len(ps)) > r.maxPages {
 		return fmt.Errorf("checkpoint %d: more pages than the guest has (%d): %w", r.cur.epoch, r.maxPages, ErrTooLarge)
 	}
-	var g [9]byte
+	r.sum.Section(container.TypePages, payload)
 	for _, p := range ps {
-		binary.LittleEndian.PutUint64(g[:], uint64(p.gpa))
-		g[8] = 0
-		if p.enc == EncZero {
-			g[8] = 1
+		if p.Enc == container.EncZero {
 			r.zeros++
 			r.ctr.zeroPages.Add(1)
 		}
-		r.cur.crc = crc32.Update(r.cur.crc, castagnoli, g[:])
-		r.cur.crc = crc32.Update(r.cur.crc, castagnoli, p.data)
-		if err := r.sink.StagePage(p.gpa, p.data); err != nil {
-			return fmt.Errorf("sink: stage page %#x: %w: %w", uint64(p.gpa), ErrCommit, err)
+		if err := r.sink.StagePage(GPA(p.GPA), p.Data); err != nil {
+			return fmt.Errorf("sink: stage page %#x: %w: %w", p.GPA, ErrCommit, err)
 		}
 	}
 	r.cur.pages += uint64(len(ps))
@@ -237,28 +237,27 @@ func (r *Receiver) pages(ps []pageEntry) error {
 	return nil
 }
 
-func (r *Receiver) disk(w *diskWrite) error {
+// disk stages the write of a Disk frame (payload is the frame's: a
+// container disk section, which the checksum covers).
+func (r *Receiver) disk(w *container.DiskWrite, payload []byte) error {
 	switch {
 	case !r.open:
 		return fmt.Errorf("disk write outside a checkpoint: %w", ErrProtocol)
 	case r.disks == nil:
 		return fmt.Errorf("disk write, but this receiver has no disks: %w", ErrProtocol)
-	case r.cur.diskBytes+uint64(w.length) > MaxCheckpointDisk:
+	case r.cur.diskBytes+uint64(w.Length) > MaxCheckpointDisk:
 		return fmt.Errorf("checkpoint %d: disk writes over %d bytes: %w", r.cur.epoch, MaxCheckpointDisk, ErrTooLarge)
 	}
-	data := w.data
-	if w.zero {
-		data = zeroChunk[:w.length]
+	r.sum.Section(container.TypeDisk, payload)
+	data := w.Data
+	if w.Zero {
+		data = zeroChunk[:w.Length]
 	}
-	r.cur.crc = crc32.Update(r.cur.crc, castagnoli, diskCRCHeader(r.fr.f.payload))
-	if !w.zero {
-		r.cur.crc = crc32.Update(r.cur.crc, castagnoli, data)
+	if err := r.disks.StageWrite(int(w.Disk), int64(w.Off), data); err != nil {
+		return fmt.Errorf("disk sink: disk %d write at %d+%d: %w: %w", w.Disk, w.Off, w.Length, ErrCommit, err)
 	}
-	if err := r.disks.StageWrite(w.disk, w.off, data); err != nil {
-		return fmt.Errorf("disk sink: disk %d write at %d+%d: %w: %w", w.disk, w.off, w.length, ErrCommit, err)
-	}
-	r.cur.diskBytes += uint64(w.length)
-	r.ctr.diskBytes.Add(uint64(w.length))
+	r.cur.diskBytes += uint64(w.Length)
+	r.ctr.diskBytes.Add(uint64(w.Length))
 	return nil
 }
 
@@ -270,7 +269,7 @@ func (r *Receiver) stateChunk(b []byte) error {
 		return fmt.Errorf("checkpoint %d: state over %d bytes: %w", r.cur.epoch, MaxState, ErrTooLarge)
 	}
 	r.state = append(r.state, b...)
-	r.cur.crc = crc32.Update(r.cur.crc, castagnoli, b)
+	r.sum.Section(container.TypeState, b)
 	r.ctr.stateBytes.Add(uint64(len(b)))
 	return nil
 }
@@ -279,7 +278,7 @@ func (r *Receiver) end(e endInfo) error {
 	if !r.open {
 		return fmt.Errorf("end outside a checkpoint: %w", ErrProtocol)
 	}
-	got := endInfo{epoch: r.cur.epoch, pages: r.cur.pages, stateLen: uint64(len(r.state)), diskBytes: r.cur.diskBytes, crc: r.cur.crc}
+	got := endInfo{epoch: r.cur.epoch, pages: r.cur.pages, stateLen: uint64(len(r.state)), diskBytes: r.cur.diskBytes, crc: r.sum.Sum32()}
 	switch {
 	case e.epoch != got.epoch:
 		return fmt.Errorf("end of epoch %d inside checkpoint %d: %w", e.epoch, got.epoch, ErrProtocol)

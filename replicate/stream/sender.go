@@ -3,17 +3,15 @@ package stream
 import (
 	"bytes"
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
-	"hash/crc32"
 	"io"
 	"net"
 	"sync"
 	"sync/atomic"
-)
 
-var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+	"govmm/vmm/container"
+)
 
 // Sender is the primary's (or migration source's) end of a stream.
 //
@@ -28,13 +26,13 @@ type Sender struct {
 	// Owned by the checkpoint goroutine.
 	scratch   [PageSize]byte // SendPage copies the page here first
 	open      atomic.Bool    // read by Close
-	cur       endInfo        // epoch, pages, stateLen, crc of the open checkpoint
+	cur       endInfo        // epoch, pages, stateLen, diskBytes of the open checkpoint
+	sum       container.Checksum
 	kind      Kind
 	lastEpoch uint64
 	lastKind  Kind
-	pbuf      []byte // the Pages frame being filled
-	npages    int
-	dbuf      []byte // a Disk frame
+	pages     container.PageSection // the Pages frame being filled
+	dbuf      []byte                // a Disk frame
 
 	amu     sync.Mutex    // guards acked, pending, ackedCh
 	acked   uint64        // last acknowledged epoch
@@ -74,7 +72,6 @@ func NewSender(ctx context.Context, conn net.Conn, cfg Config) (*Sender, error) 
 	}
 	s := &Sender{
 		endpoint: newEndpoint(conn, cfg),
-		pbuf:     make([]byte, 4, MaxFramePayload),
 		ackedCh:  make(chan struct{}),
 	}
 	if err := s.handshake(ctx, roleSender); err != nil {
@@ -114,7 +111,8 @@ func (s *Sender) BeginCheckpoint(epoch uint64, kind Kind) error {
 	}
 	s.open.Store(true)
 	s.kind, s.cur = kind, endInfo{epoch: epoch}
-	s.pbuf, s.npages = s.pbuf[:4], 0
+	s.sum = container.NewChecksum(container.MagicCheckpoint, checkpointVersion)
+	s.pages.Reset()
 	return nil
 }
 
@@ -132,38 +130,32 @@ func (s *Sender) SendPage(gpa GPA, page []byte) error {
 		return fmt.Errorf("send page %#x: outside the memory layout or unaligned: %w", uint64(gpa), ErrOutOfRange)
 	}
 	// Copy first: the guest may be writing the page while it is sent (a
-	// pre-copy round), and the checksum, the zero test and the bytes on
-	// the wire must all describe the same contents.
+	// pre-copy round), and the zero test and the bytes on the wire must
+	// describe the same contents.
 	copy(s.scratch[:], page)
-	page = s.scratch[:]
-	var g [9]byte
-	binary.LittleEndian.PutUint64(g[:], uint64(gpa))
-	if bytes.Equal(page, zeroPage[:]) {
-		g[8] = 1
-		s.cur.crc = crc32.Update(s.cur.crc, castagnoli, g[:])
-		s.pbuf = appendPageEntry(s.pbuf, gpa, EncZero, nil)
+	if bytes.Equal(s.scratch[:], zeroPage[:]) {
+		s.pages.Add(uint64(gpa), nil)
 		s.ctr.zeroPages.Add(1)
 	} else {
-		s.cur.crc = crc32.Update(s.cur.crc, castagnoli, g[:])
-		s.cur.crc = crc32.Update(s.cur.crc, castagnoli, page)
-		s.pbuf = appendPageEntry(s.pbuf, gpa, EncRaw, page)
+		s.pages.Add(uint64(gpa), s.scratch[:])
 	}
 	s.ctr.pages.Add(1)
 	s.cur.pages++
-	s.npages++
-	if s.npages == MaxPagesPerFrame {
+	if s.pages.Len() == MaxPagesPerFrame {
 		return s.flushPages()
 	}
 	return nil
 }
 
+// flushPages sends the page section being filled as a Pages frame.
 func (s *Sender) flushPages() error {
-	if s.npages == 0 {
+	if s.pages.Len() == 0 {
 		return nil
 	}
-	binary.LittleEndian.PutUint16(s.pbuf, uint16(s.npages))
-	err := s.send(framePages, s.pbuf, false)
-	s.pbuf, s.npages = s.pbuf[:4], 0
+	p := s.pages.Payload()
+	s.sum.Section(container.TypePages, p)
+	err := s.send(framePages, p, false)
+	s.pages.Reset()
 	return err
 }
 
@@ -191,26 +183,16 @@ func (s *Sender) SendDisk(disk int, off int64, data []byte) error {
 		if bytes.Equal(piece, zeroChunk[:n]) {
 			piece = nil
 		}
-		s.dbuf = appendDisk(s.dbuf[:0], disk, off, n, piece)
+		s.dbuf = container.AppendDisk(s.dbuf[:0], uint16(disk), uint64(off), n, piece)
 		if err := s.send(frameDisk, s.dbuf, false); err != nil {
 			return err
 		}
-		s.cur.crc = crc32.Update(s.cur.crc, castagnoli, diskCRCHeader(s.dbuf))
-		s.cur.crc = crc32.Update(s.cur.crc, castagnoli, piece)
+		s.sum.Section(container.TypeDisk, s.dbuf)
 		s.cur.diskBytes += uint64(n)
 		s.ctr.diskBytes.Add(uint64(n))
 		data, off = data[n:], off+int64(n)
 	}
 	return nil
-}
-
-// diskCRCHeader is what the End CRC covers of a Disk frame besides its
-// data: class 2 and the frame's 16-byte header.
-func diskCRCHeader(payload []byte) []byte {
-	var b [1 + diskHeaderSize]byte
-	b[0] = 2
-	copy(b[1:], payload[:diskHeaderSize])
-	return b[:]
 }
 
 // SendState adds machine state to the open checkpoint. It may be called
@@ -232,7 +214,7 @@ func (s *Sender) SendState(state []byte) error {
 		if err := s.send(frameState, state[:n], false); err != nil {
 			return err
 		}
-		s.cur.crc = crc32.Update(s.cur.crc, castagnoli, state[:n])
+		s.sum.Section(container.TypeState, state[:n])
 		s.cur.stateLen += uint64(n)
 		s.ctr.stateBytes.Add(uint64(n))
 		state = state[n:]
@@ -253,6 +235,7 @@ func (s *Sender) EndCheckpoint() error {
 	s.amu.Lock()
 	s.pending = append(s.pending, s.cur.epoch)
 	s.amu.Unlock()
+	s.cur.crc = s.sum.Sum32()
 	if err := s.send(frameEnd, appendEnd(nil, s.cur), true); err != nil {
 		return err
 	}

@@ -14,6 +14,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"govmm/vmm/container"
 )
 
 func TestCheckpointsCommittedAtomicallyAndAckedInOrder(t *testing.T) {
@@ -215,7 +217,7 @@ func TestTruncatedStream(t *testing.T) {
 		{"connection closed mid-checkpoint", func(s *Sender, sc net.Conn) { sc.Close() }, "inside checkpoint 2"},
 		{"connection cut mid-frame", func(s *Sender, sc net.Conn) {
 			s.wmu.Lock()
-			_ = s.fw.write(framePages, appendPageEntry([]byte{1, 0, 0, 0}, 0, EncRaw, page(1)))
+			_ = s.fw.write(framePages, appendPageEntry([]byte{1, 0, 0, 0}, 0, container.EncRaw, page(1)))
 			_ = s.fw.bw.Flush()
 			s.wmu.Unlock()
 		}, "inside pages frame"},
@@ -279,7 +281,7 @@ func forge(t *testing.T, s *Sender, typ frameType, payload []byte) {
 
 func TestReceiverRefusesBadFrames(t *testing.T) {
 	id := testIdentity()
-	pages := func(gpa GPA, enc Encoding, data []byte) []byte {
+	pages := func(gpa GPA, enc container.Encoding, data []byte) []byte {
 		return appendPageEntry([]byte{1, 0, 0, 0}, gpa, enc, data)
 	}
 	tests := []struct {
@@ -289,13 +291,13 @@ func TestReceiverRefusesBadFrames(t *testing.T) {
 		body  []byte
 		want  error
 	}{
-		{"page outside layout", true, framePages, pages(8<<20, EncRaw, page(1)), ErrOutOfRange},
-		{"page in the gap between regions", true, framePages, pages(1<<31, EncZero, nil), ErrOutOfRange},
-		{"page straddling a region end", true, framePages, pages(GPA(id.Regions[0].Size-PageSize/2), EncZero, nil), ErrOutOfRange},
-		{"unaligned page", true, framePages, pages(8, EncRaw, page(1)), ErrOutOfRange},
-		{"delta encoding (reserved)", true, framePages, pages(0, EncXORRLE, []byte{1, 2}), ErrFrame},
-		{"short raw page", true, framePages, pages(0, EncRaw, make([]byte, 100)), ErrFrame},
-		{"pages outside a checkpoint", false, framePages, pages(0, EncZero, nil), ErrProtocol},
+		{"page outside layout", true, framePages, pages(8<<20, container.EncRaw, page(1)), ErrOutOfRange},
+		{"page in the gap between regions", true, framePages, pages(1<<31, container.EncZero, nil), ErrOutOfRange},
+		{"page straddling a region end", true, framePages, pages(GPA(id.Regions[0].Size-PageSize/2), container.EncZero, nil), ErrFrame},
+		{"unaligned page", true, framePages, pages(8, container.EncRaw, page(1)), ErrFrame},
+		{"delta encoding (reserved)", true, framePages, pages(0, container.EncXORRLE, []byte{1, 2}), ErrFrame},
+		{"short raw page", true, framePages, pages(0, container.EncRaw, make([]byte, 100)), ErrFrame},
+		{"pages outside a checkpoint", false, framePages, pages(0, container.EncZero, nil), ErrProtocol},
 		{"state outside a checkpoint", false, frameState, []byte("x"), ErrProtocol},
 		{"nested begin", true, frameBegin, appendBegin(nil, 2, KindEpoch), ErrProtocol},
 		{"epoch not increasing", false, frameBegin, appendBegin(nil, 1, KindEpoch), ErrProtocol},
@@ -307,9 +309,9 @@ func TestReceiverRefusesBadFrames(t *testing.T) {
 		{"ack from the sender", false, frameAck, make([]byte, 8), ErrProtocol},
 		{"accept from the sender", false, frameAccept, nil, ErrProtocol},
 		{"handover without a final checkpoint", false, frameHandover, nil, ErrProtocol},
-		{"disk write outside a checkpoint", false, frameDisk, appendDisk(nil, 0, 0, 1, []byte{1}), ErrProtocol},
-		{"disk write to a receiver without disks", true, frameDisk, appendDisk(nil, 0, 0, 1, []byte{1}), ErrProtocol},
-		{"disk number beyond the cap", true, frameDisk, appendDisk(nil, MaxDisks, 0, 1, []byte{1}), ErrOutOfRange},
+		{"disk write outside a checkpoint", false, frameDisk, container.AppendDisk(nil, 0, 0, 1, []byte{1}), ErrProtocol},
+		{"disk write to a receiver without disks", true, frameDisk, container.AppendDisk(nil, 0, 0, 1, []byte{1}), ErrProtocol},
+		{"disk number beyond the cap", true, frameDisk, container.AppendDisk(nil, MaxDisks, 0, 1, []byte{1}), ErrOutOfRange},
 		{"end with wrong disk byte count", true, frameEnd, appendEnd(nil, endInfo{epoch: 2, pages: 1, diskBytes: 1}), ErrChecksum},
 		{"hello after the handshake", false, frameHello, appendHello(nil, &hello{version: Version, keyed: true, role: roleSender, id: id,
 			heartbeat: time.Second, timeout: 4 * time.Second}), ErrProtocol},

@@ -1,0 +1,60 @@
+package stream
+
+import (
+	"bytes"
+	"encoding/binary"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"govmm/vmm/container"
+)
+
+// A checkpoint is a GOVMMCKP container cut into frames: each Pages, Disk
+// and State frame carries one section's payload, and the End frame's
+// CRC is the one a container.Writer puts in the end section of the same
+// sections. The receiver computes it the same way (it acknowledges).
+func TestCheckpointIsAContainer(t *testing.T) {
+	scfg, rcfg := cfgs(newFakeClock())
+	rcfg.Disks = newMemDisks(4 << 20)
+	s, r := pipePair(t, scfg, rcfg)
+	run := runReceiver(t, r)
+
+	state := bytes.Repeat([]byte("machine state "), 100_000) // two State frames
+	disk := bytes.Repeat([]byte{0xd1}, 3000)
+	require.NoError(t, s.BeginCheckpoint(1, KindEpoch))
+	require.NoError(t, s.SendPage(0, page(1)))
+	require.NoError(t, s.SendPage(PageSize, make([]byte, PageSize)))
+	require.NoError(t, s.SendPage(1<<32, page(2)))
+	require.NoError(t, s.SendDisk(0, 512, disk))
+	require.NoError(t, s.SendDisk(0, 1<<20, make([]byte, 8192)))
+	require.NoError(t, s.SendState(state))
+	require.NoError(t, s.EndCheckpoint())
+	require.NoError(t, s.WaitAck(ctxTimeout(t, 10*time.Second), 1))
+
+	var pages container.PageSection
+	pages.Add(0, page(1))
+	pages.Add(PageSize, nil)
+	pages.Add(1<<32, page(2))
+	var b bytes.Buffer
+	w, err := container.NewWriter(&b, container.MagicCheckpoint, checkpointVersion)
+	require.NoError(t, err)
+	require.NoError(t, w.Section(container.TypePages, pages.Payload()))
+	require.NoError(t, w.Section(container.TypeDisk, container.AppendDisk(nil, 0, 512, len(disk), disk)))
+	require.NoError(t, w.Section(container.TypeDisk, container.AppendDisk(nil, 0, 1<<20, 8192, nil)))
+	require.NoError(t, w.Section(container.TypeState, state[:MaxStateChunk]))
+	require.NoError(t, w.Section(container.TypeState, state[MaxStateChunk:]))
+	require.NoError(t, w.Close())
+	require.Equal(t, binary.LittleEndian.Uint32(b.Bytes()[b.Len()-4:]), s.cur.crc, "End carries the container's checksum")
+
+	_, sections, err := container.Parse(b.Bytes(), container.Format{
+		Magic: container.MagicCheckpoint, MinVersion: checkpointVersion, MaxVersion: checkpointVersion,
+		Caps: map[container.Type]int{container.TypePages: MaxFramePayload, container.TypeDisk: container.MaxDiskPayload, container.TypeState: MaxStateChunk},
+	})
+	require.NoError(t, err)
+	require.Len(t, sections, 5)
+
+	require.NoError(t, s.Close())
+	require.NoError(t, waitErr(t, run))
+}

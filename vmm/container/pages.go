@@ -1,0 +1,206 @@
+package container
+
+import (
+	"encoding/binary"
+	"fmt"
+)
+
+// Page sections carry guest pages, in snapshot files and in the stream's
+// Pages frames alike:
+//
+//	count u16 (1..MaxPagesPerSection) | 0 u16 |
+//	count × (gpa u64 | encoding u8 | 0 [3] | length u32 | data [length])
+//
+// encoding 0 raw (length PageSize), 1 zero (length 0: the page is all
+// zero), 2 xor-rle (reserved, refused). Every gpa is page-aligned; which
+// addresses exist is the reader's to check (its machine's memory, the
+// stream's announced layout).
+const (
+	// PageSize is the size of a guest page.
+	PageSize = 4096
+	// MaxPagesPerSection caps the entries in one page section.
+	MaxPagesPerSection = 256
+	// PageEntrySize is an entry's fixed part: gpa, encoding, length.
+	PageEntrySize = 16
+	// MaxPagesPayload is the largest page section: all pages raw.
+	MaxPagesPayload = 4 + MaxPagesPerSection*(PageEntrySize+PageSize)
+)
+
+// Encoding says how one page is stored in a page section.
+type Encoding uint8
+
+const (
+	// EncRaw: PageSize bytes.
+	EncRaw Encoding = 0
+	// EncZero: an all-zero page, without bytes.
+	EncZero Encoding = 1
+	// EncXORRLE is reserved: the page XORed with the version last
+	// shipped on the same stream, run-length encoded. Refused today.
+	EncXORRLE Encoding = 2
+)
+
+// Page is one entry of a page section.
+type Page struct {
+	GPA  uint64
+	Enc  Encoding
+	Data []byte // PageSize bytes for EncRaw, nil for EncZero
+}
+
+// PageSection builds one page section's payload. The zero value is
+// ready; Reset starts the next section in the same buffer.
+type PageSection struct {
+	buf []byte
+	n   int
+}
+
+// Reset empties the section, keeping its buffer.
+func (s *PageSection) Reset() { s.buf, s.n = s.buf[:0], 0 }
+
+// Add appends the page at gpa: raw if data is PageSize bytes, zero if
+// data is nil. The caller decides which (and keeps Len below
+// MaxPagesPerSection).
+func (s *PageSection) Add(gpa uint64, data []byte) {
+	if len(s.buf) == 0 {
+		if s.buf == nil {
+			s.buf = make([]byte, 0, MaxPagesPayload)
+		}
+		s.buf = append(s.buf, 0, 0, 0, 0) // count, reserved
+	}
+	enc := EncRaw
+	if data == nil {
+		enc = EncZero
+	}
+	s.buf = binary.LittleEndian.AppendUint64(s.buf, gpa)
+	s.buf = append(s.buf, byte(enc), 0, 0, 0)
+	s.buf = binary.LittleEndian.AppendUint32(s.buf, uint32(len(data)))
+	s.buf = append(s.buf, data...)
+	s.n++
+}
+
+// Len is the number of pages added since the last Reset.
+func (s *PageSection) Len() int { return s.n }
+
+// Payload is the section's payload (valid until the next Add or Reset);
+// nil while it holds no page (a page section holds at least one).
+func (s *PageSection) Payload() []byte {
+	if s.n == 0 {
+		return nil
+	}
+	binary.LittleEndian.PutUint16(s.buf, uint16(s.n))
+	return s.buf
+}
+
+// ParsePages decodes a page section's payload into pages (reusing its
+// backing array), checking the count, reserved bytes, alignment,
+// encodings and lengths. The pages' Data alias p.
+func ParsePages(p []byte, pages []Page) ([]Page, error) {
+	le := binary.LittleEndian
+	if len(p) < 4 {
+		return pages, fmt.Errorf("page section of %d bytes: %w", len(p), ErrFormat)
+	}
+	n := int(le.Uint16(p))
+	if n == 0 || n > MaxPagesPerSection {
+		return pages, fmt.Errorf("page section with %d pages, want 1..%d: %w", n, MaxPagesPerSection, ErrTooLarge)
+	}
+	if p[2] != 0 || p[3] != 0 {
+		return pages, fmt.Errorf("page section: reserved bytes set: %w", ErrFormat)
+	}
+	pages = pages[:0]
+	off := 4
+	for i := range n {
+		if len(p)-off < PageEntrySize {
+			return pages, fmt.Errorf("page section: entry %d truncated: %w", i, ErrFormat)
+		}
+		e := p[off : off+PageEntrySize]
+		pg := Page{GPA: le.Uint64(e), Enc: Encoding(e[8])}
+		length := le.Uint32(e[12:])
+		off += PageEntrySize
+		switch {
+		case e[9] != 0 || e[10] != 0 || e[11] != 0:
+			return pages, fmt.Errorf("page %#x: reserved bytes set: %w", pg.GPA, ErrFormat)
+		case pg.GPA%PageSize != 0:
+			return pages, fmt.Errorf("page %#x: not page-aligned: %w", pg.GPA, ErrFormat)
+		case pg.Enc == EncRaw && length != PageSize:
+			return pages, fmt.Errorf("raw page %#x: %d bytes: %w", pg.GPA, length, ErrFormat)
+		case pg.Enc == EncRaw && len(p)-off < PageSize:
+			return pages, fmt.Errorf("raw page %#x: truncated: %w", pg.GPA, ErrFormat)
+		case pg.Enc == EncZero && length != 0:
+			return pages, fmt.Errorf("zero page %#x: %d bytes: %w", pg.GPA, length, ErrFormat)
+		case pg.Enc != EncRaw && pg.Enc != EncZero:
+			return pages, fmt.Errorf("page %#x: encoding %d not supported: %w", pg.GPA, pg.Enc, ErrFormat)
+		}
+		if pg.Enc == EncRaw {
+			pg.Data = p[off : off+PageSize : off+PageSize]
+			off += PageSize
+		}
+		pages = append(pages, pg)
+	}
+	if off != len(p) {
+		return pages, fmt.Errorf("page section: %d trailing bytes: %w", len(p)-off, ErrFormat)
+	}
+	return pages, nil
+}
+
+// Disk sections carry one write to a disk, or a run of zeroes:
+//
+//	disk u16 | flags u16 (bit 0: zero run) | length u32 (1..MaxDiskChunk) |
+//	offset u64 | data [length] (none for a zero run)
+const (
+	// DiskHeaderSize is a disk section's fixed part.
+	DiskHeaderSize = 16
+	// MaxDiskChunk caps the bytes one disk section writes (or zeroes).
+	MaxDiskChunk = 1 << 20
+	// MaxDiskPayload is the largest disk section.
+	MaxDiskPayload = DiskHeaderSize + MaxDiskChunk
+
+	diskFlagZero = 1 << 0
+)
+
+// DiskWrite is one decoded disk section.
+type DiskWrite struct {
+	Disk   uint16
+	Off    uint64
+	Length int
+	Zero   bool   // a run of Length zero bytes
+	Data   []byte // Length bytes unless Zero; aliases the payload
+}
+
+// AppendDisk appends a disk section's payload to b: data at off on disk,
+// or, with data nil, a run of n zero bytes.
+func AppendDisk(b []byte, disk uint16, off uint64, n int, data []byte) []byte {
+	le := binary.LittleEndian
+	var flags uint16
+	if data == nil {
+		flags = diskFlagZero
+	}
+	b = le.AppendUint16(b, disk)
+	b = le.AppendUint16(b, flags)
+	b = le.AppendUint32(b, uint32(n))
+	b = le.AppendUint64(b, off)
+	return append(b, data...)
+}
+
+// ParseDisk decodes a disk section's payload, checking its flags and
+// lengths. Which disks and offsets exist is the reader's to check.
+func ParseDisk(p []byte) (DiskWrite, error) {
+	le := binary.LittleEndian
+	if len(p) < DiskHeaderSize {
+		return DiskWrite{}, fmt.Errorf("disk section of %d bytes: %w", len(p), ErrFormat)
+	}
+	flags, n := le.Uint16(p[2:]), le.Uint32(p[4:])
+	w := DiskWrite{Disk: le.Uint16(p), Off: le.Uint64(p[8:]), Length: int(n), Zero: flags&diskFlagZero != 0}
+	switch {
+	case flags&^diskFlagZero != 0:
+		return w, fmt.Errorf("disk section: unknown flags %#x: %w", flags, ErrFormat)
+	case n == 0 || n > MaxDiskChunk:
+		return w, fmt.Errorf("disk section: %d bytes, want 1..%d: %w", n, MaxDiskChunk, ErrFormat)
+	case w.Zero && len(p) != DiskHeaderSize:
+		return w, fmt.Errorf("disk section: zero run with %d data bytes: %w", len(p)-DiskHeaderSize, ErrFormat)
+	case !w.Zero && len(p) != DiskHeaderSize+int(n):
+		return w, fmt.Errorf("disk section: %d data bytes, header says %d: %w", len(p)-DiskHeaderSize, n, ErrFormat)
+	}
+	if !w.Zero {
+		w.Data = p[DiskHeaderSize:]
+	}
+	return w, nil
+}

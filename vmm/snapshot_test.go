@@ -1,0 +1,152 @@
+package vmm
+
+import (
+	"bytes"
+	"encoding/binary"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"govmm/vmm/container"
+	"govmm/vmm/guestmem"
+)
+
+// snapPages are the pages sampleMemory fills: a run, a lone page, the
+// last page.
+var snapPages = []uint64{1, 2, 3, 5, 1000, 16383}
+
+func snapPage(p uint64) []byte {
+	b := make([]byte, guestmem.PageSize)
+	for i := range b {
+		b[i] = byte(p + uint64(i)*7)
+	}
+	return b
+}
+
+func newSampleMemory(t *testing.T, fill bool) *guestmem.Memory {
+	t.Helper()
+	mem, err := guestmem.New([]guestmem.Spec{{GPA: 0, Size: 64 << 20}}) // sampleState's size
+	require.NoError(t, err)
+	t.Cleanup(func() { mem.Close() })
+	if fill {
+		for _, p := range snapPages {
+			require.NoError(t, mem.WriteAt(snapPage(p), guestmem.GPA(p*guestmem.PageSize)))
+		}
+	}
+	return mem
+}
+
+func requireSampleMemory(t *testing.T, mem *guestmem.Memory) {
+	t.Helper()
+	want := map[uint64]bool{}
+	for _, p := range snapPages {
+		want[p] = true
+	}
+	zero := make([]byte, guestmem.PageSize)
+	got := make([]byte, guestmem.PageSize)
+	for p := uint64(0); p < mem.Size()/guestmem.PageSize; p++ {
+		require.NoError(t, mem.ReadAt(got, guestmem.GPA(p*guestmem.PageSize)))
+		if want[p] {
+			require.Equal(t, snapPage(p), got, "page %d", p)
+		} else if !bytes.Equal(zero, got) {
+			t.Fatalf("page %d is not zero", p)
+		}
+	}
+}
+
+// A version 2 snapshot file is pinned byte for byte, reads back as what
+// was written, and a version 1 file (written by the code before the
+// container format) still reads.
+func TestSnapshotGolden(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "vm.snap")
+	stats, err := WriteSnapshot(path, sampleState(), newSampleMemory(t, true))
+	require.NoError(t, err)
+	require.Equal(t, uint64(len(snapPages)), stats.Pages)
+	require.Equal(t, uint64(16384-len(snapPages)), stats.ZeroPages)
+	b, err := os.ReadFile(path)
+	require.NoError(t, err)
+	require.Equal(t, int64(len(b)), stats.Bytes)
+	golden := filepath.Join("testdata", "snapshot", "v2.snap")
+	if *updateGolden {
+		require.NoError(t, os.WriteFile(golden, b, 0o644))
+	}
+	want, err := os.ReadFile(golden)
+	require.NoError(t, err)
+	require.Equal(t, want, b, "snapshot layout changed: bump snapVersion, keep reading the old one (-update-golden rewrites)")
+
+	for version, file := range map[int]string{1: "v1.snap", 2: "v2.snap"} {
+		p := filepath.Join("testdata", "snapshot", file)
+		mem := newSampleMemory(t, false)
+		st, err := ReadSnapshot(p, mem)
+		require.NoError(t, err, file)
+		wantState := sampleState()
+		if version == 1 {
+			wantState = sampleStateAt(3) // v1 files were written with a version 3 state
+		}
+		require.Equal(t, wantState, st, file)
+		requireSampleMemory(t, mem)
+		st, err = ReadSnapshotState(p)
+		require.NoError(t, err, file)
+		require.Equal(t, wantState, st, file)
+	}
+}
+
+// A damaged or foreign snapshot is refused with ErrSnapshot and the
+// container's reason, never with a machine state.
+func TestSnapshotRefusals(t *testing.T) {
+	good, err := os.ReadFile(filepath.Join("testdata", "snapshot", "v2.snap"))
+	require.NoError(t, err)
+	v1, err := os.ReadFile(filepath.Join("testdata", "snapshot", "v1.snap"))
+	require.NoError(t, err)
+	state, err := sampleState().MarshalBinary()
+	require.NoError(t, err)
+	mutate := func(b []byte, f func([]byte)) []byte { b = bytes.Clone(b); f(b); return b }
+	// build writes a snapshot of the given sections under a valid checksum.
+	build := func(sections ...container.Section) []byte {
+		var b bytes.Buffer
+		w, err := container.NewWriter(&b, container.MagicSnapshot, snapVersion)
+		require.NoError(t, err)
+		for _, s := range sections {
+			require.NoError(t, w.Section(s.Type, s.Payload))
+		}
+		require.NoError(t, w.Close())
+		return b.Bytes()
+	}
+	var outside container.PageSection
+	outside.Add(64<<20, snapPage(1)) // one page past the end of memory
+	var inside container.PageSection
+	inside.Add(0, snapPage(1))
+	cases := map[string]struct {
+		data []byte
+		want error
+	}{
+		"empty":              {nil, container.ErrNotContainer},
+		"foreign":            {append([]byte("NOTASNAP"), good[8:]...), container.ErrNotContainer},
+		"version 3":          {mutate(good, func(b []byte) { binary.LittleEndian.PutUint16(b[8:], 3) }), container.ErrVersion},
+		"truncated in state": {good[:40], container.ErrTruncated},
+		"truncated in pages": {good[:len(good)-200], container.ErrTruncated},
+		"no end":             {good[:len(good)-container.EndSize], container.ErrTruncated},
+		"flipped page bit":   {mutate(good, func(b []byte) { b[len(b)-100] ^= 0x40 }), container.ErrChecksum},
+		"trailing bytes":     {append(bytes.Clone(good), 0), container.ErrFormat},
+		"no state":           {build(), container.ErrFormat},
+		"pages first":        {build(container.Section{Type: container.TypePages, Payload: inside.Payload()}), container.ErrFormat},
+		"two states":         {build(container.Section{Type: container.TypeState, Payload: state}, container.Section{Type: container.TypeState, Payload: state}), container.ErrFormat},
+		"page outside":       {build(container.Section{Type: container.TypeState, Payload: state}, container.Section{Type: container.TypePages, Payload: outside.Payload()}), guestmem.ErrOutOfRange},
+		"disk section":       {build(container.Section{Type: container.TypeState, Payload: state}, container.Section{Type: container.TypeDisk, Payload: container.AppendDisk(nil, 0, 0, 1, []byte{1})}), container.ErrFormat},
+		"v1 flipped":         {mutate(v1, func(b []byte) { b[len(b)-100] ^= 0x40 }), container.ErrChecksum},
+		"v1 truncated":       {v1[:len(v1)-200], container.ErrTruncated},
+	}
+	dir := t.TempDir()
+	for name, c := range cases {
+		t.Run(name, func(t *testing.T) {
+			p := filepath.Join(dir, name)
+			require.NoError(t, os.WriteFile(p, c.data, 0o644))
+			st, err := ReadSnapshot(p, newSampleMemory(t, false))
+			require.ErrorIs(t, err, ErrSnapshot)
+			require.ErrorIs(t, err, c.want)
+			require.Nil(t, st)
+		})
+	}
+}
