@@ -2,6 +2,7 @@ package bench
 
 import (
 	"context"
+	"encoding/csv"
 	"errors"
 	"fmt"
 	"io"
@@ -9,6 +10,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -39,6 +41,11 @@ type FailoverGuestResult struct {
 	// their VMMs' logs and consoles are kept beside the results.
 	Failed []string
 	Config FailoverGuestConfig
+	// Merged are the results directories this result was merged from
+	// (MergeFailoverGuest), if any, and Platform what those runs said of
+	// where they ran (empty: here).
+	Merged   []string
+	Platform string
 }
 
 // FailoverGuest boots the default guest under `govmm run --replicate-to`
@@ -244,11 +251,18 @@ func (r *FailoverGuestResult) write(dir string) error {
 	var rows [][]string
 	for _, s := range r.Samples {
 		rows = append(rows, []string{s.Mode, strconv.FormatBool(s.Witness), strconv.Itoa(s.Trial), ftoa(msOf(s.Answer), 3),
-			ftoa(msOf(s.Takeover), 3), ftoa(msOf(s.Claim), 3), strconv.FormatUint(s.Epoch, 10), s.Cause})
+			ftoa(msOf(s.Takeover), 3), ftoa(msOf(s.Claim), 3), strconv.FormatUint(s.Epoch, 10), s.Cause, ftoa(msOf(s.Timeout), 0)})
 	}
-	if err := writeCSV(filepath.Join(dir, "failover_guest.csv"), []string{"mode", "witness", "trial", "answer_ms",
-		"takeover_ms", "claim_ms", "resumed_epoch", "cause"}, rows); err != nil {
+	if err := writeCSV(filepath.Join(dir, failoverGuestCSV), failoverGuestColumns, rows); err != nil {
 		return err
+	}
+	if err := os.WriteFile(filepath.Join(dir, failoverGuestPlatform), []byte(r.platform()+"\n"), 0o644); err != nil {
+		return err
+	}
+	if len(r.Failed) > 0 {
+		if err := os.WriteFile(filepath.Join(dir, failoverGuestFailed), []byte(strings.Join(r.Failed, "\n")+"\n"), 0o644); err != nil {
+			return err
+		}
 	}
 	var names []string
 	var values [][]float64
@@ -278,7 +292,11 @@ func (r *FailoverGuestResult) Report() string {
 		"both with `--net user` and the demo service published on a host port of each, `--failover-timeout %v` and a pre-shared key; *witness* trials add `--witness` "+
 		"(a `govmm witness` on loopback) with `--witness-lease %v`. After 20 POST /incr on the primary, its process group is SIGKILLed or SIGSTOPped and GET /healthz "+
 		"is polled on the standby's port (500 ms timeout per try, every 5 ms) until it answers. *takeover* and *claim* are what the standby logs. Raw data `failover_guest.csv`, plot `failover_guest.png`.\n\n",
-		platform(), r.Config.Timeout, r.Config.Timeout)
+		r.platform(), r.Config.Timeout, r.Config.Timeout)
+	if len(r.Merged) > 0 {
+		fmt.Fprintf(&b, "Merged from %d runs, each in an L1 of its own (in the lab an L1 may die before a long run ends): `%s`.\n\n",
+			len(r.Merged), strings.Join(r.Merged, "`, `"))
+	}
 	b.WriteString("| mode | witness | trials | first answer median ms | min | max | takeover median ms | claim median ms |\n|---|---|---|---|---|---|---|---|\n")
 	for _, mode := range []string{FailKill, FailStop} {
 		for _, w := range []bool{false, true} {
@@ -309,3 +327,101 @@ func (r *FailoverGuestResult) Report() string {
 	}
 	return b.String()
 }
+
+// The failover-guest suite's files: one row per timed trial, and the
+// trials that failed, one per line.
+const (
+	failoverGuestCSV      = "failover_guest.csv"
+	failoverGuestFailed   = "failover_guest_failed.txt"
+	failoverGuestPlatform = "failover_guest_platform.txt" // where it ran (platform())
+)
+
+// platform is where the trials ran: here, or where the merged runs did.
+func (r *FailoverGuestResult) platform() string {
+	if r.Platform != "" {
+		return r.Platform
+	}
+	return platform()
+}
+
+var failoverGuestColumns = []string{"mode", "witness", "trial", "answer_ms", "takeover_ms", "claim_ms", "resumed_epoch", "cause", "timeout_ms"}
+
+// MergeFailoverGuest reads the failover-guest results of several runs
+// (each dir a run's results directory) into one result, written to out:
+// where one L1 may die before a long run ends (the lab), the trials are
+// run in several short runs, each in its own L1, and merged. Trials are
+// renumbered in order per mode and witness setting; all runs must have
+// used the same failover timeout.
+func MergeFailoverGuest(dirs []string, out string) (*FailoverGuestResult, error) {
+	res := &FailoverGuestResult{Merged: dirs}
+	next := map[string]int{}
+	for _, dir := range dirs {
+		samples, err := readFailoverGuestCSV(filepath.Join(dir, failoverGuestCSV))
+		if err != nil {
+			return nil, err
+		}
+		for _, s := range samples {
+			if res.Config.Timeout == 0 {
+				res.Config.Timeout = s.Timeout
+			} else if s.Timeout != res.Config.Timeout {
+				return nil, fmt.Errorf("merge: %s ran with a failover timeout of %v, the others %v", dir, s.Timeout, res.Config.Timeout)
+			}
+			key := fmt.Sprint(s.Mode, s.Witness)
+			next[key]++
+			s.Trial = next[key]
+			res.Samples = append(res.Samples, s)
+		}
+		p, err := os.ReadFile(filepath.Join(dir, failoverGuestPlatform))
+		if err != nil {
+			return nil, err
+		}
+		if res.Platform == "" {
+			res.Platform = strings.TrimSpace(string(p))
+		} else if strings.TrimSpace(string(p)) != res.Platform {
+			return nil, fmt.Errorf("merge: %s ran elsewhere than the others (%s)", dir, strings.TrimSpace(string(p)))
+		}
+		if b, err := os.ReadFile(filepath.Join(dir, failoverGuestFailed)); err == nil {
+			for _, l := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+				res.Failed = append(res.Failed, fmt.Sprintf("%s: %s", filepath.Base(dir), l))
+			}
+		}
+	}
+	if len(res.Samples) == 0 {
+		return nil, errors.New("merge: no failover-guest trials in those directories")
+	}
+	return res, res.write(out)
+}
+
+func readFailoverGuestCSV(path string) ([]FailoverSample, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	rows, err := csv.NewReader(f).ReadAll()
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	if len(rows) == 0 || !slices.Equal(rows[0], failoverGuestColumns) {
+		return nil, fmt.Errorf("%s: not a failover-guest CSV of this version (columns %v)", path, failoverGuestColumns)
+	}
+	var out []FailoverSample
+	for i, r := range rows[1:] {
+		var s FailoverSample
+		var ms [4]float64
+		for j, col := range []int{3, 4, 5, 8} {
+			if ms[j], err = strconv.ParseFloat(r[col], 64); err != nil {
+				return nil, fmt.Errorf("%s: row %d: %s: %w", path, i+2, failoverGuestColumns[col], err)
+			}
+		}
+		s.Mode, s.Cause = r[0], r[7]
+		s.Witness = r[1] == "true"
+		s.Trial, _ = strconv.Atoi(r[2])
+		s.Epoch, _ = strconv.ParseUint(r[6], 10, 64)
+		s.Answer, s.Takeover, s.Claim, s.Timeout = fromMs(ms[0]), fromMs(ms[1]), fromMs(ms[2]), fromMs(ms[3])
+		out = append(out, s)
+	}
+	return out, nil
+}
+
+func fromMs(ms float64) time.Duration { return time.Duration(ms * float64(time.Millisecond)) }

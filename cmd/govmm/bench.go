@@ -48,7 +48,10 @@ failover-guest (not run by default; where Linux boots, e.g. 'govmm lab --
 bin/govmm bench failover-guest'): the failover suite's question with the
 default guest and its demo service on user-mode networking: SIGKILL or
 SIGSTOP of the primary to the first answer of GET /healthz from the
-standby, without and with a witness (each trial boots the guest).
+standby, without and with a witness (each trial boots the guest). In
+the lab, whose L1 may die before a long run ends, run a few short runs
+(--runs 1 --out DIR, each in its own L1) and merge them into one report
+with 'govmm bench --merge DIR --merge DIR ... failover-guest'.
 
 overhead-guest (not run by default; where Linux boots, e.g. 'govmm lab --
 bin/govmm bench overhead-guest'): what replication costs the clients of
@@ -84,10 +87,18 @@ func cmdBench(args []string) error {
 	out := fs.String("out", "", "results directory (default bench/results/<timestamp>)")
 	guest := fs.String("guest", "auto", "boot suite guest: auto, tiny or default")
 	mem := fs.Int("mem", 256, "boot suite guest memory in MiB")
+	var merge listFlag
+	fs.Var(&merge, "merge", "failover-guest only: merge the results `DIR` of an earlier run into one report instead of running trials (repeatable)")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
 	suites := fs.Args()
+	if len(merge) > 0 {
+		if err := refuseUnused(fs, "with --merge, which runs no trial", "runs", "quick", "guest", "mem"); err != nil {
+			return err
+		}
+		return mergeBench(merge, suites, *out, args)
+	}
 	if len(suites) == 0 {
 		suites = benchSuites
 	}
@@ -147,5 +158,27 @@ func cmdBench(args []string) error {
 		fmt.Printf("## %s\n\n%s\n", s, sections[s])
 	}
 	fmt.Printf("results: %s\n", *out)
+	return nil
+}
+
+// mergeBench is `govmm bench --merge DIR... failover-guest`: one report
+// of several runs' trials, for a lab whose L1 may die before a long run
+// ends.
+func mergeBench(dirs, suites []string, out string, args []string) error {
+	if !slices.Equal(suites, []string{"failover-guest"}) {
+		return fmt.Errorf("--merge: only the failover-guest suite merges (got %v)", suites)
+	}
+	if out == "" {
+		out = filepath.Join("bench", "results", time.Now().UTC().Format("20060102T150405Z"))
+	}
+	r, err := bench.MergeFailoverGuest(dirs, out)
+	if err != nil {
+		return err
+	}
+	section := r.Report()
+	if err := bench.WriteReport(out, strings.TrimSpace("govmm bench "+strings.Join(args, " ")), map[string]string{"failover-guest": section}, suites); err != nil {
+		return err
+	}
+	fmt.Printf("## failover-guest\n\n%s\nresults: %s\n", section, out)
 	return nil
 }
