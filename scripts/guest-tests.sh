@@ -80,7 +80,7 @@ run_once() {
 	for try in 1 2; do
 		left=$((deadline - SECONDS))
 		set +e
-		bin/govmm lab --if-needed --retries "${GUEST_TEST_L1_RETRIES:-3}" --timeout "${left}s" "${envs[@]}" -- \
+		bin/govmm lab --if-needed --cpus "${GUEST_TEST_L1_CPUS:-2}" --retries "${GUEST_TEST_L1_RETRIES:-3}" --timeout "${left}s" "${envs[@]}" -- \
 			"$root/scripts/guest-tests.sh" --inside "$pkg" -run "^$t\$" -timeout "${left}s" 2>&1 | tee "$log"
 		st=${PIPESTATUS[0]}
 		set -e
