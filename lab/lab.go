@@ -39,8 +39,8 @@ type Config struct {
 	// Shares are host directories that L1 mounts writable at the same path
 	// (everything else is a read-only view under a throwaway overlay).
 	Shares []string
-	// CPUs and MemMiB size L1; defaults: the host's CPU count (at most 4)
-	// and 8192.
+	// CPUs and MemMiB size L1; defaults: one vCPU (QEMU's emulated SVM
+	// crashes now and then with more) and 8192.
 	CPUs, MemMiB int
 	// TCG is QEMU's TCG threading: "multi" (default, one host thread per
 	// vCPU) or "single" (one thread runs every vCPU in turn: slower, but
@@ -99,9 +99,10 @@ func Run(ctx context.Context, cfg Config) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	// One L1 at a time per cache: two would share this host's cores, and
-	// the timings the tests inside rely on (failure detection) with them.
-	unlock, err := lockRuns(ctx, filepath.Join(cfg.CacheDir, "lab", "run.lock"), cfg.Log)
+	// L1s side by side only while each vCPU has a host CPU of its own:
+	// sharing cores, they would share the timings the tests inside rely
+	// on (failure detection) too.
+	unlock, err := lockCPUs(ctx, filepath.Join(cfg.CacheDir, "lab"), cfg.CPUs, runtime.NumCPU(), cfg.Log)
 	if err != nil {
 		return 0, err
 	}
@@ -114,7 +115,7 @@ func Run(ctx context.Context, cfg Config) (int, error) {
 		if errors.As(err, &le) && le.died() && attempt < cfg.Retries && ctx.Err() == nil {
 			// Keep the dead L1's whole console: the next run overwrites
 			// console.log.
-			kept := filepath.Join(cfg.CacheDir, "lab", fmt.Sprintf("console.failed-%d.log", attempt+1))
+			kept := filepath.Join(cfg.CacheDir, "lab", fmt.Sprintf("console.failed-%s-%d-%d.log", time.Now().Format("150405"), os.Getpid(), attempt+1))
 			if os.Rename(le.Log, kept) != nil {
 				kept = le.Log
 			}
@@ -127,7 +128,7 @@ func Run(ctx context.Context, cfg Config) (int, error) {
 }
 
 // fill checks cfg and sets its defaults (the QEMU found in PATH, this
-// directory, this host's CPUs up to 4, 8 GiB, multi-threaded TCG, an hour,
+// directory, one vCPU, 8 GiB, multi-threaded TCG, an hour,
 // one retry, shares made absolute).
 func (cfg *Config) fill() error {
 	if cfg.QEMU == "" {
@@ -147,7 +148,7 @@ func (cfg *Config) fill() error {
 		cfg.Dir = wd
 	}
 	if cfg.CPUs <= 0 {
-		cfg.CPUs = min(runtime.NumCPU(), 4)
+		cfg.CPUs = 1
 	}
 	if cfg.MemMiB <= 0 {
 		cfg.MemMiB = 8192
@@ -357,33 +358,61 @@ func shellQuote(s string) string {
 	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
 }
 
-// lockRuns takes an exclusive flock on path, waiting as long as ctx allows
-// and saying once that it waits.
-func lockRuns(ctx context.Context, path string, log io.Writer) (func(), error) {
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+// lockCPUs holds n of this host's CPUs for an L1 of n vCPUs, waiting as
+// long as ctx allows and saying once that it waits: one flock per CPU, on
+// dir/cpu-<i>.lock for i < cpus, all n taken at once or none (an L1 with
+// more vCPUs than the host has CPUs takes them all). So L1s run side by
+// side as long as their vCPUs fit the host's CPUs, across processes.
+// Waiters poll: who polls first when CPUs free up wins.
+func lockCPUs(ctx context.Context, dir string, n, cpus int, log io.Writer) (func(), error) {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("lab: %w", err)
 	}
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
-	if err != nil {
-		return nil, fmt.Errorf("lab: %w", err)
+	n = max(1, min(n, cpus))
+	files := make([]*os.File, cpus)
+	closeAll := func() {
+		for _, f := range files {
+			if f != nil {
+				f.Close()
+			}
+		}
+	}
+	for i := range files {
+		f, err := os.OpenFile(filepath.Join(dir, fmt.Sprintf("cpu-%d.lock", i)), os.O_RDWR|os.O_CREATE, 0o644)
+		if err != nil {
+			closeAll()
+			return nil, fmt.Errorf("lab: %w", err)
+		}
+		files[i] = f
 	}
 	for said := false; ; {
-		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
-		if err == nil {
-			return func() { f.Close() }, nil
+		var held []*os.File
+		for _, f := range files {
+			err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+			if err == nil {
+				held = append(held, f)
+				if len(held) == n {
+					break
+				}
+			} else if !errors.Is(err, syscall.EWOULDBLOCK) && !errors.Is(err, syscall.EINTR) {
+				closeAll()
+				return nil, fmt.Errorf("lab: lock %s: %w", f.Name(), err)
+			}
 		}
-		if !errors.Is(err, syscall.EWOULDBLOCK) && !errors.Is(err, syscall.EINTR) {
-			f.Close()
-			return nil, fmt.Errorf("lab: lock %s: %w", path, err)
+		if len(held) == n {
+			return closeAll, nil
+		}
+		for _, f := range held {
+			_ = syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
 		}
 		if !said {
-			fmt.Fprintf(log, "lab: waiting for another lab run to finish (%s)\n", path)
+			fmt.Fprintf(log, "lab: waiting for %d of this host's %d CPUs, held by other lab runs (%s)\n", n, cpus, dir)
 			said = true
 		}
 		select {
 		case <-ctx.Done():
-			f.Close()
-			return nil, fmt.Errorf("lab: waiting for %s: %w", path, ctx.Err())
+			closeAll()
+			return nil, fmt.Errorf("lab: waiting for CPUs: %w", ctx.Err())
 		case <-time.After(200 * time.Millisecond):
 		}
 	}

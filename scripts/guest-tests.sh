@@ -4,12 +4,15 @@
 # host's KVM can, otherwise inside the lab (govmm lab: nested KVM under
 # QEMU). A real-guest test that skips there counts as a failure.
 #
-# Each test runs in an L1 of its own (an L1 boots in about 3 s): when L1
-# itself dies (a panic of its emulated kernel: a stack overflow inside
-# kvm_amd's VMRUN path, seen under the replication tests' load), govmm lab
-# runs that one test again, up to GUEST_TEST_L1_RETRIES times (default 3),
-# not the whole suite, and one test's wreckage never reaches the next. A
-# test that fails on its own is never retried.
+# Each test runs in an L1 of its own (an L1 boots in about 3 s) of
+# GUEST_TEST_L1_CPUS vCPUs (default 1), as many side by side as this
+# host's CPUs hold. When L1 itself dies (a panic of its emulated kernel: a
+# stack overflow inside kvm_amd's VMRUN path, seen with 2 vCPUs), govmm
+# lab runs that one test again, up to GUEST_TEST_L1_RETRIES times (default
+# 3), and one test's wreckage never reaches the next. A test that fails on
+# its own is never retried, but for the lab's known guest crash (below).
+# Each run's output is printed whole when it ends, each line tagged with
+# its test.
 #
 # Usage: scripts/guest-tests.sh [-run REGEXP] [-count N] [-timeout DUR]
 #   -run      which tests (default ^TestGuest; only TestGuest* ever run)
@@ -70,81 +73,126 @@ for v in $(compgen -e | grep '^GOVMM_SOAK_' || true); do envs+=(--env "$v=${!v}"
 # Each run's output is kept in $logs (make soak reads its numbers there).
 logs=$bins/logs
 mkdir -p "$logs"
-fail=0 summary=() ran=0
+
+# In the lab, runs go side by side, each in an L1 of GUEST_TEST_L1_CPUS
+# vCPUs (default 1: QEMU's emulated SVM crashes now and then with more),
+# as many at once as this host's CPUs hold (GUEST_TEST_JOBS overrides);
+# govmm lab keeps their vCPUs on CPUs of their own. Where this host's KVM
+# boots Linux, one at a time.
+l1cpus=${GUEST_TEST_L1_CPUS:-1}
+if bin/govmm lab --needed; then
+	jobs=${GUEST_TEST_JOBS:-$(($(nproc) / l1cpus))}
+else
+	jobs=${GUEST_TEST_JOBS:-1}
+fi
+((jobs >= 1)) || jobs=1
 
 # run_once runs test $2 of package $1 once, in an L1 of its own where
-# needed, its output in log file $3; it sets st (0: passed) and note.
+# needed, its output in log file $3, and writes "status crashed" (status
+# 0: passed; crashed 1: after the lab's guest crash) to $3.result.
 run_once() {
-	local pkg=$1 t=$2 log=$3 try left passed
-	note=
+	local pkg=$1 t=$2 log=$3 try left passed st crashed=0
 	for try in 1 2; do
 		left=$((deadline - SECONDS))
 		set +e
-		bin/govmm lab --if-needed --cpus "${GUEST_TEST_L1_CPUS:-2}" --retries "${GUEST_TEST_L1_RETRIES:-3}" --timeout "${left}s" "${envs[@]}" -- \
-			"$root/scripts/guest-tests.sh" --inside "$pkg" -run "^$t\$" -timeout "${left}s" 2>&1 | tee "$log"
-		st=${PIPESTATUS[0]}
+		bin/govmm lab --if-needed --cpus "$l1cpus" --retries "${GUEST_TEST_L1_RETRIES:-3}" --timeout "${left}s" "${envs[@]}" -- \
+			"$root/scripts/guest-tests.sh" --inside "$pkg" -run "^$t\$" -timeout "${left}s" >"$log" 2>&1
+		st=$?
 		set -e
 		# The lab's known guest crash (see docs/ARCHITECTURE.md, "The
 		# lab"): a guest kernel taking an interrupt with the user's GS
 		# base (recursive page faults, then a triple fault), the same
 		# fault that kills L1's own kernel. One more run, said loudly.
 		if ((st != 0 && try == 1 && left > 300)) && lab_crash_seen "$log"; then
-			echo "guest-tests: $pkg.$t: a guest died of the lab's known crash (guest triple fault / recursive page fault); running the test once more"
-			cp "$log" "${log%.log}.crashed.log"
-			note=" (after the lab's guest crash)"
+			echo "guest-tests: $pkg.$t: a guest died of the lab's known crash (guest triple fault / recursive page fault); running the test once more" >>"$log"
+			mv "$log" "${log%.log}.crashed.log"
+			crashed=1
 			continue
 		fi
 		break
 	done
 	passed=$(grep -c -- "^--- PASS: $t " "$log" || true)
 	if grep -q -- "--- SKIP: $t " "$log"; then
-		echo "guest-tests: $pkg.$t skipped where Linux boots: that is a failure here"
+		echo "guest-tests: $pkg.$t skipped where Linux boots: that is a failure here" >>"$log"
 		st=1
 	fi
 	if ((st == 0 && passed == 0)); then
-		echo "guest-tests: $pkg.$t did not run"
+		echo "guest-tests: $pkg.$t did not run" >>"$log"
 		st=1
 	fi
+	echo "$st $crashed" >"$log.result"
+	# The whole output at once, so that runs side by side do not mix.
+	{
+		[[ $crashed == 0 ]] || cat "${log%.log}.crashed.log"
+		cat "$log"
+	} | sed "s|^|[$t${4:+ $4}] |"
 }
 
+# Every run, in order: package, test, repetition.
+runs=()
 for p in $pkgs; do
 	pkg=${p#./}
 	# Listing needs no KVM: it runs here.
-	tests=$(cd "$pkg" && "$root/$bins/$(echo "$pkg" | tr / _).test" -test.list "$run" | grep '^TestGuest' || true)
-	for t in $tests; do
-		ran=$((ran + 1))
-		start=$SECONDS passes=0 crashes=0 runs=0
+	for t in $(cd "$pkg" && "$root/$bins/$(echo "$pkg" | tr / _).test" -test.list "$run" | grep '^TestGuest' || true); do
 		for ((rep = 1; rep <= count; rep++)); do
-			if ((deadline - SECONDS < 60)); then
-				break
-			fi
-			((count == 1)) || echo "guest-tests: $pkg.$t run $rep/$count"
-			run_once "$pkg" "$t" "$logs/$(echo "$pkg" | tr / _).$t.$rep.log"
-			runs=$((runs + 1))
-			[[ -z $note ]] || crashes=$((crashes + 1))
-			((st == 0)) && passes=$((passes + 1))
+			runs+=("$pkg $t $rep")
 		done
-		if ((runs < count)); then
-			what="$( ((runs == 0)) && echo "not run" || echo "$passes of $runs passed") ($((count - runs)) not run: out of time, -timeout $timeout)"
+	done
+done
+if ((${#runs[@]} == 0)); then
+	echo "guest-tests: no real-guest test matches $run"
+	exit 1
+fi
+echo "guest-tests: ${#runs[@]} runs, $jobs at a time$( ((jobs > 1)) && echo ", each in an L1 of $l1cpus vCPU(s)" || true)"
+
+start=$SECONDS
+for r in "${runs[@]}"; do
+	read -r pkg t rep <<<"$r"
+	while (($(jobs -rp | wc -l) >= jobs)); do
+		wait -n || true
+	done
+	if ((deadline - SECONDS < 60)); then
+		break # the rest: not run
+	fi
+	log="$logs/$(echo "$pkg" | tr / _).$t.$rep.log"
+	rm -f "$log.result"
+	run_once "$pkg" "$t" "$log" "$( ((count > 1)) && echo "$rep/$count" || true)" &
+	echo "$SECONDS" >"$log.start"
+done
+wait
+
+# The summary: per test, how many of its runs passed, in how long.
+fail=0 summary=()
+for p in $pkgs; do
+	pkg=${p#./}
+	for t in $(cd "$pkg" && "$root/$bins/$(echo "$pkg" | tr / _).test" -test.list "$run" | grep '^TestGuest' || true); do
+		passes=0 done=0 crashes=0 secs=0
+		for ((rep = 1; rep <= count; rep++)); do
+			log="$logs/$(echo "$pkg" | tr / _).$t.$rep.log"
+			[[ -e $log.result ]] || continue
+			read -r st crashed <"$log.result"
+			done=$((done + 1))
+			((st != 0)) || passes=$((passes + 1))
+			crashes=$((crashes + crashed))
+			secs=$((secs + $(stat -c %Y "$log") - $(stat -c %Y "$log.start")))
+		done
+		if ((done < count)); then
+			what="$( ((done == 0)) && echo "not run" || echo "$passes of $done passed") ($((count - done)) not run: out of time, -timeout $timeout)"
 			fail=1
 		elif ((passes == count)); then
-			what=pass
+			what=$( ((count == 1)) && echo pass || echo "pass ($count of $count)")
 		else
 			what="FAIL$( ((count > 1)) && echo ": $passes of $count passed" || true)"
 			fail=1
 		fi
-		((count == 1)) || [[ $what != pass ]] || what="pass ($count of $count)"
 		# (each $(...) ends in || true: under set -e an assignment takes the
 		# status of its last command substitution, and a false test there
 		# would end the script without its summary)
+		note=
 		((crashes == 0)) || note=" (after the lab's guest crash$( ((count > 1)) && echo " in $crashes runs" || true))"
-		summary+=("$(printf '%-48s %s  %4ds%s' "$pkg.$t" "$what" $((SECONDS - start)) "$note")")
+		summary+=("$(printf '%-48s %s  %4ds%s' "$pkg.$t" "$what" "$secs" "$note")")
 	done
 done
-if ((ran == 0)); then
-	echo "guest-tests: no real-guest test matches $run"
-	fail=1
-fi
-echo "guest-tests: summary (each test in its own L1 where this host's KVM cannot boot Linux):"
+echo "guest-tests: summary after $((SECONDS - start))s ($jobs at a time; each test in its own L1 where this host's KVM cannot boot Linux):"
 printf '  %s\n' "${summary[@]}"
 exit $fail

@@ -28,6 +28,14 @@ by side inside it, never with numbers from outside. The L1 image is built
 from the default guest's Debian packages on first use (~/.cache/govmm/lab)
 and needs qemu-system-x86.
 
+L1s run side by side while their vCPUs fit this host's CPUs (each vCPU
+holds a CPU of this host: ~/.cache/govmm/lab/cpu-N.lock); others wait.
+QEMU's multi-threaded emulation of SVM crashes now and then with 2 or
+more vCPUs (see docs/ARCHITECTURE.md, "The lab"); --cpus 1 has not.
+
+'govmm lab --needed' says, by its exit status, whether this host needs
+the lab to boot Linux (0) or its KVM boots Linux itself (1).
+
 Examples:
   govmm lab -- govmm run --cpus 2 -- nproc
   govmm lab --share bench/results -- govmm bench boot
@@ -38,13 +46,14 @@ Flags:
 // cmdLab implements "govmm lab".
 func cmdLab(args []string) error {
 	fs := newFlagSet("lab", labUsage)
-	cpus := fs.Int("cpus", 0, "L1's vCPUs (default: this host's CPUs, at most 4)")
+	cpus := fs.Int("cpus", 1, "L1's vCPUs (more are faster, but QEMU's emulation of SVM crashes now and then with more than one)")
 	mem := fs.String("mem", "8G", "L1's memory")
 	timeout := fs.Duration("timeout", 60*time.Minute, "give up (and kill L1) after this long")
 	tcg := fs.String("tcg", os.Getenv("GOVMM_LAB_TCG"), "QEMU's TCG threading for L1: multi (one host thread per vCPU) or single (default multi, or $GOVMM_LAB_TCG)")
 	qemu := fs.String("qemu", os.Getenv("GOVMM_LAB_QEMU"), "the QEMU binary (default qemu-system-x86_64 from PATH, or $GOVMM_LAB_QEMU)")
 	retries := fs.Int("retries", 1, "run again this many times when L1 itself dies (not when CMD fails)")
 	ifNeeded := fs.Bool("if-needed", false, "run CMD directly on this host when its KVM boots Linux")
+	needed := fs.Bool("needed", false, "exit 0 if this host needs the lab to boot Linux, 1 if its KVM boots Linux (no CMD)")
 	var shares, env listFlag
 	fs.Var(&shares, "share", "host `DIR` that L1 mounts writable at the same path (repeatable)")
 	fs.Var(&env, "env", "`NAME=VALUE` for CMD's environment (repeatable)")
@@ -52,6 +61,15 @@ func cmdLab(args []string) error {
 		return err
 	}
 	command := fs.Args()
+	if *needed {
+		if len(command) > 0 {
+			return fmt.Errorf("--needed takes no command")
+		}
+		if lab.Emulated() == "" {
+			return exitError{1}
+		}
+		return nil
+	}
 	if len(command) == 0 {
 		fmt.Fprintln(os.Stderr, "govmm lab: no command (govmm lab [flags] -- CMD ARGS...)")
 		return errUsage
