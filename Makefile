@@ -4,7 +4,7 @@ BIN       := bin/govmm
 RACE_PKGS := ./vmm/... ./virtio/... ./internal/... ./guestimg/... ./dirtylog/... ./ctlapi/... ./replicate/...
 FUZZTIME  ?= 20s
 
-.PHONY: all build image run demo soak soak-host soak-migrations soak-failovers soak-fencing test test-guest vet fuzz bench bench-quick clean deps
+.PHONY: all build image run demo bench-failover-guest soak soak-host soak-migrations soak-failovers soak-fencing test test-guest vet fuzz bench bench-quick clean deps
 
 all: build
 
@@ -102,6 +102,14 @@ bench: build
 bench-quick: build
 	scripts/deps.sh bench
 	$(BIN) bench --quick --out $$(mktemp -d)
+
+# The failover-guest suite (the default guest, SIGKILL/SIGSTOP of the
+# primary to the first answer from the standby, without and with a
+# witness) in BENCH_RUNS short runs of 4 trials, side by side in the lab's
+# L1s, merged into one report (scripts/bench-failover-guest.sh).
+BENCH_RUNS ?= 5
+bench-failover-guest: build image
+	scripts/bench-failover-guest.sh $(BENCH_RUNS)
 
 clean:
 	rm -rf bin

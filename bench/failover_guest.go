@@ -357,6 +357,12 @@ func MergeFailoverGuest(dirs []string, out string) (*FailoverGuestResult, error)
 	next := map[string]int{}
 	for _, dir := range dirs {
 		samples, err := readFailoverGuestCSV(filepath.Join(dir, failoverGuestCSV))
+		if errors.Is(err, os.ErrNotExist) {
+			// A run that ended before it wrote anything (its L1 died
+			// more often than it was retried): said, not hidden.
+			res.Failed = append(res.Failed, fmt.Sprintf("%s: no results: the run ended before it wrote any", filepath.Base(dir)))
+			continue
+		}
 		if err != nil {
 			return nil, err
 		}

@@ -29,8 +29,10 @@ func TestMergeFailoverGuest(t *testing.T) {
 	a := run("a", 3*time.Second, nil, 900*time.Millisecond, 1500*time.Millisecond)
 	b := run("b", 3*time.Second, []string{"kill witness false trial 1: primary: exited"}, 1100*time.Millisecond, 1700*time.Millisecond)
 
+	empty := filepath.Join(dir, "empty")
+	require.NoError(t, os.MkdirAll(empty, 0o755))
 	out := filepath.Join(dir, "merged")
-	r, err := MergeFailoverGuest([]string{a, b}, out)
+	r, err := MergeFailoverGuest([]string{a, b, empty}, out)
 	require.NoError(t, err)
 	require.Len(t, r.Samples, 4)
 	require.Equal(t, 3*time.Second, r.Config.Timeout)
@@ -41,9 +43,9 @@ func TestMergeFailoverGuest(t *testing.T) {
 	require.Equal(t, []int{1, 1, 2, 2}, trials, "renumbered per mode and witness")
 	require.Equal(t, 1100*time.Millisecond, r.Samples[2].Answer)
 	require.Equal(t, uint64(101), r.Samples[1].Epoch)
-	require.Equal(t, []string{"b: kill witness false trial 1: primary: exited"}, r.Failed)
+	require.Equal(t, []string{"b: kill witness false trial 1: primary: exited", "empty: no results: the run ended before it wrote any"}, r.Failed)
 	rep := r.Report()
-	require.Contains(t, rep, "Merged from 2 runs")
+	require.Contains(t, rep, "Merged from 3 runs")
 	require.Contains(t, rep, "**Lab numbers**: test", "where the runs ran, not where they were merged")
 	require.Contains(t, rep, "| sigkill | no | 2 | 1000 | 900 | 1100 |", "the median of 900 and 1100 ms")
 	for _, f := range []string{failoverGuestCSV, failoverGuestFailed, "failover_guest.png"} {
