@@ -305,8 +305,12 @@ func qemuArgs(cfg Config, img guestimg.Image, ctl, sock, consoleLog string) []st
 		// softlockup_panic, panic_on_rcu_stall: an L1 whose CPU is stuck
 		// (seen under QEMU's emulated SVM: a soft lockup, or a CPU that
 		// stops taking timer interrupts) dies at once, and the run is
-		// retried, rather than hanging until the timeout.
-		"-append", "console=ttyS0 panic=-1 softlockup_panic=1 sysctl.kernel.panic_on_rcu_stall=1 quiet loglevel=4",
+		// retried, rather than hanging until the timeout. idle=poll: an
+		// idle L1 spins instead of halting its vCPU, so no wakeup can be
+		// lost in QEMU's emulated HLT (a 1-vCPU L1 once sat idle, its
+		// command waiting, for minutes); each vCPU has a host CPU of
+		// its own anyway (lockCPUs).
+		"-append", "console=ttyS0 panic=-1 softlockup_panic=1 sysctl.kernel.panic_on_rcu_stall=1 idle=poll quiet loglevel=4",
 		"-chardev", "file,id=console,path=" + consoleLog,
 		"-serial", "chardev:console",
 		"-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
