@@ -39,8 +39,8 @@ type Config struct {
 	// Shares are host directories that L1 mounts writable at the same path
 	// (everything else is a read-only view under a throwaway overlay).
 	Shares []string
-	// CPUs and MemMiB size L1; defaults: one vCPU (QEMU's emulated SVM
-	// crashes now and then with more) and 8192.
+	// CPUs and MemMiB size L1; defaults: the host's CPU count (at most 4)
+	// and 8192.
 	CPUs, MemMiB int
 	// TCG is QEMU's TCG threading: "multi" (default, one host thread per
 	// vCPU) or "single" (one thread runs every vCPU in turn: slower, but
@@ -128,7 +128,7 @@ func Run(ctx context.Context, cfg Config) (int, error) {
 }
 
 // fill checks cfg and sets its defaults (the QEMU found in PATH, this
-// directory, one vCPU, 8 GiB, multi-threaded TCG, an hour,
+// directory, this host's CPUs up to 4, 8 GiB, multi-threaded TCG, an hour,
 // one retry, shares made absolute).
 func (cfg *Config) fill() error {
 	if cfg.QEMU == "" {
@@ -148,7 +148,7 @@ func (cfg *Config) fill() error {
 		cfg.Dir = wd
 	}
 	if cfg.CPUs <= 0 {
-		cfg.CPUs = 1
+		cfg.CPUs = min(runtime.NumCPU(), 4)
 	}
 	if cfg.MemMiB <= 0 {
 		cfg.MemMiB = 8192
@@ -305,12 +305,8 @@ func qemuArgs(cfg Config, img guestimg.Image, ctl, sock, consoleLog string) []st
 		// softlockup_panic, panic_on_rcu_stall: an L1 whose CPU is stuck
 		// (seen under QEMU's emulated SVM: a soft lockup, or a CPU that
 		// stops taking timer interrupts) dies at once, and the run is
-		// retried, rather than hanging until the timeout. idle=poll: an
-		// idle L1 spins instead of halting its vCPU, so no wakeup can be
-		// lost in QEMU's emulated HLT (a 1-vCPU L1 once sat idle, its
-		// command waiting, for minutes); each vCPU has a host CPU of
-		// its own anyway (lockCPUs).
-		"-append", "console=ttyS0 panic=-1 softlockup_panic=1 sysctl.kernel.panic_on_rcu_stall=1 idle=poll quiet loglevel=4",
+		// retried, rather than hanging until the timeout.
+		"-append", "console=ttyS0 panic=-1 softlockup_panic=1 sysctl.kernel.panic_on_rcu_stall=1 quiet loglevel=4",
 		"-chardev", "file,id=console,path=" + consoleLog,
 		"-serial", "chardev:console",
 		"-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",

@@ -97,7 +97,7 @@ func TestQEMUArgs(t *testing.T) {
 	assert.Equal(t, []string{"max"}, after("-cpu"), "the max CPU model has SVM with nested paging")
 	assert.Contains(t, args, "-no-reboot", "L1's reboot ends QEMU")
 	require.Len(t, after("-append"), 1)
-	for _, opt := range []string{"console=ttyS0", "panic=-1", "softlockup_panic=1", "idle=poll"} {
+	for _, opt := range []string{"console=ttyS0", "panic=-1", "softlockup_panic=1"} {
 		assert.Contains(t, strings.Fields(after("-append")[0]), opt, "a dead or stuck L1 ends QEMU")
 	}
 	assert.Equal(t, []string{

@@ -30,8 +30,9 @@ and needs qemu-system-x86.
 
 L1s run side by side while their vCPUs fit this host's CPUs (each vCPU
 holds a CPU of this host: ~/.cache/govmm/lab/cpu-N.lock); others wait.
-QEMU's multi-threaded emulation of SVM crashes now and then with 2 or
-more vCPUs (see docs/ARCHITECTURE.md, "The lab"); --cpus 1 has not.
+QEMU's emulation of SVM crashes L1 or its guests now and then with 2 or
+more vCPUs; 1-vCPU L1s did not crash but, side by side, sometimes stopped
+making progress (see docs/ARCHITECTURE.md, "The lab").
 
 'govmm lab --needed' says, by its exit status, whether this host needs
 the lab to boot Linux (0) or its KVM boots Linux itself (1).
@@ -46,7 +47,7 @@ Flags:
 // cmdLab implements "govmm lab".
 func cmdLab(args []string) error {
 	fs := newFlagSet("lab", labUsage)
-	cpus := fs.Int("cpus", 1, "L1's vCPUs (more are faster, but QEMU's emulation of SVM crashes now and then with more than one)")
+	cpus := fs.Int("cpus", 0, "L1's vCPUs (default: this host's CPUs, at most 4; 1 avoids the crashes of QEMU's emulated SVM but is slower, see docs/ARCHITECTURE.md)")
 	mem := fs.String("mem", "8G", "L1's memory")
 	timeout := fs.Duration("timeout", 60*time.Minute, "give up (and kill L1) after this long")
 	tcg := fs.String("tcg", os.Getenv("GOVMM_LAB_TCG"), "QEMU's TCG threading for L1: multi (one host thread per vCPU) or single (default multi, or $GOVMM_LAB_TCG)")
