@@ -296,7 +296,7 @@ func firstDiff(want, got string) string {
 		i++
 	}
 	return fmt.Sprintf("%d bytes wanted, %d got, first difference at byte %d (want %q, got %q)",
-		len(want), len(got), i, want[i:min(i+20, len(want))], got[i:min(i+20, len(got))])
+		len(want), len(got), i, want[i:min(i+100, len(want))], got[i:min(i+100, len(got))])
 }
 
 // govmm run -- CMD gives every byte the command wrote and its exit

@@ -21,10 +21,19 @@ const (
 )
 
 func ioctl(fd int, req, arg uintptr) error {
-	if _, _, e := syscall.Syscall(syscall.SYS_IOCTL, uintptr(fd), req, arg); e != 0 {
+	for {
+		_, _, e := syscall.Syscall(syscall.SYS_IOCTL, uintptr(fd), req, arg)
+		switch e {
+		case 0:
+			return nil
+		case syscall.EINTR:
+			// The tty layer ends a wait (TCSBRK's drain) with EINTR, not
+			// a restart, when any signal is pending: the command's
+			// SIGCHLD, or the Go runtime's own preemption signal.
+			continue
+		}
 		return e
 	}
-	return nil
 }
 
 // setRawOutput clears OPOST on the terminal so that "\n" reaches the
