@@ -10,6 +10,7 @@
 #   cmd.sh    the command, as a script for the host's /bin/sh (harness)
 #   shares    "TAG PATH" lines: more writable 9p shares, at PATH (harness)
 #   started   the command has begun (init)
+#   heartbeat touched every 5 s while it runs: a sign of life (init)
 #   status    its exit status, written last (init)
 #   error     why L1 could not run it at all (init)
 #
@@ -82,6 +83,9 @@ echo "lab: L1 $(uname -r), $(grep -c ^processor /proc/cpuinfo) vCPUs, $(($(sed -
 
 : >/lab/started
 sync
+# A sign of life for the harness, which kills an L1 whose heartbeat stops
+# (QEMU's emulation has wedged L1 whole: every process stopped, no panic).
+(while :; do : >/lab/heartbeat; sleep 5; done) &
 chroot $R /bin/sh /run/govmm-lab/cmd.sh </dev/null
 status=$?
 echo $status >/lab/status.tmp

@@ -247,23 +247,26 @@ func runOnce(ctx context.Context, cfg Config, img guestimg.Image) (int, error) {
 	}()
 
 	var waitErr error
-	select {
-	case waitErr = <-exited:
-	case <-ctx.Done():
+	tick := time.NewTicker(10 * time.Second)
+	defer tick.Stop()
+	for running := true; running; {
+		select {
+		case waitErr = <-exited:
+			running = false
+			continue
+		case <-tick.C:
+			if !wedged(filepath.Join(ctl, "heartbeat")) {
+				continue
+			}
+		case <-ctx.Done():
+			return 0, killedAtDeadline(ctx, cfg, cmd, exited, ln, copied, ctl, consoleLog, start)
+		}
 		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
 		<-exited
 		ln.Close()
 		<-copied
-		reason := fmt.Sprintf("timed out after %v", time.Since(start).Round(time.Second))
-		if _, err := os.Stat(filepath.Join(ctl, "started")); err == nil {
-			reason = fmt.Sprintf("command still running after %v (timeout %v); L1 killed", time.Since(start).Round(time.Second), cfg.Timeout)
-		}
-		cause := fmt.Errorf("%w: %w", ErrTimeout, ctx.Err())
-		if errors.Is(ctx.Err(), context.Canceled) {
-			reason = fmt.Sprintf("interrupted after %v; L1 killed", time.Since(start).Round(time.Second))
-			cause = ctx.Err()
-		}
-		return 0, &Error{Reason: reason, Console: tail(consoleLog, 40), Log: filepath.Join(cfg.CacheDir, "lab", "console.log"), Err: cause}
+		return 0, &Error{Reason: fmt.Sprintf("L1 ended by the harness: no heartbeat for %v, L1 wedged (after %v)", heartbeatLimit, time.Since(start).Round(time.Second)),
+			Console: tail(consoleLog, 40), Log: filepath.Join(cfg.CacheDir, "lab", "console.log")}
 	}
 	ln.Close()
 	<-copied
@@ -287,6 +290,38 @@ func runOnce(ctx context.Context, cfg Config, img guestimg.Image) (int, error) {
 		reason += fmt.Sprintf(" (qemu: %v: %s)", waitErr, strings.TrimSpace(qemuOut.String()))
 	}
 	return 0, &Error{Reason: reason, Console: tail(consoleLog, 40), Log: filepath.Join(cfg.CacheDir, "lab", "console.log")}
+}
+
+// killedAtDeadline kills L1 when ctx ends (the timeout, or the caller
+// gave up) and says so.
+func killedAtDeadline(ctx context.Context, cfg Config, cmd *exec.Cmd, exited <-chan error, ln net.Listener, copied <-chan struct{}, ctl, consoleLog string, start time.Time) error {
+	_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+	<-exited
+	ln.Close()
+	<-copied
+	reason := fmt.Sprintf("timed out after %v", time.Since(start).Round(time.Second))
+	if _, err := os.Stat(filepath.Join(ctl, "started")); err == nil {
+		reason = fmt.Sprintf("command still running after %v (timeout %v); L1 killed", time.Since(start).Round(time.Second), cfg.Timeout)
+	}
+	cause := fmt.Errorf("%w: %w", ErrTimeout, ctx.Err())
+	if errors.Is(ctx.Err(), context.Canceled) {
+		reason = fmt.Sprintf("interrupted after %v; L1 killed", time.Since(start).Round(time.Second))
+		cause = ctx.Err()
+	}
+	return &Error{Reason: reason, Console: tail(consoleLog, 40), Log: filepath.Join(cfg.CacheDir, "lab", "console.log"), Err: cause}
+}
+
+// heartbeatLimit is how long L1's heartbeat (labinit.sh touches it every
+// 5 s while the command runs) may stand still before the harness takes
+// L1 for wedged: QEMU's emulation has stopped every process in L1 at once,
+// without a panic, for good (seen with 1 and with 2 vCPUs).
+const heartbeatLimit = 2 * time.Minute
+
+// wedged says whether the heartbeat file exists and is older than
+// heartbeatLimit.
+func wedged(heartbeat string) bool {
+	fi, err := os.Stat(heartbeat)
+	return err == nil && time.Since(fi.ModTime()) > heartbeatLimit
 }
 
 // qemuArgs is L1's command line. TCG with one thread per vCPU; the "max"

@@ -3,6 +3,7 @@ package lab
 import (
 	"bytes"
 	"context"
+	"os"
 	"testing"
 	"time"
 
@@ -60,4 +61,16 @@ func TestLockCPUs(t *testing.T) {
 	_, err = lockCPUs(short2, dir, 1, 2, &log)
 	require.ErrorIs(t, err, context.DeadlineExceeded)
 	all()
+}
+
+// L1 counts as wedged only once its heartbeat exists and stands still for
+// longer than heartbeatLimit.
+func TestWedged(t *testing.T) {
+	hb := t.TempDir() + "/heartbeat"
+	require.False(t, wedged(hb), "no heartbeat yet: the command has not started")
+	require.NoError(t, os.WriteFile(hb, nil, 0o644))
+	require.False(t, wedged(hb))
+	old := time.Now().Add(-heartbeatLimit - time.Second)
+	require.NoError(t, os.Chtimes(hb, old, old))
+	require.True(t, wedged(hb))
 }
