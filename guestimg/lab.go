@@ -1,7 +1,6 @@
 package guestimg
 
 import (
-	"bufio"
 	"context"
 	"crypto/sha256"
 	_ "embed"
@@ -177,23 +176,8 @@ func (b *builder) buildLab(ctx context.Context, m *debManifest) (Image, error) {
 	if err := linkOrCopy(kvers[0], filepath.Join(out, "vmlinuz")); err != nil {
 		return Image{}, err
 	}
-	f, err := os.Create(filepath.Join(out, "initrd.img"))
-	if err != nil {
-		return Image{}, fmt.Errorf("create lab initrd: %w", err)
-	}
-	bw := bufio.NewWriterSize(f, 1<<20)
-	werr := t.write(newCPIOWriter(bw))
-	if werr == nil {
-		werr = bw.Flush()
-	}
-	if werr == nil {
-		werr = f.Sync()
-	}
-	if cerr := f.Close(); werr == nil {
-		werr = cerr
-	}
-	if werr != nil {
-		return Image{}, fmt.Errorf("write lab initrd: %w", werr)
+	if err := writeArchive(filepath.Join(out, "initrd.img"), t); err != nil {
+		return Image{}, fmt.Errorf("write lab initrd: %w", err)
 	}
 	if err := syncDir(out); err != nil {
 		return Image{}, err

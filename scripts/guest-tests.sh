@@ -129,12 +129,14 @@ run_once() {
 	} | sed "s|^|[$t${4:+ $4}] |"
 }
 
-# Every run, in order: package, test, repetition.
-runs=()
+# Every test ("package test"), then every run, in order: package, test,
+# repetition.
+tests=() runs=()
 for p in $pkgs; do
 	pkg=${p#./}
 	# Listing needs no KVM: it runs here.
 	for t in $(cd "$pkg" && "$root/$bins/$(echo "$pkg" | tr / _).test" -test.list "$run" | grep '^TestGuest' || true); do
+		tests+=("$pkg $t")
 		for ((rep = 1; rep <= count; rep++)); do
 			runs+=("$pkg $t $rep")
 		done
@@ -164,35 +166,33 @@ wait
 
 # The summary: per test, how many of its runs passed, in how long.
 fail=0 summary=()
-for p in $pkgs; do
-	pkg=${p#./}
-	for t in $(cd "$pkg" && "$root/$bins/$(echo "$pkg" | tr / _).test" -test.list "$run" | grep '^TestGuest' || true); do
-		passes=0 done=0 crashes=0 secs=0
-		for ((rep = 1; rep <= count; rep++)); do
-			log="$logs/$(echo "$pkg" | tr / _).$t.$rep.log"
-			[[ -e $log.result ]] || continue
-			read -r st crashed <"$log.result"
-			done=$((done + 1))
-			((st != 0)) || passes=$((passes + 1))
-			crashes=$((crashes + crashed))
-			secs=$((secs + $(stat -c %Y "$log") - $(stat -c %Y "$log.start")))
-		done
-		if ((done < count)); then
-			what="$( ((done == 0)) && echo "not run" || echo "$passes of $done passed") ($((count - done)) not run: out of time, -timeout $timeout)"
-			fail=1
-		elif ((passes == count)); then
-			what=$( ((count == 1)) && echo pass || echo "pass ($count of $count)")
-		else
-			what="FAIL$( ((count > 1)) && echo ": $passes of $count passed" || true)"
-			fail=1
-		fi
-		# (each $(...) ends in || true: under set -e an assignment takes the
-		# status of its last command substitution, and a false test there
-		# would end the script without its summary)
-		note=
-		((crashes == 0)) || note=" (after the lab's guest crash$( ((count > 1)) && echo " in $crashes runs" || true))"
-		summary+=("$(printf '%-48s %s  %4ds%s' "$pkg.$t" "$what" "$secs" "$note")")
+for pt in "${tests[@]}"; do
+	read -r pkg t <<<"$pt"
+	passes=0 done=0 crashes=0 secs=0
+	for ((rep = 1; rep <= count; rep++)); do
+		log="$logs/$(echo "$pkg" | tr / _).$t.$rep.log"
+		[[ -e $log.result ]] || continue
+		read -r st crashed <"$log.result"
+		done=$((done + 1))
+		((st != 0)) || passes=$((passes + 1))
+		crashes=$((crashes + crashed))
+		secs=$((secs + $(stat -c %Y "$log") - $(stat -c %Y "$log.start")))
 	done
+	if ((done < count)); then
+		what="$( ((done == 0)) && echo "not run" || echo "$passes of $done passed") ($((count - done)) not run: out of time, -timeout $timeout)"
+		fail=1
+	elif ((passes == count)); then
+		what=$( ((count == 1)) && echo pass || echo "pass ($count of $count)")
+	else
+		what="FAIL$( ((count > 1)) && echo ": $passes of $count passed" || true)"
+		fail=1
+	fi
+	# (each $(...) ends in || true: under set -e an assignment takes the
+	# status of its last command substitution, and a false test there
+	# would end the script without its summary)
+	note=
+	((crashes == 0)) || note=" (after the lab's guest crash$( ((count > 1)) && echo " in $crashes runs" || true))"
+	summary+=("$(printf '%-48s %s  %4ds%s' "$pkg.$t" "$what" "$secs" "$note")")
 done
 echo "guest-tests: summary after $((SECONDS - start))s ($jobs at a time; each test in its own L1 where this host's KVM cannot boot Linux):"
 printf '  %s\n' "${summary[@]}"
