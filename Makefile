@@ -58,7 +58,7 @@ soak-migrations: build image
 	GOVMM_SOAK_MIGRATIONS=$(SOAK_MIGRATIONS) scripts/guest-tests.sh -timeout 3h -run '^TestGuestMigrateUnderLoad$$'
 soak-failovers: build image
 	scripts/guest-tests.sh -timeout 3h -count $(SOAK_FAILOVERS) -run '^TestGuestFailoverKeepsConnection$$'
-	@grep -ho --exclude='*.crashed.log' 'failover (SIGKILL to the first answer) [0-9.]*m\?s' \
+	@grep -ho --exclude='*.crashed-*.log' 'failover (SIGKILL to the first answer) [0-9.]*m\?s' \
 		$(SOAK_LOGS)/cmd_govmm.TestGuestFailoverKeepsConnection.*.log | \
 		awk '{v=$$NF; if (v ~ /ms$$/) {sub(/ms$$/,"",v); v/=1000} else sub(/s$$/,"",v); print v}' | sort -n | \
 		awk '{a[NR]=$$1} END {if (NR) printf "soak: failover time (SIGKILL to the first answer) over %d trials: min %.3f s, median %.3f s, max %.3f s\n", NR, a[1], a[int((NR+1)/2)], a[NR]}'

@@ -93,7 +93,7 @@ fi
 # 0: passed; crashed 1: after the lab's guest crash) to $3.result.
 run_once() {
 	local pkg=$1 t=$2 log=$3 try left passed st crashed=0
-	for try in 1 2; do
+	for try in 1 2 3; do
 		left=$((deadline - SECONDS))
 		set +e
 		bin/govmm lab --if-needed --cpus "$l1cpus" --retries "${GUEST_TEST_L1_RETRIES:-3}" --timeout "${left}s" "${envs[@]}" -- \
@@ -103,10 +103,10 @@ run_once() {
 		# The lab's known guest crash (see docs/ARCHITECTURE.md, "The
 		# lab"): a guest kernel taking an interrupt with the user's GS
 		# base (recursive page faults, then a triple fault), the same
-		# fault that kills L1's own kernel. One more run, said loudly.
-		if ((st != 0 && try == 1 && left > 300)) && lab_crash_seen "$log"; then
-			echo "guest-tests: $pkg.$t: a guest died of the lab's known crash (guest triple fault / recursive page fault); running the test once more" >>"$log"
-			mv "$log" "${log%.log}.crashed.log"
+		# fault that kills L1's own kernel. Up to two more runs, said loudly.
+		if ((st != 0 && try < 3 && left > 300)) && lab_crash_seen "$log"; then
+			echo "guest-tests: $pkg.$t: a guest died of the lab's known crash (guest triple fault / recursive page fault); running the test again (try $((try + 1)) of 3)" >>"$log"
+			mv "$log" "${log%.log}.crashed-$try.log"
 			crashed=1
 			continue
 		fi
@@ -124,7 +124,7 @@ run_once() {
 	echo "$st $crashed" >"$log.result"
 	# The whole output at once, so that runs side by side do not mix.
 	{
-		[[ $crashed == 0 ]] || cat "${log%.log}.crashed.log"
+		[[ $crashed == 0 ]] || cat "${log%.log}".crashed-*.log
 		cat "$log"
 	} | sed "s|^|[$t${4:+ $4}] |"
 }
