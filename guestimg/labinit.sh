@@ -78,6 +78,19 @@ fi
 hostname lab
 ip link set lo up
 
+# KVM's trace events (exits, injected exceptions, exits to userspace) on
+# for the whole run, turned on here before any VM exists and never off:
+# turning an event on or off rewrites kernel code (text_poke_bp), and QEMU's
+# emulation of that while a guest runs has wedged L1 (docs/ARCHITECTURE.md,
+# "The lab"). The real-guest tests print the last events when they fail.
+T=/sys/kernel/tracing
+mount -t tracefs nodev $T 2>/dev/null
+if [ -d $T/events/kvm ]; then
+	echo 16384 >$T/buffer_size_kb
+	for e in kvm_exit kvm_inj_exception kvm_userspace_exit; do echo 1 >$T/events/kvm/$e/enable; done
+	echo 1 >$T/tracing_on
+fi
+
 # One line that says where the command runs, for the test logs.
 echo "lab: L1 $(uname -r), $(grep -c ^processor /proc/cpuinfo) vCPUs, $(($(sed -n 's/MemTotal: *\([0-9]*\).*/\1/p' /proc/meminfo) / 1024)) MiB, /dev/kvm from kvm_amd (nested SVM on QEMU TCG), up in $(cut -d' ' -f1 /proc/uptime) s"
 

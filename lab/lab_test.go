@@ -4,10 +4,12 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"slices"
 	"strings"
 	"testing"
@@ -42,6 +44,50 @@ func TestCommandScriptQuoting(t *testing.T) {
 	}
 	want.WriteString("<it's $(not) run>\n<1>\n")
 	assert.Equal(t, want.String(), string(out))
+}
+
+// A pinned command runs on the CPUs named and nowhere else, and so do the
+// processes it starts; "all" leaves it free.
+func TestCommandScriptPin(t *testing.T) {
+	t.Parallel()
+	if runtime.NumCPU() < 2 {
+		t.Skip("pinning shows only with two CPUs or more")
+	}
+	allowed := func(pin string) string {
+		cfg := Config{Command: []string{"sh", "-c", "grep Cpus_allowed_list /proc/self/status"}, Dir: "/", CPUs: 2, Pin: pin, QEMU: "sh"}
+		require.NoError(t, cfg.fill())
+		script := filepath.Join(t.TempDir(), "cmd.sh")
+		require.NoError(t, os.WriteFile(script, commandScript(cfg), 0o644))
+		out, err := exec.Command("/bin/sh", script).CombinedOutput()
+		require.NoError(t, err, "%s", out)
+		return strings.TrimSpace(strings.TrimPrefix(string(out), "Cpus_allowed_list:"))
+	}
+	assert.Equal(t, "0", allowed(""), "the default for an L1 of 2 vCPUs")
+	assert.Equal(t, "1", allowed("1"))
+	assert.Equal(t, fmt.Sprintf("0-%d", runtime.NumCPU()-1), allowed("all"))
+	bad := Config{Command: []string{"true"}, Pin: "0; reboot", QEMU: "sh"}
+	assert.ErrorContains(t, bad.fill(), "CPU list")
+}
+
+// The holder starts before the command, which runs only once the holder
+// says it holds; a holder that dies first is said, and the command runs
+// anyway.
+func TestCommandScriptHolder(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	mark := filepath.Join(dir, "held")
+	run := func(holder string) string {
+		cfg := Config{Command: []string{"sh", "-c", "cat " + mark + " 2>/dev/null || echo not held"}, Dir: dir,
+			Holder: []string{"sh", "-c", holder}}
+		script := filepath.Join(t.TempDir(), "cmd.sh")
+		require.NoError(t, os.WriteFile(script, commandScript(cfg), 0o644))
+		out, err := exec.Command("/bin/sh", script).CombinedOutput()
+		require.NoError(t, err, "%s", out)
+		return string(out)
+	}
+	assert.Equal(t, "holding\n", run("sleep 0.3; echo holding >"+mark+"; echo holding; sleep 1"))
+	require.NoError(t, os.Remove(mark))
+	assert.Equal(t, "lab: the VM holder did not start (L1 rewrites its code as VMs come and go)\nnot held\n", run("exit 1"))
 }
 
 // A directory that does not exist in L1 fails the command with 126, as a

@@ -30,9 +30,11 @@ and needs qemu-system-x86.
 
 L1s run side by side while their vCPUs fit this host's CPUs (each vCPU
 holds a CPU of this host: ~/.cache/govmm/lab/cpu-N.lock); others wait.
-QEMU's emulation of SVM crashes L1 or its guests now and then with 2 or
-more vCPUs; 1-vCPU L1s did not crash but, side by side, sometimes stopped
-making progress (see docs/ARCHITECTURE.md, "The lab").
+QEMU's emulation of SVM crashes L1 or its guests now and then when guest
+vCPUs move between L1's CPUs or are kicked from another; so CMD runs on
+L1's CPU 0 (--pin), and L1's other vCPUs serve its own kernel. 1-vCPU L1s
+did not crash either, but sometimes stopped making progress (see
+docs/ARCHITECTURE.md, "The lab").
 
 'govmm lab --needed' says, by its exit status, whether this host needs
 the lab to boot Linux (0) or its KVM boots Linux itself (1).
@@ -47,12 +49,14 @@ Flags:
 // cmdLab implements "govmm lab".
 func cmdLab(args []string) error {
 	fs := newFlagSet("lab", labUsage)
-	cpus := fs.Int("cpus", 0, "L1's vCPUs (default: this host's CPUs, at most 4; 1 avoids the crashes of QEMU's emulated SVM but is slower, see docs/ARCHITECTURE.md)")
+	cpus := fs.Int("cpus", 0, "L1's vCPUs (default: this host's CPUs, at most 4)")
+	pin := fs.String("pin", "", "L1's CPUs to run CMD on, as taskset takes them (0, 0-1), or all (default 0 when L1 has more than one vCPU: guests crash less, see docs/ARCHITECTURE.md)")
 	mem := fs.String("mem", "8G", "L1's memory")
 	timeout := fs.Duration("timeout", 60*time.Minute, "give up (and kill L1) after this long")
 	tcg := fs.String("tcg", os.Getenv("GOVMM_LAB_TCG"), "QEMU's TCG threading for L1: multi (one host thread per vCPU) or single (default multi, or $GOVMM_LAB_TCG)")
 	qemu := fs.String("qemu", os.Getenv("GOVMM_LAB_QEMU"), "the QEMU binary (default qemu-system-x86_64 from PATH, or $GOVMM_LAB_QEMU)")
 	retries := fs.Int("retries", 1, "run again this many times when L1 itself dies (not when CMD fails)")
+	holdKVM := fs.Bool("hold-kvm", false, "inside L1 (the harness starts it): hold one idle VM open until killed, so that L1's kernel does not rewrite its code as the command's VMs come and go")
 	ifNeeded := fs.Bool("if-needed", false, "run CMD directly on this host when its KVM boots Linux")
 	needed := fs.Bool("needed", false, "exit 0 if this host needs the lab to boot Linux, 1 if its KVM boots Linux (no CMD)")
 	var shares, env listFlag
@@ -62,6 +66,14 @@ func cmdLab(args []string) error {
 		return err
 	}
 	command := fs.Args()
+	if *holdKVM {
+		if len(command) > 0 {
+			return fmt.Errorf("--hold-kvm takes no command")
+		}
+		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+		defer stop()
+		return lab.HoldKVM(ctx, func() { fmt.Println("lab: holding one idle VM on /dev/kvm") })
+	}
 	if *needed {
 		if len(command) > 0 {
 			return fmt.Errorf("--needed takes no command")
@@ -96,8 +108,8 @@ func cmdLab(args []string) error {
 		r = -1
 	}
 	status, err := lab.Run(ctx, lab.Config{
-		Command: command, Env: env, Shares: shares, QEMU: *qemu,
-		CPUs: *cpus, MemMiB: int(memSize >> 20), TCG: *tcg, Timeout: *timeout, Retries: r,
+		Command: command, Env: env, Shares: shares, QEMU: *qemu, Holder: holder(),
+		CPUs: *cpus, Pin: *pin, MemMiB: int(memSize >> 20), TCG: *tcg, Timeout: *timeout, Retries: r,
 		Stdout: os.Stdout, Log: os.Stderr,
 	})
 	if err != nil {
@@ -122,4 +134,14 @@ func runHere(ctx context.Context, command, env []string) error {
 		return err
 	}
 	return nil
+}
+
+// holder is the argv that holds one idle VM in L1 (govmm lab --hold-kvm,
+// this binary), or nil when this binary cannot say where it is.
+func holder() []string {
+	exe, err := os.Executable()
+	if err != nil {
+		return nil
+	}
+	return []string{exe, "lab", "--hold-kvm"}
 }
