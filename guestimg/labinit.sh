@@ -9,6 +9,7 @@
 #
 #   cmd.sh    the command, as a script for the host's /bin/sh (harness)
 #   shares    "TAG PATH" lines: more writable 9p shares, at PATH (harness)
+#   trace-kvm if present, turn KVM's trace events on (harness)
 #   started   the command has begun (init)
 #   heartbeat touched every 5 s while it runs: a sign of life (init)
 #   status    its exit status, written last (init)
@@ -78,14 +79,13 @@ fi
 hostname lab
 ip link set lo up
 
-# KVM's trace events (exits, injected exceptions, exits to userspace) on
-# for the whole run, turned on here before any VM exists and never off:
-# turning an event on or off rewrites kernel code (text_poke_bp), and QEMU's
-# emulation of that while a guest runs has wedged L1 (docs/ARCHITECTURE.md,
-# "The lab"). The real-guest tests print the last events when they fail.
+# KVM's trace events (exits, injected exceptions, exits to userspace), if
+# the harness asks (govmm lab --trace-kvm): on for the whole run, turned on
+# here before any VM exists and never off, since turning an event on or off
+# rewrites kernel code (text_poke_bp), and QEMU's emulation of that while a
+# guest runs has wedged L1 (docs/ARCHITECTURE.md, "The lab").
 T=/sys/kernel/tracing
-mount -t tracefs nodev $T 2>/dev/null
-if [ -d $T/events/kvm ]; then
+if [ -f /lab/trace-kvm ] && mount -t tracefs nodev $T && [ -d $T/events/kvm ]; then
 	echo 16384 >$T/buffer_size_kb
 	for e in kvm_exit kvm_inj_exception kvm_userspace_exit; do echo 1 >$T/events/kvm/$e/enable; done
 	echo 1 >$T/tracing_on

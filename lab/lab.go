@@ -48,6 +48,12 @@ type Config struct {
 	// its own kernel (9p, interrupts), which a 1-vCPU L1 cannot do
 	// without wedging now and then.
 	Pin string
+	// TraceKVM has L1's init turn KVM's trace events on (exits, injected
+	// exceptions, exits to userspace) before the command starts, for
+	// guestrig.TraceKVM to show when a real-guest test fails. Off by
+	// default: turning them on rewrites L1's kernel code, and L1 died of
+	// an RCU stall right after that twice in 8 boots.
+	TraceKVM bool
 	// Holder, if set, is an argv the command script starts in the
 	// background first and waits for until it prints a line: govmm lab
 	// --hold-kvm, which keeps one idle VM open in L1 (see HoldKVM).
@@ -228,6 +234,11 @@ func runOnce(ctx context.Context, cfg Config, img guestimg.Image) (int, error) {
 	}
 	if err := os.WriteFile(filepath.Join(ctl, "shares"), []byte(shares.String()), 0o644); err != nil {
 		return 0, fmt.Errorf("lab: %w", err)
+	}
+	if cfg.TraceKVM {
+		if err := os.WriteFile(filepath.Join(ctl, "trace-kvm"), nil, 0o644); err != nil {
+			return 0, fmt.Errorf("lab: %w", err)
+		}
 	}
 
 	// The command's output arrives on a unix socket that QEMU connects to

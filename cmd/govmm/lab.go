@@ -56,6 +56,7 @@ func cmdLab(args []string) error {
 	tcg := fs.String("tcg", os.Getenv("GOVMM_LAB_TCG"), "QEMU's TCG threading for L1: multi (one host thread per vCPU) or single (default multi, or $GOVMM_LAB_TCG)")
 	qemu := fs.String("qemu", os.Getenv("GOVMM_LAB_QEMU"), "the QEMU binary (default qemu-system-x86_64 from PATH, or $GOVMM_LAB_QEMU)")
 	retries := fs.Int("retries", 1, "run again this many times when L1 itself dies (not when CMD fails)")
+	traceKVM := fs.Bool("trace-kvm", os.Getenv("GOVMM_LAB_TRACE_KVM") == "1", "turn KVM's trace events on in L1 before CMD starts (the real-guest tests print the last ones when they fail); off by default because turning them on has wedged L1 (default $GOVMM_LAB_TRACE_KVM == 1)")
 	holdKVM := fs.Bool("hold-kvm", false, "inside L1 (the harness starts it): hold one idle VM open until killed, so that L1's kernel does not rewrite its code as the command's VMs come and go")
 	ifNeeded := fs.Bool("if-needed", false, "run CMD directly on this host when its KVM boots Linux")
 	needed := fs.Bool("needed", false, "exit 0 if this host needs the lab to boot Linux, 1 if its KVM boots Linux (no CMD)")
@@ -108,7 +109,7 @@ func cmdLab(args []string) error {
 		r = -1
 	}
 	status, err := lab.Run(ctx, lab.Config{
-		Command: command, Env: env, Shares: shares, QEMU: *qemu, Holder: holder(),
+		Command: command, Env: env, Shares: shares, QEMU: *qemu, Holder: holder(), TraceKVM: *traceKVM,
 		CPUs: *cpus, Pin: *pin, MemMiB: int(memSize >> 20), TCG: *tcg, Timeout: *timeout, Retries: r,
 		Stdout: os.Stdout, Log: os.Stderr,
 	})
