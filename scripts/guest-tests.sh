@@ -13,7 +13,8 @@
 # 3), and one test's wreckage never reaches the next. A test that fails on
 # its own is never retried, but for the lab's known guest crash (below).
 # Each run's output is printed whole when it ends, each line tagged with
-# its test.
+# its test. GOVMM_LAB_TRACE_KVM=1 has each failed test print L1's last
+# KVM events (off by default: turning them on has wedged L1).
 #
 # Usage: scripts/guest-tests.sh [-run REGEXP] [-count N] [-timeout DUR]
 #   -run      which tests (default ^TestGuest; only TestGuest* ever run)
