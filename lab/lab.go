@@ -44,7 +44,7 @@ type Config struct {
 	// L1 has more than one, "all" does not pin. Why: the lab's known
 	// guest crash (docs/ARCHITECTURE.md, "The lab") strikes guests whose
 	// vCPU threads move between L1's CPUs or are kicked from another one;
-	// on one CPU it has not been seen, and L1's other vCPUs still serve
+	// on one CPU it is rare (once in some 60 guests), and L1's other vCPUs still serve
 	// its own kernel (9p, interrupts), which a 1-vCPU L1 cannot do
 	// without wedging now and then.
 	Pin string
@@ -415,10 +415,7 @@ func commandScript(cfg Config) []byte {
 	if len(cfg.Holder) > 0 {
 		// Started first, waited for (up to 30 s) until it says it holds.
 		b.WriteString("hold=$(mktemp)\n")
-		for _, a := range cfg.Holder {
-			b.WriteString(shellQuote(a) + " ")
-		}
-		b.WriteString(">\"$hold\" </dev/null &\n")
+		b.WriteString(shellArgs(cfg.Holder) + " >\"$hold\" </dev/null &\n")
 		b.WriteString("i=0; while [ ! -s \"$hold\" ] && kill -0 $! 2>/dev/null && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done\n")
 		b.WriteString("[ -s \"$hold\" ] || echo \"lab: the VM holder did not start (L1 rewrites its code as VMs come and go)\" >&2\n")
 	}
@@ -428,11 +425,17 @@ func commandScript(cfg Config) []byte {
 		// Ubuntu; L1 runs the host's.
 		fmt.Fprintf(&b, " taskset -c %s", shellQuote(cfg.Pin))
 	}
-	for _, a := range cfg.Command {
-		b.WriteString(" " + shellQuote(a))
-	}
-	b.WriteString("\n")
+	b.WriteString(" " + shellArgs(cfg.Command) + "\n")
 	return []byte(b.String())
+}
+
+// shellArgs quotes an argv for sh, space-separated.
+func shellArgs(argv []string) string {
+	q := make([]string, len(argv))
+	for i, a := range argv {
+		q[i] = shellQuote(a)
+	}
+	return strings.Join(q, " ")
 }
 
 // shellQuote quotes s for sh in single quotes.
