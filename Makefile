@@ -105,11 +105,14 @@ bench-quick: build
 
 # The failover-guest suite (the default guest, SIGKILL/SIGSTOP of the
 # primary to the first answer from the standby, without and with a
-# witness) in BENCH_RUNS short runs of 4 trials, side by side in the lab's
-# L1s, merged into one report (scripts/bench-failover-guest.sh).
+# witness) in BENCH_RUNS short runs of BENCH_TRIALS trials of each of
+# BENCH_MODES (sigkill, sigstop) without and with a witness, each run in an
+# L1 of its own, merged into one report (scripts/bench-failover-guest.sh).
 BENCH_RUNS ?= 5
+BENCH_TRIALS ?= 1
+BENCH_MODES ?= sigkill,sigstop
 bench-failover-guest: build image
-	scripts/bench-failover-guest.sh $(BENCH_RUNS)
+	scripts/bench-failover-guest.sh $(BENCH_RUNS) $(BENCH_TRIALS) $(BENCH_MODES)
 
 clean:
 	rm -rf bin

@@ -23,6 +23,9 @@ type FailoverGuestConfig struct {
 	Govmm          string // the govmm binary
 	Kernel, Initrd string // the default guest image (govmm image build)
 	Trials         int    // per mode and witness setting (default 3)
+	// Modes are the failures timed, FailKill and/or FailStop (default
+	// both): a run of only one spends all its boots on it.
+	Modes []string
 	// Timeout is both ends' --failover-timeout and, with a witness, the
 	// lease (default 3s: the lab's emulated L1 applies a booting guest's
 	// first checkpoints slowly).
@@ -62,6 +65,14 @@ func FailoverGuest(ctx context.Context, cfg FailoverGuestConfig) (*FailoverGuest
 	if cfg.Trials <= 0 {
 		cfg.Trials = 3
 	}
+	if len(cfg.Modes) == 0 {
+		cfg.Modes = []string{FailKill, FailStop}
+	}
+	for _, m := range cfg.Modes {
+		if m != FailKill && m != FailStop {
+			return nil, fmt.Errorf("failover-guest: unknown mode %q (%s or %s)", m, FailKill, FailStop)
+		}
+	}
 	if cfg.Timeout <= 0 {
 		cfg.Timeout = 3 * time.Second
 	}
@@ -84,7 +95,7 @@ func FailoverGuest(ctx context.Context, cfg FailoverGuestConfig) (*FailoverGuest
 	defer wit.kill()
 	res := &FailoverGuestResult{Config: cfg}
 	for trial := 1; trial <= cfg.Trials; trial++ {
-		for _, mode := range []string{FailKill, FailStop} {
+		for _, mode := range cfg.Modes {
 			for _, w := range []bool{false, true} {
 				witAddr := ""
 				if w {
@@ -273,6 +284,9 @@ func (r *FailoverGuestResult) write(dir string) error {
 				if s.Mode == mode && s.Witness == w {
 					v = append(v, msOf(s.Answer))
 				}
+			}
+			if len(v) == 0 {
+				continue
 			}
 			name := mode
 			if w {

@@ -17,6 +17,9 @@ type Options struct {
 	Govmm string // the govmm binary (boot and failover run it)
 	Log   io.Writer
 	Boot  BootConfig // Govmm, Guest, Kernel, Initrd, MemMiB; the rest is filled in
+	// Modes are the failures failover-guest times (FailKill, FailStop;
+	// default both).
+	Modes []string
 }
 
 // Emulated says whether KVM here emulates guests (see lab.Emulated).
@@ -103,7 +106,7 @@ func (o Options) suite(ctx context.Context, s string) (string, error) {
 		}
 		return r.Report(), nil
 	case "failover-guest":
-		cfg := FailoverGuestConfig{Govmm: o.Govmm, Kernel: o.Boot.Kernel, Initrd: o.Boot.Initrd, Trials: o.runs(3, 1), Out: o.Out, Log: o.Log}
+		cfg := FailoverGuestConfig{Govmm: o.Govmm, Kernel: o.Boot.Kernel, Initrd: o.Boot.Initrd, Trials: o.runs(3, 1), Modes: o.Modes, Out: o.Out, Log: o.Log}
 		r, err := FailoverGuest(ctx, cfg)
 		if err != nil {
 			return "", err

@@ -87,6 +87,7 @@ func cmdBench(args []string) error {
 	out := fs.String("out", "", "results directory (default bench/results/<timestamp>)")
 	guest := fs.String("guest", "auto", "boot suite guest: auto, tiny or default")
 	mem := fs.Int("mem", 256, "boot suite guest memory in MiB")
+	modes := fs.String("modes", "sigkill,sigstop", "failover-guest only: the primary's failures to time, `sigkill`, sigstop or both (comma-separated)")
 	var merge listFlag
 	fs.Var(&merge, "merge", "failover-guest only: merge the results `DIR` of an earlier run into one report instead of running trials (repeatable)")
 	if err := parseFlags(fs, args); err != nil {
@@ -94,7 +95,7 @@ func cmdBench(args []string) error {
 	}
 	suites := fs.Args()
 	if len(merge) > 0 {
-		if err := refuseUnused(fs, "with --merge, which runs no trial", "runs", "quick", "guest", "mem"); err != nil {
+		if err := refuseUnused(fs, "with --merge, which runs no trial", "runs", "quick", "guest", "mem", "modes"); err != nil {
 			return err
 		}
 		return mergeBench(merge, suites, *out, args)
@@ -112,6 +113,17 @@ func cmdBench(args []string) error {
 			return err
 		}
 	}
+	if !slices.Contains(suites, "failover-guest") {
+		if err := refuseUnused(fs, "without the failover-guest suite, the only one that uses it", "modes"); err != nil {
+			return err
+		}
+	}
+	failModes := strings.Split(*modes, ",")
+	for _, m := range failModes {
+		if m != bench.FailKill && m != bench.FailStop {
+			return fmt.Errorf("--modes: unknown failure %q (sigkill, sigstop)", m)
+		}
+	}
 	if *out == "" {
 		*out = filepath.Join("bench", "results", time.Now().UTC().Format("20060102T150405Z"))
 	}
@@ -127,7 +139,7 @@ func cmdBench(args []string) error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
 	defer stop()
 	opts := bench.Options{Quick: *quick, Runs: *runs, Out: *out, Govmm: self, Log: os.Stderr,
-		Boot: bench.BootConfig{Govmm: self, Guest: *guest, MemMiB: *mem}}
+		Boot: bench.BootConfig{Govmm: self, Guest: *guest, MemMiB: *mem}, Modes: failModes}
 	// The default image is built only where the boot suite will boot it.
 	if slices.Contains(suites, "failover-guest") || slices.Contains(suites, "overhead-guest") {
 		img, err := defaultImage()

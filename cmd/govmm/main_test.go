@@ -246,6 +246,8 @@ func TestFlagsThatDoNotApplyAreRefused(t *testing.T) {
 	}{
 		{[]string{"witness", "--state", t.TempDir(), "--list", "--listen", "127.0.0.1:7100"}, "witness: --listen does not apply with --list"},
 		{[]string{"bench", "--out", t.TempDir(), "--mem", "512", "checkpoint"}, "bench: --mem does not apply without the boot suite"},
+		{[]string{"bench", "--out", t.TempDir(), "--modes", "sigkill", "checkpoint"}, "bench: --modes does not apply without the failover-guest suite"},
+		{[]string{"bench", "--out", t.TempDir(), "--modes", "kill", "failover-guest"}, `--modes: unknown failure "kill"`},
 	} {
 		_, errOut, status := govmm(t, time.Minute, c.args...)
 		require.Equal(t, 1, status, errOut)
