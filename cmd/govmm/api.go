@@ -95,7 +95,7 @@ func (b *vmBackend) Resume() error {
 }
 
 func (b *vmBackend) Snapshot(ctx context.Context, path string) (ctlapi.SnapshotResult, error) {
-	r, err := b.m.Snapshot(ctx, path)
+	r, err := b.m.Snapshot(ctx, path, b.f.snapshotConfig())
 	if err != nil {
 		return ctlapi.SnapshotResult{}, err
 	}

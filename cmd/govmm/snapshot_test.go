@@ -1,7 +1,11 @@
 package main
 
 import (
+	"bufio"
 	"encoding/binary"
+	"errors"
+	"io"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -15,6 +19,7 @@ import (
 	"govmm/internal/kvmtest"
 	"govmm/internal/tinyguest"
 	"govmm/vmm"
+	"govmm/vmm/container"
 	"govmm/vmm/guestmem"
 )
 
@@ -134,9 +139,143 @@ func TestCtlSnapshotAndRestore(t *testing.T) {
 	_, errOut, status := govmm(t, time.Minute, "restore", "--net", "none", bad)
 	require.Equal(t, 1, status)
 	require.Contains(t, errOut, "bad snapshot file")
-	_, errOut, status = govmm(t, time.Minute, "restore", "--net", "none", "--disk", kernel, snap1)
+	_, errOut, status = govmm(t, time.Minute, "restore", snap1, "--disk", kernel)
 	require.Equal(t, 1, status)
+	require.Equal(t, "govmm: snapshot "+snap1+": 1 --disk given, but the VM had 0 disks, and a restored guest keeps its devices", firstLine(errOut))
+}
+
+func firstLine(s string) string {
+	line, _, _ := strings.Cut(s, "\n")
+	return line
+}
+
+// requireListening fails unless something accepts TCP connections at addr.
+func requireListening(t *testing.T, addr string) {
+	t.Helper()
+	require.Eventually(t, func() bool {
+		c, err := net.DialTimeout("tcp", addr, time.Second)
+		if err == nil {
+			c.Close()
+		}
+		return err == nil
+	}, 30*time.Second, 20*time.Millisecond, "nothing listens at %s", addr)
+}
+
+// A snapshot carries its VM's devices: restore with no flags (or flags
+// after the file) rebuilds the same network with its published ports,
+// disk and MAC, and the restored VM's own snapshot records the same;
+// flags override the host-specific parts (the published ports); another
+// kind of network is refused in one line; a snapshot older than the
+// config (format 2) restores with explicit flags, or says what it
+// assumes.
+func TestRestoreDevicesFromSnapshot(t *testing.T) {
+	kvmtest.Require(t)
+	dir := t.TempDir()
+	kernel, initrd := tinyGuestFiles(t, dir, tinyguest.Counter(counterGPA))
+	disk := filepath.Join(dir, "disk.img")
+	require.NoError(t, os.WriteFile(disk, make([]byte, 1<<20), 0o644))
+	ctl := func(sock string, args ...string) string {
+		t.Helper()
+		out, errOut, status := govmm(t, time.Minute, append([]string{"ctl", "--api-sock", sock}, args...)...)
+		require.Equal(t, 0, status, "ctl %v: %s", args, errOut)
+		return out
+	}
+
+	port1 := itoa(freePort(t))
+	sock1 := filepath.Join(dir, "vm1.sock")
+	vm1 := startVM(t, "run", "--kernel", kernel, "--initrd", initrd, "--mem", "64M", "--net", "user",
+		"--publish", "127.0.0.1:"+port1+":80", "--disk", disk+",ro", "--mac", "52:54:00:12:34:56",
+		"--guest-ip", "10.0.2.20/24", "--name", "vm1", "--api-sock", sock1)
+	waitSocket(t, sock1)
+	requireListening(t, "127.0.0.1:"+port1)
+	snap := filepath.Join(dir, "vm1.snap")
+	ctl(sock1, "snapshot", "--out", snap)
+	h, err := vmm.ReadSnapshotHeader(snap)
+	require.NoError(t, err)
+	require.Equal(t, uint16(3), h.Version)
+	want := vmm.SnapshotConfig{{Name: "name", Value: "vm1"}, {Name: "net", Value: "user"}, {Name: "mac", Value: "52:54:00:12:34:56"},
+		{Name: "publish", Value: "127.0.0.1:" + port1 + ":80"}, {Name: "disk", Value: disk + ",ro"}, {Name: "guest-ip", Value: "10.0.2.20/24"}}
+	require.Equal(t, want, h.Config)
+	require.NoError(t, vm1.Process.Signal(syscall.SIGTERM))
+	_ = vm1.Wait()
+
+	// No device flags, and a flag after the file: the same devices, the
+	// same published port.
+	sock2 := filepath.Join(dir, "vm2.sock")
+	startVM(t, "restore", snap, "--api-sock", sock2)
+	waitGuestHere(t, sock2)
+	requireListening(t, "127.0.0.1:"+port1)
+	snap2 := filepath.Join(dir, "vm2.snap")
+	ctl(sock2, "snapshot", "--out", snap2)
+	h2, err := vmm.ReadSnapshotHeader(snap2)
+	require.NoError(t, err)
+	require.Equal(t, want, h2.Config)
+
+	// Another host port while the first restore holds the snapshot's.
+	port3 := itoa(freePort(t))
+	sock3 := filepath.Join(dir, "vm3.sock")
+	startVM(t, "restore", "--api-sock", sock3, snap, "--publish", "127.0.0.1:"+port3+":80")
+	waitGuestHere(t, sock3)
+	requireListening(t, "127.0.0.1:"+port3)
+
+	// Refusals, in one line.
+	_, errOut, status := govmm(t, time.Minute, "restore", snap, "--net", "none")
+	require.Equal(t, 1, status)
+	require.Equal(t, "govmm: snapshot "+snap+": --net none: the VM had --net user, and a restored guest keeps its devices (leave --net out, or name another TAP with tap:NAME)", firstLine(errOut))
+	_, errOut, status = govmm(t, time.Minute, "restore", snap, "extra")
+	require.Equal(t, 1, status)
+	require.Equal(t, "govmm: restore: want one snapshot file, got 2 arguments", firstLine(errOut))
+
+	// A format 2 snapshot of a --net none VM: restored with its flags
+	// given (after the file); without them, the notice says what restore
+	// assumes, and the devices do not match.
+	sock4 := filepath.Join(dir, "vm4.sock")
+	startVM(t, "run", "--kernel", kernel, "--initrd", initrd, "--mem", "64M", "--net", "none", "--api-sock", sock4)
+	waitSocket(t, sock4)
+	snap4 := filepath.Join(dir, "vm4.snap")
+	ctl(sock4, "snapshot", "--out", snap4)
+	old := filepath.Join(dir, "old.snap")
+	writeSnapshotV2(t, snap4, old)
+	h, err = vmm.ReadSnapshotHeader(old)
+	require.NoError(t, err)
+	require.Equal(t, uint16(2), h.Version)
+	sock5 := filepath.Join(dir, "vm5.sock")
+	startVM(t, "restore", old, "--net", "none", "--api-sock", sock5)
+	waitGuestHere(t, sock5)
+	_, errOut, status = govmm(t, time.Minute, "restore", old)
+	require.Equal(t, 1, status)
+	require.Equal(t, "govmm: notice: snapshot "+old+" (format 2) does not record its devices: restoring with --net user, no disk and the default MAC; give the VM's --net, --disk and --mac if they differed", firstLine(errOut))
 	require.Contains(t, errOut, "does not match")
+}
+
+// writeSnapshotV2 rewrites the format 3 snapshot src as format 2 (no
+// config section) at dst, as a govmm before the config wrote it.
+func writeSnapshotV2(t *testing.T, src, dst string) {
+	t.Helper()
+	in, err := os.Open(src)
+	require.NoError(t, err)
+	defer in.Close()
+	r, err := container.NewReader(bufio.NewReader(in), container.Format{Magic: container.MagicSnapshot, MinVersion: 3, MaxVersion: 3,
+		Caps: map[container.Type]int{container.TypeState: vmm.MaxStateSize, container.TypeConfig: 1 << 20, container.TypePages: container.MaxPagesPayload}})
+	require.NoError(t, err)
+	out, err := os.Create(dst)
+	require.NoError(t, err)
+	defer out.Close()
+	bw := bufio.NewWriter(out)
+	w, err := container.NewWriter(bw, container.MagicSnapshot, 2)
+	require.NoError(t, err)
+	for {
+		s, err := r.Next()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		require.NoError(t, err)
+		if s.Type != container.TypeConfig {
+			require.NoError(t, w.Section(s.Type, s.Payload))
+		}
+	}
+	require.NoError(t, w.Close())
+	require.NoError(t, bw.Flush())
 }
 
 // waitStandingBy waits until the standby at the API socket path answers
