@@ -139,8 +139,18 @@ func startReplication(ctx context.Context, m *vmm.Machine, cfg ReplicateConfig, 
 // takes the first checkpoint (the remaining dirty set and the state), and
 // waits for its ack: only then is the guest protected.
 func (r *Replicator) initialSync(ctx context.Context) error {
-	pre, err := precopy{t: r.t, mem: r.m.Memory(), tr: r.tr, disks: r.cfg.Disks, nextEpoch: r.nextEpoch,
-		stopPages: 256, maxRounds: r.cfg.InitialRounds}.run(ctx)
+	p := precopy{t: r.t, mem: r.m.Memory(), tr: r.tr, disks: r.cfg.Disks, nextEpoch: r.nextEpoch,
+		stopPages: 256, maxRounds: r.cfg.InitialRounds}
+	if progress := r.cfg.Progress; progress != nil {
+		total := r.m.Memory().Size()
+		for _, d := range r.cfg.Disks {
+			total += uint64(d.Size())
+		}
+		p.onCopied = func(round int, copied uint64) {
+			progress(SyncProgress{Round: round, Copied: copied, Total: total})
+		}
+	}
+	pre, err := p.run(ctx)
 	if err != nil {
 		return err
 	}
