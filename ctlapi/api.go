@@ -67,15 +67,22 @@ const (
 	PhasePrecopy     = "precopy"
 	PhaseStopAndCopy = "stop-and-copy"
 	PhaseDone        = "done"
+	// PhaseSync is the initial sync of replication (PUT /vm/replicate):
+	// its progress has BytesSent, TotalBytes and Round.
+	PhaseSync = "sync"
 )
 
-// Progress is one update of a live migration.
+// Progress is one update of a live migration or of replication's initial
+// sync.
 type Progress struct {
 	Round          int    `json:"round"`
 	BytesSent      uint64 `json:"bytes_sent"`      // so far, all rounds
 	DirtyPages     uint64 `json:"dirty_pages"`     // dirtied during the last round
 	RemainingPages uint64 `json:"remaining_pages"` // still to send in this round
-	Phase          string `json:"phase"`           // PhasePrecopy, PhaseStopAndCopy, PhaseDone
+	Phase          string `json:"phase"`           // PhasePrecopy, PhaseStopAndCopy, PhaseDone, PhaseSync
+	// TotalBytes (PhaseSync) is the first full copy: every disk and all of
+	// memory; BytesSent passes it in the rounds after the first.
+	TotalBytes uint64 `json:"total_bytes,omitempty"`
 }
 
 // MigrateResult reports a finished live migration.
@@ -233,6 +240,11 @@ func DefaultSocketPath() string {
 	return "/run/govmm/govmm.sock"
 }
 
+// ReplicateResult ends PUT /vm/replicate's stream: the guest is protected.
+type ReplicateResult struct {
+	To string `json:"to"` // the standby
+}
+
 // ReplicateRequest is the body of PUT /vm/replicate.
 type ReplicateRequest struct {
 	To    string `json:"to"`              // the standby, host:port
@@ -243,8 +255,9 @@ type ReplicateRequest struct {
 // replication on a running VM (PUT /vm/replicate, PUT /vm/replicate/stop).
 type ReplicationBackend interface {
 	// StartReplication returns once the guest is protected (after the
-	// initial sync), or with the reason it is not.
-	StartReplication(ctx context.Context, req ReplicateRequest) error
+	// initial sync), or with the reason it is not, calling progress
+	// (PhaseSync) as the initial sync goes; progress never blocks.
+	StartReplication(ctx context.Context, req ReplicateRequest, progress func(Progress)) error
 	// StopReplication ends it; the standby discards its replica.
 	StopReplication() error
 }

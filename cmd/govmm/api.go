@@ -142,7 +142,7 @@ func (b *vmBackend) Stats() ctlapi.Stats {
 var _ ctlapi.ReplicationBackend = (*vmBackend)(nil)
 
 // StartReplication protects the running VM (PUT /vm/replicate).
-func (b *vmBackend) StartReplication(ctx context.Context, req ctlapi.ReplicateRequest) error {
+func (b *vmBackend) StartReplication(ctx context.Context, req ctlapi.ReplicateRequest, progress func(ctlapi.Progress)) error {
 	epoch := b.f.epoch
 	if req.Epoch != "" {
 		d, err := time.ParseDuration(req.Epoch)
@@ -151,7 +151,9 @@ func (b *vmBackend) StartReplication(ctx context.Context, req ctlapi.ReplicateRe
 		}
 		epoch = d
 	}
-	err := startReplication(b.m, b.f, b.devs, b.node, req.To, epoch)
+	err := startReplication(b.m, b.f, b.devs, b.node, req.To, epoch, func(p replicate.SyncProgress) {
+		progress(ctlapi.Progress{Phase: ctlapi.PhaseSync, Round: p.Round, BytesSent: p.Copied, TotalBytes: p.Total})
+	})
 	if errors.Is(err, replicate.ErrReplicating) {
 		return fmt.Errorf("replicate: %w: %w", ctlapi.ErrConflict, err)
 	}

@@ -19,6 +19,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"govmm/ctlapi"
+	"govmm/replicate"
 )
 
 const ctlUsage = `Usage: govmm ctl [--api-sock PATH] COMMAND [flags]
@@ -373,7 +374,12 @@ func ctlReplicate(ctx context.Context, c *ctlapi.Client, args []string) error {
 	if req.To == "" {
 		return errors.New("ctl replicate: --to HOST:PORT is required")
 	}
-	if err := c.Replicate(ctx, req); err != nil {
+	bar := newTransferBar(os.Stderr, ctlIsTerminal(os.Stderr), "initial sync")
+	err := c.Replicate(ctx, req, func(p ctlapi.Progress) {
+		bar.update(p.BytesSent, p.TotalBytes, syncNote(replicate.SyncProgress{Round: p.Round}))
+	})
+	bar.finish()
+	if err != nil {
 		return err
 	}
 	fmt.Printf("protected by %s\n", req.To)

@@ -290,7 +290,7 @@ func supervise(m *vmm.Machine, f *runFlags, devs *machineDevices, node *replicat
 	}
 	defer stopAPI()
 	if f.replicateTo != "" || f.nullStandby {
-		err := startReplication(m, f, devs, node, f.replicateTo, f.epoch)
+		err := startReplication(m, f, devs, node, f.replicateTo, f.epoch, nil)
 		switch {
 		case err != nil && node.Origin() != replicate.Booted:
 			reprotectFailed(err)

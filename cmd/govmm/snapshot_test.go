@@ -40,6 +40,24 @@ func startVM(t *testing.T, args ...string) *exec.Cmd {
 	return cmd
 }
 
+// startVMLogged is startVM with govmm's stderr kept for the test to read.
+func startVMLogged(t *testing.T, args ...string) (*exec.Cmd, *logBuffer) {
+	t.Helper()
+	log := &logBuffer{}
+	cmd := exec.Command(govmmBin, args...)
+	cmd.Stdout, cmd.Stderr = os.Stderr, log
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	require.NoError(t, cmd.Start())
+	t.Cleanup(func() {
+		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+		_ = cmd.Wait()
+		if t.Failed() {
+			t.Logf("govmm %v stderr:\n%s", args, log.String())
+		}
+	})
+	return cmd, log
+}
+
 func waitSocket(t *testing.T, path string) {
 	t.Helper()
 	require.Eventually(t, func() bool {

@@ -1,0 +1,40 @@
+package main
+
+import (
+	"bytes"
+	"strings"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// On a terminal the bar redraws one line in place and ends it at finish;
+// elsewhere a quick transfer prints one line at finish, with what moved
+// and the rate; a bar that saw no update says nothing.
+func TestTransferBar(t *testing.T) {
+	t.Parallel()
+	var tty bytes.Buffer
+	b := newTransferBar(&tty, true, "initial sync")
+	b.update(16<<20, 64<<20, "")
+	b.update(64<<20, 64<<20, "round 2: pages dirtied meanwhile")
+	b.finish()
+	b.finish()
+	out := tty.String()
+	require.True(t, strings.HasPrefix(out, "\rinitial sync [=======>"), "%q", out)
+	assert.Contains(t, out, " 25%  16 MiB / 64 MiB  ")
+	assert.Contains(t, out, "\x1b[K\rinitial sync [==============================] 100%  64 MiB / 64 MiB  ")
+	assert.Contains(t, out, "/s, round 2: pages dirtied meanwhile\x1b[K\n")
+	assert.Equal(t, 1, strings.Count(out, "\n"), "one line, ended once")
+
+	var log bytes.Buffer
+	b = newTransferBar(&log, false, "download")
+	b.update(1<<20, 3<<20, "")
+	b.update(3<<20, 3<<20, "")
+	b.finish()
+	assert.Regexp(t, `^govmm: download: 3 MiB in \S+ \(\d+(\.\d+)? [KMGT]iB/s\)\n$`, log.String())
+
+	var none bytes.Buffer
+	newTransferBar(&none, false, "download").finish()
+	assert.Empty(t, none.String())
+}
