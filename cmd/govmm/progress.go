@@ -25,6 +25,7 @@ type transferBar struct {
 	done, total         uint64
 	note                string // e.g. "round 3"
 	drawn, finished     bool
+	lineOpen            bool // on a terminal: the bar's line awaits its newline
 	pending, anyUpdates bool // an update arrived since the last draw; at all
 }
 
@@ -70,7 +71,9 @@ func (b *transferBar) finish() {
 		if b.pending {
 			b.draw(now)
 		}
-		fmt.Fprintln(b.w)
+		if b.lineOpen {
+			fmt.Fprintln(b.w)
+		}
 		return
 	}
 	took := now.Sub(b.start)
@@ -105,7 +108,24 @@ func (b *transferBar) draw(now time.Time) {
 		fmt.Fprintf(b.w, "govmm: %s: %d%% (%s of %s, %s)%s\n", b.what, int(frac*100),
 			ctlBytes(b.done), ctlBytes(b.total), rate(b.done, took), b.noteSuffix())
 	}
-	b.drawn, b.last, b.pending = true, now, false
+	b.drawn, b.last, b.pending, b.lineOpen = true, now, false, b.tty
+}
+
+// interleave returns a writer for log lines that share b's output: on a
+// terminal, each write first ends the bar's line, which the next update
+// draws anew below the log line.
+func (b *transferBar) interleave() io.Writer { return interleaved{b} }
+
+type interleaved struct{ b *transferBar }
+
+func (l interleaved) Write(p []byte) (int, error) {
+	l.b.mu.Lock()
+	defer l.b.mu.Unlock()
+	if l.b.lineOpen {
+		fmt.Fprintln(l.b.w)
+		l.b.lineOpen = false
+	}
+	return l.b.w.Write(p)
 }
 
 // rate is n bytes over d, per second, in binary units.

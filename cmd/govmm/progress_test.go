@@ -27,6 +27,21 @@ func TestTransferBar(t *testing.T) {
 	assert.Contains(t, out, "/s, round 2: pages dirtied meanwhile\x1b[K\n")
 	assert.Equal(t, 1, strings.Count(out, "\n"), "one line, ended once")
 
+	// A log line in the middle ends the bar's line; the bar goes on below.
+	tty.Reset()
+	b = newTransferBar(&tty, true, "package download")
+	b.update(1<<20, 2<<20, "")
+	_, err := b.interleave().Write([]byte("guestimg: downloading linux-image\n"))
+	require.NoError(t, err)
+	b.update(2<<20, 2<<20, "")
+	b.finish()
+	lines := strings.Split(tty.String(), "\n")
+	require.Len(t, lines, 4, "%q", tty.String())
+	assert.Contains(t, lines[0], " 50%  1 MiB / 2 MiB")
+	assert.Equal(t, "guestimg: downloading linux-image", lines[1])
+	assert.Contains(t, lines[2], "100%  2 MiB / 2 MiB")
+	assert.Empty(t, lines[3])
+
 	var log bytes.Buffer
 	b = newTransferBar(&log, false, "download")
 	b.update(1<<20, 3<<20, "")

@@ -486,7 +486,7 @@ func forwardInput(m *vmm.Machine, r io.Reader, escapes bool) {
 
 // defaultImage builds (or finds in the cache) the default guest image.
 func defaultImage() (guestimg.Image, error) {
-	img, err := guestimg.Build(context.Background(), guestimg.Options{Log: os.Stderr})
+	img, err := buildImage(context.Background(), "")
 	if err != nil {
 		return img, fmt.Errorf("default guest image: %w (or pass --kernel and --initrd)", err)
 	}
