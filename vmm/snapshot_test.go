@@ -212,3 +212,22 @@ func TestSnapshotRefusals(t *testing.T) {
 		})
 	}
 }
+
+// Any bytes as a config section: refused with an error or decoded to a
+// config that encodes back to exactly those bytes, never a panic or an
+// allocation past the caps.
+func FuzzSnapshotConfig(f *testing.F) {
+	f.Add(devstate.Encode(sampleConfig.walk))
+	empty := SnapshotConfig{}
+	f.Add(devstate.Encode(empty.walk))
+	f.Add([]byte{0xff, 0xff, 0xff, 0xff})
+	f.Add([]byte{1, 0, 0, 0, 0xff, 0xff, 0xff, 0x7f})
+	f.Fuzz(func(t *testing.T, data []byte) {
+		var cfg SnapshotConfig
+		if err := devstate.Decode(data, cfg.walk); err != nil {
+			return
+		}
+		require.LessOrEqual(t, len(cfg), maxConfigSettings)
+		require.Equal(t, data, devstate.Encode(cfg.walk))
+	})
+}
