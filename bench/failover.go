@@ -419,7 +419,7 @@ func (r *FailoverResult) write(dir string) error {
 		names = append(names, name)
 		values = append(values, g.values)
 	}
-	return boxes(filepath.Join(dir, "failover.png"), "Primary failure to the standby's first API answer", "time (ms, log scale)", true, names, values)
+	return boxes(filepath.Join(dir, "failover.png"), "Primary failure to the standby's first API answer", "time (ms)", true, names, values)
 }
 
 // Report renders the failover section of report.md.

@@ -115,6 +115,14 @@ func lineChart(path, title, xlabel, ylabel string, axes Axes, series []Series) e
 	if drawn == 0 {
 		return fmt.Errorf("plot %s: no points to draw", filepath.Base(path))
 	}
+	// A log axis over a single value would be padded by ±1, maybe below
+	// zero, by gonum: widen it by a factor instead.
+	if axes.LogX && p.X.Min == p.X.Max {
+		p.X.Min, p.X.Max = p.X.Min/2, p.X.Max*2
+	}
+	if axes.LogY && p.Y.Min == p.Y.Max {
+		p.Y.Min, p.Y.Max = p.Y.Min/2, p.Y.Max*2
+	}
 	if axes.LogY {
 		// Headroom above the data for the legend, which sits top-left:
 		// a factor on a log axis.
@@ -141,16 +149,19 @@ func savePlot(p *plot.Plot, w, h vg.Length, path string) error {
 }
 
 // boxes draws one box plot (median, quartiles, whiskers, outliers) per
-// group and saves it as a PNG and an SVG. With logY the value axis is
-// logarithmic (values that are not positive are left out), for groups
-// whose values lie decades apart.
+// group and saves it as a PNG and an SVG. The value axis is logarithmic
+// (values that are not positive left out, the label saying so) when logY
+// is set or the values span a decade or more: on a linear axis the small
+// groups flatten into it.
 func boxes(path, title, ylabel string, logY bool, groups []string, values [][]float64) error {
+	logY = logY || spansDecade(values)
 	p := plot.New()
 	p.Title.Text = title
 	p.Y.Label.Text = ylabel
 	p.Add(plotter.NewGrid())
 	if logY {
 		p.Y.Scale, p.Y.Tick.Marker = plot.LogScale{}, logTicks{}
+		p.Y.Label.Text += ", log scale"
 	}
 	for i, vs := range values {
 		if logY {
@@ -175,6 +186,20 @@ func boxes(path, title, ylabel string, logY bool, groups []string, values [][]fl
 	p.X.Tick.Label.Rotation = 0.4
 	p.X.Tick.Label.XAlign = draw.XRight
 	return savePlot(p, 8*vg.Inch, 5*vg.Inch, path)
+}
+
+// spansDecade reports whether the positive values reach ten times the
+// smallest.
+func spansDecade(values [][]float64) bool {
+	lo, hi := math.Inf(1), 0.0
+	for _, vs := range values {
+		for _, v := range vs {
+			if v > 0 {
+				lo, hi = min(lo, v), max(hi, v)
+			}
+		}
+	}
+	return hi >= 10*lo
 }
 
 // logTicks marks every digit of each decade on a log axis and labels 1, 2
