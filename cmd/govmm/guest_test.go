@@ -428,7 +428,9 @@ func TestGuestSnapshotRestore(t *testing.T) {
 	g.stop()
 
 	sock2 := filepath.Join(dir, "two.sock")
-	launchGuest(t, exec.Command(govmmBin, "restore", "--publish", fmt.Sprintf("%d:80", port), "--disk", disk, "--api-sock", sock2, snap))
+	// The snapshot holds the devices (the published port, the disk):
+	// restore needs no device flags, and takes flags after the file.
+	launchGuest(t, exec.Command(govmmBin, "restore", snap, "--api-sock", sock2))
 	d.waitHealthy()
 	require.Equal(t, last+1, d.incr(), "the counter carries on from the snapshot")
 	require.Equal(t, []string{"before the snapshot"}, d.log())
