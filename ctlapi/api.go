@@ -70,6 +70,9 @@ const (
 	// PhaseSync is the initial sync of replication (PUT /vm/replicate):
 	// its progress has BytesSent, TotalBytes and Round.
 	PhaseSync = "sync"
+	// PhaseSyncAck ends an initial sync: everything is sent, the
+	// standby's ack of the first checkpoint is awaited.
+	PhaseSyncAck = "sync-ack"
 )
 
 // Progress is one update of a live migration or of replication's initial
@@ -79,7 +82,7 @@ type Progress struct {
 	BytesSent      uint64 `json:"bytes_sent"`      // so far, all rounds
 	DirtyPages     uint64 `json:"dirty_pages"`     // dirtied during the last round
 	RemainingPages uint64 `json:"remaining_pages"` // still to send in this round
-	Phase          string `json:"phase"`           // PhasePrecopy, PhaseStopAndCopy, PhaseDone, PhaseSync
+	Phase          string `json:"phase"`           // PhasePrecopy, PhaseStopAndCopy, PhaseDone, PhaseSync, PhaseSyncAck
 	// TotalBytes (PhaseSync) is the first full copy: every disk and all of
 	// memory; BytesSent passes it in the rounds after the first.
 	TotalBytes uint64 `json:"total_bytes,omitempty"`

@@ -88,6 +88,10 @@ type SyncProgress struct {
 	// Total is the first full copy: every disk and all of memory. Copied
 	// reaches it at the end of round 1 and passes it in later rounds.
 	Total uint64
+	// Acking: the copy is sent and so is the first checkpoint; the
+	// standby may still be applying what it received, and its ack, which
+	// protects the guest, is awaited. The last update.
+	Acking bool
 }
 
 // withDefaults fills in the defaults and checks the policy.

@@ -141,14 +141,16 @@ func startReplication(ctx context.Context, m *vmm.Machine, cfg ReplicateConfig, 
 func (r *Replicator) initialSync(ctx context.Context) error {
 	p := precopy{t: r.t, mem: r.m.Memory(), tr: r.tr, disks: r.cfg.Disks, nextEpoch: r.nextEpoch,
 		stopPages: 256, maxRounds: r.cfg.InitialRounds}
-	if progress := r.cfg.Progress; progress != nil {
-		total := r.m.Memory().Size()
-		for _, d := range r.cfg.Disks {
-			total += uint64(d.Size())
-		}
-		p.onCopied = func(round int, copied uint64) {
-			progress(SyncProgress{Round: round, Copied: copied, Total: total})
-		}
+	progress := func(SyncProgress) {}
+	if r.cfg.Progress != nil {
+		progress = r.cfg.Progress
+	}
+	total := r.m.Memory().Size()
+	for _, d := range r.cfg.Disks {
+		total += uint64(d.Size())
+	}
+	p.onCopied = func(round int, copied uint64) {
+		progress(SyncProgress{Round: round, Copied: copied, Total: total})
 	}
 	pre, err := p.run(ctx)
 	if err != nil {
@@ -158,6 +160,7 @@ func (r *Replicator) initialSync(ctx context.Context) error {
 	if err := r.checkpoint(pre.Dirty); err != nil {
 		return err
 	}
+	progress(SyncProgress{Round: pre.Rounds, Copied: pre.DiskBytes + pre.PagesSent*guestmem.PageSize, Total: total, Acking: true})
 	// However slow the standby is with the copy, it is alive as long as
 	// the stream is: the wait is bounded by the stream's own detection and
 	// by the caller's ctx.

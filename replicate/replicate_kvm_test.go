@@ -332,5 +332,10 @@ func TestReplicationSyncProgress(t *testing.T) {
 	}
 	require.GreaterOrEqual(t, inRound1, int(total/progressEvery)-1, "updates during the first copy of 64 MiB")
 	require.Positive(t, endRound1, "round 1 ends with all of memory copied")
-	require.Greater(t, got[len(got)-1].Copied, total, "the dirtier's pages travel again in later rounds")
+	last := got[len(got)-1]
+	require.Greater(t, last.Copied, total, "the dirtier's pages travel again in later rounds")
+	require.True(t, last.Acking, "the last update: the first checkpoint's ack is awaited")
+	for _, p := range got[:len(got)-1] {
+		require.False(t, p.Acking)
+	}
 }

@@ -152,7 +152,11 @@ func (b *vmBackend) StartReplication(ctx context.Context, req ctlapi.ReplicateRe
 		epoch = d
 	}
 	err := startReplication(b.m, b.f, b.devs, b.node, req.To, epoch, func(p replicate.SyncProgress) {
-		progress(ctlapi.Progress{Phase: ctlapi.PhaseSync, Round: p.Round, BytesSent: p.Copied, TotalBytes: p.Total})
+		phase := ctlapi.PhaseSync
+		if p.Acking {
+			phase = ctlapi.PhaseSyncAck
+		}
+		progress(ctlapi.Progress{Phase: phase, Round: p.Round, BytesSent: p.Copied, TotalBytes: p.Total})
 	})
 	if errors.Is(err, replicate.ErrReplicating) {
 		return fmt.Errorf("replicate: %w: %w", ctlapi.ErrConflict, err)

@@ -376,7 +376,7 @@ func ctlReplicate(ctx context.Context, c *ctlapi.Client, args []string) error {
 	}
 	bar := newTransferBar(os.Stderr, ctlIsTerminal(os.Stderr), "initial sync")
 	err := c.Replicate(ctx, req, func(p ctlapi.Progress) {
-		bar.update(p.BytesSent, p.TotalBytes, syncNote(replicate.SyncProgress{Round: p.Round}))
+		bar.update(p.BytesSent, p.TotalBytes, syncNote(replicate.SyncProgress{Round: p.Round, Acking: p.Phase == ctlapi.PhaseSyncAck}))
 	})
 	bar.finish()
 	if err != nil {

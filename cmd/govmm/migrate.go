@@ -141,6 +141,8 @@ func startReplication(m *vmm.Machine, f *runFlags, devs *machineDevices, node *r
 // past the first full copy (whose bar alone says enough).
 func syncNote(p replicate.SyncProgress) string {
 	switch {
+	case p.Acking:
+		return "waiting for the standby to apply it and acknowledge"
 	case p.Round == 0:
 		return "disks"
 	case p.Round >= 2:

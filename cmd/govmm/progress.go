@@ -56,28 +56,25 @@ func (b *transferBar) update(done, total uint64, note string) {
 	}
 }
 
-// finish draws the last state and ends the bar's line: on a terminal the
-// bar stays with a newline; elsewhere one line says what moved in how
-// long. It is idempotent, and says nothing if no update came.
+// finish draws the last state without its note (which told what was
+// going on) and ends the bar's line: on a terminal the bar stays, with a
+// newline; elsewhere one line says what moved in how long. It is
+// idempotent, and says nothing if no update came.
 func (b *transferBar) finish() {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.finished || !b.anyUpdates {
 		return
 	}
-	b.finished = true
+	b.finished, b.note = true, ""
 	now := time.Now()
 	if b.tty {
-		if b.pending {
-			b.draw(now)
-		}
-		if b.lineOpen {
-			fmt.Fprintln(b.w)
-		}
+		b.draw(now)
+		fmt.Fprintln(b.w)
 		return
 	}
 	took := now.Sub(b.start)
-	fmt.Fprintf(b.w, "govmm: %s: %s in %s (%s)%s\n", b.what, ctlBytes(b.done), ctlDuration(took), rate(b.done, took), b.noteSuffix())
+	fmt.Fprintf(b.w, "govmm: %s: %s in %s (%s)\n", b.what, ctlBytes(b.done), ctlDuration(took), rate(b.done, took))
 }
 
 func (b *transferBar) noteSuffix() string {
