@@ -19,7 +19,7 @@
 //	                   {"progress": Progress} ... then exactly one of
 //	                   {"result": MigrateResult} or {"error": "...", "status": N}
 //	PUT  /vm/replicate {"to": "host:port", "epoch": "25ms"} streams NDJSON
-//	                   likewise: {"progress": Progress} (phase "sync") ...
+//	                   likewise: {"progress": Progress} (phase "sync", last "sync-ack") ...
 //	                   then {"result": ReplicateResult} or an error line
 //	PUT  /vm/replicate/stop  204
 //	GET  /stats        Stats as JSON
