@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"runtime"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -341,4 +342,55 @@ govmm: error: stopped component=replicate why="x=y"
 govmm: protected component=replicate
 govmm: grouped component=replicate g.k=1
 `, b.String())
+}
+
+// No flag value reaches a panic: every flag of every command (hidden
+// ones too) is set to odd values, then an undefined flag ends the
+// command line, so that each value goes through its flag's Set and the
+// command stops at a usage error before it does anything. In process: a
+// panic fails the test.
+func TestCLINoTraceFromAnyFlag(t *testing.T) {
+	cmds := [][]string{{"run"}, {"standby"}, {"restore"}, {"witness"}, {"image", "build"}, {"bench"}, {"lab"},
+		{"ctl"}, {"ctl", "info"}, {"ctl", "snapshot"}, {"ctl", "migrate"}, {"ctl", "replicate"}}
+	values := []string{"", "0", "-1", "-1s", "x", "1e400", "99999999999999999999", "1:2:3", "a/b", "\x00", ":", "tap:", "256Q", "1T", "0x10"}
+	flagLine := regexp.MustCompile(`(?m)^  --([a-z0-9-]+)`)
+	tried := 0
+	for _, cmd := range cmds {
+		help, _, status := govmm(t, time.Minute, append([]string{"help"}, cmd...)...)
+		require.Equal(t, 0, status)
+		var names []string
+		for _, m := range flagLine.FindAllStringSubmatch(help, -1) {
+			names = append(names, m[1])
+		}
+		if cmd[0] == "run" || cmd[0] == "standby" {
+			for n := range hiddenFlags {
+				names = append(names, n)
+			}
+		}
+		require.NotEmpty(t, names, "govmm help %q lists flags", cmd)
+		for _, name := range names {
+			for _, v := range values {
+				args := append(slices.Clone(cmd), "--"+name+"="+v, "--no-such-flag-here")
+				var err error
+				require.NotPanics(t, func() { err = dispatch(args) }, "govmm %q", args)
+				var ue *usageError
+				require.ErrorAs(t, err, &ue, "govmm %q", args)
+				require.NotContains(t, ue.Error(), "\n", "govmm %q: one line", args)
+				tried++
+			}
+		}
+	}
+	// Odd arguments where a command takes none, or a name.
+	for _, cmd := range [][]string{{"run"}, {"standby"}, {"witness"}, {"image"}, {"image", "build"}, {"bench"}, {"version"},
+		{"ctl"}, {"ctl", "info"}, {"ctl", "pause"}, {"ctl", "stats"}, {"help"}, {"help", "ctl"}, {"help", "image"}, {}} {
+		for _, v := range values {
+			args := append(slices.Clone(cmd), v)
+			var err error
+			require.NotPanics(t, func() { err = dispatch(args) }, "govmm %q", args)
+			var ue *usageError
+			require.ErrorAs(t, err, &ue, "govmm %q", args)
+			tried++
+		}
+	}
+	t.Logf("%d command lines", tried)
 }
