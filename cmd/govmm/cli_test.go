@@ -158,6 +158,7 @@ func TestCLIRuntimeErrors(t *testing.T) {
 		{"mem beyond the host", []string{"run", "--kernel", k, "--initrd", i, "--mem", "100T"}, fmt.Sprintf("govmm: --mem 100T: more than this host has (%s)", ctlBytes(host))},
 		{"missing kernel", []string{"run", "--kernel", "/nonexistent/bzImage", "--initrd", i}, "govmm: kernel: open /nonexistent/bzImage: no such file or directory"},
 		{"no VM at the socket", []string{"ctl", "--api-sock", filepath.Join(t.TempDir(), "none.sock"), "info"}, ""},
+		{"no VM at the default socket", []string{"ctl", "stats"}, fmt.Sprintf("govmm: no VM listening on %s: no such file or directory (the default socket: give --api-sock PATH, or --name NAME for a VM run with --name)", os.Getenv("GOVMM_API_SOCK"))},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -205,7 +206,7 @@ func TestCLIHelp(t *testing.T) {
 		want, errOut, status := govmm(t, time.Minute, append([]string{"help"}, cmd...)...)
 		require.Equal(t, 0, status, "help %q: %s", cmd, errOut)
 		require.Empty(t, errOut)
-		require.True(t, strings.HasPrefix(want, "Usage: govmm ") || strings.HasPrefix(want, "usage: govmm "), "help %q: %s", cmd, want)
+		require.True(t, strings.HasPrefix(want, "Usage: govmm "), "help %q: %s", cmd, want)
 		for _, h := range []string{"-h", "--help"} {
 			got, errOut, status := govmm(t, time.Minute, append(cmd, h)...)
 			require.Equal(t, 0, status, "%q %s", cmd, h)

@@ -91,6 +91,10 @@ func cmdCtl(args []string) error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	err := run(ctx, c, rest)
+	if errors.Is(err, ctlapi.ErrNoServer) && !given(fs)["api-sock"] && *vmName == "" {
+		// Where ctl looked is a default: say how to look elsewhere.
+		return fmt.Errorf("%w (the default socket: give --api-sock PATH, or --name NAME for a VM run with --name)", err)
+	}
 	if err != nil && errors.Is(err, context.Canceled) && ctx.Err() != nil {
 		fmt.Fprintf(os.Stderr, "govmm ctl: %s cancelled\n", name)
 		return exitError{130}

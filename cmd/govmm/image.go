@@ -10,7 +10,7 @@ import (
 	"govmm/guestimg"
 )
 
-const imageUsage = `usage: govmm image build [--cache DIR] [--print]
+const imageUsage = `Usage: govmm image build [--cache DIR] [--print]
 
 Build the default guest image, or find it in the cache: Debian's kernel,
 and an initramfs with busybox, the virtio and ext4 modules, mke2fs, govmm's
