@@ -214,3 +214,56 @@ func TestGuestReadmeShellAndCtlStats(t *testing.T) {
 		t.Fatal("the guest did not power off")
 	}
 }
+
+// Every relative link of the README and docs/ names a file of this
+// repository, and an #anchor one of its headings (as GitHub makes them).
+func TestDocLinks(t *testing.T) {
+	docs, err := filepath.Glob("../../docs/*.md")
+	require.NoError(t, err)
+	link := regexp.MustCompile(`\]\(([^)\s]+)\)`)
+	for _, doc := range append(docs, "../../README.md") {
+		b, err := os.ReadFile(doc)
+		require.NoError(t, err)
+		for _, m := range link.FindAllStringSubmatch(string(b), -1) {
+			target := m[1]
+			if strings.Contains(target, "://") || strings.HasPrefix(target, "mailto:") {
+				continue
+			}
+			file, anchor, _ := strings.Cut(target, "#")
+			path := doc
+			if file != "" {
+				path = filepath.Join(filepath.Dir(doc), file)
+			}
+			_, err := os.Stat(path)
+			require.NoError(t, err, "%s links %s", doc, target)
+			if anchor != "" {
+				text, err := os.ReadFile(path)
+				require.NoError(t, err)
+				require.Contains(t, headingAnchors(string(text)), anchor, "%s links %s", doc, target)
+			}
+		}
+	}
+}
+
+// headingAnchors are the anchors GitHub gives a markdown file's headings:
+// lower case, spaces to hyphens, punctuation other than - and _ dropped.
+func headingAnchors(md string) []string {
+	var out []string
+	for _, l := range strings.Split(md, "\n") {
+		h := strings.TrimLeft(l, "#")
+		if h == l || !strings.HasPrefix(h, " ") {
+			continue
+		}
+		var b strings.Builder
+		for _, r := range strings.ToLower(strings.TrimSpace(h)) {
+			switch {
+			case r == ' ':
+				b.WriteRune('-')
+			case r == '-' || r == '_' || r >= 'a' && r <= 'z' || r >= '0' && r <= '9' || r > 127:
+				b.WriteRune(r)
+			}
+		}
+		out = append(out, b.String())
+	}
+	return out
+}
