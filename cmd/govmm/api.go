@@ -145,9 +145,9 @@ var _ ctlapi.ReplicationBackend = (*vmBackend)(nil)
 func (b *vmBackend) StartReplication(ctx context.Context, req ctlapi.ReplicateRequest, progress func(ctlapi.Progress)) error {
 	epoch := b.f.epoch
 	if req.Epoch != "" {
-		d, err := time.ParseDuration(req.Epoch)
-		if err != nil || d <= 0 {
-			return fmt.Errorf("replicate: %w: bad epoch %q", ctlapi.ErrInvalid, req.Epoch)
+		d, err := parseEpoch(req.Epoch)
+		if err != nil {
+			return fmt.Errorf("replicate: %w: epoch %q: %w", ctlapi.ErrInvalid, req.Epoch, err)
 		}
 		epoch = d
 	}

@@ -47,7 +47,7 @@ func cmdRestore(args []string) error {
 		return err
 	}
 	if len(files) != 1 {
-		return fmt.Errorf("restore: want one snapshot file, got %d arguments", len(files))
+		return usagef("restore", "want one snapshot file, got %d arguments", len(files))
 	}
 	path := files[0]
 	hdr, err := vmm.ReadSnapshotHeader(path)
@@ -61,6 +61,10 @@ func cmdRestore(args []string) error {
 		}
 	} else if err := f.applySnapshotConfig(set, hdr.Config); err != nil {
 		return fmt.Errorf("snapshot %s: %w", path, err)
+	}
+	// The default socket derives from --name, which the snapshot may set.
+	if err := defaultAPISock(fs, &f); err != nil {
+		return err
 	}
 	st := hdr.State
 	nics, disks, _, err := f.devices()
