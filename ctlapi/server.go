@@ -317,8 +317,12 @@ func (s *Server) putSnapshot(w http.ResponseWriter, r *http.Request) {
 		writeError(w, errBusy)
 		return
 	}
-	defer s.busy.Store(false)
+	// The slot is free before the answer goes out: its reader may start
+	// the next one at once.
+	release := sync.OnceFunc(func() { s.busy.Store(false) })
+	defer release()
 	res, err := s.b.Snapshot(r.Context(), req.Path)
+	release()
 	if err != nil {
 		writeError(w, err)
 		return
@@ -362,9 +366,13 @@ func (s *Server) putMigrate(w http.ResponseWriter, r *http.Request) {
 		writeError(w, errBusy)
 		return
 	}
-	defer s.busy.Store(false)
+	// The slot is free once the backend returns, before the last line
+	// goes out: a client that reads the result may start the next one.
+	release := sync.OnceFunc(func() { s.busy.Store(false) })
+	defer release()
 	streamProgress(w, r, func(ctx context.Context, progress func(Progress)) (any, error) {
 		res, err := s.b.Migrate(ctx, req.To, progress)
+		release()
 		return &res, err
 	})
 }
