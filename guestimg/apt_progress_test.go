@@ -1,8 +1,17 @@
 package guestimg
 
 import (
+	"bytes"
+	"crypto/rand"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -56,4 +65,118 @@ func TestWatchDownload(t *testing.T) {
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "lib.deb"), make([]byte, 500), 0o644))
 	stop(true)
 	require.True(t, seen(3500, 3500)(), "the failed try is not counted")
+}
+
+// A real apt-get downloads a package from a Debian repository served on
+// loopback, and the builder reports it as it grows: apt's announced size
+// as the total, a partial count while the package is half sent (the
+// server holds the second half back until then), and all of it at the
+// end.
+func TestAptDownloadProgress(t *testing.T) {
+	for _, tool := range []string{"apt-get", "dpkg-deb", "apt-ftparchive"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("needs %s: %v", tool, err)
+		}
+	}
+	dir := t.TempDir()
+	repo, dl := filepath.Join(dir, "repo"), filepath.Join(dir, "dl")
+	pkg := filepath.Join(dir, "pkg")
+	for _, d := range []string{repo, dl, filepath.Join(pkg, "DEBIAN"), filepath.Join(pkg, "opt"),
+		filepath.Join(dir, "lists", "partial"), filepath.Join(dir, "cache", "archives", "partial")} {
+		require.NoError(t, os.MkdirAll(d, 0o755))
+	}
+	require.NoError(t, os.WriteFile(filepath.Join(pkg, "DEBIAN", "control"),
+		[]byte("Package: govmm-progress-test\nVersion: 1.0\nArchitecture: all\nMaintainer: govmm <govmm@example.com>\nDescription: test\n"), 0o644))
+	blob := make([]byte, 4<<20)
+	_, err := rand.Read(blob) // incompressible: the .deb is as big
+	require.NoError(t, err)
+	require.NoError(t, os.WriteFile(filepath.Join(pkg, "opt", "blob"), blob, 0o644))
+	deb := filepath.Join(repo, "govmm-progress-test_1.0_all.deb")
+	run := func(cmd *exec.Cmd) []byte {
+		t.Helper()
+		out, err := cmd.Output()
+		require.NoError(t, err, "%v", cmd.Args)
+		return out
+	}
+	run(exec.Command("dpkg-deb", "-Znone", "--build", pkg, deb))
+	scan := exec.Command("apt-ftparchive", "packages", ".")
+	scan.Dir = repo
+	require.NoError(t, os.WriteFile(filepath.Join(repo, "Packages"), run(scan), 0o644))
+	st, err := os.Stat(deb)
+	require.NoError(t, err)
+	size := st.Size()
+
+	// The repository: the package's first half at once, the rest once the
+	// test has seen a partial count.
+	sawPartial, release := make(chan struct{}), make(chan struct{})
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		data, err := os.ReadFile(filepath.Join(repo, filepath.Base(r.URL.Path)))
+		if err != nil {
+			http.NotFound(w, r)
+			return
+		}
+		w.Header().Set("Content-Length", strconv.Itoa(len(data)))
+		if !strings.HasSuffix(r.URL.Path, ".deb") {
+			_, _ = w.Write(data)
+			return
+		}
+		_, _ = w.Write(data[:len(data)/2])
+		w.(http.Flusher).Flush()
+		select {
+		case <-release:
+		case <-r.Context().Done():
+			return
+		}
+		_, _ = w.Write(data[len(data)/2:])
+	}))
+	defer srv.Close()
+	list := filepath.Join(dir, "sources.list")
+	require.NoError(t, os.WriteFile(list, []byte("deb [trusted=yes] "+srv.URL+"/ ./\n"), 0o644))
+	conf := filepath.Join(dir, "apt.conf")
+	require.NoError(t, os.WriteFile(conf, []byte(fmt.Sprintf(`Dir::Etc::SourceList "%s";
+Dir::Etc::SourceParts "/dev/null";
+Dir::State::Lists "%s";
+Dir::Cache "%s";
+Dir::State::status "/dev/null";
+Acquire::Languages "none";
+Acquire::http::Proxy "DIRECT";
+`, list, filepath.Join(dir, "lists"), filepath.Join(dir, "cache"))), 0o644))
+	t.Setenv("APT_CONFIG", conf)
+	run(exec.Command("apt-get", "update", "-q"))
+
+	var mu sync.Mutex
+	var got [][2]int64
+	var once sync.Once
+	b := &builder{log: io.Discard, progress: func(done, total int64) {
+		mu.Lock()
+		got = append(got, [2]int64{done, total})
+		mu.Unlock()
+		if done > 0 && done < total {
+			once.Do(func() { close(sawPartial) })
+		}
+	}}
+	go func() {
+		select {
+		case <-sawPartial:
+		case <-time.After(time.Minute): // the test fails below
+		}
+		close(release)
+	}()
+	require.NoError(t, b.aptDownload(t.Context(), dl, []string{"govmm-progress-test"}))
+	select {
+	case <-sawPartial:
+	default:
+		t.Fatalf("no partial count while the package was half sent: %v", got)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	for _, g := range got {
+		assert.Equal(t, size, g[1], "the total is apt's announced size")
+	}
+	assert.Equal(t, [2]int64{size, size}, got[len(got)-1], "all of it at the end")
+	on, err := os.ReadFile(filepath.Join(dl, filepath.Base(deb)))
+	require.NoError(t, err)
+	want, err := os.ReadFile(deb)
+	require.NoError(t, err)
+	assert.True(t, bytes.Equal(want, on), "apt-get downloaded the package whole")
 }
