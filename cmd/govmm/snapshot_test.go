@@ -247,6 +247,10 @@ func TestRestoreDevicesFromSnapshot(t *testing.T) {
 	waitSocket(t, sock4)
 	snap4 := filepath.Join(dir, "vm4.snap")
 	ctl(sock4, "snapshot", "--out", snap4)
+	// As format 3 it needs no flag: it restores as --net none.
+	sock6 := filepath.Join(dir, "vm6.sock")
+	startVM(t, "restore", snap4, "--api-sock", sock6)
+	waitGuestHere(t, sock6)
 	old := filepath.Join(dir, "old.snap")
 	writeSnapshotV2(t, snap4, old)
 	h, err = vmm.ReadSnapshotHeader(old)
