@@ -17,6 +17,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"govmm/internal/kvmtest"
+	"govmm/internal/netns"
 	"govmm/internal/tinyguest"
 	"govmm/vmm"
 	"govmm/vmm/container"
@@ -319,4 +320,72 @@ func waitAckedPast(t *testing.T, path string) {
 	taken := metric("govmm_replication_epoch")
 	require.Eventually(t, func() bool { return metric("govmm_replication_acked_epoch") > taken },
 		30*time.Second, 20*time.Millisecond, "no checkpoint after epoch %v acknowledged", taken)
+}
+
+// A snapshot of a VM on a TAP restores onto another TAP of this host
+// (--net tap:NAME overrides the host-specific part), and the restored
+// VM's own snapshot records the TAP it now uses; without the flag the
+// snapshot's TAP is opened again.
+func TestRestoreOntoAnotherTAP(t *testing.T) {
+	kvmtest.Require(t)
+	ns := netns.New(t)
+	require.NoError(t, ns.AddTap("gra"))
+	require.NoError(t, ns.AddTap("grb"))
+	dir := t.TempDir()
+	kernel, initrd := tinyGuestFiles(t, dir, tinyguest.Counter(counterGPA))
+	ctl := func(sock string, args ...string) {
+		t.Helper()
+		_, errOut, status := govmm(t, time.Minute, append([]string{"ctl", "--api-sock", sock}, args...)...)
+		require.Equal(t, 0, status, "ctl %v: %s", args, errOut)
+	}
+	start := func(args ...string) *exec.Cmd {
+		t.Helper()
+		cmd := ns.Command(govmmBin, args...)
+		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+		cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+		require.NoError(t, cmd.Start())
+		t.Cleanup(func() { _ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL); _ = cmd.Wait() })
+		return cmd
+	}
+	config := func(snap string) vmm.SnapshotConfig {
+		t.Helper()
+		h, err := vmm.ReadSnapshotHeader(snap)
+		require.NoError(t, err)
+		return h.Config
+	}
+	netOf := func(cfg vmm.SnapshotConfig) string {
+		for _, s := range cfg {
+			if s.Name == "net" {
+				return s.Value
+			}
+		}
+		return ""
+	}
+
+	sock1 := filepath.Join(dir, "1.sock")
+	vm1 := start("run", "--kernel", kernel, "--initrd", initrd, "--mem", "64M", "--net", "tap:gra",
+		"--guest-ip", "10.77.0.2/24", "--api-sock", sock1)
+	waitSocket(t, sock1)
+	snap := filepath.Join(dir, "1.snap")
+	ctl(sock1, "snapshot", "--out", snap)
+	require.Equal(t, "tap:gra", netOf(config(snap)))
+	require.NoError(t, syscall.Kill(-vm1.Process.Pid, syscall.SIGKILL))
+	_ = vm1.Wait()
+
+	sock2 := filepath.Join(dir, "2.sock")
+	start("restore", snap, "--net", "tap:grb", "--api-sock", sock2)
+	waitGuestHere(t, sock2)
+	snap2 := filepath.Join(dir, "2.snap")
+	ctl(sock2, "snapshot", "--out", snap2)
+	want := config(snap)
+	for i := range want {
+		if want[i].Name == "net" {
+			want[i].Value = "tap:grb"
+		}
+	}
+	require.Equal(t, want, config(snap2), "the same devices, on the other TAP")
+
+	sock3 := filepath.Join(dir, "3.sock")
+	start("restore", snap, "--api-sock", sock3)
+	waitGuestHere(t, sock3)
 }
