@@ -54,6 +54,13 @@ type Config struct {
 	// HandshakeTimeout bounds the handshake, the receiver's Verify
 	// included (real time).
 	HandshakeTimeout time.Duration
+	// Compression, on a sender, is the codec it compresses Pages frames
+	// with, if the receiver accepts it (else they travel stored, and the
+	// sender says so in its log); on a receiver, CompressNone refuses
+	// compressed frames and any other value accepts every codec. The zero
+	// value is DefaultCompression.
+	Compression Compression
+
 	// Clock drives heartbeats and the failure detector; nil means the
 	// system clock.
 	Clock Clock
@@ -104,6 +111,12 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.StallTimeout == 0 {
 		c.StallTimeout = DefaultStallTimeout
+	}
+	if c.Compression == CompressDefault {
+		c.Compression = DefaultCompression
+	}
+	if c.Compression > CompressZstd {
+		return c, fmt.Errorf("%w: unknown %v", ErrConfig, c.Compression)
 	}
 	if c.Clock == nil {
 		c.Clock = SystemClock{}

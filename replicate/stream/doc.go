@@ -38,7 +38,7 @@
 //     reordered or dropped; the handshake proves knowledge of the
 //     pre-shared key both ways.
 //
-// # Wire format (version 5, little-endian)
+// # Wire format (version 6, little-endian)
 //
 // Handshake frames (each side's Hello and Auth, framed as in version 1 so
 // that any version can read a hello far enough to refuse it):
@@ -58,7 +58,8 @@
 // with nonce 0 [4] | seq u64 and the 16 header bytes as additional data.
 // Payloads (plaintext) by type:
 //
-//	1 Hello     "GOVMMSTR" | version u16 | flags u16 (bit 0: keyed) | role u8
+//	1 Hello     "GOVMMSTR" | version u16 | flags u16 (bit 0: keyed; bits 1, 2: codecs s2,
+//	            zstd: the one a sender wants, those a receiver accepts) | role u8
 //	            (1 sender, 2 receiver) | 0 [3] | nonce [32] |
 //	            heartbeat ns u64 | failover timeout ns u64 (0 < 2×heartbeat ≤ timeout ≤ 10 min) |
 //	            name (u16 len, ≤256) | vcpus u32 | nregions u16 (≤64) | 0 u16 |
@@ -68,7 +69,10 @@
 //	            witness generation u64 (0: no witness) | holder (u16 len, ≤256; empty at generation 0)
 //	2 Auth      proof [32]
 //	3 Begin     epoch u64 (>0, increasing) | kind u8 (1 initial-sync, 2 epoch, 3 final) | 0 [7]
-//	4 Pages     a container page section's payload: 1..256 pages, each gpa inside the layout
+//	4 Pages     codec u8 (0 stored, 1 s2, 2 zstd) | 0 [3] | length u32 (≤ the largest
+//	            page section) | data: a container page section's payload of
+//	            length bytes (1..256 pages, each gpa inside the layout), as is
+//	            (stored) or compressed with the session's codec
 //	5 State     a container state section's payload: 1..MaxStateChunk bytes of machine
 //	            state (the checkpoint's State frames concatenated, ≤ MaxState in all)
 //	6 End       epoch u64 | pages u64 | state length u64 | disk bytes u64 | crc32c u32 | 0 u32
@@ -83,10 +87,19 @@
 //	12 Accept   empty: the receiver serves this sender (after Verify)
 //	13 Handover empty: after the final checkpoint's ack, run the guest
 //
+// The session's codec is the sender's, if the receiver's hello accepts it,
+// else none: then every Pages frame is stored. A sender stores a section
+// that would not shrink. A receiver refuses any other codec, and data
+// that does not decompress to exactly the announced length (it never
+// decompresses past the cap). Sealing comes after compression: the tag
+// covers the compressed bytes.
+//
 // A checkpoint's Disk frames write at most MaxCheckpointDisk bytes. The End
 // CRC32C is the container's checksum (container.Checksum) of the
 // checkpoint as a GOVMMCKP container of version 1: its header, then each
-// Pages, Disk and State frame as a section of that type, in frame order.
+// Pages, Disk and State frame as a section of that type, in frame order
+// (a Pages frame's section decompressed: the checksum also checks the
+// decompression).
 //
 // Handshake: the sender sends Hello, the receiver Hello; with th = SHA-256
 // over both hello payloads, the sender sends Auth(HMAC(K, "govmm-stream/1

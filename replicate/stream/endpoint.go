@@ -27,6 +27,14 @@ type Stats struct {
 	Checkpoints, Acks uint64
 	// Heartbeats counts heartbeats sent.
 	Heartbeats uint64
+	// PageBytes counts the page sections' bytes (entries and page data,
+	// as a snapshot would store them); PageWireBytes the Pages frames'
+	// payloads as they travelled (compressed, or stored with their 8-byte
+	// header), before sealing.
+	PageBytes, PageWireBytes uint64
+	// Compression is the codec the two ends agreed on for Pages frames
+	// ("none", "s2" or "zstd").
+	Compression string
 }
 
 type counters struct {
@@ -36,6 +44,7 @@ type counters struct {
 	stateBytes, diskBytes      atomic.Uint64
 	checkpoints, acks          atomic.Uint64
 	heartbeats                 atomic.Uint64
+	pageBytes, pageWireBytes   atomic.Uint64
 }
 
 func (c *counters) snapshot() Stats {
@@ -45,6 +54,7 @@ func (c *counters) snapshot() Stats {
 		Pages: c.pages.Load(), ZeroPages: c.zeroPages.Load(), StateBytes: c.stateBytes.Load(),
 		DiskBytes: c.diskBytes.Load(), Checkpoints: c.checkpoints.Load(), Acks: c.acks.Load(),
 		Heartbeats: c.heartbeats.Load(),
+		PageBytes:  c.pageBytes.Load(), PageWireBytes: c.pageWireBytes.Load(),
 	}
 }
 
@@ -81,6 +91,7 @@ type endpoint struct {
 	asyncReader bool // another goroutine reads the peer's frames (sender)
 
 	peer      Identity
+	codec     codec         // the session's page codec, agreed in the handshake
 	timeout   time.Duration // agreed failover timeout (the larger of the two)
 	lastHeard atomic.Int64  // unix ns of the last byte received, or of when listening resumed
 	listening atomic.Bool   // the reader waits for the peer's bytes
@@ -122,7 +133,11 @@ func (e *endpoint) Peer() Identity { return e.peer }
 func (e *endpoint) FailoverTimeout() time.Duration { return e.timeout }
 
 // Stats returns the counters.
-func (e *endpoint) Stats() Stats { return e.ctr.snapshot() }
+func (e *endpoint) Stats() Stats {
+	s := e.ctr.snapshot()
+	s.Compression = e.codec.String()
+	return s
+}
 
 // Done is closed when the stream has failed or been closed; Err says why.
 func (e *endpoint) Done() <-chan struct{} { return e.done }

@@ -14,7 +14,7 @@ import (
 // Version is the protocol version this package speaks. A peer with any
 // other version is refused at the hello (ErrVersion); see docs/STREAM.md
 // for the version policy.
-const Version = 5
+const Version = 6
 
 // checkpointVersion is the version of the GOVMMCKP container that a
 // checkpoint is (docs/FORMATS.md): its Begin frame stands for the
@@ -105,8 +105,8 @@ const (
 	// MaxStateChunk caps the bytes in one State frame.
 	MaxStateChunk = 1 << 20
 	// MaxFramePayload caps every frame's payload: a full Pages frame of
-	// raw pages is the largest legal one.
-	MaxFramePayload = container.MaxPagesPayload
+	// raw pages, stored, is the largest legal one.
+	MaxFramePayload = pagesHeader + container.MaxPagesPayload
 	// MaxState caps the machine state of one checkpoint.
 	MaxState = 64 << 20
 	// MaxDiskChunk caps the bytes one Disk frame writes (or zeroes): a
@@ -137,8 +137,11 @@ const helloFlagKeyed = 1 << 0
 type hello struct {
 	version uint16
 	keyed   bool
-	role    role
-	nonce   [nonceSize]byte
+	// codecs are the hello's codec flags (1 << codec): the one codec a
+	// sender wants, the codecs a receiver accepts.
+	codecs uint16
+	role   role
+	nonce  [nonceSize]byte
 	// heartbeat and timeout are this end's heartbeat interval and failover
 	// timeout: the two ends agree on the larger timeout.
 	heartbeat, timeout time.Duration
@@ -158,7 +161,9 @@ type endInfo struct {
 type frame struct {
 	typ     frameType
 	seq     uint64
-	payload []byte // the raw payload
+	payload []byte     // the raw payload
+	section []byte     // pages: the page section, decompressed (what the checksum covers)
+	zc      *pageCodec // pages: the session's codec (nil: stored sections only)
 	hello   hello
 	proof   [macSize]byte
 	epoch   uint64 // begin, ack
@@ -249,7 +254,12 @@ func decodePayload(f *frame, t frameType, p []byte, layout *Identity) error {
 			return fmt.Errorf("begin: epoch 0: %w", ErrFrame)
 		}
 	case framePages:
-		return decodePages(f, p, layout)
+		section, err := f.zc.decode(p)
+		if err != nil {
+			return err
+		}
+		f.section = section
+		return decodePages(f, section, layout)
 	case frameState:
 		if len(p) == 0 || len(p) > MaxStateChunk {
 			return fmt.Errorf("state chunk of %d bytes, want 1..%d: %w", len(p), MaxStateChunk, ErrFrame)
@@ -319,8 +329,9 @@ func decodeDisk(w *container.DiskWrite, p []byte) error {
 	return nil
 }
 
-// decodePages decodes a Pages frame: a container page section, each of
-// whose pages must lie inside the sender's announced layout.
+// decodePages decodes a Pages frame's page section (once decompressed): a
+// container page section, each of whose pages must lie inside the
+// sender's announced layout.
 func decodePages(f *frame, p []byte, layout *Identity) error {
 	if cap(f.pages) < MaxPagesPerFrame {
 		f.pages = make([]container.Page, 0, MaxPagesPerFrame)

@@ -31,6 +31,12 @@ func rawFrame(t frameType, seq uint64, payload []byte) []byte {
 	return append(b, make([]byte, trailer)...)
 }
 
+// corrupt flips a byte in the middle of a compressed Pages payload.
+func corrupt(p []byte) []byte {
+	p[pagesHeader+(len(p)-pagesHeader)/2] ^= 0x5a
+	return p
+}
+
 // seedFrames are well-formed frames of every type, plus a few near misses.
 func seedFrames() map[string][]byte {
 	id := testIdentity()
@@ -46,7 +52,9 @@ func seedFrames() map[string][]byte {
 			heartbeat: DefaultHeartbeatInterval, timeout: DefaultFailoverTimeout})),
 		"auth":         rawFrame(frameAuth, 1, make([]byte, macSize)),
 		"begin":        rawFrame(frameBegin, 2, appendBegin(nil, 7, KindEpoch)),
-		"pages":        rawFrame(framePages, 3, pages),
+		"pages":        rawFrame(framePages, 3, stored(pages)),
+		"pages-s2":     rawFrame(framePages, 3, compressed(codecS2, pages)),
+		"pages-zstd":   rawFrame(framePages, 3, compressed(codecZstd, pages)),
 		"state":        rawFrame(frameState, 4, []byte("machine state")),
 		"end":          rawFrame(frameEnd, 5, appendEnd(nil, endInfo{epoch: 7, pages: 3, stateLen: 13, diskBytes: 8192, crc: 0xdeadbeef})),
 		"disk":         rawFrame(frameDisk, 6, container.AppendDisk(nil, 1, 4096, 5, []byte("hello"))),
@@ -58,8 +66,10 @@ func seedFrames() map[string][]byte {
 		"heartbeat":    rawFrame(frameHeartbeat, 3, []byte{1, 2, 3, 4, 5, 6, 7, 8}),
 		"error":        rawFrame(frameError, 4, appendError(nil, codeAuth, "authentication failed")),
 		"goodbye":      rawFrame(frameGoodbye, 9, nil),
-		"bad-gpa":      rawFrame(framePages, 3, appendPageEntry([]byte{1, 0, 0, 0}, 1<<31, container.EncZero, nil)),
-		"bad-encoding": rawFrame(framePages, 3, appendPageEntry([]byte{1, 0, 0, 0}, 0, container.EncXORRLE, []byte{9, 9})),
+		"bad-gpa":      rawFrame(framePages, 3, stored(appendPageEntry([]byte{1, 0, 0, 0}, 1<<31, container.EncZero, nil))),
+		"bad-encoding": rawFrame(framePages, 3, stored(appendPageEntry([]byte{1, 0, 0, 0}, 0, container.EncXORRLE, []byte{9, 9}))),
+		"bad-s2":       rawFrame(framePages, 3, corrupt(compressed(codecS2, pages))),
+		"bad-zstd":     rawFrame(framePages, 3, corrupt(compressed(codecZstd, pages))),
 		"huge-length":  {0xff, 0xff, 0xff, 0x7f, byte(framePages), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0},
 	}
 }
@@ -70,7 +80,8 @@ func TestSeedCorpus(t *testing.T) {
 	dir := filepath.Join("testdata", "fuzz", "FuzzDecodeFrame")
 	for name, b := range seedFrames() {
 		_, _, err := DecodeFrame(b, testIdentity())
-		bad := name == "bad-gpa" || name == "bad-encoding" || name == "huge-length" || name == "bad-disk"
+		bad := name == "bad-gpa" || name == "bad-encoding" || name == "huge-length" || name == "bad-disk" ||
+			name == "bad-s2" || name == "bad-zstd"
 		require.Equal(t, bad, err != nil, "%s: %v", name, err)
 		path := filepath.Join(dir, name)
 		content := fmt.Sprintf("go test fuzz v1\n[]byte(%q)\n", b)
@@ -97,8 +108,17 @@ func FuzzDecodeFrame(f *testing.F) {
 	}
 	layout := testIdentity()
 	f.Fuzz(func(t *testing.T, data []byte) {
-		var fr frame
-		n, err := decodeFrame(&fr, data, &layout)
+		// As a session that agreed on each codec would read it.
+		for _, c := range []codec{codecStored, codecS2, codecZstd} {
+			checkDecode(t, data, &layout, c)
+		}
+	})
+}
+
+func checkDecode(t *testing.T, data []byte, layout *Identity, c codec) {
+	{
+		fr := frame{zc: newPageCodec(c)}
+		n, err := decodeFrame(&fr, data, layout)
 		if err != nil {
 			for _, s := range sentinels {
 				if errors.Is(err, s) {
@@ -161,5 +181,5 @@ func FuzzDecodeFrame(f *testing.F) {
 				t.Fatalf("accepted error message of %d bytes", len(fr.data))
 			}
 		}
-	})
+	}
 }

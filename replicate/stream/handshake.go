@@ -71,6 +71,13 @@ func (e *endpoint) handshake(ctx context.Context, r role) (err error) {
 	own := hello{version: Version, keyed: len(e.cfg.Key) > 0, role: r, id: e.cfg.Identity,
 		heartbeat: e.cfg.HeartbeatInterval, timeout: e.cfg.FailoverTimeout}
 	_, _ = rand.Read(own.nonce[:]) // crypto/rand.Read never fails
+	switch {
+	case e.cfg.Compression == CompressNone:
+	case r == roleSender:
+		own.codecs = 1 << e.cfg.Compression.codec()
+	default:
+		own.codecs = helloCodecFlags
+	}
 	if r == roleSender {
 		return e.handshakeAsSender(&own)
 	}
@@ -103,6 +110,7 @@ func (e *endpoint) handshakeAsSender(own *hello) error {
 	}
 	e.peer = peer.id
 	e.agree(peer)
+	e.setCodec(own.codecs, peer.codecs, roleSender)
 	// The receiver's verdict on us: it may still refuse the VM.
 	_, err = e.recvFrame(frameAccept)
 	return err
@@ -135,7 +143,18 @@ func (e *endpoint) handshakeAsReceiver(own *hello) error {
 	e.peer = peer.id
 	e.fr.layout = peer.id
 	e.agree(peer)
+	e.setCodec(peer.codecs, own.codecs, roleReceiver)
 	return nil
+}
+
+// setCodec sets the session's page codec from the two hellos' codec
+// flags: the sender's, if the receiver accepts it.
+func (e *endpoint) setCodec(senderCodecs, receiverCodecs uint16, r role) {
+	e.codec = negotiate(senderCodecs, receiverCodecs)
+	e.fr.f.zc = newPageCodec(e.codec)
+	if r == roleSender && senderCodecs != 0 && e.codec == codecStored {
+		e.log.Warn("peer does not take compressed pages; sending them uncompressed", "wanted", e.cfg.Compression)
+	}
 }
 
 // recvFrame reads the next handshake frame, which must be of type want

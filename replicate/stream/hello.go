@@ -26,13 +26,17 @@ func decodeHello(h *hello, p []byte) error {
 		return fmt.Errorf("peer speaks version %d, this side %d: %w", h.version, Version, ErrVersion)
 	}
 	flags := le.Uint16(p[10:])
-	if flags&^helloFlagKeyed != 0 {
+	if flags&^(helloFlagKeyed|helloCodecFlags) != 0 {
 		return fmt.Errorf("hello: unknown flags %#x: %w", flags, ErrFrame)
 	}
 	h.keyed = flags&helloFlagKeyed != 0
+	h.codecs = flags & helloCodecFlags
 	h.role = role(p[12])
 	if h.role != roleSender && h.role != roleReceiver {
 		return fmt.Errorf("hello: unknown role %d: %w", h.role, ErrFrame)
+	}
+	if h.role == roleSender && h.codecs&(h.codecs-1) != 0 {
+		return fmt.Errorf("hello: sender wants more than one codec (flags %#x): %w", flags, ErrFrame)
 	}
 	if !allZero(p[13:16]) {
 		return fmt.Errorf("hello: reserved bytes set: %w", ErrFrame)
@@ -164,6 +168,7 @@ func appendHello(b []byte, h *hello) []byte {
 	if h.keyed {
 		flags |= helloFlagKeyed
 	}
+	flags |= h.codecs & helloCodecFlags
 	b = le.AppendUint16(b, flags)
 	b = append(b, byte(h.role), 0, 0, 0)
 	b = append(b, h.nonce[:]...)

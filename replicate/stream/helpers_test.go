@@ -342,6 +342,18 @@ func tcpPair(t *testing.T) (net.Conn, net.Conn) {
 	return a, b
 }
 
+// stored is a Pages frame payload carrying section uncompressed.
+func stored(section []byte) []byte {
+	b := binary.LittleEndian.AppendUint32([]byte{byte(codecStored), 0, 0, 0}, uint32(len(section)))
+	return append(b, section...)
+}
+
+// compressed is a Pages frame payload carrying section compressed with
+// c (or stored, if that is not smaller).
+func compressed(c codec, section []byte) []byte {
+	return append([]byte(nil), newPageCodec(c).encode(section)...)
+}
+
 // appendPageEntry appends one page section entry to b, well formed or
 // not (container.PageSection builds only well-formed ones).
 func appendPageEntry(b []byte, gpa GPA, enc container.Encoding, data []byte) []byte {

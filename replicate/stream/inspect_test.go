@@ -67,6 +67,10 @@ func (s *MemSink) Staged() int {
 // (header + payload).
 func DecodeFrame(b []byte, layout Identity) (string, int, error) {
 	var f frame
+	if len(b) > headerSize && frameType(b[4]) == framePages {
+		// As a session that agreed on the frame's codec.
+		f.zc = newPageCodec(codec(b[headerSize]))
+	}
 	n, err := decodeFrame(&f, b, &layout)
 	return f.typ.String(), n, err
 }

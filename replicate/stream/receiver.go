@@ -157,7 +157,7 @@ func (r *Receiver) loop() error {
 		case frameBegin:
 			err = r.begin(f.epoch, f.kind)
 		case framePages:
-			err = r.pages(f.pages, f.payload)
+			err = r.pages(f.pages, f.section)
 		case frameDisk:
 			err = r.disk(&f.disk, f.payload)
 		case frameState:
@@ -213,8 +213,8 @@ func (r *Receiver) begin(epoch uint64, kind Kind) error {
 	return nil
 }
 
-// pages stages the pages of a Pages frame (payload is the frame's: a
-// container page section, which the checksum covers).
+// pages stages the pages of a Pages frame (payload is its container page
+// section, decompressed, which the checksum covers).
 func (r *Receiver) pages(ps []container.Page, payload []byte) error {
 	if !r.open {
 		return fmt.Errorf("pages outside a checkpoint: %w", ErrProtocol)

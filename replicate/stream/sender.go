@@ -32,6 +32,7 @@ type Sender struct {
 	lastEpoch uint64
 	lastKind  Kind
 	pages     container.PageSection // the Pages frame being filled
+	pc        *pageCodec            // compresses it
 	dbuf      []byte                // a Disk frame
 
 	amu     sync.Mutex    // guards acked, pending, ackedCh
@@ -147,14 +148,22 @@ func (s *Sender) SendPage(gpa GPA, page []byte) error {
 	return nil
 }
 
-// flushPages sends the page section being filled as a Pages frame.
+// flushPages sends the page section being filled as a Pages frame,
+// compressed with the session's codec; the checksum covers the section
+// itself, so that the receiver also checks what it decompressed.
 func (s *Sender) flushPages() error {
 	if s.pages.Len() == 0 {
 		return nil
 	}
 	p := s.pages.Payload()
 	s.sum.Section(container.TypePages, p)
-	err := s.send(framePages, p, false)
+	if s.pc == nil {
+		s.pc = newPageCodec(s.codec)
+	}
+	w := s.pc.encode(p)
+	err := s.send(framePages, w, false)
+	s.ctr.pageBytes.Add(uint64(len(p)))
+	s.ctr.pageWireBytes.Add(uint64(len(w)))
 	s.pages.Reset()
 	return err
 }

@@ -217,7 +217,7 @@ func TestTruncatedStream(t *testing.T) {
 		{"connection closed mid-checkpoint", func(s *Sender, sc net.Conn) { sc.Close() }, "inside checkpoint 2"},
 		{"connection cut mid-frame", func(s *Sender, sc net.Conn) {
 			s.wmu.Lock()
-			_ = s.fw.write(framePages, appendPageEntry([]byte{1, 0, 0, 0}, 0, container.EncRaw, page(1)))
+			_ = s.fw.write(framePages, stored(appendPageEntry([]byte{1, 0, 0, 0}, 0, container.EncRaw, page(1))))
 			_ = s.fw.bw.Flush()
 			s.wmu.Unlock()
 		}, "inside pages frame"},
@@ -282,7 +282,7 @@ func forge(t *testing.T, s *Sender, typ frameType, payload []byte) {
 func TestReceiverRefusesBadFrames(t *testing.T) {
 	id := testIdentity()
 	pages := func(gpa GPA, enc container.Encoding, data []byte) []byte {
-		return appendPageEntry([]byte{1, 0, 0, 0}, gpa, enc, data)
+		return stored(appendPageEntry([]byte{1, 0, 0, 0}, gpa, enc, data))
 	}
 	tests := []struct {
 		name  string

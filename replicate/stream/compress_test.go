@@ -1,0 +1,148 @@
+package stream
+
+import (
+	"bytes"
+	"encoding/binary"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"govmm/vmm/container"
+)
+
+// textPage is a compressible page: text with the seed in it.
+func textPage(seed uint64) []byte {
+	p := bytes.Repeat([]byte(fmt.Sprintf("page %d of a guest's page cache, ", seed)), PageSize)
+	return p[:PageSize]
+}
+
+// TestCompressionNegotiatedAndPagesArriveWhole replicates checkpoints of
+// compressible, incompressible and zero pages under every pairing of
+// sender and receiver settings: the two ends agree on one codec, and the
+// standby's memory equals what was sent, page by page.
+func TestCompressionNegotiatedAndPagesArriveWhole(t *testing.T) {
+	tests := []struct {
+		sender, receiver Compression
+		want             string
+	}{
+		{CompressDefault, CompressDefault, "s2"},
+		{CompressS2, CompressZstd, "s2"},
+		{CompressZstd, CompressDefault, "zstd"},
+		{CompressNone, CompressDefault, "none"},
+		{CompressS2, CompressNone, "none"},
+		{CompressZstd, CompressNone, "none"},
+	}
+	for _, tt := range tests {
+		t.Run(fmt.Sprintf("%v to %v", tt.sender, tt.receiver), func(t *testing.T) {
+			scfg, rcfg := cfgs(newFakeClock())
+			scfg.Compression, rcfg.Compression = tt.sender, tt.receiver
+			sink := NewMemSink()
+			rcfg.Sink = sink
+			s, r := pipePair(t, scfg, rcfg)
+			run := runReceiver(t, r)
+			const n = 600 // more than two frames
+			want := make(map[GPA][]byte)
+			for epoch := uint64(1); epoch <= 3; epoch++ {
+				require.NoError(t, s.BeginCheckpoint(epoch, KindEpoch))
+				for i := range n {
+					var p []byte
+					switch (i + int(epoch)) % 4 {
+					case 0:
+						p = page(epoch*1000 + uint64(i))
+					case 1:
+						p = make([]byte, PageSize)
+					default:
+						p = textPage(epoch*1000 + uint64(i))
+					}
+					gpa := GPA(i * PageSize)
+					want[gpa] = p
+					require.NoError(t, s.SendPage(gpa, p))
+				}
+				require.NoError(t, s.SendState([]byte("state")))
+				require.NoError(t, s.EndCheckpoint())
+			}
+			require.NoError(t, s.WaitAck(ctxTimeout(t, 10*time.Second), 3))
+			for gpa, p := range want {
+				require.Equal(t, p, sink.Page(gpa), "page %#x", uint64(gpa))
+			}
+			st, rt := s.Stats(), r.Stats()
+			assert.Equal(t, tt.want, st.Compression)
+			assert.Equal(t, tt.want, rt.Compression)
+			if tt.want == "none" {
+				frames := uint64(3 * 3) // three checkpoints of three Pages frames
+				assert.Equal(t, st.PageBytes+pagesHeader*frames, st.PageWireBytes, "stored: the section and its header")
+			} else {
+				assert.Less(t, st.PageWireBytes, st.PageBytes*2/3, "compressed")
+			}
+			require.NoError(t, s.Close())
+			require.NoError(t, waitErr(t, run))
+		})
+	}
+}
+
+// TestPagesDecodeRefusesBadData feeds the page decoder forged and
+// corrupted Pages payloads: each is refused with a sentinel, none panics,
+// and nothing decodes past the cap.
+func TestPagesDecodeRefusesBadData(t *testing.T) {
+	var sec container.PageSection
+	for i := range 200 {
+		sec.Add(uint64(i*PageSize), textPage(uint64(i)))
+	}
+	section := append([]byte(nil), sec.Payload()...)
+	withLength := func(p []byte, n int) []byte {
+		binary.LittleEndian.PutUint32(p[4:], uint32(n))
+		return p
+	}
+	bomb := newPageCodec(codecZstd).encode(make([]byte, container.MaxPagesPayload))
+	bombS2 := newPageCodec(codecS2).encode(make([]byte, container.MaxPagesPayload))
+	tests := []struct {
+		name    string
+		session codec
+		payload []byte
+		want    error
+	}{
+		{"short header", codecS2, []byte{1, 0, 0}, ErrFrame},
+		{"reserved bytes", codecS2, func() []byte { p := stored(section); p[2] = 1; return p }(), ErrFrame},
+		{"codec not agreed", codecZstd, compressed(codecS2, section), ErrFrame},
+		{"compressed on a stored session", codecStored, compressed(codecZstd, section), ErrFrame},
+		{"unknown codec", codecS2, func() []byte { p := compressed(codecS2, section); p[0] = 7; return p }(), ErrFrame},
+		{"stored length lies", codecS2, withLength(stored(section), len(section)-1), ErrFrame},
+		{"s2 length lies", codecS2, withLength(compressed(codecS2, section), len(section)+1), ErrFrame},
+		{"zstd length lies", codecZstd, withLength(compressed(codecZstd, section), len(section)-1), ErrFrame},
+		{"s2 corrupted", codecS2, corrupt(compressed(codecS2, section)), ErrFrame},
+		{"zstd corrupted", codecZstd, corrupt(compressed(codecZstd, section)), ErrFrame},
+		{"s2 truncated", codecS2, compressed(codecS2, section)[:100], ErrFrame},
+		{"zstd truncated", codecZstd, compressed(codecZstd, section)[:100], ErrFrame},
+		{"length over the cap", codecS2, withLength(compressed(codecS2, section), container.MaxPagesPayload+1), ErrTooLarge},
+		{"zstd decodes past its announced length", codecZstd, withLength(append([]byte(nil), bomb...), 4096), ErrFrame},
+		{"s2 decodes past its announced length", codecS2, withLength(append([]byte(nil), bombS2...), 4096), ErrFrame},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := newPageCodec(tt.session).decode(tt.payload)
+			require.ErrorIs(t, err, tt.want)
+		})
+	}
+	// And the good ones, for contrast.
+	for _, c := range []codec{codecStored, codecS2, codecZstd} {
+		got, err := newPageCodec(c).decode(compressed(c, section))
+		require.NoError(t, err, "%v", c)
+		require.Equal(t, section, got, "%v", c)
+	}
+}
+
+// TestSenderHelloWithTwoCodecsRefused: a sender names the one codec it
+// will use.
+func TestSenderHelloWithTwoCodecsRefused(t *testing.T) {
+	p := appendHello(nil, &hello{version: Version, role: roleSender, codecs: helloCodecFlags, id: testIdentity(),
+		heartbeat: DefaultHeartbeatInterval, timeout: DefaultFailoverTimeout})
+	var h hello
+	require.ErrorIs(t, decodeHello(&h, p), ErrFrame)
+	p = appendHello(nil, &hello{version: Version, role: roleReceiver, codecs: helloCodecFlags,
+		heartbeat: DefaultHeartbeatInterval, timeout: DefaultFailoverTimeout})
+	require.NoError(t, decodeHello(&h, p), "a receiver accepts several")
+	assert.Equal(t, uint16(helloCodecFlags), h.codecs)
+}
