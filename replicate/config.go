@@ -35,6 +35,9 @@ type ReplicateConfig struct {
 	Name      string
 	Key       []byte
 	Insecure  bool
+	// Compression is the codec for the stream's pages
+	// (stream.DefaultCompression when zero).
+	Compression stream.Compression
 	// Devices describe the guest's devices beyond their kind, by device
 	// ID (MACs, backends, disk sizes...): a standby whose machine differs
 	// is refused at the handshake.

@@ -17,6 +17,9 @@ type MigrateConfig struct {
 	Name     string // VM name in the hello
 	Key      []byte // pre-shared key; nil needs Insecure
 	Insecure bool   // loopback only, no key
+	// Compression is the codec for the stream's pages
+	// (stream.DefaultCompression when zero).
+	Compression stream.Compression
 	// StopPages: stop and copy once a round leaves at most this many dirty
 	// pages (default 256, about 1 MiB).
 	StopPages int
@@ -97,7 +100,7 @@ func Migrate(ctx context.Context, m *vmm.Machine, cfg MigrateConfig) (MigrateRes
 	var res MigrateResult
 
 	s, err := stream.Dial(ctx, cfg.To, stream.Config{Key: cfg.Key, Insecure: cfg.Insecure,
-		Identity: cfg.Fence.identity(IdentityOf(m, cfg.Name, cfg.Devices))})
+		Identity: cfg.Fence.identity(IdentityOf(m, cfg.Name, cfg.Devices)), Compression: cfg.Compression})
 	if err != nil {
 		return res, fmt.Errorf("migrate to %s: %w", cfg.To, err)
 	}

@@ -81,6 +81,9 @@ type StandbyConfig struct {
 	Listen   string
 	Key      []byte
 	Insecure bool
+	// Compression: stream.CompressNone refuses compressed pages; any
+	// other value accepts every codec the stream knows.
+	Compression stream.Compression
 	// FailoverTimeout: while listening, without a byte from the primary
 	// for this long, it is declared lost (DefaultFailoverTimeout). The
 	// primary's, if larger, wins.
@@ -122,7 +125,7 @@ func NewStandby(cfg StandbyConfig) (*Standby, error) {
 	sb := &Standby{cfg: cfg, log: cfg.Logger.With("component", "replicate", "role", "standby"),
 		pollDone: make(chan struct{}), st: standbyState{phase: PhaseListening}}
 	ln, err := stream.Listen(cfg.Listen, stream.Config{Key: cfg.Key, Insecure: cfg.Insecure,
-		FailoverTimeout: cfg.FailoverTimeout, HeartbeatInterval: cfg.FailoverTimeout / 4,
+		FailoverTimeout: cfg.FailoverTimeout, HeartbeatInterval: cfg.FailoverTimeout / 4, Compression: cfg.Compression,
 		Verify: sb.verify, OnRefused: sb.refused, Logger: cfg.Logger})
 	if err != nil {
 		return nil, err

@@ -312,6 +312,27 @@ func (f choiceFlag) Set(s string) error {
 func (f choiceFlag) typeName() string { return strings.Join(f.choices, "|") }
 
 // hostPortFlag is a string flag that takes HOST:PORT.
+// compressFlag is --stream-compress.
+type compressFlag struct{ c *stream.Compression }
+
+func (f compressFlag) String() string {
+	if f.c == nil {
+		return ""
+	}
+	return f.c.String()
+}
+
+func (f compressFlag) Set(s string) error {
+	c, err := stream.ParseCompression(s)
+	if err != nil {
+		return errors.New("want none, s2 or zstd")
+	}
+	*f.c = c
+	return nil
+}
+
+func (f compressFlag) typeName() string { return "none|s2|zstd" }
+
 type hostPortFlag struct{ s *string }
 
 func (f hostPortFlag) String() string {

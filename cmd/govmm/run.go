@@ -17,6 +17,7 @@ import (
 	"govmm/guestimg"
 	"govmm/lab"
 	"govmm/replicate"
+	"govmm/replicate/stream"
 	"govmm/replicate/witness"
 	"govmm/vmm"
 )
@@ -79,6 +80,7 @@ type runFlags struct {
 	replicateTo     string // HOST:PORT
 	epoch           time.Duration
 	failoverTimeout time.Duration
+	streamCompress  stream.Compression
 	onStandbyLoss   string
 	witness         string // HOST:PORT
 	witnessLease    time.Duration
@@ -136,6 +138,8 @@ func (f *runFlags) registerDevices(fs *flag.FlagSet) {
 	durationVar(fs, &f.failoverTimeout, "failover-timeout", replicate.DefaultFailoverTimeout, replicate.CheckFailoverTimeout,
 		"declare the peer lost after this long without a byte from it while listening (replication; the larger of the two ends' wins)")
 	fs.StringVar(&f.keyFile, "key-file", "", "pre-shared key authenticating the migration stream (mode 0600, at least 16 bytes); without it only loopback is allowed")
+	f.streamCompress = stream.DefaultCompression
+	fs.Var(compressFlag{&f.streamCompress}, "stream-compress", "compress the guest pages on the replication and migration stream: s2 (fast, the default), zstd (fewer bytes, 3x slower: for slow links) or none; on a standby, none refuses compressed pages (the primary then sends them uncompressed)")
 	fs.StringVar(&f.name, "name", "govmm", "VM name (the default MAC derives from it)")
 	fs.StringVar(&f.net, "net", "user", "network: user (NAT on a user-mode TCP/IP stack), tap:NAME, or none")
 	fs.StringVar(&f.mac, "mac", "", "guest MAC address (default: derived from --name)")
