@@ -27,7 +27,7 @@ func TestQuickSuitesProduceOutput(t *testing.T) {
 
 	files := map[string][]string{
 		"boot":       {"boot.csv"},
-		"checkpoint": {"checkpoint.csv", "checkpoint_steps.csv", "checkpoint_bounds.csv", "checkpoint_pause.png", "checkpoint_breakdown.png"},
+		"checkpoint": {"checkpoint.csv", "checkpoint_steps.csv", "checkpoint_bounds.csv", "checkpoint_compress.csv", "checkpoint_pause.png", "checkpoint_breakdown.png"},
 		"migration":  {"migration.csv", "migration.png"},
 		"failover":   {"failover.csv", "failover.png"},
 		"fencing":    {"fencing.csv", "fencing_traffic.csv", "fencing.png"},

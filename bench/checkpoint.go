@@ -6,6 +6,7 @@ import (
 	"io"
 	"math"
 	"net"
+	"os"
 	"path/filepath"
 	"sort"
 	"strconv"
@@ -14,7 +15,9 @@ import (
 
 	"govmm/dirtylog"
 	"govmm/replicate"
+	"govmm/replicate/stream"
 	"govmm/vmm"
+	"govmm/vmm/container"
 	"govmm/vmm/guestmem"
 )
 
@@ -30,15 +33,42 @@ type CheckpointConfig struct {
 	Warmup, Epochs int
 	// BoundReps is how many times each bound is measured (median kept).
 	BoundReps int
-	Out       string
-	Log       io.Writer
+	// Compressions are the stream codecs to run each working set with,
+	// side by side (default none, s2 and zstd).
+	Compressions []stream.Compression
+	// Contents are what the working set's pages hold (default both):
+	// ContentSparse, ContentBinary.
+	Contents []string
+	Out      string
+	Log      io.Writer
 }
+
+// What the Dirtier's working set holds: it writes one byte per page,
+// over zeroes (sparse: each page compresses to almost nothing) or over a
+// copy of this program's executable (binary: pages of x86 code and data,
+// as much of a real guest's memory holds).
+const (
+	ContentSparse = "sparse"
+	ContentBinary = "binary"
+)
 
 // CheckpointSample is one epoch of real replication.
 type CheckpointSample struct {
-	Nominal int           // the Dirtier's working set
-	Epoch   time.Duration // configured epoch length
-	Stats   replicate.EpochStats
+	Nominal     int           // the Dirtier's working set
+	Epoch       time.Duration // configured epoch length
+	Compression stream.Compression
+	Content     string
+	Stats       replicate.EpochStats
+}
+
+// CompressSample is one codec compressing a 64k-page epoch's page
+// sections on one core, as the sender does.
+type CompressSample struct {
+	Compression stream.Compression
+	Content     string
+	Pages       int
+	In, Out     int // page section bytes in, Pages frame payload bytes out
+	Time        time.Duration
 }
 
 // StepSample is one cycle of the separate step loop: the vCPU pause, a
@@ -60,10 +90,11 @@ type BoundSample struct {
 
 // CheckpointResult is everything the suite measured.
 type CheckpointResult struct {
-	Samples []CheckpointSample
-	Steps   []StepSample
-	Bounds  []BoundSample
-	Config  CheckpointConfig
+	Samples  []CheckpointSample
+	Steps    []StepSample
+	Bounds   []BoundSample
+	Compress []CompressSample
+	Config   CheckpointConfig
 }
 
 // Checkpoint drives real replication of a tiny dirtying guest to an
@@ -89,29 +120,52 @@ func Checkpoint(ctx context.Context, cfg CheckpointConfig) (*CheckpointResult, e
 	if cfg.Log == nil {
 		cfg.Log = io.Discard
 	}
+	if len(cfg.Compressions) == 0 {
+		cfg.Compressions = []stream.Compression{stream.CompressNone, stream.CompressS2, stream.CompressZstd}
+	}
+	if len(cfg.Contents) == 0 {
+		cfg.Contents = []string{ContentSparse, ContentBinary}
+	}
 	res := &CheckpointResult{Config: cfg}
 	type run struct {
-		pages int
-		epoch time.Duration
+		pages   int
+		epoch   time.Duration
+		comp    stream.Compression
+		content string
+		steps   bool // time the steps apart after it (once per working set)
 	}
 	var runs []run
 	for _, n := range cfg.Pages {
-		runs = append(runs, run{n, cfg.Epoch})
+		for i, content := range cfg.Contents {
+			for j, c := range cfg.Compressions {
+				runs = append(runs, run{n, cfg.Epoch, c, content, i == 0 && j == 0})
+			}
+		}
 	}
 	for _, r := range runs {
-		ss, steps, err := checkpointRun(ctx, cfg, r.pages, r.epoch)
+		ss, steps, err := checkpointRun(ctx, cfg, r.pages, r.epoch, r.comp, r.content, r.steps)
 		if err != nil {
-			return res, fmt.Errorf("checkpoint %d pages, epoch %v: %w", r.pages, r.epoch, err)
+			return res, fmt.Errorf("checkpoint %d pages, epoch %v, %s pages, compression %v: %w", r.pages, r.epoch, r.content, r.comp, err)
 		}
 		res.Samples = append(res.Samples, ss...)
 		res.Steps = append(res.Steps, steps...)
-		var dirty, pause []float64
+		var dirty, pause, bpp []float64
 		for _, s := range ss {
 			dirty = append(dirty, float64(s.Stats.DirtyPages))
 			pause = append(pause, usOf(s.Stats.Pause))
+			bpp = append(bpp, bytesPerPage(s.Stats))
 		}
-		fmt.Fprintf(cfg.Log, "checkpoint: %6d pages, epoch %v: %d epochs, dirty median %.0f, pause median %.0f µs\n",
-			r.pages, r.epoch, len(ss), Summarize(dirty).Median, Summarize(pause).Median)
+		fmt.Fprintf(cfg.Log, "checkpoint: %6d %s pages, epoch %v, %v: %d epochs, dirty median %.0f, pause median %.0f µs, %.0f wire bytes per dirty page\n",
+			r.pages, r.content, r.epoch, r.comp, len(ss), Summarize(dirty).Median, Summarize(pause).Median, Summarize(bpp).Median)
+	}
+	for _, content := range cfg.Contents {
+		for _, c := range cfg.Compressions {
+			cs, err := measureCompress(c, content, maxInt(cfg.Pages))
+			if err != nil {
+				return res, err
+			}
+			res.Compress = append(res.Compress, cs)
+		}
 	}
 	// Bounds at a fixed grid and at each run's measured median.
 	grid := map[int]bool{}
@@ -145,12 +199,22 @@ func Checkpoint(ctx context.Context, cfg CheckpointConfig) (*CheckpointResult, e
 
 // checkpointRun replicates one guest for warm-up plus cfg.Epochs epochs,
 // then times the steps apart on the same guest.
-func checkpointRun(ctx context.Context, cfg CheckpointConfig, pages int, epoch time.Duration) ([]CheckpointSample, []StepSample, error) {
+func checkpointRun(ctx context.Context, cfg CheckpointConfig, pages int, epoch time.Duration, comp stream.Compression,
+	content string, withSteps bool) ([]CheckpointSample, []StepSample, error) {
 	m, err := newTinyMachine(pages, memFor(pages))
 	if err != nil {
 		return nil, nil, err
 	}
 	defer m.Close()
+	if content == ContentBinary {
+		ws, err := m.Memory().Slice(dirtyBase, uint64(pages)*guestmem.PageSize)
+		if err != nil {
+			return nil, nil, err
+		}
+		if err := fillBinary(ws); err != nil {
+			return nil, nil, err
+		}
+	}
 	if err := m.Start(); err != nil {
 		return nil, nil, err
 	}
@@ -163,7 +227,7 @@ func checkpointRun(ctx context.Context, cfg CheckpointConfig, pages int, epoch t
 	}
 	defer sb.stop()
 	rep, err := replicate.StartReplication(ctx, m, replicate.ReplicateConfig{To: sb.addr, Insecure: true,
-		Name: "bench", Epoch: epoch, FailoverTimeout: 10 * time.Second, Logger: quietLogger()})
+		Name: "bench", Epoch: epoch, FailoverTimeout: 10 * time.Second, Compression: comp, Logger: quietLogger()})
 	if err != nil {
 		return nil, nil, err
 	}
@@ -185,12 +249,81 @@ func checkpointRun(ctx context.Context, cfg CheckpointConfig, pages int, epoch t
 		if es.Epoch <= recent[0].Epoch+uint64(cfg.Warmup)-1 {
 			continue
 		}
-		out = append(out, CheckpointSample{Nominal: pages, Epoch: epoch, Stats: es})
+		out = append(out, CheckpointSample{Nominal: pages, Epoch: epoch, Compression: comp, Content: content, Stats: es})
+	}
+	if !withSteps {
+		return out, nil, nil
 	}
 
 	// The steps apart: pause, harvest alone, resume, one epoch apart.
 	steps, err := stepLoop(ctx, m, pages, epoch, minInt(cfg.Epochs, 20))
 	return out, steps, err
+}
+
+// bytesPerPage is what one checkpoint put on the wire (pages, state,
+// framing, tags) per dirty page.
+func bytesPerPage(es replicate.EpochStats) float64 {
+	if es.DirtyPages == 0 {
+		return math.NaN()
+	}
+	return float64(es.Bytes) / float64(es.DirtyPages)
+}
+
+// fillBinary fills b with copies of this program's executable: x86 code
+// and data, page-like contents for the codecs to work on.
+func fillBinary(b []byte) error {
+	exe, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	src, err := os.ReadFile(exe)
+	if err != nil {
+		return err
+	}
+	if len(src) == 0 {
+		return fmt.Errorf("executable %s is empty", exe)
+	}
+	for off := 0; off < len(b); off += copy(b[off:], src) {
+	}
+	return nil
+}
+
+// measureCompress times the sender's page codec c over the page sections
+// of one epoch of pages dirtied pages holding content, on this goroutine
+// (one core), as the sender builds and compresses them.
+func measureCompress(c stream.Compression, content string, pages int) (CompressSample, error) {
+	ws := make([]byte, pages*guestmem.PageSize)
+	if content == ContentBinary {
+		if err := fillBinary(ws); err != nil {
+			return CompressSample{}, err
+		}
+	}
+	for i := 0; i < len(ws); i += guestmem.PageSize {
+		ws[i]++ // the Dirtier's write
+	}
+	enc := stream.NewPageEncoder(c)
+	s := CompressSample{Compression: c, Content: content, Pages: pages}
+	var sec container.PageSection
+	best := time.Duration(math.MaxInt64)
+	for range 3 { // best of three: the host is shared
+		in, out := 0, 0
+		start := time.Now()
+		for i := 0; i < pages; i += container.MaxPagesPerSection {
+			sec.Reset()
+			for j := i; j < min(i+container.MaxPagesPerSection, pages); j++ {
+				sec.Add(uint64(j*guestmem.PageSize), ws[j*guestmem.PageSize:(j+1)*guestmem.PageSize])
+			}
+			p := sec.Payload()
+			in += len(p)
+			out += len(enc.Encode(p))
+		}
+		if d := time.Since(start); d < best {
+			best = d
+		}
+		s.In, s.Out = in, out
+	}
+	s.Time = best
+	return s, nil
 }
 
 // stepLoop pauses m n times, one epoch apart, timing the pause, a
@@ -334,18 +467,22 @@ type sampleGroup struct {
 	epoch                                          time.Duration
 	n                                              int
 	dirty, pause, stop, harvest, copy, state, rest Summary
-	ack, length                                    Summary
+	ack, length, bpp                               Summary
+	comp                                           stream.Compression
+	content                                        string
 }
 
 func groupSamples(samples []CheckpointSample) []sampleGroup {
 	type key struct {
-		n int
-		e time.Duration
+		n       int
+		e       time.Duration
+		comp    stream.Compression
+		content string
 	}
 	var keys []key
 	by := map[key][]CheckpointSample{}
 	for _, s := range samples {
-		k := key{s.Nominal, s.Epoch}
+		k := key{s.Nominal, s.Epoch, s.Compression, s.Content}
 		if _, ok := by[k]; !ok {
 			keys = append(keys, k)
 		}
@@ -353,7 +490,7 @@ func groupSamples(samples []CheckpointSample) []sampleGroup {
 	}
 	var out []sampleGroup
 	for _, k := range keys {
-		var dirty, pause, stop, harvest, cp, state, rest, ack, length []float64
+		var dirty, pause, stop, harvest, cp, state, rest, ack, length, bpp []float64
 		for _, s := range by[k] {
 			es := s.Stats
 			dirty = append(dirty, float64(es.DirtyPages))
@@ -367,10 +504,13 @@ func groupSamples(samples []CheckpointSample) []sampleGroup {
 				ack = append(ack, usOf(es.AckTime))
 			}
 			length = append(length, msOf(es.Length))
+			if es.DirtyPages > 0 {
+				bpp = append(bpp, bytesPerPage(es))
+			}
 		}
 		out = append(out, sampleGroup{nominal: k.n, epoch: k.e, n: len(by[k]), dirty: Summarize(dirty), pause: Summarize(pause),
 			stop: Summarize(stop), harvest: Summarize(harvest), copy: Summarize(cp), state: Summarize(state), rest: Summarize(rest),
-			ack: Summarize(ack), length: Summarize(length)})
+			ack: Summarize(ack), length: Summarize(length), bpp: Summarize(bpp), comp: k.comp, content: k.content})
 	}
 	return out
 }
@@ -420,10 +560,21 @@ func (r *CheckpointResult) write(dir string) error {
 		rows = append(rows, []string{strconv.Itoa(s.Nominal), ftoa(msOf(s.Epoch), 1), strconv.FormatUint(es.Epoch, 10),
 			strconv.Itoa(es.DirtyPages), ftoa(usOf(es.Pause), 1), ftoa(usOf(es.Stop), 1), ftoa(usOf(es.Harvest), 1),
 			ftoa(usOf(es.Copy), 1), ftoa(usOf(es.State), 1), ftoa(usOf(restOf(es)), 1), ftoa(usOf(es.AckTime), 1),
-			ftoa(msOf(es.Length), 3), strconv.FormatUint(es.Bytes, 10)})
+			ftoa(msOf(es.Length), 3), strconv.FormatUint(es.Bytes, 10), s.Compression.String(), s.Content,
+			ftoa(bytesPerPage(es), 1)})
 	}
 	if err := writeCSV(filepath.Join(dir, "checkpoint.csv"), []string{"nominal_pages", "epoch_ms", "epoch", "dirty_pages",
-		"pause_us", "stop_us", "harvest_us", "copy_us", "state_us", "rest_us", "ack_us", "length_ms", "bytes"}, rows); err != nil {
+		"pause_us", "stop_us", "harvest_us", "copy_us", "state_us", "rest_us", "ack_us", "length_ms", "bytes",
+		"compression", "content", "bytes_per_dirty_page"}, rows); err != nil {
+		return err
+	}
+	rows = nil
+	for _, c := range r.Compress {
+		rows = append(rows, []string{c.Compression.String(), c.Content, strconv.Itoa(c.Pages), strconv.Itoa(c.In), strconv.Itoa(c.Out),
+			ftoa(usOf(c.Time), 1)})
+	}
+	if err := writeCSV(filepath.Join(dir, "checkpoint_compress.csv"), []string{"compression", "content", "pages", "section_bytes",
+		"wire_bytes", "time_us"}, rows); err != nil {
 		return err
 	}
 	rows = nil
@@ -445,10 +596,27 @@ func (r *CheckpointResult) write(dir string) error {
 	return r.plot(dir)
 }
 
-func (r *CheckpointResult) plot(dir string) error {
-	groups := groupSamples(r.Samples)
-	var pauseX, pauseY, ackX, ackY, medX, medY, medAX, medAY []float64
+// firstSamples are the samples of the first compression and content run
+// (the plots show those; the report's tables show them all).
+func (r *CheckpointResult) firstSamples() []CheckpointSample {
+	if len(r.Samples) == 0 {
+		return nil
+	}
+	c, k := r.Samples[0].Compression, r.Samples[0].Content
+	var out []CheckpointSample
 	for _, s := range r.Samples {
+		if s.Compression == c && s.Content == k {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+func (r *CheckpointResult) plot(dir string) error {
+	first := r.firstSamples()
+	groups := groupSamples(first)
+	var pauseX, pauseY, ackX, ackY, medX, medY, medAX, medAY []float64
+	for _, s := range first {
 		if s.Stats.DirtyPages <= 0 {
 			continue
 		}
@@ -522,14 +690,34 @@ func (r *CheckpointResult) Report() string {
 	b.WriteString("Step names are replicate's `EpochStats`: *stop* is pausing the vCPUs and quiescing the devices; *harvest* takes the dirty set alone (KVM's log and the VMM's own bitmap) with the guest already stopped; " +
 		"*copy* is copying the dirty pages into the staging buffer (one buffer, reused from epoch to epoch); *state* is SaveState + marshal, the epoch's disk writes and sealing its output; *rest* = pause − the four, i.e. resuming the vCPUs. " +
 		"*Ack* runs from the resume to the standby's ack (streaming the staging buffer, applying it, acking).\n\n")
-	b.WriteString("| working set | epoch | epochs | dirty pages/epoch median (p25–p75) | pause median µs (p25–p75) | stop µs | harvest µs | copy µs | state µs | rest µs | ack median µs (p25–p75) | actual epoch length ms | memcpy bound µs | loopback bound µs | pause / memcpy |\n")
-	b.WriteString("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
-	for _, g := range groupSamples(r.Samples) {
+	b.WriteString("Each working set runs once per page content (*sparse*: the Dirtier's one byte per page over zeroes; *binary*: the same writes over pages holding a copy of this program's executable, x86 code and data) " +
+		"and per stream compression (`--stream-compress`), side by side in this run. *Wire B/page* is the checkpoint's bytes on the wire (pages, state, frame headers, AES-GCM tags) per dirty page, *× none* that against the same content uncompressed. " +
+		"The plots show the first compression and content only.\n\n")
+	b.WriteString("| working set | content | compression | epoch | epochs | dirty pages/epoch median (p25–p75) | wire B/page median | × none | pause median µs (p25–p75) | stop µs | harvest µs | copy µs | state µs | rest µs | ack median µs (p25–p75) | actual epoch length ms | memcpy bound µs | loopback bound µs | pause / memcpy |\n")
+	b.WriteString("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+	groups := groupSamples(r.Samples)
+	rawBPP := map[string]float64{}
+	for _, g := range groups {
+		if g.comp == stream.CompressNone {
+			rawBPP[fmt.Sprint(g.nominal, g.content)] = g.bpp.Median
+		}
+	}
+	for _, g := range groups {
 		mc := boundAt(r.Bounds, "memcpy", g.dirty.Median)
 		lb := boundAt(r.Bounds, "loopback", g.dirty.Median)
-		fmt.Fprintf(&b, "| %d | %v | %d | %.0f (%.0f–%.0f) | %.0f (%.0f–%.0f) | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f (%.0f–%.0f) | %.1f | %.0f | %.0f | %.1f× |\n",
-			g.nominal, g.epoch, g.n, g.dirty.Median, g.dirty.P25, g.dirty.P75, g.pause.Median, g.pause.P25, g.pause.P75,
+		fmt.Fprintf(&b, "| %d | %s | %v | %v | %d | %.0f (%.0f–%.0f) | %.0f | %.3f | %.0f (%.0f–%.0f) | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f (%.0f–%.0f) | %.1f | %.0f | %.0f | %.1f× |\n",
+			g.nominal, g.content, g.comp, g.epoch, g.n, g.dirty.Median, g.dirty.P25, g.dirty.P75, g.bpp.Median, g.bpp.Median/rawBPP[fmt.Sprint(g.nominal, g.content)],
+			g.pause.Median, g.pause.P25, g.pause.P75,
 			g.stop.Median, g.harvest.Median, g.copy.Median, g.state.Median, g.rest.Median, g.ack.Median, g.ack.P25, g.ack.P75, g.length.Median, mc, lb, g.pause.Median/mc)
+	}
+	if len(r.Compress) > 0 {
+		b.WriteString("\nThe sender's page codec alone (`checkpoint_compress.csv`): one epoch of the largest working set, its page sections built and compressed on one core as the sender does (best of three), " +
+			"beside the stream's sealing (AES-256-GCM), which follows it on the same goroutine.\n\n")
+		b.WriteString("| content | compression | pages | section MB | wire MB | ratio | MB/s per core (of section bytes) | ms per epoch |\n|---|---|---|---|---|---|---|---|\n")
+		for _, c := range r.Compress {
+			fmt.Fprintf(&b, "| %s | %v | %d | %.1f | %.1f | %.3f | %.0f | %.1f |\n", c.Content, c.Compression, c.Pages, float64(c.In)/1e6, float64(c.Out)/1e6,
+				float64(c.Out)/float64(c.In), float64(c.In)/c.Time.Seconds()/1e6, msOf(c.Time))
+		}
 	}
 	if len(r.Steps) > 0 {
 		b.WriteString("\nThe same guests after replication stopped, one epoch apart, with the steps timed apart (`checkpoint_steps.csv`): " +

@@ -29,7 +29,10 @@ checkpoint: replication of a tiny dirtying guest to an in-process standby
 over loopback: each epoch's pause broken into steps (harvest, copy, state,
 resume) and its time to ack, against dirty pages per epoch (working sets
 of 100, 1k, 4k, 16k and 64k pages; --quick: 100 and 1k), beside the
-memcpy and loopback-bandwidth lower bounds.
+memcpy and loopback-bandwidth lower bounds; each working set over sparse
+and over binary pages, with --stream-compress none, s2 and zstd side by
+side (wire bytes per dirty page), and the page codec's own speed on one
+core at the largest working set.
 
 migration: live migration over loopback, total time and downtime against
 the guest's measured dirty rate (working sets of 0, 256, 4096 and 16384
