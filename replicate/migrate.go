@@ -20,6 +20,9 @@ type MigrateConfig struct {
 	// Compression is the codec for the stream's pages
 	// (stream.DefaultCompression when zero).
 	Compression stream.Compression
+	// Deltas: as ReplicateConfig's (each pre-copy round after the first
+	// ships pages the destination holds as deltas).
+	Deltas bool
 	// StopPages: stop and copy once a round leaves at most this many dirty
 	// pages (default 256, about 1 MiB).
 	StopPages int
@@ -100,7 +103,7 @@ func Migrate(ctx context.Context, m *vmm.Machine, cfg MigrateConfig) (MigrateRes
 	var res MigrateResult
 
 	s, err := stream.Dial(ctx, cfg.To, stream.Config{Key: cfg.Key, Insecure: cfg.Insecure,
-		Identity: cfg.Fence.identity(IdentityOf(m, cfg.Name, cfg.Devices)), Compression: cfg.Compression})
+		Identity: cfg.Fence.identity(IdentityOf(m, cfg.Name, cfg.Devices)), Compression: cfg.Compression, Deltas: cfg.Deltas})
 	if err != nil {
 		return res, fmt.Errorf("migrate to %s: %w", cfg.To, err)
 	}

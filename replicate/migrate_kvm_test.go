@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"fmt"
 	"io"
 	"testing"
 	"time"
@@ -41,14 +42,22 @@ func passes(t *testing.T, m *vmm.Machine) uint64 {
 // A guest that keeps dirtying 2 MiB is live-migrated over loopback: the
 // destination's memory equals the source's page by page at the cut, the
 // guest runs on there from the cut, and the source stops for good.
+// With S2 (the default), and with deltas on top: every round after the
+// first ships the pages the destination holds as XOR deltas.
 func TestMigrateDirtyingGuest(t *testing.T) {
+	for _, deltas := range []bool{false, true} {
+		t.Run(fmt.Sprintf("deltas=%v", deltas), func(t *testing.T) { testMigrateDirtyingGuest(t, deltas) })
+	}
+}
+
+func testMigrateDirtyingGuest(t *testing.T, deltas bool) {
 	kvmtest.Require(t)
 	src := newTiny(t, tinyguest.Dirtier(dirtyBase, dirtyPages, passGPA))
 	require.NoError(t, src.Start())
 	require.Eventually(t, func() bool { return passes(t, src) > 2 }, 30*time.Second, time.Millisecond)
 
 	var compared int
-	sb, err := NewStandby(StandbyConfig{Listen: "127.0.0.1:0", Insecure: true, Build: buildTiny})
+	sb, err := NewStandby(StandbyConfig{Listen: "127.0.0.1:0", Insecure: true, Build: buildTiny, Deltas: deltas})
 	require.NoError(t, err)
 	defer sb.Close()
 	sb.beforeStart = func(dst *vmm.Machine, st *vmm.MachineState) error {
@@ -76,7 +85,7 @@ func TestMigrateDirtyingGuest(t *testing.T) {
 	}()
 
 	var rounds []Progress
-	res, err := Migrate(context.Background(), src, MigrateConfig{To: sb.Addr(), Insecure: true, Name: "tiny",
+	res, err := Migrate(context.Background(), src, MigrateConfig{To: sb.Addr(), Insecure: true, Name: "tiny", Deltas: deltas,
 		StopPages: 64, MaxRounds: 5, Progress: func(p Progress) { rounds = append(rounds, p) }})
 	require.NoError(t, err)
 	r := <-done

@@ -51,8 +51,14 @@ func buildTiny(id stream.Identity) (Replica, error) {
 }
 
 func newStandby(t *testing.T, before func(*vmm.Machine, *vmm.MachineState) error) *Standby {
+	return newStandbyDeltas(t, before, false)
+}
+
+// newStandbyDeltas is newStandby, accepting deltas or not.
+func newStandbyDeltas(t *testing.T, before func(*vmm.Machine, *vmm.MachineState) error, deltas bool) *Standby {
 	t.Helper()
-	sb, err := NewStandby(StandbyConfig{Listen: "127.0.0.1:0", Insecure: true, Build: buildTiny, FailoverTimeout: 10 * time.Second})
+	sb, err := NewStandby(StandbyConfig{Listen: "127.0.0.1:0", Insecure: true, Build: buildTiny, FailoverTimeout: 10 * time.Second,
+		Deltas: deltas})
 	require.NoError(t, err)
 	sb.beforeStart = before
 	t.Cleanup(func() { sb.Close() })
@@ -69,7 +75,15 @@ type takeover struct {
 // link dies; the standby resumes from its last committed checkpoint, whose
 // memory equals the primary's at that cut page by page (every dirty page
 // shipped, checkpoints atomic), and the guest runs on there.
+//
+// With S2 (the default), and with deltas on top.
 func TestReplicationFailover(t *testing.T) {
+	for _, deltas := range []bool{false, true} {
+		t.Run(fmt.Sprintf("deltas=%v", deltas), func(t *testing.T) { testReplicationFailover(t, deltas) })
+	}
+}
+
+func testReplicationFailover(t *testing.T, deltas bool) {
 	kvmtest.Require(t)
 	prim := newTiny(t, tinyguest.Dirtier(dirtyBase, dirtyPages, passGPA))
 	require.NoError(t, prim.Start())
@@ -77,7 +91,7 @@ func TestReplicationFailover(t *testing.T) {
 
 	var lastCommitted uint64
 	var compared, differ int
-	sb := newStandby(t, nil)
+	sb := newStandbyDeltas(t, nil, deltas)
 	sb.onCheckpoint = func(e uint64) { lastCommitted = e }
 	sb.beforeStart = func(m *vmm.Machine, st *vmm.MachineState) error {
 		want := rec.get(lastCommitted)
@@ -100,7 +114,7 @@ func TestReplicationFailover(t *testing.T) {
 	}()
 	px := newProxy(t, sb.Addr())
 	rep, err := startReplication(context.Background(), prim, ReplicateConfig{To: px.addr(), Insecure: true, Name: "tiny",
-		Epoch: 20 * time.Millisecond, FailoverTimeout: 10 * time.Second}, testHooks{atCut: rec.at})
+		Epoch: 20 * time.Millisecond, FailoverTimeout: 10 * time.Second, Deltas: deltas}, testHooks{atCut: rec.at})
 	require.NoError(t, err)
 	t.Cleanup(rep.Stop) // before the machine closes
 	require.Eventually(t, func() bool { return rep.Stats().Epochs >= 10 }, 30*time.Second, time.Millisecond)
@@ -110,6 +124,12 @@ func TestReplicationFailover(t *testing.T) {
 	// Compressed (S2, the default): the Dirtier's pages are one byte over
 	// zeroes, and the wire carries a small fraction of them.
 	require.Less(t, st.Bytes, st.DirtyPages*guestmem.PageSize/10, "pages travel compressed")
+	ws := rep.t.Stats()
+	require.Equal(t, "s2", ws.Compression)
+	require.Equal(t, deltas, ws.Deltas)
+	if deltas {
+		require.Positive(t, ws.DeltaPages, "pages the standby holds travel as deltas")
+	}
 	require.Greater(t, st.PauseSum, time.Duration(0))
 
 	// The primary's host dies: the guest stops there and the link is cut.

@@ -84,6 +84,9 @@ type StandbyConfig struct {
 	// Compression: stream.CompressNone refuses compressed pages; any
 	// other value accepts every codec the stream knows.
 	Compression stream.Compression
+	// Deltas accepts XOR deltas from a primary that asks for them (the
+	// stream then keeps a copy of the guest's memory as shipped).
+	Deltas bool
 	// FailoverTimeout: while listening, without a byte from the primary
 	// for this long, it is declared lost (DefaultFailoverTimeout). The
 	// primary's, if larger, wins.
@@ -126,7 +129,7 @@ func NewStandby(cfg StandbyConfig) (*Standby, error) {
 		pollDone: make(chan struct{}), st: standbyState{phase: PhaseListening}}
 	ln, err := stream.Listen(cfg.Listen, stream.Config{Key: cfg.Key, Insecure: cfg.Insecure,
 		FailoverTimeout: cfg.FailoverTimeout, HeartbeatInterval: cfg.FailoverTimeout / 4, Compression: cfg.Compression,
-		Verify: sb.verify, OnRefused: sb.refused, Logger: cfg.Logger})
+		Deltas: cfg.Deltas, Verify: sb.verify, OnRefused: sb.refused, Logger: cfg.Logger})
 	if err != nil {
 		return nil, err
 	}

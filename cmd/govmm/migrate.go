@@ -51,8 +51,8 @@ func migrate(ctx context.Context, m *vmm.Machine, f *runFlags, devs *machineDevi
 		return ctlapi.MigrateResult{}, fmt.Errorf("migrate to %s: %w: %w", to, ctlapi.ErrInvalid, err)
 	}
 	r, err := node.Migrate(ctx, m, replicate.MigrateConfig{To: to, Name: f.name, Key: key, Insecure: insecure,
-		Compression: f.streamCompress,
-		Disks:       devs.diskLogs, Devices: devs.attrs,
+		Compression: f.streamCompress, Deltas: f.streamDeltas,
+		Disks: devs.diskLogs, Devices: devs.attrs,
 		Progress: func(p replicate.Progress) {
 			progress(ctlapi.Progress{Round: p.Round, Phase: p.Phase, BytesSent: p.BytesSent,
 				DirtyPages: p.DirtyPages, RemainingPages: p.RemainingPages})
@@ -99,7 +99,7 @@ func startReplication(m *vmm.Machine, f *runFlags, devs *machineDevices, node *r
 	bar := newTransferBar(os.Stderr, ctlIsTerminal(os.Stderr), "initial sync")
 	defer bar.finish()
 	cfg := replicate.ReplicateConfig{To: to, Name: f.name, Epoch: epoch, FailoverTimeout: f.failoverTimeout,
-		Compression:   f.streamCompress,
+		Compression: f.streamCompress, Deltas: f.streamDeltas,
 		OnStandbyLoss: f.onStandbyLoss, Disks: devs.diskLogs, Devices: devs.attrs,
 		Progress: func(p replicate.SyncProgress) {
 			bar.update(p.Copied, p.Total, syncNote(p))

@@ -81,6 +81,7 @@ type runFlags struct {
 	epoch           time.Duration
 	failoverTimeout time.Duration
 	streamCompress  stream.Compression
+	streamDeltas    bool
 	onStandbyLoss   string
 	witness         string // HOST:PORT
 	witnessLease    time.Duration
@@ -140,6 +141,7 @@ func (f *runFlags) registerDevices(fs *flag.FlagSet) {
 	fs.StringVar(&f.keyFile, "key-file", "", "pre-shared key authenticating the migration stream (mode 0600, at least 16 bytes); without it only loopback is allowed")
 	f.streamCompress = stream.DefaultCompression
 	fs.Var(compressFlag{&f.streamCompress}, "stream-compress", "compress the guest pages on the replication and migration stream: s2 (fast, the default), zstd (fewer bytes, 3x slower: for slow links) or none; on a standby, none refuses compressed pages (the primary then sends them uncompressed)")
+	fs.BoolVar(&f.streamDeltas, "stream-deltas", false, "ship guest pages the standby already holds as XOR deltas against what it holds, when the standby also gives it (costs a copy of guest memory on each end; new standbys get whole pages first)")
 	fs.StringVar(&f.name, "name", "govmm", "VM name (the default MAC derives from it)")
 	fs.StringVar(&f.net, "net", "user", "network: user (NAT on a user-mode TCP/IP stack), tap:NAME, or none")
 	fs.StringVar(&f.mac, "mac", "", "guest MAC address (default: derived from --name)")

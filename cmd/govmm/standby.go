@@ -96,9 +96,9 @@ func cmdStandby(args []string) error {
 	reps := &replicas{f: &f, built: map[*vmm.Machine]*machineDevices{}}
 	sb, err := replicate.NewStandby(replicate.StandbyConfig{
 		Listen: *listen, Key: key, Insecure: insecure, Disks: disks, FailoverTimeout: f.failoverTimeout, Witness: wc,
-		Compression: f.streamCompress,
-		Build:       reps.build,
-		OnRefused:   func(err error) { fmt.Fprintf(os.Stderr, "govmm: standby: refused: %v\n", err) },
+		Compression: f.streamCompress, Deltas: f.streamDeltas,
+		Build:     reps.build,
+		OnRefused: func(err error) { fmt.Fprintf(os.Stderr, "govmm: standby: refused: %v\n", err) },
 	})
 	if err != nil {
 		return fmt.Errorf("standby: %w", err)

@@ -60,6 +60,11 @@ type Config struct {
 	// compressed frames and any other value accepts every codec. The zero
 	// value is DefaultCompression.
 	Compression Compression
+	// Deltas, on both ends, lets a sender ship a page it shipped before
+	// as its XOR with that version (both ends then keep a copy of the
+	// guest's memory as shipped: the guest's memory size, on each end).
+	// Both must set it, or pages travel whole.
+	Deltas bool
 
 	// Clock drives heartbeats and the failure detector; nil means the
 	// system clock.

@@ -32,6 +32,10 @@ type Stats struct {
 	// payloads as they travelled (compressed, or stored with their 8-byte
 	// header), before sealing.
 	PageBytes, PageWireBytes uint64
+	// DeltaPages counts pages that travelled as XOR deltas.
+	DeltaPages uint64
+	// Deltas says whether the two ends agreed on deltas.
+	Deltas bool
 	// Compression is the codec the two ends agreed on for Pages frames
 	// ("none", "s2" or "zstd").
 	Compression string
@@ -45,6 +49,7 @@ type counters struct {
 	checkpoints, acks          atomic.Uint64
 	heartbeats                 atomic.Uint64
 	pageBytes, pageWireBytes   atomic.Uint64
+	deltaPages                 atomic.Uint64
 }
 
 func (c *counters) snapshot() Stats {
@@ -54,7 +59,7 @@ func (c *counters) snapshot() Stats {
 		Pages: c.pages.Load(), ZeroPages: c.zeroPages.Load(), StateBytes: c.stateBytes.Load(),
 		DiskBytes: c.diskBytes.Load(), Checkpoints: c.checkpoints.Load(), Acks: c.acks.Load(),
 		Heartbeats: c.heartbeats.Load(),
-		PageBytes:  c.pageBytes.Load(), PageWireBytes: c.pageWireBytes.Load(),
+		PageBytes:  c.pageBytes.Load(), PageWireBytes: c.pageWireBytes.Load(), DeltaPages: c.deltaPages.Load(),
 	}
 }
 
@@ -92,6 +97,7 @@ type endpoint struct {
 
 	peer      Identity
 	codec     codec         // the session's page codec, agreed in the handshake
+	shadow    *shadow       // deltas agreed: the memory as shipped (the checkpoint goroutine, or Run)
 	timeout   time.Duration // agreed failover timeout (the larger of the two)
 	lastHeard atomic.Int64  // unix ns of the last byte received, or of when listening resumed
 	listening atomic.Bool   // the reader waits for the peer's bytes
@@ -136,6 +142,7 @@ func (e *endpoint) FailoverTimeout() time.Duration { return e.timeout }
 func (e *endpoint) Stats() Stats {
 	s := e.ctr.snapshot()
 	s.Compression = e.codec.String()
+	s.Deltas = e.shadow != nil
 	return s
 }
 

@@ -140,6 +140,7 @@ type hello struct {
 	// codecs are the hello's codec flags (1 << codec): the one codec a
 	// sender wants, the codecs a receiver accepts.
 	codecs uint16
+	deltas bool // this end takes deltas
 	role   role
 	nonce  [nonceSize]byte
 	// heartbeat and timeout are this end's heartbeat interval and failover
@@ -164,6 +165,7 @@ type frame struct {
 	payload []byte     // the raw payload
 	section []byte     // pages: the page section, decompressed (what the checksum covers)
 	zc      *pageCodec // pages: the session's codec (nil: stored sections only)
+	deltas  bool       // pages: the session agreed on deltas
 	hello   hello
 	proof   [macSize]byte
 	epoch   uint64 // begin, ack
@@ -337,7 +339,11 @@ func decodePages(f *frame, p []byte, layout *Identity) error {
 		f.pages = make([]container.Page, 0, MaxPagesPerFrame)
 	}
 	var err error
-	if f.pages, err = container.ParsePages(p, f.pages); err != nil {
+	parse := container.ParsePages
+	if f.deltas {
+		parse = container.ParsePagesDeltas
+	}
+	if f.pages, err = parse(p, f.pages); err != nil {
 		return fmt.Errorf("pages frame: %w", sectionErr(err))
 	}
 	for _, pg := range f.pages {

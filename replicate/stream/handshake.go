@@ -78,6 +78,7 @@ func (e *endpoint) handshake(ctx context.Context, r role) (err error) {
 	default:
 		own.codecs = helloCodecFlags
 	}
+	own.deltas = e.cfg.Deltas
 	if r == roleSender {
 		return e.handshakeAsSender(&own)
 	}
@@ -111,6 +112,7 @@ func (e *endpoint) handshakeAsSender(own *hello) error {
 	e.peer = peer.id
 	e.agree(peer)
 	e.setCodec(own.codecs, peer.codecs, roleSender)
+	e.setDeltas(own.deltas && peer.deltas, e.cfg.Identity)
 	// The receiver's verdict on us: it may still refuse the VM.
 	_, err = e.recvFrame(frameAccept)
 	return err
@@ -144,7 +146,20 @@ func (e *endpoint) handshakeAsReceiver(own *hello) error {
 	e.fr.layout = peer.id
 	e.agree(peer)
 	e.setCodec(peer.codecs, own.codecs, roleReceiver)
+	e.setDeltas(own.deltas && peer.deltas, peer.id)
 	return nil
+}
+
+// setDeltas turns deltas on when both hellos asked for them, with a
+// fresh shadow of the sender's layout: nothing was shipped on this
+// stream yet.
+func (e *endpoint) setDeltas(on bool, layout Identity) {
+	e.fr.f.deltas = on
+	if on {
+		e.shadow = newShadow(layout)
+	} else if e.cfg.Deltas {
+		e.log.Warn("peer does not take deltas; pages travel whole")
+	}
 }
 
 // setCodec sets the session's page codec from the two hellos' codec

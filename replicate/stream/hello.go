@@ -26,11 +26,12 @@ func decodeHello(h *hello, p []byte) error {
 		return fmt.Errorf("peer speaks version %d, this side %d: %w", h.version, Version, ErrVersion)
 	}
 	flags := le.Uint16(p[10:])
-	if flags&^(helloFlagKeyed|helloCodecFlags) != 0 {
+	if flags&^(helloFlagKeyed|helloCodecFlags|helloFlagDeltas) != 0 {
 		return fmt.Errorf("hello: unknown flags %#x: %w", flags, ErrFrame)
 	}
 	h.keyed = flags&helloFlagKeyed != 0
 	h.codecs = flags & helloCodecFlags
+	h.deltas = flags&helloFlagDeltas != 0
 	h.role = role(p[12])
 	if h.role != roleSender && h.role != roleReceiver {
 		return fmt.Errorf("hello: unknown role %d: %w", h.role, ErrFrame)
@@ -169,6 +170,9 @@ func appendHello(b []byte, h *hello) []byte {
 		flags |= helloFlagKeyed
 	}
 	flags |= h.codecs & helloCodecFlags
+	if h.deltas {
+		flags |= helloFlagDeltas
+	}
 	b = le.AppendUint16(b, flags)
 	b = append(b, byte(h.role), 0, 0, 0)
 	b = append(b, h.nonce[:]...)

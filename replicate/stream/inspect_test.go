@@ -68,8 +68,9 @@ func (s *MemSink) Staged() int {
 func DecodeFrame(b []byte, layout Identity) (string, int, error) {
 	var f frame
 	if len(b) > headerSize && frameType(b[4]) == framePages {
-		// As a session that agreed on the frame's codec.
+		// As a session that agreed on the frame's codec, and on deltas.
 		f.zc = newPageCodec(codec(b[headerSize]))
+		f.deltas = true
 	}
 	n, err := decodeFrame(&f, b, &layout)
 	return f.typ.String(), n, err

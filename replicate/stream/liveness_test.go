@@ -109,6 +109,7 @@ func TestBytesInTransitAreLife(t *testing.T) {
 	sclock, rclock := newFakeClock(), newFakeClock()
 	scfg, rcfg := cfgs(sclock)
 	rcfg.Clock = rclock
+	scfg.Compression = CompressNone // a checkpoint of many bytes
 	s, serr, r, rerr := connect(t, sc, rc, scfg, rcfg)
 	require.NoError(t, serr)
 	require.NoError(t, rerr)

@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash/crc32"
 	"io"
 	"net"
 	"sync/atomic"
@@ -224,17 +225,54 @@ func (r *Receiver) pages(ps []container.Page, payload []byte) error {
 	}
 	r.sum.Section(container.TypePages, payload)
 	for _, p := range ps {
-		if p.Enc == container.EncZero {
-			r.zeros++
-			r.ctr.zeroPages.Add(1)
+		data, err := r.undelta(p)
+		if err != nil {
+			return err
 		}
-		if err := r.sink.StagePage(GPA(p.GPA), p.Data); err != nil {
+		if err := r.sink.StagePage(GPA(p.GPA), data); err != nil {
 			return fmt.Errorf("sink: stage page %#x: %w: %w", p.GPA, ErrCommit, err)
 		}
 	}
 	r.cur.pages += uint64(len(ps))
 	r.ctr.pages.Add(uint64(len(ps)))
 	return nil
+}
+
+// undelta returns the page p carries (nil for a zero page) and, with
+// deltas on, keeps the shadow: a delta is applied onto the version this
+// stream shipped last, and the result must match the CRC32C the sender
+// took of the page (a base mismatch is ErrChecksum).
+func (r *Receiver) undelta(p container.Page) ([]byte, error) {
+	if p.Enc == container.EncZero {
+		r.zeros++
+		r.ctr.zeroPages.Add(1)
+	}
+	if r.shadow == nil {
+		return p.Data, nil // ParsePages refused deltas
+	}
+	base, i, ok := r.shadow.page(GPA(p.GPA))
+	if !ok {
+		return nil, fmt.Errorf("page %#x: outside the memory layout: %w", p.GPA, ErrOutOfRange)
+	}
+	known := r.shadow.isKnown(i)
+	r.shadow.setKnown(i)
+	switch p.Enc {
+	case container.EncZero:
+		clear(base)
+		return nil, nil
+	case container.EncRaw:
+		copy(base, p.Data)
+		return p.Data, nil
+	}
+	if !known {
+		return nil, fmt.Errorf("page %#x: a delta against a version never shipped on this stream: %w", p.GPA, ErrProtocol)
+	}
+	xorPage(base, base, p.Data[4:])
+	if got, want := crc32.Checksum(base, castagnoli), binary.LittleEndian.Uint32(p.Data); got != want {
+		return nil, fmt.Errorf("page %#x: delta applied to the wrong base (crc32c %#08x, sender's %#08x): %w", p.GPA, got, want, ErrChecksum)
+	}
+	r.ctr.deltaPages.Add(1)
+	return base, nil
 }
 
 // disk stages the write of a Disk frame (payload is the frame's: a

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"hash/crc32"
 	"io"
 	"net"
 	"sync"
@@ -25,6 +26,7 @@ type Sender struct {
 
 	// Owned by the checkpoint goroutine.
 	scratch   [PageSize]byte // SendPage copies the page here first
+	xor       [PageSize]byte // and XORs it with its shadow here
 	open      atomic.Bool    // read by Close
 	cur       endInfo        // epoch, pages, stateLen, diskBytes of the open checkpoint
 	sum       container.Checksum
@@ -134,11 +136,32 @@ func (s *Sender) SendPage(gpa GPA, page []byte) error {
 	// pre-copy round), and the zero test and the bytes on the wire must
 	// describe the same contents.
 	copy(s.scratch[:], page)
-	if bytes.Equal(s.scratch[:], zeroPage[:]) {
+	var base []byte
+	var known bool
+	if s.shadow != nil {
+		var i uint64
+		base, i, _ = s.shadow.page(gpa)
+		known = s.shadow.isKnown(i)
+		s.shadow.setKnown(i)
+	}
+	switch {
+	case bytes.Equal(s.scratch[:], zeroPage[:]):
 		s.pages.Add(uint64(gpa), nil)
 		s.ctr.zeroPages.Add(1)
-	} else {
+	case known:
+		// A delta when it has more zero words than the page itself: a
+		// rewritten page travels whole.
+		if zx, zp := xorPage(s.xor[:], s.scratch[:], base); zx > zp {
+			s.pages.AddXOR(uint64(gpa), crc32.Checksum(s.scratch[:], castagnoli), s.xor[:])
+			s.ctr.deltaPages.Add(1)
+		} else {
+			s.pages.Add(uint64(gpa), s.scratch[:])
+		}
+	default:
 		s.pages.Add(uint64(gpa), s.scratch[:])
+	}
+	if base != nil {
+		copy(base, s.scratch[:])
 	}
 	s.ctr.pages.Add(1)
 	s.cur.pages++

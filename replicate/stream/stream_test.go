@@ -295,7 +295,7 @@ func TestReceiverRefusesBadFrames(t *testing.T) {
 		{"page in the gap between regions", true, framePages, pages(1<<31, container.EncZero, nil), ErrOutOfRange},
 		{"page straddling a region end", true, framePages, pages(GPA(id.Regions[0].Size-PageSize/2), container.EncZero, nil), ErrFrame},
 		{"unaligned page", true, framePages, pages(8, container.EncRaw, page(1)), ErrFrame},
-		{"delta encoding (reserved)", true, framePages, pages(0, container.EncXORRLE, []byte{1, 2}), ErrFrame},
+		{"delta on a session without deltas", true, framePages, pages(0, container.EncXOR, []byte{1, 2}), ErrFrame},
 		{"short raw page", true, framePages, pages(0, container.EncRaw, make([]byte, 100)), ErrFrame},
 		{"pages outside a checkpoint", false, framePages, pages(0, container.EncZero, nil), ErrProtocol},
 		{"state outside a checkpoint", false, frameState, []byte("x"), ErrProtocol},

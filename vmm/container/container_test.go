@@ -235,7 +235,7 @@ func TestPageSection(t *testing.T) {
 		{"raw of 4095", entry(0, EncRaw, 0, PageSize-1, raw[1:]), ErrFormat},
 		{"raw truncated", entry(0, EncRaw, 0, PageSize, raw[1:]), ErrFormat},
 		{"zero with bytes", entry(0, EncZero, 0, 1, []byte{0}), ErrFormat},
-		{"xor-rle", entry(0, EncXORRLE, 0, 2, []byte{9, 9}), ErrFormat},
+		{"xor-rle", entry(0, EncXOR, 0, 2, []byte{9, 9}), ErrFormat},
 		{"entry truncated", entry(0, EncZero, 0, 0, nil)[:10], ErrFormat},
 		{"trailing", append(entry(0, EncZero, 0, 0, nil), 0), ErrFormat},
 	}

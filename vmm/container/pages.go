@@ -12,9 +12,12 @@ import (
 //	count × (gpa u64 | encoding u8 | 0 [3] | length u32 | data [length])
 //
 // encoding 0 raw (length PageSize), 1 zero (length 0: the page is all
-// zero), 2 xor-rle (reserved, refused). Every gpa is page-aligned; which
-// addresses exist is the reader's to check (its machine's memory, the
-// stream's announced layout).
+// zero), 2 xor (length XORSize: the CRC32C of the new page, then the new
+// page XORed with the version of it last shipped on the same stream; only
+// a stream that agreed on deltas takes it, ParsePagesDeltas, never a
+// snapshot). Every gpa is page-aligned; which addresses exist is the
+// reader's to check (its machine's memory, the stream's announced
+// layout).
 const (
 	// PageSize is the size of a guest page.
 	PageSize = 4096
@@ -22,8 +25,10 @@ const (
 	MaxPagesPerSection = 256
 	// PageEntrySize is an entry's fixed part: gpa, encoding, length.
 	PageEntrySize = 16
-	// MaxPagesPayload is the largest page section: all pages raw.
-	MaxPagesPayload = 4 + MaxPagesPerSection*(PageEntrySize+PageSize)
+	// XORSize is an xor entry's data: CRC32C u32 and the XOR.
+	XORSize = 4 + PageSize
+	// MaxPagesPayload is the largest page section: all pages xor.
+	MaxPagesPayload = 4 + MaxPagesPerSection*(PageEntrySize+XORSize)
 )
 
 // Encoding says how one page is stored in a page section.
@@ -34,16 +39,17 @@ const (
 	EncRaw Encoding = 0
 	// EncZero: an all-zero page, without bytes.
 	EncZero Encoding = 1
-	// EncXORRLE is reserved: the page XORed with the version last
-	// shipped on the same stream, run-length encoded. Refused today.
-	EncXORRLE Encoding = 2
+	// EncXOR: the page's CRC32C (u32), then the page XORed with the
+	// version last shipped on the same stream (a stream's codec then
+	// compresses the mostly-zero result). Streams only.
+	EncXOR Encoding = 2
 )
 
 // Page is one entry of a page section.
 type Page struct {
 	GPA  uint64
 	Enc  Encoding
-	Data []byte // PageSize bytes for EncRaw, nil for EncZero
+	Data []byte // PageSize bytes for EncRaw, XORSize for EncXOR, nil for EncZero
 }
 
 // PageSection builds one page section's payload. The zero value is
@@ -77,6 +83,24 @@ func (s *PageSection) Add(gpa uint64, data []byte) {
 	s.n++
 }
 
+// AddXOR appends the page at gpa as a delta: crc is the new page's
+// CRC32C, xor the new page XORed with the version last shipped
+// (PageSize bytes).
+func (s *PageSection) AddXOR(gpa uint64, crc uint32, xor []byte) {
+	if len(s.buf) == 0 {
+		if s.buf == nil {
+			s.buf = make([]byte, 0, MaxPagesPayload)
+		}
+		s.buf = append(s.buf, 0, 0, 0, 0) // count, reserved
+	}
+	s.buf = binary.LittleEndian.AppendUint64(s.buf, gpa)
+	s.buf = append(s.buf, byte(EncXOR), 0, 0, 0)
+	s.buf = binary.LittleEndian.AppendUint32(s.buf, XORSize)
+	s.buf = binary.LittleEndian.AppendUint32(s.buf, crc)
+	s.buf = append(s.buf, xor...)
+	s.n++
+}
+
 // Len is the number of pages added since the last Reset.
 func (s *PageSection) Len() int { return s.n }
 
@@ -92,8 +116,15 @@ func (s *PageSection) Payload() []byte {
 
 // ParsePages decodes a page section's payload into pages (reusing its
 // backing array), checking the count, reserved bytes, alignment,
-// encodings and lengths. The pages' Data alias p.
-func ParsePages(p []byte, pages []Page) ([]Page, error) {
+// encodings and lengths; xor entries are refused. The pages' Data alias
+// p.
+func ParsePages(p []byte, pages []Page) ([]Page, error) { return parsePages(p, pages, false) }
+
+// ParsePagesDeltas is ParsePages for a stream that agreed on deltas: it
+// also takes xor entries (whose base the stream checks).
+func ParsePagesDeltas(p []byte, pages []Page) ([]Page, error) { return parsePages(p, pages, true) }
+
+func parsePages(p []byte, pages []Page, deltas bool) ([]Page, error) {
 	le := binary.LittleEndian
 	if len(p) < 4 {
 		return pages, fmt.Errorf("page section of %d bytes: %w", len(p), ErrFormat)
@@ -126,12 +157,20 @@ func ParsePages(p []byte, pages []Page) ([]Page, error) {
 			return pages, fmt.Errorf("raw page %#x: truncated: %w", pg.GPA, ErrFormat)
 		case pg.Enc == EncZero && length != 0:
 			return pages, fmt.Errorf("zero page %#x: %d bytes: %w", pg.GPA, length, ErrFormat)
-		case pg.Enc != EncRaw && pg.Enc != EncZero:
+		case pg.Enc == EncXOR && deltas && length != XORSize:
+			return pages, fmt.Errorf("xor page %#x: %d bytes: %w", pg.GPA, length, ErrFormat)
+		case pg.Enc == EncXOR && deltas && len(p)-off < XORSize:
+			return pages, fmt.Errorf("xor page %#x: truncated: %w", pg.GPA, ErrFormat)
+		case pg.Enc != EncRaw && pg.Enc != EncZero && (pg.Enc != EncXOR || !deltas):
 			return pages, fmt.Errorf("page %#x: encoding %d not supported: %w", pg.GPA, pg.Enc, ErrFormat)
 		}
-		if pg.Enc == EncRaw {
+		switch pg.Enc {
+		case EncRaw:
 			pg.Data = p[off : off+PageSize : off+PageSize]
 			off += PageSize
+		case EncXOR:
+			pg.Data = p[off : off+XORSize : off+XORSize]
+			off += XORSize
 		}
 		pages = append(pages, pg)
 	}
