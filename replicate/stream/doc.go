@@ -59,7 +59,8 @@
 // Payloads (plaintext) by type:
 //
 //	1 Hello     "GOVMMSTR" | version u16 | flags u16 (bit 0: keyed; bits 1, 2: codecs s2,
-//	            zstd: the one a sender wants, those a receiver accepts) | role u8
+//	            zstd: the one a sender wants, those a receiver accepts; bit 3:
+//	            deltas, on when both set it) | role u8
 //	            (1 sender, 2 receiver) | 0 [3] | nonce [32] |
 //	            heartbeat ns u64 | failover timeout ns u64 (0 < 2×heartbeat ≤ timeout ≤ 10 min) |
 //	            name (u16 len, ≤256) | vcpus u32 | nregions u16 (≤64) | 0 u16 |
@@ -92,7 +93,9 @@
 // that would not shrink. A receiver refuses any other codec, and data
 // that does not decompress to exactly the announced length (it never
 // decompresses past the cap). Sealing comes after compression: the tag
-// covers the compressed bytes.
+// covers the compressed bytes. With deltas on, a page section may hold
+// xor entries (container.EncXOR), which each end applies against its
+// shadow of what this stream shipped (delta.go; docs/STREAM.md, Deltas).
 //
 // A checkpoint's Disk frames write at most MaxCheckpointDisk bytes. The End
 // CRC32C is the container's checksum (container.Checksum) of the
