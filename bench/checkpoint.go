@@ -33,9 +33,9 @@ type CheckpointConfig struct {
 	Warmup, Epochs int
 	// BoundReps is how many times each bound is measured (median kept).
 	BoundReps int
-	// Compressions are the stream codecs to run each working set with,
-	// side by side (default none, s2 and zstd).
-	Compressions []stream.Compression
+	// Modes are the stream settings to run each working set with, side
+	// by side (default none, s2, zstd and s2 with deltas).
+	Modes []StreamMode
 	// Contents are what the working set's pages hold (default both):
 	// ContentSparse, ContentBinary.
 	Contents []string
@@ -52,13 +52,27 @@ const (
 	ContentBinary = "binary"
 )
 
+// StreamMode is how the stream ships pages: --stream-compress and
+// --stream-deltas.
+type StreamMode struct {
+	Compression stream.Compression
+	Deltas      bool
+}
+
+func (m StreamMode) String() string {
+	if m.Deltas {
+		return m.Compression.String() + "+deltas"
+	}
+	return m.Compression.String()
+}
+
 // CheckpointSample is one epoch of real replication.
 type CheckpointSample struct {
-	Nominal     int           // the Dirtier's working set
-	Epoch       time.Duration // configured epoch length
-	Compression stream.Compression
-	Content     string
-	Stats       replicate.EpochStats
+	Nominal int           // the Dirtier's working set
+	Epoch   time.Duration // configured epoch length
+	Mode    StreamMode
+	Content string
+	Stats   replicate.EpochStats
 }
 
 // CompressSample is one codec compressing a 64k-page epoch's page
@@ -120,8 +134,9 @@ func Checkpoint(ctx context.Context, cfg CheckpointConfig) (*CheckpointResult, e
 	if cfg.Log == nil {
 		cfg.Log = io.Discard
 	}
-	if len(cfg.Compressions) == 0 {
-		cfg.Compressions = []stream.Compression{stream.CompressNone, stream.CompressS2, stream.CompressZstd}
+	if len(cfg.Modes) == 0 {
+		cfg.Modes = []StreamMode{{stream.CompressNone, false}, {stream.CompressS2, false}, {stream.CompressZstd, false},
+			{stream.CompressS2, true}}
 	}
 	if len(cfg.Contents) == 0 {
 		cfg.Contents = []string{ContentSparse, ContentBinary}
@@ -130,14 +145,14 @@ func Checkpoint(ctx context.Context, cfg CheckpointConfig) (*CheckpointResult, e
 	type run struct {
 		pages   int
 		epoch   time.Duration
-		comp    stream.Compression
+		comp    StreamMode
 		content string
 		steps   bool // time the steps apart after it (once per working set)
 	}
 	var runs []run
 	for _, n := range cfg.Pages {
 		for i, content := range cfg.Contents {
-			for j, c := range cfg.Compressions {
+			for j, c := range cfg.Modes {
 				runs = append(runs, run{n, cfg.Epoch, c, content, i == 0 && j == 0})
 			}
 		}
@@ -159,8 +174,11 @@ func Checkpoint(ctx context.Context, cfg CheckpointConfig) (*CheckpointResult, e
 			r.pages, r.content, r.epoch, r.comp, len(ss), Summarize(dirty).Median, Summarize(pause).Median, Summarize(bpp).Median)
 	}
 	for _, content := range cfg.Contents {
-		for _, c := range cfg.Compressions {
-			cs, err := measureCompress(c, content, maxInt(cfg.Pages))
+		for _, m := range cfg.Modes {
+			if m.Deltas {
+				continue // the codec alone; deltas show in the runs
+			}
+			cs, err := measureCompress(m.Compression, content, maxInt(cfg.Pages))
 			if err != nil {
 				return res, err
 			}
@@ -199,7 +217,7 @@ func Checkpoint(ctx context.Context, cfg CheckpointConfig) (*CheckpointResult, e
 
 // checkpointRun replicates one guest for warm-up plus cfg.Epochs epochs,
 // then times the steps apart on the same guest.
-func checkpointRun(ctx context.Context, cfg CheckpointConfig, pages int, epoch time.Duration, comp stream.Compression,
+func checkpointRun(ctx context.Context, cfg CheckpointConfig, pages int, epoch time.Duration, mode StreamMode,
 	content string, withSteps bool) ([]CheckpointSample, []StepSample, error) {
 	m, err := newTinyMachine(pages, memFor(pages))
 	if err != nil {
@@ -221,13 +239,14 @@ func checkpointRun(ctx context.Context, cfg CheckpointConfig, pages int, epoch t
 	if err := waitPasses(ctx, m, 1, time.Minute); err != nil {
 		return nil, nil, err
 	}
-	sb, err := startStandby(ctx, nil)
+	sb, err := startStandbyWith(ctx, nil, mode.Deltas)
 	if err != nil {
 		return nil, nil, err
 	}
 	defer sb.stop()
 	rep, err := replicate.StartReplication(ctx, m, replicate.ReplicateConfig{To: sb.addr, Insecure: true,
-		Name: "bench", Epoch: epoch, FailoverTimeout: 10 * time.Second, Compression: comp, Logger: quietLogger()})
+		Name: "bench", Epoch: epoch, FailoverTimeout: 10 * time.Second, Compression: mode.Compression, Deltas: mode.Deltas,
+		Logger: quietLogger()})
 	if err != nil {
 		return nil, nil, err
 	}
@@ -249,7 +268,7 @@ func checkpointRun(ctx context.Context, cfg CheckpointConfig, pages int, epoch t
 		if es.Epoch <= recent[0].Epoch+uint64(cfg.Warmup)-1 {
 			continue
 		}
-		out = append(out, CheckpointSample{Nominal: pages, Epoch: epoch, Compression: comp, Content: content, Stats: es})
+		out = append(out, CheckpointSample{Nominal: pages, Epoch: epoch, Mode: mode, Content: content, Stats: es})
 	}
 	if !withSteps {
 		return out, nil, nil
@@ -468,7 +487,7 @@ type sampleGroup struct {
 	n                                              int
 	dirty, pause, stop, harvest, copy, state, rest Summary
 	ack, length, bpp                               Summary
-	comp                                           stream.Compression
+	comp                                           StreamMode
 	content                                        string
 }
 
@@ -476,13 +495,13 @@ func groupSamples(samples []CheckpointSample) []sampleGroup {
 	type key struct {
 		n       int
 		e       time.Duration
-		comp    stream.Compression
+		comp    StreamMode
 		content string
 	}
 	var keys []key
 	by := map[key][]CheckpointSample{}
 	for _, s := range samples {
-		k := key{s.Nominal, s.Epoch, s.Compression, s.Content}
+		k := key{s.Nominal, s.Epoch, s.Mode, s.Content}
 		if _, ok := by[k]; !ok {
 			keys = append(keys, k)
 		}
@@ -560,12 +579,12 @@ func (r *CheckpointResult) write(dir string) error {
 		rows = append(rows, []string{strconv.Itoa(s.Nominal), ftoa(msOf(s.Epoch), 1), strconv.FormatUint(es.Epoch, 10),
 			strconv.Itoa(es.DirtyPages), ftoa(usOf(es.Pause), 1), ftoa(usOf(es.Stop), 1), ftoa(usOf(es.Harvest), 1),
 			ftoa(usOf(es.Copy), 1), ftoa(usOf(es.State), 1), ftoa(usOf(restOf(es)), 1), ftoa(usOf(es.AckTime), 1),
-			ftoa(msOf(es.Length), 3), strconv.FormatUint(es.Bytes, 10), s.Compression.String(), s.Content,
+			ftoa(msOf(es.Length), 3), strconv.FormatUint(es.Bytes, 10), s.Mode.String(), s.Content,
 			ftoa(bytesPerPage(es), 1)})
 	}
 	if err := writeCSV(filepath.Join(dir, "checkpoint.csv"), []string{"nominal_pages", "epoch_ms", "epoch", "dirty_pages",
 		"pause_us", "stop_us", "harvest_us", "copy_us", "state_us", "rest_us", "ack_us", "length_ms", "bytes",
-		"compression", "content", "bytes_per_dirty_page"}, rows); err != nil {
+		"stream", "content", "bytes_per_dirty_page"}, rows); err != nil {
 		return err
 	}
 	rows = nil
@@ -602,10 +621,10 @@ func (r *CheckpointResult) firstSamples() []CheckpointSample {
 	if len(r.Samples) == 0 {
 		return nil
 	}
-	c, k := r.Samples[0].Compression, r.Samples[0].Content
+	c, k := r.Samples[0].Mode, r.Samples[0].Content
 	var out []CheckpointSample
 	for _, s := range r.Samples {
-		if s.Compression == c && s.Content == k {
+		if s.Mode == c && s.Content == k {
 			out = append(out, s)
 		}
 	}
@@ -691,14 +710,14 @@ func (r *CheckpointResult) Report() string {
 		"*copy* is copying the dirty pages into the staging buffer (one buffer, reused from epoch to epoch); *state* is SaveState + marshal, the epoch's disk writes and sealing its output; *rest* = pause − the four, i.e. resuming the vCPUs. " +
 		"*Ack* runs from the resume to the standby's ack (streaming the staging buffer, applying it, acking).\n\n")
 	b.WriteString("Each working set runs once per page content (*sparse*: the Dirtier's one byte per page over zeroes; *binary*: the same writes over pages holding a copy of this program's executable, x86 code and data) " +
-		"and per stream compression (`--stream-compress`), side by side in this run. *Wire B/page* is the checkpoint's bytes on the wire (pages, state, frame headers, AES-GCM tags) per dirty page, *× none* that against the same content uncompressed. " +
+		"and per stream mode (`--stream-compress`, `+deltas` for `--stream-deltas`), side by side in this run. *Wire B/page* is the checkpoint's bytes on the wire (pages, state, frame headers, AES-GCM tags) per dirty page, *× none* that against the same content uncompressed. " +
 		"The plots show the first compression and content only.\n\n")
-	b.WriteString("| working set | content | compression | epoch | epochs | dirty pages/epoch median (p25–p75) | wire B/page median | × none | pause median µs (p25–p75) | stop µs | harvest µs | copy µs | state µs | rest µs | ack median µs (p25–p75) | actual epoch length ms | memcpy bound µs | loopback bound µs | pause / memcpy |\n")
+	b.WriteString("| working set | content | stream | epoch | epochs | dirty pages/epoch median (p25–p75) | wire B/page median | × none | pause median µs (p25–p75) | stop µs | harvest µs | copy µs | state µs | rest µs | ack median µs (p25–p75) | actual epoch length ms | memcpy bound µs | loopback bound µs | pause / memcpy |\n")
 	b.WriteString("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	groups := groupSamples(r.Samples)
 	rawBPP := map[string]float64{}
 	for _, g := range groups {
-		if g.comp == stream.CompressNone {
+		if g.comp == (StreamMode{Compression: stream.CompressNone}) {
 			rawBPP[fmt.Sprint(g.nominal, g.content)] = g.bpp.Median
 		}
 	}

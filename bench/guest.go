@@ -89,8 +89,13 @@ type runningStandby struct {
 // takeover there would be a bench failure, which the primary's Recent
 // shows.
 func startStandby(ctx context.Context, wc *witness.Client) (runningStandby, error) {
+	return startStandbyWith(ctx, wc, false)
+}
+
+// startStandbyWith is startStandby, accepting stream deltas or not.
+func startStandbyWith(ctx context.Context, wc *witness.Client, deltas bool) (runningStandby, error) {
 	sb, err := replicate.NewStandby(replicate.StandbyConfig{Listen: "127.0.0.1:0", Insecure: true,
-		FailoverTimeout: 10 * time.Second, Logger: quietLogger(), Witness: wc, Build: tinyReplica})
+		FailoverTimeout: 10 * time.Second, Logger: quietLogger(), Witness: wc, Build: tinyReplica, Deltas: deltas})
 	if err != nil {
 		return runningStandby{}, err
 	}

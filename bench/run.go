@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"govmm/lab"
+	"govmm/replicate/stream"
 )
 
 // Options are the parameters of a `govmm bench` run.
@@ -79,6 +80,7 @@ func (o Options) suite(ctx context.Context, s string) (string, error) {
 		cfg := CheckpointConfig{Epochs: 40, Out: o.Out, Log: o.Log}
 		if o.Quick {
 			cfg.Pages, cfg.Epochs, cfg.Warmup, cfg.BoundReps = []int{100, 1000}, 10, 3, 3
+			cfg.Modes = []StreamMode{{Compression: stream.CompressNone}, {Compression: stream.CompressS2, Deltas: true}}
 		}
 		r, err := Checkpoint(ctx, cfg)
 		if err != nil {
