@@ -36,7 +36,7 @@ type ReplicateConfig struct {
 	Key       []byte
 	Insecure  bool
 	// Compression is the codec for the stream's pages
-	// (stream.DefaultCompression when zero).
+	// (stream.DefaultCompression, none, when zero).
 	Compression stream.Compression
 	// Deltas ships pages the standby already holds as XOR deltas, if the
 	// standby agrees (stream.Config.Deltas: a copy of guest memory on

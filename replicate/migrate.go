@@ -18,7 +18,7 @@ type MigrateConfig struct {
 	Key      []byte // pre-shared key; nil needs Insecure
 	Insecure bool   // loopback only, no key
 	// Compression is the codec for the stream's pages
-	// (stream.DefaultCompression when zero).
+	// (stream.DefaultCompression, none, when zero).
 	Compression stream.Compression
 	// Deltas: as ReplicateConfig's (each pre-copy round after the first
 	// ships pages the destination holds as deltas).

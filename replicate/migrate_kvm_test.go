@@ -42,7 +42,7 @@ func passes(t *testing.T, m *vmm.Machine) uint64 {
 // A guest that keeps dirtying 2 MiB is live-migrated over loopback: the
 // destination's memory equals the source's page by page at the cut, the
 // guest runs on there from the cut, and the source stops for good.
-// With S2 (the default), and with deltas on top: every round after the
+// With S2, and with deltas on top: every round after the
 // first ships the pages the destination holds as XOR deltas.
 func TestMigrateDirtyingGuest(t *testing.T) {
 	for _, deltas := range []bool{false, true} {
@@ -86,7 +86,8 @@ func testMigrateDirtyingGuest(t *testing.T, deltas bool) {
 
 	var rounds []Progress
 	res, err := Migrate(context.Background(), src, MigrateConfig{To: sb.Addr(), Insecure: true, Name: "tiny", Deltas: deltas,
-		StopPages: 64, MaxRounds: 5, Progress: func(p Progress) { rounds = append(rounds, p) }})
+		Compression: stream.CompressS2,
+		StopPages:   64, MaxRounds: 5, Progress: func(p Progress) { rounds = append(rounds, p) }})
 	require.NoError(t, err)
 	r := <-done
 	require.NoError(t, r.err)

@@ -76,7 +76,7 @@ type takeover struct {
 // memory equals the primary's at that cut page by page (every dirty page
 // shipped, checkpoints atomic), and the guest runs on there.
 //
-// With S2 (the default), and with deltas on top.
+// With S2, and with deltas on top.
 func TestReplicationFailover(t *testing.T) {
 	for _, deltas := range []bool{false, true} {
 		t.Run(fmt.Sprintf("deltas=%v", deltas), func(t *testing.T) { testReplicationFailover(t, deltas) })
@@ -114,15 +114,15 @@ func testReplicationFailover(t *testing.T, deltas bool) {
 	}()
 	px := newProxy(t, sb.Addr())
 	rep, err := startReplication(context.Background(), prim, ReplicateConfig{To: px.addr(), Insecure: true, Name: "tiny",
-		Epoch: 20 * time.Millisecond, FailoverTimeout: 10 * time.Second, Deltas: deltas}, testHooks{atCut: rec.at})
+		Epoch: 20 * time.Millisecond, FailoverTimeout: 10 * time.Second, Deltas: deltas, Compression: stream.CompressS2}, testHooks{atCut: rec.at})
 	require.NoError(t, err)
 	t.Cleanup(rep.Stop) // before the machine closes
 	require.Eventually(t, func() bool { return rep.Stats().Epochs >= 10 }, 30*time.Second, time.Millisecond)
 	st := rep.Stats()
 	require.True(t, st.Protected)
 	require.Greater(t, st.DirtyPages, uint64(dirtyPages), "the dirtier's pages travel")
-	// Compressed (S2, the default): the Dirtier's pages are one byte over
-	// zeroes, and the wire carries a small fraction of them.
+	// Compressed (S2): the Dirtier's pages are one byte over zeroes, and
+	// the wire carries a small fraction of them.
 	require.Less(t, st.Bytes, st.DirtyPages*guestmem.PageSize/10, "pages travel compressed")
 	ws := rep.t.Stats()
 	require.Equal(t, "s2", ws.Compression)

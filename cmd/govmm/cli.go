@@ -316,7 +316,7 @@ func (f choiceFlag) typeName() string { return strings.Join(f.choices, "|") }
 type compressFlag struct{ c *stream.Compression }
 
 func (f compressFlag) String() string {
-	if f.c == nil {
+	if f.c == nil || *f.c == stream.CompressDefault {
 		return ""
 	}
 	return f.c.String()

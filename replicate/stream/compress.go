@@ -18,25 +18,30 @@ import (
 type Compression uint8
 
 const (
-	// CompressDefault is DefaultCompression.
+	// CompressDefault is DefaultCompression on a sender; a receiver
+	// accepts every codec.
 	CompressDefault Compression = iota
 	// CompressNone sends page sections as they are; on a receiver, it
 	// refuses compressed frames (it announces no codec).
 	CompressNone
-	// CompressS2 is klauspost/compress's S2 (block format), the default:
-	// on the pages we measured it compresses at about 1 GB/s per core,
-	// fast enough not to slow a 64k-page epoch down, to 0.55 of raw on
-	// kernel and binary pages and to almost nothing on sparse ones.
+	// CompressS2 is klauspost/compress's S2 (block format): on the pages
+	// we measured it compresses at about 0.9-1 GB/s per core, to 0.55-0.65
+	// of raw on kernel and binary pages and to almost nothing on sparse
+	// ones; the fastest of the codecs we measured (lz4 included), so the
+	// one for links slower than about 1 GB/s.
 	CompressS2
-	// CompressZstd is zstd at its fastest level: 0.45 of raw on the same
-	// pages, at a third of S2's speed; for links slower than one core
-	// compresses.
+	// CompressZstd is zstd at its fastest level: 0.45-0.55 of raw on the
+	// same pages, at a third of S2's speed; for links much slower than
+	// that (a WAN).
 	CompressZstd
 )
 
-// DefaultCompression is what the zero Config uses: see CompressS2 and
-// bench checkpoint's reference run.
-const DefaultCompression = CompressS2
+// DefaultCompression is what a sender with the zero Config uses: none.
+// On this project's loopback (a link faster than one core compresses),
+// S2 halved the bytes of binary pages but doubled the time to ack at
+// 4k and 64k dirty pages (bench checkpoint), so compression is a choice
+// for slower links, not the default.
+const DefaultCompression = CompressNone
 
 // ParseCompression reads a --stream-compress value: none, s2 or zstd.
 func ParseCompression(s string) (Compression, error) {

@@ -28,7 +28,8 @@ func TestCompressionNegotiatedAndPagesArriveWhole(t *testing.T) {
 		sender, receiver Compression
 		want             string
 	}{
-		{CompressDefault, CompressDefault, "s2"},
+		{CompressDefault, CompressDefault, "none"},
+		{CompressS2, CompressDefault, "s2"},
 		{CompressS2, CompressZstd, "s2"},
 		{CompressZstd, CompressDefault, "zstd"},
 		{CompressNone, CompressDefault, "none"},

@@ -58,7 +58,7 @@ type Config struct {
 	// with, if the receiver accepts it (else they travel stored, and the
 	// sender says so in its log); on a receiver, CompressNone refuses
 	// compressed frames and any other value accepts every codec. The zero
-	// value is DefaultCompression.
+	// value is DefaultCompression on a sender.
 	Compression Compression
 	// Deltas, on both ends, lets a sender ship a page it shipped before
 	// as its XOR with that version (both ends then keep a copy of the
@@ -116,9 +116,6 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.StallTimeout == 0 {
 		c.StallTimeout = DefaultStallTimeout
-	}
-	if c.Compression == CompressDefault {
-		c.Compression = DefaultCompression
 	}
 	if c.Compression > CompressZstd {
 		return c, fmt.Errorf("%w: unknown %v", ErrConfig, c.Compression)

@@ -73,10 +73,12 @@ func (e *endpoint) handshake(ctx context.Context, r role) (err error) {
 	_, _ = rand.Read(own.nonce[:]) // crypto/rand.Read never fails
 	switch {
 	case e.cfg.Compression == CompressNone:
-	case r == roleSender:
-		own.codecs = 1 << e.cfg.Compression.codec()
-	default:
+	case r == roleReceiver:
 		own.codecs = helloCodecFlags
+	case e.cfg.Compression != CompressDefault:
+		own.codecs = 1 << e.cfg.Compression.codec()
+	case DefaultCompression != CompressNone:
+		own.codecs = 1 << DefaultCompression.codec()
 	}
 	own.deltas = e.cfg.Deltas
 	if r == roleSender {
