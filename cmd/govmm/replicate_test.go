@@ -77,7 +77,23 @@ func TestReplicateAndFailover(t *testing.T) {
 
 // Re-protection: the standby that took over replicates the guest to a
 // new standby at once; when it dies in turn, the third host carries on.
+//
+// Once with the default stream, once with S2 and XOR deltas on all three
+// (each new stream, B's to C after the failover, starts from whole
+// pages).
 func TestReprotectAndFailOverAgain(t *testing.T) {
+	for _, tt := range []struct {
+		name  string
+		flags []string
+	}{
+		{"default stream", nil},
+		{"s2 and deltas", []string{"--stream-compress", "s2", "--stream-deltas"}},
+	} {
+		t.Run(tt.name, func(t *testing.T) { testReprotectAndFailOverAgain(t, tt.flags) })
+	}
+}
+
+func testReprotectAndFailOverAgain(t *testing.T, stream []string) {
 	kvmtest.Require(t)
 	dir := t.TempDir()
 	kernel, initrd := tinyGuestFiles(t, dir, tinyguest.Dirtier(0x400000, 64, counterGPA))
@@ -88,12 +104,12 @@ func TestReprotectAndFailOverAgain(t *testing.T) {
 	addrC := fmt.Sprintf("127.0.0.1:%d", freePort(t))
 	sockA, sockB, sockC := filepath.Join(dir, "a.sock"), filepath.Join(dir, "b.sock"), filepath.Join(dir, "c.sock")
 
-	startVM(t, "standby", "--listen", addrC, "--net", "none", "--api-sock", sockC)
-	b := startVM(t, "standby", "--listen", addrB, "--net", "none", "--api-sock", sockB, "--replicate-to", addrC, "--epoch", "20ms")
+	startVM(t, append([]string{"standby", "--listen", addrC, "--net", "none", "--api-sock", sockC}, stream...)...)
+	b := startVM(t, append([]string{"standby", "--listen", addrB, "--net", "none", "--api-sock", sockB, "--replicate-to", addrC, "--epoch", "20ms"}, stream...)...)
 	waitStandingBy(t, sockC)
 	waitStandingBy(t, sockB)
-	a := startVM(t, "run", "--kernel", kernel, "--initrd", initrd, "--mem", "64M", "--net", "none",
-		"--api-sock", sockA, "--replicate-to", addrB, "--epoch", "20ms")
+	a := startVM(t, append([]string{"run", "--kernel", kernel, "--initrd", initrd, "--mem", "64M", "--net", "none",
+		"--api-sock", sockA, "--replicate-to", addrB, "--epoch", "20ms"}, stream...)...)
 	waitSocket(t, sockA)
 	require.Eventually(t, func() bool {
 		out, _, _ := ctl(sockA, "info")
