@@ -2,6 +2,7 @@ package stream
 
 import (
 	"fmt"
+	"hash/crc32"
 	"log/slog"
 	"testing"
 )
@@ -77,5 +78,18 @@ func BenchmarkCheckpoint(b *testing.B) {
 			}
 			b.ReportMetric(float64(b.Elapsed().Microseconds())/float64(b.N)/1000, "ms/checkpoint")
 		})
+	}
+}
+
+// BenchmarkDeltaPage is a sender's extra work per page with deltas on:
+// the XOR with the shadow (counting zero words), the CRC32C of the new
+// page and the shadow's update.
+func BenchmarkDeltaPage(b *testing.B) {
+	p, base, x := page(1), page(2), make([]byte, PageSize)
+	b.SetBytes(PageSize)
+	for b.Loop() {
+		xorPage(x, p, base)
+		_ = crc32.Checksum(p, castagnoli)
+		copy(base, p)
 	}
 }

@@ -1,6 +1,7 @@
 package stream
 
 import (
+	"crypto/subtle"
 	"encoding/binary"
 	"hash/crc32"
 )
@@ -59,14 +60,13 @@ func (s *shadow) setKnown(i uint64)     { s.known[i/64] |= 1 << (i % 64) }
 // xorPage sets dst = a XOR b (PageSize bytes each) and returns how many
 // of dst's and of a's 64-bit words are zero.
 func xorPage(dst, a, b []byte) (zeroX, zeroA int) {
+	subtle.XORBytes(dst, a, b) // vectorised
 	le := binary.LittleEndian
 	for i := 0; i < PageSize; i += 8 {
-		x, y := le.Uint64(a[i:]), le.Uint64(b[i:])
-		le.PutUint64(dst[i:], x^y)
-		if x^y == 0 {
+		if le.Uint64(dst[i:]) == 0 {
 			zeroX++
 		}
-		if x == 0 {
+		if le.Uint64(a[i:]) == 0 {
 			zeroA++
 		}
 	}
