@@ -18,8 +18,11 @@
 //	PUT  /vm/migrate   {"to": "host:port"} streams NDJSON lines, in order:
 //	                   {"progress": Progress} ... then exactly one of
 //	                   {"result": MigrateResult} or {"error": "...", "status": N}
-//	GET  /stats        Stats as JSON
-//	GET  /metrics      Prometheus text exposition format 0.0.4
+//	GET  /stats        Stats as JSON, in SortMetrics's order
+//	GET  /metrics      Prometheus text exposition format 0.0.4, sorted
+//
+// MetricsHandler serves GET /metrics alone, for a TCP listener that
+// Prometheus scrapes (govmm run --metrics-listen).
 //
 // Invariants, each checked by a test: an unknown path is 404 and a known
 // path with the wrong method is 405 (with Allow); a malformed or unknown

@@ -406,7 +406,9 @@ func (s *Server) putMigrate(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) getStats(w http.ResponseWriter, _ *http.Request) {
-	writeJSON(w, http.StatusOK, s.b.Stats())
+	st := s.b.Stats()
+	st.Metrics = SortMetrics(st.Metrics)
+	writeJSON(w, http.StatusOK, st)
 }
 
 func (s *Server) getMetrics(w http.ResponseWriter, _ *http.Request) {

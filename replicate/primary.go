@@ -336,7 +336,7 @@ func (r *Replicator) onAck(epoch uint64) {
 		for i := len(r.recent) - 1; i >= 0; i-- {
 			if r.recent[i].Epoch == epoch {
 				r.recent[i].AckTime = time.Since(t)
-				r.totals.AckSum += r.recent[i].AckTime
+				r.totals.Ack.Observe(r.recent[i].AckTime)
 				break
 			}
 		}

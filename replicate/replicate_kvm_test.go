@@ -107,7 +107,8 @@ func TestReplicationFailover(t *testing.T) {
 	st := rep.Stats()
 	require.True(t, st.Protected)
 	require.Greater(t, st.Bytes, uint64(dirtyPages*guestmem.PageSize), "the dirtier's pages travel")
-	require.Greater(t, st.PauseSum, time.Duration(0))
+	require.Greater(t, st.Pause.Sum, time.Duration(0))
+	require.Equal(t, st.Epochs, st.Pause.Count, "every checkpoint's pause is in the histogram")
 
 	// The primary's host dies: the guest stops there and the link is cut.
 	require.NoError(t, prim.Pause())
