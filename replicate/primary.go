@@ -382,7 +382,8 @@ func (r *Replicator) loop() {
 			r.finish(nil)
 			return
 		case <-r.t.Done():
-			r.lost(r.t.Err())
+			// Stop closes the transport too: not a loss then.
+			r.ended(r.t.Err())
 			return
 		case <-fenced:
 			// The Fence has stopped the guest, its output and its disks;
