@@ -15,7 +15,7 @@
 //	PUT  /vm/pause     Pause             409 when the backend says ErrConflict
 //	PUT  /vm/resume    Resume            409 likewise
 //	PUT  /vm/snapshot  {"path": "/abs"}  SnapshotResult
-//	PUT  /vm/migrate   {"to": "host:port"} streams NDJSON lines, in order:
+//	PUT  /vm/migrate   {"to": "host:port", "force": bool} streams NDJSON lines, in order:
 //	                   {"progress": Progress} ... then exactly one of
 //	                   {"result": MigrateResult} or {"error": "...", "status": N}
 //	GET  /stats        Stats as JSON, in SortMetrics's order

@@ -251,11 +251,6 @@ type snapshotRequest struct {
 	Path string `json:"path"`
 }
 
-// migrateRequest is the body of PUT /vm/migrate.
-type migrateRequest struct {
-	To string `json:"to"`
-}
-
 // putReplicate starts protecting the VM with a standby (optional
 // backend capability).
 func (s *Server) putReplicate(w http.ResponseWriter, r *http.Request) {
@@ -343,7 +338,7 @@ type migrateEvent struct {
 const NDJSONContentType = "application/x-ndjson"
 
 func (s *Server) putMigrate(w http.ResponseWriter, r *http.Request) {
-	var req migrateRequest
+	var req MigrateRequest
 	if err := decodeBody(w, r, &req); err != nil {
 		writeError(w, err)
 		return
@@ -395,7 +390,7 @@ func (s *Server) putMigrate(w http.ResponseWriter, r *http.Request) {
 			}
 		}
 	}()
-	res, err := s.b.Migrate(r.Context(), req.To, q.push)
+	res, err := s.b.Migrate(r.Context(), req, q.push)
 	q.close()
 	<-written
 	if err != nil {
@@ -412,13 +407,7 @@ func (s *Server) getStats(w http.ResponseWriter, _ *http.Request) {
 }
 
 func (s *Server) getMetrics(w http.ResponseWriter, _ *http.Request) {
-	text, err := EncodePrometheus(s.b.Stats())
-	if err != nil {
-		writeError(w, fmt.Errorf("metrics: %w", err))
-		return
-	}
-	w.Header().Set("Content-Type", PrometheusContentType)
-	_, _ = w.Write(text)
+	writeMetrics(w, s.b.Stats())
 }
 
 // decodeBody reads r's body, at most MaxBodyBytes, as exactly one JSON

@@ -64,6 +64,9 @@ type MigrateResult struct {
 	Rounds              int
 	BytesSent           uint64
 	PagesSent           uint64
+	// DroppedProtection is the standby whose replication Node.Migrate
+	// stopped to migrate (dropProtection), or "".
+	DroppedProtection string
 }
 
 // Migrate moves the running machine m to a standby: pre-copy rounds while

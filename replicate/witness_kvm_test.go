@@ -333,7 +333,7 @@ func TestWitnessMigrationHandsOverTheGeneration(t *testing.T) {
 	defer fence.Close()
 	require.NoError(t, src.Start())
 	node := NewNode(Booted, Takeover{}, fence)
-	_, err = node.Migrate(context.Background(), src, MigrateConfig{To: dst.Addr(), Insecure: true, Name: "tiny"})
+	_, err = node.Migrate(context.Background(), src, MigrateConfig{To: dst.Addr(), Insecure: true, Name: "tiny"}, false)
 	require.NoError(t, err)
 	r := <-done
 	require.NoError(t, r.err)

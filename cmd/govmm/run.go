@@ -73,6 +73,7 @@ type runFlags struct {
 	disks                   listFlag
 	noIOEventFD             bool
 	apiSock                 string
+	metricsListen           string // HOST:PORT
 	keyFile                 string
 	startPaused             bool // restore --paused
 
@@ -128,6 +129,7 @@ func (f *runFlags) registerReplication(fs *flag.FlagSet) {
 // replicated guest has them in its memory already.
 func (f *runFlags) registerDevices(fs *flag.FlagSet) {
 	fs.StringVar(&f.apiSock, "api-sock", "", "serve the control API (HTTP/JSON) on this unix socket; see govmm ctl")
+	fs.StringVar(&f.metricsListen, "metrics-listen", "", "serve Prometheus metrics at http://`HOST:PORT`/metrics (TCP; e.g. 127.0.0.1:9100)")
 	fs.DurationVar(&f.failoverTimeout, "failover-timeout", replicate.DefaultFailoverTimeout,
 		"declare the peer lost after this long without a byte from it while listening (replication; the larger of the two ends' wins)")
 	fs.StringVar(&f.keyFile, "key-file", "", "pre-shared key authenticating the migration stream (mode 0600, at least 16 bytes); without it only loopback is allowed")
@@ -220,6 +222,9 @@ func cmdRun(args []string) error {
 	if err != nil {
 		return fmt.Errorf("--mem: %w", err)
 	}
+	if err := f.checkEndpoints(); err != nil {
+		return err
+	}
 	kernel, initrd, err := loadImage(f.kernel, f.initrd)
 	if err != nil {
 		return err
@@ -280,15 +285,26 @@ func cmdRun(args []string) error {
 // forwards the console and signals, and waits for the machine to stop.
 // It returns the guest's exit status as an exitError.
 func supervise(m *vmm.Machine, f *runFlags, devs *machineDevices, node *replicate.Node) error {
+	return superviseOn(nil, m, f, devs, node)
+}
+
+// superviseOn is supervise with the control API and metrics already
+// served by ep (a standby's, which serve the VM from now on), or started
+// here when ep is nil.
+func superviseOn(ep *endpoints, m *vmm.Machine, f *runFlags, devs *machineDevices, node *replicate.Node) error {
 	// A machine restored with --paused holds the operator's pause.
 	be := &vmBackend{m: m, f: f, devs: devs, node: node, started: time.Now(), userPaused: f.startPaused}
-	stopAPI, err := serveAPI(be, f.apiSock)
-	if err != nil {
-		m.Stop()
-		m.Wait()
-		return err
+	if ep == nil {
+		var err error
+		if ep, err = serveEndpoints(f, be); err != nil {
+			m.Stop()
+			m.Wait()
+			return err
+		}
+	} else {
+		ep.live.set(be)
 	}
-	defer stopAPI()
+	defer ep.Close()
 	if f.replicateTo != "" || f.nullStandby {
 		err := startReplication(m, f, devs, node, f.replicateTo, f.epoch)
 		switch {
