@@ -152,7 +152,7 @@ func ctlInfo(ctx context.Context, c *ctlapi.Client, args []string) error {
 		fmt.Fprintf(tw, "memory\t%s\n", ctlBytes(info.MemoryBytes))
 		fmt.Fprintf(tw, "devices\t%s\n", devices)
 	}
-	fmt.Fprintf(tw, "uptime\t%s\n", ctlDuration(info.Uptime))
+	fmt.Fprintf(tw, "uptime\t%s\n", humanDuration(info.Uptime))
 	fmt.Fprintf(tw, "replication\t%s\n", strings.Join(repl, ", "))
 	if sb := info.Standby; sb != nil {
 		cp := "none yet"

@@ -162,7 +162,7 @@ func TestStandbyObservableAndMetricsListen(t *testing.T) {
 	require.Equal(t, 0, status, errOut)
 	t.Logf("primary ctl stats:\n%s", out)
 	assert.Regexp(t, `(?m)^govmm_replication_pause_seconds\s+-\s+n=\d+ mean=[0-9.]+(ns|µs|ms|s) p50<=[0-9.]+(µs|ms|s) p99[<>]=?[0-9.]+(µs|ms|s)$`, out)
-	assert.Regexp(t, `(?m)^govmm_uptime_seconds\s+-\s+[0-9.]+(ms|s)$`, out)
+	assert.Regexp(t, `(?m)^govmm_uptime_seconds\s+-\s+[0-9.hm]+(ms|s)$`, out)
 	assert.NotRegexp(t, rawSeconds, out, "no raw seconds")
 	assert.NotContains(t, out, "_bucket", "a histogram is one line")
 	raw, errOut, status := ctl(pSock, "stats", "--json")
