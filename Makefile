@@ -8,8 +8,10 @@ FUZZTIME  ?= 20s
 
 all: build
 
+# govmm --version names the commit: Go stamps it unless -buildvcs=false,
+# and this says it either way.
 build:
-	$(GO) build -o $(BIN) ./cmd/govmm
+	$(GO) build -ldflags "-X main.buildCommit=$$(git describe --always --dirty 2>/dev/null)" -o $(BIN) ./cmd/govmm
 
 deps:
 	scripts/deps.sh test

@@ -110,9 +110,10 @@ func Boot(ctx context.Context, cfg BootConfig) ([]BootSample, error) {
 	guestBytes := uint64(cfg.MemMiB) << 20
 	// The same guest for both: kernel, initrd, command line, memory, one
 	// vCPU and no devices beyond the console (QEMU's -nodefaults; govmm
-	// without a NIC, so that it adds nothing to the command line).
+	// without a NIC, so that it adds nothing to the command line, and
+	// without its control socket, as QEMU runs without QMP).
 	govmmCmd := func() *exec.Cmd {
-		return exec.CommandContext(ctx, cfg.Govmm, "run", "--kernel", kernel, "--initrd", initrd, "--mem", mem, "--cpus", "1", "--net", "none")
+		return exec.CommandContext(ctx, cfg.Govmm, "run", "--kernel", kernel, "--initrd", initrd, "--mem", mem, "--cpus", "1", "--net", "none", "--api-sock", "")
 	}
 	qemuCmd := func() *exec.Cmd {
 		return exec.CommandContext(ctx, qemu, "-enable-kvm", "-cpu", "host,-arch-capabilities", "-M", "pc,acpi=off", "-m", strconv.Itoa(cfg.MemMiB),

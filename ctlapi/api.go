@@ -247,18 +247,28 @@ func (e *APIError) Error() string { return e.Message }
 // Unwrap returns the sentinel for e.Status.
 func (e *APIError) Unwrap() error { return sentinelOf(e.Status) }
 
-// DefaultSocketPath is where the API listens when no path is given:
-// $GOVMM_API_SOCK if set; else /run/govmm/govmm.sock for root; else
-// $XDG_RUNTIME_DIR/govmm/govmm.sock if that is set (a per-user, private
-// directory); else /run/govmm/govmm.sock.
+// DefaultSocketPath is where a client looks for the API when no path is
+// given: $GOVMM_API_SOCK if set, else SocketPathFor("govmm") (the socket
+// of a VM of the default name).
 func DefaultSocketPath() string {
 	if p := os.Getenv("GOVMM_API_SOCK"); p != "" {
 		return p
 	}
-	if d := os.Getenv("XDG_RUNTIME_DIR"); d != "" && os.Geteuid() != 0 {
-		return filepath.Join(d, "govmm", "govmm.sock")
+	return SocketPathFor("govmm")
+}
+
+// SocketPathFor is where the VMM of the VM name serves the API when given
+// no path: $GOVMM_API_SOCK if set; else /run/govmm/NAME.sock for root;
+// else $XDG_RUNTIME_DIR/govmm/NAME.sock if that is set (a per-user,
+// private directory); else /run/govmm/NAME.sock.
+func SocketPathFor(name string) string {
+	if p := os.Getenv("GOVMM_API_SOCK"); p != "" {
+		return p
 	}
-	return "/run/govmm/govmm.sock"
+	if d := os.Getenv("XDG_RUNTIME_DIR"); d != "" && os.Geteuid() != 0 {
+		return filepath.Join(d, "govmm", name+".sock")
+	}
+	return filepath.Join("/run/govmm", name+".sock")
 }
 
 // ReplicateRequest is the body of PUT /vm/replicate.

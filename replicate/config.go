@@ -73,13 +73,49 @@ type ReplicateConfig struct {
 	Fence *Fence
 }
 
-// withDefaults fills in the defaults and checks the policy.
+// Bounds of what a user may set. Below MinEpoch a checkpoint's pause
+// (about half a millisecond) would leave the guest little time to run;
+// below MinFailoverTimeout heartbeats (a quarter of it) could not keep a
+// healthy peer from being declared lost.
+const (
+	MinEpoch           = time.Millisecond
+	MinFailoverTimeout = 10 * time.Millisecond
+)
+
+// CheckEpoch says why d cannot be an epoch, or nil. It is the one check
+// of every epoch a user gives: govmm run --epoch, govmm standby --epoch
+// and the control API's replicate request (govmm ctl replicate --epoch).
+func CheckEpoch(d time.Duration) error {
+	if d < MinEpoch {
+		return fmt.Errorf("must be at least %v", MinEpoch)
+	}
+	return nil
+}
+
+// CheckFailoverTimeout says why d cannot be a failover timeout, or nil;
+// the one check of --failover-timeout (run, standby).
+func CheckFailoverTimeout(d time.Duration) error {
+	if d < MinFailoverTimeout {
+		return fmt.Errorf("must be at least %v", MinFailoverTimeout)
+	}
+	return nil
+}
+
+// withDefaults fills in the defaults (for a zero Epoch or FailoverTimeout)
+// and checks the values: a negative or too short one is an error, never
+// replaced by a default.
 func (cfg ReplicateConfig) withDefaults() (ReplicateConfig, error) {
-	if cfg.Epoch <= 0 {
+	if cfg.Epoch == 0 {
 		cfg.Epoch = DefaultEpoch
 	}
-	if cfg.FailoverTimeout <= 0 {
+	if err := CheckEpoch(cfg.Epoch); err != nil {
+		return cfg, fmt.Errorf("epoch %v: %w", cfg.Epoch, err)
+	}
+	if cfg.FailoverTimeout == 0 {
 		cfg.FailoverTimeout = DefaultFailoverTimeout
+	}
+	if err := CheckFailoverTimeout(cfg.FailoverTimeout); err != nil {
+		return cfg, fmt.Errorf("failover timeout %v: %w", cfg.FailoverTimeout, err)
 	}
 	if cfg.MaxUnacked <= 0 {
 		cfg.MaxUnacked = DefaultMaxUnacked

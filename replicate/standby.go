@@ -110,8 +110,11 @@ type StandbyConfig struct {
 
 // NewStandby listens on cfg.Listen (without a key, only on loopback).
 func NewStandby(cfg StandbyConfig) (*Standby, error) {
-	if cfg.FailoverTimeout <= 0 {
+	if cfg.FailoverTimeout == 0 {
 		cfg.FailoverTimeout = DefaultFailoverTimeout
+	}
+	if err := CheckFailoverTimeout(cfg.FailoverTimeout); err != nil {
+		return nil, fmt.Errorf("failover timeout %v: %w", cfg.FailoverTimeout, err)
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()

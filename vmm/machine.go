@@ -271,6 +271,11 @@ type offsetDevice struct {
 func (o offsetDevice) Read(off uint64, data []byte)  { o.Device.Read(off+o.add, data) }
 func (o offsetDevice) Write(off uint64, data []byte) { o.Device.Write(off+o.add, data) }
 
+// HostMemory is the host's memory (MemTotal in /proc/meminfo): New
+// refuses a guest larger than that, and govmm run says so before it
+// loads anything.
+func HostMemory() (uint64, error) { return hostMemory() }
+
 // hostMemory reads MemTotal from /proc/meminfo.
 func hostMemory() (uint64, error) {
 	f, err := os.Open("/proc/meminfo")

@@ -27,15 +27,16 @@ type endpoints struct {
 
 // serveEndpoints starts what f asks for, serving b.
 func serveEndpoints(f *runFlags, b ctlapi.Backend) (*endpoints, error) {
-	if err := f.checkEndpoints(); err != nil {
-		return nil, err
-	}
 	ep := &endpoints{}
 	ep.live.set(b)
 	if f.apiSock != "" {
 		s, err := ctlapi.Serve(context.Background(), f.apiSock, &ep.live)
 		if err != nil {
-			return nil, fmt.Errorf("--api-sock: %w", err)
+			err = fmt.Errorf("--api-sock: %w", err)
+			if f.apiSockDefault != "" {
+				err = fmt.Errorf("%w (%s)", err, f.apiSockDefault)
+			}
+			return nil, err
 		}
 		ep.api = s
 	}
@@ -48,18 +49,6 @@ func serveEndpoints(f *runFlags, b ctlapi.Backend) (*endpoints, error) {
 		ep.metrics = s
 	}
 	return ep, nil
-}
-
-// checkEndpoints refuses a --metrics-listen that is not HOST:PORT before
-// anything starts.
-func (f *runFlags) checkEndpoints() error {
-	if f.metricsListen == "" {
-		return nil
-	}
-	if err := ctlapi.CheckMetricsAddr(f.metricsListen); err != nil {
-		return fmt.Errorf("--metrics-listen: %w", err)
-	}
-	return nil
 }
 
 // Close stops serving. It is idempotent.
@@ -242,9 +231,9 @@ var _ ctlapi.ReplicationBackend = (*vmBackend)(nil)
 func (b *vmBackend) StartReplication(ctx context.Context, req ctlapi.ReplicateRequest) error {
 	epoch := b.f.epoch
 	if req.Epoch != "" {
-		d, err := time.ParseDuration(req.Epoch)
-		if err != nil || d <= 0 {
-			return fmt.Errorf("replicate: %w: bad epoch %q", ctlapi.ErrInvalid, req.Epoch)
+		d, err := parseEpoch(req.Epoch)
+		if err != nil {
+			return fmt.Errorf("replicate: %w: epoch %q: %w", ctlapi.ErrInvalid, req.Epoch, err)
 		}
 		epoch = d
 	}

@@ -86,7 +86,8 @@ func cmdBench(args []string) error {
 	quick := fs.Bool("quick", false, "tiny parameters: proves the suites work in a few minutes, numbers mean little")
 	out := fs.String("out", "", "results directory (default bench/results/<timestamp>)")
 	guest := fs.String("guest", "auto", "boot suite guest: auto, tiny or default")
-	mem := fs.Int("mem", 256, "boot suite guest memory in MiB")
+	memSize := "256M"
+	fs.Var(memFlag{&memSize}, "mem", "boot suite guest memory, as run --mem takes it: 256M, 1G (a bare number is MiB)")
 	modes := fs.String("modes", "sigkill,sigstop", "failover-guest only: the primary's failures to time, `sigkill`, sigstop or both (comma-separated)")
 	var merge listFlag
 	fs.Var(&merge, "merge", "failover-guest only: merge the results `DIR` of an earlier run into one report instead of running trials (repeatable)")
@@ -105,7 +106,7 @@ func cmdBench(args []string) error {
 	}
 	for _, s := range suites {
 		if !slices.Contains(benchSuites, s) && !slices.Contains(extraSuites, s) {
-			return fmt.Errorf("unknown suite %q (%s)", s, strings.Join(append(benchSuites, extraSuites...), ", "))
+			return usagef("bench", "unknown suite %q (%s)", s, strings.Join(append(benchSuites, extraSuites...), ", "))
 		}
 	}
 	if !slices.Contains(suites, "boot") {
@@ -121,7 +122,7 @@ func cmdBench(args []string) error {
 	failModes := strings.Split(*modes, ",")
 	for _, m := range failModes {
 		if m != bench.FailKill && m != bench.FailStop {
-			return fmt.Errorf("--modes: unknown failure %q (sigkill, sigstop)", m)
+			return usagef("bench", "--modes %s: unknown failure %q (sigkill, sigstop)", showArg(*modes), m)
 		}
 	}
 	if *out == "" {
@@ -130,6 +131,7 @@ func cmdBench(args []string) error {
 	if err := os.MkdirAll(*out, 0o755); err != nil {
 		return err
 	}
+	mem, _ := parseMemSize(memSize) // checked by memFlag
 	self, err := os.Executable()
 	if err != nil {
 		return err
@@ -139,7 +141,7 @@ func cmdBench(args []string) error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
 	defer stop()
 	opts := bench.Options{Quick: *quick, Runs: *runs, Out: *out, Govmm: self, Log: os.Stderr,
-		Boot: bench.BootConfig{Govmm: self, Guest: *guest, MemMiB: *mem}, Modes: failModes}
+		Boot: bench.BootConfig{Govmm: self, Guest: *guest, MemMiB: int(mem >> 20)}, Modes: failModes}
 	// The default image is built only where the boot suite will boot it.
 	if slices.Contains(suites, "failover-guest") || slices.Contains(suites, "overhead-guest") {
 		img, err := defaultImage()

@@ -22,10 +22,12 @@ import (
 	"govmm/ctlapi"
 )
 
-const ctlUsage = `Usage: govmm ctl [--api-sock PATH] COMMAND [flags]
+const ctlUsage = `Usage: govmm ctl [--api-sock PATH | --name NAME] COMMAND [flags]
 
 Controls a running VM through its API socket: HTTP/JSON on a unix socket,
-served by 'govmm run --api-sock PATH'.
+served by 'govmm run' and 'govmm restore' (at their --api-sock, by default
+/run/govmm/NAME.sock for their --name NAME) and by 'govmm standby
+--api-sock PATH'.
 
 Commands:
   info [--json]           name, state, vCPUs, memory, devices, uptime, replication,
@@ -49,8 +51,9 @@ Commands:
   metrics                 the same in Prometheus text format
 
 The socket is --api-sock if given, else $GOVMM_API_SOCK, else
-/run/govmm/govmm.sock ($XDG_RUNTIME_DIR/govmm/govmm.sock for a user other
-than root when $XDG_RUNTIME_DIR is set).
+/run/govmm/NAME.sock for --name NAME (default govmm: a VM run without
+--name or --api-sock), in $XDG_RUNTIME_DIR/govmm/ instead for a user other
+than root when $XDG_RUNTIME_DIR is set.
 
 Flags:
 `
@@ -58,12 +61,18 @@ Flags:
 func cmdCtl(args []string) error {
 	fs := newFlagSet("ctl", ctlUsage)
 	sock := fs.String("api-sock", ctlapi.DefaultSocketPath(), "the VM's API `socket`")
+	vmName := fs.String("name", "", "the VM's --name: its default socket")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
+	if *vmName != "" {
+		if given(fs)["api-sock"] {
+			return usagef("ctl", "--api-sock and --name: give one")
+		}
+		*sock = ctlapi.SocketPathFor(*vmName)
+	}
 	if fs.NArg() == 0 {
-		fs.Usage()
-		return errUsage
+		return usagef("ctl", "no command (info, pause, resume, snapshot, migrate, replicate, unreplicate, stats, metrics)")
 	}
 	name, rest := fs.Arg(0), fs.Args()[1:]
 	cmds := map[string]func(context.Context, *ctlapi.Client, []string) error{
@@ -79,9 +88,7 @@ func cmdCtl(args []string) error {
 	}
 	run, ok := cmds[name]
 	if !ok {
-		fmt.Fprintf(fs.Output(), "govmm ctl: unknown command %q\n\n", name)
-		fs.Usage()
-		return errUsage
+		return usagef("ctl", "unknown command %q", name)
 	}
 	c := ctlapi.NewClient(*sock)
 	defer c.Close()
@@ -89,6 +96,10 @@ func cmdCtl(args []string) error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	err := run(ctx, c, rest)
+	if errors.Is(err, ctlapi.ErrNoServer) && !given(fs)["api-sock"] && *vmName == "" {
+		// Where ctl looked is a default: say how to look elsewhere.
+		return fmt.Errorf("%w (the default socket: give --api-sock PATH, or --name NAME for a VM run with --name)", err)
+	}
 	if err != nil && errors.Is(err, context.Canceled) && ctx.Err() != nil {
 		fmt.Fprintf(os.Stderr, "govmm ctl: %s cancelled\n", name)
 		return exitError{130}
@@ -106,7 +117,7 @@ func ctlFlags(name, synopsis string, args []string, register func(*flag.FlagSet)
 		return err
 	}
 	if fs.NArg() > 0 {
-		return fmt.Errorf("ctl %s: unexpected argument %q", name, fs.Arg(0))
+		return usagef(fs.Name(), "unexpected argument %q", fs.Arg(0))
 	}
 	return nil
 }
@@ -198,7 +209,7 @@ func ctlSnapshot(ctx context.Context, c *ctlapi.Client, args []string) error {
 		return err
 	}
 	if out == "" {
-		return errors.New("ctl snapshot: --out FILE is required")
+		return usagef("ctl snapshot", "--out FILE is required")
 	}
 	res, err := c.Snapshot(ctx, out)
 	if err != nil {
@@ -219,7 +230,7 @@ func ctlMigrate(ctx context.Context, c *ctlapi.Client, args []string) error {
 	}
 	to := req.To
 	if to == "" {
-		return errors.New("ctl migrate: --to HOST:PORT is required")
+		return usagef("ctl migrate", "--to HOST:PORT is required")
 	}
 	bar := newCtlBar(os.Stderr, ctlIsTerminal(os.Stderr))
 	res, err := c.Migrate(ctx, req, bar.update)
@@ -562,12 +573,16 @@ func ctlReplicate(ctx context.Context, c *ctlapi.Client, args []string) error {
 	var req ctlapi.ReplicateRequest
 	if err := ctlFlags("replicate", "replicate --to HOST:PORT [--epoch D]", args, func(fs *flag.FlagSet) {
 		fs.StringVar(&req.To, "to", "", "the standby, HOST:PORT")
-		fs.StringVar(&req.Epoch, "epoch", "", "checkpoint interval (default: the VM's --epoch)")
+		fs.Func("epoch", "checkpoint interval, a `duration` (default: the VM's --epoch)", func(s string) error {
+			req.Epoch = s
+			_, err := parseEpoch(s) // as the VMM will: one check
+			return err
+		})
 	}); err != nil {
 		return err
 	}
 	if req.To == "" {
-		return errors.New("ctl replicate: --to HOST:PORT is required")
+		return usagef("ctl replicate", "--to HOST:PORT is required")
 	}
 	if err := c.Replicate(ctx, req); err != nil {
 		return err

@@ -225,18 +225,19 @@ func TestWitnessFlagsBadInput(t *testing.T) {
 	nowhere := fmt.Sprintf("127.0.0.1:%d", freePort(t))
 	tiny := []string{"run", "--kernel", kernel, "--initrd", initrd, "--mem", "64M", "--net", "none"}
 	for _, tt := range []struct {
-		args []string
-		want string
+		args   []string
+		status int
+		want   string
 	}{
-		{append(tiny, "--witness", nowhere), "--key-file is required"},
-		{append(tiny, "--witness", "nowhere", "--key-file", key), `want HOST:PORT`},
-		{append(tiny, "--witness", nowhere, "--key-file", key, "--witness-lease", "1ms"), "lease 1ms outside"},
-		{append(tiny, "--witness", nowhere, "--key-file", key, "--witness-lease", "100ms"), "the guest is not started"},
-		{[]string{"standby", "--listen", "127.0.0.1:0", "--witness", nowhere}, "--key-file is required"},
+		{append(tiny, "--witness", nowhere), 2, "--key-file is required"},
+		{append(tiny, "--witness", "nowhere", "--key-file", key), 2, `want HOST:PORT`},
+		{append(tiny, "--witness", nowhere, "--key-file", key, "--witness-lease", "1ms"), 2, "--witness-lease 1ms: want 10ms to 10m0s"},
+		{append(tiny, "--witness", nowhere, "--key-file", key, "--witness-lease", "100ms"), 1, "the guest is not started"},
+		{[]string{"standby", "--listen", "127.0.0.1:0", "--witness", nowhere}, 2, "--key-file is required"},
 	} {
 		start := time.Now()
 		_, errOut, status := govmm(t, 30*time.Second, tt.args...)
-		require.Equal(t, 1, status, "%v: %s", tt.args, errOut)
+		require.Equal(t, tt.status, status, "%v: %s", tt.args, errOut)
 		require.Contains(t, errOut, tt.want, tt.args)
 		require.Less(t, time.Since(start), 10*time.Second, "%v", tt.args)
 	}

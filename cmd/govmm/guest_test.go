@@ -345,7 +345,8 @@ func TestGuestPowerOffAndReboot(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			r := &results[i]
-			r.out, r.errOut, r.status, r.err = runGovmm(5*time.Minute, "run", "--net", "none", "--",
+			// Side by side, so neither serves the default API socket.
+			r.out, r.errOut, r.status, r.err = runGovmm(5*time.Minute, "run", "--net", "none", "--api-sock", "", "--",
 				"sh", "-c", "echo going down; "+cmd+"; sleep 60; echo still here")
 		}()
 	}

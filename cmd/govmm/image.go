@@ -10,7 +10,7 @@ import (
 	"govmm/guestimg"
 )
 
-const imageUsage = `usage: govmm image build [--cache DIR] [--print]
+const imageUsage = `Usage: govmm image build [--cache DIR] [--print]
 
 Build the default guest image, or find it in the cache: Debian's kernel,
 and an initramfs with busybox, the virtio and ext4 modules, mke2fs, govmm's
@@ -37,24 +37,19 @@ func cmdImage(args []string) error {
 	printPaths := fs.Bool("print", false, "print only the kernel and initrd paths, one per line, for scripts")
 	switch {
 	case len(args) == 0:
-		fs.Usage()
-		return errUsage
+		return usagef("image", "no subcommand: want build")
 	case args[0] != "build":
 		// "govmm image -h" and "govmm help image" land here too.
 		if err := parseFlags(fs, args); err != nil {
 			return err
 		}
-		fmt.Fprintf(fs.Output(), "govmm image: unknown subcommand %q\n\n", args[0])
-		fs.Usage()
-		return errUsage
+		return usagef("image", "unknown subcommand %q: want build", args[0])
 	}
 	if err := parseFlags(fs, args[1:]); err != nil {
 		return err
 	}
 	if fs.NArg() > 0 {
-		fmt.Fprintf(fs.Output(), "govmm image build: unexpected argument %q\n\n", fs.Arg(0))
-		fs.Usage()
-		return errUsage
+		return usagef("image build", "unexpected argument %q", fs.Arg(0))
 	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)

@@ -85,12 +85,11 @@ func cmdLab(args []string) error {
 		return nil
 	}
 	if len(command) == 0 {
-		fmt.Fprintln(os.Stderr, "govmm lab: no command (govmm lab [flags] -- CMD ARGS...)")
-		return errUsage
+		return usagef("lab", "no command: govmm lab [flags] -- CMD ARGS...")
 	}
-	memSize, err := parseSize(*mem)
+	memSize, err := parseMemSize(*mem)
 	if err != nil {
-		return fmt.Errorf("--mem: %w", err)
+		return usagef("lab", "--mem %s: %v", showArg(*mem), err)
 	}
 	if *retries < 0 {
 		return fmt.Errorf("--retries %d: must not be negative", *retries)

@@ -11,22 +11,35 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"slices"
 )
 
 const usage = `govmm: a Remus-style replicating hypervisor on KVM
 
 Usage:
-  govmm run [flags] [-- CMD ARGS...]   boot a guest (the default image when no --kernel)
-  govmm ctl [--api-sock PATH] COMMAND  control a running VM (info, pause, resume, snapshot, migrate, stats)
-  govmm standby --listen HOST:PORT     keep a hot replica of a VM (or receive a migration); run it on failover
+  govmm run [flags] [-- CMD ARGS...]   boot a guest (the default image when no
+                                       --kernel); --replicate-to protects it
+  govmm standby --listen HOST:PORT     replication standby: a hot replica that
+                                       runs the guest when the primary is lost;
+                                       also a live migration's receiver
+  govmm ctl [--api-sock PATH] COMMAND  control a running VM: info, pause,
+                                       resume, snapshot, migrate, replicate,
+                                       unreplicate, stats, metrics
   govmm restore [flags] FILE           resume a VM from a snapshot file
-  govmm witness --listen HOST:PORT     arbiter against split brain: generations and leases per VM
+  govmm witness --listen HOST:PORT     arbiter against split brain: leases and
+                                       generations per VM
   govmm image build [flags]            build the default guest image
-  govmm bench [flags] [SUITE...]       benchmarks against QEMU (CSV + report.md)
-  govmm lab [flags] -- CMD ARGS...     run CMD in the lab (nested KVM under QEMU) where this host's KVM cannot boot Linux
-  govmm help COMMAND                   help for one command
+  govmm bench [flags] [SUITE...]       benchmarks against QEMU (CSV, plots,
+                                       report.md)
+  govmm lab [flags] -- CMD ARGS...     run CMD in the lab (nested KVM under
+                                       QEMU) where this host's KVM cannot boot
+                                       Linux
+  govmm version                        print the version (also --version)
+  govmm help [COMMAND [SUBCOMMAND]]    help, e.g. 'govmm help ctl replicate'
 
-Run 'govmm COMMAND -h' for the flags of a command.
+Help goes to stdout and exits 0; 'govmm COMMAND -h' is the same as
+'govmm help COMMAND'. A command line that cannot run as given exits with
+status 2 and one line on stderr; a failure while running, with status 1.
 `
 
 // exitError carries an exit status through main without printing.
@@ -36,60 +49,91 @@ func (e exitError) Error() string { return fmt.Sprintf("exit status %d", e.statu
 
 func main() {
 	// Components log through slog; people see warnings and errors unless
-	// GOVMM_LOG=debug or info asks for more.
+	// GOVMM_LOG=debug or info asks for more, in govmm's own one-line form.
 	level := slog.LevelWarn
 	_ = level.UnmarshalText([]byte(os.Getenv("GOVMM_LOG")))
-	slog.SetDefault(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level})))
+	slog.SetDefault(slog.New(newCLIHandler(os.Stderr, level)))
 	os.Exit(realMain(os.Args[1:]))
 }
 
+// commands are govmm's commands by name.
+var commands = map[string]func([]string) error{
+	"run":     cmdRun,
+	"image":   cmdImage,
+	"ctl":     cmdCtl,
+	"standby": cmdStandby,
+	"restore": cmdRestore,
+	"witness": cmdWitness,
+	"bench":   cmdBench,
+	"lab":     cmdLab,
+	"version": cmdVersion,
+}
+
+func isHelp(arg string) bool {
+	return arg == "help" || arg == "-h" || arg == "--help" || arg == "-help"
+}
+
 func realMain(args []string) int {
+	return exitStatus(dispatch(args))
+}
+
+// dispatch runs the command args name. Help never recurses: "help X ..."
+// asks command X for its help ("X ... -h"), and help of help is the
+// top-level usage.
+func dispatch(args []string) error {
 	if len(args) == 0 {
 		fmt.Fprint(os.Stderr, usage)
-		return 2
+		return exitError{usageStatus}
 	}
-	var err error
-	switch args[0] {
-	case "run":
-		err = cmdRun(args[1:])
-	case "image":
-		err = cmdImage(args[1:])
-	case "ctl":
-		err = cmdCtl(args[1:])
-	case "standby":
-		err = cmdStandby(args[1:])
-	case "restore":
-		err = cmdRestore(args[1:])
-	case "witness":
-		err = cmdWitness(args[1:])
-	case "bench":
-		err = cmdBench(args[1:])
-	case "lab":
-		err = cmdLab(args[1:])
-	case "help", "-h", "--help":
-		if len(args) > 1 {
-			return realMain([]string{args[1], "-h"})
-		}
-		fmt.Print(usage)
-		return 0
-	default:
-		fmt.Fprintf(os.Stderr, "govmm: unknown command %q\n\n%s", args[0], usage)
-		return 2
-	}
-	var ee exitError
 	switch {
-	case err == nil:
+	case isHelp(args[0]):
+		rest := args[1:]
+		if len(rest) == 0 || isHelp(rest[0]) {
+			fmt.Print(usage)
+			return nil
+		}
+		cmd, ok := commands[rest[0]]
+		if !ok {
+			return usagef("", "help: unknown command %q", rest[0])
+		}
+		return cmd(append(slices.Clone(rest[1:]), "-h"))
+	case args[0] == "--version" || args[0] == "-version":
+		return cmdVersion(args[1:])
+	}
+	cmd, ok := commands[args[0]]
+	if !ok {
+		return usagef("", "unknown command %q", args[0])
+	}
+	return cmd(args[1:])
+}
+
+// exitStatus reports err (unless it says nothing new) and returns the
+// process's exit status: 0, 2 for a usage error, the status an exitError
+// carries, 1 for any other failure.
+func exitStatus(err error) int {
+	var ee exitError
+	var ue *usageError
+	switch {
+	case err == nil, errors.Is(err, flag.ErrHelp):
 		return 0
 	case errors.As(err, &ee):
 		return ee.status
-	case errors.Is(err, flag.ErrHelp):
-		return 0
-	case errors.Is(err, errUsage):
-		return 2
+	case errors.As(err, &ue):
+		printUsageError(os.Stderr, ue)
+		return usageStatus
 	}
 	fmt.Fprintf(os.Stderr, "govmm: %v\n", err)
 	return 1
 }
 
-// errUsage marks a usage error already reported by the flag package.
-var errUsage = errors.New("usage")
+func cmdVersion(args []string) error {
+	fs := newFlagSet("version", "Usage: govmm version (or govmm --version)\n\nPrints govmm's version, the commit it was built from and the Go toolchain.\n")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return usagef("version", "unexpected argument %q", fs.Arg(0))
+	}
+	fmt.Println(version())
+	return nil
+}

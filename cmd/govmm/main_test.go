@@ -28,6 +28,10 @@ func TestMain(m *testing.M) {
 		panic(err)
 	}
 	govmmBin = filepath.Join(dir, "govmm")
+	// A VMM run without --api-sock serves its control API at
+	// $GOVMM_API_SOCK: here, not at the host's /run/govmm, where a
+	// user's VM or another checkout's tests may serve.
+	os.Setenv("GOVMM_API_SOCK", filepath.Join(dir, "default.sock"))
 	// scripts/guest-tests.sh builds the binary before it enters the lab,
 	// where compiling would be emulated too.
 	if b := os.Getenv("GOVMM_BIN"); b != "" {
@@ -92,7 +96,9 @@ func TestRunTinyKernel(t *testing.T) {
 	require.Equal(t, bench.TinyReadyLine+"\n", out)
 }
 
-// Bad input: one clear line on stderr and a non-zero exit, never a panic.
+// Bad input that only running shows: one clear line on stderr and exit
+// status 1, never a panic. (What the command line alone shows to be wrong
+// exits with status 2: TestCLIUsageErrors.)
 func TestRunBadInput(t *testing.T) {
 	k, i := tinyImage(t)
 	base := []string{"run", "--kernel", k, "--initrd", i}
@@ -106,30 +112,17 @@ func TestRunBadInput(t *testing.T) {
 	}{
 		{"not a bzImage", []string{"run", "--kernel", notKernel, "--initrd", i}, 1, "not a bzImage: no HdrS magic"},
 		{"missing kernel", []string{"run", "--kernel", "/nonexistent/bzImage", "--initrd", i}, 1, "no such file"},
-		{"memory too small", append(base, "--mem", "16M"), 1, "below the minimum"},
-		{"memory beyond host", append(base, "--mem", "100T"), 1, "more than the host has"},
-		{"bad size", append(base, "--mem", "lots"), 1, "bad size"},
-		{"bad cpus", append(base, "--cpus", "0"), 1, "cpus 0 out of range"},
-		{"bad publish", append(base, "--publish", "80"), 1, "--publish"},
-		{"bad mac", append(base, "--mac", "01:02"), 1, "--mac"},
+		{"memory beyond host", append(base, "--mem", "100T"), 1, "more than this host has"},
 		{"missing disk", append(base, "--disk", "/nonexistent.img"), 1, "--disk /nonexistent.img"},
-		{"bad net", append(base, "--net", "bridge"), 1, "--net \"bridge\""},
 		{"tap name", append(base, "--net", "tap:waytoolongname12345"), 1, "tap waytoolongname12345"},
-		{"publish without user net", append(base, "--net", "none", "--publish", "8080:80"), 1, "--publish needs --net user"},
-		{"stray argument", append(base, "nproc"), 1, "put the guest command after --"},
-		{"unknown flag", append(base, "--bogus"), 2, "flag provided but not defined"},
-		{"unknown command", []string{"frobnicate"}, 2, "unknown command"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			_, errOut, status := govmm(t, time.Minute, c.args...)
+			_, errOut, status := govmm(t, time.Minute, append(c.args, "--api-sock", "")...)
 			require.Equal(t, c.status, status, errOut)
 			require.Contains(t, errOut, c.msg)
-			require.NotContains(t, errOut, "panic")
-			require.NotContains(t, errOut, "goroutine ")
-			if c.status == 1 {
-				require.Equal(t, 1, strings.Count(strings.TrimSpace(errOut), "\n")+1, "one line: %q", errOut)
-			}
+			requireNoTrace(t, errOut)
+			require.Equal(t, 1, strings.Count(strings.TrimSpace(errOut), "\n")+1, "one line: %q", errOut)
 		})
 	}
 }
@@ -247,10 +240,10 @@ func TestFlagsThatDoNotApplyAreRefused(t *testing.T) {
 		{[]string{"witness", "--state", t.TempDir(), "--list", "--listen", "127.0.0.1:7100"}, "witness: --listen does not apply with --list"},
 		{[]string{"bench", "--out", t.TempDir(), "--mem", "512", "checkpoint"}, "bench: --mem does not apply without the boot suite"},
 		{[]string{"bench", "--out", t.TempDir(), "--modes", "sigkill", "checkpoint"}, "bench: --modes does not apply without the failover-guest suite"},
-		{[]string{"bench", "--out", t.TempDir(), "--modes", "kill", "failover-guest"}, `--modes: unknown failure "kill"`},
+		{[]string{"bench", "--out", t.TempDir(), "--modes", "kill", "failover-guest"}, `--modes kill: unknown failure "kill"`},
 	} {
 		_, errOut, status := govmm(t, time.Minute, c.args...)
-		require.Equal(t, 1, status, errOut)
+		require.Equal(t, usageStatus, status, errOut)
 		require.Contains(t, errOut, c.msg)
 	}
 	// What run and standby take, their help shows.

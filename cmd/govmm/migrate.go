@@ -15,16 +15,28 @@ import (
 )
 
 // streamKey loads --key-file; with none, the stream runs without
-// authentication, which is allowed only towards loopback.
+// authentication, which is allowed only towards loopback. Its errors give
+// no hint: each caller says what its user can do.
 func streamKey(keyFile, addr string) (key []byte, insecure bool, err error) {
 	if keyFile != "" {
 		key, err = stream.LoadKey(keyFile)
 		return key, false, err
 	}
 	if err := stream.CheckListenAddr(addr, false); err != nil {
-		return nil, false, fmt.Errorf("%w (pass --key-file to use a pre-shared key)", err)
+		return nil, false, err
 	}
 	return nil, true, nil
+}
+
+// apiStreamKey is streamKey for the control API's migrate and replicate,
+// whose client has no --key-file to give: a VMM without a key says that
+// it was started without one.
+func apiStreamKey(keyFile, addr string) (key []byte, insecure bool, err error) {
+	key, insecure, err = streamKey(keyFile, addr)
+	if err != nil && keyFile == "" {
+		err = fmt.Errorf("%w; this VMM was started without --key-file", err)
+	}
+	return key, insecure, err
 }
 
 // migrate moves the running machine to a standby (the control API's
@@ -36,9 +48,9 @@ func migrate(ctx context.Context, m *vmm.Machine, f *runFlags, devs *machineDevi
 	if _, _, err := net.SplitHostPort(to); err != nil {
 		return ctlapi.MigrateResult{}, fmt.Errorf("migrate to %q: %w: want HOST:PORT", to, ctlapi.ErrInvalid)
 	}
-	key, insecure, err := streamKey(f.keyFile, to)
+	key, insecure, err := apiStreamKey(f.keyFile, to)
 	if err != nil {
-		return ctlapi.MigrateResult{}, fmt.Errorf("migrate: %w: %w", ctlapi.ErrInvalid, err)
+		return ctlapi.MigrateResult{}, fmt.Errorf("migrate to %s: %w: %w", to, ctlapi.ErrInvalid, err)
 	}
 	if req.Force && node.Peer() != "" {
 		fmt.Fprintf(os.Stderr, "govmm: migrate --force: stopping replication to %s; the guest runs UNPROTECTED from now on\n", node.Peer())
@@ -90,9 +102,6 @@ func reprotectFailed(err error) {
 func startReplication(m *vmm.Machine, f *runFlags, devs *machineDevices, node *replicate.Node, to string, epoch time.Duration) error {
 	cfg := replicate.ReplicateConfig{To: to, Name: f.name, Epoch: epoch, FailoverTimeout: f.failoverTimeout,
 		OnStandbyLoss: f.onStandbyLoss, Disks: devs.diskLogs, Devices: devs.attrs}
-	if node.Fence() == nil && !f.nullStandby {
-		warnSplitBrain()
-	}
 	if f.nullStandby {
 		if to != "" {
 			return fmt.Errorf("--null-standby and a standby address %s: choose one", to)
@@ -105,8 +114,10 @@ func startReplication(m *vmm.Machine, f *runFlags, devs *machineDevices, node *r
 			return fmt.Errorf("replicate to %q: %w: want HOST:PORT", to, ctlapi.ErrInvalid)
 		}
 		var err error
-		if cfg.Key, cfg.Insecure, err = streamKey(f.keyFile, to); err != nil {
-			return fmt.Errorf("--replicate-to: %w", err)
+		// run and standby checked --replicate-to with their flags; this
+		// is the control API's replicate.
+		if cfg.Key, cfg.Insecure, err = apiStreamKey(f.keyFile, to); err != nil {
+			return fmt.Errorf("replicate to %s: %w: %w", to, ctlapi.ErrInvalid, err)
 		}
 	}
 	for _, n := range devs.nics {
@@ -118,17 +129,15 @@ func startReplication(m *vmm.Machine, f *runFlags, devs *machineDevices, node *r
 	if f.unsafeNoOutputBuffering {
 		fmt.Fprintln(os.Stderr, "govmm: warning: --unsafe-no-output-buffering: clients may see output that a failover forgets (benchmarks only)")
 	}
+	if node.Fence() == nil && !f.nullStandby {
+		warnSplitBrain() // once the request is known to be good
+	}
 	fmt.Fprintf(os.Stderr, "govmm: replicating to %s: initial sync\n", to)
-	rep, err := node.Protect(context.Background(), m, cfg)
-	if err != nil {
+	if _, err := node.Protect(context.Background(), m, cfg); err != nil {
 		return err
 	}
 	fmt.Fprintf(os.Stderr, "govmm: protected by %s (epoch %v)\n", to, epoch)
-	go func() {
-		<-rep.Done()
-		if err := rep.Err(); err != nil {
-			fmt.Fprintf(os.Stderr, "govmm: %v\n", err)
-		}
-	}()
+	// How replication ends (the standby lost, this VMM fenced) the
+	// replicate package logs, once.
 	return nil
 }

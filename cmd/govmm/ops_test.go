@@ -186,7 +186,8 @@ func TestStandbyObservableAndMetricsListen(t *testing.T) {
 }
 
 // --metrics-listen is checked before anything starts: what is not
-// HOST:PORT, and a port in use, are one line that names the flag.
+// HOST:PORT is a usage error (status 2) that names the flag; a port in use
+// is one line that names it too.
 func TestMetricsListenRefusesBadAddress(t *testing.T) {
 	kvmtest.Require(t)
 	dir := t.TempDir()
@@ -196,24 +197,25 @@ func TestMetricsListenRefusesBadAddress(t *testing.T) {
 	defer busy.Close()
 	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
 	tests := []struct {
-		name      string
-		args      []string
-		wantFirst string
+		name       string
+		args       []string
+		wantStatus int
+		wantFirst  string
 	}{
-		{"run, no port", []string{"run", "--metrics-listen", "9100"},
-			`govmm: --metrics-listen: "9100" is not HOST:PORT (e.g. 127.0.0.1:9100)`},
-		{"run, port out of range", []string{"run", "--metrics-listen", "127.0.0.1:99999"},
-			`govmm: --metrics-listen: "127.0.0.1:99999": port "99999" is not a number from 0 to 65535`},
+		{"run, no port", []string{"run", "--metrics-listen", "9100"}, 2,
+			`govmm: run: --metrics-listen 9100: want HOST:PORT (see 'govmm help run')`},
+		{"run, port out of range", []string{"run", "--metrics-listen", "127.0.0.1:99999"}, 2,
+			`govmm: run: --metrics-listen 127.0.0.1:99999: want HOST:PORT with a port from 0 to 65535 (see 'govmm help run')`},
 		{"run, port in use", []string{"run", "--kernel", kernel, "--initrd", initrd, "--mem", "64M", "--net", "none",
-			"--metrics-listen", busy.Addr().String()},
+			"--api-sock", "", "--metrics-listen", busy.Addr().String()}, 1,
 			fmt.Sprintf("govmm: --metrics-listen %s: listen tcp %s: bind: address already in use", busy.Addr(), busy.Addr())},
-		{"standby, no port", []string{"standby", "--listen", listen, "--net", "none", "--metrics-listen", "localhost"},
-			`govmm: standby: --metrics-listen: "localhost" is not HOST:PORT (e.g. 127.0.0.1:9100)`},
+		{"standby, no port", []string{"standby", "--listen", listen, "--net", "none", "--metrics-listen", "localhost"}, 2,
+			`govmm: standby: --metrics-listen localhost: want HOST:PORT (see 'govmm help standby')`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			_, errOut, status := govmm(t, time.Minute, tt.args...)
-			assert.Equal(t, 1, status, errOut)
+			assert.Equal(t, tt.wantStatus, status, errOut)
 			first, _, _ := strings.Cut(errOut, "\n")
 			assert.Equal(t, tt.wantFirst, first, errOut)
 		})

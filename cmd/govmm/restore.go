@@ -33,7 +33,10 @@ func cmdRestore(args []string) error {
 		return err
 	}
 	if fs.NArg() != 1 {
-		return fmt.Errorf("restore: want one snapshot file, got %d arguments", fs.NArg())
+		return usagef("restore", "want one snapshot file, got %d arguments", fs.NArg())
+	}
+	if err := defaultAPISock(fs, &f); err != nil {
+		return err
 	}
 	path := fs.Arg(0)
 	st, err := vmm.ReadSnapshotState(path)

@@ -8,7 +8,6 @@ import (
 	"io"
 	"os"
 	"os/signal"
-	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -73,6 +72,7 @@ type runFlags struct {
 	disks                   listFlag
 	noIOEventFD             bool
 	apiSock                 string
+	apiSockDefault          string // how to choose another when apiSock is defaultAPISock's
 	metricsListen           string // HOST:PORT
 	keyFile                 string
 	startPaused             bool // restore --paused
@@ -103,8 +103,9 @@ func (f *runFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.kernel, "kernel", "", "bzImage to boot (default: the default guest image's kernel)")
 	fs.StringVar(&f.initrd, "initrd", "", "initramfs (default: the default guest image's)")
 	fs.StringVar(&f.cmdline, "cmdline", "", "appended to the kernel command line")
-	fs.StringVar(&f.mem, "mem", "256M", "guest memory (K, M, G suffixes)")
-	fs.IntVar(&f.cpus, "cpus", 1, "number of vCPUs")
+	f.mem, f.cpus = "256M", 1
+	fs.Var(memFlag{&f.mem}, "mem", "guest memory, with a K, M, G or T suffix (a bare number is MiB, as for QEMU's -m)")
+	fs.Var(cpusFlag{&f.cpus}, "cpus", fmt.Sprintf("number of vCPUs, 1 to %d", vmm.MaxCPUs))
 	f.registerReplication(fs)
 	f.registerDevices(fs)
 	fs.StringVar(&f.guestIP, "guest-ip", "", "guest eth0 address ADDR/PREFIX (default with --net user: 10.0.2.15/24)")
@@ -114,11 +115,15 @@ func (f *runFlags) register(fs *flag.FlagSet) {
 // registerReplication registers the flags that protect a running guest,
 // shared by run and standby (which re-protects the guest it took over).
 func (f *runFlags) registerReplication(fs *flag.FlagSet) {
-	fs.StringVar(&f.replicateTo, "replicate-to", "", "keep a hot standby at `HOST:PORT` (govmm standby --listen), Remus-style")
-	fs.DurationVar(&f.epoch, "epoch", replicate.DefaultEpoch, "checkpoint interval when replicating")
-	fs.StringVar(&f.onStandbyLoss, "on-standby-loss", replicate.OnStandbyLossContinue, "when the standby is lost: continue (unprotected, logged loudly) or pause (until 'govmm ctl unreplicate' runs it on unprotected, or 'ctl replicate' protects it anew)")
-	fs.StringVar(&f.witness, "witness", "", "arbiter against split brain, `HOST:PORT` (govmm witness; needs --key-file): output leaves only under its lease, a standby takes over only after winning the next generation there")
-	fs.DurationVar(&f.witnessLease, "witness-lease", witness.DefaultLease, "lease asked of the witness: a dead primary's lease runs out within it, so it bounds failover from below; about --failover-timeout")
+	fs.Var(hostPortFlag{&f.replicateTo}, "replicate-to", "keep a hot standby at `HOST:PORT` (govmm standby --listen), Remus-style")
+	durationVar(fs, &f.epoch, "epoch", replicate.DefaultEpoch, replicate.CheckEpoch,
+		"checkpoint interval when replicating")
+	f.onStandbyLoss = replicate.OnStandbyLossContinue
+	fs.Var(choiceFlag{&f.onStandbyLoss, []string{replicate.OnStandbyLossContinue, replicate.OnStandbyLossPause}}, "on-standby-loss",
+		"when the standby is lost: continue (unprotected, logged loudly) or pause (until 'govmm ctl unreplicate' runs it on unprotected, or 'ctl replicate' protects it anew)")
+	fs.Var(hostPortFlag{&f.witness}, "witness", "arbiter against split brain, `HOST:PORT` (govmm witness; needs --key-file): output leaves only under its lease, a standby takes over only after winning the next generation there")
+	durationVar(fs, &f.witnessLease, "witness-lease", witness.DefaultLease, leaseCheck,
+		"lease asked of the witness: a dead primary's lease runs out within it, so it bounds failover from below; about --failover-timeout")
 	fs.BoolVar(&f.unsafeNoOutputBuffering, "unsafe-no-output-buffering", false, "UNSAFE, benchmarks only: let guest output out before its checkpoint is acknowledged")
 	fs.BoolVar(&f.nullStandby, "null-standby", false, "benchmarks only: take checkpoints and ship them nowhere (the guest is NOT protected)")
 }
@@ -128,9 +133,9 @@ func (f *runFlags) registerReplication(fs *flag.FlagSet) {
 // network settings (--guest-ip, --guest-gw) are run's: a restored or
 // replicated guest has them in its memory already.
 func (f *runFlags) registerDevices(fs *flag.FlagSet) {
-	fs.StringVar(&f.apiSock, "api-sock", "", "serve the control API (HTTP/JSON) on this unix socket; see govmm ctl")
-	fs.StringVar(&f.metricsListen, "metrics-listen", "", "serve Prometheus metrics at http://`HOST:PORT`/metrics (TCP; e.g. 127.0.0.1:9100)")
-	fs.DurationVar(&f.failoverTimeout, "failover-timeout", replicate.DefaultFailoverTimeout,
+	fs.StringVar(&f.apiSock, "api-sock", "", "serve the control API (HTTP/JSON, see govmm ctl) on this unix `socket`, '' for none; run and restore serve it by default at /run/govmm/NAME.sock for --name NAME ($XDG_RUNTIME_DIR/govmm/ for a user other than root), where 'govmm ctl' looks for the default name; standby serves it only when given")
+	fs.Var(hostPortFlag{&f.metricsListen}, "metrics-listen", "serve Prometheus metrics at http://HOST:PORT/metrics (TCP; e.g. 127.0.0.1:9100)")
+	durationVar(fs, &f.failoverTimeout, "failover-timeout", replicate.DefaultFailoverTimeout, replicate.CheckFailoverTimeout,
 		"declare the peer lost after this long without a byte from it while listening (replication; the larger of the two ends' wins)")
 	fs.StringVar(&f.keyFile, "key-file", "", "pre-shared key authenticating the migration stream (mode 0600, at least 16 bytes); without it only loopback is allowed")
 	fs.StringVar(&f.name, "name", "govmm", "VM name (the default MAC derives from it)")
@@ -170,39 +175,8 @@ func refuseUnused(fs *flag.FlagSet, why string, names ...string) error {
 	set := given(fs)
 	for _, n := range names {
 		if set[n] {
-			return fmt.Errorf("%s: --%s does not apply %s", fs.Name(), n, why)
+			return usagef(fs.Name(), "--%s does not apply %s", n, why)
 		}
-	}
-	return nil
-}
-
-func newFlagSet(name, usage string) *flag.FlagSet {
-	fs := flag.NewFlagSet(name, flag.ContinueOnError)
-	fs.Usage = func() {
-		fmt.Fprint(fs.Output(), usage)
-		printDefaults(fs)
-	}
-	return fs
-}
-
-// printDefaults is fs.PrintDefaults without the hidden flags.
-func printDefaults(fs *flag.FlagSet) {
-	shown := flag.NewFlagSet(fs.Name(), flag.ContinueOnError)
-	shown.SetOutput(fs.Output())
-	fs.VisitAll(func(fl *flag.Flag) {
-		if _, refused := fl.Value.(refusedFlag); !refused && !hiddenFlags[fl.Name] {
-			shown.Var(fl.Value, fl.Name, fl.Usage)
-		}
-	})
-	shown.PrintDefaults()
-}
-
-func parseFlags(fs *flag.FlagSet, args []string) error {
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return err
-		}
-		return errUsage
 	}
 	return nil
 }
@@ -216,14 +190,17 @@ func cmdRun(args []string) error {
 	}
 	command := fs.Args()
 	if len(command) > 0 && !argsHadDashDash(args, command) {
-		return fmt.Errorf("unexpected argument %q (put the guest command after --)", command[0])
+		return usagef("run", "unexpected argument %q (put the guest command after --)", command[0])
 	}
-	mem, err := parseSize(f.mem)
-	if err != nil {
-		return fmt.Errorf("--mem: %w", err)
-	}
-	if err := f.checkEndpoints(); err != nil {
+	if err := f.check(fs); err != nil {
 		return err
+	}
+	if err := defaultAPISock(fs, &f); err != nil {
+		return err
+	}
+	mem, _ := parseMemSize(f.mem) // checked by memFlag
+	if total, err := vmm.HostMemory(); err == nil && mem > total {
+		return fmt.Errorf("--mem %s: more than this host has (%s)", f.mem, ctlBytes(total))
 	}
 	kernel, initrd, err := loadImage(f.kernel, f.initrd)
 	if err != nil {
@@ -395,31 +372,6 @@ func loadImage(kernelPath, initrdPath string) (kernel, initrd []byte, err error)
 		return nil, nil, fmt.Errorf("initrd: %w", err)
 	}
 	return kernel, initrd, nil
-}
-
-// parseSize reads sizes like 256M, 1G, 4096K or plain bytes.
-func parseSize(s string) (uint64, error) {
-	mult := uint64(1)
-	t := strings.TrimSuffix(strings.ToUpper(s), "B")
-	t = strings.TrimSuffix(t, "I")
-	switch {
-	case strings.HasSuffix(t, "K"):
-		mult, t = 1<<10, t[:len(t)-1]
-	case strings.HasSuffix(t, "M"):
-		mult, t = 1<<20, t[:len(t)-1]
-	case strings.HasSuffix(t, "G"):
-		mult, t = 1<<30, t[:len(t)-1]
-	case strings.HasSuffix(t, "T"):
-		mult, t = 1<<40, t[:len(t)-1]
-	}
-	n, err := strconv.ParseUint(t, 10, 64)
-	if err != nil || n == 0 {
-		return 0, fmt.Errorf("bad size %q (want e.g. 256M or 2G)", s)
-	}
-	if n > (1<<63)/mult {
-		return 0, fmt.Errorf("size %q too large", s)
-	}
-	return n * mult, nil
 }
 
 // escapeKey (Ctrl-A) followed by 'x' quits, as in QEMU; Ctrl-A Ctrl-A

@@ -63,14 +63,25 @@ func cmdStandby(args []string) error {
 	fs.StringVar(&f.guestIP, "guest-ip", "", "the guest's eth0 address ADDR/PREFIX, announced by gratuitous ARP when the guest runs here")
 	refuseFlags(fs, "does not apply to standby: the guest's kernel, memory, vCPUs and settings come from the primary",
 		"kernel", "initrd", "cmdline", "mem", "cpus", "guest-gw")
-	listen := fs.String("listen", "", "address to listen on for the source, HOST:PORT")
+	var listenAddr string
+	listen := &listenAddr
+	fs.Var(hostPortFlag{listen}, "listen", "address to listen on for the source, `HOST:PORT`")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
 	if *listen == "" {
-		return errors.New("standby: --listen HOST:PORT is required")
+		return usagef("standby", "--listen HOST:PORT is required")
+	}
+	if fs.NArg() > 0 {
+		return usagef("standby", "unexpected argument %q", fs.Arg(0))
+	}
+	if err := f.check(fs); err != nil {
+		return err
 	}
 	key, insecure, err := streamKey(f.keyFile, *listen)
+	if err != nil && f.keyFile == "" {
+		return usagef("standby", "--listen %s: %v: give --key-file", *listen, err)
+	}
 	if err != nil {
 		return fmt.Errorf("standby: %w", err)
 	}

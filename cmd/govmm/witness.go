@@ -37,19 +37,23 @@ Flags:
 
 func cmdWitness(args []string) error {
 	fs := newFlagSet("witness", witnessUsage)
-	listen := fs.String("listen", "", "address to serve VMMs on, `HOST:PORT`")
+	var listenAddr string
+	listen := &listenAddr
+	fs.Var(hostPortFlag{listen}, "listen", "address to serve VMMs on, `HOST:PORT`")
 	keyFile := fs.String("key-file", "", "pre-shared key, the VMMs' --key-file (mode 0600, at least 16 bytes)")
 	state := fs.String("state", "", "`DIR` of the generations (created 0700 if missing; one witness at a time)")
-	maxLease := fs.Duration("max-lease", witness.DefaultMaxLease, "longest lease granted (after a restart, claims wait one lease)")
+	var maxLeaseD time.Duration
+	maxLease := &maxLeaseD
+	durationVar(fs, maxLease, "max-lease", witness.DefaultMaxLease, leaseCheck, "longest lease granted (after a restart, claims wait one lease)")
 	list := fs.Bool("list", false, "print the generations saved in --state and exit")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
 	if fs.NArg() > 0 {
-		return fmt.Errorf("witness: unexpected argument %q", fs.Arg(0))
+		return usagef("witness", "unexpected argument %q", fs.Arg(0))
 	}
 	if *state == "" {
-		return errors.New("witness: --state DIR is required")
+		return usagef("witness", "--state DIR is required")
 	}
 	if *list {
 		if err := refuseUnused(fs, "with --list, which only reads --state", "listen", "key-file", "max-lease"); err != nil {
@@ -58,13 +62,10 @@ func cmdWitness(args []string) error {
 		return listWitnessState(*state)
 	}
 	if *listen == "" {
-		return errors.New("witness: --listen HOST:PORT is required")
-	}
-	if _, _, err := net.SplitHostPort(*listen); err != nil {
-		return fmt.Errorf("witness: --listen %q: want HOST:PORT", *listen)
+		return usagef("witness", "--listen HOST:PORT is required")
 	}
 	if *keyFile == "" {
-		return errors.New("witness: --key-file is required: the witness serves only VMMs that share its key")
+		return usagef("witness", "--key-file is required: the witness serves only VMMs that share its key")
 	}
 	key, err := stream.LoadKey(*keyFile)
 	if err != nil {
@@ -74,7 +75,7 @@ func cmdWitness(args []string) error {
 	// for: Info unless GOVMM_LOG says otherwise.
 	log := slog.Default()
 	if os.Getenv("GOVMM_LOG") == "" {
-		log = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
+		log = slog.New(newCLIHandler(os.Stderr, slog.LevelInfo))
 	}
 	srv, err := witness.NewServer(witness.ServerConfig{Key: key, StateDir: *state, MaxLease: *maxLease, Logger: log})
 	if err != nil {

@@ -127,21 +127,22 @@ func TestWitnessCommandBadInput(t *testing.T) {
 	require.NoError(t, os.WriteFile(filepath.Join(corrupt, "witness.json"), []byte("{"), 0o600))
 	state := t.TempDir()
 	for _, tt := range []struct {
-		args []string
-		want string
+		args   []string
+		status int
+		want   string
 	}{
-		{[]string{"--listen", "127.0.0.1:0", "--key-file", keyFile}, "--state DIR is required"},
-		{[]string{"--state", state, "--key-file", keyFile}, "--listen HOST:PORT is required"},
-		{[]string{"--state", state, "--listen", "7000", "--key-file", keyFile}, `--listen "7000": want HOST:PORT`},
-		{[]string{"--state", state, "--listen", "127.0.0.1:0"}, "--key-file is required"},
-		{[]string{"--state", state, "--listen", "127.0.0.1:0", "--key-file", loose}, "lets others read it (chmod 600)"},
-		{[]string{"--state", corrupt, "--listen", "127.0.0.1:0", "--key-file", keyFile}, "witness.json: not a witness state file"},
-		{[]string{"--state", corrupt, "--list"}, "witness.json: not a witness state file"},
-		{[]string{"--state", state, "--listen", "127.0.0.1:0", "--key-file", keyFile, "--max-lease", "1h"}, "max lease 1h0m0s outside"},
-		{[]string{"--state", state, "stray"}, `unexpected argument "stray"`},
+		{[]string{"--listen", "127.0.0.1:0", "--key-file", keyFile}, 2, "--state DIR is required"},
+		{[]string{"--state", state, "--key-file", keyFile}, 2, "--listen HOST:PORT is required"},
+		{[]string{"--state", state, "--listen", "7000", "--key-file", keyFile}, 2, `--listen 7000: want HOST:PORT`},
+		{[]string{"--state", state, "--listen", "127.0.0.1:0"}, 2, "--key-file is required"},
+		{[]string{"--state", state, "--listen", "127.0.0.1:0", "--key-file", loose}, 1, "lets others read it (chmod 600)"},
+		{[]string{"--state", corrupt, "--listen", "127.0.0.1:0", "--key-file", keyFile}, 1, "witness.json: not a witness state file"},
+		{[]string{"--state", corrupt, "--list"}, 1, "witness.json: not a witness state file"},
+		{[]string{"--state", state, "--listen", "127.0.0.1:0", "--key-file", keyFile, "--max-lease", "1h"}, 2, "--max-lease 1h: want 10ms to 10m0s"},
+		{[]string{"--state", state, "stray"}, 2, `unexpected argument "stray"`},
 	} {
 		_, errOut, status := govmm(t, 10*time.Second, append([]string{"witness"}, tt.args...)...)
-		require.Equal(t, 1, status, "%v: %s", tt.args, errOut)
+		require.Equal(t, tt.status, status, "%v: %s", tt.args, errOut)
 		require.Equal(t, 1, strings.Count(errOut, "\n"), "%v: %s", tt.args, errOut)
 		require.Contains(t, errOut, tt.want, tt.args)
 	}

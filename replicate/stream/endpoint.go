@@ -207,7 +207,11 @@ func (e *endpoint) failWith(err error, offset int64, goodbye bool) error {
 		if errors.Is(err, ErrClosed) {
 			return
 		}
-		e.log.Warn("stream failed", "err", se)
+		// The error goes to whoever uses the endpoint (Err, OnFailure),
+		// which reports it once, in its own words (a refused connection, a
+		// lost standby, a takeover): logging it here as well would say it
+		// twice.
+		e.log.Debug("stream failed", "err", se)
 		if e.cfg.OnFailure != nil {
 			go e.cfg.OnFailure(se)
 		}

@@ -61,7 +61,7 @@ func LoadKey(path string) ([]byte, error) {
 }
 
 // ErrInsecureListen is returned by CheckListenAddr.
-var ErrInsecureListen = errors.New("refusing to listen beyond loopback without a key")
+var ErrInsecureListen = errors.New("without a key, the stream uses only loopback addresses")
 
 // CheckListenAddr enforces where a receiver may listen. With a key, any
 // address is fine. Without one (Config.Insecure), only a loopback address:
@@ -83,7 +83,7 @@ func CheckListenAddr(addr string, haveKey bool) error {
 		return nil
 	}
 	if host == "" {
-		host = "all interfaces"
+		return fmt.Errorf("%w (an empty host is every interface)", ErrInsecureListen)
 	}
-	return fmt.Errorf("listen address %q (%s): %w; give --key-file", addr, host, ErrInsecureListen)
+	return fmt.Errorf("%w (%s is not one)", ErrInsecureListen, host)
 }

@@ -39,7 +39,7 @@ func Listen(addr string, cfg Config) (*Listener, error) {
 		return nil, err
 	}
 	if err := CheckListenAddr(addr, len(cfg.Key) > 0); err != nil {
-		return nil, err
+		return nil, fmt.Errorf("listen %s: %w", addr, err)
 	}
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {

@@ -86,8 +86,8 @@ func NewClient(cfg Config) (*Client, error) {
 	if cfg.Lease == 0 {
 		cfg.Lease = DefaultLease
 	}
-	if cfg.Lease < MinLease || cfg.Lease > maxLeaseCap {
-		return nil, fmt.Errorf("witness %s: lease %v outside [%v, %v]", cfg.Addr, cfg.Lease, MinLease, maxLeaseCap)
+	if err := CheckLease(cfg.Lease); err != nil {
+		return nil, fmt.Errorf("witness %s: lease %v: %w", cfg.Addr, cfg.Lease, err)
 	}
 	if cfg.Margin < 0 || cfg.Margin >= cfg.Lease/2 {
 		return nil, fmt.Errorf("witness %s: margin %v: want less than half the lease (%v)", cfg.Addr, cfg.Margin, cfg.Lease)

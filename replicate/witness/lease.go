@@ -29,6 +29,16 @@ const (
 	MaxDrift = 1e-3
 )
 
+// CheckLease says why d cannot be a lease, or nil: the one check of a
+// lease a VMM asks for (--witness-lease) and of a witness's longest
+// (--max-lease).
+func CheckLease(d time.Duration) error {
+	if d < MinLease || d > maxLeaseCap {
+		return fmt.Errorf("want %v to %v", MinLease, maxLeaseCap)
+	}
+	return nil
+}
+
 // usable is how long after sending a request the holder may release
 // output when the witness answers with lease l: the witness counts l from
 // when the request reached it, which is after it was sent; with clock

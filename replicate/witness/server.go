@@ -91,8 +91,8 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	if cfg.MaxLease == 0 {
 		cfg.MaxLease = DefaultMaxLease
 	}
-	if cfg.MaxLease < MinLease || cfg.MaxLease > maxLeaseCap {
-		return nil, fmt.Errorf("witness: max lease %v outside [%v, %v]", cfg.MaxLease, MinLease, maxLeaseCap)
+	if err := CheckLease(cfg.MaxLease); err != nil {
+		return nil, fmt.Errorf("witness: max lease %v: %w", cfg.MaxLease, err)
 	}
 	if cfg.MaxVMs <= 0 {
 		cfg.MaxVMs = 4096
