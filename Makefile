@@ -78,6 +78,7 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime $(FUZZTIME) ./vmm/container/
 	$(GO) test -run '^$$' -fuzz FuzzParsePages -fuzztime $(FUZZTIME) ./vmm/container/
 	$(GO) test -run '^$$' -fuzz FuzzStateBody -fuzztime $(FUZZTIME) ./vmm/
+	$(GO) test -run '^$$' -fuzz FuzzSnapshotConfig -fuzztime $(FUZZTIME) ./vmm/
 	$(GO) test -run '^$$' -fuzz FuzzDecodeFrame -fuzztime $(FUZZTIME) ./replicate/stream/
 	$(GO) test -run '^$$' -fuzz FuzzDecodeFrame -fuzztime $(FUZZTIME) ./replicate/witness/
 	$(GO) test -run '^$$' -fuzz FuzzDecodeState -fuzztime $(FUZZTIME) ./replicate/witness/

@@ -15,8 +15,8 @@ import (
 	"govmm/internal/kvmtest"
 )
 
-// Every suite runs in quick mode and leaves its CSV, its plots and its
-// section of report.md. Timings are never checked: they belong to the
+// Every suite runs in quick mode and leaves its CSV, its plots (each a
+// PNG with an SVG beside it) and its section of report.md. Timings are never checked: they belong to the
 // machine, not to the code.
 func TestQuickSuitesProduceOutput(t *testing.T) {
 	kvmtest.Require(t)
@@ -46,12 +46,25 @@ func TestQuickSuitesProduceOutput(t *testing.T) {
 			require.NoError(t, err)
 			require.NotEmpty(t, sections[suite])
 			require.NoError(t, WriteReport(out, "govmm bench --quick "+suite, sections, []string{suite}))
-			for _, name := range append(files[suite], "report.md") {
+			want := append(files[suite], "report.md")
+			for _, name := range files[suite] {
+				if strings.HasSuffix(name, ".png") {
+					want = append(want, strings.TrimSuffix(name, ".png")+".svg")
+				}
+			}
+			for _, name := range want {
 				st, err := os.Stat(filepath.Join(out, name))
 				if assert.NoError(t, err, name) {
 					assert.Positive(t, st.Size(), "%s is empty", name)
 				}
 			}
+			// Nothing else: every plot the suite writes is in the table.
+			got, err := filepath.Glob(filepath.Join(out, "*.*"))
+			require.NoError(t, err)
+			for i := range got {
+				got[i] = filepath.Base(got[i])
+			}
+			assert.ElementsMatch(t, want, got)
 		})
 	}
 }

@@ -477,7 +477,7 @@ func (r *CheckpointResult) plot(dir string) error {
 		return s
 	}
 	err := lineChart(filepath.Join(dir, "checkpoint_pause.png"), "Checkpoint pause and ack vs dirty pages per epoch",
-		"dirty pages per epoch (measured)", "time (µs)", true, []Series{
+		"dirty pages per epoch (measured)", "time (µs)", LogLog, []Series{
 			{Name: "pause (each epoch)", X: pauseX, Y: pauseY},
 			{Name: "pause (median per run)", X: medX, Y: medY, Line: true},
 			{Name: "time to ack (each epoch)", X: ackX, Y: ackY},
@@ -488,28 +488,28 @@ func (r *CheckpointResult) plot(dir string) error {
 	if err != nil {
 		return err
 	}
-	var cats []string
-	vals := make([][]float64, 5)
+	// The steps side by side on log axes, one line each against the
+	// run's dirty pages per epoch: stacked bars on a linear axis flattened
+	// the small working sets, where the fixed costs (stop, state, resume)
+	// are the whole pause, into the axis.
+	steps := []Series{
+		{Name: "whole pause", Line: true, Dashed: true},
+		{Name: "stop vCPUs + quiesce", Line: true},
+		{Name: "harvest", Line: true},
+		{Name: "copy to staging", Line: true},
+		{Name: "save state", Line: true},
+		{Name: "resume (rest)", Line: true},
+	}
 	for _, g := range groups {
-		cats = append(cats, fmt.Sprintf("%s@%s\n%.0f dirty", shortPages(g.nominal), g.epoch, g.dirty.Median))
-		vals[0] = append(vals[0], g.stop.Median)
-		vals[1] = append(vals[1], g.harvest.Median)
-		vals[2] = append(vals[2], g.copy.Median)
-		vals[3] = append(vals[3], g.state.Median)
-		vals[4] = append(vals[4], g.rest.Median)
+		for i, v := range []float64{g.pause.Median, g.stop.Median, g.harvest.Median, g.copy.Median, g.state.Median, g.rest.Median} {
+			steps[i].X, steps[i].Y = append(steps[i].X, g.dirty.Median), append(steps[i].Y, v)
+		}
 	}
-	return stackedBars(filepath.Join(dir, "checkpoint_breakdown.png"), "Pause broken into steps (medians)", "time (µs)",
-		cats, []string{"stop vCPUs + quiesce", "harvest", "copy to staging", "save state", "resume (rest)"}, vals)
-}
-
-func shortPages(n int) string {
-	if n >= 1024 && n%1024 == 0 {
-		return fmt.Sprintf("%dk", n/1024)
+	if len(groups) == 0 {
+		return fmt.Errorf("checkpoint: no epochs to plot")
 	}
-	if n >= 1000 && n%1000 == 0 {
-		return fmt.Sprintf("%dk", n/1000)
-	}
-	return strconv.Itoa(n)
+	return lineChart(filepath.Join(dir, "checkpoint_breakdown.png"), fmt.Sprintf("Pause broken into steps (medians per run, epoch %v)", groups[0].epoch),
+		"dirty pages per epoch (measured median of the run)", "time (µs)", LogLog, steps)
 }
 
 // Report renders the checkpoint section of report.md.
@@ -517,7 +517,7 @@ func (r *CheckpointResult) Report() string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "%s\n\nGuest: one vCPU running `tinyguest.Dirtier` over the working set (guest RAM sized to hold it: 64 MiB up to 512 MiB), "+
 		"replicated with `replicate.StartReplication` to an in-process standby over loopback TCP, %d warm-up epochs dropped, then %d epochs kept per run. "+
-		"Raw data: `checkpoint.csv` (one row per epoch), `checkpoint_steps.csv`, `checkpoint_bounds.csv`; plots `checkpoint_pause.png`, `checkpoint_breakdown.png`.\n\n",
+		"Raw data: `checkpoint.csv` (one row per epoch), `checkpoint_steps.csv`, `checkpoint_bounds.csv`; plots `checkpoint_pause.png`, `checkpoint_breakdown.png` (each step's median against the dirty pages, log–log).\n\n",
 		platform(), r.Config.Warmup, r.Config.Epochs)
 	b.WriteString("Step names are replicate's `EpochStats`: *stop* is pausing the vCPUs and quiescing the devices; *harvest* takes the dirty set alone (KVM's log and the VMM's own bitmap) with the guest already stopped; " +
 		"*copy* is copying the dirty pages into the staging buffer (one buffer, reused from epoch to epoch); *state* is SaveState + marshal, the epoch's disk writes and sealing its output; *rest* = pause − the four, i.e. resuming the vCPUs. " +

@@ -419,7 +419,7 @@ func (r *FailoverResult) write(dir string) error {
 		names = append(names, name)
 		values = append(values, g.values)
 	}
-	return boxes(filepath.Join(dir, "failover.png"), "Primary failure to the standby's first API answer", "time (ms)", names, values)
+	return boxes(filepath.Join(dir, "failover.png"), "Primary failure to the standby's first API answer", "time (ms)", true, names, values)
 }
 
 // Report renders the failover section of report.md.
@@ -432,7 +432,7 @@ func (r *FailoverResult) Report() string {
 		"*sigstop*: the primary freezes with its connection open (a silent primary); only the failover timeout detects it. "+
 		"*takeover* is what the standby itself logs for resuming the replica after detection (with a witness, the claim of the next generation included; *claim* alone). "+
 		"Every trial uses a pre-shared key; *witness* trials add `--witness` (a `govmm witness` on loopback) with `--witness-lease T`: the standby of a SIGKILLed primary then waits for the dead primary's lease to run out (at most T after its last renewal), "+
-		"while a SIGSTOPped primary's lease has run out by the time its silence is detected. Raw data `failover.csv`, plot `failover.png` (box: p25–p75 with the median; whiskers 1.5 IQR).\n\n",
+		"while a SIGSTOPped primary's lease has run out by the time its silence is detected. Raw data `failover.csv`, plot `failover.png` (log time axis; box: p25–p75 with the median; whiskers 1.5 IQR).\n\n",
 		platform(), r.Config.Pages, r.Config.Epoch, 10*r.Config.Epoch+100*time.Millisecond)
 	b.WriteString("| mode | failover timeout | witness | trials | answer median ms | p25 | p75 | min | max | takeover median ms | claim median ms |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, g := range r.groups() {

@@ -296,7 +296,7 @@ func (r *FailoverGuestResult) write(dir string) error {
 			values = append(values, v)
 		}
 	}
-	return boxes(filepath.Join(dir, "failover_guest.png"), "Default guest: primary failure to the first answer from the standby", "time (ms)", names, values)
+	return boxes(filepath.Join(dir, "failover_guest.png"), "Default guest: primary failure to the first answer from the standby", "time (ms)", true, names, values)
 }
 
 // Report renders the failover-guest section of report.md.

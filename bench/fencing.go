@@ -452,7 +452,7 @@ func (r *FencingResult) write(dir string) error {
 		names = append(names, mode)
 		values = append(values, v)
 	}
-	return boxes(filepath.Join(dir, "fencing.png"), "Checkpoint pause with and without a witness", "pause (µs)", names, values)
+	return boxes(filepath.Join(dir, "fencing.png"), "Checkpoint pause with and without a witness", "pause (µs)", false, names, values)
 }
 
 // Report renders the fencing section of report.md.

@@ -380,6 +380,9 @@ func (r *OverheadResult) plot(dir string) error {
 		}
 		lines[k].X = append(lines[k].X, msOf(g.epoch))
 		lines[k].Y = append(lines[k].Y, g.rel.Median)
+		// Error bars: the lowest and highest trial.
+		lines[k].Lo = append(lines[k].Lo, g.rel.Min)
+		lines[k].Hi = append(lines[k].Hi, g.rel.Max)
 	}
 	var series []Series
 	var xmin, xmax float64
@@ -396,7 +399,7 @@ func (r *OverheadResult) plot(dir string) error {
 	}
 	series = append(series, Series{Name: "unreplicated (= 1)", X: []float64{xmin, xmax}, Y: []float64{1, 1}, Line: true, Dashed: true})
 	return lineChart(filepath.Join(dir, "overhead.png"), "Guest throughput under replication vs epoch length",
-		"epoch length (ms)", "throughput relative to unreplicated (median of trials)", false, series)
+		"epoch length (ms, log scale)", "throughput relative to unreplicated (median; bars: min–max of trials)", Axes{LogX: true}, series)
 }
 
 // Report renders the overhead section of report.md.
@@ -410,7 +413,7 @@ func (r *OverheadResult) Report() string {
 		"%d trials per configuration, interleaved across configurations (the order rotated each trial). "+
 		"*Relative* is each trial's passes/s ÷ the median unreplicated passes/s of the same working set: median (min–max). "+
 		"*Paused* is the summed checkpoint pause over the window; the rest of the loss is the guest running slower between checkpoints (dirty-logging write faults, host CPU taken by the checkpoint and stream goroutines). "+
-		"Raw data `overhead.csv` (one row per trial), plot `overhead.png`.\n\n",
+		"Raw data `overhead.csv` (one row per trial), plot `overhead.png` (log epoch axis; error bars: the slowest and fastest trial).\n\n",
 		platform(), r.Config.Window, r.Config.Warmup, r.Config.Trials)
 	b.WriteString("| working set | mode | epoch | trials | passes/s median (min–max) | relative median (min–max) | epochs in window median | pause median µs | paused % of window | dirty pages/epoch median | actual epoch ms | ack median µs |\n")
 	b.WriteString("|---|---|---|---|---|---|---|---|---|---|---|---|\n")

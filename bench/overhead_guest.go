@@ -346,10 +346,10 @@ func (r *OverheadGuestResult) write(dir string) error {
 		return err
 	}
 	names, rates, p50s := r.groups()
-	if err := boxes(filepath.Join(dir, "overhead_guest_rate.png"), "Default guest's demo service: POST /incr answers per second", "answers/s", names, rates); err != nil {
+	if err := boxes(filepath.Join(dir, "overhead_guest_rate.png"), "Default guest's demo service: POST /incr answers per second", "answers/s", false, names, rates); err != nil {
 		return err
 	}
-	return boxes(filepath.Join(dir, "overhead_guest_latency.png"), "Default guest's demo service: POST /incr median latency", "latency (ms)", names, p50s)
+	return boxes(filepath.Join(dir, "overhead_guest_latency.png"), "Default guest's demo service: POST /incr median latency", "latency (ms)", false, names, p50s)
 }
 
 // groups are the configurations in order, with each one's rates and

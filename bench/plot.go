@@ -7,6 +7,9 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
 	"time"
 
 	"gonum.org/v1/plot"
@@ -22,12 +25,23 @@ type Series struct {
 	X, Y   []float64
 	Line   bool // join the points (sorted by X) instead of scattering them
 	Dashed bool
+	// Lo and Hi, when set (one per point), are the ends of an error bar
+	// drawn at each point: the spread of the trials behind a median.
+	Lo, Hi []float64
 }
 
-// lineChart draws series on one plot and saves it as a PNG. With log set,
-// both axes are logarithmic and points that cannot be drawn on them (zero
-// or negative) are left out.
-func lineChart(path, title, xlabel, ylabel string, log bool, series []Series) error {
+// Axes says which axes of a chart are logarithmic. Use a log axis
+// wherever the values span decades: on a linear one the small cases
+// flatten into the axis.
+type Axes struct{ LogX, LogY bool }
+
+// LogLog is both axes logarithmic.
+var LogLog = Axes{LogX: true, LogY: true}
+
+// lineChart draws series on one plot and saves it as a PNG and an SVG
+// (savePlot). Points that cannot be drawn on a log axis (zero or
+// negative) are left out.
+func lineChart(path, title, xlabel, ylabel string, axes Axes, series []Series) error {
 	p := plot.New()
 	p.Title.Text = title
 	p.X.Label.Text = xlabel
@@ -35,24 +49,42 @@ func lineChart(path, title, xlabel, ylabel string, log bool, series []Series) er
 	p.Legend.Top = true
 	p.Legend.Left = true
 	p.Add(plotter.NewGrid())
-	if log {
-		p.X.Scale, p.Y.Scale = plot.LogScale{}, plot.LogScale{}
-		p.X.Tick.Marker, p.Y.Tick.Marker = plot.LogTicks{Prec: -1}, plot.LogTicks{Prec: -1}
+	if axes.LogX {
+		p.X.Scale, p.X.Tick.Marker = plot.LogScale{}, logTicks{}
+	}
+	if axes.LogY {
+		p.Y.Scale, p.Y.Tick.Marker = plot.LogScale{}, logTicks{}
 	}
 	drawn := 0
 	for i, s := range series {
 		var xys plotter.XYs
+		var errs plotter.YErrors
 		for j := range s.X {
 			x, y := s.X[j], s.Y[j]
-			if math.IsNaN(x) || math.IsNaN(y) || (log && (x <= 0 || y <= 0)) {
+			if math.IsNaN(x) || math.IsNaN(y) || (axes.LogX && x <= 0) || (axes.LogY && y <= 0) {
 				continue
 			}
 			xys = append(xys, plotter.XY{X: x, Y: y})
+			if s.Lo != nil {
+				lo, hi := s.Lo[j], s.Hi[j]
+				if math.IsNaN(lo) || math.IsNaN(hi) || (axes.LogY && lo <= 0) {
+					lo, hi = y, y
+				}
+				errs = append(errs, struct{ Low, High float64 }{y - lo, hi - y})
+			}
 		}
 		if len(xys) == 0 {
 			continue
 		}
 		c := plotutil.Color(i)
+		if errs != nil {
+			eb, err := plotter.NewYErrorBars(errPoints{xys, errs})
+			if err != nil {
+				return err
+			}
+			eb.Color = c
+			p.Add(eb)
+		}
 		if s.Line {
 			sortXYs(xys)
 			l, pts, err := plotter.NewLinePoints(xys)
@@ -83,57 +115,58 @@ func lineChart(path, title, xlabel, ylabel string, log bool, series []Series) er
 	if drawn == 0 {
 		return fmt.Errorf("plot %s: no points to draw", filepath.Base(path))
 	}
-	if !log {
-		// Headroom above the data for the legend, which sits top-left.
+	// A log axis over a single value would be padded by ±1, maybe below
+	// zero, by gonum: widen it by a factor instead.
+	if axes.LogX && p.X.Min == p.X.Max {
+		p.X.Min, p.X.Max = p.X.Min/2, p.X.Max*2
+	}
+	if axes.LogY && p.Y.Min == p.Y.Max {
+		p.Y.Min, p.Y.Max = p.Y.Min/2, p.Y.Max*2
+	}
+	if axes.LogY {
+		// Headroom above the data for the legend, which sits top-left:
+		// a factor on a log axis.
+		p.Y.Max *= math.Pow(p.Y.Max/p.Y.Min, 0.4)
+	} else {
 		p.Y.Max += (p.Y.Max - p.Y.Min) * 0.4
 	}
-	return p.Save(7*vg.Inch, 5*vg.Inch, path)
+	return savePlot(p, 7*vg.Inch, 5*vg.Inch, path)
 }
 
-// stackedBars draws one stacked bar per category (x axis), one layer per
-// component, and saves it as a PNG.
-func stackedBars(path, title, ylabel string, categories, layers []string, values [][]float64) error {
-	p := plot.New()
-	p.Title.Text = title
-	p.Y.Label.Text = ylabel
-	p.Legend.Top = true
-	p.Legend.Left = true
-	p.Add(plotter.NewGrid())
-	var below *plotter.BarChart
-	for i, name := range layers {
-		vs := make(plotter.Values, len(categories))
-		for j := range categories {
-			v := values[i][j]
-			if math.IsNaN(v) || v < 0 {
-				v = 0
-			}
-			vs[j] = v
-		}
-		b, err := plotter.NewBarChart(vs, vg.Points(28))
-		if err != nil {
-			return err
-		}
-		b.Color = plotutil.Color(i)
-		b.LineStyle.Width = 0
-		if below != nil {
-			b.StackOn(below)
-		}
-		below = b
-		p.Add(b)
-		p.Legend.Add(name, b)
+// errPoints are points with their error bars, for plotter.NewYErrorBars.
+type errPoints struct {
+	plotter.XYs
+	plotter.YErrors
+}
+
+// savePlot saves p as the PNG path and as an SVG beside it (the same name
+// ending in .svg), which scales without blur in a browser or a paper.
+func savePlot(p *plot.Plot, w, h vg.Length, path string) error {
+	if err := p.Save(w, h, path); err != nil {
+		return err
 	}
-	p.NominalX(categories...)
-	return p.Save(7*vg.Inch, 5*vg.Inch, path)
+	return p.Save(w, h, strings.TrimSuffix(path, filepath.Ext(path))+".svg")
 }
 
 // boxes draws one box plot (median, quartiles, whiskers, outliers) per
-// group and saves it as a PNG.
-func boxes(path, title, ylabel string, groups []string, values [][]float64) error {
+// group and saves it as a PNG and an SVG. The value axis is logarithmic
+// (values that are not positive left out, the label saying so) when logY
+// is set or the values span a decade or more: on a linear axis the small
+// groups flatten into it.
+func boxes(path, title, ylabel string, logY bool, groups []string, values [][]float64) error {
+	logY = logY || spansDecade(values)
 	p := plot.New()
 	p.Title.Text = title
 	p.Y.Label.Text = ylabel
 	p.Add(plotter.NewGrid())
+	if logY {
+		p.Y.Scale, p.Y.Tick.Marker = plot.LogScale{}, logTicks{}
+		p.Y.Label.Text += ", log scale"
+	}
 	for i, vs := range values {
+		if logY {
+			vs = slices.DeleteFunc(slices.Clone(vs), func(v float64) bool { return v <= 0 || math.IsNaN(v) })
+		}
 		if len(vs) == 0 {
 			continue
 		}
@@ -145,10 +178,60 @@ func boxes(path, title, ylabel string, groups []string, values [][]float64) erro
 		b.GlyphStyle.Shape = draw.CircleGlyph{}
 		p.Add(b)
 	}
+	if logY {
+		// Room above and below the boxes: a factor on a log axis.
+		p.Y.Max, p.Y.Min = p.Y.Max*1.25, p.Y.Min/1.25
+	}
 	p.NominalX(groups...)
 	p.X.Tick.Label.Rotation = 0.4
 	p.X.Tick.Label.XAlign = draw.XRight
-	return p.Save(8*vg.Inch, 5*vg.Inch, path)
+	return savePlot(p, 8*vg.Inch, 5*vg.Inch, path)
+}
+
+// spansDecade reports whether the positive values reach ten times the
+// smallest.
+func spansDecade(values [][]float64) bool {
+	lo, hi := math.Inf(1), 0.0
+	for _, vs := range values {
+		for _, v := range vs {
+			if v > 0 {
+				lo, hi = min(lo, v), max(hi, v)
+			}
+		}
+	}
+	return hi >= 10*lo
+}
+
+// logTicks marks every digit of each decade on a log axis and labels 1, 2
+// and 5 of it (only 1, the powers of ten, over more than three decades):
+// gonum's LogTicks labels powers of ten alone, which leaves a range of a
+// decade or two with one label or none.
+type logTicks struct{}
+
+// Ticks implements plot.Ticker.
+func (logTicks) Ticks(min, max float64) []plot.Tick {
+	if min <= 0 || max < min {
+		return nil
+	}
+	wide := math.Log10(max/min) > 3
+	var ts []plot.Tick
+	for e := math.Floor(math.Log10(min)); e <= math.Ceil(math.Log10(max)); e++ {
+		for d := 1; d <= 9; d++ {
+			v := float64(d) * math.Pow(10, e)
+			if v < min || v > max {
+				continue
+			}
+			t := plot.Tick{Value: v}
+			if d == 1 || (!wide && (d == 2 || d == 5)) {
+				t.Label = strconv.FormatFloat(v, 'g', 4, 64)
+				if v >= 0.001 && v < 1e7 {
+					t.Label = strconv.FormatFloat(v, 'f', -1, 64) // 100000, not 1e+05
+				}
+			}
+			ts = append(ts, t)
+		}
+	}
+	return ts
 }
 
 func withAlpha(c color.Color, a uint8) color.Color {

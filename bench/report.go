@@ -58,7 +58,7 @@ func WriteReport(dir, command string, sections map[string]string, order []string
 		fmt.Fprintf(&b, "## %s\n\n%s\n", name, sections[name])
 	}
 	if entries, err := os.ReadDir(dir); err == nil {
-		b.WriteString("## Files\n\n")
+		b.WriteString("## Files\n\nEvery plot is there twice: a PNG and, beside it, the same plot as an SVG.\n\n")
 		for _, e := range entries {
 			if n := e.Name(); n != "report.md" && !e.IsDir() {
 				fmt.Fprintf(&b, "- `%s`\n", n)

@@ -82,15 +82,25 @@ const (
 	PhasePrecopy     = "precopy"
 	PhaseStopAndCopy = "stop-and-copy"
 	PhaseDone        = "done"
+	// PhaseSync is the initial sync of replication (PUT /vm/replicate):
+	// its progress has BytesSent, TotalBytes and Round.
+	PhaseSync = "sync"
+	// PhaseSyncAck ends an initial sync: everything is sent, the
+	// standby's ack of the first checkpoint is awaited.
+	PhaseSyncAck = "sync-ack"
 )
 
-// Progress is one update of a live migration.
+// Progress is one update of a live migration or of replication's initial
+// sync.
 type Progress struct {
 	Round          int    `json:"round"`
 	BytesSent      uint64 `json:"bytes_sent"`      // so far, all rounds
 	DirtyPages     uint64 `json:"dirty_pages"`     // dirtied during the last round
 	RemainingPages uint64 `json:"remaining_pages"` // still to send in this round
-	Phase          string `json:"phase"`           // PhasePrecopy, PhaseStopAndCopy, PhaseDone
+	Phase          string `json:"phase"`           // PhasePrecopy, PhaseStopAndCopy, PhaseDone, PhaseSync, PhaseSyncAck
+	// TotalBytes (PhaseSync) is the first full copy: every disk and all of
+	// memory; BytesSent passes it in the rounds after the first.
+	TotalBytes uint64 `json:"total_bytes,omitempty"`
 }
 
 // MigrateRequest is the body of PUT /vm/migrate.
@@ -271,6 +281,11 @@ func SocketPathFor(name string) string {
 	return filepath.Join("/run/govmm", name+".sock")
 }
 
+// ReplicateResult ends PUT /vm/replicate's stream: the guest is protected.
+type ReplicateResult struct {
+	To string `json:"to"` // the standby
+}
+
 // ReplicateRequest is the body of PUT /vm/replicate.
 type ReplicateRequest struct {
 	To    string `json:"to"`              // the standby, host:port
@@ -281,8 +296,9 @@ type ReplicateRequest struct {
 // replication on a running VM (PUT /vm/replicate, PUT /vm/replicate/stop).
 type ReplicationBackend interface {
 	// StartReplication returns once the guest is protected (after the
-	// initial sync), or with the reason it is not.
-	StartReplication(ctx context.Context, req ReplicateRequest) error
+	// initial sync), or with the reason it is not, calling progress
+	// (PhaseSync) as the initial sync goes; progress never blocks.
+	StartReplication(ctx context.Context, req ReplicateRequest, progress func(Progress)) error
 	// StopReplication ends it; the standby discards its replica.
 	StopReplication() error
 }

@@ -107,9 +107,11 @@ func (c *Client) Snapshot(ctx context.Context, path string) (SnapshotResult, err
 }
 
 // Replicate starts protecting the VM with the standby at to; it returns
-// once the guest is protected.
-func (c *Client) Replicate(ctx context.Context, req ReplicateRequest) error {
-	return c.do(ctx, http.MethodPut, "/vm/replicate", req, nil)
+// once the guest is protected. It calls progress, if not nil, for each
+// update of the initial sync, on the calling goroutine.
+func (c *Client) Replicate(ctx context.Context, req ReplicateRequest, progress func(Progress)) error {
+	var res ReplicateResult
+	return c.progressStream(ctx, "replicate", "/vm/replicate", req, progress, &res)
 }
 
 // StopReplication ends replication.
@@ -124,13 +126,29 @@ const maxLine = 1 << 20
 // if not nil, for each update in the order the server sent them, on the
 // calling goroutine. Cancelling ctx cancels the migration.
 func (c *Client) Migrate(ctx context.Context, req MigrateRequest, progress func(Progress)) (MigrateResult, error) {
-	resp, err := c.send(ctx, http.MethodPut, "/vm/migrate", req)
+	var res MigrateResult
+	err := c.progressStream(ctx, "migrate", "/vm/migrate", req, progress, &res)
+	return res, err
+}
+
+// progressEventIn is a progressEvent as the client reads it.
+type progressEventIn struct {
+	Progress *Progress       `json:"progress"`
+	Result   json.RawMessage `json:"result"`
+	Error    string          `json:"error"`
+	Status   int             `json:"status"`
+}
+
+// progressStream sends a request whose answer is an NDJSON progress
+// stream, calls progress for each update and decodes the result into res.
+func (c *Client) progressStream(ctx context.Context, op, path string, req any, progress func(Progress), res any) error {
+	resp, err := c.send(ctx, http.MethodPut, path, req)
 	if err != nil {
-		return MigrateResult{}, err
+		return err
 	}
 	defer resp.Body.Close()
 	if !strings.HasPrefix(resp.Header.Get("Content-Type"), NDJSONContentType) {
-		return MigrateResult{}, fmt.Errorf("migrate: response is %q, want %s", resp.Header.Get("Content-Type"), NDJSONContentType)
+		return fmt.Errorf("%s: response is %q, want %s", op, resp.Header.Get("Content-Type"), NDJSONContentType)
 	}
 	sc := bufio.NewScanner(resp.Body)
 	sc.Buffer(make([]byte, 0, 4096), maxLine)
@@ -139,9 +157,9 @@ func (c *Client) Migrate(ctx context.Context, req MigrateRequest, progress func(
 		if len(line) == 0 {
 			continue
 		}
-		var ev migrateEvent
+		var ev progressEventIn
 		if err := json.Unmarshal(line, &ev); err != nil {
-			return MigrateResult{}, fmt.Errorf("migrate: bad progress line: %w", err)
+			return fmt.Errorf("%s: bad progress line: %w", op, err)
 		}
 		switch {
 		case ev.Progress != nil:
@@ -149,20 +167,23 @@ func (c *Client) Migrate(ctx context.Context, req MigrateRequest, progress func(
 				progress(*ev.Progress)
 			}
 		case ev.Result != nil:
-			return *ev.Result, nil
+			if err := json.Unmarshal(ev.Result, res); err != nil {
+				return fmt.Errorf("%s: bad result: %w", op, err)
+			}
+			return nil
 		case ev.Error != "":
-			return MigrateResult{}, &APIError{Status: ev.Status, Message: ev.Error}
+			return &APIError{Status: ev.Status, Message: ev.Error}
 		default:
-			return MigrateResult{}, fmt.Errorf("migrate: empty progress line")
+			return fmt.Errorf("%s: empty progress line", op)
 		}
 	}
 	if err := ctx.Err(); err != nil {
-		return MigrateResult{}, err
+		return err
 	}
 	if err := sc.Err(); err != nil {
-		return MigrateResult{}, fmt.Errorf("migrate: %w", err)
+		return fmt.Errorf("%s: %w", op, err)
 	}
-	return MigrateResult{}, fmt.Errorf("migrate: stream ended without a result: %w", io.ErrUnexpectedEOF)
+	return fmt.Errorf("%s: stream ended without a result: %w", op, io.ErrUnexpectedEOF)
 }
 
 // Stats returns GET /stats.

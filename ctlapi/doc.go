@@ -3,7 +3,7 @@
 // serves it and `govmm ctl` is its client.
 //
 // It owns the wire: the routes, the JSON bodies, the NDJSON progress
-// stream of a migration, the mapping of errors to HTTP statuses and back,
+// stream of a migration and of replication's initial sync, the mapping of errors to HTTP statuses and back,
 // the Prometheus text exposition of /metrics, and the socket file's life
 // (refuse a live server, remove a stale socket, mode 0600). It does not own
 // what the operations do: a running VMM implements Backend, and ctlapi only
@@ -18,6 +18,10 @@
 //	PUT  /vm/migrate   {"to": "host:port", "force": bool} streams NDJSON lines, in order:
 //	                   {"progress": Progress} ... then exactly one of
 //	                   {"result": MigrateResult} or {"error": "...", "status": N}
+//	PUT  /vm/replicate {"to": "host:port", "epoch": "25ms"} streams NDJSON
+//	                   likewise: {"progress": Progress} (phase "sync", last "sync-ack") ...
+//	                   then {"result": ReplicateResult} or an error line
+//	PUT  /vm/replicate/stop  204
 //	GET  /stats        Stats as JSON, in SortMetrics's order
 //	GET  /metrics      Prometheus text exposition format 0.0.4, sorted
 //
@@ -33,7 +37,7 @@
 //
 // Goroutines: Serve starts one that accepts connections, and net/http runs
 // one per connection; each calls the Backend, so a Backend must be safe for
-// concurrent use. During a migration the backend's progress callback never
+// concurrent use. During a migration or an initial sync the backend's progress callback never
 // blocks: updates queue (coalesced if the client reads slowly) and a writer
 // goroutine owned by the request drains them. Close waits for all of them.
 package ctlapi

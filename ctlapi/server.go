@@ -268,11 +268,12 @@ func (s *Server) putReplicate(w http.ResponseWriter, r *http.Request) {
 		writeError(w, fmt.Errorf(`%w: replicate: missing "to"`, ErrInvalid))
 		return
 	}
-	if err := rb.StartReplication(r.Context(), req); err != nil {
-		writeError(w, err)
-		return
-	}
-	w.WriteHeader(http.StatusNoContent)
+	streamProgress(w, r, func(ctx context.Context, progress func(Progress)) (any, error) {
+		if err := rb.StartReplication(ctx, req, progress); err != nil {
+			return nil, err
+		}
+		return ReplicateResult{To: req.To}, nil
+	})
 }
 
 // putReplicateStop ends replication; the guest runs on unprotected.
@@ -311,8 +312,12 @@ func (s *Server) putSnapshot(w http.ResponseWriter, r *http.Request) {
 		writeError(w, errBusy)
 		return
 	}
-	defer s.busy.Store(false)
+	// The slot is free before the answer goes out: its reader may start
+	// the next one at once.
+	release := sync.OnceFunc(func() { s.busy.Store(false) })
+	defer release()
 	res, err := s.b.Snapshot(r.Context(), req.Path)
+	release()
 	if err != nil {
 		writeError(w, err)
 		return
@@ -323,18 +328,19 @@ func (s *Server) putSnapshot(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, res)
 }
 
-// migrateEvent is one NDJSON line of PUT /vm/migrate's response: exactly
-// one field is set. Progress lines come first, in the order the backend
-// reported them; the last line is a result or an error (with the status
-// the error would have had as a plain response).
-type migrateEvent struct {
-	Progress *Progress      `json:"progress,omitempty"`
-	Result   *MigrateResult `json:"result,omitempty"`
-	Error    string         `json:"error,omitempty"`
-	Status   int            `json:"status,omitempty"`
+// progressEvent is one NDJSON line of the response of a long operation
+// (PUT /vm/migrate, PUT /vm/replicate): exactly one field is set.
+// Progress lines come first, in the order the backend reported them; the
+// last line is a result or an error (with the status the error would have
+// had as a plain response).
+type progressEvent struct {
+	Progress *Progress `json:"progress,omitempty"`
+	Result   any       `json:"result,omitempty"`
+	Error    string    `json:"error,omitempty"`
+	Status   int       `json:"status,omitempty"`
 }
 
-// NDJSONContentType is the content type of PUT /vm/migrate's response.
+// NDJSONContentType is the content type of a progress stream.
 const NDJSONContentType = "application/x-ndjson"
 
 func (s *Server) putMigrate(w http.ResponseWriter, r *http.Request) {
@@ -355,14 +361,26 @@ func (s *Server) putMigrate(w http.ResponseWriter, r *http.Request) {
 		writeError(w, errBusy)
 		return
 	}
-	defer s.busy.Store(false)
+	// The slot is free once the backend returns, before the last line
+	// goes out: a client that reads the result may start the next one.
+	release := sync.OnceFunc(func() { s.busy.Store(false) })
+	defer release()
+	streamProgress(w, r, func(ctx context.Context, progress func(Progress)) (any, error) {
+		res, err := s.b.Migrate(ctx, req, progress)
+		release()
+		return &res, err
+	})
+}
 
+// streamProgress answers r with an NDJSON stream (progressEvent): what run
+// reports through its progress callback, then its result or its error.
+func streamProgress(w http.ResponseWriter, r *http.Request, run func(ctx context.Context, progress func(Progress)) (any, error)) {
 	w.Header().Set("Content-Type", NDJSONContentType)
 	w.WriteHeader(http.StatusOK)
 	rc := http.NewResponseController(w)
-	_ = rc.Flush() // the client learns at once that the migration started
+	_ = rc.Flush() // the client learns at once that the operation started
 	enc := json.NewEncoder(w)
-	send := func(ev migrateEvent) error {
+	send := func(ev progressEvent) error {
 		if err := enc.Encode(ev); err != nil {
 			return err
 		}
@@ -382,7 +400,7 @@ func (s *Server) putMigrate(w http.ResponseWriter, r *http.Request) {
 			batch, more := q.next()
 			for i := range batch {
 				if werr == nil {
-					werr = send(migrateEvent{Progress: &batch[i]})
+					werr = send(progressEvent{Progress: &batch[i]})
 				}
 			}
 			if !more {
@@ -390,14 +408,14 @@ func (s *Server) putMigrate(w http.ResponseWriter, r *http.Request) {
 			}
 		}
 	}()
-	res, err := s.b.Migrate(r.Context(), req, q.push)
+	res, err := run(r.Context(), q.push)
 	q.close()
 	<-written
 	if err != nil {
-		_ = send(migrateEvent{Error: err.Error(), Status: statusOf(err)})
+		_ = send(progressEvent{Error: err.Error(), Status: statusOf(err)})
 		return
 	}
-	_ = send(migrateEvent{Result: &res})
+	_ = send(progressEvent{Result: res})
 }
 
 func (s *Server) getStats(w http.ResponseWriter, _ *http.Request) {

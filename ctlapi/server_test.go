@@ -576,3 +576,48 @@ func TestDefaultSocketPath(t *testing.T) {
 	t.Setenv("XDG_RUNTIME_DIR", "")
 	assert.Equal(t, "/run/govmm/govmm.sock", DefaultSocketPath())
 }
+
+// replBackend is a fakeBackend that can replicate: start stands for the
+// initial sync.
+type replBackend struct {
+	*fakeBackend
+	start func(ctx context.Context, req ReplicateRequest, progress func(Progress)) error
+}
+
+func (r *replBackend) StartReplication(ctx context.Context, req ReplicateRequest, progress func(Progress)) error {
+	return r.start(ctx, req, progress)
+}
+
+func (r *replBackend) StopReplication() error { return nil }
+
+// PUT /vm/replicate streams the initial sync's progress like a migration,
+// then its result, or its error with the status it would have had (a
+// second replication is a conflict).
+func TestReplicateNDJSON(t *testing.T) {
+	t.Parallel()
+	var busy bool
+	s, c := serve(t, &replBackend{fakeBackend: &fakeBackend{}, start: func(_ context.Context, req ReplicateRequest, progress func(Progress)) error {
+		if busy {
+			return fmt.Errorf("replicate: %w: already replicating to %s", ErrConflict, req.To)
+		}
+		busy = true
+		progress(Progress{Phase: PhaseSync, Round: 1, BytesSent: 4 << 20, TotalBytes: 8 << 20})
+		progress(Progress{Phase: PhaseSyncAck, Round: 2, BytesSent: 9 << 20, TotalBytes: 8 << 20})
+		return nil
+	}})
+	resp, body := rawDo(t, s.Path(), "PUT", "/vm/replicate", strings.NewReader(`{"to":"10.0.0.2:7000"}`))
+	assert.Equal(t, http.StatusOK, resp.StatusCode)
+	assert.Equal(t, NDJSONContentType, resp.Header.Get("Content-Type"))
+	assert.Equal(t, `{"progress":{"round":1,"bytes_sent":4194304,"dirty_pages":0,"remaining_pages":0,"phase":"sync","total_bytes":8388608}}
+{"progress":{"round":2,"bytes_sent":9437184,"dirty_pages":0,"remaining_pages":0,"phase":"sync-ack","total_bytes":8388608}}
+{"result":{"to":"10.0.0.2:7000"}}
+`, string(body))
+
+	var got []Progress
+	err := c.Replicate(t.Context(), ReplicateRequest{To: "10.0.0.3:7000"}, func(p Progress) { got = append(got, p) })
+	var ae *APIError
+	require.ErrorAs(t, err, &ae)
+	assert.Equal(t, http.StatusConflict, ae.Status)
+	assert.Equal(t, "replicate: conflict: already replicating to 10.0.0.3:7000", ae.Message)
+	assert.Empty(t, got)
+}

@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -235,7 +236,17 @@ func (b *builder) aptDownload(ctx context.Context, dir string, specs []string) e
 		}
 		return nil
 	}
-	err := run(append([]string{"download", "-q"}, specs...)...)
+	download := func() error {
+		if b.progress == nil {
+			return run(append([]string{"download", "-q"}, specs...)...)
+		}
+		total := downloadSize(ctx, dir, specs)
+		stop := b.watchDownload(dir, total)
+		err := run(append([]string{"download", "-q"}, specs...)...)
+		stop(err == nil)
+		return err
+	}
+	err := download()
 	if err == nil || b.aptUpdated || ctx.Err() != nil {
 		return err
 	}
@@ -244,7 +255,93 @@ func (b *builder) aptDownload(ctx context.Context, dir string, specs []string) e
 	if uerr := run("update", "-q"); uerr != nil {
 		return fmt.Errorf("%w (and then %w)", err, uerr)
 	}
-	return run(append([]string{"download", "-q"}, specs...)...)
+	return download()
+}
+
+// downloadPoll is how often the download's progress is measured.
+const downloadPoll = 250 * time.Millisecond
+
+// downloadSize asks apt what downloading specs into dir will fetch
+// (apt-get download --print-uris: one line per package, "'URI' FILE
+// SIZE HASH") and returns the bytes, or 0 when apt cannot tell (its
+// lists need an update): progress then shows the bytes alone.
+func downloadSize(ctx context.Context, dir string, specs []string) int64 {
+	cmd := exec.CommandContext(ctx, "apt-get", append([]string{"download", "--print-uris", "-q"}, specs...)...)
+	cmd.Dir = dir
+	out, err := cmd.Output()
+	if err != nil {
+		return 0
+	}
+	return parsePrintURIs(out)
+}
+
+// parsePrintURIs sums the sizes of apt-get --print-uris output.
+func parsePrintURIs(out []byte) int64 {
+	var total int64
+	for _, line := range strings.Split(string(out), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 3 || !strings.HasPrefix(f[0], "'") {
+			continue
+		}
+		if n, err := strconv.ParseInt(f[2], 10, 64); err == nil && n > 0 {
+			total += n
+		}
+	}
+	return total
+}
+
+// watchDownload reports the growth of dir's files (apt-get download
+// writes each package straight into its final name in the current
+// directory) against total every downloadPoll, until the returned
+// function is called, which waits for the watcher to end and, after a
+// download that succeeded, reports the last state (a failed one is tried
+// again, counted afresh).
+func (b *builder) watchDownload(dir string, total int64) (stop func(ok bool)) {
+	base := dirBytes(dir)
+	b.dlTotal += total
+	report := func() int64 {
+		n := max(dirBytes(dir)-base, 0)
+		b.progress(b.dlDone+n, max(b.dlTotal, b.dlDone+n))
+		return n
+	}
+	quit, done := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(done)
+		t := time.NewTicker(downloadPoll)
+		defer t.Stop()
+		for {
+			select {
+			case <-quit:
+				return
+			case <-t.C:
+				report()
+			}
+		}
+	}()
+	return func(ok bool) {
+		close(quit)
+		<-done
+		if !ok {
+			b.dlTotal -= total
+			return
+		}
+		b.dlDone += report()
+	}
+}
+
+// dirBytes is the size of the regular files in dir.
+func dirBytes(dir string) int64 {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return 0
+	}
+	var n int64
+	for _, e := range ents {
+		if info, err := e.Info(); err == nil && info.Mode().IsRegular() {
+			n += info.Size()
+		}
+	}
+	return n
 }
 
 // debField reads one control field of a .deb.

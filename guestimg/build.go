@@ -35,6 +35,13 @@ type Options struct {
 	CacheDir string
 	// Log receives progress lines; nil discards them.
 	Log io.Writer
+	// Progress, if set, is told how the package download goes: the bytes
+	// apt-get has written so far against the sizes apt announced for the
+	// packages asked for so far (the total grows when the kernel and the
+	// libraries are asked for, after the first packages are read), about
+	// every downloadPoll while apt-get runs, from another goroutine. A
+	// cached build downloads nothing and never calls it.
+	Progress func(done, total int64)
 }
 
 // Image is a bootable guest: absolute paths of the kernel (bzImage) and the
@@ -106,10 +113,14 @@ type builder struct {
 	cache      string
 	log        io.Writer
 	aptUpdated bool // apt-get update was tried already
+	progress   func(done, total int64)
+	// dlDone and dlTotal are the bytes of the downloads finished so far
+	// and the sizes announced so far, for progress.
+	dlDone, dlTotal int64
 }
 
 func newBuilder(opts Options) (*builder, error) {
-	b := &builder{cache: opts.CacheDir, log: opts.Log}
+	b := &builder{cache: opts.CacheDir, log: opts.Log, progress: opts.Progress}
 	if b.cache == "" {
 		b.cache = DefaultCacheDir()
 	}

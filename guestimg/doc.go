@@ -8,7 +8,9 @@
 //
 //   - fetching the packages (linux-image-amd64 resolved to the versioned
 //     kernel package, busybox-static, e2fsprogs and its library packages)
-//     with apt-get, and unpacking them with dpkg-deb;
+//     with apt-get (the download's progress, bytes against the sizes apt
+//     announces, through Options.Progress), and unpacking them with
+//     dpkg-deb;
 //   - the module dependency closure (from modules.dep, generated from the
 //     modules' .modinfo when the package lacks it) and the ELF DT_NEEDED
 //     closure of mke2fs;

@@ -57,7 +57,11 @@ type ReplicateConfig struct {
 	Outputs []*OutputBuffer
 	// InitialRounds bounds the pre-copy rounds of the initial sync.
 	InitialRounds int
-	Logger        *slog.Logger
+	// Progress, if set, is told how the initial sync goes: every few MiB
+	// sent and after each round, from the goroutine that starts
+	// replication. It must not block.
+	Progress func(SyncProgress)
+	Logger   *slog.Logger
 	// Disks are the logs of the guest's disks (in device order): the
 	// initial sync copies each, and each epoch's writes travel in its
 	// checkpoint.
@@ -71,6 +75,23 @@ type ReplicateConfig struct {
 	// checkpoint, the Fence holds the guest's output until the generation
 	// is advanced past that standby's; a fenced VMM's replication ends.
 	Fence *Fence
+}
+
+// SyncProgress is how far the initial sync has got.
+type SyncProgress struct {
+	// Round is the memory round being sent: 0 while the disks are copied,
+	// 1 for the first full copy of memory, then the rounds that send what
+	// the guest dirtied meanwhile.
+	Round int
+	// Copied is the disk and memory bytes sent so far, in all rounds.
+	Copied uint64
+	// Total is the first full copy: every disk and all of memory. Copied
+	// reaches it at the end of round 1 and passes it in later rounds.
+	Total uint64
+	// Acking: the copy is sent and so is the first checkpoint; the
+	// standby may still be applying what it received, and its ack, which
+	// protects the guest, is awaited. The last update.
+	Acking bool
 }
 
 // Bounds of what a user may set. Below MinEpoch a checkpoint's pause

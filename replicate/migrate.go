@@ -195,7 +195,7 @@ func stopAndCopy(ctx context.Context, m *vmm.Machine, s *stream.Sender, tracker 
 	if err := s.BeginCheckpoint(final, stream.KindFinal); err != nil {
 		return false, nil, err
 	}
-	n, err := sendPages(s, m.Memory(), set)
+	n, err := sendPages(s, m.Memory(), set, nil)
 	res.PagesSent += n
 	if err != nil {
 		return false, nil, err

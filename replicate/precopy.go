@@ -45,7 +45,14 @@ type precopy struct {
 	// onRound, if set, is told after each round how many pages it left
 	// dirty.
 	onRound func(round int, dirty int)
+	// onCopied, if set, is told how many bytes of disk and memory the
+	// loop has sent so far (round 0: the disks), every progressEvery
+	// bytes and at the end of each round. It must not block.
+	onCopied func(round int, copied uint64)
 }
+
+// progressEvery is how often (in bytes sent) precopy reports progress.
+const progressEvery = 4 << 20
 
 // precopyResult is where the loop stopped.
 type precopyResult struct {
@@ -72,8 +79,11 @@ func (p precopy) run(ctx context.Context) (precopyResult, error) {
 	for {
 		res.Rounds++
 		res.Epoch = p.nextEpoch()
-		n, err := p.round(res.Epoch, set)
+		n, err := p.round(res.Epoch, set, func(sent uint64) {
+			p.copied(res.Rounds, res.DiskBytes+(res.PagesSent+sent)*guestmem.PageSize)
+		})
 		res.PagesSent += n
+		p.copied(res.Rounds, res.DiskBytes+res.PagesSent*guestmem.PageSize)
 		if err != nil {
 			return res, fmt.Errorf("pre-copy round %d: %w", res.Rounds, err)
 		}
@@ -93,13 +103,21 @@ func (p precopy) run(ctx context.Context) (precopyResult, error) {
 	}
 }
 
+// copied reports progress, if anyone listens.
+func (p precopy) copied(round int, bytes uint64) {
+	if p.onCopied != nil {
+		p.onCopied(round, bytes)
+	}
+}
+
 // round sends the pages of set, and the disk writes recorded meanwhile, as
-// one initial-sync checkpoint.
-func (p precopy) round(epoch uint64, set *dirtylog.Set) (uint64, error) {
+// one initial-sync checkpoint. sent is told the pages sent so far every
+// progressEvery bytes.
+func (p precopy) round(epoch uint64, set *dirtylog.Set, sent func(pages uint64)) (uint64, error) {
 	if err := p.t.BeginCheckpoint(epoch, stream.KindInitialSync); err != nil {
 		return 0, err
 	}
-	n, err := sendPages(p.t, p.mem, set)
+	n, err := sendPages(p.t, p.mem, set, sent)
 	if err != nil {
 		return n, err
 	}
@@ -127,6 +145,9 @@ func (p precopy) copyDisks(ctx context.Context, res *precopyResult) error {
 					return fmt.Errorf("disk %d copy: %w", i, err)
 				}
 				res.DiskBytes += uint64(n)
+				if res.DiskBytes%progressEvery < uint64(n) {
+					p.copied(0, res.DiskBytes)
+				}
 			}
 			if err := p.t.EndCheckpoint(); err != nil {
 				return fmt.Errorf("disk %d copy: %w", i, err)
@@ -169,8 +190,9 @@ func countWrites(w [][]DiskWrite) int {
 	return n
 }
 
-// sendPages sends the current contents of every page in set.
-func sendPages(t Transport, mem *guestmem.Memory, set *dirtylog.Set) (uint64, error) {
+// sendPages sends the current contents of every page in set. sent, if
+// set, is told the count every progressEvery bytes.
+func sendPages(t Transport, mem *guestmem.Memory, set *dirtylog.Set, sent func(pages uint64)) (uint64, error) {
 	var n uint64
 	err := set.ForEach(func(gpa guestmem.GPA) error {
 		page, err := mem.Slice(gpa, guestmem.PageSize)
@@ -178,6 +200,9 @@ func sendPages(t Transport, mem *guestmem.Memory, set *dirtylog.Set) (uint64, er
 			return err
 		}
 		n++
+		if sent != nil && n%(progressEvery/guestmem.PageSize) == 0 {
+			sent(n)
+		}
 		return t.SendPage(gpa, page)
 	})
 	return n, err

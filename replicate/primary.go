@@ -139,8 +139,20 @@ func startReplication(ctx context.Context, m *vmm.Machine, cfg ReplicateConfig, 
 // takes the first checkpoint (the remaining dirty set and the state), and
 // waits for its ack: only then is the guest protected.
 func (r *Replicator) initialSync(ctx context.Context) error {
-	pre, err := precopy{t: r.t, mem: r.m.Memory(), tr: r.tr, disks: r.cfg.Disks, nextEpoch: r.nextEpoch,
-		stopPages: 256, maxRounds: r.cfg.InitialRounds}.run(ctx)
+	p := precopy{t: r.t, mem: r.m.Memory(), tr: r.tr, disks: r.cfg.Disks, nextEpoch: r.nextEpoch,
+		stopPages: 256, maxRounds: r.cfg.InitialRounds}
+	progress := func(SyncProgress) {}
+	if r.cfg.Progress != nil {
+		progress = r.cfg.Progress
+	}
+	total := r.m.Memory().Size()
+	for _, d := range r.cfg.Disks {
+		total += uint64(d.Size())
+	}
+	p.onCopied = func(round int, copied uint64) {
+		progress(SyncProgress{Round: round, Copied: copied, Total: total})
+	}
+	pre, err := p.run(ctx)
 	if err != nil {
 		return err
 	}
@@ -148,6 +160,7 @@ func (r *Replicator) initialSync(ctx context.Context) error {
 	if err := r.checkpoint(pre.Dirty); err != nil {
 		return err
 	}
+	progress(SyncProgress{Round: pre.Rounds, Copied: pre.DiskBytes + pre.PagesSent*guestmem.PageSize, Total: total, Acking: true})
 	// However slow the standby is with the copy, it is alive as long as
 	// the stream is: the wait is bounded by the stream's own detection and
 	// by the caller's ctx.

@@ -300,3 +300,43 @@ func TestReplicationToNull(t *testing.T) {
 	require.Zero(t, st.Bytes, "nothing shipped")
 	require.Greater(t, st.DirtyPages, uint64(0))
 }
+
+// The initial sync reports its progress as it goes: every few MiB of the
+// first full copy of memory, in order, reaching the whole of memory at the
+// end of round 1, then the later rounds on top.
+func TestReplicationSyncProgress(t *testing.T) {
+	kvmtest.Require(t)
+	prim := newTiny(t, tinyguest.Dirtier(dirtyBase, dirtyPages, passGPA))
+	require.NoError(t, prim.Start())
+	sb := newStandby(t, nil)
+	go func() { _, _, _ = sb.ReceiveReplication(context.Background()) }()
+	var got []SyncProgress // written by StartReplication's goroutine, read after it returns
+	rep, err := StartReplication(context.Background(), prim, ReplicateConfig{To: sb.Addr(), Insecure: true, Name: "tiny",
+		Epoch: 20 * time.Millisecond, FailoverTimeout: 10 * time.Second, Progress: func(p SyncProgress) { got = append(got, p) }})
+	require.NoError(t, err)
+	t.Cleanup(rep.Stop)
+	total := prim.Memory().Size()
+	require.NotEmpty(t, got)
+	var inRound1, endRound1 int
+	for i, p := range got {
+		require.Equal(t, total, p.Total, "update %d", i)
+		if i > 0 {
+			require.GreaterOrEqual(t, p.Round, got[i-1].Round, "update %d", i)
+			require.GreaterOrEqual(t, p.Copied, got[i-1].Copied, "update %d", i)
+		}
+		switch {
+		case p.Round == 1 && p.Copied < total:
+			inRound1++
+		case p.Round == 1 && p.Copied == total:
+			endRound1++
+		}
+	}
+	require.GreaterOrEqual(t, inRound1, int(total/progressEvery)-1, "updates during the first copy of 64 MiB")
+	require.Positive(t, endRound1, "round 1 ends with all of memory copied")
+	last := got[len(got)-1]
+	require.Greater(t, last.Copied, total, "the dirtier's pages travel again in later rounds")
+	require.True(t, last.Acking, "the last update: the first checkpoint's ack is awaited")
+	for _, p := range got[:len(got)-1] {
+		require.False(t, p.Acking)
+	}
+}

@@ -12,24 +12,80 @@ import (
 	"path/filepath"
 
 	"govmm/vmm/container"
+	"govmm/vmm/devstate"
 	"govmm/vmm/guestmem"
 )
 
 // A snapshot file (docs/FORMATS.md) is a GOVMMSNP container: a state
-// section holding the encoded MachineState, then page sections holding
-// the non-zero pages (a new machine's memory is zero, so zero pages are
-// left out), then the end section with the CRC32C of all of it. Version 1
-// files, of an older layout of their own (readSnapshotV1), are still read.
-const snapVersion = 2
+// section holding the encoded MachineState, a config section holding the
+// writer's SnapshotConfig (version 3 on), then page sections holding the
+// non-zero pages (a new machine's memory is zero, so zero pages are left
+// out), then the end section with the CRC32C of all of it. Version 2
+// files (no config section) are still read, and so are version 1 files,
+// of an older layout of their own (readSnapshotV1).
+const snapVersion = 3
 
-// snapFormat is what ReadSnapshot accepts of a version 2 file.
+// snapFormat is what ReadSnapshot accepts of a version 2 or 3 file.
 var snapFormat = container.Format{
 	Magic:      container.MagicSnapshot,
 	MinVersion: 2, MaxVersion: snapVersion,
 	Caps: map[container.Type]int{
-		container.TypeState: MaxStateSize,
-		container.TypePages: container.MaxPagesPayload,
+		container.TypeState:  MaxStateSize,
+		container.TypeConfig: maxConfigSize,
+		container.TypePages:  container.MaxPagesPayload,
 	},
+}
+
+// Setting is one entry of a SnapshotConfig.
+type Setting struct {
+	Name, Value string
+}
+
+// SnapshotConfig is how the snapshot's VM was configured, in the words
+// of whoever wrote it: govmm's command records the device flags of
+// 'govmm run' ({"net", "none"}, {"disk", "/abs/path,ro"}, ...), so that
+// restore can rebuild the same devices without being told again. vmm
+// stores the settings in order and never interprets them.
+type SnapshotConfig []Setting
+
+// Limits of a config section (docs/FORMATS.md), checked before anything
+// is allocated when reading and before anything is written when writing.
+const (
+	maxConfigSettings = 256
+	maxSettingName    = 64
+	maxSettingValue   = 4096
+	maxConfigSize     = 4 + maxConfigSettings*(4+maxSettingName+4+maxSettingValue)
+)
+
+// walk encodes or decodes the config section's payload: u32 count, then
+// each setting's name and value as strings.
+func (c *SnapshotConfig) walk(codec *devstate.Codec) {
+	n := uint32(len(*c))
+	codec.U32(&n)
+	if n > maxConfigSettings {
+		codec.Fail(fmt.Errorf("%d settings, at most %d: %w", n, maxConfigSettings, container.ErrTooLarge))
+		return
+	}
+	if codec.Decoding() {
+		*c = make(SnapshotConfig, n)
+	}
+	for i := range *c {
+		codec.String(&(*c)[i].Name, maxSettingName)
+		codec.String(&(*c)[i].Value, maxSettingValue)
+	}
+}
+
+// check refuses a config that a reader would refuse.
+func (c SnapshotConfig) check() error {
+	if len(c) > maxConfigSettings {
+		return fmt.Errorf("config: %d settings, at most %d", len(c), maxConfigSettings)
+	}
+	for _, s := range c {
+		if s.Name == "" || len(s.Name) > maxSettingName || len(s.Value) > maxSettingValue {
+			return fmt.Errorf("config: setting %.64q: name of 1..%d bytes and value of at most %d wanted", s.Name, maxSettingName, maxSettingValue)
+		}
+	}
+	return nil
 }
 
 // ErrSnapshot marks a snapshot file that is not one, or is damaged.
@@ -43,11 +99,14 @@ type SnapshotStats struct {
 	StateBytes int
 }
 
-// WriteSnapshot writes st and the non-zero pages of mem to path
+// WriteSnapshot writes st, cfg and the non-zero pages of mem to path
 // atomically: a temporary file, fsync, rename. The machine must stay
 // paused (or mem otherwise frozen) while it runs.
-func WriteSnapshot(path string, st *MachineState, mem *guestmem.Memory) (SnapshotStats, error) {
+func WriteSnapshot(path string, st *MachineState, cfg SnapshotConfig, mem *guestmem.Memory) (SnapshotStats, error) {
 	var stats SnapshotStats
+	if err := cfg.check(); err != nil {
+		return stats, fmt.Errorf("snapshot: %w", err)
+	}
 	state, err := st.MarshalBinary()
 	if err != nil {
 		return stats, err
@@ -59,7 +118,7 @@ func WriteSnapshot(path string, st *MachineState, mem *guestmem.Memory) (Snapsho
 		return stats, fmt.Errorf("snapshot: %w", err)
 	}
 	defer os.Remove(tmp.Name()) // no-op after the rename
-	if stats, err = writeSnapshot(tmp, state, mem, stats); err != nil {
+	if stats, err = writeSnapshot(tmp, state, devstate.Encode(cfg.walk), mem, stats); err != nil {
 		tmp.Close()
 		return stats, fmt.Errorf("snapshot: %w", err)
 	}
@@ -80,15 +139,18 @@ func WriteSnapshot(path string, st *MachineState, mem *guestmem.Memory) (Snapsho
 	return stats, nil
 }
 
-// writeSnapshot writes the container: the state, then the non-zero pages
-// in sections of up to container.MaxPagesPerSection.
-func writeSnapshot(f *os.File, state []byte, mem *guestmem.Memory, stats SnapshotStats) (SnapshotStats, error) {
+// writeSnapshot writes the container: the state, the config, then the
+// non-zero pages in sections of up to container.MaxPagesPerSection.
+func writeSnapshot(f *os.File, state, config []byte, mem *guestmem.Memory, stats SnapshotStats) (SnapshotStats, error) {
 	bw := bufio.NewWriterSize(f, 1<<20)
 	w, err := container.NewWriter(bw, container.MagicSnapshot, snapVersion)
 	if err != nil {
 		return stats, err
 	}
 	if err := w.Section(container.TypeState, state); err != nil {
+		return stats, err
+	}
+	if err := w.Section(container.TypeConfig, config); err != nil {
 		return stats, err
 	}
 	var pages container.PageSection
@@ -127,25 +189,70 @@ func writeSnapshot(f *os.File, state []byte, mem *guestmem.Memory, stats Snapsho
 	return stats, bw.Flush()
 }
 
-// ReadSnapshotState reads only the machine state of a snapshot, so the
-// caller can build a machine of the right shape. The state carries its
-// own checksum; the file's is verified by ReadSnapshot.
-func ReadSnapshotState(path string) (*MachineState, error) {
+// SnapshotHeader is what a snapshot file holds before its pages.
+type SnapshotHeader struct {
+	Version uint16 // the file's format version
+	State   *MachineState
+	Config  SnapshotConfig // nil before version 3
+}
+
+// ReadSnapshotHeader reads a snapshot's machine state and config but not
+// its pages, so the caller can build a machine of the right shape with
+// the right devices. The state carries its own checksum; the file's,
+// which covers the config, is verified by ReadSnapshot.
+func ReadSnapshotHeader(path string) (SnapshotHeader, error) {
+	var h SnapshotHeader
 	f, err := os.Open(path)
 	if err != nil {
-		return nil, err
+		return h, err
 	}
 	defer f.Close()
 	br := bufio.NewReader(f)
 	if isSnapshotV1(br) {
-		st, _, err := readSnapHeaderV1(br, nil)
-		return st, err
+		h.Version = 1
+		h.State, _, err = readSnapHeaderV1(br, nil)
+		return h, err
 	}
 	r, err := container.NewReader(br, snapFormat)
 	if err != nil {
+		return h, fmt.Errorf("%w: %w", ErrSnapshot, err)
+	}
+	h.Version = r.Header().Version
+	if h.State, err = readSnapState(r); err != nil {
+		return h, err
+	}
+	h.Config, err = readSnapConfig(r)
+	return h, err
+}
+
+// ReadSnapshotState reads only the machine state of a snapshot
+// (ReadSnapshotHeader without the config).
+func ReadSnapshotState(path string) (*MachineState, error) {
+	h, err := ReadSnapshotHeader(path)
+	return h.State, err
+}
+
+// readSnapConfig reads the config section, which follows the state from
+// version 3 on; before, there is none (nil).
+func readSnapConfig(r *container.Reader) (SnapshotConfig, error) {
+	if r.Header().Version < 3 {
+		return nil, nil
+	}
+	s, err := r.Next()
+	if errors.Is(err, io.EOF) {
+		err = fmt.Errorf("no config section: %w", container.ErrFormat)
+	}
+	if err == nil && s.Type != container.TypeConfig {
+		err = fmt.Errorf("%v section where the config belongs: %w", s.Type, container.ErrFormat)
+	}
+	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrSnapshot, err)
 	}
-	return readSnapState(r)
+	cfg := SnapshotConfig{}
+	if err := devstate.Decode(s.Payload, cfg.walk); err != nil {
+		return nil, fmt.Errorf("%w: config: %w (%w)", ErrSnapshot, container.ErrFormat, err)
+	}
+	return cfg, nil
 }
 
 // readSnapState reads the state section, which comes first.
@@ -199,6 +306,9 @@ func ReadSnapshot(path string, mem *guestmem.Memory) (*MachineState, error) {
 	if err != nil {
 		return nil, err
 	}
+	if _, err := readSnapConfig(r); err != nil {
+		return nil, err
+	}
 	if st.Memory.MemSize != mem.Size() {
 		return nil, fmt.Errorf("%w: snapshot has %d MiB of memory, machine %d MiB", ErrStateMismatch, st.Memory.MemSize>>20, mem.Size()>>20)
 	}
@@ -221,7 +331,7 @@ func readSnapPages(r *container.Reader, mem *guestmem.Memory) error {
 			return err
 		}
 		if s.Type != container.TypePages {
-			return fmt.Errorf("a second %v section: %w", s.Type, container.ErrFormat)
+			return fmt.Errorf("%v section among the pages: %w", s.Type, container.ErrFormat)
 		}
 		if pages, err = container.ParsePages(s.Payload, pages); err != nil {
 			return err

@@ -3,6 +3,7 @@ package vmm
 import (
 	"bytes"
 	"encoding/binary"
+	"hash/crc32"
 	"os"
 	"path/filepath"
 	"testing"
@@ -10,6 +11,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"govmm/vmm/container"
+	"govmm/vmm/devstate"
 	"govmm/vmm/guestmem"
 )
 
@@ -56,19 +58,24 @@ func requireSampleMemory(t *testing.T, mem *guestmem.Memory) {
 	}
 }
 
-// A version 2 snapshot file is pinned byte for byte, reads back as what
-// was written, and a version 1 file (written by the code before the
-// container format) still reads.
+// sampleConfig is the config of the golden snapshot: a repeated name, an
+// empty value.
+var sampleConfig = SnapshotConfig{{"net", "none"}, {"disk", "/var/lib/a.img,ro"}, {"disk", "/b.img"}, {"mac", ""}}
+
+// A version 3 snapshot file is pinned byte for byte, reads back as what
+// was written (its config included), and version 2 and 1 files (written
+// before the config, and before the container format) still read, with
+// no config.
 func TestSnapshotGolden(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "vm.snap")
-	stats, err := WriteSnapshot(path, sampleState(), newSampleMemory(t, true))
+	stats, err := WriteSnapshot(path, sampleState(), sampleConfig, newSampleMemory(t, true))
 	require.NoError(t, err)
 	require.Equal(t, uint64(len(snapPages)), stats.Pages)
 	require.Equal(t, uint64(16384-len(snapPages)), stats.ZeroPages)
 	b, err := os.ReadFile(path)
 	require.NoError(t, err)
 	require.Equal(t, int64(len(b)), stats.Bytes)
-	golden := filepath.Join("testdata", "snapshot", "v2.snap")
+	golden := filepath.Join("testdata", "snapshot", "v3.snap")
 	if *updateGolden {
 		require.NoError(t, os.WriteFile(golden, b, 0o644))
 	}
@@ -76,7 +83,7 @@ func TestSnapshotGolden(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, want, b, "snapshot layout changed: bump snapVersion, keep reading the old one (-update-golden rewrites)")
 
-	for version, file := range map[int]string{1: "v1.snap", 2: "v2.snap"} {
+	for version, file := range map[uint16]string{1: "v1.snap", 2: "v2.snap", 3: "v3.snap"} {
 		p := filepath.Join("testdata", "snapshot", file)
 		mem := newSampleMemory(t, false)
 		st, err := ReadSnapshot(p, mem)
@@ -90,13 +97,50 @@ func TestSnapshotGolden(t *testing.T) {
 		st, err = ReadSnapshotState(p)
 		require.NoError(t, err, file)
 		require.Equal(t, wantState, st, file)
+		h, err := ReadSnapshotHeader(p)
+		require.NoError(t, err, file)
+		require.Equal(t, version, h.Version, file)
+		require.Equal(t, wantState, h.State, file)
+		if version >= 3 {
+			require.Equal(t, sampleConfig, h.Config, file)
+		} else {
+			require.Nil(t, h.Config, file)
+		}
+	}
+}
+
+// An empty config is written and read back as empty, not as absent; a
+// config a reader would refuse is never written.
+func TestSnapshotConfig(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "empty.snap")
+	_, err := WriteSnapshot(p, sampleState(), nil, newSampleMemory(t, true))
+	require.NoError(t, err)
+	h, err := ReadSnapshotHeader(p)
+	require.NoError(t, err)
+	require.NotNil(t, h.Config)
+	require.Empty(t, h.Config)
+
+	long := string(bytes.Repeat([]byte{'x'}, maxSettingValue+1))
+	for name, cfg := range map[string]SnapshotConfig{
+		"no name":    {{"", "x"}},
+		"long value": {{"disk", long}},
+		"too many":   make(SnapshotConfig, maxConfigSettings+1),
+		"long name":  {{long[:maxSettingName+1], "x"}},
+	} {
+		p := filepath.Join(dir, name)
+		_, err := WriteSnapshot(p, sampleState(), cfg, newSampleMemory(t, true))
+		require.Error(t, err, name)
+		require.NoFileExists(t, p, name)
 	}
 }
 
 // A damaged or foreign snapshot is refused with ErrSnapshot and the
 // container's reason, never with a machine state.
 func TestSnapshotRefusals(t *testing.T) {
-	good, err := os.ReadFile(filepath.Join("testdata", "snapshot", "v2.snap"))
+	good, err := os.ReadFile(filepath.Join("testdata", "snapshot", "v3.snap"))
+	require.NoError(t, err)
+	v2, err := os.ReadFile(filepath.Join("testdata", "snapshot", "v2.snap"))
 	require.NoError(t, err)
 	v1, err := os.ReadFile(filepath.Join("testdata", "snapshot", "v1.snap"))
 	require.NoError(t, err)
@@ -114,6 +158,17 @@ func TestSnapshotRefusals(t *testing.T) {
 		require.NoError(t, w.Close())
 		return b.Bytes()
 	}
+	config := devstate.Encode(sampleConfig.walk)
+	stateSec := container.Section{Type: container.TypeState, Payload: state}
+	configSec := container.Section{Type: container.TypeConfig, Payload: config}
+	// v2build writes a version 2 file.
+	v2build := func(sections ...container.Section) []byte {
+		b := build(sections...)
+		binary.LittleEndian.PutUint16(b[8:], 2)
+		sum := crc32.Checksum(b[:len(b)-container.EndSize], castagnoli)
+		binary.LittleEndian.PutUint32(b[len(b)-4:], sum)
+		return b
+	}
 	var outside container.PageSection
 	outside.Add(64<<20, snapPage(1)) // one page past the end of memory
 	var inside container.PageSection
@@ -124,7 +179,7 @@ func TestSnapshotRefusals(t *testing.T) {
 	}{
 		"empty":              {nil, container.ErrNotContainer},
 		"foreign":            {append([]byte("NOTASNAP"), good[8:]...), container.ErrNotContainer},
-		"version 3":          {mutate(good, func(b []byte) { binary.LittleEndian.PutUint16(b[8:], 3) }), container.ErrVersion},
+		"version 4":          {mutate(good, func(b []byte) { binary.LittleEndian.PutUint16(b[8:], 4) }), container.ErrVersion},
 		"truncated in state": {good[:40], container.ErrTruncated},
 		"truncated in pages": {good[:len(good)-200], container.ErrTruncated},
 		"no end":             {good[:len(good)-container.EndSize], container.ErrTruncated},
@@ -133,8 +188,15 @@ func TestSnapshotRefusals(t *testing.T) {
 		"no state":           {build(), container.ErrFormat},
 		"pages first":        {build(container.Section{Type: container.TypePages, Payload: inside.Payload()}), container.ErrFormat},
 		"two states":         {build(container.Section{Type: container.TypeState, Payload: state}, container.Section{Type: container.TypeState, Payload: state}), container.ErrFormat},
-		"page outside":       {build(container.Section{Type: container.TypeState, Payload: state}, container.Section{Type: container.TypePages, Payload: outside.Payload()}), guestmem.ErrOutOfRange},
-		"disk section":       {build(container.Section{Type: container.TypeState, Payload: state}, container.Section{Type: container.TypeDisk, Payload: container.AppendDisk(nil, 0, 0, 1, []byte{1})}), container.ErrFormat},
+		"page outside":       {build(stateSec, configSec, container.Section{Type: container.TypePages, Payload: outside.Payload()}), guestmem.ErrOutOfRange},
+		"disk section":       {build(stateSec, configSec, container.Section{Type: container.TypeDisk, Payload: container.AppendDisk(nil, 0, 0, 1, []byte{1})}), container.ErrFormat},
+		"no config":          {build(stateSec, container.Section{Type: container.TypePages, Payload: inside.Payload()}), container.ErrFormat},
+		"config first":       {build(configSec, stateSec), container.ErrFormat},
+		"two configs":        {build(stateSec, configSec, configSec), container.ErrFormat},
+		"config in v2":       {v2build(stateSec, configSec), container.ErrFormat},
+		"config trailing":    {build(stateSec, container.Section{Type: container.TypeConfig, Payload: append(bytes.Clone(config), 0)}), container.ErrFormat},
+		"config too many":    {build(stateSec, container.Section{Type: container.TypeConfig, Payload: []byte{0xff, 0xff, 0, 0}}), container.ErrTooLarge},
+		"v2 flipped":         {mutate(v2, func(b []byte) { b[len(b)-100] ^= 0x40 }), container.ErrChecksum},
 		"v1 flipped":         {mutate(v1, func(b []byte) { b[len(b)-100] ^= 0x40 }), container.ErrChecksum},
 		"v1 truncated":       {v1[:len(v1)-200], container.ErrTruncated},
 	}
@@ -149,4 +211,23 @@ func TestSnapshotRefusals(t *testing.T) {
 			require.Nil(t, st)
 		})
 	}
+}
+
+// Any bytes as a config section: refused with an error or decoded to a
+// config that encodes back to exactly those bytes, never a panic or an
+// allocation past the caps.
+func FuzzSnapshotConfig(f *testing.F) {
+	f.Add(devstate.Encode(sampleConfig.walk))
+	empty := SnapshotConfig{}
+	f.Add(devstate.Encode(empty.walk))
+	f.Add([]byte{0xff, 0xff, 0xff, 0xff})
+	f.Add([]byte{1, 0, 0, 0, 0xff, 0xff, 0xff, 0x7f})
+	f.Fuzz(func(t *testing.T, data []byte) {
+		var cfg SnapshotConfig
+		if err := devstate.Decode(data, cfg.walk); err != nil {
+			return
+		}
+		require.LessOrEqual(t, len(cfg), maxConfigSettings)
+		require.Equal(t, data, devstate.Encode(cfg.walk))
+	})
 }

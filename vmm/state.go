@@ -303,9 +303,9 @@ type SnapshotResult struct {
 	Paused time.Duration // how long the guest was stopped
 }
 
-// Snapshot stops the guest at a consistent cut, writes its state and
+// Snapshot stops the guest at a consistent cut, writes its state, cfg and
 // memory to path, and lets it go on (unless it was paused already).
-func (m *Machine) Snapshot(ctx context.Context, path string) (SnapshotResult, error) {
+func (m *Machine) Snapshot(ctx context.Context, path string, cfg SnapshotConfig) (SnapshotResult, error) {
 	start := time.Now()
 	var res SnapshotResult
 	err := m.WithPaused(ctx, func() error {
@@ -313,7 +313,7 @@ func (m *Machine) Snapshot(ctx context.Context, path string) (SnapshotResult, er
 		if err != nil {
 			return err
 		}
-		res.SnapshotStats, err = WriteSnapshot(path, st, m.mem)
+		res.SnapshotStats, err = WriteSnapshot(path, st, cfg, m.mem)
 		return err
 	})
 	res.Paused = time.Since(start)

@@ -99,9 +99,9 @@ func (l *liveBackend) Migrate(ctx context.Context, req ctlapi.MigrateRequest, pr
 	return l.get().Migrate(ctx, req, progress)
 }
 
-func (l *liveBackend) StartReplication(ctx context.Context, req ctlapi.ReplicateRequest) error {
+func (l *liveBackend) StartReplication(ctx context.Context, req ctlapi.ReplicateRequest, progress func(ctlapi.Progress)) error {
 	if rb, ok := l.get().(ctlapi.ReplicationBackend); ok {
-		return rb.StartReplication(ctx, req)
+		return rb.StartReplication(ctx, req, progress)
 	}
 	return fmt.Errorf("%w: this VMM cannot replicate", ctlapi.ErrNotSupported)
 }
@@ -181,7 +181,7 @@ func (b *vmBackend) Resume() error {
 }
 
 func (b *vmBackend) Snapshot(ctx context.Context, path string) (ctlapi.SnapshotResult, error) {
-	r, err := b.m.Snapshot(ctx, path)
+	r, err := b.m.Snapshot(ctx, path, b.f.snapshotConfig())
 	if err != nil {
 		return ctlapi.SnapshotResult{}, err
 	}
@@ -228,7 +228,7 @@ func (b *vmBackend) Stats() ctlapi.Stats {
 var _ ctlapi.ReplicationBackend = (*vmBackend)(nil)
 
 // StartReplication protects the running VM (PUT /vm/replicate).
-func (b *vmBackend) StartReplication(ctx context.Context, req ctlapi.ReplicateRequest) error {
+func (b *vmBackend) StartReplication(ctx context.Context, req ctlapi.ReplicateRequest, progress func(ctlapi.Progress)) error {
 	epoch := b.f.epoch
 	if req.Epoch != "" {
 		d, err := parseEpoch(req.Epoch)
@@ -237,7 +237,13 @@ func (b *vmBackend) StartReplication(ctx context.Context, req ctlapi.ReplicateRe
 		}
 		epoch = d
 	}
-	err := startReplication(b.m, b.f, b.devs, b.node, req.To, epoch)
+	err := startReplication(b.m, b.f, b.devs, b.node, req.To, epoch, func(p replicate.SyncProgress) {
+		phase := ctlapi.PhaseSync
+		if p.Acking {
+			phase = ctlapi.PhaseSyncAck
+		}
+		progress(ctlapi.Progress{Phase: phase, Round: p.Round, BytesSent: p.Copied, TotalBytes: p.Total})
+	})
 	if errors.Is(err, replicate.ErrReplicating) {
 		return fmt.Errorf("replicate: %w: %w", ctlapi.ErrConflict, err)
 	}
@@ -286,7 +292,7 @@ func (b *standbyBackend) Snapshot(context.Context, string) (ctlapi.SnapshotResul
 func (b *standbyBackend) Migrate(context.Context, ctlapi.MigrateRequest, func(ctlapi.Progress)) (ctlapi.MigrateResult, error) {
 	return ctlapi.MigrateResult{}, errStandingBy
 }
-func (b *standbyBackend) StartReplication(context.Context, ctlapi.ReplicateRequest) error {
+func (b *standbyBackend) StartReplication(context.Context, ctlapi.ReplicateRequest, func(ctlapi.Progress)) error {
 	return errStandingBy
 }
 func (b *standbyBackend) StopReplication() error { return errStandingBy }

@@ -1,11 +1,9 @@
 package main
 
 import (
-	"context"
 	"fmt"
 	"log/slog"
 	"os"
-	"os/signal"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -138,7 +136,7 @@ func cmdBench(args []string) error {
 	}
 	// The stream's per-connection Info lines would drown the progress.
 	slog.SetDefault(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+	ctx, caught, stop := benchSignals()
 	defer stop()
 	opts := bench.Options{Quick: *quick, Runs: *runs, Out: *out, Govmm: self, Log: os.Stderr,
 		Boot: bench.BootConfig{Govmm: self, Guest: *guest, MemMiB: int(mem >> 20)}, Modes: failModes}
@@ -164,6 +162,9 @@ func cmdBench(args []string) error {
 	sections, err := bench.Run(ctx, opts, suites)
 	if werr := bench.WriteReport(*out, command, sections, suites); err == nil {
 		err = werr
+	}
+	if sig := caught(); sig != 0 {
+		return exitError{128 + int(sig)} // the finished suites are in the report
 	}
 	if err != nil {
 		return err

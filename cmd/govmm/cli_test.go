@@ -320,7 +320,7 @@ func TestCLIDefaultAPISocket(t *testing.T) {
 	c := ctlapi.NewClient(sock)
 	defer c.Close()
 	for _, epoch := range []string{"0", "-1s", "25"} {
-		err := c.Replicate(t.Context(), ctlapi.ReplicateRequest{To: "127.0.0.1:1", Epoch: epoch})
+		err := c.Replicate(t.Context(), ctlapi.ReplicateRequest{To: "127.0.0.1:1", Epoch: epoch}, nil)
 		require.ErrorIs(t, err, ctlapi.ErrInvalid, epoch)
 		_, want := parseEpoch(epoch)
 		require.ErrorContains(t, err, fmt.Sprintf("epoch %q: %v", epoch, want))

@@ -20,6 +20,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"govmm/ctlapi"
+	"govmm/replicate"
 )
 
 const ctlUsage = `Usage: govmm ctl [--api-sock PATH | --name NAME] COMMAND [flags]
@@ -584,7 +585,12 @@ func ctlReplicate(ctx context.Context, c *ctlapi.Client, args []string) error {
 	if req.To == "" {
 		return usagef("ctl replicate", "--to HOST:PORT is required")
 	}
-	if err := c.Replicate(ctx, req); err != nil {
+	bar := newTransferBar(os.Stderr, ctlIsTerminal(os.Stderr), "initial sync")
+	err := c.Replicate(ctx, req, func(p ctlapi.Progress) {
+		bar.update(p.BytesSent, p.TotalBytes, syncNote(replicate.SyncProgress{Round: p.Round, Acking: p.Phase == ctlapi.PhaseSyncAck}))
+	})
+	bar.finish()
+	if err != nil {
 		return err
 	}
 	fmt.Printf("protected by %s\n", req.To)

@@ -429,7 +429,9 @@ func TestGuestSnapshotRestore(t *testing.T) {
 	g.stop()
 
 	sock2 := filepath.Join(dir, "two.sock")
-	launchGuest(t, exec.Command(govmmBin, "restore", "--publish", fmt.Sprintf("%d:80", port), "--disk", disk, "--api-sock", sock2, snap))
+	// The snapshot holds the devices (the published port, the disk):
+	// restore needs no device flags, and takes flags after the file.
+	launchGuest(t, exec.Command(govmmBin, "restore", snap, "--api-sock", sock2))
 	d.waitHealthy()
 	require.Equal(t, last+1, d.incr(), "the counter carries on from the snapshot")
 	require.Equal(t, []string{"before the snapshot"}, d.log())
@@ -493,7 +495,9 @@ func TestGuestSnapshotRoundTrip(t *testing.T) {
 	ctl(sock1, "snapshot", "--out", first)
 	g.stop()
 
-	launchGuest(t, exec.Command(govmmBin, "restore", "--paused", "--net", "none", "--disk", disk, "--api-sock", sock2, first))
+	// The snapshot holds the devices (--net none, the disk): restore needs
+	// no device flags.
+	launchGuest(t, exec.Command(govmmBin, "restore", "--paused", "--api-sock", sock2, first))
 	require.Eventually(t, func() bool {
 		out, _, status, err := runGovmm(time.Minute, "ctl", "--api-sock", sock2, "info")
 		return err == nil && status == 0 && ctlInfoState(out) == "paused"
@@ -505,7 +509,7 @@ func TestGuestSnapshotRoundTrip(t *testing.T) {
 	b, err := os.ReadFile(second)
 	require.NoError(t, err)
 	// Snapshot file (docs/FORMATS.md): a GOVMMSNP container, a state
-	// section, then page sections.
+	// section, a config section (the same devices), then page sections.
 	secA, secB := snapshotSections(t, a), snapshotSections(t, b)
 	stA, stB := snapshotStateMasked(t, secA[0].Payload), snapshotStateMasked(t, secB[0].Payload)
 	require.Equal(t, stA, stB, "machine state apart from the clocks")
@@ -518,9 +522,10 @@ func TestGuestSnapshotRoundTrip(t *testing.T) {
 	require.True(t, bytes.Equal(a[:container.HeaderSize], b[:container.HeaderSize]), "file header")
 	wall := wallClockGPA(stA)
 	require.NotZero(t, wall, "the guest registered its kvmclock wall clock")
-	diffs := pageDiffs(t, secA[1:], secB[1:], wall, wall+12)
+	require.Equal(t, secA[1].Payload, secB[1].Payload, "config (the devices)")
+	diffs := pageDiffs(t, secA[2:], secB[2:], wall, wall+12)
 	require.Empty(t, diffs, "guest memory (page sections): bytes that differ")
-	t.Logf("%d-byte snapshots equal apart from the clocks (%d bytes of state, %d page sections)", len(a), len(secA[0].Payload), len(secA)-1)
+	t.Logf("%d-byte snapshots equal apart from the clocks (%d bytes of state, %d page sections)", len(a), len(secA[0].Payload), len(secA)-2)
 
 	ctl(sock2, "resume")
 	require.Equal(t, "running", ctlInfoState(ctl(sock2, "info")))
@@ -542,12 +547,13 @@ func wallClockGPA(st *vmm.MachineState) uint64 {
 func snapshotSections(t *testing.T, file []byte) []container.Section {
 	t.Helper()
 	_, sections, err := container.Parse(file, container.Format{
-		Magic: container.MagicSnapshot, MinVersion: 2, MaxVersion: 2,
-		Caps: map[container.Type]int{container.TypeState: vmm.MaxStateSize, container.TypePages: container.MaxPagesPayload},
+		Magic: container.MagicSnapshot, MinVersion: 3, MaxVersion: 3,
+		Caps: map[container.Type]int{container.TypeState: vmm.MaxStateSize, container.TypeConfig: 1 << 20, container.TypePages: container.MaxPagesPayload},
 	})
 	require.NoError(t, err)
-	require.NotEmpty(t, sections)
+	require.GreaterOrEqual(t, len(sections), 2)
 	require.Equal(t, container.TypeState, sections[0].Type)
+	require.Equal(t, container.TypeConfig, sections[1].Type)
 	return sections
 }
 

@@ -54,7 +54,7 @@ func cmdImage(args []string) error {
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
 	defer stop()
-	img, err := guestimg.Build(ctx, guestimg.Options{CacheDir: *cache, Log: os.Stderr})
+	img, err := buildImage(ctx, *cache)
 	if err != nil {
 		if errors.Is(err, guestimg.ErrNoApt) || errors.Is(err, guestimg.ErrNoGo) {
 			return err // says what to do
@@ -67,4 +67,15 @@ func cmdImage(args []string) error {
 	}
 	fmt.Printf("kernel: %s\ninitrd: %s\n", img.Kernel, img.Initrd)
 	return nil
+}
+
+// buildImage builds the default image in cache (default: guestimg's), or
+// finds it there, with the build's log and the package download's
+// progress (bytes of the total: a bar on a terminal, lines elsewhere) on
+// stderr.
+func buildImage(ctx context.Context, cache string) (guestimg.Image, error) {
+	bar := newTransferBar(os.Stderr, ctlIsTerminal(os.Stderr), "package download")
+	defer bar.finish()
+	return guestimg.Build(ctx, guestimg.Options{CacheDir: cache, Log: bar.interleave(),
+		Progress: func(done, total int64) { bar.update(uint64(done), uint64(total), "") }})
 }

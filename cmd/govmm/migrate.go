@@ -98,10 +98,21 @@ func reprotectFailed(err error) {
 
 // startReplication protects the running machine with a standby at to
 // (or the null standby of --null-standby): the initial sync, then an
-// epoch loop in the background. Output commit covers every NIC.
-func startReplication(m *vmm.Machine, f *runFlags, devs *machineDevices, node *replicate.Node, to string, epoch time.Duration) error {
+// epoch loop in the background. Output commit covers every NIC. The
+// initial sync's progress is drawn on stderr, and told to progress too
+// if it is not nil (a 'ctl replicate' client).
+func startReplication(m *vmm.Machine, f *runFlags, devs *machineDevices, node *replicate.Node, to string, epoch time.Duration,
+	progress func(replicate.SyncProgress)) error {
+	bar := newTransferBar(os.Stderr, ctlIsTerminal(os.Stderr), "initial sync")
+	defer bar.finish()
 	cfg := replicate.ReplicateConfig{To: to, Name: f.name, Epoch: epoch, FailoverTimeout: f.failoverTimeout,
-		OnStandbyLoss: f.onStandbyLoss, Disks: devs.diskLogs, Devices: devs.attrs}
+		OnStandbyLoss: f.onStandbyLoss, Disks: devs.diskLogs, Devices: devs.attrs,
+		Progress: func(p replicate.SyncProgress) {
+			bar.update(p.Copied, p.Total, syncNote(p))
+			if progress != nil {
+				progress(p)
+			}
+		}}
 	if f.nullStandby {
 		if to != "" {
 			return fmt.Errorf("--null-standby and a standby address %s: choose one", to)
@@ -133,11 +144,27 @@ func startReplication(m *vmm.Machine, f *runFlags, devs *machineDevices, node *r
 		warnSplitBrain() // once the request is known to be good
 	}
 	fmt.Fprintf(os.Stderr, "govmm: replicating to %s: initial sync\n", to)
-	if _, err := node.Protect(context.Background(), m, cfg); err != nil {
+	_, err := node.Protect(context.Background(), m, cfg)
+	bar.finish()
+	if err != nil {
 		return err
 	}
 	fmt.Fprintf(os.Stderr, "govmm: protected by %s (epoch %v)\n", to, epoch)
 	// How replication ends (the standby lost, this VMM fenced) the
 	// replicate package logs, once.
 	return nil
+}
+
+// syncNote says which round of the initial sync a progress update is in,
+// past the first full copy (whose bar alone says enough).
+func syncNote(p replicate.SyncProgress) string {
+	switch {
+	case p.Acking:
+		return "waiting for the standby to apply it and acknowledge"
+	case p.Round == 0:
+		return "disks"
+	case p.Round >= 2:
+		return fmt.Sprintf("round %d: pages dirtied meanwhile", p.Round)
+	}
+	return ""
 }

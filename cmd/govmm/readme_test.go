@@ -75,7 +75,7 @@ var readmeElsewhere = map[string][]string{
 	"bin/govmm bench boot":                                                                   {"TestQuickSuitesProduceOutput"},
 	"bin/govmm run --api-sock /tmp/vm.sock --disk disk.img":                                  {"TestGuestSnapshotRestore"},
 	"bin/govmm ctl --api-sock /tmp/vm.sock snapshot --out vm.snap":                           {"TestGuestSnapshotRestore", "TestCtlSnapshotAndRestore"},
-	"bin/govmm restore --disk disk.img vm.snap":                                              {"TestGuestSnapshotRestore", "TestCtlSnapshotAndRestore"},
+	"bin/govmm restore vm.snap":                                                              {"TestGuestSnapshotRestore", "TestCtlSnapshotAndRestore"},
 	"bin/govmm ctl --api-sock /tmp/vm.sock migrate --to 127.0.0.1:7000":                      {"TestGuestMigrateUnderLoad", "TestCtlMigrate"},
 	"bin/govmm witness --listen 10.0.0.3:7100 --key-file psk --state /var/lib/govmm-witness": {"TestGuestFencingStoppedPrimary", "TestWitnessCommand"}, // three hosts: the lab test puts them in namespaces
 	"bin/govmm standby --listen 10.0.0.2:7000 --key-file psk --witness 10.0.0.3:7100 --disk standby-copy.img --net tap:tap0 --api-sock /run/govmm/standby.sock": {"TestGuestFencingStoppedPrimary", "TestGuestFencingLinkCut"},

@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"syscall"
 	"testing"
@@ -41,13 +42,18 @@ func TestReplicateAndFailover(t *testing.T) {
 	waitStandingBy(t, sbSock)
 
 	pSock := filepath.Join(dir, "primary.sock")
-	prim := startVM(t, "run", "--kernel", kernel, "--initrd", initrd, "--mem", "64M", "--net", "none",
+	prim, primLog := startVMLogged(t, "run", "--kernel", kernel, "--initrd", initrd, "--mem", "64M", "--net", "none",
 		"--api-sock", pSock, "--replicate-to", addr, "--epoch", "20ms", "--failover-timeout", "1s")
 	waitSocket(t, pSock)
 	require.Eventually(t, func() bool {
 		out, _, _ := ctl(pSock, "info")
 		return strings.Contains(out, "protected")
 	}, 30*time.Second, 50*time.Millisecond)
+	// The initial sync's progress, as a log reads it (stderr is no
+	// terminal): what was copied, in how long, at what rate.
+	syncLine := regexp.MustCompile(`govmm: initial sync: \d+(\.\d+)? MiB in \S+ \(\d+(\.\d+)? [KMG]iB/s\)`)
+	require.Eventually(t, func() bool { return syncLine.MatchString(primLog.String()) }, 30*time.Second, 10*time.Millisecond,
+		"no initial sync line")
 	metrics, _, status := ctl(pSock, "metrics")
 	require.Equal(t, 0, status)
 	require.Contains(t, metrics, "govmm_replication_protected 1")
@@ -142,6 +148,9 @@ func TestCtlReplicateStandbyLoss(t *testing.T) {
 	out, errOut, status := ctl(sock, "replicate", "--to", addr1)
 	require.Equal(t, 0, status, errOut)
 	require.Contains(t, out, "protected by")
+	// The client saw the initial sync's progress: all 64 MiB of memory,
+	// and the rounds of pages the guest dirtied meanwhile.
+	require.Regexp(t, `^govmm: initial sync: \d+(\.\d+)? MiB in \S+ \(\d+(\.\d+)? [KMG]iB/s\)\n$`, errOut)
 	out, _, _ = ctl(sock, "info")
 	require.Contains(t, out, "primary (protected)")
 	_, errOut, status = ctl(sock, "replicate", "--to", addr1)

@@ -283,7 +283,7 @@ func superviseOn(ep *endpoints, m *vmm.Machine, f *runFlags, devs *machineDevice
 	}
 	defer ep.Close()
 	if f.replicateTo != "" || f.nullStandby {
-		err := startReplication(m, f, devs, node, f.replicateTo, f.epoch)
+		err := startReplication(m, f, devs, node, f.replicateTo, f.epoch, nil)
 		switch {
 		case err != nil && node.Origin() != replicate.Booted:
 			reprotectFailed(err)
@@ -454,7 +454,7 @@ func forwardInput(m *vmm.Machine, r io.Reader, escapes bool) {
 
 // defaultImage builds (or finds in the cache) the default guest image.
 func defaultImage() (guestimg.Image, error) {
-	img, err := guestimg.Build(context.Background(), guestimg.Options{Log: os.Stderr})
+	img, err := buildImage(context.Background(), "")
 	if err != nil {
 		return img, fmt.Errorf("default guest image: %w (or pass --kernel and --initrd)", err)
 	}

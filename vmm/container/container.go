@@ -35,6 +35,9 @@ const (
 	TypePages Type = 3
 	// TypeDisk holds one disk write or zero run (ParseDisk).
 	TypeDisk Type = 4
+	// TypeConfig holds a snapshot's settings: how the VM's devices were
+	// configured (name/value pairs; package vmm's SnapshotConfig).
+	TypeConfig Type = 5
 
 	// The sections of a machine state (GOVMMSTA, version 4 on); package
 	// vmm walks their payloads.
@@ -52,7 +55,7 @@ const (
 )
 
 var typeNames = map[Type]string{
-	TypeEnd: "end", TypeState: "state", TypePages: "pages", TypeDisk: "disk",
+	TypeEnd: "end", TypeState: "state", TypePages: "pages", TypeDisk: "disk", TypeConfig: "config",
 	TypeMachine: "machine", TypeVCPU: "vcpu", TypeIRQChip: "irqchip", TypeClock: "clock", TypeDevice: "device",
 }
 
