@@ -33,7 +33,9 @@ served by 'govmm run' and 'govmm restore' (at their --api-sock, by default
 Commands:
   info [--json]           name, state, vCPUs, memory, devices, uptime, replication,
                           fencing (the witness: lease, generation, FENCED; on a
-                          standby, whether failover would be possible)
+                          standby, whether failover would be possible); on a
+                          standby, what it receives: peer, last checkpoint and
+                          its lag, bytes, witness
   pause                   stop every vCPU
   resume                  start them again
   snapshot --out FILE     write a snapshot to FILE on the VM's host (a relative
