@@ -25,8 +25,8 @@
 //	GET  /stats        Stats as JSON, in SortMetrics's order
 //	GET  /metrics      Prometheus text exposition format 0.0.4, sorted
 //
-// MetricsHandler serves GET /metrics alone, for a TCP listener that
-// Prometheus scrapes (govmm run --metrics-listen).
+// ServeMetrics (with MetricsHandler) serves GET /metrics alone on a TCP
+// address that Prometheus scrapes (govmm run --metrics-listen).
 //
 // Invariants, each checked by a test: an unknown path is 404 and a known
 // path with the wrong method is 405 (with Allow); a malformed or unknown
