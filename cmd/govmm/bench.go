@@ -15,7 +15,7 @@ import (
 
 const benchUsage = `Usage: govmm bench [flags] [SUITE...]
 
-Runs benchmarks and writes raw CSV (one row per sample), PNG plots and
+Runs benchmarks and writes raw CSV (one row per sample), plots (PNG and SVG) and
 report.md into --out (default bench/results/<timestamp>). Suites (default:
 all of them, in this order):
 
@@ -135,7 +135,7 @@ func cmdBench(args []string) error {
 		return err
 	}
 	// The stream's per-connection Info lines would drown the progress.
-	slog.SetDefault(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
+	slog.SetDefault(slog.New(newCLIHandler(os.Stderr, slog.LevelWarn)))
 	ctx, caught, stop := benchSignals()
 	defer stop()
 	opts := bench.Options{Quick: *quick, Runs: *runs, Out: *out, Govmm: self, Log: os.Stderr,
