@@ -109,13 +109,14 @@ bench-quick: build
 # The failover-guest suite (the default guest, SIGKILL/SIGSTOP of the
 # primary to the first answer from the standby, without and with a
 # witness) in BENCH_RUNS short runs of BENCH_TRIALS trials of each of
-# BENCH_MODES (sigkill, sigstop) without and with a witness, each run in an
+# BENCH_MODES (sigkill, sigstop), BENCH_WITNESS (without, with, both), each run in an
 # L1 of its own, merged into one report (scripts/bench-failover-guest.sh).
 BENCH_RUNS ?= 5
 BENCH_TRIALS ?= 1
 BENCH_MODES ?= sigkill,sigstop
+BENCH_WITNESS ?= both
 bench-failover-guest: build image
-	scripts/bench-failover-guest.sh $(BENCH_RUNS) $(BENCH_TRIALS) $(BENCH_MODES)
+	scripts/bench-failover-guest.sh $(BENCH_RUNS) $(BENCH_TRIALS) $(BENCH_MODES) $(BENCH_WITNESS)
 
 clean:
 	rm -rf bin

@@ -26,6 +26,9 @@ type FailoverGuestConfig struct {
 	// Modes are the failures timed, FailKill and/or FailStop (default
 	// both): a run of only one spends all its boots on it.
 	Modes []string
+	// Witness are the settings each mode is timed with: without a witness
+	// (false) and/or with one (true); default both.
+	Witness []bool
 	// Timeout is both ends' --failover-timeout and, with a witness, the
 	// lease (default 3s: the lab's emulated L1 applies a booting guest's
 	// first checkpoints slowly).
@@ -68,6 +71,9 @@ func FailoverGuest(ctx context.Context, cfg FailoverGuestConfig) (*FailoverGuest
 	if len(cfg.Modes) == 0 {
 		cfg.Modes = []string{FailKill, FailStop}
 	}
+	if len(cfg.Witness) == 0 {
+		cfg.Witness = []bool{false, true}
+	}
 	for _, m := range cfg.Modes {
 		if m != FailKill && m != FailStop {
 			return nil, fmt.Errorf("failover-guest: unknown mode %q (%s or %s)", m, FailKill, FailStop)
@@ -96,7 +102,7 @@ func FailoverGuest(ctx context.Context, cfg FailoverGuestConfig) (*FailoverGuest
 	res := &FailoverGuestResult{Config: cfg}
 	for trial := 1; trial <= cfg.Trials; trial++ {
 		for _, mode := range cfg.Modes {
-			for _, w := range []bool{false, true} {
+			for _, w := range cfg.Witness {
 				witAddr := ""
 				if w {
 					witAddr = wit.addr

@@ -323,8 +323,10 @@ func (s *OverheadGuestSample) fillReplication(m0, m1 map[string]float64, span ti
 	s.Epochs = int(d("govmm_replication_epochs_total"))
 	s.metricsSpan = span
 	if s.Epochs > 0 {
-		s.PauseMean = secs(d("govmm_replication_pause_seconds_total") / float64(s.Epochs))
-		s.AckMean = secs(d("govmm_replication_ack_seconds_total") / float64(s.Epochs))
+		s.PauseMean = secs(d("govmm_replication_pause_seconds_sum") / float64(s.Epochs))
+		if acks := d("govmm_replication_ack_seconds_count"); acks > 0 {
+			s.AckMean = secs(d("govmm_replication_ack_seconds_sum") / acks)
+		}
 		s.EpochMean = span / time.Duration(s.Epochs)
 	}
 	s.BackpressureShare = d("govmm_replication_backpressure_seconds_total") / span.Seconds()

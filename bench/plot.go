@@ -183,6 +183,9 @@ func boxes(path, title, ylabel string, logY bool, groups []string, values [][]fl
 		p.Y.Max, p.Y.Min = p.Y.Max*1.25, p.Y.Min/1.25
 	}
 	p.NominalX(groups...)
+	// Half a slot either side, so the first and last boxes are not cut by
+	// the plot's edges.
+	p.X.Min, p.X.Max = -0.5, float64(len(groups))-0.5
 	p.X.Tick.Label.Rotation = 0.4
 	p.X.Tick.Label.XAlign = draw.XRight
 	return savePlot(p, 8*vg.Inch, 5*vg.Inch, path)

@@ -21,6 +21,9 @@ type Options struct {
 	// Modes are the failures failover-guest times (FailKill, FailStop;
 	// default both).
 	Modes []string
+	// Witness are failover-guest's witness settings (false: without, true:
+	// with; default both).
+	Witness []bool
 }
 
 // Emulated says whether KVM here emulates guests (see lab.Emulated).
@@ -108,7 +111,7 @@ func (o Options) suite(ctx context.Context, s string) (string, error) {
 		}
 		return r.Report(), nil
 	case "failover-guest":
-		cfg := FailoverGuestConfig{Govmm: o.Govmm, Kernel: o.Boot.Kernel, Initrd: o.Boot.Initrd, Trials: o.runs(3, 1), Modes: o.Modes, Out: o.Out, Log: o.Log}
+		cfg := FailoverGuestConfig{Govmm: o.Govmm, Kernel: o.Boot.Kernel, Initrd: o.Boot.Initrd, Trials: o.runs(3, 1), Modes: o.Modes, Witness: o.Witness, Out: o.Out, Log: o.Log}
 		r, err := FailoverGuest(ctx, cfg)
 		if err != nil {
 			return "", err

@@ -28,10 +28,10 @@ type Backend interface {
 	// Snapshot writes the machine state and memory to path (absolute, on
 	// the VMM's host). It returns early with ctx's error when ctx is done.
 	Snapshot(ctx context.Context, path string) (SnapshotResult, error)
-	// Migrate live-migrates the VM to the standby at to (host:port),
+	// Migrate live-migrates the VM to the standby at req.To (host:port),
 	// calling progress as it goes. progress never blocks and may be called
 	// from any goroutine, but not after Migrate returns.
-	Migrate(ctx context.Context, to string, progress func(Progress)) (MigrateResult, error)
+	Migrate(ctx context.Context, req MigrateRequest, progress func(Progress)) (MigrateResult, error)
 	// Stats returns the counters and gauges served at /stats and /metrics.
 	Stats() Stats
 }
@@ -51,6 +51,21 @@ type Info struct {
 	// standing-by standby, whether a failover would be possible now and
 	// why not.
 	Fencing string `json:"fencing,omitempty"`
+	// Standby is what a standby receives, while no guest runs there (nil
+	// elsewhere).
+	Standby *StandbyInfo `json:"standby,omitempty"`
+}
+
+// StandbyInfo is what a standby receives from its source.
+type StandbyInfo struct {
+	Phase  string `json:"phase"`            // listening, replicating, claiming, running
+	Source string `json:"source,omitempty"` // the source's VM name (and holder at the witness)
+	// Checkpoint is the last checkpoint committed here (0: none yet), Lag
+	// the time since it committed while a source is followed.
+	Checkpoint    uint64        `json:"checkpoint"`
+	Lag           time.Duration `json:"lag_ns"`
+	BytesReceived uint64        `json:"bytes_received"` // from every source, stream bytes
+	Witness       string        `json:"witness"`        // its address, "" without one
 }
 
 // SnapshotResult reports what a snapshot wrote.
@@ -88,6 +103,15 @@ type Progress struct {
 	TotalBytes uint64 `json:"total_bytes,omitempty"`
 }
 
+// MigrateRequest is the body of PUT /vm/migrate.
+type MigrateRequest struct {
+	To string `json:"to"` // the destination standby, host:port
+	// Force migrates a VM that is replicated: its replication stops first
+	// and the guest runs UNPROTECTED at the destination. Without it the
+	// backend refuses such a VM (ErrConflict).
+	Force bool `json:"force,omitempty"`
+}
+
 // MigrateResult reports a finished live migration.
 type MigrateResult struct {
 	TotalTime time.Duration `json:"total_time_ns"`
@@ -95,6 +119,10 @@ type MigrateResult struct {
 	Rounds    int           `json:"rounds"`
 	BytesSent uint64        `json:"bytes_sent"`
 	PagesSent uint64        `json:"pages_sent"`
+	// DroppedProtection is the standby whose protection a forced
+	// migration ended ("" if the VM was not replicated): the guest runs
+	// unprotected at the destination.
+	DroppedProtection string `json:"dropped_protection,omitempty"`
 }
 
 // Stats is a set of metrics.

@@ -122,12 +122,12 @@ func (c *Client) StopReplication(ctx context.Context) error {
 // maxLine caps one NDJSON line of a migration's progress.
 const maxLine = 1 << 20
 
-// Migrate live-migrates the VM to to (host:port). It calls progress, if
-// not nil, for each update in the order the server sent them, on the
+// Migrate live-migrates the VM to req.To (host:port). It calls progress,
+// if not nil, for each update in the order the server sent them, on the
 // calling goroutine. Cancelling ctx cancels the migration.
-func (c *Client) Migrate(ctx context.Context, to string, progress func(Progress)) (MigrateResult, error) {
+func (c *Client) Migrate(ctx context.Context, req MigrateRequest, progress func(Progress)) (MigrateResult, error) {
 	var res MigrateResult
-	err := c.progressStream(ctx, "migrate", "/vm/migrate", migrateRequest{To: to}, progress, &res)
+	err := c.progressStream(ctx, "migrate", "/vm/migrate", req, progress, &res)
 	return res, err
 }
 

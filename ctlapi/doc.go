@@ -15,15 +15,18 @@
 //	PUT  /vm/pause     Pause             409 when the backend says ErrConflict
 //	PUT  /vm/resume    Resume            409 likewise
 //	PUT  /vm/snapshot  {"path": "/abs"}  SnapshotResult
-//	PUT  /vm/migrate   {"to": "host:port"} streams NDJSON lines, in order:
+//	PUT  /vm/migrate   {"to": "host:port", "force": bool} streams NDJSON lines, in order:
 //	                   {"progress": Progress} ... then exactly one of
 //	                   {"result": MigrateResult} or {"error": "...", "status": N}
 //	PUT  /vm/replicate {"to": "host:port", "epoch": "25ms"} streams NDJSON
 //	                   likewise: {"progress": Progress} (phase "sync", last "sync-ack") ...
 //	                   then {"result": ReplicateResult} or an error line
 //	PUT  /vm/replicate/stop  204
-//	GET  /stats        Stats as JSON
-//	GET  /metrics      Prometheus text exposition format 0.0.4
+//	GET  /stats        Stats as JSON, in SortMetrics's order
+//	GET  /metrics      Prometheus text exposition format 0.0.4, sorted
+//
+// ServeMetrics (with MetricsHandler) serves GET /metrics alone on a TCP
+// address that Prometheus scrapes (govmm run --metrics-listen).
 //
 // Invariants, each checked by a test: an unknown path is 404 and a known
 // path with the wrong method is 405 (with Allow); a malformed or unknown

@@ -5,22 +5,31 @@ import (
 	"encoding/json"
 	"fmt"
 	"math"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"govmm/internal/promcheck"
 )
 
 var promStats = Stats{Metrics: []Metric{
-	{Name: "govmm_vcpu_exits_total", Help: "KVM_RUN exits by reason.", Type: "counter", Labels: map[string]string{"vcpu": "0", "reason": "io"}, Value: 1234},
-	{Name: "govmm_epoch_pause_seconds", Help: "Time the vCPUs were stopped per checkpoint.\nSee DESIGN.md.", Type: "summary", Labels: map[string]string{"quantile": "0.5"}, Value: 0.0021},
-	// Interleaved on purpose: the encoder gathers a family.
-	{Name: "govmm_vcpu_exits_total", Type: "counter", Labels: map[string]string{"vcpu": "1", "reason": "mmio"}, Value: 7},
-	{Name: "govmm_epoch_pause_seconds", Type: "summary", Labels: map[string]string{"quantile": "0.99"}, Value: 0.015},
-	{Name: "govmm_epoch_pause_seconds_sum", Type: "summary", Value: 1.5},
+	{Name: "govmm_vcpu_exits_total", Help: "KVM_RUN exits by reason.", Type: "counter", Labels: map[string]string{"vcpu": "10", "reason": "io"}, Value: 1234},
+	{Name: "govmm_epoch_pause_seconds", Help: "Time the vCPUs were stopped per checkpoint.\nSee DESIGN.md.", Type: "summary", Labels: map[string]string{"quantile": "0.99"}, Value: 0.015},
+	// Interleaved and out of order on purpose: the encoder gathers a
+	// family and sorts it (vcpu 2 before 10, as numbers).
+	{Name: "govmm_vcpu_exits_total", Type: "counter", Labels: map[string]string{"vcpu": "2", "reason": "io"}, Value: 7},
 	{Name: "govmm_epoch_pause_seconds_count", Type: "summary", Value: 600},
+	{Name: "govmm_epoch_pause_seconds", Type: "summary", Labels: map[string]string{"quantile": "0.5"}, Value: 0.0021},
+	{Name: "govmm_epoch_pause_seconds_sum", Type: "summary", Value: 1.5},
+	{Name: "govmm_ack_seconds_sum", Help: "Resume to ack.", Type: "histogram", Value: 0.25},
+	{Name: "govmm_ack_seconds_bucket", Type: "histogram", Labels: map[string]string{"le": "+Inf"}, Value: 40},
+	{Name: "govmm_ack_seconds_bucket", Type: "histogram", Labels: map[string]string{"le": "0.01"}, Value: 39},
+	{Name: "govmm_ack_seconds_count", Type: "histogram", Value: 40},
+	{Name: "govmm_ack_seconds_bucket", Type: "histogram", Labels: map[string]string{"le": "0.0025"}, Value: 30},
 	{Name: "govmm_guest_memory_bytes", Help: `Guest RAM; back\slash.`, Type: "gauge", Value: 268435456},
 	{Name: "govmm_replication_peer_info", Labels: map[string]string{"peer": "a\"b\\c\nd"}, Value: 1},
 	{Name: "govmm_dirty_rate", Type: "gauge", Labels: map[string]string{"kind": "nan"}, Value: math.NaN()},
@@ -28,10 +37,17 @@ var promStats = Stats{Metrics: []Metric{
 	{Name: "govmm_dirty_rate", Type: "gauge", Labels: map[string]string{"kind": "-inf"}, Value: math.Inf(-1)},
 }}
 
-const promGolden = `# HELP govmm_vcpu_exits_total KVM_RUN exits by reason.
-# TYPE govmm_vcpu_exits_total counter
-govmm_vcpu_exits_total{reason="io",vcpu="0"} 1234
-govmm_vcpu_exits_total{reason="mmio",vcpu="1"} 7
+const promGolden = `# HELP govmm_ack_seconds Resume to ack.
+# TYPE govmm_ack_seconds histogram
+govmm_ack_seconds_bucket{le="0.0025"} 30
+govmm_ack_seconds_bucket{le="0.01"} 39
+govmm_ack_seconds_bucket{le="+Inf"} 40
+govmm_ack_seconds_sum 0.25
+govmm_ack_seconds_count 40
+# TYPE govmm_dirty_rate gauge
+govmm_dirty_rate{kind="-inf"} -Inf
+govmm_dirty_rate{kind="inf"} +Inf
+govmm_dirty_rate{kind="nan"} NaN
 # HELP govmm_epoch_pause_seconds Time the vCPUs were stopped per checkpoint.\nSee DESIGN.md.
 # TYPE govmm_epoch_pause_seconds summary
 govmm_epoch_pause_seconds{quantile="0.5"} 0.0021
@@ -43,10 +59,10 @@ govmm_epoch_pause_seconds_count 600
 govmm_guest_memory_bytes 2.68435456e+08
 # TYPE govmm_replication_peer_info untyped
 govmm_replication_peer_info{peer="a\"b\\c\nd"} 1
-# TYPE govmm_dirty_rate gauge
-govmm_dirty_rate{kind="nan"} NaN
-govmm_dirty_rate{kind="inf"} +Inf
-govmm_dirty_rate{kind="-inf"} -Inf
+# HELP govmm_vcpu_exits_total KVM_RUN exits by reason.
+# TYPE govmm_vcpu_exits_total counter
+govmm_vcpu_exits_total{reason="io",vcpu="2"} 7
+govmm_vcpu_exits_total{reason="io",vcpu="10"} 1234
 `
 
 func TestEncodePrometheusGolden(t *testing.T) {
@@ -79,7 +95,31 @@ func TestEncodePrometheusParsesBack(t *testing.T) {
 		}
 		assert.Equal(t, w.Labels, g.Labels)
 	}
-	assert.Equal(t, "a\"b\\c\nd", got[len(got)-4].Labels["peer"])
+	assert.Equal(t, "a\"b\\c\nd", got[len(got)-3].Labels["peer"])
+}
+
+// The Prometheus project's own parser reads the page (promcheck adds the
+// checks it leaves out: order, histograms' buckets), whatever order the
+// backend's samples come in.
+func TestEncodePrometheusExpfmt(t *testing.T) {
+	t.Parallel()
+	b, err := EncodePrometheus(promStats)
+	require.NoError(t, err)
+	fams, err := promcheck.Parse(string(b))
+	require.NoError(t, err, "%s", b)
+	h := fams["govmm_ack_seconds"].GetMetric()[0].GetHistogram()
+	assert.Equal(t, uint64(40), h.GetSampleCount())
+	assert.Equal(t, 0.25, h.GetSampleSum())
+	require.Len(t, h.GetBucket(), 3)
+	assert.Equal(t, 0.0025, h.GetBucket()[0].GetUpperBound())
+	assert.Len(t, fams["govmm_vcpu_exits_total"].GetMetric(), 2)
+
+	// The same samples in reverse give the same page.
+	rev := slices.Clone(promStats.Metrics)
+	slices.Reverse(rev)
+	b2, err := EncodePrometheus(Stats{Metrics: rev})
+	require.NoError(t, err)
+	assert.Equal(t, string(b), string(b2))
 }
 
 func sampleKey(m Metric) string {
@@ -190,12 +230,14 @@ func TestMetricsEndpoint(t *testing.T) {
 	assert.Equal(t, PrometheusContentType, resp.Header.Get("Content-Type"))
 	assert.Equal(t, promGolden, string(body))
 
-	// /stats carries the same values, non-finite ones included.
+	// /stats carries the same values, non-finite ones included, in the
+	// same order.
 	st, err := c.Stats(t.Context())
 	require.NoError(t, err)
 	require.Len(t, st.Metrics, len(promStats.Metrics))
+	sorted := SortMetrics(promStats.Metrics)
 	for i, m := range st.Metrics {
-		w := promStats.Metrics[i]
+		w := sorted[i]
 		assert.Equal(t, w.Name, m.Name)
 		assert.Equal(t, w.Labels, m.Labels)
 		assert.Equal(t, formatValue(w.Value), formatValue(m.Value))

@@ -251,11 +251,6 @@ type snapshotRequest struct {
 	Path string `json:"path"`
 }
 
-// migrateRequest is the body of PUT /vm/migrate.
-type migrateRequest struct {
-	To string `json:"to"`
-}
-
 // putReplicate starts protecting the VM with a standby (optional
 // backend capability).
 func (s *Server) putReplicate(w http.ResponseWriter, r *http.Request) {
@@ -349,7 +344,7 @@ type progressEvent struct {
 const NDJSONContentType = "application/x-ndjson"
 
 func (s *Server) putMigrate(w http.ResponseWriter, r *http.Request) {
-	var req migrateRequest
+	var req MigrateRequest
 	if err := decodeBody(w, r, &req); err != nil {
 		writeError(w, err)
 		return
@@ -371,7 +366,7 @@ func (s *Server) putMigrate(w http.ResponseWriter, r *http.Request) {
 	release := sync.OnceFunc(func() { s.busy.Store(false) })
 	defer release()
 	streamProgress(w, r, func(ctx context.Context, progress func(Progress)) (any, error) {
-		res, err := s.b.Migrate(ctx, req.To, progress)
+		res, err := s.b.Migrate(ctx, req, progress)
 		release()
 		return &res, err
 	})
@@ -424,17 +419,13 @@ func streamProgress(w http.ResponseWriter, r *http.Request, run func(ctx context
 }
 
 func (s *Server) getStats(w http.ResponseWriter, _ *http.Request) {
-	writeJSON(w, http.StatusOK, s.b.Stats())
+	st := s.b.Stats()
+	st.Metrics = SortMetrics(st.Metrics)
+	writeJSON(w, http.StatusOK, st)
 }
 
 func (s *Server) getMetrics(w http.ResponseWriter, _ *http.Request) {
-	text, err := EncodePrometheus(s.b.Stats())
-	if err != nil {
-		writeError(w, fmt.Errorf("metrics: %w", err))
-		return
-	}
-	w.Header().Set("Content-Type", PrometheusContentType)
-	_, _ = w.Write(text)
+	writeMetrics(w, s.b.Stats())
 }
 
 // decodeBody reads r's body, at most MaxBodyBytes, as exactly one JSON

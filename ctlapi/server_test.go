@@ -75,9 +75,9 @@ func (f *fakeBackend) Snapshot(ctx context.Context, path string) (SnapshotResult
 	return SnapshotResult{Bytes: 4096 * 10, Pages: 100, ZeroPages: 90, Pause: 3 * time.Millisecond}, nil
 }
 
-func (f *fakeBackend) Migrate(ctx context.Context, to string, progress func(Progress)) (MigrateResult, error) {
+func (f *fakeBackend) Migrate(ctx context.Context, req MigrateRequest, progress func(Progress)) (MigrateResult, error) {
 	if f.migrate != nil {
-		return f.migrate(ctx, to, progress)
+		return f.migrate(ctx, req.To, progress)
 	}
 	progress(Progress{Round: 1, Phase: PhasePrecopy, RemainingPages: 10})
 	progress(Progress{Round: 2, Phase: PhaseStopAndCopy, BytesSent: 40960})
@@ -159,7 +159,7 @@ func TestRoutes(t *testing.T) {
 	assert.Equal(t, SnapshotResult{Path: "/var/lib/govmm/snap.img", Bytes: 40960, Pages: 100, ZeroPages: 90, Pause: 3 * time.Millisecond}, snap)
 
 	var got []Progress
-	res, err := c.Migrate(ctx, "10.0.0.2:7000", func(p Progress) { got = append(got, p) })
+	res, err := c.Migrate(ctx, MigrateRequest{To: "10.0.0.2:7000"}, func(p Progress) { got = append(got, p) })
 	require.NoError(t, err)
 	assert.Equal(t, MigrateResult{TotalTime: time.Second, Downtime: 20 * time.Millisecond, Rounds: 2, BytesSent: 45056, PagesSent: 11}, res)
 	assert.Equal(t, []string{PhasePrecopy, PhaseStopAndCopy, PhaseDone}, phases(got))
@@ -248,7 +248,7 @@ func TestHTTPErrors(t *testing.T) {
 
 	// A backend error after the stream has started arrives as its last
 	// line, with the status it would have had.
-	_, err := NewClient(s.Path()).Migrate(t.Context(), "h:1", nil)
+	_, err := NewClient(s.Path()).Migrate(t.Context(), MigrateRequest{To: "h:1"}, nil)
 	require.ErrorIs(t, err, ErrNotSupported)
 	assert.EqualError(t, err, "migrate: not supported: no dirty log")
 }
@@ -267,12 +267,12 @@ func TestConcurrentLongOpsRefused(t *testing.T) {
 	ctx := t.Context()
 	done := make(chan error, 1)
 	go func() {
-		_, err := c.Migrate(ctx, "a:1", nil)
+		_, err := c.Migrate(ctx, MigrateRequest{To: "a:1"}, nil)
 		done <- err
 	}()
 	<-started
 
-	_, err := c.Migrate(ctx, "b:1", nil)
+	_, err := c.Migrate(ctx, MigrateRequest{To: "b:1"}, nil)
 	require.ErrorIs(t, err, ErrConflict)
 	assert.Contains(t, err.Error(), "already in progress")
 	_, err = c.Snapshot(ctx, "/snap")
@@ -316,7 +316,7 @@ func TestClientCancelPropagates(t *testing.T) {
 	})
 	t.Run("migrate", func(t *testing.T) {
 		ctx, cancel := context.WithCancel(t.Context())
-		_, err := c.Migrate(ctx, "a:1", func(Progress) { cancel() })
+		_, err := c.Migrate(ctx, MigrateRequest{To: "a:1"}, func(Progress) { cancel() })
 		require.ErrorIs(t, err, context.Canceled)
 		assertCanceled(t, backendErr)
 	})
@@ -345,7 +345,7 @@ func TestMigrateProgressInOrder(t *testing.T) {
 		return MigrateResult{Rounds: n + 1}, nil
 	}})
 	var got []Progress
-	res, err := c.Migrate(t.Context(), "a:1", func(p Progress) { got = append(got, p) })
+	res, err := c.Migrate(t.Context(), MigrateRequest{To: "a:1"}, func(p Progress) { got = append(got, p) })
 	require.NoError(t, err)
 	assert.Equal(t, n+1, res.Rounds)
 	require.Len(t, got, n+1)
@@ -383,7 +383,7 @@ func TestMigrateStreamCutShort(t *testing.T) {
 	go srv.Serve(ln)
 	t.Cleanup(func() { srv.Close() })
 	n := 0
-	_, err = NewClient(path).Migrate(t.Context(), "a:1", func(Progress) { n++ })
+	_, err = NewClient(path).Migrate(t.Context(), MigrateRequest{To: "a:1"}, func(Progress) { n++ })
 	require.ErrorIs(t, err, io.ErrUnexpectedEOF)
 	assert.Equal(t, 1, n)
 }

@@ -111,6 +111,11 @@ type standbyState struct {
 	outcome    string // how the last source ended, if it did
 	claimErr   string // the last failed claim, while claiming
 
+	peerAddr    string           // the current (or last) source's address
+	committedAt time.Time        // when epoch committed
+	recv        *stream.Receiver // the current source's stream, or nil
+	bytesDone   uint64           // received from the sources before recv
+
 	queried   bool // the witness was asked at least once
 	reachable bool
 	record    witness.Record
@@ -125,6 +130,16 @@ type StandbyStatus struct {
 	Generation uint64 // the source's generation at the witness (0: none)
 	Epoch      uint64 // last resumable checkpoint committed
 	Outcome    string // how the last source ended, if it did
+	// Peer is the current (or last) source's address, host:port.
+	Peer string
+	// LastCommit is when checkpoint Epoch committed (zero before the
+	// first); Lag is the time since, while a source is followed (zero
+	// otherwise): a lag well past the source's epoch means the stream
+	// stalls.
+	LastCommit time.Time
+	Lag        time.Duration
+	// BytesReceived counts the stream bytes received from every source.
+	BytesReceived uint64
 	// Witness is the witness's address ("" without one); Reachable says
 	// whether it answered the last question, Record what it said, Err why
 	// not.
@@ -145,7 +160,14 @@ func (sb *Standby) Status() StandbyStatus {
 	st := sb.st
 	sb.mu.Unlock()
 	out := StandbyStatus{Phase: st.phase, Source: st.source, Generation: st.generation, Epoch: st.epoch,
-		Outcome: st.outcome, Reachable: st.reachable, Record: st.record, Err: st.queryErr}
+		Outcome: st.outcome, Reachable: st.reachable, Record: st.record, Err: st.queryErr,
+		Peer: st.peerAddr, LastCommit: st.committedAt, BytesReceived: st.bytesDone}
+	if st.recv != nil {
+		out.BytesReceived += st.recv.Stats().BytesReceived
+		if !st.committedAt.IsZero() {
+			out.Lag = time.Since(st.committedAt)
+		}
+	}
 	w := sb.cfg.Witness
 	if w != nil {
 		out.Witness = w.Addr()
@@ -193,9 +215,11 @@ func (st StandbyStatus) Describe() string {
 	return s
 }
 
-// Metrics are the standby's gauges: govmm_failover_possible,
-// govmm_standby_checkpoint and, with a witness, govmm_witness_reachable
-// and govmm_witness_generation.
+// Metrics are the standby's: govmm_failover_possible,
+// govmm_standby_checkpoint, govmm_standby_following,
+// govmm_standby_received_bytes_total, govmm_standby_lag_seconds (while a
+// source with a checkpoint is followed) and, with a witness,
+// govmm_witness_reachable and govmm_witness_generation.
 func (sb *Standby) Metrics() []Metric {
 	st := sb.Status()
 	var out []Metric
@@ -204,6 +228,12 @@ func (sb *Standby) Metrics() []Metric {
 	}
 	add("govmm_failover_possible", "1 if this standby would take over were its primary lost now", b2f(st.FailoverPossible))
 	add("govmm_standby_checkpoint", "the last resumable checkpoint committed here", float64(st.Epoch))
+	add("govmm_standby_following", "1 while a source's stream is open", b2f(st.Phase == PhaseReplicating || st.Phase == PhaseClaiming))
+	out = append(out, Metric{Name: "govmm_standby_received_bytes_total", Help: "stream bytes received from sources",
+		Type: "counter", Value: float64(st.BytesReceived)})
+	if st.Lag > 0 {
+		add("govmm_standby_lag_seconds", "time since the last checkpoint committed here", st.Lag.Seconds())
+	}
 	if st.Witness != "" {
 		add("govmm_witness_reachable", "1 if the witness answered the standby's last question", b2f(st.Reachable))
 		add("govmm_witness_generation", "the source's generation at the witness", float64(st.Generation))
@@ -217,18 +247,30 @@ func (sb *Standby) update(fn func(st *standbyState)) {
 	sb.mu.Unlock()
 }
 
-func (sb *Standby) setFollowing(peer stream.Identity) {
+func (sb *Standby) setFollowing(r *stream.Receiver) {
+	peer := r.Peer()
 	sb.update(func(st *standbyState) {
 		src := peer.Name
 		if peer.Holder != "" {
 			src += " (" + peer.Holder + ")"
 		}
 		st.phase, st.source, st.generation, st.epoch, st.outcome, st.claimErr = PhaseReplicating, src, peer.Generation, 0, "", ""
+		st.peerAddr, st.recv, st.committedAt = r.RemoteAddr(), r, time.Time{}
+	})
+}
+
+// detach counts what r received and forgets it: its stream has ended.
+func (sb *Standby) detach(r *stream.Receiver) {
+	sb.update(func(st *standbyState) {
+		if st.recv == r {
+			st.bytesDone += r.Stats().BytesReceived
+			st.recv = nil
+		}
 	})
 }
 
 func (sb *Standby) setCheckpoint(epoch uint64) {
-	sb.update(func(st *standbyState) { st.epoch = epoch })
+	sb.update(func(st *standbyState) { st.epoch, st.committedAt = epoch, time.Now() })
 }
 
 func (sb *Standby) setClaiming(base uint64, claimErr string) {

@@ -12,7 +12,8 @@
 //   - config.go: ReplicateConfig, its defaults and the standby-loss
 //     policies.
 //   - primary.go: Replicator, the primary's epoch loop (with backpressure);
-//     metrics.go its stats.
+//     metrics.go its stats and metrics (pause and ack time as histograms
+//     over DurationBuckets).
 //   - standby.go: Standby, the receiving end of replication and migration.
 //   - failover.go: failover policy in one place (when to take over, the
 //     announcement, and Node: the typed role of a VMM towards its guest).
@@ -26,7 +27,7 @@
 //     output runs ahead of a standby left behind; fencing stops the VMM.
 //   - claim.go: the standby's side of the witness: which sources it
 //     serves, the claim of the next generation before a replica runs, and
-//     what it knows meanwhile (Status, Metrics).
+//     what it knows and receives meanwhile (Status, Metrics).
 //
 // # Epochs
 //

@@ -117,10 +117,13 @@ const (
 	RolePrimary
 )
 
-// ErrReplicating and ErrNotReplicating are a Node's refusals.
+// ErrReplicating and ErrNotReplicating are a Node's refusals;
+// ErrWouldUnprotect, wrapped with ErrReplicating, is its refusal to
+// migrate a guest that a standby protects.
 var (
 	ErrReplicating    = errors.New("already replicating")
 	ErrNotReplicating = errors.New("not replicating")
+	ErrWouldUnprotect = errors.New("migrating would drop the guest's protection")
 )
 
 // Node is one VMM's place in its guest's replication: how it came to run
@@ -200,11 +203,16 @@ func (n *Node) Protect(ctx context.Context, m *vmm.Machine, cfg ReplicateConfig)
 	return rep, nil
 }
 
-// Migrate live-migrates the guest (Migrate). A node that replicates
-// refuses (ErrReplicating): the migration's dirty tracking and the
-// replication's would each miss the pages the other harvested, and the
-// destination's memory would differ.
-func (n *Node) Migrate(ctx context.Context, m *vmm.Machine, cfg MigrateConfig) (MigrateResult, error) {
+// Migrate live-migrates the guest (Migrate). Replication and migration
+// cannot run together (each dirty tracker would miss the pages the other
+// harvested, and the destination's memory would differ), and the
+// destination starts with no standby: so a node that replicates refuses
+// (ErrReplicating wrapping ErrWouldUnprotect) unless dropProtection is
+// set. Then it stops replication first (the standby discards its replica,
+// as Unprotect does), and the result's DroppedProtection names that
+// standby: the guest runs unprotected from then on, here if the migration
+// fails, at the destination if it succeeds.
+func (n *Node) Migrate(ctx context.Context, m *vmm.Machine, cfg MigrateConfig, dropProtection bool) (MigrateResult, error) {
 	if !n.op.TryLock() {
 		return MigrateResult{}, fmt.Errorf("%w: replication is being started or stopped", ErrReplicating)
 	}
@@ -212,17 +220,30 @@ func (n *Node) Migrate(ctx context.Context, m *vmm.Machine, cfg MigrateConfig) (
 	if err := n.checkFenced(); err != nil {
 		return MigrateResult{}, err
 	}
+	var dropped string
 	if r := n.Replicator(); r != nil {
 		select {
 		case <-r.Done():
 		default:
-			return MigrateResult{}, fmt.Errorf("%w to %s: unreplicate before migrating", ErrReplicating, n.Peer())
+			if !dropProtection {
+				return MigrateResult{}, fmt.Errorf("%w to %s: %w", ErrReplicating, n.Peer(), ErrWouldUnprotect)
+			}
+			dropped = n.Peer()
+			r.Stop()
+			n.mu.Lock()
+			n.rep, n.peer = nil, ""
+			n.mu.Unlock()
 		}
 	}
 	if cfg.Fence == nil {
 		cfg.Fence = n.fence
 	}
-	return Migrate(ctx, m, cfg)
+	res, err := Migrate(ctx, m, cfg)
+	if err != nil && dropped != "" {
+		return res, fmt.Errorf("%w (replication to %s was stopped for it: the guest runs here UNPROTECTED)", err, dropped)
+	}
+	res.DroppedProtection = dropped
+	return res, err
 }
 
 // Unprotect stops replication; the standby discards its replica.

@@ -298,8 +298,9 @@ func TestMigrateAckHeldBackNeverRunsTwice(t *testing.T) {
 	require.False(t, src.Paused())
 }
 
-// Migrating a VM that is being replicated is refused: the migration's
-// dirty tracking and the replication's would steal each other's pages.
+// Migrating a VM that is being replicated is refused unless protection
+// may be dropped: the migration's dirty tracking and the replication's
+// would steal each other's pages, and the destination has no standby.
 func TestMigrateRefusedWhileReplicating(t *testing.T) {
 	kvmtest.Require(t)
 	prim := newTiny(t, tinyguest.Dirtier(dirtyBase, 64, passGPA))
@@ -308,8 +309,18 @@ func TestMigrateRefusedWhileReplicating(t *testing.T) {
 	_, err := node.Protect(context.Background(), prim, ReplicateConfig{Transport: NewNullTransport(), Name: "tiny"})
 	require.NoError(t, err)
 	defer node.Unprotect()
-	_, err = node.Migrate(context.Background(), prim, MigrateConfig{To: "127.0.0.1:1", Insecure: true, Name: "tiny"})
+	_, err = node.Migrate(context.Background(), prim, MigrateConfig{To: "127.0.0.1:1", Insecure: true, Name: "tiny"}, false)
 	require.ErrorIs(t, err, ErrReplicating)
-	require.ErrorContains(t, err, "unreplicate before migrating")
+	require.ErrorIs(t, err, ErrWouldUnprotect)
+	require.False(t, prim.Paused())
+	require.Equal(t, RolePrimary, node.Role(), "still replicating")
+
+	// Dropping protection: replication stops before the migration is
+	// tried; here it fails (nobody listens), and the guest runs on,
+	// unprotected, and the error says so.
+	_, err = node.Migrate(context.Background(), prim, MigrateConfig{To: "127.0.0.1:1", Insecure: true, Name: "tiny"}, true)
+	require.Error(t, err)
+	require.ErrorContains(t, err, "the guest runs here UNPROTECTED")
+	require.Equal(t, RoleAlone, node.Role())
 	require.False(t, prim.Paused())
 }

@@ -2,6 +2,7 @@ package replicate
 
 import (
 	"sort"
+	"strconv"
 	"time"
 )
 
@@ -21,8 +22,10 @@ type EpochStats struct {
 
 type totals struct {
 	Epochs, DirtyPages, Bytes uint64
-	PauseSum, AckSum          time.Duration
 	Acked                     uint64
+	// Pause counts every checkpoint's pause; Ack every acknowledged
+	// checkpoint's time from resume to ack.
+	Pause, Ack Histogram
 	// Backpressured counts the epochs stretched waiting for the standby
 	// (MaxUnacked reached), for BackpressureSum in all; EarlyEpochs those
 	// cut short by disk pressure.
@@ -43,7 +46,58 @@ func (r *Replicator) record(es EpochStats) {
 	r.totals.Epochs++
 	r.totals.DirtyPages += uint64(es.DirtyPages)
 	r.totals.Bytes += es.Bytes
-	r.totals.PauseSum += es.Pause
+	r.totals.Pause.Observe(es.Pause)
+}
+
+// DurationBuckets are the upper bounds of the duration histograms (pause,
+// ack), about three a decade from 100 µs to 10 s: a checkpoint's pause is
+// a few hundred µs for an idle guest and tens of ms for a busy one, and an
+// ack over a WAN takes up to a few hundred ms.
+var DurationBuckets = [...]time.Duration{
+	100 * time.Microsecond, 250 * time.Microsecond, 500 * time.Microsecond,
+	time.Millisecond, 2500 * time.Microsecond, 5 * time.Millisecond,
+	10 * time.Millisecond, 25 * time.Millisecond, 50 * time.Millisecond,
+	100 * time.Millisecond, 250 * time.Millisecond, 500 * time.Millisecond,
+	time.Second, 2500 * time.Millisecond, 5 * time.Second, 10 * time.Second,
+}
+
+// Histogram counts durations by DurationBuckets, as a Prometheus
+// histogram does. The zero value is empty and ready to use; it is a
+// value, so a copy is a snapshot.
+type Histogram struct {
+	// Counts has one count per bucket of DurationBuckets and a last one
+	// for what is larger; each counts the observations in its bucket only
+	// (not cumulative).
+	Counts [len(DurationBuckets) + 1]uint64
+	Sum    time.Duration
+	Count  uint64
+}
+
+// Observe adds one duration.
+func (h *Histogram) Observe(d time.Duration) {
+	i := sort.Search(len(DurationBuckets), func(i int) bool { return d <= DurationBuckets[i] })
+	h.Counts[i]++
+	h.Sum += d
+	h.Count++
+}
+
+// metrics are h's samples as a Prometheus histogram family name:
+// name_bucket{le=...} (cumulative, +Inf last), name_sum and name_count.
+func (h Histogram) metrics(name, help string) []Metric {
+	out := make([]Metric, 0, len(h.Counts)+2)
+	var cum uint64
+	for i, n := range h.Counts {
+		cum += n
+		le := "+Inf"
+		if i < len(DurationBuckets) {
+			le = strconv.FormatFloat(DurationBuckets[i].Seconds(), 'g', -1, 64)
+		}
+		out = append(out, Metric{Name: name + "_bucket", Help: help, Type: "histogram", Value: float64(cum),
+			Labels: map[string]string{"le": le}})
+	}
+	return append(out,
+		Metric{Name: name + "_sum", Help: help, Type: "histogram", Value: h.Sum.Seconds()},
+		Metric{Name: name + "_count", Help: help, Type: "histogram", Value: float64(h.Count)})
 }
 
 // ReplicationStats summarise replication for metrics.
@@ -51,9 +105,11 @@ type ReplicationStats struct {
 	Protected                    bool
 	Epoch, Acked                 uint64
 	Epochs, DirtyPages, Bytes    uint64
-	PauseSum, AckSum             time.Duration
-	PauseP50, PauseP99, PauseMax time.Duration
-	Last                         EpochStats
+	PauseP50, PauseP99, PauseMax time.Duration // over the last 1024 epochs
+	// Pause is the distribution of every checkpoint's pause, Ack that of
+	// every acknowledged checkpoint's time from resume to ack.
+	Pause, Ack Histogram
+	Last       EpochStats
 	// HeldFrames and HeldBytes are the guest's output waiting for acks,
 	// over every output buffer.
 	HeldFrames, HeldBytes int
@@ -74,7 +130,7 @@ func (r *Replicator) Stats() ReplicationStats {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	s := ReplicationStats{Protected: r.protected, Epoch: r.epoch, Acked: r.totals.Acked, Epochs: r.totals.Epochs,
-		DirtyPages: r.totals.DirtyPages, Bytes: r.totals.Bytes, PauseSum: r.totals.PauseSum, AckSum: r.totals.AckSum,
+		DirtyPages: r.totals.DirtyPages, Bytes: r.totals.Bytes, Pause: r.totals.Pause, Ack: r.totals.Ack,
 		HeldFrames: held, HeldBytes: heldBytes, Backpressured: r.totals.Backpressured,
 		BackpressureSum: r.totals.BackpressureSum, EarlyEpochs: r.totals.EarlyEpochs}
 	if len(r.recent) > 0 {
@@ -101,13 +157,13 @@ func (r *Replicator) Recent() []EpochStats {
 type Metric struct {
 	Name   string
 	Help   string
-	Type   string // "counter" or "gauge"
+	Type   string // "counter", "gauge" or "histogram"
 	Labels map[string]string
 	Value  float64
 }
 
-// Metrics are replication's counters and gauges, named govmm_replication_*
-// and govmm_output_*.
+// Metrics are replication's counters, gauges and histograms, named
+// govmm_replication_* and govmm_output_*.
 func (r *Replicator) Metrics() []Metric {
 	rs := r.Stats()
 	var out []Metric
@@ -120,18 +176,12 @@ func (r *Replicator) Metrics() []Metric {
 	add("govmm_replication_epochs_total", "checkpoints taken", "counter", float64(rs.Epochs), nil)
 	add("govmm_replication_dirty_pages_total", "pages shipped in checkpoints", "counter", float64(rs.DirtyPages), nil)
 	add("govmm_replication_bytes_total", "bytes sent in checkpoints", "counter", float64(rs.Bytes), nil)
-	add("govmm_replication_pause_seconds_total", "time the guest was paused for checkpoints", "counter", rs.PauseSum.Seconds(), nil)
-	add("govmm_replication_ack_seconds_total", "sum of resume-to-ack times", "counter", rs.AckSum.Seconds(), nil)
 	add("govmm_replication_unacked_checkpoints", "checkpoints taken and not yet acknowledged", "gauge", float64(rs.Epoch-min(rs.Acked, rs.Epoch)), nil)
 	add("govmm_replication_backpressure_epochs_total", "epochs stretched because the standby had not acknowledged enough checkpoints", "counter", float64(rs.Backpressured), nil)
 	add("govmm_replication_backpressure_seconds_total", "time epochs were stretched waiting for the standby", "counter", rs.BackpressureSum.Seconds(), nil)
 	add("govmm_replication_early_epochs_total", "epochs ended early because the guest wrote much to disk", "counter", float64(rs.EarlyEpochs), nil)
-	for _, q := range []struct {
-		q string
-		v time.Duration
-	}{{"0.5", rs.PauseP50}, {"0.99", rs.PauseP99}, {"1", rs.PauseMax}} {
-		add("govmm_replication_pause_seconds", "checkpoint pause over the last 1024 epochs", "gauge", q.v.Seconds(), map[string]string{"quantile": q.q})
-	}
+	out = append(out, rs.Pause.metrics("govmm_replication_pause_seconds", "time the guest was paused for each checkpoint")...)
+	out = append(out, rs.Ack.metrics("govmm_replication_ack_seconds", "time from a checkpoint's resume to the standby's ack")...)
 	l := rs.Last
 	add("govmm_replication_last_pause_seconds", "pause of the last checkpoint", "gauge", l.Pause.Seconds(), nil)
 	add("govmm_replication_last_dirty_pages", "dirty pages in the last checkpoint", "gauge", float64(l.DirtyPages), nil)

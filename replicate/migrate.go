@@ -70,6 +70,9 @@ type MigrateResult struct {
 	Rounds              int
 	BytesSent           uint64
 	PagesSent           uint64
+	// DroppedProtection is the standby whose replication Node.Migrate
+	// stopped to migrate (dropProtection), or "".
+	DroppedProtection string
 }
 
 // Migrate moves the running machine m to a standby: pre-copy rounds while
@@ -102,6 +105,16 @@ func Migrate(ctx context.Context, m *vmm.Machine, cfg MigrateConfig) (MigrateRes
 	start := time.Now()
 	var res MigrateResult
 
+	if cfg.Fence != nil {
+		// The destination claims from the generation in the hello: one that
+		// a standby left behind knows (replication just stopped, as a
+		// forced migration does) must be advanced past first, or the
+		// destination's claim would race the advance and lose after the
+		// handover.
+		if err := cfg.Fence.settle(ctx); err != nil {
+			return res, fmt.Errorf("migrate: %w", err)
+		}
+	}
 	s, err := stream.Dial(ctx, cfg.To, stream.Config{Key: cfg.Key, Insecure: cfg.Insecure,
 		Identity: cfg.Fence.identity(IdentityOf(m, cfg.Name, cfg.Devices)), Compression: cfg.Compression, Deltas: cfg.Deltas})
 	if err != nil {

@@ -349,7 +349,7 @@ func (r *Replicator) onAck(epoch uint64) {
 		for i := len(r.recent) - 1; i >= 0; i-- {
 			if r.recent[i].Epoch == epoch {
 				r.recent[i].AckTime = time.Since(t)
-				r.totals.AckSum += r.recent[i].AckTime
+				r.totals.Ack.Observe(r.recent[i].AckTime)
 				break
 			}
 		}
@@ -395,7 +395,8 @@ func (r *Replicator) loop() {
 			r.finish(nil)
 			return
 		case <-r.t.Done():
-			r.lost(r.t.Err())
+			// Stop closes the transport too: not a loss then.
+			r.ended(r.t.Err())
 			return
 		case <-fenced:
 			// The Fence has stopped the guest, its output and its disks;

@@ -130,7 +130,8 @@ func testReplicationFailover(t *testing.T, deltas bool) {
 	if deltas {
 		require.Positive(t, ws.DeltaPages, "pages the standby holds travel as deltas")
 	}
-	require.Greater(t, st.PauseSum, time.Duration(0))
+	require.Greater(t, st.Pause.Sum, time.Duration(0))
+	require.Equal(t, st.Epochs, st.Pause.Count, "every checkpoint's pause is in the histogram")
 
 	// The primary's host dies: the guest stops there and the link is cut.
 	require.NoError(t, prim.Pause())

@@ -211,7 +211,7 @@ func (sb *Standby) accept(ctx context.Context) (*stream.Receiver, *Replica, erro
 		return nil, nil, fmt.Errorf("standby: disks: %w", err)
 	}
 	r.SetSinks(&stream.StagingSink{Dest: rep.Machine.Memory()}, disks)
-	sb.setFollowing(r.Peer())
+	sb.setFollowing(r)
 	return r, rep, nil
 }
 
@@ -224,6 +224,7 @@ func (sb *Standby) ReceiveMigration(ctx context.Context) (*vmm.Machine, *Fence, 
 	if err != nil {
 		return nil, nil, err
 	}
+	defer sb.detach(r)
 	defer r.Close()
 	var final *vmm.MachineState
 	// The final checkpoint's state is decoded and checked before it
@@ -304,6 +305,7 @@ var errListenAgain = errors.New("listening again")
 
 // follow keeps rep in step with the stream r until it ends, then decides.
 func (sb *Standby) follow(ctx context.Context, r *stream.Receiver, rep *Replica) (*vmm.Machine, Takeover, error) {
+	defer sb.detach(r)
 	defer r.Close()
 	var latest *vmm.MachineState
 	var latestEpoch uint64

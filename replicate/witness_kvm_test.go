@@ -333,7 +333,7 @@ func TestWitnessMigrationHandsOverTheGeneration(t *testing.T) {
 	defer fence.Close()
 	require.NoError(t, src.Start())
 	node := NewNode(Booted, Takeover{}, fence)
-	_, err = node.Migrate(context.Background(), src, MigrateConfig{To: dst.Addr(), Insecure: true, Name: "tiny"})
+	_, err = node.Migrate(context.Background(), src, MigrateConfig{To: dst.Addr(), Insecure: true, Name: "tiny"}, false)
 	require.NoError(t, err)
 	r := <-done
 	require.NoError(t, r.err)
@@ -348,4 +348,47 @@ func TestWitnessMigrationHandsOverTheGeneration(t *testing.T) {
 	require.Zero(t, n)
 	require.True(t, r.tk.Fence.CanRelease())
 	t.Logf("migrated; the destination won generation 2 in %v", r.tk.Claim)
+}
+
+// A forced migration of a replicated primary (dropProtection): the
+// replication stops, the standby left behind discards its replica, the
+// source advances the generation past it before the destination's hello
+// (Fence.settle), and the destination wins the generation after that: it
+// runs the guest and its output leaves; the source's never again, and the
+// old standby's never.
+func TestWitnessForcedMigrationOfReplicatedPrimary(t *testing.T) {
+	r := newFencedRig(t)
+	grows(t, r.pWire, 50, "the protected primary's output leaves after acks")
+	g := r.fence.Generation()
+
+	_, err := r.node.Migrate(context.Background(), r.prim, MigrateConfig{To: "127.0.0.1:1", Insecure: true, Name: "tiny"}, false)
+	require.ErrorIs(t, err, ErrWouldUnprotect)
+
+	dOut := &timedSink{}
+	dBuf := NewOutputBuffer(dOut, 0)
+	dst, err := NewStandby(StandbyConfig{Listen: "127.0.0.1:0", Insecure: true, FailoverTimeout: fencedFailover,
+		Witness: r.w.client(r.w.addr, "destination", testLease), Logger: quiet,
+		Build: func(id stream.Identity) (Replica, error) {
+			rep, err := buildTiny(id)
+			rep.NICs = []NIC{{Out: dBuf, MAC: net.HardwareAddr{0x52, 0x54, 0, 0, 0, 2}}}
+			return rep, err
+		}})
+	require.NoError(t, err)
+	defer dst.Close()
+	done := receive(t, dst)
+
+	res, err := r.node.Migrate(context.Background(), r.prim, MigrateConfig{To: dst.Addr(), Insecure: true, Name: "tiny"}, true)
+	require.NoError(t, err)
+	require.Equal(t, r.link.addr(), res.DroppedProtection)
+	d := <-done
+	require.NoError(t, d.err)
+	defer d.m.Close()
+	require.NotNil(t, d.tk.Fence)
+	defer d.tk.Fence.Close()
+	require.Equal(t, g+2, d.tk.Fence.Generation(), "advanced past the standby left behind, then won by the destination")
+	require.False(t, r.fence.CanRelease(), "the source never releases output again")
+	r.guestSends(dBuf)
+	grows(t, dOut, 20, "the migrated guest's output leaves at the destination")
+	n, _ := r.sWire.last()
+	require.Zero(t, n, "the old standby never ran the guest")
 }

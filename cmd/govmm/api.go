@@ -14,17 +14,103 @@ import (
 	"govmm/vmm"
 )
 
-// serveAPI starts the control API on sock when it is set and returns a
-// function that stops it.
-func serveAPI(be *vmBackend, sock string) (func(), error) {
-	if sock == "" {
-		return func() {}, nil
+// endpoints serve the control API (--api-sock) and the metrics
+// (--metrics-listen) of whichever backend is current: a standby's while it
+// stands by, then the VM's once the guest runs there, on the same socket
+// and port throughout, so an operator watching a standby keeps watching
+// across its takeover.
+type endpoints struct {
+	live    liveBackend
+	api     *ctlapi.Server        // nil without --api-sock
+	metrics *ctlapi.MetricsServer // nil without --metrics-listen
+}
+
+// serveEndpoints starts what f asks for, serving b.
+func serveEndpoints(f *runFlags, b ctlapi.Backend) (*endpoints, error) {
+	ep := &endpoints{}
+	ep.live.set(b)
+	if f.apiSock != "" {
+		s, err := ctlapi.Serve(context.Background(), f.apiSock, &ep.live)
+		if err != nil {
+			err = fmt.Errorf("--api-sock: %w", err)
+			if f.apiSockDefault != "" {
+				err = fmt.Errorf("%w (%s)", err, f.apiSockDefault)
+			}
+			return nil, err
+		}
+		ep.api = s
 	}
-	s, err := ctlapi.Serve(context.Background(), sock, be)
-	if err != nil {
-		return nil, fmt.Errorf("--api-sock: %w", err)
+	if f.metricsListen != "" {
+		s, err := ctlapi.ServeMetrics(f.metricsListen, ep.live.Stats)
+		if err != nil {
+			ep.Close()
+			return nil, fmt.Errorf("--metrics-listen %s: %w", f.metricsListen, err)
+		}
+		ep.metrics = s
 	}
-	return func() { _ = s.Close() }, nil
+	return ep, nil
+}
+
+// Close stops serving. It is idempotent.
+func (ep *endpoints) Close() {
+	if ep.api != nil {
+		_ = ep.api.Close()
+	}
+	if ep.metrics != nil {
+		_ = ep.metrics.Close()
+	}
+}
+
+// liveBackend forwards every call to the backend current at that moment.
+type liveBackend struct {
+	mu sync.RWMutex // guards b
+	b  ctlapi.Backend
+}
+
+var (
+	_ ctlapi.Backend            = (*liveBackend)(nil)
+	_ ctlapi.ReplicationBackend = (*liveBackend)(nil)
+)
+
+func (l *liveBackend) set(b ctlapi.Backend) {
+	l.mu.Lock()
+	l.b = b
+	l.mu.Unlock()
+}
+
+func (l *liveBackend) get() ctlapi.Backend {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	return l.b
+}
+
+func (l *liveBackend) Info() ctlapi.Info { return l.get().Info() }
+func (l *liveBackend) Pause() error      { return l.get().Pause() }
+func (l *liveBackend) Resume() error     { return l.get().Resume() }
+func (l *liveBackend) Stats() ctlapi.Stats {
+	return l.get().Stats()
+}
+
+func (l *liveBackend) Snapshot(ctx context.Context, path string) (ctlapi.SnapshotResult, error) {
+	return l.get().Snapshot(ctx, path)
+}
+
+func (l *liveBackend) Migrate(ctx context.Context, req ctlapi.MigrateRequest, progress func(ctlapi.Progress)) (ctlapi.MigrateResult, error) {
+	return l.get().Migrate(ctx, req, progress)
+}
+
+func (l *liveBackend) StartReplication(ctx context.Context, req ctlapi.ReplicateRequest, progress func(ctlapi.Progress)) error {
+	if rb, ok := l.get().(ctlapi.ReplicationBackend); ok {
+		return rb.StartReplication(ctx, req, progress)
+	}
+	return fmt.Errorf("%w: this VMM cannot replicate", ctlapi.ErrNotSupported)
+}
+
+func (l *liveBackend) StopReplication() error {
+	if rb, ok := l.get().(ctlapi.ReplicationBackend); ok {
+		return rb.StopReplication()
+	}
+	return fmt.Errorf("%w: this VMM cannot replicate", ctlapi.ErrNotSupported)
 }
 
 // vmBackend is the control API's view of a running machine.
@@ -102,8 +188,8 @@ func (b *vmBackend) Snapshot(ctx context.Context, path string) (ctlapi.SnapshotR
 	return ctlapi.SnapshotResult{Path: path, Bytes: uint64(r.Bytes), Pages: r.Pages, ZeroPages: r.ZeroPages, Pause: r.Paused}, nil
 }
 
-func (b *vmBackend) Migrate(ctx context.Context, to string, progress func(ctlapi.Progress)) (ctlapi.MigrateResult, error) {
-	return migrate(ctx, b.m, b.f, b.devs, b.node, to, progress)
+func (b *vmBackend) Migrate(ctx context.Context, req ctlapi.MigrateRequest, progress func(ctlapi.Progress)) (ctlapi.MigrateResult, error) {
+	return migrate(ctx, b.m, b.f, b.devs, b.node, req, progress)
 }
 
 func (b *vmBackend) Stats() ctlapi.Stats {
@@ -173,31 +259,27 @@ func (b *vmBackend) StopReplication() error {
 }
 
 // standbyBackend is the control API of a standby while no guest runs
-// there: what it follows, and whether a failover would be possible.
+// there: what it follows and receives, and whether a failover would be
+// possible.
 type standbyBackend struct {
 	sb      *replicate.Standby
 	f       *runFlags
 	started time.Time
 }
 
-var _ ctlapi.Backend = (*standbyBackend)(nil)
-
-// serveStandbyAPI serves --api-sock (if set) for a standing-by standby.
-func serveStandbyAPI(sb *replicate.Standby, f *runFlags) (func(), error) {
-	if f.apiSock == "" {
-		return func() {}, nil
-	}
-	s, err := ctlapi.Serve(context.Background(), f.apiSock, &standbyBackend{sb: sb, f: f, started: time.Now()})
-	if err != nil {
-		return nil, fmt.Errorf("--api-sock: %w", err)
-	}
-	return func() { _ = s.Close() }, nil
-}
+var (
+	_ ctlapi.Backend            = (*standbyBackend)(nil)
+	_ ctlapi.ReplicationBackend = (*standbyBackend)(nil)
+)
 
 func (b *standbyBackend) Info() ctlapi.Info {
 	st := b.sb.Status()
+	// "standing by" until the VM's backend takes over this socket, so
+	// that a client that sees another state can use the VM.
 	return ctlapi.Info{Name: b.f.name, State: "standing by", Uptime: time.Since(b.started), Role: st.Describe(),
-		Fencing: st.Reason}
+		Peer: st.Peer, Fencing: st.Reason,
+		Standby: &ctlapi.StandbyInfo{Phase: st.Phase, Source: st.Source, Checkpoint: st.Epoch, Lag: st.Lag,
+			BytesReceived: st.BytesReceived, Witness: st.Witness}}
 }
 
 var errStandingBy = fmt.Errorf("%w: standing by: no guest runs here", ctlapi.ErrConflict)
@@ -207,9 +289,13 @@ func (b *standbyBackend) Resume() error { return errStandingBy }
 func (b *standbyBackend) Snapshot(context.Context, string) (ctlapi.SnapshotResult, error) {
 	return ctlapi.SnapshotResult{}, errStandingBy
 }
-func (b *standbyBackend) Migrate(context.Context, string, func(ctlapi.Progress)) (ctlapi.MigrateResult, error) {
+func (b *standbyBackend) Migrate(context.Context, ctlapi.MigrateRequest, func(ctlapi.Progress)) (ctlapi.MigrateResult, error) {
 	return ctlapi.MigrateResult{}, errStandingBy
 }
+func (b *standbyBackend) StartReplication(context.Context, ctlapi.ReplicateRequest, func(ctlapi.Progress)) error {
+	return errStandingBy
+}
+func (b *standbyBackend) StopReplication() error { return errStandingBy }
 
 func (b *standbyBackend) Stats() ctlapi.Stats {
 	var s ctlapi.Stats

@@ -15,7 +15,7 @@ import (
 
 const benchUsage = `Usage: govmm bench [flags] [SUITE...]
 
-Runs benchmarks and writes raw CSV (one row per sample), PNG plots and
+Runs benchmarks and writes raw CSV (one row per sample), plots (PNG and SVG) and
 report.md into --out (default bench/results/<timestamp>). Suites (default:
 all of them, in this order):
 
@@ -90,6 +90,7 @@ func cmdBench(args []string) error {
 	memSize := "256M"
 	fs.Var(memFlag{&memSize}, "mem", "boot suite guest memory, as run --mem takes it: 256M, 1G (a bare number is MiB)")
 	modes := fs.String("modes", "sigkill,sigstop", "failover-guest only: the primary's failures to time, `sigkill`, sigstop or both (comma-separated)")
+	witness := fs.String("witness", "both", "failover-guest only: time each failure `without` a witness, with one, or both")
 	var merge listFlag
 	fs.Var(&merge, "merge", "failover-guest only: merge the results `DIR` of an earlier run into one report instead of running trials (repeatable)")
 	if err := parseFlags(fs, args); err != nil {
@@ -97,7 +98,7 @@ func cmdBench(args []string) error {
 	}
 	suites := fs.Args()
 	if len(merge) > 0 {
-		if err := refuseUnused(fs, "with --merge, which runs no trial", "runs", "quick", "guest", "mem", "modes"); err != nil {
+		if err := refuseUnused(fs, "with --merge, which runs no trial", "runs", "quick", "guest", "mem", "modes", "witness"); err != nil {
 			return err
 		}
 		return mergeBench(merge, suites, *out, args)
@@ -116,7 +117,7 @@ func cmdBench(args []string) error {
 		}
 	}
 	if !slices.Contains(suites, "failover-guest") {
-		if err := refuseUnused(fs, "without the failover-guest suite, the only one that uses it", "modes"); err != nil {
+		if err := refuseUnused(fs, "without the failover-guest suite, the only one that uses it", "modes", "witness"); err != nil {
 			return err
 		}
 	}
@@ -125,6 +126,10 @@ func cmdBench(args []string) error {
 		if m != bench.FailKill && m != bench.FailStop {
 			return usagef("bench", "--modes %s: unknown failure %q (sigkill, sigstop)", showArg(*modes), m)
 		}
+	}
+	witnessModes := map[string][]bool{"without": {false}, "with": {true}, "both": {false, true}}[*witness]
+	if witnessModes == nil {
+		return usagef("bench", "--witness %s: want without, with or both", showArg(*witness))
 	}
 	if *out == "" {
 		*out = filepath.Join("bench", "results", time.Now().UTC().Format("20060102T150405Z"))
@@ -138,11 +143,11 @@ func cmdBench(args []string) error {
 		return err
 	}
 	// The stream's per-connection Info lines would drown the progress.
-	slog.SetDefault(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
+	slog.SetDefault(slog.New(newCLIHandler(os.Stderr, slog.LevelWarn)))
 	ctx, caught, stop := benchSignals()
 	defer stop()
 	opts := bench.Options{Quick: *quick, Runs: *runs, Out: *out, Govmm: self, Log: os.Stderr,
-		Boot: bench.BootConfig{Govmm: self, Guest: *guest, MemMiB: int(mem >> 20)}, Modes: failModes}
+		Boot: bench.BootConfig{Govmm: self, Guest: *guest, MemMiB: int(mem >> 20)}, Modes: failModes, Witness: witnessModes}
 	// The default image is built only where the boot suite will boot it.
 	if slices.Contains(suites, "failover-guest") || slices.Contains(suites, "overhead-guest") {
 		img, err := defaultImage()

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/signal"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"text/tabwriter"
@@ -32,18 +33,24 @@ served by 'govmm run' and 'govmm restore' (at their --api-sock, by default
 Commands:
   info [--json]           name, state, vCPUs, memory, devices, uptime, replication,
                           fencing (the witness: lease, generation, FENCED; on a
-                          standby, whether failover would be possible)
+                          standby, whether failover would be possible); on a
+                          standby, what it receives: peer, last checkpoint and
+                          its lag, bytes, witness
   pause                   stop every vCPU
   resume                  start them again
   snapshot --out FILE     write a snapshot to FILE on the VM's host (a relative
                           FILE is taken from this directory)
-  migrate --to HOST:PORT  live-migrate to a standby: progress on stderr, then a
-                          report; Ctrl-C cancels the migration
+  migrate --to HOST:PORT [--force]
+                          live-migrate to a standby: progress on stderr, then a
+                          report; Ctrl-C cancels the migration. A replicated VM
+                          is refused: --force stops its replication first, and
+                          the guest runs UNPROTECTED at the destination
   replicate --to HOST:PORT [--epoch D]
                           protect the running VM with a standby (govmm standby
                           --listen HOST:PORT); returns once it is protected
   unreplicate             stop replicating; the guest runs on unprotected
-  stats                   the VM's metrics as a table
+  stats [--json]          the VM's (or the standby's) metrics as a table, in
+                          units (540µs, 12.3 MiB); --json: raw values
   metrics                 the same in Prometheus text format
 
 The socket is --api-sock if given, else $GOVMM_API_SOCK, else
@@ -154,11 +161,29 @@ func ctlInfo(ctx context.Context, c *ctlapi.Client, args []string) error {
 	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
 	fmt.Fprintf(tw, "name\t%s\n", info.Name)
 	fmt.Fprintf(tw, "state\t%s\n", info.State)
-	fmt.Fprintf(tw, "vcpus\t%d\n", info.VCPUs)
-	fmt.Fprintf(tw, "memory\t%s\n", ctlBytes(info.MemoryBytes))
-	fmt.Fprintf(tw, "devices\t%s\n", devices)
-	fmt.Fprintf(tw, "uptime\t%s\n", ctlDuration(info.Uptime))
+	if info.Standby == nil { // a standby runs no machine yet
+		fmt.Fprintf(tw, "vcpus\t%d\n", info.VCPUs)
+		fmt.Fprintf(tw, "memory\t%s\n", ctlBytes(info.MemoryBytes))
+		fmt.Fprintf(tw, "devices\t%s\n", devices)
+	}
+	fmt.Fprintf(tw, "uptime\t%s\n", humanDuration(info.Uptime))
 	fmt.Fprintf(tw, "replication\t%s\n", strings.Join(repl, ", "))
+	if sb := info.Standby; sb != nil {
+		cp := "none yet"
+		if sb.Checkpoint > 0 {
+			cp = strconv.FormatUint(sb.Checkpoint, 10)
+			if sb.Lag > 0 {
+				cp += fmt.Sprintf(" (committed %s ago)", humanDuration(sb.Lag))
+			}
+		}
+		fmt.Fprintf(tw, "checkpoint\t%s\n", cp)
+		fmt.Fprintf(tw, "received\t%s\n", ctlBytes(sb.BytesReceived))
+		w := sb.Witness
+		if w == "" {
+			w = "none"
+		}
+		fmt.Fprintf(tw, "witness\t%s\n", w)
+	}
 	if info.Fencing != "" {
 		fmt.Fprintf(tw, "fencing\t%s\n", info.Fencing)
 	}
@@ -199,20 +224,26 @@ func ctlSnapshot(ctx context.Context, c *ctlapi.Client, args []string) error {
 }
 
 func ctlMigrate(ctx context.Context, c *ctlapi.Client, args []string) error {
-	var to string
-	if err := ctlFlags("migrate", "migrate --to HOST:PORT", args, func(fs *flag.FlagSet) {
-		fs.StringVar(&to, "to", "", "the standby's `host:port`")
+	var req ctlapi.MigrateRequest
+	if err := ctlFlags("migrate", "migrate --to HOST:PORT [--force]", args, func(fs *flag.FlagSet) {
+		fs.StringVar(&req.To, "to", "", "the standby's `host:port`")
+		fs.BoolVar(&req.Force, "force", false, "migrate a replicated VM too: its replication stops, and the guest runs UNPROTECTED at the destination")
 	}); err != nil {
 		return err
 	}
+	to := req.To
 	if to == "" {
 		return usagef("ctl migrate", "--to HOST:PORT is required")
 	}
 	bar := newCtlBar(os.Stderr, ctlIsTerminal(os.Stderr))
-	res, err := c.Migrate(ctx, to, bar.update)
+	res, err := c.Migrate(ctx, req, bar.update)
 	bar.finish()
 	if err != nil {
 		return err
+	}
+	if res.DroppedProtection != "" {
+		fmt.Fprintf(os.Stderr, "govmm ctl: warning: the guest runs UNPROTECTED at %s: replication to %s was stopped for the migration (protect it with 'govmm ctl replicate --to HOST:PORT' on the destination's --api-sock)\n",
+			to, res.DroppedProtection)
 	}
 	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
 	fmt.Fprintf(tw, "migrated to %s\n", to)
@@ -224,32 +255,199 @@ func ctlMigrate(ctx context.Context, c *ctlapi.Client, args []string) error {
 }
 
 func ctlStats(ctx context.Context, c *ctlapi.Client, args []string) error {
-	if err := ctlFlags("stats", "stats", args, nil); err != nil {
+	var raw bool
+	if err := ctlFlags("stats", "stats [--json]", args, func(fs *flag.FlagSet) {
+		fs.BoolVar(&raw, "json", false, "print the API's JSON as it is (raw values: seconds, bytes)")
+	}); err != nil {
 		return err
 	}
 	st, err := c.Stats(ctx)
 	if err != nil {
 		return err
 	}
+	if raw {
+		b, err := json.MarshalIndent(st, "", "  ")
+		if err != nil {
+			return err
+		}
+		fmt.Printf("%s\n", b)
+		return nil
+	}
 	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "METRIC\tLABELS\tVALUE")
-	for _, m := range st.Metrics {
-		keys := make([]string, 0, len(m.Labels))
-		for k := range m.Labels {
-			keys = append(keys, k)
-		}
-		slices.Sort(keys)
-		labels := make([]string, len(keys))
-		for i, k := range keys {
-			labels[i] = fmt.Sprintf("%s=%q", k, m.Labels[k])
-		}
-		l := strings.Join(labels, ",")
-		if l == "" {
-			l = "-"
-		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\n", m.Name, l, ctlValue(m.Value))
+	for _, r := range statsRows(st.Metrics) {
+		fmt.Fprintf(tw, "%s\t%s\t%s\n", r.name, r.labels, r.value)
 	}
 	return tw.Flush()
+}
+
+// statsRow is one line of ctl stats.
+type statsRow struct{ name, labels, value string }
+
+// statsRows turns samples (in the server's sorted order) into lines for a
+// person: durations and sizes in units, and each histogram in one line
+// (count, mean and quantiles read off its buckets) instead of its
+// buckets.
+func statsRows(ms []ctlapi.Metric) []statsRow {
+	var rows []statsRow
+	hists := map[string]*statsHist{} // by family and labels
+	for _, m := range ms {
+		if m.Type == "histogram" {
+			base, part := histPart(m.Name)
+			lk := labelText(m.Labels, "le")
+			h := hists[base+lk]
+			if h == nil {
+				h = &statsHist{seconds: strings.HasSuffix(base, "_seconds")}
+				hists[base+lk] = h
+				rows = append(rows, statsRow{name: base, labels: lk})
+				h.row = len(rows) - 1
+			}
+			h.add(part, m)
+			continue
+		}
+		rows = append(rows, statsRow{name: m.Name, labels: labelText(m.Labels, ""), value: humanValue(m.Name, m.Value)})
+	}
+	for _, h := range hists {
+		rows[h.row].value = h.String()
+	}
+	return rows
+}
+
+// histPart splits a histogram sample's name into its family and part
+// (bucket, sum or count).
+func histPart(name string) (base, part string) {
+	for _, p := range []string{"_bucket", "_sum", "_count"} {
+		if b, ok := strings.CutSuffix(name, p); ok {
+			return b, p[1:]
+		}
+	}
+	return name, ""
+}
+
+// labelText writes labels sorted, leaving out skip; "-" for none.
+func labelText(labels map[string]string, skip string) string {
+	keys := make([]string, 0, len(labels))
+	for k := range labels {
+		if k != skip {
+			keys = append(keys, k)
+		}
+	}
+	slices.Sort(keys)
+	parts := make([]string, len(keys))
+	for i, k := range keys {
+		parts[i] = fmt.Sprintf("%s=%q", k, labels[k])
+	}
+	if len(parts) == 0 {
+		return "-"
+	}
+	return strings.Join(parts, ",")
+}
+
+// statsHist gathers one histogram's samples.
+type statsHist struct {
+	row        int
+	seconds    bool
+	le         []float64 // bucket bounds, in the order served (increasing)
+	cum        []float64 // cumulative counts
+	sum, count float64
+}
+
+func (h *statsHist) add(part string, m ctlapi.Metric) {
+	switch part {
+	case "bucket":
+		le, err := strconv.ParseFloat(m.Labels["le"], 64)
+		if err != nil {
+			le = math.Inf(1)
+		}
+		h.le, h.cum = append(h.le, le), append(h.cum, m.Value)
+	case "sum":
+		h.sum = m.Value
+	case "count":
+		h.count = m.Value
+	}
+}
+
+// String is "n=1234 mean=540µs p50<=500µs p99<=5ms": a quantile is the
+// bound of the first bucket that holds it, which is all a histogram
+// knows.
+func (h *statsHist) String() string {
+	unit := func(v float64) string {
+		if h.seconds {
+			return humanSeconds(v)
+		}
+		return ctlValue(v)
+	}
+	if h.count == 0 {
+		return "n=0"
+	}
+	s := fmt.Sprintf("n=%s mean=%s", ctlValue(h.count), unit(h.sum/h.count))
+	for _, q := range []struct {
+		name string
+		q    float64
+	}{{"p50", 0.5}, {"p99", 0.99}} {
+		for i, c := range h.cum {
+			if c >= q.q*h.count {
+				if math.IsInf(h.le[i], 1) {
+					bound := "?"
+					if i > 0 {
+						bound = unit(h.le[i-1])
+					}
+					s += fmt.Sprintf(" %s>%s", q.name, bound)
+				} else {
+					s += fmt.Sprintf(" %s<=%s", q.name, unit(h.le[i]))
+				}
+				break
+			}
+		}
+	}
+	return s
+}
+
+// humanValue writes a metric's value for a person, in the unit its name
+// says (Prometheus names carry base units: seconds, bytes).
+func humanValue(name string, v float64) string {
+	base := strings.TrimSuffix(name, "_total")
+	switch {
+	case math.IsNaN(v) || math.IsInf(v, 0):
+		return ctlValue(v)
+	case strings.HasSuffix(base, "_seconds"):
+		return humanSeconds(v)
+	case strings.HasSuffix(base, "_bytes") && v >= 0 && v < math.MaxUint64:
+		return ctlBytes(uint64(v))
+	}
+	return ctlValue(v)
+}
+
+// humanSeconds writes seconds as humanDuration does: 540µs, 1.23ms,
+// 25.3s, 1h2m3s.
+func humanSeconds(v float64) string {
+	if v < 0 {
+		return "-" + humanSeconds(-v)
+	}
+	return humanDuration(time.Duration(v * float64(time.Second)))
+}
+
+// humanDuration writes d with up to three significant digits below a
+// minute: 0s, 12ns, 540µs, 1.23ms, 2s, 25.3s; from a minute on, to the
+// second.
+func humanDuration(d time.Duration) string {
+	if d >= time.Minute {
+		return d.Round(time.Second).String()
+	}
+	for _, u := range []struct {
+		unit time.Duration
+		name string
+	}{{time.Second, "s"}, {time.Millisecond, "ms"}, {time.Microsecond, "µs"}} {
+		if d >= u.unit {
+			v := float64(d) / float64(u.unit)
+			s := strconv.FormatFloat(v, 'f', max(0, 2-int(math.Floor(math.Log10(v)))), 64)
+			if strings.Contains(s, ".") {
+				s = strings.TrimRight(strings.TrimRight(s, "0"), ".")
+			}
+			return s + u.name
+		}
+	}
+	return d.String()
 }
 
 func ctlMetrics(ctx context.Context, c *ctlapi.Client, args []string) error {

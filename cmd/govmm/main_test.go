@@ -241,6 +241,8 @@ func TestFlagsThatDoNotApplyAreRefused(t *testing.T) {
 		{[]string{"bench", "--out", t.TempDir(), "--mem", "512", "checkpoint"}, "bench: --mem does not apply without the boot suite"},
 		{[]string{"bench", "--out", t.TempDir(), "--modes", "sigkill", "checkpoint"}, "bench: --modes does not apply without the failover-guest suite"},
 		{[]string{"bench", "--out", t.TempDir(), "--modes", "kill", "failover-guest"}, `--modes kill: unknown failure "kill"`},
+		{[]string{"bench", "--out", t.TempDir(), "--witness", "maybe", "failover-guest"}, "--witness maybe: want without, with or both"},
+		{[]string{"bench", "--out", t.TempDir(), "--witness", "with", "failover"}, "bench: --witness does not apply without the failover-guest suite"},
 	} {
 		_, errOut, status := govmm(t, time.Minute, c.args...)
 		require.Equal(t, usageStatus, status, errOut)

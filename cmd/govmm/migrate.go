@@ -40,9 +40,11 @@ func apiStreamKey(keyFile, addr string) (key []byte, insecure bool, err error) {
 }
 
 // migrate moves the running machine to a standby (the control API's
-// PUT /vm/migrate).
-func migrate(ctx context.Context, m *vmm.Machine, f *runFlags, devs *machineDevices, node *replicate.Node, to string,
+// PUT /vm/migrate). A replicated guest is refused unless req.Force: then
+// its replication stops first and it runs unprotected at the destination.
+func migrate(ctx context.Context, m *vmm.Machine, f *runFlags, devs *machineDevices, node *replicate.Node, req ctlapi.MigrateRequest,
 	progress func(ctlapi.Progress)) (ctlapi.MigrateResult, error) {
+	to := req.To
 	if _, _, err := net.SplitHostPort(to); err != nil {
 		return ctlapi.MigrateResult{}, fmt.Errorf("migrate to %q: %w: want HOST:PORT", to, ctlapi.ErrInvalid)
 	}
@@ -50,14 +52,20 @@ func migrate(ctx context.Context, m *vmm.Machine, f *runFlags, devs *machineDevi
 	if err != nil {
 		return ctlapi.MigrateResult{}, fmt.Errorf("migrate to %s: %w: %w", to, ctlapi.ErrInvalid, err)
 	}
+	if req.Force && node.Peer() != "" {
+		fmt.Fprintf(os.Stderr, "govmm: migrate --force: stopping replication to %s; the guest runs UNPROTECTED from now on\n", node.Peer())
+	}
 	r, err := node.Migrate(ctx, m, replicate.MigrateConfig{To: to, Name: f.name, Key: key, Insecure: insecure,
 		Compression: f.streamCompress, Deltas: f.streamDeltas,
 		Disks: devs.diskLogs, Devices: devs.attrs,
 		Progress: func(p replicate.Progress) {
 			progress(ctlapi.Progress{Round: p.Round, Phase: p.Phase, BytesSent: p.BytesSent,
 				DirtyPages: p.DirtyPages, RemainingPages: p.RemainingPages})
-		}})
+		}}, req.Force)
 	switch {
+	case errors.Is(err, replicate.ErrWouldUnprotect):
+		return ctlapi.MigrateResult{}, fmt.Errorf("migrate: %w: the guest is protected by the standby at %s and migrating would drop that protection (it would run UNPROTECTED at %s); use --force to migrate anyway",
+			ctlapi.ErrConflict, node.Peer(), to)
 	case errors.Is(err, replicate.ErrReplicating):
 		return ctlapi.MigrateResult{}, fmt.Errorf("migrate: %w: %w", ctlapi.ErrConflict, err)
 	case errors.Is(err, replicate.ErrHandoverUnconfirmed):
@@ -78,7 +86,7 @@ func migrate(ctx context.Context, m *vmm.Machine, f *runFlags, devs *machineDevi
 		m.StopWith(vmm.Result{Status: 0, Reason: "migrated"})
 	}()
 	return ctlapi.MigrateResult{TotalTime: r.TotalTime, Downtime: r.Downtime, Rounds: r.Rounds,
-		BytesSent: r.BytesSent, PagesSent: r.PagesSent}, nil
+		BytesSent: r.BytesSent, PagesSent: r.PagesSent, DroppedProtection: r.DroppedProtection}, nil
 }
 
 // reprotectFailed is what a VMM that took its guest over (or received it)

@@ -304,31 +304,6 @@ func TestStandbyRefusesUnfitPrimary(t *testing.T) {
 	}, 30*time.Second, 50*time.Millisecond)
 }
 
-// Live migration of a replicated VM is refused with a clear message (the
-// two dirty trackers would steal each other's pages); the VM keeps
-// running, protected.
-func TestCtlMigrateRefusedWhileReplicating(t *testing.T) {
-	kvmtest.Require(t)
-	dir := t.TempDir()
-	kernel, initrd := tinyGuestFiles(t, dir, tinyguest.Dirtier(0x400000, 64, counterGPA))
-	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	startVM(t, "standby", "--listen", addr, "--net", "none")
-	sock := filepath.Join(dir, "p.sock")
-	startVM(t, "run", "--kernel", kernel, "--initrd", initrd, "--mem", "64M", "--net", "none", "--api-sock", sock)
-	waitSocket(t, sock)
-	ctl := func(args ...string) (string, string, int) {
-		return govmm(t, time.Minute, append([]string{"ctl", "--api-sock", sock}, args...)...)
-	}
-	require.Eventually(t, func() bool { _, _, status := ctl("replicate", "--to", addr); return status == 0 },
-		30*time.Second, 100*time.Millisecond)
-	other := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	_, errOut, status := ctl("migrate", "--to", other)
-	require.NotEqual(t, 0, status)
-	require.Contains(t, errOut, "unreplicate before migrating")
-	out, _, _ := ctl("info")
-	require.Contains(t, out, "primary (protected)")
-}
-
 // Benchmark-only switches work but stay out of the user's help.
 func TestHelpHidesBenchmarkSwitches(t *testing.T) {
 	for _, cmd := range []string{"run", "standby"} {

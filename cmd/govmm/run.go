@@ -74,6 +74,7 @@ type runFlags struct {
 	noIOEventFD             bool
 	apiSock                 string
 	apiSockDefault          string // how to choose another when apiSock is defaultAPISock's
+	metricsListen           string // HOST:PORT
 	keyFile                 string
 	startPaused             bool // restore --paused
 
@@ -136,6 +137,7 @@ func (f *runFlags) registerReplication(fs *flag.FlagSet) {
 // replicated guest has them in its memory already.
 func (f *runFlags) registerDevices(fs *flag.FlagSet) {
 	fs.StringVar(&f.apiSock, "api-sock", "", "serve the control API (HTTP/JSON, see govmm ctl) on this unix `socket`, '' for none; run and restore serve it by default at /run/govmm/NAME.sock for --name NAME ($XDG_RUNTIME_DIR/govmm/ for a user other than root), where 'govmm ctl' looks for the default name; standby serves it only when given")
+	fs.Var(hostPortFlag{&f.metricsListen}, "metrics-listen", "serve Prometheus metrics at http://HOST:PORT/metrics (TCP; e.g. 127.0.0.1:9100)")
 	durationVar(fs, &f.failoverTimeout, "failover-timeout", replicate.DefaultFailoverTimeout, replicate.CheckFailoverTimeout,
 		"declare the peer lost after this long without a byte from it while listening (replication; the larger of the two ends' wins)")
 	fs.StringVar(&f.keyFile, "key-file", "", "pre-shared key authenticating the migration stream (mode 0600, at least 16 bytes); without it only loopback is allowed")
@@ -265,18 +267,26 @@ func cmdRun(args []string) error {
 // forwards the console and signals, and waits for the machine to stop.
 // It returns the guest's exit status as an exitError.
 func supervise(m *vmm.Machine, f *runFlags, devs *machineDevices, node *replicate.Node) error {
+	return superviseOn(nil, m, f, devs, node)
+}
+
+// superviseOn is supervise with the control API and metrics already
+// served by ep (a standby's, which serve the VM from now on), or started
+// here when ep is nil.
+func superviseOn(ep *endpoints, m *vmm.Machine, f *runFlags, devs *machineDevices, node *replicate.Node) error {
 	// A machine restored with --paused holds the operator's pause.
 	be := &vmBackend{m: m, f: f, devs: devs, node: node, started: time.Now(), userPaused: f.startPaused}
-	stopAPI, err := serveAPI(be, f.apiSock)
-	if err != nil && f.apiSockDefault != "" {
-		err = fmt.Errorf("%w (%s)", err, f.apiSockDefault)
+	if ep == nil {
+		var err error
+		if ep, err = serveEndpoints(f, be); err != nil {
+			m.Stop()
+			m.Wait()
+			return err
+		}
+	} else {
+		ep.live.set(be)
 	}
-	if err != nil {
-		m.Stop()
-		m.Wait()
-		return err
-	}
-	defer stopAPI()
+	defer ep.Close()
 	if f.replicateTo != "" || f.nullStandby {
 		err := startReplication(m, f, devs, node, f.replicateTo, f.epoch, nil)
 		switch {

@@ -23,6 +23,11 @@ gone without a goodbye), announcing the guest's MAC with RARP and
 gratuitous ARP. Also receives a live migration ('govmm ctl migrate --to
 HOST:PORT') and runs the guest once the source hands it over.
 
+--api-sock ('govmm ctl info', 'ctl stats') and --metrics-listen (for
+Prometheus) serve from the start what the standby receives (its peer,
+last checkpoint, lag, bytes, witness) and, once the guest runs here, the
+VM, on the same socket and port.
+
 Give the same device flags as the source, with this host's resources:
 --disk with this host's copy (a file or a block device of the same size;
 the initial sync copies the source's disk into it), --net of the same kind
@@ -104,16 +109,17 @@ func cmdStandby(args []string) error {
 		return fmt.Errorf("standby: %w", err)
 	}
 	defer sb.Close()
-	// Standing by, the control API says what this standby knows (whether
-	// a failover would be possible, and why not); once the guest runs
-	// here, supervise serves it instead.
-	stopAPI, err := serveStandbyAPI(sb, &f)
+	// Standing by, the control API and the metrics say what this standby
+	// knows (what it receives, whether a failover would be possible, and
+	// why not); once the guest runs here, the same socket and port serve
+	// the VM.
+	ep, err := serveEndpoints(&f, &standbyBackend{sb: sb, f: &f, started: time.Now()})
 	if err != nil {
 		return fmt.Errorf("standby: %w", err)
 	}
+	defer ep.Close()
 	fmt.Fprintf(os.Stderr, "govmm: standby: listening on %s\n", sb.Addr())
 	m, tk, err := sb.ReceiveReplication(context.Background())
-	stopAPI()
 	if err != nil {
 		return err
 	}
@@ -123,7 +129,7 @@ func cmdStandby(args []string) error {
 	if tk.Fence != nil {
 		defer tk.Fence.Close()
 	}
-	return supervise(m, &f, devs, replicate.NewNode(reportArrival(tk), tk, tk.Fence))
+	return superviseOn(ep, m, &f, devs, replicate.NewNode(reportArrival(tk), tk, tk.Fence))
 }
 
 // openStandbyDisks opens the standby's own copies of the source's disks

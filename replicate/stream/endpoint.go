@@ -135,6 +135,9 @@ func (e *endpoint) quiet() { e.listening.Store(false) }
 // Peer is the identity the peer announced in its hello (authenticated).
 func (e *endpoint) Peer() Identity { return e.peer }
 
+// RemoteAddr is the peer's network address (host:port).
+func (e *endpoint) RemoteAddr() string { return e.conn.RemoteAddr().String() }
+
 // FailoverTimeout is the timeout both ends agreed on in the handshake.
 func (e *endpoint) FailoverTimeout() time.Duration { return e.timeout }
 

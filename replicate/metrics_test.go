@@ -1,0 +1,84 @@
+package replicate
+
+import (
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// A duration lands in the first bucket whose bound is not below it (a
+// bucket's bound is inclusive, as Prometheus' le says), and the exported
+// buckets are cumulative, in increasing le, ending with +Inf = count.
+func TestHistogramObserve(t *testing.T) {
+	t.Parallel()
+	var h Histogram
+	for _, d := range []time.Duration{
+		0,
+		100 * time.Microsecond, // on the first bound: first bucket
+		101 * time.Microsecond, // just above: second
+		3 * time.Millisecond,   // 2.5ms < d <= 5ms
+		10 * time.Second,       // the last bound
+		time.Minute,            // over every bound: +Inf only
+	} {
+		h.Observe(d)
+	}
+	require.Equal(t, uint64(6), h.Count)
+	require.Equal(t, time.Minute+10*time.Second+3*time.Millisecond+201*time.Microsecond, h.Sum)
+
+	ms := h.metrics("x_seconds", "help")
+	require.Len(t, ms, len(DurationBuckets)+3)
+	want := map[string]float64{"0.0001": 2, "0.00025": 3, "0.0025": 3, "0.005": 4, "5": 4, "10": 5, "+Inf": 6}
+	prev := -1.0
+	for i, m := range ms[:len(DurationBuckets)+1] {
+		assert.Equal(t, "x_seconds_bucket", m.Name)
+		assert.Equal(t, "histogram", m.Type)
+		assert.GreaterOrEqual(t, m.Value, prev, "cumulative")
+		prev = m.Value
+		if w, ok := want[m.Labels["le"]]; ok {
+			assert.Equal(t, w, m.Value, "le=%s", m.Labels["le"])
+		}
+		if i < len(DurationBuckets) {
+			assert.Equal(t, DurationBuckets[i].Seconds(), parseLE(t, m.Labels["le"]))
+		}
+	}
+	assert.Equal(t, "+Inf", ms[len(DurationBuckets)].Labels["le"])
+	sum, count := ms[len(ms)-2], ms[len(ms)-1]
+	assert.Equal(t, Metric{Name: "x_seconds_sum", Help: "help", Type: "histogram", Value: h.Sum.Seconds()}, sum)
+	assert.Equal(t, Metric{Name: "x_seconds_count", Help: "help", Type: "histogram", Value: 6}, count)
+}
+
+func parseLE(t *testing.T, s string) float64 {
+	t.Helper()
+	d, err := time.ParseDuration(s + "s")
+	require.NoError(t, err)
+	return d.Seconds()
+}
+
+// The replicator's metrics carry pause and ack as histograms, not as
+// quantile-labelled gauges.
+func TestReplicatorMetricsHistograms(t *testing.T) {
+	t.Parallel()
+	r := &Replicator{}
+	r.record(EpochStats{Epoch: 1, Pause: 300 * time.Microsecond})
+	r.record(EpochStats{Epoch: 2, Pause: 7 * time.Millisecond})
+	r.totals.Ack.Observe(2 * time.Millisecond)
+	got := map[string]Metric{}
+	for _, m := range r.Metrics() {
+		assert.NotContains(t, m.Labels, "quantile", m.Name)
+		key := m.Name
+		if le, ok := m.Labels["le"]; ok {
+			key += "{le=" + le + "}"
+		}
+		got[key] = m
+	}
+	assert.Equal(t, 2.0, got["govmm_replication_pause_seconds_count"].Value)
+	assert.InDelta(t, 0.0073, got["govmm_replication_pause_seconds_sum"].Value, 1e-12)
+	assert.Equal(t, 0.0, got["govmm_replication_pause_seconds_bucket{le=0.00025}"].Value)
+	assert.Equal(t, 1.0, got["govmm_replication_pause_seconds_bucket{le=0.0005}"].Value)
+	assert.Equal(t, 2.0, got["govmm_replication_pause_seconds_bucket{le=+Inf}"].Value)
+	assert.Equal(t, 1.0, got["govmm_replication_ack_seconds_count"].Value)
+	assert.Equal(t, "histogram", got["govmm_replication_ack_seconds_sum"].Type)
+	assert.Equal(t, 2.0, got["govmm_replication_epochs_total"].Value)
+}
