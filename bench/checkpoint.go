@@ -59,6 +59,8 @@ type StreamMode struct {
 	Deltas      bool
 }
 
+// String names the mode as the report shows it: the codec, and
+// "+deltas" with deltas.
 func (m StreamMode) String() string {
 	if m.Deltas {
 		return m.Compression.String() + "+deltas"

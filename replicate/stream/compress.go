@@ -56,6 +56,8 @@ func ParseCompression(s string) (Compression, error) {
 	return CompressDefault, fmt.Errorf("%w: stream compression %q: want none, s2 or zstd", ErrConfig, s)
 }
 
+// String is the --stream-compress value for c ("default" for the zero
+// value).
 func (c Compression) String() string {
 	switch c {
 	case CompressDefault:
