@@ -118,7 +118,7 @@ func TestHandshakeRefusals(t *testing.T) {
 }
 
 // TestVersionRefused: a peer of an older (1: HMAC-framed session; the
-// previous one, whose checkpoints were not container sections) or newer
+// previous one, 5, whose Pages frames have no codec header) or newer
 // version is refused at its hello with ErrVersion, which the handshake
 // framing (unchanged since version 1) makes readable across versions.
 func TestVersionRefused(t *testing.T) {
