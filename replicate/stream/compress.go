@@ -141,11 +141,37 @@ func newPageCodec(c codec) *pageCodec { return &pageCodec{c: c} }
 // session's codec, or stored when that would not be smaller. The result
 // is valid until the next call.
 func (pc *pageCodec) encode(section []byte) []byte {
+	if b, ok := pc.compress(section); ok {
+		return b
+	}
+	b := putPagesHeader(pc.buf[:0], codecStored, len(section))
+	pc.buf = append(b, section...)
+	return pc.buf
+}
+
+// encodeFramed is encode for a section at framed[pagesHeader:], whose
+// first pagesHeader bytes are free (container.PageSection.Framed): stored,
+// the payload is framed itself with its header filled in, not a copy.
+func (pc *pageCodec) encodeFramed(framed []byte) []byte {
+	section := framed[pagesHeader:]
+	if b, ok := pc.compress(section); ok {
+		return b
+	}
+	putPagesHeader(framed[:0], codecStored, len(section))
+	return framed
+}
+
+// compress is the payload of section compressed with the session's
+// codec, in the codec's buffer; ok is false when the session stores
+// pages or compressing would not make them smaller.
+func (pc *pageCodec) compress(section []byte) (b []byte, ok bool) {
+	if pc.c == codecStored {
+		return nil, false
+	}
 	if cap(pc.buf) < pagesHeader+s2.MaxEncodedLen(container.MaxPagesPayload) {
 		pc.buf = make([]byte, 0, pagesHeader+s2.MaxEncodedLen(container.MaxPagesPayload))
 	}
-	b := append(pc.buf[:0], byte(pc.c), 0, 0, 0)
-	b = binary.LittleEndian.AppendUint32(b, uint32(len(section)))
+	b = putPagesHeader(pc.buf[:0], pc.c, len(section))
 	switch pc.c {
 	case codecS2:
 		n := len(s2.Encode(b[pagesHeader:cap(b)], section))
@@ -158,13 +184,15 @@ func (pc *pageCodec) encode(section []byte) []byte {
 		}
 		b = pc.zenc.EncodeAll(section, b)
 	}
-	if pc.c == codecStored || len(b) >= pagesHeader+len(section) {
-		b = append(b[:0], byte(codecStored), 0, 0, 0)
-		b = binary.LittleEndian.AppendUint32(b, uint32(len(section)))
-		b = append(b, section...)
-	}
 	pc.buf = b
-	return b
+	return b, len(b) < pagesHeader+len(section)
+}
+
+// putPagesHeader appends a Pages frame's header to b: codec c, a section
+// of n bytes.
+func putPagesHeader(b []byte, c codec, n int) []byte {
+	b = append(b, byte(c), 0, 0, 0)
+	return binary.LittleEndian.AppendUint32(b, uint32(n))
 }
 
 // decode returns the page section a Pages frame payload carries: p's

@@ -77,6 +77,7 @@ func NewSender(ctx context.Context, conn net.Conn, cfg Config) (*Sender, error) 
 		endpoint: newEndpoint(conn, cfg),
 		ackedCh:  make(chan struct{}),
 	}
+	s.pages.Headroom = pagesHeader // a stored section goes out in place
 	if err := s.handshake(ctx, roleSender); err != nil {
 		return nil, err
 	}
@@ -183,7 +184,7 @@ func (s *Sender) flushPages() error {
 	if s.pc == nil {
 		s.pc = newPageCodec(s.codec)
 	}
-	w := s.pc.encode(p)
+	w := s.pc.encodeFramed(s.pages.Framed())
 	err := s.send(framePages, w, false)
 	s.ctr.pageBytes.Add(uint64(len(p)))
 	s.ctr.pageWireBytes.Add(uint64(len(w)))

@@ -55,8 +55,12 @@ type Page struct {
 // PageSection builds one page section's payload. The zero value is
 // ready; Reset starts the next section in the same buffer.
 type PageSection struct {
-	buf []byte
-	n   int
+	// Headroom is how many bytes the buffer keeps free in front of the
+	// payload, for a caller that sends the section behind a header of its
+	// own without copying it (Framed). Set it before the first Add.
+	Headroom int
+	buf      []byte
+	n        int
 }
 
 // Reset empties the section, keeping its buffer.
@@ -66,12 +70,7 @@ func (s *PageSection) Reset() { s.buf, s.n = s.buf[:0], 0 }
 // data is nil. The caller decides which (and keeps Len below
 // MaxPagesPerSection).
 func (s *PageSection) Add(gpa uint64, data []byte) {
-	if len(s.buf) == 0 {
-		if s.buf == nil {
-			s.buf = make([]byte, 0, MaxPagesPayload)
-		}
-		s.buf = append(s.buf, 0, 0, 0, 0) // count, reserved
-	}
+	s.start()
 	enc := EncRaw
 	if data == nil {
 		enc = EncZero
@@ -87,12 +86,7 @@ func (s *PageSection) Add(gpa uint64, data []byte) {
 // CRC32C, xor the new page XORed with the version last shipped
 // (PageSize bytes).
 func (s *PageSection) AddXOR(gpa uint64, crc uint32, xor []byte) {
-	if len(s.buf) == 0 {
-		if s.buf == nil {
-			s.buf = make([]byte, 0, MaxPagesPayload)
-		}
-		s.buf = append(s.buf, 0, 0, 0, 0) // count, reserved
-	}
+	s.start()
 	s.buf = binary.LittleEndian.AppendUint64(s.buf, gpa)
 	s.buf = append(s.buf, byte(EncXOR), 0, 0, 0)
 	s.buf = binary.LittleEndian.AppendUint32(s.buf, XORSize)
@@ -110,8 +104,29 @@ func (s *PageSection) Payload() []byte {
 	if s.n == 0 {
 		return nil
 	}
-	binary.LittleEndian.PutUint16(s.buf, uint16(s.n))
+	binary.LittleEndian.PutUint16(s.buf[s.Headroom:], uint16(s.n))
+	return s.buf[s.Headroom:]
+}
+
+// Framed is Payload with the Headroom bytes in front of it, free for the
+// caller's header (valid as Payload is); nil while it holds no page.
+func (s *PageSection) Framed() []byte {
+	if s.Payload() == nil {
+		return nil
+	}
 	return s.buf
+}
+
+// start begins a section in an empty buffer: the headroom, then the
+// count and reserved bytes that Payload fills in.
+func (s *PageSection) start() {
+	if len(s.buf) > 0 {
+		return
+	}
+	if s.buf == nil {
+		s.buf = make([]byte, 0, s.Headroom+MaxPagesPayload)
+	}
+	s.buf = append(s.buf[:s.Headroom], 0, 0, 0, 0) // count, reserved
 }
 
 // ParsePages decodes a page section's payload into pages (reusing its
