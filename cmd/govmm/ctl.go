@@ -519,16 +519,22 @@ func (b *ctlBar) draw() {
 	if p.Phase != ctlapi.PhaseDone && b.roundPages > 0 {
 		frac = float64(b.roundPages-min(p.RemainingPages, b.roundPages)) / float64(b.roundPages)
 	}
+	// \r returns to the line's start and \x1b[K clears what a longer
+	// earlier line left.
+	fmt.Fprintf(b.w, "\r%-13s round %-3d [%s] %3d%%  %s sent, %d dirty\x1b[K",
+		p.Phase, p.Round, barText(frac), int(frac*100), ctlBytes(p.BytesSent), p.DirtyPages)
+	b.drawn, b.lastDraw, b.lastProgress = true, time.Now(), false
+}
+
+// barText is a progress bar ctlBarWidth wide, frac (0..1) of it filled:
+// "=====>    ".
+func barText(frac float64) string {
 	fill := int(frac * ctlBarWidth)
 	bar := strings.Repeat("=", fill)
 	if fill < ctlBarWidth {
 		bar += ">" + strings.Repeat(" ", ctlBarWidth-fill-1)
 	}
-	// \r returns to the line's start and \x1b[K clears what a longer
-	// earlier line left.
-	fmt.Fprintf(b.w, "\r%-13s round %-3d [%s] %3d%%  %s sent, %d dirty\x1b[K",
-		p.Phase, p.Round, bar, int(frac*100), ctlBytes(p.BytesSent), p.DirtyPages)
-	b.drawn, b.lastDraw, b.lastProgress = true, time.Now(), false
+	return bar
 }
 
 // ctlIsTerminal reports whether f is a terminal.

@@ -3,7 +3,6 @@ package main
 import (
 	"fmt"
 	"io"
-	"strings"
 	"sync"
 	"time"
 )
@@ -92,14 +91,9 @@ func (b *transferBar) draw(now time.Time) {
 	}
 	took := now.Sub(b.start)
 	if b.tty {
-		fill := int(frac * ctlBarWidth)
-		bar := strings.Repeat("=", fill)
-		if fill < ctlBarWidth {
-			bar += ">" + strings.Repeat(" ", ctlBarWidth-fill-1)
-		}
 		// \r returns to the line's start and \x1b[K clears what a longer
 		// earlier line left.
-		fmt.Fprintf(b.w, "\r%s [%s] %3d%%  %s / %s  %s%s\x1b[K", b.what, bar, int(frac*100),
+		fmt.Fprintf(b.w, "\r%s [%s] %3d%%  %s / %s  %s%s\x1b[K", b.what, barText(frac), int(frac*100),
 			ctlBytes(b.done), ctlBytes(b.total), rate(b.done, took), b.noteSuffix())
 	} else {
 		fmt.Fprintf(b.w, "govmm: %s: %d%% (%s of %s, %s)%s\n", b.what, int(frac*100),
