@@ -127,9 +127,12 @@ func testReplicationFailover(t *testing.T, deltas bool) {
 	ws := rep.t.Stats()
 	require.Equal(t, "s2", ws.Compression)
 	require.Equal(t, deltas, ws.Deltas)
-	if deltas {
-		require.Positive(t, ws.DeltaPages, "pages the standby holds travel as deltas")
-	}
+	// Whether any page travels as a delta here is up to timing: the
+	// Dirtier bumps one byte per page, whose XOR with the last version
+	// has as many non-zero words as the page itself, so only a page shipped
+	// again unchanged (dirtied while the initial sync read it) goes as a
+	// delta. stream's TestDeltaChainsAcrossEpochs shows deltas in use; here
+	// the standby's memory, built from them, is checked page by page.
 	require.Greater(t, st.Pause.Sum, time.Duration(0))
 	require.Equal(t, st.Epochs, st.Pause.Count, "every checkpoint's pause is in the histogram")
 
