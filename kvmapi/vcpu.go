@@ -9,10 +9,11 @@ import (
 
 // VCPU is a virtual CPU file descriptor and its kvm_run page.
 type VCPU struct {
-	fd  int
-	id  int
-	run runPage
-	vm  *VM
+	fd   int
+	id   int
+	run  runPage
+	vm   *VM
+	ring *DirtyRing // nil unless MapDirtyRing
 }
 
 // ID is the vCPU id (its APIC ID in govmm).
@@ -24,6 +25,11 @@ func (v *VCPU) Close() error {
 		return nil
 	}
 	err := unix.Munmap(v.run)
+	if v.ring != nil {
+		if rerr := v.ring.unmap(); err == nil {
+			err = rerr
+		}
+	}
 	if cerr := unix.Close(v.fd); err == nil {
 		err = cerr
 	}
