@@ -73,6 +73,7 @@ func TestCLIUsageErrors(t *testing.T) {
 		{"unknown ctl flag", []string{"ctl", "info", "--yaml"}, "govmm: ctl info: flag provided but not defined: --yaml (see 'govmm help ctl info')"},
 
 		// The flag and the unit the user typed.
+		{"dirty tracking", []string{"run", "--dirty-tracking", "fast"}, "govmm: run: --dirty-tracking fast: want auto or bitmap or ring (see 'govmm help run')"},
 		{"cpus 0", []string{"run", "--cpus", "0"}, "govmm: run: --cpus 0: want a number of vCPUs from 1 to 32 (see 'govmm help run')"},
 		{"cpus 33", []string{"run", "--cpus", "33"}, "govmm: run: --cpus 33: want a number of vCPUs from 1 to 32 (see 'govmm help run')"},
 		{"cpus two", []string{"run", "--cpus", "two"}, "govmm: run: --cpus two: want a number of vCPUs from 1 to 32 (see 'govmm help run')"},
