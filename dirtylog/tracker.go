@@ -117,7 +117,8 @@ func (t *Tracker) Source() string {
 }
 
 // Harvest returns the pages written since the previous Harvest (or New):
-// KVM's dirty bitmap of each slot ORed with the pages the VMM marked.
+// KVM's dirty log (each slot's bitmap, or the vCPUs' rings) ORed with the
+// pages the VMM marked.
 //
 // With every vCPU paused and devices quiesced it is a consistent cut. It
 // may also run while vCPUs run (a pre-copy round); then it is a
@@ -139,6 +140,11 @@ func (t *Tracker) Source() string {
 //     still read by the caller's copy. The VMM's bits are ORed in only
 //     after the clear: KVM never logged those pages, and protecting them
 //     would be wasted work.
+//   - Rings: KVM pushes a page when a vCPU first writes it after it was
+//     armed, and re-arms only entries collected and handed back, with
+//     KVM_RESET_DIRTY_RINGS, which ReapRings calls after collecting: a
+//     write before the reset is read by the caller's copy, one after it
+//     faults and is pushed again (reapRings).
 //   - VMM writes: guestmem copies first and marks after, and the harvest
 //     swaps each word with zero, so a mark lands in this harvest (with the
 //     bytes already in place) or the next.
