@@ -66,7 +66,7 @@ type Tracker struct {
 	slots   Slots
 	mem     *guestmem.Memory
 	logging Logging
-	slotIdx map[uint32]int // slot number to index in mem.Regions()
+	slotIdx []int // slot number to index in mem.Regions(), -1 for none
 
 	mu     sync.Mutex // mu serialises Harvest and Close; it guards closed
 	closed bool
@@ -87,8 +87,11 @@ func New(slots Slots, mem *guestmem.Memory, opts Options) (*Tracker, error) {
 			return nil, fmt.Errorf("memory slot %d: guest memory is unmapped", r.Slot)
 		}
 	}
-	t := &Tracker{slots: slots, mem: mem, slotIdx: make(map[uint32]int)}
+	t := &Tracker{slots: slots, mem: mem}
 	for i, r := range mem.Regions() {
+		for uint32(len(t.slotIdx)) <= r.Slot {
+			t.slotIdx = append(t.slotIdx, -1)
+		}
 		t.slotIdx[r.Slot] = i
 	}
 	logging, err := slots.StartLogging(opts.ManualProtect)
@@ -190,8 +193,11 @@ func (t *Tracker) harvest() (*Set, error) {
 func (t *Tracker) reapRings(s *Set) error {
 	var stray error
 	err := t.slots.ReapRings(func(slot uint32, page uint64) {
-		i, ok := t.slotIdx[slot]
-		if !ok || page >= s.regions[i].pages {
+		i := -1
+		if slot < uint32(len(t.slotIdx)) {
+			i = t.slotIdx[slot]
+		}
+		if i < 0 || page >= s.regions[i].pages {
 			stray = fmt.Errorf("dirty ring entry for page %d of slot %d, outside guest memory", page, slot)
 			return
 		}
