@@ -70,12 +70,12 @@ type dirtyRings struct {
 //
 // "auto" takes the bitmap (with manual protection), which wins where it
 // matters on the hosts measured (bench checkpoint, harvest rows): a
-// checkpoint harvest of 100 to 64k dirty pages of a 256 MiB guest costs
-// less with the bitmap, because KVM_RESET_DIRTY_RINGS re-arms pages more
-// slowly per page than KVM_CLEAR_DIRTY_LOG and rings carry duplicates,
-// while the bitmap scan that the ring saves is only ~30 µs per GiB. The
-// ring wins only for a large guest with a small dirty set; ask for it
-// there with "ring".
+// checkpoint harvest of 1k to 64k dirty pages costs about a third of the
+// ring's (100 pages: a tie), because the ring's entries are collected and
+// then re-armed by KVM_RESET_DIRTY_RINGS one by one, where
+// KVM_CLEAR_DIRTY_LOG takes 64 pages per bitmap word; the bitmap scan the
+// ring saves is only ~30 µs per GiB. The ring wins only for a guest of
+// many GiB with a small dirty set; ask for it there with "ring".
 func (m *Machine) setupDirtyTracking() error {
 	maxBytes := m.vm.CheckExtension(kvmapi.CapDirtyLogRing)
 	offered := maxBytes >= minDirtyRingEntries*dirtyGFNSize
