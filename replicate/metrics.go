@@ -18,6 +18,9 @@ type EpochStats struct {
 	Bytes      uint64        // on the wire for this checkpoint
 	AckTime    time.Duration // from resume to the standby's ack
 	Length     time.Duration // from the previous resume to this pause
+	// Target is the epoch length the loop aimed at when this checkpoint
+	// was taken: Epoch, or with adaptive epochs (MaxEpoch) up to MaxEpoch.
+	Target time.Duration
 }
 
 type totals struct {
@@ -39,6 +42,7 @@ const recentEpochs = 1024
 func (r *Replicator) record(es EpochStats) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	es.Target = r.target
 	r.recent = append(r.recent, es)
 	if len(r.recent) > recentEpochs {
 		r.recent = r.recent[len(r.recent)-recentEpochs:]
@@ -117,6 +121,9 @@ type ReplicationStats struct {
 	// EarlyEpochs were ended early by disk pressure.
 	Backpressured, EarlyEpochs uint64
 	BackpressureSum            time.Duration
+	// EpochLength is the epoch the loop aims at now: the configured one,
+	// or with adaptive epochs what the load has made it.
+	EpochLength time.Duration
 }
 
 // Stats reports counters and the pause-time distribution of recent epochs.
@@ -132,7 +139,7 @@ func (r *Replicator) Stats() ReplicationStats {
 	s := ReplicationStats{Protected: r.protected, Epoch: r.epoch, Acked: r.totals.Acked, Epochs: r.totals.Epochs,
 		DirtyPages: r.totals.DirtyPages, Bytes: r.totals.Bytes, Pause: r.totals.Pause, Ack: r.totals.Ack,
 		HeldFrames: held, HeldBytes: heldBytes, Backpressured: r.totals.Backpressured,
-		BackpressureSum: r.totals.BackpressureSum, EarlyEpochs: r.totals.EarlyEpochs}
+		BackpressureSum: r.totals.BackpressureSum, EarlyEpochs: r.totals.EarlyEpochs, EpochLength: r.target}
 	if len(r.recent) > 0 {
 		s.Last = r.recent[len(r.recent)-1]
 		p := make([]time.Duration, len(r.recent))
