@@ -63,6 +63,10 @@ func TestCLIUsageErrors(t *testing.T) {
 		{"standby failover timeout negative", []string{"standby", "--listen", "127.0.0.1:7000", "--failover-timeout", "-5s"}, "govmm: standby: --failover-timeout -5s: must be at least 10ms (see 'govmm help standby')"},
 		{"ctl replicate epoch 0", []string{"ctl", "replicate", "--to", "127.0.0.1:7000", "--epoch", "0"}, "govmm: ctl replicate: --epoch 0: must be at least 1ms (see 'govmm help ctl replicate')"},
 		{"ctl replicate epoch negative", []string{"ctl", "replicate", "--to", "127.0.0.1:7000", "--epoch", "-1s"}, "govmm: ctl replicate: --epoch -1s: must be at least 1ms (see 'govmm help ctl replicate')"},
+		{"epoch max negative", []string{"run", "--epoch-max", "-1s"}, "govmm: run: --epoch-max -1s: must be at least 1ms (see 'govmm help run')"},
+		{"epoch max below the epoch", []string{"run", "--epoch", "50ms", "--epoch-max", "20ms"}, "govmm: run: --epoch-max 20ms is below --epoch 50ms (see 'govmm help run')"},
+		{"standby epoch max too short", []string{"standby", "--listen", "127.0.0.1:7000", "--epoch-max", "100us"}, "govmm: standby: --epoch-max 100us: must be at least 1ms (see 'govmm help standby')"},
+		{"ctl replicate epoch max negative", []string{"ctl", "replicate", "--to", "127.0.0.1:7000", "--epoch-max", "-1s"}, "govmm: ctl replicate: --epoch-max -1s: must be at least 1ms (see 'govmm help ctl replicate')"},
 		{"witness max lease", []string{"witness", "--max-lease", "1h"}, "govmm: witness: --max-lease 1h: want 10ms to 10m0s (see 'govmm help witness')"},
 
 		// Flag errors: one line, not the usage.
