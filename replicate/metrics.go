@@ -194,6 +194,7 @@ func (r *Replicator) Metrics() []Metric {
 	add("govmm_replication_last_dirty_pages", "dirty pages in the last checkpoint", "gauge", float64(l.DirtyPages), nil)
 	add("govmm_replication_last_bytes", "bytes of the last checkpoint", "gauge", float64(l.Bytes), nil)
 	add("govmm_replication_last_epoch_seconds", "length of the last epoch", "gauge", l.Length.Seconds(), nil)
+	add("govmm_replication_epoch_target_seconds", "epoch length the checkpoint loop aims at now: --epoch, or with adaptive epochs (--epoch-max) what the load has made it", "gauge", rs.EpochLength.Seconds(), nil)
 	add("govmm_output_held_packets", "guest packets held until their checkpoint is acknowledged", "gauge", float64(rs.HeldFrames), nil)
 	add("govmm_output_held_bytes", "guest bytes held until their checkpoint is acknowledged", "gauge", float64(rs.HeldBytes), nil)
 	return out
