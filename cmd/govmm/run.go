@@ -42,8 +42,10 @@ unprotected (or pauses: --on-standby-loss). Settings for a link:
   campus or metro      1-5 ms     50ms         3s
   WAN                  10-100 ms  100-200ms    5s-10s
 
-The two ends use the larger of their failover timeouts. docs/STREAM.md
-explains the choice.
+The two ends use the larger of their failover timeouts. With --epoch-max
+the epoch lengthens, up to that, while the guest dirties more memory than
+the checkpoints keep up with, and comes back to --epoch when it calms
+down. docs/STREAM.md explains the choice.
 
 With --witness HOST:PORT ('govmm witness' on a third host; the same
 --key-file) the guest is protected against split brain as well: its
