@@ -115,7 +115,22 @@ func (m *Machine) OnVCPUs(fn func(id int, fd *kvmapi.VCPU) error) error {
 // ErrNotPaused is returned for operations that need a paused machine.
 var ErrNotPaused = errors.New("machine not paused")
 
+// onVCPUsWhile is OnVCPUs that runs meanwhile on the calling goroutine
+// while the vCPU threads run fn; meanwhile's error joins theirs.
+func (m *Machine) onVCPUsWhile(fn func(id int, fd *kvmapi.VCPU) error, meanwhile func() error) error {
+	m.pauseMu.Lock()
+	defer m.pauseMu.Unlock()
+	if m.paused == 0 {
+		return ErrNotPaused
+	}
+	return m.broadcastWhile(reqDo, fn, meanwhile)
+}
+
 func (m *Machine) broadcast(kind reqKind, fn func(int, *kvmapi.VCPU) error) error {
+	return m.broadcastWhile(kind, fn, nil)
+}
+
+func (m *Machine) broadcastWhile(kind reqKind, fn func(int, *kvmapi.VCPU) error, meanwhile func() error) error {
 	replies := make([]chan error, len(m.vcpus))
 	for i, c := range m.vcpus {
 		replies[i] = make(chan error, 1)
@@ -127,6 +142,9 @@ func (m *Machine) broadcast(kind reqKind, fn func(int, *kvmapi.VCPU) error) erro
 		c.kick()
 	}
 	var errs []error
+	if meanwhile != nil {
+		errs = append(errs, meanwhile())
+	}
 	for _, r := range replies {
 		select {
 		case err := <-r:

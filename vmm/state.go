@@ -67,8 +67,12 @@ var ErrStateMismatch = errors.New("machine state does not match this machine")
 // Order, per vCPU on its own thread: MP_STATE first (it may complete
 // pending events, which changes the registers), then XCRS, XSAVE, LAPIC,
 // MSRS, DEBUGREGS, REGS, SREGS and VCPU_EVENTS last (the last three in one
-// KVM_RUN where KVM offers the sync registers). Then the PICs, IOAPIC,
-// PIT, the KVM clock and every device.
+// KVM_RUN where KVM offers the sync registers). Meanwhile, on the calling
+// goroutine: the PICs, IOAPIC, PIT, the KVM clock and every device. No
+// order of these reads is one instant (the in-kernel PIT and the LAPIC
+// timers run on while the vCPUs are paused); reading the chips beside the
+// vCPUs rather than after them leaves the same window an interrupt may
+// fall in, and takes the chips' ~5 µs out of the pause.
 func (m *Machine) SaveState() (*MachineState, error) {
 	st := &MachineState{}
 	if err := m.saveState(st, nil); err != nil {
@@ -85,7 +89,7 @@ func (m *Machine) saveState(st *MachineState, xsave [][]uint64) error {
 		st.VCPUs = make([]VCPUState, len(m.vcpus))
 	}
 	st.Memory = MemoryLayout{MemSize: m.cfg.MemSize, CPUs: m.cfg.CPUs}
-	err := m.OnVCPUs(func(id int, fd *kvmapi.VCPU) error {
+	return m.onVCPUsWhile(func(id int, fd *kvmapi.VCPU) error {
 		v := &st.VCPUs[id]
 		var buf []uint64
 		if xsave != nil {
@@ -103,10 +107,13 @@ func (m *Machine) saveState(st *MachineState, xsave [][]uint64) error {
 			st.TSCKHz = khz
 		}
 		return nil
-	})
-	if err != nil {
-		return err
-	}
+	}, func() error { return m.saveMachineLevel(st) })
+}
+
+// saveMachineLevel fills in the PICs, the IOAPIC, the PIT, the KVM clock
+// and the devices (sorted by ID).
+func (m *Machine) saveMachineLevel(st *MachineState) error {
+	var err error
 	if st.IRQChip, err = m.saveIRQChip(); err != nil {
 		return err
 	}
