@@ -60,10 +60,8 @@ func BenchmarkSaveStateParts(b *testing.B) {
 		}
 		return err
 	})
-	here("broadcast-nokick", func() error {
-		replies := make(chan error, 1)
-		m.vcpus[0].reqs <- vcpuReq{kind: reqDo, fn: func(int, *kvmapi.VCPU) error { return nil }, reply: replies}
-		return <-replies
+	here("broadcast-kick", func() error {
+		return m.broadcastWhile(reqDo, func(int, *kvmapi.VCPU) error { return nil }, nil, true)
 	})
 	onVCPU("mpstate", func(fd *kvmapi.VCPU) error { _, err := fd.MPState(); return err })
 	onVCPU("regs", func(fd *kvmapi.VCPU) error { _, err := fd.Regs(); return err })
