@@ -329,6 +329,16 @@ func TestCLIDefaultAPISocket(t *testing.T) {
 		_, want := parseEpoch(epoch)
 		require.ErrorContains(t, err, fmt.Sprintf("epoch %q: %v", epoch, want))
 	}
+	// And an epoch_max as run checks --epoch-max, not below the epoch.
+	for _, em := range []string{"-1s", "25"} {
+		err := c.Replicate(t.Context(), ctlapi.ReplicateRequest{To: "127.0.0.1:1", EpochMax: em}, nil)
+		require.ErrorIs(t, err, ctlapi.ErrInvalid, em)
+		_, want := parseMaxEpoch(em)
+		require.ErrorContains(t, err, fmt.Sprintf("epoch_max %q: %v", em, want))
+	}
+	err := c.Replicate(t.Context(), ctlapi.ReplicateRequest{To: "127.0.0.1:1", Epoch: "50ms", EpochMax: "20ms"}, nil)
+	require.ErrorIs(t, err, ctlapi.ErrInvalid)
+	require.ErrorContains(t, err, "epoch_max 20ms below the epoch 50ms")
 	require.NotContains(t, vmLog.String(), "WITHOUT A WITNESS", "refused requests warn of nothing")
 	requireNoTrace(t, vmLog.String())
 }
