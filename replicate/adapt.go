@@ -22,8 +22,10 @@ import "time"
 //     ack under a quarter, nothing waiting. The gap between the two marks
 //     keeps the length from flapping at a steady load.
 //
-// Held output waits at most one epoch, the pause and the ack, and the
-// epoch never exceeds MaxEpoch.
+// The length aimed at never exceeds MaxEpoch, so held output waits at
+// most MaxEpoch, a pause and an ack while the standby keeps up; streaming
+// and backpressure (MaxUnacked) stretch epochs past their aim as they do
+// fixed ones.
 const (
 	growPauseShare = 10 // grow when pause > epoch/growPauseShare
 	growAckShare   = 2  // grow when ack > epoch/growAckShare

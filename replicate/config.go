@@ -52,9 +52,10 @@ type ReplicateConfig struct {
 	// MaxEpoch, if set, makes epochs adaptive: when the guest dirties so
 	// much that the pause or the stream would fall behind, the epoch
 	// lengthens, up to MaxEpoch, and shortens back toward Epoch when the
-	// load falls (adapt.go). Held output then waits at most MaxEpoch plus
-	// a pause and an ack. 0 keeps every epoch at Epoch; otherwise at
-	// least Epoch.
+	// load falls (adapt.go). The loop never aims past MaxEpoch: held
+	// output waits at most MaxEpoch plus a pause and an ack while the
+	// standby keeps up (backpressure still stretches epochs when it does
+	// not). 0 keeps every epoch at Epoch; otherwise at least Epoch.
 	MaxEpoch time.Duration
 	// FailoverTimeout: while listening, without a byte from the standby
 	// for this long, it is declared lost (DefaultFailoverTimeout). The

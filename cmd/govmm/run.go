@@ -125,7 +125,7 @@ func (f *runFlags) registerReplication(fs *flag.FlagSet) {
 	durationVar(fs, &f.epoch, "epoch", replicate.DefaultEpoch, replicate.CheckEpoch,
 		"checkpoint interval when replicating")
 	durationVar(fs, &f.epochMax, "epoch-max", 0, replicate.CheckMaxEpoch,
-		"adaptive epochs: while the guest dirties so much memory that checkpoints fall behind, lengthen the epoch up to this `duration`, and shorten it back to --epoch as the load falls; held output waits at most this plus a pause and an ack (default 0: every epoch is --epoch)")
+		"adaptive epochs: while the guest dirties so much memory that checkpoints fall behind, lengthen the epoch up to this `duration`, and shorten it back to --epoch as the load falls; held output waits at most this plus a pause and an ack while the standby keeps up (default 0: every epoch is --epoch)")
 	f.onStandbyLoss = replicate.OnStandbyLossContinue
 	fs.Var(choiceFlag{&f.onStandbyLoss, []string{replicate.OnStandbyLossContinue, replicate.OnStandbyLossPause}}, "on-standby-loss",
 		"when the standby is lost: continue (unprotected, logged loudly) or pause (until 'govmm ctl unreplicate' runs it on unprotected, or 'ctl replicate' protects it anew)")
