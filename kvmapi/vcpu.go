@@ -55,17 +55,20 @@ func (v *VCPU) Run() (Exit, error) {
 // (any pending PIO/MMIO completed already, by the pause's own run) and,
 // on its way out, stores the three into the kvm_run page with the same
 // functions as KVM_GET_REGS, KVM_GET_SREGS and KVM_GET_VCPU_EVENTS. Call
-// it on a paused vCPU's own thread with immediate_exit set, on a host that
-// offers CapSyncRegs with these three bits (SyncX86State); the request is withdrawn
-// before it returns, so later exits store nothing.
+// it on a paused vCPU's own thread, on a host that offers CapSyncRegs
+// with these three bits (SyncX86State). It sets immediate_exit itself
+// (a paused vCPU has it set already; it stays set), so the guest is never
+// entered; the request for the registers is withdrawn before it returns,
+// so later exits store nothing.
 func (v *VCPU) SyncedState() (Regs, Sregs, VCPUEvents, error) {
+	v.run.setImmediateExit(true)
 	v.run.setU64(runOffDirtyRegs, 0) // never write userspace's copy back
 	v.run.setU64(runOffValidRegs, SyncX86State)
 	_, errno := ioctlVal(v.fd, kvmRun, 0)
 	v.run.setU64(runOffValidRegs, 0)
 	if errno != unix.EINTR {
 		if errno == 0 {
-			return Regs{}, Sregs{}, VCPUEvents{}, errors.New("KVM_RUN for the sync registers: entered the guest (immediate_exit not set)")
+			return Regs{}, Sregs{}, VCPUEvents{}, errors.New("KVM_RUN for the sync registers: an exit instead of EINTR")
 		}
 		return Regs{}, Sregs{}, VCPUEvents{}, ioctlErr("KVM_RUN", errno)
 	}
