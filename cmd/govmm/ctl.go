@@ -45,8 +45,9 @@ Commands:
                           --listen HOST:PORT); returns once it is protected
   unreplicate             stop replicating; the guest runs on unprotected
   stats [--json]          the VM's (or the standby's) metrics as a table, in
-                          units (540µs, 12.3 MiB); --json: raw values
-  metrics                 the same in Prometheus text format
+                          units (540µs, 12.3 MiB), then figures derived from
+                          them (wire bytes per dirty page); --json: raw values
+  metrics                 the metrics in Prometheus text format
 
 The socket is --api-sock if given, else $GOVMM_API_SOCK, else
 /run/govmm/NAME.sock for --name NAME (default govmm: a VM run without
@@ -272,6 +273,18 @@ func ctlStats(ctx context.Context, c *ctlapi.Client, args []string) error {
 	fmt.Fprintln(tw, "METRIC\tLABELS\tVALUE")
 	for _, r := range statsRows(st.Metrics) {
 		fmt.Fprintf(tw, "%s\t%s\t%s\n", r.name, r.labels, r.value)
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	if len(st.Derived) == 0 {
+		return nil
+	}
+	fmt.Println()
+	tw = tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "DERIVED\tVALUE")
+	for _, d := range st.Derived {
+		fmt.Fprintf(tw, "%s\t%s\n", d.Name, humanDerived(d))
 	}
 	return tw.Flush()
 }

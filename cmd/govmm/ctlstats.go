@@ -14,6 +14,59 @@ import (
 	"govmm/ctlapi"
 )
 
+// deriveStats computes, from a VMM's metrics, the figures that take
+// several of them: on a primary, the wire bytes per dirty page of its
+// checkpoints (as 'govmm bench checkpoint' reports it), what compression
+// and deltas leave of the pages' bytes, and the share of pages sent as
+// deltas; on a standby, the share received as deltas. A figure whose
+// divisor is still zero is left out.
+func deriveStats(ms []ctlapi.Metric) []ctlapi.Derived {
+	v := map[string]float64{}
+	for _, m := range ms {
+		if len(m.Labels) == 0 {
+			v[m.Name] = m.Value
+		}
+	}
+	var out []ctlapi.Derived
+	ratio := func(name, help, unit, num, den string, denMinus ...string) {
+		d, ok := v[den]
+		for _, m := range denMinus {
+			d -= v[m]
+		}
+		if n, hasNum := v[num]; ok && hasNum && d > 0 {
+			out = append(out, ctlapi.Derived{Name: name, Help: help, Unit: unit, Value: n / d})
+		}
+	}
+	ratio("wire bytes per dirty page", "checkpoints' bytes on the wire (pages, state, frame headers, tags) per dirty page",
+		"bytes", "govmm_replication_bytes_total", "govmm_replication_dirty_pages_total")
+	ratio("page bytes on the wire / raw", "what compression and deltas leave of the pages' bytes",
+		"ratio", "govmm_stream_sent_page_wire_bytes_total", "govmm_stream_sent_page_bytes_total")
+	for _, dir := range []string{"sent", "received"} {
+		p := "govmm_stream_" + dir + "_"
+		ratio("pages "+dir+" as deltas", "of the non-zero pages "+dir+", those that travelled as XOR deltas",
+			"fraction", p+"delta_pages_total", p+"pages_total", p+"zero_pages_total")
+	}
+	return out
+}
+
+// humanDerived writes a derived figure in its unit: 4.2 B, 185 B, 2.3 KiB,
+// 0.0337×, 89.7%.
+func humanDerived(d ctlapi.Derived) string {
+	switch {
+	case d.Unit == "bytes" && d.Value < 10:
+		return strconv.FormatFloat(d.Value, 'f', 1, 64) + " B"
+	case d.Unit == "bytes" && d.Value < 1024:
+		return strconv.FormatFloat(d.Value, 'f', 0, 64) + " B"
+	case d.Unit == "bytes":
+		return ctlBytes(uint64(d.Value))
+	case d.Unit == "ratio":
+		return strconv.FormatFloat(d.Value, 'g', 3, 64) + "×"
+	case d.Unit == "fraction":
+		return strconv.FormatFloat(100*d.Value, 'f', 1, 64) + "%"
+	}
+	return strconv.FormatFloat(d.Value, 'g', 4, 64)
+}
+
 // statsRow is one line of ctl stats.
 type statsRow struct{ name, labels, value string }
 
