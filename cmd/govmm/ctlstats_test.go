@@ -80,7 +80,9 @@ func TestStatsRowsHistogram(t *testing.T) {
 // whose divisor is still zero.
 func TestDeriveStats(t *testing.T) {
 	t.Parallel()
-	c := func(name string, v float64) ctlapi.Metric { return ctlapi.Metric{Name: name, Type: "counter", Value: v} }
+	c := func(name string, v float64) ctlapi.Metric {
+		return ctlapi.Metric{Name: name, Type: "counter", Value: v}
+	}
 	got := deriveStats([]ctlapi.Metric{
 		c("govmm_replication_bytes_total", 185000),
 		c("govmm_replication_dirty_pages_total", 1000),
