@@ -233,10 +233,12 @@ type nsProxy struct {
 	ln     net.Listener
 	ns     *netns.NS
 	target string
-	cut    atomic.Bool
-	mu     sync.Mutex
+	mu     sync.Mutex // guards conns, cut and healed
 	conns  []net.Conn
+	cut    bool
+	healed chan struct{} // closed while the link is whole
 	closed atomic.Bool
+	dead   chan struct{} // closed by close
 }
 
 func newNSProxy(t *testing.T, ns *netns.NS, target string) *nsProxy {
@@ -245,7 +247,8 @@ func newNSProxy(t *testing.T, ns *netns.NS, target string) *nsProxy {
 	if err != nil {
 		t.Fatalf("proxy: %v", err)
 	}
-	p := &nsProxy{ln: ln, ns: ns, target: target}
+	p := &nsProxy{ln: ln, ns: ns, target: target, healed: make(chan struct{}), dead: make(chan struct{})}
+	close(p.healed)
 	go p.serve()
 	t.Cleanup(p.close)
 	return p
@@ -275,9 +278,14 @@ func (p *nsProxy) serve() {
 	}
 }
 
+// waitHealed returns once the link is whole, or the proxy closed.
 func (p *nsProxy) waitHealed() {
-	for p.cut.Load() && !p.closed.Load() {
-		time.Sleep(time.Millisecond)
+	p.mu.Lock()
+	healed := p.healed
+	p.mu.Unlock()
+	select {
+	case <-healed:
+	case <-p.dead:
 	}
 }
 
@@ -301,12 +309,23 @@ func (p *nsProxy) pipe(from, to net.Conn) {
 }
 
 // setCut cuts (true) or heals the link.
-func (p *nsProxy) setCut(on bool) { p.cut.Store(on) }
+func (p *nsProxy) setCut(on bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	switch {
+	case on && !p.cut:
+		p.healed = make(chan struct{})
+	case !on && p.cut:
+		close(p.healed)
+	}
+	p.cut = on
+}
 
 func (p *nsProxy) close() {
 	if p.closed.Swap(true) {
 		return
 	}
+	close(p.dead)
 	p.ln.Close()
 	p.mu.Lock()
 	defer p.mu.Unlock()
