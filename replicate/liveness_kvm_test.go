@@ -59,7 +59,7 @@ func TestSlowStandbyIsNotDead(t *testing.T) {
 	slow.Store(2)
 	sb.onCheckpoint = func(uint64) {
 		if slow.Add(-1) >= 0 {
-			time.Sleep(3 * timeout)
+			time.Sleep(3 * timeout) // the scenario: a standby busy committing for longer than the failover timeout
 		}
 	}
 	done := receive(t, sb)
