@@ -186,6 +186,13 @@ func testStreamCounters(t *testing.T, compress string, deltas bool) {
 	for _, d := range pStats.Derived {
 		derived[d.Name] = d.Value
 	}
+	sbSt := statsJSON(t, sbSock)
+	sbNow, sbDerived := samples(sbSt), map[string]float64{}
+	for _, d := range sbSt.Derived {
+		sbDerived[d.Name] = d.Value
+	}
+	assert.InDelta(t, sbNow["govmm_stream_received_delta_pages_total"]/(sbNow["govmm_stream_received_pages_total"]-sbNow["govmm_stream_received_zero_pages_total"]),
+		sbDerived["pages received as deltas"], 1e-9, "the standby's share of pages received as deltas")
 	perPage := p["govmm_replication_bytes_total"] / p["govmm_replication_dirty_pages_total"]
 	assert.InDelta(t, perPage, derived["wire bytes per dirty page"], perPage*1e-9)
 	assert.InDelta(t, wire/raw, derived["page bytes on the wire / raw"], 1e-9)
