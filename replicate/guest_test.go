@@ -319,7 +319,7 @@ func migrateGuest(t *testing.T, r *guestrig.Rig, src *guestVM, name, tap, disk s
 
 	// What the source did after the cut, once it is gone. The pause gives
 	// a source that still runs its devices time to show it.
-	time.Sleep(500 * time.Millisecond)
+	time.Sleep(500 * time.Millisecond) // the scenario: see above
 	src.close()
 	chk.srcAfter, err = r.TAPSent(src.tap)
 	require.NoError(t, err)
