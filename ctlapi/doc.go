@@ -22,7 +22,8 @@
 //	                   likewise: {"progress": Progress} (phase "sync", last "sync-ack") ...
 //	                   then {"result": ReplicateResult} or an error line
 //	PUT  /vm/replicate/stop  204
-//	GET  /stats        Stats as JSON, in SortMetrics's order
+//	GET  /stats        Stats as JSON, in SortMetrics's order, with what the
+//	                   backend derived from them (Stats.Derived)
 //	GET  /metrics      Prometheus text exposition format 0.0.4, sorted
 //
 // ServeMetrics (with MetricsHandler) serves GET /metrics alone on a TCP

@@ -31,8 +31,10 @@ type Config struct {
 	Initrd  []byte // an initramfs (may be several concatenated cpio archives)
 	Cmdline string
 	Console io.Writer // the UART's output; os.Stdout when nil
-	KVMPath string    // /dev/kvm when empty
 }
+
+// kvmDevice is the KVM system device every machine opens.
+const kvmDevice = "/dev/kvm"
 
 // MinMemory is the smallest guest the machine accepts.
 const MinMemory = 32 << 20
@@ -110,9 +112,6 @@ func New(cfg Config) (*Machine, error) {
 	if cfg.Console == nil {
 		cfg.Console = os.Stdout
 	}
-	if cfg.KVMPath == "" {
-		cfg.KVMPath = "/dev/kvm"
-	}
 	m := &Machine{cfg: cfg, done: make(chan struct{}), pio: NewBus("pio"), mmio: NewBus("mmio")}
 	if err := m.build(); err != nil {
 		m.Close()
@@ -122,14 +121,14 @@ func New(cfg Config) (*Machine, error) {
 }
 
 func (m *Machine) build() error {
-	sys, err := kvmapi.Open(m.cfg.KVMPath)
+	sys, err := kvmapi.Open(kvmDevice)
 	switch {
 	case errors.Is(err, os.ErrNotExist):
 		return fmt.Errorf("%w (is KVM enabled? load kvm_intel or kvm_amd)", err)
 	case errors.Is(err, os.ErrPermission):
 		return fmt.Errorf("%w (add yourself to the kvm group, or run as root)", err)
 	case err != nil:
-		return fmt.Errorf("%s: %w", m.cfg.KVMPath, err)
+		return fmt.Errorf("%s: %w", kvmDevice, err)
 	}
 	m.sys = sys
 	for _, c := range []struct {
@@ -142,7 +141,7 @@ func (m *Machine) build() error {
 		{kvmapi.CapIOEventFD, "ioeventfd"}, {kvmapi.CapExtCPUID, "ext_cpuid"},
 	} {
 		if sys.CheckExtension(c.cap) <= 0 {
-			return fmt.Errorf("%s: kvm lacks %s", m.cfg.KVMPath, c.name)
+			return fmt.Errorf("%s: kvm lacks %s", kvmDevice, c.name)
 		}
 	}
 	if max := sys.CheckExtension(kvmapi.CapMaxVCPUs); max > 0 && m.cfg.CPUs > max {

@@ -87,8 +87,12 @@ func (l *liveBackend) get() ctlapi.Backend {
 func (l *liveBackend) Info() ctlapi.Info { return l.get().Info() }
 func (l *liveBackend) Pause() error      { return l.get().Pause() }
 func (l *liveBackend) Resume() error     { return l.get().Resume() }
+
+// Stats are the current backend's, with the figures derived from them.
 func (l *liveBackend) Stats() ctlapi.Stats {
-	return l.get().Stats()
+	s := l.get().Stats()
+	s.Derived = deriveStats(s.Metrics)
+	return s
 }
 
 func (l *liveBackend) Snapshot(ctx context.Context, path string) (ctlapi.SnapshotResult, error) {

@@ -321,7 +321,6 @@ func (f choiceFlag) Set(s string) error {
 
 func (f choiceFlag) typeName() string { return strings.Join(f.choices, "|") }
 
-// hostPortFlag is a string flag that takes HOST:PORT.
 // compressFlag is --stream-compress.
 type compressFlag struct{ c *stream.Compression }
 
@@ -343,6 +342,7 @@ func (f compressFlag) Set(s string) error {
 
 func (f compressFlag) typeName() string { return "none|s2|zstd" }
 
+// hostPortFlag is a string flag that takes HOST:PORT.
 type hostPortFlag struct{ s *string }
 
 func (f hostPortFlag) String() string {

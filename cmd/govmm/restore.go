@@ -30,6 +30,11 @@ With --paused it comes up at the snapshot's instant without running:
 'govmm ctl resume' lets it go ('ctl snapshot' meanwhile writes the same
 machine again).
 
+A restored guest starts unprotected: 'govmm ctl replicate --to HOST:PORT'
+protects it, with the --key-file, --failover-timeout, --stream-compress
+and --stream-deltas given here; 'ctl migrate' moves it, with the same
+--key-file and stream flags.
+
 Flags:
 `
 
