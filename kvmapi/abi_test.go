@@ -157,6 +157,11 @@ func TestABI(t *testing.T) {
 		"kvm_run.internal.data":      runOffUnion + 8,
 		"kvm_run.system_event.ndata": runOffUnion + 4,
 		"kvm_run.system_event.data":  runOffUnion + 8,
+		"kvm_run.kvm_valid_regs":     runOffValidRegs,
+		"kvm_run.kvm_dirty_regs":     runOffDirtyRegs,
+		"kvm_run.s.regs.regs":        runOffSyncRegs,
+		"kvm_run.s.regs.sregs":       runOffSyncSregs,
+		"kvm_run.s.regs.events":      runOffSyncEvents,
 	}
 	for name, w := range want {
 		got, ok := k[name]
@@ -217,6 +222,8 @@ func TestABI(t *testing.T) {
 		"KVM_CAP_DIRTY_LOG_RING": CapDirtyLogRing, "KVM_CAP_DIRTY_LOG_RING_ACQ_REL": CapDirtyLogRingAcqRel,
 		"KVM_DIRTY_LOG_PAGE_OFFSET": DirtyLogPageOffset, "KVM_EXIT_DIRTY_RING_FULL": uint64(ExitDirtyRingFull),
 		"KVM_DIRTY_GFN_F_DIRTY": dirtyGFNDirty, "KVM_DIRTY_GFN_F_RESET": dirtyGFNReset,
+		"KVM_CAP_SYNC_REGS": CapSyncRegs, "KVM_SYNC_X86_REGS": syncX86Regs, "KVM_SYNC_X86_SREGS": syncX86Sregs,
+		"KVM_SYNC_X86_EVENTS": syncX86Events,
 	}
 	for name, w := range consts {
 		assert.Equal(t, k[name], w, name)

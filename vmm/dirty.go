@@ -84,7 +84,7 @@ func (m *Machine) setupDirtyTracking() error {
 		return nil
 	case DirtyRing:
 		if !offered {
-			return fmt.Errorf("%s: %w", m.cfg.KVMPath, ErrNoDirtyRing)
+			return fmt.Errorf("%s: %w", kvmDevice, ErrNoDirtyRing)
 		}
 	}
 	entries := m.cfg.DirtyRingEntries
