@@ -2,6 +2,7 @@ package stream
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -349,7 +350,7 @@ func TestOversizedFrameRefusedBeforeAllocation(t *testing.T) {
 	var hdr [headerSize]byte
 	putHeader(hdr[:], header{length: 0xffff_fff0, typ: framePages, seq: 0})
 	var ctr counters
-	fr := newFrameReader(bytes.NewReader(append(hdr[:], make([]byte, 100)...)), &ctr.bytesReceived, &ctr.framesReceived)
+	fr := newFrameReader(bytes.NewReader(append(hdr[:], make([]byte, 100)...)), &ctr)
 	_, err := fr.next()
 	require.ErrorIs(t, err, ErrTooLarge)
 	assert.Zero(t, cap(fr.buf), "nothing allocated for the payload")
@@ -512,6 +513,36 @@ func TestStagingSink(t *testing.T) {
 	assert.Equal(t, page(2), mem[0])
 }
 
+// flatMem is memory a sink can read in place; it counts the writes.
+type flatMem struct {
+	b      []byte
+	writes int
+}
+
+func (m *flatMem) WriteAt(p []byte, gpa GPA) error { m.writes++; copy(m.b[gpa:], p); return nil }
+func (m *flatMem) Slice(gpa GPA, n uint64) ([]byte, error) {
+	return m.b[gpa : uint64(gpa)+n], nil
+}
+
+// A zero page is written only over a page that is not zero already, in
+// initial sync (fresh memory stays untouched) and on commit alike.
+func TestStagingSinkSkipsZeroOverZero(t *testing.T) {
+	mem := &flatMem{b: make([]byte, 4*PageSize)}
+	s := &StagingSink{Dest: mem}
+	require.NoError(t, s.Begin(1, KindInitialSync))
+	require.NoError(t, s.StagePage(0, nil))
+	require.NoError(t, s.StagePage(PageSize, page(1)))
+	require.NoError(t, s.Commit())
+	assert.Equal(t, 1, mem.writes, "only the non-zero page was written")
+
+	require.NoError(t, s.Begin(2, KindEpoch))
+	require.NoError(t, s.StagePage(PageSize, nil))   // over page(1): written
+	require.NoError(t, s.StagePage(2*PageSize, nil)) // over zeros: skipped
+	require.NoError(t, s.Commit())
+	assert.Equal(t, 2, mem.writes)
+	assert.Equal(t, make([]byte, 4*PageSize), mem.b)
+}
+
 type pageWriterFunc func(p []byte, gpa GPA) error
 
 func (f pageWriterFunc) WriteAt(p []byte, gpa GPA) error { return f(p, gpa) }
@@ -554,4 +585,37 @@ func TestResetOnAckIsTruncation(t *testing.T) {
 	require.ErrorIs(t, err, ErrTruncated)
 	require.ErrorContains(t, err, "send ack")
 	require.Equal(t, uint64(1), r.Committed(), "the checkpoint committed before its ack")
+}
+
+// An unkeyed (Insecure) session's frames travel as header, payload in
+// clear and a CRC32C of both: there is no key to seal with. A flipped bit
+// anywhere in a frame is still caught, as ErrAuth, before decoding.
+func TestInsecureFramesCarryCRC(t *testing.T) {
+	var ctr counters
+	var wire bytes.Buffer
+	fw := newFrameWriter(&wire, &ctr)
+	fw.setPlain()
+	state := []byte("machine state in clear")
+	require.NoError(t, fw.write(frameState, state))
+	require.NoError(t, fw.flush())
+	b := wire.Bytes()
+	require.Len(t, b, headerSize+len(state)+crcSize)
+	assert.Equal(t, state, b[headerSize:headerSize+len(state)], "the payload travels in clear")
+	assert.Equal(t, frameCRC(b[:headerSize], state), binary.LittleEndian.Uint32(b[headerSize+len(state):]))
+
+	read := func(b []byte) (*frame, error) {
+		fr := newFrameReader(bytes.NewReader(b), &ctr)
+		fr.setPlain()
+		return fr.next()
+	}
+	f, err := read(b)
+	require.NoError(t, err)
+	assert.Equal(t, frameState, f.typ)
+	assert.Equal(t, state, f.data)
+	for _, i := range []int{0, 5, headerSize + 3, len(b) - 1} {
+		bad := bytes.Clone(b)
+		bad[i] ^= 0x10
+		_, err := read(bad)
+		require.ErrorIs(t, err, ErrAuth, "byte %d flipped", i)
+	}
 }
