@@ -135,17 +135,19 @@ func (s *Sender) SendPage(gpa GPA, page []byte) error {
 	}
 	// Copy first: the guest may be writing the page while it is sent (a
 	// pre-copy round), and the zero test and the bytes on the wire must
-	// describe the same contents.
-	copy(s.scratch[:], page)
-	var base []byte
-	var known bool
+	// describe the same contents. Without deltas the copy is the
+	// section's own.
 	pages := &s.filling().pages
-	if s.shadow != nil {
-		var i uint64
-		base, i, _ = s.shadow.page(gpa)
-		known = s.shadow.isKnown(i)
-		s.shadow.setKnown(i)
+	if s.shadow == nil {
+		if pages.AddCopy(uint64(gpa), page) {
+			s.ctr.zeroPages.Add(1)
+		}
+		return s.added(pages)
 	}
+	copy(s.scratch[:], page)
+	base, i, _ := s.shadow.page(gpa)
+	known := s.shadow.isKnown(i)
+	s.shadow.setKnown(i)
 	switch {
 	case bytes.Equal(s.scratch[:], zeroPage[:]):
 		pages.Add(uint64(gpa), nil)
@@ -165,6 +167,12 @@ func (s *Sender) SendPage(gpa GPA, page []byte) error {
 	if base != nil {
 		copy(base, s.scratch[:])
 	}
+	return s.added(pages)
+}
+
+// added counts the page just added to pages, and hands the section over
+// once it is full.
+func (s *Sender) added(pages *container.PageSection) error {
 	s.ctr.pages.Add(1)
 	s.cur.pages++
 	if pages.Len() == MaxPagesPerFrame {
