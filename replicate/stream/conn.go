@@ -88,9 +88,21 @@ func (w *frameWriter) setPlain() { w.plain = true }
 // (Castagnoli) of header and payload, little-endian.
 const crcSize = 4
 
-// frameCRC is the CRC32C of a frame's header and payload.
-func frameCRC(hdr, payload []byte) uint32 {
-	return crc32.Update(crc32.Checksum(hdr, castagnoli), castagnoli, payload)
+// frameCRC is an unkeyed session's frame trailer: the CRC32C of the
+// frame's header and payload, except that a Pages, Disk or State frame's
+// payload is left out: it is a checkpoint section, which the End frame's
+// CRC32C covers already, and nothing of a checkpoint is applied before
+// that verifies (a page written straight to memory in initial sync is
+// discarded with the rest when it does not). One pass less over every
+// byte at each end where CRC32C is slow (17-60 MB/s on the lab's emulated
+// CPU, as slow as sealing).
+func frameCRC(t frameType, hdr, payload []byte) uint32 {
+	c := crc32.Checksum(hdr, castagnoli)
+	switch t {
+	case framePages, frameDisk, frameState:
+		return c
+	}
+	return crc32.Update(c, castagnoli, payload)
 }
 
 func (w *frameWriter) write(t frameType, payload []byte) error {
@@ -105,7 +117,7 @@ func (w *frameWriter) write(t frameType, payload []byte) error {
 		w.out = w.aead.Seal(w.out[:0], frameNonce(&w.nonce, w.seq), payload, w.hdr[:])
 		body = [][]byte{w.hdr[:], w.out}
 	} else if w.plain {
-		binary.LittleEndian.PutUint32(w.sum[:], frameCRC(w.hdr[:], payload))
+		binary.LittleEndian.PutUint32(w.sum[:], frameCRC(t, w.hdr[:], payload))
 		body = [][]byte{w.hdr[:], payload, w.sum[:crcSize]}
 	} else {
 		w.mac.Reset()
@@ -223,7 +235,7 @@ func (r *frameReader) next() (*frame, error) {
 			return nil, truncated(h.typ.String()+" frame crc", err)
 		}
 		p = b[:n]
-		if frameCRC(r.hdr[:], p) != binary.LittleEndian.Uint32(b[n:]) {
+		if frameCRC(h.typ, r.hdr[:], p) != binary.LittleEndian.Uint32(b[n:]) {
 			return nil, fmt.Errorf("%v frame %d: crc mismatch (corrupted): %w", h.typ, h.seq, ErrAuth)
 		}
 	} else {

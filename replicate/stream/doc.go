@@ -37,7 +37,7 @@
 //     additional data, so frames cannot be read, forged, replayed,
 //     reordered or dropped; the handshake proves knowledge of the
 //     pre-shared key both ways. (Without a key, loopback only, frames
-//     carry a CRC32C instead: corruption is caught, nothing else.)
+//     carry CRC32Cs instead: corruption is caught, nothing else.)
 //
 // # Wire format (version 7, little-endian)
 //
@@ -63,7 +63,10 @@
 // with nonce 0 [4] | seq u64 and the 16 header bytes as additional data.
 // Without a key there is nothing to seal with: the payload stays in clear
 // and crc32c is the CRC32C (Castagnoli) of the 16 header bytes and the
-// payload; a mismatch is ErrAuth, like a bad tag.
+// payload, but only of the header for a Pages, Disk or State frame,
+// whose payload is a checkpoint section that the End frame's CRC32C
+// covers (nothing of a checkpoint is applied before it verifies); a
+// mismatch is ErrAuth, like a bad tag.
 // Payloads (plaintext) by type:
 //
 //	1 Hello     "GOVMMSTR" | version u16 | flags u16 (bit 0: keyed; bits 1, 2: codecs s2,
