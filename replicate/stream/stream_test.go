@@ -657,3 +657,36 @@ func TestInsecureCorruptPagesNeverCommitted(t *testing.T) {
 	require.ErrorIs(t, serr, ErrPeer)
 	require.ErrorIs(t, serr, ErrChecksum)
 }
+
+// The sealer writes a checkpoint's Pages frames while the checkpoint
+// goroutine fills the next ones: when a write fails (the connection was
+// reset), the checkpoint goroutine's next call returns the stream's
+// failure instead of waiting for a frame that will never go, and Close
+// returns, its goroutines done.
+func TestSealerFailureReachesTheCheckpointGoroutine(t *testing.T) {
+	scfg, rcfg := cfgs(newFakeClock())
+	a, b := net.Pipe()
+	sc := &resetOnWrite{Conn: a}
+	s, serr, r, rerr := connect(t, sc, b, scfg, rcfg)
+	require.NoError(t, serr)
+	require.NoError(t, rerr)
+	runReceiver(t, r)
+	require.NoError(t, s.BeginCheckpoint(1, KindEpoch))
+	sc.armed.Store(true)
+	var err error
+	for i := 0; err == nil && i < 20*MaxPagesPerFrame; i++ {
+		err = s.SendPage(GPA(i%64)*PageSize, page(uint64(i)+1))
+	}
+	if err == nil {
+		err = s.EndCheckpoint()
+	}
+	require.ErrorIs(t, err, ErrTruncated)
+	require.ErrorIs(t, s.Err(), ErrTruncated)
+	closed := make(chan struct{})
+	go func() { s.Close(); close(closed) }()
+	select {
+	case <-closed:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close did not return")
+	}
+}
