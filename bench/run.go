@@ -24,6 +24,9 @@ type Options struct {
 	// Witness are failover-guest's witness settings (false: without, true:
 	// with; default both).
 	Witness []bool
+	// StreamModes and Workloads are wire-guest's (default: all of each).
+	StreamModes []StreamMode
+	Workloads   []string
 }
 
 // Emulated says whether KVM here emulates guests (see lab.Emulated).
@@ -108,6 +111,13 @@ func (o Options) suite(ctx context.Context, s string) (string, error) {
 			cfg.Warmup, cfg.Window = time.Second, 3*time.Second
 		}
 		return report(OverheadGuest(ctx, cfg))
+	case "wire-guest":
+		cfg := WireGuestConfig{Govmm: o.Govmm, Kernel: o.Boot.Kernel, Initrd: o.Boot.Initrd, Modes: o.StreamModes, Workloads: o.Workloads,
+			Trials: o.runs(1, 1), Out: o.Out, Log: o.Log}
+		if o.Quick {
+			cfg.Warmup, cfg.Window = 2*time.Second, 5*time.Second
+		}
+		return report(WireGuest(ctx, cfg))
 	case "fencing":
 		cfg := FencingConfig{Trials: o.runs(3, 1), Out: o.Out, Log: o.Log}
 		if o.Quick {
