@@ -493,18 +493,21 @@ func (g *wireGuest) command(ctx context.Context, line, out string, timeout time.
 }
 
 // setup waits for the shell (which may miss a line typed before it
-// reads: it is typed again until it answers) and makes the shell
-// workloads' source files: the kernel's symbol table as text, and a
+// reads: a line is typed each second until one answers) and makes the
+// shell workloads' source files: the kernel's symbol table as text, and a
 // tarball of the root file system and that text.
 func (g *wireGuest) setup(ctx context.Context, res *WireGuestResult) error {
-	var err error
-	for try := 0; try < 60; try++ {
-		if _, err = g.command(ctx, "true", "", 2*time.Second); err == nil || ctx.Err() != nil {
-			break
+	answered := regexp.MustCompile(`wire-ready-42\r?\n`)
+	for try := 0; !answered.MatchString(g.prim.stdout.String()); try++ {
+		if try == 120 {
+			return errors.New("the guest's shell never answered")
 		}
-	}
-	if err != nil {
-		return fmt.Errorf("the guest's shell: %w", err)
+		if err := g.typeLine("echo wire-ready-$((6*7))"); err != nil {
+			return err
+		}
+		if err := sleepCtx(ctx, g.prim.exited, time.Second); err != nil { // polling the console
+			return err
+		}
 	}
 	size, err := g.command(ctx, fmt.Sprintf("mkdir -p %[1]s && cat /proc/kallsyms > %[1]s/kallsyms.txt && cd / && "+
 		"tar -cf %[2]s $(ls -d bin sbin lib usr etc 2>/dev/null) %[3]s/kallsyms.txt; cd /", wireSrc, wireTar, strings.TrimPrefix(wireSrc, "/")),
@@ -553,7 +556,7 @@ func (g *wireGuest) run(ctx context.Context, cfg WireGuestConfig, w string) (Wir
 		}
 		s.Work = len(lat)
 	} else {
-		loop := fmt.Sprintf("rm -f %[1]s; (n=0; while [ ! -e %[1]s ]; do %[2]s >/dev/null 2>&1; n=$((n+1)); done; %[3]s; echo wire-passes-$((n+0)) $n) &",
+		loop := fmt.Sprintf("rm -f %[1]s; (n=0; while [ ! -e %[1]s ]; do { %[2]s; } >/dev/null 2>&1; n=$((n+1)); done; %[3]s; echo wire-passes-$((n+0)) $n) &",
 			wireStop, wireLoops[w], wireCleanup)
 		if err := g.typeLine(loop); err != nil {
 			return s, err
