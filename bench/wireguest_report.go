@@ -187,6 +187,7 @@ func (r *WireGuestResult) Report() string {
 			cell.Workload, mode, k.Epochs, ratio(k.DirtyPages, cell.Span), ratio(k.DirtyPages, k.Epochs), pct(k.ZeroShare()), pct(k.DeltaShare()),
 			k.PageBytes/(1<<20), k.PageWireBytes/(1<<20), k.CheckpointBytes/(1<<20), k.BytesPerDirtyPage(), k.TimesRaw(), k.PageRatio(), cell.Work)
 	}
+	b.WriteString(r.verdict())
 	if len(r.Failed) > 0 {
 		fmt.Fprintf(&b, "\n%d boot(s) failed; their finished workloads are in the table, their logs are `wire_guest-failed-*`:\n\n", len(r.Failed))
 		for _, f := range r.Failed {
@@ -202,4 +203,30 @@ func pct(v float64) string {
 		return "-"
 	}
 	return strconv.FormatFloat(100*v, 'f', 1, 64) + "%"
+}
+
+// verdict is a line per workload: its smallest × raw, in which mode, and
+// whether that meets the goal.
+func (r *WireGuestResult) verdict() string {
+	var b strings.Builder
+	for _, w := range r.Config.Workloads {
+		best, bestMode := math.Inf(1), ""
+		for _, c := range r.cells() {
+			if x := c.C.TimesRaw(); c.Workload == w && !math.IsNaN(x) && x < best {
+				best, bestMode = x, c.Mode.String()
+			}
+		}
+		if bestMode == "" {
+			continue
+		}
+		meets := "meets"
+		if best > WireGuestGoal {
+			meets = "misses"
+		}
+		if b.Len() == 0 {
+			b.WriteString("\n")
+		}
+		fmt.Fprintf(&b, "- *%s*: fewest bytes with %s, %.3f× raw: %s the goal of %.1f×.\n", w, bestMode, best, meets, WireGuestGoal)
+	}
+	return b.String()
 }

@@ -150,5 +150,7 @@ func TestWireGuestReport(t *testing.T) {
 	require.Contains(t, rep, "| 450 | 0.109× |")
 	require.Contains(t, rep, "| untar | s2+deltas (agreed: [none]) |")
 	require.Contains(t, rep, "9.0 MiB")
+	require.Contains(t, rep, "- *demo*: fewest bytes with s2+deltas, 0.109× raw: meets the goal of 0.3×.")
+	require.Contains(t, rep, "- *untar*: fewest bytes with none, 1.009× raw: misses the goal of 0.3×.")
 	require.Contains(t, rep, "- s2+deltas trial 2: untar: govmm exited")
 }
