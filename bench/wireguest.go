@@ -511,7 +511,7 @@ func (g *wireGuest) setup(ctx context.Context, res *WireGuestResult) error {
 	}
 	size, err := g.command(ctx, fmt.Sprintf("mkdir -p %[1]s && cat /proc/kallsyms > %[1]s/kallsyms.txt && cd / && "+
 		"tar -cf %[2]s $(ls -d bin sbin lib usr etc 2>/dev/null) %[3]s/kallsyms.txt; cd /", wireSrc, wireTar, strings.TrimPrefix(wireSrc, "/")),
-		fmt.Sprintf("$(stat -c %%s %s)", wireTar), 10*time.Minute)
+		fmt.Sprintf("$(stat -c %%s %s)", wireTar), 3*time.Minute)
 	if err != nil {
 		return err
 	}
@@ -578,7 +578,7 @@ func (g *wireGuest) run(ctx context.Context, cfg WireGuestConfig, w string) (Wir
 	s.Span = time.Since(t0)
 	if w != WorkloadDemo {
 		// Stop the loop: the file ends it, killall cuts its pass short.
-		if _, err := g.command(ctx, fmt.Sprintf("touch %s; killall -q tar gzip sort; wait", wireStop), "", 10*time.Minute); err != nil {
+		if _, err := g.command(ctx, fmt.Sprintf("touch %s; killall -q tar gzip sort; wait", wireStop), "", 3*time.Minute); err != nil {
 			return s, err
 		}
 		if m := regexp.MustCompile(`wire-passes-\d+ (\d+)`).FindAllStringSubmatch(g.prim.stdout.String(), -1); m != nil {
