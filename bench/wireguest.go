@@ -125,10 +125,10 @@ func (cfg *WireGuestConfig) defaults() {
 		cfg.Clients = 4
 	}
 	if cfg.Warmup <= 0 {
-		cfg.Warmup = 5 * time.Second
+		cfg.Warmup = 3 * time.Second
 	}
 	if cfg.Window <= 0 {
-		cfg.Window = 20 * time.Second
+		cfg.Window = 10 * time.Second
 	}
 	if cfg.Timeout <= 0 {
 		cfg.Timeout = 3 * time.Second

@@ -95,35 +95,43 @@ func (r *WireGuestResult) plot(path string) error {
 		p.Y.Label.Text += ", log scale"
 	}
 	modes := r.Config.Modes
-	width := vg.Points(60 / float64(len(modes)))
 	lo := math.Inf(1)
-	for i, m := range modes {
-		var ys plotter.Values
-		for _, w := range r.Config.Workloads {
-			v := nan
-			for _, c := range cells {
-				if c.Workload == w && c.Mode == m {
-					v = c.C.BytesPerDirtyPage()
-				}
-			}
-			if math.IsNaN(v) || v <= 0 {
-				v = 0 // no sample: no bar
-				if logY {
-					v = 1
-				}
-			}
+	for _, c := range cells {
+		if v := c.C.BytesPerDirtyPage(); v > 0 {
 			lo = min(lo, v)
-			ys = append(ys, v)
 		}
-		b, err := plotter.NewBarChart(ys, width)
-		if err != nil {
-			return err
+	}
+	lo = min(lo, WireGuestGoal*RawPageBytes)
+	// Bars are drawn as rectangles from the axis' bottom (gonum's bar
+	// charts start at zero, which a log axis cannot show).
+	bottom := 0.0
+	if logY {
+		bottom = lo / 1.5
+	}
+	width := 0.8 / float64(len(modes))
+	for i, m := range modes {
+		var bar *plotter.Polygon
+		for j, w := range r.Config.Workloads {
+			for _, c := range cells {
+				v := c.C.BytesPerDirtyPage()
+				if c.Workload != w || c.Mode != m || !(v > 0) {
+					continue
+				}
+				x := float64(j) + (float64(i)-float64(len(modes)-1)/2)*width
+				poly, err := plotter.NewPolygon(plotter.XYs{{X: x - width/2, Y: bottom}, {X: x + width/2, Y: bottom},
+					{X: x + width/2, Y: v}, {X: x - width/2, Y: v}})
+				if err != nil {
+					return err
+				}
+				poly.Color = plotutil.Color(i)
+				poly.LineStyle.Width = 0
+				p.Add(poly)
+				bar = poly
+			}
 		}
-		b.Color = plotutil.Color(i)
-		b.LineStyle.Width = 0
-		b.Offset = vg.Length(float64(i)-float64(len(modes)-1)/2) * width
-		p.Add(b)
-		p.Legend.Add(m.String(), b)
+		if bar != nil {
+			p.Legend.Add(m.String(), bar)
+		}
 	}
 	n := float64(len(r.Config.Workloads))
 	for i, l := range []struct {
@@ -137,16 +145,12 @@ func (r *WireGuestResult) plot(path string) error {
 		line.Dashes = []vg.Length{vg.Points(4 + 2*float64(i)), vg.Points(3)}
 		p.Add(line)
 		p.Legend.Add(l.name, line)
-		lo = min(lo, l.y)
 	}
 	p.Legend.Top = true
 	p.NominalX(r.Config.Workloads...)
 	p.X.Min, p.X.Max = -0.5, n-0.5
 	if logY {
-		p.Y.Min, p.Y.Max = lo/1.5, RawPageBytes*4
-		if p.Y.Min <= 0 {
-			p.Y.Min = 1
-		}
+		p.Y.Min, p.Y.Max = bottom, RawPageBytes*4
 	} else {
 		p.Y.Min, p.Y.Max = 0, RawPageBytes*1.5
 	}

@@ -146,6 +146,10 @@ func TestWireGuestReport(t *testing.T) {
 		require.NotZero(t, st.Size())
 	}
 	rep := r.Report()
+
+	// Bars spanning decades go on a log axis.
+	r.Samples = append(r.Samples, sample(WorkloadUntar, s2d, s2d, 3, 5000, 5000*40))
+	require.NoError(t, r.plot(filepath.Join(dir, "log.png")))
 	require.Contains(t, rep, "| demo | s2+deltas | 200 | 200 | 20.0 |")
 	require.Contains(t, rep, "| 450 | 0.109× |")
 	require.Contains(t, rep, "| untar | s2+deltas (agreed: [none]) |")

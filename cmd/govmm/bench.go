@@ -69,7 +69,7 @@ over loopback, booted once per stream mode (--stream-modes, default
 none,s2,s2+deltas,zstd+deltas), runs each workload (--workloads, default
 demo,untar,compress: the demo service under client load, untar of the
 guest's root file system into tmpfs, sort and gzip as a build's stand-in)
-for 5s of warmup and a 20s window (--quick: 2s and 5s), the primary's
+for 3s of warmup and a 10s window (--quick: 2s and 5s), the primary's
 counters (--metrics-listen) read as the window opens and closes; wire
 bytes per dirty page and × raw (4096+16 bytes) per workload and mode.
 
