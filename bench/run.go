@@ -27,6 +27,7 @@ type Options struct {
 	// StreamModes and Workloads are wire-guest's (default: all of each).
 	StreamModes []StreamMode
 	Workloads   []string
+	Window      time.Duration // wire-guest's window (0: its default)
 }
 
 // Emulated says whether KVM here emulates guests (see lab.Emulated).
@@ -116,6 +117,9 @@ func (o Options) suite(ctx context.Context, s string) (string, error) {
 			Trials: o.runs(1, 1), Out: o.Out, Log: o.Log}
 		if o.Quick {
 			cfg.Warmup, cfg.Window = 2*time.Second, 5*time.Second
+		}
+		if o.Window > 0 {
+			cfg.Window = o.Window
 		}
 		return report(WireGuest(ctx, cfg))
 	case "fencing":

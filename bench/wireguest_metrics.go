@@ -5,6 +5,7 @@ package bench
 
 import (
 	"bufio"
+	"errors"
 	"fmt"
 	"io"
 	"math"
@@ -12,6 +13,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 
 	"govmm/replicate/stream"
 )
@@ -35,6 +37,14 @@ func ParseStreamModes(s string) ([]StreamMode, error) {
 		out = append(out, m)
 	}
 	return out, nil
+}
+
+// CheckWireWindow checks a wire-guest window: 1s to 10 minutes.
+func CheckWireWindow(d time.Duration) error {
+	if d < time.Second || d > 10*time.Minute {
+		return errors.New("want 1s to 10m0s")
+	}
+	return nil
 }
 
 // ParseWorkloads reads a comma-separated list of the suite's workloads.

@@ -178,7 +178,9 @@ func (r *WireGuestResult) Report() string {
 		"over the dirty pages they shipped (`govmm_replication_dirty_pages_total`), as `ctl stats` derives it; *× raw* is that over %d B, a page and "+
 		"its entry uncompressed (issue 13's goal: ≤ %.1f×); *page wire / raw* is what compression and deltas leave of the page sections' bytes "+
 		"(`govmm_stream_sent_page_wire_bytes_total` / `_page_bytes_total`); *zero* the share of the pages sent that were all zero (a flag on the wire), "+
-		"*deltas* the share of the others sent as XOR deltas.\n\n", RawPageBytes, WireGuestGoal)
+		"*deltas* the share of the others sent as XOR deltas. "+
+		"The checkpoint counters grow when a checkpoint ends, the stream's as its pages are sent: with few checkpoints in a window (each one long) "+
+		"the two families cut the window differently, and *× raw* and *page wire / raw* can disagree.\n\n", RawPageBytes, WireGuestGoal)
 	b.WriteString("| workload | stream | checkpoints | dirty pages/s | dirty pages/checkpoint | zero | deltas | page MiB raw | page MiB on the wire | checkpoint MiB | wire B/dirty page | × raw | page wire / raw | passes or answers |\n" +
 		"|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, cell := range r.cells() {

@@ -69,7 +69,7 @@ over loopback, booted once per stream mode (--stream-modes, default
 none,s2,s2+deltas,zstd+deltas), runs each workload (--workloads, default
 demo,untar,compress: the demo service under client load, untar of the
 guest's root file system into tmpfs, sort and gzip as a build's stand-in)
-for 3s of warmup and a 10s window (--quick: 2s and 5s), the primary's
+for 3s of warmup and a 10s window (--window; --quick: 2s and 5s), the primary's
 counters (--metrics-listen) read as the window opens and closes; wire
 bytes per dirty page and × raw (4096+16 bytes) per workload and mode.
 
@@ -100,6 +100,7 @@ type benchFlags struct {
 	quick                      *bool
 	out, guest, modes, witness *string
 	streamModes, workloads     *string
+	window                     time.Duration
 	mem                        string
 	merge                      listFlag
 }
@@ -116,6 +117,7 @@ func newBenchFlags() *benchFlags {
 	f.witness = fs.String("witness", "both", "failover-guest only: time each failure `without` a witness, with one, or both")
 	f.streamModes = fs.String("stream-modes", "none,s2,s2+deltas,zstd+deltas", "wire-guest only: the stream `modes` to boot the guest in: none, s2 or zstd, each with or without +deltas (comma-separated)")
 	f.workloads = fs.String("workloads", strings.Join(bench.WireGuestWorkloads, ","), "wire-guest only: the `workloads` to run in each guest (comma-separated)")
+	durationVar(fs, &f.window, "window", 0, bench.CheckWireWindow, "wire-guest only: how long each workload's counters are read apart, a `duration` (default 10s; --quick: 5s)")
 	fs.Var(&f.merge, "merge", "failover-guest only: merge the results `DIR` of an earlier run into one report instead of running trials (repeatable)")
 	return f
 }
@@ -127,7 +129,7 @@ func cmdBench(args []string) error {
 	}
 	suites := f.fs.Args()
 	if len(f.merge) > 0 {
-		if err := refuseUnused(f.fs, "with --merge, which runs no trial", "runs", "quick", "guest", "mem", "modes", "witness", "stream-modes", "workloads"); err != nil {
+		if err := refuseUnused(f.fs, "with --merge, which runs no trial", "runs", "quick", "guest", "mem", "modes", "witness", "stream-modes", "workloads", "window"); err != nil {
 			return err
 		}
 		return mergeBench(f.merge, suites, *f.out, args)
@@ -189,7 +191,7 @@ func (f *benchFlags) options(suites []string) (bench.Options, error) {
 		}
 	}
 	if !slices.Contains(suites, "wire-guest") {
-		if err := refuseUnused(f.fs, "without the wire-guest suite, the only one that uses it", "stream-modes", "workloads"); err != nil {
+		if err := refuseUnused(f.fs, "without the wire-guest suite, the only one that uses it", "stream-modes", "workloads", "window"); err != nil {
 			return bench.Options{}, err
 		}
 	}
@@ -222,7 +224,7 @@ func (f *benchFlags) options(suites []string) (bench.Options, error) {
 	}
 	return bench.Options{Quick: *f.quick, Runs: *f.runs, Out: out, Govmm: self, Log: os.Stderr,
 		Boot: bench.BootConfig{Govmm: self, Guest: *f.guest, MemMiB: int(mem >> 20)}, Modes: failModes, Witness: witnessModes,
-		StreamModes: streamModes, Workloads: workloads}, nil
+		StreamModes: streamModes, Workloads: workloads, Window: f.window}, nil
 }
 
 // guestImage puts the default guest image into opts, building it only
