@@ -304,6 +304,9 @@ type ReplicateResult struct {
 type ReplicateRequest struct {
 	To    string `json:"to"`              // the standby, host:port
 	Epoch string `json:"epoch,omitempty"` // checkpoint interval, e.g. "25ms"
+	// EpochMax turns on adaptive epochs up to this length, e.g. "200ms"
+	// ("0": fixed epochs; default: the VM's --epoch-max).
+	EpochMax string `json:"epoch_max,omitempty"`
 }
 
 // ReplicationBackend is implemented by backends that can start and stop

@@ -20,6 +20,9 @@ type EpochStats struct {
 	Bytes      uint64        // on the wire for this checkpoint
 	AckTime    time.Duration // from resume to the standby's ack
 	Length     time.Duration // from the previous resume to this pause
+	// Target is the epoch length the loop aimed at when this checkpoint
+	// was taken: Epoch, or with adaptive epochs (MaxEpoch) up to MaxEpoch.
+	Target time.Duration
 }
 
 type totals struct {
@@ -41,6 +44,7 @@ const recentEpochs = 1024
 func (r *Replicator) record(es EpochStats) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	es.Target = r.target
 	r.recent = append(r.recent, es)
 	if len(r.recent) > recentEpochs {
 		r.recent = r.recent[len(r.recent)-recentEpochs:]
@@ -119,6 +123,9 @@ type ReplicationStats struct {
 	// EarlyEpochs were ended early by disk pressure.
 	Backpressured, EarlyEpochs uint64
 	BackpressureSum            time.Duration
+	// EpochLength is the epoch the loop aims at now: the configured one,
+	// or with adaptive epochs what the load has made it.
+	EpochLength time.Duration
 	// Stream is the transport's counters since it opened (the initial
 	// sync included): pages, their bytes before and after compression,
 	// deltas, and the codec the two ends agreed on.
@@ -138,7 +145,7 @@ func (r *Replicator) Stats() ReplicationStats {
 	s := ReplicationStats{Protected: r.protected, Epoch: r.epoch, Acked: r.totals.Acked, Epochs: r.totals.Epochs,
 		DirtyPages: r.totals.DirtyPages, Bytes: r.totals.Bytes, Pause: r.totals.Pause, Ack: r.totals.Ack,
 		HeldFrames: held, HeldBytes: heldBytes, Backpressured: r.totals.Backpressured,
-		BackpressureSum: r.totals.BackpressureSum, EarlyEpochs: r.totals.EarlyEpochs}
+		BackpressureSum: r.totals.BackpressureSum, EarlyEpochs: r.totals.EarlyEpochs, EpochLength: r.target}
 	if r.t != nil {
 		s.Stream = r.t.Stats()
 	}
@@ -197,6 +204,7 @@ func (r *Replicator) Metrics() []Metric {
 	add("govmm_replication_last_dirty_pages", "dirty pages in the last checkpoint", "gauge", float64(l.DirtyPages), nil)
 	add("govmm_replication_last_bytes", "bytes of the last checkpoint", "gauge", float64(l.Bytes), nil)
 	add("govmm_replication_last_epoch_seconds", "length of the last epoch", "gauge", l.Length.Seconds(), nil)
+	add("govmm_replication_epoch_target_seconds", "epoch length the checkpoint loop aims at now: --epoch, or with adaptive epochs (--epoch-max) what the load has made it", "gauge", rs.EpochLength.Seconds(), nil)
 	add("govmm_output_held_packets", "guest packets held until their checkpoint is acknowledged", "gauge", float64(rs.HeldFrames), nil)
 	add("govmm_output_held_bytes", "guest bytes held until their checkpoint is acknowledged", "gauge", float64(rs.HeldBytes), nil)
 	return append(out, StreamMetrics(rs.Stream, true)...)

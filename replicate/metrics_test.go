@@ -84,6 +84,25 @@ func TestReplicatorMetricsHistograms(t *testing.T) {
 	assert.Equal(t, 2.0, got["govmm_replication_epochs_total"].Value)
 }
 
+// The epoch length the loop aims at is a gauge, and each checkpoint's
+// stats carry the one it was taken under.
+func TestReplicatorMetricsEpochTarget(t *testing.T) {
+	t.Parallel()
+	r := &Replicator{target: 40 * time.Millisecond}
+	r.record(EpochStats{Epoch: 1})
+	var found bool
+	for _, m := range r.Metrics() {
+		if m.Name == "govmm_replication_epoch_target_seconds" {
+			found = true
+			assert.Equal(t, "gauge", m.Type)
+			assert.InDelta(t, 0.040, m.Value, 1e-12)
+		}
+	}
+	assert.True(t, found)
+	assert.Equal(t, 40*time.Millisecond, r.Recent()[0].Target)
+	assert.Equal(t, 40*time.Millisecond, r.Stats().EpochLength)
+}
+
 // A sender's stream metrics count pages and their bytes before and after
 // compression; a receiver's, pages only (it does not count page bytes);
 // the codec is an info metric once the two ends agreed on one.

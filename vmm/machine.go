@@ -61,6 +61,15 @@ type Machine struct {
 	cpuid  []kvmapi.CPUIDEntry
 	xsave  int    // bytes of XSAVE state per vCPU
 	tscKHz uint32 // the TSC rate new vCPUs get here; 0 if KVM cannot tell before one exists
+	// guestTSCKHz caches the guest's TSC rate as vCPU 0 reported it
+	// (vcpuTSCKHz); 0 until read and after a restore.
+	guestTSCKHz atomic.Uint32
+	// syncRegs: KVM stores REGS, SREGS and VCPU_EVENTS in the kvm_run
+	// page on request (KVM_CAP_SYNC_REGS), so a save reads them in one
+	// KVM_RUN (kvmapi.VCPU.SyncedState).
+	syncRegs bool
+	// saver is what EncodeState keeps from one save to the next.
+	saver stateSaver
 
 	vcpus    []*vcpu
 	msrs     []uint32 // MSRs saved and restored per vCPU (probed at start)
@@ -142,6 +151,7 @@ func (m *Machine) build() error {
 	if n := sys.CheckExtension(kvmapi.CapXsave2); n > m.xsave {
 		m.xsave = n
 	}
+	m.syncRegs = sys.CheckExtension(kvmapi.CapSyncRegs)&kvmapi.SyncX86State == kvmapi.SyncX86State
 	if m.cpuid, err = sys.SupportedCPUID(); err != nil {
 		return fmt.Errorf("get supported cpuid: %w", err)
 	}

@@ -241,7 +241,18 @@ func (b *vmBackend) StartReplication(ctx context.Context, req ctlapi.ReplicateRe
 		}
 		epoch = d
 	}
-	err := startReplication(b.m, b.f, b.devs, b.node, req.To, epoch, func(p replicate.SyncProgress) {
+	maxEpoch := b.f.epochMax
+	if req.EpochMax != "" {
+		d, err := parseMaxEpoch(req.EpochMax)
+		if err != nil {
+			return fmt.Errorf("replicate: %w: epoch_max %q: %w", ctlapi.ErrInvalid, req.EpochMax, err)
+		}
+		maxEpoch = d
+	}
+	if maxEpoch != 0 && maxEpoch < epoch {
+		return fmt.Errorf("replicate: %w: epoch_max %v below the epoch %v", ctlapi.ErrInvalid, maxEpoch, epoch)
+	}
+	err := startReplication(b.m, b.f, b.devs, b.node, req.To, epoch, maxEpoch, func(p replicate.SyncProgress) {
 		phase := ctlapi.PhaseSync
 		if p.Acking {
 			phase = ctlapi.PhaseSyncAck

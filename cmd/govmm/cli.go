@@ -211,6 +211,16 @@ func parseEpoch(s string) (time.Duration, error) {
 	return d, replicate.CheckEpoch(d)
 }
 
+// parseMaxEpoch reads an --epoch-max as every interface takes it (run,
+// standby, the control API's replicate request): 0, or an epoch.
+func parseMaxEpoch(s string) (time.Duration, error) {
+	d, err := parseDuration(s)
+	if err != nil {
+		return 0, err
+	}
+	return d, replicate.CheckMaxEpoch(d)
+}
+
 // cpusFlag is --cpus: 1..vmm.MaxCPUs.
 type cpusFlag struct{ n *int }
 
@@ -500,6 +510,9 @@ func writeAttr(b *strings.Builder, group string, a slog.Attr) {
 // same values again and opens what they name.
 func (f *runFlags) check(fs *flag.FlagSet) error {
 	cmd := fs.Name()
+	if f.epochMax != 0 && f.epochMax < f.epoch {
+		return usagef(cmd, "--epoch-max %v is below --epoch %v", f.epochMax, f.epoch)
+	}
 	for _, s := range f.disks {
 		if _, err := parseDisk(s); err != nil {
 			return usagef(cmd, "%v", err)

@@ -303,11 +303,16 @@ func ctlMetrics(ctx context.Context, c *ctlapi.Client, args []string) error {
 
 func ctlReplicate(ctx context.Context, c *ctlapi.Client, args []string) error {
 	var req ctlapi.ReplicateRequest
-	if err := ctlFlags("replicate", "replicate --to HOST:PORT [--epoch D]", args, func(fs *flag.FlagSet) {
+	if err := ctlFlags("replicate", "replicate --to HOST:PORT [--epoch D] [--epoch-max D]", args, func(fs *flag.FlagSet) {
 		fs.StringVar(&req.To, "to", "", "the standby, HOST:PORT")
 		fs.Func("epoch", "checkpoint interval, a `duration` (default: the VM's --epoch)", func(s string) error {
 			req.Epoch = s
 			_, err := parseEpoch(s) // as the VMM will: one check
+			return err
+		})
+		fs.Func("epoch-max", "adaptive epochs up to this `duration`, 0 for fixed ones (default: the VM's --epoch-max)", func(s string) error {
+			req.EpochMax = s
+			_, err := parseMaxEpoch(s)
 			return err
 		})
 	}); err != nil {
