@@ -121,13 +121,15 @@ bench-failover-guest: build image
 # The wire-guest suite (the stream's bytes on the wire per dirty page on
 # real-guest workloads: the demo service under load, untar, sort and gzip;
 # the default guest booted once per WIRE_MODES stream mode and WIRE_RUNS
-# trial) in the lab where this host's KVM cannot boot Linux, else here.
+# trial, counters read WIRE_WINDOW apart) in the lab where this host's KVM
+# cannot boot Linux, else here.
 WIRE_MODES ?= none,s2,s2+deltas,zstd+deltas
 WIRE_WORKLOADS ?= demo,untar,compress
 WIRE_RUNS ?= 1
+WIRE_WINDOW ?= 10s
 bench-wire-guest: build image
 	lab=; if $(BIN) lab --needed; then lab="$(BIN) lab --timeout 45m --share bench/results --"; fi; \
-		$$lab nice $(BIN) bench --runs $(WIRE_RUNS) --stream-modes $(WIRE_MODES) --workloads $(WIRE_WORKLOADS) wire-guest
+		$$lab nice $(BIN) bench --runs $(WIRE_RUNS) --stream-modes $(WIRE_MODES) --workloads $(WIRE_WORKLOADS) --window $(WIRE_WINDOW) wire-guest
 
 clean:
 	rm -rf bin
