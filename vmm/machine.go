@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"govmm/kvmapi"
 	"govmm/vmm/devstate"
@@ -27,7 +28,7 @@ const DefaultCmdline = "console=ttyS0 reboot=k panic=-1 i8042.noaux i8042.nomux 
 type Config struct {
 	MemSize uint64 // bytes of guest RAM
 	CPUs    int
-	Kernel  []byte // a bzImage
+	Kernel  []byte // a bzImage, or a vmlinux (ELF) entered through PVH
 	Initrd  []byte // an initramfs (may be several concatenated cpio archives)
 	Cmdline string
 	Console io.Writer // the UART's output; os.Stdout when nil
@@ -59,6 +60,11 @@ type Machine struct {
 	cpuid  []kvmapi.CPUIDEntry
 	xsave  int    // bytes of XSAVE state per vCPU
 	tscKHz uint32 // the TSC rate new vCPUs get here; 0 if KVM cannot tell before one exists
+	// pvhEntry is the PVH entry point of an ELF kernel (set by load);
+	// 0 boots a bzImage through its 64-bit entry.
+	pvhEntry uint32
+	// released is when Start let the vCPUs into KVM_RUN (BootTrace).
+	released atomic.Int64
 
 	vcpus    []*vcpu
 	msrs     []uint32 // MSRs saved and restored per vCPU (probed at start)
@@ -337,6 +343,14 @@ func (m *Machine) SetIRQLine(gsi uint32, level bool) error { return m.vm.IRQLine
 // load puts the kernel, initramfs, command line, boot_params, page tables,
 // GDT and MP table into guest memory.
 func (m *Machine) load() error {
+	if IsELF(m.cfg.Kernel) {
+		k, err := ParseELFKernel(m.cfg.Kernel)
+		if err != nil {
+			return err
+		}
+		m.pvhEntry, err = m.loadPVH(k)
+		return err
+	}
 	k, err := ParseBzImage(m.cfg.Kernel)
 	if err != nil {
 		return err
@@ -454,10 +468,20 @@ func (m *Machine) start(st *MachineState, paused bool) error {
 		return firstErr
 	}
 	if !paused {
+		m.released.Store(time.Now().UnixNano())
 		close(release)
 		return nil
 	}
 	return m.releasePaused(release)
+}
+
+// Released is when Start let the vCPUs go into their first KVM_RUN (the
+// zero time before that, and for a machine started paused).
+func (m *Machine) Released() time.Time {
+	if ns := m.released.Load(); ns != 0 {
+		return time.Unix(0, ns)
+	}
+	return time.Time{}
 }
 
 // Wait blocks until the machine stops and says why. The error is non-nil
