@@ -89,3 +89,42 @@ func ExtractVmlinux(ctx context.Context, bz []byte) ([]byte, error) {
 	}
 	return out, nil
 }
+
+// TrimVmlinux makes a vmlinux smaller without changing what a loader puts
+// in memory: each PT_LOAD's file part loses its trailing zero bytes (they
+// become memory-only, like bss, which a loader zeroes or, in fresh guest
+// RAM, leaves alone), the file ends after the last segment's bytes, and
+// the section headers, which no loader reads, are dropped. Debian's last
+// segment is 26 MB of which 2.6 MB are not zero (bss and brk follow
+// .init), so the file shrinks by a third.
+func TrimVmlinux(b []byte) ([]byte, error) {
+	f, err := elf.NewFile(bytes.NewReader(b))
+	if err != nil {
+		return nil, fmt.Errorf("trim vmlinux: %w", err)
+	}
+	if f.Class != elf.ELFCLASS64 || f.Data != elf.ELFDATA2LSB {
+		return nil, fmt.Errorf("trim vmlinux: %v %v, want 64-bit little-endian", f.Class, f.Data)
+	}
+	le := binary.LittleEndian
+	phoff, phentsize := le.Uint64(b[32:]), uint64(le.Uint16(b[54:]))
+	end := phoff + phentsize*uint64(len(f.Progs))
+	filesz := make([]uint64, len(f.Progs))
+	for i, p := range f.Progs {
+		filesz[i] = p.Filesz
+		if p.Off+p.Filesz > uint64(len(b)) {
+			return nil, fmt.Errorf("trim vmlinux: segment %d lies past the end of the file", i)
+		}
+		if p.Type == elf.PT_LOAD {
+			filesz[i] = uint64(len(bytes.TrimRight(b[p.Off:p.Off+p.Filesz], "\x00")))
+		}
+		end = max(end, p.Off+filesz[i])
+	}
+	out := append([]byte(nil), b[:end]...)
+	for i := range f.Progs {
+		le.PutUint64(out[phoff+uint64(i)*phentsize+32:], filesz[i])
+	}
+	le.PutUint64(out[40:], 0) // e_shoff
+	le.PutUint16(out[60:], 0) // e_shnum
+	le.PutUint16(out[62:], 0) // e_shstrndx
+	return out, nil
+}

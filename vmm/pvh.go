@@ -66,6 +66,17 @@ type ELFSegment struct {
 // vmlinux to boot through PVH rather than a bzImage.
 func IsELF(img []byte) bool { return bytes.HasPrefix(img, []byte(elf.ELFMAG)) }
 
+// CheckKernel says whether img is a kernel the machine can boot: a
+// vmlinux with a PVH entry (ELF magic) or a bzImage.
+func CheckKernel(img []byte) error {
+	if IsELF(img) {
+		_, err := ParseELFKernel(img)
+		return err
+	}
+	_, err := ParseBzImage(img)
+	return err
+}
+
 // ParseELFKernel reads a 64-bit x86 vmlinux: its PT_LOAD segments at their
 // physical addresses and the PVH entry point from its notes.
 func ParseELFKernel(img []byte) (*ELFKernel, error) {
@@ -197,8 +208,12 @@ func (m *Machine) loadPVH(k *ELFKernel) (uint32, error) {
 	}
 	var writes []write
 	for _, s := range k.Segments {
-		// Guest RAM is fresh and zero: the bss part needs no writing.
-		writes = append(writes, write{"kernel segment", s.Addr, s.Data})
+		// Guest RAM is fresh and zero: the bss part and zero pages need
+		// no writing, and left alone they cost neither a copy nor a
+		// page fault (a vmlinux's last segment is mostly bss and brk).
+		for _, r := range nonZeroRuns(s.Data, 4096) {
+			writes = append(writes, write{"kernel segment", s.Addr + uint64(r[0]), s.Data[r[0]:r[1]]})
+		}
 	}
 	writes = append(writes,
 		write{"initramfs", initrdAddr, m.cfg.Initrd},
@@ -263,4 +278,38 @@ func (c *vcpu) pvhBootState(entry uint32) error {
 		return fmt.Errorf("set regs: %w", err)
 	}
 	return nil
+}
+
+// nonZeroRuns splits b into blocks of size bytes and returns the runs of
+// consecutive blocks that hold a non-zero byte, as [start, end) offsets.
+func nonZeroRuns(b []byte, size int) [][2]int {
+	var runs [][2]int
+	for off := 0; off < len(b); off += size {
+		end := min(off+size, len(b))
+		if allZero(b[off:end]) {
+			continue
+		}
+		if n := len(runs); n > 0 && runs[n-1][1] == off {
+			runs[n-1][1] = end
+		} else {
+			runs = append(runs, [2]int{off, end})
+		}
+	}
+	return runs
+}
+
+// allZero reports whether b holds only zero bytes.
+func allZero(b []byte) bool {
+	for len(b) >= 8 {
+		if binary.LittleEndian.Uint64(b) != 0 {
+			return false
+		}
+		b = b[8:]
+	}
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
 }

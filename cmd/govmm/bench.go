@@ -158,7 +158,7 @@ func cmdBench(args []string) error {
 	}
 	if slices.Contains(suites, "boot") && (*guest == "default" || (*guest == "auto" && !bench.Emulated())) {
 		if img, err := defaultImage(); err == nil {
-			opts.Boot.Kernel, opts.Boot.Initrd = img.Kernel, img.Initrd
+			opts.Boot.Kernel, opts.Boot.Initrd, opts.Boot.Vmlinux = img.Kernel, img.Initrd, img.Vmlinux
 		} else if *guest == "default" {
 			return err
 		}

@@ -77,6 +77,7 @@ type runFlags struct {
 	metricsListen           string // HOST:PORT
 	keyFile                 string
 	startPaused             bool // restore --paused
+	bootTrace               bool // run --boot-trace
 
 	replicateTo     string // HOST:PORT
 	epoch           time.Duration
@@ -113,6 +114,7 @@ func (f *runFlags) register(fs *flag.FlagSet) {
 	f.registerDevices(fs)
 	fs.StringVar(&f.guestIP, "guest-ip", "", "guest eth0 address ADDR/PREFIX (default with --net user: 10.0.2.15/24)")
 	fs.StringVar(&f.guestGW, "guest-gw", "", "guest default gateway (default with --net user: 10.0.2.2)")
+	fs.BoolVar(&f.bootTrace, "boot-trace", false, "when the guest says it is ready, print on stderr where boot time went: VMM setup, kernel decompression, kernel init, initramfs unpack, /init to ready")
 }
 
 // registerReplication registers the flags that protect a running guest,
@@ -243,7 +245,13 @@ func cmdRun(args []string) error {
 		cmdline += " " + f.cmdline
 	}
 
-	m, devs, err := newMachine(vmm.Config{MemSize: mem, CPUs: f.cpus, Kernel: kernel, Initrd: initrd, Cmdline: cmdline}, &f, nics, disks)
+	cfg := vmm.Config{MemSize: mem, CPUs: f.cpus, Kernel: kernel, Initrd: initrd, Cmdline: cmdline}
+	var trace *bootTracer
+	if f.bootTrace {
+		trace = newBootTracer()
+		cfg.Console = io.MultiWriter(os.Stdout, trace.rec)
+	}
+	m, devs, err := newMachine(cfg, &f, nics, disks)
 	if err != nil {
 		if lease != nil {
 			lease.Close()
@@ -259,6 +267,9 @@ func cmdRun(args []string) error {
 	}
 	if err := m.Start(); err != nil {
 		return err
+	}
+	if trace != nil {
+		go trace.report(m)
 	}
 	return supervise(m, &f, devs, replicate.NewNode(replicate.Booted, replicate.Takeover{}, fence))
 }
@@ -361,7 +372,9 @@ func loadImage(kernelPath, initrdPath string) (kernel, initrd []byte, err error)
 			return nil, nil, err
 		}
 		if kernelPath == "" {
-			kernelPath = img.Kernel
+			// The uncompressed kernel, entered through PVH: no
+			// decompressor runs in the guest.
+			kernelPath = img.Vmlinux
 		}
 		if initrdPath == "" {
 			initrdPath = img.Initrd
@@ -370,7 +383,7 @@ func loadImage(kernelPath, initrdPath string) (kernel, initrd []byte, err error)
 	if kernel, err = os.ReadFile(kernelPath); err != nil {
 		return nil, nil, fmt.Errorf("kernel: %w", err)
 	}
-	if _, err := vmm.ParseBzImage(kernel); err != nil {
+	if err := vmm.CheckKernel(kernel); err != nil {
 		return nil, nil, fmt.Errorf("kernel %s: %w", kernelPath, err)
 	}
 	if initrd, err = os.ReadFile(initrdPath); err != nil {
