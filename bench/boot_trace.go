@@ -215,5 +215,14 @@ func plotBootPhases(path string, samples []BootSample) error {
 		p.Legend.Add(phase, b)
 	}
 	p.NominalX(names...)
+	top := 0.0
+	for _, m := range med {
+		sum := 0.0
+		for _, v := range m {
+			sum += v
+		}
+		top = max(top, sum)
+	}
+	p.Y.Min, p.Y.Max = 0, top*1.45 // room for the legend above the bars
 	return savePlot(p, 7*vg.Inch, 5*vg.Inch, path+".png")
 }

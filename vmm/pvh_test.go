@@ -181,12 +181,3 @@ func TestTinyPVHGuestBoots(t *testing.T) {
 	require.Equal(t, "not really an initramfs", string(initrd))
 	require.Greater(t, le.Uint64(mod[0:]), uint64(0x100000+0x10000), "the initramfs lies above the kernel's bss")
 }
-
-func TestNonZeroRuns(t *testing.T) {
-	b := make([]byte, 10)
-	require.Empty(t, nonZeroRuns(b, 4))
-	b[1], b[5], b[9] = 1, 1, 1
-	require.Equal(t, [][2]int{{0, 10}}, nonZeroRuns(b, 4))
-	b[5] = 0
-	require.Equal(t, [][2]int{{0, 4}, {8, 10}}, nonZeroRuns(b, 4), "the zero block in the middle is skipped")
-}

@@ -2,6 +2,7 @@ package boottrace
 
 import (
 	"fmt"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -107,4 +108,32 @@ func TestSetupFromReport(t *testing.T) {
 	assert.Equal(t, ms(12.3), d)
 	_, ok = SetupFromReport("govmm: boot trace: 1.0 ms to ready: setup, firmware and decompression 1.0 ms")
 	assert.False(t, ok)
+}
+
+// The console of a PVH boot of the default guest in the lab (not quiet),
+// as govmm run printed it. Each line is given the arrival time of its
+// printk stamp plus one second (the guest clock's zero at 1 s after the
+// first KVM_RUN); lines without a stamp arrive with the last stamped one.
+func TestComputeCapturedConsole(t *testing.T) {
+	text, err := os.ReadFile("testdata/console-pvh-lab.txt")
+	require.NoError(t, err)
+	var lines []Line
+	last := time.Duration(0)
+	for _, l := range strings.Split(strings.TrimRight(string(text), "\n"), "\n") {
+		if d, _, ok := printkStamp(l); ok {
+			last = d
+		}
+		if strings.HasPrefix(l, BootTraceLine) {
+			last = 17308540 * time.Microsecond // its now=
+		}
+		lines = append(lines, Line{At: at(1000).Add(last), Text: l})
+	}
+	p, err := Compute(t0, at(20), lines)
+	require.NoError(t, err)
+	assert.Equal(t, ms(20), p.VMMSetup)
+	assert.Equal(t, ms(980), p.Decompress)
+	assert.Equal(t, time.Duration(12552694-12096175)*time.Microsecond, p.Unpack, "Unpacking initramfs to Freeing initrd memory")
+	assert.Equal(t, time.Duration(14726817)*time.Microsecond-p.Unpack, p.KernelInit)
+	assert.Equal(t, time.Duration(17308540-14726817)*time.Microsecond, p.InitToReady)
+	assert.Equal(t, p.Total, p.VMMSetup+p.Decompress+p.KernelInit+p.Unpack+p.InitToReady)
 }

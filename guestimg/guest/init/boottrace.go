@@ -12,9 +12,10 @@ import (
 )
 
 // kmsgMarks are the kernel log messages whose times the boot trace
-// reports, by the key it reports them under. Debian's kernel has
-// CONFIG_BLK_DEV_RAM=m, so it says "Unpacking initramfs..."; with the RAM
-// disk built in it says the other.
+// reports, by the key it reports them under. A kernel with the RAM disk
+// driver (IS_ENABLED(CONFIG_BLK_DEV_RAM): Debian's has it as a module)
+// says "Trying to unpack rootfs image as initramfs...", one without it
+// "Unpacking initramfs..." (init/initramfs.c).
 var kmsgMarks = []struct{ key, prefix string }{
 	{"unpack", "Unpacking initramfs"},
 	{"unpack", "Trying to unpack rootfs image as initramfs"},
