@@ -2,7 +2,6 @@ package bench
 
 import (
 	"context"
-	"encoding/csv"
 	"fmt"
 	"io"
 	"os"
@@ -11,17 +10,22 @@ import (
 	"strconv"
 	"time"
 
+	"govmm/internal/boottrace"
 	"govmm/lab"
 	"govmm/vmm"
 )
 
 // BootConfig parameterises the boot suite.
 type BootConfig struct {
-	Govmm   string // the govmm binary
-	QEMU    string // qemu-system-x86_64; looked up in PATH when empty
-	Guest   string // "tiny", "default" or "auto" (default unless KVM here is emulated)
-	Kernel  string // for Guest "default": the image (govmm image build)
-	Initrd  string
+	Govmm  string // the govmm binary
+	QEMU   string // qemu-system-x86_64; looked up in PATH when empty
+	Guest  string // "tiny", "default" or "auto" (default unless KVM here is emulated)
+	Kernel string // for Guest "default": the image (govmm image build)
+	Initrd string
+	// Vmlinux, when set (the default image's), adds govmm's tuned path:
+	// this kernel entered through PVH, with vmm.DefaultCmdline (the
+	// tuned one), and QEMU on the bzImage with the same command line.
+	Vmlinux string
 	MemMiB  int
 	Runs    int
 	Timeout time.Duration
@@ -31,11 +35,15 @@ type BootConfig struct {
 
 // BootSample is one boot of one VMM.
 type BootSample struct {
-	VMM     string
+	VMM     string // govmm, qemu, govmm-tuned or qemu-tuned
 	Guest   string
 	Run     int
 	ReadyMs float64
 	Mem     Memory
+	// Phases is where the time went (boottrace), when the console told
+	// (PhasesErr says why not).
+	Phases    boottrace.Phases
+	PhasesErr error
 }
 
 // bootGuest picks the boot suite's guest (auto: the default one where
@@ -77,7 +85,9 @@ func bootGuest(cfg BootConfig) (guest, kernel, initrd string, cleanup func(), er
 }
 
 // Boot measures wall time from process start to the guest's ready line,
-// and the VMM's own memory at that moment, for govmm and QEMU alternately.
+// where that time went (internal/boottrace), and the VMM's own memory at
+// that moment, for govmm and QEMU on the same kernel, initrd and command
+// line, and for govmm's tuned path (BootConfig.Vmlinux), alternately.
 func Boot(ctx context.Context, cfg BootConfig) ([]BootSample, error) {
 	if cfg.Runs <= 0 {
 		cfg.Runs = 5
@@ -91,7 +101,6 @@ func Boot(ctx context.Context, cfg BootConfig) ([]BootSample, error) {
 	if cfg.Log == nil {
 		cfg.Log = io.Discard
 	}
-	ready := "govmm-guest: ready"
 	guest, kernel, initrd, cleanup, err := bootGuest(cfg)
 	if err != nil {
 		return nil, err
@@ -111,42 +120,60 @@ func Boot(ctx context.Context, cfg BootConfig) ([]BootSample, error) {
 	// The same guest for both: kernel, initrd, command line, memory, one
 	// vCPU and no devices beyond the console (QEMU's -nodefaults; govmm
 	// without a NIC, so that it adds nothing to the command line, and
-	// without its control socket, as QEMU runs without QMP).
-	govmmCmd := func() *exec.Cmd {
-		return exec.CommandContext(ctx, cfg.Govmm, "run", "--kernel", kernel, "--initrd", initrd, "--mem", mem, "--cpus", "1", "--net", "none", "--api-sock", "")
+	// without its control socket, as QEMU runs without QMP). "govmm" and
+	// "qemu" boot the bzImage with vmm.BaseCmdline, what a user would
+	// pass either; the tuned pair boot with vmm.DefaultCmdline, govmm
+	// the vmlinux through PVH, QEMU the bzImage (SeaBIOS loads no ELF).
+	govmmCmd := func(kernel, cmdline string) func() *exec.Cmd {
+		return func() *exec.Cmd {
+			return exec.CommandContext(ctx, cfg.Govmm, "run", "--boot-trace", "--kernel", kernel, "--initrd", initrd, "--mem", mem, "--cpus", "1",
+				"--net", "none", "--api-sock", "", "--cmdline-base", cmdline)
+		}
 	}
-	qemuCmd := func() *exec.Cmd {
-		return exec.CommandContext(ctx, qemu, "-enable-kvm", "-cpu", "host,-arch-capabilities", "-M", "pc,acpi=off", "-m", strconv.Itoa(cfg.MemMiB),
-			"-smp", "1", "-display", "none", "-nodefaults", "-no-user-config", "-serial", "stdio", "-monitor", "none",
-			"-no-reboot", "-kernel", kernel, "-initrd", initrd, "-append", vmm.DefaultCmdline,
-			"-device", "isa-debug-exit,iobase=0x600,iosize=1")
+	qemuCmd := func(cmdline string) func() *exec.Cmd {
+		return func() *exec.Cmd {
+			return exec.CommandContext(ctx, qemu, "-enable-kvm", "-cpu", "host,-arch-capabilities", "-M", "pc,acpi=off", "-m", strconv.Itoa(cfg.MemMiB),
+				"-smp", "1", "-display", "none", "-nodefaults", "-no-user-config", "-serial", "stdio", "-monitor", "none",
+				"-no-reboot", "-kernel", kernel, "-initrd", initrd, "-append", cmdline,
+				"-device", "isa-debug-exit,iobase=0x600,iosize=1")
+		}
+	}
+	type peer struct {
+		name string
+		cmd  func() *exec.Cmd
+	}
+	peers := []peer{{"govmm", govmmCmd(kernel, vmm.BaseCmdline)}}
+	if qemu != "" {
+		peers = append(peers, peer{"qemu", qemuCmd(vmm.BaseCmdline)})
+	}
+	if cfg.Vmlinux != "" && guest == "default" {
+		peers = append(peers, peer{"govmm-tuned", govmmCmd(cfg.Vmlinux, vmm.DefaultCmdline)})
+		if qemu != "" {
+			peers = append(peers, peer{"qemu-tuned", qemuCmd(vmm.DefaultCmdline)})
+		}
 	}
 	var samples []BootSample
 	for run := 1; run <= cfg.Runs; run++ {
-		type peer struct {
-			name string
-			cmd  func() *exec.Cmd
-		}
-		peers := []peer{{"govmm", govmmCmd}}
-		if qemu != "" {
-			peers = append(peers, peer{"qemu", qemuCmd})
-			if run%2 == 0 { // alternate who goes first
-				peers[0], peers[1] = peers[1], peers[0]
-			}
-		}
-		for _, p := range peers {
-			d, m, err := bootTrial(ctx, p.cmd(), ready, guestBytes, cfg.Timeout)
+		for i := range peers {
+			p := peers[(i+run-1)%len(peers)] // rotate who goes first
+			tr, err := bootTraceTrial(ctx, p.cmd(), guestBytes, cfg.Timeout)
 			if err != nil {
 				return samples, fmt.Errorf("boot %s run %d: %w", p.name, run, err)
 			}
-			s := BootSample{VMM: p.name, Guest: guest, Run: run, ReadyMs: float64(d.Microseconds()) / 1000, Mem: m}
-			fmt.Fprintf(cfg.Log, "boot: %-5s run %d: ready in %8.1f ms, rss %6d KiB, guest %6d KiB\n",
-				p.name, run, s.ReadyMs, m.RSSKiB, m.GuestRSSKiB)
+			s := BootSample{VMM: p.name, Guest: guest, Run: run, ReadyMs: msOf(tr.ready), Mem: tr.mem, Phases: tr.phases, PhasesErr: tr.phasesErr}
+			fmt.Fprintf(cfg.Log, "boot: %-11s run %d: ready in %8.1f ms, rss %6d KiB, guest %6d KiB\n",
+				p.name, run, s.ReadyMs, s.Mem.RSSKiB, s.Mem.GuestRSSKiB)
+			if s.PhasesErr == nil {
+				fmt.Fprintf(cfg.Log, "boot: %-11s run %d: %s\n", p.name, run, s.Phases)
+			}
 			samples = append(samples, s)
 		}
 	}
 	if cfg.Out != "" {
 		if err := writeBootCSV(filepath.Join(cfg.Out, "boot.csv"), samples); err != nil {
+			return samples, err
+		}
+		if err := plotBootPhases(filepath.Join(cfg.Out, "boot_phases"), samples); err != nil {
 			return samples, err
 		}
 	}
@@ -157,22 +184,24 @@ func writeBootCSV(path string, samples []BootSample) error {
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return err
 	}
-	f, err := os.Create(path)
-	if err != nil {
-		return err
-	}
-	w := csv.NewWriter(f)
-	_ = w.Write([]string{"suite", "vmm", "guest", "run", "ready_ms", "rss_kib", "guest_rss_kib", "overhead_kib"})
+	rows := [][]string{}
 	for _, s := range samples {
-		_ = w.Write([]string{"boot", s.VMM, s.Guest, strconv.Itoa(s.Run), strconv.FormatFloat(s.ReadyMs, 'f', 3, 64),
-			strconv.FormatUint(s.Mem.RSSKiB, 10), strconv.FormatUint(s.Mem.GuestRSSKiB, 10), strconv.FormatUint(s.Mem.OverheadKiB(), 10)})
+		row := []string{"boot", s.VMM, s.Guest, strconv.Itoa(s.Run), strconv.FormatFloat(s.ReadyMs, 'f', 3, 64),
+			strconv.FormatUint(s.Mem.RSSKiB, 10), strconv.FormatUint(s.Mem.GuestRSSKiB, 10), strconv.FormatUint(s.Mem.OverheadKiB(), 10)}
+		if s.PhasesErr == nil {
+			p := s.Phases
+			setup := ""
+			if p.SetupKnown {
+				setup = ftoa(msOf(p.VMMSetup), 3)
+			}
+			row = append(row, setup, ftoa(msOf(p.Decompress), 3), ftoa(msOf(p.KernelInit), 3), ftoa(msOf(p.Unpack), 3), ftoa(msOf(p.InitToReady), 3))
+		} else {
+			row = append(row, "", "", "", "", "")
+		}
+		rows = append(rows, row)
 	}
-	w.Flush()
-	if err := w.Error(); err != nil {
-		f.Close()
-		return err
-	}
-	return f.Close()
+	return writeCSV(path, []string{"suite", "vmm", "guest", "run", "ready_ms", "rss_kib", "guest_rss_kib", "overhead_kib",
+		"vmm_setup_ms", "decompress_ms", "kernel_init_ms", "unpack_ms", "init_to_ready_ms"}, rows)
 }
 
 // BootReport renders the boot samples as a Markdown table with medians,
@@ -184,7 +213,7 @@ func BootReport(samples []BootSample) string {
 	}
 	out := "| VMM | guest | runs | ready median (ms) | p25–p75 (ms) | min–max (ms) | RSS median (MiB) | VMM overhead median (MiB) |\n|---|---|---|---|---|---|---|---|\n"
 	med := map[string]Summary{}
-	for _, name := range []string{"govmm", "qemu"} {
+	for _, name := range []string{"govmm", "qemu", "govmm-tuned", "qemu-tuned"} {
 		ss := by[name]
 		if len(ss) == 0 {
 			continue
@@ -200,8 +229,15 @@ func BootReport(samples []BootSample) string {
 		out += fmt.Sprintf("| %s | %s | %d | %.1f | %.1f–%.1f | %.1f–%.1f | %.1f | %.1f |\n",
 			name, ss[0].Guest, r.N, r.Median, r.P25, r.P75, r.Min, r.Max, Summarize(rss).Median, Summarize(over).Median)
 	}
-	if g, q := med["govmm"], med["qemu"]; g.N > 0 && q.N > 0 && g.Median > 0 {
-		out += fmt.Sprintf("\nQEMU takes %.1f× govmm's median time to the ready line.\n", q.Median/g.Median)
+	if g, q := med["govmm"], med["qemu"]; g.N > 0 && q.N > 0 && q.Median > 0 {
+		out += fmt.Sprintf("\nSame kernel (bzImage), initrd and command line: govmm takes %.2f× QEMU's median time to the ready line (goal ≤ 0.5×).\n", g.Median/q.Median)
 	}
+	if g, q := med["govmm-tuned"], med["qemu"]; g.N > 0 && q.N > 0 && q.Median > 0 {
+		out += fmt.Sprintf("\ngovmm's tuned path (vmlinux through PVH, `%s`) takes %.2f× QEMU's median with the plain command line (goal ≤ 0.3×).\n", vmm.TunedCmdline, g.Median/q.Median)
+	}
+	if g, q := med["govmm-tuned"], med["qemu-tuned"]; g.N > 0 && q.N > 0 && q.Median > 0 {
+		out += fmt.Sprintf("\nBoth tuned (QEMU on the bzImage with the same command line): govmm takes %.2f× QEMU's median.\n", g.Median/q.Median)
+	}
+	out += bootPhasesTable(samples)
 	return out
 }

@@ -28,6 +28,11 @@ import (
 // changes what it puts into an image, so that cached images are rebuilt.
 const builderVersion = 1
 
+// imageVersion is part of the key of guest images (not of the lab's): bump
+// it when the image's contents change but the lab's do not. 2: the image
+// holds a vmlinux for PVH boot.
+const imageVersion = 2
+
 // Options configures Build. The zero value is ready to use.
 type Options struct {
 	// CacheDir holds downloaded packages and built images; default
@@ -44,12 +49,15 @@ type Options struct {
 	Progress func(done, total int64)
 }
 
-// Image is a bootable guest: absolute paths of the kernel (bzImage) and the
-// initramfs (uncompressed newc cpio). Both files are never modified once
-// Build returned them; append a CommandArchive to a copy, or send the two
-// back to back, to use command mode.
+// Image is a bootable guest: absolute paths of the kernel (bzImage), the
+// same kernel uncompressed (vmlinux, an ELF file with a PVH entry point:
+// govmm boots it without running the decompressor; see ExtractVmlinux and
+// TrimVmlinux) and the initramfs (uncompressed newc cpio). The files are
+// never modified once Build returned them; append a CommandArchive to a
+// copy of the initramfs, or send the two back to back, to use command
+// mode.
 type Image struct {
-	Kernel, Initrd string
+	Kernel, Vmlinux, Initrd string
 }
 
 // DefaultCacheDir is $GOVMM_CACHE if set, else $XDG_CACHE_HOME/govmm, else
@@ -159,7 +167,7 @@ func (b *builder) cached(m *debManifest) (Image, bool, error) {
 		return Image{}, false, err
 	}
 	img := b.imagePaths(key)
-	for _, p := range []string{img.Kernel, img.Initrd} {
+	for _, p := range []string{img.Kernel, img.Vmlinux, img.Initrd} {
 		if _, err := os.Stat(p); err != nil {
 			return Image{}, false, nil
 		}
@@ -169,7 +177,7 @@ func (b *builder) cached(m *debManifest) (Image, bool, error) {
 
 func (b *builder) imagePaths(key string) Image {
 	dir := filepath.Join(b.cache, "images", key)
-	return Image{Kernel: filepath.Join(dir, "vmlinuz"), Initrd: filepath.Join(dir, "initrd.img")}
+	return Image{Kernel: filepath.Join(dir, "vmlinuz"), Vmlinux: filepath.Join(dir, "vmlinux"), Initrd: filepath.Join(dir, "initrd.img")}
 }
 
 // baseKey names the part of the image made from the packages alone.
@@ -197,7 +205,7 @@ func (b *builder) imageKey(m *debManifest) (string, error) {
 		return "", err
 	}
 	h := sha256.New()
-	fmt.Fprintf(h, "govmm guestimg image v%d %s %s\nbase %s\n", builderVersion, runtime.Version(), runtime.GOARCH, base)
+	fmt.Fprintf(h, "govmm guestimg image v%d.%d %s %s\nbase %s\n", builderVersion, imageVersion, runtime.Version(), runtime.GOARCH, base)
 	if err := hashGuestSources(h); err != nil {
 		return "", err
 	}
@@ -273,8 +281,10 @@ func (b *builder) build(ctx context.Context, m *debManifest) (Image, error) {
 	if err := os.Chmod(tmp, 0o755); err != nil {
 		return Image{}, fmt.Errorf("create image dir: %w", err)
 	}
-	if err := linkOrCopy(filepath.Join(base, "vmlinuz"), filepath.Join(tmp, "vmlinuz")); err != nil {
-		return Image{}, err
+	for _, k := range []string{"vmlinuz", "vmlinux"} {
+		if err := linkOrCopy(filepath.Join(base, k), filepath.Join(tmp, k)); err != nil {
+			return Image{}, err
+		}
 	}
 	baseCPIO, err := os.ReadFile(filepath.Join(base, "base.cpio"))
 	if err != nil {
@@ -301,8 +311,8 @@ func (b *builder) build(ctx context.Context, m *debManifest) (Image, error) {
 	return img, nil
 }
 
-// ensureBase returns <cache>/parts/base-<key>, holding vmlinuz and
-// base.cpio: everything of the image that comes from Debian packages. It is
+// ensureBase returns <cache>/parts/base-<key>, holding vmlinuz, the
+// vmlinux extracted from it, and base.cpio: everything of the image that comes from Debian packages. It is
 // reused by every image built from the same packages.
 func (b *builder) ensureBase(ctx context.Context, m *debManifest) (string, error) {
 	key, err := b.baseKey(m)
@@ -312,7 +322,14 @@ func (b *builder) ensureBase(ctx context.Context, m *debManifest) (string, error
 	parts := filepath.Join(b.cache, "parts")
 	dir := filepath.Join(parts, "base-"+key)
 	if _, err := os.Stat(filepath.Join(dir, "base.cpio")); err == nil {
-		return dir, nil
+		if _, err := os.Stat(filepath.Join(dir, "vmlinux")); err == nil {
+			return dir, nil
+		}
+		// A base from before PVH: add the vmlinux beside its bzImage.
+		if err := b.writeVmlinux(ctx, dir); err != nil {
+			return "", err
+		}
+		return dir, syncDir(dir)
 	}
 	if err := os.MkdirAll(parts, 0o755); err != nil {
 		return "", fmt.Errorf("create parts dir: %w", err)
@@ -339,6 +356,9 @@ func (b *builder) ensureBase(ctx context.Context, m *debManifest) (string, error
 	if err := linkOrCopy(filepath.Join(root, "boot", "vmlinuz-"+kver), filepath.Join(out, "vmlinuz")); err != nil {
 		return "", err
 	}
+	if err := b.writeVmlinux(ctx, out); err != nil {
+		return "", err
+	}
 	if err := writeArchive(filepath.Join(out, "base.cpio"), t); err != nil {
 		return "", fmt.Errorf("write base archive: %w", err)
 	}
@@ -353,6 +373,24 @@ func (b *builder) ensureBase(ctx context.Context, m *debManifest) (string, error
 		return "", fmt.Errorf("store base: %w", err)
 	}
 	return dir, nil
+}
+
+// writeVmlinux extracts the uncompressed kernel from dir/vmlinuz into
+// dir/vmlinux, trimmed (TrimVmlinux).
+func (b *builder) writeVmlinux(ctx context.Context, dir string) error {
+	bz, err := os.ReadFile(filepath.Join(dir, "vmlinuz"))
+	if err != nil {
+		return fmt.Errorf("read kernel: %w", err)
+	}
+	elf, err := ExtractVmlinux(ctx, bz)
+	if err != nil {
+		return err
+	}
+	if elf, err = TrimVmlinux(elf); err != nil {
+		return err
+	}
+	b.logf("vmlinux for PVH boot: %.1f MiB", float64(len(elf))/(1<<20))
+	return writeFileAtomic(filepath.Join(dir, "vmlinux"), elf, 0o644)
 }
 
 // baseTree lays out the package part of the initramfs from the unpacked

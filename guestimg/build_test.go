@@ -12,6 +12,9 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"govmm/guestimg/internal/guestproto"
+	"govmm/internal/boottrace"
 )
 
 func TestDefaultCacheDir(t *testing.T) {
@@ -112,6 +115,10 @@ func TestBuildDefaultImage(t *testing.T) {
 	require.NoError(t, err)
 	require.Greater(t, len(kernel), 0x206)
 	assert.Equal(t, "HdrS", string(kernel[0x202:0x206]))
+	// vmlinux: the same kernel uncompressed, an ELF file.
+	vmlinux, err := os.ReadFile(img.Vmlinux)
+	require.NoError(t, err)
+	assert.Equal(t, "\x7fELF", string(vmlinux[:4]))
 
 	initrd, err := os.ReadFile(img.Initrd)
 	require.NoError(t, err)
@@ -170,4 +177,10 @@ func TestBuildDefaultImage(t *testing.T) {
 	assert.Equal(t, kt, mtime(img.Kernel), "a cache hit rewrites nothing")
 	assert.Equal(t, it, mtime(img.Initrd), "a cache hit rewrites nothing")
 	t.Logf("cached Build took %v", time.Since(start))
+}
+
+// The VMM's boot trace reads the lines /init prints: the same strings.
+func TestBootTraceContract(t *testing.T) {
+	assert.Equal(t, guestproto.ReadyLine, boottrace.ReadyLine)
+	assert.Equal(t, guestproto.BootTraceLine, boottrace.BootTraceLine)
 }

@@ -1,5 +1,6 @@
 // Package guestimg builds the default govmm guest: Debian's stock kernel
-// and an initramfs with busybox, a Go /init, the kernel modules for
+// (the bzImage, and the vmlinux extracted from it once, trimmed, which
+// govmm boots through PVH: ExtractVmlinux, TrimVmlinux) and an initramfs with busybox, a Go /init, the kernel modules for
 // virtio-pci networking and block storage and ext4, Debian's mke2fs with its
 // shared libraries, and small static Go programs that run in the guest (the
 // demo HTTP service and the memory dirtier of the benchmarks).
@@ -26,7 +27,7 @@
 // except to find the image.
 //
 // The contract with the guest's /init and the VMM is in
-// internal/guestproto: ReadyLine, the command file, the module list and the
+// internal/guestproto: ReadyLine, BootTraceLine, the command file, the module list and the
 // exit port. The guest expects the kernel command line to name the serial
 // console (console=ttyS0), reboot=k (so "reboot" resets through the i8042),
 // and optionally govmm.ip=ADDR/PREFIX, govmm.gw=ADDR and govmm.debug=1.

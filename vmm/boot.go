@@ -177,6 +177,12 @@ func InitrdPlacement(k *Kernel, memSize, initrdSize uint64) (uint64, error) {
 	if kernelStart+k.InitSize > kernelEnd {
 		kernelEnd = kernelStart + k.InitSize
 	}
+	return placeInitrd(top, kernelEnd, memSize, initrdSize)
+}
+
+// placeInitrd puts initrdSize bytes page-aligned just below top and above
+// kernelEnd, or says how much memory it would take.
+func placeInitrd(top, kernelEnd, memSize, initrdSize uint64) (uint64, error) {
 	if initrdSize > top {
 		return 0, fmt.Errorf("memory too small: %d MiB cannot hold a %d MiB initramfs", memSize>>20, initrdSize>>20)
 	}

@@ -92,6 +92,9 @@ func (c *vcpu) configure() error {
 	if c.id != 0 {
 		return nil
 	}
+	if c.m.pvhEntry != 0 {
+		return c.pvhBootState(c.m.pvhEntry)
+	}
 	return c.bootState()
 }
 

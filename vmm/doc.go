@@ -1,6 +1,7 @@
 // Package vmm owns one virtual machine: guest memory and its layout, the
 // Linux x86 boot protocol (bzImage, boot_params, e820, command line,
-// initramfs), the MP table for SMP, CPUID and MSR setup, the vCPU run loops
+// initramfs) and the PVH entry into an uncompressed vmlinux
+// (hvm_start_info, pvh.go), the MP table for SMP, CPUID and MSR setup, the vCPU run loops
 // (one OS thread each), the PIO and MMIO buses, the legacy devices (8250
 // UART, i8042 reset, CMOS RTC, the exit port, the PCI host bridge) and
 // pause/resume of all vCPUs at a consistent point, and MachineState, the

@@ -242,7 +242,7 @@ func (f *benchFlags) guestImage(opts *bench.Options, suites []string) error {
 	}
 	if slices.Contains(suites, "boot") && (*f.guest == "default" || (*f.guest == "auto" && !bench.Emulated())) {
 		if img, err := defaultImage(); err == nil {
-			opts.Boot.Kernel, opts.Boot.Initrd = img.Kernel, img.Initrd
+			opts.Boot.Kernel, opts.Boot.Initrd, opts.Boot.Vmlinux = img.Kernel, img.Initrd, img.Vmlinux
 		} else if *f.guest == "default" {
 			return err
 		}

@@ -65,7 +65,7 @@ func cmdImage(args []string) error {
 		fmt.Printf("%s\n%s\n", img.Kernel, img.Initrd)
 		return nil
 	}
-	fmt.Printf("kernel: %s\ninitrd: %s\n", img.Kernel, img.Initrd)
+	fmt.Printf("kernel: %s\nvmlinux: %s\ninitrd: %s\n", img.Kernel, img.Vmlinux, img.Initrd)
 	return nil
 }
 

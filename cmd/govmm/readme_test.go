@@ -69,9 +69,10 @@ var readmeElsewhere = map[string][]string{
 	"make test":                       {"CI runs it"},
 	"make build":                      {"make test builds bin/govmm this way first (its build prerequisite)"},
 	"bin/govmm run --cpus 2 -- nproc": {"TestGuestCommandOutputExact"},
-	"bin/govmm run --publish 8080:80 --disk disk.img":                              {"TestGuestDemoUserNetAndDiskPersistence"},
-	"bin/govmm run --net tap:tap0 --guest-ip 10.77.0.2/24 --guest-gw 10.77.0.1":    {"TestGuestDemoOverTAP"},
-	`bin/govmm run --kernel bzImage --initrd initrd.img --cmdline "console=ttyS0"`: {"TestRunTinyKernel"}, // your own kernel: the tiny one here
+	"bin/govmm run --publish 8080:80 --disk disk.img":                                        {"TestGuestDemoUserNetAndDiskPersistence"},
+	"bin/govmm run --boot-trace":                                                             {"TestGuestDemoUserNetAndDiskPersistence"},
+	"bin/govmm run --net tap:tap0 --guest-ip 10.77.0.2/24 --guest-gw 10.77.0.1":              {"TestGuestDemoOverTAP"},
+	`bin/govmm run --kernel bzImage --initrd initrd.img --cmdline "console=ttyS0"`:           {"TestRunTinyKernel"}, // your own kernel: the tiny one here
 	"bin/govmm bench boot":                                                                   {"TestQuickSuitesProduceOutput"},
 	"bin/govmm run --api-sock /tmp/vm.sock --disk disk.img":                                  {"TestGuestSnapshotRestore"},
 	"bin/govmm ctl --api-sock /tmp/vm.sock snapshot --out vm.snap":                           {"TestGuestSnapshotRestore", "TestCtlSnapshotAndRestore"},

@@ -84,14 +84,14 @@ func New(t *testing.T) *Rig {
 	t.Helper()
 	img, err := guestimg.Build(context.Background(), guestimg.Options{Log: io.Discard})
 	require.NoError(t, err, "default guest image (make image builds it)")
-	kernel, err := os.ReadFile(img.Kernel)
+	kernel, err := os.ReadFile(img.Vmlinux) // booted through PVH, as govmm run does
 	require.NoError(t, err)
 	initrd, err := os.ReadFile(img.Initrd)
 	require.NoError(t, err)
 	ns := netns.New(t)
 	TraceKVM(t)
 	p := ns.BridgePrefix()
-	return &Rig{t: t, NS: ns, Dir: t.TempDir(), KernelPath: img.Kernel, InitrdPath: img.Initrd,
+	return &Rig{t: t, NS: ns, Dir: t.TempDir(), KernelPath: img.Vmlinux, InitrdPath: img.Initrd,
 		Kernel: kernel, Initrd: initrd, GuestIP: netip.PrefixFrom(p.Addr().Next(), p.Bits()),
 		MemSize: 256 << 20, taps: map[string]bool{}}
 }

@@ -31,6 +31,7 @@ var rank = map[string]int{
 	"internal/tinyguest":           0,
 	"internal/promcheck":           0,
 	"internal/layering":            0,
+	"internal/boottrace":           0,
 
 	// Beside the machine: the dirty set, devices, the guest image.
 	"dirtylog":               1,

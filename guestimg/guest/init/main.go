@@ -11,7 +11,9 @@
 //     leader (runSession: it drains the console before the session ends,
 //     so no output is lost), and reports its exit status as one byte
 //     written to I/O port 0x600; or
-//   - interactive mode: prints "govmm-guest: ready" and runs a shell on the
+//   - interactive mode: prints the boot trace line (guestproto.BootTraceLine:
+//     when the kernel unpacked the initramfs and started /init, from the
+//     kernel log), then "govmm-guest: ready", and runs a shell on the
 //     console, respawning it.
 //
 // It is the only reaper of processes in the guest: every child is started
@@ -124,6 +126,11 @@ func main() {
 	if in.cmdMode {
 		go in.runCommand()
 	} else {
+		if line, err := bootTraceLine(); err == nil {
+			fmt.Fprintf(in.console, "%s\n", line)
+		} else {
+			in.errorf("boot trace: %v", err)
+		}
 		fmt.Fprintf(in.console, "%s\n", guestproto.ReadyLine)
 		go in.shellLoop()
 	}

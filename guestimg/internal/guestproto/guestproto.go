@@ -11,6 +11,14 @@ const (
 	// mode).
 	ReadyLine = "govmm-guest: ready"
 
+	// BootTraceLine starts the line /init prints just before ReadyLine:
+	// key=value pairs follow, each the kernel's printk clock in
+	// microseconds at a point of the boot ("unpack", "unpacked",
+	// "run-init": the kernel's messages for initramfs unpacking, its end,
+	// and the start of /init) and "now" as the line is printed. The VMM's
+	// boot trace (internal/boottrace) reads it.
+	BootTraceLine = "govmm-guest: boot-trace"
+
 	// CommandPath holds the argv of command mode, each argument terminated
 	// by a NUL byte. The VMM appends it to the initrd as a cpio archive.
 	CommandPath = "/govmm/cmd"

@@ -1,0 +1,53 @@
+package bench
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"govmm/internal/boottrace"
+)
+
+// The breakdown's medians, table, CSV and stacked bars come from the
+// samples that have one; a sample without (the tiny guest) is left out.
+func TestBootPhasesOutput(t *testing.T) {
+	ph := func(setup, dec, kin, unp, rdy int) boottrace.Phases {
+		ms := func(v int) time.Duration { return time.Duration(v) * time.Millisecond }
+		return boottrace.Phases{VMMSetup: ms(setup), SetupKnown: setup > 0, Decompress: ms(dec), KernelInit: ms(kin), Unpack: ms(unp), InitToReady: ms(rdy)}
+	}
+	samples := []BootSample{
+		{VMM: "govmm", Phases: ph(10, 100, 1000, 50, 500)},
+		{VMM: "govmm", Phases: ph(30, 300, 3000, 70, 700)},
+		{VMM: "govmm", Phases: ph(20, 200, 2000, 60, 600)},
+		{VMM: "qemu", Phases: ph(0, 900, 2000, 60, 600)},
+		{VMM: "qemu", PhasesErr: errors.New("no guest time")},
+	}
+	names, med := medianPhases(samples)
+	assert.Equal(t, []string{"govmm", "qemu"}, names)
+	assert.Equal(t, [][]float64{{20, 200, 2000, 60, 600}, {0, 900, 2000, 60, 600}}, med)
+	assert.Contains(t, bootPhasesTable(samples), "| govmm | 20.0 | 200.0 | 2000.0 | 60.0 | 600.0 |")
+
+	path := filepath.Join(t.TempDir(), "boot_phases")
+	require.NoError(t, plotBootPhases(path, samples))
+	for _, ext := range []string{".csv", ".png", ".svg"} {
+		st, err := os.Stat(path + ext)
+		require.NoError(t, err, ext)
+		assert.Positive(t, st.Size(), ext)
+	}
+	csv, err := os.ReadFile(path + ".csv")
+	require.NoError(t, err)
+	assert.Equal(t, "vmm,vmm_setup_ms,decompress_ms,kernel_init_ms,unpack_ms,init_to_ready_ms\n"+
+		"govmm,20.000,200.000,2000.000,60.000,600.000\nqemu,0.000,900.000,2000.000,60.000,600.000\n", strings.ReplaceAll(string(csv), "\r", ""))
+
+	// Without any breakdown nothing is drawn.
+	empty := filepath.Join(t.TempDir(), "none")
+	require.NoError(t, plotBootPhases(empty, samples[4:]))
+	_, err = os.Stat(empty + ".png")
+	assert.True(t, os.IsNotExist(err))
+}

@@ -1,0 +1,241 @@
+// Package boottrace says where a guest's boot time went, from the VMM's
+// clock (process start, first KVM_RUN, when each console line arrived)
+// and the guest's own (the printk stamps of the kernel's console lines
+// and the boot trace line that the default guest's /init prints just
+// before its ready line; see guestimg/internal/guestproto).
+//
+// The two clocks are tied together where a guest line with a guest time
+// t arrives at host time h: the guest clock's zero is at most h - t on the
+// host's (a line can arrive late, never early), so the smallest h - t over
+// all lines is the best estimate. The kernel's printk clock starts (at
+// zero) early in setup_arch, after the decompressor has run.
+//
+// It is used by `govmm run --boot-trace` and `govmm bench boot`, and is
+// pure: no I/O, no goroutines.
+package boottrace
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+)
+
+// Lines the default guest prints; guestimg's tests pin them to guestproto.
+const (
+	ReadyLine     = "govmm-guest: ready"
+	BootTraceLine = "govmm-guest: boot-trace"
+)
+
+// Kernel messages that mark phases when the console shows them (no
+// "quiet"): the same ones /init reports in the boot trace line.
+var kernelMarks = []struct{ key, prefix string }{
+	{"unpack", "Unpacking initramfs"},
+	{"unpack", "Trying to unpack rootfs image as initramfs"},
+	{"unpacked", "Freeing initrd memory"},
+	{"run-init", "Run /init as init process"},
+}
+
+// Line is one console line and when the VMM's side saw its end.
+type Line struct {
+	At   time.Time
+	Text string
+}
+
+// Phases is where boot time went, in the order it passes; they add up to
+// Total.
+type Phases struct {
+	// VMMSetup is process start to the first KVM_RUN (zero and not
+	// SetupKnown when the VMM does not say, e.g. QEMU: Decompress then
+	// holds the VMM's setup and firmware too).
+	VMMSetup   time.Duration
+	SetupKnown bool
+	// Decompress is the first KVM_RUN to the kernel's clock zero: the
+	// bzImage decompressor (or nothing much, with PVH) and the earliest
+	// kernel setup.
+	Decompress time.Duration
+	// KernelInit is the kernel's clock zero to "Run /init", less Unpack.
+	KernelInit time.Duration
+	// Unpack is "Unpacking initramfs" to "Freeing initrd memory".
+	Unpack time.Duration
+	// InitToReady is "Run /init" to the ready line on the VMM's side.
+	InitToReady time.Duration
+	Total       time.Duration
+}
+
+// ErrNoReady means the console never showed the ready line.
+var ErrNoReady = errors.New("no ready line on the console")
+
+// Compute splits the time from start to the ready line. firstRun is zero
+// when the VMM does not report its first KVM_RUN.
+func Compute(start, firstRun time.Time, lines []Line) (Phases, error) {
+	var (
+		ready    time.Time
+		zero     time.Time // the guest clock's zero on the host's
+		haveZero bool
+		marks    = map[string]time.Duration{}
+	)
+	anchor := func(h time.Time, t time.Duration) {
+		if z := h.Add(-t); !haveZero || z.Before(zero) {
+			zero, haveZero = z, true
+		}
+	}
+	for _, l := range lines {
+		text := strings.TrimRight(l.Text, "\r\n")
+		if strings.Contains(text, ReadyLine) && ready.IsZero() {
+			ready = l.At
+		}
+		if i := strings.Index(text, BootTraceLine); i >= 0 {
+			for _, kv := range strings.Fields(text[i+len(BootTraceLine):]) {
+				k, v, ok := strings.Cut(kv, "=")
+				us, err := strconv.ParseInt(v, 10, 64)
+				if !ok || err != nil {
+					continue
+				}
+				d := time.Duration(us) * time.Microsecond
+				if k == "now" {
+					anchor(l.At, d)
+				} else {
+					marks[k] = d // the guest's own record wins over the console
+				}
+			}
+			continue
+		}
+		t, msg, ok := printkStamp(text)
+		if !ok {
+			continue
+		}
+		anchor(l.At, t)
+		for _, m := range kernelMarks {
+			if _, seen := marks[m.key]; !seen && strings.HasPrefix(msg, m.prefix) {
+				marks[m.key] = t
+			}
+		}
+	}
+	if ready.IsZero() {
+		return Phases{}, ErrNoReady
+	}
+	p := Phases{Total: ready.Sub(start)}
+	if !haveZero {
+		return p, fmt.Errorf("no guest time on the console (neither printk stamps nor a %q line)", BootTraceLine)
+	}
+	from := start
+	if !firstRun.IsZero() {
+		p.VMMSetup, p.SetupKnown, from = firstRun.Sub(start), true, firstRun
+	}
+	p.Decompress = max(zero.Sub(from), 0)
+	runInit, ok := marks["run-init"]
+	if !ok {
+		return p, errors.New("the console does not say when /init started")
+	}
+	if u, ok := marks["unpack"]; ok {
+		if done, ok := marks["unpacked"]; ok && done >= u {
+			p.Unpack = done - u
+		}
+	}
+	p.KernelInit = max(runInit-p.Unpack, 0)
+	p.InitToReady = ready.Sub(zero.Add(runInit))
+	return p, nil
+}
+
+// printkStamp splits "[   1.234567] message" into its time and message.
+func printkStamp(s string) (time.Duration, string, bool) {
+	s = strings.TrimLeft(s, "\x00")
+	if !strings.HasPrefix(s, "[") {
+		return 0, "", false
+	}
+	end := strings.IndexByte(s, ']')
+	if end < 0 {
+		return 0, "", false
+	}
+	secs, frac, ok := strings.Cut(strings.TrimSpace(s[1:end]), ".")
+	if !ok || len(frac) != 6 {
+		return 0, "", false
+	}
+	si, err1 := strconv.ParseInt(secs, 10, 64)
+	us, err2 := strconv.ParseInt(frac, 10, 64)
+	if err1 != nil || err2 != nil {
+		return 0, "", false
+	}
+	return time.Duration(si)*time.Second + time.Duration(us)*time.Microsecond, strings.TrimSpace(s[end+1:]), true
+}
+
+// String is the breakdown on one line, in milliseconds.
+func (p Phases) String() string {
+	ms := func(d time.Duration) string {
+		return strconv.FormatFloat(float64(d.Microseconds())/1000, 'f', 1, 64) + " ms"
+	}
+	setup := "vmm setup " + ms(p.VMMSetup) + ", decompression " + ms(p.Decompress)
+	if !p.SetupKnown {
+		setup = "setup, firmware and decompression " + ms(p.Decompress)
+	}
+	return fmt.Sprintf("%s to ready: %s, kernel init %s, initramfs unpack %s, /init to ready %s",
+		ms(p.Total), setup, ms(p.KernelInit), ms(p.Unpack), ms(p.InitToReady))
+}
+
+// Recorder is an io.Writer for a console stream that keeps each complete
+// line with the time its newline arrived. It is safe for concurrent use.
+type Recorder struct {
+	mu      sync.Mutex // guards partial, lines and onLine
+	partial []byte
+	lines   []Line
+	now     func() time.Time
+	// OnLine, if set, is called (under the lock; keep it short) with each
+	// complete line.
+	OnLine func(Line)
+}
+
+// NewRecorder returns a Recorder stamping lines with now (time.Now if nil).
+func NewRecorder(now func() time.Time) *Recorder {
+	if now == nil {
+		now = time.Now
+	}
+	return &Recorder{now: now}
+}
+
+// Write implements io.Writer.
+func (r *Recorder) Write(p []byte) (int, error) {
+	at := r.now()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.partial = append(r.partial, p...)
+	for {
+		i := bytes.IndexByte(r.partial, '\n')
+		if i < 0 {
+			break
+		}
+		l := Line{At: at, Text: string(r.partial[:i])}
+		r.partial = r.partial[i+1:]
+		r.lines = append(r.lines, l)
+		if r.OnLine != nil {
+			r.OnLine(l)
+		}
+	}
+	return len(p), nil
+}
+
+// Lines returns the complete lines so far.
+func (r *Recorder) Lines() []Line {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]Line(nil), r.lines...)
+}
+
+// SetupFromReport reads the VMM setup time back from a line that
+// Phases.String wrote (govmm run --boot-trace's report on stderr), so
+// that a benchmark running govmm as a child can place its first KVM_RUN.
+func SetupFromReport(line string) (time.Duration, bool) {
+	_, rest, ok := strings.Cut(line, "vmm setup ")
+	if !ok {
+		return 0, false
+	}
+	v, _, ok := strings.Cut(rest, " ms")
+	f, err := strconv.ParseFloat(v, 64)
+	if !ok || err != nil || f < 0 {
+		return 0, false
+	}
+	return time.Duration(f * float64(time.Millisecond)), true
+}

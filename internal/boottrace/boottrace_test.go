@@ -1,0 +1,139 @@
+package boottrace
+
+import (
+	"fmt"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+var t0 = time.Date(2026, 12, 1, 4, 0, 0, 0, time.UTC)
+
+func at(ms float64) time.Time { return t0.Add(time.Duration(ms * float64(time.Millisecond))) }
+
+func ms(v float64) time.Duration { return time.Duration(v * float64(time.Millisecond)) }
+
+// A quiet boot: the console shows no kernel line, only /init's trace line
+// and the ready line. Process start at 0, first KVM_RUN at 20 ms, the
+// guest clock's zero at 500 ms (the trace line's now=3000 ms arrives at
+// 3500 ms).
+func TestComputeQuiet(t *testing.T) {
+	lines := []Line{
+		{at(3500), "govmm-guest: boot-trace unpack=800000 unpacked=1000000 run-init=2000000 now=3000000\r"},
+		{at(3501), "govmm-guest: ready\r"},
+	}
+	p, err := Compute(t0, at(20), lines)
+	require.NoError(t, err)
+	assert.Equal(t, Phases{VMMSetup: ms(20), SetupKnown: true, Decompress: ms(480), KernelInit: ms(1800),
+		Unpack: ms(200), InitToReady: ms(1001), Total: ms(3501)}, p)
+	assert.Equal(t, p.Total, p.VMMSetup+p.Decompress+p.KernelInit+p.Unpack+p.InitToReady, "the phases add up")
+}
+
+// A boot with the kernel's messages on the console (no quiet) and no
+// trace line (another init): the marks and the clock's zero come from the
+// printk stamps. Lines the kernel buffered before the console came up
+// arrive late; the earliest h - t wins.
+func TestComputeFromKernelLines(t *testing.T) {
+	lines := []Line{
+		{at(900), "[    0.000000] Linux version 6.1.0-57-amd64 (debian-kernel@lists.debian.org)"}, // buffered: h-t = 900
+		{at(900), "[    0.120000] Calibrating delay loop (skipped) preset value.. 4000.00 BogoMIPS (lpj=8000000)"},
+		{at(1010), "[    0.400000] Trying to unpack rootfs image as initramfs..."}, // h-t = 610
+		{at(1310), "[    0.700000] Freeing initrd memory: 17724K"},
+		{at(1800), "[    1.190000] Run /init as init process"}, // h-t = 610
+		{at(1805), "[    1.195000]   with arguments:"},
+		{at(2600), "govmm-guest: ready"},
+	}
+	p, err := Compute(t0, time.Time{}, lines)
+	require.NoError(t, err)
+	assert.False(t, p.SetupKnown)
+	assert.Equal(t, ms(610), p.Decompress, "QEMU: setup, firmware and decompression together")
+	assert.Equal(t, ms(300), p.Unpack)
+	assert.Equal(t, ms(890), p.KernelInit)
+	assert.Equal(t, ms(2600)-ms(610)-ms(1190), p.InitToReady)
+	assert.Equal(t, ms(2600), p.Total)
+	assert.Contains(t, p.String(), "2600.0 ms to ready: setup, firmware and decompression 610.0 ms, kernel init 890.0 ms")
+}
+
+func TestComputeErrors(t *testing.T) {
+	_, err := Compute(t0, at(1), []Line{{at(5), "[    0.100000] Run /init as init process"}})
+	require.ErrorIs(t, err, ErrNoReady)
+
+	p, err := Compute(t0, at(1), []Line{{at(5), "govmm-guest: ready"}})
+	require.Error(t, err, "no guest time")
+	assert.Equal(t, ms(5), p.Total, "the total is known all the same")
+
+	_, err = Compute(t0, at(1), []Line{{at(4), "govmm-guest: boot-trace now=1000"}, {at(5), "govmm-guest: ready"}})
+	require.ErrorContains(t, err, "/init")
+}
+
+func TestPrintkStamp(t *testing.T) {
+	for in, want := range map[string]time.Duration{
+		"[    1.234567] x":     ms(1234.567),
+		"[12345.000001] x":     12345*time.Second + time.Microsecond,
+		"\x00[    0.000000] x": 0,
+	} {
+		d, msg, ok := printkStamp(in)
+		require.True(t, ok, in)
+		assert.Equal(t, want, d, in)
+		assert.Equal(t, "x", msg)
+	}
+	for _, in := range []string{"", "govmm-guest: ready", "[ 1.2] short fraction", "[abc.123456] x", "[ 1.234567 no bracket"} {
+		_, _, ok := printkStamp(in)
+		assert.False(t, ok, in)
+	}
+}
+
+func TestRecorder(t *testing.T) {
+	clock := t0
+	r := NewRecorder(func() time.Time { return clock })
+	var seen []string
+	r.OnLine = func(l Line) { seen = append(seen, l.Text) }
+	fmt.Fprint(r, "partial ")
+	clock = at(7)
+	fmt.Fprint(r, "line\nsecond\nthi")
+	clock = at(9)
+	fmt.Fprint(r, "rd\n")
+	assert.Equal(t, []Line{{at(7), "partial line"}, {at(7), "second"}, {at(9), "third"}}, r.Lines())
+	assert.Equal(t, "partial line|second|third", strings.Join(seen, "|"))
+}
+
+func TestSetupFromReport(t *testing.T) {
+	p := Phases{VMMSetup: ms(12.3), SetupKnown: true, Decompress: ms(400), Total: ms(1000)}
+	d, ok := SetupFromReport("govmm: boot trace: " + p.String())
+	require.True(t, ok)
+	assert.Equal(t, ms(12.3), d)
+	_, ok = SetupFromReport("govmm: boot trace: 1.0 ms to ready: setup, firmware and decompression 1.0 ms")
+	assert.False(t, ok)
+}
+
+// The console of a PVH boot of the default guest in the lab (not quiet),
+// as govmm run printed it. Each line is given the arrival time of its
+// printk stamp plus one second (the guest clock's zero at 1 s after the
+// first KVM_RUN); lines without a stamp arrive with the last stamped one.
+func TestComputeCapturedConsole(t *testing.T) {
+	text, err := os.ReadFile("testdata/console-pvh-lab.txt")
+	require.NoError(t, err)
+	var lines []Line
+	last := time.Duration(0)
+	for _, l := range strings.Split(strings.TrimRight(string(text), "\n"), "\n") {
+		if d, _, ok := printkStamp(l); ok {
+			last = d
+		}
+		if strings.HasPrefix(l, BootTraceLine) {
+			last = 17308540 * time.Microsecond // its now=
+		}
+		lines = append(lines, Line{At: at(1000).Add(last), Text: l})
+	}
+	p, err := Compute(t0, at(20), lines)
+	require.NoError(t, err)
+	assert.Equal(t, ms(20), p.VMMSetup)
+	assert.Equal(t, ms(980), p.Decompress)
+	assert.Equal(t, time.Duration(12552694-12096175)*time.Microsecond, p.Unpack, "Unpacking initramfs to Freeing initrd memory")
+	assert.Equal(t, time.Duration(14726817)*time.Microsecond-p.Unpack, p.KernelInit)
+	assert.Equal(t, time.Duration(17308540-14726817)*time.Microsecond, p.InitToReady)
+	assert.Equal(t, p.Total, p.VMMSetup+p.Decompress+p.KernelInit+p.Unpack+p.InitToReady)
+}
