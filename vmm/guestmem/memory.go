@@ -63,6 +63,9 @@ type Spec struct {
 type Memory struct {
 	regions []*Region // sorted by GPA, non-overlapping
 	size    uint64
+	// snap is the copy-on-write snapshot in progress, if any: the VMM's
+	// own writes copy the pages it still needs before writing them.
+	snap atomic.Pointer[Snapshot]
 }
 
 // New maps anonymous memory for each region. Sizes and addresses must be
@@ -186,6 +189,9 @@ func (m *Memory) Fill(gpa GPA, n uint64, fill func(dst []byte) error) error {
 	if err != nil {
 		return err
 	}
+	if s := m.snap.Load(); s != nil {
+		s.beforeWrite(r, off, n)
+	}
 	defer r.markDirty(off, n)
 	return fill(r.Host[off : off+n : off+n])
 }
@@ -207,6 +213,9 @@ func (m *Memory) WriteAt(p []byte, gpa GPA) error {
 	r, off, err := m.find(gpa, uint64(len(p)))
 	if err != nil {
 		return err
+	}
+	if s := m.snap.Load(); s != nil {
+		s.beforeWrite(r, off, uint64(len(p)))
 	}
 	copy(r.Host[off:], p)
 	r.markDirty(off, uint64(len(p)))
