@@ -62,6 +62,9 @@ type Replicator struct {
 	gpas    []guestmem.GPA
 	staging []byte
 	writes  [][]DiskWrite
+	// cow write-protects the dirty pages for copy-on-write checkpoints;
+	// nil when they stop to copy.
+	cow *guestmem.Protector
 }
 
 // ErrStandbyLost is why replication ends when the standby stops answering.
@@ -112,6 +115,12 @@ func startReplication(ctx context.Context, m *vmm.Machine, cfg ReplicateConfig, 
 		r.cancel()
 		return nil, fmt.Errorf("replicate: %w", err)
 	}
+	if r.cow, err = r.copyOnWrite(); err != nil {
+		r.tr.Close()
+		_ = r.t.Close()
+		r.cancel()
+		return nil, fmt.Errorf("replicate: %w", err)
+	}
 	go r.ackLoop()
 	// From now on every disk write is recorded, and reaches the standby
 	// after the copy of the blocks it touches.
@@ -126,6 +135,7 @@ func startReplication(ctx context.Context, m *vmm.Machine, cfg ReplicateConfig, 
 		// hold was never acknowledged, and nothing will release it.
 		r.endOutputCommit()
 		r.tr.Close()
+		r.closeCoW()
 		_ = r.t.Close()
 		<-r.acks
 		r.cancel()
@@ -174,12 +184,47 @@ func (r *Replicator) initialSync(ctx context.Context) error {
 	return nil
 }
 
+// copyOnWrite sets up copy-on-write checkpoints as the config asks: nil
+// for stop-and-copy (asked for, or CopyAuto where the host cannot: said
+// once in the log).
+func (r *Replicator) copyOnWrite() (*guestmem.Protector, error) {
+	if r.cfg.Copy == CopyStop {
+		return nil, nil
+	}
+	p, err := guestmem.NewProtector(r.m.Memory())
+	if err == nil {
+		r.log.Debug("checkpoints copy on write")
+		return p, nil
+	}
+	if r.cfg.Copy == CopyCoW {
+		return nil, fmt.Errorf("copy-on-write checkpoints: %w", err)
+	}
+	r.log.Info("checkpoints stop the guest to copy its pages: copy-on-write is unavailable here", "why", err)
+	return nil, nil
+}
+
+// closeCoW un-protects guest memory and stops the fault handler; every
+// checkpoint has finished its copy by then.
+func (r *Replicator) closeCoW() {
+	if r.cow == nil {
+		return
+	}
+	if err := r.cow.Close(); err != nil {
+		r.log.Warn("copy-on-write: close", "err", err)
+	}
+}
+
 // checkpoint takes one checkpoint: pause, harvest (extra is ORed in),
-// copy the dirty pages into a staging buffer, save the state, take the
-// disk writes, seal the epoch's output, resume; then stream it while the
-// guest runs on.
+// take the dirty pages (copy them into the staging buffer, or, copying
+// on write, write-protect them), save the state, take the disk writes,
+// seal the epoch's output, resume; then stream it while the guest runs
+// on (copying on write, the pages are copied meanwhile, each before the
+// guest may change it: the staging buffer holds them as of the cut).
 func (r *Replicator) checkpoint(extra *dirtylog.Set) error {
-	var es EpochStats
+	es := EpochStats{CopyMode: string(CopyStop)}
+	if r.cow != nil {
+		es.CopyMode = string(CopyCoW)
+	}
 	t0 := time.Now()
 	r.mu.Lock()
 	if !r.lastResumed.IsZero() {
@@ -189,6 +234,7 @@ func (r *Replicator) checkpoint(extra *dirtylog.Set) error {
 	var (
 		state          []byte
 		epoch          uint64
+		snap           *guestmem.Snapshot
 		ts, t1, t2, t3 time.Time
 	)
 	err := r.m.WithPaused(context.Background(), func() error {
@@ -201,7 +247,12 @@ func (r *Replicator) checkpoint(extra *dirtylog.Set) error {
 			set.Or(extra)
 		}
 		t1 = time.Now()
-		if err := r.stage(set); err != nil {
+		if r.cow != nil {
+			snap, err = r.protect(set)
+		} else {
+			err = r.stage(set)
+		}
+		if err != nil {
 			return err
 		}
 		t2 = time.Now()
@@ -218,10 +269,18 @@ func (r *Replicator) checkpoint(extra *dirtylog.Set) error {
 		t3 = time.Now()
 		return nil
 	})
+	now := time.Now()
+	if snap != nil {
+		// Protected pages are copied and let go whatever happens next:
+		// no guest write may wait on a checkpoint that is not sent.
+		go snap.Copy()
+	}
 	if err != nil {
+		if snap != nil {
+			_, _ = snap.Wait()
+		}
 		return err
 	}
-	now := time.Now()
 	es.Epoch, es.DirtyPages = epoch, len(r.gpas)
 	es.Stop, es.Harvest, es.Copy, es.State, es.Pause = ts.Sub(t0), t1.Sub(ts), t2.Sub(t1), t3.Sub(t2), now.Sub(t0)
 	r.mu.Lock()
@@ -231,7 +290,17 @@ func (r *Replicator) checkpoint(extra *dirtylog.Set) error {
 
 	before := r.t.Stats().BytesSent
 	r.resumable.Store(true)
-	if err := r.send(epoch, state); err != nil {
+	err = r.send(epoch, state, snap)
+	if snap != nil {
+		// The next checkpoint's pause starts only once every page of this
+		// one is copied and un-protected.
+		done, werr := snap.Wait()
+		es.Background = done.Sub(now)
+		if err == nil {
+			err = werr
+		}
+	}
+	if err != nil {
 		return err
 	}
 	es.Bytes = r.t.Stats().BytesSent - before
@@ -257,6 +326,25 @@ func (r *Replicator) stage(set *dirtylog.Set) error {
 	})
 }
 
+// protect lists the pages of set, sizes the staging buffer for them and
+// write-protects them: the snapshot copies them there once the guest has
+// resumed.
+func (r *Replicator) protect(set *dirtylog.Set) (*guestmem.Snapshot, error) {
+	r.gpas = r.gpas[:0]
+	if err := set.ForEach(func(gpa guestmem.GPA) error {
+		r.gpas = append(r.gpas, gpa)
+		return nil
+	}); err != nil {
+		return nil, err
+	}
+	n := len(r.gpas) * guestmem.PageSize
+	if cap(r.staging) < n {
+		r.staging = make([]byte, n+n/4) // room for a few more next time
+	}
+	r.staging = r.staging[:n]
+	return r.cow.Begin(r.gpas, r.staging)
+}
+
 // sealOutput ends the guest's output epoch at checkpoint epoch's cut. At
 // the first resumable checkpoint it arms the buffers instead: output from
 // then on waits for acks.
@@ -274,13 +362,28 @@ func (r *Replicator) sealOutput(epoch uint64) error {
 	return nil
 }
 
-// send streams the staged checkpoint.
-func (r *Replicator) send(epoch uint64, state []byte) error {
+// send streams the staged checkpoint; copying on write, each page as
+// soon as snap has copied it.
+func (r *Replicator) send(epoch uint64, state []byte, snap *guestmem.Snapshot) error {
 	if err := r.t.BeginCheckpoint(epoch, stream.KindEpoch); err != nil {
 		return err
 	}
 	for i, gpa := range r.gpas {
-		if err := r.t.SendPage(gpa, r.staging[i*guestmem.PageSize:(i+1)*guestmem.PageSize]); err != nil {
+		page := r.staging[i*guestmem.PageSize : (i+1)*guestmem.PageSize]
+		if snap != nil {
+			var err error
+			if page, err = snap.Page(i); err != nil {
+				return err
+			}
+		}
+		if err := r.t.SendPage(gpa, page); err != nil {
+			return err
+		}
+	}
+	if snap != nil {
+		// A snapshot that cannot be trusted (its fault handler failed)
+		// must not become a checkpoint.
+		if _, err := snap.Wait(); err != nil {
 			return err
 		}
 	}
@@ -513,6 +616,7 @@ func (r *Replicator) finish(err error) {
 	r.protected = false
 	r.mu.Unlock()
 	_ = r.tr.Close()
+	r.closeCoW()
 	_ = r.t.Close()
 	<-r.acks
 	r.cancel()

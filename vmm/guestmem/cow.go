@@ -53,6 +53,11 @@ type Protector struct {
 	gen   uint64
 	state []atomic.Uint64
 
+	// inUse is held (read) by whoever works on the current Snapshot (the
+	// handler, a VMM write); uninstall takes it to wait for them, so the
+	// caller may reuse the Snapshot's buffers once Wait returns.
+	inUse sync.RWMutex
+
 	faults     atomic.Uint64 // pages copied by a write fault (handler)
 	vmmWrites  atomic.Uint64 // pages copied by a VMM write (accessor)
 	handlerErr atomic.Pointer[error]
@@ -184,7 +189,9 @@ func (p *Protector) Close() error {
 			first = fmt.Errorf("un-protect guest memory region %d: %w", i, err)
 		}
 	}
-	p.mem.snap.Store(nil)
+	if s := p.mem.snap.Load(); s != nil {
+		p.uninstall(s)
+	}
 	p.unregister()
 	_ = unix.Close(p.stop)
 	p.u.close()
@@ -251,6 +258,7 @@ func (p *Protector) fault(addr uintptr) error {
 			continue
 		}
 		off := uint64(addr-base) &^ (PageSize - 1)
+		p.inUse.RLock()
 		if s := p.mem.snap.Load(); s != nil {
 			if idx, ok := s.index(r.GPA + GPA(off)); ok {
 				if s.take(idx) {
@@ -258,6 +266,7 @@ func (p *Protector) fault(addr uintptr) error {
 				}
 			}
 		}
+		p.inUse.RUnlock()
 		// Copied by whoever, or never part of the snapshot (a fault read
 		// after its page was done): let the writer through.
 		return p.u.protect(base+uintptr(off), PageSize, false, false)
@@ -277,8 +286,7 @@ type Snapshot struct {
 	cond     *sync.Cond
 	finished chan struct{}
 	err      error
-	began    time.Time
-	took     time.Duration
+	doneAt   time.Time
 	ioctls   int
 }
 
@@ -298,7 +306,7 @@ func (p *Protector) Begin(gpas []GPA, dst []byte) (*Snapshot, error) {
 	if len(p.state) < len(gpas) {
 		p.state = make([]atomic.Uint64, len(gpas)+len(gpas)/4)
 	}
-	s := &Snapshot{p: p, gpas: gpas, dst: dst, gen: p.gen, finished: make(chan struct{}), began: time.Now()}
+	s := &Snapshot{p: p, gpas: gpas, dst: dst, gen: p.gen, finished: make(chan struct{})}
 	s.cond = sync.NewCond(&s.mu)
 	p.mem.snap.Store(s)
 	err := s.runs(0, len(gpas), len(gpas), func(r *Region, i, j int) error {
@@ -312,7 +320,7 @@ func (p *Protector) Begin(gpas []GPA, dst []byte) (*Snapshot, error) {
 			off := uint64(gpas[i] - r.GPA)
 			return p.u.protect(p.bases[r.Slot]+uintptr(off), uintptr(j-i)*PageSize, false, false)
 		})
-		p.mem.snap.Store(nil)
+		p.uninstall(s)
 		return nil, fmt.Errorf("write-protect %d pages: %w", len(gpas), err)
 	}
 	return s, nil
@@ -382,11 +390,22 @@ func (s *Snapshot) copyPage(i int) {
 	copy(s.dst[i*PageSize:(i+1)*PageSize], page)
 }
 
-// beforeWrite is called by WriteAt and Fill before they write [off,
-// off+n) of r: each page of it the snapshot still needs is copied (and
-// un-protected) first, so the VMM's write never faults.
-func (s *Snapshot) beforeWrite(r *Region, off, n uint64) {
-	if n == 0 {
+// uninstall makes s no longer current and waits until nobody works on it.
+func (p *Protector) uninstall(s *Snapshot) {
+	p.mem.snap.CompareAndSwap(s, nil)
+	p.inUse.Lock()
+	p.inUse.Unlock() //nolint:staticcheck // an empty critical section: waits for the readers
+}
+
+// beforeWrite is called by WriteAt and Fill, which found a snapshot in
+// progress, before they write [off, off+n) of r: each page of it the
+// snapshot still needs is copied (and un-protected) first, so the VMM's
+// write never faults.
+func (p *Protector) beforeWrite(r *Region, off, n uint64) {
+	p.inUse.RLock()
+	defer p.inUse.RUnlock()
+	s := p.mem.snap.Load()
+	if s == nil || n == 0 {
 		return
 	}
 	for p := off &^ (PageSize - 1); p < off+n; p += PageSize {
@@ -451,10 +470,10 @@ func (s *Snapshot) Copy() {
 	if err != nil {
 		s.p.fail(err)
 	}
-	s.p.mem.snap.CompareAndSwap(s, nil)
+	s.p.uninstall(s)
 	s.mu.Lock()
 	s.err = err
-	s.took = time.Since(s.began)
+	s.doneAt = time.Now()
 	s.cond.Broadcast()
 	s.mu.Unlock()
 	close(s.finished)
@@ -491,9 +510,9 @@ func (s *Snapshot) Page(i int) ([]byte, error) {
 }
 
 // Wait waits until Copy has finished: every page copied and un-protected.
-// It returns how long that took from Begin, and why the snapshot cannot
-// be trusted, if it cannot.
-func (s *Snapshot) Wait() (time.Duration, error) {
+// It returns when that was, and why the snapshot cannot be trusted, if it
+// cannot.
+func (s *Snapshot) Wait() (time.Time, error) {
 	<-s.finished
-	return s.took, s.err
+	return s.doneAt, s.err
 }

@@ -190,7 +190,7 @@ func (m *Memory) Fill(gpa GPA, n uint64, fill func(dst []byte) error) error {
 		return err
 	}
 	if s := m.snap.Load(); s != nil {
-		s.beforeWrite(r, off, n)
+		s.p.beforeWrite(r, off, n)
 	}
 	defer r.markDirty(off, n)
 	return fill(r.Host[off : off+n : off+n])
@@ -215,7 +215,7 @@ func (m *Memory) WriteAt(p []byte, gpa GPA) error {
 		return err
 	}
 	if s := m.snap.Load(); s != nil {
-		s.beforeWrite(r, off, uint64(len(p)))
+		s.p.beforeWrite(r, off, uint64(len(p)))
 	}
 	copy(r.Host[off:], p)
 	r.markDirty(off, uint64(len(p)))
