@@ -96,6 +96,8 @@ func benchCheckpointCopy(b *testing.B, pages int, mode CopyMode) {
 		if recent[0].CopyMode != string(CopyCoW) {
 			b.Fatalf("copied %s, not cow", recent[0].CopyMode)
 		}
-		b.ReportMetric(float64(rep.cow.Stats().Faults), "faults")
+		st := rep.cow.Stats()
+		b.ReportMetric(float64(st.Faults), "faults")
+		b.ReportMetric(float64(st.ArmedWrites), "armed-writes")
 	}
 }

@@ -225,6 +225,13 @@ func (r *Replicator) checkpoint(extra *dirtylog.Set) error {
 	if r.cow != nil {
 		es.CopyMode = string(CopyCoW)
 	}
+	if r.cow != nil {
+		// Protect last epoch's pages ahead of the pause, the guest running
+		// (part of the epoch, not of the pause).
+		if err := r.cow.Arm(); err != nil {
+			return err
+		}
+	}
 	t0 := time.Now()
 	r.mu.Lock()
 	if !r.lastResumed.IsZero() {
@@ -274,6 +281,8 @@ func (r *Replicator) checkpoint(extra *dirtylog.Set) error {
 		// Protected pages are copied and let go whatever happens next:
 		// no guest write may wait on a checkpoint that is not sent.
 		go snap.Copy()
+	} else if r.cow != nil {
+		r.cow.Disarm() // no Begin: let the armed pages go
 	}
 	if err != nil {
 		if snap != nil {
@@ -282,6 +291,9 @@ func (r *Replicator) checkpoint(extra *dirtylog.Set) error {
 		return err
 	}
 	es.Epoch, es.DirtyPages = epoch, len(r.gpas)
+	if snap != nil {
+		es.DirtyPages = snap.Len()
+	}
 	es.Stop, es.Harvest, es.Copy, es.State, es.Pause = ts.Sub(t0), t1.Sub(ts), t2.Sub(t1), t3.Sub(t2), now.Sub(t0)
 	r.mu.Lock()
 	r.lastResumed = now
@@ -326,23 +338,17 @@ func (r *Replicator) stage(set *dirtylog.Set) error {
 	})
 }
 
-// protect lists the pages of set, sizes the staging buffer for them and
-// write-protects them: the snapshot copies them there once the guest has
-// resumed.
+// protect sizes the staging buffer for the pages of set and
+// write-protects them (those Arm has not): the snapshot copies them there
+// once the guest has resumed. The pause spends nothing per page here but
+// the protection of pages Arm did not predict.
 func (r *Replicator) protect(set *dirtylog.Set) (*guestmem.Snapshot, error) {
-	r.gpas = r.gpas[:0]
-	if err := set.ForEach(func(gpa guestmem.GPA) error {
-		r.gpas = append(r.gpas, gpa)
-		return nil
-	}); err != nil {
-		return nil, err
-	}
-	n := len(r.gpas) * guestmem.PageSize
+	n := set.Count() * guestmem.PageSize
 	if cap(r.staging) < n {
 		r.staging = make([]byte, n+n/4) // room for a few more next time
 	}
 	r.staging = r.staging[:n]
-	return r.cow.Begin(r.gpas, r.staging)
+	return r.cow.Begin(set, r.staging)
 }
 
 // sealOutput ends the guest's output epoch at checkpoint epoch's cut. At
@@ -368,23 +374,20 @@ func (r *Replicator) send(epoch uint64, state []byte, snap *guestmem.Snapshot) e
 	if err := r.t.BeginCheckpoint(epoch, stream.KindEpoch); err != nil {
 		return err
 	}
-	for i, gpa := range r.gpas {
-		page := r.staging[i*guestmem.PageSize : (i+1)*guestmem.PageSize]
-		if snap != nil {
-			var err error
-			if page, err = snap.Page(i); err != nil {
-				return err
-			}
-		}
-		if err := r.t.SendPage(gpa, page); err != nil {
+	if snap != nil {
+		if err := snap.Pages(r.t.SendPage); err != nil {
 			return err
 		}
-	}
-	if snap != nil {
 		// A snapshot that cannot be trusted (its fault handler failed)
 		// must not become a checkpoint.
 		if _, err := snap.Wait(); err != nil {
 			return err
+		}
+	} else {
+		for i, gpa := range r.gpas {
+			if err := r.t.SendPage(gpa, r.staging[i*guestmem.PageSize:(i+1)*guestmem.PageSize]); err != nil {
+				return err
+			}
 		}
 	}
 	if err := sendWrites(r.t, r.writes); err != nil {

@@ -3,8 +3,8 @@ package guestmem
 import (
 	"errors"
 	"fmt"
+	"math/bits"
 	"runtime"
-	"sort"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -16,15 +16,26 @@ import (
 // QEMU's background snapshot).
 //
 // A Protector registers all of guest memory with one userfaultfd in
-// write-protect mode and serves its faults on a goroutine of its own.
-// Begin, called with the guest stopped, write-protects a set of pages and
-// returns a Snapshot; the caller resumes the guest and the Snapshot's
-// copier copies each page into the caller's buffer, then un-protects it.
-// A write to a page not yet copied is held by the kernel (a vCPU's, taken
-// through KVM's fault path; any thread's) until the fault handler has
-// copied the page and un-protected it; a write through this package's
-// accessors (WriteAt, Fill) copies the page itself first and never faults.
-// Either way the buffer holds every page as it was at Begin.
+// write-protect mode and serves its faults on a thread of its own. Begin,
+// called with the guest stopped, write-protects a set of pages and returns
+// a Snapshot; the caller resumes the guest and the Snapshot's copier
+// copies each page into the caller's buffer, then un-protects it. A write
+// to a page not yet copied is held by the kernel (a vCPU's, taken through
+// KVM's fault path; any thread's) until the fault handler has copied the
+// page and un-protected it; a write through this package's accessors
+// (WriteAt, Fill) copies the page itself first and never faults. Either
+// way the buffer holds every page as it was at Begin.
+//
+// Arming: write-protection costs about 0.1 µs a page, too much to spend
+// on every page in the pause. Arm, called with the guest running just
+// before the pause, protects the pages the last snapshot held (a guest
+// dirties much the same pages from one epoch to the next). A write to an
+// armed page before Begin is let through at once (it is before the cut:
+// no copy), and the page noted as touched. Begin then protects only the
+// pages of its set that are not armed or were touched, under the same lock
+// as the fault path's noting, so every page of the set is protected when
+// the guest resumes; the armed pages outside the set are let go after the
+// copy.
 //
 // Why the VMM's own writes must not fault: a goroutine stopped on a fault
 // in user mode inside an assembly copy cannot be preempted, so a garbage
@@ -38,9 +49,16 @@ import (
 func claimed(gen uint64) uint64 { return 2 * gen }
 func copied(gen uint64) uint64  { return 2*gen + 1 }
 
-// Protector write-protects pages of one Memory for snapshots. Begin and
-// Close are called by one goroutine (the replicator's epoch loop); faults
-// are served concurrently.
+// PageBitmap is a set of guest pages as bitmaps: Words(i) is region i's
+// (in Memory.Regions order), one bit per page, 64 pages per word
+// (dirtylog.Set).
+type PageBitmap interface {
+	Words(region int) []uint64
+}
+
+// Protector write-protects pages of one Memory for snapshots. Arm, Begin
+// and Close are called by one goroutine (the replicator's epoch loop);
+// faults are served concurrently.
 type Protector struct {
 	mem   *Memory
 	u     *uffd
@@ -48,25 +66,35 @@ type Protector struct {
 	stop  int       // eventfd: ends the fault handler
 	done  chan struct{}
 
-	// Owned by Begin's caller; the slice is read by the handler through
+	// armMu orders the noting of touched armed pages (faults, VMM writes)
+	// with Begin's reading of them.
+	armMu   sync.Mutex
+	armed   bool       // between Arm and Begin (or Disarm)
+	armBits [][]uint64 // per region: the pages Arm protected
+	touched [][]uint64 // per region: armed pages written since, let through
+
+	// Owned by Begin's caller; the slices are read by the handler through
 	// the current Snapshot only.
 	gen   uint64
 	state []atomic.Uint64
+	last  *Snapshot // the latest, finished or not: what Arm predicts from
 
 	// inUse is held (read) by whoever works on the current Snapshot (the
 	// handler, a VMM write); uninstall takes it to wait for them, so the
-	// caller may reuse the Snapshot's buffers once Wait returns.
+	// caller may reuse the Snapshot's buffer once Wait returns.
 	inUse sync.RWMutex
 
 	faults     atomic.Uint64 // pages copied by a write fault (handler)
 	vmmWrites  atomic.Uint64 // pages copied by a VMM write (accessor)
+	armFaults  atomic.Uint64 // armed pages written before the cut
 	handlerErr atomic.Pointer[error]
 }
 
-// NewProtector opens a userfaultfd, registers mem with it in write-protect
-// mode, checks on a scratch page that a protected page's write is reported
-// and let through once un-protected, and starts the fault handler. An
-// error wraps ErrNoWriteProtect when the host lacks the feature.
+// NewProtector checks on a scratch page that a protected page's write is
+// reported and let through once un-protected, opens a userfaultfd,
+// registers mem with it in write-protect mode, and starts the fault
+// handler. An error wraps ErrNoWriteProtect when the host lacks the
+// feature.
 func NewProtector(mem *Memory) (*Protector, error) {
 	if err := probeWriteProtect(); err != nil {
 		return nil, err
@@ -84,6 +112,8 @@ func NewProtector(mem *Memory) (*Protector, error) {
 			return nil, fmt.Errorf("guest memory region %d: %w", i, err)
 		}
 		p.bases = append(p.bases, base)
+		p.armBits = append(p.armBits, make([]uint64, r.BitmapWords()))
+		p.touched = append(p.touched, make([]uint64, r.BitmapWords()))
 	}
 	p.stop, err = unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
 	if err != nil {
@@ -127,12 +157,12 @@ func probeWriteProtect() error {
 		close(wrote)
 	}()
 	fds := []unix.PollFd{{Fd: int32(u.fd), Events: unix.POLLIN}}
+	msgs := make([]uffdMsg, 1)
 	reported := false
 	for deadline := time.Now().Add(2 * time.Second); !reported && time.Now().Before(deadline); {
 		if _, err := unix.Poll(fds, 100); err != nil && !errors.Is(err, unix.EINTR) {
 			break
 		}
-		msgs := make([]uffdMsg, 1)
 		n, err := u.read(msgs)
 		if err != nil {
 			break
@@ -159,17 +189,19 @@ func probeWriteProtect() error {
 	return nil
 }
 
-// Stats are the Protector's counters since it was created.
+// ProtectorStats are a Protector's counters since it was created.
 type ProtectorStats struct {
 	// Faults counts pages copied because a write faulted on them (a vCPU
 	// through KVM, or any thread) before the copier reached them;
-	// VMMWrites those copied by the VMM's own writes (WriteAt, Fill).
-	Faults, VMMWrites uint64
+	// VMMWrites those copied first by the VMM's own writes (WriteAt,
+	// Fill); ArmedWrites the armed pages written before the cut (let
+	// through, then protected in the pause).
+	Faults, VMMWrites, ArmedWrites uint64
 }
 
 // Stats returns the counters.
 func (p *Protector) Stats() ProtectorStats {
-	return ProtectorStats{Faults: p.faults.Load(), VMMWrites: p.vmmWrites.Load()}
+	return ProtectorStats{Faults: p.faults.Load(), VMMWrites: p.vmmWrites.Load(), ArmedWrites: p.armFaults.Load()}
 }
 
 // Close stops the fault handler, un-protects all of guest memory (waking
@@ -183,15 +215,18 @@ func (p *Protector) Close() error {
 	one[0] = 1
 	_, _ = unix.Write(p.stop, one[:])
 	<-p.done
+	p.armMu.Lock()
+	p.armed = false
+	p.armMu.Unlock()
 	var first error
 	for i, r := range p.mem.regions {
 		if err := p.u.protect(p.bases[i], uintptr(r.Size), false, false); err != nil && first == nil {
 			first = fmt.Errorf("un-protect guest memory region %d: %w", i, err)
 		}
 	}
-	if s := p.mem.snap.Load(); s != nil {
-		p.uninstall(s)
-	}
+	p.mem.wp.Store(nil)
+	p.inUse.Lock()
+	p.inUse.Unlock() //nolint:staticcheck // empty: waits for the VMM writes in progress
 	p.unregister()
 	_ = unix.Close(p.stop)
 	p.u.close()
@@ -248,36 +283,135 @@ func (p *Protector) fail(err error) {
 	}
 }
 
-// fault resolves a write fault at host address addr: the page is copied
-// if the current snapshot still needs it, then un-protected (waking the
-// writer).
+// fault resolves a write fault at host address addr.
 func (p *Protector) fault(addr uintptr) error {
 	for i, r := range p.mem.regions {
 		base := p.bases[i]
 		if addr < base || addr >= base+uintptr(r.Size) {
 			continue
 		}
-		off := uint64(addr-base) &^ (PageSize - 1)
 		p.inUse.RLock()
-		if s := p.mem.snap.Load(); s != nil {
-			if idx, ok := s.index(r.GPA + GPA(off)); ok {
-				if s.take(idx) {
-					p.faults.Add(1)
-				}
-			}
+		if p.resolve(r, uint64(addr-base)>>PageShift, true) {
+			p.faults.Add(1)
 		}
 		p.inUse.RUnlock()
-		// Copied by whoever, or never part of the snapshot (a fault read
-		// after its page was done): let the writer through.
-		return p.u.protect(base+uintptr(off), PageSize, false, false)
+		return nil
 	}
 	return fmt.Errorf("write fault at %#x outside guest memory", addr)
+}
+
+// resolve makes page pg of region r writable as far as snapshots go, and
+// wakes whoever waits on a fault there: an armed page is noted as touched
+// and un-protected, a page the current snapshot still needs is copied
+// first (and un-protected), an armed page the snapshot does not need is
+// un-protected. For a fault (rather than a VMM write about to happen) any
+// other page is un-protected too: the fault may be stale, or the page
+// protected by an earlier failure; un-protecting a writable page is
+// harmless. It reports whether it copied the page. The caller holds inUse
+// (read): the snapshot it finds stays current meanwhile.
+func (p *Protector) resolve(r *Region, pg uint64, fault bool) bool {
+	w, bit := pg/64, uint64(1)<<(pg%64)
+	addr := p.bases[r.Slot] + uintptr(pg*PageSize)
+	p.armMu.Lock()
+	defer p.armMu.Unlock()
+	if p.armed {
+		// Un-protected under armMu, so that Begin, which protects the
+		// touched pages again, comes either before (the page is still
+		// armed, and this write precedes the cut) or after (it sees it
+		// touched).
+		if p.armBits[r.Slot][w]&bit != 0 && p.touched[r.Slot][w]&bit == 0 {
+			p.touched[r.Slot][w] |= bit
+			p.armFaults.Add(1)
+			_ = p.u.protect(addr, PageSize, false, false)
+		} else if fault {
+			_ = p.u.wake(addr, PageSize)
+		}
+		return false
+	}
+	if s := p.mem.snap.Load(); s != nil {
+		if i, ok := s.index(r, pg); ok {
+			p.armMu.Unlock()
+			copied := s.take(r, pg, i)
+			p.armMu.Lock()
+			return copied
+		}
+		if s.free[r.Slot][w]&bit != 0 {
+			fault = true // armed, protected, and not needed: let it go now
+		}
+	}
+	if fault {
+		_ = p.u.protect(addr, PageSize, false, false)
+	}
+	return false
+}
+
+// beforeWrite is called by WriteAt and Fill, which found the Protector
+// armed or a snapshot in progress, before they write [off, off+n) of r:
+// each page of it is made writable first (resolve), so the VMM's write
+// never faults.
+func (p *Protector) beforeWrite(r *Region, off, n uint64) {
+	if n == 0 {
+		return
+	}
+	p.inUse.RLock()
+	defer p.inUse.RUnlock()
+	for pg := off >> PageShift; pg <= (off+n-1)>>PageShift; pg++ {
+		if p.resolve(r, pg, false) {
+			p.vmmWrites.Add(1)
+		}
+	}
+}
+
+// Arm write-protects the pages the last snapshot held, with the guest
+// running, ahead of the Begin that follows (see "Arming" above). Without
+// a last snapshot it does nothing.
+func (p *Protector) Arm() error {
+	if p.last == nil {
+		return nil
+	}
+	p.armMu.Lock()
+	for k := range p.armBits {
+		copy(p.armBits[k], p.last.want[k])
+		clear(p.touched[k])
+	}
+	p.armed = true
+	p.armMu.Unlock()
+	p.mem.wp.Store(p)
+	for k, r := range p.mem.regions {
+		err := bitRuns(p.armBits[k], 1<<30, func(pg, n uint64) error {
+			return p.u.protect(p.bases[k]+uintptr(pg*PageSize), uintptr(n*PageSize), true, false)
+		})
+		if err != nil {
+			p.Disarm()
+			return fmt.Errorf("arm write-protection of region %#x: %w", uint64(r.GPA), err)
+		}
+	}
+	return nil
+}
+
+// Disarm lets go of the armed pages when no Begin follows Arm.
+func (p *Protector) Disarm() {
+	p.armMu.Lock()
+	defer p.armMu.Unlock()
+	if !p.armed {
+		return
+	}
+	p.armed = false
+	for k := range p.armBits {
+		_ = bitRuns(p.armBits[k], 1<<30, func(pg, n uint64) error {
+			return p.u.protect(p.bases[k]+uintptr(pg*PageSize), uintptr(n*PageSize), false, false)
+		})
+	}
+	p.mem.wp.CompareAndSwap(p, nil)
 }
 
 // Snapshot is one set of pages being copied out of guest memory.
 type Snapshot struct {
 	p    *Protector
-	gpas []GPA // sorted
+	want [][]uint64 // per region: the pages
+	rank [][]int32  // per region and word: the pages before it (all regions)
+	free [][]uint64 // per region: armed pages outside the set, let go after the copy
+	n    int
 	dst  []byte
 	gen  uint64
 	// progress: every page below copiedTo is in dst.
@@ -287,81 +421,147 @@ type Snapshot struct {
 	finished chan struct{}
 	err      error
 	doneAt   time.Time
-	ioctls   int
+	protects int
 }
 
-// Begin write-protects the pages at gpas (sorted, as dirtylog reports
-// them), to be copied into dst (PageSize bytes per page, in the same
-// order). Call it with the guest stopped: from then on a write to one of
-// the pages waits until it is copied. Then resume the guest and call
-// Snapshot.Copy. The previous Snapshot must have finished.
-func (p *Protector) Begin(gpas []GPA, dst []byte) (*Snapshot, error) {
-	if len(dst) < len(gpas)*PageSize {
-		return nil, fmt.Errorf("snapshot of %d pages: buffer of %d bytes too small", len(gpas), len(dst))
-	}
+// Begin write-protects the pages of set, to be copied into dst in address
+// order (PageSize bytes per page: Count of them). Call it with the guest
+// stopped: from then on a write to one of the pages waits until it is
+// copied. Then resume the guest and call Snapshot.Copy. The previous
+// Snapshot must have finished. After Arm, only what Arm did not protect
+// (or what was written since) is protected here.
+func (p *Protector) Begin(set PageBitmap, dst []byte) (*Snapshot, error) {
 	if e := p.handlerErr.Load(); e != nil {
+		p.Disarm()
 		return nil, fmt.Errorf("write-protect fault handler: %w", *e)
 	}
 	p.gen++
-	if len(p.state) < len(gpas) {
-		p.state = make([]atomic.Uint64, len(gpas)+len(gpas)/4)
-	}
-	s := &Snapshot{p: p, gpas: gpas, dst: dst, gen: p.gen, finished: make(chan struct{})}
+	s := &Snapshot{p: p, dst: dst, gen: p.gen, finished: make(chan struct{})}
 	s.cond = sync.NewCond(&s.mu)
-	p.mem.snap.Store(s)
-	err := s.runs(0, len(gpas), len(gpas), func(r *Region, i, j int) error {
-		s.ioctls++
-		off := uint64(gpas[i] - r.GPA)
-		return p.u.protect(p.bases[r.Slot]+uintptr(off), uintptr(j-i)*PageSize, true, false)
-	})
-	if err != nil {
-		// Un-protect what was protected; nothing is copied.
-		_ = s.runs(0, len(gpas), len(gpas), func(r *Region, i, j int) error {
-			off := uint64(gpas[i] - r.GPA)
-			return p.u.protect(p.bases[r.Slot]+uintptr(off), uintptr(j-i)*PageSize, false, false)
-		})
-		p.uninstall(s)
-		return nil, fmt.Errorf("write-protect %d pages: %w", len(gpas), err)
+	if l := p.last; l != nil && len(l.want) == len(p.mem.regions) {
+		// Reuse the bitmaps of the last (finished) snapshot: Arm has
+		// taken its prediction from them already.
+		s.want, s.rank, s.free = l.want, l.rank, l.free
+		l.want, l.rank, l.free = nil, nil, nil
 	}
+	if s.want == nil {
+		for _, r := range p.mem.regions {
+			s.want = append(s.want, make([]uint64, r.BitmapWords()))
+			s.rank = append(s.rank, make([]int32, r.BitmapWords()))
+			s.free = append(s.free, make([]uint64, r.BitmapWords()))
+		}
+	}
+	p.armMu.Lock()
+	defer p.armMu.Unlock()
+	armed := p.armed
+	var err error
+	for k := range p.mem.regions {
+		src := set.Words(k)
+		want, rank, free := s.want[k], s.rank[k], s.free[k]
+		for w := range want {
+			var v uint64
+			if w < len(src) {
+				v = src[w]
+			}
+			want[w] = v
+			rank[w] = int32(s.n)
+			s.n += bits.OnesCount64(v)
+			free[w] = 0
+			if armed {
+				protected := p.armBits[k][w] &^ p.touched[k][w]
+				free[w] = protected &^ v
+				v &^= protected // already protected
+			}
+			// v: the pages to protect now, in runs within the word and
+			// across words (contiguous bits at word edges join).
+			p.armBits[k][w] = v // scratch: the pages protected here
+		}
+		if err == nil {
+			err = bitRuns(p.armBits[k], 1<<30, func(pg, n uint64) error {
+				s.protects++
+				return p.u.protect(p.bases[k]+uintptr(pg*PageSize), uintptr(n*PageSize), true, false)
+			})
+		}
+	}
+	p.armed = false
+	if err == nil && len(dst) < s.n*PageSize {
+		err = fmt.Errorf("snapshot of %d pages: buffer of %d bytes too small", s.n, len(dst))
+	}
+	if err != nil {
+		// Un-protect everything this snapshot or Arm may have protected.
+		for k, r := range p.mem.regions {
+			_ = p.u.protect(p.bases[k], uintptr(r.Size), false, false)
+		}
+		p.mem.wp.CompareAndSwap(p, nil)
+		return nil, fmt.Errorf("write-protect %d pages: %w", s.n, err)
+	}
+	if len(p.state) < s.n {
+		p.state = make([]atomic.Uint64, s.n+s.n/4)
+	}
+	p.last = s
+	p.mem.snap.Store(s)
+	p.mem.wp.Store(p)
 	return s, nil
 }
 
-// Protects is the number of UFFDIO_WRITEPROTECT calls Begin made (one per
-// run of contiguous pages).
-func (s *Snapshot) Protects() int { return s.ioctls }
+// Len is the number of pages in the snapshot.
+func (s *Snapshot) Len() int { return s.n }
 
-// runs calls fn for each run [i, j) of pages within [from, to) contiguous
-// in one region, at most max pages long.
-func (s *Snapshot) runs(from, to, max int, fn func(r *Region, i, j int) error) error {
-	var r *Region
-	for i := from; i < to; {
-		if r == nil || s.gpas[i] < r.GPA || s.gpas[i] >= r.End() {
-			var err error
-			if r, _, err = s.p.mem.find(s.gpas[i], PageSize); err != nil {
+// Protects is the number of UFFDIO_WRITEPROTECT calls Begin made (one per
+// run of contiguous pages it had to protect).
+func (s *Snapshot) Protects() int { return s.protects }
+
+// bitRuns calls fn for each run of set bits in bm (page pg, n pages),
+// runs joining across words, split at max pages.
+func bitRuns(bm []uint64, max uint64, fn func(pg, n uint64) error) error {
+	var start, n uint64
+	emit := func() error {
+		for n > 0 {
+			m := min(n, max)
+			if err := fn(start, m); err != nil {
 				return err
 			}
+			start, n = start+m, n-m
 		}
-		j := i + 1
-		for j < to && j-i < max && s.gpas[j] == s.gpas[j-1]+PageSize && s.gpas[j] < r.End() {
-			j++
-		}
-		if err := fn(r, i, j); err != nil {
-			return err
-		}
-		i = j
+		return nil
 	}
-	return nil
+	for w, v := range bm {
+		for v != 0 {
+			b := uint64(bits.TrailingZeros64(v))
+			ones := uint64(bits.TrailingZeros64(^(v >> b))) // 64 when v is all ones
+			pg := uint64(w)*64 + b
+			if n > 0 && start+n == pg {
+				n += ones
+			} else {
+				if err := emit(); err != nil {
+					return err
+				}
+				start, n = pg, ones
+			}
+			if b+ones == 64 {
+				v = 0
+			} else {
+				v &^= (uint64(1)<<ones - 1) << b
+			}
+		}
+	}
+	return emit()
 }
 
-// index finds gpa's page in the snapshot.
-func (s *Snapshot) index(gpa GPA) (int, bool) {
-	i := sort.Search(len(s.gpas), func(i int) bool { return s.gpas[i] >= gpa })
-	return i, i < len(s.gpas) && s.gpas[i] == gpa
+// index finds page pg of region r in the snapshot.
+func (s *Snapshot) index(r *Region, pg uint64) (int, bool) {
+	w, b := pg/64, pg%64
+	v := s.want[r.Slot][w]
+	if v&(1<<b) == 0 {
+		return 0, false
+	}
+	return int(s.rank[r.Slot][w]) + bits.OnesCount64(v&(1<<b-1)), true
 }
 
-// take makes sure page i is in dst and un-protected: it claims and copies
-// it, or waits for whoever claimed it. It reports whether it copied it.
-func (s *Snapshot) take(i int) bool {
+// take makes sure page pg of r, the snapshot's page i, is in dst and
+// un-protected: it claims and copies it, or waits for whoever claimed it.
+// It reports whether it copied it.
+func (s *Snapshot) take(r *Region, pg uint64, i int) bool {
 	st := &s.p.state[i]
 	for {
 		v := st.Load()
@@ -375,108 +575,17 @@ func (s *Snapshot) take(i int) bool {
 		if !st.CompareAndSwap(v, claimed(s.gen)) {
 			continue
 		}
-		s.copyPage(i)
-		r, off, _ := s.p.mem.find(s.gpas[i], PageSize)
-		if err := s.p.u.protect(s.p.bases[r.Slot]+uintptr(off), PageSize, false, false); err != nil {
-			s.p.fail(fmt.Errorf("un-protect page %#x: %w", uint64(s.gpas[i]), err))
+		s.copyPage(r, pg, i)
+		if err := s.p.u.protect(s.p.bases[r.Slot]+uintptr(pg*PageSize), PageSize, false, false); err != nil {
+			s.p.fail(fmt.Errorf("un-protect page %#x: %w", uint64(r.GPA)+pg*PageSize, err))
 		}
 		st.Store(copied(s.gen))
 		return true
 	}
 }
 
-func (s *Snapshot) copyPage(i int) {
-	page, _ := s.p.mem.Slice(s.gpas[i], PageSize)
-	copy(s.dst[i*PageSize:(i+1)*PageSize], page)
-}
-
-// uninstall makes s no longer current and waits until nobody works on it.
-func (p *Protector) uninstall(s *Snapshot) {
-	p.mem.snap.CompareAndSwap(s, nil)
-	p.inUse.Lock()
-	p.inUse.Unlock() //nolint:staticcheck // an empty critical section: waits for the readers
-}
-
-// beforeWrite is called by WriteAt and Fill, which found a snapshot in
-// progress, before they write [off, off+n) of r: each page of it the
-// snapshot still needs is copied (and un-protected) first, so the VMM's
-// write never faults.
-func (p *Protector) beforeWrite(r *Region, off, n uint64) {
-	p.inUse.RLock()
-	defer p.inUse.RUnlock()
-	s := p.mem.snap.Load()
-	if s == nil || n == 0 {
-		return
-	}
-	for p := off &^ (PageSize - 1); p < off+n; p += PageSize {
-		if i, ok := s.index(r.GPA + GPA(p)); ok {
-			if s.take(i) {
-				s.p.vmmWrites.Add(1)
-			}
-		}
-	}
-}
-
-// copyBatch bounds the pages the copier copies before un-protecting them
-// and reporting progress: a writer that faults on a page the copier has
-// claimed waits for at most this many page copies.
-const copyBatch = 64
-
-// Copy copies every page not yet copied into dst, in order, un-protecting
-// each run of pages once copied; Page and Wait follow its progress. Run
-// it once, after the guest has resumed (on a goroutine of its own to
-// overlap with sending).
-func (s *Snapshot) Copy() {
-	err := s.runs(0, len(s.gpas), copyBatch, func(r *Region, i, j int) error {
-		base := s.p.bases[r.Slot]
-		// Claim and copy what no fault has claimed; un-protect the
-		// sub-runs this copier copied.
-		k := i
-		for k < j {
-			if !s.claim(k) {
-				k++
-				continue
-			}
-			e := k + 1
-			for e < j && s.claim(e) {
-				e++
-			}
-			for x := k; x < e; x++ {
-				s.copyPage(x)
-			}
-			off := uint64(s.gpas[k] - r.GPA)
-			if err := s.p.u.protect(base+uintptr(off), uintptr(e-k)*PageSize, false, false); err != nil {
-				return fmt.Errorf("un-protect %d pages at %#x: %w", e-k, uint64(s.gpas[k]), err)
-			}
-			for x := k; x < e; x++ {
-				s.p.state[x].Store(copied(s.gen))
-			}
-			k = e
-		}
-		// Pages a fault claimed are copied in a moment.
-		for x := i; x < j; x++ {
-			for s.p.state[x].Load() != copied(s.gen) {
-				runtime.Gosched()
-			}
-		}
-		s.advance(j)
-		return nil
-	})
-	if err == nil {
-		if e := s.p.handlerErr.Load(); e != nil {
-			err = fmt.Errorf("write-protect fault handler: %w", *e)
-		}
-	}
-	if err != nil {
-		s.p.fail(err)
-	}
-	s.p.uninstall(s)
-	s.mu.Lock()
-	s.err = err
-	s.doneAt = time.Now()
-	s.cond.Broadcast()
-	s.mu.Unlock()
-	close(s.finished)
+func (s *Snapshot) copyPage(r *Region, pg uint64, i int) {
+	copy(s.dst[i*PageSize:(i+1)*PageSize], r.Host[pg*PageSize:(pg+1)*PageSize])
 }
 
 func (s *Snapshot) claim(i int) bool {
@@ -485,28 +594,128 @@ func (s *Snapshot) claim(i int) bool {
 	return v != claimed(s.gen) && v != copied(s.gen) && st.CompareAndSwap(v, claimed(s.gen))
 }
 
-func (s *Snapshot) advance(j int) {
-	s.mu.Lock()
-	s.copiedTo.Store(int64(j))
-	s.cond.Broadcast()
-	s.mu.Unlock()
-}
+// copyBatch bounds the pages the copier copies before un-protecting them
+// and reporting progress: a writer that faults on a page the copier has
+// claimed waits for at most this many page copies.
+const copyBatch = 64
 
-// Page waits until page i is copied and returns its bytes in dst (as of
-// Begin).
-func (s *Snapshot) Page(i int) ([]byte, error) {
-	if s.copiedTo.Load() <= int64(i) {
-		s.mu.Lock()
-		for s.copiedTo.Load() <= int64(i) && s.err == nil {
-			s.cond.Wait()
-		}
-		err := s.err
-		s.mu.Unlock()
-		if err != nil {
-			return nil, err
+// Copy copies every page not yet copied into dst, in order, un-protecting
+// each run of pages once copied, then lets go of the armed pages outside
+// the set; Pages and Wait follow its progress. Run it once, after the
+// guest has resumed (on a goroutine of its own to overlap with sending).
+func (s *Snapshot) Copy() {
+	err := s.copyAll()
+	if err == nil {
+		for k := range s.want {
+			if err = bitRuns(s.free[k], 1<<30, func(pg, n uint64) error {
+				return s.p.u.protect(s.p.bases[k]+uintptr(pg*PageSize), uintptr(n*PageSize), false, false)
+			}); err != nil {
+				break
+			}
 		}
 	}
-	return s.dst[i*PageSize : (i+1)*PageSize], nil
+	if err == nil {
+		if e := s.p.handlerErr.Load(); e != nil {
+			err = fmt.Errorf("write-protect fault handler: %w", *e)
+		}
+	}
+	if err != nil {
+		s.p.fail(err)
+	}
+	s.p.mem.snap.CompareAndSwap(s, nil)
+	s.p.mem.wp.CompareAndSwap(s.p, nil)
+	s.p.inUse.Lock()
+	s.p.inUse.Unlock() //nolint:staticcheck // empty: waits for the faults and VMM writes working on s
+	s.mu.Lock()
+	s.err = err
+	s.doneAt = time.Now()
+	s.cond.Broadcast()
+	s.mu.Unlock()
+	close(s.finished)
+}
+
+func (s *Snapshot) copyAll() error {
+	i := 0
+	for k, r := range s.p.mem.regions {
+		base := s.p.bases[k]
+		err := bitRuns(s.want[k], copyBatch, func(pg, n uint64) error {
+			// Claim and copy what no fault has claimed; un-protect the
+			// sub-runs this copier copied.
+			for x := uint64(0); x < n; {
+				if !s.claim(i + int(x)) {
+					x++
+					continue
+				}
+				e := x + 1
+				for e < n && s.claim(i+int(e)) {
+					e++
+				}
+				for y := x; y < e; y++ {
+					s.copyPage(r, pg+y, i+int(y))
+				}
+				if err := s.p.u.protect(base+uintptr((pg+x)*PageSize), uintptr((e-x)*PageSize), false, false); err != nil {
+					return fmt.Errorf("un-protect %d pages at %#x: %w", e-x, uint64(r.GPA)+(pg+x)*PageSize, err)
+				}
+				for y := x; y < e; y++ {
+					s.p.state[i+int(y)].Store(copied(s.gen))
+				}
+				x = e
+			}
+			// Pages a fault claimed are copied in a moment.
+			for y := 0; y < int(n); y++ {
+				for s.p.state[i+y].Load() != copied(s.gen) {
+					runtime.Gosched()
+				}
+			}
+			i += int(n)
+			s.mu.Lock()
+			s.copiedTo.Store(int64(i))
+			s.cond.Broadcast()
+			s.mu.Unlock()
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Pages calls fn with each page of the snapshot in address order, as soon
+// as it is copied, with its bytes as of Begin (valid until the next
+// Begin).
+func (s *Snapshot) Pages(fn func(gpa GPA, page []byte) error) error {
+	i := 0
+	for k, r := range s.p.mem.regions {
+		for w, v := range s.want[k] {
+			for v != 0 {
+				b := bits.TrailingZeros64(v)
+				v &= v - 1
+				if err := s.wait(i); err != nil {
+					return err
+				}
+				gpa := r.GPA + GPA((uint64(w)*64+uint64(b))*PageSize)
+				if err := fn(gpa, s.dst[i*PageSize:(i+1)*PageSize]); err != nil {
+					return err
+				}
+				i++
+			}
+		}
+	}
+	return nil
+}
+
+// wait waits until page i is copied.
+func (s *Snapshot) wait(i int) error {
+	if s.copiedTo.Load() > int64(i) {
+		return nil
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for s.copiedTo.Load() <= int64(i) && s.err == nil {
+		s.cond.Wait()
+	}
+	return s.err
 }
 
 // Wait waits until Copy has finished: every page copied and un-protected.

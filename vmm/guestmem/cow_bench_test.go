@@ -14,10 +14,12 @@ func BenchmarkProtect(b *testing.B) {
 	}
 	defer m.Close()
 	host := m.Regions()[0].Host
-	gpas := make([]GPA, pages)
-	for i := range gpas {
+	set := bitmapSet{make([]uint64, pages/64)}
+	for i := range pages {
 		host[i*PageSize] = 1
-		gpas[i] = GPA(i * PageSize)
+	}
+	for w := range set[0] {
+		set[0][w] = ^uint64(0)
 	}
 	p, err := NewProtector(m)
 	if err != nil {
@@ -27,7 +29,7 @@ func BenchmarkProtect(b *testing.B) {
 	dst := make([]byte, pages*PageSize)
 	b.ResetTimer()
 	for range b.N {
-		s, err := p.Begin(gpas, dst)
+		s, err := p.Begin(set, dst)
 		if err != nil {
 			b.Fatal(err)
 		}

@@ -63,8 +63,10 @@ type Spec struct {
 type Memory struct {
 	regions []*Region // sorted by GPA, non-overlapping
 	size    uint64
-	// snap is the copy-on-write snapshot in progress, if any: the VMM's
-	// own writes copy the pages it still needs before writing them.
+	// wp is the Protector while it has pages armed or a snapshot in
+	// progress (snap): the VMM's own writes make their pages writable
+	// first (copying what the snapshot still needs).
+	wp   atomic.Pointer[Protector]
 	snap atomic.Pointer[Snapshot]
 }
 
@@ -189,8 +191,8 @@ func (m *Memory) Fill(gpa GPA, n uint64, fill func(dst []byte) error) error {
 	if err != nil {
 		return err
 	}
-	if s := m.snap.Load(); s != nil {
-		s.p.beforeWrite(r, off, n)
+	if p := m.wp.Load(); p != nil {
+		p.beforeWrite(r, off, n)
 	}
 	defer r.markDirty(off, n)
 	return fill(r.Host[off : off+n : off+n])
@@ -214,8 +216,8 @@ func (m *Memory) WriteAt(p []byte, gpa GPA) error {
 	if err != nil {
 		return err
 	}
-	if s := m.snap.Load(); s != nil {
-		s.p.beforeWrite(r, off, uint64(len(p)))
+	if wp := m.wp.Load(); wp != nil {
+		wp.beforeWrite(r, off, uint64(len(p)))
 	}
 	copy(r.Host[off:], p)
 	r.markDirty(off, uint64(len(p)))
