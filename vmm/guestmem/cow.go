@@ -257,21 +257,31 @@ func (p *Protector) serve() {
 		if fds[1].Revents != 0 {
 			return
 		}
-		n, err := p.u.read(msgs)
-		if err != nil {
-			p.fail(fmt.Errorf("read userfaultfd: %w", err))
+		if err := p.drain(msgs); err != nil {
+			p.fail(err)
 			return
 		}
-		for _, m := range msgs[:n] {
-			if m.Event != uffdEventPagefault {
-				continue
-			}
-			if err := p.fault(uintptr(m.Address)); err != nil {
-				p.fail(err)
-				return
-			}
+	}
+}
+
+// drain resolves the faults pending on the userfaultfd, if any. The
+// handler calls it when poll says there are; the copier too, between
+// batches: a goroutine waits for a P like any other, and the copier has
+// one when the handler may not.
+func (p *Protector) drain(msgs []uffdMsg) error {
+	n, err := p.u.read(msgs)
+	if err != nil {
+		return fmt.Errorf("read userfaultfd: %w", err)
+	}
+	for _, m := range msgs[:n] {
+		if m.Event != uffdEventPagefault {
+			continue
+		}
+		if err := p.fault(uintptr(m.Address)); err != nil {
+			return err
 		}
 	}
+	return nil
 }
 
 func (p *Protector) fail(err error) {
@@ -636,6 +646,7 @@ func (s *Snapshot) Copy() {
 
 func (s *Snapshot) copyAll() error {
 	i := 0
+	msgs := make([]uffdMsg, 16)
 	for k, r := range s.p.mem.regions {
 		base := s.p.bases[k]
 		err := bitRuns(s.want[k], copyBatch, func(pg, n uint64) error {
@@ -668,6 +679,9 @@ func (s *Snapshot) copyAll() error {
 				}
 			}
 			i += int(n)
+			if err := s.p.drain(msgs); err != nil {
+				return err
+			}
 			s.mu.Lock()
 			s.copiedTo.Store(int64(i))
 			s.cond.Broadcast()
