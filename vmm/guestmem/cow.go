@@ -503,6 +503,7 @@ func (p *Protector) Begin(set PageBitmap, dst []byte) (*Snapshot, error) {
 			_ = p.u.protect(p.bases[k], uintptr(r.Size), false, false)
 		}
 		p.mem.wp.CompareAndSwap(p, nil)
+		p.last = nil // its bitmaps went to s: nothing to predict from
 		return nil, fmt.Errorf("write-protect %d pages: %w", s.n, err)
 	}
 	if len(p.state) < s.n {
