@@ -125,10 +125,13 @@ func NewProtector(mem *Memory) (*Protector, error) {
 	return p, nil
 }
 
-// probeWriteProtect protects a page of a scratch mapping, writes it from
-// another goroutine, and checks that the fault is reported and the write
-// completes once the page is un-protected: some kernels accept the
-// ioctls and still never report the fault.
+// probeWriteProtect protects a page of a scratch mapping, has the kernel
+// write it (a read(2) from a pipe into it, as KVM writes guest memory on
+// a vCPU's behalf) and checks that the fault is reported and the write
+// completes once the page is un-protected: some kernels accept the ioctls
+// and still never report the fault. (A goroutine's own store would do
+// less well: the runtime's preemption signals interrupt its wait on the
+// fault again and again, each time taking its report back.)
 func probeWriteProtect() error {
 	u, err := openUffd()
 	if err != nil {
@@ -141,6 +144,15 @@ func probeWriteProtect() error {
 	}
 	defer unix.Munmap(b)
 	b[0] = 1 // populated: write-protection applies to present pages
+	var pipe [2]int
+	if err := unix.Pipe2(pipe[:], unix.O_CLOEXEC); err != nil {
+		return fmt.Errorf("probe write-protect: pipe: %w", err)
+	}
+	defer unix.Close(pipe[0])
+	defer unix.Close(pipe[1])
+	if _, err := unix.Write(pipe[1], []byte{2}); err != nil {
+		return fmt.Errorf("probe write-protect: pipe: %w", err)
+	}
 	addr := hostAddr(b)
 	if err := u.register(addr, PageSize); err != nil {
 		return err
@@ -149,17 +161,15 @@ func probeWriteProtect() error {
 	if err := u.protect(addr, PageSize, true, false); err != nil {
 		return fmt.Errorf("%w: UFFDIO_WRITEPROTECT: %v", ErrNoWriteProtect, err)
 	}
-	wrote := make(chan struct{})
+	wrote := make(chan error, 1)
 	go func() {
-		// A plain store (not an assembly copy): while it waits on the
-		// fault, the goroutine stays preemptible.
-		b[1] = 2
-		close(wrote)
+		_, err := unix.Read(pipe[0], b[1:2])
+		wrote <- err
 	}()
 	fds := []unix.PollFd{{Fd: int32(u.fd), Events: unix.POLLIN}}
 	msgs := make([]uffdMsg, 1)
 	reported := false
-	for deadline := time.Now().Add(2 * time.Second); !reported && time.Now().Before(deadline); {
+	for deadline := time.Now().Add(5 * time.Second); !reported && time.Now().Before(deadline); {
 		if _, err := unix.Poll(fds, 100); err != nil && !errors.Is(err, unix.EINTR) {
 			break
 		}
@@ -173,8 +183,11 @@ func probeWriteProtect() error {
 	// Whatever happened, let the writer through before unmapping.
 	uerr := u.protect(addr, PageSize, false, false)
 	select {
-	case <-wrote:
-	case <-time.After(2 * time.Second):
+	case err := <-wrote:
+		if err != nil {
+			return fmt.Errorf("%w: the kernel's write to a protected page failed: %v", ErrNoWriteProtect, err)
+		}
+	case <-time.After(5 * time.Second):
 		return fmt.Errorf("%w: a write to an un-protected page stayed blocked", ErrNoWriteProtect)
 	}
 	if uerr != nil {
