@@ -42,6 +42,28 @@ var LogLog = Axes{LogX: true, LogY: true}
 // (savePlot). Points that cannot be drawn on a log axis (zero or
 // negative) are left out.
 func lineChart(path, title, xlabel, ylabel string, axes Axes, series []Series) error {
+	p := newChart(title, xlabel, ylabel, axes)
+	drawn := 0
+	for i, s := range series {
+		xys, errs := chartPoints(s, axes)
+		if len(xys) == 0 {
+			continue
+		}
+		if err := addSeries(p, i, s, xys, errs); err != nil {
+			return err
+		}
+		drawn++
+	}
+	if drawn == 0 {
+		return fmt.Errorf("plot %s: no points to draw", filepath.Base(path))
+	}
+	fitAxes(p, axes)
+	return savePlot(p, 7*vg.Inch, 5*vg.Inch, path)
+}
+
+// newChart is an empty plot with its titles, grid, legend top-left and
+// the axes' scales.
+func newChart(title, xlabel, ylabel string, axes Axes) *plot.Plot {
 	p := plot.New()
 	p.Title.Text = title
 	p.X.Label.Text = xlabel
@@ -55,68 +77,77 @@ func lineChart(path, title, xlabel, ylabel string, axes Axes, series []Series) e
 	if axes.LogY {
 		p.Y.Scale, p.Y.Tick.Marker = plot.LogScale{}, logTicks{}
 	}
-	drawn := 0
-	for i, s := range series {
-		var xys plotter.XYs
-		var errs plotter.YErrors
-		for j := range s.X {
-			x, y := s.X[j], s.Y[j]
-			if math.IsNaN(x) || math.IsNaN(y) || (axes.LogX && x <= 0) || (axes.LogY && y <= 0) {
-				continue
-			}
-			xys = append(xys, plotter.XY{X: x, Y: y})
-			if s.Lo != nil {
-				lo, hi := s.Lo[j], s.Hi[j]
-				if math.IsNaN(lo) || math.IsNaN(hi) || (axes.LogY && lo <= 0) {
-					lo, hi = y, y
-				}
-				errs = append(errs, struct{ Low, High float64 }{y - lo, hi - y})
-			}
-		}
-		if len(xys) == 0 {
+	return p
+}
+
+// chartPoints are the points of s that axes can draw, and their error
+// bars when s has them (nil otherwise); a bar that a log axis cannot
+// draw shrinks to its point.
+func chartPoints(s Series, axes Axes) (plotter.XYs, plotter.YErrors) {
+	var xys plotter.XYs
+	var errs plotter.YErrors
+	for j := range s.X {
+		x, y := s.X[j], s.Y[j]
+		if math.IsNaN(x) || math.IsNaN(y) || (axes.LogX && x <= 0) || (axes.LogY && y <= 0) {
 			continue
 		}
-		c := plotutil.Color(i)
-		if errs != nil {
-			eb, err := plotter.NewYErrorBars(errPoints{xys, errs})
-			if err != nil {
-				return err
+		xys = append(xys, plotter.XY{X: x, Y: y})
+		if s.Lo != nil {
+			lo, hi := s.Lo[j], s.Hi[j]
+			if math.IsNaN(lo) || math.IsNaN(hi) || (axes.LogY && lo <= 0) {
+				lo, hi = y, y
 			}
-			eb.Color = c
-			p.Add(eb)
+			errs = append(errs, struct{ Low, High float64 }{y - lo, hi - y})
 		}
-		if s.Line {
-			sortXYs(xys)
-			l, pts, err := plotter.NewLinePoints(xys)
-			if err != nil {
-				return err
-			}
-			l.Color, pts.Color = c, c
-			l.Width = vg.Points(1.5)
-			pts.Shape = plotutil.Shape(i)
-			if s.Dashed {
-				l.Dashes = []vg.Length{vg.Points(5), vg.Points(3)}
-			}
-			p.Add(l, pts)
-			p.Legend.Add(s.Name, l, pts)
-		} else {
-			sc, err := plotter.NewScatter(xys)
-			if err != nil {
-				return err
-			}
-			sc.Color = withAlpha(c, 0x80)
-			sc.Shape = plotutil.Shape(i)
-			sc.Radius = vg.Points(2)
-			p.Add(sc)
-			p.Legend.Add(s.Name, sc)
+	}
+	return xys, errs
+}
+
+// addSeries draws series number i: its error bars, then a line through
+// its points (sorted by x) or a scatter, in the i-th color and shape,
+// with its legend entry.
+func addSeries(p *plot.Plot, i int, s Series, xys plotter.XYs, errs plotter.YErrors) error {
+	c := plotutil.Color(i)
+	if errs != nil {
+		eb, err := plotter.NewYErrorBars(errPoints{xys, errs})
+		if err != nil {
+			return err
 		}
-		drawn++
+		eb.Color = c
+		p.Add(eb)
 	}
-	if drawn == 0 {
-		return fmt.Errorf("plot %s: no points to draw", filepath.Base(path))
+	if !s.Line {
+		sc, err := plotter.NewScatter(xys)
+		if err != nil {
+			return err
+		}
+		sc.Color = withAlpha(c, 0x80)
+		sc.Shape = plotutil.Shape(i)
+		sc.Radius = vg.Points(2)
+		p.Add(sc)
+		p.Legend.Add(s.Name, sc)
+		return nil
 	}
-	// A log axis over a single value would be padded by ±1, maybe below
-	// zero, by gonum: widen it by a factor instead.
+	sortXYs(xys)
+	l, pts, err := plotter.NewLinePoints(xys)
+	if err != nil {
+		return err
+	}
+	l.Color, pts.Color = c, c
+	l.Width = vg.Points(1.5)
+	pts.Shape = plotutil.Shape(i)
+	if s.Dashed {
+		l.Dashes = []vg.Length{vg.Points(5), vg.Points(3)}
+	}
+	p.Add(l, pts)
+	p.Legend.Add(s.Name, l, pts)
+	return nil
+}
+
+// fitAxes widens the axes the data set: a log axis over a single value by
+// a factor (gonum would pad it by ±1, maybe below zero), and the y axis
+// with headroom above the data for the legend, which sits top-left.
+func fitAxes(p *plot.Plot, axes Axes) {
 	if axes.LogX && p.X.Min == p.X.Max {
 		p.X.Min, p.X.Max = p.X.Min/2, p.X.Max*2
 	}
@@ -124,13 +155,10 @@ func lineChart(path, title, xlabel, ylabel string, axes Axes, series []Series) e
 		p.Y.Min, p.Y.Max = p.Y.Min/2, p.Y.Max*2
 	}
 	if axes.LogY {
-		// Headroom above the data for the legend, which sits top-left:
-		// a factor on a log axis.
-		p.Y.Max *= math.Pow(p.Y.Max/p.Y.Min, 0.4)
+		p.Y.Max *= math.Pow(p.Y.Max/p.Y.Min, 0.4) // a factor on a log axis
 	} else {
 		p.Y.Max += (p.Y.Max - p.Y.Min) * 0.4
 	}
-	return savePlot(p, 7*vg.Inch, 5*vg.Inch, path)
 }
 
 // errPoints are points with their error bars, for plotter.NewYErrorBars.

@@ -85,59 +85,35 @@ func (o Options) suite(ctx context.Context, s string) (string, error) {
 			cfg.Pages, cfg.Epochs, cfg.Warmup, cfg.BoundReps = []int{100, 1000}, 10, 3, 3
 			cfg.Modes = []StreamMode{{Compression: stream.CompressNone}, {Compression: stream.CompressS2, Deltas: true}}
 		}
-		r, err := Checkpoint(ctx, cfg)
-		if err != nil {
-			return "", err
-		}
-		return r.Report(), nil
+		return report(Checkpoint(ctx, cfg))
 	case "migration":
 		cfg := MigrationConfig{Trials: o.runs(5, 2), Out: o.Out, Log: o.Log}
 		if o.Quick {
 			cfg.Pages = []int{0, 256}
 		}
-		r, err := Migration(ctx, cfg)
-		if err != nil {
-			return "", err
-		}
-		return r.Report(), nil
+		return report(Migration(ctx, cfg))
 	case "failover":
 		cfg := FailoverConfig{Govmm: o.Govmm, Trials: o.runs(10, 3), Witness: true, Out: o.Out, Log: o.Log}
 		if o.Quick {
 			cfg.Timeouts = []time.Duration{500 * time.Millisecond}
 		}
-		r, err := Failover(ctx, cfg)
-		if err != nil {
-			return "", err
-		}
-		return r.Report(), nil
+		return report(Failover(ctx, cfg))
 	case "failover-guest":
 		cfg := FailoverGuestConfig{Govmm: o.Govmm, Kernel: o.Boot.Kernel, Initrd: o.Boot.Initrd, Trials: o.runs(3, 1), Modes: o.Modes, Witness: o.Witness, Out: o.Out, Log: o.Log}
-		r, err := FailoverGuest(ctx, cfg)
-		if err != nil {
-			return "", err
-		}
-		return r.Report(), nil
+		return report(FailoverGuest(ctx, cfg))
 	case "overhead-guest":
 		cfg := OverheadGuestConfig{Govmm: o.Govmm, Kernel: o.Boot.Kernel, Initrd: o.Boot.Initrd, Trials: o.runs(3, 1), Out: o.Out, Log: o.Log}
 		if o.Quick {
 			cfg.Epochs = []time.Duration{25 * time.Millisecond}
 			cfg.Warmup, cfg.Window = time.Second, 3*time.Second
 		}
-		r, err := OverheadGuest(ctx, cfg)
-		if err != nil {
-			return "", err
-		}
-		return r.Report(), nil
+		return report(OverheadGuest(ctx, cfg))
 	case "fencing":
 		cfg := FencingConfig{Trials: o.runs(3, 1), Out: o.Out, Log: o.Log}
 		if o.Quick {
 			cfg.Epochs, cfg.Warmup = 40, 5
 		}
-		r, err := Fencing(ctx, cfg)
-		if err != nil {
-			return "", err
-		}
-		return r.Report(), nil
+		return report(Fencing(ctx, cfg))
 	case "overhead":
 		cfg := OverheadConfig{Trials: o.runs(3, 2), Out: o.Out, Log: o.Log}
 		if o.Quick {
@@ -145,12 +121,16 @@ func (o Options) suite(ctx context.Context, s string) (string, error) {
 			cfg.Epochs = []time.Duration{25 * time.Millisecond, 100 * time.Millisecond}
 			cfg.Warmup, cfg.Window = 200*time.Millisecond, 500*time.Millisecond
 		}
-		r, err := Overhead(ctx, cfg)
-		if err != nil {
-			return "", err
-		}
-		return r.Report(), nil
+		return report(Overhead(ctx, cfg))
 	default:
 		return "", fmt.Errorf("unknown suite %q", s)
 	}
+}
+
+// report is a suite's section of report.md, or its error.
+func report[R interface{ Report() string }](r R, err error) (string, error) {
+	if err != nil {
+		return "", err
+	}
+	return r.Report(), nil
 }

@@ -125,9 +125,23 @@ type MigrateResult struct {
 	DroppedProtection string `json:"dropped_protection,omitempty"`
 }
 
-// Stats is a set of metrics.
+// Stats is a set of metrics, and figures derived from them.
 type Stats struct {
 	Metrics []Metric `json:"metrics"`
+	// Derived are figures computed from several metrics (a ratio, an
+	// average) for a person: GET /stats serves them beside the metrics,
+	// /metrics leaves them out (Prometheus derives its own).
+	Derived []Derived `json:"derived,omitempty"`
+}
+
+// Derived is one figure computed from metrics, in a base unit: Unit is
+// "bytes", "ratio" (one quantity over another, e.g. 0.3 for 0.3×),
+// "fraction" (a part of a whole, 0 to 1) or "" for a plain number.
+type Derived struct {
+	Name  string  `json:"name"` // words, e.g. "wire bytes per dirty page"
+	Help  string  `json:"help,omitempty"`
+	Unit  string  `json:"unit,omitempty"`
+	Value float64 `json:"value"`
 }
 
 // Metric is one sample. Name follows Prometheus' rules
@@ -290,6 +304,9 @@ type ReplicateResult struct {
 type ReplicateRequest struct {
 	To    string `json:"to"`              // the standby, host:port
 	Epoch string `json:"epoch,omitempty"` // checkpoint interval, e.g. "25ms"
+	// EpochMax turns on adaptive epochs up to this length, e.g. "200ms"
+	// ("0": fixed epochs; default: the VM's --epoch-max).
+	EpochMax string `json:"epoch_max,omitempty"`
 }
 
 // ReplicationBackend is implemented by backends that can start and stop

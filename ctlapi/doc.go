@@ -18,11 +18,12 @@
 //	PUT  /vm/migrate   {"to": "host:port", "force": bool} streams NDJSON lines, in order:
 //	                   {"progress": Progress} ... then exactly one of
 //	                   {"result": MigrateResult} or {"error": "...", "status": N}
-//	PUT  /vm/replicate {"to": "host:port", "epoch": "25ms"} streams NDJSON
+//	PUT  /vm/replicate {"to": "host:port", "epoch": "25ms", "epoch_max": "200ms"} streams NDJSON
 //	                   likewise: {"progress": Progress} (phase "sync", last "sync-ack") ...
 //	                   then {"result": ReplicateResult} or an error line
 //	PUT  /vm/replicate/stop  204
-//	GET  /stats        Stats as JSON, in SortMetrics's order
+//	GET  /stats        Stats as JSON, in SortMetrics's order, with what the
+//	                   backend derived from them (Stats.Derived)
 //	GET  /metrics      Prometheus text exposition format 0.0.4, sorted
 //
 // ServeMetrics (with MetricsHandler) serves GET /metrics alone on a TCP

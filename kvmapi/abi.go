@@ -295,6 +295,7 @@ const (
 	CapMaxVCPUs               = 66
 	CapTSCDeadlineTimer       = 72
 	CapSignalMSI              = 77
+	CapSyncRegs               = 74
 	CapImmediateExit          = 136
 	CapManualDirtyLogProtect2 = 168
 	CapX86MSRFilter           = 189

@@ -154,6 +154,11 @@ func TestABI(t *testing.T) {
 		"kvm_run.internal.data":      runOffUnion + 8,
 		"kvm_run.system_event.ndata": runOffUnion + 4,
 		"kvm_run.system_event.data":  runOffUnion + 8,
+		"kvm_run.kvm_valid_regs":     runOffValidRegs,
+		"kvm_run.kvm_dirty_regs":     runOffDirtyRegs,
+		"kvm_run.s.regs.regs":        runOffSyncRegs,
+		"kvm_run.s.regs.sregs":       runOffSyncSregs,
+		"kvm_run.s.regs.events":      runOffSyncEvents,
 	}
 	for name, w := range want {
 		got, ok := k[name]
@@ -210,6 +215,8 @@ func TestABI(t *testing.T) {
 		"KVM_MSR_FILTER_DEFAULT_ALLOW": MSRFilterDefaultAllow, "KVM_MSR_FILTER_DEFAULT_DENY": MSRFilterDefaultDeny,
 		"KVM_MSR_FILTER_READ": MSRFilterRead, "KVM_MSR_FILTER_WRITE": MSRFilterWrite,
 		"KVM_CAP_TSC_CONTROL": CapTSCControl, "KVM_CAP_TSC_DEADLINE_TIMER": CapTSCDeadlineTimer,
+		"KVM_CAP_SYNC_REGS": CapSyncRegs, "KVM_SYNC_X86_REGS": syncX86Regs, "KVM_SYNC_X86_SREGS": syncX86Sregs,
+		"KVM_SYNC_X86_EVENTS": syncX86Events,
 	}
 	for name, w := range consts {
 		assert.Equal(t, k[name], w, name)

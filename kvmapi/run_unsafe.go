@@ -10,7 +10,40 @@ const (
 	runOffExitReason    = 8
 	runOffUnion         = 32
 	runSizeUnion        = 256
+	// kvm_valid_regs, kvm_dirty_regs and the sync area s.regs, a struct
+	// kvm_sync_regs (x86: kvm_regs, kvm_sregs, kvm_vcpu_events).
+	runOffValidRegs  = 288
+	runOffDirtyRegs  = 296
+	runOffSyncRegs   = 304
+	runOffSyncSregs  = runOffSyncRegs + unsafe.Sizeof(Regs{})
+	runOffSyncEvents = runOffSyncSregs + unsafe.Sizeof(Sregs{})
 )
+
+// KVM_SYNC_X86_* bits of kvm_valid_regs (KVM API, "kvm_valid_regs").
+const (
+	syncX86Regs   = 1 << 0
+	syncX86Sregs  = 1 << 1
+	syncX86Events = 1 << 2
+	// SyncX86State is the bits SyncedState asks for: CapSyncRegs must
+	// report all of them.
+	SyncX86State = syncX86Regs | syncX86Sregs | syncX86Events
+)
+
+func (r runPage) setU64(off int, v uint64) {
+	// Sound: as u64; only this vCPU's thread writes these fields, and only
+	// while KVM_RUN is not in progress.
+	*(*uint64)(unsafe.Pointer(&r[off])) = v
+}
+
+// syncedState copies the sync area's registers, sregs and events out of
+// the page. Sound: the three are the kernel's structs, whose Go
+// counterparts are pinned to them by the ABI test, at offsets the test
+// pins too; the page is page-aligned and each offset 8-aligned.
+func (r runPage) syncedState() (Regs, Sregs, VCPUEvents) {
+	return *(*Regs)(unsafe.Pointer(&r[runOffSyncRegs])),
+		*(*Sregs)(unsafe.Pointer(&r[runOffSyncSregs])),
+		*(*VCPUEvents)(unsafe.Pointer(&r[runOffSyncEvents]))
+}
 
 // runPage is the mmap'ed struct kvm_run of one vCPU. It is shared with the
 // kernel; only the vCPU's own thread reads or writes it while KVM_RUN is not

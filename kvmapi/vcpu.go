@@ -13,6 +13,10 @@ type VCPU struct {
 	id  int
 	run runPage
 	vm  *VM
+	// msrBuf is MSRs' ioctl buffer (16 KiB), kept so that a checkpoint's
+	// save allocates none. A VCPU is used from one thread
+	// (its own), so nothing guards it.
+	msrBuf *msrs
 }
 
 // ID is the vCPU id (its APIC ID in govmm).
@@ -43,6 +47,33 @@ func (v *VCPU) Run() (Exit, error) {
 	default:
 		return Exit{}, ioctlErr("KVM_RUN", errno)
 	}
+}
+
+// SyncedState reads REGS, SREGS and VCPU_EVENTS in one KVM_RUN instead
+// of three ioctls (KVM API, "kvm_valid_regs" and KVM_CAP_SYNC_REGS): with
+// immediate_exit set, KVM_RUN returns EINTR without entering the guest
+// (any pending PIO/MMIO completed already, by the pause's own run) and,
+// on its way out, stores the three into the kvm_run page with the same
+// functions as KVM_GET_REGS, KVM_GET_SREGS and KVM_GET_VCPU_EVENTS. Call
+// it on a paused vCPU's own thread, on a host that offers CapSyncRegs
+// with these three bits (SyncX86State). It sets immediate_exit itself
+// (a paused vCPU has it set already; it stays set), so the guest is never
+// entered; the request for the registers is withdrawn before it returns,
+// so later exits store nothing.
+func (v *VCPU) SyncedState() (Regs, Sregs, VCPUEvents, error) {
+	v.run.setImmediateExit(true)
+	v.run.setU64(runOffDirtyRegs, 0) // never write userspace's copy back
+	v.run.setU64(runOffValidRegs, SyncX86State)
+	_, errno := ioctlVal(v.fd, kvmRun, 0)
+	v.run.setU64(runOffValidRegs, 0)
+	if errno != unix.EINTR {
+		if errno == 0 {
+			return Regs{}, Sregs{}, VCPUEvents{}, errors.New("KVM_RUN for the sync registers: an exit instead of EINTR")
+		}
+		return Regs{}, Sregs{}, VCPUEvents{}, ioctlErr("KVM_RUN", errno)
+	}
+	r, s, e := v.run.syncedState()
+	return r, s, e, nil
 }
 
 // SetImmediateExit sets kvm_run.immediate_exit: while set, KVM_RUN returns
@@ -91,17 +122,29 @@ func (v *VCPU) SetFPU(f FPU) error {
 // Xsave gets the XSAVE area; size is KVM_CAP_XSAVE2's answer for the VM
 // (0 or below XsaveSize uses the legacy KVM_GET_XSAVE).
 func (v *VCPU) Xsave(size int) (Xsave, error) {
+	return v.XsaveInto(nil, size)
+}
+
+// XsaveInto is Xsave into buf if it is large enough (XsaveWords(size)
+// words), else into a new buffer; the Region aliases it.
+func (v *VCPU) XsaveInto(buf []uint64, size int) (Xsave, error) {
 	req, op := kvmGetXsave2, "KVM_GET_XSAVE2"
 	if size <= XsaveSize {
 		size, req, op = XsaveSize, kvmGetXsave, "KVM_GET_XSAVE"
 	}
-	buf := make([]uint64, (size+7)/8) // 8-aligned for the kernel's copy
+	if len(buf) < XsaveWords(size) {
+		buf = make([]uint64, XsaveWords(size)) // 8-aligned for the kernel's copy
+	}
 	_, err := doPtr(v.fd, op, req, unsafe.Pointer(&buf[0]))
 	if err != nil {
 		return Xsave{}, err
 	}
 	return Xsave{Region: unsafe.Slice((*byte)(unsafe.Pointer(&buf[0])), size)}, nil
 }
+
+// XsaveWords is how many 8-byte words XsaveInto needs for an area of
+// size bytes (KVM_CAP_XSAVE2's answer; at least XsaveSize).
+func XsaveWords(size int) int { return (max(size, XsaveSize) + 7) / 8 }
 
 // SetXsave sets the XSAVE area. KVM_SET_XSAVE reads as much as the VM's
 // XSAVE2 size, so a short region is padded with zeros.
@@ -141,7 +184,7 @@ func (v *VCPU) MSRs(entries []MSREntry) error {
 	if len(entries) > maxMSRs {
 		return errors.New("KVM_GET_MSRS: too many msrs")
 	}
-	m := new(msrs)
+	m := v.msrScratch()
 	m.N = uint32(len(entries))
 	copy(m.Entries[:], entries)
 	n, err := doPtr(v.fd, "KVM_GET_MSRS", kvmGetMSRs, unsafe.Pointer(m))
@@ -153,6 +196,13 @@ func (v *VCPU) MSRs(entries []MSREntry) error {
 		return &MSRError{Op: "KVM_GET_MSRS", Index: entries[n].Index}
 	}
 	return nil
+}
+
+func (v *VCPU) msrScratch() *msrs {
+	if v.msrBuf == nil {
+		v.msrBuf = new(msrs)
+	}
+	return v.msrBuf
 }
 
 // SetMSRs writes the given MSRs. KVM stops at the first it refuses; that is

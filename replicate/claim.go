@@ -115,6 +115,7 @@ type standbyState struct {
 	committedAt time.Time        // when epoch committed
 	recv        *stream.Receiver // the current source's stream, or nil
 	bytesDone   uint64           // received from the sources before recv
+	streamDone  stream.Stats     // their page counters (Pages, ZeroPages, DeltaPages)
 
 	queried   bool // the witness was asked at least once
 	reachable bool
@@ -140,6 +141,10 @@ type StandbyStatus struct {
 	Lag        time.Duration
 	// BytesReceived counts the stream bytes received from every source.
 	BytesReceived uint64
+	// Stream holds the pages received from every source (Pages,
+	// ZeroPages, DeltaPages) and the current source's codec and deltas
+	// (Compression is "" without a source).
+	Stream stream.Stats
 	// Witness is the witness's address ("" without one); Reachable says
 	// whether it answered the last question, Record what it said, Err why
 	// not.
@@ -162,8 +167,14 @@ func (sb *Standby) Status() StandbyStatus {
 	out := StandbyStatus{Phase: st.phase, Source: st.source, Generation: st.generation, Epoch: st.epoch,
 		Outcome: st.outcome, Reachable: st.reachable, Record: st.record, Err: st.queryErr,
 		Peer: st.peerAddr, LastCommit: st.committedAt, BytesReceived: st.bytesDone}
+	out.Stream = st.streamDone
 	if st.recv != nil {
-		out.BytesReceived += st.recv.Stats().BytesReceived
+		rs := st.recv.Stats()
+		out.BytesReceived += rs.BytesReceived
+		out.Stream.Pages += rs.Pages
+		out.Stream.ZeroPages += rs.ZeroPages
+		out.Stream.DeltaPages += rs.DeltaPages
+		out.Stream.Compression, out.Stream.Deltas = rs.Compression, rs.Deltas
 		if !st.committedAt.IsZero() {
 			out.Lag = time.Since(st.committedAt)
 		}
@@ -218,8 +229,9 @@ func (st StandbyStatus) Describe() string {
 // Metrics are the standby's: govmm_failover_possible,
 // govmm_standby_checkpoint, govmm_standby_following,
 // govmm_standby_received_bytes_total, govmm_standby_lag_seconds (while a
-// source with a checkpoint is followed) and, with a witness,
-// govmm_witness_reachable and govmm_witness_generation.
+// source with a checkpoint is followed), the pages received
+// (StreamMetrics) and, with a witness, govmm_witness_reachable and
+// govmm_witness_generation.
 func (sb *Standby) Metrics() []Metric {
 	st := sb.Status()
 	var out []Metric
@@ -238,7 +250,7 @@ func (sb *Standby) Metrics() []Metric {
 		add("govmm_witness_reachable", "1 if the witness answered the standby's last question", b2f(st.Reachable))
 		add("govmm_witness_generation", "the source's generation at the witness", float64(st.Generation))
 	}
-	return out
+	return append(out, StreamMetrics(st.Stream, false)...)
 }
 
 func (sb *Standby) update(fn func(st *standbyState)) {
@@ -263,7 +275,11 @@ func (sb *Standby) setFollowing(r *stream.Receiver) {
 func (sb *Standby) detach(r *stream.Receiver) {
 	sb.update(func(st *standbyState) {
 		if st.recv == r {
-			st.bytesDone += r.Stats().BytesReceived
+			rs := r.Stats()
+			st.bytesDone += rs.BytesReceived
+			st.streamDone.Pages += rs.Pages
+			st.streamDone.ZeroPages += rs.ZeroPages
+			st.streamDone.DeltaPages += rs.DeltaPages
 			st.recv = nil
 		}
 	})

@@ -52,6 +52,14 @@ type ReplicateConfig struct {
 	// Copy is how each checkpoint copies the dirty pages (CopyAuto when
 	// empty).
 	Copy CopyMode
+	// MaxEpoch, if set, makes epochs adaptive: when the guest dirties so
+	// much that the pause or the stream would fall behind, the epoch
+	// lengthens, up to MaxEpoch, and shortens back toward Epoch when the
+	// load falls (adapt.go). The loop never aims past MaxEpoch: held
+	// output waits at most MaxEpoch plus a pause and an ack while the
+	// standby keeps up (backpressure still stretches epochs when it does
+	// not). 0 keeps every epoch at Epoch; otherwise at least Epoch.
+	MaxEpoch time.Duration
 	// FailoverTimeout: while listening, without a byte from the standby
 	// for this long, it is declared lost (DefaultFailoverTimeout). The
 	// standby's, if larger, wins.
@@ -151,6 +159,17 @@ func CheckEpoch(d time.Duration) error {
 	return nil
 }
 
+// CheckMaxEpoch says why d cannot be a MaxEpoch, or nil: 0 (fixed
+// epochs) or an epoch CheckEpoch accepts. The one check of --epoch-max
+// (run, standby, govmm ctl replicate); that it is not below the epoch is
+// checked when replication starts.
+func CheckMaxEpoch(d time.Duration) error {
+	if d == 0 {
+		return nil
+	}
+	return CheckEpoch(d)
+}
+
 // CheckFailoverTimeout says why d cannot be a failover timeout, or nil;
 // the one check of --failover-timeout (run, standby).
 func CheckFailoverTimeout(d time.Duration) error {
@@ -169,6 +188,12 @@ func (cfg ReplicateConfig) withDefaults() (ReplicateConfig, error) {
 	}
 	if err := CheckEpoch(cfg.Epoch); err != nil {
 		return cfg, fmt.Errorf("epoch %v: %w", cfg.Epoch, err)
+	}
+	if err := CheckMaxEpoch(cfg.MaxEpoch); err != nil {
+		return cfg, fmt.Errorf("epoch-max %v: %w", cfg.MaxEpoch, err)
+	}
+	if cfg.MaxEpoch != 0 && cfg.MaxEpoch < cfg.Epoch {
+		return cfg, fmt.Errorf("epoch-max %v below the epoch %v", cfg.MaxEpoch, cfg.Epoch)
 	}
 	if cfg.FailoverTimeout == 0 {
 		cfg.FailoverTimeout = DefaultFailoverTimeout

@@ -272,11 +272,7 @@ func (s *diskSink) Abort() { s.staged = s.staged[:0] }
 // (inside Machine.WithPaused), with the disks' writes since the previous
 // Take: together they are the checkpoint's state payload and Disk frames.
 func cutState(m *vmm.Machine, disks []*DiskLog) ([]byte, [][]DiskWrite, error) {
-	st, err := m.SaveState()
-	if err != nil {
-		return nil, nil, err
-	}
-	raw, err := st.MarshalBinary()
+	raw, err := m.EncodeState()
 	if err != nil {
 		return nil, nil, err
 	}

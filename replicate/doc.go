@@ -12,6 +12,7 @@
 //   - config.go: ReplicateConfig, its defaults and the standby-loss
 //     policies.
 //   - primary.go: Replicator, the primary's epoch loop (with backpressure);
+//     adapt.go the length of each epoch under adaptive epochs (MaxEpoch);
 //     metrics.go its stats and metrics (pause and ack time as histograms
 //     over DurationBuckets).
 //   - standby.go: Standby, the receiving end of replication and migration.

@@ -319,7 +319,7 @@ func migrateGuest(t *testing.T, r *guestrig.Rig, src *guestVM, name, tap, disk s
 
 	// What the source did after the cut, once it is gone. The pause gives
 	// a source that still runs its devices time to show it.
-	time.Sleep(500 * time.Millisecond)
+	time.Sleep(500 * time.Millisecond) // the scenario: see above
 	src.close()
 	chk.srcAfter, err = r.TAPSent(src.tap)
 	require.NoError(t, err)
@@ -422,10 +422,9 @@ func TestGuestTakeoverEqualsPrimaryAtCut(t *testing.T) {
 		case cutEpoch != 0 && epoch == cutEpoch+1:
 			// The primary dies once the cut's checkpoint is acknowledged,
 			// before this one leaves: the standby resumes from the cut.
-			deadline := time.Now().Add(2 * time.Minute)
-			for rep.Load().Stats().Acked < cutEpoch && time.Now().Before(deadline) {
-				time.Sleep(time.Millisecond)
-			}
+			wctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+			_ = rep.Load().t.WaitAck(wctx, cutEpoch) // a failed stream ends the wait too, as the deadline does
+			cancel()
 			px.kill()
 			_ = prim.m.Pause() // held for good
 			prim.closeDevices()

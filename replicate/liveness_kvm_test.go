@@ -59,7 +59,7 @@ func TestSlowStandbyIsNotDead(t *testing.T) {
 	slow.Store(2)
 	sb.onCheckpoint = func(uint64) {
 		if slow.Add(-1) >= 0 {
-			time.Sleep(3 * timeout)
+			time.Sleep(3 * timeout) // the scenario: a standby busy committing for longer than the failover timeout
 		}
 	}
 	done := receive(t, sb)
@@ -233,9 +233,9 @@ func TestMigrateLateAckNeverRunsTwice(t *testing.T) {
 	src := newTiny(t, tinyguest.Dirtier(dirtyBase, 64, passGPA))
 	require.NoError(t, src.Start())
 	sb := newStandby(t, nil)
-	committed := make(chan struct{})
-	sb.onCheckpoint = func(uint64) { // the final checkpoint: slow to commit
-		time.Sleep(time.Second)
+	committed, gaveUp := make(chan struct{}), make(chan struct{})
+	sb.onCheckpoint = func(uint64) { // the final checkpoint: committed only once the source gave up
+		<-gaveUp
 		close(committed)
 	}
 	type received struct {
@@ -247,8 +247,11 @@ func TestMigrateLateAckNeverRunsTwice(t *testing.T) {
 		m, _, err := sb.ReceiveMigration(context.Background())
 		done <- received{m, err}
 	}()
+	// AckTimeout: ample for the pre-copy rounds' acks under -race on a
+	// loaded host.
 	_, err := Migrate(context.Background(), src, MigrateConfig{To: sb.Addr(), Insecure: true, Name: "tiny",
-		AckTimeout: 300 * time.Millisecond})
+		AckTimeout: 2 * time.Second})
+	close(gaveUp)
 	require.ErrorContains(t, err, "final checkpoint not acknowledged")
 	require.ErrorContains(t, err, "keeps running here")
 	<-committed
@@ -281,13 +284,16 @@ func TestMigrateAckHeldBackNeverRunsTwice(t *testing.T) {
 	}()
 	px := newProxy(t, sb.Addr())
 	var final atomic.Bool
+	// The acks of the final round are held until the source has given up
+	// (AckTimeout, ample for the pre-copy rounds' acks under -race on a
+	// loaded host), and arrive after.
 	_, err := Migrate(context.Background(), src, MigrateConfig{To: px.addr(), Insecure: true, Name: "tiny",
-		AckTimeout: 300 * time.Millisecond, Progress: func(p Progress) {
+		AckTimeout: 2 * time.Second, Progress: func(p Progress) {
 			if p.Phase == "stop-and-copy" && final.CompareAndSwap(false, true) {
 				px.stallBack.Store(true)
-				time.AfterFunc(time.Second, func() { px.stallBack.Store(false) })
 			}
 		}})
+	px.stallBack.Store(false)
 	require.ErrorContains(t, err, "keeps running here")
 	r := <-done
 	if r.m != nil {

@@ -4,6 +4,8 @@ import (
 	"sort"
 	"strconv"
 	"time"
+
+	"govmm/replicate/stream"
 )
 
 // EpochStats describes one checkpoint.
@@ -25,6 +27,9 @@ type EpochStats struct {
 	Bytes      uint64        // on the wire for this checkpoint
 	AckTime    time.Duration // from resume to the standby's ack
 	Length     time.Duration // from the previous resume to this pause
+	// Target is the epoch length the loop aimed at when this checkpoint
+	// was taken: Epoch, or with adaptive epochs (MaxEpoch) up to MaxEpoch.
+	Target time.Duration
 }
 
 type totals struct {
@@ -46,6 +51,7 @@ const recentEpochs = 1024
 func (r *Replicator) record(es EpochStats) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	es.Target = r.target
 	r.recent = append(r.recent, es)
 	if len(r.recent) > recentEpochs {
 		r.recent = r.recent[len(r.recent)-recentEpochs:]
@@ -124,6 +130,13 @@ type ReplicationStats struct {
 	// EarlyEpochs were ended early by disk pressure.
 	Backpressured, EarlyEpochs uint64
 	BackpressureSum            time.Duration
+	// EpochLength is the epoch the loop aims at now: the configured one,
+	// or with adaptive epochs what the load has made it.
+	EpochLength time.Duration
+	// Stream is the transport's counters since it opened (the initial
+	// sync included): pages, their bytes before and after compression,
+	// deltas, and the codec the two ends agreed on.
+	Stream stream.Stats
 }
 
 // Stats reports counters and the pause-time distribution of recent epochs.
@@ -139,7 +152,10 @@ func (r *Replicator) Stats() ReplicationStats {
 	s := ReplicationStats{Protected: r.protected, Epoch: r.epoch, Acked: r.totals.Acked, Epochs: r.totals.Epochs,
 		DirtyPages: r.totals.DirtyPages, Bytes: r.totals.Bytes, Pause: r.totals.Pause, Ack: r.totals.Ack,
 		HeldFrames: held, HeldBytes: heldBytes, Backpressured: r.totals.Backpressured,
-		BackpressureSum: r.totals.BackpressureSum, EarlyEpochs: r.totals.EarlyEpochs}
+		BackpressureSum: r.totals.BackpressureSum, EarlyEpochs: r.totals.EarlyEpochs, EpochLength: r.target}
+	if r.t != nil {
+		s.Stream = r.t.Stats()
+	}
 	if len(r.recent) > 0 {
 		s.Last = r.recent[len(r.recent)-1]
 		p := make([]time.Duration, len(r.recent))
@@ -170,7 +186,8 @@ type Metric struct {
 }
 
 // Metrics are replication's counters, gauges and histograms, named
-// govmm_replication_* and govmm_output_*.
+// govmm_replication_* and govmm_output_*, and the stream's page counters,
+// govmm_stream_sent_* and govmm_stream_info (StreamMetrics).
 func (r *Replicator) Metrics() []Metric {
 	rs := r.Stats()
 	var out []Metric
@@ -194,8 +211,40 @@ func (r *Replicator) Metrics() []Metric {
 	add("govmm_replication_last_dirty_pages", "dirty pages in the last checkpoint", "gauge", float64(l.DirtyPages), nil)
 	add("govmm_replication_last_bytes", "bytes of the last checkpoint", "gauge", float64(l.Bytes), nil)
 	add("govmm_replication_last_epoch_seconds", "length of the last epoch", "gauge", l.Length.Seconds(), nil)
+	add("govmm_replication_epoch_target_seconds", "epoch length the checkpoint loop aims at now: --epoch, or with adaptive epochs (--epoch-max) what the load has made it", "gauge", rs.EpochLength.Seconds(), nil)
 	add("govmm_output_held_packets", "guest packets held until their checkpoint is acknowledged", "gauge", float64(rs.HeldFrames), nil)
 	add("govmm_output_held_bytes", "guest bytes held until their checkpoint is acknowledged", "gauge", float64(rs.HeldBytes), nil)
+	return append(out, StreamMetrics(rs.Stream, true)...)
+}
+
+// StreamMetrics are a stream end's page counters: on the sending end
+// (sent) govmm_stream_sent_pages_total, _zero_pages_total,
+// _delta_pages_total, _page_bytes_total (before compression) and
+// _page_wire_bytes_total (as they travelled); on the receiving end
+// govmm_stream_received_pages_total, _zero_pages_total and
+// _delta_pages_total (a receiver does not count page bytes); on both,
+// govmm_stream_info{compression, deltas}, 1, once the handshake agreed on
+// them.
+func StreamMetrics(st stream.Stats, sent bool) []Metric {
+	dir := "received"
+	if sent {
+		dir = "sent"
+	}
+	var out []Metric
+	counter := func(name, help string, v uint64) {
+		out = append(out, Metric{Name: "govmm_stream_" + dir + "_" + name, Help: help, Type: "counter", Value: float64(v)})
+	}
+	counter("pages_total", "guest pages "+dir+" on the stream since it opened (initial sync included)", st.Pages)
+	counter("zero_pages_total", "of the pages "+dir+", all-zero ones (a flag, no bytes)", st.ZeroPages)
+	counter("delta_pages_total", "of the pages "+dir+", those that travelled as XOR deltas against what the standby holds", st.DeltaPages)
+	if sent {
+		counter("page_bytes_total", "bytes of the pages sent before compression: their page sections (entries and data, a delta as its XOR page)", st.PageBytes)
+		counter("page_wire_bytes_total", "bytes of the pages sent as they travelled: the Pages frames' payloads, compressed or stored with their header, before sealing", st.PageWireBytes)
+	}
+	if st.Compression != "" {
+		out = append(out, Metric{Name: "govmm_stream_info", Help: "1: the page codec and deltas the stream's two ends agreed on",
+			Type: "gauge", Value: 1, Labels: map[string]string{"compression": st.Compression, "deltas": strconv.FormatBool(st.Deltas)}})
+	}
 	return out
 }
 

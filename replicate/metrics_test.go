@@ -1,6 +1,7 @@
 package replicate
 
 import (
+	"govmm/replicate/stream"
 	"testing"
 	"time"
 
@@ -81,4 +82,51 @@ func TestReplicatorMetricsHistograms(t *testing.T) {
 	assert.Equal(t, 1.0, got["govmm_replication_ack_seconds_count"].Value)
 	assert.Equal(t, "histogram", got["govmm_replication_ack_seconds_sum"].Type)
 	assert.Equal(t, 2.0, got["govmm_replication_epochs_total"].Value)
+}
+
+// The epoch length the loop aims at is a gauge, and each checkpoint's
+// stats carry the one it was taken under.
+func TestReplicatorMetricsEpochTarget(t *testing.T) {
+	t.Parallel()
+	r := &Replicator{target: 40 * time.Millisecond}
+	r.record(EpochStats{Epoch: 1})
+	var found bool
+	for _, m := range r.Metrics() {
+		if m.Name == "govmm_replication_epoch_target_seconds" {
+			found = true
+			assert.Equal(t, "gauge", m.Type)
+			assert.InDelta(t, 0.040, m.Value, 1e-12)
+		}
+	}
+	assert.True(t, found)
+	assert.Equal(t, 40*time.Millisecond, r.Recent()[0].Target)
+	assert.Equal(t, 40*time.Millisecond, r.Stats().EpochLength)
+}
+
+// A sender's stream metrics count pages and their bytes before and after
+// compression; a receiver's, pages only (it does not count page bytes);
+// the codec is an info metric once the two ends agreed on one.
+func TestStreamMetrics(t *testing.T) {
+	t.Parallel()
+	names := func(ms []Metric) map[string]Metric {
+		out := map[string]Metric{}
+		for _, m := range ms {
+			out[m.Name] = m
+		}
+		return out
+	}
+	st := stream.Stats{Pages: 10, ZeroPages: 2, DeltaPages: 5, PageBytes: 4000, PageWireBytes: 900, Compression: "s2", Deltas: true}
+	sent := names(StreamMetrics(st, true))
+	assert.Len(t, sent, 6)
+	assert.Equal(t, 900.0, sent["govmm_stream_sent_page_wire_bytes_total"].Value)
+	assert.Equal(t, "counter", sent["govmm_stream_sent_page_wire_bytes_total"].Type)
+	assert.Equal(t, 4000.0, sent["govmm_stream_sent_page_bytes_total"].Value)
+	assert.Equal(t, 5.0, sent["govmm_stream_sent_delta_pages_total"].Value)
+	assert.Equal(t, Metric{Name: "govmm_stream_info", Help: sent["govmm_stream_info"].Help, Type: "gauge", Value: 1,
+		Labels: map[string]string{"compression": "s2", "deltas": "true"}}, sent["govmm_stream_info"])
+	recv := names(StreamMetrics(st, false))
+	assert.Len(t, recv, 4)
+	assert.Equal(t, 10.0, recv["govmm_stream_received_pages_total"].Value)
+	assert.Equal(t, 2.0, recv["govmm_stream_received_zero_pages_total"].Value)
+	assert.NotContains(t, names(StreamMetrics(stream.Stats{}, false)), "govmm_stream_info", "no codec before the handshake")
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"time"
 
 	"govmm/dirtylog"
@@ -41,6 +42,9 @@ type MigrateConfig struct {
 	// Devices describe the guest's devices beyond their kind, by device
 	// ID, as in ReplicateConfig.
 	Devices map[string][]stream.Attr
+	// Logger gets the migration's Debug lines (one per pre-copy round and
+	// a breakdown at the end); nil means slog.Default().
+	Logger *slog.Logger
 	// Fence is the source's lease at the witness (nil without one): the
 	// hello carries its generation, from which the destination claims the
 	// next one before it runs the guest, and the source resigns it after
@@ -73,6 +77,13 @@ type MigrateResult struct {
 	// DroppedProtection is the standby whose replication Node.Migrate
 	// stopped to migrate (dropProtection), or "".
 	DroppedProtection string
+	// Where the time went: Connect is dialing and the stream's handshake;
+	// Setup, from there to the first round (dirty tracking, disk logs,
+	// the disks' copy); PreCopy the pre-copy rounds (RoundStats each);
+	// AckWait the wait for the destination to acknowledge them; the rest
+	// is the Downtime (stop and copy, the final ack, the handover).
+	Connect, Setup, PreCopy, AckWait time.Duration
+	RoundStats                       []RoundStats
 }
 
 // Migrate moves the running machine m to a standby: pre-copy rounds while
@@ -104,6 +115,11 @@ func Migrate(ctx context.Context, m *vmm.Machine, cfg MigrateConfig) (MigrateRes
 	}
 	start := time.Now()
 	var res MigrateResult
+	log := cfg.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	log = log.With("component", "replicate", "peer", cfg.To)
 
 	if cfg.Fence != nil {
 		// The destination claims from the generation in the hello: one that
@@ -121,6 +137,7 @@ func Migrate(ctx context.Context, m *vmm.Machine, cfg MigrateConfig) (MigrateRes
 		return res, fmt.Errorf("migrate to %s: %w", cfg.To, err)
 	}
 	defer s.Close() // a goodbye: the destination discards the migration
+	res.Connect = time.Since(start)
 	tracker, err := trackDirty(m)
 	if err != nil {
 		return res, fmt.Errorf("migrate: %w", err)
@@ -134,24 +151,30 @@ func Migrate(ctx context.Context, m *vmm.Machine, cfg MigrateConfig) (MigrateRes
 	epoch := uint64(0)
 	next := func() uint64 { epoch++; return epoch }
 	pre, err := precopy{t: s, mem: m.Memory(), tr: tracker, disks: cfg.Disks, nextEpoch: next,
-		stopPages: cfg.StopPages, maxRounds: cfg.MaxRounds,
+		stopPages: cfg.StopPages, maxRounds: cfg.MaxRounds, log: log,
 		onRound: func(round, dirty int) {
 			progress(Progress{Round: round, Phase: "precopy", BytesSent: s.Stats().BytesSent,
 				DirtyPages: uint64(dirty), RemainingPages: uint64(dirty)})
 		}}.run(ctx)
-	res.Rounds, res.PagesSent, res.BytesSent = pre.Rounds, pre.PagesSent, s.Stats().BytesSent
+	res.Rounds, res.PagesSent, res.BytesSent, res.RoundStats = pre.Rounds, pre.PagesSent, s.Stats().BytesSent, pre.Stats
 	if err != nil {
 		return res, fmt.Errorf("migrate: %w", err)
 	}
+	for _, r := range pre.Stats {
+		res.PreCopy += r.Send + r.Harvest
+	}
+	res.Setup = time.Since(start) - res.Connect - res.PreCopy
 
 	// Let the destination finish applying the pre-copy rounds first, so
 	// the downtime is not spent waiting behind them.
 	wctx, wcancel := context.WithTimeout(ctx, cfg.AckTimeout)
+	ackFrom := time.Now()
 	err = s.WaitAck(wctx, epoch)
 	wcancel()
 	if err != nil {
 		return res, fmt.Errorf("migrate: pre-copy round %d not acknowledged: %w", res.Rounds, err)
 	}
+	res.AckWait = time.Since(ackFrom)
 
 	// Stop and copy, at a consistent cut. On success the machine stays
 	// paused: the guest lives on at the destination only.
@@ -174,6 +197,10 @@ func Migrate(ctx context.Context, m *vmm.Machine, cfg MigrateConfig) (MigrateRes
 	}
 	res.Downtime = time.Since(paused)
 	res.TotalTime = time.Since(start)
+	st := s.Stats()
+	log.Debug("migration sent", "total", res.TotalTime, "connect", res.Connect, "setup", res.Setup,
+		"precopy", res.PreCopy, "ack_wait", res.AckWait, "downtime", res.Downtime, "rounds", res.Rounds,
+		"wire_bytes", res.BytesSent, "pages", res.PagesSent, "zero_pages", st.ZeroPages, "seal", st.SealTime, "write", st.WriteTime)
 	progress(Progress{Round: res.Rounds, Phase: "done", BytesSent: res.BytesSent})
 	return res, nil
 }

@@ -3,6 +3,8 @@ package replicate
 import (
 	"context"
 	"fmt"
+	"log/slog"
+	"time"
 
 	"govmm/dirtylog"
 	"govmm/replicate/stream"
@@ -49,6 +51,23 @@ type precopy struct {
 	// loop has sent so far (round 0: the disks), every progressEvery
 	// bytes and at the end of each round. It must not block.
 	onCopied func(round int, copied uint64)
+	// log, if set, gets one Debug line per round (its RoundStats).
+	log *slog.Logger
+}
+
+// RoundStats is where one pre-copy round's time went, as measured by the
+// source: the stream's counters before and after the round, and the
+// clock around its steps.
+type RoundStats struct {
+	Round            int
+	Pages, ZeroPages uint64 // sent in the round; ZeroPages of them as a flag
+	WireBytes        uint64 // on the wire: frames, sealed
+	// Send is BeginCheckpoint to EndCheckpoint: reading the pages, framing,
+	// sealing and writing them. Seal and Write are the parts of it spent
+	// sealing frames and writing them to the connection.
+	Send, Seal, Write time.Duration
+	Harvest           time.Duration // the dirty log after the round
+	Dirty             int           // pages the harvest found dirty
 }
 
 // progressEvery is how often (in bytes sent) precopy reports progress.
@@ -61,6 +80,7 @@ type precopyResult struct {
 	PagesSent uint64        // in all rounds
 	DiskBytes uint64        // disk contents copied
 	Dirty     *dirtylog.Set // harvested after the last round, not sent yet
+	Stats     []RoundStats  // one per memory round
 }
 
 // diskSlab is the most disk one initial-sync checkpoint copies, so that
@@ -79,9 +99,11 @@ func (p precopy) run(ctx context.Context) (precopyResult, error) {
 	for {
 		res.Rounds++
 		res.Epoch = p.nextEpoch()
+		before, t0 := p.t.Stats(), time.Now()
 		n, err := p.round(res.Epoch, set, func(sent uint64) {
 			p.copied(res.Rounds, res.DiskBytes+(res.PagesSent+sent)*guestmem.PageSize)
 		})
+		t1 := time.Now()
 		res.PagesSent += n
 		p.copied(res.Rounds, res.DiskBytes+res.PagesSent*guestmem.PageSize)
 		if err != nil {
@@ -89,6 +111,17 @@ func (p precopy) run(ctx context.Context) (precopyResult, error) {
 		}
 		if set, err = p.tr.Harvest(); err != nil {
 			return res, fmt.Errorf("pre-copy round %d: %w", res.Rounds, err)
+		}
+		after := p.t.Stats()
+		rs := RoundStats{Round: res.Rounds, Pages: n, ZeroPages: after.ZeroPages - before.ZeroPages,
+			WireBytes: after.BytesSent - before.BytesSent, Send: t1.Sub(t0),
+			Seal: after.SealTime - before.SealTime, Write: after.WriteTime - before.WriteTime,
+			Harvest: time.Since(t1), Dirty: set.Count()}
+		res.Stats = append(res.Stats, rs)
+		if p.log != nil {
+			p.log.Debug("pre-copy round", "round", rs.Round, "pages", rs.Pages, "zero_pages", rs.ZeroPages,
+				"wire_bytes", rs.WireBytes, "send", rs.Send, "seal", rs.Seal, "write", rs.Write,
+				"harvest", rs.Harvest, "dirty", rs.Dirty)
 		}
 		res.Dirty = set
 		if p.onRound != nil {

@@ -56,6 +56,9 @@ type Replicator struct {
 	totals       totals
 	resumedAt    map[uint64]time.Time
 	lastResumed  time.Time
+	// target is the length of the epoch running now (cfg.Epoch, or with
+	// adaptive epochs between it and cfg.MaxEpoch); the loop sets it.
+	target time.Duration
 
 	// Staging buffer, owned by the epoch loop: the dirty pages and disk
 	// writes of the checkpoint being streamed, kept across epochs.
@@ -89,7 +92,8 @@ func startReplication(ctx context.Context, m *vmm.Machine, cfg ReplicateConfig, 
 		peer = fmt.Sprintf("%T", cfg.Transport)
 	}
 	r := &Replicator{m: m, cfg: cfg, hooks: hooks, log: cfg.Logger.With("component", "replicate", "standby", peer),
-		stop: make(chan struct{}), done: make(chan struct{}), acks: make(chan struct{}), resumedAt: map[uint64]time.Time{}}
+		stop: make(chan struct{}), done: make(chan struct{}), acks: make(chan struct{}), resumedAt: map[uint64]time.Time{},
+		target: cfg.Epoch}
 	r.ctx, r.cancel = context.WithCancel(context.Background())
 	if cfg.Fence != nil {
 		// The standby will claim from the generation in the hello: the one
@@ -471,6 +475,8 @@ func (r *Replicator) onAck(epoch uint64) {
 
 // loop takes a checkpoint every epoch (sooner under disk pressure, later
 // while too many are unacknowledged) until stopped or the standby is lost.
+// With adaptive epochs it sets each epoch's length from what the last
+// checkpoint cost (nextEpoch).
 func (r *Replicator) loop() {
 	defer close(r.done)
 	t := time.NewTimer(r.cfg.Epoch)
@@ -518,7 +524,8 @@ func (r *Replicator) loop() {
 			r.totals.EarlyEpochs++
 			r.mu.Unlock()
 		}
-		if err := r.backpressure(); err != nil {
+		waited, err := r.backpressure()
+		if err != nil {
 			r.ended(err)
 			return
 		}
@@ -527,8 +534,9 @@ func (r *Replicator) loop() {
 			return
 		}
 		// The guest runs one epoch from its resume; streaming overlaps it.
+		length := r.adapt(waited)
 		r.mu.Lock()
-		next := r.cfg.Epoch - time.Since(r.lastResumed)
+		next := length - time.Since(r.lastResumed)
 		r.mu.Unlock()
 		if !t.Stop() {
 			select {
@@ -550,13 +558,42 @@ func (r *Replicator) ended(err error) {
 	}
 }
 
+// adapt sets the next epoch's length from the last checkpoint's pause
+// (the part that grows with the dirty set: harvest and copy; stopping and
+// resuming the vCPUs cost the same at any epoch, and on a busy host they
+// swing with the scheduler, not with the guest), the last acknowledged
+// one's time to ack and whether checkpoints are
+// waiting for the standby (waited: the loop just did), and returns it.
+// With fixed epochs it is always cfg.Epoch.
+func (r *Replicator) adapt(waited bool) time.Duration {
+	if r.cfg.MaxEpoch == 0 {
+		return r.cfg.Epoch
+	}
+	epoch := r.currentEpoch()
+	l := epochLoad{Behind: waited || r.t.Acked()+uint64(r.cfg.MaxUnacked) <= epoch}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if n := len(r.recent); n > 0 {
+		l.Pause = r.recent[n-1].Harvest + r.recent[n-1].Copy
+	}
+	for i := len(r.recent) - 1; i >= 0; i-- {
+		if r.recent[i].AckTime > 0 {
+			l.Ack = r.recent[i].AckTime
+			break
+		}
+	}
+	r.target = nextEpoch(r.target, r.cfg.Epoch, r.cfg.MaxEpoch, l)
+	return r.target
+}
+
 // backpressure waits while MaxUnacked checkpoints are unacknowledged: a
 // standby that is slow, not dead, stretches the guest's epoch (the guest
-// runs on meanwhile; its output waits, as it would anyway).
-func (r *Replicator) backpressure() error {
+// runs on meanwhile; its output waits, as it would anyway). It reports
+// whether it waited.
+func (r *Replicator) backpressure() (bool, error) {
 	epoch := r.currentEpoch()
 	if epoch < uint64(r.cfg.MaxUnacked) || r.t.Acked()+uint64(r.cfg.MaxUnacked) > epoch {
-		return nil
+		return false, nil
 	}
 	start := time.Now()
 	r.mu.Lock()
@@ -566,7 +603,7 @@ func (r *Replicator) backpressure() error {
 	r.mu.Lock()
 	r.totals.BackpressureSum += time.Since(start)
 	r.mu.Unlock()
-	return err
+	return true, err
 }
 
 // lost handles the standby going away: the guest is unprotected now.

@@ -5,7 +5,6 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
-	"time"
 
 	"github.com/stretchr/testify/require"
 )
@@ -15,11 +14,12 @@ import (
 type proxy struct {
 	ln          net.Listener
 	target      string
-	stallBack   atomic.Bool // hold standby->primary bytes (acks, heartbeats)
-	stallFwd    atomic.Bool // hold primary->standby bytes
+	stallBack   valve       // hold standby->primary bytes (acks, heartbeats)
+	stallFwd    valve       // hold primary->standby bytes
 	corruptNext atomic.Bool // flip a byte in the next primary->standby chunk
 
-	closed atomic.Bool
+	killOnce sync.Once
+	dead     chan struct{} // closed by kill
 
 	mu    sync.Mutex
 	conns []net.Conn
@@ -28,7 +28,7 @@ type proxy struct {
 func newProxy(t *testing.T, target string) *proxy {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
-	p := &proxy{ln: ln, target: target}
+	p := &proxy{ln: ln, target: target, dead: make(chan struct{})}
 	go p.serve()
 	t.Cleanup(p.kill)
 	return p
@@ -54,9 +54,7 @@ func (p *proxy) serve() {
 			buf := make([]byte, 64<<10)
 			for {
 				n, err := c.Read(buf)
-				for p.stallFwd.Load() && !p.closed.Load() {
-					time.Sleep(time.Millisecond)
-				}
+				p.stallFwd.wait(p.dead)
 				if n > 0 {
 					if n > 100 && p.corruptNext.CompareAndSwap(true, false) {
 						buf[n/2] ^= 0x20
@@ -74,9 +72,7 @@ func (p *proxy) serve() {
 			buf := make([]byte, 64<<10)
 			for {
 				n, err := u.Read(buf)
-				for p.stallBack.Load() && !p.closed.Load() {
-					time.Sleep(time.Millisecond)
-				}
+				p.stallBack.wait(p.dead)
 				if n > 0 {
 					if _, werr := c.Write(buf[:n]); werr != nil {
 						return
@@ -92,7 +88,7 @@ func (p *proxy) serve() {
 
 // kill cuts every connection at once, like a host that died.
 func (p *proxy) kill() {
-	p.closed.Store(true)
+	p.killOnce.Do(func() { close(p.dead) })
 	p.ln.Close()
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -100,4 +96,39 @@ func (p *proxy) kill() {
 		c.Close()
 	}
 	p.conns = nil
+}
+
+// valve holds one direction's bytes while shut (Store(true)): the
+// direction's goroutine waits on it after each read. The zero value is
+// open.
+type valve struct {
+	mu   sync.Mutex
+	shut chan struct{} // non-nil while shut; closed when it opens
+}
+
+// Store shuts the valve (true) or opens it (false).
+func (v *valve) Store(shut bool) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	switch {
+	case shut && v.shut == nil:
+		v.shut = make(chan struct{})
+	case !shut && v.shut != nil:
+		close(v.shut)
+		v.shut = nil
+	}
+}
+
+// wait returns once the valve is open, or dead is closed.
+func (v *valve) wait(dead <-chan struct{}) {
+	v.mu.Lock()
+	ch := v.shut
+	v.mu.Unlock()
+	if ch == nil {
+		return
+	}
+	select {
+	case <-ch:
+	case <-dead:
+	}
 }

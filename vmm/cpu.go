@@ -67,6 +67,7 @@ func (c *vcpu) configure() error {
 		c.m.msrs = probeMSRs(c.fd, c.m.msrs)
 	}
 	if st := c.m.restoring; st != nil {
+		c.m.guestTSCKHz.Store(0) // restoreVCPU may set another rate
 		return restoreVCPU(c.fd, &st.VCPUs[c.id], st.TSCKHz, c.m.xsave)
 	}
 	msrs := []kvmapi.MSREntry{

@@ -10,7 +10,8 @@
 // yet running, StartFromPaused (docs/STATE.md), and snapshot files. Both
 // are encoded as containers of package vmm/container (docs/FORMATS.md):
 // a state's sections are walked by one function for save and restore
-// (stateenc.go). It owns the KVM VM file
+// (stateenc.go); a checkpoint saves through EncodeState (statesave.go),
+// the same bytes with buffers kept from cut to cut. It owns the KVM VM file
 // descriptor and the memory slots: dirty tracking for migration and
 // replication starts here (Machine.TrackDirty, one tracker at a time), and
 // no other package touches the VM fd.

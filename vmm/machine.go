@@ -31,8 +31,10 @@ type Config struct {
 	Initrd  []byte // an initramfs (may be several concatenated cpio archives)
 	Cmdline string
 	Console io.Writer // the UART's output; os.Stdout when nil
-	KVMPath string    // /dev/kvm when empty
 }
+
+// kvmDevice is the KVM system device every machine opens.
+const kvmDevice = "/dev/kvm"
 
 // MinMemory is the smallest guest the machine accepts.
 const MinMemory = 32 << 20
@@ -59,6 +61,15 @@ type Machine struct {
 	cpuid  []kvmapi.CPUIDEntry
 	xsave  int    // bytes of XSAVE state per vCPU
 	tscKHz uint32 // the TSC rate new vCPUs get here; 0 if KVM cannot tell before one exists
+	// guestTSCKHz caches the guest's TSC rate as vCPU 0 reported it
+	// (vcpuTSCKHz); 0 until read and after a restore.
+	guestTSCKHz atomic.Uint32
+	// syncRegs: KVM stores REGS, SREGS and VCPU_EVENTS in the kvm_run
+	// page on request (KVM_CAP_SYNC_REGS), so a save reads them in one
+	// KVM_RUN (kvmapi.VCPU.SyncedState).
+	syncRegs bool
+	// saver is what EncodeState keeps from one save to the next.
+	saver stateSaver
 
 	vcpus    []*vcpu
 	msrs     []uint32 // MSRs saved and restored per vCPU (probed at start)
@@ -101,9 +112,6 @@ func New(cfg Config) (*Machine, error) {
 	if cfg.Console == nil {
 		cfg.Console = os.Stdout
 	}
-	if cfg.KVMPath == "" {
-		cfg.KVMPath = "/dev/kvm"
-	}
 	m := &Machine{cfg: cfg, done: make(chan struct{}), pio: NewBus("pio"), mmio: NewBus("mmio")}
 	if err := m.build(); err != nil {
 		m.Close()
@@ -113,14 +121,14 @@ func New(cfg Config) (*Machine, error) {
 }
 
 func (m *Machine) build() error {
-	sys, err := kvmapi.Open(m.cfg.KVMPath)
+	sys, err := kvmapi.Open(kvmDevice)
 	switch {
 	case errors.Is(err, os.ErrNotExist):
 		return fmt.Errorf("%w (is KVM enabled? load kvm_intel or kvm_amd)", err)
 	case errors.Is(err, os.ErrPermission):
 		return fmt.Errorf("%w (add yourself to the kvm group, or run as root)", err)
 	case err != nil:
-		return fmt.Errorf("%s: %w", m.cfg.KVMPath, err)
+		return fmt.Errorf("%s: %w", kvmDevice, err)
 	}
 	m.sys = sys
 	for _, c := range []struct {
@@ -133,7 +141,7 @@ func (m *Machine) build() error {
 		{kvmapi.CapIOEventFD, "ioeventfd"}, {kvmapi.CapExtCPUID, "ext_cpuid"},
 	} {
 		if sys.CheckExtension(c.cap) <= 0 {
-			return fmt.Errorf("%s: kvm lacks %s", m.cfg.KVMPath, c.name)
+			return fmt.Errorf("%s: kvm lacks %s", kvmDevice, c.name)
 		}
 	}
 	if max := sys.CheckExtension(kvmapi.CapMaxVCPUs); max > 0 && m.cfg.CPUs > max {
@@ -143,6 +151,7 @@ func (m *Machine) build() error {
 	if n := sys.CheckExtension(kvmapi.CapXsave2); n > m.xsave {
 		m.xsave = n
 	}
+	m.syncRegs = sys.CheckExtension(kvmapi.CapSyncRegs)&kvmapi.SyncX86State == kvmapi.SyncX86State
 	if m.cpuid, err = sys.SupportedCPUID(); err != nil {
 		return fmt.Errorf("get supported cpuid: %w", err)
 	}

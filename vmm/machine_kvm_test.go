@@ -116,7 +116,7 @@ func TestPauseResume(t *testing.T) {
 	for i := 0; i < 3; i++ {
 		require.NoError(t, m.Pause())
 		a := read()
-		time.Sleep(50 * time.Millisecond)
+		time.Sleep(50 * time.Millisecond) // the scenario: a vCPU that still ran would count meanwhile
 		require.Equal(t, a, read(), "memory changed while paused")
 		var states [2]uint32
 		require.NoError(t, m.OnVCPUs(func(id int, fd *kvmapi.VCPU) error {

@@ -109,13 +109,34 @@ func (m *Machine) OnVCPUs(fn func(id int, fd *kvmapi.VCPU) error) error {
 	if m.paused == 0 {
 		return ErrNotPaused
 	}
-	return m.broadcast(reqDo, fn)
+	return m.broadcastWhile(reqDo, fn, nil, false)
 }
 
 // ErrNotPaused is returned for operations that need a paused machine.
 var ErrNotPaused = errors.New("machine not paused")
 
+// onVCPUsWhile is OnVCPUs that runs meanwhile on the calling goroutine
+// while the vCPU threads run fn; meanwhile's error joins theirs.
+func (m *Machine) onVCPUsWhile(fn func(id int, fd *kvmapi.VCPU) error, meanwhile func() error) error {
+	m.pauseMu.Lock()
+	defer m.pauseMu.Unlock()
+	if m.paused == 0 {
+		return ErrNotPaused
+	}
+	return m.broadcastWhile(reqDo, fn, meanwhile, false)
+}
+
 func (m *Machine) broadcast(kind reqKind, fn func(int, *kvmapi.VCPU) error) error {
+	return m.broadcastWhile(kind, fn, nil, true)
+}
+
+// broadcastWhile sends a request to every vCPU, runs meanwhile (if not
+// nil) and waits for their replies. kick interrupts KVM_RUN; a request to
+// a paused machine needs none (every vCPU waits on its request channel,
+// or has a pause queued ahead of the request with immediate_exit set:
+// releasePaused), and leaving the signal out halves the round trip
+// (BenchmarkSaveStateParts: ~9 µs instead of ~17).
+func (m *Machine) broadcastWhile(kind reqKind, fn func(int, *kvmapi.VCPU) error, meanwhile func() error, kick bool) error {
 	replies := make([]chan error, len(m.vcpus))
 	for i, c := range m.vcpus {
 		replies[i] = make(chan error, 1)
@@ -124,9 +145,14 @@ func (m *Machine) broadcast(kind reqKind, fn func(int, *kvmapi.VCPU) error) erro
 		case <-m.done:
 			return ErrStopped
 		}
-		c.kick()
+		if kick {
+			c.kick()
+		}
 	}
 	var errs []error
+	if meanwhile != nil {
+		errs = append(errs, meanwhile())
+	}
 	for _, r := range replies {
 		select {
 		case err := <-r:

@@ -5,7 +5,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"sort"
+	"slices"
+	"strings"
 	"time"
 
 	"govmm/kvmapi"
@@ -64,85 +65,135 @@ var ErrStateMismatch = errors.New("machine state does not match this machine")
 // paused and its devices quiesced (QuiesceDevices).
 //
 // Order, per vCPU on its own thread: MP_STATE first (it may complete
-// pending events), then REGS, SREGS, XCRS, XSAVE, LAPIC, MSRS, DEBUGREGS,
-// and VCPU_EVENTS last. Then the PICs, IOAPIC, PIT, the KVM clock and every
-// device.
+// pending events, which changes the registers), then XCRS, XSAVE, LAPIC,
+// MSRS, DEBUGREGS, REGS, SREGS and VCPU_EVENTS last (the last three in one
+// KVM_RUN where KVM offers the sync registers). Meanwhile, on the calling
+// goroutine: the PICs, IOAPIC, PIT, the KVM clock and every device. No
+// order of these reads is one instant (the in-kernel PIT and the LAPIC
+// timers run on while the vCPUs are paused); reading the chips beside the
+// vCPUs rather than after them leaves the same window an interrupt may
+// fall in, and takes the chips' ~5 µs out of the pause.
 func (m *Machine) SaveState() (*MachineState, error) {
-	st := &MachineState{
-		VCPUs:  make([]VCPUState, len(m.vcpus)),
-		Memory: MemoryLayout{MemSize: m.cfg.MemSize, CPUs: m.cfg.CPUs},
-	}
-	err := m.OnVCPUs(func(id int, fd *kvmapi.VCPU) error {
-		v, err := m.saveVCPU(fd)
-		if err != nil {
-			return fmt.Errorf("vcpu %d: %w", id, err)
-		}
-		v.CPUID = append([]kvmapi.CPUIDEntry(nil), m.vcpus[id].cpuid...)
-		st.VCPUs[id] = v
-		if id == 0 {
-			if st.TSCKHz, err = fd.TSCKHz(); err != nil {
-				return fmt.Errorf("vcpu %d: get tsc khz: %w", id, err)
-			}
-		}
-		return nil
-	})
-	if err != nil {
+	st := &MachineState{}
+	if err := m.saveState(st, nil); err != nil {
 		return nil, err
 	}
-	if st.IRQChip, err = m.saveIRQChip(); err != nil {
-		return nil, err
-	}
-	if st.Clock, err = m.vm.Clock(); err != nil {
-		return nil, fmt.Errorf("get clock: %w", err)
-	}
-	for _, d := range m.stateful {
-		s, err := d.SaveState()
-		if err != nil {
-			return nil, err
-		}
-		st.Devices = append(st.Devices, s)
-	}
-	sort.Slice(st.Devices, func(i, j int) bool { return st.Devices[i].ID < st.Devices[j].ID })
 	return st, nil
 }
 
-func (m *Machine) saveVCPU(fd *kvmapi.VCPU) (VCPUState, error) {
-	var v VCPUState
+// saveState fills st, reusing its slices (and xsave's buffers, one per
+// vCPU, if not nil) where they are large enough: EncodeState's every-epoch
+// save allocates next to nothing.
+func (m *Machine) saveState(st *MachineState, xsave [][]uint64) error {
+	if len(st.VCPUs) != len(m.vcpus) {
+		st.VCPUs = make([]VCPUState, len(m.vcpus))
+	}
+	st.Memory = MemoryLayout{MemSize: m.cfg.MemSize, CPUs: m.cfg.CPUs}
+	return m.onVCPUsWhile(func(id int, fd *kvmapi.VCPU) error {
+		v := &st.VCPUs[id]
+		var buf []uint64
+		if xsave != nil {
+			buf = xsave[id]
+		}
+		if err := m.saveVCPU(fd, v, buf); err != nil {
+			return fmt.Errorf("vcpu %d: %w", id, err)
+		}
+		v.CPUID = append(v.CPUID[:0], m.vcpus[id].cpuid...)
+		if id == 0 {
+			khz, err := m.vcpuTSCKHz(fd)
+			if err != nil {
+				return fmt.Errorf("vcpu %d: get tsc khz: %w", id, err)
+			}
+			st.TSCKHz = khz
+		}
+		return nil
+	}, func() error { return m.saveMachineLevel(st) })
+}
+
+// saveMachineLevel fills in the PICs, the IOAPIC, the PIT, the KVM clock
+// and the devices (sorted by ID).
+func (m *Machine) saveMachineLevel(st *MachineState) error {
+	var err error
+	if st.IRQChip, err = m.saveIRQChip(); err != nil {
+		return err
+	}
+	if st.Clock, err = m.vm.Clock(); err != nil {
+		return fmt.Errorf("get clock: %w", err)
+	}
+	st.Devices = st.Devices[:0]
+	for _, d := range m.stateful {
+		s, err := d.SaveState()
+		if err != nil {
+			return err
+		}
+		st.Devices = append(st.Devices, s)
+	}
+	slices.SortFunc(st.Devices, func(a, b devstate.State) int { return strings.Compare(a.ID, b.ID) })
+	return nil
+}
+
+// vcpuTSCKHz is the guest's TSC rate. Only KVM_SET_TSC_KHZ changes it,
+// which govmm issues only while restoring a vCPU (restoreVCPU, which
+// forgets the cached rate first): read once, it holds until then.
+func (m *Machine) vcpuTSCKHz(fd *kvmapi.VCPU) (uint32, error) {
+	if khz := m.guestTSCKHz.Load(); khz != 0 {
+		return khz, nil
+	}
+	khz, err := fd.TSCKHz()
+	if err != nil {
+		return 0, err
+	}
+	m.guestTSCKHz.Store(khz)
+	return khz, nil
+}
+
+// saveVCPU reads one vCPU into v, reusing v.MSRs and, if it is large
+// enough, xsave for the XSAVE area (v.Xsave aliases it then). REGS, SREGS
+// and VCPU_EVENTS come last, in one KVM_RUN where KVM offers the sync
+// registers: nothing but MP_STATE (read first) changes the registers of a
+// paused vCPU, and the events stay last.
+func (m *Machine) saveVCPU(fd *kvmapi.VCPU, v *VCPUState, xsave []uint64) error {
 	var err error
 	if v.MPState, err = fd.MPState(); err != nil {
-		return v, fmt.Errorf("get mp_state: %w", err)
-	}
-	if v.Regs, err = fd.Regs(); err != nil {
-		return v, fmt.Errorf("get regs: %w", err)
-	}
-	if v.Sregs, err = fd.Sregs(); err != nil {
-		return v, fmt.Errorf("get sregs: %w", err)
+		return fmt.Errorf("get mp_state: %w", err)
 	}
 	if v.XCRs, err = fd.XCRs(); err != nil {
-		return v, fmt.Errorf("get xcrs: %w", err)
+		return fmt.Errorf("get xcrs: %w", err)
 	}
-	x, err := fd.Xsave(m.xsave)
+	x, err := fd.XsaveInto(xsave, m.xsave)
 	if err != nil {
-		return v, fmt.Errorf("get xsave: %w", err)
+		return fmt.Errorf("get xsave: %w", err)
 	}
 	v.Xsave = x.Region
 	if v.LAPIC, err = fd.LAPIC(); err != nil {
-		return v, fmt.Errorf("get lapic: %w", err)
+		return fmt.Errorf("get lapic: %w", err)
 	}
-	v.MSRs = make([]kvmapi.MSREntry, len(m.msrs))
-	for i, idx := range m.msrs {
-		v.MSRs[i].Index = idx
+	v.MSRs = v.MSRs[:0]
+	for _, idx := range m.msrs {
+		v.MSRs = append(v.MSRs, kvmapi.MSREntry{Index: idx})
 	}
 	if err := fd.MSRs(v.MSRs); err != nil {
-		return v, fmt.Errorf("get msrs: %w", err)
+		return fmt.Errorf("get msrs: %w", err)
 	}
 	if v.DebugRegs, err = fd.DebugRegs(); err != nil {
-		return v, fmt.Errorf("get debugregs: %w", err)
+		return fmt.Errorf("get debugregs: %w", err)
+	}
+	if m.syncRegs {
+		if v.Regs, v.Sregs, v.Events, err = fd.SyncedState(); err != nil {
+			return fmt.Errorf("get sync regs: %w", err)
+		}
+		return nil
+	}
+	if v.Regs, err = fd.Regs(); err != nil {
+		return fmt.Errorf("get regs: %w", err)
+	}
+	if v.Sregs, err = fd.Sregs(); err != nil {
+		return fmt.Errorf("get sregs: %w", err)
 	}
 	if v.Events, err = fd.VCPUEvents(); err != nil {
-		return v, fmt.Errorf("get vcpu events: %w", err)
+		return fmt.Errorf("get vcpu events: %w", err)
 	}
-	return v, nil
+	return nil
 }
 
 func (m *Machine) saveIRQChip() (IRQChipState, error) {
@@ -169,6 +220,7 @@ func (m *Machine) saveIRQChip() (IRQChipState, error) {
 // REGS, MP_STATE, DEBUGREGS, and VCPU_EVENTS last.
 func restoreVCPU(fd *kvmapi.VCPU, v *VCPUState, tscKHz uint32, xsaveSize int) error {
 	if tscKHz != 0 {
+		// The cached rate (vcpuTSCKHz) is forgotten by the caller.
 		cur, err := fd.TSCKHz()
 		if err != nil {
 			return fmt.Errorf("get tsc khz: %w", err)

@@ -117,9 +117,12 @@ func walkDevice(d *devstate.State, c *devstate.Codec) {
 // (each section taken in order, its fields decoded by devstate.Decode).
 // Its first error sticks.
 type sectionCodec struct {
-	w   *container.Writer   // set when encoding
-	in  []container.Section // decoding: the sections not yet taken
-	err error
+	w *container.Writer // set when encoding
+	// scratch, if set, is where sections are encoded before w writes
+	// them (w copies them out): kept from section to section.
+	scratch *[]byte
+	in      []container.Section // decoding: the sections not yet taken
+	err     error
 }
 
 func (c *sectionCodec) decoding() bool { return c.w == nil }
@@ -130,7 +133,12 @@ func (c *sectionCodec) one(t container.Type, walk func(*devstate.Codec)) {
 		return
 	}
 	if !c.decoding() {
-		c.err = c.w.Section(t, devstate.Encode(walk))
+		if c.scratch == nil {
+			c.err = c.w.Section(t, devstate.Encode(walk))
+			return
+		}
+		*c.scratch = devstate.EncodeAppend((*c.scratch)[:0], walk)
+		c.err = c.w.Section(t, *c.scratch)
 		return
 	}
 	if len(c.in) == 0 || c.in[0].Type != t {
@@ -176,20 +184,8 @@ func each[T any](c *sectionCodec, t container.Type, s *[]T, max int, walk func(*
 // version.
 func (s *MachineState) MarshalBinary() ([]byte, error) {
 	var b bytes.Buffer
-	w, err := container.NewWriter(&b, container.MagicState, StateVersion)
-	if err != nil {
+	if err := s.marshalTo(&b, nil); err != nil {
 		return nil, err
-	}
-	c := &sectionCodec{w: w}
-	s.sections(c)
-	if c.err != nil {
-		return nil, fmt.Errorf("machine state: %w", c.err)
-	}
-	if err := w.Close(); err != nil {
-		return nil, err
-	}
-	if b.Len() > MaxStateSize {
-		return nil, fmt.Errorf("machine state of %d bytes, at most %d: %w", b.Len(), MaxStateSize, container.ErrTooLarge)
 	}
 	return b.Bytes(), nil
 }

@@ -4,10 +4,9 @@ import "govmm/internal/tinyguest"
 
 // Test shorthands over internal/tinyguest.
 var (
-	testKernel   = tinyguest.Kernel
-	asmOutSerial = tinyguest.OutSerial()
-	asmExitAL    = tinyguest.ExitAL()
-	asmMovAL     = tinyguest.MovAL
-	asmPrint     = tinyguest.Print
-	cat          = tinyguest.Cat
+	testKernel = tinyguest.Kernel
+	asmExitAL  = tinyguest.ExitAL()
+	asmMovAL   = tinyguest.MovAL
+	asmPrint   = tinyguest.Print
+	cat        = tinyguest.Cat
 )

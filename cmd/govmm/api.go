@@ -87,8 +87,12 @@ func (l *liveBackend) get() ctlapi.Backend {
 func (l *liveBackend) Info() ctlapi.Info { return l.get().Info() }
 func (l *liveBackend) Pause() error      { return l.get().Pause() }
 func (l *liveBackend) Resume() error     { return l.get().Resume() }
+
+// Stats are the current backend's, with the figures derived from them.
 func (l *liveBackend) Stats() ctlapi.Stats {
-	return l.get().Stats()
+	s := l.get().Stats()
+	s.Derived = deriveStats(s.Metrics)
+	return s
 }
 
 func (l *liveBackend) Snapshot(ctx context.Context, path string) (ctlapi.SnapshotResult, error) {
@@ -237,7 +241,18 @@ func (b *vmBackend) StartReplication(ctx context.Context, req ctlapi.ReplicateRe
 		}
 		epoch = d
 	}
-	err := startReplication(b.m, b.f, b.devs, b.node, req.To, epoch, func(p replicate.SyncProgress) {
+	maxEpoch := b.f.epochMax
+	if req.EpochMax != "" {
+		d, err := parseMaxEpoch(req.EpochMax)
+		if err != nil {
+			return fmt.Errorf("replicate: %w: epoch_max %q: %w", ctlapi.ErrInvalid, req.EpochMax, err)
+		}
+		maxEpoch = d
+	}
+	if maxEpoch != 0 && maxEpoch < epoch {
+		return fmt.Errorf("replicate: %w: epoch_max %v below the epoch %v", ctlapi.ErrInvalid, maxEpoch, epoch)
+	}
+	err := startReplication(b.m, b.f, b.devs, b.node, req.To, epoch, maxEpoch, func(p replicate.SyncProgress) {
 		phase := ctlapi.PhaseSync
 		if p.Acking {
 			phase = ctlapi.PhaseSyncAck

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"flag"
 	"fmt"
 	"log/slog"
 	"os"
@@ -81,94 +82,65 @@ var benchSuites = []string{"boot", "checkpoint", "migration", "failover", "fenci
 // extraSuites run only when named: they boot the default guest.
 var extraSuites = []string{"failover-guest", "overhead-guest"}
 
-func cmdBench(args []string) error {
+// benchFlags are the flags of govmm bench.
+type benchFlags struct {
+	fs                         *flag.FlagSet
+	runs                       *int
+	quick                      *bool
+	out, guest, modes, witness *string
+	mem                        string
+	merge                      listFlag
+}
+
+func newBenchFlags() *benchFlags {
 	fs := newFlagSet("bench", benchUsage)
-	runs := fs.Int("runs", 0, "trials per VMM (boot, default 11), per working set (migration, default 5) or per timeout and mode (failover, default 10), per configuration (overhead, overhead-guest, default 3); epochs kept per working set (checkpoint) are 40")
-	quick := fs.Bool("quick", false, "tiny parameters: proves the suites work in a few minutes, numbers mean little")
-	out := fs.String("out", "", "results directory (default bench/results/<timestamp>)")
-	guest := fs.String("guest", "auto", "boot suite guest: auto, tiny or default")
-	memSize := "256M"
-	fs.Var(memFlag{&memSize}, "mem", "boot suite guest memory, as run --mem takes it: 256M, 1G (a bare number is MiB)")
-	modes := fs.String("modes", "sigkill,sigstop", "failover-guest only: the primary's failures to time, `sigkill`, sigstop or both (comma-separated)")
-	witness := fs.String("witness", "both", "failover-guest only: time each failure `without` a witness, with one, or both")
-	var merge listFlag
-	fs.Var(&merge, "merge", "failover-guest only: merge the results `DIR` of an earlier run into one report instead of running trials (repeatable)")
-	if err := parseFlags(fs, args); err != nil {
+	f := &benchFlags{fs: fs, mem: "256M"}
+	f.runs = fs.Int("runs", 0, "trials per VMM (boot, default 11), per working set (migration, default 5) or per timeout and mode (failover, default 10), per configuration (overhead, overhead-guest, default 3); epochs kept per working set (checkpoint) are 40")
+	f.quick = fs.Bool("quick", false, "tiny parameters: proves the suites work in a few minutes, numbers mean little")
+	f.out = fs.String("out", "", "results directory (default bench/results/<timestamp>)")
+	f.guest = fs.String("guest", "auto", "boot suite guest: auto, tiny or default")
+	fs.Var(memFlag{&f.mem}, "mem", "boot suite guest memory, as run --mem takes it: 256M, 1G (a bare number is MiB)")
+	f.modes = fs.String("modes", "sigkill,sigstop", "failover-guest only: the primary's failures to time, `sigkill`, sigstop or both (comma-separated)")
+	f.witness = fs.String("witness", "both", "failover-guest only: time each failure `without` a witness, with one, or both")
+	fs.Var(&f.merge, "merge", "failover-guest only: merge the results `DIR` of an earlier run into one report instead of running trials (repeatable)")
+	return f
+}
+
+func cmdBench(args []string) error {
+	f := newBenchFlags()
+	if err := parseFlags(f.fs, args); err != nil {
 		return err
 	}
-	suites := fs.Args()
-	if len(merge) > 0 {
-		if err := refuseUnused(fs, "with --merge, which runs no trial", "runs", "quick", "guest", "mem", "modes", "witness"); err != nil {
+	suites := f.fs.Args()
+	if len(f.merge) > 0 {
+		if err := refuseUnused(f.fs, "with --merge, which runs no trial", "runs", "quick", "guest", "mem", "modes", "witness"); err != nil {
 			return err
 		}
-		return mergeBench(merge, suites, *out, args)
+		return mergeBench(f.merge, suites, *f.out, args)
 	}
 	if len(suites) == 0 {
 		suites = benchSuites
 	}
-	for _, s := range suites {
-		if !slices.Contains(benchSuites, s) && !slices.Contains(extraSuites, s) {
-			return usagef("bench", "unknown suite %q (%s)", s, strings.Join(append(benchSuites, extraSuites...), ", "))
-		}
-	}
-	if !slices.Contains(suites, "boot") {
-		if err := refuseUnused(fs, "without the boot suite, the only one that uses it", "guest", "mem"); err != nil {
-			return err
-		}
-	}
-	if !slices.Contains(suites, "failover-guest") {
-		if err := refuseUnused(fs, "without the failover-guest suite, the only one that uses it", "modes", "witness"); err != nil {
-			return err
-		}
-	}
-	failModes := strings.Split(*modes, ",")
-	for _, m := range failModes {
-		if m != bench.FailKill && m != bench.FailStop {
-			return usagef("bench", "--modes %s: unknown failure %q (sigkill, sigstop)", showArg(*modes), m)
-		}
-	}
-	witnessModes := map[string][]bool{"without": {false}, "with": {true}, "both": {false, true}}[*witness]
-	if witnessModes == nil {
-		return usagef("bench", "--witness %s: want without, with or both", showArg(*witness))
-	}
-	if *out == "" {
-		*out = filepath.Join("bench", "results", time.Now().UTC().Format("20060102T150405Z"))
-	}
-	if err := os.MkdirAll(*out, 0o755); err != nil {
+	opts, err := f.options(suites)
+	if err != nil {
 		return err
 	}
-	mem, _ := parseMemSize(memSize) // checked by memFlag
-	self, err := os.Executable()
-	if err != nil {
+	if err := os.MkdirAll(opts.Out, 0o755); err != nil {
 		return err
 	}
 	// The stream's per-connection Info lines would drown the progress.
 	slog.SetDefault(slog.New(newCLIHandler(os.Stderr, slog.LevelWarn)))
 	ctx, caught, stop := benchSignals()
 	defer stop()
-	opts := bench.Options{Quick: *quick, Runs: *runs, Out: *out, Govmm: self, Log: os.Stderr,
-		Boot: bench.BootConfig{Govmm: self, Guest: *guest, MemMiB: int(mem >> 20)}, Modes: failModes, Witness: witnessModes}
-	// The default image is built only where the boot suite will boot it.
-	if slices.Contains(suites, "failover-guest") || slices.Contains(suites, "overhead-guest") {
-		img, err := defaultImage()
-		if err != nil {
-			return err
-		}
-		opts.Boot.Kernel, opts.Boot.Initrd = img.Kernel, img.Initrd
-	}
-	if slices.Contains(suites, "boot") && (*guest == "default" || (*guest == "auto" && !bench.Emulated())) {
-		if img, err := defaultImage(); err == nil {
-			opts.Boot.Kernel, opts.Boot.Initrd = img.Kernel, img.Initrd
-		} else if *guest == "default" {
-			return err
-		}
+	if err := f.guestImage(&opts, suites); err != nil {
+		return err
 	}
 	command := strings.TrimSpace("govmm bench " + strings.Join(args, " "))
 	if lab.InLab() {
 		command = "govmm lab --share bench/results -- " + command
 	}
 	sections, err := bench.Run(ctx, opts, suites)
-	if werr := bench.WriteReport(*out, command, sections, suites); err == nil {
+	if werr := bench.WriteReport(opts.Out, command, sections, suites); err == nil {
 		err = werr
 	}
 	if sig := caught(); sig != 0 {
@@ -180,7 +152,68 @@ func cmdBench(args []string) error {
 	for _, s := range suites {
 		fmt.Printf("## %s\n\n%s\n", s, sections[s])
 	}
-	fmt.Printf("results: %s\n", *out)
+	fmt.Printf("results: %s\n", opts.Out)
+	return nil
+}
+
+// options checks the suites and the flags that only some suites use, and
+// turns them into bench.Options (without the guest image: guestImage).
+func (f *benchFlags) options(suites []string) (bench.Options, error) {
+	for _, s := range suites {
+		if !slices.Contains(benchSuites, s) && !slices.Contains(extraSuites, s) {
+			return bench.Options{}, usagef("bench", "unknown suite %q (%s)", s, strings.Join(append(benchSuites, extraSuites...), ", "))
+		}
+	}
+	if !slices.Contains(suites, "boot") {
+		if err := refuseUnused(f.fs, "without the boot suite, the only one that uses it", "guest", "mem"); err != nil {
+			return bench.Options{}, err
+		}
+	}
+	if !slices.Contains(suites, "failover-guest") {
+		if err := refuseUnused(f.fs, "without the failover-guest suite, the only one that uses it", "modes", "witness"); err != nil {
+			return bench.Options{}, err
+		}
+	}
+	failModes := strings.Split(*f.modes, ",")
+	for _, m := range failModes {
+		if m != bench.FailKill && m != bench.FailStop {
+			return bench.Options{}, usagef("bench", "--modes %s: unknown failure %q (sigkill, sigstop)", showArg(*f.modes), m)
+		}
+	}
+	witnessModes := map[string][]bool{"without": {false}, "with": {true}, "both": {false, true}}[*f.witness]
+	if witnessModes == nil {
+		return bench.Options{}, usagef("bench", "--witness %s: want without, with or both", showArg(*f.witness))
+	}
+	out := *f.out
+	if out == "" {
+		out = filepath.Join("bench", "results", time.Now().UTC().Format("20060102T150405Z"))
+	}
+	mem, _ := parseMemSize(f.mem) // checked by memFlag
+	self, err := os.Executable()
+	if err != nil {
+		return bench.Options{}, err
+	}
+	return bench.Options{Quick: *f.quick, Runs: *f.runs, Out: out, Govmm: self, Log: os.Stderr,
+		Boot: bench.BootConfig{Govmm: self, Guest: *f.guest, MemMiB: int(mem >> 20)}, Modes: failModes, Witness: witnessModes}, nil
+}
+
+// guestImage puts the default guest image into opts, building it only
+// where a suite will boot it.
+func (f *benchFlags) guestImage(opts *bench.Options, suites []string) error {
+	if slices.Contains(suites, "failover-guest") || slices.Contains(suites, "overhead-guest") {
+		img, err := defaultImage()
+		if err != nil {
+			return err
+		}
+		opts.Boot.Kernel, opts.Boot.Initrd = img.Kernel, img.Initrd
+	}
+	if slices.Contains(suites, "boot") && (*f.guest == "default" || (*f.guest == "auto" && !bench.Emulated())) {
+		if img, err := defaultImage(); err == nil {
+			opts.Boot.Kernel, opts.Boot.Initrd = img.Kernel, img.Initrd
+		} else if *f.guest == "default" {
+			return err
+		}
+	}
 	return nil
 }
 

@@ -81,17 +81,15 @@ func TestBenchSignalLeavesNothing(t *testing.T) {
 			exited := make(chan error, 1)
 			go func() { exited <- cmd.Wait() }()
 			// Mid-run: once the suite has a VMM of its own running.
-			for deadline := time.Now().Add(time.Minute); ; time.Sleep(time.Millisecond) {
-				if slices.ContainsFunc(markedProcs(t, marker, cmd.Process.Pid), func(p string) bool { return strings.Contains(p, tt.during) }) {
-					break
-				}
+			tick, deadline := time.NewTicker(time.Millisecond), time.After(time.Minute)
+			defer tick.Stop()
+			for !slices.ContainsFunc(markedProcs(t, marker, cmd.Process.Pid), func(p string) bool { return strings.Contains(p, tt.during) }) {
 				select {
 				case err := <-exited:
 					t.Fatalf("bench exited (%v) before %q ran: %s", err, tt.during, stderr.String())
-				default:
-				}
-				if time.Now().After(deadline) {
+				case <-deadline:
 					t.Fatalf("no %q started within a minute: %s", tt.during, stderr.String())
+				case <-tick.C:
 				}
 			}
 			require.NoError(t, cmd.Process.Signal(tt.sig))

@@ -211,6 +211,16 @@ func parseEpoch(s string) (time.Duration, error) {
 	return d, replicate.CheckEpoch(d)
 }
 
+// parseMaxEpoch reads an --epoch-max as every interface takes it (run,
+// standby, the control API's replicate request): 0, or an epoch.
+func parseMaxEpoch(s string) (time.Duration, error) {
+	d, err := parseDuration(s)
+	if err != nil {
+		return 0, err
+	}
+	return d, replicate.CheckMaxEpoch(d)
+}
+
 // cpusFlag is --cpus: 1..vmm.MaxCPUs.
 type cpusFlag struct{ n *int }
 
@@ -311,7 +321,6 @@ func (f choiceFlag) Set(s string) error {
 
 func (f choiceFlag) typeName() string { return strings.Join(f.choices, "|") }
 
-// hostPortFlag is a string flag that takes HOST:PORT.
 // compressFlag is --stream-compress.
 type compressFlag struct{ c *stream.Compression }
 
@@ -333,6 +342,7 @@ func (f compressFlag) Set(s string) error {
 
 func (f compressFlag) typeName() string { return "none|s2|zstd" }
 
+// hostPortFlag is a string flag that takes HOST:PORT.
 type hostPortFlag struct{ s *string }
 
 func (f hostPortFlag) String() string {
@@ -500,6 +510,9 @@ func writeAttr(b *strings.Builder, group string, a slog.Attr) {
 // same values again and opens what they name.
 func (f *runFlags) check(fs *flag.FlagSet) error {
 	cmd := fs.Name()
+	if f.epochMax != 0 && f.epochMax < f.epoch {
+		return usagef(cmd, "--epoch-max %v is below --epoch %v", f.epochMax, f.epoch)
+	}
 	for _, s := range f.disks {
 		if _, err := parseDisk(s); err != nil {
 			return usagef(cmd, "%v", err)

@@ -63,6 +63,10 @@ func TestCLIUsageErrors(t *testing.T) {
 		{"standby failover timeout negative", []string{"standby", "--listen", "127.0.0.1:7000", "--failover-timeout", "-5s"}, "govmm: standby: --failover-timeout -5s: must be at least 10ms (see 'govmm help standby')"},
 		{"ctl replicate epoch 0", []string{"ctl", "replicate", "--to", "127.0.0.1:7000", "--epoch", "0"}, "govmm: ctl replicate: --epoch 0: must be at least 1ms (see 'govmm help ctl replicate')"},
 		{"ctl replicate epoch negative", []string{"ctl", "replicate", "--to", "127.0.0.1:7000", "--epoch", "-1s"}, "govmm: ctl replicate: --epoch -1s: must be at least 1ms (see 'govmm help ctl replicate')"},
+		{"epoch max negative", []string{"run", "--epoch-max", "-1s"}, "govmm: run: --epoch-max -1s: must be at least 1ms (see 'govmm help run')"},
+		{"epoch max below the epoch", []string{"run", "--epoch", "50ms", "--epoch-max", "20ms"}, "govmm: run: --epoch-max 20ms is below --epoch 50ms (see 'govmm help run')"},
+		{"standby epoch max too short", []string{"standby", "--listen", "127.0.0.1:7000", "--epoch-max", "100us"}, "govmm: standby: --epoch-max 100us: must be at least 1ms (see 'govmm help standby')"},
+		{"ctl replicate epoch max negative", []string{"ctl", "replicate", "--to", "127.0.0.1:7000", "--epoch-max", "-1s"}, "govmm: ctl replicate: --epoch-max -1s: must be at least 1ms (see 'govmm help ctl replicate')"},
 		{"witness max lease", []string{"witness", "--max-lease", "1h"}, "govmm: witness: --max-lease 1h: want 10ms to 10m0s (see 'govmm help witness')"},
 
 		// Flag errors: one line, not the usage.
@@ -122,6 +126,9 @@ func TestCLIUsageErrors(t *testing.T) {
 		{"image without subcommand", []string{"image"}, "govmm: image: no subcommand: want build (see 'govmm help image')"},
 		{"image unknown subcommand", []string{"image", "make"}, `govmm: image: unknown subcommand "make": want build (see 'govmm help image')`},
 		{"lab without command", []string{"lab"}, "govmm: lab: no command: govmm lab [flags] -- CMD ARGS... (see 'govmm help lab')"},
+		{"lab needed with a command", []string{"lab", "--needed", "--", "true"}, "govmm: lab: --needed takes no command (see 'govmm help lab')"},
+		{"lab needed with a flag it ignores", []string{"lab", "--needed", "--mem", "4G"}, "govmm: lab: --mem does not apply with --needed, which runs no command (see 'govmm help lab')"},
+		{"lab hold-kvm with a flag it ignores", []string{"lab", "--hold-kvm", "--share", "/tmp"}, "govmm: lab: --share does not apply with --hold-kvm, which runs no command (see 'govmm help lab')"},
 		{"bench unknown suite", []string{"bench", "frobnicate"}, `govmm: bench: unknown suite "frobnicate" (boot, checkpoint, migration, failover, fencing, overhead, failover-guest, overhead-guest) (see 'govmm help bench')`},
 		{"version with argument", []string{"version", "now"}, `govmm: version: unexpected argument "now" (see 'govmm help version')`},
 		{"unknown command", []string{"frobnicate"}, `govmm: unknown command "frobnicate" (see 'govmm help')`},
@@ -326,6 +333,16 @@ func TestCLIDefaultAPISocket(t *testing.T) {
 		_, want := parseEpoch(epoch)
 		require.ErrorContains(t, err, fmt.Sprintf("epoch %q: %v", epoch, want))
 	}
+	// And an epoch_max as run checks --epoch-max, not below the epoch.
+	for _, em := range []string{"-1s", "25"} {
+		err := c.Replicate(t.Context(), ctlapi.ReplicateRequest{To: "127.0.0.1:1", EpochMax: em}, nil)
+		require.ErrorIs(t, err, ctlapi.ErrInvalid, em)
+		_, want := parseMaxEpoch(em)
+		require.ErrorContains(t, err, fmt.Sprintf("epoch_max %q: %v", em, want))
+	}
+	err := c.Replicate(t.Context(), ctlapi.ReplicateRequest{To: "127.0.0.1:1", Epoch: "50ms", EpochMax: "20ms"}, nil)
+	require.ErrorIs(t, err, ctlapi.ErrInvalid)
+	require.ErrorContains(t, err, "epoch_max 20ms below the epoch 50ms")
 	require.NotContains(t, vmLog.String(), "WITHOUT A WITNESS", "refused requests warn of nothing")
 	requireNoTrace(t, vmLog.String())
 }

@@ -7,17 +7,12 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"math"
 	"os"
 	"os/signal"
-	"slices"
 	"strconv"
 	"strings"
 	"syscall"
 	"text/tabwriter"
-	"time"
-
-	"golang.org/x/sys/unix"
 
 	"govmm/ctlapi"
 	"govmm/replicate"
@@ -50,8 +45,9 @@ Commands:
                           --listen HOST:PORT); returns once it is protected
   unreplicate             stop replicating; the guest runs on unprotected
   stats [--json]          the VM's (or the standby's) metrics as a table, in
-                          units (540µs, 12.3 MiB); --json: raw values
-  metrics                 the same in Prometheus text format
+                          units (540µs, 12.3 MiB), then figures derived from
+                          them (wire bytes per dirty page); --json: raw values
+  metrics                 the metrics in Prometheus text format
 
 The socket is --api-sock if given, else $GOVMM_API_SOCK, else
 /run/govmm/NAME.sock for --name NAME (default govmm: a VM run without
@@ -278,176 +274,19 @@ func ctlStats(ctx context.Context, c *ctlapi.Client, args []string) error {
 	for _, r := range statsRows(st.Metrics) {
 		fmt.Fprintf(tw, "%s\t%s\t%s\n", r.name, r.labels, r.value)
 	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	if len(st.Derived) == 0 {
+		return nil
+	}
+	fmt.Println()
+	tw = tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "DERIVED\tVALUE")
+	for _, d := range st.Derived {
+		fmt.Fprintf(tw, "%s\t%s\n", d.Name, humanDerived(d))
+	}
 	return tw.Flush()
-}
-
-// statsRow is one line of ctl stats.
-type statsRow struct{ name, labels, value string }
-
-// statsRows turns samples (in the server's sorted order) into lines for a
-// person: durations and sizes in units, and each histogram in one line
-// (count, mean and quantiles read off its buckets) instead of its
-// buckets.
-func statsRows(ms []ctlapi.Metric) []statsRow {
-	var rows []statsRow
-	hists := map[string]*statsHist{} // by family and labels
-	for _, m := range ms {
-		if m.Type == "histogram" {
-			base, part := histPart(m.Name)
-			lk := labelText(m.Labels, "le")
-			h := hists[base+lk]
-			if h == nil {
-				h = &statsHist{seconds: strings.HasSuffix(base, "_seconds")}
-				hists[base+lk] = h
-				rows = append(rows, statsRow{name: base, labels: lk})
-				h.row = len(rows) - 1
-			}
-			h.add(part, m)
-			continue
-		}
-		rows = append(rows, statsRow{name: m.Name, labels: labelText(m.Labels, ""), value: humanValue(m.Name, m.Value)})
-	}
-	for _, h := range hists {
-		rows[h.row].value = h.String()
-	}
-	return rows
-}
-
-// histPart splits a histogram sample's name into its family and part
-// (bucket, sum or count).
-func histPart(name string) (base, part string) {
-	for _, p := range []string{"_bucket", "_sum", "_count"} {
-		if b, ok := strings.CutSuffix(name, p); ok {
-			return b, p[1:]
-		}
-	}
-	return name, ""
-}
-
-// labelText writes labels sorted, leaving out skip; "-" for none.
-func labelText(labels map[string]string, skip string) string {
-	keys := make([]string, 0, len(labels))
-	for k := range labels {
-		if k != skip {
-			keys = append(keys, k)
-		}
-	}
-	slices.Sort(keys)
-	parts := make([]string, len(keys))
-	for i, k := range keys {
-		parts[i] = fmt.Sprintf("%s=%q", k, labels[k])
-	}
-	if len(parts) == 0 {
-		return "-"
-	}
-	return strings.Join(parts, ",")
-}
-
-// statsHist gathers one histogram's samples.
-type statsHist struct {
-	row        int
-	seconds    bool
-	le         []float64 // bucket bounds, in the order served (increasing)
-	cum        []float64 // cumulative counts
-	sum, count float64
-}
-
-func (h *statsHist) add(part string, m ctlapi.Metric) {
-	switch part {
-	case "bucket":
-		le, err := strconv.ParseFloat(m.Labels["le"], 64)
-		if err != nil {
-			le = math.Inf(1)
-		}
-		h.le, h.cum = append(h.le, le), append(h.cum, m.Value)
-	case "sum":
-		h.sum = m.Value
-	case "count":
-		h.count = m.Value
-	}
-}
-
-// String is "n=1234 mean=540µs p50<=500µs p99<=5ms": a quantile is the
-// bound of the first bucket that holds it, which is all a histogram
-// knows.
-func (h *statsHist) String() string {
-	unit := func(v float64) string {
-		if h.seconds {
-			return humanSeconds(v)
-		}
-		return ctlValue(v)
-	}
-	if h.count == 0 {
-		return "n=0"
-	}
-	s := fmt.Sprintf("n=%s mean=%s", ctlValue(h.count), unit(h.sum/h.count))
-	for _, q := range []struct {
-		name string
-		q    float64
-	}{{"p50", 0.5}, {"p99", 0.99}} {
-		for i, c := range h.cum {
-			if c >= q.q*h.count {
-				if math.IsInf(h.le[i], 1) {
-					bound := "?"
-					if i > 0 {
-						bound = unit(h.le[i-1])
-					}
-					s += fmt.Sprintf(" %s>%s", q.name, bound)
-				} else {
-					s += fmt.Sprintf(" %s<=%s", q.name, unit(h.le[i]))
-				}
-				break
-			}
-		}
-	}
-	return s
-}
-
-// humanValue writes a metric's value for a person, in the unit its name
-// says (Prometheus names carry base units: seconds, bytes).
-func humanValue(name string, v float64) string {
-	base := strings.TrimSuffix(name, "_total")
-	switch {
-	case math.IsNaN(v) || math.IsInf(v, 0):
-		return ctlValue(v)
-	case strings.HasSuffix(base, "_seconds"):
-		return humanSeconds(v)
-	case strings.HasSuffix(base, "_bytes") && v >= 0 && v < math.MaxUint64:
-		return ctlBytes(uint64(v))
-	}
-	return ctlValue(v)
-}
-
-// humanSeconds writes seconds as humanDuration does: 540µs, 1.23ms,
-// 25.3s, 1h2m3s.
-func humanSeconds(v float64) string {
-	if v < 0 {
-		return "-" + humanSeconds(-v)
-	}
-	return humanDuration(time.Duration(v * float64(time.Second)))
-}
-
-// humanDuration writes d with up to three significant digits below a
-// minute: 0s, 12ns, 540µs, 1.23ms, 2s, 25.3s; from a minute on, to the
-// second.
-func humanDuration(d time.Duration) string {
-	if d >= time.Minute {
-		return d.Round(time.Second).String()
-	}
-	for _, u := range []struct {
-		unit time.Duration
-		name string
-	}{{time.Second, "s"}, {time.Millisecond, "ms"}, {time.Microsecond, "µs"}} {
-		if d >= u.unit {
-			v := float64(d) / float64(u.unit)
-			s := strconv.FormatFloat(v, 'f', max(0, 2-int(math.Floor(math.Log10(v)))), 64)
-			if strings.Contains(s, ".") {
-				s = strings.TrimRight(strings.TrimRight(s, "0"), ".")
-			}
-			return s + u.name
-		}
-	}
-	return d.String()
 }
 
 func ctlMetrics(ctx context.Context, c *ctlapi.Client, args []string) error {
@@ -462,129 +301,18 @@ func ctlMetrics(ctx context.Context, c *ctlapi.Client, args []string) error {
 	return err
 }
 
-// ctlBar draws a migration's progress. On a terminal it redraws one line
-// (at most every ctlBarEvery, and at each new round or phase); elsewhere it
-// prints one line per round or phase, which reads well in a log. Each
-// round's bar fills as its remaining pages drain; the largest remaining
-// count seen in a round stands for the round's size.
-type ctlBar struct {
-	w            io.Writer
-	tty          bool
-	round        int
-	phase        string
-	roundPages   uint64
-	last         ctlapi.Progress
-	drawn        bool
-	lastDraw     time.Time
-	lastProgress bool // an update arrived since the last draw
-}
-
-const (
-	ctlBarWidth = 30
-	ctlBarEvery = 100 * time.Millisecond
-)
-
-func newCtlBar(w io.Writer, tty bool) *ctlBar { return &ctlBar{w: w, tty: tty, round: -1} }
-
-func (b *ctlBar) update(p ctlapi.Progress) {
-	changed := p.Round != b.round || p.Phase != b.phase
-	if changed {
-		b.round, b.phase, b.roundPages = p.Round, p.Phase, 0
-	}
-	b.roundPages = max(b.roundPages, p.RemainingPages)
-	b.last, b.lastProgress = p, true
-	switch {
-	case !b.tty && changed:
-		fmt.Fprintf(b.w, "migrate: %s round %d: %s sent, %d pages dirty, %d to send\n",
-			p.Phase, p.Round, ctlBytes(p.BytesSent), p.DirtyPages, p.RemainingPages)
-	case b.tty && (changed || time.Since(b.lastDraw) >= ctlBarEvery):
-		b.draw()
-	}
-}
-
-// finish draws the last state and ends the bar's line.
-func (b *ctlBar) finish() {
-	if !b.tty || !b.drawn {
-		return
-	}
-	if b.lastProgress {
-		b.draw()
-	}
-	fmt.Fprintln(b.w)
-}
-
-func (b *ctlBar) draw() {
-	p := b.last
-	frac := 1.0
-	if p.Phase != ctlapi.PhaseDone && b.roundPages > 0 {
-		frac = float64(b.roundPages-min(p.RemainingPages, b.roundPages)) / float64(b.roundPages)
-	}
-	// \r returns to the line's start and \x1b[K clears what a longer
-	// earlier line left.
-	fmt.Fprintf(b.w, "\r%-13s round %-3d [%s] %3d%%  %s sent, %d dirty\x1b[K",
-		p.Phase, p.Round, barText(frac), int(frac*100), ctlBytes(p.BytesSent), p.DirtyPages)
-	b.drawn, b.lastDraw, b.lastProgress = true, time.Now(), false
-}
-
-// barText is a progress bar ctlBarWidth wide, frac (0..1) of it filled:
-// "=====>    ".
-func barText(frac float64) string {
-	fill := int(frac * ctlBarWidth)
-	bar := strings.Repeat("=", fill)
-	if fill < ctlBarWidth {
-		bar += ">" + strings.Repeat(" ", ctlBarWidth-fill-1)
-	}
-	return bar
-}
-
-// ctlIsTerminal reports whether f is a terminal.
-func ctlIsTerminal(f *os.File) bool {
-	_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
-	return err == nil
-}
-
-// ctlBytes writes n in binary units: 512 B, 1.5 KiB, 256 MiB.
-func ctlBytes(n uint64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	v, i := float64(n), -1
-	for v >= unit && i < 5 {
-		v /= unit
-		i++
-	}
-	s := fmt.Sprintf("%.1f", v)
-	s = strings.TrimSuffix(s, ".0")
-	return s + " " + []string{"KiB", "MiB", "GiB", "TiB", "PiB", "EiB"}[i]
-}
-
-// ctlDuration rounds d to what a person reads: ms above a second, µs below.
-func ctlDuration(d time.Duration) string {
-	switch {
-	case d >= time.Second:
-		return d.Round(time.Millisecond).String()
-	case d >= time.Millisecond:
-		return d.Round(time.Microsecond).String()
-	}
-	return d.String()
-}
-
-// ctlValue writes a metric value: integers without an exponent.
-func ctlValue(v float64) string {
-	if v == math.Trunc(v) && math.Abs(v) < 1e15 {
-		return fmt.Sprintf("%.0f", v)
-	}
-	return fmt.Sprintf("%g", v)
-}
-
 func ctlReplicate(ctx context.Context, c *ctlapi.Client, args []string) error {
 	var req ctlapi.ReplicateRequest
-	if err := ctlFlags("replicate", "replicate --to HOST:PORT [--epoch D]", args, func(fs *flag.FlagSet) {
+	if err := ctlFlags("replicate", "replicate --to HOST:PORT [--epoch D] [--epoch-max D]", args, func(fs *flag.FlagSet) {
 		fs.StringVar(&req.To, "to", "", "the standby, HOST:PORT")
 		fs.Func("epoch", "checkpoint interval, a `duration` (default: the VM's --epoch)", func(s string) error {
 			req.Epoch = s
 			_, err := parseEpoch(s) // as the VMM will: one check
+			return err
+		})
+		fs.Func("epoch-max", "adaptive epochs up to this `duration`, 0 for fixed ones (default: the VM's --epoch-max)", func(s string) error {
+			req.EpochMax = s
+			_, err := parseMaxEpoch(s)
 			return err
 		})
 	}); err != nil {

@@ -75,3 +75,35 @@ func TestStatsRowsHistogram(t *testing.T) {
 		{"govmm_replication_ack_seconds", "-", "n=2 mean=2s p50>1ms p99>1ms"},
 	}, rows)
 }
+
+// ctl stats derives its figures from the counters, and leaves out those
+// whose divisor is still zero.
+func TestDeriveStats(t *testing.T) {
+	t.Parallel()
+	c := func(name string, v float64) ctlapi.Metric {
+		return ctlapi.Metric{Name: name, Type: "counter", Value: v}
+	}
+	got := deriveStats([]ctlapi.Metric{
+		c("govmm_replication_bytes_total", 185000),
+		c("govmm_replication_dirty_pages_total", 1000),
+		c("govmm_stream_sent_page_bytes_total", 4000),
+		c("govmm_stream_sent_page_wire_bytes_total", 1000),
+		c("govmm_stream_sent_pages_total", 110),
+		c("govmm_stream_sent_zero_pages_total", 10),
+		c("govmm_stream_sent_delta_pages_total", 90),
+		c("govmm_stream_received_pages_total", 0),
+		c("govmm_stream_received_zero_pages_total", 0),
+		c("govmm_stream_received_delta_pages_total", 0),
+	})
+	var rows []string
+	for _, d := range got {
+		rows = append(rows, d.Name+" "+humanDerived(d))
+	}
+	assert.Equal(t, []string{
+		"wire bytes per dirty page 185 B",
+		"page bytes on the wire / raw 0.25×",
+		"pages sent as deltas 90.0%",
+	}, rows)
+	assert.Empty(t, deriveStats([]ctlapi.Metric{c("govmm_replication_bytes_total", 0), c("govmm_replication_dirty_pages_total", 0)}),
+		"no checkpoint yet: no figure")
+}

@@ -146,7 +146,7 @@ func failoverTrial(t *testing.T, r *guestrig.Rig, trial int) time.Duration {
 	stopLoad := guestrig.StartLoad(t, h, k, kb)
 	// A random moment: after some answers, and somewhere inside an epoch.
 	h.WaitAnswers(t, 5+rand.IntN(20), 5*time.Minute, "replicated, before the kill")
-	time.Sleep(time.Duration(rand.Int64N(int64(time.Second))))
+	time.Sleep(time.Duration(rand.Int64N(int64(time.Second)))) // the scenario: somewhere inside an epoch
 	before, _, _ := h.State()
 	killed := time.Now()
 	prim.kill()
@@ -161,7 +161,7 @@ func failoverTrial(t *testing.T, r *guestrig.Rig, trial int) time.Duration {
 			break
 		}
 		require.True(t, time.Now().Before(deadline), "no answer within 3 minutes of the kill")
-		time.Sleep(5 * time.Millisecond)
+		time.Sleep(5 * time.Millisecond) // polling the client's history, which times the first answer
 	}
 	h.WaitAnswers(t, 5, 3*time.Minute, "after the failover")
 	h.KeepsAnswering(t, guestrig.AfterMove, "the guest taken over keeps answering")

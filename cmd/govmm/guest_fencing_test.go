@@ -163,7 +163,7 @@ func (v *fenceVMM) exitStatus(t *testing.T, timeout time.Duration) int {
 // logs how many frames each VMM put on the bridge.
 func (fl *fenceLab) oneEmitter(t *testing.T, what string) {
 	t.Helper()
-	time.Sleep(300 * time.Millisecond) // the capture's readers catch up with the kernel's queue
+	require.Eventually(t, fl.wire.caughtUp, time.Minute, 10*time.Millisecond, "%s: the capture's readers catch up with the kernel's queue", what)
 	overlaps := fl.wire.twoEmitters()
 	require.Empty(t, overlaps, "%s: two VMMs emitted at once:\n%s", what, guestrig.JoinLines(overlaps))
 }

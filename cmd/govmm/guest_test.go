@@ -689,7 +689,7 @@ func TestGuestReplicatedBootNoFalseTakeover(t *testing.T) {
 	t.Logf("protected %v after start", time.Since(start))
 	// Some more time of a running guest (its services start, it writes).
 	e0 := metric("govmm_replication_acked_epoch")
-	time.Sleep(20 * time.Second)
+	time.Sleep(20 * time.Second) // the scenario: the guest runs on, protected
 	require.Equal(t, 1.0, metric("govmm_replication_protected"), "the primary still has its standby")
 	require.Greater(t, metric("govmm_replication_acked_epoch"), e0, "checkpoints keep being acknowledged")
 	info, _, status := govmm(t, time.Minute, "ctl", "--api-sock", sbSock, "info")

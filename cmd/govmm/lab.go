@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"slices"
 	"syscall"
 	"time"
 
@@ -67,18 +68,27 @@ func cmdLab(args []string) error {
 		return err
 	}
 	command := fs.Args()
-	if *holdKVM {
-		if len(command) > 0 {
-			return fmt.Errorf("--hold-kvm takes no command")
+	// --hold-kvm and --needed run no L1 and no command: the flags that
+	// shape either would be ignored.
+	for _, only := range []string{"hold-kvm", "needed"} {
+		if !given(fs)[only] {
+			continue
 		}
+		if len(command) > 0 {
+			return usagef("lab", "--%s takes no command", only)
+		}
+		others := []string{"cpus", "pin", "mem", "timeout", "tcg", "qemu", "retries", "trace-kvm", "if-needed", "share", "env", "hold-kvm", "needed"}
+		others = slices.DeleteFunc(others, func(n string) bool { return n == only })
+		if err := refuseUnused(fs, "with --"+only+", which runs no command", others...); err != nil {
+			return err
+		}
+	}
+	if *holdKVM {
 		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 		defer stop()
 		return lab.HoldKVM(ctx, func() { fmt.Println("lab: holding one idle VM on /dev/kvm") })
 	}
 	if *needed {
-		if len(command) > 0 {
-			return fmt.Errorf("--needed takes no command")
-		}
 		if lab.Emulated() == "" {
 			return exitError{1}
 		}

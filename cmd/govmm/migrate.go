@@ -102,11 +102,11 @@ func reprotectFailed(err error) {
 // epoch loop in the background. Output commit covers every NIC. The
 // initial sync's progress is drawn on stderr, and told to progress too
 // if it is not nil (a 'ctl replicate' client).
-func startReplication(m *vmm.Machine, f *runFlags, devs *machineDevices, node *replicate.Node, to string, epoch time.Duration,
+func startReplication(m *vmm.Machine, f *runFlags, devs *machineDevices, node *replicate.Node, to string, epoch, maxEpoch time.Duration,
 	progress func(replicate.SyncProgress)) error {
 	bar := newTransferBar(os.Stderr, ctlIsTerminal(os.Stderr), "initial sync")
 	defer bar.finish()
-	cfg := replicate.ReplicateConfig{To: to, Name: f.name, Epoch: epoch, FailoverTimeout: f.failoverTimeout,
+	cfg := replicate.ReplicateConfig{To: to, Name: f.name, Epoch: epoch, MaxEpoch: maxEpoch, FailoverTimeout: f.failoverTimeout,
 		Compression: f.streamCompress, Deltas: f.streamDeltas,
 		OnStandbyLoss: f.onStandbyLoss, Copy: replicate.CopyMode(f.checkpointCopy), Disks: devs.diskLogs, Devices: devs.attrs,
 		Progress: func(p replicate.SyncProgress) {

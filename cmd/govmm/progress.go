@@ -1,10 +1,19 @@
 package main
 
+// Progress for a person who waits: transferBar for bytes toward a total
+// (initial sync, downloads), ctlBar for a migration's rounds.
+
 import (
 	"fmt"
 	"io"
+	"os"
+	"strings"
 	"sync"
 	"time"
+
+	"golang.org/x/sys/unix"
+
+	"govmm/ctlapi"
 )
 
 // transferBar shows bytes moving toward a known total: the initial sync of
@@ -125,4 +134,85 @@ func rate(n uint64, d time.Duration) string {
 		return "- /s"
 	}
 	return ctlBytes(uint64(float64(n)/d.Seconds())) + "/s"
+}
+
+// ctlBar draws a migration's progress. On a terminal it redraws one line
+// (at most every ctlBarEvery, and at each new round or phase); elsewhere it
+// prints one line per round or phase, which reads well in a log. Each
+// round's bar fills as its remaining pages drain; the largest remaining
+// count seen in a round stands for the round's size.
+type ctlBar struct {
+	w            io.Writer
+	tty          bool
+	round        int
+	phase        string
+	roundPages   uint64
+	last         ctlapi.Progress
+	drawn        bool
+	lastDraw     time.Time
+	lastProgress bool // an update arrived since the last draw
+}
+
+const (
+	ctlBarWidth = 30
+	ctlBarEvery = 100 * time.Millisecond
+)
+
+func newCtlBar(w io.Writer, tty bool) *ctlBar { return &ctlBar{w: w, tty: tty, round: -1} }
+
+func (b *ctlBar) update(p ctlapi.Progress) {
+	changed := p.Round != b.round || p.Phase != b.phase
+	if changed {
+		b.round, b.phase, b.roundPages = p.Round, p.Phase, 0
+	}
+	b.roundPages = max(b.roundPages, p.RemainingPages)
+	b.last, b.lastProgress = p, true
+	switch {
+	case !b.tty && changed:
+		fmt.Fprintf(b.w, "migrate: %s round %d: %s sent, %d pages dirty, %d to send\n",
+			p.Phase, p.Round, ctlBytes(p.BytesSent), p.DirtyPages, p.RemainingPages)
+	case b.tty && (changed || time.Since(b.lastDraw) >= ctlBarEvery):
+		b.draw()
+	}
+}
+
+// finish draws the last state and ends the bar's line.
+func (b *ctlBar) finish() {
+	if !b.tty || !b.drawn {
+		return
+	}
+	if b.lastProgress {
+		b.draw()
+	}
+	fmt.Fprintln(b.w)
+}
+
+func (b *ctlBar) draw() {
+	p := b.last
+	frac := 1.0
+	if p.Phase != ctlapi.PhaseDone && b.roundPages > 0 {
+		frac = float64(b.roundPages-min(p.RemainingPages, b.roundPages)) / float64(b.roundPages)
+	}
+	// \r returns to the line's start and \x1b[K clears what a longer
+	// earlier line left.
+	fmt.Fprintf(b.w, "\r%-13s round %-3d [%s] %3d%%  %s sent, %d dirty\x1b[K",
+		p.Phase, p.Round, barText(frac), int(frac*100), ctlBytes(p.BytesSent), p.DirtyPages)
+	b.drawn, b.lastDraw, b.lastProgress = true, time.Now(), false
+}
+
+// barText is a progress bar ctlBarWidth wide, frac (0..1) of it filled:
+// "=====>    ".
+func barText(frac float64) string {
+	fill := int(frac * ctlBarWidth)
+	bar := strings.Repeat("=", fill)
+	if fill < ctlBarWidth {
+		bar += ">" + strings.Repeat(" ", ctlBarWidth-fill-1)
+	}
+	return bar
+}
+
+// ctlIsTerminal reports whether f is a terminal.
+func ctlIsTerminal(f *os.File) bool {
+	_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
+	return err == nil
 }

@@ -30,6 +30,11 @@ With --paused it comes up at the snapshot's instant without running:
 'govmm ctl resume' lets it go ('ctl snapshot' meanwhile writes the same
 machine again).
 
+A restored guest starts unprotected: 'govmm ctl replicate --to HOST:PORT'
+protects it, with the --key-file, --failover-timeout, --stream-compress
+and --stream-deltas given here; 'ctl migrate' moves it, with the same
+--key-file and stream flags.
+
 Flags:
 `
 
@@ -41,7 +46,7 @@ func cmdRestore(args []string) error {
 	refuseFlags(fs, "does not apply to restore: the snapshot holds the guest's kernel, memory, vCPUs and network settings",
 		"kernel", "initrd", "cmdline", "mem", "cpus", "guest-ip", "guest-gw")
 	refuseFlags(fs, "does not apply to restore: protect the restored guest with 'govmm ctl replicate --to HOST:PORT' once it runs",
-		"replicate-to", "epoch", "on-standby-loss", "witness", "witness-lease")
+		"replicate-to", "epoch", "epoch-max", "on-standby-loss", "witness", "witness-lease")
 	files, err := parseInterspersed(fs, args)
 	if err != nil {
 		return err

@@ -42,8 +42,10 @@ unprotected (or pauses: --on-standby-loss). Settings for a link:
   campus or metro      1-5 ms     50ms         3s
   WAN                  10-100 ms  100-200ms    5s-10s
 
-The two ends use the larger of their failover timeouts. docs/STREAM.md
-explains the choice.
+The two ends use the larger of their failover timeouts. With --epoch-max
+the epoch lengthens, up to that, while the guest dirties more memory than
+the checkpoints keep up with, and comes back to --epoch when it calms
+down. docs/STREAM.md explains the choice.
 
 With --witness HOST:PORT ('govmm witness' on a third host; the same
 --key-file) the guest is protected against split brain as well: its
@@ -80,6 +82,7 @@ type runFlags struct {
 
 	replicateTo     string // HOST:PORT
 	epoch           time.Duration
+	epochMax        time.Duration
 	failoverTimeout time.Duration
 	streamCompress  stream.Compression
 	streamDeltas    bool
@@ -122,6 +125,8 @@ func (f *runFlags) registerReplication(fs *flag.FlagSet) {
 	fs.Var(hostPortFlag{&f.replicateTo}, "replicate-to", "keep a hot standby at `HOST:PORT` (govmm standby --listen), Remus-style")
 	durationVar(fs, &f.epoch, "epoch", replicate.DefaultEpoch, replicate.CheckEpoch,
 		"checkpoint interval when replicating")
+	durationVar(fs, &f.epochMax, "epoch-max", 0, replicate.CheckMaxEpoch,
+		"adaptive epochs: while the guest dirties so much memory that checkpoints fall behind, lengthen the epoch up to this `duration`, and shorten it back to --epoch as the load falls; held output waits at most this plus a pause and an ack while the standby keeps up (default 0: every epoch is --epoch)")
 	f.onStandbyLoss = replicate.OnStandbyLossContinue
 	fs.Var(choiceFlag{&f.onStandbyLoss, []string{replicate.OnStandbyLossContinue, replicate.OnStandbyLossPause}}, "on-standby-loss",
 		"when the standby is lost: continue (unprotected, logged loudly) or pause (until 'govmm ctl unreplicate' runs it on unprotected, or 'ctl replicate' protects it anew)")
@@ -292,7 +297,7 @@ func superviseOn(ep *endpoints, m *vmm.Machine, f *runFlags, devs *machineDevice
 	}
 	defer ep.Close()
 	if f.replicateTo != "" || f.nullStandby {
-		err := startReplication(m, f, devs, node, f.replicateTo, f.epoch, nil)
+		err := startReplication(m, f, devs, node, f.replicateTo, f.epoch, f.epochMax, nil)
 		switch {
 		case err != nil && node.Origin() != replicate.Booted:
 			reprotectFailed(err)

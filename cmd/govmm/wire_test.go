@@ -31,8 +31,14 @@ type tapCapture struct {
 	mu     sync.Mutex
 	frames map[string][]time.Time // by TAP, in kernel receive order
 	fds    []int
-	wg     sync.WaitGroup
-	closed atomic.Bool
+	// delivered counts the frames the kernel queued to the packet
+	// sockets, dropped those it could not (PACKET_STATISTICS, which
+	// resets on each read, summed); handled those the readers took off
+	// the queues, whichever way they went.
+	delivered, dropped uint64
+	handled            atomic.Uint64
+	wg                 sync.WaitGroup
+	closed             atomic.Bool
 }
 
 func newTapCapture(t *testing.T) *tapCapture {
@@ -108,23 +114,51 @@ func (c *tapCapture) read(fd int, name string) {
 		if c.closed.Load() {
 			return
 		}
-		if ll, ok := from.(*unix.SockaddrLinklayer); !ok || ll.Pkttype == unix.PACKET_OUTGOING {
-			continue // towards the VMM, not from it
-		}
-		at := time.Now()
-		if msgs, err := unix.ParseSocketControlMessage(oob[:oobn]); err == nil {
-			for _, m := range msgs {
-				if m.Header.Level == unix.SOL_SOCKET && m.Header.Type == unix.SO_TIMESTAMPNS && len(m.Data) >= 16 {
-					sec := int64(binary.LittleEndian.Uint64(m.Data))
-					nsec := int64(binary.LittleEndian.Uint64(m.Data[8:]))
-					at = time.Unix(sec, nsec)
-				}
+		c.take(from, oob[:oobn], name)
+		c.handled.Add(1)
+	}
+}
+
+// take records a frame that the VMM wrote into tap, and leaves out one
+// towards the VMM.
+func (c *tapCapture) take(from unix.Sockaddr, oob []byte, name string) {
+	if ll, ok := from.(*unix.SockaddrLinklayer); !ok || ll.Pkttype == unix.PACKET_OUTGOING {
+		return // towards the VMM, not from it
+	}
+	at := time.Now()
+	if msgs, err := unix.ParseSocketControlMessage(oob); err == nil {
+		for _, m := range msgs {
+			if m.Header.Level == unix.SOL_SOCKET && m.Header.Type == unix.SO_TIMESTAMPNS && len(m.Data) >= 16 {
+				sec := int64(binary.LittleEndian.Uint64(m.Data))
+				nsec := int64(binary.LittleEndian.Uint64(m.Data[8:]))
+				at = time.Unix(sec, nsec)
 			}
 		}
-		c.mu.Lock()
-		c.frames[name] = append(c.frames[name], at)
-		c.mu.Unlock()
 	}
+	c.mu.Lock()
+	c.frames[name] = append(c.frames[name], at)
+	c.mu.Unlock()
+}
+
+// queued is what the kernel has queued to the capture so far: frames
+// delivered to its sockets and frames dropped (a full queue).
+func (c *tapCapture) queued() (delivered, dropped uint64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, fd := range c.fds {
+		if st, err := unix.GetsockoptTpacketStats(fd, unix.SOL_PACKET, unix.PACKET_STATISTICS); err == nil {
+			c.delivered += uint64(st.Packets) // drops included
+			c.dropped += uint64(st.Drops)
+		}
+	}
+	return c.delivered, c.dropped
+}
+
+// caughtUp reports whether the readers have taken every frame the kernel
+// queued to the capture until now.
+func (c *tapCapture) caughtUp() bool {
+	delivered, dropped := c.queued()
+	return c.handled.Load()+dropped >= delivered
 }
 
 func (c *tapCapture) close() {
@@ -233,10 +267,12 @@ type nsProxy struct {
 	ln     net.Listener
 	ns     *netns.NS
 	target string
-	cut    atomic.Bool
-	mu     sync.Mutex
+	mu     sync.Mutex // guards conns, cut and healed
 	conns  []net.Conn
+	cut    bool
+	healed chan struct{} // closed while the link is whole
 	closed atomic.Bool
+	dead   chan struct{} // closed by close
 }
 
 func newNSProxy(t *testing.T, ns *netns.NS, target string) *nsProxy {
@@ -245,7 +281,8 @@ func newNSProxy(t *testing.T, ns *netns.NS, target string) *nsProxy {
 	if err != nil {
 		t.Fatalf("proxy: %v", err)
 	}
-	p := &nsProxy{ln: ln, ns: ns, target: target}
+	p := &nsProxy{ln: ln, ns: ns, target: target, healed: make(chan struct{}), dead: make(chan struct{})}
+	close(p.healed)
 	go p.serve()
 	t.Cleanup(p.close)
 	return p
@@ -275,9 +312,14 @@ func (p *nsProxy) serve() {
 	}
 }
 
+// waitHealed returns once the link is whole, or the proxy closed.
 func (p *nsProxy) waitHealed() {
-	for p.cut.Load() && !p.closed.Load() {
-		time.Sleep(time.Millisecond)
+	p.mu.Lock()
+	healed := p.healed
+	p.mu.Unlock()
+	select {
+	case <-healed:
+	case <-p.dead:
 	}
 }
 
@@ -301,12 +343,23 @@ func (p *nsProxy) pipe(from, to net.Conn) {
 }
 
 // setCut cuts (true) or heals the link.
-func (p *nsProxy) setCut(on bool) { p.cut.Store(on) }
+func (p *nsProxy) setCut(on bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	switch {
+	case on && !p.cut:
+		p.healed = make(chan struct{})
+	case !on && p.cut:
+		close(p.healed)
+	}
+	p.cut = on
+}
 
 func (p *nsProxy) close() {
 	if p.closed.Swap(true) {
 		return
 	}
+	close(p.dead)
 	p.ln.Close()
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -374,10 +427,18 @@ func TestWireHelpers(t *testing.T) {
 	}))
 	bcast := ns.BridgePrefix().Masked().Addr().As4()
 	bcast[3] = 255
+	require.Eventually(t, c.caughtUp, 10*time.Second, time.Millisecond)
+	before, _ := c.queued()
 	_, err = u.WriteTo([]byte("to the VMMs"), &net.UDPAddr{IP: net.IP(bcast[:]), Port: 9})
 	require.NoError(t, err)
-	time.Sleep(100 * time.Millisecond) // the scenario: the broadcast passes the TAPs, and must not be counted
-	require.Equal(t, 21, c.count("tw0"))
+	require.Eventually(t, func() bool {
+		n, _ := c.queued()
+		return n >= before+2 && c.caughtUp()
+	}, 10*time.Second, time.Millisecond, "the broadcast passes both TAPs' captures")
+	require.Equal(t, 21, c.count("tw0"), "and is not counted")
+	require.Equal(t, 6, c.count("tw1"))
+	_, dropped := c.queued()
+	require.Zero(t, dropped, "the capture loses no frame")
 
 	// The proxy.
 	ln, err := ns.Listen("tcp", "127.0.0.1:0")

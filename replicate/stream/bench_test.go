@@ -1,9 +1,12 @@
 package stream
 
 import (
+	"encoding/binary"
 	"fmt"
 	"hash/crc32"
+	"io"
 	"log/slog"
+	"net"
 	"testing"
 )
 
@@ -15,6 +18,68 @@ func (m memWriter) WriteAt(p []byte, gpa GPA) error {
 	return nil
 }
 
+// benchPair connects a keyed Sender to a Receiver over loopback TCP, the
+// receiver staging into a StagingSink over flat memory of npages and
+// running until the benchmark ends.
+func benchPair(b *testing.B, npages int) *Sender {
+	id := Identity{Name: "bench", Regions: []Region{{GPA: 0, Size: uint64(npages) * PageSize}}, VCPUs: 1}
+	quiet := slog.New(slog.DiscardHandler)
+	rcfg := Config{Key: testKey, Identity: id, Logger: quiet, Sink: &StagingSink{Dest: make(memWriter, npages*PageSize)}}
+	scfg := Config{Key: testKey, Identity: id, Logger: quiet}
+	ln, err := Listen("127.0.0.1:0", rcfg)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { ln.Close() })
+	rch := make(chan *Receiver, 1)
+	go func() {
+		r, err := ln.Accept(b.Context())
+		if err != nil {
+			b.Error(err)
+		}
+		rch <- r
+	}()
+	s, err := Dial(b.Context(), ln.Addr().String(), scfg)
+	if err != nil {
+		b.Fatal(err)
+	}
+	r := <-rch
+	b.Cleanup(func() { s.Close(); r.Close() })
+	go r.Run(b.Context())
+	return s
+}
+
+// benchPages is npages distinct non-zero pages, back to back.
+func benchPages(npages int) []byte {
+	src := make([]byte, npages*PageSize)
+	for i := range npages {
+		copy(src[i*PageSize:], page(uint64(i)+1))
+	}
+	return src
+}
+
+// benchCheckpoint sends pages src as checkpoint epoch with 64 KiB of
+// state, and waits for its ack.
+func benchCheckpoint(b *testing.B, s *Sender, epoch uint64, kind Kind, src []byte) {
+	if err := s.BeginCheckpoint(epoch, kind); err != nil {
+		b.Fatal(err)
+	}
+	for i := range len(src) / PageSize {
+		if err := s.SendPage(GPA(i*PageSize), src[i*PageSize:(i+1)*PageSize]); err != nil {
+			b.Fatal(err)
+		}
+	}
+	if err := s.SendState(make([]byte, 64<<10)); err != nil {
+		b.Fatal(err)
+	}
+	if err := s.EndCheckpoint(); err != nil {
+		b.Fatal(err)
+	}
+	if err := s.WaitAck(b.Context(), epoch); err != nil {
+		b.Fatal(err)
+	}
+}
+
 // BenchmarkCheckpoint measures SendPage → commit → ack over loopback TCP
 // for a checkpoint of 64k distinct non-zero pages (256 MiB), keyed, with
 // the receiver staging into a StagingSink over flat memory.
@@ -22,63 +87,100 @@ func BenchmarkCheckpoint(b *testing.B) {
 	const npages = 64 << 10
 	for _, kind := range []Kind{KindEpoch, KindInitialSync} {
 		b.Run(fmt.Sprintf("%v-64k-pages", kind), func(b *testing.B) {
-			id := Identity{Name: "bench", Regions: []Region{{GPA: 0, Size: npages * PageSize}}, VCPUs: 1}
-			quiet := slog.New(slog.DiscardHandler)
-			rcfg := Config{Key: testKey, Identity: id, Logger: quiet, Sink: &StagingSink{Dest: make(memWriter, npages*PageSize)}}
-			scfg := Config{Key: testKey, Identity: id, Logger: quiet}
-			ln, err := Listen("127.0.0.1:0", rcfg)
-			if err != nil {
-				b.Fatal(err)
-			}
-			defer ln.Close()
-			rch := make(chan *Receiver, 1)
-			go func() {
-				r, err := ln.Accept(b.Context())
-				if err != nil {
-					b.Error(err)
-				}
-				rch <- r
-			}()
-			s, err := Dial(b.Context(), ln.Addr().String(), scfg)
-			if err != nil {
-				b.Fatal(err)
-			}
-			defer s.Close()
-			r := <-rch
-			defer r.Close()
-			go r.Run(b.Context())
-
-			src := make([]byte, npages*PageSize)
-			for i := range npages {
-				copy(src[i*PageSize:], page(uint64(i)+1))
-			}
+			s := benchPair(b, npages)
+			src := benchPages(npages)
 			b.SetBytes(npages * PageSize)
-			b.ResetTimer()
 			epoch := uint64(0)
 			for b.Loop() {
 				epoch++
-				k := kind
-				if err := s.BeginCheckpoint(epoch, k); err != nil {
-					b.Fatal(err)
-				}
-				for i := range npages {
-					if err := s.SendPage(GPA(i*PageSize), src[i*PageSize:(i+1)*PageSize]); err != nil {
-						b.Fatal(err)
-					}
-				}
-				if err := s.SendState(make([]byte, 64<<10)); err != nil {
-					b.Fatal(err)
-				}
-				if err := s.EndCheckpoint(); err != nil {
-					b.Fatal(err)
-				}
-				if err := s.WaitAck(b.Context(), epoch); err != nil {
-					b.Fatal(err)
-				}
+				benchCheckpoint(b, s, epoch, kind, src)
 			}
 			b.ReportMetric(float64(b.Elapsed().Microseconds())/float64(b.N)/1000, "ms/checkpoint")
 		})
 	}
+}
+
+// BenchmarkAck is issue 13's time to ack at 1,000, 4,096 and 65,536
+// non-zero dirty pages per epoch (keyed, no compression), each beside its
+// loopback bound measured in the same run: the bytes the checkpoint put
+// on the wire written on a plain loopback TCP connection, until a one-byte
+// ack comes back. Compare ms/ack with the bound's ms/ack.
+func BenchmarkAck(b *testing.B) {
+	for _, npages := range []int{1000, 4096, 65536} {
+		var wire int
+		b.Run(fmt.Sprintf("stream-%d", npages), func(b *testing.B) {
+			s := benchPair(b, npages)
+			src := benchPages(npages)
+			epoch := uint64(1)
+			benchCheckpoint(b, s, epoch, KindEpoch, src) // warm up
+			b.SetBytes(int64(npages) * PageSize)
+			for b.Loop() {
+				epoch++
+				before := s.Stats().BytesSent
+				benchCheckpoint(b, s, epoch, KindEpoch, src)
+				wire = int(s.Stats().BytesSent - before)
+			}
+			b.ReportMetric(float64(b.Elapsed().Microseconds())/float64(b.N)/1000, "ms/ack")
+			b.ReportMetric(float64(wire)/float64(npages), "wireB/page")
+		})
+		b.Run(fmt.Sprintf("bound-%d", npages), func(b *testing.B) { benchLoopbackBound(b, wire) })
+	}
+}
+
+// benchLoopbackBound writes n bytes on a loopback TCP connection and waits
+// for a one-byte ack, b.N times.
+func benchLoopbackBound(b *testing.B, n int) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		rx, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer rx.Close()
+		buf := make([]byte, 1<<20)
+		var hdr [8]byte
+		for {
+			if _, err := io.ReadFull(rx, hdr[:]); err != nil {
+				return
+			}
+			for left := int(binary.LittleEndian.Uint64(hdr[:])); left > 0; {
+				k, err := rx.Read(buf[:min(left, len(buf))])
+				if err != nil {
+					return
+				}
+				left -= k
+			}
+			if _, err := rx.Write([]byte{1}); err != nil {
+				return
+			}
+		}
+	}()
+	tx, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer tx.Close()
+	src := make([]byte, 8+n)
+	binary.LittleEndian.PutUint64(src, uint64(n))
+	ack := make([]byte, 1)
+	once := func() {
+		if _, err := tx.Write(src); err != nil {
+			b.Fatal(err)
+		}
+		if _, err := io.ReadFull(tx, ack); err != nil {
+			b.Fatal(err)
+		}
+	}
+	once() // warms the socket buffers
+	b.SetBytes(int64(n))
+	for b.Loop() {
+		once()
+	}
+	b.ReportMetric(float64(b.Elapsed().Microseconds())/float64(b.N)/1000, "ms/ack")
 }
 
 // BenchmarkDeltaPage is a sender's extra work per page with deltas on:

@@ -36,9 +36,10 @@
 //     with its header (which holds a sequence number, also the nonce) as
 //     additional data, so frames cannot be read, forged, replayed,
 //     reordered or dropped; the handshake proves knowledge of the
-//     pre-shared key both ways.
+//     pre-shared key both ways. (Without a key, loopback only, frames
+//     carry CRC32Cs instead: corruption is caught, nothing else.)
 //
-// # Wire format (version 6, little-endian)
+// # Wire format (version 7, little-endian)
 //
 // Handshake frames (each side's Hello and Auth, framed as in version 1 so
 // that any version can read a hello far enough to refuse it):
@@ -49,6 +50,10 @@
 //
 //	length u32 | type u8 | 0 u8 | 0 u16 | seq u64 | ciphertext [length] | tag [16]
 //
+// or, in a session without a key (Config.Insecure):
+//
+//	length u32 | type u8 | 0 u8 | 0 u16 | seq u64 | payload [length] | crc32c [4]
+//
 // length ≤ MaxFramePayload (checked before anything is read or allocated)
 // is the plaintext payload's length; seq counts frames from 0 in each
 // direction. A handshake frame's mac is HMAC-SHA256 over the 16 header
@@ -56,6 +61,12 @@
 // frames). After its Auth frame each side switches to its direction's
 // session key: ciphertext and tag are AES-256-GCM sealing the payload,
 // with nonce 0 [4] | seq u64 and the 16 header bytes as additional data.
+// Without a key there is nothing to seal with: the payload stays in clear
+// and crc32c is the CRC32C (Castagnoli) of the 16 header bytes and the
+// payload, but only of the header for a Pages, Disk or State frame,
+// whose payload is a checkpoint section that the End frame's CRC32C
+// covers (nothing of a checkpoint is applied before it verifies); a
+// mismatch is ErrAuth, like a bad tag.
 // Payloads (plaintext) by type:
 //
 //	1 Hello     "GOVMMSTR" | version u16 | flags u16 (bit 0: keyed; bits 1, 2: codecs s2,
@@ -113,14 +124,18 @@
 // Both ends then use the larger of the two failover timeouts. The
 // receiver runs Config.Verify on the sender's identity and answers Accept,
 // or an Error frame; the sender's Dial returns only then. Without a key
-// (Config.Insecure) the same derivation runs over an empty K: the frames
-// are then sealed under keys anyone can compute.
+// (Config.Insecure) the same proofs run over an empty K, and the session
+// frames carry the CRC32C trailer instead of being sealed under keys
+// anyone could compute (version 6 did that: AES-GCM for show, which cost
+// most of a migration's time where AES is slow).
 //
 // # Goroutines
 //
 // Sender: the caller's checkpoint goroutine (Begin/SendPage/SendDisk/
-// SendState/End/Handover), an ack reader, a heartbeat sender and a
-// failure detector. Receiver: the caller's goroutine inside Run (reads
+// SendState/End/Handover), the sealer, which seals and writes the Pages
+// frames the checkpoint goroutine hands it while that one fills the next
+// (pipeline.go), an ack reader, a heartbeat sender and a failure
+// detector. Receiver: the caller's goroutine inside Run (reads
 // frames, drives the sinks and OnCommit, sends acks), a heartbeat sender
 // and a failure detector, both from the Accept on. Listener: an accept
 // loop and one goroutine per connection's handshake. Frame writes are

@@ -101,11 +101,11 @@ func (e *endpoint) handshakeAsSender(own *hello) error {
 	if err := e.sendRaw(frameAuth, derive(e.cfg.Key, "proof sender", th)); err != nil {
 		return err
 	}
-	e.fw.setKey(derive(e.cfg.Key, "key sender-to-receiver", th))
+	e.session(e.fw, "key sender-to-receiver", th)
 	if err := e.verifyProof(th, "receiver"); err != nil {
 		return err
 	}
-	e.fr.setKey(derive(e.cfg.Key, "key receiver-to-sender", th))
+	e.session(e.fr, "key receiver-to-sender", th)
 	if !peer.id.IsZero() {
 		if err := e.cfg.Identity.Mismatch(peer.id); err != nil {
 			return err
@@ -134,7 +134,7 @@ func (e *endpoint) handshakeAsReceiver(own *hello) error {
 	if err := e.verifyProof(th, "sender"); err != nil {
 		return err
 	}
-	e.fr.setKey(derive(e.cfg.Key, "key sender-to-receiver", th))
+	e.session(e.fr, "key sender-to-receiver", th)
 	if !e.cfg.Identity.IsZero() {
 		if err := e.cfg.Identity.Mismatch(peer.id); err != nil {
 			return err
@@ -143,13 +143,29 @@ func (e *endpoint) handshakeAsReceiver(own *hello) error {
 	if err := e.sendRaw(frameAuth, derive(e.cfg.Key, "proof receiver", th)); err != nil {
 		return err
 	}
-	e.fw.setKey(derive(e.cfg.Key, "key receiver-to-sender", th))
+	e.session(e.fw, "key receiver-to-sender", th)
 	e.peer = peer.id
 	e.fr.layout = peer.id
 	e.agree(peer)
 	e.setCodec(peer.codecs, own.codecs, roleReceiver)
 	e.setDeltas(own.deltas && peer.deltas, peer.id)
 	return nil
+}
+
+// session installs a direction's session framing once the handshake
+// frames are done: AES-256-GCM under the key derived for purpose; with no
+// key (Insecure), whose derived key anyone could compute and which would
+// seal for show, a CRC32C trailer that catches corruption and nothing
+// else.
+func (e *endpoint) session(s interface {
+	setKey([]byte)
+	setPlain()
+}, purpose string, th []byte) {
+	if len(e.cfg.Key) == 0 {
+		s.setPlain()
+		return
+	}
+	s.setKey(derive(e.cfg.Key, purpose, th))
 }
 
 // setDeltas turns deltas on when both hellos asked for them, with a

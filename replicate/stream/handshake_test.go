@@ -133,7 +133,7 @@ func TestVersionRefused(t *testing.T) {
 			}()
 			h := hello{version: v, keyed: true, role: roleSender, id: testIdentity()}
 			var ctr counters
-			w := newFrameWriter(a, &ctr.bytesSent, &ctr.framesSent)
+			w := newFrameWriter(a, &ctr)
 			require.NoError(t, w.write(frameHello, appendHello(nil, &h)))
 			go func() {
 				_ = w.flush()

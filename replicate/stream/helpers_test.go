@@ -193,6 +193,13 @@ func page(seed uint64) []byte {
 // rest an AES-GCM tag.
 func proxy(t *testing.T, mutate func(i int, f []byte) [][]byte) (senderSide, receiverSide net.Conn) {
 	t.Helper()
+	return proxyTrailer(t, mutate, tagSize)
+}
+
+// proxyTrailer is proxy for session frames with a trailer of that size
+// (crcSize: an unkeyed session).
+func proxyTrailer(t *testing.T, mutate func(i int, f []byte) [][]byte, session int) (senderSide, receiverSide net.Conn) {
+	t.Helper()
 	s1, s2 := net.Pipe() // sender <-> proxy
 	r1, r2 := net.Pipe() // proxy <-> receiver
 	go func() {
@@ -203,7 +210,7 @@ func proxy(t *testing.T, mutate func(i int, f []byte) [][]byte) (senderSide, rec
 				return
 			}
 			n := binary.LittleEndian.Uint32(hdr)
-			trailer := tagSize
+			trailer := session
 			if i < 2 {
 				trailer = macSize
 			}

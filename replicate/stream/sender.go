@@ -19,8 +19,9 @@ import (
 // BeginCheckpoint, SendPage, SendDisk, SendState, EndCheckpoint and
 // Handover belong to one goroutine, the lead's checkpoint loop. WaitAck,
 // Acked, LastHeard, Stats, Err and Close may be called from any goroutine.
-// The Sender runs three goroutines of its own: the ack reader, the
-// heartbeat sender and the failure detector; Close waits for them.
+// The Sender runs four goroutines of its own: the ack reader, the
+// heartbeat sender, the failure detector and the sealer (pipeline.go);
+// Close waits for them.
 type Sender struct {
 	*endpoint
 
@@ -33,9 +34,8 @@ type Sender struct {
 	kind      Kind
 	lastEpoch uint64
 	lastKind  Kind
-	pages     container.PageSection // the Pages frame being filled
-	pc        *pageCodec            // compresses it
-	dbuf      []byte                // a Disk frame
+	pipeline         // Pages frames: filled here, sealed and written by the sealer
+	dbuf      []byte // a Disk frame
 
 	amu     sync.Mutex    // guards acked, pending, ackedCh
 	acked   uint64        // last acknowledged epoch
@@ -77,10 +77,10 @@ func NewSender(ctx context.Context, conn net.Conn, cfg Config) (*Sender, error) 
 		endpoint: newEndpoint(conn, cfg),
 		ackedCh:  make(chan struct{}),
 	}
-	s.pages.Headroom = pagesHeader // a stored section goes out in place
 	if err := s.handshake(ctx, roleSender); err != nil {
 		return nil, err
 	}
+	s.startPipeline()
 	s.heard()
 	s.log.Info("stream connected", "role", "sender", "vm", cfg.Identity.Name, "failover_timeout", s.timeout)
 	s.asyncReader = true
@@ -116,7 +116,7 @@ func (s *Sender) BeginCheckpoint(epoch uint64, kind Kind) error {
 	s.open.Store(true)
 	s.kind, s.cur = kind, endInfo{epoch: epoch}
 	s.sum = container.NewChecksum(container.MagicCheckpoint, checkpointVersion)
-	s.pages.Reset()
+	s.filling().pages.Reset()
 	return nil
 }
 
@@ -135,61 +135,70 @@ func (s *Sender) SendPage(gpa GPA, page []byte) error {
 	}
 	// Copy first: the guest may be writing the page while it is sent (a
 	// pre-copy round), and the zero test and the bytes on the wire must
-	// describe the same contents.
-	copy(s.scratch[:], page)
-	var base []byte
-	var known bool
-	if s.shadow != nil {
-		var i uint64
-		base, i, _ = s.shadow.page(gpa)
-		known = s.shadow.isKnown(i)
-		s.shadow.setKnown(i)
+	// describe the same contents. Without deltas the copy is the
+	// section's own.
+	pages := &s.filling().pages
+	if s.shadow == nil {
+		if pages.AddCopy(uint64(gpa), page) {
+			s.ctr.zeroPages.Add(1)
+		}
+		return s.added(pages)
 	}
+	copy(s.scratch[:], page)
+	base, i, _ := s.shadow.page(gpa)
+	known := s.shadow.isKnown(i)
+	s.shadow.setKnown(i)
 	switch {
 	case bytes.Equal(s.scratch[:], zeroPage[:]):
-		s.pages.Add(uint64(gpa), nil)
+		pages.Add(uint64(gpa), nil)
 		s.ctr.zeroPages.Add(1)
 	case known:
 		// A delta when it has more zero words than the page itself: a
 		// rewritten page travels whole.
 		if zx, zp := xorPage(s.xor[:], s.scratch[:], base); zx > zp {
-			s.pages.AddXOR(uint64(gpa), crc32.Checksum(s.scratch[:], castagnoli), s.xor[:])
+			pages.AddXOR(uint64(gpa), crc32.Checksum(s.scratch[:], castagnoli), s.xor[:])
 			s.ctr.deltaPages.Add(1)
 		} else {
-			s.pages.Add(uint64(gpa), s.scratch[:])
+			pages.Add(uint64(gpa), s.scratch[:])
 		}
 	default:
-		s.pages.Add(uint64(gpa), s.scratch[:])
+		pages.Add(uint64(gpa), s.scratch[:])
 	}
 	if base != nil {
 		copy(base, s.scratch[:])
 	}
+	return s.added(pages)
+}
+
+// added counts the page just added to pages, and hands the section over
+// once it is full.
+func (s *Sender) added(pages *container.PageSection) error {
 	s.ctr.pages.Add(1)
 	s.cur.pages++
-	if s.pages.Len() == MaxPagesPerFrame {
+	if pages.Len() == MaxPagesPerFrame {
 		return s.flushPages()
 	}
 	return nil
 }
 
-// flushPages sends the page section being filled as a Pages frame,
-// compressed with the session's codec; the checksum covers the section
-// itself, so that the receiver also checks what it decompressed.
+// flushPages hands the page section being filled to the sealer as a
+// Pages frame, compressed with the session's codec, and goes on with an
+// empty one; the checksum covers the section itself, so that the
+// receiver also checks what it decompressed.
 func (s *Sender) flushPages() error {
-	if s.pages.Len() == 0 {
+	sl := s.filling()
+	if sl.pages.Len() == 0 {
 		return nil
 	}
-	p := s.pages.Payload()
+	p := sl.pages.Payload()
 	s.sum.Section(container.TypePages, p)
-	if s.pc == nil {
-		s.pc = newPageCodec(s.codec)
+	if sl.pc == nil {
+		sl.pc = newPageCodec(s.codec)
 	}
-	w := s.pc.encodeFramed(s.pages.Framed())
-	err := s.send(framePages, w, false)
+	sl.wire = sl.pc.encodeFramed(sl.pages.Framed())
 	s.ctr.pageBytes.Add(uint64(len(p)))
-	s.ctr.pageWireBytes.Add(uint64(len(w)))
-	s.pages.Reset()
-	return err
+	s.ctr.pageWireBytes.Add(uint64(len(sl.wire)))
+	return s.handOver()
 }
 
 // SendDisk adds a write of data at off on disk number disk to the open
@@ -207,7 +216,7 @@ func (s *Sender) SendDisk(disk int, off int64, data []byte) error {
 			s.cur.diskBytes+uint64(len(data)), MaxCheckpointDisk, ErrTooLarge)
 	}
 	// Pages first, so that the CRC sees what the receiver sees.
-	if err := s.flushPages(); err != nil {
+	if err := s.flushAll(); err != nil {
 		return err
 	}
 	for len(data) > 0 {
@@ -239,7 +248,7 @@ func (s *Sender) SendState(state []byte) error {
 		return fmt.Errorf("send state: %d bytes, at most %d: %w", s.cur.stateLen+uint64(len(state)), MaxState, ErrTooLarge)
 	}
 	// Pages before state, so that the CRC sees what the receiver sees.
-	if err := s.flushPages(); err != nil {
+	if err := s.flushAll(); err != nil {
 		return err
 	}
 	for len(state) > 0 {
@@ -261,7 +270,7 @@ func (s *Sender) EndCheckpoint() error {
 	if !s.open.Load() {
 		return fmt.Errorf("end checkpoint: no checkpoint open: %w", ErrProtocol)
 	}
-	if err := s.flushPages(); err != nil {
+	if err := s.flushAll(); err != nil {
 		return err
 	}
 	// Pending first: the ack may come back before send returns.

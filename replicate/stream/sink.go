@@ -123,6 +123,15 @@ type PageWriter interface {
 	WriteAt(p []byte, gpa GPA) error
 }
 
+// pageSlicer is memory a sink can read in place (*guestmem.Memory is
+// one): a StagingSink whose Dest is one leaves a page that is zero
+// already alone when a zero page comes for it, instead of writing 4 KiB
+// of zeros. Fresh memory at a migration's destination stays untouched
+// (unallocated), as QEMU's destination does with zero pages.
+type pageSlicer interface {
+	Slice(gpa GPA, n uint64) ([]byte, error)
+}
+
 // StagingSink stages pages in fixed-size chunks and copies them into Dest on
 // commit: the standby's staging buffer. As long as no resumable checkpoint
 // (KindEpoch, KindFinal) has been committed there is nothing in Dest to
@@ -158,7 +167,7 @@ func (s *StagingSink) Begin(epoch uint64, kind Kind) error {
 func (s *StagingSink) StagePage(gpa GPA, data []byte) error {
 	if s.direct {
 		if data == nil {
-			data = zeroPage[:]
+			return s.writeZero(gpa)
 		}
 		return s.Dest.WriteAt(data, gpa)
 	}
@@ -181,13 +190,15 @@ func (s *StagingSink) Commit() error {
 	defer s.reset()
 	n := 0
 	for i, gpa := range s.gpas {
-		data := zeroPage[:]
-		if !s.zero[i] {
+		var err error
+		if s.zero[i] {
+			err = s.writeZero(gpa)
+		} else {
 			c, j := n/stagingChunk, n%stagingChunk
-			data = s.chunks[c][j*PageSize : (j+1)*PageSize]
+			err = s.Dest.WriteAt(s.chunks[c][j*PageSize:(j+1)*PageSize], gpa)
 			n++
 		}
-		if err := s.Dest.WriteAt(data, gpa); err != nil {
+		if err != nil {
 			return fmt.Errorf("apply staged page %#x: %w", uint64(gpa), err)
 		}
 	}
@@ -199,6 +210,17 @@ func (s *StagingSink) Commit() error {
 
 // Abort implements PageSink.
 func (s *StagingSink) Abort() { s.reset() }
+
+// writeZero makes the page at gpa zero, writing only if it is not
+// already.
+func (s *StagingSink) writeZero(gpa GPA) error {
+	if sl, ok := s.Dest.(pageSlicer); ok {
+		if b, err := sl.Slice(gpa, PageSize); err == nil && bytes.Equal(b, zeroPage[:]) {
+			return nil
+		}
+	}
+	return s.Dest.WriteAt(zeroPage[:], gpa)
+}
 
 func (s *StagingSink) reset() {
 	s.gpas, s.zero, s.used = s.gpas[:0], s.zero[:0], 0

@@ -2,8 +2,10 @@ package stream
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash/crc32"
 	"net"
 	"os"
 	"sync"
@@ -349,7 +351,7 @@ func TestOversizedFrameRefusedBeforeAllocation(t *testing.T) {
 	var hdr [headerSize]byte
 	putHeader(hdr[:], header{length: 0xffff_fff0, typ: framePages, seq: 0})
 	var ctr counters
-	fr := newFrameReader(bytes.NewReader(append(hdr[:], make([]byte, 100)...)), &ctr.bytesReceived, &ctr.framesReceived)
+	fr := newFrameReader(bytes.NewReader(append(hdr[:], make([]byte, 100)...)), &ctr)
 	_, err := fr.next()
 	require.ErrorIs(t, err, ErrTooLarge)
 	assert.Zero(t, cap(fr.buf), "nothing allocated for the payload")
@@ -512,6 +514,36 @@ func TestStagingSink(t *testing.T) {
 	assert.Equal(t, page(2), mem[0])
 }
 
+// flatMem is memory a sink can read in place; it counts the writes.
+type flatMem struct {
+	b      []byte
+	writes int
+}
+
+func (m *flatMem) WriteAt(p []byte, gpa GPA) error { m.writes++; copy(m.b[gpa:], p); return nil }
+func (m *flatMem) Slice(gpa GPA, n uint64) ([]byte, error) {
+	return m.b[gpa : uint64(gpa)+n], nil
+}
+
+// A zero page is written only over a page that is not zero already, in
+// initial sync (fresh memory stays untouched) and on commit alike.
+func TestStagingSinkSkipsZeroOverZero(t *testing.T) {
+	mem := &flatMem{b: make([]byte, 4*PageSize)}
+	s := &StagingSink{Dest: mem}
+	require.NoError(t, s.Begin(1, KindInitialSync))
+	require.NoError(t, s.StagePage(0, nil))
+	require.NoError(t, s.StagePage(PageSize, page(1)))
+	require.NoError(t, s.Commit())
+	assert.Equal(t, 1, mem.writes, "only the non-zero page was written")
+
+	require.NoError(t, s.Begin(2, KindEpoch))
+	require.NoError(t, s.StagePage(PageSize, nil))   // over page(1): written
+	require.NoError(t, s.StagePage(2*PageSize, nil)) // over zeros: skipped
+	require.NoError(t, s.Commit())
+	assert.Equal(t, 2, mem.writes)
+	assert.Equal(t, make([]byte, 4*PageSize), mem.b)
+}
+
 type pageWriterFunc func(p []byte, gpa GPA) error
 
 func (f pageWriterFunc) WriteAt(p []byte, gpa GPA) error { return f(p, gpa) }
@@ -554,4 +586,107 @@ func TestResetOnAckIsTruncation(t *testing.T) {
 	require.ErrorIs(t, err, ErrTruncated)
 	require.ErrorContains(t, err, "send ack")
 	require.Equal(t, uint64(1), r.Committed(), "the checkpoint committed before its ack")
+}
+
+// An unkeyed (Insecure) session's frames travel as header, payload in
+// clear and a CRC32C: there is no key to seal with. A flipped bit in a
+// frame's header, or in the payload of a frame outside a checkpoint's
+// sections, is caught as ErrAuth before decoding; a checkpoint section's
+// payload (Pages, Disk, State) is left to the End frame's CRC32C
+// (TestInsecureCorruptPagesNeverCommitted).
+func TestInsecureFramesCarryCRC(t *testing.T) {
+	var ctr counters
+	var wire bytes.Buffer
+	fw := newFrameWriter(&wire, &ctr)
+	fw.setPlain()
+	msg := appendError(nil, codeAuth, "a message in clear")
+	require.NoError(t, fw.write(frameError, msg))
+	require.NoError(t, fw.write(frameState, []byte("state")))
+	require.NoError(t, fw.flush())
+	b := wire.Bytes()
+	n := headerSize + len(msg) + crcSize
+	require.Len(t, b, n+headerSize+len("state")+crcSize)
+	assert.Equal(t, msg, b[headerSize:headerSize+len(msg)], "the payload travels in clear")
+	assert.Equal(t, frameCRC(frameError, b[:headerSize], msg), binary.LittleEndian.Uint32(b[n-crcSize:]))
+	assert.Equal(t, crc32.Checksum(b[n:n+headerSize], castagnoli), binary.LittleEndian.Uint32(b[len(b)-crcSize:]),
+		"a checkpoint section's trailer covers its header")
+
+	read := func(b []byte) (*frame, error) {
+		fr := newFrameReader(bytes.NewReader(b), &ctr)
+		fr.setPlain()
+		return fr.next()
+	}
+	f, err := read(b[:n])
+	require.NoError(t, err)
+	assert.Equal(t, frameError, f.typ)
+	for _, i := range []int{0, 5, 9, headerSize + 3, n - 1} {
+		bad := bytes.Clone(b[:n])
+		bad[i] ^= 0x10
+		_, err := read(bad)
+		require.ErrorIs(t, err, ErrAuth, "byte %d flipped", i)
+	}
+}
+
+// Without a key, a Pages frame whose payload was corrupted on the way is
+// refused at its End (ErrChecksum) if not before: nothing of the
+// checkpoint is committed, and the sender hears why.
+func TestInsecureCorruptPagesNeverCommitted(t *testing.T) {
+	scfg, rcfg := cfgs(newFakeClock())
+	scfg.Key, scfg.Insecure = nil, true
+	rcfg.Key, rcfg.Insecure = nil, true
+	sink := NewMemSink()
+	rcfg.Sink = sink
+	sc, rc := proxyTrailer(t, func(i int, f []byte) [][]byte {
+		if i >= 2 && f[4] == byte(framePages) {
+			f[len(f)-crcSize-100] ^= 0x01 // a page's last bytes
+		}
+		return [][]byte{f}
+	}, crcSize)
+	s, serr, r, rerr := connect(t, sc, rc, scfg, rcfg)
+	require.NoError(t, serr)
+	require.NoError(t, rerr)
+	run := runReceiver(t, r)
+	require.NoError(t, sendCheckpoint(s, 1, KindEpoch, 4, []byte("state")))
+	err := waitErr(t, run)
+	require.ErrorIs(t, err, ErrChecksum)
+	assert.Zero(t, r.committed.Load(), "nothing committed")
+	sink.mu.Lock()
+	assert.Empty(t, sink.committed)
+	sink.mu.Unlock()
+	serr = s.WaitAck(ctxTimeout(t, 5*time.Second), 1)
+	require.ErrorIs(t, serr, ErrPeer)
+	require.ErrorIs(t, serr, ErrChecksum)
+}
+
+// The sealer writes a checkpoint's Pages frames while the checkpoint
+// goroutine fills the next ones: when a write fails (the connection was
+// reset), the checkpoint goroutine's next call returns the stream's
+// failure instead of waiting for a frame that will never go, and Close
+// returns, its goroutines done.
+func TestSealerFailureReachesTheCheckpointGoroutine(t *testing.T) {
+	scfg, rcfg := cfgs(newFakeClock())
+	a, b := net.Pipe()
+	sc := &resetOnWrite{Conn: a}
+	s, serr, r, rerr := connect(t, sc, b, scfg, rcfg)
+	require.NoError(t, serr)
+	require.NoError(t, rerr)
+	runReceiver(t, r)
+	require.NoError(t, s.BeginCheckpoint(1, KindEpoch))
+	sc.armed.Store(true)
+	var err error
+	for i := 0; err == nil && i < 20*MaxPagesPerFrame; i++ {
+		err = s.SendPage(GPA(i%64)*PageSize, page(uint64(i)+1))
+	}
+	if err == nil {
+		err = s.EndCheckpoint()
+	}
+	require.ErrorIs(t, err, ErrTruncated)
+	require.ErrorIs(t, s.Err(), ErrTruncated)
+	closed := make(chan struct{})
+	go func() { s.Close(); close(closed) }()
+	select {
+	case <-closed:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close did not return")
+	}
 }

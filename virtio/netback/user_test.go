@@ -517,10 +517,7 @@ func TestUserNoGoroutineLeak(t *testing.T) {
 	run() // warm up anything the runtime or gVisor starts once per process
 	before := runtime.NumGoroutine()
 	run()
-	deadline := time.Now().Add(10 * time.Second)
-	for runtime.NumGoroutine() > before && time.Now().Before(deadline) {
-		time.Sleep(20 * time.Millisecond)
-	}
+	settle(func() bool { return runtime.NumGoroutine() <= before })
 	if n := runtime.NumGoroutine(); n > before {
 		buf := make([]byte, 1<<20)
 		t.Fatalf("%d goroutines before, %d after Close:\n%s", before, n, buf[:runtime.Stack(buf, true)])
@@ -531,13 +528,26 @@ func TestUserNoGoroutineLeak(t *testing.T) {
 // waitNoLeftovers gives goroutines that are on their way out a moment to
 // exit, and returns those that stay.
 func waitNoLeftovers() []string {
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		left := leftoverStacks()
-		if len(left) == 0 || time.Now().After(deadline) {
-			return left
+	var left []string
+	settle(func() bool {
+		left = leftoverStacks()
+		return len(left) == 0
+	})
+	return left
+}
+
+// settle waits until cond holds, for up to 10 s. A goroutine's exit sends
+// no event to wait on, so it asks cond again every 20 ms.
+func settle(cond func() bool) {
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	deadline := time.After(10 * time.Second)
+	for !cond() {
+		select {
+		case <-tick.C:
+		case <-deadline:
+			return
 		}
-		time.Sleep(20 * time.Millisecond)
 	}
 }
 

@@ -245,6 +245,27 @@ func TestPageSection(t *testing.T) {
 	}
 }
 
+// AddCopy makes the same section as Add with the zero test done by the
+// caller: a raw entry for a page with any byte set, a zero entry, without
+// bytes, for an all-zero one.
+func TestPageSectionAddCopy(t *testing.T) {
+	raw := bytes.Repeat([]byte{0xab}, PageSize)
+	last := make([]byte, PageSize)
+	last[PageSize-1] = 1
+	var a, b PageSection
+	a.Headroom, b.Headroom = 8, 8
+	for i, p := range [][]byte{raw, make([]byte, PageSize), last, make([]byte, PageSize)} {
+		zero := a.AddCopy(uint64(i)*PageSize, p)
+		assert.Equal(t, i%2 == 1, zero, "page %d", i)
+		if zero {
+			p = nil
+		}
+		b.Add(uint64(i)*PageSize, p)
+	}
+	require.Equal(t, 4, a.Len())
+	require.Equal(t, b.Framed(), a.Framed())
+}
+
 func TestDiskSection(t *testing.T) {
 	w, err := ParseDisk(AppendDisk(nil, 3, 4096, 5, []byte("hello")))
 	require.NoError(t, err)

@@ -1,6 +1,7 @@
 package container
 
 import (
+	"bytes"
 	"encoding/binary"
 	"fmt"
 )
@@ -81,6 +82,30 @@ func (s *PageSection) Add(gpa uint64, data []byte) {
 	s.buf = append(s.buf, data...)
 	s.n++
 }
+
+// AddCopy appends the page at gpa (PageSize bytes), copied, as a raw
+// page, or as a zero page when the copy is all zero, and reports which.
+// The test is made on the copy, so that the entry describes the bytes the
+// section holds even if data changes meanwhile (a running guest's page),
+// and the page is read from memory once.
+func (s *PageSection) AddCopy(gpa uint64, data []byte) (zero bool) {
+	s.start()
+	at := len(s.buf)
+	s.buf = binary.LittleEndian.AppendUint64(s.buf, gpa)
+	s.buf = append(s.buf, byte(EncRaw), 0, 0, 0)
+	s.buf = binary.LittleEndian.AppendUint32(s.buf, uint32(len(data)))
+	pg := len(s.buf)
+	s.buf = append(s.buf, data...)
+	if !bytes.Equal(s.buf[pg:], zeroPage[:]) {
+		s.n++
+		return false
+	}
+	s.buf = s.buf[:at]
+	s.Add(gpa, nil)
+	return true
+}
+
+var zeroPage [PageSize]byte
 
 // AddXOR appends the page at gpa as a delta: crc is the new page's
 // CRC32C, xor the new page XORed with the version last shipped

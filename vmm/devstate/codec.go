@@ -30,6 +30,13 @@ func Encode(walk func(*Codec)) []byte {
 	return e.Bytes()
 }
 
+// EncodeAppend is Encode appending to dst (whose room it reuses).
+func EncodeAppend(dst []byte, walk func(*Codec)) []byte {
+	e := Encoder{buf: dst}
+	walk(&Codec{enc: &e})
+	return e.Bytes()
+}
+
 // Decode runs walk over data into a state struct. It fails if data is
 // short, a length exceeds its cap, or bytes are left over.
 func Decode(data []byte, walk func(*Codec)) error {

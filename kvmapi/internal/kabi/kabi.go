@@ -59,6 +59,8 @@ struct kv kvs[] = {
 	O(kvm_run, mmio.data), O(kvm_run, mmio.len), O(kvm_run, mmio.is_write),
 	O(kvm_run, fail_entry.cpu), O(kvm_run, internal.ndata), O(kvm_run, internal.data),
 	O(kvm_run, system_event.ndata), O(kvm_run, system_event.data),
+	O(kvm_run, kvm_valid_regs), O(kvm_run, kvm_dirty_regs), O(kvm_run, s.regs.regs),
+	O(kvm_run, s.regs.sregs), O(kvm_run, s.regs.events),
 
 	I(KVM_GET_API_VERSION), I(KVM_CREATE_VM), I(KVM_GET_MSR_INDEX_LIST), I(KVM_CHECK_EXTENSION),
 	I(KVM_GET_VCPU_MMAP_SIZE), I(KVM_GET_SUPPORTED_CPUID),
@@ -80,7 +82,8 @@ struct kv kvs[] = {
 	I(KVM_MEM_LOG_DIRTY_PAGES),
 	I(KVM_CAP_XSAVE2), I(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2),
 	I(KVM_CAP_IMMEDIATE_EXIT), I(KVM_CAP_IOEVENTFD), I(KVM_CAP_SIGNAL_MSI),
-	I(KVM_CAP_TSC_CONTROL), I(KVM_CAP_TSC_DEADLINE_TIMER),
+	I(KVM_CAP_TSC_CONTROL), I(KVM_CAP_TSC_DEADLINE_TIMER), I(KVM_CAP_SYNC_REGS),
+	I(KVM_SYNC_X86_REGS), I(KVM_SYNC_X86_SREGS), I(KVM_SYNC_X86_EVENTS),
 	I(KVM_CLOCK_TSC_STABLE), I(KVM_CLOCK_REALTIME), I(KVM_CLOCK_HOST_TSC),
 	I(KVM_CAP_X86_MSR_FILTER), I(KVM_CAP_PMU_CAPABILITY), I(KVM_PMU_CAP_DISABLE),
 	I(KVM_MSR_FILTER_DEFAULT_ALLOW), I(KVM_MSR_FILTER_DEFAULT_DENY), I(KVM_MSR_FILTER_READ), I(KVM_MSR_FILTER_WRITE),
