@@ -12,8 +12,9 @@
 // returns ErrOutOfRange rather than panicking or touching host memory outside
 // the guest.
 //
-// Copy-on-write snapshots (cow.go, cowsnap.go, cowprobe.go): a Protector write-protects pages of
-// guest memory with userfaultfd and serves the write faults, so that a
+// Copy-on-write snapshots (cow.go, cowsnap.go, cowprobe.go): a
+// Protector write-protects pages of guest memory with userfaultfd and
+// serves the write faults, so that a
 // Snapshot can copy a set of pages as of one instant while the guest runs
 // on; the replicator's copy-on-write checkpoints use it. The accessors
 // take part: with a snapshot in progress, WriteAt and Fill copy the
