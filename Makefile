@@ -4,7 +4,7 @@ BIN       := bin/govmm
 RACE_PKGS := ./vmm/... ./virtio/... ./internal/... ./guestimg/... ./dirtylog/... ./ctlapi/... ./replicate/...
 FUZZTIME  ?= 20s
 
-.PHONY: all build image run demo bench-failover-guest soak soak-host soak-migrations soak-failovers soak-fencing test test-guest vet fuzz bench bench-quick clean deps
+.PHONY: all build image run demo bench-failover-guest bench-wire-guest soak soak-host soak-migrations soak-failovers soak-fencing test test-guest vet fuzz bench bench-quick clean deps
 
 all: build
 
@@ -117,6 +117,19 @@ BENCH_MODES ?= sigkill,sigstop
 BENCH_WITNESS ?= both
 bench-failover-guest: build image
 	scripts/bench-failover-guest.sh $(BENCH_RUNS) $(BENCH_TRIALS) $(BENCH_MODES) $(BENCH_WITNESS)
+
+# The wire-guest suite (the stream's bytes on the wire per dirty page on
+# real-guest workloads: the demo service under load, untar, sort and gzip;
+# the default guest booted once per WIRE_MODES stream mode and WIRE_RUNS
+# trial, counters read WIRE_WINDOW apart) in the lab where this host's KVM
+# cannot boot Linux, else here.
+WIRE_MODES ?= none,s2,s2+deltas,zstd+deltas
+WIRE_WORKLOADS ?= demo,untar,compress
+WIRE_RUNS ?= 1
+WIRE_WINDOW ?= 10s
+bench-wire-guest: build image
+	lab=; if $(BIN) lab --needed; then lab="$(BIN) lab --timeout 45m --share bench/results --"; fi; \
+		$$lab nice $(BIN) bench --runs $(WIRE_RUNS) --stream-modes $(WIRE_MODES) --workloads $(WIRE_WORKLOADS) --window $(WIRE_WINDOW) wire-guest
 
 clean:
 	rm -rf bin

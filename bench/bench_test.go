@@ -26,12 +26,13 @@ func TestQuickSuitesProduceOutput(t *testing.T) {
 	require.NoError(t, build.Run(), "build govmm")
 
 	files := map[string][]string{
-		"boot":       {"boot.csv"},
-		"checkpoint": {"checkpoint.csv", "checkpoint_steps.csv", "checkpoint_bounds.csv", "checkpoint_compress.csv", "checkpoint_pause.png", "checkpoint_breakdown.png"},
-		"migration":  {"migration.csv", "migration.png"},
-		"failover":   {"failover.csv", "failover.png"},
-		"fencing":    {"fencing.csv", "fencing_traffic.csv", "fencing.png"},
-		"overhead":   {"overhead.csv", "overhead.png"},
+		"boot": {"boot.csv"},
+		"checkpoint": {"checkpoint.csv", "checkpoint_harvest.csv", "checkpoint_bounds.csv", "checkpoint_compress.csv",
+			"checkpoint_pause.png", "checkpoint_breakdown.png", "checkpoint_stream.png", "checkpoint_wire.png", "checkpoint_harvest.png"},
+		"migration": {"migration.csv", "migration.png"},
+		"failover":  {"failover.csv", "failover.png"},
+		"fencing":   {"fencing.csv", "fencing_traffic.csv", "fencing.png"},
+		"overhead":  {"overhead.csv", "overhead.png"},
 	}
 	for _, suite := range []string{"boot", "checkpoint", "migration", "failover", "fencing", "overhead"} {
 		t.Run(suite, func(t *testing.T) {

@@ -24,6 +24,10 @@ type Options struct {
 	// Witness are failover-guest's witness settings (false: without, true:
 	// with; default both).
 	Witness []bool
+	// StreamModes and Workloads are wire-guest's (default: all of each).
+	StreamModes []StreamMode
+	Workloads   []string
+	Window      time.Duration // wire-guest's window (0: its default)
 }
 
 // Emulated says whether KVM here emulates guests (see lab.Emulated).
@@ -108,6 +112,16 @@ func (o Options) suite(ctx context.Context, s string) (string, error) {
 			cfg.Warmup, cfg.Window = time.Second, 3*time.Second
 		}
 		return report(OverheadGuest(ctx, cfg))
+	case "wire-guest":
+		cfg := WireGuestConfig{Govmm: o.Govmm, Kernel: o.Boot.Kernel, Initrd: o.Boot.Initrd, Modes: o.StreamModes, Workloads: o.Workloads,
+			Trials: o.runs(1, 1), Out: o.Out, Log: o.Log}
+		if o.Quick {
+			cfg.Warmup, cfg.Window = 2*time.Second, 5*time.Second
+		}
+		if o.Window > 0 {
+			cfg.Window = o.Window
+		}
+		return report(WireGuest(ctx, cfg))
 	case "fencing":
 		cfg := FencingConfig{Trials: o.runs(3, 1), Out: o.Out, Log: o.Log}
 		if o.Quick {

@@ -2,17 +2,35 @@
 // guest pages changed since the last harvest?
 //
 // It owns the dirty set. A Tracker has KVM's dirty logging turned on for
-// every memory slot of a VM (KVM_MEM_LOG_DIRTY_PAGES) and, at each Harvest, ORs
-// KVM's per-slot bitmap (KVM_GET_DIRTY_LOG, or GET then CLEAR_DIRTY_LOG
-// with KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) with the pages that the VMM
-// itself wrote through guestmem (virtio used rings, received frames, block
-// reads). KVM sees only the writes made by vCPUs; without the second half
-// the standby would silently diverge (DESIGN.md, invariant 3).
+// every memory slot of a VM (KVM_MEM_LOG_DIRTY_PAGES) and, at each Harvest,
+// ORs what KVM logged with the pages that the VMM itself wrote through
+// guestmem (virtio used rings, received frames, block reads). KVM sees
+// only the writes made by vCPUs; without the second half the standby
+// would silently diverge (DESIGN.md, invariant 3).
+//
+// KVM logs in one of two ways, fixed when the VM is built
+// (vmm.Config.DirtyTracking), and the Tracker returns the same Set either
+// way (Tracker.Source says which):
+//
+//   - bitmap: one bitmap per slot, read by KVM_GET_DIRTY_LOG (then
+//     re-armed by KVM_CLEAR_DIRTY_LOG with KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2).
+//     A harvest scans every slot's bitmap, clean or not.
+//   - ring: a ring of dirtied pages per vCPU (KVM_CAP_DIRTY_LOG_RING),
+//     collected and re-armed (KVM_RESET_DIRTY_RINGS) through
+//     Slots.ReapRings. A harvest costs in proportion to the entries, not
+//     to memory size. KVM then refuses the bitmap calls, and a vCPU whose
+//     ring fills stops with KVM_EXIT_DIRTY_RING_FULL: the machine reaps
+//     every ring into pages the next harvest reports, and the vCPU goes
+//     on. On the hosts measured the ring's harvest costs more than the
+//     bitmap's from 100 to 64k dirty pages (KVM re-arms ring entries more
+//     slowly than bitmap words; bench checkpoint, harvest rows), so
+//     "auto" takes the bitmap.
 //
 // It does not own the VM or its memory slots: the machine does, and hands
 // out trackers with vmm.Machine.TrackDirty, one at a time, through the
 // small Slots interface (start and stop logging, read and clear a slot's
-// bitmap). No package but vmm holds the KVM VM file descriptor.
+// bitmap, reap the rings). No package but vmm holds the KVM VM file
+// descriptor, or maps the rings.
 //
 // It does not own page transport: it never reads or copies page contents,
 // never decides what to send, and knows nothing of epochs. A Set is only a
@@ -37,21 +55,6 @@
 // a mutex. Harvest may run while vCPUs run (pre-copy rounds) and while
 // devices write guest memory. A Set is plain data: it is not safe for
 // concurrent mutation, and it is never shared by the Tracker after
-// Harvest returns it.
-//
-// # The dirty ring
-//
-// KVM_CAP_DIRTY_LOG_RING (a per-vCPU ring of dirtied GFNs, collected during
-// the epoch, so that a harvest costs in proportion to the pages dirtied
-// rather than to the size of memory) is not used. KVM offers it even on
-// kvm_pvm hosts, but it excludes KVM_GET_DIRTY_LOG unless
-// KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP is also offered (it is not there), it
-// must be enabled before the first vCPU exists, each ring is mapped from
-// its vCPU's fd, and a full ring stops the vCPU with
-// KVM_EXIT_DIRTY_RING_FULL: all of which is the vmm and kvmapi packages'
-// business. The bitmap harvest costs about 50 µs for 1024 dirty pages of
-// a 256 MiB guest and about 27 µs per GiB when clean (BenchmarkHarvest,
-// BenchmarkHarvestClean), small beside copying the pages.
-// TODO(#dirty-ring): add it when guests are large enough for the scan to
-// matter.
+// Harvest returns it. With rings, a vCPU stopped on a full ring reaps
+// them from its own goroutine; the machine serialises that with Harvest.
 package dirtylog

@@ -25,17 +25,26 @@ type Options struct {
 	ManualProtect bool
 }
 
+// Logging says how KVM reports the pages vCPUs write while a Tracker is
+// open: the VM's dirty rings, or the slots' bitmaps, with or without
+// manual protection.
+type Logging struct {
+	Ring          bool // Slots.ReapRings; KVM refuses the bitmap calls
+	ManualProtect bool // bitmaps read by DirtyLog, re-armed by ClearDirtyLog
+}
+
 // Slots is the KVM side of dirty tracking for one VM: the dirty logging
-// flag of its memory slots and their bitmaps. The machine that owns the
-// VM provides it (vmm.Machine.TrackDirty), so that only package vmm holds
-// the VM's file descriptor; slot numbers are guestmem.Region.Slot.
+// flag of its memory slots, and either their bitmaps or the vCPUs' dirty
+// rings, as the VM was built. The machine that owns the VM provides it
+// (vmm.Machine.TrackDirty), so that only package vmm holds the VM's file
+// descriptor; slot numbers are guestmem.Region.Slot.
 type Slots interface {
 	// StartLogging turns KVM dirty logging on for every slot (first
 	// enabling KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 when manualProtect is
-	// asked and KVM has it, so that no bitmap is ever read in the other
-	// mode) and reports whether manual protection is in effect. On
+	// asked, the VM uses bitmaps and KVM has it, so that no bitmap is
+	// ever read in the other mode) and reports what is in effect. On
 	// failure logging is left off.
-	StartLogging(manualProtect bool) (manual bool, err error)
+	StartLogging(manualProtect bool) (Logging, error)
 	// StopLogging turns dirty logging (and manual protection) off again.
 	StopLogging() error
 	// DirtyLog copies the slot's dirty bitmap (KVM_GET_DIRTY_LOG).
@@ -43,15 +52,21 @@ type Slots interface {
 	// ClearDirtyLog re-protects the n pages from first whose bits are set
 	// in bitmap (KVM_CLEAR_DIRTY_LOG).
 	ClearDirtyLog(slot uint32, first uint64, n uint32, bitmap []uint64) error
+	// ReapRings calls add with every page the vCPUs' dirty rings reported
+	// since the last call (including the ones reaped while a vCPU waited
+	// on a full ring) and re-arms them (KVM_RESET_DIRTY_RINGS) before it
+	// returns. Only with Logging.Ring.
+	ReapRings(add func(slot uint32, page uint64)) error
 }
 
 // Tracker collects the pages of one VM's memory written since the last
 // Harvest, by vCPUs (KVM's dirty log) and by the VMM (guestmem's bitmap).
 // While it is open it owns the dirty logging of every slot.
 type Tracker struct {
-	slots  Slots
-	mem    *guestmem.Memory
-	manual bool // KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 is enabled
+	slots   Slots
+	mem     *guestmem.Memory
+	logging Logging
+	slotIdx []int // slot number to index in mem.Regions(), -1 for none
 
 	mu     sync.Mutex // mu serialises Harvest and Close; it guards closed
 	closed bool
@@ -73,11 +88,17 @@ func New(slots Slots, mem *guestmem.Memory, opts Options) (*Tracker, error) {
 		}
 	}
 	t := &Tracker{slots: slots, mem: mem}
-	manual, err := slots.StartLogging(opts.ManualProtect)
+	for i, r := range mem.Regions() {
+		for uint32(len(t.slotIdx)) <= r.Slot {
+			t.slotIdx = append(t.slotIdx, -1)
+		}
+		t.slotIdx[r.Slot] = i
+	}
+	logging, err := slots.StartLogging(opts.ManualProtect)
 	if err != nil {
 		return nil, err
 	}
-	t.manual = manual
+	t.logging = logging
 	if _, err := t.harvest(); err != nil {
 		_ = t.Close()
 		return nil, fmt.Errorf("discard the first dirty log: %w", err)
@@ -86,11 +107,21 @@ func New(slots Slots, mem *guestmem.Memory, opts Options) (*Tracker, error) {
 }
 
 // ManualProtect reports whether KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 is in
-// use (it was asked for and KVM has it).
-func (t *Tracker) ManualProtect() bool { return t.manual }
+// use (it was asked for, the VM uses bitmaps and KVM has it).
+func (t *Tracker) ManualProtect() bool { return t.logging.ManualProtect }
+
+// Source names where KVM's half of each harvest comes from: "ring" (the
+// vCPUs' dirty rings) or "bitmap" (each slot's dirty bitmap).
+func (t *Tracker) Source() string {
+	if t.logging.Ring {
+		return "ring"
+	}
+	return "bitmap"
+}
 
 // Harvest returns the pages written since the previous Harvest (or New):
-// KVM's dirty bitmap of each slot ORed with the pages the VMM marked.
+// KVM's dirty log (each slot's bitmap, or the vCPUs' rings) ORed with the
+// pages the VMM marked.
 //
 // With every vCPU paused and devices quiesced it is a consistent cut. It
 // may also run while vCPUs run (a pre-copy round); then it is a
@@ -112,6 +143,11 @@ func (t *Tracker) ManualProtect() bool { return t.manual }
 //     still read by the caller's copy. The VMM's bits are ORed in only
 //     after the clear: KVM never logged those pages, and protecting them
 //     would be wasted work.
+//   - Rings: KVM pushes a page when a vCPU first writes it after it was
+//     armed, and re-arms only entries collected and handed back, with
+//     KVM_RESET_DIRTY_RINGS, which ReapRings calls after collecting: a
+//     write before the reset is read by the caller's copy, one after it
+//     faults and is pushed again (reapRings).
 //   - VMM writes: guestmem copies first and marks after, and the harvest
 //     swaps each word with zero, so a mark lands in this harvest (with the
 //     bytes already in place) or the next.
@@ -127,12 +163,19 @@ func (t *Tracker) Harvest() (*Set, error) {
 // harvest is Harvest with t.mu held (or during New).
 func (t *Tracker) harvest() (*Set, error) {
 	s := NewSet(t.mem)
+	if t.logging.Ring {
+		if err := t.reapRings(s); err != nil {
+			return nil, err
+		}
+	}
 	for i, r := range t.mem.Regions() {
 		sr := &s.regions[i]
-		if err := t.slots.DirtyLog(r.Slot, sr.bits); err != nil {
-			return nil, fmt.Errorf("memory slot %d: get dirty log: %w", r.Slot, err)
+		if !t.logging.Ring {
+			if err := t.slots.DirtyLog(r.Slot, sr.bits); err != nil {
+				return nil, fmt.Errorf("memory slot %d: get dirty log: %w", r.Slot, err)
+			}
 		}
-		if t.manual {
+		if t.logging.ManualProtect {
 			if err := t.clear(r, sr.bits); err != nil {
 				return nil, err
 			}
@@ -141,6 +184,29 @@ func (t *Tracker) harvest() (*Set, error) {
 		sr.maskTail()
 	}
 	return s, nil
+}
+
+// reapRings adds the pages of the vCPUs' dirty rings to s. KVM collects
+// them and re-arms them in that order, and the caller reads pages only
+// after Harvest returns, so a write that races with the reap is read by
+// the caller or pushed to a ring again, as with the bitmap.
+func (t *Tracker) reapRings(s *Set) error {
+	var stray error
+	err := t.slots.ReapRings(func(slot uint32, page uint64) {
+		i := -1
+		if slot < uint32(len(t.slotIdx)) {
+			i = t.slotIdx[slot]
+		}
+		if i < 0 || page >= s.regions[i].pages {
+			stray = fmt.Errorf("dirty ring entry for page %d of slot %d, outside guest memory", page, slot)
+			return
+		}
+		s.regions[i].bits[page/64] |= 1 << (page % 64)
+	})
+	if err != nil {
+		return fmt.Errorf("reap dirty rings: %w", err)
+	}
+	return stray
 }
 
 // clear re-protects the pages set in bitmap (KVM_CLEAR_DIRTY_LOG), in

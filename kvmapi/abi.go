@@ -301,4 +301,26 @@ const (
 	CapX86MSRFilter           = 189
 	CapXsave2                 = 208
 	CapPMUCapability          = 212
+	CapDirtyLogRing           = 192
+	CapDirtyLogRingAcqRel     = 223
 )
+
+// DirtyGFN is struct kvm_dirty_gfn: one entry of a vCPU's dirty ring, a
+// page (Offset, in pages from the start of memory slot Slot) that the vCPU
+// dirtied.
+type DirtyGFN struct {
+	Flags  uint32
+	Slot   uint32
+	Offset uint64
+}
+
+// DirtyGFN flags: KVM publishes an entry with dirtyGFNDirty, the VMM hands
+// it back with dirtyGFNReset, and KVM_RESET_DIRTY_RINGS clears it.
+const (
+	dirtyGFNDirty = 1 << 0
+	dirtyGFNReset = 1 << 1
+)
+
+// DirtyLogPageOffset is where, in pages, a vCPU's dirty ring sits in the
+// vCPU fd's mmap space (KVM_DIRTY_LOG_PAGE_OFFSET on x86).
+const DirtyLogPageOffset = 64

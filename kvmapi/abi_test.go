@@ -71,6 +71,7 @@ func TestABI(t *testing.T) {
 		"kvm_msr_filter_range":        unsafe.Sizeof(msrFilterRange{}),
 		"kvm_stats_header":            unsafe.Sizeof(statsHeader{}),
 		"kvm_stats_desc":              unsafe.Sizeof(statsDesc{}),
+		"kvm_dirty_gfn":               unsafe.Sizeof(DirtyGFN{}),
 
 		"kvm_regs.rip":                                unsafe.Offsetof(regs.RIP),
 		"kvm_regs.rflags":                             unsafe.Offsetof(regs.RFLAGS),
@@ -136,6 +137,8 @@ func TestABI(t *testing.T) {
 		"kvm_stats_desc.offset":                       unsafe.Offsetof(statsDesc{}.Offset),
 		"kvm_stats_desc.bucket_size":                  unsafe.Offsetof(statsDesc{}.BucketSize),
 		"kvm_stats_desc.name":                         unsafe.Sizeof(statsDesc{}),
+		"kvm_dirty_gfn.slot":                          unsafe.Offsetof(DirtyGFN{}.Slot),
+		"kvm_dirty_gfn.offset":                        unsafe.Offsetof(DirtyGFN{}.Offset),
 
 		// kvm_run: decode reads these offsets directly (run_unsafe.go).
 		"kvm_run.immediate_exit":     runOffImmediateExit,
@@ -192,6 +195,7 @@ func TestABI(t *testing.T) {
 		"KVM_GET_XSAVE": kvmGetXsave, "KVM_SET_XSAVE": kvmSetXsave, "KVM_GET_XCRS": kvmGetXCRs,
 		"KVM_SET_XCRS": kvmSetXCRs, "KVM_GET_TSC_KHZ": kvmGetTSCKHz, "KVM_SET_TSC_KHZ": kvmSetTSCKHz, "KVM_GET_XSAVE2": kvmGetXsave2,
 		"KVM_X86_SET_MSR_FILTER": kvmX86SetMSRFilter, "KVM_GET_STATS_FD": kvmGetStatsFD,
+		"KVM_RESET_DIRTY_RINGS": kvmResetDirtyRings,
 	}
 	for name, w := range ioctls {
 		got, ok := k[name]
@@ -215,6 +219,9 @@ func TestABI(t *testing.T) {
 		"KVM_MSR_FILTER_DEFAULT_ALLOW": MSRFilterDefaultAllow, "KVM_MSR_FILTER_DEFAULT_DENY": MSRFilterDefaultDeny,
 		"KVM_MSR_FILTER_READ": MSRFilterRead, "KVM_MSR_FILTER_WRITE": MSRFilterWrite,
 		"KVM_CAP_TSC_CONTROL": CapTSCControl, "KVM_CAP_TSC_DEADLINE_TIMER": CapTSCDeadlineTimer,
+		"KVM_CAP_DIRTY_LOG_RING": CapDirtyLogRing, "KVM_CAP_DIRTY_LOG_RING_ACQ_REL": CapDirtyLogRingAcqRel,
+		"KVM_DIRTY_LOG_PAGE_OFFSET": DirtyLogPageOffset, "KVM_EXIT_DIRTY_RING_FULL": uint64(ExitDirtyRingFull),
+		"KVM_DIRTY_GFN_F_DIRTY": dirtyGFNDirty, "KVM_DIRTY_GFN_F_RESET": dirtyGFNReset,
 		"KVM_CAP_SYNC_REGS": CapSyncRegs, "KVM_SYNC_X86_REGS": syncX86Regs, "KVM_SYNC_X86_SREGS": syncX86Sregs,
 		"KVM_SYNC_X86_EVENTS": syncX86Events,
 	}

@@ -53,6 +53,7 @@ var (
 	kvmEnableCap           = iow(0xa3, 104)
 	kvmSignalMSI           = iow(0xa5, 32)
 	kvmClearDirtyLog       = iowr(0xc0, 24)
+	kvmResetDirtyRings     = io(0xc7)
 	kvmX86SetMSRFilter     = iow(0xc6, 392)
 	kvmGetStatsFD          = io(0xce)
 

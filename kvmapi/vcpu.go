@@ -17,6 +17,7 @@ type VCPU struct {
 	// save allocates none. A VCPU is used from one thread
 	// (its own), so nothing guards it.
 	msrBuf *msrs
+	ring   *DirtyRing // nil unless MapDirtyRing
 }
 
 // ID is the vCPU id (its APIC ID in govmm).
@@ -28,6 +29,11 @@ func (v *VCPU) Close() error {
 		return nil
 	}
 	err := unix.Munmap(v.run)
+	if v.ring != nil {
+		if rerr := v.ring.unmap(); err == nil {
+			err = rerr
+		}
+	}
 	if cerr := unix.Close(v.fd); err == nil {
 		err = cerr
 	}

@@ -198,6 +198,26 @@ func (vm *VM) ClearDirtyLog(slot uint32, firstPage uint64, numPages uint32, bitm
 	return err
 }
 
+// EnableDirtyRing gives every vCPU created from now on a dirty ring of
+// bytes bytes (a power of two, at most what KVM_CHECK_EXTENSION answers
+// for the capability), with KVM_CAP_DIRTY_LOG_RING_ACQ_REL when KVM has
+// it, else KVM_CAP_DIRTY_LOG_RING. It must come before the first vCPU.
+// From then on KVM_GET_DIRTY_LOG and KVM_CLEAR_DIRTY_LOG are refused.
+func (vm *VM) EnableDirtyRing(bytes uint32) error {
+	cap := uint32(CapDirtyLogRingAcqRel)
+	if vm.CheckExtension(CapDirtyLogRingAcqRel) <= 0 {
+		cap = CapDirtyLogRing
+	}
+	return vm.EnableCap(cap, uint64(bytes))
+}
+
+// ResetDirtyRings write-protects again every page whose ring entry the VMM
+// collected (DirtyRing.Collect), on every vCPU, and frees those entries
+// (KVM_RESET_DIRTY_RINGS). It returns how many entries it reset.
+func (vm *VM) ResetDirtyRings() (int, error) {
+	return doVal(vm.fd, "KVM_RESET_DIRTY_RINGS", kvmResetDirtyRings, 0)
+}
+
 // CreateVCPU creates vCPU id and maps its kvm_run page. Call it on the OS
 // thread that will run the vCPU.
 func (vm *VM) CreateVCPU(id int) (*VCPU, error) {

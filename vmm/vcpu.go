@@ -100,6 +100,9 @@ func (c *vcpu) setup() error {
 	}
 	c.fd = fd
 	c.fdp.Store(fd)
+	if err := c.m.addDirtyRing(fd); err != nil {
+		return fmt.Errorf("vcpu %d: %w", c.id, err)
+	}
 	// KVM's statistics count every exit, also the ones it handles itself;
 	// a kernel without them (before 5.14) leaves the metric out.
 	if st, err := fd.Stats(); err == nil && st.Has("exits") {
@@ -209,8 +212,12 @@ func (c *vcpu) paused(r vcpuReq) bool {
 	}
 }
 
-// handle dispatches one exit. It makes no KVM calls.
+// handle dispatches one exit. It makes no KVM calls, except that a full
+// dirty ring is reaped (dirty.go) so that the vCPU can go on.
 func (c *vcpu) handle(ex kvmapi.Exit) error {
+	if ex.Reason == kvmapi.ExitDirtyRingFull {
+		return c.m.dirtyRingFull()
+	}
 	return handleExit(ex, c.m.pio, c.m.mmio, c.m.finish)
 }
 

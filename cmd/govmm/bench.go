@@ -30,10 +30,13 @@ checkpoint: replication of a tiny dirtying guest to an in-process standby
 over loopback: each epoch's pause broken into steps (harvest, copy, state,
 resume) and its time to ack, against dirty pages per epoch (working sets
 of 100, 1k, 4k, 16k and 64k pages; --quick: 100 and 1k), beside the
-memcpy and loopback-bandwidth lower bounds; each working set over sparse
-and over binary pages, with --stream-compress none, s2 and zstd side by
-side (wire bytes per dirty page), and the page codec's own speed on one
-core at the largest working set.
+memcpy and loopback-bandwidth lower bounds measured in the same run; per
+checkpoint copy mode (stop-and-copy; copy-on-write where built), each
+working set over sparse and over binary pages, with --stream-compress
+none, s2 and zstd and s2 with --stream-deltas side by side (wire bytes per
+dirty page, time to ack), the page codec's own speed on one core at the
+largest working set, and the dirty-log harvest alone with
+--dirty-tracking bitmap against ring at each working set.
 
 migration: live migration over loopback, total time and downtime against
 the guest's measured dirty rate (working sets of 0, 256, 4096 and 16384
@@ -62,6 +65,17 @@ the default guest's demo service: answers per second and latency of POST
 replicated to a standby at epochs of 10, 25, 50 and 100ms (--quick: 25ms);
 each configuration boots the guest.
 
+wire-guest (not run by default; where Linux boots, e.g. 'govmm lab --
+bin/govmm bench wire-guest'): the stream's bytes on the wire per dirty
+page on real-guest workloads: the default guest replicated to a standby
+over loopback, booted once per stream mode (--stream-modes, default
+none,s2,s2+deltas,zstd+deltas), runs each workload (--workloads, default
+demo,untar,compress: the demo service under client load, untar of the
+guest's root file system into tmpfs, sort and gzip as a build's stand-in)
+for 3s of warmup and a 10s window (--window; --quick: 2s and 5s), the primary's
+counters (--metrics-listen) read as the window opens and closes; wire
+bytes per dirty page and × raw (4096+16 bytes) per workload and mode.
+
 fencing: what the witness lease costs a primary: the checkpoint pause of
 a tiny dirtying guest replicated to an in-process standby without a
 witness, with one (lease 2s, and 100ms) and with one that stops
@@ -80,7 +94,7 @@ Flags:
 var benchSuites = []string{"boot", "checkpoint", "migration", "failover", "fencing", "overhead"}
 
 // extraSuites run only when named: they boot the default guest.
-var extraSuites = []string{"failover-guest", "overhead-guest"}
+var extraSuites = []string{"failover-guest", "overhead-guest", "wire-guest"}
 
 // benchFlags are the flags of govmm bench.
 type benchFlags struct {
@@ -88,6 +102,8 @@ type benchFlags struct {
 	runs                       *int
 	quick                      *bool
 	out, guest, modes, witness *string
+	streamModes, workloads     *string
+	window                     time.Duration
 	mem                        string
 	merge                      listFlag
 }
@@ -95,13 +111,16 @@ type benchFlags struct {
 func newBenchFlags() *benchFlags {
 	fs := newFlagSet("bench", benchUsage)
 	f := &benchFlags{fs: fs, mem: "256M"}
-	f.runs = fs.Int("runs", 0, "trials per VMM (boot, default 11), per working set (migration, default 5) or per timeout and mode (failover, default 10), per configuration (overhead, overhead-guest, default 3); epochs kept per working set (checkpoint) are 40")
+	f.runs = fs.Int("runs", 0, "trials per VMM (boot, default 11), per working set (migration, default 5) or per timeout and mode (failover, default 10), per configuration (overhead, overhead-guest, default 3), boots per stream mode (wire-guest, default 1); epochs kept per working set (checkpoint) are 40")
 	f.quick = fs.Bool("quick", false, "tiny parameters: proves the suites work in a few minutes, numbers mean little")
 	f.out = fs.String("out", "", "results directory (default bench/results/<timestamp>)")
 	f.guest = fs.String("guest", "auto", "boot suite guest: auto, tiny or default")
 	fs.Var(memFlag{&f.mem}, "mem", "boot suite guest memory, as run --mem takes it: 256M, 1G (a bare number is MiB)")
 	f.modes = fs.String("modes", "sigkill,sigstop", "failover-guest only: the primary's failures to time, `sigkill`, sigstop or both (comma-separated)")
 	f.witness = fs.String("witness", "both", "failover-guest only: time each failure `without` a witness, with one, or both")
+	f.streamModes = fs.String("stream-modes", "none,s2,s2+deltas,zstd+deltas", "wire-guest only: the stream `modes` to boot the guest in: none, s2 or zstd, each with or without +deltas (comma-separated)")
+	f.workloads = fs.String("workloads", strings.Join(bench.WireGuestWorkloads, ","), "wire-guest only: the `workloads` to run in each guest (comma-separated)")
+	durationVar(fs, &f.window, "window", 0, bench.CheckWireWindow, "wire-guest only: how long each workload's counters are read apart, a `duration` (default 10s; --quick: 5s)")
 	fs.Var(&f.merge, "merge", "failover-guest only: merge the results `DIR` of an earlier run into one report instead of running trials (repeatable)")
 	return f
 }
@@ -113,7 +132,7 @@ func cmdBench(args []string) error {
 	}
 	suites := f.fs.Args()
 	if len(f.merge) > 0 {
-		if err := refuseUnused(f.fs, "with --merge, which runs no trial", "runs", "quick", "guest", "mem", "modes", "witness"); err != nil {
+		if err := refuseUnused(f.fs, "with --merge, which runs no trial", "runs", "quick", "guest", "mem", "modes", "witness", "stream-modes", "workloads", "window"); err != nil {
 			return err
 		}
 		return mergeBench(f.merge, suites, *f.out, args)
@@ -174,6 +193,19 @@ func (f *benchFlags) options(suites []string) (bench.Options, error) {
 			return bench.Options{}, err
 		}
 	}
+	if !slices.Contains(suites, "wire-guest") {
+		if err := refuseUnused(f.fs, "without the wire-guest suite, the only one that uses it", "stream-modes", "workloads", "window"); err != nil {
+			return bench.Options{}, err
+		}
+	}
+	streamModes, err := bench.ParseStreamModes(*f.streamModes)
+	if err != nil {
+		return bench.Options{}, usagef("bench", "--stream-modes %s: %v", showArg(*f.streamModes), err)
+	}
+	workloads, err := bench.ParseWorkloads(*f.workloads)
+	if err != nil {
+		return bench.Options{}, usagef("bench", "--workloads %s: %v", showArg(*f.workloads), err)
+	}
 	failModes := strings.Split(*f.modes, ",")
 	for _, m := range failModes {
 		if m != bench.FailKill && m != bench.FailStop {
@@ -194,13 +226,14 @@ func (f *benchFlags) options(suites []string) (bench.Options, error) {
 		return bench.Options{}, err
 	}
 	return bench.Options{Quick: *f.quick, Runs: *f.runs, Out: out, Govmm: self, Log: os.Stderr,
-		Boot: bench.BootConfig{Govmm: self, Guest: *f.guest, MemMiB: int(mem >> 20)}, Modes: failModes, Witness: witnessModes}, nil
+		Boot: bench.BootConfig{Govmm: self, Guest: *f.guest, MemMiB: int(mem >> 20)}, Modes: failModes, Witness: witnessModes,
+		StreamModes: streamModes, Workloads: workloads, Window: f.window}, nil
 }
 
 // guestImage puts the default guest image into opts, building it only
 // where a suite will boot it.
 func (f *benchFlags) guestImage(opts *bench.Options, suites []string) error {
-	if slices.Contains(suites, "failover-guest") || slices.Contains(suites, "overhead-guest") {
+	if slices.Contains(suites, "failover-guest") || slices.Contains(suites, "overhead-guest") || slices.Contains(suites, "wire-guest") {
 		img, err := defaultImage()
 		if err != nil {
 			return err

@@ -77,6 +77,7 @@ func TestCLIUsageErrors(t *testing.T) {
 		{"unknown ctl flag", []string{"ctl", "info", "--yaml"}, "govmm: ctl info: flag provided but not defined: --yaml (see 'govmm help ctl info')"},
 
 		// The flag and the unit the user typed.
+		{"dirty tracking", []string{"run", "--dirty-tracking", "fast"}, "govmm: run: --dirty-tracking fast: want auto or bitmap or ring (see 'govmm help run')"},
 		{"cpus 0", []string{"run", "--cpus", "0"}, "govmm: run: --cpus 0: want a number of vCPUs from 1 to 32 (see 'govmm help run')"},
 		{"cpus 33", []string{"run", "--cpus", "33"}, "govmm: run: --cpus 33: want a number of vCPUs from 1 to 32 (see 'govmm help run')"},
 		{"cpus two", []string{"run", "--cpus", "two"}, "govmm: run: --cpus two: want a number of vCPUs from 1 to 32 (see 'govmm help run')"},
@@ -86,6 +87,11 @@ func TestCLIUsageErrors(t *testing.T) {
 		{"mem not a size", []string{"run", "--mem", "lots"}, "govmm: run: --mem lots: not a size (e.g. 256M or 2G; a bare number is MiB) (see 'govmm help run')"},
 		{"bench mem as run's", []string{"bench", "--mem", "1", "boot"}, "govmm: bench: --mem 1: 1 MiB is below the minimum of 32 MiB (see 'govmm help bench')"},
 		{"bench mem not a size", []string{"bench", "--mem", "256Q", "boot"}, "govmm: bench: --mem 256Q: not a size (e.g. 256M or 2G; a bare number is MiB) (see 'govmm help bench')"},
+		{"bench stream mode", []string{"bench", "--stream-modes", "none,lz4", "wire-guest"}, `govmm: bench: --stream-modes none,lz4: unknown stream mode "lz4" (none, s2, zstd, each with or without +deltas) (see 'govmm help bench')`},
+		{"bench stream mode twice", []string{"bench", "--stream-modes", "s2+deltas,s2+deltas", "wire-guest"}, `govmm: bench: --stream-modes s2+deltas,s2+deltas: stream mode "s2+deltas" given twice (see 'govmm help bench')`},
+		{"bench workload", []string{"bench", "--workloads", "build", "wire-guest"}, `govmm: bench: --workloads build: unknown workload "build" (demo, untar, compress) (see 'govmm help bench')`},
+		{"bench window", []string{"bench", "--window", "500ms", "wire-guest"}, "govmm: bench: --window 500ms: want 1s to 10m0s (see 'govmm help bench')"},
+		{"bench stream modes without wire-guest", []string{"bench", "--stream-modes", "s2", "checkpoint"}, "govmm: bench: --stream-modes does not apply without the wire-guest suite, the only one that uses it (see 'govmm help bench')"},
 
 		// Values only the command line can be wrong about.
 		{"stray argument", append(tiny, "nproc"), `govmm: run: unexpected argument "nproc" (put the guest command after --) (see 'govmm help run')`},
@@ -129,7 +135,7 @@ func TestCLIUsageErrors(t *testing.T) {
 		{"lab needed with a command", []string{"lab", "--needed", "--", "true"}, "govmm: lab: --needed takes no command (see 'govmm help lab')"},
 		{"lab needed with a flag it ignores", []string{"lab", "--needed", "--mem", "4G"}, "govmm: lab: --mem does not apply with --needed, which runs no command (see 'govmm help lab')"},
 		{"lab hold-kvm with a flag it ignores", []string{"lab", "--hold-kvm", "--share", "/tmp"}, "govmm: lab: --share does not apply with --hold-kvm, which runs no command (see 'govmm help lab')"},
-		{"bench unknown suite", []string{"bench", "frobnicate"}, `govmm: bench: unknown suite "frobnicate" (boot, checkpoint, migration, failover, fencing, overhead, failover-guest, overhead-guest) (see 'govmm help bench')`},
+		{"bench unknown suite", []string{"bench", "frobnicate"}, `govmm: bench: unknown suite "frobnicate" (boot, checkpoint, migration, failover, fencing, overhead, failover-guest, overhead-guest, wire-guest) (see 'govmm help bench')`},
 		{"version with argument", []string{"version", "now"}, `govmm: version: unexpected argument "now" (see 'govmm help version')`},
 		{"unknown command", []string{"frobnicate"}, `govmm: unknown command "frobnicate" (see 'govmm help')`},
 		{"help of unknown command", []string{"help", "frobnicate"}, `govmm: help: unknown command "frobnicate" (see 'govmm help')`},

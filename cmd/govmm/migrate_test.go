@@ -16,7 +16,8 @@ import (
 // govmm ctl migrate moves a running guest to a govmm standby over an
 // authenticated stream; the source exits, the guest's counter goes on at
 // the destination. A standby with another key is refused and the source
-// keeps the guest.
+// keeps the guest. The source tracks dirty pages with the dirty ring, the
+// standbys with the default: tracking is local to each end.
 func TestCtlMigrate(t *testing.T) {
 	kvmtest.Require(t)
 	dir := t.TempDir()
@@ -31,7 +32,7 @@ func TestCtlMigrate(t *testing.T) {
 	}
 	src := filepath.Join(dir, "src.sock")
 	srcCmd := startVM(t, "run", "--kernel", kernel, "--initrd", initrd, "--mem", "64M", "--cpus", "2",
-		"--net", "none", "--api-sock", src, "--key-file", key)
+		"--net", "none", "--api-sock", src, "--key-file", key, "--dirty-tracking", "ring")
 	waitSocket(t, src)
 
 	// A stranger: the standby holds another key.

@@ -76,7 +76,7 @@ func cmdRestore(args []string) error {
 	if err != nil {
 		return err
 	}
-	m, devs, err := newMachine(vmm.Config{MemSize: st.Memory.MemSize, CPUs: st.Memory.CPUs}, &f, nics, disks)
+	m, devs, err := newMachine(vmm.Config{MemSize: st.Memory.MemSize, CPUs: st.Memory.CPUs, DirtyTracking: f.dirtyTracking}, &f, nics, disks)
 	if err != nil {
 		return err
 	}

@@ -78,7 +78,8 @@ type runFlags struct {
 	apiSockDefault          string // how to choose another when apiSock is defaultAPISock's
 	metricsListen           string // HOST:PORT
 	keyFile                 string
-	startPaused             bool // restore --paused
+	startPaused             bool   // restore --paused
+	dirtyTracking           string // vmm.Config.DirtyTracking
 
 	replicateTo     string // HOST:PORT
 	epoch           time.Duration
@@ -157,6 +158,9 @@ func (f *runFlags) registerDevices(fs *flag.FlagSet) {
 	fs.StringVar(&f.mac, "mac", "", "guest MAC address (default: derived from --name)")
 	fs.Var(&f.publish, "publish", "forward host TCP `[HOSTIP:]HOSTPORT:GUESTPORT` into the guest (--net user; repeatable)")
 	fs.Var(&f.disks, "disk", "raw disk image `PATH[,ro]` as a virtio-blk device (repeatable)")
+	f.dirtyTracking = vmm.DirtyAuto
+	fs.Var(choiceFlag{&f.dirtyTracking, []string{vmm.DirtyAuto, vmm.DirtyBitmap, vmm.DirtyRing}}, "dirty-tracking",
+		"how KVM reports the pages the guest writes, for replication and migration (local to this end): bitmap (per memory slot), ring (per vCPU; an error where KVM lacks it) or auto (the bitmap, which wins on the hosts measured: govmm bench checkpoint)")
 	fs.BoolVar(&f.noIOEventFD, "no-ioeventfd", false, "take queue notifications through MMIO exits instead of ioeventfd (for benchmarks)")
 }
 
@@ -252,7 +256,8 @@ func cmdRun(args []string) error {
 		cmdline += " " + f.cmdline
 	}
 
-	m, devs, err := newMachine(vmm.Config{MemSize: mem, CPUs: f.cpus, Kernel: kernel, Initrd: initrd, Cmdline: cmdline}, &f, nics, disks)
+	m, devs, err := newMachine(vmm.Config{MemSize: mem, CPUs: f.cpus, Kernel: kernel, Initrd: initrd, Cmdline: cmdline,
+		DirtyTracking: f.dirtyTracking}, &f, nics, disks)
 	if err != nil {
 		if lease != nil {
 			lease.Close()

@@ -174,7 +174,7 @@ func (r *replicas) build(id stream.Identity) (replicate.Replica, error) {
 	if err != nil {
 		return replicate.Replica{}, err
 	}
-	m, d, err := newMachine(vmm.Config{MemSize: replicate.MemSize(id), CPUs: int(id.VCPUs)}, r.f, nics, disks)
+	m, d, err := newMachine(vmm.Config{MemSize: replicate.MemSize(id), CPUs: int(id.VCPUs), DirtyTracking: r.f.dirtyTracking}, r.f, nics, disks)
 	if err != nil {
 		return replicate.Replica{}, err
 	}

@@ -25,7 +25,7 @@ struct kv kvs[] = {
 	S(kvm_ioeventfd), S(kvm_msi),
 	S(kvm_enable_cap), S(kvm_run), S(kvm_msr_filter), S(kvm_msr_filter_range),
 	S(kvm_stats_header), S(kvm_stats_desc),
-	S(kvm_pic_state), S(kvm_ioapic_state),
+	S(kvm_pic_state), S(kvm_ioapic_state), S(kvm_dirty_gfn),
 
 	O(kvm_regs, rip), O(kvm_regs, rflags),
 	O(kvm_segment, selector), O(kvm_segment, type), O(kvm_segment, unusable),
@@ -51,6 +51,7 @@ struct kv kvs[] = {
 	O(kvm_ioeventfd, len), O(kvm_ioeventfd, fd), O(kvm_ioeventfd, flags),
 	O(kvm_msi, devid),
 	O(kvm_enable_cap, args),
+	O(kvm_dirty_gfn, slot), O(kvm_dirty_gfn, offset),
 	O(kvm_msr_filter, ranges), O(kvm_msr_filter_range, base), O(kvm_msr_filter_range, bitmap),
 	O(kvm_stats_header, data_offset), O(kvm_stats_desc, offset), O(kvm_stats_desc, bucket_size),
 	O(kvm_stats_desc, name),
@@ -74,11 +75,11 @@ struct kv kvs[] = {
 	I(KVM_SET_LAPIC), I(KVM_SET_CPUID2), I(KVM_GET_MP_STATE), I(KVM_SET_MP_STATE),
 	I(KVM_GET_VCPU_EVENTS), I(KVM_SET_VCPU_EVENTS), I(KVM_GET_DEBUGREGS), I(KVM_SET_DEBUGREGS),
 	I(KVM_GET_XSAVE), I(KVM_SET_XSAVE), I(KVM_GET_XCRS), I(KVM_SET_XCRS),
-	I(KVM_GET_TSC_KHZ), I(KVM_SET_TSC_KHZ), I(KVM_GET_XSAVE2),
+	I(KVM_GET_TSC_KHZ), I(KVM_SET_TSC_KHZ), I(KVM_GET_XSAVE2), I(KVM_RESET_DIRTY_RINGS),
 
 	I(KVM_EXIT_IO), I(KVM_EXIT_MMIO), I(KVM_EXIT_SHUTDOWN), I(KVM_EXIT_FAIL_ENTRY),
 	I(KVM_EXIT_INTERNAL_ERROR), I(KVM_EXIT_SYSTEM_EVENT), I(KVM_EXIT_HLT), I(KVM_EXIT_INTR),
-	I(KVM_EXIT_IO_IN), I(KVM_EXIT_IO_OUT),
+	I(KVM_EXIT_IO_IN), I(KVM_EXIT_IO_OUT), I(KVM_EXIT_DIRTY_RING_FULL),
 	I(KVM_MEM_LOG_DIRTY_PAGES),
 	I(KVM_CAP_XSAVE2), I(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2),
 	I(KVM_CAP_IMMEDIATE_EXIT), I(KVM_CAP_IOEVENTFD), I(KVM_CAP_SIGNAL_MSI),
@@ -87,6 +88,8 @@ struct kv kvs[] = {
 	I(KVM_CLOCK_TSC_STABLE), I(KVM_CLOCK_REALTIME), I(KVM_CLOCK_HOST_TSC),
 	I(KVM_CAP_X86_MSR_FILTER), I(KVM_CAP_PMU_CAPABILITY), I(KVM_PMU_CAP_DISABLE),
 	I(KVM_MSR_FILTER_DEFAULT_ALLOW), I(KVM_MSR_FILTER_DEFAULT_DENY), I(KVM_MSR_FILTER_READ), I(KVM_MSR_FILTER_WRITE),
+	I(KVM_CAP_DIRTY_LOG_RING), I(KVM_CAP_DIRTY_LOG_RING_ACQ_REL), I(KVM_DIRTY_LOG_PAGE_OFFSET),
+	I(KVM_DIRTY_GFN_F_DIRTY), I(KVM_DIRTY_GFN_F_RESET),
 	{ 0, 0 },
 };
 */

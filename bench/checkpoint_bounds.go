@@ -1,0 +1,176 @@
+package bench
+
+import (
+	"context"
+	"io"
+	"math"
+	"net"
+	"sort"
+	"time"
+
+	"govmm/vmm/guestmem"
+)
+
+// measureBounds times, for each page count, copying that many pages with
+// copy() into a warm buffer (memcpyBounds), and sending that many bytes
+// over a loopback TCP connection until a one-byte ack comes back
+// (loopbackBounds): the two lower bounds the report compares against.
+func measureBounds(ctx context.Context, counts []int, reps int) ([]BoundSample, error) {
+	maxN := maxInt(counts)
+	src := make([]byte, maxN*guestmem.PageSize)
+	for i := range src {
+		src[i] = byte(i)
+	}
+	out := memcpyBounds(src, counts, reps)
+	lb, err := loopbackBounds(ctx, src, counts, reps)
+	return append(out, lb...), err
+}
+
+// memcpyBounds copies n pages of src one at a time into a warm buffer,
+// reps times per count.
+func memcpyBounds(src []byte, counts []int, reps int) []BoundSample {
+	dst := make([]byte, len(src))
+	copy(dst, src) // both warm
+	var out []BoundSample
+	for _, n := range counts {
+		for r := 0; r < reps; r++ {
+			t0 := time.Now()
+			for p := 0; p < n; p++ {
+				off := p * guestmem.PageSize
+				copy(dst[off:off+guestmem.PageSize], src[off:off+guestmem.PageSize])
+			}
+			out = append(out, BoundSample{Kind: "memcpy", Pages: n, Time: time.Since(t0)})
+		}
+	}
+	return out
+}
+
+// loopbackBounds writes a length and n pages of src on a loopback TCP
+// connection and waits for the receiver's one-byte ack, reps times per
+// count after one that warms the socket buffers.
+func loopbackBounds(ctx context.Context, src []byte, counts []int, reps int) ([]BoundSample, error) {
+	tx, rx, err := loopbackPair(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer tx.Close()
+	defer rx.Close()
+	go ackEach(rx)
+	var out []BoundSample
+	ack := make([]byte, 1)
+	hdr := make([]byte, 8)
+	for _, n := range counts {
+		size := n * guestmem.PageSize
+		for r := 0; r < reps+1; r++ {
+			putLeUint64(hdr, uint64(size))
+			t0 := time.Now()
+			if _, err := tx.Write(hdr); err != nil {
+				return out, err
+			}
+			if _, err := tx.Write(src[:size]); err != nil {
+				return out, err
+			}
+			if _, err := io.ReadFull(tx, ack); err != nil {
+				return out, err
+			}
+			if r > 0 {
+				out = append(out, BoundSample{Kind: "loopback", Pages: n, Time: time.Since(t0)})
+			}
+		}
+	}
+	return out, nil
+}
+
+// loopbackPair is both ends of one loopback TCP connection.
+func loopbackPair(ctx context.Context) (tx, rx net.Conn, err error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, nil, err
+	}
+	defer ln.Close()
+	type conn struct {
+		c   net.Conn
+		err error
+	}
+	accepted := make(chan conn, 1)
+	go func() {
+		c, err := ln.Accept()
+		accepted <- conn{c, err}
+	}()
+	var d net.Dialer
+	if tx, err = d.DialContext(ctx, "tcp", ln.Addr().String()); err != nil {
+		return nil, nil, err
+	}
+	a := <-accepted
+	if a.err != nil {
+		tx.Close()
+		return nil, nil, a.err
+	}
+	return tx, a.c, nil
+}
+
+// ackEach reads a length, then that many bytes, then acks with one byte,
+// until the connection closes.
+func ackEach(rx net.Conn) {
+	buf := make([]byte, 1<<20)
+	hdr := make([]byte, 8)
+	for {
+		if _, err := io.ReadFull(rx, hdr); err != nil {
+			return
+		}
+		left := int(leUint64(hdr))
+		for left > 0 {
+			k, err := rx.Read(buf[:min(left, len(buf))])
+			if err != nil {
+				return
+			}
+			left -= k
+		}
+		if _, err := rx.Write([]byte{1}); err != nil {
+			return
+		}
+	}
+}
+
+// boundAt is the median time of kind for n pages, interpolated
+// log-linearly between measured counts.
+func boundAt(bounds []BoundSample, kind string, n float64) float64 {
+	by := map[int][]float64{}
+	for _, b := range bounds {
+		if b.Kind == kind {
+			by[b.Pages] = append(by[b.Pages], usOf(b.Time))
+		}
+	}
+	var counts []int
+	for c := range by {
+		counts = append(counts, c)
+	}
+	sort.Ints(counts)
+	if len(counts) == 0 || n <= 0 {
+		return math.NaN()
+	}
+	med := func(c int) float64 { return Summarize(by[c]).Median }
+	if n <= float64(counts[0]) {
+		return med(counts[0]) * n / float64(counts[0])
+	}
+	for i := 1; i < len(counts); i++ {
+		lo, hi := float64(counts[i-1]), float64(counts[i])
+		if n <= hi {
+			f := (n - lo) / (hi - lo)
+			return med(counts[i-1]) + f*(med(counts[i])-med(counts[i-1]))
+		}
+	}
+	last := counts[len(counts)-1]
+	return med(last) * n / float64(last)
+}
+
+// boundMedian is the median time of kind measured at exactly n pages.
+func boundMedian(bounds []BoundSample, kind string, n int) float64 {
+	var xs []float64
+	for _, b := range bounds {
+		if b.Kind == kind && b.Pages == n {
+			xs = append(xs, usOf(b.Time))
+		}
+	}
+	return Summarize(xs).Median
+}

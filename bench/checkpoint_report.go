@@ -1,0 +1,223 @@
+package bench
+
+import (
+	"fmt"
+	"sort"
+	"strings"
+	"time"
+
+	"govmm/replicate"
+	"govmm/replicate/stream"
+)
+
+// sampleGroup is the epochs of one replication run.
+type sampleGroup struct {
+	nominal                                        int
+	epoch                                          time.Duration
+	n                                              int
+	dirty, pause, stop, harvest, copy, state, rest Summary
+	ack, length, bpp                               Summary
+	copyMode                                       string
+	comp                                           StreamMode
+	content                                        string
+}
+
+// groupKey identifies one replication run among the samples.
+type groupKey struct {
+	n       int
+	e       time.Duration
+	copy    string
+	comp    StreamMode
+	content string
+}
+
+// groupSamples groups the samples by run, in the order the runs came.
+func groupSamples(samples []CheckpointSample) []sampleGroup {
+	var keys []groupKey
+	by := map[groupKey][]CheckpointSample{}
+	for _, s := range samples {
+		k := groupKey{s.Nominal, s.Epoch, s.Copy, s.Mode, s.Content}
+		if _, ok := by[k]; !ok {
+			keys = append(keys, k)
+		}
+		by[k] = append(by[k], s)
+	}
+	var out []sampleGroup
+	for _, k := range keys {
+		out = append(out, summarizeGroup(k, by[k]))
+	}
+	return out
+}
+
+// summarizeGroup is the order statistics of one run's epochs.
+func summarizeGroup(k groupKey, ss []CheckpointSample) sampleGroup {
+	var dirty, pause, stop, harvest, cp, state, rest, ack, length, bpp []float64
+	for _, s := range ss {
+		es := s.Stats
+		dirty = append(dirty, float64(es.DirtyPages))
+		pause = append(pause, usOf(es.Pause))
+		stop = append(stop, usOf(es.Stop))
+		harvest = append(harvest, usOf(es.Harvest))
+		cp = append(cp, usOf(es.Copy))
+		state = append(state, usOf(es.State))
+		rest = append(rest, usOf(restOf(es)))
+		if es.AckTime > 0 {
+			ack = append(ack, usOf(es.AckTime))
+		}
+		length = append(length, msOf(es.Length))
+		if es.DirtyPages > 0 {
+			bpp = append(bpp, bytesPerPage(es))
+		}
+	}
+	return sampleGroup{nominal: k.n, epoch: k.e, n: len(ss), dirty: Summarize(dirty), pause: Summarize(pause),
+		stop: Summarize(stop), harvest: Summarize(harvest), copy: Summarize(cp), state: Summarize(state), rest: Summarize(rest),
+		ack: Summarize(ack), length: Summarize(length), bpp: Summarize(bpp), copyMode: k.copy, comp: k.comp, content: k.content}
+}
+
+// restOf is what the pause spent outside the steps EpochStats times:
+// resuming the vCPUs.
+func restOf(es replicate.EpochStats) time.Duration {
+	return es.Pause - es.Stop - es.Harvest - es.Copy - es.State
+}
+
+// Report renders the checkpoint section of report.md.
+func (r *CheckpointResult) Report() string {
+	var b strings.Builder
+	r.reportIntro(&b)
+	r.reportRuns(&b)
+	r.reportCompress(&b)
+	r.reportHarvest(&b)
+	r.reportBounds(&b)
+	return b.String()
+}
+
+func (r *CheckpointResult) reportIntro(b *strings.Builder) {
+	fmt.Fprintf(b, "%s\n\nGuest: one vCPU running `tinyguest.Dirtier` over the working set (guest RAM sized to hold it: 64 MiB up to 512 MiB), "+
+		"replicated with `replicate.StartReplication` to an in-process standby over loopback TCP, %d warm-up epochs dropped, then %d epochs kept per run. "+
+		"Raw data: `checkpoint.csv` (one row per epoch), `checkpoint_harvest.csv`, `checkpoint_bounds.csv`, `checkpoint_compress.csv`; plots `checkpoint_pause.png` (pause and ack against dirty pages, per copy mode), "+
+		"`checkpoint_breakdown.png` (each step's median against the dirty pages), `checkpoint_stream.png` (wire bytes per dirty page and time to ack per stream mode), `checkpoint_harvest.png` (harvest alone, per tracking mode); all log–log.\n\n",
+		platform(), r.Config.Warmup, r.Config.Epochs)
+	b.WriteString("Step names are replicate's `EpochStats`: *stop* is pausing the vCPUs and quiescing the devices; *harvest* takes the dirty set alone (KVM's log and the VMM's own bitmap) with the guest already stopped; " +
+		"*copy* is copying the dirty pages into the staging buffer (one buffer, reused from epoch to epoch); *state* is SaveState + marshal, the epoch's disk writes and sealing its output; *rest* = pause − the four, i.e. resuming the vCPUs. " +
+		"*Ack* runs from the resume to the standby's ack (streaming the staging buffer, applying it, acking).\n\n")
+	fmt.Fprintf(b, "Each working set runs once per copy mode (*stop*: stop-and-copy; *cow*: copy-on-write; this run: %s), per page content (*sparse*: the Dirtier's one byte per page over zeroes; *binary*: the same writes over pages holding a copy of this program's executable, x86 code and data) "+
+		"and per stream mode (`--stream-compress`, `+deltas` for `--stream-deltas`), side by side in this run. *Wire B/page* is the checkpoint's bytes on the wire (pages, state, frame headers, AES-GCM tags) per dirty page, *× none* that against the same content uncompressed.\n\n",
+		strings.Join(r.Config.Copies, ", "))
+}
+
+func (r *CheckpointResult) reportRuns(b *strings.Builder) {
+	b.WriteString("| working set | copy | content | stream | epoch | epochs | dirty pages/epoch median (p25–p75) | wire B/page median | × none | pause median µs (p25–p75) | stop µs | harvest µs | copy µs | state µs | rest µs | ack median µs (p25–p75) | actual epoch length ms | memcpy bound µs | loopback bound µs | pause / memcpy | ack / loopback |\n")
+	b.WriteString("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+	groups := groupSamples(r.Samples)
+	rawBPP := map[string]float64{}
+	for _, g := range groups {
+		if g.comp == (StreamMode{Compression: stream.CompressNone}) {
+			rawBPP[fmt.Sprint(g.nominal, g.copyMode, g.content)] = g.bpp.Median
+		}
+	}
+	for _, g := range groups {
+		mc := boundAt(r.Bounds, "memcpy", g.dirty.Median)
+		lb := boundAt(r.Bounds, "loopback", g.dirty.Median)
+		fmt.Fprintf(b, "| %d | %s | %s | %v | %v | %d | %.0f (%.0f–%.0f) | %.0f | %.3f | %.0f (%.0f–%.0f) | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f (%.0f–%.0f) | %.1f | %.0f | %.0f | %.1f× | %.1f× |\n",
+			g.nominal, g.copyMode, g.content, g.comp, g.epoch, g.n, g.dirty.Median, g.dirty.P25, g.dirty.P75,
+			g.bpp.Median, g.bpp.Median/rawBPP[fmt.Sprint(g.nominal, g.copyMode, g.content)],
+			g.pause.Median, g.pause.P25, g.pause.P75, g.stop.Median, g.harvest.Median, g.copy.Median, g.state.Median, g.rest.Median,
+			g.ack.Median, g.ack.P25, g.ack.P75, g.length.Median, mc, lb, g.pause.Median/mc, g.ack.Median/lb)
+	}
+}
+
+func (r *CheckpointResult) reportCompress(b *strings.Builder) {
+	if len(r.Compress) == 0 {
+		return
+	}
+	b.WriteString("\nThe sender's page codec alone (`checkpoint_compress.csv`): one epoch of the largest working set, its page sections built and compressed on one core as the sender does (best of three), " +
+		"beside the stream's sealing (AES-256-GCM), which follows it on the same goroutine.\n\n")
+	b.WriteString("| content | compression | pages | section MB | wire MB | ratio | MB/s per core (of section bytes) | ms per epoch |\n|---|---|---|---|---|---|---|---|\n")
+	for _, c := range r.Compress {
+		fmt.Fprintf(b, "| %s | %v | %d | %.1f | %.1f | %.3f | %.0f | %.1f |\n", c.Content, c.Compression, c.Pages, float64(c.In)/1e6, float64(c.Out)/1e6,
+			float64(c.Out)/float64(c.In), float64(c.In)/c.Time.Seconds()/1e6, msOf(c.Time))
+	}
+}
+
+// harvestKey is one harvest run: tracking mode and dirty set.
+type harvestKey struct {
+	tracking string
+	n        int
+}
+
+// groupHarvests groups the harvest samples by run, in the order the runs
+// came, with the runs that stopped early apart.
+func groupHarvests(hs []HarvestSample) (keys []harvestKey, by map[harvestKey][]HarvestSample, failed map[harvestKey]string) {
+	by, failed = map[harvestKey][]HarvestSample{}, map[harvestKey]string{}
+	for _, s := range hs {
+		k := harvestKey{s.Tracking, s.Nominal}
+		if _, ok := by[k]; !ok {
+			if _, ok := failed[k]; !ok {
+				keys = append(keys, k)
+			}
+		}
+		if s.Err != "" {
+			failed[k] = s.Err
+			continue
+		}
+		by[k] = append(by[k], s)
+	}
+	return keys, by, failed
+}
+
+func (r *CheckpointResult) reportHarvest(b *strings.Builder) {
+	if len(r.Harvests) == 0 {
+		return
+	}
+	b.WriteString("\nThe dirty-log harvest alone (`checkpoint_harvest.csv`), per tracking mode (`--dirty-tracking`): a one-vCPU guest writes exactly its working set once (a gated Dirtier: each pass waits for the VMM), " +
+		"then the vCPU is paused, one `dirtylog.Tracker.Harvest` runs (bitmap: KVM_GET_DIRTY_LOG + KVM_CLEAR_DIRTY_LOG per slot; ring: collect each vCPU's ring + KVM_RESET_DIRTY_RINGS; both OR in the VMM's own bitmap), and the vCPU resumed, each timed apart. " +
+		"The ring has 64k entries per vCPU (KVM's limit); *ring overflowed* means KVM wrote past entries not yet collected instead of stopping the vCPU (kvm_pvm does so), which the machine reports as an error.\n\n")
+	b.WriteString("| dirty pages | tracking | cycles | harvest µs median (p25–p75) | harvest / bitmap | memcpy bound µs | vCPU pause µs median | vCPU resume µs median |\n|---|---|---|---|---|---|---|---|\n")
+	keys, by, failed := groupHarvests(r.Harvests)
+	bitmap := map[int]float64{}
+	for _, k := range keys {
+		if k.tracking == "bitmap" {
+			bitmap[k.n] = harvestMedian(by[k])
+		}
+	}
+	for _, k := range keys {
+		if why, ok := failed[k]; ok && len(by[k]) == 0 {
+			fmt.Fprintf(b, "| %d | %s | 0 | %s | | %.0f | | |\n", k.n, k.tracking, why, boundMedian(r.Bounds, "memcpy", k.n))
+			continue
+		}
+		var h, p, rs []float64
+		for _, s := range by[k] {
+			h, p, rs = append(h, usOf(s.Harvest)), append(p, usOf(s.Pause)), append(rs, usOf(s.Resu))
+		}
+		sh := Summarize(h)
+		fmt.Fprintf(b, "| %d | %s | %d | %.1f (%.1f–%.1f) | %.2f× | %.0f | %.0f | %.0f |\n", k.n, k.tracking, len(h), sh.Median, sh.P25, sh.P75,
+			sh.Median/bitmap[k.n], boundMedian(r.Bounds, "memcpy", k.n), Summarize(p).Median, Summarize(rs).Median)
+	}
+}
+
+// harvestMedian is the median harvest time of samples, in µs.
+func harvestMedian(samples []HarvestSample) float64 {
+	var h []float64
+	for _, s := range samples {
+		h = append(h, usOf(s.Harvest))
+	}
+	return Summarize(h).Median
+}
+
+func (r *CheckpointResult) reportBounds(b *strings.Builder) {
+	b.WriteString("\nBounds (`checkpoint_bounds.csv`, median of repeated runs): *memcpy* copies N pages one at a time with `copy()` into a warm buffer; " +
+		"*loopback* writes N×4096 bytes on a loopback TCP connection and waits for a one-byte ack. Bound columns above are interpolated at the run's measured median dirty count.\n\n")
+	b.WriteString("| pages | memcpy µs | loopback µs |\n|---|---|---|\n")
+	byN := map[int]bool{}
+	var ns []int
+	for _, x := range r.Bounds {
+		if !byN[x.Pages] {
+			byN[x.Pages] = true
+			ns = append(ns, x.Pages)
+		}
+	}
+	sort.Ints(ns)
+	for _, n := range ns {
+		fmt.Fprintf(b, "| %d | %.1f | %.1f |\n", n, boundMedian(r.Bounds, "memcpy", n), boundMedian(r.Bounds, "loopback", n))
+	}
+}

@@ -1,0 +1,139 @@
+package bench
+
+import (
+	"context"
+	"fmt"
+	"math"
+	"os"
+	"time"
+
+	"govmm/replicate"
+	"govmm/vmm"
+	"govmm/vmm/guestmem"
+)
+
+// replicationRun is one replication run of the checkpoint suite.
+type replicationRun struct {
+	pages   int
+	epoch   time.Duration
+	copy    string
+	mode    StreamMode
+	content string
+}
+
+func (r replicationRun) String() string {
+	return fmt.Sprintf("%6d %s pages, epoch %v, copy %s, stream %v", r.pages, r.content, r.epoch, r.copy, r.mode)
+}
+
+// checkpointCopies are the copy modes this build can run. Copy-on-write
+// checkpoints (replicate.ReplicateConfig.Copy) are not in this branch
+// yet, so the copy dimension holds stop-and-copy only; setCopy is the
+// one place that changes when they arrive.
+func checkpointCopies() []string { return []string{CopyStop} }
+
+// setCopy asks rc for copy mode cp.
+func setCopy(rc *replicate.ReplicateConfig, cp string) error {
+	if cp != CopyStop {
+		return fmt.Errorf("copy mode %q: this build has stop-and-copy checkpoints only", cp)
+	}
+	return nil
+}
+
+// checkpointRun replicates one guest for warm-up plus cfg.Epochs epochs
+// and returns the epochs kept.
+func checkpointRun(ctx context.Context, cfg CheckpointConfig, r replicationRun) ([]CheckpointSample, error) {
+	m, err := startDirtier(ctx, r.pages, r.content)
+	if err != nil {
+		return nil, err
+	}
+	defer m.Close()
+	sb, err := startStandbyWith(ctx, nil, r.mode.Deltas)
+	if err != nil {
+		return nil, err
+	}
+	defer sb.stop()
+	rc := replicate.ReplicateConfig{To: sb.addr, Insecure: true, Name: "bench", Epoch: r.epoch,
+		FailoverTimeout: 10 * time.Second, Compression: r.mode.Compression, Deltas: r.mode.Deltas, Logger: quietLogger()}
+	if err := setCopy(&rc, r.copy); err != nil {
+		return nil, err
+	}
+	rep, err := replicate.StartReplication(ctx, m, rc)
+	if err != nil {
+		return nil, err
+	}
+	defer rep.Stop()
+	want := uint64(cfg.Warmup + cfg.Epochs)
+	// One more, so the last kept has its ack.
+	if err := waitEpochs(ctx, rep, want+1, time.Duration(want)*r.epoch*4+2*time.Minute); err != nil {
+		return nil, err
+	}
+	time.Sleep(r.epoch) // acks in flight arrive
+	recent := rep.Recent()
+	var out []CheckpointSample
+	for _, es := range recent {
+		if len(out) == cfg.Epochs {
+			break
+		}
+		if es.Epoch <= recent[0].Epoch+uint64(cfg.Warmup)-1 {
+			continue
+		}
+		out = append(out, CheckpointSample{Nominal: r.pages, Epoch: r.epoch, Copy: r.copy, Mode: r.mode, Content: r.content, Stats: es})
+	}
+	return out, nil
+}
+
+// startDirtier builds and starts the Dirtier over pages pages holding
+// content, and waits for its first pass.
+func startDirtier(ctx context.Context, pages int, content string) (*vmm.Machine, error) {
+	m, err := newTinyMachine(pages, memFor(pages))
+	if err != nil {
+		return nil, err
+	}
+	if content == ContentBinary {
+		ws, err := m.Memory().Slice(dirtyBase, uint64(pages)*guestmem.PageSize)
+		if err == nil {
+			err = fillBinary(ws)
+		}
+		if err != nil {
+			m.Close()
+			return nil, err
+		}
+	}
+	if err := m.Start(); err != nil {
+		m.Close()
+		return nil, err
+	}
+	if err := waitPasses(ctx, m, 1, time.Minute); err != nil {
+		m.Close()
+		return nil, err
+	}
+	return m, nil
+}
+
+// bytesPerPage is what one checkpoint put on the wire (pages, state,
+// framing, tags) per dirty page.
+func bytesPerPage(es replicate.EpochStats) float64 {
+	if es.DirtyPages == 0 {
+		return math.NaN()
+	}
+	return float64(es.Bytes) / float64(es.DirtyPages)
+}
+
+// fillBinary fills b with copies of this program's executable: x86 code
+// and data, page-like contents for the codecs to work on.
+func fillBinary(b []byte) error {
+	exe, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	src, err := os.ReadFile(exe)
+	if err != nil {
+		return err
+	}
+	if len(src) == 0 {
+		return fmt.Errorf("executable %s is empty", exe)
+	}
+	for off := 0; off < len(b); off += copy(b[off:], src) {
+	}
+	return nil
+}

@@ -1,0 +1,238 @@
+package bench
+
+import (
+	"fmt"
+	"math"
+	"path/filepath"
+	"strconv"
+	"strings"
+
+	"gonum.org/v1/plot"
+	"gonum.org/v1/plot/plotter"
+	"gonum.org/v1/plot/plotutil"
+	"gonum.org/v1/plot/vg"
+)
+
+// WireGuestGoal is issue 13's goal for real-guest workloads: at most this
+// many times the raw bytes per dirty page.
+const WireGuestGoal = 0.3
+
+// wireCell is one workload × mode of the report: its samples' counters
+// summed (trials pooled: a ratio of sums, not a mean of ratios).
+type wireCell struct {
+	Workload string
+	Mode     StreamMode
+	Agreed   []StreamMode // each trial's agreed mode, if any differs from Mode
+	Trials   int
+	Work     int
+	Span     float64 // seconds, summed
+	C        WireCounters
+}
+
+// cells pools the samples by workload and mode, in the configured order.
+func (r *WireGuestResult) cells() []wireCell {
+	var out []wireCell
+	for _, w := range r.Config.Workloads {
+		for _, m := range r.Config.Modes {
+			c := wireCell{Workload: w, Mode: m}
+			for _, s := range r.Samples {
+				if s.Workload != w || s.Mode != m {
+					continue
+				}
+				c.Trials++
+				c.Work += s.Work
+				c.Span += s.Span.Seconds()
+				c.C = c.C.Add(s.Counters)
+				if s.Agreed != m {
+					c.Agreed = append(c.Agreed, s.Agreed)
+				}
+			}
+			if c.Trials > 0 {
+				out = append(out, c)
+			}
+		}
+	}
+	return out
+}
+
+func (r *WireGuestResult) write(dir string) error {
+	var rows [][]string
+	for _, s := range r.Samples {
+		c := s.Counters
+		rows = append(rows, []string{s.Workload, s.Mode.String(), s.Agreed.String(), strconv.Itoa(s.Trial), ftoa(s.Span.Seconds(), 3),
+			strconv.Itoa(s.Work), ftoa(c.Epochs, 0), ftoa(c.DirtyPages, 0), ftoa(c.SentPages, 0), ftoa(c.ZeroPages, 0), ftoa(c.DeltaPages, 0),
+			ftoa(c.PageBytes, 0), ftoa(c.PageWireBytes, 0), ftoa(c.CheckpointBytes, 0),
+			ftoa(c.BytesPerDirtyPage(), 1), ftoa(c.TimesRaw(), 4), ftoa(c.PageRatio(), 4)})
+	}
+	if err := writeCSV(filepath.Join(dir, "wire_guest.csv"), []string{"workload", "stream", "agreed", "trial", "window_s", "work",
+		"checkpoints", "dirty_pages", "sent_pages", "zero_pages", "delta_pages", "page_bytes", "page_wire_bytes", "checkpoint_bytes",
+		"wire_bytes_per_dirty_page", "x_raw", "page_wire_over_page_bytes"}, rows); err != nil {
+		return err
+	}
+	if len(r.Samples) == 0 {
+		return nil
+	}
+	return r.plot(filepath.Join(dir, "wire_guest.png"))
+}
+
+// plot draws wire bytes per dirty page as bars, one group per workload
+// and one bar per mode, with the raw size and the goal as lines; the
+// value axis is logarithmic where the bars span a decade.
+func (r *WireGuestResult) plot(path string) error {
+	cells := r.cells()
+	var vals [][]float64
+	for _, c := range cells {
+		vals = append(vals, []float64{c.C.BytesPerDirtyPage()})
+	}
+	vals = append(vals, []float64{RawPageBytes})
+	logY := spansDecade(vals)
+	p := plot.New()
+	p.Title.Text = "Default guest replicated: checkpoint bytes on the wire per dirty page"
+	p.Y.Label.Text = "wire bytes per dirty page"
+	p.Add(plotter.NewGrid())
+	if logY {
+		p.Y.Scale, p.Y.Tick.Marker = plot.LogScale{}, logTicks{}
+		p.Y.Label.Text += ", log scale"
+	}
+	modes := r.Config.Modes
+	lo := math.Inf(1)
+	for _, c := range cells {
+		if v := c.C.BytesPerDirtyPage(); v > 0 {
+			lo = min(lo, v)
+		}
+	}
+	lo = min(lo, WireGuestGoal*RawPageBytes)
+	// Bars are drawn as rectangles from the axis' bottom (gonum's bar
+	// charts start at zero, which a log axis cannot show).
+	bottom := 0.0
+	if logY {
+		bottom = lo / 1.5
+	}
+	width := 0.8 / float64(len(modes))
+	for i, m := range modes {
+		var bar *plotter.Polygon
+		for j, w := range r.Config.Workloads {
+			for _, c := range cells {
+				v := c.C.BytesPerDirtyPage()
+				if c.Workload != w || c.Mode != m || !(v > 0) {
+					continue
+				}
+				x := float64(j) + (float64(i)-float64(len(modes)-1)/2)*width
+				poly, err := plotter.NewPolygon(plotter.XYs{{X: x - width/2, Y: bottom}, {X: x + width/2, Y: bottom},
+					{X: x + width/2, Y: v}, {X: x - width/2, Y: v}})
+				if err != nil {
+					return err
+				}
+				poly.Color = plotutil.Color(i)
+				poly.LineStyle.Width = 0
+				p.Add(poly)
+				bar = poly
+			}
+		}
+		if bar != nil {
+			p.Legend.Add(m.String(), bar)
+		}
+	}
+	n := float64(len(r.Config.Workloads))
+	for i, l := range []struct {
+		name string
+		y    float64
+	}{{fmt.Sprintf("raw (%d B)", RawPageBytes), RawPageBytes}, {fmt.Sprintf("goal %.1f× raw", WireGuestGoal), WireGuestGoal * RawPageBytes}} {
+		line, err := plotter.NewLine(plotter.XYs{{X: -0.5, Y: l.y}, {X: n - 0.5, Y: l.y}})
+		if err != nil {
+			return err
+		}
+		line.Dashes = []vg.Length{vg.Points(4 + 2*float64(i)), vg.Points(3)}
+		p.Add(line)
+		p.Legend.Add(l.name, line)
+	}
+	p.Legend.Top = true
+	p.NominalX(r.Config.Workloads...)
+	p.X.Min, p.X.Max = -0.5, n-0.5
+	if logY {
+		p.Y.Min, p.Y.Max = bottom, RawPageBytes*4
+	} else {
+		p.Y.Min, p.Y.Max = 0, RawPageBytes*1.5
+	}
+	return savePlot(p, 8*vg.Inch, 5*vg.Inch, path)
+}
+
+// Report renders the wire-guest section of report.md.
+func (r *WireGuestResult) Report() string {
+	var b strings.Builder
+	c := r.Config
+	fmt.Fprintf(&b, "%s\n\nGuest: the default guest (256 MiB, one vCPU, a 64 MiB disk) with `--net user`, replicated by `govmm run --replicate-to` "+
+		"to a `govmm standby` over loopback at the default epoch (`--failover-timeout %v`), booted anew for each stream mode (`--stream-compress`, "+
+		"`+deltas` for `--stream-deltas` on both ends) in each of %d trial(s). In each guest the workloads run one after the other; each runs %v before "+
+		"the primary's counters (`--metrics-listen`) are read, and %v between the two reads.\n\n", platform(), c.Timeout, c.Trials, c.Warmup, c.Window)
+	b.WriteString("Workloads: *demo* is the demo service under load, " + strconv.Itoa(c.Clients) + " keep-alive connections driving POST /incr back to back " +
+		"(as overhead-guest); *untar* unpacks, over and over into tmpfs, a tarball of the guest's root file system (busybox, the guest's programs, " +
+		"kernel modules, libraries) and of its kernel's symbol table (`/proc/kallsyms`, text)")
+	if r.TarBytes > 0 {
+		fmt.Fprintf(&b, ", %.1f MiB", float64(r.TarBytes)/(1<<20))
+	}
+	b.WriteString("; *compress* stands in for a build, which the guest cannot run (it has no compiler): `sort` of the symbol table " +
+		"(a heap of lines, as a compiler's) and `gzip` of the tarball (CPU), both written to tmpfs, over and over. " +
+		"Raw data `wire_guest.csv` (one row per workload and boot), plot `wire_guest.png`.\n\n")
+	fmt.Fprintf(&b, "*Wire B/dirty page* is the checkpoints' bytes on the wire (pages, state, frame headers, tags: `govmm_replication_bytes_total`) "+
+		"over the dirty pages they shipped (`govmm_replication_dirty_pages_total`), as `ctl stats` derives it; *× raw* is that over %d B, a page and "+
+		"its entry uncompressed (issue 13's goal: ≤ %.1f×); *page wire / raw* is what compression and deltas leave of the page sections' bytes "+
+		"(`govmm_stream_sent_page_wire_bytes_total` / `_page_bytes_total`); *zero* the share of the pages sent that were all zero (a flag on the wire), "+
+		"*deltas* the share of the others sent as XOR deltas. "+
+		"The checkpoint counters grow when a checkpoint ends, the stream's as its pages are sent: with few checkpoints in a window (each one long) "+
+		"the two families cut the window differently, and *× raw* and *page wire / raw* can disagree.\n\n", RawPageBytes, WireGuestGoal)
+	b.WriteString("| workload | stream | checkpoints | dirty pages/s | dirty pages/checkpoint | zero | deltas | page MiB raw | page MiB on the wire | checkpoint MiB | wire B/dirty page | × raw | page wire / raw | passes or answers |\n" +
+		"|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+	for _, cell := range r.cells() {
+		k := cell.C
+		mode := cell.Mode.String()
+		if len(cell.Agreed) > 0 {
+			mode += fmt.Sprintf(" (agreed: %v)", cell.Agreed)
+		}
+		fmt.Fprintf(&b, "| %s | %s | %.0f | %.0f | %.1f | %s | %s | %.1f | %.1f | %.1f | %.0f | %.3f× | %.3f× | %d |\n",
+			cell.Workload, mode, k.Epochs, ratio(k.DirtyPages, cell.Span), ratio(k.DirtyPages, k.Epochs), pct(k.ZeroShare()), pct(k.DeltaShare()),
+			k.PageBytes/(1<<20), k.PageWireBytes/(1<<20), k.CheckpointBytes/(1<<20), k.BytesPerDirtyPage(), k.TimesRaw(), k.PageRatio(), cell.Work)
+	}
+	b.WriteString(r.verdict())
+	if len(r.Failed) > 0 {
+		fmt.Fprintf(&b, "\n%d boot(s) failed; their finished workloads are in the table, their logs are `wire_guest-failed-*`:\n\n", len(r.Failed))
+		for _, f := range r.Failed {
+			fmt.Fprintf(&b, "- %s\n", f)
+		}
+	}
+	return b.String()
+}
+
+// pct writes a share as a percentage ("-" when it has no divisor).
+func pct(v float64) string {
+	if math.IsNaN(v) {
+		return "-"
+	}
+	return strconv.FormatFloat(100*v, 'f', 1, 64) + "%"
+}
+
+// verdict is a line per workload: its smallest × raw, in which mode, and
+// whether that meets the goal.
+func (r *WireGuestResult) verdict() string {
+	var b strings.Builder
+	for _, w := range r.Config.Workloads {
+		best, bestMode := math.Inf(1), ""
+		for _, c := range r.cells() {
+			if x := c.C.TimesRaw(); c.Workload == w && !math.IsNaN(x) && x < best {
+				best, bestMode = x, c.Mode.String()
+			}
+		}
+		if bestMode == "" {
+			continue
+		}
+		meets := "meets"
+		if best > WireGuestGoal {
+			meets = "misses"
+		}
+		if b.Len() == 0 {
+			b.WriteString("\n")
+		}
+		fmt.Fprintf(&b, "- *%s*: fewest bytes with %s, %.3f× raw: %s the goal of %.1f×.\n", w, bestMode, best, meets, WireGuestGoal)
+	}
+	return b.String()
+}
