@@ -21,6 +21,10 @@ type testHooks struct {
 	// atCut runs at every checkpoint's cut while the guest is paused
 	// (tests compare the standby's memory or disk with the primary's).
 	atCut func(epoch uint64)
+	// beforePause runs just before every checkpoint's pause, after the
+	// pre-harvest (its set, nil without) and the arming, the guest
+	// running (tests write pages between the pre-harvest and the cut).
+	beforePause func(pre *dirtylog.Set)
 }
 
 // Replicator keeps a standby in step with a running machine.
@@ -188,8 +192,9 @@ func (r *Replicator) initialSync(ctx context.Context) error {
 	return nil
 }
 
-// checkpoint takes one checkpoint: pause, harvest (extra is ORed in),
-// take the dirty pages (copy them into the staging buffer, or, copying
+// checkpoint takes one checkpoint: pre-harvest and arm (beforePause,
+// the guest running), pause, harvest (ORed with the pre-harvest and
+// extra), take the dirty pages (copy them into the staging buffer, or, copying
 // on write, write-protect them), save the state, take the disk writes,
 // seal the epoch's output, resume; then stream it while the guest runs
 // on (copying on write, the pages are copied meanwhile, each before the
@@ -199,13 +204,11 @@ func (r *Replicator) checkpoint(extra *dirtylog.Set) error {
 	if r.cow != nil {
 		es.CopyMode = string(CopyCoW)
 	}
-	if r.cow != nil {
-		// Protect last epoch's pages ahead of the pause, the guest running
-		// (part of the epoch, not of the pause).
-		if err := r.cow.Arm(); err != nil {
-			return err
-		}
+	pre, preTook, err := r.beforePause() // part of the epoch, not of the pause
+	if err != nil {
+		return err
 	}
+	es.PreHarvest = preTook
 	t0 := time.Now()
 	r.mu.Lock()
 	if !r.lastResumed.IsZero() {
@@ -218,14 +221,16 @@ func (r *Replicator) checkpoint(extra *dirtylog.Set) error {
 		snap           *guestmem.Snapshot
 		ts, t1, t2, t3 time.Time
 	)
-	err := r.m.WithPaused(context.Background(), func() error {
+	err = r.m.WithPaused(context.Background(), func() error {
 		ts = time.Now()
 		set, err := r.tr.Harvest()
 		if err != nil {
 			return err
 		}
-		if extra != nil {
-			set.Or(extra)
+		for _, s := range []*dirtylog.Set{pre, extra} {
+			if s != nil {
+				set.Or(s)
+			}
 		}
 		t1 = time.Now()
 		if r.cow != nil {
@@ -463,34 +468,6 @@ func (r *Replicator) ended(err error) {
 	default:
 		r.lost(err)
 	}
-}
-
-// adapt sets the next epoch's length from the last checkpoint's pause
-// (the part that grows with the dirty set: harvest and copy; stopping and
-// resuming the vCPUs cost the same at any epoch, and on a busy host they
-// swing with the scheduler, not with the guest), the last acknowledged
-// one's time to ack and whether checkpoints are
-// waiting for the standby (waited: the loop just did), and returns it.
-// With fixed epochs it is always cfg.Epoch.
-func (r *Replicator) adapt(waited bool) time.Duration {
-	if r.cfg.MaxEpoch == 0 {
-		return r.cfg.Epoch
-	}
-	epoch := r.currentEpoch()
-	l := epochLoad{Behind: waited || r.t.Acked()+uint64(r.cfg.MaxUnacked) <= epoch}
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if n := len(r.recent); n > 0 {
-		l.Pause = r.recent[n-1].Harvest + r.recent[n-1].Copy
-	}
-	for i := len(r.recent) - 1; i >= 0; i-- {
-		if r.recent[i].AckTime > 0 {
-			l.Ack = r.recent[i].AckTime
-			break
-		}
-	}
-	r.target = nextEpoch(r.target, r.cfg.Epoch, r.cfg.MaxEpoch, l)
-	return r.target
 }
 
 // backpressure waits while MaxUnacked checkpoints are unacknowledged: a

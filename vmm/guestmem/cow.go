@@ -306,16 +306,30 @@ func (p *Protector) beforeWrite(r *Region, off, n uint64) {
 	}
 }
 
-// Arm write-protects the pages the last snapshot held, with the guest
-// running, ahead of the Begin that follows (see "Arming" above). Without
-// a last snapshot it does nothing.
-func (p *Protector) Arm() error {
-	if p.last == nil {
+// Arm write-protects the pages the last snapshot held, and those of extra
+// (nil: none; the replicator passes the pages it has just harvested ahead
+// of the pause), with the guest running, ahead of the Begin that follows
+// (see "Arming" above). Without either it does nothing. The pages are
+// marked armed before they are protected: a write that faults on one
+// finds it armed and is let through.
+func (p *Protector) Arm(extra PageBitmap) error {
+	if p.last == nil && extra == nil {
 		return nil
 	}
 	p.armMu.Lock()
 	for k := range p.armBits {
-		copy(p.armBits[k], p.last.want[k])
+		if p.last != nil && k < len(p.last.want) {
+			copy(p.armBits[k], p.last.want[k])
+		} else {
+			clear(p.armBits[k])
+		}
+		if extra != nil {
+			for w, v := range extra.Words(k) {
+				if w < len(p.armBits[k]) {
+					p.armBits[k][w] |= v
+				}
+			}
+		}
 		clear(p.touched[k])
 	}
 	p.armed = true
