@@ -54,6 +54,9 @@ func (r *Replicator) beforePause() (*dirtylog.Set, time.Duration, error) {
 		pre  *dirtylog.Set
 		took time.Duration
 	)
+	if r.hooks.preHarvest != nil {
+		r.hooks.preHarvest(r.currentEpoch() + 1)
+	}
 	if !r.cfg.NoPreHarvest {
 		start := time.Now()
 		set, err := r.tr.Harvest()
@@ -72,7 +75,7 @@ func (r *Replicator) beforePause() (*dirtylog.Set, time.Duration, error) {
 		}
 	}
 	if r.hooks.beforePause != nil {
-		r.hooks.beforePause(pre)
+		r.hooks.beforePause(r.currentEpoch()+1, pre)
 	}
 	return pre, took, nil
 }

@@ -21,10 +21,12 @@ type testHooks struct {
 	// atCut runs at every checkpoint's cut while the guest is paused
 	// (tests compare the standby's memory or disk with the primary's).
 	atCut func(epoch uint64)
-	// beforePause runs just before every checkpoint's pause, after the
-	// pre-harvest (its set, nil without) and the arming, the guest
-	// running (tests write pages between the pre-harvest and the cut).
-	beforePause func(pre *dirtylog.Set)
+	// preHarvest runs just before the pre-harvest of the checkpoint of
+	// epoch, beforePause after it (its set, nil without) and the arming,
+	// just before the pause; the guest runs (tests write pages before and
+	// after the pre-harvest, and compare the standby's memory at the cut).
+	preHarvest  func(epoch uint64)
+	beforePause func(epoch uint64, pre *dirtylog.Set)
 }
 
 // Replicator keeps a standby in step with a running machine.
