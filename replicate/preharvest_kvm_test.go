@@ -19,9 +19,9 @@ import (
 	"govmm/vmm/guestmem"
 )
 
-// markGPA is a page the tests below write through the VMM (guestmem),
-// away from the Dirtier's pages and the tiny guest's code.
-const markGPA = 0x3000000
+// markGPA and preGPA are pages the tests below write through the VMM
+// (guestmem), away from the Dirtier's pages and the tiny guest's code.
+const markGPA, preGPA = 0x3000000, 0x3001000
 
 // preHarvestProbe writes pages on both sides of each checkpoint's
 // pre-harvest and keeps, per epoch, what the pre-harvest saw.
@@ -42,17 +42,20 @@ func (p *preHarvestProbe) fail(err error) {
 	}
 }
 
-func (p *preHarvestProbe) writeMark(v uint64) {
+func (p *preHarvestProbe) writeMark(gpa guestmem.GPA, v uint64) {
 	var b [8]byte
 	binary.LittleEndian.PutUint64(b[:], v)
-	if err := p.m.Memory().WriteAt(b[:], markGPA); err != nil {
+	if err := p.m.Memory().WriteAt(b[:], gpa); err != nil {
 		p.fail(err)
 	}
 }
 
 // before the pre-harvest: the VMM writes markGPA, which the pre-harvest
-// must then report.
-func (p *preHarvestProbe) preHarvest(epoch uint64) { p.writeMark(2 * epoch) }
+// must then report, and preGPA, which only the pre-harvest reports.
+func (p *preHarvestProbe) preHarvest(epoch uint64) {
+	p.writeMark(markGPA, 2*epoch)
+	p.writeMark(preGPA, epoch)
+}
 
 // after it, the guest running: markGPA is written again through the VMM,
 // and every page of the Dirtier through KVM (a full pass of the guest's),
@@ -63,12 +66,12 @@ func (p *preHarvestProbe) beforePause(epoch uint64, pre *dirtylog.Set) {
 		p.fail(fmt.Errorf("epoch %d: no pre-harvest", epoch))
 		return
 	}
-	if !pre.Contains(markGPA) {
+	if !pre.Contains(markGPA) || !pre.Contains(preGPA) {
 		p.fail(fmt.Errorf("epoch %d: the pre-harvest misses the VMM's write before it", epoch))
 	}
 	host := p.m.Memory().Regions()[0].Host
 	atPre := append([]byte(nil), host[dirtyBase:dirtyBase+dirtyPages*guestmem.PageSize]...)
-	p.writeMark(2*epoch + 1)
+	p.writeMark(markGPA, 2*epoch+1)
 	start := binary.LittleEndian.Uint64(host[passGPA:])
 	deadline := time.Now().Add(10 * time.Second)
 	for binary.LittleEndian.Uint64(host[passGPA:]) < start+2 {
@@ -88,7 +91,8 @@ func (p *preHarvestProbe) beforePause(epoch uint64, pre *dirtylog.Set) {
 // KVM, and by the VMM) reach the standby with their bytes at the cut: the
 // standby's memory at takeover equals the primary's at the committed cut
 // page by page, and that cut differs from memory at the pre-harvest in
-// every page the Dirtier wrote. Copying on write (the pre-harvested pages
+// every page the Dirtier wrote; a page written only before the
+// pre-harvest reaches the standby too (the union). Copying on write (the pre-harvested pages
 // armed, the writes let through and the pages protected again in the
 // pause) and stopping to copy, with the dirty bitmap and the dirty ring.
 func TestPreHarvestCutHoldsLaterWrites(t *testing.T) {
@@ -165,6 +169,7 @@ func testPreHarvest(t *testing.T, copyMode CopyMode, tracking string) {
 	cut, atPre := rec.get(e), probe.atPre[e]
 	require.NotNil(t, atPre, "epoch %d went through the probe", e)
 	require.Equal(t, probe.mark[e], binary.LittleEndian.Uint64(cut[markGPA:]), "the VMM's write after the pre-harvest is in the cut")
+	require.Equal(t, e, binary.LittleEndian.Uint64(cut[preGPA:]), "the VMM's write before the pre-harvest is in the cut")
 	for pg := 0; pg < dirtyPages; pg++ {
 		off := dirtyBase + pg*guestmem.PageSize
 		require.False(t, bytes.Equal(atPre[pg*guestmem.PageSize:(pg+1)*guestmem.PageSize], cut[off:off+guestmem.PageSize]),
