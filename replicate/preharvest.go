@@ -4,7 +4,6 @@ import (
 	"time"
 
 	"govmm/dirtylog"
-	"govmm/vmm/guestmem"
 )
 
 // Pre-harvest: most of the dirty-log harvest is taken out of the pause.
@@ -35,47 +34,60 @@ import (
 //
 //   - stop-and-copy: the union is copied in the pause, with the guest
 //     stopped;
-//   - copy-on-write: nothing is copied before the cut. The pre-harvested
-//     pages are armed at once (Protector.Arm, with last epoch's pages),
-//     the guest running; one written before the cut is let through and
-//     noted as touched, and Begin, in the pause, protects every page of
+//   - copy-on-write: nothing is copied before the cut. Last epoch's
+//     pages are armed just before the pre-harvest, and the pre-harvested
+//     pages not among them right after it (Protector.Arm), the guest
+//     running; one written before the cut is let through and noted as
+//     touched, and Begin, in the pause, protects every page of
 //     the union that is not armed or was touched. So every page of the
 //     union is protected when the guest resumes, and copied before it
 //     changes, as without a pre-harvest; arming the first set only saves
 //     Begin the protection of the pages the guest did not write again.
 
 // beforePause runs just before a checkpoint's pause, with the guest
-// running: it pre-harvests the dirty log (unless cfg.NoPreHarvest) and,
-// copying on write, arms the protection of last epoch's pages and of the
-// pre-harvested ones. It returns the pre-harvested set (nil without) and
-// how long the harvest took.
+// running: copying on write, it arms the protection of last epoch's
+// pages; it pre-harvests the dirty log (unless cfg.NoPreHarvest) and,
+// copying on write, arms the pre-harvested pages not armed yet (few: a
+// guest dirties much the same pages from epoch to epoch). Arming last
+// epoch's pages first keeps the pre-harvest close to the pause: what the
+// guest writes in between is left to the pause's harvest. It returns the
+// pre-harvested set (nil without) and how long the harvest took.
 func (r *Replicator) beforePause() (*dirtylog.Set, time.Duration, error) {
+	if r.cow != nil {
+		if err := r.cow.Arm(nil); err != nil {
+			return nil, 0, err
+		}
+	}
+	if r.hooks.preHarvest != nil {
+		r.hooks.preHarvest(r.currentEpoch() + 1)
+	}
 	var (
 		pre  *dirtylog.Set
 		took time.Duration
 	)
-	if r.hooks.preHarvest != nil {
-		r.hooks.preHarvest(r.currentEpoch() + 1)
-	}
 	if !r.cfg.NoPreHarvest {
 		start := time.Now()
 		set, err := r.tr.Harvest()
 		if err != nil {
+			r.disarm()
 			return nil, 0, err
 		}
 		pre, took = set, time.Since(start)
-	}
-	if r.cow != nil {
-		var extra guestmem.PageBitmap // nil, not a nil *Set
-		if pre != nil {
-			extra = pre
-		}
-		if err := r.cow.Arm(extra); err != nil {
-			return nil, 0, err
+		if r.cow != nil {
+			if err := r.cow.Arm(pre); err != nil {
+				return nil, 0, err
+			}
 		}
 	}
 	if r.hooks.beforePause != nil {
 		r.hooks.beforePause(r.currentEpoch()+1, pre)
 	}
 	return pre, took, nil
+}
+
+// disarm lets the armed pages go when no pause follows the arming.
+func (r *Replicator) disarm() {
+	if r.cow != nil {
+		r.cow.Disarm()
+	}
 }
