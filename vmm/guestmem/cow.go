@@ -33,7 +33,8 @@ import (
 // pages of its set that are not armed or were touched, under the same lock
 // as the fault path's noting, so every page of the set is protected when
 // the guest resumes; the armed pages outside the set are let go after the
-// copy.
+// copy. Arm may be called again before Begin to add pages (the
+// replicator's pre-harvested ones).
 //
 // Why the VMM's own writes must not fault: a goroutine stopped on a fault
 // in user mode inside an assembly copy cannot be preempted, so a garbage
