@@ -34,7 +34,7 @@ type CheckpointConfig struct {
 	// (default vmm.DirtyBitmap and vmm.DirtyRing).
 	Trackings []string
 	// Copies are the checkpoint copy modes each working set runs with
-	// (default CopyStop only: see checkpointCopies).
+	// (default CopyStop and CopyCoW).
 	Copies []string
 	// Epoch is the fixed epoch length (default 50ms).
 	Epoch time.Duration
@@ -64,10 +64,11 @@ const (
 )
 
 // Checkpoint copy modes: stop-and-copy (the guest stays paused while the
-// dirty pages are copied) and copy-on-write (it resumes first).
+// dirty pages are copied) and copy-on-write (it resumes first), as
+// replicate names them.
 const (
-	CopyStop = "stop"
-	CopyCoW  = "cow"
+	CopyStop = string(replicate.CopyStop)
+	CopyCoW  = string(replicate.CopyCoW)
 )
 
 // StreamMode is how the stream ships pages: --stream-compress and

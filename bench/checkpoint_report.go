@@ -16,8 +16,8 @@ type sampleGroup struct {
 	epoch                                          time.Duration
 	n                                              int
 	dirty, pause, stop, harvest, copy, state, rest Summary
-	ack, length, bpp                               Summary
-	copyMode                                       string
+	ack, length, bpp, background                   Summary
+	copyMode, copyUsed                             string
 	comp                                           StreamMode
 	content                                        string
 }
@@ -51,9 +51,12 @@ func groupSamples(samples []CheckpointSample) []sampleGroup {
 
 // summarizeGroup is the order statistics of one run's epochs.
 func summarizeGroup(k groupKey, ss []CheckpointSample) sampleGroup {
-	var dirty, pause, stop, harvest, cp, state, rest, ack, length, bpp []float64
+	var dirty, pause, stop, harvest, cp, state, rest, ack, length, bpp, bg []float64
+	used := map[string]bool{}
 	for _, s := range ss {
 		es := s.Stats
+		used[es.CopyMode] = true
+		bg = append(bg, usOf(es.Background))
 		dirty = append(dirty, float64(es.DirtyPages))
 		pause = append(pause, usOf(es.Pause))
 		stop = append(stop, usOf(es.Stop))
@@ -71,7 +74,18 @@ func summarizeGroup(k groupKey, ss []CheckpointSample) sampleGroup {
 	}
 	return sampleGroup{nominal: k.n, epoch: k.e, n: len(ss), dirty: Summarize(dirty), pause: Summarize(pause),
 		stop: Summarize(stop), harvest: Summarize(harvest), copy: Summarize(cp), state: Summarize(state), rest: Summarize(rest),
-		ack: Summarize(ack), length: Summarize(length), bpp: Summarize(bpp), copyMode: k.copy, comp: k.comp, content: k.content}
+		ack: Summarize(ack), length: Summarize(length), bpp: Summarize(bpp), background: Summarize(bg),
+		copyMode: k.copy, copyUsed: strings.Join(sortedKeys(used), "+"), comp: k.comp, content: k.content}
+}
+
+// sortedKeys is the keys of m in order.
+func sortedKeys(m map[string]bool) []string {
+	var out []string
+	for k := range m {
+		out = append(out, k)
+	}
+	sort.Strings(out)
+	return out
 }
 
 // restOf is what the pause spent outside the steps EpochStats times:
@@ -98,7 +112,7 @@ func (r *CheckpointResult) reportIntro(b *strings.Builder) {
 		"`checkpoint_breakdown.png` (each step's median against the dirty pages), `checkpoint_stream.png` (wire bytes per dirty page and time to ack per stream mode), `checkpoint_harvest.png` (harvest alone, per tracking mode); all log–log.\n\n",
 		platform(), r.Config.Warmup, r.Config.Epochs)
 	b.WriteString("Step names are replicate's `EpochStats`: *stop* is pausing the vCPUs and quiescing the devices; *harvest* takes the dirty set alone (KVM's log and the VMM's own bitmap) with the guest already stopped; " +
-		"*copy* is copying the dirty pages into the staging buffer (one buffer, reused from epoch to epoch); *state* is SaveState + marshal, the epoch's disk writes and sealing its output; *rest* = pause − the four, i.e. resuming the vCPUs. " +
+		"*copy* is copying the dirty pages into the staging buffer (one buffer, reused from epoch to epoch), or with copy-on-write write-protecting them, whose copy then runs after the resume (*background copy*: from the resume until every page is copied); *state* is SaveState + marshal, the epoch's disk writes and sealing its output; *rest* = pause − the four, i.e. resuming the vCPUs. " +
 		"*Ack* runs from the resume to the standby's ack (streaming the staging buffer, applying it, acking).\n\n")
 	fmt.Fprintf(b, "Each working set runs once per copy mode (*stop*: stop-and-copy; *cow*: copy-on-write; this run: %s), per page content (*sparse*: the Dirtier's one byte per page over zeroes; *binary*: the same writes over pages holding a copy of this program's executable, x86 code and data) "+
 		"and per stream mode (`--stream-compress`, `+deltas` for `--stream-deltas`), side by side in this run. *Wire B/page* is the checkpoint's bytes on the wire (pages, state, frame headers, AES-GCM tags) per dirty page, *× none* that against the same content uncompressed.\n\n",
@@ -106,8 +120,8 @@ func (r *CheckpointResult) reportIntro(b *strings.Builder) {
 }
 
 func (r *CheckpointResult) reportRuns(b *strings.Builder) {
-	b.WriteString("| working set | copy | content | stream | epoch | epochs | dirty pages/epoch median (p25–p75) | wire B/page median | × none | pause median µs (p25–p75) | stop µs | harvest µs | copy µs | state µs | rest µs | ack median µs (p25–p75) | actual epoch length ms | memcpy bound µs | loopback bound µs | pause / memcpy | ack / loopback |\n")
-	b.WriteString("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+	b.WriteString("| working set | copy (used) | content | stream | epoch | epochs | dirty pages/epoch median (p25–p75) | wire B/page median | × none | pause median µs (p25–p75) | stop µs | harvest µs | copy µs | state µs | rest µs | background copy µs median | ack median µs (p25–p75) | actual epoch length ms | memcpy bound µs | loopback bound µs | pause / memcpy | ack / loopback |\n")
+	b.WriteString("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	groups := groupSamples(r.Samples)
 	rawBPP := map[string]float64{}
 	for _, g := range groups {
@@ -118,11 +132,11 @@ func (r *CheckpointResult) reportRuns(b *strings.Builder) {
 	for _, g := range groups {
 		mc := boundAt(r.Bounds, "memcpy", g.dirty.Median)
 		lb := boundAt(r.Bounds, "loopback", g.dirty.Median)
-		fmt.Fprintf(b, "| %d | %s | %s | %v | %v | %d | %.0f (%.0f–%.0f) | %.0f | %.3f | %.0f (%.0f–%.0f) | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f (%.0f–%.0f) | %.1f | %.0f | %.0f | %.1f× | %.1f× |\n",
-			g.nominal, g.copyMode, g.content, g.comp, g.epoch, g.n, g.dirty.Median, g.dirty.P25, g.dirty.P75,
+		fmt.Fprintf(b, "| %d | %s (%s) | %s | %v | %v | %d | %.0f (%.0f–%.0f) | %.0f | %.3f | %.0f (%.0f–%.0f) | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f (%.0f–%.0f) | %.1f | %.0f | %.0f | %.1f× | %.1f× |\n",
+			g.nominal, g.copyMode, g.copyUsed, g.content, g.comp, g.epoch, g.n, g.dirty.Median, g.dirty.P25, g.dirty.P75,
 			g.bpp.Median, g.bpp.Median/rawBPP[fmt.Sprint(g.nominal, g.copyMode, g.content)],
 			g.pause.Median, g.pause.P25, g.pause.P75, g.stop.Median, g.harvest.Median, g.copy.Median, g.state.Median, g.rest.Median,
-			g.ack.Median, g.ack.P25, g.ack.P75, g.length.Median, mc, lb, g.pause.Median/mc, g.ack.Median/lb)
+			g.background.Median, g.ack.Median, g.ack.P25, g.ack.P75, g.length.Median, mc, lb, g.pause.Median/mc, g.ack.Median/lb)
 	}
 }
 

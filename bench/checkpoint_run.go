@@ -25,16 +25,21 @@ func (r replicationRun) String() string {
 	return fmt.Sprintf("%6d %s pages, epoch %v, copy %s, stream %v", r.pages, r.content, r.epoch, r.copy, r.mode)
 }
 
-// checkpointCopies are the copy modes this build can run. Copy-on-write
-// checkpoints (replicate.ReplicateConfig.Copy) are not in this branch
-// yet, so the copy dimension holds stop-and-copy only; setCopy is the
-// one place that changes when they arrive.
-func checkpointCopies() []string { return []string{CopyStop} }
+// checkpointCopies are the copy modes each working set runs with:
+// stop-and-copy and copy-on-write (which falls back to stop-and-copy
+// where the host lacks userfaultfd write-protection; each epoch's
+// EpochStats.CopyMode says what it used).
+func checkpointCopies() []string { return []string{CopyStop, CopyCoW} }
 
 // setCopy asks rc for copy mode cp.
 func setCopy(rc *replicate.ReplicateConfig, cp string) error {
-	if cp != CopyStop {
-		return fmt.Errorf("copy mode %q: this build has stop-and-copy checkpoints only", cp)
+	switch cp {
+	case CopyStop:
+		rc.Copy = replicate.CopyStop
+	case CopyCoW:
+		rc.Copy = replicate.CopyCoW
+	default:
+		return fmt.Errorf("copy mode %q: want %s or %s", cp, CopyStop, CopyCoW)
 	}
 	return nil
 }

@@ -127,3 +127,8 @@ func (s *Set) sameLayout(o *Set) bool {
 	}
 	return true
 }
+
+// Words returns region i's bitmap (in guestmem.Memory.Regions order), 64
+// pages per word; shared, not to be modified. For code that works a word
+// at a time (guestmem's copy-on-write snapshots).
+func (s *Set) Words(i int) []uint64 { return s.regions[i].bits }

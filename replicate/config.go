@@ -49,6 +49,9 @@ type ReplicateConfig struct {
 	// Epoch is the time the guest runs between checkpoints
 	// (DefaultEpoch).
 	Epoch time.Duration
+	// Copy is how each checkpoint copies the dirty pages (CopyAuto when
+	// empty).
+	Copy CopyMode
 	// MaxEpoch, if set, makes epochs adaptive: when the guest dirties so
 	// much that the pause or the stream would fall behind, the epoch
 	// lengthens, up to MaxEpoch, and shortens back toward Epoch when the
@@ -90,6 +93,34 @@ type ReplicateConfig struct {
 	// checkpoint, the Fence holds the guest's output until the generation
 	// is advanced past that standby's; a fenced VMM's replication ends.
 	Fence *Fence
+}
+
+// CopyMode is how a checkpoint copies the guest's dirty pages.
+type CopyMode string
+
+// Copy modes.
+const (
+	// CopyAuto copies on write where the host offers userfaultfd
+	// write-protect for guest memory (probed when replication starts),
+	// and stops to copy where it does not, saying why in the log once.
+	CopyAuto CopyMode = "auto"
+	// CopyStop copies every dirty page while the guest is stopped: the
+	// pause grows with the dirty set (about 0.5 µs a page).
+	CopyStop CopyMode = "stop"
+	// CopyCoW write-protects the dirty pages while the guest is stopped
+	// and copies them after it has resumed; a guest write to a page not
+	// yet copied waits until it is. Replication fails to start where the
+	// host cannot.
+	CopyCoW CopyMode = "cow"
+)
+
+// ParseCopyMode checks a copy mode a user gave (auto, stop or cow).
+func ParseCopyMode(s string) (CopyMode, error) {
+	switch m := CopyMode(s); m {
+	case CopyAuto, CopyStop, CopyCoW:
+		return m, nil
+	}
+	return "", fmt.Errorf("checkpoint copy %q: want %s, %s or %s", s, CopyAuto, CopyStop, CopyCoW)
 }
 
 // SyncProgress is how far the initial sync has got.
@@ -178,6 +209,12 @@ func (cfg ReplicateConfig) withDefaults() (ReplicateConfig, error) {
 	}
 	if cfg.OnStandbyLoss != OnStandbyLossContinue && cfg.OnStandbyLoss != OnStandbyLossPause {
 		return cfg, fmt.Errorf("on-standby-loss %q: want %s or %s", cfg.OnStandbyLoss, OnStandbyLossContinue, OnStandbyLossPause)
+	}
+	if cfg.Copy == "" {
+		cfg.Copy = CopyAuto
+	}
+	if _, err := ParseCopyMode(string(cfg.Copy)); err != nil {
+		return cfg, err
 	}
 	if cfg.InitialRounds <= 0 {
 		cfg.InitialRounds = 10

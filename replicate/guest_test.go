@@ -452,7 +452,11 @@ func TestGuestTakeoverEqualsPrimaryAtCut(t *testing.T) {
 	stopLoad := guestrig.StartLoad(t, h, k, kb)
 	h.WaitAnswers(t, 10, 3*time.Minute, "replicated, before the takeover")
 	st := rp.Stats()
-	t.Logf("replicating: epoch %d, %d acked, pause p50 %v p99 %v", st.Epoch, st.Acked, st.PauseP50, st.PauseP99)
+	t.Logf("replicating: epoch %d, %d acked, pause p50 %v p99 %v, copy %s (last: %d pages, background %v)",
+		st.Epoch, st.Acked, st.PauseP50, st.PauseP99, st.Last.CopyMode, st.Last.DirtyPages, st.Last.Background)
+	// The default copies on write where the host can, and the lab's can:
+	// the cut below holds with the guest's writes racing the copy.
+	require.Equal(t, string(CopyCoW), st.Last.CopyMode)
 
 	mu.Lock()
 	trigger = true

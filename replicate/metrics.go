@@ -10,12 +10,19 @@ import (
 
 // EpochStats describes one checkpoint.
 type EpochStats struct {
-	Epoch      uint64
-	Pause      time.Duration // guest stopped: stop + harvest + copy + state + resume
-	Stop       time.Duration // pausing the vCPUs and quiescing devices
-	Harvest    time.Duration
-	Copy       time.Duration
-	State      time.Duration
+	Epoch   uint64
+	Pause   time.Duration // guest stopped: stop + harvest + copy + state + resume
+	Stop    time.Duration // pausing the vCPUs and quiescing devices
+	Harvest time.Duration
+	// Copy is the pause's part in copying the dirty pages: all of the
+	// copy (CopyMode "stop"), or write-protecting them ("cow").
+	Copy  time.Duration
+	State time.Duration
+	// CopyMode is how this checkpoint copied its pages: "stop" or "cow".
+	CopyMode string
+	// Background is, with "cow", the time from the resume until every
+	// page was copied and un-protected (the guest ran meanwhile).
+	Background time.Duration
 	DirtyPages int
 	Bytes      uint64        // on the wire for this checkpoint
 	AckTime    time.Duration // from resume to the standby's ack

@@ -65,6 +65,9 @@ type Replicator struct {
 	gpas    []guestmem.GPA
 	staging []byte
 	writes  [][]DiskWrite
+	// cow write-protects the dirty pages for copy-on-write checkpoints;
+	// nil when they stop to copy.
+	cow *guestmem.Protector
 }
 
 // ErrStandbyLost is why replication ends when the standby stops answering.
@@ -116,6 +119,12 @@ func startReplication(ctx context.Context, m *vmm.Machine, cfg ReplicateConfig, 
 		r.cancel()
 		return nil, fmt.Errorf("replicate: %w", err)
 	}
+	if r.cow, err = r.copyOnWrite(); err != nil {
+		r.tr.Close()
+		_ = r.t.Close()
+		r.cancel()
+		return nil, fmt.Errorf("replicate: %w", err)
+	}
 	go r.ackLoop()
 	// From now on every disk write is recorded, and reaches the standby
 	// after the copy of the blocks it touches.
@@ -130,6 +139,7 @@ func startReplication(ctx context.Context, m *vmm.Machine, cfg ReplicateConfig, 
 		// hold was never acknowledged, and nothing will release it.
 		r.endOutputCommit()
 		r.tr.Close()
+		r.closeCoW()
 		_ = r.t.Close()
 		<-r.acks
 		r.cancel()
@@ -179,11 +189,23 @@ func (r *Replicator) initialSync(ctx context.Context) error {
 }
 
 // checkpoint takes one checkpoint: pause, harvest (extra is ORed in),
-// copy the dirty pages into a staging buffer, save the state, take the
-// disk writes, seal the epoch's output, resume; then stream it while the
-// guest runs on.
+// take the dirty pages (copy them into the staging buffer, or, copying
+// on write, write-protect them), save the state, take the disk writes,
+// seal the epoch's output, resume; then stream it while the guest runs
+// on (copying on write, the pages are copied meanwhile, each before the
+// guest may change it: the staging buffer holds them as of the cut).
 func (r *Replicator) checkpoint(extra *dirtylog.Set) error {
-	var es EpochStats
+	es := EpochStats{CopyMode: string(CopyStop)}
+	if r.cow != nil {
+		es.CopyMode = string(CopyCoW)
+	}
+	if r.cow != nil {
+		// Protect last epoch's pages ahead of the pause, the guest running
+		// (part of the epoch, not of the pause).
+		if err := r.cow.Arm(); err != nil {
+			return err
+		}
+	}
 	t0 := time.Now()
 	r.mu.Lock()
 	if !r.lastResumed.IsZero() {
@@ -193,6 +215,7 @@ func (r *Replicator) checkpoint(extra *dirtylog.Set) error {
 	var (
 		state          []byte
 		epoch          uint64
+		snap           *guestmem.Snapshot
 		ts, t1, t2, t3 time.Time
 	)
 	err := r.m.WithPaused(context.Background(), func() error {
@@ -205,7 +228,12 @@ func (r *Replicator) checkpoint(extra *dirtylog.Set) error {
 			set.Or(extra)
 		}
 		t1 = time.Now()
-		if err := r.stage(set); err != nil {
+		if r.cow != nil {
+			snap, err = r.protect(set)
+		} else {
+			err = r.stage(set)
+		}
+		if err != nil {
 			return err
 		}
 		t2 = time.Now()
@@ -222,11 +250,24 @@ func (r *Replicator) checkpoint(extra *dirtylog.Set) error {
 		t3 = time.Now()
 		return nil
 	})
+	now := time.Now()
+	if snap != nil {
+		// Protected pages are copied and let go whatever happens next:
+		// no guest write may wait on a checkpoint that is not sent.
+		go snap.Copy()
+	} else if r.cow != nil {
+		r.cow.Disarm() // no Begin: let the armed pages go
+	}
 	if err != nil {
+		if snap != nil {
+			_, _ = snap.Wait()
+		}
 		return err
 	}
-	now := time.Now()
 	es.Epoch, es.DirtyPages = epoch, len(r.gpas)
+	if snap != nil {
+		es.DirtyPages = snap.Len()
+	}
 	es.Stop, es.Harvest, es.Copy, es.State, es.Pause = ts.Sub(t0), t1.Sub(ts), t2.Sub(t1), t3.Sub(t2), now.Sub(t0)
 	r.mu.Lock()
 	r.lastResumed = now
@@ -235,30 +276,22 @@ func (r *Replicator) checkpoint(extra *dirtylog.Set) error {
 
 	before := r.t.Stats().BytesSent
 	r.resumable.Store(true)
-	if err := r.send(epoch, state); err != nil {
+	err = r.send(epoch, state, snap)
+	if snap != nil {
+		// The next checkpoint's pause starts only once every page of this
+		// one is copied and un-protected.
+		done, werr := snap.Wait()
+		es.Background = done.Sub(now)
+		if err == nil {
+			err = werr
+		}
+	}
+	if err != nil {
 		return err
 	}
 	es.Bytes = r.t.Stats().BytesSent - before
 	r.record(es)
 	return nil
-}
-
-// stage copies the pages of set into the staging buffer. The buffer is
-// reused from epoch to epoch (streaming of the previous one is over by
-// now): no page faults in the pause.
-func (r *Replicator) stage(set *dirtylog.Set) error {
-	mem := r.m.Memory()
-	r.gpas = r.gpas[:0]
-	r.staging = r.staging[:0]
-	return set.ForEach(func(gpa guestmem.GPA) error {
-		page, err := mem.Slice(gpa, guestmem.PageSize)
-		if err != nil {
-			return err
-		}
-		r.gpas = append(r.gpas, gpa)
-		r.staging = append(r.staging, page...)
-		return nil
-	})
 }
 
 // sealOutput ends the guest's output epoch at checkpoint epoch's cut. At
@@ -276,26 +309,6 @@ func (r *Replicator) sealOutput(epoch uint64) error {
 		}
 	}
 	return nil
-}
-
-// send streams the staged checkpoint.
-func (r *Replicator) send(epoch uint64, state []byte) error {
-	if err := r.t.BeginCheckpoint(epoch, stream.KindEpoch); err != nil {
-		return err
-	}
-	for i, gpa := range r.gpas {
-		if err := r.t.SendPage(gpa, r.staging[i*guestmem.PageSize:(i+1)*guestmem.PageSize]); err != nil {
-			return err
-		}
-	}
-	if err := sendWrites(r.t, r.writes); err != nil {
-		return err
-	}
-	r.writes = nil
-	if err := r.t.SendState(state); err != nil {
-		return err
-	}
-	return r.t.EndCheckpoint()
 }
 
 // nextEpoch numbers the next checkpoint.
@@ -550,6 +563,7 @@ func (r *Replicator) finish(err error) {
 	r.protected = false
 	r.mu.Unlock()
 	_ = r.tr.Close()
+	r.closeCoW()
 	_ = r.t.Close()
 	<-r.acks
 	r.cancel()

@@ -76,14 +76,20 @@ type takeover struct {
 // memory equals the primary's at that cut page by page (every dirty page
 // shipped, checkpoints atomic), and the guest runs on there.
 //
-// With S2, and with deltas on top.
+// With S2, and with deltas on top; copying on write (the pages are
+// copied after the resume while the Dirtier writes them: the cut holds
+// only if every write to a page not yet copied waits for its copy) and
+// stopping to copy.
 func TestReplicationFailover(t *testing.T) {
-	for _, deltas := range []bool{false, true} {
-		t.Run(fmt.Sprintf("deltas=%v", deltas), func(t *testing.T) { testReplicationFailover(t, deltas) })
+	for _, tc := range []struct {
+		deltas bool
+		copy   CopyMode
+	}{{false, CopyCoW}, {true, CopyCoW}, {false, CopyStop}} {
+		t.Run(fmt.Sprintf("deltas=%v/copy=%s", tc.deltas, tc.copy), func(t *testing.T) { testReplicationFailover(t, tc.deltas, tc.copy) })
 	}
 }
 
-func testReplicationFailover(t *testing.T, deltas bool) {
+func testReplicationFailover(t *testing.T, deltas bool, copyMode CopyMode) {
 	kvmtest.Require(t)
 	prim := newTiny(t, tinyguest.Dirtier(dirtyBase, dirtyPages, passGPA))
 	require.NoError(t, prim.Start())
@@ -114,11 +120,20 @@ func testReplicationFailover(t *testing.T, deltas bool) {
 	}()
 	px := newProxy(t, sb.Addr())
 	rep, err := startReplication(context.Background(), prim, ReplicateConfig{To: px.addr(), Insecure: true, Name: "tiny",
-		Epoch: 20 * time.Millisecond, FailoverTimeout: 10 * time.Second, Deltas: deltas, Compression: stream.CompressS2}, testHooks{atCut: rec.at})
+		Epoch: 20 * time.Millisecond, FailoverTimeout: 10 * time.Second, Deltas: deltas, Compression: stream.CompressS2,
+		Copy: copyMode}, testHooks{atCut: rec.at})
 	require.NoError(t, err)
 	t.Cleanup(rep.Stop) // before the machine closes
 	require.Eventually(t, func() bool { return rep.Stats().Epochs >= 10 }, 30*time.Second, time.Millisecond)
 	st := rep.Stats()
+	require.Equal(t, string(copyMode), st.Last.CopyMode)
+	if copyMode == CopyCoW {
+		// The Dirtier runs on from the resume into pages the copier has
+		// not reached: its writes fault (through KVM) and wait for the copy.
+		require.Eventually(t, func() bool { return rep.cow.Stats().Faults > 0 }, 30*time.Second, time.Millisecond,
+			"the guest's writes to protected pages fault")
+		require.Positive(t, rep.Recent()[0].Background)
+	}
 	require.True(t, st.Protected)
 	require.Greater(t, st.DirtyPages, uint64(dirtyPages), "the dirtier's pages travel")
 	// Compressed (S2): the Dirtier's pages are one byte over zeroes, and

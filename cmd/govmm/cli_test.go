@@ -101,6 +101,7 @@ func TestCLIUsageErrors(t *testing.T) {
 		{"publish without user net", []string{"run", "--net", "none", "--publish", "8080:80"}, "govmm: run: --publish needs --net user (see 'govmm help run')"},
 		{"guest ip without prefix", []string{"run", "--guest-ip", "10.0.0.2"}, "govmm: run: --guest-ip 10.0.0.2: want ADDR/PREFIX (see 'govmm help run')"},
 		{"on-standby-loss", []string{"run", "--on-standby-loss", "stop"}, "govmm: run: --on-standby-loss stop: want continue or pause (see 'govmm help run')"},
+		{"checkpoint-copy", []string{"run", "--checkpoint-copy", "fast"}, "govmm: run: --checkpoint-copy fast: want auto or stop or cow (see 'govmm help run')"},
 		{"replicate-to not host:port", []string{"run", "--replicate-to", "standby"}, "govmm: run: --replicate-to standby: want HOST:PORT (see 'govmm help run')"},
 		{"name that cannot be a socket", []string{"run", "--name", "a/b"}, "govmm: run: --name a/b cannot name the default --api-sock (DIR/NAME.sock): give --api-sock PATH (see 'govmm help run')"},
 

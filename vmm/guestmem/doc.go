@@ -12,6 +12,16 @@
 // returns ErrOutOfRange rather than panicking or touching host memory outside
 // the guest.
 //
+// Copy-on-write snapshots (cow.go, cowsnap.go, cowprobe.go): a
+// Protector write-protects pages of guest memory with userfaultfd and
+// serves the write faults, so that a
+// Snapshot can copy a set of pages as of one instant while the guest runs
+// on; the replicator's copy-on-write checkpoints use it. The accessors
+// take part: with a snapshot in progress, WriteAt and Fill copy the
+// pages they write first, so the VMM's own writes never fault. The
+// userfaultfd ABI is mirrored in uffd.go and pinned to
+// <linux/userfaultfd.h> by TestUffdABI.
+//
 // Concurrency: the layout is fixed at New. Accessors may be called from any
 // goroutine (vCPU threads, device goroutines, the replicator); the dirty
 // bitmaps are updated with atomic operations. Guest memory itself is shared

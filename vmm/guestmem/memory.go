@@ -63,6 +63,11 @@ type Spec struct {
 type Memory struct {
 	regions []*Region // sorted by GPA, non-overlapping
 	size    uint64
+	// wp is the Protector while it has pages armed or a snapshot in
+	// progress (snap): the VMM's own writes make their pages writable
+	// first (copying what the snapshot still needs).
+	wp   atomic.Pointer[Protector]
+	snap atomic.Pointer[Snapshot]
 }
 
 // New maps anonymous memory for each region. Sizes and addresses must be
@@ -186,6 +191,9 @@ func (m *Memory) Fill(gpa GPA, n uint64, fill func(dst []byte) error) error {
 	if err != nil {
 		return err
 	}
+	if p := m.wp.Load(); p != nil {
+		p.beforeWrite(r, off, n)
+	}
 	defer r.markDirty(off, n)
 	return fill(r.Host[off : off+n : off+n])
 }
@@ -207,6 +215,9 @@ func (m *Memory) WriteAt(p []byte, gpa GPA) error {
 	r, off, err := m.find(gpa, uint64(len(p)))
 	if err != nil {
 		return err
+	}
+	if wp := m.wp.Load(); wp != nil {
+		wp.beforeWrite(r, off, uint64(len(p)))
 	}
 	copy(r.Host[off:], p)
 	r.markDirty(off, uint64(len(p)))

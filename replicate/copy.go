@@ -1,0 +1,105 @@
+package replicate
+
+import (
+	"fmt"
+
+	"govmm/dirtylog"
+	"govmm/replicate/stream"
+	"govmm/vmm/guestmem"
+)
+
+// How a checkpoint takes the guest's dirty pages (stop-and-copy or
+// copy-on-write, ReplicateConfig.Copy) and streams them.
+
+// copyOnWrite sets up copy-on-write checkpoints as the config asks: nil
+// for stop-and-copy (asked for, or CopyAuto where the host cannot: said
+// once in the log).
+func (r *Replicator) copyOnWrite() (*guestmem.Protector, error) {
+	if r.cfg.Copy == CopyStop {
+		return nil, nil
+	}
+	p, err := guestmem.NewProtector(r.m.Memory())
+	if err == nil {
+		r.log.Debug("checkpoints copy on write")
+		return p, nil
+	}
+	if r.cfg.Copy == CopyCoW {
+		return nil, fmt.Errorf("copy-on-write checkpoints: %w", err)
+	}
+	r.log.Info("checkpoints stop the guest to copy its pages: copy-on-write is unavailable here", "why", err)
+	return nil, nil
+}
+
+// closeCoW un-protects guest memory and stops the fault handler; every
+// checkpoint has finished its copy by then.
+func (r *Replicator) closeCoW() {
+	if r.cow == nil {
+		return
+	}
+	if err := r.cow.Close(); err != nil {
+		r.log.Warn("copy-on-write: close", "err", err)
+	}
+}
+
+// stage copies the pages of set into the staging buffer. The buffer is
+// reused from epoch to epoch (streaming of the previous one is over by
+// now): no page faults in the pause.
+func (r *Replicator) stage(set *dirtylog.Set) error {
+	mem := r.m.Memory()
+	r.gpas = r.gpas[:0]
+	r.staging = r.staging[:0]
+	return set.ForEach(func(gpa guestmem.GPA) error {
+		page, err := mem.Slice(gpa, guestmem.PageSize)
+		if err != nil {
+			return err
+		}
+		r.gpas = append(r.gpas, gpa)
+		r.staging = append(r.staging, page...)
+		return nil
+	})
+}
+
+// protect sizes the staging buffer for the pages of set and
+// write-protects them (those Arm has not): the snapshot copies them there
+// once the guest has resumed. The pause spends nothing per page here but
+// the protection of pages Arm did not predict.
+func (r *Replicator) protect(set *dirtylog.Set) (*guestmem.Snapshot, error) {
+	n := set.Count() * guestmem.PageSize
+	if cap(r.staging) < n {
+		r.staging = make([]byte, n+n/4) // room for a few more next time
+	}
+	r.staging = r.staging[:n]
+	return r.cow.Begin(set, r.staging)
+}
+
+// send streams the staged checkpoint; copying on write, each page as
+// soon as snap has copied it.
+func (r *Replicator) send(epoch uint64, state []byte, snap *guestmem.Snapshot) error {
+	if err := r.t.BeginCheckpoint(epoch, stream.KindEpoch); err != nil {
+		return err
+	}
+	if snap != nil {
+		if err := snap.Pages(r.t.SendPage); err != nil {
+			return err
+		}
+		// A snapshot that cannot be trusted (its fault handler failed)
+		// must not become a checkpoint.
+		if _, err := snap.Wait(); err != nil {
+			return err
+		}
+	} else {
+		for i, gpa := range r.gpas {
+			if err := r.t.SendPage(gpa, r.staging[i*guestmem.PageSize:(i+1)*guestmem.PageSize]); err != nil {
+				return err
+			}
+		}
+	}
+	if err := sendWrites(r.t, r.writes); err != nil {
+		return err
+	}
+	r.writes = nil
+	if err := r.t.SendState(state); err != nil {
+		return err
+	}
+	return r.t.EndCheckpoint()
+}

@@ -1,0 +1,214 @@
+package guestmem
+
+import (
+	"bytes"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+)
+
+// fillPage stamps a page with v, byte by byte: plain stores, which stay
+// preemptible while they wait on a write fault (the test's goroutines
+// write protected memory directly, as a vCPU would).
+func fillPage(b []byte, v byte) {
+	for k := range b {
+		b[k] = v
+	}
+}
+
+// bitmapSet is a PageBitmap for tests.
+type bitmapSet [][]uint64
+
+func (b bitmapSet) Words(i int) []uint64 { return b[i] }
+
+func newSet(m *Memory) bitmapSet {
+	var b bitmapSet
+	for _, r := range m.Regions() {
+		b = append(b, make([]uint64, r.BitmapWords()))
+	}
+	return b
+}
+
+func (b bitmapSet) add(m *Memory, gpa GPA) {
+	for k, r := range m.Regions() {
+		if gpa >= r.GPA && gpa < r.End() {
+			pg := uint64(gpa-r.GPA) >> PageShift
+			b[k][pg/64] |= 1 << (pg % 64)
+		}
+	}
+}
+
+// snapshotRound checks one snapshot of set while writers change memory
+// during its copy: some pages are written before the copier starts (each
+// write waits on the fault handler, which copies the page first), some
+// while it runs, some through WriteAt (which copies first and never
+// faults). Between arm and begin (when arm is set) other writes change
+// pages before the cut. The snapshot must hold every page as it was at
+// Begin, memory the new bytes, and nothing may stay protected.
+func snapshotRound(t *testing.T, p *Protector, m *Memory, set bitmapSet, gpas []GPA, newVal byte, arm bool) {
+	t.Helper()
+	host := m.Regions()[0].Host
+	pages := len(host) / PageSize
+	if arm {
+		require.NoError(t, p.Arm())
+		// Before the cut: these writes belong to the snapshot.
+		for pg := 0; pg < pages; pg += 5 {
+			fillPage(host[pg*PageSize:(pg+1)*PageSize], newVal^0xff)
+		}
+		require.NoError(t, m.WriteAt(bytes.Repeat([]byte{newVal ^ 0xfe}, PageSize), m.Regions()[1].GPA))
+	}
+	want := make([]byte, len(gpas)*PageSize)
+	for i, g := range gpas {
+		require.NoError(t, m.ReadAt(want[i*PageSize:(i+1)*PageSize], g))
+	}
+	dst := make([]byte, len(gpas)*PageSize)
+	s, err := p.Begin(set, dst)
+	require.NoError(t, err)
+	require.Equal(t, len(gpas), s.Len())
+	if !arm {
+		require.LessOrEqual(t, s.Protects(), len(gpas)/8+1, "a run of pages is protected in one call")
+	} else {
+		require.Less(t, s.Protects(), len(gpas)/4, "armed: only the pages written since Arm (every fifth) and new ones")
+	}
+	// Before the copier: the last pages of the first region, directly
+	// (each write faults), and the second region through WriteAt.
+	for pg := pages - 64; pg < pages; pg++ {
+		fillPage(host[pg*PageSize:(pg+1)*PageSize], newVal)
+	}
+	buf := bytes.Repeat([]byte{newVal}, 3*PageSize)
+	require.NoError(t, m.WriteAt(buf, m.Regions()[1].GPA+PageSize))
+	// During the copy: writers from both ends.
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() {
+		defer wg.Done()
+		for pg := 0; pg < pages/2; pg++ {
+			fillPage(host[pg*PageSize:(pg+1)*PageSize], newVal)
+		}
+	}()
+	go func() {
+		defer wg.Done()
+		for pg := pages - 65; pg >= pages/2; pg-- {
+			fillPage(host[pg*PageSize:(pg+1)*PageSize], newVal)
+		}
+	}()
+	go s.Copy()
+	i := 0
+	require.NoError(t, s.Pages(func(gpa GPA, page []byte) error {
+		require.Equal(t, gpas[i], gpa)
+		require.True(t, bytes.Equal(want[i*PageSize:(i+1)*PageSize], page), "page %#x as of Begin", uint64(gpa))
+		i++
+		return nil
+	}))
+	require.Equal(t, len(gpas), i)
+	_, err = s.Wait()
+	require.NoError(t, err)
+	wg.Wait()
+	require.True(t, bytes.Equal(want, dst[:len(want)]), "the snapshot holds memory as of Begin")
+	for pg := 0; pg < pages; pg++ {
+		require.Equal(t, newVal, host[pg*PageSize], "page %d holds the write", pg)
+		require.Equal(t, newVal, host[pg*PageSize+PageSize-1], "page %d holds the write", pg)
+	}
+	got := make([]byte, len(buf))
+	require.NoError(t, m.ReadAt(got, m.Regions()[1].GPA+PageSize))
+	require.Equal(t, buf, got)
+	// Nothing is left protected: every page of both regions takes a write
+	// at once (a page left protected would block this goroutine for good).
+	wrote := make(chan struct{})
+	go func() {
+		for _, r := range m.Regions() {
+			for pg := uint64(0); pg < r.Pages(); pg++ {
+				r.Host[pg*PageSize+7] = newVal
+			}
+		}
+		close(wrote)
+	}()
+	select {
+	case <-wrote:
+	case <-time.After(10 * time.Second):
+		t.Fatal("a page stayed write-protected after the snapshot")
+	}
+}
+
+// Snapshots hold memory as of Begin, round after round, armed or not,
+// with the set changing between rounds (armed pages outside the next set
+// are let go).
+func TestSnapshotHoldsMemoryAsOfBegin(t *testing.T) {
+	const pages = 2048
+	m, err := New([]Spec{{GPA: 0, Size: pages * PageSize}, {GPA: 0x10000000, Size: 64 * PageSize}})
+	require.NoError(t, err)
+	defer m.Close()
+	regions := m.Regions()
+	for pg := 0; pg < pages; pg++ {
+		fillPage(regions[0].Host[pg*PageSize:(pg+1)*PageSize], byte(pg))
+	}
+	for pg := 0; pg < 64; pg++ {
+		fillPage(regions[1].Host[pg*PageSize:(pg+1)*PageSize], 0xA0)
+	}
+	p, err := NewProtector(m)
+	require.NoError(t, err)
+	defer p.Close()
+	for round := 0; round < 6; round++ {
+		// Runs of 8 pages, every other run, shifting by 3 pages a round;
+		// all of the second region.
+		set := newSet(m)
+		var gpas []GPA
+		for pg := 0; pg < pages; pg++ {
+			if (pg+3*round)/8%2 == 0 {
+				gpas = append(gpas, GPA(pg*PageSize))
+				set.add(m, GPA(pg*PageSize))
+			}
+		}
+		for pg := 0; pg < 64; pg++ {
+			g := regions[1].GPA + GPA(pg*PageSize)
+			gpas = append(gpas, g)
+			set.add(m, g)
+		}
+		snapshotRound(t, p, m, set, gpas, byte(0x50+round), round%3 != 0)
+	}
+	st := p.Stats()
+	require.NotZero(t, st.Faults, "writes faulted and were resolved by the handler")
+	require.NotZero(t, st.VMMWrites, "WriteAt copied the pages it wrote first")
+	require.NotZero(t, st.ArmedWrites, "armed pages written before the cut were let through")
+	require.NoError(t, p.Close())
+}
+
+// Close lets everything through even with a snapshot left half-done, or
+// pages armed.
+func TestProtectorCloseUnprotects(t *testing.T) {
+	for _, arm := range []bool{false, true} {
+		m, err := New([]Spec{{GPA: 0, Size: 16 * PageSize}})
+		require.NoError(t, err)
+		host := m.Regions()[0].Host
+		fillPage(host, 7)
+		p, err := NewProtector(m)
+		require.NoError(t, err)
+		set := newSet(m)
+		set[0][0] = 0b111
+		s, err := p.Begin(set, make([]byte, 3*PageSize))
+		require.NoError(t, err)
+		if arm {
+			go s.Copy()
+			_, err = s.Wait()
+			require.NoError(t, err)
+			require.NoError(t, p.Arm())
+		}
+		require.NoError(t, p.Close())
+		fillPage(host[:3*PageSize], 9)
+		require.Equal(t, byte(9), host[2*PageSize+5])
+		require.NoError(t, p.Close(), "idempotent")
+		m.Close()
+	}
+}
+
+func TestBitRuns(t *testing.T) {
+	bm := []uint64{0b1011 | 1<<63, ^uint64(0), 1, 0, 1 << 5}
+	var got [][2]uint64
+	require.NoError(t, bitRuns(bm, 1<<30, func(pg, n uint64) error { got = append(got, [2]uint64{pg, n}); return nil }))
+	require.Equal(t, [][2]uint64{{0, 2}, {3, 1}, {63, 66}, {261, 1}}, got)
+	got = nil
+	require.NoError(t, bitRuns(bm, 64, func(pg, n uint64) error { got = append(got, [2]uint64{pg, n}); return nil }))
+	require.Equal(t, [][2]uint64{{0, 2}, {3, 1}, {63, 64}, {127, 2}, {261, 1}}, got)
+}
