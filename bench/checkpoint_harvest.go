@@ -101,6 +101,17 @@ func harvestRun(ctx context.Context, tracking string, pages, cycles int) ([]Harv
 	var out []HarvestSample
 	for i := 0; i < cycles+2; i++ {
 		s, err := harvestCycle(ctx, m, tr)
+		if errors.Is(err, vmm.ErrStopped) {
+			// The machine stopped under the cycle: its own error says
+			// why (an overflowed ring stops it).
+			select {
+			case <-m.Done():
+				if _, werr := m.Wait(); werr != nil {
+					err = fmt.Errorf("%w: %w", err, werr)
+				}
+			case <-time.After(time.Second):
+			}
+		}
 		if errors.Is(err, vmm.ErrDirtyRingOverflow) {
 			return append(out, HarvestSample{Tracking: tracking, Nominal: pages, Err: "ring overflowed"}), nil
 		}
