@@ -116,7 +116,7 @@ func (r *CheckpointResult) reportIntro(b *strings.Builder) {
 		"*copy* is copying the dirty pages into the staging buffer (one buffer, reused from epoch to epoch), or with copy-on-write write-protecting them, whose copy then runs after the resume (*background copy*: from the resume until every page is copied); *state* is SaveState + marshal, the epoch's disk writes and sealing its output; *rest* = pause − the four, i.e. resuming the vCPUs. " +
 		"*Ack* runs from the resume to the standby's ack (streaming the staging buffer, applying it, acking).\n\n")
 	fmt.Fprintf(b, "Each working set runs once per copy mode (*stop*: stop-and-copy; *cow*: copy-on-write; this run: %s), per page content (*sparse*: the Dirtier's one byte per page over zeroes; *binary*: the same writes over pages holding a copy of this program's executable, x86 code and data) "+
-		"and per stream mode (`--stream-compress`, `+deltas` for `--stream-deltas`), side by side in this run. *Wire B/page* is the checkpoint's bytes on the wire (pages, state, frame headers, AES-GCM tags) per dirty page, *× none* that against the same content uncompressed.\n\n",
+		"and per stream mode (`--stream-compress`, `+deltas` for `--stream-deltas`), side by side in this run. *Wire B/page* is the checkpoint's bytes on the wire (pages, state, frame headers and trailers: the bench's stream is unkeyed, so CRC32C, not AES-GCM tags) per dirty page, *× none* that against the same content uncompressed.\n\n",
 		strings.Join(r.Config.Copies, ", "))
 }
 
