@@ -21,6 +21,7 @@ var rank = map[string]int{
 	"kvmapi":                       0,
 	"kvmapi/internal/kabi":         0,
 	"vmm/guestmem":                 0,
+	"vmm/guestmem/internal/uabi":   0,
 	"vmm/devstate":                 0,
 	"vmm/container":                0,
 	"vmm/pci":                      0,
