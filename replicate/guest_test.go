@@ -436,7 +436,7 @@ func TestGuestTakeoverEqualsPrimaryAtCut(t *testing.T) {
 	for _, n := range prim.nics {
 		outs = append(outs, n.Out)
 	}
-	rp, err := startReplication(ctx, prim.m, ReplicateConfig{To: px.addr(), Insecure: true, Name: "govmm",
+	rp, err := startReplication(ctx, prim.m, ReplicateConfig{To: px.addr(), Insecure: true, Name: "govmm", Copy: CopyCoW,
 		Devices: prim.attrs, FailoverTimeout: 10 * time.Second, Outputs: outs, Disks: prim.disks},
 		testHooks{atCut: atCut})
 	require.NoError(t, err)
@@ -454,8 +454,8 @@ func TestGuestTakeoverEqualsPrimaryAtCut(t *testing.T) {
 	st := rp.Stats()
 	t.Logf("replicating: epoch %d, %d acked, pause p50 %v p99 %v, copy %s (last: %d pages, background %v)",
 		st.Epoch, st.Acked, st.PauseP50, st.PauseP99, st.Last.CopyMode, st.Last.DirtyPages, st.Last.Background)
-	// The default copies on write where the host can, and the lab's can:
-	// the cut below holds with the guest's writes racing the copy.
+	// Copy-on-write, asked for (the lab's host offers it): the cut below
+	// holds with the guest's writes racing the copy.
 	require.Equal(t, string(CopyCoW), st.Last.CopyMode)
 
 	mu.Lock()
