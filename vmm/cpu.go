@@ -104,6 +104,24 @@ func setLVTMode(l *kvmapi.LAPICState, reg int, mode uint32) {
 	binary.LittleEndian.PutUint32(l.Regs[reg:], v)
 }
 
+// flatSegments loads s with the boot GDT's flat 4 GiB code and data
+// segments and an empty IDT: a 64-bit code segment when long, else a
+// 32-bit one (the PVH entry). The task register is the caller's.
+func flatSegments(s *kvmapi.Sregs, long bool) {
+	code := kvmapi.Segment{Base: 0, Limit: 0xffffffff, Selector: bootCS, Type: 0xb, Present: 1, S: 1, G: 1}
+	if long {
+		code.L = 1
+	} else {
+		code.DB = 1
+	}
+	data := kvmapi.Segment{Base: 0, Limit: 0xffffffff, Selector: bootDS, Type: 0x3,
+		Present: 1, S: 1, DB: 1, G: 1}
+	s.CS = code
+	s.DS, s.ES, s.FS, s.GS, s.SS = data, data, data, data, data
+	s.GDT = kvmapi.DTable{Base: gdtAddr, Limit: 5*8 - 1}
+	s.IDT = kvmapi.DTable{Base: 0, Limit: 0}
+}
+
 // bootState puts the BSP at the kernel's 64-bit entry point: long mode
 // with identity paging, the boot GDT loaded, RSI pointing at boot_params.
 func (c *vcpu) bootState() error {
@@ -111,15 +129,8 @@ func (c *vcpu) bootState() error {
 	if err != nil {
 		return fmt.Errorf("get sregs: %w", err)
 	}
-	code := kvmapi.Segment{Base: 0, Limit: 0xffffffff, Selector: bootCS, Type: 0xb,
-		Present: 1, S: 1, L: 1, G: 1}
-	data := kvmapi.Segment{Base: 0, Limit: 0xffffffff, Selector: bootDS, Type: 0x3,
-		Present: 1, S: 1, DB: 1, G: 1}
-	s.CS = code
-	s.DS, s.ES, s.FS, s.GS, s.SS = data, data, data, data, data
+	flatSegments(&s, true)
 	s.TR = kvmapi.Segment{Base: 0, Limit: 0xfffff, Selector: bootTR, Type: 0xb, Present: 1}
-	s.GDT = kvmapi.DTable{Base: gdtAddr, Limit: 5*8 - 1}
-	s.IDT = kvmapi.DTable{Base: 0, Limit: 0}
 	s.CR0 = cr0PE | cr0ET | cr0NE | cr0PG
 	s.CR3 = pml4Addr
 	s.CR4 = cr4PAE

@@ -251,15 +251,8 @@ func (c *vcpu) pvhBootState(entry uint32) error {
 	if err != nil {
 		return fmt.Errorf("get sregs: %w", err)
 	}
-	code := kvmapi.Segment{Base: 0, Limit: 0xffffffff, Selector: bootCS, Type: 0xb,
-		Present: 1, S: 1, DB: 1, G: 1}
-	data := kvmapi.Segment{Base: 0, Limit: 0xffffffff, Selector: bootDS, Type: 0x3,
-		Present: 1, S: 1, DB: 1, G: 1}
-	s.CS = code
-	s.DS, s.ES, s.FS, s.GS, s.SS = data, data, data, data, data
+	flatSegments(&s, false)
 	s.TR = kvmapi.Segment{Base: 0, Limit: 0x67, Selector: bootTR, Type: 0xb, Present: 1}
-	s.GDT = kvmapi.DTable{Base: gdtAddr, Limit: 5*8 - 1}
-	s.IDT = kvmapi.DTable{Base: 0, Limit: 0}
 	s.CR0 = cr0PE | cr0ET
 	s.CR3 = 0
 	s.CR4 = 0
