@@ -149,7 +149,10 @@ func (w *frameWriter) flush() error {
 }
 
 // frameReader reads, authenticates and decrypts frames. Only the
-// endpoint's reading goroutine uses it.
+// endpoint's reading goroutine uses it. A frame it returns aliases the
+// slot cur (its read buffer and decompressed section): a receiver's
+// reader hands slots round (recvPipe), so that the frame it reads next
+// does not overwrite the ones still being staged.
 type frameReader struct {
 	br     *bufio.Reader
 	mac    hash.Hash   // handshake frames
@@ -159,19 +162,29 @@ type frameReader struct {
 	off    int64       // stream offset of the next frame
 	start  int64       // stream offset of the frame last read (for errors)
 	layout Identity    // the sender's layout, once known
-	buf    []byte
+	zc     *pageCodec  // the session's page codec (nil: stored sections only)
+	deltas bool        // the session agreed on deltas
+	cur    *rxSlot     // where the next frame is read and decoded
 	hdr    [headerSize]byte
 	sum    [macSize]byte
 	want   [macSize]byte
 	nonce  [nonceLen]byte
-	f      frame
 	ctr    *counters // bytes and frames received, open time
+}
+
+// rxSlot is what a decoded frame aliases: the buffer its payload was read
+// (and opened) into, and the frame, whose section buffer holds a
+// decompressed page section.
+type rxSlot struct {
+	buf []byte
+	f   frame
 }
 
 func newFrameReader(r io.Reader, ctr *counters) *frameReader {
 	return &frameReader{
 		br:  bufio.NewReaderSize(r, 256<<10),
 		mac: hmac.New(sha256.New, handshakeKey),
+		cur: new(rxSlot),
 		ctr: ctr,
 	}
 }
@@ -183,7 +196,8 @@ func (r *frameReader) setPlain() { r.plain = true }
 
 // next reads, authenticates, decrypts and decodes one frame. A clean end
 // of stream before a header is io.EOF; any other shortfall is
-// ErrTruncated. The returned frame is valid until the next call.
+// ErrTruncated. The returned frame is valid until the next call with the
+// same slot.
 func (r *frameReader) next() (*frame, error) {
 	r.start = r.off
 	if n, err := io.ReadFull(r.br, r.hdr[:]); err != nil {
@@ -206,10 +220,10 @@ func (r *frameReader) next() (*frame, error) {
 	if r.aead != nil {
 		trailer = tagSize
 		// Ciphertext and tag, opened in place.
-		if cap(r.buf) < n+tagSize {
-			r.buf = make([]byte, n+tagSize, max(n+tagSize, 64<<10))
+		if cap(r.cur.buf) < n+tagSize {
+			r.cur.buf = make([]byte, n+tagSize, max(n+tagSize, 64<<10))
 		}
-		ct := r.buf[:n+tagSize]
+		ct := r.cur.buf[:n+tagSize]
 		if _, err := io.ReadFull(r.br, ct[:n]); err != nil {
 			return nil, truncated(h.typ.String()+" frame", err)
 		}
@@ -224,10 +238,10 @@ func (r *frameReader) next() (*frame, error) {
 		}
 	} else if r.plain {
 		trailer = crcSize
-		if cap(r.buf) < n+crcSize {
-			r.buf = make([]byte, n+crcSize, max(n+crcSize, 64<<10))
+		if cap(r.cur.buf) < n+crcSize {
+			r.cur.buf = make([]byte, n+crcSize, max(n+crcSize, 64<<10))
 		}
-		b := r.buf[:n+crcSize]
+		b := r.cur.buf[:n+crcSize]
 		if _, err := io.ReadFull(r.br, b[:n]); err != nil {
 			return nil, truncated(h.typ.String()+" frame", err)
 		}
@@ -239,10 +253,10 @@ func (r *frameReader) next() (*frame, error) {
 			return nil, fmt.Errorf("%v frame %d: crc mismatch (corrupted): %w", h.typ, h.seq, ErrAuth)
 		}
 	} else {
-		if cap(r.buf) < n {
-			r.buf = make([]byte, n, max(n, 64<<10))
+		if cap(r.cur.buf) < n {
+			r.cur.buf = make([]byte, n, max(n, 64<<10))
 		}
-		p = r.buf[:n]
+		p = r.cur.buf[:n]
 		if _, err := io.ReadFull(r.br, p); err != nil {
 			return nil, truncated(h.typ.String()+" frame", err)
 		}
@@ -263,11 +277,12 @@ func (r *frameReader) next() (*frame, error) {
 	r.off += int64(headerSize + n + trailer)
 	r.ctr.bytesReceived.Add(uint64(headerSize + n + trailer))
 	r.ctr.framesReceived.Add(1)
-	r.f.seq, r.f.payload = h.seq, p
-	if err := decodePayload(&r.f, h.typ, p, &r.layout); err != nil {
+	f := &r.cur.f
+	f.seq, f.payload, f.zc, f.deltas = h.seq, p, r.zc, r.deltas
+	if err := decodePayload(f, h.typ, p, &r.layout); err != nil {
 		return nil, err
 	}
-	return &r.f, nil
+	return f, nil
 }
 
 func truncated(what string, err error) error {

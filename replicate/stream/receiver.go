@@ -15,9 +15,10 @@ import (
 
 // Receiver is the standby's (or migration destination's) end of a stream.
 // Run reads checkpoints into the sinks and commits each one only once its
-// EndCheckpoint verifies; Run, the sinks and OnCommit all run on the
-// caller's goroutine. A heartbeat goroutine and a failure detector run
-// from the handshake's end; Close waits for them.
+// EndCheckpoint verifies; the sinks and OnCommit run on Run's goroutine,
+// while a reader goroutine of Run's reads, opens and decodes the frames
+// ahead of it (recvPipe). A heartbeat goroutine and a failure detector
+// run from the handshake's end; Close waits for them.
 type Receiver struct {
 	*endpoint
 	sink  PageSink
@@ -115,16 +116,19 @@ func (r *Receiver) Run(ctx context.Context) error {
 		r.fail(fmt.Errorf("%w: %w", ErrClosed, context.Cause(ctx)), -1)
 	})
 	defer stop()
-	err := r.loop()
+	p := r.startReader()
+	at, err := r.loop(p)
 	r.quiet()
 	if r.open {
 		r.abort()
 	}
 	if err == nil {
-		r.closeWith(false, "sender said goodbye")
+		r.closeWith(false, "sender said goodbye") // closes the connection: the reader returns
+		p.wg.Wait()
 		return nil
 	}
-	err = r.fail(err, r.fr.start)
+	err = r.fail(err, at)
+	p.wg.Wait()
 	r.wg.Wait()
 	return err
 }
@@ -137,54 +141,60 @@ func (r *Receiver) abort() {
 	r.open = false
 }
 
-func (r *Receiver) loop() error {
+// loop handles the frames the reader hands it until the stream ends; at is
+// the stream offset of the frame that ended it.
+func (r *Receiver) loop(p *recvPipe) (at int64, err error) {
 	for {
-		// Silence counts only while we wait for the sender: the time spent
-		// staging, in OnCommit or syncing disks is ours, not its.
-		r.listen()
-		f, err := r.fr.next()
-		r.quiet()
-		if err != nil {
-			if errors.Is(err, io.EOF) {
-				if r.open {
-					return fmt.Errorf("connection closed inside checkpoint %d: %w", r.cur.epoch, ErrTruncated)
-				}
-				return fmt.Errorf("connection closed without a goodbye: %w", ErrTruncated)
-			}
-			return err
+		it := <-p.got // the reader listens
+		at = it.start
+		if err := r.frame(it.f, it.err); err != nil || it.err != nil || it.f.typ == frameGoodbye || it.f.typ == frameHandover {
+			return at, err
 		}
-		switch f.typ {
-		case frameHeartbeat:
-		case frameBegin:
-			err = r.begin(f.epoch, f.kind)
-		case framePages:
-			err = r.pages(f.pages, f.section)
-		case frameDisk:
-			err = r.disk(&f.disk, f.payload)
-		case frameState:
-			err = r.stateChunk(f.data)
-		case frameEnd:
-			err = r.end(f.end)
-		case frameError:
-			return peerError(f.code, string(f.data))
-		case frameGoodbye:
-			// The sender is alive and ends the stream on purpose, inside a
-			// checkpoint or not (Run aborts an open one). After a final
-			// checkpoint, this is a migration the source aborted.
-			return nil
-		case frameHandover:
-			if r.open || r.lastKind != KindFinal {
-				return fmt.Errorf("handover without a committed final checkpoint: %w", ErrProtocol)
-			}
-			r.handedOver.Store(true)
-			return nil
-		default:
-			err = fmt.Errorf("unexpected %v frame from the sender: %w", f.typ, ErrProtocol)
-		}
-		if err != nil {
-			return err
-		}
+		p.free <- it.slot
 	}
+}
+
+// frame handles one frame the reader read, or its failure to read one;
+// nil from a goodbye or handover ends the stream.
+func (r *Receiver) frame(f *frame, err error) error {
+	if err != nil {
+		if errors.Is(err, io.EOF) {
+			if r.open {
+				return fmt.Errorf("connection closed inside checkpoint %d: %w", r.cur.epoch, ErrTruncated)
+			}
+			return fmt.Errorf("connection closed without a goodbye: %w", ErrTruncated)
+		}
+		return err
+	}
+	switch f.typ {
+	case frameHeartbeat:
+	case frameBegin:
+		err = r.begin(f.epoch, f.kind)
+	case framePages:
+		err = r.pages(f.pages, f.section)
+	case frameDisk:
+		err = r.disk(&f.disk, f.payload)
+	case frameState:
+		err = r.stateChunk(f.data)
+	case frameEnd:
+		err = r.end(f.end)
+	case frameError:
+		return peerError(f.code, string(f.data))
+	case frameGoodbye:
+		// The sender is alive and ends the stream on purpose, inside a
+		// checkpoint or not (Run aborts an open one). After a final
+		// checkpoint, this is a migration the source aborted.
+		return nil
+	case frameHandover:
+		if r.open || r.lastKind != KindFinal {
+			return fmt.Errorf("handover without a committed final checkpoint: %w", ErrProtocol)
+		}
+		r.handedOver.Store(true)
+		return nil
+	default:
+		err = fmt.Errorf("unexpected %v frame from the sender: %w", f.typ, ErrProtocol)
+	}
+	return err
 }
 
 func (r *Receiver) begin(epoch uint64, kind Kind) error {
