@@ -3,6 +3,7 @@ package stream
 import (
 	"bytes"
 	"fmt"
+	"runtime"
 	"sync"
 )
 
@@ -118,7 +119,8 @@ func (s *MemSink) Abort() {
 }
 
 // PageWriter is guest memory as a sink writes to it; *guestmem.Memory is
-// one.
+// one. A StagingSink calls WriteAt from several goroutines at once when it
+// commits a large checkpoint, never on the same page at once.
 type PageWriter interface {
 	WriteAt(p []byte, gpa GPA) error
 }
@@ -137,6 +139,12 @@ type pageSlicer interface {
 // (KindEpoch, KindFinal) has been committed there is nothing in Dest to
 // protect, so initial-sync pages go straight into Dest, sparing a second
 // copy of the whole guest. Use it from one goroutine (the Receiver's).
+//
+// Commit is on the path to the ack, with the sender waiting and nothing
+// else to do: it applies a checkpoint of commitSplit pages or more on up to
+// commitWorkers goroutines (one per core), each taking the pages whose
+// page number falls to it, in staging order (a page staged twice is
+// applied twice, in order, by one goroutine).
 type StagingSink struct {
 	Dest PageWriter
 
@@ -144,7 +152,7 @@ type StagingSink struct {
 	kind      Kind // of the checkpoint being staged
 	direct    bool // this checkpoint writes straight to Dest
 	gpas      []GPA
-	zero      []bool
+	slot      []int32 // per staged page: its data's index in chunks, or -1 for a zero page
 	// chunks hold the staged bytes, stagingChunk pages each, kept across
 	// checkpoints: no large reallocation while the stream is being read.
 	chunks [][]byte
@@ -172,10 +180,11 @@ func (s *StagingSink) StagePage(gpa GPA, data []byte) error {
 		return s.Dest.WriteAt(data, gpa)
 	}
 	s.gpas = append(s.gpas, gpa)
-	s.zero = append(s.zero, data == nil)
 	if data == nil {
+		s.slot = append(s.slot, -1)
 		return nil
 	}
+	s.slot = append(s.slot, int32(s.used))
 	c, i := s.used/stagingChunk, s.used%stagingChunk
 	if c == len(s.chunks) {
 		s.chunks = append(s.chunks, make([]byte, stagingChunk*PageSize))
@@ -188,22 +197,53 @@ func (s *StagingSink) StagePage(gpa GPA, data []byte) error {
 // Commit implements PageSink.
 func (s *StagingSink) Commit() error {
 	defer s.reset()
-	n := 0
-	for i, gpa := range s.gpas {
-		var err error
-		if s.zero[i] {
-			err = s.writeZero(gpa)
-		} else {
-			c, j := n/stagingChunk, n%stagingChunk
-			err = s.Dest.WriteAt(s.chunks[c][j*PageSize:(j+1)*PageSize], gpa)
-			n++
-		}
+	n := 1
+	if len(s.gpas) >= commitSplit {
+		n = min(runtime.GOMAXPROCS(0), commitWorkers)
+	}
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for w := 1; w < n; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[w] = s.apply(w, n)
+		}()
+	}
+	errs[0] = s.apply(0, n)
+	wg.Wait()
+	for _, err := range errs {
 		if err != nil {
-			return fmt.Errorf("apply staged page %#x: %w", uint64(gpa), err)
+			return err
 		}
 	}
 	if s.kind.Resumable() {
 		s.resumable = true
+	}
+	return nil
+}
+
+const (
+	commitSplit   = 1024 // pages from which Commit uses more than one goroutine
+	commitWorkers = 4
+)
+
+// apply writes the staged pages whose page number is w modulo n into Dest.
+func (s *StagingSink) apply(w, n int) error {
+	for i, gpa := range s.gpas {
+		if n > 1 && int(uint64(gpa)/PageSize)%n != w {
+			continue
+		}
+		var err error
+		if k := s.slot[i]; k < 0 {
+			err = s.writeZero(gpa)
+		} else {
+			c, j := int(k)/stagingChunk, int(k)%stagingChunk
+			err = s.Dest.WriteAt(s.chunks[c][j*PageSize:(j+1)*PageSize], gpa)
+		}
+		if err != nil {
+			return fmt.Errorf("apply staged page %#x: %w", uint64(gpa), err)
+		}
 	}
 	return nil
 }
@@ -223,5 +263,5 @@ func (s *StagingSink) writeZero(gpa GPA) error {
 }
 
 func (s *StagingSink) reset() {
-	s.gpas, s.zero, s.used = s.gpas[:0], s.zero[:0], 0
+	s.gpas, s.slot, s.used = s.gpas[:0], s.slot[:0], 0
 }

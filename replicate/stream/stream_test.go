@@ -759,3 +759,26 @@ func TestReaderFailureReachesRun(t *testing.T) {
 		})
 	}
 }
+
+// A large checkpoint commits on several goroutines: every page lands,
+// zero pages included, and a page staged twice ends as its last version.
+func TestStagingSinkParallelCommit(t *testing.T) {
+	const npages = 3 * commitSplit
+	dest := make(memWriter, npages*PageSize)
+	s := &StagingSink{Dest: dest}
+	require.NoError(t, s.Begin(1, KindEpoch))
+	want := make([]byte, npages*PageSize)
+	for i := range npages {
+		p := page(uint64(i) + 7)
+		if i%5 == 4 {
+			p = nil
+		}
+		require.NoError(t, s.StagePage(GPA(i*PageSize), p))
+		copy(want[i*PageSize:], p)
+	}
+	copy(dest[4*PageSize:], page(99)) // a zero page lands over a non-zero one
+	require.NoError(t, s.StagePage(PageSize, page(12345)))
+	copy(want[PageSize:], page(12345))
+	require.NoError(t, s.Commit())
+	assert.True(t, bytes.Equal(want, dest), "memory after commit")
+}
