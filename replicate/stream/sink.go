@@ -19,8 +19,8 @@ type Checkpoint struct {
 	State []byte
 }
 
-// PageSink receives the pages of each checkpoint from the Receiver's
-// reading goroutine, one checkpoint at a time: Begin, StagePage..., then
+// PageSink receives the pages of each checkpoint from the Receiver's Run
+// goroutine, one checkpoint at a time: Begin, StagePage..., then
 // Commit (the checkpoint verified and OnCommit accepted it) or Abort
 // (anything else, including a stream that dies mid-checkpoint). A sink
 // must not make a checkpoint's pages visible before Commit, except where
@@ -41,7 +41,7 @@ type PageSink interface {
 }
 
 // DiskSink receives the disk writes of each checkpoint from the
-// Receiver's reading goroutine, beside the PageSink and with the same
+// Receiver's Run goroutine, beside the PageSink and with the same
 // protocol: Begin, StageWrite..., then Commit (after OnCommit accepted the
 // checkpoint, before the page sink commits and before the ack) or Abort.
 // Like a PageSink, it must not make a checkpoint's writes visible before
