@@ -38,6 +38,11 @@ type Receiver struct {
 	lastEpoch uint64
 	lastKind  Kind
 	maxPages  uint64
+	// A keeper sink holds the buffers of the open checkpoint's Pages
+	// frames (kept) until it commits or aborts; then they are spare, for
+	// the reader's slots to take in their place.
+	keptFrame   bool // the frame just staged left pages in the sink's keeping
+	kept, spare [][]byte
 }
 
 // handshakeReceiver runs the handshake up to the receiver's Auth: the
@@ -135,10 +140,41 @@ func (r *Receiver) Run(ctx context.Context) error {
 
 func (r *Receiver) abort() {
 	r.sink.Abort()
+	r.release()
 	if r.disks != nil {
 		r.disks.Abort()
 	}
 	r.open = false
+}
+
+// retain leaves the buffer that holds slot's page section (the read
+// buffer, or the decompressed section's) to the sink until the checkpoint
+// commits or aborts, and gives the slot a spare one in its place.
+func (r *Receiver) retain(slot *rxSlot) {
+	r.keptFrame = false
+	fresh := func() []byte {
+		if n := len(r.spare); n > 0 {
+			b := r.spare[n-1]
+			r.spare = r.spare[:n-1]
+			return b
+		}
+		return make([]byte, 0, MaxFramePayload+macSize)
+	}
+	if codec(slot.f.payload[0]) != codecStored {
+		r.kept = append(r.kept, slot.f.secBuf)
+		slot.f.secBuf = fresh()
+		return
+	}
+	r.kept = append(r.kept, slot.buf)
+	slot.buf = fresh()
+}
+
+// release makes the buffers the sink kept spare, once it has committed or
+// aborted the checkpoint.
+func (r *Receiver) release() {
+	r.spare = append(r.spare, r.kept...)
+	clear(r.kept)
+	r.kept = r.kept[:0]
 }
 
 // loop handles the frames the reader hands it until the stream ends; at is
@@ -149,6 +185,9 @@ func (r *Receiver) loop(p *recvPipe) (at int64, err error) {
 		at = it.start
 		if err := r.frame(it.f, it.err); err != nil || it.err != nil || it.f.typ == frameGoodbye || it.f.typ == frameHandover {
 			return at, err
+		}
+		if r.keptFrame {
+			r.retain(&p.slots[it.slot])
 		}
 		p.free <- it.slot
 	}
@@ -234,12 +273,23 @@ func (r *Receiver) pages(ps []container.Page, payload []byte) error {
 		return fmt.Errorf("checkpoint %d: more pages than the guest has (%d): %w", r.cur.epoch, r.maxPages, ErrTooLarge)
 	}
 	r.sum.Section(container.TypePages, payload)
+	// A keeper keeps the pages in the frame's buffer (retain) rather than
+	// copy them; not with deltas, whose pages are the shadow's.
+	k, keep := r.sink.(keeper)
+	keep = keep && r.shadow == nil
 	for _, p := range ps {
 		data, err := r.undelta(p)
 		if err != nil {
 			return err
 		}
-		if err := r.sink.StagePage(GPA(p.GPA), data); err != nil {
+		if keep {
+			var kept bool
+			kept, err = k.keepPage(GPA(p.GPA), data)
+			r.keptFrame = r.keptFrame || kept
+		} else {
+			err = r.sink.StagePage(GPA(p.GPA), data)
+		}
+		if err != nil {
 			return fmt.Errorf("sink: stage page %#x: %w: %w", p.GPA, ErrCommit, err)
 		}
 	}
@@ -350,10 +400,13 @@ func (r *Receiver) end(e endInfo) error {
 	if r.disks != nil {
 		if err := r.disks.Commit(); err != nil {
 			r.sink.Abort()
+			r.release()
 			return fmt.Errorf("checkpoint %d: disk commit (standby disks now unusable): %w: %w", got.epoch, ErrCommit, err)
 		}
 	}
-	if err := r.sink.Commit(); err != nil {
+	err := r.sink.Commit()
+	r.release()
+	if err != nil {
 		return fmt.Errorf("checkpoint %d: sink commit (standby memory now unusable): %w: %w", got.epoch, ErrCommit, err)
 	}
 	r.committed.Store(got.epoch)

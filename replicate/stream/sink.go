@@ -152,7 +152,7 @@ type StagingSink struct {
 	kind      Kind // of the checkpoint being staged
 	direct    bool // this checkpoint writes straight to Dest
 	gpas      []GPA
-	slot      []int32 // per staged page: its data's index in chunks, or -1 for a zero page
+	data      [][]byte // per staged page: its bytes (in chunks, or kept), nil for a zero page
 	// chunks hold the staged bytes, stagingChunk pages each, kept across
 	// checkpoints: no large reallocation while the stream is being read.
 	chunks [][]byte
@@ -181,18 +181,43 @@ func (s *StagingSink) StagePage(gpa GPA, data []byte) error {
 	}
 	s.gpas = append(s.gpas, gpa)
 	if data == nil {
-		s.slot = append(s.slot, -1)
+		s.data = append(s.data, nil)
 		return nil
 	}
-	s.slot = append(s.slot, int32(s.used))
 	c, i := s.used/stagingChunk, s.used%stagingChunk
 	if c == len(s.chunks) {
 		s.chunks = append(s.chunks, make([]byte, stagingChunk*PageSize))
 	}
-	copy(s.chunks[c][i*PageSize:], data)
+	b := s.chunks[c][i*PageSize : (i+1)*PageSize]
+	copy(b, data)
+	s.data = append(s.data, b)
 	s.used++
 	return nil
 }
+
+// keepPage implements keeper: data (nil for a zero page) stays valid until
+// Commit or Abort, so it is staged without a copy, unless the checkpoint
+// goes straight to Dest (then kept is false: Dest has it already).
+func (s *StagingSink) keepPage(gpa GPA, data []byte) (kept bool, err error) {
+	if s.direct {
+		return false, s.StagePage(gpa, data)
+	}
+	s.gpas = append(s.gpas, gpa)
+	s.data = append(s.data, data)
+	return data != nil, nil
+}
+
+// keeper is a PageSink that can keep a page's bytes until Commit or Abort
+// instead of copying them (StagingSink): the Receiver then hands it the
+// frame's own buffer (a stored page section read and opened in place, or
+// decompressed), and reads the next frames into other buffers until the
+// checkpoint is committed or aborted. One copy of each page fewer.
+type keeper interface {
+	PageSink
+	keepPage(gpa GPA, data []byte) (kept bool, err error)
+}
+
+var _ keeper = (*StagingSink)(nil)
 
 // Commit implements PageSink.
 func (s *StagingSink) Commit() error {
@@ -235,11 +260,10 @@ func (s *StagingSink) apply(w, n int) error {
 			continue
 		}
 		var err error
-		if k := s.slot[i]; k < 0 {
+		if d := s.data[i]; d == nil {
 			err = s.writeZero(gpa)
 		} else {
-			c, j := int(k)/stagingChunk, int(k)%stagingChunk
-			err = s.Dest.WriteAt(s.chunks[c][j*PageSize:(j+1)*PageSize], gpa)
+			err = s.Dest.WriteAt(d, gpa)
 		}
 		if err != nil {
 			return fmt.Errorf("apply staged page %#x: %w", uint64(gpa), err)
@@ -263,5 +287,6 @@ func (s *StagingSink) writeZero(gpa GPA) error {
 }
 
 func (s *StagingSink) reset() {
-	s.gpas, s.slot, s.used = s.gpas[:0], s.slot[:0], 0
+	clear(s.data) // no kept buffer outlives the checkpoint here
+	s.gpas, s.data, s.used = s.gpas[:0], s.data[:0], 0
 }
