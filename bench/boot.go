@@ -115,43 +115,8 @@ func Boot(ctx context.Context, cfg BootConfig) ([]BootSample, error) {
 	if qemu == "" {
 		fmt.Fprintf(cfg.Log, "boot: qemu-system-x86_64 %v: measuring govmm alone (scripts/deps.sh bench installs it)\n", errNoPeer)
 	}
-	mem := fmt.Sprintf("%dM", cfg.MemMiB)
 	guestBytes := uint64(cfg.MemMiB) << 20
-	// The same guest for both: kernel, initrd, command line, memory, one
-	// vCPU and no devices beyond the console (QEMU's -nodefaults; govmm
-	// without a NIC, so that it adds nothing to the command line, and
-	// without its control socket, as QEMU runs without QMP). "govmm" and
-	// "qemu" boot the bzImage with vmm.BaseCmdline, what a user would
-	// pass either; the tuned pair boot with vmm.DefaultCmdline, govmm
-	// the vmlinux through PVH, QEMU the bzImage (SeaBIOS loads no ELF).
-	govmmCmd := func(kernel, cmdline string) func() *exec.Cmd {
-		return func() *exec.Cmd {
-			return exec.CommandContext(ctx, cfg.Govmm, "run", "--boot-trace", "--kernel", kernel, "--initrd", initrd, "--mem", mem, "--cpus", "1",
-				"--net", "none", "--api-sock", "", "--cmdline-base", cmdline)
-		}
-	}
-	qemuCmd := func(cmdline string) func() *exec.Cmd {
-		return func() *exec.Cmd {
-			return exec.CommandContext(ctx, qemu, "-enable-kvm", "-cpu", "host,-arch-capabilities", "-M", "pc,acpi=off", "-m", strconv.Itoa(cfg.MemMiB),
-				"-smp", "1", "-display", "none", "-nodefaults", "-no-user-config", "-serial", "stdio", "-monitor", "none",
-				"-no-reboot", "-kernel", kernel, "-initrd", initrd, "-append", cmdline,
-				"-device", "isa-debug-exit,iobase=0x600,iosize=1")
-		}
-	}
-	type peer struct {
-		name string
-		cmd  func() *exec.Cmd
-	}
-	peers := []peer{{"govmm", govmmCmd(kernel, vmm.BaseCmdline)}}
-	if qemu != "" {
-		peers = append(peers, peer{"qemu", qemuCmd(vmm.BaseCmdline)})
-	}
-	if cfg.Vmlinux != "" && guest == "default" {
-		peers = append(peers, peer{"govmm-tuned", govmmCmd(cfg.Vmlinux, vmm.DefaultCmdline)})
-		if qemu != "" {
-			peers = append(peers, peer{"qemu-tuned", qemuCmd(vmm.DefaultCmdline)})
-		}
-	}
+	peers := bootPeers(ctx, cfg, guest, kernel, initrd, qemu)
 	var samples []BootSample
 	for run := 1; run <= cfg.Runs; run++ {
 		for i := range peers {
@@ -178,6 +143,52 @@ func Boot(ctx context.Context, cfg BootConfig) ([]BootSample, error) {
 		}
 	}
 	return samples, nil
+}
+
+// bootPeer is one way of booting the guest that Boot measures: its name
+// in the samples and how to start it.
+type bootPeer struct {
+	name string
+	cmd  func() *exec.Cmd
+}
+
+// bootPeers lists what Boot measures: govmm, QEMU when there is one (qemu
+// is its path, or empty), and with cfg.Vmlinux on the default guest their
+// tuned pair.
+func bootPeers(ctx context.Context, cfg BootConfig, guest, kernel, initrd, qemu string) []bootPeer {
+	mem := fmt.Sprintf("%dM", cfg.MemMiB)
+	// The same guest for both: kernel, initrd, command line, memory, one
+	// vCPU and no devices beyond the console (QEMU's -nodefaults; govmm
+	// without a NIC, so that it adds nothing to the command line, and
+	// without its control socket, as QEMU runs without QMP). "govmm" and
+	// "qemu" boot the bzImage with vmm.BaseCmdline, what a user would
+	// pass either; the tuned pair boot with vmm.DefaultCmdline, govmm
+	// the vmlinux through PVH, QEMU the bzImage (SeaBIOS loads no ELF).
+	govmmCmd := func(kernel, cmdline string) func() *exec.Cmd {
+		return func() *exec.Cmd {
+			return exec.CommandContext(ctx, cfg.Govmm, "run", "--boot-trace", "--kernel", kernel, "--initrd", initrd, "--mem", mem, "--cpus", "1",
+				"--net", "none", "--api-sock", "", "--cmdline-base", cmdline)
+		}
+	}
+	qemuCmd := func(cmdline string) func() *exec.Cmd {
+		return func() *exec.Cmd {
+			return exec.CommandContext(ctx, qemu, "-enable-kvm", "-cpu", "host,-arch-capabilities", "-M", "pc,acpi=off", "-m", strconv.Itoa(cfg.MemMiB),
+				"-smp", "1", "-display", "none", "-nodefaults", "-no-user-config", "-serial", "stdio", "-monitor", "none",
+				"-no-reboot", "-kernel", kernel, "-initrd", initrd, "-append", cmdline,
+				"-device", "isa-debug-exit,iobase=0x600,iosize=1")
+		}
+	}
+	peers := []bootPeer{{"govmm", govmmCmd(kernel, vmm.BaseCmdline)}}
+	if qemu != "" {
+		peers = append(peers, bootPeer{"qemu", qemuCmd(vmm.BaseCmdline)})
+	}
+	if cfg.Vmlinux != "" && guest == "default" {
+		peers = append(peers, bootPeer{"govmm-tuned", govmmCmd(cfg.Vmlinux, vmm.DefaultCmdline)})
+		if qemu != "" {
+			peers = append(peers, bootPeer{"qemu-tuned", qemuCmd(vmm.DefaultCmdline)})
+		}
+	}
+	return peers
 }
 
 func writeBootCSV(path string, samples []BootSample) error {

@@ -100,41 +100,15 @@ type MigrateResult struct {
 // says why: whichever way an ack and a timeout race, the guest never runs
 // at both ends.
 func Migrate(ctx context.Context, m *vmm.Machine, cfg MigrateConfig) (MigrateResult, error) {
-	if cfg.StopPages <= 0 {
-		cfg.StopPages = 256
-	}
-	if cfg.MaxRounds <= 0 {
-		cfg.MaxRounds = 30
-	}
-	if cfg.AckTimeout <= 0 {
-		cfg.AckTimeout = 30 * time.Second
-	}
+	cfg.setDefaults()
 	progress := cfg.Progress
-	if progress == nil {
-		progress = func(Progress) {}
-	}
 	start := time.Now()
 	var res MigrateResult
-	log := cfg.Logger
-	if log == nil {
-		log = slog.Default()
-	}
-	log = log.With("component", "replicate", "peer", cfg.To)
+	log := cfg.Logger.With("component", "replicate", "peer", cfg.To)
 
-	if cfg.Fence != nil {
-		// The destination claims from the generation in the hello: one that
-		// a standby left behind knows (replication just stopped, as a
-		// forced migration does) must be advanced past first, or the
-		// destination's claim would race the advance and lose after the
-		// handover.
-		if err := cfg.Fence.settle(ctx); err != nil {
-			return res, fmt.Errorf("migrate: %w", err)
-		}
-	}
-	s, err := stream.Dial(ctx, cfg.To, stream.Config{Key: cfg.Key, Insecure: cfg.Insecure,
-		Identity: cfg.Fence.identity(IdentityOf(m, cfg.Name, cfg.Devices)), Compression: cfg.Compression, Deltas: cfg.Deltas})
+	s, err := dialMigration(ctx, m, cfg)
 	if err != nil {
-		return res, fmt.Errorf("migrate to %s: %w", cfg.To, err)
+		return res, err
 	}
 	defer s.Close() // a goodbye: the destination discards the migration
 	res.Connect = time.Since(start)
@@ -167,11 +141,8 @@ func Migrate(ctx context.Context, m *vmm.Machine, cfg MigrateConfig) (MigrateRes
 
 	// Let the destination finish applying the pre-copy rounds first, so
 	// the downtime is not spent waiting behind them.
-	wctx, wcancel := context.WithTimeout(ctx, cfg.AckTimeout)
 	ackFrom := time.Now()
-	err = s.WaitAck(wctx, epoch)
-	wcancel()
-	if err != nil {
+	if err := waitAck(ctx, s, epoch, cfg.AckTimeout); err != nil {
 		return res, fmt.Errorf("migrate: pre-copy round %d not acknowledged: %w", res.Rounds, err)
 	}
 	res.AckWait = time.Since(ackFrom)
@@ -203,6 +174,53 @@ func Migrate(ctx context.Context, m *vmm.Machine, cfg MigrateConfig) (MigrateRes
 		"wire_bytes", res.BytesSent, "pages", res.PagesSent, "zero_pages", st.ZeroPages, "seal", st.SealTime, "write", st.WriteTime)
 	progress(Progress{Round: res.Rounds, Phase: "done", BytesSent: res.BytesSent})
 	return res, nil
+}
+
+// setDefaults fills in the fields left zero.
+func (cfg *MigrateConfig) setDefaults() {
+	if cfg.StopPages <= 0 {
+		cfg.StopPages = 256
+	}
+	if cfg.MaxRounds <= 0 {
+		cfg.MaxRounds = 30
+	}
+	if cfg.AckTimeout <= 0 {
+		cfg.AckTimeout = 30 * time.Second
+	}
+	if cfg.Progress == nil {
+		cfg.Progress = func(Progress) {}
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+}
+
+// dialMigration connects to the destination, with the witness's
+// generation settled first when there is one.
+func dialMigration(ctx context.Context, m *vmm.Machine, cfg MigrateConfig) (*stream.Sender, error) {
+	if cfg.Fence != nil {
+		// The destination claims from the generation in the hello: one that
+		// a standby left behind knows (replication just stopped, as a
+		// forced migration does) must be advanced past first, or the
+		// destination's claim would race the advance and lose after the
+		// handover.
+		if err := cfg.Fence.settle(ctx); err != nil {
+			return nil, fmt.Errorf("migrate: %w", err)
+		}
+	}
+	s, err := stream.Dial(ctx, cfg.To, stream.Config{Key: cfg.Key, Insecure: cfg.Insecure,
+		Identity: cfg.Fence.identity(IdentityOf(m, cfg.Name, cfg.Devices)), Compression: cfg.Compression, Deltas: cfg.Deltas})
+	if err != nil {
+		return nil, fmt.Errorf("migrate to %s: %w", cfg.To, err)
+	}
+	return s, nil
+}
+
+// waitAck waits at most timeout for the destination's ack of epoch.
+func waitAck(ctx context.Context, s *stream.Sender, epoch uint64, timeout time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	return s.WaitAck(ctx, epoch)
 }
 
 // stopAndCopy runs inside the stop-and-copy pause: the last dirty pages,
@@ -242,10 +260,7 @@ func stopAndCopy(ctx context.Context, m *vmm.Machine, s *stream.Sender, tracker 
 	if err := s.EndCheckpoint(); err != nil {
 		return false, nil, err
 	}
-	actx, cancel := context.WithTimeout(ctx, cfg.AckTimeout)
-	err = s.WaitAck(actx, final)
-	cancel()
-	if err != nil {
+	if err := waitAck(ctx, s, final, cfg.AckTimeout); err != nil {
 		// Abort before resuming here: the goodbye tells the destination
 		// to discard the final checkpoint even if it acknowledged it just
 		// now.

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"os"
 	"os/exec"
@@ -68,20 +69,8 @@ func cmdLab(args []string) error {
 		return err
 	}
 	command := fs.Args()
-	// --hold-kvm and --needed run no L1 and no command: the flags that
-	// shape either would be ignored.
-	for _, only := range []string{"hold-kvm", "needed"} {
-		if !given(fs)[only] {
-			continue
-		}
-		if len(command) > 0 {
-			return usagef("lab", "--%s takes no command", only)
-		}
-		others := []string{"cpus", "pin", "mem", "timeout", "tcg", "qemu", "retries", "trace-kvm", "if-needed", "share", "env", "hold-kvm", "needed"}
-		others = slices.DeleteFunc(others, func(n string) bool { return n == only })
-		if err := refuseUnused(fs, "with --"+only+", which runs no command", others...); err != nil {
-			return err
-		}
+	if err := refuseWithoutCommand(fs, command); err != nil {
+		return err
 	}
 	if *holdKVM {
 		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -127,6 +116,26 @@ func cmdLab(args []string) error {
 	}
 	if status != 0 {
 		return exitError{status}
+	}
+	return nil
+}
+
+// refuseWithoutCommand refuses a command, and every other flag, beside
+// --hold-kvm or --needed: they run no L1 and no command, so the flags that
+// shape either would be ignored.
+func refuseWithoutCommand(fs *flag.FlagSet, command []string) error {
+	for _, only := range []string{"hold-kvm", "needed"} {
+		if !given(fs)[only] {
+			continue
+		}
+		if len(command) > 0 {
+			return usagef("lab", "--%s takes no command", only)
+		}
+		others := []string{"cpus", "pin", "mem", "timeout", "tcg", "qemu", "retries", "trace-kvm", "if-needed", "share", "env", "hold-kvm", "needed"}
+		others = slices.DeleteFunc(others, func(n string) bool { return n == only })
+		if err := refuseUnused(fs, "with --"+only+", which runs no command", others...); err != nil {
+			return err
+		}
 	}
 	return nil
 }

@@ -224,21 +224,9 @@ func cmdRun(args []string) error {
 	if total, err := vmm.HostMemory(); err == nil && mem > total {
 		return fmt.Errorf("--mem %s: more than this host has (%s)", f.mem, ctlBytes(total))
 	}
-	kernel, initrd, err := loadImage(f.kernel, f.initrd)
+	kernel, initrd, cmdline, err := bootFiles(&f, command)
 	if err != nil {
 		return err
-	}
-	if reason := lab.Emulated(); reason != "" && f.kernel == "" {
-		fmt.Fprintf(os.Stderr, "govmm: warning: %s\n", reason)
-	}
-	cmdline := f.cmdlineBase
-	if len(command) > 0 {
-		arch, err := guestimg.CommandArchive(command)
-		if err != nil {
-			return err
-		}
-		initrd = append(initrd, arch...)
-		cmdline += " loglevel=1" // the command's output alone, but panics still show
 	}
 	var lease *witness.Lease
 	if f.witness != "" {
@@ -288,6 +276,29 @@ func cmdRun(args []string) error {
 		go trace.report(m)
 	}
 	return supervise(m, &f, devs, replicate.NewNode(replicate.Booted, replicate.Takeover{}, fence))
+}
+
+// bootFiles loads the kernel and initramfs (--kernel and --initrd, or the
+// default image), appends the guest command's archive when there is one,
+// and returns them with the start of the kernel command line.
+func bootFiles(f *runFlags, command []string) (kernel, initrd []byte, cmdline string, err error) {
+	kernel, initrd, err = loadImage(f.kernel, f.initrd)
+	if err != nil {
+		return nil, nil, "", err
+	}
+	if reason := lab.Emulated(); reason != "" && f.kernel == "" {
+		fmt.Fprintf(os.Stderr, "govmm: warning: %s\n", reason)
+	}
+	cmdline = f.cmdlineBase
+	if len(command) > 0 {
+		arch, err := guestimg.CommandArchive(command)
+		if err != nil {
+			return nil, nil, "", err
+		}
+		initrd = append(initrd, arch...)
+		cmdline += " loglevel=1" // the command's output alone, but panics still show
+	}
+	return kernel, initrd, cmdline, nil
 }
 
 // supervise serves the control API, starts replication when asked,

@@ -216,59 +216,17 @@ func (r *frameReader) next() (*frame, error) {
 	}
 	n := int(h.length)
 	var p []byte
-	trailer := macSize
-	if r.aead != nil {
-		trailer = tagSize
-		// Ciphertext and tag, opened in place.
-		if cap(r.cur.buf) < n+tagSize {
-			r.cur.buf = make([]byte, n+tagSize, max(n+tagSize, 64<<10))
-		}
-		ct := r.cur.buf[:n+tagSize]
-		if _, err := io.ReadFull(r.br, ct[:n]); err != nil {
-			return nil, truncated(h.typ.String()+" frame", err)
-		}
-		if _, err := io.ReadFull(r.br, ct[n:]); err != nil {
-			return nil, truncated(h.typ.String()+" frame tag", err)
-		}
-		t0 := time.Now()
-		p, err = r.aead.Open(ct[:0], frameNonce(&r.nonce, h.seq), ct, r.hdr[:])
-		r.ctr.openNanos.Add(int64(time.Since(t0)))
-		if err != nil {
-			return nil, fmt.Errorf("%v frame %d: tag mismatch (corrupted or forged): %w", h.typ, h.seq, ErrAuth)
-		}
-	} else if r.plain {
-		trailer = crcSize
-		if cap(r.cur.buf) < n+crcSize {
-			r.cur.buf = make([]byte, n+crcSize, max(n+crcSize, 64<<10))
-		}
-		b := r.cur.buf[:n+crcSize]
-		if _, err := io.ReadFull(r.br, b[:n]); err != nil {
-			return nil, truncated(h.typ.String()+" frame", err)
-		}
-		if _, err := io.ReadFull(r.br, b[n:]); err != nil {
-			return nil, truncated(h.typ.String()+" frame crc", err)
-		}
-		p = b[:n]
-		if frameCRC(h.typ, r.hdr[:], p) != binary.LittleEndian.Uint32(b[n:]) {
-			return nil, fmt.Errorf("%v frame %d: crc mismatch (corrupted): %w", h.typ, h.seq, ErrAuth)
-		}
-	} else {
-		if cap(r.cur.buf) < n {
-			r.cur.buf = make([]byte, n, max(n, 64<<10))
-		}
-		p = r.cur.buf[:n]
-		if _, err := io.ReadFull(r.br, p); err != nil {
-			return nil, truncated(h.typ.String()+" frame", err)
-		}
-		if _, err := io.ReadFull(r.br, r.sum[:]); err != nil {
-			return nil, truncated(h.typ.String()+" frame mac", err)
-		}
-		r.mac.Reset()
-		r.mac.Write(r.hdr[:])
-		r.mac.Write(p)
-		if !hmac.Equal(r.mac.Sum(r.want[:0]), r.sum[:]) {
-			return nil, fmt.Errorf("%v frame %d: mac mismatch (corrupted or forged): %w", h.typ, h.seq, ErrAuth)
-		}
+	var trailer int
+	switch {
+	case r.aead != nil:
+		p, trailer, err = r.readSealed(h)
+	case r.plain:
+		p, trailer, err = r.readCRC(h)
+	default:
+		p, trailer, err = r.readMAC(h)
+	}
+	if err != nil {
+		return nil, err
 	}
 	if err := checkHeader(r.hdr[:], h); err != nil {
 		return nil, err
@@ -283,6 +241,72 @@ func (r *frameReader) next() (*frame, error) {
 		return nil, err
 	}
 	return f, nil
+}
+
+// scratch returns the current slot's buffer cut to size bytes, grown first when
+// it is too small (to at least 64 KiB, so that small frames share one).
+func (r *frameReader) scratch(size int) []byte {
+	if cap(r.cur.buf) < size {
+		r.cur.buf = make([]byte, size, max(size, 64<<10))
+	}
+	return r.cur.buf[:size]
+}
+
+// readSealed reads h's ciphertext and tag and opens them in place; it
+// returns the payload and the trailer's size.
+func (r *frameReader) readSealed(h header) ([]byte, int, error) {
+	n := int(h.length)
+	ct := r.scratch(n + tagSize)
+	if _, err := io.ReadFull(r.br, ct[:n]); err != nil {
+		return nil, 0, truncated(h.typ.String()+" frame", err)
+	}
+	if _, err := io.ReadFull(r.br, ct[n:]); err != nil {
+		return nil, 0, truncated(h.typ.String()+" frame tag", err)
+	}
+	t0 := time.Now()
+	p, err := r.aead.Open(ct[:0], frameNonce(&r.nonce, h.seq), ct, r.hdr[:])
+	r.ctr.openNanos.Add(int64(time.Since(t0)))
+	if err != nil {
+		return nil, 0, fmt.Errorf("%v frame %d: tag mismatch (corrupted or forged): %w", h.typ, h.seq, ErrAuth)
+	}
+	return p, tagSize, nil
+}
+
+// readCRC reads h's payload and its CRC32C trailer (a plain session) and
+// checks them; it returns the payload and the trailer's size.
+func (r *frameReader) readCRC(h header) ([]byte, int, error) {
+	n := int(h.length)
+	b := r.scratch(n + crcSize)
+	if _, err := io.ReadFull(r.br, b[:n]); err != nil {
+		return nil, 0, truncated(h.typ.String()+" frame", err)
+	}
+	if _, err := io.ReadFull(r.br, b[n:]); err != nil {
+		return nil, 0, truncated(h.typ.String()+" frame crc", err)
+	}
+	p := b[:n]
+	if frameCRC(h.typ, r.hdr[:], p) != binary.LittleEndian.Uint32(b[n:]) {
+		return nil, 0, fmt.Errorf("%v frame %d: crc mismatch (corrupted): %w", h.typ, h.seq, ErrAuth)
+	}
+	return p, crcSize, nil
+}
+
+// readMAC reads h's payload and its HMAC trailer (before the session is
+// keyed) and checks them; it returns the payload and the trailer's size.
+func (r *frameReader) readMAC(h header) ([]byte, int, error) {
+	p := r.scratch(int(h.length))
+	if _, err := io.ReadFull(r.br, p); err != nil {
+		return nil, 0, truncated(h.typ.String()+" frame", err)
+	}
+	if _, err := io.ReadFull(r.br, r.sum[:]); err != nil {
+		return nil, 0, truncated(h.typ.String()+" frame mac", err)
+	}
+	r.mac.Reset()
+	r.mac.Write(r.hdr[:])
+	r.mac.Write(p)
+	if !hmac.Equal(r.mac.Sum(r.want[:0]), r.sum[:]) {
+		return nil, 0, fmt.Errorf("%v frame %d: mac mismatch (corrupted or forged): %w", h.typ, h.seq, ErrAuth)
+	}
+	return p, macSize, nil
 }
 
 func truncated(what string, err error) error {

@@ -104,24 +104,7 @@ func main() {
 	in.setupNetwork()
 	in.debugf("network up")
 
-	logPath := filepath.Join(dataDir, "log.txt")
-	switch writable, err := in.setupDisk(); {
-	case errors.Is(err, errNoDisk):
-		logPath = "/tmp/log.txt"
-		in.say("no disk: the demo log is %s and does not survive a reboot", logPath)
-	case err != nil:
-		logPath = "/tmp/log.txt"
-		in.errorf("disk: %v; the demo log is %s", err, logPath)
-	case !writable:
-		logPath = "/tmp/log.txt"
-		in.say("the demo log is %s", logPath)
-	}
-	in.debugf("disk ready")
-	go in.superviseDemo(logPath)
-	if err := waitListening(demoPort, 3*time.Second); err != nil {
-		in.errorf("demo service: %v", err)
-	}
-	in.debugf("demo listening")
+	in.startDemo()
 
 	if in.cmdMode {
 		go in.runCommand()
@@ -142,6 +125,30 @@ func main() {
 			go in.shutdown(actReboot, 0)
 		}
 	}
+}
+
+// startDemo prepares the data disk and starts the demo service, whose log
+// lives on the disk when it is there and writable, in /tmp otherwise, and
+// waits until the service listens.
+func (in *initProc) startDemo() {
+	logPath := filepath.Join(dataDir, "log.txt")
+	switch writable, err := in.setupDisk(); {
+	case errors.Is(err, errNoDisk):
+		logPath = "/tmp/log.txt"
+		in.say("no disk: the demo log is %s and does not survive a reboot", logPath)
+	case err != nil:
+		logPath = "/tmp/log.txt"
+		in.errorf("disk: %v; the demo log is %s", err, logPath)
+	case !writable:
+		logPath = "/tmp/log.txt"
+		in.say("the demo log is %s", logPath)
+	}
+	in.debugf("disk ready")
+	go in.superviseDemo(logPath)
+	if err := waitListening(demoPort, 3*time.Second); err != nil {
+		in.errorf("demo service: %v", err)
+	}
+	in.debugf("demo listening")
 }
 
 // say prints an informational line, except in command mode.
