@@ -134,8 +134,10 @@ type pageSlicer interface {
 	Slice(gpa GPA, n uint64) ([]byte, error)
 }
 
-// StagingSink stages pages in fixed-size chunks and copies them into Dest on
-// commit: the standby's staging buffer. As long as no resumable checkpoint
+// StagingSink stages pages and copies them into Dest on commit: the
+// standby's staging buffer. A Receiver leaves it each Pages frame's own
+// buffer until then (keepPage), so a page is copied once; pages handed to
+// StagePage are copied into fixed-size chunks first. As long as no resumable checkpoint
 // (KindEpoch, KindFinal) has been committed there is nothing in Dest to
 // protect, so initial-sync pages go straight into Dest, sparing a second
 // copy of the whole guest. Use it from one goroutine (the Receiver's).
