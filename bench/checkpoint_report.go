@@ -16,7 +16,7 @@ type sampleGroup struct {
 	epoch                                          time.Duration
 	n                                              int
 	dirty, pause, stop, harvest, copy, state, rest Summary
-	ack, length, bpp, background                   Summary
+	ack, length, bpp, background, preHarvest       Summary
 	copyMode, copyUsed                             string
 	comp                                           StreamMode
 	content                                        string
@@ -51,7 +51,7 @@ func groupSamples(samples []CheckpointSample) []sampleGroup {
 
 // summarizeGroup is the order statistics of one run's epochs.
 func summarizeGroup(k groupKey, ss []CheckpointSample) sampleGroup {
-	var dirty, pause, stop, harvest, cp, state, rest, ack, length, bpp, bg []float64
+	var dirty, pause, stop, harvest, pre, cp, state, rest, ack, length, bpp, bg []float64
 	used := map[string]bool{}
 	for _, s := range ss {
 		es := s.Stats
@@ -61,6 +61,7 @@ func summarizeGroup(k groupKey, ss []CheckpointSample) sampleGroup {
 		pause = append(pause, usOf(es.Pause))
 		stop = append(stop, usOf(es.Stop))
 		harvest = append(harvest, usOf(es.Harvest))
+		pre = append(pre, usOf(es.PreHarvest))
 		cp = append(cp, usOf(es.Copy))
 		state = append(state, usOf(es.State))
 		rest = append(rest, usOf(restOf(es)))
@@ -74,7 +75,7 @@ func summarizeGroup(k groupKey, ss []CheckpointSample) sampleGroup {
 	}
 	return sampleGroup{nominal: k.n, epoch: k.e, n: len(ss), dirty: Summarize(dirty), pause: Summarize(pause),
 		stop: Summarize(stop), harvest: Summarize(harvest), copy: Summarize(cp), state: Summarize(state), rest: Summarize(rest),
-		ack: Summarize(ack), length: Summarize(length), bpp: Summarize(bpp), background: Summarize(bg),
+		ack: Summarize(ack), length: Summarize(length), bpp: Summarize(bpp), background: Summarize(bg), preHarvest: Summarize(pre),
 		copyMode: k.copy, copyUsed: strings.Join(sortedKeys(used), "+"), comp: k.comp, content: k.content}
 }
 
@@ -111,7 +112,7 @@ func (r *CheckpointResult) reportIntro(b *strings.Builder) {
 		"Raw data: `checkpoint.csv` (one row per epoch), `checkpoint_harvest.csv`, `checkpoint_bounds.csv`, `checkpoint_compress.csv`; plots `checkpoint_pause.png` (pause and ack against dirty pages, per copy mode), "+
 		"`checkpoint_breakdown.png` (each step's median against the dirty pages), `checkpoint_stream.png` (wire bytes per dirty page and time to ack per stream mode), `checkpoint_harvest.png` (harvest alone, per tracking mode); all log–log.\n\n",
 		platform(), r.Config.Warmup, r.Config.Epochs)
-	b.WriteString("Step names are replicate's `EpochStats`: *stop* is pausing the vCPUs and quiescing the devices; *harvest* takes the dirty set alone (KVM's log and the VMM's own bitmap) with the guest already stopped; " +
+	b.WriteString("Step names are replicate's `EpochStats`: *stop* is pausing the vCPUs and quiescing the devices; *harvest* takes the dirty set alone (KVM's log and the VMM's own bitmap) with the guest already stopped, only the pages written since the *pre-harvest*, which takes the rest just before the pause with the guest running (not part of the pause); " +
 		"*copy* is copying the dirty pages into the staging buffer (one buffer, reused from epoch to epoch), or with copy-on-write write-protecting them, whose copy then runs after the resume (*background copy*: from the resume until every page is copied); *state* is SaveState + marshal, the epoch's disk writes and sealing its output; *rest* = pause − the four, i.e. resuming the vCPUs. " +
 		"*Ack* runs from the resume to the standby's ack (streaming the staging buffer, applying it, acking).\n\n")
 	fmt.Fprintf(b, "Each working set runs once per copy mode (*stop*: stop-and-copy; *cow*: copy-on-write; this run: %s), per page content (*sparse*: the Dirtier's one byte per page over zeroes; *binary*: the same writes over pages holding a copy of this program's executable, x86 code and data) "+
@@ -120,8 +121,8 @@ func (r *CheckpointResult) reportIntro(b *strings.Builder) {
 }
 
 func (r *CheckpointResult) reportRuns(b *strings.Builder) {
-	b.WriteString("| working set | copy (used) | content | stream | epoch | epochs | dirty pages/epoch median (p25–p75) | wire B/page median | × none | pause median µs (p25–p75) | stop µs | harvest µs | copy µs | state µs | rest µs | background copy µs median | ack median µs (p25–p75) | actual epoch length ms | memcpy bound µs | loopback bound µs | pause / memcpy | ack / loopback |\n")
-	b.WriteString("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+	b.WriteString("| working set | copy (used) | content | stream | epoch | epochs | dirty pages/epoch median (p25–p75) | wire B/page median | × none | pause median µs (p25–p75) | stop µs | harvest µs | pre-harvest µs (guest running) | copy µs | state µs | rest µs | background copy µs median | ack median µs (p25–p75) | actual epoch length ms | memcpy bound µs | loopback bound µs | pause / memcpy | ack / loopback |\n")
+	b.WriteString("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	groups := groupSamples(r.Samples)
 	rawBPP := map[string]float64{}
 	for _, g := range groups {
@@ -132,10 +133,10 @@ func (r *CheckpointResult) reportRuns(b *strings.Builder) {
 	for _, g := range groups {
 		mc := boundAt(r.Bounds, "memcpy", g.dirty.Median)
 		lb := boundAt(r.Bounds, "loopback", g.dirty.Median)
-		fmt.Fprintf(b, "| %d | %s (%s) | %s | %v | %v | %d | %.0f (%.0f–%.0f) | %.0f | %.3f | %.0f (%.0f–%.0f) | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f (%.0f–%.0f) | %.1f | %.0f | %.0f | %.1f× | %.1f× |\n",
+		fmt.Fprintf(b, "| %d | %s (%s) | %s | %v | %v | %d | %.0f (%.0f–%.0f) | %.0f | %.3f | %.0f (%.0f–%.0f) | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f (%.0f–%.0f) | %.1f | %.0f | %.0f | %.1f× | %.1f× |\n",
 			g.nominal, g.copyMode, g.copyUsed, g.content, g.comp, g.epoch, g.n, g.dirty.Median, g.dirty.P25, g.dirty.P75,
 			g.bpp.Median, g.bpp.Median/rawBPP[fmt.Sprint(g.nominal, g.copyMode, g.content)],
-			g.pause.Median, g.pause.P25, g.pause.P75, g.stop.Median, g.harvest.Median, g.copy.Median, g.state.Median, g.rest.Median,
+			g.pause.Median, g.pause.P25, g.pause.P75, g.stop.Median, g.harvest.Median, g.preHarvest.Median, g.copy.Median, g.state.Median, g.rest.Median,
 			g.background.Median, g.ack.Median, g.ack.P25, g.ack.P75, g.length.Median, mc, lb, g.pause.Median/mc, g.ack.Median/lb)
 	}
 }

@@ -24,11 +24,11 @@ func (r *CheckpointResult) writeEpochs(dir string) error {
 			strconv.Itoa(es.DirtyPages), ftoa(usOf(es.Pause), 1), ftoa(usOf(es.Stop), 1), ftoa(usOf(es.Harvest), 1),
 			ftoa(usOf(es.Copy), 1), ftoa(usOf(es.State), 1), ftoa(usOf(restOf(es)), 1), ftoa(usOf(es.AckTime), 1),
 			ftoa(msOf(es.Length), 3), strconv.FormatUint(es.Bytes, 10), s.Copy, es.CopyMode, ftoa(usOf(es.Background), 1),
-			s.Mode.String(), s.Content, ftoa(bytesPerPage(es), 1)})
+			s.Mode.String(), s.Content, ftoa(bytesPerPage(es), 1), ftoa(usOf(es.PreHarvest), 1)})
 	}
 	return writeCSV(filepath.Join(dir, "checkpoint.csv"), []string{"nominal_pages", "epoch_ms", "epoch", "dirty_pages",
 		"pause_us", "stop_us", "harvest_us", "copy_us", "state_us", "rest_us", "ack_us", "length_ms", "bytes",
-		"copy", "copy_used", "background_us", "stream", "content", "bytes_per_dirty_page"}, rows)
+		"copy", "copy_used", "background_us", "stream", "content", "bytes_per_dirty_page", "preharvest_us"}, rows)
 }
 
 func (r *CheckpointResult) writeCompress(dir string) error {

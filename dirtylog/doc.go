@@ -47,12 +47,17 @@
 //     harvest or in the next one, never in neither (see Harvest for why).
 //   - With every vCPU paused and every device quiesced, Harvest is a
 //     consistent cut: nothing else writes guest memory, so the set is
-//     exactly the pages written since the previous Harvest.
+//     exactly the pages written since the previous Harvest. So a
+//     harvest with vCPUs running followed by one at the cut, ORed, is
+//     exactly the pages written since the harvest before them: the
+//     replicator's pre-harvest (replicate/preharvest.go) takes most of
+//     a checkpoint's harvest out of its pause that way.
 //
 // # Goroutines
 //
 // A Tracker may be used from any goroutine; Harvest and Close serialise on
-// a mutex. Harvest may run while vCPUs run (pre-copy rounds) and while
+// a mutex. Harvest may run while vCPUs run (pre-copy rounds, the
+// replicator's pre-harvest) and while
 // devices write guest memory. A Set is plain data: it is not safe for
 // concurrent mutation, and it is never shared by the Tracker after
 // Harvest returns it. With rings, a vCPU stopped on a full ring reaps

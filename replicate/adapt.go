@@ -58,3 +58,31 @@ func nextEpoch(cur, lo, hi time.Duration, l epochLoad) time.Duration {
 	}
 	return cur
 }
+
+// adapt sets the next epoch's length from the last checkpoint's pause
+// (the part that grows with the dirty set: harvest and copy; stopping and
+// resuming the vCPUs cost the same at any epoch, and on a busy host they
+// swing with the scheduler, not with the guest), the last acknowledged
+// one's time to ack and whether checkpoints are
+// waiting for the standby (waited: the loop just did), and returns it.
+// With fixed epochs it is always cfg.Epoch.
+func (r *Replicator) adapt(waited bool) time.Duration {
+	if r.cfg.MaxEpoch == 0 {
+		return r.cfg.Epoch
+	}
+	epoch := r.currentEpoch()
+	l := epochLoad{Behind: waited || r.t.Acked()+uint64(r.cfg.MaxUnacked) <= epoch}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if n := len(r.recent); n > 0 {
+		l.Pause = r.recent[n-1].Harvest + r.recent[n-1].Copy
+	}
+	for i := len(r.recent) - 1; i >= 0; i-- {
+		if r.recent[i].AckTime > 0 {
+			l.Ack = r.recent[i].AckTime
+			break
+		}
+	}
+	r.target = nextEpoch(r.target, r.cfg.Epoch, r.cfg.MaxEpoch, l)
+	return r.target
+}

@@ -52,6 +52,9 @@ type ReplicateConfig struct {
 	// Copy is how each checkpoint copies the dirty pages (CopyAuto when
 	// empty).
 	Copy CopyMode
+	// NoPreHarvest takes the whole dirty-log harvest in the pause, as
+	// before the pre-harvest (preharvest.go) existed: for measuring it.
+	NoPreHarvest bool
 	// MaxEpoch, if set, makes epochs adaptive: when the guest dirties so
 	// much that the pause or the stream would fall behind, the epoch
 	// lengthens, up to MaxEpoch, and shortens back toward Epoch when the

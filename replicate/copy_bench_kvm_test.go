@@ -16,8 +16,10 @@ import (
 )
 
 // BenchmarkCheckpointCopy compares the pause of stop-and-copy and
-// copy-on-write checkpoints side by side, on the Dirtier over 100, 4096
-// and 65536 pages, checkpoints going to the null transport. Each run
+// copy-on-write checkpoints side by side, with the pre-harvest and
+// without (pre=false: the whole harvest in the pause), on the Dirtier
+// over 100, 4096 and 65536 pages, checkpoints going to the null
+// transport. Each run
 // reports the medians over its epochs (after a warm-up) as metrics;
 // `govmm bench checkpoint` is where the numbers are kept, this is the
 // quick look while working on the copy:
@@ -27,16 +29,18 @@ func BenchmarkCheckpointCopy(b *testing.B) {
 	kvmtest.Require(b)
 	for _, pages := range []int{100, 4096, 65536} {
 		for _, mode := range []CopyMode{CopyStop, CopyCoW} {
-			b.Run(fmt.Sprintf("pages=%d/copy=%s", pages, mode), func(b *testing.B) {
-				for range b.N {
-					benchCheckpointCopy(b, pages, mode)
-				}
-			})
+			for _, pre := range []bool{false, true} {
+				b.Run(fmt.Sprintf("pages=%d/copy=%s/pre=%v", pages, mode, pre), func(b *testing.B) {
+					for range b.N {
+						benchCheckpointCopy(b, pages, mode, pre)
+					}
+				})
+			}
 		}
 	}
 }
 
-func benchCheckpointCopy(b *testing.B, pages int, mode CopyMode) {
+func benchCheckpointCopy(b *testing.B, pages int, mode CopyMode, pre bool) {
 	const warmup, epochs = 3, 15
 	mem := uint64(64 << 20)
 	for mem < dirtyBase+uint64(pages)*guestmem.PageSize+1<<20 {
@@ -58,7 +62,7 @@ func benchCheckpointCopy(b *testing.B, pages int, mode CopyMode) {
 		epoch = time.Second
 	}
 	rep, err := StartReplication(context.Background(), m, ReplicateConfig{Transport: NewNullTransport(), Name: "bench",
-		Epoch: epoch, Copy: mode, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+		Epoch: epoch, Copy: mode, NoPreHarvest: !pre, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -88,6 +92,7 @@ func benchCheckpointCopy(b *testing.B, pages int, mode CopyMode) {
 	b.ReportMetric(med(func(es EpochStats) time.Duration { return es.Pause }), "pause-µs")
 	b.ReportMetric(med(func(es EpochStats) time.Duration { return es.Stop }), "stop-µs")
 	b.ReportMetric(med(func(es EpochStats) time.Duration { return es.Harvest }), "harvest-µs")
+	b.ReportMetric(med(func(es EpochStats) time.Duration { return es.PreHarvest }), "preharvest-µs")
 	b.ReportMetric(med(func(es EpochStats) time.Duration { return es.Copy }), "copy-µs")
 	b.ReportMetric(med(func(es EpochStats) time.Duration { return es.State }), "state-µs")
 	b.ReportMetric(med(func(es EpochStats) time.Duration { return es.Background }), "background-µs")

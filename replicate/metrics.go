@@ -10,10 +10,14 @@ import (
 
 // EpochStats describes one checkpoint.
 type EpochStats struct {
-	Epoch   uint64
-	Pause   time.Duration // guest stopped: stop + harvest + copy + state + resume
-	Stop    time.Duration // pausing the vCPUs and quiescing devices
-	Harvest time.Duration
+	Epoch uint64
+	Pause time.Duration // guest stopped: stop + harvest + copy + state + resume
+	Stop  time.Duration // pausing the vCPUs and quiescing devices
+	// Harvest is the dirty-log harvest in the pause; PreHarvest the one
+	// just before it, the guest running (preharvest.go; zero with
+	// NoPreHarvest), whose pages the pause's harvest need not re-arm.
+	Harvest    time.Duration
+	PreHarvest time.Duration
 	// Copy is the pause's part in copying the dirty pages: all of the
 	// copy (CopyMode "stop"), or write-protecting them ("cow").
 	Copy  time.Duration

@@ -21,6 +21,12 @@ type testHooks struct {
 	// atCut runs at every checkpoint's cut while the guest is paused
 	// (tests compare the standby's memory or disk with the primary's).
 	atCut func(epoch uint64)
+	// preHarvest runs just before the pre-harvest of the checkpoint of
+	// epoch, beforePause after it (its set, nil without) and the arming,
+	// just before the pause; the guest runs (tests write pages before and
+	// after the pre-harvest, and compare the standby's memory at the cut).
+	preHarvest  func(epoch uint64)
+	beforePause func(epoch uint64, pre *dirtylog.Set)
 }
 
 // Replicator keeps a standby in step with a running machine.
@@ -188,129 +194,6 @@ func (r *Replicator) initialSync(ctx context.Context) error {
 	return nil
 }
 
-// checkpoint takes one checkpoint: pause, harvest (extra is ORed in),
-// take the dirty pages (copy them into the staging buffer, or, copying
-// on write, write-protect them), save the state, take the disk writes,
-// seal the epoch's output, resume; then stream it while the guest runs
-// on (copying on write, the pages are copied meanwhile, each before the
-// guest may change it: the staging buffer holds them as of the cut).
-func (r *Replicator) checkpoint(extra *dirtylog.Set) error {
-	es := EpochStats{CopyMode: string(CopyStop)}
-	if r.cow != nil {
-		es.CopyMode = string(CopyCoW)
-	}
-	if r.cow != nil {
-		// Protect last epoch's pages ahead of the pause, the guest running
-		// (part of the epoch, not of the pause).
-		if err := r.cow.Arm(); err != nil {
-			return err
-		}
-	}
-	t0 := time.Now()
-	r.mu.Lock()
-	if !r.lastResumed.IsZero() {
-		es.Length = t0.Sub(r.lastResumed)
-	}
-	r.mu.Unlock()
-	var (
-		state          []byte
-		epoch          uint64
-		snap           *guestmem.Snapshot
-		ts, t1, t2, t3 time.Time
-	)
-	err := r.m.WithPaused(context.Background(), func() error {
-		ts = time.Now()
-		set, err := r.tr.Harvest()
-		if err != nil {
-			return err
-		}
-		if extra != nil {
-			set.Or(extra)
-		}
-		t1 = time.Now()
-		if r.cow != nil {
-			snap, err = r.protect(set)
-		} else {
-			err = r.stage(set)
-		}
-		if err != nil {
-			return err
-		}
-		t2 = time.Now()
-		if state, r.writes, err = cutState(r.m, r.cfg.Disks); err != nil {
-			return err
-		}
-		epoch = r.nextEpoch()
-		if r.hooks.atCut != nil {
-			r.hooks.atCut(epoch)
-		}
-		if err := r.sealOutput(epoch); err != nil {
-			return err
-		}
-		t3 = time.Now()
-		return nil
-	})
-	now := time.Now()
-	if snap != nil {
-		// Protected pages are copied and let go whatever happens next:
-		// no guest write may wait on a checkpoint that is not sent.
-		go snap.Copy()
-	} else if r.cow != nil {
-		r.cow.Disarm() // no Begin: let the armed pages go
-	}
-	if err != nil {
-		if snap != nil {
-			_, _ = snap.Wait()
-		}
-		return err
-	}
-	es.Epoch, es.DirtyPages = epoch, len(r.gpas)
-	if snap != nil {
-		es.DirtyPages = snap.Len()
-	}
-	es.Stop, es.Harvest, es.Copy, es.State, es.Pause = ts.Sub(t0), t1.Sub(ts), t2.Sub(t1), t3.Sub(t2), now.Sub(t0)
-	r.mu.Lock()
-	r.lastResumed = now
-	r.resumedAt[epoch] = now
-	r.mu.Unlock()
-
-	before := r.t.Stats().BytesSent
-	r.resumable.Store(true)
-	err = r.send(epoch, state, snap)
-	if snap != nil {
-		// The next checkpoint's pause starts only once every page of this
-		// one is copied and un-protected.
-		done, werr := snap.Wait()
-		es.Background = done.Sub(now)
-		if err == nil {
-			err = werr
-		}
-	}
-	if err != nil {
-		return err
-	}
-	es.Bytes = r.t.Stats().BytesSent - before
-	r.record(es)
-	return nil
-}
-
-// sealOutput ends the guest's output epoch at checkpoint epoch's cut. At
-// the first resumable checkpoint it arms the buffers instead: output from
-// then on waits for acks.
-func (r *Replicator) sealOutput(epoch uint64) error {
-	first := !r.isProtected()
-	for _, o := range r.cfg.Outputs {
-		if first {
-			o.Arm(epoch)
-			continue
-		}
-		if err := o.Seal(epoch); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
 // nextEpoch numbers the next checkpoint.
 func (r *Replicator) nextEpoch() uint64 {
 	r.mu.Lock()
@@ -463,34 +346,6 @@ func (r *Replicator) ended(err error) {
 	default:
 		r.lost(err)
 	}
-}
-
-// adapt sets the next epoch's length from the last checkpoint's pause
-// (the part that grows with the dirty set: harvest and copy; stopping and
-// resuming the vCPUs cost the same at any epoch, and on a busy host they
-// swing with the scheduler, not with the guest), the last acknowledged
-// one's time to ack and whether checkpoints are
-// waiting for the standby (waited: the loop just did), and returns it.
-// With fixed epochs it is always cfg.Epoch.
-func (r *Replicator) adapt(waited bool) time.Duration {
-	if r.cfg.MaxEpoch == 0 {
-		return r.cfg.Epoch
-	}
-	epoch := r.currentEpoch()
-	l := epochLoad{Behind: waited || r.t.Acked()+uint64(r.cfg.MaxUnacked) <= epoch}
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if n := len(r.recent); n > 0 {
-		l.Pause = r.recent[n-1].Harvest + r.recent[n-1].Copy
-	}
-	for i := len(r.recent) - 1; i >= 0; i-- {
-		if r.recent[i].AckTime > 0 {
-			l.Ack = r.recent[i].AckTime
-			break
-		}
-	}
-	r.target = nextEpoch(r.target, r.cfg.Epoch, r.cfg.MaxEpoch, l)
-	return r.target
 }
 
 // backpressure waits while MaxUnacked checkpoints are unacknowledged: a

@@ -33,7 +33,8 @@ import (
 // pages of its set that are not armed or were touched, under the same lock
 // as the fault path's noting, so every page of the set is protected when
 // the guest resumes; the armed pages outside the set are let go after the
-// copy.
+// copy. Arm may be called again before Begin to add pages (the
+// replicator's pre-harvested ones).
 //
 // Why the VMM's own writes must not fault: a goroutine stopped on a fault
 // in user mode inside an assembly copy cannot be preempted, so a garbage
@@ -70,6 +71,7 @@ type Protector struct {
 	armed   bool       // between Arm and Begin (or Disarm)
 	armBits [][]uint64 // per region: the pages Arm protected
 	touched [][]uint64 // per region: armed pages written since, let through
+	scratch [][]uint64 // per region: the pages an Arm call protects (its goroutine's)
 
 	// Owned by Begin's caller; the slices are read by the handler through
 	// the current Snapshot only.
@@ -112,6 +114,7 @@ func NewProtector(mem *Memory) (*Protector, error) {
 		p.bases = append(p.bases, base)
 		p.armBits = append(p.armBits, make([]uint64, r.BitmapWords()))
 		p.touched = append(p.touched, make([]uint64, r.BitmapWords()))
+		p.scratch = append(p.scratch, make([]uint64, r.BitmapWords()))
 	}
 	p.stop, err = unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
 	if err != nil {
@@ -307,22 +310,47 @@ func (p *Protector) beforeWrite(r *Region, off, n uint64) {
 }
 
 // Arm write-protects the pages the last snapshot held, with the guest
-// running, ahead of the Begin that follows (see "Arming" above). Without
-// a last snapshot it does nothing.
-func (p *Protector) Arm() error {
-	if p.last == nil {
+// running, ahead of the Begin that follows (see "Arming" above); with
+// extra (nil: none), those pages too. Called again before Begin, it
+// protects only the pages of extra not armed yet (the replicator arms
+// last epoch's pages, pre-harvests the dirty log, then arms what the
+// pre-harvest found). Without a last snapshot or extra it does nothing.
+// Pages are marked armed before they are protected: a write that faults
+// on one finds it armed and is let through.
+func (p *Protector) Arm(extra PageBitmap) error {
+	p.armMu.Lock()
+	again := p.armed
+	if !again && p.last == nil && extra == nil {
+		p.armMu.Unlock()
 		return nil
 	}
-	p.armMu.Lock()
 	for k := range p.armBits {
-		copy(p.armBits[k], p.last.want[k])
-		clear(p.touched[k])
+		add := p.scratch[k]
+		clear(add)
+		if !again {
+			if p.last != nil && k < len(p.last.want) {
+				copy(add, p.last.want[k])
+			}
+			clear(p.armBits[k])
+			clear(p.touched[k])
+		}
+		if extra != nil {
+			for w, v := range extra.Words(k) {
+				if w < len(add) {
+					add[w] |= v
+				}
+			}
+		}
+		for w := range add {
+			add[w] &^= p.armBits[k][w]
+			p.armBits[k][w] |= add[w]
+		}
 	}
 	p.armed = true
 	p.armMu.Unlock()
 	p.mem.wp.Store(p)
 	for k, r := range p.mem.regions {
-		err := bitRuns(p.armBits[k], 1<<30, func(pg, n uint64) error {
+		err := bitRuns(p.scratch[k], 1<<30, func(pg, n uint64) error {
 			return p.u.protect(p.bases[k]+uintptr(pg*PageSize), uintptr(n*PageSize), true, false)
 		})
 		if err != nil {

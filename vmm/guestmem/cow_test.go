@@ -46,13 +46,23 @@ func (b bitmapSet) add(m *Memory, gpa GPA) {
 // while it runs, some through WriteAt (which copies first and never
 // faults). Between arm and begin (when arm is set) other writes change
 // pages before the cut. The snapshot must hold every page as it was at
-// Begin, memory the new bytes, and nothing may stay protected.
-func snapshotRound(t *testing.T, p *Protector, m *Memory, set bitmapSet, gpas []GPA, newVal byte, arm bool) {
+// Begin, memory the new bytes, and nothing may stay protected. With
+// extra, a second Arm protects those pages too (as the replicator does
+// after its pre-harvest).
+func snapshotRound(t *testing.T, p *Protector, m *Memory, set bitmapSet, gpas []GPA, newVal byte, arm bool, extra PageBitmap) {
 	t.Helper()
 	host := m.Regions()[0].Host
 	pages := len(host) / PageSize
 	if arm {
-		require.NoError(t, p.Arm())
+		require.NoError(t, p.Arm(nil))
+		if extra != nil {
+			// As after a pre-harvest: the new set armed on top, some of
+			// the pages written in between.
+			for pg := 2; pg < pages; pg += 7 {
+				fillPage(host[pg*PageSize:(pg+1)*PageSize], newVal^0xfd)
+			}
+			require.NoError(t, p.Arm(extra))
+		}
 		// Before the cut: these writes belong to the snapshot.
 		for pg := 0; pg < pages; pg += 5 {
 			fillPage(host[pg*PageSize:(pg+1)*PageSize], newVal^0xff)
@@ -132,9 +142,10 @@ func snapshotRound(t *testing.T, p *Protector, m *Memory, set bitmapSet, gpas []
 	}
 }
 
-// Snapshots hold memory as of Begin, round after round, armed or not,
-// with the set changing between rounds (armed pages outside the next set
-// are let go).
+// Snapshots hold memory as of Begin, round after round, armed or not
+// (armed with the last set alone, or with the new set too, as after a
+// pre-harvest), with the set changing between rounds (armed pages
+// outside the next set are let go).
 func TestSnapshotHoldsMemoryAsOfBegin(t *testing.T) {
 	const pages = 2048
 	m, err := New([]Spec{{GPA: 0, Size: pages * PageSize}, {GPA: 0x10000000, Size: 64 * PageSize}})
@@ -166,7 +177,11 @@ func TestSnapshotHoldsMemoryAsOfBegin(t *testing.T) {
 			gpas = append(gpas, g)
 			set.add(m, g)
 		}
-		snapshotRound(t, p, m, set, gpas, byte(0x50+round), round%3 != 0)
+		var extra PageBitmap
+		if round%3 == 2 {
+			extra = set
+		}
+		snapshotRound(t, p, m, set, gpas, byte(0x50+round), round%3 != 0, extra)
 	}
 	st := p.Stats()
 	require.NotZero(t, st.Faults, "writes faulted and were resolved by the handler")
@@ -193,7 +208,7 @@ func TestProtectorCloseUnprotects(t *testing.T) {
 			go s.Copy()
 			_, err = s.Wait()
 			require.NoError(t, err)
-			require.NoError(t, p.Arm())
+			require.NoError(t, p.Arm(nil))
 		}
 		require.NoError(t, p.Close())
 		fillPage(host[:3*PageSize], 9)

@@ -72,9 +72,14 @@ func (p *Protector) Begin(set PageBitmap, dst []byte) (*Snapshot, error) {
 			s.n += bits.OnesCount64(v)
 			free[w] = 0
 			if armed {
-				protected := p.armBits[k][w] &^ p.touched[k][w]
-				free[w] = protected &^ v
-				v &^= protected // already protected
+				// Armed pages outside the set are let go after the copy,
+				// touched or not: a write may have touched one between
+				// its marking and its protection by Arm, leaving it
+				// protected (a touched page is written before the cut,
+				// so it is in the set anyway, but this does not rely on
+				// that).
+				free[w] = p.armBits[k][w] &^ v
+				v &^= p.armBits[k][w] &^ p.touched[k][w] // already protected
 			}
 			// v: the pages to protect now, in runs within the word and
 			// across words (contiguous bits at word edges join).

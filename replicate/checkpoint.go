@@ -1,0 +1,156 @@
+package replicate
+
+// One checkpoint of the primary's loop: the pause that cuts it and the
+// shipping while the guest runs on.
+
+import (
+	"context"
+	"time"
+
+	"govmm/dirtylog"
+	"govmm/vmm/guestmem"
+)
+
+// checkpoint takes one checkpoint: pre-harvest and arm (beforePause,
+// the guest running), pause, harvest (ORed with the pre-harvest and
+// extra), take the dirty pages (copy them into the staging buffer, or, copying
+// on write, write-protect them), save the state, take the disk writes,
+// seal the epoch's output, resume; then stream it while the guest runs
+// on (copying on write, the pages are copied meanwhile, each before the
+// guest may change it: the staging buffer holds them as of the cut).
+func (r *Replicator) checkpoint(extra *dirtylog.Set) error {
+	es := EpochStats{CopyMode: string(CopyStop)}
+	if r.cow != nil {
+		es.CopyMode = string(CopyCoW)
+	}
+	pre, preTook, err := r.beforePause() // part of the epoch, not of the pause
+	if err != nil {
+		return err
+	}
+	es.PreHarvest = preTook
+	t0 := time.Now()
+	r.mu.Lock()
+	if !r.lastResumed.IsZero() {
+		es.Length = t0.Sub(r.lastResumed)
+	}
+	r.mu.Unlock()
+	c, err := r.cut(pre, extra)
+	now := time.Now()
+	if c.snap != nil {
+		// Protected pages are copied and let go whatever happens next:
+		// no guest write may wait on a checkpoint that is not sent.
+		go c.snap.Copy()
+	} else if r.cow != nil {
+		r.cow.Disarm() // no Begin: let the armed pages go
+	}
+	if err != nil {
+		if c.snap != nil {
+			_, _ = c.snap.Wait()
+		}
+		return err
+	}
+	es.Epoch, es.DirtyPages = c.epoch, len(r.gpas)
+	if c.snap != nil {
+		es.DirtyPages = c.snap.Len()
+	}
+	es.Stop, es.Harvest, es.Copy, es.State, es.Pause = c.ts.Sub(t0), c.t1.Sub(c.ts), c.t2.Sub(c.t1), c.t3.Sub(c.t2), now.Sub(t0)
+	r.mu.Lock()
+	r.lastResumed = now
+	r.resumedAt[c.epoch] = now
+	r.mu.Unlock()
+	return r.ship(c, now, es)
+}
+
+// cutResult is what one checkpoint's pause produced: the epoch's number,
+// its device state, its copy-on-write snapshot (nil with stop-and-copy)
+// and when each step of the pause ended (stop, harvest, copy, state).
+type cutResult struct {
+	epoch          uint64
+	state          []byte
+	snap           *guestmem.Snapshot
+	ts, t1, t2, t3 time.Time
+}
+
+// cut is a checkpoint's pause: harvest (pre and extra ORed in), copy the
+// dirty pages into the staging buffer or write-protect them, save the
+// state, take the disk writes, number the epoch and seal its output. A
+// snapshot taken before a later step failed is returned with the error:
+// its pages must still be let go.
+func (r *Replicator) cut(pre, extra *dirtylog.Set) (cutResult, error) {
+	var c cutResult
+	err := r.m.WithPaused(context.Background(), func() error {
+		c.ts = time.Now()
+		set, err := r.tr.Harvest()
+		if err != nil {
+			return err
+		}
+		for _, s := range []*dirtylog.Set{pre, extra} {
+			if s != nil {
+				set.Or(s)
+			}
+		}
+		c.t1 = time.Now()
+		if r.cow != nil {
+			c.snap, err = r.protect(set)
+		} else {
+			err = r.stage(set)
+		}
+		if err != nil {
+			return err
+		}
+		c.t2 = time.Now()
+		if c.state, r.writes, err = cutState(r.m, r.cfg.Disks); err != nil {
+			return err
+		}
+		c.epoch = r.nextEpoch()
+		if r.hooks.atCut != nil {
+			r.hooks.atCut(c.epoch)
+		}
+		if err := r.sealOutput(c.epoch); err != nil {
+			return err
+		}
+		c.t3 = time.Now()
+		return nil
+	})
+	return c, err
+}
+
+// ship streams checkpoint c, cut when the guest resumed at now, while the
+// guest runs on; with copy-on-write it then waits for c's background copy,
+// so that the next pause starts only once every page of this one is
+// copied and un-protected. It records es once the checkpoint is sent.
+func (r *Replicator) ship(c cutResult, now time.Time, es EpochStats) error {
+	before := r.t.Stats().BytesSent
+	r.resumable.Store(true)
+	err := r.send(c.epoch, c.state, c.snap)
+	if c.snap != nil {
+		done, werr := c.snap.Wait()
+		es.Background = done.Sub(now)
+		if err == nil {
+			err = werr
+		}
+	}
+	if err != nil {
+		return err
+	}
+	es.Bytes = r.t.Stats().BytesSent - before
+	r.record(es)
+	return nil
+}
+
+// sealOutput ends the guest's output epoch at checkpoint epoch's cut. At
+// the first resumable checkpoint it arms the buffers instead: output from
+// then on waits for acks.
+func (r *Replicator) sealOutput(epoch uint64) error {
+	first := !r.isProtected()
+	for _, o := range r.cfg.Outputs {
+		if first {
+			o.Arm(epoch)
+			continue
+		}
+		if err := o.Seal(epoch); err != nil {
+			return err
+		}
+	}
+	return nil
+}
