@@ -18,14 +18,19 @@ func (m memWriter) WriteAt(p []byte, gpa GPA) error {
 	return nil
 }
 
-// benchPair connects a keyed Sender to a Receiver over loopback TCP, the
-// receiver staging into a StagingSink over flat memory of npages and
-// running until the benchmark ends.
-func benchPair(b *testing.B, npages int) *Sender {
+// benchPair connects a Sender to a Receiver over loopback TCP, keyed
+// (AES-256-GCM) or not (CRC32C), the receiver staging into a StagingSink
+// over flat memory of npages and running until the benchmark ends.
+func benchPair(b *testing.B, npages int, keyed bool) *Sender {
 	id := Identity{Name: "bench", Regions: []Region{{GPA: 0, Size: uint64(npages) * PageSize}}, VCPUs: 1}
 	quiet := slog.New(slog.DiscardHandler)
-	rcfg := Config{Key: testKey, Identity: id, Logger: quiet, Sink: &StagingSink{Dest: make(memWriter, npages*PageSize)}}
-	scfg := Config{Key: testKey, Identity: id, Logger: quiet}
+	rcfg := Config{Identity: id, Logger: quiet, Sink: &StagingSink{Dest: make(memWriter, npages*PageSize)}}
+	scfg := Config{Identity: id, Logger: quiet}
+	if keyed {
+		rcfg.Key, scfg.Key = testKey, testKey
+	} else {
+		rcfg.Insecure, scfg.Insecure = true, true
+	}
 	ln, err := Listen("127.0.0.1:0", rcfg)
 	if err != nil {
 		b.Fatal(err)
@@ -87,7 +92,7 @@ func BenchmarkCheckpoint(b *testing.B) {
 	const npages = 64 << 10
 	for _, kind := range []Kind{KindEpoch, KindInitialSync} {
 		b.Run(fmt.Sprintf("%v-64k-pages", kind), func(b *testing.B) {
-			s := benchPair(b, npages)
+			s := benchPair(b, npages, true)
 			src := benchPages(npages)
 			b.SetBytes(npages * PageSize)
 			epoch := uint64(0)
@@ -101,29 +106,36 @@ func BenchmarkCheckpoint(b *testing.B) {
 }
 
 // BenchmarkAck is issue 13's time to ack at 1,000, 4,096 and 65,536
-// non-zero dirty pages per epoch (keyed, no compression), each beside its
-// loopback bound measured in the same run: the bytes the checkpoint put
-// on the wire written on a plain loopback TCP connection, until a one-byte
-// ack comes back. Compare ms/ack with the bound's ms/ack.
+// non-zero dirty pages per epoch (no compression), keyed (AES-256-GCM) and
+// unkeyed (CRC32C), each beside its loopback bound measured in the same
+// run: the bytes the checkpoint put on the wire written on a plain
+// loopback TCP connection, until a one-byte ack comes back. Compare ms/ack
+// with the bound's ms/ack.
 func BenchmarkAck(b *testing.B) {
-	for _, npages := range []int{1000, 4096, 65536} {
-		var wire int
-		b.Run(fmt.Sprintf("stream-%d", npages), func(b *testing.B) {
-			s := benchPair(b, npages)
-			src := benchPages(npages)
-			epoch := uint64(1)
-			benchCheckpoint(b, s, epoch, KindEpoch, src) // warm up
-			b.SetBytes(int64(npages) * PageSize)
-			for b.Loop() {
-				epoch++
-				before := s.Stats().BytesSent
-				benchCheckpoint(b, s, epoch, KindEpoch, src)
-				wire = int(s.Stats().BytesSent - before)
-			}
-			b.ReportMetric(float64(b.Elapsed().Microseconds())/float64(b.N)/1000, "ms/ack")
-			b.ReportMetric(float64(wire)/float64(npages), "wireB/page")
-		})
-		b.Run(fmt.Sprintf("bound-%d", npages), func(b *testing.B) { benchLoopbackBound(b, wire) })
+	for _, keyed := range []bool{true, false} {
+		mode := "keyed"
+		if !keyed {
+			mode = "unkeyed"
+		}
+		for _, npages := range []int{1000, 4096, 65536} {
+			var wire int
+			b.Run(fmt.Sprintf("%s/stream-%d", mode, npages), func(b *testing.B) {
+				s := benchPair(b, npages, keyed)
+				src := benchPages(npages)
+				epoch := uint64(1)
+				benchCheckpoint(b, s, epoch, KindEpoch, src) // warm up
+				b.SetBytes(int64(npages) * PageSize)
+				for b.Loop() {
+					epoch++
+					before := s.Stats().BytesSent
+					benchCheckpoint(b, s, epoch, KindEpoch, src)
+					wire = int(s.Stats().BytesSent - before)
+				}
+				b.ReportMetric(float64(b.Elapsed().Microseconds())/float64(b.N)/1000, "ms/ack")
+				b.ReportMetric(float64(wire)/float64(npages), "wireB/page")
+			})
+			b.Run(fmt.Sprintf("%s/bound-%d", mode, npages), func(b *testing.B) { benchLoopbackBound(b, wire) })
+		}
 	}
 }
 

@@ -197,10 +197,16 @@ func putPagesHeader(b []byte, c codec, n int) []byte {
 
 // decode returns the page section a Pages frame payload carries: p's
 // data when stored, else decompressed into the codec's buffer (valid
-// until the next call). A codec other than stored and the session's, a
-// length over MaxPagesPayload, or data that does not decompress to
-// exactly that length is ErrFrame; nothing is allocated beyond the cap.
-func (pc *pageCodec) decode(p []byte) ([]byte, error) {
+// until the next call).
+func (pc *pageCodec) decode(p []byte) ([]byte, error) { return pc.decodeInto(&pc.buf, p) }
+
+// decodeInto is decode into *buf (grown once to MaxPagesPayload), so that
+// a receiver's reader can decompress the next frame while an earlier one
+// is still staged. pc may be nil (stored sections only). A codec other
+// than stored and the session's, a length over MaxPagesPayload, or data
+// that does not decompress to exactly that length is ErrFrame; nothing is
+// allocated beyond the cap.
+func (pc *pageCodec) decodeInto(buf *[]byte, p []byte) ([]byte, error) {
 	if len(p) < pagesHeader {
 		return nil, fmt.Errorf("pages frame of %d bytes: %w", len(p), ErrFrame)
 	}
@@ -222,8 +228,8 @@ func (pc *pageCodec) decode(p []byte) ([]byte, error) {
 	case c == codecStored:
 		return data, nil
 	}
-	if cap(pc.buf) < container.MaxPagesPayload {
-		pc.buf = make([]byte, 0, container.MaxPagesPayload)
+	if cap(*buf) < container.MaxPagesPayload {
+		*buf = make([]byte, 0, container.MaxPagesPayload)
 	}
 	var out []byte
 	var err error
@@ -234,14 +240,14 @@ func (pc *pageCodec) decode(p []byte) ([]byte, error) {
 			err = fmt.Errorf("decodes to %d bytes", dl)
 		}
 		if err == nil {
-			out, err = s2.Decode(pc.buf[:n], data)
+			out, err = s2.Decode((*buf)[:n], data)
 		}
 	case codecZstd:
 		if pc.zdec == nil {
 			pc.zdec, _ = zstd.NewReader(nil, zstd.WithDecoderConcurrency(1),
 				zstd.WithDecoderMaxMemory(container.MaxPagesPayload), zstd.WithDecoderMaxWindow(container.MaxPagesPayload))
 		}
-		out, err = pc.zdec.DecodeAll(data, pc.buf[:0])
+		out, err = pc.zdec.DecodeAll(data, (*buf)[:0])
 	}
 	if err == nil && len(out) != n {
 		err = fmt.Errorf("decodes to %d bytes", len(out))

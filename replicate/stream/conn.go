@@ -149,7 +149,10 @@ func (w *frameWriter) flush() error {
 }
 
 // frameReader reads, authenticates and decrypts frames. Only the
-// endpoint's reading goroutine uses it.
+// endpoint's reading goroutine uses it. A frame it returns aliases the
+// slot cur (its read buffer and decompressed section): a receiver's
+// reader hands slots round (recvPipe), so that the frame it reads next
+// does not overwrite the ones still being staged.
 type frameReader struct {
 	br     *bufio.Reader
 	mac    hash.Hash   // handshake frames
@@ -159,19 +162,29 @@ type frameReader struct {
 	off    int64       // stream offset of the next frame
 	start  int64       // stream offset of the frame last read (for errors)
 	layout Identity    // the sender's layout, once known
-	buf    []byte
+	zc     *pageCodec  // the session's page codec (nil: stored sections only)
+	deltas bool        // the session agreed on deltas
+	cur    *rxSlot     // where the next frame is read and decoded
 	hdr    [headerSize]byte
 	sum    [macSize]byte
 	want   [macSize]byte
 	nonce  [nonceLen]byte
-	f      frame
 	ctr    *counters // bytes and frames received, open time
+}
+
+// rxSlot is what a decoded frame aliases: the buffer its payload was read
+// (and opened) into, and the frame, whose section buffer holds a
+// decompressed page section.
+type rxSlot struct {
+	buf []byte
+	f   frame
 }
 
 func newFrameReader(r io.Reader, ctr *counters) *frameReader {
 	return &frameReader{
 		br:  bufio.NewReaderSize(r, 256<<10),
 		mac: hmac.New(sha256.New, handshakeKey),
+		cur: new(rxSlot),
 		ctr: ctr,
 	}
 }
@@ -183,7 +196,8 @@ func (r *frameReader) setPlain() { r.plain = true }
 
 // next reads, authenticates, decrypts and decodes one frame. A clean end
 // of stream before a header is io.EOF; any other shortfall is
-// ErrTruncated. The returned frame is valid until the next call.
+// ErrTruncated. The returned frame is valid until the next call with the
+// same slot.
 func (r *frameReader) next() (*frame, error) {
 	r.start = r.off
 	if n, err := io.ReadFull(r.br, r.hdr[:]); err != nil {
@@ -221,20 +235,21 @@ func (r *frameReader) next() (*frame, error) {
 	r.off += int64(headerSize + n + trailer)
 	r.ctr.bytesReceived.Add(uint64(headerSize + n + trailer))
 	r.ctr.framesReceived.Add(1)
-	r.f.seq, r.f.payload = h.seq, p
-	if err := decodePayload(&r.f, h.typ, p, &r.layout); err != nil {
+	f := &r.cur.f
+	f.seq, f.payload, f.zc, f.deltas = h.seq, p, r.zc, r.deltas
+	if err := decodePayload(f, h.typ, p, &r.layout); err != nil {
 		return nil, err
 	}
-	return &r.f, nil
+	return f, nil
 }
 
-// scratch returns the reader's buffer cut to size bytes, grown first when
+// scratch returns the current slot's buffer cut to size bytes, grown first when
 // it is too small (to at least 64 KiB, so that small frames share one).
 func (r *frameReader) scratch(size int) []byte {
-	if cap(r.buf) < size {
-		r.buf = make([]byte, size, max(size, 64<<10))
+	if cap(r.cur.buf) < size {
+		r.cur.buf = make([]byte, size, max(size, 64<<10))
 	}
-	return r.buf[:size]
+	return r.cur.buf[:size]
 }
 
 // readSealed reads h's ciphertext and tag and opens them in place; it

@@ -135,9 +135,10 @@
 // SendState/End/Handover), the sealer, which seals and writes the Pages
 // frames the checkpoint goroutine hands it while that one fills the next
 // (pipeline.go), an ack reader, a heartbeat sender and a failure
-// detector. Receiver: the caller's goroutine inside Run (reads
-// frames, drives the sinks and OnCommit, sends acks), a heartbeat sender
-// and a failure detector, both from the Accept on. Listener: an accept
+// detector. Receiver: the caller's goroutine inside Run (drives the
+// sinks and OnCommit, sends acks), Run's reader, which reads, opens and
+// decodes the frames ahead of it (recvpipe.go), a heartbeat sender and a
+// failure detector, both from the Accept on. Listener: an accept
 // loop and one goroutine per connection's handshake. Frame writes are
 // serialized by one mutex per end. Close on either stops its goroutines
 // and waits for them.

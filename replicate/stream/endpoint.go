@@ -109,6 +109,7 @@ type endpoint struct {
 	shadow    *shadow       // deltas agreed: the memory as shipped (the checkpoint goroutine, or Run)
 	timeout   time.Duration // agreed failover timeout (the larger of the two)
 	lastHeard atomic.Int64  // unix ns of the last byte received, or of when listening resumed
+	judged    atomic.Uint64 // detector ticks judged (tests wait on it)
 	listening atomic.Bool   // the reader waits for the peer's bytes
 	epoch     atomic.Uint64 // epoch in progress, for error reports
 
@@ -324,10 +325,12 @@ func (e *endpoint) detectLoop(t Ticker) {
 		if !e.listening.Load() || h != seen {
 			// Busy with our own work, or the peer spoke.
 			quietTicks, seen = 0, h
+			e.judged.Add(1)
 			continue
 		}
 		quietTicks++
 		silent := e.cfg.Clock.Now().Sub(time.Unix(0, h))
+		e.judged.Add(1)
 		if quietTicks >= need && silent >= e.timeout {
 			e.fail(fmt.Errorf("nothing heard for %v while listening (timeout %v): %w",
 				silent.Round(time.Millisecond), e.timeout, ErrTimeout), -1)

@@ -164,6 +164,7 @@ type frame struct {
 	seq     uint64
 	payload []byte     // the raw payload
 	section []byte     // pages: the page section, decompressed (what the checksum covers)
+	secBuf  []byte     // pages: where a compressed section is decompressed
 	zc      *pageCodec // pages: the session's codec (nil: stored sections only)
 	deltas  bool       // pages: the session agreed on deltas
 	hello   hello
@@ -256,7 +257,7 @@ func decodePayload(f *frame, t frameType, p []byte, layout *Identity) error {
 			return fmt.Errorf("begin: epoch 0: %w", ErrFrame)
 		}
 	case framePages:
-		section, err := f.zc.decode(p)
+		section, err := f.zc.decodeInto(&f.secBuf, p)
 		if err != nil {
 			return err
 		}

@@ -172,7 +172,7 @@ func (e *endpoint) session(s interface {
 // fresh shadow of the sender's layout: nothing was shipped on this
 // stream yet.
 func (e *endpoint) setDeltas(on bool, layout Identity) {
-	e.fr.f.deltas = on
+	e.fr.deltas = on
 	if on {
 		e.shadow = newShadow(layout)
 	} else if e.cfg.Deltas {
@@ -184,7 +184,7 @@ func (e *endpoint) setDeltas(on bool, layout Identity) {
 // flags: the sender's, if the receiver accepts it.
 func (e *endpoint) setCodec(senderCodecs, receiverCodecs uint16, r role) {
 	e.codec = negotiate(senderCodecs, receiverCodecs)
-	e.fr.f.zc = newPageCodec(e.codec)
+	e.fr.zc = newPageCodec(e.codec)
 	if r == roleSender && senderCodecs != 0 && e.codec == codecStored {
 		e.log.Warn("peer does not take compressed pages; sending them uncompressed", "wanted", e.cfg.Compression)
 	}

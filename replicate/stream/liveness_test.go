@@ -119,15 +119,27 @@ func TestBytesInTransitAreLife(t *testing.T) {
 
 	step := r.detectEvery()
 	need := int(DefaultFailoverTimeout / step)
+	// Each step waits for the receiver's detector to judge its tick, and
+	// each chunk for the receiver to have heard it, so fake time never
+	// outruns the goroutines it is measured against.
+	judged := func(n int) {
+		for range n {
+			before := r.judged.Load()
+			rclock.Step(t, step, 1)
+			require.Eventually(t, func() bool { return r.judged.Load() > before || r.Err() != nil }, 5*time.Second, 100*time.Microsecond)
+		}
+	}
 	for range 10 * need {
 		th.allow <- 8 << 10
 		require.Positive(t, <-th.sent)
-		rclock.Step(t, step, 1)
+		now := rclock.Now().UnixNano()
+		require.Eventually(t, func() bool { return r.lastHeard.Load() == now }, 5*time.Second, 100*time.Microsecond)
+		judged(1)
 	}
 	assert.NoError(t, r.Err(), "a trickle of bytes is life")
-	rclock.Step(t, step, need-1)
+	judged(need - 1)
 	assert.NoError(t, r.Err(), "not before the timeout")
-	rclock.Step(t, step, 2)
+	judged(2)
 	require.ErrorIs(t, waitErr(t, run), ErrTimeout)
 }
 

@@ -15,9 +15,10 @@ import (
 
 // Receiver is the standby's (or migration destination's) end of a stream.
 // Run reads checkpoints into the sinks and commits each one only once its
-// EndCheckpoint verifies; Run, the sinks and OnCommit all run on the
-// caller's goroutine. A heartbeat goroutine and a failure detector run
-// from the handshake's end; Close waits for them.
+// EndCheckpoint verifies; the sinks and OnCommit run on Run's goroutine,
+// while a reader goroutine of Run's reads, opens and decodes the frames
+// ahead of it (recvPipe). A heartbeat goroutine and a failure detector
+// run from the handshake's end; Close waits for them.
 type Receiver struct {
 	*endpoint
 	sink  PageSink
@@ -37,6 +38,11 @@ type Receiver struct {
 	lastEpoch uint64
 	lastKind  Kind
 	maxPages  uint64
+	// A keeper sink holds the buffers of the open checkpoint's Pages
+	// frames (kept) until it commits or aborts; then they are spare, for
+	// the reader's slots to take in their place.
+	keptFrame   bool // the frame just staged left pages in the sink's keeping
+	kept, spare [][]byte
 }
 
 // handshakeReceiver runs the handshake up to the receiver's Auth: the
@@ -115,76 +121,119 @@ func (r *Receiver) Run(ctx context.Context) error {
 		r.fail(fmt.Errorf("%w: %w", ErrClosed, context.Cause(ctx)), -1)
 	})
 	defer stop()
-	err := r.loop()
+	p := r.startReader()
+	at, err := r.loop(p)
 	r.quiet()
 	if r.open {
 		r.abort()
 	}
 	if err == nil {
-		r.closeWith(false, "sender said goodbye")
+		r.closeWith(false, "sender said goodbye") // closes the connection: the reader returns
+		p.wg.Wait()
 		return nil
 	}
-	err = r.fail(err, r.fr.start)
+	err = r.fail(err, at)
+	p.wg.Wait()
 	r.wg.Wait()
 	return err
 }
 
 func (r *Receiver) abort() {
 	r.sink.Abort()
+	r.release()
 	if r.disks != nil {
 		r.disks.Abort()
 	}
 	r.open = false
 }
 
-func (r *Receiver) loop() error {
-	for {
-		// Silence counts only while we wait for the sender: the time spent
-		// staging, in OnCommit or syncing disks is ours, not its.
-		r.listen()
-		f, err := r.fr.next()
-		r.quiet()
-		if err != nil {
-			if errors.Is(err, io.EOF) {
-				if r.open {
-					return fmt.Errorf("connection closed inside checkpoint %d: %w", r.cur.epoch, ErrTruncated)
-				}
-				return fmt.Errorf("connection closed without a goodbye: %w", ErrTruncated)
-			}
-			return err
+// retain leaves the buffer that holds slot's page section (the read
+// buffer, or the decompressed section's) to the sink until the checkpoint
+// commits or aborts, and gives the slot a spare one in its place.
+func (r *Receiver) retain(slot *rxSlot) {
+	r.keptFrame = false
+	fresh := func() []byte {
+		if n := len(r.spare); n > 0 {
+			b := r.spare[n-1]
+			r.spare = r.spare[:n-1]
+			return b
 		}
-		switch f.typ {
-		case frameHeartbeat:
-		case frameBegin:
-			err = r.begin(f.epoch, f.kind)
-		case framePages:
-			err = r.pages(f.pages, f.section)
-		case frameDisk:
-			err = r.disk(&f.disk, f.payload)
-		case frameState:
-			err = r.stateChunk(f.data)
-		case frameEnd:
-			err = r.end(f.end)
-		case frameError:
-			return peerError(f.code, string(f.data))
-		case frameGoodbye:
-			// The sender is alive and ends the stream on purpose, inside a
-			// checkpoint or not (Run aborts an open one). After a final
-			// checkpoint, this is a migration the source aborted.
-			return nil
-		case frameHandover:
-			if r.open || r.lastKind != KindFinal {
-				return fmt.Errorf("handover without a committed final checkpoint: %w", ErrProtocol)
-			}
-			r.handedOver.Store(true)
-			return nil
-		default:
-			err = fmt.Errorf("unexpected %v frame from the sender: %w", f.typ, ErrProtocol)
-		}
-		if err != nil {
-			return err
-		}
+		return make([]byte, 0, MaxFramePayload+macSize)
 	}
+	if codec(slot.f.payload[0]) != codecStored {
+		r.kept = append(r.kept, slot.f.secBuf)
+		slot.f.secBuf = fresh()
+		return
+	}
+	r.kept = append(r.kept, slot.buf)
+	slot.buf = fresh()
+}
+
+// release makes the buffers the sink kept spare, once it has committed or
+// aborted the checkpoint.
+func (r *Receiver) release() {
+	r.spare = append(r.spare, r.kept...)
+	clear(r.kept)
+	r.kept = r.kept[:0]
+}
+
+// loop handles the frames the reader hands it until the stream ends; at is
+// the stream offset of the frame that ended it.
+func (r *Receiver) loop(p *recvPipe) (at int64, err error) {
+	for {
+		it := <-p.got // the reader listens
+		at = it.start
+		if err := r.frame(it.f, it.err); err != nil || it.err != nil || it.f.typ == frameGoodbye || it.f.typ == frameHandover {
+			return at, err
+		}
+		if r.keptFrame {
+			r.retain(&p.slots[it.slot])
+		}
+		p.free <- it.slot
+	}
+}
+
+// frame handles one frame the reader read, or its failure to read one;
+// nil from a goodbye or handover ends the stream.
+func (r *Receiver) frame(f *frame, err error) error {
+	if err != nil {
+		if errors.Is(err, io.EOF) {
+			if r.open {
+				return fmt.Errorf("connection closed inside checkpoint %d: %w", r.cur.epoch, ErrTruncated)
+			}
+			return fmt.Errorf("connection closed without a goodbye: %w", ErrTruncated)
+		}
+		return err
+	}
+	switch f.typ {
+	case frameHeartbeat:
+	case frameBegin:
+		err = r.begin(f.epoch, f.kind)
+	case framePages:
+		err = r.pages(f.pages, f.section)
+	case frameDisk:
+		err = r.disk(&f.disk, f.payload)
+	case frameState:
+		err = r.stateChunk(f.data)
+	case frameEnd:
+		err = r.end(f.end)
+	case frameError:
+		return peerError(f.code, string(f.data))
+	case frameGoodbye:
+		// The sender is alive and ends the stream on purpose, inside a
+		// checkpoint or not (Run aborts an open one). After a final
+		// checkpoint, this is a migration the source aborted.
+		return nil
+	case frameHandover:
+		if r.open || r.lastKind != KindFinal {
+			return fmt.Errorf("handover without a committed final checkpoint: %w", ErrProtocol)
+		}
+		r.handedOver.Store(true)
+		return nil
+	default:
+		err = fmt.Errorf("unexpected %v frame from the sender: %w", f.typ, ErrProtocol)
+	}
+	return err
 }
 
 func (r *Receiver) begin(epoch uint64, kind Kind) error {
@@ -224,12 +273,23 @@ func (r *Receiver) pages(ps []container.Page, payload []byte) error {
 		return fmt.Errorf("checkpoint %d: more pages than the guest has (%d): %w", r.cur.epoch, r.maxPages, ErrTooLarge)
 	}
 	r.sum.Section(container.TypePages, payload)
+	// A keeper keeps the pages in the frame's buffer (retain) rather than
+	// copy them; not with deltas, whose pages are the shadow's.
+	k, keep := r.sink.(keeper)
+	keep = keep && r.shadow == nil
 	for _, p := range ps {
 		data, err := r.undelta(p)
 		if err != nil {
 			return err
 		}
-		if err := r.sink.StagePage(GPA(p.GPA), data); err != nil {
+		if keep {
+			var kept bool
+			kept, err = k.keepPage(GPA(p.GPA), data)
+			r.keptFrame = r.keptFrame || kept
+		} else {
+			err = r.sink.StagePage(GPA(p.GPA), data)
+		}
+		if err != nil {
 			return fmt.Errorf("sink: stage page %#x: %w: %w", p.GPA, ErrCommit, err)
 		}
 	}
@@ -340,10 +400,13 @@ func (r *Receiver) end(e endInfo) error {
 	if r.disks != nil {
 		if err := r.disks.Commit(); err != nil {
 			r.sink.Abort()
+			r.release()
 			return fmt.Errorf("checkpoint %d: disk commit (standby disks now unusable): %w: %w", got.epoch, ErrCommit, err)
 		}
 	}
-	if err := r.sink.Commit(); err != nil {
+	err := r.sink.Commit()
+	r.release()
+	if err != nil {
 		return fmt.Errorf("checkpoint %d: sink commit (standby memory now unusable): %w: %w", got.epoch, ErrCommit, err)
 	}
 	r.committed.Store(got.epoch)

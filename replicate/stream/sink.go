@@ -3,6 +3,7 @@ package stream
 import (
 	"bytes"
 	"fmt"
+	"runtime"
 	"sync"
 )
 
@@ -18,8 +19,8 @@ type Checkpoint struct {
 	State []byte
 }
 
-// PageSink receives the pages of each checkpoint from the Receiver's
-// reading goroutine, one checkpoint at a time: Begin, StagePage..., then
+// PageSink receives the pages of each checkpoint from the Receiver's Run
+// goroutine, one checkpoint at a time: Begin, StagePage..., then
 // Commit (the checkpoint verified and OnCommit accepted it) or Abort
 // (anything else, including a stream that dies mid-checkpoint). A sink
 // must not make a checkpoint's pages visible before Commit, except where
@@ -40,7 +41,7 @@ type PageSink interface {
 }
 
 // DiskSink receives the disk writes of each checkpoint from the
-// Receiver's reading goroutine, beside the PageSink and with the same
+// Receiver's Run goroutine, beside the PageSink and with the same
 // protocol: Begin, StageWrite..., then Commit (after OnCommit accepted the
 // checkpoint, before the page sink commits and before the ack) or Abort.
 // Like a PageSink, it must not make a checkpoint's writes visible before
@@ -118,7 +119,8 @@ func (s *MemSink) Abort() {
 }
 
 // PageWriter is guest memory as a sink writes to it; *guestmem.Memory is
-// one.
+// one. A StagingSink calls WriteAt from several goroutines at once when it
+// commits a large checkpoint, never on the same page at once.
 type PageWriter interface {
 	WriteAt(p []byte, gpa GPA) error
 }
@@ -132,11 +134,19 @@ type pageSlicer interface {
 	Slice(gpa GPA, n uint64) ([]byte, error)
 }
 
-// StagingSink stages pages in fixed-size chunks and copies them into Dest on
-// commit: the standby's staging buffer. As long as no resumable checkpoint
+// StagingSink stages pages and copies them into Dest on commit: the
+// standby's staging buffer. A Receiver leaves it each Pages frame's own
+// buffer until then (keepPage), so a page is copied once; pages handed to
+// StagePage are copied into fixed-size chunks first. As long as no resumable checkpoint
 // (KindEpoch, KindFinal) has been committed there is nothing in Dest to
 // protect, so initial-sync pages go straight into Dest, sparing a second
 // copy of the whole guest. Use it from one goroutine (the Receiver's).
+//
+// Commit is on the path to the ack, with the sender waiting and nothing
+// else to do: it applies a checkpoint of commitSplit pages or more on up to
+// commitWorkers goroutines (one per core), each taking the pages whose
+// page number falls to it, in staging order (a page staged twice is
+// applied twice, in order, by one goroutine).
 type StagingSink struct {
 	Dest PageWriter
 
@@ -144,7 +154,7 @@ type StagingSink struct {
 	kind      Kind // of the checkpoint being staged
 	direct    bool // this checkpoint writes straight to Dest
 	gpas      []GPA
-	zero      []bool
+	data      [][]byte // per staged page: its bytes (in chunks, or kept), nil for a zero page
 	// chunks hold the staged bytes, stagingChunk pages each, kept across
 	// checkpoints: no large reallocation while the stream is being read.
 	chunks [][]byte
@@ -172,38 +182,94 @@ func (s *StagingSink) StagePage(gpa GPA, data []byte) error {
 		return s.Dest.WriteAt(data, gpa)
 	}
 	s.gpas = append(s.gpas, gpa)
-	s.zero = append(s.zero, data == nil)
 	if data == nil {
+		s.data = append(s.data, nil)
 		return nil
 	}
 	c, i := s.used/stagingChunk, s.used%stagingChunk
 	if c == len(s.chunks) {
 		s.chunks = append(s.chunks, make([]byte, stagingChunk*PageSize))
 	}
-	copy(s.chunks[c][i*PageSize:], data)
+	b := s.chunks[c][i*PageSize : (i+1)*PageSize]
+	copy(b, data)
+	s.data = append(s.data, b)
 	s.used++
 	return nil
 }
 
+// keepPage implements keeper: data (nil for a zero page) stays valid until
+// Commit or Abort, so it is staged without a copy, unless the checkpoint
+// goes straight to Dest (then kept is false: Dest has it already).
+func (s *StagingSink) keepPage(gpa GPA, data []byte) (kept bool, err error) {
+	if s.direct {
+		return false, s.StagePage(gpa, data)
+	}
+	s.gpas = append(s.gpas, gpa)
+	s.data = append(s.data, data)
+	return data != nil, nil
+}
+
+// keeper is a PageSink that can keep a page's bytes until Commit or Abort
+// instead of copying them (StagingSink): the Receiver then hands it the
+// frame's own buffer (a stored page section read and opened in place, or
+// decompressed), and reads the next frames into other buffers until the
+// checkpoint is committed or aborted. One copy of each page fewer.
+type keeper interface {
+	PageSink
+	keepPage(gpa GPA, data []byte) (kept bool, err error)
+}
+
+var _ keeper = (*StagingSink)(nil)
+
 // Commit implements PageSink.
 func (s *StagingSink) Commit() error {
 	defer s.reset()
-	n := 0
-	for i, gpa := range s.gpas {
-		var err error
-		if s.zero[i] {
-			err = s.writeZero(gpa)
-		} else {
-			c, j := n/stagingChunk, n%stagingChunk
-			err = s.Dest.WriteAt(s.chunks[c][j*PageSize:(j+1)*PageSize], gpa)
-			n++
-		}
+	n := 1
+	if len(s.gpas) >= commitSplit {
+		n = min(runtime.GOMAXPROCS(0), commitWorkers)
+	}
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for w := 1; w < n; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[w] = s.apply(w, n)
+		}()
+	}
+	errs[0] = s.apply(0, n)
+	wg.Wait()
+	for _, err := range errs {
 		if err != nil {
-			return fmt.Errorf("apply staged page %#x: %w", uint64(gpa), err)
+			return err
 		}
 	}
 	if s.kind.Resumable() {
 		s.resumable = true
+	}
+	return nil
+}
+
+const (
+	commitSplit   = 1024 // pages from which Commit uses more than one goroutine
+	commitWorkers = 4
+)
+
+// apply writes the staged pages whose page number is w modulo n into Dest.
+func (s *StagingSink) apply(w, n int) error {
+	for i, gpa := range s.gpas {
+		if n > 1 && int(uint64(gpa)/PageSize)%n != w {
+			continue
+		}
+		var err error
+		if d := s.data[i]; d == nil {
+			err = s.writeZero(gpa)
+		} else {
+			err = s.Dest.WriteAt(d, gpa)
+		}
+		if err != nil {
+			return fmt.Errorf("apply staged page %#x: %w", uint64(gpa), err)
+		}
 	}
 	return nil
 }
@@ -223,5 +289,6 @@ func (s *StagingSink) writeZero(gpa GPA) error {
 }
 
 func (s *StagingSink) reset() {
-	s.gpas, s.zero, s.used = s.gpas[:0], s.zero[:0], 0
+	clear(s.data) // no kept buffer outlives the checkpoint here
+	s.gpas, s.data, s.used = s.gpas[:0], s.data[:0], 0
 }

@@ -67,3 +67,79 @@ func TestStagingSinkSkipsZeroOverZero(t *testing.T) {
 type pageWriterFunc func(p []byte, gpa GPA) error
 
 func (f pageWriterFunc) WriteAt(p []byte, gpa GPA) error { return f(p, gpa) }
+
+// A large checkpoint commits on several goroutines: every page lands,
+// zero pages included, and a page staged twice ends as its last version.
+func TestStagingSinkParallelCommit(t *testing.T) {
+	const npages = 3 * commitSplit
+	dest := make(memWriter, npages*PageSize)
+	s := &StagingSink{Dest: dest}
+	require.NoError(t, s.Begin(1, KindEpoch))
+	want := make([]byte, npages*PageSize)
+	for i := range npages {
+		p := page(uint64(i) + 7)
+		if i%5 == 4 {
+			p = nil
+		}
+		require.NoError(t, s.StagePage(GPA(i*PageSize), p))
+		copy(want[i*PageSize:], p)
+	}
+	copy(dest[4*PageSize:], page(99)) // a zero page lands over a non-zero one
+	require.NoError(t, s.StagePage(PageSize, page(12345)))
+	copy(want[PageSize:], page(12345))
+	require.NoError(t, s.Commit())
+	assert.True(t, bytes.Equal(want, dest), "memory after commit")
+}
+
+// A StagingSink keeps the pages of each Pages frame in the frame's own
+// buffer until commit (keeper): over several frames, keyed, unkeyed and
+// compressed, memory after each ack is the checkpoint's, the reader's
+// buffers are reused from one checkpoint to the next, and a checkpoint
+// whose End does not verify leaves memory as the last commit left it.
+func TestStagingSinkKeepsFrames(t *testing.T) {
+	for _, tt := range []struct {
+		name  string
+		keyed bool
+		comp  Compression
+	}{
+		{"keyed", true, CompressNone},
+		{"unkeyed", false, CompressNone},
+		{"keyed s2", true, CompressS2},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			scfg, rcfg := cfgs(newFakeClock())
+			if !tt.keyed {
+				scfg.Key, rcfg.Key, scfg.Insecure, rcfg.Insecure = nil, nil, true, true
+			}
+			scfg.Compression = tt.comp
+			mem := &flatMem{b: make([]byte, 4<<20)}
+			rcfg.Sink = &StagingSink{Dest: mem}
+			s, r := pipePair(t, scfg, rcfg)
+			run := runReceiver(t, r)
+			const n = 1000 // four Pages frames
+			want := func(epoch uint64) []byte {
+				b := make([]byte, 4<<20)
+				for i := range n {
+					if i%3 != 2 {
+						copy(b[i*PageSize:], page(epoch*1000+uint64(i)))
+					}
+				}
+				return b
+			}
+			for epoch := uint64(1); epoch <= 3; epoch++ {
+				require.NoError(t, sendCheckpoint(s, epoch, KindEpoch, n, []byte("s")))
+				require.NoError(t, s.WaitAck(t.Context(), epoch))
+				require.True(t, bytes.Equal(want(epoch), mem.b), "memory after checkpoint %d", epoch)
+			}
+			require.NoError(t, s.BeginCheckpoint(4, KindEpoch))
+			for i := range n {
+				require.NoError(t, s.SendPage(GPA(i*PageSize), page(9)))
+			}
+			require.NoError(t, s.flushPages())
+			forge(t, s, frameEnd, appendEnd(nil, endInfo{epoch: 4, pages: n, crc: 1}))
+			require.ErrorIs(t, waitErr(t, run), ErrChecksum)
+			assert.Equal(t, uint64(3), r.Committed())
+			assert.True(t, bytes.Equal(want(3), mem.b), "memory as checkpoint 3 left it")
+		})
+	}
+}

@@ -351,7 +351,7 @@ func TestOversizedFrameRefusedBeforeAllocation(t *testing.T) {
 	fr := newFrameReader(bytes.NewReader(append(hdr[:], make([]byte, 100)...)), &ctr)
 	_, err := fr.next()
 	require.ErrorIs(t, err, ErrTooLarge)
-	assert.Zero(t, cap(fr.buf), "nothing allocated for the payload")
+	assert.Zero(t, cap(fr.cur.buf), "nothing allocated for the payload")
 
 	// And over a live stream.
 	scfg, rcfg := cfgs(newFakeClock())
@@ -364,7 +364,7 @@ func TestOversizedFrameRefusedBeforeAllocation(t *testing.T) {
 	s.wmu.Unlock()
 	err = waitErr(t, run)
 	require.ErrorIs(t, err, ErrTooLarge)
-	assert.Less(t, cap(r.fr.buf), MaxFramePayload)
+	assert.Less(t, cap(r.fr.cur.buf), MaxFramePayload)
 }
 
 func TestSenderRefusesBadCalls(t *testing.T) {
