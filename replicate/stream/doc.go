@@ -7,7 +7,7 @@
 // the version policy.
 //
 // It owns framing, authentication, the hard caps on every field,
-// checkpoint verification (count, length, CRC32C), the commit/abort
+// checkpoint verification (counts, lengths, a checksum), the commit/abort
 // protocol toward a PageSink and a DiskSink, and liveness: heartbeats, the
 // failure detector, write deadlines, and the failover timeout the two ends
 // agree on. It does not own epochs, dirty tracking, output buffering or
@@ -39,7 +39,7 @@
 //     pre-shared key both ways. (Without a key, loopback only, frames
 //     carry CRC32Cs instead: corruption is caught, nothing else.)
 //
-// # Wire format (version 7, little-endian)
+// # Wire format (version 8, little-endian)
 //
 // Handshake frames (each side's Hello and Auth, framed as in version 1 so
 // that any version can read a hello far enough to refuse it):
@@ -64,7 +64,7 @@
 // Without a key there is nothing to seal with: the payload stays in clear
 // and crc32c is the CRC32C (Castagnoli) of the 16 header bytes and the
 // payload, but only of the header for a Pages, Disk or State frame,
-// whose payload is a checkpoint section that the End frame's CRC32C
+// whose payload is a checkpoint section that the End frame's checksum
 // covers (nothing of a checkpoint is applied before it verifies); a
 // mismatch is ErrAuth, like a bad tag.
 // Payloads (plaintext) by type:
@@ -87,7 +87,7 @@
 //	            (stored) or compressed with the session's codec
 //	5 State     a container state section's payload: 1..MaxStateChunk bytes of machine
 //	            state (the checkpoint's State frames concatenated, ≤ MaxState in all)
-//	6 End       epoch u64 | pages u64 | state length u64 | disk bytes u64 | crc32c u32 | 0 u32
+//	6 End       epoch u64 | pages u64 | state length u64 | disk bytes u64 | sum u64
 //	7 Ack       epoch u64
 //	8 Heartbeat sender's clock, unix ns, u64
 //	9 Error     code u16 | len u16 (≤1024) | message
@@ -108,12 +108,13 @@
 // xor entries (container.EncXOR), which each end applies against its
 // shadow of what this stream shipped (delta.go; docs/STREAM.md, Deltas).
 //
-// A checkpoint's Disk frames write at most MaxCheckpointDisk bytes. The End
-// CRC32C is the container's checksum (container.Checksum) of the
-// checkpoint as a GOVMMCKP container of version 1: its header, then each
-// Pages, Disk and State frame as a section of that type, in frame order
-// (a Pages frame's section decompressed: the checksum also checks the
-// decompression).
+// A checkpoint's Disk frames write at most MaxCheckpointDisk bytes. The
+// End frame's sum is sum64 (sum.go) of the checkpoint's sections: for each
+// Pages, Disk and State frame in frame order, a block of its container
+// section type and length, then the section's payload (a Pages frame's
+// section decompressed: the sum also checks the decompression). Up to
+// version 7 it was the container's CRC32C (container.Checksum) of the
+// same sections, which the lab's emulated CPU computes 30 times slower.
 //
 // Handshake: the sender sends Hello, the receiver Hello; with th = SHA-256
 // over both hello payloads, the sender sends Auth(HMAC(K, "govmm-stream/1

@@ -14,12 +14,13 @@ import (
 // Version is the protocol version this package speaks. A peer with any
 // other version is refused at the hello (ErrVersion); see docs/STREAM.md
 // for the version policy.
-const Version = 7
+const Version = 8
 
 // checkpointVersion is the version of the GOVMMCKP container that a
 // checkpoint is (docs/FORMATS.md): its Begin frame stands for the
 // container's header, each Pages, Disk and State frame carries one
-// section's payload, and the End frame carries the container's checksum.
+// section's payload. The End frame carries the stream's own checksum of
+// those sections (sum64), not the container's CRC32C (version 8).
 // The stream's version fixes it, so it never travels.
 const checkpointVersion = 1
 
@@ -154,7 +155,7 @@ type endInfo struct {
 	pages     uint64
 	stateLen  uint64
 	diskBytes uint64
-	crc       uint32
+	sum       uint64 // sum64 of the checkpoint's sections
 }
 
 // frame is one decoded frame. The reader reuses it: slices alias the read
@@ -273,10 +274,7 @@ func decodePayload(f *frame, t frameType, p []byte, layout *Identity) error {
 			return err
 		}
 		f.end = endInfo{epoch: le.Uint64(p), pages: le.Uint64(p[8:]), stateLen: le.Uint64(p[16:]),
-			diskBytes: le.Uint64(p[24:]), crc: le.Uint32(p[32:])}
-		if !allZero(p[36:40]) {
-			return fmt.Errorf("end: reserved bytes set: %w", ErrFrame)
-		}
+			diskBytes: le.Uint64(p[24:]), sum: le.Uint64(p[32:])}
 		if f.end.stateLen > MaxState {
 			return fmt.Errorf("end: state of %d bytes, at most %d: %w", f.end.stateLen, MaxState, ErrTooLarge)
 		}
@@ -375,8 +373,7 @@ func appendEnd(b []byte, e endInfo) []byte {
 	b = le.AppendUint64(b, e.pages)
 	b = le.AppendUint64(b, e.stateLen)
 	b = le.AppendUint64(b, e.diskBytes)
-	b = le.AppendUint32(b, e.crc)
-	return append(b, 0, 0, 0, 0)
+	return le.AppendUint64(b, e.sum)
 }
 
 func appendError(b []byte, code errorCode, msg string) []byte {

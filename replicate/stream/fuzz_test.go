@@ -57,7 +57,7 @@ func seedFrames() map[string][]byte {
 		"pages-xor":    rawFrame(framePages, 3, compressed(codecS2, appendPageEntry([]byte{1, 0, 0, 0}, PageSize, container.EncXOR, make([]byte, container.XORSize)))),
 		"pages-zstd":   rawFrame(framePages, 3, compressed(codecZstd, pages)),
 		"state":        rawFrame(frameState, 4, []byte("machine state")),
-		"end":          rawFrame(frameEnd, 5, appendEnd(nil, endInfo{epoch: 7, pages: 3, stateLen: 13, diskBytes: 8192, crc: 0xdeadbeef})),
+		"end":          rawFrame(frameEnd, 5, appendEnd(nil, endInfo{epoch: 7, pages: 3, stateLen: 13, diskBytes: 8192, sum: 0xdeadbeef})),
 		"disk":         rawFrame(frameDisk, 6, container.AppendDisk(nil, 1, 4096, 5, []byte("hello"))),
 		"disk-zero":    rawFrame(frameDisk, 6, container.AppendDisk(nil, 0, 0, MaxDiskChunk, nil)),
 		"accept":       rawFrame(frameAccept, 2, nil),

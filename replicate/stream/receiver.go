@@ -30,8 +30,8 @@ type Receiver struct {
 
 	// Owned by Run.
 	open      bool
-	cur       endInfo            // running totals of the open checkpoint
-	sum       container.Checksum // of the open checkpoint's sections
+	cur       endInfo // running totals of the open checkpoint
+	sum       sum64   // of the open checkpoint's sections
 	kind      Kind
 	zeros     uint64
 	state     []byte
@@ -259,7 +259,7 @@ func (r *Receiver) begin(epoch uint64, kind Kind) error {
 	}
 	r.open, r.kind, r.lastEpoch = true, kind, epoch
 	r.cur, r.zeros, r.state = endInfo{epoch: epoch}, 0, nil
-	r.sum = container.NewChecksum(container.MagicCheckpoint, checkpointVersion)
+	r.sum = newSum64()
 	return nil
 }
 
@@ -376,7 +376,7 @@ func (r *Receiver) end(e endInfo) error {
 	if !r.open {
 		return fmt.Errorf("end outside a checkpoint: %w", ErrProtocol)
 	}
-	got := endInfo{epoch: r.cur.epoch, pages: r.cur.pages, stateLen: uint64(len(r.state)), diskBytes: r.cur.diskBytes, crc: r.sum.Sum32()}
+	got := endInfo{epoch: r.cur.epoch, pages: r.cur.pages, stateLen: uint64(len(r.state)), diskBytes: r.cur.diskBytes, sum: r.sum.Sum64()}
 	switch {
 	case e.epoch != got.epoch:
 		return fmt.Errorf("end of epoch %d inside checkpoint %d: %w", e.epoch, got.epoch, ErrProtocol)
@@ -386,8 +386,8 @@ func (r *Receiver) end(e endInfo) error {
 		return fmt.Errorf("checkpoint %d: end says %d state bytes, received %d: %w", got.epoch, e.stateLen, got.stateLen, ErrChecksum)
 	case e.diskBytes != got.diskBytes:
 		return fmt.Errorf("checkpoint %d: end says %d disk bytes, received %d: %w", got.epoch, e.diskBytes, got.diskBytes, ErrChecksum)
-	case e.crc != got.crc:
-		return fmt.Errorf("checkpoint %d: crc32c %#08x, received %#08x: %w", got.epoch, e.crc, got.crc, ErrChecksum)
+	case e.sum != got.sum:
+		return fmt.Errorf("checkpoint %d: end says sum %#016x, received %#016x: %w", got.epoch, e.sum, got.sum, ErrChecksum)
 	}
 	c := &Checkpoint{Epoch: got.epoch, Kind: r.kind, Pages: got.pages, ZeroPages: r.zeros, DiskBytes: got.diskBytes, State: r.state}
 	r.state = nil

@@ -30,7 +30,7 @@ type Sender struct {
 	xor       [PageSize]byte // and XORs it with its shadow here
 	open      atomic.Bool    // read by Close
 	cur       endInfo        // epoch, pages, stateLen, diskBytes of the open checkpoint
-	sum       container.Checksum
+	sum       sum64          // of the open checkpoint's sections
 	kind      Kind
 	lastEpoch uint64
 	lastKind  Kind
@@ -115,7 +115,7 @@ func (s *Sender) BeginCheckpoint(epoch uint64, kind Kind) error {
 	}
 	s.open.Store(true)
 	s.kind, s.cur = kind, endInfo{epoch: epoch}
-	s.sum = container.NewChecksum(container.MagicCheckpoint, checkpointVersion)
+	s.sum = newSum64()
 	s.filling().pages.Reset()
 	return nil
 }
@@ -277,7 +277,7 @@ func (s *Sender) EndCheckpoint() error {
 	s.amu.Lock()
 	s.pending = append(s.pending, s.cur.epoch)
 	s.amu.Unlock()
-	s.cur.crc = s.sum.Sum32()
+	s.cur.sum = s.sum.Sum64()
 	if err := s.send(frameEnd, appendEnd(nil, s.cur), true); err != nil {
 		return err
 	}

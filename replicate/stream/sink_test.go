@@ -136,7 +136,7 @@ func TestStagingSinkKeepsFrames(t *testing.T) {
 				require.NoError(t, s.SendPage(GPA(i*PageSize), page(9)))
 			}
 			require.NoError(t, s.flushPages())
-			forge(t, s, frameEnd, appendEnd(nil, endInfo{epoch: 4, pages: n, crc: 1}))
+			forge(t, s, frameEnd, appendEnd(nil, endInfo{epoch: 4, pages: n, sum: 1}))
 			require.ErrorIs(t, waitErr(t, run), ErrChecksum)
 			assert.Equal(t, uint64(3), r.Committed())
 			assert.True(t, bytes.Equal(want(3), mem.b), "memory as checkpoint 3 left it")

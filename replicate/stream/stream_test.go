@@ -303,7 +303,7 @@ func TestReceiverRefusesBadFrames(t *testing.T) {
 		{"initial sync after an epoch", false, frameBegin, appendBegin(nil, 7, KindInitialSync), ErrProtocol},
 		{"end of another epoch", true, frameEnd, appendEnd(nil, endInfo{epoch: 3}), ErrProtocol},
 		{"end with wrong page count", true, frameEnd, appendEnd(nil, endInfo{epoch: 2, pages: 1}), ErrChecksum},
-		{"end with wrong crc", true, frameEnd, appendEnd(nil, endInfo{epoch: 2, crc: 1}), ErrChecksum},
+		{"end with wrong sum", true, frameEnd, appendEnd(nil, endInfo{epoch: 2, sum: 1}), ErrChecksum},
 		{"end with huge state length", true, frameEnd, appendEnd(nil, endInfo{epoch: 2, stateLen: 1 << 40}), ErrTooLarge},
 		{"ack from the sender", false, frameAck, make([]byte, 8), ErrProtocol},
 		{"accept from the sender", false, frameAccept, nil, ErrProtocol},

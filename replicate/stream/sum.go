@@ -1,0 +1,104 @@
+package stream
+
+import (
+	"encoding/binary"
+
+	"govmm/vmm/container"
+)
+
+// sum64 is the End frame's checksum of a checkpoint (version 8): a
+// position-weighted sum in the manner of Fletcher's, over 64-bit
+// little-endian words in four lanes, the running sums mod 2^64, folded to
+// 64 bits at the end by a multiply-xorshift mix. Each section adds a
+// block of its type and length, then its payload in 32-byte blocks, the
+// last one padded with zeros.
+//
+// Why not CRC32C (versions 5–7, the container's own checksum): CRC32C
+// runs on the SSE4.2 crc32 instruction, which the lab's emulated CPU
+// executes at 60–190 MB/s, so the checkpoint's checksum, taken at both
+// ends, cost a migration more than its copies and system calls together.
+// These sums are plain loads and adds: about as fast as a memory copy on
+// that CPU (7.2 GB/s against CRC32C's 0.19 in one lab run, 1 MiB in
+// cache) and on this host (41 against 32 GB/s).
+//
+// What it catches: a change confined to one 64-bit word always (it moves
+// its lane's sum); a section cut, grown, reordered or retyped (the length
+// and type blocks, and the position weights); any other change but with
+// odds of about 2^-64, except for structured ones that a sum mod 2^64
+// misses: changes in two words of one lane that cancel in the lane's sum
+// and whose difference times their distance in blocks is 0 mod 2^64 (the
+// top bit of two words of one lane flipped, an even number of blocks
+// apart). CRC32C misses none of those, but one in 2^32 of everything
+// else. It is a guard against corruption and bugs on
+// the way (TCP's own checksum is 16 bits), not against an attacker: a
+// keyed session's frames are sealed with AES-256-GCM, which also covers
+// every byte.
+type sum64 struct {
+	a, s [4]uint64
+}
+
+// Multipliers of the final mix (odd, with well-spread bits: the 64-bit
+// golden ratio and a constant of xxHash's).
+const (
+	sumK1 = 0x9e3779b97f4a7c15
+	sumK2 = 0xc2b2ae3d27d4eb4f
+)
+
+// newSum64 starts a checkpoint's sum; the lanes start apart, so that no
+// lane's sum starts at 0.
+func newSum64() sum64 {
+	return sum64{a: [4]uint64{sumK1, sumK2, sumK1 ^ sumK2, ^uint64(sumK1)}}
+}
+
+// Section adds a section of type t: a block with t and len(p), then p.
+func (c *sum64) Section(t container.Type, p []byte) {
+	var blk [32]byte
+	blk[0] = byte(t)
+	binary.LittleEndian.PutUint64(blk[8:], uint64(len(p)))
+	c.blocks(blk[:])
+	n := len(p) &^ 31
+	c.blocks(p[:n])
+	if n < len(p) {
+		blk = [32]byte{}
+		copy(blk[:], p[n:])
+		c.blocks(blk[:])
+	}
+}
+
+// blocks adds b, a multiple of 32 bytes long.
+func (c *sum64) blocks(b []byte) {
+	a0, a1, a2, a3 := c.a[0], c.a[1], c.a[2], c.a[3]
+	s0, s1, s2, s3 := c.s[0], c.s[1], c.s[2], c.s[3]
+	for ; len(b) >= 32; b = b[32:] {
+		a0 += binary.LittleEndian.Uint64(b)
+		a1 += binary.LittleEndian.Uint64(b[8:])
+		a2 += binary.LittleEndian.Uint64(b[16:])
+		a3 += binary.LittleEndian.Uint64(b[24:])
+		s0 += a0
+		s1 += a1
+		s2 += a2
+		s3 += a3
+	}
+	c.a = [4]uint64{a0, a1, a2, a3}
+	c.s = [4]uint64{s0, s1, s2, s3}
+}
+
+// Sum64 folds the sums so far into the value the End frame carries.
+func (c *sum64) Sum64() uint64 {
+	h := uint64(sumK2)
+	for _, v := range [8]uint64{c.a[0], c.a[1], c.a[2], c.a[3], c.s[0], c.s[1], c.s[2], c.s[3]} {
+		h = mix64(h ^ v)
+	}
+	return h
+}
+
+// mix64 is a multiply-xorshift finalizer: every input bit moves about
+// half the output bits.
+func mix64(h uint64) uint64 {
+	h ^= h >> 33
+	h *= sumK1
+	h ^= h >> 29
+	h *= sumK2
+	h ^= h >> 32
+	return h
+}
