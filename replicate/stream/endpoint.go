@@ -416,6 +416,22 @@ func (w *deadlineWriter) Write(p []byte) (int, error) {
 	return n, nil
 }
 
+// writeBuffers writes bufs back to back in as few system calls as the
+// connection allows (writev on TCP), under one deadline: a frame, whose
+// payload is at most about writePiece.
+func (w *deadlineWriter) writeBuffers(bufs [][]byte) (int64, error) {
+	w.mu.Lock()
+	stall := w.stall
+	_ = w.conn.SetWriteDeadline(w.deadline())
+	w.mu.Unlock()
+	nb := net.Buffers(bufs)
+	n, err := nb.WriteTo(w.conn)
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		return n, fmt.Errorf("no progress writing for %v: %w", stall, ErrStalled)
+	}
+	return n, err
+}
+
 // shorten bounds every write from now on, the one in progress included,
 // to d.
 func (w *deadlineWriter) shorten(d time.Duration) {

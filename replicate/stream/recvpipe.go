@@ -34,7 +34,9 @@ type rxItem struct {
 // startReader starts the reader goroutine; stopReader must follow once
 // the connection is closed.
 func (r *Receiver) startReader() *recvPipe {
-	p := &recvPipe{got: make(chan rxItem, recvDepth), free: make(chan int, recvDepth)}
+	// got holds every slot's frame and a failure besides: the reader
+	// never blocks on it.
+	p := &recvPipe{got: make(chan rxItem, recvDepth+1), free: make(chan int, recvDepth)}
 	p.slots[0] = *r.fr.cur // the handshake's buffers
 	for i := range p.slots {
 		p.free <- i
@@ -46,7 +48,10 @@ func (r *Receiver) startReader() *recvPipe {
 
 // readLoop is the reader goroutine: it reads into each free slot in turn
 // until a read fails (a clean end of stream included) or the stream is
-// done. It never blocks on got: at most recvDepth items are out. It
+// done, and always hands Run that end as its last item: Run waits for
+// nothing else, so a stream that fails while the reader waits for a slot
+// must still reach it. It never blocks on got: at most recvDepth frames
+// and one failure are out. It
 // listens (silence counts) only while it waits for the sender's bytes
 // with a slot to put them in: while every slot waits for Run (staging,
 // OnCommit, syncing disks), the time is ours, not the sender's.
@@ -57,6 +62,7 @@ func (r *Receiver) readLoop(p *recvPipe) {
 		select {
 		case i = <-p.free:
 		case <-r.done:
+			p.got <- rxItem{slot: -1, start: r.fr.off, err: r.err}
 			return
 		}
 		r.fr.cur = &p.slots[i]

@@ -1,6 +1,7 @@
 package stream
 
 import (
+	"context"
 	"testing"
 	"time"
 
@@ -75,4 +76,49 @@ func TestReaderFailureReachesRun(t *testing.T) {
 			assert.Zero(t, sink.Staged(), "checkpoint 2 aborted")
 		})
 	}
+}
+
+// blockingSink is a MemSink whose first StagePage waits for release.
+type blockingSink struct {
+	*MemSink
+	entered, release chan struct{}
+	once             bool
+}
+
+func (s *blockingSink) StagePage(gpa GPA, data []byte) error {
+	if !s.once {
+		s.once = true
+		close(s.entered)
+		<-s.release
+	}
+	return s.MemSink.StagePage(gpa, data)
+}
+
+// A stream that fails while the reader waits for a slot (all of them
+// read ahead, Run busy staging) still ends Run: the reader hands Run the
+// failure after the frames it read, instead of leaving Run waiting for a
+// frame that never comes. (It once did: a standby whose stream was
+// closed between two frames hung in Run for good; TestStopDuringPartition-
+// DoesNotHang in replicate caught it under -race.)
+func TestReaderStoppedWhileWaitingForASlotEndsRun(t *testing.T) {
+	scfg, rcfg := cfgs(newFakeClock())
+	sink := &blockingSink{MemSink: NewMemSink(), entered: make(chan struct{}), release: make(chan struct{})}
+	rcfg.Sink = sink
+	s, r := pipePair(t, scfg, rcfg)
+	ctx, cancel := context.WithCancel(t.Context())
+	run := make(chan error, 1)
+	go func() { run <- r.Run(ctx) }()
+	read := r.Stats().FramesReceived
+	go func() { _ = sendCheckpoint(s, 1, KindEpoch, 3*MaxPagesPerFrame, []byte("s")) }() // blocks once the reader stops
+	<-sink.entered
+	// Begin, then Pages 1 (Run stages it) and Pages 2 and 3 (read ahead):
+	// every slot is out, the reader waits for one.
+	require.Eventually(t, func() bool { return r.Stats().FramesReceived == read+4 }, 5*time.Second, 100*time.Microsecond)
+	cancel()
+	<-r.Done()
+	close(sink.release)
+	err := waitErr(t, run)
+	require.ErrorIs(t, err, ErrClosed)
+	assert.Zero(t, r.Committed())
+	assert.Zero(t, sink.Staged(), "checkpoint 1 aborted")
 }
