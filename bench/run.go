@@ -122,6 +122,9 @@ func (o Options) suite(ctx context.Context, s string) (string, error) {
 			cfg.Window = o.Window
 		}
 		return report(WireGuest(ctx, cfg))
+	case "migration-guest":
+		cfg := MigrationGuestConfig{Govmm: o.Govmm, Kernel: o.Boot.Kernel, Initrd: o.Boot.Initrd, Trials: o.runs(3, 1), Out: o.Out, Log: o.Log}
+		return report(MigrationGuest(ctx, cfg))
 	case "fencing":
 		cfg := FencingConfig{Trials: o.runs(3, 1), Out: o.Out, Log: o.Log}
 		if o.Quick {

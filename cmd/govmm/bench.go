@@ -77,6 +77,13 @@ for 3s of warmup and a 10s window (--window; --quick: 2s and 5s), the primary's
 counters (--metrics-listen) read as the window opens and closes; wire
 bytes per dirty page and × raw (4096+16 bytes) per workload and mode.
 
+migration-guest (not run by default; where Linux boots, e.g. 'govmm lab
+-- bin/govmm bench migration-guest'): live migration of the idle default
+guest (1 vCPU, 256 MiB) over loopback, govmm (govmm ctl migrate to a
+govmm standby, no key) beside QEMU (QMP migrate to -incoming, bandwidth
+cap lifted) when installed, 3 trials each (--runs; --quick: 1), taking
+turns: total time, downtime, bytes, and govmm's breakdown.
+
 fencing: what the witness lease costs a primary: the checkpoint pause of
 a tiny dirtying guest replicated to an in-process standby without a
 witness, with one (lease 2s, and 100ms) and with one that stops
@@ -95,7 +102,7 @@ Flags:
 var benchSuites = []string{"boot", "checkpoint", "migration", "failover", "fencing", "overhead"}
 
 // extraSuites run only when named: they boot the default guest.
-var extraSuites = []string{"failover-guest", "overhead-guest", "wire-guest"}
+var extraSuites = []string{"failover-guest", "overhead-guest", "wire-guest", "migration-guest"}
 
 // benchFlags are the flags of govmm bench.
 type benchFlags struct {
@@ -234,7 +241,8 @@ func (f *benchFlags) options(suites []string) (bench.Options, error) {
 // guestImage puts the default guest image into opts, building it only
 // where a suite will boot it.
 func (f *benchFlags) guestImage(opts *bench.Options, suites []string) error {
-	if slices.Contains(suites, "failover-guest") || slices.Contains(suites, "overhead-guest") || slices.Contains(suites, "wire-guest") {
+	if slices.Contains(suites, "failover-guest") || slices.Contains(suites, "overhead-guest") || slices.Contains(suites, "wire-guest") ||
+		slices.Contains(suites, "migration-guest") {
 		img, err := defaultImage()
 		if err != nil {
 			return err

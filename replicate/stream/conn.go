@@ -61,9 +61,9 @@ const nonceLen = 12 // the GCM standard nonce size
 type frameWriter struct {
 	bw    *bufio.Writer
 	dw    *deadlineWriter // under bw, if it is one: a large frame goes straight to it
-	mac   hash.Hash   // handshake frames
-	aead  cipher.AEAD // session frames, once set
-	plain bool        // session frames of an unkeyed session: CRC32C trailer
+	mac   hash.Hash       // handshake frames
+	aead  cipher.AEAD     // session frames, once set
+	plain bool            // session frames of an unkeyed session: CRC32C trailer
 	seq   uint64
 	hdr   [headerSize]byte
 	sum   [macSize]byte
