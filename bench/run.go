@@ -28,6 +28,9 @@ type Options struct {
 	StreamModes []StreamMode
 	Workloads   []string
 	Window      time.Duration // wire-guest's window (0: its default)
+	// Baseline is migration-guest's other govmm binary, migrated beside
+	// this one ("": none).
+	Baseline string
 }
 
 // Emulated says whether KVM here emulates guests (see lab.Emulated).
@@ -123,7 +126,7 @@ func (o Options) suite(ctx context.Context, s string) (string, error) {
 		}
 		return report(WireGuest(ctx, cfg))
 	case "migration-guest":
-		cfg := MigrationGuestConfig{Govmm: o.Govmm, Kernel: o.Boot.Kernel, Initrd: o.Boot.Initrd, Trials: o.runs(3, 1), Out: o.Out, Log: o.Log}
+		cfg := MigrationGuestConfig{Govmm: o.Govmm, Baseline: o.Baseline, Kernel: o.Boot.Kernel, Initrd: o.Boot.Initrd, Trials: o.runs(3, 1), Out: o.Out, Log: o.Log}
 		return report(MigrationGuest(ctx, cfg))
 	case "fencing":
 		cfg := FencingConfig{Trials: o.runs(3, 1), Out: o.Out, Log: o.Log}

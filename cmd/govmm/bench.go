@@ -82,7 +82,8 @@ migration-guest (not run by default; where Linux boots, e.g. 'govmm lab
 guest (1 vCPU, 256 MiB) over loopback, govmm (govmm ctl migrate to a
 govmm standby, no key) beside QEMU (QMP migrate to -incoming, bandwidth
 cap lifted) when installed, 3 trials each (--runs; --quick: 1), taking
-turns: total time, downtime, bytes, and govmm's breakdown.
+turns: total time, downtime, bytes, and govmm's breakdown; --baseline
+migrates another govmm binary (e.g. main's) the same way beside them.
 
 fencing: what the witness lease costs a primary: the checkpoint pause of
 a tiny dirtying guest replicated to an in-process standby without a
@@ -111,6 +112,7 @@ type benchFlags struct {
 	quick                      *bool
 	out, guest, modes, witness *string
 	streamModes, workloads     *string
+	baseline                   *string
 	window                     time.Duration
 	mem                        string
 	merge                      listFlag
@@ -125,6 +127,7 @@ func newBenchFlags() *benchFlags {
 	f.guest = fs.String("guest", "auto", "boot suite guest: auto, tiny or default")
 	fs.Var(memFlag{&f.mem}, "mem", "boot suite guest memory, as run --mem takes it: 256M, 1G (a bare number is MiB)")
 	f.modes = fs.String("modes", "sigkill,sigstop", "failover-guest only: the primary's failures to time, `sigkill`, sigstop or both (comma-separated)")
+	f.baseline = fs.String("baseline", "", "migration-guest only: another govmm `binary` (e.g. a build of main) migrated beside this one in every trial")
 	f.witness = fs.String("witness", "both", "failover-guest only: time each failure `without` a witness, with one, or both")
 	f.streamModes = fs.String("stream-modes", "none,s2,s2+deltas,zstd+deltas", "wire-guest only: the stream `modes` to boot the guest in: none, s2 or zstd, each with or without +deltas (comma-separated)")
 	f.workloads = fs.String("workloads", strings.Join(bench.WireGuestWorkloads, ","), "wire-guest only: the `workloads` to run in each guest (comma-separated)")
@@ -201,6 +204,11 @@ func (f *benchFlags) options(suites []string) (bench.Options, error) {
 			return bench.Options{}, err
 		}
 	}
+	if !slices.Contains(suites, "migration-guest") {
+		if err := refuseUnused(f.fs, "without the migration-guest suite, the only one that uses it", "baseline"); err != nil {
+			return bench.Options{}, err
+		}
+	}
 	if !slices.Contains(suites, "wire-guest") {
 		if err := refuseUnused(f.fs, "without the wire-guest suite, the only one that uses it", "stream-modes", "workloads", "window"); err != nil {
 			return bench.Options{}, err
@@ -235,7 +243,7 @@ func (f *benchFlags) options(suites []string) (bench.Options, error) {
 	}
 	return bench.Options{Quick: *f.quick, Runs: *f.runs, Out: out, Govmm: self, Log: os.Stderr,
 		Boot: bench.BootConfig{Govmm: self, Guest: *f.guest, MemMiB: int(mem >> 20)}, Modes: failModes, Witness: witnessModes,
-		StreamModes: streamModes, Workloads: workloads, Window: f.window}, nil
+		StreamModes: streamModes, Workloads: workloads, Window: f.window, Baseline: *f.baseline}, nil
 }
 
 // guestImage puts the default guest image into opts, building it only
