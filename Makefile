@@ -4,7 +4,7 @@ BIN       := bin/govmm
 RACE_PKGS := ./vmm/... ./virtio/... ./internal/... ./guestimg/... ./dirtylog/... ./ctlapi/... ./replicate/...
 FUZZTIME  ?= 20s
 
-.PHONY: all build image run demo bench-failover-guest bench-wire-guest soak soak-host soak-migrations soak-failovers soak-fencing test test-guest vet fuzz bench bench-quick clean deps
+.PHONY: all build image run demo bench-failover-guest bench-wire-guest bench-migration-guest soak soak-host soak-migrations soak-failovers soak-fencing test test-guest vet fuzz bench bench-quick clean deps
 
 all: build
 
@@ -130,6 +130,15 @@ WIRE_WINDOW ?= 10s
 bench-wire-guest: build image
 	lab=; if $(BIN) lab --needed; then lab="$(BIN) lab --timeout 45m --share bench/results --"; fi; \
 		$$lab nice $(BIN) bench --runs $(WIRE_RUNS) --stream-modes $(WIRE_MODES) --workloads $(WIRE_WORKLOADS) --window $(WIRE_WINDOW) wire-guest
+
+# Live migration of the idle default guest, govmm beside QEMU, in the lab
+# where this host cannot boot Linux (one L1 CPU: the command and both
+# ends of the migration share it). MIGRATION_BASELINE=PATH migrates
+# another govmm binary (e.g. a build of main) beside them.
+MIGRATION_RUNS ?= 3
+bench-migration-guest: build image
+	lab=; if $(BIN) lab --needed; then lab="$(BIN) lab --cpus 1 --timeout 30m --share bench/results --"; fi; \
+		$$lab nice $(BIN) bench --runs $(MIGRATION_RUNS) $(if $(MIGRATION_BASELINE),--baseline $(MIGRATION_BASELINE)) migration-guest
 
 clean:
 	rm -rf bin
