@@ -92,6 +92,7 @@ func TestCLIUsageErrors(t *testing.T) {
 		{"bench workload", []string{"bench", "--workloads", "build", "wire-guest"}, `govmm: bench: --workloads build: unknown workload "build" (demo, untar, compress) (see 'govmm help bench')`},
 		{"bench window", []string{"bench", "--window", "500ms", "wire-guest"}, "govmm: bench: --window 500ms: want 1s to 10m0s (see 'govmm help bench')"},
 		{"bench stream modes without wire-guest", []string{"bench", "--stream-modes", "s2", "checkpoint"}, "govmm: bench: --stream-modes does not apply without the wire-guest suite, the only one that uses it (see 'govmm help bench')"},
+		{"bench baseline without migration-guest", []string{"bench", "--baseline", "bin/govmm-main", "migration"}, "govmm: bench: --baseline does not apply without the migration-guest suite, the only one that uses it (see 'govmm help bench')"},
 
 		// Values only the command line can be wrong about.
 		{"stray argument", append(tiny, "nproc"), `govmm: run: unexpected argument "nproc" (put the guest command after --) (see 'govmm help run')`},
@@ -135,7 +136,7 @@ func TestCLIUsageErrors(t *testing.T) {
 		{"lab needed with a command", []string{"lab", "--needed", "--", "true"}, "govmm: lab: --needed takes no command (see 'govmm help lab')"},
 		{"lab needed with a flag it ignores", []string{"lab", "--needed", "--mem", "4G"}, "govmm: lab: --mem does not apply with --needed, which runs no command (see 'govmm help lab')"},
 		{"lab hold-kvm with a flag it ignores", []string{"lab", "--hold-kvm", "--share", "/tmp"}, "govmm: lab: --share does not apply with --hold-kvm, which runs no command (see 'govmm help lab')"},
-		{"bench unknown suite", []string{"bench", "frobnicate"}, `govmm: bench: unknown suite "frobnicate" (boot, checkpoint, migration, failover, fencing, overhead, failover-guest, overhead-guest, wire-guest) (see 'govmm help bench')`},
+		{"bench unknown suite", []string{"bench", "frobnicate"}, `govmm: bench: unknown suite "frobnicate" (boot, checkpoint, migration, failover, fencing, overhead, failover-guest, overhead-guest, wire-guest, migration-guest) (see 'govmm help bench')`},
 		{"version with argument", []string{"version", "now"}, `govmm: version: unexpected argument "now" (see 'govmm help version')`},
 		{"unknown command", []string{"frobnicate"}, `govmm: unknown command "frobnicate" (see 'govmm help')`},
 		{"help of unknown command", []string{"help", "frobnicate"}, `govmm: help: unknown command "frobnicate" (see 'govmm help')`},
