@@ -31,8 +31,9 @@ type rxItem struct {
 	err   error
 }
 
-// startReader starts the reader goroutine; stopReader must follow once
-// the connection is closed.
+// startReader starts the reader goroutine. It ends once the stream does
+// (the connection closed, or the endpoint done); Run waits for it on the
+// pipe's wg before it returns.
 func (r *Receiver) startReader() *recvPipe {
 	// got holds every slot's frame and a failure besides: the reader
 	// never blocks on it.
