@@ -247,7 +247,10 @@ func TestTruncatedStream(t *testing.T) {
 			}
 			if tt.name == "connection cut mid-frame" {
 				cutAt = n + 2
-				require.NoError(t, s.flushPages())
+				// The sealer writes this Pages frame (over 64 KiB: past
+				// the buffer) at once, and the proxy cuts it: the stream
+				// may fail before flushPages returns.
+				_ = s.flushPages()
 				tt.cut(s, sc)
 				// The proxy forwarded half a frame; now the link dies.
 				sc.Close()
