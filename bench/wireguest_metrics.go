@@ -110,9 +110,17 @@ func (c WireCounters) BytesPerDirtyPage() float64 { return ratio(c.CheckpointByt
 // TimesRaw is BytesPerDirtyPage over RawPageBytes.
 func (c WireCounters) TimesRaw() float64 { return c.BytesPerDirtyPage() / RawPageBytes }
 
-// PageRatio is what compression and deltas leave of the page sections'
-// bytes.
+// PageRatio is what compression leaves of the page sections' bytes
+// (sections in which deltas and copies may already have shrunk pages).
 func (c WireCounters) PageRatio() float64 { return ratio(c.PageWireBytes, c.PageBytes) }
+
+// PagesTimesRaw is the Pages frames' bytes on the wire per page sent, over
+// RawPageBytes: what the pages alone cost against raw, from the stream's
+// counters only (which grow together as pages are sent, so a window that
+// cuts a long checkpoint does not skew it as it can TimesRaw).
+func (c WireCounters) PagesTimesRaw() float64 {
+	return ratio(c.PageWireBytes, c.SentPages*RawPageBytes)
+}
 
 // ZeroShare is the share of the pages sent that were all zero.
 func (c WireCounters) ZeroShare() float64 { return ratio(c.ZeroPages, c.SentPages) }
