@@ -244,7 +244,7 @@ func StreamMetrics(st stream.Stats, sent bool) []Metric {
 	counter("delta_pages_total", "of the pages "+dir+", those that travelled as XOR deltas against what the standby holds", st.DeltaPages)
 	counter("copy_pages_total", "of the pages "+dir+", those that travelled as a reference to a page with the same bytes that the standby holds", st.CopyPages)
 	if sent {
-		counter("page_bytes_total", "bytes of the pages sent before compression: their page sections (entries and data, a delta as its XOR page)", st.PageBytes)
+		counter("page_bytes_total", "bytes of the pages sent before compression: their page sections (entries and data, a delta as its XOR page, a copy as its 12 bytes)", st.PageBytes)
 		counter("page_wire_bytes_total", "bytes of the pages sent as they travelled: the Pages frames' payloads, compressed or stored with their header, before sealing", st.PageWireBytes)
 	}
 	if st.Compression != "" {
