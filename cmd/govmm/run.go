@@ -269,6 +269,9 @@ func cmdRun(args []string) error {
 	if fence != nil {
 		defer fence.Close()
 	}
+	if trace != nil {
+		trace.starting = time.Now()
+	}
 	if err := m.Start(); err != nil {
 		return err
 	}
@@ -440,6 +443,12 @@ func mapFile(path string) ([]byte, error) {
 	if err != nil {
 		return os.ReadFile(path)
 	}
+	// Every byte is copied into guest RAM next: fault the whole file in
+	// with one call (read ahead in large requests, then mapped) rather
+	// than page by page as the copy goes. In the lab, where the file
+	// comes over 9p, this halved a cold load. Kernels before 5.14 do not
+	// know it; then the copy faults the pages in.
+	_ = unix.Madvise(b, unix.MADV_POPULATE_READ)
 	return b, nil
 }
 
