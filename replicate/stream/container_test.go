@@ -12,7 +12,7 @@ import (
 
 // A checkpoint is a GOVMMCKP container cut into frames: each Pages, Disk
 // and State frame carries one section's payload, in order, and the End
-// frame's sum is sum64 of those sections (since version 8; not the
+// frame's sum is sum64 of those sections (since version 9; not the
 // container's CRC32C). The receiver computes it the same way (it
 // acknowledges).
 func TestCheckpointIsAContainer(t *testing.T) {

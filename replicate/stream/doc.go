@@ -39,7 +39,7 @@
 //     pre-shared key both ways. (Without a key, loopback only, frames
 //     carry CRC32Cs instead: corruption is caught, nothing else.)
 //
-// # Wire format (version 8, little-endian)
+// # Wire format (version 9, little-endian)
 //
 // Handshake frames (each side's Hello and Auth, framed as in version 1 so
 // that any version can read a hello far enough to refuse it):
@@ -106,14 +106,16 @@
 // decompresses past the cap). Sealing comes after compression: the tag
 // covers the compressed bytes. With deltas on, a page section may hold
 // xor entries (container.EncXOR), which each end applies against its
-// shadow of what this stream shipped (delta.go; docs/STREAM.md, Deltas).
+// shadow of what this stream shipped, and copy entries (container.EncCopy,
+// version 8), a reference to a page of that shadow with the same bytes
+// (delta.go; docs/STREAM.md, Deltas).
 //
 // A checkpoint's Disk frames write at most MaxCheckpointDisk bytes. The
 // End frame's sum is sum64 (sum.go) of the checkpoint's sections: for each
 // Pages, Disk and State frame in frame order, a block of its container
 // section type and length, then the section's payload (a Pages frame's
 // section decompressed: the sum also checks the decompression). Up to
-// version 7 it was the container's CRC32C (container.Checksum) of the
+// version 8 it was the container's CRC32C (container.Checksum) of the
 // same sections, which the lab's emulated CPU computes 30 times slower.
 //
 // Handshake: the sender sends Hello, the receiver Hello; with th = SHA-256

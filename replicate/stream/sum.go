@@ -6,7 +6,7 @@ import (
 	"govmm/vmm/container"
 )
 
-// sum64 is the End frame's checksum of a checkpoint (version 8): a
+// sum64 is the End frame's checksum of a checkpoint (version 9): a
 // position-weighted sum in the manner of Fletcher's, over 64-bit
 // little-endian words in four lanes, the running sums mod 2^64, folded to
 // 64 bits at the end by a multiply-xorshift mix. Each section adds a

@@ -190,7 +190,7 @@ func (f *Format) checkSection(b []byte) (sectionHeader, error) {
 // Checksum is the container's checksum rule: the CRC32C (Castagnoli) of
 // the header and of every section before the end section, each as it is
 // written (its 8-byte header, then its payload). Writer and Reader use
-// it (the stream did too, up to its version 7, over a checkpoint whose
+// it (the stream did too, up to its version 8, over a checkpoint whose
 // sections travel in frames; it now has a checksum of its own that the
 // lab's emulated CPU computes faster).
 type Checksum struct{ crc uint32 }
