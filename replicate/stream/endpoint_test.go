@@ -119,6 +119,7 @@ func TestLoadKey(t *testing.T) {
 	}{
 		{"good", "0123456789abcdef0123456789abcdef", 0o600, "0123456789abcdef0123456789abcdef", false},
 		{"trailing newline trimmed", "0123456789abcdef0123456789abcdef\n", 0o400, "0123456789abcdef0123456789abcdef", false},
+		{"binary key kept whole", "\x00\xff0123456789abcdef0123456789ab \n", 0o600, "\x00\xff0123456789abcdef0123456789ab \n", false},
 		{"world readable", "0123456789abcdef0123456789abcdef", 0o644, "", true},
 		{"group readable", "0123456789abcdef0123456789abcdef", 0o640, "", true},
 		{"empty", "", 0o600, "", true},

@@ -22,9 +22,11 @@ var ErrKey = errors.New("unusable key file")
 
 // LoadKey reads a pre-shared key from path (the --key-file flag). It refuses
 // a file that anyone but its owner may read or write, an empty or short key
-// (fewer than MinKeyLen bytes) and an oversized one. Trailing ASCII
-// whitespace is removed so that a key written by `echo` or an editor means
-// the same on both hosts; every other byte is key material.
+// (fewer than MinKeyLen bytes) and an oversized one. A text key (printable
+// ASCII and whitespace only) loses its trailing whitespace, so that a key
+// written by `echo` or an editor means the same on both hosts; a binary key
+// (any other byte, as in the 32 random bytes we recommend) is used whole,
+// its last bytes included even where they happen to be 0x0a or 0x20.
 func LoadKey(path string) ([]byte, error) {
 	f, err := os.Open(path)
 	if err != nil {
@@ -48,7 +50,10 @@ func LoadKey(path string) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("key file %s: %w", path, err)
 	}
-	key := bytes.TrimRight(buf, " \t\r\n")
+	key := buf
+	if isText(buf) {
+		key = bytes.TrimRight(buf, " \t\r\n")
+	}
 	switch {
 	case len(key) == 0:
 		return nil, fmt.Errorf("key file %s: empty: %w", path, ErrKey)
@@ -58,6 +63,17 @@ func LoadKey(path string) ([]byte, error) {
 		return nil, fmt.Errorf("key file %s: %d bytes, at most %d: %w", path, len(key), MaxKeyLen, ErrKey)
 	}
 	return bytes.Clone(key), nil
+}
+
+// isText says whether b holds only printable ASCII and whitespace: a key
+// someone typed or echoed, not random bytes.
+func isText(b []byte) bool {
+	for _, c := range b {
+		if (c < 0x20 || c > 0x7e) && c != '\t' && c != '\r' && c != '\n' {
+			return false
+		}
+	}
+	return true
 }
 
 // ErrInsecureListen is returned by CheckListenAddr.
