@@ -206,18 +206,18 @@ func (cfg *CheckpointConfig) defaults() {
 func (res *CheckpointResult) replicateAll(ctx context.Context) error {
 	cfg := res.Config
 	for _, n := range cfg.Pages {
-		epoch := cfg.Epoch // the first run fits it to the working set, the others keep it
+		epoch, fitted := cfg.Epoch, false // the first run fits it to the working set, the others keep it
 		for _, cp := range cfg.Copies {
 			for _, content := range cfg.Contents {
 				for _, mode := range cfg.Modes {
-					r := replicationRun{pages: n, epoch: epoch, copy: cp, mode: mode, content: content}
+					r := replicationRun{pages: n, epoch: epoch, copy: cp, mode: mode, content: content, fit: !fitted}
 					ss, err := checkpointRun(ctx, cfg, r)
 					if err != nil {
 						return fmt.Errorf("checkpoint %s: %w", r, err)
 					}
 					res.Samples = append(res.Samples, ss...)
 					if len(ss) > 0 {
-						r.epoch, epoch = ss[0].Epoch, ss[0].Epoch
+						r.epoch, epoch, fitted = ss[0].Epoch, ss[0].Epoch, true
 					}
 					logRun(cfg.Log, r, ss)
 				}
