@@ -45,7 +45,6 @@ func (m *Machine) StartFromPaused(st *MachineState) error {
 // start sets up every vCPU, restores st (when not nil) and lets the vCPUs
 // go; paused makes each of them pause before entering the guest.
 func (m *Machine) start(st *MachineState, paused bool) error {
-	reserveProcs(m.cfg.CPUs) // procs.go
 	m.restoring = st
 	setup := make(chan error, m.cfg.CPUs)
 	for id := 0; id < m.cfg.CPUs; id++ {
