@@ -36,6 +36,11 @@ func (r *Replicator) checkpoint(extra *dirtylog.Set) error {
 	r.mu.Unlock()
 	c, err := r.cut(pre, extra)
 	now := time.Now()
+	if at := r.m.ResumedAt(); err == nil && at.After(c.t3) && at.Before(now) {
+		// The guest ran again from the last vCPU's answer to the resume:
+		// this goroutine may have waited for a P since (vmm.ResumedAt).
+		now = at
+	}
 	if c.snap != nil {
 		// Protected pages are copied and let go whatever happens next:
 		// no guest write may wait on a checkpoint that is not sent.
