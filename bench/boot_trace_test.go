@@ -51,3 +51,31 @@ func TestBootPhasesOutput(t *testing.T) {
 	_, err = os.Stat(empty + ".png")
 	assert.True(t, os.IsNotExist(err))
 }
+
+// The report's ratios pair the right VMMs: the same vmlinux, initrd and
+// tuned command line (govmm-tuned against qemu-pvh), the same plain
+// inputs (govmm against qemu), and the tuned path against QEMU's
+// defaults.
+func TestBootReportRatios(t *testing.T) {
+	var samples []BootSample
+	for name, ms := range map[string]float64{"govmm": 6000, "qemu": 10000, "govmm-tuned": 2000, "qemu-pvh": 4000, "qemu-tuned": 5000} {
+		samples = append(samples, BootSample{VMM: name, Guest: "default", ReadyMs: ms, PhasesErr: errors.New("none")})
+	}
+	r := BootReport(samples)
+	assert.Contains(t, r, "Same inputs, the default ones (the vmlinux through PVH, the initrd, `vmm.DefaultCmdline`): govmm takes 0.50× QEMU's median")
+	assert.Contains(t, r, "Same inputs, a user's plain ones (the bzImage, the initrd, `vmm.BaseCmdline`): govmm takes 0.60× QEMU's median")
+	assert.Contains(t, r, "against QEMU's defaults (bzImage, plain command line): 0.20×")
+	assert.Contains(t, r, "govmm's tuned path takes 0.40× its median")
+	for _, name := range []string{"govmm", "qemu", "govmm-tuned", "qemu-pvh", "qemu-tuned"} {
+		assert.Contains(t, r, "| "+name+" | default | 1 |")
+	}
+	// Without QEMU there is no ratio.
+	var alone []BootSample
+	for _, s := range samples {
+		if strings.HasPrefix(s.VMM, "govmm") {
+			alone = append(alone, s)
+		}
+	}
+	require.Len(t, alone, 2)
+	assert.NotContains(t, BootReport(alone), "×")
+}

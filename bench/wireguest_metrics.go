@@ -71,6 +71,7 @@ type WireCounters struct {
 	SentPages       float64 // govmm_stream_sent_pages_total
 	ZeroPages       float64 // govmm_stream_sent_zero_pages_total
 	DeltaPages      float64 // govmm_stream_sent_delta_pages_total
+	CopyPages       float64 // govmm_stream_sent_copy_pages_total
 	PageBytes       float64 // govmm_stream_sent_page_bytes_total: page sections before compression
 	PageWireBytes   float64 // govmm_stream_sent_page_wire_bytes_total: as they travelled
 }
@@ -78,10 +79,10 @@ type WireCounters struct {
 // wireMetricNames are the counters' metric names, in WireCounters' order.
 var wireMetricNames = []string{"govmm_replication_epochs_total", "govmm_replication_dirty_pages_total",
 	"govmm_replication_bytes_total", "govmm_stream_sent_pages_total", "govmm_stream_sent_zero_pages_total",
-	"govmm_stream_sent_delta_pages_total", "govmm_stream_sent_page_bytes_total", "govmm_stream_sent_page_wire_bytes_total"}
+	"govmm_stream_sent_delta_pages_total", "govmm_stream_sent_copy_pages_total", "govmm_stream_sent_page_bytes_total", "govmm_stream_sent_page_wire_bytes_total"}
 
 func (c *WireCounters) fields() []*float64 {
-	return []*float64{&c.Epochs, &c.DirtyPages, &c.CheckpointBytes, &c.SentPages, &c.ZeroPages, &c.DeltaPages, &c.PageBytes, &c.PageWireBytes}
+	return []*float64{&c.Epochs, &c.DirtyPages, &c.CheckpointBytes, &c.SentPages, &c.ZeroPages, &c.DeltaPages, &c.CopyPages, &c.PageBytes, &c.PageWireBytes}
 }
 
 // Sub is c minus o, counter by counter.
@@ -109,15 +110,27 @@ func (c WireCounters) BytesPerDirtyPage() float64 { return ratio(c.CheckpointByt
 // TimesRaw is BytesPerDirtyPage over RawPageBytes.
 func (c WireCounters) TimesRaw() float64 { return c.BytesPerDirtyPage() / RawPageBytes }
 
-// PageRatio is what compression and deltas leave of the page sections'
-// bytes.
+// PageRatio is what compression leaves of the page sections' bytes
+// (sections in which deltas and copies may already have shrunk pages).
 func (c WireCounters) PageRatio() float64 { return ratio(c.PageWireBytes, c.PageBytes) }
+
+// PagesTimesRaw is the Pages frames' bytes on the wire per page sent, over
+// RawPageBytes: what the pages alone cost against raw, from the stream's
+// counters only (which grow together as pages are sent, so a window that
+// cuts a long checkpoint does not skew it as it can TimesRaw).
+func (c WireCounters) PagesTimesRaw() float64 {
+	return ratio(c.PageWireBytes, c.SentPages*RawPageBytes)
+}
 
 // ZeroShare is the share of the pages sent that were all zero.
 func (c WireCounters) ZeroShare() float64 { return ratio(c.ZeroPages, c.SentPages) }
 
 // DeltaShare is the share of the non-zero pages sent as XOR deltas.
 func (c WireCounters) DeltaShare() float64 { return ratio(c.DeltaPages, c.SentPages-c.ZeroPages) }
+
+// CopyShare is the share of the non-zero pages sent as copies of a page
+// the standby holds.
+func (c WireCounters) CopyShare() float64 { return ratio(c.CopyPages, c.SentPages-c.ZeroPages) }
 
 func ratio(n, d float64) float64 {
 	if d <= 0 {

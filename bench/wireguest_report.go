@@ -60,13 +60,13 @@ func (r *WireGuestResult) write(dir string) error {
 	for _, s := range r.Samples {
 		c := s.Counters
 		rows = append(rows, []string{s.Workload, s.Mode.String(), s.Agreed.String(), strconv.Itoa(s.Trial), ftoa(s.Span.Seconds(), 3),
-			strconv.Itoa(s.Work), ftoa(c.Epochs, 0), ftoa(c.DirtyPages, 0), ftoa(c.SentPages, 0), ftoa(c.ZeroPages, 0), ftoa(c.DeltaPages, 0),
+			strconv.Itoa(s.Work), ftoa(c.Epochs, 0), ftoa(c.DirtyPages, 0), ftoa(c.SentPages, 0), ftoa(c.ZeroPages, 0), ftoa(c.DeltaPages, 0), ftoa(c.CopyPages, 0),
 			ftoa(c.PageBytes, 0), ftoa(c.PageWireBytes, 0), ftoa(c.CheckpointBytes, 0),
-			ftoa(c.BytesPerDirtyPage(), 1), ftoa(c.TimesRaw(), 4), ftoa(c.PageRatio(), 4)})
+			ftoa(c.BytesPerDirtyPage(), 1), ftoa(c.TimesRaw(), 4), ftoa(c.PageRatio(), 4), ftoa(c.PagesTimesRaw(), 4)})
 	}
 	if err := writeCSV(filepath.Join(dir, "wire_guest.csv"), []string{"workload", "stream", "agreed", "trial", "window_s", "work",
-		"checkpoints", "dirty_pages", "sent_pages", "zero_pages", "delta_pages", "page_bytes", "page_wire_bytes", "checkpoint_bytes",
-		"wire_bytes_per_dirty_page", "x_raw", "page_wire_over_page_bytes"}, rows); err != nil {
+		"checkpoints", "dirty_pages", "sent_pages", "zero_pages", "delta_pages", "copy_pages", "page_bytes", "page_wire_bytes", "checkpoint_bytes",
+		"wire_bytes_per_dirty_page", "x_raw", "page_wire_over_page_bytes", "pages_x_raw"}, rows); err != nil {
 		return err
 	}
 	if len(r.Samples) == 0 {
@@ -176,22 +176,25 @@ func (r *WireGuestResult) Report() string {
 		"Raw data `wire_guest.csv` (one row per workload and boot), plot `wire_guest.png`.\n\n")
 	fmt.Fprintf(&b, "*Wire B/dirty page* is the checkpoints' bytes on the wire (pages, state, frame headers, tags: `govmm_replication_bytes_total`) "+
 		"over the dirty pages they shipped (`govmm_replication_dirty_pages_total`), as `ctl stats` derives it; *× raw* is that over %d B, a page and "+
-		"its entry uncompressed (issue 13's goal: ≤ %.1f×); *page wire / raw* is what compression and deltas leave of the page sections' bytes "+
-		"(`govmm_stream_sent_page_wire_bytes_total` / `_page_bytes_total`); *zero* the share of the pages sent that were all zero (a flag on the wire), "+
-		"*deltas* the share of the others sent as XOR deltas. "+
+		"its entry uncompressed (issue 13's goal: ≤ %.1f×); *pages × raw* is the Pages frames' bytes on the wire per page sent over %d B "+
+		"(`govmm_stream_sent_page_wire_bytes_total` / (`_pages_total` × %d)), from the stream's counters alone; *page wire / section* is what "+
+		"the codec leaves of the page sections' bytes (`_page_wire_bytes_total` / `_page_bytes_total`; a section holds a delta as its XOR page "+
+		"and a copy as 12 bytes); *zero* the share of the pages sent that were all zero (a flag on the wire), "+
+		"*deltas* the share of the others sent as XOR deltas, *copies* as a reference to a page with the same bytes that the standby holds "+
+		"(stream version 8, with deltas). "+
 		"The checkpoint counters grow when a checkpoint ends, the stream's as its pages are sent: with few checkpoints in a window (each one long) "+
-		"the two families cut the window differently, and *× raw* and *page wire / raw* can disagree.\n\n", RawPageBytes, WireGuestGoal)
-	b.WriteString("| workload | stream | checkpoints | dirty pages/s | dirty pages/checkpoint | zero | deltas | page MiB raw | page MiB on the wire | checkpoint MiB | wire B/dirty page | × raw | page wire / raw | passes or answers |\n" +
-		"|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+		"the two families cut the window differently, and *× raw* and *pages × raw* can disagree.\n\n", RawPageBytes, WireGuestGoal, RawPageBytes, RawPageBytes)
+	b.WriteString("| workload | stream | checkpoints | dirty pages/s | dirty pages/checkpoint | zero | deltas | copies | page MiB raw | page MiB on the wire | checkpoint MiB | wire B/dirty page | × raw | pages × raw | page wire / section | passes or answers |\n" +
+		"|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, cell := range r.cells() {
 		k := cell.C
 		mode := cell.Mode.String()
 		if len(cell.Agreed) > 0 {
 			mode += fmt.Sprintf(" (agreed: %v)", cell.Agreed)
 		}
-		fmt.Fprintf(&b, "| %s | %s | %.0f | %.0f | %.1f | %s | %s | %.1f | %.1f | %.1f | %.0f | %.3f× | %.3f× | %d |\n",
-			cell.Workload, mode, k.Epochs, ratio(k.DirtyPages, cell.Span), ratio(k.DirtyPages, k.Epochs), pct(k.ZeroShare()), pct(k.DeltaShare()),
-			k.PageBytes/(1<<20), k.PageWireBytes/(1<<20), k.CheckpointBytes/(1<<20), k.BytesPerDirtyPage(), k.TimesRaw(), k.PageRatio(), cell.Work)
+		fmt.Fprintf(&b, "| %s | %s | %.0f | %.0f | %.1f | %s | %s | %s | %.1f | %.1f | %.1f | %.0f | %.3f× | %.3f× | %.3f× | %d |\n",
+			cell.Workload, mode, k.Epochs, ratio(k.DirtyPages, cell.Span), ratio(k.DirtyPages, k.Epochs), pct(k.ZeroShare()), pct(k.DeltaShare()), pct(k.CopyShare()),
+			k.PageBytes/(1<<20), k.PageWireBytes/(1<<20), k.CheckpointBytes/(1<<20), k.BytesPerDirtyPage(), k.TimesRaw(), k.PagesTimesRaw(), k.PageRatio(), cell.Work)
 	}
 	b.WriteString(r.verdict())
 	if len(r.Failed) > 0 {

@@ -31,7 +31,7 @@ func primaryMetrics(c WireCounters, st stream.Stats) ctlapi.Stats {
 	add("govmm_replication_pause_seconds_sum", "histogram", 0.25, nil)
 	add("govmm_replication_pause_seconds_count", "histogram", c.Epochs, nil)
 	add("govmm_vm_info", "gauge", 1, map[string]string{"name": "a b, c} d", "state": "running"})
-	st.Pages, st.ZeroPages, st.DeltaPages = uint64(c.SentPages), uint64(c.ZeroPages), uint64(c.DeltaPages)
+	st.Pages, st.ZeroPages, st.DeltaPages, st.CopyPages = uint64(c.SentPages), uint64(c.ZeroPages), uint64(c.DeltaPages), uint64(c.CopyPages)
 	st.PageBytes, st.PageWireBytes = uint64(c.PageBytes), uint64(c.PageWireBytes)
 	for _, m := range replicate.StreamMetrics(st, true) {
 		add(m.Name, m.Type, m.Value, m.Labels)
@@ -46,7 +46,7 @@ func TestWireGuestScrapeAndDerive(t *testing.T) {
 	before := WireCounters{Epochs: 10, DirtyPages: 1000, CheckpointBytes: 5e6, SentPages: 66536, ZeroPages: 60000,
 		DeltaPages: 0, PageBytes: 27e6, PageWireBytes: 20e6}
 	grew := WireCounters{Epochs: 40, DirtyPages: 4000, CheckpointBytes: 4000 * 1028, SentPages: 4000, ZeroPages: 1000,
-		DeltaPages: 2400, PageBytes: 4000 * RawPageBytes, PageWireBytes: 3.9e6}
+		DeltaPages: 2400, CopyPages: 300, PageBytes: 4000 * RawPageBytes, PageWireBytes: 3.9e6}
 	var cur atomic.Pointer[ctlapi.Stats]
 	st := stream.Stats{Compression: "s2", Deltas: true}
 	s0 := primaryMetrics(before, st)
@@ -74,8 +74,10 @@ func TestWireGuestScrapeAndDerive(t *testing.T) {
 	require.InDelta(t, 1028, d.BytesPerDirtyPage(), 1e-9)
 	require.InDelta(t, 1028.0/4112, d.TimesRaw(), 1e-9)
 	require.InDelta(t, 3.9e6/(4000*4112), d.PageRatio(), 1e-9)
+	require.InDelta(t, 3.9e6/(4000*4112), d.PagesTimesRaw(), 1e-9)
 	require.InDelta(t, 0.25, d.ZeroShare(), 1e-9)
 	require.InDelta(t, 0.8, d.DeltaShare(), 1e-9)
+	require.InDelta(t, 0.1, d.CopyShare(), 1e-9)
 	mode, ok := m1.StreamInfo()
 	require.True(t, ok)
 	require.Equal(t, StreamMode{Compression: stream.CompressS2, Deltas: true}, mode)
@@ -151,7 +153,7 @@ func TestWireGuestReport(t *testing.T) {
 	r.Samples = append(r.Samples, sample(WorkloadUntar, s2d, s2d, 3, 5000, 5000*40))
 	require.NoError(t, r.plot(filepath.Join(dir, "log.png")))
 	require.Contains(t, rep, "| demo | s2+deltas | 200 | 200 | 20.0 |")
-	require.Contains(t, rep, "| 450 | 0.109× |")
+	require.Contains(t, rep, "| 450 | 0.109× | 0.109× | 0.109× | 10 |")
 	require.Contains(t, rep, "| untar | s2+deltas (agreed: [none]) |")
 	require.Contains(t, rep, "9.0 MiB")
 	require.Contains(t, rep, "- *demo*: fewest bytes with s2+deltas, 0.109× raw: meets the goal of 0.3×.")

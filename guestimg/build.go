@@ -27,6 +27,13 @@ const builderVersion = 1
 // holds a vmlinux for PVH boot.
 const imageVersion = 2
 
+// baseVersion is part of the key of the guest image's package part (the
+// base: kernel, vmlinux, modules, busybox, mke2fs), not of the lab's: bump
+// it when what the builder makes of the same packages changes. 2: the
+// module list says which device each module is for; the vmlinux is packed
+// (TrimVmlinux drops zero pages and alignment gaps).
+const baseVersion = 2
+
 // Options configures Build. The zero value is ready to use.
 type Options struct {
 	// CacheDir holds downloaded packages and built images; default
@@ -177,7 +184,7 @@ func (b *builder) imagePaths(key string) Image {
 // baseKey names the part of the image made from the packages alone.
 func (b *builder) baseKey(m *debManifest) (string, error) {
 	h := sha256.New()
-	fmt.Fprintf(h, "govmm guestimg base v%d\n", builderVersion)
+	fmt.Fprintf(h, "govmm guestimg base v%d.%d\n", builderVersion, baseVersion)
 	for _, f := range m.files() {
 		fi, err := os.Stat(filepath.Join(b.debsDir(), f))
 		if err != nil {

@@ -58,7 +58,8 @@ func TestEmbeddedGuestSources(t *testing.T) {
 
 // The embedded guest programs build on their own: in a temporary module
 // outside the checkout, with nothing to download (GOPROXY=off), into
-// static executables.
+// static executables: one multi-call /init, and the other programs as
+// symbolic links to it.
 func TestBuildGuestProgramsFromEmbeddedSources(t *testing.T) {
 	if _, err := exec.LookPath("go"); err != nil {
 		t.Skipf("needs the go command: %v", err)
@@ -70,14 +71,18 @@ func TestBuildGuestProgramsFromEmbeddedSources(t *testing.T) {
 	require.NoError(t, err)
 	ents, err := readCPIO(archive)
 	require.NoError(t, err)
-	got := map[string][]byte{}
+	got := map[string]cpioEntry{}
 	for _, e := range ents {
-		got[e.Name] = e.Data
+		got[e.Name] = e
 	}
-	for _, name := range []string{"init", "bin/govmm-demo", "bin/govmm-dirtier"} {
+	require.Contains(t, got, "init")
+	assert.Equal(t, []byte("\x7fELF"), got["init"].Data[:4])
+	for _, name := range []string{"bin/govmm-demo", "bin/govmm-dirtier"} {
 		require.Contains(t, got, name)
-		assert.Equal(t, []byte("\x7fELF"), got[name][:4], name)
+		assert.Equal(t, uint32(cpioModeSymlink), got[name].Mode&cpioModeType, name)
+		assert.Equal(t, "/init", string(got[name].Data), name)
 	}
+	assert.Len(t, got, 3, "one binary and its two links")
 }
 
 // The image key follows the guest sources.
@@ -142,7 +147,14 @@ func TestBuildDefaultImage(t *testing.T) {
 
 	// Every listed module is in the image, and the ones we asked for are
 	// listed after their dependencies.
-	mods := strings.Fields(string(files["etc/govmm/modules"].Data))
+	// Each line: the module's path, then the devices it is for.
+	var mods []string
+	for _, line := range strings.Split(strings.TrimSpace(string(files["etc/govmm/modules"].Data)), "\n") {
+		f := strings.Fields(line)
+		require.NotEmpty(t, f)
+		assert.NotEmpty(t, f[1:], "%s is needed for some device", f[0])
+		mods = append(mods, f[0])
+	}
 	pos := map[string]int{}
 	for i, m := range mods {
 		require.Contains(t, files, strings.TrimPrefix(m, "/"))

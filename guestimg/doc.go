@@ -1,9 +1,12 @@
 // Package guestimg builds the default govmm guest: Debian's stock kernel
-// (the bzImage, and the vmlinux extracted from it once, trimmed, which
-// govmm boots through PVH: ExtractVmlinux, TrimVmlinux) and an initramfs with busybox, a Go /init, the kernel modules for
-// virtio-pci networking and block storage and ext4, Debian's mke2fs with its
-// shared libraries, and small static Go programs that run in the guest (the
-// demo HTTP service and the memory dirtier of the benchmarks).
+// (the bzImage, and the vmlinux extracted from it once and packed, which
+// govmm boots through PVH: ExtractVmlinux, TrimVmlinux) and an initramfs
+// with busybox, the kernel modules for virtio-pci networking and block
+// storage and ext4 (each listed with the devices it is for: /init loads
+// only those of the devices present), Debian's mke2fs with its shared
+// libraries, and one small static multi-call Go binary: /init, which is
+// also the demo HTTP service and the memory dirtier of the benchmarks
+// (/bin/govmm-demo and /bin/govmm-dirtier link to it).
 //
 // It owns:
 //

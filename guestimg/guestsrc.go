@@ -10,7 +10,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sort"
 	"strings"
 	"time"
 )
@@ -99,9 +98,14 @@ func writeGuestModule(dir string) error {
 	return nil
 }
 
-// buildGuestPrograms compiles /init and the programs under guest/ (from
-// the sources embedded in this binary, in a temporary module) as static,
-// stripped binaries and returns them as a cpio archive.
+// guestPrograms are the names under /bin by which the multi-call /init
+// runs the other guest programs (guest/init dispatches on them).
+var guestPrograms = []string{"govmm-demo", "govmm-dirtier"}
+
+// buildGuestPrograms compiles /init, the guest's one multi-call binary
+// (guest/init with guest/demo and guest/dirtier linked in; from the
+// sources embedded in this binary, in a temporary module), static and
+// stripped, and returns it with its symbolic links as a cpio archive.
 func (b *builder) buildGuestPrograms(ctx context.Context) ([]byte, error) {
 	goTool, err := exec.LookPath("go")
 	if err != nil {
@@ -119,18 +123,9 @@ func (b *builder) buildGuestPrograms(ctx context.Context) ([]byte, error) {
 	if err := writeGuestModule(src); err != nil {
 		return nil, fmt.Errorf("build guest programs: write sources: %w", err)
 	}
-	progs := map[string]string{ // package -> path in the image
-		"init":    "init",
-		"demo":    "bin/govmm-demo",
-		"dirtier": "bin/govmm-dirtier",
-	}
-	args := []string{"build", "-trimpath", "-buildvcs=false", "-ldflags=-s -w", "-o", out + "/"}
-	pkgs := make([]string, 0, len(progs))
-	for p := range progs {
-		pkgs = append(pkgs, "./guestimg/guest/"+p)
-	}
-	sort.Strings(pkgs)
-	args = append(args, pkgs...)
+	// One multi-call binary: /init, which runs the demo service and the
+	// dirtier when called by their names (symbolic links to it).
+	args := []string{"build", "-trimpath", "-buildvcs=false", "-ldflags=-s -w", "-o", filepath.Join(out, "init"), "./guestimg/guest/init"}
 	start := time.Now()
 	cmd := exec.CommandContext(ctx, goTool, args...)
 	cmd.Dir = src
@@ -143,8 +138,9 @@ func (b *builder) buildGuestPrograms(ctx context.Context) ([]byte, error) {
 	}
 	b.logf("built guest programs in %v", time.Since(start).Round(time.Millisecond))
 	t := newTree()
-	for p, dst := range progs {
-		t.fileFrom(dst, 0o755, filepath.Join(out, p))
+	t.fileFrom("init", 0o755, filepath.Join(out, "init"))
+	for _, name := range guestPrograms {
+		t.symlink("bin/"+name, "/init")
 	}
 	var buf bytes.Buffer
 	if err := t.writeNoParents(newCPIOWriter(&buf)); err != nil {

@@ -54,19 +54,23 @@ func (b *builder) baseTree(ctx context.Context, root string) (*tree, string, err
 }
 
 // addModules adds guestModules' closure from the kernel package's
-// modules in root, their list (guestproto.ModulesPath, in load order) and
-// a modules.dep for them.
+// modules in root, their list (guestproto.ModulesPath, in load order,
+// each with the devices it is needed for) and a modules.dep for them.
 func (b *builder) addModules(ctx context.Context, t *tree, root, kver string) error {
 	modDir := filepath.Join(root, "lib", "modules", kver)
 	mods, ix, err := b.prepareModules(ctx, modDir)
 	if err != nil {
 		return err
 	}
+	needs, err := ix.moduleNeeds(guestModules, guestModuleNeeds)
+	if err != nil {
+		return fmt.Errorf("modules: %w", err)
+	}
 	var list bytes.Buffer
 	for _, p := range mods {
 		guestPath := path.Join("lib/modules", kver, p)
 		t.fileFrom(guestPath, 0o644, filepath.Join(modDir, p))
-		fmt.Fprintf(&list, "/%s\n", guestPath)
+		fmt.Fprintf(&list, "%s\n", strings.Join(append([]string{"/" + guestPath}, needs[p]...), " "))
 	}
 	t.file(strings.TrimPrefix(guestproto.ModulesPath, "/"), 0o644, list.Bytes())
 	t.file(path.Join("lib/modules", kver, "modules.dep"), 0o644, subsetModulesDep(ix, mods))

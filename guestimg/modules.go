@@ -12,12 +12,64 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+
+	"govmm/guestimg/internal/guestproto"
 )
 
 // guestModules are the modules the guest needs; the builder adds their
 // dependency closure. virtio_pci is the transport, virtio_net and virtio_blk
 // the devices, ext4 the file system of the data disk.
 var guestModules = []string{"virtio_pci", "virtio_net", "virtio_blk", "ext4"}
+
+// guestModuleNeeds says for which devices each of guestModules is needed
+// (guestproto.ModulesPath): the guest's /init loads a module, and its
+// dependencies, only when its machine has such a device. A boot without
+// a disk then skips ext4 and its helpers (about 2.5 MB of modules), one
+// without any virtio device loads nothing.
+var guestModuleNeeds = map[string][]string{
+	"virtio_pci": {guestproto.NeedVirtioNet, guestproto.NeedVirtioBlk},
+	"virtio_net": {guestproto.NeedVirtioNet},
+	"virtio_blk": {guestproto.NeedVirtioBlk},
+	"ext4":       {guestproto.NeedVirtioBlk},
+}
+
+// moduleNeeds returns, for each module path of roots' closure, the
+// devices it is needed for: the union of needs[root] over the roots whose
+// closure holds it, sorted. A root without needs makes its closure needed
+// always (an empty list).
+func (ix *modIndex) moduleNeeds(roots []string, needs map[string][]string) (map[string][]string, error) {
+	set := map[string]map[string]bool{}
+	always := map[string]bool{}
+	for _, r := range roots {
+		mods, err := ix.closure([]string{r})
+		if err != nil {
+			return nil, err
+		}
+		for _, m := range mods {
+			if len(needs[r]) == 0 {
+				always[m] = true
+			}
+			if set[m] == nil {
+				set[m] = map[string]bool{}
+			}
+			for _, n := range needs[r] {
+				set[m][n] = true
+			}
+		}
+	}
+	out := map[string][]string{}
+	for m, ns := range set {
+		if always[m] {
+			out[m] = nil
+			continue
+		}
+		for n := range ns {
+			out[m] = append(out[m], n)
+		}
+		sort.Strings(out[m])
+	}
+	return out, nil
+}
 
 // ErrModuleNotFound is returned when a requested module is neither a module
 // file, an alias of one, nor built into the kernel.

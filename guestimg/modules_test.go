@@ -3,6 +3,8 @@ package guestimg
 import (
 	"testing"
 
+	"govmm/guestimg/internal/guestproto"
+
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -92,6 +94,37 @@ func TestModuleClosureOrder(t *testing.T) {
 	}
 	dep := string(subsetModulesDep(ix, order))
 	assert.Contains(t, dep, "kernel/fs/ext4/ext4.ko: kernel/fs/jbd2/jbd2.ko kernel/fs/mbcache.ko kernel/lib/crc16.ko\n")
+}
+
+// Each module of the closure is needed for the devices of the roots that
+// pull it in: the virtio core for both, ext4's helpers for the disk only.
+func TestModuleNeeds(t *testing.T) {
+	t.Parallel()
+	ix, err := loadModIndex("testdata/modules")
+	require.NoError(t, err)
+	needs, err := ix.moduleNeeds(guestModules, guestModuleNeeds)
+	require.NoError(t, err)
+	order, err := ix.closure(guestModules)
+	require.NoError(t, err)
+	assert.Len(t, needs, len(order), "every module of the closure has its needs")
+	both := []string{guestproto.NeedVirtioBlk, guestproto.NeedVirtioNet}
+	blk := []string{guestproto.NeedVirtioBlk}
+	for p, want := range map[string][]string{
+		"kernel/drivers/virtio/virtio.ko":        both,
+		"kernel/drivers/virtio/virtio_pci.ko":    both,
+		"kernel/net/core/failover.ko":            {guestproto.NeedVirtioNet},
+		"kernel/drivers/block/virtio_blk.ko":     blk,
+		"kernel/fs/jbd2/jbd2.ko":                 blk,
+		"kernel/arch/x86/crypto/crc32c-intel.ko": blk,
+		"kernel/fs/ext4/ext4.ko":                 blk,
+	} {
+		assert.Equal(t, want, needs[p], p)
+	}
+	// A root with no needs is loaded always: its closure has none.
+	always, err := ix.moduleNeeds([]string{"ext4", "crc16"}, map[string][]string{"ext4": blk})
+	require.NoError(t, err)
+	assert.Nil(t, always["kernel/lib/crc16.ko"])
+	assert.Equal(t, blk, always["kernel/fs/jbd2/jbd2.ko"])
 }
 
 func TestParseModinfo(t *testing.T) {

@@ -91,12 +91,22 @@ func ExtractVmlinux(ctx context.Context, bz []byte) ([]byte, error) {
 }
 
 // TrimVmlinux makes a vmlinux smaller without changing what a loader puts
-// in memory: each PT_LOAD's file part loses its trailing zero bytes (they
-// become memory-only, like bss, which a loader zeroes or, in fresh guest
-// RAM, leaves alone), the file ends after the last segment's bytes, and
-// the section headers, which no loader reads, are dropped. Debian's last
-// segment is 26 MB of which 2.6 MB are not zero (bss and brk follow
-// .init), so the file shrinks by a third.
+// in memory, so that a boot reads and copies fewer bytes:
+//
+//   - each PT_LOAD is split where it holds runs of at least packMinZero
+//     zero pages: each piece keeps its non-zero bytes in the file and
+//     covers the zeros after it as memory-only bytes (like bss, which a
+//     loader zeroes or, in fresh guest RAM, leaves alone); trailing zeros
+//     go the same way;
+//   - the pieces are packed one after the other in the file (each at an
+//     offset congruent to its address modulo the page size, p_align 4
+//     KiB), without the up-to-2-MiB gaps the linker leaves between
+//     segments;
+//   - the notes (PT_NOTE: the PVH entry) are copied after them;
+//   - the section headers, which no loader reads, are dropped.
+//
+// Debian's 6.1 kernel goes from 66 MB (39 MB with its trailing zeros
+// trimmed alone) to about 32 MB.
 func TrimVmlinux(b []byte) ([]byte, error) {
 	f, err := elf.NewFile(bytes.NewReader(b))
 	if err != nil {
@@ -105,26 +115,146 @@ func TrimVmlinux(b []byte) ([]byte, error) {
 	if f.Class != elf.ELFCLASS64 || f.Data != elf.ELFDATA2LSB {
 		return nil, fmt.Errorf("trim vmlinux: %v %v, want 64-bit little-endian", f.Class, f.Data)
 	}
-	le := binary.LittleEndian
-	phoff, phentsize := le.Uint64(b[32:]), uint64(le.Uint16(b[54:]))
-	end := phoff + phentsize*uint64(len(f.Progs))
-	filesz := make([]uint64, len(f.Progs))
+	type piece struct {
+		prog elf.ProgHeader
+		data []byte
+	}
+	var pieces []piece
 	for i, p := range f.Progs {
-		filesz[i] = p.Filesz
-		if p.Off+p.Filesz > uint64(len(b)) {
+		if p.Off+p.Filesz > uint64(len(b)) || p.Off+p.Filesz < p.Off {
 			return nil, fmt.Errorf("trim vmlinux: segment %d lies past the end of the file", i)
 		}
-		if p.Type == elf.PT_LOAD {
-			filesz[i] = uint64(len(bytes.TrimRight(b[p.Off:p.Off+p.Filesz], "\x00")))
+		data := b[p.Off : p.Off+p.Filesz]
+		if p.Type != elf.PT_LOAD {
+			pieces = append(pieces, piece{p.ProgHeader, data})
+			continue
 		}
-		end = max(end, p.Off+filesz[i])
+		for _, r := range nonZeroRuns(data, packMinZero) {
+			q := p.ProgHeader
+			q.Off = p.Off + r.start // the old offset, for notes inside
+			q.Paddr += r.start
+			q.Vaddr += r.start
+			q.Filesz = r.end - r.start
+			q.Memsz = r.memEnd - r.start
+			if r.last {
+				q.Memsz = p.Memsz - r.start
+			}
+			q.Align = pageSize
+			pieces = append(pieces, piece{q, data[r.start:r.end]})
+		}
 	}
-	out := append([]byte(nil), b[:end]...)
-	for i := range f.Progs {
-		le.PutUint64(out[phoff+uint64(i)*phentsize+32:], filesz[i])
+	const ehdrSize, phdrSize = 64, 56
+	if len(pieces) > 0xffff {
+		return nil, fmt.Errorf("trim vmlinux: %d program headers do not fit", len(pieces))
 	}
-	le.PutUint64(out[40:], 0) // e_shoff
-	le.PutUint16(out[60:], 0) // e_shnum
-	le.PutUint16(out[62:], 0) // e_shstrndx
+	off := uint64(ehdrSize + phdrSize*len(pieces))
+	out := make([]byte, off)
+	copy(out, b[:ehdrSize])
+	le := binary.LittleEndian
+	// Loadable pieces first, at page-congruent offsets; then everything
+	// else (notes), byte-aligned at 8.
+	for pass := 0; pass < 2; pass++ {
+		for i := range pieces {
+			pc := &pieces[i]
+			if (pc.prog.Type == elf.PT_LOAD) != (pass == 0) {
+				continue
+			}
+			if len(pc.data) == 0 {
+				pc.prog.Off = 0
+				continue
+			}
+			if pass == 0 {
+				off += (pc.prog.Paddr - off) % pageSize
+			} else {
+				off = (off + 7) &^ 7
+			}
+			pc.prog.Off = off
+			out = append(out, make([]byte, off-uint64(len(out)))...)
+			out = append(out, pc.data...)
+			off += uint64(len(pc.data))
+		}
+	}
+	for i, pc := range pieces {
+		h := out[ehdrSize+phdrSize*i:]
+		p := pc.prog
+		le.PutUint32(h[0:], uint32(p.Type))
+		le.PutUint32(h[4:], uint32(p.Flags))
+		le.PutUint64(h[8:], p.Off)
+		le.PutUint64(h[16:], p.Vaddr)
+		le.PutUint64(h[24:], p.Paddr)
+		le.PutUint64(h[32:], p.Filesz)
+		le.PutUint64(h[40:], p.Memsz)
+		le.PutUint64(h[48:], p.Align)
+	}
+	le.PutUint64(out[32:], ehdrSize)            // e_phoff
+	le.PutUint16(out[54:], phdrSize)            // e_phentsize
+	le.PutUint16(out[56:], uint16(len(pieces))) // e_phnum
+	le.PutUint64(out[40:], 0)                   // e_shoff
+	le.PutUint16(out[58:], 0)                   // e_shentsize
+	le.PutUint16(out[60:], 0)                   // e_shnum
+	le.PutUint16(out[62:], 0)                   // e_shstrndx
 	return out, nil
+}
+
+const pageSize = 4096
+
+// packMinZero is the shortest run of zero pages TrimVmlinux takes out of a
+// segment's file bytes: a split costs a program header and up to a page
+// of alignment padding.
+const packMinZero = 2
+
+// zeroRun is one piece of a segment's file bytes, [start, end) not zero
+// at its ends, followed by zeros up to memEnd (the next piece's start);
+// the last piece is followed by the rest of the segment.
+type zeroRun struct {
+	start, end, memEnd uint64
+	last               bool
+}
+
+// nonZeroRuns splits data at runs of at least minPages zero pages (pages
+// counted from data's start) and trims each piece's trailing zeros. Zeros
+// at the start become a piece with no file bytes, so that the pieces'
+// memory still starts where data's does.
+func nonZeroRuns(data []byte, minPages int) []zeroRun {
+	var runs []zeroRun
+	n := uint64(len(data))
+	cur, zeros := int64(-1), uint64(0) // cur: start of the open piece
+	closeAt := func(end uint64) {
+		s := uint64(cur)
+		runs = append(runs, zeroRun{start: s, end: s + uint64(len(bytes.TrimRight(data[s:end], "\x00")))})
+	}
+	for pg := uint64(0); pg < n; pg += pageSize {
+		if isZero(data[pg:min(pg+pageSize, n)]) {
+			zeros++
+			continue
+		}
+		switch {
+		case cur < 0:
+			cur = int64(pg)
+		case zeros >= uint64(minPages):
+			closeAt(pg - zeros*pageSize)
+			cur = int64(pg)
+		}
+		zeros = 0
+	}
+	if cur >= 0 {
+		closeAt(n)
+	}
+	if len(runs) == 0 || runs[0].start > 0 {
+		runs = append([]zeroRun{{}}, runs...)
+	}
+	for i := range runs[:len(runs)-1] {
+		runs[i].memEnd = runs[i+1].start
+	}
+	runs[len(runs)-1].last = true
+	return runs
+}
+
+func isZero(b []byte) bool {
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
 }

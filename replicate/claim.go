@@ -115,7 +115,7 @@ type standbyState struct {
 	committedAt time.Time        // when epoch committed
 	recv        *stream.Receiver // the current source's stream, or nil
 	bytesDone   uint64           // received from the sources before recv
-	streamDone  stream.Stats     // their page counters (Pages, ZeroPages, DeltaPages)
+	streamDone  stream.Stats     // their page counters (Pages, ZeroPages, DeltaPages, CopyPages)
 
 	queried   bool // the witness was asked at least once
 	reachable bool
@@ -174,6 +174,7 @@ func (sb *Standby) Status() StandbyStatus {
 		out.Stream.Pages += rs.Pages
 		out.Stream.ZeroPages += rs.ZeroPages
 		out.Stream.DeltaPages += rs.DeltaPages
+		out.Stream.CopyPages += rs.CopyPages
 		out.Stream.Compression, out.Stream.Deltas = rs.Compression, rs.Deltas
 		if !st.committedAt.IsZero() {
 			out.Lag = time.Since(st.committedAt)
@@ -280,6 +281,7 @@ func (sb *Standby) detach(r *stream.Receiver) {
 			st.streamDone.Pages += rs.Pages
 			st.streamDone.ZeroPages += rs.ZeroPages
 			st.streamDone.DeltaPages += rs.DeltaPages
+			st.streamDone.CopyPages += rs.CopyPages
 			st.recv = nil
 		}
 	})

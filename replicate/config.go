@@ -38,9 +38,9 @@ type ReplicateConfig struct {
 	// Compression is the codec for the stream's pages
 	// (stream.DefaultCompression, none, when zero).
 	Compression stream.Compression
-	// Deltas ships pages the standby already holds as XOR deltas, if the
-	// standby agrees (stream.Config.Deltas: a copy of guest memory on
-	// each end).
+	// Deltas ships pages the standby already holds as XOR deltas, and
+	// pages whose bytes it holds at any gpa as copies, if the standby
+	// agrees (stream.Config.Deltas: a copy of guest memory on each end).
 	Deltas bool
 	// Devices describe the guest's devices beyond their kind, by device
 	// ID (MACs, backends, disk sizes...): a standby whose machine differs

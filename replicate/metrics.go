@@ -223,10 +223,11 @@ func (r *Replicator) Metrics() []Metric {
 
 // StreamMetrics are a stream end's page counters: on the sending end
 // (sent) govmm_stream_sent_pages_total, _zero_pages_total,
-// _delta_pages_total, _page_bytes_total (before compression) and
-// _page_wire_bytes_total (as they travelled); on the receiving end
-// govmm_stream_received_pages_total, _zero_pages_total and
-// _delta_pages_total (a receiver does not count page bytes); on both,
+// _delta_pages_total, _copy_pages_total, _page_bytes_total (before
+// compression) and _page_wire_bytes_total (as they travelled); on the
+// receiving end govmm_stream_received_pages_total, _zero_pages_total,
+// _delta_pages_total and _copy_pages_total (a receiver does not count
+// page bytes); on both,
 // govmm_stream_info{compression, deltas}, 1, once the handshake agreed on
 // them.
 func StreamMetrics(st stream.Stats, sent bool) []Metric {
@@ -241,8 +242,9 @@ func StreamMetrics(st stream.Stats, sent bool) []Metric {
 	counter("pages_total", "guest pages "+dir+" on the stream since it opened (initial sync included)", st.Pages)
 	counter("zero_pages_total", "of the pages "+dir+", all-zero ones (a flag, no bytes)", st.ZeroPages)
 	counter("delta_pages_total", "of the pages "+dir+", those that travelled as XOR deltas against what the standby holds", st.DeltaPages)
+	counter("copy_pages_total", "of the pages "+dir+", those that travelled as a reference to a page with the same bytes that the standby holds", st.CopyPages)
 	if sent {
-		counter("page_bytes_total", "bytes of the pages sent before compression: their page sections (entries and data, a delta as its XOR page)", st.PageBytes)
+		counter("page_bytes_total", "bytes of the pages sent before compression: their page sections (entries and data, a delta as its XOR page, a copy as its 12 bytes)", st.PageBytes)
 		counter("page_wire_bytes_total", "bytes of the pages sent as they travelled: the Pages frames' payloads, compressed or stored with their header, before sealing", st.PageWireBytes)
 	}
 	if st.Compression != "" {

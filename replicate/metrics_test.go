@@ -115,17 +115,18 @@ func TestStreamMetrics(t *testing.T) {
 		}
 		return out
 	}
-	st := stream.Stats{Pages: 10, ZeroPages: 2, DeltaPages: 5, PageBytes: 4000, PageWireBytes: 900, Compression: "s2", Deltas: true}
+	st := stream.Stats{Pages: 10, ZeroPages: 2, DeltaPages: 5, CopyPages: 1, PageBytes: 4000, PageWireBytes: 900, Compression: "s2", Deltas: true}
 	sent := names(StreamMetrics(st, true))
-	assert.Len(t, sent, 6)
+	assert.Len(t, sent, 7)
 	assert.Equal(t, 900.0, sent["govmm_stream_sent_page_wire_bytes_total"].Value)
 	assert.Equal(t, "counter", sent["govmm_stream_sent_page_wire_bytes_total"].Type)
 	assert.Equal(t, 4000.0, sent["govmm_stream_sent_page_bytes_total"].Value)
 	assert.Equal(t, 5.0, sent["govmm_stream_sent_delta_pages_total"].Value)
+	assert.Equal(t, 1.0, sent["govmm_stream_sent_copy_pages_total"].Value)
 	assert.Equal(t, Metric{Name: "govmm_stream_info", Help: sent["govmm_stream_info"].Help, Type: "gauge", Value: 1,
 		Labels: map[string]string{"compression": "s2", "deltas": "true"}}, sent["govmm_stream_info"])
 	recv := names(StreamMetrics(st, false))
-	assert.Len(t, recv, 4)
+	assert.Len(t, recv, 5)
 	assert.Equal(t, 10.0, recv["govmm_stream_received_pages_total"].Value)
 	assert.Equal(t, 2.0, recv["govmm_stream_received_zero_pages_total"].Value)
 	assert.NotContains(t, names(StreamMetrics(stream.Stats{}, false)), "govmm_stream_info", "no codec before the handshake")

@@ -84,8 +84,9 @@ type StandbyConfig struct {
 	// Compression: stream.CompressNone refuses compressed pages; any
 	// other value accepts every codec the stream knows.
 	Compression stream.Compression
-	// Deltas accepts XOR deltas from a primary that asks for them (the
-	// stream then keeps a copy of the guest's memory as shipped).
+	// Deltas accepts XOR deltas and copies from a primary that asks for
+	// them (the stream then keeps a copy of the guest's memory as
+	// shipped).
 	Deltas bool
 	// FailoverTimeout: while listening, without a byte from the primary
 	// for this long, it is declared lost (DefaultFailoverTimeout). The

@@ -24,7 +24,10 @@ boot: wall time from process start to the guest's ready line, and the
 VMM's own memory (RSS minus guest RAM touched), beside QEMU when installed.
 --guest auto boots the default guest where KVM runs guests at hardware
 speed, and a tiny guest (a bzImage that prints the ready line at once)
-where it emulates them.
+where it emulates them. With the default guest it boots five ways, in
+turn: govmm and QEMU on the bzImage with the plain command line, govmm
+and QEMU on the same vmlinux through PVH with the tuned one
+(vmm.DefaultCmdline), and QEMU on the bzImage with the tuned one.
 
 checkpoint: replication of a tiny dirtying guest to an in-process standby
 over loopback: each epoch's pause broken into steps (harvest, copy, state,

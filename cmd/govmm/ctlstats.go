@@ -17,8 +17,8 @@ import (
 // deriveStats computes, from a VMM's metrics, the figures that take
 // several of them: on a primary, the wire bytes per dirty page of its
 // checkpoints (as 'govmm bench checkpoint' reports it), what compression
-// and deltas leave of the pages' bytes, and the share of pages sent as
-// deltas; on a standby, the share received as deltas. A figure whose
+// leaves of the pages' sections, and the shares of pages sent as deltas
+// and as copies; on a standby, the shares received so. A figure whose
 // divisor is still zero is left out.
 func deriveStats(ms []ctlapi.Metric) []ctlapi.Derived {
 	v := map[string]float64{}
@@ -39,12 +39,14 @@ func deriveStats(ms []ctlapi.Metric) []ctlapi.Derived {
 	}
 	ratio("wire bytes per dirty page", "checkpoints' bytes on the wire (pages, state, frame headers, tags) per dirty page",
 		"bytes", "govmm_replication_bytes_total", "govmm_replication_dirty_pages_total")
-	ratio("page bytes on the wire / raw", "what compression and deltas leave of the pages' bytes",
+	ratio("page bytes on the wire / raw", "what compression leaves of the pages' sections (a delta counted as its XOR page, a copy as its 12 bytes)",
 		"ratio", "govmm_stream_sent_page_wire_bytes_total", "govmm_stream_sent_page_bytes_total")
 	for _, dir := range []string{"sent", "received"} {
 		p := "govmm_stream_" + dir + "_"
 		ratio("pages "+dir+" as deltas", "of the non-zero pages "+dir+", those that travelled as XOR deltas",
 			"fraction", p+"delta_pages_total", p+"pages_total", p+"zero_pages_total")
+		ratio("pages "+dir+" as copies", "of the non-zero pages "+dir+", those that travelled as a reference to a page with the same bytes",
+			"fraction", p+"copy_pages_total", p+"pages_total", p+"zero_pages_total")
 	}
 	return out
 }

@@ -91,6 +91,7 @@ func TestDeriveStats(t *testing.T) {
 		c("govmm_stream_sent_pages_total", 110),
 		c("govmm_stream_sent_zero_pages_total", 10),
 		c("govmm_stream_sent_delta_pages_total", 90),
+		c("govmm_stream_sent_copy_pages_total", 5),
 		c("govmm_stream_received_pages_total", 0),
 		c("govmm_stream_received_zero_pages_total", 0),
 		c("govmm_stream_received_delta_pages_total", 0),
@@ -103,6 +104,7 @@ func TestDeriveStats(t *testing.T) {
 		"wire bytes per dirty page 185 B",
 		"page bytes on the wire / raw 0.25×",
 		"pages sent as deltas 90.0%",
+		"pages sent as copies 5.0%",
 	}, rows)
 	assert.Empty(t, deriveStats([]ctlapi.Metric{c("govmm_replication_bytes_total", 0), c("govmm_replication_dirty_pages_total", 0)}),
 		"no checkpoint yet: no figure")

@@ -13,9 +13,9 @@ import (
 const imageUsage = `Usage: govmm image build [--cache DIR] [--print]
 
 Build the default guest image, or find it in the cache: Debian's kernel,
-and an initramfs with busybox, the virtio and ext4 modules, mke2fs, govmm's
-/init and the guest programs (the demo HTTP service on port 80 and the
-memory dirtier).
+and an initramfs with busybox, the virtio and ext4 modules, mke2fs, and
+govmm's /init, one binary that is also the guest's programs (the demo HTTP
+service on port 80 and the memory dirtier).
 
 The first build downloads Debian packages with apt-get (linux-image-amd64,
 busybox-static, e2fsprogs and its libraries) and compiles the guest programs,

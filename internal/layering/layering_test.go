@@ -27,6 +27,8 @@ var rank = map[string]int{
 	"vmm/pci":                      0,
 	"ctlapi":                       0,
 	"guestimg/internal/guestproto": 0,
+	"guestimg/guest/demo":          0,
+	"guestimg/guest/dirtier":       0,
 	"internal/netns":               0,
 	"internal/democlient":          0,
 	"internal/tinyguest":           0,
@@ -35,12 +37,10 @@ var rank = map[string]int{
 	"internal/boottrace":           0,
 
 	// Beside the machine: the dirty set, devices, the guest image.
-	"dirtylog":               1,
-	"virtio":                 1,
-	"guestimg":               1,
-	"guestimg/guest/init":    1,
-	"guestimg/guest/demo":    1,
-	"guestimg/guest/dirtier": 1,
+	"dirtylog":            1,
+	"virtio":              1,
+	"guestimg":            1,
+	"guestimg/guest/init": 1,
 
 	"vmm":            2,
 	"virtio/netback": 2,

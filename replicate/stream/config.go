@@ -61,9 +61,11 @@ type Config struct {
 	// value is DefaultCompression on a sender.
 	Compression Compression
 	// Deltas, on both ends, lets a sender ship a page it shipped before
-	// as its XOR with that version (both ends then keep a copy of the
-	// guest's memory as shipped: the guest's memory size, on each end).
-	// Both must set it, or pages travel whole.
+	// as its XOR with that version, and a page whose bytes it shipped at
+	// any gpa as a copy of that page (both ends then keep a copy of the
+	// guest's memory as shipped: the guest's memory size, on each end;
+	// the sender also an index of it by content). Both must set it, or
+	// pages travel whole.
 	Deltas bool
 
 	// Clock drives heartbeats and the failure detector; nil means the

@@ -39,7 +39,7 @@
 //     pre-shared key both ways. (Without a key, loopback only, frames
 //     carry CRC32Cs instead: corruption is caught, nothing else.)
 //
-// # Wire format (version 7, little-endian)
+// # Wire format (version 8, little-endian)
 //
 // Handshake frames (each side's Hello and Auth, framed as in version 1 so
 // that any version can read a hello far enough to refuse it):
@@ -106,7 +106,9 @@
 // decompresses past the cap). Sealing comes after compression: the tag
 // covers the compressed bytes. With deltas on, a page section may hold
 // xor entries (container.EncXOR), which each end applies against its
-// shadow of what this stream shipped (delta.go; docs/STREAM.md, Deltas).
+// shadow of what this stream shipped, and copy entries (container.EncCopy,
+// version 8), a reference to a page of that shadow with the same bytes
+// (delta.go; docs/STREAM.md, Deltas).
 //
 // A checkpoint's Disk frames write at most MaxCheckpointDisk bytes. The End
 // CRC32C is the container's checksum (container.Checksum) of the

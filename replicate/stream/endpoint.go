@@ -32,8 +32,10 @@ type Stats struct {
 	// payloads as they travelled (compressed, or stored with their 8-byte
 	// header), before sealing.
 	PageBytes, PageWireBytes uint64
-	// DeltaPages counts pages that travelled as XOR deltas.
-	DeltaPages uint64
+	// DeltaPages counts pages that travelled as XOR deltas, CopyPages
+	// those that travelled as a reference to a page with the same bytes
+	// that the stream shipped before (deltas only).
+	DeltaPages, CopyPages uint64
 	// Deltas says whether the two ends agreed on deltas.
 	Deltas bool
 	// Compression is the codec the two ends agreed on for Pages frames
@@ -54,7 +56,7 @@ type counters struct {
 	checkpoints, acks          atomic.Uint64
 	heartbeats                 atomic.Uint64
 	pageBytes, pageWireBytes   atomic.Uint64
-	deltaPages                 atomic.Uint64
+	deltaPages, copyPages      atomic.Uint64
 	sealNanos, writeNanos      atomic.Int64
 	openNanos                  atomic.Int64
 }
@@ -67,7 +69,8 @@ func (c *counters) snapshot() Stats {
 		DiskBytes: c.diskBytes.Load(), Checkpoints: c.checkpoints.Load(), Acks: c.acks.Load(),
 		Heartbeats: c.heartbeats.Load(),
 		PageBytes:  c.pageBytes.Load(), PageWireBytes: c.pageWireBytes.Load(), DeltaPages: c.deltaPages.Load(),
-		SealTime: time.Duration(c.sealNanos.Load()), WriteTime: time.Duration(c.writeNanos.Load()),
+		CopyPages: c.copyPages.Load(),
+		SealTime:  time.Duration(c.sealNanos.Load()), WriteTime: time.Duration(c.writeNanos.Load()),
 		OpenTime: time.Duration(c.openNanos.Load()),
 	}
 }

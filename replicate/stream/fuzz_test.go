@@ -1,6 +1,7 @@
 package stream
 
 import (
+	"encoding/binary"
 	"errors"
 	"flag"
 	"fmt"
@@ -56,6 +57,7 @@ func seedFrames() map[string][]byte {
 		"pages-s2":     rawFrame(framePages, 3, compressed(codecS2, pages)),
 		"pages-xor":    rawFrame(framePages, 3, compressed(codecS2, appendPageEntry([]byte{1, 0, 0, 0}, PageSize, container.EncXOR, make([]byte, container.XORSize)))),
 		"pages-zstd":   rawFrame(framePages, 3, compressed(codecZstd, pages)),
+		"pages-copy":   rawFrame(framePages, 3, stored(appendPageEntry([]byte{1, 0, 0, 0}, PageSize, container.EncCopy, copyData(0xdeadbeef, 1<<32)))),
 		"state":        rawFrame(frameState, 4, []byte("machine state")),
 		"end":          rawFrame(frameEnd, 5, appendEnd(nil, endInfo{epoch: 7, pages: 3, stateLen: 13, diskBytes: 8192, crc: 0xdeadbeef})),
 		"disk":         rawFrame(frameDisk, 6, container.AppendDisk(nil, 1, 4096, 5, []byte("hello"))),
@@ -156,6 +158,8 @@ func checkDecode(t *testing.T, data []byte, layout *Identity, c codec, deltas bo
 				case p.Enc == container.EncRaw && len(p.Data) == PageSize:
 				case p.Enc == container.EncZero && p.Data == nil:
 				case p.Enc == container.EncXOR && deltas && len(p.Data) == container.XORSize:
+				case p.Enc == container.EncCopy && deltas && len(p.Data) == container.CopySize &&
+					binary.LittleEndian.Uint64(p.Data[4:])%PageSize == 0:
 				default:
 					t.Fatalf("accepted page %#x encoding %d with %d bytes", p.GPA, p.Enc, len(p.Data))
 				}

@@ -5,7 +5,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"hash/crc32"
 	"io"
 	"net"
 	"sync/atomic"
@@ -264,14 +263,14 @@ func (r *Receiver) undelta(p container.Page) ([]byte, error) {
 		copy(base, p.Data)
 		return p.Data, nil
 	}
-	if !known {
-		return nil, fmt.Errorf("page %#x: a delta against a version never shipped on this stream: %w", p.GPA, ErrProtocol)
+	if err := r.shadow.apply(GPA(p.GPA), base, i, known, p.Enc, p.Data); err != nil { // delta.go
+		return nil, err
 	}
-	xorPage(base, base, p.Data[4:])
-	if got, want := crc32.Checksum(base, castagnoli), binary.LittleEndian.Uint32(p.Data); got != want {
-		return nil, fmt.Errorf("page %#x: delta applied to the wrong base (crc32c %#08x, sender's %#08x): %w", p.GPA, got, want, ErrChecksum)
+	if p.Enc == container.EncCopy {
+		r.ctr.copyPages.Add(1)
+	} else {
+		r.ctr.deltaPages.Add(1)
 	}
-	r.ctr.deltaPages.Add(1)
 	return base, nil
 }
 

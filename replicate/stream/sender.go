@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"hash/crc32"
 	"io"
 	"net"
 	"sync"
@@ -145,27 +144,13 @@ func (s *Sender) SendPage(gpa GPA, page []byte) error {
 		return s.added(pages)
 	}
 	copy(s.scratch[:], page)
-	base, i, _ := s.shadow.page(gpa)
-	known := s.shadow.isKnown(i)
-	s.shadow.setKnown(i)
-	switch {
-	case bytes.Equal(s.scratch[:], zeroPage[:]):
-		pages.Add(uint64(gpa), nil)
+	switch s.shadow.encode(pages, gpa, s.scratch[:], s.xor[:]) { // delta.go
+	case container.EncZero:
 		s.ctr.zeroPages.Add(1)
-	case known:
-		// A delta when it has more zero words than the page itself: a
-		// rewritten page travels whole.
-		if zx, zp := xorPage(s.xor[:], s.scratch[:], base); zx > zp {
-			pages.AddXOR(uint64(gpa), crc32.Checksum(s.scratch[:], castagnoli), s.xor[:])
-			s.ctr.deltaPages.Add(1)
-		} else {
-			pages.Add(uint64(gpa), s.scratch[:])
-		}
-	default:
-		pages.Add(uint64(gpa), s.scratch[:])
-	}
-	if base != nil {
-		copy(base, s.scratch[:])
+	case container.EncXOR:
+		s.ctr.deltaPages.Add(1)
+	case container.EncCopy:
+		s.ctr.copyPages.Add(1)
 	}
 	return s.added(pages)
 }

@@ -290,3 +290,41 @@ func TestDiskSection(t *testing.T) {
 		assert.ErrorIs(t, err, ErrFormat, name)
 	}
 }
+
+// Copy entries (a page whose bytes the stream already shipped at some
+// gpa) round-trip on a stream with deltas; a snapshot's parser refuses
+// them, and a copy of the wrong length, cut short, or from an unaligned
+// source is a format error.
+func TestPageSectionCopyEntries(t *testing.T) {
+	var s PageSection
+	s.AddCopyOf(0x3000, 0xdeadbeef, 0x9000)
+	s.Add(0x4000, nil)
+	p := s.Payload()
+	require.Len(t, p, 4+2*PageEntrySize+CopySize)
+	pages, err := ParsePagesDeltas(p, nil)
+	require.NoError(t, err)
+	want := binary.LittleEndian.AppendUint32(nil, 0xdeadbeef)
+	want = binary.LittleEndian.AppendUint64(want, 0x9000)
+	require.Equal(t, []Page{{0x3000, EncCopy, want}, {0x4000, EncZero, nil}}, pages)
+	_, err = ParsePages(p, nil)
+	require.ErrorIs(t, err, ErrFormat, "a snapshot takes no copies")
+
+	entry := func(n uint32, data []byte) []byte {
+		b := []byte{1, 0, 0, 0}
+		b = binary.LittleEndian.AppendUint64(b, 0x3000)
+		b = append(b, byte(EncCopy), 0, 0, 0)
+		b = binary.LittleEndian.AppendUint32(b, n)
+		return append(b, data...)
+	}
+	unaligned := binary.LittleEndian.AppendUint64(binary.LittleEndian.AppendUint32(nil, 1), 0x9001)
+	for name, b := range map[string][]byte{
+		"short length":     entry(CopySize-1, want[:CopySize-1]),
+		"long length":      entry(CopySize+1, append(bytes.Clone(want), 0)),
+		"truncated":        entry(CopySize, want[:CopySize-1]),
+		"unaligned source": entry(CopySize, unaligned),
+		"trailing":         append(entry(CopySize, want), 0),
+	} {
+		_, err := ParsePagesDeltas(b, nil)
+		assert.ErrorIs(t, err, ErrFormat, name)
+	}
+}

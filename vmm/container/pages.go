@@ -14,11 +14,13 @@ import (
 //
 // encoding 0 raw (length PageSize), 1 zero (length 0: the page is all
 // zero), 2 xor (length XORSize: the CRC32C of the new page, then the new
-// page XORed with the version of it last shipped on the same stream; only
-// a stream that agreed on deltas takes it, ParsePagesDeltas, never a
-// snapshot). Every gpa is page-aligned; which addresses exist is the
-// reader's to check (its machine's memory, the stream's announced
-// layout).
+// page XORed with the version of it last shipped on the same stream), 3
+// copy (length CopySize: the CRC32C of the new page, then the gpa u64 of
+// a page whose version last shipped on the same stream has the same
+// bytes); only a stream that agreed on deltas takes xor and copy,
+// ParsePagesDeltas, never a snapshot. Every gpa (a copy's source too) is
+// page-aligned; which addresses exist is the reader's to check (its
+// machine's memory, the stream's announced layout).
 const (
 	// PageSize is the size of a guest page.
 	PageSize = 4096
@@ -28,6 +30,8 @@ const (
 	PageEntrySize = 16
 	// XORSize is an xor entry's data: CRC32C u32 and the XOR.
 	XORSize = 4 + PageSize
+	// CopySize is a copy entry's data: CRC32C u32 and the source gpa u64.
+	CopySize = 4 + 8
 	// MaxPagesPayload is the largest page section: all pages xor.
 	MaxPagesPayload = 4 + MaxPagesPerSection*(PageEntrySize+XORSize)
 )
@@ -44,13 +48,17 @@ const (
 	// version last shipped on the same stream (a stream's codec then
 	// compresses the mostly-zero result). Streams only.
 	EncXOR Encoding = 2
+	// EncCopy: the page's CRC32C (u32), then the gpa (u64) of a page
+	// whose version last shipped on the same stream holds the same
+	// bytes (itself, unchanged, or a duplicate elsewhere). Streams only.
+	EncCopy Encoding = 3
 )
 
 // Page is one entry of a page section.
 type Page struct {
 	GPA  uint64
 	Enc  Encoding
-	Data []byte // PageSize bytes for EncRaw, XORSize for EncXOR, nil for EncZero
+	Data []byte // PageSize bytes for EncRaw, XORSize for EncXOR, CopySize for EncCopy, nil for EncZero
 }
 
 // PageSection builds one page section's payload. The zero value is
@@ -120,6 +128,18 @@ func (s *PageSection) AddXOR(gpa uint64, crc uint32, xor []byte) {
 	s.n++
 }
 
+// AddCopyOf appends the page at gpa as a copy: crc is its CRC32C, src
+// the gpa of a page whose version last shipped holds the same bytes.
+func (s *PageSection) AddCopyOf(gpa uint64, crc uint32, src uint64) {
+	s.start()
+	s.buf = binary.LittleEndian.AppendUint64(s.buf, gpa)
+	s.buf = append(s.buf, byte(EncCopy), 0, 0, 0)
+	s.buf = binary.LittleEndian.AppendUint32(s.buf, CopySize)
+	s.buf = binary.LittleEndian.AppendUint32(s.buf, crc)
+	s.buf = binary.LittleEndian.AppendUint64(s.buf, src)
+	s.n++
+}
+
 // Len is the number of pages added since the last Reset.
 func (s *PageSection) Len() int { return s.n }
 
@@ -161,7 +181,8 @@ func (s *PageSection) start() {
 func ParsePages(p []byte, pages []Page) ([]Page, error) { return parsePages(p, pages, false) }
 
 // ParsePagesDeltas is ParsePages for a stream that agreed on deltas: it
-// also takes xor entries (whose base the stream checks).
+// also takes xor and copy entries (whose base the stream checks; a copy's
+// source is only checked for alignment here).
 func ParsePagesDeltas(p []byte, pages []Page) ([]Page, error) { return parsePages(p, pages, true) }
 
 func parsePages(p []byte, pages []Page, deltas bool) ([]Page, error) {
@@ -201,7 +222,13 @@ func parsePages(p []byte, pages []Page, deltas bool) ([]Page, error) {
 			return pages, fmt.Errorf("xor page %#x: %d bytes: %w", pg.GPA, length, ErrFormat)
 		case pg.Enc == EncXOR && deltas && len(p)-off < XORSize:
 			return pages, fmt.Errorf("xor page %#x: truncated: %w", pg.GPA, ErrFormat)
-		case pg.Enc != EncRaw && pg.Enc != EncZero && (pg.Enc != EncXOR || !deltas):
+		case pg.Enc == EncCopy && deltas && length != CopySize:
+			return pages, fmt.Errorf("copy page %#x: %d bytes: %w", pg.GPA, length, ErrFormat)
+		case pg.Enc == EncCopy && deltas && len(p)-off < CopySize:
+			return pages, fmt.Errorf("copy page %#x: truncated: %w", pg.GPA, ErrFormat)
+		case pg.Enc == EncCopy && deltas && le.Uint64(p[off+4:])%PageSize != 0:
+			return pages, fmt.Errorf("copy page %#x: source %#x not page-aligned: %w", pg.GPA, le.Uint64(p[off+4:]), ErrFormat)
+		case pg.Enc != EncRaw && pg.Enc != EncZero && ((pg.Enc != EncXOR && pg.Enc != EncCopy) || !deltas):
 			return pages, fmt.Errorf("page %#x: encoding %d not supported: %w", pg.GPA, pg.Enc, ErrFormat)
 		}
 		switch pg.Enc {
@@ -211,6 +238,9 @@ func parsePages(p []byte, pages []Page, deltas bool) ([]Page, error) {
 		case EncXOR:
 			pg.Data = p[off : off+XORSize : off+XORSize]
 			off += XORSize
+		case EncCopy:
+			pg.Data = p[off : off+CopySize : off+CopySize]
+			off += CopySize
 		}
 		pages = append(pages, pg)
 	}

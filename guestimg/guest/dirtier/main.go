@@ -1,12 +1,17 @@
-// Command govmm-dirtier dirties guest memory at a steady rate, the
+// Package dirtier is govmm-dirtier, which dirties guest memory at a steady rate, the
 // workload of the checkpoint benchmarks. It touches one byte in each 4 KiB
 // page of a working set, cycling through it, paced in small time slices, and
 // prints the achieved rate once a second:
 //
 //	govmm-dirtier --rate 64 --wss 256 --duration 30s
-package main
+//
+// It is no binary of its own: the guest's one multi-call binary (/init,
+// package guestimg/guest/init) runs Main when called as govmm-dirtier
+// (/bin/govmm-dirtier is a symbolic link to /init).
+package dirtier
 
 import (
+	"errors"
 	"flag"
 	"fmt"
 	"os"
@@ -16,21 +21,30 @@ import (
 // slice is the pacing granularity.
 const slice = 5 * time.Millisecond
 
-func main() {
-	rate := flag.Float64("rate", 0, "dirty `MiB/s` (0: as fast as possible)")
-	wss := flag.Int("wss", 64, "working set in `MiB`")
-	duration := flag.Duration("duration", 0, "stop after this long (0: run forever)")
-	flag.Usage = func() {
-		fmt.Fprintf(flag.CommandLine.Output(), "usage: govmm-dirtier [--rate MiB/s] [--wss MiB] [--duration D]\n\n"+
+// Main runs the dirtier with the command-line arguments args (without
+// argv[0]) and returns the exit status.
+func Main(args []string) int {
+	fs := flag.NewFlagSet("govmm-dirtier", flag.ContinueOnError)
+	rate := fs.Float64("rate", 0, "dirty `MiB/s` (0: as fast as possible)")
+	wss := fs.Int("wss", 64, "working set in `MiB`")
+	duration := fs.Duration("duration", 0, "stop after this long (0: run forever)")
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "usage: govmm-dirtier [--rate MiB/s] [--wss MiB] [--duration D]\n\n"+
 			"Touches one byte per 4 KiB page of a working set, cycling, at a paced rate.\n\n")
-		flag.PrintDefaults()
+		fs.PrintDefaults()
 	}
-	flag.Parse()
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		return 2
+	}
 	if *wss <= 0 || *rate < 0 {
 		fmt.Fprintln(os.Stderr, "govmm-dirtier: --wss must be positive and --rate not negative")
-		os.Exit(2)
+		return 2
 	}
 	run(os.Stdout, *rate*(1<<20), *wss<<20, *duration)
+	return 0
 }
 
 func run(out *os.File, rate float64, wss int, duration time.Duration) {

@@ -1,4 +1,9 @@
-// Command init is /init, PID 1 of the default govmm guest.
+// Command init is /init, PID 1 of the default govmm guest, and the guest's
+// only Go binary: called as govmm-demo or govmm-dirtier (the symbolic
+// links /bin/govmm-demo and /bin/govmm-dirtier point at /init) it runs
+// that program instead (packages guestimg/guest/demo and
+// guestimg/guest/dirtier). One static binary instead of three keeps the
+// initramfs small: the Go runtime and the standard library are in it once.
 //
 // It mounts the pseudo file systems, loads the kernel modules listed in
 // /etc/govmm/modules, configures eth0 from govmm.ip= and govmm.gw= on the
@@ -40,6 +45,8 @@ import (
 	"time"
 	"unsafe"
 
+	"govmm/guestimg/guest/demo"
+	"govmm/guestimg/guest/dirtier"
 	"govmm/guestimg/internal/guestproto"
 )
 
@@ -62,7 +69,17 @@ type initProc struct {
 	finish   sync.Once
 }
 
+// programs are the other programs of the multi-call binary, by the
+// name it is called as.
+var programs = map[string]func(args []string) int{
+	"govmm-demo":    demo.Main,
+	"govmm-dirtier": dirtier.Main,
+}
+
 func main() {
+	if prog, ok := programs[filepath.Base(os.Args[0])]; ok {
+		os.Exit(prog(os.Args[1:]))
+	}
 	if len(os.Args) > 1 && os.Args[0] == sessionArgv0 {
 		os.Exit(runSession(os.Args[1:]))
 	}
@@ -200,18 +217,46 @@ func (in *initProc) mountAll() {
 	}
 }
 
-// loadModules loads the modules listed by the image builder, in order.
+// loadModules loads the modules listed by the image builder, in order,
+// those for devices this machine lacks left out (see wantModule).
 func (in *initProc) loadModules() {
 	list, err := os.ReadFile(guestproto.ModulesPath)
 	if err != nil {
 		in.errorf("modules: %v", err)
 		return
 	}
-	for _, p := range strings.Fields(string(list)) {
+	has := map[string]bool{
+		guestproto.NeedVirtioNet: pciHas(virtioNetIDs),
+		guestproto.NeedVirtioBlk: pciHas(virtioBlkIDs),
+	}
+	for _, line := range strings.Split(string(list), "\n") {
+		p, ok := wantModule(line, has)
+		if !ok {
+			continue
+		}
 		if err := loadModule(p); err != nil {
 			in.errorf("load module %s: %v", filepath.Base(p), err)
 		}
 	}
+}
+
+// wantModule reads one line of guestproto.ModulesPath: the module's path,
+// then the devices it is needed for. It is wanted when the line names no
+// device or one that has says the machine has.
+func wantModule(line string, has map[string]bool) (path string, ok bool) {
+	f := strings.Fields(line)
+	if len(f) == 0 {
+		return "", false
+	}
+	if len(f) == 1 {
+		return f[0], true
+	}
+	for _, need := range f[1:] {
+		if has[need] {
+			return f[0], true
+		}
+	}
+	return f[0], false
 }
 
 func loadModule(p string) error {

@@ -23,9 +23,17 @@ const (
 	// by a NUL byte. The VMM appends it to the initrd as a cpio archive.
 	CommandPath = "/govmm/cmd"
 
-	// ModulesPath lists the kernel modules to load, one absolute path per
-	// line, in load order (dependencies first).
+	// ModulesPath lists the kernel modules to load, one per line, in load
+	// order (dependencies first): the module's absolute path, then the
+	// devices it is needed for (NeedVirtioNet, NeedVirtioBlk), separated
+	// by spaces. /init loads a module when the PCI bus has one of its
+	// devices, or when the line names none.
 	ModulesPath = "/etc/govmm/modules"
+
+	// NeedVirtioNet and NeedVirtioBlk name the devices of ModulesPath's
+	// lines: a virtio network card, a virtio disk.
+	NeedVirtioNet = "virtio-net"
+	NeedVirtioBlk = "virtio-blk"
 
 	// ExitPort is the I/O port to which /init writes one byte: the exit
 	// status of the command (command mode) or 0 on poweroff. The VMM exits
