@@ -36,7 +36,9 @@ type CheckpointConfig struct {
 	// Copies are the checkpoint copy modes each working set runs with
 	// (default CopyStop and CopyCoW).
 	Copies []string
-	// Epoch is the fixed epoch length (default 50ms).
+	// Epoch is the epoch length (default 50ms), lengthened for a working
+	// set the Dirtier cannot write whole in it (twice its pass time): the
+	// samples and the report say which ran.
 	Epoch time.Duration
 	// Warmup epochs are dropped (the first follows the initial sync);
 	// Epochs are kept per working set. HarvestCycles are the harvests
@@ -204,15 +206,19 @@ func (cfg *CheckpointConfig) defaults() {
 func (res *CheckpointResult) replicateAll(ctx context.Context) error {
 	cfg := res.Config
 	for _, n := range cfg.Pages {
+		epoch, fitted := cfg.Epoch, false // the first run fits it to the working set, the others keep it
 		for _, cp := range cfg.Copies {
 			for _, content := range cfg.Contents {
 				for _, mode := range cfg.Modes {
-					r := replicationRun{pages: n, epoch: cfg.Epoch, copy: cp, mode: mode, content: content}
+					r := replicationRun{pages: n, epoch: epoch, copy: cp, mode: mode, content: content, fit: !fitted}
 					ss, err := checkpointRun(ctx, cfg, r)
 					if err != nil {
 						return fmt.Errorf("checkpoint %s: %w", r, err)
 					}
 					res.Samples = append(res.Samples, ss...)
+					if len(ss) > 0 {
+						r.epoch, epoch, fitted = ss[0].Epoch, ss[0].Epoch, true
+					}
 					logRun(cfg.Log, r, ss)
 				}
 			}

@@ -109,9 +109,10 @@ func (r *CheckpointResult) Report() string {
 func (r *CheckpointResult) reportIntro(b *strings.Builder) {
 	fmt.Fprintf(b, "%s\n\nGuest: one vCPU running `tinyguest.Dirtier` over the working set (guest RAM sized to hold it: 64 MiB up to 512 MiB), "+
 		"replicated with `replicate.StartReplication` to an in-process standby over loopback TCP, %d warm-up epochs dropped, then %d epochs kept per run. "+
+		"The epoch is %v, or, for a working set the Dirtier cannot write whole in it, twice its pass time (measured before the first run of that working set, unreplicated; the *epoch* column): each epoch then dirties the whole working set, whatever the copy and stream modes. "+
 		"Raw data: `checkpoint.csv` (one row per epoch), `checkpoint_harvest.csv`, `checkpoint_bounds.csv`, `checkpoint_compress.csv`; plots `checkpoint_pause.png` (pause and ack against dirty pages, per copy mode), "+
 		"`checkpoint_breakdown.png` (each step's median against the dirty pages), `checkpoint_stream.png` (wire bytes per dirty page and time to ack per stream mode), `checkpoint_harvest.png` (harvest alone, per tracking mode); all log–log.\n\n",
-		platform(), r.Config.Warmup, r.Config.Epochs)
+		platform(), r.Config.Warmup, r.Config.Epochs, r.Config.Epoch)
 	b.WriteString("Step names are replicate's `EpochStats`: *stop* is pausing the vCPUs and quiescing the devices; *harvest* takes the dirty set alone (KVM's log and the VMM's own bitmap) with the guest already stopped, only the pages written since the *pre-harvest*, which takes the rest just before the pause with the guest running (not part of the pause); " +
 		"*copy* is copying the dirty pages into the staging buffer (one buffer, reused from epoch to epoch), or with copy-on-write write-protecting them, whose copy then runs after the resume (*background copy*: from the resume until every page is copied); *state* is SaveState + marshal, the epoch's disk writes and sealing its output; *rest* = pause − the four, i.e. resuming the vCPUs. " +
 		"*Ack* runs from the resume to the standby's ack (streaming the staging buffer, applying it, acking).\n\n")

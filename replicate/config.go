@@ -50,8 +50,9 @@ type ReplicateConfig struct {
 	// (DefaultEpoch).
 	Epoch time.Duration
 	// Copy is how each checkpoint copies the dirty pages (CopyStop when
-	// empty: copy-on-write is opt-in until a hang seen once in the lab's
-	// fencing test is explained; see docs/ARCHITECTURE.md section 6).
+	// empty: copy-on-write is opt-in until the lab's replicated tests pass
+	// with it after the fix of a hang seen once in the fencing test; see
+	// docs/ARCHITECTURE.md section 6).
 	Copy CopyMode
 	// NoPreHarvest takes the whole dirty-log harvest in the pause, as
 	// before the pre-harvest (preharvest.go) existed: for measuring it.

@@ -93,6 +93,9 @@ type Machine struct {
 	pvhEntry uint32
 	// released is when Start let the vCPUs into KVM_RUN (BootTrace).
 	released atomic.Int64
+	// resumed is when the last vCPU left its latest pause for KVM_RUN
+	// (ResumedAt), in Unix nanoseconds.
+	resumed atomic.Int64
 	// guestTSCKHz caches the guest's TSC rate as vCPU 0 reported it
 	// (vcpuTSCKHz); 0 until read and after a restore.
 	guestTSCKHz atomic.Uint32

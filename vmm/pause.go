@@ -7,6 +7,7 @@ package vmm
 import (
 	"context"
 	"errors"
+	"time"
 
 	"govmm/kvmapi"
 )
@@ -53,6 +54,30 @@ func (m *Machine) Resume() error {
 	}
 	m.paused--
 	return nil
+}
+
+// ResumedAt is when the last vCPU left the latest pause for KVM_RUN: when
+// the guest ran again. It can be earlier than Resume's return, by as long
+// as the goroutine that called Resume waits to be scheduled again after
+// the vCPUs' answers (on a host whose every P is busy, up to the Go
+// scheduler's time slice, while the guest already runs). Zero before the
+// first resume.
+func (m *Machine) ResumedAt() time.Time {
+	if ns := m.resumed.Load(); ns != 0 {
+		return time.Unix(0, ns)
+	}
+	return time.Time{}
+}
+
+// noteResumed records t as a vCPU's resume, if it is the latest.
+func (m *Machine) noteResumed(t time.Time) {
+	ns := t.UnixNano()
+	for {
+		old := m.resumed.Load()
+		if old >= ns || m.resumed.CompareAndSwap(old, ns) {
+			return
+		}
+	}
 }
 
 // ErrHandedOver is returned by Resume and ResumeDevices on a machine that

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"runtime"
 	"sync/atomic"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -201,6 +202,7 @@ func (c *vcpu) paused(r vcpuReq) bool {
 			switch r.kind {
 			case reqResume:
 				c.fd.SetImmediateExit(false)
+				c.m.noteResumed(time.Now())
 				r.reply <- nil
 				return false
 			case reqDo:

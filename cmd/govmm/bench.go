@@ -32,7 +32,9 @@ and QEMU on the same vmlinux through PVH with the tuned one
 checkpoint: replication of a tiny dirtying guest to an in-process standby
 over loopback: each epoch's pause broken into steps (harvest, copy, state,
 resume) and its time to ack, against dirty pages per epoch (working sets
-of 100, 1k, 4k, 16k and 64k pages; --quick: 100 and 1k), beside the
+of 100, 1k, 4k, 16k and 64k pages; --quick: 100 and 1k; epochs of 50ms,
+or twice the guest's pass over its working set where it cannot write it
+whole in 50ms), beside the
 memcpy and loopback-bandwidth lower bounds measured in the same run; per
 checkpoint copy mode (stop-and-copy, and copy-on-write: stop-and-copy
 where the host lacks userfaultfd write-protection; the report says which

@@ -69,8 +69,16 @@ type vmmProc struct {
 	exited chan error
 }
 
+// startVMM starts govmm args in the rig's netns. With
+// GOVMM_TEST_CHECKPOINT_COPY set (auto, stop or cow), a run or standby is
+// given --checkpoint-copy with it: the replicated tests run with either
+// way of copying whatever the default (scripts/guest-tests.sh passes it
+// into the lab).
 func startVMM(t *testing.T, r *guestrig.Rig, name string, args ...string) *vmmProc {
 	t.Helper()
+	if c := os.Getenv("GOVMM_TEST_CHECKPOINT_COPY"); c != "" && len(args) > 0 && (args[0] == "run" || args[0] == "standby") {
+		args = append([]string{args[0], "--checkpoint-copy", c}, args[1:]...)
+	}
 	p := &vmmProc{cmd: r.NS.Command(govmmBin, args...), con: &guestrig.ConsoleLog{Name: name}, log: &guestrig.ConsoleLog{Name: name},
 		exited: make(chan error, 1)}
 	p.cmd.Stdout, p.cmd.Stderr = p.con, p.log

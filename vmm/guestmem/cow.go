@@ -37,11 +37,23 @@ import (
 // replicator's pre-harvested ones).
 //
 // Why the VMM's own writes must not fault: a goroutine stopped on a fault
-// in user mode inside an assembly copy cannot be preempted, so a garbage
-// collection's stop-the-world would wait for it while the handler, back
-// from its read, waits for the world to start again. Faults taken in the
+// in user mode inside an assembly copy cannot be preempted and keeps its
+// P, so a garbage collection's stop-the-world would wait for it while the
+// handler, back from its poll, waits for the world to start again; and
+// two such goroutines hold both Ps of a two-core host, leaving none for
+// the handler (TestArmRacesWithWriters hung so). Faults taken in the
 // kernel (KVM_RUN, read(2) into guest memory) leave their goroutine in a
-// system call, which the runtime does not wait for.
+// system call, which the runtime does not wait for. So a VMM write holds
+// Memory.writing (read) from its look at the Protector to its last byte,
+// and Arm and Begin hold it (write) while they protect: no page is
+// protected between a write's making it writable and the write.
+//
+// And a fault never leaves its page protected: the handler un-protects
+// (after copying, for a page the snapshot still needs) every page it is
+// told of, armed, touched already or neither. Waking the writer of a page
+// still protected only has it fault again, for good: a vCPU so held keeps
+// KVM_RUN from returning (the wait is killable only: kicks do not end it)
+// and the next pause waits for it forever, holding the guest's output.
 
 // page states in Protector.state, per Snapshot generation g: 2g claimed
 // (being copied), 2g+1 copied and un-protected; anything else pending.
@@ -87,6 +99,7 @@ type Protector struct {
 	faults     atomic.Uint64 // pages copied by a write fault (handler)
 	vmmWrites  atomic.Uint64 // pages copied by a VMM write (accessor)
 	armFaults  atomic.Uint64 // armed pages written before the cut
+	reported   atomic.Uint64 // write faults read from the userfaultfd
 	handlerErr atomic.Pointer[error]
 }
 
@@ -214,6 +227,7 @@ func (p *Protector) drain(msgs []uffdMsg) error {
 		if m.Event != uffdEventPagefault {
 			continue
 		}
+		p.reported.Add(1)
 		if err := p.fault(uintptr(m.Address)); err != nil {
 			return err
 		}
@@ -249,13 +263,17 @@ func (p *Protector) fault(addr uintptr) error {
 
 // resolve makes page pg of region r writable as far as snapshots go, and
 // wakes whoever waits on a fault there: an armed page is noted as touched
-// and un-protected, a page the current snapshot still needs is copied
-// first (and un-protected), an armed page the snapshot does not need is
-// un-protected. For a fault (rather than a VMM write about to happen) any
-// other page is un-protected too: the fault may be stale, or the page
-// protected by an earlier failure; un-protecting a writable page is
-// harmless. It reports whether it copied the page. The caller holds inUse
-// (read): the snapshot it finds stays current meanwhile.
+// and un-protected (every time), a page the current snapshot still
+// needs is copied first (and un-protected), an armed page the snapshot
+// does not need is un-protected. For a fault (rather than a VMM write
+// about to happen) any other page is un-protected too: the fault may be
+// stale, or the page protected by an earlier failure; un-protecting a
+// writable page is harmless, and a fault never leaves its page
+// protected (waking the writer of a page still protected would have it
+// fault again, for good: a VMM write that noted an armed page touched
+// just before Arm protected it left it so). It reports whether it copied
+// the page. The caller holds inUse (read): the snapshot it finds stays
+// current meanwhile.
 func (p *Protector) resolve(r *Region, pg uint64, fault bool) bool {
 	w, bit := pg/64, uint64(1)<<(pg%64)
 	addr := p.bases[r.Slot] + uintptr(pg*PageSize)
@@ -266,12 +284,15 @@ func (p *Protector) resolve(r *Region, pg uint64, fault bool) bool {
 		// touched pages again, comes either before (the page is still
 		// armed, and this write precedes the cut) or after (it sees it
 		// touched).
-		if p.armBits[r.Slot][w]&bit != 0 && p.touched[r.Slot][w]&bit == 0 {
+		// Un-protected even when touched already: a VMM write that noted
+		// it touched before Arm got to protect it left it protected.
+		inArm := p.armBits[r.Slot][w]&bit != 0
+		if inArm && p.touched[r.Slot][w]&bit == 0 {
 			p.touched[r.Slot][w] |= bit
 			p.armFaults.Add(1)
+		}
+		if inArm || fault {
 			_ = p.u.protect(addr, PageSize, false, false)
-		} else if fault {
-			_ = p.u.wake(addr, PageSize)
 		}
 		return false
 	}
@@ -350,7 +371,11 @@ func (p *Protector) Arm(extra PageBitmap) error {
 	p.armMu.Unlock()
 	p.mem.wp.Store(p)
 	for k, r := range p.mem.regions {
-		err := bitRuns(p.scratch[k], 1<<30, func(pg, n uint64) error {
+		// The VMM's writes wait while a run is protected (Memory.writing),
+		// at most armChunk pages: none is then caught half-way.
+		err := bitRuns(p.scratch[k], armChunk, func(pg, n uint64) error {
+			p.mem.writing.Lock()
+			defer p.mem.writing.Unlock()
 			return p.u.protect(p.bases[k]+uintptr(pg*PageSize), uintptr(n*PageSize), true, false)
 		})
 		if err != nil {
@@ -360,6 +385,10 @@ func (p *Protector) Arm(extra PageBitmap) error {
 	}
 	return nil
 }
+
+// armChunk bounds the pages Arm protects in one call, holding the VMM's
+// writes meanwhile (about 0.1 µs a page).
+const armChunk = 1024
 
 // Disarm lets go of the armed pages when no Begin follows Arm.
 func (p *Protector) Disarm() {

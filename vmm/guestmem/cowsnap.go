@@ -55,6 +55,11 @@ func (p *Protector) Begin(set PageBitmap, dst []byte) (*Snapshot, error) {
 			s.free = append(s.free, make([]uint64, r.BitmapWords()))
 		}
 	}
+	// The VMM's writes wait (Memory.writing) until the snapshot is in
+	// place: a write that follows finds it, and copies what it needs
+	// first; devices are quiesced in the pause anyway.
+	p.mem.writing.Lock()
+	defer p.mem.writing.Unlock()
 	p.armMu.Lock()
 	defer p.armMu.Unlock()
 	armed := p.armed

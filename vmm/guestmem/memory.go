@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math/bits"
 	"sort"
+	"sync"
 	"sync/atomic"
 
 	"golang.org/x/sys/unix"
@@ -68,6 +69,12 @@ type Memory struct {
 	// first (copying what the snapshot still needs).
 	wp   atomic.Pointer[Protector]
 	snap atomic.Pointer[Snapshot]
+	// writing is held (read) by each VMM write (WriteAt, Fill) from its
+	// look at wp to its last byte, and (write) by the Protector around
+	// each write-protection it applies (Arm, Begin): a page is never
+	// protected between the write's making it writable and the write, so
+	// the VMM's own writes never fault (see cow.go: why they must not).
+	writing sync.RWMutex
 }
 
 // New maps anonymous memory for each region. Sizes and addresses must be
@@ -191,6 +198,8 @@ func (m *Memory) Fill(gpa GPA, n uint64, fill func(dst []byte) error) error {
 	if err != nil {
 		return err
 	}
+	m.writing.RLock()
+	defer m.writing.RUnlock()
 	if p := m.wp.Load(); p != nil {
 		p.beforeWrite(r, off, n)
 	}
@@ -216,10 +225,12 @@ func (m *Memory) WriteAt(p []byte, gpa GPA) error {
 	if err != nil {
 		return err
 	}
+	m.writing.RLock()
 	if wp := m.wp.Load(); wp != nil {
 		wp.beforeWrite(r, off, uint64(len(p)))
 	}
 	copy(r.Host[off:], p)
+	m.writing.RUnlock()
 	r.markDirty(off, uint64(len(p)))
 	return nil
 }
