@@ -115,33 +115,9 @@ func TrimVmlinux(b []byte) ([]byte, error) {
 	if f.Class != elf.ELFCLASS64 || f.Data != elf.ELFDATA2LSB {
 		return nil, fmt.Errorf("trim vmlinux: %v %v, want 64-bit little-endian", f.Class, f.Data)
 	}
-	type piece struct {
-		prog elf.ProgHeader
-		data []byte
-	}
-	var pieces []piece
-	for i, p := range f.Progs {
-		if p.Off+p.Filesz > uint64(len(b)) || p.Off+p.Filesz < p.Off {
-			return nil, fmt.Errorf("trim vmlinux: segment %d lies past the end of the file", i)
-		}
-		data := b[p.Off : p.Off+p.Filesz]
-		if p.Type != elf.PT_LOAD {
-			pieces = append(pieces, piece{p.ProgHeader, data})
-			continue
-		}
-		for _, r := range nonZeroRuns(data, packMinZero) {
-			q := p.ProgHeader
-			q.Off = p.Off + r.start // the old offset, for notes inside
-			q.Paddr += r.start
-			q.Vaddr += r.start
-			q.Filesz = r.end - r.start
-			q.Memsz = r.memEnd - r.start
-			if r.last {
-				q.Memsz = p.Memsz - r.start
-			}
-			q.Align = pageSize
-			pieces = append(pieces, piece{q, data[r.start:r.end]})
-		}
+	pieces, err := vmlinuxPieces(f, b)
+	if err != nil {
+		return nil, err
 	}
 	const ehdrSize, phdrSize = 64, 56
 	if len(pieces) > 0xffff {
@@ -174,8 +150,60 @@ func TrimVmlinux(b []byte) ([]byte, error) {
 			off += uint64(len(pc.data))
 		}
 	}
+	putProgHeaders(out[ehdrSize:], pieces)
+	le.PutUint64(out[32:], ehdrSize)            // e_phoff
+	le.PutUint16(out[54:], phdrSize)            // e_phentsize
+	le.PutUint16(out[56:], uint16(len(pieces))) // e_phnum
+	le.PutUint64(out[40:], 0)                   // e_shoff
+	le.PutUint16(out[58:], 0)                   // e_shentsize
+	le.PutUint16(out[60:], 0)                   // e_shnum
+	le.PutUint16(out[62:], 0)                   // e_shstrndx
+	return out, nil
+}
+
+// vmlinuxPiece is one program header of a packed vmlinux and its bytes.
+type vmlinuxPiece struct {
+	prog elf.ProgHeader
+	data []byte
+}
+
+// vmlinuxPieces splits f's PT_LOAD segments at runs of zero pages (the
+// zeros become memory beyond a piece's file bytes) and keeps the other
+// program headers (notes) whole.
+func vmlinuxPieces(f *elf.File, b []byte) ([]vmlinuxPiece, error) {
+	var pieces []vmlinuxPiece
+	for i, p := range f.Progs {
+		if p.Off+p.Filesz > uint64(len(b)) || p.Off+p.Filesz < p.Off {
+			return nil, fmt.Errorf("trim vmlinux: segment %d lies past the end of the file", i)
+		}
+		data := b[p.Off : p.Off+p.Filesz]
+		if p.Type != elf.PT_LOAD {
+			pieces = append(pieces, vmlinuxPiece{p.ProgHeader, data})
+			continue
+		}
+		for _, r := range nonZeroRuns(data, packMinZero) {
+			q := p.ProgHeader
+			q.Off = p.Off + r.start // the old offset, for notes inside
+			q.Paddr += r.start
+			q.Vaddr += r.start
+			q.Filesz = r.end - r.start
+			q.Memsz = r.memEnd - r.start
+			if r.last {
+				q.Memsz = p.Memsz - r.start
+			}
+			q.Align = pageSize
+			pieces = append(pieces, vmlinuxPiece{q, data[r.start:r.end]})
+		}
+	}
+	return pieces, nil
+}
+
+// putProgHeaders writes pieces' 64-bit program headers (56 bytes each)
+// into dst.
+func putProgHeaders(dst []byte, pieces []vmlinuxPiece) {
+	le := binary.LittleEndian
 	for i, pc := range pieces {
-		h := out[ehdrSize+phdrSize*i:]
+		h := dst[56*i:]
 		p := pc.prog
 		le.PutUint32(h[0:], uint32(p.Type))
 		le.PutUint32(h[4:], uint32(p.Flags))
@@ -186,14 +214,6 @@ func TrimVmlinux(b []byte) ([]byte, error) {
 		le.PutUint64(h[40:], p.Memsz)
 		le.PutUint64(h[48:], p.Align)
 	}
-	le.PutUint64(out[32:], ehdrSize)            // e_phoff
-	le.PutUint16(out[54:], phdrSize)            // e_phentsize
-	le.PutUint16(out[56:], uint16(len(pieces))) // e_phnum
-	le.PutUint64(out[40:], 0)                   // e_shoff
-	le.PutUint16(out[58:], 0)                   // e_shentsize
-	le.PutUint16(out[60:], 0)                   // e_shnum
-	le.PutUint16(out[62:], 0)                   // e_shstrndx
-	return out, nil
 }
 
 const pageSize = 4096

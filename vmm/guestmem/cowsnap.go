@@ -42,19 +42,7 @@ func (p *Protector) Begin(set PageBitmap, dst []byte) (*Snapshot, error) {
 	p.gen++
 	s := &Snapshot{p: p, dst: dst, gen: p.gen, finished: make(chan struct{})}
 	s.cond = sync.NewCond(&s.mu)
-	if l := p.last; l != nil && len(l.want) == len(p.mem.regions) {
-		// Reuse the bitmaps of the last (finished) snapshot: Arm has
-		// taken its prediction from them already.
-		s.want, s.rank, s.free = l.want, l.rank, l.free
-		l.want, l.rank, l.free = nil, nil, nil
-	}
-	if s.want == nil {
-		for _, r := range p.mem.regions {
-			s.want = append(s.want, make([]uint64, r.BitmapWords()))
-			s.rank = append(s.rank, make([]int32, r.BitmapWords()))
-			s.free = append(s.free, make([]uint64, r.BitmapWords()))
-		}
-	}
+	s.takeBitmaps(p)
 	// The VMM's writes wait (Memory.writing) until the snapshot is in
 	// place: a write that follows finds it, and copies what it needs
 	// first; devices are quiesced in the pause anyway.
@@ -117,6 +105,21 @@ func (p *Protector) Begin(set PageBitmap, dst []byte) (*Snapshot, error) {
 	p.mem.snap.Store(s)
 	p.mem.wp.Store(p)
 	return s, nil
+}
+
+// takeBitmaps gives s the bitmaps of p's last (finished) snapshot, whose
+// prediction Arm has taken already, or new ones.
+func (s *Snapshot) takeBitmaps(p *Protector) {
+	if l := p.last; l != nil && len(l.want) == len(p.mem.regions) {
+		s.want, s.rank, s.free = l.want, l.rank, l.free
+		l.want, l.rank, l.free = nil, nil, nil
+		return
+	}
+	for _, r := range p.mem.regions {
+		s.want = append(s.want, make([]uint64, r.BitmapWords()))
+		s.rank = append(s.rank, make([]int32, r.BitmapWords()))
+		s.free = append(s.free, make([]uint64, r.BitmapWords()))
+	}
 }
 
 // Len is the number of pages in the snapshot.
