@@ -49,10 +49,8 @@ type ReplicateConfig struct {
 	// Epoch is the time the guest runs between checkpoints
 	// (DefaultEpoch).
 	Epoch time.Duration
-	// Copy is how each checkpoint copies the dirty pages (CopyStop when
-	// empty: copy-on-write is opt-in until the lab's replicated tests pass
-	// with it after the fix of a hang seen once in the fencing test; see
-	// docs/ARCHITECTURE.md section 6).
+	// Copy is how each checkpoint copies the dirty pages (CopyAuto when
+	// empty).
 	Copy CopyMode
 	// NoPreHarvest takes the whole dirty-log harvest in the pause, as
 	// before the pre-harvest (preharvest.go) existed: for measuring it.
@@ -216,7 +214,7 @@ func (cfg ReplicateConfig) withDefaults() (ReplicateConfig, error) {
 		return cfg, fmt.Errorf("on-standby-loss %q: want %s or %s", cfg.OnStandbyLoss, OnStandbyLossContinue, OnStandbyLossPause)
 	}
 	if cfg.Copy == "" {
-		cfg.Copy = CopyStop
+		cfg.Copy = CopyAuto
 	}
 	if _, err := ParseCopyMode(string(cfg.Copy)); err != nil {
 		return cfg, err

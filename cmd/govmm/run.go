@@ -135,7 +135,7 @@ func (f *runFlags) registerReplication(fs *flag.FlagSet) {
 	f.onStandbyLoss = replicate.OnStandbyLossContinue
 	fs.Var(choiceFlag{&f.onStandbyLoss, []string{replicate.OnStandbyLossContinue, replicate.OnStandbyLossPause}}, "on-standby-loss",
 		"when the standby is lost: continue (unprotected, logged loudly) or pause (until 'govmm ctl unreplicate' runs it on unprotected, or 'ctl replicate' protects it anew)")
-	f.checkpointCopy = string(replicate.CopyStop)
+	f.checkpointCopy = string(replicate.CopyAuto)
 	fs.Var(choiceFlag{&f.checkpointCopy, []string{string(replicate.CopyAuto), string(replicate.CopyStop), string(replicate.CopyCoW)}}, "checkpoint-copy",
 		"how a checkpoint copies the dirty pages: cow (write-protect them in the pause and copy them after the resume, a write to a page not yet copied waiting for its copy: a pause that does not grow with the dirty set; needs userfaultfd write-protect), stop (copy them with the guest stopped) or auto (cow where this host offers it, else stop, said in the log)")
 	fs.Var(hostPortFlag{&f.witness}, "witness", "arbiter against split brain, `HOST:PORT` (govmm witness; needs --key-file): output leaves only under its lease, a standby takes over only after winning the next generation there")
