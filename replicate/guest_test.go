@@ -335,7 +335,8 @@ func migrateGuest(t *testing.T, r *guestrig.Rig, src *guestVM, name, tap, disk s
 }
 
 // The booted default guest is replicated under the same load as
-// TestGuestMigrateUnderLoad; at a cut the test copies the primary's memory
+// TestGuestMigrateUnderLoad, copying on write and streaming XOR deltas,
+// copies and S2; at a cut the test copies the primary's memory
 // and disk, and once that checkpoint is acknowledged the primary dies (the
 // link to the standby is cut, its guest stopped, its devices closed). The
 // standby takes over from exactly that checkpoint: its memory equals the
@@ -364,7 +365,7 @@ func TestGuestTakeoverEqualsPrimaryAtCut(t *testing.T) {
 		dead     = make(chan struct{})
 		stby     *guestVM
 	)
-	sb, err := NewStandby(StandbyConfig{Listen: "127.0.0.1:0", Insecure: true, Disks: []*os.File{df},
+	sb, err := NewStandby(StandbyConfig{Listen: "127.0.0.1:0", Insecure: true, Disks: []*os.File{df}, Deltas: true,
 		FailoverTimeout: 10 * time.Second,
 		Build: func(stream.Identity) (Replica, error) {
 			g, err := buildVM(t, r, "standby", "gvs", diskS, false)
@@ -436,7 +437,11 @@ func TestGuestTakeoverEqualsPrimaryAtCut(t *testing.T) {
 	for _, n := range prim.nics {
 		outs = append(outs, n.Out)
 	}
+	// Copy-on-write, XOR deltas and copies, S2: the cut below is checked
+	// page by page through the stream's most involved path (the plain
+	// one is what the cmd/govmm lab tests run).
 	rp, err := startReplication(ctx, prim.m, ReplicateConfig{To: px.addr(), Insecure: true, Name: "govmm", Copy: CopyCoW,
+		Deltas: true, Compression: stream.CompressS2,
 		Devices: prim.attrs, FailoverTimeout: 10 * time.Second, Outputs: outs, Disks: prim.disks},
 		testHooks{atCut: atCut})
 	require.NoError(t, err)
@@ -457,6 +462,11 @@ func TestGuestTakeoverEqualsPrimaryAtCut(t *testing.T) {
 	// Copy-on-write, asked for (the lab's host offers it): the cut below
 	// holds with the guest's writes racing the copy.
 	require.Equal(t, string(CopyCoW), st.Last.CopyMode)
+	ss := sb.Status().Stream
+	t.Logf("the standby received %d pages: %d as deltas, %d as copies, %d zero (%s)",
+		ss.Pages, ss.DeltaPages, ss.CopyPages, ss.ZeroPages, ss.Compression)
+	require.True(t, ss.Deltas, "the stream agreed on deltas")
+	require.NotZero(t, ss.DeltaPages+ss.CopyPages, "pages travelled as deltas or copies")
 
 	mu.Lock()
 	trigger = true
