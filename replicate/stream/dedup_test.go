@@ -66,13 +66,7 @@ func TestCopiesOfShippedPages(t *testing.T) {
 				}
 				require.NoError(t, s.EndCheckpoint())
 				require.NoError(t, s.WaitAck(ctxTimeout(t, 10*time.Second), e))
-				for gpa, want := range mem {
-					got := sink.Page(gpa)
-					if got == nil {
-						got = make([]byte, PageSize)
-					}
-					require.Equal(t, want, got, "epoch %d page %#x", e, uint64(gpa))
-				}
+				requireSinkHolds(t, sink, mem, e)
 				assert.Equal(t, st.copies, s.Stats().CopyPages-before.CopyPages, "epoch %d: copies", e)
 			}
 			st, rt := s.Stats(), r.Stats()
@@ -149,31 +143,12 @@ func TestReceiverRefusesBadCopies(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			scfg, rcfg := deltaCfgs()
-			sink := NewMemSink()
-			rcfg.Sink = sink
-			s, r := pipePair(t, scfg, rcfg)
-			run := runReceiver(t, r)
-			require.NoError(t, sendCheckpoint(s, 1, KindEpoch, 3, []byte("s")))
-			require.NoError(t, s.WaitAck(t.Context(), 1))
-			require.NoError(t, s.BeginCheckpoint(2, KindEpoch))
-			forge(t, s, framePages, tt.body)
-			err := waitErr(t, run)
-			require.ErrorIs(t, err, tt.want)
-			t.Logf("receiver: %v", err)
-			assert.Equal(t, uint64(1), r.Committed())
+			sink := refuseForgedPages(t, tt.body, tt.want)
 			assert.Nil(t, sink.Page(5*PageSize))
-			assert.Equal(t, page(1001), sink.Page(PageSize))
-			assert.Zero(t, sink.Staged())
 		})
 	}
 	// The right copy, for contrast, commits.
-	scfg, rcfg := deltaCfgs()
-	sink := NewMemSink()
-	rcfg.Sink = sink
-	s, r := pipePair(t, scfg, rcfg)
-	run := runReceiver(t, r)
-	require.NoError(t, sendCheckpoint(s, 1, KindEpoch, 3, []byte("s")))
+	s, r, sink, run := deltaPairAfterOne(t)
 	require.NoError(t, s.BeginCheckpoint(2, KindEpoch))
 	body := entry(5*PageSize, good, 0)
 	s.sum.Section(container.TypePages, body[pagesHeader:])
@@ -244,13 +219,7 @@ func TestCopiesRandomWrites(t *testing.T) {
 				}
 				require.NoError(t, s.EndCheckpoint())
 				require.NoError(t, s.WaitAck(ctxTimeout(t, 10*time.Second), e))
-				for gpa, want := range mem {
-					got := sink.Page(gpa)
-					if got == nil {
-						got = make([]byte, PageSize)
-					}
-					require.Equal(t, want, got, "epoch %d page %#x", e, uint64(gpa))
-				}
+				requireSinkHolds(t, sink, mem, e)
 			}
 			st := s.Stats()
 			t.Logf("%d pages: %d zero, %d deltas, %d copies", st.Pages, st.ZeroPages, st.DeltaPages, st.CopyPages)
@@ -284,4 +253,17 @@ func TestCopyOnlyOfEqualBytes(t *testing.T) {
 	require.Len(t, pages, 4)
 	assert.Equal(t, uint64(2*PageSize), binary.LittleEndian.Uint64(pages[2].Data[4:]), "the copy names page 2")
 	assert.Equal(t, uint64(0), binary.LittleEndian.Uint64(pages[3].Data[4:]), "the copy names page 0")
+}
+
+// requireSinkHolds requires that sink holds mem after checkpoint e, a page
+// it never received reading as zeros.
+func requireSinkHolds(t *testing.T, sink *MemSink, mem map[GPA][]byte, e uint64) {
+	t.Helper()
+	for gpa, want := range mem {
+		got := sink.Page(gpa)
+		if got == nil {
+			got = make([]byte, PageSize)
+		}
+		require.Equal(t, want, got, "epoch %d page %#x", e, uint64(gpa))
+	}
 }

@@ -20,6 +20,38 @@ func deltaCfgs() (Config, Config) {
 	return scfg, rcfg
 }
 
+// deltaPairAfterOne is a sender and a receiver that agreed on deltas, the
+// receiver running into a MemSink, with checkpoint 1 (sendCheckpoint's
+// three pages) sent: the base that forged frames of checkpoint 2 build on.
+func deltaPairAfterOne(t *testing.T) (*Sender, *Receiver, *MemSink, <-chan error) {
+	t.Helper()
+	scfg, rcfg := deltaCfgs()
+	sink := NewMemSink()
+	rcfg.Sink = sink
+	s, r := pipePair(t, scfg, rcfg)
+	run := runReceiver(t, r)
+	require.NoError(t, sendCheckpoint(s, 1, KindEpoch, 3, []byte("s")))
+	return s, r, sink, run
+}
+
+// refuseForgedPages forges body as a Pages frame of checkpoint 2 once 1 is
+// acknowledged, and requires that the receiver fails with want and that
+// nothing of checkpoint 2 commits or stays staged.
+func refuseForgedPages(t *testing.T, body []byte, want error) *MemSink {
+	t.Helper()
+	s, r, sink, run := deltaPairAfterOne(t)
+	require.NoError(t, s.WaitAck(t.Context(), 1))
+	require.NoError(t, s.BeginCheckpoint(2, KindEpoch))
+	forge(t, s, framePages, body)
+	err := waitErr(t, run)
+	require.ErrorIs(t, err, want)
+	t.Logf("receiver: %v", err)
+	assert.Equal(t, uint64(1), r.Committed())
+	assert.Equal(t, page(1001), sink.Page(PageSize))
+	assert.Zero(t, sink.Staged())
+	return sink
+}
+
 // evolve is page i at epoch e of TestDeltaChainsAcrossEpochs: most pages
 // change by a word per epoch (deltas), every fifth is rewritten whole,
 // every seventh goes to zero and back.
@@ -198,30 +230,11 @@ func TestReceiverRefusesBadDeltas(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			scfg, rcfg := deltaCfgs()
-			sink := NewMemSink()
-			rcfg.Sink = sink
-			s, r := pipePair(t, scfg, rcfg)
-			run := runReceiver(t, r)
-			require.NoError(t, sendCheckpoint(s, 1, KindEpoch, 3, []byte("s")))
-			require.NoError(t, s.WaitAck(t.Context(), 1))
-			require.NoError(t, s.BeginCheckpoint(2, KindEpoch))
-			forge(t, s, framePages, tt.body)
-			err := waitErr(t, run)
-			require.ErrorIs(t, err, tt.want)
-			t.Logf("receiver: %v", err)
-			assert.Equal(t, uint64(1), r.Committed())
-			assert.Equal(t, page(1001), sink.Page(PageSize))
-			assert.Zero(t, sink.Staged())
+			refuseForgedPages(t, tt.body, tt.want)
 		})
 	}
 	// The right delta, for contrast, commits.
-	scfg, rcfg := deltaCfgs()
-	sink := NewMemSink()
-	rcfg.Sink = sink
-	s, r := pipePair(t, scfg, rcfg)
-	run := runReceiver(t, r)
-	require.NoError(t, sendCheckpoint(s, 1, KindEpoch, 3, []byte("s")))
+	s, _, sink, run := deltaPairAfterOne(t)
 	require.NoError(t, s.BeginCheckpoint(2, KindEpoch))
 	body := xorEntry(PageSize, crc32.Checksum(right, castagnoli), PageSize)
 	s.sum.Section(container.TypePages, body[pagesHeader:])
