@@ -201,10 +201,13 @@ func TestBlockRequests(t *testing.T) {
 
 func TestBlockReadMarksDirty(t *testing.T) {
 	r := newBlkRig(t, BlockConfig{})
+	// DRIVER_OK asked the worker to look at the queue; quiesced, it cannot
+	// take the request before the test driver's writes are forgotten.
+	require.NoError(t, r.blk.Quiesce(context.Background()))
 	reg := r.mem.Regions()[0]
-	reg.HarvestVMMDirty(make([]uint64, reg.BitmapWords()))
 	r.post(blkTIn, 0, []gbuf{{reqDataGPA, 3 * 4096, true}}, false)
 	reg.HarvestVMMDirty(make([]uint64, reg.BitmapWords())) // forget the test driver's writes
+	require.NoError(t, r.blk.Resume())
 	r.d.kick(0)
 	waitUsed(t, r.g, r.g.availIdx)
 	bm := make([]uint64, reg.BitmapWords())
