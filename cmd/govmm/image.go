@@ -23,7 +23,8 @@ whose sources are part of this binary, with the go command (which must be in
 PATH; it downloads nothing). It works in any directory. A later build with
 nothing changed returns at once, without apt, go or the network.
 
-The image is <cache>/images/<hash>/{vmlinuz,initrd.img}. The packages stay
+The image is <cache>/images/<hash>/{vmlinuz,initrd.img,vmlinux} (vmlinux:
+the kernel uncompressed, which run boots through PVH by default). The packages stay
 in <cache>/debs; delete that directory to pick up newer ones.
 
 Flags:
@@ -34,7 +35,7 @@ func cmdImage(args []string) error {
 	fs := newFlagSet("image build", imageUsage)
 	cache := fs.String("cache", guestimg.DefaultCacheDir(),
 		"cache `directory`: $GOVMM_CACHE, else $XDG_CACHE_HOME/govmm, else ~/.cache/govmm")
-	printPaths := fs.Bool("print", false, "print only the kernel and initrd paths, one per line, for scripts")
+	printPaths := fs.Bool("print", false, "print only the paths of the kernel (bzImage), the initrd and the uncompressed kernel (vmlinux), one per line in that order, for scripts")
 	switch {
 	case len(args) == 0:
 		return usagef("image", "no subcommand: want build")
@@ -62,7 +63,7 @@ func cmdImage(args []string) error {
 		return fmt.Errorf("image build: %w", err)
 	}
 	if *printPaths {
-		fmt.Printf("%s\n%s\n", img.Kernel, img.Initrd)
+		fmt.Printf("%s\n%s\n%s\n", img.Kernel, img.Initrd, img.Vmlinux)
 		return nil
 	}
 	fmt.Printf("kernel: %s\nvmlinux: %s\ninitrd: %s\n", img.Kernel, img.Vmlinux, img.Initrd)

@@ -163,9 +163,15 @@ func TestInstalledBinaryBuildsImage(t *testing.T) {
 	cmd.Stdout, cmd.Stderr = &out, &errOut
 	require.NoError(t, cmd.Run(), errOut.String())
 	paths := strings.Split(strings.TrimSpace(out.String()), "\n")
-	require.Len(t, paths, 2, out.String())
+	require.Len(t, paths, 3, out.String())
 	require.Equal(t, filepath.Join(cache, "images", filepath.Base(filepath.Dir(want.Kernel)), "vmlinuz"), paths[0],
 		"the same image key as the checkout's build")
+	require.Equal(t, filepath.Join(filepath.Dir(paths[0]), "vmlinux"), paths[2], "the vmlinux beside the bzImage")
+	gotVmlinux, err := os.ReadFile(paths[2])
+	require.NoError(t, err)
+	wantVmlinux, err := os.ReadFile(want.Vmlinux)
+	require.NoError(t, err)
+	require.True(t, bytes.Equal(wantVmlinux, gotVmlinux), "the same vmlinux, byte for byte")
 	got, err := os.ReadFile(paths[1])
 	require.NoError(t, err)
 	wantInitrd, err := os.ReadFile(want.Initrd)

@@ -100,7 +100,7 @@ func TestReadmeCommands(t *testing.T) {
 		"bin/govmm help run":  func(t *testing.T, out string) { require.Contains(t, out, "  --replicate-to HOST:PORT") },
 		"bin/govmm image build --print": func(t *testing.T, out string) {
 			paths := strings.Fields(out)
-			require.Len(t, paths, 2, out)
+			require.Len(t, paths, 3, out) // bzImage, initrd, vmlinux
 			for _, p := range paths {
 				require.FileExists(t, p)
 			}
