@@ -43,8 +43,13 @@ type Config struct {
 	CPUs    int
 	Kernel  []byte // a bzImage, or a vmlinux (ELF) entered through PVH
 	Initrd  []byte // an initramfs (may be several concatenated cpio archives)
-	Cmdline string
-	Console io.Writer // the UART's output; os.Stdout when nil
+	// InitrdAppend follows Initrd in guest memory: the guest's initramfs
+	// is the two back to back (the kernel unpacks concatenated cpio
+	// archives). A small archive joins a large, mapped Initrd this way
+	// without a copy of it in the VMM's heap (govmm run's command mode).
+	InitrdAppend []byte
+	Cmdline      string
+	Console      io.Writer // the UART's output; os.Stdout when nil
 
 	// DirtyTracking is how KVM reports the pages vCPUs write while a
 	// dirty tracker is open: DirtyBitmap (KVM_GET_DIRTY_LOG per slot at
@@ -387,6 +392,12 @@ func (m *Machine) SetIRQLine(gsi uint32, level bool) error { return m.vm.IRQLine
 
 // load puts the kernel, initramfs, command line, boot_params, page tables,
 // GDT and MP table into guest memory.
+// initrdSize is the initramfs's size in guest memory: Initrd and
+// InitrdAppend.
+func (m *Machine) initrdSize() uint64 {
+	return uint64(len(m.cfg.Initrd)) + uint64(len(m.cfg.InitrdAppend))
+}
+
 func (m *Machine) load() error {
 	if IsELF(m.cfg.Kernel) {
 		k, err := ParseELFKernel(m.cfg.Kernel)
@@ -405,15 +416,16 @@ func (m *Machine) load() error {
 		return fmt.Errorf("kernel command line is %d bytes, the kernel takes at most %d", len(cmdline), min(k.CmdlineSize, cmdlineMax-1))
 	}
 	var initrdAddr uint64
-	if len(m.cfg.Initrd) > 0 {
-		if initrdAddr, err = InitrdPlacement(k, m.cfg.MemSize, uint64(len(m.cfg.Initrd))); err != nil {
+	initrdSize := m.initrdSize()
+	if initrdSize > 0 {
+		if initrdAddr, err = InitrdPlacement(k, m.cfg.MemSize, initrdSize); err != nil {
 			return err
 		}
 	}
 	if uint64(kernelStart+len(k.Payload)) > lowRAMEnd(m.cfg.MemSize) {
 		return fmt.Errorf("memory too small for a %d MiB kernel", len(k.Payload)>>20)
 	}
-	bp, err := BootParams(k, cmdlineAddr, initrdAddr, uint64(len(m.cfg.Initrd)), E820Map(m.cfg.MemSize))
+	bp, err := BootParams(k, cmdlineAddr, initrdAddr, initrdSize, E820Map(m.cfg.MemSize))
 	if err != nil {
 		return err
 	}
@@ -428,6 +440,7 @@ func (m *Machine) load() error {
 	}{
 		{"kernel", kernelStart, k.Payload},
 		{"initramfs", initrdAddr, m.cfg.Initrd},
+		{"initramfs's appended part", initrdAddr + uint64(len(m.cfg.Initrd)), m.cfg.InitrdAppend},
 		{"command line", cmdlineAddr, append([]byte(cmdline), 0)},
 		{"boot params", bootParamsAddr, bp},
 		{"mp table", ebdaStart, mp},

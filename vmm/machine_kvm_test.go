@@ -43,7 +43,7 @@ func startTinyWith(t *testing.T, cpus int, code []byte, before func(*Machine)) (
 	kvmtest.Require(t)
 	out := &syncBuffer{}
 	m, err := New(Config{MemSize: 64 << 20, CPUs: cpus, Kernel: testKernel(code),
-		Initrd: []byte("not really an initramfs"), Cmdline: DefaultCmdline, Console: out})
+		Initrd: []byte("not really "), InitrdAppend: []byte("an initramfs"), Cmdline: DefaultCmdline, Console: out})
 	require.NoError(t, err)
 	t.Cleanup(func() { m.Close() })
 	if before != nil {
@@ -93,9 +93,10 @@ func TestTinyGuestBootsAndExits(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, DefaultCmdline+"\x00", string(cl))
 	initrd := binary.LittleEndian.Uint32(bp[hdrRamdiskImage:])
+	require.Equal(t, uint32(23), binary.LittleEndian.Uint32(bp[hdrRamdiskSize:]), "Initrd and InitrdAppend: one initramfs")
 	got, err := m.Memory().Slice(guestmem.GPA(initrd), 23)
 	require.NoError(t, err)
-	require.Equal(t, "not really an initramfs", string(got))
+	require.Equal(t, "not really an initramfs", string(got), "InitrdAppend right after Initrd")
 }
 
 // Pause stops every vCPU, including an AP that sits in KVM waiting for

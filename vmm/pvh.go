@@ -187,13 +187,14 @@ func (m *Machine) loadPVH(k *ELFKernel) (uint32, error) {
 		}
 	}
 	var initrdAddr uint64
-	if len(m.cfg.Initrd) > 0 {
+	initrdSize := m.initrdSize()
+	if initrdSize > 0 {
 		var err error
-		if initrdAddr, err = placeInitrd(low, k.End, m.cfg.MemSize, uint64(len(m.cfg.Initrd))); err != nil {
+		if initrdAddr, err = placeInitrd(low, k.End, m.cfg.MemSize, initrdSize); err != nil {
 			return 0, err
 		}
 	}
-	info, modlist, memmap, err := HVMStartInfo(cmdlineAddr, initrdAddr, uint64(len(m.cfg.Initrd)), E820Map(m.cfg.MemSize))
+	info, modlist, memmap, err := HVMStartInfo(cmdlineAddr, initrdAddr, initrdSize, E820Map(m.cfg.MemSize))
 	if err != nil {
 		return 0, err
 	}
@@ -217,6 +218,7 @@ func (m *Machine) loadPVH(k *ELFKernel) (uint32, error) {
 	}
 	writes = append(writes,
 		write{"initramfs", initrdAddr, m.cfg.Initrd},
+		write{"initramfs's appended part", initrdAddr + uint64(len(m.cfg.Initrd)), m.cfg.InitrdAppend},
 		write{"command line", cmdlineAddr, append([]byte(cmdline), 0)},
 		write{"start info", pvhStartInfoAddr, info},
 		write{"module list", pvhModlistAddr, modlist},

@@ -159,7 +159,7 @@ func TestTinyPVHGuestBoots(t *testing.T) {
 
 	out := &syncBuffer{}
 	m, err := New(Config{MemSize: 64 << 20, CPUs: 1, Kernel: testELFKernel(code, 0x10000, 8),
-		Initrd: []byte("not really an initramfs"), Cmdline: DefaultCmdline, Console: out})
+		Initrd: []byte("not really "), InitrdAppend: []byte("an initramfs"), Cmdline: DefaultCmdline, Console: out})
 	require.NoError(t, err)
 	t.Cleanup(func() { m.Close() })
 	require.NoError(t, m.Start())
@@ -178,6 +178,6 @@ func TestTinyPVHGuestBoots(t *testing.T) {
 	require.NoError(t, err)
 	initrd, err := m.Memory().Slice(guestmem.GPA(le.Uint64(mod[0:])), le.Uint64(mod[8:]))
 	require.NoError(t, err)
-	require.Equal(t, "not really an initramfs", string(initrd))
+	require.Equal(t, "not really an initramfs", string(initrd), "Initrd and InitrdAppend back to back, one module")
 	require.Greater(t, le.Uint64(mod[0:]), uint64(0x100000+0x10000), "the initramfs lies above the kernel's bss")
 }

@@ -224,7 +224,7 @@ func cmdRun(args []string) error {
 	if total, err := vmm.HostMemory(); err == nil && mem > total {
 		return fmt.Errorf("--mem %s: more than this host has (%s)", f.mem, ctlBytes(total))
 	}
-	kernel, initrd, cmdline, err := bootFiles(&f, command)
+	kernel, initrd, initrdAppend, cmdline, err := bootFiles(&f, command)
 	if err != nil {
 		return err
 	}
@@ -248,7 +248,7 @@ func cmdRun(args []string) error {
 		cmdline += " " + f.cmdline
 	}
 
-	cfg := vmm.Config{MemSize: mem, CPUs: f.cpus, Kernel: kernel, Initrd: initrd, Cmdline: cmdline,
+	cfg := vmm.Config{MemSize: mem, CPUs: f.cpus, Kernel: kernel, Initrd: initrd, InitrdAppend: initrdAppend, Cmdline: cmdline,
 		DirtyTracking: f.dirtyTracking}
 	var trace *bootTracer
 	if f.bootTrace {
@@ -282,26 +282,26 @@ func cmdRun(args []string) error {
 }
 
 // bootFiles loads the kernel and initramfs (--kernel and --initrd, or the
-// default image), appends the guest command's archive when there is one,
-// and returns them with the start of the kernel command line.
-func bootFiles(f *runFlags, command []string) (kernel, initrd []byte, cmdline string, err error) {
+// default image) and returns them with the guest command's archive, when
+// there is one, to follow the initramfs in guest memory (vmm.Config's
+// InitrdAppend: the mapped initramfs is not copied to append it), and the
+// start of the kernel command line.
+func bootFiles(f *runFlags, command []string) (kernel, initrd, initrdAppend []byte, cmdline string, err error) {
 	kernel, initrd, err = loadImage(f.kernel, f.initrd)
 	if err != nil {
-		return nil, nil, "", err
+		return nil, nil, nil, "", err
 	}
 	if reason := lab.Emulated(); reason != "" && f.kernel == "" {
 		fmt.Fprintf(os.Stderr, "govmm: warning: %s\n", reason)
 	}
 	cmdline = f.cmdlineBase
 	if len(command) > 0 {
-		arch, err := guestimg.CommandArchive(command)
-		if err != nil {
-			return nil, nil, "", err
+		if initrdAppend, err = guestimg.CommandArchive(command); err != nil {
+			return nil, nil, nil, "", err
 		}
-		initrd = append(initrd, arch...)
 		cmdline += " loglevel=1" // the command's output alone, but panics still show
 	}
-	return kernel, initrd, cmdline, nil
+	return kernel, initrd, initrdAppend, cmdline, nil
 }
 
 // supervise serves the control API, starts replication when asked,
