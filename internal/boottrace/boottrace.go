@@ -8,7 +8,10 @@
 // t arrives at host time h: the guest clock's zero is at most h - t on the
 // host's (a line can arrive late, never early), so the smallest h - t over
 // all lines is the best estimate. The kernel's printk clock starts (at
-// zero) early in setup_arch, after the decompressor has run.
+// zero) early in setup_arch, after the decompressor has run: under KVM
+// when the kvm-clock takes over as sched_clock (kvmclock_init); lines
+// before it are stamped zero and are no anchor (an early console, e.g.
+// earlyprintk=ttyS0, prints them before the zero).
 //
 // It is used by `govmm run --boot-trace` and `govmm bench boot`, and is
 // pure: no I/O, no goroutines.
@@ -108,7 +111,12 @@ func Compute(start, firstRun time.Time, lines []Line) (Phases, error) {
 		if !ok {
 			continue
 		}
-		anchor(l.At, t)
+		if t > 0 {
+			// A line stamped zero was written before the clock
+			// started (an early console prints it at once), so its
+			// arrival can be before the zero: no anchor.
+			anchor(l.At, t)
+		}
 		for _, m := range kernelMarks {
 			if _, seen := marks[m.key]; !seen && strings.HasPrefix(msg, m.prefix) {
 				marks[m.key] = t

@@ -58,6 +58,26 @@ func TestComputeFromKernelLines(t *testing.T) {
 	assert.Contains(t, p.String(), "2600.0 ms to ready: setup, firmware and decompression 610.0 ms, kernel init 890.0 ms")
 }
 
+// With an early console (earlyprintk=ttyS0) the lines stamped zero,
+// written before the printk clock starts, reach the console before the
+// clock's zero: they must not pull the zero early (here the banner
+// arrives at 700 ms, the clock starts at 900 ms).
+func TestComputeEarlyConsole(t *testing.T) {
+	lines := []Line{
+		{at(700), "[    0.000000] Linux version 6.1.0-57-amd64 (debian-kernel@lists.debian.org)"},
+		{at(880), "[    0.000000] kvm-clock: Using msrs 4b564d01 and 4b564d00"},
+		{at(910), "[    0.000198] kvm-clock: using sched offset of 699902695 cycles"}, // h-t ≈ 910
+		{at(960), "[    0.059917] tsc: Detected 2596.104 MHz processor"},                // h-t = 900
+		{at(2000), "[    1.100000] Run /init as init process"},
+		{at(2500), "govmm-guest: ready"},
+	}
+	p, err := Compute(t0, at(300), lines)
+	require.NoError(t, err)
+	assert.Equal(t, ms(600), p.Decompress, "first KVM_RUN at 300 ms to the clock's zero at 900 ms")
+	assert.Equal(t, ms(1100), p.KernelInit)
+	assert.Equal(t, ms(500), p.InitToReady)
+}
+
 func TestComputeErrors(t *testing.T) {
 	_, err := Compute(t0, at(1), []Line{{at(5), "[    0.100000] Run /init as init process"}})
 	require.ErrorIs(t, err, ErrNoReady)
