@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"os"
 	"os/exec"
 	"strings"
 	"syscall"
@@ -55,6 +56,12 @@ func bootTraceTrial(ctx context.Context, cmd *exec.Cmd, guestBytes uint64, timeo
 	setup := make(chan time.Duration, 1)
 	var lastErr strings.Builder
 	start := time.Now()
+	// govmm's boot trace then measures its VMM setup from here, exec and
+	// the Go runtime's start included, as the ready time is.
+	if cmd.Env == nil {
+		cmd.Env = os.Environ()
+	}
+	cmd.Env = append(cmd.Env, fmt.Sprintf("%s=%d", boottrace.StartEnv, start.UnixNano()))
 	if err := cmd.Start(); err != nil {
 		return r, err
 	}

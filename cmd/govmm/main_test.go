@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -17,6 +18,7 @@ import (
 
 	"govmm/bench"
 	"govmm/guestimg"
+	"govmm/internal/boottrace"
 	"govmm/internal/kvmtest"
 )
 
@@ -259,4 +261,18 @@ func TestFlagsThatDoNotApplyAreRefused(t *testing.T) {
 	require.Contains(t, out+errOut, "-guest-gw")
 	out, errOut, _ = govmm(t, time.Minute, "help", "standby")
 	require.Contains(t, out+errOut, "-guest-ip")
+}
+
+// The boot trace's process start is the kernel's record of this process's
+// start, before the package's own init, and $GOVMM_BOOT_TRACE_T0 when
+// whoever started govmm gives it.
+func TestStartTime(t *testing.T) {
+	got := startTime()
+	require.False(t, got.After(time.Now()), "a start in the past")
+	require.Less(t, time.Since(got), time.Minute, "this process's start, not the boot's")
+	t0 := time.Now().Add(-1234 * time.Millisecond).Round(0)
+	t.Setenv(boottrace.StartEnv, strconv.FormatInt(t0.UnixNano(), 10))
+	require.True(t, t0.Equal(startTime()), "the start its parent gave")
+	t.Setenv(boottrace.StartEnv, "garbage")
+	require.WithinDuration(t, got, startTime(), 10*time.Millisecond, "the kernel's record again")
 }

@@ -67,7 +67,7 @@ func TestComputeEarlyConsole(t *testing.T) {
 		{at(700), "[    0.000000] Linux version 6.1.0-57-amd64 (debian-kernel@lists.debian.org)"},
 		{at(880), "[    0.000000] kvm-clock: Using msrs 4b564d01 and 4b564d00"},
 		{at(910), "[    0.000198] kvm-clock: using sched offset of 699902695 cycles"}, // h-t ≈ 910
-		{at(960), "[    0.059917] tsc: Detected 2596.104 MHz processor"},                // h-t = 900
+		{at(960), "[    0.059917] tsc: Detected 2596.104 MHz processor"},              // h-t = 900
 		{at(2000), "[    1.100000] Run /init as init process"},
 		{at(2500), "govmm-guest: ready"},
 	}
@@ -156,4 +156,21 @@ func TestComputeCapturedConsole(t *testing.T) {
 	assert.Equal(t, time.Duration(14726817)*time.Microsecond-p.Unpack, p.KernelInit)
 	assert.Equal(t, time.Duration(17308540-14726817)*time.Microsecond, p.InitToReady)
 	assert.Equal(t, p.Total, p.VMMSetup+p.Decompress+p.KernelInit+p.Unpack+p.InitToReady)
+}
+
+func TestProcessStart(t *testing.T) {
+	// A /proc/PID/stat line of a process started 1234.56 s after boot,
+	// whose name holds a space and a parenthesis.
+	stat := "4242 (gov mm) x) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 9 0 123456 26331020 1200 18446744073709551615"
+	now := at(0)
+	got, ok := ProcessStart(stat, now, 1240*time.Second)
+	require.True(t, ok)
+	assert.Equal(t, now.Add(-5440*time.Millisecond), got, "1240 s - 1234.56 s before now")
+
+	_, ok = ProcessStart(stat, now, time.Second)
+	assert.False(t, ok, "a start after now")
+	for _, bad := range []string{"", "4242 (govmm", "4242 (govmm) S 1 2", "4242 (govmm) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 9 0 x"} {
+		_, ok := ProcessStart(bad, now, 1240*time.Second)
+		assert.False(t, ok, bad)
+	}
 }
