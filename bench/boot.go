@@ -250,17 +250,43 @@ func BootReport(samples []BootSample) string {
 		return g.Median / q.Median, g.N > 0 && q.N > 0 && q.Median > 0
 	}
 	if r, ok := ratio("govmm-tuned", "qemu-pvh"); ok {
-		out += fmt.Sprintf("\nSame inputs, the default ones (the vmlinux through PVH, the initrd, `vmm.DefaultCmdline`): govmm takes %.2f× QEMU's median time to the ready line (goal ≤ 0.5×).\n", r)
+		out += fmt.Sprintf("\nSame inputs, the default ones (the vmlinux through PVH, the initrd, `vmm.DefaultCmdline`): govmm takes %.2f× QEMU's median time to the ready line (goal ≤ 0.5×).%s\n",
+			r, pairedRatios(by["govmm-tuned"], by["qemu-pvh"]))
 	}
 	if r, ok := ratio("govmm", "qemu"); ok {
-		out += fmt.Sprintf("\nSame inputs, a user's plain ones (the bzImage, the initrd, `vmm.BaseCmdline`): govmm takes %.2f× QEMU's median (goal ≤ 0.5×).\n", r)
+		out += fmt.Sprintf("\nSame inputs, a user's plain ones (the bzImage, the initrd, `vmm.BaseCmdline`): govmm takes %.2f× QEMU's median (goal ≤ 0.5×).%s\n",
+			r, pairedRatios(by["govmm"], by["qemu"]))
 	}
 	if r, ok := ratio("govmm-tuned", "qemu"); ok {
-		out += fmt.Sprintf("\ngovmm's tuned path (vmlinux through PVH, `%s`) against QEMU's defaults (bzImage, plain command line): %.2f× (goal ≤ 0.3×).\n", vmm.TunedCmdline, r)
+		out += fmt.Sprintf("\ngovmm's tuned path (vmlinux through PVH, `%s`) against QEMU's defaults (bzImage, plain command line): %.2f× (goal ≤ 0.3×).%s\n",
+			vmm.TunedCmdline, r, pairedRatios(by["govmm-tuned"], by["qemu"]))
 	}
 	if r, ok := ratio("govmm-tuned", "qemu-tuned"); ok {
 		out += fmt.Sprintf("\nQEMU on the bzImage with the tuned command line: govmm's tuned path takes %.2f× its median.\n", r)
 	}
 	out += bootPhasesTable(samples)
 	return out
+}
+
+// pairedRatios says, for two VMMs measured in the same runs, the median
+// and range of a's time over b's run by run: each run boots every peer in
+// turn, so a pair shares the host's load of the moment, which on a busy
+// lab host moves both by more than the difference between them. Empty
+// with fewer than two such runs.
+func pairedRatios(a, b []BootSample) string {
+	byRun := map[int]float64{}
+	for _, s := range b {
+		byRun[s.Run] = s.ReadyMs
+	}
+	var rs []float64
+	for _, s := range a {
+		if q, ok := byRun[s.Run]; ok && q > 0 {
+			rs = append(rs, s.ReadyMs/q)
+		}
+	}
+	if len(rs) < 2 {
+		return ""
+	}
+	r := Summarize(rs)
+	return fmt.Sprintf(" Run by run (the two side by side in each run): median %.2f×, %.2f–%.2f× over %d runs.", r.Median, r.Min, r.Max, r.N)
 }

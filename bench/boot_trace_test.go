@@ -69,6 +69,8 @@ func TestBootReportRatios(t *testing.T) {
 	for _, name := range []string{"govmm", "qemu", "govmm-tuned", "qemu-pvh", "qemu-tuned"} {
 		assert.Contains(t, r, "| "+name+" | default | 1 |")
 	}
+	assert.NotContains(t, r, "Run by run", "one run: no paired ratio")
+
 	// Without QEMU there is no ratio.
 	var alone []BootSample
 	for _, s := range samples {
@@ -78,4 +80,13 @@ func TestBootReportRatios(t *testing.T) {
 	}
 	require.Len(t, alone, 2)
 	assert.NotContains(t, BootReport(alone), "×")
+
+	// Two more runs: the run-by-run ratios pair each run's own boots.
+	for run, ms := range map[int][2]float64{2: {3000, 2500}, 3: {2500, 5000}} {
+		samples = append(samples, BootSample{VMM: "govmm-tuned", Guest: "default", Run: run, ReadyMs: ms[0], PhasesErr: errors.New("none")},
+			BootSample{VMM: "qemu-pvh", Guest: "default", Run: run, ReadyMs: ms[1], PhasesErr: errors.New("none")})
+	}
+	r = BootReport(samples)
+	assert.Contains(t, r, "govmm takes 0.62× QEMU's median time to the ready line (goal ≤ 0.5×). Run by run (the two side by side in each run): median 0.50×, 0.50–1.20× over 3 runs.",
+		"medians 2500/4000; runs 0.50, 1.20, 0.50")
 }
