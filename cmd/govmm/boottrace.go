@@ -19,6 +19,10 @@ import (
 // govmm bench boot then counted as decompression): see startTime.
 var processStart = startTime()
 
+// initAt is when this package was initialized: exec and the Go runtime's
+// start lie between processStart and it.
+var initAt = time.Now()
+
 // startTime is when this process started: the time in $GOVMM_BOOT_TRACE_T0
 // (boottrace.StartEnv: govmm bench sets it as it starts govmm), else the
 // kernel's record (/proc/self/stat: to 10 ms, never late), else now
@@ -46,10 +50,12 @@ func startTime() time.Time {
 type bootTracer struct {
 	rec   *boottrace.Recorder
 	ready chan struct{} // closed at the first ready line
-	// starting is when the machine's Start was called: from there to
-	// the first KVM_RUN it loads the kernel and initramfs into guest
-	// memory and sets up the vCPUs, the VMM setup's largest part.
-	starting time.Time
+	// The VMM setup's steps: files is when run had the kernel and
+	// initramfs mapped, starting when it called the machine's Start
+	// (having created the machine and its devices): from there to the
+	// first KVM_RUN it loads the kernel and initramfs into guest memory
+	// and sets up the vCPUs.
+	files, starting time.Time
 }
 
 func newBootTracer() *bootTracer {
@@ -77,10 +83,34 @@ func (t *bootTracer) report(m *vmm.Machine) {
 		fmt.Fprintf(os.Stderr, "govmm: boot trace: %v (%.1f ms to ready)\n", err, float64(p.Total.Microseconds())/1000)
 		return
 	}
-	load := ""
-	if !t.starting.IsZero() && m.Released().After(t.starting) {
-		load = fmt.Sprintf(" (of the vmm setup, %.1f ms loading the guest into memory and setting up its vCPUs)",
-			float64(m.Released().Sub(t.starting).Microseconds())/1000)
+	fmt.Fprintf(os.Stderr, "govmm: boot trace: %s%s\n", p, setupSteps(processStart, initAt, t.files, t.starting, m.Released()))
+}
+
+// setupSteps splits the VMM setup, from the process's start to the first
+// KVM_RUN (released), at the times run passed its steps; a step whose end
+// is unknown (zero) or out of order is left out, its time going to the
+// next one.
+func setupSteps(start, init, files, starting, released time.Time) string {
+	steps := []struct {
+		end  time.Time
+		what string
+	}{
+		{init, "exec and the Go runtime's start"},
+		{files, "mapping the kernel and initramfs"},
+		{starting, "creating the machine and its devices"},
+		{released, "loading the guest into memory and setting up its vCPUs"},
 	}
-	fmt.Fprintf(os.Stderr, "govmm: boot trace: %s%s\n", p, load)
+	var parts []string
+	from := start
+	for _, st := range steps {
+		if st.end.IsZero() || st.end.Before(from) || released.IsZero() || st.end.After(released) {
+			continue
+		}
+		parts = append(parts, fmt.Sprintf("%.1f ms %s", float64(st.end.Sub(from).Microseconds())/1000, st.what))
+		from = st.end
+	}
+	if len(parts) < 2 {
+		return ""
+	}
+	return " (of the vmm setup: " + strings.Join(parts, ", ") + ")"
 }

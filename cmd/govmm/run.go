@@ -228,6 +228,7 @@ func cmdRun(args []string) error {
 	if err != nil {
 		return err
 	}
+	filesAt := time.Now()
 	var lease *witness.Lease
 	if f.witness != "" {
 		if lease, err = acquireLease(&f); err != nil {
@@ -253,6 +254,7 @@ func cmdRun(args []string) error {
 	var trace *bootTracer
 	if f.bootTrace {
 		trace = newBootTracer()
+		trace.files = filesAt
 		cfg.Console = io.MultiWriter(os.Stdout, trace.rec)
 	}
 	m, devs, err := newMachine(cfg, &f, nics, disks)
