@@ -14,6 +14,7 @@ func (m *Machine) Start() error {
 	if err := m.load(); err != nil {
 		return err
 	}
+	m.loaded.Store(time.Now().UnixNano())
 	return m.start(nil, false)
 }
 
@@ -81,6 +82,16 @@ func (m *Machine) start(st *MachineState, paused bool) error {
 		return nil
 	}
 	return m.releasePaused(release)
+}
+
+// Loaded is when Start had loaded the kernel, initramfs and boot
+// structures into guest memory, before it set up the vCPUs (the zero time
+// before that, and for a machine started from a saved state).
+func (m *Machine) Loaded() time.Time {
+	if ns := m.loaded.Load(); ns != 0 {
+		return time.Unix(0, ns)
+	}
+	return time.Time{}
 }
 
 // Released is when Start let the vCPUs go into their first KVM_RUN (the

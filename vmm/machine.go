@@ -96,8 +96,9 @@ type Machine struct {
 	// pvhEntry is the PVH entry point of an ELF kernel (set by load);
 	// 0 boots a bzImage through its 64-bit entry.
 	pvhEntry uint32
-	// released is when Start let the vCPUs into KVM_RUN (BootTrace).
-	released atomic.Int64
+	// released is when Start let the vCPUs into KVM_RUN, loaded when it
+	// had loaded the guest into memory (unix ns; the boot trace).
+	released, loaded atomic.Int64
 	// resumed is when the last vCPU left its latest pause for KVM_RUN
 	// (ResumedAt), in Unix nanoseconds.
 	resumed atomic.Int64

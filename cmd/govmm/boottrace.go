@@ -52,9 +52,9 @@ type bootTracer struct {
 	ready chan struct{} // closed at the first ready line
 	// The VMM setup's steps: files is when run had the kernel and
 	// initramfs mapped, starting when it called the machine's Start
-	// (having created the machine and its devices): from there to the
-	// first KVM_RUN it loads the kernel and initramfs into guest memory
-	// and sets up the vCPUs.
+	// (having created the machine and its devices); Start then loads the
+	// kernel and initramfs into guest memory (vmm.Machine.Loaded) and
+	// sets up the vCPUs (to Released, the first KVM_RUN).
 	files, starting time.Time
 }
 
@@ -83,14 +83,14 @@ func (t *bootTracer) report(m *vmm.Machine) {
 		fmt.Fprintf(os.Stderr, "govmm: boot trace: %v (%.1f ms to ready)\n", err, float64(p.Total.Microseconds())/1000)
 		return
 	}
-	fmt.Fprintf(os.Stderr, "govmm: boot trace: %s%s\n", p, setupSteps(processStart, initAt, t.files, t.starting, m.Released()))
+	fmt.Fprintf(os.Stderr, "govmm: boot trace: %s%s\n", p, setupSteps(processStart, initAt, t.files, t.starting, m.Loaded(), m.Released()))
 }
 
 // setupSteps splits the VMM setup, from the process's start to the first
 // KVM_RUN (released), at the times run passed its steps; a step whose end
 // is unknown (zero) or out of order is left out, its time going to the
 // next one.
-func setupSteps(start, init, files, starting, released time.Time) string {
+func setupSteps(start, init, files, starting, loaded, released time.Time) string {
 	steps := []struct {
 		end  time.Time
 		what string
@@ -98,7 +98,8 @@ func setupSteps(start, init, files, starting, released time.Time) string {
 		{init, "exec and the Go runtime's start"},
 		{files, "mapping the kernel and initramfs"},
 		{starting, "creating the machine and its devices"},
-		{released, "loading the guest into memory and setting up its vCPUs"},
+		{loaded, "loading the guest into memory"},
+		{released, "setting up the vCPUs"},
 	}
 	var parts []string
 	from := start
