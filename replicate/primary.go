@@ -72,8 +72,11 @@ type Replicator struct {
 	staging []byte
 	writes  [][]DiskWrite
 	// cow write-protects the dirty pages for copy-on-write checkpoints;
-	// nil when they stop to copy.
+	// nil when they all stop to copy.
 	cow *guestmem.Protector
+	// lastCoW: the last checkpoint copied on write, so its pages are
+	// what the next one's arming predicts (beforePause).
+	lastCoW bool
 }
 
 // ErrStandbyLost is why replication ends when the standby stops answering.

@@ -103,6 +103,8 @@ func TestCLIUsageErrors(t *testing.T) {
 		{"guest ip without prefix", []string{"run", "--guest-ip", "10.0.0.2"}, "govmm: run: --guest-ip 10.0.0.2: want ADDR/PREFIX (see 'govmm help run')"},
 		{"on-standby-loss", []string{"run", "--on-standby-loss", "stop"}, "govmm: run: --on-standby-loss stop: want continue or pause (see 'govmm help run')"},
 		{"checkpoint-copy", []string{"run", "--checkpoint-copy", "fast"}, "govmm: run: --checkpoint-copy fast: want auto or stop or cow (see 'govmm help run')"},
+		{"checkpoint-cow-pages", []string{"run", "--checkpoint-cow-pages", "0"}, "govmm: run: --checkpoint-cow-pages 0: must be at least 1 (see 'govmm help run')"},
+		{"checkpoint-cow-pages not a number", []string{"run", "--checkpoint-cow-pages", "4k"}, "govmm: run: --checkpoint-cow-pages 4k: want a number of pages (see 'govmm help run')"},
 		{"replicate-to not host:port", []string{"run", "--replicate-to", "standby"}, "govmm: run: --replicate-to standby: want HOST:PORT (see 'govmm help run')"},
 		{"name that cannot be a socket", []string{"run", "--name", "a/b"}, "govmm: run: --name a/b cannot name the default --api-sock (DIR/NAME.sock): give --api-sock PATH (see 'govmm help run')"},
 
