@@ -121,6 +121,9 @@ func (r *Replicator) cut(pre, extra *dirtylog.Set) (cutResult, error) {
 		if r.hooks.atCut != nil {
 			r.hooks.atCut(c.epoch)
 		}
+		if r.hooks.atCutCopy != nil {
+			r.hooks.atCutCopy(c.epoch, c.snap != nil)
+		}
 		if err := r.sealOutput(c.epoch); err != nil {
 			return err
 		}

@@ -21,6 +21,9 @@ type testHooks struct {
 	// atCut runs at every checkpoint's cut while the guest is paused
 	// (tests compare the standby's memory or disk with the primary's).
 	atCut func(epoch uint64)
+	// atCutCopy runs right after atCut, told whether the checkpoint
+	// copies on write (tests that want a cut of one kind).
+	atCutCopy func(epoch uint64, cow bool)
 	// preHarvest runs just before the pre-harvest of the checkpoint of
 	// epoch, beforePause after it (its set, nil without) and the arming,
 	// just before the pause; the guest runs (tests write pages before and
