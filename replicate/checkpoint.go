@@ -13,9 +13,10 @@ import (
 
 // checkpoint takes one checkpoint: pre-harvest and arm (beforePause,
 // the guest running), pause, harvest (ORed with the pre-harvest and
-// extra), take the dirty pages (copy them into the staging buffer, or, copying
-// on write, write-protect them: copiesOnWrite chooses by the dirty set), save the state, take the disk writes,
-// seal the epoch's output, resume; then stream it while the guest runs
+// extra), take the dirty pages (copy them into the staging buffer, or,
+// copying on write, write-protect them: copiesOnWrite chooses by the
+// dirty set), save the state, take the disk writes, seal the epoch's
+// output, resume; then stream it while the guest runs
 // on (copying on write, the pages are copied meanwhile, each before the
 // guest may change it: the staging buffer holds them as of the cut).
 func (r *Replicator) checkpoint(extra *dirtylog.Set) error {
@@ -47,8 +48,9 @@ func (r *Replicator) checkpoint(extra *dirtylog.Set) error {
 		go c.snap.Copy()
 	} else if r.cow != nil {
 		// No Begin (copied while stopped, or an error): let the armed
-		// pages go, and arm from this epoch's pages, not the last
-		// snapshot's, should the next copy on write.
+		// pages go, and drop the last snapshot's pages as the
+		// prediction: should a later checkpoint copy on write, it arms
+		// what its pre-harvest finds, not pages of an older epoch.
 		r.cow.Disarm()
 		r.cow.Forget()
 	}

@@ -34,8 +34,8 @@ func (r *Replicator) copyOnWrite() (*guestmem.Protector, error) {
 // copiesOnWrite says whether a checkpoint of n dirty pages copies on
 // write: never without a Protector, always with CopyCoW, and with
 // CopyAuto from cfg.CoWPages pages on. Below that, stop-and-copy's pause
-// is hardly longer (the copy, about 0.25 µs a page, against
-// copy-on-write's write-protection) and its ack comes sooner: copying on
+// is at most about a millisecond longer (the copy, about 0.25 µs a page,
+// against copy-on-write's write-protection) and its ack sooner: copying on
 // write, the copy runs after the resume, in the way of shipping, and
 // slower (the guest faults on the pages it writes again at once); in
 // govmm bench checkpoint, copy-on-write's pause plus time to ack passed
