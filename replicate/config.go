@@ -116,9 +116,9 @@ type CopyMode string
 const (
 	// CopyAuto chooses per checkpoint, once the dirty set is harvested
 	// in the pause: a set of at least CoWPages pages copies on write, a
-	// smaller one copies with the guest stopped, whose pause is then
-	// no longer and whose ack comes sooner (the copy is not in the way
-	// of shipping). Where the host lacks userfaultfd write-protect for
+	// smaller one copies with the guest stopped, whose pause is then at
+	// most about a millisecond longer and whose ack comes sooner (the
+	// copy is not in the way of shipping). Where the host lacks userfaultfd write-protect for
 	// guest memory (probed when replication starts) every checkpoint
 	// stops to copy, said once in the log.
 	CopyAuto CopyMode = "auto"
