@@ -39,7 +39,7 @@
 //     pre-shared key both ways. (Without a key, loopback only, frames
 //     carry CRC32Cs instead: corruption is caught, nothing else.)
 //
-// # Wire format (version 9, little-endian)
+// # Wire format (version 10, little-endian)
 //
 // Handshake frames (each side's Hello and Auth, framed as in version 1 so
 // that any version can read a hello far enough to refuse it):
@@ -114,9 +114,14 @@
 // End frame's sum is sum64 (sum.go) of the checkpoint's sections: for each
 // Pages, Disk and State frame in frame order, a block of its container
 // section type and length, then the section's payload (a Pages frame's
-// section decompressed: the sum also checks the decompression). Up to
-// version 8 it was the container's CRC32C (container.Checksum) of the
-// same sections, which the lab's emulated CPU computes 30 times slower.
+// section decompressed: the sum also checks the decompression). In a
+// keyed session (version 10) it leaves out every section that travelled
+// as it is applied (a stored Pages frame's, every Disk and State frame's):
+// AES-256-GCM authenticated those bytes already, so only a compressed
+// Pages frame's section, what the decompressor made of authenticated
+// bytes, is summed. Up to version 8 it was the container's CRC32C
+// (container.Checksum) of the same sections, which the lab's emulated CPU
+// computes 30 times slower.
 //
 // Handshake: the sender sends Hello, the receiver Hello; with th = SHA-256
 // over both hello payloads, the sender sends Auth(HMAC(K, "govmm-stream/1

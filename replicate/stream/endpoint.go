@@ -109,6 +109,7 @@ type endpoint struct {
 
 	peer      Identity
 	codec     codec         // the session's page codec, agreed in the handshake
+	sealed    bool          // session frames are sealed (a key): see summed
 	shadow    *shadow       // deltas agreed: the memory as shipped (the checkpoint goroutine, or Run)
 	timeout   time.Duration // agreed failover timeout (the larger of the two)
 	lastHeard atomic.Int64  // unix ns of the last byte received, or of when listening resumed

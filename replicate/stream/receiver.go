@@ -209,7 +209,7 @@ func (r *Receiver) frame(f *frame, err error) error {
 	case frameBegin:
 		err = r.begin(f.epoch, f.kind)
 	case framePages:
-		err = r.pages(f.pages, f.section)
+		err = r.pages(f.pages, f.section, codec(f.payload[0]) == codecStored)
 	case frameDisk:
 		err = r.disk(&f.disk, f.payload)
 	case frameState:
@@ -263,15 +263,18 @@ func (r *Receiver) begin(epoch uint64, kind Kind) error {
 }
 
 // pages stages the pages of a Pages frame (payload is its container page
-// section, decompressed, which the checksum covers).
-func (r *Receiver) pages(ps []container.Page, payload []byte) error {
+// section, decompressed, which the checksum covers unless the frame was
+// stored in a sealed session: summed).
+func (r *Receiver) pages(ps []container.Page, payload []byte, stored bool) error {
 	if !r.open {
 		return fmt.Errorf("pages outside a checkpoint: %w", ErrProtocol)
 	}
 	if r.cur.pages+uint64(len(ps)) > r.maxPages {
 		return fmt.Errorf("checkpoint %d: more pages than the guest has (%d): %w", r.cur.epoch, r.maxPages, ErrTooLarge)
 	}
-	r.sum.Section(container.TypePages, payload)
+	if r.summed(stored) {
+		r.sum.Section(container.TypePages, payload)
+	}
 	// A keeper keeps the pages in the frame's buffer (retain) rather than
 	// copy them; not with deltas, whose pages are the shadow's.
 	k, keep := r.sink.(keeper)
@@ -345,7 +348,9 @@ func (r *Receiver) disk(w *container.DiskWrite, payload []byte) error {
 	case r.cur.diskBytes+uint64(w.Length) > MaxCheckpointDisk:
 		return fmt.Errorf("checkpoint %d: disk writes over %d bytes: %w", r.cur.epoch, MaxCheckpointDisk, ErrTooLarge)
 	}
-	r.sum.Section(container.TypeDisk, payload)
+	if r.summed(true) {
+		r.sum.Section(container.TypeDisk, payload)
+	}
 	data := w.Data
 	if w.Zero {
 		data = zeroChunk[:w.Length]
@@ -366,7 +371,9 @@ func (r *Receiver) stateChunk(b []byte) error {
 		return fmt.Errorf("checkpoint %d: state over %d bytes: %w", r.cur.epoch, MaxState, ErrTooLarge)
 	}
 	r.state = append(r.state, b...)
-	r.sum.Section(container.TypeState, b)
+	if r.summed(true) {
+		r.sum.Section(container.TypeState, b)
+	}
 	r.ctr.stateBytes.Add(uint64(len(b)))
 	return nil
 }

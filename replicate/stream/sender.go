@@ -176,11 +176,13 @@ func (s *Sender) flushPages() error {
 		return nil
 	}
 	p := sl.pages.Payload()
-	s.sum.Section(container.TypePages, p)
 	if sl.pc == nil {
 		sl.pc = newPageCodec(s.codec)
 	}
 	sl.wire = sl.pc.encodeFramed(sl.pages.Framed())
+	if s.summed(codec(sl.wire[0]) == codecStored) {
+		s.sum.Section(container.TypePages, p)
+	}
 	s.ctr.pageBytes.Add(uint64(len(p)))
 	s.ctr.pageWireBytes.Add(uint64(len(sl.wire)))
 	return s.handOver()
@@ -214,7 +216,9 @@ func (s *Sender) SendDisk(disk int, off int64, data []byte) error {
 		if err := s.send(frameDisk, s.dbuf, false); err != nil {
 			return err
 		}
-		s.sum.Section(container.TypeDisk, s.dbuf)
+		if s.summed(true) {
+			s.sum.Section(container.TypeDisk, s.dbuf)
+		}
 		s.cur.diskBytes += uint64(n)
 		s.ctr.diskBytes.Add(uint64(n))
 		data, off = data[n:], off+int64(n)
@@ -241,7 +245,9 @@ func (s *Sender) SendState(state []byte) error {
 		if err := s.send(frameState, state[:n], false); err != nil {
 			return err
 		}
-		s.sum.Section(container.TypeState, state[:n])
+		if s.summed(true) {
+			s.sum.Section(container.TypeState, state[:n])
+		}
 		s.cur.stateLen += uint64(n)
 		s.ctr.stateBytes.Add(uint64(n))
 		state = state[n:]

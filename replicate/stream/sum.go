@@ -31,8 +31,9 @@ import (
 // apart). CRC32C misses none of those, but one in 2^32 of everything
 // else. It is a guard against corruption and bugs on
 // the way (TCP's own checksum is 16 bits), not against an attacker: a
-// keyed session's frames are sealed with AES-256-GCM, which also covers
-// every byte.
+// keyed session's frames are sealed with AES-256-GCM, which covers every
+// byte on the wire, so there (version 10) the sum covers only what no tag
+// does, the decompressed sections (endpoint.summed).
 type sum64 struct {
 	a, s [4]uint64
 }
