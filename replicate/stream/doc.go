@@ -24,7 +24,11 @@
 //     checkpoint and commits it only after its EndCheckpoint verifies and
 //     Config.OnCommit accepts it; any failure aborts the staging, and the
 //     ack for epoch N is sent only after N is committed. Acks arrive in
-//     order.
+//     order. A StagingSink's copy of a committed checkpoint into memory
+//     runs after the ack (the standby holds all of it, staged, and nothing
+//     the stream sends can stop it); Run waits for it before it stages the
+//     next checkpoint and before it returns, so nothing resumes from
+//     memory that holds part of one.
 //   - Slow is not dead (invariant 9): every byte received is life; each
 //     end beats from a goroutine of its own and counts silence only while
 //     its reader listens, never while it applies, syncs or is itself
@@ -144,7 +148,9 @@
 // frames the checkpoint goroutine hands it while that one fills the next
 // (pipeline.go), an ack reader, a heartbeat sender and a failure
 // detector. Receiver: the caller's goroutine inside Run (drives the
-// sinks and OnCommit, sends acks), Run's reader, which reads, opens and
+// sinks and OnCommit, sends acks), a StagingSink's commit workers (a
+// committed checkpoint's copy into memory, from the ack until Run
+// settles it), Run's reader, which reads, opens and
 // decodes the frames ahead of it (recvpipe.go), a heartbeat sender and a
 // failure detector, both from the Accept on. Listener: an accept
 // loop and one goroutine per connection's handshake. Frame writes are
