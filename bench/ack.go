@@ -212,13 +212,14 @@ func ackPair(ctx context.Context, keyed bool, n int) (*stream.Sender, func(), er
 }
 
 // ackCheckpoint sends src's pages and state as checkpoint epoch and
-// waits for its ack.
+// waits for its ack. Its pages are stable, as replicate's staging
+// buffer is (SendStablePage).
 func ackCheckpoint(ctx context.Context, s *stream.Sender, epoch uint64, src, state []byte) error {
 	if err := s.BeginCheckpoint(epoch, stream.KindEpoch); err != nil {
 		return err
 	}
 	for off := 0; off < len(src); off += guestmem.PageSize {
-		if err := s.SendPage(guestmem.GPA(off), src[off:off+guestmem.PageSize]); err != nil {
+		if err := s.SendStablePage(guestmem.GPA(off), src[off:off+guestmem.PageSize]); err != nil {
 			return err
 		}
 	}

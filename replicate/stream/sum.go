@@ -66,6 +66,34 @@ func (c *sum64) Section(t container.Type, p []byte) {
 	}
 }
 
+// SectionPieces is Section for a payload of n bytes that lies in pieces
+// (their concatenation, in order): the same sum, without gathering them.
+func (c *sum64) SectionPieces(t container.Type, n int, pieces [][]byte) {
+	var blk [32]byte
+	blk[0] = byte(t)
+	binary.LittleEndian.PutUint64(blk[8:], uint64(n))
+	c.blocks(blk[:])
+	k := 0 // bytes of blk carried over from the pieces before
+	for _, p := range pieces {
+		if k > 0 {
+			m := copy(blk[k:], p)
+			k, p = k+m, p[m:]
+			if k < len(blk) {
+				continue
+			}
+			c.blocks(blk[:])
+			k = 0
+		}
+		full := len(p) &^ 31
+		c.blocks(p[:full])
+		k = copy(blk[:], p[full:])
+	}
+	if k > 0 {
+		clear(blk[k:])
+		c.blocks(blk[:])
+	}
+}
+
 // blocks adds b, a multiple of 32 bytes long. The race detector would
 // instrument each of its loads (100 times slower: a -race test's large
 // checkpoints spent seconds here), so the loop is left out of it and b
