@@ -94,7 +94,9 @@ func TestSlowStandbyIsNotDead(t *testing.T) {
 	took := time.Since(start)
 	t.Logf("silent primary detected after %v (timeout %v)", took, timeout)
 	require.ErrorIs(t, r.tk.Cause, stream.ErrTimeout)
-	assert.Less(t, took, timeout+timeout/2+200*time.Millisecond, "detection stays close to the timeout")
+	// Close to the timeout, with room for a loaded host's scheduling: a
+	// detection that waited on TCP (minutes) or a second timeout fails.
+	assert.Less(t, took, 2*timeout, "detection stays close to the timeout")
 }
 
 // During a partition (the link holds every byte, nothing is reset),

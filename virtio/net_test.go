@@ -228,6 +228,7 @@ func TestNetRXVnetHdrNoMergeable(t *testing.T) {
 	hdr[0] = netHdrFDataValid
 	frame := append(hdr, testFrame(1000)...)
 	require.True(t, r.be.inject(frame))
+	require.Eventually(t, func() bool { d, _ := r.n.Dropped(); return d > 0 }, 5*time.Second, time.Millisecond)
 	noProgress(t, r.rx, 0)
 	rxDrop, _ := r.n.Dropped()
 	assert.Equal(t, uint64(1), rxDrop)

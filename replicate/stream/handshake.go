@@ -4,38 +4,24 @@ import (
 	"context"
 	"crypto/hmac"
 	"crypto/rand"
-	"crypto/sha256"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 	"time"
+
+	"govmm/replicate/internal/kdf"
 )
 
 const label = "govmm-stream/1 "
 
-// transcript hashes both hellos, so that the proofs and session keys bind
-// every field of them (identity, flags, nonces).
+// transcript hashes both hellos (kdf.Transcript), so that the proofs and
+// session keys bind every field of them (identity, flags, nonces).
 func transcript(senderHello, receiverHello []byte) []byte {
-	h := sha256.New()
-	h.Write([]byte(label + "transcript"))
-	var n [4]byte
-	for _, p := range [][]byte{senderHello, receiverHello} {
-		binary.LittleEndian.PutUint32(n[:], uint32(len(p)))
-		h.Write(n[:])
-		h.Write(p)
-	}
-	return h.Sum(nil)
+	return kdf.Transcript(label, senderHello, receiverHello)
 }
 
-// derive is HMAC-SHA256(key, label || purpose || transcript). With no key
-// (Insecure) it still runs, over an empty key, and authenticates nothing.
-func derive(key []byte, purpose string, th []byte) []byte {
-	m := hmac.New(sha256.New, key)
-	m.Write([]byte(label + purpose))
-	m.Write(th)
-	return m.Sum(nil)
-}
+// derive is kdf.Derive under this protocol's label.
+func derive(key []byte, purpose string, th []byte) []byte { return kdf.Derive(key, label, purpose, th) }
 
 // handshake runs the four-message handshake (see docs/STREAM.md) on e's
 // connection as role r, leaves e's reader and writer on session keys and

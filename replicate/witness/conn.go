@@ -6,37 +6,25 @@ import (
 	"crypto/cipher"
 	"crypto/hmac"
 	"crypto/rand"
-	"crypto/sha256"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 	"net"
+
+	"govmm/replicate/internal/kdf"
 )
 
 const label = "govmm-witness/1 "
 
-// transcript hashes both hellos: the proofs and session keys bind every
-// field of them (version, roles, both nonces).
+// transcript hashes both hellos (kdf.Transcript), so that the proofs and
+// session keys bind every field of them (version, roles, both nonces).
 func transcript(clientHello, witnessHello []byte) []byte {
-	h := sha256.New()
-	h.Write([]byte(label + "transcript"))
-	var n [4]byte
-	for _, p := range [][]byte{clientHello, witnessHello} {
-		binary.LittleEndian.PutUint32(n[:], uint32(len(p)))
-		h.Write(n[:])
-		h.Write(p)
-	}
-	return h.Sum(nil)
+	return kdf.Transcript(label, clientHello, witnessHello)
 }
 
-// derive is HMAC-SHA256(key, label || purpose || th).
-func derive(key []byte, purpose string, th []byte) []byte {
-	m := hmac.New(sha256.New, key)
-	m.Write([]byte(label + purpose))
-	m.Write(th)
-	return m.Sum(nil)
-}
+// derive is kdf.Derive under this protocol's label.
+func derive(key []byte, purpose string, th []byte) []byte { return kdf.Derive(key, label, purpose, th) }
 
 // conn frames one witness connection. Before the handshake completes,
 // frames travel in clear (hellos, proofs, a refusal); afterwards every
