@@ -26,8 +26,14 @@ type AckConfig struct {
 	// user and system time, whose ticks are too coarse for one
 	// checkpoint of 1,000 pages.
 	Batch time.Duration
-	Out   string
-	Log   io.Writer
+	// Gaps are the pauses after each ack before the next checkpoint
+	// (default 0 and 50ms): back to back, each checkpoint's work meets
+	// the last one's leftovers (the standby's copy into memory after its
+	// ack); a gap stands for the epoch in which a replicated guest runs
+	// between two checkpoints. Only the checkpoints are timed.
+	Gaps []time.Duration
+	Out  string
+	Log  io.Writer
 }
 
 // AckSample is one batch: a stream's checkpoints or the bound's
@@ -36,6 +42,7 @@ type AckSample struct {
 	Keyed bool
 	Pages int
 	Kind  string // "stream" or "bound"
+	Gap   time.Duration
 	Round int
 	Acks  int
 	Wall  time.Duration // per ack
@@ -66,6 +73,9 @@ func Ack(ctx context.Context, cfg AckConfig) (*AckResult, error) {
 	}
 	if cfg.Batch == 0 {
 		cfg.Batch = 200 * time.Millisecond
+	}
+	if len(cfg.Gaps) == 0 {
+		cfg.Gaps = []time.Duration{0, 50 * time.Millisecond}
 	}
 	if cfg.Log == nil {
 		cfg.Log = io.Discard
@@ -130,36 +140,50 @@ func ackPoint(ctx context.Context, cfg AckConfig, keyed bool, n int) ([]AckSampl
 	}
 	var out []AckSample
 	for r := range cfg.Rounds {
-		for _, kind := range []string{"stream", "bound"} {
-			f := one
-			if kind == "bound" {
-				f = bound
+		for _, gap := range cfg.Gaps {
+			for _, kind := range []string{"stream", "bound"} {
+				f := one
+				if kind == "bound" {
+					f = bound
+				}
+				smp, err := ackBatch(ctx, cfg.Batch, gap, f)
+				if err != nil {
+					return out, fmt.Errorf("ack %s keyed=%v pages=%d: %w", kind, keyed, n, err)
+				}
+				smp.Keyed, smp.Pages, smp.Kind, smp.Gap, smp.Round = keyed, n, kind, gap, r
+				out = append(out, smp)
 			}
-			smp, err := ackBatch(cfg.Batch, f)
-			if err != nil {
-				return out, fmt.Errorf("ack %s keyed=%v pages=%d: %w", kind, keyed, n, err)
-			}
-			smp.Keyed, smp.Pages, smp.Kind, smp.Round = keyed, n, kind, r
-			out = append(out, smp)
 		}
 	}
 	return out, nil
 }
 
-// ackBatch runs f until d has passed (at least three times) and returns
-// the wall and CPU time per run, and the wire bytes of the last.
-func ackBatch(d time.Duration, f func() (int, error)) (AckSample, error) {
+// ackBatch runs f, then waits gap, until d has passed (at least three
+// times), and returns the wall time per run (f alone), the CPU time per
+// run (gaps included: what the checkpoint left running counts), and the
+// wire bytes of the last.
+func ackBatch(ctx context.Context, d, gap time.Duration, f func() (int, error)) (AckSample, error) {
 	var smp AckSample
+	var wall time.Duration
 	cpu0, t0 := cpuNow(), time.Now()
 	for smp.Acks < 3 || time.Since(t0) < d {
+		t := time.Now()
 		w, err := f()
 		if err != nil {
 			return smp, err
 		}
+		wall += time.Since(t)
 		smp.Acks++
 		smp.Wire = w
+		if gap > 0 {
+			select {
+			case <-time.After(gap):
+			case <-ctx.Done():
+				return smp, ctx.Err()
+			}
+		}
 	}
-	smp.Wall = time.Since(t0) / time.Duration(smp.Acks)
+	smp.Wall = wall / time.Duration(smp.Acks)
 	smp.CPU = (cpuNow() - cpu0) / time.Duration(smp.Acks)
 	return smp, nil
 }

@@ -96,7 +96,7 @@ func (o Options) suite(ctx context.Context, s string) (string, error) {
 	case "ack":
 		cfg := AckConfig{Rounds: o.runs(10, 3), Out: o.Out, Log: o.Log}
 		if o.Quick {
-			cfg.Pages, cfg.Batch = []int{100, 1000}, 50*time.Millisecond
+			cfg.Pages, cfg.Batch, cfg.Gaps = []int{100, 1000}, 50*time.Millisecond, []time.Duration{0, 10 * time.Millisecond}
 		}
 		return report(Ack(ctx, cfg))
 	case "migration":

@@ -47,7 +47,8 @@ largest working set, and the dirty-log harvest alone with
 ack: the stream alone (replicate/stream's BenchmarkAck as interleaved
 rounds): time to ack and CPU per ack (both ends, this process's user and
 system time) of checkpoints of 1,000, 4,096 and 65,536 distinct non-zero
-pages (--quick: 100 and 1,000) over loopback TCP, keyed and unkeyed, each
+pages (--quick: 100 and 1,000) over loopback TCP, keyed and unkeyed, back
+to back and with a 50ms gap after each ack (an epoch; --quick: 10ms), each
 batch beside the loopback bound of the same wire bytes; --runs rounds
 (default 10; --quick: 3).
 
