@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -32,6 +33,10 @@ type preHarvestProbe struct {
 	atPre    map[uint64][]byte // the Dirtier's pages right after the pre-harvest
 	mark     map[uint64]uint64 // markGPA's value at the cut
 	preCount map[uint64]int
+	// stopped is set when the test ends the run (cuts the link, then
+	// pauses the primary): a probe running then or later records nothing
+	// and does not wait for a guest that no longer runs.
+	stopped atomic.Bool
 }
 
 func (p *preHarvestProbe) fail(err error) {
@@ -73,10 +78,16 @@ func (p *preHarvestProbe) beforePause(epoch uint64, pre *dirtylog.Set) {
 	atPre := append([]byte(nil), host[dirtyBase:dirtyBase+dirtyPages*guestmem.PageSize]...)
 	p.writeMark(markGPA, 2*epoch+1)
 	start := binary.LittleEndian.Uint64(host[passGPA:])
+	exits, _ := p.m.KVMExits()
 	deadline := time.Now().Add(10 * time.Second)
 	for binary.LittleEndian.Uint64(host[passGPA:]) < start+2 {
+		if p.stopped.Load() {
+			return
+		}
 		if time.Now().After(deadline) {
-			p.fail(fmt.Errorf("epoch %d: the guest made no full pass", epoch))
+			now, _ := p.m.KVMExits()
+			p.fail(fmt.Errorf("epoch %d: the guest made no full pass in 10 s: pass counter %d -> %d, paused %v, KVM exits per vCPU %v -> %v, VMM exits %v",
+				epoch, start, binary.LittleEndian.Uint64(host[passGPA:]), p.m.Paused(), exits, now, p.m.ExitCounts()))
 			return
 		}
 		time.Sleep(100 * time.Microsecond)
@@ -152,8 +163,12 @@ func testPreHarvest(t *testing.T, copyMode CopyMode, tracking string) {
 		require.Positive(t, rep.cow.Stats().ArmedWrites, "writes after the pre-harvest hit armed pages")
 	}
 
-	require.NoError(t, prim.Pause())
+	// The link first, so that no checkpoint cut after the probe stops
+	// reaches the standby; then the primary stops. The replicator's loop
+	// may still be in the probe meanwhile, or enter it again.
 	px.kill()
+	probe.stopped.Store(true)
+	require.NoError(t, prim.Pause())
 	r := <-done
 	require.NoError(t, r.err)
 	defer r.m.Close()
