@@ -98,6 +98,12 @@ func (o Options) suite(ctx context.Context, s string) (string, error) {
 			cfg.Modes = []StreamMode{{Compression: stream.CompressNone}, {Compression: stream.CompressS2, Deltas: true}}
 		}
 		return report(Checkpoint(ctx, cfg))
+	case "ack":
+		cfg := AckConfig{Rounds: o.runs(10, 3), Out: o.Out, Log: o.Log}
+		if o.Quick {
+			cfg.Pages, cfg.Batch, cfg.Gaps = []int{100, 1000}, 50*time.Millisecond, []time.Duration{0, 10 * time.Millisecond}
+		}
+		return report(Ack(ctx, cfg))
 	case "migration":
 		cfg := MigrationConfig{Trials: o.runs(5, 2), Out: o.Out, Log: o.Log}
 		if o.Quick {

@@ -93,13 +93,15 @@ func (r *Replicator) protect(set *dirtylog.Set) (*guestmem.Snapshot, error) {
 }
 
 // send streams the staged checkpoint; copying on write, each page as
-// soon as snap has copied it.
+// soon as snap has copied it. The staging buffer stays as it is until the
+// next pause, which comes after send returns: its pages are stable
+// (SendStablePage).
 func (r *Replicator) send(epoch uint64, state []byte, snap *guestmem.Snapshot) error {
 	if err := r.t.BeginCheckpoint(epoch, stream.KindEpoch); err != nil {
 		return err
 	}
 	if snap != nil {
-		if err := snap.Pages(r.t.SendPage); err != nil {
+		if err := snap.Pages(r.t.SendStablePage); err != nil {
 			return err
 		}
 		// A snapshot that cannot be trusted (its fault handler failed)
@@ -109,7 +111,7 @@ func (r *Replicator) send(epoch uint64, state []byte, snap *guestmem.Snapshot) e
 		}
 	} else {
 		for i, gpa := range r.gpas {
-			if err := r.t.SendPage(gpa, r.staging[i*guestmem.PageSize:(i+1)*guestmem.PageSize]); err != nil {
+			if err := r.t.SendStablePage(gpa, r.staging[i*guestmem.PageSize:(i+1)*guestmem.PageSize]); err != nil {
 				return err
 			}
 		}

@@ -46,6 +46,14 @@ dirty page, time to ack), the page codec's own speed on one core at the
 largest working set, and the dirty-log harvest alone with
 --dirty-tracking bitmap against ring at each working set.
 
+ack: the stream alone (replicate/stream's BenchmarkAck as interleaved
+rounds): time to ack and CPU per ack (both ends, this process's user and
+system time) of checkpoints of 1,000, 4,096 and 65,536 distinct non-zero
+pages (--quick: 100 and 1,000) over loopback TCP, keyed and unkeyed, back
+to back and with a 50ms gap after each ack (an epoch; --quick: 10ms), each
+batch beside the loopback bound of the same wire bytes; --runs rounds
+(default 10; --quick: 3).
+
 migration: live migration over loopback, total time and downtime against
 the guest's measured dirty rate (working sets of 0, 256, 4096 and 16384
 pages; --quick: 0 and 256).
@@ -107,7 +115,7 @@ Flags:
 `
 
 // benchSuites is every suite, in the order they run by default.
-var benchSuites = []string{"boot", "checkpoint", "migration", "failover", "fencing", "overhead"}
+var benchSuites = []string{"boot", "checkpoint", "ack", "migration", "failover", "fencing", "overhead"}
 
 // extraSuites run only when named: they boot the default guest.
 var extraSuites = []string{"failover-guest", "overhead-guest", "wire-guest", "migration-guest"}

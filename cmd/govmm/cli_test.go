@@ -138,7 +138,7 @@ func TestCLIUsageErrors(t *testing.T) {
 		{"lab needed with a command", []string{"lab", "--needed", "--", "true"}, "govmm: lab: --needed takes no command (see 'govmm help lab')"},
 		{"lab needed with a flag it ignores", []string{"lab", "--needed", "--mem", "4G"}, "govmm: lab: --mem does not apply with --needed, which runs no command (see 'govmm help lab')"},
 		{"lab hold-kvm with a flag it ignores", []string{"lab", "--hold-kvm", "--share", "/tmp"}, "govmm: lab: --share does not apply with --hold-kvm, which runs no command (see 'govmm help lab')"},
-		{"bench unknown suite", []string{"bench", "frobnicate"}, `govmm: bench: unknown suite "frobnicate" (boot, checkpoint, migration, failover, fencing, overhead, failover-guest, overhead-guest, wire-guest, migration-guest) (see 'govmm help bench')`},
+		{"bench unknown suite", []string{"bench", "frobnicate"}, `govmm: bench: unknown suite "frobnicate" (boot, checkpoint, ack, migration, failover, fencing, overhead, failover-guest, overhead-guest, wire-guest, migration-guest) (see 'govmm help bench')`},
 		{"version with argument", []string{"version", "now"}, `govmm: version: unexpected argument "now" (see 'govmm help version')`},
 		{"unknown command", []string{"frobnicate"}, `govmm: unknown command "frobnicate" (see 'govmm help')`},
 		{"help of unknown command", []string{"help", "frobnicate"}, `govmm: help: unknown command "frobnicate" (see 'govmm help')`},
