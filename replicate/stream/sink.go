@@ -196,6 +196,23 @@ func (s *StagingSink) Begin(epoch uint64, kind Kind) error {
 	return nil
 }
 
+// rangeChecker is memory that says whether a range lies inside it
+// (*guestmem.Memory is one): a StagingSink whose Dest is one refuses a
+// page outside it as it is staged, before the checkpoint can commit and
+// be acknowledged, so that the copy into Dest after the ack cannot fail
+// for anything the stream sent.
+type rangeChecker interface {
+	Contains(gpa GPA, n uint64) bool
+}
+
+// checkRange refuses a page that does not lie inside Dest.
+func (s *StagingSink) checkRange(gpa GPA) error {
+	if rc, ok := s.Dest.(rangeChecker); ok && !rc.Contains(gpa, PageSize) {
+		return fmt.Errorf("page %#x: outside guest memory: %w", uint64(gpa), ErrOutOfRange)
+	}
+	return nil
+}
+
 // StagePage implements PageSink.
 func (s *StagingSink) StagePage(gpa GPA, data []byte) error {
 	if s.direct {
@@ -203,6 +220,9 @@ func (s *StagingSink) StagePage(gpa GPA, data []byte) error {
 			return s.writeZero(gpa)
 		}
 		return s.Dest.WriteAt(data, gpa)
+	}
+	if err := s.checkRange(gpa); err != nil {
+		return err
 	}
 	s.gpas = append(s.gpas, gpa)
 	if data == nil {
@@ -226,6 +246,9 @@ func (s *StagingSink) StagePage(gpa GPA, data []byte) error {
 func (s *StagingSink) keepPage(gpa GPA, data []byte) (kept bool, err error) {
 	if s.direct {
 		return false, s.StagePage(gpa, data)
+	}
+	if err := s.checkRange(gpa); err != nil {
+		return false, err
 	}
 	s.gpas = append(s.gpas, gpa)
 	s.data = append(s.data, data)

@@ -194,6 +194,29 @@ func TestAckBeforeApply(t *testing.T) {
 // A checkpoint whose copy into memory fails after its ack fails the
 // stream at the next Begin with ErrCommit (the standby's memory is
 // unusable), and Run says so even if the sender says goodbye first.
+// boundedMem is flatMem that says which ranges it holds (rangeChecker).
+type boundedMem struct{ flatMem }
+
+func (m *boundedMem) Contains(gpa GPA, n uint64) bool { return uint64(gpa)+n <= uint64(len(m.b)) }
+
+// A page outside the standby's memory is refused as it is staged, before
+// its checkpoint commits and is acknowledged: the copy into memory after
+// the ack (TestAckBeforeApply) has nothing left that could fail for what
+// the stream sent. Nothing of the checkpoint reaches memory.
+func TestPageOutsideMemoryRefusedBeforeTheAck(t *testing.T) {
+	scfg, rcfg := cfgs(newFakeClock())
+	mem := &boundedMem{flatMem{b: make([]byte, 8*PageSize)}}
+	rcfg.Sink = &StagingSink{Dest: mem}
+	s, r := pipePair(t, scfg, rcfg)
+	run := runReceiver(t, r)
+	_ = sendCheckpoint(s, 1, KindEpoch, 10, []byte("s")) // pages 8 and 9 lie outside; may fail as the receiver refuses it
+	err := waitErr(t, run)
+	require.ErrorIs(t, err, ErrOutOfRange)
+	assert.Zero(t, r.Committed())
+	assert.Zero(t, mem.writes.Load(), "nothing of the checkpoint was applied")
+	require.Error(t, s.WaitAck(ctxTimeout(t, 10*time.Second), 1), "no ack")
+}
+
 func TestApplyFailureAfterAck(t *testing.T) {
 	for _, next := range []string{"begin", "goodbye"} {
 		t.Run(next, func(t *testing.T) {
