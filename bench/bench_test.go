@@ -29,12 +29,13 @@ func TestQuickSuitesProduceOutput(t *testing.T) {
 		"boot": {"boot.csv"},
 		"checkpoint": {"checkpoint.csv", "checkpoint_harvest.csv", "checkpoint_bounds.csv", "checkpoint_compress.csv",
 			"checkpoint_pause.png", "checkpoint_breakdown.png", "checkpoint_stream.png", "checkpoint_wire.png", "checkpoint_harvest.png"},
+		"ack":       {"ack.csv", "ack_time.png", "ack_cpu.png"},
 		"migration": {"migration.csv", "migration.png"},
 		"failover":  {"failover.csv", "failover.png"},
 		"fencing":   {"fencing.csv", "fencing_traffic.csv", "fencing.png"},
 		"overhead":  {"overhead.csv", "overhead.png"},
 	}
-	for _, suite := range []string{"boot", "checkpoint", "migration", "failover", "fencing", "overhead"} {
+	for _, suite := range []string{"boot", "checkpoint", "ack", "migration", "failover", "fencing", "overhead"} {
 		t.Run(suite, func(t *testing.T) {
 			out := t.TempDir()
 			ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)

@@ -34,7 +34,7 @@ type CheckpointConfig struct {
 	// (default vmm.DirtyBitmap and vmm.DirtyRing).
 	Trackings []string
 	// Copies are the checkpoint copy modes each working set runs with
-	// (default CopyStop and CopyCoW).
+	// (default CopyStop, CopyCoW and CopyAuto).
 	Copies []string
 	// Epoch is the epoch length (default 50ms), lengthened for a working
 	// set the Dirtier cannot write whole in it (twice its pass time): the
@@ -66,11 +66,13 @@ const (
 )
 
 // Checkpoint copy modes: stop-and-copy (the guest stays paused while the
-// dirty pages are copied) and copy-on-write (it resumes first), as
-// replicate names them.
+// dirty pages are copied), copy-on-write (it resumes first) and auto
+// (each checkpoint one or the other by its dirty set), as replicate
+// names them.
 const (
 	CopyStop = string(replicate.CopyStop)
 	CopyCoW  = string(replicate.CopyCoW)
+	CopyAuto = string(replicate.CopyAuto)
 )
 
 // StreamMode is how the stream ships pages: --stream-compress and

@@ -17,7 +17,9 @@ type sampleGroup struct {
 	n                                              int
 	dirty, pause, stop, harvest, copy, state, rest Summary
 	ack, length, bpp, background, preHarvest       Summary
+	pauseAck                                       Summary // per epoch, pause + ack: what held output waits beyond the epoch
 	copyMode, copyUsed                             string
+	copyMix                                        string // epochs per copy mode used, e.g. "stop 4, cow 6"
 	comp                                           StreamMode
 	content                                        string
 }
@@ -51,11 +53,13 @@ func groupSamples(samples []CheckpointSample) []sampleGroup {
 
 // summarizeGroup is the order statistics of one run's epochs.
 func summarizeGroup(k groupKey, ss []CheckpointSample) sampleGroup {
-	var dirty, pause, stop, harvest, pre, cp, state, rest, ack, length, bpp, bg []float64
+	var dirty, pause, stop, harvest, pre, cp, state, rest, ack, length, bpp, bg, pa []float64
 	used := map[string]bool{}
+	count := map[string]int{}
 	for _, s := range ss {
 		es := s.Stats
 		used[es.CopyMode] = true
+		count[es.CopyMode]++
 		bg = append(bg, usOf(es.Background))
 		dirty = append(dirty, float64(es.DirtyPages))
 		pause = append(pause, usOf(es.Pause))
@@ -67,6 +71,7 @@ func summarizeGroup(k groupKey, ss []CheckpointSample) sampleGroup {
 		rest = append(rest, usOf(restOf(es)))
 		if es.AckTime > 0 {
 			ack = append(ack, usOf(es.AckTime))
+			pa = append(pa, usOf(es.Pause+es.AckTime))
 		}
 		length = append(length, msOf(es.Length))
 		if es.DirtyPages > 0 {
@@ -76,7 +81,19 @@ func summarizeGroup(k groupKey, ss []CheckpointSample) sampleGroup {
 	return sampleGroup{nominal: k.n, epoch: k.e, n: len(ss), dirty: Summarize(dirty), pause: Summarize(pause),
 		stop: Summarize(stop), harvest: Summarize(harvest), copy: Summarize(cp), state: Summarize(state), rest: Summarize(rest),
 		ack: Summarize(ack), length: Summarize(length), bpp: Summarize(bpp), background: Summarize(bg), preHarvest: Summarize(pre),
-		copyMode: k.copy, copyUsed: strings.Join(sortedKeys(used), "+"), comp: k.comp, content: k.content}
+		pauseAck: Summarize(pa), copyMode: k.copy, copyUsed: strings.Join(sortedKeys(used), "+"), copyMix: copyMix(count),
+		comp: k.comp, content: k.content}
+}
+
+// copyMix says how many epochs used each copy mode, stop first.
+func copyMix(count map[string]int) string {
+	var parts []string
+	for _, m := range []string{CopyStop, CopyCoW} {
+		if count[m] > 0 {
+			parts = append(parts, fmt.Sprintf("%s %d", m, count[m]))
+		}
+	}
+	return strings.Join(parts, ", ")
 }
 
 // sortedKeys is the keys of m in order.
@@ -100,6 +117,7 @@ func (r *CheckpointResult) Report() string {
 	var b strings.Builder
 	r.reportIntro(&b)
 	r.reportRuns(&b)
+	r.reportCopies(&b)
 	r.reportCompress(&b)
 	r.reportHarvest(&b)
 	r.reportBounds(&b)
@@ -139,6 +157,53 @@ func (r *CheckpointResult) reportRuns(b *strings.Builder) {
 			g.bpp.Median, g.bpp.Median/rawBPP[fmt.Sprint(g.nominal, g.copyMode, g.content)],
 			g.pause.Median, g.pause.P25, g.pause.P75, g.stop.Median, g.harvest.Median, g.preHarvest.Median, g.copy.Median, g.state.Median, g.rest.Median,
 			g.background.Median, g.ack.Median, g.ack.P25, g.ack.P75, g.length.Median, mc, lb, g.pause.Median/mc, g.ack.Median/lb)
+	}
+}
+
+// reportCopies sets the copy modes side by side: for each working set,
+// content and stream mode, each copy mode's pause, ack and pause + ack
+// medians (auto: and the epochs that stopped and copied on write).
+func (r *CheckpointResult) reportCopies(b *strings.Builder) {
+	if len(r.Config.Copies) < 2 {
+		return
+	}
+	type row struct {
+		n       int
+		content string
+		comp    StreamMode
+	}
+	var rows []row
+	by := map[row]map[string]sampleGroup{}
+	for _, g := range groupSamples(r.Samples) {
+		k := row{g.nominal, g.content, g.comp}
+		if by[k] == nil {
+			rows = append(rows, k)
+			by[k] = map[string]sampleGroup{}
+		}
+		by[k][g.copyMode] = g
+	}
+	b.WriteString("\nThe copy modes side by side (medians over each run's epochs; *pause + ack* is taken per epoch: what the epoch's held output waits beyond the epoch). " +
+		"*auto* is `--checkpoint-copy auto` with the default `--checkpoint-cow-pages` " + fmt.Sprint(replicate.DefaultCoWPages) +
+		": each checkpoint stops to copy below that many dirty pages and copies on write from there; *used* counts its epochs of each.\n\n| working set | content | stream |")
+	for _, c := range r.Config.Copies {
+		fmt.Fprintf(b, " %[1]s pause µs | %[1]s ack µs | %[1]s pause + ack µs |", c)
+	}
+	b.WriteString(" used |\n|---|---|---|" + strings.Repeat("---|---|---|", len(r.Config.Copies)) + "---|\n")
+	for _, k := range rows {
+		fmt.Fprintf(b, "| %d | %s | %v |", k.n, k.content, k.comp)
+		var used []string
+		for _, c := range r.Config.Copies {
+			g, ok := by[k][c]
+			if !ok {
+				b.WriteString(" | | |")
+				continue
+			}
+			fmt.Fprintf(b, " %.0f | %.0f | %.0f |", g.pause.Median, g.ack.Median, g.pauseAck.Median)
+			if c == CopyAuto {
+				used = append(used, g.copyMix)
+			}
+		}
+		fmt.Fprintf(b, " %s |\n", strings.Join(used, "; "))
 	}
 }
 

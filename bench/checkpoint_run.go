@@ -27,21 +27,19 @@ func (r replicationRun) String() string {
 }
 
 // checkpointCopies are the copy modes each working set runs with:
-// stop-and-copy and copy-on-write (which falls back to stop-and-copy
-// where the host lacks userfaultfd write-protection; each epoch's
-// EpochStats.CopyMode says what it used).
-func checkpointCopies() []string { return []string{CopyStop, CopyCoW} }
+// stop-and-copy, copy-on-write (an error where the host lacks userfaultfd
+// write-protection) and auto (per checkpoint by its dirty set, with the
+// default threshold; each epoch's EpochStats.CopyMode says what it
+// used).
+func checkpointCopies() []string { return []string{CopyStop, CopyCoW, CopyAuto} }
 
 // setCopy asks rc for copy mode cp.
 func setCopy(rc *replicate.ReplicateConfig, cp string) error {
-	switch cp {
-	case CopyStop:
-		rc.Copy = replicate.CopyStop
-	case CopyCoW:
-		rc.Copy = replicate.CopyCoW
-	default:
-		return fmt.Errorf("copy mode %q: want %s or %s", cp, CopyStop, CopyCoW)
+	m, err := replicate.ParseCopyMode(cp)
+	if err != nil {
+		return err
 	}
+	rc.Copy = m
 	return nil
 }
 

@@ -89,10 +89,21 @@ func (o Options) suite(ctx context.Context, s string) (string, error) {
 	case "checkpoint":
 		cfg := CheckpointConfig{Epochs: 40, Out: o.Out, Log: o.Log}
 		if o.Quick {
-			cfg.Pages, cfg.Epochs, cfg.Warmup, cfg.BoundReps = []int{100, 1000}, 10, 3, 3
+			// Every copy mode at the sizes where they part (auto stops
+			// to copy at 100 to 4k pages and copies on write at 64k),
+			// over sparse pages only.
+			cfg.Pages, cfg.Epochs, cfg.Warmup, cfg.BoundReps = []int{100, 1000, 4096, 65536}, 10, 3, 3
+			cfg.HarvestPages = []int{100, 1000}
+			cfg.Contents = []string{ContentSparse}
 			cfg.Modes = []StreamMode{{Compression: stream.CompressNone}, {Compression: stream.CompressS2, Deltas: true}}
 		}
 		return report(Checkpoint(ctx, cfg))
+	case "ack":
+		cfg := AckConfig{Rounds: o.runs(10, 3), Out: o.Out, Log: o.Log}
+		if o.Quick {
+			cfg.Pages, cfg.Batch, cfg.Gaps = []int{100, 1000}, 50*time.Millisecond, []time.Duration{0, 10 * time.Millisecond}
+		}
+		return report(Ack(ctx, cfg))
 	case "migration":
 		cfg := MigrationConfig{Trials: o.runs(5, 2), Out: o.Out, Log: o.Log}
 		if o.Quick {

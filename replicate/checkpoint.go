@@ -13,16 +13,14 @@ import (
 
 // checkpoint takes one checkpoint: pre-harvest and arm (beforePause,
 // the guest running), pause, harvest (ORed with the pre-harvest and
-// extra), take the dirty pages (copy them into the staging buffer, or, copying
-// on write, write-protect them), save the state, take the disk writes,
-// seal the epoch's output, resume; then stream it while the guest runs
+// extra), take the dirty pages (copy them into the staging buffer, or,
+// copying on write, write-protect them: copiesOnWrite chooses by the
+// dirty set), save the state, take the disk writes, seal the epoch's
+// output, resume; then stream it while the guest runs
 // on (copying on write, the pages are copied meanwhile, each before the
 // guest may change it: the staging buffer holds them as of the cut).
 func (r *Replicator) checkpoint(extra *dirtylog.Set) error {
-	es := EpochStats{CopyMode: string(CopyStop)}
-	if r.cow != nil {
-		es.CopyMode = string(CopyCoW)
-	}
+	var es EpochStats
 	pre, preTook, err := r.beforePause() // part of the epoch, not of the pause
 	if err != nil {
 		return err
@@ -49,7 +47,17 @@ func (r *Replicator) checkpoint(extra *dirtylog.Set) error {
 		// no guest write may wait on a checkpoint that is not sent.
 		go c.snap.Copy()
 	} else if r.cow != nil {
-		r.cow.Disarm() // no Begin: let the armed pages go
+		// No Begin (copied while stopped, or an error): let the armed
+		// pages go, and drop the last snapshot's pages as the
+		// prediction: should a later checkpoint copy on write, it arms
+		// what its pre-harvest finds, not pages of an older epoch.
+		r.cow.Disarm()
+		r.cow.Forget()
+	}
+	r.lastCoW = c.snap != nil
+	es.CopyMode = string(CopyStop)
+	if c.snap != nil {
+		es.CopyMode = string(CopyCoW)
 	}
 	if err != nil {
 		if c.snap != nil {
@@ -80,7 +88,8 @@ type cutResult struct {
 }
 
 // cut is a checkpoint's pause: harvest (pre and extra ORed in), copy the
-// dirty pages into the staging buffer or write-protect them, save the
+// dirty pages into the staging buffer or write-protect them (as
+// copiesOnWrite says for the harvested set), save the
 // state, take the disk writes, number the epoch and seal its output. A
 // snapshot taken before a later step failed is returned with the error:
 // its pages must still be let go.
@@ -98,7 +107,7 @@ func (r *Replicator) cut(pre, extra *dirtylog.Set) (cutResult, error) {
 			}
 		}
 		c.t1 = time.Now()
-		if r.cow != nil {
+		if r.copiesOnWrite(set.Count()) {
 			c.snap, err = r.protect(set)
 		} else {
 			err = r.stage(set)
@@ -113,6 +122,9 @@ func (r *Replicator) cut(pre, extra *dirtylog.Set) (cutResult, error) {
 		c.epoch = r.nextEpoch()
 		if r.hooks.atCut != nil {
 			r.hooks.atCut(c.epoch)
+		}
+		if r.hooks.atCutCopy != nil {
+			r.hooks.atCutCopy(c.epoch, c.snap != nil)
 		}
 		if err := r.sealOutput(c.epoch); err != nil {
 			return err

@@ -22,6 +22,12 @@ const (
 	DefaultEpoch           = 25 * time.Millisecond
 	DefaultFailoverTimeout = 2 * time.Second
 	DefaultMaxUnacked      = 2
+	// DefaultCoWPages is where CopyAuto switches from stop-and-copy to
+	// copy-on-write (CoWPages): about where copy-on-write's pause plus
+	// time to ack fell below stop-and-copy's in govmm bench checkpoint on
+	// this project's host (stop-and-copy ahead at 4k dirty pages,
+	// copy-on-write at 8k; docs/ARCHITECTURE.md §6).
+	DefaultCoWPages = 6144
 )
 
 // ReplicateConfig parameterises continuous replication to a standby.
@@ -52,6 +58,11 @@ type ReplicateConfig struct {
 	// Copy is how each checkpoint copies the dirty pages (CopyAuto when
 	// empty).
 	Copy CopyMode
+	// CoWPages is, with CopyAuto, the dirty set from which a checkpoint
+	// copies on write: one with fewer dirty pages copies them with the
+	// guest stopped (DefaultCoWPages when 0; at least 1). Stop and CoW
+	// ignore it.
+	CoWPages int
 	// NoPreHarvest takes the whole dirty-log harvest in the pause, as
 	// before the pre-harvest (preharvest.go) existed: for measuring it.
 	NoPreHarvest bool
@@ -103,9 +114,13 @@ type CopyMode string
 
 // Copy modes.
 const (
-	// CopyAuto copies on write where the host offers userfaultfd
-	// write-protect for guest memory (probed when replication starts),
-	// and stops to copy where it does not, saying why in the log once.
+	// CopyAuto chooses per checkpoint, once the dirty set is harvested
+	// in the pause: a set of at least CoWPages pages copies on write, a
+	// smaller one copies with the guest stopped, whose pause is then at
+	// most about a millisecond longer and whose ack comes sooner (the
+	// copy is not in the way of shipping). Where the host lacks userfaultfd write-protect for
+	// guest memory (probed when replication starts) every checkpoint
+	// stops to copy, said once in the log.
 	CopyAuto CopyMode = "auto"
 	// CopyStop copies every dirty page while the guest is stopped: the
 	// pause grows with the dirty set (about 0.5 µs a page).
@@ -124,6 +139,15 @@ func ParseCopyMode(s string) (CopyMode, error) {
 		return m, nil
 	}
 	return "", fmt.Errorf("checkpoint copy %q: want %s, %s or %s", s, CopyAuto, CopyStop, CopyCoW)
+}
+
+// CheckCoWPages says why n cannot be a CoWPages, or nil; the one check of
+// --checkpoint-cow-pages (run, standby).
+func CheckCoWPages(n int) error {
+	if n < 1 {
+		return fmt.Errorf("must be at least 1")
+	}
+	return nil
 }
 
 // SyncProgress is how far the initial sync has got.
@@ -218,6 +242,12 @@ func (cfg ReplicateConfig) withDefaults() (ReplicateConfig, error) {
 	}
 	if _, err := ParseCopyMode(string(cfg.Copy)); err != nil {
 		return cfg, err
+	}
+	if cfg.CoWPages == 0 {
+		cfg.CoWPages = DefaultCoWPages
+	}
+	if err := CheckCoWPages(cfg.CoWPages); err != nil {
+		return cfg, fmt.Errorf("checkpoint cow-pages %d: %w", cfg.CoWPages, err)
 	}
 	if cfg.InitialRounds <= 0 {
 		cfg.InitialRounds = 10

@@ -28,21 +28,59 @@ import (
 // end that wait) and the next pause with it, the guest's output held
 // (the lab's real-guest hang with copy-on-write); a WriteAt that faulted
 // in user mode could starve the fault handler.
+//
+// And with --checkpoint-copy auto, the guest's dirty set flipping between
+// 16 and 128 pages every 2 ms about a threshold of 64 (the writer on 8
+// pages): checkpoints switch between stopping to copy (armed pages let go
+// after the pause) and copying on write (unarmed, or armed after a
+// copy-on-write one) all the time, the writer racing with each Disarm.
 func TestCoWWritersRaceWithArming(t *testing.T) {
+	for _, m := range []CopyMode{CopyCoW, CopyAuto} {
+		t.Run(string(m), func(t *testing.T) { testCoWWritersRace(t, m) })
+	}
+}
+
+func testCoWWritersRace(t *testing.T, copyMode CopyMode) {
 	kvmtest.Require(t)
-	const pages = 64
-	prim := newTiny(t, tinyguest.Dirtier(dirtyBase, pages, passGPA))
+	pages := uint64(64)
+	code := tinyguest.Dirtier(dirtyBase, uint32(pages), passGPA)
+	if copyMode == CopyAuto {
+		pages, code = 8, stepGuest()
+	}
+	prim := newTiny(t, code)
+	require.NoError(t, prim.Memory().WriteAt(binary.LittleEndian.AppendUint32(nil, 16), stepGPA))
 	require.NoError(t, prim.Start())
 	sb := newStandby(t, nil)
 	receive(t, sb)
 	rep, err := startReplication(context.Background(), prim, ReplicateConfig{To: newProxy(t, sb.Addr()).addr(), Insecure: true,
-		Name: "tiny", Epoch: time.Millisecond, FailoverTimeout: 10 * time.Second, Copy: CopyCoW}, testHooks{})
+		Name: "tiny", Epoch: time.Millisecond, FailoverTimeout: 10 * time.Second, Copy: copyMode, CoWPages: 64}, testHooks{})
 	require.NoError(t, err)
 	t.Cleanup(rep.Stop)
 
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
 	var writes atomic.Uint64
+	if copyMode == CopyAuto {
+		wg.Add(1)
+		go func() { // the dirty set flips
+			defer wg.Done()
+			for n := 0; ; n++ {
+				select {
+				case <-stop:
+					return
+				case <-time.After(2 * time.Millisecond):
+				}
+				v := uint32(16)
+				if n%2 == 0 {
+					v = 128
+				}
+				if err := prim.Memory().WriteAt(binary.LittleEndian.AppendUint32(nil, v), stepGPA); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}()
+	}
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
@@ -92,6 +130,18 @@ func TestCoWWritersRaceWithArming(t *testing.T) {
 	require.Positive(t, st.ArmedWrites, "armed pages were written before the cut")
 	require.Positive(t, st.Faults+st.VMMWrites, "pages were copied before a write")
 	t.Logf("%d epochs, %d guest passes, %d writes; %+v", lastEpochs, lastPasses, lastWrites, st)
+	if copyMode == CopyAuto {
+		var switches [2]int // to copy-on-write, to stop-and-copy
+		recent := rep.Recent()
+		for i := 1; i < len(recent); i++ {
+			if a, b := recent[i-1].CopyMode, recent[i].CopyMode; a != b {
+				switches[map[bool]int{true: 0, false: 1}[b == string(CopyCoW)]]++
+			}
+		}
+		t.Logf("of the last %d checkpoints: %d switches to copy-on-write, %d to stop-and-copy", len(recent), switches[0], switches[1])
+		require.GreaterOrEqual(t, switches[0], 10, "checkpoints switch to copy-on-write")
+		require.GreaterOrEqual(t, switches[1], 10, "checkpoints switch to stop-and-copy")
+	}
 }
 
 // threadWaits lists this process's threads and where in the kernel each

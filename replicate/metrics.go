@@ -22,7 +22,8 @@ type EpochStats struct {
 	// copy (CopyMode "stop"), or write-protecting them ("cow").
 	Copy  time.Duration
 	State time.Duration
-	// CopyMode is how this checkpoint copied its pages: "stop" or "cow".
+	// CopyMode is how this checkpoint copied its pages: "stop" or "cow"
+	// (with CopyAuto, chosen by its dirty set: ReplicateConfig.CoWPages).
 	CopyMode string
 	// Background is, with "cow", the time from the resume until every
 	// page was copied and un-protected (the guest ran meanwhile).
@@ -48,6 +49,9 @@ type totals struct {
 	Backpressured   uint64
 	BackpressureSum time.Duration
 	EarlyEpochs     uint64
+	// CoWEpochs counts the checkpoints that copied on write (the others
+	// copied with the guest stopped).
+	CoWEpochs uint64
 }
 
 const recentEpochs = 1024
@@ -64,6 +68,9 @@ func (r *Replicator) record(es EpochStats) {
 	r.totals.DirtyPages += uint64(es.DirtyPages)
 	r.totals.Bytes += es.Bytes
 	r.totals.Pause.Observe(es.Pause)
+	if es.CopyMode == string(CopyCoW) {
+		r.totals.CoWEpochs++
+	}
 }
 
 // DurationBuckets are the upper bounds of the duration histograms (pause,
@@ -119,9 +126,12 @@ func (h Histogram) metrics(name, help string) []Metric {
 
 // ReplicationStats summarise replication for metrics.
 type ReplicationStats struct {
-	Protected                    bool
-	Epoch, Acked                 uint64
-	Epochs, DirtyPages, Bytes    uint64
+	Protected                 bool
+	Epoch, Acked              uint64
+	Epochs, DirtyPages, Bytes uint64
+	// CoWEpochs are the Epochs that copied on write, the others copied
+	// with the guest stopped (ReplicateConfig.Copy; CopyAuto mixes them).
+	CoWEpochs                    uint64
 	PauseP50, PauseP99, PauseMax time.Duration // over the last 1024 epochs
 	// Pause is the distribution of every checkpoint's pause, Ack that of
 	// every acknowledged checkpoint's time from resume to ack.
@@ -154,7 +164,7 @@ func (r *Replicator) Stats() ReplicationStats {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	s := ReplicationStats{Protected: r.protected, Epoch: r.epoch, Acked: r.totals.Acked, Epochs: r.totals.Epochs,
-		DirtyPages: r.totals.DirtyPages, Bytes: r.totals.Bytes, Pause: r.totals.Pause, Ack: r.totals.Ack,
+		DirtyPages: r.totals.DirtyPages, Bytes: r.totals.Bytes, CoWEpochs: r.totals.CoWEpochs, Pause: r.totals.Pause, Ack: r.totals.Ack,
 		HeldFrames: held, HeldBytes: heldBytes, Backpressured: r.totals.Backpressured,
 		BackpressureSum: r.totals.BackpressureSum, EarlyEpochs: r.totals.EarlyEpochs, EpochLength: r.target}
 	if r.t != nil {
@@ -202,6 +212,9 @@ func (r *Replicator) Metrics() []Metric {
 	add("govmm_replication_epoch", "last checkpoint taken", "gauge", float64(rs.Epoch), nil)
 	add("govmm_replication_acked_epoch", "last checkpoint the standby acknowledged", "gauge", float64(rs.Acked), nil)
 	add("govmm_replication_epochs_total", "checkpoints taken", "counter", float64(rs.Epochs), nil)
+	copyHelp := "checkpoints taken, by how they copied the dirty pages: stop (with the guest stopped) or cow (write-protected in the pause, copied after the resume)"
+	add("govmm_replication_copy_epochs_total", copyHelp, "counter", float64(rs.Epochs-rs.CoWEpochs), map[string]string{"copy": string(CopyStop)})
+	add("govmm_replication_copy_epochs_total", copyHelp, "counter", float64(rs.CoWEpochs), map[string]string{"copy": string(CopyCoW)})
 	add("govmm_replication_dirty_pages_total", "pages shipped in checkpoints", "counter", float64(rs.DirtyPages), nil)
 	add("govmm_replication_bytes_total", "bytes sent in checkpoints", "counter", float64(rs.Bytes), nil)
 	add("govmm_replication_unacked_checkpoints", "checkpoints taken and not yet acknowledged", "gauge", float64(rs.Epoch-min(rs.Acked, rs.Epoch)), nil)

@@ -103,6 +103,25 @@ func TestReplicatorMetricsEpochTarget(t *testing.T) {
 	assert.Equal(t, 40*time.Millisecond, r.Stats().EpochLength)
 }
 
+// The checkpoints are counted by how they copied their pages (auto
+// mixes them): a counter per copy mode, summing to the epochs.
+func TestReplicatorMetricsCopyModes(t *testing.T) {
+	t.Parallel()
+	r := &Replicator{}
+	for i, m := range []CopyMode{CopyStop, CopyCoW, CopyCoW, CopyStop, CopyStop} {
+		r.record(EpochStats{Epoch: uint64(i + 1), CopyMode: string(m)})
+	}
+	got := map[string]float64{}
+	for _, m := range r.Metrics() {
+		if m.Name == "govmm_replication_copy_epochs_total" {
+			assert.Equal(t, "counter", m.Type)
+			got[m.Labels["copy"]] = m.Value
+		}
+	}
+	assert.Equal(t, map[string]float64{"stop": 3, "cow": 2}, got)
+	assert.Equal(t, uint64(2), r.Stats().CoWEpochs)
+}
+
 // A sender's stream metrics count pages and their bytes before and after
 // compression; a receiver's, pages only (it does not count page bytes);
 // the codec is an info metric once the two ends agreed on one.

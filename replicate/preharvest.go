@@ -48,12 +48,20 @@ import (
 // running: copying on write, it arms the protection of last epoch's
 // pages; it pre-harvests the dirty log (unless cfg.NoPreHarvest) and,
 // copying on write, arms the pre-harvested pages not armed yet (few: a
-// guest dirties much the same pages from epoch to epoch). Arming last
+// guest dirties much the same pages from epoch to epoch). With CopyAuto
+// the checkpoint's mode is chosen in the pause (copiesOnWrite), so it
+// arms only where copy-on-write is likely: last epoch's pages if last
+// epoch copied on write, the pre-harvested ones then too or if they are
+// enough to copy on write on their own (the pause's set holds them). A
+// checkpoint that then stops to copy lets the armed pages go after its
+// pause (checkpoint); one that copies on write unarmed protects its
+// whole set in the pause (Begin), once, as the first epoch does. Arming last
 // epoch's pages first keeps the pre-harvest close to the pause: what the
 // guest writes in between is left to the pause's harvest. It returns the
 // pre-harvested set (nil without) and how long the harvest took.
 func (r *Replicator) beforePause() (*dirtylog.Set, time.Duration, error) {
-	if r.cow != nil {
+	armLast := r.cow != nil && (r.cfg.Copy == CopyCoW || r.lastCoW)
+	if armLast {
 		if err := r.cow.Arm(nil); err != nil {
 			return nil, 0, err
 		}
@@ -73,7 +81,7 @@ func (r *Replicator) beforePause() (*dirtylog.Set, time.Duration, error) {
 			return nil, 0, err
 		}
 		pre, took = set, time.Since(start)
-		if r.cow != nil {
+		if armLast || r.copiesOnWrite(pre.Count()) {
 			if err := r.cow.Arm(pre); err != nil {
 				return nil, 0, err
 			}

@@ -21,6 +21,9 @@ type testHooks struct {
 	// atCut runs at every checkpoint's cut while the guest is paused
 	// (tests compare the standby's memory or disk with the primary's).
 	atCut func(epoch uint64)
+	// atCutCopy runs right after atCut, told whether the checkpoint
+	// copies on write (tests that want a cut of one kind).
+	atCutCopy func(epoch uint64, cow bool)
 	// preHarvest runs just before the pre-harvest of the checkpoint of
 	// epoch, beforePause after it (its set, nil without) and the arming,
 	// just before the pause; the guest runs (tests write pages before and
@@ -72,8 +75,11 @@ type Replicator struct {
 	staging []byte
 	writes  [][]DiskWrite
 	// cow write-protects the dirty pages for copy-on-write checkpoints;
-	// nil when they stop to copy.
+	// nil when they all stop to copy.
 	cow *guestmem.Protector
+	// lastCoW: the last checkpoint copied on write, so its pages are
+	// what the next one's arming predicts (beforePause).
+	lastCoW bool
 }
 
 // ErrStandbyLost is why replication ends when the standby stops answering.

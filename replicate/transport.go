@@ -18,6 +18,10 @@ import (
 type Transport interface {
 	BeginCheckpoint(epoch uint64, kind stream.Kind) error
 	SendPage(gpa guestmem.GPA, page []byte) error
+	// SendStablePage is SendPage for a page that stays unchanged, in
+	// place, until EndCheckpoint returns or a call fails: the staging
+	// buffer's pages, which the stream may then send without copying.
+	SendStablePage(gpa guestmem.GPA, page []byte) error
 	SendDisk(disk int, off int64, data []byte) error
 	SendState(state []byte) error
 	EndCheckpoint() error
@@ -65,9 +69,10 @@ func (t *nullTransport) BeginCheckpoint(epoch uint64, kind stream.Kind) error {
 	return nil
 }
 
-func (t *nullTransport) SendPage(guestmem.GPA, []byte) error { return nil }
-func (t *nullTransport) SendDisk(int, int64, []byte) error   { return nil }
-func (t *nullTransport) SendState([]byte) error              { return nil }
+func (t *nullTransport) SendPage(guestmem.GPA, []byte) error       { return nil }
+func (t *nullTransport) SendStablePage(guestmem.GPA, []byte) error { return nil }
+func (t *nullTransport) SendDisk(int, int64, []byte) error         { return nil }
+func (t *nullTransport) SendState([]byte) error                    { return nil }
 
 func (t *nullTransport) EndCheckpoint() error {
 	t.mu.Lock()

@@ -68,10 +68,12 @@ go build -o bin/govmm ./cmd/govmm
 for p in $pkgs; do
 	go test -c -o "$bins/$(echo "${p#./}" | tr / _).test" "$p"
 done
-# The soak knobs (make soak) and GOVMM_TEST_CHECKPOINT_COPY (the
-# replicated tests' --checkpoint-copy) reach the tests inside the lab.
+# The soak knobs (make soak), GOVMM_TEST_CHECKPOINT_COPY and
+# GOVMM_TEST_CHECKPOINT_COW_PAGES (the replicated tests'
+# --checkpoint-copy and --checkpoint-cow-pages) reach the tests inside
+# the lab.
 envs=()
-for v in $(compgen -e | grep -E '^(GOVMM_SOAK_|GOVMM_TEST_CHECKPOINT_COPY$)' || true); do envs+=(--env "$v=${!v}"); done
+for v in $(compgen -e | grep -E '^(GOVMM_SOAK_|GOVMM_TEST_CHECKPOINT_COPY$|GOVMM_TEST_CHECKPOINT_COW_PAGES$)' || true); do envs+=(--env "$v=${!v}"); done
 
 # Each run's output is kept in $logs (make soak reads its numbers there).
 logs=$bins/logs

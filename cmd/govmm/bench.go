@@ -32,17 +32,27 @@ and QEMU on the same vmlinux through PVH with the tuned one
 checkpoint: replication of a tiny dirtying guest to an in-process standby
 over loopback: each epoch's pause broken into steps (harvest, copy, state,
 resume) and its time to ack, against dirty pages per epoch (working sets
-of 100, 1k, 4k, 16k and 64k pages; --quick: 100 and 1k; epochs of 50ms,
+of 100, 1k, 4k, 16k and 64k pages; --quick: 100, 1k, 4k and 64k, sparse
+pages only, a few minutes; epochs of 50ms,
 or twice the guest's pass over its working set where it cannot write it
 whole in 50ms), beside the
 memcpy and loopback-bandwidth lower bounds measured in the same run; per
-checkpoint copy mode (stop-and-copy, and copy-on-write: stop-and-copy
-where the host lacks userfaultfd write-protection; the report says which
-ran), each working set over sparse and over binary pages, with --stream-compress
+checkpoint copy mode (--checkpoint-copy stop, cow, and auto, which
+chooses per checkpoint by its dirty set: the report sets their pause,
+ack and pause + ack side by side and counts auto's choices),
+each working set over sparse and over binary pages, with --stream-compress
 none, s2 and zstd and s2 with --stream-deltas side by side (wire bytes per
 dirty page, time to ack), the page codec's own speed on one core at the
 largest working set, and the dirty-log harvest alone with
 --dirty-tracking bitmap against ring at each working set.
+
+ack: the stream alone (replicate/stream's BenchmarkAck as interleaved
+rounds): time to ack and CPU per ack (both ends, this process's user and
+system time) of checkpoints of 1,000, 4,096 and 65,536 distinct non-zero
+pages (--quick: 100 and 1,000) over loopback TCP, keyed and unkeyed, back
+to back and with a 50ms gap after each ack (an epoch; --quick: 10ms), each
+batch beside the loopback bound of the same wire bytes; --runs rounds
+(default 10; --quick: 3).
 
 migration: live migration over loopback, total time and downtime against
 the guest's measured dirty rate (working sets of 0, 256, 4096 and 16384
@@ -105,7 +115,7 @@ Flags:
 `
 
 // benchSuites is every suite, in the order they run by default.
-var benchSuites = []string{"boot", "checkpoint", "migration", "failover", "fencing", "overhead"}
+var benchSuites = []string{"boot", "checkpoint", "ack", "migration", "failover", "fencing", "overhead"}
 
 // extraSuites run only when named: they boot the default guest.
 var extraSuites = []string{"failover-guest", "overhead-guest", "wire-guest", "migration-guest"}

@@ -242,6 +242,33 @@ func (f cpusFlag) Set(s string) error {
 
 func (f cpusFlag) typeName() string { return "N" }
 
+// pagesFlag is a number of pages, checked as it is set.
+type pagesFlag struct {
+	n     *int
+	check func(int) error
+}
+
+func (f pagesFlag) String() string {
+	if f.n == nil {
+		return ""
+	}
+	return strconv.Itoa(*f.n)
+}
+
+func (f pagesFlag) Set(s string) error {
+	n, err := strconv.Atoi(s)
+	if err != nil {
+		return errors.New("want a number of pages")
+	}
+	if err := f.check(n); err != nil {
+		return err
+	}
+	*f.n = n
+	return nil
+}
+
+func (f pagesFlag) typeName() string { return "PAGES" }
+
 // memFlag is a guest memory size: a number with a K, M, G or T suffix,
 // and a bare number in MiB, as QEMU's -m takes it.
 type memFlag struct{ s *string }

@@ -103,6 +103,8 @@ func TestCLIUsageErrors(t *testing.T) {
 		{"guest ip without prefix", []string{"run", "--guest-ip", "10.0.0.2"}, "govmm: run: --guest-ip 10.0.0.2: want ADDR/PREFIX (see 'govmm help run')"},
 		{"on-standby-loss", []string{"run", "--on-standby-loss", "stop"}, "govmm: run: --on-standby-loss stop: want continue or pause (see 'govmm help run')"},
 		{"checkpoint-copy", []string{"run", "--checkpoint-copy", "fast"}, "govmm: run: --checkpoint-copy fast: want auto or stop or cow (see 'govmm help run')"},
+		{"checkpoint-cow-pages", []string{"run", "--checkpoint-cow-pages", "0"}, "govmm: run: --checkpoint-cow-pages 0: must be at least 1 (see 'govmm help run')"},
+		{"checkpoint-cow-pages not a number", []string{"run", "--checkpoint-cow-pages", "4k"}, "govmm: run: --checkpoint-cow-pages 4k: want a number of pages (see 'govmm help run')"},
 		{"replicate-to not host:port", []string{"run", "--replicate-to", "standby"}, "govmm: run: --replicate-to standby: want HOST:PORT (see 'govmm help run')"},
 		{"name that cannot be a socket", []string{"run", "--name", "a/b"}, "govmm: run: --name a/b cannot name the default --api-sock (DIR/NAME.sock): give --api-sock PATH (see 'govmm help run')"},
 
@@ -136,7 +138,7 @@ func TestCLIUsageErrors(t *testing.T) {
 		{"lab needed with a command", []string{"lab", "--needed", "--", "true"}, "govmm: lab: --needed takes no command (see 'govmm help lab')"},
 		{"lab needed with a flag it ignores", []string{"lab", "--needed", "--mem", "4G"}, "govmm: lab: --mem does not apply with --needed, which runs no command (see 'govmm help lab')"},
 		{"lab hold-kvm with a flag it ignores", []string{"lab", "--hold-kvm", "--share", "/tmp"}, "govmm: lab: --share does not apply with --hold-kvm, which runs no command (see 'govmm help lab')"},
-		{"bench unknown suite", []string{"bench", "frobnicate"}, `govmm: bench: unknown suite "frobnicate" (boot, checkpoint, migration, failover, fencing, overhead, failover-guest, overhead-guest, wire-guest, migration-guest) (see 'govmm help bench')`},
+		{"bench unknown suite", []string{"bench", "frobnicate"}, `govmm: bench: unknown suite "frobnicate" (boot, checkpoint, ack, migration, failover, fencing, overhead, failover-guest, overhead-guest, wire-guest, migration-guest) (see 'govmm help bench')`},
 		{"version with argument", []string{"version", "now"}, `govmm: version: unexpected argument "now" (see 'govmm help version')`},
 		{"unknown command", []string{"frobnicate"}, `govmm: unknown command "frobnicate" (see 'govmm help')`},
 		{"help of unknown command", []string{"help", "frobnicate"}, `govmm: help: unknown command "frobnicate" (see 'govmm help')`},

@@ -72,12 +72,22 @@ type vmmProc struct {
 // startVMM starts govmm args in the rig's netns. With
 // GOVMM_TEST_CHECKPOINT_COPY set (auto, stop or cow), a run or standby is
 // given --checkpoint-copy with it: the replicated tests run with either
-// way of copying whatever the default (scripts/guest-tests.sh passes it
-// into the lab).
+// way of copying whatever the default; with
+// GOVMM_TEST_CHECKPOINT_COW_PAGES, --checkpoint-cow-pages (auto's
+// threshold: the default guest's checkpoints, a few hundred pages under
+// load, all stop to copy at the default; 128 mixes the two).
+// scripts/guest-tests.sh passes both into the lab.
 func startVMM(t *testing.T, r *guestrig.Rig, name string, args ...string) *vmmProc {
 	t.Helper()
-	if c := os.Getenv("GOVMM_TEST_CHECKPOINT_COPY"); c != "" && len(args) > 0 && (args[0] == "run" || args[0] == "standby") {
-		args = append([]string{args[0], "--checkpoint-copy", c}, args[1:]...)
+	if len(args) > 0 && (args[0] == "run" || args[0] == "standby") {
+		for _, e := range []struct{ env, flag string }{
+			{"GOVMM_TEST_CHECKPOINT_COPY", "--checkpoint-copy"},
+			{"GOVMM_TEST_CHECKPOINT_COW_PAGES", "--checkpoint-cow-pages"},
+		} {
+			if v := os.Getenv(e.env); v != "" {
+				args = append([]string{args[0], e.flag, v}, args[1:]...)
+			}
+		}
 	}
 	p := &vmmProc{cmd: r.NS.Command(govmmBin, args...), con: &guestrig.ConsoleLog{Name: name}, log: &guestrig.ConsoleLog{Name: name},
 		exited: make(chan error, 1)}

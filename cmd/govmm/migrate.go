@@ -108,7 +108,7 @@ func startReplication(m *vmm.Machine, f *runFlags, devs *machineDevices, node *r
 	defer bar.finish()
 	cfg := replicate.ReplicateConfig{To: to, Name: f.name, Epoch: epoch, MaxEpoch: maxEpoch, FailoverTimeout: f.failoverTimeout,
 		Compression: f.streamCompress, Deltas: f.streamDeltas,
-		OnStandbyLoss: f.onStandbyLoss, Copy: replicate.CopyMode(f.checkpointCopy), Disks: devs.diskLogs, Devices: devs.attrs,
+		OnStandbyLoss: f.onStandbyLoss, Copy: replicate.CopyMode(f.checkpointCopy), CoWPages: f.checkpointCoWPages, Disks: devs.diskLogs, Devices: devs.attrs,
 		Progress: func(p replicate.SyncProgress) {
 			bar.update(p.Copied, p.Total, syncNote(p))
 			if progress != nil {

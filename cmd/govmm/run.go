@@ -91,8 +91,10 @@ type runFlags struct {
 	streamDeltas    bool
 	onStandbyLoss   string
 	checkpointCopy  string
-	witness         string // HOST:PORT
-	witnessLease    time.Duration
+	// checkpointCoWPages is --checkpoint-cow-pages.
+	checkpointCoWPages int
+	witness            string // HOST:PORT
+	witnessLease       time.Duration
 
 	// Benchmark-only switches, hidden from help (see hiddenFlags).
 	unsafeNoOutputBuffering bool
@@ -137,7 +139,10 @@ func (f *runFlags) registerReplication(fs *flag.FlagSet) {
 		"when the standby is lost: continue (unprotected, logged loudly) or pause (until 'govmm ctl unreplicate' runs it on unprotected, or 'ctl replicate' protects it anew)")
 	f.checkpointCopy = string(replicate.CopyAuto)
 	fs.Var(choiceFlag{&f.checkpointCopy, []string{string(replicate.CopyAuto), string(replicate.CopyStop), string(replicate.CopyCoW)}}, "checkpoint-copy",
-		"how a checkpoint copies the dirty pages: cow (write-protect them in the pause and copy them after the resume, a write to a page not yet copied waiting for its copy: a pause that does not grow with the dirty set; needs userfaultfd write-protect), stop (copy them with the guest stopped) or auto (cow where this host offers it, else stop, said in the log)")
+		"how a checkpoint copies the dirty pages: cow (write-protect them in the pause and copy them after the resume, a write to a page not yet copied waiting for its copy: a pause that does not grow with the dirty set, but the copy then delays the ack; needs userfaultfd write-protect), stop (copy them with the guest stopped) or auto (per checkpoint: stop below --checkpoint-cow-pages dirty pages, where its pause is at most about a millisecond longer and its ack sooner, cow from there on; stop everywhere where the host lacks cow, said in the log)")
+	f.checkpointCoWPages = replicate.DefaultCoWPages
+	fs.Var(pagesFlag{&f.checkpointCoWPages, replicate.CheckCoWPages}, "checkpoint-cow-pages",
+		"with --checkpoint-copy auto: a checkpoint of at least this many dirty pages copies on write, a smaller one with the guest stopped (the default is where copy-on-write's pause plus time to ack fell below stop-and-copy's in govmm bench checkpoint; lower it to favour short pauses, raise it to favour output delay)")
 	fs.Var(hostPortFlag{&f.witness}, "witness", "arbiter against split brain, `HOST:PORT` (govmm witness; needs --key-file): output leaves only under its lease, a standby takes over only after winning the next generation there")
 	durationVar(fs, &f.witnessLease, "witness-lease", witness.DefaultLease, leaseCheck,
 		"lease asked of the witness: a dead primary's lease runs out within it, so it bounds failover from below; about --failover-timeout")

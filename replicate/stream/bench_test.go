@@ -66,13 +66,14 @@ func benchPages(npages int) []byte {
 }
 
 // benchCheckpoint sends pages src as checkpoint epoch with 64 KiB of
-// state, and waits for its ack.
+// state, and waits for its ack. The pages are stable (SendStablePage), as
+// package replicate's staging buffer is.
 func benchCheckpoint(b *testing.B, s *Sender, epoch uint64, kind Kind, src []byte) {
 	if err := s.BeginCheckpoint(epoch, kind); err != nil {
 		b.Fatal(err)
 	}
 	for i := range len(src) / PageSize {
-		if err := s.SendPage(GPA(i*PageSize), src[i*PageSize:(i+1)*PageSize]); err != nil {
+		if err := s.SendStablePage(GPA(i*PageSize), src[i*PageSize:(i+1)*PageSize]); err != nil {
 			b.Fatal(err)
 		}
 	}

@@ -69,6 +69,7 @@ type frameWriter struct {
 	sum   [macSize]byte
 	nonce [nonceLen]byte
 	out   []byte    // sealed payload
+	body  [][]byte  // writePieces' frame
 	ctr   *counters // bytes and frames sent, seal and write time
 }
 
@@ -136,8 +137,35 @@ func (w *frameWriter) write(t frameType, payload []byte) error {
 	t1 := time.Now()
 	w.ctr.sealNanos.Add(int64(t1.Sub(t0)))
 	defer func() { w.ctr.writeNanos.Add(int64(time.Since(t1))) }()
+	return w.put(body, len(payload))
+}
+
+// writePieces writes a Pages frame of an unkeyed session whose payload
+// is the concatenation of pieces (n bytes), from where they lie: the
+// pages of a section that references them (pageSlot). Its CRC32C trailer
+// covers the header alone, as every Pages frame's (frameCRC), so the
+// pieces are read once, by the kernel. A sealed session never comes
+// here: sealing needs the payload in one piece.
+func (w *frameWriter) writePieces(t frameType, pieces [][]byte, n int) error {
+	if w.aead != nil || !w.plain || t != framePages {
+		panic("stream: writePieces outside an unkeyed session's Pages frames") // a bug on this side
+	}
+	if n > MaxFramePayload {
+		return fmt.Errorf("write %v frame of %d bytes: %w", t, n, ErrTooLarge)
+	}
+	putHeader(w.hdr[:], header{length: uint32(n), typ: t, seq: w.seq})
+	binary.LittleEndian.PutUint32(w.sum[:], frameCRC(t, w.hdr[:], nil))
+	w.body = append(append(append(w.body[:0], w.hdr[:]), pieces...), w.sum[:crcSize])
+	t0 := time.Now()
+	defer func() { w.ctr.writeNanos.Add(int64(time.Since(t0))) }()
+	return w.put(w.body, n)
+}
+
+// put writes a frame's body (header, payload pieces, trailer; payload
+// bytes of payload) and counts it.
+func (w *frameWriter) put(body [][]byte, payload int) error {
 	n := 0
-	if len(payload) >= directWrite && w.dw != nil {
+	if payload >= directWrite && w.dw != nil {
 		// Past the buffer: what it holds first, then the frame in one
 		// writev, so that its payload is not copied into the buffer.
 		if err := w.bw.Flush(); err != nil {

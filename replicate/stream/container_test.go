@@ -13,20 +13,54 @@ import (
 // A checkpoint is a GOVMMCKP container cut into frames: each Pages, Disk
 // and State frame carries one section's payload, in order, and the End
 // frame's sum is sum64 of those sections (since version 9; not the
-// container's CRC32C). The receiver computes it the same way (it
+// container's CRC32C): all of them without a key, and in a sealed session
+// (version 10) only the Pages sections that travelled compressed, the
+// tags covering the rest. The receiver computes it the same way (it
 // acknowledges).
 func TestCheckpointIsAContainer(t *testing.T) {
-	scfg, rcfg := cfgs(newFakeClock())
-	rcfg.Disks = newMemDisks(4 << 20)
-	s, r := pipePair(t, scfg, rcfg)
-	run := runReceiver(t, r)
+	for _, tt := range []struct {
+		name   string
+		keyed  bool
+		comp   Compression
+		summed func(container.Type) bool
+	}{
+		{"unkeyed: every section", false, CompressNone, func(container.Type) bool { return true }},
+		{"keyed: none, all stored", true, CompressNone, func(container.Type) bool { return false }},
+		{"keyed s2: the compressed page section", true, CompressS2, func(t container.Type) bool { return t == container.TypePages }},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			scfg, rcfg := cfgs(newFakeClock())
+			if !tt.keyed {
+				scfg.Key, rcfg.Key, scfg.Insecure, rcfg.Insecure = nil, nil, true, true
+			}
+			scfg.Compression = tt.comp
+			rcfg.Disks = newMemDisks(4 << 20)
+			s, r := pipePair(t, scfg, rcfg)
+			run := runReceiver(t, r)
+			sections := sendContainerCheckpoint(t, s)
+			sum := newSum64()
+			for _, sec := range sections {
+				if tt.summed(sec.Type) {
+					sum.Section(sec.Type, sec.Payload)
+				}
+			}
+			require.Equal(t, sum.Sum64(), s.cur.sum, "End carries sum64 of the container's sections")
+			require.NoError(t, s.Close())
+			require.NoError(t, waitErr(t, run))
+		})
+	}
+}
 
+// sendContainerCheckpoint sends checkpoint 1 (three pages, one of them
+// zero, two disk writes, two State frames), waits for its ack, and
+// returns the sections of the same checkpoint written as a container.
+func sendContainerCheckpoint(t *testing.T, s *Sender) []container.Section {
 	state := bytes.Repeat([]byte("machine state "), 100_000) // two State frames
 	disk := bytes.Repeat([]byte{0xd1}, 3000)
 	require.NoError(t, s.BeginCheckpoint(1, KindEpoch))
 	require.NoError(t, s.SendPage(0, page(1)))
 	require.NoError(t, s.SendPage(PageSize, make([]byte, PageSize)))
-	require.NoError(t, s.SendPage(1<<32, page(2)))
+	require.NoError(t, s.SendPage(1<<32, bytes.Repeat([]byte{2}, PageSize)))
 	require.NoError(t, s.SendDisk(0, 512, disk))
 	require.NoError(t, s.SendDisk(0, 1<<20, make([]byte, 8192)))
 	require.NoError(t, s.SendState(state))
@@ -36,7 +70,7 @@ func TestCheckpointIsAContainer(t *testing.T) {
 	var pages container.PageSection
 	pages.Add(0, page(1))
 	pages.Add(PageSize, nil)
-	pages.Add(1<<32, page(2))
+	pages.Add(1<<32, bytes.Repeat([]byte{2}, PageSize))
 	var b bytes.Buffer
 	w, err := container.NewWriter(&b, container.MagicCheckpoint, checkpointVersion)
 	require.NoError(t, err)
@@ -53,12 +87,5 @@ func TestCheckpointIsAContainer(t *testing.T) {
 	})
 	require.NoError(t, err)
 	require.Len(t, sections, 5)
-	sum := newSum64()
-	for _, sec := range sections {
-		sum.Section(sec.Type, sec.Payload)
-	}
-	require.Equal(t, sum.Sum64(), s.cur.sum, "End carries sum64 of the container's sections")
-
-	require.NoError(t, s.Close())
-	require.NoError(t, waitErr(t, run))
+	return sections
 }

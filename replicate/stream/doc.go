@@ -24,7 +24,11 @@
 //     checkpoint and commits it only after its EndCheckpoint verifies and
 //     Config.OnCommit accepts it; any failure aborts the staging, and the
 //     ack for epoch N is sent only after N is committed. Acks arrive in
-//     order.
+//     order. A StagingSink's copy of a committed checkpoint into memory
+//     runs after the ack (the standby holds all of it, staged, and nothing
+//     the stream sends can stop it); Run waits for it before it stages the
+//     next checkpoint and before it returns, so nothing resumes from
+//     memory that holds part of one.
 //   - Slow is not dead (invariant 9): every byte received is life; each
 //     end beats from a goroutine of its own and counts silence only while
 //     its reader listens, never while it applies, syncs or is itself
@@ -39,7 +43,7 @@
 //     pre-shared key both ways. (Without a key, loopback only, frames
 //     carry CRC32Cs instead: corruption is caught, nothing else.)
 //
-// # Wire format (version 9, little-endian)
+// # Wire format (version 10, little-endian)
 //
 // Handshake frames (each side's Hello and Auth, framed as in version 1 so
 // that any version can read a hello far enough to refuse it):
@@ -114,9 +118,14 @@
 // End frame's sum is sum64 (sum.go) of the checkpoint's sections: for each
 // Pages, Disk and State frame in frame order, a block of its container
 // section type and length, then the section's payload (a Pages frame's
-// section decompressed: the sum also checks the decompression). Up to
-// version 8 it was the container's CRC32C (container.Checksum) of the
-// same sections, which the lab's emulated CPU computes 30 times slower.
+// section decompressed: the sum also checks the decompression). In a
+// keyed session (version 10) it leaves out every section that travelled
+// as it is applied (a stored Pages frame's, every Disk and State frame's):
+// AES-256-GCM authenticated those bytes already, so only a compressed
+// Pages frame's section, what the decompressor made of authenticated
+// bytes, is summed. Up to version 8 it was the container's CRC32C
+// (container.Checksum) of the same sections, which the lab's emulated CPU
+// computes 30 times slower.
 //
 // Handshake: the sender sends Hello, the receiver Hello; with th = SHA-256
 // over both hello payloads, the sender sends Auth(HMAC(K, "govmm-stream/1
@@ -134,12 +143,14 @@
 //
 // # Goroutines
 //
-// Sender: the caller's checkpoint goroutine (Begin/SendPage/SendDisk/
+// Sender: the caller's checkpoint goroutine (Begin/SendPage/SendStablePage/SendDisk/
 // SendState/End/Handover), the sealer, which seals and writes the Pages
 // frames the checkpoint goroutine hands it while that one fills the next
 // (pipeline.go), an ack reader, a heartbeat sender and a failure
 // detector. Receiver: the caller's goroutine inside Run (drives the
-// sinks and OnCommit, sends acks), Run's reader, which reads, opens and
+// sinks and OnCommit, sends acks), a StagingSink's commit workers (a
+// committed checkpoint's copy into memory, from the ack until Run
+// settles it), Run's reader, which reads, opens and
 // decodes the frames ahead of it (recvpipe.go), a heartbeat sender and a
 // failure detector, both from the Accept on. Listener: an accept
 // loop and one goroutine per connection's handshake. Frame writes are

@@ -109,6 +109,7 @@ type endpoint struct {
 
 	peer      Identity
 	codec     codec         // the session's page codec, agreed in the handshake
+	sealed    bool          // session frames are sealed (a key): see summed
 	shadow    *shadow       // deltas agreed: the memory as shipped (the checkpoint goroutine, or Run)
 	timeout   time.Duration // agreed failover timeout (the larger of the two)
 	lastHeard atomic.Int64  // unix ns of the last byte received, or of when listening resumed
@@ -183,6 +184,20 @@ func (e *endpoint) send(t frameType, payload []byte, flush bool) error {
 		err = e.fw.flush()
 	}
 	e.wmu.Unlock()
+	return e.sent(t, err)
+}
+
+// sendPieces is send for an unkeyed session's Pages frame whose payload
+// (n bytes) lies in pieces (frameWriter.writePieces), unflushed.
+func (e *endpoint) sendPieces(pieces [][]byte, n int) error {
+	e.wmu.Lock()
+	err := e.fw.writePieces(framePages, pieces, n)
+	e.wmu.Unlock()
+	return e.sent(framePages, err)
+}
+
+// sent fails the stream if sending a frame of type t failed with err.
+func (e *endpoint) sent(t frameType, err error) error {
 	if err != nil {
 		if e.asyncReader {
 			// The peer usually closed because it refused something and

@@ -14,13 +14,14 @@ import (
 // Version is the protocol version this package speaks. A peer with any
 // other version is refused at the hello (ErrVersion); see docs/STREAM.md
 // for the version policy.
-const Version = 9
+const Version = 10
 
 // checkpointVersion is the version of the GOVMMCKP container that a
 // checkpoint is (docs/FORMATS.md): its Begin frame stands for the
 // container's header, each Pages, Disk and State frame carries one
 // section's payload. The End frame carries the stream's own checksum of
-// those sections (sum64), not the container's CRC32C (version 9).
+// those sections (sum64), not the container's CRC32C (version 9); in a
+// keyed session, of the compressed ones only (version 10).
 // The stream's version fixes it, so it never travels.
 const checkpointVersion = 1
 

@@ -152,7 +152,20 @@ func (e *endpoint) session(s interface {
 		return
 	}
 	s.setKey(derive(e.cfg.Key, purpose, th))
+	e.sealed = true
 }
+
+// summed reports whether the End frame's sum covers a section that
+// travelled stored (as it is applied: a stored Pages frame's section, a
+// Disk or a State frame's payload), or a Pages frame's section that
+// travelled compressed (stored false). Without a key the sum covers
+// every section: it is the only check of their bytes (the CRC32C trailer
+// leaves them out). In a sealed session (version 10) it covers only the
+// decompressed sections: AES-256-GCM authenticates every byte of a stored
+// section as the receiver applies it, with the frame's sequence number,
+// so the sum would check those bytes a second time; what the tag does not
+// cover is what the decompressor made of the bytes it authenticated.
+func (e *endpoint) summed(stored bool) bool { return !e.sealed || !stored }
 
 // setDeltas turns deltas on when both hellos asked for them, with a
 // fresh shadow of the sender's layout: nothing was shipped on this

@@ -59,6 +59,17 @@ func (s *MemSink) Staged() int {
 	return len(s.staged)
 }
 
+// waitApplied waits until the last checkpoint committed into s is in
+// s.Dest: a Receiver acknowledges before that (asyncCommitter).
+func (s *StagingSink) waitApplied() {
+	s.mu.Lock()
+	ch := s.applied
+	s.mu.Unlock()
+	if ch != nil {
+		<-ch
+	}
+}
+
 // DecodeFrame decodes one frame in the clear (header and plaintext
 // payload; a MAC or tag trailer, if present, is ignored and not verified)
 // from b, checking page addresses against layout: the decoder the stream

@@ -1,6 +1,10 @@
 package stream
 
-import "govmm/vmm/container"
+import (
+	"encoding/binary"
+
+	"govmm/vmm/container"
+)
 
 // pipeDepth is how many Pages frames a Sender keeps: one being filled by
 // the checkpoint goroutine, the others being sealed and written by the
@@ -24,22 +28,79 @@ type pipeline struct {
 	fill  int      // the slot being filled
 	jobs  chan int // slots handed to the sealer, in order
 	free  chan int // slots the sealer is done with
+	// sealerDone is closed when the sealer has returned: a call that
+	// fails with the stream waits for it (sealerGone), so that no page a
+	// section references is still being written when it returns.
+	sealerDone chan struct{}
 }
 
 // pageSlot is one Pages frame: the section, its codec and what goes on
-// the wire (the section framed in place, or the codec's buffer).
+// the wire (the section framed in place, or the codec's buffer); or,
+// when refs is not 0, a section whose pages stay where they lie
+// (SendStablePage): meta holds the frame's Pages header, the section's
+// header and each entry's header (its capacity fixed, so never moved),
+// pieces the payload as runs of meta and the pages, in order, size the
+// section's bytes, run where in meta the headers not yet in pieces
+// start.
 type pageSlot struct {
 	pages container.PageSection
 	pc    *pageCodec
 	wire  []byte
+
+	refs   int
+	meta   []byte
+	pieces [][]byte
+	size   int
+	run    int
+}
+
+// reset empties the slot for the next section.
+func (sl *pageSlot) reset() {
+	sl.pages.Reset()
+	sl.refs, sl.size, sl.run = 0, 4, 0 // the section's count and reserved bytes
+	clear(sl.pieces)                   // no page outlives its checkpoint here
+	sl.pieces = sl.pieces[:0]
+	if sl.meta == nil {
+		sl.meta = make([]byte, 0, pagesHeader+4+MaxPagesPerFrame*container.EntryHeaderSize)
+	}
+	sl.meta = append(sl.meta[:0], make([]byte, pagesHeader+4)...)
+}
+
+// addRef adds the page at gpa without copying it: a zero page as an
+// entry alone, any other as an entry followed by page itself.
+func (sl *pageSlot) addRef(gpa uint64, page []byte, zero bool) {
+	if zero {
+		sl.meta = container.AppendEntryHeader(sl.meta, gpa, container.EncZero, 0)
+		sl.size += container.EntryHeaderSize
+	} else {
+		sl.meta = container.AppendEntryHeader(sl.meta, gpa, container.EncRaw, PageSize)
+		sl.pieces = append(sl.pieces, sl.meta[sl.run:], page)
+		sl.run = len(sl.meta)
+		sl.size += container.EntryHeaderSize + PageSize
+	}
+	sl.refs++
+}
+
+// closeRefs ends a section of references: the headers after the last
+// page join the pieces, and the Pages header (stored) and the section's
+// count are filled in.
+func (sl *pageSlot) closeRefs() {
+	if sl.run < len(sl.meta) {
+		sl.pieces = append(sl.pieces, sl.meta[sl.run:])
+		sl.run = len(sl.meta)
+	}
+	putPagesHeader(sl.meta[:0], codecStored, sl.size)
+	binary.LittleEndian.PutUint16(sl.meta[pagesHeader:], uint16(sl.refs))
 }
 
 // startPipeline readies the slots and starts the sealer (after the
 // handshake: it writes session frames).
 func (s *Sender) startPipeline() {
 	s.jobs, s.free = make(chan int, pipeDepth), make(chan int, pipeDepth)
+	s.sealerDone = make(chan struct{})
 	for i := range s.slots {
 		s.slots[i].pages.Headroom = pagesHeader // a stored section goes out in place
+		s.slots[i].reset()
 		if i != s.fill {
 			s.free <- i
 		}
@@ -55,17 +116,29 @@ func (s *Sender) filling() *pageSlot { return &s.slots[s.fill] }
 // (waiting for the sealer if all are in flight). It returns the stream's
 // failure, if any: a frame that failed to go out fails the stream.
 func (s *Sender) handOver() error {
-	if err := s.Err(); err != nil {
-		return err
+	if s.Err() != nil {
+		return s.sealerGone()
 	}
 	s.jobs <- s.fill // never blocks: at most pipeDepth slots are out
 	select {
 	case s.fill = <-s.free:
 	case <-s.done:
-		return s.err
+		return s.sealerGone()
 	}
-	s.filling().pages.Reset()
-	return s.Err()
+	s.filling().reset()
+	if s.Err() != nil {
+		return s.sealerGone()
+	}
+	return nil
+}
+
+// sealerGone waits for the sealer to return once the stream has failed,
+// and returns the failure: the sealer may have been writing a frame from
+// pages that SendStablePage's caller gets back when the call returns.
+func (s *Sender) sealerGone() error {
+	<-s.done
+	<-s.sealerDone
+	return s.err
 }
 
 // flushAll sends the section being filled, if any, and waits until the
@@ -79,7 +152,7 @@ func (s *Sender) flushAll() error {
 		select {
 		case held[n] = <-s.free:
 		case <-s.done:
-			return s.err
+			return s.sealerGone()
 		}
 	}
 	for _, i := range held[:pipeDepth-1] {
@@ -92,15 +165,24 @@ func (s *Sender) flushAll() error {
 // until the stream ends. After a failure it only returns the slots.
 func (s *Sender) sealLoop() {
 	defer s.wg.Done()
+	defer close(s.sealerDone)
 	for {
 		select {
 		case i := <-s.jobs:
 			if s.Err() == nil {
-				_ = s.send(framePages, s.slots[i].wire, false) // a failure fails the stream
+				_ = s.sendSlot(&s.slots[i]) // a failure fails the stream
 			}
 			s.free <- i
 		case <-s.done:
 			return
 		}
 	}
+}
+
+// sendSlot writes sl's Pages frame: from its pieces, or its wire bytes.
+func (s *Sender) sendSlot(sl *pageSlot) error {
+	if sl.refs > 0 {
+		return s.sendPieces(sl.pieces, pagesHeader+sl.size)
+	}
+	return s.send(framePages, sl.wire, false)
 }

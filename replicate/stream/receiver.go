@@ -42,6 +42,9 @@ type Receiver struct {
 	// the reader's slots to take in their place.
 	keptFrame   bool // the frame just staged left pages in the sink's keeping
 	kept, spare [][]byte
+	// applying: an asyncCommitter sink applies the last committed
+	// checkpoint after its ack; the kept buffers stay its until settle.
+	applying bool
 }
 
 // handshakeReceiver runs the handshake up to the receiver's Auth: the
@@ -126,6 +129,12 @@ func (r *Receiver) Run(ctx context.Context) error {
 	if r.open {
 		r.abort()
 	}
+	// Nothing may read the sink's memory (a takeover resumes from it)
+	// before the last checkpoint's apply is whole; if it failed, that
+	// outranks how the stream ended: the memory is unusable.
+	if serr := r.settle(); serr != nil {
+		err = serr
+	}
 	if err == nil {
 		r.closeWith(false, "sender said goodbye") // closes the connection: the reader returns
 		p.wg.Wait()
@@ -166,6 +175,21 @@ func (r *Receiver) retain(slot *rxSlot) {
 	}
 	r.kept = append(r.kept, slot.buf)
 	slot.buf = fresh()
+}
+
+// settle waits until an asyncCommitter sink has applied the last
+// committed checkpoint, and makes its kept buffers spare.
+func (r *Receiver) settle() error {
+	if !r.applying {
+		return nil
+	}
+	r.applying = false
+	err := r.sink.(asyncCommitter).settle()
+	r.release()
+	if err != nil {
+		return fmt.Errorf("checkpoint %d: apply to memory (standby memory now unusable): %w: %w", r.committed.Load(), ErrCommit, err)
+	}
+	return nil
 }
 
 // release makes the buffers the sink kept spare, once it has committed or
@@ -209,7 +233,7 @@ func (r *Receiver) frame(f *frame, err error) error {
 	case frameBegin:
 		err = r.begin(f.epoch, f.kind)
 	case framePages:
-		err = r.pages(f.pages, f.section)
+		err = r.pages(f.pages, f.section, codec(f.payload[0]) == codecStored)
 	case frameDisk:
 		err = r.disk(&f.disk, f.payload)
 	case frameState:
@@ -247,6 +271,9 @@ func (r *Receiver) begin(epoch uint64, kind Kind) error {
 		return fmt.Errorf("begin %d: %v after %v: %w", epoch, kind, r.lastKind, ErrProtocol)
 	}
 	r.epoch.Store(epoch)
+	if err := r.settle(); err != nil {
+		return err
+	}
 	if err := r.sink.Begin(epoch, kind); err != nil {
 		return fmt.Errorf("sink: begin %d: %w: %w", epoch, ErrCommit, err)
 	}
@@ -263,15 +290,18 @@ func (r *Receiver) begin(epoch uint64, kind Kind) error {
 }
 
 // pages stages the pages of a Pages frame (payload is its container page
-// section, decompressed, which the checksum covers).
-func (r *Receiver) pages(ps []container.Page, payload []byte) error {
+// section, decompressed, which the checksum covers unless the frame was
+// stored in a sealed session: summed).
+func (r *Receiver) pages(ps []container.Page, payload []byte, stored bool) error {
 	if !r.open {
 		return fmt.Errorf("pages outside a checkpoint: %w", ErrProtocol)
 	}
 	if r.cur.pages+uint64(len(ps)) > r.maxPages {
 		return fmt.Errorf("checkpoint %d: more pages than the guest has (%d): %w", r.cur.epoch, r.maxPages, ErrTooLarge)
 	}
-	r.sum.Section(container.TypePages, payload)
+	if r.summed(stored) {
+		r.sum.Section(container.TypePages, payload)
+	}
 	// A keeper keeps the pages in the frame's buffer (retain) rather than
 	// copy them; not with deltas, whose pages are the shadow's.
 	k, keep := r.sink.(keeper)
@@ -345,7 +375,9 @@ func (r *Receiver) disk(w *container.DiskWrite, payload []byte) error {
 	case r.cur.diskBytes+uint64(w.Length) > MaxCheckpointDisk:
 		return fmt.Errorf("checkpoint %d: disk writes over %d bytes: %w", r.cur.epoch, MaxCheckpointDisk, ErrTooLarge)
 	}
-	r.sum.Section(container.TypeDisk, payload)
+	if r.summed(true) {
+		r.sum.Section(container.TypeDisk, payload)
+	}
 	data := w.Data
 	if w.Zero {
 		data = zeroChunk[:w.Length]
@@ -366,7 +398,9 @@ func (r *Receiver) stateChunk(b []byte) error {
 		return fmt.Errorf("checkpoint %d: state over %d bytes: %w", r.cur.epoch, MaxState, ErrTooLarge)
 	}
 	r.state = append(r.state, b...)
-	r.sum.Section(container.TypeState, b)
+	if r.summed(true) {
+		r.sum.Section(container.TypeState, b)
+	}
 	r.ctr.stateBytes.Add(uint64(len(b)))
 	return nil
 }
@@ -403,10 +437,15 @@ func (r *Receiver) end(e endInfo) error {
 			return fmt.Errorf("checkpoint %d: disk commit (standby disks now unusable): %w: %w", got.epoch, ErrCommit, err)
 		}
 	}
-	err := r.sink.Commit()
-	r.release()
-	if err != nil {
-		return fmt.Errorf("checkpoint %d: sink commit (standby memory now unusable): %w: %w", got.epoch, ErrCommit, err)
+	if ac, ok := r.sink.(asyncCommitter); ok {
+		ac.commitStart() // applied after the ack: settle
+		r.applying = true
+	} else {
+		err := r.sink.Commit()
+		r.release()
+		if err != nil {
+			return fmt.Errorf("checkpoint %d: sink commit (standby memory now unusable): %w: %w", got.epoch, ErrCommit, err)
+		}
 	}
 	r.committed.Store(got.epoch)
 	if r.kind.Resumable() {

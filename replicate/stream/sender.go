@@ -115,7 +115,7 @@ func (s *Sender) BeginCheckpoint(epoch uint64, kind Kind) error {
 	s.open.Store(true)
 	s.kind, s.cur = kind, endInfo{epoch: epoch}
 	s.sum = newSum64()
-	s.filling().pages.Reset()
+	s.filling().reset()
 	return nil
 }
 
@@ -123,14 +123,13 @@ func (s *Sender) BeginCheckpoint(epoch uint64, kind Kind) error {
 // the open checkpoint. All-zero pages travel without bytes. Pages are
 // batched into frames of up to MaxPagesPerFrame.
 func (s *Sender) SendPage(gpa GPA, page []byte) error {
-	if !s.open.Load() {
-		return fmt.Errorf("send page %#x: no checkpoint open: %w", uint64(gpa), ErrProtocol)
+	if err := s.checkPage(gpa, page); err != nil {
+		return err
 	}
-	if len(page) != PageSize {
-		return fmt.Errorf("send page %#x: %d bytes, want %d: %w", uint64(gpa), len(page), PageSize, ErrFrame)
-	}
-	if !s.cfg.Identity.Contains(gpa) {
-		return fmt.Errorf("send page %#x: outside the memory layout or unaligned: %w", uint64(gpa), ErrOutOfRange)
+	if s.filling().refs > 0 { // a section of references goes first
+		if err := s.flushPages(); err != nil {
+			return err
+		}
 	}
 	// Copy first: the guest may be writing the page while it is sent (a
 	// pre-copy round), and the zero test and the bytes on the wire must
@@ -141,7 +140,7 @@ func (s *Sender) SendPage(gpa GPA, page []byte) error {
 		if pages.AddCopy(uint64(gpa), page) {
 			s.ctr.zeroPages.Add(1)
 		}
-		return s.added(pages)
+		return s.added(pages.Len())
 	}
 	copy(s.scratch[:], page)
 	switch s.shadow.encode(pages, gpa, s.scratch[:], s.xor[:]) { // delta.go
@@ -152,15 +151,57 @@ func (s *Sender) SendPage(gpa GPA, page []byte) error {
 	case container.EncCopy:
 		s.ctr.copyPages.Add(1)
 	}
-	return s.added(pages)
+	return s.added(pages.Len())
 }
 
-// added counts the page just added to pages, and hands the section over
-// once it is full.
-func (s *Sender) added(pages *container.PageSection) error {
+// SendStablePage is SendPage for a page whose bytes stay as they are,
+// and in place, until this checkpoint's EndCheckpoint returns or one of
+// its calls fails: a staging buffer (package replicate's copy of the
+// dirty pages). In a session that seals its frames, compresses them or
+// ships deltas, it is SendPage. In the others (unkeyed, stored, whole
+// pages: a standby on the same host, or a benchmark) the page is not
+// copied: its Pages frame is written from where the pages lie, with
+// writev (pageSlot), one copy of each page fewer on the primary.
+func (s *Sender) SendStablePage(gpa GPA, page []byte) error {
+	if s.sealed || s.codec != codecStored || s.shadow != nil {
+		return s.SendPage(gpa, page)
+	}
+	if err := s.checkPage(gpa, page); err != nil {
+		return err
+	}
+	if s.filling().pages.Len() > 0 { // a section of copies goes first
+		if err := s.flushPages(); err != nil {
+			return err
+		}
+	}
+	sl := s.filling() // after any hand-over
+	zero := bytes.Equal(page, zeroPage[:])
+	if zero {
+		s.ctr.zeroPages.Add(1)
+	}
+	sl.addRef(uint64(gpa), page, zero)
+	return s.added(sl.refs)
+}
+
+// checkPage checks a page handed to SendPage or SendStablePage.
+func (s *Sender) checkPage(gpa GPA, page []byte) error {
+	switch {
+	case !s.open.Load():
+		return fmt.Errorf("send page %#x: no checkpoint open: %w", uint64(gpa), ErrProtocol)
+	case len(page) != PageSize:
+		return fmt.Errorf("send page %#x: %d bytes, want %d: %w", uint64(gpa), len(page), PageSize, ErrFrame)
+	case !s.cfg.Identity.Contains(gpa):
+		return fmt.Errorf("send page %#x: outside the memory layout or unaligned: %w", uint64(gpa), ErrOutOfRange)
+	}
+	return nil
+}
+
+// added counts the page just added to the section being filled, which
+// now holds n pages, and hands the section over once it is full.
+func (s *Sender) added(n int) error {
 	s.ctr.pages.Add(1)
 	s.cur.pages++
-	if pages.Len() == MaxPagesPerFrame {
+	if n == MaxPagesPerFrame {
 		return s.flushPages()
 	}
 	return nil
@@ -172,17 +213,35 @@ func (s *Sender) added(pages *container.PageSection) error {
 // receiver also checks what it decompressed.
 func (s *Sender) flushPages() error {
 	sl := s.filling()
+	if sl.refs > 0 {
+		return s.flushRefs(sl)
+	}
 	if sl.pages.Len() == 0 {
 		return nil
 	}
 	p := sl.pages.Payload()
-	s.sum.Section(container.TypePages, p)
 	if sl.pc == nil {
 		sl.pc = newPageCodec(s.codec)
 	}
 	sl.wire = sl.pc.encodeFramed(sl.pages.Framed())
+	if s.summed(codec(sl.wire[0]) == codecStored) {
+		s.sum.Section(container.TypePages, p)
+	}
 	s.ctr.pageBytes.Add(uint64(len(p)))
 	s.ctr.pageWireBytes.Add(uint64(len(sl.wire)))
+	return s.handOver()
+}
+
+// flushRefs hands a section of references (SendStablePage) to the
+// sealer; the sum reads the pages where they lie, as the kernel will.
+func (s *Sender) flushRefs(sl *pageSlot) error {
+	sl.closeRefs()
+	head := sl.pieces[0]
+	sl.pieces[0] = head[pagesHeader:] // the sum covers the section, not the Pages header
+	s.sum.SectionPieces(container.TypePages, sl.size, sl.pieces)
+	sl.pieces[0] = head
+	s.ctr.pageBytes.Add(uint64(sl.size))
+	s.ctr.pageWireBytes.Add(uint64(pagesHeader + sl.size))
 	return s.handOver()
 }
 
@@ -214,7 +273,9 @@ func (s *Sender) SendDisk(disk int, off int64, data []byte) error {
 		if err := s.send(frameDisk, s.dbuf, false); err != nil {
 			return err
 		}
-		s.sum.Section(container.TypeDisk, s.dbuf)
+		if s.summed(true) {
+			s.sum.Section(container.TypeDisk, s.dbuf)
+		}
 		s.cur.diskBytes += uint64(n)
 		s.ctr.diskBytes.Add(uint64(n))
 		data, off = data[n:], off+int64(n)
@@ -241,7 +302,9 @@ func (s *Sender) SendState(state []byte) error {
 		if err := s.send(frameState, state[:n], false); err != nil {
 			return err
 		}
-		s.sum.Section(container.TypeState, state[:n])
+		if s.summed(true) {
+			s.sum.Section(container.TypeState, state[:n])
+		}
 		s.cur.stateLen += uint64(n)
 		s.ctr.stateBytes.Add(uint64(n))
 		state = state[n:]

@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"fmt"
 	"runtime"
+	"slices"
 	"sync"
+	"sync/atomic"
 )
 
 // Checkpoint is a verified checkpoint, as handed to Config.OnCommit.
@@ -142,11 +144,18 @@ type pageSlicer interface {
 // protect, so initial-sync pages go straight into Dest, sparing a second
 // copy of the whole guest. Use it from one goroutine (the Receiver's).
 //
-// Commit is on the path to the ack, with the sender waiting and nothing
-// else to do: it applies a checkpoint of commitSplit pages or more on up to
+// Commit applies a checkpoint of commitSplit pages or more on up to
 // commitWorkers goroutines (one per core), each taking the pages whose
 // page number falls to it, in staging order (a page staged twice is
-// applied twice, in order, by one goroutine).
+// applied twice, in order, by one goroutine). A Receiver does not wait
+// for that copy before it acknowledges (asyncCommitter): it commits the
+// checkpoint (commitStart: the point of no return, every page staged in
+// memory and bound for Dest), acks, and the copy runs while the ack
+// travels and the primary goes on; the Receiver waits for it (settle)
+// before it stages the next checkpoint and before Run returns, so
+// nothing reads Dest, or resumes the guest from it, before the copy is
+// whole. As in Remus, the standby acknowledges a checkpoint once it
+// holds all of it, and applies it after.
 type StagingSink struct {
 	Dest PageWriter
 
@@ -159,6 +168,17 @@ type StagingSink struct {
 	// checkpoints: no large reallocation while the stream is being read.
 	chunks [][]byte
 	used   int // pages of data staged
+
+	// The apply of a committed checkpoint (commitStart) until settle:
+	// its workers read gpas, data and chunks, and write Dest, and nothing
+	// else touches them until settle has waited for them. mu guards
+	// applied, which tests wait on (waitApplied).
+	applying bool
+	errs     []error // per worker
+	left     atomic.Int32
+	mu       sync.Mutex
+	applied  chan struct{} // closed by the last worker
+	lateErr  error         // an apply's failure that Abort waited for
 }
 
 const stagingChunk = 256
@@ -167,9 +187,29 @@ var _ PageSink = (*StagingSink)(nil)
 
 // Begin implements PageSink.
 func (s *StagingSink) Begin(epoch uint64, kind Kind) error {
+	if err := s.settle(); err != nil {
+		return err
+	}
 	s.reset()
 	s.kind = kind
 	s.direct = !s.resumable && kind == KindInitialSync
+	return nil
+}
+
+// rangeChecker is memory that says whether a range lies inside it
+// (*guestmem.Memory is one): a StagingSink whose Dest is one refuses a
+// page outside it as it is staged, before the checkpoint can commit and
+// be acknowledged, so that the copy into Dest after the ack cannot fail
+// for anything the stream sent.
+type rangeChecker interface {
+	Contains(gpa GPA, n uint64) bool
+}
+
+// checkRange refuses a page that does not lie inside Dest.
+func (s *StagingSink) checkRange(gpa GPA) error {
+	if rc, ok := s.Dest.(rangeChecker); ok && !rc.Contains(gpa, PageSize) {
+		return fmt.Errorf("page %#x: outside guest memory: %w", uint64(gpa), ErrOutOfRange)
+	}
 	return nil
 }
 
@@ -180,6 +220,9 @@ func (s *StagingSink) StagePage(gpa GPA, data []byte) error {
 			return s.writeZero(gpa)
 		}
 		return s.Dest.WriteAt(data, gpa)
+	}
+	if err := s.checkRange(gpa); err != nil {
+		return err
 	}
 	s.gpas = append(s.gpas, gpa)
 	if data == nil {
@@ -204,6 +247,9 @@ func (s *StagingSink) keepPage(gpa GPA, data []byte) (kept bool, err error) {
 	if s.direct {
 		return false, s.StagePage(gpa, data)
 	}
+	if err := s.checkRange(gpa); err != nil {
+		return false, err
+	}
 	s.gpas = append(s.gpas, gpa)
 	s.data = append(s.data, data)
 	return data != nil, nil
@@ -221,37 +267,76 @@ type keeper interface {
 
 var _ keeper = (*StagingSink)(nil)
 
-// Commit implements PageSink.
+// Commit implements PageSink: the staged pages are in Dest when it
+// returns.
 func (s *StagingSink) Commit() error {
-	defer s.reset()
+	s.commitStart()
+	return s.settle()
+}
+
+// asyncCommitter is a PageSink whose commit can end after the ack
+// (StagingSink): commitStart commits the staged checkpoint, which can
+// no longer fail for anything the stream sent, and starts applying it;
+// settle waits until it is applied (nil if nothing is being applied).
+type asyncCommitter interface {
+	PageSink
+	commitStart()
+	settle() error
+}
+
+var _ asyncCommitter = (*StagingSink)(nil)
+
+// commitStart implements asyncCommitter: it starts copying the staged
+// pages into Dest, on up to commitWorkers goroutines for commitSplit
+// pages or more, and returns.
+func (s *StagingSink) commitStart() {
 	n := 1
 	if len(s.gpas) >= commitSplit {
 		n = min(runtime.GOMAXPROCS(0), commitWorkers)
 	}
-	errs := make([]error, n)
-	var wg sync.WaitGroup
-	for w := 1; w < n; w++ {
-		wg.Add(1)
+	s.errs = slices.Grow(s.errs[:0], n)[:n]
+	clear(s.errs)
+	done := make(chan struct{})
+	s.mu.Lock()
+	s.applied = done
+	s.mu.Unlock()
+	s.applying = true
+	s.left.Store(int32(n))
+	for w := range n {
 		go func() {
-			defer wg.Done()
-			errs[w] = s.apply(w, n)
+			s.errs[w] = s.apply(w, n)
+			if s.left.Add(-1) == 0 {
+				close(done)
+			}
 		}()
-	}
-	errs[0] = s.apply(0, n)
-	wg.Wait()
-	for _, err := range errs {
-		if err != nil {
-			return err
-		}
 	}
 	if s.kind.Resumable() {
 		s.resumable = true
 	}
-	return nil
+}
+
+// settle implements asyncCommitter: it waits for the apply commitStart
+// started, if any, empties the staging, and returns the apply's failure
+// (then Dest is unusable), or one that Abort waited for.
+func (s *StagingSink) settle() error {
+	err := s.lateErr
+	s.lateErr = nil
+	if !s.applying {
+		return err
+	}
+	<-s.applied
+	s.applying = false
+	s.reset()
+	for _, e := range s.errs {
+		if err == nil {
+			err = e
+		}
+	}
+	return err
 }
 
 const (
-	commitSplit   = 1024 // pages from which Commit uses more than one goroutine
+	commitSplit   = 256 // pages from which Commit uses more than one goroutine
 	commitWorkers = 4
 )
 
@@ -274,8 +359,12 @@ func (s *StagingSink) apply(w, n int) error {
 	return nil
 }
 
-// Abort implements PageSink.
-func (s *StagingSink) Abort() { s.reset() }
+// Abort implements PageSink. An apply still running is waited for
+// first; its failure comes back from the next Begin or Commit.
+func (s *StagingSink) Abort() {
+	s.lateErr = s.settle()
+	s.reset()
+}
 
 // writeZero makes the page at gpa zero, writing only if it is not
 // already.

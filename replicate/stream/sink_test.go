@@ -2,7 +2,9 @@ package stream
 
 import (
 	"bytes"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -34,13 +36,14 @@ func TestStagingSink(t *testing.T) {
 	assert.Equal(t, page(2), mem[0])
 }
 
-// flatMem is memory a sink can read in place; it counts the writes.
+// flatMem is memory a sink can read in place; it counts the writes (a
+// large commit writes from several goroutines).
 type flatMem struct {
 	b      []byte
-	writes int
+	writes atomic.Int64
 }
 
-func (m *flatMem) WriteAt(p []byte, gpa GPA) error { m.writes++; copy(m.b[gpa:], p); return nil }
+func (m *flatMem) WriteAt(p []byte, gpa GPA) error { m.writes.Add(1); copy(m.b[gpa:], p); return nil }
 func (m *flatMem) Slice(gpa GPA, n uint64) ([]byte, error) {
 	return m.b[gpa : uint64(gpa)+n], nil
 }
@@ -54,13 +57,13 @@ func TestStagingSinkSkipsZeroOverZero(t *testing.T) {
 	require.NoError(t, s.StagePage(0, nil))
 	require.NoError(t, s.StagePage(PageSize, page(1)))
 	require.NoError(t, s.Commit())
-	assert.Equal(t, 1, mem.writes, "only the non-zero page was written")
+	assert.Equal(t, int64(1), mem.writes.Load(), "only the non-zero page was written")
 
 	require.NoError(t, s.Begin(2, KindEpoch))
 	require.NoError(t, s.StagePage(PageSize, nil))   // over page(1): written
 	require.NoError(t, s.StagePage(2*PageSize, nil)) // over zeros: skipped
 	require.NoError(t, s.Commit())
-	assert.Equal(t, 2, mem.writes)
+	assert.Equal(t, int64(2), mem.writes.Load())
 	assert.Equal(t, make([]byte, 4*PageSize), mem.b)
 }
 
@@ -129,6 +132,7 @@ func TestStagingSinkKeepsFrames(t *testing.T) {
 			for epoch := uint64(1); epoch <= 3; epoch++ {
 				require.NoError(t, sendCheckpoint(s, epoch, KindEpoch, n, []byte("s")))
 				require.NoError(t, s.WaitAck(t.Context(), epoch))
+				rcfg.Sink.(*StagingSink).waitApplied() // the ack does not wait for the copy into memory
 				require.True(t, bytes.Equal(want(epoch), mem.b), "memory after checkpoint %d", epoch)
 			}
 			require.NoError(t, s.BeginCheckpoint(4, KindEpoch))
@@ -140,6 +144,99 @@ func TestStagingSinkKeepsFrames(t *testing.T) {
 			require.ErrorIs(t, waitErr(t, run), ErrChecksum)
 			assert.Equal(t, uint64(3), r.Committed())
 			assert.True(t, bytes.Equal(want(3), mem.b), "memory as checkpoint 3 left it")
+		})
+	}
+}
+
+// gatedMem is flatMem whose writes wait until open is closed, or fail
+// with fail when it is set.
+type gatedMem struct {
+	flatMem
+	open chan struct{}
+	fail error
+}
+
+func (m *gatedMem) WriteAt(p []byte, gpa GPA) error {
+	<-m.open
+	if m.fail != nil {
+		return m.fail
+	}
+	return m.flatMem.WriteAt(p, gpa)
+}
+
+// A Receiver acknowledges a checkpoint once it holds all of it, before
+// the copy into memory (asyncCommitter), and Run does not return before
+// that copy is whole: with memory that takes no write, the ack comes
+// anyway, and once memory takes writes again, what Run leaves behind is
+// the checkpoint.
+func TestAckBeforeApply(t *testing.T) {
+	scfg, rcfg := cfgs(newFakeClock())
+	mem := &gatedMem{flatMem: flatMem{b: make([]byte, 4<<20)}, open: make(chan struct{})}
+	rcfg.Sink = &StagingSink{Dest: mem}
+	s, r := pipePair(t, scfg, rcfg)
+	run := runReceiver(t, r)
+	const n = 1000
+	require.NoError(t, sendCheckpoint(s, 1, KindEpoch, n, []byte("s")))
+	require.NoError(t, s.WaitAck(ctxTimeout(t, 10*time.Second), 1), "the ack waits for no write into memory")
+	assert.Equal(t, int64(0), mem.writes.Load(), "nothing applied yet")
+	require.NoError(t, s.Close())
+	close(mem.open)
+	require.NoError(t, waitErr(t, run))
+	want := make([]byte, 4<<20)
+	for i := range n {
+		if i%3 != 2 {
+			copy(want[i*PageSize:], page(1000+uint64(i)))
+		}
+	}
+	assert.True(t, bytes.Equal(want, mem.b), "memory when Run returned")
+}
+
+// A checkpoint whose copy into memory fails after its ack fails the
+// stream at the next Begin with ErrCommit (the standby's memory is
+// unusable), and Run says so even if the sender says goodbye first.
+// boundedMem is flatMem that says which ranges it holds (rangeChecker).
+type boundedMem struct{ flatMem }
+
+func (m *boundedMem) Contains(gpa GPA, n uint64) bool { return uint64(gpa)+n <= uint64(len(m.b)) }
+
+// A page outside the standby's memory is refused as it is staged, before
+// its checkpoint commits and is acknowledged: the copy into memory after
+// the ack (TestAckBeforeApply) has nothing left that could fail for what
+// the stream sent. Nothing of the checkpoint reaches memory.
+func TestPageOutsideMemoryRefusedBeforeTheAck(t *testing.T) {
+	scfg, rcfg := cfgs(newFakeClock())
+	mem := &boundedMem{flatMem{b: make([]byte, 8*PageSize)}}
+	rcfg.Sink = &StagingSink{Dest: mem}
+	s, r := pipePair(t, scfg, rcfg)
+	run := runReceiver(t, r)
+	_ = sendCheckpoint(s, 1, KindEpoch, 10, []byte("s")) // pages 8 and 9 lie outside; may fail as the receiver refuses it
+	err := waitErr(t, run)
+	require.ErrorIs(t, err, ErrOutOfRange)
+	assert.Zero(t, r.Committed())
+	assert.Zero(t, mem.writes.Load(), "nothing of the checkpoint was applied")
+	require.Error(t, s.WaitAck(ctxTimeout(t, 10*time.Second), 1), "no ack")
+}
+
+func TestApplyFailureAfterAck(t *testing.T) {
+	for _, next := range []string{"begin", "goodbye"} {
+		t.Run(next, func(t *testing.T) {
+			scfg, rcfg := cfgs(newFakeClock())
+			mem := &gatedMem{flatMem: flatMem{b: make([]byte, 4<<20)}, open: make(chan struct{}), fail: ErrOutOfRange}
+			close(mem.open)
+			rcfg.Sink = &StagingSink{Dest: mem}
+			s, r := pipePair(t, scfg, rcfg)
+			run := runReceiver(t, r)
+			require.NoError(t, sendCheckpoint(s, 1, KindEpoch, 10, []byte("s")))
+			require.NoError(t, s.WaitAck(ctxTimeout(t, 10*time.Second), 1))
+			if next == "begin" {
+				_ = sendCheckpoint(s, 2, KindEpoch, 10, []byte("s")) // may fail as the receiver refuses it
+			} else {
+				require.NoError(t, s.Close())
+			}
+			err := waitErr(t, run)
+			require.ErrorIs(t, err, ErrCommit)
+			require.ErrorIs(t, err, ErrOutOfRange)
+			assert.Equal(t, uint64(1), r.Committed())
 		})
 	}
 }

@@ -101,3 +101,31 @@ func BenchmarkSum64(b *testing.B) {
 		}
 	})
 }
+
+// SectionPieces sums a payload cut into pieces of any sizes (empty ones
+// too) as Section sums it whole.
+func TestSum64SectionPieces(t *testing.T) {
+	payload := make([]byte, 3*PageSize+77)
+	for i := range payload {
+		payload[i] = byte(i*31 + i>>7)
+	}
+	for _, cuts := range [][]int{
+		nil,
+		{16},
+		{4, 16, 16 + PageSize, 32 + PageSize, 32 + 2*PageSize},
+		{1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 233},
+		{31, 31, 33, 64, 65, 100, 3 * PageSize},
+	} {
+		var pieces [][]byte
+		at := 0
+		for _, c := range cuts {
+			pieces = append(pieces, payload[at:c])
+			at = c
+		}
+		pieces = append(pieces, payload[at:])
+		whole, cut := newSum64(), newSum64()
+		whole.Section(container.TypePages, payload)
+		cut.SectionPieces(container.TypePages, len(payload), pieces)
+		require.Equal(t, whole.Sum64(), cut.Sum64(), "cuts %v", cuts)
+	}
+}

@@ -18,7 +18,9 @@ func TestUnreachableAtStart(t *testing.T) {
 	ln.Close()
 	c, err := NewClient(Config{Addr: addr, Key: testKey, VM: "vm0", Holder: "primary", Lease: 200 * time.Millisecond, Logger: (&logBuf{}).logger()})
 	require.NoError(t, err)
-	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	// Long enough that a dial completes on a loaded host (with 300 ms it
+	// could end in the dial's own timeout, never seeing the refusal).
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	_, err = c.Acquire(ctx)
 	require.Error(t, err)

@@ -84,11 +84,23 @@ func (s *PageSection) Add(gpa uint64, data []byte) {
 	if data == nil {
 		enc = EncZero
 	}
-	s.buf = binary.LittleEndian.AppendUint64(s.buf, gpa)
-	s.buf = append(s.buf, byte(enc), 0, 0, 0)
-	s.buf = binary.LittleEndian.AppendUint32(s.buf, uint32(len(data)))
+	s.buf = AppendEntryHeader(s.buf, gpa, enc, len(data))
 	s.buf = append(s.buf, data...)
 	s.n++
+}
+
+// EntryHeaderSize is the size of a page entry's header: gpa, encoding,
+// reserved bytes, length.
+const EntryHeaderSize = 16
+
+// AppendEntryHeader appends the header of a page entry (gpa, enc, n
+// bytes of data) to b: for a writer that sends the data from where it
+// lies, behind the header, instead of copying it into a section (a
+// stream's stored Pages frame written with writev).
+func AppendEntryHeader(b []byte, gpa uint64, enc Encoding, n int) []byte {
+	b = binary.LittleEndian.AppendUint64(b, gpa)
+	b = append(b, byte(enc), 0, 0, 0)
+	return binary.LittleEndian.AppendUint32(b, uint32(n))
 }
 
 // AddCopy appends the page at gpa (PageSize bytes), copied, as a raw

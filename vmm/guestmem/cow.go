@@ -90,6 +90,9 @@ type Protector struct {
 	gen   uint64
 	state []atomic.Uint64
 	last  *Snapshot // the latest, finished or not: what Arm predicts from
+	// forgot: Forget was called since the last Begin; Arm then predicts
+	// nothing from last (under armMu).
+	forgot bool
 
 	// inUse is held (read) by whoever works on the current Snapshot (the
 	// handler, a VMM write); uninstall takes it to wait for them, so the
@@ -330,9 +333,9 @@ func (p *Protector) beforeWrite(r *Region, off, n uint64) {
 	}
 }
 
-// Arm write-protects the pages the last snapshot held, with the guest
-// running, ahead of the Begin that follows (see "Arming" above); with
-// extra (nil: none), those pages too. Called again before Begin, it
+// Arm write-protects the pages the last snapshot held (none after
+// Forget), with the guest running, ahead of the Begin that follows (see
+// "Arming" above); with extra (nil: none), those pages too. Called again before Begin, it
 // protects only the pages of extra not armed yet (the replicator arms
 // last epoch's pages, pre-harvests the dirty log, then arms what the
 // pre-harvest found). Without a last snapshot or extra it does nothing.
@@ -341,7 +344,11 @@ func (p *Protector) beforeWrite(r *Region, off, n uint64) {
 func (p *Protector) Arm(extra PageBitmap) error {
 	p.armMu.Lock()
 	again := p.armed
-	if !again && p.last == nil && extra == nil {
+	last := p.last
+	if p.forgot {
+		last = nil
+	}
+	if !again && last == nil && extra == nil {
 		p.armMu.Unlock()
 		return nil
 	}
@@ -349,8 +356,8 @@ func (p *Protector) Arm(extra PageBitmap) error {
 		add := p.scratch[k]
 		clear(add)
 		if !again {
-			if p.last != nil && k < len(p.last.want) {
-				copy(add, p.last.want[k])
+			if last != nil && k < len(last.want) {
+				copy(add, last.want[k])
 			}
 			clear(p.armBits[k])
 			clear(p.touched[k])
@@ -404,4 +411,16 @@ func (p *Protector) Disarm() {
 		})
 	}
 	p.mem.wp.CompareAndSwap(p, nil)
+}
+
+// Forget drops the prediction: until the next Begin, Arm protects only
+// the pages it is given, not the last snapshot's. For a caller that took
+// a checkpoint without a snapshot (copied with the guest stopped): the
+// last snapshot's pages are then older than the guest's latest dirty
+// set, and arming them would only make the guest fault on pages no
+// snapshot needs.
+func (p *Protector) Forget() {
+	p.armMu.Lock()
+	p.forgot = true
+	p.armMu.Unlock()
 }

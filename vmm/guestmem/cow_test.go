@@ -227,3 +227,58 @@ func TestBitRuns(t *testing.T) {
 	require.NoError(t, bitRuns(bm, 64, func(pg, n uint64) error { got = append(got, [2]uint64{pg, n}); return nil }))
 	require.Equal(t, [][2]uint64{{0, 2}, {3, 1}, {63, 64}, {127, 2}, {261, 1}}, got)
 }
+
+// After Forget, Arm protects only the pages it is given, not the last
+// snapshot's, until a Begin makes a new snapshot the prediction (a
+// checkpoint copied with the guest stopped in between).
+func TestForgetDropsThePrediction(t *testing.T) {
+	m, err := New([]Spec{{GPA: 0, Size: 256 * PageSize}})
+	require.NoError(t, err)
+	defer m.Close()
+	host := m.Regions()[0].Host
+	fillPage(host, 9) // present: write-protection holds present pages
+	p, err := NewProtector(m)
+	require.NoError(t, err)
+	defer p.Close()
+	snap := func(pages ...int) {
+		t.Helper()
+		set := newSet(m)
+		for _, pg := range pages {
+			set.add(m, GPA(pg*PageSize))
+		}
+		s, err := p.Begin(set, make([]byte, len(pages)*PageSize))
+		require.NoError(t, err)
+		go s.Copy()
+		_, err = s.Wait()
+		require.NoError(t, err)
+	}
+	// write stamps page pg and reports whether it was armed (noted as
+	// touched: ArmedWrites grew).
+	write := func(pg int, v byte) bool {
+		before := p.Stats().ArmedWrites
+		fillPage(host[pg*PageSize:(pg+1)*PageSize], v)
+		return p.Stats().ArmedWrites > before
+	}
+	snap(0, 1, 2, 3)
+	require.NoError(t, p.Arm(nil))
+	require.True(t, write(1, 1), "armed from the last snapshot")
+	p.Disarm()
+	require.False(t, write(2, 2), "disarmed")
+
+	p.Forget()
+	require.NoError(t, p.Arm(nil))
+	require.False(t, write(3, 3), "forgotten: Arm(nil) protects nothing")
+	extra := newSet(m)
+	extra.add(m, GPA(100*PageSize))
+	require.NoError(t, p.Arm(extra))
+	require.False(t, write(0, 4), "forgotten: the last snapshot's pages stay unarmed")
+	require.True(t, write(100, 4), "the pages given are armed")
+	p.Disarm()
+
+	snap(200, 201)
+	require.NoError(t, p.Arm(nil))
+	require.True(t, write(201, 5), "a Begin makes its snapshot the prediction again")
+	require.False(t, write(0, 5), "the snapshot before the Forget is not predicted")
+	p.Disarm()
+	require.NoError(t, p.Close())
+}

@@ -102,6 +102,7 @@ func (p *Protector) Begin(set PageBitmap, dst []byte) (*Snapshot, error) {
 		p.state = make([]atomic.Uint64, s.n+s.n/4)
 	}
 	p.last = s
+	p.forgot = false
 	p.mem.snap.Store(s)
 	p.mem.wp.Store(p)
 	return s, nil

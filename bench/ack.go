@@ -1,0 +1,275 @@
+package bench
+
+import (
+	"context"
+	"crypto/rand"
+	"fmt"
+	"io"
+	"log/slog"
+	"syscall"
+	"time"
+
+	"govmm/replicate/stream"
+	"govmm/vmm/guestmem"
+)
+
+// AckConfig parameterizes the ack suite: issue 13's time to ack against
+// the loopback bound of the bytes actually sent, for the stream alone.
+type AckConfig struct {
+	// Pages are the dirty pages per checkpoint (default 1000, 4096, 65536).
+	Pages []int
+	// Rounds per point (default 10); each round is one batch of the
+	// stream, then one of the bound on the same bytes.
+	Rounds int
+	// Batch is how long a batch runs at least (default 200ms; at least
+	// three checkpoints): CPU time is read per batch, as the process's
+	// user and system time, whose ticks are too coarse for one
+	// checkpoint of 1,000 pages.
+	Batch time.Duration
+	// Gaps are the pauses after each ack before the next checkpoint
+	// (default 0 and 50ms): back to back, each checkpoint's work meets
+	// the last one's leftovers (the standby's copy into memory after its
+	// ack); a gap stands for the epoch in which a replicated guest runs
+	// between two checkpoints. Only the checkpoints are timed.
+	Gaps []time.Duration
+	Out  string
+	Log  io.Writer
+}
+
+// AckSample is one batch: a stream's checkpoints or the bound's
+// transfers of the same size, over one connection.
+type AckSample struct {
+	Keyed bool
+	Pages int
+	Kind  string // "stream" or "bound"
+	Gap   time.Duration
+	Round int
+	Acks  int
+	Wall  time.Duration // per ack
+	CPU   time.Duration // per ack: both ends, user and system
+	Wire  int           // bytes on the wire per checkpoint
+}
+
+// AckResult is the ack suite's outcome.
+type AckResult struct {
+	Config  AckConfig
+	Samples []AckSample
+}
+
+// Ack runs checkpoints of cfg.Pages distinct non-zero pages (and 64 KiB
+// of state, uncompressed, the standby's StagingSink over flat memory)
+// from a stream.Sender to a stream.Receiver in this process over
+// loopback TCP, keyed (AES-256-GCM) and unkeyed, each waiting for its ack
+// before the next, and beside each batch the loopback bound: the same
+// number of bytes written on a plain loopback TCP connection until a
+// one-byte ack comes back. It is BenchmarkAck (replicate/stream) run as
+// interleaved rounds, so that a ratio compares neighbours in time.
+func Ack(ctx context.Context, cfg AckConfig) (*AckResult, error) {
+	if len(cfg.Pages) == 0 {
+		cfg.Pages = []int{1000, 4096, 65536}
+	}
+	if cfg.Rounds == 0 {
+		cfg.Rounds = 10
+	}
+	if cfg.Batch == 0 {
+		cfg.Batch = 200 * time.Millisecond
+	}
+	if len(cfg.Gaps) == 0 {
+		cfg.Gaps = []time.Duration{0, 50 * time.Millisecond}
+	}
+	if cfg.Log == nil {
+		cfg.Log = io.Discard
+	}
+	res := &AckResult{Config: cfg}
+	for _, keyed := range []bool{true, false} {
+		for _, n := range cfg.Pages {
+			fmt.Fprintf(cfg.Log, "ack: keyed=%v pages=%d\n", keyed, n)
+			s, err := ackPoint(ctx, cfg, keyed, n)
+			res.Samples = append(res.Samples, s...)
+			if err != nil {
+				return res, err
+			}
+		}
+	}
+	return res, res.write(cfg.Out)
+}
+
+// ackPoint runs cfg.Rounds rounds at one point: a stream batch, then a
+// bound batch of the stream's wire bytes.
+func ackPoint(ctx context.Context, cfg AckConfig, keyed bool, n int) ([]AckSample, error) {
+	s, closePair, err := ackPair(ctx, keyed, n)
+	if err != nil {
+		return nil, err
+	}
+	defer closePair()
+	tx, rx, err := loopbackPair(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer tx.Close()
+	defer rx.Close()
+	go ackEach(rx)
+	src := make([]byte, n*guestmem.PageSize)
+	for i := range src {
+		src[i] = byte(i*7 + i>>12) // distinct pages, none zero
+	}
+	state := make([]byte, 64<<10)
+	epoch := uint64(0)
+	one := func() (int, error) {
+		epoch++
+		before := s.Stats().BytesSent
+		err := ackCheckpoint(ctx, s, epoch, src, state)
+		return int(s.Stats().BytesSent - before), err
+	}
+	wire, err := one() // warms both ends
+	if err != nil {
+		return nil, err
+	}
+	buf := make([]byte, 8+wire)
+	putLeUint64(buf, uint64(wire))
+	ack := make([]byte, 1)
+	bound := func() (int, error) {
+		if _, err := tx.Write(buf); err != nil {
+			return 0, err
+		}
+		_, err := io.ReadFull(tx, ack)
+		return wire, err
+	}
+	if _, err := bound(); err != nil {
+		return nil, err
+	}
+	var out []AckSample
+	for r := range cfg.Rounds {
+		for _, gap := range cfg.Gaps {
+			for _, kind := range []string{"stream", "bound"} {
+				f := one
+				if kind == "bound" {
+					f = bound
+				}
+				smp, err := ackBatch(ctx, cfg.Batch, gap, f)
+				if err != nil {
+					return out, fmt.Errorf("ack %s keyed=%v pages=%d: %w", kind, keyed, n, err)
+				}
+				smp.Keyed, smp.Pages, smp.Kind, smp.Gap, smp.Round = keyed, n, kind, gap, r
+				out = append(out, smp)
+			}
+		}
+	}
+	return out, nil
+}
+
+// ackBatch runs f, then waits gap, until d has passed (at least three
+// times), and returns the wall time per run (f alone), the CPU time per
+// run (gaps included: what the checkpoint left running counts), and the
+// wire bytes of the last.
+func ackBatch(ctx context.Context, d, gap time.Duration, f func() (int, error)) (AckSample, error) {
+	var smp AckSample
+	var wall time.Duration
+	cpu0, t0 := cpuNow(), time.Now()
+	for smp.Acks < 3 || time.Since(t0) < d {
+		t := time.Now()
+		w, err := f()
+		if err != nil {
+			return smp, err
+		}
+		wall += time.Since(t)
+		smp.Acks++
+		smp.Wire = w
+		if gap > 0 {
+			select {
+			case <-time.After(gap):
+			case <-ctx.Done():
+				return smp, ctx.Err()
+			}
+		}
+	}
+	smp.Wall = wall / time.Duration(smp.Acks)
+	smp.CPU = (cpuNow() - cpu0) / time.Duration(smp.Acks)
+	return smp, nil
+}
+
+// ackPair is a Sender connected to a running Receiver over loopback TCP,
+// with the layout of n pages and a StagingSink over flat memory.
+func ackPair(ctx context.Context, keyed bool, n int) (*stream.Sender, func(), error) {
+	id := stream.Identity{Name: "bench-ack", Regions: []stream.Region{{GPA: 0, Size: uint64(n) * guestmem.PageSize}}, VCPUs: 1}
+	quiet := slog.New(slog.DiscardHandler)
+	rcfg := stream.Config{Identity: id, Logger: quiet, Sink: &stream.StagingSink{Dest: flatMemory(make([]byte, n*guestmem.PageSize))},
+		Compression: stream.CompressNone}
+	scfg := stream.Config{Identity: id, Logger: quiet, Compression: stream.CompressNone}
+	if keyed {
+		key := make([]byte, 32)
+		_, _ = rand.Read(key)
+		rcfg.Key, scfg.Key = key, key
+	} else {
+		rcfg.Insecure, scfg.Insecure = true, true
+	}
+	ln, err := stream.Listen("127.0.0.1:0", rcfg)
+	if err != nil {
+		return nil, nil, err
+	}
+	type accepted struct {
+		r   *stream.Receiver
+		err error
+	}
+	ch := make(chan accepted, 1)
+	go func() {
+		r, err := ln.Accept(ctx)
+		ch <- accepted{r, err}
+	}()
+	s, err := stream.Dial(ctx, ln.Addr().String(), scfg)
+	if err != nil {
+		ln.Close()
+		return nil, nil, err
+	}
+	a := <-ch
+	ln.Close()
+	if a.err != nil {
+		s.Close()
+		return nil, nil, a.err
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_ = a.r.Run(ctx)
+	}()
+	return s, func() { s.Close(); a.r.Close(); <-done }, nil
+}
+
+// ackCheckpoint sends src's pages and state as checkpoint epoch and
+// waits for its ack. Its pages are stable, as replicate's staging
+// buffer is (SendStablePage).
+func ackCheckpoint(ctx context.Context, s *stream.Sender, epoch uint64, src, state []byte) error {
+	if err := s.BeginCheckpoint(epoch, stream.KindEpoch); err != nil {
+		return err
+	}
+	for off := 0; off < len(src); off += guestmem.PageSize {
+		if err := s.SendStablePage(guestmem.GPA(off), src[off:off+guestmem.PageSize]); err != nil {
+			return err
+		}
+	}
+	if err := s.SendState(state); err != nil {
+		return err
+	}
+	if err := s.EndCheckpoint(); err != nil {
+		return err
+	}
+	return s.WaitAck(ctx, epoch)
+}
+
+// flatMemory is the standby's guest memory for the ack suite.
+type flatMemory []byte
+
+// WriteAt implements stream.PageWriter.
+func (m flatMemory) WriteAt(p []byte, gpa guestmem.GPA) error {
+	copy(m[gpa:], p)
+	return nil
+}
+
+// cpuNow is this process's CPU time so far, user and system, all threads.
+func cpuNow() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}

@@ -1,0 +1,160 @@
+package bench
+
+import (
+	"fmt"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// ackPoint is the samples of one mode and page count, by kind, and the
+// per-round ratios of stream to bound (wall and CPU).
+type ackPointSamples struct {
+	keyed         bool
+	pages         int
+	gap           time.Duration
+	stream, bound []AckSample
+	wall, cpu     []float64 // per round: stream / bound
+}
+
+// points groups the samples per mode and page count, in run order.
+func (r *AckResult) points() []*ackPointSamples {
+	var out []*ackPointSamples
+	find := func(keyed bool, pages int, gap time.Duration) *ackPointSamples {
+		for _, p := range out {
+			if p.keyed == keyed && p.pages == pages && p.gap == gap {
+				return p
+			}
+		}
+		p := &ackPointSamples{keyed: keyed, pages: pages, gap: gap}
+		out = append(out, p)
+		return p
+	}
+	for _, s := range r.Samples {
+		p := find(s.Keyed, s.Pages, s.Gap)
+		if s.Kind == "stream" {
+			p.stream = append(p.stream, s)
+			continue
+		}
+		p.bound = append(p.bound, s)
+		if k := len(p.bound) - 1; k < len(p.stream) {
+			st := p.stream[k]
+			p.wall = append(p.wall, float64(st.Wall)/float64(s.Wall))
+			p.cpu = append(p.cpu, float64(st.CPU)/float64(s.CPU))
+		}
+	}
+	return out
+}
+
+func modeName(keyed bool) string {
+	if keyed {
+		return "keyed"
+	}
+	return "unkeyed"
+}
+
+// ackMs summarizes the wall or CPU milliseconds per ack of samples.
+func ackMs(samples []AckSample, cpu bool) Summary {
+	var xs []float64
+	for _, s := range samples {
+		if cpu {
+			xs = append(xs, msOf(s.CPU))
+		} else {
+			xs = append(xs, msOf(s.Wall))
+		}
+	}
+	return Summarize(xs)
+}
+
+// Report is the suite's section of report.md.
+func (r *AckResult) Report() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "Stream alone (`replicate/stream`, as `BenchmarkAck`): a Sender and a Receiver in this process over loopback TCP, "+
+		"each checkpoint %s distinct non-zero pages and 64 KiB of state, uncompressed, into a `StagingSink` over flat memory, "+
+		"each waiting for its ack before the next; keyed (AES-256-GCM) and unkeyed (in clear, checked by the End frame's sum). "+
+		"Beside each batch, the *loopback bound*: the same number of bytes (the checkpoint's wire bytes) written on a plain "+
+		"loopback TCP connection until a one-byte ack comes back. %d rounds per point, each a batch of the stream then one of "+
+		"the bound (each batch at least %v and three acks), each checkpoint (and each bound transfer) followed by a *gap* "+
+		"(%s): back to back, a checkpoint meets the last one's leftovers (the standby copies a checkpoint into memory after "+
+		"its ack); a gap stands for the epoch a replicated guest runs between two checkpoints; only the checkpoints are "+
+		"timed, while the CPU per ack counts the gaps too. *ratio* is the median of the rounds' stream/bound ratios, so "+
+		"neighbours in time are compared. *CPU* is the process's user and system time per ack (both ends: on this host they "+
+		"share the cores, so an ack cannot come sooner than its CPU divided by the cores). Raw data `ack.csv` (one row per "+
+		"batch); plots `ack_time.png` (ms per ack) and `ack_cpu.png` (CPU ms per ack), log–log.\n\n",
+		joinInts(r.Config.Pages), r.Config.Rounds, r.Config.Batch, joinDurations(r.Config.Gaps))
+	b.WriteString("| mode | dirty pages | gap | wire B/page | stream ms/ack median (p25–p75) | bound ms/ack median (p25–p75) | ratio median (p25–p75) | stream CPU ms/ack | bound CPU ms/ack | CPU ratio median |\n")
+	b.WriteString("|---|---|---|---|---|---|---|---|---|---|\n")
+	for _, p := range r.points() {
+		sw, bw, sc, bc := ackMs(p.stream, false), ackMs(p.bound, false), ackMs(p.stream, true), ackMs(p.bound, true)
+		wr, cr := Summarize(p.wall), Summarize(p.cpu)
+		wire := 0.0
+		if len(p.stream) > 0 {
+			wire = float64(p.stream[0].Wire) / float64(p.pages)
+		}
+		fmt.Fprintf(&b, "| %s | %d | %v | %.0f | %.2f (%.2f–%.2f) | %.2f (%.2f–%.2f) | %.2f× (%.2f–%.2f) | %.2f | %.2f | %.2f× |\n",
+			modeName(p.keyed), p.pages, p.gap, wire, sw.Median, sw.P25, sw.P75, bw.Median, bw.P25, bw.P75,
+			wr.Median, wr.P25, wr.P75, sc.Median, bc.Median, cr.Median)
+	}
+	return b.String()
+}
+
+func joinDurations(ds []time.Duration) string {
+	var s []string
+	for _, d := range ds {
+		s = append(s, d.String())
+	}
+	return strings.Join(s, ", ")
+}
+
+func joinInts(xs []int) string {
+	var s []string
+	for _, x := range xs {
+		s = append(s, strconv.Itoa(x))
+	}
+	return strings.Join(s, ", ")
+}
+
+// write saves ack.csv and the plots into dir.
+func (r *AckResult) write(dir string) error {
+	var rows [][]string
+	for _, s := range r.Samples {
+		rows = append(rows, []string{modeName(s.Keyed), strconv.Itoa(s.Pages), s.Kind, ftoa(msOf(s.Gap), 0), strconv.Itoa(s.Round), strconv.Itoa(s.Acks),
+			ftoa(msOf(s.Wall), 4), ftoa(msOf(s.CPU), 4), strconv.Itoa(s.Wire)})
+	}
+	if err := writeCSV(filepath.Join(dir, "ack.csv"), []string{"mode", "pages", "kind", "gap_ms", "round", "acks", "wall_ms_per_ack",
+		"cpu_ms_per_ack", "wire_bytes"}, rows); err != nil {
+		return err
+	}
+	for _, cpu := range []bool{false, true} {
+		var series []Series
+		for _, keyed := range []bool{true, false} {
+			for _, gap := range r.Config.Gaps {
+				for _, kind := range []string{"stream", "bound"} {
+					s := Series{Name: fmt.Sprintf("%s (%s, gap %v)", kind, modeName(keyed), gap), Line: true, Dashed: kind == "bound"}
+					for _, p := range r.points() {
+						if p.keyed != keyed || p.gap != gap {
+							continue
+						}
+						smp := p.stream
+						if kind == "bound" {
+							smp = p.bound
+						}
+						m := ackMs(smp, cpu)
+						s.X, s.Y = append(s.X, float64(p.pages)), append(s.Y, m.Median)
+						s.Lo, s.Hi = append(s.Lo, m.P25), append(s.Hi, m.P75)
+					}
+					series = append(series, s)
+				}
+			}
+		}
+		name, title, ylabel := "ack_time.png", "Time to ack: stream vs loopback bound", "ms per ack (median, p25–p75)"
+		if cpu {
+			name, title, ylabel = "ack_cpu.png", "CPU per ack (both ends): stream vs loopback bound", "CPU ms per ack (median, p25–p75)"
+		}
+		if err := lineChart(filepath.Join(dir, name), title, "dirty pages per checkpoint", ylabel, LogLog, series); err != nil {
+			return err
+		}
+	}
+	return nil
+}
