@@ -137,6 +137,9 @@ func (m *Machine) finish(r Result, err error) {
 func (m *Machine) Close() error {
 	m.finish(Result{Reason: "closed"}, nil)
 	m.wg.Wait()
+	if n := m.procs.Swap(0); n > 0 {
+		releaseProcs(int(n))
+	}
 	m.closeDirtyRings()
 	var errs []error
 	for _, c := range m.vcpus {

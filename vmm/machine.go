@@ -83,6 +83,7 @@ type Result struct {
 // Machine is one VM: its memory, vCPUs, buses and legacy devices.
 type Machine struct {
 	cfg    Config
+	procs  atomic.Int32 // vCPUs' worth of Ps held (procs.go) until Close
 	sys    *kvmapi.System
 	vm     *kvmapi.VM
 	mem    *guestmem.Memory
@@ -161,6 +162,9 @@ func New(cfg Config) (*Machine, error) {
 	if err := m.build(); err != nil {
 		m.Close()
 		return nil, err
+	}
+	if holdProcs(cfg.CPUs) {
+		m.procs.Store(int32(cfg.CPUs))
 	}
 	return m, nil
 }
