@@ -93,13 +93,21 @@ func bootTraceTrial(ctx context.Context, cmd *exec.Cmd, guestBytes uint64, timeo
 	case <-ctx.Done():
 		return r, ctx.Err()
 	}
-	lines := rec.Lines()
+	return readyTrial(cmd, start, rec.Lines(), setup, guestBytes)
+}
+
+// readyTrial is a boot trial's result once its ready line came: the time
+// to it from start, the VMM's memory, and the phases from the guest's
+// lines and, for govmm, the VMM setup its report gives on setup.
+func readyTrial(cmd *exec.Cmd, start time.Time, lines []boottrace.Line, setup <-chan time.Duration, guestBytes uint64) (bootTrialResult, error) {
+	var r bootTrialResult
 	for _, l := range lines {
 		if strings.Contains(l.Text, boottrace.ReadyLine) {
 			r.ready = l.At.Sub(start)
 			break
 		}
 	}
+	var err error
 	if r.mem, err = readMemory(cmd.Process.Pid, guestBytes); err != nil {
 		return r, err
 	}
