@@ -121,7 +121,7 @@ func Boot(ctx context.Context, cfg BootConfig) ([]BootSample, error) {
 	var samples []BootSample
 	for run := 1; run <= cfg.Runs; run++ {
 		for i := range peers {
-			p := peers[(i+run-1)%len(peers)] // rotate who goes first
+			p := peers[bootOrder(run, i, len(peers))]
 			tr, err := bootTraceTrial(ctx, p.cmd(), guestBytes, cfg.Timeout)
 			if err != nil {
 				return samples, fmt.Errorf("boot %s run %d: %w", p.name, run, err)
@@ -144,6 +144,17 @@ func Boot(ctx context.Context, cfg BootConfig) ([]BootSample, error) {
 		}
 	}
 	return samples, nil
+}
+
+// bootOrder is which of n peers boots i-th in run (from 1): who goes
+// first rotates, and every other run goes the other way round, so that no
+// peer always boots right after the same one (a long QEMU boot left the
+// lab's L1 slower for the next guest's kernel init: docs/BOOT.md).
+func bootOrder(run, i, n int) int {
+	if run%2 == 0 {
+		return ((run-1-i)%n + n) % n
+	}
+	return (i + run - 1) % n
 }
 
 // bootPeer is one way of booting the guest that Boot measures: its name
