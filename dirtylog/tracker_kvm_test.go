@@ -262,7 +262,15 @@ func TestGuestDirtyRingFull(t *testing.T) {
 		// done): back-to-back harvests would keep it from ever filling.
 		var seen uint64
 		afterFull := func() {
+			deadline := time.Now().Add(60 * time.Second)
 			for m.ExitCounts()[kvmapi.ExitDirtyRingFull] == seen && passes(t, m) < total {
+				select {
+				case <-m.Done():
+					_, err := m.Wait()
+					t.Fatalf("the guest stopped after %d passes: %v", passes(t, m), err)
+				default:
+				}
+				require.True(t, time.Now().Before(deadline), "no ring-full exit and no pass in 60 s")
 				time.Sleep(50 * time.Microsecond)
 			}
 			seen = m.ExitCounts()[kvmapi.ExitDirtyRingFull]

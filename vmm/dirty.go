@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math/bits"
 	"sync"
+	"sync/atomic"
 
 	"govmm/dirtylog"
 	"govmm/kvmapi"
@@ -62,6 +63,12 @@ type dirtyRings struct {
 	rings  []*kvmapi.DirtyRing // one per vCPU created
 	active *dirtySlots         // the open tracker's side, or nil
 	closed bool                // the vCPU fds (and their rings) are gone
+
+	// resets counts KVM_RESET_DIRTY_RINGS (written under mu, read by the
+	// vCPUs without it): a vCPU notes it before each KVM_RUN, so that at
+	// a ring-full exit it can tell a ring a harvest emptied meanwhile
+	// from KVM out of step with us.
+	resets atomic.Uint64
 }
 
 // setupDirtyTracking picks the machine's dirty tracking (Config.DirtyTracking)
@@ -147,8 +154,11 @@ func (m *Machine) addDirtyRing(fd *kvmapi.VCPU) error {
 // into the open tracker's pending pages (the next harvest reports them),
 // or drops the entries when no tracker is open (then nothing logs, and
 // the next tracker starts from "everything clean"), and re-arms them, so
-// that the vCPU can run again.
-func (m *Machine) dirtyRingFull() error {
+// that the vCPU can run again. resetsAtRun is m.ring.resets as the vCPU
+// entered KVM_RUN: a harvest that reaped and reset the rings between the
+// exit and this call leaves nothing to collect, and the vCPU just runs
+// again.
+func (m *Machine) dirtyRingFull(resetsAtRun uint64) error {
 	m.ring.mu.Lock()
 	defer m.ring.mu.Unlock()
 	add := func(uint32, uint64) {}
@@ -156,9 +166,10 @@ func (m *Machine) dirtyRingFull() error {
 		add = d.addPending
 	}
 	n, err := m.reapLocked(add)
-	if err == nil && n == 0 {
-		// KVM counts the ring full, yet no entry is there to collect:
-		// it is out of step with us, and the vCPU would spin on this
+	if err == nil && n == 0 && m.ring.resets.Load() == resetsAtRun {
+		// KVM counts the ring full, yet no entry is there to collect
+		// and nobody reset the rings since the vCPU entered KVM_RUN:
+		// KVM is out of step with us, and the vCPU would spin on this
 		// exit for ever.
 		err = ErrDirtyRingOverflow
 	}
@@ -191,6 +202,7 @@ func (m *Machine) reapLocked(add func(slot uint32, page uint64)) (int, error) {
 	if _, err := m.vm.ResetDirtyRings(); err != nil {
 		return 0, fmt.Errorf("reset dirty rings: %w", err)
 	}
+	m.ring.resets.Add(1)
 	return n, nil
 }
 

@@ -44,6 +44,10 @@ type vcpu struct {
 
 	cpuid []kvmapi.CPUIDEntry // as set at setup; read by SaveState while paused
 
+	// resetsAtRun is the machine's dirty-ring reset count as this vCPU
+	// last entered KVM_RUN (dirtyRingFull); its own thread's only.
+	resetsAtRun uint64
+
 	exits [kvmapi.NumExitReasons]atomic.Uint64 // exits that reached run, by reason
 	stats atomic.Pointer[kvmapi.Stats]         // KVM's own counters; nil before 5.14
 }
@@ -120,6 +124,7 @@ func (c *vcpu) setup() error {
 // run is the KVM_RUN loop.
 func (c *vcpu) run() error {
 	for {
+		c.resetsAtRun = c.m.ring.resets.Load()
 		ex, err := c.fd.Run()
 		if errors.Is(err, kvmapi.ErrInterrupted) {
 			// Clear immediate_exit before draining: a request sent after
@@ -177,6 +182,7 @@ func (c *vcpu) paused(r vcpuReq) bool {
 	// consistent.
 	c.fd.SetImmediateExit(true)
 	for {
+		c.resetsAtRun = c.m.ring.resets.Load()
 		ex, err := c.fd.Run()
 		if errors.Is(err, kvmapi.ErrInterrupted) {
 			break
@@ -218,7 +224,7 @@ func (c *vcpu) paused(r vcpuReq) bool {
 // dirty ring is reaped (dirty.go) so that the vCPU can go on.
 func (c *vcpu) handle(ex kvmapi.Exit) error {
 	if ex.Reason == kvmapi.ExitDirtyRingFull {
-		return c.m.dirtyRingFull()
+		return c.m.dirtyRingFull(c.resetsAtRun)
 	}
 	return handleExit(ex, c.m.pio, c.m.mmio, c.m.finish)
 }
