@@ -49,12 +49,7 @@ func TestCopiesOfShippedPages(t *testing.T) {
 	}
 	for _, comp := range []Compression{CompressNone, CompressS2, CompressZstd} {
 		t.Run(comp.String(), func(t *testing.T) {
-			scfg, rcfg := deltaCfgs()
-			scfg.Compression = comp
-			sink := NewMemSink()
-			rcfg.Sink = sink
-			s, r := pipePair(t, scfg, rcfg)
-			run := runReceiver(t, r)
+			s, r, sink, run := deltaPair(t, comp)
 			mem := map[GPA][]byte{}
 			for k, st := range steps {
 				e := uint64(k + 1)
@@ -151,11 +146,7 @@ func TestReceiverRefusesBadCopies(t *testing.T) {
 	s, r, sink, run := deltaPairAfterOne(t)
 	require.NoError(t, s.BeginCheckpoint(2, KindEpoch))
 	body := entry(5*PageSize, good, 0)
-	if s.summed(true) { // a keyed session's sum leaves stored sections to the tags
-		s.sum.Section(container.TypePages, body[pagesHeader:])
-	}
-	s.cur.pages++
-	forge(t, s, framePages, body)
+	forgeCountedPages(t, s, body)
 	require.NoError(t, s.EndCheckpoint())
 	require.NoError(t, s.WaitAck(ctxTimeout(t, 10*time.Second), 2))
 	assert.Equal(t, src, sink.Page(5*PageSize))
@@ -182,12 +173,7 @@ func TestCopiesRandomWrites(t *testing.T) {
 	for _, comp := range []Compression{CompressNone, CompressS2, CompressZstd} {
 		t.Run(comp.String(), func(t *testing.T) {
 			rng := rand.New(rand.NewPCG(uint64(comp), 13))
-			scfg, rcfg := deltaCfgs()
-			scfg.Compression = comp
-			sink := NewMemSink()
-			rcfg.Sink = sink
-			s, r := pipePair(t, scfg, rcfg)
-			run := runReceiver(t, r)
+			s, r, sink, run := deltaPair(t, comp)
 			mem := map[GPA][]byte{}
 			contents := func() []byte {
 				switch k := rng.IntN(20); {

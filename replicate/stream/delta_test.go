@@ -25,13 +25,21 @@ func deltaCfgs() (Config, Config) {
 // three pages) sent: the base that forged frames of checkpoint 2 build on.
 func deltaPairAfterOne(t *testing.T) (*Sender, *Receiver, *MemSink, <-chan error) {
 	t.Helper()
+	s, r, sink, run := deltaPair(t, CompressNone)
+	require.NoError(t, sendCheckpoint(s, 1, KindEpoch, 3, []byte("s")))
+	return s, r, sink, run
+}
+
+// deltaPair is a sender and a running receiver that agreed on deltas,
+// the sender compressing with comp, the receiver staging into a MemSink.
+func deltaPair(t *testing.T, comp Compression) (*Sender, *Receiver, *MemSink, <-chan error) {
+	t.Helper()
 	scfg, rcfg := deltaCfgs()
+	scfg.Compression = comp
 	sink := NewMemSink()
 	rcfg.Sink = sink
 	s, r := pipePair(t, scfg, rcfg)
-	run := runReceiver(t, r)
-	require.NoError(t, sendCheckpoint(s, 1, KindEpoch, 3, []byte("s")))
-	return s, r, sink, run
+	return s, r, sink, runReceiver(t, r)
 }
 
 // refuseForgedPages forges body as a Pages frame of checkpoint 2 once 1 is
@@ -50,6 +58,18 @@ func refuseForgedPages(t *testing.T, body []byte, want error) *MemSink {
 	assert.Equal(t, page(1001), sink.Page(PageSize))
 	assert.Zero(t, sink.Staged())
 	return sink
+}
+
+// forgeCountedPages sends a forged stored Pages frame of body as the
+// sender would have sent it: summed (unless a keyed session's tags cover
+// it) and counted, so that the checkpoint's End agrees with it.
+func forgeCountedPages(t *testing.T, s *Sender, body []byte) {
+	t.Helper()
+	if s.summed(true) {
+		s.sum.Section(container.TypePages, body[pagesHeader:])
+	}
+	s.cur.pages++
+	forge(t, s, framePages, body)
 }
 
 // evolve is page i at epoch e of TestDeltaChainsAcrossEpochs: most pages
@@ -237,11 +257,7 @@ func TestReceiverRefusesBadDeltas(t *testing.T) {
 	s, _, sink, run := deltaPairAfterOne(t)
 	require.NoError(t, s.BeginCheckpoint(2, KindEpoch))
 	body := xorEntry(PageSize, crc32.Checksum(right, castagnoli), PageSize)
-	if s.summed(true) { // a keyed session's sum leaves stored sections to the tags
-		s.sum.Section(container.TypePages, body[pagesHeader:])
-	}
-	s.cur.pages++
-	forge(t, s, framePages, body)
+	forgeCountedPages(t, s, body)
 	require.NoError(t, s.EndCheckpoint())
 	require.NoError(t, s.WaitAck(ctxTimeout(t, 10*time.Second), 2))
 	assert.Equal(t, right, sink.Page(PageSize))
