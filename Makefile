@@ -73,15 +73,15 @@ vet:
 	$(GO) vet ./...
 
 fuzz:
-	$(GO) test -run '^$$' -fuzz FuzzChainWalk -fuzztime $(FUZZTIME) ./virtio/
-	$(GO) test -run '^$$' -fuzz FuzzServeHTTP -fuzztime $(FUZZTIME) ./ctlapi/
-	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime $(FUZZTIME) ./vmm/container/
-	$(GO) test -run '^$$' -fuzz FuzzParsePages -fuzztime $(FUZZTIME) ./vmm/container/
-	$(GO) test -run '^$$' -fuzz FuzzStateBody -fuzztime $(FUZZTIME) ./vmm/
-	$(GO) test -run '^$$' -fuzz FuzzSnapshotConfig -fuzztime $(FUZZTIME) ./vmm/
-	$(GO) test -run '^$$' -fuzz FuzzDecodeFrame -fuzztime $(FUZZTIME) ./replicate/stream/
-	$(GO) test -run '^$$' -fuzz FuzzDecodeFrame -fuzztime $(FUZZTIME) ./replicate/witness/
-	$(GO) test -run '^$$' -fuzz FuzzDecodeState -fuzztime $(FUZZTIME) ./replicate/witness/
+	GO=$(GO) scripts/fuzz.sh $(FUZZTIME) FuzzChainWalk ./virtio/
+	GO=$(GO) scripts/fuzz.sh $(FUZZTIME) FuzzServeHTTP ./ctlapi/
+	GO=$(GO) scripts/fuzz.sh $(FUZZTIME) '^FuzzParse$$' ./vmm/container/
+	GO=$(GO) scripts/fuzz.sh $(FUZZTIME) FuzzParsePages ./vmm/container/
+	GO=$(GO) scripts/fuzz.sh $(FUZZTIME) FuzzStateBody ./vmm/
+	GO=$(GO) scripts/fuzz.sh $(FUZZTIME) FuzzSnapshotConfig ./vmm/
+	GO=$(GO) scripts/fuzz.sh $(FUZZTIME) FuzzDecodeFrame ./replicate/stream/
+	GO=$(GO) scripts/fuzz.sh $(FUZZTIME) FuzzDecodeFrame ./replicate/witness/
+	GO=$(GO) scripts/fuzz.sh $(FUZZTIME) FuzzDecodeState ./replicate/witness/
 
 # Unit and tiny-guest tests here; then the real-guest tests (TestGuest*)
 # where Linux boots: on this host's KVM if it can, else in the lab.
