@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -54,7 +55,6 @@ func bootTraceTrial(ctx context.Context, cmd *exec.Cmd, guestBytes uint64, timeo
 		}
 	}
 	setup := make(chan time.Duration, 1)
-	var lastErr strings.Builder
 	start := time.Now()
 	// govmm's boot trace then measures its VMM setup from here, exec and
 	// the Go runtime's start included, as the ready time is.
@@ -74,26 +74,61 @@ func bootTraceTrial(ctx context.Context, cmd *exec.Cmd, guestBytes uint64, timeo
 		_, _ = io.Copy(rec, stdout)
 		close(exited)
 	}()
-	go func() {
-		sc := bufio.NewScanner(stderrR)
-		for sc.Scan() {
-			if d, ok := boottrace.SetupFromReport(sc.Text()); ok {
-				setup <- d
-			} else if lastErr.Len() < 4096 {
-				lastErr.WriteString(sc.Text() + "\n")
-			}
-		}
-	}()
+	stderr := readStderr(stderrR, setup)
 	select {
 	case <-ready:
 	case <-exited:
-		return r, fmt.Errorf("%s exited before the ready line: %s", cmd.Path, lastLine(lastErr.String()))
+		return r, fmt.Errorf("%s exited before the ready line: %s", cmd.Path, stderr.last())
 	case <-time.After(timeout):
 		return r, fmt.Errorf("%s: no ready line within %s", cmd.Path, timeout)
 	case <-ctx.Done():
 		return r, ctx.Err()
 	}
 	return readyTrial(cmd, start, rec.Lines(), setup, guestBytes)
+}
+
+// vmmStderr reads a VMM's stderr in a goroutine of its own: the first
+// boot-trace report's VMM setup goes to setup, and the start of the rest
+// is kept for the error when the VMM exits before its ready line.
+type vmmStderr struct {
+	done chan struct{} // closed when stderr ends
+	mu   sync.Mutex
+	kept strings.Builder
+}
+
+func readStderr(r io.Reader, setup chan<- time.Duration) *vmmStderr {
+	e := &vmmStderr{done: make(chan struct{})}
+	go func() {
+		defer close(e.done)
+		sc := bufio.NewScanner(r)
+		for sc.Scan() {
+			if d, ok := boottrace.SetupFromReport(sc.Text()); ok {
+				select { // the first report's; never stop reading stderr
+				case setup <- d:
+				default:
+				}
+				continue
+			}
+			e.mu.Lock()
+			if e.kept.Len() < 4096 {
+				e.kept.WriteString(sc.Text() + "\n")
+			}
+			e.mu.Unlock()
+		}
+	}()
+	return e
+}
+
+// last is the last line kept, once stderr ended (or a second went by: a
+// child may hold it open).
+func (e *vmmStderr) last() string {
+	select {
+	case <-e.done:
+	case <-time.After(time.Second):
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return lastLine(e.kept.String())
 }
 
 // readyTrial is a boot trial's result once its ready line came: the time

@@ -3,6 +3,7 @@ package bench
 import (
 	"errors"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -89,4 +90,16 @@ func TestBootReportRatios(t *testing.T) {
 	r = BootReport(samples)
 	assert.Contains(t, r, "govmm takes 0.62× QEMU's median time to the ready line (goal ≤ 0.5×). Run by run (the two side by side in each run): median 0.50×, 0.50–1.20× over 3 runs.",
 		"medians 2500/4000; runs 0.50, 1.20, 0.50")
+}
+
+// A VMM that exits before its ready line fails the trial with its last
+// words on stderr, all of them read (the reader races the exit), and a
+// VMM setup report on stderr is not taken for them.
+func TestBootTrialEarlyExitSaysWhy(t *testing.T) {
+	for range 20 {
+		cmd := exec.Command("sh", "-c", "echo starting >&2; printf 'x%.0s' $(seq 100) >&2; echo >&2; echo 'no /dev/kvm here' >&2; exit 3")
+		_, err := bootTraceTrial(t.Context(), cmd, 0, 30*time.Second)
+		require.Error(t, err)
+		assert.Contains(t, err.Error(), "exited before the ready line: no /dev/kvm here")
+	}
 }
