@@ -69,6 +69,11 @@ type dirtyRings struct {
 	// a ring-full exit it can tell a ring a harvest emptied meanwhile
 	// from KVM out of step with us.
 	resets atomic.Uint64
+
+	// beforeFull, when set (by tests, before the machine starts), runs on
+	// the vCPU's thread at a ring-full exit before the rings are reaped:
+	// it puts a harvest into the window the resets count is for.
+	beforeFull func()
 }
 
 // setupDirtyTracking picks the machine's dirty tracking (Config.DirtyTracking)
@@ -159,6 +164,9 @@ func (m *Machine) addDirtyRing(fd *kvmapi.VCPU) error {
 // exit and this call leaves nothing to collect, and the vCPU just runs
 // again.
 func (m *Machine) dirtyRingFull(resetsAtRun uint64) error {
+	if m.ring.beforeFull != nil {
+		m.ring.beforeFull()
+	}
 	m.ring.mu.Lock()
 	defer m.ring.mu.Unlock()
 	add := func(uint32, uint64) {}
