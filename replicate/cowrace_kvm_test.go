@@ -106,8 +106,15 @@ func testCoWWritersRace(t *testing.T, copyMode CopyMode) {
 
 	var stalled string
 	lastEpochs, lastPasses, lastWrites := rep.Stats().Epochs, passes(t, prim), writes.Load()
-	for s := 0; s < 4 && stalled == ""; s++ {
-		time.Sleep(time.Second) // the scenario: a second of racing
+	// The scenario: four seconds of racing; with auto, on until it has
+	// switched ten times each way (a loaded host runs fewer epochs a
+	// second), for 20 s at most.
+	more := func(s int) bool {
+		sw := copySwitches(rep.Recent())
+		return s < 4 || copyMode == CopyAuto && s < 20 && (sw[0] < 10 || sw[1] < 10)
+	}
+	for s := 0; more(s) && stalled == ""; s++ {
+		time.Sleep(time.Second)
 		e, p, w := rep.Stats().Epochs, passes(t, prim), writes.Load()
 		switch {
 		case e == lastEpochs:
@@ -131,17 +138,24 @@ func testCoWWritersRace(t *testing.T, copyMode CopyMode) {
 	require.Positive(t, st.Faults+st.VMMWrites, "pages were copied before a write")
 	t.Logf("%d epochs, %d guest passes, %d writes; %+v", lastEpochs, lastPasses, lastWrites, st)
 	if copyMode == CopyAuto {
-		var switches [2]int // to copy-on-write, to stop-and-copy
 		recent := rep.Recent()
-		for i := 1; i < len(recent); i++ {
-			if a, b := recent[i-1].CopyMode, recent[i].CopyMode; a != b {
-				switches[map[bool]int{true: 0, false: 1}[b == string(CopyCoW)]]++
-			}
-		}
+		switches := copySwitches(recent)
 		t.Logf("of the last %d checkpoints: %d switches to copy-on-write, %d to stop-and-copy", len(recent), switches[0], switches[1])
 		require.GreaterOrEqual(t, switches[0], 10, "checkpoints switch to copy-on-write")
 		require.GreaterOrEqual(t, switches[1], 10, "checkpoints switch to stop-and-copy")
 	}
+}
+
+// copySwitches counts the checkpoints that copied otherwise than the one
+// before: [0] switches to copy-on-write, [1] to stop-and-copy.
+func copySwitches(recent []EpochStats) [2]int {
+	var switches [2]int
+	for i := 1; i < len(recent); i++ {
+		if a, b := recent[i-1].CopyMode, recent[i].CopyMode; a != b {
+			switches[map[bool]int{true: 0, false: 1}[b == string(CopyCoW)]]++
+		}
+	}
+	return switches
 }
 
 // threadWaits lists this process's threads and where in the kernel each
