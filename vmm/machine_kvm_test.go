@@ -8,9 +8,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"govmm/internal/kvmtest"
+	"govmm/internal/tinyguest"
 	"govmm/kvmapi"
 	"govmm/vmm/guestmem"
 )
@@ -157,6 +159,25 @@ func TestTripleFaultReportsRegisters(t *testing.T) {
 	require.True(t, errors.As(err, &ee))
 	require.Equal(t, kvmapi.ExitShutdown, ee.Reason)
 	require.Contains(t, err.Error(), "rip=")
+}
+
+// Pausing a machine that has stopped says why it stopped: a fatal
+// exit's error (a replicator's "initial sync: machine stopped" once said
+// nothing more), or the reason of a clean end.
+func TestPauseAfterStopSaysWhy(t *testing.T) {
+	m, _ := startTiny(t, 1, []byte{0x0f, 0x0b}) // triple fault
+	_, _ = waitResult(t, m)
+	err := m.Pause()
+	require.ErrorIs(t, err, ErrStopped)
+	var ve *VCPUError
+	require.True(t, errors.As(err, &ve), "got %v", err)
+	assert.Contains(t, err.Error(), "rip=")
+
+	m, _ = startTiny(t, 1, tinyguest.Exit(7))
+	_, _ = waitResult(t, m)
+	err = m.Pause()
+	require.ErrorIs(t, err, ErrStopped)
+	assert.EqualError(t, err, "machine stopped (exit-port)")
 }
 
 // Reads from an unclaimed MMIO address return all-ones and are counted.

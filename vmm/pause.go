@@ -7,6 +7,7 @@ package vmm
 import (
 	"context"
 	"errors"
+	"fmt"
 	"time"
 
 	"govmm/kvmapi"
@@ -14,6 +15,15 @@ import (
 
 // ErrStopped is returned by Pause and Resume on a machine that has stopped.
 var ErrStopped = errors.New("machine stopped")
+
+// stoppedErr is ErrStopped with why the machine stopped (a fatal vCPU
+// exit's error, or its result's reason), once m.done is closed.
+func (m *Machine) stoppedErr() error {
+	if m.err != nil {
+		return fmt.Errorf("%w: %w", ErrStopped, m.err)
+	}
+	return fmt.Errorf("%w (%s)", ErrStopped, m.result.Reason)
+}
 
 // Pause stops every vCPU at a consistent point: each has left KVM_RUN
 // with its pending PIO/MMIO completed. It returns when all are paused.
@@ -168,7 +178,7 @@ func (m *Machine) broadcastWhile(kind reqKind, fn func(int, *kvmapi.VCPU) error,
 		select {
 		case c.reqs <- vcpuReq{kind: kind, fn: fn, reply: replies[i]}:
 		case <-m.done:
-			return ErrStopped
+			return m.stoppedErr()
 		}
 		if kick {
 			c.kick()
@@ -183,7 +193,7 @@ func (m *Machine) broadcastWhile(kind reqKind, fn func(int, *kvmapi.VCPU) error,
 		case err := <-r:
 			errs = append(errs, err)
 		case <-m.done:
-			return ErrStopped
+			return m.stoppedErr()
 		}
 	}
 	return errors.Join(errs...)
@@ -210,7 +220,7 @@ func (m *Machine) releasePaused(release chan struct{}) error {
 				return err
 			}
 		case <-m.done:
-			return ErrStopped
+			return m.stoppedErr()
 		}
 	}
 	m.paused = 1
