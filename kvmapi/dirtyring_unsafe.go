@@ -66,6 +66,20 @@ func (r *DirtyRing) Collect(fn func(slot uint32, page uint64)) int {
 	}
 }
 
+// Holds says whether KVM has published at least n entries the VMM has not
+// collected yet: it looks at the n-th one only (KVM publishes in ring
+// order). Like Collect, it must not run concurrently with Collect.
+func (r *DirtyRing) Holds(n int) bool {
+	if n <= 0 {
+		return true
+	}
+	if n > len(r.gfns) {
+		return false
+	}
+	e := &r.gfns[(r.next+uint32(n)-1)%uint32(len(r.gfns))]
+	return atomic.LoadUint32(&e.Flags)&dirtyGFNDirty != 0
+}
+
 // Entries is the ring's size in entries.
 func (r *DirtyRing) Entries() int { return len(r.gfns) }
 

@@ -243,6 +243,13 @@ type dirtySlots struct {
 	pending map[uint32][]uint64
 	any     bool        // pending has a bit set
 	stray   [][2]uint64 // entries outside every slot: {slot, page}
+
+	// The ring watcher (ringwatch.go), while a ring tracker is open:
+	// started and stopped by StartLogging and StopLogging; watchErr and
+	// watchReaps are guarded by m.ring.mu.
+	watch      *ringWatch
+	watchErr   error
+	watchReaps int
 }
 
 var _ dirtylog.Slots = (*dirtySlots)(nil)
@@ -275,6 +282,9 @@ func (d *dirtySlots) StartLogging(manualProtect bool) (dirtylog.Logging, error) 
 			return dirtylog.Logging{}, fmt.Errorf("memory slot %d: enable dirty logging: %w", r.Slot, err)
 		}
 	}
+	if ring {
+		d.watchRings()
+	}
 	return dirtylog.Logging{Ring: ring, ManualProtect: d.manual}, nil
 }
 
@@ -283,6 +293,7 @@ func (d *dirtySlots) StartLogging(manualProtect bool) (dirtylog.Logging, error) 
 func (d *dirtySlots) StopLogging() error {
 	m := d.m
 	defer m.tracking.Store(false)
+	d.stopWatching()
 	var errs []error
 	for _, r := range m.mem.Regions() {
 		if err := m.setSlot(r, 0); err != nil {
@@ -326,6 +337,9 @@ func (d *dirtySlots) ReapRings(add func(slot uint32, page uint64)) error {
 	m := d.m
 	m.ring.mu.Lock()
 	defer m.ring.mu.Unlock()
+	if err := d.watchErr; err != nil {
+		return err
+	}
 	if d.any {
 		for slot, words := range d.pending {
 			for i, w := range words {
@@ -344,7 +358,8 @@ func (d *dirtySlots) ReapRings(add func(slot uint32, page uint64)) error {
 	return err
 }
 
-// addPending records a page reaped at a ring-full exit (m.ring.mu held).
+// addPending records a page reaped at a ring-full exit or by the ring
+// watcher (m.ring.mu held).
 // An entry outside every slot would be KVM's bug; it is kept for the
 // harvest to report rather than dropped here.
 func (d *dirtySlots) addPending(slot uint32, page uint64) {
