@@ -55,11 +55,36 @@ func (p *preHarvestProbe) writeMark(gpa guestmem.GPA, v uint64) {
 	}
 }
 
-// before the pre-harvest: the VMM writes markGPA, which the pre-harvest
+// before the pre-harvest: the guest makes a full pass since the last cut
+// (so that the pre-harvest must report every page of the Dirtier's, how
+// ever slow the host), and the VMM writes markGPA, which the pre-harvest
 // must then report, and preGPA, which only the pre-harvest reports.
 func (p *preHarvestProbe) preHarvest(epoch uint64) {
+	p.fullPass(epoch)
 	p.writeMark(markGPA, 2*epoch)
 	p.writeMark(preGPA, epoch)
+}
+
+// fullPass waits, the guest running, until the Dirtier has made a full
+// pass (its pass counter moved by two) or the test has stopped the run.
+func (p *preHarvestProbe) fullPass(epoch uint64) bool {
+	host := p.m.Memory().Regions()[0].Host
+	start := binary.LittleEndian.Uint64(host[passGPA:])
+	exits, _ := p.m.KVMExits()
+	deadline := time.Now().Add(10 * time.Second)
+	for binary.LittleEndian.Uint64(host[passGPA:]) < start+2 {
+		if p.stopped.Load() {
+			return false
+		}
+		if time.Now().After(deadline) {
+			now, _ := p.m.KVMExits()
+			p.fail(fmt.Errorf("epoch %d: the guest made no full pass in 10 s: pass counter %d -> %d, paused %v, KVM exits per vCPU %v -> %v, VMM exits %v",
+				epoch, start, binary.LittleEndian.Uint64(host[passGPA:]), p.m.Paused(), exits, now, p.m.ExitCounts()))
+			return false
+		}
+		time.Sleep(100 * time.Microsecond)
+	}
+	return true
 }
 
 // after it, the guest running: markGPA is written again through the VMM,
@@ -77,20 +102,8 @@ func (p *preHarvestProbe) beforePause(epoch uint64, pre *dirtylog.Set) {
 	host := p.m.Memory().Regions()[0].Host
 	atPre := append([]byte(nil), host[dirtyBase:dirtyBase+dirtyPages*guestmem.PageSize]...)
 	p.writeMark(markGPA, 2*epoch+1)
-	start := binary.LittleEndian.Uint64(host[passGPA:])
-	exits, _ := p.m.KVMExits()
-	deadline := time.Now().Add(10 * time.Second)
-	for binary.LittleEndian.Uint64(host[passGPA:]) < start+2 {
-		if p.stopped.Load() {
-			return
-		}
-		if time.Now().After(deadline) {
-			now, _ := p.m.KVMExits()
-			p.fail(fmt.Errorf("epoch %d: the guest made no full pass in 10 s: pass counter %d -> %d, paused %v, KVM exits per vCPU %v -> %v, VMM exits %v",
-				epoch, start, binary.LittleEndian.Uint64(host[passGPA:]), p.m.Paused(), exits, now, p.m.ExitCounts()))
-			return
-		}
-		time.Sleep(100 * time.Microsecond)
+	if !p.fullPass(epoch) {
+		return
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -190,7 +203,7 @@ func testPreHarvest(t *testing.T, copyMode CopyMode, tracking string) {
 		require.False(t, bytes.Equal(atPre[pg*guestmem.PageSize:(pg+1)*guestmem.PageSize], cut[off:off+guestmem.PageSize]),
 			"page %#x was written between the pre-harvest and the cut", off)
 	}
-	// The epoch before ran a full pass of the Dirtier's after its
-	// pre-harvest: this one's pre-harvest reports every page of it.
+	// The guest made a full pass between the last cut and this
+	// pre-harvest (the probe waited for it): it reports every page.
 	require.GreaterOrEqual(t, probe.preCount[e], dirtyPages, "the pre-harvest took the Dirtier's pages")
 }
