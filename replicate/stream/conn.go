@@ -284,6 +284,7 @@ func (r *frameReader) next() (*frame, error) {
 	n := int(h.length)
 	var p []byte
 	var trailer int
+	r.summedNow = false // readPages sets it
 	switch {
 	case r.aead != nil:
 		p, trailer, err = r.readSealed(h)
@@ -374,7 +375,6 @@ func (r *frameReader) readSealed(h header) ([]byte, int, error) {
 func (r *frameReader) readCRC(h header) ([]byte, int, error) {
 	n := int(h.length)
 	b := r.scratch(n + crcSize)
-	r.summedNow = false
 	if h.typ == framePages && n >= pagesHeader {
 		if err := r.readPages(b[:n]); err != nil {
 			return nil, 0, truncated(h.typ.String()+" frame", err)

@@ -423,10 +423,10 @@ func (s *Sender) ack(epoch uint64) error {
 	}
 	s.pending = s.pending[1:]
 	s.acked = epoch
+	s.ctr.acks.Add(1) // before WaitAck can return: Stats agrees with Acked
 	close(s.ackedCh)
 	s.ackedCh = make(chan struct{})
 	s.amu.Unlock()
-	s.ctr.acks.Add(1)
 	return nil
 }
 
