@@ -146,12 +146,13 @@
 // Sender: the caller's checkpoint goroutine (Begin/SendPage/SendStablePage/SendDisk/
 // SendState/End/Handover), the sealer, which seals and writes the Pages
 // frames the checkpoint goroutine hands it while that one fills the next
-// (pipeline.go), an ack reader, a heartbeat sender and a failure
+// (pipeline.go; a frame of SendStablePage's references is summed and
+// written by the checkpoint goroutine itself), an ack reader, a heartbeat sender and a failure
 // detector. Receiver: the caller's goroutine inside Run (drives the
 // sinks and OnCommit, sends acks), a StagingSink's commit workers (a
 // committed checkpoint's copy into memory, from the ack until Run
-// settles it), Run's reader, which reads, opens and
-// decodes the frames ahead of it (recvpipe.go), a heartbeat sender and a
+// settles it), Run's reader, which reads, opens, decodes and
+// sums the frames ahead of it (recvpipe.go), a heartbeat sender and a
 // failure detector, both from the Accept on. Listener: an accept
 // loop and one goroutine per connection's handshake. Frame writes are
 // serialized by one mutex per end. Close on either stops its goroutines

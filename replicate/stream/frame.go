@@ -176,6 +176,7 @@ type frame struct {
 	pages   []container.Page // Data aliases the read buffer
 	data    []byte           // state chunk, error message
 	end     endInfo
+	sum     uint64              // end: sum64 of the checkpoint's sections as received (frameReader.sumFrame)
 	disk    container.DiskWrite // Data aliases the read buffer
 	code    errorCode
 	time    int64 // heartbeat: sender's clock, unix nanoseconds

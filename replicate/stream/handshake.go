@@ -165,7 +165,12 @@ func (e *endpoint) session(s interface {
 // section as the receiver applies it, with the frame's sequence number,
 // so the sum would check those bytes a second time; what the tag does not
 // cover is what the decompressor made of the bytes it authenticated.
-func (e *endpoint) summed(stored bool) bool { return !e.sealed || !stored }
+func (e *endpoint) summed(stored bool) bool { return sums(e.sealed, stored) }
+
+// sums is the rule of summed, for a session sealed or not: a receiver's
+// reader, which sums the sections it reads (frameReader.sumFrame), has
+// no endpoint.
+func sums(sealed, stored bool) bool { return !sealed || !stored }
 
 // setDeltas turns deltas on when both hellos asked for them, with a
 // fresh shadow of the sender's layout: nothing was shipped on this

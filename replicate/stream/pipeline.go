@@ -20,6 +20,9 @@ const pipeDepth = 3
 // Disk, State, End) goes out directly once the frames handed over before
 // it are written (flushAll), so the wire order is the call order, and
 // EndCheckpoint returns, as before, with the whole checkpoint written.
+// A section of references (SendStablePage) skips the sealer: once the
+// frames handed over before it are out, the checkpoint goroutine sums
+// and writes it itself (flushRefs).
 //
 // A slot belongs to the checkpoint goroutine while it is fill, then to the
 // sealer from its hand-over on jobs until it comes back on free.
@@ -147,6 +150,12 @@ func (s *Sender) flushAll() error {
 	if err := s.flushPages(); err != nil {
 		return err
 	}
+	return s.waitSealer()
+}
+
+// waitSealer waits until the sealer has written every frame handed to
+// it.
+func (s *Sender) waitSealer() error {
 	var held [pipeDepth]int
 	for n := range pipeDepth - 1 {
 		select {
@@ -179,10 +188,7 @@ func (s *Sender) sealLoop() {
 	}
 }
 
-// sendSlot writes sl's Pages frame: from its pieces, or its wire bytes.
+// sendSlot writes sl's Pages frame (its wire bytes).
 func (s *Sender) sendSlot(sl *pageSlot) error {
-	if sl.refs > 0 {
-		return s.sendPieces(sl.pieces, pagesHeader+sl.size)
-	}
 	return s.send(framePages, sl.wire, false)
 }

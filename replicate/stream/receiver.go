@@ -15,7 +15,7 @@ import (
 // Receiver is the standby's (or migration destination's) end of a stream.
 // Run reads checkpoints into the sinks and commits each one only once its
 // EndCheckpoint verifies; the sinks and OnCommit run on Run's goroutine,
-// while a reader goroutine of Run's reads, opens and decodes the frames
+// while a reader goroutine of Run's reads, opens, decodes and sums the frames
 // ahead of it (recvPipe). A heartbeat goroutine and a failure detector
 // run from the handshake's end; Close waits for them.
 type Receiver struct {
@@ -29,8 +29,7 @@ type Receiver struct {
 
 	// Owned by Run.
 	open      bool
-	cur       endInfo // running totals of the open checkpoint
-	sum       sum64   // of the open checkpoint's sections
+	cur       endInfo // running totals of the open checkpoint (its sum: the reader's, frameReader.sumFrame)
 	kind      Kind
 	zeros     uint64
 	state     []byte
@@ -233,13 +232,13 @@ func (r *Receiver) frame(f *frame, err error) error {
 	case frameBegin:
 		err = r.begin(f.epoch, f.kind)
 	case framePages:
-		err = r.pages(f.pages, f.section, codec(f.payload[0]) == codecStored)
+		err = r.pages(f.pages)
 	case frameDisk:
-		err = r.disk(&f.disk, f.payload)
+		err = r.disk(&f.disk)
 	case frameState:
 		err = r.stateChunk(f.data)
 	case frameEnd:
-		err = r.end(f.end)
+		err = r.end(f.end, f.sum)
 	case frameError:
 		return peerError(f.code, string(f.data))
 	case frameGoodbye:
@@ -285,22 +284,17 @@ func (r *Receiver) begin(epoch uint64, kind Kind) error {
 	}
 	r.open, r.kind, r.lastEpoch = true, kind, epoch
 	r.cur, r.zeros, r.state = endInfo{epoch: epoch}, 0, nil
-	r.sum = newSum64()
 	return nil
 }
 
-// pages stages the pages of a Pages frame (payload is its container page
-// section, decompressed, which the checksum covers unless the frame was
-// stored in a sealed session: summed).
-func (r *Receiver) pages(ps []container.Page, payload []byte, stored bool) error {
+// pages stages the pages of a Pages frame (the reader summed its
+// section).
+func (r *Receiver) pages(ps []container.Page) error {
 	if !r.open {
 		return fmt.Errorf("pages outside a checkpoint: %w", ErrProtocol)
 	}
 	if r.cur.pages+uint64(len(ps)) > r.maxPages {
 		return fmt.Errorf("checkpoint %d: more pages than the guest has (%d): %w", r.cur.epoch, r.maxPages, ErrTooLarge)
-	}
-	if r.summed(stored) {
-		r.sum.Section(container.TypePages, payload)
 	}
 	// A keeper keeps the pages in the frame's buffer (retain) rather than
 	// copy them; not with deltas, whose pages are the shadow's.
@@ -364,9 +358,8 @@ func (r *Receiver) undelta(p container.Page) ([]byte, error) {
 	return base, nil
 }
 
-// disk stages the write of a Disk frame (payload is the frame's: a
-// container disk section, which the checksum covers).
-func (r *Receiver) disk(w *container.DiskWrite, payload []byte) error {
+// disk stages the write of a Disk frame (the reader summed its section).
+func (r *Receiver) disk(w *container.DiskWrite) error {
 	switch {
 	case !r.open:
 		return fmt.Errorf("disk write outside a checkpoint: %w", ErrProtocol)
@@ -374,9 +367,6 @@ func (r *Receiver) disk(w *container.DiskWrite, payload []byte) error {
 		return fmt.Errorf("disk write, but this receiver has no disks: %w", ErrProtocol)
 	case r.cur.diskBytes+uint64(w.Length) > MaxCheckpointDisk:
 		return fmt.Errorf("checkpoint %d: disk writes over %d bytes: %w", r.cur.epoch, MaxCheckpointDisk, ErrTooLarge)
-	}
-	if r.summed(true) {
-		r.sum.Section(container.TypeDisk, payload)
 	}
 	data := w.Data
 	if w.Zero {
@@ -398,18 +388,18 @@ func (r *Receiver) stateChunk(b []byte) error {
 		return fmt.Errorf("checkpoint %d: state over %d bytes: %w", r.cur.epoch, MaxState, ErrTooLarge)
 	}
 	r.state = append(r.state, b...)
-	if r.summed(true) {
-		r.sum.Section(container.TypeState, b)
-	}
 	r.ctr.stateBytes.Add(uint64(len(b)))
 	return nil
 }
 
-func (r *Receiver) end(e endInfo) error {
+// end verifies and commits the open checkpoint, and acks it; e is what
+// the sender's End frame says, sum what the reader summed of the
+// checkpoint's sections.
+func (r *Receiver) end(e endInfo, sum uint64) error {
 	if !r.open {
 		return fmt.Errorf("end outside a checkpoint: %w", ErrProtocol)
 	}
-	got := endInfo{epoch: r.cur.epoch, pages: r.cur.pages, stateLen: uint64(len(r.state)), diskBytes: r.cur.diskBytes, sum: r.sum.Sum64()}
+	got := endInfo{epoch: r.cur.epoch, pages: r.cur.pages, stateLen: uint64(len(r.state)), diskBytes: r.cur.diskBytes, sum: sum}
 	switch {
 	case e.epoch != got.epoch:
 		return fmt.Errorf("end of epoch %d inside checkpoint %d: %w", e.epoch, got.epoch, ErrProtocol)

@@ -8,7 +8,8 @@ const recvDepth = 3
 
 // recvPipe overlaps reading with staging on a Receiver: its reader
 // goroutine reads frame N+1 off the connection, opens it (AES-256-GCM, or
-// the CRC32C of an unkeyed session), decompresses and decodes it, while
+// the CRC32C of an unkeyed session), decompresses, decodes and sums it
+// (frameReader.sumFrame), while
 // Run stages frame N into the sinks, verifies an End or commits. Frames
 // reach Run in wire order, and a read failure reaches it after every
 // frame read before it, as if Run had read them itself: what is committed

@@ -145,7 +145,7 @@ type pageSlicer interface {
 // copy of the whole guest. Use it from one goroutine (the Receiver's).
 //
 // Commit applies a checkpoint of commitSplit pages or more on up to
-// commitWorkers goroutines (one per core), each taking the pages whose
+// commitWorkers goroutines (one per core but one), each taking the pages whose
 // page number falls to it, in staging order (a page staged twice is
 // applied twice, in order, by one goroutine). A Receiver does not wait
 // for that copy before it acknowledges (asyncCommitter): it commits the
@@ -292,7 +292,7 @@ var _ asyncCommitter = (*StagingSink)(nil)
 func (s *StagingSink) commitStart() {
 	n := 1
 	if len(s.gpas) >= commitSplit {
-		n = min(runtime.GOMAXPROCS(0), commitWorkers)
+		n = max(1, min(runtime.GOMAXPROCS(0)-1, commitWorkers))
 	}
 	s.errs = slices.Grow(s.errs[:0], n)[:n]
 	clear(s.errs)
@@ -335,9 +335,15 @@ func (s *StagingSink) settle() error {
 	return err
 }
 
+// A copy into memory never takes every P: its workers run until they
+// are done or preempted (10 ms), and a goroutine that the network wakes
+// meanwhile (the reader, with the next checkpoint's bytes; in one
+// process, the sender's ack reader) waits for a P to come free. With all
+// of a 2-core host's Ps copying, an ack of 1,000 pages took a third
+// longer to reach the sender, which waited for the copy to end.
 const (
 	commitSplit   = 256 // pages from which Commit uses more than one goroutine
-	commitWorkers = 4
+	commitWorkers = 4   // at most, and one fewer than GOMAXPROCS
 )
 
 // apply writes the staged pages whose page number is w modulo n into Dest.

@@ -53,14 +53,27 @@ func newSum64() sum64 {
 
 // Section adds a section of type t: a block with t and len(p), then p.
 func (c *sum64) Section(t container.Type, p []byte) {
+	c.head(t, len(p))
+	c.tail(p)
+}
+
+// head opens a section of type t and n bytes: the block with t and n.
+// The section's bytes follow as blocks (whole 32-byte blocks, as they
+// arrive: frameReader.readSummed) and a tail.
+func (c *sum64) head(t container.Type, n int) {
 	var blk [32]byte
 	blk[0] = byte(t)
-	binary.LittleEndian.PutUint64(blk[8:], uint64(len(p)))
+	binary.LittleEndian.PutUint64(blk[8:], uint64(n))
 	c.blocks(blk[:])
+}
+
+// tail adds the last bytes of a section: p's whole blocks, then what is
+// left of it, padded with zeros to a block.
+func (c *sum64) tail(p []byte) {
 	n := len(p) &^ 31
 	c.blocks(p[:n])
 	if n < len(p) {
-		blk = [32]byte{}
+		var blk [32]byte
 		copy(blk[:], p[n:])
 		c.blocks(blk[:])
 	}
@@ -69,10 +82,8 @@ func (c *sum64) Section(t container.Type, p []byte) {
 // SectionPieces is Section for a payload of n bytes that lies in pieces
 // (their concatenation, in order): the same sum, without gathering them.
 func (c *sum64) SectionPieces(t container.Type, n int, pieces [][]byte) {
+	c.head(t, n)
 	var blk [32]byte
-	blk[0] = byte(t)
-	binary.LittleEndian.PutUint64(blk[8:], uint64(n))
-	c.blocks(blk[:])
 	k := 0 // bytes of blk carried over from the pieces before
 	for _, p := range pieces {
 		if k > 0 {
