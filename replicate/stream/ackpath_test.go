@@ -93,20 +93,7 @@ func TestReaderSumCatchesEveryByte(t *testing.T) {
 		{"last byte", func(n int) int { return n - crcSize - 1 }, false},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			scfg, rcfg := cfgs(newFakeClock())
-			scfg.Key, scfg.Insecure = nil, true
-			rcfg.Key, rcfg.Insecure = nil, true
-			sink := NewMemSink()
-			rcfg.Sink = sink
-			sc, rc := proxyTrailer(t, func(i int, f []byte) [][]byte {
-				if i >= 2 && f[4] == byte(framePages) {
-					f[tt.at(len(f))] ^= 0x40
-				}
-				return [][]byte{f}
-			}, crcSize)
-			s, serr, r, rerr := connect(t, sc, rc, scfg, rcfg)
-			require.NoError(t, serr)
-			require.NoError(t, rerr)
+			s, r, _ := corruptPagesPair(t, func(f []byte) { f[tt.at(len(f))] ^= 0x40 })
 			run := runReceiver(t, r)
 			// The sender's calls may meet the receiver's verdict already.
 			if s.BeginCheckpoint(1, KindEpoch) == nil {

@@ -532,10 +532,11 @@ func TestInsecureFramesCarryCRC(t *testing.T) {
 	}
 }
 
-// Without a key, a Pages frame whose payload was corrupted on the way is
-// refused at its End (ErrChecksum) if not before: nothing of the
-// checkpoint is committed, and the sender hears why.
-func TestInsecureCorruptPagesNeverCommitted(t *testing.T) {
+// corruptPagesPair connects an unkeyed pair, the receiver into a MemSink,
+// through a proxy that lets corrupt change every Pages frame (its header
+// and CRC trailer included) after the handshake.
+func corruptPagesPair(t *testing.T, corrupt func(f []byte)) (*Sender, *Receiver, *MemSink) {
+	t.Helper()
 	scfg, rcfg := cfgs(newFakeClock())
 	scfg.Key, scfg.Insecure = nil, true
 	rcfg.Key, rcfg.Insecure = nil, true
@@ -543,13 +544,23 @@ func TestInsecureCorruptPagesNeverCommitted(t *testing.T) {
 	rcfg.Sink = sink
 	sc, rc := proxyTrailer(t, func(i int, f []byte) [][]byte {
 		if i >= 2 && f[4] == byte(framePages) {
-			f[len(f)-crcSize-100] ^= 0x01 // a page's last bytes
+			corrupt(f)
 		}
 		return [][]byte{f}
 	}, crcSize)
 	s, serr, r, rerr := connect(t, sc, rc, scfg, rcfg)
 	require.NoError(t, serr)
 	require.NoError(t, rerr)
+	return s, r, sink
+}
+
+// Without a key, a Pages frame whose payload was corrupted on the way is
+// refused at its End (ErrChecksum) if not before: nothing of the
+// checkpoint is committed, and the sender hears why.
+func TestInsecureCorruptPagesNeverCommitted(t *testing.T) {
+	s, r, sink := corruptPagesPair(t, func(f []byte) {
+		f[len(f)-crcSize-100] ^= 0x01 // a page's last bytes
+	})
 	run := runReceiver(t, r)
 	require.NoError(t, sendCheckpoint(s, 1, KindEpoch, 4, []byte("state")))
 	err := waitErr(t, run)
@@ -558,7 +569,7 @@ func TestInsecureCorruptPagesNeverCommitted(t *testing.T) {
 	sink.mu.Lock()
 	assert.Empty(t, sink.committed)
 	sink.mu.Unlock()
-	serr = s.WaitAck(ctxTimeout(t, 5*time.Second), 1)
+	serr := s.WaitAck(ctxTimeout(t, 5*time.Second), 1)
 	require.ErrorIs(t, serr, ErrPeer)
 	require.ErrorIs(t, serr, ErrChecksum)
 }
