@@ -302,7 +302,11 @@ func (c *Client) acquire(ctx context.Context, opName string, q *request) (*Lease
 		case err != nil && (permanent(err) || errors.Is(err, ErrClosed)):
 			return nil, err
 		case err != nil:
-			last = err
+			// An attempt cut short by the caller's own deadline says
+			// nothing new: keep what the one before found (a refusal).
+			if last == nil || ctx.Err() == nil {
+				last = err
+			}
 		case rep.result == resultOK && rep.holder == c.holder && (!q.base || rep.gen == q.gen+1):
 			core := newLeaseCore(c.cfg.VM, c.holder, rep.gen)
 			margin := defaultMargin(rep.lease)

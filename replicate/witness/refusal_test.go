@@ -16,10 +16,11 @@ func TestUnreachableAtStart(t *testing.T) {
 	require.NoError(t, err)
 	addr := ln.Addr().String()
 	ln.Close()
-	c, err := NewClient(Config{Addr: addr, Key: testKey, VM: "vm0", Holder: "primary", Lease: 200 * time.Millisecond, Logger: (&logBuf{}).logger()})
+	c, err := NewClient(Config{Addr: addr, Key: testKey, VM: "vm0", Holder: "primary", Lease: 200 * time.Millisecond, RequestTimeout: time.Second, Logger: (&logBuf{}).logger()})
 	require.NoError(t, err)
-	// Long enough that a dial completes on a loaded host (with 300 ms it
-	// could end in the dial's own timeout, never seeing the refusal).
+	// Long enough that a dial completes on a loaded host: the default
+	// request timeout (a quarter of the lease, 50 ms) ran out before the
+	// refusal under -race in a CI run, and 300 ms for the whole call did.
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	_, err = c.Acquire(ctx)
