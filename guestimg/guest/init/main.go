@@ -161,8 +161,14 @@ func (in *initProc) startDemo() {
 	}
 	in.debugf("disk ready")
 	go in.superviseDemo(logPath)
+	// Ready means the demo service answers: a client told so connects
+	// at once. A guest starved of CPU (a replicated guest in the lab) can
+	// take long; say so, and go on waiting.
 	if err := waitListening(demoPort, 3*time.Second); err != nil {
-		in.errorf("demo service: %v", err)
+		in.errorf("demo service: %v; waiting up to %v more", err, demoPatience)
+		if err := waitListening(demoPort, demoPatience); err != nil {
+			in.errorf("demo service: %v", err)
+		}
 	}
 	in.debugf("demo listening")
 }
@@ -212,6 +218,10 @@ func (in *initProc) setupNetwork() {
 		}
 	}
 }
+
+// demoPatience is how much longer than its first 3 s the init waits for
+// the demo service before it says ready anyway.
+const demoPatience = 5 * time.Minute
 
 // waitListening waits until something accepts TCP connections on port.
 func waitListening(port int, d time.Duration) error {
