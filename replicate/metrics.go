@@ -1,6 +1,8 @@
 package replicate
 
 import (
+	"context"
+	"log/slog"
 	"sort"
 	"strconv"
 	"time"
@@ -60,6 +62,7 @@ func (r *Replicator) record(es EpochStats) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	es.Target = r.target
+	r.logEpoch(es)
 	r.recent = append(r.recent, es)
 	if len(r.recent) > recentEpochs {
 		r.recent = r.recent[len(r.recent)-recentEpochs:]
@@ -71,6 +74,18 @@ func (r *Replicator) record(es EpochStats) {
 	if es.CopyMode == string(CopyCoW) {
 		r.totals.CoWEpochs++
 	}
+}
+
+// logEpoch prints one checkpoint's breakdown at debug level
+// (GOVMM_LOG=debug): where a slow pause goes, checkpoint by checkpoint.
+func (r *Replicator) logEpoch(es EpochStats) {
+	if r.log == nil || !r.log.Enabled(context.Background(), slog.LevelDebug) {
+		return
+	}
+	r.log.Debug("checkpoint", "epoch", es.Epoch, "copy", es.CopyMode, "dirty_pages", es.DirtyPages,
+		"length", es.Length, "pause", es.Pause, "stop", es.Stop, "pre_harvest", es.PreHarvest,
+		"harvest", es.Harvest, "copy_time", es.Copy, "state", es.State, "background", es.Background,
+		"bytes", es.Bytes)
 }
 
 // DurationBuckets are the upper bounds of the duration histograms (pause,

@@ -1,9 +1,12 @@
 package replicate
 
 import (
-	"govmm/replicate/stream"
+	"bytes"
+	"log/slog"
 	"testing"
 	"time"
+
+	"govmm/replicate/stream"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -105,6 +108,24 @@ func TestReplicatorMetricsEpochTarget(t *testing.T) {
 
 // The checkpoints are counted by how they copied their pages (auto
 // mixes them): a counter per copy mode, summing to the epochs.
+// At debug level each checkpoint's breakdown is logged; above it, nothing.
+func TestReplicatorLogsEachCheckpointAtDebug(t *testing.T) {
+	for _, level := range []slog.Level{slog.LevelDebug, slog.LevelInfo} {
+		var buf bytes.Buffer
+		r := &Replicator{log: slog.New(slog.NewTextHandler(&buf, &slog.HandlerOptions{Level: level}))}
+		r.record(EpochStats{Epoch: 7, CopyMode: "stop", DirtyPages: 150, Pause: 23 * time.Millisecond,
+			Stop: 14 * time.Millisecond, Harvest: 300 * time.Microsecond, Copy: 600 * time.Microsecond, State: 3 * time.Millisecond})
+		if level == slog.LevelInfo {
+			assert.Empty(t, buf.String())
+			continue
+		}
+		for _, want := range []string{"msg=checkpoint", "epoch=7", "copy=stop", "dirty_pages=150", "pause=23ms", "stop=14ms",
+			"harvest=300µs", "copy_time=600µs", "state=3ms"} {
+			assert.Contains(t, buf.String(), want)
+		}
+	}
+}
+
 func TestReplicatorMetricsCopyModes(t *testing.T) {
 	t.Parallel()
 	r := &Replicator{}
