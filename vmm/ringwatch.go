@@ -1,6 +1,7 @@
 package vmm
 
 import (
+	"os"
 	"sync"
 	"time"
 )
@@ -18,13 +19,38 @@ import (
 //
 // So while a tracker logs into the rings, a watcher looks at them every
 // ringWatchEvery and reaps them into the tracker's pending pages (as a
-// ring-full exit does) once any ring holds half its entries. Where KVM
-// stops the vCPUs itself it mostly finds nothing to do: a look is one
-// load per ring, under m.ring.mu.
+// ring-full exit does) once any ring holds watchThreshold entries: half
+// its entries on kvm_pvm. Elsewhere KVM stops the vCPU at the ring's soft
+// limit, and the watcher acts only on a ring past that limit, which a KVM
+// that stops its vCPUs never shows: ring-full exits stay KVM's (a lab
+// guest that fills 1,024 entries in more than 10 ms never met one while
+// the watcher reaped at half). A look is one load per ring, under
+// m.ring.mu.
 
 // ringWatchEvery is how often the watcher looks: a ring of 64k entries
 // that kvm_pvm fills at ~230,000 entries a second is half full in 140 ms.
 const ringWatchEvery = 10 * time.Millisecond
+
+// kvmStopsOnFullRing says whether this host's KVM stops a vCPU whose
+// ring reaches its soft limit; kvm_pvm does not.
+var kvmStopsOnFullRing = sync.OnceValue(func() bool {
+	_, err := os.Stat("/sys/module/kvm_pvm")
+	return err != nil
+})
+
+// ringReserved is KVM's KVM_DIRTY_RING_RSVD_ENTRIES: a ring is soft-full
+// (its vCPU stops) at its size less these and the CPU's PML buffer.
+const ringReserved = 64
+
+// watchThreshold is how many entries a ring of entries holds before the
+// watcher reaps it: half where KVM never stops the vCPU; elsewhere more
+// than the soft limit (entries − 64 − PML's 512 at most) leaves room for.
+func watchThreshold(entries int) int {
+	if !kvmStopsOnFullRing() {
+		return entries / 2
+	}
+	return entries - ringReserved/2
+}
 
 // ringWatch is a running watcher.
 type ringWatch struct {
@@ -46,7 +72,7 @@ func (d *dirtySlots) watchRings() {
 			case <-w.stop:
 				return
 			case <-t.C:
-				d.reapIfHalfFull()
+				d.reapIfFilling()
 			}
 		}
 	}()
@@ -61,10 +87,10 @@ func (d *dirtySlots) stopWatching() {
 	}
 }
 
-// reapIfHalfFull reaps every ring into d's pending pages when one holds
-// half its entries. An error (the rings overflowed already) is kept for
+// reapIfFilling reaps every ring into d's pending pages when one holds
+// watchThreshold entries. An error (the rings overflowed already) is kept for
 // the next harvest to report.
-func (d *dirtySlots) reapIfHalfFull() {
+func (d *dirtySlots) reapIfFilling() {
 	m := d.m
 	m.ring.mu.Lock()
 	defer m.ring.mu.Unlock()
@@ -72,7 +98,7 @@ func (d *dirtySlots) reapIfHalfFull() {
 		return
 	}
 	for _, r := range m.ring.rings {
-		if r.Holds(r.Entries() / 2) {
+		if r.Holds(watchThreshold(r.Entries())) {
 			if _, err := m.reapLocked(d.addPending); err != nil {
 				d.watchErr = err
 			}
