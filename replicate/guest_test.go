@@ -449,7 +449,7 @@ func TestGuestTakeoverEqualsPrimaryAtCut(t *testing.T) {
 	// checkpoint under the demo load in the wire-guest bench): its
 	// checkpoints switch between stopping to copy and copying on write,
 	// and the cut is taken at one that copies on write.
-	rp, err := startReplication(ctx, prim.m, ReplicateConfig{To: px.addr(), Insecure: true, Name: "govmm", Copy: CopyAuto,
+	rp, err := startReplication(ctx, prim.m, ReplicateConfig{To: px.addr(), Insecure: true, Name: "govmm", Epoch: guestrig.Epoch(), Copy: CopyAuto,
 		CoWPages: guestCoWPages, Deltas: true, Compression: stream.CompressS2,
 		Devices: prim.attrs, FailoverTimeout: 10 * time.Second, Outputs: outs, Disks: prim.disks},
 		testHooks{atCutCopy: atCut})

@@ -68,12 +68,12 @@ go build -o bin/govmm ./cmd/govmm
 for p in $pkgs; do
 	go test -c -o "$bins/$(echo "${p#./}" | tr / _).test" "$p"
 done
-# The soak knobs (make soak), GOVMM_TEST_CHECKPOINT_COPY and
-# GOVMM_TEST_CHECKPOINT_COW_PAGES (the replicated tests'
-# --checkpoint-copy and --checkpoint-cow-pages) reach the tests inside
-# the lab.
+# The soak knobs (make soak), GOVMM_TEST_CHECKPOINT_COPY,
+# GOVMM_TEST_CHECKPOINT_COW_PAGES and GOVMM_TEST_EPOCH (the replicated
+# tests' --checkpoint-copy, --checkpoint-cow-pages and --epoch; in the lab
+# the epoch is guestrig.LabEpoch unless set) reach the tests inside the lab.
 envs=()
-for v in $(compgen -e | grep -E '^(GOVMM_SOAK_|GOVMM_TEST_CHECKPOINT_COPY$|GOVMM_TEST_CHECKPOINT_COW_PAGES$)' || true); do envs+=(--env "$v=${!v}"); done
+for v in $(compgen -e | grep -E '^(GOVMM_SOAK_|GOVMM_TEST_CHECKPOINT_COPY$|GOVMM_TEST_CHECKPOINT_COW_PAGES$|GOVMM_TEST_EPOCH$)' || true); do envs+=(--env "$v=${!v}"); done
 
 # Each run's output is kept in $logs (make soak reads its numbers there).
 logs=$bins/logs

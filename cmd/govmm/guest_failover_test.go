@@ -76,7 +76,8 @@ type vmmProc struct {
 // GOVMM_TEST_CHECKPOINT_COW_PAGES, --checkpoint-cow-pages (auto's
 // threshold: the default guest's checkpoints, a few hundred pages under
 // load, all stop to copy at the default; 128 mixes the two).
-// scripts/guest-tests.sh passes both into the lab.
+// scripts/guest-tests.sh passes both into the lab. A run replicates with
+// guestrig.Epoch.
 func startVMM(t *testing.T, r *guestrig.Rig, name string, args ...string) *vmmProc {
 	t.Helper()
 	if len(args) > 0 && (args[0] == "run" || args[0] == "standby") {
@@ -88,6 +89,9 @@ func startVMM(t *testing.T, r *guestrig.Rig, name string, args ...string) *vmmPr
 				args = append([]string{args[0], e.flag, v}, args[1:]...)
 			}
 		}
+	}
+	if len(args) > 0 && args[0] == "run" {
+		args = append(append([]string{"run"}, guestrig.EpochArgs()...), args[1:]...)
 	}
 	p := &vmmProc{cmd: r.NS.Command(govmmBin, args...), con: &guestrig.ConsoleLog{Name: name}, log: &guestrig.ConsoleLog{Name: name},
 		exited: make(chan error, 1)}

@@ -20,6 +20,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"govmm/guestimg"
+	"govmm/internal/guestrig"
 	"govmm/internal/kvmtest"
 	"govmm/internal/netns"
 )
@@ -436,7 +437,8 @@ func TestGuestReplicatedBootNoFalseTakeover(t *testing.T) {
 	require.Eventually(t, func() bool { return strings.Contains(sbLog.String(), "listening") }, time.Minute, 10*time.Millisecond)
 
 	start := time.Now()
-	startGuest(t, exec.Command(govmmBin, "run", "--net", "none", "--disk", disk, "--api-sock", pSock, "--replicate-to", addr))
+	startGuest(t, exec.Command(govmmBin, append([]string{"run", "--net", "none", "--disk", disk, "--api-sock", pSock, "--replicate-to", addr},
+		guestrig.EpochArgs()...)...))
 	t.Logf("guest ready %v after start, replicated from its first instruction", time.Since(start))
 	lookup := func(name string) (float64, bool, string) {
 		out, _, status := govmm(t, time.Minute, "ctl", "--api-sock", pSock, "metrics")
