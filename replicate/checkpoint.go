@@ -97,6 +97,9 @@ func (r *Replicator) cut(pre, extra *dirtylog.Set) (cutResult, error) {
 	var c cutResult
 	err := r.m.WithPaused(context.Background(), func() error {
 		c.ts = time.Now()
+		if r.hooks.inPause != nil {
+			defer r.hooks.inPause()()
+		}
 		set, err := r.tr.Harvest()
 		if err != nil {
 			return err

@@ -21,6 +21,10 @@ type testHooks struct {
 	// atCut runs at every checkpoint's cut while the guest is paused
 	// (tests compare the standby's memory or disk with the primary's).
 	atCut func(epoch uint64)
+	// inPause runs first in every checkpoint's pause, the function it
+	// returns last, whatever the pause's outcome (tests whose own writers
+	// stand for a device hold them off as a quiesced device is).
+	inPause func() (done func())
 	// atCutCopy runs right after atCut, told whether the checkpoint
 	// copies on write (tests that want a cut of one kind).
 	atCutCopy func(epoch uint64, cow bool)
