@@ -23,6 +23,7 @@ import (
 	"govmm/internal/guestrig"
 	"govmm/internal/kvmtest"
 	"govmm/internal/netns"
+	"govmm/lab"
 )
 
 // The real-guest tests of govmm's command line: they boot the default
@@ -307,7 +308,12 @@ func TestGuestCommandOutputExact(t *testing.T) {
 	kvmtest.RequireLinuxBoot(t)
 	_, err := guestimg.Build(context.Background(), guestimg.Options{})
 	require.NoError(t, err)
+	// 20 boots; 8 in the lab, where each takes ~15 s of the CI's hour
+	// (GOVMM_SOAK_RUNS asks for more).
 	runs := 20
+	if lab.InLab() {
+		runs = 8
+	}
 	if n, err := strconv.Atoi(os.Getenv("GOVMM_SOAK_RUNS")); err == nil && n > 1 {
 		runs = n
 	}
