@@ -11,7 +11,7 @@ import (
 // in the lab. There every checkpoint of the default guest costs some
 // 60 ms of L1's one emulated CPU the test runs on (measured: ~37 ms in
 // the primary's checkpoint and stream threads, ~27 ms in the standby's,
-// at 150 dirty pages), more than the default 25 ms epoch: the guest got
+// at ~100 dirty pages), more than the default 25 ms epoch: the guest got
 // the leftovers and booted in minutes instead of seconds (not to its
 // init in 150 s at 25 ms, 47-89 s at 100 ms, 29 s at 400 ms; 5-9 s
 // unreplicated, in the same L1s). At 200 ms checkpoints take about a
