@@ -3,6 +3,7 @@ package kvmapi
 import (
 	"fmt"
 	"os"
+	"sync"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -113,3 +114,12 @@ func (s *System) CreateVM() (*VM, error) {
 	}
 	return &VM{fd: fd, sys: s, runSize: size}, nil
 }
+
+// IsPVM reports whether this host's KVM is kvm_pvm (the pagetable-based
+// virtual machine some sandboxes provide): it runs non-PVM guests
+// instruction by instruction, and it never stops a vCPU on a full dirty
+// ring.
+var IsPVM = sync.OnceValue(func() bool {
+	_, err := os.Stat("/sys/module/kvm_pvm")
+	return err == nil
+})

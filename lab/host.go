@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"os"
 	"sync"
+
+	"govmm/kvmapi"
 )
 
 var (
@@ -21,7 +23,7 @@ var (
 // only as slow as everything else there, so Emulated is "" in L1.
 func Emulated() string {
 	hostOnce.Do(func() {
-		if _, err := os.Stat("/sys/module/kvm_pvm"); err == nil {
+		if kvmapi.IsPVM() {
 			hostReason = "KVM on this host is kvm_pvm, which emulates non-PVM guests instruction by instruction (about 3 µs each); a stock kernel would take hours to boot"
 			return
 		}

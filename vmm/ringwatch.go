@@ -1,9 +1,10 @@
 package vmm
 
 import (
-	"os"
 	"sync"
 	"time"
+
+	"govmm/kvmapi"
 )
 
 // Reaping the dirty rings between harvests.
@@ -31,13 +32,6 @@ import (
 // that kvm_pvm fills at ~230,000 entries a second is half full in 140 ms.
 const ringWatchEvery = 10 * time.Millisecond
 
-// kvmStopsOnFullRing says whether this host's KVM stops a vCPU whose
-// ring reaches its soft limit; kvm_pvm does not.
-var kvmStopsOnFullRing = sync.OnceValue(func() bool {
-	_, err := os.Stat("/sys/module/kvm_pvm")
-	return err != nil
-})
-
 // ringReserved is KVM's KVM_DIRTY_RING_RSVD_ENTRIES: a ring is soft-full
 // (its vCPU stops) at its size less these and the CPU's PML buffer.
 const ringReserved = 64
@@ -46,7 +40,7 @@ const ringReserved = 64
 // watcher reaps it: half where KVM never stops the vCPU; elsewhere more
 // than the soft limit (entries − 64 − PML's 512 at most) leaves room for.
 func watchThreshold(entries int) int {
-	if !kvmStopsOnFullRing() {
+	if kvmapi.IsPVM() { // never stops a vCPU on a full ring
 		return entries / 2
 	}
 	return entries - ringReserved/2
