@@ -204,4 +204,17 @@ for pt in "${tests[@]}"; do
 done
 echo "guest-tests: summary after $((SECONDS - start))s ($jobs at a time; each test in its own L1 where this host's KVM cannot boot Linux):"
 printf '  %s\n' "${summary[@]}"
+# Why each failed run failed, after the summary: CI shows only the end of
+# what it printed, and the full output is far above.
+for pt in "${tests[@]}"; do
+	read -r pkg t <<<"$pt"
+	for ((rep = 1; rep <= count; rep++)); do
+		log="$logs/$(echo "$pkg" | tr / _).$t.$rep.log"
+		[[ -e $log.result ]] || continue
+		read -r st crashed <"$log.result"
+		((st != 0)) || continue
+		echo "guest-tests: why $pkg.$t failed$( ((count > 1)) && echo " (run $rep)" || true) (whole output: above, or $log):"
+		{ grep -n -B3 -A14 -E 'Error Trace:|^panic:|test timed out|^--- FAIL|^guest-tests: |^lab: (command|.*(fail|error|crash|timed out))' "$log" || tail -n 40 "$log"; } | head -n 120 | sed 's/^/    /'
+	done
+done
 exit $fail
