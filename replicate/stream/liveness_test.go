@@ -184,6 +184,10 @@ func TestPartitionDetectedWhileWriteBlocked(t *testing.T) {
 	blocked := make(chan error, 1)
 	go func() { blocked <- sendCheckpoint(s, 1, KindEpoch, 2000, bytes.Repeat([]byte("s"), 1<<20)) }()
 	<-partitioned
+	// The reader listens before fake time moves: a tick it meets not yet
+	// listening restarts the count, and the steps below are just enough
+	// (CI's busy host once ran the reader two ticks late).
+	require.Eventually(t, s.listening.Load, 5*time.Second, time.Millisecond)
 	sclock.Step(t, s.detectEvery(), int(DefaultFailoverTimeout/s.detectEvery())+1)
 	select {
 	case err := <-blocked:

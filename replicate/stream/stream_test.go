@@ -471,6 +471,9 @@ func TestSilentPeerTripsTimeout(t *testing.T) {
 		run := runReceiver(t, r) // reads, never beats
 		require.NoError(t, sendCheckpoint(s, 1, KindEpoch, 1, nil))
 		require.NoError(t, s.WaitAck(t.Context(), 1))
+		// The reader listens again after the ack before fake time moves
+		// (else the count restarts and the steps fall short).
+		require.Eventually(t, s.listening.Load, 5*time.Second, time.Millisecond)
 		sclock.Step(t, s.detectEvery(), int(DefaultFailoverTimeout/s.detectEvery())+1)
 		err := s.WaitAck(t.Context(), 2)
 		require.ErrorIs(t, err, ErrTimeout)
