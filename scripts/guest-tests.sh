@@ -214,7 +214,9 @@ for pt in "${tests[@]}"; do
 		read -r st crashed <"$log.result"
 		((st != 0)) || continue
 		echo "guest-tests: why $pkg.$t failed$( ((count > 1)) && echo " (run $rep)" || true) (whole output: above, or $log):"
-		{ grep -n -B3 -A14 -E 'Error Trace:|^panic:|test timed out|^--- FAIL|^guest-tests: |^lab: (command|.*(fail|error|crash|timed out))' "$log" || tail -n 40 "$log"; } | head -n 120 | sed 's/^/    /'
+		# (|| true: head may end the pipe early, and pipefail would end
+		# the script with it)
+		{ grep -n -B3 -A14 -E 'Error Trace:|^panic:|test timed out|^--- FAIL|^guest-tests: .*(fail|skipped|did not run|crash)|^lab: (command|.*(fail|error|crash|timed out))' "$log" || tail -n 40 "$log"; } | head -n 120 | sed 's/^/    /' || true
 	done
 done
 exit $fail
