@@ -39,7 +39,7 @@ func TestQuickSuitesProduceOutput(t *testing.T) {
 		t.Run(suite, func(t *testing.T) {
 			out := t.TempDir()
 			// A guard against a hang, not a timing: the slowest quick
-			// suite, checkpoint, takes ~1m50s on an idle host and passed
+			// suite, checkpoint, takes ~1m50s on an idle host and ran past
 			// the 2 minutes this was on a clean-clone CI run, where the
 			// other packages' tests ran beside it.
 			ctx, cancel := context.WithTimeout(t.Context(), 6*time.Minute)

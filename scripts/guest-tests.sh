@@ -173,8 +173,9 @@ for r in "${runs[@]}"; do
 done
 wait
 
-# The summary: per test, how many of its runs passed, in how long.
-fail=0 summary=()
+# The summary: per test, how many of its runs passed, in how long; and
+# the failed runs ("log what"), whose errors follow it.
+fail=0 summary=() failed=()
 for pt in "${tests[@]}"; do
 	read -r pkg t <<<"$pt"
 	passes=0 done=0 crashes=0 secs=0
@@ -183,7 +184,11 @@ for pt in "${tests[@]}"; do
 		[[ -e $log.result ]] || continue
 		read -r st crashed <"$log.result"
 		done=$((done + 1))
-		((st != 0)) || passes=$((passes + 1))
+		if ((st == 0)); then
+			passes=$((passes + 1))
+		else
+			failed+=("$log $pkg.$t$( ((count > 1)) && echo " (run $rep)" || true)")
+		fi
 		crashes=$((crashes + crashed))
 		secs=$((secs + $(stat -c %Y "$log") - $(stat -c %Y "$log.start")))
 	done
@@ -207,17 +212,11 @@ echo "guest-tests: summary after $((SECONDS - start))s ($jobs at a time; each te
 printf '  %s\n' "${summary[@]}"
 # Why each failed run failed, after the summary: CI shows only the end of
 # what it printed, and the full output is far above.
-for pt in "${tests[@]}"; do
-	read -r pkg t <<<"$pt"
-	for ((rep = 1; rep <= count; rep++)); do
-		log="$logs/$(echo "$pkg" | tr / _).$t.$rep.log"
-		[[ -e $log.result ]] || continue
-		read -r st crashed <"$log.result"
-		((st != 0)) || continue
-		echo "guest-tests: why $pkg.$t failed$( ((count > 1)) && echo " (run $rep)" || true) (whole output: above, or $log):"
-		# (|| true: head may end the pipe early, and pipefail would end
-		# the script with it)
-		{ grep -n -B3 -A14 -E 'Error Trace:|^panic:|test timed out|^--- FAIL|^guest-tests: .*(fail|skipped|did not run|crash)|^lab: (command|.*(fail|error|crash|timed out))' "$log" || tail -n 40 "$log"; } | head -n 120 | sed 's/^/    /' || true
-	done
+for f in "${failed[@]}"; do
+	read -r log what <<<"$f"
+	echo "guest-tests: why $what failed (whole output: above, or $log):"
+	# (|| true: head may end the pipe early, and pipefail would end the
+	# script with it)
+	{ grep -n -B3 -A14 -E 'Error Trace:|^panic:|test timed out|^--- FAIL|^guest-tests: .*(fail|skipped|did not run|crash)|^lab: (command|.*(fail|error|crash|timed out))' "$log" || tail -n 40 "$log"; } | head -n 120 | sed 's/^/    /' || true
 done
 exit $fail
