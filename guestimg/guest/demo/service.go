@@ -137,10 +137,14 @@ func (s *service) appendAndSync(line []byte) (int64, error) {
 	return s.lines, nil
 }
 
+// getLog sends the log as it stands once no append is under way. The
+// lock covers the read only: sending can take seconds (a slow client, or
+// a replicated guest whose output waits for each checkpoint's ack), and
+// held across it, it kept every append waiting for the whole log to go out.
 func (s *service) getLog(w http.ResponseWriter, r *http.Request) {
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	data, err := os.ReadFile(s.log.Name())
+	s.mu.Unlock()
 	if err != nil {
 		text(w, http.StatusInternalServerError, "read log: "+err.Error()+"\n")
 		return

@@ -3,6 +3,7 @@ package demo
 import (
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -11,6 +12,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -204,4 +206,38 @@ func TestOpenServiceError(t *testing.T) {
 	t.Parallel()
 	_, err := openService(filepath.Join(t.TempDir(), "no", "such", "dir", "log.txt"))
 	assert.Error(t, err)
+}
+
+// A client that asks for the log and does not read the answer must not
+// hold up appends (the log used to be sent under the appends' lock).
+func TestSlowLogReaderDoesNotBlockAppends(t *testing.T) {
+	t.Parallel()
+	srv, _ := newTestServer(t, filepath.Join(t.TempDir(), "log.txt"))
+	c := srv.Client()
+	line := strings.Repeat("y", 60<<10)
+	for range 256 { // 15 MiB of log: more than the sockets' buffers hold
+		code, got := do(t, c, "POST", srv.URL+"/append", line)
+		require.Equal(t, http.StatusOK, code, got)
+	}
+	slow, err := net.Dial("tcp", srv.Listener.Addr().String())
+	require.NoError(t, err)
+	defer slow.Close()
+	_, err = io.WriteString(slow, "GET /log HTTP/1.1\r\nHost: x\r\n\r\n")
+	require.NoError(t, err)
+	// The handler is now blocked writing the log into a full socket; wait
+	// until it has sent the first bytes, so it surely holds what it holds.
+	var first [1]byte
+	_, err = io.ReadFull(slow, first[:])
+	require.NoError(t, err)
+	done := make(chan string, 1)
+	go func() {
+		code, got := do(t, c, "POST", srv.URL+"/append", "after")
+		done <- fmt.Sprint(code, " ", got)
+	}()
+	select {
+	case got := <-done:
+		assert.Equal(t, "200 257\n", got)
+	case <-time.After(30 * time.Second):
+		t.Fatal("POST /append waited for a GET /log that its client does not read")
+	}
 }
