@@ -67,6 +67,34 @@ func NewDiskLog(src io.ReaderAt, size int64) *DiskLog {
 // Size is the disk's size in bytes.
 func (d *DiskLog) Size() int64 { return d.size }
 
+// extent says what the disk holds from off on, up to until (at most end):
+// a hole (it reads as zeros, and the initial copy sends it as a zero run
+// without reading it) or data. An image that cannot tell (a block device,
+// a file system without SEEK_DATA, a source that is no file) is data.
+// Only the file's offset moves: the device reads and writes at explicit
+// offsets.
+func (d *DiskLog) extent(off, end int64) (hole bool, until int64) {
+	f, ok := d.src.(interface{ Fd() uintptr })
+	if !ok {
+		return false, end
+	}
+	fd := int(f.Fd())
+	data, err := unix.Seek(fd, off, unix.SEEK_DATA)
+	switch {
+	case errors.Is(err, unix.ENXIO): // no data from off to the end of the file
+		return true, end
+	case err != nil:
+		return false, end
+	case data > off:
+		return true, min(data, end)
+	}
+	h, err := unix.Seek(fd, off, unix.SEEK_HOLE)
+	if err != nil || h <= off {
+		return false, end
+	}
+	return false, min(h, end)
+}
+
 // Pressure is signalled when the current epoch's writes pass
 // PressureDiskBytes.
 func (d *DiskLog) Pressure() <-chan struct{} { return d.pressure }
@@ -173,100 +201,6 @@ func DiskSize(f *os.File) (int64, error) {
 	}
 	return int64(n), nil
 }
-
-// diskSink is the standby's side: it applies checkpoints' disk writes to
-// its copies of the guest's disks (files or block devices), as a
-// stream.DiskSink. Until the first resumable checkpoint commits there is
-// nothing to protect, so the initial copy goes straight to the disks;
-// after that, an epoch's writes are staged in memory and applied, then
-// synced, at its commit, before the ack. The Receiver's goroutine alone
-// uses it.
-type diskSink struct {
-	files     []*os.File
-	sizes     []int64
-	resumable bool // a resumable checkpoint has been committed
-	kind      stream.Kind
-	direct    bool
-	staged    []stagedWrite
-	touched   []bool // by disk: written since the last sync
-}
-
-type stagedWrite struct {
-	disk int
-	w    DiskWrite
-}
-
-var _ stream.DiskSink = (*diskSink)(nil)
-
-func newDiskSink(files []*os.File) (*diskSink, error) {
-	s := &diskSink{files: files, touched: make([]bool, len(files))}
-	for _, f := range files {
-		n, err := DiskSize(f)
-		if err != nil {
-			return nil, err
-		}
-		s.sizes = append(s.sizes, n)
-	}
-	return s, nil
-}
-
-// Begin implements stream.DiskSink.
-func (s *diskSink) Begin(epoch uint64, kind stream.Kind) error {
-	s.staged = s.staged[:0]
-	s.kind = kind
-	s.direct = !s.resumable && kind == stream.KindInitialSync
-	return nil
-}
-
-// StageWrite implements stream.DiskSink.
-func (s *diskSink) StageWrite(disk int, off int64, data []byte) error {
-	if disk >= len(s.files) {
-		return fmt.Errorf("disk %d: the standby has %d disks", disk, len(s.files))
-	}
-	if off < 0 || off+int64(len(data)) > s.sizes[disk] {
-		return fmt.Errorf("disk %d: write at %d+%d beyond its %d bytes", disk, off, len(data), s.sizes[disk])
-	}
-	if s.direct {
-		return s.write(disk, off, data)
-	}
-	s.staged = append(s.staged, stagedWrite{disk, DiskWrite{Off: off, Data: append([]byte(nil), data...)}})
-	return nil
-}
-
-func (s *diskSink) write(disk int, off int64, data []byte) error {
-	if _, err := s.files[disk].WriteAt(data, off); err != nil {
-		return fmt.Errorf("disk %d: %w", disk, err)
-	}
-	s.touched[disk] = true
-	return nil
-}
-
-// Commit implements stream.DiskSink: the staged writes, in order, then a
-// sync of every disk written.
-func (s *diskSink) Commit() error {
-	for _, sw := range s.staged {
-		if err := s.write(sw.disk, sw.w.Off, sw.w.Data); err != nil {
-			return err
-		}
-	}
-	s.staged = s.staged[:0]
-	for i, t := range s.touched {
-		if !t {
-			continue
-		}
-		if err := s.files[i].Sync(); err != nil {
-			return fmt.Errorf("disk %d: sync: %w", i, err)
-		}
-		s.touched[i] = false
-	}
-	if s.kind.Resumable() {
-		s.resumable = true
-	}
-	return nil
-}
-
-// Abort implements stream.DiskSink.
-func (s *diskSink) Abort() { s.staged = s.staged[:0] }
 
 // cutState is a checkpoint's machine state, taken at a consistent cut
 // (inside Machine.WithPaused), with the disks' writes since the previous

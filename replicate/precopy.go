@@ -79,6 +79,7 @@ type precopyResult struct {
 	Epoch     uint64        // the last checkpoint's epoch
 	PagesSent uint64        // in all rounds
 	DiskBytes uint64        // disk contents copied
+	DiskHoles uint64        // of them, holes in the images, sent unread as zero runs
 	Dirty     *dirtylog.Set // harvested after the last round, not sent yet
 	Stats     []RoundStats  // one per memory round
 }
@@ -160,7 +161,10 @@ func (p precopy) round(epoch uint64, set *dirtylog.Set, sent func(pages uint64))
 	return n, p.t.EndCheckpoint()
 }
 
-// copyDisks sends every disk's contents, slab by slab.
+// copyDisks sends every disk's contents, slab by slab: the holes of its
+// image as zero runs, unread (a disk write into a hole after its extent
+// was looked up is in the disk log, like one into a block already read),
+// the rest read and sent (its all-zero pieces as zero runs too).
 func (p precopy) copyDisks(ctx context.Context, res *precopyResult) error {
 	buf := make([]byte, stream.MaxDiskChunk)
 	for i, d := range p.disks {
@@ -169,14 +173,25 @@ func (p precopy) copyDisks(ctx context.Context, res *precopyResult) error {
 			if err := p.t.BeginCheckpoint(res.Epoch, stream.KindInitialSync); err != nil {
 				return fmt.Errorf("disk %d copy: %w", i, err)
 			}
-			for off := slab; off < min(slab+diskSlab, d.Size()); off += int64(len(buf)) {
-				n := int(min(int64(len(buf)), d.Size()-off))
-				if _, err := d.src.ReadAt(buf[:n], off); err != nil {
-					return fmt.Errorf("disk %d copy: read at %d: %w", i, off, err)
+			end := min(slab+diskSlab, d.Size())
+			for off := slab; off < end; {
+				hole, until := d.extent(off, end)
+				n := until - off
+				if hole {
+					if err := p.t.SendDiskZero(i, off, n); err != nil {
+						return fmt.Errorf("disk %d copy: %w", i, err)
+					}
+					res.DiskHoles += uint64(n)
+				} else {
+					n = min(n, int64(len(buf)))
+					if _, err := d.src.ReadAt(buf[:n], off); err != nil {
+						return fmt.Errorf("disk %d copy: read at %d: %w", i, off, err)
+					}
+					if err := p.t.SendDisk(i, off, buf[:n]); err != nil {
+						return fmt.Errorf("disk %d copy: %w", i, err)
+					}
 				}
-				if err := p.t.SendDisk(i, off, buf[:n]); err != nil {
-					return fmt.Errorf("disk %d copy: %w", i, err)
-				}
+				off += n
 				res.DiskBytes += uint64(n)
 				if res.DiskBytes%progressEvery < uint64(n) {
 					p.copied(0, res.DiskBytes)

@@ -200,7 +200,7 @@ func (r *Replicator) initialSync(ctx context.Context) error {
 	r.mu.Lock()
 	r.protected = true
 	r.mu.Unlock()
-	r.log.Info("guest protected", "epoch", r.currentEpoch(), "disk_bytes_copied", pre.DiskBytes)
+	r.log.Info("guest protected", "epoch", r.currentEpoch(), "disk_bytes_copied", pre.DiskBytes, "disk_holes_unread", pre.DiskHoles)
 	return nil
 }
 

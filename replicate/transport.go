@@ -23,6 +23,8 @@ type Transport interface {
 	// buffer's pages, which the stream may then send without copying.
 	SendStablePage(gpa guestmem.GPA, page []byte) error
 	SendDisk(disk int, off int64, data []byte) error
+	// SendDiskZero sends n zero bytes at off: a zero run, no data.
+	SendDiskZero(disk int, off, n int64) error
 	SendState(state []byte) error
 	EndCheckpoint() error
 	// Acked is the last acknowledged epoch; WaitAck waits until epoch is
@@ -72,6 +74,7 @@ func (t *nullTransport) BeginCheckpoint(epoch uint64, kind stream.Kind) error {
 func (t *nullTransport) SendPage(guestmem.GPA, []byte) error       { return nil }
 func (t *nullTransport) SendStablePage(guestmem.GPA, []byte) error { return nil }
 func (t *nullTransport) SendDisk(int, int64, []byte) error         { return nil }
+func (t *nullTransport) SendDiskZero(int, int64, int64) error      { return nil }
 func (t *nullTransport) SendState([]byte) error                    { return nil }
 
 func (t *nullTransport) EndCheckpoint() error {

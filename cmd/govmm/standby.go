@@ -30,10 +30,12 @@ VM, on the same socket and port.
 
 Give the same device flags as the source, with this host's resources:
 --disk with this host's copy (a file or a block device of the same size;
-the initial sync copies the source's disk into it), --net of the same kind
-(user or tap), the same --mac or --name. A primary whose guest this standby
-could not run (another device set, MAC, disk size, read-only flag or
-network backend) is refused at the handshake, and both ends say why.
+the initial sync copies the source's disk into it, and where the source
+reads as zeros, its holes included, punches a hole: a sparse file, e.g.
+from 'truncate -s', stays sparse), --net of the same kind (user or tap),
+the same --mac or --name. A primary whose guest this standby could not
+run (another device set, MAC, disk size, read-only flag or network
+backend) is refused at the handshake, and both ends say why.
 Connections that are no usable primary are refused and logged; the
 standby keeps listening. With --replicate-to, the guest it took over is
 protected again by a new standby there; if that fails, the guest keeps

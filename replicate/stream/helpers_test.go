@@ -303,6 +303,10 @@ func (d *memDisks) StageWrite(disk int, off int64, data []byte) error {
 	return nil
 }
 
+func (d *memDisks) StageZero(disk int, off, n int64) error {
+	return d.StageWrite(disk, off, make([]byte, n))
+}
+
 func (d *memDisks) Commit() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()

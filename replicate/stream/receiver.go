@@ -368,11 +368,13 @@ func (r *Receiver) disk(w *container.DiskWrite) error {
 	case r.cur.diskBytes+uint64(w.Length) > MaxCheckpointDisk:
 		return fmt.Errorf("checkpoint %d: disk writes over %d bytes: %w", r.cur.epoch, MaxCheckpointDisk, ErrTooLarge)
 	}
-	data := w.Data
+	var err error
 	if w.Zero {
-		data = zeroChunk[:w.Length]
+		err = r.disks.StageZero(int(w.Disk), int64(w.Off), int64(w.Length))
+	} else {
+		err = r.disks.StageWrite(int(w.Disk), int64(w.Off), w.Data)
 	}
-	if err := r.disks.StageWrite(int(w.Disk), int64(w.Off), data); err != nil {
+	if err != nil {
 		return fmt.Errorf("disk sink: disk %d write at %d+%d: %w: %w", w.Disk, w.Off, w.Length, ErrCommit, err)
 	}
 	r.cur.diskBytes += uint64(w.Length)

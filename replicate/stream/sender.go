@@ -260,18 +260,7 @@ func (s *Sender) flushRefs(sl *pageSlot) error {
 // checkpoint, in frames of at most MaxDiskChunk bytes; all-zero pieces
 // travel without bytes. A checkpoint writes at most MaxCheckpointDisk.
 func (s *Sender) SendDisk(disk int, off int64, data []byte) error {
-	if !s.open.Load() {
-		return fmt.Errorf("send disk write: no checkpoint open: %w", ErrProtocol)
-	}
-	if disk < 0 || disk >= MaxDisks || off < 0 {
-		return fmt.Errorf("send disk write: disk %d offset %d: %w", disk, off, ErrOutOfRange)
-	}
-	if s.cur.diskBytes+uint64(len(data)) > MaxCheckpointDisk {
-		return fmt.Errorf("send disk write: %d bytes in the checkpoint, at most %d: %w",
-			s.cur.diskBytes+uint64(len(data)), MaxCheckpointDisk, ErrTooLarge)
-	}
-	// Pages first, so that the CRC sees what the receiver sees.
-	if err := s.flushAll(); err != nil {
+	if err := s.diskOpen(disk, off, int64(len(data))); err != nil {
 		return err
 	}
 	for len(data) > 0 {
@@ -280,17 +269,61 @@ func (s *Sender) SendDisk(disk int, off int64, data []byte) error {
 		if bytes.Equal(piece, zeroChunk[:n]) {
 			piece = nil
 		}
-		s.dbuf = container.AppendDisk(s.dbuf[:0], uint16(disk), uint64(off), n, piece)
-		if err := s.send(frameDisk, s.dbuf, false); err != nil {
+		if err := s.diskFrame(disk, off, n, piece); err != nil {
 			return err
 		}
-		if s.summed(true) {
-			s.sum.Section(container.TypeDisk, s.dbuf)
-		}
-		s.cur.diskBytes += uint64(n)
-		s.ctr.diskBytes.Add(uint64(n))
 		data, off = data[n:], off+int64(n)
 	}
+	return nil
+}
+
+// SendDiskZero adds n zero bytes at off on disk number disk to the open
+// checkpoint, as zero runs (frames without bytes): what a hole in the
+// source's disk file reads as, sent without reading it. The n bytes count
+// toward the checkpoint's MaxCheckpointDisk like SendDisk's.
+func (s *Sender) SendDiskZero(disk int, off, n int64) error {
+	if err := s.diskOpen(disk, off, n); err != nil {
+		return err
+	}
+	for n > 0 {
+		c := int(min(n, MaxDiskChunk))
+		if err := s.diskFrame(disk, off, c, nil); err != nil {
+			return err
+		}
+		n, off = n-int64(c), off+int64(c)
+	}
+	return nil
+}
+
+// diskOpen checks a disk write of n bytes at off on disk against the open
+// checkpoint and sends the pages before it (so that the sum sees what the
+// receiver sees).
+func (s *Sender) diskOpen(disk int, off, n int64) error {
+	if !s.open.Load() {
+		return fmt.Errorf("send disk write: no checkpoint open: %w", ErrProtocol)
+	}
+	if disk < 0 || disk >= MaxDisks || off < 0 || n < 0 {
+		return fmt.Errorf("send disk write: disk %d offset %d length %d: %w", disk, off, n, ErrOutOfRange)
+	}
+	if s.cur.diskBytes+uint64(n) > MaxCheckpointDisk {
+		return fmt.Errorf("send disk write: %d bytes in the checkpoint, at most %d: %w",
+			s.cur.diskBytes+uint64(n), MaxCheckpointDisk, ErrTooLarge)
+	}
+	return s.flushAll()
+}
+
+// diskFrame sends one Disk frame of n bytes at off: piece, or a zero run
+// if piece is nil.
+func (s *Sender) diskFrame(disk int, off int64, n int, piece []byte) error {
+	s.dbuf = container.AppendDisk(s.dbuf[:0], uint16(disk), uint64(off), n, piece)
+	if err := s.send(frameDisk, s.dbuf, false); err != nil {
+		return err
+	}
+	if s.summed(true) {
+		s.sum.Section(container.TypeDisk, s.dbuf)
+	}
+	s.cur.diskBytes += uint64(n)
+	s.ctr.diskBytes.Add(uint64(n))
 	return nil
 }
 

@@ -52,9 +52,13 @@ type DiskSink interface {
 	// Begin starts a checkpoint.
 	Begin(epoch uint64, kind Kind) error
 	// StageWrite stages data (valid only during the call) at off on disk
-	// number disk; a zero run comes as that many zero bytes. disk is below
-	// MaxDisks; the sink checks it and the range against its disks.
+	// number disk. disk is below MaxDisks; the sink checks it and the
+	// range against its disks.
 	StageWrite(disk int, off int64, data []byte) error
+	// StageZero stages n zero bytes at off on disk number disk (a zero
+	// run: the sender's disk reads as zeros there), in order with the
+	// writes, checked as StageWrite checks them.
+	StageZero(disk int, off, n int64) error
 	// Commit applies the staged writes durably (synced). If it fails, the
 	// receiver's disks are unusable.
 	Commit() error

@@ -1,0 +1,212 @@
+package replicate
+
+import (
+	"bytes"
+	"context"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"govmm/internal/kvmtest"
+	"govmm/internal/tinyguest"
+	"govmm/replicate/stream"
+)
+
+// sparseFile makes a file of size bytes, a hole but for data at each of
+// the offsets (random bytes, n each).
+func sparseFile(t *testing.T, name string, size int64, n int, offsets ...int64) (string, *os.File) {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), name)
+	f, err := os.OpenFile(p, os.O_RDWR|os.O_CREATE, 0o644)
+	require.NoError(t, err)
+	t.Cleanup(func() { f.Close() })
+	require.NoError(t, f.Truncate(size))
+	rng := rand.NewChaCha8([32]byte{byte(len(offsets))})
+	for _, off := range offsets {
+		b := make([]byte, n)
+		_, _ = rng.Read(b)
+		_, err := f.WriteAt(b, off)
+		require.NoError(t, err)
+	}
+	require.NoError(t, f.Sync())
+	return p, f
+}
+
+// allocated is how many bytes of f's file system blocks f holds.
+func allocated(t *testing.T, f *os.File) int64 {
+	t.Helper()
+	var st syscall.Stat_t
+	require.NoError(t, syscall.Fstat(int(f.Fd()), &st))
+	return st.Blocks * 512
+}
+
+// garbageFile makes a fully written file of size random bytes.
+func garbageFile(t *testing.T, name string, size int) (string, *os.File) {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), name)
+	b := make([]byte, size)
+	_, _ = rand.NewChaCha8([32]byte{9}).Read(b)
+	require.NoError(t, os.WriteFile(p, b, 0o644))
+	f, err := os.OpenFile(p, os.O_RDWR, 0)
+	require.NoError(t, err)
+	t.Cleanup(func() { f.Close() })
+	return p, f
+}
+
+// extent tells a disk image's holes from its data.
+func TestDiskLogExtents(t *testing.T) {
+	const size = 8 << 20
+	_, f := sparseFile(t, "disk.img", size, 8192, 0, 3<<20)
+	d := NewDiskLog(f, size)
+	for _, c := range []struct {
+		off, end int64
+		hole     bool
+		until    int64
+	}{
+		{0, size, false, 8192},
+		{4096, size, false, 8192},
+		{8192, size, true, 3 << 20},
+		{8192, 1 << 20, true, 1 << 20}, // at most end
+		{3 << 20, size, false, 3<<20 + 8192},
+		{3<<20 + 8192, size, true, size}, // no data to the end of the file
+	} {
+		hole, until := d.extent(c.off, c.end)
+		require.Equal(t, c.hole, hole, "extent(%d, %d)", c.off, c.end)
+		require.Equal(t, c.until, until, "extent(%d, %d)", c.off, c.end)
+	}
+	// A source that is not a file cannot tell: all data.
+	hole, until := NewDiskLog(bytes.NewReader(make([]byte, size)), size).extent(8192, size)
+	require.False(t, hole)
+	require.Equal(t, int64(size), until)
+}
+
+// The standby applies zero runs as holes (its copy stays sparse, and what
+// was there reads as zeros), in order with the writes, while copying
+// directly and staged; a disk that cannot punch gets zeros written, with
+// the same contents.
+func TestDiskSinkZeroRuns(t *testing.T) {
+	for _, punch := range []bool{true, false} {
+		const size = 4 << 20
+		p, f := garbageFile(t, "standby.img", size)
+		s, err := newDiskSink([]*os.File{f})
+		require.NoError(t, err)
+		s.noPunch[0] = !punch
+		want := make([]byte, size)
+		data := bytes.Repeat([]byte("data"), 1024)
+
+		// The initial copy: straight to the disk, runs merged.
+		require.NoError(t, s.Begin(1, stream.KindInitialSync))
+		require.True(t, s.direct)
+		require.NoError(t, s.StageWrite(0, 0, data))
+		copy(want, data)
+		for off := int64(4096); off < size-4096; off += 1 << 20 {
+			require.NoError(t, s.StageZero(0, off, min(1<<20, size-4096-off)))
+		}
+		require.NoError(t, s.StageWrite(0, size-4096, data))
+		copy(want[size-4096:], data)
+		require.NoError(t, s.Commit())
+		got, err := os.ReadFile(p)
+		require.NoError(t, err)
+		require.True(t, bytes.Equal(want, got), "punch %v: after the initial copy", punch)
+		if punch {
+			require.Less(t, allocated(t, f), int64(1<<20), "the standby's copy stays sparse")
+		} else {
+			require.GreaterOrEqual(t, allocated(t, f), int64(size), "zeros written")
+		}
+
+		// A resumable checkpoint: staged, applied at commit, in order.
+		require.NoError(t, s.Begin(2, stream.KindEpoch))
+		require.False(t, s.direct)
+		require.NoError(t, s.StageWrite(0, 1<<20, data))
+		require.NoError(t, s.StageZero(0, 0, 8192))     // over the first write of the copy
+		require.NoError(t, s.StageZero(0, 8192, 1<<20)) // merged with the run before
+		require.NoError(t, s.StageWrite(0, 1<<20, data[:100]))
+		require.Len(t, s.staged, 3)
+		copy(want[1<<20:], data)
+		clear(want[0 : 8192+1<<20])
+		copy(want[1<<20:], data[:100])
+		got, err = os.ReadFile(p)
+		require.NoError(t, err)
+		require.False(t, bytes.Equal(want, got), "punch %v: nothing applied before the commit", punch)
+		require.NoError(t, s.Commit())
+		got, err = os.ReadFile(p)
+		require.NoError(t, err)
+		require.True(t, bytes.Equal(want, got), "punch %v: after the checkpoint", punch)
+
+		// Out of range, like a write.
+		require.Error(t, s.StageZero(0, size-4096, 8192))
+		require.Error(t, s.StageZero(1, 0, 4096))
+	}
+}
+
+// A sparse disk replicated to a standby whose copy is garbage: the holes
+// travel as zero runs, the standby's copy equals the primary's (holes,
+// data, a block of written zeros, a write into a hole made during the
+// copy) and stays about as sparse as the primary's.
+func TestReplicatedSparseDisk(t *testing.T) {
+	kvmtest.Require(t)
+	const size = 64 << 20
+	primaryDisk, pf := sparseFile(t, "primary.img", size, 256<<10, 0, 20<<20, 63<<20)
+	_, err := pf.WriteAt(make([]byte, 1<<20), 40<<20) // written zeros: data to the file system
+	require.NoError(t, err)
+	standbyDisk, sf := garbageFile(t, "standby.img", size)
+	prim := newTiny(t, tinyguest.Dirtier(dirtyBase, 16, passGPA))
+	require.NoError(t, prim.Start())
+	src := &countingFile{File: pf}
+	log := NewDiskLog(src, size)
+	sb, err := NewStandby(StandbyConfig{Listen: "127.0.0.1:0", Insecure: true, Disks: []*os.File{sf},
+		FailoverTimeout: 5 * time.Second, Build: buildTiny})
+	require.NoError(t, err)
+	defer sb.Close()
+	receive(t, sb)
+	wrote := make(chan error, 1)
+	go func() {
+		// A guest write into a hole while the disk is being copied (the
+		// device writes, then records).
+		time.Sleep(time.Millisecond)
+		line := []byte("written into a hole during the copy")
+		_, err := pf.WriteAt(line, 50<<20)
+		if err == nil {
+			err = log.Record(50<<20, line)
+		}
+		wrote <- err
+	}()
+	rep, err := StartReplication(context.Background(), prim, ReplicateConfig{To: sb.Addr(), Insecure: true, Name: "tiny",
+		Epoch: 10 * time.Millisecond, FailoverTimeout: 5 * time.Second, Disks: []*DiskLog{log}})
+	require.NoError(t, err)
+	t.Cleanup(rep.Stop)
+	require.NoError(t, <-wrote)
+	waitCaughtUp(t, prim, rep)
+	read := src.read.Load()
+	t.Logf("the initial copy read %d KiB of the %d KiB disk", read>>10, size>>10)
+	require.Less(t, read, int64(4<<20), "the holes were sent without reading them")
+	want, err := os.ReadFile(primaryDisk)
+	require.NoError(t, err)
+	require.Contains(t, string(want[50<<20:]), "written into a hole during the copy")
+	got, err := os.ReadFile(standbyDisk)
+	require.NoError(t, err)
+	require.True(t, bytes.Equal(want, got), "the standby's disk equals the primary's")
+	pa, sa := allocated(t, pf), allocated(t, sf)
+	t.Logf("allocated: primary %d KiB, standby %d KiB, of %d KiB", pa>>10, sa>>10, size>>10)
+	require.LessOrEqual(t, sa, pa+(1<<20), "the standby's copy is about as sparse as the primary's")
+	require.GreaterOrEqual(t, rep.Stats().Stream.DiskBytes, uint64(size), "the whole disk went over, holes as zero runs")
+}
+
+// countingFile counts the bytes read through ReadAt; Fd is the file's,
+// so holes can be told.
+type countingFile struct {
+	*os.File
+	read atomic.Int64
+}
+
+func (c *countingFile) ReadAt(b []byte, off int64) (int, error) {
+	n, err := c.File.ReadAt(b, off)
+	c.read.Add(int64(n))
+	return n, err
+}
