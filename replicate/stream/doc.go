@@ -143,7 +143,7 @@
 //
 // # Goroutines
 //
-// Sender: the caller's checkpoint goroutine (Begin/SendPage/SendStablePage/SendDisk/
+// Sender: the caller's checkpoint goroutine (Begin/SendPage/SendStablePage/SendDisk/SendDiskZero/
 // SendState/End/Handover), the sealer, which seals and writes the Pages
 // frames the checkpoint goroutine hands it while that one fills the next
 // (pipeline.go; a frame of SendStablePage's references is summed and
