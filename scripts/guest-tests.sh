@@ -23,7 +23,9 @@
 #   -timeout  for the whole run, every L1 boot included (default 45m: CI
 #             must end within 60, and its other parts take ~11 min; the
 #             lab part took 36 min in two clean-clone runs on 2026-12-01,
-#             34 once the fencing tests stopped booting under replication);
+#             34 once the fencing tests stopped booting under replication,
+#             24 on a quiet host on 2026-12-02 once they waited for fewer
+#             answers and blank disks were copied as holes);
 #             Go duration units s, m or h
 set -euo pipefail
 cd "$(dirname "$0")/.."
