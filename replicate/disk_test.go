@@ -4,10 +4,8 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
-	"math/rand/v2"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -171,19 +169,8 @@ func TestMigrationCarriesDiskWrites(t *testing.T) {
 func diskPair(t *testing.T, size int) (primary, standby string, pf, sf *os.File) {
 	t.Helper()
 	dir := t.TempDir()
-	primary, standby = filepath.Join(dir, "primary.img"), filepath.Join(dir, "standby.img")
-	for i, p := range []string{primary, standby} {
-		b := make([]byte, size)
-		_, _ = rand.NewChaCha8([32]byte{byte(i + 1)}).Read(b)
-		require.NoError(t, os.WriteFile(p, b, 0o644))
-	}
-	var err error
-	pf, err = os.OpenFile(primary, os.O_RDWR, 0)
-	require.NoError(t, err)
-	t.Cleanup(func() { pf.Close() })
-	sf, err = os.OpenFile(standby, os.O_RDWR, 0)
-	require.NoError(t, err)
-	t.Cleanup(func() { sf.Close() })
+	primary, pf = garbageFile(t, dir, "primary.img", size, 1)
+	standby, sf = garbageFile(t, dir, "standby.img", size, 2)
 	return primary, standby, pf, sf
 }
 

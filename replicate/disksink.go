@@ -102,27 +102,32 @@ func (s *diskSink) StageZero(disk int, off, n int64) error {
 	if err := s.check(disk, off, n); err != nil {
 		return err
 	}
-	last := &s.pending
-	if !s.direct {
-		if len(s.staged) == 0 {
-			s.staged = append(s.staged, stagedWrite{disk: disk, w: DiskWrite{Off: off}, zero: n})
+	run := stagedWrite{disk: disk, w: DiskWrite{Off: off}, zero: n}
+	if s.direct {
+		if s.pending.extend(run) {
 			return nil
 		}
-		last = &s.staged[len(s.staged)-1]
-	}
-	if last.zero > 0 && last.disk == disk && last.w.Off+last.zero == off {
-		last.zero += n
-		return nil
-	}
-	if s.direct {
 		if err := s.flushPending(); err != nil {
 			return err
 		}
-		s.pending = stagedWrite{disk: disk, w: DiskWrite{Off: off}, zero: n}
+		s.pending = run
 		return nil
 	}
-	s.staged = append(s.staged, stagedWrite{disk: disk, w: DiskWrite{Off: off}, zero: n})
+	if k := len(s.staged); k > 0 && s.staged[k-1].extend(run) {
+		return nil
+	}
+	s.staged = append(s.staged, run)
 	return nil
+}
+
+// extend makes the zero run w cover run too, if run follows it on the
+// same disk.
+func (w *stagedWrite) extend(run stagedWrite) bool {
+	if w.zero == 0 || w.disk != run.disk || w.w.Off+w.zero != run.w.Off {
+		return false
+	}
+	w.zero += run.zero
+	return true
 }
 
 // flushPending applies the pending zero run, if any.

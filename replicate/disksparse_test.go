@@ -46,12 +46,13 @@ func allocated(t *testing.T, f *os.File) int64 {
 	return st.Blocks * 512
 }
 
-// garbageFile makes a fully written file of size random bytes.
-func garbageFile(t *testing.T, name string, size int) (string, *os.File) {
+// garbageFile makes a fully written file of size random bytes (from
+// seed) in dir, open for reading and writing.
+func garbageFile(t *testing.T, dir, name string, size int, seed byte) (string, *os.File) {
 	t.Helper()
-	p := filepath.Join(t.TempDir(), name)
+	p := filepath.Join(dir, name)
 	b := make([]byte, size)
-	_, _ = rand.NewChaCha8([32]byte{9}).Read(b)
+	_, _ = rand.NewChaCha8([32]byte{seed}).Read(b)
 	require.NoError(t, os.WriteFile(p, b, 0o644))
 	f, err := os.OpenFile(p, os.O_RDWR, 0)
 	require.NoError(t, err)
@@ -93,7 +94,7 @@ func TestDiskLogExtents(t *testing.T) {
 func TestDiskSinkZeroRuns(t *testing.T) {
 	for _, punch := range []bool{true, false} {
 		const size = 4 << 20
-		p, f := garbageFile(t, "standby.img", size)
+		p, f := garbageFile(t, t.TempDir(), "standby.img", size, 9)
 		s, err := newDiskSink([]*os.File{f})
 		require.NoError(t, err)
 		s.noPunch[0] = !punch
@@ -155,7 +156,7 @@ func TestReplicatedSparseDisk(t *testing.T) {
 	primaryDisk, pf := sparseFile(t, "primary.img", size, 256<<10, 0, 20<<20, 63<<20)
 	_, err := pf.WriteAt(make([]byte, 1<<20), 40<<20) // written zeros: data to the file system
 	require.NoError(t, err)
-	standbyDisk, sf := garbageFile(t, "standby.img", size)
+	standbyDisk, sf := garbageFile(t, t.TempDir(), "standby.img", size, 9)
 	prim := newTiny(t, tinyguest.Dirtier(dirtyBase, 16, passGPA))
 	require.NoError(t, prim.Start())
 	src := &countingFile{File: pf}
