@@ -43,7 +43,7 @@
 //     pre-shared key both ways. (Without a key, loopback only, frames
 //     carry CRC32Cs instead: corruption is caught, nothing else.)
 //
-// # Wire format (version 10, little-endian)
+// # Wire format (version 11, little-endian)
 //
 // Handshake frames (each side's Hello and Auth, framed as in version 1 so
 // that any version can read a hello far enough to refuse it):
@@ -114,7 +114,8 @@
 // version 8), a reference to a page of that shadow with the same bytes
 // (delta.go; docs/STREAM.md, Deltas).
 //
-// A checkpoint's Disk frames write at most MaxCheckpointDisk bytes. The
+// A checkpoint's Disk frames cost at most MaxCheckpointDisk: a frame with
+// data its length, a zero run ZeroRunCost (version 11). The
 // End frame's sum is sum64 (sum.go) of the checkpoint's sections: for each
 // Pages, Disk and State frame in frame order, a block of its container
 // section type and length, then the section's payload (a Pages frame's

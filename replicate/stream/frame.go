@@ -14,7 +14,7 @@ import (
 // Version is the protocol version this package speaks. A peer with any
 // other version is refused at the hello (ErrVersion); see docs/STREAM.md
 // for the version policy.
-const Version = 10
+const Version = 11
 
 // checkpointVersion is the version of the GOVMMCKP container that a
 // checkpoint is (docs/FORMATS.md): its Begin frame stands for the
@@ -114,9 +114,16 @@ const (
 	// MaxDiskChunk caps the bytes one Disk frame writes (or zeroes): a
 	// container disk section's cap.
 	MaxDiskChunk = container.MaxDiskChunk
-	// MaxCheckpointDisk caps the disk bytes one checkpoint writes, over
-	// all its Disk frames: what a standby stages in memory at most.
+	// MaxCheckpointDisk caps what one checkpoint's Disk frames cost, over
+	// all of them: what a standby stages in memory at most. A frame with
+	// data costs its length, a zero run ZeroRunCost (DiskCost).
 	MaxCheckpointDisk = 256 << 20
+	// ZeroRunCost is what a Disk frame without data (a zero run of at
+	// most MaxDiskChunk bytes) costs toward MaxCheckpointDisk: the
+	// standby stages the run, not its zeros (version 11; before, a run
+	// cost its length, so a guest's discard of its whole disk, or a
+	// hole, filled a checkpoint as data would).
+	ZeroRunCost = 64
 	// MaxDisks caps the disk numbers in Disk frames.
 	MaxDisks = 64
 	// MaxErrorMessage caps an Error frame's text.
@@ -155,8 +162,27 @@ type endInfo struct {
 	epoch     uint64
 	pages     uint64
 	stateLen  uint64
-	diskBytes uint64
+	diskBytes uint64 // written or zeroed, over all Disk frames
 	sum       uint64 // sum64 of the checkpoint's sections
+	// diskCost is the Disk frames' cost toward MaxCheckpointDisk (not on
+	// the wire: each end counts its own).
+	diskCost uint64
+}
+
+// diskCost is what a Disk frame of n bytes costs toward
+// MaxCheckpointDisk: its length with data, ZeroRunCost as a zero run.
+func diskCost(n int, zero bool) uint64 {
+	if zero {
+		return ZeroRunCost
+	}
+	return uint64(n)
+}
+
+// ZeroCost is what n bytes of zero runs cost toward MaxCheckpointDisk,
+// sent as Sender.SendDiskZero sends them (Disk frames of at most
+// MaxDiskChunk bytes).
+func ZeroCost(n int64) uint64 {
+	return uint64((n+MaxDiskChunk-1)/MaxDiskChunk) * ZeroRunCost
 }
 
 // frame is one decoded frame. The reader reuses it: slices alias the read
@@ -279,9 +305,6 @@ func decodePayload(f *frame, t frameType, p []byte, layout *Identity) error {
 			diskBytes: le.Uint64(p[24:]), sum: le.Uint64(p[32:])}
 		if f.end.stateLen > MaxState {
 			return fmt.Errorf("end: state of %d bytes, at most %d: %w", f.end.stateLen, MaxState, ErrTooLarge)
-		}
-		if f.end.diskBytes > MaxCheckpointDisk {
-			return fmt.Errorf("end: %d disk bytes, at most %d: %w", f.end.diskBytes, MaxCheckpointDisk, ErrTooLarge)
 		}
 	case frameDisk:
 		return decodeDisk(&f.disk, p)

@@ -276,6 +276,7 @@ type stagedWrite struct {
 	disk int
 	off  int64
 	data []byte
+	zero int64 // a zero run of this many bytes (data nil)
 }
 
 func newMemDisks(sizes ...int) *memDisks {
@@ -299,18 +300,28 @@ func (d *memDisks) StageWrite(disk int, off int64, data []byte) error {
 	if disk >= len(d.disks) || off+int64(len(data)) > int64(len(d.disks[disk])) {
 		return fmt.Errorf("disk %d: write at %d+%d out of range", disk, off, len(data))
 	}
-	d.staged = append(d.staged, stagedWrite{disk, off, bytes.Clone(data)})
+	d.staged = append(d.staged, stagedWrite{disk: disk, off: off, data: bytes.Clone(data)})
 	return nil
 }
 
+// StageZero stages the run, not its zeros, as the standby's sink does.
 func (d *memDisks) StageZero(disk int, off, n int64) error {
-	return d.StageWrite(disk, off, make([]byte, n))
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if disk >= len(d.disks) || off+n > int64(len(d.disks[disk])) {
+		return fmt.Errorf("disk %d: zero run at %d+%d out of range", disk, off, n)
+	}
+	d.staged = append(d.staged, stagedWrite{disk: disk, off: off, zero: n})
+	return nil
 }
 
 func (d *memDisks) Commit() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	for _, w := range d.staged {
+		if w.zero > 0 {
+			clear(d.disks[w.disk][w.off : w.off+w.zero])
+		}
 		copy(d.disks[w.disk][w.off:], w.data)
 	}
 	d.staged = nil

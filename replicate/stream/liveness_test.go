@@ -302,3 +302,39 @@ func TestDiskWrites(t *testing.T) {
 	require.ErrorIs(t, waitErr(t, run), ErrCommit)
 	assert.Equal(t, 2, disks.commits)
 }
+
+// A zero run costs ZeroRunCost per frame toward MaxCheckpointDisk, not
+// its length (version 11): one checkpoint zeroes far more than the cap
+// (a guest discarding its whole disk), while data past the cap is still
+// refused, and the runs and the writes between them apply in order.
+func TestDiskZeroRunsCost(t *testing.T) {
+	scfg, rcfg := cfgs(newFakeClock())
+	disks := newMemDisks(4 << 20)
+	rcfg.Disks = disks
+	s, r := pipePair(t, scfg, rcfg)
+	run := runReceiver(t, r)
+
+	require.NoError(t, s.BeginCheckpoint(1, KindInitialSync))
+	require.NoError(t, s.SendDisk(0, 0, bytes.Repeat([]byte{7}, 4<<20)))
+	require.NoError(t, s.EndCheckpoint())
+	require.NoError(t, s.WaitAck(t.Context(), 1))
+
+	const rounds = 2 * MaxCheckpointDisk / (4 << 20) // 512 MiB zeroed in all
+	require.NoError(t, s.BeginCheckpoint(2, KindEpoch))
+	for i := range rounds {
+		require.NoError(t, s.SendDisk(0, int64(i%4)<<20, []byte{byte(i + 1)}))
+		require.NoError(t, s.SendDiskZero(0, 0, 4<<20), "round %d", i)
+	}
+	require.NoError(t, s.SendDisk(0, 4096, []byte("kept")))
+	big := MaxCheckpointDisk - int(ZeroCost(4<<20))*rounds - rounds - 4 + 1
+	require.ErrorIs(t, s.SendDisk(0, 0, make([]byte, big)), ErrTooLarge, "data still counts its bytes")
+	require.NoError(t, s.EndCheckpoint())
+	require.NoError(t, s.WaitAck(t.Context(), 2))
+
+	want := make([]byte, 4<<20)
+	copy(want[4096:], "kept")
+	assert.Equal(t, want, disks.disk(0), "the last run zeroed what the writes before it wrote")
+	assert.Equal(t, uint64(4<<20+rounds*(1+4<<20)+4), r.Stats().DiskBytes)
+	require.NoError(t, s.Close())
+	require.NoError(t, waitErr(t, run))
+}

@@ -365,8 +365,8 @@ func (r *Receiver) disk(w *container.DiskWrite) error {
 		return fmt.Errorf("disk write outside a checkpoint: %w", ErrProtocol)
 	case r.disks == nil:
 		return fmt.Errorf("disk write, but this receiver has no disks: %w", ErrProtocol)
-	case r.cur.diskBytes+uint64(w.Length) > MaxCheckpointDisk:
-		return fmt.Errorf("checkpoint %d: disk writes over %d bytes: %w", r.cur.epoch, MaxCheckpointDisk, ErrTooLarge)
+	case r.cur.diskCost+diskCost(int(w.Length), w.Zero) > MaxCheckpointDisk:
+		return fmt.Errorf("checkpoint %d: disk frames cost over %d: %w", r.cur.epoch, MaxCheckpointDisk, ErrTooLarge)
 	}
 	var err error
 	if w.Zero {
@@ -378,6 +378,7 @@ func (r *Receiver) disk(w *container.DiskWrite) error {
 		return fmt.Errorf("disk sink: disk %d write at %d+%d: %w: %w", w.Disk, w.Off, w.Length, ErrCommit, err)
 	}
 	r.cur.diskBytes += uint64(w.Length)
+	r.cur.diskCost += diskCost(int(w.Length), w.Zero)
 	r.ctr.diskBytes.Add(uint64(w.Length))
 	return nil
 }

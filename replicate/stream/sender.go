@@ -258,9 +258,11 @@ func (s *Sender) flushRefs(sl *pageSlot) error {
 
 // SendDisk adds a write of data at off on disk number disk to the open
 // checkpoint, in frames of at most MaxDiskChunk bytes; all-zero pieces
-// travel without bytes. A checkpoint writes at most MaxCheckpointDisk.
+// travel without bytes. A checkpoint's Disk frames cost at most
+// MaxCheckpointDisk (frame.go, diskCost): checked up front as if every
+// piece had data.
 func (s *Sender) SendDisk(disk int, off int64, data []byte) error {
-	if err := s.diskOpen(disk, off, int64(len(data))); err != nil {
+	if err := s.diskOpen(disk, off, int64(len(data)), uint64(len(data))); err != nil {
 		return err
 	}
 	for len(data) > 0 {
@@ -279,10 +281,11 @@ func (s *Sender) SendDisk(disk int, off int64, data []byte) error {
 
 // SendDiskZero adds n zero bytes at off on disk number disk to the open
 // checkpoint, as zero runs (frames without bytes): what a hole in the
-// source's disk file reads as, sent without reading it. The n bytes count
-// toward the checkpoint's MaxCheckpointDisk like SendDisk's.
+// source's disk file reads as, or a range a guest discarded, sent without
+// reading it. Each frame costs ZeroRunCost toward the checkpoint's
+// MaxCheckpointDisk (ZeroCost(n) in all), not its length.
 func (s *Sender) SendDiskZero(disk int, off, n int64) error {
-	if err := s.diskOpen(disk, off, n); err != nil {
+	if err := s.diskOpen(disk, off, n, ZeroCost(n)); err != nil {
 		return err
 	}
 	for n > 0 {
@@ -295,19 +298,19 @@ func (s *Sender) SendDiskZero(disk int, off, n int64) error {
 	return nil
 }
 
-// diskOpen checks a disk write of n bytes at off on disk against the open
-// checkpoint and sends the pages before it (so that the sum sees what the
-// receiver sees).
-func (s *Sender) diskOpen(disk int, off, n int64) error {
+// diskOpen checks a disk write of n bytes at off on disk, which costs at
+// most cost, against the open checkpoint and sends the pages before it
+// (so that the sum sees what the receiver sees).
+func (s *Sender) diskOpen(disk int, off, n int64, cost uint64) error {
 	if !s.open.Load() {
 		return fmt.Errorf("send disk write: no checkpoint open: %w", ErrProtocol)
 	}
 	if disk < 0 || disk >= MaxDisks || off < 0 || n < 0 {
 		return fmt.Errorf("send disk write: disk %d offset %d length %d: %w", disk, off, n, ErrOutOfRange)
 	}
-	if s.cur.diskBytes+uint64(n) > MaxCheckpointDisk {
-		return fmt.Errorf("send disk write: %d bytes in the checkpoint, at most %d: %w",
-			s.cur.diskBytes+uint64(n), MaxCheckpointDisk, ErrTooLarge)
+	if s.cur.diskCost+cost > MaxCheckpointDisk {
+		return fmt.Errorf("send disk write: disk frames of the checkpoint would cost %d, at most %d: %w",
+			s.cur.diskCost+cost, MaxCheckpointDisk, ErrTooLarge)
 	}
 	return s.flushAll()
 }
@@ -323,6 +326,7 @@ func (s *Sender) diskFrame(disk int, off int64, n int, piece []byte) error {
 		s.sum.Section(container.TypeDisk, s.dbuf)
 	}
 	s.cur.diskBytes += uint64(n)
+	s.cur.diskCost += diskCost(n, piece == nil)
 	s.ctr.diskBytes.Add(uint64(n))
 	return nil
 }
