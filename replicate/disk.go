@@ -23,29 +23,34 @@ import (
 // its memory, and every write a client was told about (its reply was held
 // until that ack) is on the standby's disk.
 //
-// Record is the virtio-blk OnWrite hook (device worker goroutine); Take
-// runs at each checkpoint's cut with the device quiesced, and between
-// pre-copy rounds.
+// Record and RecordZero are the virtio-blk OnWrite and OnZero hooks
+// (device worker goroutine); Take runs at each checkpoint's cut with the
+// device quiesced, and between pre-copy rounds.
 type DiskLog struct {
 	src    io.ReaderAt
 	size   int64
-	fenced atomic.Bool // sticky: AllowWrite refuses every write
+	fenced atomic.Bool   // sticky: AllowWrite refuses every write
+	zeroed atomic.Uint64 // bytes of zero runs recorded, in all
 
 	mu       sync.Mutex // guards the fields below
 	armed    bool
 	cur      []DiskWrite
-	bytes    int
+	cost     uint64        // of cur, toward MaxEpochDiskBytes
 	pressure chan struct{} // signalled once an epoch's writes pass PressureDiskBytes
 }
 
-// DiskWrite is one guest write.
+// DiskWrite is one guest write: Data at Off, or, with Zero > 0, a zero
+// run of Zero bytes at Off (a discard or write-zeroes; Data nil).
 type DiskWrite struct {
 	Off  int64
 	Data []byte
+	Zero int64
 }
 
-// MaxEpochDiskBytes bounds the writes one epoch may carry: what one
-// checkpoint can (stream.MaxCheckpointDisk). A guest that writes more in
+// MaxEpochDiskBytes bounds what one epoch's writes may cost: what one
+// checkpoint can (stream.MaxCheckpointDisk). A write costs its bytes, a
+// zero run stream.ZeroCost of its length (64 bytes a MiB), so a guest
+// may discard its whole disk in one epoch. A guest that writes more in
 // one epoch fails the disk write (the guest sees an I/O error) rather
 // than the VMM growing without bound; PressureDiskBytes makes that rare
 // by ending the epoch early.
@@ -118,17 +123,47 @@ func (d *DiskLog) Fence() { d.fenced.Store(true) }
 
 // Record keeps a copy of a write while replication is on.
 func (d *DiskLog) Record(off int64, p []byte) error {
+	return d.record(DiskWrite{Off: off, Data: p}, uint64(len(p)))
+}
+
+// RecordZero keeps a zero run of n bytes at off while replication is on:
+// the guest discarded or zeroed them, and the image reads as zeros there.
+// A run that follows the last one recorded extends it.
+func (d *DiskLog) RecordZero(off, n int64) error {
+	return d.record(DiskWrite{Off: off, Zero: n}, stream.ZeroCost(n))
+}
+
+// Zeroed is how many bytes of zero runs RecordZero has recorded while
+// armed (discarded or zeroed by the guest), since the log was made.
+func (d *DiskLog) Zeroed() uint64 { return d.zeroed.Load() }
+
+func (d *DiskLog) record(w DiskWrite, cost uint64) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if !d.armed {
 		return nil
 	}
-	if d.bytes+len(p) > MaxEpochDiskBytes {
-		return ErrDiskEpochFull
+	if k := len(d.cur) - 1; w.Zero > 0 && k >= 0 && d.cur[k].Zero > 0 && d.cur[k].Off+d.cur[k].Zero == w.Off {
+		// Extending the last run costs what the longer run costs.
+		last := &d.cur[k]
+		cost = stream.ZeroCost(last.Zero+w.Zero) - stream.ZeroCost(last.Zero)
+		if d.cost+cost > MaxEpochDiskBytes {
+			return ErrDiskEpochFull
+		}
+		last.Zero += w.Zero
+		d.zeroed.Add(uint64(w.Zero))
+	} else {
+		if d.cost+cost > MaxEpochDiskBytes {
+			return ErrDiskEpochFull
+		}
+		if w.Data != nil {
+			w.Data = append([]byte(nil), w.Data...)
+		}
+		d.zeroed.Add(uint64(w.Zero))
+		d.cur = append(d.cur, w)
 	}
-	d.cur = append(d.cur, DiskWrite{Off: off, Data: append([]byte(nil), p...)})
-	d.bytes += len(p)
-	if d.bytes >= PressureDiskBytes {
+	d.cost += cost
+	if d.cost >= PressureDiskBytes {
 		select {
 		case d.pressure <- struct{}{}:
 		default:
@@ -142,14 +177,14 @@ func (d *DiskLog) Record(off int64, p []byte) error {
 // touches. Disarm stops it.
 func (d *DiskLog) Arm() {
 	d.mu.Lock()
-	d.armed, d.cur, d.bytes = true, nil, 0
+	d.armed, d.cur, d.cost = true, nil, 0
 	d.mu.Unlock()
 }
 
 // Disarm stops recording and drops what was recorded.
 func (d *DiskLog) Disarm() {
 	d.mu.Lock()
-	d.armed, d.cur, d.bytes = false, nil, 0
+	d.armed, d.cur, d.cost = false, nil, 0
 	d.mu.Unlock()
 }
 
@@ -158,7 +193,7 @@ func (d *DiskLog) Take() []DiskWrite {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	w := d.cur
-	d.cur, d.bytes = nil, 0
+	d.cur, d.cost = nil, 0
 	return w
 }
 
@@ -175,7 +210,13 @@ func takeAll(disks []*DiskLog) [][]DiskWrite {
 func sendWrites(t Transport, writes [][]DiskWrite) error {
 	for i, ws := range writes {
 		for _, w := range ws {
-			if err := t.SendDisk(i, w.Off, w.Data); err != nil {
+			var err error
+			if w.Zero > 0 {
+				err = t.SendDiskZero(i, w.Off, w.Zero)
+			} else {
+				err = t.SendDisk(i, w.Off, w.Data)
+			}
+			if err != nil {
 				return fmt.Errorf("disk %d: %w", i, err)
 			}
 		}

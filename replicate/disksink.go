@@ -4,9 +4,8 @@ import (
 	"fmt"
 	"os"
 
-	"golang.org/x/sys/unix"
-
 	"govmm/replicate/stream"
+	"govmm/virtio"
 )
 
 // diskSink is the standby's side: it applies checkpoints' disk writes to
@@ -23,8 +22,8 @@ import (
 // and a block device that can zero a range without writing it does so,
 // as qemu-img convert leaves its output sparse. Where the disk cannot
 // (its file system, a block device that cannot promise zeros), zeros are
-// written instead, from then on for that disk. Either way the range reads
-// as zeros.
+// written instead (virtio.ImageZeroer, which the guest's discards go
+// through on the primary too). Either way the range reads as zeros.
 type diskSink struct {
 	files     []*os.File
 	sizes     []int64
@@ -33,25 +32,24 @@ type diskSink struct {
 	direct    bool
 	staged    []stagedWrite
 	touched   []bool // by disk: written since the last sync
-	noPunch   []bool // by disk: punching a hole failed once; write zeros
+	zeroers   []virtio.ImageZeroer
 	// pending is a zero run not applied yet while writing directly: runs
 	// that follow one another on a disk become one hole.
 	pending stagedWrite
 }
 
-// stagedWrite is a write of w.Data, or of zero zeros (w.Data nil), at
-// w.Off on disk number disk.
+// stagedWrite is w (a write, or a zero run) on disk number disk.
 type stagedWrite struct {
 	disk int
 	w    DiskWrite
-	zero int64
 }
 
 var _ stream.DiskSink = (*diskSink)(nil)
 
 func newDiskSink(files []*os.File) (*diskSink, error) {
-	s := &diskSink{files: files, touched: make([]bool, len(files)), noPunch: make([]bool, len(files))}
+	s := &diskSink{files: files, touched: make([]bool, len(files))}
 	for _, f := range files {
+		s.zeroers = append(s.zeroers, virtio.ImageZeroer{F: f})
 		n, err := DiskSize(f)
 		if err != nil {
 			return nil, err
@@ -102,7 +100,7 @@ func (s *diskSink) StageZero(disk int, off, n int64) error {
 	if err := s.check(disk, off, n); err != nil {
 		return err
 	}
-	run := stagedWrite{disk: disk, w: DiskWrite{Off: off}, zero: n}
+	run := stagedWrite{disk: disk, w: DiskWrite{Off: off, Zero: n}}
 	if s.direct {
 		if s.pending.extend(run) {
 			return nil
@@ -123,10 +121,10 @@ func (s *diskSink) StageZero(disk int, off, n int64) error {
 // extend makes the zero run w cover run too, if run follows it on the
 // same disk.
 func (w *stagedWrite) extend(run stagedWrite) bool {
-	if w.zero == 0 || w.disk != run.disk || w.w.Off+w.zero != run.w.Off {
+	if w.w.Zero == 0 || w.disk != run.disk || w.w.Off+w.w.Zero != run.w.Off {
 		return false
 	}
-	w.zero += run.zero
+	w.w.Zero += run.w.Zero
 	return true
 }
 
@@ -134,10 +132,10 @@ func (w *stagedWrite) extend(run stagedWrite) bool {
 func (s *diskSink) flushPending() error {
 	p := s.pending
 	s.pending = stagedWrite{}
-	if p.zero == 0 {
+	if p.w.Zero == 0 {
 		return nil
 	}
-	return s.zero(p.disk, p.w.Off, p.zero)
+	return s.zero(p.disk, p.w.Off, p.w.Zero)
 }
 
 func (s *diskSink) write(disk int, off int64, data []byte) error {
@@ -148,30 +146,12 @@ func (s *diskSink) write(disk int, off int64, data []byte) error {
 	return nil
 }
 
-// zeroFill is what a disk that cannot punch holes is written with.
-var zeroFill [1 << 20]byte
-
 // zero makes n bytes at off on disk read as zeros: a hole punched, or
 // zeros written where the disk cannot punch one.
 func (s *diskSink) zero(disk int, off, n int64) error {
 	s.touched[disk] = true
-	if !s.noPunch[disk] {
-		err := unix.Fallocate(int(s.files[disk].Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
-		if err == nil {
-			return nil
-		}
-		// EOPNOTSUPP (the file system, a device that cannot promise
-		// zeros), ENODEV, EINVAL...: whatever the reason, writing zeros
-		// gives the same contents, and a disk that cannot write fails
-		// there too, with its own error.
-		s.noPunch[disk] = true
-	}
-	for n > 0 {
-		c := min(n, int64(len(zeroFill)))
-		if err := s.write(disk, off, zeroFill[:c]); err != nil {
-			return err
-		}
-		off, n = off+c, n-c
+	if err := s.zeroers[disk].Zero(off, n); err != nil {
+		return fmt.Errorf("disk %d: %w", disk, err)
 	}
 	return nil
 }
@@ -184,8 +164,8 @@ func (s *diskSink) Commit() error {
 	}
 	for _, sw := range s.staged {
 		var err error
-		if sw.zero > 0 {
-			err = s.zero(sw.disk, sw.w.Off, sw.zero)
+		if sw.w.Zero > 0 {
+			err = s.zero(sw.disk, sw.w.Off, sw.w.Zero)
 		} else {
 			err = s.write(sw.disk, sw.w.Off, sw.w.Data)
 		}

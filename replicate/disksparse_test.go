@@ -16,6 +16,7 @@ import (
 	"govmm/internal/kvmtest"
 	"govmm/internal/tinyguest"
 	"govmm/replicate/stream"
+	"govmm/virtio"
 )
 
 // sparseFile makes a file of size bytes, a hole but for data at each of
@@ -97,7 +98,7 @@ func TestDiskSinkZeroRuns(t *testing.T) {
 		p, f := garbageFile(t, t.TempDir(), "standby.img", size, 9)
 		s, err := newDiskSink([]*os.File{f})
 		require.NoError(t, err)
-		s.noPunch[0] = !punch
+		s.zeroers[0].NoPunch = !punch
 		want := make([]byte, size)
 		data := bytes.Repeat([]byte("data"), 1024)
 
@@ -210,4 +211,76 @@ func (c *countingFile) ReadAt(b []byte, off int64) (int, error) {
 	n, err := c.File.ReadAt(b, off)
 	c.read.Add(int64(n))
 	return n, err
+}
+
+// A guest's discards reach the standby as zero runs: its copy ends up
+// equal to the primary's and as sparse. One epoch discards twice more
+// than a checkpoint's disk data may hold (a mkfs, or blkdiscard of the
+// whole disk): a run costs 64 bytes a MiB toward the cap, so nothing
+// fails.
+func TestReplicatedDiscard(t *testing.T) {
+	kvmtest.Require(t)
+	const size = 2 * MaxEpochDiskBytes
+	primaryDisk, pf := sparseFile(t, "primary.img", size, 1<<20, 0, 100<<20, size-1<<20)
+	standbyDisk, sf := sparseFile(t, "standby.img", size, 4096, 200<<20)
+	prim := newTiny(t, tinyguest.Dirtier(dirtyBase, 16, passGPA))
+	require.NoError(t, prim.Start())
+	log := NewDiskLog(pf, size)
+	sb, err := NewStandby(StandbyConfig{Listen: "127.0.0.1:0", Insecure: true, Disks: []*os.File{sf},
+		FailoverTimeout: 5 * time.Second, Build: buildTiny})
+	require.NoError(t, err)
+	defer sb.Close()
+	receive(t, sb)
+	rep, err := StartReplication(context.Background(), prim, ReplicateConfig{To: sb.Addr(), Insecure: true, Name: "tiny",
+		Epoch: 10 * time.Millisecond, FailoverTimeout: 5 * time.Second, Disks: []*DiskLog{log}})
+	require.NoError(t, err)
+	t.Cleanup(rep.Stop)
+
+	// What the virtio-blk device does: change the image, then the hook.
+	z := virtio.ImageZeroer{F: pf}
+	discard := func(off, n int64) {
+		punched, err := z.Punch(off, n)
+		require.NoError(t, err)
+		require.True(t, punched, "the test's file system punches holes")
+		require.NoError(t, log.RecordZero(off, n))
+	}
+	line := []byte("written after the discard")
+	discard(0, size/2)
+	discard(size/2, size/2) // extends the run before, in one epoch or the next
+	_, err = pf.WriteAt(line, 300<<20)
+	require.NoError(t, err)
+	require.NoError(t, log.Record(300<<20, line))
+	discard(size-4096, 4096)
+	waitCaughtUp(t, prim, rep)
+
+	want, err := os.ReadFile(primaryDisk)
+	require.NoError(t, err)
+	require.Equal(t, line, want[300<<20:300<<20+len(line)])
+	got, err := os.ReadFile(standbyDisk)
+	require.NoError(t, err)
+	require.True(t, bytes.Equal(want, got), "the standby's disk equals the primary's")
+	pa, sa := allocated(t, pf), allocated(t, sf)
+	t.Logf("allocated after the discards: primary %d KiB, standby %d KiB, of %d MiB", pa>>10, sa>>10, size>>20)
+	require.LessOrEqual(t, sa, int64(64<<10), "the standby punched the discarded ranges")
+}
+
+// RecordZero merges a run with the one it follows, costs stream.ZeroCost
+// toward the epoch's cap (a whole large disk fits), and keeps its place
+// among the writes.
+func TestDiskLogRecordZero(t *testing.T) {
+	d := NewDiskLog(bytes.NewReader(nil), 0)
+	require.NoError(t, d.RecordZero(0, 4096))
+	require.Empty(t, d.Take(), "not armed")
+	d.Arm()
+	require.NoError(t, d.RecordZero(0, 1<<20))
+	require.NoError(t, d.RecordZero(1<<20, 1<<40)) // 1 TiB more
+	require.NoError(t, d.Record(4096, []byte("w")))
+	require.NoError(t, d.RecordZero(8192, 4096))
+	require.NoError(t, d.RecordZero(16384, 4096)) // not adjacent
+	require.Equal(t, []DiskWrite{{Off: 0, Zero: 1<<20 + 1<<40}, {Off: 4096, Data: []byte("w")},
+		{Off: 8192, Zero: 4096}, {Off: 16384, Zero: 4096}}, d.Take())
+	require.NoError(t, d.Record(0, make([]byte, MaxEpochDiskBytes-int(stream.ZeroCost(1)))))
+	require.NoError(t, d.RecordZero(0, 1), "a run costs ZeroRunCost")
+	require.ErrorIs(t, d.RecordZero(1, 1<<20), ErrDiskEpochFull, "merged, the run would cost one frame more")
+	require.ErrorIs(t, d.RecordZero(4<<20, 1), ErrDiskEpochFull)
 }

@@ -40,7 +40,9 @@ const (
 	blkSizeMax = 64 << 10
 	blkSegMax  = MaxQueueSize - 2
 
-	blkConfigSize = 24 // capacity, size_max, seg_max, geometry, blk_size
+	// capacity, size_max, seg_max, geometry, blk_size, topology, wce,
+	// num_queues, then discard and write-zeroes limits (blkzero.go)
+	blkConfigSize = 60
 )
 
 // BlockConfig configures a virtio-blk device.
@@ -58,8 +60,14 @@ type BlockConfig struct {
 	// buffer meanwhile). Replication mirrors disk writes through it. An
 	// error fails the request with VIRTIO_BLK_S_IOERR.
 	OnWrite func(off int64, p []byte) error
-	// AllowWrite, if set, is asked on the device worker before each write
-	// request touches the image: an error fails the request with
+	// OnZero, if set, is called on the device worker after a discard or
+	// write-zeroes request made n bytes at off read as zeros (a discard
+	// the image cannot honour changes nothing and calls nothing).
+	// Replication mirrors them through it as zero runs. An error fails
+	// the request with VIRTIO_BLK_S_IOERR.
+	OnZero func(off, n int64) error
+	// AllowWrite, if set, is asked on the device worker before each write,
+	// discard or write-zeroes request touches the image: an error fails the request with
 	// VIRTIO_BLK_S_IOERR and leaves the image as it was. A fenced VMM
 	// refuses every write through it (replicate.DiskLog.AllowWrite).
 	AllowWrite func() error
@@ -87,6 +95,9 @@ type Block struct {
 	chain  Chain
 	segs   []Buffer
 	wbuf   []byte
+	zbuf   []byte    // a discard or write-zeroes request's segments
+	zsegs  []zeroSeg // the same, decoded
+	zeroer ImageZeroer
 	warned bool
 }
 
@@ -118,7 +129,7 @@ func NewBlock(mem *guestmem.Memory, host pci.Host, cfg BlockConfig) (*Block, err
 		f.Close()
 		return nil, fmt.Errorf("virtio-blk %s: size of disk image %s: %w", cfg.ID, cfg.Path, err)
 	}
-	b := &Block{cfg: cfg, f: f, capacity: uint64(size) / sectorSize}
+	b := &Block{cfg: cfg, f: f, capacity: uint64(size) / sectorSize, zeroer: ImageZeroer{F: f}}
 	serial := cfg.Serial
 	if serial == "" {
 		serial = cfg.ID
@@ -162,6 +173,8 @@ func (b *Block) features() uint64 {
 	f := uint64(FeatureVersion1 | FeatureIndirectDesc | blkFSizeMax | blkFSegMax | blkFBlkSize | blkFFlush)
 	if b.cfg.ReadOnly {
 		f |= blkFRO
+	} else {
+		f |= blkFDiscard | blkFWriteZeroes
 	}
 	return f
 }
@@ -172,6 +185,7 @@ func (b *Block) readConfig(off int, data []byte) {
 	binary.LittleEndian.PutUint32(c[8:], blkSizeMax)
 	binary.LittleEndian.PutUint32(c[12:], blkSegMax)
 	binary.LittleEndian.PutUint32(c[20:], sectorSize)
+	putZeroConfig(c[:])
 	for i := range data {
 		if off+i < len(c) {
 			data[i] = c[off+i]
@@ -253,6 +267,8 @@ func (b *Block) process(qi int) (bool, error) {
 	case blkTGetID:
 		b.dataSegs(true)
 		status, written = b.getID()
+	case blkTDiscard, blkTWriteZeroes:
+		status = b.zero(typ == blkTDiscard)
 	default:
 		status = blkSUnsupp
 	}

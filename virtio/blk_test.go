@@ -159,7 +159,7 @@ func TestBlockRequests(t *testing.T) {
 		assert.Equal(t, "serial-123", string(bytes.TrimRight(id, "\x00")))
 	})
 	t.Run("unsupported type", func(t *testing.T) {
-		st, _ := r.do(11 /* DISCARD */, 0, gbuf{reqDataGPA, 16, false})
+		st, _ := r.do(14 /* SECURE_ERASE */, 0, gbuf{reqDataGPA, 16, false})
 		assert.Equal(t, byte(blkSUnsupp), st)
 	})
 	errCases := []struct {

@@ -215,7 +215,7 @@ func attachDevices(m *vmm.Machine, f *runFlags, nics []io.Closer, disks []diskSp
 		devs.attrs[id] = []stream.Attr{{Key: "size", Value: fmt.Sprint(size)}, {Key: "ro", Value: fmt.Sprint(d.readOnly)}}
 		dev, err := virtio.NewBlock(m.Memory(), m, virtio.BlockConfig{
 			ID: id, Path: d.path, ReadOnly: d.readOnly, UseIOEventFD: !f.noIOEventFD,
-			OnWrite: log.Record, AllowWrite: log.AllowWrite})
+			OnWrite: log.Record, OnZero: log.RecordZero, AllowWrite: log.AllowWrite})
 		if err != nil {
 			return devs, err
 		}
