@@ -1,0 +1,41 @@
+package main
+
+import (
+	"os"
+	"regexp"
+	"strconv"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"govmm/internal/kvmtest"
+)
+
+// The guest's file system hands freed blocks back to the host: the guest
+// writes 16 MiB of random data to its disk and syncs it, deletes it and
+// runs fstrim; virtio-blk's DISCARD punches holes in the image, so the
+// host's copy takes less than the 16 MiB that reached it. Without
+// discards the blocks would stay allocated after the rm.
+func TestGuestFstrimPunchesHoles(t *testing.T) {
+	kvmtest.RequireLinuxBoot(t)
+	disk := blankDisk(t)
+	script := "dd if=/dev/urandom of=/data/junk bs=64k count=256 2>/dev/null && sync && " +
+		"ls -l /data/junk && rm /data/junk && sync && fstrim -v /data"
+	out, errOut, status := govmm(t, 5*time.Minute, "run", "--net", "none", "--disk", disk, "--", "sh", "-c", script)
+	require.Zero(t, status, "stdout: %s\nstderr: %s", out, errOut)
+	require.Contains(t, out, " 16777216 ", "the 16 MiB file was written: %s", out)
+	m := regexp.MustCompile(`/data: (\d+) bytes trimmed`).FindStringSubmatch(out)
+	require.NotNil(t, m, "fstrim -v output: %s", out)
+	trimmed, err := strconv.ParseInt(m[1], 10, 64)
+	require.NoError(t, err)
+	require.GreaterOrEqual(t, trimmed, int64(16<<20), "fstrim discarded at least the freed file")
+	var st syscall.Stat_t
+	require.NoError(t, syscall.Stat(disk, &st))
+	fi, err := os.Stat(disk)
+	require.NoError(t, err)
+	t.Logf("fstrim trimmed %d MiB; the %d MiB image holds %d KiB", trimmed>>20, fi.Size()>>20, st.Blocks*512>>10)
+	require.Equal(t, int64(64<<20), fi.Size(), "the image keeps its size")
+	require.Less(t, st.Blocks*512, int64(12<<20), "the freed 16 MiB were punched out of the image")
+}
