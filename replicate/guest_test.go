@@ -457,24 +457,26 @@ func TestGuestTakeoverEqualsPrimaryAtCut(t *testing.T) {
 	rep.Store(rp)
 	t.Cleanup(rp.Stop)
 	prim.waitConsole(t, guestimg.ReadyLine, 10*time.Minute)
+	// The guest's file system hands blocks that held data back: fstrim
+	// discards them, the primary's image gets holes there, and the
+	// standby must punch the same (checked with the disk at the cut: its
+	// copy held the random bytes). Before the load: under it, the lab's
+	// guest took 2-5 minutes for these lines.
+	zeroedBefore := prim.disks[0].Zeroed()
+	prim.typeLine("dd if=/dev/urandom of=/data/trimmed bs=64k count=64 2>/dev/null; sync; rm /data/trimmed; sync; " +
+		"fstrim /data && echo govmm-test-trim-$((1+1))")
+	prim.waitConsole(t, "govmm-test-trim-2", 3*time.Minute)
+	zeroed := prim.disks[0].Zeroed() - zeroedBefore
+	t.Logf("the guest's fstrim discarded %d KiB, mirrored as zero runs", zeroed>>10)
+	require.GreaterOrEqual(t, zeroed, uint64(4<<20), "fstrim discarded at least the 4 MiB file it freed")
 	for _, l := range guestrig.GuestLoad {
 		prim.typeLine(l)
 	}
-	// The guest's file system hands blocks that held data back: fstrim
-	// discards them, the primary's image gets holes there, and the
-	// standby must punch the same (checked with the disk at the cut).
-	zeroedBefore := prim.disks[0].Zeroed()
-	prim.typeLine("(dd if=/dev/urandom of=/data/trimmed bs=64k count=64 2>/dev/null; sync; rm /data/trimmed; sync; " +
-		"fstrim /data && echo govmm-test-trim-$((1+1))) &")
 
 	k, kb := r.Dial(t), r.Dial(t)
 	h := &guestrig.History{}
 	stopLoad := guestrig.StartLoad(t, h, k, kb)
 	h.WaitAnswers(t, 10, 3*time.Minute, "replicated, before the takeover")
-	prim.waitConsole(t, "govmm-test-trim-2", 3*time.Minute)
-	zeroed := prim.disks[0].Zeroed() - zeroedBefore
-	t.Logf("the guest's fstrim discarded %d KiB, mirrored as zero runs", zeroed>>10)
-	require.GreaterOrEqual(t, zeroed, uint64(4<<20), "fstrim discarded at least the 4 MiB file it freed")
 	st := rp.Stats()
 	t.Logf("replicating: epoch %d, %d acked, pause p50 %v p99 %v, %d of %d checkpoints copied on write (from %d dirty pages), the others stopped to copy (last: %s, %d pages, background %v)",
 		st.Epoch, st.Acked, st.PauseP50, st.PauseP99, st.CoWEpochs, st.Epochs, guestCoWPages, st.Last.CopyMode, st.Last.DirtyPages,
