@@ -1,14 +1,16 @@
 // Package virtio owns govmm's virtio devices as the guest sees them: the
 // virtio-pci modern transport (virtio 1.x §4.1), split virtqueues (§2.7),
-// virtio-blk over a raw image file (§5.2) and virtio-net (§5.1) over a
-// NetBackend. Network backends themselves (TAP, user-mode networking) live
+// virtio-blk over a raw image file (§5.2; its discards and write-zeroes
+// punch holes through ImageZeroer, which the standby's disk sink shares)
+// and virtio-net (§5.1) over a NetBackend. Network backends themselves (TAP, user-mode networking) live
 // in virtio/netback; the PCI host bridge, BAR placement and the MMIO bus
 // live in vmm, which reaches these devices only through pci.Device,
 // pci.BARMapper and devstate.Stateful.
 //
 // It does not own guest memory (vmm/guestmem), PCI configuration space or
 // MSI-X tables (vmm/pci), nor replication policy: virtio-blk offers
-// OnWrite/OnFlush hooks and virtio-net a NetBackend that replicate wraps.
+// OnWrite/OnZero/OnFlush hooks and virtio-net a NetBackend that replicate
+// wraps.
 //
 // Invariants:
 //
