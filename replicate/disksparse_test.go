@@ -214,7 +214,7 @@ func (c *countingFile) ReadAt(b []byte, off int64) (int, error) {
 }
 
 // A guest's discards reach the standby as zero runs: its copy ends up
-// equal to the primary's and as sparse. One epoch discards twice more
+// equal to the primary's and as sparse. One discard covers twice more
 // than a checkpoint's disk data may hold (a mkfs, or blkdiscard of the
 // whole disk): a run costs 64 bytes a MiB toward the cap, so nothing
 // fails.
@@ -245,8 +245,7 @@ func TestReplicatedDiscard(t *testing.T) {
 		require.NoError(t, log.RecordZero(off, n))
 	}
 	line := []byte("written after the discard")
-	discard(0, size/2)
-	discard(size/2, size/2) // extends the run before, in one epoch or the next
+	discard(0, size)
 	_, err = pf.WriteAt(line, 300<<20)
 	require.NoError(t, err)
 	require.NoError(t, log.Record(300<<20, line))
