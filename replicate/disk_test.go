@@ -15,6 +15,7 @@ import (
 
 	"govmm/internal/kvmtest"
 	"govmm/internal/tinyguest"
+	"govmm/vmm"
 )
 
 func TestDiskLogRecordsOnlyWhenArmed(t *testing.T) {
@@ -177,6 +178,28 @@ func diskPair(t *testing.T, size int) (primary, standby string, pf, sf *os.File)
 // waitCaughtUp pauses prim and waits until the standby has acknowledged a
 // checkpoint taken after the pause: its memory and disks are then the
 // primary's.
+// protectDisk starts a tiny dirtier guest and replicates it, with src
+// (size bytes) as its disk, to a standby whose copy is standby, in 10 ms
+// epochs; it returns once the guest is protected. The caller closes sb.
+func protectDisk(t *testing.T, src *os.File, size int64, standby *os.File) (*vmm.Machine, *DiskLog, *Standby, *Replicator) {
+	t.Helper()
+	prim := newTiny(t, tinyguest.Dirtier(dirtyBase, 16, passGPA))
+	require.NoError(t, prim.Start())
+	log := NewDiskLog(src, size)
+	sb, err := NewStandby(StandbyConfig{Listen: "127.0.0.1:0", Insecure: true, Disks: []*os.File{standby},
+		FailoverTimeout: 5 * time.Second, Build: buildTiny})
+	require.NoError(t, err)
+	receive(t, sb)
+	rep, err := StartReplication(context.Background(), prim, ReplicateConfig{To: sb.Addr(), Insecure: true, Name: "tiny",
+		Epoch: 10 * time.Millisecond, FailoverTimeout: 5 * time.Second, Disks: []*DiskLog{log}})
+	if err != nil {
+		sb.Close()
+	}
+	require.NoError(t, err)
+	t.Cleanup(rep.Stop)
+	return prim, log, sb, rep
+}
+
 func waitCaughtUp(t *testing.T, prim interface{ Pause() error }, rep *Replicator) {
 	t.Helper()
 	require.NoError(t, prim.Pause())
@@ -251,18 +274,8 @@ func TestStandbyDiskOnBlockDevice(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, int64(size), n)
 
-	prim := newTiny(t, tinyguest.Dirtier(dirtyBase, 16, passGPA))
-	require.NoError(t, prim.Start())
-	log := NewDiskLog(pf, size)
-	sb, err := NewStandby(StandbyConfig{Listen: "127.0.0.1:0", Insecure: true, Disks: []*os.File{bf},
-		FailoverTimeout: 5 * time.Second, Build: buildTiny})
-	require.NoError(t, err)
+	prim, log, sb, rep := protectDisk(t, pf, size, bf)
 	defer sb.Close()
-	receive(t, sb)
-	rep, err := StartReplication(context.Background(), prim, ReplicateConfig{To: sb.Addr(), Insecure: true, Name: "tiny",
-		Epoch: 10 * time.Millisecond, FailoverTimeout: 5 * time.Second, Disks: []*DiskLog{log}})
-	require.NoError(t, err)
-	t.Cleanup(rep.Stop)
 	_, err = pf.WriteAt([]byte("written while protected"), size-100)
 	require.NoError(t, err)
 	require.NoError(t, log.Record(size-100, []byte("written while protected")))

@@ -223,18 +223,8 @@ func TestReplicatedDiscard(t *testing.T) {
 	const size = 2 * MaxEpochDiskBytes
 	primaryDisk, pf := sparseFile(t, "primary.img", size, 1<<20, 0, 100<<20, size-1<<20)
 	standbyDisk, sf := sparseFile(t, "standby.img", size, 4096, 200<<20)
-	prim := newTiny(t, tinyguest.Dirtier(dirtyBase, 16, passGPA))
-	require.NoError(t, prim.Start())
-	log := NewDiskLog(pf, size)
-	sb, err := NewStandby(StandbyConfig{Listen: "127.0.0.1:0", Insecure: true, Disks: []*os.File{sf},
-		FailoverTimeout: 5 * time.Second, Build: buildTiny})
-	require.NoError(t, err)
+	prim, log, sb, rep := protectDisk(t, pf, size, sf)
 	defer sb.Close()
-	receive(t, sb)
-	rep, err := StartReplication(context.Background(), prim, ReplicateConfig{To: sb.Addr(), Insecure: true, Name: "tiny",
-		Epoch: 10 * time.Millisecond, FailoverTimeout: 5 * time.Second, Disks: []*DiskLog{log}})
-	require.NoError(t, err)
-	t.Cleanup(rep.Stop)
 
 	// What the virtio-blk device does: change the image, then the hook.
 	z := virtio.ImageZeroer{F: pf}
@@ -246,7 +236,7 @@ func TestReplicatedDiscard(t *testing.T) {
 	}
 	line := []byte("written after the discard")
 	discard(0, size)
-	_, err = pf.WriteAt(line, 300<<20)
+	_, err := pf.WriteAt(line, 300<<20)
 	require.NoError(t, err)
 	require.NoError(t, log.Record(300<<20, line))
 	discard(size-4096, 4096)
