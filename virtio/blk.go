@@ -52,6 +52,11 @@ type BlockConfig struct {
 	ReadOnly     bool   // offer VIRTIO_BLK_F_RO and fail writes with IOERR
 	UseIOEventFD bool   // let KVM signal queue kicks without a vCPU exit
 	Serial       string // GET_ID answer (at most 20 bytes); "" means ID
+	// NoDiscard keeps the image allocated: DISCARD is not offered (a
+	// guest that sends one anyway gets UNSUPP) and a WRITE_ZEROES zeros
+	// its range in place (FALLOC_FL_ZERO_RANGE, or zeros written), never
+	// punching a hole, so a fully allocated image stays so.
+	NoDiscard bool
 
 	// OnWrite, if set, is called on the device worker after each
 	// successful write of guest data to the image, with the image offset
@@ -129,7 +134,7 @@ func NewBlock(mem *guestmem.Memory, host pci.Host, cfg BlockConfig) (*Block, err
 		f.Close()
 		return nil, fmt.Errorf("virtio-blk %s: size of disk image %s: %w", cfg.ID, cfg.Path, err)
 	}
-	b := &Block{cfg: cfg, f: f, capacity: uint64(size) / sectorSize, zeroer: ImageZeroer{F: f}}
+	b := &Block{cfg: cfg, f: f, capacity: uint64(size) / sectorSize, zeroer: ImageZeroer{F: f, KeepAllocated: cfg.NoDiscard}}
 	serial := cfg.Serial
 	if serial == "" {
 		serial = cfg.ID
@@ -174,7 +179,10 @@ func (b *Block) features() uint64 {
 	if b.cfg.ReadOnly {
 		f |= blkFRO
 	} else {
-		f |= blkFDiscard | blkFWriteZeroes
+		f |= blkFWriteZeroes
+		if !b.cfg.NoDiscard {
+			f |= blkFDiscard
+		}
 	}
 	return f
 }
@@ -185,7 +193,7 @@ func (b *Block) readConfig(off int, data []byte) {
 	binary.LittleEndian.PutUint32(c[8:], blkSizeMax)
 	binary.LittleEndian.PutUint32(c[12:], blkSegMax)
 	binary.LittleEndian.PutUint32(c[20:], sectorSize)
-	putZeroConfig(c[:])
+	putZeroConfig(c[:], !b.cfg.NoDiscard)
 	for i := range data {
 		if off+i < len(c) {
 			data[i] = c[off+i]

@@ -400,6 +400,11 @@ func TestBlockSaveRestore(t *testing.T) {
 		b3 := newTestBlock(t, r.mem, r.host, BlockConfig{ReadOnly: true})
 		assert.Error(t, b3.RestoreState(s))
 	})
+	t.Run("discard negotiated, device without it refused", func(t *testing.T) {
+		b3 := newTestBlock(t, r.mem, r.host, BlockConfig{Path: img, NoDiscard: true})
+		err := b3.RestoreState(s)
+		assert.ErrorContains(t, err, "driver accepted features")
+	})
 	t.Run("truncated state refused", func(t *testing.T) {
 		b3 := newTestBlock(t, r.mem, r.host, BlockConfig{Path: img})
 		bad := s

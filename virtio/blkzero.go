@@ -43,15 +43,18 @@ const (
 	cfgWriteZeroesUnmap   = 56
 )
 
-// putZeroConfig fills the discard and write-zeroes fields of c.
-func putZeroConfig(c []byte) {
+// putZeroConfig fills the discard and write-zeroes fields of c; unmap
+// says whether a write-zeroes may punch a hole.
+func putZeroConfig(c []byte, unmap bool) {
 	le := binary.LittleEndian
 	le.PutUint32(c[cfgMaxDiscardSectors:], blkZeroMaxSectors)
 	le.PutUint32(c[cfgMaxDiscardSeg:], blkZeroMaxSegs)
 	le.PutUint32(c[cfgDiscardAlign:], blkZeroAlign)
 	le.PutUint32(c[cfgMaxWriteZeroesSect:], blkZeroMaxSectors)
 	le.PutUint32(c[cfgMaxWriteZeroesSeg:], blkZeroMaxSegs)
-	c[cfgWriteZeroesUnmap] = 1 // a write-zeroes may punch a hole
+	if unmap {
+		c[cfgWriteZeroesUnmap] = 1
+	}
 }
 
 // zeroSeg is one segment of a discard or write-zeroes request.
@@ -63,8 +66,11 @@ type zeroSeg struct {
 // segment is checked before any is applied, so a malformed request
 // changes nothing.
 func (b *Block) zero(discard bool) byte {
-	if b.cfg.ReadOnly {
+	switch {
+	case b.cfg.ReadOnly:
 		return blkSIOErr
+	case discard && b.cfg.NoDiscard:
+		return blkSUnsupp // not offered
 	}
 	b.dataSegs(false)
 	var size uint64
@@ -138,13 +144,22 @@ func (b *Block) zeroRange(s zeroSeg, discard bool) (bool, error) {
 // read as zeros: by punching a hole (FALLOC_FL_PUNCH_HOLE|KEEP_SIZE),
 // which keeps a sparse file sparse and lets a block device zero a range
 // without writing it, or, once the image has refused to punch, by writing
-// zeros. One goroutine uses it at a time.
+// zeros. An image kept allocated is never punched: its ranges are zeroed
+// in place (FALLOC_FL_ZERO_RANGE, which leaves the blocks allocated), or
+// written with zeros where the image cannot. One goroutine uses it at a
+// time.
 type ImageZeroer struct {
 	F *os.File
 	// NoPunch says the image cannot punch holes: set after the first
 	// punch it refuses (or by a caller that knows), and from then on
 	// Punch does not try and Zero writes zeros.
 	NoPunch bool
+	// KeepAllocated says the image must stay allocated (--disk
+	// ...,nodiscard): Punch never punches and Zero zeros in place, so
+	// that a write after it cannot fail for lack of space.
+	KeepAllocated bool
+
+	noZeroRange bool // the image refused FALLOC_FL_ZERO_RANGE
 }
 
 // zeroFill is what an image that cannot punch holes is written with.
@@ -152,10 +167,10 @@ var zeroFill [1 << 20]byte
 
 // Punch punches a hole of n bytes at off. false with a nil error means
 // the image cannot punch holes (its file system, a block device that
-// cannot promise zeros) and is unchanged; any other failure is an error,
-// after which the range may be partly punched.
+// cannot promise zeros) or must stay allocated, and is unchanged; any
+// other failure is an error, after which the range may be partly punched.
 func (z *ImageZeroer) Punch(off, n int64) (bool, error) {
-	if z.NoPunch {
+	if z.NoPunch || z.KeepAllocated {
 		return false, nil
 	}
 	err := unix.Fallocate(int(z.F.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
@@ -169,12 +184,24 @@ func (z *ImageZeroer) Punch(off, n int64) (bool, error) {
 	return false, err
 }
 
-// Zero makes n bytes at off read as zeros: a hole punched, or zeros
-// written where the punch fails (a disk that cannot write fails there,
-// with its own error).
+// Zero makes n bytes at off read as zeros: a hole punched, or zeroed in
+// place where the image must stay allocated, or zeros written where
+// neither works (a disk that cannot write fails there, with its own
+// error).
 func (z *ImageZeroer) Zero(off, n int64) error {
 	if ok, _ := z.Punch(off, n); ok {
 		return nil
+	}
+	if z.KeepAllocated && !z.noZeroRange {
+		err := unix.Fallocate(int(z.F.Fd()), unix.FALLOC_FL_ZERO_RANGE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+		switch err {
+		case nil:
+			return nil
+		case unix.EOPNOTSUPP, unix.ENODEV, unix.EINVAL, unix.ENOSYS:
+			z.noZeroRange = true
+		default:
+			return err
+		}
 	}
 	for n > 0 {
 		c := min(n, int64(len(zeroFill)))

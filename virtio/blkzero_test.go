@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"os"
+	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -182,4 +183,77 @@ func TestBlockZeroWithoutPunch(t *testing.T) {
 	assert.Equal(t, zeroed(want, 16*512, 16*512), got)
 	assert.False(t, isHole(t, img, 16*512, 16*512), "written, not punched")
 	assert.Equal(t, int64(1), calls.Load())
+}
+
+// allocated returns the bytes the file at path has allocated.
+func allocated(t *testing.T, path string) int64 {
+	var st unix.Stat_t
+	require.NoError(t, unix.Stat(path, &st))
+	return st.Blocks * 512
+}
+
+// A disk kept allocated (--disk ...,nodiscard) offers no discard and
+// refuses one sent anyway; its write-zeroes zero in place, with or
+// without the unmap flag, and the image keeps every block.
+func TestBlockNoDiscard(t *testing.T) {
+	img := newDiskImage(t)
+	want, err := os.ReadFile(img)
+	require.NoError(t, err)
+	full := allocated(t, img)
+	require.GreaterOrEqual(t, full, int64(diskSize))
+	var calls atomic.Int64
+	r := newBlkRig(t, BlockConfig{Path: img, NoDiscard: true, OnZero: func(int64, int64) error { calls.Add(1); return nil }})
+	assert.Zero(t, r.d.offered()&blkFDiscard, "discard is not offered")
+	require.NotZero(t, r.d.offered()&blkFWriteZeroes)
+	assert.Equal(t, uint64(0), r.d.deviceCfg(56, 1), "write_zeroes_may_unmap")
+
+	st, _ := r.do(blkTDiscard, 0, r.zeroSegs([3]uint64{0, 16, 0}))
+	assert.Equal(t, byte(blkSUnsupp), st)
+	got, err := os.ReadFile(img)
+	require.NoError(t, err)
+	assert.Equal(t, want, got, "a discard changes nothing")
+	assert.Zero(t, calls.Load())
+
+	st, _ = r.do(blkTWriteZeroes, 0, r.zeroSegs([3]uint64{16, 64, blkZeroFUnmap}, [3]uint64{200, 3, 0}))
+	require.Equal(t, byte(blkSOK), st)
+	got, err = os.ReadFile(img)
+	require.NoError(t, err)
+	assert.Equal(t, zeroed(zeroed(want, 16*512, 64*512), 200*512, 3*512), got)
+	assert.Equal(t, full, allocated(t, img), "no block was given back")
+	assert.Equal(t, int64(2), calls.Load())
+}
+
+// An ImageZeroer that keeps its image allocated fills a hole it zeros:
+// a standby's copy of a sparse disk becomes fully allocated.
+func TestImageZeroerKeepAllocated(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "sparse.img")
+	f, err := os.Create(p)
+	require.NoError(t, err)
+	defer f.Close()
+	require.NoError(t, f.Truncate(1<<20))
+	_, err = f.WriteAt(bytes.Repeat([]byte{0xaa}, 4096), 0)
+	require.NoError(t, err)
+	require.NoError(t, f.Sync())
+	require.Less(t, allocated(t, p), int64(64<<10), "sparse to begin with")
+
+	z := ImageZeroer{F: f, KeepAllocated: true}
+	punched, err := z.Punch(0, 4096)
+	require.NoError(t, err)
+	assert.False(t, punched, "never punches")
+	require.NoError(t, z.Zero(0, 1<<20))
+	require.NoError(t, f.Sync())
+	got, err := os.ReadFile(p)
+	require.NoError(t, err)
+	assert.Equal(t, make([]byte, 1<<20), got)
+	assert.GreaterOrEqual(t, allocated(t, p), int64(1<<20), "every block allocated")
+
+	punch := ImageZeroer{F: f}
+	punched, err = punch.Punch(0, 64<<10)
+	require.NoError(t, err)
+	require.True(t, punched)
+	require.Less(t, allocated(t, p), int64(1<<20))
+	w := ImageZeroer{F: f, KeepAllocated: true, noZeroRange: true} // as on a file system without ZERO_RANGE
+	require.NoError(t, w.Zero(0, 64<<10))
+	require.NoError(t, f.Sync())
+	assert.GreaterOrEqual(t, allocated(t, p), int64(1<<20), "zeros written fill the hole")
 }

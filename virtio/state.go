@@ -213,6 +213,11 @@ func (t *transport) check(s *transportState) ([]*Queue, error) {
 	if err := t.dev.checkDevice(s.Device); err != nil {
 		return nil, err
 	}
+	if offered := t.dev.features(); s.Status&StatusFeaturesOK != 0 && s.DrvFeatures&^offered != 0 {
+		// The guest would go on using a feature this device lacks (a disk
+		// saved with discard, restored with nodiscard).
+		return nil, fmt.Errorf("driver accepted features %#x, this device offers %#x", s.DrvFeatures, offered)
+	}
 	rings := make([]*Queue, len(s.Queues))
 	for i, q := range s.Queues {
 		if !q.Enabled {
