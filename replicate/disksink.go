@@ -23,7 +23,8 @@ import (
 // as qemu-img convert leaves its output sparse. Where the disk cannot
 // (its file system, a block device that cannot promise zeros), zeros are
 // written instead (virtio.ImageZeroer, which the guest's discards go
-// through on the primary too). Either way the range reads as zeros.
+// through on the primary too). Either way the range reads as zeros. A
+// disk kept allocated is zeroed in place instead, never punched.
 type diskSink struct {
 	files     []*os.File
 	sizes     []int64
@@ -46,10 +47,11 @@ type stagedWrite struct {
 
 var _ stream.DiskSink = (*diskSink)(nil)
 
-func newDiskSink(files []*os.File) (*diskSink, error) {
+// newDiskSink applies to files; keep[i] keeps files[i] allocated.
+func newDiskSink(files []*os.File, keep []bool) (*diskSink, error) {
 	s := &diskSink{files: files, touched: make([]bool, len(files))}
-	for _, f := range files {
-		s.zeroers = append(s.zeroers, virtio.ImageZeroer{F: f})
+	for i, f := range files {
+		s.zeroers = append(s.zeroers, virtio.ImageZeroer{F: f, KeepAllocated: i < len(keep) && keep[i]})
 		n, err := DiskSize(f)
 		if err != nil {
 			return nil, err

@@ -3,6 +3,7 @@ package replicate
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -96,7 +97,7 @@ func TestDiskSinkZeroRuns(t *testing.T) {
 	for _, punch := range []bool{true, false} {
 		const size = 4 << 20
 		p, f := garbageFile(t, t.TempDir(), "standby.img", size, 9)
-		s, err := newDiskSink([]*os.File{f})
+		s, err := newDiskSink([]*os.File{f}, nil)
 		require.NoError(t, err)
 		s.zeroers[0].NoPunch = !punch
 		want := make([]byte, size)
@@ -150,9 +151,16 @@ func TestDiskSinkZeroRuns(t *testing.T) {
 // A sparse disk replicated to a standby whose copy is garbage: the holes
 // travel as zero runs, the standby's copy equals the primary's (holes,
 // data, a block of written zeros, a write into a hole made during the
-// copy) and stays about as sparse as the primary's.
+// copy) and stays about as sparse as the primary's, or, kept allocated
+// (--disk ...,nodiscard), holds every block.
 func TestReplicatedSparseDisk(t *testing.T) {
 	kvmtest.Require(t)
+	for _, keep := range []bool{false, true} {
+		t.Run(fmt.Sprintf("keep allocated %v", keep), func(t *testing.T) { replicateSparseDisk(t, keep) })
+	}
+}
+
+func replicateSparseDisk(t *testing.T, keep bool) {
 	const size = 64 << 20
 	primaryDisk, pf := sparseFile(t, "primary.img", size, 256<<10, 0, 20<<20, 63<<20)
 	_, err := pf.WriteAt(make([]byte, 1<<20), 40<<20) // written zeros: data to the file system
@@ -163,7 +171,7 @@ func TestReplicatedSparseDisk(t *testing.T) {
 	src := &countingFile{File: pf}
 	log := NewDiskLog(src, size)
 	sb, err := NewStandby(StandbyConfig{Listen: "127.0.0.1:0", Insecure: true, Disks: []*os.File{sf},
-		FailoverTimeout: 5 * time.Second, Build: buildTiny})
+		KeepAllocated: []bool{keep}, FailoverTimeout: 5 * time.Second, Build: buildTiny})
 	require.NoError(t, err)
 	defer sb.Close()
 	receive(t, sb)
@@ -196,7 +204,11 @@ func TestReplicatedSparseDisk(t *testing.T) {
 	require.True(t, bytes.Equal(want, got), "the standby's disk equals the primary's")
 	pa, sa := allocated(t, pf), allocated(t, sf)
 	t.Logf("allocated: primary %d KiB, standby %d KiB, of %d KiB", pa>>10, sa>>10, size>>10)
-	require.LessOrEqual(t, sa, pa+(1<<20), "the standby's copy is about as sparse as the primary's")
+	if keep {
+		require.GreaterOrEqual(t, sa, int64(size), "the standby's copy holds every block")
+	} else {
+		require.LessOrEqual(t, sa, pa+(1<<20), "the standby's copy is about as sparse as the primary's")
+	}
 	require.GreaterOrEqual(t, rep.Stats().Stream.DiskBytes, uint64(size), "the whole disk went over, holes as zero runs")
 }
 

@@ -103,6 +103,12 @@ type StandbyConfig struct {
 	// the initial sync copies the source's disks into them, and each
 	// checkpoint's writes are applied and synced before its ack.
 	Disks []*os.File
+	// KeepAllocated, by disk (missing entries are false), keeps that copy
+	// allocated (its --disk's nodiscard): a zero run, whether a hole in
+	// the source's image or a discard, is zeroed in place
+	// (virtio.ImageZeroer.KeepAllocated) rather than punched, so a guest
+	// that takes over here cannot run its disk out of space.
+	KeepAllocated []bool
 	// Witness, if set, is this standby's client of the witness
 	// (docs/FENCING.md): the guest of a primary that is lost runs here
 	// only after this standby has won the next generation there (the
@@ -205,7 +211,7 @@ func (sb *Standby) accept(ctx context.Context) (*stream.Receiver, *Replica, erro
 	rep := sb.pending
 	sb.pending = nil
 	sb.mu.Unlock()
-	disks, err := newDiskSink(sb.cfg.Disks)
+	disks, err := newDiskSink(sb.cfg.Disks, sb.cfg.KeepAllocated)
 	if err != nil {
 		r.Close()
 		rep.close()
