@@ -97,6 +97,8 @@ func TestCLIUsageErrors(t *testing.T) {
 		// Values only the command line can be wrong about.
 		{"stray argument", append(tiny, "nproc"), `govmm: run: unexpected argument "nproc" (put the guest command after --) (see 'govmm help run')`},
 		{"bad net", []string{"run", "--net", "bridge"}, "govmm: run: --net bridge: want user, tap:NAME or none (see 'govmm help run')"},
+		{"disk option", []string{"run", "--disk", "vm.img,sparse"}, `govmm: run: --disk "vm.img,sparse": unknown option "sparse" (want ro, rw, nodiscard or discard) (see 'govmm help run')`},
+		{"standby disk option", []string{"standby", "--listen", "127.0.0.1:7000", "--disk", "copy.img,trim"}, `govmm: standby: --disk "copy.img,trim": unknown option "trim" (want ro, rw, nodiscard or discard) (see 'govmm help standby')`},
 		{"bad mac", []string{"run", "--mac", "01:02"}, "govmm: run: --mac 01:02: want six bytes in hex, xx:xx:xx:xx:xx:xx (see 'govmm help run')"},
 		{"bad publish", []string{"run", "--publish", "80"}, "govmm: run: --publish 80: want HOSTPORT:GUESTPORT or HOSTIP:HOSTPORT:GUESTPORT (see 'govmm help run')"},
 		{"publish without user net", []string{"run", "--net", "none", "--publish", "8080:80"}, "govmm: run: --publish needs --net user (see 'govmm help run')"},

@@ -18,8 +18,9 @@ import (
 
 // diskSpec is one parsed --disk.
 type diskSpec struct {
-	path     string
-	readOnly bool
+	path      string
+	readOnly  bool
+	noDiscard bool // keep the image (and a standby's copy) allocated
 }
 
 func parseDisk(s string) (diskSpec, error) {
@@ -34,8 +35,12 @@ func parseDisk(s string) (diskSpec, error) {
 			d.readOnly = true
 		case "rw":
 			d.readOnly = false
+		case "nodiscard":
+			d.noDiscard = true
+		case "discard":
+			d.noDiscard = false
 		default:
-			return d, fmt.Errorf("--disk %q: unknown option %q (want ro)", s, opt)
+			return d, fmt.Errorf("--disk %q: unknown option %q (want ro, rw, nodiscard or discard)", s, opt)
 		}
 	}
 	return d, nil
@@ -212,9 +217,12 @@ func attachDevices(m *vmm.Machine, f *runFlags, nics []io.Closer, disks []diskSp
 		log := replicate.NewDiskLog(src, size)
 		devs.diskLogs = append(devs.diskLogs, log)
 		id := fmt.Sprintf("virtio-blk%d", i)
-		devs.attrs[id] = []stream.Attr{{Key: "size", Value: fmt.Sprint(size)}, {Key: "ro", Value: fmt.Sprint(d.readOnly)}}
+		// The guest negotiates discard with the primary's device: the
+		// standby's must offer the same.
+		devs.attrs[id] = []stream.Attr{{Key: "size", Value: fmt.Sprint(size)}, {Key: "ro", Value: fmt.Sprint(d.readOnly)},
+			{Key: "discard", Value: fmt.Sprint(!d.noDiscard)}}
 		dev, err := virtio.NewBlock(m.Memory(), m, virtio.BlockConfig{
-			ID: id, Path: d.path, ReadOnly: d.readOnly, UseIOEventFD: !f.noIOEventFD,
+			ID: id, Path: d.path, ReadOnly: d.readOnly, NoDiscard: d.noDiscard, UseIOEventFD: !f.noIOEventFD,
 			OnWrite: log.Record, OnZero: log.RecordZero, AllowWrite: log.AllowWrite})
 		if err != nil {
 			return devs, err

@@ -17,7 +17,8 @@ import (
 // writes 16 MiB of random data to its disk and syncs it, deletes it and
 // runs fstrim; virtio-blk's DISCARD punches holes in the image, so the
 // host's copy takes less than the 16 MiB that reached it. Without
-// discards the blocks would stay allocated after the rm.
+// discards (TestGuestNoDiscardKeepsImageAllocated) the blocks would stay
+// allocated after the rm.
 func TestGuestFstrimPunchesHoles(t *testing.T) {
 	kvmtest.RequireLinuxBoot(t)
 	disk := blankDisk(t)
@@ -38,4 +39,33 @@ func TestGuestFstrimPunchesHoles(t *testing.T) {
 	t.Logf("fstrim trimmed %d MiB; the %d MiB image holds %d KiB", trimmed>>20, fi.Size()>>20, st.Blocks*512>>10)
 	require.Equal(t, int64(64<<20), fi.Size(), "the image keeps its size")
 	require.Less(t, st.Blocks*512, int64(12<<20), "the freed 16 MiB were punched out of the image")
+}
+
+// A disk given with nodiscard stays allocated: on an image allocated in
+// full beforehand, the guest sees no discard support (its fstrim fails)
+// and after its 16 MiB file is written and deleted, and mkfs zeroed its
+// inode tables (WRITE_ZEROES, zeroed in place), the image still holds
+// every block.
+func TestGuestNoDiscardKeepsImageAllocated(t *testing.T) {
+	kvmtest.RequireLinuxBoot(t)
+	disk := blankDisk(t)
+	f, err := os.OpenFile(disk, os.O_RDWR, 0)
+	require.NoError(t, err)
+	require.NoError(t, syscall.Fallocate(int(f.Fd()), 0, 0, 64<<20))
+	require.NoError(t, f.Close())
+	allocated := func() int64 {
+		var st syscall.Stat_t
+		require.NoError(t, syscall.Stat(disk, &st))
+		return st.Blocks * 512
+	}
+	require.GreaterOrEqual(t, allocated(), int64(64<<20))
+	script := "dd if=/dev/urandom of=/data/junk bs=64k count=256 2>/dev/null && sync && " +
+		"ls -l /data/junk && rm /data/junk && sync; fstrim -v /data; echo fstrim=$?"
+	out, errOut, status := govmm(t, 5*time.Minute, "run", "--net", "none", "--disk", disk+",nodiscard", "--", "sh", "-c", script)
+	require.Zero(t, status, "stdout: %s\nstderr: %s", out, errOut)
+	require.Contains(t, out, " 16777216 ", "the 16 MiB file was written: %s", out)
+	require.Regexp(t, `fstrim=[1-9]`, out, "the guest cannot discard")
+	require.NotContains(t, out, "bytes trimmed")
+	t.Logf("the 64 MiB image holds %d KiB", allocated()>>10)
+	require.GreaterOrEqual(t, allocated(), int64(64<<20), "no block was given back")
 }

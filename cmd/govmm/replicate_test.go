@@ -260,7 +260,8 @@ func TestReprotectFailureKeepsGuestRunning(t *testing.T) {
 }
 
 // A standby whose machine could not run the primary's guest (here its
-// disk copy is smaller) refuses the primary at the handshake: the primary
+// disk copy is smaller, then offers discard where the primary's does not)
+// refuses the primary at the handshake: the primary
 // says why and exits before claiming protection, the standby says why and
 // keeps listening, undisturbed also by connections that are no primary,
 // and then protects a primary it can run.
@@ -292,6 +293,13 @@ func TestStandbyRefusesUnfitPrimary(t *testing.T) {
 	require.Contains(t, errOut, `device virtio-blk0: size "1048576" on the standby, "2097152" on the source`)
 	require.Eventually(t, func() bool { return strings.Count(sbLog.String(), "refused") >= 2 }, 30*time.Second, 10*time.Millisecond)
 	require.Contains(t, sbLog.String(), "size")
+	// Same size, but the guest would be offered discard on the primary and
+	// not after a takeover (or the copy kept allocated on one side only).
+	_, errOut, status = govmm(t, time.Minute, "run", "--kernel", kernel, "--initrd", initrd, "--mem", "64M", "--net", "none",
+		"--disk", small+",nodiscard", "--replicate-to", addr)
+	require.Equal(t, 1, status)
+	require.Contains(t, errOut, `device virtio-blk0: discard "true" on the standby, "false" on the source`)
+	require.Eventually(t, func() bool { return strings.Count(sbLog.String(), "refused") >= 3 }, 30*time.Second, 10*time.Millisecond)
 	require.Nil(t, sb.ProcessState, "the standby keeps listening")
 
 	sock := filepath.Join(dir, "p.sock")

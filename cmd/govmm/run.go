@@ -166,7 +166,7 @@ func (f *runFlags) registerDevices(fs *flag.FlagSet) {
 	fs.StringVar(&f.net, "net", "user", "network: user (NAT on a user-mode TCP/IP stack), tap:NAME, or none")
 	fs.StringVar(&f.mac, "mac", "", "guest MAC address (default: derived from --name)")
 	fs.Var(&f.publish, "publish", "forward host TCP `[HOSTIP:]HOSTPORT:GUESTPORT` into the guest (--net user; repeatable)")
-	fs.Var(&f.disks, "disk", "raw disk image `PATH[,ro]` as a virtio-blk device (repeatable); a writable one takes the guest's discards (fstrim) as holes punched in it")
+	fs.Var(&f.disks, "disk", "raw disk image `PATH[,ro][,nodiscard]` as a virtio-blk device (repeatable); a writable one takes the guest's discards (fstrim) as holes punched in it, unless nodiscard keeps it, and a standby's copy, fully allocated")
 	f.dirtyTracking = vmm.DirtyAuto
 	fs.Var(choiceFlag{&f.dirtyTracking, []string{vmm.DirtyAuto, vmm.DirtyBitmap, vmm.DirtyRing}}, "dirty-tracking",
 		"how KVM reports the pages the guest writes, for replication and migration (local to this end): bitmap (per memory slot), ring (per vCPU; an error where KVM lacks it) or auto (the bitmap, which wins on the hosts measured: govmm bench checkpoint)")

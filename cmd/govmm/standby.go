@@ -87,7 +87,7 @@ func cmdStandby(args []string) error {
 	if err != nil {
 		return fmt.Errorf("standby: %w", err)
 	}
-	disks, err := openStandbyDisks(&f)
+	disks, keep, err := openStandbyDisks(&f)
 	if err != nil {
 		return err
 	}
@@ -102,7 +102,7 @@ func cmdStandby(args []string) error {
 	}
 	reps := &replicas{f: &f, built: map[*vmm.Machine]*machineDevices{}}
 	sb, err := replicate.NewStandby(replicate.StandbyConfig{
-		Listen: *listen, Key: key, Insecure: insecure, Disks: disks, FailoverTimeout: f.failoverTimeout, Witness: wc,
+		Listen: *listen, Key: key, Insecure: insecure, Disks: disks, KeepAllocated: keep, FailoverTimeout: f.failoverTimeout, Witness: wc,
 		Compression: f.streamCompress, Deltas: f.streamDeltas,
 		Build:     reps.build,
 		OnRefused: func(err error) { fmt.Fprintf(os.Stderr, "govmm: standby: refused: %v\n", err) },
@@ -137,22 +137,23 @@ func cmdStandby(args []string) error {
 // openStandbyDisks opens the standby's own copies of the source's disks
 // (files or block devices of the same sizes): the initial sync copies the
 // source's disks into them, then each checkpoint's writes are applied.
-func openStandbyDisks(f *runFlags) ([]*os.File, error) {
-	var files []*os.File
+// keep says, by disk, which must stay allocated (nodiscard).
+func openStandbyDisks(f *runFlags) (files []*os.File, keep []bool, err error) {
 	for _, s := range f.disks {
 		d, err := parseDisk(s)
 		if err != nil {
 			closeFiles(files)
-			return nil, err
+			return nil, nil, err
 		}
 		df, err := os.OpenFile(d.path, os.O_RDWR, 0)
 		if err != nil {
 			closeFiles(files)
-			return nil, fmt.Errorf("--disk %s: %w", d.path, err)
+			return nil, nil, fmt.Errorf("--disk %s: %w", d.path, err)
 		}
 		files = append(files, df)
+		keep = append(keep, d.noDiscard)
 	}
-	return files, nil
+	return files, keep, nil
 }
 
 func closeFiles(fs []*os.File) {
