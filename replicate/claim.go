@@ -115,7 +115,7 @@ type standbyState struct {
 	committedAt time.Time        // when epoch committed
 	recv        *stream.Receiver // the current source's stream, or nil
 	bytesDone   uint64           // received from the sources before recv
-	streamDone  stream.Stats     // their page counters (Pages, ZeroPages, DeltaPages, CopyPages)
+	streamDone  stream.Stats     // their counters (addReceived)
 
 	queried   bool // the witness was asked at least once
 	reachable bool
@@ -141,8 +141,8 @@ type StandbyStatus struct {
 	Lag        time.Duration
 	// BytesReceived counts the stream bytes received from every source.
 	BytesReceived uint64
-	// Stream holds the pages received from every source (Pages,
-	// ZeroPages, DeltaPages) and the current source's codec and deltas
+	// Stream holds the pages and disk bytes received from every source
+	// (addReceived) and the current source's codec and deltas
 	// (Compression is "" without a source).
 	Stream stream.Stats
 	// Witness is the witness's address ("" without one); Reachable says
@@ -171,10 +171,7 @@ func (sb *Standby) Status() StandbyStatus {
 	if st.recv != nil {
 		rs := st.recv.Stats()
 		out.BytesReceived += rs.BytesReceived
-		out.Stream.Pages += rs.Pages
-		out.Stream.ZeroPages += rs.ZeroPages
-		out.Stream.DeltaPages += rs.DeltaPages
-		out.Stream.CopyPages += rs.CopyPages
+		addReceived(&out.Stream, rs)
 		out.Stream.Compression, out.Stream.Deltas = rs.Compression, rs.Deltas
 		if !st.committedAt.IsZero() {
 			out.Lag = time.Since(st.committedAt)
@@ -278,13 +275,20 @@ func (sb *Standby) detach(r *stream.Receiver) {
 		if st.recv == r {
 			rs := r.Stats()
 			st.bytesDone += rs.BytesReceived
-			st.streamDone.Pages += rs.Pages
-			st.streamDone.ZeroPages += rs.ZeroPages
-			st.streamDone.DeltaPages += rs.DeltaPages
-			st.streamDone.CopyPages += rs.CopyPages
+			addReceived(&st.streamDone, rs)
 			st.recv = nil
 		}
 	})
+}
+
+// addReceived adds the counters of rs that the standby sums over its
+// sources to to.
+func addReceived(to *stream.Stats, rs stream.Stats) {
+	to.Pages += rs.Pages
+	to.ZeroPages += rs.ZeroPages
+	to.DeltaPages += rs.DeltaPages
+	to.CopyPages += rs.CopyPages
+	to.DiskBytes += rs.DiskBytes
 }
 
 func (sb *Standby) setCheckpoint(epoch uint64) {

@@ -27,10 +27,11 @@ import (
 // (device worker goroutine); Take runs at each checkpoint's cut with the
 // device quiesced, and between pre-copy rounds.
 type DiskLog struct {
-	src    io.ReaderAt
-	size   int64
-	fenced atomic.Bool   // sticky: AllowWrite refuses every write
-	zeroed atomic.Uint64 // bytes of zero runs recorded, in all
+	src     io.ReaderAt
+	size    int64
+	fenced  atomic.Bool   // sticky: AllowWrite refuses every write
+	written atomic.Uint64 // bytes of writes recorded, in all
+	zeroed  atomic.Uint64 // bytes of zero runs recorded, in all
 
 	mu       sync.Mutex // guards the fields below
 	armed    bool
@@ -137,6 +138,10 @@ func (d *DiskLog) RecordZero(off, n int64) error {
 // armed (discarded or zeroed by the guest), since the log was made.
 func (d *DiskLog) Zeroed() uint64 { return d.zeroed.Load() }
 
+// Written is how many bytes of guest writes Record has recorded while
+// armed, since the log was made.
+func (d *DiskLog) Written() uint64 { return d.written.Load() }
+
 func (d *DiskLog) record(w DiskWrite, cost uint64) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -159,6 +164,7 @@ func (d *DiskLog) record(w DiskWrite, cost uint64) error {
 		if w.Data != nil {
 			w.Data = append([]byte(nil), w.Data...)
 		}
+		d.written.Add(uint64(len(w.Data)))
 		d.zeroed.Add(uint64(w.Zero))
 		d.cur = append(d.cur, w)
 	}

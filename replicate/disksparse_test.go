@@ -263,6 +263,15 @@ func TestReplicatedDiscard(t *testing.T) {
 	pa, sa := allocated(t, pf), allocated(t, sf)
 	t.Logf("allocated after the discards: primary %d KiB, standby %d KiB, of %d MiB", pa>>10, sa>>10, size>>20)
 	require.LessOrEqual(t, sa, int64(64<<10), "the standby punched the discarded ranges")
+
+	// The operator sees what the guest did to the disk, and what the
+	// stream carried (the initial sync's whole disk, then the runs and the
+	// line).
+	ms := rep.Metrics()
+	require.Equal(t, float64(len(line)), metricValue(t, ms, "govmm_replication_disk_written_bytes_total"))
+	require.Equal(t, float64(size+4096), metricValue(t, ms, "govmm_replication_disk_zeroed_bytes_total"))
+	require.Equal(t, float64(2*size+4096+int64(len(line))), metricValue(t, ms, "govmm_stream_sent_disk_bytes_total"))
+	require.Equal(t, metricValue(t, ms, "govmm_stream_sent_disk_bytes_total"), metricValue(t, sb.Metrics(), "govmm_stream_received_disk_bytes_total"), "the standby received what was sent")
 }
 
 // RecordZero merges a run with the one it follows, costs stream.ZeroCost

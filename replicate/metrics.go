@@ -244,18 +244,23 @@ func (r *Replicator) Metrics() []Metric {
 	add("govmm_replication_last_bytes", "bytes of the last checkpoint", "gauge", float64(l.Bytes), nil)
 	add("govmm_replication_last_epoch_seconds", "length of the last epoch", "gauge", l.Length.Seconds(), nil)
 	add("govmm_replication_epoch_target_seconds", "epoch length the checkpoint loop aims at now: --epoch, or with adaptive epochs (--epoch-max) what the load has made it", "gauge", rs.EpochLength.Seconds(), nil)
+	for i, d := range r.cfg.Disks {
+		disk := map[string]string{"disk": strconv.Itoa(i)}
+		add("govmm_replication_disk_written_bytes_total", "bytes the guest wrote to the disk (--disk, in order from 0) since replication started, each carried by its checkpoint", "counter", float64(d.Written()), disk)
+		add("govmm_replication_disk_zeroed_bytes_total", "bytes of the disk the guest discarded or zeroed since replication started, carried as zero runs (a few bytes each)", "counter", float64(d.Zeroed()), disk)
+	}
 	add("govmm_output_held_packets", "guest packets held until their checkpoint is acknowledged", "gauge", float64(rs.HeldFrames), nil)
 	add("govmm_output_held_bytes", "guest bytes held until their checkpoint is acknowledged", "gauge", float64(rs.HeldBytes), nil)
 	return append(out, StreamMetrics(rs.Stream, true)...)
 }
 
-// StreamMetrics are a stream end's page counters: on the sending end
-// (sent) govmm_stream_sent_pages_total, _zero_pages_total,
-// _delta_pages_total, _copy_pages_total, _page_bytes_total (before
-// compression) and _page_wire_bytes_total (as they travelled); on the
-// receiving end govmm_stream_received_pages_total, _zero_pages_total,
-// _delta_pages_total and _copy_pages_total (a receiver does not count
-// page bytes); on both,
+// StreamMetrics are a stream end's page and disk counters: on the sending
+// end (sent) govmm_stream_sent_pages_total, _zero_pages_total,
+// _delta_pages_total, _copy_pages_total, _disk_bytes_total,
+// _page_bytes_total (before compression) and _page_wire_bytes_total (as
+// they travelled); on the receiving end govmm_stream_received_pages_total,
+// _zero_pages_total, _delta_pages_total, _copy_pages_total and
+// _disk_bytes_total (a receiver does not count page bytes); on both,
 // govmm_stream_info{compression, deltas}, 1, once the handshake agreed on
 // them.
 func StreamMetrics(st stream.Stats, sent bool) []Metric {
@@ -271,6 +276,7 @@ func StreamMetrics(st stream.Stats, sent bool) []Metric {
 	counter("zero_pages_total", "of the pages "+dir+", all-zero ones (a flag, no bytes)", st.ZeroPages)
 	counter("delta_pages_total", "of the pages "+dir+", those that travelled as XOR deltas against what the standby holds", st.DeltaPages)
 	counter("copy_pages_total", "of the pages "+dir+", those that travelled as a reference to a page with the same bytes that the standby holds", st.CopyPages)
+	counter("disk_bytes_total", "disk bytes "+dir+" in Disk frames since the stream opened (initial sync included): written, or made zeros by a zero run", st.DiskBytes)
 	if sent {
 		counter("page_bytes_total", "bytes of the pages sent before compression: their page sections (entries and data, a delta as its XOR page, a copy as its 12 bytes)", st.PageBytes)
 		counter("page_wire_bytes_total", "bytes of the pages sent as they travelled: the Pages frames' payloads, compressed or stored with their header, before sealing", st.PageWireBytes)

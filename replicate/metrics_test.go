@@ -144,7 +144,8 @@ func TestReplicatorMetricsCopyModes(t *testing.T) {
 }
 
 // A sender's stream metrics count pages and their bytes before and after
-// compression; a receiver's, pages only (it does not count page bytes);
+// compression, and disk bytes; a receiver's, pages and disk bytes (it
+// does not count page bytes);
 // the codec is an info metric once the two ends agreed on one.
 func TestStreamMetrics(t *testing.T) {
 	t.Parallel()
@@ -155,9 +156,11 @@ func TestStreamMetrics(t *testing.T) {
 		}
 		return out
 	}
-	st := stream.Stats{Pages: 10, ZeroPages: 2, DeltaPages: 5, CopyPages: 1, PageBytes: 4000, PageWireBytes: 900, Compression: "s2", Deltas: true}
+	st := stream.Stats{Pages: 10, ZeroPages: 2, DeltaPages: 5, CopyPages: 1, PageBytes: 4000, PageWireBytes: 900, DiskBytes: 1 << 20,
+		Compression: "s2", Deltas: true}
 	sent := names(StreamMetrics(st, true))
-	assert.Len(t, sent, 7)
+	assert.Len(t, sent, 8)
+	assert.Equal(t, float64(1<<20), sent["govmm_stream_sent_disk_bytes_total"].Value)
 	assert.Equal(t, 900.0, sent["govmm_stream_sent_page_wire_bytes_total"].Value)
 	assert.Equal(t, "counter", sent["govmm_stream_sent_page_wire_bytes_total"].Type)
 	assert.Equal(t, 4000.0, sent["govmm_stream_sent_page_bytes_total"].Value)
@@ -166,7 +169,8 @@ func TestStreamMetrics(t *testing.T) {
 	assert.Equal(t, Metric{Name: "govmm_stream_info", Help: sent["govmm_stream_info"].Help, Type: "gauge", Value: 1,
 		Labels: map[string]string{"compression": "s2", "deltas": "true"}}, sent["govmm_stream_info"])
 	recv := names(StreamMetrics(st, false))
-	assert.Len(t, recv, 5)
+	assert.Len(t, recv, 6)
+	assert.Equal(t, float64(1<<20), recv["govmm_stream_received_disk_bytes_total"].Value)
 	assert.Equal(t, 10.0, recv["govmm_stream_received_pages_total"].Value)
 	assert.Equal(t, 2.0, recv["govmm_stream_received_zero_pages_total"].Value)
 	assert.NotContains(t, names(StreamMetrics(stream.Stats{}, false)), "govmm_stream_info", "no codec before the handshake")
