@@ -257,8 +257,8 @@ func (r *Replicator) Metrics() []Metric {
 // StreamMetrics are a stream end's page and disk counters: on the sending
 // end (sent) govmm_stream_sent_pages_total, _zero_pages_total,
 // _delta_pages_total, _copy_pages_total, _disk_bytes_total,
-// _page_bytes_total (before compression) and _page_wire_bytes_total (as
-// they travelled); on the receiving end govmm_stream_received_pages_total,
+// _disk_wire_bytes_total (as they travelled), _page_bytes_total (before
+// compression) and _page_wire_bytes_total (as they travelled); on the receiving end govmm_stream_received_pages_total,
 // _zero_pages_total, _delta_pages_total, _copy_pages_total and
 // _disk_bytes_total (a receiver does not count page bytes); on both,
 // govmm_stream_info{compression, deltas}, 1, once the handshake agreed on
@@ -279,6 +279,7 @@ func StreamMetrics(st stream.Stats, sent bool) []Metric {
 	counter("disk_bytes_total", "disk bytes "+dir+" in Disk frames since the stream opened (initial sync included): written, or made zeros by a zero run", st.DiskBytes)
 	if sent {
 		counter("page_bytes_total", "bytes of the pages sent before compression: their page sections (entries and data, a delta as its XOR page, a copy as its 12 bytes)", st.PageBytes)
+		counter("disk_wire_bytes_total", "bytes of the Disk frames sent as they travelled: their payloads, compressed or stored with their header, before sealing", st.DiskWireBytes)
 		counter("page_wire_bytes_total", "bytes of the pages sent as they travelled: the Pages frames' payloads, compressed or stored with their header, before sealing", st.PageWireBytes)
 	}
 	if st.Compression != "" {

@@ -153,11 +153,15 @@ func (pc *pageCodec) encode(section []byte) []byte {
 // first pagesHeader bytes are free (container.PageSection.Framed): stored,
 // the payload is framed itself with its header filled in, not a copy.
 func (pc *pageCodec) encodeFramed(framed []byte) []byte {
-	section := framed[pagesHeader:]
-	if b, ok := pc.compress(section); ok {
+	if b, ok := pc.compress(framed[pagesHeader:]); ok {
 		return b
 	}
-	putPagesHeader(framed[:0], codecStored, len(section))
+	return pc.stored(framed)
+}
+
+// stored is encodeFramed without trying to compress.
+func (pc *pageCodec) stored(framed []byte) []byte {
+	putPagesHeader(framed[:0], codecStored, len(framed)-pagesHeader)
 	return framed
 }
 
@@ -200,15 +204,21 @@ func putPagesHeader(b []byte, c codec, n int) []byte {
 // until the next call).
 func (pc *pageCodec) decode(p []byte) ([]byte, error) { return pc.decodeInto(&pc.buf, p) }
 
-// decodeInto is decode into *buf (grown once to MaxPagesPayload), so that
-// a receiver's reader can decompress the next frame while an earlier one
-// is still staged. pc may be nil (stored sections only). A codec other
-// than stored and the session's, a length over MaxPagesPayload, or data
-// that does not decompress to exactly that length is ErrFrame; nothing is
-// allocated beyond the cap.
+// decodeInto is decodeFrame for a Pages frame.
 func (pc *pageCodec) decodeInto(buf *[]byte, p []byte) ([]byte, error) {
+	return pc.decodeFrame(framePages, buf, p)
+}
+
+// decodeFrame is decode of a Pages or Disk frame (t) into *buf (grown
+// once to MaxPagesPayload, which a disk section's MaxDiskPayload is
+// under), so that a receiver's reader can decompress the next frame while
+// an earlier one is still staged. pc may be nil (stored sections only). A
+// codec other than stored and the session's, a length over the frame
+// type's cap, or data that does not decompress to exactly that length is
+// ErrFrame; nothing is allocated beyond the cap.
+func (pc *pageCodec) decodeFrame(t frameType, buf *[]byte, p []byte) ([]byte, error) {
 	if len(p) < pagesHeader {
-		return nil, fmt.Errorf("pages frame of %d bytes: %w", len(p), ErrFrame)
+		return nil, fmt.Errorf("%v frame of %d bytes: %w", t, len(p), ErrFrame)
 	}
 	c, n := codec(p[0]), int(binary.LittleEndian.Uint32(p[4:]))
 	data := p[pagesHeader:]
@@ -216,15 +226,19 @@ func (pc *pageCodec) decodeInto(buf *[]byte, p []byte) ([]byte, error) {
 	if pc != nil {
 		session = pc.c
 	}
+	limit := container.MaxPagesPayload
+	if t == frameDisk {
+		limit = container.MaxDiskPayload
+	}
 	switch {
 	case !allZero(p[1:4]):
-		return nil, fmt.Errorf("pages frame: reserved bytes set: %w", ErrFrame)
-	case n > container.MaxPagesPayload:
-		return nil, fmt.Errorf("pages frame: section of %d bytes, at most %d: %w", n, container.MaxPagesPayload, ErrTooLarge)
+		return nil, fmt.Errorf("%v frame: reserved bytes set: %w", t, ErrFrame)
+	case n > limit:
+		return nil, fmt.Errorf("%v frame: section of %d bytes, at most %d: %w", t, n, limit, ErrTooLarge)
 	case c != codecStored && c != session:
-		return nil, fmt.Errorf("pages frame: %v, the session agreed on %v: %w", c, session, ErrFrame)
+		return nil, fmt.Errorf("%v frame: %v, the session agreed on %v: %w", t, c, session, ErrFrame)
 	case c == codecStored && len(data) != n:
-		return nil, fmt.Errorf("pages frame: %d stored bytes, header says %d: %w", len(data), n, ErrFrame)
+		return nil, fmt.Errorf("%v frame: %d stored bytes, header says %d: %w", t, len(data), n, ErrFrame)
 	case c == codecStored:
 		return data, nil
 	}
@@ -253,7 +267,7 @@ func (pc *pageCodec) decodeInto(buf *[]byte, p []byte) ([]byte, error) {
 		err = fmt.Errorf("decodes to %d bytes", len(out))
 	}
 	if err != nil {
-		return nil, fmt.Errorf("pages frame: %v data does not decode to the %d bytes announced (%v): %w", c, n, err, ErrFrame)
+		return nil, fmt.Errorf("%v frame: %v data does not decode to the %d bytes announced (%v): %w", t, c, n, err, ErrFrame)
 	}
 	return out, nil
 }

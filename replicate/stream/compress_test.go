@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"fmt"
+	"math/rand/v2"
 	"testing"
 	"time"
 
@@ -93,10 +94,6 @@ func TestPagesDecodeRefusesBadData(t *testing.T) {
 		sec.Add(uint64(i*PageSize), textPage(uint64(i)))
 	}
 	section := append([]byte(nil), sec.Payload()...)
-	withLength := func(p []byte, n int) []byte {
-		binary.LittleEndian.PutUint32(p[4:], uint32(n))
-		return p
-	}
 	bomb := newPageCodec(codecZstd).encode(make([]byte, container.MaxPagesPayload))
 	bombS2 := newPageCodec(codecS2).encode(make([]byte, container.MaxPagesPayload))
 	tests := []struct {
@@ -146,4 +143,69 @@ func TestSenderHelloWithTwoCodecsRefused(t *testing.T) {
 		heartbeat: DefaultHeartbeatInterval, timeout: DefaultFailoverTimeout})
 	require.NoError(t, decodeHello(&h, p), "a receiver accepts several")
 	assert.Equal(t, uint16(helloCodecFlags), h.codecs)
+}
+
+// Disk frames travel compressed with the session's codec too (version
+// 12): text and random writes and a zero run land on the standby's disk
+// as they were sent, keyed and unkeyed; compressible writes take fewer
+// bytes on the wire, incompressible ones go stored, and a disk section
+// that claims more than MaxDiskPayload is refused.
+func TestDiskFramesCompressed(t *testing.T) {
+	text := bytes.Repeat([]byte("a file the guest wrote to its disk, "), (3<<20)/36)
+	random := make([]byte, 1<<20)
+	rng := rand.New(rand.NewPCG(1, 2))
+	for i := range random {
+		random[i] = byte(rng.Uint32())
+	}
+	for _, tt := range []struct {
+		c     Compression
+		keyed bool
+	}{{CompressNone, true}, {CompressS2, false}, {CompressS2, true}, {CompressZstd, true}} {
+		t.Run(fmt.Sprintf("%v keyed %v", tt.c, tt.keyed), func(t *testing.T) {
+			scfg, rcfg := cfgs(newFakeClock())
+			if !tt.keyed {
+				scfg.Key, rcfg.Key, scfg.Insecure, rcfg.Insecure = nil, nil, true, true
+			}
+			scfg.Compression = tt.c
+			disks := newMemDisks(8 << 20)
+			rcfg.Disks = disks
+			s, r := pipePair(t, scfg, rcfg)
+			run := runReceiver(t, r)
+			require.NoError(t, s.BeginCheckpoint(1, KindEpoch))
+			require.NoError(t, s.SendDisk(0, 4096, text))
+			require.NoError(t, s.SendDiskZero(0, 4<<20, 1<<20))
+			require.NoError(t, s.SendDisk(0, 6<<20, random))
+			require.NoError(t, s.EndCheckpoint())
+			require.NoError(t, s.WaitAck(ctxTimeout(t, 10*time.Second), 1))
+			want := make([]byte, 8<<20)
+			copy(want[4096:], text)
+			copy(want[6<<20:], random)
+			require.True(t, bytes.Equal(want, disks.disk(0)), "the standby's disk holds what was sent")
+			st := s.Stats()
+			require.Equal(t, st.DiskBytes, r.Stats().DiskBytes)
+			raw := uint64(len(text) + len(random))
+			if tt.c == CompressNone {
+				frames := uint64(3 + 1 + 1) // text in three frames, a zero run, random
+				assert.Equal(t, raw+frames*(pagesHeader+container.DiskHeaderSize), st.DiskWireBytes, "stored")
+			} else {
+				assert.Less(t, st.DiskWireBytes, uint64(len(random))+raw/10, "the text compressed")
+				assert.Greater(t, st.DiskWireBytes, uint64(len(random)), "the random write could not")
+			}
+			require.NoError(t, s.Close())
+			require.NoError(t, waitErr(t, run))
+		})
+	}
+	section := container.AppendDisk(nil, 0, 0, 4096, textPage(1))
+	over := withLength(compressed(codecS2, section), container.MaxDiskPayload+1)
+	_, err := newPageCodec(codecS2).decodeFrame(frameDisk, new([]byte), over)
+	require.ErrorIs(t, err, ErrTooLarge)
+	got, err := newPageCodec(codecS2).decodeFrame(frameDisk, new([]byte), compressed(codecS2, section))
+	require.NoError(t, err)
+	require.Equal(t, section, got)
+}
+
+// withLength sets the section length in a Pages or Disk payload's header.
+func withLength(p []byte, n int) []byte {
+	binary.LittleEndian.PutUint32(p[4:], uint32(n))
+	return p
 }

@@ -329,8 +329,8 @@ func (r *frameReader) sumFrame(f *frame) {
 			r.secSum.Section(container.TypePages, f.section)
 		}
 	case frameDisk:
-		if sums(sealed, true) {
-			r.secSum.Section(container.TypeDisk, f.payload)
+		if sums(sealed, codec(f.payload[0]) == codecStored) {
+			r.secSum.Section(container.TypeDisk, f.section)
 		}
 	case frameState:
 		if sums(sealed, true) {

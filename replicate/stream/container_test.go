@@ -14,19 +14,19 @@ import (
 // and State frame carries one section's payload, in order, and the End
 // frame's sum is sum64 of those sections (since version 9; not the
 // container's CRC32C): all of them without a key, and in a sealed session
-// (version 10) only the Pages sections that travelled compressed, the
-// tags covering the rest. The receiver computes it the same way (it
-// acknowledges).
+// (version 10) only the Pages and Disk sections that travelled compressed
+// (Disk since version 12), the tags covering the rest. The receiver
+// computes it the same way (it acknowledges).
 func TestCheckpointIsAContainer(t *testing.T) {
 	for _, tt := range []struct {
 		name   string
 		keyed  bool
 		comp   Compression
-		summed func(container.Type) bool
+		summed []bool // by section: pages, disk write, zero run, state, state
 	}{
-		{"unkeyed: every section", false, CompressNone, func(container.Type) bool { return true }},
-		{"keyed: none, all stored", true, CompressNone, func(container.Type) bool { return false }},
-		{"keyed s2: the compressed page section", true, CompressS2, func(t container.Type) bool { return t == container.TypePages }},
+		{"unkeyed: every section", false, CompressNone, []bool{true, true, true, true, true}},
+		{"keyed: none, all stored", true, CompressNone, []bool{false, false, false, false, false}},
+		{"keyed s2: the compressed page and disk sections", true, CompressS2, []bool{true, true, false, false, false}},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			scfg, rcfg := cfgs(newFakeClock())
@@ -39,8 +39,8 @@ func TestCheckpointIsAContainer(t *testing.T) {
 			run := runReceiver(t, r)
 			sections := sendContainerCheckpoint(t, s)
 			sum := newSum64()
-			for _, sec := range sections {
-				if tt.summed(sec.Type) {
+			for i, sec := range sections {
+				if tt.summed[i] {
 					sum.Section(sec.Type, sec.Payload)
 				}
 			}

@@ -43,7 +43,7 @@
 //     pre-shared key both ways. (Without a key, loopback only, frames
 //     carry CRC32Cs instead: corruption is caught, nothing else.)
 //
-// # Wire format (version 11, little-endian)
+// # Wire format (version 12, little-endian)
 //
 // Handshake frames (each side's Hello and Auth, framed as in version 1 so
 // that any version can read a hello far enough to refuse it):
@@ -98,13 +98,15 @@
 //	10 Goodbye  empty: the sender ends the stream on purpose (also inside a
 //	            checkpoint, which is then aborted; after a final checkpoint,
 //	            the migration is aborted)
-//	11 Disk     a container disk section's payload: one write or zero run of
-//	            1..MaxDiskChunk bytes on disk < MaxDisks
+//	11 Disk     codec u8 | 0 [3] | length u32 (≤ MaxDiskPayload) | data: a container
+//	            disk section's payload of length bytes, one write or zero run of
+//	            1..MaxDiskChunk bytes on disk < MaxDisks, stored or compressed as
+//	            a Pages frame's (version 12; a zero run always stored)
 //	12 Accept   empty: the receiver serves this sender (after Verify)
 //	13 Handover empty: after the final checkpoint's ack, run the guest
 //
 // The session's codec is the sender's, if the receiver's hello accepts it,
-// else none: then every Pages frame is stored. A sender stores a section
+// else none: then every Pages and Disk frame is stored. A sender stores a section
 // that would not shrink. A receiver refuses any other codec, and data
 // that does not decompress to exactly the announced length (it never
 // decompresses past the cap). Sealing comes after compression: the tag
@@ -118,13 +120,13 @@
 // data its length, a zero run ZeroRunCost (version 11). The
 // End frame's sum is sum64 (sum.go) of the checkpoint's sections: for each
 // Pages, Disk and State frame in frame order, a block of its container
-// section type and length, then the section's payload (a Pages frame's
-// section decompressed: the sum also checks the decompression). In a
-// keyed session (version 10) it leaves out every section that travelled
-// as it is applied (a stored Pages frame's, every Disk and State frame's):
-// AES-256-GCM authenticated those bytes already, so only a compressed
-// Pages frame's section, what the decompressor made of authenticated
-// bytes, is summed. Up to version 8 it was the container's CRC32C
+// section type and length, then the section's payload (a Pages or Disk
+// frame's section decompressed: the sum also checks the decompression).
+// In a keyed session (version 10) it leaves out every section that
+// travelled as it is applied (a stored Pages or Disk frame's, every State
+// frame's): AES-256-GCM authenticated those bytes already, so only a
+// compressed section, what the decompressor made of authenticated bytes,
+// is summed. Up to version 8 it was the container's CRC32C
 // (container.Checksum) of the same sections, which the lab's emulated CPU
 // computes 30 times slower.
 //

@@ -20,8 +20,10 @@ type Stats struct {
 	// (receiver); ZeroPages of them travelled without bytes.
 	Pages, ZeroPages uint64
 	StateBytes       uint64
-	// DiskBytes counts disk bytes written or zeroed by Disk frames.
-	DiskBytes uint64
+	// DiskBytes counts disk bytes written or zeroed by Disk frames;
+	// DiskWireBytes (sender) the Disk frames' payloads as they travelled
+	// (compressed, or stored with their 8-byte header), before sealing.
+	DiskBytes, DiskWireBytes uint64
 	// Checkpoints counts checkpoints ended (sender) or committed
 	// (receiver); Acks, acks received (sender) or sent (receiver).
 	Checkpoints, Acks uint64
@@ -56,6 +58,7 @@ type counters struct {
 	checkpoints, acks          atomic.Uint64
 	heartbeats                 atomic.Uint64
 	pageBytes, pageWireBytes   atomic.Uint64
+	diskWireBytes              atomic.Uint64
 	deltaPages, copyPages      atomic.Uint64
 	sealNanos, writeNanos      atomic.Int64
 	openNanos                  atomic.Int64
@@ -68,7 +71,7 @@ func (c *counters) snapshot() Stats {
 		Pages: c.pages.Load(), ZeroPages: c.zeroPages.Load(), StateBytes: c.stateBytes.Load(),
 		DiskBytes: c.diskBytes.Load(), Checkpoints: c.checkpoints.Load(), Acks: c.acks.Load(),
 		Heartbeats: c.heartbeats.Load(),
-		PageBytes:  c.pageBytes.Load(), PageWireBytes: c.pageWireBytes.Load(), DeltaPages: c.deltaPages.Load(),
+		PageBytes:  c.pageBytes.Load(), PageWireBytes: c.pageWireBytes.Load(), DiskWireBytes: c.diskWireBytes.Load(), DeltaPages: c.deltaPages.Load(),
 		CopyPages: c.copyPages.Load(),
 		SealTime:  time.Duration(c.sealNanos.Load()), WriteTime: time.Duration(c.writeNanos.Load()),
 		OpenTime: time.Duration(c.openNanos.Load()),

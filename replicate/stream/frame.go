@@ -14,7 +14,7 @@ import (
 // Version is the protocol version this package speaks. A peer with any
 // other version is refused at the hello (ErrVersion); see docs/STREAM.md
 // for the version policy.
-const Version = 11
+const Version = 12
 
 // checkpointVersion is the version of the GOVMMCKP container that a
 // checkpoint is (docs/FORMATS.md): its Begin frame stands for the
@@ -191,8 +191,8 @@ type frame struct {
 	typ     frameType
 	seq     uint64
 	payload []byte     // the raw payload
-	section []byte     // pages: the page section, decompressed (what the checksum covers)
-	secBuf  []byte     // pages: where a compressed section is decompressed
+	section []byte     // pages, disk: the section, decompressed (what the checksum covers)
+	secBuf  []byte     // pages, disk: where a compressed section is decompressed
 	zc      *pageCodec // pages: the session's codec (nil: stored sections only)
 	deltas  bool       // pages: the session agreed on deltas
 	hello   hello
@@ -307,7 +307,12 @@ func decodePayload(f *frame, t frameType, p []byte, layout *Identity) error {
 			return fmt.Errorf("end: state of %d bytes, at most %d: %w", f.end.stateLen, MaxState, ErrTooLarge)
 		}
 	case frameDisk:
-		return decodeDisk(&f.disk, p)
+		section, err := f.zc.decodeFrame(frameDisk, &f.secBuf, p)
+		if err != nil {
+			return err
+		}
+		f.section = section
+		return decodeDisk(&f.disk, section)
 	case frameAck:
 		if err := fixed(8); err != nil {
 			return err

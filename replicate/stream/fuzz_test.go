@@ -1,6 +1,7 @@
 package stream
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"flag"
@@ -60,11 +61,14 @@ func seedFrames() map[string][]byte {
 		"pages-copy":   rawFrame(framePages, 3, stored(appendPageEntry([]byte{1, 0, 0, 0}, PageSize, container.EncCopy, copyData(0xdeadbeef, 1<<32)))),
 		"state":        rawFrame(frameState, 4, []byte("machine state")),
 		"end":          rawFrame(frameEnd, 5, appendEnd(nil, endInfo{epoch: 7, pages: 3, stateLen: 13, diskBytes: 8192, sum: 0xdeadbeef})),
-		"disk":         rawFrame(frameDisk, 6, container.AppendDisk(nil, 1, 4096, 5, []byte("hello"))),
-		"disk-zero":    rawFrame(frameDisk, 6, container.AppendDisk(nil, 0, 0, MaxDiskChunk, nil)),
+		"disk":         rawFrame(frameDisk, 6, diskPayload(1, 4096, 5, []byte("hello"))),
+		"disk-zero":    rawFrame(frameDisk, 6, diskPayload(0, 0, MaxDiskChunk, nil)),
+		"disk-s2":      rawFrame(frameDisk, 6, compressed(codecS2, container.AppendDisk(nil, 1, 4096, 8192, bytes.Repeat([]byte("disk "), 8192/5+1)[:8192]))),
+		"disk-zstd":    rawFrame(frameDisk, 6, compressed(codecZstd, container.AppendDisk(nil, 1, 4096, 8192, bytes.Repeat([]byte("disk "), 8192/5+1)[:8192]))),
+		"bad-disk-s2":  rawFrame(frameDisk, 6, corrupt(compressed(codecS2, container.AppendDisk(nil, 1, 4096, 8192, bytes.Repeat([]byte("disk "), 8192/5+1)[:8192])))),
 		"accept":       rawFrame(frameAccept, 2, nil),
 		"handover":     rawFrame(frameHandover, 10, nil),
-		"bad-disk":     rawFrame(frameDisk, 6, container.AppendDisk(nil, MaxDisks, 0, 1, []byte{1})),
+		"bad-disk":     rawFrame(frameDisk, 6, diskPayload(MaxDisks, 0, 1, []byte{1})),
 		"ack":          rawFrame(frameAck, 2, []byte{7, 0, 0, 0, 0, 0, 0, 0}),
 		"heartbeat":    rawFrame(frameHeartbeat, 3, []byte{1, 2, 3, 4, 5, 6, 7, 8}),
 		"error":        rawFrame(frameError, 4, appendError(nil, codeAuth, "authentication failed")),
@@ -84,7 +88,7 @@ func TestSeedCorpus(t *testing.T) {
 	for name, b := range seedFrames() {
 		_, _, err := DecodeFrame(b, testIdentity())
 		bad := name == "bad-gpa" || name == "bad-encoding" || name == "huge-length" || name == "bad-disk" ||
-			name == "bad-s2" || name == "bad-zstd"
+			name == "bad-s2" || name == "bad-zstd" || name == "bad-disk-s2"
 		require.Equal(t, bad, err != nil, "%s: %v", name, err)
 		path := filepath.Join(dir, name)
 		content := fmt.Sprintf("go test fuzz v1\n[]byte(%q)\n", b)

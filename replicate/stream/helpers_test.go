@@ -384,3 +384,11 @@ func appendPageEntry(b []byte, gpa GPA, enc container.Encoding, data []byte) []b
 	b = binary.LittleEndian.AppendUint32(b, uint32(len(data)))
 	return append(b, data...)
 }
+
+// diskPayload is a Disk frame's payload as a sender stores it (version
+// 12): the codec header, then the disk section.
+func diskPayload(disk uint16, off uint64, n int, data []byte) []byte {
+	var b []byte
+	b = putPagesHeader(b, codecStored, container.DiskHeaderSize+len(data))
+	return container.AppendDisk(b, disk, off, n, data)
+}

@@ -33,8 +33,9 @@ type Sender struct {
 	kind      Kind
 	lastEpoch uint64
 	lastKind  Kind
-	pipeline         // Pages frames: filled here, sealed and written by the sealer
-	dbuf      []byte // a Disk frame
+	pipeline             // Pages frames: filled here, sealed and written by the sealer
+	dbuf      []byte     // a Disk frame: codec header, then its section
+	dc        *pageCodec // compresses Disk frames' sections (the session's codec)
 
 	amu     sync.Mutex    // guards acked, pending, ackedCh
 	acked   uint64        // last acknowledged epoch
@@ -317,14 +318,28 @@ func (s *Sender) diskOpen(disk int, off, n int64, cost uint64) error {
 
 // diskFrame sends one Disk frame of n bytes at off: piece, or a zero run
 // if piece is nil.
+// Its section is compressed with the session's codec like a Pages
+// frame's (version 12), a zero run's stored: it is 16 bytes.
 func (s *Sender) diskFrame(disk int, off int64, n int, piece []byte) error {
-	s.dbuf = container.AppendDisk(s.dbuf[:0], uint16(disk), uint64(off), n, piece)
-	if err := s.send(frameDisk, s.dbuf, false); err != nil {
+	var head [pagesHeader]byte
+	s.dbuf = container.AppendDisk(append(s.dbuf[:0], head[:]...), uint16(disk), uint64(off), n, piece)
+	section := s.dbuf[pagesHeader:]
+	if s.dc == nil {
+		s.dc = newPageCodec(s.codec)
+	}
+	var wire []byte
+	if piece == nil {
+		wire = s.dc.stored(s.dbuf)
+	} else {
+		wire = s.dc.encodeFramed(s.dbuf)
+	}
+	if err := s.send(frameDisk, wire, false); err != nil {
 		return err
 	}
-	if s.summed(true) {
-		s.sum.Section(container.TypeDisk, s.dbuf)
+	if s.summed(codec(wire[0]) == codecStored) {
+		s.sum.Section(container.TypeDisk, section)
 	}
+	s.ctr.diskWireBytes.Add(uint64(len(wire)))
 	s.cur.diskBytes += uint64(n)
 	s.cur.diskCost += diskCost(n, piece == nil)
 	s.ctr.diskBytes.Add(uint64(n))
