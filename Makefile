@@ -119,12 +119,13 @@ bench-failover-guest: build image
 	scripts/bench-failover-guest.sh $(BENCH_RUNS) $(BENCH_TRIALS) $(BENCH_MODES) $(BENCH_WITNESS)
 
 # The wire-guest suite (the stream's bytes on the wire per dirty page on
-# real-guest workloads: the demo service under load, untar, sort and gzip;
+# real-guest workloads: the demo service under load, untar, sort and gzip,
+# untar onto the guest's disk;
 # the default guest booted once per WIRE_MODES stream mode and WIRE_RUNS
 # trial, counters read WIRE_WINDOW apart) in the lab where this host's KVM
 # cannot boot Linux, else here.
 WIRE_MODES ?= none,s2,s2+deltas,zstd+deltas
-WIRE_WORKLOADS ?= demo,untar,compress
+WIRE_WORKLOADS ?= demo,untar,compress,disk
 WIRE_RUNS ?= 1
 WIRE_WINDOW ?= 10s
 bench-wire-guest: build image

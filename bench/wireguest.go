@@ -34,10 +34,14 @@ const (
 	// lines, as a compiler's) and gzip the tarball (CPU), writing both
 	// results to tmpfs, over and over.
 	WorkloadCompress = "compress"
+	// WorkloadDisk unpacks the same tarball onto the guest's disk (/data,
+	// ext4 on virtio-blk) and syncs, over and over: most of what the
+	// stream carries is then the guest's disk writes (Disk frames).
+	WorkloadDisk = "disk"
 )
 
 // WireGuestWorkloads are the workloads in the order they run.
-var WireGuestWorkloads = []string{WorkloadDemo, WorkloadUntar, WorkloadCompress}
+var WireGuestWorkloads = []string{WorkloadDemo, WorkloadUntar, WorkloadCompress, WorkloadDisk}
 
 // RawPageBytes is what a dirty page costs the stream uncompressed,
 // without deltas: its 4096 bytes and its 16-byte entry in a page section
@@ -343,10 +347,11 @@ func (g *wireGuest) setup(ctx context.Context, res *WireGuestResult) error {
 var wireLoops = map[string]string{
 	WorkloadUntar:    fmt.Sprintf("rm -rf /tmp/wx; mkdir /tmp/wx; tar -xf %s -C /tmp/wx", wireTar),
 	WorkloadCompress: fmt.Sprintf("sort -k3 %s/kallsyms.txt > /tmp/wsorted; gzip -c %s > /tmp/wtar.gz", wireSrc, wireTar),
+	WorkloadDisk:     fmt.Sprintf("rm -rf /data/wx; sync; mkdir /data/wx; tar -xf %s -C /data/wx; sync", wireTar),
 }
 
 // wireCleanup is what each shell workload leaves behind, removed after it.
-const wireCleanup = "rm -rf /tmp/wx /tmp/wsorted /tmp/wtar.gz"
+const wireCleanup = "rm -rf /tmp/wx /tmp/wsorted /tmp/wtar.gz /data/wx; sync"
 
 // run runs workload w for cfg.Warmup+cfg.Window and returns its sample.
 func (g *wireGuest) run(ctx context.Context, cfg WireGuestConfig, w string) (WireGuestSample, error) {

@@ -74,15 +74,18 @@ type WireCounters struct {
 	CopyPages       float64 // govmm_stream_sent_copy_pages_total
 	PageBytes       float64 // govmm_stream_sent_page_bytes_total: page sections before compression
 	PageWireBytes   float64 // govmm_stream_sent_page_wire_bytes_total: as they travelled
+	DiskBytes       float64 // govmm_stream_sent_disk_bytes_total: disk bytes written or zeroed
+	DiskWireBytes   float64 // govmm_stream_sent_disk_wire_bytes_total: the Disk frames as they travelled
 }
 
 // wireMetricNames are the counters' metric names, in WireCounters' order.
 var wireMetricNames = []string{"govmm_replication_epochs_total", "govmm_replication_dirty_pages_total",
 	"govmm_replication_bytes_total", "govmm_stream_sent_pages_total", "govmm_stream_sent_zero_pages_total",
-	"govmm_stream_sent_delta_pages_total", "govmm_stream_sent_copy_pages_total", "govmm_stream_sent_page_bytes_total", "govmm_stream_sent_page_wire_bytes_total"}
+	"govmm_stream_sent_delta_pages_total", "govmm_stream_sent_copy_pages_total", "govmm_stream_sent_page_bytes_total", "govmm_stream_sent_page_wire_bytes_total",
+	"govmm_stream_sent_disk_bytes_total", "govmm_stream_sent_disk_wire_bytes_total"}
 
 func (c *WireCounters) fields() []*float64 {
-	return []*float64{&c.Epochs, &c.DirtyPages, &c.CheckpointBytes, &c.SentPages, &c.ZeroPages, &c.DeltaPages, &c.CopyPages, &c.PageBytes, &c.PageWireBytes}
+	return []*float64{&c.Epochs, &c.DirtyPages, &c.CheckpointBytes, &c.SentPages, &c.ZeroPages, &c.DeltaPages, &c.CopyPages, &c.PageBytes, &c.PageWireBytes, &c.DiskBytes, &c.DiskWireBytes}
 }
 
 // Sub is c minus o, counter by counter.
@@ -121,6 +124,11 @@ func (c WireCounters) PageRatio() float64 { return ratio(c.PageWireBytes, c.Page
 func (c WireCounters) PagesTimesRaw() float64 {
 	return ratio(c.PageWireBytes, c.SentPages*RawPageBytes)
 }
+
+// DiskRatio is the Disk frames' bytes on the wire over the disk bytes
+// they wrote or zeroed: what compression leaves of the guest's disk
+// writes (a zero run's frame is a few bytes for up to 1 MiB).
+func (c WireCounters) DiskRatio() float64 { return ratio(c.DiskWireBytes, c.DiskBytes) }
 
 // ZeroShare is the share of the pages sent that were all zero.
 func (c WireCounters) ZeroShare() float64 { return ratio(c.ZeroPages, c.SentPages) }

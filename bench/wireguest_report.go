@@ -62,11 +62,12 @@ func (r *WireGuestResult) write(dir string) error {
 		rows = append(rows, []string{s.Workload, s.Mode.String(), s.Agreed.String(), strconv.Itoa(s.Trial), ftoa(s.Span.Seconds(), 3),
 			strconv.Itoa(s.Work), ftoa(c.Epochs, 0), ftoa(c.DirtyPages, 0), ftoa(c.SentPages, 0), ftoa(c.ZeroPages, 0), ftoa(c.DeltaPages, 0), ftoa(c.CopyPages, 0),
 			ftoa(c.PageBytes, 0), ftoa(c.PageWireBytes, 0), ftoa(c.CheckpointBytes, 0),
-			ftoa(c.BytesPerDirtyPage(), 1), ftoa(c.TimesRaw(), 4), ftoa(c.PageRatio(), 4), ftoa(c.PagesTimesRaw(), 4)})
+			ftoa(c.BytesPerDirtyPage(), 1), ftoa(c.TimesRaw(), 4), ftoa(c.PageRatio(), 4), ftoa(c.PagesTimesRaw(), 4),
+			ftoa(c.DiskBytes, 0), ftoa(c.DiskWireBytes, 0)})
 	}
 	if err := writeCSV(filepath.Join(dir, "wire_guest.csv"), []string{"workload", "stream", "agreed", "trial", "window_s", "work",
 		"checkpoints", "dirty_pages", "sent_pages", "zero_pages", "delta_pages", "copy_pages", "page_bytes", "page_wire_bytes", "checkpoint_bytes",
-		"wire_bytes_per_dirty_page", "x_raw", "page_wire_over_page_bytes", "pages_x_raw"}, rows); err != nil {
+		"wire_bytes_per_dirty_page", "x_raw", "page_wire_over_page_bytes", "pages_x_raw", "disk_bytes", "disk_wire_bytes"}, rows); err != nil {
 		return err
 	}
 	if len(r.Samples) == 0 {
@@ -172,7 +173,9 @@ func (r *WireGuestResult) Report() string {
 		fmt.Fprintf(&b, ", %.1f MiB", float64(r.TarBytes)/(1<<20))
 	}
 	b.WriteString("; *compress* stands in for a build, which the guest cannot run (it has no compiler): `sort` of the symbol table " +
-		"(a heap of lines, as a compiler's) and `gzip` of the tarball (CPU), both written to tmpfs, over and over. " +
+		"(a heap of lines, as a compiler's) and `gzip` of the tarball (CPU), both written to tmpfs, over and over; " +
+		"*disk* unpacks the tarball onto the guest's disk (ext4 on virtio-blk) and syncs, over and over, so that most of its checkpoints' " +
+		"bytes are disk writes (its own table, below). " +
 		"Raw data `wire_guest.csv` (one row per workload and boot), plot `wire_guest.png`.\n\n")
 	fmt.Fprintf(&b, "*Wire B/dirty page* is the checkpoints' bytes on the wire (pages, state, frame headers, tags: `govmm_replication_bytes_total`) "+
 		"over the dirty pages they shipped (`govmm_replication_dirty_pages_total`), as `ctl stats` derives it; *× raw* is that over %d B, a page and "+
@@ -197,11 +200,35 @@ func (r *WireGuestResult) Report() string {
 			k.PageBytes/(1<<20), k.PageWireBytes/(1<<20), k.CheckpointBytes/(1<<20), k.BytesPerDirtyPage(), k.TimesRaw(), k.PagesTimesRaw(), k.PageRatio(), cell.Work)
 	}
 	b.WriteString(r.verdict())
+	b.WriteString(r.diskTable())
 	if len(r.Failed) > 0 {
 		fmt.Fprintf(&b, "\n%d boot(s) failed; their finished workloads are in the table, their logs are `wire_guest-failed-*`:\n\n", len(r.Failed))
 		for _, f := range r.Failed {
 			fmt.Fprintf(&b, "- %s\n", f)
 		}
+	}
+	return b.String()
+}
+
+// diskTable is the report's table of disk writes, for the workloads and
+// modes whose windows carried any: the disk bytes the Disk frames wrote
+// or zeroed, the frames' bytes on the wire, and their ratio (what the
+// session's codec leaves of them, since stream version 12).
+func (r *WireGuestResult) diskTable() string {
+	var b strings.Builder
+	for _, cell := range r.cells() {
+		k := cell.C
+		if k.DiskBytes <= 0 {
+			continue
+		}
+		if b.Len() == 0 {
+			b.WriteString("\nDisk writes (`govmm_stream_sent_disk_bytes_total`, and `_disk_wire_bytes_total` as the Disk frames travelled, " +
+				"compressed with the session's codec or stored; the workloads' × raw above counts them in the checkpoints' bytes):\n\n" +
+				"| workload | stream | disk MiB written | disk MiB on the wire | disk wire / written | disk share of checkpoint bytes | passes or answers |\n" +
+				"|---|---|---|---|---|---|---|\n")
+		}
+		fmt.Fprintf(&b, "| %s | %s | %.1f | %.1f | %.3f× | %s | %d |\n", cell.Workload, cell.Mode, k.DiskBytes/(1<<20), k.DiskWireBytes/(1<<20),
+			k.DiskRatio(), pct(ratio(k.DiskWireBytes, k.CheckpointBytes)), cell.Work)
 	}
 	return b.String()
 }

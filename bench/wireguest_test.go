@@ -33,6 +33,7 @@ func primaryMetrics(c WireCounters, st stream.Stats) ctlapi.Stats {
 	add("govmm_vm_info", "gauge", 1, map[string]string{"name": "a b, c} d", "state": "running"})
 	st.Pages, st.ZeroPages, st.DeltaPages, st.CopyPages = uint64(c.SentPages), uint64(c.ZeroPages), uint64(c.DeltaPages), uint64(c.CopyPages)
 	st.PageBytes, st.PageWireBytes = uint64(c.PageBytes), uint64(c.PageWireBytes)
+	st.DiskBytes, st.DiskWireBytes = uint64(c.DiskBytes), uint64(c.DiskWireBytes)
 	for _, m := range replicate.StreamMetrics(st, true) {
 		add(m.Name, m.Type, m.Value, m.Labels)
 	}
@@ -46,7 +47,7 @@ func TestWireGuestScrapeAndDerive(t *testing.T) {
 	before := WireCounters{Epochs: 10, DirtyPages: 1000, CheckpointBytes: 5e6, SentPages: 66536, ZeroPages: 60000,
 		DeltaPages: 0, PageBytes: 27e6, PageWireBytes: 20e6}
 	grew := WireCounters{Epochs: 40, DirtyPages: 4000, CheckpointBytes: 4000 * 1028, SentPages: 4000, ZeroPages: 1000,
-		DeltaPages: 2400, CopyPages: 300, PageBytes: 4000 * RawPageBytes, PageWireBytes: 3.9e6}
+		DeltaPages: 2400, CopyPages: 300, PageBytes: 4000 * RawPageBytes, PageWireBytes: 3.9e6, DiskBytes: 8 << 20, DiskWireBytes: 2 << 20}
 	var cur atomic.Pointer[ctlapi.Stats]
 	st := stream.Stats{Compression: "s2", Deltas: true}
 	s0 := primaryMetrics(before, st)
@@ -78,6 +79,7 @@ func TestWireGuestScrapeAndDerive(t *testing.T) {
 	require.InDelta(t, 0.25, d.ZeroShare(), 1e-9)
 	require.InDelta(t, 0.8, d.DeltaShare(), 1e-9)
 	require.InDelta(t, 0.1, d.CopyShare(), 1e-9)
+	require.InDelta(t, 0.25, d.DiskRatio(), 1e-9)
 	mode, ok := m1.StreamInfo()
 	require.True(t, ok)
 	require.Equal(t, StreamMode{Compression: stream.CompressS2, Deltas: true}, mode)
@@ -137,6 +139,10 @@ func TestWireGuestReport(t *testing.T) {
 		sample(WorkloadUntar, none, none, 1, 5000, 5000*4150),
 		sample(WorkloadUntar, s2d, none, 1, 5000, 5000*4150),
 	}
+	disk := sample(WorkloadDisk, s2d, s2d, 1, 1000, 30<<20)
+	disk.Counters.DiskBytes, disk.Counters.DiskWireBytes = 40<<20, 24<<20
+	r.Config.Workloads = append(r.Config.Workloads, WorkloadDisk)
+	r.Samples = append(r.Samples, disk)
 	dir := t.TempDir()
 	require.NoError(t, r.write(dir))
 	csv, err := os.ReadFile(filepath.Join(dir, "wire_guest.csv"))
@@ -159,4 +165,6 @@ func TestWireGuestReport(t *testing.T) {
 	require.Contains(t, rep, "- *demo*: fewest bytes with s2+deltas, 0.109× raw: meets the goal of 0.3×.")
 	require.Contains(t, rep, "- *untar*: fewest bytes with none, 1.009× raw: misses the goal of 0.3×.")
 	require.Contains(t, rep, "- s2+deltas trial 2: untar: govmm exited")
+	require.Contains(t, rep, "| disk | s2+deltas | 40.0 | 24.0 | 0.600× | 80.0% | 5 |", "the disk table: only the window with disk writes")
+	require.Equal(t, 1, strings.Count(rep, "| disk MiB written |"))
 }

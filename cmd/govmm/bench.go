@@ -86,11 +86,13 @@ bin/govmm bench wire-guest'): the stream's bytes on the wire per dirty
 page on real-guest workloads: the default guest replicated to a standby
 over loopback, booted once per stream mode (--stream-modes, default
 none,s2,s2+deltas,zstd+deltas), runs each workload (--workloads, default
-demo,untar,compress: the demo service under client load, untar of the
-guest's root file system into tmpfs, sort and gzip as a build's stand-in)
+demo,untar,compress,disk: the demo service under client load, untar of
+the guest's root file system into tmpfs, sort and gzip as a build's
+stand-in, the same untar onto the guest's disk and synced)
 for 3s of warmup and a 10s window (--window; --quick: 2s and 5s), the primary's
 counters (--metrics-listen) read as the window opens and closes; wire
-bytes per dirty page and × raw (4096+16 bytes) per workload and mode.
+bytes per dirty page and × raw (4096+16 bytes) per workload and mode,
+and the disk writes' bytes on the wire against their bytes.
 
 migration-guest (not run by default; where Linux boots, e.g. 'govmm lab
 -- bin/govmm bench migration-guest'): live migration of the idle default

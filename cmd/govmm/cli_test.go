@@ -89,7 +89,7 @@ func TestCLIUsageErrors(t *testing.T) {
 		{"bench mem not a size", []string{"bench", "--mem", "256Q", "boot"}, "govmm: bench: --mem 256Q: not a size (e.g. 256M or 2G; a bare number is MiB) (see 'govmm help bench')"},
 		{"bench stream mode", []string{"bench", "--stream-modes", "none,lz4", "wire-guest"}, `govmm: bench: --stream-modes none,lz4: unknown stream mode "lz4" (none, s2, zstd, each with or without +deltas) (see 'govmm help bench')`},
 		{"bench stream mode twice", []string{"bench", "--stream-modes", "s2+deltas,s2+deltas", "wire-guest"}, `govmm: bench: --stream-modes s2+deltas,s2+deltas: stream mode "s2+deltas" given twice (see 'govmm help bench')`},
-		{"bench workload", []string{"bench", "--workloads", "build", "wire-guest"}, `govmm: bench: --workloads build: unknown workload "build" (demo, untar, compress) (see 'govmm help bench')`},
+		{"bench workload", []string{"bench", "--workloads", "build", "wire-guest"}, `govmm: bench: --workloads build: unknown workload "build" (demo, untar, compress, disk) (see 'govmm help bench')`},
 		{"bench window", []string{"bench", "--window", "500ms", "wire-guest"}, "govmm: bench: --window 500ms: want 1s to 10m0s (see 'govmm help bench')"},
 		{"bench stream modes without wire-guest", []string{"bench", "--stream-modes", "s2", "checkpoint"}, "govmm: bench: --stream-modes does not apply without the wire-guest suite, the only one that uses it (see 'govmm help bench')"},
 		{"bench baseline without migration-guest", []string{"bench", "--baseline", "bin/govmm-main", "migration"}, "govmm: bench: --baseline does not apply without the migration-guest suite, the only one that uses it (see 'govmm help bench')"},
