@@ -317,9 +317,8 @@ func (s *Sender) diskOpen(disk int, off, n int64, cost uint64) error {
 }
 
 // diskFrame sends one Disk frame of n bytes at off: piece, or a zero run
-// if piece is nil.
-// Its section is compressed with the session's codec like a Pages
-// frame's (version 12), a zero run's stored: it is 16 bytes.
+// if piece is nil. Its section is compressed with the session's codec as
+// a Pages frame's is (version 12); a zero run's, 16 bytes, is stored.
 func (s *Sender) diskFrame(disk int, off int64, n int, piece []byte) error {
 	var head [pagesHeader]byte
 	s.dbuf = container.AppendDisk(append(s.dbuf[:0], head[:]...), uint16(disk), uint64(off), n, piece)
