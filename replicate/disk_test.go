@@ -15,6 +15,7 @@ import (
 
 	"govmm/internal/kvmtest"
 	"govmm/internal/tinyguest"
+	"govmm/replicate/stream"
 	"govmm/vmm"
 )
 
@@ -38,7 +39,9 @@ func TestDiskLogRecordsOnlyWhenArmed(t *testing.T) {
 // while the guest writes to it; then disk writes made on the primary
 // reach the standby's copy only with the checkpoint that covers them:
 // after failover the standby's disk holds exactly the writes of committed
-// epochs, and is synced.
+// epochs, and is synced. The stream compresses (s2): the writes, each a
+// repeated byte, travel compressed (stream version 12), the garbage of
+// the initial copy stored.
 func TestReplicatedDiskFollowsCheckpoints(t *testing.T) {
 	kvmtest.Require(t)
 	const size = 1 << 20
@@ -77,7 +80,7 @@ func TestReplicatedDiskFollowsCheckpoints(t *testing.T) {
 	}()
 	px := newProxy(t, sb.Addr())
 	rep, err := startReplication(context.Background(), prim, ReplicateConfig{To: px.addr(), Insecure: true, Name: "tiny",
-		Epoch: 10 * time.Millisecond, FailoverTimeout: 10 * time.Second, Disks: []*DiskLog{log}}, testHooks{
+		Epoch: 10 * time.Millisecond, FailoverTimeout: 10 * time.Second, Disks: []*DiskLog{log}, Compression: stream.CompressS2}, testHooks{
 		inPause: func() func() { mu.Lock(); return mu.Unlock },
 		atCut: func(epoch uint64) {
 			b, err := os.ReadFile(primaryDisk) // mu held: inPause
@@ -97,6 +100,10 @@ func TestReplicatedDiskFollowsCheckpoints(t *testing.T) {
 		time.Sleep(time.Millisecond) // the writes spread over several epochs
 	}
 	require.NoError(t, prim.Pause())
+	st := rep.Stats().Stream
+	require.Equal(t, "s2", st.Compression)
+	t.Logf("disk: %d bytes written, %d on the wire", st.DiskBytes, st.DiskWireBytes)
+	require.Less(t, st.DiskWireBytes, st.DiskBytes, "the writes compressed")
 	px.kill()
 	write(0, []byte("written after the primary died")) // can never reach the standby
 	r := <-done
