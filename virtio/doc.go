@@ -1,7 +1,8 @@
 // Package virtio owns govmm's virtio devices as the guest sees them: the
 // virtio-pci modern transport (virtio 1.x §4.1), split virtqueues (§2.7),
 // virtio-blk over a raw image file (§5.2; its discards and write-zeroes
-// punch holes through ImageZeroer, which the standby's disk sink shares)
+// punch holes through ImageZeroer, which the standby's disk sink shares,
+// or with NoDiscard zero in place so that the image stays allocated)
 // and virtio-net (§5.1) over a NetBackend. Network backends themselves (TAP, user-mode networking) live
 // in virtio/netback; the PCI host bridge, BAR placement and the MMIO bus
 // live in vmm, which reaches these devices only through pci.Device,
@@ -40,5 +41,6 @@
 // on a malformed ring; state.go its part of the machine state, one
 // explicit struct (transportState, with the device type's own part
 // inside) walked once by a devstate.Codec for both save and restore;
-// queue.go the split virtqueue; net.go and blk.go the device types.
+// queue.go the split virtqueue; net.go and blk.go the device types,
+// blkzero.go virtio-blk's discard and write-zeroes.
 package virtio
