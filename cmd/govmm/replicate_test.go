@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"fmt"
 	"net"
 	"os"
@@ -324,4 +325,45 @@ func TestHelpHidesBenchmarkSwitches(t *testing.T) {
 			require.NotContains(t, help, hidden, "govmm help %s", cmd)
 		}
 	}
+}
+
+// --disk PATH,nodiscard on both ends keeps the standby's copy allocated:
+// the primary's sparse image travels as zero runs, which the standby
+// zeroes in place rather than punches, so its copy holds every block
+// (with discard it would stay as sparse as the primary's).
+func TestStandbyKeepsNoDiscardCopyAllocated(t *testing.T) {
+	kvmtest.Require(t)
+	dir := t.TempDir()
+	kernel, initrd := tinyGuestFiles(t, dir, tinyguest.Dirtier(0x400000, 64, counterGPA))
+	sparse := func(name string) string {
+		p := filepath.Join(dir, name)
+		require.NoError(t, os.WriteFile(p, []byte("a little data, then a hole"), 0o644))
+		require.NoError(t, os.Truncate(p, 4<<20))
+		return p
+	}
+	allocated := func(p string) int64 {
+		var st syscall.Stat_t
+		require.NoError(t, syscall.Stat(p, &st))
+		return st.Blocks * 512
+	}
+	primary, copyDisk := sparse("primary.img"), sparse("copy.img")
+	require.Less(t, allocated(copyDisk), int64(1<<20))
+	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	sbSock, pSock := filepath.Join(dir, "sb.sock"), filepath.Join(dir, "p.sock")
+	startVM(t, "standby", "--listen", addr, "--net", "none", "--api-sock", sbSock, "--disk", copyDisk+",nodiscard")
+	waitStandingBy(t, sbSock)
+	startVM(t, "run", "--kernel", kernel, "--initrd", initrd, "--mem", "64M", "--net", "none",
+		"--disk", primary+",nodiscard", "--api-sock", pSock, "--replicate-to", addr)
+	waitSocket(t, pSock)
+	require.Eventually(t, func() bool {
+		out, _, _ := govmm(t, time.Minute, "ctl", "--api-sock", pSock, "info")
+		return strings.Contains(out, "primary (protected)")
+	}, 30*time.Second, 50*time.Millisecond)
+	require.Less(t, allocated(primary), int64(1<<20), "the primary's image is not touched")
+	require.GreaterOrEqual(t, allocated(copyDisk), int64(4<<20), "the standby's copy holds every block")
+	got, err := os.ReadFile(copyDisk)
+	require.NoError(t, err)
+	want, err := os.ReadFile(primary)
+	require.NoError(t, err)
+	require.True(t, bytes.Equal(want, got), "and equals the primary's")
 }
