@@ -218,9 +218,9 @@ func attachDevices(m *vmm.Machine, f *runFlags, nics []io.Closer, disks []diskSp
 		devs.diskLogs = append(devs.diskLogs, log)
 		id := fmt.Sprintf("virtio-blk%d", i)
 		// The guest negotiates discard with the primary's device: the
-		// standby's must offer the same.
+		// standby's must offer the same (a read-only disk offers none).
 		devs.attrs[id] = []stream.Attr{{Key: "size", Value: fmt.Sprint(size)}, {Key: "ro", Value: fmt.Sprint(d.readOnly)},
-			{Key: "discard", Value: fmt.Sprint(!d.noDiscard)}}
+			{Key: "discard", Value: fmt.Sprint(!d.readOnly && !d.noDiscard)}}
 		dev, err := virtio.NewBlock(m.Memory(), m, virtio.BlockConfig{
 			ID: id, Path: d.path, ReadOnly: d.readOnly, NoDiscard: d.noDiscard, UseIOEventFD: !f.noIOEventFD,
 			OnWrite: log.Record, OnZero: log.RecordZero, AllowWrite: log.AllowWrite})
