@@ -182,9 +182,6 @@ func diskPair(t *testing.T, size int) (primary, standby string, pf, sf *os.File)
 	return primary, standby, pf, sf
 }
 
-// waitCaughtUp pauses prim and waits until the standby has acknowledged a
-// checkpoint taken after the pause: its memory and disks are then the
-// primary's.
 // protectDisk starts a tiny dirtier guest and replicates it, with src
 // (size bytes) as its disk, to a standby whose copy is standby, in 10 ms
 // epochs; it returns once the guest is protected. The caller closes sb.
@@ -207,6 +204,9 @@ func protectDisk(t *testing.T, src *os.File, size int64, standby *os.File) (*vmm
 	return prim, log, sb, rep
 }
 
+// waitCaughtUp pauses prim and waits until the standby has acknowledged a
+// checkpoint taken after the pause: its memory and disks are then the
+// primary's.
 func waitCaughtUp(t *testing.T, prim interface{ Pause() error }, rep *Replicator) {
 	t.Helper()
 	require.NoError(t, prim.Pause())
