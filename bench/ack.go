@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"syscall"
 	"time"
 
@@ -32,8 +33,13 @@ type AckConfig struct {
 	// ack); a gap stands for the epoch in which a replicated guest runs
 	// between two checkpoints. Only the checkpoints are timed.
 	Gaps []time.Duration
-	Out  string
-	Log  io.Writer
+	// Split runs the standby's end in a process of its own on a CPU of
+	// its own, and this one on another (ack_split.go): two one-core
+	// hosts. Govmm is the binary that runs that end.
+	Split bool
+	Govmm string
+	Out   string
+	Log   io.Writer
 }
 
 // AckSample is one batch: a stream's checkpoints or the bound's
@@ -47,7 +53,9 @@ type AckSample struct {
 	Acks  int
 	Wall  time.Duration // per ack
 	CPU   time.Duration // per ack: both ends, user and system
-	Wire  int           // bytes on the wire per checkpoint
+	// StandbyCPU is the standby end's share of CPU (split mode only).
+	StandbyCPU time.Duration
+	Wire       int // bytes on the wire per checkpoint
 }
 
 // AckResult is the ack suite's outcome.
@@ -97,18 +105,17 @@ func Ack(ctx context.Context, cfg AckConfig) (*AckResult, error) {
 // ackPoint runs cfg.Rounds rounds at one point: a stream batch, then a
 // bound batch of the stream's wire bytes.
 func ackPoint(ctx context.Context, cfg AckConfig, keyed bool, n int) ([]AckSample, error) {
-	s, closePair, err := ackPair(ctx, keyed, n)
+	var e *ackEnds
+	var err error
+	if cfg.Split {
+		e, err = splitEnds(ctx, cfg.Govmm, keyed, n, cfg.Log)
+	} else {
+		e, err = localEnds(ctx, keyed, n)
+	}
 	if err != nil {
 		return nil, err
 	}
-	defer closePair()
-	tx, rx, err := loopbackPair(ctx)
-	if err != nil {
-		return nil, err
-	}
-	defer tx.Close()
-	defer rx.Close()
-	go ackEach(rx)
+	defer e.close()
 	src := make([]byte, n*guestmem.PageSize)
 	for i := range src {
 		src[i] = byte(i*7 + i>>12) // distinct pages, none zero
@@ -117,9 +124,9 @@ func ackPoint(ctx context.Context, cfg AckConfig, keyed bool, n int) ([]AckSampl
 	epoch := uint64(0)
 	one := func() (int, error) {
 		epoch++
-		before := s.Stats().BytesSent
-		err := ackCheckpoint(ctx, s, epoch, src, state)
-		return int(s.Stats().BytesSent - before), err
+		before := e.s.Stats().BytesSent
+		err := ackCheckpoint(ctx, e.s, epoch, src, state)
+		return int(e.s.Stats().BytesSent - before), err
 	}
 	wire, err := one() // warms both ends
 	if err != nil {
@@ -129,10 +136,10 @@ func ackPoint(ctx context.Context, cfg AckConfig, keyed bool, n int) ([]AckSampl
 	putLeUint64(buf, uint64(wire))
 	ack := make([]byte, 1)
 	bound := func() (int, error) {
-		if _, err := tx.Write(buf); err != nil {
+		if _, err := e.tx.Write(buf); err != nil {
 			return 0, err
 		}
-		_, err := io.ReadFull(tx, ack)
+		_, err := io.ReadFull(e.tx, ack)
 		return wire, err
 	}
 	if _, err := bound(); err != nil {
@@ -146,7 +153,7 @@ func ackPoint(ctx context.Context, cfg AckConfig, keyed bool, n int) ([]AckSampl
 				if kind == "bound" {
 					f = bound
 				}
-				smp, err := ackBatch(ctx, cfg.Batch, gap, f)
+				smp, err := ackBatch(ctx, cfg.Batch, gap, f, e.cpu)
 				if err != nil {
 					return out, fmt.Errorf("ack %s keyed=%v pages=%d: %w", kind, keyed, n, err)
 				}
@@ -160,12 +167,17 @@ func ackPoint(ctx context.Context, cfg AckConfig, keyed bool, n int) ([]AckSampl
 
 // ackBatch runs f, then waits gap, until d has passed (at least three
 // times), and returns the wall time per run (f alone), the CPU time per
-// run (gaps included: what the checkpoint left running counts), and the
-// wire bytes of the last.
-func ackBatch(ctx context.Context, d, gap time.Duration, f func() (int, error)) (AckSample, error) {
+// run (gaps included: what the checkpoint left running counts; cpu says
+// both ends' so far, and the standby end's where it is a process of its
+// own), and the wire bytes of the last.
+func ackBatch(ctx context.Context, d, gap time.Duration, f func() (int, error), cpu func() (both, standby time.Duration, err error)) (AckSample, error) {
 	var smp AckSample
 	var wall time.Duration
-	cpu0, t0 := cpuNow(), time.Now()
+	cpu0, standby0, err := cpu()
+	if err != nil {
+		return smp, err
+	}
+	t0 := time.Now()
 	for smp.Acks < 3 || time.Since(t0) < d {
 		t := time.Now()
 		w, err := f()
@@ -183,26 +195,72 @@ func ackBatch(ctx context.Context, d, gap time.Duration, f func() (int, error)) 
 			}
 		}
 	}
+	cpu1, standby1, err := cpu()
+	if err != nil {
+		return smp, err
+	}
 	smp.Wall = wall / time.Duration(smp.Acks)
-	smp.CPU = (cpuNow() - cpu0) / time.Duration(smp.Acks)
+	smp.CPU = (cpu1 - cpu0) / time.Duration(smp.Acks)
+	smp.StandbyCPU = (standby1 - standby0) / time.Duration(smp.Acks)
 	return smp, nil
+}
+
+// ackEnds are a point's two ends: the Sender and the bound's writer here,
+// their peers in this process (localEnds) or in a process of its own
+// (splitEnds); cpu says both ends' CPU time so far and the standby end's
+// where split.
+type ackEnds struct {
+	s     *stream.Sender
+	tx    net.Conn
+	split bool
+	cpu   func() (both, standby time.Duration, err error)
+	close func()
+}
+
+// localEnds are both ends in this process over loopback TCP.
+func localEnds(ctx context.Context, keyed bool, n int) (*ackEnds, error) {
+	s, closePair, err := ackPair(ctx, keyed, n)
+	if err != nil {
+		return nil, err
+	}
+	tx, rx, err := loopbackPair(ctx)
+	if err != nil {
+		closePair()
+		return nil, err
+	}
+	go ackEach(rx)
+	return &ackEnds{s: s, tx: tx,
+		cpu:   func() (time.Duration, time.Duration, error) { return cpuNow(), 0, nil },
+		close: func() { tx.Close(); rx.Close(); closePair() },
+	}, nil
+}
+
+// ackConfigs are the two ends' stream configurations for n pages, keyed
+// with key (nil: unkeyed, in clear); the receiver's stages into a
+// StagingSink over flat memory.
+func ackConfigs(n int, key []byte) (rcfg, scfg stream.Config) {
+	id := stream.Identity{Name: "bench-ack", Regions: []stream.Region{{GPA: 0, Size: uint64(n) * guestmem.PageSize}}, VCPUs: 1}
+	quiet := slog.New(slog.DiscardHandler)
+	rcfg = stream.Config{Identity: id, Logger: quiet, Sink: &stream.StagingSink{Dest: flatMemory(make([]byte, n*guestmem.PageSize))},
+		Compression: stream.CompressNone}
+	scfg = stream.Config{Identity: id, Logger: quiet, Compression: stream.CompressNone}
+	if key != nil {
+		rcfg.Key, scfg.Key = key, key
+	} else {
+		rcfg.Insecure, scfg.Insecure = true, true
+	}
+	return rcfg, scfg
 }
 
 // ackPair is a Sender connected to a running Receiver over loopback TCP,
 // with the layout of n pages and a StagingSink over flat memory.
 func ackPair(ctx context.Context, keyed bool, n int) (*stream.Sender, func(), error) {
-	id := stream.Identity{Name: "bench-ack", Regions: []stream.Region{{GPA: 0, Size: uint64(n) * guestmem.PageSize}}, VCPUs: 1}
-	quiet := slog.New(slog.DiscardHandler)
-	rcfg := stream.Config{Identity: id, Logger: quiet, Sink: &stream.StagingSink{Dest: flatMemory(make([]byte, n*guestmem.PageSize))},
-		Compression: stream.CompressNone}
-	scfg := stream.Config{Identity: id, Logger: quiet, Compression: stream.CompressNone}
+	var key []byte
 	if keyed {
-		key := make([]byte, 32)
+		key = make([]byte, 32)
 		_, _ = rand.Read(key)
-		rcfg.Key, scfg.Key = key, key
-	} else {
-		rcfg.Insecure, scfg.Insecure = true, true
 	}
+	rcfg, scfg := ackConfigs(n, key)
 	ln, err := stream.Listen("127.0.0.1:0", rcfg)
 	if err != nil {
 		return nil, nil, err

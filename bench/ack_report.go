@@ -70,7 +70,14 @@ func ackMs(samples []AckSample, cpu bool) Summary {
 // Report is the suite's section of report.md.
 func (r *AckResult) Report() string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "Stream alone (`replicate/stream`, as `BenchmarkAck`): a Sender and a Receiver in this process over loopback TCP, "+
+	where, cpuNote := "in this process", "both ends: on this host they share the cores, so an ack cannot come sooner than its CPU divided by the cores"
+	if r.Config.Split {
+		where = "in two processes (`--split`): the Receiver and the bound's reader in a process of their own pinned to one CPU, " +
+			"the Sender and the bound's writer in this one pinned to another, as a primary and a standby on two one-core hosts"
+		cpuNote = "both processes; *standby CPU* is the standby end's share: each end has one core, so an ack cannot come " +
+			"sooner than the busier end's CPU"
+	}
+	fmt.Fprintf(&b, "Stream alone (`replicate/stream`, as `BenchmarkAck`): a Sender and a Receiver %s over loopback TCP, "+
 		"each checkpoint %s distinct non-zero pages and 64 KiB of state, uncompressed, into a `StagingSink` over flat memory, "+
 		"each waiting for its ack before the next; keyed (AES-256-GCM) and unkeyed (in clear, checked by the End frame's sum). "+
 		"Beside each batch, the *loopback bound*: the same number of bytes (the checkpoint's wire bytes) written on a plain "+
@@ -79,12 +86,15 @@ func (r *AckResult) Report() string {
 		"(%s): back to back, a checkpoint meets the last one's leftovers (the standby copies a checkpoint into memory after "+
 		"its ack); a gap stands for the epoch a replicated guest runs between two checkpoints; only the checkpoints are "+
 		"timed, while the CPU per ack counts the gaps too. *ratio* is the median of the rounds' stream/bound ratios, so "+
-		"neighbours in time are compared. *CPU* is the process's user and system time per ack (both ends: on this host they "+
-		"share the cores, so an ack cannot come sooner than its CPU divided by the cores). Raw data `ack.csv` (one row per "+
+		"neighbours in time are compared. *CPU* is the user and system time per ack (%s). Raw data `ack.csv` (one row per "+
 		"batch); plots `ack_time.png` (ms per ack) and `ack_cpu.png` (CPU ms per ack), log–log.\n\n",
-		joinInts(r.Config.Pages), r.Config.Rounds, r.Config.Batch, joinDurations(r.Config.Gaps))
-	b.WriteString("| mode | dirty pages | gap | wire B/page | stream ms/ack median (p25–p75) | bound ms/ack median (p25–p75) | ratio median (p25–p75) | stream CPU ms/ack | bound CPU ms/ack | CPU ratio median |\n")
-	b.WriteString("|---|---|---|---|---|---|---|---|---|---|\n")
+		where, joinInts(r.Config.Pages), r.Config.Rounds, r.Config.Batch, joinDurations(r.Config.Gaps), cpuNote)
+	head, rule := "", ""
+	if r.Config.Split {
+		head, rule = " stream standby CPU ms/ack | bound standby CPU ms/ack |", "---|---|"
+	}
+	b.WriteString("| mode | dirty pages | gap | wire B/page | stream ms/ack median (p25–p75) | bound ms/ack median (p25–p75) | ratio median (p25–p75) | stream CPU ms/ack | bound CPU ms/ack | CPU ratio median |" + head + "\n")
+	b.WriteString("|---|---|---|---|---|---|---|---|---|---|" + rule + "\n")
 	for _, p := range r.points() {
 		sw, bw, sc, bc := ackMs(p.stream, false), ackMs(p.bound, false), ackMs(p.stream, true), ackMs(p.bound, true)
 		wr, cr := Summarize(p.wall), Summarize(p.cpu)
@@ -92,11 +102,24 @@ func (r *AckResult) Report() string {
 		if len(p.stream) > 0 {
 			wire = float64(p.stream[0].Wire) / float64(p.pages)
 		}
-		fmt.Fprintf(&b, "| %s | %d | %v | %.0f | %.2f (%.2f–%.2f) | %.2f (%.2f–%.2f) | %.2f× (%.2f–%.2f) | %.2f | %.2f | %.2f× |\n",
+		fmt.Fprintf(&b, "| %s | %d | %v | %.0f | %.2f (%.2f–%.2f) | %.2f (%.2f–%.2f) | %.2f× (%.2f–%.2f) | %.2f | %.2f | %.2f× |",
 			modeName(p.keyed), p.pages, p.gap, wire, sw.Median, sw.P25, sw.P75, bw.Median, bw.P25, bw.P75,
 			wr.Median, wr.P25, wr.P75, sc.Median, bc.Median, cr.Median)
+		if r.Config.Split {
+			fmt.Fprintf(&b, " %.2f | %.2f |", standbyMs(p.stream).Median, standbyMs(p.bound).Median)
+		}
+		b.WriteString("\n")
 	}
 	return b.String()
+}
+
+// standbyMs summarizes the standby end's CPU milliseconds per ack.
+func standbyMs(samples []AckSample) Summary {
+	var xs []float64
+	for _, s := range samples {
+		xs = append(xs, msOf(s.StandbyCPU))
+	}
+	return Summarize(xs)
 }
 
 func joinDurations(ds []time.Duration) string {
@@ -120,10 +143,10 @@ func (r *AckResult) write(dir string) error {
 	var rows [][]string
 	for _, s := range r.Samples {
 		rows = append(rows, []string{modeName(s.Keyed), strconv.Itoa(s.Pages), s.Kind, ftoa(msOf(s.Gap), 0), strconv.Itoa(s.Round), strconv.Itoa(s.Acks),
-			ftoa(msOf(s.Wall), 4), ftoa(msOf(s.CPU), 4), strconv.Itoa(s.Wire)})
+			ftoa(msOf(s.Wall), 4), ftoa(msOf(s.CPU), 4), strconv.Itoa(s.Wire), ftoa(msOf(s.StandbyCPU), 4)})
 	}
 	if err := writeCSV(filepath.Join(dir, "ack.csv"), []string{"mode", "pages", "kind", "gap_ms", "round", "acks", "wall_ms_per_ack",
-		"cpu_ms_per_ack", "wire_bytes"}, rows); err != nil {
+		"cpu_ms_per_ack", "wire_bytes", "standby_cpu_ms_per_ack"}, rows); err != nil {
 		return err
 	}
 	for _, cpu := range []bool{false, true} {

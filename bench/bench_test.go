@@ -20,10 +20,7 @@ import (
 // machine, not to the code.
 func TestQuickSuitesProduceOutput(t *testing.T) {
 	kvmtest.Require(t)
-	govmm := filepath.Join(t.TempDir(), "govmm")
-	build := exec.Command("go", "build", "-o", govmm, "govmm/cmd/govmm")
-	build.Stderr = os.Stderr
-	require.NoError(t, build.Run(), "build govmm")
+	govmm := buildGovmm(t)
 
 	files := map[string][]string{
 		"boot": {"boot.csv"},
@@ -73,6 +70,15 @@ func TestQuickSuitesProduceOutput(t *testing.T) {
 			assert.ElementsMatch(t, want, got)
 		})
 	}
+}
+
+// buildGovmm builds the govmm command into a temporary directory.
+func buildGovmm(t *testing.T) string {
+	govmm := filepath.Join(t.TempDir(), "govmm")
+	build := exec.Command("go", "build", "-o", govmm, "govmm/cmd/govmm")
+	build.Stderr = os.Stderr
+	require.NoError(t, build.Run(), "build govmm")
+	return govmm
 }
 
 // testWriter sends the suites' progress lines to the test log.

@@ -31,6 +31,8 @@ type Options struct {
 	// Baseline is migration-guest's other govmm binary, migrated beside
 	// this one ("": none).
 	Baseline string
+	// Split is ack's split mode (AckConfig.Split).
+	Split bool
 }
 
 // Emulated says whether KVM here emulates guests (see lab.Emulated).
@@ -100,7 +102,7 @@ func (o Options) suite(ctx context.Context, s string) (string, error) {
 		}
 		return report(Checkpoint(ctx, cfg))
 	case "ack":
-		cfg := AckConfig{Rounds: o.runs(10, 3), Out: o.Out, Log: o.Log}
+		cfg := AckConfig{Rounds: o.runs(10, 3), Split: o.Split, Govmm: o.Govmm, Out: o.Out, Log: o.Log}
 		if o.Quick {
 			cfg.Pages, cfg.Batch, cfg.Gaps = []int{100, 1000}, 50*time.Millisecond, []time.Duration{0, 10 * time.Millisecond}
 		}

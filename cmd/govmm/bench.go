@@ -52,7 +52,9 @@ system time) of checkpoints of 1,000, 4,096 and 65,536 distinct non-zero
 pages (--quick: 100 and 1,000) over loopback TCP, keyed and unkeyed, back
 to back and with a 50ms gap after each ack (an epoch; --quick: 10ms), each
 batch beside the loopback bound of the same wire bytes; --runs rounds
-(default 10; --quick: 3).
+(default 10; --quick: 3). With --split, the standby's end (and the
+bound's reader) runs in a process of its own pinned to one CPU and the
+sender's end is pinned to another, as on two one-core hosts.
 
 migration: live migration over loopback, total time and downtime against
 the guest's measured dirty rate (working sets of 0, 256, 4096 and 16384
@@ -130,6 +132,7 @@ type benchFlags struct {
 	out, guest, modes, witness *string
 	streamModes, workloads     *string
 	baseline                   *string
+	split, ackStandbyEnd       *bool
 	window                     time.Duration
 	mem                        string
 	merge                      listFlag
@@ -145,6 +148,8 @@ func newBenchFlags() *benchFlags {
 	fs.Var(memFlag{&f.mem}, "mem", "boot suite guest memory, as run --mem takes it: 256M, 1G (a bare number is MiB)")
 	f.modes = fs.String("modes", "sigkill,sigstop", "failover-guest only: the primary's failures to time, `sigkill`, sigstop or both (comma-separated)")
 	f.baseline = fs.String("baseline", "", "migration-guest only: another govmm `binary` (e.g. a build of main) migrated beside this one in every trial")
+	f.split = fs.Bool("split", false, "ack only: the standby's end in a process of its own on one CPU and the sender's on another, as a primary and a standby on two one-core hosts (needs two CPUs)")
+	f.ackStandbyEnd = fs.Bool("ack-standby-end", false, "internal: the standby's end of ack --split (the suite starts it)")
 	f.witness = fs.String("witness", "both", "failover-guest only: time each failure `without` a witness, with one, or both")
 	f.streamModes = fs.String("stream-modes", "none,s2,s2+deltas,zstd+deltas", "wire-guest only: the stream `modes` to boot the guest in: none, s2 or zstd, each with or without +deltas (comma-separated)")
 	f.workloads = fs.String("workloads", strings.Join(bench.WireGuestWorkloads, ","), "wire-guest only: the `workloads` to run in each guest (comma-separated)")
@@ -159,8 +164,16 @@ func cmdBench(args []string) error {
 		return err
 	}
 	suites := f.fs.Args()
+	if *f.ackStandbyEnd {
+		if len(args) != 1 {
+			return usagef("bench", "--ack-standby-end takes nothing else: the ack suite starts it")
+		}
+		ctx, _, stop := benchSignals()
+		defer stop()
+		return bench.AckStandbyEnd(ctx, os.Stdin, os.Stdout)
+	}
 	if len(f.merge) > 0 {
-		if err := refuseUnused(f.fs, "with --merge, which runs no trial", "runs", "quick", "guest", "mem", "modes", "witness", "stream-modes", "workloads", "window"); err != nil {
+		if err := refuseUnused(f.fs, "with --merge, which runs no trial", "runs", "quick", "guest", "mem", "modes", "witness", "stream-modes", "workloads", "window", "split"); err != nil {
 			return err
 		}
 		return mergeBench(f.merge, suites, *f.out, args)
@@ -226,6 +239,11 @@ func (f *benchFlags) options(suites []string) (bench.Options, error) {
 			return bench.Options{}, err
 		}
 	}
+	if !slices.Contains(suites, "ack") {
+		if err := refuseUnused(f.fs, "without the ack suite, the only one that uses it", "split"); err != nil {
+			return bench.Options{}, err
+		}
+	}
 	if !slices.Contains(suites, "wire-guest") {
 		if err := refuseUnused(f.fs, "without the wire-guest suite, the only one that uses it", "stream-modes", "workloads", "window"); err != nil {
 			return bench.Options{}, err
@@ -260,7 +278,7 @@ func (f *benchFlags) options(suites []string) (bench.Options, error) {
 	}
 	return bench.Options{Quick: *f.quick, Runs: *f.runs, Out: out, Govmm: self, Log: os.Stderr,
 		Boot: bench.BootConfig{Govmm: self, Guest: *f.guest, MemMiB: int(mem >> 20)}, Modes: failModes, Witness: witnessModes,
-		StreamModes: streamModes, Workloads: workloads, Window: f.window, Baseline: *f.baseline}, nil
+		StreamModes: streamModes, Workloads: workloads, Window: f.window, Baseline: *f.baseline, Split: *f.split}, nil
 }
 
 // guestImage puts the default guest image into opts, building it only

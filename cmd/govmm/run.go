@@ -103,7 +103,7 @@ type runFlags struct {
 
 // hiddenFlags are benchmark-only switches: accepted, but left out of the
 // user's help because they make the guest unprotected or slower.
-var hiddenFlags = map[string]bool{"unsafe-no-output-buffering": true, "null-standby": true, "no-ioeventfd": true}
+var hiddenFlags = map[string]bool{"unsafe-no-output-buffering": true, "null-standby": true, "no-ioeventfd": true, "ack-standby-end": true}
 
 // listFlag collects a repeatable flag.
 type listFlag []string

@@ -1,0 +1,150 @@
+package bench
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
+
+	"govmm/replicate/stream"
+	"govmm/vmm/guestmem"
+)
+
+// The standby end, run here on pipes: it answers its point with two
+// addresses, acknowledges a checkpoint on the stream and a transfer on
+// the bound, reports CPU time that grows with the work, and returns once
+// its stdin closes.
+func TestAckStandbyEndServesAPoint(t *testing.T) {
+	for _, keyed := range []bool{false, true} {
+		t.Run(modeName(keyed), func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+			defer cancel()
+			inR, inW := io.Pipe()
+			outR, outW := io.Pipe()
+			ended := make(chan error, 1)
+			go func() { ended <- AckStandbyEnd(ctx, inR, outW); outW.Close() }()
+			out := bufio.NewReader(outR)
+
+			const n = 64
+			var key []byte
+			k := "-"
+			if keyed {
+				key = make([]byte, 32)
+				key[0] = 7
+				k = fmt.Sprintf("%x", key)
+			}
+			_, err := fmt.Fprintf(inW, "%d %s\n", n, k)
+			require.NoError(t, err)
+			line, err := out.ReadString('\n')
+			require.NoError(t, err)
+			f := strings.Fields(line)
+			require.Len(t, f, 4, line)
+			require.Equal(t, "stream", f[0])
+			require.Equal(t, "bound", f[2])
+
+			askCPU := func() time.Duration {
+				_, err := io.WriteString(inW, "cpu\n")
+				require.NoError(t, err)
+				line, err := out.ReadString('\n')
+				require.NoError(t, err)
+				ns, err := strconv.ParseInt(strings.TrimPrefix(strings.TrimSpace(line), "cpu "), 10, 64)
+				require.NoError(t, err, line)
+				return time.Duration(ns)
+			}
+			cpu0 := askCPU()
+
+			_, scfg := ackConfigs(n, key)
+			s, err := stream.Dial(ctx, f[1], scfg)
+			require.NoError(t, err)
+			defer s.Close()
+			src := make([]byte, n*guestmem.PageSize)
+			for i := range src {
+				src[i] = byte(i + 1)
+			}
+			for epoch := uint64(1); epoch <= 20; epoch++ {
+				require.NoError(t, ackCheckpoint(ctx, s, epoch, src, make([]byte, 512)))
+			}
+			assert.Equal(t, uint64(20), s.Stats().Acks)
+
+			c, err := net.Dial("tcp", f[3])
+			require.NoError(t, err)
+			defer c.Close()
+			msg := make([]byte, 8+100_000)
+			putLeUint64(msg, 100_000)
+			_, err = c.Write(msg)
+			require.NoError(t, err)
+			ack := make([]byte, 1)
+			_, err = io.ReadFull(c, ack)
+			require.NoError(t, err)
+			assert.Equal(t, byte(1), ack[0])
+
+			assert.Greater(t, askCPU(), cpu0, "the end's CPU time grew with 20 checkpoints")
+			require.NoError(t, inW.Close())
+			select {
+			case err := <-ended:
+				assert.NoError(t, err)
+			case <-ctx.Done():
+				t.Fatal("the standby end did not return after its stdin closed")
+			}
+		})
+	}
+}
+
+func TestAckStandbyEndRefusesABadPoint(t *testing.T) {
+	for _, line := range []string{"", "100", "x -", "0 -", "-5 -", "100 zz", "100 - extra"} {
+		err := AckStandbyEnd(t.Context(), strings.NewReader(line+"\n"), io.Discard)
+		assert.Error(t, err, "point %q", line)
+	}
+}
+
+// Split, the suite runs the standby end as govmm bench --ack-standby-end
+// on a CPU of its own; its CPU time is counted beside this process's,
+// and this process's threads get back every CPU they had.
+func TestAckSplit(t *testing.T) {
+	var before unix.CPUSet
+	require.NoError(t, unix.SchedGetaffinity(0, &before))
+	if before.Count() < 2 {
+		t.Skipf("split needs two CPUs; this test may run on %d", before.Count())
+	}
+	govmm := buildGovmm(t)
+	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
+	defer cancel()
+	out := t.TempDir()
+	res, err := Ack(ctx, AckConfig{Pages: []int{100}, Rounds: 2, Batch: 20 * time.Millisecond, Gaps: []time.Duration{0},
+		Split: true, Govmm: govmm, Out: out, Log: testWriter{t}})
+	require.NoError(t, err)
+	require.Len(t, res.Samples, 8) // keyed and unkeyed, 2 rounds, stream and bound
+	for _, s := range res.Samples {
+		assert.GreaterOrEqual(t, s.Acks, 3)
+		assert.Positive(t, s.StandbyCPU, "%+v: the standby end's CPU", s)
+		assert.Greater(t, s.CPU, s.StandbyCPU, "%+v: both ends' CPU", s)
+	}
+	report := res.Report()
+	assert.Contains(t, report, "two one-core hosts")
+	assert.Contains(t, report, "stream standby CPU ms/ack")
+
+	tasks, err := pinnedTasks(before)
+	require.NoError(t, err)
+	assert.Empty(t, tasks, "threads still pinned after the suite")
+}
+
+// pinnedTasks are this process's threads whose affinity is not want.
+func pinnedTasks(want unix.CPUSet) ([]int, error) {
+	var out []int
+	err := eachTask(func(tid int) {
+		var got unix.CPUSet
+		if unix.SchedGetaffinity(tid, &got) == nil && got != want {
+			out = append(out, tid)
+		}
+	})
+	return out, err
+}
