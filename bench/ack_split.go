@@ -64,7 +64,7 @@ func AckStandbyEnd(ctx context.Context, in io.Reader, out io.Writer) error {
 	if _, err := fmt.Fprintf(out, "stream %s bound %s\n", ln.Addr(), bl.Addr()); err != nil {
 		return err
 	}
-	failed := make(chan error, 2)
+	failed := make(chan error, 3)
 	go func() {
 		r, err := ln.Accept(ctx)
 		if err != nil {
