@@ -74,6 +74,10 @@ type dirtyRings struct {
 	// the vCPU's thread at a ring-full exit before the rings are reaped:
 	// it puts a harvest into the window the resets count is for.
 	beforeFull func()
+	// noWatcher and noTicks, when set (by tests, before the machine
+	// starts), leave out the watcher's goroutine and the vCPUs' ticks
+	// (ringwatch.go, cputimer.go), to show what each does alone.
+	noWatcher, noTicks bool
 }
 
 // setupDirtyTracking picks the machine's dirty tracking (Config.DirtyTracking)

@@ -18,30 +18,37 @@ import (
 // overwritten (ErrDirtyRingOverflow). The initial sync's first pre-copy
 // round on a loaded host takes longer than that.
 //
-// So while a tracker logs into the rings, a watcher looks at them every
-// ringWatchEvery and reaps them into the tracker's pending pages (as a
-// ring-full exit does) once any ring holds watchThreshold entries: half
-// its entries on kvm_pvm. Elsewhere KVM stops the vCPU at the ring's soft
-// limit, and the watcher acts only on a ring past that limit, which a KVM
-// that stops its vCPUs never shows: ring-full exits stay KVM's (a lab
-// guest that fills 1,024 entries in more than 10 ms never met one while
-// the watcher reaped at half). A look is one load per ring, under
-// m.ring.mu.
+// So on kvm_pvm each vCPU thread looks at them every ringTickEvery of
+// its own CPU time (cputimer.go), which keeps pace with its guest however
+// loaded the host is; and while a tracker logs into the rings, a watcher
+// looks at them every ringWatchEvery. Either reaps every ring into the
+// tracker's pending pages (as a ring-full exit does) once any ring holds
+// watchThreshold entries: a quarter of its entries on kvm_pvm. Elsewhere
+// KVM stops the vCPU at the ring's soft limit, no vCPU ticks, and the
+// watcher acts only on a ring past that limit, which a KVM that stops its
+// vCPUs never shows: ring-full exits stay KVM's (a lab guest that fills
+// 1,024 entries in more than 10 ms never met one while the watcher reaped
+// at half). A look is one load per ring, under m.ring.mu.
 
 // ringWatchEvery is how often the watcher looks: a ring of 64k entries
-// that kvm_pvm fills at ~230,000 entries a second is half full in 140 ms.
-const ringWatchEvery = 10 * time.Millisecond
+// that kvm_pvm fills at ~230,000 entries a second goes from a quarter
+// full to lapped in 210 ms, which leaves the watcher that long to get a
+// CPU. With the watcher alone, reaping at half (140 ms), a clean-clone CI
+// run on 2026-12-02 (two spinning vCPUs beside other packages' tests)
+// lost a ring in the initial sync; hence the vCPUs' own ticks.
+const ringWatchEvery = 5 * time.Millisecond
 
 // ringReserved is KVM's KVM_DIRTY_RING_RSVD_ENTRIES: a ring is soft-full
 // (its vCPU stops) at its size less these and the CPU's PML buffer.
 const ringReserved = 64
 
 // watchThreshold is how many entries a ring of entries holds before the
-// watcher reaps it: half where KVM never stops the vCPU; elsewhere more
-// than the soft limit (entries − 64 − PML's 512 at most) leaves room for.
+// watcher reaps it: a quarter where KVM never stops the vCPU; elsewhere
+// more than the soft limit (entries − 64 − PML's 512 at most) leaves room
+// for.
 func watchThreshold(entries int) int {
 	if kvmapi.IsPVM() { // never stops a vCPU on a full ring
-		return entries / 2
+		return entries / 4
 	}
 	return entries - ringReserved/2
 }
@@ -54,6 +61,9 @@ type ringWatch struct {
 
 // watchRings starts the watcher for d, the open tracker's side.
 func (d *dirtySlots) watchRings() {
+	if d.m.ring.noWatcher {
+		return
+	}
 	w := &ringWatch{stop: make(chan struct{})}
 	d.watch = w
 	w.done.Add(1)
@@ -80,6 +90,22 @@ func (d *dirtySlots) stopWatching() {
 		d.watch = nil
 	}
 }
+
+// reapRingsIfFilling is the watcher's look (reapIfFilling) for the open
+// tracker, if any, from a vCPU's thread at its tick (cputimer.go).
+func (m *Machine) reapRingsIfFilling() {
+	m.ring.mu.Lock()
+	d := m.ring.active
+	m.ring.mu.Unlock()
+	if d != nil {
+		d.reapIfFilling()
+	}
+}
+
+// vcpuTicks says whether the vCPU threads look at the rings on their own
+// CPU clock too (cputimer.go): where KVM never stops a vCPU on a full
+// ring, unless a test turned them off.
+func (r *dirtyRings) vcpuTicks() bool { return kvmapi.IsPVM() && !r.noTicks }
 
 // reapIfFilling reaps every ring into d's pending pages when one holds
 // watchThreshold entries. An error (the rings overflowed already) is kept for

@@ -47,6 +47,10 @@ type vcpu struct {
 	// resetsAtRun is the machine's dirty-ring reset count as this vCPU
 	// last entered KVM_RUN (dirtyRingFull); its own thread's only.
 	resetsAtRun uint64
+	// ringTick, on kvm_pvm with dirty rings, kicks this thread out of
+	// KVM_RUN every ringTickEvery of its CPU time, to look at the rings
+	// (cputimer.go); its own thread's only.
+	ringTick *cpuTimer
 
 	exits [kvmapi.NumExitReasons]atomic.Uint64 // exits that reached run, by reason
 	stats atomic.Pointer[kvmapi.Stats]         // KVM's own counters; nil before 5.14
@@ -88,6 +92,9 @@ func (c *vcpu) loop(setup chan<- error, release <-chan struct{}) {
 	if err != nil {
 		return
 	}
+	if c.ringTick != nil {
+		defer c.ringTick.stop()
+	}
 	select {
 	case <-c.m.done:
 		return
@@ -118,6 +125,11 @@ func (c *vcpu) setup() error {
 	if err := c.configure(); err != nil {
 		return fmt.Errorf("vcpu %d: %w", c.id, err)
 	}
+	if c.m.ring.entries > 0 && c.m.ring.vcpuTicks() {
+		if c.ringTick, err = startCPUTimer(ringTickEvery); err != nil {
+			return fmt.Errorf("vcpu %d: dirty ring tick: %w", c.id, err)
+		}
+	}
 	return nil
 }
 
@@ -132,6 +144,9 @@ func (c *vcpu) run() error {
 			c.fd.SetImmediateExit(false)
 			if stop := c.serve(); stop {
 				return nil
+			}
+			if c.ringTick != nil {
+				c.m.reapRingsIfFilling()
 			}
 			continue
 		}
