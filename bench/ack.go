@@ -66,7 +66,8 @@ type AckResult struct {
 
 // Ack runs checkpoints of cfg.Pages distinct non-zero pages (and 64 KiB
 // of state, uncompressed, the standby's StagingSink over flat memory)
-// from a stream.Sender to a stream.Receiver in this process over
+// from a stream.Sender to a stream.Receiver in this process (or, with
+// cfg.Split, in a process of its own on a CPU of its own) over
 // loopback TCP, keyed (AES-256-GCM) and unkeyed, each waiting for its ack
 // before the next, and beside each batch the loopback bound: the same
 // number of bytes written on a plain loopback TCP connection until a
@@ -212,7 +213,6 @@ func ackBatch(ctx context.Context, d, gap time.Duration, f func() (int, error), 
 type ackEnds struct {
 	s     *stream.Sender
 	tx    net.Conn
-	split bool
 	cpu   func() (both, standby time.Duration, err error)
 	close func()
 }

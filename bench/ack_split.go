@@ -314,7 +314,7 @@ func splitEnds(ctx context.Context, govmm string, keyed bool, n int, stderr io.W
 		undo()
 		return nil, err
 	}
-	return &ackEnds{s: s, tx: tx, split: true,
+	return &ackEnds{s: s, tx: tx,
 		cpu: func() (time.Duration, time.Duration, error) {
 			t, err := end.cpu()
 			return cpuNow() + t, t, err
