@@ -25,7 +25,8 @@
 #             lab part took 36 min in two clean-clone runs on 2026-12-01,
 #             34 once the fencing tests stopped booting under replication,
 #             24 on a quiet host on 2026-12-02 once they waited for fewer
-#             answers and blank disks were copied as holes);
+#             answers and blank disks were copied as holes, 36 on a slow
+#             one the same day);
 #             Go duration units s, m or h
 set -euo pipefail
 cd "$(dirname "$0")/.."
