@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -51,14 +50,11 @@ func TestAckStandbyEndServesAPoint(t *testing.T) {
 			require.Equal(t, "stream", f[0])
 			require.Equal(t, "bound", f[2])
 
+			end := &splitEnd{stdin: inW, stdout: out}
 			askCPU := func() time.Duration {
-				_, err := io.WriteString(inW, "cpu\n")
+				d, err := end.cpu()
 				require.NoError(t, err)
-				line, err := out.ReadString('\n')
-				require.NoError(t, err)
-				ns, err := strconv.ParseInt(strings.TrimPrefix(strings.TrimSpace(line), "cpu "), 10, 64)
-				require.NoError(t, err, line)
-				return time.Duration(ns)
+				return d
 			}
 			cpu0 := askCPU()
 

@@ -159,32 +159,46 @@ func TestGuestDirtyRingHarvestedBeforeTheFullExit(t *testing.T) {
 // guest wrote, no overflow.
 func TestDirtyRingOutlastsALongGapBetweenHarvests(t *testing.T) {
 	kvmtest.Require(t)
+	require.NoError(t, ringGaps(t, 3, nil))
+}
+
+// ringGaps runs a 2-vCPU Dirtier of 512 pages in ring mode (tune, if not
+// nil, set before it starts) and harvests after each of gaps 2 s gaps,
+// requiring every page in each harvest. It returns the failure of a
+// guest that stopped or of a harvest.
+func ringGaps(t *testing.T, gaps int, tune func(*Machine)) error {
 	const base, pages = 0x400000, 512
 	m, err := New(Config{MemSize: 64 << 20, CPUs: 2, Kernel: testKernel(tinyguest.Dirtier(base, pages, counterGPA)),
 		Initrd: []byte("x"), Cmdline: "x", Console: io.Discard, DirtyTracking: DirtyRing})
 	require.NoError(t, err)
 	defer m.Close()
+	if tune != nil {
+		tune(m)
+	}
 	tr, err := m.TrackDirty(dirtylog.Options{})
 	require.NoError(t, err)
 	defer tr.Close()
 	require.NoError(t, m.Start())
-	for gap := range 3 {
+	for gap := range gaps {
 		start := readCounter(t, m)
 		time.Sleep(2 * time.Second)
-		passes := readCounter(t, m) - start
 		select {
 		case <-m.Done():
 			_, err := m.Wait()
-			t.Fatalf("gap %d: the guest stopped: %v", gap, err)
+			return fmt.Errorf("gap %d: the guest stopped: %w", gap, err)
 		default:
 		}
+		passes := readCounter(t, m) - start
 		require.Positive(t, passes, "the guest runs")
 		s, err := tr.Harvest()
-		require.NoError(t, err, "harvest after a 2 s gap (%d passes of %d pages)", passes, pages)
+		if err != nil {
+			return fmt.Errorf("gap %d: harvest after a 2 s gap (%d passes of %d pages): %w", gap, passes, pages, err)
+		}
 		for p := range uint64(pages) {
 			require.True(t, s.Contains(guestmem.GPA(base+p*4096)), "gap %d: page %#x, written every pass, not reported", gap, base+p*4096)
 		}
 	}
+	return nil
 }
 
 // On kvm_pvm, which never stops a vCPU on a full ring, each vCPU thread
@@ -197,37 +211,8 @@ func TestDirtyRingVCPUsReapOnTheirOwnClock(t *testing.T) {
 	if !kvmapi.IsPVM() {
 		t.Skip("a KVM that stops a vCPU on a full ring needs no ticks (ring-full exits: TestGuestDirtyRingHarvestedBeforeTheFullExit)")
 	}
-	const base, pages = 0x400000, 512
-	run := func(t *testing.T, ticks bool) (err error) {
-		m, err := New(Config{MemSize: 64 << 20, CPUs: 2, Kernel: testKernel(tinyguest.Dirtier(base, pages, counterGPA)),
-			Initrd: []byte("x"), Cmdline: "x", Console: io.Discard, DirtyTracking: DirtyRing})
-		require.NoError(t, err)
-		defer m.Close()
-		m.ring.noWatcher, m.ring.noTicks = true, !ticks
-		tr, err := m.TrackDirty(dirtylog.Options{})
-		require.NoError(t, err)
-		defer tr.Close()
-		require.NoError(t, m.Start())
-		for gap := range 2 {
-			start := readCounter(t, m)
-			time.Sleep(2 * time.Second)
-			select {
-			case <-m.Done():
-				_, err := m.Wait()
-				return fmt.Errorf("gap %d: the guest stopped: %w", gap, err)
-			default:
-			}
-			passes := readCounter(t, m) - start
-			require.Positive(t, passes, "the guest runs")
-			s, err := tr.Harvest()
-			if err != nil {
-				return fmt.Errorf("gap %d: harvest after %d passes of %d pages: %w", gap, passes, pages, err)
-			}
-			for p := range uint64(pages) {
-				require.True(t, s.Contains(guestmem.GPA(base+p*4096)), "gap %d: page %#x, written every pass, not reported", gap, base+p*4096)
-			}
-		}
-		return nil
+	run := func(t *testing.T, ticks bool) error {
+		return ringGaps(t, 2, func(m *Machine) { m.ring.noWatcher, m.ring.noTicks = true, !ticks })
 	}
 	t.Run("ticks", func(t *testing.T) {
 		assert.NoError(t, run(t, true))

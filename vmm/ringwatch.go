@@ -95,10 +95,9 @@ func (d *dirtySlots) stopWatching() {
 // tracker, if any, from a vCPU's thread at its tick (cputimer.go).
 func (m *Machine) reapRingsIfFilling() {
 	m.ring.mu.Lock()
-	d := m.ring.active
-	m.ring.mu.Unlock()
-	if d != nil {
-		d.reapIfFilling()
+	defer m.ring.mu.Unlock()
+	if d := m.ring.active; d != nil {
+		d.reapIfFillingLocked()
 	}
 }
 
@@ -111,10 +110,18 @@ func (r *dirtyRings) vcpuTicks() bool { return kvmapi.IsPVM() && !r.noTicks }
 // watchThreshold entries. An error (the rings overflowed already) is kept for
 // the next harvest to report.
 func (d *dirtySlots) reapIfFilling() {
+	d.m.ring.mu.Lock()
+	defer d.m.ring.mu.Unlock()
+	if d.m.ring.active == d {
+		d.reapIfFillingLocked()
+	}
+}
+
+// reapIfFillingLocked is reapIfFilling for the open tracker's side, with
+// m.ring.mu held.
+func (d *dirtySlots) reapIfFillingLocked() {
 	m := d.m
-	m.ring.mu.Lock()
-	defer m.ring.mu.Unlock()
-	if m.ring.closed || m.ring.active != d || d.watchErr != nil {
+	if m.ring.closed || d.watchErr != nil {
 		return
 	}
 	for _, r := range m.ring.rings {
