@@ -61,6 +61,10 @@ type Config struct {
 	// CPUs and MemMiB size L1; defaults: the host's CPU count (at most 4)
 	// and 8192.
 	CPUs, MemMiB int
+	// ShareCPUs boots L1 even while other L1s hold this host's CPUs (see
+	// lockCPUs): its vCPUs share them. For L1s that keep only one vCPU
+	// busy (the command pinned to CPU 0), two of them fill a two-CPU host.
+	ShareCPUs bool
 	// TCG is QEMU's TCG threading: "multi" (default, one host thread per
 	// vCPU) or "single" (one thread runs every vCPU in turn: slower, but
 	// free of the races between vCPU threads in QEMU's emulation).
@@ -121,11 +125,13 @@ func Run(ctx context.Context, cfg Config) (int, error) {
 	// L1s side by side only while each vCPU has a host CPU of its own:
 	// sharing cores, they would share the timings the tests inside rely
 	// on (failure detection) too.
-	unlock, err := lockCPUs(ctx, filepath.Join(cfg.CacheDir, "lab"), cfg.CPUs, runtime.NumCPU(), cfg.Log)
-	if err != nil {
-		return 0, err
+	if !cfg.ShareCPUs {
+		unlock, err := lockCPUs(ctx, filepath.Join(cfg.CacheDir, "lab"), cfg.CPUs, runtime.NumCPU(), cfg.Log)
+		if err != nil {
+			return 0, err
+		}
+		defer unlock()
 	}
-	defer unlock()
 	ctx, cancel := context.WithTimeout(ctx, cfg.Timeout)
 	defer cancel()
 	for attempt := 0; ; attempt++ {

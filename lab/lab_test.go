@@ -255,3 +255,31 @@ func TestLabRetriesWhenL1Dies(t *testing.T) {
 	require.True(t, errors.As(err, &le), "got %v", err)
 	assert.Contains(t, le.Reason, "L1 ended while the command ran")
 }
+
+// An L1 that shares CPUs boots while other L1s hold every CPU of this
+// host; one that does not waits for them (here, until its context ends).
+func TestLabShareCPUs(t *testing.T) {
+	requireQEMU(t)
+	cpus := runtime.NumCPU()
+	unlock, err := lockCPUs(t.Context(), filepath.Join(guestimg.DefaultCacheDir(), "lab"), cpus, cpus, &bytes.Buffer{})
+	require.NoError(t, err)
+	defer unlock()
+
+	var out, log bytes.Buffer
+	bounded, stop := context.WithTimeout(t.Context(), 3*time.Minute) // a wait for CPUs fails here
+	defer stop()
+	status, err := Run(bounded, Config{Command: []string{"echo", "shared"}, CPUs: 2, ShareCPUs: true,
+		Stdout: &out, Log: &log, Timeout: 5 * time.Minute})
+	require.NoError(t, err, "log: %s", log.String())
+	assert.Equal(t, 0, status)
+	assert.Contains(t, out.String(), "shared\n")
+	assert.NotContains(t, log.String(), "waiting for")
+
+	log.Reset()
+	short, cancel := context.WithTimeout(t.Context(), 2*time.Second)
+	defer cancel()
+	_, err = Run(short, Config{Command: []string{"echo", "not shared"}, CPUs: 2, Log: &log, Timeout: 5 * time.Minute})
+	require.ErrorIs(t, err, context.DeadlineExceeded)
+	assert.Contains(t, err.Error(), "waiting for CPUs")
+	assert.Contains(t, log.String(), "waiting for 2 of this host's")
+}

@@ -31,7 +31,9 @@ from the default guest's Debian packages on first use (~/.cache/govmm/lab)
 and needs qemu-system-x86.
 
 L1s run side by side while their vCPUs fit this host's CPUs (each vCPU
-holds a CPU of this host: ~/.cache/govmm/lab/cpu-N.lock); others wait.
+holds a CPU of this host: ~/.cache/govmm/lab/cpu-N.lock); others wait,
+unless --share-cpus (two 2-vCPU L1s whose commands keep only CPU 0 busy
+fill a 2-CPU host: scripts/guest-tests.sh runs them so).
 QEMU's emulation of SVM crashes L1 or its guests now and then when guest
 vCPUs move between L1's CPUs or are kicked from another; so CMD runs on
 L1's CPU 0 (--pin), and L1's other vCPUs serve its own kernel. 1-vCPU L1s
@@ -61,6 +63,7 @@ func cmdLab(args []string) error {
 	traceKVM := fs.Bool("trace-kvm", os.Getenv("GOVMM_LAB_TRACE_KVM") == "1", "turn KVM's trace events on in L1 before CMD starts (the real-guest tests print the last ones when they fail); off by default because turning them on has wedged L1 (default $GOVMM_LAB_TRACE_KVM == 1)")
 	holdKVM := fs.Bool("hold-kvm", false, "inside L1 (the harness starts it): hold one idle VM open until killed, so that L1's kernel does not rewrite its code as the command's VMs come and go")
 	ifNeeded := fs.Bool("if-needed", false, "run CMD directly on this host when its KVM boots Linux")
+	shareCPUs := fs.Bool("share-cpus", false, "boot L1 even while other L1s hold this host's CPUs (its vCPUs then share them with theirs)")
 	needed := fs.Bool("needed", false, "exit 0 if this host needs the lab to boot Linux, 1 if its KVM boots Linux (no CMD)")
 	var shares, env listFlag
 	fs.Var(&shares, "share", "host `DIR` that L1 mounts writable at the same path (repeatable)")
@@ -108,7 +111,7 @@ func cmdLab(args []string) error {
 	}
 	status, err := lab.Run(ctx, lab.Config{
 		Command: command, Env: env, Shares: shares, QEMU: *qemu, Holder: holder(), TraceKVM: *traceKVM,
-		CPUs: *cpus, Pin: *pin, MemMiB: int(memSize >> 20), TCG: *tcg, Timeout: *timeout, Retries: r,
+		CPUs: *cpus, ShareCPUs: *shareCPUs, Pin: *pin, MemMiB: int(memSize >> 20), TCG: *tcg, Timeout: *timeout, Retries: r,
 		Stdout: os.Stdout, Log: os.Stderr,
 	})
 	if err != nil {
@@ -131,7 +134,7 @@ func refuseWithoutCommand(fs *flag.FlagSet, command []string) error {
 		if len(command) > 0 {
 			return usagef("lab", "--%s takes no command", only)
 		}
-		others := []string{"cpus", "pin", "mem", "timeout", "tcg", "qemu", "retries", "trace-kvm", "if-needed", "share", "env", "hold-kvm", "needed"}
+		others := []string{"cpus", "pin", "mem", "timeout", "tcg", "qemu", "retries", "share-cpus", "trace-kvm", "if-needed", "share", "env", "hold-kvm", "needed"}
 		others = slices.DeleteFunc(others, func(n string) bool { return n == only })
 		if err := refuseUnused(fs, "with --"+only+", which runs no command", others...); err != nil {
 			return err
