@@ -5,10 +5,12 @@
 # QEMU). A real-guest test that skips there counts as a failure.
 #
 # Each test runs in an L1 of its own (an L1 boots in about 3 s) of
-# GUEST_TEST_L1_CPUS vCPUs (default 2), GUEST_TEST_JOBS at once (default
-# 1), the test pinned to L1's CPU 0. When L1 itself dies (a panic of its
+# GUEST_TEST_L1_CPUS vCPUs (default 2), the test pinned to L1's CPU 0,
+# GUEST_TEST_JOBS L1s at once (default 2 in the lab, longest tests
+# first: each L1 keeps only its CPU 0 busy, so two of them share this
+# host's two CPUs and both work). When L1 itself dies (a panic of its
 # emulated kernel: a stack overflow inside kvm_amd's VMRUN path, seen with
-# 2 vCPUs unpinned), govmm lab runs
+# 2 vCPUs unpinned, or with two guests at once on L1's two CPUs), govmm lab runs
 # that one test again, up to GUEST_TEST_L1_RETRIES times (default
 # 3), and one test's wreckage never reaches the next. A test that fails on
 # its own is never retried, but for the lab's known guest crash (below).
@@ -21,13 +23,9 @@
 #   -count    run each N times (soak), each run in an L1 of its own; a
 #             failed run does not stop the next; the summary counts them
 #   -timeout  for the whole run, every L1 boot included (default 47m: CI
-#             must end within 60, and its other parts take ~11 min; the
-#             lab part took 36 min in two clean-clone runs on 2026-12-01,
-#             34 once the fencing tests stopped booting under replication,
-#             24 on a quiet host on 2026-12-02 once they waited for fewer
-#             answers and blank disks were copied as holes, 36 and 38
-#             on a slow one the same day: too close to 45, so 47 until
-#             the lab part gets shorter);
+#             must end within 60, and its other parts take ~11 min; one
+#             L1 at a time, the lab part took 24 to 38 min in clean-clone
+#             runs on 2026-12-01 and 02; two at a time, 13 min on 02);
 #             Go duration units s, m or h
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -87,15 +85,20 @@ logs=$bins/logs
 mkdir -p "$logs"
 
 # In the lab, each run in an L1 of GUEST_TEST_L1_CPUS vCPUs (default 2),
-# GUEST_TEST_JOBS of them at once (default 1); govmm lab keeps each vCPU
-# on a host CPU of its own, so more jobs than fit wait, and runs the test
-# on L1's CPU 0 only (--pin's default), which keeps the lab's guest crash
-# away. (1-vCPU L1s, two side by side, did not crash either, but four
-# times in some 20 tests one stopped making progress: docs/ARCHITECTURE.md,
-# "The lab".) Where this host's KVM boots Linux, one at a time.
+# GUEST_TEST_JOBS of them at once (default 2); govmm lab runs the test on
+# L1's CPU 0 only (--pin's default), which keeps the lab's guest crash
+# away, and L1's other vCPUs serve its own kernel (9p, interrupts) and
+# idle. So two L1s of 2 vCPUs share this host's 2 CPUs (--share-cpus,
+# when their vCPUs outnumber the host's CPUs): each has one busy vCPU.
+# (What did not work: two 1-vCPU L1s side by side, four times in some 20
+# tests one stopped making progress; two tests in one L1, one on each of
+# its CPUs, L1 died in 4 of 4 boots: docs/ARCHITECTURE.md, "The lab".)
+# Where this host's KVM boots Linux, one at a time.
 l1cpus=${GUEST_TEST_L1_CPUS:-2}
+share_cpus=
 if bin/govmm lab --needed; then
-	jobs=${GUEST_TEST_JOBS:-1}
+	jobs=${GUEST_TEST_JOBS:-2}
+	((jobs * l1cpus <= $(nproc))) || share_cpus=--share-cpus
 else
 	jobs=1
 fi
@@ -109,7 +112,7 @@ run_once() {
 	for try in 1 2 3; do
 		left=$((deadline - SECONDS))
 		set +e
-		bin/govmm lab --if-needed --cpus "$l1cpus" --retries "${GUEST_TEST_L1_RETRIES:-3}" --timeout "${left}s" "${envs[@]}" -- \
+		bin/govmm lab --if-needed --cpus "$l1cpus" $share_cpus --retries "${GUEST_TEST_L1_RETRIES:-3}" --timeout "${left}s" "${envs[@]}" -- \
 			"$root/scripts/guest-tests.sh" --inside "$pkg" -run "^$t\$" -timeout "${left}s" >"$log" 2>&1
 		st=$?
 		set -e
@@ -135,11 +138,15 @@ run_once() {
 		st=1
 	fi
 	echo "$st $crashed" >"$log.result"
-	# The whole output at once, so that runs side by side do not mix.
+	# The whole output at once, under a lock, so that runs side by side
+	# do not mix.
 	{
-		[[ $crashed == 0 ]] || cat "${log%.log}".crashed-*.log
-		cat "$log"
-	} | sed "s|^|[$t${4:+ $4}] |"
+		flock 9
+		{
+			[[ $crashed == 0 ]] || cat "${log%.log}".crashed-*.log
+			cat "$log"
+		} | sed "s|^|[$t${4:+ $4}] |"
+	} 9>>"$logs/.print.lock"
 }
 
 # Every test ("package test"), then every run, in order: package, test,
@@ -159,10 +166,24 @@ if ((${#runs[@]} == 0)); then
 	echo "guest-tests: no real-guest test matches $run"
 	exit 1
 fi
-echo "guest-tests: ${#runs[@]} runs, $jobs at a time$( ((jobs > 1)) && echo ", each in an L1 of $l1cpus vCPU(s)" || true)"
+echo "guest-tests: ${#runs[@]} runs, $jobs at a time$( ((jobs > 1)) && echo ", each in an L1 of $l1cpus vCPU(s)${share_cpus:+ (the L1s share the host CPUs)}" || true)"
+
+# The runs in the order they start: the longest first (the lab's seconds
+# per test in clean-clone runs, 2026-12-02), so that L1s side by side end
+# together; the others after them, in order.
+ordered=()
+declare -A placed=()
+for slow in TakeoverEquals MigrateUnderLoad Fencing ReplicatedBoot DemoUserNet FailoverKeeps CommandOutput ''; do
+	for r in "${runs[@]}"; do
+		read -r pkg t rep <<<"$r"
+		[[ $t == TestGuest"$slow"* && -z ${placed[$r]:-} ]] || continue
+		placed[$r]=1
+		ordered+=("$r")
+	done
+done
 
 start=$SECONDS
-for r in "${runs[@]}"; do
+for r in "${ordered[@]}"; do
 	read -r pkg t rep <<<"$r"
 	while (($(jobs -rp | wc -l) >= jobs)); do
 		wait -n || true
