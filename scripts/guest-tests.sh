@@ -173,7 +173,7 @@ echo "guest-tests: ${#runs[@]} runs, $jobs at a time$( ((jobs > 1)) && echo ", e
 # together; the others after them, in order.
 ordered=()
 declare -A placed=()
-for slow in TakeoverEquals MigrateUnderLoad Fencing ReplicatedBoot DemoUserNet FailoverKeeps CommandOutput ''; do
+for slow in CommandOutput TakeoverEquals MigrateUnderLoad Fencing FailoverKeeps DemoUserNet ReplicatedBoot ''; do
 	for r in "${runs[@]}"; do
 		read -r pkg t rep <<<"$r"
 		[[ $t == TestGuest"$slow"* && -z ${placed[$r]:-} ]] || continue
