@@ -124,7 +124,8 @@ func Run(ctx context.Context, cfg Config) (int, error) {
 	}
 	// L1s side by side only while each vCPU has a host CPU of its own:
 	// sharing cores, they would share the timings the tests inside rely
-	// on (failure detection) too.
+	// on (failure detection) too. ShareCPUs is for L1s that keep one
+	// vCPU busy each (scripts/guest-tests.sh: two of them on two CPUs).
 	if !cfg.ShareCPUs {
 		unlock, err := lockCPUs(ctx, filepath.Join(cfg.CacheDir, "lab"), cfg.CPUs, runtime.NumCPU(), cfg.Log)
 		if err != nil {

@@ -10,9 +10,9 @@
 # first: each L1 keeps only its CPU 0 busy, so two of them share this
 # host's two CPUs and both work). When L1 itself dies (a panic of its
 # emulated kernel: a stack overflow inside kvm_amd's VMRUN path, seen with
-# 2 vCPUs unpinned, or with two guests at once on L1's two CPUs), govmm lab runs
-# that one test again, up to GUEST_TEST_L1_RETRIES times (default
-# 3), and one test's wreckage never reaches the next. A test that fails on
+# 2 vCPUs unpinned or with guests on both of L1's CPUs at once; an RCU
+# stall), govmm lab runs that one test again, up to GUEST_TEST_L1_RETRIES
+# times (default 3), and one test's wreckage never reaches the next. A test that fails on
 # its own is never retried, but for the lab's known guest crash (below).
 # Each run's output is printed whole when it ends, each line tagged with
 # its test. GOVMM_LAB_TRACE_KVM=1 has each failed test print L1's last
@@ -23,7 +23,7 @@
 #   -count    run each N times (soak), each run in an L1 of its own; a
 #             failed run does not stop the next; the summary counts them
 #   -timeout  for the whole run, every L1 boot included (default 47m: CI
-#             must end within 60, and its other parts take ~11 min; one
+#             must end within 60, and its other parts take 11-14 min; one
 #             L1 at a time, the lab part took 24 to 38 min in clean-clone
 #             runs on 2026-12-01 and 02; two at a time, 13 min on 02);
 #             Go duration units s, m or h
