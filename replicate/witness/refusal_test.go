@@ -3,19 +3,33 @@ package witness
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"io"
 	"net"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
 )
 
-func TestUnreachableAtStart(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+// refusingAddr is a loopback address that refuses connections: a TCP
+// socket bound to it but not listening, kept open until the test ends so
+// that no other test or process can take the port meanwhile (a CI run's
+// dial to a closed port timed out instead of being refused once: another
+// listener, it seems, had its port).
+func refusingAddr(t *testing.T) string {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	require.NoError(t, err)
-	addr := ln.Addr().String()
-	ln.Close()
+	t.Cleanup(func() { unix.Close(fd) })
+	require.NoError(t, unix.Bind(fd, &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}))
+	sa, err := unix.Getsockname(fd)
+	require.NoError(t, err)
+	return fmt.Sprintf("127.0.0.1:%d", sa.(*unix.SockaddrInet4).Port)
+}
+
+func TestUnreachableAtStart(t *testing.T) {
+	addr := refusingAddr(t)
 	c, err := NewClient(Config{Addr: addr, Key: testKey, VM: "vm0", Holder: "primary", Lease: 200 * time.Millisecond, RequestTimeout: time.Second, Logger: (&logBuf{}).logger()})
 	require.NoError(t, err)
 	// Long enough that a dial completes on a loaded host: the default
