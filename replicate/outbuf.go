@@ -117,6 +117,14 @@ func (b *OutputBuffer) SetReceiver(fn func([]byte) bool) { b.inner.SetReceiver(f
 // Start implements virtio.NetBackend.
 func (b *OutputBuffer) Start() error { return b.inner.Start() }
 
+// GuestReady passes the guest driver's readiness to the inner backend when
+// it wants it (virtio.GuestReadyNotifier).
+func (b *OutputBuffer) GuestReady() {
+	if r, ok := b.inner.(virtio.GuestReadyNotifier); ok {
+		r.GuestReady()
+	}
+}
+
 // Close implements virtio.NetBackend. Held output is discarded: it was
 // never acknowledged, so no client may see it.
 func (b *OutputBuffer) Close() error {

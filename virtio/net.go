@@ -191,7 +191,8 @@ func (n *Net) readConfig(off int, data []byte) {
 	}
 }
 
-// activate opens receive and tells the backend what the guest accepts.
+// activate opens receive and tells the backend what the guest accepts and
+// that it is ready.
 func (n *Net) activate(f uint64) {
 	n.rxMu.Lock()
 	n.rxOpen = true
@@ -202,6 +203,9 @@ func (n *Net) activate(f uint64) {
 		TSO6: f&netFGuestTSO6 != 0,
 		ECN:  f&netFGuestECN != 0,
 	})
+	if r, ok := n.backend.(GuestReadyNotifier); ok {
+		r.GuestReady()
+	}
 }
 
 func (n *Net) reset() {

@@ -25,6 +25,7 @@ type fakeBackend struct {
 	started  bool
 	closed   bool
 	offloads []Offloads
+	ready    int // GuestReady calls
 }
 
 func newFakeBackend(vnet bool) *fakeBackend {
@@ -52,6 +53,16 @@ func (b *fakeBackend) Close() error {
 	defer b.mu.Unlock()
 	b.closed = true
 	return nil
+}
+func (b *fakeBackend) GuestReady() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.ready++
+}
+func (b *fakeBackend) readyCalls() int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.ready
 }
 func (b *fakeBackend) SetOffloads(o Offloads) error {
 	b.mu.Lock()
@@ -270,6 +281,7 @@ func TestNetRXBeforeDriverOK(t *testing.T) {
 	mem := newTestMem(t)
 	_, be := newTestNet(t, mem, newFakeHost(), false)
 	assert.False(t, be.inject(testFrame(60)))
+	assert.Zero(t, be.readyCalls(), "guest ready before DRIVER_OK")
 }
 
 func TestNetFeatureDependencies(t *testing.T) {
@@ -284,6 +296,7 @@ func TestNetFeatureDependencies(t *testing.T) {
 
 func TestNetResetTellsBackend(t *testing.T) {
 	r := newNetRig(t, true, all)
+	assert.Equal(t, 1, r.be.readyCalls(), "DRIVER_OK tells the backend the guest is ready")
 	r.d.setStatus(0)
 	offs := r.be.lastOffloads()
 	assert.Equal(t, Offloads{}, offs[len(offs)-1])
@@ -318,7 +331,9 @@ func TestNetSaveRestore(t *testing.T) {
 	require.NoError(t, err)
 
 	n2, be2 := newTestNet(t, r.mem, r.host, false)
+	assert.Zero(t, be2.readyCalls())
 	require.NoError(t, n2.RestoreState(s))
+	assert.Equal(t, 1, be2.readyCalls(), "a restored DRIVER_OK tells the backend the guest is ready")
 	s2, err := n2.SaveState()
 	require.NoError(t, err)
 	assert.Equal(t, s, s2)

@@ -37,6 +37,17 @@ type Offloads struct {
 	Csum, TSO4, TSO6, ECN, UFO bool
 }
 
+// GuestReadyNotifier is implemented by backends that act on the guest's
+// driver being up: user networking accepts on its published ports only
+// then, so that a client arriving earlier (while the guest boots, or at a
+// standby before it takes over) waits in the host's listen queue instead
+// of having its relayed SYN dropped and retried a second later. The device
+// calls GuestReady when the driver sets DRIVER_OK and when a saved state
+// with DRIVER_OK is restored; a later reset does not undo it.
+type GuestReadyNotifier interface {
+	GuestReady()
+}
+
 // OffloadSetter is implemented by backends that can produce offloaded
 // frames (a TAP with IFF_VNET_HDR). The device calls SetOffloads when the
 // guest driver sets DRIVER_OK, and with the zero value on reset.

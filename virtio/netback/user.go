@@ -95,11 +95,19 @@ type User struct {
 
 	deliverDone chan struct{} // closed when the receive goroutine, started by Start, ends
 
+	// ready is closed by GuestReady (once: readyOnce): the published
+	// ports' accept loops wait for it.
+	ready     chan struct{}
+	readyOnce sync.Once
+
 	// Dropped counts frames the receiver refused.
 	dropped atomic.Uint64
 }
 
-var _ virtio.NetBackend = (*User)(nil)
+var (
+	_ virtio.NetBackend         = (*User)(nil)
+	_ virtio.GuestReadyNotifier = (*User)(nil)
+)
 
 // NewUser builds the netstack and listens on the published ports, failing if
 // one is taken. Frames flow once Start is called.
@@ -116,6 +124,7 @@ func NewUser(cfg UserConfig) (*User, error) {
 		log:         log.With("component", "netback", "backend", "user"),
 		conns:       make(map[io.Closer]struct{}),
 		deliverDone: make(chan struct{}),
+		ready:       make(chan struct{}),
 	}
 	u.ctx, u.cancel = context.WithCancel(context.Background())
 	ok := false
@@ -257,11 +266,20 @@ func (u *User) PublishedAddrs() []net.Addr {
 	return addrs
 }
 
+// GuestReady implements virtio.GuestReadyNotifier: the guest's driver
+// takes frames now, so the published ports start accepting.
+func (u *User) GuestReady() { u.readyOnce.Do(func() { close(u.ready) }) }
+
 // Dropped returns how many frames for the guest the receiver refused.
 func (u *User) Dropped() uint64 { return u.dropped.Load() }
 
 // Start implements virtio.NetBackend: it starts delivering frames to the
-// receiver and accepting connections on the published ports.
+// receiver, and accepting connections on the published ports once the
+// guest is ready (GuestReady). Until then a client's connection waits in
+// the host's listen queue: relayed now, its SYN would be dropped by a
+// guest that cannot take frames yet, and netstack would send it again
+// only a second later (its initial retransmission timeout), then after 2,
+// 4, ... more.
 func (u *User) Start() error {
 	u.mu.Lock()
 	defer u.mu.Unlock()

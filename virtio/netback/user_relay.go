@@ -25,9 +25,15 @@ import (
 	"gvisor.dev/gvisor/pkg/waiter"
 )
 
-// acceptLoop dials the guest for every connection on a published port.
+// acceptLoop dials the guest for every connection on a published port,
+// from when the guest is ready (GuestReady) on.
 func (u *User) acceptLoop(l net.Listener, p Publish) {
 	defer u.wg.Done()
+	select {
+	case <-u.ready:
+	case <-u.ctx.Done():
+		return
+	}
 	for {
 		hc, err := l.Accept()
 		if err != nil {

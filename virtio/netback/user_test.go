@@ -3,14 +3,12 @@ package netback
 import (
 	"context"
 	"errors"
-	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/http"
 	"net/netip"
 	"runtime"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -45,9 +43,19 @@ type testGuest struct {
 	done   chan struct{}
 }
 
-// newUserWithGuest starts a User with cfg wired to a test guest, and closes
-// both when t ends.
+// newUserWithGuest starts a User with cfg wired to a test guest whose
+// driver is ready, and closes both when t ends.
 func newUserWithGuest(t *testing.T, cfg UserConfig) (*User, *testGuest) {
+	t.Helper()
+	u, g := newGuestUser(t, cfg, nil)
+	u.GuestReady()
+	return u, g
+}
+
+// newGuestUser is newUserWithGuest without GuestReady; a guest with takes
+// set refuses (drops) the frames that arrive while takes says false, as a
+// virtio-net device does before its driver is up.
+func newGuestUser(t *testing.T, cfg UserConfig, takes func() bool) (*User, *testGuest) {
 	t.Helper()
 	if cfg.GuestMAC == nil {
 		cfg.GuestMAC = testGuestMAC
@@ -72,6 +80,9 @@ func newUserWithGuest(t *testing.T, cfg UserConfig) (*User, *testGuest) {
 	g.st.SetRouteTable([]tcpip.Route{{Destination: emptySubnet(), Gateway: gatewayAddr, NIC: nicID}})
 
 	u.SetReceiver(func(frame []byte) bool {
+		if takes != nil && !takes() {
+			return false
+		}
 		return g.link.inject(frame) == nil
 	})
 	var ctx context.Context
@@ -141,57 +152,6 @@ func testLogger(t *testing.T) *slog.Logger {
 
 func noProxyClient() *http.Client {
 	return &http.Client{Transport: &http.Transport{Proxy: nil}, Timeout: 10 * time.Second}
-}
-
-func TestUserPublishHTTP(t *testing.T) {
-	u, g := newUserWithGuest(t, UserConfig{Publish: []Publish{{GuestPort: 80}}})
-	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		fmt.Fprintf(w, "hello from %s", r.Host)
-	})}
-	l, err := gonet.ListenTCP(g.st, tcpip.FullAddress{NIC: nicID, Port: 80}, ipv4.ProtocolNumber)
-	require.NoError(t, err)
-	go srv.Serve(l)
-	t.Cleanup(func() { srv.Close() })
-
-	addr := u.PublishedAddrs()[0].String()
-	require.True(t, strings.HasPrefix(addr, "127.0.0.1:"), addr)
-	client := noProxyClient()
-	defer client.CloseIdleConnections()
-	for range 3 { // several connections, one after another
-		resp, err := client.Get("http://" + addr + "/healthz")
-		require.NoError(t, err)
-		b, err := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		require.NoError(t, err)
-		assert.Equal(t, "hello from "+addr, string(b))
-	}
-}
-
-func TestUserPublishHalfClose(t *testing.T) {
-	u, g := newUserWithGuest(t, UserConfig{Publish: []Publish{{GuestPort: 7}}})
-	g.serve(t, 7, echoUpper)
-
-	c, err := net.Dial("tcp", u.PublishedAddrs()[0].String())
-	require.NoError(t, err)
-	defer c.Close()
-	payload := strings.Repeat("abc", 100_000) // several windows' worth
-	_, err = c.Write([]byte(payload))
-	require.NoError(t, err)
-	require.NoError(t, c.(*net.TCPConn).CloseWrite())
-	b, err := io.ReadAll(c)
-	require.NoError(t, err)
-	assert.Equal(t, strings.ToUpper(payload), string(b))
-}
-
-func TestUserPublishGuestNotListening(t *testing.T) {
-	u, _ := newUserWithGuest(t, UserConfig{Publish: []Publish{{GuestPort: 81}}})
-	c, err := net.Dial("tcp", u.PublishedAddrs()[0].String())
-	require.NoError(t, err)
-	defer c.Close()
-	require.NoError(t, c.SetReadDeadline(time.Now().Add(10*time.Second)))
-	n, err := c.Read(make([]byte, 1))
-	assert.Zero(t, n)
-	assert.ErrorIs(t, err, io.EOF, "the host client sees its connection closed")
 }
 
 func TestUserOutboundToHost(t *testing.T) {
@@ -356,22 +316,6 @@ func TestUserAnswersPing(t *testing.T) {
 	assert.Equal(t, uint16(0x1234), r.Ident())
 	assert.Equal(t, uint16(7), r.Sequence())
 	assert.Equal(t, "ping", string(r.Payload()))
-}
-
-func TestUserPublishPortTaken(t *testing.T) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	defer l.Close()
-	port := uint16(l.Addr().(*net.TCPAddr).Port)
-
-	u, err := NewUser(UserConfig{Publish: []Publish{{GuestPort: 80}, {HostPort: port, GuestPort: 80}}, Logger: testLogger(t)})
-	assert.Nil(t, u)
-	require.EqualError(t, err, "publish 127.0.0.1:"+strconv.Itoa(int(port))+": address already in use")
-
-	// The first listener was released on failure: its port can be taken again.
-	u, err = NewUser(UserConfig{Publish: []Publish{{HostAddr: "127.0.0.1", HostPort: 0, GuestPort: 80}}, Logger: testLogger(t)})
-	require.NoError(t, err)
-	require.NoError(t, u.Close())
 }
 
 func TestUserConfigErrors(t *testing.T) {
