@@ -207,8 +207,13 @@ func failoverGuestTrial(ctx context.Context, cfg FailoverGuestConfig, dir, keyFi
 		return s, err
 	}
 	standby := fmt.Sprintf("http://127.0.0.1:%d", ports[2])
-	quick := &http.Client{Timeout: 500 * time.Millisecond}
-	if err := awaitHealthy(ctx, quick, standby, sb, 5*time.Millisecond, t0.Add(3*time.Minute)); err != nil {
+	// A client that waits: the standby's port takes its connection from
+	// the start and relays it once the guest runs there, so a short
+	// per-try timeout would measure the timeout (a try given up at 500 ms
+	// that would have been answered at 600 ms), not the failover. A try
+	// refused or reset retries after 5 ms.
+	patient := &http.Client{Timeout: 5 * time.Second}
+	if err := awaitHealthy(ctx, patient, standby, sb, 5*time.Millisecond, t0.Add(3*time.Minute)); err != nil {
 		return s, fmt.Errorf("standby, after the primary's %v: %w", sig, err)
 	}
 	s.Answer = time.Since(t0)
@@ -311,7 +316,7 @@ func (r *FailoverGuestResult) Report() string {
 	fmt.Fprintf(&b, "%s\n\nGuest: the default guest (256 MiB, one vCPU, a 64 MiB disk), booted anew for each trial under `govmm run --replicate-to` with a `govmm standby`, "+
 		"both with `--net user` and the demo service published on a host port of each, `--failover-timeout %v` and a pre-shared key; *witness* trials add `--witness` "+
 		"(a `govmm witness` on loopback) with `--witness-lease %v`. After 20 POST /incr on the primary, its process group is SIGKILLed or SIGSTOPped and GET /healthz "+
-		"is polled on the standby's port (500 ms timeout per try, every 5 ms) until it answers. *takeover* and *claim* are what the standby logs. Raw data `failover_guest.csv`, plot `failover_guest.png`.\n\n",
+		"is polled on the standby's port (5 s timeout per try, again 5 ms after a try that fails) until it answers. *takeover* and *claim* are what the standby logs. Raw data `failover_guest.csv`, plot `failover_guest.png`.\n\n",
 		r.platform(), r.Config.Timeout, r.Config.Timeout)
 	if len(r.Merged) > 0 {
 		fmt.Fprintf(&b, "Merged from %d runs, each in an L1 of its own (in the lab an L1 may die before a long run ends): `%s`.\n\n",
