@@ -58,6 +58,10 @@ type FailoverSample struct {
 	Takeover time.Duration
 	Epoch    uint64
 	Cause    string
+	// Running is, where measured (failover-guest), from the signal until
+	// the standby's log says it took over: its detection of the loss and
+	// the takeover. The rest of Answer is the client reaching the guest.
+	Running time.Duration
 }
 
 // FailoverResult is everything the suite measured.

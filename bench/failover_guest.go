@@ -206,6 +206,13 @@ func failoverGuestTrial(ctx context.Context, cfg FailoverGuestConfig, dir, keyFi
 	if err := prim.signal(sig); err != nil {
 		return s, err
 	}
+	running := make(chan time.Duration, 1)
+	go func() {
+		if waitFor(ctx, sb.stderr, sb.exited, "took over at checkpoint", 3*time.Minute) == nil {
+			running <- time.Since(t0)
+		}
+		close(running)
+	}()
 	standby := fmt.Sprintf("http://127.0.0.1:%d", ports[2])
 	// A client that waits: the standby's port takes its connection from
 	// the start and relays it once the guest runs there, so a short
@@ -217,6 +224,10 @@ func failoverGuestTrial(ctx context.Context, cfg FailoverGuestConfig, dir, keyFi
 		return s, fmt.Errorf("standby, after the primary's %v: %w", sig, err)
 	}
 	s.Answer = time.Since(t0)
+	select { // the line comes before the answer, give or take the poll
+	case s.Running = <-running:
+	case <-time.After(5 * time.Second):
+	}
 	s.readStandbyLog(sb.stderr.String())
 	return s, nil
 }
@@ -273,7 +284,7 @@ func (r *FailoverGuestResult) write(dir string) error {
 	var rows [][]string
 	for _, s := range r.Samples {
 		rows = append(rows, []string{s.Mode, strconv.FormatBool(s.Witness), strconv.Itoa(s.Trial), ftoa(msOf(s.Answer), 3),
-			ftoa(msOf(s.Takeover), 3), ftoa(msOf(s.Claim), 3), strconv.FormatUint(s.Epoch, 10), s.Cause, ftoa(msOf(s.Timeout), 0)})
+			ftoa(msOf(s.Takeover), 3), ftoa(msOf(s.Claim), 3), strconv.FormatUint(s.Epoch, 10), s.Cause, ftoa(msOf(s.Timeout), 0), ftoa(msOf(s.Running), 3)})
 	}
 	if err := writeCSV(filepath.Join(dir, failoverGuestCSV), failoverGuestColumns, rows); err != nil {
 		return err
@@ -316,19 +327,23 @@ func (r *FailoverGuestResult) Report() string {
 	fmt.Fprintf(&b, "%s\n\nGuest: the default guest (256 MiB, one vCPU, a 64 MiB disk), booted anew for each trial under `govmm run --replicate-to` with a `govmm standby`, "+
 		"both with `--net user` and the demo service published on a host port of each, `--failover-timeout %v` and a pre-shared key; *witness* trials add `--witness` "+
 		"(a `govmm witness` on loopback) with `--witness-lease %v`. After 20 POST /incr on the primary, its process group is SIGKILLed or SIGSTOPped and GET /healthz "+
-		"is polled on the standby's port (5 s timeout per try, again 5 ms after a try that fails) until it answers. *takeover* and *claim* are what the standby logs. Raw data `failover_guest.csv`, plot `failover_guest.png`.\n\n",
+		"is polled on the standby's port (5 s timeout per try, again 5 ms after a try that fails) until it answers. *running* is from the signal until the standby's log says it took over (its detection of the loss, then the takeover; the bench reads the log as it comes, every 2 ms), *reach* the rest of the first answer: the client reaching the resumed guest. *takeover* and *claim* are what the standby logs. Raw data `failover_guest.csv`, plot `failover_guest.png`.\n\n",
 		r.platform(), r.Config.Timeout, r.Config.Timeout)
 	if len(r.Merged) > 0 {
 		fmt.Fprintf(&b, "Merged from %d runs, each in an L1 of its own (in the lab an L1 may die before a long run ends): `%s`.\n\n",
 			len(r.Merged), strings.Join(r.Merged, "`, `"))
 	}
-	b.WriteString("| mode | witness | trials | first answer median ms | min | max | takeover median ms | claim median ms |\n|---|---|---|---|---|---|---|---|\n")
+	b.WriteString("| mode | witness | trials | first answer median ms | min | max | running median ms | reach median ms | takeover median ms | claim median ms |\n|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, mode := range []string{FailKill, FailStop} {
 		for _, w := range []bool{false, true} {
-			var a, tk, cl []float64
+			var a, run, reach, tk, cl []float64
 			for _, s := range r.Samples {
 				if s.Mode == mode && s.Witness == w {
 					a = append(a, msOf(s.Answer))
+					if s.Running > 0 {
+						run = append(run, msOf(s.Running))
+						reach = append(reach, msOf(s.Answer-s.Running))
+					}
 					tk = append(tk, msOf(s.Takeover))
 					cl = append(cl, msOf(s.Claim))
 				}
@@ -341,7 +356,8 @@ func (r *FailoverGuestResult) Report() string {
 				yes = "yes"
 			}
 			sa := Summarize(a)
-			fmt.Fprintf(&b, "| %s | %s | %d | %.0f | %.0f | %.0f | %.0f | %.0f |\n", mode, yes, sa.N, sa.Median, sa.Min, sa.Max, Summarize(tk).Median, Summarize(cl).Median)
+			fmt.Fprintf(&b, "| %s | %s | %d | %.0f | %.0f | %.0f | %s | %s | %.0f | %.0f |\n", mode, yes, sa.N, sa.Median, sa.Min, sa.Max,
+				medianOrNone(run), medianOrNone(reach), Summarize(tk).Median, Summarize(cl).Median)
 		}
 	}
 	if len(r.Failed) > 0 {
@@ -369,7 +385,7 @@ func (r *FailoverGuestResult) platform() string {
 	return platform()
 }
 
-var failoverGuestColumns = []string{"mode", "witness", "trial", "answer_ms", "takeover_ms", "claim_ms", "resumed_epoch", "cause", "timeout_ms"}
+var failoverGuestColumns = []string{"mode", "witness", "trial", "answer_ms", "takeover_ms", "claim_ms", "resumed_epoch", "cause", "timeout_ms", "running_ms"}
 
 // MergeFailoverGuest reads the failover-guest results of several runs
 // (each dir a run's results directory) into one result, written to out:
@@ -439,8 +455,8 @@ func readFailoverGuestCSV(path string) ([]FailoverSample, error) {
 	var out []FailoverSample
 	for i, r := range rows[1:] {
 		var s FailoverSample
-		var ms [4]float64
-		for j, col := range []int{3, 4, 5, 8} {
+		var ms [5]float64
+		for j, col := range []int{3, 4, 5, 8, 9} {
 			if ms[j], err = strconv.ParseFloat(r[col], 64); err != nil {
 				return nil, fmt.Errorf("%s: row %d: %s: %w", path, i+2, failoverGuestColumns[col], err)
 			}
@@ -449,10 +465,19 @@ func readFailoverGuestCSV(path string) ([]FailoverSample, error) {
 		s.Witness = r[1] == "true"
 		s.Trial, _ = strconv.Atoi(r[2])
 		s.Epoch, _ = strconv.ParseUint(r[6], 10, 64)
-		s.Answer, s.Takeover, s.Claim, s.Timeout = fromMs(ms[0]), fromMs(ms[1]), fromMs(ms[2]), fromMs(ms[3])
+		s.Answer, s.Takeover, s.Claim, s.Timeout, s.Running = fromMs(ms[0]), fromMs(ms[1]), fromMs(ms[2]), fromMs(ms[3]), fromMs(ms[4])
 		out = append(out, s)
 	}
 	return out, nil
 }
 
 func fromMs(ms float64) time.Duration { return time.Duration(ms * float64(time.Millisecond)) }
+
+// medianOrNone is the median of v in whole ms, or "-" where nothing was
+// measured.
+func medianOrNone(v []float64) string {
+	if len(v) == 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%.0f", Summarize(v).Median)
+}

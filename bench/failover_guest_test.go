@@ -19,7 +19,7 @@ func TestMergeFailoverGuest(t *testing.T) {
 		r := &FailoverGuestResult{Failed: failed, Platform: "**Lab numbers**: test"}
 		for i, a := range answers {
 			r.Samples = append(r.Samples, FailoverSample{Mode: FailKill, Witness: i%2 == 1, Trial: 1, Timeout: timeout,
-				Answer: a, Takeover: a / 2, Claim: a / 4, Epoch: uint64(100 + i), Cause: "connection lost"})
+				Answer: a, Takeover: a / 2, Claim: a / 4, Running: a * 3 / 4, Epoch: uint64(100 + i), Cause: "connection lost"})
 		}
 		d := filepath.Join(dir, name)
 		require.NoError(t, os.MkdirAll(d, 0o755))
@@ -47,7 +47,8 @@ func TestMergeFailoverGuest(t *testing.T) {
 	rep := r.Report()
 	require.Contains(t, rep, "Merged from 3 runs")
 	require.Contains(t, rep, "**Lab numbers**: test", "where the runs ran, not where they were merged")
-	require.Contains(t, rep, "| sigkill | no | 2 | 1000 | 900 | 1100 |", "the median of 900 and 1100 ms")
+	require.Contains(t, rep, "| sigkill | no | 2 | 1000 | 900 | 1100 | 750 | 250 |", "the medians of 900 and 1100 ms, running 3/4 of them")
+	require.Equal(t, 825*time.Millisecond, r.Samples[2].Running, "running read back")
 	for _, f := range []string{failoverGuestCSV, failoverGuestFailed, "failover_guest.png"} {
 		require.FileExists(t, filepath.Join(out, f))
 	}
