@@ -52,10 +52,11 @@ func TestUserPublishWaitsForGuestReady(t *testing.T) {
 	var up atomic.Bool
 	var refused atomic.Int32
 	u, g := newGuestUser(t, UserConfig{Publish: []Publish{{GuestPort: 7}}}, func() bool {
-		if !up.Load() {
+		ok := up.Load()
+		if !ok {
 			refused.Add(1)
 		}
-		return up.Load()
+		return ok
 	})
 	var accepted atomic.Int32
 	g.serve(t, 7, func(c net.Conn) {
