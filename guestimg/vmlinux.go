@@ -10,6 +10,8 @@ import (
 	"fmt"
 	"io"
 	"os/exec"
+
+	"github.com/klauspost/compress/zstd"
 )
 
 // Offsets in the bzImage setup header (Documentation/arch/x86/boot.rst).
@@ -32,7 +34,8 @@ var ErrNoPayload = errors.New("bzImage has no usable compressed payload")
 // codec its magic names. Debian's kernels are compressed with xz
 // (CONFIG_KERNEL_XZ), with the x86 BCJ filter, which pure-Go xz readers do
 // not implement: xz payloads go through the host's xz (the builder needs
-// it already for compressed modules). gzip is decoded here.
+// it already for compressed modules). gzip and zstd (Ubuntu's kernels)
+// are decoded here.
 func ExtractVmlinux(ctx context.Context, bz []byte) ([]byte, error) {
 	if len(bz) < 0x260 || string(bz[hdrMagic:hdrMagic+4]) != "HdrS" {
 		return nil, fmt.Errorf("%w: no setup header", ErrNoPayload)
@@ -72,8 +75,16 @@ func ExtractVmlinux(ctx context.Context, bz []byte) ([]byte, error) {
 			r.Multistream(false)
 			out, err = io.ReadAll(r)
 		}
+	case bytes.HasPrefix(payload, []byte{0x28, 0xb5, 0x2f, 0xfd}) && len(payload) > 4:
+		// The kernel appends the uncompressed size (4 bytes) after the
+		// frame.
+		var d *zstd.Decoder
+		if d, err = zstd.NewReader(nil, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxWindow(1<<30)); err == nil {
+			out, err = d.DecodeAll(payload[:len(payload)-4], nil)
+			d.Close()
+		}
 	default:
-		return nil, fmt.Errorf("%w: unknown codec (magic % x); xz and gzip are supported", ErrNoPayload, payload[:min(6, len(payload))])
+		return nil, fmt.Errorf("%w: unknown codec (magic % x); xz, gzip and zstd are supported", ErrNoPayload, payload[:min(6, len(payload))])
 	}
 	if err != nil {
 		return nil, fmt.Errorf("%w: decompress: %w", ErrNoPayload, err)

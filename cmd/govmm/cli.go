@@ -285,6 +285,11 @@ func writeAttr(b *strings.Builder, group string, a slog.Attr) {
 // same values again and opens what they name.
 func (f *runFlags) check(fs *flag.FlagSet) error {
 	cmd := fs.Name()
+	switch f.kernelEntry {
+	case "auto", "pvh", "bzimage", "":
+	default:
+		return usagef(cmd, "--kernel-entry %s: want auto, pvh or bzimage", showArg(f.kernelEntry))
+	}
 	if f.epochMax != 0 && f.epochMax < f.epoch {
 		return usagef(cmd, "--epoch-max %v is below --epoch %v", f.epochMax, f.epoch)
 	}

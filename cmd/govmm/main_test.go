@@ -117,6 +117,8 @@ func TestRunBadInput(t *testing.T) {
 		{"memory beyond host", append(base, "--mem", "100T"), 1, "more than this host has"},
 		{"missing disk", append(base, "--disk", "/nonexistent.img"), 1, "--disk /nonexistent.img"},
 		{"tap name", append(base, "--net", "tap:waytoolongname12345"), 1, "tap waytoolongname12345"},
+		// The tiny kernel's payload is no compressed vmlinux.
+		{"no PVH kernel", append(base, "--kernel-entry", "pvh"), 1, "--kernel-entry pvh: " + k + ": no PVH kernel: bzImage has no usable compressed payload"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -126,6 +128,19 @@ func TestRunBadInput(t *testing.T) {
 			requireNoTrace(t, errOut)
 			require.Equal(t, 1, strings.Count(strings.TrimSpace(errOut), "\n")+1, "one line: %q", errOut)
 		})
+	}
+}
+
+// A vmlinux has only its PVH entry: asking for the bzImage's is an error;
+// auto and pvh take it as it is.
+func TestPVHKernelOfVmlinux(t *testing.T) {
+	elfKernel := []byte("\x7fELF not parsed here")
+	_, err := pvhKernel("k.elf", elfKernel, "bzimage")
+	require.ErrorContains(t, err, "--kernel-entry bzimage: k.elf is a vmlinux (ELF), which has only its PVH entry")
+	for _, entry := range []string{"auto", "pvh"} {
+		k, err := pvhKernel("k.elf", elfKernel, entry)
+		require.NoError(t, err)
+		require.Equal(t, elfKernel, k)
 	}
 }
 

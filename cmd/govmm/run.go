@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"os/signal"
 	"strings"
@@ -66,6 +67,7 @@ Flags:
 // runFlags are the flags of govmm run.
 type runFlags struct {
 	kernel, initrd, cmdline string
+	kernelEntry             string // run --kernel-entry: auto, pvh or bzimage
 	cmdlineBase             string // run --cmdline-base
 	mem                     string
 	cpus                    int
@@ -112,7 +114,8 @@ func (l *listFlag) String() string     { return strings.Join(*l, ",") }
 func (l *listFlag) Set(s string) error { *l = append(*l, s); return nil }
 
 func (f *runFlags) register(fs *flag.FlagSet) {
-	fs.StringVar(&f.kernel, "kernel", "", "bzImage to boot (default: the default guest image's kernel)")
+	fs.StringVar(&f.kernel, "kernel", "", "kernel to boot: a bzImage, or a vmlinux (ELF) with a PVH entry (default: the default guest image's vmlinux)")
+	fs.StringVar(&f.kernelEntry, "kernel-entry", "auto", "how a bzImage is entered: `auto|pvh|bzimage`; pvh enters its uncompressed kernel through PVH, skipping the decompressor in the guest (extracted once, kept in the cache: the guest image's cache directory's pvh/; no KASLR, as with any PVH boot), bzimage runs its own decompressor, auto is pvh where the kernel has a PVH entry (CONFIG_PVH) and bzimage where not (GOVMM_LOG=info says why). A vmlinux has only its PVH entry")
 	fs.StringVar(&f.initrd, "initrd", "", "initramfs (default: the default guest image's)")
 	fs.StringVar(&f.cmdline, "cmdline", "", "appended to the kernel command line")
 	fs.StringVar(&f.cmdlineBase, "cmdline-base", vmm.DefaultCmdline, "the kernel command line before what govmm and --cmdline add; the default's tuning (pci=noearly quiet) saves boot time, see docs/BOOT.md")
@@ -294,7 +297,7 @@ func cmdRun(args []string) error {
 // InitrdAppend: the mapped initramfs is not copied to append it), and the
 // start of the kernel command line.
 func bootFiles(f *runFlags, command []string) (kernel, initrd, initrdAppend []byte, cmdline string, err error) {
-	kernel, initrd, err = loadImage(f.kernel, f.initrd)
+	kernel, initrd, err = loadImage(f.kernel, f.initrd, f.kernelEntry)
 	if err != nil {
 		return nil, nil, nil, "", err
 	}
@@ -401,8 +404,9 @@ func argsHadDashDash(args, rest []string) bool {
 }
 
 // loadImage reads the kernel and initramfs, building the default image
-// for whichever was not given.
-func loadImage(kernelPath, initrdPath string) (kernel, initrd []byte, err error) {
+// for whichever was not given. A bzImage is swapped for its uncompressed
+// kernel, entered through PVH, as entry says (pvhKernel).
+func loadImage(kernelPath, initrdPath, entry string) (kernel, initrd []byte, err error) {
 	if kernelPath == "" || initrdPath == "" {
 		img, err := defaultImage()
 		if err != nil {
@@ -423,10 +427,51 @@ func loadImage(kernelPath, initrdPath string) (kernel, initrd []byte, err error)
 	if err := vmm.CheckKernel(kernel); err != nil {
 		return nil, nil, fmt.Errorf("kernel %s: %w", kernelPath, err)
 	}
+	if kernel, err = pvhKernel(kernelPath, kernel, entry); err != nil {
+		return nil, nil, err
+	}
 	if initrd, err = mapFile(initrdPath); err != nil {
 		return nil, nil, fmt.Errorf("initrd: %w", err)
 	}
 	return kernel, initrd, nil
+}
+
+// pvhKernel returns the kernel to boot for the file at path (its bytes,
+// checked by vmm.CheckKernel) under --kernel-entry entry: for a bzImage
+// and auto or pvh, its uncompressed kernel from the cache
+// (guestimg.PVHKernel), made on first use. The guest's own decompressor
+// costs seconds of an emulated boot (docs/BOOT.md); the packed vmlinux
+// is bigger to load, but loading is the VMM's copy, not the guest's work.
+// auto falls back to the bzImage's own entry when there is no PVH kernel
+// (no PVH note, a codec not known here, an unwritable cache), saying why
+// at info level; pvh makes that an error.
+func pvhKernel(path string, kernel []byte, entry string) ([]byte, error) {
+	if vmm.IsELF(kernel) {
+		if entry == "bzimage" {
+			return nil, fmt.Errorf("--kernel-entry bzimage: %s is a vmlinux (ELF), which has only its PVH entry", path)
+		}
+		return kernel, nil
+	}
+	if entry == "bzimage" {
+		return kernel, nil
+	}
+	accept := func(k []byte) error { _, err := vmm.ParseELFKernel(k); return err }
+	p, err := guestimg.PVHKernel(context.Background(), guestimg.DefaultCacheDir(), path, kernel, accept)
+	if err == nil {
+		var k []byte
+		if k, err = mapFile(p); err == nil {
+			err = vmm.CheckKernel(k)
+		}
+		if err == nil {
+			slog.Info("kernel: the bzImage's uncompressed kernel, entered through PVH", "bzImage", path, "vmlinux", p)
+			return k, nil
+		}
+	}
+	if entry == "pvh" {
+		return nil, fmt.Errorf("--kernel-entry pvh: %s: %w", path, err)
+	}
+	slog.Info("kernel: the bzImage through its own entry and decompressor", "bzImage", path, "why", err)
+	return kernel, nil
 }
 
 // mapFile maps a file read-only for the life of the process: a boot copies
