@@ -302,6 +302,8 @@ const (
 	CapXsave2                 = 208
 	CapPMUCapability          = 212
 	CapDirtyLogRing           = 192
+	CapCoalescedMMIO          = 15 // its value is the ring's page offset in the vCPU's mapping
+	CapCoalescedPIO           = 162
 	CapDirtyLogRingAcqRel     = 223
 )
 
@@ -320,6 +322,30 @@ const (
 	dirtyGFNDirty = 1 << 0
 	dirtyGFNReset = 1 << 1
 )
+
+// coalescedZone is struct kvm_coalesced_mmio_zone: a range of MMIO
+// addresses or, with PIO set, I/O ports whose writes KVM queues in the
+// coalesced ring instead of exiting.
+type coalescedZone struct {
+	Addr uint64
+	Size uint32
+	PIO  uint32
+}
+
+// CoalescedIO is struct kvm_coalesced_mmio: one write KVM queued in the
+// coalesced ring (PIO 1: to an I/O port).
+type CoalescedIO struct {
+	Addr uint64
+	Len  uint32
+	PIO  uint32
+	Data [8]byte
+}
+
+// coalescedRingHeader is the head of struct kvm_coalesced_mmio_ring:
+// KVM appends at Last, the VMM takes from First; the entries follow.
+type coalescedRingHeader struct {
+	First, Last uint32
+}
 
 // DirtyLogPageOffset is where, in pages, a vCPU's dirty ring sits in the
 // vCPU fd's mmap space (KVM_DIRTY_LOG_PAGE_OFFSET on x86).

@@ -137,6 +137,16 @@ func TestABI(t *testing.T) {
 		"kvm_stats_desc.offset":                       unsafe.Offsetof(statsDesc{}.Offset),
 		"kvm_stats_desc.bucket_size":                  unsafe.Offsetof(statsDesc{}.BucketSize),
 		"kvm_stats_desc.name":                         unsafe.Sizeof(statsDesc{}),
+		"kvm_coalesced_mmio_zone":                     unsafe.Sizeof(coalescedZone{}),
+		"kvm_coalesced_mmio_zone.size":                unsafe.Offsetof(coalescedZone{}.Size),
+		"kvm_coalesced_mmio_zone.pio":                 unsafe.Offsetof(coalescedZone{}.PIO),
+		"kvm_coalesced_mmio":                          unsafe.Sizeof(CoalescedIO{}),
+		"kvm_coalesced_mmio.len":                      unsafe.Offsetof(CoalescedIO{}.Len),
+		"kvm_coalesced_mmio.pio":                      unsafe.Offsetof(CoalescedIO{}.PIO),
+		"kvm_coalesced_mmio.data":                     unsafe.Offsetof(CoalescedIO{}.Data),
+		"kvm_coalesced_mmio_ring":                     unsafe.Sizeof(coalescedRingHeader{}),
+		"kvm_coalesced_mmio_ring.last":                unsafe.Offsetof(coalescedRingHeader{}.Last),
+		"kvm_coalesced_mmio_ring.coalesced_mmio":      unsafe.Sizeof(coalescedRingHeader{}),
 		"kvm_dirty_gfn.slot":                          unsafe.Offsetof(DirtyGFN{}.Slot),
 		"kvm_dirty_gfn.offset":                        unsafe.Offsetof(DirtyGFN{}.Offset),
 
@@ -195,7 +205,7 @@ func TestABI(t *testing.T) {
 		"KVM_GET_XSAVE": kvmGetXsave, "KVM_SET_XSAVE": kvmSetXsave, "KVM_GET_XCRS": kvmGetXCRs,
 		"KVM_SET_XCRS": kvmSetXCRs, "KVM_GET_TSC_KHZ": kvmGetTSCKHz, "KVM_SET_TSC_KHZ": kvmSetTSCKHz, "KVM_GET_XSAVE2": kvmGetXsave2,
 		"KVM_X86_SET_MSR_FILTER": kvmX86SetMSRFilter, "KVM_GET_STATS_FD": kvmGetStatsFD,
-		"KVM_RESET_DIRTY_RINGS": kvmResetDirtyRings,
+		"KVM_RESET_DIRTY_RINGS": kvmResetDirtyRings, "KVM_REGISTER_COALESCED_MMIO": kvmRegisterCoalesced,
 	}
 	for name, w := range ioctls {
 		got, ok := k[name]
@@ -223,7 +233,9 @@ func TestABI(t *testing.T) {
 		"KVM_DIRTY_LOG_PAGE_OFFSET": DirtyLogPageOffset, "KVM_EXIT_DIRTY_RING_FULL": uint64(ExitDirtyRingFull),
 		"KVM_DIRTY_GFN_F_DIRTY": dirtyGFNDirty, "KVM_DIRTY_GFN_F_RESET": dirtyGFNReset,
 		"KVM_CAP_SYNC_REGS": CapSyncRegs, "KVM_SYNC_X86_REGS": syncX86Regs, "KVM_SYNC_X86_SREGS": syncX86Sregs,
-		"KVM_SYNC_X86_EVENTS": syncX86Events,
+		"KVM_SYNC_X86_EVENTS":    syncX86Events,
+		"KVM_CAP_COALESCED_MMIO": CapCoalescedMMIO, "KVM_CAP_COALESCED_PIO": CapCoalescedPIO,
+		"KVM_COALESCED_MMIO_PAGE_OFFSET": coalescedPageOffset,
 	}
 	for name, w := range consts {
 		assert.Equal(t, k[name], w, name)

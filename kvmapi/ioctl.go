@@ -44,6 +44,7 @@ var (
 	kvmIRQLine             = iow(0x61, 8)
 	kvmGetIRQChip          = iowr(0x62, 520)
 	kvmSetIRQChip          = ior(0x63, 520)
+	kvmRegisterCoalesced   = iow(0x67, 16)
 	kvmCreatePIT2          = iow(0x77, 64)
 	kvmIOEventFD           = iow(0x79, 64)
 	kvmSetClock            = iow(0x7b, 48)

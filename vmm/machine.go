@@ -132,6 +132,8 @@ type Machine struct {
 
 	stwMu sync.Mutex // one stop-the-world operation at a time (WithPaused)
 
+	coal coalescer // KVM's queue of writes to latch ports (coalesced.go)
+
 	tracking atomic.Bool // a dirty tracker is open (TrackDirty)
 	ring     dirtyRings  // the vCPUs' dirty rings, when DirtyTracking() is DirtyRing
 }
@@ -246,6 +248,7 @@ func (m *Machine) build() error {
 	if err := m.vm.CreatePIT2(kvmapi.PITSpeakerDummy); err != nil {
 		return fmt.Errorf("create pit: %w", err)
 	}
+	m.setupCoalescedPIO()
 
 	return m.addLegacyDevices()
 }

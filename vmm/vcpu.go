@@ -51,6 +51,9 @@ type vcpu struct {
 	// KVM_RUN every ringTickEvery of its CPU time, to look at the rings
 	// (cputimer.go); its own thread's only.
 	ringTick *cpuTimer
+	// coal is the machine's coalesced ring through this vCPU's mapping
+	// (coalesced.go), nil without it; drained under the machine's lock.
+	coal *kvmapi.CoalescedRing
 
 	exits [kvmapi.NumExitReasons]atomic.Uint64 // exits that reached run, by reason
 	stats atomic.Pointer[kvmapi.Stats]         // KVM's own counters; nil before 5.14
@@ -112,6 +115,11 @@ func (c *vcpu) setup() error {
 	}
 	c.fd = fd
 	c.fdp.Store(fd)
+	if c.m.coal.on {
+		if c.coal = fd.CoalescedRing(); c.coal == nil {
+			return fmt.Errorf("vcpu %d: KVM queues port writes but its mapping has no coalesced ring", c.id)
+		}
+	}
 	if err := c.m.addDirtyRing(fd); err != nil {
 		return fmt.Errorf("vcpu %d: %w", c.id, err)
 	}
@@ -214,6 +222,11 @@ func (c *vcpu) paused(r vcpuReq) bool {
 			return false
 		}
 	}
+	if c.coal != nil && c.coal.Pending() {
+		// Out of KVM_RUN for the pause: what the guest queued is applied
+		// before anyone saves the devices (coalesced.go).
+		c.m.drainCoalesced(c.coal)
+	}
 	r.reply <- nil
 	for {
 		select {
@@ -240,6 +253,10 @@ func (c *vcpu) paused(r vcpuReq) bool {
 func (c *vcpu) handle(ex kvmapi.Exit) error {
 	if ex.Reason == kvmapi.ExitDirtyRingFull {
 		return c.m.dirtyRingFull(c.resetsAtRun)
+	}
+	if c.coal != nil && (ex.Reason == kvmapi.ExitIO || ex.Reason == kvmapi.ExitMMIO) && c.coal.Pending() {
+		// A latch write queued before this access (coalesced.go).
+		c.m.drainCoalesced(c.coal)
 	}
 	return handleExit(ex, c.m.pio, c.m.mmio, c.m.finish)
 }

@@ -26,6 +26,7 @@ struct kv kvs[] = {
 	S(kvm_enable_cap), S(kvm_run), S(kvm_msr_filter), S(kvm_msr_filter_range),
 	S(kvm_stats_header), S(kvm_stats_desc),
 	S(kvm_pic_state), S(kvm_ioapic_state), S(kvm_dirty_gfn),
+	S(kvm_coalesced_mmio_zone), S(kvm_coalesced_mmio), S(kvm_coalesced_mmio_ring),
 
 	O(kvm_regs, rip), O(kvm_regs, rflags),
 	O(kvm_segment, selector), O(kvm_segment, type), O(kvm_segment, unusable),
@@ -52,6 +53,9 @@ struct kv kvs[] = {
 	O(kvm_msi, devid),
 	O(kvm_enable_cap, args),
 	O(kvm_dirty_gfn, slot), O(kvm_dirty_gfn, offset),
+	O(kvm_coalesced_mmio_zone, size), O(kvm_coalesced_mmio_zone, pio),
+	O(kvm_coalesced_mmio, len), O(kvm_coalesced_mmio, pio), O(kvm_coalesced_mmio, data),
+	O(kvm_coalesced_mmio_ring, last), O(kvm_coalesced_mmio_ring, coalesced_mmio),
 	O(kvm_msr_filter, ranges), O(kvm_msr_filter_range, base), O(kvm_msr_filter_range, bitmap),
 	O(kvm_stats_header, data_offset), O(kvm_stats_desc, offset), O(kvm_stats_desc, bucket_size),
 	O(kvm_stats_desc, name),
@@ -76,6 +80,7 @@ struct kv kvs[] = {
 	I(KVM_GET_VCPU_EVENTS), I(KVM_SET_VCPU_EVENTS), I(KVM_GET_DEBUGREGS), I(KVM_SET_DEBUGREGS),
 	I(KVM_GET_XSAVE), I(KVM_SET_XSAVE), I(KVM_GET_XCRS), I(KVM_SET_XCRS),
 	I(KVM_GET_TSC_KHZ), I(KVM_SET_TSC_KHZ), I(KVM_GET_XSAVE2), I(KVM_RESET_DIRTY_RINGS),
+	I(KVM_REGISTER_COALESCED_MMIO),
 
 	I(KVM_EXIT_IO), I(KVM_EXIT_MMIO), I(KVM_EXIT_SHUTDOWN), I(KVM_EXIT_FAIL_ENTRY),
 	I(KVM_EXIT_INTERNAL_ERROR), I(KVM_EXIT_SYSTEM_EVENT), I(KVM_EXIT_HLT), I(KVM_EXIT_INTR),
@@ -90,6 +95,7 @@ struct kv kvs[] = {
 	I(KVM_MSR_FILTER_DEFAULT_ALLOW), I(KVM_MSR_FILTER_DEFAULT_DENY), I(KVM_MSR_FILTER_READ), I(KVM_MSR_FILTER_WRITE),
 	I(KVM_CAP_DIRTY_LOG_RING), I(KVM_CAP_DIRTY_LOG_RING_ACQ_REL), I(KVM_DIRTY_LOG_PAGE_OFFSET),
 	I(KVM_DIRTY_GFN_F_DIRTY), I(KVM_DIRTY_GFN_F_RESET),
+	I(KVM_CAP_COALESCED_MMIO), I(KVM_CAP_COALESCED_PIO), I(KVM_COALESCED_MMIO_PAGE_OFFSET),
 	{ 0, 0 },
 };
 */
