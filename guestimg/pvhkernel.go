@@ -9,8 +9,10 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
 	"strings"
 	"syscall"
+	"time"
 )
 
 // ErrNoPVHKernel is returned by PVHKernel for a bzImage that cannot be
@@ -40,8 +42,9 @@ const pvhCacheVersion = 1
 // times: stat-KEY, holding the contents' hash) skips it on later boots of
 // a kernel that has an entry (not for refused ones: tests boot many
 // throwaway copies of tiny kernels, each its own identity).
-// Entries are written to a temporary file and renamed, so concurrent
-// VMMs see a whole entry or none.
+// Entries are written to a temporary file, synced and renamed, so
+// concurrent VMMs see a whole entry or none, even after a crash. The cache
+// keeps the pvhCacheKeep most recently used kernels.
 func PVHKernel(ctx context.Context, dir, bzPath string, bz []byte, accept func([]byte) error) (string, error) {
 	dir = filepath.Join(dir, "pvh")
 	if err := os.MkdirAll(dir, 0o755); err != nil {
@@ -49,9 +52,11 @@ func PVHKernel(ctx context.Context, dir, bzPath string, bz []byte, accept func([
 	}
 	statKey := fileIdentity(bzPath)
 	var key string
+	indexed := false
 	if statKey != "" {
 		if b, err := os.ReadFile(filepath.Join(dir, "stat-"+statKey)); err == nil {
 			key = strings.TrimSpace(string(b))
+			indexed = key != ""
 		}
 	}
 	if key == "" {
@@ -61,12 +66,14 @@ func PVHKernel(ctx context.Context, dir, bzPath string, bz []byte, accept func([
 	path := filepath.Join(dir, key+".vmlinux")
 	noPath := filepath.Join(dir, key+".no")
 	remember := func() {
-		if statKey != "" {
+		if statKey != "" && !indexed {
 			_ = writeCacheFile(filepath.Join(dir, "stat-"+statKey), []byte(key+"\n"))
 		}
 	}
 	if _, err := os.Stat(path); err == nil {
 		remember()
+		now := time.Now()
+		_ = os.Chtimes(path, now, now) // recently used: kept by pruneCache
 		return path, nil
 	}
 	if why, err := os.ReadFile(noPath); err == nil {
@@ -92,7 +99,46 @@ func PVHKernel(ctx context.Context, dir, bzPath string, bz []byte, accept func([
 		return "", fmt.Errorf("pvh kernel cache: %w", err)
 	}
 	remember()
+	pruneCache(dir, pvhCacheKeep, path)
 	return path, nil
+}
+
+// pvhCacheKeep is how many kernels the cache keeps (about 30 MB each for
+// a distribution's kernel): a user who builds kernel after kernel does
+// not fill the disk with them.
+const pvhCacheKeep = 4
+
+// pruneCache removes the least recently used kernels (by modification
+// time, which a hit refreshes) beyond keep, never keepPath. Errors are
+// ignored: a kernel not removed is only disk space, and one removed under
+// a VMM that is mapping it stays readable to that VMM.
+func pruneCache(dir string, keep int, keepPath string) {
+	paths, err := filepath.Glob(filepath.Join(dir, "*.vmlinux"))
+	if err != nil || len(paths) <= keep {
+		return
+	}
+	type entry struct {
+		path string
+		mod  time.Time
+	}
+	var es []entry
+	for _, p := range paths {
+		if fi, err := os.Stat(p); err == nil {
+			es = append(es, entry{p, fi.ModTime()})
+		}
+	}
+	sort.Slice(es, func(i, j int) bool { return es[i].mod.After(es[j].mod) })
+	others := 0 // kept besides keepPath
+	for _, e := range es {
+		if e.path == keepPath {
+			continue
+		}
+		if others < keep-1 {
+			others++
+			continue
+		}
+		_ = os.Remove(e.path)
+	}
 }
 
 // fileIdentity is a key for the file at path as it is now: it changes
@@ -127,6 +173,9 @@ func writeCacheFile(name string, data []byte) error {
 	_, err = f.Write(data)
 	if err == nil {
 		err = f.Chmod(0o644)
+	}
+	if err == nil {
+		err = f.Sync() // renamed whole after a crash, never empty
 	}
 	if cerr := f.Close(); err == nil {
 		err = cerr

@@ -7,6 +7,7 @@ import (
 	"debug/elf"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -170,4 +171,44 @@ func TestPVHKernelCache(t *testing.T) {
 	entries, err := filepath.Glob(filepath.Join(cache, "pvh", "*.tmp"))
 	require.NoError(t, err)
 	assert.Empty(t, entries, "no temporary file left")
+}
+
+// The cache keeps the most recently used kernels: making a fifth removes
+// the one least recently used, and a hit counts as a use.
+func TestPVHKernelCacheKeepsRecent(t *testing.T) {
+	t.Parallel()
+	cache, files := t.TempDir(), t.TempDir()
+	ctx := context.Background()
+	var paths []string
+	mk := func(i int) string {
+		t.Helper()
+		vm := smallVmlinux(byte(0x10 + i))
+		bz := testBzImage(compressWith(t, "gzip", vm), len(vm))
+		f := filepath.Join(files, fmt.Sprintf("k%d", i))
+		require.NoError(t, os.WriteFile(f, bz, 0o644))
+		p, err := PVHKernel(ctx, cache, f, bz, nil)
+		require.NoError(t, err)
+		// Modification times a second apart: the order does not rest on
+		// the file system's timestamp granularity.
+		at := time.Now().Add(time.Duration(i-10) * time.Second)
+		require.NoError(t, os.Chtimes(p, at, at))
+		return p
+	}
+	for i := range pvhCacheKeep {
+		paths = append(paths, mk(i))
+	}
+	// Kernel 0, the oldest, is used again: now kernel 1 is the oldest.
+	bz0, err := os.ReadFile(filepath.Join(files, "k0"))
+	require.NoError(t, err)
+	p0, err := PVHKernel(ctx, cache, filepath.Join(files, "k0"), bz0, nil)
+	require.NoError(t, err)
+	require.Equal(t, paths[0], p0)
+	paths = append(paths, mk(pvhCacheKeep))
+	left, err := filepath.Glob(filepath.Join(cache, "pvh", "*.vmlinux"))
+	require.NoError(t, err)
+	assert.Len(t, left, pvhCacheKeep)
+	assert.NoFileExists(t, paths[1], "the least recently used goes")
+	for _, p := range []string{paths[0], paths[2], paths[pvhCacheKeep]} {
+		assert.FileExists(t, p)
+	}
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"os"
@@ -20,6 +21,7 @@ import (
 	"govmm/guestimg"
 	"govmm/internal/boottrace"
 	"govmm/internal/kvmtest"
+	"govmm/vmm"
 )
 
 var govmmBin string
@@ -142,6 +144,32 @@ func TestPVHKernelOfVmlinux(t *testing.T) {
 		require.NoError(t, err)
 		require.Equal(t, elfKernel, k)
 	}
+}
+
+// A damaged cache entry (here cut short, as a full disk could leave an
+// older govmm's) is made again, not booted and not kept.
+func TestPVHKernelRemakesDamagedEntry(t *testing.T) {
+	img, err := guestimg.Build(context.Background(), guestimg.Options{})
+	require.NoError(t, err)
+	cache := t.TempDir()
+	t.Setenv("GOVMM_CACHE", cache)
+	bz, err := os.ReadFile(img.Kernel)
+	require.NoError(t, err)
+	k, err := pvhKernel(img.Kernel, bz, "pvh")
+	require.NoError(t, err)
+	require.True(t, vmm.IsELF(k))
+	want := sha256.Sum256(k)
+	entries, err := filepath.Glob(filepath.Join(cache, "pvh", "*.vmlinux"))
+	require.NoError(t, err)
+	require.Len(t, entries, 1)
+	// k maps the entry: none of its bytes are read after this.
+	require.NoError(t, os.Truncate(entries[0], 100))
+	k, err = pvhKernel(img.Kernel, bz, "pvh")
+	require.NoError(t, err)
+	require.Equal(t, want, sha256.Sum256(k), "the same kernel, made again")
+	fi, err := os.Stat(entries[0])
+	require.NoError(t, err)
+	require.Equal(t, int64(len(k)), fi.Size(), "the entry replaced")
 }
 
 // A --publish port that is taken fails before the guest boots.

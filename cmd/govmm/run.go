@@ -456,8 +456,12 @@ func pvhKernel(path string, kernel []byte, entry string) ([]byte, error) {
 		return kernel, nil
 	}
 	accept := func(k []byte) error { _, err := vmm.ParseELFKernel(k); return err }
-	p, err := guestimg.PVHKernel(context.Background(), guestimg.DefaultCacheDir(), path, kernel, accept)
-	if err == nil {
+	var err error
+	for try := 0; try < 2; try++ {
+		var p string
+		if p, err = guestimg.PVHKernel(context.Background(), guestimg.DefaultCacheDir(), path, kernel, accept); err != nil {
+			break
+		}
 		var k []byte
 		if k, err = mapFile(p); err == nil {
 			err = vmm.CheckKernel(k)
@@ -466,6 +470,9 @@ func pvhKernel(path string, kernel []byte, entry string) ([]byte, error) {
 			slog.Info("kernel: the bzImage's uncompressed kernel, entered through PVH", "bzImage", path, "vmlinux", p)
 			return k, nil
 		}
+		// A damaged cache entry: made again once.
+		err = fmt.Errorf("cached %s: %w", p, err)
+		_ = os.Remove(p)
 	}
 	if entry == "pvh" {
 		return nil, fmt.Errorf("--kernel-entry pvh: %s: %w", path, err)
