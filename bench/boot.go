@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"time"
 
@@ -165,14 +166,13 @@ func preparePVHKernel(ctx context.Context, kernel string) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	start := time.Now()
 	dir := guestimg.DefaultCacheDir()
+	before, _ := filepath.Glob(filepath.Join(dir, "pvh", "*.vmlinux"))
+	start := time.Now()
 	had := false
 	accept := func(k []byte) error { _, err := vmm.ParseELFKernel(k); return err }
 	if p, err := guestimg.PVHKernel(ctx, dir, kernel, bz, accept); err == nil {
-		if fi, err := os.Stat(p); err == nil && fi.ModTime().Before(start) {
-			had = true
-		}
+		had = slices.Contains(before, p)
 	} else {
 		return fmt.Sprintf("the bzImage has no PVH kernel, so the govmm peer boots it through its decompressor as govmm-bzimage does: %v", err), nil
 	}
