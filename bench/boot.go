@@ -170,8 +170,7 @@ func preparePVHKernel(ctx context.Context, kernel string) (string, error) {
 	before, _ := filepath.Glob(filepath.Join(dir, "pvh", "*.vmlinux"))
 	start := time.Now()
 	had := false
-	accept := func(k []byte) error { _, err := vmm.ParseELFKernel(k); return err }
-	if p, err := guestimg.PVHKernel(ctx, dir, kernel, bz, accept); err == nil {
+	if p, err := guestimg.PVHKernel(ctx, dir, kernel, bz, vmm.CheckKernel); err == nil {
 		had = slices.Contains(before, p)
 	} else {
 		return fmt.Sprintf("the bzImage has no PVH kernel, so the govmm peer boots it through its decompressor as govmm-bzimage does: %v", err), nil

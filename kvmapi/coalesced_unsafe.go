@@ -12,6 +12,13 @@ import (
 // KVM_CAP_COALESCED_MMIO says the same).
 const coalescedPageOffset = 2
 
+// CanCoalescePIO reports whether KVM queues port writes
+// (KVM_CAP_COALESCED_PIO) in a ring that vCPUs map where CoalescedRing
+// looks for it.
+func (vm *VM) CanCoalescePIO() bool {
+	return vm.CheckExtension(CapCoalescedPIO) > 0 && vm.CheckExtension(CapCoalescedMMIO) == coalescedPageOffset
+}
+
 // RegisterCoalescedPIO asks KVM to queue the guest's writes to the size
 // I/O ports from port in the VM's coalesced ring instead of exiting for
 // each (KVM_REGISTER_COALESCED_MMIO with the zone's pio set; needs
@@ -41,12 +48,12 @@ type CoalescedRing struct {
 }
 
 // CoalescedRing returns the VM's coalesced ring as this vCPU's mapping
-// shows it, or nil when the mapping has no such page (KVM without
-// KVM_CAP_COALESCED_MMIO).
+// shows it, or nil when the mapping has no such page (see
+// VM.CanCoalescePIO).
 func (v *VCPU) CoalescedRing() *CoalescedRing {
 	page := unix.Getpagesize()
 	off := coalescedPageOffset * page
-	if v.vm.CheckExtension(CapCoalescedMMIO) != coalescedPageOffset || len(v.run) < off+page {
+	if len(v.run) < off+page {
 		return nil
 	}
 	hdrSize := int(unsafe.Sizeof(coalescedRingHeader{}))

@@ -50,7 +50,7 @@ var coalescedPorts = []struct {
 // before. A zone that registered makes draining necessary, even if a
 // later one failed.
 func (m *Machine) setupCoalescedPIO() {
-	if m.vm.CheckExtension(kvmapi.CapCoalescedPIO) <= 0 || m.vm.CheckExtension(kvmapi.CapCoalescedMMIO) <= 0 {
+	if !m.vm.CanCoalescePIO() {
 		return
 	}
 	for _, z := range coalescedPorts {

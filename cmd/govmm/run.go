@@ -455,11 +455,10 @@ func pvhKernel(path string, kernel []byte, entry string) ([]byte, error) {
 	if entry == "bzimage" {
 		return kernel, nil
 	}
-	accept := func(k []byte) error { _, err := vmm.ParseELFKernel(k); return err }
 	var err error
 	for try := 0; try < 2; try++ {
 		var p string
-		if p, err = guestimg.PVHKernel(context.Background(), guestimg.DefaultCacheDir(), path, kernel, accept); err != nil {
+		if p, err = guestimg.PVHKernel(context.Background(), guestimg.DefaultCacheDir(), path, kernel, vmm.CheckKernel); err != nil {
 			break
 		}
 		var k []byte
