@@ -29,16 +29,20 @@ type BootConfig struct {
 	// tuned one); QEMU on the very same vmlinux (PVH too), initrd and
 	// command line; and QEMU on the bzImage with that command line.
 	Vmlinux string
-	MemMiB  int
-	Runs    int
-	Timeout time.Duration
-	Out     string // results directory (created)
-	Log     io.Writer
+	// Baseline, if set, is another govmm binary (e.g. a build of main)
+	// that boots the bzImage as "govmm" does, in every run, as
+	// "baseline": a change measured side by side with what it changes.
+	Baseline string
+	MemMiB   int
+	Runs     int
+	Timeout  time.Duration
+	Out      string // results directory (created)
+	Log      io.Writer
 }
 
 // BootSample is one boot of one VMM.
 type BootSample struct {
-	VMM     string // govmm, govmm-bzimage, qemu, govmm-tuned, qemu-pvh or qemu-tuned
+	VMM     string // govmm, baseline, govmm-bzimage, qemu, govmm-tuned, qemu-pvh or qemu-tuned
 	Guest   string
 	Run     int
 	ReadyMs float64
@@ -220,11 +224,14 @@ func bootPeers(ctx context.Context, cfg BootConfig, guest, kernel, initrd, qemu 
 	// since 4.0: SeaBIOS runs, then its PVH option ROM enters the kernel)
 	// with vmm.DefaultCmdline; "qemu-tuned" boots the bzImage with that
 	// command line.
-	govmmCmd := func(kernel, cmdline, entry string) func() *exec.Cmd {
+	govmmBinCmd := func(bin, kernel, cmdline, entry string) func() *exec.Cmd {
 		return func() *exec.Cmd {
-			return exec.CommandContext(ctx, cfg.Govmm, "run", "--boot-trace", "--kernel", kernel, "--kernel-entry", entry, "--initrd", initrd, "--mem", mem, "--cpus", "1",
+			return exec.CommandContext(ctx, bin, "run", "--boot-trace", "--kernel", kernel, "--kernel-entry", entry, "--initrd", initrd, "--mem", mem, "--cpus", "1",
 				"--net", "none", "--api-sock", "", "--cmdline-base", cmdline)
 		}
+	}
+	govmmCmd := func(kernel, cmdline, entry string) func() *exec.Cmd {
+		return govmmBinCmd(cfg.Govmm, kernel, cmdline, entry)
 	}
 	qemuCmd := func(kernel, cmdline string) func() *exec.Cmd {
 		return func() *exec.Cmd {
@@ -235,6 +242,9 @@ func bootPeers(ctx context.Context, cfg BootConfig, guest, kernel, initrd, qemu 
 		}
 	}
 	peers := []bootPeer{{"govmm", govmmCmd(kernel, vmm.BaseCmdline, "auto")}}
+	if cfg.Baseline != "" {
+		peers = append(peers, bootPeer{"baseline", govmmBinCmd(cfg.Baseline, kernel, vmm.BaseCmdline, "auto")})
+	}
 	if guest == "default" {
 		peers = append(peers, bootPeer{"govmm-bzimage", govmmCmd(kernel, vmm.BaseCmdline, "bzimage")})
 	}
@@ -284,7 +294,7 @@ func BootReport(samples []BootSample) string {
 	}
 	out := "| VMM | guest | runs | ready median (ms) | p25–p75 (ms) | min–max (ms) | RSS median (MiB) | VMM overhead median (MiB) |\n|---|---|---|---|---|---|---|---|\n"
 	med := map[string]Summary{}
-	for _, name := range []string{"govmm", "govmm-bzimage", "qemu", "govmm-tuned", "qemu-pvh", "qemu-tuned"} {
+	for _, name := range []string{"govmm", "baseline", "govmm-bzimage", "qemu", "govmm-tuned", "qemu-pvh", "qemu-tuned"} {
 		ss := by[name]
 		if len(ss) == 0 {
 			continue
@@ -311,6 +321,13 @@ func BootReport(samples []BootSample) string {
 	if r, ok := ratio("govmm", "qemu"); ok {
 		out += fmt.Sprintf("\nSame inputs, a user's plain ones (the bzImage, the initrd, `vmm.BaseCmdline`), each VMM booting the bzImage its own way (govmm: its uncompressed kernel through PVH, --kernel-entry auto, the default): govmm takes %.2f× QEMU's median (goal ≤ 0.5×).%s\n",
 			r, pairedRatios(by["govmm"], by["qemu"]))
+	}
+	if r, ok := ratio("govmm", "baseline"); ok {
+		out += fmt.Sprintf("\nThis govmm against the baseline binary on the same inputs (*baseline*, another govmm build booting the bzImage the same way in the same runs): %.2f× its median.%s\n",
+			r, pairedRatios(by["govmm"], by["baseline"]))
+		if r, ok := ratio("baseline", "qemu"); ok {
+			out += fmt.Sprintf("The baseline against QEMU: %.2f×.\n", r)
+		}
 	}
 	if r, ok := ratio("govmm-bzimage", "qemu"); ok {
 		out += fmt.Sprintf("\nThe same, govmm running the bzImage's decompressor in the guest as QEMU does (--kernel-entry bzimage): %.2f× QEMU's median.%s\n",

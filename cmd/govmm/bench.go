@@ -27,7 +27,9 @@ speed, and a tiny guest (a bzImage that prints the ready line at once)
 where it emulates them. With the default guest it boots five ways, in
 turn: govmm and QEMU on the bzImage with the plain command line, govmm
 and QEMU on the same vmlinux through PVH with the tuned one
-(vmm.DefaultCmdline), and QEMU on the bzImage with the tuned one.
+(vmm.DefaultCmdline), and QEMU on the bzImage with the tuned one;
+--baseline boots another govmm binary (e.g. main's) as govmm boots the
+bzImage, in every run, for a change measured side by side.
 
 checkpoint: replication of a tiny dirtying guest to an in-process standby
 over loopback: each epoch's pause broken into steps (harvest, copy, state,
@@ -147,7 +149,7 @@ func newBenchFlags() *benchFlags {
 	f.guest = fs.String("guest", "auto", "boot suite guest: auto, tiny or default")
 	fs.Var(memFlag{&f.mem}, "mem", "boot suite guest memory, as run --mem takes it: 256M, 1G (a bare number is MiB)")
 	f.modes = fs.String("modes", "sigkill,sigstop", "failover-guest only: the primary's failures to time, `sigkill`, sigstop or both (comma-separated)")
-	f.baseline = fs.String("baseline", "", "migration-guest only: another govmm `binary` (e.g. a build of main) migrated beside this one in every trial")
+	f.baseline = fs.String("baseline", "", "boot and migration-guest: another govmm `binary` (e.g. a build of main) booted (the bzImage, plain command line) or migrated beside this one in every run")
 	f.split = fs.Bool("split", false, "ack only: the standby's end in a process of its own on one CPU and the sender's on another, as a primary and a standby on two one-core hosts (needs two CPUs)")
 	f.ackStandbyEnd = fs.Bool("ack-standby-end", false, "internal: the standby's end of ack --split (the suite starts it)")
 	f.witness = fs.String("witness", "both", "failover-guest only: time each failure `without` a witness, with one, or both")
@@ -234,8 +236,8 @@ func (f *benchFlags) options(suites []string) (bench.Options, error) {
 			return bench.Options{}, err
 		}
 	}
-	if !slices.Contains(suites, "migration-guest") {
-		if err := refuseUnused(f.fs, "without the migration-guest suite, the only one that uses it", "baseline"); err != nil {
+	if !slices.Contains(suites, "migration-guest") && !slices.Contains(suites, "boot") {
+		if err := refuseUnused(f.fs, "without the boot or migration-guest suite, the only ones that use it", "baseline"); err != nil {
 			return bench.Options{}, err
 		}
 	}
@@ -277,7 +279,7 @@ func (f *benchFlags) options(suites []string) (bench.Options, error) {
 		return bench.Options{}, err
 	}
 	return bench.Options{Quick: *f.quick, Runs: *f.runs, Out: out, Govmm: self, Log: os.Stderr,
-		Boot: bench.BootConfig{Govmm: self, Guest: *f.guest, MemMiB: int(mem >> 20)}, Modes: failModes, Witness: witnessModes,
+		Boot: bench.BootConfig{Govmm: self, Guest: *f.guest, MemMiB: int(mem >> 20), Baseline: *f.baseline}, Modes: failModes, Witness: witnessModes,
 		StreamModes: streamModes, Workloads: workloads, Window: f.window, Baseline: *f.baseline, Split: *f.split}, nil
 }
 
