@@ -55,14 +55,19 @@ type nic struct {
 
 func (n nic) Close() error { return n.backend.Close() }
 
-// devices parses the device flags and opens the network backend (so that
-// a taken --publish port or a bad TAP name fails before the guest boots).
+// devices parses the device flags, checks the disk images exist and opens
+// the network backend (so that a missing image, a taken --publish port or
+// a bad TAP name fails before the guest boots).
 // guestNet is the kernel command line that configures the guest's eth0.
 func (f *runFlags) devices() (nics []io.Closer, disks []diskSpec, guestNet string, err error) {
 	for _, s := range f.disks {
 		d, err := parseDisk(s)
 		if err != nil {
 			return nil, nil, "", err
+		}
+		// A missing image fails here, before KVM is asked for a VM.
+		if _, err := os.Stat(d.path); err != nil {
+			return nil, nil, "", fmt.Errorf("--disk %s: %w", d.path, err)
 		}
 		disks = append(disks, d)
 	}
