@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -165,10 +166,20 @@ func dirtierPages(n int) []guestmem.GPA {
 	return out
 }
 
+// pageTables are the guest's identity page tables (the PML4, PDPT and
+// first PD that vmm's boot path builds at 0x9000), which the CPU's page
+// walker writes when it sets accessed and dirty bits. Where it sets them
+// again on walks that find them set (the lab's emulated SVM does, every
+// pass), the guest dirties these pages too.
+var pageTables = []guestmem.GPA{0x9000, 0xa000, 0xb000}
+
+func isPageTable(g guestmem.GPA) bool { return slices.Contains(pageTables, g) }
+
 // A paused harvest reports exactly the pages the guest wrote since the last
 // one: its range and its counter (its code reads but never writes, and it
-// uses no stack). Pages written again after a harvest are reported again,
-// which shows that the harvest re-armed write protection.
+// uses no stack), and at most its page tables besides (pageTables). Pages
+// written again after a harvest are reported again, which shows that the
+// harvest re-armed write protection.
 func TestHarvestGuestWrites(t *testing.T) {
 	modes(t, func(t *testing.T, md mode) {
 		const n = 37
@@ -187,8 +198,9 @@ func TestHarvestGuestWrites(t *testing.T) {
 				require.NoError(t, err)
 				require.NotZero(t, b[0], "the guest never wrote page %#x", uint64(g))
 			}
-			assert.Equal(t, dirtierPages(n), pagesOf(s), "round %d", round)
-			assert.Equal(t, n+1, s.Count())
+			got := pagesOf(s)
+			assert.Equal(t, dirtierPages(n), slices.DeleteFunc(slices.Clone(got), isPageTable), "round %d", round)
+			assert.LessOrEqual(t, s.Count(), n+1+len(pageTables))
 
 			again, err := tr.Harvest()
 			require.NoError(t, err)

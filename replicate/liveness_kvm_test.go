@@ -327,7 +327,10 @@ func TestMigrateRefusedWhileReplicating(t *testing.T) {
 	_, err = node.Migrate(context.Background(), prim, MigrateConfig{To: "127.0.0.1:1", Insecure: true, Name: "tiny"}, false)
 	require.ErrorIs(t, err, ErrReplicating)
 	require.ErrorIs(t, err, ErrWouldUnprotect)
-	require.False(t, prim.Paused())
+	// Not left paused: replication's own checkpoints pause it now and
+	// then (in the lab a large share of the time), so look until one
+	// sample falls between two of them.
+	require.Eventually(t, func() bool { return !prim.Paused() }, 10*time.Second, time.Millisecond, "the refused migration left the guest paused")
 	require.Equal(t, RolePrimary, node.Role(), "still replicating")
 
 	// Dropping protection: replication stops before the migration is
