@@ -102,6 +102,11 @@ func (o Options) suite(ctx context.Context, s string) (string, error) {
 			cfg.HarvestPages = []int{100, 1000}
 			cfg.Contents = []string{ContentSparse}
 			cfg.Modes = []StreamMode{{Compression: stream.CompressNone}, {Compression: stream.CompressS2, Deltas: true}}
+			if lab.InLab() {
+				// Emulated, 64k pages a mode take minutes: 16k still
+				// has auto copy on write.
+				cfg.Pages, cfg.Epochs, cfg.Warmup, cfg.BoundReps = []int{100, 4096, 16384}, 5, 2, 2
+			}
 		}
 		return report(Checkpoint(ctx, cfg))
 	case "ack":
@@ -120,6 +125,11 @@ func (o Options) suite(ctx context.Context, s string) (string, error) {
 		cfg := FailoverConfig{Govmm: o.Govmm, Trials: o.runs(10, 3), Witness: true, Out: o.Out, Log: o.Log}
 		if o.Quick {
 			cfg.Timeouts = []time.Duration{500 * time.Millisecond}
+			if lab.InLab() {
+				// The emulated stream's pre-copy rounds can go quiet
+				// for more than 500 ms: then the primary gives up.
+				cfg.Timeouts = []time.Duration{2 * time.Second}
+			}
 		}
 		return report(Failover(ctx, cfg))
 	case "fencing":
