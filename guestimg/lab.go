@@ -25,11 +25,12 @@ var labInit []byte
 // labModules are what L1 needs on top of the kernel's built-ins: virtio-pci
 // and 9p to mount the host's file system, overlayfs to make it writable,
 // virtio_console for the command's output channel, kvm_amd (with kvm, ccp
-// and irqbypass) for a /dev/kvm on QEMU's emulated SVM, and tun, bridge and
-// veth for the network tests' TAP devices, bridges and namespaces.
+// and irqbypass) for a /dev/kvm on QEMU's emulated SVM, tun, bridge and
+// veth for the network tests' TAP devices, bridges and namespaces, and
+// loop for the tests of a standby's disk on a block device.
 var labModules = []string{
 	"virtio_pci", "9pnet_virtio", "9p", "overlay", "virtio_console",
-	"kvm_amd", "tun", "bridge", "veth",
+	"kvm_amd", "tun", "bridge", "veth", "loop",
 }
 
 // LabModulesPath lists L1's modules in load order, one path per line.
