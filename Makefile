@@ -4,7 +4,7 @@ BIN       := bin/govmm
 RACE_PKGS := ./vmm/... ./virtio/... ./internal/... ./guestimg/... ./dirtylog/... ./ctlapi/... ./replicate/...
 FUZZTIME  ?= 20s
 
-.PHONY: all build image run demo bench-failover-guest bench-wire-guest bench-migration-guest soak soak-host soak-migrations soak-failovers soak-fencing test test-guest vet fuzz bench bench-quick clean deps
+.PHONY: all build image run demo bench-failover-guest bench-wire-guest bench-migration-guest soak soak-host soak-migrations soak-failovers soak-fencing test test-kvm test-guest vet fuzz bench bench-quick clean deps
 
 all: build
 
@@ -83,13 +83,22 @@ fuzz:
 	GO=$(GO) scripts/fuzz.sh $(FUZZTIME) FuzzDecodeFrame ./replicate/witness/
 	GO=$(GO) scripts/fuzz.sh $(FUZZTIME) FuzzDecodeState ./replicate/witness/
 
-# Unit and tiny-guest tests here; then the real-guest tests (TestGuest*)
+# Unit and tiny-guest tests here; on a host without /dev/kvm the
+# tiny-guest tests (which go test skips there) in the lab, those of
+# KVM_RACE_PKGS again with -race; then the real-guest tests (TestGuest*)
 # where Linux boots: on this host's KVM if it can, else in the lab.
+KVM_RACE_PKGS := ./vmm ./dirtylog
 test: deps vet build image
 	$(GO) test -count=1 -skip '^TestGuest' ./...
 	$(GO) test -count=1 -race -skip '^TestGuest' $(RACE_PKGS)
 	$(MAKE) fuzz
+	scripts/kvm-tests.sh -race '$(KVM_RACE_PKGS)'
 	scripts/guest-tests.sh
+
+# Only the tiny-guest KVM tests, in the lab where this host has no
+# /dev/kvm (scripts/kvm-tests.sh); RUN narrows them.
+test-kvm: deps build
+	scripts/kvm-tests.sh -race '$(KVM_RACE_PKGS)' $(if $(filter-out ^TestGuest,$(RUN)),-run '$(RUN)')
 
 # Only the real-guest tests (in the lab where needed); RUN narrows them.
 RUN ?= ^TestGuest

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Runs the tests that need KVM but no Linux guest (tiny hand-made guests:
+# every test not named TestGuest*) inside the lab, for a host that has no
+# /dev/kvm at all: there `go test ./...` skips them (kvmtest.Require), and
+# without this script nothing would run the VMM's core, the dirty log,
+# replication and the command on a real KVM. Where this host has
+# /dev/kvm, make test's `go test` runs them here and this script says so
+# and does nothing. Inside the lab kvmtest.Require fails rather than
+# skips, so a test cannot pass by not running.
+#
+# Each package's test binary, compiled here, runs in an L1 of its own
+# (two at once, sharing this host's CPUs, as scripts/guest-tests.sh does);
+# their output goes to bin/kvm-tests/PKG.log and is printed when it ends.
+#
+# The packages in -race (make test passes those of its RACE_PKGS that
+# have KVM tests) run a second time, built with the race detector.
+#
+# Usage: scripts/kvm-tests.sh [-run REGEXP] [-race 'PKG...']
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+run=.
+race=
+while (($#)); do
+	case $1 in
+	-run) run=$2; shift 2 ;;
+	-race) race=$2; shift 2 ;;
+	*) echo "kvm-tests: unknown argument $1" >&2; exit 2 ;;
+	esac
+done
+if [[ -e /dev/kvm ]]; then
+	echo "kvm-tests: this host has /dev/kvm: go test ran the KVM tests here"
+	exit 0
+fi
+# name is the file name for $1 (./replicate:race: replicate.race).
+name() {
+	local p=${1#./}
+	p=${p/:race/.race}
+	echo "${p//\//_}"
+}
+out=bin/kvm-tests
+rm -rf "$out" && mkdir -p "$out"
+go build -o bin/govmm ./cmd/govmm
+kvm=$(grep -rl --include='*_test.go' 'kvmtest\.Require\b' . | xargs -n1 dirname | sort -u)
+# pkgs lists what runs, the slowest first (two L1s at once finish
+# soonest that way): the race runs, replicate, cmd/govmm and bench, then
+# the other packages with KVM tests. A race run is PKG:race.
+pkgs=
+for r in $race; do
+	r=./${r#./}
+	grep -qx -- "$r" <<<"$kvm" || { echo "kvm-tests: -race $r: the package has no KVM tests" >&2; exit 2; }
+	pkgs+=" $r:race"
+done
+for p in ./replicate ./cmd/govmm ./bench; do
+	grep -qx -- "$p" <<<"$kvm" && pkgs+=" $p"
+done
+for p in $kvm; do
+	[[ " $pkgs " == *" $p "* ]] || pkgs+=" $p"
+done
+for p in $pkgs; do
+	pkg=${p%:race} flags=()
+	[[ $p == *:race ]] && flags=(-race)
+	go test -c "${flags[@]}" -o "$out/$(name "$p").test" "$pkg"
+done
+echo "kvm-tests: no /dev/kvm here: the KVM tests of $(echo $kvm | wc -w) packages run in the lab, $(echo $race | wc -w) of them again with -race"
+
+# run_pkg runs package $1's KVM tests in an L1 and records its status.
+run_pkg() {
+	local pkg=${1#./} n st
+	n=$(name "$1")
+	pkg=${pkg%:race}
+	set +e
+	bin/govmm lab --cpus 2 --share-cpus --retries 2 --timeout 30m -- \
+		bash -c "cd '$root/$pkg' && exec '$root/$out/$n.test' -test.run '$run' -test.skip '^TestGuest' -test.v -test.timeout 25m" \
+		>"$out/$n.log" 2>&1
+	st=$?
+	set -e
+	echo "$st" >"$out/$n.result"
+	{
+		flock 9
+		sed "s|^|[${1#./}] |" "$out/$n.log"
+	} 9>>"$out/.print.lock"
+}
+
+start=$SECONDS
+for p in $pkgs; do
+	while (($(jobs -rp | wc -l) >= 2)); do
+		wait -n || true
+	done
+	run_pkg "$p" &
+done
+wait
+failed=0
+for p in $pkgs; do
+	st=$(cat "$out/$(name "$p").result" 2>/dev/null || echo missing)
+	echo "kvm-tests: ${p#./}: $([[ $st == 0 ]] && echo passed || echo "FAILED (status $st)")"
+	[[ $st == 0 ]] || failed=$((failed + 1))
+done
+echo "kvm-tests: summary: $(echo $pkgs | wc -w) runs, $failed failed, $((SECONDS - start)) s"
+((failed == 0))
