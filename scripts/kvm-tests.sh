@@ -94,7 +94,12 @@ failed=0
 for p in $pkgs; do
 	st=$(cat "$out/$(name "$p").result" 2>/dev/null || echo missing)
 	echo "kvm-tests: ${p#./}: $([[ $st == 0 ]] && echo passed || echo "FAILED (status $st)")"
-	[[ $st == 0 ]] || failed=$((failed + 1))
+	if [[ $st != 0 ]]; then
+		failed=$((failed + 1))
+		# CI shows the end of the output: the failure's lines again here.
+		{ grep -n -B3 -A8 -E 'Error Trace:|^panic:|test timed out|^--- FAIL|WARNING: DATA RACE|^lab: ' "$out/$(name "$p").log" ||
+			tail -n 40 "$out/$(name "$p").log"; } 2>/dev/null | head -n 80 | sed 's/^/    /' || true
+	fi
 	# A test may skip in the lab only for a reason that is not the lab's
 	# lack (those fail: kvmtest.Require, loop devices); say which did.
 	awk -v p="${p#./}" '/^    [^ ]/ { why = $0; sub(/^ +/, "", why) }
