@@ -12,8 +12,9 @@
 # (two at once, sharing this host's CPUs, as scripts/guest-tests.sh does);
 # their output goes to bin/kvm-tests/PKG.log and is printed when it ends.
 #
-# The packages in -race (make test passes those of its RACE_PKGS that
-# have KVM tests) run a second time, built with the race detector.
+# The packages in -race (make test passes KVM_RACE_PKGS: vmm and dirtylog;
+# replicate's KVM tests are too slow with -race in the lab, see
+# docs/ARCHITECTURE.md) run a second time, built with the race detector.
 #
 # Usage: scripts/kvm-tests.sh [-run REGEXP] [-race 'PKG...']
 set -euo pipefail
