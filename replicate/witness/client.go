@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -160,9 +161,17 @@ func (c *Client) do(ctx context.Context, q *request) (sent time.Duration, rep re
 		}
 	}()
 	deadline := time.Now().Add(c.cfg.RequestTimeout)
+	callerBound := false // the caller's deadline, not RequestTimeout, bounds this attempt
 	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
-		deadline = d
+		deadline, callerBound = d, true
 	}
+	defer func() {
+		// A socket deadline that is the caller's can fire a moment before
+		// ctx says it is done: the error is still the caller's deadline.
+		if callerBound && errors.Is(err, os.ErrDeadlineExceeded) && !errors.Is(err, context.DeadlineExceeded) {
+			err = fmt.Errorf("%w (%w)", context.DeadlineExceeded, err)
+		}
+	}()
 	if err := ctx.Err(); err != nil {
 		return 0, reply{}, err
 	}
@@ -304,7 +313,7 @@ func (c *Client) acquire(ctx context.Context, opName string, q *request) (*Lease
 		case err != nil:
 			// An attempt cut short by the caller's own deadline says
 			// nothing new: keep what the one before found (a refusal).
-			if last == nil || ctx.Err() == nil {
+			if last == nil || (ctx.Err() == nil && !errors.Is(err, context.DeadlineExceeded)) {
 				last = err
 			}
 		case rep.result == resultOK && rep.holder == c.holder && (!q.base || rep.gen == q.gen+1):
