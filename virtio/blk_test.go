@@ -298,7 +298,7 @@ func TestBlockMalformedRing(t *testing.T) {
 	r.g.publish(0)
 	r.d.kick(0)
 	require.Eventually(t, func() bool { return r.d.status()&StatusDeviceNeedsReset != 0 }, 5e9, 1e6)
-	assert.True(t, r.host.line(testGSI))
+	waitIRQ(t, func() bool { return r.host.line(testGSI) }, "config interrupt for needs-reset")
 	assert.Equal(t, uint8(isrConfig), r.d.readISR())
 	assert.Equal(t, uint16(0), r.g.usedIdx())
 
@@ -320,7 +320,7 @@ func TestBlockINTxAndMSIX(t *testing.T) {
 	r := newBlkRig(t, BlockConfig{})
 	st, _ := r.do(blkTFlush, 0)
 	require.Equal(t, byte(blkSOK), st)
-	assert.True(t, r.host.line(testGSI), "INTx raised")
+	waitIRQ(t, func() bool { return r.host.line(testGSI) }, "INTx raised")
 	assert.Equal(t, uint8(isrQueue), r.d.readISR())
 	assert.False(t, r.host.line(testGSI), "ISR read lowered INTx")
 	assert.Equal(t, uint8(0), r.d.readISR(), "read to clear")
@@ -328,6 +328,7 @@ func TestBlockINTxAndMSIX(t *testing.T) {
 	r.d.enableMSIX(0, 0x41) // the queue was set up with vector 0
 	st, _ = r.do(blkTFlush, 0)
 	require.Equal(t, byte(blkSOK), st)
+	waitIRQ(t, func() bool { return len(r.host.msiData()) > 0 }, "MSI-X message sent")
 	assert.Equal(t, []uint32{0x41}, r.host.msiData())
 	assert.False(t, r.host.line(testGSI))
 }
@@ -391,6 +392,7 @@ func TestBlockSaveRestore(t *testing.T) {
 	require.NoError(t, r.blk.Close())
 	require.NoError(t, b2.Resume())
 	waitUsed(t, r.g, 2) // the waiting request is served by the new device
+	waitIRQ(t, func() bool { return len(r.host.msiData()) >= 2 }, "MSI-X message for the second request")
 	assert.Equal(t, []uint32{0x41, 0x41}, r.host.msiData(), "MSI-X state came along")
 
 	d2 := newDriver(t, b2)

@@ -2,6 +2,7 @@ package virtio
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"errors"
 	"os"
@@ -168,7 +169,11 @@ func TestBlockZeroWithoutPunch(t *testing.T) {
 	require.NoError(t, err)
 	var calls atomic.Int64
 	r := newBlkRig(t, BlockConfig{Path: img, OnZero: func(int64, int64) error { calls.Add(1); return nil }})
-	r.blk.zeroer.NoPunch = true // before the first request: the worker has not read it
+	// The worker runs from NewBlock on: quiesced, it holds no request,
+	// and Resume's lock orders this write before its next read.
+	require.NoError(t, r.blk.Quiesce(context.Background()))
+	r.blk.zeroer.NoPunch = true
+	require.NoError(t, r.blk.Resume())
 	st, _ := r.do(blkTDiscard, 0, r.zeroSegs([3]uint64{0, 16, 0}))
 	require.Equal(t, byte(blkSOK), st)
 	got, err := os.ReadFile(img)

@@ -222,6 +222,14 @@ func waitUsed(t testing.TB, g *guestRing, n uint16) {
 		"used idx %d, want %d", g.usedIdx(), n)
 }
 
+// waitIRQ waits for the device's interrupt after a completion: the
+// device publishes used idx first and signals after, so the guest side
+// (waitUsed) can see the one before the other.
+func waitIRQ(t testing.TB, raised func() bool, msg string) {
+	t.Helper()
+	require.Eventually(t, raised, 5*time.Second, time.Millisecond, msg)
+}
+
 // noProgress checks that the device leaves used idx at n for a while.
 func noProgress(t testing.TB, g *guestRing, n uint16) {
 	t.Helper()
@@ -342,7 +350,7 @@ func TestMSIXFunctionMaskAndINTxDisable(t *testing.T) {
 	assert.False(t, r.host.line(testGSI))
 	cfg.Write(0x04, []byte{0x06, 0x00})
 	r.blk.ConfigChanged()
-	assert.True(t, r.host.line(testGSI))
+	waitIRQ(t, func() bool { return r.host.line(testGSI) }, "INTx raised once enabled")
 	r.d.readISR()
 
 	// A function-masked vector stays pending until the mask is cleared.
@@ -358,5 +366,6 @@ func TestMSIXFunctionMaskAndINTxDisable(t *testing.T) {
 	ctl[1] &^= 0x40
 	cfg.Write(r.d.msixCap+2, ctl[:])
 	r.blk.ConfigChanged()
+	waitIRQ(t, func() bool { return len(r.host.msiData()) > 0 }, "pending MSI-X sent once unmasked")
 	assert.Equal(t, []uint32{0x41}, r.host.msiData())
 }
