@@ -26,11 +26,15 @@ var initAt = time.Now()
 // startTime is when this process started: the time in $GOVMM_BOOT_TRACE_T0
 // (boottrace.StartEnv: govmm bench sets it as it starts govmm), else the
 // kernel's record (/proc/self/stat: to 10 ms, never late), else now
-// (package variables are set after the Go runtime started).
-func startTime() time.Time {
+// (package variables are set after the Go runtime started). A start more
+// than a minute ago is not believed: govmm reads it as it starts.
+func startTime() time.Time { return startTimeWithin(time.Minute) }
+
+// startTimeWithin is startTime believing starts up to maxAge ago.
+func startTimeWithin(maxAge time.Duration) time.Time {
 	now := time.Now()
 	if v, err := strconv.ParseInt(os.Getenv(boottrace.StartEnv), 10, 64); err == nil && v > 0 {
-		if t := time.Unix(0, v); t.Before(now) && now.Sub(t) < time.Minute {
+		if t := time.Unix(0, v); t.Before(now) && now.Sub(t) < maxAge {
 			return t
 		}
 	}
@@ -42,7 +46,7 @@ func startTime() time.Time {
 	if !ok {
 		return now
 	}
-	if t, ok := boottrace.ProcessStart(string(stat), now, boottime); ok && now.Sub(t) < time.Minute {
+	if t, ok := boottrace.ProcessStart(string(stat), now, boottime); ok && now.Sub(t) < maxAge {
 		return t
 	}
 	return now
