@@ -84,15 +84,17 @@ fuzz:
 	GO=$(GO) scripts/fuzz.sh $(FUZZTIME) FuzzDecodeState ./replicate/witness/
 
 # Unit and tiny-guest tests here; on a host without /dev/kvm the
-# tiny-guest tests (which go test skips there) in the lab, those of
-# KVM_RACE_PKGS again with -race; then the real-guest tests (TestGuest*)
-# where Linux boots: on this host's KVM if it can, else in the lab.
+# tiny-guest tests (which go test skips there, listing each in
+# bin/kvm-skips: kvmtest.SkipsEnv) in the lab, those of KVM_RACE_PKGS
+# again with -race; then the real-guest tests (TestGuest*) where Linux
+# boots: on this host's KVM if it can, else in the lab.
 KVM_RACE_PKGS := ./vmm ./dirtylog
 test: deps vet build image
-	$(GO) test -count=1 -skip '^TestGuest' ./...
+	rm -f bin/kvm-skips
+	GOVMM_KVMTEST_SKIPS=$(CURDIR)/bin/kvm-skips $(GO) test -count=1 -skip '^TestGuest' ./...
 	$(GO) test -count=1 -race -skip '^TestGuest' $(RACE_PKGS)
 	$(MAKE) fuzz
-	scripts/kvm-tests.sh -race '$(KVM_RACE_PKGS)'
+	scripts/kvm-tests.sh -race '$(KVM_RACE_PKGS)' -skips bin/kvm-skips
 	scripts/guest-tests.sh
 
 # Only the tiny-guest KVM tests, in the lab where this host has no

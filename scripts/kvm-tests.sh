@@ -16,19 +16,32 @@
 # replicate's KVM tests are too slow with -race in the lab, see
 # docs/ARCHITECTURE.md) run a second time, built with the race detector.
 #
-# Usage: scripts/kvm-tests.sh [-run REGEXP] [-race 'PKG...']
+# With -skips FILE (make test: its host stage's go test wrote it, one line
+# per test kvmtest.Require skipped, see kvmtest.SkipsEnv) only those tests
+# run in the lab: the package's other tests passed on the host already,
+# and a minutes-long binary on L1's emulated CPUs is no place to run them
+# again. Each listed test must then show a result in the lab's output. A
+# package with KVM tests but no line in FILE runs whole, and says so.
+#
+# Usage: scripts/kvm-tests.sh [-run REGEXP | -skips FILE] [-race 'PKG...']
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 run=.
 race=
+skips=
 while (($#)); do
 	case $1 in
 	-run) run=$2; shift 2 ;;
 	-race) race=$2; shift 2 ;;
+	-skips) skips=$2; shift 2 ;;
 	*) echo "kvm-tests: unknown argument $1" >&2; exit 2 ;;
 	esac
 done
+if [[ -n $skips && $run != . ]]; then
+	echo "kvm-tests: -run and -skips both choose the tests: give one" >&2
+	exit 2
+fi
 if [[ -e /dev/kvm ]]; then
 	echo "kvm-tests: this host has /dev/kvm: go test ran the KVM tests here"
 	exit 0
@@ -64,6 +77,23 @@ for p in $pkgs; do
 	go test -c "${flags[@]}" -o "$out/$(name "$p").test" "$pkg"
 done
 echo "kvm-tests: no /dev/kvm here: the KVM tests of $(echo $kvm | wc -w) packages run in the lab, $(echo $race | wc -w) of them again with -race"
+# With -skips, $out/PKG.tests lists package PKG's tests to run (those the
+# host skipped), and $out/PKG.run is the -test.run pattern for them.
+for p in $pkgs; do
+	n=$(name "$p")
+	echo "$run" >"$out/$n.run"
+	[[ -n $skips ]] || continue
+	pkg=${p%:race}
+	pkg=${pkg#./}
+	{ awk -F'\t' -v d="$(pwd -P)/$pkg" '$1 == d && $2 !~ /^TestGuest/ { print $2 }' "$skips" 2>/dev/null || true; } | sort -u >"$out/$n.tests"
+	if [[ ! -s $out/$n.tests ]]; then
+		echo "kvm-tests: ${p#./}: no test of it skipped on the host for want of /dev/kvm ($skips): running all of its tests"
+		rm "$out/$n.tests"
+		continue
+	fi
+	echo "^($(paste -sd'|' "$out/$n.tests"))\$" >"$out/$n.run"
+	echo "kvm-tests: ${p#./}: the $(wc -l <"$out/$n.tests") tests that skipped on the host for want of /dev/kvm"
+done
 
 # run_pkg runs package $1's KVM tests in an L1 and records its status.
 run_pkg() {
@@ -72,7 +102,7 @@ run_pkg() {
 	pkg=${pkg%:race}
 	set +e
 	bin/govmm lab --cpus 2 --share-cpus --retries 2 --timeout 30m -- \
-		bash -c "cd '$root/$pkg' && exec '$root/$out/$n.test' -test.run '$run' -test.skip '^TestGuest' -test.v -test.timeout 25m" \
+		bash -c "cd '$root/$pkg' && exec '$root/$out/$n.test' -test.run '$(cat "$out/$n.run")' -test.skip '^TestGuest' -test.v -test.timeout 25m" \
 		>"$out/$n.log" 2>&1
 	st=$?
 	set -e
@@ -94,6 +124,15 @@ wait
 failed=0
 for p in $pkgs; do
 	st=$(cat "$out/$(name "$p").result" 2>/dev/null || echo missing)
+	# Every test chosen from -skips ran: a result line of its own.
+	if [[ $st == 0 && -e $out/$(name "$p").tests ]]; then
+		while read -r t; do
+			if ! grep -qE "^--- (PASS|FAIL|SKIP): $t \(" "$out/$(name "$p").log"; then
+				echo "kvm-tests: ${p#./}: $t skipped on the host but has no result in the lab"
+				st=missing-tests
+			fi
+		done <"$out/$(name "$p").tests"
+	fi
 	echo "kvm-tests: ${p#./}: $([[ $st == 0 ]] && echo passed || echo "FAILED (status $st)")"
 	if [[ $st != 0 ]]; then
 		failed=$((failed + 1))
