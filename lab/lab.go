@@ -85,6 +85,11 @@ type Config struct {
 	CacheDir string
 	// QEMU is the emulator's path; default qemu-system-x86_64 from PATH.
 	QEMU string
+
+	// bootLimit is how long after QEMU's start L1 may take to start the
+	// command before the harness takes it for stuck at boot; bootLimit
+	// when zero (tests shorten it).
+	bootLimit time.Duration
 }
 
 // Error is a run that failed in the lab itself, not in the command: L1
@@ -286,6 +291,7 @@ func runOnce(ctx context.Context, cfg Config, img guestimg.Image) (int, error) {
 	}()
 
 	var waitErr error
+	var why string // what stuck says, when L1 is killed for it
 	tick := time.NewTicker(10 * time.Second)
 	defer tick.Stop()
 	for running := true; running; {
@@ -294,7 +300,8 @@ func runOnce(ctx context.Context, cfg Config, img guestimg.Image) (int, error) {
 			running = false
 			continue
 		case <-tick.C:
-			if !wedged(filepath.Join(ctl, "heartbeat")) {
+			why = stuck(ctl, time.Since(start), cfg.bootLimit)
+			if why == "" {
 				continue
 			}
 		case <-ctx.Done():
@@ -304,7 +311,7 @@ func runOnce(ctx context.Context, cfg Config, img guestimg.Image) (int, error) {
 		<-exited
 		ln.Close()
 		<-copied
-		return 0, &Error{Reason: fmt.Sprintf("L1 ended by the harness: no heartbeat for %v, L1 wedged (after %v)", heartbeatLimit, time.Since(start).Round(time.Second)),
+		return 0, &Error{Reason: fmt.Sprintf("L1 ended by the harness: %s (after %v)", why, time.Since(start).Round(time.Second)),
 			Console: tail(consoleLog, 40), Log: filepath.Join(cfg.CacheDir, "lab", "console.log")}
 	}
 	ln.Close()
@@ -361,6 +368,31 @@ const heartbeatLimit = 2 * time.Minute
 func wedged(heartbeat string) bool {
 	fi, err := os.Stat(heartbeat)
 	return err == nil && time.Since(fi.ModTime()) > heartbeatLimit
+}
+
+// bootLimit is how long L1 may take from QEMU's start to the command's
+// before the harness takes it for stuck at boot. L1 reports reaching it
+// 3.4-8.1 s after its kernel started (127 runs, 2026-11-30..12-04, two
+// L1s sharing two CPUs); a CI run's L1 had not reached it after 60 s,
+// its console empty, while the same package's other L1s booted at the
+// usual speed: a boot that hangs, which without this limit would hold a
+// run until its whole timeout (30 min in make test).
+const bootLimit = 3 * time.Minute
+
+// stuck says why L1 should be killed, or "" while it seems alive: the
+// command has not started within limit (bootLimit when zero) of QEMU's
+// start (elapsed), or its heartbeat stopped.
+func stuck(ctl string, elapsed, limit time.Duration) string {
+	if limit == 0 {
+		limit = bootLimit
+	}
+	if _, err := os.Stat(filepath.Join(ctl, "started")); err != nil && elapsed > limit {
+		return fmt.Sprintf("the command had not started %v after QEMU did (L1 reaches it in seconds), L1 stuck at boot", limit)
+	}
+	if wedged(filepath.Join(ctl, "heartbeat")) {
+		return fmt.Sprintf("no heartbeat for %v, L1 wedged", heartbeatLimit)
+	}
+	return ""
 }
 
 // qemuArgs is L1's command line. TCG with one thread per vCPU; the "max"

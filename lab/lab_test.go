@@ -269,6 +269,33 @@ func TestLabRetriesWhenL1Dies(t *testing.T) {
 	assert.Contains(t, le.Reason, "L1 ended while the command ran")
 }
 
+// An L1 that never gets to the command (here QEMU started with its CPUs
+// stopped, -S: a boot that hangs) is killed once the boot limit passes
+// and run again, not left to the whole timeout.
+func TestLabRetriesWhenStuckAtBoot(t *testing.T) {
+	requireQEMU(t)
+	qemu, err := exec.LookPath("qemu-system-x86_64")
+	require.NoError(t, err)
+	stopped := filepath.Join(t.TempDir(), "qemu-stopped")
+	require.NoError(t, os.WriteFile(stopped, fmt.Appendf(nil, "#!/bin/sh\nexec %s -S \"$@\"\n", shellQuote(qemu)), 0o755))
+	var out, log bytes.Buffer
+	began := time.Now()
+	_, err = Run(t.Context(), Config{
+		Command: []string{"echo", "not reached"}, QEMU: stopped, bootLimit: time.Second, ShareCPUs: true, // stopped: no CPU used
+		Stdout: &out, Log: &log, Timeout: 5 * time.Minute,
+	})
+	took := time.Since(began)
+	var le *Error
+	require.True(t, errors.As(err, &le), "got %v", err)
+	assert.NotErrorIs(t, err, ErrTimeout)
+	assert.Regexp(t, `^L1 ended by the harness: the command had not started 1s after QEMU did .*, L1 stuck at boot \(after \d+s\)$`, le.Reason)
+	assert.Contains(t, log.String(), "L1 itself failed, not the command: running it again (1 of 1 retries)")
+	assert.Empty(t, out.String())
+	// Two attempts, each killed at the harness's first look (every 10 s)
+	// past the limit.
+	assert.Less(t, took, time.Minute)
+}
+
 // An L1 that shares CPUs boots while other L1s hold every CPU of this
 // host; one that does not waits for them (here, until its context ends).
 func TestLabShareCPUs(t *testing.T) {

@@ -4,9 +4,11 @@ import (
 	"bytes"
 	"context"
 	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
 
@@ -73,4 +75,21 @@ func TestWedged(t *testing.T) {
 	old := time.Now().Add(-heartbeatLimit - time.Second)
 	require.NoError(t, os.Chtimes(hb, old, old))
 	require.True(t, wedged(hb))
+}
+
+// L1 counts as stuck at boot once the limit has passed without the
+// command's start, never after it started; and as stuck when wedged.
+func TestStuck(t *testing.T) {
+	ctl := t.TempDir()
+	assert.Empty(t, stuck(ctl, time.Minute, 0), "booting, within bootLimit")
+	assert.Contains(t, stuck(ctl, bootLimit+time.Second, 0), "had not started 3m0s after QEMU did")
+	assert.Contains(t, stuck(ctl, 2*time.Second, time.Second), "had not started 1s after QEMU did")
+	require.NoError(t, os.WriteFile(filepath.Join(ctl, "started"), nil, 0o644))
+	assert.Empty(t, stuck(ctl, time.Hour, 0), "started: a long run is not a stuck boot")
+	hb := filepath.Join(ctl, "heartbeat")
+	require.NoError(t, os.WriteFile(hb, nil, 0o644))
+	assert.Empty(t, stuck(ctl, time.Hour, 0))
+	old := time.Now().Add(-heartbeatLimit - time.Second)
+	require.NoError(t, os.Chtimes(hb, old, old))
+	assert.Equal(t, "no heartbeat for 2m0s, L1 wedged", stuck(ctl, time.Hour, 0))
 }
