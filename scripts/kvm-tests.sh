@@ -92,7 +92,7 @@ for p in $pkgs; do
 		continue
 	fi
 	echo "^($(paste -sd'|' "$out/$n.tests"))\$" >"$out/$n.run"
-	echo "kvm-tests: ${p#./}: the $(wc -l <"$out/$n.tests") tests that skipped on the host for want of /dev/kvm"
+	echo "kvm-tests: ${p#./}: $(wc -l <"$out/$n.tests") of its tests, those that skipped on the host for want of /dev/kvm"
 done
 
 # run_pkg runs package $1's KVM tests in an L1 and records its status.
