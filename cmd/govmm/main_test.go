@@ -66,19 +66,66 @@ func runGovmm(timeout time.Duration, args ...string) (stdout, stderr string, sta
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	// At the timeout, SIGQUIT first: Go prints every goroutine's stack
-	// (the vCPUs', the devices') to stderr before it exits.
-	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGQUIT) }
+	// (the vCPUs', the devices') to stderr before it exits. A VM's vCPU
+	// exit counters, read twice a second apart before that, tell a guest
+	// that waits (halts, exits on its timer) from one that spins or is
+	// stuck in KVM_RUN (lab: a guest silent for 5 min, 2026-12-04).
+	var exits string
+	cmd.Cancel = func() error {
+		if len(args) > 0 && args[0] == "run" {
+			exits = vcpuExitReadings(args)
+		}
+		return cmd.Process.Signal(syscall.SIGQUIT)
+	}
 	cmd.WaitDelay = 10 * time.Second
 	err = cmd.Run()
 	if ctx.Err() != nil {
 		o := out.String()
-		return o, errb.String(), 0, fmt.Errorf("timed out after %v, with %d bytes of output, ending %q", timeout, len(o), o[max(0, len(o)-200):])
+		return o, errb.String(), 0, fmt.Errorf("timed out after %v, with %d bytes of output, ending %q; %s", timeout, len(o), o[max(0, len(o)-200):], exits)
 	}
 	var ee *exec.ExitError
 	if errors.As(err, &ee) {
 		return out.String(), errb.String(), ee.ExitCode(), nil
 	}
 	return out.String(), errb.String(), 0, err
+}
+
+// vcpuExitReadings reads the vCPU exit counters of the VM that govmm
+// args runs (its --api-sock, else $GOVMM_API_SOCK) twice, a second
+// apart, for a timed-out run's error.
+func vcpuExitReadings(args []string) string {
+	sock := os.Getenv("GOVMM_API_SOCK")
+	for i, a := range args {
+		if a == "--" {
+			break
+		}
+		if v, ok := strings.CutPrefix(a, "--api-sock="); ok {
+			sock = v
+		} else if a == "--api-sock" && i+1 < len(args) {
+			sock = args[i+1]
+		}
+	}
+	var b strings.Builder
+	b.WriteString("vCPU exits at the timeout, then a second later:")
+	for i := range 2 {
+		if i > 0 {
+			time.Sleep(time.Second)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		out, err := exec.CommandContext(ctx, govmmBin, "ctl", "--api-sock", sock, "metrics").Output()
+		cancel()
+		if err != nil {
+			fmt.Fprintf(&b, " [ctl metrics: %v]", err)
+			continue
+		}
+		for l := range strings.Lines(string(out)) {
+			if strings.HasPrefix(l, "govmm_vcpu_exits_total") || strings.HasPrefix(l, "govmm_vcpu_userspace_exits_total") {
+				b.WriteString(" " + strings.TrimSpace(l) + ";")
+			}
+		}
+		b.WriteString(" |")
+	}
+	return b.String()
 }
 
 // tinyImage writes the bench's tiny bzImage (prints the ready line, exits
