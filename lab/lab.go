@@ -87,8 +87,8 @@ type Config struct {
 	QEMU string
 
 	// bootLimit is how long after QEMU's start L1 may take to start the
-	// command before the harness takes it for stuck at boot; bootLimit
-	// when zero (tests shorten it).
+	// command before the harness takes it for stuck at boot; default
+	// bootLimit (tests shorten it).
 	bootLimit time.Duration
 }
 
@@ -160,7 +160,7 @@ func Run(ctx context.Context, cfg Config) (int, error) {
 
 // fill checks cfg and sets its defaults (the QEMU found in PATH, this
 // directory, this host's CPUs up to 4, 8 GiB, multi-threaded TCG, an hour,
-// one retry, shares made absolute).
+// one retry, bootLimit, shares made absolute).
 func (cfg *Config) fill() error {
 	if cfg.QEMU == "" {
 		p, err := exec.LookPath("qemu-system-x86_64")
@@ -204,6 +204,9 @@ func (cfg *Config) fill() error {
 	}
 	if cfg.Retries == 0 {
 		cfg.Retries = 1
+	}
+	if cfg.bootLimit <= 0 {
+		cfg.bootLimit = bootLimit
 	}
 	if cfg.Stdout == nil {
 		cfg.Stdout = io.Discard
@@ -380,12 +383,9 @@ func wedged(heartbeat string) bool {
 const bootLimit = 3 * time.Minute
 
 // stuck says why L1 should be killed, or "" while it seems alive: the
-// command has not started within limit (bootLimit when zero) of QEMU's
-// start (elapsed), or its heartbeat stopped.
+// command has not started within limit of QEMU's start (elapsed), or its
+// heartbeat stopped.
 func stuck(ctl string, elapsed, limit time.Duration) string {
-	if limit == 0 {
-		limit = bootLimit
-	}
 	if _, err := os.Stat(filepath.Join(ctl, "started")); err != nil && elapsed > limit {
 		return fmt.Sprintf("the command had not started %v after QEMU did (L1 reaches it in seconds), L1 stuck at boot", limit)
 	}

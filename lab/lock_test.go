@@ -81,15 +81,15 @@ func TestWedged(t *testing.T) {
 // command's start, never after it started; and as stuck when wedged.
 func TestStuck(t *testing.T) {
 	ctl := t.TempDir()
-	assert.Empty(t, stuck(ctl, time.Minute, 0), "booting, within bootLimit")
-	assert.Contains(t, stuck(ctl, bootLimit+time.Second, 0), "had not started 3m0s after QEMU did")
+	assert.Empty(t, stuck(ctl, time.Minute, bootLimit), "booting, within bootLimit")
+	assert.Contains(t, stuck(ctl, bootLimit+time.Second, bootLimit), "had not started 3m0s after QEMU did")
 	assert.Contains(t, stuck(ctl, 2*time.Second, time.Second), "had not started 1s after QEMU did")
 	require.NoError(t, os.WriteFile(filepath.Join(ctl, "started"), nil, 0o644))
-	assert.Empty(t, stuck(ctl, time.Hour, 0), "started: a long run is not a stuck boot")
+	assert.Empty(t, stuck(ctl, time.Hour, bootLimit), "started: a long run is not a stuck boot")
 	hb := filepath.Join(ctl, "heartbeat")
 	require.NoError(t, os.WriteFile(hb, nil, 0o644))
-	assert.Empty(t, stuck(ctl, time.Hour, 0))
+	assert.Empty(t, stuck(ctl, time.Hour, bootLimit))
 	old := time.Now().Add(-heartbeatLimit - time.Second)
 	require.NoError(t, os.Chtimes(hb, old, old))
-	assert.Equal(t, "no heartbeat for 2m0s, L1 wedged", stuck(ctl, time.Hour, 0))
+	assert.Equal(t, "no heartbeat for 2m0s, L1 wedged", stuck(ctl, time.Hour, bootLimit))
 }

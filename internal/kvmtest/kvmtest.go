@@ -33,10 +33,9 @@ func Require(t testing.TB) {
 
 // SkipsEnv names a file to which Require appends a line for each test it
 // skips: the test binary's directory (its package's, symbolic links
-// resolved), a tab, and the
-// top-level test's name. make test sets it for its host stage, and
-// scripts/kvm-tests.sh then runs in the lab just the tests listed, the
-// ones that ran nowhere else.
+// resolved), a tab, and the top-level test's name. make test sets it for
+// its host stage, and scripts/kvm-tests.sh then runs in the lab just the
+// tests listed, the ones that ran nowhere else.
 const SkipsEnv = "GOVMM_KVMTEST_SKIPS"
 
 // recordSkip appends t's line to the file SkipsEnv names, if it is set.
