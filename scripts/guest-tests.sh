@@ -244,4 +244,9 @@ for f in "${failed[@]}"; do
 	# script with it)
 	{ grep -n -B3 -A14 -E 'Error Trace:|^panic:|test timed out|^--- FAIL|^guest-tests: .*(fail|skipped|did not run|crash)|^lab: (command|.*(fail|error|crash|timed out))' "$log" || tail -n 40 "$log"; } | head -n 120 | sed 's/^/    /' || true
 done
+# Last, a line per failure (scripts/failures.awk): CI shows only the end.
+for f in "${failed[@]}"; do
+	read -r log what <<<"$f"
+	awk -v prefix="guest-tests: $what: " -f scripts/failures.awk "$log" 2>/dev/null | tail -n 6 || true
+done
 exit $fail

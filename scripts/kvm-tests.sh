@@ -146,4 +146,9 @@ for p in $pkgs; do
 		/^--- SKIP: / { print "kvm-tests: " p ": skipped " $3 ": " why }' "$out/$(name "$p").log" 2>/dev/null || true
 done
 echo "kvm-tests: summary: $(echo $pkgs | wc -w) runs, $failed failed, $((SECONDS - start)) s"
+# Last, a line per failure (scripts/failures.awk): CI shows only the end.
+for p in $pkgs; do
+	[[ $(cat "$out/$(name "$p").result" 2>/dev/null) == 0 ]] && continue
+	awk -v prefix="kvm-tests: ${p#./}: " -f scripts/failures.awk "$out/$(name "$p").log" 2>/dev/null | tail -n 8 || true
+done
 ((failed == 0))

@@ -1,0 +1,86 @@
+# failures.awk prints one line per failure in a `go test -v` log: the
+# test, where it failed and why (testify's Error and Messages, a t.Fatal's
+# text, a panic, a timeout), each line cut at 400 characters. CI shows
+# only the last lines of what make test printed, far below the logs
+# themselves: scripts/kvm-tests.sh and scripts/guest-tests.sh end with
+# these lines so that the reason for a failure is among them.
+#
+# Usage: awk -v prefix='kvm-tests: replicate: ' -f scripts/failures.awk LOG
+function trim(s) {
+	sub(/^[ \t]+/, "", s)
+	sub(/[ \t]+$/, "", s)
+	return s
+}
+function out(s) {
+	if (length(s) > 400)
+		s = substr(s, 1, 397) "..."
+	print prefix s
+	printed++
+}
+# flush prints the testify failure being read, if any.
+function flush() {
+	if (where == "")
+		return
+	out(test ": " where ": " err (msg != "" ? " (" msg ")" : ""))
+	said[test] = 1
+	where = err = msg = test = field = last = ""
+}
+# Lines the test printed (t.Log, t.Fatal) start with 4+ spaces and
+# file_test.go:N; the last one before a "--- FAIL" says why a test that
+# did not use testify failed.
+/^ +[A-Za-z0-9_]+\.go:[0-9]+: / {
+	flush()
+	last = trim($0)
+	next
+}
+/^[ \t]+Error Trace:/ {
+	flush()
+	where = trim(substr($0, index($0, "Error Trace:") + 12))
+	n = split(where, parts, "/")
+	where = parts[n]
+	field = "trace"
+	next
+}
+/^[ \t]+Error:[ \t]/ && where != "" {
+	err = trim(substr($0, index($0, "Error:") + 6))
+	field = "err"
+	next
+}
+/^[ \t]+Test:[ \t]/ && where != "" {
+	test = trim(substr($0, index($0, "Test:") + 5))
+	field = "test"
+	next
+}
+/^[ \t]+Messages:[ \t]/ && where != "" {
+	msg = trim(substr($0, index($0, "Messages:") + 9))
+	field = "msg"
+	next
+}
+# testify's continuation lines: more of the field above.
+/^[ \t]+\t/ && where != "" {
+	if (field == "err")
+		err = err " " trim($0)
+	else if (field == "msg")
+		msg = msg " " trim($0)
+	next
+}
+/^--- FAIL: |^    --- FAIL: / {
+	flush()
+	name = $3
+	if (last != "" && !(name in said))
+		out(name ": " last)
+	said[name] = 1
+	last = ""
+	next
+}
+/^panic: |^fatal error: |test timed out after|^WARNING: DATA RACE|^lab: .*(fail|error|crash|timed out|status [1-9])/ {
+	flush()
+	out(trim($0))
+	next
+}
+{ flush() }
+END {
+	flush()
+	if (printed == 0)
+		print prefix "no failure found in the log: see its last lines above"
+}
