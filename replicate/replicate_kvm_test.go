@@ -124,8 +124,17 @@ func testReplicationFailover(t *testing.T, deltas bool, copyMode CopyMode) {
 		Copy: copyMode}, testHooks{atCut: rec.at})
 	require.NoError(t, err)
 	t.Cleanup(rep.Stop) // before the machine closes
-	require.Eventually(t, func() bool { return rep.Stats().Epochs >= 10 }, 30*time.Second, time.Millisecond)
+	// Ten checkpoints, and more than one pass of the Dirtier's pages in
+	// them: how many pages an epoch holds is up to the guest's speed (in
+	// the lab, with another L1 on the same CPUs, tens per 20 ms).
+	require.Eventually(t, func() bool {
+		st := rep.Stats()
+		return st.Epochs >= 10 && st.DirtyPages > dirtyPages
+	}, 30*time.Second, time.Millisecond, "ten checkpoints carrying more than %d dirty pages", dirtyPages)
 	st := rep.Stats()
+	ws := rep.t.Stats()
+	t.Logf("%d checkpoints (epoch %d, acked %d): %d dirty pages, %d bytes; stream since the sync began: %d pages, %d page bytes in %d on the wire, %d state bytes in %d checkpoints",
+		st.Epochs, st.Epoch, st.Acked, st.DirtyPages, st.Bytes, ws.Pages, ws.PageBytes, ws.PageWireBytes, ws.StateBytes, ws.Checkpoints)
 	require.Equal(t, string(copyMode), st.Last.CopyMode)
 	if copyMode == CopyCoW {
 		// The Dirtier runs on from the resume into pages the copier has
@@ -135,11 +144,12 @@ func testReplicationFailover(t *testing.T, deltas bool, copyMode CopyMode) {
 		require.Positive(t, rep.Recent()[0].Background)
 	}
 	require.True(t, st.Protected)
-	require.Greater(t, st.DirtyPages, uint64(dirtyPages), "the dirtier's pages travel")
 	// Compressed (S2): the Dirtier's pages are one byte over zeroes, and
-	// the wire carries a small fraction of them.
-	require.Less(t, st.Bytes, st.DirtyPages*guestmem.PageSize/10, "pages travel compressed")
-	ws := rep.t.Stats()
+	// the wire carries a small fraction of them. (Of the pages' bytes: a
+	// checkpoint's device state, ~18 KB, outweighs its pages where the
+	// guest dirtied few in an epoch.)
+	require.Positive(t, st.Bytes)
+	require.Less(t, ws.PageWireBytes, (ws.Pages-ws.ZeroPages)*guestmem.PageSize/10, "pages travel compressed")
 	require.Equal(t, "s2", ws.Compression)
 	require.Equal(t, deltas, ws.Deltas)
 	// Whether any page travels as a delta here is up to timing: the
