@@ -74,7 +74,12 @@ func TestWitnessCommand(t *testing.T) {
 	addr, stop := startWitnessCmd(t, keyFile, state)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	c, err := witness.NewClient(witness.Config{Addr: addr, Key: key, VM: "web", Holder: "primary test", Lease: 200 * time.Millisecond, Logger: quiet})
+	// Requests get 2 s, not a 200 ms lease's default 50 ms (dial and
+	// handshake included): this test is about what the witness keeps,
+	// and a loaded host (the lab beside busy loops) took longer than 50 ms
+	// for a fresh witness's first handshake.
+	c, err := witness.NewClient(witness.Config{Addr: addr, Key: key, VM: "web", Holder: "primary test", Lease: 200 * time.Millisecond,
+		RequestTimeout: 2 * time.Second, Logger: quiet})
 	require.NoError(t, err)
 	defer c.Close()
 	l, err := c.Acquire(ctx)
@@ -98,7 +103,8 @@ func TestWitnessCommand(t *testing.T) {
 	// claims generation 2 once the lease granted again at the restart
 	// has run out.
 	addr, _ = startWitnessCmd(t, keyFile, state)
-	s, err := witness.NewClient(witness.Config{Addr: addr, Key: key, VM: "web", Holder: "standby test", Lease: 200 * time.Millisecond, Logger: quiet})
+	s, err := witness.NewClient(witness.Config{Addr: addr, Key: key, VM: "web", Holder: "standby test", Lease: 200 * time.Millisecond,
+		RequestTimeout: 2 * time.Second, Logger: quiet})
 	require.NoError(t, err)
 	defer s.Close()
 	rec, err := s.Query(ctx)
