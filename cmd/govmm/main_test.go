@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -19,9 +20,11 @@ import (
 	"golang.org/x/sys/unix"
 
 	"govmm/bench"
+	"govmm/ctlapi"
 	"govmm/guestimg"
 	"govmm/internal/boottrace"
 	"govmm/internal/kvmtest"
+	"govmm/kvmapi"
 	"govmm/vmm"
 )
 
@@ -70,10 +73,16 @@ func runGovmm(timeout time.Duration, args ...string) (stdout, stderr string, sta
 	// exit counters, read twice a second apart before that, tell a guest
 	// that waits (halts, exits on its timer) from one that spins or is
 	// stuck in KVM_RUN (lab: a guest silent for 5 min, 2026-12-04).
+	//
+	// Then a snapshot, for where each vCPU is: halted or running, its
+	// RIP and IF, the interrupts its local APIC holds pending or in
+	// service (a halted vCPU with IF set and a vector pending would be a
+	// lost wake-up, not a slow guest).
 	var exits string
 	cmd.Cancel = func() error {
 		if len(args) > 0 && args[0] == "run" {
-			exits = vcpuExitReadings(args)
+			sock := apiSockOf(args)
+			exits = vcpuExitReadings(sock) + " " + vcpuPositions(sock)
 		}
 		return cmd.Process.Signal(syscall.SIGQUIT)
 	}
@@ -90,10 +99,9 @@ func runGovmm(timeout time.Duration, args ...string) (stdout, stderr string, sta
 	return out.String(), errb.String(), 0, err
 }
 
-// vcpuExitReadings reads the vCPU exit counters of the VM that govmm
-// args runs (its --api-sock, else $GOVMM_API_SOCK) twice, a second
-// apart, for a timed-out run's error.
-func vcpuExitReadings(args []string) string {
+// apiSockOf is the control socket of the VM that govmm args runs: its
+// --api-sock, else $GOVMM_API_SOCK.
+func apiSockOf(args []string) string {
 	sock := os.Getenv("GOVMM_API_SOCK")
 	for i, a := range args {
 		if a == "--" {
@@ -105,6 +113,12 @@ func vcpuExitReadings(args []string) string {
 			sock = args[i+1]
 		}
 	}
+	return sock
+}
+
+// vcpuExitReadings reads the vCPU exit counters of the VM served at sock
+// twice, a second apart, for a timed-out run's error.
+func vcpuExitReadings(sock string) string {
 	var b strings.Builder
 	b.WriteString("vCPU exits at the timeout, then a second later:")
 	for i := range 2 {
@@ -128,6 +142,62 @@ func vcpuExitReadings(args []string) string {
 	return b.String()
 }
 
+// vcpuPositions snapshots the VM served at sock and says, for each vCPU,
+// its MP state, RIP, RFLAGS (IF), an interrupt being injected, and its
+// local APIC's pending (IRR) and in-service (ISR) vectors, task priority
+// and timer: for a timed-out run's error.
+func vcpuPositions(sock string) string {
+	dir, err := os.MkdirTemp("", "govmm-timeout-")
+	if err != nil {
+		return fmt.Sprintf("[snapshot: %v]", err)
+	}
+	defer os.RemoveAll(dir)
+	path := filepath.Join(dir, "snap")
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	c := ctlapi.NewClient(sock)
+	defer c.Close()
+	if _, err := c.Snapshot(ctx, path); err != nil {
+		return fmt.Sprintf("[snapshot: %v]", err)
+	}
+	st, err := vmm.ReadSnapshotState(path)
+	if err != nil {
+		return fmt.Sprintf("[snapshot: %v]", err)
+	}
+	var b strings.Builder
+	b.WriteString("vCPUs at the timeout:")
+	for i, v := range st.VCPUs {
+		fmt.Fprintf(&b, " vCPU %d: mp_state %d, rip %#x, rflags %#x (IF %d), cs %#x",
+			i, v.MPState.State, v.Regs.RIP, v.Regs.RFLAGS, v.Regs.RFLAGS>>9&1, v.Sregs.CS.Selector)
+		if v.Events.Interrupt.Injected != 0 {
+			fmt.Fprintf(&b, ", injecting vector %d", v.Events.Interrupt.Nr)
+		}
+		fmt.Fprintf(&b, ", LAPIC irr %v isr %v tpr %#x lvt-timer %#x initial-count %d;",
+			apicVectors(&v.LAPIC, 0x200), apicVectors(&v.LAPIC, 0x100), apicReg(&v.LAPIC, 0x80), apicReg(&v.LAPIC, 0x320), apicReg(&v.LAPIC, 0x380))
+	}
+	return b.String()
+}
+
+// apicReg is the local APIC register at offset off.
+func apicReg(l *kvmapi.LAPICState, off int) uint32 {
+	return binary.LittleEndian.Uint32(l.Regs[off : off+4])
+}
+
+// apicVectors lists the vectors set in the 256-bit register (IRR, ISR)
+// whose eight 32-bit words start at off, 16 bytes apart.
+func apicVectors(l *kvmapi.LAPICState, off int) []int {
+	var vs []int
+	for w := range 8 {
+		r := apicReg(l, off+16*w)
+		for bit := range 32 {
+			if r&(1<<bit) != 0 {
+				vs = append(vs, 32*w+bit)
+			}
+		}
+	}
+	return vs
+}
+
 // tinyImage writes the bench's tiny bzImage (prints the ready line, exits
 // 0 through the exit port) and a dummy initrd.
 func tinyImage(t *testing.T) (kernel, initrd string) {
@@ -146,6 +216,28 @@ func TestRunTinyKernel(t *testing.T) {
 	out, errOut, status := govmm(t, time.Minute, "run", "--kernel", k, "--initrd", i, "--net", "none")
 	require.Equal(t, 0, status, errOut)
 	require.Equal(t, bench.TinyReadyLine+"\n", out)
+}
+
+// A run that outlives its test's timeout is reported with what its vCPUs
+// were doing (runGovmm): the exit counters, and from a snapshot each
+// vCPU's state. The tiny kernel built not to exit halts after its ready
+// line, so its one vCPU is found halted.
+func TestRunTimeoutReportsVCPUs(t *testing.T) {
+	kvmtest.Require(t)
+	dir := t.TempDir()
+	kernel, initrd := filepath.Join(dir, "tiny"), filepath.Join(dir, "initrd")
+	require.NoError(t, os.WriteFile(kernel, bench.TinyKernel(false), 0o644))
+	require.NoError(t, os.WriteFile(initrd, make([]byte, 512), 0o644))
+	sock := filepath.Join(dir, "api.sock")
+	out, _, _, err := runGovmm(5*time.Second, "run", "--kernel", kernel, "--initrd", initrd, "--net", "none", "--api-sock", sock)
+	require.Error(t, err)
+	require.Equal(t, bench.TinyReadyLine+"\n", out)
+	msg := err.Error()
+	require.Contains(t, msg, "timed out after 5s")
+	require.Regexp(t, `govmm_vcpu_exits_total\{vcpu="0"\} [1-9]`, msg)
+	require.Regexp(t, `vCPU 0: mp_state 3, rip 0x[0-9a-f]+, rflags 0x[0-9a-f]+ \(IF [01]\), cs 0x[0-9a-f]+, LAPIC irr \[`, msg)
+	require.NotContains(t, msg, "[snapshot:")
+	t.Log(msg)
 }
 
 // Bad input that only running shows: one clear line on stderr and exit
