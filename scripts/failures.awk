@@ -17,6 +17,14 @@ function out(s) {
 	print prefix s
 	printed++
 }
+# failedBelow says whether a subtest of name has failed already: a
+# parent's "--- FAIL" adds nothing to its subtest's line.
+function failedBelow(name,    k) {
+	for (k in said)
+		if (index(k, name "/") == 1)
+			return 1
+	return 0
+}
 # flush prints the testify failure being read, if any.
 function flush() {
 	if (where == "")
@@ -64,10 +72,10 @@ function flush() {
 		msg = msg " " trim($0)
 	next
 }
-/^--- FAIL: |^    --- FAIL: / {
+/^ *--- FAIL: / {
 	flush()
 	name = $3
-	if (last != "" && !(name in said))
+	if (last != "" && !(name in said) && !failedBelow(name))
 		out(name ": " last)
 	said[name] = 1
 	last = ""
