@@ -25,6 +25,10 @@ function failedBelow(name,    k) {
 			return 1
 	return 0
 }
+# value is the text after label on this line: a testify field's value.
+function value(label) {
+	return trim(substr($0, index($0, label) + length(label)))
+}
 # flush prints the testify failure being read, if any.
 function flush() {
 	if (where == "")
@@ -43,24 +47,24 @@ function flush() {
 }
 /^[ \t]+Error Trace:/ {
 	flush()
-	where = trim(substr($0, index($0, "Error Trace:") + 12))
+	where = value("Error Trace:")
 	n = split(where, parts, "/")
 	where = parts[n]
 	field = "trace"
 	next
 }
 /^[ \t]+Error:[ \t]/ && where != "" {
-	err = trim(substr($0, index($0, "Error:") + 6))
+	err = value("Error:")
 	field = "err"
 	next
 }
 /^[ \t]+Test:[ \t]/ && where != "" {
-	test = trim(substr($0, index($0, "Test:") + 5))
+	test = value("Test:")
 	field = "test"
 	next
 }
 /^[ \t]+Messages:[ \t]/ && where != "" {
-	msg = trim(substr($0, index($0, "Messages:") + 9))
+	msg = value("Messages:")
 	field = "msg"
 	next
 }

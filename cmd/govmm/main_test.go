@@ -200,10 +200,14 @@ func apicVectors(l *kvmapi.LAPICState, off int) []int {
 
 // tinyImage writes the bench's tiny bzImage (prints the ready line, exits
 // 0 through the exit port) and a dummy initrd.
-func tinyImage(t *testing.T) (kernel, initrd string) {
+func tinyImage(t *testing.T) (kernel, initrd string) { return tinyImageOf(t, true) }
+
+// tinyImageOf is tinyImage, with a kernel that exits or halts after its
+// ready line (bench.TinyKernel).
+func tinyImageOf(t *testing.T, exit bool) (kernel, initrd string) {
 	dir := t.TempDir()
 	kernel, initrd = filepath.Join(dir, "tiny"), filepath.Join(dir, "initrd")
-	require.NoError(t, os.WriteFile(kernel, bench.TinyKernel(true), 0o644))
+	require.NoError(t, os.WriteFile(kernel, bench.TinyKernel(exit), 0o644))
 	require.NoError(t, os.WriteFile(initrd, make([]byte, 512), 0o644))
 	return kernel, initrd
 }
@@ -224,11 +228,8 @@ func TestRunTinyKernel(t *testing.T) {
 // line, so its one vCPU is found halted.
 func TestRunTimeoutReportsVCPUs(t *testing.T) {
 	kvmtest.Require(t)
-	dir := t.TempDir()
-	kernel, initrd := filepath.Join(dir, "tiny"), filepath.Join(dir, "initrd")
-	require.NoError(t, os.WriteFile(kernel, bench.TinyKernel(false), 0o644))
-	require.NoError(t, os.WriteFile(initrd, make([]byte, 512), 0o644))
-	sock := filepath.Join(dir, "api.sock")
+	kernel, initrd := tinyImageOf(t, false)
+	sock := filepath.Join(t.TempDir(), "api.sock")
 	out, _, _, err := runGovmm(5*time.Second, "run", "--kernel", kernel, "--initrd", initrd, "--net", "none", "--api-sock", sock)
 	require.Error(t, err)
 	require.Equal(t, bench.TinyReadyLine+"\n", out)
