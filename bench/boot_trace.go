@@ -80,11 +80,24 @@ func bootTraceTrial(ctx context.Context, cmd *exec.Cmd, guestBytes uint64, timeo
 	case <-exited:
 		return r, fmt.Errorf("%s exited before the ready line: %s", cmd.Path, stderr.last())
 	case <-time.After(timeout):
-		return r, fmt.Errorf("%s: no ready line within %s", cmd.Path, timeout)
+		return r, fmt.Errorf("%s: no ready line within %s; its console's last lines, each at its time since start:\n%s", cmd.Path, timeout, consoleTail(rec.Lines(), start, 8))
 	case <-ctx.Done():
 		return r, ctx.Err()
 	}
 	return readyTrial(cmd, start, rec.Lines(), setup, guestBytes)
+}
+
+// consoleTail is the last n of lines, each with its time since start: a
+// boot that stalls says where, and since when.
+func consoleTail(lines []boottrace.Line, start time.Time, n int) string {
+	if len(lines) == 0 {
+		return "  (none)"
+	}
+	var b strings.Builder
+	for _, l := range lines[max(0, len(lines)-n):] {
+		fmt.Fprintf(&b, "  %8.1f s  %s\n", l.At.Sub(start).Seconds(), l.Text)
+	}
+	return strings.TrimSuffix(b.String(), "\n")
 }
 
 // vmmStderr reads a VMM's stderr in a goroutine of its own: the first

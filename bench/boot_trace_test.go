@@ -104,3 +104,17 @@ func TestBootTrialEarlyExitSaysWhy(t *testing.T) {
 		assert.Contains(t, err.Error(), "exited before the ready line: no /dev/kvm here")
 	}
 }
+
+// A VMM whose guest stalls fails the trial with the console's last lines
+// and when each came, so a report says where the boot stopped.
+func TestBootTrialStallSaysWhere(t *testing.T) {
+	cmd := exec.Command("sh", "-c", "for i in $(seq 12); do echo \"[    0.$i] line $i\"; done; sleep 30")
+	_, err := bootTraceTrial(t.Context(), cmd, 0, 2*time.Second)
+	require.Error(t, err)
+	msg := err.Error()
+	assert.Contains(t, msg, "no ready line within 2s")
+	assert.Contains(t, msg, "line 12")
+	assert.Contains(t, msg, "line 5")
+	assert.NotContains(t, msg, "line 4\n", "only the last eight")
+	assert.Regexp(t, `\n +[0-9]+\.[0-9] s  \[    0\.12\] line 12$`, msg)
+}
