@@ -209,7 +209,7 @@ func (pc *pageCodec) decodeInto(buf *[]byte, p []byte) ([]byte, error) {
 	return pc.decodeFrame(framePages, buf, p)
 }
 
-// decodeFrame is decode of a Pages or Disk frame (t) into *buf (grown
+// decodeFrame is decode of a Pages, Disk or State frame (t) into *buf (grown
 // once to MaxPagesPayload, which a disk section's MaxDiskPayload is
 // under), so that a receiver's reader can decompress the next frame while
 // an earlier one is still staged. pc may be nil (stored sections only). A
@@ -226,13 +226,20 @@ func (pc *pageCodec) decodeFrame(t frameType, buf *[]byte, p []byte) ([]byte, er
 	if pc != nil {
 		session = pc.c
 	}
-	limit := container.MaxPagesPayload
-	if t == frameDisk {
+	limit, reserved := container.MaxPagesPayload, p[1:4]
+	switch t {
+	case frameDisk:
 		limit = container.MaxDiskPayload
+	case frameState:
+		limit, reserved = MaxStateChunk, p[2:4] // p[1] is the chunk's base
 	}
 	switch {
-	case !allZero(p[1:4]):
+	case !allZero(reserved):
 		return nil, fmt.Errorf("%v frame: reserved bytes set: %w", t, ErrFrame)
+	case t == frameState && p[1] > stateXOR:
+		return nil, fmt.Errorf("state frame: unknown base %d: %w", p[1], ErrFrame)
+	case t == frameState && n == 0:
+		return nil, fmt.Errorf("state frame: empty chunk: %w", ErrFrame)
 	case n > limit:
 		return nil, fmt.Errorf("%v frame: section of %d bytes, at most %d: %w", t, n, limit, ErrTooLarge)
 	case c != codecStored && c != session:

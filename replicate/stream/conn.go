@@ -6,6 +6,7 @@ import (
 	"crypto/cipher"
 	"crypto/hmac"
 	"crypto/sha256"
+	"crypto/subtle"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -223,11 +224,14 @@ type frameReader struct {
 	// says the frame just read was.
 	secSum    sum64
 	summedNow bool
-	hdr       [headerSize]byte
-	sum       [macSize]byte
-	want      [macSize]byte
-	nonce     [nonceLen]byte
-	ctr       *counters // bytes and frames received, open time
+	// stateBase and stateNext are the last checkpoint's state and the
+	// current one's so far (trackState).
+	stateBase, stateNext []byte
+	hdr                  [headerSize]byte
+	sum                  [macSize]byte
+	want                 [macSize]byte
+	nonce                [nonceLen]byte
+	ctr                  *counters // bytes and frames received, open time
 }
 
 // rxSlot is what a decoded frame aliases: the buffer its payload was read
@@ -308,8 +312,42 @@ func (r *frameReader) next() (*frame, error) {
 	if err := decodePayload(f, h.typ, p, &r.layout); err != nil {
 		return nil, err
 	}
+	if err := r.trackState(f); err != nil {
+		return nil, err
+	}
 	r.sumFrame(f)
 	return f, nil
+}
+
+// trackState keeps the state a State frame's XOR chunk is taken against:
+// the state of the last checkpoint that carried any (stateBase), built
+// from the current checkpoint's chunks as they come (stateNext, which
+// becomes the base at the End frame). A chunk that came as an XOR is
+// made whole here, in place (its bytes are the slot's), before anything
+// sums or stages it.
+func (r *frameReader) trackState(f *frame) error {
+	switch f.typ {
+	case frameBegin:
+		r.stateNext = r.stateNext[:0]
+	case frameState:
+		off := len(r.stateNext)
+		if off+len(f.data) > MaxState {
+			return fmt.Errorf("state of more than %d bytes in one checkpoint: %w", MaxState, ErrTooLarge)
+		}
+		if f.stateXOR {
+			if off >= len(r.stateBase) {
+				return fmt.Errorf("state frame: an XOR chunk at offset %d, past the last state's %d bytes: %w", off, len(r.stateBase), ErrFrame)
+			}
+			n := min(len(f.data), len(r.stateBase)-off)
+			subtle.XORBytes(f.data[:n], f.data[:n], r.stateBase[off:off+n])
+		}
+		r.stateNext = append(r.stateNext, f.data...)
+	case frameEnd:
+		if len(r.stateNext) > 0 {
+			r.stateBase, r.stateNext = r.stateNext, r.stateBase[:0]
+		}
+	}
+	return nil
 }
 
 // sumFrame keeps the running sum of the checkpoint's sections, as the
@@ -333,7 +371,9 @@ func (r *frameReader) sumFrame(f *frame) {
 			r.secSum.Section(container.TypeDisk, f.section)
 		}
 	case frameState:
-		if sums(sealed, true) {
+		// A chunk the reader made whole (decompressed, or XORed with
+		// the last state) is more than its tag covers.
+		if sums(sealed, codec(f.payload[0]) == codecStored && !f.stateXOR) {
 			r.secSum.Section(container.TypeState, f.data)
 		}
 	case frameEnd:

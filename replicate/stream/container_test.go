@@ -14,9 +14,10 @@ import (
 // and State frame carries one section's payload, in order, and the End
 // frame's sum is sum64 of those sections (since version 9; not the
 // container's CRC32C): all of them without a key, and in a sealed session
-// (version 10) only the Pages and Disk sections that travelled compressed
-// (Disk since version 12), the tags covering the rest. The receiver
-// computes it the same way (it acknowledges).
+// (version 10) only the sections that travelled compressed (Disk since
+// version 12, State since 13) or as an XOR with the last state (13), the
+// tags covering the rest. The receiver computes it the same way (it
+// acknowledges).
 func TestCheckpointIsAContainer(t *testing.T) {
 	for _, tt := range []struct {
 		name   string
@@ -26,7 +27,7 @@ func TestCheckpointIsAContainer(t *testing.T) {
 	}{
 		{"unkeyed: every section", false, CompressNone, []bool{true, true, true, true, true}},
 		{"keyed: none, all stored", true, CompressNone, []bool{false, false, false, false, false}},
-		{"keyed s2: the compressed page and disk sections", true, CompressS2, []bool{true, true, false, false, false}},
+		{"keyed s2: the compressed page, disk and state sections", true, CompressS2, []bool{true, true, false, true, true}},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			scfg, rcfg := cfgs(newFakeClock())

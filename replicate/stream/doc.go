@@ -43,7 +43,7 @@
 //     pre-shared key both ways. (Without a key, loopback only, frames
 //     carry CRC32Cs instead: corruption is caught, nothing else.)
 //
-// # Wire format (version 12, little-endian)
+// # Wire format (version 13, little-endian)
 //
 // Handshake frames (each side's Hello and Auth, framed as in version 1 so
 // that any version can read a hello far enough to refuse it):
@@ -89,8 +89,13 @@
 //	            page section) | data: a container page section's payload of
 //	            length bytes (1..256 pages, each gpa inside the layout), as is
 //	            (stored) or compressed with the session's codec
-//	5 State     a container state section's payload: 1..MaxStateChunk bytes of machine
-//	            state (the checkpoint's State frames concatenated, ≤ MaxState in all)
+//	5 State     codec u8 | base u8 | 0 [2] | length u32 (1..MaxStateChunk) | data:
+//	            a container state section's payload of length bytes of machine
+//	            state (the checkpoint's State frames concatenated, ≤ MaxState in
+//	            all), base 0 as they are, base 1 XORed with the state of the last
+//	            checkpoint that carried state, at the same offsets (bytes past its
+//	            end as they are), stored or compressed as a Pages frame's
+//	            (version 13; a sender XORs only to compress)
 //	6 End       epoch u64 | pages u64 | state length u64 | disk bytes u64 | sum u64
 //	7 Ack       epoch u64
 //	8 Heartbeat sender's clock, unix ns, u64
@@ -106,7 +111,7 @@
 //	13 Handover empty: after the final checkpoint's ack, run the guest
 //
 // The session's codec is the sender's, if the receiver's hello accepts it,
-// else none: then every Pages and Disk frame is stored. A sender stores a section
+// else none: then every Pages, Disk and State frame is stored. A sender stores a section
 // that would not shrink. A receiver refuses any other codec, and data
 // that does not decompress to exactly the announced length (it never
 // decompresses past the cap). Sealing comes after compression: the tag
@@ -120,13 +125,14 @@
 // data its length, a zero run ZeroRunCost (version 11). The
 // End frame's sum is sum64 (sum.go) of the checkpoint's sections: for each
 // Pages, Disk and State frame in frame order, a block of its container
-// section type and length, then the section's payload (a Pages or Disk
-// frame's section decompressed: the sum also checks the decompression).
-// In a keyed session (version 10) it leaves out every section that
-// travelled as it is applied (a stored Pages or Disk frame's, every State
-// frame's): AES-256-GCM authenticated those bytes already, so only a
-// compressed section, what the decompressor made of authenticated bytes,
-// is summed. Up to version 8 it was the container's CRC32C
+// section type and length, then the section's payload (a Pages, Disk or
+// State frame's section decompressed, and a State chunk un-XORed: the sum
+// also checks what the receiver made of the bytes). In a keyed session
+// (version 10) it leaves out every section that travelled as it is
+// applied (a stored Pages or Disk frame's, a State frame's sent whole and
+// stored): AES-256-GCM authenticated those bytes already, so only a
+// section the receiver decoded, what it made of authenticated bytes, is
+// summed. Up to version 8 it was the container's CRC32C
 // (container.Checksum) of the same sections, which the lab's emulated CPU
 // computes 30 times slower.
 //

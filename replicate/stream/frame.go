@@ -14,7 +14,7 @@ import (
 // Version is the protocol version this package speaks. A peer with any
 // other version is refused at the hello (ErrVersion); see docs/STREAM.md
 // for the version policy.
-const Version = 12
+const Version = 13
 
 // checkpointVersion is the version of the GOVMMCKP container that a
 // checkpoint is (docs/FORMATS.md): its Begin frame stands for the
@@ -106,6 +106,16 @@ const (
 	MaxPagesPerFrame = container.MaxPagesPerSection
 	// MaxStateChunk caps the bytes in one State frame.
 	MaxStateChunk = 1 << 20
+
+	// A State frame's base (its payload's second byte, version 13) says
+	// what its chunk's bytes are: the state itself (stateWhole), or
+	// their XOR with the state of the last checkpoint that carried state
+	// on this stream, at the same offsets (stateXOR; bytes past that
+	// state's end as they are). A Sender XORs only to compress: most of
+	// a machine's state (CPUID, MSRs, the local APIC, most devices) is
+	// the same from one epoch to the next, so the XOR is mostly zeros.
+	stateWhole = 0
+	stateXOR   = 1
 	// MaxFramePayload caps every frame's payload: a full Pages frame of
 	// raw pages, stored, is the largest legal one.
 	MaxFramePayload = pagesHeader + container.MaxPagesPayload
@@ -200,12 +210,15 @@ type frame struct {
 	epoch   uint64 // begin, ack
 	kind    Kind
 	pages   []container.Page // Data aliases the read buffer
-	data    []byte           // state chunk, error message
-	end     endInfo
-	sum     uint64              // end: sum64 of the checkpoint's sections as received (frameReader.sumFrame)
-	disk    container.DiskWrite // Data aliases the read buffer
-	code    errorCode
-	time    int64 // heartbeat: sender's clock, unix nanoseconds
+	data    []byte           // state chunk (whole once the reader has it), error message
+	// stateXOR says the state chunk came as the XOR of its bytes with
+	// the last checkpoint's state at the same offsets.
+	stateXOR bool
+	end      endInfo
+	sum      uint64              // end: sum64 of the checkpoint's sections as received (frameReader.sumFrame)
+	disk     container.DiskWrite // Data aliases the read buffer
+	code     errorCode
+	time     int64 // heartbeat: sender's clock, unix nanoseconds
 }
 
 // header is the fixed part in front of each payload.
@@ -293,10 +306,13 @@ func decodePayload(f *frame, t frameType, p []byte, layout *Identity) error {
 		f.section = section
 		return decodePages(f, section, layout)
 	case frameState:
-		if len(p) == 0 || len(p) > MaxStateChunk {
-			return fmt.Errorf("state chunk of %d bytes, want 1..%d: %w", len(p), MaxStateChunk, ErrFrame)
+		chunk, err := f.zc.decodeFrame(frameState, &f.secBuf, p)
+		if err != nil {
+			return err
 		}
-		f.data = p
+		// A chunk against the last state is made whole by the reader,
+		// which holds that state (frameReader.unXORState).
+		f.data, f.stateXOR = chunk, p[1] == stateXOR
 	case frameEnd:
 		if err := fixed(40); err != nil {
 			return err

@@ -39,6 +39,12 @@ func corrupt(p []byte) []byte {
 	return p
 }
 
+// stateXORPayload marks a State frame payload as an XOR chunk.
+func stateXORPayload(p []byte) []byte {
+	p[1] = stateXOR
+	return p
+}
+
 // seedFrames are well-formed frames of every type, plus a few near misses.
 func seedFrames() map[string][]byte {
 	id := testIdentity()
@@ -59,7 +65,9 @@ func seedFrames() map[string][]byte {
 		"pages-xor":    rawFrame(framePages, 3, compressed(codecS2, appendPageEntry([]byte{1, 0, 0, 0}, PageSize, container.EncXOR, make([]byte, container.XORSize)))),
 		"pages-zstd":   rawFrame(framePages, 3, compressed(codecZstd, pages)),
 		"pages-copy":   rawFrame(framePages, 3, stored(appendPageEntry([]byte{1, 0, 0, 0}, PageSize, container.EncCopy, copyData(0xdeadbeef, 1<<32)))),
-		"state":        rawFrame(frameState, 4, []byte("machine state")),
+		"state":        rawFrame(frameState, 4, stored([]byte("machine state"))),
+		"state-s2-xor": rawFrame(frameState, 4, stateXORPayload(compressed(codecS2, bytes.Repeat([]byte{0}, 4096)))),
+		"state-zstd":   rawFrame(frameState, 4, compressed(codecZstd, bytes.Repeat([]byte("machine state "), 300))),
 		"end":          rawFrame(frameEnd, 5, appendEnd(nil, endInfo{epoch: 7, pages: 3, stateLen: 13, diskBytes: 8192, sum: 0xdeadbeef})),
 		"disk":         rawFrame(frameDisk, 6, diskPayload(1, 4096, 5, []byte("hello"))),
 		"disk-zero":    rawFrame(frameDisk, 6, diskPayload(0, 0, MaxDiskChunk, nil)),

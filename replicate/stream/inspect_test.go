@@ -78,7 +78,7 @@ func (s *StagingSink) waitApplied() {
 // (header + payload).
 func DecodeFrame(b []byte, layout Identity) (string, int, error) {
 	var f frame
-	if t := frameType(b[4%len(b)]); len(b) > headerSize && (t == framePages || t == frameDisk) {
+	if t := frameType(b[4%len(b)]); len(b) > headerSize && (t == framePages || t == frameDisk || t == frameState) {
 		// As a session that agreed on the frame's codec, and on deltas.
 		f.zc = newPageCodec(codec(b[headerSize]))
 		f.deltas = true

@@ -3,6 +3,7 @@ package stream
 import (
 	"bytes"
 	"context"
+	"crypto/subtle"
 	"errors"
 	"fmt"
 	"io"
@@ -36,6 +37,12 @@ type Sender struct {
 	pipeline             // Pages frames: filled here, sealed and written by the sealer
 	dbuf      []byte     // a Disk frame: codec header, then its section
 	dc        *pageCodec // compresses Disk frames' sections (the session's codec)
+	sc        *pageCodec // compresses State frames' chunks (the session's codec)
+	xbuf      []byte     // a State frame's chunk XORed with the last state, or stored
+	// lastState is the state of the last checkpoint that carried any, as
+	// the receiver's reader holds it too (frameReader.trackState);
+	// nextState the open checkpoint's so far.
+	lastState, nextState []byte
 
 	amu     sync.Mutex    // guards acked, pending, ackedCh
 	acked   uint64        // last acknowledged epoch
@@ -115,6 +122,7 @@ func (s *Sender) BeginCheckpoint(epoch uint64, kind Kind) error {
 	}
 	s.open.Store(true)
 	s.kind, s.cur = kind, endInfo{epoch: epoch}
+	s.nextState = s.nextState[:0]
 	s.sum = newSum64()
 	s.filling().reset()
 	return nil
@@ -361,17 +369,44 @@ func (s *Sender) SendState(state []byte) error {
 	}
 	for len(state) > 0 {
 		n := min(len(state), MaxStateChunk)
-		if err := s.send(frameState, state[:n], false); err != nil {
+		wire := s.statePayload(state[:n], int(s.cur.stateLen))
+		if err := s.send(frameState, wire, false); err != nil {
 			return err
 		}
-		if s.summed(true) {
+		if s.summed(codec(wire[0]) == codecStored && wire[1] == stateWhole) {
 			s.sum.Section(container.TypeState, state[:n])
 		}
+		s.nextState = append(s.nextState, state[:n]...)
 		s.cur.stateLen += uint64(n)
 		s.ctr.stateBytes.Add(uint64(n))
 		state = state[n:]
 	}
 	return nil
+}
+
+// statePayload is the State frame payload for chunk, the state's bytes
+// from off: codec u8 | base u8 | 0 [2] | chunk length u32 | data. With a
+// codec, the chunk is XORed with the last checkpoint's state where that
+// reaches (stateXOR) and compressed; stored as it is (stateWhole) when
+// the session stores pages or that would not be smaller. Valid until the
+// next call.
+func (s *Sender) statePayload(chunk []byte, off int) []byte {
+	if s.sc == nil {
+		s.sc = newPageCodec(s.codec)
+	}
+	src, base := chunk, byte(stateWhole)
+	if s.codec != codecStored && off < len(s.lastState) {
+		s.xbuf = append(s.xbuf[:0], chunk...)
+		n := min(len(chunk), len(s.lastState)-off)
+		subtle.XORBytes(s.xbuf[:n], s.xbuf[:n], s.lastState[off:off+n])
+		src, base = s.xbuf, stateXOR
+	}
+	if b, ok := s.sc.compress(src); ok {
+		b[1] = base
+		return b
+	}
+	s.xbuf = append(putPagesHeader(s.xbuf[:0], codecStored, len(chunk)), chunk...)
+	return s.xbuf
 }
 
 // EndCheckpoint closes the open checkpoint and pushes it onto the wire.
@@ -393,6 +428,9 @@ func (s *Sender) EndCheckpoint() error {
 	}
 	s.open.Store(false)
 	s.lastEpoch, s.lastKind = s.cur.epoch, s.kind
+	if s.cur.stateLen > 0 {
+		s.lastState, s.nextState = s.nextState, s.lastState[:0]
+	}
 	s.ctr.checkpoints.Add(1)
 	return nil
 }
