@@ -258,7 +258,8 @@ func (r *Replicator) Metrics() []Metric {
 // end (sent) govmm_stream_sent_pages_total, _zero_pages_total,
 // _delta_pages_total, _copy_pages_total, _disk_bytes_total,
 // _disk_wire_bytes_total (as they travelled), _page_bytes_total (before
-// compression) and _page_wire_bytes_total (as they travelled); on the receiving end govmm_stream_received_pages_total,
+// compression), _page_wire_bytes_total (as they travelled),
+// _state_bytes_total and _state_wire_bytes_total (as they travelled); on the receiving end govmm_stream_received_pages_total,
 // _zero_pages_total, _delta_pages_total, _copy_pages_total and
 // _disk_bytes_total (a receiver does not count page bytes); on both,
 // govmm_stream_info{compression, deltas}, 1, once the handshake agreed on
@@ -281,6 +282,8 @@ func StreamMetrics(st stream.Stats, sent bool) []Metric {
 		counter("page_bytes_total", "bytes of the pages sent before compression: their page sections (entries and data, a delta as its XOR page, a copy as its 12 bytes)", st.PageBytes)
 		counter("disk_wire_bytes_total", "bytes of the Disk frames sent as they travelled: their payloads, compressed or stored with their header, before sealing", st.DiskWireBytes)
 		counter("page_wire_bytes_total", "bytes of the pages sent as they travelled: the Pages frames' payloads, compressed or stored with their header, before sealing", st.PageWireBytes)
+		counter("state_bytes_total", "bytes of machine state sent, one copy per checkpoint", st.StateBytes)
+		counter("state_wire_bytes_total", "bytes of the State frames sent as they travelled: their payloads, an XOR with the last checkpoint's state compressed, or stored, with their header, before sealing", st.StateWireBytes)
 	}
 	if st.Compression != "" {
 		out = append(out, Metric{Name: "govmm_stream_info", Help: "1: the page codec and deltas the stream's two ends agreed on",

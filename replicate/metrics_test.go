@@ -157,9 +157,12 @@ func TestStreamMetrics(t *testing.T) {
 		return out
 	}
 	st := stream.Stats{Pages: 10, ZeroPages: 2, DeltaPages: 5, CopyPages: 1, PageBytes: 4000, PageWireBytes: 900, DiskBytes: 1 << 20, DiskWireBytes: 1 << 19,
+		StateBytes: 18000, StateWireBytes: 600,
 		Compression: "s2", Deltas: true}
 	sent := names(StreamMetrics(st, true))
-	assert.Len(t, sent, 9)
+	assert.Len(t, sent, 11)
+	assert.Equal(t, 18000.0, sent["govmm_stream_sent_state_bytes_total"].Value)
+	assert.Equal(t, 600.0, sent["govmm_stream_sent_state_wire_bytes_total"].Value)
 	assert.Equal(t, float64(1<<19), sent["govmm_stream_sent_disk_wire_bytes_total"].Value)
 	assert.Equal(t, float64(1<<20), sent["govmm_stream_sent_disk_bytes_total"].Value)
 	assert.Equal(t, 900.0, sent["govmm_stream_sent_page_wire_bytes_total"].Value)

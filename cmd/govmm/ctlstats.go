@@ -41,6 +41,8 @@ func deriveStats(ms []ctlapi.Metric) []ctlapi.Derived {
 		"bytes", "govmm_replication_bytes_total", "govmm_replication_dirty_pages_total")
 	ratio("page bytes on the wire / raw", "what compression leaves of the pages' sections (a delta counted as its XOR page, a copy as its 12 bytes)",
 		"ratio", "govmm_stream_sent_page_wire_bytes_total", "govmm_stream_sent_page_bytes_total")
+	ratio("state bytes on the wire / raw", "what sending the machine state as its XOR with the last checkpoint's, compressed, leaves of it",
+		"ratio", "govmm_stream_sent_state_wire_bytes_total", "govmm_stream_sent_state_bytes_total")
 	ratio("disk bytes on the wire / written", "what compression leaves of the disk writes' bytes (a zero run counted as its few bytes for its length)",
 		"ratio", "govmm_stream_sent_disk_wire_bytes_total", "govmm_stream_sent_disk_bytes_total")
 	for _, dir := range []string{"sent", "received"} {

@@ -90,6 +90,8 @@ func TestDeriveStats(t *testing.T) {
 		c("govmm_stream_sent_page_wire_bytes_total", 1000),
 		c("govmm_stream_sent_disk_bytes_total", 1<<20),
 		c("govmm_stream_sent_disk_wire_bytes_total", 1<<18),
+		c("govmm_stream_sent_state_bytes_total", 18000),
+		c("govmm_stream_sent_state_wire_bytes_total", 900),
 		c("govmm_stream_sent_pages_total", 110),
 		c("govmm_stream_sent_zero_pages_total", 10),
 		c("govmm_stream_sent_delta_pages_total", 90),
@@ -105,6 +107,7 @@ func TestDeriveStats(t *testing.T) {
 	assert.Equal(t, []string{
 		"wire bytes per dirty page 185 B",
 		"page bytes on the wire / raw 0.25×",
+		"state bytes on the wire / raw 0.05×",
 		"disk bytes on the wire / written 0.25×",
 		"pages sent as deltas 90.0%",
 		"pages sent as copies 5.0%",

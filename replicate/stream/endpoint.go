@@ -19,7 +19,11 @@ type Stats struct {
 	// Pages and ZeroPages count pages sent (sender) or received
 	// (receiver); ZeroPages of them travelled without bytes.
 	Pages, ZeroPages uint64
-	StateBytes       uint64
+	// StateBytes counts machine state bytes sent (received);
+	// StateWireBytes (sender) the State frames' payloads as they travelled
+	// (as an XOR with the last state, compressed, or stored, with their
+	// 8-byte header), before sealing.
+	StateBytes, StateWireBytes uint64
 	// DiskBytes counts disk bytes written or zeroed by Disk frames;
 	// DiskWireBytes (sender) the Disk frames' payloads as they travelled
 	// (compressed, or stored with their 8-byte header), before sealing.
@@ -55,6 +59,7 @@ type counters struct {
 	framesSent, framesReceived atomic.Uint64
 	pages, zeroPages           atomic.Uint64
 	stateBytes, diskBytes      atomic.Uint64
+	stateWireBytes             atomic.Uint64
 	checkpoints, acks          atomic.Uint64
 	heartbeats                 atomic.Uint64
 	pageBytes, pageWireBytes   atomic.Uint64
@@ -68,7 +73,7 @@ func (c *counters) snapshot() Stats {
 	return Stats{
 		BytesSent: c.bytesSent.Load(), BytesReceived: c.bytesReceived.Load(),
 		FramesSent: c.framesSent.Load(), FramesReceived: c.framesReceived.Load(),
-		Pages: c.pages.Load(), ZeroPages: c.zeroPages.Load(), StateBytes: c.stateBytes.Load(),
+		Pages: c.pages.Load(), ZeroPages: c.zeroPages.Load(), StateBytes: c.stateBytes.Load(), StateWireBytes: c.stateWireBytes.Load(),
 		DiskBytes: c.diskBytes.Load(), Checkpoints: c.checkpoints.Load(), Acks: c.acks.Load(),
 		Heartbeats: c.heartbeats.Load(),
 		PageBytes:  c.pageBytes.Load(), PageWireBytes: c.pageWireBytes.Load(), DiskWireBytes: c.diskWireBytes.Load(), DeltaPages: c.deltaPages.Load(),

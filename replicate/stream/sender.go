@@ -377,6 +377,7 @@ func (s *Sender) SendState(state []byte) error {
 			s.sum.Section(container.TypeState, state[:n])
 		}
 		s.nextState = append(s.nextState, state[:n]...)
+		s.ctr.stateWireBytes.Add(uint64(len(wire)))
 		s.cur.stateLen += uint64(n)
 		s.ctr.stateBytes.Add(uint64(n))
 		state = state[n:]
