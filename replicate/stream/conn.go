@@ -338,8 +338,7 @@ func (r *frameReader) trackState(f *frame) error {
 			if off >= len(r.stateBase) {
 				return fmt.Errorf("state frame: an XOR chunk at offset %d, past the last state's %d bytes: %w", off, len(r.stateBase), ErrFrame)
 			}
-			n := min(len(f.data), len(r.stateBase)-off)
-			subtle.XORBytes(f.data[:n], f.data[:n], r.stateBase[off:off+n])
+			subtle.XORBytes(f.data, f.data, r.stateBase[off:]) // as far as the shorter reaches
 		}
 		r.stateNext = append(r.stateNext, f.data...)
 	case frameEnd:

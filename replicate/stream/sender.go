@@ -41,7 +41,8 @@ type Sender struct {
 	xbuf      []byte     // a State frame's chunk XORed with the last state, or stored
 	// lastState is the state of the last checkpoint that carried any, as
 	// the receiver's reader holds it too (frameReader.trackState);
-	// nextState the open checkpoint's so far.
+	// nextState the open checkpoint's so far; both kept only when the
+	// session compresses, the only time a Sender XORs.
 	lastState, nextState []byte
 
 	amu     sync.Mutex    // guards acked, pending, ackedCh
@@ -376,7 +377,9 @@ func (s *Sender) SendState(state []byte) error {
 		if s.summed(codec(wire[0]) == codecStored && wire[1] == stateWhole) {
 			s.sum.Section(container.TypeState, state[:n])
 		}
-		s.nextState = append(s.nextState, state[:n]...)
+		if s.codec != codecStored { // only a compressing sender XORs
+			s.nextState = append(s.nextState, state[:n]...)
+		}
 		s.ctr.stateWireBytes.Add(uint64(len(wire)))
 		s.cur.stateLen += uint64(n)
 		s.ctr.stateBytes.Add(uint64(n))
@@ -398,8 +401,7 @@ func (s *Sender) statePayload(chunk []byte, off int) []byte {
 	src, base := chunk, byte(stateWhole)
 	if s.codec != codecStored && off < len(s.lastState) {
 		s.xbuf = append(s.xbuf[:0], chunk...)
-		n := min(len(chunk), len(s.lastState)-off)
-		subtle.XORBytes(s.xbuf[:n], s.xbuf[:n], s.lastState[off:off+n])
+		subtle.XORBytes(s.xbuf, s.xbuf, s.lastState[off:]) // as far as the shorter reaches
 		src, base = s.xbuf, stateXOR
 	}
 	if b, ok := s.sc.compress(src); ok {
