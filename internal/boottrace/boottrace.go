@@ -13,6 +13,19 @@
 // before it are stamped zero and are no anchor (an early console, e.g.
 // earlyprintk=ttyS0, prints them before the zero).
 //
+// A phase's mark that the console showed (a kernel line, without
+// "quiet") is placed at the line's arrival rather than at its stamp: a
+// line printed at once arrives within its own few bytes' output of the
+// moment it marks, whereas its stamp can lag that moment by seconds.
+// Where the guest finds its sched_clock unstable ("Unstable clock
+// detected"), printk stamps follow the kernel's timekeeping, which counts
+// ticks until it switches to the kvm-clock late in kernel init; in the
+// lab, a plain boot's stamps stood still for 1-2 s at a time while the
+// console's port exits held the vCPU, and "Run /init" was stamped 5.4 s
+// before it arrived (on the clock the other lines give): from the
+// stamps, that much of kernel init went to /init. Marks that only the
+// boot trace line gives (with "quiet") keep their stamps.
+//
 // It is used by `govmm run --boot-trace` and `govmm bench boot`, and is
 // pure: no I/O, no goroutines.
 package boottrace
@@ -79,7 +92,8 @@ func Compute(start, firstRun time.Time, lines []Line) (Phases, error) {
 		ready    time.Time
 		zero     time.Time // the guest clock's zero on the host's
 		haveZero bool
-		marks    = map[string]time.Duration{}
+		marks    = map[string]time.Duration{} // guest time of each mark
+		shown    = map[string]time.Time{}     // arrival of each mark's kernel line, where the console showed it
 	)
 	anchor := func(h time.Time, t time.Duration) {
 		if z := h.Add(-t); !haveZero || z.Before(zero) {
@@ -118,8 +132,11 @@ func Compute(start, firstRun time.Time, lines []Line) (Phases, error) {
 			anchor(l.At, t)
 		}
 		for _, m := range kernelMarks {
-			if _, seen := marks[m.key]; !seen && strings.HasPrefix(msg, m.prefix) {
-				marks[m.key] = t
+			if _, seen := shown[m.key]; !seen && strings.HasPrefix(msg, m.prefix) {
+				shown[m.key] = l.At
+				if _, ok := marks[m.key]; !ok {
+					marks[m.key] = t
+				}
 			}
 		}
 	}
@@ -135,17 +152,36 @@ func Compute(start, firstRun time.Time, lines []Line) (Phases, error) {
 		p.VMMSetup, p.SetupKnown, from = firstRun.Sub(start), true, firstRun
 	}
 	p.Decompress = max(zero.Sub(from), 0)
-	runInit, ok := marks["run-init"]
+	// mark is when mark k passed on the host's clock: its line's arrival
+	// where the console showed it, else its guest time.
+	mark := func(k string) (time.Time, bool) {
+		if h, ok := shown[k]; ok {
+			return h, true
+		}
+		t, ok := marks[k]
+		return zero.Add(t), ok
+	}
+	runInit, ok := mark("run-init")
 	if !ok {
 		return p, errors.New("the console does not say when /init started")
 	}
-	if u, ok := marks["unpack"]; ok {
-		if done, ok := marks["unpacked"]; ok && done >= u {
-			p.Unpack = done - u
+	// Within zero..ready (a guest time past the ready line would be a
+	// clock gone wrong).
+	if runInit.Before(zero) {
+		runInit = zero
+	}
+	if runInit.After(ready) {
+		runInit = ready
+	}
+	if u, ok := mark("unpack"); ok {
+		if done, ok := mark("unpacked"); ok {
+			// The part of it between the zero and /init's start.
+			in := func(h time.Time) time.Duration { return min(max(h.Sub(zero), 0), runInit.Sub(zero)) }
+			p.Unpack = max(in(done)-in(u), 0)
 		}
 	}
-	p.KernelInit = max(runInit-p.Unpack, 0)
-	p.InitToReady = ready.Sub(zero.Add(runInit))
+	p.KernelInit = runInit.Sub(zero) - p.Unpack
+	p.InitToReady = ready.Sub(runInit)
 	return p, nil
 }
 

@@ -174,3 +174,59 @@ func TestProcessStart(t *testing.T) {
 		assert.False(t, ok, bad)
 	}
 }
+
+// The console of a plain boot (no quiet, PVH) of the default guest in the
+// lab, each line with the time it arrived (seconds after govmm started,
+// as read from its output). The guest's sched_clock was unstable there
+// ("Unstable clock detected"), and its printk stamps stood still while
+// the console printed: "Trying to unpack rootfs", "Freeing initrd
+// memory" and "Run /init" are all stamped 7.899823 s, arriving at 12.687,
+// 13.193 and 14.565 s, 5.4 s after that stamp on the clock the other
+// lines give. The marks are where their lines arrived; from the stamps,
+// /init to ready came out 6.0 s (it took 0.58 s) and the unpack nothing.
+func TestComputeUnstableGuestClock(t *testing.T) {
+	text, err := os.ReadFile("testdata/console-plain-lab-unstable.txt")
+	require.NoError(t, err)
+	var lines []Line
+	for _, l := range strings.Split(strings.TrimRight(string(text), "\n"), "\n") {
+		secs, msg, ok := strings.Cut(l, "\t")
+		require.True(t, ok, l)
+		var s float64
+		_, err := fmt.Sscan(secs, &s)
+		require.NoError(t, err, l)
+		lines = append(lines, Line{At: at(s * 1000), Text: msg})
+	}
+	// The times are on the reading process's clock, which started 1.73 s
+	// after govmm (perl, loaded from L1's 9p root): govmm's own report
+	// had the first KVM_RUN 384 ms before the clock's zero.
+	zero := at(7631).Add(-6384317 * time.Microsecond)
+	firstRun := zero.Add(-384 * time.Millisecond)
+	p, err := Compute(t0, firstRun, lines)
+	require.NoError(t, err)
+	assert.Equal(t, ms(15148-14565), p.InitToReady, "the ready line's arrival less Run /init's")
+	assert.Equal(t, ms(13193-12687), p.Unpack, "Freeing initrd memory's arrival less Trying to unpack's")
+	// The clock's zero: "console [ttyS0] enabled", stamped 6.384317 s,
+	// arrived at 7.631 s (the smallest arrival less stamp).
+	assert.Equal(t, ms(384), p.Decompress)
+	assert.Equal(t, at(14565).Sub(zero)-p.Unpack, p.KernelInit)
+	assert.Equal(t, ms(15148), p.Total)
+	assert.Equal(t, p.Total, p.VMMSetup+p.Decompress+p.KernelInit+p.Unpack+p.InitToReady, "the phases add up")
+}
+
+// Marks out of order (the unpack's end shown after Run /init) are
+// bounded: the unpack is cut at /init's start, and the phases still add up.
+func TestComputeMarksOutOfOrder(t *testing.T) {
+	lines := []Line{
+		{at(1000), "[    0.500000] Trying to unpack rootfs image as initramfs..."},
+		{at(1200), "[    0.700000] Run /init as init process"},
+		{at(1500), "[    0.700000] Freeing initrd memory: 17724K"},
+		{at(1600), "govmm-guest: ready"},
+	}
+	p, err := Compute(t0, at(100), lines)
+	require.NoError(t, err)
+	assert.Equal(t, ms(400), p.Decompress)
+	assert.Equal(t, ms(200), p.Unpack, "cut at Run /init: 1000 to 1200 ms")
+	assert.Equal(t, ms(500), p.KernelInit, "the zero (500 ms) to Run /init, less the unpack")
+	assert.Equal(t, ms(400), p.InitToReady)
+	assert.Equal(t, p.Total, p.VMMSetup+p.Decompress+p.KernelInit+p.Unpack+p.InitToReady)
+}
