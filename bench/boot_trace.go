@@ -221,7 +221,7 @@ func bootPhasesTable(samples []BootSample) string {
 	if len(names) == 0 {
 		return ""
 	}
-	out := "\nMedian breakdown (ms; `boot_phases.png`, from the console: printk stamps and the guest's boot trace line, see internal/boottrace):\n\n| VMM | " +
+	out := "\nMedian breakdown (ms; `boot_phases.png`, from the console: when the kernel's phase lines arrived where it showed them, else their printk stamps (the guest's boot trace line), see internal/boottrace):\n\n| VMM | " +
 		strings.Join(bootPhaseNames, " | ") + " |\n|---|" + strings.Repeat("---|", len(bootPhaseNames)) + "\n"
 	for i, n := range names {
 		out += "| " + n
