@@ -134,14 +134,15 @@ bench-failover-guest: build image
 # untar onto the guest's disk;
 # the default guest booted once per WIRE_MODES stream mode and WIRE_RUNS
 # trial, counters read WIRE_WINDOW apart) in the lab where this host's KVM
-# cannot boot Linux, else here.
+# cannot boot Linux, else here. WIRE_BASELINE=PATH replicates guests with
+# another govmm binary (e.g. a build of main) beside them, side by side.
 WIRE_MODES ?= none,s2,s2+deltas,zstd+deltas
 WIRE_WORKLOADS ?= demo,untar,compress,disk
 WIRE_RUNS ?= 1
 WIRE_WINDOW ?= 10s
 bench-wire-guest: build image
 	lab=; if $(BIN) lab --needed; then lab="$(BIN) lab --timeout 45m --share bench/results --"; fi; \
-		$$lab nice $(BIN) bench --runs $(WIRE_RUNS) --stream-modes $(WIRE_MODES) --workloads $(WIRE_WORKLOADS) --window $(WIRE_WINDOW) wire-guest
+		$$lab nice $(BIN) bench --runs $(WIRE_RUNS) --stream-modes $(WIRE_MODES) --workloads $(WIRE_WORKLOADS) --window $(WIRE_WINDOW) $(if $(WIRE_BASELINE),--baseline $(WIRE_BASELINE)) wire-guest
 
 # Live migration of the idle default guest, govmm beside QEMU, in the lab
 # where this host cannot boot Linux (one L1 CPU: the command and both

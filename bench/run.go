@@ -28,8 +28,9 @@ type Options struct {
 	StreamModes []StreamMode
 	Workloads   []string
 	Window      time.Duration // wire-guest's window (0: its default)
-	// Baseline is migration-guest's other govmm binary, migrated beside
-	// this one ("": none).
+	// Baseline is wire-guest's and migration-guest's other govmm binary,
+	// replicated or migrated beside this one ("": none; boot's is
+	// Boot.Baseline).
 	Baseline string
 	// Split is ack's split mode (AckConfig.Split).
 	Split bool
@@ -166,7 +167,7 @@ func (o Options) guestSuite(ctx context.Context, s string) (string, error) {
 		}
 		return report(OverheadGuest(ctx, cfg))
 	case "wire-guest":
-		cfg := WireGuestConfig{Govmm: o.Govmm, Kernel: o.Boot.Kernel, Initrd: o.Boot.Initrd, Modes: o.StreamModes, Workloads: o.Workloads,
+		cfg := WireGuestConfig{Govmm: o.Govmm, Baseline: o.Baseline, Kernel: o.Boot.Kernel, Initrd: o.Boot.Initrd, Modes: o.StreamModes, Workloads: o.Workloads,
 			Trials: o.runs(1, 1), Out: o.Out, Log: o.Log}
 		if o.Quick {
 			cfg.Warmup, cfg.Window = 2*time.Second, 5*time.Second

@@ -53,12 +53,17 @@ const RawPageBytes = 4096 + 16
 // per dirty page on real-guest workloads, per stream mode, where Linux
 // boots (hardware KVM, or the lab).
 type WireGuestConfig struct {
-	Govmm          string       // the govmm binary
-	Kernel, Initrd string       // the default guest image
-	Modes          []StreamMode // default none, s2, s2+deltas, zstd+deltas
-	Workloads      []string     // default WireGuestWorkloads
-	Trials         int          // boots per mode (default 1)
-	Clients        int          // demo: keep-alive connections (default 4)
+	Govmm          string // the govmm binary
+	Kernel, Initrd string // the default guest image
+	// Baseline, if set, is another govmm binary (e.g. a build of main)
+	// replicated beside Govmm, as "baseline", in every mode and trial:
+	// a stream change measured side by side with what it changes, on
+	// the same workloads in the same run.
+	Baseline  string
+	Modes     []StreamMode // default none, s2, s2+deltas, zstd+deltas
+	Workloads []string     // default WireGuestWorkloads
+	Trials    int          // boots per mode (default 1)
+	Clients   int          // demo: keep-alive connections (default 4)
 	// Warmup runs after a workload starts; the primary's counters are
 	// read as the Window opens and as it closes.
 	Warmup, Window time.Duration
@@ -98,6 +103,7 @@ func (cfg *WireGuestConfig) defaults() {
 
 // WireGuestSample is one workload's window on one replicated guest.
 type WireGuestSample struct {
+	VMM      string     // "govmm", or "baseline" (WireGuestConfig.Baseline)
 	Mode     StreamMode // asked for
 	Agreed   StreamMode // what the stream's ends agreed on
 	Workload string
@@ -143,14 +149,16 @@ func WireGuest(ctx context.Context, cfg WireGuestConfig) (*WireGuestResult, erro
 	res := &WireGuestResult{Config: cfg}
 	for trial := 1; trial <= cfg.Trials; trial++ {
 		for _, mode := range cfg.Modes {
-			err := wireGuestBoot(ctx, cfg, dir, mode, trial, res)
-			if ctx.Err() != nil {
-				return res, ctx.Err()
-			}
-			if err != nil {
-				f := fmt.Sprintf("%s trial %d: %v", mode, trial, err)
-				fmt.Fprintf(cfg.Log, "wire-guest: FAILED %s\n", f)
-				res.Failed = append(res.Failed, f)
+			for _, v := range wireVMMs(cfg, trial) {
+				err := wireGuestBoot(ctx, cfg, dir, v, mode, trial, res)
+				if ctx.Err() != nil {
+					return res, ctx.Err()
+				}
+				if err != nil {
+					f := fmt.Sprintf("%s %s trial %d: %v", v.name, mode, trial, err)
+					fmt.Fprintf(cfg.Log, "wire-guest: FAILED %s\n", f)
+					res.Failed = append(res.Failed, f)
+				}
 			}
 		}
 	}
@@ -175,9 +183,29 @@ type wireGuest struct {
 
 func wireModeFile(m StreamMode) string { return strings.ReplaceAll(m.String(), "+", "-") }
 
-// wireGuestBoot boots one replicated guest in mode and runs every
-// workload on it, appending a sample per workload to res.
-func wireGuestBoot(ctx context.Context, cfg WireGuestConfig, dir string, mode StreamMode, trial int, res *WireGuestResult) (rerr error) {
+// wireVMM is a govmm binary the suite replicates guests with, and its
+// name in the samples.
+type wireVMM struct{ name, bin string }
+
+// wireVMMs lists the binaries a mode's trial boots, one after the other:
+// govmm, and the baseline when there is one, which goes first in even
+// trials (so that neither always boots second, on a host warmed by the
+// other).
+func wireVMMs(cfg WireGuestConfig, trial int) []wireVMM {
+	out := []wireVMM{{"govmm", cfg.Govmm}}
+	if cfg.Baseline == "" {
+		return out
+	}
+	b := wireVMM{"baseline", cfg.Baseline}
+	if trial%2 == 0 {
+		return append([]wireVMM{b}, out...)
+	}
+	return append(out, b)
+}
+
+// wireGuestBoot boots one replicated guest with v's binary in mode and
+// runs every workload on it, appending a sample per workload to res.
+func wireGuestBoot(ctx context.Context, cfg WireGuestConfig, dir string, v wireVMM, mode StreamMode, trial int, res *WireGuestResult) (rerr error) {
 	var disks [2]string
 	for i := range disks {
 		disks[i] = filepath.Join(dir, fmt.Sprintf("disk%d.img", i))
@@ -198,12 +226,15 @@ func wireGuestBoot(ctx context.Context, cfg WireGuestConfig, dir string, mode St
 	if mode.Deltas {
 		sbArgs = append(sbArgs, "--stream-deltas")
 	}
-	sb, err := startStandbyProc(ctx, cfg.Govmm, time.Minute, sbArgs...)
+	sb, err := startStandbyProc(ctx, v.bin, time.Minute, sbArgs...)
 	if err != nil {
 		return err
 	}
 	defer sb.kill()
 	name := fmt.Sprintf("wire_guest-failed-%s-%d", wireModeFile(mode), trial)
+	if v.name != "govmm" {
+		name = fmt.Sprintf("wire_guest-failed-%s-%s-%d", v.name, wireModeFile(mode), trial)
+	}
 	defer func() {
 		if rerr != nil {
 			sb.keepLogs(cfg.Out, name+"-standby")
@@ -216,7 +247,7 @@ func wireGuestBoot(ctx context.Context, cfg WireGuestConfig, dir string, mode St
 		args = append(args, "--stream-deltas")
 	}
 	g := &wireGuest{base: fmt.Sprintf("http://127.0.0.1:%d", ports[0]), metrics: fmt.Sprintf("http://127.0.0.1:%d/metrics", ports[2])}
-	g.prim, g.console, err = startConsoleProc(cfg.Govmm, args...)
+	g.prim, g.console, err = startConsoleProc(v.bin, args...)
 	if err != nil {
 		return err
 	}
@@ -243,9 +274,9 @@ func wireGuestBoot(ctx context.Context, cfg WireGuestConfig, dir string, mode St
 		if err != nil {
 			return fmt.Errorf("%s: %w", w, err)
 		}
-		s.Mode, s.Trial = mode, trial
-		fmt.Fprintf(cfg.Log, "wire-guest: %-12s %-8s trial %d: %6.0f dirty pages/s, %5.0f wire B per dirty page (%.3f× raw), page bytes %.3f× (%d passes or answers)\n",
-			mode, w, trial, s.Counters.DirtyPages/s.Span.Seconds(), s.Counters.BytesPerDirtyPage(), s.Counters.TimesRaw(), s.Counters.PageRatio(), s.Work)
+		s.VMM, s.Mode, s.Trial = v.name, mode, trial
+		fmt.Fprintf(cfg.Log, "wire-guest: %-8s %-12s %-8s trial %d: %6.0f dirty pages/s, %5.0f wire B per dirty page (%.3f× raw), page bytes %.3f× (%d passes or answers)\n",
+			v.name, mode, w, trial, s.Counters.DirtyPages/s.Span.Seconds(), s.Counters.BytesPerDirtyPage(), s.Counters.TimesRaw(), s.Counters.PageRatio(), s.Work)
 		res.Samples = append(res.Samples, s)
 	}
 	return nil

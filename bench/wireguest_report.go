@@ -20,6 +20,7 @@ const WireGuestGoal = 0.3
 // wireCell is one workload × mode of the report: its samples' counters
 // summed (trials pooled: a ratio of sums, not a mean of ratios).
 type wireCell struct {
+	VMM      string // "govmm" or "baseline"
 	Workload string
 	Mode     StreamMode
 	Agreed   []StreamMode // each trial's agreed mode, if any differs from Mode
@@ -29,43 +30,78 @@ type wireCell struct {
 	C        WireCounters
 }
 
-// cells pools the samples by workload and mode, in the configured order.
+// vmms are the binaries the samples came from: govmm, and the baseline
+// when there was one.
+func (r *WireGuestResult) vmms() []string {
+	if r.Config.Baseline != "" {
+		return []string{"govmm", "baseline"}
+	}
+	return []string{"govmm"}
+}
+
+// sampleVMM is the binary a sample came from (results from before the
+// baseline have none: govmm's).
+func sampleVMM(s WireGuestSample) string {
+	if s.VMM == "" {
+		return "govmm"
+	}
+	return s.VMM
+}
+
+// label names a cell in the tables and the plot: its mode, and which
+// binary when it is the baseline's.
+func (c wireCell) label() string {
+	if c.VMM == "baseline" {
+		return c.Mode.String() + " (baseline)"
+	}
+	return c.Mode.String()
+}
+
+// cells pools the samples by workload, mode and binary, in the
+// configured order (govmm's cell before the baseline's).
 func (r *WireGuestResult) cells() []wireCell {
 	var out []wireCell
 	for _, w := range r.Config.Workloads {
 		for _, m := range r.Config.Modes {
-			c := wireCell{Workload: w, Mode: m}
-			for _, s := range r.Samples {
-				if s.Workload != w || s.Mode != m {
-					continue
+			for _, v := range r.vmms() {
+				if c := r.cell(w, m, v); c.Trials > 0 {
+					out = append(out, c)
 				}
-				c.Trials++
-				c.Work += s.Work
-				c.Span += s.Span.Seconds()
-				c.C = c.C.Add(s.Counters)
-				if s.Agreed != m {
-					c.Agreed = append(c.Agreed, s.Agreed)
-				}
-			}
-			if c.Trials > 0 {
-				out = append(out, c)
 			}
 		}
 	}
 	return out
 }
 
+// cell pools the samples of workload w in mode m from binary v.
+func (r *WireGuestResult) cell(w string, m StreamMode, v string) wireCell {
+	c := wireCell{VMM: v, Workload: w, Mode: m}
+	for _, s := range r.Samples {
+		if s.Workload != w || s.Mode != m || sampleVMM(s) != v {
+			continue
+		}
+		c.Trials++
+		c.Work += s.Work
+		c.Span += s.Span.Seconds()
+		c.C = c.C.Add(s.Counters)
+		if s.Agreed != m {
+			c.Agreed = append(c.Agreed, s.Agreed)
+		}
+	}
+	return c
+}
+
 func (r *WireGuestResult) write(dir string) error {
 	var rows [][]string
 	for _, s := range r.Samples {
 		c := s.Counters
-		rows = append(rows, []string{s.Workload, s.Mode.String(), s.Agreed.String(), strconv.Itoa(s.Trial), ftoa(s.Span.Seconds(), 3),
+		rows = append(rows, []string{sampleVMM(s), s.Workload, s.Mode.String(), s.Agreed.String(), strconv.Itoa(s.Trial), ftoa(s.Span.Seconds(), 3),
 			strconv.Itoa(s.Work), ftoa(c.Epochs, 0), ftoa(c.DirtyPages, 0), ftoa(c.SentPages, 0), ftoa(c.ZeroPages, 0), ftoa(c.DeltaPages, 0), ftoa(c.CopyPages, 0),
 			ftoa(c.PageBytes, 0), ftoa(c.PageWireBytes, 0), ftoa(c.CheckpointBytes, 0),
 			ftoa(c.BytesPerDirtyPage(), 1), ftoa(c.TimesRaw(), 4), ftoa(c.PageRatio(), 4), ftoa(c.PagesTimesRaw(), 4),
 			ftoa(c.DiskBytes, 0), ftoa(c.DiskWireBytes, 0)})
 	}
-	if err := writeCSV(filepath.Join(dir, "wire_guest.csv"), []string{"workload", "stream", "agreed", "trial", "window_s", "work",
+	if err := writeCSV(filepath.Join(dir, "wire_guest.csv"), []string{"vmm", "workload", "stream", "agreed", "trial", "window_s", "work",
 		"checkpoints", "dirty_pages", "sent_pages", "zero_pages", "delta_pages", "copy_pages", "page_bytes", "page_wire_bytes", "checkpoint_bytes",
 		"wire_bytes_per_dirty_page", "x_raw", "page_wire_over_page_bytes", "pages_x_raw", "disk_bytes", "disk_wire_bytes"}, rows); err != nil {
 		return err
@@ -95,7 +131,16 @@ func (r *WireGuestResult) plot(path string) error {
 		p.Y.Scale, p.Y.Tick.Marker = plot.LogScale{}, logTicks{}
 		p.Y.Label.Text += ", log scale"
 	}
-	modes := r.Config.Modes
+	type series struct {
+		vmm  string
+		mode StreamMode
+	}
+	var all []series
+	for _, m := range r.Config.Modes {
+		for _, v := range r.vmms() {
+			all = append(all, series{v, m})
+		}
+	}
 	lo := math.Inf(1)
 	for _, c := range cells {
 		if v := c.C.BytesPerDirtyPage(); v > 0 {
@@ -109,16 +154,18 @@ func (r *WireGuestResult) plot(path string) error {
 	if logY {
 		bottom = lo / 1.5
 	}
-	width := 0.8 / float64(len(modes))
-	for i, m := range modes {
+	width := 0.8 / float64(len(all))
+	for i, se := range all {
 		var bar *plotter.Polygon
+		label := ""
 		for j, w := range r.Config.Workloads {
 			for _, c := range cells {
 				v := c.C.BytesPerDirtyPage()
-				if c.Workload != w || c.Mode != m || !(v > 0) {
+				if c.Workload != w || c.Mode != se.mode || c.VMM != se.vmm || !(v > 0) {
 					continue
 				}
-				x := float64(j) + (float64(i)-float64(len(modes)-1)/2)*width
+				label = c.label()
+				x := float64(j) + (float64(i)-float64(len(all)-1)/2)*width
 				poly, err := plotter.NewPolygon(plotter.XYs{{X: x - width/2, Y: bottom}, {X: x + width/2, Y: bottom},
 					{X: x + width/2, Y: v}, {X: x - width/2, Y: v}})
 				if err != nil {
@@ -131,7 +178,7 @@ func (r *WireGuestResult) plot(path string) error {
 			}
 		}
 		if bar != nil {
-			p.Legend.Add(m.String(), bar)
+			p.Legend.Add(label, bar)
 		}
 	}
 	n := float64(len(r.Config.Workloads))
@@ -191,7 +238,7 @@ func (r *WireGuestResult) Report() string {
 		"|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, cell := range r.cells() {
 		k := cell.C
-		mode := cell.Mode.String()
+		mode := cell.label()
 		if len(cell.Agreed) > 0 {
 			mode += fmt.Sprintf(" (agreed: %v)", cell.Agreed)
 		}
@@ -200,6 +247,7 @@ func (r *WireGuestResult) Report() string {
 			k.PageBytes/(1<<20), k.PageWireBytes/(1<<20), k.CheckpointBytes/(1<<20), k.BytesPerDirtyPage(), k.TimesRaw(), k.PagesTimesRaw(), k.PageRatio(), cell.Work)
 	}
 	b.WriteString(r.verdict())
+	b.WriteString(r.baselineTable())
 	b.WriteString(r.diskTable())
 	if len(r.Failed) > 0 {
 		fmt.Fprintf(&b, "\n%d boot(s) failed; their finished workloads are in the table, their logs are `wire_guest-failed-*`:\n\n", len(r.Failed))
@@ -227,7 +275,7 @@ func (r *WireGuestResult) diskTable() string {
 				"| workload | stream | disk MiB written | disk MiB on the wire | disk wire / written | disk share of checkpoint bytes | passes or answers |\n" +
 				"|---|---|---|---|---|---|---|\n")
 		}
-		fmt.Fprintf(&b, "| %s | %s | %.1f | %.1f | %.3f× | %s | %d |\n", cell.Workload, cell.Mode, k.DiskBytes/(1<<20), k.DiskWireBytes/(1<<20),
+		fmt.Fprintf(&b, "| %s | %s | %.1f | %.1f | %.3f× | %s | %d |\n", cell.Workload, cell.label(), k.DiskBytes/(1<<20), k.DiskWireBytes/(1<<20),
 			k.DiskRatio(), pct(ratio(k.DiskWireBytes, k.CheckpointBytes)), cell.Work)
 	}
 	return b.String()
@@ -248,7 +296,7 @@ func (r *WireGuestResult) verdict() string {
 	for _, w := range r.Config.Workloads {
 		best, bestMode := math.Inf(1), ""
 		for _, c := range r.cells() {
-			if x := c.C.TimesRaw(); c.Workload == w && !math.IsNaN(x) && x < best {
+			if x := c.C.TimesRaw(); c.VMM == "govmm" && c.Workload == w && !math.IsNaN(x) && x < best {
 				best, bestMode = x, c.Mode.String()
 			}
 		}
@@ -263,6 +311,39 @@ func (r *WireGuestResult) verdict() string {
 			b.WriteString("\n")
 		}
 		fmt.Fprintf(&b, "- *%s*: fewest bytes with %s, %.3f× raw: %s the goal of %.1f×.\n", w, bestMode, best, meets, WireGuestGoal)
+	}
+	return b.String()
+}
+
+// baselineTable compares govmm with the baseline binary, workload by
+// workload and mode by mode, where both have samples: wire bytes per
+// dirty page and what the codec leaves of the page sections, each as
+// govmm's over the baseline's, beside the dirty pages per second each
+// guest's workload made (the workloads are the same, their pace is not:
+// a ratio of bytes per page is fair where the paces are alike).
+func (r *WireGuestResult) baselineTable() string {
+	if r.Config.Baseline == "" {
+		return ""
+	}
+	var b strings.Builder
+	for _, w := range r.Config.Workloads {
+		for _, m := range r.Config.Modes {
+			g, bl := r.cell(w, m, "govmm"), r.cell(w, m, "baseline")
+			if g.Trials == 0 || bl.Trials == 0 {
+				continue
+			}
+			if b.Len() == 0 {
+				fmt.Fprintf(&b, "\nThis govmm against the baseline binary (*baseline*, `%s`), replicated the same way in the same trials, "+
+					"each ratio govmm's over the baseline's:\n\n"+
+					"| workload | stream | wire B/dirty page | baseline | ratio | page wire / section | baseline | ratio | dirty pages/s | baseline |\n"+
+					"|---|---|---|---|---|---|---|---|---|---|\n", r.Config.Baseline)
+			}
+			gk, bk := g.C, bl.C
+			fmt.Fprintf(&b, "| %s | %s | %.0f | %.0f | %.2f× | %.3f× | %.3f× | %.2f× | %.0f | %.0f |\n", w, m,
+				gk.BytesPerDirtyPage(), bk.BytesPerDirtyPage(), ratio(gk.BytesPerDirtyPage(), bk.BytesPerDirtyPage()),
+				gk.PageRatio(), bk.PageRatio(), ratio(gk.PageRatio(), bk.PageRatio()),
+				ratio(gk.DirtyPages, g.Span), ratio(bk.DirtyPages, bl.Span))
+		}
 	}
 	return b.String()
 }

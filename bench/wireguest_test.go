@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"govmm/ctlapi"
@@ -167,4 +168,51 @@ func TestWireGuestReport(t *testing.T) {
 	require.Contains(t, rep, "- s2+deltas trial 2: untar: govmm exited")
 	require.Contains(t, rep, "| disk | s2+deltas | 40.0 | 24.0 | 0.600× | 80.0% | 5 |", "the disk table: only the window with disk writes")
 	require.Equal(t, 1, strings.Count(rep, "| disk MiB written |"))
+}
+
+// With a baseline binary, its samples pool apart from govmm's: its rows
+// carry "(baseline)", the verdict counts govmm's alone, a table gives
+// govmm's bytes per dirty page over the baseline's per workload and mode,
+// the CSV names each row's binary, and the plot draws both.
+func TestWireGuestReportBaseline(t *testing.T) {
+	s2d := StreamMode{Compression: stream.CompressS2, Deltas: true}
+	r := &WireGuestResult{Config: WireGuestConfig{Modes: []StreamMode{s2d}, Workloads: []string{WorkloadDemo, WorkloadUntar}, Baseline: "bin/govmm-main"}}
+	r.Config.defaults()
+	sample := func(vmm, w string, trial int, dirty, bytes, pageWire float64) WireGuestSample {
+		return WireGuestSample{VMM: vmm, Workload: w, Mode: s2d, Agreed: s2d, Trial: trial, Span: 10 * time.Second, Work: 5,
+			Counters: WireCounters{Epochs: 100, DirtyPages: dirty, CheckpointBytes: bytes, SentPages: dirty, PageBytes: dirty * RawPageBytes, PageWireBytes: pageWire}}
+	}
+	r.Samples = []WireGuestSample{
+		sample("govmm", WorkloadDemo, 1, 1000, 1000*82, 1000*80),
+		sample("baseline", WorkloadDemo, 1, 1000, 1000*164, 1000*80),
+		sample("govmm", WorkloadDemo, 2, 3000, 3000*82, 3000*80),
+		sample("baseline", WorkloadDemo, 2, 1000, 1000*164, 1000*80),
+		// untar: the baseline only (govmm's boot failed); a lower × raw
+		// than govmm's demo, which the verdict must not take.
+		sample("baseline", WorkloadUntar, 1, 5000, 5000*40, 5000*40),
+	}
+	rep := r.Report()
+	require.Contains(t, rep, "| demo | s2+deltas | 200 | 200 | 20.0 |", "govmm's two trials pooled")
+	require.Contains(t, rep, "| demo | s2+deltas (baseline) | 200 | 100 | 10.0 |")
+	require.Contains(t, rep, "- *demo*: fewest bytes with s2+deltas, 0.020× raw")
+	require.NotContains(t, rep, "*untar*: fewest", "the verdict is govmm's")
+	require.Contains(t, rep, "| demo | s2+deltas | 82 | 164 | 0.50× | 0.019× | 0.019× | 1.00× | 200 | 100 |")
+	require.NotContains(t, rep, "| untar | s2+deltas | 40 |", "no comparison where govmm has no sample")
+	dir := t.TempDir()
+	require.NoError(t, r.write(dir))
+	csv, err := os.ReadFile(filepath.Join(dir, "wire_guest.csv"))
+	require.NoError(t, err)
+	lines := strings.Split(strings.TrimSpace(string(csv)), "\n")
+	require.Len(t, lines, 1+len(r.Samples))
+	assert.True(t, strings.HasPrefix(lines[0], "vmm,workload,stream,"), lines[0])
+	assert.True(t, strings.HasPrefix(lines[2], "baseline,demo,s2+deltas,"), lines[2])
+}
+
+// Each trial boots govmm and the baseline, the baseline first in even
+// trials; without a baseline, govmm alone.
+func TestWireVMMs(t *testing.T) {
+	cfg := WireGuestConfig{Govmm: "a", Baseline: "b"}
+	assert.Equal(t, []wireVMM{{"govmm", "a"}, {"baseline", "b"}}, wireVMMs(cfg, 1))
+	assert.Equal(t, []wireVMM{{"baseline", "b"}, {"govmm", "a"}}, wireVMMs(cfg, 2))
+	assert.Equal(t, []wireVMM{{"govmm", "a"}}, wireVMMs(WireGuestConfig{Govmm: "a"}, 2))
 }

@@ -96,7 +96,9 @@ stand-in, the same untar onto the guest's disk and synced)
 for 3s of warmup and a 10s window (--window; --quick: 2s and 5s), the primary's
 counters (--metrics-listen) read as the window opens and closes; wire
 bytes per dirty page and × raw (4096+16 bytes) per workload and mode,
-and the disk writes' bytes on the wire against their bytes.
+and the disk writes' bytes on the wire against their bytes. --baseline
+replicates guests with another govmm binary too, in every mode and
+trial, and compares their bytes per dirty page.
 
 migration-guest (not run by default; where Linux boots, e.g. 'govmm lab
 -- bin/govmm bench migration-guest'): live migration of the idle default
@@ -149,7 +151,7 @@ func newBenchFlags() *benchFlags {
 	f.guest = fs.String("guest", "auto", "boot suite guest: auto, tiny or default")
 	fs.Var(memFlag{&f.mem}, "mem", "boot suite guest memory, as run --mem takes it: 256M, 1G (a bare number is MiB)")
 	f.modes = fs.String("modes", "sigkill,sigstop", "failover-guest only: the primary's failures to time, `sigkill`, sigstop or both (comma-separated)")
-	f.baseline = fs.String("baseline", "", "boot and migration-guest: another govmm `binary` (e.g. a build of main) booted (the bzImage, plain command line) or migrated beside this one in every run")
+	f.baseline = fs.String("baseline", "", "boot, wire-guest and migration-guest: another govmm `binary` (e.g. a build of main) booted (the bzImage, plain command line), replicated or migrated beside this one in every run")
 	f.split = fs.Bool("split", false, "ack only: the standby's end in a process of its own on one CPU and the sender's on another, as a primary and a standby on two one-core hosts (needs two CPUs)")
 	f.ackStandbyEnd = fs.Bool("ack-standby-end", false, "internal: the standby's end of ack --split (the suite starts it)")
 	f.witness = fs.String("witness", "both", "failover-guest only: time each failure `without` a witness, with one, or both")
@@ -236,8 +238,8 @@ func (f *benchFlags) options(suites []string) (bench.Options, error) {
 			return bench.Options{}, err
 		}
 	}
-	if !slices.Contains(suites, "migration-guest") && !slices.Contains(suites, "boot") {
-		if err := refuseUnused(f.fs, "without the boot or migration-guest suite, the only ones that use it", "baseline"); err != nil {
+	if !slices.Contains(suites, "migration-guest") && !slices.Contains(suites, "boot") && !slices.Contains(suites, "wire-guest") {
+		if err := refuseUnused(f.fs, "without the boot, wire-guest or migration-guest suite, the only ones that use it", "baseline"); err != nil {
 			return bench.Options{}, err
 		}
 	}

@@ -92,7 +92,7 @@ func TestCLIUsageErrors(t *testing.T) {
 		{"bench workload", []string{"bench", "--workloads", "build", "wire-guest"}, `govmm: bench: --workloads build: unknown workload "build" (demo, untar, compress, disk) (see 'govmm help bench')`},
 		{"bench window", []string{"bench", "--window", "500ms", "wire-guest"}, "govmm: bench: --window 500ms: want 1s to 10m0s (see 'govmm help bench')"},
 		{"bench stream modes without wire-guest", []string{"bench", "--stream-modes", "s2", "checkpoint"}, "govmm: bench: --stream-modes does not apply without the wire-guest suite, the only one that uses it (see 'govmm help bench')"},
-		{"bench baseline without migration-guest", []string{"bench", "--baseline", "bin/govmm-main", "migration"}, "govmm: bench: --baseline does not apply without the boot or migration-guest suite, the only ones that use it (see 'govmm help bench')"},
+		{"bench baseline without migration-guest", []string{"bench", "--baseline", "bin/govmm-main", "migration"}, "govmm: bench: --baseline does not apply without the boot, wire-guest or migration-guest suite, the only ones that use it (see 'govmm help bench')"},
 
 		// Values only the command line can be wrong about.
 		{"stray argument", append(tiny, "nproc"), `govmm: run: unexpected argument "nproc" (put the guest command after --) (see 'govmm help run')`},
