@@ -130,6 +130,15 @@ func (c WireCounters) PagesTimesRaw() float64 {
 // writes (a zero run's frame is a few bytes for up to 1 MiB).
 func (c WireCounters) DiskRatio() float64 { return ratio(c.DiskWireBytes, c.DiskBytes) }
 
+// OtherPerCheckpoint is what a checkpoint's bytes on the wire hold
+// besides its Pages and Disk frames, per checkpoint: the machine state,
+// the frames' headers, the End frame, tags. (The checkpoint counters grow
+// as a checkpoint ends, the stream's as its frames go: over a window of
+// many checkpoints the difference is small.)
+func (c WireCounters) OtherPerCheckpoint() float64 {
+	return ratio(c.CheckpointBytes-c.PageWireBytes-c.DiskWireBytes, c.Epochs)
+}
+
 // ZeroShare is the share of the pages sent that were all zero.
 func (c WireCounters) ZeroShare() float64 { return ratio(c.ZeroPages, c.SentPages) }
 

@@ -317,7 +317,8 @@ func (r *WireGuestResult) verdict() string {
 
 // baselineTable compares govmm with the baseline binary, workload by
 // workload and mode by mode, where both have samples: wire bytes per
-// dirty page and what the codec leaves of the page sections, each as
+// dirty page, what the codec leaves of the page sections, and the bytes
+// per checkpoint besides pages and disk writes (state, framing), each as
 // govmm's over the baseline's, beside the dirty pages per second each
 // guest's workload made (the workloads are the same, their pace is not:
 // a ratio of bytes per page is fair where the paces are alike).
@@ -334,14 +335,17 @@ func (r *WireGuestResult) baselineTable() string {
 			}
 			if b.Len() == 0 {
 				fmt.Fprintf(&b, "\nThis govmm against the baseline binary (*baseline*, `%s`), replicated the same way in the same trials, "+
-					"each ratio govmm's over the baseline's:\n\n"+
-					"| workload | stream | wire B/dirty page | baseline | ratio | page wire / section | baseline | ratio | dirty pages/s | baseline |\n"+
-					"|---|---|---|---|---|---|---|---|---|---|\n", r.Config.Baseline)
+					"each ratio govmm's over the baseline's; *other B/checkpoint* is what a checkpoint's bytes on the wire hold besides its "+
+					"Pages and Disk frames (the machine state, frame headers, the End frame, tags), per checkpoint:\n\n"+
+					"| workload | stream | wire B/dirty page | baseline | ratio | page wire / section | baseline | ratio | "+
+					"other B/checkpoint | baseline | ratio | dirty pages/s | baseline |\n"+
+					"|---|---|---|---|---|---|---|---|---|---|---|---|---|\n", r.Config.Baseline)
 			}
 			gk, bk := g.C, bl.C
-			fmt.Fprintf(&b, "| %s | %s | %.0f | %.0f | %.2f× | %.3f× | %.3f× | %.2f× | %.0f | %.0f |\n", w, m,
+			fmt.Fprintf(&b, "| %s | %s | %.0f | %.0f | %.2f× | %.3f× | %.3f× | %.2f× | %.0f | %.0f | %.2f× | %.0f | %.0f |\n", w, m,
 				gk.BytesPerDirtyPage(), bk.BytesPerDirtyPage(), ratio(gk.BytesPerDirtyPage(), bk.BytesPerDirtyPage()),
 				gk.PageRatio(), bk.PageRatio(), ratio(gk.PageRatio(), bk.PageRatio()),
+				gk.OtherPerCheckpoint(), bk.OtherPerCheckpoint(), ratio(gk.OtherPerCheckpoint(), bk.OtherPerCheckpoint()),
 				ratio(gk.DirtyPages, g.Span), ratio(bk.DirtyPages, bl.Span))
 		}
 	}
