@@ -92,7 +92,7 @@ func Compute(start, firstRun time.Time, lines []Line) (Phases, error) {
 		ready    time.Time
 		zero     time.Time // the guest clock's zero on the host's
 		haveZero bool
-		marks    = map[string]time.Duration{} // guest time of each mark
+		marks    = map[string]time.Duration{} // guest time of each mark the boot trace line gives
 		shown    = map[string]time.Time{}     // arrival of each mark's kernel line, where the console showed it
 	)
 	anchor := func(h time.Time, t time.Duration) {
@@ -116,7 +116,7 @@ func Compute(start, firstRun time.Time, lines []Line) (Phases, error) {
 				if k == "now" {
 					anchor(l.At, d)
 				} else {
-					marks[k] = d // the guest's own record wins over the console
+					marks[k] = d
 				}
 			}
 			continue
@@ -134,9 +134,6 @@ func Compute(start, firstRun time.Time, lines []Line) (Phases, error) {
 		for _, m := range kernelMarks {
 			if _, seen := shown[m.key]; !seen && strings.HasPrefix(msg, m.prefix) {
 				shown[m.key] = l.At
-				if _, ok := marks[m.key]; !ok {
-					marks[m.key] = t
-				}
 			}
 		}
 	}
@@ -153,7 +150,8 @@ func Compute(start, firstRun time.Time, lines []Line) (Phases, error) {
 	}
 	p.Decompress = max(zero.Sub(from), 0)
 	// mark is when mark k passed on the host's clock: its line's arrival
-	// where the console showed it, else its guest time.
+	// where the console showed it, else its guest time from the boot
+	// trace line.
 	mark := func(k string) (time.Time, bool) {
 		if h, ok := shown[k]; ok {
 			return h, true
