@@ -80,8 +80,9 @@ func TestSum64Catches(t *testing.T) {
 	assert.Equal(t, base, sumOf(pg, q), "the documented blind spot (if this fails, update sum64's comment)")
 }
 
-// BenchmarkSum64 is the checkpoint checksum's cost per byte beside
-// CRC32C's (the container's, which versions 5–7 used).
+// BenchmarkSum64 is the checkpoint checksum's cost per byte, with the
+// loop this process chose (sum64) and with each loop (scalar, avx2),
+// beside CRC32C's (the container's, which versions 5–7 used).
 func BenchmarkSum64(b *testing.B) {
 	p := benchPages(256)
 	b.Run("sum64", func(b *testing.B) {
@@ -92,6 +93,19 @@ func BenchmarkSum64(b *testing.B) {
 			_ = c.Sum64()
 		}
 	})
+	loops := map[string]blockFunc{"scalar": blocksScalar, "avx2": blocksVector}
+	for _, name := range []string{"scalar", "avx2"} {
+		if loops[name] == nil {
+			continue
+		}
+		b.Run(name, func(b *testing.B) {
+			var a, s [4]uint64
+			b.SetBytes(int64(len(p)))
+			for b.Loop() {
+				loops[name](&a, &s, p)
+			}
+		})
+	}
 	b.Run("crc32c", func(b *testing.B) {
 		b.SetBytes(int64(len(p)))
 		for b.Loop() {
@@ -128,4 +142,44 @@ func TestSum64SectionPieces(t *testing.T) {
 		cut.SectionPieces(container.TypePages, len(payload), pieces)
 		require.Equal(t, whole.Sum64(), cut.Sum64(), "cuts %v", cuts)
 	}
+}
+
+// The vector loop gives the scalar loop's sums, whatever the length, the
+// lanes it starts from and the alignment of the bytes: so each end may
+// choose either (sumLoop) and a checkpoint's sum still matches.
+func TestSum64VectorSame(t *testing.T) {
+	if blocksVector == nil {
+		t.Skip("this CPU or build has no vector loop (AVX2)")
+	}
+	rng := rand.New(rand.NewPCG(3, 4))
+	buf := make([]byte, 1<<20+64)
+	for i := range buf {
+		buf[i] = byte(rng.Uint32())
+	}
+	lengths := []int{0, 32, 64, 96, 128, 160, 224, 256, 288, PageSize, MaxPagesPerFrame * PageSize}
+	for range 200 {
+		lengths = append(lengths, rng.IntN(1<<20/32)*32)
+	}
+	for _, n := range lengths {
+		off := rng.IntN(32)
+		b := buf[off : off+n]
+		var a, s [4]uint64
+		for i := range a {
+			a[i], s[i] = rng.Uint64(), rng.Uint64()
+		}
+		va, vs := a, s
+		blocksScalar(&a, &s, b)
+		blocksVector(&va, &vs, b)
+		require.Equal(t, a, va, "a lanes, %d bytes at offset %d", n, off)
+		require.Equal(t, s, vs, "s lanes, %d bytes at offset %d", n, off)
+	}
+	// All ones: every lane wraps mod 2^64 many times over.
+	ones := bytes.Repeat([]byte{0xff}, 1<<16)
+	var a, s, va, vs [4]uint64
+	blocksScalar(&a, &s, ones)
+	blocksVector(&va, &vs, ones)
+	require.Equal(t, a, va)
+	require.Equal(t, s, vs)
+	require.Contains(t, []string{"avx2", "scalar"}, SumLoop())
+	t.Logf("this process sums with the %s loop", SumLoop())
 }
