@@ -26,9 +26,11 @@
 //     ack for epoch N is sent only after N is committed. Acks arrive in
 //     order. A StagingSink's copy of a committed checkpoint into memory
 //     runs after the ack (the standby holds all of it, staged, and nothing
-//     the stream sends can stop it); Run waits for it before it stages the
-//     next checkpoint and before it returns, so nothing resumes from
-//     memory that holds part of one.
+//     the stream sends can stop it); Run waits for it before it commits
+//     the next checkpoint (a large one's copy runs while the next is
+//     staged: receiver.go, overlapPages) and before it returns, so
+//     checkpoints reach memory in order and nothing resumes from memory
+//     that holds part of one.
 //   - Slow is not dead (invariant 9): every byte received is life; each
 //     end beats from a goroutine of its own and counts silence only while
 //     its reader listens, never while it applies, syncs or is itself

@@ -63,7 +63,7 @@ func (s *MemSink) Staged() int {
 // s.Dest: a Receiver acknowledges before that (asyncCommitter).
 func (s *StagingSink) waitApplied() {
 	s.mu.Lock()
-	ch := s.applied
+	ch := s.done
 	s.mu.Unlock()
 	if ch != nil {
 		<-ch

@@ -42,8 +42,11 @@ type Receiver struct {
 	keptFrame   bool // the frame just staged left pages in the sink's keeping
 	kept, spare [][]byte
 	// applying: an asyncCommitter sink applies the last committed
-	// checkpoint after its ack; the kept buffers stay its until settle.
-	applying bool
+	// checkpoint after its ack, while the next one is staged; that
+	// checkpoint's buffers (applyKept) stay the sink's until settle.
+	applying  bool
+	applyKept [][]byte
+	lastPages uint64 // pages of the last committed checkpoint
 }
 
 // handshakeReceiver runs the handshake up to the receiver's Auth: the
@@ -176,6 +179,19 @@ func (r *Receiver) retain(slot *rxSlot) {
 	slot.buf = fresh()
 }
 
+// overlapPages is the size of a checkpoint (in pages) from which the
+// next one is staged while it is applied; a smaller one is settled when
+// the next begins. Measured back to back (BenchmarkAck's checkpoints,
+// unkeyed, this project's 2-core host): staging the next checkpoint
+// during the apply cut the time to ack at 65,536 pages (from 1.6-2.1×
+// the loopback bound to 1.4×) and a little at 16,384 pages (4%); at
+// 4,096 pages it was the same or slower (1.30-1.48× against
+// 1.41-1.62×): the socket buffers hold what the sender writes while
+// the apply of a checkpoint that small runs, and a second set of frame
+// buffers is one more the cache must hold. Below it the standby keeps
+// one checkpoint's staging, as before. A variable for the tests.
+var overlapPages uint64 = 16384
+
 // settle waits until an asyncCommitter sink has applied the last
 // committed checkpoint, and makes its kept buffers spare.
 func (r *Receiver) settle() error {
@@ -184,7 +200,9 @@ func (r *Receiver) settle() error {
 	}
 	r.applying = false
 	err := r.sink.(asyncCommitter).settle()
-	r.release()
+	r.spare = append(r.spare, r.applyKept...)
+	clear(r.applyKept)
+	r.applyKept = r.applyKept[:0]
 	if err != nil {
 		return fmt.Errorf("checkpoint %d: apply to memory (standby memory now unusable): %w: %w", r.committed.Load(), ErrCommit, err)
 	}
@@ -270,8 +288,16 @@ func (r *Receiver) begin(epoch uint64, kind Kind) error {
 		return fmt.Errorf("begin %d: %v after %v: %w", epoch, kind, r.lastKind, ErrProtocol)
 	}
 	r.epoch.Store(epoch)
-	if err := r.settle(); err != nil {
-		return err
+	// The last checkpoint's apply, if it is still running, goes on while
+	// this one is staged (until end: settle), unless the sink makes this
+	// one wait for it. One already done is settled now: its buffers are
+	// spare again for this checkpoint's frames, the ones the cache holds
+	// (a checkpoint staged in other buffers while the last one's are
+	// idle took 10-15% longer to ack at 1,000 pages after a gap).
+	if r.applying && (r.sink.(asyncCommitter).applied() || r.lastPages < overlapPages) {
+		if err := r.settle(); err != nil {
+			return err
+		}
 	}
 	if err := r.sink.Begin(epoch, kind); err != nil {
 		return fmt.Errorf("sink: begin %d: %w: %w", epoch, ErrCommit, err)
@@ -415,6 +441,12 @@ func (r *Receiver) end(e endInfo, sum uint64) error {
 	case e.sum != got.sum:
 		return fmt.Errorf("checkpoint %d: end says sum %#016x, received %#016x: %w", got.epoch, e.sum, got.sum, ErrChecksum)
 	}
+	// The last checkpoint's apply (which ran while this one was staged)
+	// first: it must be whole before this one's starts, and a failure
+	// of it leaves memory unusable, for this checkpoint too.
+	if err := r.settle(); err != nil {
+		return err
+	}
 	c := &Checkpoint{Epoch: got.epoch, Kind: r.kind, Pages: got.pages, ZeroPages: r.zeros, DiskBytes: got.diskBytes, State: r.state}
 	r.state = nil
 	if r.cfg.OnCommit != nil {
@@ -431,8 +463,14 @@ func (r *Receiver) end(e endInfo, sum uint64) error {
 		}
 	}
 	if ac, ok := r.sink.(asyncCommitter); ok {
-		ac.commitStart() // applied after the ack: settle
+		if err := ac.commitStart(); err != nil { // applied after the ack: settle
+			r.sink.Abort()
+			r.release()
+			return fmt.Errorf("checkpoint %d: sink commit (standby memory now unusable): %w: %w", got.epoch, ErrCommit, err)
+		}
 		r.applying = true
+		r.kept, r.applyKept = r.applyKept, r.kept // settle left applyKept empty
+		r.lastPages = got.pages
 	} else {
 		err := r.sink.Commit()
 		r.release()

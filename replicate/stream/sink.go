@@ -155,48 +155,66 @@ type pageSlicer interface {
 // for that copy before it acknowledges (asyncCommitter): it commits the
 // checkpoint (commitStart: the point of no return, every page staged in
 // memory and bound for Dest), acks, and the copy runs while the ack
-// travels and the primary goes on; the Receiver waits for it (settle)
-// before it stages the next checkpoint and before Run returns, so
-// nothing reads Dest, or resumes the guest from it, before the copy is
-// whole. As in Remus, the standby acknowledges a checkpoint once it
-// holds all of it, and applies it after.
+// travels, the primary goes on and the next checkpoint is staged (a
+// second set of staging, stage beside app); the Receiver waits for it
+// (settle) before it commits the next checkpoint, before a checkpoint
+// that writes straight to Dest begins, and before Run returns, so
+// checkpoints reach Dest in order and nothing reads Dest, or resumes
+// the guest from it, before the copy is whole. As in Remus, the standby
+// acknowledges a checkpoint once it holds all of it, and applies it
+// after. The price of the overlap: while a checkpoint is applied and
+// the next one staged, the standby holds both (twice the largest
+// checkpoint's pages, at most).
 type StagingSink struct {
 	Dest PageWriter
 
 	resumable bool // a resumable checkpoint has been committed
 	kind      Kind // of the checkpoint being staged
 	direct    bool // this checkpoint writes straight to Dest
-	gpas      []GPA
-	data      [][]byte // per staged page: its bytes (in chunks, or kept), nil for a zero page
-	// chunks hold the staged bytes, stagingChunk pages each, kept across
-	// checkpoints: no large reallocation while the stream is being read.
-	chunks [][]byte
-	used   int // pages of data staged
 
-	// The apply of a committed checkpoint (commitStart) until settle:
-	// its workers read gpas, data and chunks, and write Dest, and nothing
-	// else touches them until settle has waited for them. mu guards
-	// applied, which tests wait on (waitApplied).
+	stage staged // the checkpoint being staged
+	// app is the committed checkpoint being applied, from commitStart
+	// until settle: its workers read it and write Dest, and nothing else
+	// touches it until settle has waited for them (then it is empty, and
+	// the next commitStart swaps it with stage). mu guards done, which
+	// tests wait on (waitApplied).
+	app      staged
 	applying bool
 	errs     []error // per worker
 	left     atomic.Int32
 	mu       sync.Mutex
-	applied  chan struct{} // closed by the last worker
+	done     chan struct{} // closed by the last worker
 	lateErr  error         // an apply's failure that Abort waited for
+}
+
+// staged is one checkpoint's staging: its pages in order.
+type staged struct {
+	gpas []GPA
+	data [][]byte // per staged page: its bytes (in chunks, or kept), nil for a zero page
+	// chunks hold the staged bytes, stagingChunk pages each, kept across
+	// checkpoints: no large reallocation while the stream is being read.
+	chunks [][]byte
+	used   int // pages of data staged
+}
+
+func (st *staged) reset() {
+	clear(st.data) // no kept buffer outlives the checkpoint here
+	st.gpas, st.data, st.used = st.gpas[:0], st.data[:0], 0
 }
 
 const stagingChunk = 256
 
 var _ PageSink = (*StagingSink)(nil)
 
-// Begin implements PageSink.
+// Begin implements PageSink. The last checkpoint's apply may go on
+// while this one is staged, unless this one writes straight to Dest.
 func (s *StagingSink) Begin(epoch uint64, kind Kind) error {
-	if err := s.settle(); err != nil {
-		return err
-	}
-	s.reset()
+	s.stage.reset()
 	s.kind = kind
 	s.direct = !s.resumable && kind == KindInitialSync
+	if s.direct {
+		return s.settle()
+	}
 	return nil
 }
 
@@ -228,19 +246,20 @@ func (s *StagingSink) StagePage(gpa GPA, data []byte) error {
 	if err := s.checkRange(gpa); err != nil {
 		return err
 	}
-	s.gpas = append(s.gpas, gpa)
+	st := &s.stage
+	st.gpas = append(st.gpas, gpa)
 	if data == nil {
-		s.data = append(s.data, nil)
+		st.data = append(st.data, nil)
 		return nil
 	}
-	c, i := s.used/stagingChunk, s.used%stagingChunk
-	if c == len(s.chunks) {
-		s.chunks = append(s.chunks, make([]byte, stagingChunk*PageSize))
+	c, i := st.used/stagingChunk, st.used%stagingChunk
+	if c == len(st.chunks) {
+		st.chunks = append(st.chunks, make([]byte, stagingChunk*PageSize))
 	}
-	b := s.chunks[c][i*PageSize : (i+1)*PageSize]
+	b := st.chunks[c][i*PageSize : (i+1)*PageSize]
 	copy(b, data)
-	s.data = append(s.data, b)
-	s.used++
+	st.data = append(st.data, b)
+	st.used++
 	return nil
 }
 
@@ -254,8 +273,8 @@ func (s *StagingSink) keepPage(gpa GPA, data []byte) (kept bool, err error) {
 	if err := s.checkRange(gpa); err != nil {
 		return false, err
 	}
-	s.gpas = append(s.gpas, gpa)
-	s.data = append(s.data, data)
+	s.stage.gpas = append(s.stage.gpas, gpa)
+	s.stage.data = append(s.stage.data, data)
 	return data != nil, nil
 }
 
@@ -274,35 +293,46 @@ var _ keeper = (*StagingSink)(nil)
 // Commit implements PageSink: the staged pages are in Dest when it
 // returns.
 func (s *StagingSink) Commit() error {
-	s.commitStart()
+	if err := s.commitStart(); err != nil {
+		return err
+	}
 	return s.settle()
 }
 
 // asyncCommitter is a PageSink whose commit can end after the ack
 // (StagingSink): commitStart commits the staged checkpoint, which can
-// no longer fail for anything the stream sent, and starts applying it;
+// no longer fail for anything the stream sent, and starts applying it
+// once the last one's apply is done (its failure is commitStart's);
 // settle waits until it is applied (nil if nothing is being applied).
+// Between the two the next checkpoint may be staged. applied says,
+// without waiting, whether settle would return at once.
 type asyncCommitter interface {
 	PageSink
-	commitStart()
+	commitStart() error
 	settle() error
+	applied() bool
 }
 
 var _ asyncCommitter = (*StagingSink)(nil)
 
-// commitStart implements asyncCommitter: it starts copying the staged
-// pages into Dest, on up to commitWorkers goroutines for commitSplit
-// pages or more, and returns.
-func (s *StagingSink) commitStart() {
+// commitStart implements asyncCommitter: it waits for the last
+// checkpoint's apply (a page this one stages too must land after it),
+// then starts copying the staged pages into Dest, on up to commitWorkers
+// goroutines for commitSplit pages or more, and returns.
+func (s *StagingSink) commitStart() error {
+	if err := s.settle(); err != nil {
+		return err
+	}
+	s.stage, s.app = s.app, s.stage // settle left app empty
 	n := 1
-	if len(s.gpas) >= commitSplit {
+	if len(s.app.gpas) >= commitSplit {
 		n = max(1, min(runtime.GOMAXPROCS(0)-1, commitWorkers))
 	}
 	s.errs = slices.Grow(s.errs[:0], n)[:n]
 	clear(s.errs)
 	done := make(chan struct{})
 	s.mu.Lock()
-	s.applied = done
+	s.done = done
 	s.mu.Unlock()
 	s.applying = true
 	s.left.Store(int32(n))
@@ -317,20 +347,24 @@ func (s *StagingSink) commitStart() {
 	if s.kind.Resumable() {
 		s.resumable = true
 	}
+	return nil
 }
 
+// applied implements asyncCommitter.
+func (s *StagingSink) applied() bool { return !s.applying || s.left.Load() == 0 }
+
 // settle implements asyncCommitter: it waits for the apply commitStart
-// started, if any, empties the staging, and returns the apply's failure
-// (then Dest is unusable), or one that Abort waited for.
+// started, if any, empties what it applied, and returns the apply's
+// failure (then Dest is unusable), or one that Abort waited for.
 func (s *StagingSink) settle() error {
 	err := s.lateErr
 	s.lateErr = nil
 	if !s.applying {
 		return err
 	}
-	<-s.applied
+	<-s.done
 	s.applying = false
-	s.reset()
+	s.app.reset()
 	for _, e := range s.errs {
 		if err == nil {
 			err = e
@@ -350,14 +384,15 @@ const (
 	commitWorkers = 4   // at most, and one fewer than GOMAXPROCS
 )
 
-// apply writes the staged pages whose page number is w modulo n into Dest.
+// apply writes the committed pages whose page number is w modulo n into
+// Dest.
 func (s *StagingSink) apply(w, n int) error {
-	for i, gpa := range s.gpas {
+	for i, gpa := range s.app.gpas {
 		if n > 1 && int(uint64(gpa)/PageSize)%n != w {
 			continue
 		}
 		var err error
-		if d := s.data[i]; d == nil {
+		if d := s.app.data[i]; d == nil {
 			err = s.writeZero(gpa)
 		} else {
 			err = s.Dest.WriteAt(d, gpa)
@@ -369,11 +404,12 @@ func (s *StagingSink) apply(w, n int) error {
 	return nil
 }
 
-// Abort implements PageSink. An apply still running is waited for
-// first; its failure comes back from the next Begin or Commit.
+// Abort implements PageSink. An apply still running (the last committed
+// checkpoint's) is waited for first; its failure comes back from the
+// next Begin, Commit or settle.
 func (s *StagingSink) Abort() {
 	s.lateErr = s.settle()
-	s.reset()
+	s.stage.reset()
 }
 
 // writeZero makes the page at gpa zero, writing only if it is not
@@ -385,9 +421,4 @@ func (s *StagingSink) writeZero(gpa GPA) error {
 		}
 	}
 	return s.Dest.WriteAt(zeroPage[:], gpa)
-}
-
-func (s *StagingSink) reset() {
-	clear(s.data) // no kept buffer outlives the checkpoint here
-	s.gpas, s.data, s.used = s.gpas[:0], s.data[:0], 0
 }

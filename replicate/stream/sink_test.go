@@ -191,9 +191,43 @@ func TestAckBeforeApply(t *testing.T) {
 	assert.True(t, bytes.Equal(want, mem.b), "memory when Run returned")
 }
 
-// A checkpoint whose copy into memory fails after its ack fails the
-// stream at the next Begin with ErrCommit (the standby's memory is
-// unusable), and Run says so even if the sender says goodbye first.
+// While a committed checkpoint is copied into memory, the next one is
+// staged (from overlapPages pages; here any): with memory that takes no write, the receiver stages every
+// page of checkpoint 2 after acking checkpoint 1; 2 is acknowledged only
+// once 1's copy is whole (its own copy must come after), and memory
+// then holds 2's pages where both wrote.
+func TestNextCheckpointStagedWhileApplying(t *testing.T) {
+	defer func(n uint64) { overlapPages = n }(overlapPages)
+	overlapPages = 0 // checkpoints of any size
+	scfg, rcfg := cfgs(newFakeClock())
+	mem := &gatedMem{flatMem: flatMem{b: make([]byte, 4<<20)}, open: make(chan struct{})}
+	rcfg.Sink = &StagingSink{Dest: mem}
+	s, r := pipePair(t, scfg, rcfg)
+	run := runReceiver(t, r)
+	const n = 600
+	require.NoError(t, sendCheckpoint(s, 1, KindEpoch, n, []byte("s")))
+	require.NoError(t, s.WaitAck(ctxTimeout(t, 10*time.Second), 1))
+	sent := make(chan error, 1)
+	go func() { sent <- sendCheckpoint(s, 2, KindEpoch, n, []byte("t")) }()
+	require.Eventually(t, func() bool { return r.Stats().Pages == 2*n }, 10*time.Second, time.Millisecond,
+		"checkpoint 2's pages staged while 1's copy waits")
+	require.NoError(t, <-sent)
+	assert.Equal(t, int64(0), mem.writes.Load(), "nothing applied yet")
+	assert.Error(t, s.WaitAck(ctxTimeout(t, 50*time.Millisecond), 2), "no ack of 2 before 1 is in memory")
+	assert.Equal(t, uint64(1), r.Committed())
+	close(mem.open)
+	require.NoError(t, s.WaitAck(ctxTimeout(t, 10*time.Second), 2))
+	require.NoError(t, s.Close())
+	require.NoError(t, waitErr(t, run))
+	want := make([]byte, 4<<20)
+	for i := range n {
+		if i%3 != 2 {
+			copy(want[i*PageSize:], page(2000+uint64(i)))
+		}
+	}
+	assert.True(t, bytes.Equal(want, mem.b), "memory holds checkpoint 2 when Run returned")
+}
+
 // boundedMem is flatMem that says which ranges it holds (rangeChecker).
 type boundedMem struct{ flatMem }
 
@@ -217,6 +251,10 @@ func TestPageOutsideMemoryRefusedBeforeTheAck(t *testing.T) {
 	require.Error(t, s.WaitAck(ctxTimeout(t, 10*time.Second), 1), "no ack")
 }
 
+// A checkpoint whose copy into memory fails after its ack fails the
+// stream at the next checkpoint's end, before it commits or is
+// acknowledged, with ErrCommit (the standby's memory is unusable), and
+// Run says so even if the sender says goodbye first.
 func TestApplyFailureAfterAck(t *testing.T) {
 	for _, next := range []string{"begin", "goodbye"} {
 		t.Run(next, func(t *testing.T) {
@@ -237,6 +275,9 @@ func TestApplyFailureAfterAck(t *testing.T) {
 			require.ErrorIs(t, err, ErrCommit)
 			require.ErrorIs(t, err, ErrOutOfRange)
 			assert.Equal(t, uint64(1), r.Committed())
+			if next == "begin" {
+				require.Error(t, s.WaitAck(ctxTimeout(t, 10*time.Second), 2), "no ack of checkpoint 2")
+			}
 		})
 	}
 }
