@@ -185,11 +185,12 @@ func (r *Receiver) retain(slot *rxSlot) {
 // unkeyed, this project's 2-core host): staging the next checkpoint
 // during the apply cut the time to ack at 65,536 pages (from 1.6-2.1×
 // the loopback bound to 1.4×) and a little at 16,384 pages (4%); at
-// 4,096 pages it was the same or slower (1.30-1.48× against
-// 1.41-1.62×): the socket buffers hold what the sender writes while
-// the apply of a checkpoint that small runs, and a second set of frame
-// buffers is one more the cache must hold. Below it the standby keeps
-// one checkpoint's staging, as before. A variable for the tests.
+// 4,096 pages it was the same or slower (1.48-1.62× against
+// 1.34-1.48× in four paired runs): the socket buffers hold what the
+// sender writes while the apply of a checkpoint that small runs, and a
+// second set of frame buffers is one more the cache must hold (our
+// guess). Below it the standby keeps one checkpoint's staging, as
+// before. A variable for the tests.
 var overlapPages uint64 = 16384
 
 // settle waits until an asyncCommitter sink has applied the last
@@ -291,9 +292,9 @@ func (r *Receiver) begin(epoch uint64, kind Kind) error {
 	// The last checkpoint's apply, if it is still running, goes on while
 	// this one is staged (until end: settle), unless the sink makes this
 	// one wait for it. One already done is settled now: its buffers are
-	// spare again for this checkpoint's frames, the ones the cache holds
-	// (a checkpoint staged in other buffers while the last one's are
-	// idle took 10-15% longer to ack at 1,000 pages after a gap).
+	// spare again for this checkpoint's frames (staging every checkpoint
+	// in a second set of buffers made acks at 1,000 pages after a 50 ms
+	// gap 12-21% slower in four paired runs; the cache, we guess).
 	if r.applying && (r.sink.(asyncCommitter).applied() || r.lastPages < overlapPages) {
 		if err := r.settle(); err != nil {
 			return err
