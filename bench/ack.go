@@ -2,6 +2,7 @@ package bench
 
 import (
 	"context"
+	"crypto/cipher"
 	"crypto/rand"
 	"fmt"
 	"io"
@@ -47,7 +48,7 @@ type AckConfig struct {
 type AckSample struct {
 	Keyed bool
 	Pages int
-	Kind  string // "stream" or "bound"
+	Kind  string // "stream", "bound" or (keyed) "sealed"
 	Gap   time.Duration
 	Round int
 	Acks  int
@@ -146,13 +147,33 @@ func ackPoint(ctx context.Context, cfg AckConfig, keyed bool, n int) ([]AckSampl
 	if _, err := bound(); err != nil {
 		return nil, err
 	}
+	kinds := []string{"stream", "bound"}
+	var sealed func() (int, error)
+	if keyed {
+		kinds = append(kinds, "sealed")
+		aead, err := newAEAD(e.key)
+		if err != nil {
+			return nil, err
+		}
+		var nonce sealNonce
+		var out []byte
+		sealed = func() (int, error) {
+			return wire, sealTransfer(e.tx, aead, &nonce, buf[8:], &out)
+		}
+		if _, err := sealed(); err != nil {
+			return nil, err
+		}
+	}
 	var out []AckSample
 	for r := range cfg.Rounds {
 		for _, gap := range cfg.Gaps {
-			for _, kind := range []string{"stream", "bound"} {
+			for _, kind := range kinds {
 				f := one
-				if kind == "bound" {
+				switch kind {
+				case "bound":
 					f = bound
+				case "sealed":
+					f = sealed
 				}
 				smp, err := ackBatch(ctx, cfg.Batch, gap, f, e.cpu)
 				if err != nil {
@@ -212,14 +233,20 @@ func ackBatch(ctx context.Context, d, gap time.Duration, f func() (int, error), 
 // where split.
 type ackEnds struct {
 	s     *stream.Sender
-	tx    net.Conn
+	key   []byte   // the point's key (nil: unkeyed), also the sealed bound's
+	tx    net.Conn // the bound's writer (and the sealed bound's)
 	cpu   func() (both, standby time.Duration, err error)
 	close func()
 }
 
 // localEnds are both ends in this process over loopback TCP.
 func localEnds(ctx context.Context, keyed bool, n int) (*ackEnds, error) {
-	s, closePair, err := ackPair(ctx, keyed, n)
+	var key []byte
+	if keyed {
+		key = make([]byte, 32)
+		_, _ = rand.Read(key)
+	}
+	s, closePair, err := ackPair(ctx, key, n)
 	if err != nil {
 		return nil, err
 	}
@@ -228,8 +255,13 @@ func localEnds(ctx context.Context, keyed bool, n int) (*ackEnds, error) {
 		closePair()
 		return nil, err
 	}
-	go ackEach(rx)
-	return &ackEnds{s: s, tx: tx,
+	aead, err := aeadOrNil(key)
+	if err != nil {
+		closePair()
+		return nil, err
+	}
+	go ackEach(rx, aead)
+	return &ackEnds{s: s, key: key, tx: tx,
 		cpu:   func() (time.Duration, time.Duration, error) { return cpuNow(), 0, nil },
 		close: func() { tx.Close(); rx.Close(); closePair() },
 	}, nil
@@ -252,14 +284,18 @@ func ackConfigs(n int, key []byte) (rcfg, scfg stream.Config) {
 	return rcfg, scfg
 }
 
-// ackPair is a Sender connected to a running Receiver over loopback TCP,
-// with the layout of n pages and a StagingSink over flat memory.
-func ackPair(ctx context.Context, keyed bool, n int) (*stream.Sender, func(), error) {
-	var key []byte
-	if keyed {
-		key = make([]byte, 32)
-		_, _ = rand.Read(key)
+// aeadOrNil is AES-256-GCM under key, or nil without one.
+func aeadOrNil(key []byte) (cipher.AEAD, error) {
+	if key == nil {
+		return nil, nil
 	}
+	return newAEAD(key)
+}
+
+// ackPair is a Sender connected to a running Receiver over loopback TCP,
+// keyed with key (nil: unkeyed), with the layout of n pages and a
+// StagingSink over flat memory.
+func ackPair(ctx context.Context, key []byte, n int) (*stream.Sender, func(), error) {
 	rcfg, scfg := ackConfigs(n, key)
 	ln, err := stream.Listen("127.0.0.1:0", rcfg)
 	if err != nil {

@@ -51,6 +51,10 @@ func AckStandbyEnd(ctx context.Context, in io.Reader, out io.Writer) error {
 		return err
 	}
 	rcfg, _ := ackConfigs(n, key)
+	aead, err := aeadOrNil(key)
+	if err != nil {
+		return err
+	}
 	ln, err := stream.Listen("127.0.0.1:0", rcfg)
 	if err != nil {
 		return err
@@ -83,7 +87,7 @@ func AckStandbyEnd(ctx context.Context, in io.Reader, out io.Writer) error {
 			return
 		}
 		defer c.Close()
-		ackEach(c)
+		ackEach(c, aead)
 	}()
 	asked := make(chan struct{})
 	go func() {
@@ -314,7 +318,7 @@ func splitEnds(ctx context.Context, govmm string, keyed bool, n int, stderr io.W
 		undo()
 		return nil, err
 	}
-	return &ackEnds{s: s, tx: tx,
+	return &ackEnds{s: s, key: key, tx: tx,
 		cpu: func() (time.Duration, time.Duration, error) {
 			t, err := end.cpu()
 			return cpuNow() + t, t, err

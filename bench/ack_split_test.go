@@ -82,6 +82,18 @@ func TestAckStandbyEndServesAPoint(t *testing.T) {
 			_, err = io.ReadFull(c, ack)
 			require.NoError(t, err)
 			assert.Equal(t, byte(1), ack[0])
+			if keyed { // the sealed bound: opened under the point's key, acked; under another, not
+				aead, err := newAEAD(key)
+				require.NoError(t, err)
+				var nonce sealNonce
+				var buf []byte
+				p := make([]byte, 3*sealChunk+5)
+				require.NoError(t, sealTransfer(c, aead, &nonce, p, &buf))
+				require.NoError(t, sealTransfer(c, aead, &nonce, p[:100], &buf), "a second transfer, the nonces counting on")
+				other, err := newAEAD(make([]byte, 32))
+				require.NoError(t, err)
+				assert.Error(t, sealTransfer(c, other, &nonce, p[:100], &buf), "no ack for bytes sealed under another key: the end hangs up")
+			}
 
 			assert.Greater(t, askCPU(), cpu0, "the end's CPU time grew with 20 checkpoints")
 			require.NoError(t, inW.Close())
@@ -118,7 +130,7 @@ func TestAckSplit(t *testing.T) {
 	res, err := Ack(ctx, AckConfig{Pages: []int{100}, Rounds: 2, Batch: 20 * time.Millisecond, Gaps: []time.Duration{0},
 		Split: true, Govmm: govmm, Out: out, Log: testWriter{t}})
 	require.NoError(t, err)
-	require.Len(t, res.Samples, 8) // keyed and unkeyed, 2 rounds, stream and bound
+	require.Len(t, res.Samples, 10) // 2 rounds: keyed stream, bound and sealed bound; unkeyed stream and bound
 	for _, s := range res.Samples {
 		assert.GreaterOrEqual(t, s.Acks, 3)
 		assert.Positive(t, s.StandbyCPU, "%+v: the standby end's CPU", s)
