@@ -147,20 +147,19 @@ func ackPoint(ctx context.Context, cfg AckConfig, keyed bool, n int) ([]AckSampl
 	if _, err := bound(); err != nil {
 		return nil, err
 	}
-	kinds := []string{"stream", "bound"}
-	var sealed func() (int, error)
+	kinds := ackKinds(keyed)
+	run := map[string]func() (int, error){"stream": one, "bound": bound}
 	if keyed {
-		kinds = append(kinds, "sealed")
 		aead, err := newAEAD(e.key)
 		if err != nil {
 			return nil, err
 		}
 		var nonce sealNonce
 		var out []byte
-		sealed = func() (int, error) {
+		run["sealed"] = func() (int, error) {
 			return wire, sealTransfer(e.tx, aead, &nonce, buf[8:], &out)
 		}
-		if _, err := sealed(); err != nil {
+		if _, err := run["sealed"](); err != nil {
 			return nil, err
 		}
 	}
@@ -168,14 +167,7 @@ func ackPoint(ctx context.Context, cfg AckConfig, keyed bool, n int) ([]AckSampl
 	for r := range cfg.Rounds {
 		for _, gap := range cfg.Gaps {
 			for _, kind := range kinds {
-				f := one
-				switch kind {
-				case "bound":
-					f = bound
-				case "sealed":
-					f = sealed
-				}
-				smp, err := ackBatch(ctx, cfg.Batch, gap, f, e.cpu)
+				smp, err := ackBatch(ctx, cfg.Batch, gap, run[kind], e.cpu)
 				if err != nil {
 					return out, fmt.Errorf("ack %s keyed=%v pages=%d: %w", kind, keyed, n, err)
 				}
@@ -185,6 +177,15 @@ func ackPoint(ctx context.Context, cfg AckConfig, keyed bool, n int) ([]AckSampl
 		}
 	}
 	return out, nil
+}
+
+// ackKinds are a point's batches in each round: the stream's, the
+// bound's, and keyed the sealed bound's.
+func ackKinds(keyed bool) []string {
+	if keyed {
+		return []string{"stream", "bound", "sealed"}
+	}
+	return []string{"stream", "bound"}
 }
 
 // ackBatch runs f, then waits gap, until d has passed (at least three

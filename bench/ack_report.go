@@ -6,6 +6,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"govmm/replicate/stream"
 )
 
 // ackPoint is the samples of one mode and page count, by kind, and the
@@ -56,6 +58,17 @@ func (r *AckResult) points() []*ackPointSamples {
 	return out
 }
 
+// of is the point's samples of kind.
+func (p *ackPointSamples) of(kind string) []AckSample {
+	switch kind {
+	case "bound":
+		return p.bound
+	case "sealed":
+		return p.sealed
+	}
+	return p.stream
+}
+
 func modeName(keyed bool) string {
 	if keyed {
 		return "keyed"
@@ -99,9 +112,9 @@ func (r *AckResult) Report() string {
 		"*sealed bound*, a batch after the bound's: the same bytes sealed with AES-256-GCM in 1 MiB chunks under the "+
 		"point's key, written and opened one chunk at a time, then the ack (what those bytes cost once each is sealed and "+
 		"opened, without the stream's framing, sums or pipelining); *to sealed* is the median of the rounds' "+
-		"stream/sealed-bound ratios. Raw data `ack.csv` (one row per "+
+		"stream/sealed-bound ratios. The End frame's sum ran its %s loop in this process (`stream.SumLoop`). Raw data `ack.csv` (one row per "+
 		"batch); plots `ack_time.png` (ms per ack) and `ack_cpu.png` (CPU ms per ack), log–log.\n\n",
-		where, joinInts(r.Config.Pages), r.Config.Rounds, r.Config.Batch, joinDurations(r.Config.Gaps), cpuNote)
+		where, joinInts(r.Config.Pages), r.Config.Rounds, r.Config.Batch, joinDurations(r.Config.Gaps), cpuNote, stream.SumLoop())
 	head, rule := "", ""
 	if r.Config.Split {
 		head, rule = " stream standby CPU ms/ack | bound standby CPU ms/ack |", "---|---|"
@@ -172,24 +185,13 @@ func (r *AckResult) write(dir string) error {
 		var series []Series
 		for _, keyed := range []bool{true, false} {
 			for _, gap := range r.Config.Gaps {
-				kinds := []string{"stream", "bound"}
-				if keyed {
-					kinds = append(kinds, "sealed")
-				}
-				for _, kind := range kinds {
+				for _, kind := range ackKinds(keyed) {
 					s := Series{Name: fmt.Sprintf("%s (%s, gap %v)", kind, modeName(keyed), gap), Line: true, Dashed: kind != "stream"}
 					for _, p := range r.points() {
 						if p.keyed != keyed || p.gap != gap {
 							continue
 						}
-						smp := p.stream
-						switch kind {
-						case "bound":
-							smp = p.bound
-						case "sealed":
-							smp = p.sealed
-						}
-						m := ackMs(smp, cpu)
+						m := ackMs(p.of(kind), cpu)
 						s.X, s.Y = append(s.X, float64(p.pages)), append(s.Y, m.Median)
 						s.Lo, s.Hi = append(s.Lo, m.P25), append(s.Hi, m.P75)
 					}

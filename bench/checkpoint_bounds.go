@@ -181,8 +181,9 @@ func ackEach(rx net.Conn, aead cipher.AEAD) {
 		if _, err := io.ReadFull(rx, hdr); err != nil {
 			return
 		}
-		left := int(leUint64(hdr) &^ sealedBit)
-		if leUint64(hdr)&sealedBit != 0 {
+		v := leUint64(hdr)
+		left := int(v &^ sealedBit)
+		if v&sealedBit != 0 {
 			if aead == nil {
 				return
 			}

@@ -182,20 +182,27 @@ func TestAckBeforeApply(t *testing.T) {
 	require.NoError(t, s.Close())
 	close(mem.open)
 	require.NoError(t, waitErr(t, run))
-	want := make([]byte, 4<<20)
+	assert.True(t, bytes.Equal(checkpointMemory(1, n, len(mem.b)), mem.b), "memory when Run returned")
+}
+
+// checkpointMemory is memory of size bytes, zero, after sendCheckpoint's
+// checkpoint epoch of n pages.
+func checkpointMemory(epoch uint64, n, size int) []byte {
+	want := make([]byte, size)
 	for i := range n {
 		if i%3 != 2 {
-			copy(want[i*PageSize:], page(1000+uint64(i)))
+			copy(want[i*PageSize:], page(epoch*1000+uint64(i)))
 		}
 	}
-	assert.True(t, bytes.Equal(want, mem.b), "memory when Run returned")
+	return want
 }
 
 // While a committed checkpoint is copied into memory, the next one is
-// staged (from overlapPages pages; here any): with memory that takes no write, the receiver stages every
-// page of checkpoint 2 after acking checkpoint 1; 2 is acknowledged only
-// once 1's copy is whole (its own copy must come after), and memory
-// then holds 2's pages where both wrote.
+// staged (from overlapPages pages; here any): with memory that takes no
+// write, the receiver stages every page of checkpoint 2 after acking
+// checkpoint 1; 2 is acknowledged only once 1's copy is whole (its own
+// copy must come after), and memory then holds 2's pages where both
+// wrote.
 func TestNextCheckpointStagedWhileApplying(t *testing.T) {
 	defer func(n uint64) { overlapPages = n }(overlapPages)
 	overlapPages = 0 // checkpoints of any size
@@ -219,13 +226,7 @@ func TestNextCheckpointStagedWhileApplying(t *testing.T) {
 	require.NoError(t, s.WaitAck(ctxTimeout(t, 10*time.Second), 2))
 	require.NoError(t, s.Close())
 	require.NoError(t, waitErr(t, run))
-	want := make([]byte, 4<<20)
-	for i := range n {
-		if i%3 != 2 {
-			copy(want[i*PageSize:], page(2000+uint64(i)))
-		}
-	}
-	assert.True(t, bytes.Equal(want, mem.b), "memory holds checkpoint 2 when Run returned")
+	assert.True(t, bytes.Equal(checkpointMemory(2, n, len(mem.b)), mem.b), "memory holds checkpoint 2 when Run returned")
 }
 
 // boundedMem is flatMem that says which ranges it holds (rangeChecker).
