@@ -33,7 +33,8 @@ import (
 // which the suite starts for each point and talks to over the child's
 // stdin and stdout: one line with the point ("PAGES KEY", KEY in hex or
 // "-" unkeyed), answered by the listening addresses ("stream ADDR bound
-// ADDR"); then each "cpu" line is answered with the child's CPU time so
+// ADDR", the bound's address taking the bound's connection and the tuned
+// bound's); then each "cpu" line is answered with the child's CPU time so
 // far ("cpu NANOSECONDS"). Closing its stdin ends it.
 
 // AckStandbyEnd is the split ack suite's standby end, reading its
@@ -80,14 +81,20 @@ func AckStandbyEnd(ctx context.Context, in io.Reader, out io.Writer) error {
 			failed <- fmt.Errorf("ack standby end: %w", err)
 		}
 	}()
-	go func() {
-		c, err := bl.Accept()
-		if err != nil {
-			failed <- fmt.Errorf("ack standby end: accept bound: %w", err)
-			return
+	go func() { // the bound's connection, then the tuned bound's
+		for {
+			c, err := bl.Accept()
+			if err != nil {
+				if ctx.Err() == nil {
+					failed <- fmt.Errorf("ack standby end: accept bound: %w", err)
+				}
+				return
+			}
+			go func() {
+				defer c.Close()
+				ackEach(c, aead)
+			}()
 		}
-		defer c.Close()
-		ackEach(c, aead)
 	}()
 	asked := make(chan struct{})
 	go func() {
@@ -318,11 +325,24 @@ func splitEnds(ctx context.Context, govmm string, keyed bool, n int, stderr io.W
 		undo()
 		return nil, err
 	}
-	return &ackEnds{s: s, key: key, tx: tx,
+	tuned, err := d.DialContext(ctx, "tcp", end.bound)
+	if err == nil {
+		err = tuned.(*net.TCPConn).SetWriteBuffer(tunedSendBuffer)
+		if err != nil {
+			tuned.Close()
+		}
+	}
+	if err != nil {
+		tx.Close()
+		s.Close()
+		undo()
+		return nil, err
+	}
+	return &ackEnds{s: s, key: key, tx: tx, tuned: tuned,
 		cpu: func() (time.Duration, time.Duration, error) {
 			t, err := end.cpu()
 			return cpuNow() + t, t, err
 		},
-		close: func() { tx.Close(); s.Close(); undo() },
+		close: func() { tx.Close(); tuned.Close(); s.Close(); undo() },
 	}, nil
 }

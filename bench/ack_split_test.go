@@ -71,17 +71,23 @@ func TestAckStandbyEndServesAPoint(t *testing.T) {
 			}
 			assert.Equal(t, uint64(20), s.Stats().Acks)
 
+			// The bound's connection and the tuned bound's, both served.
 			c, err := net.Dial("tcp", f[3])
 			require.NoError(t, err)
 			defer c.Close()
+			tuned, err := net.Dial("tcp", f[3])
+			require.NoError(t, err)
+			defer tuned.Close()
 			msg := make([]byte, 8+100_000)
 			putLeUint64(msg, 100_000)
-			_, err = c.Write(msg)
-			require.NoError(t, err)
-			ack := make([]byte, 1)
-			_, err = io.ReadFull(c, ack)
-			require.NoError(t, err)
-			assert.Equal(t, byte(1), ack[0])
+			for _, conn := range []net.Conn{tuned, c} {
+				_, err = conn.Write(msg)
+				require.NoError(t, err)
+				ack := make([]byte, 1)
+				_, err = io.ReadFull(conn, ack)
+				require.NoError(t, err)
+				assert.Equal(t, byte(1), ack[0])
+			}
 			if keyed { // the sealed bound: opened under the point's key, acked; under another, not
 				aead, err := newAEAD(key)
 				require.NoError(t, err)
@@ -130,14 +136,18 @@ func TestAckSplit(t *testing.T) {
 	res, err := Ack(ctx, AckConfig{Pages: []int{100}, Rounds: 2, Batch: 20 * time.Millisecond, Gaps: []time.Duration{0},
 		Split: true, Govmm: govmm, Out: out, Log: testWriter{t}})
 	require.NoError(t, err)
-	require.Len(t, res.Samples, 10) // 2 rounds: keyed stream, bound and sealed bound; unkeyed stream and bound
+	require.Len(t, res.Samples, 14) // 2 rounds: keyed stream, bound, tuned and sealed bound; unkeyed stream, bound and tuned bound
+	kinds := map[string]int{}
 	for _, s := range res.Samples {
+		kinds[s.Kind]++
 		assert.GreaterOrEqual(t, s.Acks, 3)
 		assert.Positive(t, s.StandbyCPU, "%+v: the standby end's CPU", s)
 		assert.Greater(t, s.CPU, s.StandbyCPU, "%+v: both ends' CPU", s)
 	}
+	assert.Equal(t, map[string]int{"stream": 4, "bound": 4, "tuned": 4, "sealed": 2}, kinds)
 	report := res.Report()
 	assert.Contains(t, report, "two one-core hosts")
+	assert.Contains(t, report, "to tuned median")
 	assert.Contains(t, report, "stream standby CPU ms/ack")
 
 	tasks, err := pinnedTasks(before)
