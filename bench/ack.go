@@ -139,21 +139,17 @@ func ackPoint(ctx context.Context, cfg AckConfig, keyed bool, n int) ([]AckSampl
 	buf := make([]byte, 8+wire)
 	putLeUint64(buf, uint64(wire))
 	ack := make([]byte, 1)
-	bound := func() (int, error) {
-		if _, err := e.tx.Write(buf); err != nil {
-			return 0, err
+	plain := func(c net.Conn) func() (int, error) { // the bound's transfer on c
+		return func() (int, error) {
+			if _, err := c.Write(buf); err != nil {
+				return 0, err
+			}
+			_, err := io.ReadFull(c, ack)
+			return wire, err
 		}
-		_, err := io.ReadFull(e.tx, ack)
-		return wire, err
 	}
-	tuned := func() (int, error) {
-		if _, err := e.tuned.Write(buf); err != nil {
-			return 0, err
-		}
-		_, err := io.ReadFull(e.tuned, ack)
-		return wire, err
-	}
-	for _, f := range []func() (int, error){bound, tuned} {
+	bound, tuned := plain(e.tx), plain(e.tuned)
+	for _, f := range []func() (int, error){bound, tuned} { // warm both
 		if _, err := f(); err != nil {
 			return nil, err
 		}

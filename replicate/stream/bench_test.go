@@ -134,23 +134,7 @@ func BenchmarkAck(b *testing.B) {
 		}
 		for _, npages := range []int{1000, 4096, 65536} {
 			var wire int
-			b.Run(fmt.Sprintf("%s/stream-%d", mode, npages), func(b *testing.B) {
-				s := benchPair(b, npages, keyed)
-				src := benchPages(npages)
-				epoch := uint64(1)
-				benchCheckpoint(b, s, epoch, KindEpoch, src) // warm up
-				b.SetBytes(int64(npages) * PageSize)
-				cpu := cpuTime()
-				for b.Loop() {
-					epoch++
-					before := s.Stats().BytesSent
-					benchCheckpoint(b, s, epoch, KindEpoch, src)
-					wire = int(s.Stats().BytesSent - before)
-				}
-				b.ReportMetric(float64(b.Elapsed().Microseconds())/float64(b.N)/1000, "ms/ack")
-				b.ReportMetric(float64((cpuTime()-cpu).Microseconds())/float64(b.N)/1000, "cpu-ms/ack")
-				b.ReportMetric(float64(wire)/float64(npages), "wireB/page")
-			})
+			b.Run(fmt.Sprintf("%s/stream-%d", mode, npages), func(b *testing.B) { wire = benchAckStream(b, npages, keyed, 0, 0) })
 			b.Run(fmt.Sprintf("%s/bound-%d", mode, npages), func(b *testing.B) { benchLoopbackBound(b, wire) })
 		}
 	}
@@ -175,28 +159,37 @@ func BenchmarkAckSendBuffer(b *testing.B) {
 					name += fmt.Sprintf("%dk", sndbuf>>10)
 				}
 				var wire int
-				b.Run("stream-"+name, func(b *testing.B) {
-					s := benchPairBuf(b, npages, false, sndbuf)
-					src := benchPages(npages)
-					epoch := uint64(1)
-					benchCheckpoint(b, s, epoch, KindEpoch, src) // warm up
-					b.SetBytes(int64(npages) * PageSize)
-					cpu := cpuTime()
-					b.ResetTimer()
-					for range b.N {
-						pause(b, gap)
-						epoch++
-						before := s.Stats().BytesSent
-						benchCheckpoint(b, s, epoch, KindEpoch, src)
-						wire = int(s.Stats().BytesSent - before)
-					}
-					b.ReportMetric(float64(b.Elapsed().Microseconds())/float64(b.N)/1000, "ms/ack")
-					b.ReportMetric(float64((cpuTime()-cpu).Microseconds())/float64(b.N)/1000, "cpu-ms/ack")
-				})
+				b.Run("stream-"+name, func(b *testing.B) { wire = benchAckStream(b, npages, false, sndbuf, gap) })
 				b.Run("bound-"+name, func(b *testing.B) { benchLoopbackBoundBuf(b, wire, sndbuf, gap) })
 			}
 		}
 	}
+}
+
+// benchAckStream sends checkpoints of npages distinct non-zero pages,
+// b.N times after a warm-up, each waiting for its ack (and, when gap is
+// not 0, after an untimed pause of gap), the sender's send buffer fixed
+// at sndbuf bytes (0: the kernel's); it reports ms/ack, cpu-ms/ack and
+// wireB/page, and returns the wire bytes of a checkpoint.
+func benchAckStream(b *testing.B, npages int, keyed bool, sndbuf int, gap time.Duration) (wire int) {
+	s := benchPairBuf(b, npages, keyed, sndbuf)
+	src := benchPages(npages)
+	epoch := uint64(1)
+	benchCheckpoint(b, s, epoch, KindEpoch, src) // warm up
+	b.SetBytes(int64(npages) * PageSize)
+	cpu := cpuTime()
+	b.ResetTimer()
+	for range b.N {
+		pause(b, gap)
+		epoch++
+		before := s.Stats().BytesSent
+		benchCheckpoint(b, s, epoch, KindEpoch, src)
+		wire = int(s.Stats().BytesSent - before)
+	}
+	b.ReportMetric(float64(b.Elapsed().Microseconds())/float64(b.N)/1000, "ms/ack")
+	b.ReportMetric(float64((cpuTime()-cpu).Microseconds())/float64(b.N)/1000, "cpu-ms/ack")
+	b.ReportMetric(float64(wire)/float64(npages), "wireB/page")
+	return wire
 }
 
 // pause waits gap with the benchmark's timer stopped.
