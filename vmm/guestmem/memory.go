@@ -220,7 +220,19 @@ func (m *Memory) ReadAt(p []byte, gpa GPA) error {
 // WriteAt copies p into guest memory at gpa and marks the pages dirty. The
 // mark follows the copy, so a harvest racing with it reports the pages
 // either with the new bytes already in place or again at the next harvest.
-func (m *Memory) WriteAt(p []byte, gpa GPA) error {
+func (m *Memory) WriteAt(p []byte, gpa GPA) error { return m.write(p, gpa, false) }
+
+// WriteAtNT is WriteAt for bytes that nothing will read soon, such as a
+// standby's copy of a committed checkpoint into the replica's memory:
+// whole 64-byte blocks are written with non-temporal stores (copyNT),
+// which neither read the old lines into the cache first nor evict
+// anything for them. Pages scattered over guest memory went in 0.53-0.61
+// of WriteAt's time on this project's host, consecutive ones in 1.07 of
+// it (BenchmarkWriteAtNT); a guest that soon reads what was written
+// would find it out of cache, so devices use WriteAt.
+func (m *Memory) WriteAtNT(p []byte, gpa GPA) error { return m.write(p, gpa, true) }
+
+func (m *Memory) write(p []byte, gpa GPA, nt bool) error {
 	r, off, err := m.find(gpa, uint64(len(p)))
 	if err != nil {
 		return err
@@ -229,7 +241,11 @@ func (m *Memory) WriteAt(p []byte, gpa GPA) error {
 	if wp := m.wp.Load(); wp != nil {
 		wp.beforeWrite(r, off, uint64(len(p)))
 	}
-	copy(r.Host[off:], p)
+	if nt {
+		copyNT(r.Host[off:off+uint64(len(p))], p)
+	} else {
+		copy(r.Host[off:], p)
+	}
 	m.writing.RUnlock()
 	r.markDirty(off, uint64(len(p)))
 	return nil
