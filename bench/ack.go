@@ -66,7 +66,7 @@ type AckResult struct {
 }
 
 // Ack runs checkpoints of cfg.Pages distinct non-zero pages (and 64 KiB
-// of state, uncompressed, the standby's StagingSink over flat memory)
+// of state, uncompressed, the standby's StagingSink over guest memory)
 // from a stream.Sender to a stream.Receiver in this process (or, with
 // cfg.Split, in a process of its own on a CPU of its own) over
 // loopback TCP, keyed (AES-256-GCM) and unkeyed, each waiting for its ack
@@ -300,13 +300,12 @@ func localEnds(ctx context.Context, keyed bool, n int) (*ackEnds, error) {
 }
 
 // ackConfigs are the two ends' stream configurations for n pages, keyed
-// with key (nil: unkeyed, in clear); the receiver's stages into a
-// StagingSink over flat memory.
+// with key (nil: unkeyed, in clear); the receiver's Sink is the standby
+// end's to set (ackStandbySink).
 func ackConfigs(n int, key []byte) (rcfg, scfg stream.Config) {
 	id := stream.Identity{Name: "bench-ack", Regions: []stream.Region{{GPA: 0, Size: uint64(n) * guestmem.PageSize}}, VCPUs: 1}
 	quiet := slog.New(slog.DiscardHandler)
-	rcfg = stream.Config{Identity: id, Logger: quiet, Sink: &stream.StagingSink{Dest: flatMemory(make([]byte, n*guestmem.PageSize))},
-		Compression: stream.CompressNone}
+	rcfg = stream.Config{Identity: id, Logger: quiet, Compression: stream.CompressNone}
 	scfg = stream.Config{Identity: id, Logger: quiet, Compression: stream.CompressNone}
 	if key != nil {
 		rcfg.Key, scfg.Key = key, key
@@ -314,6 +313,18 @@ func ackConfigs(n int, key []byte) (rcfg, scfg stream.Config) {
 		rcfg.Insecure, scfg.Insecure = true, true
 	}
 	return rcfg, scfg
+}
+
+// ackStandbySink is the standby end's sink for n pages: a StagingSink
+// over guest memory mapped as a standby's (guestmem), so that the copy
+// into it takes a standby's path. done unmaps the memory; call it only
+// once nothing writes it (the Receiver's Run has returned).
+func ackStandbySink(n int) (sink *stream.StagingSink, done func(), err error) {
+	mem, err := guestmem.New([]guestmem.Spec{{GPA: 0, Size: uint64(n) * guestmem.PageSize}})
+	if err != nil {
+		return nil, nil, err
+	}
+	return &stream.StagingSink{Dest: mem}, func() { _ = mem.Close() }, nil
 }
 
 // aeadOrNil is AES-256-GCM under key, or nil without one.
@@ -325,12 +336,18 @@ func aeadOrNil(key []byte) (cipher.AEAD, error) {
 }
 
 // ackPair is a Sender connected to a running Receiver over loopback TCP,
-// keyed with key (nil: unkeyed), with the layout of n pages and a
-// StagingSink over flat memory.
+// keyed with key (nil: unkeyed), with the layout of n pages and the
+// standby end's sink (ackStandbySink).
 func ackPair(ctx context.Context, key []byte, n int) (*stream.Sender, func(), error) {
 	rcfg, scfg := ackConfigs(n, key)
+	sink, unmap, err := ackStandbySink(n)
+	if err != nil {
+		return nil, nil, err
+	}
+	rcfg.Sink = sink
 	ln, err := stream.Listen("127.0.0.1:0", rcfg)
 	if err != nil {
+		unmap()
 		return nil, nil, err
 	}
 	type accepted struct {
@@ -345,12 +362,14 @@ func ackPair(ctx context.Context, key []byte, n int) (*stream.Sender, func(), er
 	s, err := stream.Dial(ctx, ln.Addr().String(), scfg)
 	if err != nil {
 		ln.Close()
+		unmap() // no Receiver runs: nothing writes the memory
 		return nil, nil, err
 	}
 	a := <-ch
 	ln.Close()
 	if a.err != nil {
 		s.Close()
+		unmap()
 		return nil, nil, a.err
 	}
 	done := make(chan struct{})
@@ -358,7 +377,7 @@ func ackPair(ctx context.Context, key []byte, n int) (*stream.Sender, func(), er
 		defer close(done)
 		_ = a.r.Run(ctx)
 	}()
-	return s, func() { s.Close(); a.r.Close(); <-done }, nil
+	return s, func() { s.Close(); a.r.Close(); <-done; unmap() }, nil
 }
 
 // ackCheckpoint sends src's pages and state as checkpoint epoch and
@@ -380,15 +399,6 @@ func ackCheckpoint(ctx context.Context, s *stream.Sender, epoch uint64, src, sta
 		return err
 	}
 	return s.WaitAck(ctx, epoch)
-}
-
-// flatMemory is the standby's guest memory for the ack suite.
-type flatMemory []byte
-
-// WriteAt implements stream.PageWriter.
-func (m flatMemory) WriteAt(p []byte, gpa guestmem.GPA) error {
-	copy(m[gpa:], p)
-	return nil
 }
 
 // cpuNow is this process's CPU time so far, user and system, all threads.

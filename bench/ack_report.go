@@ -109,7 +109,7 @@ func (r *AckResult) Report() string {
 			"sooner than the busier end's CPU"
 	}
 	fmt.Fprintf(&b, "Stream alone (`replicate/stream`, as `BenchmarkAck`): a Sender and a Receiver %s over loopback TCP, "+
-		"each checkpoint %s distinct non-zero pages and 64 KiB of state, uncompressed, into a `StagingSink` over flat memory, "+
+		"each checkpoint %s distinct non-zero pages and 64 KiB of state, uncompressed, into a `StagingSink` over guest memory (guestmem, as a standby's), "+
 		"each waiting for its ack before the next; keyed (AES-256-GCM) and unkeyed (in clear, checked by the End frame's sum). "+
 		"Beside each batch, the *loopback bound*: the same number of bytes (the checkpoint's wire bytes) written on a plain "+
 		"loopback TCP connection until a one-byte ack comes back. %d rounds per point, each a batch of the stream then one of "+

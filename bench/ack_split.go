@@ -14,6 +14,7 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -56,6 +57,13 @@ func AckStandbyEnd(ctx context.Context, in io.Reader, out io.Writer) error {
 	if err != nil {
 		return err
 	}
+	sink, unmap, err := ackStandbySink(n)
+	if err != nil {
+		return err
+	}
+	rcfg.Sink = sink
+	var running sync.WaitGroup // the Receiver's goroutine: the memory is unmapped after it
+	defer func() { cancel(); running.Wait(); unmap() }()
 	ln, err := stream.Listen("127.0.0.1:0", rcfg)
 	if err != nil {
 		return err
@@ -70,7 +78,9 @@ func AckStandbyEnd(ctx context.Context, in io.Reader, out io.Writer) error {
 		return err
 	}
 	failed := make(chan error, 3)
+	running.Add(1)
 	go func() {
+		defer running.Done()
 		r, err := ln.Accept(ctx)
 		if err != nil {
 			failed <- fmt.Errorf("ack standby end: accept: %w", err)
