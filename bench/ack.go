@@ -198,11 +198,13 @@ func ackKinds(keyed bool) []string {
 // tunedSendBuffer is the tuned bound's send buffer (SO_SNDBUF, which
 // Linux doubles for its bookkeeping and no longer autotunes): the bound
 // with the kernel's own buffer (autotuned, as the stream uses it) is not
-// a floor. On this project's 2-core host the same bytes went 1.3-1.9×
-// as fast, at half the CPU, with 256 KiB: a writer that never fills its
-// buffer keeps its core while the reader waits to be scheduled, and
-// what it wrote has left the cache by the time the reader copies it
-// (BenchmarkAckSendBuffer, docs/STREAM.md "The bound is not a floor").
+// a floor. In one process on this project's 2-core host the same bytes
+// went 1.3-2.3× as fast with 256 KiB, at about half the CPU back to
+// back (with --split, as fast as with the kernel's): a writer that never
+// fills its buffer keeps its core while the reader waits to be
+// scheduled, and what it wrote has left the cache by the time the reader
+// copies it (BenchmarkAckSendBuffer, docs/STREAM.md "The bound is not a
+// floor").
 const tunedSendBuffer = 256 << 10
 
 // ackBatch runs f, then waits gap, until d has passed (at least three
