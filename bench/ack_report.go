@@ -2,6 +2,7 @@ package bench
 
 import (
 	"fmt"
+	"math"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -125,7 +126,8 @@ func (r *AckResult) Report() string {
 		"point's key, written and opened one chunk at a time, then the ack (what those bytes cost once each is sealed and "+
 		"opened, without the stream's framing, sums or pipelining); *to sealed* is the median of the rounds' "+
 		"stream/sealed-bound ratios. The End frame's sum ran its %s loop in this process (`stream.SumLoop`). Raw data `ack.csv` (one row per "+
-		"batch); plots `ack_time.png` (ms per ack) and `ack_cpu.png` (CPU ms per ack), log–log.\n\n",
+		"batch); plots `ack_time.png` (ms per ack) and `ack_cpu.png` (CPU ms per ack), log–log, and `ack_ratio.png` "+
+		"(the ratios against the goal of 1.3×: unkeyed over the bound and over the tuned bound, keyed over the sealed bound).\n\n",
 		where, joinInts(r.Config.Pages), r.Config.Rounds, r.Config.Batch, joinDurations(r.Config.Gaps), cpuNote, tunedSendBuffer>>10, stream.SumLoop())
 	head, rule := "", ""
 	if r.Config.Split {
@@ -221,5 +223,46 @@ func (r *AckResult) write(dir string) error {
 			return err
 		}
 	}
-	return nil
+	return r.ratioChart(filepath.Join(dir, "ack_ratio.png"))
+}
+
+// ackGoal is issue 13's goal for time to ack, as a multiple of the
+// bound: drawn on the ratio chart.
+const ackGoal = 1.3
+
+// ratioChart draws the ratios the issue's goal is about, median of the
+// rounds with p25-p75 bars, per mode and gap: unkeyed time to ack over
+// the bound and over the tuned bound, keyed over the sealed bound; and
+// the goal as a line.
+func (r *AckResult) ratioChart(path string) error {
+	var series []Series
+	lo, hi := math.Inf(1), math.Inf(-1)
+	for _, gap := range r.Config.Gaps {
+		for _, c := range []struct {
+			keyed bool
+			name  string
+			of    func(p *ackPointSamples) []float64
+		}{
+			{false, "unkeyed ÷ bound", func(p *ackPointSamples) []float64 { return p.wall }},
+			{false, "unkeyed ÷ tuned bound", func(p *ackPointSamples) []float64 { return p.wallTuned }},
+			{true, "keyed ÷ sealed bound", func(p *ackPointSamples) []float64 { return p.wallSealed }},
+		} {
+			s := Series{Name: fmt.Sprintf("%s (gap %v)", c.name, gap), Line: true, Dashed: gap > 0}
+			for _, p := range r.points() {
+				if p.keyed != c.keyed || p.gap != gap || len(c.of(p)) == 0 {
+					continue
+				}
+				m := Summarize(c.of(p))
+				s.X, s.Y = append(s.X, float64(p.pages)), append(s.Y, m.Median)
+				s.Lo, s.Hi = append(s.Lo, m.P25), append(s.Hi, m.P75)
+				lo, hi = math.Min(lo, float64(p.pages)), math.Max(hi, float64(p.pages))
+			}
+			series = append(series, s)
+		}
+	}
+	if lo <= hi {
+		series = append(series, Series{Name: fmt.Sprintf("goal: %.1f×", ackGoal), X: []float64{lo, hi}, Y: []float64{ackGoal, ackGoal}, Line: true, Dashed: true})
+	}
+	return lineChart(path, "Time to ack over its bound (issue 13's goal: 1.3×)", "dirty pages per checkpoint",
+		"stream ÷ bound (median of rounds, p25–p75)", Axes{LogX: true}, series)
 }
