@@ -45,25 +45,31 @@ func (r *AckResult) points() []*ackPointSamples {
 			continue
 		case "sealed":
 			p.sealed = append(p.sealed, s)
-			if k := len(p.sealed) - 1; k < len(p.stream) {
-				p.wallSealed = append(p.wallSealed, float64(p.stream[k].Wall)/float64(s.Wall))
-			}
+			p.wallSealed = p.vsStream(p.wallSealed, len(p.sealed)-1, s, false)
 			continue
 		case "tuned":
 			p.tuned = append(p.tuned, s)
-			if k := len(p.tuned) - 1; k < len(p.stream) {
-				p.wallTuned = append(p.wallTuned, float64(p.stream[k].Wall)/float64(s.Wall))
-			}
+			p.wallTuned = p.vsStream(p.wallTuned, len(p.tuned)-1, s, false)
 			continue
 		}
 		p.bound = append(p.bound, s)
-		if k := len(p.bound) - 1; k < len(p.stream) {
-			st := p.stream[k]
-			p.wall = append(p.wall, float64(st.Wall)/float64(s.Wall))
-			p.cpu = append(p.cpu, float64(st.CPU)/float64(s.CPU))
-		}
+		p.wall = p.vsStream(p.wall, len(p.bound)-1, s, false)
+		p.cpu = p.vsStream(p.cpu, len(p.bound)-1, s, true)
 	}
 	return out
+}
+
+// vsStream appends to ratios the point's stream sample of round k over
+// s, a reference's sample of that round (its wall or CPU time), if the
+// stream has one.
+func (p *ackPointSamples) vsStream(ratios []float64, k int, s AckSample, cpu bool) []float64 {
+	if k >= len(p.stream) {
+		return ratios
+	}
+	if cpu {
+		return append(ratios, float64(p.stream[k].CPU)/float64(s.CPU))
+	}
+	return append(ratios, float64(p.stream[k].Wall)/float64(s.Wall))
 }
 
 // of is the point's samples of kind.
@@ -145,13 +151,16 @@ func (r *AckResult) Report() string {
 		fmt.Fprintf(&b, "| %s | %d | %v | %.0f | %.2f (%.2f–%.2f) | %.2f (%.2f–%.2f) | %.2f× (%.2f–%.2f) | %.2f | %.2f | %.2f× |",
 			modeName(p.keyed), p.pages, p.gap, wire, sw.Median, sw.P25, sw.P75, bw.Median, bw.P25, bw.P75,
 			wr.Median, wr.P25, wr.P75, sc.Median, bc.Median, cr.Median)
-		td, wt := ackMs(p.tuned, false), Summarize(p.wallTuned)
-		fmt.Fprintf(&b, " %.2f (%.2f–%.2f) | %.2f× (%.2f–%.2f) |", td.Median, td.P25, td.P75, wt.Median, wt.P25, wt.P75)
-		if len(p.sealed) > 0 {
-			sd, ws := ackMs(p.sealed, false), Summarize(p.wallSealed)
-			fmt.Fprintf(&b, " %.2f (%.2f–%.2f) | %.2f× (%.2f–%.2f) |", sd.Median, sd.P25, sd.P75, ws.Median, ws.P25, ws.P75)
-		} else {
-			b.WriteString(" – | – |")
+		for _, ref := range []struct {
+			samples []AckSample
+			ratios  []float64
+		}{{p.tuned, p.wallTuned}, {p.sealed, p.wallSealed}} {
+			if len(ref.samples) == 0 {
+				b.WriteString(" – | – |")
+				continue
+			}
+			d, w := ackMs(ref.samples, false), Summarize(ref.ratios)
+			fmt.Fprintf(&b, " %.2f (%.2f–%.2f) | %.2f× (%.2f–%.2f) |", d.Median, d.P25, d.P75, w.Median, w.P25, w.P75)
 		}
 		if r.Config.Split {
 			fmt.Fprintf(&b, " %.2f | %.2f |", standbyMs(p.stream).Median, standbyMs(p.bound).Median)

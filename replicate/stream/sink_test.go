@@ -170,19 +170,29 @@ func (m *gatedMem) WriteAt(p []byte, gpa GPA) error {
 // anyway, and once memory takes writes again, what Run leaves behind is
 // the checkpoint.
 func TestAckBeforeApply(t *testing.T) {
-	scfg, rcfg := cfgs(newFakeClock())
-	mem := &gatedMem{flatMem: flatMem{b: make([]byte, 4<<20)}, open: make(chan struct{})}
-	rcfg.Sink = &StagingSink{Dest: mem}
-	s, r := pipePair(t, scfg, rcfg)
-	run := runReceiver(t, r)
 	const n = 1000
-	require.NoError(t, sendCheckpoint(s, 1, KindEpoch, n, []byte("s")))
-	require.NoError(t, s.WaitAck(ctxTimeout(t, 10*time.Second), 1), "the ack waits for no write into memory")
+	s, _, run, mem := gatedStandby(t, n)
 	assert.Equal(t, int64(0), mem.writes.Load(), "nothing applied yet")
 	require.NoError(t, s.Close())
 	close(mem.open)
 	require.NoError(t, waitErr(t, run))
 	assert.True(t, bytes.Equal(checkpointMemory(1, n, len(mem.b)), mem.b), "memory when Run returned")
+}
+
+// gatedStandby is a Sender and a running Receiver whose StagingSink
+// writes into 4 MiB of memory that takes no write until mem.open is
+// closed, after checkpoint 1 of n pages (sendCheckpoint) was acked: the
+// ack waits for no write into memory.
+func gatedStandby(t *testing.T, n int) (s *Sender, r *Receiver, run <-chan error, mem *gatedMem) {
+	t.Helper()
+	scfg, rcfg := cfgs(newFakeClock())
+	mem = &gatedMem{flatMem: flatMem{b: make([]byte, 4<<20)}, open: make(chan struct{})}
+	rcfg.Sink = &StagingSink{Dest: mem}
+	s, r = pipePair(t, scfg, rcfg)
+	run = runReceiver(t, r)
+	require.NoError(t, sendCheckpoint(s, 1, KindEpoch, n, []byte("s")))
+	require.NoError(t, s.WaitAck(ctxTimeout(t, 10*time.Second), 1), "the ack waits for no write into memory")
+	return s, r, run, mem
 }
 
 // checkpointMemory is memory of size bytes, zero, after sendCheckpoint's
@@ -206,14 +216,8 @@ func checkpointMemory(epoch uint64, n, size int) []byte {
 func TestNextCheckpointStagedWhileApplying(t *testing.T) {
 	defer func(n uint64) { overlapPages = n }(overlapPages)
 	overlapPages = 0 // checkpoints of any size
-	scfg, rcfg := cfgs(newFakeClock())
-	mem := &gatedMem{flatMem: flatMem{b: make([]byte, 4<<20)}, open: make(chan struct{})}
-	rcfg.Sink = &StagingSink{Dest: mem}
-	s, r := pipePair(t, scfg, rcfg)
-	run := runReceiver(t, r)
 	const n = 600
-	require.NoError(t, sendCheckpoint(s, 1, KindEpoch, n, []byte("s")))
-	require.NoError(t, s.WaitAck(ctxTimeout(t, 10*time.Second), 1))
+	s, r, run, mem := gatedStandby(t, n)
 	sent := make(chan error, 1)
 	go func() { sent <- sendCheckpoint(s, 2, KindEpoch, n, []byte("t")) }()
 	require.Eventually(t, func() bool { return r.Stats().Pages == 2*n }, 10*time.Second, time.Millisecond,
