@@ -48,7 +48,7 @@ type AckConfig struct {
 type AckSample struct {
 	Keyed bool
 	Pages int
-	Kind  string // "stream", "bound", "tuned" or (keyed) "sealed"
+	Kind  string // "stream", "bound", "tuned", (unkeyed) "held" or (keyed) "sealed"
 	Gap   time.Duration
 	Round int
 	Acks  int
@@ -73,7 +73,8 @@ type AckResult struct {
 // before the next, and beside each batch the loopback bound: the same
 // number of bytes written on a plain loopback TCP connection until a
 // one-byte ack comes back; then the same with the writer's send buffer
-// fixed (the tuned bound, tunedSendBuffer), and keyed the sealed bound.
+// fixed (the tuned bound, tunedSendBuffer), keyed the sealed bound and
+// unkeyed the held bound (heldBit).
 // It is BenchmarkAck (replicate/stream) run as interleaved rounds, so
 // that a ratio compares neighbours in time.
 func Ack(ctx context.Context, cfg AckConfig) (*AckResult, error) {
@@ -155,7 +156,8 @@ func ackPoint(ctx context.Context, cfg AckConfig, keyed bool, n int) ([]AckSampl
 		}
 	}
 	kinds := ackKinds(keyed)
-	run := map[string]func() (int, error){"stream": one, "bound": bound, "tuned": tuned}
+	run := map[string]func() (int, error){"stream": one, "bound": bound, "tuned": tuned,
+		"held": func() (int, error) { return wire, heldTransfer(e.tx, buf[8:]) }}
 	if keyed {
 		aead, err := newAEAD(e.key)
 		if err != nil {
@@ -169,6 +171,8 @@ func ackPoint(ctx context.Context, cfg AckConfig, keyed bool, n int) ([]AckSampl
 		if _, err := run["sealed"](); err != nil {
 			return nil, err
 		}
+	} else if _, err := run["held"](); err != nil { // the reader's buffer grows to the checkpoint's size here
+		return nil, err
 	}
 	var out []AckSample
 	for r := range cfg.Rounds {
@@ -187,12 +191,13 @@ func ackPoint(ctx context.Context, cfg AckConfig, keyed bool, n int) ([]AckSampl
 }
 
 // ackKinds are a point's batches in each round: the stream's, the
-// bound's, the tuned bound's, and keyed the sealed bound's.
+// bound's, the tuned bound's, and keyed the sealed bound's, unkeyed the
+// held bound's.
 func ackKinds(keyed bool) []string {
 	if keyed {
 		return []string{"stream", "bound", "tuned", "sealed"}
 	}
-	return []string{"stream", "bound", "tuned"}
+	return []string{"stream", "bound", "tuned", "held"}
 }
 
 // tunedSendBuffer is the tuned bound's send buffer (SO_SNDBUF, which

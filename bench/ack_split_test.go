@@ -88,6 +88,11 @@ func TestAckStandbyEndServesAPoint(t *testing.T) {
 				require.NoError(t, err)
 				assert.Equal(t, byte(1), ack[0])
 			}
+			// The held bound: a transfer kept whole (bigger than the reader's
+			// megabyte), then another, acked.
+			held := make([]byte, 3<<20+7)
+			require.NoError(t, heldTransfer(c, held))
+			require.NoError(t, heldTransfer(c, held[:100]))
 			if keyed { // the sealed bound: opened under the point's key, acked; under another, not
 				aead, err := newAEAD(key)
 				require.NoError(t, err)
@@ -136,7 +141,7 @@ func TestAckSplit(t *testing.T) {
 	res, err := Ack(ctx, AckConfig{Pages: []int{100}, Rounds: 2, Batch: 20 * time.Millisecond, Gaps: []time.Duration{0},
 		Split: true, Govmm: govmm, Out: out, Log: testWriter{t}})
 	require.NoError(t, err)
-	require.Len(t, res.Samples, 14) // 2 rounds: keyed stream, bound, tuned and sealed bound; unkeyed stream, bound and tuned bound
+	require.Len(t, res.Samples, 16) // 2 rounds: keyed stream, bound, tuned and sealed bound; unkeyed stream, bound, tuned and held bound
 	kinds := map[string]int{}
 	for _, s := range res.Samples {
 		kinds[s.Kind]++
@@ -144,10 +149,11 @@ func TestAckSplit(t *testing.T) {
 		assert.Positive(t, s.StandbyCPU, "%+v: the standby end's CPU", s)
 		assert.Greater(t, s.CPU, s.StandbyCPU, "%+v: both ends' CPU", s)
 	}
-	assert.Equal(t, map[string]int{"stream": 4, "bound": 4, "tuned": 4, "sealed": 2}, kinds)
+	assert.Equal(t, map[string]int{"stream": 4, "bound": 4, "tuned": 4, "sealed": 2, "held": 2}, kinds)
 	report := res.Report()
 	assert.Contains(t, report, "two one-core hosts")
 	assert.Contains(t, report, "to tuned median")
+	assert.Contains(t, report, "to held median")
 	assert.Contains(t, report, "stream standby CPU ms/ack")
 
 	tasks, err := pinnedTasks(before)
@@ -165,4 +171,32 @@ func pinnedTasks(want unix.CPUSet) ([]int, error) {
 		}
 	})
 	return out, err
+}
+
+// The held bound's reader acks a held transfer once it has all of it,
+// stays in step for the plain transfers that follow, and hangs up on a
+// length it will not hold.
+func TestAckEachHeldTransfer(t *testing.T) {
+	tx, rx, err := loopbackPair(t.Context())
+	require.NoError(t, err)
+	defer tx.Close()
+	go func() {
+		defer rx.Close()
+		ackEach(rx, nil)
+	}()
+	require.NoError(t, heldTransfer(tx, make([]byte, 2<<20+3)))
+	msg := make([]byte, 8+5000)
+	putLeUint64(msg, 5000)
+	_, err = tx.Write(msg)
+	require.NoError(t, err)
+	ack := make([]byte, 1)
+	_, err = io.ReadFull(tx, ack)
+	require.NoError(t, err, "a plain transfer after the held one: the reader kept count")
+	assert.Equal(t, byte(1), ack[0])
+
+	putLeUint64(msg, uint64(maxHeld+1)|heldBit)
+	_, err = tx.Write(msg[:8])
+	require.NoError(t, err)
+	_, err = io.ReadFull(tx, ack)
+	assert.Error(t, err, "more than maxHeld announced: no ack, the reader hangs up")
 }

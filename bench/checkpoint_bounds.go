@@ -97,6 +97,33 @@ const (
 	sealChunk = 1 << 20
 )
 
+// The held bound (ack suite, unkeyed points): the loopback bound's bytes,
+// written after the length with heldBit set, which the reader keeps,
+// all of them, in one buffer the transfer's size (reused from transfer to
+// transfer, as a standby reuses its staging) before the one-byte ack,
+// instead of reading each megabyte over the last in one buffer that
+// stays in cache. A standby must do that much: it may ack a checkpoint
+// only once it holds all of it, and it applies it only after. What is
+// left between the held bound and the stream is the stream's own work
+// (framing, the End sum) and the standby's copy into memory.
+const (
+	heldBit = 1 << 62
+	maxHeld = 1 << 31 // the most a held transfer may be (65,536 pages are 270 MB)
+)
+
+// heldTransfer writes p on tx for the held bound (heldBit) and waits for
+// the one-byte ack.
+func heldTransfer(tx net.Conn, p []byte) error {
+	var hdr [8]byte
+	putLeUint64(hdr[:], uint64(len(p))|heldBit)
+	bufs := net.Buffers{hdr[:], p}
+	if _, err := bufs.WriteTo(tx); err != nil {
+		return err
+	}
+	_, err := io.ReadFull(tx, hdr[:1])
+	return err
+}
+
 // sealNonce counts chunks: both ends of one connection take the same
 // nonces in the same order, and none twice.
 type sealNonce struct {
@@ -171,18 +198,34 @@ func loopbackPair(ctx context.Context) (tx, rx net.Conn, err error) {
 // until the connection closes. A length with its top bit set (sealedBit)
 // announces a sealed transfer (sealTransfer): that many bytes of
 // plaintext, each sealChunk of them sealed with aead and opened here as
-// it arrives; without aead, the connection ends there.
+// it arrives; without aead, the connection ends there. One with heldBit
+// set announces a held transfer (heldTransfer): its bytes are kept, all
+// of them, until the ack.
 func ackEach(rx net.Conn, aead cipher.AEAD) {
 	buf := make([]byte, 1<<20)
 	hdr := make([]byte, 8)
-	var ct []byte
+	var ct, held []byte
 	var nonce sealNonce
 	for {
 		if _, err := io.ReadFull(rx, hdr); err != nil {
 			return
 		}
 		v := leUint64(hdr)
-		left := int(v &^ sealedBit)
+		left := int(v &^ (sealedBit | heldBit))
+		if v&heldBit != 0 {
+			if left > maxHeld {
+				return
+			}
+			held = slices.Grow(held[:0], left)[:left]
+			for off := 0; off < left; { // as the bound reads, a megabyte at most at a time
+				k, err := rx.Read(held[off:min(left, off+len(buf))])
+				if err != nil {
+					return
+				}
+				off += k
+			}
+			left = 0
+		}
 		if v&sealedBit != 0 {
 			if aead == nil {
 				return
