@@ -2,9 +2,12 @@ package stream
 
 import (
 	"bytes"
+	"runtime"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"govmm/vmm/guestmem"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -92,6 +95,49 @@ func TestStagingSinkParallelCommit(t *testing.T) {
 	copy(want[PageSize:], page(12345))
 	require.NoError(t, s.Commit())
 	assert.True(t, bytes.Equal(want, dest), "memory after commit")
+}
+
+// Into guest memory (as a standby's), a commit's apply writes through an
+// NTWriter per goroutine: every page lands, a zero page over a non-zero
+// one is written and one over zeros is not, a page staged twice ends as
+// its last version, every page written is marked dirty once the commit
+// is applied, and a second commit finds the memory's lock free.
+func TestStagingSinkIntoGuestMemory(t *testing.T) {
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(5)) // four apply goroutines
+	const npages = 3 * commitSplit
+	mem, err := guestmem.New([]guestmem.Spec{{GPA: 0, Size: npages * PageSize}})
+	require.NoError(t, err)
+	defer mem.Close()
+	require.NoError(t, mem.WriteAt(page(99), 4*PageSize)) // under a zero page
+	mem.Regions()[0].HarvestVMMDirty(make([]uint64, mem.Regions()[0].BitmapWords()))
+	s := &StagingSink{Dest: mem}
+	want := make([]byte, npages*PageSize)
+	written := 0
+	require.NoError(t, s.Begin(1, KindEpoch))
+	for i := range npages {
+		p := page(uint64(i) + 7)
+		if i%5 == 4 {
+			p = nil
+		}
+		require.NoError(t, s.StagePage(GPA(i*PageSize), p))
+		copy(want[i*PageSize:], p)
+		if p != nil || i == 4 {
+			written++
+		}
+	}
+	require.NoError(t, s.StagePage(PageSize, page(12345)))
+	copy(want[PageSize:], page(12345))
+	require.NoError(t, s.Commit())
+	got := make([]byte, npages*PageSize)
+	require.NoError(t, mem.ReadAt(got, 0))
+	assert.True(t, bytes.Equal(want, got), "memory after commit")
+	assert.Equal(t, written, mem.Regions()[0].VMMDirtyCount(), "pages marked dirty")
+
+	require.NoError(t, s.Begin(2, KindEpoch))
+	require.NoError(t, s.StagePage(0, page(5)))
+	require.NoError(t, s.Commit())
+	require.NoError(t, mem.ReadAt(got[:PageSize], 0))
+	assert.Equal(t, page(5), got[:PageSize])
 }
 
 // A StagingSink keeps the pages of each Pages frame in the frame's own

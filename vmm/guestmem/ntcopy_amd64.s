@@ -5,8 +5,8 @@
 // func copyNTBlocks(dst, src *byte, n int)
 //
 // Copies n bytes (a multiple of 64, n > 0) from src to dst (16-byte
-// aligned) with non-temporal stores, 64 bytes a turn, then SFENCE, so
-// that the stores are ordered before anything the caller does next.
+// aligned) with non-temporal stores, 64 bytes a turn. The stores are
+// weakly ordered: ntFence orders them before what the caller does next.
 TEXT ·copyNTBlocks(SB), NOSPLIT, $0-24
 	MOVQ dst+0(FP), DI
 	MOVQ src+8(FP), SI
@@ -25,5 +25,12 @@ loop:
 	ADDQ $64, DI
 	DECQ CX
 	JNZ loop
+	RET
+
+// func ntFence()
+//
+// SFENCE: every non-temporal store before it is globally visible before
+// any store after it.
+TEXT ·ntFence(SB), NOSPLIT, $0-0
 	SFENCE
 	RET
