@@ -55,9 +55,10 @@ pages (--quick: 100 and 1,000) over loopback TCP, keyed and unkeyed, back
 to back and with a 50ms gap after each ack (an epoch; --quick: 10ms), each
 batch beside the loopback bound of the same wire bytes, the tuned bound
 (the same with a 256 KiB socket send buffer instead of the kernel's
-autotuned one: often faster, so the bound is not a floor) and, keyed,
-the sealed bound (those bytes sealed and opened with AES-256-GCM in
-1 MiB chunks, one at a time); --runs rounds (default 10; --quick: 3). With --split, the standby's end (and the
+autotuned one: often faster, so the bound is not a floor), unkeyed the
+held bound (the reader keeps all of a checkpoint's bytes until the ack,
+as a standby must) and, keyed, the sealed bound (those bytes sealed and
+opened with AES-256-GCM in 1 MiB chunks, one at a time); --runs rounds (default 10; --quick: 3). With --split, the standby's end (and the
 bound's reader) runs in a process of its own pinned to one CPU and the
 sender's end is pinned to another, as on two one-core hosts.
 

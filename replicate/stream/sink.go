@@ -151,7 +151,7 @@ type ntWriter interface {
 // apply writes through one. 4,096 pages went in 0.63-0.66 of
 // WriteAtNT's time, and 0.35-0.37 of WriteAt's scattered or in a
 // harvest's order, 0.69 consecutive (BenchmarkWriteAtNT,
-// bench/results/20261205T020000Z).
+// bench/results/20261205T013500Z).
 type ntBatcher interface {
 	NTWriter() *guestmem.NTWriter
 }
