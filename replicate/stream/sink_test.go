@@ -74,25 +74,36 @@ type pageWriterFunc func(p []byte, gpa GPA) error
 
 func (f pageWriterFunc) WriteAt(p []byte, gpa GPA) error { return f(p, gpa) }
 
+// stageMany begins checkpoint 1 on s and stages npages pages, every
+// fifth one zero, then page 1 again with other bytes; it returns the
+// memory the commit must leave (where it was all zero before) and how
+// many distinct non-zero pages it staged.
+func stageMany(t *testing.T, s *StagingSink, npages int) (want []byte, nonzero int) {
+	require.NoError(t, s.Begin(1, KindEpoch))
+	want = make([]byte, npages*PageSize)
+	for i := range npages {
+		p := page(uint64(i) + 7)
+		if i%5 == 4 {
+			p = nil
+		} else {
+			nonzero++
+		}
+		require.NoError(t, s.StagePage(GPA(i*PageSize), p))
+		copy(want[i*PageSize:], p)
+	}
+	require.NoError(t, s.StagePage(PageSize, page(12345)))
+	copy(want[PageSize:], page(12345))
+	return want, nonzero
+}
+
 // A large checkpoint commits on several goroutines: every page lands,
 // zero pages included, and a page staged twice ends as its last version.
 func TestStagingSinkParallelCommit(t *testing.T) {
 	const npages = 3 * commitSplit
 	dest := make(memWriter, npages*PageSize)
 	s := &StagingSink{Dest: dest}
-	require.NoError(t, s.Begin(1, KindEpoch))
-	want := make([]byte, npages*PageSize)
-	for i := range npages {
-		p := page(uint64(i) + 7)
-		if i%5 == 4 {
-			p = nil
-		}
-		require.NoError(t, s.StagePage(GPA(i*PageSize), p))
-		copy(want[i*PageSize:], p)
-	}
+	want, _ := stageMany(t, s, npages)
 	copy(dest[4*PageSize:], page(99)) // a zero page lands over a non-zero one
-	require.NoError(t, s.StagePage(PageSize, page(12345)))
-	copy(want[PageSize:], page(12345))
 	require.NoError(t, s.Commit())
 	assert.True(t, bytes.Equal(want, dest), "memory after commit")
 }
@@ -101,7 +112,7 @@ func TestStagingSinkParallelCommit(t *testing.T) {
 // NTWriter per goroutine: every page lands, a zero page over a non-zero
 // one is written and one over zeros is not, a page staged twice ends as
 // its last version, every page written is marked dirty once the commit
-// is applied, and a second commit finds the memory's lock free.
+// is applied (the NTWriters flushed), and the next commit applies too.
 func TestStagingSinkIntoGuestMemory(t *testing.T) {
 	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(5)) // four apply goroutines
 	const npages = 3 * commitSplit
@@ -111,27 +122,12 @@ func TestStagingSinkIntoGuestMemory(t *testing.T) {
 	require.NoError(t, mem.WriteAt(page(99), 4*PageSize)) // under a zero page
 	mem.Regions()[0].HarvestVMMDirty(make([]uint64, mem.Regions()[0].BitmapWords()))
 	s := &StagingSink{Dest: mem}
-	want := make([]byte, npages*PageSize)
-	written := 0
-	require.NoError(t, s.Begin(1, KindEpoch))
-	for i := range npages {
-		p := page(uint64(i) + 7)
-		if i%5 == 4 {
-			p = nil
-		}
-		require.NoError(t, s.StagePage(GPA(i*PageSize), p))
-		copy(want[i*PageSize:], p)
-		if p != nil || i == 4 {
-			written++
-		}
-	}
-	require.NoError(t, s.StagePage(PageSize, page(12345)))
-	copy(want[PageSize:], page(12345))
+	want, nonzero := stageMany(t, s, npages)
 	require.NoError(t, s.Commit())
 	got := make([]byte, npages*PageSize)
 	require.NoError(t, mem.ReadAt(got, 0))
 	assert.True(t, bytes.Equal(want, got), "memory after commit")
-	assert.Equal(t, written, mem.Regions()[0].VMMDirtyCount(), "pages marked dirty")
+	assert.Equal(t, nonzero+1, mem.Regions()[0].VMMDirtyCount(), "pages marked dirty: the non-zero ones and the zero page over page(99)")
 
 	require.NoError(t, s.Begin(2, KindEpoch))
 	require.NoError(t, s.StagePage(0, page(5)))
