@@ -88,3 +88,13 @@ func (w testWriter) Write(p []byte) (int, error) {
 	w.t.Log(strings.TrimRight(string(p), "\n"))
 	return len(p), nil
 }
+
+// The report's machine section names the kernel's TCP congestion control,
+// on which every stream number depends.
+func TestMachineNamesCongestionControl(t *testing.T) {
+	cc, err := os.ReadFile("/proc/sys/net/ipv4/tcp_congestion_control")
+	if err != nil {
+		t.Skipf("no congestion control to read here: %v", err)
+	}
+	assert.Contains(t, Machine(), "- TCP congestion control: "+strings.TrimSpace(string(cc))+" ")
+}

@@ -31,6 +31,13 @@ func Machine() string {
 	fmt.Fprintf(&b, "- CPU: %s, %d cores\n", cpu, runtime.NumCPU())
 	fmt.Fprintf(&b, "- host kernel: %s\n", strings.TrimSpace(string(kernel)))
 	fmt.Fprintf(&b, "- Go: %s\n", runtime.Version())
+	if cc, err := os.ReadFile("/proc/sys/net/ipv4/tcp_congestion_control"); err == nil {
+		// Every stream number over TCP depends on it: on this project's
+		// host (bbr, which paces) the stream acked 4,096 pages ~20% later
+		// than in cubic's faster runs (docs/STREAM.md, "Congestion
+		// control").
+		fmt.Fprintf(&b, "- TCP congestion control: %s (the kernel's default, which the stream and the bounds use)\n", strings.TrimSpace(string(cc)))
+	}
 	if lab.InLab() {
 		b.WriteString("- KVM: the lab's L1, kvm_amd on QEMU's emulated SVM (nested, all in software): lab numbers, for ratios only\n")
 	} else if r := lab.Emulated(); r != "" {
