@@ -236,7 +236,7 @@ func (m *Memory) WriteAtNT(p []byte, gpa GPA) error { return m.write(p, gpa, tru
 // as a standby's copy of a committed checkpoint into memory. After each
 // write WriteAtNT fences its non-temporal stores and takes and releases
 // locks, and each of those waits for the stores to drain: on this
-// project's host that cost ~85 ns a page, a third of a page's copy.
+// project's host that cost ~90 ns a page, a third of a page's copy.
 // An NTWriter holds Memory's write lock (read: write protection waits)
 // from its first write until Flush, which it calls itself every ntBatch
 // writes, and fences the stores and marks their pages dirty once, at
