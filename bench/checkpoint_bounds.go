@@ -212,19 +212,13 @@ func ackEach(rx net.Conn, aead cipher.AEAD) {
 		}
 		v := leUint64(hdr)
 		left := int(v &^ (sealedBit | heldBit))
+		into := func(int) []byte { return buf } // each read over the last
 		if v&heldBit != 0 {
 			if left > maxHeld {
 				return
 			}
 			held = slices.Grow(held[:0], left)[:left]
-			for off := 0; off < left; { // as the bound reads, a megabyte at most at a time
-				k, err := rx.Read(held[off:min(left, off+len(buf))])
-				if err != nil {
-					return
-				}
-				off += k
-			}
-			left = 0
+			into = func(off int) []byte { return held[off:] } // kept whole
 		}
 		if v&sealedBit != 0 {
 			if aead == nil {
@@ -242,12 +236,13 @@ func ackEach(rx net.Conn, aead cipher.AEAD) {
 				left -= n
 			}
 		}
-		for left > 0 {
-			k, err := rx.Read(buf[:min(left, len(buf))])
+		for off := 0; left > 0; { // a megabyte at most a read
+			k, err := rx.Read(into(off)[:min(left, len(buf))])
 			if err != nil {
 				return
 			}
 			left -= k
+			off += k
 		}
 		if _, err := rx.Write([]byte{1}); err != nil {
 			return

@@ -232,6 +232,13 @@ func (m *Memory) WriteAt(p []byte, gpa GPA) error { return m.write(p, gpa, false
 // would find it out of cache, so devices use WriteAt.
 func (m *Memory) WriteAtNT(p []byte, gpa GPA) error { return m.write(p, gpa, true) }
 
+// copyNT is copyNTUnfenced (ntcopy_unsafe.go, or a plain copy where
+// there is no non-temporal copy), then the fence.
+func copyNT(dst, src []byte) {
+	copyNTUnfenced(dst, src)
+	ntFence()
+}
+
 // NTWriter is WriteAtNT for many writes in a row from one goroutine, such
 // as a standby's copy of a committed checkpoint into memory. After each
 // write WriteAtNT fences its non-temporal stores and takes and releases

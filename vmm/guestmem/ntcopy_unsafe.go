@@ -15,19 +15,13 @@ func copyNTBlocks(dst, src *byte, n int)
 // it visible before any store after it.
 func ntFence()
 
-// copyNT is copy(dst, src) for bytes nobody reads soon: whole 64-byte
-// blocks into a 16-byte-aligned dst go around the cache (no line is read
-// in before it is overwritten, none is evicted for it), the rest is
-// copied as usual; then the stores are fenced.
-func copyNT(dst, src []byte) {
-	copyNTUnfenced(dst, src)
-	ntFence()
-}
-
-// copyNTUnfenced is copyNT without the fence: the caller calls ntFence
-// before anything another goroutine may read the bytes by, or learn of
-// them through (a dirty mark, a lock's release). The goroutine that
-// copied reads them back in order without it.
+// copyNTUnfenced is copy(dst, src) for bytes nobody reads soon: whole
+// 64-byte blocks into a 16-byte-aligned dst go around the cache (no line
+// is read in before it is overwritten, none is evicted for it), the rest
+// is copied as usual. The stores are not fenced: the caller calls
+// ntFence (or copyNT) before anything another goroutine may read the
+// bytes by, or learn of them through (a dirty mark, a lock's release).
+// The goroutine that copied reads them back in order without it.
 func copyNTUnfenced(dst, src []byte) {
 	n := min(len(dst), len(src))
 	k := n &^ 63
