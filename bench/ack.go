@@ -48,7 +48,7 @@ type AckConfig struct {
 type AckSample struct {
 	Keyed bool
 	Pages int
-	Kind  string // "stream", "bound", "tuned", (unkeyed) "held" or (keyed) "sealed"
+	Kind  string // "stream", "bound", "tuned", (unkeyed) "held" and "applied" or (keyed) "sealed"
 	Gap   time.Duration
 	Round int
 	Acks  int
@@ -74,7 +74,7 @@ type AckResult struct {
 // number of bytes written on a plain loopback TCP connection until a
 // one-byte ack comes back; then the same with the writer's send buffer
 // fixed (the tuned bound, tunedSendBuffer), keyed the sealed bound and
-// unkeyed the held bound (heldBit).
+// unkeyed the held bound (heldBit) and the applied bound (appliedBit).
 // It is BenchmarkAck (replicate/stream) run as interleaved rounds, so
 // that a ratio compares neighbours in time.
 func Ack(ctx context.Context, cfg AckConfig) (*AckResult, error) {
@@ -157,7 +157,8 @@ func ackPoint(ctx context.Context, cfg AckConfig, keyed bool, n int) ([]AckSampl
 	}
 	kinds := ackKinds(keyed)
 	run := map[string]func() (int, error){"stream": one, "bound": bound, "tuned": tuned,
-		"held": func() (int, error) { return wire, heldTransfer(e.tx, buf[8:]) }}
+		"held":    func() (int, error) { return wire, heldTransfer(e.tx, buf[8:], heldBit) },
+		"applied": func() (int, error) { return wire, heldTransfer(e.tx, buf[8:], heldBit|appliedBit) }}
 	if keyed {
 		aead, err := newAEAD(e.key)
 		if err != nil {
@@ -171,8 +172,12 @@ func ackPoint(ctx context.Context, cfg AckConfig, keyed bool, n int) ([]AckSampl
 		if _, err := run["sealed"](); err != nil {
 			return nil, err
 		}
-	} else if _, err := run["held"](); err != nil { // the reader's buffer grows to the checkpoint's size here
-		return nil, err
+	} else {
+		for _, kind := range []string{"held", "applied", "applied"} { // the reader's buffers and memory grow to the checkpoint's size here
+			if _, err := run[kind](); err != nil {
+				return nil, err
+			}
+		}
 	}
 	var out []AckSample
 	for r := range cfg.Rounds {
@@ -192,12 +197,12 @@ func ackPoint(ctx context.Context, cfg AckConfig, keyed bool, n int) ([]AckSampl
 
 // ackKinds are a point's batches in each round: the stream's, the
 // bound's, the tuned bound's, and keyed the sealed bound's, unkeyed the
-// held bound's.
+// held bound's and the applied bound's.
 func ackKinds(keyed bool) []string {
 	if keyed {
 		return []string{"stream", "bound", "tuned", "sealed"}
 	}
-	return []string{"stream", "bound", "tuned", "held"}
+	return []string{"stream", "bound", "tuned", "held", "applied"}
 }
 
 // tunedSendBuffer is the tuned bound's send buffer (SO_SNDBUF, which

@@ -89,10 +89,12 @@ func TestAckStandbyEndServesAPoint(t *testing.T) {
 				assert.Equal(t, byte(1), ack[0])
 			}
 			// The held bound: a transfer kept whole (bigger than the reader's
-			// megabyte), then another, acked.
+			// megabyte), then another, acked; the applied bound's likewise.
 			held := make([]byte, 3<<20+7)
-			require.NoError(t, heldTransfer(c, held))
-			require.NoError(t, heldTransfer(c, held[:100]))
+			for _, bits := range []uint64{heldBit, heldBit | appliedBit} {
+				require.NoError(t, heldTransfer(c, held, bits))
+				require.NoError(t, heldTransfer(c, held[:100], bits))
+			}
 			if keyed { // the sealed bound: opened under the point's key, acked; under another, not
 				aead, err := newAEAD(key)
 				require.NoError(t, err)
@@ -141,7 +143,7 @@ func TestAckSplit(t *testing.T) {
 	res, err := Ack(ctx, AckConfig{Pages: []int{100}, Rounds: 2, Batch: 20 * time.Millisecond, Gaps: []time.Duration{0},
 		Split: true, Govmm: govmm, Out: out, Log: testWriter{t}})
 	require.NoError(t, err)
-	require.Len(t, res.Samples, 16) // 2 rounds: keyed stream, bound, tuned and sealed bound; unkeyed stream, bound, tuned and held bound
+	require.Len(t, res.Samples, 18) // 2 rounds: keyed stream, bound, tuned and sealed bound; unkeyed stream, bound, tuned, held and applied bound
 	kinds := map[string]int{}
 	for _, s := range res.Samples {
 		kinds[s.Kind]++
@@ -149,11 +151,12 @@ func TestAckSplit(t *testing.T) {
 		assert.Positive(t, s.StandbyCPU, "%+v: the standby end's CPU", s)
 		assert.Greater(t, s.CPU, s.StandbyCPU, "%+v: both ends' CPU", s)
 	}
-	assert.Equal(t, map[string]int{"stream": 4, "bound": 4, "tuned": 4, "sealed": 2, "held": 2}, kinds)
+	assert.Equal(t, map[string]int{"stream": 4, "bound": 4, "tuned": 4, "sealed": 2, "held": 2, "applied": 2}, kinds)
 	report := res.Report()
 	assert.Contains(t, report, "two one-core hosts")
 	assert.Contains(t, report, "to tuned median")
 	assert.Contains(t, report, "to held median")
+	assert.Contains(t, report, "to applied median")
 	assert.Contains(t, report, "stream standby CPU ms/ack")
 
 	tasks, err := pinnedTasks(before)
@@ -184,7 +187,7 @@ func TestAckEachHeldTransfer(t *testing.T) {
 		defer rx.Close()
 		ackEach(rx, nil)
 	}()
-	require.NoError(t, heldTransfer(tx, make([]byte, 2<<20+3)))
+	require.NoError(t, heldTransfer(tx, make([]byte, 2<<20+3), heldBit))
 	msg := make([]byte, 8+5000)
 	putLeUint64(msg, 5000)
 	_, err = tx.Write(msg)
@@ -199,4 +202,65 @@ func TestAckEachHeldTransfer(t *testing.T) {
 	require.NoError(t, err)
 	_, err = io.ReadFull(tx, ack)
 	assert.Error(t, err, "more than maxHeld announced: no ack, the reader hangs up")
+}
+
+// The applied bound's reader acks a transfer once it holds all of it,
+// then copies it into memory while it reads the next into its other
+// buffer, and acks that one only after the copy: after two transfers the
+// memory holds the second over the first (each copy done before the
+// next ack), and the first transfer's buffer was not reused meanwhile.
+func TestApplierCopiesWhatItHeld(t *testing.T) {
+	var a applier
+	first := make([]byte, 3*guestmem.PageSize+100) // a partial page at the end
+	for i := range first {
+		first[i] = byte(i*7 + 1)
+	}
+	second := make([]byte, 2*guestmem.PageSize)
+	for i := range second {
+		second[i] = byte(i*13 + 5)
+	}
+	copy(a.buffer(len(first)), first)
+	require.NoError(t, a.start())
+	b := a.buffer(len(second))
+	assert.NotSame(t, &first[0], &b[0])
+	copy(b, second)
+	require.NoError(t, a.start(), "waits for the first copy, starts the second")
+	require.Len(t, a.bufs[0], len(first), "the first transfer's buffer, untouched while the second was held")
+	require.NoError(t, a.settle())
+	got := make([]byte, len(first))
+	require.NoError(t, a.mem.ReadAt(got, 0))
+	want := append(append([]byte(nil), second...), first[len(second):]...)
+	assert.Equal(t, want, got, "the second transfer over the first's start, the first's tail still there")
+	a.close()
+	assert.Nil(t, a.done, "close waited for the copy")
+}
+
+// Over a connection: an applied transfer is acked, a plain one after it
+// too (the reader kept count), and an applied length without heldBit
+// ends the connection.
+func TestAckEachAppliedTransfer(t *testing.T) {
+	tx, rx, err := loopbackPair(t.Context())
+	require.NoError(t, err)
+	defer tx.Close()
+	go func() {
+		defer rx.Close()
+		ackEach(rx, nil)
+	}()
+	for range 3 {
+		require.NoError(t, heldTransfer(tx, make([]byte, 2<<20+3), heldBit|appliedBit))
+	}
+	msg := make([]byte, 8+5000)
+	putLeUint64(msg, 5000)
+	_, err = tx.Write(msg)
+	require.NoError(t, err)
+	ack := make([]byte, 1)
+	_, err = io.ReadFull(tx, ack)
+	require.NoError(t, err, "a plain transfer after the applied ones")
+	assert.Equal(t, byte(1), ack[0])
+
+	putLeUint64(msg, 5000|appliedBit)
+	_, err = tx.Write(msg)
+	require.NoError(t, err)
+	_, err = io.ReadFull(tx, ack)
+	assert.Error(t, err, "appliedBit without heldBit: no ack, the reader hangs up")
 }

@@ -111,11 +111,96 @@ const (
 	maxHeld = 1 << 31 // the most a held transfer may be (65,536 pages are 270 MB)
 )
 
-// heldTransfer writes p on tx for the held bound (heldBit) and waits for
-// the one-byte ack.
-func heldTransfer(tx net.Conn, p []byte) error {
+// The applied bound (ack suite, unkeyed points): the held bound, and
+// after each ack the reader copies what it held into guest memory
+// (guestmem, page by page through an NTWriter, as a StagingSink applies
+// a committed checkpoint) on a goroutine of its own, while it reads the
+// next transfer into its other buffer; it acks a transfer only once the
+// last one's copy is done, as a StagingSink's commit waits for the last
+// apply before the Receiver acks. That is the least a standby does for
+// each checkpoint: hold all of it until it may ack, then put it where the
+// guest would run. A length announcing it has heldBit and appliedBit set.
+const appliedBit = 1 << 60
+
+// applier is the applied bound's reader state: two buffers, the one the
+// next transfer is held in (cur) and the one being copied, and the
+// memory they are copied into.
+type applier struct {
+	bufs [2][]byte
+	cur  int
+	mem  *guestmem.Memory
+	done chan error // the running copy's result; nil when none runs
+}
+
+// buffer is where to hold the next transfer, n bytes.
+func (a *applier) buffer(n int) []byte {
+	a.bufs[a.cur] = slices.Grow(a.bufs[a.cur][:0], n)[:n]
+	return a.bufs[a.cur]
+}
+
+// settle waits for the running copy, if any, and returns its failure.
+func (a *applier) settle() error {
+	if a.done == nil {
+		return nil
+	}
+	err := <-a.done
+	a.done = nil
+	return err
+}
+
+// start waits for the last copy, then starts copying the transfer just
+// held into memory (grown first if it is too small) and switches
+// buffers.
+func (a *applier) start() error {
+	if err := a.settle(); err != nil {
+		return err
+	}
+	b := a.bufs[a.cur]
+	size := max(uint64(len(b))+guestmem.PageSize-1, guestmem.PageSize) &^ (guestmem.PageSize - 1)
+	if a.mem == nil || a.mem.Size() < size {
+		if a.mem != nil {
+			_ = a.mem.Close()
+		}
+		m, err := guestmem.New([]guestmem.Spec{{GPA: 0, Size: size}})
+		if err != nil {
+			a.mem = nil
+			return err
+		}
+		a.mem = m
+	}
+	done, mem := make(chan error, 1), a.mem
+	a.done = done
+	go func() { done <- applyHeld(mem, b) }()
+	a.cur ^= 1
+	return nil
+}
+
+// close waits for the running copy and unmaps the memory.
+func (a *applier) close() {
+	_ = a.settle()
+	if a.mem != nil {
+		_ = a.mem.Close()
+	}
+}
+
+// applyHeld copies b into mem from address 0, a page at a time through
+// one NTWriter.
+func applyHeld(mem *guestmem.Memory, b []byte) error {
+	w := mem.NTWriter()
+	defer w.Flush()
+	for off := 0; off < len(b); off += guestmem.PageSize {
+		if err := w.WriteAt(b[off:min(off+guestmem.PageSize, len(b))], guestmem.GPA(off)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// heldTransfer writes p on tx for the held bound (bits heldBit) or the
+// applied bound (heldBit|appliedBit) and waits for the one-byte ack.
+func heldTransfer(tx net.Conn, p []byte, bits uint64) error {
 	var hdr [8]byte
-	putLeUint64(hdr[:], uint64(len(p))|heldBit)
+	putLeUint64(hdr[:], uint64(len(p))|bits)
 	bufs := net.Buffers{hdr[:], p}
 	if _, err := bufs.WriteTo(tx); err != nil {
 		return err
@@ -200,25 +285,37 @@ func loopbackPair(ctx context.Context) (tx, rx net.Conn, err error) {
 // plaintext, each sealChunk of them sealed with aead and opened here as
 // it arrives; without aead, the connection ends there. One with heldBit
 // set announces a held transfer (heldTransfer): its bytes are kept, all
-// of them, until the ack.
+// of them, until the ack; with appliedBit too, an applied one (applier):
+// kept, then copied into memory after the ack.
 func ackEach(rx net.Conn, aead cipher.AEAD) {
 	buf := make([]byte, 1<<20)
 	hdr := make([]byte, 8)
 	var ct, held []byte
 	var nonce sealNonce
+	var app applier
+	defer app.close()
 	for {
 		if _, err := io.ReadFull(rx, hdr); err != nil {
 			return
 		}
 		v := leUint64(hdr)
-		left := int(v &^ (sealedBit | heldBit))
+		left := int(v &^ (sealedBit | heldBit | appliedBit))
 		into := func(int) []byte { return buf } // each read over the last
+		if v&appliedBit != 0 && v&heldBit == 0 {
+			return
+		}
 		if v&heldBit != 0 {
 			if left > maxHeld {
 				return
 			}
-			held = slices.Grow(held[:0], left)[:left]
-			into = func(off int) []byte { return held[off:] } // kept whole
+			var h []byte
+			if v&appliedBit != 0 {
+				h = app.buffer(left)
+			} else {
+				held = slices.Grow(held[:0], left)[:left]
+				h = held
+			}
+			into = func(off int) []byte { return h[off:] } // kept whole
 		}
 		if v&sealedBit != 0 {
 			if aead == nil {
@@ -243,6 +340,11 @@ func ackEach(rx net.Conn, aead cipher.AEAD) {
 			}
 			left -= k
 			off += k
+		}
+		if v&appliedBit != 0 {
+			if err := app.start(); err != nil {
+				return
+			}
 		}
 		if _, err := rx.Write([]byte{1}); err != nil {
 			return

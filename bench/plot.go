@@ -28,6 +28,10 @@ type Series struct {
 	// Lo and Hi, when set (one per point), are the ends of an error bar
 	// drawn at each point: the spread of the trials behind a median.
 	Lo, Hi []float64
+	// Color, when set, replaces the series' color from the palette (which
+	// repeats after seven): for series that belong together, or a
+	// reference line that must not look like one of them.
+	Color color.Color
 }
 
 // Axes says which axes of a chart are logarithmic. Use a log axis
@@ -108,6 +112,9 @@ func chartPoints(s Series, axes Axes) (plotter.XYs, plotter.YErrors) {
 // with its legend entry.
 func addSeries(p *plot.Plot, i int, s Series, xys plotter.XYs, errs plotter.YErrors) error {
 	c := plotutil.Color(i)
+	if s.Color != nil {
+		c = s.Color
+	}
 	if errs != nil {
 		eb, err := plotter.NewYErrorBars(errPoints{xys, errs})
 		if err != nil {

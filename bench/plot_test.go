@@ -1,6 +1,7 @@
 package bench
 
 import (
+	"image/color"
 	"os"
 	"path/filepath"
 	"testing"
@@ -28,7 +29,8 @@ func TestPlotsOnLogAxes(t *testing.T) {
 		[]Series{{Name: "a", X: []float64{3}, Y: []float64{7}, Line: true}}))
 	exists("one")
 	require.NoError(t, lineChart(filepath.Join(dir, "bars.png"), "error bars", "x", "y", Axes{LogX: true},
-		[]Series{{Name: "a", X: []float64{10, 100}, Y: []float64{0.9, 1}, Lo: []float64{0.8, 0.95}, Hi: []float64{1, 1.1}, Line: true}}))
+		[]Series{{Name: "a", X: []float64{10, 100}, Y: []float64{0.9, 1}, Lo: []float64{0.8, 0.95}, Hi: []float64{1, 1.1}, Line: true},
+			{Name: "goal", X: []float64{10, 100}, Y: []float64{1.3, 1.3}, Line: true, Dashed: true, Color: color.Black}}))
 	exists("bars")
 	require.NoError(t, boxes(filepath.Join(dir, "flat.png"), "one value", "ms", true, []string{"a", "b"},
 		[][]float64{{5, 5, 5}, {0, -1}}))

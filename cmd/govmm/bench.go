@@ -57,7 +57,9 @@ batch beside the loopback bound of the same wire bytes, the tuned bound
 (the same with a 256 KiB socket send buffer instead of the kernel's
 autotuned one: often faster, so the bound is not a floor), unkeyed the
 held bound (the reader keeps all of a checkpoint's bytes until the ack,
-as a standby must) and, keyed, the sealed bound (those bytes sealed and
+as a standby must), the applied bound (the held bound, then each
+transfer copied into guest memory after its ack while the next is read,
+as a standby applies a checkpoint) and, keyed, the sealed bound (those bytes sealed and
 opened with AES-256-GCM in 1 MiB chunks, one at a time); --runs rounds (default 10; --quick: 3). With --split, the standby's end (and the
 bound's reader) runs in a process of its own pinned to one CPU and the
 sender's end is pinned to another, as on two one-core hosts.
