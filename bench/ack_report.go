@@ -163,7 +163,7 @@ func (r *AckResult) Report() string {
 		where, joinInts(r.Config.Pages), r.Config.Rounds, r.Config.Batch, joinDurations(r.Config.Gaps), cpuNote, tunedSendBuffer>>10, stream.SumLoop())
 	head, rule := "", ""
 	if r.Config.Split {
-		head, rule = " stream standby CPU ms/ack | bound standby CPU ms/ack |", "---|---|"
+		head, rule = " stream standby CPU ms/ack | bound standby CPU ms/ack | applied bound standby CPU ms/ack |", "---|---|---|"
 	}
 	b.WriteString("| mode | dirty pages | gap | wire B/page | stream ms/ack median (p25–p75) | bound ms/ack median (p25–p75) | ratio median (p25–p75) | stream CPU ms/ack | bound CPU ms/ack | CPU ratio median | tuned bound ms/ack median (p25–p75) | to tuned median (p25–p75) | sealed bound ms/ack median (p25–p75) | to sealed median (p25–p75) | held bound ms/ack median (p25–p75) | to held median (p25–p75) | applied bound ms/ack median (p25–p75) | to applied median (p25–p75) |" + head + "\n")
 	b.WriteString("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + rule + "\n")
@@ -190,6 +190,11 @@ func (r *AckResult) Report() string {
 		}
 		if r.Config.Split {
 			fmt.Fprintf(&b, " %.2f | %.2f |", standbyMs(p.stream).Median, standbyMs(p.bound).Median)
+			if len(p.applied) == 0 {
+				b.WriteString(" – |")
+			} else {
+				fmt.Fprintf(&b, " %.2f |", standbyMs(p.applied).Median)
+			}
 		}
 		b.WriteString("\n")
 	}

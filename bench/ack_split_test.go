@@ -158,6 +158,17 @@ func TestAckSplit(t *testing.T) {
 	assert.Contains(t, report, "to held median")
 	assert.Contains(t, report, "to applied median")
 	assert.Contains(t, report, "stream standby CPU ms/ack")
+	assert.Contains(t, report, "applied bound standby CPU ms/ack")
+	cells := 0 // the header's
+	for _, line := range strings.Split(report, "\n") {
+		switch {
+		case strings.HasPrefix(line, "| mode |"):
+			cells = strings.Count(line, "|")
+		case strings.HasPrefix(line, "| unkeyed |"), strings.HasPrefix(line, "| keyed |"):
+			assert.Equal(t, cells, strings.Count(line, "|"), "a row has as many cells as the header: %s", line)
+		}
+	}
+	assert.Positive(t, cells, "the table's header")
 
 	tasks, err := pinnedTasks(before)
 	require.NoError(t, err)
