@@ -139,10 +139,12 @@ func testStreamCounters(t *testing.T, compress string, deltas bool) {
 	// Paused, the guest dirties nothing: once the last checkpoint is in,
 	// the standby has received every page the primary sent. The
 	// primary's counters are read before and after the standby's and
-	// must not have moved in between: a checkpoint still going out (the
-	// VMM's own writes after the pause) counts its pages as they are
-	// added and its deltas as its frames are encoded, so one read alone
-	// can catch the first without the second (seen once in CI).
+	// must not have moved in between: a checkpoint going out meanwhile
+	// (the VMM's own writes after the pause) reaches the standby, which
+	// counts a frame's deltas page by page as it decodes them and its
+	// pages once the frame is staged; read mid-frame, it showed more
+	// deltas than the primary had sent at its read, its pages still
+	// equal (seen once in CI: 786 against 768).
 	_, errOut, status := govmm(t, time.Minute, "ctl", "--api-sock", pSock, "pause")
 	require.Equal(t, 0, status, errOut)
 	var p, sb map[string]float64
