@@ -191,28 +191,44 @@ func pinnedTasks(want unix.CPUSet) ([]int, error) {
 // stays in step for the plain transfers that follow, and hangs up on a
 // length it will not hold.
 func TestAckEachHeldTransfer(t *testing.T) {
+	tx := ackEachConn(t)
+	require.NoError(t, heldTransfer(tx, make([]byte, 2<<20+3), heldBit))
+	plainTransferAcked(t, tx, "a plain transfer after the held one: the reader kept count")
+
+	var hdr [8]byte
+	putLeUint64(hdr[:], uint64(maxHeld+1)|heldBit)
+	_, err := tx.Write(hdr[:])
+	require.NoError(t, err)
+	_, err = io.ReadFull(tx, hdr[:1])
+	assert.Error(t, err, "more than maxHeld announced: no ack, the reader hangs up")
+}
+
+// ackEachConn is the writing end of a loopback connection whose other
+// end ackEach serves (without a key) until the test ends.
+func ackEachConn(t *testing.T) net.Conn {
+	t.Helper()
 	tx, rx, err := loopbackPair(t.Context())
 	require.NoError(t, err)
-	defer tx.Close()
+	t.Cleanup(func() { tx.Close() })
 	go func() {
 		defer rx.Close()
 		ackEach(rx, nil)
 	}()
-	require.NoError(t, heldTransfer(tx, make([]byte, 2<<20+3), heldBit))
+	return tx
+}
+
+// plainTransferAcked sends a plain 5,000-byte transfer on tx and checks
+// its one-byte ack.
+func plainTransferAcked(t *testing.T, tx net.Conn, why string) {
+	t.Helper()
 	msg := make([]byte, 8+5000)
 	putLeUint64(msg, 5000)
-	_, err = tx.Write(msg)
+	_, err := tx.Write(msg)
 	require.NoError(t, err)
 	ack := make([]byte, 1)
 	_, err = io.ReadFull(tx, ack)
-	require.NoError(t, err, "a plain transfer after the held one: the reader kept count")
+	require.NoError(t, err, why)
 	assert.Equal(t, byte(1), ack[0])
-
-	putLeUint64(msg, uint64(maxHeld+1)|heldBit)
-	_, err = tx.Write(msg[:8])
-	require.NoError(t, err)
-	_, err = io.ReadFull(tx, ack)
-	assert.Error(t, err, "more than maxHeld announced: no ack, the reader hangs up")
 }
 
 // The applied bound's reader acks a transfer once it holds all of it,
@@ -250,28 +266,17 @@ func TestApplierCopiesWhatItHeld(t *testing.T) {
 // too (the reader kept count), and an applied length without heldBit
 // ends the connection.
 func TestAckEachAppliedTransfer(t *testing.T) {
-	tx, rx, err := loopbackPair(t.Context())
-	require.NoError(t, err)
-	defer tx.Close()
-	go func() {
-		defer rx.Close()
-		ackEach(rx, nil)
-	}()
+	tx := ackEachConn(t)
 	for range 3 {
 		require.NoError(t, heldTransfer(tx, make([]byte, 2<<20+3), heldBit|appliedBit))
 	}
+	plainTransferAcked(t, tx, "a plain transfer after the applied ones")
+
 	msg := make([]byte, 8+5000)
-	putLeUint64(msg, 5000)
-	_, err = tx.Write(msg)
+	putLeUint64(msg, 5000|appliedBit)
+	_, err := tx.Write(msg)
 	require.NoError(t, err)
 	ack := make([]byte, 1)
-	_, err = io.ReadFull(tx, ack)
-	require.NoError(t, err, "a plain transfer after the applied ones")
-	assert.Equal(t, byte(1), ack[0])
-
-	putLeUint64(msg, 5000|appliedBit)
-	_, err = tx.Write(msg)
-	require.NoError(t, err)
 	_, err = io.ReadFull(tx, ack)
 	assert.Error(t, err, "appliedBit without heldBit: no ack, the reader hangs up")
 }
