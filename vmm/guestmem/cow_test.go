@@ -48,8 +48,10 @@ func (b bitmapSet) add(m *Memory, gpa GPA) {
 // pages before the cut. The snapshot must hold every page as it was at
 // Begin, memory the new bytes, and nothing may stay protected. With
 // extra, a second Arm protects those pages too (as the replicator does
-// after its pre-harvest).
-func snapshotRound(t *testing.T, p *Protector, m *Memory, set bitmapSet, gpas []GPA, newVal byte, arm bool, extra PageBitmap) {
+// after its pre-harvest). With summed, the snapshot also sums each page
+// as it copies it (BeginSummed), and each sum must be its page's as of
+// Begin.
+func snapshotRound(t *testing.T, p *Protector, m *Memory, set bitmapSet, gpas []GPA, newVal byte, arm, summed bool, extra PageBitmap) {
 	t.Helper()
 	host := m.Regions()[0].Host
 	pages := len(host) / PageSize
@@ -74,7 +76,15 @@ func snapshotRound(t *testing.T, p *Protector, m *Memory, set bitmapSet, gpas []
 		require.NoError(t, m.ReadAt(want[i*PageSize:(i+1)*PageSize], g))
 	}
 	dst := make([]byte, len(gpas)*PageSize)
-	s, err := p.Begin(set, dst)
+	var s *Snapshot
+	var err error
+	var sums []PageSum
+	if summed {
+		sums = make([]PageSum, len(gpas))
+		s, err = p.BeginSummed(set, dst, sums)
+	} else {
+		s, err = p.Begin(set, dst)
+	}
 	require.NoError(t, err)
 	require.Equal(t, len(gpas), s.Len())
 	if !arm {
@@ -106,9 +116,16 @@ func snapshotRound(t *testing.T, p *Protector, m *Memory, set bitmapSet, gpas []
 	}()
 	go s.Copy()
 	i := 0
-	require.NoError(t, s.Pages(func(gpa GPA, page []byte) error {
+	require.NoError(t, s.SummedPages(func(gpa GPA, page []byte, ps *PageSum) error {
 		require.Equal(t, gpas[i], gpa)
 		require.True(t, bytes.Equal(want[i*PageSize:(i+1)*PageSize], page), "page %#x as of Begin", uint64(gpa))
+		if summed {
+			var w PageSum
+			sumPage(want[i*PageSize:(i+1)*PageSize], &w)
+			require.Equal(t, w, *ps, "page %#x's sum as of Begin", uint64(gpa))
+		} else {
+			require.Nil(t, ps)
+		}
 		i++
 		return nil
 	}))
@@ -145,7 +162,8 @@ func snapshotRound(t *testing.T, p *Protector, m *Memory, set bitmapSet, gpas []
 // Snapshots hold memory as of Begin, round after round, armed or not
 // (armed with the last set alone, or with the new set too, as after a
 // pre-harvest), with the set changing between rounds (armed pages
-// outside the next set are let go).
+// outside the next set are let go); every other round summed
+// (BeginSummed), each page's sum as of Begin too.
 func TestSnapshotHoldsMemoryAsOfBegin(t *testing.T) {
 	const pages = 2048
 	m, err := New([]Spec{{GPA: 0, Size: pages * PageSize}, {GPA: 0x10000000, Size: 64 * PageSize}})
@@ -181,7 +199,7 @@ func TestSnapshotHoldsMemoryAsOfBegin(t *testing.T) {
 		if round%3 == 2 {
 			extra = set
 		}
-		snapshotRound(t, p, m, set, gpas, byte(0x50+round), round%3 != 0, extra)
+		snapshotRound(t, p, m, set, gpas, byte(0x50+round), round%3 != 0, round%2 == 1, extra)
 	}
 	st := p.Stats()
 	require.NotZero(t, st.Faults, "writes faulted and were resolved by the handler")

@@ -17,8 +17,9 @@ type Snapshot struct {
 	free [][]uint64 // per region: armed pages outside the set, let go after the copy
 	n    int
 	dst  []byte
+	sums []PageSum // nil, or each page's PageSum (BeginSummed), written by its copy with it
 	gen  uint64
-	// progress: every page below copiedTo is in dst.
+	// progress: every page below copiedTo is in dst (and its sum in sums).
 	copiedTo atomic.Int64
 	mu       sync.Mutex
 	cond     *sync.Cond
@@ -35,12 +36,23 @@ type Snapshot struct {
 // Snapshot must have finished. After Arm, only what Arm did not protect
 // (or what was written since) is protected here.
 func (p *Protector) Begin(set PageBitmap, dst []byte) (*Snapshot, error) {
+	return p.begin(set, dst, nil)
+}
+
+// BeginSummed is Begin for a snapshot whose copies also sum each page
+// (CopyPageSummed) into sums, one PageSum per page in dst's order
+// (SummedPages hands them out with the pages).
+func (p *Protector) BeginSummed(set PageBitmap, dst []byte, sums []PageSum) (*Snapshot, error) {
+	return p.begin(set, dst, sums)
+}
+
+func (p *Protector) begin(set PageBitmap, dst []byte, sums []PageSum) (*Snapshot, error) {
 	if e := p.handlerErr.Load(); e != nil {
 		p.Disarm()
 		return nil, fmt.Errorf("write-protect fault handler: %w", *e)
 	}
 	p.gen++
-	s := &Snapshot{p: p, dst: dst, gen: p.gen, finished: make(chan struct{})}
+	s := &Snapshot{p: p, dst: dst, sums: sums, gen: p.gen, finished: make(chan struct{})}
 	s.cond = sync.NewCond(&s.mu)
 	s.takeBitmaps(p)
 	// The VMM's writes wait (Memory.writing) until the snapshot is in
@@ -88,6 +100,9 @@ func (p *Protector) Begin(set PageBitmap, dst []byte) (*Snapshot, error) {
 	p.armed = false
 	if err == nil && len(dst) < s.n*PageSize {
 		err = fmt.Errorf("snapshot of %d pages: buffer of %d bytes too small", s.n, len(dst))
+	}
+	if err == nil && sums != nil && len(sums) < s.n {
+		err = fmt.Errorf("snapshot of %d pages: %d page sums too few", s.n, len(sums))
 	}
 	if err != nil {
 		// Un-protect everything this snapshot or Arm may have protected.
@@ -204,7 +219,12 @@ func (s *Snapshot) take(r *Region, pg uint64, i int) bool {
 }
 
 func (s *Snapshot) copyPage(r *Region, pg uint64, i int) {
-	copy(s.dst[i*PageSize:(i+1)*PageSize], r.Host[pg*PageSize:(pg+1)*PageSize])
+	dst, src := s.dst[i*PageSize:(i+1)*PageSize], r.Host[pg*PageSize:(pg+1)*PageSize]
+	if s.sums != nil {
+		CopyPageSummed(dst, src, &s.sums[i])
+		return
+	}
+	copy(dst, src)
 }
 
 func (s *Snapshot) claim(i int) bool {
@@ -308,6 +328,12 @@ func (s *Snapshot) copyAll() error {
 // as it is copied, with its bytes as of Begin (valid until the next
 // Begin).
 func (s *Snapshot) Pages(fn func(gpa GPA, page []byte) error) error {
+	return s.SummedPages(func(gpa GPA, page []byte, _ *PageSum) error { return fn(gpa, page) })
+}
+
+// SummedPages is Pages that also hands fn each page's PageSum, taken by
+// its copy: from BeginSummed's sums, nil after Begin.
+func (s *Snapshot) SummedPages(fn func(gpa GPA, page []byte, ps *PageSum) error) error {
 	i := 0
 	for k, r := range s.p.mem.regions {
 		for w, v := range s.want[k] {
@@ -318,7 +344,11 @@ func (s *Snapshot) Pages(fn func(gpa GPA, page []byte) error) error {
 					return err
 				}
 				gpa := r.GPA + GPA((uint64(w)*64+uint64(b))*PageSize)
-				if err := fn(gpa, s.dst[i*PageSize:(i+1)*PageSize]); err != nil {
+				var ps *PageSum
+				if s.sums != nil {
+					ps = &s.sums[i]
+				}
+				if err := fn(gpa, s.dst[i*PageSize:(i+1)*PageSize], ps); err != nil {
 					return err
 				}
 				i++

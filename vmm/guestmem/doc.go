@@ -22,6 +22,12 @@
 // userfaultfd ABI is mirrored in uffd.go and pinned to
 // <linux/userfaultfd.h> by TestUffdABI.
 //
+// Summing copies (pagesum.go): CopyPageSummed copies a page out of guest
+// memory and, in the same pass, learns what a checksum of it needs (a
+// PageSum: whether it is zero, and Fletcher pairs of its 4-byte units),
+// so that the replicator's staging copy, or a Snapshot's
+// (BeginSummed), spares the stream a second read of every page.
+//
 // Concurrency: the layout is fixed at New. Accessors may be called from any
 // goroutine (vCPU threads, device goroutines, the replicator); the dirty
 // bitmaps are updated with atomic operations. Guest memory itself is shared

@@ -1,0 +1,33 @@
+//go:build amd64 && !purego
+
+package guestmem
+
+import (
+	"unsafe"
+
+	"golang.org/x/sys/cpu"
+)
+
+// PageSumFast says whether CopyPageSummed runs its vector loop here (the
+// CPU has AVX2), where it costs no more than a plain copy. Where it does
+// not, a caller that needs no PageSum copies plainly instead.
+var PageSumFast = cpu.X86.HasAVX2
+
+var pageSumVector = PageSumFast
+
+// copyPageSummedAVX2 (pagesum_amd64.s) copies PageSize bytes from src to
+// dst and fills ps (its layout: U, then S, then NonZero as one byte).
+//
+//go:noescape
+func copyPageSummedAVX2(dst, src *byte, ps *PageSum)
+
+func copyPageSummedVector(dst, src []byte, ps *PageSum) {
+	raceRead(src)
+	raceWrite(dst)
+	// Sound: ps is only described to the race detector as the bytes the
+	// loop writes, never accessed through this view.
+	raceWrite(unsafe.Slice((*byte)(unsafe.Pointer(ps)), unsafe.Sizeof(*ps)))
+	// Sound: both slices hold PageSize bytes (CopyPageSummed cut them),
+	// which is all the loop reads and writes, and ps is a whole PageSum.
+	copyPageSummedAVX2(unsafe.SliceData(dst), unsafe.SliceData(src), ps)
+}
