@@ -154,10 +154,10 @@
 //
 // # Goroutines
 //
-// Sender: the caller's checkpoint goroutine (Begin/SendPage/SendStablePage/SendDisk/SendDiskZero/
-// SendState/End/Handover), the sealer, which seals and writes the Pages
+// Sender: the caller's checkpoint goroutine (Begin/SendPage/SendStablePage/SendSummedPage/SendDisk/
+// SendDiskZero/SendState/End/Handover), the sealer, which seals and writes the Pages
 // frames the checkpoint goroutine hands it while that one fills the next
-// (pipeline.go; a frame of SendStablePage's references is summed and
+// (pipeline.go; a frame of SendStablePage's or SendSummedPage's references is summed and
 // written by the checkpoint goroutine itself), an ack reader, a heartbeat sender and a failure
 // detector. Receiver: the caller's goroutine inside Run (drives the
 // sinks and OnCommit, sends acks), a StagingSink's commit workers (a

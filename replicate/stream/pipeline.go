@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 
 	"govmm/vmm/container"
+	"govmm/vmm/guestmem"
 )
 
 // pipeDepth is how many Pages frames a Sender keeps: one being filled by
@@ -44,25 +45,34 @@ type pipeline struct {
 // header and each entry's header (its capacity fixed, so never moved),
 // pieces the payload as runs of meta and the pages, in order, size the
 // section's bytes, run where in meta the headers not yet in pieces
-// start.
+// start. sums has a piece's PageSum where its caller gave one
+// (SendSummedPage), nil for the rest; unsummed counts the pages without
+// one: with none the End sum is taken from the sums (sum64.SectionSummed)
+// instead of reading the pages.
 type pageSlot struct {
 	pages container.PageSection
 	pc    *pageCodec
 	wire  []byte
 
-	refs   int
-	meta   []byte
-	pieces [][]byte
-	size   int
-	run    int
+	refs     int
+	meta     []byte
+	pieces   [][]byte
+	sums     []*guestmem.PageSum
+	unsummed int
+	size     int
+	run      int
 }
 
 // reset empties the slot for the next section.
 func (sl *pageSlot) reset() {
 	sl.pages.Reset()
-	sl.refs, sl.size, sl.run = 0, 4, 0 // the section's count and reserved bytes
-	clear(sl.pieces)                   // no page outlives its checkpoint here
+	// size starts with the section's count and reserved bytes; no page
+	// (or PageSum) outlives its checkpoint here.
+	sl.refs, sl.size, sl.run, sl.unsummed = 0, 4, 0, 0
+	clear(sl.pieces)
 	sl.pieces = sl.pieces[:0]
+	clear(sl.sums)
+	sl.sums = sl.sums[:0]
 	if sl.meta == nil {
 		sl.meta = make([]byte, 0, pagesHeader+4+MaxPagesPerFrame*container.EntryHeaderSize)
 	}
@@ -70,14 +80,19 @@ func (sl *pageSlot) reset() {
 }
 
 // addRef adds the page at gpa without copying it: a zero page as an
-// entry alone, any other as an entry followed by page itself.
-func (sl *pageSlot) addRef(gpa uint64, page []byte, zero bool) {
+// entry alone, any other as an entry followed by page itself, and its
+// PageSum if it has one (ps; nil if not).
+func (sl *pageSlot) addRef(gpa uint64, page []byte, zero bool, ps *guestmem.PageSum) {
 	if zero {
 		sl.meta = container.AppendEntryHeader(sl.meta, gpa, container.EncZero, 0)
 		sl.size += container.EntryHeaderSize
 	} else {
 		sl.meta = container.AppendEntryHeader(sl.meta, gpa, container.EncRaw, PageSize)
 		sl.pieces = append(sl.pieces, sl.meta[sl.run:], page)
+		sl.sums = append(sl.sums, nil, ps)
+		if ps == nil {
+			sl.unsummed++
+		}
 		sl.run = len(sl.meta)
 		sl.size += container.EntryHeaderSize + PageSize
 	}
@@ -90,6 +105,7 @@ func (sl *pageSlot) addRef(gpa uint64, page []byte, zero bool) {
 func (sl *pageSlot) closeRefs() {
 	if sl.run < len(sl.meta) {
 		sl.pieces = append(sl.pieces, sl.meta[sl.run:])
+		sl.sums = append(sl.sums, nil)
 		sl.run = len(sl.meta)
 	}
 	putPagesHeader(sl.meta[:0], codecStored, sl.size)

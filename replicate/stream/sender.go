@@ -12,6 +12,7 @@ import (
 	"sync/atomic"
 
 	"govmm/vmm/container"
+	"govmm/vmm/guestmem"
 )
 
 // Sender is the primary's (or migration source's) end of a stream.
@@ -173,6 +174,24 @@ func (s *Sender) SendPage(gpa GPA, page []byte) error {
 // copied: its Pages frame is written from where the pages lie, with
 // writev (pageSlot), one copy of each page fewer on the primary.
 func (s *Sender) SendStablePage(gpa GPA, page []byte) error {
+	return s.sendStable(gpa, page, nil)
+}
+
+// SendSummedPage is SendStablePage for a stable page whose
+// guestmem.PageSum the copy that made it took (guestmem.CopyPageSummed):
+// where SendStablePage would not copy the page, the Sender tests it for
+// zero and takes its share of the End sum from ps instead of reading it,
+// and the kernel's copy into the socket is the first read of the page
+// since that copy. ps must describe page's bytes and stay as it is for as
+// long as page (a wrong one fails the checkpoint at the receiver, which
+// sums what it reads: ErrChecksum). Elsewhere it is SendStablePage.
+func (s *Sender) SendSummedPage(gpa GPA, page []byte, ps *guestmem.PageSum) error {
+	return s.sendStable(gpa, page, ps)
+}
+
+// sendStable is SendStablePage and SendSummedPage: ps nil, or the page's
+// sums.
+func (s *Sender) sendStable(gpa GPA, page []byte, ps *guestmem.PageSum) error {
 	if s.sealed || s.codec != codecStored || s.shadow != nil {
 		return s.SendPage(gpa, page)
 	}
@@ -185,11 +204,16 @@ func (s *Sender) SendStablePage(gpa GPA, page []byte) error {
 		}
 	}
 	sl := s.filling() // after any hand-over
-	zero := bytes.Equal(page, zeroPage[:])
+	var zero bool
+	if ps != nil {
+		zero = !ps.NonZero
+	} else {
+		zero = bytes.Equal(page, zeroPage[:])
+	}
 	if zero {
 		s.ctr.zeroPages.Add(1)
 	}
-	sl.addRef(uint64(gpa), page, zero)
+	sl.addRef(uint64(gpa), page, zero, ps)
 	return s.added(sl.refs)
 }
 
@@ -249,7 +273,9 @@ func (s *Sender) flushPages() error {
 // goroutine busy at once with the checkpoint kept the other core from
 // the standby's reader where both ends share two (a third longer to ack
 // 1,000 pages, docs/STREAM.md). The sum reads the pages just before the
-// kernel copies them, which then finds them in cache.
+// kernel copies them, which then finds them in cache; or, where every
+// page came with its PageSum (SendSummedPage), it is taken from those
+// and the headers, and no page is read but by the kernel's copy.
 func (s *Sender) flushRefs(sl *pageSlot) error {
 	sl.closeRefs()
 	s.ctr.pageBytes.Add(uint64(sl.size))
@@ -259,7 +285,9 @@ func (s *Sender) flushRefs(sl *pageSlot) error {
 	}
 	head := sl.pieces[0]
 	sl.pieces[0] = head[pagesHeader:] // the sum covers the section, not the Pages header
-	s.sum.SectionPieces(container.TypePages, sl.size, sl.pieces)
+	if sl.unsummed > 0 || !s.sum.SectionSummed(container.TypePages, sl.size, sl.pieces, sl.sums) {
+		s.sum.SectionPieces(container.TypePages, sl.size, sl.pieces)
+	}
 	sl.pieces[0] = head
 	err := s.sendPieces(sl.pieces, pagesHeader+sl.size)
 	sl.reset()

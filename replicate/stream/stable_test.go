@@ -7,6 +7,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"govmm/vmm/guestmem"
 )
 
 // SendStablePage in an unkeyed, stored session writes its Pages frames
@@ -14,7 +16,11 @@ import (
 // the bytes on the wire are those of the same checkpoints sent with
 // SendPage, over TCP (writev) and over a pipe, zero pages among them; with
 // the two calls mixed (frames cut at each switch too) memory is the
-// checkpoint's all the same; keyed, it is SendPage.
+// checkpoint's all the same; keyed, it is SendPage. SendSummedPage, whose
+// End sum comes from the pages' PageSums where a whole frame has them,
+// gives the same sum, bytes and memory alone, and mixed with the other
+// two (frames with and without sums) the standby acks (its sum agrees)
+// and holds the checkpoint.
 func TestSendStablePage(t *testing.T) {
 	for _, tt := range []struct {
 		name       string
@@ -26,9 +32,10 @@ func TestSendStablePage(t *testing.T) {
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			const n = 700
-			var sums [3]uint64
-			var wire [3]uint64
-			for i, mode := range []string{"copy", "stable", "mixed"} {
+			modes := []string{"copy", "stable", "mixed", "summed", "summed mixed"}
+			sums := make([]uint64, len(modes))
+			wire := make([]uint64, len(modes))
+			for i, mode := range modes {
 				scfg, rcfg := cfgs(newFakeClock())
 				if !tt.keyed {
 					scfg.Key, rcfg.Key, scfg.Insecure, rcfg.Insecure = nil, nil, true, true
@@ -60,6 +67,14 @@ func TestSendStablePage(t *testing.T) {
 						if mode == "stable" || (mode == "mixed" && (p/100)%2 == 0) { // mixed: switching inside frames
 							send = s.SendStablePage
 						}
+						if mode == "summed" || (mode == "summed mixed" && (p/100)%3 == 0) {
+							staged, ps := make([]byte, PageSize), new(guestmem.PageSum)
+							guestmem.CopyPageSummed(staged, pg, ps)
+							pg = staged
+							send = func(gpa GPA, page []byte) error { return s.SendSummedPage(gpa, page, ps) }
+						} else if mode == "summed mixed" && (p/100)%3 == 1 {
+							send = s.SendStablePage
+						}
 						require.NoError(t, send(GPA(p*PageSize), pg))
 					}
 					require.NoError(t, s.SendState([]byte("state")))
@@ -73,8 +88,45 @@ func TestSendStablePage(t *testing.T) {
 				require.NoError(t, s.Close())
 				require.NoError(t, waitErr(t, run))
 			}
+			// Mixed, frames are cut at each switch: their acks and
+			// memory above are what holds.
 			assert.Equal(t, sums[0], sums[1], "the End frame's sum")
+			assert.Equal(t, sums[0], sums[3], "the End frame's sum, summed")
 			assert.Equal(t, wire[0], wire[1], "bytes on the wire")
+			assert.Equal(t, wire[0], wire[3], "bytes on the wire, summed")
 		})
 	}
+}
+
+// The End sum of a frame of SendSummedPage's pages comes from their
+// PageSums, but the receiver sums the bytes it reads: a PageSum that does
+// not describe its page (here one byte of the page changed after its
+// copy was summed) fails the checkpoint at its End, and nothing of it is
+// committed or acknowledged.
+func TestSendSummedPageWrongSum(t *testing.T) {
+	scfg, rcfg := cfgs(newFakeClock())
+	scfg.Key, rcfg.Key, scfg.Insecure, rcfg.Insecure = nil, nil, true, true
+	sink := NewMemSink()
+	rcfg.Sink = sink
+	a, b := tcpPair(t)
+	s, serr, r, rerr := connect(t, a, b, scfg, rcfg)
+	require.NoError(t, serr)
+	require.NoError(t, rerr)
+	run := runReceiver(t, r)
+	if s.BeginCheckpoint(1, KindEpoch) == nil { // the calls may meet the receiver's verdict already
+		for p := range 5 {
+			staged, ps := make([]byte, PageSize), new(guestmem.PageSum)
+			guestmem.CopyPageSummed(staged, page(uint64(p)+1), ps)
+			if p == 3 {
+				staged[PageSize-9] ^= 0x10
+			}
+			_ = s.SendSummedPage(GPA(p*PageSize), staged, ps)
+		}
+		if s.SendState([]byte("state")) == nil {
+			_ = s.EndCheckpoint()
+		}
+	}
+	require.ErrorIs(t, waitErr(t, run), ErrChecksum)
+	assert.Zero(t, r.committed.Load(), "nothing committed")
+	assert.Zero(t, s.Acked(), "nothing acknowledged")
 }

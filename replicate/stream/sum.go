@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"govmm/vmm/container"
+	"govmm/vmm/guestmem"
 )
 
 // sum64 is the End frame's checksum of a checkpoint (version 9): a
@@ -107,6 +108,80 @@ func (c *sum64) SectionPieces(t container.Type, n int, pieces [][]byte) {
 	if k > 0 {
 		clear(blk[k:])
 		c.blocks(blk[:])
+	}
+}
+
+// SectionSummed is SectionPieces for a section whose pieces (n bytes in
+// all) are each either read here (sums[i] nil) or a page whose
+// guestmem.PageSum its copy took (sums[i]): the same sum, without
+// reading those pages. It needs every piece to start at a multiple of 4
+// bytes into the section and the read ones to be multiples of 4 long, as
+// a Pages section's count, entry headers and pages are; where they are
+// not it returns false and adds nothing.
+//
+// Why it can: the sum is linear in the section's words. After the
+// section's head block, with its N blocks still to come and the lanes at
+// a and s, the section leaves a + Σ w and s + N·a + Σ (N−k)·w, the sums
+// over its 64-bit words w, k being a word's block (0 to N−1); and each
+// word is the sum of its two 4-byte units, the high one shifted by 32.
+// So each unit adds to its lane on its own (addUnit), and a page's units
+// of one class, which all land in the same slot of their blocks, add
+// U[c] and (N−k₀)·U[c] − V[c], V[c] = 128·U[c] − S[c] being Σ d·u over
+// the page's chunks d (addPage).
+func (c *sum64) SectionSummed(t container.Type, n int, pieces [][]byte, sums []*guestmem.PageSum) bool {
+	if len(sums) != len(pieces) {
+		return false
+	}
+	off := 0
+	for i, p := range pieces {
+		if off%4 != 0 || (sums[i] == nil && len(p)%4 != 0) {
+			return false
+		}
+		off += len(p)
+	}
+	if off != n {
+		return false
+	}
+	c.head(t, n)
+	nblk := uint64(n+31) / 32
+	for l := range c.s {
+		c.s[l] += nblk * c.a[l]
+	}
+	off = 0
+	for i, p := range pieces {
+		if ps := sums[i]; ps != nil {
+			c.addPage(nblk, off/4, ps)
+		} else {
+			for j := 0; j < len(p); j += 4 {
+				c.addUnit(nblk, (off+j)/4, uint64(binary.LittleEndian.Uint32(p[j:])))
+			}
+		}
+		off += len(p)
+	}
+	return true
+}
+
+// addUnit adds the 4-byte unit v at unit position q of a section of nblk
+// blocks (after its head block, and after s took nblk·a).
+func (c *sum64) addUnit(nblk uint64, q int, v uint64) {
+	k, t := uint64(q/8), q%8
+	v <<= 32 * (t % 2)
+	c.a[t/2] += v
+	c.s[t/2] += (nblk - k) * v
+}
+
+// addPage adds the page whose unit 0 is at unit position q of a section
+// of nblk blocks, from its sums: unit 8d+c lands in block (q+c)/8 + d,
+// slot (q+c) mod 8.
+func (c *sum64) addPage(nblk uint64, q int, ps *guestmem.PageSum) {
+	for cl := range 8 {
+		pos := q + cl
+		k, t := uint64(pos/8), pos%8
+		sh := 32 * uint(t%2)
+		u := ps.U[cl]
+		v := 128*u - ps.S[cl]
+		c.a[t/2] += u << sh
+		c.s[t/2] += ((nblk-k)*u - v) << sh
 	}
 }
 

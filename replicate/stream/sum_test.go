@@ -10,6 +10,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"govmm/vmm/container"
+	"govmm/vmm/guestmem"
 )
 
 // sumOf is sum64 of sections of the given types and payloads.
@@ -142,6 +143,61 @@ func TestSum64SectionPieces(t *testing.T) {
 		cut.SectionPieces(container.TypePages, len(payload), pieces)
 		require.Equal(t, whole.Sum64(), cut.Sum64(), "cuts %v", cuts)
 	}
+}
+
+// SectionSummed gives SectionPieces' sum for sections laid out as a
+// Pages section of references is (a count, entry headers, pages, zero
+// pages' entries alone), after other sections, taking the pages from
+// their PageSums (guestmem.CopyPageSummed) without reading them; pieces
+// whose offsets or lengths are not multiples of 4 it refuses, adding
+// nothing.
+func TestSum64SectionSummed(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	for trial := range 300 {
+		n := 1 + rng.IntN(40)
+		meta := binary.LittleEndian.AppendUint32(nil, uint32(n))
+		var pieces [][]byte
+		var sums []*guestmem.PageSum
+		run, size := 0, 4
+		for i := range n {
+			if rng.IntN(4) == 0 {
+				meta = container.AppendEntryHeader(meta, uint64(i)*PageSize, container.EncZero, 0)
+				size += container.EntryHeaderSize
+				continue
+			}
+			meta = container.AppendEntryHeader(meta, uint64(i)*PageSize, container.EncRaw, PageSize)
+			src, page, ps := make([]byte, PageSize), make([]byte, PageSize), new(guestmem.PageSum)
+			for j := range src {
+				src[j] = byte(rng.Uint32())
+			}
+			if rng.IntN(5) == 0 {
+				clear(src[:rng.IntN(PageSize)])
+			}
+			guestmem.CopyPageSummed(page, src, ps)
+			pieces = append(pieces, meta[run:], page)
+			sums = append(sums, nil, ps)
+			run = len(meta)
+			size += container.EntryHeaderSize + PageSize
+		}
+		if run < len(meta) {
+			pieces = append(pieces, meta[run:])
+			sums = append(sums, nil)
+		}
+		want, got := newSum64(), newSum64()
+		before := make([]byte, rng.IntN(100))
+		want.Section(container.TypeState, before)
+		got.Section(container.TypeState, before)
+		want.SectionPieces(container.TypePages, size, pieces)
+		require.True(t, got.SectionSummed(container.TypePages, size, pieces, sums), "trial %d", trial)
+		require.Equal(t, want.Sum64(), got.Sum64(), "trial %d: %d entries", trial, n)
+	}
+	page, ps := make([]byte, PageSize), new(guestmem.PageSum)
+	guestmem.CopyPageSummed(page, page, ps)
+	c, fresh := newSum64(), newSum64()
+	assert.False(t, c.SectionSummed(container.TypePages, 3+PageSize, [][]byte{{1, 2, 3}, page}, []*guestmem.PageSum{nil, ps}), "a page at offset 3")
+	assert.False(t, c.SectionSummed(container.TypePages, 6, [][]byte{{1, 2, 3, 4, 5, 6}}, []*guestmem.PageSum{nil}), "6 bytes read")
+	assert.False(t, c.SectionSummed(container.TypePages, 8, [][]byte{{1, 2, 3, 4}}, []*guestmem.PageSum{nil}), "a length that is not the pieces'")
+	assert.Equal(t, fresh, c, "refusals add nothing")
 }
 
 // The vector loop gives the scalar loop's sums, whatever the length, the
