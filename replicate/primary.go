@@ -74,9 +74,12 @@ type Replicator struct {
 	target time.Duration
 
 	// Staging buffer, owned by the epoch loop: the dirty pages and disk
-	// writes of the checkpoint being streamed, kept across epochs.
+	// writes of the checkpoint being streamed, kept across epochs; where
+	// guestmem.PageSumFast, sums holds each staged page's PageSum, which
+	// its copy took (the snapshot's, copying on write).
 	gpas    []guestmem.GPA
 	staging []byte
+	sums    []guestmem.PageSum
 	writes  [][]DiskWrite
 	// cow write-protects the dirty pages for copy-on-write checkpoints;
 	// nil when they all stop to copy.

@@ -22,6 +22,11 @@ type Transport interface {
 	// place, until EndCheckpoint returns or a call fails: the staging
 	// buffer's pages, which the stream may then send without copying.
 	SendStablePage(gpa guestmem.GPA, page []byte) error
+	// SendSummedPage is SendStablePage for a page whose PageSum its
+	// copy into the staging buffer took (guestmem.CopyPageSummed), which
+	// stays as it is with the page: the stream tests it for zero and
+	// sums it from ps instead of reading it again.
+	SendSummedPage(gpa guestmem.GPA, page []byte, ps *guestmem.PageSum) error
 	SendDisk(disk int, off int64, data []byte) error
 	// SendDiskZero sends n zero bytes at off: a zero run, no data.
 	SendDiskZero(disk int, off, n int64) error
@@ -73,9 +78,12 @@ func (t *nullTransport) BeginCheckpoint(epoch uint64, kind stream.Kind) error {
 
 func (t *nullTransport) SendPage(guestmem.GPA, []byte) error       { return nil }
 func (t *nullTransport) SendStablePage(guestmem.GPA, []byte) error { return nil }
-func (t *nullTransport) SendDisk(int, int64, []byte) error         { return nil }
-func (t *nullTransport) SendDiskZero(int, int64, int64) error      { return nil }
-func (t *nullTransport) SendState([]byte) error                    { return nil }
+func (t *nullTransport) SendSummedPage(guestmem.GPA, []byte, *guestmem.PageSum) error {
+	return nil
+}
+func (t *nullTransport) SendDisk(int, int64, []byte) error    { return nil }
+func (t *nullTransport) SendDiskZero(int, int64, int64) error { return nil }
+func (t *nullTransport) SendState([]byte) error               { return nil }
 
 func (t *nullTransport) EndCheckpoint() error {
 	t.mu.Lock()
