@@ -65,8 +65,9 @@ type AckResult struct {
 	Samples []AckSample
 }
 
-// Ack runs checkpoints of cfg.Pages distinct non-zero pages (and 64 KiB
-// of state, uncompressed, the standby's StagingSink over guest memory)
+// Ack runs checkpoints of cfg.Pages distinct non-zero pages, staged as
+// a primary's pause stages them (stagePages), and 64 KiB of state
+// (uncompressed, the standby's StagingSink over guest memory)
 // from a stream.Sender to a stream.Receiver in this process (or, with
 // cfg.Split, in a process of its own on a CPU of its own) over
 // loopback TCP, keyed (AES-256-GCM) and unkeyed, each waiting for its ack
@@ -75,8 +76,9 @@ type AckResult struct {
 // one-byte ack comes back; then the same with the writer's send buffer
 // fixed (the tuned bound, tunedSendBuffer), keyed the sealed bound and
 // unkeyed the held bound (heldBit) and the applied bound (appliedBit).
-// It is BenchmarkAck (replicate/stream) run as interleaved rounds, so
-// that a ratio compares neighbours in time.
+// It is BenchmarkAck (replicate/stream, whose pages come without sums)
+// run as interleaved rounds, so that a ratio compares neighbours in
+// time.
 func Ack(ctx context.Context, cfg AckConfig) (*AckResult, error) {
 	if len(cfg.Pages) == 0 {
 		cfg.Pages = []int{1000, 4096, 65536}
@@ -121,16 +123,17 @@ func ackPoint(ctx context.Context, cfg AckConfig, keyed bool, n int) ([]AckSampl
 		return nil, err
 	}
 	defer e.close()
-	src := make([]byte, n*guestmem.PageSize)
-	for i := range src {
-		src[i] = byte(i*7 + i>>12) // distinct pages, none zero
+	gen := make([]byte, n*guestmem.PageSize)
+	for i := range gen {
+		gen[i] = byte(i*7 + i>>12) // distinct pages, none zero
 	}
+	src, sums := stagePages(gen)
 	state := make([]byte, 64<<10)
 	epoch := uint64(0)
 	one := func() (int, error) {
 		epoch++
 		before := e.s.Stats().BytesSent
-		err := ackCheckpoint(ctx, e.s, epoch, src, state)
+		err := ackCheckpoint(ctx, e.s, epoch, src, sums, state)
 		return int(e.s.Stats().BytesSent - before), err
 	}
 	wire, err := one() // warms both ends
@@ -392,15 +395,41 @@ func ackPair(ctx context.Context, key []byte, n int) (*stream.Sender, func(), er
 	return s, func() { s.Close(); a.r.Close(); <-done; unmap() }, nil
 }
 
+// stagePages copies pages into a staging buffer as package replicate's
+// pause does (Replicator.stage), summing each page as it copies it where
+// guestmem.PageSumFast (sums nil where not): the pages a checkpoint
+// sends, and what the stream learns of them from their copy.
+func stagePages(pages []byte) (staged []byte, sums []guestmem.PageSum) {
+	staged = make([]byte, len(pages))
+	if !guestmem.PageSumFast {
+		copy(staged, pages)
+		return staged, nil
+	}
+	sums = make([]guestmem.PageSum, len(pages)/guestmem.PageSize)
+	for i := range sums {
+		at := i * guestmem.PageSize
+		guestmem.CopyPageSummed(staged[at:at+guestmem.PageSize], pages[at:at+guestmem.PageSize], &sums[i])
+	}
+	return staged, sums
+}
+
 // ackCheckpoint sends src's pages and state as checkpoint epoch and
 // waits for its ack. Its pages are stable, as replicate's staging
-// buffer is (SendStablePage).
-func ackCheckpoint(ctx context.Context, s *stream.Sender, epoch uint64, src, state []byte) error {
+// buffer is (SendStablePage), and come with their sums where sums is
+// not nil, as replicate's do (SendSummedPage).
+func ackCheckpoint(ctx context.Context, s *stream.Sender, epoch uint64, src []byte, sums []guestmem.PageSum, state []byte) error {
 	if err := s.BeginCheckpoint(epoch, stream.KindEpoch); err != nil {
 		return err
 	}
-	for off := 0; off < len(src); off += guestmem.PageSize {
-		if err := s.SendStablePage(guestmem.GPA(off), src[off:off+guestmem.PageSize]); err != nil {
+	for i := range len(src) / guestmem.PageSize {
+		gpa, page := guestmem.GPA(i*guestmem.PageSize), src[i*guestmem.PageSize:(i+1)*guestmem.PageSize]
+		var err error
+		if sums != nil {
+			err = s.SendSummedPage(gpa, page, &sums[i])
+		} else {
+			err = s.SendStablePage(gpa, page)
+		}
+		if err != nil {
 			return err
 		}
 	}

@@ -12,6 +12,7 @@ import (
 	"gonum.org/v1/plot/plotutil"
 
 	"govmm/replicate/stream"
+	"govmm/vmm/guestmem"
 )
 
 // ackPoint is the samples of one mode and page count, by kind, and the
@@ -135,6 +136,7 @@ func (r *AckResult) Report() string {
 	}
 	fmt.Fprintf(&b, "Stream alone (`replicate/stream`, as `BenchmarkAck`): a Sender and a Receiver %s over loopback TCP, "+
 		"each checkpoint %s distinct non-zero pages and 64 KiB of state, uncompressed, into a `StagingSink` over guest memory (guestmem, as a standby's), "+
+		"the pages staged as a primary's pause stages them (%s), "+
 		"each waiting for its ack before the next; keyed (AES-256-GCM) and unkeyed (in clear, checked by the End frame's sum). "+
 		"Beside each batch, the *loopback bound*: the same number of bytes (the checkpoint's wire bytes) written on a plain "+
 		"loopback TCP connection until a one-byte ack comes back. %d rounds per point, each a batch of the stream then one of "+
@@ -160,7 +162,7 @@ func (r *AckResult) Report() string {
 		"standby does per checkpoint; *to applied* is the median of the rounds' stream/applied-bound ratios. The End frame's sum ran its %s loop in this process (`stream.SumLoop`). Raw data `ack.csv` (one row per "+
 		"batch); plots `ack_time.png` (ms per ack) and `ack_cpu.png` (CPU ms per ack), log–log, and `ack_ratio.png` "+
 		"(the ratios against the goal of 1.3×: unkeyed over the bound, the tuned, held and applied bounds, keyed over the sealed bound).\n\n",
-		where, joinInts(r.Config.Pages), r.Config.Rounds, r.Config.Batch, joinDurations(r.Config.Gaps), cpuNote, tunedSendBuffer>>10, stream.SumLoop())
+		where, joinInts(r.Config.Pages), ackStaging(), r.Config.Rounds, r.Config.Batch, joinDurations(r.Config.Gaps), cpuNote, tunedSendBuffer>>10, stream.SumLoop())
 	head, rule := "", ""
 	if r.Config.Split {
 		head, rule = " stream standby CPU ms/ack | bound standby CPU ms/ack | applied bound standby CPU ms/ack |", "---|---|---|"
@@ -310,4 +312,13 @@ func (r *AckResult) ratioChart(path string) error {
 	}
 	return lineChart(path, "Time to ack over its bound (issue 13's goal: 1.3×)", "dirty pages per checkpoint",
 		"stream ÷ bound (median of rounds, p25–p75)", Axes{LogX: true}, series)
+}
+
+// ackStaging says how this process staged the suite's pages (stagePages).
+func ackStaging() string {
+	if guestmem.PageSumFast {
+		return "each page copied and summed at once, `guestmem.CopyPageSummed`, so that the unkeyed stream takes its zero test " +
+			"and End sum from those sums instead of reading the page again: `SendSummedPage`"
+	}
+	return "copied: this CPU has no vector loop to sum them as they are copied, so the stream reads each page to test and sum it"
 }

@@ -62,12 +62,13 @@ func TestAckStandbyEndServesAPoint(t *testing.T) {
 			s, err := stream.Dial(ctx, f[1], scfg)
 			require.NoError(t, err)
 			defer s.Close()
-			src := make([]byte, n*guestmem.PageSize)
-			for i := range src {
-				src[i] = byte(i + 1)
+			gen := make([]byte, n*guestmem.PageSize)
+			for i := range gen {
+				gen[i] = byte(i + 1)
 			}
+			src, sums := stagePages(gen)
 			for epoch := uint64(1); epoch <= 20; epoch++ {
-				require.NoError(t, ackCheckpoint(ctx, s, epoch, src, make([]byte, 512)))
+				require.NoError(t, ackCheckpoint(ctx, s, epoch, src, sums, make([]byte, 512)))
 			}
 			assert.Equal(t, uint64(20), s.Stats().Acks)
 
