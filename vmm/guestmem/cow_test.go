@@ -2,6 +2,8 @@ package guestmem
 
 import (
 	"bytes"
+	"runtime"
+	"runtime/debug"
 	"sync"
 	"testing"
 	"time"
@@ -16,6 +18,27 @@ func fillPage(b []byte, v byte) {
 	for k := range b {
 		b[k] = v
 	}
+}
+
+// faultsHoldGoroutines readies a test whose goroutines write protected
+// memory directly, as a vCPU would: a goroutine held by a write fault in
+// user mode keeps its P, and on some kernels cannot be stopped for a
+// collection either, so while it waits for the fault handler a
+// collection, or other goroutines holding every P, would stall the test
+// for good. Until the test ends there are no collections and at least
+// procs Ps (the writers that may be held at once, plus the handler and
+// the copier). This project's host passed without; the lab's L1
+// (Debian's 6.1 kernel, 2 vCPUs) stalled in TestSnapshotHoldsMemoryAsOfBegin
+// at GOMAXPROCS 2 and passed it in 1.3 s at 16. The VMM itself never
+// faults so: its writes copy first (WriteAt), and a vCPU's fault is
+// taken inside KVM_RUN, a system call, which holds no P.
+func faultsHoldGoroutines(t *testing.T, procs int) {
+	gc := debug.SetGCPercent(-1)
+	was := runtime.GOMAXPROCS(max(procs, runtime.GOMAXPROCS(0)))
+	t.Cleanup(func() {
+		runtime.GOMAXPROCS(was)
+		debug.SetGCPercent(gc)
+	})
 }
 
 // bitmapSet is a PageBitmap for tests.
@@ -165,6 +188,7 @@ func snapshotRound(t *testing.T, p *Protector, m *Memory, set bitmapSet, gpas []
 // outside the next set are let go); every other round summed
 // (BeginSummed), each page's sum as of Begin too.
 func TestSnapshotHoldsMemoryAsOfBegin(t *testing.T) {
+	faultsHoldGoroutines(t, 4) // two writers, and this goroutine before the copier starts
 	const pages = 2048
 	m, err := New([]Spec{{GPA: 0, Size: pages * PageSize}, {GPA: 0x10000000, Size: 64 * PageSize}})
 	require.NoError(t, err)
@@ -250,6 +274,7 @@ func TestBitRuns(t *testing.T) {
 // snapshot's, until a Begin makes a new snapshot the prediction (a
 // checkpoint copied with the guest stopped in between).
 func TestForgetDropsThePrediction(t *testing.T) {
+	faultsHoldGoroutines(t, 2) // this goroutine's writes fault
 	m, err := New([]Spec{{GPA: 0, Size: 256 * PageSize}})
 	require.NoError(t, err)
 	defer m.Close()

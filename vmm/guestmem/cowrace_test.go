@@ -2,8 +2,6 @@ package guestmem
 
 import (
 	"fmt"
-	"runtime"
-	"runtime/debug"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -39,8 +37,7 @@ func armRace(t *testing.T, kernel bool) {
 	// test binary rather than fail this test: no collections here; and
 	// enough Ps for the fault handler and the watchdog with both WriteAt
 	// goroutines held.
-	defer debug.SetGCPercent(debug.SetGCPercent(-1))
-	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(max(4, runtime.GOMAXPROCS(0))))
+	faultsHoldGoroutines(t, 4)
 	const pages = 64
 	m, err := New([]Spec{{GPA: 0, Size: pages * PageSize}})
 	require.NoError(t, err)
