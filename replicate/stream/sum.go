@@ -115,9 +115,9 @@ func (c *sum64) SectionPieces(t container.Type, n int, pieces [][]byte) {
 // all) are each either read here (sums[i] nil) or a page whose
 // guestmem.PageSum its copy took (sums[i]): the same sum, without
 // reading those pages. It needs every piece to start at a multiple of 4
-// bytes into the section and the read ones to be multiples of 4 long, as
-// a Pages section's count, entry headers and pages are; where they are
-// not it returns false and adds nothing.
+// bytes into the section, the read ones to be multiples of 4 long and
+// the summed ones pages, as a Pages section's count, entry headers and
+// pages are; where they are not it returns false and adds nothing.
 //
 // Why it can: the sum is linear in the section's words. After the
 // section's head block, with its N blocks still to come and the lanes at
@@ -134,7 +134,7 @@ func (c *sum64) SectionSummed(t container.Type, n int, pieces [][]byte, sums []*
 	}
 	off := 0
 	for i, p := range pieces {
-		if off%4 != 0 || (sums[i] == nil && len(p)%4 != 0) {
+		if off%4 != 0 || (sums[i] == nil && len(p)%4 != 0) || (sums[i] != nil && len(p) != guestmem.PageSize) {
 			return false
 		}
 		off += len(p)

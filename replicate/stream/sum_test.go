@@ -149,8 +149,8 @@ func TestSum64SectionPieces(t *testing.T) {
 // Pages section of references is (a count, entry headers, pages, zero
 // pages' entries alone), after other sections, taking the pages from
 // their PageSums (guestmem.CopyPageSummed) without reading them; pieces
-// whose offsets or lengths are not multiples of 4 it refuses, adding
-// nothing.
+// whose offsets or lengths are not multiples of 4, or a summed piece
+// that is not a page, it refuses, adding nothing.
 func TestSum64SectionSummed(t *testing.T) {
 	rng := rand.New(rand.NewPCG(1, 2))
 	for trial := range 300 {
@@ -197,6 +197,7 @@ func TestSum64SectionSummed(t *testing.T) {
 	assert.False(t, c.SectionSummed(container.TypePages, 3+PageSize, [][]byte{{1, 2, 3}, page}, []*guestmem.PageSum{nil, ps}), "a page at offset 3")
 	assert.False(t, c.SectionSummed(container.TypePages, 6, [][]byte{{1, 2, 3, 4, 5, 6}}, []*guestmem.PageSum{nil}), "6 bytes read")
 	assert.False(t, c.SectionSummed(container.TypePages, 8, [][]byte{{1, 2, 3, 4}}, []*guestmem.PageSum{nil}), "a length that is not the pieces'")
+	assert.False(t, c.SectionSummed(container.TypePages, 4+PageSize/2, [][]byte{{1, 2, 3, 4}, page[:PageSize/2]}, []*guestmem.PageSum{nil, ps}), "half a page with a page's sums")
 	assert.Equal(t, fresh, c, "refusals add nothing")
 }
 
