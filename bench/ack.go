@@ -397,11 +397,11 @@ func ackPair(ctx context.Context, key []byte, n int) (*stream.Sender, func(), er
 
 // stagePages copies pages into a staging buffer as package replicate's
 // pause does (Replicator.stage), summing each page as it copies it where
-// guestmem.PageSumFast (sums nil where not): the pages a checkpoint
+// guestmem.PageSumFast() (sums nil where not): the pages a checkpoint
 // sends, and what the stream learns of them from their copy.
 func stagePages(pages []byte) (staged []byte, sums []guestmem.PageSum) {
 	staged = make([]byte, len(pages))
-	if !guestmem.PageSumFast {
+	if !guestmem.PageSumFast() {
 		copy(staged, pages)
 		return staged, nil
 	}
@@ -423,13 +423,11 @@ func ackCheckpoint(ctx context.Context, s *stream.Sender, epoch uint64, src []by
 	}
 	for i := range len(src) / guestmem.PageSize {
 		gpa, page := guestmem.GPA(i*guestmem.PageSize), src[i*guestmem.PageSize:(i+1)*guestmem.PageSize]
-		var err error
+		var ps *guestmem.PageSum
 		if sums != nil {
-			err = s.SendSummedPage(gpa, page, &sums[i])
-		} else {
-			err = s.SendStablePage(gpa, page)
+			ps = &sums[i]
 		}
-		if err != nil {
+		if err := s.SendSummedPage(gpa, page, ps); err != nil {
 			return err
 		}
 	}

@@ -316,7 +316,7 @@ func (r *AckResult) ratioChart(path string) error {
 
 // ackStaging says how this process staged the suite's pages (stagePages).
 func ackStaging() string {
-	if guestmem.PageSumFast {
+	if guestmem.PageSumFast() {
 		return "each page copied and summed at once, `guestmem.CopyPageSummed`, so that the unkeyed stream takes its zero test " +
 			"and End sum from those sums instead of reading the page again: `SendSummedPage`"
 	}

@@ -62,7 +62,7 @@ func (r *Replicator) closeCoW() {
 }
 
 // stage copies the pages of set into the staging buffer, and where
-// guestmem.PageSumFast sums each as it copies it, at no extra cost
+// guestmem.PageSumFast() sums each as it copies it, at no extra cost
 // (guestmem.BenchmarkCopyPage), so that the stream need not read it
 // again to sum it (SendSummedPage). The buffer is reused from epoch to
 // epoch (streaming of the previous one is over by now): no page faults
@@ -102,7 +102,7 @@ func (r *Replicator) sizeStaging(n int) {
 		r.staging = make([]byte, (n+n/4)*guestmem.PageSize)
 	}
 	r.staging = r.staging[:n*guestmem.PageSize]
-	if !guestmem.PageSumFast {
+	if !guestmem.PageSumFast() {
 		return
 	}
 	if cap(r.sums) < n {
@@ -113,7 +113,7 @@ func (r *Replicator) sizeStaging(n int) {
 
 // protect sizes the staging buffer for the pages of set and
 // write-protects them (those Arm has not): the snapshot copies them there
-// (summing them where guestmem.PageSumFast) once the guest has resumed.
+// (summing them where guestmem.PageSumFast()) once the guest has resumed.
 // The pause spends nothing per page here but the protection of pages Arm
 // did not predict.
 func (r *Replicator) protect(set *dirtylog.Set) (*guestmem.Snapshot, error) {
@@ -133,7 +133,7 @@ func (r *Replicator) send(epoch uint64, state []byte, snap *guestmem.Snapshot) e
 		return err
 	}
 	if snap != nil {
-		if err := snap.SummedPages(r.sendStaged); err != nil {
+		if err := snap.SummedPages(r.t.SendSummedPage); err != nil {
 			return err
 		}
 		// A snapshot that cannot be trusted (its fault handler failed)
@@ -147,7 +147,7 @@ func (r *Replicator) send(epoch uint64, state []byte, snap *guestmem.Snapshot) e
 			if r.sums != nil {
 				ps = &r.sums[i]
 			}
-			if err := r.sendStaged(gpa, r.staging[i*guestmem.PageSize:(i+1)*guestmem.PageSize], ps); err != nil {
+			if err := r.t.SendSummedPage(gpa, r.staging[i*guestmem.PageSize:(i+1)*guestmem.PageSize], ps); err != nil {
 				return err
 			}
 		}
@@ -160,13 +160,4 @@ func (r *Replicator) send(epoch uint64, state []byte, snap *guestmem.Snapshot) e
 		return err
 	}
 	return r.t.EndCheckpoint()
-}
-
-// sendStaged sends a staged page, with its PageSum where its copy took
-// one (ps not nil).
-func (r *Replicator) sendStaged(gpa guestmem.GPA, page []byte, ps *guestmem.PageSum) error {
-	if ps != nil {
-		return r.t.SendSummedPage(gpa, page, ps)
-	}
-	return r.t.SendStablePage(gpa, page)
 }

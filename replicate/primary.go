@@ -75,7 +75,7 @@ type Replicator struct {
 
 	// Staging buffer, owned by the epoch loop: the dirty pages and disk
 	// writes of the checkpoint being streamed, kept across epochs; where
-	// guestmem.PageSumFast, sums holds each staged page's PageSum, which
+	// guestmem.PageSumFast(), sums holds each staged page's PageSum, which
 	// its copy took (the snapshot's, copying on write).
 	gpas    []guestmem.GPA
 	staging []byte

@@ -25,7 +25,8 @@ type Transport interface {
 	// SendSummedPage is SendStablePage for a page whose PageSum its
 	// copy into the staging buffer took (guestmem.CopyPageSummed), which
 	// stays as it is with the page: the stream tests it for zero and
-	// sums it from ps instead of reading it again.
+	// sums it from ps instead of reading it again. ps nil: it is
+	// SendStablePage.
 	SendSummedPage(gpa guestmem.GPA, page []byte, ps *guestmem.PageSum) error
 	SendDisk(disk int, off int64, data []byte) error
 	// SendDiskZero sends n zero bytes at off: a zero run, no data.

@@ -184,7 +184,8 @@ func (s *Sender) SendStablePage(gpa GPA, page []byte) error {
 // and the kernel's copy into the socket is the first read of the page
 // since that copy. ps must describe page's bytes and stay as it is for as
 // long as page (a wrong one fails the checkpoint at the receiver, which
-// sums what it reads: ErrChecksum). Elsewhere it is SendStablePage.
+// sums what it reads: ErrChecksum). With ps nil, or where
+// SendStablePage copies, it is SendStablePage.
 func (s *Sender) SendSummedPage(gpa GPA, page []byte, ps *guestmem.PageSum) error {
 	return s.sendStable(gpa, page, ps)
 }

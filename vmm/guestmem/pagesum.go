@@ -17,13 +17,18 @@ type PageSum struct {
 	NonZero bool
 }
 
+// PageSumFast says whether CopyPageSummed runs its vector loop here (the
+// CPU has AVX2), where it costs no more than a plain copy. Where it does
+// not, a caller that needs no PageSum copies plainly instead.
+func PageSumFast() bool { return pageSumVector }
+
 // pageChunks is the number of 32-byte chunks in a page.
 const pageChunks = PageSize / 32
 
 // CopyPageSummed copies a page, src to dst (PageSize bytes each), and
 // fills ps from the bytes it copied: each byte is read once, and what is
 // summed is what was stored, even if src changes meanwhile. Where
-// PageSumFast, it costs what copy(dst, src) does (an AVX2 loop whose
+// PageSumFast(), it costs what copy(dst, src) does (an AVX2 loop whose
 // adds hide behind the memory traffic: BenchmarkCopyPage); elsewhere a
 // copy and a loop in Go.
 func CopyPageSummed(dst, src []byte, ps *PageSum) {

@@ -2,10 +2,8 @@
 
 package guestmem
 
-// PageSumFast is false where there is no vector loop: CopyPageSummed
+// pageSumVector is false where there is no vector loop: CopyPageSummed
 // copies, then reads the page again to sum it.
-var PageSumFast = false
-
-var pageSumVector = false
+const pageSumVector = false
 
 func copyPageSummedVector(dst, src []byte, ps *PageSum) { panic("unreachable") }

@@ -30,7 +30,7 @@ func TestCopyPageSummed(t *testing.T) {
 		rng.Read(p)
 		pages[fmt.Sprint("random ", i)] = p
 	}
-	t.Logf("vector loop: %v", PageSumFast)
+	t.Logf("vector loop: %v", PageSumFast())
 	for name, src := range pages {
 		dst := make([]byte, PageSize)
 		for i := range dst {

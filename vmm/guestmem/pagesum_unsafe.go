@@ -8,12 +8,9 @@ import (
 	"golang.org/x/sys/cpu"
 )
 
-// PageSumFast says whether CopyPageSummed runs its vector loop here (the
-// CPU has AVX2), where it costs no more than a plain copy. Where it does
-// not, a caller that needs no PageSum copies plainly instead.
-var PageSumFast = cpu.X86.HasAVX2
-
-var pageSumVector = PageSumFast
+// pageSumVector: CopyPageSummed runs its vector loop here (the CPU has
+// AVX2).
+var pageSumVector = cpu.X86.HasAVX2
 
 // copyPageSummedAVX2 (pagesum_amd64.s) copies PageSize bytes from src to
 // dst and fills ps (its layout: U, then S, then NonZero as one byte).
