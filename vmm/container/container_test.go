@@ -229,7 +229,7 @@ func TestPageSection(t *testing.T) {
 		{"short", []byte{1, 0}, ErrFormat},
 		{"no pages", []byte{0, 0, 0, 0}, ErrTooLarge},
 		{"too many pages", full(MaxPagesPerSection + 1), ErrTooLarge},
-		{"reserved count bytes", append([]byte{1, 0, 1, 0}, entry(0, EncZero, 0, 0, nil)[4:]...), ErrFormat},
+		{"unknown flags", append([]byte{1, 0, 2, 0}, entry(0, EncZero, 0, 0, nil)[4:]...), ErrFormat},
 		{"reserved entry bytes", entry(0, EncZero, 1, 0, nil), ErrFormat},
 		{"unaligned", entry(0x1001, EncZero, 0, 0, nil), ErrFormat},
 		{"raw of 4095", entry(0, EncRaw, 0, PageSize-1, raw[1:]), ErrFormat},
@@ -242,6 +242,58 @@ func TestPageSection(t *testing.T) {
 	for _, c := range bad {
 		_, err := ParsePages(c.p, nil)
 		assert.ErrorIs(t, err, c.want, c.name)
+	}
+}
+
+// A grouped section (SectionGrouped) holds the same pages as the
+// interleaved one, its headers first and its data from a 64-byte
+// boundary on; ParsePages reads both, and refuses a grouped one that is
+// cut short, has bytes in its padding, too few or too many data bytes.
+func TestPageSectionGrouped(t *testing.T) {
+	raw := bytes.Repeat([]byte{0xab}, PageSize)
+	other := bytes.Repeat([]byte{0x5c}, PageSize)
+	want := []Page{{0x1000, EncRaw, raw}, {0x7000, EncZero, nil}, {1 << 32, EncRaw, other}}
+	p := AppendGroupedSection(nil, want)
+	require.Len(t, p, 64+2*PageSize, "4 + 3 headers, padded to 64, then two pages")
+	require.Equal(t, 64, GroupedDataOffset(3))
+	require.Equal(t, 4160, GroupedDataOffset(MaxPagesPerSection))
+	require.Equal(t, 0, bytes.Compare(p[64:64+PageSize], raw), "data from the 64-byte boundary, in entry order")
+	pages, err := ParsePages(p, nil)
+	require.NoError(t, err)
+	require.Equal(t, want, pages)
+	pages, err = ParsePagesDeltas(p, nil)
+	require.NoError(t, err)
+	require.Equal(t, want, pages)
+
+	// Four headers end at 68: the data starts at 128.
+	four := append(want, Page{0x9000, EncZero, nil})
+	q := AppendGroupedSection(nil, four)
+	require.Len(t, q, 128+2*PageSize)
+	pages, err = ParsePages(q, nil)
+	require.NoError(t, err)
+	require.Equal(t, four, pages)
+
+	zeros := AppendGroupedSection(nil, []Page{{0, EncZero, nil}})
+	require.Len(t, zeros, 64)
+	_, err = ParsePages(zeros, nil)
+	require.NoError(t, err, "only zero pages: headers and padding")
+
+	padded := bytes.Clone(p)
+	padded[60] = 1
+	bad := []struct {
+		name string
+		p    []byte
+	}{
+		{"cut in the padding", zeros[:40]},
+		{"cut in the headers", p[:30]},
+		{"padding not zero", padded},
+		{"data truncated", p[:len(p)-1]},
+		{"trailing", append(bytes.Clone(p), 0)},
+		{"raw of 4095", AppendGroupedSection(nil, []Page{{0, EncRaw, raw[1:]}})},
+	}
+	for _, c := range bad {
+		_, err := ParsePages(c.p, nil)
+		assert.ErrorIs(t, err, ErrFormat, c.name)
 	}
 }
 

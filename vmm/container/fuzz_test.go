@@ -2,6 +2,7 @@ package container
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"testing"
 )
@@ -66,6 +67,7 @@ func FuzzParsePages(f *testing.F) {
 	ps.Add(PageSize, nil)
 	f.Add(bytes.Clone(ps.Payload()))
 	f.Add([]byte{1, 0, 0, 0, 0, 0x10, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0})
+	f.Add(AppendGroupedSection(nil, []Page{{0, EncRaw, bytes.Repeat([]byte{1}, PageSize)}, {PageSize, EncZero, nil}}))
 	f.Fuzz(func(t *testing.T, p []byte) {
 		pages, err := ParsePages(p, nil)
 		if err != nil {
@@ -81,8 +83,12 @@ func FuzzParsePages(f *testing.F) {
 			}
 			s.Add(pg.GPA, pg.Data)
 		}
-		if !bytes.Equal(s.Payload(), p) {
-			t.Fatalf("accepted bytes a PageSection does not build")
+		built := s.Payload()
+		if binary.LittleEndian.Uint16(p[2:])&SectionGrouped != 0 {
+			built = AppendGroupedSection(nil, pages)
+		}
+		if !bytes.Equal(built, p) {
+			t.Fatalf("accepted bytes a PageSection (or AppendGroupedSection) does not build")
 		}
 	})
 }

@@ -9,8 +9,23 @@ import (
 // Page sections carry guest pages, in snapshot files and in the stream's
 // Pages frames alike:
 //
-//	count u16 (1..MaxPagesPerSection) | 0 u16 |
+//	count u16 (1..MaxPagesPerSection) | flags u16 |
 //	count × (gpa u64 | encoding u8 | 0 [3] | length u32 | data [length])
+//
+// or, with flag bit 0 (SectionGrouped), the entries' headers first and
+// their data after them, in the same order, from the first multiple of
+// 64 bytes into the section (GroupedDataOffset; zeros in between):
+//
+//	count u16 | 1 u16 | count × (gpa u64 | encoding u8 | 0 [3] |
+//	length u32) | 0 [to a multiple of 64] | each entry's data [length]
+//
+// A writer that sends pages from where they lie (a stream's stored Pages
+// frame, written with writev) lays them out grouped: a run of pages
+// that lie back to back in its memory then goes out as one piece, where
+// interleaved each 16-byte header costs the kernel's copy a piece of its
+// own. The padding ends the headers on a boundary of the 32-byte blocks
+// the stream's End sum runs on, so that they are summed as whole blocks.
+// Other flags are refused.
 //
 // encoding 0 raw (length PageSize), 1 zero (length 0: the page is all
 // zero), 2 xor (length XORSize: the CRC32C of the new page, then the new
@@ -35,6 +50,15 @@ const (
 	// MaxPagesPayload is the largest page section: all pages xor.
 	MaxPagesPayload = 4 + MaxPagesPerSection*(PageEntrySize+XORSize)
 )
+
+// SectionGrouped is the flag of a page section whose entries' headers
+// all come before their data.
+const SectionGrouped = 1 << 0
+
+// GroupedDataOffset is where the data of a grouped page section of n
+// entries starts: the count, flags and n headers, rounded up to 64
+// bytes.
+func GroupedDataOffset(n int) int { return (4 + n*PageEntrySize + 63) &^ 63 }
 
 // Encoding says how one page is stored in a page section.
 type Encoding uint8
@@ -206,19 +230,34 @@ func parsePages(p []byte, pages []Page, deltas bool) ([]Page, error) {
 	if n == 0 || n > MaxPagesPerSection {
 		return pages, fmt.Errorf("page section with %d pages, want 1..%d: %w", n, MaxPagesPerSection, ErrTooLarge)
 	}
-	if p[2] != 0 || p[3] != 0 {
-		return pages, fmt.Errorf("page section: reserved bytes set: %w", ErrFormat)
+	flags := le.Uint16(p[2:])
+	if flags&^SectionGrouped != 0 {
+		return pages, fmt.Errorf("page section: unknown flags %#x: %w", flags, ErrFormat)
 	}
+	grouped := flags&SectionGrouped != 0
 	pages = pages[:0]
-	off := 4
+	off, head := 4, 4 // where the next entry's data, and its header, start
+	if grouped {
+		off = GroupedDataOffset(n)
+		if len(p) < off {
+			return pages, fmt.Errorf("page section: %d entries' headers truncated: %w", n, ErrFormat)
+		}
+		if !isZero(p[4+n*PageEntrySize : off]) {
+			return pages, fmt.Errorf("page section: padding after the headers not zero: %w", ErrFormat)
+		}
+	}
 	for i := range n {
-		if len(p)-off < PageEntrySize {
+		if !grouped {
+			head = off
+			off += PageEntrySize
+		}
+		if len(p) < off || len(p)-head < PageEntrySize {
 			return pages, fmt.Errorf("page section: entry %d truncated: %w", i, ErrFormat)
 		}
-		e := p[off : off+PageEntrySize]
+		e := p[head : head+PageEntrySize]
+		head += PageEntrySize
 		pg := Page{GPA: le.Uint64(e), Enc: Encoding(e[8])}
 		length := le.Uint32(e[12:])
-		off += PageEntrySize
 		switch {
 		case e[9] != 0 || e[10] != 0 || e[11] != 0:
 			return pages, fmt.Errorf("page %#x: reserved bytes set: %w", pg.GPA, ErrFormat)
@@ -324,4 +363,32 @@ func ParseDisk(p []byte) (DiskWrite, error) {
 		w.Data = p[DiskHeaderSize:]
 	}
 	return w, nil
+}
+
+// AppendGroupedSection appends a grouped page section (SectionGrouped)
+// of pages, 1 to MaxPagesPerSection of them, their data copied, to b:
+// the layout a stream's stored Pages frame sends from where its pages
+// lie, built whole (for tests and tools).
+func AppendGroupedSection(b []byte, pages []Page) []byte {
+	start := len(b)
+	b = binary.LittleEndian.AppendUint16(b, uint16(len(pages)))
+	b = binary.LittleEndian.AppendUint16(b, SectionGrouped)
+	for _, pg := range pages {
+		b = AppendEntryHeader(b, pg.GPA, pg.Enc, len(pg.Data))
+	}
+	b = append(b, make([]byte, start+GroupedDataOffset(len(pages))-len(b))...)
+	for _, pg := range pages {
+		b = append(b, pg.Data...)
+	}
+	return b
+}
+
+// isZero reports whether b is all zero bytes.
+func isZero(b []byte) bool {
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
 }
