@@ -8,6 +8,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"govmm/vmm/container"
 )
 
 // choppyConn hands its reader at most the next of cuts bytes per Read,
@@ -74,11 +76,14 @@ func TestReaderSumsAsItReads(t *testing.T) {
 }
 
 // A byte changed on the way anywhere in an unkeyed Pages frame's section
-// (its entry count, an entry's header, a page's first block, its last,
-// the section's last byte) fails the checkpoint's End: the reader's sum
-// is the one the receiver compares, and nothing is acknowledged.
+// (its entry count, an entry's header, the padding after the headers, a
+// page's first block, its last, the section's last byte) fails the
+// checkpoint's End: the reader's sum is the one the receiver compares,
+// and nothing is acknowledged. The section is grouped (SendStablePage):
+// five headers, then the pages from its 128th byte.
 func TestReaderSumCatchesEveryByte(t *testing.T) {
 	section := headerSize + pagesHeader // where a Pages frame's section starts
+	data := section + container.GroupedDataOffset(5)
 	for _, tt := range []struct {
 		name string
 		at   func(n int) int // offset in the frame of n bytes (trailer included)
@@ -88,7 +93,8 @@ func TestReaderSumCatchesEveryByte(t *testing.T) {
 	}{
 		{"entry count", func(int) int { return section }, true},
 		{"entry header", func(int) int { return section + 6 }, true},
-		{"first page block", func(int) int { return section + 40 }, false},
+		{"padding", func(int) int { return data - 3 }, true},
+		{"first page block", func(int) int { return data + 8 }, false},
 		{"in a middle block", func(n int) int { return section + (n-section)/2 + 13 }, false},
 		{"last byte", func(n int) int { return n - crcSize - 1 }, false},
 	} {

@@ -89,8 +89,9 @@
 //	3 Begin     epoch u64 (>0, increasing) | kind u8 (1 initial-sync, 2 epoch, 3 final) | 0 [7]
 //	4 Pages     codec u8 (0 stored, 1 s2, 2 zstd) | 0 [3] | length u32 (≤ the largest
 //	            page section) | data: a container page section's payload of
-//	            length bytes (1..256 pages, each gpa inside the layout), as is
-//	            (stored) or compressed with the session's codec
+//	            length bytes (1..256 pages, each gpa inside the layout; its
+//	            entries' headers first where flag SectionGrouped is set,
+//	            version 14), as is (stored) or compressed with the session's codec
 //	5 State     codec u8 | base u8 | 0 [2] | length u32 (1..MaxStateChunk) | data:
 //	            a container state section's payload of length bytes of machine
 //	            state (the checkpoint's State frames concatenated, ≤ MaxState in

@@ -14,7 +14,7 @@ import (
 // Version is the protocol version this package speaks. A peer with any
 // other version is refused at the hello (ErrVersion); see docs/STREAM.md
 // for the version policy.
-const Version = 13
+const Version = 14
 
 // checkpointVersion is the version of the GOVMMCKP container that a
 // checkpoint is (docs/FORMATS.md): its Begin frame stands for the

@@ -290,7 +290,7 @@ func (s *Sender) flushRefs(sl *pageSlot) error {
 		s.sum.SectionPieces(container.TypePages, sl.size, sl.pieces)
 	}
 	sl.pieces[0] = head
-	err := s.sendPieces(sl.pieces, pagesHeader+sl.size)
+	err := s.sendPieces(sl.iov, pagesHeader+sl.size)
 	sl.reset()
 	return err
 }

@@ -8,13 +8,15 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"govmm/vmm/container"
 	"govmm/vmm/guestmem"
 )
 
 // SendStablePage in an unkeyed, stored session writes its Pages frames
-// from where the pages lie: the standby's memory, the End frame's sum and
-// the bytes on the wire are those of the same checkpoints sent with
-// SendPage, over TCP (writev) and over a pipe, zero pages among them; with
+// from where the pages lie, as grouped sections: the standby's memory is
+// that of the same checkpoints sent with SendPage, and the bytes on the
+// wire those plus each section's padding, over TCP (writev) and over a
+// pipe, zero pages among them; with
 // the two calls mixed (frames cut at each switch too) memory is the
 // checkpoint's all the same; keyed, it is SendPage. SendSummedPage, whose
 // End sum comes from the pages' PageSums where a whole frame has them,
@@ -89,11 +91,26 @@ func TestSendStablePage(t *testing.T) {
 				require.NoError(t, waitErr(t, run))
 			}
 			// Mixed, frames are cut at each switch: their acks and
-			// memory above are what holds.
-			assert.Equal(t, sums[0], sums[1], "the End frame's sum")
-			assert.Equal(t, sums[0], sums[3], "the End frame's sum, summed")
-			assert.Equal(t, wire[0], wire[1], "bytes on the wire")
-			assert.Equal(t, wire[0], wire[3], "bytes on the wire, summed")
+			// memory above are what holds. Keyed, every mode is
+			// SendPage's.
+			if tt.keyed {
+				assert.Equal(t, sums[0], sums[1], "the End frame's sum")
+				assert.Equal(t, wire[0], wire[1], "bytes on the wire")
+				return
+			}
+			// Unkeyed, SendStablePage's frames are grouped sections: the
+			// same entries, and zeros up to the data's 64-byte boundary.
+			pad := 0
+			for k := n; k > 0; k -= MaxPagesPerFrame {
+				m := min(k, MaxPagesPerFrame)
+				pad += container.GroupedDataOffset(m) - 4 - m*container.EntryHeaderSize
+			}
+			assert.NotEqual(t, sums[0], sums[1], "the End frame's sum: other bytes")
+			assert.Equal(t, wire[0]+uint64(2*pad), wire[1], "bytes on the wire: the padding more")
+			// Summed, the sum comes from the pages' PageSums and the
+			// headers' blocks, and must be the one taken by reading.
+			assert.Equal(t, sums[1], sums[3], "the End frame's sum, summed")
+			assert.Equal(t, wire[1], wire[3], "bytes on the wire, summed")
 		})
 	}
 }
@@ -129,4 +146,30 @@ func TestSendSummedPageWrongSum(t *testing.T) {
 	require.ErrorIs(t, waitErr(t, run), ErrChecksum)
 	assert.Zero(t, r.committed.Load(), "nothing committed")
 	assert.Zero(t, s.Acked(), "nothing acknowledged")
+}
+
+// joinPiece joins a piece to the last where it lies right behind it in
+// the same array (staged pages, one after the other), and only there: a
+// piece elsewhere, one further on, or past the last piece's capacity
+// stays a piece of its own.
+func TestJoinPiece(t *testing.T) {
+	staged := make([]byte, 5*PageSize)
+	pg := func(i int) []byte { return staged[i*PageSize : (i+1)*PageSize] }
+	meta := make([]byte, 64, 128)
+	var iov [][]byte
+	for _, p := range [][]byte{meta, pg(0), pg(1), pg(2), pg(4), pg(3)} {
+		iov = joinPiece(iov, p)
+	}
+	require.Len(t, iov, 4, "meta, pages 0-2, page 4, page 3")
+	assert.Len(t, iov[1], 3*PageSize)
+	assert.Same(t, &staged[0], &iov[1][0])
+	assert.Same(t, &staged[4*PageSize], &iov[2][0])
+	assert.Same(t, &staged[3*PageSize], &iov[3][0])
+
+	capped := staged[0:PageSize:PageSize] // its capacity ends where page 1 starts
+	iov = joinPiece(joinPiece(nil, capped), pg(1))
+	assert.Len(t, iov, 2, "a piece past the last one's capacity")
+	iov = joinPiece(joinPiece(nil, meta[:32]), meta[32:64])
+	assert.Equal(t, [][]byte{meta[:64]}, iov, "any array: what lies behind within capacity")
+	assert.Len(t, joinPiece(joinPiece(nil, pg(0)), nil), 1, "an empty piece adds nothing to write")
 }

@@ -149,9 +149,12 @@ func (c *sum64) SectionSummed(t container.Type, n int, pieces [][]byte, sums []*
 	}
 	off = 0
 	for i, p := range pieces {
-		if ps := sums[i]; ps != nil {
+		switch ps := sums[i]; {
+		case ps != nil:
 			c.addPage(nblk, off/4, ps)
-		} else {
+		case off%32 == 0 && len(p)%32 == 0:
+			c.addBlocks(nblk, uint64(off/32), p)
+		default:
 			for j := 0; j < len(p); j += 4 {
 				c.addUnit(nblk, (off+j)/4, uint64(binary.LittleEndian.Uint32(p[j:])))
 			}
@@ -159,6 +162,22 @@ func (c *sum64) SectionSummed(t container.Type, n int, pieces [][]byte, sums []*
 		off += len(p)
 	}
 	return true
+}
+
+// addBlocks adds p, whole blocks from block k of a section of nblk
+// blocks (after its head block, and after s took nblk·a), with the
+// vector loop: p's own sums from zero lanes are A = Σ w and S = Σ
+// (m−j)·w over its m blocks j, and the section needs Σ (nblk−k−j)·w =
+// (nblk−k−m)·A + S. A grouped Pages section's headers are such a piece
+// (container.GroupedDataOffset).
+func (c *sum64) addBlocks(nblk, k uint64, p []byte) {
+	var sub sum64
+	sub.blocks(p)
+	m := uint64(len(p) / 32)
+	for l := range c.a {
+		c.a[l] += sub.a[l]
+		c.s[l] += (nblk-k-m)*sub.a[l] + sub.s[l]
+	}
 }
 
 // addUnit adds the 4-byte unit v at unit position q of a section of nblk

@@ -147,7 +147,8 @@ func TestSum64SectionPieces(t *testing.T) {
 
 // SectionSummed gives SectionPieces' sum for sections laid out as a
 // Pages section of references is (a count, entry headers, pages, zero
-// pages' entries alone), after other sections, taking the pages from
+// pages' entries alone; or grouped, the headers first, padded to a
+// block boundary, then the pages), after other sections, taking the pages from
 // their PageSums (guestmem.CopyPageSummed) without reading them; pieces
 // whose offsets or lengths are not multiples of 4, or a summed piece
 // that is not a page, it refuses, adding nothing.
@@ -182,6 +183,35 @@ func TestSum64SectionSummed(t *testing.T) {
 		if run < len(meta) {
 			pieces = append(pieces, meta[run:])
 			sums = append(sums, nil)
+		}
+		if trial%2 == 1 {
+			// Grouped, as a Sender lays out its sections of references:
+			// the count, flags, headers and padding, read as whole
+			// blocks (addBlocks), then the pages; and here whole blocks
+			// after them too, to be read at a block boundary further in.
+			head := binary.LittleEndian.AppendUint16(nil, uint16(n))
+			head = binary.LittleEndian.AppendUint16(head, container.SectionGrouped)
+			var pages [][]byte
+			var psums []*guestmem.PageSum
+			for i, p := range pieces {
+				if sums[i] == nil {
+					k := 0
+					if i == 0 {
+						k = 4
+					}
+					head = append(head, p[k:]...)
+				} else {
+					pages, psums = append(pages, p), append(psums, sums[i])
+				}
+			}
+			head = append(head, make([]byte, container.GroupedDataOffset(n)-len(head))...)
+			tail := make([]byte, 32*rng.IntN(4))
+			for j := range tail {
+				tail[j] = byte(rng.Uint32())
+			}
+			pieces = append(append([][]byte{head}, pages...), tail)
+			sums = append(append([]*guestmem.PageSum{nil}, psums...), nil)
+			size = len(head) + len(pages)*PageSize + len(tail)
 		}
 		want, got := newSum64(), newSum64()
 		before := make([]byte, rng.IntN(100))
