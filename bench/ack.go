@@ -320,8 +320,15 @@ func localEnds(ctx context.Context, keyed bool, n int) (*ackEnds, error) {
 func ackConfigs(n int, key []byte) (rcfg, scfg stream.Config) {
 	id := stream.Identity{Name: "bench-ack", Regions: []stream.Region{{GPA: 0, Size: uint64(n) * guestmem.PageSize}}, VCPUs: 1}
 	quiet := slog.New(slog.DiscardHandler)
-	rcfg = stream.Config{Identity: id, Logger: quiet, Compression: stream.CompressNone}
-	scfg = stream.Config{Identity: id, Logger: quiet, Compression: stream.CompressNone}
+	// The suite times throughput, not liveness: a long failover timeout,
+	// so that a stall of the standby end between batches does not end
+	// the stream. One did, on 2026-12-05, at every 65,536-page point
+	// split: the standby end's bound reader growing its held buffers to
+	// the checkpoint's size (the warm-up, untimed) first-touched 268 MB,
+	// ~17 µs a page on this host that day, and the end's one CPU sent no
+	// heartbeat for 1.9 s.
+	rcfg = stream.Config{Identity: id, Logger: quiet, Compression: stream.CompressNone, FailoverTimeout: ackFailoverTimeout}
+	scfg = stream.Config{Identity: id, Logger: quiet, Compression: stream.CompressNone, FailoverTimeout: ackFailoverTimeout}
 	if key != nil {
 		rcfg.Key, scfg.Key = key, key
 	} else {
@@ -341,6 +348,10 @@ func ackStandbySink(n int) (sink *stream.StagingSink, done func(), err error) {
 	}
 	return &stream.StagingSink{Dest: mem}, func() { _ = mem.Close() }, nil
 }
+
+// ackFailoverTimeout is both ends' failover timeout in the ack suite
+// (ackConfigs).
+const ackFailoverTimeout = 10 * time.Second
 
 // aeadOrNil is AES-256-GCM under key, or nil without one.
 func aeadOrNil(key []byte) (cipher.AEAD, error) {
