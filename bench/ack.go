@@ -76,9 +76,8 @@ type AckResult struct {
 // one-byte ack comes back; then the same with the writer's send buffer
 // fixed (the tuned bound, tunedSendBuffer), keyed the sealed bound and
 // unkeyed the held bound (heldBit) and the applied bound (appliedBit).
-// It is BenchmarkAck (replicate/stream, whose pages come without sums)
-// run as interleaved rounds, so that a ratio compares neighbours in
-// time.
+// It is BenchmarkAck (replicate/stream) run as interleaved rounds, so
+// that a ratio compares neighbours in time.
 func Ack(ctx context.Context, cfg AckConfig) (*AckResult, error) {
 	if len(cfg.Pages) == 0 {
 		cfg.Pages = []int{1000, 4096, 65536}

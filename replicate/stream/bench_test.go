@@ -10,6 +10,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"govmm/vmm/guestmem"
 )
 
 // memWriter is flat guest memory for the benchmark.
@@ -76,15 +78,35 @@ func benchPages(npages int) []byte {
 	return src
 }
 
+// benchSums is the PageSum of each of src's pages, as package
+// replicate's staging copy takes them (guestmem.CopyPageSummed), or nil
+// where this CPU has no fast sum (its staging copy then takes none).
+func benchSums(src []byte) []guestmem.PageSum {
+	if !guestmem.PageSumFast() {
+		return nil
+	}
+	sums := make([]guestmem.PageSum, len(src)/PageSize)
+	scratch := make([]byte, PageSize)
+	for i := range sums {
+		guestmem.CopyPageSummed(scratch, src[i*PageSize:(i+1)*PageSize], &sums[i])
+	}
+	return sums
+}
+
 // benchCheckpoint sends pages src as checkpoint epoch with 64 KiB of
-// state, and waits for its ack. The pages are stable (SendStablePage), as
-// package replicate's staging buffer is.
-func benchCheckpoint(b *testing.B, s *Sender, epoch uint64, kind Kind, src []byte) {
+// state, and waits for its ack. The pages are stable and come with the
+// sums their staging copy took (SendSummedPage; benchSums), as package
+// replicate's staging buffer does.
+func benchCheckpoint(b *testing.B, s *Sender, epoch uint64, kind Kind, src []byte, sums []guestmem.PageSum) {
 	if err := s.BeginCheckpoint(epoch, kind); err != nil {
 		b.Fatal(err)
 	}
 	for i := range len(src) / PageSize {
-		if err := s.SendStablePage(GPA(i*PageSize), src[i*PageSize:(i+1)*PageSize]); err != nil {
+		var ps *guestmem.PageSum
+		if sums != nil {
+			ps = &sums[i]
+		}
+		if err := s.SendSummedPage(GPA(i*PageSize), src[i*PageSize:(i+1)*PageSize], ps); err != nil {
 			b.Fatal(err)
 		}
 	}
@@ -108,11 +130,12 @@ func BenchmarkCheckpoint(b *testing.B) {
 		b.Run(fmt.Sprintf("%v-64k-pages", kind), func(b *testing.B) {
 			s := benchPair(b, npages, true)
 			src := benchPages(npages)
+			sums := benchSums(src)
 			b.SetBytes(npages * PageSize)
 			epoch := uint64(0)
 			for b.Loop() {
 				epoch++
-				benchCheckpoint(b, s, epoch, kind, src)
+				benchCheckpoint(b, s, epoch, kind, src, sums)
 			}
 			b.ReportMetric(float64(b.Elapsed().Microseconds())/float64(b.N)/1000, "ms/checkpoint")
 		})
@@ -174,8 +197,9 @@ func BenchmarkAckSendBuffer(b *testing.B) {
 func benchAckStream(b *testing.B, npages int, keyed bool, sndbuf int, gap time.Duration) (wire int) {
 	s := benchPairBuf(b, npages, keyed, sndbuf)
 	src := benchPages(npages)
+	sums := benchSums(src)
 	epoch := uint64(1)
-	benchCheckpoint(b, s, epoch, KindEpoch, src) // warm up
+	benchCheckpoint(b, s, epoch, KindEpoch, src, sums) // warm up
 	b.SetBytes(int64(npages) * PageSize)
 	cpu := cpuTime()
 	b.ResetTimer()
@@ -183,7 +207,7 @@ func benchAckStream(b *testing.B, npages int, keyed bool, sndbuf int, gap time.D
 		pause(b, gap)
 		epoch++
 		before := s.Stats().BytesSent
-		benchCheckpoint(b, s, epoch, KindEpoch, src)
+		benchCheckpoint(b, s, epoch, KindEpoch, src, sums)
 		wire = int(s.Stats().BytesSent - before)
 	}
 	b.ReportMetric(float64(b.Elapsed().Microseconds())/float64(b.N)/1000, "ms/ack")
