@@ -46,8 +46,14 @@ func newAEAD(key []byte) cipher.AEAD {
 // sequence number (u64, little-endian, as in the header). Sequence numbers
 // never repeat within a direction, and each direction of each session has
 // its own key, so a nonce is never reused under a key.
-func frameNonce(n *[nonceLen]byte, seq uint64) []byte {
-	n[0], n[1], n[2], n[3] = 0, 0, 0, 0
+func frameNonce(n *[nonceLen]byte, seq uint64) []byte { return partNonce(n, seq, 0) }
+
+// partNonce is the nonce of part number part of a frame sealed in parts
+// (sealedSplit): the part number (u32, little-endian) in place of
+// frameNonce's zeros. Part 0 is frameNonce, so every (sequence number,
+// part) pair has a nonce of its own.
+func partNonce(n *[nonceLen]byte, seq uint64, part uint32) []byte {
+	binary.LittleEndian.PutUint32(n[0:], part)
 	binary.LittleEndian.PutUint64(n[4:], seq)
 	return n[:]
 }
@@ -148,7 +154,7 @@ func (w *frameWriter) write(t frameType, payload []byte) error {
 // pages of a section that references them (pageSlot). Its CRC32C trailer
 // covers the header alone, as every Pages frame's (frameCRC), so the
 // pieces are read once, by the kernel. A sealed session never comes
-// here: sealing needs the payload in one piece.
+// here: it seals such a frame in parts (writeSealedParts).
 func (w *frameWriter) writePieces(t frameType, pieces [][]byte, n int) error {
 	if w.aead != nil || !w.plain || t != framePages {
 		panic("stream: writePieces outside an unkeyed session's Pages frames") // a bug on this side
@@ -162,6 +168,33 @@ func (w *frameWriter) writePieces(t frameType, pieces [][]byte, n int) error {
 	t0 := time.Now()
 	defer func() { w.ctr.writeNanos.Add(int64(time.Since(t0))) }()
 	return w.put(w.body, n)
+}
+
+// writeSealedParts writes a keyed session's Pages frame whose payload
+// (n bytes) is head followed by parts, sealed part by part (a frame with
+// a split, sealedParts): head, the Pages header and the grouped
+// section up to its data, under part number 0's nonce, then each of
+// parts, a run of the section's data, under the next number's. parts
+// are the runs of entries with data that sealedParts names, in order.
+// Sealing reads the pages where they lie, so they are not first copied
+// into a section of their own.
+func (w *frameWriter) writeSealedParts(t frameType, head []byte, parts [][]byte, n int) error {
+	if w.aead == nil || t != framePages || len(head) == 0 || len(head) > maxSplit || len(parts) == 0 || len(parts) > maxParts || n <= len(head) {
+		panic("stream: writeSealedParts outside a keyed session's Pages frames, or without data") // a bug on this side
+	}
+	if n > MaxFramePayload {
+		return fmt.Errorf("write %v frame of %d bytes: %w", t, n, ErrTooLarge)
+	}
+	putHeader(w.hdr[:], header{length: uint32(n), typ: t, split: uint16(len(head)), parts: uint8(len(parts)), seq: w.seq})
+	t0 := time.Now()
+	w.out = w.aead.Seal(w.out[:0], partNonce(&w.nonce, w.seq, 0), head, w.hdr[:])
+	for i, p := range parts {
+		w.out = w.aead.Seal(w.out, partNonce(&w.nonce, w.seq, uint32(i+1)), p, w.hdr[:])
+	}
+	t1 := time.Now()
+	w.ctr.sealNanos.Add(int64(t1.Sub(t0)))
+	defer func() { w.ctr.writeNanos.Add(int64(time.Since(t1))) }()
+	return w.put([][]byte{w.hdr[:], w.out}, n)
 }
 
 // put writes a frame's body (header, payload pieces, trailer; payload
@@ -231,6 +264,7 @@ type frameReader struct {
 	sum                  [macSize]byte
 	want                 [macSize]byte
 	nonce                [nonceLen]byte
+	parts                []int     // readSealedParts': the data parts' lengths
 	ctr                  *counters // bytes and frames received, open time
 }
 
@@ -300,7 +334,7 @@ func (r *frameReader) next() (*frame, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := checkHeader(r.hdr[:], h); err != nil {
+	if err := checkHeader(h, r.aead != nil); err != nil {
 		return nil, err
 	}
 	r.seq++
@@ -390,9 +424,16 @@ func (r *frameReader) scratch(size int) []byte {
 }
 
 // readSealed reads h's ciphertext and tag and opens them in place; it
-// returns the payload and the trailer's size.
+// returns the payload and the trailer's size. A frame sealed in parts
+// (h.split: sealedParts) is read and opened part by part, each where
+// its plaintext belongs in the payload, its tag in the 16 bytes after
+// it (where the next part then goes), so that the payload is one slice;
+// part 0 says how the rest is cut (sealedParts).
 func (r *frameReader) readSealed(h header) ([]byte, int, error) {
 	n := int(h.length)
+	if h.split != 0 || h.parts != 0 {
+		return r.readSealedParts(h)
+	}
 	ct := r.scratch(n + tagSize)
 	if _, err := io.ReadFull(r.br, ct[:n]); err != nil {
 		return nil, 0, truncated(h.typ.String()+" frame", err)
@@ -407,6 +448,50 @@ func (r *frameReader) readSealed(h header) ([]byte, int, error) {
 		return nil, 0, fmt.Errorf("%v frame %d: tag mismatch (corrupted or forged): %w", h.typ, h.seq, ErrAuth)
 	}
 	return p, tagSize, nil
+}
+
+// readSealedParts is readSealed for a frame sealed in parts.
+func (r *frameReader) readSealedParts(h header) ([]byte, int, error) {
+	n, split := int(h.length), int(h.split)
+	if !h.splitOK() {
+		// Only a forged or corrupted header says so: its sender never
+		// does, and the header is what the tags authenticate.
+		return nil, 0, fmt.Errorf("%v frame %d: split %d, %d parts, of %d bytes (corrupted or forged header): %w", h.typ, h.seq, split, h.parts, n, ErrAuth)
+	}
+	b := r.scratch(n + tagSize)
+	if err := r.openPart(h, b[:split+tagSize], 0); err != nil {
+		return nil, 0, err
+	}
+	var err error
+	if r.parts, err = sealedParts(b[:split], n-split, r.parts[:0]); err != nil {
+		return nil, 0, fmt.Errorf("%v frame %d: %w", h.typ, h.seq, err)
+	}
+	if len(r.parts) != int(h.parts) {
+		return nil, 0, fmt.Errorf("%v frame %d: sealed in %d data parts, its section has %d runs: %w", h.typ, h.seq, h.parts, len(r.parts), ErrFrame)
+	}
+	off := split
+	for i, k := range r.parts {
+		if err := r.openPart(h, b[off:off+k+tagSize], uint32(i+1)); err != nil {
+			return nil, 0, err
+		}
+		off += k
+	}
+	return b[:n], h.trailer(), nil
+}
+
+// openPart reads part number part of a frame sealed in parts, its
+// ciphertext and tag, into b, and opens it in place.
+func (r *frameReader) openPart(h header, b []byte, part uint32) error {
+	if _, err := io.ReadFull(r.br, b); err != nil {
+		return truncated(fmt.Sprintf("%v frame part %d", h.typ, part), err)
+	}
+	t0 := time.Now()
+	_, err := r.aead.Open(b[:0], partNonce(&r.nonce, h.seq, part), b, r.hdr[:])
+	r.ctr.openNanos.Add(int64(time.Since(t0)))
+	if err != nil {
+		return fmt.Errorf("%v frame %d part %d: tag mismatch (corrupted or forged): %w", h.typ, h.seq, part, ErrAuth)
+	}
+	return nil
 }
 
 // readCRC reads h's payload and its CRC32C trailer (a plain session) and

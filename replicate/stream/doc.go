@@ -56,6 +56,11 @@
 //
 //	length u32 | type u8 | 0 u8 | 0 u16 | seq u64 | ciphertext [length] | tag [16]
 //
+// or, for a Pages frame sealed in parts (version 15; split > 0, parts > 0):
+//
+//	length u32 | type u8 | split u16 | parts u8 | seq u64 |
+//	ciphertext [split] | tag [16] | parts × (ciphertext [run] | tag [16])
+//
 // or, in a session without a key (Config.Insecure):
 //
 //	length u32 | type u8 | 0 u8 | 0 u16 | seq u64 | payload [length] | crc32c [4]
@@ -67,6 +72,16 @@
 // frames). After its Auth frame each side switches to its direction's
 // session key: ciphertext and tag are AES-256-GCM sealing the payload,
 // with nonce 0 [4] | seq u64 and the 16 header bytes as additional data.
+// A Pages frame of pages sent from where they lie (SendStablePage,
+// SendSummedPage) is sealed in parts, so that AES-GCM reads the pages in
+// place instead of a copy: its payload is a stored, grouped section, and
+// part 0 is its first split bytes (the Pages header and the section up
+// to its data), then each maximal run of entries with data (pages
+// between zero pages) is a part, in order, their lengths as the entries
+// give them (sealedParts); part number i is sealed with nonce
+// i u32 | seq u64 (part 0's is the frame's nonce) and the same header
+// as additional data, and the receiver opens each part where its
+// plaintext belongs in the payload.
 // Without a key there is nothing to seal with: the payload stays in clear
 // and crc32c is the CRC32C (Castagnoli) of the 16 header bytes and the
 // payload, but only of the header for a Pages, Disk or State frame,
@@ -158,8 +173,9 @@
 // Sender: the caller's checkpoint goroutine (Begin/SendPage/SendStablePage/SendSummedPage/SendDisk/
 // SendDiskZero/SendState/End/Handover), the sealer, which seals and writes the Pages
 // frames the checkpoint goroutine hands it while that one fills the next
-// (pipeline.go; a frame of SendStablePage's or SendSummedPage's references is summed and
-// written by the checkpoint goroutine itself), an ack reader, a heartbeat sender and a failure
+// (pipeline.go; unkeyed, a frame of SendStablePage's or SendSummedPage's references is
+// summed and written by the checkpoint goroutine itself; keyed, the sealer seals it in
+// parts from where its pages lie), an ack reader, a heartbeat sender and a failure
 // detector. Receiver: the caller's goroutine inside Run (drives the
 // sinks and OnCommit, sends acks), a StagingSink's commit workers (a
 // committed checkpoint's copy into memory, from the ack until Run

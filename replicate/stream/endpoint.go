@@ -204,6 +204,16 @@ func (e *endpoint) sendPieces(pieces [][]byte, n int) error {
 	return e.sent(framePages, err)
 }
 
+// sendParts is send for a keyed session's Pages frame sealed in parts,
+// head and the data's runs, n bytes in all
+// (frameWriter.writeSealedParts), unflushed.
+func (e *endpoint) sendParts(head []byte, parts [][]byte, n int) error {
+	e.wmu.Lock()
+	err := e.fw.writeSealedParts(framePages, head, parts, n)
+	e.wmu.Unlock()
+	return e.sent(framePages, err)
+}
+
 // sent fails the stream if sending a frame of type t failed with err.
 func (e *endpoint) sent(t frameType, err error) error {
 	if err != nil {

@@ -14,7 +14,7 @@ import (
 // Version is the protocol version this package speaks. A peer with any
 // other version is refused at the hello (ErrVersion); see docs/STREAM.md
 // for the version policy.
-const Version = 14
+const Version = 15
 
 // checkpointVersion is the version of the GOVMMCKP container that a
 // checkpoint is (docs/FORMATS.md): its Begin frame stands for the
@@ -225,15 +225,36 @@ type frame struct {
 type header struct {
 	length uint32
 	typ    frameType
-	seq    uint64
+	// split and parts, in a keyed session's Pages frame (version 15),
+	// say its payload was sealed in parts (sealedParts): its first split
+	// bytes, then parts runs of its section's data, each an AEAD message
+	// of its own, so that the frame's length on the wire is the header,
+	// the payload and 1+parts tags. Both 0, as everywhere else, say one
+	// message. They are the header's 3 bytes after the type (split u16,
+	// parts u8), which were reserved (zero) before.
+	split uint16
+	parts uint8
+	seq   uint64
 }
+
+// maxSplit is the largest split a header holds.
+const maxSplit = math.MaxUint16
+
+// maxParts is the most data parts a frame sealed in parts has: runs
+// between zero pages, at most one for every two entries.
+const maxParts = (MaxPagesPerFrame + 1) / 2
 
 func putHeader(b []byte, h header) {
 	binary.LittleEndian.PutUint32(b[0:], h.length)
 	b[4] = byte(h.typ)
-	b[5], b[6], b[7] = 0, 0, 0
+	binary.LittleEndian.PutUint16(b[5:], h.split)
+	b[7] = h.parts
 	binary.LittleEndian.PutUint64(b[8:], h.seq)
 }
+
+// trailer is the size of what follows a keyed session's frame's
+// payload: its tags.
+func (h header) trailer() int { return (1 + int(h.parts)) * tagSize }
 
 // parseHeader reads the header and checks its length against the cap:
 // that much must be trusted before the MAC or tag can be read. The other
@@ -243,6 +264,8 @@ func parseHeader(b []byte) (header, error) {
 	h := header{
 		length: binary.LittleEndian.Uint32(b[0:]),
 		typ:    frameType(b[4]),
+		split:  binary.LittleEndian.Uint16(b[5:]),
+		parts:  b[7],
 		seq:    binary.LittleEndian.Uint64(b[8:]),
 	}
 	if h.length > MaxFramePayload {
@@ -251,14 +274,71 @@ func parseHeader(b []byte) (header, error) {
 	return h, nil
 }
 
-func checkHeader(b []byte, h header) error {
-	if b[5] != 0 || b[6] != 0 || b[7] != 0 {
-		return fmt.Errorf("frame header: reserved bytes set: %w", ErrFrame)
+// sealedParts returns, after dst, the lengths of the data parts of a
+// keyed session's Pages frame sealed in parts (version 15), from its
+// part 0, head (the frame's first split bytes, opened), and the data's
+// length (the rest of the payload). Such a frame carries a stored,
+// grouped page section (container.SectionGrouped); part 0 is its Pages
+// header and the section up to the entries' data, and every maximal run
+// of consecutive entries with data (length > 0: not zero pages) is a
+// part of its own, their data back to back. A sender that staged its
+// pages one after the other, as replicate does, finds each part lying in
+// one piece of its memory and seals it from there; the zero pages
+// between runs are where its pieces break.
+func sealedParts(head []byte, data int, dst []int) ([]int, error) {
+	le := binary.LittleEndian
+	if len(head) < pagesHeader+4 || codec(head[0]) != codecStored || head[1]|head[2]|head[3] != 0 {
+		return dst, fmt.Errorf("sealed in parts: not a stored section's head: %w", ErrFrame)
+	}
+	sec := head[pagesHeader:]
+	count, flags := int(le.Uint16(sec)), le.Uint16(sec[2:])
+	switch {
+	case int(le.Uint32(head[4:])) != len(sec)+data:
+		return dst, fmt.Errorf("sealed in parts: section of %d bytes, frame carries %d: %w", le.Uint32(head[4:]), len(sec)+data, ErrFrame)
+	case flags != container.SectionGrouped || count == 0 || count > MaxPagesPerFrame:
+		return dst, fmt.Errorf("sealed in parts: section of %d entries, flags %#x, want grouped: %w", count, flags, ErrFrame)
+	case len(sec) != container.GroupedDataOffset(count):
+		return dst, fmt.Errorf("sealed in parts: split %d, want %d for %d entries: %w", len(head), pagesHeader+container.GroupedDataOffset(count), count, ErrFrame)
+	}
+	run, sum := 0, 0
+	for i := range count {
+		k := int(le.Uint32(sec[4+i*container.PageEntrySize+12:]))
+		if k > container.XORSize {
+			return dst, fmt.Errorf("sealed in parts: entry %d of %d bytes: %w", i, k, ErrFrame)
+		}
+		if k == 0 && run > 0 {
+			dst = append(dst, run)
+			run = 0
+		}
+		run += k
+		sum += k
+	}
+	if run > 0 {
+		dst = append(dst, run)
+	}
+	if sum != data {
+		return dst, fmt.Errorf("sealed in parts: entries hold %d bytes of data, frame carries %d: %w", sum, data, ErrFrame)
+	}
+	return dst, nil
+}
+
+// checkHeader checks what parseHeader left: the type, and that only a
+// sealed session's Pages frame is sealed in parts (sealed: the frame was
+// read as one).
+func checkHeader(h header, sealed bool) error {
+	if (h.split != 0 || h.parts != 0) && (!sealed || !h.splitOK()) {
+		return fmt.Errorf("%v frame: split %d, %d parts, of %d bytes (reserved bytes set): %w", h.typ, h.split, h.parts, h.length, ErrFrame)
 	}
 	if h.typ < frameHello || h.typ > lastFrameType {
 		return fmt.Errorf("unknown %v: %w", h.typ, ErrFrame)
 	}
 	return nil
+}
+
+// splitOK says whether h's split and parts are those of a frame sealed
+// in parts: a Pages frame with a part 0 and at least one data part.
+func (h header) splitOK() bool {
+	return h.typ == framePages && h.split != 0 && h.parts != 0 && int(h.parts) <= maxParts && uint32(h.split) < h.length
 }
 
 // decodePayload decodes p as a frame of type t into f. layout is the

@@ -97,7 +97,7 @@ func decodeFrame(f *frame, b []byte, layout *Identity) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	if err := checkHeader(b, h); err != nil {
+	if err := checkHeader(h, false); err != nil {
 		return 0, err
 	}
 	end := headerSize + int(h.length)

@@ -22,9 +22,11 @@ const pipeDepth = 3
 // Disk, State, End) goes out directly once the frames handed over before
 // it are written (flushAll), so the wire order is the call order, and
 // EndCheckpoint returns, as before, with the whole checkpoint written.
-// A section of references (SendStablePage) skips the sealer: once the
-// frames handed over before it are out, the checkpoint goroutine sums
-// and writes it itself (flushRefs).
+// An unkeyed session's section of references (SendStablePage) skips the
+// sealer: once the frames handed over before it are out, the checkpoint
+// goroutine sums and writes it itself (flushRefs). A keyed session's
+// goes to the sealer like any other, which seals it in parts from where
+// its pages lie (sendSealedRefs).
 //
 // A slot belongs to the checkpoint goroutine while it is fill, then to the
 // sealer from its hand-over on jobs until it comes back on free.
@@ -65,6 +67,11 @@ type pageSlot struct {
 	unsummed int
 	size     int
 	iov      [][]byte
+	runs     []int    // index in pieces of each run's first page (a run: pages between zero pages)
+	gap      bool     // a zero page came since the last page with data
+	parts    [][]byte // sendSealedRefs': each run's pages in one piece
+	gather   []byte   // a keyed session's runs whose pages do not lie back to back
+	gathered int      // pages gathered so far, over the slot's life (for tests)
 }
 
 // reset empties the slot for the next section.
@@ -78,6 +85,9 @@ func (sl *pageSlot) reset() {
 	sl.sums = append(sl.sums[:0], nil)
 	clear(sl.iov)
 	sl.iov = sl.iov[:0]
+	sl.runs, sl.gap = sl.runs[:0], false
+	clear(sl.parts)
+	sl.parts = sl.parts[:0]
 	if sl.meta == nil {
 		sl.meta = make([]byte, 0, pagesHeader+container.GroupedDataOffset(MaxPagesPerFrame))
 	}
@@ -90,8 +100,13 @@ func (sl *pageSlot) reset() {
 func (sl *pageSlot) addRef(gpa uint64, page []byte, zero bool, ps *guestmem.PageSum) {
 	if zero {
 		sl.meta = container.AppendEntryHeader(sl.meta, gpa, container.EncZero, 0)
+		sl.gap = true
 	} else {
 		sl.meta = container.AppendEntryHeader(sl.meta, gpa, container.EncRaw, PageSize)
+		if len(sl.pieces) == 1 || sl.gap {
+			sl.runs = append(sl.runs, len(sl.pieces))
+			sl.gap = false
+		}
 		sl.pieces = append(sl.pieces, page)
 		sl.sums = append(sl.sums, ps)
 		if ps == nil {
@@ -231,7 +246,61 @@ func (s *Sender) sealLoop() {
 	}
 }
 
-// sendSlot writes sl's Pages frame (its wire bytes).
+// sendSlot writes sl's Pages frame: its wire bytes, or, for a keyed
+// session's section of references, the section sealed from where its
+// pages lie (sendSealedRefs).
 func (s *Sender) sendSlot(sl *pageSlot) error {
+	if sl.refs > 0 {
+		return s.sendSealedRefs(sl)
+	}
 	return s.send(framePages, sl.wire, false)
+}
+
+// sendSealedRefs writes a keyed session's section of references (closed:
+// closeRefs) sealed in parts (frameWriter.writeSealedParts): its Pages
+// header and the section up to its data, then each run of pages between
+// zero pages (sealedParts), so that AES-GCM reads the pages where they
+// lie instead of a copy of them. A run whose pages do not lie back to
+// back (staged apart) is gathered into the slot's own buffer first; a
+// section of zero pages alone is one part.
+func (s *Sender) sendSealedRefs(sl *pageSlot) error {
+	head := sl.pieces[0]
+	if sl.raw == 0 {
+		return s.send(framePages, head, false)
+	}
+	sl.parts = sl.parts[:0]
+	if sl.gather == nil {
+		sl.gather = make([]byte, 0, MaxPagesPerFrame*PageSize)
+	}
+	sl.gather = sl.gather[:0]
+	for i, start := range sl.runs {
+		end := len(sl.pieces)
+		if i+1 < len(sl.runs) {
+			end = sl.runs[i+1]
+		}
+		sl.parts = append(sl.parts, sl.runPiece(sl.pieces[start:end]))
+	}
+	return s.sendParts(head, sl.parts, pagesHeader+sl.size)
+}
+
+// runPiece returns the pages of run (pieces, in entry order) as one
+// slice: where they lie, if that is back to back, else gathered.
+func (sl *pageSlot) runPiece(run [][]byte) []byte {
+	whole := run[0]
+	for _, p := range run[1:] {
+		if free := whole[len(whole):cap(whole)]; len(free) < len(p) || unsafe.SliceData(free) != unsafe.SliceData(p) {
+			whole = nil
+			break
+		}
+		whole = whole[:len(whole)+len(p)]
+	}
+	if whole != nil {
+		return whole
+	}
+	start := len(sl.gather)
+	sl.gathered += len(run)
+	for _, p := range run {
+		sl.gather = append(sl.gather, p...) // within its capacity: never moved
+	}
+	return sl.gather[start:]
 }

@@ -166,13 +166,16 @@ func (s *Sender) SendPage(gpa GPA, page []byte) error {
 }
 
 // SendStablePage is SendPage for a page whose bytes stay as they are,
-// and in place, until this checkpoint's EndCheckpoint returns or one of
-// its calls fails: a staging buffer (package replicate's copy of the
-// dirty pages). In a session that seals its frames, compresses them or
-// ships deltas, it is SendPage. In the others (unkeyed, stored, whole
-// pages: a standby on the same host, or a benchmark) the page is not
-// copied: its Pages frame is written from where the pages lie, with
-// writev (pageSlot), one copy of each page fewer on the primary.
+// and in place, until this checkpoint's EndCheckpoint returns, or the
+// stream fails or is closed: a staging buffer (package replicate's copy
+// of the dirty pages). (A call refused for a local reason, a page
+// outside the layout say, leaves the stream open, and pages already
+// handed over are still being read.) In a session that compresses its
+// frames or ships deltas, it is SendPage. In the others (stored, whole
+// pages) the page is not copied: its Pages frame goes out from where
+// the pages lie (pageSlot), one copy of each page fewer on the primary;
+// unkeyed written with writev, keyed sealed in parts (sealedParts), the
+// pages read in place by AES-GCM.
 func (s *Sender) SendStablePage(gpa GPA, page []byte) error {
 	return s.sendStable(gpa, page, nil)
 }
@@ -193,7 +196,7 @@ func (s *Sender) SendSummedPage(gpa GPA, page []byte, ps *guestmem.PageSum) erro
 // sendStable is SendStablePage and SendSummedPage: ps nil, or the page's
 // sums.
 func (s *Sender) sendStable(gpa GPA, page []byte, ps *guestmem.PageSum) error {
-	if s.sealed || s.codec != codecStored || s.shadow != nil {
+	if s.codec != codecStored || s.shadow != nil {
 		return s.SendPage(gpa, page)
 	}
 	if err := s.checkPage(gpa, page); err != nil {
@@ -248,6 +251,12 @@ func (s *Sender) added(n int) error {
 // receiver also checks what it decompressed.
 func (s *Sender) flushPages() error {
 	sl := s.filling()
+	if sl.refs > 0 && s.sealed {
+		sl.closeRefs()
+		s.ctr.pageBytes.Add(uint64(sl.size))
+		s.ctr.pageWireBytes.Add(uint64(pagesHeader + sl.size))
+		return s.handOver() // the sealer seals it from where its pages lie (sendSlot)
+	}
 	if sl.refs > 0 {
 		return s.flushRefs(sl)
 	}

@@ -18,11 +18,15 @@ import (
 // wire those plus each section's padding, over TCP (writev) and over a
 // pipe, zero pages among them; with
 // the two calls mixed (frames cut at each switch too) memory is the
-// checkpoint's all the same; keyed, it is SendPage. SendSummedPage, whose
-// End sum comes from the pages' PageSums where a whole frame has them,
-// gives the same sum, bytes and memory alone, and mixed with the other
-// two (frames with and without sums) the standby acks (its sum agrees)
-// and holds the checkpoint.
+// checkpoint's all the same. Keyed, the frames are sealed in parts
+// (sealedParts): the same sections, and a tag more for each run of
+// pages between zero pages. SendSummedPage, whose End sum comes from the
+// pages' PageSums where a whole frame has them, gives the same sum,
+// bytes and memory alone, and mixed with the other two (frames with and
+// without sums) the standby acks (its sum agrees) and holds the
+// checkpoint. Pages staged back to back, as replicate stages them
+// ("staged"), give the same bytes and memory again, and keyed, are
+// sealed from where they lie: none is gathered.
 func TestSendStablePage(t *testing.T) {
 	for _, tt := range []struct {
 		name       string
@@ -34,7 +38,7 @@ func TestSendStablePage(t *testing.T) {
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			const n = 700
-			modes := []string{"copy", "stable", "mixed", "summed", "summed mixed"}
+			modes := []string{"copy", "stable", "mixed", "summed", "summed mixed", "staged"}
 			sums := make([]uint64, len(modes))
 			wire := make([]uint64, len(modes))
 			for i, mode := range modes {
@@ -58,6 +62,7 @@ func TestSendStablePage(t *testing.T) {
 				run := runReceiver(t, r)
 				want := make([]byte, 4<<20)
 				for epoch := uint64(1); epoch <= 2; epoch++ {
+					staging := make([]byte, n*PageSize)
 					require.NoError(t, s.BeginCheckpoint(epoch, KindEpoch))
 					for p := range n {
 						pg := page(epoch*1000 + uint64(p))
@@ -76,6 +81,11 @@ func TestSendStablePage(t *testing.T) {
 							send = func(gpa GPA, page []byte) error { return s.SendSummedPage(gpa, page, ps) }
 						} else if mode == "summed mixed" && (p/100)%3 == 1 {
 							send = s.SendStablePage
+						} else if mode == "staged" {
+							staged, ps := staging[p*PageSize:(p+1)*PageSize], new(guestmem.PageSum)
+							guestmem.CopyPageSummed(staged, pg, ps)
+							pg = staged
+							send = func(gpa GPA, page []byte) error { return s.SendSummedPage(gpa, page, ps) }
 						}
 						require.NoError(t, send(GPA(p*PageSize), pg))
 					}
@@ -87,26 +97,41 @@ func TestSendStablePage(t *testing.T) {
 				}
 				sums[i], wire[i] = s.cur.sum, s.Stats().BytesSent
 				assert.Equal(t, uint64(2*n), r.Stats().Pages)
+				if mode == "staged" {
+					for k := range s.slots {
+						assert.Zero(t, s.slots[k].gathered, "pages gathered: staged back to back, they are sealed where they lie")
+					}
+				}
 				require.NoError(t, s.Close())
 				require.NoError(t, waitErr(t, run))
 			}
 			// Mixed, frames are cut at each switch: their acks and
-			// memory above are what holds. Keyed, every mode is
-			// SendPage's.
-			if tt.keyed {
-				assert.Equal(t, sums[0], sums[1], "the End frame's sum")
-				assert.Equal(t, wire[0], wire[1], "bytes on the wire")
-				return
-			}
-			// Unkeyed, SendStablePage's frames are grouped sections: the
-			// same entries, and zeros up to the data's 64-byte boundary.
-			pad := 0
-			for k := n; k > 0; k -= MaxPagesPerFrame {
-				m := min(k, MaxPagesPerFrame)
+			// memory above are what holds. SendStablePage's frames are
+			// grouped sections: the same entries, and zeros up to the
+			// data's 64-byte boundary; keyed, sealed in parts, with a
+			// tag for each run of pages between zero pages.
+			pad, runs := 0, 0
+			for first := 0; first < n; first += MaxPagesPerFrame {
+				m := min(n-first, MaxPagesPerFrame)
 				pad += container.GroupedDataOffset(m) - 4 - m*container.EntryHeaderSize
+				for p := first; p < first+m; p++ {
+					zero := func(p int) bool { return p%5 == 3 || (p >= 256 && p < 300) }
+					if !zero(p) && (p == first || zero(p-1)) {
+						runs++
+					}
+				}
 			}
-			assert.NotEqual(t, sums[0], sums[1], "the End frame's sum: other bytes")
-			assert.Equal(t, wire[0]+uint64(2*pad), wire[1], "bytes on the wire: the padding more")
+			more := uint64(2 * pad)
+			if tt.keyed {
+				more += uint64(2 * runs * tagSize)
+				// The End sum covers no stored section of a keyed session.
+				assert.Equal(t, sums[0], sums[1], "the End frame's sum")
+			} else {
+				assert.NotEqual(t, sums[0], sums[1], "the End frame's sum: other bytes")
+			}
+			assert.Equal(t, wire[0]+more, wire[1], "bytes on the wire: the padding more, and keyed the parts' tags")
+			assert.Equal(t, wire[1], wire[5], "bytes on the wire, staged")
+			assert.Equal(t, sums[1], sums[5], "the End frame's sum, staged")
 			// Summed, the sum comes from the pages' PageSums and the
 			// headers' blocks, and must be the one taken by reading.
 			assert.Equal(t, sums[1], sums[3], "the End frame's sum, summed")
