@@ -66,8 +66,10 @@ func TestSendStablePage(t *testing.T) {
 					require.NoError(t, s.BeginCheckpoint(epoch, KindEpoch))
 					for p := range n {
 						pg := page(epoch*1000 + uint64(p))
-						if p%5 == 3 || (p >= 256 && p < 300) {
-							pg = make([]byte, PageSize) // zero pages, a run of them across a frame's start
+						if p%5 == 3 || (p >= 256 && p < 300) || p >= 512 {
+							// Zero pages: a run of them across a frame's
+							// start, and a frame of zero pages alone.
+							pg = make([]byte, PageSize)
 						}
 						copy(want[p*PageSize:], pg)
 						send := s.SendPage
@@ -115,7 +117,7 @@ func TestSendStablePage(t *testing.T) {
 				m := min(n-first, MaxPagesPerFrame)
 				pad += container.GroupedDataOffset(m) - 4 - m*container.EntryHeaderSize
 				for p := first; p < first+m; p++ {
-					zero := func(p int) bool { return p%5 == 3 || (p >= 256 && p < 300) }
+					zero := func(p int) bool { return p%5 == 3 || (p >= 256 && p < 300) || p >= 512 }
 					if !zero(p) && (p == first || zero(p-1)) {
 						runs++
 					}
