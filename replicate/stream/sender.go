@@ -166,16 +166,16 @@ func (s *Sender) SendPage(gpa GPA, page []byte) error {
 }
 
 // SendStablePage is SendPage for a page whose bytes stay as they are,
-// and in place, until this checkpoint's EndCheckpoint returns, or the
-// stream fails or is closed: a staging buffer (package replicate's copy
-// of the dirty pages). (A call refused for a local reason, a page
-// outside the layout say, leaves the stream open, and pages already
-// handed over are still being read.) In a session that compresses its
-// frames or ships deltas, it is SendPage. In the others (stored, whole
-// pages) the page is not copied: its Pages frame goes out from where
-// the pages lie (pageSlot), one copy of each page fewer on the primary;
-// unkeyed written with writev, keyed sealed in parts (sealedParts), the
-// pages read in place by AES-GCM.
+// and in place, until this checkpoint's EndCheckpoint returns, a call
+// returns the stream's failure, or Close returns: a staging buffer
+// (package replicate's copy of the dirty pages). (A call refused for a
+// local reason, a page outside the layout say, leaves the stream open,
+// and pages already handed over may still be being read.) In a session
+// that compresses its frames or ships deltas, it is SendPage. In the
+// others (stored, whole pages) the page is not copied: its Pages frame
+// goes out from where the pages lie (pageSlot), one copy of each page
+// fewer on the primary; unkeyed written with writev, keyed sealed in
+// parts (sealedParts), the pages read in place by AES-GCM.
 func (s *Sender) SendStablePage(gpa GPA, page []byte) error {
 	return s.sendStable(gpa, page, nil)
 }
