@@ -144,7 +144,11 @@ func testStreamCounters(t *testing.T, compress string, deltas bool) {
 	// counts a frame's deltas page by page as it decodes them and its
 	// pages once the frame is staged; read mid-frame, it showed more
 	// deltas than the primary had sent at its read, its pages still
-	// equal (seen once in CI: 786 against 768).
+	// equal (seen once in CI: 786 against 768). Only the page counters
+	// must hold still: a paused guest is still checkpointed every epoch,
+	// each checkpoint carrying its state, so the state's counters move
+	// every 20 ms, faster than three ctl calls in the lab (2026-12-05:
+	// every try for 30 s saw them move).
 	_, errOut, status := govmm(t, time.Minute, "ctl", "--api-sock", pSock, "pause")
 	require.Equal(t, 0, status, errOut)
 	var p, sb map[string]float64
@@ -154,7 +158,7 @@ func testStreamCounters(t *testing.T, compress string, deltas bool) {
 		p, sb = samples(pStats), samples(statsJSON(t, sbSock))
 		after := samples(statsJSON(t, pSock))
 		for name, v := range p {
-			if strings.HasPrefix(name, "govmm_stream_sent_") && after[name] != v {
+			if strings.HasPrefix(name, "govmm_stream_sent_") && strings.Contains(name, "page") && after[name] != v {
 				return false
 			}
 		}
