@@ -49,7 +49,7 @@ func newAEAD(key []byte) cipher.AEAD {
 func frameNonce(n *[nonceLen]byte, seq uint64) []byte { return partNonce(n, seq, 0) }
 
 // partNonce is the nonce of part number part of a frame sealed in parts
-// (sealedSplit): the part number (u32, little-endian) in place of
+// (sealedParts): the part number (u32, little-endian) in place of
 // frameNonce's zeros. Part 0 is frameNonce, so every (sequence number,
 // part) pair has a nonce of its own.
 func partNonce(n *[nonceLen]byte, seq uint64, part uint32) []byte {

@@ -144,14 +144,18 @@ func joinPiece(iov [][]byte, p []byte) [][]byte {
 	if len(p) == 0 {
 		return iov
 	}
-	if n := len(iov); n > 0 {
-		last := iov[n-1]
-		if free := last[len(last):cap(last)]; len(free) >= len(p) && unsafe.SliceData(free) == unsafe.SliceData(p) {
-			iov[n-1] = last[:len(last)+len(p)]
-			return iov
-		}
+	if n := len(iov); n > 0 && follows(iov[n-1], p) {
+		iov[n-1] = iov[n-1][:len(iov[n-1])+len(p)]
+		return iov
 	}
 	return append(iov, p)
+}
+
+// follows says whether p lies right behind last, in the same array
+// (within last's capacity), so that last[:len(last)+len(p)] is both.
+func follows(last, p []byte) bool {
+	free := last[len(last):cap(last)]
+	return len(free) >= len(p) && unsafe.SliceData(free) == unsafe.SliceData(p)
 }
 
 // startPipeline readies the slots and starts the sealer (after the
@@ -268,11 +272,7 @@ func (s *Sender) sendSealedRefs(sl *pageSlot) error {
 	if sl.raw == 0 {
 		return s.send(framePages, head, false)
 	}
-	sl.parts = sl.parts[:0]
-	if sl.gather == nil {
-		sl.gather = make([]byte, 0, MaxPagesPerFrame*PageSize)
-	}
-	sl.gather = sl.gather[:0]
+	sl.parts, sl.gather = sl.parts[:0], sl.gather[:0]
 	for i, start := range sl.runs {
 		end := len(sl.pieces)
 		if i+1 < len(sl.runs) {
@@ -288,7 +288,7 @@ func (s *Sender) sendSealedRefs(sl *pageSlot) error {
 func (sl *pageSlot) runPiece(run [][]byte) []byte {
 	whole := run[0]
 	for _, p := range run[1:] {
-		if free := whole[len(whole):cap(whole)]; len(free) < len(p) || unsafe.SliceData(free) != unsafe.SliceData(p) {
+		if !follows(whole, p) {
 			whole = nil
 			break
 		}
@@ -296,6 +296,9 @@ func (sl *pageSlot) runPiece(run [][]byte) []byte {
 	}
 	if whole != nil {
 		return whole
+	}
+	if sl.gather == nil { // only where a caller's pages lie apart
+		sl.gather = make([]byte, 0, MaxPagesPerFrame*PageSize)
 	}
 	start := len(sl.gather)
 	sl.gathered += len(run)
