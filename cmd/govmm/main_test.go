@@ -54,8 +54,10 @@ func TestMain(m *testing.M) {
 }
 
 // govmm runs the binary and returns stdout, stderr and the exit status.
-func govmm(t *testing.T, timeout time.Duration, args ...string) (string, string, int) {
-	t.Helper()
+func govmm(t require.TestingT, timeout time.Duration, args ...string) (string, string, int) {
+	if h, ok := t.(interface{ Helper() }); ok {
+		h.Helper()
+	}
 	out, errOut, status, err := runGovmm(timeout, args...)
 	require.NoError(t, err, "govmm %v; stderr: %s", args, errOut)
 	return out, errOut, status

@@ -115,9 +115,10 @@ func testStreamCounters(t *testing.T, compress string, deltas bool) {
 	startVM(t, append([]string{"run", "--kernel", kernel, "--initrd", initrdPath, "--mem", "64M", "--net", "none",
 		"--api-sock", pSock, "--metrics-listen", pMetrics, "--replicate-to", addr, "--epoch", "20ms"}, streamFlags...)...)
 	waitSocket(t, pSock)
-	require.Eventually(t, func() bool {
-		info := infoJSON(t, sbSock)
-		return info.Standby != nil && info.Standby.Checkpoint > 10
+	require.EventuallyWithT(t, func(c *assert.CollectT) {
+		info := infoJSON(c, sbSock)
+		require.NotNil(c, info.Standby)
+		assert.Greater(c, info.Standby.Checkpoint, uint64(10))
 	}, 30*time.Second, 50*time.Millisecond, "the standby commits checkpoints")
 
 	// Prometheus' view of the primary: the info metric and counters.
@@ -153,17 +154,17 @@ func testStreamCounters(t *testing.T, compress string, deltas bool) {
 	require.Equal(t, 0, status, errOut)
 	var p, sb map[string]float64
 	var pStats ctlapi.Stats
-	require.Eventually(t, func() bool {
-		pStats = statsJSON(t, pSock)
-		p, sb = samples(pStats), samples(statsJSON(t, sbSock))
-		after := samples(statsJSON(t, pSock))
+	require.EventuallyWithT(t, func(c *assert.CollectT) {
+		pStats = statsJSON(c, pSock)
+		p, sb = samples(pStats), samples(statsJSON(c, sbSock))
+		after := samples(statsJSON(c, pSock))
 		for name, v := range p {
-			if strings.HasPrefix(name, "govmm_stream_sent_") && strings.Contains(name, "page") && after[name] != v {
-				return false
+			if strings.HasPrefix(name, "govmm_stream_sent_") && strings.Contains(name, "page") {
+				assert.Equal(c, v, after[name], "%s holds still", name)
 			}
 		}
-		return p["govmm_stream_sent_pages_total"] == sb["govmm_stream_received_pages_total"] &&
-			p["govmm_replication_acked_epoch"] == p["govmm_replication_epoch"]
+		assert.Equal(c, p["govmm_stream_sent_pages_total"], sb["govmm_stream_received_pages_total"])
+		assert.Equal(c, p["govmm_replication_epoch"], p["govmm_replication_acked_epoch"])
 	}, 30*time.Second, 50*time.Millisecond, "the standby receives what the primary sent")
 	t.Logf("primary %v", p)
 	assert.Equal(t, p["govmm_stream_sent_zero_pages_total"], sb["govmm_stream_received_zero_pages_total"])
@@ -227,8 +228,10 @@ func testStreamCounters(t *testing.T, compress string, deltas bool) {
 }
 
 // statsJSON is ctl stats --json.
-func statsJSON(t *testing.T, sock string) ctlapi.Stats {
-	t.Helper()
+func statsJSON(t require.TestingT, sock string) ctlapi.Stats {
+	if h, ok := t.(interface{ Helper() }); ok {
+		h.Helper()
+	}
 	out, errOut, status := govmm(t, time.Minute, "ctl", "--api-sock", sock, "stats", "--json")
 	require.Equal(t, 0, status, errOut)
 	var st ctlapi.Stats

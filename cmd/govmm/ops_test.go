@@ -55,8 +55,10 @@ func familyValue(t *testing.T, fams map[string]*dto.MetricFamily, name string) f
 	return m.GetUntyped().GetValue()
 }
 
-func infoJSON(t *testing.T, sock string) ctlapi.Info {
-	t.Helper()
+func infoJSON(t require.TestingT, sock string) ctlapi.Info {
+	if h, ok := t.(interface{ Helper() }); ok {
+		h.Helper()
+	}
 	out, errOut, status := govmm(t, time.Minute, "ctl", "--api-sock", sock, "info", "--json")
 	require.Equal(t, 0, status, errOut)
 	var info ctlapi.Info
