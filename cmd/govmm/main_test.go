@@ -55,12 +55,19 @@ func TestMain(m *testing.M) {
 
 // govmm runs the binary and returns stdout, stderr and the exit status.
 func govmm(t require.TestingT, timeout time.Duration, args ...string) (string, string, int) {
-	if h, ok := t.(interface{ Helper() }); ok {
-		h.Helper()
-	}
+	helper(t)
 	out, errOut, status, err := runGovmm(timeout, args...)
 	require.NoError(t, err, "govmm %v; stderr: %s", args, errOut)
 	return out, errOut, status
+}
+
+// helper marks the calling function a test helper where t can (a
+// *testing.T; not the *assert.CollectT of EventuallyWithT, whose
+// condition may call the same helpers).
+func helper(t require.TestingT) {
+	if h, ok := t.(interface{ Helper() }); ok {
+		h.Helper()
+	}
 }
 
 // runGovmm is govmm for any goroutine: it reports instead of failing.

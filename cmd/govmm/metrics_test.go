@@ -23,8 +23,8 @@ import (
 )
 
 // metricValue finds one sample in Prometheus text.
-func metricValue(t *testing.T, text, sample string) float64 {
-	t.Helper()
+func metricValue(t require.TestingT, text, sample string) float64 {
+	helper(t)
 	for _, l := range strings.Split(text, "\n") {
 		if v, ok := strings.CutPrefix(l, sample+" "); ok {
 			f, err := strconv.ParseFloat(v, 64)
@@ -32,7 +32,7 @@ func metricValue(t *testing.T, text, sample string) float64 {
 			return f
 		}
 	}
-	t.Fatalf("no %s in:\n%s", sample, text)
+	require.Failf(t, "no sample", "no %s in:\n%s", sample, text)
 	return 0
 }
 
@@ -46,18 +46,18 @@ func TestMetricsVCPUExitsAdvance(t *testing.T) {
 	sock := filepath.Join(dir, "vm.sock")
 	startVM(t, "run", "--kernel", kernel, "--initrd", initrd, "--mem", "64M", "--net", "none", "--api-sock", sock)
 	waitSocket(t, sock)
-	metrics := func() string {
+	metrics := func(t require.TestingT) string {
 		out, errOut, status := govmm(t, time.Minute, "ctl", "--api-sock", sock, "metrics")
 		require.Equal(t, 0, status, errOut)
 		return out
 	}
 	const exits = `govmm_vcpu_exits_total{vcpu="0"}`
-	first := metrics()
+	first := metrics(t)
 	before := metricValue(t, first, exits)
 	userBefore := metricValue(t, first, `govmm_vcpu_userspace_exits_total{reason="IO"}`)
-	require.Eventually(t, func() bool { return metricValue(t, metrics(), exits) > before }, 30*time.Second, 50*time.Millisecond,
-		"%s stood still at %v", exits, before)
-	require.Equal(t, userBefore, metricValue(t, metrics(), `govmm_vcpu_userspace_exits_total{reason="IO"}`),
+	require.EventuallyWithT(t, func(c *assert.CollectT) { assert.Greater(c, metricValue(c, metrics(c), exits), before) },
+		30*time.Second, 50*time.Millisecond, "%s stood still at %v", exits, before)
+	require.Equal(t, userBefore, metricValue(t, metrics(t), `govmm_vcpu_userspace_exits_total{reason="IO"}`),
 		"the counter loop makes no port I/O")
 }
 
@@ -229,9 +229,7 @@ func testStreamCounters(t *testing.T, compress string, deltas bool) {
 
 // statsJSON is ctl stats --json.
 func statsJSON(t require.TestingT, sock string) ctlapi.Stats {
-	if h, ok := t.(interface{ Helper() }); ok {
-		h.Helper()
-	}
+	helper(t)
 	out, errOut, status := govmm(t, time.Minute, "ctl", "--api-sock", sock, "stats", "--json")
 	require.Equal(t, 0, status, errOut)
 	var st ctlapi.Stats

@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"govmm/internal/kvmtest"
@@ -72,9 +73,9 @@ func TestCtlMigrate(t *testing.T) {
 
 	waitGuestHere(t, dst)
 	after := filepath.Join(dir, "after.snap")
-	require.Eventually(t, func() bool {
-		_, errOut, status := ctl(dst, "snapshot", "--out", after)
-		require.Equal(t, 0, status, errOut)
-		return snapshotCounter(t, after) > c0
+	require.EventuallyWithT(t, func(c *assert.CollectT) {
+		_, errOut, status := govmm(c, time.Minute, "ctl", "--api-sock", dst, "snapshot", "--out", after)
+		require.Equal(c, 0, status, errOut)
+		assert.Greater(c, snapshotCounter(c, after), c0)
 	}, 30*time.Second, 20*time.Millisecond, "the guest runs on at the destination")
 }

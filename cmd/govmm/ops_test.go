@@ -56,9 +56,7 @@ func familyValue(t *testing.T, fams map[string]*dto.MetricFamily, name string) f
 }
 
 func infoJSON(t require.TestingT, sock string) ctlapi.Info {
-	if h, ok := t.(interface{ Helper() }); ok {
-		h.Helper()
-	}
+	helper(t)
 	out, errOut, status := govmm(t, time.Minute, "ctl", "--api-sock", sock, "info", "--json")
 	require.Equal(t, 0, status, errOut)
 	var info ctlapi.Info
@@ -107,9 +105,10 @@ func TestStandbyObservableAndMetricsListen(t *testing.T) {
 		"--api-sock", pSock, "--metrics-listen", pMetrics, "--replicate-to", addr, "--epoch", "20ms", "--failover-timeout", "1s")
 	waitSocket(t, pSock)
 	var info ctlapi.Info
-	require.Eventually(t, func() bool {
-		info = infoJSON(t, sbSock)
-		return info.Standby != nil && info.Standby.Checkpoint > 5
+	require.EventuallyWithT(t, func(c *assert.CollectT) {
+		info = infoJSON(c, sbSock)
+		require.NotNil(c, info.Standby)
+		assert.Greater(c, info.Standby.Checkpoint, uint64(5))
 	}, 30*time.Second, 50*time.Millisecond, "the standby commits checkpoints")
 	sb := info.Standby
 	assert.Equal(t, "replicating", sb.Phase)
@@ -299,9 +298,9 @@ func TestCtlMigrateReplicatedNeedsForce(t *testing.T) {
 	require.Contains(t, out, "migrated in")
 	require.NotContains(t, out, "protected")
 	after := filepath.Join(dir, "after.snap")
-	require.Eventually(t, func() bool {
-		_, errOut, status := ctl(dst, "snapshot", "--out", after)
-		require.Equal(t, 0, status, errOut)
-		return snapshotCounter(t, after) > c0
+	require.EventuallyWithT(t, func(c *assert.CollectT) {
+		_, errOut, status := govmm(c, time.Minute, "ctl", "--api-sock", dst, "snapshot", "--out", after)
+		require.Equal(c, 0, status, errOut)
+		assert.Greater(c, snapshotCounter(c, after), c0)
 	}, 30*time.Second, 20*time.Millisecond, "the guest runs on at the destination")
 }

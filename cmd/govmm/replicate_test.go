@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"govmm/internal/kvmtest"
@@ -186,10 +187,10 @@ func TestCtlReplicateStandbyLoss(t *testing.T) {
 	_, errOut, status = ctl(sock, "snapshot", "--out", s1)
 	require.Equal(t, 0, status, errOut)
 	c1 := snapshotCounter(t, s1)
-	require.Eventually(t, func() bool {
-		_, errOut, status := ctl(sock, "snapshot", "--out", s2)
-		require.Equal(t, 0, status, errOut)
-		return snapshotCounter(t, s2) > c1
+	require.EventuallyWithT(t, func(c *assert.CollectT) {
+		_, errOut, status := govmm(c, time.Minute, "ctl", "--api-sock", sock, "snapshot", "--out", s2)
+		require.Equal(c, 0, status, errOut)
+		assert.Greater(c, snapshotCounter(c, s2), c1)
 	}, 30*time.Second, 20*time.Millisecond, "the guest keeps running")
 
 	// Protected again by a new standby, then replication stopped: that
@@ -254,9 +255,11 @@ func TestReprotectFailureKeepsGuestRunning(t *testing.T) {
 	s1, s2 := filepath.Join(dir, "1.snap"), filepath.Join(dir, "2.snap")
 	_, errOut, status = ctl(sockB, "snapshot", "--out", s1)
 	require.Equal(t, 0, status, errOut)
-	require.Eventually(t, func() bool {
-		_, _, status := ctl(sockB, "snapshot", "--out", s2)
-		return status == 0 && snapshotCounter(t, s2) > snapshotCounter(t, s1)
+	c1 := snapshotCounter(t, s1)
+	require.EventuallyWithT(t, func(c *assert.CollectT) {
+		_, errOut, status := govmm(c, time.Minute, "ctl", "--api-sock", sockB, "snapshot", "--out", s2)
+		require.Equal(c, 0, status, errOut)
+		assert.Greater(c, snapshotCounter(c, s2), c1)
 	}, 30*time.Second, 50*time.Millisecond, "the taken-over guest keeps running")
 }
 

@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"govmm/internal/kvmtest"
@@ -88,8 +89,8 @@ func tinyGuestFiles(t *testing.T, dir string, code []byte) (kernel, initrd strin
 }
 
 // snapshotCounter reads the tiny guest's counter out of a snapshot file.
-func snapshotCounter(t *testing.T, path string) uint64 {
-	t.Helper()
+func snapshotCounter(t require.TestingT, path string) uint64 {
+	helper(t)
 	st, err := vmm.ReadSnapshotState(path)
 	require.NoError(t, err)
 	var specs []guestmem.Spec
@@ -136,18 +137,20 @@ func TestCtlSnapshotAndRestore(t *testing.T) {
 
 	// The first VM keeps running after the snapshot: its counter grows.
 	snap1b := filepath.Join(dir, "oneb.snap")
-	require.Eventually(t, func() bool {
-		ctl(sock1, "snapshot", "--out", snap1b)
-		return snapshotCounter(t, snap1b) > c1
+	require.EventuallyWithT(t, func(c *assert.CollectT) {
+		_, errOut, status := govmm(c, time.Minute, "ctl", "--api-sock", sock1, "snapshot", "--out", snap1b)
+		require.Equal(c, 0, status, errOut)
+		assert.Greater(c, snapshotCounter(c, snap1b), c1)
 	}, 30*time.Second, 20*time.Millisecond, "the first VM runs on")
 
 	sock2 := filepath.Join(dir, "vm2.sock")
 	startVM(t, "restore", "--net", "none", "--api-sock", sock2, snap1)
 	waitSocket(t, sock2)
 	snap2 := filepath.Join(dir, "two.snap")
-	require.Eventually(t, func() bool {
-		ctl(sock2, "snapshot", "--out", snap2)
-		return snapshotCounter(t, snap2) > c1
+	require.EventuallyWithT(t, func(c *assert.CollectT) {
+		_, errOut, status := govmm(c, time.Minute, "ctl", "--api-sock", sock2, "snapshot", "--out", snap2)
+		require.Equal(c, 0, status, errOut)
+		assert.Greater(c, snapshotCounter(c, snap2), c1)
 	}, 30*time.Second, 20*time.Millisecond, "the restored guest goes on from the snapshot")
 
 	// Damaged and mismatched snapshots: one clear line, non-zero exit.
