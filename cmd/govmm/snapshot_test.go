@@ -88,6 +88,15 @@ func tinyGuestFiles(t *testing.T, dir string, code []byte) (kernel, initrd strin
 	return kernel, initrd
 }
 
+// snapshotCounterAt snapshots the VM at the API socket sock into path
+// and returns the counter in that snapshot (snapshotCounter).
+func snapshotCounterAt(t require.TestingT, sock, path string) uint64 {
+	helper(t)
+	_, errOut, status := govmm(t, time.Minute, "ctl", "--api-sock", sock, "snapshot", "--out", path)
+	require.Equal(t, 0, status, errOut)
+	return snapshotCounter(t, path)
+}
+
 // snapshotCounter reads the tiny guest's counter out of a snapshot file.
 func snapshotCounter(t require.TestingT, path string) uint64 {
 	helper(t)
@@ -138,9 +147,7 @@ func TestCtlSnapshotAndRestore(t *testing.T) {
 	// The first VM keeps running after the snapshot: its counter grows.
 	snap1b := filepath.Join(dir, "oneb.snap")
 	require.EventuallyWithT(t, func(c *assert.CollectT) {
-		_, errOut, status := govmm(c, time.Minute, "ctl", "--api-sock", sock1, "snapshot", "--out", snap1b)
-		require.Equal(c, 0, status, errOut)
-		assert.Greater(c, snapshotCounter(c, snap1b), c1)
+		assert.Greater(c, snapshotCounterAt(c, sock1, snap1b), c1)
 	}, 30*time.Second, 20*time.Millisecond, "the first VM runs on")
 
 	sock2 := filepath.Join(dir, "vm2.sock")
@@ -148,9 +155,7 @@ func TestCtlSnapshotAndRestore(t *testing.T) {
 	waitSocket(t, sock2)
 	snap2 := filepath.Join(dir, "two.snap")
 	require.EventuallyWithT(t, func(c *assert.CollectT) {
-		_, errOut, status := govmm(c, time.Minute, "ctl", "--api-sock", sock2, "snapshot", "--out", snap2)
-		require.Equal(c, 0, status, errOut)
-		assert.Greater(c, snapshotCounter(c, snap2), c1)
+		assert.Greater(c, snapshotCounterAt(c, sock2, snap2), c1)
 	}, 30*time.Second, 20*time.Millisecond, "the restored guest goes on from the snapshot")
 
 	// Damaged and mismatched snapshots: one clear line, non-zero exit.

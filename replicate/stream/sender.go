@@ -251,13 +251,13 @@ func (s *Sender) added(n int) error {
 // receiver also checks what it decompressed.
 func (s *Sender) flushPages() error {
 	sl := s.filling()
-	if sl.refs > 0 && s.sealed {
+	if sl.refs > 0 {
 		sl.closeRefs()
 		s.ctr.pageBytes.Add(uint64(sl.size))
 		s.ctr.pageWireBytes.Add(uint64(pagesHeader + sl.size))
-		return s.handOver() // the sealer seals it from where its pages lie (sendSlot)
-	}
-	if sl.refs > 0 {
+		if s.sealed {
+			return s.handOver() // the sealer seals it from where its pages lie (sendSlot)
+		}
 		return s.flushRefs(sl)
 	}
 	if sl.pages.Len() == 0 {
@@ -276,8 +276,8 @@ func (s *Sender) flushPages() error {
 	return s.handOver()
 }
 
-// flushRefs sums and writes a section of references (SendStablePage)
-// on the checkpoint goroutine, once the frames handed to the sealer
+// flushRefs sums and writes an unkeyed session's closed section of
+// references (SendStablePage) on the checkpoint goroutine, once the frames handed to the sealer
 // before it are out, and goes on with the slot emptied. It does not hand
 // it to the sealer: there is nothing to seal or compress, and a second
 // goroutine busy at once with the checkpoint kept the other core from
@@ -287,9 +287,6 @@ func (s *Sender) flushPages() error {
 // page came with its PageSum (SendSummedPage), it is taken from those
 // and the headers, and no page is read but by the kernel's copy.
 func (s *Sender) flushRefs(sl *pageSlot) error {
-	sl.closeRefs()
-	s.ctr.pageBytes.Add(uint64(sl.size))
-	s.ctr.pageWireBytes.Add(uint64(pagesHeader + sl.size))
 	if err := s.waitSealer(); err != nil {
 		return err
 	}
