@@ -23,12 +23,12 @@ var (
 // only as slow as everything else there, so Emulated is "" in L1.
 func Emulated() string {
 	hostOnce.Do(func() {
-		if kvmapi.IsPVM() {
-			hostReason = "KVM on this host is kvm_pvm, which emulates non-PVM guests instruction by instruction (about 3 µs each); a stock kernel would take hours to boot"
-			return
-		}
 		if _, err := os.Stat("/dev/kvm"); err != nil {
 			hostReason = "this host has no /dev/kvm"
+			return
+		}
+		if kvmapi.IsPVM() {
+			hostReason = "KVM on this host is kvm_pvm, which emulates non-PVM guests instruction by instruction (about 3 µs each); a stock kernel would take hours to boot"
 			return
 		}
 		cpuinfo, _ := os.ReadFile("/proc/cpuinfo")

@@ -116,6 +116,16 @@ func showArg(s string) string {
 	return s
 }
 
+// shellJoin writes a command line as the user would type it again, each
+// argument through showArg.
+func shellJoin(args []string) string {
+	shown := make([]string, len(args))
+	for i, a := range args {
+		shown[i] = showArg(a)
+	}
+	return strings.Join(shown, " ")
+}
+
 // printDefaults is fs.PrintDefaults without the hidden and refused flags,
 // and with each flag written --name, as the docs and the errors write it.
 func printDefaults(fs *flag.FlagSet) {

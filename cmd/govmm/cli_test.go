@@ -424,3 +424,10 @@ func TestCLINoTraceFromAnyFlag(t *testing.T) {
 	}
 	t.Logf("%d command lines", tried)
 }
+
+// A command line shown for the user to type again keeps each argument
+// whole: quoted where it is empty or holds a space or a quote.
+func TestShellJoin(t *testing.T) {
+	require.Equal(t, `govmm run --cmdline "console=ttyS0 quiet" "" -- sh -c "echo 'hi'"`,
+		shellJoin([]string{"govmm", "run", "--cmdline", "console=ttyS0 quiet", "", "--", "sh", "-c", "echo 'hi'"}))
+}

@@ -302,7 +302,8 @@ func bootFiles(f *runFlags, command []string) (kernel, initrd, initrdAppend []by
 		return nil, nil, nil, "", err
 	}
 	if reason := lab.Emulated(); reason != "" && f.kernel == "" {
-		fmt.Fprintf(os.Stderr, "govmm: warning: %s\n", reason)
+		fmt.Fprintf(os.Stderr, "govmm: warning: %s; it boots in the lab: govmm lab -- %s (see 'govmm help lab')\n",
+			reason, shellJoin(os.Args))
 	}
 	cmdline = f.cmdlineBase
 	if len(command) > 0 {
