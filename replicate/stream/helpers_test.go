@@ -158,6 +158,17 @@ func pipePair(t *testing.T, scfg, rcfg Config) (*Sender, *Receiver) {
 	return s, r
 }
 
+// tcpStreamPair is pipePair over a loopback TCP connection (a descriptor
+// the receiver can poll, kernel socket buffers).
+func tcpStreamPair(t *testing.T, scfg, rcfg Config) (*Sender, *Receiver) {
+	t.Helper()
+	a, b := tcpPair(t)
+	s, serr, r, rerr := connect(t, a, b, scfg, rcfg)
+	require.NoError(t, serr)
+	require.NoError(t, rerr)
+	return s, r
+}
+
 // runReceiver runs r.Run in the background; the channel yields its result.
 func runReceiver(t *testing.T, r *Receiver) <-chan error {
 	t.Helper()

@@ -28,10 +28,7 @@ func TestBusyReceiverIsNotSilence(t *testing.T) {
 		}
 		return nil
 	}
-	a, b := tcpPair(t)
-	s, serr, r, rerr := connect(t, a, b, scfg, rcfg)
-	require.NoError(t, serr)
-	require.NoError(t, rerr)
+	s, r := tcpStreamPair(t, scfg, rcfg)
 	run := runReceiver(t, r)
 	require.NoError(t, sendCheckpoint(s, 1, KindEpoch, 4, []byte("s")))
 	require.NoError(t, s.WaitAck(t.Context(), 1))

@@ -71,6 +71,7 @@ func handshakeReceiver(ctx context.Context, conn net.Conn, cfg Config) (*Receive
 		return nil, err
 	}
 	r.maxPages = r.peer.Pages()
+	r.cr.enable(conn, r.cfg.ReadSpin)
 	return r, nil
 }
 

@@ -71,6 +71,9 @@ func (r *Receiver) readLoop(p *recvPipe) {
 		r.listen()
 		f, err := r.fr.next()
 		r.quiet()
+		if err == nil {
+			r.cr.frame(f.typ)
+		}
 		p.got <- rxItem{f: f, slot: i, start: r.fr.start, err: err}
 		if err != nil {
 			return

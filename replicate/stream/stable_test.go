@@ -152,10 +152,7 @@ func TestSendSummedPageWrongSum(t *testing.T) {
 	scfg.Key, rcfg.Key, scfg.Insecure, rcfg.Insecure = nil, nil, true, true
 	sink := NewMemSink()
 	rcfg.Sink = sink
-	a, b := tcpPair(t)
-	s, serr, r, rerr := connect(t, a, b, scfg, rcfg)
-	require.NoError(t, serr)
-	require.NoError(t, rerr)
+	s, r := tcpStreamPair(t, scfg, rcfg)
 	run := runReceiver(t, r)
 	if s.BeginCheckpoint(1, KindEpoch) == nil { // the calls may meet the receiver's verdict already
 		for p := range 5 {

@@ -1,0 +1,103 @@
+package stream
+
+import (
+	"bytes"
+	"io"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// Inside a checkpoint a reader polls a drained connection before it
+// sleeps: every byte still arrives, in order, and the end of the stream
+// is still io.EOF. Bursts that follow each other closely are read while
+// it polls (hits); a pause longer than the spin sends it to sleep
+// (misses), and it is woken by the next burst as without polling.
+func TestPolledReadsDeliverEveryByte(t *testing.T) {
+	a, b := tcpPair(t)
+	defer b.Close()
+	e := &endpoint{cfg: Config{Clock: SystemClock{}}}
+	cr := &countingReader{r: b, e: e}
+	const spin = 50 * time.Millisecond
+	cr.enable(b, spin)
+	cr.frame(frameBegin)
+	require.True(t, cr.polling, "a TCP connection is polled inside a checkpoint")
+
+	want := make([]byte, 1<<20)
+	for i := range want {
+		want[i] = byte(i*131 + i>>10)
+	}
+	go func() {
+		defer a.Close()
+		rest := want
+		for i := 0; len(rest) > 0; i++ {
+			n := min(len(rest), 1+(i*7919)%(32<<10))
+			if _, err := a.Write(rest[:n]); err != nil {
+				return
+			}
+			rest = rest[n:]
+			pause := time.Millisecond // well within the spin: read while polling
+			if i%20 == 19 {
+				pause = 3 * spin // outlasts it: the reader sleeps
+			}
+			time.Sleep(pause)
+		}
+	}()
+	got, err := io.ReadAll(cr)
+	require.NoError(t, err)
+	require.True(t, bytes.Equal(want, got), "read %d bytes, want the %d written, in order", len(got), len(want))
+	st := e.ctr.snapshot()
+	assert.NotZero(t, st.PollHits, "bursts 1 ms apart reach a reader polling for 50 ms")
+	assert.NotZero(t, st.PollMisses, "a pause of three spins outlasts the spin")
+}
+
+// The reader polls only between a checkpoint's Begin and its End: while
+// the sender is idle between checkpoints it sleeps at once, its
+// heartbeats notwithstanding. A negative ReadSpin never polls, and a
+// spin beyond 10 ms is refused.
+func TestReceiverPollsOnlyInsideACheckpoint(t *testing.T) {
+	for _, spin := range []time.Duration{0, -1} {
+		t.Run(map[bool]string{true: "default", false: "never"}[spin == 0], func(t *testing.T) {
+			scfg, rcfg := cfgs(SystemClock{})
+			scfg.HeartbeatInterval, rcfg.HeartbeatInterval = 5*time.Millisecond, 5*time.Millisecond
+			rcfg.ReadSpin = spin
+			s, r := tcpStreamPair(t, scfg, rcfg)
+			run := runReceiver(t, r)
+			for epoch := uint64(1); epoch <= 10; epoch++ {
+				// A pause inside the checkpoint, after a full Pages frame
+				// went out: the reader drains it and polls for the rest.
+				require.NoError(t, s.BeginCheckpoint(epoch, KindEpoch))
+				for i := range 600 {
+					if i == 300 {
+						time.Sleep(3 * time.Millisecond)
+					}
+					require.NoError(t, s.SendPage(GPA(i*PageSize), page(epoch*1000+uint64(i))))
+				}
+				require.NoError(t, s.SendState([]byte("state")))
+				require.NoError(t, s.EndCheckpoint())
+				require.NoError(t, s.WaitAck(ctxTimeout(t, 10*time.Second), epoch))
+			}
+			st := r.Stats()
+			polls := st.PollHits + st.PollMisses
+			if spin < 0 {
+				assert.Zero(t, polls, "ReadSpin < 0 never polls")
+			} else {
+				assert.NotZero(t, polls, "10 checkpoints, each with a pause after its first Pages frame: the reader drained the connection inside one")
+			}
+			// Idle: heartbeats only, for 20 of their intervals.
+			hb := st.FramesReceived
+			require.Eventually(t, func() bool { return r.Stats().FramesReceived >= hb+10 }, 10*time.Second, time.Millisecond)
+			st2 := r.Stats()
+			assert.Equal(t, polls, st2.PollHits+st2.PollMisses, "between checkpoints the reader sleeps at once")
+			require.NoError(t, s.Close())
+			require.NoError(t, waitErr(t, run))
+		})
+	}
+	_, rcfg := cfgs(SystemClock{})
+	rcfg.ReadSpin = 11 * time.Millisecond
+	_, err := rcfg.withDefaults()
+	require.ErrorIs(t, err, ErrConfig)
+	assert.ErrorContains(t, err, "read spin 11ms, at most 10ms")
+}
