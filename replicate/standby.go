@@ -92,6 +92,10 @@ type StandbyConfig struct {
 	// for this long, it is declared lost (DefaultFailoverTimeout). The
 	// primary's, if larger, wins.
 	FailoverTimeout time.Duration
+	// ReadSpin is stream.Config's: how long the reader polls inside a
+	// checkpoint before it sleeps (0: stream.DefaultReadSpin; negative:
+	// never).
+	ReadSpin time.Duration
 	// Build creates the machine (devices attached, not started) for the
 	// source's identity. The standby checks it against the source's
 	// identity and closes it if it does not match.
@@ -136,7 +140,7 @@ func NewStandby(cfg StandbyConfig) (*Standby, error) {
 		pollDone: make(chan struct{}), st: standbyState{phase: PhaseListening}}
 	ln, err := stream.Listen(cfg.Listen, stream.Config{Key: cfg.Key, Insecure: cfg.Insecure,
 		FailoverTimeout: cfg.FailoverTimeout, HeartbeatInterval: cfg.FailoverTimeout / 4, Compression: cfg.Compression,
-		Deltas: cfg.Deltas, Verify: sb.verify, OnRefused: sb.refused, Logger: cfg.Logger})
+		Deltas: cfg.Deltas, ReadSpin: cfg.ReadSpin, Verify: sb.verify, OnRefused: sb.refused, Logger: cfg.Logger})
 	if err != nil {
 		return nil, err
 	}

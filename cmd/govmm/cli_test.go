@@ -22,6 +22,7 @@ import (
 	"govmm/bench"
 	"govmm/ctlapi"
 	"govmm/internal/kvmtest"
+	"govmm/replicate/stream"
 	"govmm/vmm"
 )
 
@@ -65,6 +66,8 @@ func TestCLIUsageErrors(t *testing.T) {
 		{"ctl replicate epoch negative", []string{"ctl", "replicate", "--to", "127.0.0.1:7000", "--epoch", "-1s"}, "govmm: ctl replicate: --epoch -1s: must be at least 1ms (see 'govmm help ctl replicate')"},
 		{"epoch max negative", []string{"run", "--epoch-max", "-1s"}, "govmm: run: --epoch-max -1s: must be at least 1ms (see 'govmm help run')"},
 		{"epoch max below the epoch", []string{"run", "--epoch", "50ms", "--epoch-max", "20ms"}, "govmm: run: --epoch-max 20ms is below --epoch 50ms (see 'govmm help run')"},
+		{"standby read spin too long", []string{"standby", "--listen", "127.0.0.1:7000", "--read-spin", "20ms"}, "govmm: standby: --read-spin 20ms: want 0 (never poll) to 10ms (see 'govmm help standby')"},
+		{"standby read spin negative", []string{"standby", "--listen", "127.0.0.1:7000", "--read-spin", "-1us"}, "govmm: standby: --read-spin -1us: want 0 (never poll) to 10ms (see 'govmm help standby')"},
 		{"standby epoch max too short", []string{"standby", "--listen", "127.0.0.1:7000", "--epoch-max", "100us"}, "govmm: standby: --epoch-max 100us: must be at least 1ms (see 'govmm help standby')"},
 		{"ctl replicate epoch max negative", []string{"ctl", "replicate", "--to", "127.0.0.1:7000", "--epoch-max", "-1s"}, "govmm: ctl replicate: --epoch-max -1s: must be at least 1ms (see 'govmm help ctl replicate')"},
 		{"witness max lease", []string{"witness", "--max-lease", "1h"}, "govmm: witness: --max-lease 1h: want 10ms to 10m0s (see 'govmm help witness')"},
@@ -430,4 +433,13 @@ func TestCLINoTraceFromAnyFlag(t *testing.T) {
 func TestShellJoin(t *testing.T) {
 	require.Equal(t, `govmm run --cmdline "console=ttyS0 quiet" "" -- sh -c "echo 'hi'"`,
 		shellJoin([]string{"govmm", "run", "--cmdline", "console=ttyS0 quiet", "", "--", "sh", "-c", "echo 'hi'"}))
+}
+
+// --read-spin 0 is "never poll", which stream.Config spells negative (its
+// 0 is the default spin).
+func TestStreamReadSpin(t *testing.T) {
+	assert.Equal(t, time.Duration(-1), streamReadSpin(0))
+	assert.Equal(t, 250*time.Microsecond, streamReadSpin(250*time.Microsecond))
+	assert.NoError(t, stream.CheckReadSpin(0))
+	assert.NoError(t, stream.CheckReadSpin(stream.DefaultReadSpin))
 }

@@ -141,8 +141,8 @@ func (c Config) withDefaults() (Config, error) {
 	case c.HeartbeatInterval < 0 || c.FailoverTimeout < 2*c.HeartbeatInterval:
 		return c, fmt.Errorf("%w: failover timeout %v must be at least twice the heartbeat interval %v",
 			ErrConfig, c.FailoverTimeout, c.HeartbeatInterval)
-	case c.ReadSpin > maxReadSpin:
-		return c, fmt.Errorf("%w: read spin %v, at most %v", ErrConfig, c.ReadSpin, maxReadSpin)
+	case c.ReadSpin > MaxReadSpin:
+		return c, fmt.Errorf("%w: read spin %v, at most %v", ErrConfig, c.ReadSpin, MaxReadSpin)
 	case c.FailoverTimeout > MaxTimeout:
 		return c, fmt.Errorf("%w: failover timeout %v, at most %v", ErrConfig, c.FailoverTimeout, MaxTimeout)
 	case len(c.Key) == 0 && !c.Insecure:

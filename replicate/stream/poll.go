@@ -1,6 +1,7 @@
 package stream
 
 import (
+	"fmt"
 	"runtime"
 	"syscall"
 	"time"
@@ -12,9 +13,17 @@ import (
 // checkpoint's next bytes before it sleeps (Config.ReadSpin).
 const DefaultReadSpin = 100 * time.Microsecond
 
-// maxReadSpin caps Config.ReadSpin: polling longer than this costs a
+// MaxReadSpin caps Config.ReadSpin: polling longer than this costs a
 // core for less than it saves.
-const maxReadSpin = 10 * time.Millisecond
+const MaxReadSpin = 10 * time.Millisecond
+
+// CheckReadSpin checks a spin as a user gives it (0: never poll).
+func CheckReadSpin(d time.Duration) error {
+	if d < 0 || d > MaxReadSpin {
+		return fmt.Errorf("want 0 (never poll) to %v", MaxReadSpin)
+	}
+	return nil
+}
 
 // poller lets a receiver's reader poll the connection inside a
 // checkpoint instead of sleeping as soon as the socket is drained.
