@@ -289,6 +289,8 @@ func addReceived(to *stream.Stats, rs stream.Stats) {
 	to.DeltaPages += rs.DeltaPages
 	to.CopyPages += rs.CopyPages
 	to.DiskBytes += rs.DiskBytes
+	to.PollHits += rs.PollHits
+	to.PollMisses += rs.PollMisses
 }
 
 func (sb *Standby) setCheckpoint(epoch uint64) {

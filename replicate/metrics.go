@@ -260,8 +260,10 @@ func (r *Replicator) Metrics() []Metric {
 // _disk_wire_bytes_total (as they travelled), _page_bytes_total (before
 // compression), _page_wire_bytes_total (as they travelled),
 // _state_bytes_total and _state_wire_bytes_total (as they travelled); on the receiving end govmm_stream_received_pages_total,
-// _zero_pages_total, _delta_pages_total, _copy_pages_total and
-// _disk_bytes_total (a receiver does not count page bytes); on both,
+// _zero_pages_total, _delta_pages_total, _copy_pages_total,
+// _disk_bytes_total (a receiver does not count page bytes) and the
+// reader's polls inside a checkpoint (stream.Config.ReadSpin),
+// govmm_stream_received_poll_hits_total and _poll_misses_total; on both,
 // govmm_stream_info{compression, deltas}, 1, once the handshake agreed on
 // them.
 func StreamMetrics(st stream.Stats, sent bool) []Metric {
@@ -284,6 +286,9 @@ func StreamMetrics(st stream.Stats, sent bool) []Metric {
 		counter("page_wire_bytes_total", "bytes of the pages sent as they travelled: the Pages frames' payloads, compressed or stored with their header, before sealing", st.PageWireBytes)
 		counter("state_bytes_total", "bytes of machine state sent, one copy per checkpoint", st.StateBytes)
 		counter("state_wire_bytes_total", "bytes of the State frames sent as they travelled: their payloads, an XOR with the last checkpoint's state compressed, or stored, with their header, before sealing", st.StateWireBytes)
+	} else {
+		counter("poll_hits_total", "reads inside a checkpoint that found the connection drained and, polling (govmm standby --read-spin), bytes within the spin: a sleep and a wakeup saved", st.PollHits)
+		counter("poll_misses_total", "reads inside a checkpoint that polled a drained connection for the whole spin (--read-spin), found nothing and slept: the spin's CPU spent for nothing", st.PollMisses)
 	}
 	if st.Compression != "" {
 		out = append(out, Metric{Name: "govmm_stream_info", Help: "1: the page codec and deltas the stream's two ends agreed on",

@@ -145,7 +145,7 @@ func TestReplicatorMetricsCopyModes(t *testing.T) {
 
 // A sender's stream metrics count pages and their bytes before and after
 // compression, and disk bytes; a receiver's, pages and disk bytes (it
-// does not count page bytes);
+// does not count page bytes) and its polls inside a checkpoint;
 // the codec is an info metric once the two ends agreed on one.
 func TestStreamMetrics(t *testing.T) {
 	t.Parallel()
@@ -158,7 +158,7 @@ func TestStreamMetrics(t *testing.T) {
 	}
 	st := stream.Stats{Pages: 10, ZeroPages: 2, DeltaPages: 5, CopyPages: 1, PageBytes: 4000, PageWireBytes: 900, DiskBytes: 1 << 20, DiskWireBytes: 1 << 19,
 		StateBytes: 18000, StateWireBytes: 600,
-		Compression: "s2", Deltas: true}
+		PollHits: 7, PollMisses: 3, Compression: "s2", Deltas: true}
 	sent := names(StreamMetrics(st, true))
 	assert.Len(t, sent, 11)
 	assert.Equal(t, 18000.0, sent["govmm_stream_sent_state_bytes_total"].Value)
@@ -173,7 +173,10 @@ func TestStreamMetrics(t *testing.T) {
 	assert.Equal(t, Metric{Name: "govmm_stream_info", Help: sent["govmm_stream_info"].Help, Type: "gauge", Value: 1,
 		Labels: map[string]string{"compression": "s2", "deltas": "true"}}, sent["govmm_stream_info"])
 	recv := names(StreamMetrics(st, false))
-	assert.Len(t, recv, 6)
+	assert.Len(t, recv, 8)
+	assert.Equal(t, 7.0, recv["govmm_stream_received_poll_hits_total"].Value)
+	assert.Equal(t, 3.0, recv["govmm_stream_received_poll_misses_total"].Value)
+	assert.NotContains(t, sent, "govmm_stream_sent_poll_hits_total", "the sender never polls")
 	assert.Equal(t, float64(1<<20), recv["govmm_stream_received_disk_bytes_total"].Value)
 	assert.Equal(t, 10.0, recv["govmm_stream_received_pages_total"].Value)
 	assert.Equal(t, 2.0, recv["govmm_stream_received_zero_pages_total"].Value)
