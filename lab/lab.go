@@ -65,6 +65,9 @@ type Config struct {
 	// lockCPUs): its vCPUs share them. For L1s that keep only one vCPU
 	// busy (the command pinned to CPU 0), two of them fill a two-CPU host.
 	ShareCPUs bool
+	// CPUModel is QEMU's -cpu for L1; default DefaultCPUModel. It must
+	// offer SVM with nested paging (kvm_amd needs both).
+	CPUModel string
 	// TCG is QEMU's TCG threading: "multi" (default, one host thread per
 	// vCPU) or "single" (one thread runs every vCPU in turn: slower, but
 	// free of the races between vCPU threads in QEMU's emulation).
@@ -191,6 +194,12 @@ func (cfg *Config) fill() error {
 		cfg.Pin = ""
 	case strings.Trim(cfg.Pin, "0123456789,-") != "":
 		return fmt.Errorf("lab: CPU list %q: want e.g. 0, 0-1 or 0,2 (L1's CPUs), or all", cfg.Pin)
+	}
+	switch {
+	case cfg.CPUModel == "":
+		cfg.CPUModel = DefaultCPUModel
+	case strings.ContainsAny(cfg.CPUModel, " \t\n"):
+		return fmt.Errorf("lab: CPU model %q: one word, as QEMU's -cpu takes it (e.g. %s)", cfg.CPUModel, DefaultCPUModel)
 	}
 	switch cfg.TCG {
 	case "":
@@ -395,15 +404,29 @@ func stuck(ctl string, elapsed, limit time.Duration) string {
 	return ""
 }
 
-// qemuArgs is L1's command line. TCG with one thread per vCPU; the "max"
-// CPU model has SVM with nested paging, which is what kvm_amd needs. The
+// DefaultCPUModel is L1's CPU: QEMU's TCG "max" model (it has SVM with
+// nested paging, which is what kvm_amd needs) as an AMD family 0x1a
+// (Zen 5) part. Left alone, "max" says AMD family 0xf (K8, 2003), and
+// Linux runs K8-only code for it in L1 and in every guest, which inherits
+// the family: at boot the GART aperture search reads the config space of
+// every slot on all 256 PCI buses, twice, each read a port exit (5-7 s
+// of a plain-command-line boot of the default guest in the lab, under
+// govmm and QEMU alike; hardware of this decade never does it).
+// Family 0x17 or 0x19 would bring Linux's return-thunk mitigations
+// (retbleed's untrained return thunk, SRSO's safe RET) to every function
+// return in L1 and in its guests; for 0x1a it applies none.
+// docs/ARCHITECTURE.md, "The lab".
+const DefaultCPUModel = "max,family=26,model=1"
+
+// qemuArgs is L1's command line: TCG with one thread per vCPU (by
+// default), the CPU model cfg.CPUModel. The
 // host's / is a read-only 9p share (multidevs=remap: it spans several
 // file systems), the control directory and cfg.Shares writable ones.
 func qemuArgs(cfg Config, img guestimg.Image, ctl, sock, consoleLog string) []string {
 	args := []string{
 		"-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
 		"-accel", "tcg,thread=" + cfg.TCG,
-		"-cpu", "max",
+		"-cpu", cfg.CPUModel,
 		"-smp", strconv.Itoa(cfg.CPUs),
 		"-m", strconv.Itoa(cfg.MemMiB),
 		"-kernel", img.Kernel,

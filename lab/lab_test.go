@@ -69,6 +69,22 @@ func TestCommandScriptPin(t *testing.T) {
 	assert.ErrorContains(t, bad.fill(), "CPU list")
 }
 
+// L1's CPU model: a modern AMD family unless asked otherwise (the "max"
+// model alone says family 0xf, whose boot-time GART scans no current
+// machine makes); one word, as QEMU's -cpu takes it.
+func TestCPUModel(t *testing.T) {
+	t.Parallel()
+	cfg := Config{Command: []string{"true"}, QEMU: "sh"}
+	require.NoError(t, cfg.fill())
+	assert.Equal(t, DefaultCPUModel, cfg.CPUModel)
+	assert.Contains(t, cfg.CPUModel, "family=26")
+	asked := Config{Command: []string{"true"}, QEMU: "sh", CPUModel: "max"}
+	require.NoError(t, asked.fill())
+	assert.Equal(t, "max", asked.CPUModel)
+	bad := Config{Command: []string{"true"}, QEMU: "sh", CPUModel: "max -device foo"}
+	assert.ErrorContains(t, bad.fill(), "CPU model")
+}
+
 // The holder starts before the command, which runs only once the holder
 // says it holds; a holder that dies first is said, and the command runs
 // anyway.
@@ -124,7 +140,7 @@ func TestPassEnv(t *testing.T) {
 // share per Config.Shares.
 func TestQEMUArgs(t *testing.T) {
 	t.Parallel()
-	cfg := Config{CPUs: 3, MemMiB: 4096, Shares: []string{"/a/b", "/c"}}
+	cfg := Config{CPUs: 3, MemMiB: 4096, Shares: []string{"/a/b", "/c"}, CPUModel: "max,family=26,model=1"}
 	img := guestimg.Image{Kernel: "/k/vmlinuz", Initrd: "/k/initrd.img"}
 	args := qemuArgs(cfg, img, "/ctl", "/ctl/out.sock", "/ctl/console.log")
 	after := func(flag string) []string {
@@ -140,7 +156,7 @@ func TestQEMUArgs(t *testing.T) {
 	assert.Equal(t, []string{"4096"}, after("-m"))
 	assert.Equal(t, []string{"/k/vmlinuz"}, after("-kernel"))
 	assert.Equal(t, []string{"/k/initrd.img"}, after("-initrd"))
-	assert.Equal(t, []string{"max"}, after("-cpu"), "the max CPU model has SVM with nested paging")
+	assert.Equal(t, []string{"max,family=26,model=1"}, after("-cpu"), "the CPU model asked for")
 	assert.Contains(t, args, "-no-reboot", "L1's reboot ends QEMU")
 	require.Len(t, after("-append"), 1)
 	for _, opt := range []string{"console=ttyS0", "panic=-1", "softlockup_panic=1"} {

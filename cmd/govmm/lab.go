@@ -58,6 +58,7 @@ func cmdLab(args []string) error {
 	mem := fs.String("mem", "8G", "L1's memory")
 	timeout := fs.Duration("timeout", 60*time.Minute, "give up (and kill L1) after this long")
 	tcg := fs.String("tcg", os.Getenv("GOVMM_LAB_TCG"), "QEMU's TCG threading for L1: multi (one host thread per vCPU) or single (default multi, or $GOVMM_LAB_TCG)")
+	cpuModel := fs.String("cpu-model", os.Getenv("GOVMM_LAB_CPU"), "L1's CPU, as QEMU's -cpu takes it; it needs SVM with nested paging (default "+lab.DefaultCPUModel+": the max model as a recent AMD family, see docs/ARCHITECTURE.md, \"The lab\"; or $GOVMM_LAB_CPU)")
 	qemu := fs.String("qemu", os.Getenv("GOVMM_LAB_QEMU"), "the QEMU binary (default qemu-system-x86_64 from PATH, or $GOVMM_LAB_QEMU)")
 	retries := fs.Int("retries", 1, "run again this many times when L1 itself dies (not when CMD fails)")
 	traceKVM := fs.Bool("trace-kvm", os.Getenv("GOVMM_LAB_TRACE_KVM") == "1", "turn KVM's trace events on in L1 before CMD starts (the real-guest tests print the last ones when they fail); off by default because turning them on has wedged L1 (default $GOVMM_LAB_TRACE_KVM == 1)")
@@ -111,7 +112,7 @@ func cmdLab(args []string) error {
 	}
 	status, err := lab.Run(ctx, lab.Config{
 		Command: command, Env: env, Shares: shares, QEMU: *qemu, Holder: holder(), TraceKVM: *traceKVM,
-		CPUs: *cpus, ShareCPUs: *shareCPUs, Pin: *pin, MemMiB: int(memSize >> 20), TCG: *tcg, Timeout: *timeout, Retries: r,
+		CPUs: *cpus, ShareCPUs: *shareCPUs, Pin: *pin, MemMiB: int(memSize >> 20), TCG: *tcg, CPUModel: *cpuModel, Timeout: *timeout, Retries: r,
 		Stdout: os.Stdout, Log: os.Stderr,
 	})
 	if err != nil {
@@ -134,7 +135,7 @@ func refuseWithoutCommand(fs *flag.FlagSet, command []string) error {
 		if len(command) > 0 {
 			return usagef("lab", "--%s takes no command", only)
 		}
-		others := []string{"cpus", "pin", "mem", "timeout", "tcg", "qemu", "retries", "share-cpus", "trace-kvm", "if-needed", "share", "env", "hold-kvm", "needed"}
+		others := []string{"cpus", "pin", "mem", "timeout", "tcg", "cpu-model", "qemu", "retries", "share-cpus", "trace-kvm", "if-needed", "share", "env", "hold-kvm", "needed"}
 		others = slices.DeleteFunc(others, func(n string) bool { return n == only })
 		if err := refuseUnused(fs, "with --"+only+", which runs no command", others...); err != nil {
 			return err
