@@ -98,3 +98,17 @@ func TestMachineNamesCongestionControl(t *testing.T) {
 	}
 	assert.Contains(t, Machine(), "- TCP congestion control: "+strings.TrimSpace(string(cc))+" ")
 }
+
+// The report's CPU line: the first CPU's model name, vendor and family
+// (the lab's family is a choice, and decides some of a guest's boot).
+func TestCPUName(t *testing.T) {
+	t.Parallel()
+	info := "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 1\nmodel name\t: QEMU TCG CPU version 2.5+\n\n" +
+		"processor\t: 1\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel name\t: other\n"
+	assert.Equal(t, "QEMU TCG CPU version 2.5+ (AuthenticAMD, family 26)", cpuName(info))
+	assert.Equal(t, "some CPU", cpuName("model name\t: some CPU\n"))
+	assert.Equal(t, "unknown", cpuName("processor\t: 0\n"))
+	data, err := os.ReadFile("/proc/cpuinfo")
+	require.NoError(t, err)
+	assert.Contains(t, Machine(), "- CPU: "+cpuName(string(data))+", ")
+}

@@ -18,14 +18,7 @@ func Machine() string {
 	var b strings.Builder
 	cpu := "unknown"
 	if data, err := os.ReadFile("/proc/cpuinfo"); err == nil {
-		for _, l := range strings.Split(string(data), "\n") {
-			if strings.HasPrefix(l, "model name") {
-				if i := strings.IndexByte(l, ':'); i >= 0 {
-					cpu = strings.TrimSpace(l[i+1:])
-				}
-				break
-			}
-		}
+		cpu = cpuName(string(data))
 	}
 	kernel, _ := exec.Command("uname", "-r").Output()
 	fmt.Fprintf(&b, "- CPU: %s, %d cores\n", cpu, runtime.NumCPU())
@@ -49,6 +42,30 @@ func Machine() string {
 		fmt.Fprintf(&b, "- peer: %s\n", strings.SplitN(string(out), "\n", 2)[0])
 	}
 	return b.String()
+}
+
+// cpuName is the first CPU's model name from /proc/cpuinfo's text, with
+// its vendor and family: the family decides some of a Linux guest's work
+// (the lab's L1 is QEMU's "max" model under the family `govmm lab --cpu-model`
+// gives it).
+func cpuName(cpuinfo string) string {
+	fields := map[string]string{}
+	for _, l := range strings.Split(cpuinfo, "\n") {
+		if l == "" && len(fields) > 0 {
+			break // the first CPU's block ends
+		}
+		if k, v, ok := strings.Cut(l, ":"); ok {
+			fields[strings.TrimSpace(k)] = strings.TrimSpace(v)
+		}
+	}
+	name := fields["model name"]
+	if name == "" {
+		return "unknown"
+	}
+	if v, f := fields["vendor_id"], fields["cpu family"]; v != "" && f != "" {
+		name += fmt.Sprintf(" (%s, family %s)", v, f)
+	}
+	return name
 }
 
 // WriteReport writes report.md into dir: the command that reproduces the
