@@ -409,7 +409,7 @@ func stuck(ctl string, elapsed, limit time.Duration) string {
 // (Zen 5) part. Left alone, "max" says AMD family 0xf (K8, 2003), and
 // Linux runs K8-only code for it in L1 and in every guest, which inherits
 // the family: at boot the GART aperture search reads the config space of
-// every slot on all 256 PCI buses, twice, each read a port exit (5-7 s
+// every slot on all 256 PCI buses, twice, each read a port exit (4-7 s
 // of a plain-command-line boot of the default guest in the lab, under
 // govmm and QEMU alike; hardware of this decade never does it).
 // Family 0x17 or 0x19 would bring Linux's return-thunk mitigations
