@@ -18,8 +18,10 @@ type Checkpoint struct {
 	Pages     uint64 // pages staged in the sink, ZeroPages of them zero
 	ZeroPages uint64
 	DiskBytes uint64 // bytes written (or zeroed) by the Disk frames staged in Config.Disks
-	// State is the encoded machine state, opaque to the stream; the
-	// callee owns it.
+	// State is the encoded machine state, opaque to the stream (nil if
+	// the checkpoint carried none). It is the callee's only until
+	// OnCommit returns: the receiver gathers the next checkpoint's state
+	// in the same buffer, so a callee that keeps it copies it.
 	State []byte
 }
 

@@ -108,6 +108,57 @@ func TestStateTravelsAsXOR(t *testing.T) {
 	}
 }
 
+// Each checkpoint's state reaches OnCommit whole, and the buffer it came
+// in serves the next checkpoint's state (Checkpoint.State is the
+// callee's only until OnCommit returns): a fresh buffer each time is
+// memory the kernel maps page by page at its first write, on the way to
+// the ack. A checkpoint without state hands over none.
+func TestStateBufferServesTheNextCheckpoint(t *testing.T) {
+	scfg, rcfg := cfgs(newFakeClock())
+	fill := func(n int, b byte) []byte { return bytes.Repeat([]byte{b}, n) }
+	states := [][]byte{fill(64<<10, 1), fill(64<<10, 2), fill(10<<10, 3), nil, fill(64<<10, 4), fill(MaxStateChunk+100, 5)}
+	type seen struct {
+		state []byte
+		at    *byte
+	}
+	var mu sync.Mutex
+	var got []seen
+	rcfg.OnCommit = func(c *Checkpoint) error {
+		var at *byte
+		if len(c.State) > 0 {
+			at = &c.State[0]
+		}
+		mu.Lock()
+		got = append(got, seen{bytes.Clone(c.State), at})
+		mu.Unlock()
+		return nil
+	}
+	s, r := pipePair(t, scfg, rcfg)
+	run := runReceiver(t, r)
+	for i, st := range states {
+		e := uint64(i + 1)
+		require.NoError(t, s.BeginCheckpoint(e, KindEpoch))
+		if st != nil {
+			require.NoError(t, s.SendState(st))
+		}
+		require.NoError(t, s.EndCheckpoint())
+		require.NoError(t, s.WaitAck(ctxTimeout(t, 10*time.Second), e))
+	}
+	s.Close()
+	require.NoError(t, waitErr(t, run))
+	mu.Lock()
+	defer mu.Unlock()
+	require.Len(t, got, len(states))
+	for i, st := range states {
+		require.True(t, bytes.Equal(st, got[i].state), "checkpoint %d: the state committed differs from the state sent", i+1)
+	}
+	assert.Nil(t, got[3].at, "no state, none handed over")
+	assert.Same(t, got[0].at, got[1].at, "the second state in the first's buffer")
+	assert.Same(t, got[0].at, got[2].at, "a smaller state too")
+	assert.Same(t, got[0].at, got[4].at, "after a checkpoint without state too")
+	assert.NotNil(t, got[5].at, "a larger state grows the buffer")
+}
+
 // A State frame that does not fit the state it is taken against is
 // refused: an XOR chunk past the last state's end, and an XOR chunk whose
 // bytes are not what the sender meant, which the End frame's sum catches.

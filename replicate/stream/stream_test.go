@@ -26,7 +26,9 @@ func TestCheckpointsCommittedAtomicallyAndAckedInOrder(t *testing.T) {
 	rcfg.OnCommit = func(c *Checkpoint) error {
 		// Nothing of this checkpoint is visible yet.
 		mu.Lock()
-		commits = append(commits, c)
+		kept := *c
+		kept.State = bytes.Clone(c.State) // the callee's only until OnCommit returns
+		commits = append(commits, &kept)
 		mu.Unlock()
 		if c.Epoch > 1 {
 			assert.Equal(t, page((c.Epoch-1)*1000), sink.Page(0))
