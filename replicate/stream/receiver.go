@@ -32,8 +32,7 @@ type Receiver struct {
 	cur       endInfo // running totals of the open checkpoint (its sum: the reader's, frameReader.sumFrame)
 	kind      Kind
 	zeros     uint64
-	state     []byte
-	stateBuf  []byte // the state's buffer, kept from one checkpoint to the next (end)
+	state     []byte // the open checkpoint's state; its buffer serves the next one too (end)
 	lastEpoch uint64
 	lastKind  Kind
 	maxPages  uint64
@@ -312,7 +311,7 @@ func (r *Receiver) begin(epoch uint64, kind Kind) error {
 		}
 	}
 	r.open, r.kind, r.lastEpoch = true, kind, epoch
-	r.cur, r.zeros, r.state = endInfo{epoch: epoch}, 0, r.stateBuf[:0]
+	r.cur, r.zeros, r.state = endInfo{epoch: epoch}, 0, r.state[:0]
 	return nil
 }
 
@@ -454,14 +453,10 @@ func (r *Receiver) end(e endInfo, sum uint64) error {
 	if len(r.state) > 0 {
 		c.State = r.state
 	}
-	// The state's buffer serves the next checkpoint too (Checkpoint.State
+	// r.state's buffer serves the next checkpoint too (Checkpoint.State
 	// is the callee's only until OnCommit returns): a fresh one each time
 	// is memory the kernel maps page by page at its first write, on the
 	// way to the ack (docs/STREAM.md, "The state's buffer").
-	if cap(r.state) > 0 {
-		r.stateBuf = r.state[:0]
-	}
-	r.state = nil
 	if r.cfg.OnCommit != nil {
 		if err := r.cfg.OnCommit(c); err != nil {
 			return fmt.Errorf("checkpoint %d: %w: %w", got.epoch, ErrCommit, err)
