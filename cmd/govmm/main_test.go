@@ -286,7 +286,7 @@ func TestRunBadInput(t *testing.T) {
 // A vmlinux has only its PVH entry: asking for the bzImage's is an error;
 // auto and pvh take it as it is.
 func TestPVHKernelOfVmlinux(t *testing.T) {
-	elfKernel := []byte("\x7fELF not parsed here")
+	elfKernel := fileBytes{b: []byte("\x7fELF not parsed here")}
 	_, err := pvhKernel("k.elf", elfKernel, "bzimage")
 	require.ErrorContains(t, err, "--kernel-entry bzimage: k.elf is a vmlinux (ELF), which has only its PVH entry")
 	for _, entry := range []string{"auto", "pvh"} {
@@ -305,21 +305,23 @@ func TestPVHKernelRemakesDamagedEntry(t *testing.T) {
 	t.Setenv("GOVMM_CACHE", cache)
 	bz, err := os.ReadFile(img.Kernel)
 	require.NoError(t, err)
-	k, err := pvhKernel(img.Kernel, bz, "pvh")
+	k, err := pvhKernel(img.Kernel, fileBytes{b: bz}, "pvh")
 	require.NoError(t, err)
-	require.True(t, vmm.IsELF(k))
-	want := sha256.Sum256(k)
+	require.True(t, k.mapped)
+	require.True(t, vmm.IsELF(k.b))
+	want := sha256.Sum256(k.b)
+	k.close()
 	entries, err := filepath.Glob(filepath.Join(cache, "pvh", "*.vmlinux"))
 	require.NoError(t, err)
 	require.Len(t, entries, 1)
-	// k maps the entry: none of its bytes are read after this.
 	require.NoError(t, os.Truncate(entries[0], 100))
-	k, err = pvhKernel(img.Kernel, bz, "pvh")
+	k, err = pvhKernel(img.Kernel, fileBytes{b: bz}, "pvh")
 	require.NoError(t, err)
-	require.Equal(t, want, sha256.Sum256(k), "the same kernel, made again")
+	defer k.close()
+	require.Equal(t, want, sha256.Sum256(k.b), "the same kernel, made again")
 	fi, err := os.Stat(entries[0])
 	require.NoError(t, err)
-	require.Equal(t, int64(len(k)), fi.Size(), "the entry replaced")
+	require.Equal(t, int64(len(k.b)), fi.Size(), "the entry replaced")
 }
 
 // A --publish port that is taken fails before the guest boots.

@@ -236,6 +236,8 @@ func cmdRun(args []string) error {
 	if err != nil {
 		return err
 	}
+	defer kernel.close()
+	defer initrd.close()
 	filesAt := time.Now()
 	var lease *witness.Lease
 	if f.witness != "" {
@@ -257,7 +259,7 @@ func cmdRun(args []string) error {
 		cmdline += " " + f.cmdline
 	}
 
-	cfg := vmm.Config{MemSize: mem, CPUs: f.cpus, Kernel: kernel, Initrd: initrd, InitrdAppend: initrdAppend, Cmdline: cmdline,
+	cfg := vmm.Config{MemSize: mem, CPUs: f.cpus, Kernel: kernel.b, Initrd: initrd.b, InitrdAppend: initrdAppend, Cmdline: cmdline,
 		DirtyTracking: f.dirtyTracking}
 	var trace *bootTracer
 	if f.bootTrace {
@@ -285,6 +287,9 @@ func cmdRun(args []string) error {
 	if err := m.Start(); err != nil {
 		return err
 	}
+	// The guest has its copy: the files' pages stop counting as the VMM's.
+	kernel.drop()
+	initrd.drop()
 	if trace != nil {
 		go trace.report(m)
 	}
@@ -296,10 +301,10 @@ func cmdRun(args []string) error {
 // there is one, to follow the initramfs in guest memory (vmm.Config's
 // InitrdAppend: the mapped initramfs is not copied to append it), and the
 // start of the kernel command line.
-func bootFiles(f *runFlags, command []string) (kernel, initrd, initrdAppend []byte, cmdline string, err error) {
+func bootFiles(f *runFlags, command []string) (kernel, initrd fileBytes, initrdAppend []byte, cmdline string, err error) {
 	kernel, initrd, err = loadImage(f.kernel, f.initrd, f.kernelEntry)
 	if err != nil {
-		return nil, nil, nil, "", err
+		return fileBytes{}, fileBytes{}, nil, "", err
 	}
 	if reason := lab.Emulated(); reason != "" && f.kernel == "" {
 		fmt.Fprintf(os.Stderr, "govmm: warning: %s; it boots in the lab: govmm lab -- %s (see 'govmm help lab')\n",
@@ -308,7 +313,9 @@ func bootFiles(f *runFlags, command []string) (kernel, initrd, initrdAppend []by
 	cmdline = f.cmdlineBase
 	if len(command) > 0 {
 		if initrdAppend, err = guestimg.CommandArchive(command); err != nil {
-			return nil, nil, nil, "", err
+			kernel.close()
+			initrd.close()
+			return fileBytes{}, fileBytes{}, nil, "", err
 		}
 		cmdline += " loglevel=1" // the command's output alone, but panics still show
 	}
@@ -406,12 +413,13 @@ func argsHadDashDash(args, rest []string) bool {
 
 // loadImage reads the kernel and initramfs, building the default image
 // for whichever was not given. A bzImage is swapped for its uncompressed
-// kernel, entered through PVH, as entry says (pvhKernel).
-func loadImage(kernelPath, initrdPath, entry string) (kernel, initrd []byte, err error) {
+// kernel, entered through PVH, as entry says (pvhKernel). The caller
+// closes both.
+func loadImage(kernelPath, initrdPath, entry string) (kernel, initrd fileBytes, err error) {
 	if kernelPath == "" || initrdPath == "" {
 		img, err := defaultImage()
 		if err != nil {
-			return nil, nil, err
+			return fileBytes{}, fileBytes{}, err
 		}
 		if kernelPath == "" {
 			// The uncompressed kernel, entered through PVH: no
@@ -422,17 +430,21 @@ func loadImage(kernelPath, initrdPath, entry string) (kernel, initrd []byte, err
 			initrdPath = img.Initrd
 		}
 	}
-	if kernel, err = mapFile(kernelPath); err != nil {
-		return nil, nil, fmt.Errorf("kernel: %w", err)
+	given, err := mapFile(kernelPath)
+	if err != nil {
+		return fileBytes{}, fileBytes{}, fmt.Errorf("kernel: %w", err)
 	}
-	if err := vmm.CheckKernel(kernel); err != nil {
-		return nil, nil, fmt.Errorf("kernel %s: %w", kernelPath, err)
+	if err := vmm.CheckKernel(given.b); err != nil {
+		given.close()
+		return fileBytes{}, fileBytes{}, fmt.Errorf("kernel %s: %w", kernelPath, err)
 	}
-	if kernel, err = pvhKernel(kernelPath, kernel, entry); err != nil {
-		return nil, nil, err
+	if kernel, err = pvhKernel(kernelPath, given, entry); err != nil {
+		given.close()
+		return fileBytes{}, fileBytes{}, err
 	}
 	if initrd, err = mapFile(initrdPath); err != nil {
-		return nil, nil, fmt.Errorf("initrd: %w", err)
+		kernel.close()
+		return fileBytes{}, fileBytes{}, fmt.Errorf("initrd: %w", err)
 	}
 	return kernel, initrd, nil
 }
@@ -445,11 +457,13 @@ func loadImage(kernelPath, initrdPath, entry string) (kernel, initrd []byte, err
 // is bigger to load, but loading is the VMM's copy, not the guest's work.
 // auto falls back to the bzImage's own entry when there is no PVH kernel
 // (no PVH note, a codec not known here, an unwritable cache), saying why
-// at info level; pvh makes that an error.
-func pvhKernel(path string, kernel []byte, entry string) ([]byte, error) {
-	if vmm.IsELF(kernel) {
+// at info level; pvh makes that an error. When it returns the cached
+// kernel it has closed the bzImage's bytes; on an error they are still
+// the caller's.
+func pvhKernel(path string, kernel fileBytes, entry string) (fileBytes, error) {
+	if vmm.IsELF(kernel.b) {
 		if entry == "bzimage" {
-			return nil, fmt.Errorf("--kernel-entry bzimage: %s is a vmlinux (ELF), which has only its PVH entry", path)
+			return fileBytes{}, fmt.Errorf("--kernel-entry bzimage: %s is a vmlinux (ELF), which has only its PVH entry", path)
 		}
 		return kernel, nil
 	}
@@ -459,15 +473,18 @@ func pvhKernel(path string, kernel []byte, entry string) ([]byte, error) {
 	var err error
 	for try := 0; try < 2; try++ {
 		var p string
-		if p, err = guestimg.PVHKernel(context.Background(), guestimg.DefaultCacheDir(), path, kernel, vmm.CheckKernel); err != nil {
+		if p, err = guestimg.PVHKernel(context.Background(), guestimg.DefaultCacheDir(), path, kernel.b, vmm.CheckKernel); err != nil {
 			break
 		}
-		var k []byte
+		var k fileBytes
 		if k, err = mapFile(p); err == nil {
-			err = vmm.CheckKernel(k)
+			if err = vmm.CheckKernel(k.b); err != nil {
+				k.close()
+			}
 		}
 		if err == nil {
 			slog.Info("kernel: the bzImage's uncompressed kernel, entered through PVH", "bzImage", path, "vmlinux", p)
+			kernel.close() // the bzImage is not booted: 8 MB of RSS for Debian's
 			return k, nil
 		}
 		// A damaged cache entry: made again once.
@@ -475,32 +492,60 @@ func pvhKernel(path string, kernel []byte, entry string) ([]byte, error) {
 		_ = os.Remove(p)
 	}
 	if entry == "pvh" {
-		return nil, fmt.Errorf("--kernel-entry pvh: %s: %w", path, err)
+		return fileBytes{}, fmt.Errorf("--kernel-entry pvh: %s: %w", path, err)
 	}
 	slog.Info("kernel: the bzImage through its own entry and decompressor", "bzImage", path, "why", err)
 	return kernel, nil
 }
 
-// mapFile maps a file read-only for the life of the process: a boot copies
-// the kernel and the initramfs once, from the page cache into guest RAM,
-// with no copy in the Go heap between (tens of MB: measurable at boot,
-// docs/BOOT.md). Appending to the slice copies it, as for any full slice.
-func mapFile(path string) ([]byte, error) {
+// fileBytes is a file's contents: mapped read-only where it could be
+// (mapFile), else read into the Go heap.
+type fileBytes struct {
+	b      []byte
+	mapped bool
+}
+
+// drop gives back the pages a mapping has resident once nothing needs
+// them soon (the guest has its copy): they stay in the page cache and the
+// mapping stays valid, a later read faulting them in again, but the
+// process's RSS no longer counts them (the kernel and initramfs were
+// tens of MB of govmm's: docs/BOOT.md).
+func (f fileBytes) drop() {
+	if f.mapped {
+		_ = unix.Madvise(f.b, unix.MADV_DONTNEED)
+	}
+}
+
+// close unmaps a mapping; f.b must not be used after.
+func (f fileBytes) close() {
+	if f.mapped {
+		_ = unix.Munmap(f.b)
+	}
+}
+
+// mapFile maps a file read-only: a boot copies the kernel and the
+// initramfs once, from the page cache into guest RAM, with no copy in the
+// Go heap between (tens of MB: measurable at boot, docs/BOOT.md).
+// Appending to the slice copies it, as for any full slice. An empty file,
+// one that is not regular or one that cannot be mapped is read instead.
+func mapFile(path string) (fileBytes, error) {
 	f, err := os.Open(path)
 	if err != nil {
-		return nil, err
+		return fileBytes{}, err
 	}
 	defer f.Close()
 	fi, err := f.Stat()
 	if err != nil {
-		return nil, err
+		return fileBytes{}, err
 	}
 	if fi.Size() == 0 || !fi.Mode().IsRegular() {
-		return os.ReadFile(path)
+		b, err := os.ReadFile(path)
+		return fileBytes{b: b}, err
 	}
 	b, err := unix.Mmap(int(f.Fd()), 0, int(fi.Size()), unix.PROT_READ, unix.MAP_PRIVATE)
 	if err != nil {
-		return os.ReadFile(path)
+		b, err := os.ReadFile(path)
+		return fileBytes{b: b}, err
 	}
 	// Every byte is copied into guest RAM next: fault the whole file in
 	// with one call (read ahead in large requests, then mapped) rather
@@ -508,7 +553,7 @@ func mapFile(path string) ([]byte, error) {
 	// comes over 9p, this halved a cold load. Kernels before 5.14 do not
 	// know it; then the copy faults the pages in.
 	_ = unix.Madvise(b, unix.MADV_POPULATE_READ)
-	return b, nil
+	return fileBytes{b: b, mapped: true}, nil
 }
 
 // escapeKey (Ctrl-A) followed by 'x' quits, as in QEMU; Ctrl-A Ctrl-A
