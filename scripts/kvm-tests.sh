@@ -62,13 +62,10 @@ kvm=$(grep -rl --include='*_test.go' 'kvmtest\.Require\b' . | xargs -n1 dirname 
 # pkgs lists what runs, the slowest first (two L1s at once finish
 # soonest that way): bench, cmd/govmm and replicate, then the race runs,
 # then the other packages with KVM tests. A race run is PKG:race. In CI
-# (2026-12-05/06, four runs) bench took 7.7-9.4 min in its L1, cmd/govmm
-# 3.8-4.2, replicate 3.2-3.7, each race run and the rest under a minute:
-# bench in one L1 while the others pass through the second. Started
-# after replicate and cmd/govmm, as it was, bench ran alone for its last
-# five minutes: 701-832 s in all. The first CI in this order took 727 s:
-# bench, sharing the host with the other L1 throughout, took 11.8 min,
-# so the gain is smaller than the arithmetic says.
+# (2026-12-05/06) bench took 7.7-12.7 min in its L1, cmd/govmm ~4,
+# replicate ~3.5, each of the others under one. Bench last took 701-832 s
+# in all, bench first 727 and 766 s: it runs slower sharing the host
+# throughout, so the order gains little.
 pkgs=
 for p in ./bench ./cmd/govmm ./replicate; do
 	grep -qx -- "$p" <<<"$kvm" && pkgs+=" $p"
