@@ -52,8 +52,12 @@ type AckSample struct {
 	Gap   time.Duration
 	Round int
 	Acks  int
-	Wall  time.Duration // per ack
-	CPU   time.Duration // per ack: both ends, user and system
+	Wall  time.Duration // per ack: the batch's mean
+	// Each is every ack's wall time, in order: a batch after gaps holds
+	// few acks (four at 50 ms), whose mean one stall of the host (tens of
+	// ms, docs/STREAM.md "One ack at a time") decides.
+	Each []time.Duration
+	CPU  time.Duration // per ack: both ends, user and system
 	// StandbyCPU is the standby end's share of CPU (split mode only).
 	StandbyCPU time.Duration
 	Wire       int // bytes on the wire per checkpoint
@@ -220,7 +224,8 @@ func ackKinds(keyed bool) []string {
 const tunedSendBuffer = 256 << 10
 
 // ackBatch runs f, then waits gap, until d has passed (at least three
-// times), and returns the wall time per run (f alone), the CPU time per
+// times), and returns the wall time per run (f alone; and each run's),
+// the CPU time per
 // run (gaps included: what the checkpoint left running counts; cpu says
 // both ends' so far, and the standby end's where it is a process of its
 // own), and the wire bytes of the last.
@@ -238,7 +243,9 @@ func ackBatch(ctx context.Context, d, gap time.Duration, f func() (int, error), 
 		if err != nil {
 			return smp, err
 		}
-		wall += time.Since(t)
+		took := time.Since(t)
+		wall += took
+		smp.Each = append(smp.Each, took)
 		smp.Acks++
 		smp.Wire = w
 		if gap > 0 {

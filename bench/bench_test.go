@@ -26,7 +26,7 @@ func TestQuickSuitesProduceOutput(t *testing.T) {
 		"boot": {"boot.csv"},
 		"checkpoint": {"checkpoint.csv", "checkpoint_harvest.csv", "checkpoint_bounds.csv", "checkpoint_compress.csv",
 			"checkpoint_pause.png", "checkpoint_breakdown.png", "checkpoint_stream.png", "checkpoint_wire.png", "checkpoint_harvest.png"},
-		"ack":       {"ack.csv", "ack_time.png", "ack_cpu.png", "ack_ratio.png"},
+		"ack":       {"ack.csv", "ack_each.csv", "ack_time.png", "ack_cpu.png", "ack_ratio.png", "ack_ratio_each.png"},
 		"migration": {"migration.csv", "migration.png"},
 		"failover":  {"failover.csv", "failover.png"},
 		"fencing":   {"fencing.csv", "fencing_traffic.csv", "fencing.png"},
