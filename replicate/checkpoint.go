@@ -8,11 +8,14 @@ import (
 	"time"
 
 	"govmm/dirtylog"
+	"govmm/replicate/stream"
 	"govmm/vmm/guestmem"
 )
 
 // checkpoint takes one checkpoint: pre-harvest and arm (beforePause,
-// the guest running), pause, harvest (ORed with the pre-harvest and
+// the guest running), number the epoch and begin it on the transport (its
+// Begin goes out now, so that a standby idle since the last checkpoint
+// wakes while the pause runs), pause, harvest (ORed with the pre-harvest and
 // extra), take the dirty pages (copy them into the staging buffer, or,
 // copying on write, write-protect them: copiesOnWrite chooses by the
 // dirty set), save the state, take the disk writes, seal the epoch's
@@ -26,13 +29,17 @@ func (r *Replicator) checkpoint(extra *dirtylog.Set) error {
 		return err
 	}
 	es.PreHarvest = preTook
+	epoch := r.nextEpoch()
+	if err := r.t.BeginCheckpoint(epoch, stream.KindEpoch); err != nil {
+		return err
+	}
 	t0 := time.Now()
 	r.mu.Lock()
 	if !r.lastResumed.IsZero() {
 		es.Length = t0.Sub(r.lastResumed)
 	}
 	r.mu.Unlock()
-	c, err := r.cut(pre, extra)
+	c, err := r.cut(epoch, pre, extra)
 	now := time.Now()
 	// The pause, as the guest feels it, ends at the last vCPU's answer to
 	// the resume: this goroutine may have waited for a P since
@@ -87,14 +94,14 @@ type cutResult struct {
 	ts, t1, t2, t3 time.Time
 }
 
-// cut is a checkpoint's pause: harvest (pre and extra ORed in), copy the
-// dirty pages into the staging buffer or write-protect them (as
+// cut is checkpoint epoch's pause: harvest (pre and extra ORed in), copy
+// the dirty pages into the staging buffer or write-protect them (as
 // copiesOnWrite says for the harvested set), save the
-// state, take the disk writes, number the epoch and seal its output. A
+// state, take the disk writes and seal the epoch's output. A
 // snapshot taken before a later step failed is returned with the error:
 // its pages must still be let go.
-func (r *Replicator) cut(pre, extra *dirtylog.Set) (cutResult, error) {
-	var c cutResult
+func (r *Replicator) cut(epoch uint64, pre, extra *dirtylog.Set) (cutResult, error) {
+	c := cutResult{epoch: epoch}
 	err := r.m.WithPaused(context.Background(), func() error {
 		c.ts = time.Now()
 		if r.hooks.inPause != nil {
@@ -122,7 +129,6 @@ func (r *Replicator) cut(pre, extra *dirtylog.Set) (cutResult, error) {
 		if c.state, r.writes, err = cutState(r.m, r.cfg.Disks); err != nil {
 			return err
 		}
-		c.epoch = r.nextEpoch()
 		if r.hooks.atCut != nil {
 			r.hooks.atCut(c.epoch)
 		}
@@ -145,7 +151,7 @@ func (r *Replicator) cut(pre, extra *dirtylog.Set) (cutResult, error) {
 func (r *Replicator) ship(c cutResult, now time.Time, es EpochStats) error {
 	before := r.t.Stats().BytesSent
 	r.resumable.Store(true)
-	err := r.send(c.epoch, c.state, c.snap)
+	err := r.send(c.state, c.snap)
 	if c.snap != nil {
 		done, werr := c.snap.Wait()
 		es.Background = done.Sub(now)

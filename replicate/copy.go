@@ -4,7 +4,6 @@ import (
 	"fmt"
 
 	"govmm/dirtylog"
-	"govmm/replicate/stream"
 	"govmm/vmm/guestmem"
 )
 
@@ -124,14 +123,11 @@ func (r *Replicator) protect(set *dirtylog.Set) (*guestmem.Snapshot, error) {
 	return r.cow.Begin(set, r.staging)
 }
 
-// send streams the staged checkpoint; copying on write, each page as
-// soon as snap has copied it. The staging buffer stays as it is until the
+// send streams the staged checkpoint, begun before its pause
+// (checkpoint); copying on write, each page as soon as snap has copied it. The staging buffer stays as it is until the
 // next pause, which comes after send returns: its pages are stable
 // (SendStablePage).
-func (r *Replicator) send(epoch uint64, state []byte, snap *guestmem.Snapshot) error {
-	if err := r.t.BeginCheckpoint(epoch, stream.KindEpoch); err != nil {
-		return err
-	}
+func (r *Replicator) send(state []byte, snap *guestmem.Snapshot) error {
 	if snap != nil {
 		if err := snap.SummedPages(r.t.SendSummedPage); err != nil {
 			return err

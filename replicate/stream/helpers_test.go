@@ -211,6 +211,30 @@ func proxy(t *testing.T, mutate func(i int, f []byte) [][]byte) (senderSide, rec
 // (crcSize: an unkeyed session).
 func proxyTrailer(t *testing.T, mutate func(i int, f []byte) [][]byte, session int) (senderSide, receiverSide net.Conn) {
 	t.Helper()
+	return proxyFrames(t, nil, mutate, session)
+}
+
+// partitionProxy is proxy whose link from the sender dies in the middle
+// of the first frame after the handshake (the third): it reads that
+// frame's header, closes partitioned and reads nothing more, so that
+// the sender's write of the frame stays blocked, as across a partition.
+func partitionProxy(t *testing.T, partitioned chan<- struct{}) (senderSide, receiverSide net.Conn) {
+	t.Helper()
+	halt := func(i int) bool {
+		if i < 2 {
+			return false
+		}
+		close(partitioned)
+		return true
+	}
+	return proxyFrames(t, halt, func(_ int, f []byte) [][]byte { return [][]byte{f} }, tagSize)
+}
+
+// proxyFrames is proxyTrailer, and where halt (if not nil) says so for
+// frame i, once its header is read, it reads nothing more until the test
+// ends.
+func proxyFrames(t *testing.T, halt func(i int) bool, mutate func(i int, f []byte) [][]byte, session int) (senderSide, receiverSide net.Conn) {
+	t.Helper()
 	s1, s2 := net.Pipe() // sender <-> proxy
 	r1, r2 := net.Pipe() // proxy <-> receiver
 	go func() {
@@ -218,6 +242,10 @@ func proxyTrailer(t *testing.T, mutate func(i int, f []byte) [][]byte, session i
 		for i := 0; ; i++ {
 			hdr := make([]byte, headerSize)
 			if _, err := io.ReadFull(s2, hdr); err != nil {
+				return
+			}
+			if halt != nil && halt(i) {
+				<-t.Context().Done() // the link is gone
 				return
 			}
 			n := binary.LittleEndian.Uint32(hdr)

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"io"
 	"net"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -165,17 +164,12 @@ func TestTimeoutsNegotiated(t *testing.T) {
 // checkpoint writer is blocked in a write that cannot progress, and the
 // blocked write and Close return promptly.
 func TestPartitionDetectedWhileWriteBlocked(t *testing.T) {
+	// The link dies in the middle of the checkpoint's first frame (its
+	// Begin, which goes out at once): the checkpoint's writer is blocked
+	// in that write, holding the writer, so no heartbeat gets through
+	// either.
 	partitioned := make(chan struct{})
-	var once sync.Once
-	cut := func() { once.Do(func() { close(partitioned) }) }
-	sc, rc := proxy(t, func(i int, f []byte) [][]byte {
-		if i >= 2 {
-			cut()
-			<-t.Context().Done() // forward nothing more: the link is gone
-			return nil
-		}
-		return [][]byte{f}
-	})
+	sc, rc := partitionProxy(t, partitioned)
 	sclock := newFakeClock()
 	scfg, rcfg := cfgs(sclock)
 	rcfg.Clock = newFakeClock()

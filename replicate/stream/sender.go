@@ -102,6 +102,12 @@ func NewSender(ctx context.Context, conn net.Conn, cfg Config) (*Sender, error) 
 // BeginCheckpoint opens checkpoint epoch of the given kind. Epochs must
 // increase; kinds must not go down (initial-sync, epoch, final), and
 // nothing may follow a final checkpoint.
+//
+// The Begin frame goes out at once (flushed), not with the first pages:
+// a standby idle since the last checkpoint starts waking as soon as it
+// is called, and package replicate calls it just before the pause that
+// cuts the checkpoint, so that the standby wakes while the vCPUs stop and
+// the pages are taken (docs/STREAM.md, "Begun before the pause").
 func (s *Sender) BeginCheckpoint(epoch uint64, kind Kind) error {
 	if err := s.Err(); err != nil {
 		return err
@@ -119,7 +125,7 @@ func (s *Sender) BeginCheckpoint(epoch uint64, kind Kind) error {
 		return fmt.Errorf("begin checkpoint %d: %v after %v: %w", epoch, kind, s.lastKind, ErrProtocol)
 	}
 	s.epoch.Store(epoch)
-	if err := s.send(frameBegin, appendBegin(nil, epoch, kind), false); err != nil {
+	if err := s.send(frameBegin, appendBegin(nil, epoch, kind), true); err != nil {
 		return err
 	}
 	s.open.Store(true)

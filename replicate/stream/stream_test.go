@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -223,11 +224,13 @@ func TestTruncatedStream(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			var n int
-			cutAt := -1
-			sc, rc := proxy(t, func(i int, f []byte) [][]byte {
-				n = i
-				if cutAt >= 0 && i >= cutAt {
+			// Once armed, the next Pages frame is cut: half of it
+			// forwarded, then the link.
+			var armed atomic.Bool
+			cutting := false // the proxy goroutine's
+			sc, rc := proxy(t, func(_ int, f []byte) [][]byte {
+				if cutting || armed.Load() && frameType(f[4]) == framePages {
+					cutting = true
 					return [][]byte{f[:len(f)/2], nil} // forward half, then cut
 				}
 				return [][]byte{f}
@@ -246,7 +249,7 @@ func TestTruncatedStream(t *testing.T) {
 				require.NoError(t, s.SendPage(GPA(i*PageSize), page(99)))
 			}
 			if tt.name == "connection cut mid-frame" {
-				cutAt = n + 2
+				armed.Store(true)
 				// The sealer writes this Pages frame (over 64 KiB: past
 				// the buffer) at once, and the proxy cuts it: the stream
 				// may fail before flushPages returns.
@@ -375,10 +378,11 @@ func TestOversizedFrameRefusedBeforeAllocation(t *testing.T) {
 
 func TestSenderRefusesBadCalls(t *testing.T) {
 	scfg, rcfg := cfgs(newFakeClock())
-	s, _ := pipePair(t, scfg, rcfg)
+	s, r := pipePair(t, scfg, rcfg)
 	require.ErrorIs(t, s.SendPage(0, page(1)), ErrProtocol, "no checkpoint open")
 	require.ErrorIs(t, s.EndCheckpoint(), ErrProtocol)
 	require.ErrorIs(t, s.BeginCheckpoint(0, KindEpoch), ErrProtocol)
+	runReceiver(t, r) // a Begin goes out at once: something must read it
 	require.NoError(t, s.BeginCheckpoint(1, KindEpoch))
 	require.ErrorIs(t, s.BeginCheckpoint(2, KindEpoch), ErrProtocol, "nested")
 	require.ErrorIs(t, s.SendPage(8<<20, page(1)), ErrOutOfRange)
@@ -530,4 +534,46 @@ func TestSealerFailureReachesTheCheckpointGoroutine(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("Close did not return")
 	}
+}
+
+// beginSink is a MemSink that says when each checkpoint begins.
+type beginSink struct {
+	*MemSink
+	began chan uint64
+}
+
+func (s *beginSink) Begin(epoch uint64, kind Kind) error {
+	s.began <- epoch
+	return s.MemSink.Begin(epoch, kind)
+}
+
+// A Begin reaches the standby as BeginCheckpoint is called, before any
+// page is sent: package replicate begins each checkpoint just before its
+// pause, so that a standby idle since the last one wakes while the
+// pause runs. The checkpoint then goes on as any other.
+func TestBeginGoesOutAtOnce(t *testing.T) {
+	scfg, rcfg := cfgs(newFakeClock())
+	sink := &beginSink{MemSink: NewMemSink(), began: make(chan uint64, 1)}
+	rcfg.Sink = sink
+	s, r := pipePair(t, scfg, rcfg)
+	run := runReceiver(t, r)
+	for epoch := uint64(1); epoch <= 2; epoch++ {
+		require.NoError(t, s.BeginCheckpoint(epoch, KindEpoch))
+		select {
+		case got := <-sink.began:
+			require.Equal(t, epoch, got)
+		case <-time.After(10 * time.Second):
+			t.Fatalf("checkpoint %d: the standby did not see its Begin before any page", epoch)
+		}
+		for i := range 3 {
+			require.NoError(t, s.SendPage(GPA(i*PageSize), page(epoch*10+uint64(i))))
+		}
+		require.NoError(t, s.SendState([]byte("state")))
+		require.NoError(t, s.EndCheckpoint())
+		require.NoError(t, s.WaitAck(ctxTimeout(t, 10*time.Second), epoch))
+	}
+	assert.Equal(t, uint64(2), r.Committed())
+	assert.Equal(t, page(22), sink.Page(2*PageSize))
+	require.NoError(t, s.Close())
+	require.NoError(t, waitErr(t, run))
 }
