@@ -225,10 +225,9 @@ const tunedSendBuffer = 256 << 10
 
 // ackBatch runs f, then waits gap, until d has passed (at least three
 // times), and returns the wall time per run (f alone; and each run's),
-// the CPU time per
-// run (gaps included: what the checkpoint left running counts; cpu says
-// both ends' so far, and the standby end's where it is a process of its
-// own), and the wire bytes of the last.
+// the CPU time per run (gaps included: what the checkpoint left running
+// counts; cpu says both ends' so far, and the standby end's where it is
+// a process of its own), and the wire bytes of the last.
 func ackBatch(ctx context.Context, d, gap time.Duration, f func() (int, error), cpu func() (both, standby time.Duration, err error)) (AckSample, error) {
 	var smp AckSample
 	var wall time.Duration

@@ -223,7 +223,7 @@ func (r *AckResult) eachReport() string {
 			s.Median, s.P90, bd.Median, bd.P90)
 		for i, ref := range [][]AckSample{p.bound, p.tuned, p.sealed, p.held, p.applied} {
 			pooled, rounds := p.eachRatio(ref)
-			if len(ref) == 0 || len(rounds) == 0 {
+			if len(rounds) == 0 {
 				b.WriteString(" – |")
 			} else {
 				m := Summarize(rounds)
