@@ -78,6 +78,10 @@ type ReplicateConfig struct {
 	// for this long, it is declared lost (DefaultFailoverTimeout). The
 	// standby's, if larger, wins.
 	FailoverTimeout time.Duration
+	// AckSpin is stream.Config's: how long the stream's ack reader, once
+	// a checkpoint's End is out, polls for its ack before it sleeps (0 or
+	// negative: never, the default). The CPU it spends is the primary's.
+	AckSpin time.Duration
 	// MaxUnacked bounds the checkpoints in flight: the next is not taken
 	// while this many are unacknowledged, so a slow standby stretches the
 	// epochs instead of falling behind (DefaultMaxUnacked).

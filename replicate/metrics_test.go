@@ -144,8 +144,9 @@ func TestReplicatorMetricsCopyModes(t *testing.T) {
 }
 
 // A sender's stream metrics count pages and their bytes before and after
-// compression, and disk bytes; a receiver's, pages and disk bytes (it
-// does not count page bytes) and its polls inside a checkpoint;
+// compression, disk bytes and its polls for acks; a receiver's, pages
+// and disk bytes (it does not count page bytes) and its polls inside a
+// checkpoint;
 // the codec is an info metric once the two ends agreed on one.
 func TestStreamMetrics(t *testing.T) {
 	t.Parallel()
@@ -160,7 +161,7 @@ func TestStreamMetrics(t *testing.T) {
 		StateBytes: 18000, StateWireBytes: 600,
 		PollHits: 7, PollMisses: 3, Compression: "s2", Deltas: true}
 	sent := names(StreamMetrics(st, true))
-	assert.Len(t, sent, 11)
+	assert.Len(t, sent, 13)
 	assert.Equal(t, 18000.0, sent["govmm_stream_sent_state_bytes_total"].Value)
 	assert.Equal(t, 600.0, sent["govmm_stream_sent_state_wire_bytes_total"].Value)
 	assert.Equal(t, float64(1<<19), sent["govmm_stream_sent_disk_wire_bytes_total"].Value)
@@ -176,7 +177,9 @@ func TestStreamMetrics(t *testing.T) {
 	assert.Len(t, recv, 8)
 	assert.Equal(t, 7.0, recv["govmm_stream_received_poll_hits_total"].Value)
 	assert.Equal(t, 3.0, recv["govmm_stream_received_poll_misses_total"].Value)
-	assert.NotContains(t, sent, "govmm_stream_sent_poll_hits_total", "the sender never polls")
+	assert.Equal(t, 7.0, sent["govmm_stream_sent_ack_poll_hits_total"].Value)
+	assert.Equal(t, 3.0, sent["govmm_stream_sent_ack_poll_misses_total"].Value)
+	assert.NotContains(t, recv, "govmm_stream_received_ack_poll_hits_total", "a receiver awaits no ack")
 	assert.Equal(t, float64(1<<20), recv["govmm_stream_received_disk_bytes_total"].Value)
 	assert.Equal(t, 10.0, recv["govmm_stream_received_pages_total"].Value)
 	assert.Equal(t, 2.0, recv["govmm_stream_received_zero_pages_total"].Value)

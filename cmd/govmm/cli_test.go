@@ -68,6 +68,8 @@ func TestCLIUsageErrors(t *testing.T) {
 		{"epoch max below the epoch", []string{"run", "--epoch", "50ms", "--epoch-max", "20ms"}, "govmm: run: --epoch-max 20ms is below --epoch 50ms (see 'govmm help run')"},
 		{"standby read spin too long", []string{"standby", "--listen", "127.0.0.1:7000", "--read-spin", "20ms"}, "govmm: standby: --read-spin 20ms: want 0 (never poll) to 10ms (see 'govmm help standby')"},
 		{"standby read spin negative", []string{"standby", "--listen", "127.0.0.1:7000", "--read-spin", "-1us"}, "govmm: standby: --read-spin -1us: want 0 (never poll) to 10ms (see 'govmm help standby')"},
+		{"ack spin too long", []string{"run", "--ack-spin", "11ms"}, "govmm: run: --ack-spin 11ms: want 0 (never poll) to 10ms (see 'govmm help run')"},
+		{"standby ack spin negative", []string{"standby", "--listen", "127.0.0.1:7000", "--ack-spin", "-1us"}, "govmm: standby: --ack-spin -1us: want 0 (never poll) to 10ms (see 'govmm help standby')"},
 		{"standby epoch max too short", []string{"standby", "--listen", "127.0.0.1:7000", "--epoch-max", "100us"}, "govmm: standby: --epoch-max 100us: must be at least 1ms (see 'govmm help standby')"},
 		{"ctl replicate epoch max negative", []string{"ctl", "replicate", "--to", "127.0.0.1:7000", "--epoch-max", "-1s"}, "govmm: ctl replicate: --epoch-max -1s: must be at least 1ms (see 'govmm help ctl replicate')"},
 		{"witness max lease", []string{"witness", "--max-lease", "1h"}, "govmm: witness: --max-lease 1h: want 10ms to 10m0s (see 'govmm help witness')"},
@@ -435,11 +437,12 @@ func TestShellJoin(t *testing.T) {
 		shellJoin([]string{"govmm", "run", "--cmdline", "console=ttyS0 quiet", "", "--", "sh", "-c", "echo 'hi'"}))
 }
 
-// --read-spin 0 is "never poll", which stream.Config spells negative (its
-// 0 is the default spin).
-func TestStreamReadSpin(t *testing.T) {
-	assert.Equal(t, time.Duration(-1), streamReadSpin(0))
-	assert.Equal(t, 250*time.Microsecond, streamReadSpin(250*time.Microsecond))
-	assert.NoError(t, stream.CheckReadSpin(0))
-	assert.NoError(t, stream.CheckReadSpin(stream.DefaultReadSpin))
+// --read-spin 0 and --ack-spin 0 are "never poll", which stream.Config
+// spells negative (its 0 is the default spin).
+func TestStreamSpin(t *testing.T) {
+	assert.Equal(t, time.Duration(-1), streamSpin(0))
+	assert.Equal(t, 250*time.Microsecond, streamSpin(250*time.Microsecond))
+	assert.NoError(t, stream.CheckSpin(0))
+	assert.NoError(t, stream.CheckSpin(stream.DefaultReadSpin))
+	assert.NoError(t, stream.CheckSpin(300*time.Microsecond))
 }

@@ -107,7 +107,7 @@ func startReplication(m *vmm.Machine, f *runFlags, devs *machineDevices, node *r
 	bar := newTransferBar(os.Stderr, ctlIsTerminal(os.Stderr), "initial sync")
 	defer bar.finish()
 	cfg := replicate.ReplicateConfig{To: to, Name: f.name, Epoch: epoch, MaxEpoch: maxEpoch, FailoverTimeout: f.failoverTimeout,
-		Compression: f.streamCompress, Deltas: f.streamDeltas,
+		Compression: f.streamCompress, Deltas: f.streamDeltas, AckSpin: streamSpin(f.ackSpin),
 		OnStandbyLoss: f.onStandbyLoss, Copy: replicate.CopyMode(f.checkpointCopy), CoWPages: f.checkpointCoWPages, Disks: devs.diskLogs, Devices: devs.attrs,
 		Progress: func(p replicate.SyncProgress) {
 			bar.update(p.Copied, p.Total, syncNote(p))

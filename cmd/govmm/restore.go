@@ -46,7 +46,7 @@ func cmdRestore(args []string) error {
 	refuseFlags(fs, "does not apply to restore: the snapshot holds the guest's kernel, memory, vCPUs and network settings",
 		"kernel", "initrd", "cmdline", "mem", "cpus", "guest-ip", "guest-gw")
 	refuseFlags(fs, "does not apply to restore: protect the restored guest with 'govmm ctl replicate --to HOST:PORT' once it runs",
-		"replicate-to", "epoch", "epoch-max", "on-standby-loss", "witness", "witness-lease")
+		"replicate-to", "epoch", "epoch-max", "on-standby-loss", "witness", "witness-lease", "ack-spin")
 	files, err := parseInterspersed(fs, args)
 	if err != nil {
 		return err

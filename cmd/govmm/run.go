@@ -95,8 +95,10 @@ type runFlags struct {
 	checkpointCopy  string
 	// checkpointCoWPages is --checkpoint-cow-pages.
 	checkpointCoWPages int
-	witness            string // HOST:PORT
-	witnessLease       time.Duration
+	// ackSpin is --ack-spin (0: never poll).
+	ackSpin      time.Duration
+	witness      string // HOST:PORT
+	witnessLease time.Duration
 
 	// Benchmark-only switches, hidden from help (see hiddenFlags).
 	unsafeNoOutputBuffering bool
@@ -146,6 +148,8 @@ func (f *runFlags) registerReplication(fs *flag.FlagSet) {
 	f.checkpointCoWPages = replicate.DefaultCoWPages
 	fs.Var(pagesFlag{&f.checkpointCoWPages, replicate.CheckCoWPages}, "checkpoint-cow-pages",
 		"with --checkpoint-copy auto: a checkpoint of at least this many dirty pages copies on write, a smaller one with the guest stopped (the default is where copy-on-write's pause plus time to ack fell below stop-and-copy's in govmm bench checkpoint; lower it to favour short pauses, raise it to favour output delay)")
+	durationVar(fs, &f.ackSpin, "ack-spin", 0, stream.CheckSpin,
+		"after each checkpoint goes out, poll the connection up to this long for the standby's ack before sleeping until it comes (e.g. 300us), while most acks come within it: held output can leave sooner where a wakeup is dear (0.1-0.8 ms on a VM whose idle CPUs halt); the CPU it spends is the primary's, taken from the guest where they share one; 0 (the default) never polls: measured, it helped small unkeyed checkpoints and not keyed ones (docs/STREAM.md)")
 	fs.Var(hostPortFlag{&f.witness}, "witness", "arbiter against split brain, `HOST:PORT` (govmm witness; needs --key-file): output leaves only under its lease, a standby takes over only after winning the next generation there")
 	durationVar(fs, &f.witnessLease, "witness-lease", witness.DefaultLease, leaseCheck,
 		"lease asked of the witness: a dead primary's lease runs out within it, so it bounds failover from below; about --failover-timeout")

@@ -66,7 +66,7 @@ func cmdStandby(args []string) error {
 	refuseFlags(fs, "does not apply to standby: the guest's kernel, memory, vCPUs and settings come from the primary",
 		"kernel", "initrd", "cmdline", "mem", "cpus", "guest-gw")
 	var readSpin time.Duration
-	durationVar(fs, &readSpin, "read-spin", stream.DefaultReadSpin, stream.CheckReadSpin,
+	durationVar(fs, &readSpin, "read-spin", stream.DefaultReadSpin, stream.CheckSpin,
 		"inside a checkpoint, poll a drained connection this long for the primary's next bytes before sleeping until they come (a wakeup costs 0.1-0.4 ms on a VM whose idle CPUs halt); the CPU it spends is the standby's; 0 never polls, e.g. for a standby that shares its CPU with other work")
 	var listenAddr string
 	listen := &listenAddr
@@ -106,7 +106,7 @@ func cmdStandby(args []string) error {
 	reps := &replicas{f: &f, built: map[*vmm.Machine]*machineDevices{}}
 	sb, err := replicate.NewStandby(replicate.StandbyConfig{
 		Listen: *listen, Key: key, Insecure: insecure, Disks: disks, KeepAllocated: keep, FailoverTimeout: f.failoverTimeout, Witness: wc,
-		Compression: f.streamCompress, Deltas: f.streamDeltas, ReadSpin: streamReadSpin(readSpin),
+		Compression: f.streamCompress, Deltas: f.streamDeltas, ReadSpin: streamSpin(readSpin),
 		Build:     reps.build,
 		OnRefused: func(err error) { fmt.Fprintf(os.Stderr, "govmm: standby: refused: %v\n", err) },
 	})
@@ -236,9 +236,9 @@ func checkWitnessAtStart(wc *witness.Client) {
 	}
 }
 
-// streamReadSpin is --read-spin as stream.Config takes it: 0, never
-// polling, is a negative spin there.
-func streamReadSpin(d time.Duration) time.Duration {
+// streamSpin is --read-spin or --ack-spin as stream.Config takes it: 0,
+// never polling, is a negative spin there.
+func streamSpin(d time.Duration) time.Duration {
 	if d == 0 {
 		return -1
 	}

@@ -52,10 +52,11 @@ type Stats struct {
 	// copies and write system calls, blocked ones included); OpenTime is
 	// the time spent opening received frames.
 	SealTime, WriteTime, OpenTime time.Duration
-	// PollHits (receiver) counts reads inside a checkpoint that found the
-	// connection drained and, polling (Config.ReadSpin), bytes arriving
-	// within the spin: a sleep and a wakeup saved. PollMisses counts
-	// those that found none within it and slept.
+	// PollHits counts reads that found the connection drained and,
+	// polling, bytes arriving within the spin: a sleep and a wakeup
+	// saved. PollMisses counts those that found none within it and
+	// slept. A receiver polls inside a checkpoint (Config.ReadSpin), a
+	// sender for an awaited ack (Config.AckSpin).
 	PollHits, PollMisses uint64
 }
 
@@ -397,18 +398,35 @@ type countingReader struct {
 	r interface{ Read([]byte) (int, error) }
 	e *endpoint
 	poller
+	// ackDue (sender, with Config.AckSpin set) says whether the next ack
+	// awaited is one to poll for (Sender.ackAwaited); a sender's reader
+	// also takes an expired read deadline for the Sender's wake-up call
+	// (Sender.wakeAckReader), not a failure. nil on a receiver, or where
+	// the sender never polls.
+	ackDue func() bool
 }
 
 func (c *countingReader) Read(p []byte) (int, error) {
-	n := c.pollRead(p, &c.e.ctr)
-	var err error
-	if n == 0 {
-		n, err = c.r.Read(p)
+	for {
+		if c.ackDue != nil {
+			c.polling = c.raw != nil && c.ackDue()
+		}
+		n := c.pollRead(p, &c.e.ctr)
+		var err error
+		if n == 0 {
+			n, err = c.r.Read(p)
+		}
+		if n > 0 {
+			c.e.heard()
+		}
+		if n == 0 && c.ackDue != nil && errors.Is(err, os.ErrDeadlineExceeded) {
+			// Woken to poll for an ack: nothing else sets a read deadline
+			// once the handshake is over.
+			_ = c.e.conn.SetReadDeadline(time.Time{})
+			continue
+		}
+		return n, err
 	}
-	if n > 0 {
-		c.e.heard()
-	}
-	return n, err
 }
 
 // deadlineWriter writes to the connection in pieces, each with a deadline:

@@ -1,7 +1,9 @@
 package stream
 
 import (
+	"errors"
 	"fmt"
+	"os"
 	"runtime"
 	"syscall"
 	"time"
@@ -13,12 +15,13 @@ import (
 // checkpoint's next bytes before it sleeps (Config.ReadSpin).
 const DefaultReadSpin = 100 * time.Microsecond
 
-// MaxReadSpin caps Config.ReadSpin: polling longer than this costs a
+// MaxReadSpin caps Config.ReadSpin and Config.AckSpin: polling longer than this costs a
 // core for less than it saves.
 const MaxReadSpin = 10 * time.Millisecond
 
-// CheckReadSpin checks a spin as a user gives it (0: never poll).
-func CheckReadSpin(d time.Duration) error {
+// CheckSpin checks a read spin (Config.ReadSpin) or an ack spin
+// (Config.AckSpin) as a user gives it (0: never poll).
+func CheckSpin(d time.Duration) error {
 	if d < 0 || d > MaxReadSpin {
 		return fmt.Errorf("want 0 (never poll) to %v", MaxReadSpin)
 	}
@@ -113,6 +116,9 @@ func (p *poller) pollRead(b []byte, ctr *counters) int {
 		}
 	})
 	switch {
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		// A sender's reader woken to poll for an ack (countingReader):
+		// no poll happened.
 	case err != nil || n == 0:
 		ctr.pollMisses.Add(1)
 	case waited:

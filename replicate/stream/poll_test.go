@@ -101,3 +101,91 @@ func TestReceiverPollsOnlyInsideACheckpoint(t *testing.T) {
 	require.ErrorIs(t, err, ErrConfig)
 	assert.ErrorContains(t, err, "read spin 11ms, at most 10ms")
 }
+
+// A sender's ack reader, asleep since the last ack, is woken when an End
+// goes out and polls for that checkpoint's ack (Config.AckSpin): acks
+// that come within the spin are read while it polls (hits, which only a
+// reader woken by the End can score: it went to sleep with no ack
+// awaited), a slower one after it slept (misses), and once most acks
+// come later than the spin only one End in ackProbeEvery polls; every ack arrives and
+// the wake-up call is never taken for a failure, checkpoints waited for
+// one by one or sent back to back. Between checkpoints the reader sleeps
+// at once; AckSpin 0 (the default) never polls, and a spin beyond 10 ms
+// is refused.
+func TestSenderPollsForItsAck(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		spin      time.Duration
+		ackAfter  time.Duration // the receiver's OnCommit sleeps this long
+		hits, any bool          // expect poll hits; expect any poll at all
+	}{
+		{"within the spin", 10 * time.Millisecond, time.Millisecond, true, true},
+		{"beyond the spin", 200 * time.Microsecond, 20 * time.Millisecond, false, true},
+		{"never", 0, time.Millisecond, false, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			scfg, rcfg := cfgs(SystemClock{})
+			// Heartbeats rare enough that none wakes the reader between
+			// an ack and the next End, one by one.
+			scfg.HeartbeatInterval, rcfg.HeartbeatInterval = 100*time.Millisecond, 100*time.Millisecond
+			scfg.FailoverTimeout, rcfg.FailoverTimeout = 5*time.Second, 5*time.Second
+			scfg.AckSpin = tc.spin
+			rcfg.OnCommit = func(*Checkpoint) error { time.Sleep(tc.ackAfter); return nil }
+			s, r := tcpStreamPair(t, scfg, rcfg)
+			run := runReceiver(t, r)
+			epoch := uint64(0)
+			checkpoint := func() {
+				epoch++
+				require.NoError(t, s.BeginCheckpoint(epoch, KindEpoch))
+				for i := range 20 {
+					require.NoError(t, s.SendPage(GPA(i*PageSize), page(epoch*1000+uint64(i))))
+				}
+				require.NoError(t, s.SendState([]byte("state")))
+				require.NoError(t, s.EndCheckpoint())
+			}
+			for range 15 { // one by one, the reader asleep at each End
+				checkpoint()
+				require.NoError(t, s.WaitAck(ctxTimeout(t, 10*time.Second), epoch))
+				time.Sleep(2 * time.Millisecond)
+			}
+			st1 := s.Stats()
+			if tc.hits {
+				assert.NotZero(t, st1.PollHits, "acks %v after the End reach a reader woken by it and polling for %v", tc.ackAfter, tc.spin)
+			}
+			for range 10 { // back to back: acks awaited while Ends go out
+				checkpoint()
+			}
+			require.NoError(t, s.WaitAck(ctxTimeout(t, 10*time.Second), epoch))
+			require.NoError(t, s.Err(), "a wake-up call is not a failure")
+			st := s.Stats()
+			assert.Equal(t, uint64(25), st.Acks)
+			polls := st.PollHits + st.PollMisses
+			switch {
+			case !tc.any:
+				assert.Zero(t, polls, "AckSpin 0 (the default) never polls")
+			case tc.hits: // above
+			default:
+				assert.NotZero(t, st.PollMisses, "acks %v after the End outlast a spin of %v", tc.ackAfter, tc.spin)
+				// After 15 misses one by one (11 take the average of hits
+				// below a quarter), at most one of the ten Ends back to
+				// back polls (a read or two); polling at every End would
+				// miss at least once per End.
+				assert.Less(t, polls-(st1.PollHits+st1.PollMisses), uint64(5),
+					"acks later than the spin: after 15 misses only one End in %d polls", ackProbeEvery)
+			}
+			// Idle, no ack awaited: heartbeats only, for 3 of their
+			// intervals.
+			hb := st.FramesReceived
+			require.Eventually(t, func() bool { return s.Stats().FramesReceived >= hb+3 }, 10*time.Second, time.Millisecond)
+			st2 := s.Stats()
+			assert.Equal(t, polls, st2.PollHits+st2.PollMisses, "with no ack awaited the reader sleeps at once")
+			require.NoError(t, s.Close())
+			require.NoError(t, waitErr(t, run))
+		})
+	}
+	scfg, _ := cfgs(SystemClock{})
+	scfg.AckSpin = 11 * time.Millisecond
+	_, err := scfg.withDefaults()
+	require.ErrorIs(t, err, ErrConfig)
+	assert.ErrorContains(t, err, "ack spin 11ms, at most 10ms")
+}
