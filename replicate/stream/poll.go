@@ -15,8 +15,8 @@ import (
 // checkpoint's next bytes before it sleeps (Config.ReadSpin).
 const DefaultReadSpin = 100 * time.Microsecond
 
-// MaxReadSpin caps Config.ReadSpin and Config.AckSpin: polling longer than this costs a
-// core for less than it saves.
+// MaxReadSpin caps Config.ReadSpin and Config.AckSpin: polling longer
+// than this costs a core for less than it saves.
 const MaxReadSpin = 10 * time.Millisecond
 
 // CheckSpin checks a read spin (Config.ReadSpin) or an ack spin
@@ -53,8 +53,10 @@ func CheckSpin(d time.Duration) error {
 // socket empty inside a checkpoint. On a slow link, where bytes trickle
 // in, the reader may poll through most of a checkpoint's transfer.
 //
-// Owned by the reader goroutine (the endpoint's frame reader), which
-// sets polling as it reads Begin and End frames.
+// Owned by the reader goroutine (the endpoint's frame reader). A
+// receiver's sets polling as it reads Begin and End frames; a sender's
+// polls for acks instead, as Sender.pollsForAck chooses (Config.AckSpin:
+// countingReader sets polling at each read).
 type poller struct {
 	raw     syscall.RawConn // nil: never poll (no descriptor, or disabled)
 	spin    time.Duration
