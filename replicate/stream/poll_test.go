@@ -87,10 +87,7 @@ func TestReceiverPollsOnlyInsideACheckpoint(t *testing.T) {
 				assert.NotZero(t, polls, "10 checkpoints, each with a pause after its first Pages frame: the reader drained the connection inside one")
 			}
 			// Idle: heartbeats only, for 20 of their intervals.
-			hb := st.FramesReceived
-			require.Eventually(t, func() bool { return r.Stats().FramesReceived >= hb+10 }, 10*time.Second, time.Millisecond)
-			st2 := r.Stats()
-			assert.Equal(t, polls, st2.PollHits+st2.PollMisses, "between checkpoints the reader sleeps at once")
+			assertNoPollWhileIdle(t, r.Stats, 10, "between checkpoints the reader sleeps at once")
 			require.NoError(t, s.Close())
 			require.NoError(t, waitErr(t, run))
 		})
@@ -175,10 +172,7 @@ func TestSenderPollsForItsAck(t *testing.T) {
 			}
 			// Idle, no ack awaited: heartbeats only, for 3 of their
 			// intervals.
-			hb := st.FramesReceived
-			require.Eventually(t, func() bool { return s.Stats().FramesReceived >= hb+3 }, 10*time.Second, time.Millisecond)
-			st2 := s.Stats()
-			assert.Equal(t, polls, st2.PollHits+st2.PollMisses, "with no ack awaited the reader sleeps at once")
+			assertNoPollWhileIdle(t, s.Stats, 3, "with no ack awaited the reader sleeps at once")
 			require.NoError(t, s.Close())
 			require.NoError(t, waitErr(t, run))
 		})
@@ -188,4 +182,14 @@ func TestSenderPollsForItsAck(t *testing.T) {
 	_, err := scfg.withDefaults()
 	require.ErrorIs(t, err, ErrConfig)
 	assert.ErrorContains(t, err, "ack spin 11ms, at most 10ms")
+}
+
+// assertNoPollWhileIdle waits, an end idle, for beats more frames from its
+// peer (heartbeats) and checks that its reader polled for none of them.
+func assertNoPollWhileIdle(t *testing.T, stats func() Stats, beats uint64, msg string) {
+	t.Helper()
+	st := stats()
+	require.Eventually(t, func() bool { return stats().FramesReceived >= st.FramesReceived+beats }, 10*time.Second, time.Millisecond)
+	st2 := stats()
+	assert.Equal(t, st.PollHits+st.PollMisses, st2.PollHits+st2.PollMisses, msg)
 }
