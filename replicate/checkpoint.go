@@ -107,28 +107,32 @@ func (r *Replicator) cut(epoch uint64, pre, extra *dirtylog.Set) (cutResult, err
 		if r.hooks.inPause != nil {
 			defer r.hooks.inPause()()
 		}
-		set, err := r.tr.Harvest()
-		if err != nil {
-			return err
-		}
-		for _, s := range []*dirtylog.Set{pre, extra} {
-			if s != nil {
-				set.Or(s)
+		// The vCPU threads read their registers while this goroutine
+		// harvests and copies: the same cut, the two overlapped.
+		var err error
+		c.state, err = r.m.EncodeStateWhile(func() error {
+			set, err := r.tr.Harvest()
+			if err != nil {
+				return err
 			}
-		}
-		c.t1 = time.Now()
-		if r.copiesOnWrite(set.Count()) {
-			c.snap, err = r.protect(set)
-		} else {
-			err = r.stage(set)
-		}
+			for _, s := range []*dirtylog.Set{pre, extra} {
+				if s != nil {
+					set.Or(s)
+				}
+			}
+			c.t1 = time.Now()
+			if r.copiesOnWrite(set.Count()) {
+				c.snap, err = r.protect(set)
+			} else {
+				err = r.stage(set)
+			}
+			c.t2 = time.Now()
+			return err
+		})
 		if err != nil {
 			return err
 		}
-		c.t2 = time.Now()
-		if c.state, r.writes, err = cutState(r.m, r.cfg.Disks); err != nil {
-			return err
-		}
+		r.writes = takeAll(r.cfg.Disks)
 		if r.hooks.atCut != nil {
 			r.hooks.atCut(c.epoch)
 		}

@@ -22,7 +22,11 @@ type EpochStats struct {
 	PreHarvest time.Duration
 	// Copy is the pause's part in copying the dirty pages: all of the
 	// copy (CopyMode "stop"), or write-protecting them ("cow").
-	Copy  time.Duration
+	Copy time.Duration
+	// State is what the state save adds after the copy: the vCPUs read
+	// their registers while the harvest and the copy run (on their own
+	// threads), then come the chips, the clock, the devices, the
+	// encoding, the disk writes and sealing the epoch's output.
 	State time.Duration
 	// CopyMode is how this checkpoint copied its pages: "stop" or "cow"
 	// (with CopyAuto, chosen by its dirty set: ReplicateConfig.CoWPages).

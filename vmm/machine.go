@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"govmm/kvmapi"
 	"govmm/vmm/devstate"
@@ -132,6 +133,11 @@ type Machine struct {
 
 	stwMu sync.Mutex // one stop-the-world operation at a time (WithPaused)
 
+	// spin is how long a paused vCPU polls for its next request, and a
+	// cut for the vCPUs' answers, before sleeping (pauseSpin); 0: never.
+	// Set in New, read-only after.
+	spin time.Duration
+
 	coal coalescer // KVM's queue of writes to latch ports (coalesced.go)
 
 	tracking atomic.Bool // a dirty tracker is open (TrackDirty)
@@ -165,6 +171,7 @@ func New(cfg Config) (*Machine, error) {
 		m.Close()
 		return nil, err
 	}
+	m.spin = pauseSpin(cfg.CPUs)
 	if holdProcs(cfg.CPUs) {
 		m.procs.Store(int32(cfg.CPUs))
 	}

@@ -58,7 +58,11 @@ func (m *Machine) Resume() error {
 				return err
 			}
 		}
-		if err := m.broadcast(reqResume, nil); err != nil {
+		// Every vCPU waits paused for its requests (vcpu.paused): no
+		// kick. One would set immediate_exit and signal a thread that
+		// may already be back in KVM_RUN by then (a polling vCPU takes
+		// the request at once), costing it a spurious exit.
+		if err := m.broadcastWhile(reqResume, nil, nil, false); err != nil {
 			return err
 		}
 	}
@@ -189,12 +193,11 @@ func (m *Machine) broadcastWhile(kind reqKind, fn func(int, *kvmapi.VCPU) error,
 		errs = append(errs, meanwhile())
 	}
 	for _, r := range replies {
-		select {
-		case err := <-r:
-			errs = append(errs, err)
-		case <-m.done:
+		err, ok := pollRecv(r, m.done, m.spin)
+		if !ok {
 			return m.stoppedErr()
 		}
+		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
 }
@@ -226,4 +229,34 @@ func (m *Machine) releasePaused(release chan struct{}) error {
 	m.paused = 1
 	m.devicesHeld = true
 	return nil
+}
+
+// pollRecv receives from ch; ok is false once done is closed. With spin
+// above zero it polls for up to that long before it blocks: a cut is
+// three round trips between its goroutine and the vCPU threads (pause,
+// save, resume), each answered within microseconds, and a thread that
+// sleeps between them must be woken each time, the wake-up of an idle
+// CPU (Machine.spin, pauseSpin). A paused vCPU waits for its requests so
+// and a cut for the vCPUs' answers.
+func pollRecv[T any](ch <-chan T, done <-chan struct{}, spin time.Duration) (v T, ok bool) {
+	if spin > 0 {
+		for until := time.Now().Add(spin); ; {
+			select {
+			case v = <-ch:
+				return v, true
+			case <-done:
+				return v, false
+			default:
+			}
+			if time.Now().After(until) {
+				break
+			}
+		}
+	}
+	select {
+	case v = <-ch:
+		return v, true
+	case <-done:
+		return v, false
+	}
 }

@@ -75,7 +75,7 @@ var ErrStateMismatch = errors.New("machine state does not match this machine")
 // fall in, and takes the chips' ~5 µs out of the pause.
 func (m *Machine) SaveState() (*MachineState, error) {
 	st := &MachineState{}
-	if err := m.saveState(st, nil); err != nil {
+	if err := m.saveState(st, nil, nil); err != nil {
 		return nil, err
 	}
 	return st, nil
@@ -83,8 +83,9 @@ func (m *Machine) SaveState() (*MachineState, error) {
 
 // saveState fills st, reusing its slices (and xsave's buffers, one per
 // vCPU, if not nil) where they are large enough: EncodeState's every-epoch
-// save allocates next to nothing.
-func (m *Machine) saveState(st *MachineState, xsave [][]uint64) error {
+// save allocates next to nothing. The vCPUs are read on their threads;
+// meanwhile (if not nil), then the machine level, on this goroutine.
+func (m *Machine) saveState(st *MachineState, xsave [][]uint64, meanwhile func() error) error {
 	if len(st.VCPUs) != len(m.vcpus) {
 		st.VCPUs = make([]VCPUState, len(m.vcpus))
 	}
@@ -107,7 +108,14 @@ func (m *Machine) saveState(st *MachineState, xsave [][]uint64) error {
 			st.TSCKHz = khz
 		}
 		return nil
-	}, func() error { return m.saveMachineLevel(st) })
+	}, func() error {
+		if meanwhile != nil {
+			if err := meanwhile(); err != nil {
+				return err
+			}
+		}
+		return m.saveMachineLevel(st)
+	})
 }
 
 // saveMachineLevel fills in the PICs, the IOAPIC, the PIT, the KVM clock

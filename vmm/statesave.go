@@ -28,7 +28,20 @@ type stateSaver struct {
 // guest's TSC rate, which only a restore changes, is read once. The
 // machine must be paused with its devices quiesced. The bytes returned
 // are the caller's.
-func (m *Machine) EncodeState() ([]byte, error) {
+func (m *Machine) EncodeState() ([]byte, error) { return m.EncodeStateWhile(nil) }
+
+// EncodeStateWhile is EncodeState that runs meanwhile (if not nil) on the
+// calling goroutine while the vCPU threads read their own state, so that
+// the work of a cut that is not the state (a checkpoint's harvest and
+// copy) overlaps the vCPUs' ioctls instead of coming before them. The
+// machine must be paused with its devices quiesced, and stays so
+// throughout: meanwhile runs at the same cut. It must not pause, resume or
+// run anything on the vCPUs (the pause lock is held; that would deadlock).
+// On this goroutine meanwhile runs first, then the machine-level state
+// (chips, clock, devices) is read, then the vCPUs' answers are awaited.
+// If meanwhile fails, no state is returned and its error is (joined with
+// any vCPU's; errors.Is finds it).
+func (m *Machine) EncodeStateWhile(meanwhile func() error) ([]byte, error) {
 	s := &m.saver
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -38,7 +51,7 @@ func (m *Machine) EncodeState() ([]byte, error) {
 			s.xsave[i] = make([]uint64, kvmapi.XsaveWords(m.xsave))
 		}
 	}
-	if err := m.saveState(&s.st, s.xsave); err != nil {
+	if err := m.saveState(&s.st, s.xsave, meanwhile); err != nil {
 		return nil, err
 	}
 	s.out.Reset()

@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"errors"
+	"fmt"
 	"slices"
 	"testing"
 	"time"
@@ -72,15 +74,44 @@ func withoutClocks(t *testing.T, b []byte) []byte {
 // the TSC and the KVM clock, which advance between the two; and the
 // sync registers equal what KVM_GET_REGS, KVM_GET_SREGS and
 // KVM_GET_VCPU_EVENTS return there.
+//
+// Both ways a cut may go: vCPU threads that sleep between the cut's
+// requests, reading their state while the cut does nothing else
+// (EncodeState); and vCPU threads that poll for them (Machine.spin),
+// reading their state while the cut's own goroutine works at the same cut
+// (EncodeStateWhile, here reading guest memory, which must not move).
 func TestEncodeStateMatchesFullSave(t *testing.T) {
+	for _, spin := range []time.Duration{0, 500 * time.Microsecond} {
+		t.Run(fmt.Sprintf("spin=%v", spin), func(t *testing.T) { testEncodeStateMatchesFullSave(t, spin) })
+	}
+}
+
+func testEncodeStateMatchesFullSave(t *testing.T, spin time.Duration) {
 	code := busyGuest()
 	code = append(code, 0xeb, byte(-(len(code) + 2))) // jmp to the start
-	m, _ := startTiny(t, 2, code)
+	m, _ := startTinyWith(t, 2, code, func(m *Machine) { m.spin = spin })
 	ctx := context.Background()
 	counter := func() uint64 {
 		b, err := m.Memory().Slice(counterGPA, 8)
 		require.NoError(t, err)
 		return binary.LittleEndian.Uint64(b)
+	}
+	encode := m.EncodeState
+	if spin > 0 {
+		encode = func() ([]byte, error) {
+			calls := 0
+			b, err := m.EncodeStateWhile(func() error {
+				calls++
+				c := counter()
+				time.Sleep(200 * time.Microsecond)
+				if counter() != c {
+					return errors.New("the guest ran during meanwhile")
+				}
+				return nil
+			})
+			require.Equal(t, 1, calls, "meanwhile runs once a save")
+			return b, err
+		}
 	}
 	var prev []byte
 	const epochs = 200
@@ -98,7 +129,7 @@ func TestEncodeStateMatchesFullSave(t *testing.T) {
 		full, err := m.SaveState()
 		m.syncRegs = sync
 		require.NoError(t, err)
-		inc, err := m.EncodeState()
+		inc, err := encode()
 		require.NoError(t, err)
 		want, err := full.MarshalBinary()
 		require.NoError(t, err)
@@ -137,4 +168,23 @@ func TestEncodeStateMatchesFullSave(t *testing.T) {
 		require.NoError(t, m.Resume())
 		require.Eventually(t, func() bool { return counter() > before }, 30*time.Second, 50*time.Microsecond)
 	}
+}
+
+// A failing meanwhile fails the save: its error comes back, no state, and
+// the machine goes on as after any cut.
+func TestEncodeStateWhileReturnsMeanwhilesError(t *testing.T) {
+	m, _ := startTiny(t, 2, tinyguest.Counter(counterGPA))
+	ctx := context.Background()
+	boom := errors.New("boom")
+	require.NoError(t, m.WithPaused(ctx, func() error {
+		b, err := m.EncodeStateWhile(func() error { return boom })
+		require.ErrorIs(t, err, boom)
+		require.Nil(t, b)
+		b, err = m.EncodeStateWhile(nil)
+		require.NoError(t, err)
+		require.NotEmpty(t, b)
+		return nil
+	}))
+	_, err := m.EncodeStateWhile(func() error { return nil })
+	require.ErrorIs(t, err, ErrNotPaused)
 }

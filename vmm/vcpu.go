@@ -229,21 +229,20 @@ func (c *vcpu) paused(r vcpuReq) bool {
 	}
 	r.reply <- nil
 	for {
-		select {
-		case <-c.m.done:
+		r, ok := pollRecv(c.reqs, c.m.done, c.m.spin)
+		if !ok {
 			return true
-		case r := <-c.reqs:
-			switch r.kind {
-			case reqResume:
-				c.fd.SetImmediateExit(false)
-				c.m.noteResumed(time.Now())
-				r.reply <- nil
-				return false
-			case reqDo:
-				r.reply <- r.fn(c.id, c.fd)
-			case reqPause:
-				r.reply <- nil
-			}
+		}
+		switch r.kind {
+		case reqResume:
+			c.fd.SetImmediateExit(false)
+			c.m.noteResumed(time.Now())
+			r.reply <- nil
+			return false
+		case reqDo:
+			r.reply <- r.fn(c.id, c.fd)
+		case reqPause:
+			r.reply <- nil
 		}
 	}
 }
