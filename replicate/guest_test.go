@@ -353,7 +353,7 @@ const guestCoWPages = 128
 // choose by itself.
 func TestGuestTakeoverEqualsPrimaryAtCut(t *testing.T) {
 	kvmtest.RequireLinuxBoot(t)
-	t.Setenv("GOVMM_PAUSE_SPIN", "500us")
+	t.Setenv("GOVMM_PAUSE_SPIN", "2ms")
 	r := guestrig.New(t)
 	diskP, diskS := r.BlankDisk("p.img", 64<<20), r.BlankDisk("s.img", 64<<20)
 	df, err := os.OpenFile(diskS, os.O_RDWR, 0)

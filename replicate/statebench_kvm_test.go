@@ -19,8 +19,11 @@ import (
 // pages) for b.N epochs, and reports the medians of the checkpoints'
 // steps in µs: stop, harvest, copy, state (what the state save, the disk
 // writes and sealing output add after the copy: the vCPUs read their
-// registers while the harvest and copy run) and pause. It is the state
-// save as a checkpoint pays it, caches cold from the guest's run.
+// registers while the harvest and copy run) and pause; and of the dirty
+// pages (an emulated guest may write fewer in an epoch than its working
+// set). It is the state save as a checkpoint pays it, caches cold from
+// the guest's run. It fails if the replication ends early (a guest the
+// lab's emulation killed).
 func BenchmarkEpochState(b *testing.B) {
 	for _, pages := range []uint32{64, 1024} {
 		b.Run(fmt.Sprintf("pages=%d", pages), func(b *testing.B) { benchEpochState(b, pages) })
@@ -47,10 +50,20 @@ func benchEpochState(b *testing.B, pages uint32) {
 	start := rep.Stats().Epochs
 	b.ResetTimer()
 	for rep.Stats().Epochs < start+uint64(b.N)+1 {
-		time.Sleep(time.Millisecond)
+		select {
+		case <-rep.Done(): // the guest or the replication died (the lab's SVM emulation kills guests now and then)
+			var merr error
+			select {
+			case <-m.Done():
+				_, merr = m.Wait()
+			default:
+			}
+			b.Fatalf("replication ended after %d epochs: %v (machine: %v)", rep.Stats().Epochs-start, rep.Err(), merr)
+		case <-time.After(time.Millisecond):
+		}
 	}
 	b.StopTimer()
-	var state, stop, pause, harvest, cp []float64
+	var state, stop, pause, harvest, cp, dirty []float64
 	for _, es := range rep.Recent() {
 		if es.Epoch <= start+1 {
 			continue
@@ -60,6 +73,7 @@ func benchEpochState(b *testing.B, pages uint32) {
 		pause = append(pause, float64(es.Pause.Nanoseconds())/1e3)
 		harvest = append(harvest, float64(es.Harvest.Nanoseconds())/1e3)
 		cp = append(cp, float64(es.Copy.Nanoseconds())/1e3)
+		dirty = append(dirty, float64(es.DirtyPages))
 	}
 	med := func(x []float64) float64 {
 		if len(x) == 0 {
@@ -73,5 +87,6 @@ func benchEpochState(b *testing.B, pages uint32) {
 	b.ReportMetric(med(pause), "pause-µs")
 	b.ReportMetric(med(harvest), "harvest-µs")
 	b.ReportMetric(med(cp), "copy-µs")
+	b.ReportMetric(med(dirty), "dirty-pages")
 	b.ReportMetric(0, "ns/op")
 }
