@@ -39,8 +39,8 @@ func (m *Machine) EncodeState() ([]byte, error) { return m.EncodeStateWhile(nil)
 // run anything on the vCPUs (the pause lock is held; that would deadlock).
 // On this goroutine meanwhile runs first, then the machine-level state
 // (chips, clock, devices) is read, then the vCPUs' answers are awaited.
-// If meanwhile fails, no state is returned and its error is (joined with
-// any vCPU's; errors.Is finds it).
+// If meanwhile fails, no state is returned, and the error wraps
+// meanwhile's (joined with any vCPU's).
 func (m *Machine) EncodeStateWhile(meanwhile func() error) ([]byte, error) {
 	s := &m.saver
 	s.mu.Lock()
