@@ -110,7 +110,7 @@ func (r *Replicator) cut(epoch uint64, pre, extra *dirtylog.Set) (cutResult, err
 		// The vCPU threads read their registers while this goroutine
 		// harvests and copies: the same cut, the two overlapped.
 		var err error
-		c.state, err = r.m.EncodeStateWhile(func() error {
+		c.state, r.writes, err = cutState(r.m, r.cfg.Disks, func() error {
 			set, err := r.tr.Harvest()
 			if err != nil {
 				return err
@@ -132,7 +132,6 @@ func (r *Replicator) cut(epoch uint64, pre, extra *dirtylog.Set) (cutResult, err
 		if err != nil {
 			return err
 		}
-		r.writes = takeAll(r.cfg.Disks)
 		if r.hooks.atCut != nil {
 			r.hooks.atCut(c.epoch)
 		}

@@ -252,8 +252,10 @@ func DiskSize(f *os.File) (int64, error) {
 // cutState is a checkpoint's machine state, taken at a consistent cut
 // (inside Machine.WithPaused), with the disks' writes since the previous
 // Take: together they are the checkpoint's state payload and Disk frames.
-func cutState(m *vmm.Machine, disks []*DiskLog) ([]byte, [][]DiskWrite, error) {
-	raw, err := m.EncodeState()
+// meanwhile (if not nil) runs at the same cut while the vCPUs read their
+// registers (Machine.EncodeStateWhile): a checkpoint's harvest and copy.
+func cutState(m *vmm.Machine, disks []*DiskLog, meanwhile func() error) ([]byte, [][]DiskWrite, error) {
+	raw, err := m.EncodeStateWhile(meanwhile)
 	if err != nil {
 		return nil, nil, err
 	}

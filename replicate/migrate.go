@@ -237,7 +237,7 @@ func stopAndCopy(ctx context.Context, m *vmm.Machine, s *stream.Sender, tracker 
 		return false, nil, err
 	}
 	set.Or(last)
-	state, writes, err := cutState(m, cfg.Disks)
+	state, writes, err := cutState(m, cfg.Disks, nil)
 	if err != nil {
 		return false, nil, err
 	}
