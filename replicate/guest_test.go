@@ -111,6 +111,7 @@ func buildVM(t *testing.T, r *guestrig.Rig, name, tap, disk string, boot bool) (
 				res, err := g.m.Wait()
 				t.Logf("%s had stopped: %s (status %d): %v", name, res.Reason, res.Status, err)
 			default:
+				t.Logf("%s still running: %s", name, guestrig.DescribeMachine(g.m))
 			}
 		}
 		g.close()

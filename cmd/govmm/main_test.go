@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -24,7 +23,6 @@ import (
 	"govmm/guestimg"
 	"govmm/internal/boottrace"
 	"govmm/internal/kvmtest"
-	"govmm/kvmapi"
 	"govmm/vmm"
 )
 
@@ -173,38 +171,7 @@ func vcpuPositions(sock string) string {
 	if err != nil {
 		return fmt.Sprintf("[snapshot: %v]", err)
 	}
-	var b strings.Builder
-	b.WriteString("vCPUs at the timeout:")
-	for i, v := range st.VCPUs {
-		fmt.Fprintf(&b, " vCPU %d: mp_state %d, rip %#x, rflags %#x (IF %d), cs %#x",
-			i, v.MPState.State, v.Regs.RIP, v.Regs.RFLAGS, v.Regs.RFLAGS>>9&1, v.Sregs.CS.Selector)
-		if v.Events.Interrupt.Injected != 0 {
-			fmt.Fprintf(&b, ", injecting vector %d", v.Events.Interrupt.Nr)
-		}
-		fmt.Fprintf(&b, ", LAPIC irr %v isr %v tpr %#x lvt-timer %#x initial-count %d;",
-			apicVectors(&v.LAPIC, 0x200), apicVectors(&v.LAPIC, 0x100), apicReg(&v.LAPIC, 0x80), apicReg(&v.LAPIC, 0x320), apicReg(&v.LAPIC, 0x380))
-	}
-	return b.String()
-}
-
-// apicReg is the local APIC register at offset off.
-func apicReg(l *kvmapi.LAPICState, off int) uint32 {
-	return binary.LittleEndian.Uint32(l.Regs[off : off+4])
-}
-
-// apicVectors lists the vectors set in the 256-bit register (IRR, ISR)
-// whose eight 32-bit words start at off, 16 bytes apart.
-func apicVectors(l *kvmapi.LAPICState, off int) []int {
-	var vs []int
-	for w := range 8 {
-		r := apicReg(l, off+16*w)
-		for bit := range 32 {
-			if r&(1<<bit) != 0 {
-				vs = append(vs, 32*w+bit)
-			}
-		}
-	}
-	return vs
+	return "vCPUs at the timeout: " + st.DescribeVCPUs()
 }
 
 // tinyImage writes the bench's tiny bzImage (prints the ready line, exits

@@ -45,6 +45,7 @@ import (
 	"govmm/internal/democlient"
 	"govmm/internal/netns"
 	"govmm/lab"
+	"govmm/vmm"
 	"govmm/vmm/guestmem"
 )
 
@@ -500,4 +501,55 @@ func TraceKVM(t *testing.T) {
 		}
 		t.Logf("last KVM events in L1:\n%s", strings.Join(lines, "\n"))
 	})
+}
+
+// DescribeMachine says what a machine that is still running was doing,
+// for a test that gave up waiting on its guest: each vCPU's count of VM
+// exits, read twice a second apart (a guest that no longer exits at all
+// is stuck in KVM or halted for good), then each vCPU's position and
+// local APIC from a state saved at a pause (vmm.MachineState
+// DescribeVCPUs). A pause that does not come within 20 s (a cut that
+// hangs) is said so. Empty for a machine that has stopped.
+func DescribeMachine(m *vmm.Machine) string {
+	select {
+	case <-m.Done():
+		return ""
+	default:
+	}
+	var b strings.Builder
+	for i := range 2 {
+		if i > 0 {
+			time.Sleep(time.Second)
+			b.WriteString(", then ")
+		}
+		if n, ok := m.KVMExits(); ok {
+			fmt.Fprintf(&b, "KVM exits %v", n)
+		} else {
+			b.WriteString("KVM exits unknown")
+		}
+	}
+	b.WriteString("; ")
+	type saved struct {
+		st  *vmm.MachineState
+		err error
+	}
+	got := make(chan saved, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		var s saved
+		s.err = m.WithPaused(ctx, func() error { var err error; s.st, err = m.SaveState(); return err })
+		got <- s
+	}()
+	select {
+	case s := <-got:
+		if s.err != nil {
+			fmt.Fprintf(&b, "no state: %v", s.err)
+		} else {
+			b.WriteString(s.st.DescribeVCPUs())
+		}
+	case <-time.After(20 * time.Second):
+		b.WriteString("no state: no pause within 20s")
+	}
+	return b.String()
 }
