@@ -39,6 +39,9 @@ type guestVM struct {
 	attrs   map[string][]stream.Attr
 	tap     string
 	disk    string
+	// described: a failure already said what the machine was doing
+	// (guestrig.DescribeMachine), so the cleanup need not again.
+	described atomic.Bool
 
 	mu     sync.Mutex // guards closed
 	closed bool
@@ -111,7 +114,9 @@ func buildVM(t *testing.T, r *guestrig.Rig, name, tap, disk string, boot bool) (
 				res, err := g.m.Wait()
 				t.Logf("%s had stopped: %s (status %d): %v", name, res.Reason, res.Status, err)
 			default:
-				t.Logf("%s still running: %s", name, guestrig.DescribeMachine(g.m))
+				if !g.described.Load() {
+					t.Logf("%s still running: %s", name, guestrig.DescribeMachine(g.m))
+				}
 			}
 		}
 		g.close()
@@ -162,7 +167,8 @@ func (g *guestVM) waitConsole(t *testing.T, s string, timeout time.Duration) {
 		case <-time.After(50 * time.Millisecond):
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("%s: no %q on the console within %v", g.name, s, timeout)
+			g.described.Store(true)
+			t.Fatalf("%s: no %q on the console within %v; what it was doing: %s", g.name, s, timeout, guestrig.DescribeMachine(g.m))
 		}
 	}
 }

@@ -1,6 +1,7 @@
 package guestrig
 
 import (
+	"context"
 	"encoding/binary"
 	"io"
 	"testing"
@@ -36,6 +37,20 @@ func TestDescribeMachine(t *testing.T) {
 	require.Regexp(t, `^KVM exits \[\d+\], then KVM exits \[\d+\]; vCPU 0: mp_state 0, rip 0x[0-9a-f]+, rflags 0x[0-9a-f]+ \(IF 0\), cs 0x[0-9a-f]+, LAPIC irr \[`, d)
 	before := count()
 	require.Eventually(t, func() bool { return count() > before }, 30*time.Second, time.Millisecond, "still running")
+
+	// A cut that never ends (here one held open) leaves no pause to
+	// take: said so, with where every goroutine is.
+	defer func(d time.Duration) { describePause = d }(describePause)
+	describePause = time.Second
+	held, release := make(chan struct{}), make(chan struct{})
+	go func() {
+		_ = m.WithPaused(context.Background(), func() error { close(held); <-release; return nil })
+	}()
+	<-held
+	d = DescribeMachine(m)
+	close(release)
+	require.Contains(t, d, "no state: no pause within 1s; this process's goroutines:\ngoroutine ")
+	require.Contains(t, d, "guestrig.TestDescribeMachine")
 
 	m.Stop()
 	_, _ = m.Wait()

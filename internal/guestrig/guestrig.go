@@ -32,6 +32,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -503,13 +504,17 @@ func TraceKVM(t *testing.T) {
 	})
 }
 
+// describePause is how long DescribeMachine waits for a pause.
+var describePause = 20 * time.Second
+
 // DescribeMachine says what a machine that is still running was doing,
 // for a test that gave up waiting on its guest: each vCPU's count of VM
 // exits, read twice a second apart (a guest that no longer exits at all
 // is stuck in KVM or halted for good), then each vCPU's position and
 // local APIC from a state saved at a pause (vmm.MachineState
-// DescribeVCPUs). A pause that does not come within 20 s (a cut that
-// hangs) is said so. Empty for a machine that has stopped.
+// DescribeVCPUs). A pause that does not come within 20 s (a vCPU thread
+// or a cut stuck in the VMM) is said so, with every goroutine's stack.
+// Empty for a machine that has stopped.
 func DescribeMachine(m *vmm.Machine) string {
 	select {
 	case <-m.Done():
@@ -535,7 +540,7 @@ func DescribeMachine(m *vmm.Machine) string {
 	}
 	got := make(chan saved, 1)
 	go func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		ctx, cancel := context.WithTimeout(context.Background(), describePause)
 		defer cancel()
 		var s saved
 		s.err = m.WithPaused(ctx, func() error { var err error; s.st, err = m.SaveState(); return err })
@@ -548,8 +553,11 @@ func DescribeMachine(m *vmm.Machine) string {
 		} else {
 			b.WriteString(s.st.DescribeVCPUs())
 		}
-	case <-time.After(20 * time.Second):
-		b.WriteString("no state: no pause within 20s")
+	case <-time.After(describePause):
+		// A vCPU thread or the cut is stuck in the VMM: where.
+		stacks := make([]byte, 256<<10)
+		stacks = stacks[:runtime.Stack(stacks, true)]
+		fmt.Fprintf(&b, "no state: no pause within %v; this process's goroutines:\n%s", describePause, stacks)
 	}
 	return b.String()
 }
