@@ -538,9 +538,10 @@ func DescribeMachine(m *vmm.Machine) string {
 		st  *vmm.MachineState
 		err error
 	}
+	wait := describePause
 	got := make(chan saved, 1)
 	go func() {
-		ctx, cancel := context.WithTimeout(context.Background(), describePause)
+		ctx, cancel := context.WithTimeout(context.Background(), wait)
 		defer cancel()
 		var s saved
 		s.err = m.WithPaused(ctx, func() error { var err error; s.st, err = m.SaveState(); return err })
@@ -553,11 +554,11 @@ func DescribeMachine(m *vmm.Machine) string {
 		} else {
 			b.WriteString(s.st.DescribeVCPUs())
 		}
-	case <-time.After(describePause):
+	case <-time.After(wait):
 		// A vCPU thread or the cut is stuck in the VMM: where.
 		stacks := make([]byte, 256<<10)
 		stacks = stacks[:runtime.Stack(stacks, true)]
-		fmt.Fprintf(&b, "no state: no pause within %v; this process's goroutines:\n%s", describePause, stacks)
+		fmt.Fprintf(&b, "no state: no pause within %v; this process's goroutines:\n%s", wait, stacks)
 	}
 	return b.String()
 }
