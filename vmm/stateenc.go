@@ -118,8 +118,8 @@ func walkDevice(d *devstate.State, c *devstate.Codec) {
 // Its first error sticks.
 type sectionCodec struct {
 	w *container.Writer // set when encoding
-	// scratch, if set, is where sections are encoded before w writes
-	// them (w copies them out): kept from section to section.
+	// scratch is where sections are encoded before w writes them (w
+	// copies them out): kept from section to section.
 	scratch *[]byte
 	in      []container.Section // decoding: the sections not yet taken
 	err     error
@@ -133,10 +133,6 @@ func (c *sectionCodec) one(t container.Type, walk func(*devstate.Codec)) {
 		return
 	}
 	if !c.decoding() {
-		if c.scratch == nil {
-			c.err = c.w.Section(t, devstate.Encode(walk))
-			return
-		}
 		*c.scratch = devstate.EncodeAppend((*c.scratch)[:0], walk)
 		c.err = c.w.Section(t, *c.scratch)
 		return
@@ -181,10 +177,12 @@ func each[T any](c *sectionCodec, t container.Type, s *[]T, max int, walk func(*
 }
 
 // MarshalBinary encodes the state as a GOVMMSTA container of the current
-// version.
+// version. It encodes every section in one scratch buffer, as
+// EncodeState does, rather than allocating one per section.
 func (s *MachineState) MarshalBinary() ([]byte, error) {
 	var b bytes.Buffer
-	if err := s.marshalTo(&b, nil); err != nil {
+	var scratch []byte
+	if err := s.marshalTo(&b, &scratch); err != nil {
 		return nil, err
 	}
 	return b.Bytes(), nil
