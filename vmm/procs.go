@@ -59,7 +59,8 @@ func releaseProcs(n int) {
 // on a host whose idle CPUs halt (a VM) that is 0.1-0.4 ms, in the lab
 // more. Polling only pays where the host has a CPU for the VMM beside
 // every vCPU: otherwise a polling vCPU thread takes the CPU the cut's own
-// work (the harvest, the copy) needs. GOVMM_PAUSE_SPIN (a duration, 0 for
+// work (the harvest, the copy) needs; and past pollAlone a poll yields
+// its CPU between looks (pollRecv). GOVMM_PAUSE_SPIN (a duration, 0 for
 // never; what does not parse as one is ignored) overrides it, for
 // measuring.
 func pauseSpin(cpus int) time.Duration {

@@ -10,8 +10,9 @@
 // counter goes up by exactly one each time, every acknowledged line is in
 // GET /log), and a bulk client that keeps network and disk busy. It also
 // has the diagnostics used when a moved guest dies: page-by-page memory
-// comparison, a page-table walk, and, in the lab, the last KVM exits from
-// L1's ftrace.
+// comparison, a page-table walk, what a machine that stopped making
+// progress was doing (DescribeMachine), and, in the lab, the last KVM
+// exits from L1's ftrace.
 //
 // It does not own the machines: tests build them (in their own process,
 // or as govmm processes) and tell the rig which TAP and disk they use.
