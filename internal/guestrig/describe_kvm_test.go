@@ -40,8 +40,10 @@ func TestDescribeMachine(t *testing.T) {
 
 	// A cut that never ends (here one held open) leaves no pause to
 	// take: said so, with where every goroutine is.
-	defer func(d time.Duration) { describePause = d }(describePause)
+	defer func(d time.Duration, f func()) { describePause, describeEnded = d, f }(describePause, describeEnded)
 	describePause = time.Second
+	ended := make(chan struct{})
+	describeEnded = func() { close(ended) }
 	held, release := make(chan struct{}), make(chan struct{})
 	go func() {
 		_ = m.WithPaused(context.Background(), func() error { close(held); <-release; return nil })
@@ -49,6 +51,7 @@ func TestDescribeMachine(t *testing.T) {
 	<-held
 	d = DescribeMachine(m)
 	close(release)
+	<-ended // its pause, once it came, read nothing
 	require.Contains(t, d, "no state: no pause within 1s; this process's goroutines:\ngoroutine ")
 	require.Contains(t, d, "guestrig.TestDescribeMachine")
 

@@ -37,6 +37,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -508,6 +509,10 @@ func TraceKVM(t *testing.T) {
 // describePause is how long DescribeMachine waits for a pause.
 var describePause = 20 * time.Second
 
+// describeEnded is called when DescribeMachine's pausing goroutine ends
+// (for its test, which must not close the machine before).
+var describeEnded = func() {}
+
 // DescribeMachine says what a machine that is still running was doing,
 // for a test that gave up waiting on its guest: each vCPU's count of VM
 // exits, read twice a second apart (a guest that no longer exits at all
@@ -541,11 +546,22 @@ func DescribeMachine(m *vmm.Machine) string {
 	}
 	wait := describePause
 	got := make(chan saved, 1)
+	var gaveUp atomic.Bool
 	go func() {
+		defer describeEnded()
 		ctx, cancel := context.WithTimeout(context.Background(), wait)
 		defer cancel()
 		var s saved
-		s.err = m.WithPaused(ctx, func() error { var err error; s.st, err = m.SaveState(); return err })
+		s.err = m.WithPaused(ctx, func() error {
+			if gaveUp.Load() {
+				// The caller has gone on (to close the machine, say):
+				// nothing is read from it any more.
+				return nil
+			}
+			var err error
+			s.st, err = m.SaveState()
+			return err
+		})
 		got <- s
 	}()
 	select {
@@ -556,6 +572,7 @@ func DescribeMachine(m *vmm.Machine) string {
 			b.WriteString(s.st.DescribeVCPUs())
 		}
 	case <-time.After(wait):
+		gaveUp.Store(true)
 		// A vCPU thread or the cut is stuck in the VMM: where.
 		stacks := make([]byte, 256<<10)
 		stacks = stacks[:runtime.Stack(stacks, true)]
