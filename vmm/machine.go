@@ -30,10 +30,14 @@ const BaseCmdline = "console=ttyS0 reboot=k panic=-1 i8042.noaux i8042.nomux i80
 //   - pci=noearly: no early PCI scans (the AMD GART aperture check and
 //     the early quirks read config space bus by bus: seconds of port I/O
 //     exits there, and govmm has no such hardware);
+//   - cryptomgr.notests: no self-tests of the kernel's crypto
+//     algorithms at boot (half a second of an emulated boot's kernel
+//     init, crypto_algapi_init, in the lab); booted with fips=1 the
+//     kernel runs them anyway;
 //   - quiet: kernel messages below KERN_ERR stay in the log, off the
 //     console, whose every byte is an exit (20 KB at boot). The guest's
 //     ready line and errors still show.
-const TunedCmdline = "pci=noearly quiet"
+const TunedCmdline = "pci=noearly cryptomgr.notests quiet"
 
 // DefaultCmdline is what every guest gets before the user's additions.
 const DefaultCmdline = BaseCmdline + " " + TunedCmdline

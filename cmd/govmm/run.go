@@ -120,7 +120,7 @@ func (f *runFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.kernelEntry, "kernel-entry", "auto", "how a bzImage is entered: `auto|pvh|bzimage`; pvh enters its uncompressed kernel through PVH, skipping the decompressor in the guest (extracted once, kept in the cache: the guest image's cache directory's pvh/; no KASLR, as with any PVH boot), bzimage runs its own decompressor, auto is pvh where the kernel has a PVH entry (CONFIG_PVH) and bzimage where not (GOVMM_LOG=info says why). A vmlinux has only its PVH entry")
 	fs.StringVar(&f.initrd, "initrd", "", "initramfs (default: the default guest image's)")
 	fs.StringVar(&f.cmdline, "cmdline", "", "appended to the kernel command line")
-	fs.StringVar(&f.cmdlineBase, "cmdline-base", vmm.DefaultCmdline, "the kernel command line before what govmm and --cmdline add; the default's tuning (pci=noearly quiet) saves boot time, see docs/BOOT.md")
+	fs.StringVar(&f.cmdlineBase, "cmdline-base", vmm.DefaultCmdline, "the kernel command line before what govmm and --cmdline add; the default's tuning ("+vmm.TunedCmdline+") saves boot time, see docs/BOOT.md")
 	f.mem, f.cpus = "256M", 1
 	fs.Var(memFlag{&f.mem}, "mem", "guest memory, with a K, M, G or T suffix (a bare number is MiB, as for QEMU's -m)")
 	fs.Var(cpusFlag{&f.cpus}, "cpus", fmt.Sprintf("number of vCPUs, 1 to %d", vmm.MaxCPUs))
