@@ -21,6 +21,10 @@ func (r *Replicator) copyOnWrite() (*guestmem.Protector, error) {
 	p, err := guestmem.NewProtector(r.m.Memory())
 	if err == nil {
 		r.log.Debug("checkpoints copy on write")
+		// A vCPU that writes an armed page between a pause's kick and
+		// its exit waits for the fault's resolution: the pause's poll
+		// resolves it at once (vmm.Machine.SetPauseHelper).
+		r.m.SetPauseHelper(p.ResolvePending)
 		return p, nil
 	}
 	if r.cfg.Copy == CopyCoW {
@@ -55,6 +59,7 @@ func (r *Replicator) closeCoW() {
 	if r.cow == nil {
 		return
 	}
+	r.m.SetPauseHelper(nil)
 	if err := r.cow.Close(); err != nil {
 		r.log.Warn("copy-on-write: close", "err", err)
 	}

@@ -142,6 +142,10 @@ type Machine struct {
 	// Set in New, read-only after.
 	spin time.Duration
 
+	// pauseHelper, when set (SetPauseHelper), runs between a pause's
+	// looks for the vCPUs' answers to its kick.
+	pauseHelper atomic.Pointer[func()]
+
 	coal coalescer // KVM's queue of writes to latch ports (coalesced.go)
 
 	tracking atomic.Bool // a dirty tracker is open (TrackDirty)

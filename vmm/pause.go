@@ -153,6 +153,24 @@ func (m *Machine) OnVCPUs(fn func(id int, fd *kvmapi.VCPU) error) error {
 	return m.broadcastWhile(reqDo, fn, nil, false)
 }
 
+// SetPauseHelper sets fn (nil: none) to run on a pausing goroutine
+// between its looks for the vCPUs' answers to the pause's kick, while it
+// polls (Machine.spin). A vCPU may be unable to answer until work of the
+// VMM's is done: one that wrote a write-protected page inside the kick's
+// window waits in the kernel for the copy-on-write fault handler, and
+// the kick does not end that wait (guestmem.Protector.ResolvePending,
+// which replicate sets here, resolves it from the poll rather than after
+// the handler's wake-up). fn must not block, and must be safe to call
+// concurrently with anything else the machine runs; it is never called
+// concurrently with itself (pauses are serialised by pauseMu).
+func (m *Machine) SetPauseHelper(fn func()) {
+	if fn == nil {
+		m.pauseHelper.Store(nil)
+		return
+	}
+	m.pauseHelper.Store(&fn)
+}
+
 // ErrNotPaused is returned for operations that need a paused machine.
 var ErrNotPaused = errors.New("machine not paused")
 
@@ -194,8 +212,14 @@ func (m *Machine) broadcastWhile(kind reqKind, fn func(int, *kvmapi.VCPU) error,
 	if meanwhile != nil {
 		errs = append(errs, meanwhile())
 	}
+	var helper func()
+	if kick {
+		if h := m.pauseHelper.Load(); h != nil {
+			helper = *h
+		}
+	}
 	for _, r := range replies {
-		err, ok := pollRecv(r, m.done, m.spin)
+		err, ok := pollRecvHelping(r, m.done, m.spin, helper)
 		if !ok {
 			return m.stoppedErr()
 		}
@@ -250,6 +274,12 @@ func (m *Machine) releasePaused(release chan struct{}) error {
 // whole poll, instead of ~0.2 (bench/results/20261206T193000Z). Alone
 // on its CPU, a yielding poller only pays the system call between looks.
 func pollRecv[T any](ch <-chan T, done <-chan struct{}, spin time.Duration) (v T, ok bool) {
+	return pollRecvHelping(ch, done, spin, nil)
+}
+
+// pollRecvHelping is pollRecv that, while it polls, calls help (if not
+// nil) between looks: SetPauseHelper.
+func pollRecvHelping[T any](ch <-chan T, done <-chan struct{}, spin time.Duration, help func()) (v T, ok bool) {
 	if spin > 0 {
 		start := time.Now()
 		for {
@@ -259,6 +289,9 @@ func pollRecv[T any](ch <-chan T, done <-chan struct{}, spin time.Duration) (v T
 			case <-done:
 				return v, false
 			default:
+			}
+			if help != nil {
+				help()
 			}
 			waited := time.Since(start)
 			if waited > spin {

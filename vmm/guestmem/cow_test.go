@@ -2,6 +2,7 @@ package guestmem
 
 import (
 	"bytes"
+	"os"
 	"runtime"
 	"runtime/debug"
 	"sync"
@@ -9,6 +10,7 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
 )
 
 // fillPage stamps a page with v, byte by byte: plain stores, which stay
@@ -324,4 +326,64 @@ func TestForgetDropsThePrediction(t *testing.T) {
 	require.False(t, write(0, 5), "the snapshot before the Forget is not predicted")
 	p.Disarm()
 	require.NoError(t, p.Close())
+}
+
+// TestResolvePendingFreesAWriter has no fault handler: a write to an
+// armed page waits in the kernel until ResolvePending, called as a
+// pause's poll calls it, resolves the fault. Before the arming, and
+// after Close, it reads nothing.
+func TestResolvePendingFreesAWriter(t *testing.T) {
+	m, err := New([]Spec{{GPA: 0, Size: 16 * PageSize}})
+	require.NoError(t, err)
+	defer m.Close()
+	host := m.Regions()[0].Host
+	fillPage(host, 9) // present: write-protection holds present pages
+	p, err := newProtector(m, false)
+	require.NoError(t, err)
+	defer p.Close()
+
+	p.ResolvePending() // nothing armed, no snapshot: nothing to resolve
+	require.Zero(t, p.reported.Load())
+
+	extra := newSet(m)
+	extra.add(m, GPA(3*PageSize))
+	require.NoError(t, p.Arm(extra))
+	// The write is taken in the kernel (read(2) into the page, as KVM_RUN
+	// takes a vCPU's), so the waiting goroutine holds no P.
+	r, w, err := os.Pipe()
+	require.NoError(t, err)
+	defer r.Close()
+	defer w.Close()
+	// Runs first: un-protects, waking a writer still held, whose read
+	// holds the pipe's lock (r.Close would wait for it).
+	defer p.Close()
+	_, err = w.Write([]byte{42})
+	require.NoError(t, err)
+	wrote := make(chan error, 1)
+	go func() {
+		_, err := unix.Read(int(r.Fd()), host[3*PageSize:3*PageSize+1])
+		wrote <- err
+	}()
+	select {
+	case err := <-wrote:
+		t.Fatalf("the write to an armed page went through with no one to resolve its fault (err %v)", err)
+	case <-time.After(100 * time.Millisecond):
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		p.ResolvePending()
+		select {
+		case err := <-wrote:
+			require.NoError(t, err)
+			require.Equal(t, byte(42), host[3*PageSize])
+			require.Equal(t, uint64(1), p.Stats().ArmedWrites, "noted as an armed page written before the cut")
+			p.Disarm()
+			require.NoError(t, p.Close())
+			p.ResolvePending() // closed: does nothing
+			return
+		default:
+		}
+		require.True(t, time.Now().Before(deadline), "ResolvePending did not free the writer")
+		time.Sleep(100 * time.Microsecond)
+	}
 }
