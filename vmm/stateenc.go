@@ -99,8 +99,10 @@ func walkCPUID(c *devstate.Codec, entries *[]kvmapi.CPUIDEntry) {
 	devstate.Slice32(c, entries, maxCPUIDs, "cpuid entries")
 	for j := range *entries {
 		e := &(*entries)[j]
-		for _, p := range [...]*uint32{&e.Function, &e.Index, &e.Flags, &e.EAX, &e.EBX, &e.ECX, &e.EDX} {
-			c.U32(p)
+		w := [...]uint32{e.Function, e.Index, e.Flags, e.EAX, e.EBX, e.ECX, e.EDX}
+		c.U32s(w[:])
+		if c.Decoding() {
+			e.Function, e.Index, e.Flags, e.EAX, e.EBX, e.ECX, e.EDX = w[0], w[1], w[2], w[3], w[4], w[5], w[6]
 		}
 	}
 }

@@ -122,15 +122,20 @@ func (c *Codec) Exact(p []byte) {
 		c.enc.Blob(p)
 		return
 	}
-	b := c.dec.Blob(len(p))
-	if c.dec.Err() != nil {
+	c.dec.exact(p)
+}
+
+// U32s is len(p) uint32s, without a length (the caller knows how many):
+// one read of the input for all of them, where U32 for each reads it
+// len(p) times (a CPUID entry's fields, say).
+func (c *Codec) U32s(p []uint32) {
+	if c.enc != nil {
+		for _, v := range p {
+			c.enc.U32(v)
+		}
 		return
 	}
-	if len(b) != len(p) {
-		c.dec.Fail(fmt.Errorf("device state: %d bytes, want %d", len(b), len(p)))
-		return
-	}
-	copy(p, b)
+	c.dec.u32s(p)
 }
 
 // Fixed is a byte array of a fixed size, without a length.

@@ -162,5 +162,33 @@ func (d *Decoder) Blob(max int) []byte {
 	return append([]byte(nil), b...)
 }
 
+// exact decodes a length-prefixed byte string that must be len(p) bytes
+// long into p, copying it once, with nothing allocated.
+func (d *Decoder) exact(p []byte) {
+	n := d.U32()
+	if d.err != nil {
+		return
+	}
+	if uint64(n) != uint64(len(p)) {
+		d.err = fmt.Errorf("device state: %d bytes, want %d", n, len(p))
+		return
+	}
+	if b := d.take(len(p)); b != nil {
+		copy(p, b)
+	}
+}
+
+// u32s decodes len(p) uint32s into p (zeros after an error, as U32).
+func (d *Decoder) u32s(p []uint32) {
+	b := d.take(4 * len(p))
+	if b == nil {
+		clear(p)
+		return
+	}
+	for i := range p {
+		p[i] = binary.LittleEndian.Uint32(b[4*i:])
+	}
+}
+
 // String decodes a length-prefixed string of at most max bytes.
 func (d *Decoder) String(max int) string { return string(d.Blob(max)) }

@@ -122,3 +122,49 @@ func TestCodecRejects(t *testing.T) {
 		})
 	}
 }
+
+// TestCodecExactAndU32s checks the two fields that decode in one read of
+// the input: Exact (a kernel struct, copied into place) and U32s (a run
+// of uint32s without a length), their encoding and their refusals.
+func TestCodecExactAndU32s(t *testing.T) {
+	type fixed struct {
+		raw   [6]byte
+		words [3]uint32
+	}
+	walk := func(s *fixed) func(*Codec) {
+		return func(c *Codec) {
+			c.Exact(s.raw[:])
+			c.U32s(s.words[:])
+		}
+	}
+	in := fixed{raw: [6]byte{1, 2, 3, 4, 5, 6}, words: [3]uint32{7, 1 << 20, 0xffffffff}}
+	b := Encode(walk(&in))
+	var e Encoder
+	e.Blob(in.raw[:])
+	for _, w := range in.words {
+		e.U32(w)
+	}
+	assert.Equal(t, e.Bytes(), b)
+	var out fixed
+	require.NoError(t, Decode(b, walk(&out)))
+	assert.Equal(t, in, out)
+
+	var short Encoder // a struct of 5 bytes where 6 are wanted
+	short.Blob(in.raw[:5])
+	for _, w := range in.words {
+		short.U32(w)
+	}
+	for name, data := range map[string][]byte{
+		"struct of another size": short.Bytes(),
+		"words cut short":        b[:len(b)-1],
+		"struct cut short":       b[:7],
+	} {
+		t.Run(name, func(t *testing.T) {
+			out := fixed{words: [3]uint32{9, 9, 9}}
+			assert.Error(t, Decode(data, walk(&out)))
+			if name == "words cut short" {
+				assert.Equal(t, [3]uint32{}, out.words, "words read as zero after an error")
+			}
+		})
+	}
+}
