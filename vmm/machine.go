@@ -99,6 +99,12 @@ type Machine struct {
 	cpuid  []kvmapi.CPUIDEntry
 	xsave  int    // bytes of XSAVE state per vCPU
 	tscKHz uint32 // the TSC rate new vCPUs get here; 0 if KVM cannot tell before one exists
+	// shaped is, per vCPU, what ShapeCPUID makes of cpuid and
+	// tscControl whether KVM sets a vCPU's TSC rate: what checkState
+	// compares a state with (a standby checks every checkpoint's), set
+	// once by New and only read after.
+	shaped     [][]kvmapi.CPUIDEntry
+	tscControl bool
 	// pvhEntry is the PVH entry point of an ELF kernel (set by load);
 	// 0 boots a bzImage through its 64-bit entry.
 	pvhEntry uint32
@@ -224,6 +230,10 @@ func (m *Machine) build() error {
 	if sys.CheckExtension(kvmapi.CapTSCDeadlineTimer) > 0 {
 		addTSCDeadline(m.cpuid)
 	}
+	for id := range m.cfg.CPUs {
+		m.shaped = append(m.shaped, ShapeCPUID(m.cpuid, id, m.cfg.CPUs))
+	}
+	m.tscControl = sys.CheckExtension(kvmapi.CapTSCControl) > 0
 	if m.msrs, err = sys.MSRIndexList(); err != nil {
 		return fmt.Errorf("get msr index list: %w", err)
 	}

@@ -291,12 +291,12 @@ func (m *Machine) checkState(st *MachineState) error {
 			return fmt.Errorf("%w: vcpu %d xsave area %d bytes, kvm here takes %d", ErrStateMismatch, i, len(st.VCPUs[i].Xsave), m.xsave)
 		}
 		if saved := st.VCPUs[i].CPUID; len(saved) > 0 {
-			if err := checkCPUID(saved, ShapeCPUID(m.cpuid, i, m.cfg.CPUs)); err != nil {
+			if err := checkCPUID(saved, m.shaped[i]); err != nil {
 				return fmt.Errorf("%w: vcpu %d: %w", ErrStateMismatch, i, err)
 			}
 		}
 	}
-	if err := checkTSC(st.TSCKHz, m.tscKHz, m.sys.CheckExtension(kvmapi.CapTSCControl) > 0); err != nil {
+	if err := checkTSC(st.TSCKHz, m.tscKHz, m.tscControl); err != nil {
 		return fmt.Errorf("%w: %w", ErrStateMismatch, err)
 	}
 	have := map[string]string{}
