@@ -131,19 +131,7 @@ func TestSnapshotCorruptRefused(t *testing.T) {
 // pause (vCPU registers over KVM ioctls, interrupt controllers, clock,
 // devices, encoding) for a paused 1-vCPU machine.
 func BenchmarkSaveState(b *testing.B) {
-	kvmtest.Require(b)
-	m, err := New(Config{MemSize: 64 << 20, CPUs: 1, Kernel: tinyguest.Kernel(tinyguest.Counter(counterGPA)),
-		Initrd: []byte("x"), Cmdline: "x", Console: &syncBuffer{}})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer m.Close()
-	if err := m.Start(); err != nil {
-		b.Fatal(err)
-	}
-	if err := m.Pause(); err != nil {
-		b.Fatal(err)
-	}
+	m := pausedCounter(b)
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
 		st, err := m.SaveState()

@@ -14,19 +14,7 @@ import (
 // vCPU ioctl, the VM-wide ioctls, the devices and the encoding. Each part
 // reports ns per call as its own metric.
 func BenchmarkSaveStateParts(b *testing.B) {
-	kvmtest.Require(b)
-	m, err := New(Config{MemSize: 64 << 20, CPUs: 1, Kernel: tinyguest.Kernel(tinyguest.Counter(counterGPA)),
-		Initrd: []byte("x"), Cmdline: "x", Console: &syncBuffer{}})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer m.Close()
-	if err := m.Start(); err != nil {
-		b.Fatal(err)
-	}
-	if err := m.Pause(); err != nil {
-		b.Fatal(err)
-	}
+	m := pausedCounter(b)
 	onVCPU := func(name string, fn func(fd *kvmapi.VCPU) error) {
 		b.Run(name, func(b *testing.B) {
 			err := m.OnVCPUs(func(_ int, fd *kvmapi.VCPU) error {
@@ -106,19 +94,7 @@ func BenchmarkSaveStateParts(b *testing.B) {
 // BenchmarkEncodeState is BenchmarkSaveState through EncodeState, the
 // checkpoint's path: the same machine, the same bytes.
 func BenchmarkEncodeState(b *testing.B) {
-	kvmtest.Require(b)
-	m, err := New(Config{MemSize: 64 << 20, CPUs: 1, Kernel: tinyguest.Kernel(tinyguest.Counter(counterGPA)),
-		Initrd: []byte("x"), Cmdline: "x", Console: &syncBuffer{}})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer m.Close()
-	if err := m.Start(); err != nil {
-		b.Fatal(err)
-	}
-	if err := m.Pause(); err != nil {
-		b.Fatal(err)
-	}
+	m := pausedCounter(b)
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
 		if _, err := m.EncodeState(); err != nil {
@@ -131,19 +107,7 @@ func BenchmarkEncodeState(b *testing.B) {
 // state before it acknowledges it (replicate's decodeState): decode the
 // bytes EncodeState made, then check that this machine could resume them.
 func BenchmarkDecodeState(b *testing.B) {
-	kvmtest.Require(b)
-	m, err := New(Config{MemSize: 64 << 20, CPUs: 1, Kernel: tinyguest.Kernel(tinyguest.Counter(counterGPA)),
-		Initrd: []byte("x"), Cmdline: "x", Console: &syncBuffer{}})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer m.Close()
-	if err := m.Start(); err != nil {
-		b.Fatal(err)
-	}
-	if err := m.Pause(); err != nil {
-		b.Fatal(err)
-	}
+	m := pausedCounter(b)
 	raw, err := m.EncodeState()
 	if err != nil {
 		b.Fatal(err)
@@ -159,4 +123,24 @@ func BenchmarkDecodeState(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
+}
+
+// pausedCounter starts a paused 1-vCPU tiny machine (the counter guest)
+// for the state benchmarks; it closes when b ends.
+func pausedCounter(b *testing.B) *Machine {
+	b.Helper()
+	kvmtest.Require(b)
+	m, err := New(Config{MemSize: 64 << 20, CPUs: 1, Kernel: tinyguest.Kernel(tinyguest.Counter(counterGPA)),
+		Initrd: []byte("x"), Cmdline: "x", Console: &syncBuffer{}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { m.Close() })
+	if err := m.Start(); err != nil {
+		b.Fatal(err)
+	}
+	if err := m.Pause(); err != nil {
+		b.Fatal(err)
+	}
+	return m
 }
