@@ -36,6 +36,7 @@ var rank = map[string]int{
 	"internal/layering":            0,
 	"internal/boottrace":           0,
 	"replicate/internal/kdf":       0,
+	"replicate/internal/aegis":     0,
 
 	// Beside the machine: the dirty set, devices, the guest image.
 	"dirtylog":            1,

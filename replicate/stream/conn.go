@@ -2,7 +2,6 @@ package stream
 
 import (
 	"bufio"
-	"crypto/aes"
 	"crypto/cipher"
 	"crypto/hmac"
 	"crypto/sha256"
@@ -26,44 +25,32 @@ import (
 // a peer of any version can read a hello far enough to refuse its version.
 var handshakeKey = []byte("govmm-stream/1 handshake (public key)")
 
-// newAEAD returns AES-256-GCM under a 32-byte session key.
-func newAEAD(key []byte) cipher.AEAD {
-	if len(key) != 32 {
-		panic(fmt.Sprintf("stream: session key of %d bytes", len(key)))
-	}
-	b, err := aes.NewCipher(key)
-	if err != nil {
-		panic(err) // a 32-byte key is always valid
-	}
-	a, err := cipher.NewGCM(b)
-	if err != nil {
-		panic(err) // the standard nonce and tag sizes are always valid
-	}
-	return a
-}
-
 // frameNonce is the frame's AEAD nonce: 4 zero bytes, then the frame's
-// sequence number (u64, little-endian, as in the header). Sequence numbers
-// never repeat within a direction, and each direction of each session has
-// its own key, so a nonce is never reused under a key.
-func frameNonce(n *[nonceLen]byte, seq uint64) []byte { return partNonce(n, seq, 0) }
+// sequence number (u64, little-endian, as in the header), then, for
+// AEGIS-128L's 16-byte nonces, 4 more zero bytes. Sequence numbers never
+// repeat within a direction, and each direction of each session has its
+// own key, so a nonce is never reused under a key.
+func frameNonce(a cipher.AEAD, n *[nonceLen]byte, seq uint64) []byte { return partNonce(a, n, seq, 0) }
 
 // partNonce is the nonce of part number part of a frame sealed in parts
 // (sealedParts): the part number (u32, little-endian) in place of
 // frameNonce's zeros. Part 0 is frameNonce, so every (sequence number,
 // part) pair has a nonce of its own.
-func partNonce(n *[nonceLen]byte, seq uint64, part uint32) []byte {
+func partNonce(a cipher.AEAD, n *[nonceLen]byte, seq uint64, part uint32) []byte {
 	binary.LittleEndian.PutUint32(n[0:], part)
 	binary.LittleEndian.PutUint64(n[4:], seq)
-	return n[:]
+	return n[:a.NonceSize()] // bytes 12-15 stay zero
 }
 
-const nonceLen = 12 // the GCM standard nonce size
+// nonceLen is the longest nonce of a session cipher: AEGIS-128L's 16
+// bytes (AES-256-GCM takes the standard 12).
+const nonceLen = 16
 
 // frameWriter frames payloads. During the handshake: header, payload,
 // HMAC-SHA256 over both under handshakeKey. Once setKey has installed the
-// direction's session key: header, then the payload sealed with
-// AES-256-GCM (ciphertext and tag), the header as additional data. An
+// direction's session key: header, then the payload sealed with the
+// session's cipher (AEGIS-128L or AES-256-GCM: ciphertext and a 16-byte
+// tag), the header as additional data. An
 // unkeyed (Insecure) session, which has nothing to seal with, instead
 // frames header, payload and a CRC32C of both (setPlain). Its owner
 // serializes calls (endpoint.wmu).
@@ -92,7 +79,7 @@ func newFrameWriter(w io.Writer, ctr *counters) *frameWriter {
 	}
 }
 
-func (w *frameWriter) setKey(k []byte) { w.aead = newAEAD(k) }
+func (w *frameWriter) setKey(c sessionCipher, k []byte) { w.aead = newAEAD(c, k) }
 
 // setPlain switches an unkeyed session's frames to the CRC32C trailer.
 func (w *frameWriter) setPlain() { w.plain = true }
@@ -132,7 +119,7 @@ func (w *frameWriter) write(t frameType, payload []byte) error {
 	var body [][]byte
 	t0 := time.Now()
 	if w.aead != nil {
-		w.out = w.aead.Seal(w.out[:0], frameNonce(&w.nonce, w.seq), payload, w.hdr[:])
+		w.out = w.aead.Seal(w.out[:0], frameNonce(w.aead, &w.nonce, w.seq), payload, w.hdr[:])
 		body = [][]byte{w.hdr[:], w.out}
 	} else if w.plain {
 		binary.LittleEndian.PutUint32(w.sum[:], frameCRC(t, w.hdr[:], payload))
@@ -187,9 +174,9 @@ func (w *frameWriter) writeSealedParts(t frameType, head []byte, parts [][]byte,
 	}
 	putHeader(w.hdr[:], header{length: uint32(n), typ: t, split: uint16(len(head)), parts: uint8(len(parts)), seq: w.seq})
 	t0 := time.Now()
-	w.out = w.aead.Seal(w.out[:0], partNonce(&w.nonce, w.seq, 0), head, w.hdr[:])
+	w.out = w.aead.Seal(w.out[:0], partNonce(w.aead, &w.nonce, w.seq, 0), head, w.hdr[:])
 	for i, p := range parts {
-		w.out = w.aead.Seal(w.out, partNonce(&w.nonce, w.seq, uint32(i+1)), p, w.hdr[:])
+		w.out = w.aead.Seal(w.out, partNonce(w.aead, &w.nonce, w.seq, uint32(i+1)), p, w.hdr[:])
 	}
 	t1 := time.Now()
 	w.ctr.sealNanos.Add(int64(t1.Sub(t0)))
@@ -294,7 +281,7 @@ func newFrameReader(r io.Reader, ctr *counters) *frameReader {
 	}
 }
 
-func (r *frameReader) setKey(k []byte) { r.aead = newAEAD(k) }
+func (r *frameReader) setKey(c sessionCipher, k []byte) { r.aead = newAEAD(c, k) }
 
 // setPlain switches an unkeyed session's frames to the CRC32C trailer.
 func (r *frameReader) setPlain() { r.plain = true }
@@ -442,7 +429,7 @@ func (r *frameReader) readSealed(h header) ([]byte, int, error) {
 		return nil, 0, truncated(h.typ.String()+" frame tag", err)
 	}
 	t0 := time.Now()
-	p, err := r.aead.Open(ct[:0], frameNonce(&r.nonce, h.seq), ct, r.hdr[:])
+	p, err := r.aead.Open(ct[:0], frameNonce(r.aead, &r.nonce, h.seq), ct, r.hdr[:])
 	r.ctr.openNanos.Add(int64(time.Since(t0)))
 	if err != nil {
 		return nil, 0, fmt.Errorf("%v frame %d: tag mismatch (corrupted or forged): %w", h.typ, h.seq, ErrAuth)
@@ -486,7 +473,7 @@ func (r *frameReader) openPart(h header, b []byte, part uint32) error {
 		return truncated(fmt.Sprintf("%v frame part %d", h.typ, part), err)
 	}
 	t0 := time.Now()
-	_, err := r.aead.Open(b[:0], partNonce(&r.nonce, h.seq, part), b, r.hdr[:])
+	_, err := r.aead.Open(b[:0], partNonce(r.aead, &r.nonce, h.seq, part), b, r.hdr[:])
 	r.ctr.openNanos.Add(int64(time.Since(t0)))
 	if err != nil {
 		return fmt.Errorf("%v frame %d part %d: tag mismatch (corrupted or forged): %w", h.typ, h.seq, part, ErrAuth)

@@ -47,7 +47,9 @@ type Stats struct {
 	// Compression is the codec the two ends agreed on for Pages frames
 	// ("none", "s2" or "zstd").
 	Compression string
-	// SealTime is the time spent sealing frames (AES-256-GCM), WriteTime
+	// Cipher is what the session's frames are sealed with (Cipher).
+	Cipher string
+	// SealTime is the time spent sealing frames (the session's cipher), WriteTime
 	// the time spent handing sealed frames to the connection (buffer
 	// copies and write system calls, blocked ones included); OpenTime is
 	// the time spent opening received frames.
@@ -127,6 +129,7 @@ type endpoint struct {
 	codec     codec           // the session's page codec, agreed in the handshake
 	cr        *countingReader // the connection as fr reads it
 	sealed    bool            // session frames are sealed (a key): see summed
+	cipher    sessionCipher   // what a keyed session seals with (chooseCipher)
 	shadow    *shadow         // deltas agreed: the memory as shipped (the checkpoint goroutine, or Run)
 	timeout   time.Duration   // agreed failover timeout (the larger of the two)
 	lastHeard atomic.Int64    // unix ns of the last byte received, or of when listening resumed
@@ -167,6 +170,16 @@ func (e *endpoint) quiet() { e.listening.Store(false) }
 // Peer is the identity the peer announced in its hello (authenticated).
 func (e *endpoint) Peer() Identity { return e.peer }
 
+// Cipher names what the session's frames are sealed with: "aegis-128l"
+// or "aes-256-gcm" in a keyed session, "none" (a CRC32C trailer) in an
+// unkeyed one.
+func (e *endpoint) Cipher() string {
+	if !e.sealed {
+		return "none"
+	}
+	return e.cipher.String()
+}
+
 // RemoteAddr is the peer's network address (host:port).
 func (e *endpoint) RemoteAddr() string { return e.conn.RemoteAddr().String() }
 
@@ -177,6 +190,7 @@ func (e *endpoint) FailoverTimeout() time.Duration { return e.timeout }
 func (e *endpoint) Stats() Stats {
 	s := e.ctr.snapshot()
 	s.Compression = e.codec.String()
+	s.Cipher = e.Cipher()
 	s.Deltas = e.shadow != nil
 	return s
 }

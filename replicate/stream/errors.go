@@ -12,8 +12,9 @@ import (
 // reported the failure, ErrPeer as well), so callers branch with errors.Is.
 var (
 	// ErrAuth: a key, proof or frame MAC did not verify, a frame arrived
-	// out of sequence (replayed, reordered or dropped), or one side has a
-	// key and the other does not.
+	// out of sequence (replayed, reordered or dropped), one side has a
+	// key and the other does not, or one side requires a cipher the other
+	// does not offer (Config.Cipher).
 	ErrAuth = errors.New("stream authentication failed")
 	// ErrFrame: a frame is malformed (bad header, unknown type, bad field).
 	ErrFrame = errors.New("malformed stream frame")

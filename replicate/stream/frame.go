@@ -14,7 +14,7 @@ import (
 // Version is the protocol version this package speaks. A peer with any
 // other version is refused at the hello (ErrVersion); see docs/STREAM.md
 // for the version policy.
-const Version = 15
+const Version = 16
 
 // checkpointVersion is the version of the GOVMMCKP container that a
 // checkpoint is (docs/FORMATS.md): its Begin frame stands for the
@@ -160,6 +160,7 @@ type hello struct {
 	// sender wants, the codecs a receiver accepts.
 	codecs uint16
 	deltas bool // this end takes deltas
+	aegis  bool // this end seals with AEGIS-128L (keyed hellos only)
 	role   role
 	nonce  [nonceSize]byte
 	// heartbeat and timeout are this end's heartbeat interval and failover

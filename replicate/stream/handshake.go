@@ -67,6 +67,7 @@ func (e *endpoint) handshake(ctx context.Context, r role) (err error) {
 		own.codecs = 1 << DefaultCompression.codec()
 	}
 	own.deltas = e.cfg.Deltas
+	own.aegis = own.keyed && e.cfg.Cipher.offersAEGIS()
 	if r == roleSender {
 		return e.handshakeAsSender(&own)
 	}
@@ -81,6 +82,9 @@ func (e *endpoint) handshakeAsSender(own *hello) error {
 	}
 	peerBytes, peer, err := e.recvHello(roleReceiver, own.keyed)
 	if err != nil {
+		return err
+	}
+	if err := e.chooseCipher(own, peer); err != nil {
 		return err
 	}
 	th := transcript(ownBytes, peerBytes)
@@ -116,6 +120,9 @@ func (e *endpoint) handshakeAsReceiver(own *hello) error {
 	if err := e.sendRaw(frameHello, ownBytes); err != nil {
 		return err
 	}
+	if err := e.chooseCipher(own, peer); err != nil {
+		return err
+	}
 	th := transcript(peerBytes, ownBytes)
 	if err := e.verifyProof(th, "sender"); err != nil {
 		return err
@@ -139,20 +146,37 @@ func (e *endpoint) handshakeAsReceiver(own *hello) error {
 }
 
 // session installs a direction's session framing once the handshake
-// frames are done: AES-256-GCM under the key derived for purpose; with no
-// key (Insecure), whose derived key anyone could compute and which would
-// seal for show, a CRC32C trailer that catches corruption and nothing
-// else.
+// frames are done: the session's cipher (e.cipher) under the key derived
+// for purpose; with no key (Insecure), whose derived key anyone could
+// compute and which would seal for show, a CRC32C trailer that catches
+// corruption and nothing else.
 func (e *endpoint) session(s interface {
-	setKey([]byte)
+	setKey(sessionCipher, []byte)
 	setPlain()
 }, purpose string, th []byte) {
 	if len(e.cfg.Key) == 0 {
 		s.setPlain()
 		return
 	}
-	s.setKey(derive(e.cfg.Key, purpose, th))
+	s.setKey(e.cipher, derive(e.cfg.Key, sessionPurpose(e.cipher, purpose), th))
 	e.sealed = true
+}
+
+// chooseCipher sets the session's cipher from the two hellos: AEGIS-128L
+// if both offer it, else AES-256-GCM, which every end runs. An end whose
+// Config asks for AEGIS-128L refuses a peer that does not offer it.
+func (e *endpoint) chooseCipher(own, peer *hello) error {
+	e.cipher = sealAESGCM
+	if own.aegis && peer.aegis {
+		e.cipher = sealAEGIS
+	}
+	if own.keyed && e.cfg.Cipher == CipherAEGIS && e.cipher != sealAEGIS {
+		return fmt.Errorf("peer does not seal with aegis-128l (its CPU lacks AES-NI and AVX, or it asks for aes-256-gcm) and this end requires it: %w", ErrAuth)
+	}
+	if own.keyed {
+		e.log.Debug("stream sealed", "cipher", e.cipher)
+	}
+	return nil
 }
 
 // summed reports whether the End frame's sum covers a section that

@@ -26,12 +26,16 @@ func decodeHello(h *hello, p []byte) error {
 		return fmt.Errorf("peer speaks version %d, this side %d: %w", h.version, Version, ErrVersion)
 	}
 	flags := le.Uint16(p[10:])
-	if flags&^(helloFlagKeyed|helloCodecFlags|helloFlagDeltas) != 0 {
+	if flags&^(helloFlagKeyed|helloCodecFlags|helloFlagDeltas|helloFlagAEGIS) != 0 {
 		return fmt.Errorf("hello: unknown flags %#x: %w", flags, ErrFrame)
 	}
 	h.keyed = flags&helloFlagKeyed != 0
 	h.codecs = flags & helloCodecFlags
 	h.deltas = flags&helloFlagDeltas != 0
+	h.aegis = flags&helloFlagAEGIS != 0
+	if h.aegis && !h.keyed {
+		return fmt.Errorf("hello: offers a cipher without a key (flags %#x): %w", flags, ErrFrame)
+	}
 	h.role = role(p[12])
 	if h.role != roleSender && h.role != roleReceiver {
 		return fmt.Errorf("hello: unknown role %d: %w", h.role, ErrFrame)
@@ -172,6 +176,9 @@ func appendHello(b []byte, h *hello) []byte {
 	flags |= h.codecs & helloCodecFlags
 	if h.deltas {
 		flags |= helloFlagDeltas
+	}
+	if h.aegis {
+		flags |= helloFlagAEGIS
 	}
 	b = le.AppendUint16(b, flags)
 	b = append(b, byte(h.role), 0, 0, 0)

@@ -200,55 +200,66 @@ func TestSealedPartsTampered(t *testing.T) {
 			copy(f[o3:], p2)
 		}},
 	}
-	for _, tt := range cases {
-		t.Run(tt.name, func(t *testing.T) {
-			t.Parallel()
-			var seen []byte
-			sc, rc := proxy(t, func(i int, f []byte) [][]byte {
-				if i == 3 {
-					seen = bytes.Clone(f[:headerSize])
-					if tt.mutate != nil {
-						tt.mutate(f)
-					}
-				}
-				return [][]byte{f}
+	for _, c := range []Cipher{CipherAEGIS, CipherAESGCM} {
+		for _, tt := range cases {
+			t.Run(c.String()+"/"+tt.name, func(t *testing.T) {
+				t.Parallel()
+				sealedPartsTrial(t, c, tt.mutate, split, n)
 			})
-			scfg, rcfg := cfgs(newFakeClock())
-			mem := &flatMem{b: make([]byte, 4<<20)}
-			sink := &StagingSink{Dest: mem}
-			rcfg.Sink = sink
-			s, serr, r, rerr := connect(t, sc, rc, scfg, rcfg)
-			require.NoError(t, serr)
-			require.NoError(t, rerr)
-			run := runReceiver(t, r)
-			want, sendErr := stagedCheckpoint(t, s, 1, n)
-			ctx := ctxTimeout(t, 5*time.Second)
-			ackErr := s.WaitAck(ctx, 1)
-			h, herr := parseHeader(seen)
-			require.NoError(t, herr)
-			require.Equal(t, framePages, h.typ)
-			require.EqualValues(t, split, h.split, "frame 3 sealed in parts, split after the head")
-			require.EqualValues(t, runsOf(MaxPagesPerFrame), h.parts)
-			if tt.mutate == nil {
-				require.NoError(t, sendErr)
-				require.NoError(t, ackErr)
-				sink.waitApplied()
-				require.True(t, bytes.Equal(want, mem.b[:len(want)]), "standby memory")
-				assert.Zero(t, s.slots[0].gathered+s.slots[1].gathered+s.slots[2].gathered, "pages gathered")
-				require.NoError(t, s.Close())
-				require.NoError(t, waitErr(t, run))
-				return
-			}
-			require.Error(t, ackErr, "tampered checkpoint acknowledged")
-			if ctx.Err() != nil {
-				s.Close()
-			}
-			err := waitErr(t, run)
-			require.ErrorIs(t, err, ErrAuth)
-			assert.Zero(t, r.Committed())
-			assert.Zero(t, mem.writes.Load(), "nothing applied")
-		})
+		}
 	}
+}
+
+// sealedPartsTrial is one case of TestSealedPartsTampered: a staged
+// checkpoint of n pages under cipher c, its first Pages frame (split
+// after split bytes) mutated on the way, or not (mutate nil).
+func sealedPartsTrial(t *testing.T, c Cipher, mutate func([]byte), split, n int) {
+	var seen []byte
+	sc, rc := proxy(t, func(i int, f []byte) [][]byte {
+		if i == 3 {
+			seen = bytes.Clone(f[:headerSize])
+			if mutate != nil {
+				mutate(f)
+			}
+		}
+		return [][]byte{f}
+	})
+	scfg, rcfg := cfgs(newFakeClock())
+	scfg.Cipher = c
+	mem := &flatMem{b: make([]byte, 4<<20)}
+	sink := &StagingSink{Dest: mem}
+	rcfg.Sink = sink
+	s, serr, r, rerr := connect(t, sc, rc, scfg, rcfg)
+	require.NoError(t, serr)
+	require.NoError(t, rerr)
+	run := runReceiver(t, r)
+	want, sendErr := stagedCheckpoint(t, s, 1, n)
+	ctx := ctxTimeout(t, 5*time.Second)
+	ackErr := s.WaitAck(ctx, 1)
+	h, herr := parseHeader(seen)
+	require.NoError(t, herr)
+	require.Equal(t, framePages, h.typ)
+	require.EqualValues(t, split, h.split, "frame 3 sealed in parts, split after the head")
+	require.EqualValues(t, runsOf(MaxPagesPerFrame), h.parts)
+	require.Equal(t, c.String(), r.Cipher())
+	if mutate == nil {
+		require.NoError(t, sendErr)
+		require.NoError(t, ackErr)
+		sink.waitApplied()
+		require.True(t, bytes.Equal(want, mem.b[:len(want)]), "standby memory")
+		assert.Zero(t, s.slots[0].gathered+s.slots[1].gathered+s.slots[2].gathered, "pages gathered")
+		require.NoError(t, s.Close())
+		require.NoError(t, waitErr(t, run))
+		return
+	}
+	require.Error(t, ackErr, "tampered checkpoint acknowledged")
+	if ctx.Err() != nil {
+		s.Close()
+	}
+	err := waitErr(t, run)
+	require.ErrorIs(t, err, ErrAuth)
+	assert.Zero(t, r.Committed())
+	assert.Zero(t, mem.writes.Load(), "nothing applied")
 }
 
 // runPages is the length in pages of data part k (from 1) of the first
