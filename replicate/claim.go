@@ -172,7 +172,7 @@ func (sb *Standby) Status() StandbyStatus {
 		rs := st.recv.Stats()
 		out.BytesReceived += rs.BytesReceived
 		addReceived(&out.Stream, rs)
-		out.Stream.Compression, out.Stream.Deltas = rs.Compression, rs.Deltas
+		out.Stream.Compression, out.Stream.Deltas, out.Stream.Cipher = rs.Compression, rs.Deltas, rs.Cipher
 		if !st.committedAt.IsZero() {
 			out.Lag = time.Since(st.committedAt)
 		}

@@ -44,6 +44,9 @@ type ReplicateConfig struct {
 	// Compression is the codec for the stream's pages
 	// (stream.DefaultCompression, none, when zero).
 	Compression stream.Compression
+	// Cipher is what a keyed stream seals with (stream.Config.Cipher:
+	// AEGIS-128L where both ends run it, when zero).
+	Cipher stream.Cipher
 	// Deltas ships pages the standby already holds as XOR deltas, and
 	// pages whose bytes it holds at any gpa as copies, if the standby
 	// agrees (stream.Config.Deltas: a copy of guest memory on each end).

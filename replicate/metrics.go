@@ -299,8 +299,8 @@ func StreamMetrics(st stream.Stats, sent bool) []Metric {
 		counter("poll_misses_total", "reads inside a checkpoint that polled a drained connection for the whole spin (--read-spin), found nothing and slept: the spin's CPU spent for nothing", st.PollMisses)
 	}
 	if st.Compression != "" {
-		out = append(out, Metric{Name: "govmm_stream_info", Help: "1: the page codec and deltas the stream's two ends agreed on",
-			Type: "gauge", Value: 1, Labels: map[string]string{"compression": st.Compression, "deltas": strconv.FormatBool(st.Deltas)}})
+		out = append(out, Metric{Name: "govmm_stream_info", Help: "1: the page codec, deltas and cipher the stream's two ends agreed on (cipher none: unkeyed, loopback only)",
+			Type: "gauge", Value: 1, Labels: map[string]string{"compression": st.Compression, "deltas": strconv.FormatBool(st.Deltas), "cipher": st.Cipher}})
 	}
 	return out
 }

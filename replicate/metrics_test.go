@@ -159,7 +159,7 @@ func TestStreamMetrics(t *testing.T) {
 	}
 	st := stream.Stats{Pages: 10, ZeroPages: 2, DeltaPages: 5, CopyPages: 1, PageBytes: 4000, PageWireBytes: 900, DiskBytes: 1 << 20, DiskWireBytes: 1 << 19,
 		StateBytes: 18000, StateWireBytes: 600,
-		PollHits: 7, PollMisses: 3, Compression: "s2", Deltas: true}
+		PollHits: 7, PollMisses: 3, Compression: "s2", Deltas: true, Cipher: "aegis-128l"}
 	sent := names(StreamMetrics(st, true))
 	assert.Len(t, sent, 13)
 	assert.Equal(t, 18000.0, sent["govmm_stream_sent_state_bytes_total"].Value)
@@ -172,7 +172,7 @@ func TestStreamMetrics(t *testing.T) {
 	assert.Equal(t, 5.0, sent["govmm_stream_sent_delta_pages_total"].Value)
 	assert.Equal(t, 1.0, sent["govmm_stream_sent_copy_pages_total"].Value)
 	assert.Equal(t, Metric{Name: "govmm_stream_info", Help: sent["govmm_stream_info"].Help, Type: "gauge", Value: 1,
-		Labels: map[string]string{"compression": "s2", "deltas": "true"}}, sent["govmm_stream_info"])
+		Labels: map[string]string{"compression": "s2", "deltas": "true", "cipher": "aegis-128l"}}, sent["govmm_stream_info"])
 	recv := names(StreamMetrics(st, false))
 	assert.Len(t, recv, 8)
 	assert.Equal(t, 7.0, recv["govmm_stream_received_poll_hits_total"].Value)

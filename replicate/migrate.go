@@ -21,6 +21,9 @@ type MigrateConfig struct {
 	// Compression is the codec for the stream's pages
 	// (stream.DefaultCompression, none, when zero).
 	Compression stream.Compression
+	// Cipher is what a keyed stream seals with (stream.Config.Cipher:
+	// AEGIS-128L where both ends run it, when zero).
+	Cipher stream.Cipher
 	// Deltas: as ReplicateConfig's (each pre-copy round after the first
 	// ships pages the destination holds as deltas).
 	Deltas bool
@@ -209,7 +212,7 @@ func dialMigration(ctx context.Context, m *vmm.Machine, cfg MigrateConfig) (*str
 		}
 	}
 	s, err := stream.Dial(ctx, cfg.To, stream.Config{Key: cfg.Key, Insecure: cfg.Insecure,
-		Identity: cfg.Fence.identity(IdentityOf(m, cfg.Name, cfg.Devices)), Compression: cfg.Compression, Deltas: cfg.Deltas})
+		Identity: cfg.Fence.identity(IdentityOf(m, cfg.Name, cfg.Devices)), Compression: cfg.Compression, Deltas: cfg.Deltas, Cipher: cfg.Cipher})
 	if err != nil {
 		return nil, fmt.Errorf("migrate to %s: %w", cfg.To, err)
 	}

@@ -84,6 +84,9 @@ type StandbyConfig struct {
 	// Compression: stream.CompressNone refuses compressed pages; any
 	// other value accepts every codec the stream knows.
 	Compression stream.Compression
+	// Cipher is what a keyed stream seals with (stream.Config.Cipher:
+	// AEGIS-128L where both ends run it, when zero).
+	Cipher stream.Cipher
 	// Deltas accepts XOR deltas and copies from a primary that asks for
 	// them (the stream then keeps a copy of the guest's memory as
 	// shipped).
@@ -140,7 +143,7 @@ func NewStandby(cfg StandbyConfig) (*Standby, error) {
 		pollDone: make(chan struct{}), st: standbyState{phase: PhaseListening}}
 	ln, err := stream.Listen(cfg.Listen, stream.Config{Key: cfg.Key, Insecure: cfg.Insecure,
 		FailoverTimeout: cfg.FailoverTimeout, HeartbeatInterval: cfg.FailoverTimeout / 4, Compression: cfg.Compression,
-		Deltas: cfg.Deltas, ReadSpin: cfg.ReadSpin, Verify: sb.verify, OnRefused: sb.refused, Logger: cfg.Logger})
+		Deltas: cfg.Deltas, Cipher: cfg.Cipher, ReadSpin: cfg.ReadSpin, Verify: sb.verify, OnRefused: sb.refused, Logger: cfg.Logger})
 	if err != nil {
 		return nil, err
 	}

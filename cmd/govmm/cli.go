@@ -345,6 +345,12 @@ func (f *runFlags) check(fs *flag.FlagSet) error {
 			return usagef(cmd, "--replicate-to %s: %v: give --key-file", f.replicateTo, err)
 		}
 	}
+	if f.streamCipher != stream.CipherAuto && f.keyFile == "" {
+		return usagef(cmd, "--stream-cipher %s seals a keyed stream: give --key-file (without a key the stream, loopback only, is not sealed)", f.streamCipher)
+	}
+	if err := f.streamCipher.Check(); err != nil {
+		return usagef(cmd, "--stream-cipher %s: %v", f.streamCipher, err)
+	}
 	return nil
 }
 

@@ -231,6 +231,27 @@ func (f compressFlag) Set(s string) error {
 
 func (f compressFlag) typeName() string { return "none|s2|zstd" }
 
+// cipherFlag is --stream-cipher.
+type cipherFlag struct{ c *stream.Cipher }
+
+func (f cipherFlag) String() string {
+	if f.c == nil {
+		return ""
+	}
+	return f.c.String()
+}
+
+func (f cipherFlag) Set(s string) error {
+	c, err := stream.ParseCipher(s)
+	if err != nil {
+		return errors.New("want auto, aegis-128l or aes-256-gcm")
+	}
+	*f.c = c
+	return nil
+}
+
+func (f cipherFlag) typeName() string { return "auto|aegis-128l|aes-256-gcm" }
+
 // hostPortFlag is a string flag that takes HOST:PORT.
 type hostPortFlag struct{ s *string }
 

@@ -129,7 +129,7 @@ func testStreamCounters(t *testing.T, compress string, deltas bool) {
 	for _, l := range info.GetMetric()[0].GetLabel() {
 		labels[l.GetName()] = l.GetValue()
 	}
-	assert.Equal(t, map[string]string{"compression": compress, "deltas": strconv.FormatBool(deltas)}, labels)
+	assert.Equal(t, map[string]string{"compression": compress, "deltas": strconv.FormatBool(deltas), "cipher": "none"}, labels, "unkeyed: nothing sealed")
 	for _, name := range []string{"pages", "zero_pages", "delta_pages", "copy_pages", "page_bytes", "page_wire_bytes"} {
 		f := fams["govmm_stream_sent_"+name+"_total"]
 		require.NotNil(t, f, name)
@@ -222,7 +222,7 @@ func testStreamCounters(t *testing.T, compress string, deltas bool) {
 	require.Equal(t, 0, status, errOut)
 	t.Logf("primary ctl stats:\n%s", out)
 	assert.Regexp(t, `(?m)^govmm_stream_sent_page_wire_bytes_total\s+-\s+[0-9.]+ (B|KiB|MiB|GiB)$`, out)
-	assert.Regexp(t, `(?m)^govmm_stream_info\s+compression="`+compress+`",deltas="`+strconv.FormatBool(deltas)+`"\s+1$`, out)
+	assert.Regexp(t, `(?m)^govmm_stream_info\s+cipher="none",compression="`+compress+`",deltas="`+strconv.FormatBool(deltas)+`"\s+1$`, out)
 	assert.Regexp(t, `(?m)^wire bytes per dirty page\s+[0-9.]+ (B|KiB)$`, out)
 	assert.Regexp(t, `(?m)^page bytes on the wire / raw\s+[0-9.e-]+×$`, out)
 }

@@ -33,7 +33,7 @@ func TestCtlMigrate(t *testing.T) {
 	}
 	src := filepath.Join(dir, "src.sock")
 	srcCmd := startVM(t, "run", "--kernel", kernel, "--initrd", initrd, "--mem", "64M", "--cpus", "2",
-		"--net", "none", "--api-sock", src, "--key-file", key, "--dirty-tracking", "ring")
+		"--net", "none", "--api-sock", src, "--key-file", key, "--dirty-tracking", "ring", "--stream-cipher", "aegis-128l")
 	waitSocket(t, src)
 
 	// A stranger: the standby holds another key.
@@ -47,11 +47,26 @@ func TestCtlMigrate(t *testing.T) {
 	_, _, status = ctl(src, "info")
 	require.Equal(t, 0, status, "the source still runs its guest")
 
+	// The right key, but a standby that seals only with AES-256-GCM, and
+	// a source that requires AEGIS-128L: refused, and said so.
+	port = freePort(t)
+	gcmOnly := filepath.Join(dir, "gcm.sock")
+	startVM(t, "standby", "--listen", fmt.Sprintf("127.0.0.1:%d", port), "--net", "none", "--key-file", key,
+		"--stream-cipher", "aes-256-gcm", "--api-sock", gcmOnly)
+	waitStandingBy(t, gcmOnly)
+	_, errOut, status = ctl(src, "migrate", "--to", fmt.Sprintf("127.0.0.1:%d", port))
+	require.NotEqual(t, 0, status)
+	require.Contains(t, errOut, "aegis-128l")
+	_, _, status = ctl(src, "info")
+	require.Equal(t, 0, status, "the source still runs its guest")
+
 	before := filepath.Join(dir, "before.snap")
 	_, errOut, status = ctl(src, "snapshot", "--out", before)
 	require.Equal(t, 0, status, errOut)
 	c0 := snapshotCounter(t, before)
 
+	// A standby of the default cipher (auto): the migration runs under
+	// AEGIS-128L, which the source requires.
 	port = freePort(t)
 	dst := filepath.Join(dir, "dst.sock")
 	startVM(t, "standby", "--listen", fmt.Sprintf("127.0.0.1:%d", port), "--net", "none", "--key-file", key, "--api-sock", dst)

@@ -31,9 +31,9 @@ With --paused it comes up at the snapshot's instant without running:
 machine again).
 
 A restored guest starts unprotected: 'govmm ctl replicate --to HOST:PORT'
-protects it, with the --key-file, --failover-timeout, --stream-compress
-and --stream-deltas given here; 'ctl migrate' moves it, with the same
---key-file and stream flags.
+protects it, with the --key-file, --failover-timeout, --stream-compress,
+--stream-deltas and --stream-cipher given here; 'ctl migrate' moves it,
+with the same --key-file and stream flags.
 
 Flags:
 `

@@ -91,6 +91,7 @@ type runFlags struct {
 	failoverTimeout time.Duration
 	streamCompress  stream.Compression
 	streamDeltas    bool
+	streamCipher    stream.Cipher
 	onStandbyLoss   string
 	checkpointCopy  string
 	// checkpointCoWPages is --checkpoint-cow-pages.
@@ -169,6 +170,7 @@ func (f *runFlags) registerDevices(fs *flag.FlagSet) {
 	fs.StringVar(&f.keyFile, "key-file", "", "pre-shared key authenticating the migration stream (mode 0600, at least 16 bytes); without it only loopback is allowed")
 	fs.Var(compressFlag{&f.streamCompress}, "stream-compress", "compress the guest pages on the replication and migration stream: s2 (about 1 GB/s per core: for links slower than that), zstd (a fifth fewer bytes, 3x slower: for a WAN) or none; a primary's default is none, a standby's to take any codec (none there refuses compressed pages: the primary then sends them uncompressed)")
 	fs.BoolVar(&f.streamDeltas, "stream-deltas", false, "ship guest pages the standby already holds as XOR deltas against what it holds, and pages whose bytes it holds at any page as a reference to that page, when the standby also gives it (costs a copy of guest memory on each end; new standbys get whole pages first)")
+	fs.Var(cipherFlag{&f.streamCipher}, "stream-cipher", "what a keyed replication and migration stream (--key-file) seals its frames with: auto (AEGIS-128L where both hosts' CPUs run it, several times faster than AES-256-GCM, else AES-256-GCM), aegis-128l (refuse a peer that will not) or aes-256-gcm (NIST-approved only; the peer follows)")
 	fs.StringVar(&f.name, "name", "govmm", "VM name (the default MAC derives from it)")
 	fs.StringVar(&f.net, "net", "user", "network: user (NAT on a user-mode TCP/IP stack), tap:NAME, or none")
 	fs.StringVar(&f.mac, "mac", "", "guest MAC address (default: derived from --name)")

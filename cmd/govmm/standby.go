@@ -106,7 +106,7 @@ func cmdStandby(args []string) error {
 	reps := &replicas{f: &f, built: map[*vmm.Machine]*machineDevices{}}
 	sb, err := replicate.NewStandby(replicate.StandbyConfig{
 		Listen: *listen, Key: key, Insecure: insecure, Disks: disks, KeepAllocated: keep, FailoverTimeout: f.failoverTimeout, Witness: wc,
-		Compression: f.streamCompress, Deltas: f.streamDeltas, ReadSpin: streamSpin(readSpin),
+		Compression: f.streamCompress, Deltas: f.streamDeltas, Cipher: f.streamCipher, ReadSpin: streamSpin(readSpin),
 		Build:     reps.build,
 		OnRefused: func(err error) { fmt.Fprintf(os.Stderr, "govmm: standby: refused: %v\n", err) },
 	})
