@@ -38,21 +38,27 @@ type AckConfig struct {
 	// its own, and this one on another (ack_split.go): two one-core
 	// hosts. Govmm is the binary that runs that end.
 	Split bool
-	Govmm string
-	Out   string
-	Log   io.Writer
+	// Ciphers are the keyed points' ciphers, each a mode of its own
+	// beside the unkeyed one (default: AEGIS-128L where the CPU runs it,
+	// and AES-256-GCM).
+	Ciphers []stream.Cipher
+	Govmm   string
+	Out     string
+	Log     io.Writer
 }
 
 // AckSample is one batch: a stream's checkpoints or the bound's
 // transfers of the same size, over one connection.
 type AckSample struct {
 	Keyed bool
-	Pages int
-	Kind  string // "stream", "bound", "tuned", (unkeyed) "held" and "applied" or (keyed) "sealed"
-	Gap   time.Duration
-	Round int
-	Acks  int
-	Wall  time.Duration // per ack: the batch's mean
+	// Cipher is a keyed point's ("aegis-128l" or "aes-256-gcm").
+	Cipher string
+	Pages  int
+	Kind   string // "stream", "bound", "tuned", (unkeyed) "held" and "applied" or (keyed) "sealed"
+	Gap    time.Duration
+	Round  int
+	Acks   int
+	Wall   time.Duration // per ack: the batch's mean
 	// Each is every ack's wall time, in order: a batch after gaps holds
 	// few acks (four at 50 ms), whose mean one stall of the host (tens of
 	// ms, docs/STREAM.md "One ack at a time") decides.
@@ -74,7 +80,7 @@ type AckResult struct {
 // (uncompressed, the standby's StagingSink over guest memory)
 // from a stream.Sender to a stream.Receiver in this process (or, with
 // cfg.Split, in a process of its own on a CPU of its own) over
-// loopback TCP, keyed (AES-256-GCM) and unkeyed, each waiting for its ack
+// loopback TCP, keyed (under each of cfg.Ciphers) and unkeyed, each waiting for its ack
 // before the next, and beside each batch the loopback bound: the same
 // number of bytes written on a plain loopback TCP connection until a
 // one-byte ack comes back; then the same with the writer's send buffer
@@ -98,11 +104,29 @@ func Ack(ctx context.Context, cfg AckConfig) (*AckResult, error) {
 	if cfg.Log == nil {
 		cfg.Log = io.Discard
 	}
+	if len(cfg.Ciphers) == 0 {
+		cfg.Ciphers = []stream.Cipher{stream.CipherAESGCM}
+		if stream.CipherAEGIS.Check() == nil {
+			cfg.Ciphers = []stream.Cipher{stream.CipherAEGIS, stream.CipherAESGCM}
+		}
+	}
+	for _, c := range cfg.Ciphers {
+		if c != stream.CipherAEGIS && c != stream.CipherAESGCM {
+			return nil, fmt.Errorf("ack: keyed points need a cipher, not %v", c)
+		}
+		if err := c.Check(); err != nil {
+			return nil, fmt.Errorf("ack: %v: %w", c, err)
+		}
+	}
 	res := &AckResult{Config: cfg}
-	for _, keyed := range []bool{true, false} {
+	var modes []ackMode
+	for _, c := range cfg.Ciphers {
+		modes = append(modes, ackMode{keyed: true, cipher: c})
+	}
+	for _, m := range append(modes, ackMode{}) {
 		for _, n := range cfg.Pages {
-			fmt.Fprintf(cfg.Log, "ack: keyed=%v pages=%d\n", keyed, n)
-			s, err := ackPoint(ctx, cfg, keyed, n)
+			fmt.Fprintf(cfg.Log, "ack: %v pages=%d\n", m, n)
+			s, err := ackPoint(ctx, cfg, m, n)
 			res.Samples = append(res.Samples, s...)
 			if err != nil {
 				return res, err
@@ -112,15 +136,39 @@ func Ack(ctx context.Context, cfg AckConfig) (*AckResult, error) {
 	return res, res.write(cfg.Out)
 }
 
+// ackMode is a point's stream: keyed, sealed with cipher, or unkeyed.
+type ackMode struct {
+	keyed  bool
+	cipher stream.Cipher // keyed: CipherAEGIS or CipherAESGCM
+}
+
+func (m ackMode) String() string {
+	if !m.keyed {
+		return "unkeyed"
+	}
+	return "keyed " + m.cipher.String()
+}
+
+// key is a fresh key for a point of mode m, nil unkeyed.
+func (m ackMode) key() []byte {
+	if !m.keyed {
+		return nil
+	}
+	key := make([]byte, 32)
+	_, _ = rand.Read(key)
+	return key
+}
+
 // ackPoint runs cfg.Rounds rounds at one point: a stream batch, then a
 // bound batch of the stream's wire bytes.
-func ackPoint(ctx context.Context, cfg AckConfig, keyed bool, n int) ([]AckSample, error) {
+func ackPoint(ctx context.Context, cfg AckConfig, m ackMode, n int) ([]AckSample, error) {
+	keyed := m.keyed
 	var e *ackEnds
 	var err error
 	if cfg.Split {
-		e, err = splitEnds(ctx, cfg.Govmm, keyed, n, cfg.Log)
+		e, err = splitEnds(ctx, cfg.Govmm, m, n, cfg.Log)
 	} else {
-		e, err = localEnds(ctx, keyed, n)
+		e, err = localEnds(ctx, m, n)
 	}
 	if err != nil {
 		return nil, err
@@ -166,9 +214,13 @@ func ackPoint(ctx context.Context, cfg AckConfig, keyed bool, n int) ([]AckSampl
 		"held":    func() (int, error) { return wire, heldTransfer(e.tx, buf[8:], heldBit) },
 		"applied": func() (int, error) { return wire, heldTransfer(e.tx, buf[8:], heldBit|appliedBit) }}
 	if keyed {
-		aead, err := newAEAD(e.key)
+		aead, err := newAEAD(e.key, m.cipher)
 		if err != nil {
 			return nil, err
+		}
+		if got := e.s.Cipher(); got != m.cipher.String() {
+			// The bound must seal as the stream it is the bound of.
+			return nil, fmt.Errorf("the stream seals with %s, the sealed bound with %v", got, m.cipher)
 		}
 		var nonce sealNonce
 		var out []byte
@@ -191,9 +243,12 @@ func ackPoint(ctx context.Context, cfg AckConfig, keyed bool, n int) ([]AckSampl
 			for _, kind := range kinds {
 				smp, err := ackBatch(ctx, cfg.Batch, gap, run[kind], e.cpu)
 				if err != nil {
-					return out, fmt.Errorf("ack %s keyed=%v pages=%d: %w", kind, keyed, n, err)
+					return out, fmt.Errorf("ack %s %v pages=%d: %w", kind, m, n, err)
 				}
 				smp.Keyed, smp.Pages, smp.Kind, smp.Gap, smp.Round = keyed, n, kind, gap, r
+				if keyed {
+					smp.Cipher = m.cipher.String()
+				}
 				out = append(out, smp)
 			}
 		}
@@ -279,13 +334,9 @@ type ackEnds struct {
 }
 
 // localEnds are both ends in this process over loopback TCP.
-func localEnds(ctx context.Context, keyed bool, n int) (*ackEnds, error) {
-	var key []byte
-	if keyed {
-		key = make([]byte, 32)
-		_, _ = rand.Read(key)
-	}
-	s, closePair, err := ackPair(ctx, key, n)
+func localEnds(ctx context.Context, m ackMode, n int) (*ackEnds, error) {
+	key := m.key()
+	s, closePair, err := ackPair(ctx, key, m.cipher, n)
 	if err != nil {
 		return nil, err
 	}
@@ -306,7 +357,7 @@ func localEnds(ctx context.Context, keyed bool, n int) (*ackEnds, error) {
 		closeAll()
 		return nil, err
 	}
-	aead, err := aeadOrNil(key)
+	aead, err := aeadOrNil(key, m.cipher)
 	if err != nil {
 		closeAll()
 		return nil, err
@@ -320,9 +371,9 @@ func localEnds(ctx context.Context, keyed bool, n int) (*ackEnds, error) {
 }
 
 // ackConfigs are the two ends' stream configurations for n pages, keyed
-// with key (nil: unkeyed, in clear); the receiver's Sink is the standby
-// end's to set (ackStandbySink).
-func ackConfigs(n int, key []byte) (rcfg, scfg stream.Config) {
+// with key and sealed with c (key nil: unkeyed, in clear); the
+// receiver's Sink is the standby end's to set (ackStandbySink).
+func ackConfigs(n int, key []byte, c stream.Cipher) (rcfg, scfg stream.Config) {
 	id := stream.Identity{Name: "bench-ack", Regions: []stream.Region{{GPA: 0, Size: uint64(n) * guestmem.PageSize}}, VCPUs: 1}
 	quiet := slog.New(slog.DiscardHandler)
 	// The suite times throughput, not liveness: a long failover timeout,
@@ -336,6 +387,7 @@ func ackConfigs(n int, key []byte) (rcfg, scfg stream.Config) {
 	scfg = stream.Config{Identity: id, Logger: quiet, Compression: stream.CompressNone, FailoverTimeout: ackFailoverTimeout}
 	if key != nil {
 		rcfg.Key, scfg.Key = key, key
+		rcfg.Cipher, scfg.Cipher = c, c
 	} else {
 		rcfg.Insecure, scfg.Insecure = true, true
 	}
@@ -358,19 +410,19 @@ func ackStandbySink(n int) (sink *stream.StagingSink, done func(), err error) {
 // (ackConfigs).
 const ackFailoverTimeout = 10 * time.Second
 
-// aeadOrNil is AES-256-GCM under key, or nil without one.
-func aeadOrNil(key []byte) (cipher.AEAD, error) {
+// aeadOrNil is newAEAD under key, or nil without one.
+func aeadOrNil(key []byte, c stream.Cipher) (cipher.AEAD, error) {
 	if key == nil {
 		return nil, nil
 	}
-	return newAEAD(key)
+	return newAEAD(key, c)
 }
 
 // ackPair is a Sender connected to a running Receiver over loopback TCP,
 // keyed with key (nil: unkeyed), with the layout of n pages and the
 // standby end's sink (ackStandbySink).
-func ackPair(ctx context.Context, key []byte, n int) (*stream.Sender, func(), error) {
-	rcfg, scfg := ackConfigs(n, key)
+func ackPair(ctx context.Context, key []byte, c stream.Cipher, n int) (*stream.Sender, func(), error) {
+	rcfg, scfg := ackConfigs(n, key, c)
 	sink, unmap, err := ackStandbySink(n)
 	if err != nil {
 		return nil, nil, err

@@ -5,6 +5,7 @@ import (
 	"image/color"
 	"math"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -20,7 +21,7 @@ import (
 // to the sealed bound (keyed points) and to the held and applied bounds
 // (unkeyed).
 type ackPointSamples struct {
-	keyed                                       bool
+	mode                                        string // modeOf its samples
 	pages                                       int
 	gap                                         time.Duration
 	stream, bound, tuned, sealed, held, applied []AckSample
@@ -34,18 +35,18 @@ type ackPointSamples struct {
 // points groups the samples per mode and page count, in run order.
 func (r *AckResult) points() []*ackPointSamples {
 	var out []*ackPointSamples
-	find := func(keyed bool, pages int, gap time.Duration) *ackPointSamples {
+	find := func(mode string, pages int, gap time.Duration) *ackPointSamples {
 		for _, p := range out {
-			if p.keyed == keyed && p.pages == pages && p.gap == gap {
+			if p.mode == mode && p.pages == pages && p.gap == gap {
 				return p
 			}
 		}
-		p := &ackPointSamples{keyed: keyed, pages: pages, gap: gap}
+		p := &ackPointSamples{mode: mode, pages: pages, gap: gap}
 		out = append(out, p)
 		return p
 	}
 	for _, s := range r.Samples {
-		p := find(s.Keyed, s.Pages, s.Gap)
+		p := find(modeOf(s), s.Pages, s.Gap)
 		switch s.Kind {
 		case "stream":
 			p.stream = append(p.stream, s)
@@ -104,11 +105,43 @@ func (p *ackPointSamples) of(kind string) []AckSample {
 	return p.stream
 }
 
-func modeName(keyed bool) string {
-	if keyed {
+// modeOf is a sample's mode: "unkeyed", or "keyed" and its cipher.
+func modeOf(s AckSample) string {
+	if !s.Keyed {
+		return "unkeyed"
+	}
+	if s.Cipher == "" {
 		return "keyed"
 	}
-	return "unkeyed"
+	return "keyed " + s.Cipher
+}
+
+// keyed says whether the point's stream is keyed.
+func (p *ackPointSamples) keyed() bool { return p.mode != "unkeyed" }
+
+// modes are the results' modes, in run order.
+func (r *AckResult) modes() []string {
+	var out []string
+	for _, s := range r.Samples {
+		if m := modeOf(s); !slices.Contains(out, m) {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+// ciphers names the keyed modes' ciphers, for the report.
+func (r *AckResult) ciphers() string {
+	var out []string
+	for _, m := range r.modes() {
+		if c, ok := strings.CutPrefix(m, "keyed "); ok {
+			out = append(out, c)
+		}
+	}
+	if len(out) == 0 {
+		return "none run"
+	}
+	return strings.Join(out, " and ")
 }
 
 // ackMs summarizes the wall or CPU milliseconds per ack of samples.
@@ -137,7 +170,7 @@ func (r *AckResult) Report() string {
 	fmt.Fprintf(&b, "Stream alone (`replicate/stream`, as `BenchmarkAck`): a Sender and a Receiver %s over loopback TCP, "+
 		"each checkpoint %s distinct non-zero pages and 64 KiB of state, uncompressed, into a `StagingSink` over guest memory (guestmem, as a standby's), "+
 		"the pages staged as a primary's pause stages them (%s), "+
-		"each waiting for its ack before the next; keyed (AES-256-GCM) and unkeyed (in clear, checked by the End frame's sum). "+
+		"each waiting for its ack before the next; keyed (each cipher a mode of its own: %s) and unkeyed (in clear, checked by the End frame's sum). "+
 		"Beside each batch, the *loopback bound*: the same number of bytes (the checkpoint's wire bytes) written on a plain "+
 		"loopback TCP connection until a one-byte ack comes back. %d rounds per point, each a batch of the stream then one of "+
 		"the bound (each batch at least %v and three acks), each checkpoint (and each bound transfer) followed by a *gap* "+
@@ -148,7 +181,7 @@ func (r *AckResult) Report() string {
 		"the bound's, is the bound with its writer's send buffer fixed at %d KiB (SO_SNDBUF) instead of the kernel's "+
 		"autotuned one, which the stream and the bound use: it is often faster, so the bound is not a floor (docs/STREAM.md, "+
 		"\"The bound is not a floor\"); *to tuned* is the median of the rounds' stream/tuned-bound ratios. Keyed points also have a "+
-		"*sealed bound*, a batch after the tuned bound's: the same bytes sealed with AES-256-GCM in 1 MiB chunks under the "+
+		"*sealed bound*, a batch after the tuned bound's: the same bytes sealed with the stream's cipher in 1 MiB chunks under the "+
 		"point's key, written and opened one chunk at a time, then the ack (what those bytes cost once each is sealed and "+
 		"opened, without the stream's framing, sums or pipelining); *to sealed* is the median of the rounds' "+
 		"stream/sealed-bound ratios. Unkeyed points have a *held bound* instead, a batch after the tuned bound's: the "+
@@ -162,7 +195,7 @@ func (r *AckResult) Report() string {
 		"standby does per checkpoint; *to applied* is the median of the rounds' stream/applied-bound ratios. The End frame's sum ran its %s loop in this process (`stream.SumLoop`). Raw data `ack.csv` (one row per "+
 		"batch); plots `ack_time.png` (ms per ack) and `ack_cpu.png` (CPU ms per ack), log–log, and `ack_ratio.png` "+
 		"(the ratios against the goal of 1.3×: unkeyed over the bound, the tuned, held and applied bounds, keyed over the sealed bound).\n\n",
-		where, joinInts(r.Config.Pages), ackStaging(), r.Config.Rounds, r.Config.Batch, joinDurations(r.Config.Gaps), cpuNote, tunedSendBuffer>>10, stream.SumLoop())
+		where, joinInts(r.Config.Pages), ackStaging(), r.ciphers(), r.Config.Rounds, r.Config.Batch, joinDurations(r.Config.Gaps), cpuNote, tunedSendBuffer>>10, stream.SumLoop())
 	head, rule := "", ""
 	if r.Config.Split {
 		head, rule = " stream standby CPU ms/ack | bound standby CPU ms/ack | applied bound standby CPU ms/ack |", "---|---|---|"
@@ -177,7 +210,7 @@ func (r *AckResult) Report() string {
 			wire = float64(p.stream[0].Wire) / float64(p.pages)
 		}
 		fmt.Fprintf(&b, "| %s | %d | %v | %.0f | %.2f (%.2f–%.2f) | %.2f (%.2f–%.2f) | %.2f× (%.2f–%.2f) | %.2f | %.2f | %.2f× |",
-			modeName(p.keyed), p.pages, p.gap, wire, sw.Median, sw.P25, sw.P75, bw.Median, bw.P25, bw.P75,
+			p.mode, p.pages, p.gap, wire, sw.Median, sw.P25, sw.P75, bw.Median, bw.P25, bw.P75,
 			wr.Median, wr.P25, wr.P75, sc.Median, bc.Median, cr.Median)
 		for _, ref := range []struct {
 			samples []AckSample
@@ -219,7 +252,7 @@ func (r *AckResult) eachReport() string {
 	b.WriteString("|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, p := range r.points() {
 		s, bd := Summarize(eachMs(p.stream)), Summarize(eachMs(p.bound))
-		fmt.Fprintf(&b, "| %s | %d | %v | %d | %.2f (%.2f) | %.2f (%.2f) |", modeName(p.keyed), p.pages, p.gap, s.N,
+		fmt.Fprintf(&b, "| %s | %d | %v | %d | %.2f (%.2f) | %.2f (%.2f) |", p.mode, p.pages, p.gap, s.N,
 			s.Median, s.P90, bd.Median, bd.P90)
 		for i, ref := range [][]AckSample{p.bound, p.tuned, p.sealed, p.held, p.applied} {
 			pooled, rounds := p.eachRatio(ref)
@@ -267,7 +300,7 @@ func joinInts(xs []int) string {
 func (r *AckResult) write(dir string) error {
 	var rows [][]string
 	for _, s := range r.Samples {
-		rows = append(rows, []string{modeName(s.Keyed), strconv.Itoa(s.Pages), s.Kind, ftoa(msOf(s.Gap), 0), strconv.Itoa(s.Round), strconv.Itoa(s.Acks),
+		rows = append(rows, []string{modeOf(s), strconv.Itoa(s.Pages), s.Kind, ftoa(msOf(s.Gap), 0), strconv.Itoa(s.Round), strconv.Itoa(s.Acks),
 			ftoa(msOf(s.Wall), 4), ftoa(msOf(s.CPU), 4), strconv.Itoa(s.Wire), ftoa(msOf(s.StandbyCPU), 4)})
 	}
 	if err := writeCSV(filepath.Join(dir, "ack.csv"), []string{"mode", "pages", "kind", "gap_ms", "round", "acks", "wall_ms_per_ack",
@@ -277,7 +310,7 @@ func (r *AckResult) write(dir string) error {
 	rows = rows[:0]
 	for _, s := range r.Samples {
 		for i, d := range s.Each {
-			rows = append(rows, []string{modeName(s.Keyed), strconv.Itoa(s.Pages), s.Kind, ftoa(msOf(s.Gap), 0), strconv.Itoa(s.Round),
+			rows = append(rows, []string{modeOf(s), strconv.Itoa(s.Pages), s.Kind, ftoa(msOf(s.Gap), 0), strconv.Itoa(s.Round),
 				strconv.Itoa(i), ftoa(msOf(d), 4)})
 		}
 	}
@@ -286,12 +319,12 @@ func (r *AckResult) write(dir string) error {
 	}
 	for _, cpu := range []bool{false, true} {
 		var series []Series
-		for _, keyed := range []bool{true, false} {
+		for _, mode := range r.modes() {
 			for _, gap := range r.Config.Gaps {
-				for _, kind := range ackKinds(keyed) {
-					s := Series{Name: fmt.Sprintf("%s (%s, gap %v)", kind, modeName(keyed), gap), Line: true, Dashed: kind != "stream"}
+				for _, kind := range ackKinds(mode != "unkeyed") {
+					s := Series{Name: fmt.Sprintf("%s (%s, gap %v)", kind, mode, gap), Line: true, Dashed: kind != "stream"}
 					for _, p := range r.points() {
-						if p.keyed != keyed || p.gap != gap {
+						if p.mode != mode || p.gap != gap {
 							continue
 						}
 						m := ackMs(p.of(kind), cpu)
@@ -345,22 +378,33 @@ func (r *AckResult) ratioChart(path, ylabel string, ratio func(p *ackPointSample
 	var series []Series
 	lo, hi := math.Inf(1), math.Inf(-1)
 	for _, gap := range r.Config.Gaps {
-		for i, c := range ackRefs {
-			// One color per ratio, whatever the gap (dashed after a gap).
-			s := Series{Name: fmt.Sprintf("%s (gap %v)", c.name, gap), Line: true, Dashed: gap > 0, Color: plotutil.Color(i)}
-			for _, p := range r.points() {
-				if p.keyed != c.keyed || p.gap != gap {
+		i := 0
+		for _, c := range ackRefs {
+			for _, mode := range r.modes() {
+				if (mode != "unkeyed") != c.keyed {
 					continue
 				}
-				y, l, h, ok := ratio(p, c.of(p), c.ratios(p))
-				if !ok {
-					continue
+				name := c.name
+				if c.keyed {
+					name = mode + " ÷ sealed bound" // one per cipher
 				}
-				s.X, s.Y = append(s.X, float64(p.pages)), append(s.Y, y)
-				s.Lo, s.Hi = append(s.Lo, l), append(s.Hi, h)
-				lo, hi = math.Min(lo, float64(p.pages)), math.Max(hi, float64(p.pages))
+				// One color per ratio, whatever the gap (dashed after a gap).
+				s := Series{Name: fmt.Sprintf("%s (gap %v)", name, gap), Line: true, Dashed: gap > 0, Color: plotutil.Color(i)}
+				i++
+				for _, p := range r.points() {
+					if p.mode != mode || p.gap != gap {
+						continue
+					}
+					y, l, h, ok := ratio(p, c.of(p), c.ratios(p))
+					if !ok {
+						continue
+					}
+					s.X, s.Y = append(s.X, float64(p.pages)), append(s.Y, y)
+					s.Lo, s.Hi = append(s.Lo, l), append(s.Hi, h)
+					lo, hi = math.Min(lo, float64(p.pages)), math.Max(hi, float64(p.pages))
+				}
+				series = append(series, s)
 			}
-			series = append(series, s)
 		}
 	}
 	if lo <= hi {

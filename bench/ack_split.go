@@ -3,7 +3,6 @@ package bench
 import (
 	"bufio"
 	"context"
-	"crypto/rand"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -48,12 +47,12 @@ func AckStandbyEnd(ctx context.Context, in io.Reader, out io.Writer) error {
 	if !lines.Scan() {
 		return fmt.Errorf("ack standby end: no point on stdin: %v", lines.Err())
 	}
-	n, key, err := parseAckPoint(lines.Text())
+	n, key, c, err := parseAckPoint(lines.Text())
 	if err != nil {
 		return err
 	}
-	rcfg, _ := ackConfigs(n, key)
-	aead, err := aeadOrNil(key)
+	rcfg, _ := ackConfigs(n, key, c)
+	aead, err := aeadOrNil(key, c)
 	if err != nil {
 		return err
 	}
@@ -129,24 +128,32 @@ func AckStandbyEnd(ctx context.Context, in io.Reader, out io.Writer) error {
 	}
 }
 
-// parseAckPoint reads the point line "PAGES KEY".
-func parseAckPoint(line string) (int, []byte, error) {
+// parseAckPoint reads the point line "PAGES KEY CIPHER" (KEY and
+// CIPHER "-" unkeyed).
+func parseAckPoint(line string) (int, []byte, stream.Cipher, error) {
 	f := strings.Fields(line)
-	if len(f) != 2 {
-		return 0, nil, fmt.Errorf("ack standby end: point %q: want PAGES KEY", line)
+	if len(f) != 3 {
+		return 0, nil, 0, fmt.Errorf("ack standby end: point %q: want PAGES KEY CIPHER", line)
 	}
 	n, err := strconv.Atoi(f[0])
 	if err != nil || n <= 0 {
-		return 0, nil, fmt.Errorf("ack standby end: point %q: bad page count", line)
+		return 0, nil, 0, fmt.Errorf("ack standby end: point %q: bad page count", line)
 	}
 	if f[1] == "-" {
-		return n, nil, nil
+		if f[2] != "-" {
+			return 0, nil, 0, fmt.Errorf("ack standby end: point %q: a cipher without a key", line)
+		}
+		return n, nil, 0, nil
 	}
 	key, err := hex.DecodeString(f[1])
 	if err != nil {
-		return 0, nil, fmt.Errorf("ack standby end: point %q: bad key: %w", line, err)
+		return 0, nil, 0, fmt.Errorf("ack standby end: point %q: bad key: %w", line, err)
 	}
-	return n, key, nil
+	c, err := stream.ParseCipher(f[2])
+	if err != nil || c == stream.CipherAuto {
+		return 0, nil, 0, fmt.Errorf("ack standby end: point %q: want cipher aegis-128l or aes-256-gcm", line)
+	}
+	return n, key, c, nil
 }
 
 // splitEnd is the parent's handle on a running standby end.
@@ -161,7 +168,7 @@ type splitEnd struct {
 // startSplitEnd starts the standby end for n pages (keyed with key, or
 // unkeyed if key is nil) from govmm, on CPU cpu: the child inherits the
 // affinity of the thread that forks it.
-func startSplitEnd(govmm string, cpu, n int, key []byte, stderr io.Writer) (*splitEnd, error) {
+func startSplitEnd(govmm string, cpu, n int, key []byte, c stream.Cipher, stderr io.Writer) (*splitEnd, error) {
 	if govmm == "" {
 		return nil, errors.New("ack --split: no govmm binary to run the standby end")
 	}
@@ -179,12 +186,12 @@ func startSplitEnd(govmm string, cpu, n int, key []byte, stderr io.Writer) (*spl
 		return nil, fmt.Errorf("ack --split: start the standby end: %w", err)
 	}
 	e := &splitEnd{cmd: cmd, stdin: stdin, stdout: bufio.NewReader(stdout)}
-	k := "-"
+	k, cs := "-", "-"
 	if key != nil {
-		k = hex.EncodeToString(key)
+		k, cs = hex.EncodeToString(key), c.String()
 	}
 	var line string
-	if _, err = fmt.Fprintf(stdin, "%d %s\n", n, k); err == nil {
+	if _, err = fmt.Fprintf(stdin, "%d %s %s\n", n, k, cs); err == nil {
 		line, err = e.stdout.ReadString('\n')
 	}
 	if err == nil {
@@ -301,17 +308,13 @@ func eachTask(f func(tid int)) error {
 // splitEnds are ackEnds split: a Sender and the bound's writer dialled
 // to a standby end on a CPU of its own, this process pinned to another
 // until close is called.
-func splitEnds(ctx context.Context, govmm string, keyed bool, n int, stderr io.Writer) (*ackEnds, error) {
+func splitEnds(ctx context.Context, govmm string, m ackMode, n int, stderr io.Writer) (*ackEnds, error) {
 	mine, theirs, all, err := splitCPUs()
 	if err != nil {
 		return nil, err
 	}
-	var key []byte
-	if keyed {
-		key = make([]byte, 32)
-		_, _ = rand.Read(key)
-	}
-	end, err := startSplitEnd(govmm, theirs, n, key, stderr)
+	key := m.key()
+	end, err := startSplitEnd(govmm, theirs, n, key, m.cipher, stderr)
 	if err != nil {
 		return nil, err
 	}
@@ -322,7 +325,7 @@ func splitEnds(ctx context.Context, govmm string, keyed bool, n int, stderr io.W
 		undo()
 		return nil, err
 	}
-	_, scfg := ackConfigs(n, key)
+	_, scfg := ackConfigs(n, key, m.cipher)
 	s, err := stream.Dial(ctx, end.stream, scfg)
 	if err != nil {
 		undo()

@@ -23,8 +23,9 @@ import (
 // the bound, reports CPU time that grows with the work, and returns once
 // its stdin closes.
 func TestAckStandbyEndServesAPoint(t *testing.T) {
-	for _, keyed := range []bool{false, true} {
-		t.Run(modeName(keyed), func(t *testing.T) {
+	for _, m := range []ackMode{{}, {true, stream.CipherAEGIS}, {true, stream.CipherAESGCM}} {
+		keyed := m.keyed
+		t.Run(m.String(), func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
 			defer cancel()
 			inR, inW := io.Pipe()
@@ -35,13 +36,13 @@ func TestAckStandbyEndServesAPoint(t *testing.T) {
 
 			const n = 64
 			var key []byte
-			k := "-"
+			k, cs := "-", "-"
 			if keyed {
 				key = make([]byte, 32)
 				key[0] = 7
-				k = fmt.Sprintf("%x", key)
+				k, cs = fmt.Sprintf("%x", key), m.cipher.String()
 			}
-			_, err := fmt.Fprintf(inW, "%d %s\n", n, k)
+			_, err := fmt.Fprintf(inW, "%d %s %s\n", n, k, cs)
 			require.NoError(t, err)
 			line, err := out.ReadString('\n')
 			require.NoError(t, err)
@@ -58,10 +59,15 @@ func TestAckStandbyEndServesAPoint(t *testing.T) {
 			}
 			cpu0 := askCPU()
 
-			_, scfg := ackConfigs(n, key)
+			_, scfg := ackConfigs(n, key, m.cipher)
 			s, err := stream.Dial(ctx, f[1], scfg)
 			require.NoError(t, err)
 			defer s.Close()
+			if keyed {
+				require.Equal(t, m.cipher.String(), s.Cipher(), "the end seals as its point says")
+			} else {
+				require.Equal(t, "none", s.Cipher())
+			}
 			gen := make([]byte, n*guestmem.PageSize)
 			for i := range gen {
 				gen[i] = byte(i + 1)
@@ -97,14 +103,14 @@ func TestAckStandbyEndServesAPoint(t *testing.T) {
 				require.NoError(t, heldTransfer(c, held[:100], bits))
 			}
 			if keyed { // the sealed bound: opened under the point's key, acked; under another, not
-				aead, err := newAEAD(key)
+				aead, err := newAEAD(key, m.cipher)
 				require.NoError(t, err)
 				var nonce sealNonce
 				var buf []byte
 				p := make([]byte, 3*sealChunk+5)
 				require.NoError(t, sealTransfer(c, aead, &nonce, p, &buf))
 				require.NoError(t, sealTransfer(c, aead, &nonce, p[:100], &buf), "a second transfer, the nonces counting on")
-				other, err := newAEAD(make([]byte, 32))
+				other, err := newAEAD(make([]byte, 32), m.cipher)
 				require.NoError(t, err)
 				assert.Error(t, sealTransfer(c, other, &nonce, p[:100], &buf), "no ack for bytes sealed under another key: the end hangs up")
 			}
@@ -122,7 +128,8 @@ func TestAckStandbyEndServesAPoint(t *testing.T) {
 }
 
 func TestAckStandbyEndRefusesABadPoint(t *testing.T) {
-	for _, line := range []string{"", "100", "x -", "0 -", "-5 -", "100 zz", "100 - extra"} {
+	for _, line := range []string{"", "100", "x - -", "0 - -", "-5 - -", "100 zz aegis-128l", "100 -", "100 - extra", "100 - - extra",
+		"100 00ff", "100 00ff auto", "100 00ff chacha20"} {
 		err := AckStandbyEnd(t.Context(), strings.NewReader(line+"\n"), io.Discard)
 		assert.Error(t, err, "point %q", line)
 	}
@@ -144,7 +151,10 @@ func TestAckSplit(t *testing.T) {
 	res, err := Ack(ctx, AckConfig{Pages: []int{100}, Rounds: 2, Batch: 20 * time.Millisecond, Gaps: []time.Duration{0},
 		Split: true, Govmm: govmm, Out: out, Log: testWriter{t}})
 	require.NoError(t, err)
-	require.Len(t, res.Samples, 18) // 2 rounds: keyed stream, bound, tuned and sealed bound; unkeyed stream, bound, tuned, held and applied bound
+	// 2 rounds: keyed under AEGIS-128L and under AES-256-GCM, each a
+	// stream, bound, tuned and sealed bound; unkeyed stream, bound,
+	// tuned, held and applied bound.
+	require.Len(t, res.Samples, 26)
 	kinds := map[string]int{}
 	for _, s := range res.Samples {
 		kinds[s.Kind]++
@@ -152,7 +162,7 @@ func TestAckSplit(t *testing.T) {
 		assert.Positive(t, s.StandbyCPU, "%+v: the standby end's CPU", s)
 		assert.Greater(t, s.CPU, s.StandbyCPU, "%+v: both ends' CPU", s)
 	}
-	assert.Equal(t, map[string]int{"stream": 4, "bound": 4, "tuned": 4, "sealed": 2, "held": 2, "applied": 2}, kinds)
+	assert.Equal(t, map[string]int{"stream": 6, "bound": 6, "tuned": 6, "sealed": 4, "held": 2, "applied": 2}, kinds)
 	report := res.Report()
 	assert.Contains(t, report, "two one-core hosts")
 	assert.Contains(t, report, "to tuned median")
@@ -160,16 +170,18 @@ func TestAckSplit(t *testing.T) {
 	assert.Contains(t, report, "to applied median")
 	assert.Contains(t, report, "stream standby CPU ms/ack")
 	assert.Contains(t, report, "applied bound standby CPU ms/ack")
-	cells := 0 // the header's
+	cells, rows := 0, 0 // the header's cells, the rows of three modes
 	for _, line := range strings.Split(report, "\n") {
 		switch {
 		case strings.HasPrefix(line, "| mode |"):
 			cells = strings.Count(line, "|")
-		case strings.HasPrefix(line, "| unkeyed |"), strings.HasPrefix(line, "| keyed |"):
+		case strings.HasPrefix(line, "| unkeyed |"), strings.HasPrefix(line, "| keyed aegis-128l |"), strings.HasPrefix(line, "| keyed aes-256-gcm |"):
+			rows++
 			assert.Equal(t, cells, strings.Count(line, "|"), "a row has as many cells as the header: %s", line)
 		}
 	}
 	assert.Positive(t, cells, "the table's header")
+	assert.Positive(t, rows, "the table's rows")
 
 	tasks, err := pinnedTasks(before)
 	require.NoError(t, err)

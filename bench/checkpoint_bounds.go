@@ -2,7 +2,6 @@ package bench
 
 import (
 	"context"
-	"crypto/aes"
 	"crypto/cipher"
 	"encoding/binary"
 	"io"
@@ -12,6 +11,7 @@ import (
 	"sort"
 	"time"
 
+	"govmm/replicate/stream"
 	"govmm/vmm/guestmem"
 )
 
@@ -213,23 +213,19 @@ func heldTransfer(tx net.Conn, p []byte, bits uint64) error {
 // nonces in the same order, and none twice.
 type sealNonce struct {
 	n uint64
-	b [12]byte
+	b [16]byte
 }
 
-func (s *sealNonce) next() []byte {
+// next is the next nonce, of a's size.
+func (s *sealNonce) next(a cipher.AEAD) []byte {
 	s.n++
 	binary.LittleEndian.PutUint64(s.b[4:], s.n)
-	return s.b[:]
+	return s.b[:a.NonceSize()]
 }
 
-// newAEAD is AES-256-GCM under key.
-func newAEAD(key []byte) (cipher.AEAD, error) {
-	blk, err := aes.NewCipher(key)
-	if err != nil {
-		return nil, err
-	}
-	return cipher.NewGCM(blk)
-}
+// newAEAD is c under the 32-byte key as a keyed stream seals with it
+// (the sealed bound's cipher).
+func newAEAD(key []byte, c stream.Cipher) (cipher.AEAD, error) { return stream.NewAEAD(c, key) }
 
 // sealTransfer writes p sealed (see sealedBit) on tx and waits for the
 // one-byte ack; out is the caller's buffer for a sealed chunk.
@@ -241,7 +237,7 @@ func sealTransfer(tx net.Conn, aead cipher.AEAD, nonce *sealNonce, p []byte, out
 	}
 	for len(p) > 0 {
 		n := min(len(p), sealChunk)
-		*out = aead.Seal((*out)[:0], nonce.next(), p[:n], nil)
+		*out = aead.Seal((*out)[:0], nonce.next(aead), p[:n], nil)
 		if _, err := tx.Write(*out); err != nil {
 			return err
 		}
@@ -327,7 +323,7 @@ func ackEach(rx net.Conn, aead cipher.AEAD) {
 				if _, err := io.ReadFull(rx, ct); err != nil {
 					return
 				}
-				if _, err := aead.Open(ct[:0], nonce.next(), ct, nil); err != nil {
+				if _, err := aead.Open(ct[:0], nonce.next(aead), ct, nil); err != nil {
 					return
 				}
 				left -= n
