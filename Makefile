@@ -82,6 +82,7 @@ fuzz:
 	GO=$(GO) scripts/fuzz.sh $(FUZZTIME) FuzzDecodeFrame ./replicate/stream/
 	GO=$(GO) scripts/fuzz.sh $(FUZZTIME) FuzzDecodeFrame ./replicate/witness/
 	GO=$(GO) scripts/fuzz.sh $(FUZZTIME) FuzzDecodeState ./replicate/witness/
+	GO=$(GO) scripts/fuzz.sh $(FUZZTIME) FuzzAgainstReference ./replicate/internal/aegis/
 
 # Unit and tiny-guest tests here; on a host without /dev/kvm the
 # tiny-guest tests (which go test skips there, listing each in

@@ -192,3 +192,33 @@ func BenchmarkOpen(b *testing.B) {
 		}
 	}
 }
+
+// FuzzAgainstReference: for any key, nonce, associated data and
+// message, Seal is the plain Go model's, Open takes it back in place,
+// and Open refuses it with the last byte of the tag changed.
+func FuzzAgainstReference(f *testing.F) {
+	f.Add(make([]byte, KeySize), make([]byte, NonceSize), []byte{}, []byte{})
+	f.Add(bytes.Repeat([]byte{1}, KeySize), bytes.Repeat([]byte{2}, NonceSize), []byte("header"), bytes.Repeat([]byte("page"), 1000))
+	f.Fuzz(func(t *testing.T, key, nonce, ad, msg []byte) {
+		if len(key) != KeySize || len(nonce) != NonceSize || !Supported() {
+			return
+		}
+		a, err := New(key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sealed := a.Seal(nil, nonce, msg, ad)
+		if want := refSeal(key, nonce, msg, ad); !bytes.Equal(sealed, want) {
+			t.Fatalf("sealed %x, the reference %x", sealed, want)
+		}
+		buf := bytes.Clone(sealed)
+		pt, err := a.Open(buf[:0], nonce, buf, ad)
+		if err != nil || !bytes.Equal(pt, msg) {
+			t.Fatalf("open: %v, %x against %x", err, pt, msg)
+		}
+		sealed[len(sealed)-1] ^= 1
+		if _, err := a.Open(nil, nonce, sealed, ad); err == nil {
+			t.Fatal("a changed tag opened")
+		}
+	})
+}
