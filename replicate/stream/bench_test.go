@@ -143,9 +143,10 @@ func BenchmarkCheckpoint(b *testing.B) {
 }
 
 // BenchmarkAck is issue 13's time to ack at 1,000, 4,096 and 65,536
-// non-zero dirty pages per epoch (no compression), keyed (AES-256-GCM) and
-// unkeyed (in clear, checked by the End frame's sum), each beside its loopback bound measured in the same
-// run: the bytes the checkpoint put on the wire written on a plain
+// non-zero dirty pages per epoch (no compression), keyed (the session's
+// cipher: AEGIS-128L where the CPU runs it) and unkeyed (in clear,
+// checked by the End frame's sum), each beside its loopback bound
+// measured in the same run: the bytes the checkpoint put on the wire written on a plain
 // loopback TCP connection, until a one-byte ack comes back. Compare ms/ack
 // with the bound's ms/ack; cpu-ms/ack is the CPU both ends spent per ack
 // (the process's user and system time), which a busy host disturbs less.
