@@ -28,9 +28,9 @@ type Config struct {
 	// same one.
 	Key []byte
 	// Insecure allows a stream without a key, for loopback use only: the
-	// frames are still sealed (AES-GCM), but under keys anyone can derive,
-	// so that only catches corruption. Both ends must agree; a keyed end
-	// refuses an unkeyed peer.
+	// frames travel in clear with a CRC32C trailer (and the End frame's
+	// sum), which catches corruption and nothing else. Both ends must
+	// agree; a keyed end refuses an unkeyed peer.
 	Insecure bool
 
 	// Identity is, on the sender, the VM being streamed (required); on the
