@@ -214,7 +214,7 @@ func ackPoint(ctx context.Context, cfg AckConfig, m ackMode, n int) ([]AckSample
 		"held":    func() (int, error) { return wire, heldTransfer(e.tx, buf[8:], heldBit) },
 		"applied": func() (int, error) { return wire, heldTransfer(e.tx, buf[8:], heldBit|appliedBit) }}
 	if keyed {
-		aead, err := newAEAD(e.key, m.cipher)
+		aead, err := stream.NewAEAD(m.cipher, e.key)
 		if err != nil {
 			return nil, err
 		}
@@ -410,12 +410,12 @@ func ackStandbySink(n int) (sink *stream.StagingSink, done func(), err error) {
 // (ackConfigs).
 const ackFailoverTimeout = 10 * time.Second
 
-// aeadOrNil is newAEAD under key, or nil without one.
+// aeadOrNil is stream.NewAEAD under key, or nil without one.
 func aeadOrNil(key []byte, c stream.Cipher) (cipher.AEAD, error) {
 	if key == nil {
 		return nil, nil
 	}
-	return newAEAD(key, c)
+	return stream.NewAEAD(c, key)
 }
 
 // ackPair is a Sender connected to a running Receiver over loopback TCP,

@@ -110,9 +110,6 @@ func modeOf(s AckSample) string {
 	if !s.Keyed {
 		return "unkeyed"
 	}
-	if s.Cipher == "" {
-		return "keyed"
-	}
 	return "keyed " + s.Cipher
 }
 

@@ -103,14 +103,14 @@ func TestAckStandbyEndServesAPoint(t *testing.T) {
 				require.NoError(t, heldTransfer(c, held[:100], bits))
 			}
 			if keyed { // the sealed bound: opened under the point's key, acked; under another, not
-				aead, err := newAEAD(key, m.cipher)
+				aead, err := stream.NewAEAD(m.cipher, key)
 				require.NoError(t, err)
 				var nonce sealNonce
 				var buf []byte
 				p := make([]byte, 3*sealChunk+5)
 				require.NoError(t, sealTransfer(c, aead, &nonce, p, &buf))
 				require.NoError(t, sealTransfer(c, aead, &nonce, p[:100], &buf), "a second transfer, the nonces counting on")
-				other, err := newAEAD(make([]byte, 32), m.cipher)
+				other, err := stream.NewAEAD(m.cipher, make([]byte, 32))
 				require.NoError(t, err)
 				assert.Error(t, sealTransfer(c, other, &nonce, p[:100], &buf), "no ack for bytes sealed under another key: the end hangs up")
 			}

@@ -11,7 +11,6 @@ import (
 	"sort"
 	"time"
 
-	"govmm/replicate/stream"
 	"govmm/vmm/guestmem"
 )
 
@@ -222,10 +221,6 @@ func (s *sealNonce) next(a cipher.AEAD) []byte {
 	binary.LittleEndian.PutUint64(s.b[4:], s.n)
 	return s.b[:a.NonceSize()]
 }
-
-// newAEAD is c under the 32-byte key as a keyed stream seals with it
-// (the sealed bound's cipher).
-func newAEAD(key []byte, c stream.Cipher) (cipher.AEAD, error) { return stream.NewAEAD(c, key) }
 
 // sealTransfer writes p sealed (see sealedBit) on tx and waits for the
 // one-byte ack; out is the caller's buffer for a sealed chunk.

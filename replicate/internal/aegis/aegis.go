@@ -20,6 +20,7 @@ import (
 	"crypto/subtle"
 	"encoding/binary"
 	"errors"
+	"unsafe"
 )
 
 // Sizes of AEGIS-128L's key, nonce and (128-bit) tag, in bytes.
@@ -222,7 +223,7 @@ func inexactOverlap(x, y []byte) bool {
 	if len(x) == 0 || len(y) == 0 || &x[0] == &y[0] {
 		return false
 	}
-	xs := uintptrOf(x)
-	ys := uintptrOf(y)
+	xs := uintptr(unsafe.Pointer(unsafe.SliceData(x)))
+	ys := uintptr(unsafe.Pointer(unsafe.SliceData(y)))
 	return xs < ys+uintptr(len(y)) && ys < xs+uintptr(len(x))
 }

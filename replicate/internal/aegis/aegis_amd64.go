@@ -2,11 +2,7 @@
 
 package aegis
 
-import (
-	"unsafe"
-
-	"golang.org/x/sys/cpu"
-)
+import "golang.org/x/sys/cpu"
 
 // The VEX-encoded AES round (VAESENC) needs AES-NI and AVX.
 var supported = cpu.X86.HasAES && cpu.X86.HasAVX
@@ -26,5 +22,3 @@ func encBlocks(s *state, dst, src []byte)
 //
 //go:noescape
 func decBlocks(s *state, dst, src []byte)
-
-func uintptrOf(b []byte) uintptr { return uintptr(unsafe.Pointer(unsafe.SliceData(b))) }

@@ -2,8 +2,6 @@
 
 package aegis
 
-import "unsafe"
-
 // No AES round in hardware that this package knows how to use: New says
 // ErrUnsupported, and the stream seals with AES-256-GCM.
 const supported = false
@@ -11,5 +9,3 @@ const supported = false
 func absorb(*state, []byte)            { panic("aegis-128l: unsupported") }
 func encBlocks(*state, []byte, []byte) { panic("aegis-128l: unsupported") }
 func decBlocks(*state, []byte, []byte) { panic("aegis-128l: unsupported") }
-
-func uintptrOf(b []byte) uintptr { return uintptr(unsafe.Pointer(unsafe.SliceData(b))) }
