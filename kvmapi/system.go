@@ -117,7 +117,7 @@ func (s *System) CreateVM() (*VM, error) {
 
 // IsPVM reports whether this host's KVM is kvm_pvm (the pagetable-based
 // virtual machine some sandboxes provide): it runs non-PVM guests
-// instruction by instruction, and it never stops a vCPU on a full dirty
+// instruction by instruction, and it seldom stops a vCPU on a full dirty
 // ring.
 var IsPVM = sync.OnceValue(func() bool {
 	_, err := os.Stat("/sys/module/kvm_pvm")

@@ -10,8 +10,10 @@ import (
 // Reaping the dirty rings between harvests.
 //
 // KVM stops a vCPU whose ring is nearly full (ExitDirtyRingFull), and
-// dirtyRingFull reaps it. Not every KVM does: kvm_pvm (the hosts this
-// project is developed on) never exits for a full ring, and pushes an
+// dirtyRingFull reaps it. Not every KVM does in time: kvm_pvm (the hosts
+// this project is developed on) exits for a full ring only now and then
+// (a tiny guest's two spinning vCPUs made one such exit in 2 s, after the
+// other vCPU's ring had lapped), and pushes an
 // entry for every write, not only the first after a reset (a tiny guest
 // rewriting 513 pages filled 34,000-46,000 entries in 200 ms): a 64k-entry
 // ring laps in about 0.3 s, and a harvest that comes later finds entries
@@ -43,11 +45,11 @@ const ringWatchEvery = 5 * time.Millisecond
 const ringReserved = 64
 
 // watchThreshold is how many entries a ring of entries holds before the
-// watcher reaps it: a quarter where KVM never stops the vCPU; elsewhere
+// watcher reaps it: a quarter where KVM seldom stops the vCPU; elsewhere
 // more than the soft limit (entries − 64 − PML's 512 at most) leaves room
 // for.
 func watchThreshold(entries int) int {
-	if kvmapi.IsPVM() { // never stops a vCPU on a full ring
+	if kvmapi.IsPVM() { // seldom stops a vCPU on a full ring
 		return entries / 4
 	}
 	return entries - ringReserved/2
@@ -102,7 +104,7 @@ func (m *Machine) reapRingsIfFilling() {
 }
 
 // vcpuTicks says whether the vCPU threads look at the rings on their own
-// CPU clock too (cputimer.go): where KVM never stops a vCPU on a full
+// CPU clock too (cputimer.go): where KVM seldom stops a vCPU on a full
 // ring, unless a test turned them off.
 func (r *dirtyRings) vcpuTicks() bool { return kvmapi.IsPVM() && !r.noTicks }
 
