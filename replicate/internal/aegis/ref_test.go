@@ -7,11 +7,12 @@ import (
 	"testing"
 )
 
-// A plain Go model of AEGIS-128L, written from RFC 10032's pseudocode
-// line by line, to check the assembly against at every length. Its AES
-// round is the textbook one (FIPS-197 section 5.1), with the S-box
-// computed from its definition (inverse in GF(2^8), then the affine
-// map) rather than typed in. Slow and not constant-time: tests only.
+// A plain Go model of AEGIS-128L and AEGIS-128X, written from RFC
+// 10032's pseudocode line by line, to check the assembly against at
+// every length. Its AES round is the textbook one (FIPS-197 section
+// 5.1), with the S-box computed from its definition (inverse in GF(2^8),
+// then the affine map) rather than typed in. Slow and not constant-time:
+// tests only.
 
 var sbox = func() (s [256]byte) {
 	mul := func(a, b byte) (p byte) {
@@ -98,8 +99,11 @@ func and16(a, b [16]byte) (o [16]byte) {
 	return o
 }
 
-func refUpdate(s *state, m0, m1 [16]byte) {
-	var n state
+// refState is one AEGIS-128L state, S0 … S7.
+type refState [8][16]byte
+
+func refUpdate(s *refState, m0, m1 [16]byte) {
+	var n refState
 	n[0] = refAESRound(s[7], xor16(s[0], m0))
 	n[1] = refAESRound(s[0], s[1])
 	n[2] = refAESRound(s[1], s[2])
@@ -111,55 +115,75 @@ func refUpdate(s *state, m0, m1 [16]byte) {
 	*s = n
 }
 
-func halves(b []byte) (x, y [16]byte) {
-	copy(x[:], b[:16])
-	copy(y[:], b[16:32])
-	return x, y
+func block16(b []byte) (x [16]byte) {
+	copy(x[:], b)
+	return x
 }
 
-func pad32(b []byte) []byte {
-	p := make([]byte, (len(b)+31)/32*32)
+func padTo(b []byte, n int) []byte {
+	p := make([]byte, (len(b)+n-1)/n*n)
 	copy(p, b)
 	return p
 }
 
-// refSeal is the RFC's Encrypt with a 128-bit tag: ct || tag.
-func refSeal(key, nonce, msg, ad []byte) []byte {
-	var k, n [16]byte
-	copy(k[:], key)
-	copy(n[:], nonce)
-	var s state
-	s[0], s[1], s[2], s[3] = xor16(k, n), c1, c0, c1
-	s[4], s[5], s[6], s[7] = xor16(k, n), xor16(k, c0), xor16(k, c1), xor16(k, c0)
+// refSealX is the RFC's Encrypt of AEGIS-128X with d lanes (section 5;
+// d = 1 is AEGIS-128L), line by line: d AEGIS-128L states, lane i
+// updated with the i-th 16 bytes of each half of a block.
+func refSealX(d int, key, nonce, msg, ad []byte) []byte {
+	k, n := block16(key), block16(nonce)
+	v := make([]refState, d)
+	for i := range v {
+		v[i] = refState{xor16(k, n), c1, c0, c1, xor16(k, n), xor16(k, c0), xor16(k, c1), xor16(k, c0)}
+	}
 	for range 10 {
-		refUpdate(&s, n, k)
+		for i := range v {
+			var ctx [16]byte
+			ctx[0], ctx[1] = byte(i), byte(d-1)
+			v[i][3] = xor16(v[i][3], ctx)
+			v[i][7] = xor16(v[i][7], ctx)
+			refUpdate(&v[i], n, k)
+		}
 	}
-	a := pad32(ad)
-	for i := 0; i < len(a); i += 32 {
-		a0, a1 := halves(a[i:])
-		refUpdate(&s, a0, a1)
+	r := 32 * d                  // the rate, in bytes
+	update := func(blk []byte) { // M0 = blk[:16d], M1 = blk[16d:]
+		for i := range v {
+			refUpdate(&v[i], block16(blk[16*i:]), block16(blk[16*(d+i):]))
+		}
 	}
-	m := pad32(msg)
+	a := padTo(ad, r)
+	for i := 0; i < len(a); i += r {
+		update(a[i : i+r])
+	}
+	m := padTo(msg, r)
 	ct := make([]byte, 0, len(m)+16)
-	for i := 0; i < len(m); i += 32 {
-		t0, t1 := halves(m[i:])
-		z0 := xor16(xor16(s[6], s[1]), and16(s[2], s[3]))
-		z1 := xor16(xor16(s[2], s[5]), and16(s[6], s[7]))
-		o0, o1 := xor16(t0, z0), xor16(t1, z1)
-		refUpdate(&s, t0, t1)
-		ct = append(append(ct, o0[:]...), o1[:]...)
+	for off := 0; off < len(m); off += r {
+		out := make([]byte, r)
+		for i, s := range v {
+			z0 := xor16(xor16(s[6], s[1]), and16(s[2], s[3]))
+			z1 := xor16(xor16(s[2], s[5]), and16(s[6], s[7]))
+			o0 := xor16(block16(m[off+16*i:]), z0)
+			o1 := xor16(block16(m[off+16*(d+i):]), z1)
+			copy(out[16*i:], o0[:])
+			copy(out[16*(d+i):], o1[:])
+		}
+		update(m[off : off+r])
+		ct = append(ct, out...)
 	}
 	ct = ct[:len(msg)]
-	var l [16]byte
-	binary.LittleEndian.PutUint64(l[0:], uint64(len(ad))*8)
-	binary.LittleEndian.PutUint64(l[8:], uint64(len(msg))*8)
-	tt := xor16(s[2], l)
-	for range 7 {
-		refUpdate(&s, tt, tt)
+	var u [16]byte
+	binary.LittleEndian.PutUint64(u[0:], uint64(len(ad))*8)
+	binary.LittleEndian.PutUint64(u[8:], uint64(len(msg))*8)
+	for i := range v {
+		t := xor16(v[i][2], u)
+		for range 7 {
+			refUpdate(&v[i], t, t)
+		}
 	}
-	tag := s[0]
-	for i := 1; i < 7; i++ {
-		tag = xor16(tag, s[i])
+	var tag [16]byte
+	for i := range v {
+		for j := range 7 {
+			tag = xor16(tag, v[i][j])
+		}
 	}
 	return append(ct, tag[:]...)
 }
