@@ -39,8 +39,8 @@ type AckConfig struct {
 	// hosts. Govmm is the binary that runs that end.
 	Split bool
 	// Ciphers are the keyed points' ciphers, each a mode of its own
-	// beside the unkeyed one (default: AEGIS-128L where the CPU runs it,
-	// and AES-256-GCM).
+	// beside the unkeyed one (default: AEGIS-128X2 and AEGIS-128L where
+	// the CPU runs them, and AES-256-GCM).
 	Ciphers []stream.Cipher
 	Govmm   string
 	Out     string
@@ -51,7 +51,8 @@ type AckConfig struct {
 // transfers of the same size, over one connection.
 type AckSample struct {
 	Keyed bool
-	// Cipher is a keyed point's ("aegis-128l" or "aes-256-gcm").
+	// Cipher is a keyed point's ("aegis-128x2", "aegis-128l" or
+	// "aes-256-gcm").
 	Cipher string
 	Pages  int
 	Kind   string // "stream", "bound", "tuned", (unkeyed) "held" and "applied" or (keyed) "sealed"
@@ -105,13 +106,14 @@ func Ack(ctx context.Context, cfg AckConfig) (*AckResult, error) {
 		cfg.Log = io.Discard
 	}
 	if len(cfg.Ciphers) == 0 {
-		cfg.Ciphers = []stream.Cipher{stream.CipherAESGCM}
-		if stream.CipherAEGIS.Check() == nil {
-			cfg.Ciphers = []stream.Cipher{stream.CipherAEGIS, stream.CipherAESGCM}
+		for _, c := range []stream.Cipher{stream.CipherAEGISX2, stream.CipherAEGIS, stream.CipherAESGCM} {
+			if c.Check() == nil {
+				cfg.Ciphers = append(cfg.Ciphers, c)
+			}
 		}
 	}
 	for _, c := range cfg.Ciphers {
-		if c != stream.CipherAEGIS && c != stream.CipherAESGCM {
+		if c == stream.CipherAuto {
 			return nil, fmt.Errorf("ack: keyed points need a cipher, not %v", c)
 		}
 		if err := c.Check(); err != nil {
@@ -139,7 +141,7 @@ func Ack(ctx context.Context, cfg AckConfig) (*AckResult, error) {
 // ackMode is a point's stream: keyed, sealed with cipher, or unkeyed.
 type ackMode struct {
 	keyed  bool
-	cipher stream.Cipher // keyed: CipherAEGIS or CipherAESGCM
+	cipher stream.Cipher // keyed: CipherAEGISX2, CipherAEGIS or CipherAESGCM
 }
 
 func (m ackMode) String() string {

@@ -151,7 +151,7 @@ func parseAckPoint(line string) (int, []byte, stream.Cipher, error) {
 	}
 	c, err := stream.ParseCipher(f[2])
 	if err != nil || c == stream.CipherAuto {
-		return 0, nil, 0, fmt.Errorf("ack standby end: point %q: want cipher aegis-128l or aes-256-gcm", line)
+		return 0, nil, 0, fmt.Errorf("ack standby end: point %q: want cipher aegis-128x2, aegis-128l or aes-256-gcm", line)
 	}
 	return n, key, c, nil
 }

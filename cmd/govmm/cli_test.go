@@ -128,7 +128,7 @@ func TestCLIUsageErrors(t *testing.T) {
 			"govmm: run: --stream-cipher aegis-128l seals a keyed stream: give --key-file (without a key the stream, loopback only, is not sealed) (see 'govmm help run')"},
 		{"standby stream cipher without key", []string{"standby", "--listen", "127.0.0.1:7000", "--stream-cipher", "aes-256-gcm"},
 			"govmm: standby: --stream-cipher aes-256-gcm seals a keyed stream: give --key-file (without a key the stream, loopback only, is not sealed) (see 'govmm help standby')"},
-		{"stream cipher unknown", []string{"run", "--stream-cipher", "chacha20"}, "govmm: run: --stream-cipher chacha20: want auto, aegis-128l or aes-256-gcm (see 'govmm help run')"},
+		{"stream cipher unknown", []string{"run", "--stream-cipher", "chacha20"}, "govmm: run: --stream-cipher chacha20: want auto, aegis-128x2, aegis-128l or aes-256-gcm (see 'govmm help run')"},
 
 		// A missing or extra argument: the same status as a flag error.
 		{"standby without listen", []string{"standby"}, "govmm: standby: --listen HOST:PORT is required (see 'govmm help standby')"},

@@ -244,13 +244,13 @@ func (f cipherFlag) String() string {
 func (f cipherFlag) Set(s string) error {
 	c, err := stream.ParseCipher(s)
 	if err != nil {
-		return errors.New("want auto, aegis-128l or aes-256-gcm")
+		return errors.New("want auto, aegis-128x2, aegis-128l or aes-256-gcm")
 	}
 	*f.c = c
 	return nil
 }
 
-func (f cipherFlag) typeName() string { return "auto|aegis-128l|aes-256-gcm" }
+func (f cipherFlag) typeName() string { return "auto|aegis-128x2|aegis-128l|aes-256-gcm" }
 
 // hostPortFlag is a string flag that takes HOST:PORT.
 type hostPortFlag struct{ s *string }

@@ -33,7 +33,7 @@ func TestCtlMigrate(t *testing.T) {
 	}
 	src := filepath.Join(dir, "src.sock")
 	srcCmd := startVM(t, "run", "--kernel", kernel, "--initrd", initrd, "--mem", "64M", "--cpus", "2",
-		"--net", "none", "--api-sock", src, "--key-file", key, "--dirty-tracking", "ring", "--stream-cipher", "aegis-128l")
+		"--net", "none", "--api-sock", src, "--key-file", key, "--dirty-tracking", "ring", "--stream-cipher", "aegis-128x2")
 	waitSocket(t, src)
 
 	// A stranger: the standby holds another key.
@@ -48,7 +48,7 @@ func TestCtlMigrate(t *testing.T) {
 	require.Equal(t, 0, status, "the source still runs its guest")
 
 	// The right key, but a standby that seals only with AES-256-GCM, and
-	// a source that requires AEGIS-128L: refused, and said so.
+	// a source that requires AEGIS-128X2: refused, and said so.
 	port = freePort(t)
 	gcmOnly := filepath.Join(dir, "gcm.sock")
 	startVM(t, "standby", "--listen", fmt.Sprintf("127.0.0.1:%d", port), "--net", "none", "--key-file", key,
@@ -56,7 +56,7 @@ func TestCtlMigrate(t *testing.T) {
 	waitStandingBy(t, gcmOnly)
 	_, errOut, status = ctl(src, "migrate", "--to", fmt.Sprintf("127.0.0.1:%d", port))
 	require.NotEqual(t, 0, status)
-	require.Contains(t, errOut, "aegis-128l")
+	require.Contains(t, errOut, "aegis-128x2")
 	_, _, status = ctl(src, "info")
 	require.Equal(t, 0, status, "the source still runs its guest")
 
@@ -66,7 +66,7 @@ func TestCtlMigrate(t *testing.T) {
 	c0 := snapshotCounter(t, before)
 
 	// A standby of the default cipher (auto): the migration runs under
-	// AEGIS-128L, which the source requires.
+	// AEGIS-128X2, which the source requires.
 	port = freePort(t)
 	dst := filepath.Join(dir, "dst.sock")
 	startVM(t, "standby", "--listen", fmt.Sprintf("127.0.0.1:%d", port), "--net", "none", "--key-file", key, "--api-sock", dst)

@@ -16,17 +16,19 @@ import (
 
 // TestCipherNegotiation: the two hellos pick the session's cipher, both
 // ends agree on it, a checkpoint crosses under it and arrives whole, and
-// no page travels in the clear; an end that requires AEGIS-128L refuses
+// no page travels in the clear; an end that requires an AEGIS refuses
 // a peer that will not seal with it, and both ends say why.
 func TestCipherNegotiation(t *testing.T) {
-	if !aegis.Supported() {
-		t.Fatalf("this CPU cannot run AEGIS-128L (%v): every host of this project's CI can", aegis.ErrUnsupported)
+	if !aegis.SupportedX2() {
+		t.Fatalf("this CPU cannot run AEGIS-128X2 (%v): every host of this project's CI can", aegis.ErrUnsupportedX2)
 	}
 	for _, tt := range []struct {
 		sender, receiver Cipher
-		want             string // "": refused
+		want             string // "": refused, by the end that requires a cipher
 	}{
-		{CipherAuto, CipherAuto, "aegis-128l"},
+		{CipherAuto, CipherAuto, "aegis-128x2"},
+		{CipherAEGISX2, CipherAuto, "aegis-128x2"},
+		{CipherAuto, CipherAEGISX2, "aegis-128x2"},
 		{CipherAEGIS, CipherAuto, "aegis-128l"},
 		{CipherAuto, CipherAEGIS, "aegis-128l"},
 		{CipherAuto, CipherAESGCM, "aes-256-gcm"},
@@ -34,6 +36,9 @@ func TestCipherNegotiation(t *testing.T) {
 		{CipherAESGCM, CipherAESGCM, "aes-256-gcm"},
 		{CipherAEGIS, CipherAESGCM, ""},
 		{CipherAESGCM, CipherAEGIS, ""},
+		{CipherAEGISX2, CipherAESGCM, ""},
+		{CipherAEGISX2, CipherAEGIS, ""},
+		{CipherAEGIS, CipherAEGISX2, ""},
 	} {
 		t.Run(fmt.Sprintf("%v to %v", tt.sender, tt.receiver), func(t *testing.T) {
 			var (
@@ -54,12 +59,12 @@ func TestCipherNegotiation(t *testing.T) {
 			if tt.want == "" {
 				require.ErrorIs(t, serr, ErrAuth)
 				require.ErrorIs(t, rerr, ErrAuth)
-				refuser := rerr
-				if tt.sender == CipherAEGIS {
-					refuser = serr
+				refuser, required := rerr, tt.receiver
+				if tt.sender != CipherAESGCM {
+					refuser, required = serr, tt.sender
 				}
 				assert.Contains(t, refuser.Error(), "this end requires it")
-				assert.Contains(t, refuser.Error(), "aegis-128l")
+				assert.Contains(t, refuser.Error(), required.String())
 				return
 			}
 			require.NoError(t, serr)
@@ -100,13 +105,13 @@ func TestCipherNegotiation(t *testing.T) {
 }
 
 func TestParseCipher(t *testing.T) {
-	for _, c := range []Cipher{CipherAuto, CipherAESGCM, CipherAEGIS} {
+	for _, c := range []Cipher{CipherAuto, CipherAESGCM, CipherAEGIS, CipherAEGISX2} {
 		got, err := ParseCipher(c.String())
 		require.NoError(t, err)
 		assert.Equal(t, c, got)
 	}
 	_, err := ParseCipher("chacha20")
 	require.ErrorIs(t, err, ErrConfig)
-	_, err = Config{Key: testKey, Cipher: CipherAEGIS + 1}.withDefaults()
+	_, err = Config{Key: testKey, Cipher: CipherAEGISX2 + 1}.withDefaults()
 	require.ErrorIs(t, err, ErrConfig)
 }

@@ -38,15 +38,16 @@
 //   - No trust (invariant 6): every length is checked against its cap
 //     before allocation; every page address is page-aligned and inside the
 //     sender's announced layout; after the handshake every frame's payload
-//     is sealed with the session's cipher (AEGIS-128L where both ends'
-//     CPUs run it, else AES-256-GCM) under a per-session, per-direction key,
+//     is sealed with the session's cipher (AEGIS-128X2 or AEGIS-128L where
+//     both ends' CPUs run it, else AES-256-GCM) under a per-session,
+//     per-direction key,
 //     with its header (which holds a sequence number, also the nonce) as
 //     additional data, so frames cannot be read, forged, replayed,
 //     reordered or dropped; the handshake proves knowledge of the
 //     pre-shared key both ways. (Without a key, loopback only, frames
 //     carry CRC32Cs instead: corruption is caught, nothing else.)
 //
-// # Wire format (version 16, little-endian)
+// # Wire format (version 17, little-endian)
 //
 // Handshake frames (each side's Hello and Auth, framed as in version 1 so
 // that any version can read a hello far enough to refuse it):
@@ -72,10 +73,11 @@
 // bytes and the payload under a public key (the proofs authenticate those
 // frames). After its Auth frame each side switches to its direction's
 // session key: ciphertext and tag are the session's cipher sealing the
-// payload, with nonce 0 [4] | seq u64 (AEGIS-128L's 16-byte nonce: then
+// payload, with nonce 0 [4] | seq u64 (AEGIS's 16-byte nonce: then
 // 0 [4]) and the 16 header bytes as additional data. The cipher is
-// AEGIS-128L (RFC 10032, 128-bit tag) when both hellos set flag bit 4,
-// else AES-256-GCM (version 16).
+// AEGIS-128X2 (RFC 10032 section 5, 128-bit tag) when both hellos set
+// flag bit 5 (version 17), else AEGIS-128L (RFC 10032, 128-bit tag) when
+// both set flag bit 4 (version 16), else AES-256-GCM.
 // A Pages frame of pages sent from where they lie (SendStablePage,
 // SendSummedPage) is sealed in parts, so that AES-GCM reads the pages in
 // place instead of a copy: its payload is a stored, grouped section, and
@@ -96,8 +98,9 @@
 //
 //	1 Hello     "GOVMMSTR" | version u16 | flags u16 (bit 0: keyed; bits 1, 2: codecs s2,
 //	            zstd: the one a sender wants, those a receiver accepts; bit 3:
-//	            deltas, on when both set it; bit 4, keyed only: this end seals
-//	            with AEGIS-128L, the session's cipher when both set it) | role u8
+//	            deltas, on when both set it; bits 4, 5, keyed only: this end seals
+//	            with AEGIS-128L, AEGIS-128X2, the session's cipher when both set
+//	            it, bit 5 first) | role u8
 //	            (1 sender, 2 receiver) | 0 [3] | nonce [32] |
 //	            heartbeat ns u64 | failover timeout ns u64 (0 < 2×heartbeat ≤ timeout ≤ 10 min) |
 //	            name (u16 len, ≤256) | vcpus u32 | nregions u16 (≤64) | 0 u16 |
@@ -166,7 +169,8 @@
 // as AES-256 keys, are HMAC(K, "govmm-stream/1 key sender-to-receiver" ||
 // th) and the reverse (the labels keep their "/1"; th binds the version);
 // under AEGIS-128L, the first 16 bytes of HMAC(K, "govmm-stream/1 key
-// sender-to-receiver aegis-128l" || th) and the reverse.
+// sender-to-receiver aegis-128l" || th) and the reverse; under
+// AEGIS-128X2, the same with "aegis-128x2".
 // Both ends then use the larger of the two failover timeouts. The
 // receiver runs Config.Verify on the sender's identity and answers Accept,
 // or an Error frame; the sender's Dial returns only then. Without a key

@@ -170,8 +170,8 @@ func (e *endpoint) quiet() { e.listening.Store(false) }
 // Peer is the identity the peer announced in its hello (authenticated).
 func (e *endpoint) Peer() Identity { return e.peer }
 
-// Cipher names what the session's frames are sealed with: "aegis-128l"
-// or "aes-256-gcm" in a keyed session, "none" (a CRC32C trailer) in an
+// Cipher names what the session's frames are sealed with:
+// "aegis-128x2", "aegis-128l" or "aes-256-gcm" in a keyed session, "none" (a CRC32C trailer) in an
 // unkeyed one.
 func (e *endpoint) Cipher() string {
 	if !e.sealed {

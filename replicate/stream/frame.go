@@ -14,7 +14,7 @@ import (
 // Version is the protocol version this package speaks. A peer with any
 // other version is refused at the hello (ErrVersion); see docs/STREAM.md
 // for the version policy.
-const Version = 16
+const Version = 17
 
 // checkpointVersion is the version of the GOVMMCKP container that a
 // checkpoint is (docs/FORMATS.md): its Begin frame stands for the
@@ -158,11 +158,12 @@ type hello struct {
 	keyed   bool
 	// codecs are the hello's codec flags (1 << codec): the one codec a
 	// sender wants, the codecs a receiver accepts.
-	codecs uint16
-	deltas bool // this end takes deltas
-	aegis  bool // this end seals with AEGIS-128L (keyed hellos only)
-	role   role
-	nonce  [nonceSize]byte
+	codecs  uint16
+	deltas  bool // this end takes deltas
+	aegis   bool // this end seals with AEGIS-128L (keyed hellos only)
+	aegisX2 bool // this end seals with AEGIS-128X2 (keyed hellos only)
+	role    role
+	nonce   [nonceSize]byte
 	// heartbeat and timeout are this end's heartbeat interval and failover
 	// timeout: the two ends agree on the larger timeout.
 	heartbeat, timeout time.Duration

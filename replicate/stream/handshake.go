@@ -68,6 +68,7 @@ func (e *endpoint) handshake(ctx context.Context, r role) (err error) {
 	}
 	own.deltas = e.cfg.Deltas
 	own.aegis = own.keyed && e.cfg.Cipher.offersAEGIS()
+	own.aegisX2 = own.keyed && e.cfg.Cipher.offersAEGISX2()
 	if r == roleSender {
 		return e.handshakeAsSender(&own)
 	}
@@ -162,16 +163,25 @@ func (e *endpoint) session(s interface {
 	e.sealed = true
 }
 
-// chooseCipher sets the session's cipher from the two hellos: AEGIS-128L
-// if both offer it, else AES-256-GCM, which every end runs. An end whose
-// Config asks for AEGIS-128L refuses a peer that does not offer it.
+// chooseCipher sets the session's cipher from the two hellos:
+// AEGIS-128X2 if both offer it, else AEGIS-128L if both offer it, else
+// AES-256-GCM, which every end runs. An end whose Config asks for an
+// AEGIS refuses a peer that does not offer it.
 func (e *endpoint) chooseCipher(own, peer *hello) error {
-	e.cipher = sealAESGCM
-	if own.aegis && peer.aegis {
+	switch {
+	case own.aegisX2 && peer.aegisX2:
+		e.cipher = sealAEGISX2
+	case own.aegis && peer.aegis:
 		e.cipher = sealAEGIS
+	default:
+		e.cipher = sealAESGCM
 	}
-	if own.keyed && e.cfg.Cipher == CipherAEGIS && e.cipher != sealAEGIS {
-		return fmt.Errorf("peer does not seal with aegis-128l (its CPU lacks AES-NI and AVX, or it asks for aes-256-gcm) and this end requires it: %w", ErrAuth)
+	if want, ok := e.cfg.Cipher.session(); own.keyed && ok && e.cipher != want {
+		why := "its CPU lacks AES-NI and AVX"
+		if want == sealAEGISX2 {
+			why = "its CPU lacks VAES"
+		}
+		return fmt.Errorf("peer does not seal with %v (%s, or it asks for another cipher) and this end requires it: %w", want, why, ErrAuth)
 	}
 	if own.keyed {
 		e.log.Debug("stream sealed", "cipher", e.cipher)

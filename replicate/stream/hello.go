@@ -26,14 +26,15 @@ func decodeHello(h *hello, p []byte) error {
 		return fmt.Errorf("peer speaks version %d, this side %d: %w", h.version, Version, ErrVersion)
 	}
 	flags := le.Uint16(p[10:])
-	if flags&^(helloFlagKeyed|helloCodecFlags|helloFlagDeltas|helloFlagAEGIS) != 0 {
+	if flags&^(helloFlagKeyed|helloCodecFlags|helloFlagDeltas|helloFlagAEGIS|helloFlagAEGISX2) != 0 {
 		return fmt.Errorf("hello: unknown flags %#x: %w", flags, ErrFrame)
 	}
 	h.keyed = flags&helloFlagKeyed != 0
 	h.codecs = flags & helloCodecFlags
 	h.deltas = flags&helloFlagDeltas != 0
 	h.aegis = flags&helloFlagAEGIS != 0
-	if h.aegis && !h.keyed {
+	h.aegisX2 = flags&helloFlagAEGISX2 != 0
+	if (h.aegis || h.aegisX2) && !h.keyed {
 		return fmt.Errorf("hello: offers a cipher without a key (flags %#x): %w", flags, ErrFrame)
 	}
 	h.role = role(p[12])
@@ -179,6 +180,9 @@ func appendHello(b []byte, h *hello) []byte {
 	}
 	if h.aegis {
 		flags |= helloFlagAEGIS
+	}
+	if h.aegisX2 {
+		flags |= helloFlagAEGISX2
 	}
 	b = le.AppendUint16(b, flags)
 	b = append(b, byte(h.role), 0, 0, 0)

@@ -200,7 +200,7 @@ func TestSealedPartsTampered(t *testing.T) {
 			copy(f[o3:], p2)
 		}},
 	}
-	for _, c := range []Cipher{CipherAEGIS, CipherAESGCM} {
+	for _, c := range []Cipher{CipherAEGISX2, CipherAEGIS, CipherAESGCM} {
 		for _, tt := range cases {
 			t.Run(c.String()+"/"+tt.name, func(t *testing.T) {
 				t.Parallel()

@@ -40,6 +40,7 @@ func BenchmarkSealChoices(b *testing.B) {
 		a    cipher.AEAD
 		mac  bool
 	}{
+		{"aegis128x2", newAEAD(sealAEGISX2, make([]byte, 32)), false},
 		{"aegis128l", newAEAD(sealAEGIS, make([]byte, 32)), false},
 		{"aes256gcm", newAEAD(sealAESGCM, make([]byte, 32)), false},
 		{"aes128gcm", aead(16), false},
