@@ -125,17 +125,57 @@ func Ack(ctx context.Context, cfg AckConfig) (*AckResult, error) {
 	for _, c := range cfg.Ciphers {
 		modes = append(modes, ackMode{keyed: true, cipher: c})
 	}
-	for _, m := range append(modes, ackMode{}) {
-		for _, n := range cfg.Pages {
-			fmt.Fprintf(cfg.Log, "ack: %v pages=%d\n", m, n)
-			s, err := ackPoint(ctx, cfg, m, n)
-			res.Samples = append(res.Samples, s...)
-			if err != nil {
-				return res, err
-			}
+	modes = append(modes, ackMode{})
+	for _, n := range cfg.Pages {
+		s, err := ackPoints(ctx, cfg, modes, n)
+		res.Samples = append(res.Samples, s...)
+		if err != nil {
+			return res, err
 		}
 	}
 	return res, res.write(cfg.Out)
+}
+
+// ackPoints runs the rounds of every mode at n pages, the modes taking
+// turns within each round, so that they are compared side by side in
+// time as each is with its bounds: the host's drift over the minutes a
+// point takes lands in every mode alike. Every mode's ends are set up
+// first and stay up until the last round.
+func ackPoints(ctx context.Context, cfg AckConfig, modes []ackMode, n int) ([]AckSample, error) {
+	standby := -1 // split: the standby ends' CPU
+	if cfg.Split {
+		cpu, undo, err := pinSplit()
+		if err != nil {
+			return nil, err
+		}
+		defer undo()
+		standby = cpu
+	}
+	var pts []*ackPoint
+	defer func() {
+		for _, p := range pts {
+			p.e.close()
+		}
+	}()
+	for _, m := range modes {
+		fmt.Fprintf(cfg.Log, "ack: %v pages=%d\n", m, n)
+		p, err := newAckPoint(ctx, cfg, standby, m, n)
+		if err != nil {
+			return nil, err
+		}
+		pts = append(pts, p)
+	}
+	var out []AckSample
+	for r := range cfg.Rounds {
+		for _, p := range pts {
+			s, err := p.round(ctx, cfg, r)
+			out = append(out, s...)
+			if err != nil {
+				return out, err
+			}
+		}
+	}
+	return out, nil
 }
 
 // ackMode is a point's stream: keyed, sealed with cipher, or unkeyed.
@@ -161,21 +201,34 @@ func (m ackMode) key() []byte {
 	return key
 }
 
-// ackPoint runs cfg.Rounds rounds at one point: a stream batch, then a
-// bound batch of the stream's wire bytes.
-func ackPoint(ctx context.Context, cfg AckConfig, m ackMode, n int) ([]AckSample, error) {
+// ackPoint is one mode at one page count, set up and warmed: its ends,
+// and each kind's transfer (the stream's checkpoint, the bounds').
+type ackPoint struct {
+	m   ackMode
+	n   int
+	e   *ackEnds
+	run map[string]func() (int, error)
+}
+
+// newAckPoint sets up mode m at n pages: its ends (split: the standby's
+// on CPU standby, this process pinned by the caller), then one of each
+// transfer to warm them. The caller closes p.e.
+func newAckPoint(ctx context.Context, cfg AckConfig, standby int, m ackMode, n int) (p *ackPoint, err error) {
 	keyed := m.keyed
 	var e *ackEnds
-	var err error
 	if cfg.Split {
-		e, err = splitEnds(ctx, cfg.Govmm, m, n, cfg.Log)
+		e, err = splitEnds(ctx, cfg.Govmm, standby, m, n, cfg.Log)
 	} else {
 		e, err = localEnds(ctx, m, n)
 	}
 	if err != nil {
 		return nil, err
 	}
-	defer e.close()
+	defer func() {
+		if err != nil {
+			e.close()
+		}
+	}()
 	gen := make([]byte, n*guestmem.PageSize)
 	for i := range gen {
 		gen[i] = byte(i*7 + i>>12) // distinct pages, none zero
@@ -211,7 +264,6 @@ func ackPoint(ctx context.Context, cfg AckConfig, m ackMode, n int) ([]AckSample
 			return nil, err
 		}
 	}
-	kinds := ackKinds(keyed)
 	run := map[string]func() (int, error){"stream": one, "bound": bound, "tuned": tuned,
 		"held":    func() (int, error) { return wire, heldTransfer(e.tx, buf[8:], heldBit) },
 		"applied": func() (int, error) { return wire, heldTransfer(e.tx, buf[8:], heldBit|appliedBit) }}
@@ -239,20 +291,25 @@ func ackPoint(ctx context.Context, cfg AckConfig, m ackMode, n int) ([]AckSample
 			}
 		}
 	}
+	return &ackPoint{m: m, n: n, e: e, run: run}, nil
+}
+
+// round runs round r of p: at each gap, a batch of each kind, the
+// stream's first.
+func (p *ackPoint) round(ctx context.Context, cfg AckConfig, r int) ([]AckSample, error) {
+	keyed := p.m.keyed
 	var out []AckSample
-	for r := range cfg.Rounds {
-		for _, gap := range cfg.Gaps {
-			for _, kind := range kinds {
-				smp, err := ackBatch(ctx, cfg.Batch, gap, run[kind], e.cpu)
-				if err != nil {
-					return out, fmt.Errorf("ack %s %v pages=%d: %w", kind, m, n, err)
-				}
-				smp.Keyed, smp.Pages, smp.Kind, smp.Gap, smp.Round = keyed, n, kind, gap, r
-				if keyed {
-					smp.Cipher = m.cipher.String()
-				}
-				out = append(out, smp)
+	for _, gap := range cfg.Gaps {
+		for _, kind := range ackKinds(keyed) {
+			smp, err := ackBatch(ctx, cfg.Batch, gap, p.run[kind], p.e.cpu)
+			if err != nil {
+				return out, fmt.Errorf("ack %s %v pages=%d: %w", kind, p.m, p.n, err)
 			}
+			smp.Keyed, smp.Pages, smp.Kind, smp.Gap, smp.Round = keyed, p.n, kind, gap, r
+			if keyed {
+				smp.Cipher = p.m.cipher.String()
+			}
+			out = append(out, smp)
 		}
 	}
 	return out, nil

@@ -72,6 +72,16 @@ func (r *AckResult) points() []*ackPointSamples {
 		p.wall = p.vsStream(p.wall, len(p.bound)-1, s, false)
 		p.cpu = p.vsStream(p.cpu, len(p.bound)-1, s, true)
 	}
+	// The modes take turns within each round (ackPoints), so their
+	// points first appear interleaved: a mode's rows together, in the
+	// order the modes first ran.
+	rank := map[string]int{}
+	for _, p := range out {
+		if _, ok := rank[p.mode]; !ok {
+			rank[p.mode] = len(rank)
+		}
+	}
+	slices.SortStableFunc(out, func(a, b *ackPointSamples) int { return rank[a.mode] - rank[b.mode] })
 	return out
 }
 
@@ -170,7 +180,8 @@ func (r *AckResult) Report() string {
 		"each waiting for its ack before the next; keyed (each cipher a mode of its own: %s) and unkeyed (in clear, checked by the End frame's sum). "+
 		"Beside each batch, the *loopback bound*: the same number of bytes (the checkpoint's wire bytes) written on a plain "+
 		"loopback TCP connection until a one-byte ack comes back. %d rounds per point, each a batch of the stream then one of "+
-		"the bound (each batch at least %v and three acks), each checkpoint (and each bound transfer) followed by a *gap* "+
+		"the bound (each batch at least %v and three acks), the modes taking turns within each round at each page count, so "+
+		"that modes too are compared side by side in time, each checkpoint (and each bound transfer) followed by a *gap* "+
 		"(%s): back to back, a checkpoint meets the last one's leftovers (the standby copies a checkpoint into memory after "+
 		"its ack); a gap stands for the epoch a replicated guest runs between two checkpoints; only the checkpoints are "+
 		"timed, while the CPU per ack counts the gaps too. *ratio* is the median of the rounds' stream/bound ratios, so "+

@@ -305,26 +305,32 @@ func eachTask(f func(tid int)) error {
 	return nil
 }
 
-// splitEnds are ackEnds split: a Sender and the bound's writer dialled
-// to a standby end on a CPU of its own, this process pinned to another
-// until close is called.
-func splitEnds(ctx context.Context, govmm string, m ackMode, n int, stderr io.Writer) (*ackEnds, error) {
+// pinSplit pins this process to the first of split mode's two CPUs
+// until undo is called, and says the other, the standby ends'.
+func pinSplit() (standby int, undo func(), err error) {
 	mine, theirs, all, err := splitCPUs()
 	if err != nil {
-		return nil, err
-	}
-	key := m.key()
-	end, err := startSplitEnd(govmm, theirs, n, key, m.cipher, stderr)
-	if err != nil {
-		return nil, err
+		return 0, nil, err
 	}
 	var one unix.CPUSet
 	one.Set(mine)
-	undo := func() { _ = pinProcess(all); _ = end.close() }
 	if err := pinProcess(one); err != nil {
-		undo()
+		_ = pinProcess(all)
+		return 0, nil, err
+	}
+	return theirs, func() { _ = pinProcess(all) }, nil
+}
+
+// splitEnds are ackEnds split: a Sender and the bound's writer dialled
+// to a standby end on CPU cpu, this process pinned to another by the
+// caller (pinSplit).
+func splitEnds(ctx context.Context, govmm string, cpu int, m ackMode, n int, stderr io.Writer) (*ackEnds, error) {
+	key := m.key()
+	end, err := startSplitEnd(govmm, cpu, n, key, m.cipher, stderr)
+	if err != nil {
 		return nil, err
 	}
+	undo := func() { _ = end.close() }
 	_, scfg := ackConfigs(n, key, m.cipher)
 	s, err := stream.Dial(ctx, end.stream, scfg)
 	if err != nil {

@@ -163,6 +163,16 @@ func TestAckSplit(t *testing.T) {
 		assert.Greater(t, s.CPU, s.StandbyCPU, "%+v: both ends' CPU", s)
 	}
 	assert.Equal(t, map[string]int{"stream": 6, "bound": 6, "tuned": 6, "sealed": 4, "held": 2, "applied": 2}, kinds)
+	// The modes take turns within each round: every mode's round 0,
+	// then every mode's round 1.
+	var turns []string
+	for _, s := range res.Samples {
+		if s.Kind == "stream" {
+			turns = append(turns, fmt.Sprintf("%s %d", modeOf(s), s.Round))
+		}
+	}
+	assert.Equal(t, []string{"keyed aegis-128x2 0", "keyed aes-256-gcm 0", "unkeyed 0",
+		"keyed aegis-128x2 1", "keyed aes-256-gcm 1", "unkeyed 1"}, turns)
 	report := res.Report()
 	assert.Contains(t, report, "two one-core hosts")
 	assert.Contains(t, report, "to tuned median")
