@@ -12,7 +12,8 @@ import (
 )
 
 // DescribeVCPUs says, for each vCPU, its MP state, RIP, RFLAGS (IF), CS,
-// an interrupt being injected, and its local APIC's pending (IRR) and
+// an interrupt being injected, an interrupt shadow or NMI state when
+// there is one, and its local APIC's pending (IRR) and
 // in-service (ISR) vectors, task priority and timer (LVT and initial
 // count): enough to tell a halted guest waiting for an interrupt that
 // never comes from one spinning with interrupts off.
@@ -26,6 +27,12 @@ func (s *MachineState) DescribeVCPUs() string {
 			i, v.MPState.State, v.Regs.RIP, v.Regs.RFLAGS, v.Regs.RFLAGS>>9&1, v.Sregs.CS.Selector)
 		if v.Events.Interrupt.Injected != 0 {
 			fmt.Fprintf(&b, ", injecting vector %d", v.Events.Interrupt.Nr)
+		}
+		if v.Events.Interrupt.Shadow != 0 {
+			fmt.Fprintf(&b, ", interrupt shadow %#x", v.Events.Interrupt.Shadow)
+		}
+		if v.Events.NMI.Injected != 0 || v.Events.NMI.Pending != 0 || v.Events.NMI.Masked != 0 {
+			fmt.Fprintf(&b, ", nmi injected %d pending %d masked %d", v.Events.NMI.Injected, v.Events.NMI.Pending, v.Events.NMI.Masked)
 		}
 		fmt.Fprintf(&b, ", LAPIC irr %v isr %v tpr %#x lvt-timer %#x initial-count %d;",
 			apicVectors(&v.LAPIC, 0x200), apicVectors(&v.LAPIC, 0x100), apicReg(&v.LAPIC, 0x80), apicReg(&v.LAPIC, 0x320), apicReg(&v.LAPIC, 0x380))

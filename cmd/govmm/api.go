@@ -207,6 +207,16 @@ func (b *vmBackend) Stats() ctlapi.Stats {
 				map[string]string{"vcpu": strconv.Itoa(id)})
 		}
 	}
+	if events, ok := b.m.KVMEvents(); ok {
+		for id, byName := range events {
+			for _, name := range vmm.KVMEventNames {
+				if n, ok := byName[name]; ok {
+					add("govmm_vcpu_kvm_events_total", "events KVM counts for the vCPU, by its statistic's name: exits it handled itself by kind (halt_exits, irq_window_exits...), interrupts injected", "counter", float64(n),
+						map[string]string{"vcpu": strconv.Itoa(id), "event": name})
+				}
+			}
+		}
+	}
 	counts := b.m.ExitCounts()
 	for _, r := range []kvmapi.ExitReason{kvmapi.ExitIO, kvmapi.ExitMMIO} {
 		counts[r] += 0 // always present, so the family exists
