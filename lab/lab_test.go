@@ -171,6 +171,11 @@ func TestQEMUArgs(t *testing.T) {
 	assert.True(t, slices.Contains(after("-chardev"), "socket,id=out,path=/ctl/out.sock"))
 	assert.True(t, slices.Contains(after("-chardev"), "file,id=console,path=/ctl/console.log"))
 	assert.Contains(t, after("-device"), "virtserialport,chardev=out,name=govmm.out")
+	assert.Empty(t, after("-L"), "the system QEMU's own firmware")
+
+	cfg.qemuDataDirs = []string{"/q/share/qemu", "/usr/share/qemu"}
+	args = qemuArgs(cfg, img, "/ctl", "/ctl/out.sock", "/ctl/console.log")
+	assert.Equal(t, []string{"/q/share/qemu", "/usr/share/qemu"}, after("-L"), "the lab's QEMU's firmware first, in order")
 }
 
 // A QEMU that is not there: one clear error naming what to install,
@@ -211,6 +216,10 @@ func TestLabRunsCommand(t *testing.T) {
 	assert.Contains(t, out.String(), "out it's\nerr\nkvm\n")
 	assert.Contains(t, out.String(), "lab: L1 ", "the line that says where the command ran")
 	assert.Contains(t, log.String(), "command exited with status 3")
+	if guestimg.LabQEMUWanted() {
+		assert.Contains(t, log.String(), "lab: QEMU 1", "Debian 12's lab runs bookworm-backports' QEMU (10.x), not its own 7.2")
+		assert.NotContains(t, log.String(), "lab: warning:")
+	}
 }
 
 // A run that outlives its timeout is killed: the error says so and

@@ -1,0 +1,252 @@
+package guestimg
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+)
+
+// The lab's emulator on a Debian 12 host.
+//
+// Debian 12's own QEMU (7.2) emulates AMD SVM well enough to boot the lab,
+// with faults that later QEMUs do not have: the upper lane of a 256-bit
+// VAESENC is a copy of the lower one (AEGIS-128X2 fails its known-answer
+// test in L1), and once in a few hundred guest boots a guest, or L1's own
+// kernel, stops taking its timer interrupt: a vector pending with IF set
+// and nothing in service, for minutes (STI's one-instruction interrupt
+// shadow is not ended where it should be: a loop that enables interrupts
+// just before a return never takes one). Debian's bookworm-backports
+// carries the QEMU of Debian 13 built for Debian 12, against Debian 12's
+// own libraries, the ones qemu-system-x86 7.2 installs: LabQEMU fetches
+// it into the cache, beside the L1 image, without touching the host's
+// apt sources or installed packages. It also boots the lab's guests in
+// a third to a half of 7.2's time (docs/ARCHITECTURE.md, "The lab").
+
+// ErrLabQEMUNotNeeded is LabQEMU's answer on a host that is not Debian 12:
+// its own qemu-system-x86_64 is the one to use.
+var ErrLabQEMUNotNeeded = errors.New("this host's own QEMU is the lab's")
+
+// LabQEMUSuite is the Debian suite LabQEMU takes QEMU from, and
+// labQEMUPackages what it takes: the emulator, its common files (the
+// helper binaries' and modules' packages, which qemu-system-x86
+// depends on) and its firmware and option ROMs.
+const LabQEMUSuite = "bookworm-backports"
+
+var labQEMUPackages = []string{"qemu-system-x86", "qemu-system-common", "qemu-system-data"}
+
+// labQEMUMirror is the archive LabQEMU asks; GOVMM_LAB_QEMU_MIRROR sets
+// another (a local mirror of Debian).
+const labQEMUMirror = "http://deb.debian.org/debian"
+
+// Emulator is a QEMU for the lab: the binary and the directories of its
+// firmware, in the order QEMU is to search them (-L each).
+type Emulator struct {
+	Binary   string
+	DataDirs []string
+	// Env is what the binary's environment needs beyond the caller's:
+	// QEMU_MODULE_DIR, so that it loads its own modules, not the
+	// system QEMU's.
+	Env     []string
+	Version string // what the binary says of itself ("10.0.2 (Debian ...)")
+	Suite   string // the Debian suite it came from
+}
+
+// labQEMUManifest is written last into the emulator's directory: a
+// directory without it is an unfinished fetch.
+type labQEMUManifest struct {
+	Suite    string
+	Packages []string
+	Version  string
+}
+
+// LabQEMU returns the lab's emulator on a Debian 12 host: QEMU from
+// LabQEMUSuite, fetched once into <cache>/lab/qemu (about 15 MB) with
+// apt-get's own download under a private source list. Elsewhere it
+// returns ErrLabQEMUNotNeeded. A fetch that fails returns its error, and
+// the caller decides whether Debian 12's QEMU will do.
+func LabQEMU(ctx context.Context, opts Options) (Emulator, error) {
+	if !LabQEMUWanted() {
+		return Emulator{}, ErrLabQEMUNotNeeded
+	}
+	b := &builder{cache: opts.CacheDir, log: opts.Log}
+	if b.cache == "" {
+		b.cache = DefaultCacheDir()
+	}
+	var err error
+	if b.cache, err = filepath.Abs(b.cache); err != nil {
+		return Emulator{}, fmt.Errorf("cache dir: %w", err)
+	}
+	if b.log == nil {
+		b.log = nopWriter{}
+	}
+	dir := filepath.Join(b.cache, "lab", "qemu")
+	if e, ok := cachedLabQEMU(dir); ok {
+		return e, nil
+	}
+	unlock, err := b.lock(ctx)
+	if err != nil {
+		return Emulator{}, err
+	}
+	defer unlock()
+	if e, ok := cachedLabQEMU(dir); ok {
+		return e, nil
+	}
+	if err := b.fetchLabQEMU(ctx, dir); err != nil {
+		return Emulator{}, fmt.Errorf("fetch the lab's QEMU from %s: %w", LabQEMUSuite, err)
+	}
+	e, ok := cachedLabQEMU(dir)
+	if !ok {
+		return Emulator{}, errors.New("fetch the lab's QEMU: no usable QEMU after the fetch")
+	}
+	return e, nil
+}
+
+type nopWriter struct{}
+
+func (nopWriter) Write(p []byte) (int, error) { return len(p), nil }
+
+// LabQEMUWanted says whether LabQEMU fetches a QEMU here: on Debian 12
+// (bookworm, from /etc/os-release).
+func LabQEMUWanted() bool {
+	f, err := os.Open("/etc/os-release")
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	s := bufio.NewScanner(f)
+	for s.Scan() {
+		if k, v, ok := strings.Cut(s.Text(), "="); ok && k == "VERSION_CODENAME" {
+			return strings.Trim(v, `"'`) == "bookworm"
+		}
+	}
+	return false
+}
+
+// cachedLabQEMU returns the emulator in dir if its manifest is there and
+// current.
+func cachedLabQEMU(dir string) (Emulator, bool) {
+	b, err := os.ReadFile(filepath.Join(dir, manifestName))
+	if err != nil {
+		return Emulator{}, false
+	}
+	var m labQEMUManifest
+	if json.Unmarshal(b, &m) != nil || m.Suite != LabQEMUSuite || strings.Join(m.Packages, " ") != strings.Join(labQEMUPackages, " ") {
+		return Emulator{}, false
+	}
+	e := labEmulator(filepath.Join(dir, "root"))
+	if _, err := os.Stat(e.Binary); err != nil {
+		return Emulator{}, false
+	}
+	e.Version, e.Suite = m.Version, m.Suite
+	return e, true
+}
+
+// labEmulator is the emulator unpacked under root: its own firmware first,
+// then the system's (SeaBIOS's images, which qemu-system-data links to
+// from Debian's seabios package, installed with the system's QEMU).
+func labEmulator(root string) Emulator {
+	return Emulator{
+		Binary:   filepath.Join(root, "usr", "bin", "qemu-system-x86_64"),
+		DataDirs: []string{filepath.Join(root, "usr", "share", "qemu"), "/usr/share/qemu", "/usr/share/seabios"},
+		Env:      []string{"QEMU_MODULE_DIR=" + filepath.Join(root, "usr", "lib", "x86_64-linux-gnu", "qemu")},
+	}
+}
+
+// fetchLabQEMU downloads labQEMUPackages from LabQEMUSuite and unpacks
+// them into dir/root, checks that the binary runs (every library it
+// needs is on the host), and writes the manifest last.
+func (b *builder) fetchLabQEMU(ctx context.Context, dir string) error {
+	if _, err := exec.LookPath("apt-get"); err != nil {
+		return ErrNoApt
+	}
+	if err := os.MkdirAll(filepath.Dir(dir), 0o755); err != nil {
+		return err
+	}
+	tmp, err := os.MkdirTemp(filepath.Dir(dir), "qemu-download-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(tmp)
+	mirror := labQEMUMirror
+	if m := os.Getenv("GOVMM_LAB_QEMU_MIRROR"); m != "" {
+		mirror = m
+	}
+	lists := filepath.Join(tmp, "lists")
+	if err := os.MkdirAll(filepath.Join(lists, "partial"), 0o755); err != nil {
+		return err
+	}
+	sources := filepath.Join(tmp, "sources.list")
+	if err := os.WriteFile(sources, []byte("deb "+mirror+" "+LabQEMUSuite+" main\n"), 0o644); err != nil {
+		return err
+	}
+	// apt-get with this source list alone, its lists and caches in tmp:
+	// the host's own lists, sources and packages stay as they are.
+	apt := func(args ...string) error {
+		opts := []string{
+			"-q",
+			"-o", "Dir::Etc::SourceList=" + sources,
+			"-o", "Dir::Etc::SourceParts=" + filepath.Join(tmp, "none"),
+			"-o", "Dir::State::Lists=" + lists,
+			"-o", "Dir::Cache=" + tmp,
+			"-o", "Dir::Cache::pkgcache=", "-o", "Dir::Cache::srcpkgcache=",
+			"-o", "APT::Sandbox::User=root",
+		}
+		cmd := exec.CommandContext(ctx, "apt-get", append(opts, args...)...)
+		cmd.Dir = tmp
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			return fmt.Errorf("apt-get %s: %w: %s", args[0], err, lastLines(out, 5))
+		}
+		return nil
+	}
+	b.logf("fetching the lab's QEMU from %s (%s)", LabQEMUSuite, mirror)
+	if err := apt("update"); err != nil {
+		return err
+	}
+	specs := make([]string, len(labQEMUPackages))
+	for i, p := range labQEMUPackages {
+		specs[i] = p + "/" + LabQEMUSuite
+	}
+	if err := apt(append([]string{"download"}, specs...)...); err != nil {
+		return err
+	}
+	debs, err := filepath.Glob(filepath.Join(tmp, "*.deb"))
+	if err != nil || len(debs) != len(labQEMUPackages) {
+		return fmt.Errorf("apt-get download: %d packages came, want %d", len(debs), len(labQEMUPackages))
+	}
+	root := filepath.Join(tmp, "root")
+	for _, d := range debs {
+		if out, err := exec.CommandContext(ctx, "dpkg-deb", "-x", d, root).CombinedOutput(); err != nil {
+			return fmt.Errorf("dpkg-deb -x %s: %w: %s", filepath.Base(d), err, lastLines(out, 3))
+		}
+	}
+	e := labEmulator(root)
+	ver := exec.CommandContext(ctx, e.Binary, "--version")
+	ver.Env = append(os.Environ(), e.Env...)
+	out, err := ver.CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("%s --version (a library it needs missing?): %w: %s", e.Binary, err, lastLines(out, 3))
+	}
+	version, _ := strings.CutPrefix(strings.SplitN(string(out), "\n", 2)[0], "QEMU emulator version ")
+	if err := os.RemoveAll(dir); err != nil {
+		return err
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	if err := os.Rename(root, filepath.Join(dir, "root")); err != nil {
+		return err
+	}
+	m, _ := json.Marshal(labQEMUManifest{Suite: LabQEMUSuite, Packages: labQEMUPackages, Version: version})
+	if err := os.WriteFile(filepath.Join(dir, manifestName), m, 0o644); err != nil {
+		return err
+	}
+	b.logf("the lab's QEMU: %s, in %s", version, dir)
+	return nil
+}
