@@ -480,8 +480,6 @@ func (m *Machine) load() error {
 		{"gdt", gdtAddr, bootGDT()},
 		{"page tables", pml4Addr, identityPageTables()},
 	}
-	m.populate(kernelStart, uint64(len(k.Payload)))
-	m.populate(initrdAddr, initrdSize)
 	for _, w := range writes {
 		if len(w.data) == 0 {
 			continue
@@ -491,18 +489,6 @@ func (m *Machine) load() error {
 		}
 	}
 	return nil
-}
-
-// populate backs [gpa, gpa+n) of guest memory with host pages before the
-// loader copies into it (guestmem.Memory.Populate): one system call
-// instead of a page fault per page, which in the lab's emulated L1 made
-// most of the load's time. It is only that: where the kernel lacks the
-// advice or it fails, the copy faults the pages in as it always did,
-// and reports any real trouble itself.
-func (m *Machine) populate(gpa, n uint64) {
-	if n > 0 {
-		_ = m.mem.Populate(guestmem.GPA(gpa), n)
-	}
 }
 
 // bootGDT is the GDT the 64-bit boot protocol asks for: flat code at

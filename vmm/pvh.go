@@ -226,12 +226,6 @@ func (m *Machine) loadPVH(k *ELFKernel) (uint32, error) {
 		write{"mp table", ebdaStart, mp},
 		write{"gdt", gdtAddr, pvhGDT()},
 	)
-	// The kernel's whole memory image (its bss too, which it clears
-	// first thing) and the initramfs, up front: see populate.
-	for _, s := range k.Segments {
-		m.populate(s.Addr, s.MemSize)
-	}
-	m.populate(initrdAddr, initrdSize)
 	for _, w := range writes {
 		if len(w.data) == 0 {
 			continue

@@ -326,38 +326,6 @@ func (m *Memory) write(p []byte, gpa GPA, nt bool) error {
 	return nil
 }
 
-// Populate backs [gpa, gpa+n) (widened to whole pages) with writable
-// host pages in one madvise(MADV_POPULATE_WRITE) (Linux 5.14), instead of
-// one page fault for each when the VMM's copy, or the guest, first
-// touches it; what the pages hold does not change (fresh ones are zero),
-// so nothing is marked dirty. Loading a kernel and initramfs this way
-// took 0.3-0.4 of a plain copy's time on this project's host, where the
-// page faults were most of it (docs/BOOT.md). It returns
-// errors.ErrUnsupported on a kernel without the advice, and does nothing
-// while write protection is armed or a snapshot is in progress (a
-// populating write would fault to the Protector).
-func (m *Memory) Populate(gpa GPA, n uint64) error {
-	if n == 0 {
-		return nil
-	}
-	r, off, err := m.find(gpa, n)
-	if err != nil {
-		return err
-	}
-	if m.wp.Load() != nil || m.snap.Load() != nil {
-		return nil
-	}
-	start, end := off&^(PageSize-1), min((off+n+PageSize-1)&^(PageSize-1), r.Size)
-	err = unix.Madvise(r.Host[start:end], unix.MADV_POPULATE_WRITE)
-	if err == unix.EINVAL {
-		return errors.ErrUnsupported // the range is valid: the advice is what the kernel lacks
-	}
-	if err != nil {
-		return fmt.Errorf("populate guest memory %#x+%#x: %w", uint64(gpa), n, err)
-	}
-	return nil
-}
-
 // MarkDirty records that [gpa, gpa+n) was written by the VMM.
 func (m *Memory) MarkDirty(gpa GPA, n uint64) error {
 	r, off, err := m.find(gpa, n)

@@ -4,11 +4,9 @@ import (
 	"bytes"
 	"errors"
 	"testing"
-	"unsafe"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
-	"golang.org/x/sys/unix"
 )
 
 func newTestMemory(t *testing.T) *Memory {
@@ -138,35 +136,4 @@ func TestFillRacingHarvestLosesNothing(t *testing.T) {
 	harvest()
 	assert.Equal(t, byte(1), shipped[0])
 	assert.ErrorIs(t, m.Fill(r.End(), 1, func([]byte) error { return nil }), ErrOutOfRange)
-}
-
-// Populate makes the pages of its range resident (mincore), widened to
-// whole pages and no further, leaves them zero and marks nothing dirty; a
-// range outside memory is refused.
-func TestPopulate(t *testing.T) {
-	m := newTestMemory(t)
-	r := m.Regions()[1]
-	resident := func() []int {
-		vec := make([]byte, r.Pages())
-		_, _, errno := unix.Syscall(unix.SYS_MINCORE, uintptr(unsafe.Pointer(&r.Host[0])), uintptr(len(r.Host)), uintptr(unsafe.Pointer(&vec[0])))
-		require.Zero(t, errno)
-		var pages []int
-		for i, v := range vec {
-			if v&1 != 0 {
-				pages = append(pages, i)
-			}
-		}
-		return pages
-	}
-	require.Empty(t, resident(), "fresh anonymous memory")
-	err := m.Populate(0x100000+5*PageSize+100, 2*PageSize) // pages 5, 6 and 7
-	if errors.Is(err, errors.ErrUnsupported) {
-		t.Skip("this kernel has no MADV_POPULATE_WRITE (Linux 5.14)")
-	}
-	require.NoError(t, err)
-	assert.Equal(t, []int{5, 6, 7}, resident())
-	assert.Equal(t, make([]byte, 3*PageSize), r.Host[5*PageSize:8*PageSize])
-	assert.Equal(t, 0, r.VMMDirtyCount())
-	var re *RangeError
-	require.ErrorAs(t, m.Populate(0x100000+199*PageSize, 2*PageSize), &re)
 }
