@@ -49,7 +49,9 @@ func decodeHello(h *hello, p []byte) error {
 	}
 	copy(h.nonce[:], p[16:16+nonceSize])
 	hb, to := le.Uint64(p[16+nonceSize:]), le.Uint64(p[24+nonceSize:])
-	if hb == 0 || to < 2*hb || to > uint64(MaxTimeout) {
+	// hb > to/2, not to < 2*hb: twice a heartbeat of 2^63 ns or more
+	// wraps to a small number (found by FuzzDecodeFrame).
+	if hb == 0 || hb > to/2 || to > uint64(MaxTimeout) {
 		return fmt.Errorf("hello: heartbeat %v and timeout %v (want 0 < 2×heartbeat ≤ timeout ≤ %v): %w",
 			time.Duration(hb), time.Duration(to), MaxTimeout, ErrFrame)
 	}
