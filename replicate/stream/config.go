@@ -156,7 +156,7 @@ func (c Config) withDefaults() (Config, error) {
 		c.Logger = slog.Default()
 	}
 	switch {
-	case c.HeartbeatInterval < 0 || c.FailoverTimeout < 2*c.HeartbeatInterval:
+	case c.HeartbeatInterval < 0 || c.HeartbeatInterval > c.FailoverTimeout/2: // not 2*heartbeat: it wraps
 		return c, fmt.Errorf("%w: failover timeout %v must be at least twice the heartbeat interval %v",
 			ErrConfig, c.FailoverTimeout, c.HeartbeatInterval)
 	case c.ReadSpin > MaxReadSpin:

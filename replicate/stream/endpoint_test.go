@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -17,6 +18,8 @@ func TestListenDialTCP(t *testing.T) {
 	require.ErrorIs(t, err, ErrInsecureListen)
 	_, err = Listen("127.0.0.1:0", Config{})
 	require.ErrorIs(t, err, ErrConfig, "no key and not insecure")
+	_, err = Listen("127.0.0.1:0", Config{Insecure: true, HeartbeatInterval: 1 << 62, FailoverTimeout: time.Second})
+	require.ErrorIs(t, err, ErrConfig, "a heartbeat whose double wraps negative is still longer than half the timeout")
 
 	scfg, rcfg := cfgs(nil)
 	scfg.Clock, rcfg.Clock = nil, nil
