@@ -12,24 +12,23 @@ import (
 	"strings"
 )
 
-// The lab's emulator on a Debian 12 host.
+// The lab's emulator on a Debian 12 host, when asked for (govmm lab
+// --qemu backports).
 //
 // Debian 12's own QEMU (7.2) emulates AMD SVM well enough to boot the lab,
 // with faults that later QEMUs do not have: the upper lane of a 256-bit
 // VAESENC is a copy of the lower one (AEGIS-128X2 fails its known-answer
-// test in L1), and once in a few hundred guest boots a guest, or L1's own
-// kernel, stops taking its timer interrupt: a vector pending with IF set
-// and nothing in service, for minutes (STI's one-instruction interrupt
-// shadow is not ended where it should be: a loop that enables interrupts
-// just before a return never takes one). Debian's bookworm-backports
-// carries the QEMU of Debian 13 built for Debian 12, against Debian 12's
-// own libraries, the ones qemu-system-x86 7.2 installs: LabQEMU fetches
-// it into the cache, beside the L1 image, without touching the host's
-// apt sources or installed packages. It also boots the lab's guests in
-// a third to a half of 7.2's time (docs/ARCHITECTURE.md, "The lab").
+// test in L1), and (our reading of one CI failure) a guest may stop
+// taking its timer interrupt, a vector pending with IF set and nothing
+// in service, for minutes. Debian's bookworm-backports carries the QEMU
+// of Debian 13 built for Debian 12, against Debian 12's own libraries,
+// the ones qemu-system-x86 7.2 installs: LabQEMU fetches it into the
+// cache, beside the L1 image, without touching the host's apt sources or
+// installed packages (docs/ARCHITECTURE.md, "The lab", "Which QEMU").
 
 // ErrLabQEMUNotNeeded is LabQEMU's answer on a host that is not Debian 12:
-// its own qemu-system-x86_64 is the one to use.
+// its own qemu-system-x86_64 is the one to use (bookworm-backports'
+// packages are built for Debian 12 only).
 var ErrLabQEMUNotNeeded = errors.New("this host's own QEMU is the lab's")
 
 // LabQEMUSuite is the Debian suite LabQEMU takes QEMU from, and

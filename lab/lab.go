@@ -86,10 +86,10 @@ type Config struct {
 	// CacheDir is guestimg's cache, where the L1 image and the last run's
 	// console log live; default guestimg.DefaultCacheDir().
 	CacheDir string
-	// QEMU is the emulator's path; default the lab's own
-	// (guestimg.LabQEMU) on Debian 12, else qemu-system-x86_64 from PATH.
+	// QEMU is the emulator's path, or QEMUBackports; default
+	// qemu-system-x86_64 from PATH.
 	QEMU string
-	// qemuDataDirs (-L each) and qemuEnv go with the lab's own QEMU.
+	// qemuDataDirs (-L each) and qemuEnv go with QEMUBackports' QEMU.
 	qemuDataDirs []string
 	qemuEnv      []string
 
@@ -127,12 +127,17 @@ func Run(ctx context.Context, cfg Config) (int, error) {
 	if len(cfg.Command) == 0 {
 		return 0, errors.New("lab: no command")
 	}
-	labQEMU := cfg.QEMU == ""
+	backports := cfg.QEMU == QEMUBackports
+	if backports {
+		cfg.QEMU = ""
+	}
 	if err := cfg.fill(); err != nil {
 		return 0, err
 	}
-	if labQEMU {
-		cfg.useLabQEMU(ctx)
+	if backports {
+		if err := cfg.useLabQEMU(ctx); err != nil {
+			return 0, err
+		}
 	}
 	img, err := guestimg.BuildLab(ctx, guestimg.Options{CacheDir: cfg.CacheDir, Log: cfg.Log})
 	if err != nil {
@@ -169,21 +174,22 @@ func Run(ctx context.Context, cfg Config) (int, error) {
 	}
 }
 
-// useLabQEMU puts the lab's own QEMU (guestimg.LabQEMU: on Debian 12,
-// bookworm-backports') in place of the system's, fetching it the first
-// time. Where that fetch fails the system's QEMU runs the lab, with a
-// warning: Debian 12's 7.2 has faults the lab works around (its retries)
-// or lives with (X2 off in L1, a stalled guest now and then).
-func (cfg *Config) useLabQEMU(ctx context.Context) {
+// QEMUBackports, as Config.QEMU (govmm lab --qemu backports), asks for
+// the QEMU of Debian's bookworm-backports (guestimg.LabQEMU) on a Debian
+// 12 host, fetched into the cache the first time, instead of the
+// system's 7.2 (docs/ARCHITECTURE.md, "The lab", "Which QEMU").
+const QEMUBackports = "backports"
+
+// useLabQEMU puts bookworm-backports' QEMU (guestimg.LabQEMU) in place
+// of the system's, fetching it the first time.
+func (cfg *Config) useLabQEMU(ctx context.Context) error {
 	e, err := guestimg.LabQEMU(ctx, guestimg.Options{CacheDir: cfg.CacheDir, Log: cfg.Log})
-	switch {
-	case err == nil:
-		cfg.QEMU, cfg.qemuDataDirs, cfg.qemuEnv = e.Binary, e.DataDirs, e.Env
-		fmt.Fprintf(cfg.Log, "lab: QEMU %s from %s\n", e.Version, e.Suite)
-	case errors.Is(err, guestimg.ErrLabQEMUNotNeeded):
-	default:
-		fmt.Fprintf(cfg.Log, "lab: warning: %v; the system's QEMU (%s) runs the lab instead, with its known faults (docs/ARCHITECTURE.md, \"The lab\")\n", err, cfg.QEMU)
+	if err != nil {
+		return fmt.Errorf("lab: --qemu %s: %w", QEMUBackports, err)
 	}
+	cfg.QEMU, cfg.qemuDataDirs, cfg.qemuEnv = e.Binary, e.DataDirs, e.Env
+	fmt.Fprintf(cfg.Log, "lab: QEMU %s from %s\n", e.Version, e.Suite)
+	return nil
 }
 
 // fill checks cfg and sets its defaults (the QEMU found in PATH, this

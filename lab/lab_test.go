@@ -216,10 +216,26 @@ func TestLabRunsCommand(t *testing.T) {
 	assert.Contains(t, out.String(), "out it's\nerr\nkvm\n")
 	assert.Contains(t, out.String(), "lab: L1 ", "the line that says where the command ran")
 	assert.Contains(t, log.String(), "command exited with status 3")
-	if guestimg.LabQEMUWanted() {
-		assert.Contains(t, log.String(), "lab: QEMU 1", "Debian 12's lab runs bookworm-backports' QEMU (10.x), not its own 7.2")
-		assert.NotContains(t, log.String(), "lab: warning:")
+	assert.NotContains(t, log.String(), "lab: QEMU ", "the system's QEMU unless asked")
+}
+
+// --qemu backports on Debian 12: bookworm-backports' QEMU (10.x) runs L1,
+// its firmware and modules its own, and says so; elsewhere a clear error.
+func TestLabBackportsQEMU(t *testing.T) {
+	requireQEMU(t)
+	var out, log bytes.Buffer
+	status, err := Run(t.Context(), Config{
+		Command: []string{"true"}, QEMU: QEMUBackports,
+		Stdout: &out, Log: &log, Timeout: 5 * time.Minute,
+	})
+	if !guestimg.LabQEMUWanted() {
+		require.ErrorIs(t, err, guestimg.ErrLabQEMUNotNeeded)
+		return
 	}
+	require.NoError(t, err, "log: %s", log.String())
+	assert.Equal(t, 0, status)
+	assert.Regexp(t, `lab: QEMU 1\d\.\S+ .*from bookworm-backports`, log.String())
+	assert.Contains(t, out.String(), "lab: L1 ")
 }
 
 // A run that outlives its timeout is killed: the error says so and

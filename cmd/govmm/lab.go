@@ -60,7 +60,7 @@ func cmdLab(args []string) error {
 	timeout := fs.Duration("timeout", 60*time.Minute, "give up (and kill L1) after this long")
 	tcg := fs.String("tcg", os.Getenv("GOVMM_LAB_TCG"), "QEMU's TCG threading for L1: multi (one host thread per vCPU) or single (default multi, or $GOVMM_LAB_TCG)")
 	cpuModel := fs.String("cpu-model", os.Getenv("GOVMM_LAB_CPU"), "L1's CPU, as QEMU's -cpu takes it; it needs SVM with nested paging (default "+lab.DefaultCPUModel+": the max model as a recent AMD family, see docs/ARCHITECTURE.md, \"The lab\"; or $GOVMM_LAB_CPU)")
-	qemu := fs.String("qemu", os.Getenv("GOVMM_LAB_QEMU"), "the QEMU binary (default: on Debian 12, QEMU from "+guestimg.LabQEMUSuite+", fetched once into the cache, for the faults of Debian 12's own, see docs/ARCHITECTURE.md, \"The lab\"; elsewhere qemu-system-x86_64 from PATH; or $GOVMM_LAB_QEMU)")
+	qemu := fs.String("qemu", os.Getenv("GOVMM_LAB_QEMU"), "the QEMU binary (default qemu-system-x86_64 from PATH, or $GOVMM_LAB_QEMU); '"+lab.QEMUBackports+"' (on Debian 12): the later QEMU of "+guestimg.LabQEMUSuite+", fetched once into the cache, for the faults of Debian 12's own 7.2 (docs/ARCHITECTURE.md, \"The lab\")")
 	retries := fs.Int("retries", 1, "run again this many times when L1 itself dies (not when CMD fails)")
 	traceKVM := fs.Bool("trace-kvm", os.Getenv("GOVMM_LAB_TRACE_KVM") == "1", "turn KVM's trace events on in L1 before CMD starts (the real-guest tests print the last ones when they fail); off by default because turning them on has wedged L1 (default $GOVMM_LAB_TRACE_KVM == 1)")
 	holdKVM := fs.Bool("hold-kvm", false, "inside L1 (the harness starts it): hold one idle VM open until killed, so that L1's kernel does not rewrite its code as the command's VMs come and go")
