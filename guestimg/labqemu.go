@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 )
 
@@ -73,16 +74,9 @@ func LabQEMU(ctx context.Context, opts Options) (Emulator, error) {
 	if !LabQEMUWanted() {
 		return Emulator{}, ErrLabQEMUNotNeeded
 	}
-	b := &builder{cache: opts.CacheDir, log: opts.Log}
-	if b.cache == "" {
-		b.cache = DefaultCacheDir()
-	}
-	var err error
-	if b.cache, err = filepath.Abs(b.cache); err != nil {
-		return Emulator{}, fmt.Errorf("cache dir: %w", err)
-	}
-	if b.log == nil {
-		b.log = nopWriter{}
+	b, err := newBuilder(Options{CacheDir: opts.CacheDir, Log: opts.Log})
+	if err != nil {
+		return Emulator{}, err
 	}
 	dir := filepath.Join(b.cache, "lab", "qemu")
 	if e, ok := cachedLabQEMU(dir); ok {
@@ -105,10 +99,6 @@ func LabQEMU(ctx context.Context, opts Options) (Emulator, error) {
 	}
 	return e, nil
 }
-
-type nopWriter struct{}
-
-func (nopWriter) Write(p []byte) (int, error) { return len(p), nil }
 
 // LabQEMUWanted says whether LabQEMU fetches a QEMU here: on Debian 12
 // (bookworm, from /etc/os-release).
@@ -135,7 +125,7 @@ func cachedLabQEMU(dir string) (Emulator, bool) {
 		return Emulator{}, false
 	}
 	var m labQEMUManifest
-	if json.Unmarshal(b, &m) != nil || m.Suite != LabQEMUSuite || strings.Join(m.Packages, " ") != strings.Join(labQEMUPackages, " ") {
+	if json.Unmarshal(b, &m) != nil || m.Suite != LabQEMUSuite || !slices.Equal(m.Packages, labQEMUPackages) {
 		return Emulator{}, false
 	}
 	e := labEmulator(filepath.Join(dir, "root"))
