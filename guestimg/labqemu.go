@@ -13,7 +13,7 @@ import (
 	"strings"
 )
 
-// The lab's emulator on a Debian 12 host, when asked for (govmm lab
+// The lab's emulator on a Debian 12 host (lab.QEMUAuto, govmm lab
 // --qemu backports).
 //
 // Debian 12's own QEMU (7.2) emulates AMD SVM well enough to boot the lab,
@@ -176,7 +176,7 @@ func (b *builder) fetchLabQEMU(ctx context.Context, dir string) error {
 	}
 	// apt-get with this source list alone, its lists and caches in tmp:
 	// the host's own lists, sources and packages stay as they are.
-	apt := func(args ...string) error {
+	apt := func(args ...string) ([]byte, error) {
 		opts := []string{
 			"-q",
 			"-o", "Dir::Etc::SourceList=" + sources,
@@ -190,19 +190,26 @@ func (b *builder) fetchLabQEMU(ctx context.Context, dir string) error {
 		cmd.Dir = tmp
 		out, err := cmd.CombinedOutput()
 		if err != nil {
-			return fmt.Errorf("apt-get %s: %w: %s", args[0], err, lastLines(out, 5))
+			return out, fmt.Errorf("apt-get %s: %w: %s", args[0], err, lastLines(out, 5))
 		}
-		return nil
+		return out, nil
 	}
 	b.logf("fetching the lab's QEMU from %s (%s)", LabQEMUSuite, mirror)
-	if err := apt("update"); err != nil {
+	out, err := apt("update")
+	if err != nil {
 		return err
+	}
+	// apt-get update succeeds even when it fetched nothing (a mirror
+	// that cannot be reached is a warning); what it says then is the
+	// cause, not download's "Release not found".
+	if rel, _ := filepath.Glob(filepath.Join(lists, "*Release")); len(rel) == 0 {
+		return fmt.Errorf("apt-get update: no release file from %s: %s", mirror, lastLines(out, 3))
 	}
 	specs := make([]string, len(labQEMUPackages))
 	for i, p := range labQEMUPackages {
 		specs[i] = p + "/" + LabQEMUSuite
 	}
-	if err := apt(append([]string{"download"}, specs...)...); err != nil {
+	if _, err := apt(append([]string{"download"}, specs...)...); err != nil {
 		return err
 	}
 	debs, err := filepath.Glob(filepath.Join(tmp, "*.deb"))
@@ -218,7 +225,7 @@ func (b *builder) fetchLabQEMU(ctx context.Context, dir string) error {
 	e := labEmulator(root)
 	ver := exec.CommandContext(ctx, e.Binary, "--version")
 	ver.Env = append(os.Environ(), e.Env...)
-	out, err := ver.CombinedOutput()
+	out, err = ver.CombinedOutput()
 	if err != nil {
 		return fmt.Errorf("%s --version (a library it needs missing?): %w: %s", e.Binary, err, lastLines(out, 3))
 	}
