@@ -274,7 +274,14 @@ func migrateGuest(t *testing.T, r *guestrig.Rig, src *guestVM, name, tap, disk s
 		dst *guestVM
 		chk cutCheck
 	)
+	// The failover timeout is the replicated tests' (10 s), not the
+	// default 2 s: what this checks is the cut, and in the lab everything
+	// shares one emulated CPU. With 2 s, one clean-clone CI run (ci113,
+	// 2026-12-07) lost a migration to a destination silent for 2.13 s in
+	// pre-copy; liveness has tests of its own (liveness_kvm_test.go, and
+	// cmd/govmm's TestGuestReplicatedBootNoFalseTakeover).
 	sb, err := NewStandby(StandbyConfig{Listen: "127.0.0.1:0", Insecure: true, Disks: []*os.File{df},
+		FailoverTimeout: 10 * time.Second,
 		Build: func(stream.Identity) (Replica, error) {
 			g, err := buildVM(t, r, name, tap, disk, false)
 			if err != nil {
