@@ -86,8 +86,10 @@ type Config struct {
 	// CacheDir is guestimg's cache, where the L1 image and the last run's
 	// console log live; default guestimg.DefaultCacheDir().
 	CacheDir string
-	// QEMU is the emulator's path, or QEMUBackports; default
-	// qemu-system-x86_64 from PATH.
+	// QEMU is the emulator: a path, QEMUBackports, QEMUSystem, or ""
+	// (QEMUAuto: bookworm-backports' on a Debian 12 host, falling back to
+	// the system's when it cannot be fetched; elsewhere
+	// qemu-system-x86_64 from PATH).
 	QEMU string
 	// qemuDataDirs (-L each) and qemuEnv go with QEMUBackports' QEMU.
 	qemuDataDirs []string
@@ -127,17 +129,16 @@ func Run(ctx context.Context, cfg Config) (int, error) {
 	if len(cfg.Command) == 0 {
 		return 0, errors.New("lab: no command")
 	}
-	backports := cfg.QEMU == QEMUBackports
-	if backports {
+	asked := cfg.QEMU
+	switch asked {
+	case QEMUAuto, QEMUBackports, QEMUSystem:
 		cfg.QEMU = ""
 	}
 	if err := cfg.fill(); err != nil {
 		return 0, err
 	}
-	if backports {
-		if err := cfg.useLabQEMU(ctx); err != nil {
-			return 0, err
-		}
+	if err := cfg.useLabQEMU(ctx, asked); err != nil {
+		return 0, err
 	}
 	img, err := guestimg.BuildLab(ctx, guestimg.Options{CacheDir: cfg.CacheDir, Log: cfg.Log})
 	if err != nil {
@@ -174,18 +175,42 @@ func Run(ctx context.Context, cfg Config) (int, error) {
 	}
 }
 
-// QEMUBackports, as Config.QEMU (govmm lab --qemu backports), asks for
-// the QEMU of Debian's bookworm-backports (guestimg.LabQEMU) on a Debian
-// 12 host, fetched into the cache the first time, instead of the
-// system's 7.2 (docs/ARCHITECTURE.md, "The lab", "Which QEMU").
-const QEMUBackports = "backports"
+// Config.QEMU's names for a QEMU (govmm lab --qemu NAME):
+//   - QEMUBackports asks for the QEMU of Debian's bookworm-backports
+//     (guestimg.LabQEMU) on a Debian 12 host, fetched into the cache the
+//     first time, instead of the system's 7.2, and fails where it cannot
+//     have it;
+//   - QEMUSystem asks for qemu-system-x86_64 from PATH;
+//   - QEMUAuto (the default) is QEMUBackports on a Debian 12 host, and
+//     QEMUSystem elsewhere or when the fetch fails (said in the log).
+//
+// docs/ARCHITECTURE.md, "The lab", "Which QEMU", says why.
+const (
+	QEMUAuto      = ""
+	QEMUBackports = "backports"
+	QEMUSystem    = "system"
+)
 
 // useLabQEMU puts bookworm-backports' QEMU (guestimg.LabQEMU) in place
-// of the system's, fetching it the first time.
-func (cfg *Config) useLabQEMU(ctx context.Context) error {
+// of the system's where asked (QEMUBackports, QEMUAuto), fetching it
+// the first time.
+func (cfg *Config) useLabQEMU(ctx context.Context, asked string) error {
+	if asked != QEMUAuto && asked != QEMUBackports {
+		return nil
+	}
 	e, err := guestimg.LabQEMU(ctx, guestimg.Options{CacheDir: cfg.CacheDir, Log: cfg.Log})
-	if err != nil {
+	switch {
+	case err == nil:
+	case asked == QEMUBackports:
 		return fmt.Errorf("lab: --qemu %s: %w", QEMUBackports, err)
+	case errors.Is(err, guestimg.ErrLabQEMUNotNeeded):
+		return nil // not Debian 12: the system's QEMU is the one
+	case ctx.Err() != nil:
+		return ctx.Err()
+	default:
+		fmt.Fprintf(cfg.Log, "lab: no QEMU from %s (%v): L1 runs under the system's %s instead, with its faults (docs/ARCHITECTURE.md, \"Which QEMU\")\n",
+			guestimg.LabQEMUSuite, err, cfg.QEMU)
+		return nil
 	}
 	cfg.QEMU, cfg.qemuDataDirs, cfg.qemuEnv = e.Binary, e.DataDirs, e.Env
 	fmt.Fprintf(cfg.Log, "lab: QEMU %s from %s\n", e.Version, e.Suite)

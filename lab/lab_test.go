@@ -203,7 +203,8 @@ func requireQEMU(t *testing.T) {
 // These boot L1 for real (QEMU here, on this host, in software): a few
 // seconds each.
 
-// The command's output and exit status come back from L1.
+// The command's output and exit status come back from L1, which runs
+// under bookworm-backports' QEMU on Debian 12 by default (QEMUAuto).
 func TestLabRunsCommand(t *testing.T) {
 	requireQEMU(t)
 	var out, log bytes.Buffer
@@ -216,26 +217,66 @@ func TestLabRunsCommand(t *testing.T) {
 	assert.Contains(t, out.String(), "out it's\nerr\nkvm\n")
 	assert.Contains(t, out.String(), "lab: L1 ", "the line that says where the command ran")
 	assert.Contains(t, log.String(), "command exited with status 3")
-	assert.NotContains(t, log.String(), "lab: QEMU ", "the system's QEMU unless asked")
+	if guestimg.LabQEMUWanted() {
+		assert.Regexp(t, `lab: QEMU 1\d\.\S+ .*from bookworm-backports`, log.String(), "Debian 12: bookworm-backports' QEMU by default")
+		assert.NotContains(t, log.String(), "lab: no QEMU from", "the fetch worked")
+	} else {
+		assert.NotContains(t, log.String(), "lab: QEMU ", "elsewhere the system's QEMU")
+	}
 }
 
-// --qemu backports on Debian 12: bookworm-backports' QEMU (10.x) runs L1,
-// its firmware and modules its own, and says so; elsewhere a clear error.
-func TestLabBackportsQEMU(t *testing.T) {
+// --qemu system: the system's QEMU runs L1 and no other is fetched or
+// named; --qemu backports where there is none to fetch (not Debian 12):
+// a clear error.
+func TestLabSystemQEMU(t *testing.T) {
 	requireQEMU(t)
+	if !guestimg.LabQEMUWanted() {
+		_, err := Run(t.Context(), Config{Command: []string{"true"}, QEMU: QEMUBackports, Timeout: 5 * time.Minute})
+		require.ErrorIs(t, err, guestimg.ErrLabQEMUNotNeeded)
+	}
 	var out, log bytes.Buffer
 	status, err := Run(t.Context(), Config{
-		Command: []string{"true"}, QEMU: QEMUBackports,
+		Command: []string{"true"}, QEMU: QEMUSystem,
 		Stdout: &out, Log: &log, Timeout: 5 * time.Minute,
 	})
-	if !guestimg.LabQEMUWanted() {
-		require.ErrorIs(t, err, guestimg.ErrLabQEMUNotNeeded)
-		return
-	}
 	require.NoError(t, err, "log: %s", log.String())
 	assert.Equal(t, 0, status)
-	assert.Regexp(t, `lab: QEMU 1\d\.\S+ .*from bookworm-backports`, log.String())
+	assert.NotContains(t, log.String(), "lab: QEMU ", "the system's QEMU, named by nothing")
 	assert.Contains(t, out.String(), "lab: L1 ")
+}
+
+// Which QEMU, without booting one: with nothing to fetch from (a mirror
+// that refuses), the default falls back to the system's and says so, and
+// --qemu backports fails with the fetch's error; --qemu system and a
+// path never fetch.
+func TestQEMUChoiceWhenFetchFails(t *testing.T) {
+	t.Setenv("GOVMM_LAB_QEMU_MIRROR", "http://127.0.0.1:9/debian") // the discard port: refused
+	choose := func(asked string) (Config, string, error) {
+		var log bytes.Buffer
+		cfg := Config{QEMU: "/usr/bin/qemu-system-x86_64", CacheDir: t.TempDir(), Log: &log}
+		err := cfg.useLabQEMU(t.Context(), asked)
+		return cfg, log.String(), err
+	}
+	for _, asked := range []string{QEMUSystem, "/opt/qemu/bin/qemu-system-x86_64"} {
+		cfg, log, err := choose(asked)
+		require.NoError(t, err, asked)
+		assert.Equal(t, "/usr/bin/qemu-system-x86_64", cfg.QEMU, asked)
+		assert.Empty(t, log, asked)
+	}
+	cfg, log, err := choose(QEMUAuto)
+	require.NoError(t, err, "the default never fails for want of the backport")
+	assert.Equal(t, "/usr/bin/qemu-system-x86_64", cfg.QEMU, "the system's")
+	assert.Empty(t, cfg.qemuEnv)
+	_, _, berr := choose(QEMUBackports)
+	if !guestimg.LabQEMUWanted() {
+		assert.Empty(t, log, "not Debian 12: nothing to say")
+		require.ErrorIs(t, berr, guestimg.ErrLabQEMUNotNeeded)
+		return
+	}
+	assert.Contains(t, log, "lab: no QEMU from bookworm-backports", "the fallback is said")
+	assert.Contains(t, log, "/usr/bin/qemu-system-x86_64 instead")
+	require.Error(t, berr, "--qemu backports insists")
+	assert.Contains(t, berr.Error(), "--qemu backports")
 }
 
 // A run that outlives its timeout is killed: the error says so and
