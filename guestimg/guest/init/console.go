@@ -121,9 +121,13 @@ func pulseResetLine() error {
 // logKernel writes msg to the kernel log (/dev/kmsg) at KERN_ALERT, which
 // even command mode's console level lets through, should the console move
 // again; it stays in the log either way.
-func logKernel(msg string) {
+func logKernel(msg string) { logKernelAt(1, msg) }
+
+// logKernelAt writes msg to the kernel log at level (0 KERN_EMERG ... 7
+// KERN_DEBUG).
+func logKernelAt(level int, msg string) {
 	if f, err := os.OpenFile("/dev/kmsg", os.O_WRONLY, 0); err == nil {
-		fmt.Fprintf(f, "<1>%s\n", msg)
+		fmt.Fprintf(f, "<%d>%s\n", level, msg)
 		f.Close()
 	}
 }

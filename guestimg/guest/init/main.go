@@ -66,6 +66,8 @@ type initProc struct {
 
 	stopping atomic.Bool // set once shutdown starts: no more respawns
 	finish   sync.Once
+
+	kernelLog func(level int, msg string) // logKernelAt; tests replace it
 }
 
 // programs are the other programs of the multi-call binary, by the
@@ -82,7 +84,7 @@ func main() {
 	if len(os.Args) > 1 && os.Args[0] == sessionArgv0 {
 		os.Exit(runSession(os.Args[1:]))
 	}
-	in := &initProc{start: time.Now(), console: os.Stdout, waiters: map[int]chan syscall.WaitStatus{}}
+	in := &initProc{start: time.Now(), console: os.Stdout, waiters: map[int]chan syscall.WaitStatus{}, kernelLog: logKernelAt}
 	if os.Getpid() != 1 {
 		fmt.Fprintln(os.Stderr, "govmm-init: must run as PID 1 (the guest's /init)")
 		os.Exit(2)
@@ -165,7 +167,7 @@ func (in *initProc) startDemo() {
 	// at once. A guest starved of CPU (a replicated guest in the lab) can
 	// take long; say so, and go on waiting.
 	if err := waitListening(demoPort, 3*time.Second); err != nil {
-		in.errorf("demo service: %v; waiting up to %v more", err, demoPatience)
+		in.slowf("demo service: %v; waiting up to %v more", err, demoPatience)
 		if err := waitListening(demoPort, demoPatience); err != nil {
 			in.errorf("demo service: %v", err)
 		}
@@ -178,6 +180,20 @@ func (in *initProc) say(format string, args ...any) {
 	if !in.cmdMode {
 		fmt.Fprintf(in.console, "govmm-init: "+format+"\n", args...)
 	}
+}
+
+// slowf tells of a step that takes longer than it should (a guest
+// starved of CPU, as in the lab) and goes on: on the console, except in
+// command mode, whose console carries the command's bytes alone; there
+// it goes to the kernel log at KERN_WARNING, below command mode's console
+// level, so that dmesg has it.
+func (in *initProc) slowf(format string, args ...any) {
+	msg := fmt.Sprintf("govmm-init: "+format, args...)
+	if in.cmdMode {
+		in.kernelLog(4, msg)
+		return
+	}
+	fmt.Fprintln(in.console, msg)
 }
 
 // errorf prints a problem, in every mode.
