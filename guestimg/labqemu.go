@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"time"
 )
 
 // The lab's emulator on a Debian 12 host (lab.QEMUAuto, govmm lab
@@ -65,12 +66,32 @@ type labQEMUManifest struct {
 	Version  string
 }
 
+// ErrLabQEMUFailedRecently is LabQEMU's answer, wrapped with when and
+// why, while a fetch from the same mirror failed less than
+// LabQEMURetryAfter ago: an offline host would otherwise wait for
+// apt-get's retries (about 7 s) at every L1 boot before falling back.
+var ErrLabQEMUFailedRecently = errors.New("the last fetch of the lab's QEMU failed recently")
+
+// LabQEMURetryAfter is how long LabQEMU remembers a failed fetch.
+const LabQEMURetryAfter = time.Hour
+
+// labQEMUFailure is what <cache>/lab/qemu.failed remembers of a failed
+// fetch.
+type labQEMUFailure struct {
+	Mirror string
+	At     time.Time
+	Error  string
+}
+
 // LabQEMU returns the lab's emulator on a Debian 12 host: QEMU from
 // LabQEMUSuite, fetched once into <cache>/lab/qemu (about 15 MB) with
 // apt-get's own download under a private source list. Elsewhere it
 // returns ErrLabQEMUNotNeeded. A fetch that fails returns its error, and
-// the caller decides whether Debian 12's QEMU will do.
-func LabQEMU(ctx context.Context, opts Options) (Emulator, error) {
+// the caller decides whether Debian 12's QEMU will do; the failure is
+// remembered (<cache>/lab/qemu.failed), and for LabQEMURetryAfter a
+// call for the same mirror returns ErrLabQEMUFailedRecently at once
+// instead of fetching again, unless retry is set.
+func LabQEMU(ctx context.Context, opts Options, retry bool) (Emulator, error) {
 	if !LabQEMUWanted() {
 		return Emulator{}, ErrLabQEMUNotNeeded
 	}
@@ -82,6 +103,20 @@ func LabQEMU(ctx context.Context, opts Options) (Emulator, error) {
 	if e, ok := cachedLabQEMU(dir); ok {
 		return e, nil
 	}
+	mirror := labQEMUMirrorNow()
+	failed := dir + ".failed"
+	recent := func() error {
+		f, ok := recentLabQEMUFailure(failed, mirror, time.Now())
+		if !ok || retry {
+			return nil
+		}
+		return fmt.Errorf("%w: %s ago from %s (%s); not tried again until %s, or at once with govmm lab --qemu backports, or once %s is removed",
+			ErrLabQEMUFailedRecently, time.Since(f.At).Round(time.Second), f.Mirror, f.Error,
+			f.At.Add(LabQEMURetryAfter).Format(time.TimeOnly), failed)
+	}
+	if err := recent(); err != nil {
+		return Emulator{}, err
+	}
 	unlock, err := b.lock(ctx)
 	if err != nil {
 		return Emulator{}, err
@@ -90,14 +125,56 @@ func LabQEMU(ctx context.Context, opts Options) (Emulator, error) {
 	if e, ok := cachedLabQEMU(dir); ok {
 		return e, nil
 	}
-	if err := b.fetchLabQEMU(ctx, dir); err != nil {
+	if err := recent(); err != nil { // another process's fetch, while this one waited
+		return Emulator{}, err
+	}
+	if err := b.fetchLabQEMU(ctx, dir, mirror); err != nil {
+		if ctx.Err() == nil { // a fetch cut short says nothing of the mirror
+			rememberLabQEMUFailure(failed, labQEMUFailure{Mirror: mirror, At: time.Now(), Error: err.Error()})
+		}
 		return Emulator{}, fmt.Errorf("fetch the lab's QEMU from %s: %w", LabQEMUSuite, err)
 	}
+	_ = os.Remove(failed) // fetched: nothing to remember
 	e, ok := cachedLabQEMU(dir)
 	if !ok {
 		return Emulator{}, errors.New("fetch the lab's QEMU: no usable QEMU after the fetch")
 	}
 	return e, nil
+}
+
+// labQEMUMirrorNow is the archive a fetch asks: GOVMM_LAB_QEMU_MIRROR,
+// or labQEMUMirror.
+func labQEMUMirrorNow() string {
+	if m := os.Getenv("GOVMM_LAB_QEMU_MIRROR"); m != "" {
+		return m
+	}
+	return labQEMUMirror
+}
+
+// recentLabQEMUFailure returns the failure the file remembers if it was
+// a fetch from mirror less than LabQEMURetryAfter before now. A file
+// that does not parse, or a failure dated in the future (a clock set
+// back), is none.
+func recentLabQEMUFailure(file, mirror string, now time.Time) (labQEMUFailure, bool) {
+	b, err := os.ReadFile(file)
+	if err != nil {
+		return labQEMUFailure{}, false
+	}
+	var f labQEMUFailure
+	if json.Unmarshal(b, &f) != nil || f.Mirror != mirror || f.At.After(now) || now.Sub(f.At) >= LabQEMURetryAfter {
+		return labQEMUFailure{}, false
+	}
+	return f, true
+}
+
+// rememberLabQEMUFailure writes f into file, best effort: a cache that
+// cannot take it only means the next call fetches again.
+func rememberLabQEMUFailure(file string, f labQEMUFailure) {
+	b, _ := json.Marshal(f)
+	tmp := file + ".tmp"
+	if os.WriteFile(tmp, b, 0o644) == nil {
+		_ = os.Rename(tmp, file)
+	}
 }
 
 // LabQEMUWanted says whether LabQEMU fetches a QEMU here: on Debian 12
@@ -150,7 +227,7 @@ func labEmulator(root string) Emulator {
 // fetchLabQEMU downloads labQEMUPackages from LabQEMUSuite and unpacks
 // them into dir/root, checks that the binary runs (every library it
 // needs is on the host), and writes the manifest last.
-func (b *builder) fetchLabQEMU(ctx context.Context, dir string) error {
+func (b *builder) fetchLabQEMU(ctx context.Context, dir, mirror string) error {
 	if _, err := exec.LookPath("apt-get"); err != nil {
 		return ErrNoApt
 	}
@@ -162,10 +239,6 @@ func (b *builder) fetchLabQEMU(ctx context.Context, dir string) error {
 		return err
 	}
 	defer os.RemoveAll(tmp)
-	mirror := labQEMUMirror
-	if m := os.Getenv("GOVMM_LAB_QEMU_MIRROR"); m != "" {
-		mirror = m
-	}
 	lists := filepath.Join(tmp, "lists")
 	if err := os.MkdirAll(filepath.Join(lists, "partial"), 0o755); err != nil {
 		return err

@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -46,4 +47,30 @@ func TestCachedLabQEMU(t *testing.T) {
 	require.NoError(t, os.Remove(bin))
 	_, ok = cachedLabQEMU(dir)
 	assert.False(t, ok, "binary gone")
+}
+
+// A failed fetch is remembered for LabQEMURetryAfter, for the mirror it
+// asked only; a file that does not parse, or a date in the future (a
+// clock set back), remembers nothing.
+func TestRecentLabQEMUFailure(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "qemu.failed")
+	now := time.Date(2026, 12, 7, 15, 0, 0, 0, time.UTC)
+	_, ok := recentLabQEMUFailure(file, labQEMUMirror, now)
+	assert.False(t, ok, "no file")
+
+	rememberLabQEMUFailure(file, labQEMUFailure{Mirror: labQEMUMirror, At: now.Add(-10 * time.Minute), Error: "connection refused"})
+	f, ok := recentLabQEMUFailure(file, labQEMUMirror, now)
+	require.True(t, ok)
+	assert.Equal(t, "connection refused", f.Error)
+	assert.True(t, f.At.Equal(now.Add(-10*time.Minute)))
+	_, ok = recentLabQEMUFailure(file, "http://mirror.example/debian", now)
+	assert.False(t, ok, "another mirror's failure")
+	_, ok = recentLabQEMUFailure(file, labQEMUMirror, now.Add(LabQEMURetryAfter))
+	assert.False(t, ok, "an hour and ten minutes on")
+	_, ok = recentLabQEMUFailure(file, labQEMUMirror, now.Add(-time.Hour))
+	assert.False(t, ok, "dated in the future")
+
+	require.NoError(t, os.WriteFile(file, []byte("{not json"), 0o644))
+	_, ok = recentLabQEMUFailure(file, labQEMUMirror, now)
+	assert.False(t, ok, "a file that does not parse")
 }

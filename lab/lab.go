@@ -182,7 +182,9 @@ func Run(ctx context.Context, cfg Config) (int, error) {
 //     have it;
 //   - QEMUSystem asks for qemu-system-x86_64 from PATH;
 //   - QEMUAuto (the default) is QEMUBackports on a Debian 12 host, and
-//     QEMUSystem elsewhere or when the fetch fails (said in the log).
+//     QEMUSystem elsewhere or when the fetch fails (said in the log; the
+//     failure is remembered for an hour, guestimg.LabQEMURetryAfter,
+//     where QEMUBackports fetches again).
 //
 // docs/ARCHITECTURE.md, "The lab", "Which QEMU", says why.
 const (
@@ -198,7 +200,11 @@ func (cfg *Config) useLabQEMU(ctx context.Context, asked string) error {
 	if asked != QEMUAuto && asked != QEMUBackports {
 		return nil
 	}
-	e, err := guestimg.LabQEMU(ctx, guestimg.Options{CacheDir: cfg.CacheDir, Log: cfg.Log})
+	// Asked for by name, the backport is fetched again even if the last
+	// fetch failed within the hour; the default takes the failure as
+	// remembered, so that an offline host does not wait for apt-get's
+	// retries at every L1 boot.
+	e, err := guestimg.LabQEMU(ctx, guestimg.Options{CacheDir: cfg.CacheDir, Log: cfg.Log}, asked == QEMUBackports)
 	switch {
 	case err == nil:
 	case asked == QEMUBackports:

@@ -246,14 +246,17 @@ func TestLabSystemQEMU(t *testing.T) {
 }
 
 // Which QEMU, without booting one: with nothing to fetch from (a mirror
-// that refuses), the default falls back to the system's and says so, and
-// --qemu backports fails with the fetch's error; --qemu system and a
-// path never fetch.
+// that refuses), the default falls back to the system's and says so,
+// and the next default run takes the failure as remembered (an offline
+// host does not wait for apt-get's retries at every L1 boot), while
+// --qemu backports fetches again and fails with the fetch's error;
+// --qemu system and a path never fetch.
 func TestQEMUChoiceWhenFetchFails(t *testing.T) {
 	t.Setenv("GOVMM_LAB_QEMU_MIRROR", "http://127.0.0.1:9/debian") // the discard port: refused
+	cache := t.TempDir()
 	choose := func(asked string) (Config, string, error) {
 		var log bytes.Buffer
-		cfg := Config{QEMU: "/usr/bin/qemu-system-x86_64", CacheDir: t.TempDir(), Log: &log}
+		cfg := Config{QEMU: "/usr/bin/qemu-system-x86_64", CacheDir: cache, Log: &log}
 		err := cfg.useLabQEMU(t.Context(), asked)
 		return cfg, log.String(), err
 	}
@@ -267,16 +270,30 @@ func TestQEMUChoiceWhenFetchFails(t *testing.T) {
 	require.NoError(t, err, "the default never fails for want of the backport")
 	assert.Equal(t, "/usr/bin/qemu-system-x86_64", cfg.QEMU, "the system's")
 	assert.Empty(t, cfg.qemuEnv)
-	_, _, berr := choose(QEMUBackports)
 	if !guestimg.LabQEMUWanted() {
+		_, _, berr := choose(QEMUBackports)
 		assert.Empty(t, log, "not Debian 12: nothing to say")
 		require.ErrorIs(t, berr, guestimg.ErrLabQEMUNotNeeded)
 		return
 	}
 	assert.Contains(t, log, "lab: no QEMU from bookworm-backports", "the fallback is said")
 	assert.Contains(t, log, "/usr/bin/qemu-system-x86_64 instead")
+	assert.NotContains(t, log, "failed recently", "the first failure is the fetch's own")
+	assert.Contains(t, log, "fetching the lab's QEMU")
+
+	cfg, log, err = choose(QEMUAuto)
+	require.NoError(t, err)
+	assert.Equal(t, "/usr/bin/qemu-system-x86_64", cfg.QEMU, "the system's again")
+	assert.Contains(t, log, "failed recently", "the second run takes the remembered failure")
+	assert.Contains(t, log, "127.0.0.1:9", "which mirror failed")
+	assert.Contains(t, log, "--qemu backports", "how to try again now")
+	assert.NotContains(t, log, "fetching the lab's QEMU", "no fetch")
+
+	_, log, berr := choose(QEMUBackports)
 	require.Error(t, berr, "--qemu backports insists")
+	assert.NotErrorIs(t, berr, guestimg.ErrLabQEMUFailedRecently, "asked for by name, it fetches again")
 	assert.Contains(t, berr.Error(), "--qemu backports")
+	assert.Contains(t, log, "fetching the lab's QEMU", "it fetched")
 }
 
 // A run that outlives its timeout is killed: the error says so and
