@@ -282,12 +282,40 @@ func qemuMigration(ctx context.Context, cfg MigrationGuestConfig, dir string) (M
 		case <-time.After(20 * time.Millisecond): // polling QMP
 		}
 	}
-	if err := dq.do("query-status", nil, &st); err != nil || st.Status != "running" {
-		return s, fmt.Errorf("destination %q after the migration: %v", st.Status, err)
+	// The source says "completed" once it has sent the last bytes; the
+	// destination may still be loading them, in "inmigrate" for a while
+	// (seconds in the lab), before it runs the guest.
+	if err := waitRunning(ctx, dq, dst, 2*time.Minute); err != nil {
+		return s, fmt.Errorf("destination after the migration: %w", err)
 	}
 	s.Total, s.Downtime = time.Duration(mi.TotalTime)*time.Millisecond, time.Duration(mi.Downtime)*time.Millisecond
 	s.BytesSent = mi.RAM.Transferred
 	return s, nil
+}
+
+// waitRunning polls QEMU's status over q until the guest runs, for up to
+// timeout: a destination that stays "inmigrate" longer, or reaches any
+// other state, fails, with the last line QEMU wrote on stderr.
+func waitRunning(ctx context.Context, q *qmp, p *proc, timeout time.Duration) error {
+	var st struct{ Status string }
+	for deadline := time.Now().Add(timeout); ; {
+		if err := q.do("query-status", nil, &st); err != nil {
+			return fmt.Errorf("query-status: %w (stderr: %s)", err, lastLine(p.stderr.String()))
+		}
+		switch {
+		case st.Status == "running":
+			return nil
+		case st.Status != "inmigrate":
+			return fmt.Errorf("status %q, not running (stderr: %s)", st.Status, lastLine(p.stderr.String()))
+		case time.Now().After(deadline):
+			return fmt.Errorf("still %q after %v (stderr: %s)", st.Status, timeout, lastLine(p.stderr.String()))
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(20 * time.Millisecond): // polling QMP
+		}
+	}
 }
 
 // startProcEnv is startProc with env added to the process's environment.
