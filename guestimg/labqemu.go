@@ -171,10 +171,7 @@ func recentLabQEMUFailure(file, mirror string, now time.Time) (labQEMUFailure, b
 // cannot take it only means the next call fetches again.
 func rememberLabQEMUFailure(file string, f labQEMUFailure) {
 	b, _ := json.Marshal(f)
-	tmp := file + ".tmp"
-	if os.WriteFile(tmp, b, 0o644) == nil {
-		_ = os.Rename(tmp, file)
-	}
+	_ = writeFileAtomic(file, b, 0o644)
 }
 
 // LabQEMUWanted says whether LabQEMU fetches a QEMU here: on Debian 12
