@@ -201,6 +201,10 @@ func (m ackMode) key() []byte {
 	return key
 }
 
+// ackWarmCheckpoints is how many untimed checkpoints warm a point's
+// ends (newAckPoint).
+const ackWarmCheckpoints = 3
+
 // ackPoint is one mode at one page count, set up and warmed: its ends,
 // and each kind's transfer (the stream's checkpoint, the bounds').
 type ackPoint struct {
@@ -242,9 +246,21 @@ func newAckPoint(ctx context.Context, cfg AckConfig, standby int, m ackMode, n i
 		err := ackCheckpoint(ctx, e.s, epoch, src, sums, state)
 		return int(e.s.Stats().BytesSent - before), err
 	}
-	wire, err := one() // warms both ends
-	if err != nil {
-		return nil, err
+	// Warm both ends with ackWarmCheckpoints checkpoints: the standby's
+	// StagingSink stages into one set of chunks while it applies from
+	// the other, the two swapped at each commit, so that the first two
+	// checkpoints of a size each write buffers for the first time (a
+	// set each, and the memory applied to), and each such first write
+	// is a page fault, which on a host that is itself a VM can cost
+	// 13 µs a page (docs/STREAM.md, "A fresh standby's first big
+	// checkpoints"): with one warm-up, round 0's second timed ack at
+	// 65,536 pages took ~2 s, against ~0.1 s in round 1. The third is
+	// a margin.
+	var wire int
+	for range ackWarmCheckpoints {
+		if wire, err = one(); err != nil {
+			return nil, err
+		}
 	}
 	buf := make([]byte, 8+wire)
 	putLeUint64(buf, uint64(wire))
