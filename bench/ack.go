@@ -55,7 +55,7 @@ type AckSample struct {
 	// "aes-256-gcm").
 	Cipher string
 	Pages  int
-	Kind   string // "stream", "bound", "tuned", (unkeyed) "held" and "applied" or (keyed) "sealed"
+	Kind   string // "stream", "bound", "tuned", (unkeyed) "held" and "applied" or (keyed) "sealed" and "applied" (sealed applied)
 	Gap    time.Duration
 	Round  int
 	Acks   int
@@ -86,7 +86,8 @@ type AckResult struct {
 // number of bytes written on a plain loopback TCP connection until a
 // one-byte ack comes back; then the same with the writer's send buffer
 // fixed (the tuned bound, tunedSendBuffer), keyed the sealed bound and
-// unkeyed the held bound (heldBit) and the applied bound (appliedBit).
+// the sealed applied bound, unkeyed the held bound (heldBit) and the
+// applied bound (appliedBit).
 // It is BenchmarkAck (replicate/stream) run as interleaved rounds, so
 // that a ratio compares neighbours in time.
 func Ack(ctx context.Context, cfg AckConfig) (*AckResult, error) {
@@ -295,10 +296,15 @@ func newAckPoint(ctx context.Context, cfg AckConfig, standby int, m ackMode, n i
 		var nonce sealNonce
 		var out []byte
 		run["sealed"] = func() (int, error) {
-			return wire, sealTransfer(e.tx, aead, &nonce, buf[8:], &out)
+			return wire, sealTransfer(e.tx, aead, &nonce, buf[8:], &out, 0)
 		}
-		if _, err := run["sealed"](); err != nil {
-			return nil, err
+		run["applied"] = func() (int, error) {
+			return wire, sealTransfer(e.tx, aead, &nonce, buf[8:], &out, heldBit|appliedBit)
+		}
+		for _, kind := range []string{"sealed", "applied", "applied"} { // the reader's buffers and memory grow to the checkpoint's size here
+			if _, err := run[kind](); err != nil {
+				return nil, err
+			}
 		}
 	} else {
 		for _, kind := range []string{"held", "applied", "applied"} { // the reader's buffers and memory grow to the checkpoint's size here
@@ -332,11 +338,12 @@ func (p *ackPoint) round(ctx context.Context, cfg AckConfig, r int) ([]AckSample
 }
 
 // ackKinds are a point's batches in each round: the stream's, the
-// bound's, the tuned bound's, and keyed the sealed bound's, unkeyed the
-// held bound's and the applied bound's.
+// bound's, the tuned bound's, and keyed the sealed bound's and the sealed
+// applied bound's (named "applied"), unkeyed the held bound's and the
+// applied bound's.
 func ackKinds(keyed bool) []string {
 	if keyed {
-		return []string{"stream", "bound", "tuned", "sealed"}
+		return []string{"stream", "bound", "tuned", "sealed", "applied"}
 	}
 	return []string{"stream", "bound", "tuned", "held", "applied"}
 }

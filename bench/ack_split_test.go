@@ -102,17 +102,19 @@ func TestAckStandbyEndServesAPoint(t *testing.T) {
 				require.NoError(t, heldTransfer(c, held, bits))
 				require.NoError(t, heldTransfer(c, held[:100], bits))
 			}
-			if keyed { // the sealed bound: opened under the point's key, acked; under another, not
+			if keyed { // the sealed bounds, plain and applied: opened under the point's key, acked; under another, not
 				aead, err := stream.NewAEAD(m.cipher, key)
 				require.NoError(t, err)
 				var nonce sealNonce
 				var buf []byte
 				p := make([]byte, 3*sealChunk+5)
-				require.NoError(t, sealTransfer(c, aead, &nonce, p, &buf))
-				require.NoError(t, sealTransfer(c, aead, &nonce, p[:100], &buf), "a second transfer, the nonces counting on")
+				for _, bits := range []uint64{0, heldBit | appliedBit, heldBit | appliedBit} {
+					require.NoError(t, sealTransfer(c, aead, &nonce, p, &buf, bits))
+					require.NoError(t, sealTransfer(c, aead, &nonce, p[:100], &buf, bits), "a second transfer, the nonces counting on")
+				}
 				other, err := stream.NewAEAD(m.cipher, make([]byte, 32))
 				require.NoError(t, err)
-				assert.Error(t, sealTransfer(c, other, &nonce, p[:100], &buf), "no ack for bytes sealed under another key: the end hangs up")
+				assert.Error(t, sealTransfer(c, other, &nonce, p[:100], &buf, heldBit|appliedBit), "no ack for bytes sealed under another key: the end hangs up")
 			}
 
 			assert.Greater(t, askCPU(), cpu0, "the end's CPU time grew with 20 checkpoints")
@@ -152,9 +154,9 @@ func TestAckSplit(t *testing.T) {
 		Split: true, Govmm: govmm, Out: out, Log: testWriter{t}, Ciphers: []stream.Cipher{stream.CipherAEGISX2, stream.CipherAESGCM}})
 	require.NoError(t, err)
 	// 2 rounds: keyed under AEGIS-128X2 and under AES-256-GCM, each a
-	// stream, bound, tuned and sealed bound; unkeyed stream, bound,
-	// tuned, held and applied bound.
-	require.Len(t, res.Samples, 26)
+	// stream, bound, tuned, sealed and sealed applied bound; unkeyed
+	// stream, bound, tuned, held and applied bound.
+	require.Len(t, res.Samples, 30)
 	kinds := map[string]int{}
 	for _, s := range res.Samples {
 		kinds[s.Kind]++
@@ -162,7 +164,7 @@ func TestAckSplit(t *testing.T) {
 		assert.Positive(t, s.StandbyCPU, "%+v: the standby end's CPU", s)
 		assert.Greater(t, s.CPU, s.StandbyCPU, "%+v: both ends' CPU", s)
 	}
-	assert.Equal(t, map[string]int{"stream": 6, "bound": 6, "tuned": 6, "sealed": 4, "held": 2, "applied": 2}, kinds)
+	assert.Equal(t, map[string]int{"stream": 6, "bound": 6, "tuned": 6, "sealed": 4, "held": 2, "applied": 6}, kinds)
 	// The modes take turns within each round: every mode's round 0,
 	// then every mode's round 1.
 	var turns []string

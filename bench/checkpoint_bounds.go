@@ -119,6 +119,11 @@ const (
 // apply before the Receiver acks. That is the least a standby does for
 // each checkpoint: hold all of it until it may ack, then put it where the
 // guest would run. A length announcing it has heldBit and appliedBit set.
+// Keyed points have a *sealed applied* bound, under the name "applied"
+// too: the sealed bound's transfer (sealedBit) with heldBit and
+// appliedBit as well, each chunk opened straight into the held buffer
+// (as a Receiver opens a Pages frame where the StagingSink keeps it),
+// then applied the same way.
 const appliedBit = 1 << 60
 
 // applier is the applied bound's reader state: two buffers, the one the
@@ -222,11 +227,13 @@ func (s *sealNonce) next(a cipher.AEAD) []byte {
 	return s.b[:a.NonceSize()]
 }
 
-// sealTransfer writes p sealed (see sealedBit) on tx and waits for the
-// one-byte ack; out is the caller's buffer for a sealed chunk.
-func sealTransfer(tx net.Conn, aead cipher.AEAD, nonce *sealNonce, p []byte, out *[]byte) error {
+// sealTransfer writes p sealed (see sealedBit) on tx, its length with
+// bits as well (0, or heldBit|appliedBit for the sealed applied bound),
+// and waits for the one-byte ack; out is the caller's buffer for a
+// sealed chunk.
+func sealTransfer(tx net.Conn, aead cipher.AEAD, nonce *sealNonce, p []byte, out *[]byte, bits uint64) error {
 	var hdr [8]byte
-	putLeUint64(hdr[:], uint64(len(p))|sealedBit)
+	putLeUint64(hdr[:], uint64(len(p))|sealedBit|bits)
 	if _, err := tx.Write(hdr[:]); err != nil {
 		return err
 	}
@@ -277,7 +284,8 @@ func loopbackPair(ctx context.Context) (tx, rx net.Conn, err error) {
 // it arrives; without aead, the connection ends there. One with heldBit
 // set announces a held transfer (heldTransfer): its bytes are kept, all
 // of them, until the ack; with appliedBit too, an applied one (applier):
-// kept, then copied into memory after the ack.
+// kept, then copied into memory after the ack. A sealed transfer with
+// heldBit opens each chunk into the kept bytes.
 func ackEach(rx net.Conn, aead cipher.AEAD) {
 	buf := make([]byte, 1<<20)
 	hdr := make([]byte, 8)
@@ -312,16 +320,21 @@ func ackEach(rx net.Conn, aead cipher.AEAD) {
 			if aead == nil {
 				return
 			}
-			for left > 0 {
+			for off := 0; left > 0; {
 				n := min(left, sealChunk)
 				ct = slices.Grow(ct[:0], n+aead.Overhead())[:n+aead.Overhead()]
 				if _, err := io.ReadFull(rx, ct); err != nil {
 					return
 				}
-				if _, err := aead.Open(ct[:0], nonce.next(aead), ct, nil); err != nil {
+				dst := ct[:0] // opened in place, each chunk over the last
+				if v&heldBit != 0 {
+					dst = into(off)[:0] // opened where it is kept
+				}
+				if _, err := aead.Open(dst, nonce.next(aead), ct, nil); err != nil {
 					return
 				}
 				left -= n
+				off += n
 			}
 		}
 		for off := 0; left > 0; { // a megabyte at most a read
