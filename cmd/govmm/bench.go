@@ -61,7 +61,9 @@ as a standby must), the applied bound (the held bound, then each
 transfer copied into guest memory after its ack while the next is read,
 as a standby applies a checkpoint) and, keyed, the sealed bound (those
 bytes sealed and opened with the point's cipher, in 1 MiB chunks, one
-at a time); keyed points run under each cipher the CPU runs
+at a time) and the sealed applied bound (the same, each chunk opened
+into a held buffer, then copied into guest memory as the applied
+bound does); keyed points run under each cipher the CPU runs
 (AEGIS-128X2, AEGIS-128L, AES-256-GCM), a mode each, the modes taking
 turns within each round; --runs rounds (default 10; --quick: 3). With --split, the standby's end (and the bound's reader) runs in a process of its own pinned to one CPU and the
 sender's end is pinned to another, as on two one-core hosts.
