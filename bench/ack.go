@@ -284,6 +284,7 @@ func newAckPoint(ctx context.Context, cfg AckConfig, standby int, m ackMode, n i
 	run := map[string]func() (int, error){"stream": one, "bound": bound, "tuned": tuned,
 		"held":    func() (int, error) { return wire, heldTransfer(e.tx, buf[8:], heldBit) },
 		"applied": func() (int, error) { return wire, heldTransfer(e.tx, buf[8:], heldBit|appliedBit) }}
+	first := "held" // the bound warmed before the applied one: keyed, the sealed bound
 	if keyed {
 		aead, err := stream.NewAEAD(m.cipher, e.key)
 		if err != nil {
@@ -301,16 +302,11 @@ func newAckPoint(ctx context.Context, cfg AckConfig, standby int, m ackMode, n i
 		run["applied"] = func() (int, error) {
 			return wire, sealTransfer(e.tx, aead, &nonce, buf[8:], &out, heldBit|appliedBit)
 		}
-		for _, kind := range []string{"sealed", "applied", "applied"} { // the reader's buffers and memory grow to the checkpoint's size here
-			if _, err := run[kind](); err != nil {
-				return nil, err
-			}
-		}
-	} else {
-		for _, kind := range []string{"held", "applied", "applied"} { // the reader's buffers and memory grow to the checkpoint's size here
-			if _, err := run[kind](); err != nil {
-				return nil, err
-			}
+		first = "sealed"
+	}
+	for _, kind := range []string{first, "applied", "applied"} { // the reader's buffers and memory grow to the checkpoint's size here
+		if _, err := run[kind](); err != nil {
+			return nil, err
 		}
 	}
 	return &ackPoint{m: m, n: n, e: e, run: run}, nil
