@@ -47,6 +47,10 @@ type ReplicateConfig struct {
 	// Cipher is what a keyed stream seals with (stream.Config.Cipher:
 	// AEGIS-128L where both ends run it, when zero).
 	Cipher stream.Cipher
+	// SendBuffer is the stream's socket send buffer
+	// (stream.Config.SendBuffer: fixed at 256 KiB on a short link, the
+	// kernel's elsewhere, when zero).
+	SendBuffer int
 	// Deltas ships pages the standby already holds as XOR deltas, and
 	// pages whose bytes it holds at any gpa as copies, if the standby
 	// agrees (stream.Config.Deltas: a copy of guest memory on each end).

@@ -265,7 +265,8 @@ func (r *Replicator) Metrics() []Metric {
 // compression), _page_wire_bytes_total (as they travelled),
 // _state_bytes_total, _state_wire_bytes_total (as they travelled) and the
 // ack reader's polls (stream.Config.AckSpin), _ack_poll_hits_total and
-// _ack_poll_misses_total; on the receiving end govmm_stream_received_pages_total,
+// _ack_poll_misses_total, and the send buffer it fixed,
+// govmm_stream_send_buffer_bytes (0: the kernel's); on the receiving end govmm_stream_received_pages_total,
 // _zero_pages_total, _delta_pages_total, _copy_pages_total,
 // _disk_bytes_total (a receiver does not count page bytes) and the
 // reader's polls inside a checkpoint (stream.Config.ReadSpin),
@@ -293,6 +294,8 @@ func StreamMetrics(st stream.Stats, sent bool) []Metric {
 		counter("state_bytes_total", "bytes of machine state sent, one copy per checkpoint", st.StateBytes)
 		counter("state_wire_bytes_total", "bytes of the State frames sent as they travelled: their payloads, an XOR with the last checkpoint's state compressed, or stored, with their header, before sealing", st.StateWireBytes)
 		counter("ack_poll_hits_total", "reads for an awaited ack that found the connection drained and, polling (govmm run --ack-spin), the ack within the spin: a sleep and a wakeup saved", st.PollHits)
+		out = append(out, Metric{Name: "govmm_stream_send_buffer_bytes", Help: "the sending socket's send buffer as the stream fixed it (SO_SNDBUF; the default fixes it on a link whose round trip is under 100 µs), 0 where it is the kernel's, autotuned",
+			Type: "gauge", Value: float64(st.SendBuffer)})
 		counter("ack_poll_misses_total", "reads for an awaited ack that polled a drained connection for the whole spin (--ack-spin), found nothing and slept: the spin's CPU spent for nothing", st.PollMisses)
 	} else {
 		counter("poll_hits_total", "reads inside a checkpoint that found the connection drained and, polling (govmm standby --read-spin), bytes within the spin: a sleep and a wakeup saved", st.PollHits)

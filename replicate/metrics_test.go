@@ -159,9 +159,11 @@ func TestStreamMetrics(t *testing.T) {
 	}
 	st := stream.Stats{Pages: 10, ZeroPages: 2, DeltaPages: 5, CopyPages: 1, PageBytes: 4000, PageWireBytes: 900, DiskBytes: 1 << 20, DiskWireBytes: 1 << 19,
 		StateBytes: 18000, StateWireBytes: 600,
-		PollHits: 7, PollMisses: 3, Compression: "s2", Deltas: true, Cipher: "aegis-128l"}
+		PollHits: 7, PollMisses: 3, Compression: "s2", Deltas: true, Cipher: "aegis-128l", SendBuffer: 256 << 10}
 	sent := names(StreamMetrics(st, true))
-	assert.Len(t, sent, 13)
+	assert.Len(t, sent, 14)
+	assert.Equal(t, float64(256<<10), sent["govmm_stream_send_buffer_bytes"].Value)
+	assert.Equal(t, "gauge", sent["govmm_stream_send_buffer_bytes"].Type)
 	assert.Equal(t, 18000.0, sent["govmm_stream_sent_state_bytes_total"].Value)
 	assert.Equal(t, 600.0, sent["govmm_stream_sent_state_wire_bytes_total"].Value)
 	assert.Equal(t, float64(1<<19), sent["govmm_stream_sent_disk_wire_bytes_total"].Value)
@@ -180,6 +182,7 @@ func TestStreamMetrics(t *testing.T) {
 	assert.Equal(t, 7.0, sent["govmm_stream_sent_ack_poll_hits_total"].Value)
 	assert.Equal(t, 3.0, sent["govmm_stream_sent_ack_poll_misses_total"].Value)
 	assert.NotContains(t, recv, "govmm_stream_received_ack_poll_hits_total", "a receiver awaits no ack")
+	assert.NotContains(t, recv, "govmm_stream_send_buffer_bytes", "a receiver sends only acks and heartbeats")
 	assert.Equal(t, float64(1<<20), recv["govmm_stream_received_disk_bytes_total"].Value)
 	assert.Equal(t, 10.0, recv["govmm_stream_received_pages_total"].Value)
 	assert.Equal(t, 2.0, recv["govmm_stream_received_zero_pages_total"].Value)

@@ -24,6 +24,8 @@ type MigrateConfig struct {
 	// Cipher is what a keyed stream seals with (stream.Config.Cipher:
 	// AEGIS-128L where both ends run it, when zero).
 	Cipher stream.Cipher
+	// SendBuffer: as ReplicateConfig's.
+	SendBuffer int
 	// Deltas: as ReplicateConfig's (each pre-copy round after the first
 	// ships pages the destination holds as deltas).
 	Deltas bool
@@ -212,7 +214,7 @@ func dialMigration(ctx context.Context, m *vmm.Machine, cfg MigrateConfig) (*str
 		}
 	}
 	s, err := stream.Dial(ctx, cfg.To, stream.Config{Key: cfg.Key, Insecure: cfg.Insecure,
-		Identity: cfg.Fence.identity(IdentityOf(m, cfg.Name, cfg.Devices)), Compression: cfg.Compression, Deltas: cfg.Deltas, Cipher: cfg.Cipher})
+		Identity: cfg.Fence.identity(IdentityOf(m, cfg.Name, cfg.Devices)), Compression: cfg.Compression, Deltas: cfg.Deltas, Cipher: cfg.Cipher, SendBuffer: cfg.SendBuffer})
 	if err != nil {
 		return nil, fmt.Errorf("migrate to %s: %w", cfg.To, err)
 	}

@@ -126,7 +126,7 @@ func startReplication(ctx context.Context, m *vmm.Machine, cfg ReplicateConfig, 
 	if r.t == nil {
 		s, err := stream.Dial(ctx, cfg.To, stream.Config{Key: cfg.Key, Insecure: cfg.Insecure,
 			Identity: cfg.Fence.identity(IdentityOf(m, cfg.Name, cfg.Devices)), HeartbeatInterval: cfg.FailoverTimeout / 4,
-			FailoverTimeout: cfg.FailoverTimeout, Compression: cfg.Compression, Deltas: cfg.Deltas, Cipher: cfg.Cipher, AckSpin: cfg.AckSpin, Logger: cfg.Logger})
+			FailoverTimeout: cfg.FailoverTimeout, Compression: cfg.Compression, Deltas: cfg.Deltas, Cipher: cfg.Cipher, AckSpin: cfg.AckSpin, SendBuffer: cfg.SendBuffer, Logger: cfg.Logger})
 		if err != nil {
 			r.cancel()
 			return nil, fmt.Errorf("replicate to %s: %w", cfg.To, err)

@@ -83,6 +83,7 @@ func TestCLIUsageErrors(t *testing.T) {
 
 		// The flag and the unit the user typed.
 		{"dirty tracking", []string{"run", "--dirty-tracking", "fast"}, "govmm: run: --dirty-tracking fast: want auto or bitmap or ring (see 'govmm help run')"},
+		{"stream send buffer", []string{"run", "--stream-send-buffer", "lots"}, "govmm: run: --stream-send-buffer lots: want auto, kernel, or a size from 1 byte to 1024M (256K, 1M) (see 'govmm help run')"},
 		{"cpus 0", []string{"run", "--cpus", "0"}, "govmm: run: --cpus 0: want a number of vCPUs from 1 to 32 (see 'govmm help run')"},
 		{"cpus 33", []string{"run", "--cpus", "33"}, "govmm: run: --cpus 33: want a number of vCPUs from 1 to 32 (see 'govmm help run')"},
 		{"cpus two", []string{"run", "--cpus", "two"}, "govmm: run: --cpus two: want a number of vCPUs from 1 to 32 (see 'govmm help run')"},
@@ -97,6 +98,9 @@ func TestCLIUsageErrors(t *testing.T) {
 		{"bench workload", []string{"bench", "--workloads", "build", "wire-guest"}, `govmm: bench: --workloads build: unknown workload "build" (demo, untar, compress, disk) (see 'govmm help bench')`},
 		{"bench window", []string{"bench", "--window", "500ms", "wire-guest"}, "govmm: bench: --window 500ms: want 1s to 10m0s (see 'govmm help bench')"},
 		{"bench stream modes without wire-guest", []string{"bench", "--stream-modes", "s2", "checkpoint"}, "govmm: bench: --stream-modes does not apply without the wire-guest suite, the only one that uses it (see 'govmm help bench')"},
+		{"bench send buffer", []string{"bench", "--send-buffers", "auto,huge", "ack"}, `govmm: bench: --send-buffers auto,huge: send buffer "huge": want auto, kernel, or a size from 1 byte to 1024 MiB (256K, 1M) (see 'govmm help bench')`},
+		{"bench send buffer twice", []string{"bench", "--send-buffers", "kernel,kernel", "ack"}, "govmm: bench: --send-buffers kernel,kernel: kernel twice (see 'govmm help bench')"},
+		{"bench send buffers without ack", []string{"bench", "--send-buffers", "kernel", "checkpoint"}, "govmm: bench: --send-buffers does not apply without the ack suite, the only one that uses it (see 'govmm help bench')"},
 		{"bench baseline without migration-guest", []string{"bench", "--baseline", "bin/govmm-main", "migration"}, "govmm: bench: --baseline does not apply without the boot, wire-guest or migration-guest suite, the only ones that use it (see 'govmm help bench')"},
 
 		// Values only the command line can be wrong about.

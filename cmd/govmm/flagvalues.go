@@ -252,6 +252,34 @@ func (f cipherFlag) Set(s string) error {
 
 func (f cipherFlag) typeName() string { return "auto|aegis-128x2|aegis-128l|aes-256-gcm" }
 
+// sendBufferFlag is --stream-send-buffer.
+type sendBufferFlag struct{ n *int }
+
+func (f sendBufferFlag) String() string {
+	switch {
+	case f.n == nil || *f.n == stream.SendBufferAuto:
+		return "auto"
+	case *f.n == stream.SendBufferKernel:
+		return "kernel"
+	case *f.n%(1<<20) == 0:
+		return fmt.Sprintf("%dM", *f.n>>20)
+	case *f.n%(1<<10) == 0:
+		return fmt.Sprintf("%dK", *f.n>>10)
+	}
+	return strconv.Itoa(*f.n)
+}
+
+func (f sendBufferFlag) Set(s string) error {
+	n, err := stream.ParseSendBuffer(s)
+	if err != nil {
+		return fmt.Errorf("want auto, kernel, or a size from 1 byte to %dM (256K, 1M)", stream.MaxSendBuffer>>20)
+	}
+	*f.n = n
+	return nil
+}
+
+func (f sendBufferFlag) typeName() string { return "auto|kernel|SIZE" }
+
 // hostPortFlag is a string flag that takes HOST:PORT.
 type hostPortFlag struct{ s *string }
 

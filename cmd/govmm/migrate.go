@@ -56,7 +56,7 @@ func migrate(ctx context.Context, m *vmm.Machine, f *runFlags, devs *machineDevi
 		fmt.Fprintf(os.Stderr, "govmm: migrate --force: stopping replication to %s; the guest runs UNPROTECTED from now on\n", node.Peer())
 	}
 	r, err := node.Migrate(ctx, m, replicate.MigrateConfig{To: to, Name: f.name, Key: key, Insecure: insecure,
-		Compression: f.streamCompress, Deltas: f.streamDeltas, Cipher: f.streamCipher,
+		Compression: f.streamCompress, Deltas: f.streamDeltas, Cipher: f.streamCipher, SendBuffer: f.streamSendBuffer,
 		Disks: devs.diskLogs, Devices: devs.attrs,
 		Progress: func(p replicate.Progress) {
 			progress(ctlapi.Progress{Round: p.Round, Phase: p.Phase, BytesSent: p.BytesSent,
@@ -107,7 +107,7 @@ func startReplication(m *vmm.Machine, f *runFlags, devs *machineDevices, node *r
 	bar := newTransferBar(os.Stderr, ctlIsTerminal(os.Stderr), "initial sync")
 	defer bar.finish()
 	cfg := replicate.ReplicateConfig{To: to, Name: f.name, Epoch: epoch, MaxEpoch: maxEpoch, FailoverTimeout: f.failoverTimeout,
-		Compression: f.streamCompress, Deltas: f.streamDeltas, Cipher: f.streamCipher, AckSpin: streamSpin(f.ackSpin),
+		Compression: f.streamCompress, Deltas: f.streamDeltas, Cipher: f.streamCipher, SendBuffer: f.streamSendBuffer, AckSpin: streamSpin(f.ackSpin),
 		OnStandbyLoss: f.onStandbyLoss, Copy: replicate.CopyMode(f.checkpointCopy), CoWPages: f.checkpointCoWPages, Disks: devs.diskLogs, Devices: devs.attrs,
 		Progress: func(p replicate.SyncProgress) {
 			bar.update(p.Copied, p.Total, syncNote(p))

@@ -29,8 +29,9 @@ func benchPair(b *testing.B, npages int, keyed bool) *Sender {
 	return benchPairBuf(b, npages, keyed, 0)
 }
 
-// benchPairBuf is benchPair with the sender's socket send buffer fixed
-// at sndbuf bytes (SO_SNDBUF; 0: the kernel's, autotuned).
+// benchPairBuf is benchPair with the sender's Config.SendBuffer sndbuf
+// (0: SendBufferAuto, the default; SendBufferKernel: the kernel's,
+// autotuned; else fixed at that many bytes).
 func benchPairBuf(b *testing.B, npages int, keyed bool, sndbuf int) *Sender {
 	return benchPairCipher(b, npages, keyed, sndbuf, CipherAuto)
 }
@@ -40,7 +41,7 @@ func benchPairCipher(b *testing.B, npages int, keyed bool, sndbuf int, c Cipher)
 	id := Identity{Name: "bench", Regions: []Region{{GPA: 0, Size: uint64(npages) * PageSize}}, VCPUs: 1}
 	quiet := slog.New(slog.DiscardHandler)
 	rcfg := Config{Identity: id, Logger: quiet, Sink: &StagingSink{Dest: make(memWriter, npages*PageSize)}, Cipher: c}
-	scfg := Config{Identity: id, Logger: quiet, Cipher: c}
+	scfg := Config{Identity: id, Logger: quiet, Cipher: c, SendBuffer: sndbuf}
 	if keyed {
 		rcfg.Key, scfg.Key = testKey, testKey
 	} else {
@@ -63,7 +64,6 @@ func benchPairCipher(b *testing.B, npages int, keyed bool, sndbuf int, c Cipher)
 	if err != nil {
 		b.Fatal(err)
 	}
-	setSendBuffer(b, conn, sndbuf)
 	s, err := NewSender(b.Context(), conn, scfg)
 	if err != nil {
 		b.Fatal(err)
@@ -194,24 +194,24 @@ func BenchmarkAckCipher(b *testing.B) {
 // BenchmarkAckSendBuffer is BenchmarkAck's unkeyed points at 1,000 and
 // 4,096 pages, back to back and after a 50 ms gap (untimed), the stream
 // and its loopback bound each with the kernel's send buffer (autotuned,
-// as the stream and BenchmarkAck's bound use it) and with one fixed at
-// 256 KiB: on this project's 2-core host a sender that never fills its
+// as BenchmarkAck's bound uses it and the stream did before it fixed its
+// own on a short link, Config.SendBuffer) and with one fixed at 256 KiB: on this project's 2-core host a sender that never fills its
 // send buffer keeps its core while the receiver waits to be scheduled, so
 // the bound is not a floor (docs/STREAM.md, "The bound is not a floor").
 // Compare ms/ack across the four at each point.
 func BenchmarkAckSendBuffer(b *testing.B) {
 	for _, npages := range []int{1000, 4096} {
 		for _, gap := range []time.Duration{0, 50 * time.Millisecond} {
-			for _, sndbuf := range []int{0, 256 << 10} {
+			for _, sndbuf := range []int{SendBufferKernel, 256 << 10} {
 				name := fmt.Sprintf("%d/gap-%v/sndbuf-", npages, gap)
-				if sndbuf == 0 {
+				if sndbuf == SendBufferKernel {
 					name += "kernel"
 				} else {
 					name += fmt.Sprintf("%dk", sndbuf>>10)
 				}
 				var wire int
 				b.Run("stream-"+name, func(b *testing.B) { wire = benchAckStream(b, npages, false, sndbuf, gap) })
-				b.Run("bound-"+name, func(b *testing.B) { benchLoopbackBoundBuf(b, wire, sndbuf, gap) })
+				b.Run("bound-"+name, func(b *testing.B) { benchLoopbackBoundBuf(b, wire, max(sndbuf, 0), gap) })
 			}
 		}
 	}
@@ -219,8 +219,8 @@ func BenchmarkAckSendBuffer(b *testing.B) {
 
 // benchAckStream sends checkpoints of npages distinct non-zero pages,
 // b.N times after a warm-up, each waiting for its ack (and, when gap is
-// not 0, after an untimed pause of gap), the sender's send buffer fixed
-// at sndbuf bytes (0: the kernel's); it reports ms/ack, cpu-ms/ack and
+// not 0, after an untimed pause of gap), the sender's Config.SendBuffer
+// sndbuf (benchPairBuf); it reports ms/ack, cpu-ms/ack and
 // wireB/page, and returns the wire bytes of a checkpoint.
 func benchAckStream(b *testing.B, npages int, keyed bool, sndbuf int, gap time.Duration) (wire int) {
 	return benchAckCipher(b, npages, keyed, sndbuf, gap, CipherAuto)

@@ -115,6 +115,14 @@ type Config struct {
 	// docs/STREAM.md, "Waiting for the ack awake"). 0 or negative: never
 	// poll (the default: measured, it was not a clear gain). At most 10 ms.
 	AckSpin time.Duration
+	// SendBuffer (sender) is its socket's send buffer (SO_SNDBUF) once
+	// the handshake is done: SendBufferAuto (0, the default) fixes it at
+	// ShortLinkSendBuffer where the handshake's shortest round trip was
+	// at most ShortLinkRTT, and leaves it to the kernel's autotuning
+	// otherwise; SendBufferKernel always leaves it to the kernel; a
+	// positive value fixes it at that many bytes (sndbuf.go;
+	// docs/STREAM.md, "A short link's send buffer").
+	SendBuffer int
 	// OnCommit (receiver), if set, is called with each verified checkpoint
 	// before the sink commits and before the ack: returning an error
 	// refuses the checkpoint (ErrCommit), which is then aborted.
@@ -163,6 +171,8 @@ func (c Config) withDefaults() (Config, error) {
 		return c, fmt.Errorf("%w: read spin %v, at most %v", ErrConfig, c.ReadSpin, MaxReadSpin)
 	case c.AckSpin > MaxReadSpin:
 		return c, fmt.Errorf("%w: ack spin %v, at most %v", ErrConfig, c.AckSpin, MaxReadSpin)
+	case c.SendBuffer < SendBufferKernel || c.SendBuffer > MaxSendBuffer:
+		return c, fmt.Errorf("%w: send buffer %d, SendBufferAuto, SendBufferKernel or 1 to %d bytes", ErrConfig, c.SendBuffer, MaxSendBuffer)
 	case c.FailoverTimeout > MaxTimeout:
 		return c, fmt.Errorf("%w: failover timeout %v, at most %v", ErrConfig, c.FailoverTimeout, MaxTimeout)
 	case len(c.Key) == 0 && !c.Insecure:

@@ -49,6 +49,9 @@ type Stats struct {
 	Compression string
 	// Cipher is what the session's frames are sealed with (Cipher).
 	Cipher string
+	// SendBuffer (sender) is the send buffer its socket was fixed at
+	// (Config.SendBuffer), 0 where it is the kernel's, autotuned.
+	SendBuffer int
 	// SealTime is the time spent sealing frames (the session's cipher), WriteTime
 	// the time spent handing sealed frames to the connection (buffer
 	// copies and write system calls, blocked ones included); OpenTime is
@@ -125,17 +128,21 @@ type endpoint struct {
 
 	asyncReader bool // another goroutine reads the peer's frames (sender)
 
-	peer      Identity
-	codec     codec           // the session's page codec, agreed in the handshake
-	cr        *countingReader // the connection as fr reads it
-	sealed    bool            // session frames are sealed (a key): see summed
-	cipher    sessionCipher   // what a keyed session seals with (chooseCipher)
-	shadow    *shadow         // deltas agreed: the memory as shipped (the checkpoint goroutine, or Run)
-	timeout   time.Duration   // agreed failover timeout (the larger of the two)
-	lastHeard atomic.Int64    // unix ns of the last byte received, or of when listening resumed
-	judged    atomic.Uint64   // detector ticks judged (tests wait on it)
-	listening atomic.Bool     // the reader waits for the peer's bytes
-	epoch     atomic.Uint64   // epoch in progress, for error reports
+	peer   Identity
+	codec  codec           // the session's page codec, agreed in the handshake
+	cr     *countingReader // the connection as fr reads it
+	sealed bool            // session frames are sealed (a key): see summed
+	cipher sessionCipher   // what a keyed session seals with (chooseCipher)
+	// A sender's, set by NewSender before the stream's goroutines
+	// start, then only read (tuneSendBuffer).
+	sendBuffer int           // the send buffer fixed (0: the kernel's)
+	rtt        time.Duration // the handshake's shortest round trip (0: unknown)
+	shadow     *shadow       // deltas agreed: the memory as shipped (the checkpoint goroutine, or Run)
+	timeout    time.Duration // agreed failover timeout (the larger of the two)
+	lastHeard  atomic.Int64  // unix ns of the last byte received, or of when listening resumed
+	judged     atomic.Uint64 // detector ticks judged (tests wait on it)
+	listening  atomic.Bool   // the reader waits for the peer's bytes
+	epoch      atomic.Uint64 // epoch in progress, for error reports
 
 	failOnce sync.Once
 	err      error         // the first failure; written before done closes
@@ -191,6 +198,7 @@ func (e *endpoint) Stats() Stats {
 	s := e.ctr.snapshot()
 	s.Compression = e.codec.String()
 	s.Cipher = e.Cipher()
+	s.SendBuffer = e.sendBuffer
 	s.Deltas = e.shadow != nil
 	return s
 }

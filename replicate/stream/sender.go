@@ -117,13 +117,15 @@ func NewSender(ctx context.Context, conn net.Conn, cfg Config) (*Sender, error) 
 	if err := s.handshake(ctx, roleSender); err != nil {
 		return nil, err
 	}
+	s.sendBuffer, s.rtt = tuneSendBuffer(conn, cfg.SendBuffer)
 	s.startPipeline()
 	if s.cr.enable(conn, cfg.AckSpin); s.cr.raw != nil {
 		s.cr.ackDue = s.ackAwaited
 		s.ackHits.Store(1024) // poll until acks show it does not pay
 	}
 	s.heard()
-	s.log.Info("stream connected", "role", "sender", "vm", cfg.Identity.Name, "failover_timeout", s.timeout)
+	s.log.Info("stream connected", "role", "sender", "vm", cfg.Identity.Name, "failover_timeout", s.timeout,
+		"cipher", s.Cipher(), "rtt", s.rtt, "send_buffer", sendBufferName(s.sendBuffer))
 	s.asyncReader = true
 	s.wg.Add(1)
 	go s.readLoop()
