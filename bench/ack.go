@@ -42,9 +42,15 @@ type AckConfig struct {
 	// beside the unkeyed one (default: AEGIS-128X2 and AEGIS-128L where
 	// the CPU runs them, and AES-256-GCM).
 	Ciphers []stream.Cipher
-	Govmm   string
-	Out     string
-	Log     io.Writer
+	// SendBuffers are the stream's send buffer policies
+	// (stream.Config.SendBuffer), each mode run under each (default:
+	// SendBufferAuto alone, the stream's default): SendBufferKernel
+	// beside it compares the buffer the stream fixes on a short link
+	// with the kernel's, side by side.
+	SendBuffers []int
+	Govmm       string
+	Out         string
+	Log         io.Writer
 }
 
 // AckSample is one batch: a stream's checkpoints or the bound's
@@ -54,12 +60,15 @@ type AckSample struct {
 	// Cipher is a keyed point's ("aegis-128x2", "aegis-128l" or
 	// "aes-256-gcm").
 	Cipher string
-	Pages  int
-	Kind   string // "stream", "bound", "tuned", (unkeyed) "held" and "applied" or (keyed) "sealed" and "applied" (sealed applied)
-	Gap    time.Duration
-	Round  int
-	Acks   int
-	Wall   time.Duration // per ack: the batch's mean
+	// SendBuffer is the stream's send buffer policy, where it is not
+	// the default (sendBufferLabel): "" for SendBufferAuto.
+	SendBuffer string
+	Pages      int
+	Kind       string // "stream", "bound", "tuned", (unkeyed) "held" and "applied" or (keyed) "sealed" and "applied" (sealed applied)
+	Gap        time.Duration
+	Round      int
+	Acks       int
+	Wall       time.Duration // per ack: the batch's mean
 	// Each is every ack's wall time, in order: a batch after gaps holds
 	// few acks (four at 50 ms), whose mean one stall of the host (tens of
 	// ms, docs/STREAM.md "One ack at a time") decides.
@@ -74,6 +83,9 @@ type AckSample struct {
 type AckResult struct {
 	Config  AckConfig
 	Samples []AckSample
+	// SendBuffers says, per mode, the send buffer its stream ended its
+	// handshake with and the round trip it went by.
+	SendBuffers map[string]string
 }
 
 // Ack runs checkpoints of cfg.Pages distinct non-zero pages, staged as
@@ -121,14 +133,19 @@ func Ack(ctx context.Context, cfg AckConfig) (*AckResult, error) {
 			return nil, fmt.Errorf("ack: %v: %w", c, err)
 		}
 	}
-	res := &AckResult{Config: cfg}
-	var modes []ackMode
-	for _, c := range cfg.Ciphers {
-		modes = append(modes, ackMode{keyed: true, cipher: c})
+	if len(cfg.SendBuffers) == 0 {
+		cfg.SendBuffers = []int{stream.SendBufferAuto}
 	}
-	modes = append(modes, ackMode{})
+	res := &AckResult{Config: cfg, SendBuffers: map[string]string{}}
+	var modes []ackMode
+	for _, b := range cfg.SendBuffers {
+		for _, c := range cfg.Ciphers {
+			modes = append(modes, ackMode{keyed: true, cipher: c, sendBuffer: b})
+		}
+		modes = append(modes, ackMode{sendBuffer: b})
+	}
 	for _, n := range cfg.Pages {
-		s, err := ackPoints(ctx, cfg, modes, n)
+		s, err := ackPoints(ctx, cfg, modes, n, res.SendBuffers)
 		res.Samples = append(res.Samples, s...)
 		if err != nil {
 			return res, err
@@ -142,7 +159,7 @@ func Ack(ctx context.Context, cfg AckConfig) (*AckResult, error) {
 // time as each is with its bounds: the host's drift over the minutes a
 // point takes lands in every mode alike. Every mode's ends are set up
 // first and stay up until the last round.
-func ackPoints(ctx context.Context, cfg AckConfig, modes []ackMode, n int) ([]AckSample, error) {
+func ackPoints(ctx context.Context, cfg AckConfig, modes []ackMode, n int, sendBuffers map[string]string) ([]AckSample, error) {
 	standby := -1 // split: the standby ends' CPU
 	if cfg.Split {
 		cpu, undo, err := pinSplit()
@@ -165,6 +182,9 @@ func ackPoints(ctx context.Context, cfg AckConfig, modes []ackMode, n int) ([]Ac
 			return nil, err
 		}
 		pts = append(pts, p)
+		if _, ok := sendBuffers[m.String()]; !ok {
+			sendBuffers[m.String()] = fmt.Sprintf("%s (the handshake's round trip %v)", sendBufferName(p.e.s.SendBuffer()), p.e.s.RTT())
+		}
 	}
 	var out []AckSample
 	for r := range cfg.Rounds {
@@ -181,15 +201,33 @@ func ackPoints(ctx context.Context, cfg AckConfig, modes []ackMode, n int) ([]Ac
 
 // ackMode is a point's stream: keyed, sealed with cipher, or unkeyed.
 type ackMode struct {
-	keyed  bool
-	cipher stream.Cipher // keyed: CipherAEGISX2, CipherAEGIS or CipherAESGCM
+	keyed      bool
+	cipher     stream.Cipher // keyed: CipherAEGISX2, CipherAEGIS or CipherAESGCM
+	sendBuffer int           // the stream's Config.SendBuffer
 }
 
 func (m ackMode) String() string {
-	if !m.keyed {
-		return "unkeyed"
+	return modeOf(AckSample{Keyed: m.keyed, Cipher: m.cipher.String(), SendBuffer: sendBufferLabel(m.sendBuffer)})
+}
+
+// sendBufferLabel names a send buffer policy (stream.Config.SendBuffer)
+// in a mode's name: "" for the default, SendBufferAuto.
+func sendBufferLabel(b int) string {
+	switch {
+	case b == stream.SendBufferAuto:
+		return ""
+	case b == stream.SendBufferKernel:
+		return "kernel"
 	}
-	return "keyed " + m.cipher.String()
+	return fmt.Sprintf("%d KiB", b>>10)
+}
+
+// sendBufferName says what send buffer a stream fixed (Sender.SendBuffer).
+func sendBufferName(fixed int) string {
+	if fixed == 0 {
+		return "the kernel's"
+	}
+	return fmt.Sprintf("fixed at %d KiB", fixed>>10)
 }
 
 // key is a fresh key for a point of mode m, nil unkeyed.
@@ -327,6 +365,7 @@ func (p *ackPoint) round(ctx context.Context, cfg AckConfig, r int) ([]AckSample
 			if keyed {
 				smp.Cipher = p.m.cipher.String()
 			}
+			smp.SendBuffer = sendBufferLabel(p.m.sendBuffer)
 			out = append(out, smp)
 		}
 	}
@@ -414,7 +453,7 @@ type ackEnds struct {
 // localEnds are both ends in this process over loopback TCP.
 func localEnds(ctx context.Context, m ackMode, n int) (*ackEnds, error) {
 	key := m.key()
-	s, closePair, err := ackPair(ctx, key, m.cipher, n)
+	s, closePair, err := ackPair(ctx, key, m.cipher, m.sendBuffer, n)
 	if err != nil {
 		return nil, err
 	}
@@ -451,7 +490,7 @@ func localEnds(ctx context.Context, m ackMode, n int) (*ackEnds, error) {
 // ackConfigs are the two ends' stream configurations for n pages, keyed
 // with key and sealed with c (key nil: unkeyed, in clear); the
 // receiver's Sink is the standby end's to set (ackStandbySink).
-func ackConfigs(n int, key []byte, c stream.Cipher) (rcfg, scfg stream.Config) {
+func ackConfigs(n int, key []byte, c stream.Cipher, sendBuffer int) (rcfg, scfg stream.Config) {
 	id := stream.Identity{Name: "bench-ack", Regions: []stream.Region{{GPA: 0, Size: uint64(n) * guestmem.PageSize}}, VCPUs: 1}
 	quiet := slog.New(slog.DiscardHandler)
 	// The suite times throughput, not liveness: a long failover timeout,
@@ -462,7 +501,7 @@ func ackConfigs(n int, key []byte, c stream.Cipher) (rcfg, scfg stream.Config) {
 	// ~17 µs a page on this host that day, and the end's one CPU sent no
 	// heartbeat for 1.9 s.
 	rcfg = stream.Config{Identity: id, Logger: quiet, Compression: stream.CompressNone, FailoverTimeout: ackFailoverTimeout}
-	scfg = stream.Config{Identity: id, Logger: quiet, Compression: stream.CompressNone, FailoverTimeout: ackFailoverTimeout}
+	scfg = stream.Config{Identity: id, Logger: quiet, Compression: stream.CompressNone, FailoverTimeout: ackFailoverTimeout, SendBuffer: sendBuffer}
 	if key != nil {
 		rcfg.Key, scfg.Key = key, key
 		rcfg.Cipher, scfg.Cipher = c, c
@@ -499,8 +538,8 @@ func aeadOrNil(key []byte, c stream.Cipher) (cipher.AEAD, error) {
 // ackPair is a Sender connected to a running Receiver over loopback TCP,
 // keyed with key (nil: unkeyed), with the layout of n pages and the
 // standby end's sink (ackStandbySink).
-func ackPair(ctx context.Context, key []byte, c stream.Cipher, n int) (*stream.Sender, func(), error) {
-	rcfg, scfg := ackConfigs(n, key, c)
+func ackPair(ctx context.Context, key []byte, c stream.Cipher, sendBuffer, n int) (*stream.Sender, func(), error) {
+	rcfg, scfg := ackConfigs(n, key, c, sendBuffer)
 	sink, unmap, err := ackStandbySink(n)
 	if err != nil {
 		return nil, nil, err

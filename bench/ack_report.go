@@ -115,16 +115,21 @@ func (p *ackPointSamples) of(kind string) []AckSample {
 	return p.stream
 }
 
-// modeOf is a sample's mode: "unkeyed", or "keyed" and its cipher.
+// modeOf is a sample's mode: "unkeyed", or "keyed" and its cipher,
+// then the stream's send buffer policy where it is not the default.
 func modeOf(s AckSample) string {
-	if !s.Keyed {
-		return "unkeyed"
+	m := "unkeyed"
+	if s.Keyed {
+		m = "keyed " + s.Cipher
 	}
-	return "keyed " + s.Cipher
+	if s.SendBuffer != "" {
+		m += ", send buffer " + s.SendBuffer
+	}
+	return m
 }
 
 // keyed says whether the point's stream is keyed.
-func (p *ackPointSamples) keyed() bool { return p.mode != "unkeyed" }
+func (p *ackPointSamples) keyed() bool { return strings.HasPrefix(p.mode, "keyed ") }
 
 // modes are the results' modes, in run order.
 func (r *AckResult) modes() []string {
@@ -140,9 +145,9 @@ func (r *AckResult) modes() []string {
 // ciphers names the keyed modes' ciphers, for the report.
 func (r *AckResult) ciphers() string {
 	var out []string
-	for _, m := range r.modes() {
-		if c, ok := strings.CutPrefix(m, "keyed "); ok {
-			out = append(out, c)
+	for _, s := range r.Samples {
+		if s.Keyed && !slices.Contains(out, s.Cipher) {
+			out = append(out, s.Cipher)
 		}
 	}
 	if len(out) == 0 {
@@ -187,8 +192,10 @@ func (r *AckResult) Report() string {
 		"timed, while the CPU per ack counts the gaps too. *ratio* is the median of the rounds' stream/bound ratios, so "+
 		"neighbours in time are compared. *CPU* is the user and system time per ack (%s). The *tuned bound*, a batch after "+
 		"the bound's, is the bound with its writer's send buffer fixed at %d KiB (SO_SNDBUF) instead of the kernel's "+
-		"autotuned one, which the stream and the bound use: it is often faster, so the bound is not a floor (docs/STREAM.md, "+
-		"\"The bound is not a floor\"); *to tuned* is the median of the rounds' stream/tuned-bound ratios. Keyed points also have a "+
+		"autotuned one, which the bound uses: it is often faster, so the bound is not a floor (docs/STREAM.md, "+
+		"\"The bound is not a floor\"); the stream by default fixes its own the same way on a link as short as this one "+
+		"(`stream.Config.SendBuffer`; a mode named \"send buffer kernel\" leaves it to the kernel, for comparison: "+
+		"docs/STREAM.md, \"A short link's send buffer\"); *to tuned* is the median of the rounds' stream/tuned-bound ratios. Keyed points also have a "+
 		"*sealed bound*, a batch after the tuned bound's: the same bytes sealed with the stream's cipher in 1 MiB chunks under the "+
 		"point's key, written and opened one chunk at a time, then the ack (what those bytes cost once each is sealed and "+
 		"opened, without the stream's framing, sums or pipelining); *to sealed* is the median of the rounds' "+
@@ -242,6 +249,14 @@ func (r *AckResult) Report() string {
 			}
 		}
 		b.WriteString("\n")
+	}
+	if len(r.SendBuffers) > 0 {
+		b.WriteString("\n**Send buffers.** What each mode's stream ended its handshake with (`stream.Sender.SendBuffer`, `RTT`, at its first page count):\n\n")
+		for _, m := range r.modes() {
+			if sb, ok := r.SendBuffers[m]; ok {
+				fmt.Fprintf(&b, "- %s: %s\n", m, sb)
+			}
+		}
 	}
 	b.WriteString(r.eachReport())
 	return b.String()

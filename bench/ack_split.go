@@ -51,7 +51,7 @@ func AckStandbyEnd(ctx context.Context, in io.Reader, out io.Writer) error {
 	if err != nil {
 		return err
 	}
-	rcfg, _ := ackConfigs(n, key, c)
+	rcfg, _ := ackConfigs(n, key, c, stream.SendBufferAuto) // a receiver sends only acks
 	aead, err := aeadOrNil(key, c)
 	if err != nil {
 		return err
@@ -331,7 +331,7 @@ func splitEnds(ctx context.Context, govmm string, cpu int, m ackMode, n int, std
 		return nil, err
 	}
 	undo := func() { _ = end.close() }
-	_, scfg := ackConfigs(n, key, m.cipher)
+	_, scfg := ackConfigs(n, key, m.cipher, m.sendBuffer)
 	s, err := stream.Dial(ctx, end.stream, scfg)
 	if err != nil {
 		undo()

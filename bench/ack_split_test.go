@@ -23,7 +23,7 @@ import (
 // the bound, reports CPU time that grows with the work, and returns once
 // its stdin closes.
 func TestAckStandbyEndServesAPoint(t *testing.T) {
-	for _, m := range []ackMode{{}, {true, stream.CipherAEGISX2}, {true, stream.CipherAEGIS}, {true, stream.CipherAESGCM}} {
+	for _, m := range []ackMode{{}, {keyed: true, cipher: stream.CipherAEGISX2}, {keyed: true, cipher: stream.CipherAEGIS}, {keyed: true, cipher: stream.CipherAESGCM}} {
 		keyed := m.keyed
 		t.Run(m.String(), func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
@@ -59,7 +59,7 @@ func TestAckStandbyEndServesAPoint(t *testing.T) {
 			}
 			cpu0 := askCPU()
 
-			_, scfg := ackConfigs(n, key, m.cipher)
+			_, scfg := ackConfigs(n, key, m.cipher, stream.SendBufferAuto)
 			s, err := stream.Dial(ctx, f[1], scfg)
 			require.NoError(t, err)
 			defer s.Close()
@@ -151,12 +151,14 @@ func TestAckSplit(t *testing.T) {
 	defer cancel()
 	out := t.TempDir()
 	res, err := Ack(ctx, AckConfig{Pages: []int{100}, Rounds: 2, Batch: 20 * time.Millisecond, Gaps: []time.Duration{0},
-		Split: true, Govmm: govmm, Out: out, Log: testWriter{t}, Ciphers: []stream.Cipher{stream.CipherAEGISX2, stream.CipherAESGCM}})
+		Split: true, Govmm: govmm, Out: out, Log: testWriter{t}, Ciphers: []stream.Cipher{stream.CipherAEGISX2, stream.CipherAESGCM},
+		SendBuffers: []int{stream.SendBufferAuto, stream.SendBufferKernel}})
 	require.NoError(t, err)
 	// 2 rounds: keyed under AEGIS-128X2 and under AES-256-GCM, each a
 	// stream, bound, tuned, sealed and sealed applied bound; unkeyed
-	// stream, bound, tuned, held and applied bound.
-	require.Len(t, res.Samples, 30)
+	// stream, bound, tuned, held and applied bound; each with the
+	// stream's send buffer its default and the kernel's.
+	require.Len(t, res.Samples, 60)
 	kinds := map[string]int{}
 	for _, s := range res.Samples {
 		kinds[s.Kind]++
@@ -164,7 +166,7 @@ func TestAckSplit(t *testing.T) {
 		assert.Positive(t, s.StandbyCPU, "%+v: the standby end's CPU", s)
 		assert.Greater(t, s.CPU, s.StandbyCPU, "%+v: both ends' CPU", s)
 	}
-	assert.Equal(t, map[string]int{"stream": 6, "bound": 6, "tuned": 6, "sealed": 4, "held": 2, "applied": 6}, kinds)
+	assert.Equal(t, map[string]int{"stream": 12, "bound": 12, "tuned": 12, "sealed": 8, "held": 4, "applied": 12}, kinds)
 	// The modes take turns within each round: every mode's round 0,
 	// then every mode's round 1.
 	var turns []string
@@ -174,7 +176,20 @@ func TestAckSplit(t *testing.T) {
 		}
 	}
 	assert.Equal(t, []string{"keyed aegis-128x2 0", "keyed aes-256-gcm 0", "unkeyed 0",
-		"keyed aegis-128x2 1", "keyed aes-256-gcm 1", "unkeyed 1"}, turns)
+		"keyed aegis-128x2, send buffer kernel 0", "keyed aes-256-gcm, send buffer kernel 0", "unkeyed, send buffer kernel 0",
+		"keyed aegis-128x2 1", "keyed aes-256-gcm 1", "unkeyed 1",
+		"keyed aegis-128x2, send buffer kernel 1", "keyed aes-256-gcm, send buffer kernel 1", "unkeyed, send buffer kernel 1"}, turns)
+	// Each mode's stream says what send buffer it ended its handshake
+	// with: the kernel's where asked, and by default fixed at 256 KiB
+	// on a loopback whose round trip is short, as it is on a quiet host.
+	require.Len(t, res.SendBuffers, 6)
+	for m, sb := range res.SendBuffers {
+		if strings.Contains(m, "send buffer kernel") {
+			assert.True(t, strings.HasPrefix(sb, "the kernel's (the handshake's round trip "), "%s: %s", m, sb)
+		} else {
+			assert.Regexp(t, `^(fixed at 256 KiB|the kernel's) \(the handshake's round trip [0-9.]+[µm]s\)$`, sb, m)
+		}
+	}
 	report := res.Report()
 	assert.Contains(t, report, "two one-core hosts")
 	assert.Contains(t, report, "to tuned median")
@@ -182,12 +197,13 @@ func TestAckSplit(t *testing.T) {
 	assert.Contains(t, report, "to applied median")
 	assert.Contains(t, report, "stream standby CPU ms/ack")
 	assert.Contains(t, report, "applied bound standby CPU ms/ack")
+	assert.Contains(t, report, "- unkeyed, send buffer kernel: the kernel's")
 	cells, rows := 0, 0 // the header's cells, the rows of three modes
 	for _, line := range strings.Split(report, "\n") {
 		switch {
 		case strings.HasPrefix(line, "| mode |"):
 			cells = strings.Count(line, "|")
-		case strings.HasPrefix(line, "| unkeyed |"), strings.HasPrefix(line, "| keyed aegis-128x2 |"), strings.HasPrefix(line, "| keyed aes-256-gcm |"):
+		case strings.HasPrefix(line, "| unkeyed"), strings.HasPrefix(line, "| keyed aegis-128x2"), strings.HasPrefix(line, "| keyed aes-256-gcm"):
 			rows++
 			assert.Equal(t, cells, strings.Count(line, "|"), "a row has as many cells as the header: %s", line)
 		}

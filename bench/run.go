@@ -34,6 +34,9 @@ type Options struct {
 	Baseline string
 	// Split is ack's split mode (AckConfig.Split).
 	Split bool
+	// SendBuffers are ack's send buffer policies (AckConfig.SendBuffers;
+	// default the stream's, SendBufferAuto).
+	SendBuffers []int
 }
 
 // Emulated says whether KVM here emulates guests (see lab.Emulated).
@@ -111,7 +114,7 @@ func (o Options) suite(ctx context.Context, s string) (string, error) {
 		}
 		return report(Checkpoint(ctx, cfg))
 	case "ack":
-		cfg := AckConfig{Rounds: o.runs(10, 3), Split: o.Split, Govmm: o.Govmm, Out: o.Out, Log: o.Log}
+		cfg := AckConfig{Rounds: o.runs(10, 3), Split: o.Split, SendBuffers: o.SendBuffers, Govmm: o.Govmm, Out: o.Out, Log: o.Log}
 		if o.Quick {
 			cfg.Pages, cfg.Batch, cfg.Gaps = []int{100, 1000}, 50*time.Millisecond, []time.Duration{0, 10 * time.Millisecond}
 		}

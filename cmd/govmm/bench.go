@@ -12,6 +12,7 @@ import (
 
 	"govmm/bench"
 	"govmm/lab"
+	"govmm/replicate/stream"
 )
 
 const benchUsage = `Usage: govmm bench [flags] [SUITE...]
@@ -66,7 +67,10 @@ into a held buffer, then copied into guest memory as the applied
 bound does); keyed points run under each cipher the CPU runs
 (AEGIS-128X2, AEGIS-128L, AES-256-GCM), a mode each, the modes taking
 turns within each round; --runs rounds (default 10; --quick: 3). With --split, the standby's end (and the bound's reader) runs in a process of its own pinned to one CPU and the
-sender's end is pinned to another, as on two one-core hosts.
+sender's end is pinned to another, as on two one-core hosts. The stream
+fixes its send buffer at 256 KiB on a link as short as loopback (its
+default, auto); --send-buffers auto,kernel runs every mode under both,
+side by side.
 
 migration: live migration over loopback, total time and downtime against
 the guest's measured dirty rate (working sets of 0, 256, 4096 and 16384
@@ -147,6 +151,7 @@ type benchFlags struct {
 	streamModes, workloads     *string
 	baseline                   *string
 	split, ackStandbyEnd       *bool
+	sendBuffers                *string
 	window                     time.Duration
 	mem                        string
 	merge                      listFlag
@@ -163,6 +168,7 @@ func newBenchFlags() *benchFlags {
 	f.modes = fs.String("modes", "sigkill,sigstop", "failover-guest only: the primary's failures to time, `sigkill`, sigstop or both (comma-separated)")
 	f.baseline = fs.String("baseline", "", "boot, wire-guest and migration-guest: another govmm `binary` (e.g. a build of main) booted (the bzImage, plain command line), replicated or migrated beside this one in every run")
 	f.split = fs.Bool("split", false, "ack only: the standby's end in a process of its own on one CPU and the sender's on another, as a primary and a standby on two one-core hosts (needs two CPUs)")
+	f.sendBuffers = fs.String("send-buffers", "auto", "ack only: the stream's send buffer `policies`, each mode run under each: auto (fixed at 256 KiB on a link whose round trip is under 100µs, else the kernel's), kernel (autotuned) or a size (256K) (comma-separated)")
 	f.ackStandbyEnd = fs.Bool("ack-standby-end", false, "internal: the standby's end of ack --split (the suite starts it)")
 	f.witness = fs.String("witness", "both", "failover-guest only: time each failure `without` a witness, with one, or both")
 	f.streamModes = fs.String("stream-modes", "none,s2,s2+deltas,zstd+deltas", "wire-guest only: the stream `modes` to boot the guest in: none, s2 or zstd, each with or without +deltas (comma-separated)")
@@ -254,7 +260,7 @@ func (f *benchFlags) options(suites []string) (bench.Options, error) {
 		}
 	}
 	if !slices.Contains(suites, "ack") {
-		if err := refuseUnused(f.fs, "without the ack suite, the only one that uses it", "split"); err != nil {
+		if err := refuseUnused(f.fs, "without the ack suite, the only one that uses it", "split", "send-buffers"); err != nil {
 			return bench.Options{}, err
 		}
 	}
@@ -266,6 +272,17 @@ func (f *benchFlags) options(suites []string) (bench.Options, error) {
 	streamModes, err := bench.ParseStreamModes(*f.streamModes)
 	if err != nil {
 		return bench.Options{}, usagef("bench", "--stream-modes %s: %v", showArg(*f.streamModes), err)
+	}
+	var sendBuffers []int
+	for _, v := range strings.Split(*f.sendBuffers, ",") {
+		b, err := stream.ParseSendBuffer(v)
+		if err != nil {
+			return bench.Options{}, usagef("bench", "--send-buffers %s: %v", showArg(*f.sendBuffers), err)
+		}
+		if slices.Contains(sendBuffers, b) {
+			return bench.Options{}, usagef("bench", "--send-buffers %s: %s twice", showArg(*f.sendBuffers), v)
+		}
+		sendBuffers = append(sendBuffers, b)
 	}
 	workloads, err := bench.ParseWorkloads(*f.workloads)
 	if err != nil {
@@ -292,7 +309,7 @@ func (f *benchFlags) options(suites []string) (bench.Options, error) {
 	}
 	return bench.Options{Quick: *f.quick, Runs: *f.runs, Out: out, Govmm: self, Log: os.Stderr,
 		Boot: bench.BootConfig{Govmm: self, Guest: *f.guest, MemMiB: int(mem >> 20), Baseline: *f.baseline}, Modes: failModes, Witness: witnessModes,
-		StreamModes: streamModes, Workloads: workloads, Window: f.window, Baseline: *f.baseline, Split: *f.split}, nil
+		StreamModes: streamModes, Workloads: workloads, Window: f.window, Baseline: *f.baseline, Split: *f.split, SendBuffers: sendBuffers}, nil
 }
 
 // guestImage puts the default guest image into opts, building it only
