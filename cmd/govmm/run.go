@@ -97,11 +97,11 @@ type runFlags struct {
 	// checkpointCoWPages is --checkpoint-cow-pages.
 	checkpointCoWPages int
 	// ackSpin is --ack-spin (0: never poll).
-	ackSpin time.Duration
+	ackSpin      time.Duration
+	witness      string // HOST:PORT
+	witnessLease time.Duration
 	// streamSendBuffer is --stream-send-buffer (stream.Config.SendBuffer).
 	streamSendBuffer int
-	witness          string // HOST:PORT
-	witnessLease     time.Duration
 
 	// Benchmark-only switches, hidden from help (see hiddenFlags).
 	unsafeNoOutputBuffering bool

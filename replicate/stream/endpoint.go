@@ -128,21 +128,22 @@ type endpoint struct {
 
 	asyncReader bool // another goroutine reads the peer's frames (sender)
 
-	peer   Identity
-	codec  codec           // the session's page codec, agreed in the handshake
-	cr     *countingReader // the connection as fr reads it
-	sealed bool            // session frames are sealed (a key): see summed
-	cipher sessionCipher   // what a keyed session seals with (chooseCipher)
+	peer      Identity
+	codec     codec           // the session's page codec, agreed in the handshake
+	cr        *countingReader // the connection as fr reads it
+	sealed    bool            // session frames are sealed (a key): see summed
+	cipher    sessionCipher   // what a keyed session seals with (chooseCipher)
+	shadow    *shadow         // deltas agreed: the memory as shipped (the checkpoint goroutine, or Run)
+	timeout   time.Duration   // agreed failover timeout (the larger of the two)
+	lastHeard atomic.Int64    // unix ns of the last byte received, or of when listening resumed
+	judged    atomic.Uint64   // detector ticks judged (tests wait on it)
+	listening atomic.Bool     // the reader waits for the peer's bytes
+	epoch     atomic.Uint64   // epoch in progress, for error reports
+
 	// A sender's, set by NewSender before the stream's goroutines
 	// start, then only read (tuneSendBuffer).
 	sendBuffer int           // the send buffer fixed (0: the kernel's)
 	rtt        time.Duration // the handshake's shortest round trip (0: unknown)
-	shadow     *shadow       // deltas agreed: the memory as shipped (the checkpoint goroutine, or Run)
-	timeout    time.Duration // agreed failover timeout (the larger of the two)
-	lastHeard  atomic.Int64  // unix ns of the last byte received, or of when listening resumed
-	judged     atomic.Uint64 // detector ticks judged (tests wait on it)
-	listening  atomic.Bool   // the reader waits for the peer's bytes
-	epoch      atomic.Uint64 // epoch in progress, for error reports
 
 	failOnce sync.Once
 	err      error         // the first failure; written before done closes
