@@ -1,11 +1,14 @@
 package replicate
 
 import (
+	"bytes"
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -34,12 +37,13 @@ type fencedRig struct {
 
 	toWitnessP, toWitnessS, link *proxy // primary↔witness, standby↔witness, primary↔standby
 
-	prim  *vmm.Machine
-	fence *Fence
-	node  *Node
-	pOut  *OutputBuffer
-	pWire *timedSink
-	disk  *DiskLog
+	prim     *vmm.Machine
+	fence    *Fence
+	fenceLog *lockedLog // what the primary's Fence logged, for failures
+	node     *Node
+	pOut     *OutputBuffer
+	pWire    *timedSink
+	disk     *DiskLog
 
 	sb    *Standby
 	sOut  *OutputBuffer
@@ -48,6 +52,25 @@ type fencedRig struct {
 }
 
 var quiet = slog.New(slog.NewTextHandler(io.Discard, nil))
+
+// lockedLog is a log several goroutines write, read back by a failing
+// assertion.
+type lockedLog struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (l *lockedLog) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.Write(p)
+}
+
+func (l *lockedLog) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.String()
+}
 
 func newFencedRig(t *testing.T) *fencedRig {
 	t.Helper()
@@ -74,8 +97,10 @@ func newFencedRig(t *testing.T) *fencedRig {
 	r.pWire = &timedSink{}
 	r.pOut = NewOutputBuffer(r.pWire, 0)
 	r.disk = NewDiskLog(nil, 0)
+	r.fenceLog = &lockedLog{}
 	r.fence = NewFence(FenceConfig{Lease: acquire(t, r.w.client(r.toWitnessP.addr(), "primary", testLease)),
-		Witness: r.w.addr, Machine: r.prim, Outputs: []*OutputBuffer{r.pOut}, Disks: []*DiskLog{r.disk}, Logger: quiet})
+		Witness: r.w.addr, Machine: r.prim, Outputs: []*OutputBuffer{r.pOut}, Disks: []*DiskLog{r.disk},
+		Logger: slog.New(slog.NewTextHandler(r.fenceLog, nil))})
 	t.Cleanup(r.fence.Close)
 	require.NoError(t, r.prim.Start())
 	r.node = NewNode(Booted, Takeover{}, r.fence)
@@ -157,7 +182,16 @@ func TestWitnessPrimaryCutOffIsFenced(t *testing.T) {
 	}
 	nP, lastP2 := r.pWire.last()
 	require.Equal(t, lastP, lastP2, "not one frame from the old primary since the takeover")
-	require.True(t, r.prim.Paused(), "a fenced primary's vCPUs are stopped")
+	if !r.prim.Paused() {
+		stopped := "running"
+		select {
+		case <-r.prim.Done():
+			res, err := r.prim.Wait()
+			stopped = fmt.Sprintf("stopped: %+v, %v", res, err)
+		default:
+		}
+		t.Fatalf("a fenced primary's vCPUs are stopped: not paused; the machine is %s; its Fence logged:\n%s", stopped, r.fenceLog)
+	}
 	require.ErrorIs(t, r.disk.AllowWrite(), ErrDiskFenced)
 	require.Contains(t, r.node.Describe(), "FENCED")
 	require.Contains(t, r.node.Fencing(), "FENCED")
