@@ -21,9 +21,9 @@ import (
 // saw, still in cache: on
 // this project's host, two processes each on a core of its own (`govmm
 // bench --split --send-buffers auto,kernel ack`, its modes taking
-// turns), checkpoints were acked in 0.93× the time with a buffer fixed
+// turns), checkpoints were acked in 0.91× the time with a buffer fixed
 // at 256 KiB as with the autotuned one (the median over 24 sizes and
-// modes, 0.82-1.05×), and the loopback bound moved its bytes in about
+// modes, 0.81-1.06×), and the loopback bound moved its bytes in about
 // half (docs/STREAM.md, "A short link's send buffer").
 //
 // A fixed buffer also caps the connection at about twice its size per
