@@ -1,19 +1,18 @@
 package replicate
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/require"
 
+	"govmm/internal/guestrig"
 	"govmm/internal/kvmtest"
 	"govmm/internal/tinyguest"
 	"govmm/replicate/stream"
@@ -39,7 +38,7 @@ type fencedRig struct {
 
 	prim     *vmm.Machine
 	fence    *Fence
-	fenceLog *lockedLog // what the primary's Fence logged, for failures
+	fenceLog *guestrig.ConsoleLog // what the primary's Fence logged, for failures
 	node     *Node
 	pOut     *OutputBuffer
 	pWire    *timedSink
@@ -52,25 +51,6 @@ type fencedRig struct {
 }
 
 var quiet = slog.New(slog.NewTextHandler(io.Discard, nil))
-
-// lockedLog is a log several goroutines write, read back by a failing
-// assertion.
-type lockedLog struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (l *lockedLog) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.Write(p)
-}
-
-func (l *lockedLog) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.String()
-}
 
 func newFencedRig(t *testing.T) *fencedRig {
 	t.Helper()
@@ -97,7 +77,7 @@ func newFencedRig(t *testing.T) *fencedRig {
 	r.pWire = &timedSink{}
 	r.pOut = NewOutputBuffer(r.pWire, 0)
 	r.disk = NewDiskLog(nil, 0)
-	r.fenceLog = &lockedLog{}
+	r.fenceLog = &guestrig.ConsoleLog{Name: "fence"}
 	r.fence = NewFence(FenceConfig{Lease: acquire(t, r.w.client(r.toWitnessP.addr(), "primary", testLease)),
 		Witness: r.w.addr, Machine: r.prim, Outputs: []*OutputBuffer{r.pOut}, Disks: []*DiskLog{r.disk},
 		Logger: slog.New(slog.NewTextHandler(r.fenceLog, nil))})
@@ -190,7 +170,7 @@ func TestWitnessPrimaryCutOffIsFenced(t *testing.T) {
 			stopped = fmt.Sprintf("stopped: %+v, %v", res, err)
 		default:
 		}
-		t.Fatalf("a fenced primary's vCPUs are stopped: not paused; the machine is %s; its Fence logged:\n%s", stopped, r.fenceLog)
+		t.Fatalf("a fenced primary's vCPUs are stopped: not paused; the machine is %s; its Fence logged:\n%s", stopped, r.fenceLog.Tail(8<<10))
 	}
 	require.ErrorIs(t, r.disk.AllowWrite(), ErrDiskFenced)
 	require.Contains(t, r.node.Describe(), "FENCED")
