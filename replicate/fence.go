@@ -231,9 +231,7 @@ func (f *Fence) fence() {
 			d.Fence()
 		}
 		if f.m != nil {
-			if err := f.m.Pause(); err != nil {
-				f.log.Warn("fenced: pause the vCPUs", "err", err)
-			}
+			f.pause()
 		}
 		f.mu.Lock()
 		close(f.changed)
@@ -241,6 +239,39 @@ func (f *Fence) fence() {
 		f.mu.Unlock()
 		close(f.fenced)
 	})
+}
+
+// fencePauseTries and fencePauseRetry bound how long a fence tries to
+// pause a machine whose pause fails: a second at most, then it gives up
+// with the output and disks fenced already.
+const (
+	fencePauseTries = 100
+	fencePauseRetry = 10 * time.Millisecond
+)
+
+// pause stops the guest's vCPUs for good. A pause can fail without the
+// machine stopping (a vCPU's KVM_RUN failing on its way out of the guest
+// leaves that vCPU running); a fenced VMM promises a stopped guest, so it
+// tries again, each failure logged, until the pause holds, the machine
+// has stopped (a stopped guest runs no more either) or fencePauseTries
+// have failed.
+func (f *Fence) pause() {
+	for i := 1; ; i++ {
+		err := f.m.Pause()
+		if err == nil {
+			return
+		}
+		if errors.Is(err, vmm.ErrStopped) {
+			f.log.Info("fenced: the machine had stopped already", "err", err)
+			return
+		}
+		if i == fencePauseTries {
+			f.log.Error("fenced: the vCPUs could not be paused; the guest runs on, its output and disks fenced", "tries", i, "err", err)
+			return
+		}
+		f.log.Warn("fenced: pause the vCPUs; trying again", "try", i, "err", err)
+		time.Sleep(fencePauseRetry)
+	}
 }
 
 // settle waits until no standby is left behind: a new replication's hello
