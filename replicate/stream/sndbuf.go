@@ -18,13 +18,16 @@ import (
 // has left the caches by then, on both ends of a loopback connection.
 // With the buffer fixed at a few hundred kilobytes the sender blocks
 // within them, the reader runs, and what it copies is, as far as we
-// saw, still in cache: on
-// this project's host, two processes each on a core of its own (`govmm
-// bench --split --send-buffers auto,kernel ack`, its modes taking
-// turns), checkpoints were acked in 0.91× the time with a buffer fixed
-// at 256 KiB as with the autotuned one (the median over 24 sizes and
-// modes, 0.81-1.06×), and the loopback bound moved its bytes in about
-// half (docs/STREAM.md, "A short link's send buffer").
+// saw, still in cache: on this project's host, two processes each on a
+// core of its own (`govmm bench --split --send-buffers auto,kernel
+// ack`, its modes taking turns), checkpoints were acked in 0.91× the
+// time with a buffer fixed at 256 KiB as with the autotuned one (the
+// median over 24 sizes and modes, 0.81-1.06×), and the loopback bound
+// moved its bytes in 0.76-0.84× the time. On a host with another CPU,
+// where the fixed buffer did not speed up the bound, the stream gained
+// nothing and lost nothing measurable (1.03×, within the rounds'
+// spread); 0.93× over the four runs (docs/STREAM.md, "A short link's
+// send buffer").
 //
 // A fixed buffer also caps the connection at about twice its size per
 // round trip (the kernel doubles SO_SNDBUF for its bookkeeping), which
