@@ -77,6 +77,13 @@ type AckSample struct {
 	// StandbyCPU is the standby end's share of CPU (split mode only).
 	StandbyCPU time.Duration
 	Wire       int // bytes on the wire per checkpoint
+
+	// Seal and Open are, per ack of a keyed stream's batch, the
+	// Sender's time sealing frames (stream.Stats.SealTime, on the
+	// primary's end) and the Receiver's opening them (OpenTime, on the
+	// standby's): the cipher's two passes, which the plain bound does
+	// not make. Zero for the bounds' batches and unkeyed.
+	Seal, Open time.Duration
 }
 
 // AckResult is the ack suite's outcome.
@@ -357,9 +364,12 @@ func (p *ackPoint) round(ctx context.Context, cfg AckConfig, r int) ([]AckSample
 	var out []AckSample
 	for _, gap := range cfg.Gaps {
 		for _, kind := range ackKinds(keyed) {
-			smp, err := ackBatch(ctx, cfg.Batch, gap, p.run[kind], p.e.cpu)
+			smp, err := ackBatch(ctx, cfg.Batch, gap, p.run[kind], p.e.meter)
 			if err != nil {
 				return out, fmt.Errorf("ack %s %v pages=%d: %w", kind, p.m, p.n, err)
+			}
+			if kind != "stream" || !keyed {
+				smp.Seal, smp.Open = 0, 0 // the heartbeats' few bytes
 			}
 			smp.Keyed, smp.Pages, smp.Kind, smp.Gap, smp.Round = keyed, p.n, kind, gap, r
 			if keyed {
@@ -398,12 +408,13 @@ const tunedSendBuffer = 256 << 10
 // ackBatch runs f, then waits gap, until d has passed (at least three
 // times), and returns the wall time per run (f alone; and each run's),
 // the CPU time per run (gaps included: what the checkpoint left running
-// counts; cpu says both ends' so far, and the standby end's where it is
-// a process of its own), and the wire bytes of the last.
-func ackBatch(ctx context.Context, d, gap time.Duration, f func() (int, error), cpu func() (both, standby time.Duration, err error)) (AckSample, error) {
+// counts; meter says both ends' so far, and the standby end's where it
+// is a process of its own), the stream's time sealing and opening per
+// run, and the wire bytes of the last.
+func ackBatch(ctx context.Context, d, gap time.Duration, f func() (int, error), meter func() (ackMeter, error)) (AckSample, error) {
 	var smp AckSample
 	var wall time.Duration
-	cpu0, standby0, err := cpu()
+	m0, err := meter()
 	if err != nil {
 		return smp, err
 	}
@@ -427,33 +438,39 @@ func ackBatch(ctx context.Context, d, gap time.Duration, f func() (int, error), 
 			}
 		}
 	}
-	cpu1, standby1, err := cpu()
+	m1, err := meter()
 	if err != nil {
 		return smp, err
 	}
-	smp.Wall = wall / time.Duration(smp.Acks)
-	smp.CPU = (cpu1 - cpu0) / time.Duration(smp.Acks)
-	smp.StandbyCPU = (standby1 - standby0) / time.Duration(smp.Acks)
+	n := time.Duration(smp.Acks)
+	smp.Wall = wall / n
+	smp.CPU = (m1.cpu - m0.cpu) / n
+	smp.StandbyCPU = (m1.standbyCPU - m0.standbyCPU) / n
+	smp.Seal, smp.Open = (m1.seal-m0.seal)/n, (m1.open-m0.open)/n
 	return smp, nil
 }
 
+// ackMeter is what a point's ends have spent so far: both ends' CPU
+// time, the standby end's (split; 0 in one process), and the stream's
+// time sealing (its Sender) and opening (its Receiver).
+type ackMeter struct{ cpu, standbyCPU, seal, open time.Duration }
+
 // ackEnds are a point's two ends: the Sender and the bound's writer here,
 // their peers in this process (localEnds) or in a process of its own
-// (splitEnds); cpu says both ends' CPU time so far and the standby end's
-// where split.
+// (splitEnds); meter says what they have spent so far (ackMeter).
 type ackEnds struct {
 	s     *stream.Sender
 	key   []byte   // the point's key (nil: unkeyed), also the sealed bound's
 	tx    net.Conn // the bound's writer (and the sealed bound's)
 	tuned net.Conn // the tuned bound's writer (tunedSendBuffer)
-	cpu   func() (both, standby time.Duration, err error)
+	meter func() (ackMeter, error)
 	close func()
 }
 
 // localEnds are both ends in this process over loopback TCP.
 func localEnds(ctx context.Context, m ackMode, n int) (*ackEnds, error) {
 	key := m.key()
-	s, closePair, err := ackPair(ctx, key, m.cipher, m.sendBuffer, n)
+	s, r, closePair, err := ackPair(ctx, key, m.cipher, m.sendBuffer, n)
 	if err != nil {
 		return nil, err
 	}
@@ -482,7 +499,9 @@ func localEnds(ctx context.Context, m ackMode, n int) (*ackEnds, error) {
 	go ackEach(rx, aead)
 	go ackEach(trx, aead)
 	return &ackEnds{s: s, key: key, tx: tx, tuned: ttx,
-		cpu:   func() (time.Duration, time.Duration, error) { return cpuNow(), 0, nil },
+		meter: func() (ackMeter, error) {
+			return ackMeter{cpu: cpuNow(), seal: s.Stats().SealTime, open: r.Stats().OpenTime}, nil
+		},
 		close: closeAll,
 	}, nil
 }
@@ -538,17 +557,17 @@ func aeadOrNil(key []byte, c stream.Cipher) (cipher.AEAD, error) {
 // ackPair is a Sender connected to a running Receiver over loopback TCP,
 // keyed with key (nil: unkeyed), with the layout of n pages and the
 // standby end's sink (ackStandbySink).
-func ackPair(ctx context.Context, key []byte, c stream.Cipher, sendBuffer, n int) (*stream.Sender, func(), error) {
+func ackPair(ctx context.Context, key []byte, c stream.Cipher, sendBuffer, n int) (*stream.Sender, *stream.Receiver, func(), error) {
 	rcfg, scfg := ackConfigs(n, key, c, sendBuffer)
 	sink, unmap, err := ackStandbySink(n)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
 	rcfg.Sink = sink
 	ln, err := stream.Listen("127.0.0.1:0", rcfg)
 	if err != nil {
 		unmap()
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
 	type accepted struct {
 		r   *stream.Receiver
@@ -563,21 +582,21 @@ func ackPair(ctx context.Context, key []byte, c stream.Cipher, sendBuffer, n int
 	if err != nil {
 		ln.Close()
 		unmap() // no Receiver runs: nothing writes the memory
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
 	a := <-ch
 	ln.Close()
 	if a.err != nil {
 		s.Close()
 		unmap()
-		return nil, nil, a.err
+		return nil, nil, nil, a.err
 	}
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
 		_ = a.r.Run(ctx)
 	}()
-	return s, func() { s.Close(); a.r.Close(); <-done; unmap() }, nil
+	return s, a.r, func() { s.Close(); a.r.Close(); <-done; unmap() }, nil
 }
 
 // stagePages copies pages into a staging buffer as package replicate's

@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -35,7 +36,9 @@ import (
 // "-" unkeyed), answered by the listening addresses ("stream ADDR bound
 // ADDR", the bound's address taking the bound's connection and the tuned
 // bound's); then each "cpu" line is answered with the child's CPU time so
-// far ("cpu NANOSECONDS"). Closing its stdin ends it.
+// far and its Receiver's time opening frames so far ("cpu NANOSECONDS
+// open NANOSECONDS", stream.Stats.OpenTime, 0 before the stream is
+// accepted). Closing its stdin ends it.
 
 // AckStandbyEnd is the split ack suite's standby end, reading its
 // point from in and answering on out (see above). It returns when in
@@ -77,6 +80,7 @@ func AckStandbyEnd(ctx context.Context, in io.Reader, out io.Writer) error {
 		return err
 	}
 	failed := make(chan error, 3)
+	var recv atomic.Pointer[stream.Receiver] // once accepted, for its open time
 	running.Add(1)
 	go func() {
 		defer running.Done()
@@ -85,6 +89,7 @@ func AckStandbyEnd(ctx context.Context, in io.Reader, out io.Writer) error {
 			failed <- fmt.Errorf("ack standby end: accept: %w", err)
 			return
 		}
+		recv.Store(r)
 		defer r.Close()
 		if err := r.Run(ctx); err != nil && ctx.Err() == nil {
 			failed <- fmt.Errorf("ack standby end: %w", err)
@@ -113,7 +118,11 @@ func AckStandbyEnd(ctx context.Context, in io.Reader, out io.Writer) error {
 				failed <- fmt.Errorf("ack standby end: unknown request %q", lines.Text())
 				return
 			}
-			if _, err := fmt.Fprintf(out, "cpu %d\n", cpuNow()); err != nil {
+			var open time.Duration
+			if r := recv.Load(); r != nil {
+				open = r.Stats().OpenTime
+			}
+			if _, err := fmt.Fprintf(out, "cpu %d open %d\n", cpuNow(), open); err != nil {
 				return
 			}
 		}
@@ -228,20 +237,21 @@ func startOnCPU(cmd *exec.Cmd, cpu int) error {
 	return err
 }
 
-// cpu is the standby end's CPU time so far, user and system.
-func (e *splitEnd) cpu() (time.Duration, error) {
+// cpu is the standby end's CPU time so far, user and system, and its
+// Receiver's time opening frames so far.
+func (e *splitEnd) cpu() (cpu, open time.Duration, err error) {
 	if _, err := io.WriteString(e.stdin, "cpu\n"); err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	line, err := e.stdout.ReadString('\n')
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
-	ns, err := strconv.ParseInt(strings.TrimPrefix(strings.TrimSpace(line), "cpu "), 10, 64)
-	if err != nil {
-		return 0, fmt.Errorf("standby end's cpu: %q: %w", line, err)
+	var c, o int64
+	if n, err := fmt.Sscanf(line, "cpu %d open %d", &c, &o); err != nil || n != 2 {
+		return 0, 0, fmt.Errorf("standby end's cpu: %q: want \"cpu NANOSECONDS open NANOSECONDS\" (%v)", line, err)
 	}
-	return time.Duration(ns), nil
+	return time.Duration(c), time.Duration(o), nil
 }
 
 // close ends the standby end and waits for it.
@@ -358,9 +368,9 @@ func splitEnds(ctx context.Context, govmm string, cpu int, m ackMode, n int, std
 		return nil, err
 	}
 	return &ackEnds{s: s, key: key, tx: tx, tuned: tuned,
-		cpu: func() (time.Duration, time.Duration, error) {
-			t, err := end.cpu()
-			return cpuNow() + t, t, err
+		meter: func() (ackMeter, error) {
+			t, open, err := end.cpu()
+			return ackMeter{cpu: cpuNow() + t, standbyCPU: t, seal: s.Stats().SealTime, open: open}, err
 		},
 		close: func() { tx.Close(); tuned.Close(); s.Close(); undo() },
 	}, nil

@@ -52,12 +52,13 @@ func TestAckStandbyEndServesAPoint(t *testing.T) {
 			require.Equal(t, "bound", f[2])
 
 			end := &splitEnd{stdin: inW, stdout: out}
-			askCPU := func() time.Duration {
-				d, err := end.cpu()
+			askCPU := func() (cpu, open time.Duration) {
+				d, o, err := end.cpu()
 				require.NoError(t, err)
-				return d
+				return d, o
 			}
-			cpu0 := askCPU()
+			cpu0, open0 := askCPU()
+			assert.Zero(t, open0, "nothing opened before the stream is dialled")
 
 			_, scfg := ackConfigs(n, key, m.cipher, stream.SendBufferAuto)
 			s, err := stream.Dial(ctx, f[1], scfg)
@@ -117,7 +118,13 @@ func TestAckStandbyEndServesAPoint(t *testing.T) {
 				assert.Error(t, sealTransfer(c, other, &nonce, p[:100], &buf, heldBit|appliedBit), "no ack for bytes sealed under another key: the end hangs up")
 			}
 
-			assert.Greater(t, askCPU(), cpu0, "the end's CPU time grew with 20 checkpoints")
+			cpu1, open1 := askCPU()
+			assert.Greater(t, cpu1, cpu0, "the end's CPU time grew with 20 checkpoints")
+			if keyed {
+				assert.Greater(t, open1, time.Duration(0), "its Receiver opened the keyed stream's frames")
+			} else {
+				assert.Zero(t, open1, "an unkeyed stream opens nothing")
+			}
 			require.NoError(t, inW.Close())
 			select {
 			case err := <-ended:
@@ -165,6 +172,16 @@ func TestAckSplit(t *testing.T) {
 		assert.GreaterOrEqual(t, s.Acks, 3)
 		assert.Positive(t, s.StandbyCPU, "%+v: the standby end's CPU", s)
 		assert.Greater(t, s.CPU, s.StandbyCPU, "%+v: both ends' CPU", s)
+		if s.Kind == "stream" && s.Keyed {
+			// Both passes happen between a checkpoint's start and its ack.
+			assert.Positive(t, s.Seal, "%+v: the Sender sealed", s)
+			assert.Positive(t, s.Open, "%+v: the standby end's Receiver opened", s)
+			assert.Less(t, s.Seal, s.Wall, "%+v: sealing within the time to ack", s)
+			assert.Less(t, s.Open, s.Wall, "%+v: opening within the time to ack", s)
+		} else {
+			assert.Zero(t, s.Seal, "%+v: no stream sealed in this batch", s)
+			assert.Zero(t, s.Open, "%+v", s)
+		}
 	}
 	assert.Equal(t, map[string]int{"stream": 12, "bound": 12, "tuned": 12, "sealed": 8, "held": 4, "applied": 12}, kinds)
 	// The modes take turns within each round: every mode's round 0,
@@ -198,6 +215,8 @@ func TestAckSplit(t *testing.T) {
 	assert.Contains(t, report, "stream standby CPU ms/ack")
 	assert.Contains(t, report, "applied bound standby CPU ms/ack")
 	assert.Contains(t, report, "- unkeyed, send buffer kernel: the kernel's")
+	assert.Contains(t, report, "**The cipher's passes.**")
+	assert.Contains(t, report, "| keyed aes-256-gcm, send buffer kernel | 100 | 0s |", "a keyed mode's row in a table")
 	cells, rows := 0, 0 // the header's cells, the rows of three modes
 	for _, line := range strings.Split(report, "\n") {
 		switch {
