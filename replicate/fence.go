@@ -36,7 +36,7 @@ import (
 type Fence struct {
 	lease *witness.Lease
 	addr  string
-	m     *vmm.Machine
+	m     pauser // nil: no machine yet
 	outs  []*OutputBuffer
 	disks []*DiskLog
 	log   *slog.Logger
@@ -60,6 +60,10 @@ type Fence struct {
 	behindT time.Time     // when behind was last set
 }
 
+// pauser is what a Fence needs of its machine (*vmm.Machine): to stop
+// its vCPUs.
+type pauser interface{ Pause() error }
+
 // FenceConfig is what a Fence guards.
 type FenceConfig struct {
 	// Lease is the VMM's generation at the witness: acquired by a booting
@@ -78,6 +82,10 @@ type FenceConfig struct {
 	// the virtio-blk device).
 	Disks  []*DiskLog
 	Logger *slog.Logger
+
+	// pauser stands in for Machine in this package's tests of how a
+	// fence pauses (a pause that fails).
+	pauser pauser
 }
 
 // NewFence gates cfg.Outputs on cfg.Lease and starts watching it.
@@ -89,10 +97,15 @@ func NewFence(cfg FenceConfig) *Fence {
 	if l <= 0 {
 		l = witness.DefaultLease
 	}
-	f := &Fence{lease: cfg.Lease, addr: cfg.Witness, m: cfg.Machine, outs: cfg.Outputs, disks: cfg.Disks,
+	f := &Fence{lease: cfg.Lease, addr: cfg.Witness, outs: cfg.Outputs, disks: cfg.Disks,
 		log:  cfg.Logger.With("component", "replicate", "witness", cfg.Witness),
 		kick: make(chan struct{}, 1), done: make(chan struct{}), fenced: make(chan struct{}),
 		changed: make(chan struct{}), retry: max(l/4, 10*time.Millisecond)}
+	if cfg.Machine != nil { // a nil *vmm.Machine stays a nil pauser
+		f.m = cfg.Machine
+	} else if cfg.pauser != nil {
+		f.m = cfg.pauser
+	}
 	f.ctx, f.cancel = context.WithCancel(context.Background())
 	for _, o := range f.outs {
 		o.SetGate(f.CanRelease)

@@ -3,15 +3,20 @@ package replicate
 import (
 	"bytes"
 	"context"
+	"errors"
 	"io"
 	"log/slog"
 	"net"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"govmm/internal/guestrig"
 	"govmm/replicate/witness"
 )
 
@@ -263,6 +268,68 @@ func TestFenceFencesTheVMM(t *testing.T) {
 	require.Contains(t, f.Describe(), "FENCED")
 	require.Equal(t, 1.0, metricValue(t, f.Metrics(), "govmm_witness_fenced"))
 	require.Greater(t, out.Stats().DroppedFenced, uint64(0))
+}
+
+// failingPauser is a machine whose first fails pauses fail (as a
+// vCPU's KVM_RUN failing on its way out of the guest makes
+// vmm.Machine.Pause fail while the guest runs on).
+type failingPauser struct {
+	fails int
+	calls atomic.Int32
+}
+
+func (p *failingPauser) Pause() error {
+	if int(p.calls.Add(1)) <= p.fails {
+		return errors.New("vcpu 0: pause: KVM_RUN: bad address")
+	}
+	return nil
+}
+
+// fenceWith fences a VMM whose machine is m, through a real witness:
+// the standby wins the next generation while the primary is cut off,
+// then the primary hears of it. It returns the Fence's log once Fenced
+// is closed.
+func fenceWith(t *testing.T, m pauser) string {
+	t.Helper()
+	w := startWitnessRig(t)
+	px := newProxy(t, w.addr)
+	lease := acquire(t, w.client(px.addr(), "primary", testLease))
+	log := &guestrig.ConsoleLog{Name: "fence"}
+	f := NewFence(FenceConfig{Lease: lease, Witness: w.addr, pauser: m, Logger: slog.New(slog.NewTextHandler(log, nil))})
+	defer f.Close()
+	px.partition(true)
+	l2, err := w.client(w.addr, "standby", testLease).Claim(ctxT(t, 10*time.Second), lease.Generation())
+	require.NoError(t, err)
+	defer l2.Close()
+	px.partition(false)
+	select {
+	case <-f.Fenced():
+	case <-time.After(10 * time.Second):
+		t.Fatalf("not fenced once the witness answers again; the Fence logged:\n%s", log.Tail(1<<20))
+	}
+	return log.Tail(1 << 20)
+}
+
+// A fence whose pause fails tries again until it holds, and says so.
+func TestFencePausesAgainAfterAFailedPause(t *testing.T) {
+	m := &failingPauser{fails: 2}
+	log := fenceWith(t, m)
+	assert.Equal(t, int32(3), m.calls.Load(), "two failed pauses, then one that held")
+	assert.Equal(t, 2, strings.Count(log, "trying again"), log)
+	assert.Contains(t, log, "KVM_RUN: bad address", "each failure says why")
+	assert.NotContains(t, log, "could not be paused", log)
+}
+
+// A pause that never holds is given up after fencePauseTries, with the
+// output and disks fenced already: Fenced closes and the log says the
+// guest runs on.
+func TestFenceGivesUpAPauseThatNeverHolds(t *testing.T) {
+	m := &failingPauser{fails: 1 << 30}
+	start := time.Now()
+	log := fenceWith(t, m)
+	assert.Equal(t, int32(fencePauseTries), m.calls.Load())
+	assert.GreaterOrEqual(t, time.Since(start), (fencePauseTries-1)*fencePauseRetry, "tries spaced by fencePauseRetry")
+	assert.Contains(t, log, "the vCPUs could not be paused; the guest runs on", log)
 }
 
 func ctxT(t *testing.T, d time.Duration) context.Context {
