@@ -285,17 +285,18 @@ func (p *failingPauser) Pause() error {
 	return nil
 }
 
-// fenceWith fences a VMM whose machine is m, through a real witness:
-// the standby wins the next generation while the primary is cut off,
-// then the primary hears of it. It returns the Fence's log once Fenced
-// is closed.
-func fenceWith(t *testing.T, m pauser) string {
+// fenceWith fences a VMM guarded as cfg says (its lease, witness and
+// logger filled in here), through a real witness: the standby wins the
+// next generation while the primary is cut off, then the primary hears
+// of it. It returns the Fence's log once Fenced is closed.
+func fenceWith(t *testing.T, cfg FenceConfig) string {
 	t.Helper()
 	w := startWitnessRig(t)
 	px := newProxy(t, w.addr)
 	lease := acquire(t, w.client(px.addr(), "primary", testLease))
 	log := &guestrig.ConsoleLog{Name: "fence"}
-	f := NewFence(FenceConfig{Lease: lease, Witness: w.addr, pauser: m, Logger: slog.New(slog.NewTextHandler(log, nil))})
+	cfg.Lease, cfg.Witness, cfg.Logger = lease, w.addr, slog.New(slog.NewTextHandler(log, nil))
+	f := NewFence(cfg)
 	defer f.Close()
 	px.partition(true)
 	l2, err := w.client(w.addr, "standby", testLease).Claim(ctxT(t, 10*time.Second), lease.Generation())
@@ -313,7 +314,7 @@ func fenceWith(t *testing.T, m pauser) string {
 // A fence whose pause fails tries again until it holds, and says so.
 func TestFencePausesAgainAfterAFailedPause(t *testing.T) {
 	m := &failingPauser{fails: 2}
-	log := fenceWith(t, m)
+	log := fenceWith(t, FenceConfig{pauser: m})
 	assert.Equal(t, int32(3), m.calls.Load(), "two failed pauses, then one that held")
 	assert.Equal(t, 2, strings.Count(log, "trying again"), log)
 	assert.Contains(t, log, "KVM_RUN: bad address", "each failure says why")
@@ -326,7 +327,7 @@ func TestFencePausesAgainAfterAFailedPause(t *testing.T) {
 func TestFenceGivesUpAPauseThatNeverHolds(t *testing.T) {
 	m := &failingPauser{fails: 1 << 30}
 	start := time.Now()
-	log := fenceWith(t, m)
+	log := fenceWith(t, FenceConfig{pauser: m})
 	assert.Equal(t, int32(fencePauseTries), m.calls.Load())
 	assert.GreaterOrEqual(t, time.Since(start), (fencePauseTries-1)*fencePauseRetry, "tries spaced by fencePauseRetry")
 	assert.Contains(t, log, "the vCPUs could not be paused; the guest runs on", log)
